@@ -1,0 +1,499 @@
+"""Typed arguments for every command, filled alike by flags, YAML/JSON config files and a saved args.json.
+
+Flag names follow ms-swift (3.x names, with the 4.x renames as aliases). Parsing follows the semantics of
+transformers' HfArgumentParser that ms-swift scripts rely on (`--flag true|false`, a bare `--flag` meaning true,
+space-separated lists, JSON dicts, unique prefixes), but is implemented here on the standard library only: this
+module must import in milliseconds so that `tunesmith --help` and argument errors answer at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Union
+
+
+class ArgError(ValueError):
+    """A bad command line or config file. The CLI prints it as one line and exits with status 2."""
+
+
+# Field groups. Each is a plain dataclass of fields; commands compose them (one level, fields only).
+
+def _f(default=None, help: str = "", aliases: tuple = (), choices: tuple = (), secret: bool = False, list_default=None):
+    meta = {"help": help, "aliases": aliases, "choices": choices, "secret": secret}
+    if list_default is not None:
+        return field(default_factory=lambda: list(list_default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelArgs:
+    model: Optional[str] = _f(help="Local model directory or hub id (ModelScope by default; --use_hf for Hugging Face).",
+                              aliases=("model_id_or_path", "model_dir"))
+    model_type: Optional[str] = _f(help="Accepted for compatibility; the architecture is read from config.json.")
+    model_revision: Optional[str] = _f(help="Hub revision.")
+    torch_dtype: Optional[str] = _f(help="bfloat16, float16, float32 or auto (bf16 on GPUs that support it, fp32 on CPU).",
+                                    choices=("bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "auto"))
+    attn_impl: Optional[str] = _f(help="Attention: sdpa, eager, flash_attn (flash_attention_2), flash_attention_3.")
+    use_hf: bool = _f(False, help="Download from the Hugging Face hub instead of ModelScope.")
+    hub_token: Optional[str] = _f(help="Hub token (never written to disk).", secret=True)
+    model_kwargs: Optional[dict] = _f(help="JSON dict passed to from_pretrained.")
+    device_map: Optional[str] = _f(help="Device map for from_pretrained (e.g. auto).")
+    max_model_len: Optional[int] = _f(help="Override the model's maximum length.")
+    trust_remote_code: bool = _f(False, help="Allow model repositories that ship their own code.")
+    new_special_tokens: List[str] = _f(help="Special tokens to add to the tokenizer.", list_default=[])
+
+
+@dataclass
+class QuantArgs:
+    quant_method: Optional[str] = _f(help="bnb for QLoRA (4-bit or 8-bit bitsandbytes).", choices=("bnb",))
+    quant_bits: Optional[int] = _f(help="4 or 8.", choices=(4, 8))
+    bnb_4bit_compute_dtype: Optional[str] = _f(help="Defaults to --torch_dtype.")
+    bnb_4bit_quant_type: str = _f("nf4", choices=("nf4", "fp4"))
+    bnb_4bit_use_double_quant: bool = _f(True)
+    bnb_4bit_quant_storage: Optional[str] = _f()
+
+
+@dataclass
+class TemplateArgs:
+    template: Optional[str] = _f(help="Accepted for compatibility; the model's own chat template is used.")
+    system: Optional[str] = _f(help="Default system prompt (a string or a .txt file). A system message in the data wins.")
+    max_length: Optional[int] = _f(help="Token limit per row (each of chosen/rejected for preference data).")
+    truncation_strategy: str = _f("delete", help="delete drops over-long rows (counted); left/right cut tokens.",
+                                  choices=("delete", "left", "right"))
+    loss_scale: Optional[str] = _f(help="default | last_round | all, optionally +ignore_empty_think. "
+                                        "Default: default for sft, last_round for rlhf.")
+    padding_side: str = _f("right", choices=("left", "right"))
+    use_chat_template: bool = _f(True, help="Render rows with the chat template (false: plain text, as swift pt).")
+    enable_thinking: Optional[bool] = _f(help="Passed to chat templates that support it (Qwen3).")
+    padding_free: bool = _f(False, help="Pack rows of a batch into one sequence without padding.")
+
+
+@dataclass
+class DataArgs:
+    dataset: List[str] = _f(help="Files, folders or hub ids; `path#N` samples N rows. Several are mixed.", list_default=[])
+    val_dataset: List[str] = _f(help="Validation data (disables --split_dataset_ratio).", list_default=[])
+    split_dataset_ratio: float = _f(0.0, help="Fraction of --dataset split off for validation.")
+    data_seed: int = _f(42, help="Seed for sampling, splitting and shuffling data.")
+    dataset_num_proc: int = _f(1, help="Processes for tokenisation.")
+    load_from_cache_file: bool = _f(False, help="Reuse the datasets map cache.")
+    dataset_shuffle: bool = _f(True)
+    val_dataset_shuffle: bool = _f(False)
+    columns: Optional[dict] = _f(help='JSON rename map applied before format detection, e.g. {"q": "query"}.')
+    strict: bool = _f(True, help="true: the first bad row stops with its file:line. false: bad rows are dropped and counted.")
+    remove_unused_columns: bool = _f(True)
+    model_name: List[str] = _f(help="Only for swift/self-cognition data ({{NAME}}).", list_default=[])
+    model_author: List[str] = _f(help="Only for swift/self-cognition data ({{AUTHOR}}).", list_default=[])
+    lazy_tokenize: Optional[bool] = _f(help="Accepted for compatibility; rows are tokenised up front.")
+
+
+@dataclass
+class TunerArgs:
+    train_type: str = _f("lora", help="lora or full.", aliases=("tuner_type", "sft_type"), choices=("lora", "full"))
+    lora_rank: int = _f(8)
+    lora_alpha: int = _f(32)
+    lora_dropout: float = _f(0.05)
+    lora_bias: str = _f("none", choices=("none", "all"))
+    lora_dtype: Optional[str] = _f(help="dtype of the LoRA weights (default float32).")
+    use_rslora: bool = _f(False)
+    use_dora: bool = _f(False)
+    init_weights: str = _f("true", help="true, gaussian, pissa, olora, loftq, ... (peft init_lora_weights).")
+    target_modules: List[str] = _f(help="all-linear (no lm_head, no MoE routers) or module names.",
+                                   list_default=["all-linear"])
+    target_regex: Optional[str] = _f(help="Regex over module names (overrides --target_modules).")
+    target_parameters: List[str] = _f(help="Parameter names for LoRA on raw parameters (MoE experts).",
+                                      list_default=[])
+    modules_to_save: List[str] = _f(help="Modules trained fully and saved with the adapter (all-embedding, all-norm).",
+                                    list_default=[])
+    adapters: List[str] = _f(help="Adapter checkpoints to start from (weights only).", list_default=[])
+
+
+@dataclass
+class TrackArgs:
+    report_to: List[str] = _f(help="tensorboard, swanlab, wandb, mlflow, all, none.", list_default=["tensorboard"])
+    swanlab_token: Optional[str] = _f(help="SwanLab API key (or SWANLAB_API_KEY); never written to disk.", secret=True)
+    swanlab_project: str = _f("tunesmith")
+    swanlab_workspace: Optional[str] = _f()
+    swanlab_exp_name: Optional[str] = _f()
+    swanlab_mode: str = _f("cloud", choices=("cloud", "local", "offline", "disabled"))
+    run_name: Optional[str] = _f()
+
+
+@dataclass
+class TrainArgs:
+    output_dir: Optional[str] = _f(help="Default output/<model name>; a vN-YYYYMMDD-HHMMSS run folder is made inside.")
+    add_version: bool = _f(True, help="Make the vN-date run folder inside --output_dir.")
+    num_train_epochs: float = _f(3.0)
+    max_steps: int = _f(-1, help="Optimiser steps; overrides --num_train_epochs when > 0.")
+    per_device_train_batch_size: int = _f(1, aliases=("batch_size",))
+    per_device_eval_batch_size: int = _f(1)
+    gradient_accumulation_steps: Optional[int] = _f(help="Default: total batch of 16 (ceil(16 / batch / processes)).")
+    learning_rate: Optional[float] = _f(help="Default 1e-4 for LoRA, 1e-5 for full.")
+    lr_scheduler_type: str = _f("cosine", choices=("cosine", "linear", "constant", "constant_with_warmup",
+                                                   "cosine_with_min_lr", "polynomial", "inverse_sqrt"))
+    lr_scheduler_kwargs: Optional[dict] = _f(help='e.g. {"min_lr_rate": 0.1} for cosine_with_min_lr.')
+    warmup_ratio: float = _f(0.0)
+    warmup_steps: int = _f(0)
+    weight_decay: float = _f(0.1)
+    adam_beta1: float = _f(0.9)
+    adam_beta2: float = _f(0.95)
+    adam_epsilon: float = _f(1e-8)
+    optim: str = _f("adamw_torch", choices=("adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf", "sgd",
+                                            "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit"))
+    max_grad_norm: float = _f(1.0)
+    gradient_checkpointing: bool = _f(True)
+    seed: int = _f(42)
+    save_strategy: str = _f("steps", choices=("steps", "epoch", "no", "best"))
+    save_steps: int = _f(500)
+    save_total_limit: Optional[int] = _f(help="Keep this many newest checkpoints (plus the best).")
+    save_only_model: bool = _f(False, help="Skip optimiser/scheduler/RNG state (no exact resume).")
+    eval_strategy: Optional[str] = _f(help="Default: same as --save_strategy; no when there is no validation data.",
+                                      aliases=("evaluation_strategy",), choices=("steps", "epoch", "no"))
+    eval_steps: Optional[int] = _f(help="Default: same as --save_steps.")
+    logging_steps: int = _f(5)
+    logging_first_step: bool = _f(True)
+    dataloader_num_workers: Optional[int] = _f(help="Default 0 on CPU, 1 on GPU.")
+    use_liger_kernel: bool = _f(False, help="Liger fused kernels (GPU only; skipped with a note on CPU).")
+    router_aux_loss_coef: float = _f(0.0, help="MoE load-balancing loss weight (gpt-oss example: 1e-3).")
+    resume_from_checkpoint: Optional[str] = _f(help="Checkpoint to continue: weights, optimiser, scheduler, RNG, data position.")
+    resume_only_model: bool = _f(False, help="With --resume_from_checkpoint: weights only (data already seen is still skipped).")
+    ignore_data_skip: bool = _f(False)
+    metric_for_best_model: str = _f("loss")
+    greater_is_better: Optional[bool] = _f()
+    create_checkpoint_symlink: bool = _f(False, help="Make output_dir/best and output_dir/last links.")
+    acc_strategy: str = _f("token", choices=("token", "seq"))
+    max_new_tokens: Optional[int] = _f()
+    temperature: Optional[float] = _f()
+
+
+SUPPORTED_COMMANDS = ("sft", "data")
+
+
+@dataclass
+class SftArguments(ModelArgs, QuantArgs, TemplateArgs, DataArgs, TunerArgs, TrackArgs, TrainArgs):
+    """`tunesmith sft`."""
+
+
+@dataclass
+class DataCommandArguments(ModelArgs, TemplateArgs, DataArgs):
+    """`tunesmith data ACTION`: inspect, validate, convert, split, stats."""
+    action: Optional[str] = _f(help="inspect | validate | convert | split | stats",
+                               choices=("inspect", "validate", "convert", "split", "stats"))
+    output: Optional[str] = _f(help="Output file (convert) or folder (split).", aliases=("output_dir",))
+    row: int = _f(0, help="inspect: which row (0-based) to show.")
+    num_rows: int = _f(1, help="inspect: how many rows to show.")
+    val_ratio: float = _f(0.1, help="split: fraction for validation (default 9:1).")
+    rlhf: bool = _f(False, help="Treat the data as preference data (chosen/rejected).")
+
+
+# ms-swift flags that exist upstream but that tunesmith does not implement yet. They are errors, never silently
+# ignored: a script relying on them must hear that the behaviour is not there. The value says what to do instead.
+NOT_SUPPORTED_YET = {
+    "deepspeed": "multi-process engines arrive with the scale-out work; run on one process for now",
+    "fsdp": "multi-process engines arrive with the scale-out work; run on one process for now",
+    "packing": "padding-free packing arrives with the performance work",
+    "streaming": "stream the data into a file and pass the file",
+    "custom_dataset_info": "pass the data files directly with --dataset",
+    "custom_register_path": "tunesmith uses the model's own chat template; no plugins are needed",
+    "external_plugins": "tunesmith uses the model's own chat template; no plugins are needed",
+    "neftune_noise_alpha": "not implemented",
+    "lorap_lr_ratio": "LoRA+ is not implemented",
+    "predict_with_generate": "use tunesmith infer on the checkpoint",
+    "freeze_llm": "multimodal models are not supported",
+    "freeze_vit": "multimodal models are not supported",
+    "freeze_aligner": "multimodal models are not supported",
+    "max_pixels": "multimodal models are not supported",
+    "agent_template": "agent templates are not supported yet",
+    "sequence_parallel_size": "sequence parallelism is not supported",
+    "ckpt_dir": "removed in ms-swift 3.x; use --adapters CKPT (LoRA) or --model CKPT (full)",
+    "lora_modules": "removed in ms-swift 3.x; use --adapters",
+}
+
+# Values that ms-swift accepts as aliases (value rewrites, not flag renames).
+VALUE_ALIASES = {
+    ("torch_dtype", "bf16"): "bfloat16", ("torch_dtype", "fp16"): "float16", ("torch_dtype", "fp32"): "float32",
+    ("attn_impl", "flash_attn"): "flash_attention_2",
+}
+
+COMMAND_ARGS = {"sft": SftArguments, "data": DataCommandArguments}
+
+
+# ---------------------------------------------------------------- type handling
+
+_TRUE = {"true", "yes", "1", "y", "on"}
+_FALSE = {"false", "no", "0", "n", "off"}
+
+
+def _unwrap(tp) -> tuple[Any, bool]:
+    """(inner type, is_list) for Optional[X], List[X], X."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _unwrap(inner[0])
+    if origin in (list, List):
+        return (typing.get_args(tp) or (str,))[0], True
+    return tp, False
+
+
+def _convert(name: str, inner, raw: Any, source: str):
+    if raw is None:
+        return None
+    if inner is bool:
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        raise ArgError(f"{source}--{name}: expected true or false, got {raw!r}")
+    if inner is int:
+        if isinstance(raw, bool):
+            raise ArgError(f"{source}--{name}: expected an integer, got {raw!r}")
+        try:
+            if isinstance(raw, float) and raw.is_integer():
+                return int(raw)
+            return int(str(raw).strip())
+        except ValueError:
+            try:
+                f = float(str(raw))
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+            raise ArgError(f"{source}--{name}: expected an integer, got {raw!r}") from None
+    if inner is float:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ArgError(f"{source}--{name}: expected a number, got {raw!r}") from None
+    if inner in (dict, Dict) or typing.get_origin(inner) in (dict, Dict):
+        if isinstance(raw, dict):
+            return raw
+        try:
+            value = json.loads(raw)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ArgError(f"{source}--{name}: expected a JSON object such as '{{\"key\": 1}}', got {raw!r} ({e})") from None
+        if not isinstance(value, dict):
+            raise ArgError(f"{source}--{name}: expected a JSON object, got {raw!r}")
+        return value
+    return str(raw) if not isinstance(raw, str) else raw
+
+
+@dataclass
+class _Field:
+    name: str
+    inner: Any
+    is_list: bool
+    choices: tuple
+    help: str
+    default: Any
+
+
+def _fields(cls) -> dict[str, _Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        inner, is_list = _unwrap(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out[f.name] = _Field(f.name, inner, is_list, tuple(f.metadata.get("choices", ())), f.metadata.get("help", ""), default)
+    return out
+
+
+def _aliases(cls) -> dict[str, str]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        for a in f.metadata.get("aliases", ()):
+            out[a] = f.name
+    return out
+
+
+def secret_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("secret")}
+
+
+def _resolve_name(cls, command: str, raw_name: str, source: str) -> str:
+    name = raw_name.replace("-", "_")
+    fields = _fields(cls)
+    if name in fields:
+        return name
+    aliases = _aliases(cls)
+    if name in aliases:
+        return aliases[name]
+    if name in NOT_SUPPORTED_YET:
+        raise ArgError(f"{source}--{name} is an ms-swift flag that tunesmith does not support yet: {NOT_SUPPORTED_YET[name]}.")
+    # argparse's allow_abbrev, which ms-swift inherits: a unique prefix of a flag name is accepted.
+    candidates = [n for n in list(fields) + list(aliases) if n.startswith(name)]
+    targets = {aliases.get(c, c) for c in candidates}
+    if len(targets) == 1 and len(name) >= 3:
+        return targets.pop()
+    known = list(fields) + list(aliases)
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f" Did you mean --{near[0]}?" if near else ""
+    if len(targets) > 1:
+        hint = f" It is a prefix of several flags: {', '.join('--' + t for t in sorted(targets))}."
+    raise ArgError(f"{source}unknown flag --{name} for 'tunesmith {command}'.{hint} "
+                   f"See 'tunesmith {command} --help'.")
+
+
+def _set_value(cls, values: dict, name: str, raw: Any, source: str):
+    spec = _fields(cls)[name]
+    if spec.is_list:
+        items = raw if isinstance(raw, list) else [raw]
+        converted = [_convert(name, spec.inner, v, source) for v in items]
+    else:
+        if isinstance(raw, list):
+            if len(raw) != 1:
+                raise ArgError(f"{source}--{name} takes one value, got {len(raw)}: {' '.join(map(str, raw))}")
+            raw = raw[0]
+        converted = _convert(name, spec.inner, raw, source)
+        converted = VALUE_ALIASES.get((name, converted), converted) if isinstance(converted, str) else converted
+    if spec.choices:
+        for v in (converted if spec.is_list else [converted]):
+            if v is not None and v not in spec.choices:
+                raise ArgError(f"{source}--{name}: {v!r} is not one of {', '.join(map(str, spec.choices))}")
+    values[name] = converted
+
+
+# Keys that tunesmith writes into args.json for the record but that are not inputs.
+RECORD_ONLY_KEYS = {"tunesmith_version", "model_dir", "output_run_dir", "world_size", "library_versions",
+                    "command", "rlhf_type_resolved"}
+REDACTED = "<redacted>"
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ArgError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml  # small, only needed for YAML configs
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - re-raised as one clear line
+        raise ArgError(f"{path}: cannot parse config file: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ArgError(f"{path}: a config file must hold a mapping of flag names to values")
+    env = data.pop("ENV", None) or data.pop("env", None)
+    if env:  # ms-swift 4.x YAML may carry an ENV block; set what is not already set by the caller.
+        for k, v in env.items():
+            os.environ.setdefault(str(k), str(v))
+    return data
+
+
+def parse_args(command: str, argv: list[str], cls=None):
+    """Parse `argv` (flags after the subcommand) into the command's dataclass.
+
+    Precedence: dataclass defaults < config file (positional .yaml/.yml/.json or --config) < flags.
+    """
+    cls = cls or COMMAND_ARGS[command]
+    values: dict[str, Any] = {}
+    argv = list(argv)
+    config_path = None
+    positionals = []
+    flags: list[tuple[str, list[str], bool]] = []  # (name as written, values, had '=')
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--") and len(tok) > 2:
+            body = tok[2:]
+            if "=" in body:
+                name, val = body.split("=", 1)
+                flags.append((name, [val], True))
+                i += 1
+                continue
+            vals = []
+            i += 1
+            while i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2):
+                vals.append(argv[i])
+                i += 1
+            flags.append((body, vals, False))
+        else:
+            positionals.append(tok)
+            i += 1
+    # positional config file (ms-swift: `swift sft x.yaml`)
+    rest_pos = []
+    for p in positionals:
+        if config_path is None and p.lower().endswith((".yaml", ".yml", ".json")):
+            config_path = p
+        else:
+            rest_pos.append(p)
+    cfg_flags = [f for f in flags if f[0].replace("-", "_") == "config"]
+    if cfg_flags:
+        if not cfg_flags[-1][1]:
+            raise ArgError("--config needs a file path")
+        config_path = cfg_flags[-1][1][0]
+        flags = [f for f in flags if f[0].replace("-", "_") != "config"]
+    if config_path:
+        src = f"{config_path}: "
+        secrets = secret_fields(cls)
+        for key, raw in load_config_file(config_path).items():
+            if key in RECORD_ONLY_KEYS:
+                continue
+            name = _resolve_name(cls, command, str(key), src)
+            if name in secrets and raw == REDACTED:
+                continue
+            _set_value(cls, values, name, raw, src)
+    if rest_pos:
+        if command == "data" and "action" not in values:
+            values["action"] = rest_pos.pop(0)
+            _set_value(cls, values, "action", values["action"], "")
+        if rest_pos:
+            raise ArgError(f"unexpected argument {rest_pos[0]!r} for 'tunesmith {command}' "
+                           f"(flags start with --; a config file ends in .yaml, .yml or .json)")
+    for raw_name, vals, _ in flags:
+        name = _resolve_name(cls, command, raw_name, "")
+        spec = _fields(cls)[name]
+        if not vals:
+            if spec.inner is bool and not spec.is_list:
+                vals = ["true"]
+            elif spec.is_list:
+                vals = []
+            else:
+                raise ArgError(f"--{name} needs a value")
+        _set_value(cls, values, name, vals if spec.is_list else vals, "")
+    try:
+        return cls(**values)
+    except TypeError as e:  # pragma: no cover - a programming error, not a user one
+        raise ArgError(str(e)) from None
+
+
+def to_record(args) -> dict:
+    """The arguments as a JSON-ready dict with every secret redacted (what args.json holds)."""
+    secrets = secret_fields(type(args))
+    out = {}
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        if f.name in secrets and v:
+            v = REDACTED
+        out[f.name] = v
+    return out
+
+
+def format_help(command: str) -> str:
+    cls = COMMAND_ARGS[command]
+    lines = [f"usage: tunesmith {command} [CONFIG.yaml|CONFIG.json] [--flag value ...]", ""]
+    doc = (cls.__doc__ or "").strip()
+    if doc:
+        lines += [doc, ""]
+    aliases: dict[str, list[str]] = {}
+    for a, target in _aliases(cls).items():
+        aliases.setdefault(target, []).append(a)
+    for name, spec in _fields(cls).items():
+        tname = getattr(spec.inner, "__name__", str(spec.inner))
+        tname = f"{tname} ..." if spec.is_list else tname
+        al = f" (also --{', --'.join(aliases[name])})" if name in aliases else ""
+        default = "" if spec.default in (None, [], "") else f" [default: {spec.default}]"
+        choices = f" {{{','.join(map(str, spec.choices))}}}" if spec.choices else ""
+        lines.append(f"  --{name} {tname}{choices}{al}{default}")
+        if spec.help:
+            lines.append(f"      {spec.help}")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""`tunesmith <command> [flags]`: a plain mapping of subcommand to `main(args)`.
+
+Only the standard library and tunesmith.args are imported here, so `--help` and argument errors answer at once;
+each command imports torch/transformers when it runs.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from tunesmith import __version__
+from tunesmith.args import ArgError, format_help, parse_args
+
+# command -> (module, one-line description). The module's `main(args)` is also the Python API.
+COMMANDS = {
+    "sft": ("tunesmith.train.sft", "supervised fine-tuning (LoRA, QLoRA, full)"),
+    "data": ("tunesmith.data.command", "inspect, validate, convert, split and measure datasets"),
+}
+
+# ms-swift commands that tunesmith will provide but does not yet: a clear message instead of "unknown command".
+PLANNED = {
+    "rlhf": "preference training (DPO family)",
+    "dpo": "preference training (DPO family)",
+    "infer": "chat and batch inference",
+    "export": "merging adapters",
+    "merge-lora": "merging adapters (use `export --merge_lora true`)",
+    "deploy": "the OpenAI-compatible server",
+    "eval": "benchmark evaluation",
+    "report": "plots and run reports",
+    "pt": "continued pre-training",
+}
+
+
+def _usage() -> str:
+    lines = [f"tunesmith {__version__}: fine-tune open LLMs with an ms-swift compatible command line.", "",
+             "usage: tunesmith <command> [CONFIG.yaml] [--flag value ...]", "", "commands:"]
+    for name, (_, desc) in COMMANDS.items():
+        lines.append(f"  {name:<8} {desc}")
+    lines += ["", "Run 'tunesmith <command> --help' for its flags. ms-swift 3.x and 4.x flag names are both accepted."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version", "version"):
+        print(f"tunesmith {__version__}")
+        return 0
+    command = argv[0].replace("_", "-")
+    command = {"merge_lora": "merge-lora"}.get(command, command)
+    rest = argv[1:]
+    if command not in COMMANDS:
+        if command in PLANNED:
+            print(f"tunesmith: '{command}' ({PLANNED[command]}) is not available in this version yet.", file=sys.stderr)
+            return 2
+        import difflib
+        near = difflib.get_close_matches(command, list(COMMANDS) + list(PLANNED), n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        print(f"tunesmith: unknown command '{argv[0]}'.{hint} Run 'tunesmith --help'.", file=sys.stderr)
+        return 2
+    if "-h" in rest or "--help" in rest:
+        print(format_help(command))
+        return 0
+    try:
+        args = parse_args(command, rest)
+        nproc = int(os.environ.get("NPROC_PER_NODE", "1") or 1)
+        if nproc > 1 and "LOCAL_RANK" not in os.environ:
+            raise ArgError(f"NPROC_PER_NODE={nproc}: multi-process training is not supported by this version yet; "
+                           f"unset NPROC_PER_NODE to train on one process")
+    except ArgError as e:
+        print(f"tunesmith {command}: error: {e}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    from tunesmith.errors import TunesmithError
+    try:
+        module.main(args)
+    except TunesmithError as e:
+        print(f"tunesmith {command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tunesmith {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Turn a canonical record into token ids and labels with the model's own chat template.
+
+Which tokens are trained is derived from the rendering itself, with no per-model template code:
+
+1. F = the template's rendering of the whole conversation (what the model is trained on, token for token).
+2. Assistant turn i starts where the rendering of the messages before it *with the generation prompt* ends: that
+   is exactly what the model sees at inference before it starts to answer. That render must be a prefix of F.
+3. Turn i ends at its end-of-turn token. Its position is found from the next message: the message is rendered
+   with a sentinel as content, which locates where its content begins in F. What lies between the end of an
+   assistant reply and the next content (e.g. `<|im_end|>\\n<|im_start|>user\\n`) is the same for any reply, so
+   it is measured once on a dummy conversation and stepped back over. The end-of-turn token is the first special
+   token of that stretch (`<|im_end|>`, `<|eot_id|>`, `<|end|>`; for the final turn `<|return|>` in gpt-oss).
+4. Labels are set on the tokens of F whose first character lies in a trained span, so they match the final
+   rendering exactly, also for templates that render a turn differently once later turns follow (Qwen3 drops
+   earlier `<think>` blocks; gpt-oss ends the last turn with `<|return|>` and earlier ones with `<|end|>`).
+
+Every position is checked against F; a template that breaks these assumptions gets a clear error, never a
+silently wrong mask.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from tunesmith.errors import ConfigError, DataError
+
+IGNORE = -100
+_SENTINEL = "\u2063TSENT\u2063"
+_DUMMY_REPLY = "\u2063TREPLY\u2063"
+# ms-swift >= 3.12 ignore_empty_think: anchored at the start of each trained reply.
+_EMPTY_THINK = [re.compile(r"<think>\s*</think>\s*"), re.compile(r"</think>\s*")]
+
+BASE_LOSS_SCALES = ("default", "last_round", "all")
+
+
+def parse_loss_scale(value: Optional[str], default: str) -> tuple[str, bool]:
+    """'last_round+ignore_empty_think' -> ('last_round', True). Accepts ms-swift 3.x and 4.x spellings."""
+    value = (value or default).strip()
+    aliases = {"last_round_with_ignore_empty_think": "last_round+ignore_empty_think",
+               "ignore_empty_think": "default+ignore_empty_think"}
+    value = aliases.get(value, value)
+    parts = [p for p in value.split("+") if p]
+    base, ignore = "default", False
+    for p in parts:
+        if p in BASE_LOSS_SCALES:
+            base = p
+        elif p == "ignore_empty_think":
+            ignore = True
+        else:
+            raise ConfigError(f"--loss_scale: unknown part {p!r} in {value!r}; use default, last_round or all, "
+                              f"optionally with +ignore_empty_think")
+    return base, ignore
+
+
+class TooLong(Exception):
+    """A row over --max_length with --truncation_strategy delete: dropped and counted by the caller."""
+
+
+class NothingToTrain(Exception):
+    """A row whose labels are all masked (every reply has loss false, or truncation removed them)."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+class ChatEncoder:
+    """Encodes canonical records for one tokenizer and one set of template/loss settings."""
+
+    def __init__(self, tokenizer, *, loss_scale: Optional[str] = None, default_loss_scale: str = "default",
+                 max_length: Optional[int] = None, truncation_strategy: str = "delete",
+                 system: Optional[str] = None, use_chat_template: bool = True):
+        self.tok = tokenizer
+        self.base, self.ignore_empty_think = parse_loss_scale(loss_scale, default_loss_scale)
+        self.max_length = max_length
+        self.truncation = truncation_strategy
+        self.system = system
+        self.use_chat_template = use_chat_template
+        if use_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("the tokenizer has no chat template. Use a model that ships one (an instruct/chat "
+                              "model), or pass --use_chat_template false to train on plain text.")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError("a fast tokenizer (tokenizer.json) is needed to align labels with the template.")
+        self.special = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        self._tails: dict[str, tuple[str, str]] = {}
+
+    # -------------------------------------------------------------- rendering
+
+    def _template_messages(self, messages: list[dict]) -> list[dict]:
+        out = []
+        for m in messages:
+            m2 = {k: v for k, v in m.items() if k != "loss"}
+            if "reasoning_content" in m2:
+                m2["thinking"] = m2["reasoning_content"]  # gpt-oss reads `thinking`, Qwen3 `reasoning_content`
+            out.append(m2)
+        return out
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        if self.system and not (messages and messages[0]["role"] == "system"):
+            return [{"role": "system", "content": self.system}] + list(messages)
+        return list(messages)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools=None, **template_kwargs) -> str:
+        kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs)
+        if tools:
+            kwargs["tools"] = tools
+        return self.tok.apply_chat_template(self._template_messages(messages), **kwargs)
+
+    def _first_special_end(self, text: str) -> int:
+        """End offset of the first special token in text (0 if none)."""
+        best = None
+        for s in self.special:
+            k = text.find(s)
+            if k >= 0 and (best is None or k < best[0]):
+                best = (k, k + len(s))
+        return best[1] if best else 0
+
+    def _tail(self, next_role: Optional[str]) -> tuple[str, str]:
+        """(text between an assistant reply's end and the next content, its trained end-of-turn part)."""
+        key = next_role or "<end>"
+        if key not in self._tails:
+            msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _DUMMY_REPLY}]
+            if next_role:
+                msgs.append({"role": next_role, "content": _SENTINEL})
+            text = self.render(msgs)
+            a = text.find(_DUMMY_REPLY)
+            if a < 0:
+                raise ConfigError("the chat template does not render assistant content verbatim; "
+                                  "cannot derive a loss mask from it")
+            a += len(_DUMMY_REPLY)
+            b = text.find(_SENTINEL) if next_role else len(text)
+            tail = text[a:b]
+            self._tails[key] = (tail, tail[: self._first_special_end(tail)])
+        return self._tails[key]
+
+    # -------------------------------------------------------------- spans
+
+    def trained_spans(self, messages: list[dict], tools=None) -> tuple[str, list[tuple[int, int]]]:
+        """The full rendering and the character spans of it that are trained."""
+        full = self.render(messages, tools=tools)
+        if self.base == "all":
+            spans = [(0, len(full))]
+            # per-message "loss": false still removes that reply
+            excluded = [self._assistant_span(full, messages, i, tools) for i, m in enumerate(messages)
+                        if m["role"] == "assistant" and m.get("loss") is False]
+            for s, e in excluded:
+                spans = [piece for a, b in spans for piece in ((a, min(b, s)), (max(a, e), b)) if piece[0] < piece[1]]
+            return full, spans
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            train = m.get("loss")
+            if train is None:
+                train = self.base == "default" or i > last_user
+            if not train:
+                continue
+            s, e = self._assistant_span(full, messages, i, tools)
+            if self.ignore_empty_think:
+                for rx in _EMPTY_THINK:
+                    mt = rx.match(full, s, e)
+                    if mt:
+                        s = mt.end()
+                        break
+            if s < e:
+                spans.append((s, e))
+        return full, spans
+
+    def _assistant_span(self, full: str, messages: list[dict], i: int, tools) -> tuple[int, int]:
+        prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+        if not full.startswith(prompt):
+            k = next((j for j, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+            raise ConfigError(
+                f"the chat template renders the history before reply {i} differently when later turns follow "
+                f"(first difference at character {k}: {full[max(0, k - 20):k + 20]!r}); "
+                f"tunesmith cannot align labels with it")
+        start = len(prompt)
+        j = i + 1
+        if j < len(messages):
+            nxt = messages[j]
+            probe = self.render(messages[:j] + [{**nxt, "content": _SENTINEL}], tools=tools)
+            c = probe.find(_SENTINEL)
+            tail, eot = self._tail(nxt["role"])
+            if c < 0 or probe[:c] != full[:c] or full[c - len(tail):c] != tail:
+                raise ConfigError(f"cannot locate the end of reply {i} in the chat template's rendering "
+                                  f"(next role {nxt['role']!r})")
+            end = c - len(tail) + len(eot)
+        else:
+            tail, eot = self._tail(None)
+            if not full.endswith(tail):
+                raise ConfigError("cannot locate the end of the final reply in the chat template's rendering")
+            end = len(full) - len(tail) + len(eot)
+        if end < start:
+            raise ConfigError(f"reply {i} renders to an empty span; cannot train on it")
+        return start, end
+
+    # -------------------------------------------------------------- encoding
+
+    def encode(self, record: dict, messages_key: str = "messages") -> Encoded:
+        messages = self.with_system(record[messages_key])
+        if not self.use_chat_template:
+            text = "".join(m["content"] for m in messages) + (self.tok.eos_token or "")
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            return self._truncate(Encoded(ids, list(ids)))
+        full, spans = self.trained_spans(messages, record.get("tools"))
+        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        labels = [IGNORE] * len(ids)
+        k = 0
+        spans = sorted(spans)
+        for t, (a, b) in enumerate(offsets):
+            if b <= a:
+                continue
+            while k < len(spans) and spans[k][1] <= a:
+                k += 1
+            if k < len(spans) and spans[k][0] <= a < spans[k][1]:
+                labels[t] = ids[t]
+        return self._truncate(Encoded(list(ids), labels))
+
+    def _truncate(self, enc: Encoded) -> Encoded:
+        n, m = len(enc.input_ids), self.max_length
+        if m and n > m:
+            if self.truncation == "delete":
+                raise TooLong(n)
+            if self.truncation == "left":
+                enc = Encoded(enc.input_ids[-m:], enc.labels[-m:])
+            else:
+                enc = Encoded(enc.input_ids[:m], enc.labels[:m])
+        if enc.n_trained == 0:
+            raise NothingToTrain()
+        return enc
+
+    def encode_pair(self, record: dict) -> tuple[Encoded, Encoded]:
+        """Chosen and rejected encodings of a preference record; their prompts must tokenise identically."""
+        chosen = self.encode(record, "messages")
+        rejected = self.encode(record, "rejected_messages")
+        pc = next(i for i, x in enumerate(chosen.labels) if x != IGNORE)
+        pr = next(i for i, x in enumerate(rejected.labels) if x != IGNORE)
+        if chosen.input_ids[:pc] != rejected.input_ids[:pr]:
+            raise DataError("", None, "rejected", "the chosen and rejected conversations differ before the reply "
+                            "(their prompts tokenise differently).",
+                            "make both share the same messages up to the final reply.")
+        return chosen, rejected
+
+
+def render_highlighted(tokenizer, enc: Encoded, color: bool = False) -> str:
+    """The encoded row as text with the trained tokens marked: [[...]] (or green when color)."""
+    out, run, in_train = [], [], False
+
+    def flush():
+        if not run:
+            return
+        text = tokenizer.decode(run, skip_special_tokens=False)
+        if in_train:
+            out.append(f"\x1b[32m{text}\x1b[0m" if color else f"[[{text}]]")
+        else:
+            out.append(text)
+        run.clear()
+
+    for tid, lab in zip(enc.input_ids, enc.labels):
+        trained = lab != IGNORE
+        if trained != in_train:
+            flush()
+            in_train = trained
+        run.append(tid)
+    flush()
+    return "".join(out)
+
+
+def encode_records(encoder: ChatEncoder, records: list[dict], sources: list, kind: str = "sft",
+                   strict: bool = True, num_proc: int = 1) -> tuple[list[Any], dict]:
+    """Encode many records. Returns (encoded rows, stats). Over-long rows are dropped and counted
+    (--truncation_strategy delete); rows with nothing to train are dropped and counted."""
+    stats = {"too_long": 0, "nothing_to_train": 0, "bad": 0, "reasons": []}
+    out = []
+    for rec, (src, line) in zip(records, sources):
+        try:
+            if kind == "preference":
+                out.append(encoder.encode_pair(rec))
+            else:
+                out.append(encoder.encode(rec))
+        except TooLong:
+            stats["too_long"] += 1
+        except NothingToTrain:
+            stats["nothing_to_train"] += 1
+        except DataError as e:
+            e2 = DataError(src, line, e.field, e.problem, e.fix)
+            if strict:
+                raise e2 from None
+            stats["bad"] += 1
+            if len(stats["reasons"]) < 5:
+                stats["reasons"].append(str(e2))
+    return out, stats

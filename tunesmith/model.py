@@ -1,0 +1,182 @@
+"""Load a model and tokenizer (local directory or hub id; dtype, attention, quantisation) and attach LoRA."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+from tunesmith.errors import ConfigError
+
+# Output heads and MoE routers never get LoRA from `all-linear` (ms-swift's find_all_linears rule).
+_EXCLUDED_LEAVES = {"lm_head", "score", "v_head", "classifier", "gate", "router", "shared_expert_gate"}
+
+
+def note(msg: str) -> None:
+    print(f"[tunesmith] {msg}", file=sys.stderr)
+
+
+def resolve_model_dir(model: Optional[str], use_hf: bool = False, revision: Optional[str] = None,
+                      token: Optional[str] = None) -> str:
+    """A local directory, or a hub id downloaded from ModelScope (default) or Hugging Face (--use_hf / USE_HF=1)."""
+    if not model:
+        raise ConfigError("pass the model with --model (a local directory or a hub id)")
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    if model.startswith((".", "/")) or os.sep in model.strip("/") and model.count("/") > 1:
+        raise ConfigError(f"--model {model}: no such directory")
+    use_hf = use_hf or os.environ.get("USE_HF", "0").lower() in ("1", "true")
+    if not use_hf:
+        try:
+            from modelscope import snapshot_download as ms_download
+        except ImportError:
+            note("modelscope is not installed; downloading from the Hugging Face hub instead "
+                 "(pip install modelscope to use ModelScope)")
+        else:
+            return ms_download(model, revision=revision)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model, revision=revision, token=token)
+
+
+def resolve_dtype(name: Optional[str]):
+    import torch
+
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_tokenizer(args, model_dir: Optional[str] = None):
+    from transformers import AutoTokenizer
+
+    model_dir = model_dir or resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+    if getattr(args, "new_special_tokens", None):
+        tok.add_special_tokens({"additional_special_tokens": list(args.new_special_tokens)})
+    if tok.pad_token is None:
+        # Padding positions are excluded by the attention mask and labels, so reusing EOS here never masks a real EOS.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _quantization_config(args, config, dtype):
+    qc = getattr(config, "quantization_config", None)
+    qm = (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) if qc else None
+    if args.quant_method == "bnb":
+        from transformers import BitsAndBytesConfig
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("--quant_method bnb needs bitsandbytes: pip install 'tunesmith[qlora]'") from None
+        if args.quant_bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        if args.quant_bits not in (4, None):
+            raise ConfigError("--quant_bits must be 4 or 8 with --quant_method bnb")
+        compute = resolve_dtype(args.bnb_4bit_compute_dtype) if args.bnb_4bit_compute_dtype else dtype
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+                                  bnb_4bit_compute_dtype=compute)
+    if qm == "mxfp4":
+        # MXFP4 weights have no backward pass: dequantise to the training dtype (the seeds did this by hand).
+        from transformers import Mxfp4Config
+        note("MXFP4 checkpoint: dequantising the experts to the training dtype for training")
+        return Mxfp4Config(dequantize=True)
+    return None
+
+
+def load_model(args, model_dir: str, tokenizer=None, for_training: bool = True):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = resolve_dtype(args.torch_dtype)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+    kwargs = dict(getattr(args, "model_kwargs", None) or {})
+    kwargs["dtype"] = dtype
+    attn = args.attn_impl
+    if attn:
+        kwargs["attn_implementation"] = {"flash_attn": "flash_attention_2"}.get(attn, attn)
+    qconf = _quantization_config(args, config, dtype) if hasattr(args, "quant_method") else None
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+    if getattr(args, "device_map", None):
+        kwargs["device_map"] = args.device_map
+    coef = getattr(args, "router_aux_loss_coef", 0.0) or 0.0
+    if coef > 0:
+        if not hasattr(config, "router_aux_loss_coef"):
+            note(f"--router_aux_loss_coef {coef}: {type(config).__name__} is not a mixture-of-experts model; ignored")
+        else:
+            kwargs["output_router_logits"] = True
+            kwargs["router_aux_loss_coef"] = coef
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code, **kwargs)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if for_training:
+        model.config.use_cache = False
+    return model
+
+
+def all_linear_names(model) -> list[str]:
+    """Leaf names of every Linear layer except output heads and MoE routers."""
+    import torch
+
+    out_emb = model.get_output_embeddings()
+    names = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod is not out_emb:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in _EXCLUDED_LEAVES:
+                names.add(leaf)
+    return sorted(names)
+
+
+def _expand_special(model, names: list[str]) -> list[str]:
+    import torch
+
+    out = []
+    for n in names:
+        if n == "all-embedding":
+            out += sorted({k.rsplit(".", 1)[-1] for k, m in model.named_modules() if isinstance(m, torch.nn.Embedding)})
+        elif n == "all-norm":
+            out += sorted({k.rsplit(".", 1)[-1] for k, m in model.named_modules()
+                           if "norm" in type(m).__name__.lower()})
+        elif n == "all-linear":
+            out += all_linear_names(model)
+        else:
+            out.append(n)
+    return list(dict.fromkeys(out))
+
+
+def attach_lora(model, args):
+    """Wrap the model with a fresh LoRA adapter, or continue from --adapters (trainable)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if getattr(args, "quant_method", None):
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.adapters:
+        if len(args.adapters) > 1:
+            raise ConfigError("training continues from one adapter; pass a single --adapters path")
+        note(f"continuing training from adapter {args.adapters[0]}")
+        return PeftModel.from_pretrained(model, args.adapters[0], is_trainable=True)
+    dropout = args.lora_dropout
+    if args.target_parameters and dropout:
+        note(f"--lora_dropout {dropout} -> 0: peft's LoRA on raw parameters (--target_parameters, MoE experts) "
+             f"does not support dropout")
+        dropout = 0.0
+    target = args.target_regex or _expand_special(model, args.target_modules)
+    init = {"true": True, "false": False}.get(str(args.init_weights).lower(), args.init_weights)
+    cfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=dropout, bias=args.lora_bias,
+                     target_modules=target, target_parameters=list(args.target_parameters) or None,
+                     modules_to_save=_expand_special(model, args.modules_to_save) or None,
+                     use_rslora=args.use_rslora, use_dora=args.use_dora, init_lora_weights=init,
+                     task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def count_parameters(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}

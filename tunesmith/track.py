@@ -1,0 +1,160 @@
+"""Trackers: logging.jsonl always; TensorBoard, SwanLab, W&B and MLflow through their own libraries.
+
+A tracker that is missing or fails (e.g. the network is gone) never stops training: it warns once and is
+switched off, and logging.jsonl keeps every record. Tokens are passed to tracker libraries in memory only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+ALL_TRACKERS = ("tensorboard", "swanlab", "wandb", "mlflow")
+
+
+def _warn(msg: str) -> None:
+    print(f"[tunesmith] {msg}", file=sys.stderr)
+
+
+def _numeric(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+class JsonlLog:
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: str, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(log_dir=os.path.join(run_dir, "runs"))
+        self.w.add_text("args", "```\n" + json.dumps(config, indent=2, ensure_ascii=False, default=str) + "\n```")
+
+    def log(self, metrics: dict, step: int):
+        for k, v in metrics.items():
+            self.w.add_scalar(k, v, step)
+        self.w.flush()
+
+    def close(self):
+        self.w.close()
+
+
+class _SwanLab:
+    def __init__(self, run_dir: str, config: dict, args):
+        import swanlab
+
+        token = getattr(args, "swanlab_token", None) or os.environ.get("SWANLAB_API_KEY")
+        mode = getattr(args, "swanlab_mode", "cloud")
+        if mode == "cloud" and token:
+            swanlab.login(api_key=token, save=False)
+        self.run = swanlab.init(project=args.swanlab_project, workspace=args.swanlab_workspace,
+                                experiment_name=args.swanlab_exp_name or os.path.basename(run_dir),
+                                config=config, mode=mode, logdir=os.path.join(run_dir, "swanlog"))
+        self.swanlab = swanlab
+
+    def log(self, metrics: dict, step: int):
+        self.swanlab.log(metrics, step=step)
+
+    def close(self):
+        self.swanlab.finish()
+
+
+class _Wandb:
+    def __init__(self, run_dir: str, config: dict, args):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tunesmith"), name=os.path.basename(run_dir),
+                              config=config, dir=run_dir)
+
+    def log(self, metrics: dict, step: int):
+        self.run.log(metrics, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, run_dir: str, config: dict, args):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=os.path.basename(run_dir))
+        mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
+
+    def log(self, metrics: dict, step: int):
+        self.mlflow.log_metrics(metrics, step=step)
+
+    def close(self):
+        self.mlflow.end_run()
+
+
+_EXTRAS = {"tensorboard": "tensorboard", "swanlab": "swanlab", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+class Trackers:
+    """Fan-out to the trackers named in --report_to, plus logging.jsonl."""
+
+    def __init__(self, run_dir: str, report_to: list[str], config: dict, args=None, enabled: bool = True):
+        self.jsonl = JsonlLog(os.path.join(run_dir, "logging.jsonl")) if enabled else None
+        names = [n.lower() for n in report_to or []]
+        if "all" in names:
+            names = list(ALL_TRACKERS)
+        names = [n for n in dict.fromkeys(names) if n != "none"]
+        self.active: dict[str, Any] = {}
+        if not enabled:
+            return
+        for n in names:
+            if n not in ALL_TRACKERS:
+                _warn(f"--report_to {n}: unknown tracker (use {', '.join(ALL_TRACKERS)}, all or none); skipped")
+                continue
+            try:
+                if n == "tensorboard":
+                    self.active[n] = _TensorBoard(run_dir, config)
+                elif n == "swanlab":
+                    self.active[n] = _SwanLab(run_dir, config, args)
+                elif n == "wandb":
+                    self.active[n] = _Wandb(run_dir, config, args)
+                else:
+                    self.active[n] = _MLflow(run_dir, config, args)
+            except ImportError:
+                _warn(f"--report_to {n}: {n} is not installed (pip install 'tunesmith[{_EXTRAS[n]}]'); "
+                      f"metrics still go to logging.jsonl")
+            except Exception as e:  # noqa: BLE001 - a tracker must never stop training
+                _warn(f"--report_to {n}: could not start ({type(e).__name__}: {e}); metrics still go to logging.jsonl")
+
+    def log(self, record: dict, step: int) -> None:
+        if self.jsonl:
+            self.jsonl.write(record)
+        metrics = _numeric({k: v for k, v in record.items() if k not in ("global_step", "step")})
+        for name in list(self.active):
+            try:
+                self.active[name].log(metrics, step)
+            except Exception as e:  # noqa: BLE001
+                _warn(f"{name} stopped logging ({type(e).__name__}: {e}); switched off, logging.jsonl continues")
+                self.active.pop(name, None)
+
+    def write_summary(self, record: dict) -> None:
+        if self.jsonl:
+            self.jsonl.write(record)
+
+    def close(self) -> None:
+        for name, t in list(self.active.items()):
+            try:
+                t.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.active.clear()
+
+
+def read_log(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,193 @@
+"""What every training method does before the loop: resolve defaults (ms-swift's), load and encode the data,
+load the model and adapter, and create the run directory. Shared by sft and the preference methods."""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from tunesmith import __version__
+from tunesmith.data.encode import ChatEncoder, encode_records
+from tunesmith.data.load import LoadResult, load_datasets, split_train_val, write_jsonl
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.model import attach_lora, count_parameters, load_model, load_tokenizer, note, resolve_model_dir
+from tunesmith.runs import is_adapter_dir, make_run_dir, model_suffix, save_args
+
+
+def finalise_args(args, world_size: int = 1, default_loss_scale: str = "default") -> None:
+    """Fill the defaults that depend on other flags, exactly as ms-swift does (ms-swift-compat.md §1d)."""
+    import torch
+
+    if not args.model:
+        raise ConfigError("pass the model with --model (a local directory or a hub id)")
+    if not args.dataset:
+        raise ConfigError("pass the training data with --dataset FILE [FILE ...]")
+    if args.learning_rate is None:
+        args.learning_rate = 1e-5 if args.train_type == "full" else 1e-4
+    if args.gradient_accumulation_steps is None:
+        args.gradient_accumulation_steps = max(1, math.ceil(16 / args.per_device_train_batch_size / world_size))
+    if args.loss_scale is None:
+        args.loss_scale = default_loss_scale
+    if args.eval_steps is None:
+        args.eval_steps = args.save_steps
+    if args.eval_strategy is None:
+        args.eval_strategy = {"best": "steps"}.get(args.save_strategy, args.save_strategy)
+    if args.output_dir is None:
+        args.output_dir = os.path.join("output", model_suffix(args.model))
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = 1 if torch.cuda.is_available() else 0
+    if args.train_type == "full" and args.torch_dtype in ("float16",):
+        raise ConfigError("full training in float16 has no loss scaling for fp16 weights; use --torch_dtype "
+                          "bfloat16 (or float32)")
+    if args.quant_method and args.train_type == "full":
+        raise ConfigError("--quant_method bnb trains LoRA adapters on a quantised base (QLoRA); "
+                          "use --train_type lora with it")
+    if args.use_liger_kernel and not torch.cuda.is_available():
+        note("--use_liger_kernel: Liger kernels run only on CUDA GPUs; skipped on this CPU run")
+        args.use_liger_kernel = False
+    if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
+        raise ConfigError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint directory")
+    if args.model_name or args.model_author:
+        note("--model_name/--model_author only fill {{NAME}}/{{AUTHOR}} in swift/self-cognition data; "
+             "your data has none, so they change nothing")
+
+
+@dataclass
+class Prepared:
+    model_dir: str
+    tokenizer: Any
+    encoder: ChatEncoder
+    train_rows: list
+    eval_rows: list
+    val_records: Optional[LoadResult]
+    data_stats: dict
+
+
+def _report_drops(what: str, loaded: LoadResult, stats: dict, max_length) -> None:
+    if loaded.dropped:
+        note(f"{what}: {loaded.dropped} bad row(s) dropped (--strict false); first reasons:\n  "
+             + "\n  ".join(loaded.reasons))
+    if stats["too_long"]:
+        note(f"{what}: {stats['too_long']} row(s) longer than --max_length {max_length} dropped "
+             f"(--truncation_strategy delete)")
+    if stats["nothing_to_train"]:
+        note(f"{what}: {stats['nothing_to_train']} row(s) with no trained tokens dropped")
+    if stats["bad"]:
+        note(f"{what}: {stats['bad']} row(s) failed to encode and were dropped; first reasons:\n  "
+             + "\n  ".join(stats["reasons"]))
+
+
+def prepare_data(args, kind: str = "sft", default_loss_scale: str = "default") -> Prepared:
+    model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
+    tok = load_tokenizer(args, model_dir)
+    max_length = args.max_length
+    if max_length is None:
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+        max_length = getattr(cfg, "max_position_embeddings", None)
+    system = args.system
+    if system and system.endswith(".txt") and os.path.isfile(system):
+        with open(system, encoding="utf-8") as fh:
+            system = fh.read()
+    if system:
+        system = system.replace("\\n", "\n")
+    encoder = ChatEncoder(tok, loss_scale=args.loss_scale, default_loss_scale=default_loss_scale,
+                          max_length=max_length, truncation_strategy=args.truncation_strategy, system=system,
+                          use_chat_template=args.use_chat_template)
+    common = dict(strict=args.strict, columns=args.columns, seed=args.data_seed, use_hf=args.use_hf,
+                  hub_token=args.hub_token)
+    train = load_datasets(args.dataset, **common)
+    val: Optional[LoadResult] = None
+    if args.val_dataset:
+        val = load_datasets(args.val_dataset, what="--val_dataset", **common)
+    elif args.split_dataset_ratio > 0:
+        dropped, reasons = train.dropped, train.reasons
+        train, val = split_train_val(train, args.split_dataset_ratio, args.data_seed)
+        train.dropped, train.reasons = dropped, reasons
+    if kind == "preference":
+        bad = [src for rec, src in zip(train.records, train.sources) if "rejected_messages" not in rec]
+        if bad:
+            raise DataError(bad[0][0], bad[0][1], "rejected_response",
+                            "is missing: preference training needs a rejected reply for every row.",
+                            "add rejected_response (or use prompt/chosen/rejected).")
+    train_rows, tstats = encode_records(encoder, train.records, train.sources, kind=kind, strict=args.strict)
+    _report_drops("--dataset", train, tstats, max_length)
+    if not train_rows:
+        raise DataError(" ".join(args.dataset), None, "", "no rows left to train on after encoding "
+                        f"({tstats['too_long']} too long, {tstats['nothing_to_train']} with nothing to train).",
+                        "raise --max_length, use --truncation_strategy left/right, or check --loss_scale.")
+    eval_rows = []
+    if val is not None:
+        eval_rows, vstats = encode_records(encoder, val.records, val.sources, kind=kind, strict=args.strict)
+        _report_drops("validation data", val, vstats, max_length)
+    if not eval_rows and args.eval_strategy != "no":
+        args.eval_strategy = "no"  # ms-swift: forced to no when there is no validation data
+    stats = {"train_rows": len(train_rows), "val_rows": len(eval_rows), "dropped_bad": train.dropped,
+             "dropped_too_long": tstats["too_long"], "dropped_nothing_to_train": tstats["nothing_to_train"],
+             "max_length": max_length}
+    return Prepared(model_dir, tok, encoder, train_rows, eval_rows, val, stats)
+
+
+def prepare_model(args, model_dir: str, tokenizer):
+    if args.adapters and args.train_type == "full":
+        raise ConfigError("--adapters starts from a LoRA adapter; with --train_type full pass the model with --model")
+    for a in args.adapters:
+        if not is_adapter_dir(a):
+            raise ConfigError(f"--adapters {a}: not an adapter directory (no adapter_config.json); a full "
+                              f"checkpoint is passed with --model")
+    model = load_model(args, model_dir, tokenizer, for_training=True)
+    if args.train_type == "lora":
+        model = attach_lora(model, args)
+    if args.gradient_checkpointing:
+        # transformers 5.x renamed the method; keep working on 4.x too
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    if args.use_liger_kernel:
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError:
+            note("--use_liger_kernel: liger-kernel is not installed (pip install liger-kernel); skipped")
+        else:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
+    info = count_parameters(model)
+    if info["trainable"] == 0:
+        raise ConfigError("the model has no trainable parameters (check --target_modules / --target_regex)")
+    note(f"parameters: {info['trainable']:,} trainable of {info['total']:,} ({info['trainable_percent']}%)")
+    return model, info
+
+
+def make_run(args, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
+    run_dir = make_run_dir(args.output_dir, args.add_version)
+    import torch
+    import transformers
+
+    extra = {"tunesmith_version": __version__, "model_dir": prepared.model_dir, "output_run_dir": run_dir,
+             "library_versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                  "transformers": transformers.__version__}}
+    save_args(run_dir, args, extra)
+    if prepared.val_records is not None and not args.val_dataset:
+        write_jsonl(os.path.join(run_dir, "val_dataset.jsonl"), prepared.val_records.records)
+    return run_dir, extra
+
+
+def save_model_fn(tokenizer):
+    def save(model, path: str) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    return save
+
+
+def print_summary(state, run_dir: str, runtime_note: str = "") -> None:
+    lines = [f"done: {state.global_step} steps{runtime_note}",
+             f"  run directory:    {run_dir}",
+             f"  last checkpoint:  {state.last_model_checkpoint}",
+             f"  best checkpoint:  {state.best_model_checkpoint}"
+             + (f" (eval_loss {state.best_metric:.4f})" if state.best_metric is not None else ""),
+             f"  log:              {os.path.join(run_dir, 'logging.jsonl')}"]
+    print("\n".join(lines), file=sys.stderr)

@@ -1,0 +1,78 @@
+"""`tunesmith sft`: supervised fine-tuning (LoRA, QLoRA, full, MoE experts).
+
+The objective: summed next-token cross-entropy over the trained label positions (plus the MoE router loss when
+--router_aux_loss_coef > 0); the loop divides by the trained tokens of the whole accumulated step.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from tunesmith.args import SftArguments
+from tunesmith.data.collate import pad_collate
+from tunesmith.data.encode import IGNORE
+from tunesmith.track import Trackers
+from tunesmith.train import loop
+from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, print_summary,
+                                   save_model_fn)
+
+
+def token_loss(model, batch: dict, aux_coef: float = 0.0):
+    """(summed CE over trained positions, {"correct", "n_tokens"}) for one batch."""
+    import torch
+    import torch.nn.functional as F
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1, :]
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    picked = logits[mask].float()
+    target = labels[mask]
+    loss_sum = F.cross_entropy(picked, target, reduction="sum")
+    n = int(mask.sum())
+    with torch.no_grad():
+        correct = int((picked.argmax(-1) == target).sum())
+    aux = getattr(out, "aux_loss", None)
+    if aux_coef and aux is not None:
+        # the router loss is a per-batch mean: weight it by this batch's tokens so the step mean stays a mean
+        loss_sum = loss_sum + aux_coef * aux.float() * n
+    return loss_sum, {"correct": correct, "n_tokens": n}
+
+
+def evaluate_rows(model, rows, batch_size: int, pad_id: int, device) -> dict:
+    """eval_loss (token-weighted mean) and eval_token_acc over encoded rows."""
+    total, correct, n = 0.0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        b = pad_collate(rows[i:i + batch_size], pad_id)
+        b = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in b.items()}
+        loss_sum, stats = token_loss(model, b)
+        total += float(loss_sum)
+        correct += stats["correct"]
+        n += stats["n_tokens"]
+    return {"eval_loss": round(total / max(n, 1), 6), "eval_token_acc": round(correct / max(n, 1), 6)}
+
+
+def main(args: SftArguments):
+    finalise_args(args, default_loss_scale="default")
+    prepared = prepare_data(args, kind="sft", default_loss_scale="default")
+    model, param_info = prepare_model(args, prepared.model_dir, prepared.tokenizer)
+    run_dir, extra = make_run(args, prepared, param_info)
+    from tunesmith.args import to_record
+    trackers = Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args)
+    pad_id = prepared.tokenizer.pad_token_id
+    coef = args.router_aux_loss_coef
+    objective = loop.Objective("sft", loss=lambda m, b: token_loss(m, b, coef), count=lambda b: b["n_tokens"])
+
+    def evaluate(m, rows):
+        return evaluate_rows(m, rows, args.per_device_eval_batch_size, pad_id, next(m.parameters()).device)
+
+    print(f"[tunesmith] sft: {prepared.data_stats['train_rows']} training rows, "
+          f"{prepared.data_stats['val_rows']} validation rows; run directory {run_dir}", flush=True)
+    try:
+        state = loop.train(args=args, model=model, objective=objective, train_rows=prepared.train_rows,
+                           eval_rows=prepared.eval_rows, collate=partial(pad_collate, pad_id=pad_id, padding_side=args.padding_side),
+                           run_dir=run_dir, save_model=save_model_fn(prepared.tokenizer), trackers=trackers,
+                           evaluate=evaluate, args_extra=extra)
+    finally:
+        trackers.close()
+    print_summary(state, run_dir)
+    return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer}
