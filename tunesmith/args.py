@@ -169,12 +169,118 @@ class TrainArgs:
     temperature: Optional[float] = _f()
 
 
+@dataclass
+class RLHFArgs:
+    rlhf_type: str = _f("dpo", choices=("dpo", "simpo", "orpo", "cpo", "kto"))
+    beta: Optional[float] = _f(help="Default 0.1 (SimPO 2.0).")
+    loss_type: List[str] = _f(help="DPO loss variant(s): sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, "
+                                   "sppo_hard, apo_zero, apo_down, discopop, sft; several with --loss_weights.",
+                              list_default=[])
+    loss_weights: List[float] = _f(list_default=[])
+    label_smoothing: float = _f(0.0)
+    rpo_alpha: Optional[float] = _f(help="Adds rpo_alpha * NLL(chosen) (logged separately as nll_loss).")
+    ld_alpha: Optional[float] = _f()
+    discopop_tau: float = _f(0.05)
+    ref_model: Optional[str] = _f(help="Reference model for full training (default: --model).")
+    ref_adapters: List[str] = _f(help="Reference adapters (e.g. the SFT checkpoint given to --adapters).",
+                                 list_default=[])
+    cpo_alpha: float = _f(1.0)
+    simpo_gamma: float = _f(1.0)
+    desirable_weight: float = _f(1.0)
+    undesirable_weight: float = _f(1.0)
+    precompute_ref_log_probs: bool = _f(False)
+
+
+@dataclass
+class GenerationArgs:
+    max_new_tokens: Optional[int] = _f()
+    temperature: Optional[float] = _f(help="0 = greedy.")
+    top_k: Optional[int] = _f()
+    top_p: Optional[float] = _f()
+    repetition_penalty: Optional[float] = _f()
+    num_beams: int = _f(1)
+    stream: Optional[bool] = _f()
+    stop_words: List[str] = _f(list_default=[])
+    logprobs: bool = _f(False)
+    top_logprobs: Optional[int] = _f()
+    seed: int = _f(42)
+
+
+@dataclass
+class CheckpointArgs:
+    adapters: List[str] = _f(help="LoRA checkpoints (name=path pairs for deploy).", list_default=[])
+    ckpt_dir: Optional[str] = _f(help="ms-swift 2.x/3.x name: an adapter or a full checkpoint (resolved to "
+                                      "--adapters or --model).")
+    load_args: bool = _f(True, help="Read the checkpoint's args.json (base model, template, system, dtype).")
+    load_data_args: bool = _f(False, help="Also reuse the run's data arguments (infer on its validation split).")
+
+
+@dataclass
+class InferBackendArgs:
+    infer_backend: str = _f("transformers", help="pt/transformers (built in) or vllm.",
+                            choices=("pt", "transformers", "vllm", "sglang", "lmdeploy"))
+    max_batch_size: int = _f(1)
+    result_path: Optional[str] = _f()
+    write_batch_size: int = _f(1000)
+    metric: Optional[str] = _f(choices=("acc", "rouge"))
+    vllm_gpu_memory_utilization: float = _f(0.9, aliases=("gpu_memory_utilization",))
+    vllm_tensor_parallel_size: int = _f(1, aliases=("tensor_parallel_size",))
+    vllm_max_model_len: Optional[int] = _f()
+    vllm_max_num_seqs: int = _f(256)
+    vllm_enforce_eager: bool = _f(False, aliases=("enforce_eager",))
+    vllm_max_lora_rank: int = _f(16)
+    vllm_enable_prefix_caching: bool = _f(False, aliases=("enable_prefix_caching",))
+
+
+@dataclass
+class DeployServerArgs:
+    host: str = _f("127.0.0.1", help="Listen address; 0.0.0.0 exposes the server to the network.")
+    port: int = _f(8000)
+    api_key: Optional[str] = _f(help="Require 'Authorization: Bearer KEY' (never written to disk).", secret=True)
+    served_model_name: Optional[str] = _f()
+    ssl_keyfile: Optional[str] = _f()
+    ssl_certfile: Optional[str] = _f()
+    owned_by: str = _f("tunesmith")
+    log_interval: int = _f(20)
+    max_logprobs: int = _f(20)
+    verbose: bool = _f(True)
+
+
+@dataclass
+class ExportOutputArgs:
+    output_dir: Optional[str] = _f(help="Default <checkpoint>-merged.")
+    merge_lora: bool = _f(False)
+    safe_serialization: bool = _f(True)
+    max_shard_size: str = _f("5GB")
+    exist_ok: bool = _f(False)
+
+
 SUPPORTED_COMMANDS = ("sft", "data")
 
 
 @dataclass
 class SftArguments(ModelArgs, QuantArgs, TemplateArgs, DataArgs, TunerArgs, TrackArgs, TrainArgs):
     """`tunesmith sft`."""
+
+
+@dataclass
+class RLHFArguments(RLHFArgs, SftArguments):
+    """`tunesmith rlhf` (and `tunesmith dpo`)."""
+
+
+@dataclass
+class InferArguments(GenerationArgs, InferBackendArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs, DataArgs):
+    """`tunesmith infer`: interactive chat, or batch over --val_dataset."""
+
+
+@dataclass
+class DeployArguments(DeployServerArgs, InferArguments):
+    """`tunesmith deploy`: OpenAI-compatible server."""
+
+
+@dataclass
+class ExportArguments(ExportOutputArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs):
+    """`tunesmith export`: merge LoRA adapters into the base model."""
 
 
 @dataclass
@@ -208,7 +314,9 @@ NOT_SUPPORTED_YET = {
     "max_pixels": "multimodal models are not supported",
     "agent_template": "agent templates are not supported yet",
     "sequence_parallel_size": "sequence parallelism is not supported",
-    "ckpt_dir": "removed in ms-swift 3.x; use --adapters CKPT (LoRA) or --model CKPT (full)",
+    "tp": "the lmdeploy backend is not supported; use --infer_backend pt (or vllm)",
+    "cache_max_entry_count": "the lmdeploy backend is not supported; use --infer_backend pt (or vllm)",
+    "session_len": "the lmdeploy backend is not supported; use --infer_backend pt (or vllm)",
     "lora_modules": "removed in ms-swift 3.x; use --adapters",
 }
 
@@ -216,9 +324,11 @@ NOT_SUPPORTED_YET = {
 VALUE_ALIASES = {
     ("torch_dtype", "bf16"): "bfloat16", ("torch_dtype", "fp16"): "float16", ("torch_dtype", "fp32"): "float32",
     ("attn_impl", "flash_attn"): "flash_attention_2",
+    ("infer_backend", "pt"): "transformers",
 }
 
-COMMAND_ARGS = {"sft": SftArguments, "data": DataCommandArguments}
+COMMAND_ARGS = {"sft": SftArguments, "data": DataCommandArguments, "rlhf": RLHFArguments, "dpo": RLHFArguments,
+                "infer": InferArguments, "deploy": DeployArguments, "export": ExportArguments}
 
 
 # ---------------------------------------------------------------- type handling

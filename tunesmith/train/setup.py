@@ -142,9 +142,11 @@ def prepare_model(args, model_dir: str, tokenizer):
     if args.train_type == "lora":
         model = attach_lora(model, args)
     if args.gradient_checkpointing:
-        # transformers 5.x renamed the method; keep working on 4.x too
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed the method and its kwargs; keep working on 4.x too
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     if args.use_liger_kernel:

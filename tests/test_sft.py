@@ -1,0 +1,219 @@
+"""`tunesmith sft` end to end on tiny in-process models: it learns, resumes exactly, saves what it should."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import read_jsonl, write_jsonl
+from tunesmith.args import parse_args
+from tunesmith.train import sft
+
+WORDS = "red blue green black white gold pink gray".split()
+
+
+def copy_row(seq):
+    return {"messages": [{"role": "user", "content": "Repeat: " + " ".join(seq)},
+                         {"role": "assistant", "content": " ".join(seq)}]}
+
+
+def run(argv):
+    return sft.main(parse_args("sft", argv))
+
+
+def losses(run_dir):
+    return {r["global_step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "logging.jsonl")) if "loss" in r}
+
+
+def test_learns_a_held_out_task(tiny_models, tmp_path):
+    """Copying three-word sequences: loss falls and exact match on unseen sequences rises from 0."""
+    from tunesmith.infer import generate_replies
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    combos = [(a, b, c) for a in WORDS for b in WORDS for c in WORDS]
+    random.Random(0).shuffle(combos)
+    train, held_out = combos[:300], combos[300:330]
+    data = write_jsonl(tmp_path / "train.jsonl", [copy_row(s) for s in train])
+    model_dir = tiny_models("qwen2")
+    prompts = [copy_row(s)["messages"][:1] for s in held_out]
+    expect = [" ".join(s) for s in held_out]
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    before = sum(o == e for o, e in zip(generate_replies(base, tok, prompts, max_new_tokens=8), expect)) / len(expect)
+    res = run(["--model", model_dir, "--dataset", data, "--train_type", "full", "--learning_rate", "3e-3",
+               "--max_steps", "400", "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
+               "--warmup_ratio", "0.05", "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+               "--logging_steps", "20", "--save_strategy", "no", "--gradient_checkpointing", "false"])
+    outs = generate_replies(res["model"], res["tokenizer"], prompts, max_new_tokens=8)
+    after = sum(o == e for o, e in zip(outs, expect)) / len(expect)
+    log = losses(res["run_dir"])
+    assert before == 0.0
+    assert after >= 0.8, outs[:5]
+    assert log[max(log)] < 0.1 * log[1]
+
+
+def _variable_length_data(tmp_path, n=16):
+    rows = [{"messages": [{"role": "user", "content": "say " + " ".join(WORDS[: 1 + i % 7])},
+                          {"role": "assistant", "content": " ".join(WORDS[: 1 + (3 * i) % 8])}]} for i in range(n)]
+    return write_jsonl(tmp_path / "var.jsonl", rows)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_models, tmp_path):
+    data = _variable_length_data(tmp_path, 8)
+    common = ["--model", tiny_models("qwen2"), "--dataset", data, "--train_type", "full", "--max_steps", "1",
+              "--report_to", "none", "--save_strategy", "no", "--learning_rate", "1e-2", "--lr_scheduler_type",
+              "constant", "--max_grad_norm", "0"]
+    big = run(common + ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+                        "--output_dir", str(tmp_path / "a")])
+    acc = run(common + ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                        "--output_dir", str(tmp_path / "b")])
+    assert abs(losses(big["run_dir"])[1] - losses(acc["run_dir"])[1]) < 1e-5
+    sa, sb = big["model"].state_dict(), acc["model"].state_dict()
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_models, tmp_path):
+    data = _variable_length_data(tmp_path, 24)
+    common = ["--model", tiny_models("qwen2"), "--dataset", data, "--train_type", "lora", "--lora_dropout", "0.1",
+              "--max_steps", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+              "--logging_steps", "1", "--save_steps", "3", "--report_to", "none", "--learning_rate", "5e-3"]
+    full = run(common + ["--output_dir", str(tmp_path / "full")])
+    ckpt = os.path.join(full["run_dir"], "checkpoint-3")
+    resumed = run(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", ckpt])
+    a, b = losses(full["run_dir"]), losses(resumed["run_dir"])
+    assert sorted(b) == [4, 5, 6, 7, 8]  # epoch 1 has 6 steps: resume crosses an epoch boundary too
+    for step in b:
+        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
+
+
+def test_checkpoints_rotation_and_no_secrets(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("SWANLAB_API_KEY", "env-secret-12345")
+    data = _variable_length_data(tmp_path, 16)
+    out = tmp_path / "out"
+    res = run(["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "10", "--save_steps", "2",
+               "--save_total_limit", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+               "--output_dir", str(out), "--report_to", "none", "--swanlab_token", "flag-secret-67890",
+               "--hub_token", "hf_flagsecret", "--split_dataset_ratio", "0.25", "--eval_steps", "2"])
+    run_dir = res["run_dir"]
+    assert os.path.basename(run_dir).startswith("v0-")
+    ckpts = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint-"))
+    best = os.path.basename(res["state"].best_model_checkpoint)
+    assert set(ckpts) == {"checkpoint-8", "checkpoint-10"} | {best}  # newest two plus the best
+    for name in ("args.json", "logging.jsonl", "val_dataset.jsonl"):
+        assert os.path.isfile(os.path.join(run_dir, name))
+    assert len(read_jsonl(os.path.join(run_dir, "val_dataset.jsonl"))) == 4
+    ck = os.path.join(run_dir, "checkpoint-10")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "args.json", "trainer_state.json",
+                 "optimizer.pt", "scheduler.pt", "rng_state.pth", "tokenizer_config.json"):
+        assert os.path.isfile(os.path.join(ck, name)), name
+    assert json.load(open(os.path.join(run_dir, "args.json")))["swanlab_token"] == "<redacted>"
+    for dp, _, files in os.walk(out):
+        for f in files:
+            blob = open(os.path.join(dp, f), "rb").read()
+            for secret in (b"env-secret-12345", b"flag-secret-67890", b"hf_flagsecret"):
+                assert secret not in blob, os.path.join(dp, f)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models("qwen2")), ck)
+    log = read_jsonl(os.path.join(run_dir, "logging.jsonl"))
+    assert any("eval_loss" in r and "eval_token_acc" in r for r in log)
+    steps = [r for r in log if "loss" in r]
+    assert {"loss", "learning_rate", "grad_norm", "tokens_per_second", "memory(GiB)", "epoch"} <= set(steps[0])
+
+
+def test_full_checkpoint_is_a_normal_hf_model(tiny_models, tmp_path):
+    data = _variable_length_data(tmp_path, 8)
+    res = run(["--model", tiny_models("llama"), "--dataset", data, "--train_type", "full", "--max_steps", "2",
+               "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--per_device_train_batch_size", "4"])
+    ck = res["state"].last_model_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    m = AutoModelForCausalLM.from_pretrained(ck)
+    t = AutoTokenizer.from_pretrained(ck)
+    assert t.chat_template and m.config.model_type == "llama"
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.allclose(m(ids).logits, res["model"](ids).logits, atol=1e-6)
+
+
+def test_qlora_trains_and_saves(tiny_models, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    data = _variable_length_data(tmp_path, 8)
+    res = run(["--model", tiny_models("qwen2"), "--dataset", data, "--quant_method", "bnb", "--quant_bits", "4",
+               "--max_steps", "3", "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "q"), "--report_to",
+               "none", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1"])
+    import bitsandbytes as bnb
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in res["model"].modules())
+    assert os.path.isfile(os.path.join(res["state"].last_model_checkpoint, "adapter_model.safetensors"))
+    assert all(v == v for v in losses(res["run_dir"]).values())
+
+
+def test_gpt_oss_expert_lora_with_router_loss(tiny_models, tmp_path, capsys):
+    data = _variable_length_data(tmp_path, 8)
+    res = run(["--model", tiny_models("gpt_oss"), "--dataset", data, "--target_modules", "all-linear",
+               "--target_parameters", "mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+               "--router_aux_loss_coef", "1e-3", "--max_steps", "3", "--output_dir", str(tmp_path / "g"),
+               "--report_to", "none", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2"])
+    assert "does not support dropout" in capsys.readouterr().err
+    from safetensors.torch import load_file
+    keys = load_file(os.path.join(res["state"].last_model_checkpoint, "adapter_model.safetensors")).keys()
+    assert any("experts" in k for k in keys) and any("q_proj" in k for k in keys)
+    assert not any("router" in k for k in keys)  # all-linear leaves the router alone
+
+
+def test_seed_sft_command_runs_verbatim(tiny_models, tmp_path, capsys):
+    """The seeds' SFT flag sets (../shared/seeds/001, 003): paths and step counts changed, the rest verbatim."""
+    from tunesmith.cli import main
+    data = write_jsonl(tmp_path / "train.json", [
+        {"conversations": [{"from": "human", "value": "我最近总是感到焦虑，该怎么办？"},
+                           {"from": "gpt", "value": "焦虑是一种常见的情绪反应。"}]},
+        {"messages": [{"role": "user", "content": "Source Text：There, they found the body."},
+                      {"role": "assistant", "content": "<think>\nxxx</think>\n\n在那里，他们发现了尸体。"}]},
+        {"instruction": "沐雪的功能是什么？", "input": "", "output": "喵~本雪的主要功能是让你开心喵！", "history": []},
+    ] * 4)
+    out = tmp_path / "output"
+    rc = main(["sft", "--model", tiny_models("gpt_oss"), "--dataset", data, "--train_type", "lora",
+               "--torch_dtype", "bfloat16", "--num_train_epochs", "1", "--per_device_train_batch_size", "1",
+               "--per_device_eval_batch_size", "1", "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "32",
+               "--target_modules", "all-linear", "--gradient_accumulation_steps", "16", "--eval_steps", "50",
+               "--save_steps", "50", "--save_total_limit", "2", "--logging_steps", "5", "--max_length", "8192",
+               "--output_dir", str(out), "--warmup_ratio", "0.05", "--dataloader_num_workers", "4",
+               "--use_liger_kernel", "true", "--load_from_cache_file", "false", "--loss_scale", "ignore_empty_think",
+               "--save_strategy", "epoch", "--model_author", "gxb", "--model_name", "gxb-gpt-oss-20b-agent-distill",
+               "--report_to", "swanlab", "--swanlab_project", "swift-robot",
+               "--router_aux_loss_coef", "1e-3", "--swanlab_token", "sk-seed-token", "--swanlab_mode", "cloud",
+               "--swanlab_exp_name", "gpt-oss-20b-sft-v1"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "skipped on this CPU run" in err
+    run_dir = next(p for p in out.iterdir() if p.name.startswith("v0-"))
+    assert (run_dir / "checkpoint-1" / "adapter_model.safetensors").is_file()
+    for dp, _, files in os.walk(out):
+        for f in files:
+            assert b"sk-seed-token" not in open(os.path.join(dp, f), "rb").read()
+
+
+def test_nan_loss_stops_cleanly(tiny_models, tmp_path):
+    from tunesmith.train.loop import TrainingDiverged
+    data = _variable_length_data(tmp_path, 8)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan.*Last good checkpoint: .*checkpoint-1"):
+        run(["--model", tiny_models("qwen2"), "--dataset", data, "--train_type", "full", "--learning_rate", "1e38",
+             "--max_steps", "6", "--save_steps", "1", "--max_grad_norm", "0", "--lr_scheduler_type", "constant",
+             "--output_dir", str(tmp_path / "n"), "--report_to", "none", "--per_device_train_batch_size", "4",
+             "--gradient_accumulation_steps", "1", "--optim", "sgd"])
+
+
+def test_crash_mid_save_leaves_no_checkpoint(tmp_path):
+    from tunesmith.runs import atomic_dir, list_checkpoints
+    with pytest.raises(RuntimeError):
+        with atomic_dir(str(tmp_path / "checkpoint-5")) as tmp:
+            open(os.path.join(tmp, "adapter_model.safetensors"), "w").write("partial")
+            raise RuntimeError("disk full")
+    assert list_checkpoints(str(tmp_path)) == [] and os.listdir(tmp_path) == []
+
+
+def test_bad_data_fails_before_anything_is_written(tiny_models, tmp_path):
+    from tunesmith.errors import DataError
+    bad = write_jsonl(tmp_path / "bad.jsonl", [copy_row(["red"]), {"messages": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'messages'"):
+        run(["--model", tiny_models("qwen2"), "--dataset", bad, "--output_dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
