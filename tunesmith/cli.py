@@ -76,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     from tunesmith.errors import TunesmithError
     try:
-        module.main(args)
+        rc = module.main(args)
     except TunesmithError as e:
         print(f"tunesmith {command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tunesmith {command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

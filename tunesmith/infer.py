@@ -8,7 +8,8 @@ from typing import Optional
 
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
-                     system: Optional[str] = None, temperature: float = 0.0, **template_kwargs) -> list[str]:
+                     system: Optional[str] = None, temperature: float = 0.0, skip_special_tokens: bool = True,
+                     **template_kwargs) -> list[str]:
     """Reply to each conversation (a list of messages ending with the user's turn). Greedy when temperature is 0.
 
     Rows are generated as one left-padded batch; the template's end-of-turn tokens stop generation.
@@ -46,5 +47,10 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
         out = model.generate(**batch, **gen_kwargs)
     if was_training:
         model.train()
-    new = out[:, batch["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    replies = []
+    for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        # cut at the first stop token: what follows is padding of rows that finished early
+        end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+        text = tokenizer.decode(row[:end], skip_special_tokens=skip_special_tokens)
+        replies.append(text.strip() if skip_special_tokens else text)  # raw output is shown exactly as generated
+    return replies

@@ -66,17 +66,18 @@ def validate(args: DataCommandArguments) -> int:
     problems = 0
     total = 0
     for spec in args.dataset:
+        broken: list = []
         try:
-            raw = read_spec(spec, seed=args.data_seed)
+            raw = read_spec(spec, seed=args.data_seed, errors=broken)
         except DataError as e:
             print(e)
             problems += 1
             continue
         res = normalise_rows(raw, strict=False, columns=args.columns, max_reasons=10 ** 9)
-        total += len(raw)
-        for reason in res.reasons:
+        total += len(raw) + len(broken)
+        for reason in sorted([str(b) for b in broken] + res.reasons, key=_line_of):
             print(reason)
-        problems += res.dropped
+        problems += res.dropped + len(broken)
         if args.max_length and res.records:
             tok = _tokenizer(args)
             enc = _encoder(args, tok)
@@ -93,6 +94,12 @@ def validate(args: DataCommandArguments) -> int:
                         problems += 1
     print(f"{total} rows checked, {problems} problem(s).")
     return 1 if problems else 0
+
+
+def _line_of(message: str) -> int:
+    head = message.split(": ", 1)[0]
+    tail = head.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def convert(args: DataCommandArguments) -> None:
@@ -173,6 +180,4 @@ def main(args: DataCommandArguments):
     if args.action not in actions:
         raise ConfigError(f"say what to do: tunesmith data {{{'|'.join(actions)}}} --dataset FILE")
     rc = actions[args.action](args)
-    if args.action == "validate" and rc:
-        raise SystemExit(rc)
-    return rc
+    return rc if args.action == "validate" else 0

@@ -54,7 +54,8 @@ def parse_spec(spec: str) -> tuple[str, Optional[str], Optional[int]]:
 
 # ----------------------------------------------------------------- readers
 
-def _read_jsonl(path: str) -> Iterator[RawRow]:
+def _read_jsonl(path: str, errors: Optional[list] = None) -> Iterator[RawRow]:
+    """JSON lines. With `errors`, broken lines are collected there and reading goes on (for `data validate`)."""
     with open(path, encoding="utf-8-sig") as fh:
         for lineno, text in enumerate(fh, 1):
             if not text.strip():
@@ -62,8 +63,11 @@ def _read_jsonl(path: str) -> Iterator[RawRow]:
             try:
                 yield RawRow(json.loads(text), path, lineno)
             except json.JSONDecodeError as e:
-                raise DataError(path, lineno, "", f"broken JSON at column {e.colno}: {e.msg}.",
-                                "each line must be one complete JSON object (check quotes, commas and brackets).") from None
+                err = DataError(path, lineno, "", f"broken JSON at column {e.colno}: {e.msg}.",
+                                "each line must be one complete JSON object (check quotes, commas and brackets).")
+                if errors is None:
+                    raise err from None
+                errors.append(err)
 
 
 def _read_json(path: str) -> Iterator[RawRow]:
@@ -184,18 +188,24 @@ def _read_hub(dataset_id: str, hub: Optional[str], use_hf: bool, hub_token: Opti
     return rows
 
 
-def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Optional[str] = None) -> list[RawRow]:
-    """Rows of one --dataset entry, with `#N` sampling applied (without replacement below the size, else repeated)."""
+def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Optional[str] = None,
+              errors: Optional[list] = None) -> list[RawRow]:
+    """Rows of one --dataset entry, with `#N` sampling applied (without replacement below the size, else repeated).
+
+    With `errors`, broken JSON lines of .jsonl files are collected there instead of stopping the read."""
     path, hub, n = parse_spec(spec)
     if hub is None and (os.path.exists(path) or path.lower().endswith(LOCAL_SUFFIXES) or path.startswith((".", "/"))):
         if not os.path.exists(path):
             raise DataError(path, None, "", "file not found.", "check the path given to --dataset.")
-        rows = _read_local(path)
+        if errors is not None and path.lower().endswith(".jsonl"):
+            rows = list(_read_jsonl(path, errors))
+        else:
+            rows = _read_local(path)
     else:
         rows = _read_hub(path, hub, use_hf, hub_token)
-    if not rows:
+    if not rows and not errors:
         raise DataError(path, None, "", "the dataset is empty.", "add rows, or remove it from --dataset.")
-    if n is not None:
+    if n is not None and rows:
         rng = random.Random(seed)
         if n <= len(rows):
             rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), n))]

@@ -179,7 +179,10 @@ def make_run(args, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
 
 
 def save_model_fn(tokenizer):
+    from transformers.utils import logging as hf_logging
+
     def save(model, path: str) -> None:
+        hf_logging.disable_progress_bar()  # our own progress bar is running; theirs would interleave with it
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
     return save

@@ -1,0 +1,66 @@
+"""`tunesmith data inspect|validate|convert|split|stats` through the real CLI entry point."""
+import json
+import os
+
+from conftest import EXAMPLES, read_jsonl, write_jsonl
+from tunesmith.cli import main
+
+ALL_FORMATS = [os.path.join(EXAMPLES, f) for f in ("capitals_messages.jsonl", "capitals_sharegpt.jsonl",
+                                                   "capitals_alpaca.json", "dpo_prompt_chosen_rejected.jsonl")]
+
+
+def test_inspect_marks_trained_tokens(capsys):
+    assert main(["data", "inspect", "--dataset", ALL_FORMATS[0], "--template", "qwen3"]) == 0
+    out = capsys.readouterr().out
+    assert "[[<think>\n\n</think>\n\nThe capital of France is Paris.<|im_end|>]]" in out
+    assert main(["data", "inspect", "--dataset", ALL_FORMATS[0], "--template", "qwen3",
+                 "--loss_scale", "ignore_empty_think"]) == 0
+    assert "[[The capital of France is Paris.<|im_end|>]]" in capsys.readouterr().out
+
+
+def test_inspect_with_a_model(tiny_models, capsys):
+    assert main(["data", "inspect", "--dataset", ALL_FORMATS[3], "--model", tiny_models("llama3"), "--rlhf"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen" in out and "rejected" in out and "[[I do not know.<|eot_id|>]]" in out
+
+
+def test_validate_lists_every_problem(tmp_path, capsys):
+    p = write_jsonl(tmp_path / "v.jsonl", [
+        {"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]},
+        {"messages": [{"role": "user", "content": "no reply"}]},
+        '{"broken": ',
+        {"query": "q", "response": ""},
+    ])
+    assert main(["data", "validate", "--dataset", p]) == 1
+    out = capsys.readouterr().out
+    assert f"{p}:2: field 'messages'" in out and "has no assistant message" in out
+    assert "problem(s)" in out
+
+
+def test_validate_clean_data(capsys):
+    assert main(["data", "validate", "--dataset", *ALL_FORMATS]) == 0
+    assert "0 problem(s)" in capsys.readouterr().out
+
+
+def test_convert_and_split(tmp_path, capsys):
+    out = tmp_path / "canon.jsonl"
+    assert main(["data", "convert", "--dataset", *ALL_FORMATS, "--output", str(out)]) == 0
+    rows = read_jsonl(out)
+    assert len(rows) == 32 and all("messages" in r for r in rows)
+    assert sum("rejected_messages" in r for r in rows) == 8
+    # the canonical file loads back to itself
+    main(["data", "convert", "--dataset", str(out), "--output", str(tmp_path / "again.jsonl")])
+    assert read_jsonl(tmp_path / "again.jsonl") == rows
+    assert main(["data", "split", "--dataset", str(out), "--output", str(tmp_path / "s"), "--val_ratio", "0.25"]) == 0
+    assert len(read_jsonl(tmp_path / "s" / "train.jsonl")) == 24 and len(read_jsonl(tmp_path / "s" / "val.jsonl")) == 8
+
+
+def test_stats_counts_over_long_rows(capsys):
+    from tunesmith.data.command import stats
+    from tunesmith.args import parse_args
+    s = stats(parse_args("data", ["stats", "--dataset", *ALL_FORMATS, "--max_length", "37"]))
+    assert s["rows"] == 32 and s["kinds"] == {"sft": 24, "preference": 8}
+    assert 0 < s["over_max_length"]["sequences"] < 40
+    assert s["tokens"]["max"] > 37 >= s["tokens"]["min"]
+    assert "would be dropped" in capsys.readouterr().out
+    json.dumps(s)
