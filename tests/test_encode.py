@@ -144,3 +144,16 @@ def test_template_without_chat_template_is_a_clear_error(toks):
         ChatEncoder(tok)
     e = ChatEncoder(tok, use_chat_template=False).encode({"messages": [{"role": "assistant", "content": "text"}]})
     assert tok.decode(e.input_ids) == "text<|im_end|>"
+
+
+def test_parallel_encoding_equals_serial(toks):
+    from tunesmith.data.encode import encode_records
+    tok = toks["qwen3"]
+    recs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a " * (i % 9 + 1)}]}
+            for i in range(300)]
+    srcs = [("mem", i + 1) for i in range(300)]
+    enc = ChatEncoder(tok, max_length=30)
+    serial, s1 = encode_records(enc, recs, srcs)
+    parallel, s2 = encode_records(enc, recs, srcs, num_proc=2)
+    assert [(e.input_ids, e.labels) for e in serial] == [(e.input_ids, e.labels) for e in parallel]
+    assert s1 == s2

@@ -281,21 +281,50 @@ def encode_records(encoder: ChatEncoder, records: list[dict], sources: list, kin
     (--truncation_strategy delete); rows with nothing to train are dropped and counted."""
     stats = {"too_long": 0, "nothing_to_train": 0, "bad": 0, "reasons": []}
     out = []
-    for rec, (src, line) in zip(records, sources):
-        try:
-            if kind == "preference":
-                out.append(encoder.encode_pair(rec))
-            else:
-                out.append(encoder.encode(rec))
-        except TooLong:
-            stats["too_long"] += 1
-        except NothingToTrain:
-            stats["nothing_to_train"] += 1
-        except DataError as e:
-            e2 = DataError(src, line, e.field, e.problem, e.fix)
+    results = _encode_parallel(encoder, records, kind, num_proc) if num_proc > 1 and len(records) >= 256 \
+        else (_encode_one(encoder, rec, kind) for rec in records)
+    for (status, value), (src, line) in zip(results, sources):
+        if status == "ok":
+            out.append(value)
+        elif status in ("too_long", "nothing_to_train"):
+            stats[status] += 1
+        else:
+            e2 = DataError(src, line, value.field, value.problem, value.fix)
             if strict:
                 raise e2 from None
             stats["bad"] += 1
             if len(stats["reasons"]) < 5:
                 stats["reasons"].append(str(e2))
     return out, stats
+
+
+def _encode_one(encoder: ChatEncoder, rec: dict, kind: str):
+    try:
+        return "ok", encoder.encode_pair(rec) if kind == "preference" else encoder.encode(rec)
+    except TooLong:
+        return "too_long", None
+    except NothingToTrain:
+        return "nothing_to_train", None
+    except DataError as e:
+        return "bad", e
+
+
+_WORKER_ENCODER: Optional[ChatEncoder] = None
+
+
+def _worker_chunk(args):
+    recs, kind = args
+    return [_encode_one(_WORKER_ENCODER, r, kind) for r in recs]
+
+
+def _encode_parallel(encoder: ChatEncoder, records: list[dict], kind: str, num_proc: int):
+    """--dataset_num_proc: encode in forked worker processes (the encoder is inherited, not pickled)."""
+    import multiprocessing as mp
+
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = encoder
+    size = max(64, len(records) // (num_proc * 4) + 1)
+    chunks = [(records[i:i + size], kind) for i in range(0, len(records), size)]
+    with mp.get_context("fork").Pool(num_proc) as pool:
+        for part in pool.imap(_worker_chunk, chunks):
+            yield from part

@@ -266,7 +266,7 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
                 update_symlink(os.path.join(run_dir, "best"), state.best_model_checkpoint)
         return path
 
-    start = time.time()
+    start, start_step = time.time(), state.global_step
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "correct": 0, "trained": 0, "t0": time.time()}
     total_tokens = 0
     bar = tqdm(total=total_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
@@ -331,8 +331,7 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
                           "global_step/max_steps": f"{step}/{total_steps}",
                           "percentage": f"{100 * step / total_steps:.2f}%",
                           "elapsed_time": _fmt_time(elapsed),
-                          "remaining_time": _fmt_time(elapsed / max(step - (state.global_step - window['steps']), 1)
-                                                      * (total_steps - step)),
+                          "remaining_time": _fmt_time(elapsed / max(step - start_step, 1) * (total_steps - step)),
                           "memory(GiB)": memory_gib(), "tokens_per_second": round(window["tokens"] / dt, 1),
                           "train_speed(iter/s)": round(window["steps"] / dt, 4), "global_step": step}
                 trackers.log(record, step)

@@ -113,7 +113,11 @@ def prepare_data(args, kind: str = "sft", default_loss_scale: str = "default") -
             raise DataError(bad[0][0], bad[0][1], "rejected_response",
                             "is missing: preference training needs a rejected reply for every row.",
                             "add rejected_response (or use prompt/chosen/rejected).")
-    train_rows, tstats = encode_records(encoder, train.records, train.sources, kind=kind, strict=args.strict)
+    if args.load_from_cache_file:
+        note("--load_from_cache_file: tunesmith encodes the data afresh on every run (no map cache is read)")
+    num_proc = max(1, args.dataset_num_proc)
+    train_rows, tstats = encode_records(encoder, train.records, train.sources, kind=kind, strict=args.strict,
+                                        num_proc=num_proc)
     _report_drops("--dataset", train, tstats, max_length)
     if not train_rows:
         raise DataError(" ".join(args.dataset), None, "", "no rows left to train on after encoding "
@@ -121,7 +125,8 @@ def prepare_data(args, kind: str = "sft", default_loss_scale: str = "default") -
                         "raise --max_length, use --truncation_strategy left/right, or check --loss_scale.")
     eval_rows = []
     if val is not None:
-        eval_rows, vstats = encode_records(encoder, val.records, val.sources, kind=kind, strict=args.strict)
+        eval_rows, vstats = encode_records(encoder, val.records, val.sources, kind=kind, strict=args.strict,
+                                           num_proc=num_proc)
         _report_drops("validation data", val, vstats, max_length)
     if not eval_rows and args.eval_strategy != "no":
         args.eval_strategy = "no"  # ms-swift: forced to no when there is no validation data
