@@ -217,3 +217,15 @@ def test_bad_data_fails_before_anything_is_written(tiny_models, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:2: field 'messages'"):
         run(["--model", tiny_models("qwen2"), "--dataset", bad, "--output_dir", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
+
+
+def test_missing_model_is_one_clear_error(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = _variable_length_data(tmp_path, 2)
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "sft", "--model", "models/no-such-model", "--dataset", data,
+                        "--use_hf", "true", "--output_dir", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "--model models/no-such-model: not a local directory" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

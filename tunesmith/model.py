@@ -25,17 +25,24 @@ def resolve_model_dir(model: Optional[str], use_hf: bool = False, revision: Opti
     if model.startswith((".", "/")) or os.sep in model.strip("/") and model.count("/") > 1:
         raise ConfigError(f"--model {model}: no such directory")
     use_hf = use_hf or os.environ.get("USE_HF", "0").lower() in ("1", "true")
-    if not use_hf:
-        try:
-            from modelscope import snapshot_download as ms_download
-        except ImportError:
-            note("modelscope is not installed; downloading from the Hugging Face hub instead "
-                 "(pip install modelscope to use ModelScope)")
-        else:
-            return ms_download(model, revision=revision)
-    from huggingface_hub import snapshot_download
+    hub = "Hugging Face"
+    try:
+        if not use_hf:
+            try:
+                from modelscope import snapshot_download as ms_download
+            except ImportError:
+                note("modelscope is not installed; downloading from the Hugging Face hub instead "
+                     "(pip install modelscope to use ModelScope)")
+            else:
+                hub = "ModelScope"
+                return ms_download(model, revision=revision)
+        from huggingface_hub import snapshot_download
 
-    return snapshot_download(model, revision=revision, token=token)
+        return snapshot_download(model, revision=revision, token=token)
+    except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all end here
+        raise ConfigError(f"--model {model}: not a local directory, and downloading it from {hub} failed "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the path, or "
+                          f"the hub id and your network") from None
 
 
 def resolve_dtype(name: Optional[str]):
