@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 
 class ArgError(ValueError):
@@ -255,9 +256,6 @@ class ExportOutputArgs:
     exist_ok: bool = _f(False)
 
 
-SUPPORTED_COMMANDS = ("sft", "data")
-
-
 @dataclass
 class SftArguments(ModelArgs, QuantArgs, TemplateArgs, DataArgs, TunerArgs, TrackArgs, TrainArgs):
     """`tunesmith sft`."""
@@ -403,6 +401,7 @@ class _Field:
     default: Any
 
 
+@functools.lru_cache(maxsize=None)
 def _fields(cls) -> dict[str, _Field]:
     hints = typing.get_type_hints(cls)
     out = {}
@@ -414,6 +413,7 @@ def _fields(cls) -> dict[str, _Field]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _aliases(cls) -> dict[str, str]:
     out = {}
     for f in dataclasses.fields(cls):

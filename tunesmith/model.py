@@ -94,7 +94,6 @@ def _quantization_config(args, config, dtype):
 
 
 def load_model(args, model_dir: str, tokenizer=None, for_training: bool = True):
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = resolve_dtype(args.torch_dtype)

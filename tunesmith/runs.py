@@ -66,14 +66,6 @@ def save_args(path_dir: str, args, extra: Optional[dict] = None) -> dict:
     return record
 
 
-def read_args(ckpt_or_run_dir: str) -> Optional[dict]:
-    p = os.path.join(ckpt_or_run_dir, "args.json")
-    if not os.path.isfile(p):
-        return None
-    with open(p, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
 @contextlib.contextmanager
 def atomic_dir(final_path: str) -> Iterator[str]:
     """Yield a temporary directory next to final_path; rename it into place only if the block succeeds.

@@ -153,8 +153,3 @@ class Trackers:
             except Exception:  # noqa: BLE001
                 pass
         self.active.clear()
-
-
-def read_log(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]

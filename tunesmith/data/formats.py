@@ -294,8 +294,6 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
             messages.append({"role": "user", "content": query})
         if resp is not None:
             messages.append({"role": "assistant", "content": _as_text(r, rkey, resp, allow_empty=False)})
-        elif query is None:
-            pass
         messages = _prepend_system(r, messages)
     key, rej = r.get("rejected_response")
     if rej is not None and rejected is None:

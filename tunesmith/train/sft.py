@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from tunesmith.args import SftArguments
+from tunesmith.args import SftArguments, to_record
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE
 from tunesmith.track import Trackers
@@ -56,7 +56,6 @@ def main(args: SftArguments):
     prepared = prepare_data(args, kind="sft", default_loss_scale="default")
     model, param_info = prepare_model(args, prepared.model_dir, prepared.tokenizer)
     run_dir, extra = make_run(args, prepared, param_info)
-    from tunesmith.args import to_record
     trackers = Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args)
     pad_id = prepared.tokenizer.pad_token_id
     coef = args.router_aux_loss_coef
