@@ -554,8 +554,7 @@ def parse_args(command: str, argv: list[str], cls=None):
             _set_value(cls, values, name, raw, src)
     if rest_pos:
         if command == "data" and "action" not in values:
-            values["action"] = rest_pos.pop(0)
-            _set_value(cls, values, "action", values["action"], "")
+            _set_value(cls, values, "action", rest_pos.pop(0), "")
         if rest_pos:
             raise ArgError(f"unexpected argument {rest_pos[0]!r} for 'tunesmith {command}' "
                            f"(flags start with --; a config file ends in .yaml, .yml or .json)")
@@ -569,7 +568,7 @@ def parse_args(command: str, argv: list[str], cls=None):
                 vals = []
             else:
                 raise ArgError(f"--{name} needs a value")
-        _set_value(cls, values, name, vals if spec.is_list else vals, "")
+        _set_value(cls, values, name, vals, "")
     try:
         return cls(**values)
     except TypeError as e:  # pragma: no cover - a programming error, not a user one

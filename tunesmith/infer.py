@@ -29,12 +29,10 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     stop = {tokenizer.eos_token_id}
-    _, eot = enc._tail(None)  # the template's final end-of-turn token (e.g. <|im_end|>, <|return|>)
-    for text in (eot, enc._tail("user")[1]):
-        if text:
-            ids = tokenizer.convert_tokens_to_ids(text)
-            if isinstance(ids, int) and ids != tokenizer.unk_token_id:
-                stop.add(ids)
+    for text in enc.end_of_turn_tokens():  # e.g. <|im_end|>, <|eot_id|>, <|end|>/<|return|>
+        ids = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(ids, int) and ids != tokenizer.unk_token_id:
+            stop.add(ids)
     gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=sorted(i for i in stop if i is not None),
                       pad_token_id=tokenizer.pad_token_id)
     if temperature and temperature > 0:

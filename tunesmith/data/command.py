@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 from tunesmith.args import DataCommandArguments
 from tunesmith.data.encode import ChatEncoder, TooLong, NothingToTrain, render_highlighted
@@ -22,9 +23,10 @@ def _tokenizer(args: DataCommandArguments):
     return build_tokenizer(family)
 
 
-def _encoder(args: DataCommandArguments, tok) -> ChatEncoder:
+def _encoder(args: DataCommandArguments, tok, max_length: Optional[int] = -1) -> ChatEncoder:
+    """max_length -1 means --max_length; stats passes None to measure every row at full length."""
     return ChatEncoder(tok, loss_scale=args.loss_scale, default_loss_scale="last_round" if args.rlhf else "default",
-                       max_length=args.max_length, truncation_strategy=args.truncation_strategy, system=args.system,
+                       max_length=args.max_length if max_length == -1 else max_length, truncation_strategy=args.truncation_strategy, system=args.system,
                        use_chat_template=args.use_chat_template)
 
 
@@ -136,8 +138,7 @@ def stats(args: DataCommandArguments) -> dict:
     result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
     tok = _tokenizer(args)
     max_length = args.max_length
-    args.max_length = None
-    enc = _encoder(args, tok)
+    enc = _encoder(args, tok, max_length=None)
     kinds: dict[str, int] = {}
     lengths, trained, turns = [], [], []
     nothing = 0

@@ -140,6 +140,10 @@ class ChatEncoder:
             self._tails[key] = (tail, tail[: self._first_special_end(tail)])
         return self._tails[key]
 
+    def end_of_turn_tokens(self) -> list[str]:
+        """The special tokens that end a reply: mid-conversation and final (gpt-oss: `<|end|>` and `<|return|>`)."""
+        return [eot for eot in (self._tail(None)[1], self._tail("user")[1]) if eot]
+
     # -------------------------------------------------------------- spans
 
     def trained_spans(self, messages: list[dict], tools=None) -> tuple[str, list[tuple[int, int]]]:
