@@ -15,13 +15,13 @@ from tunesmith.args import ArgError, format_help, parse_args
 # command -> (module, one-line description). The module's `main(args)` is also the Python API.
 COMMANDS = {
     "sft": ("tunesmith.train.sft", "supervised fine-tuning (LoRA, QLoRA, full)"),
+    "rlhf": ("tunesmith.train.preference", "preference training: DPO and its variants, CPO, SimPO, ORPO, KTO"),
+    "dpo": ("tunesmith.train.preference", "short for `rlhf --rlhf_type dpo`"),
     "data": ("tunesmith.data.command", "inspect, validate, convert, split and measure datasets"),
 }
 
 # ms-swift commands that tunesmith will provide but does not yet: a clear message instead of "unknown command".
 PLANNED = {
-    "rlhf": "preference training (DPO family)",
-    "dpo": "preference training (DPO family)",
     "infer": "chat and batch inference",
     "export": "merging adapters",
     "merge-lora": "merging adapters (use `export --merge_lora true`)",

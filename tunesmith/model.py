@@ -179,7 +179,15 @@ def attach_lora(model, args):
                      modules_to_save=_expand_special(model, args.modules_to_save) or None,
                      use_rslora=args.use_rslora, use_dora=args.use_dora, init_lora_weights=init,
                      task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        if "not found in the base model" not in str(e):
+            raise
+        which = f"--target_regex {args.target_regex}" if args.target_regex else \
+            f"--target_modules {' '.join(args.target_modules)}"
+        raise ConfigError(f"{which} matches no layer of this model, so LoRA would have no trainable parameters. "
+                          f"Its Linear layers are: {', '.join(all_linear_names(model))} (or pass all-linear)") from None
 
 
 def count_parameters(model) -> dict:

@@ -208,12 +208,13 @@ class ChatEncoder:
 
     # -------------------------------------------------------------- encoding
 
-    def encode(self, record: dict, messages_key: str = "messages") -> Encoded:
+    def encode(self, record: dict, messages_key: str = "messages", truncate: bool = True) -> Encoded:
         messages = self.with_system(record[messages_key])
         if not self.use_chat_template:
             text = "".join(m["content"] for m in messages) + (self.tok.eos_token or "")
             ids = self.tok(text, add_special_tokens=False)["input_ids"]
-            return self._truncate(Encoded(ids, list(ids)))
+            enc = Encoded(ids, list(ids))
+            return self._truncate(enc) if truncate else enc
         full, spans = self.trained_spans(messages, record.get("tools"))
         enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -227,7 +228,8 @@ class ChatEncoder:
                 k += 1
             if k < len(spans) and spans[k][0] <= a < spans[k][1]:
                 labels[t] = ids[t]
-        return self._truncate(Encoded(list(ids), labels))
+        enc = Encoded(list(ids), labels)
+        return self._truncate(enc) if truncate else enc
 
     def _truncate(self, enc: Encoded) -> Encoded:
         n, m = len(enc.input_ids), self.max_length
@@ -243,17 +245,22 @@ class ChatEncoder:
         return enc
 
     def encode_pair(self, record: dict) -> tuple[Encoded, Encoded]:
-        """Chosen and rejected encodings of a preference record; their prompts must tokenise identically."""
-        chosen = self.encode(record, "messages")
-        rejected = self.encode(record, "rejected_messages")
+        """Chosen and rejected encodings of a preference record. Their prompts must tokenise identically and their
+        trained completions must differ; --max_length applies to each side separately (as in ms-swift)."""
+        chosen = self.encode(record, "messages", truncate=False)
+        rejected = self.encode(record, "rejected_messages", truncate=False)
+        if chosen.n_trained == 0 or rejected.n_trained == 0:
+            raise NothingToTrain()
         pc = next(i for i, x in enumerate(chosen.labels) if x != IGNORE)
         pr = next(i for i, x in enumerate(rejected.labels) if x != IGNORE)
         if chosen.input_ids[:pc] != rejected.input_ids[:pr]:
             raise DataError("", None, "rejected", "the chosen and rejected conversations differ before the reply "
                             "(their prompts tokenise differently).",
                             "make both share the same messages up to the final reply.")
-        return chosen, rejected
-
+        if [x for x in chosen.labels if x != IGNORE] == [x for x in rejected.labels if x != IGNORE]:
+            raise DataError("", None, "rejected", "tokenises to the same trained reply as the chosen one, so the "
+                            "pair carries no preference.", "give a different rejected reply, or drop the row.")
+        return self._truncate(chosen), self._truncate(rejected)
 
 def render_highlighted(tokenizer, enc: Encoded, color: bool = False) -> str:
     """The encoded row as text with the trained tokens marked: [[...]] (or green when color)."""
@@ -282,7 +289,9 @@ def render_highlighted(tokenizer, enc: Encoded, color: bool = False) -> str:
 def encode_records(encoder: ChatEncoder, records: list[dict], sources: list, kind: str = "sft",
                    strict: bool = True, num_proc: int = 1) -> tuple[list[Any], dict]:
     """Encode many records. Returns (encoded rows, stats). Over-long rows are dropped and counted
-    (--truncation_strategy delete); rows with nothing to train are dropped and counted."""
+    (--truncation_strategy delete); rows with nothing to train are dropped and counted.
+
+    kind: "sft" -> Encoded; "preference" -> (chosen, rejected); "kto" -> (Encoded, desirable: bool)."""
     stats = {"too_long": 0, "nothing_to_train": 0, "bad": 0, "reasons": []}
     out = []
     results = _encode_parallel(encoder, records, kind, num_proc) if num_proc > 1 and len(records) >= 256 \
@@ -304,7 +313,11 @@ def encode_records(encoder: ChatEncoder, records: list[dict], sources: list, kin
 
 def _encode_one(encoder: ChatEncoder, rec: dict, kind: str):
     try:
-        return "ok", encoder.encode_pair(rec) if kind == "preference" else encoder.encode(rec)
+        if kind == "preference":
+            return "ok", encoder.encode_pair(rec)
+        if kind == "kto":
+            return "ok", (encoder.encode(rec), bool(rec["label"]))
+        return "ok", encoder.encode(rec)
     except TooLong:
         return "too_long", None
     except NothingToTrain:

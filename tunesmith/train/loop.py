@@ -1,8 +1,8 @@
 """The training loop: the one place where batches become optimiser steps.
 
 Read top to bottom: build the optimiser and schedule, optionally restore a checkpoint, then for each step take
-`gradient_accumulation_steps` micro-batches, normalise their summed loss by the units (trained tokens, pairs) of
-the whole step, clip, step, log, evaluate, save. Training methods plug in as an `Objective`; batching is the
+`gradient_accumulation_steps` micro-batches, normalise each summed loss term by its units (trained tokens, pairs)
+counted over the whole step, clip, step, log, evaluate, save. Training methods plug in as an `Objective`; batching is the
 collator's business, so packing changes the collator, not this file.
 """
 from __future__ import annotations
@@ -29,12 +29,38 @@ class TrainingDiverged(TunesmithError):
 class Objective:
     """How one training method turns a batch into a loss.
 
-    loss(model, batch) -> (summed loss over the batch's units, dict of summed statistics)
-    count(batch) -> the number of units the loss is normalised by (trained tokens for SFT, pairs for DPO)
+    loss(model, batch) -> ({unit: summed loss term}, {statistic: summed value}); a method may mix terms with
+        different units (DPO: a per-pair loss plus an NLL over chosen tokens).
+    count(batch) -> {unit: how many in this batch}; each term is divided by its units summed over the whole
+        accumulated step, so gradient accumulation gives the same step as one large batch.
+    metrics(summed statistics) -> the values to log (means), e.g. token_acc or rewards/accuracies.
     """
     name: str
-    loss: Callable[[Any, dict], tuple[Any, dict]]
-    count: Callable[[dict], int]
+    loss: Callable[[Any, dict], tuple[dict, dict]]
+    count: Callable[[dict], dict]
+    metrics: Callable[[dict], dict]
+
+
+def _add(into: dict, values: dict) -> None:
+    for k, v in values.items():
+        into[k] = into.get(k, 0) + v
+
+
+def evaluate_objective(model, objective: Objective, rows: list, collate: Callable, batch_size: int) -> dict:
+    """eval_loss (every term divided by its units over the whole set) and eval_<metric> for each metric."""
+    import torch
+
+    device = next(model.parameters()).device
+    terms, units, stats = {}, {}, {}
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            b = _to_device(collate(rows[i:i + batch_size]), device)
+            parts, st = objective.loss(model, b)
+            _add(terms, {k: float(v) for k, v in parts.items()})
+            _add(units, objective.count(b))
+            _add(stats, st)
+    loss = sum(v / max(units[k], 1) for k, v in terms.items())
+    return {"eval_loss": round(loss, 6), **{f"eval_{k}": v for k, v in objective.metrics(stats).items()}}
 
 
 @dataclass
@@ -176,9 +202,9 @@ def load_model_weights(model, ckpt: str) -> None:
 
 
 def train(*, args, model, objective: Objective, train_rows: list, eval_rows: list, collate: Callable,
-          run_dir: str, save_model: Callable[[Any, str], None], trackers, evaluate: Optional[Callable] = None,
+          run_dir: str, save_model: Callable[[Any, str], None], trackers,
           args_extra: Optional[dict] = None) -> TrainState:
-    """Run training to the end; return the final state. `evaluate(model, rows) -> metrics` is called for eval."""
+    """Run training to the end; return the final state. Evaluation runs the same objective on `eval_rows`."""
     import torch
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
@@ -224,12 +250,13 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    eval_on = evaluate is not None and eval_rows and args.eval_strategy != "no"
+    eval_on = bool(eval_rows) and args.eval_strategy != "no"
 
     def do_eval() -> dict:
         model.eval()
         with torch.no_grad():
-            metrics = evaluate(accelerator.unwrap_model(model), eval_rows)
+            metrics = evaluate_objective(accelerator.unwrap_model(model), objective, eval_rows, collate,
+                                         args.per_device_eval_batch_size)
         model.train()
         if args.metric_for_best_model:
             key = args.metric_for_best_model if args.metric_for_best_model.startswith("eval_") \
@@ -267,7 +294,7 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
         return path
 
     start, start_step = time.time(), state.global_step
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "correct": 0, "trained": 0, "t0": time.time()}
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "stats": {}, "t0": time.time()}
     total_tokens = 0
     bar = tqdm(total=total_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
                disable=not sys.stderr.isatty(), mininterval=0.5)
@@ -285,19 +312,21 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
                 epoch_ended = True
                 break
             micro = [_to_device(b, device) for b in micro]
-            units = sum(objective.count(b) for b in micro)
+            units: dict = {}
+            for b in micro:
+                _add(units, objective.count(b))
             loss_total = torch.zeros((), device=device)
             for b in micro:
                 with accelerator.autocast():
-                    loss_sum, stats = objective.loss(model, b)
-                accelerator.backward(loss_sum / max(units, 1))
-                loss_total += loss_sum.detach().float()
-                window["correct"] += int(stats.get("correct", 0))
-                window["trained"] += int(stats.get("n_tokens", 0))
+                    parts, stats = objective.loss(model, b)
+                loss = sum(v / max(units[k], 1) for k, v in parts.items())
+                accelerator.backward(loss)
+                loss_total += loss.detach().float()
+                _add(window["stats"], stats)
                 tokens = int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
                 window["tokens"] += tokens
                 total_tokens += tokens
-            loss_value = float(loss_total) / max(units, 1)
+            loss_value = float(loss_total)
             if not math.isfinite(loss_value):
                 bar.close()
                 last = state.last_model_checkpoint or "none (no checkpoint was saved yet)"
@@ -325,8 +354,7 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
                 elapsed = time.time() - start
                 dt = max(time.time() - window["t0"], 1e-9)
                 record = {"loss": round(window["loss"] / window["steps"], 6), "grad_norm": round(grad_norm, 6),
-                          "learning_rate": lr,
-                          "token_acc": round(window["correct"] / max(window["trained"], 1), 6),
+                          "learning_rate": lr, **objective.metrics(window["stats"]),
                           "epoch": round(state.epoch + state.batches_done / max(n_batches, 1), 4),
                           "global_step/max_steps": f"{step}/{total_steps}",
                           "percentage": f"{100 * step / total_steps:.2f}%",
@@ -337,7 +365,7 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
                 trackers.log(record, step)
                 state.log_history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
-                window.update(loss=0.0, steps=0, tokens=0, correct=0, trained=0, t0=time.time())
+                window.update(loss=0.0, steps=0, tokens=0, stats={}, t0=time.time())
             last_step = step == total_steps
             if eval_on and ((args.eval_strategy == "steps" and step % args.eval_steps == 0) or last_step):
                 do_eval()

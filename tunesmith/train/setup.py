@@ -74,10 +74,29 @@ def _report_drops(what: str, loaded: LoadResult, stats: dict, max_length) -> Non
         note(f"{what}: {stats['too_long']} row(s) longer than --max_length {max_length} dropped "
              f"(--truncation_strategy delete)")
     if stats["nothing_to_train"]:
-        note(f"{what}: {stats['nothing_to_train']} row(s) with no trained tokens dropped")
+        note(f"{what}: {stats['nothing_to_train']} row(s) with no trained tokens dropped (the prompt fills "
+             f"--max_length {max_length} after truncation, or --loss_scale / per-message loss trains nothing)")
     if stats["bad"]:
         note(f"{what}: {stats['bad']} row(s) failed to encode and were dropped; first reasons:\n  "
              + "\n  ".join(stats["reasons"]))
+
+
+def _unpair(loaded: LoadResult) -> LoadResult:
+    """KTO learns from single replies labelled desirable or not: a labelled row stays, a preference pair becomes
+    its chosen reply (desirable) and its rejected reply (undesirable). Rows with neither are an error."""
+    records, sources = [], []
+    for rec, src in zip(loaded.records, loaded.sources):
+        if "label" in rec:
+            records.append({k: v for k, v in rec.items() if k != "rejected_messages"})
+            sources.append(src)
+        elif "rejected_messages" in rec:
+            records += [{"messages": rec["messages"], "label": True, "tools": rec.get("tools")},
+                        {"messages": rec["rejected_messages"], "label": False, "tools": rec.get("tools")}]
+            sources += [src, src]
+        else:
+            raise DataError(src[0], src[1], "label", "is missing: KTO needs each reply labelled desirable or not.",
+                            'add "label": true or false (or give chosen/rejected pairs).')
+    return LoadResult(records=records, sources=sources, dropped=loaded.dropped, reasons=loaded.reasons)
 
 
 def prepare_data(args, kind: str = "sft", default_loss_scale: str = "default") -> Prepared:
@@ -113,6 +132,9 @@ def prepare_data(args, kind: str = "sft", default_loss_scale: str = "default") -
             raise DataError(bad[0][0], bad[0][1], "rejected_response",
                             "is missing: preference training needs a rejected reply for every row.",
                             "add rejected_response (or use prompt/chosen/rejected).")
+    if kind == "kto":
+        train = _unpair(train)
+        val = _unpair(val) if val is not None else None
     if args.load_from_cache_file:
         note("--load_from_cache_file: tunesmith encodes the data afresh on every run (no map cache is read)")
     num_proc = max(1, args.dataset_num_proc)
@@ -188,7 +210,11 @@ def save_model_fn(tokenizer):
 
     def save(model, path: str) -> None:
         hf_logging.disable_progress_bar()  # our own progress bar is running; theirs would interleave with it
-        model.save_pretrained(path, safe_serialization=True)
+        if len(getattr(model, "peft_config", {})) > 1:
+            # a frozen reference adapter ("ref") rides along in preference training; only the trained one is saved
+            model.save_pretrained(path, safe_serialization=True, selected_adapters=["default"])
+        else:
+            model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
     return save
 

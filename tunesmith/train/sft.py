@@ -17,7 +17,7 @@ from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepar
 
 
 def token_loss(model, batch: dict, aux_coef: float = 0.0):
-    """(summed CE over trained positions, {"correct", "n_tokens"}) for one batch."""
+    """({"tokens": summed CE over trained positions}, {"correct", "n_tokens"}) for one batch."""
     import torch
     import torch.nn.functional as F
 
@@ -35,20 +35,13 @@ def token_loss(model, batch: dict, aux_coef: float = 0.0):
     if aux_coef and aux is not None:
         # the router loss is a per-batch mean: weight it by this batch's tokens so the step mean stays a mean
         loss_sum = loss_sum + aux_coef * aux.float() * n
-    return loss_sum, {"correct": correct, "n_tokens": n}
+    return {"tokens": loss_sum}, {"correct": correct, "n_tokens": n}
 
 
-def evaluate_rows(model, rows, batch_size: int, pad_id: int, device) -> dict:
-    """eval_loss (token-weighted mean) and eval_token_acc over encoded rows."""
-    total, correct, n = 0.0, 0, 0
-    for i in range(0, len(rows), batch_size):
-        b = pad_collate(rows[i:i + batch_size], pad_id)
-        b = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in b.items()}
-        loss_sum, stats = token_loss(model, b)
-        total += float(loss_sum)
-        correct += stats["correct"]
-        n += stats["n_tokens"]
-    return {"eval_loss": round(total / max(n, 1), 6), "eval_token_acc": round(correct / max(n, 1), 6)}
+def objective(aux_coef: float = 0.0) -> loop.Objective:
+    return loop.Objective(
+        "sft", loss=lambda m, b: token_loss(m, b, aux_coef), count=lambda b: {"tokens": b["n_tokens"]},
+        metrics=lambda st: {"token_acc": round(st.get("correct", 0) / max(st.get("n_tokens", 0), 1), 6)})
 
 
 def main(args: SftArguments):
@@ -58,19 +51,14 @@ def main(args: SftArguments):
     run_dir, extra = make_run(args, prepared, param_info)
     trackers = Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args)
     pad_id = prepared.tokenizer.pad_token_id
-    coef = args.router_aux_loss_coef
-    objective = loop.Objective("sft", loss=lambda m, b: token_loss(m, b, coef), count=lambda b: b["n_tokens"])
-
-    def evaluate(m, rows):
-        return evaluate_rows(m, rows, args.per_device_eval_batch_size, pad_id, next(m.parameters()).device)
-
     print(f"[tunesmith] sft: {prepared.data_stats['train_rows']} training rows, "
           f"{prepared.data_stats['val_rows']} validation rows; run directory {run_dir}", flush=True)
     try:
-        state = loop.train(args=args, model=model, objective=objective, train_rows=prepared.train_rows,
-                           eval_rows=prepared.eval_rows, collate=partial(pad_collate, pad_id=pad_id, padding_side=args.padding_side),
+        state = loop.train(args=args, model=model, objective=objective(args.router_aux_loss_coef),
+                           train_rows=prepared.train_rows, eval_rows=prepared.eval_rows,
+                           collate=partial(pad_collate, pad_id=pad_id, padding_side=args.padding_side),
                            run_dir=run_dir, save_model=save_model_fn(prepared.tokenizer), trackers=trackers,
-                           evaluate=evaluate, args_extra=extra)
+                           args_extra=extra)
     finally:
         trackers.close()
     print_summary(state, run_dir)

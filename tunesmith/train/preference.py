@@ -1,0 +1,471 @@
+"""`tunesmith rlhf` (and `tunesmith dpo`): preference training on pairs — DPO and its loss variants, CPO, SimPO
+and ORPO. KTO (unpaired) lives in kto.py and shares the log-prob and reference code here.
+
+One step of the objective, for a batch of B pairs:
+1. The reference's log-probs of the 2B sequences: the same weights with the LoRA adapter switched off, a frozen
+   copy of the SFT adapter (`--adapters`/`--ref_adapters`), a frozen reference model (full training), or a cache
+   computed once before training (`--precompute_ref_log_probs`). Reference-free methods (CPO/SimPO/ORPO) skip it.
+2. One forward pass of the policy over [chosen_1..B, rejected_1..B] padded together; log-probs summed over the
+   completion tokens only (the encoder's labels: the prompt is never trained).
+3. The loss: a mean over pairs of the chosen variant(s), plus — only when asked for with --rpo_alpha, the `sft`
+   loss type, CPO's cpo_alpha or ORPO — an NLL over the chosen tokens, logged separately as nll_loss.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Optional
+
+from tunesmith.args import RLHFArguments, to_record
+from tunesmith.data.collate import pad_collate
+from tunesmith.data.encode import IGNORE, Encoded
+from tunesmith.errors import ConfigError
+from tunesmith.model import load_model, note, resolve_model_dir
+from tunesmith.runs import is_adapter_dir
+from tunesmith.track import Trackers
+from tunesmith.train import loop
+from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, print_summary,
+                                   save_model_fn)
+
+REFERENCE_FREE = ("cpo", "simpo", "orpo")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+# ------------------------------------------------------------------ data
+
+@dataclass
+class Pair:
+    chosen: Encoded
+    rejected: Encoded
+    ref_chosen: Optional[float] = None     # filled by --precompute_ref_log_probs
+    ref_rejected: Optional[float] = None
+
+
+def pair_collate(rows: list[Pair], pad_id: int, padding_side: str = "right") -> dict:
+    """[chosen_1..B, rejected_1..B] padded together, so one forward pass serves both sides of every pair."""
+    import torch
+
+    b = pad_collate([r.chosen for r in rows] + [r.rejected for r in rows], pad_id, padding_side)
+    n = len(rows)
+    b["n_pairs"] = n
+    b["n_tokens"] = int((b["labels"][:n, 1:] != IGNORE).sum())  # trained chosen tokens: the NLL's units
+    if rows[0].ref_chosen is not None:
+        b["ref_logps"] = torch.tensor([r.ref_chosen for r in rows] + [r.ref_rejected for r in rows],
+                                      dtype=torch.float32)
+    return b
+
+
+# ------------------------------------------------------------------ log-probs
+
+@dataclass
+class SeqLogps:
+    logps: Any          # [S] summed log-probs of each sequence's trained tokens (weighted by ld_alpha if given)
+    n: Any              # [S] trained tokens per sequence
+    logits_sum: Any     # [S] sum over trained tokens of the vocabulary-mean logit (detached; for logits/*)
+    token_logps: Any    # [N] per-token log-probs, N = all trained positions
+    rows: Any           # [N] which sequence each trained position belongs to
+    aux_loss: Any = None
+
+
+def sequence_logps(model, batch: dict, ld_alpha: Optional[float] = None, n_pairs: Optional[int] = None) -> SeqLogps:
+    """Per-sequence log-probs of the trained (completion) tokens, from one forward pass.
+
+    Only the trained positions' logits are turned into float32 log-probabilities, so the prompt's positions cost
+    no [tokens × vocabulary] float32 tensor. With ld_alpha (LD-DPO, Liu et al. 2024, arXiv:2409.06411) the
+    tokens of a completion beyond the shorter completion of its pair are weighted by ld_alpha (TRL's form)."""
+    import torch
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    picked = out.logits[:, :-1][mask].float()                    # [N, V]
+    target = labels[mask]
+    token_logps = picked.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(picked, -1)
+    rows = mask.nonzero()[:, 0]
+    n_seq = labels.shape[0]
+    n = torch.bincount(rows, minlength=n_seq)
+    weights = None
+    if ld_alpha is not None and n_pairs:
+        start = torch.cumsum(n, 0) - n                           # first trained position of each sequence
+        pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
+        public = torch.minimum(n[:n_pairs], n[n_pairs:]).repeat(2)
+        weights = torch.where(pos < public[rows], 1.0, ld_alpha)
+    contrib = token_logps if weights is None else token_logps * weights
+    logps = torch.zeros(n_seq, device=contrib.device, dtype=contrib.dtype).index_add(0, rows, contrib)
+    logits_sum = torch.zeros(n_seq, device=picked.device).index_add(0, rows, picked.detach().mean(-1))
+    return SeqLogps(logps, n, logits_sum, token_logps, rows, getattr(out, "aux_loss", None))
+
+
+def unwrap(model):
+    """The PeftModel / transformers model under an accelerate/DDP wrapper."""
+    return getattr(model, "module", model)
+
+
+# ------------------------------------------------------------------ the reference
+
+@dataclass
+class Reference:
+    """Where the reference log-probs come from. kind: none | adapter_off | ref_adapter | model | cached."""
+    kind: str
+    describe: str
+    model: Any = None
+    calls: int = field(default=0)
+
+    def logps(self, policy, batch: dict):
+        """Reference log-probs of the batch's sequences (no gradient). Called before the policy's forward pass
+        because switching adapters toggles requires_grad, which must not happen inside a live graph."""
+        import torch
+
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        with torch.no_grad():
+            if self.kind == "adapter_off":
+                peft_model = unwrap(policy)
+                with peft_model.disable_adapter():
+                    return sequence_logps(peft_model, batch).logps
+            if self.kind == "ref_adapter":
+                peft_model = unwrap(policy)
+                peft_model.set_adapter("ref", inference_mode=True)
+                try:
+                    return sequence_logps(peft_model, batch).logps
+                finally:
+                    peft_model.set_adapter("default")  # trainable again; "ref" stays frozen
+            if self.kind == "model":
+                device = batch["input_ids"].device
+                if next(self.model.parameters()).device != device:
+                    self.model.to(device)
+                return sequence_logps(self.model, batch).logps
+        raise RuntimeError(f"no reference log-probs for reference kind {self.kind!r}")
+
+
+def setup_reference(args, model, tokenizer) -> Reference:
+    """Choose the reference for this run, so that it is never the policy itself and never silently the raw base
+    when training continues from an SFT adapter (preference-training.md §2c, §3)."""
+    if args.rlhf_type in REFERENCE_FREE:
+        if args.ref_model or args.ref_adapters:
+            note(f"--rlhf_type {args.rlhf_type} uses no reference model; --ref_model/--ref_adapters are ignored")
+        return Reference("none", "none (reference-free method)")
+    if args.train_type == "lora":
+        if args.ref_model:
+            raise ConfigError("--ref_model is for full training. With LoRA the reference is the base model with the "
+                              "adapter switched off (no second copy in memory); to use an SFT adapter as the "
+                              "reference pass --ref_adapters CKPT")
+        ref_adapters = list(args.ref_adapters) or list(args.adapters)
+        if len(ref_adapters) > 1:
+            raise ConfigError("--ref_adapters: pass one adapter (the model the policy starts from)")
+        if not ref_adapters:
+            return Reference("adapter_off", "the base model with the LoRA adapter switched off (shared weights)")
+        path = ref_adapters[0]
+        if not is_adapter_dir(path):
+            raise ConfigError(f"--ref_adapters {path}: not an adapter directory (no adapter_config.json)")
+        if not args.ref_adapters:
+            note(f"reference: the SFT model from --adapters {path} (a frozen copy of the adapter), not the bare base "
+                 f"model; pass --ref_adapters to choose another")
+        peft_model = unwrap(model)
+        try:
+            peft_model.load_adapter(path, adapter_name="ref", is_trainable=False)
+        except Exception as e:  # e.g. LoRA on raw parameters (MoE experts) cannot hold two adapters (peft#3340)
+            raise ConfigError(f"--ref_adapters {path}: peft could not load it as a second, frozen adapter ({e}). "
+                              f"Merge it first (tunesmith export --adapters {path} --merge_lora true) and train on "
+                              f"the merged model with --model") from None
+        peft_model.set_adapter("default")
+        _check_not_shared(model, peft_model, "ref")
+        return Reference("ref_adapter", f"{path} (a frozen copy of the adapter on the shared base weights)")
+    ref_path = args.ref_model or args.model
+    ref_dir = resolve_model_dir(ref_path, args.use_hf, args.model_revision, args.hub_token)
+    ref = load_model(args, ref_dir, tokenizer, for_training=False)
+    describe = f"{ref_path} (a frozen copy)"
+    if args.ref_adapters:
+        from peft import PeftModel
+        if len(args.ref_adapters) > 1:
+            raise ConfigError("--ref_adapters: pass one adapter")
+        ref = PeftModel.from_pretrained(ref, args.ref_adapters[0]).merge_and_unload()
+        describe = f"{ref_path} merged with {args.ref_adapters[0]} (a frozen copy)"
+    ref.eval()
+    ref.requires_grad_(False)
+    _check_separate(model, ref)
+    return Reference("model", describe, model=ref)
+
+
+def _check_separate(policy, ref) -> None:
+    """A reference model sharing tensors with the policy moves with it: the loss would stay at ln 2."""
+    policy_storage = {p.data_ptr() for p in policy.parameters()}
+    if any(p.data_ptr() in policy_storage for p in ref.parameters()):
+        raise ConfigError("the reference model shares weights with the policy, so it would move with training "
+                          "and the DPO loss would stay at ln 2; it must be a separate frozen copy")
+
+
+def _check_not_shared(model, peft_model, ref_name: str) -> None:
+    """The frozen reference adapter must be its own tensors, never the trained adapter's."""
+    trained = {p.data_ptr() for n, p in model.named_parameters() if p.requires_grad}
+    shared = [n for n, p in peft_model.named_parameters() if f".{ref_name}." in n and
+              (p.requires_grad or p.data_ptr() in trained)]
+    if shared:
+        raise ConfigError(f"the reference adapter is not a frozen copy ({shared[0]}); it would move with training")
+
+
+def precompute_reference(reference: Reference, policy, rows: list[Pair], collate, batch_size: int) -> Reference:
+    """--precompute_ref_log_probs: one pass over the rows stores their reference log-probs with them, so training
+    runs no reference forward pass (and a full-training reference model is freed afterwards)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    policy.to(device)
+    policy.eval()
+    for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", disable=None):
+        chunk = rows[i:i + batch_size]
+        b = loop._to_device(collate(chunk), device)
+        ref = reference.logps(policy, b).float().tolist()
+        for k, r in enumerate(chunk):
+            r.ref_chosen, r.ref_rejected = ref[k], ref[len(chunk) + k]
+    policy.train()
+    return Reference("cached", reference.describe + ", precomputed once before training")
+
+
+def disable_dropout(model) -> int:
+    """Dropout makes the policy differ from the reference for no reason (TRL's disable_dropout default)."""
+    import torch
+
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p = 0.0
+            changed += 1
+    return changed
+
+
+# ------------------------------------------------------------------ the objective
+
+def finalise_preference_args(args) -> None:
+    """ms-swift's defaults for the preference flags, and the start-up guards against settings that cannot learn."""
+    if args.rlhf_type == "simpo":
+        args.loss_type = ["simpo"]
+    if args.beta is None:
+        args.beta = 2.0 if args.rlhf_type == "simpo" else 0.1
+    if args.beta <= 0:
+        raise ConfigError(f"--beta {args.beta}: beta must be > 0. With beta = 0 every reward is 0 and the DPO loss "
+                          f"stays at ln 2 = 0.693 for the whole run (trl#1627); the usual value is 0.1")
+    if args.rlhf_type == "dpo":
+        types = list(args.loss_type) or ["sigmoid"]
+        allowed = _dpo_types()
+    elif args.rlhf_type in ("cpo", "simpo"):
+        types = list(args.loss_type) or ["sigmoid"]
+        allowed = CPO_LOSS_TYPES
+        if len(types) > 1:
+            raise ConfigError(f"--rlhf_type {args.rlhf_type} takes one --loss_type ({', '.join(allowed)})")
+    elif args.rlhf_type == "kto":
+        types = list(args.loss_type) or ["kto"]
+        allowed = ("kto",)
+    else:  # orpo has a single fixed loss
+        if args.loss_type:
+            note("--rlhf_type orpo has one loss (NLL + the odds-ratio term); --loss_type is ignored")
+        types, allowed = ["orpo"], ("orpo",)
+    for t in types:
+        if t not in allowed:
+            near = difflib.get_close_matches(t, allowed, n=1)
+            raise ConfigError(f"--loss_type {t}: not a loss of --rlhf_type {args.rlhf_type}"
+                              + (f"; did you mean {near[0]}?" if near else "") + f" (one of {', '.join(allowed)})")
+    args.loss_type = types
+    if args.loss_weights and len(args.loss_weights) != len(types):
+        raise ConfigError(f"--loss_weights has {len(args.loss_weights)} value(s) for {len(types)} loss type(s) "
+                          f"({' '.join(types)}); give one weight per type")
+    eps = args.label_smoothing
+    if "robust" in types and not 0 <= eps < 0.5:
+        raise ConfigError(f"--label_smoothing {eps}: the robust loss needs 0 <= label_smoothing < 0.5")
+    if "exo_pair" in types and not 0 < eps < 1:
+        raise ConfigError(f"--label_smoothing {eps}: exo_pair needs 0 < label_smoothing < 1 (1e-3 is the usual value)")
+    if args.rpo_alpha and args.rlhf_type != "dpo":
+        note(f"--rpo_alpha applies to DPO only; ignored for --rlhf_type {args.rlhf_type}")
+        args.rpo_alpha = None
+
+
+def _dpo_types():
+    from tunesmith.train.losses import DPO_LOSS_TYPES
+    return DPO_LOSS_TYPES
+
+
+def nll_weight(args) -> float:
+    """The weight of the NLL(chosen) term: 0 unless the user mixed one in (never a hidden SFT term)."""
+    if args.rlhf_type == "dpo":
+        w = args.rpo_alpha or 0.0
+        weights = args.loss_weights or [1.0] * len(args.loss_type)
+        return w + sum(wt for t, wt in zip(args.loss_type, weights) if t == "sft")
+    if args.rlhf_type in ("cpo", "simpo"):
+        return args.cpo_alpha
+    if args.rlhf_type == "orpo":
+        return 1.0
+    return 0.0
+
+
+def describe_objective(args) -> str:
+    b = args.beta
+    if args.rlhf_type == "dpo":
+        weights = args.loss_weights or [1.0] * len(args.loss_type)
+        terms = [f"{w:g}·{t}" if w != 1 else t for t, w in zip(args.loss_type, weights) if t != "sft"]
+        text = " + ".join(terms) + f" (β={b:g}"
+        if args.label_smoothing:
+            text += f", label_smoothing={args.label_smoothing:g}"
+        if args.ld_alpha is not None:
+            text += f", ld_alpha={args.ld_alpha:g}"
+        text += ")"
+    elif args.rlhf_type == "orpo":
+        text = f"ORPO odds-ratio term (λ=β={b:g})"
+    else:
+        t = args.loss_type[0]
+        name = "SimPO" if t == "simpo" else f"CPO ({t})"
+        text = f"{name} (β={b:g}" + (f", γ={args.simpo_gamma:g}" if t == "simpo" else "") + ")"
+    w = nll_weight(args)
+    if w:
+        text += f" + {w:g}·NLL(chosen) [logged as nll_loss]" if w != 1 else " + NLL(chosen) [logged as nll_loss]"
+    return text
+
+
+def preference_objective(args, reference: Reference) -> loop.Objective:
+    import torch
+
+    from tunesmith.train import losses as L
+
+    beta, eps = args.beta, args.label_smoothing
+    rlhf = args.rlhf_type
+    types = args.loss_type
+    weights = args.loss_weights or [1.0] * len(types)
+    w_nll = nll_weight(args)
+    aux_coef = args.router_aux_loss_coef or 0.0
+    warned = []
+
+    def loss(model, batch):
+        n_pairs = batch["n_pairs"]
+        ref = reference.logps(model, batch) if reference.kind != "none" else None
+        out = sequence_logps(model, batch, ld_alpha=args.ld_alpha if rlhf == "dpo" else None, n_pairs=n_pairs)
+        c, r = out.logps[:n_pairs], out.logps[n_pairs:]
+        n_c, n_r = out.n[:n_pairs].clamp(min=1), out.n[n_pairs:].clamp(min=1)
+        extra = {}
+        if rlhf == "dpo":
+            ref = ref.to(c.device, c.dtype)
+            rc, rr = ref[:n_pairs], ref[n_pairs:]
+            pair = torch.zeros_like(c)
+            for t, w in zip(types, weights):
+                if t != "sft":
+                    pair = pair + w * L.dpo_loss(t, chosen=c, rejected=r, ref_chosen=rc, ref_rejected=rr,
+                                                 chosen_len=n_c, rejected_len=n_r, beta=beta, label_smoothing=eps,
+                                                 discopop_tau=args.discopop_tau)
+            reward_c, reward_r = beta * (c - rc).detach(), beta * (r - rr).detach()
+            shown_c, shown_r = c, r
+        elif rlhf == "orpo":
+            avg_c, avg_r = c / n_c, r / n_r
+            pair = L.orpo(avg_c, avg_r, beta)
+            reward_c, reward_r = beta * avg_c.detach(), beta * avg_r.detach()
+            shown_c, shown_r = avg_c, avg_r
+            log_odds = L.orpo_log_odds(avg_c, avg_r).detach()
+            extra = {"log_odds_ratio": float(torch.nn.functional.logsigmoid(log_odds).sum()),
+                     "log_odds_chosen": float(log_odds.sum())}
+        else:  # cpo / simpo
+            t = types[0]
+            avg_c, avg_r = c / n_c, r / n_r
+            if t == "simpo":
+                pair = L.simpo(avg_c, avg_r, beta, args.simpo_gamma, eps)
+            elif t == "ipo":
+                pair = L.ipo(avg_c - avg_r, beta)
+            elif t == "hinge":
+                pair = L.hinge(c - r, beta)
+            else:
+                pair = L.cpo(c, r, beta, eps)
+            shown_c, shown_r = (avg_c, avg_r) if t in ("simpo", "ipo") else (c, r)
+            reward_c, reward_r = beta * shown_c.detach(), beta * shown_r.detach()
+        chosen_rows = out.rows < n_pairs
+        nll_sum = -out.token_logps[chosen_rows].sum()
+        parts = {"pairs": pair.sum()}
+        if w_nll:
+            parts["tokens"] = w_nll * nll_sum
+        if aux_coef and out.aux_loss is not None:
+            parts["pairs"] = parts["pairs"] + aux_coef * out.aux_loss.float() * n_pairs
+        vals = torch.stack([x.float() for x in (
+            reward_c.sum(), reward_r.sum(), (reward_c > reward_r).sum(), (reward_c - reward_r).sum(),
+            shown_c.detach().sum(), shown_r.detach().sum(), out.logits_sum[:n_pairs].sum(),
+            out.logits_sum[n_pairs:].sum(), out.n[:n_pairs].sum(), out.n[n_pairs:].sum(), nll_sum.detach(),
+            pair.detach().sum())]).tolist()  # one device sync for all statistics
+        keys = ("rewards/chosen", "rewards/rejected", "correct", "rewards/margins", "logps/chosen", "logps/rejected",
+                "logits/chosen", "logits/rejected", "chosen_tokens", "rejected_tokens", "nll", "pref_loss")
+        stats = {"pairs": n_pairs, **dict(zip(keys, vals)), **extra}
+        if ref is not None and torch.is_grad_enabled():
+            _check_reference_moves(out.logps.detach(), ref, reference, args, warned)
+        return parts, stats
+
+    def metrics(st: dict) -> dict:
+        pairs = max(st.get("pairs", 0), 1)
+        m = {k: round(st.get(k, 0.0) / pairs, 6) for k in ("rewards/chosen", "rewards/rejected", "rewards/margins",
+                                                          "logps/chosen", "logps/rejected")}
+        m["rewards/accuracies"] = round(st.get("correct", 0.0) / pairs, 6)
+        m["logits/chosen"] = round(st.get("logits/chosen", 0.0) / max(st.get("chosen_tokens", 0), 1), 6)
+        m["logits/rejected"] = round(st.get("logits/rejected", 0.0) / max(st.get("rejected_tokens", 0), 1), 6)
+        if w_nll:
+            m["nll_loss"] = round(st.get("nll", 0.0) / max(st.get("chosen_tokens", 0), 1), 6)
+            m["pref_loss"] = round(st.get("pref_loss", 0.0) / pairs, 6)
+        for k in ("log_odds_ratio", "log_odds_chosen"):
+            if k in st:
+                m[k] = round(st[k] / pairs, 6)
+        return m
+
+    def count(batch):
+        return {"pairs": batch["n_pairs"], "tokens": batch["n_tokens"]}
+
+    return loop.Objective(rlhf, loss=loss, count=count, metrics=metrics)
+
+
+def _check_reference_moves(policy_logps, ref_logps, reference: Reference, args, warned: list) -> None:
+    """A reference that *is* the policy keeps the DPO loss at ln 2 for the whole run. After three optimiser steps
+    the policy must have moved away from the reference on at least some sequence; say so once if it has not."""
+    import torch
+
+    reference.calls += 1
+    steps_done = (reference.calls - 1) // max(args.gradient_accumulation_steps, 1)
+    if warned or steps_done < 3 or not torch.equal(policy_logps.to(ref_logps.dtype), ref_logps):
+        return
+    warned.append(True)
+    note(f"warning: after {steps_done} optimiser steps the policy's log-probs still equal the reference's exactly "
+         f"(reference: {reference.describe}). Either the reference is the policy itself, or the updates do not "
+         f"change the model (learning rate {args.learning_rate:g}, frozen weights, bf16 rounding). The loss cannot "
+         f"move from ln 2 until they differ.")
+
+
+# ------------------------------------------------------------------ the command
+
+def main(args: RLHFArguments):
+    if args.rlhf_type == "kto":
+        from tunesmith.train import kto
+        return kto.main(args)
+    finalise_preference_args(args)
+    default_scale = "default" if args.rlhf_type == "orpo" else "last_round"  # ms-swift: ORPO trains every turn
+    finalise_args(args, default_loss_scale=default_scale)
+    prepared = prepare_data(args, kind="preference", default_loss_scale=default_scale)
+    model, param_info = prepare_model(args, prepared.model_dir, prepared.tokenizer)
+    reference = setup_reference(args, model, prepared.tokenizer)
+    if disable_dropout(model):  # after the reference: a reference adapter brings its own dropout layers
+        note("dropout disabled for preference training (as TRL and ms-swift do), so the policy starts equal to "
+             "the reference")
+    pad_id = prepared.tokenizer.pad_token_id
+    collate = partial(pair_collate, pad_id=pad_id, padding_side=args.padding_side)
+    train_rows = [Pair(c, r) for c, r in prepared.train_rows]
+    eval_rows = [Pair(c, r) for c, r in prepared.eval_rows]
+    if args.precompute_ref_log_probs and reference.kind != "none":
+        bs = max(args.per_device_train_batch_size, args.per_device_eval_batch_size)
+        cached = precompute_reference(reference, model, train_rows + eval_rows, collate, bs)
+        reference.model = None  # free the full-training reference copy
+        reference = cached
+    run_dir, extra = make_run(args, prepared, param_info)
+    trackers = Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args)
+    print(f"[tunesmith] rlhf {args.rlhf_type}: loss = {describe_objective(args)}\n"
+          f"[tunesmith] reference: {reference.describe}\n"
+          f"[tunesmith] {len(train_rows)} training pairs, {len(eval_rows)} validation pairs; run directory {run_dir}",
+          flush=True)
+    try:
+        state = loop.train(args=args, model=model, objective=preference_objective(args, reference),
+                           train_rows=train_rows, eval_rows=eval_rows, collate=collate, run_dir=run_dir,
+                           save_model=save_model_fn(prepared.tokenizer), trackers=trackers, args_extra=extra)
+    finally:
+        trackers.close()
+    print_summary(state, run_dir)
+    return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer,
+            "reference": reference}
