@@ -316,7 +316,17 @@ NOT_SUPPORTED_YET = {
     "cache_max_entry_count": "the lmdeploy backend is not supported; use --infer_backend pt (or vllm)",
     "session_len": "the lmdeploy backend is not supported; use --infer_backend pt (or vllm)",
     "lora_modules": "removed in ms-swift 3.x; use --adapters",
+    "sync_ref_model": "TR-DPO reference syncing is not implemented; the reference stays fixed",
+    "ref_model_sync_steps": "TR-DPO reference syncing is not implemented; the reference stays fixed",
+    "ref_model_mixup_alpha": "TR-DPO reference syncing is not implemented; the reference stays fixed",
+    "f_divergence_type": "only DPO's reverse-KL objective is implemented",
+    "use_weighting": "WPO weighting is not implemented",
+    "center_rewards_coefficient": "reward-model training (--rlhf_type rm) is not supported",
 }
+
+# ms-swift values that tunesmith does not implement: the error says so instead of only listing the choices.
+NOT_SUPPORTED_VALUES = {("rlhf_type", t): f"ms-swift's {t} is not supported by tunesmith yet"
+                        for t in ("rm", "ppo", "grpo", "gkd")}
 
 # Values that ms-swift accepts as aliases (value rewrites, not flag renames).
 VALUE_ALIASES = {
@@ -465,7 +475,9 @@ def _set_value(cls, values: dict, name: str, raw: Any, source: str):
     if spec.choices:
         for v in (converted if spec.is_list else [converted]):
             if v is not None and v not in spec.choices:
-                raise ArgError(f"{source}--{name}: {v!r} is not one of {', '.join(map(str, spec.choices))}")
+                hint = NOT_SUPPORTED_VALUES.get((name, v), "")
+                raise ArgError(f"{source}--{name}: {v!r} is not one of {', '.join(map(str, spec.choices))}"
+                               + (f" ({hint})" if hint else ""))
     values[name] = converted
 
 
