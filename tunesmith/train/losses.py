@@ -97,29 +97,22 @@ def dpo_loss(loss_type: str, *, chosen: Tensor, rejected: Tensor, ref_chosen: Te
     `sft` is not a pair loss (it is the NLL over chosen tokens) and is handled by the caller."""
     r_c, r_r = chosen - ref_chosen, rejected - ref_rejected
     h = r_c - r_r
-    if loss_type == "sigmoid":
-        return dpo_sigmoid(h, beta, label_smoothing)
-    if loss_type == "ipo":
-        return ipo(r_c / chosen_len - r_r / rejected_len, beta)
-    if loss_type == "hinge":
-        return hinge(h, beta)
-    if loss_type == "robust":
-        return robust(h, beta, label_smoothing)
-    if loss_type == "exo_pair":
-        return exo_pair(h, beta, label_smoothing)
-    if loss_type == "nca_pair":
-        return nca_pair(r_c, r_r, beta)
-    if loss_type == "bco_pair":
-        return bco_pair(r_c, r_r, beta)
-    if loss_type == "sppo_hard":
-        return sppo_hard(r_c, r_r, beta)
-    if loss_type == "apo_zero":
-        return apo_zero(r_c, r_r, beta)
-    if loss_type == "apo_down":
-        return apo_down(r_c, r_r, beta)
-    if loss_type == "discopop":
-        return discopop(h, beta, discopop_tau)
-    raise ValueError(f"unknown DPO loss type {loss_type!r}")
+    variants = {
+        "sigmoid": lambda: dpo_sigmoid(h, beta, label_smoothing),
+        "ipo": lambda: ipo(r_c / chosen_len - r_r / rejected_len, beta),
+        "hinge": lambda: hinge(h, beta),
+        "robust": lambda: robust(h, beta, label_smoothing),
+        "exo_pair": lambda: exo_pair(h, beta, label_smoothing),
+        "nca_pair": lambda: nca_pair(r_c, r_r, beta),
+        "bco_pair": lambda: bco_pair(r_c, r_r, beta),
+        "sppo_hard": lambda: sppo_hard(r_c, r_r, beta),
+        "apo_zero": lambda: apo_zero(r_c, r_r, beta),
+        "apo_down": lambda: apo_down(r_c, r_r, beta),
+        "discopop": lambda: discopop(h, beta, discopop_tau),
+    }
+    if loss_type not in variants:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}")
+    return variants[loss_type]()
 
 
 # ------------------------------------------------------------------ reference-free methods
