@@ -315,3 +315,19 @@ def test_reference_that_is_the_policy_is_reported(tiny_models, tmp_path, capsys)
     assert "still equal the reference's exactly" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="shares weights with the policy"):
         preference._check_separate(policy, policy)
+
+
+def test_resume_continues_the_same_run(tiny_models, tmp_path):
+    data, _ = food_data(tmp_path, 24)
+    base = ["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "6", "--save_steps", "3",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "5e-3",
+            "--rpo_alpha", "0.1", *COMMON]
+    whole = rlhf(base + ["--output_dir", str(tmp_path / "a")])
+    ckpt = os.path.join(whole["run_dir"], "checkpoint-3")
+    resumed = rlhf(base + ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", ckpt])
+    la = {r["global_step"]: r for r in log_rows(whole["run_dir"])}
+    lb = {r["global_step"]: r for r in log_rows(resumed["run_dir"])}
+    assert sorted(lb) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert lb[step]["loss"] == pytest.approx(la[step]["loss"], abs=1e-6)
+        assert lb[step]["rewards/margins"] == pytest.approx(la[step]["rewards/margins"], abs=1e-6)

@@ -262,6 +262,7 @@ class ChatEncoder:
                             "pair carries no preference.", "give a different rejected reply, or drop the row.")
         return self._truncate(chosen), self._truncate(rejected)
 
+
 def render_highlighted(tokenizer, enc: Encoded, color: bool = False) -> str:
     """The encoded row as text with the trained tokens marked: [[...]] (or green when color)."""
     out, run, in_train = [], [], False

@@ -2,8 +2,8 @@
 
 Read top to bottom: build the optimiser and schedule, optionally restore a checkpoint, then for each step take
 `gradient_accumulation_steps` micro-batches, normalise each summed loss term by its units (trained tokens, pairs)
-counted over the whole step, clip, step, log, evaluate, save. Training methods plug in as an `Objective`; batching is the
-collator's business, so packing changes the collator, not this file.
+counted over the whole step, clip, step, log, evaluate, save. Training methods plug in as an `Objective`; batching
+is the collator's business, so packing changes the collator, not this file.
 """
 from __future__ import annotations
 
