@@ -17,15 +17,15 @@ COMMANDS = {
     "sft": ("tunesmith.train.sft", "supervised fine-tuning (LoRA, QLoRA, full)"),
     "rlhf": ("tunesmith.train.preference", "preference training: DPO and its variants, CPO, SimPO, ORPO, KTO"),
     "dpo": ("tunesmith.train.preference", "short for `rlhf --rlhf_type dpo`"),
+    "infer": ("tunesmith.infer", "chat with a model or checkpoint, or infer over a dataset"),
+    "export": ("tunesmith.export", "merge LoRA adapters into the base model (--merge_lora true)"),
+    "merge-lora": ("tunesmith.export", "short for `export --merge_lora true`"),
+    "deploy": ("tunesmith.serve", "serve a model or checkpoint behind an OpenAI-compatible API"),
     "data": ("tunesmith.data.command", "inspect, validate, convert, split and measure datasets"),
 }
 
 # ms-swift commands that tunesmith will provide but does not yet: a clear message instead of "unknown command".
 PLANNED = {
-    "infer": "chat and batch inference",
-    "export": "merging adapters",
-    "merge-lora": "merging adapters (use `export --merge_lora true`)",
-    "deploy": "the OpenAI-compatible server",
     "eval": "benchmark evaluation",
     "report": "plots and run reports",
     "pt": "continued pre-training",
@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunesmith: unknown command '{argv[0]}'.{hint} Run 'tunesmith --help'.", file=sys.stderr)
         return 2
     if "-h" in rest or "--help" in rest:
-        print(format_help(command))
+        print(format_help("export" if command == "merge-lora" else command))
         return 0
+    if command == "merge-lora":  # ms-swift's `swift merge-lora` is `swift export --merge_lora true`
+        command, rest = "export", ["--merge_lora", "true", *rest]
     try:
         args = parse_args(command, rest)
         nproc = int(os.environ.get("NPROC_PER_NODE", "1") or 1)

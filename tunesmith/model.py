@@ -194,3 +194,34 @@ def count_parameters(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable, "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}
+
+
+def load_for_inference(args, adapters: list[str], named: Optional[dict] = None, merge: bool = False,
+                       quantise: bool = True):
+    """The model to generate with: the base (quantised as trained unless quantise=False), then the adapters.
+
+    Plain adapters are applied in order; several are merged one after another (ms-swift merges them in sequence),
+    one stays a live PeftModel unless merge=True. Named adapters (deploy's name=path) are loaded side by side and
+    chosen per request. Returns (model, tokenizer, model_dir)."""
+    import copy
+
+    from peft import PeftModel
+
+    model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
+    tokenizer = load_tokenizer(args, model_dir)
+    load_args = args
+    if not quantise and getattr(args, "quant_method", None):
+        load_args = copy.copy(args)
+        load_args.quant_method = None  # merging always goes into the unquantised base weights
+    model = load_model(load_args, model_dir, tokenizer, for_training=False)
+    for path in adapters:
+        model = PeftModel.from_pretrained(model, path)
+        if merge or len(adapters) > 1:
+            model = model.merge_and_unload()
+    for i, (name, path) in enumerate((named or {}).items()):
+        if i == 0:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            model.load_adapter(path, adapter_name=name)
+    model.eval()
+    return model, tokenizer, model_dir

@@ -129,3 +129,67 @@ def update_symlink(link: str, target: str) -> None:
         os.remove(tmp)
     os.symlink(os.path.relpath(target, os.path.dirname(link)), tmp)
     os.replace(tmp, link)
+
+
+# Keys a checkpoint's args.json fills when the command line left them empty (ms-swift's load_args, §2); flags win.
+INHERITED_KEYS = ("model", "model_revision", "torch_dtype", "attn_impl", "system", "max_model_len", "quant_method",
+                  "quant_bits", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
+                  "use_chat_template", "truncation_strategy")
+
+
+def split_named_adapters(adapters: list[str]) -> tuple[list[str], dict[str, str]]:
+    """deploy's `name=path` pairs -> (plain paths, {name: path})."""
+    plain, named = [], {}
+    for a in adapters:
+        name, sep, path = a.partition("=")
+        if sep and name and not os.path.exists(a):
+            named[name] = path
+        else:
+            plain.append(a)
+    return plain, named
+
+
+def resolve_checkpoint(args) -> Optional[str]:
+    """Find the base model and settings of `--adapters CKPT` / `--model CKPT` from the checkpoint's args.json.
+
+    Returns the checkpoint directory whose args.json was read (None if none). Flags always win: a key is inherited
+    only when the command line left it empty, and what was inherited is printed."""
+    import sys
+
+    from tunesmith.errors import ConfigError
+
+    if getattr(args, "ckpt_dir", None):
+        if is_adapter_dir(args.ckpt_dir):
+            args.adapters = [args.ckpt_dir] + list(args.adapters)
+        elif not args.model:
+            args.model = args.ckpt_dir
+    plain, named = split_named_adapters(list(args.adapters))
+    for path in plain + list(named.values()):
+        if not os.path.isdir(path):
+            raise ConfigError(f"--adapters {path}: no such directory")
+        if not is_adapter_dir(path):
+            raise ConfigError(f"--adapters {path}: this is a full model checkpoint, not a LoRA adapter (no "
+                              f"adapter_config.json); pass it with --model {path}")
+    if args.model and os.path.isdir(args.model) and is_adapter_dir(args.model):
+        raise ConfigError(f"--model {args.model}: this is a LoRA adapter, not a model; pass it with "
+                          f"--adapters {args.model} (the base model is read from its args.json)")
+    candidates = plain + list(named.values()) + ([args.model] if args.model else [])
+    ckpt = next((c for c in candidates if os.path.isfile(os.path.join(c, "args.json"))), None)
+    if ckpt is None or not args.load_args:
+        if not args.model:
+            raise ConfigError("pass the model with --model, or a checkpoint with --adapters (its args.json names "
+                              "the base model)")
+        return ckpt
+    with open(os.path.join(ckpt, "args.json"), encoding="utf-8") as fh:
+        saved = json.load(fh)
+    inherited = []
+    for key in INHERITED_KEYS:
+        if key in saved and hasattr(args, key) and getattr(args, key) in (None, [], "") \
+                and saved[key] not in (None, [], "", "<redacted>"):
+            setattr(args, key, saved[key])
+            inherited.append(f"{key}={saved[key]!r}" if key != "system" else "system")
+    if inherited:
+        print(f"[tunesmith] from {os.path.join(ckpt, 'args.json')}: {', '.join(inherited)}", file=sys.stderr)
+    if not args.model:
+        raise ConfigError(f"{ckpt}/args.json names no base model; pass it with --model")
+    return ckpt
