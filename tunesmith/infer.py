@@ -129,7 +129,7 @@ class Engine:
         for s in cfg.stop:  # OpenAI semantics: the stop sequence itself is not returned
             k = content.find(s)
             if k >= 0:
-                content, stopped = content[:k], True
+                content, stopped = content[:k].rstrip(), True
         if not stopped and len(kept) < max_new:
             stopped = True  # ended by a stop string inside generate
         return Reply(content, reasoning, "stop" if stopped else "length", prompt_len, len(kept))
@@ -179,21 +179,28 @@ class Engine:
         self.model.eval()
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        sent = ""
+        acc, sent = "", ""
         for piece in streamer:
-            # hold back a tail that could be the start of a stop word, and never send past one
-            text = sent + piece
-            cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
-            if cut >= 0:
-                if cut > len(sent):
-                    yield text[len(sent):cut]
-                sent = text[:cut]
+            acc += piece
+            visible, done = _visible(acc, cfg.stop)
+            if visible.startswith(sent) and len(visible) > len(sent):
+                yield visible[len(sent):]
+                sent = visible
+            if done:
                 break
-            if text[len(sent):]:
-                yield text[len(sent):]
-            sent = text
         worker.join()
         yield self._finish(result["out"][0, len(prompt):].tolist(), len(prompt), cfg, kw["max_new_tokens"])
+
+
+def _visible(text: str, stop: list[str]) -> tuple[str, bool]:
+    """What a stream may show of the text so far, matching the final reply: leading and trailing whitespace are
+    held back (the reply is stripped), as is a tail that could still become a stop word. (text, stop word seen)."""
+    text = text.lstrip()
+    cuts = [text.find(s) for s in stop if s and s in text]
+    if cuts:
+        return text[:min(cuts)].rstrip(), True
+    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - hold].rstrip(), False
 
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
@@ -264,7 +271,7 @@ def _infer_rows(args, ckpt: Optional[str]):
     if not files:
         return None
     return load_datasets(files, strict=args.strict, columns=args.columns, seed=args.data_seed, use_hf=args.use_hf,
-                         hub_token=args.hub_token, what="--val_dataset")
+                         hub_token=args.hub_token, what="--val_dataset", need_reply=False)
 
 
 def batch_infer(engine: Engine, args, loaded, result_path: str) -> int:

@@ -155,7 +155,7 @@ def setup_reference(args, model, tokenizer) -> Reference:
         if len(ref_adapters) > 1:
             raise ConfigError("--ref_adapters: pass one adapter (the model the policy starts from)")
         if not ref_adapters:
-            return Reference("adapter_off", "the base model with the LoRA adapter switched off (shared weights)")
+            return Reference("adapter_off", "--model with the LoRA adapter switched off (shared weights, no copy)")
         path = ref_adapters[0]
         if not is_adapter_dir(path):
             raise ConfigError(f"--ref_adapters {path}: not an adapter directory (no adapter_config.json)")
