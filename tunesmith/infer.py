@@ -28,12 +28,13 @@ class GenConfig:
     repetition_penalty: Optional[float] = None
     stop: list = field(default_factory=list)
     seed: Optional[int] = None
+    num_beams: int = 1
 
     @classmethod
     def from_args(cls, args) -> "GenConfig":
         return cls(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=list(args.stop_words),
-                   seed=args.seed)
+                   seed=args.seed, num_beams=args.num_beams)
 
     def merged(self, **overrides) -> "GenConfig":
         """These settings with every non-None override applied (a request's values over the server's)."""
@@ -102,6 +103,8 @@ class Engine:
                     kw[k] = getattr(cfg, k)
         if cfg.repetition_penalty is not None:
             kw["repetition_penalty"] = cfg.repetition_penalty
+        if cfg.num_beams > 1:
+            kw["num_beams"] = cfg.num_beams
         if cfg.stop:
             kw.update(stop_strings=list(cfg.stop), tokenizer=self.tok)
         return kw
@@ -164,6 +167,11 @@ class Engine:
         from transformers import TextIteratorStreamer
 
         cfg = cfg or self.defaults
+        if cfg.num_beams > 1:  # beam search cannot stream: the best beam is known only at the end
+            reply = self.generate([messages], cfg, tools=tools)[0]
+            yield reply.content
+            yield reply
+            return
         prompt = self.prompt_ids(messages, tools=tools)
         kw = self._gen_kwargs(cfg, len(prompt))
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
@@ -224,6 +232,8 @@ def build_engine(args, named: Optional[dict] = None):
     plain, named_pairs = split_named_adapters(list(args.adapters))
     named = {**named_pairs, **(named or {})}
     model, tok, model_dir = load_for_inference(args, plain, named)
+    if args.logprobs or args.top_logprobs:
+        note("--logprobs/--top_logprobs: token log-probs are not returned yet; results carry logprobs: null")
     if getattr(args, "max_batch_size", 1) == -1:
         note("--max_batch_size -1: every row of a batch inference is generated in one batch")
     engine = Engine(model, tok, system=_read_system(args.system), defaults=GenConfig.from_args(args),
