@@ -165,6 +165,21 @@ def test_stop_words_and_length_limits(lora_ckpt):
 
 # ------------------------------------------------------------------ deploy: a real server process
 
+def _http(method, url, body=None, headers=None, raw=None):
+    """(status, parsed JSON body) with the standard library only."""
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,13 +194,12 @@ def server(lora_ckpt, tiny_models):
                              "--api_key", "sk-test-key", "--max_new_tokens", "8", "--verbose", "false",
                              "--max_model_len", "512"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    import httpx
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if _http("GET", f"http://127.0.0.1:{port}/health")[0] == 200:
                 break
-        except httpx.HTTPError:
+        except OSError:
             time.sleep(0.3)
         if proc.poll() is not None:
             raise RuntimeError(proc.stdout.read())
@@ -244,24 +258,20 @@ def test_deploy_serves_concurrent_requests_each_its_own(server):
 
 
 def test_deploy_rejects_bad_requests_and_keeps_serving(server):
-    import httpx
     url, _ = server
     auth = {"Authorization": "Bearer sk-test-key"}
+    hi = [{"role": "user", "content": "hi"}]
     cases = [
-        (httpx.post(f"{url}/chat/completions", content=b"{not json", headers={**auth, "Content-Type": "application/json"}), 400),
-        (httpx.post(f"{url}/chat/completions", json={"model": "capitals", "messages": []}, headers=auth), 400),
-        (httpx.post(f"{url}/chat/completions", json={"model": "capitals", "temperature": 9,
-                                                     "messages": [{"role": "user", "content": "hi"}]}, headers=auth), 400),
-        (httpx.post(f"{url}/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
-                    headers=auth), 404),
-        (httpx.post(f"{url}/chat/completions", json={"model": "capitals", "messages": [{"role": "user",
-                                                     "content": "word " * 3000}]}, headers=auth), 400),
-        (httpx.get(f"{url}/models"), 401),
+        (_http("POST", f"{url}/chat/completions", raw=b"{not json", headers=auth), 400),
+        (_http("POST", f"{url}/chat/completions", {"model": "capitals", "messages": []}, auth), 400),
+        (_http("POST", f"{url}/chat/completions", {"model": "capitals", "temperature": 9, "messages": hi}, auth), 400),
+        (_http("POST", f"{url}/chat/completions", {"model": "nope", "messages": hi}, auth), 404),
+        (_http("POST", f"{url}/chat/completions",
+               {"model": "capitals", "messages": [{"role": "user", "content": "word " * 3000}]}, auth), 400),
+        (_http("GET", f"{url}/models"), 401),
     ]
-    for resp, status in cases:
-        assert resp.status_code == status, resp.text
-        body = resp.json()
+    for (status, body), want in cases:
+        assert status == want, body
         assert body["error"]["message"] and body["object"] == "error"
-    ok = httpx.post(f"{url}/chat/completions", json={"model": "capitals", "messages": [{"role": "user", "content": "hi"}]},
-                    headers=auth, timeout=60)
-    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
+    status, body = _http("POST", f"{url}/chat/completions", {"model": "capitals", "messages": hi}, auth)
+    assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
