@@ -88,4 +88,9 @@ r = json.load(urllib.request.urlopen(req, timeout=60))
 print("  ->", repr(r["choices"][0]["message"]["content"]), r["usage"])
 PY
 
-echo; echo "Runs: $(dirname "$SFT") and $(dirname "$DPO") (args.json, logging.jsonl, checkpoints); merged model: $DPO-merged"
+echo; echo "== 9. see the runs: plots and an HTML report per run, and both compared"
+tunesmith report "$(dirname "$SFT")" "$(dirname "$DPO")" --output "$OUT/compare_report.html" 2>&1 | quiet
+echo "  $(dirname "$SFT")/report.html      (sft: loss, learning rate, grad norm, tokens/s, memory)"
+echo "  $(dirname "$DPO")/report.html      (dpo: also rewards, margins, accuracies)"
+echo "  $OUT/compare_report.html  (both runs on the same charts, differing arguments side by side)"
+echo; echo "Open a report in any browser; no network needed. Merged model: $DPO-merged"

@@ -293,6 +293,13 @@ class DataCommandArguments(ModelArgs, TemplateArgs, DataArgs):
     rlhf: bool = _f(False, help="Treat the data as preference data (chosen/rejected).")
 
 
+@dataclass
+class ReportArguments:
+    """`tunesmith report RUN_DIR [RUN_DIR ...]`: rebuild a run's plots and report.html, or compare runs."""
+    runs: List[str] = _f(help="Run directories (output/<model>/vN-…); also given positionally.", list_default=[])
+    output: Optional[str] = _f(help="Comparison report path (default compare_report.html; one run: its report.html).")
+
+
 # ms-swift flags that exist upstream but that tunesmith does not implement yet. They are errors, never silently
 # ignored: a script relying on them must hear that the behaviour is not there. The value says what to do instead.
 NOT_SUPPORTED_YET = {
@@ -336,7 +343,8 @@ VALUE_ALIASES = {
 }
 
 COMMAND_ARGS = {"sft": SftArguments, "data": DataCommandArguments, "rlhf": RLHFArguments, "dpo": RLHFArguments,
-                "infer": InferArguments, "deploy": DeployArguments, "export": ExportArguments}
+                "infer": InferArguments, "deploy": DeployArguments, "export": ExportArguments,
+                "report": ReportArguments}
 
 
 # ---------------------------------------------------------------- type handling
@@ -483,7 +491,7 @@ def _set_value(cls, values: dict, name: str, raw: Any, source: str):
 
 # Keys that tunesmith writes into args.json for the record but that are not inputs.
 RECORD_ONLY_KEYS = {"tunesmith_version", "model_dir", "output_run_dir", "world_size", "library_versions",
-                    "command", "rlhf_type_resolved"}
+                    "command", "rlhf_type_resolved", "data_stats", "model_parameter_info", "merged_from"}
 REDACTED = "<redacted>"
 
 

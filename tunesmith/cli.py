@@ -22,12 +22,12 @@ COMMANDS = {
     "merge-lora": ("tunesmith.export", "short for `export --merge_lora true`"),
     "deploy": ("tunesmith.serve", "serve a model or checkpoint behind an OpenAI-compatible API"),
     "data": ("tunesmith.data.command", "inspect, validate, convert, split and measure datasets"),
+    "report": ("tunesmith.report", "plots and an HTML report of a run, or several runs compared"),
 }
 
 # ms-swift commands that tunesmith will provide but does not yet: a clear message instead of "unknown command".
 PLANNED = {
     "eval": "benchmark evaluation",
-    "report": "plots and run reports",
     "pt": "continued pre-training",
 }
 
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         print(format_help("export" if command == "merge-lora" else command))
         return 0
+    if command == "report":  # run directories are positional: `tunesmith report RUN [RUN ...]`
+        k = next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))
+        if k:
+            rest = ["--runs", *rest[:k], *rest[k:]]
     if command == "merge-lora":  # ms-swift's `swift merge-lora` is `swift export --merge_lora true`
         command, rest = "export", ["--merge_lora", "true", *rest]
     try:

@@ -58,6 +58,13 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def save_args(path_dir: str, args, extra: Optional[dict] = None) -> dict:
     """Write args.json: every resolved argument, secrets replaced by '<redacted>', plus record-only extras."""
     record = to_record(args)

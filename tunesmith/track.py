@@ -49,16 +49,24 @@ class _TensorBoard:
 
 
 class _SwanLab:
+    """SwanLab through its own SDK (not transformers' callback, which breaks with swanlab 0.10.3).
+
+    The API key is handed to the SDK in memory only. SwanLab's runtime probe records the process command line
+    (/proc/self/cmdline), which would put `--swanlab_token` on disk, so that probe is switched off."""
+
+    MODES = {"cloud": "online", "online": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
+
     def __init__(self, run_dir: str, config: dict, args):
         import swanlab
 
         token = getattr(args, "swanlab_token", None) or os.environ.get("SWANLAB_API_KEY")
-        mode = getattr(args, "swanlab_mode", "cloud")
-        if mode == "cloud" and token:
+        mode = self.MODES[getattr(args, "swanlab_mode", None) or "cloud"]
+        settings = swanlab.Settings(probe={"runtime": False})
+        if mode == "online" and token:
             swanlab.login(api_key=token, save=False)
         self.run = swanlab.init(project=args.swanlab_project, workspace=args.swanlab_workspace,
-                                experiment_name=args.swanlab_exp_name or os.path.basename(run_dir),
-                                config=config, mode=mode, logdir=os.path.join(run_dir, "swanlog"))
+                                name=args.swanlab_exp_name or os.path.basename(run_dir), config=config, mode=mode,
+                                log_dir=os.path.join(run_dir, "swanlog"), settings=settings)
         self.swanlab = swanlab
 
     def log(self, metrics: dict, step: int):

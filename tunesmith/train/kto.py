@@ -22,7 +22,7 @@ from tunesmith.track import Trackers
 from tunesmith.train import loop
 from tunesmith.train.preference import (Reference, disable_dropout, finalise_preference_args, sequence_logps,
                                         setup_reference)
-from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, print_summary,
+from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, finish_run,
                                    save_model_fn)
 
 
@@ -120,6 +120,6 @@ def main(args: RLHFArguments):
                            args_extra=extra)
     finally:
         trackers.close()
-    print_summary(state, run_dir)
+    finish_run(state, run_dir)
     return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer,
             "reference": reference}

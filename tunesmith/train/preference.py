@@ -25,7 +25,7 @@ from tunesmith.model import load_model, note, resolve_model_dir
 from tunesmith.runs import is_adapter_dir
 from tunesmith.track import Trackers
 from tunesmith.train import loop
-from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, print_summary,
+from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, finish_run,
                                    save_model_fn)
 
 REFERENCE_FREE = ("cpo", "simpo", "orpo")
@@ -466,6 +466,6 @@ def main(args: RLHFArguments):
                            save_model=save_model_fn(prepared.tokenizer), trackers=trackers, args_extra=extra)
     finally:
         trackers.close()
-    print_summary(state, run_dir)
+    finish_run(state, run_dir)
     return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer,
             "reference": reference}

@@ -197,6 +197,7 @@ def make_run(args, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
     import transformers
 
     extra = {"tunesmith_version": __version__, "model_dir": prepared.model_dir, "output_run_dir": run_dir,
+             "data_stats": prepared.data_stats, "model_parameter_info": param_info,
              "library_versions": {"python": platform.python_version(), "torch": torch.__version__,
                                   "transformers": transformers.__version__}}
     save_args(run_dir, args, extra)
@@ -219,11 +220,19 @@ def save_model_fn(tokenizer):
     return save
 
 
-def print_summary(state, run_dir: str, runtime_note: str = "") -> None:
-    lines = [f"done: {state.global_step} steps{runtime_note}",
+def finish_run(state, run_dir: str) -> None:
+    """Plots and report.html for the run, then the summary. A plotting failure never fails a finished run."""
+    from tunesmith.report import write_run_report
+
+    try:
+        report = write_run_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the weights are saved; the report can be rebuilt with `tunesmith report`
+        report = f"not written ({type(e).__name__}: {e}); rebuild with: tunesmith report {run_dir}"
+    lines = [f"done: {state.global_step} steps",
              f"  run directory:    {run_dir}",
              f"  last checkpoint:  {state.last_model_checkpoint}",
              f"  best checkpoint:  {state.best_model_checkpoint}"
              + (f" (eval_loss {state.best_metric:.4f})" if state.best_metric is not None else ""),
-             f"  log:              {os.path.join(run_dir, 'logging.jsonl')}"]
+             f"  log:              {os.path.join(run_dir, 'logging.jsonl')}",
+             f"  report:           {report}"]
     print("\n".join(lines), file=sys.stderr)

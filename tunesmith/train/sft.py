@@ -12,7 +12,7 @@ from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE
 from tunesmith.track import Trackers
 from tunesmith.train import loop
-from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, print_summary,
+from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, finish_run,
                                    save_model_fn)
 
 
@@ -61,5 +61,5 @@ def main(args: SftArguments):
                            args_extra=extra)
     finally:
         trackers.close()
-    print_summary(state, run_dir)
+    finish_run(state, run_dir)
     return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer}
