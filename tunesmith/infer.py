@@ -143,8 +143,8 @@ class Engine:
 
         cfg = cfg or self.defaults
         prompts = [self.prompt_ids(c, tools=tools) for c in conversations]
-        kw = self._gen_kwargs(cfg, max(len(p) for p in prompts))
         longest = max(len(p) for p in prompts)
+        kw = self._gen_kwargs(cfg, longest)
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
@@ -180,9 +180,13 @@ class Engine:
             torch.manual_seed(cfg.seed)
 
         def run():
-            with torch.no_grad():
-                result["out"] = self.model.generate(input_ids=torch.tensor([prompt], device=self.device),
-                                                    streamer=streamer, **kw)
+            try:
+                with torch.no_grad():
+                    result["out"] = self.model.generate(input_ids=torch.tensor([prompt], device=self.device),
+                                                        streamer=streamer, **kw)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+                result["error"] = e
+                streamer.end()
 
         self.model.eval()
         worker = threading.Thread(target=run, daemon=True)
@@ -197,6 +201,8 @@ class Engine:
             if done:
                 break
         worker.join()
+        if "error" in result:
+            raise result["error"]
         yield self._finish(result["out"][0, len(prompt):].tolist(), len(prompt), cfg, kw["max_new_tokens"])
 
 

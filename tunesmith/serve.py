@@ -123,12 +123,15 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": owned_by}
                                            for name in served]}
 
-    @contextlib.contextmanager
-    def use_model(name: str):
-        """Hold the engine for one request, with the requested adapter active."""
+    def require(name: str) -> None:
         if name not in served:
             raise ApiError(404, f"the model '{name}' does not exist; available: {', '.join(served)}",
                            code="model_not_found", param="model")
+
+    @contextlib.contextmanager
+    def use_model(name: str):
+        """Hold the engine for one request, with the requested adapter active."""
+        require(name)
         adapter = served[name]
         with lock:
             m = engine.model
@@ -161,9 +164,7 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
     def sse(name: str, messages: list[dict], cfg, chunk, include_usage: bool, tools=None):
         """Check the model and the prompt before the stream starts (so errors are real HTTP errors), then
         stream under the engine lock."""
-        if name not in served:
-            with use_model(name):
-                pass
+        require(name)
         try:
             engine.check_prompt(messages, cfg, tools=tools)
         except PromptTooLong as e:
