@@ -69,21 +69,15 @@ class SeqLogps:
 
 
 def sequence_logps(model, batch: dict, ld_alpha: Optional[float] = None, n_pairs: Optional[int] = None) -> SeqLogps:
-    """Per-sequence log-probs of the trained (completion) tokens, from one forward pass.
-
-    Only the trained positions' logits are turned into float32 log-probabilities, so the prompt's positions cost
-    no [tokens × vocabulary] float32 tensor. With ld_alpha (LD-DPO, Liu et al. 2024, arXiv:2409.06411) the
-    tokens of a completion beyond the shorter completion of its pair are weighted by ld_alpha (TRL's form)."""
+    """Per-sequence sums of the trained (completion) tokens' log-probs (train/token_logps.py computes them
+    without materialising the logits). With ld_alpha (LD-DPO, Liu et al. 2024, arXiv:2409.06411) the tokens of a
+    completion beyond the shorter completion of its pair are weighted by ld_alpha (TRL's form)."""
     import torch
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    picked = out.logits[:, :-1][mask].float()                    # [N, V]
-    target = labels[mask]
-    token_logps = picked.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(picked, -1)
-    rows = mask.nonzero()[:, 0]
-    n_seq = labels.shape[0]
+    from tunesmith.train.token_logps import token_logps
+
+    t = token_logps(model, batch)
+    rows, n_seq = t.rows, t.n_seq
     n = torch.bincount(rows, minlength=n_seq)
     weights = None
     if ld_alpha is not None and n_pairs:
@@ -91,10 +85,10 @@ def sequence_logps(model, batch: dict, ld_alpha: Optional[float] = None, n_pairs
         pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
         public = torch.minimum(n[:n_pairs], n[n_pairs:]).repeat(2)
         weights = torch.where(pos < public[rows], 1.0, ld_alpha)
-    contrib = token_logps if weights is None else token_logps * weights
+    contrib = t.logps if weights is None else t.logps * weights
     logps = torch.zeros(n_seq, device=contrib.device, dtype=contrib.dtype).index_add(0, rows, contrib)
-    logits_sum = torch.zeros(n_seq, device=picked.device).index_add(0, rows, picked.detach().mean(-1))
-    return SeqLogps(logps, n, logits_sum, token_logps, rows, getattr(out, "aux_loss", None))
+    logits_sum = torch.zeros(n_seq, device=contrib.device).index_add(0, rows, t.logits_mean)
+    return SeqLogps(logps, n, logits_sum, t.logps, rows, t.aux_loss)
 
 
 def unwrap(model):

@@ -9,33 +9,22 @@ from functools import partial
 
 from tunesmith.args import SftArguments, to_record
 from tunesmith.data.collate import pad_collate
-from tunesmith.data.encode import IGNORE
 from tunesmith.track import Trackers
 from tunesmith.train import loop
+from tunesmith.train.token_logps import token_logps
 from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, finish_run,
                                    save_model_fn)
 
 
 def token_loss(model, batch: dict, aux_coef: float = 0.0):
     """({"tokens": summed CE over trained positions}, {"correct", "n_tokens"}) for one batch."""
-    import torch
-    import torch.nn.functional as F
-
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logits = out.logits[:, :-1, :]
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    picked = logits[mask].float()
-    target = labels[mask]
-    loss_sum = F.cross_entropy(picked, target, reduction="sum")
-    n = int(mask.sum())
-    with torch.no_grad():
-        correct = int((picked.argmax(-1) == target).sum())
-    aux = getattr(out, "aux_loss", None)
-    if aux_coef and aux is not None:
+    out = token_logps(model, batch)
+    loss_sum = -out.logps.sum()
+    n = int(out.logps.numel())
+    if aux_coef and out.aux_loss is not None:
         # the router loss is a per-batch mean: weight it by this batch's tokens so the step mean stays a mean
-        loss_sum = loss_sum + aux_coef * aux.float() * n
-    return {"tokens": loss_sum}, {"correct": correct, "n_tokens": n}
+        loss_sum = loss_sum + aux_coef * out.aux_loss.float() * n
+    return {"tokens": loss_sum}, {"correct": int(out.correct.sum()), "n_tokens": n}
 
 
 def objective(aux_coef: float = 0.0) -> loop.Objective:
