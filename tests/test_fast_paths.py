@@ -80,3 +80,105 @@ def test_models_the_chunked_path_cannot_serve_use_the_plain_path(tiny_models):
     assert chunked_head(saved) is None  # lm_head is wrapped: the model's own forward is the only exact path
     moe = AutoModelForCausalLM.from_pretrained(tiny_models("gpt_oss"), output_router_logits=True)
     assert chunked_head(moe) is None    # the router loss comes from the model's forward
+
+
+def _model(model_dir, attn):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_batch_equals_per_example_computation(tiny_models, attn):
+    """One concatenated sequence, position_ids restarting per row: loss and gradients equal each row run alone."""
+    from tunesmith.data.collate import flat_collate
+    from tunesmith.train.sft import token_loss
+
+    model_dir = tiny_models("qwen2")
+    tok, rows = _rows(model_dir, 8)
+    model = _model(model_dir, attn)
+    model.zero_grad(set_to_none=True)
+    total, n = 0.0, 0
+    for r in rows:  # the reference: every row on its own, no padding at all
+        parts, stats = token_loss(model, pad_collate([r], tok.pad_token_id))
+        parts["tokens"].backward()
+        total += float(parts["tokens"])
+        n += stats["n_tokens"]
+    alone = _grads(model)
+    model.zero_grad(set_to_none=True)
+    batch = flat_collate(rows)
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch and batch["n_tokens"] == n
+    parts, stats = token_loss(model, batch)
+    parts["tokens"].backward()
+    assert float(parts["tokens"]) == pytest.approx(total, rel=1e-6, abs=1e-5)
+    for k, g in _grads(model).items():
+        assert torch.allclose(g, alone[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_padding_free_pairs_give_the_same_sequence_logps(tiny_models):
+    from tunesmith.train import preference
+
+    model_dir = tiny_models("qwen2")
+    tok, rows = _rows(model_dir, 8)
+    pairs = [preference.Pair(rows[i], rows[i + 1]) for i in range(0, 8, 2)]
+    model = _model(model_dir, "sdpa")
+    padded = preference.sequence_logps(model, preference.pair_collate(pairs, tok.pad_token_id))
+    flat_batch = preference.pair_collate(pairs, tok.pad_token_id, flat=True)
+    flat = preference.sequence_logps(model, flat_batch)
+    assert torch.allclose(padded.logps, flat.logps, atol=1e-5) and torch.equal(padded.n, flat.n)
+    assert flat_batch["n_tokens"] == preference.pair_collate(pairs, tok.pad_token_id)["n_tokens"]
+
+
+def test_pack_groups_fill_without_overflow():
+    from tunesmith.data.collate import pack_groups
+    lengths = [30, 700, 120, 512, 64, 1000, 5, 260, 90, 2000, 333]
+    groups = pack_groups(lengths, 1024)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 1024 for g in groups if len(g) > 1)
+    assert [9] in groups  # a row over the capacity travels alone
+    assert len(groups) == 5 and pack_groups(lengths, 1024) == groups  # tight and deterministic
+
+
+def _train(tmp_path, name, model_dir, *extra):
+    from conftest import read_jsonl
+    from tunesmith.args import parse_args
+    from tunesmith.train import sft
+    res = sft.main(parse_args("sft", ["--model", model_dir, "--dataset", os.path.join(EXAMPLES, "capitals_messages.jsonl"),
+                                      os.path.join(EXAMPLES, "capitals_alpaca.json"), "--train_type", "full",
+                                      "--max_steps", "4", "--logging_steps", "1", "--learning_rate", "1e-3",
+                                      "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                                      "--output_dir", str(tmp_path / name), "--report_to", "none",
+                                      "--gradient_checkpointing", "false", *extra]))
+    return [r["loss"] for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "grad_norm" in r]
+
+
+def test_padding_free_and_packing_runs(tiny_models, tmp_path, capsys):
+    model_dir = tiny_models("qwen2")
+    plain = _train(tmp_path, "plain", model_dir)
+    free = _train(tmp_path, "free", model_dir, "--padding_free", "true")
+    assert free == pytest.approx(plain, abs=1e-5)  # same batches, no padding: the same run
+    packed = _train(tmp_path, "packed", model_dir, "--packing", "true", "--max_length", "128",
+                    "--per_device_train_batch_size", "1")
+    assert "--packing: 16 rows -> 6 sequences of up to 128 tokens" in capsys.readouterr().err
+    assert len(packed) == 4 and packed[-1] < packed[0]
+
+
+def test_dpo_padding_free_and_packing_runs(tiny_models, tmp_path):
+    from conftest import read_jsonl
+    from tunesmith.args import parse_args
+    from tunesmith.train import preference
+
+    def run(name, *extra):
+        res = preference.main(parse_args("rlhf", [
+            "--model", tiny_models("qwen2"), "--dataset", os.path.join(EXAMPLES, "dpo_messages.jsonl"),
+            "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "5e-3", "--rpo_alpha", "0.2",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--report_to", "none",
+            "--output_dir", str(tmp_path / name), *extra]))
+        return [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "rewards/margins" in r]
+
+    plain, free = run("plain"), run("free", "--padding_free", "true")
+    for a, b in zip(plain, free):
+        for k in ("loss", "rewards/margins", "nll_loss", "logps/chosen"):
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k
+    packed = run("packed", "--packing", "true", "--max_length", "256", "--per_device_train_batch_size", "1")
+    assert packed[0]["loss"] == pytest.approx(packed[0]["pref_loss"] + 0.2 * packed[0]["nll_loss"], abs=1e-5)
+    assert packed[0]["pref_loss"] == pytest.approx(0.6931472, abs=1e-6)

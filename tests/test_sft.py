@@ -229,3 +229,16 @@ def test_missing_model_is_one_clear_error(tmp_path, monkeypatch):
     assert r.returncode == 1
     assert "--model models/no-such-model: not a local directory" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_same_seed_same_lora_run(tiny_models, tmp_path):
+    """LoRA's random init is drawn after seeding: two runs with one --seed give the same adapter."""
+    from safetensors.torch import load_file
+    data = _variable_length_data(tmp_path, 8)
+    outs = []
+    for name in ("a", "b"):
+        res = run(["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "2", "--seed", "7",
+                   "--output_dir", str(tmp_path / name), "--report_to", "none", "--per_device_train_batch_size", "4"])
+        outs.append(load_file(os.path.join(res["state"].last_model_checkpoint, "adapter_model.safetensors")))
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])

@@ -70,7 +70,11 @@ class TemplateArgs:
     padding_side: str = _f("right", choices=("left", "right"))
     use_chat_template: bool = _f(True, help="Render rows with the chat template (false: plain text, as swift pt).")
     enable_thinking: Optional[bool] = _f(help="Passed to chat templates that support it (Qwen3).")
-    padding_free: bool = _f(False, help="Pack rows of a batch into one sequence without padding.")
+    padding_free: bool = _f(False, help="Concatenate the rows of each batch into one sequence (no padding); "
+                                        "attention stays within each row.")
+    packing: bool = _f(False, help="Pack rows into sequences of up to --packing_length tokens before batching "
+                                   "(padding-free, attention within each row; exact).")
+    packing_length: Optional[int] = _f(help="Tokens per packed sequence (default --max_length).")
 
 
 @dataclass
@@ -305,7 +309,6 @@ class ReportArguments:
 NOT_SUPPORTED_YET = {
     "deepspeed": "multi-process engines arrive with the scale-out work; run on one process for now",
     "fsdp": "multi-process engines arrive with the scale-out work; run on one process for now",
-    "packing": "padding-free packing arrives with the performance work",
     "streaming": "stream the data into a file and pass the file",
     "custom_dataset_info": "pass the data files directly with --dataset",
     "custom_register_path": "tunesmith uses the model's own chat template; no plugins are needed",

@@ -91,6 +91,9 @@ def kto_objective(args, reference: Reference) -> loop.Objective:
 
 def main(args: RLHFArguments):
     finalise_preference_args(args)
+    if args.packing or args.padding_free:
+        raise ConfigError("--packing/--padding_free are not supported for KTO yet (its KL pairs are built per batch); "
+                          "train KTO padded")
     if args.per_device_train_batch_size < 2:
         raise ConfigError("KTO estimates the KL term from the other examples of the same batch, so it needs "
                           "--per_device_train_batch_size 2 or more (with 1 the KL term equals the reward itself)")

@@ -18,14 +18,14 @@ from functools import partial
 from typing import Any, Optional
 
 from tunesmith.args import RLHFArguments, to_record
-from tunesmith.data.collate import pad_collate
+from tunesmith.data.collate import flat_collate, pad_collate
 from tunesmith.data.encode import IGNORE, Encoded
 from tunesmith.errors import ConfigError
 from tunesmith.model import load_model, note, resolve_model_dir
 from tunesmith.runs import is_adapter_dir
 from tunesmith.track import Trackers
 from tunesmith.train import loop
-from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, finish_run,
+from tunesmith.train.setup import (batching, finalise_args, make_run, prepare_data, prepare_model, finish_run,
                                    save_model_fn)
 
 REFERENCE_FREE = ("cpo", "simpo", "orpo")
@@ -42,14 +42,16 @@ class Pair:
     ref_rejected: Optional[float] = None
 
 
-def pair_collate(rows: list[Pair], pad_id: int, padding_side: str = "right") -> dict:
-    """[chosen_1..B, rejected_1..B] padded together, so one forward pass serves both sides of every pair."""
+def pair_collate(rows: list[Pair], pad_id: int, padding_side: str = "right", flat: bool = False) -> dict:
+    """[chosen_1..B, rejected_1..B] in one batch, so one forward pass serves both sides of every pair: padded
+    together, or (flat, for --padding_free/--packing) concatenated into one sequence without padding."""
     import torch
 
-    b = pad_collate([r.chosen for r in rows] + [r.rejected for r in rows], pad_id, padding_side)
-    n = len(rows)
-    b["n_pairs"] = n
-    b["n_tokens"] = int((b["labels"][:n, 1:] != IGNORE).sum())  # trained chosen tokens: the NLL's units
+    seqs = [r.chosen for r in rows] + [r.rejected for r in rows]
+    b = flat_collate(seqs) if flat else pad_collate(seqs, pad_id, padding_side)
+    b["n_pairs"] = len(rows)
+    # trained chosen tokens (the NLL's units), counted as the shifted labels are
+    b["n_tokens"] = sum(1 for r in rows for x in r.chosen.labels[1:] if x != IGNORE)
     if rows[0].ref_chosen is not None:
         b["ref_logps"] = torch.tensor([r.ref_chosen for r in rows] + [r.ref_rejected for r in rows],
                                       dtype=torch.float32)
@@ -448,11 +450,15 @@ def main(args: RLHFArguments):
         cached = precompute_reference(reference, model, train_rows + eval_rows, collate, bs)
         reference.model = None  # free the full-training reference copy
         reference = cached
+    train_rows, eval_rows, collate = batching(
+        args, train_rows, eval_rows, collate, partial(pair_collate, pad_id=pad_id, flat=True),
+        lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids), prepared.data_stats["max_length"])
     run_dir, extra = make_run(args, prepared, param_info)
     trackers = Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args)
     print(f"[tunesmith] rlhf {args.rlhf_type}: loss = {describe_objective(args)}\n"
           f"[tunesmith] reference: {reference.describe}\n"
-          f"[tunesmith] {len(train_rows)} training pairs, {len(eval_rows)} validation pairs; run directory {run_dir}",
+          f"[tunesmith] {prepared.data_stats['train_rows']} training pairs, {prepared.data_stats['val_rows']} "
+          f"validation pairs; run directory {run_dir}",
           flush=True)
     try:
         state = loop.train(args=args, model=model, objective=preference_objective(args, reference),

@@ -165,6 +165,9 @@ def prepare_model(args, model_dir: str, tokenizer):
         if not is_adapter_dir(a):
             raise ConfigError(f"--adapters {a}: not an adapter directory (no adapter_config.json); a full "
                               f"checkpoint is passed with --model")
+    from transformers import set_seed
+
+    set_seed(args.seed)  # LoRA's random init (and anything else drawn here) is the same for the same --seed
     model = load_model(args, model_dir, tokenizer, for_training=True)
     if args.train_type == "lora":
         model = attach_lora(model, args)
@@ -189,6 +192,31 @@ def prepare_model(args, model_dir: str, tokenizer):
         raise ConfigError("the model has no trainable parameters (check --target_modules / --target_regex)")
     note(f"parameters: {info['trainable']:,} trainable of {info['total']:,} ({info['trainable_percent']}%)")
     return model, info
+
+
+def batching(args, train_rows: list, eval_rows: list, padded, flat, length, max_length) -> tuple[list, list, Any]:
+    """(training units, validation units, collate) for --packing, --padding_free or plain padding.
+
+    With --packing the units are groups of rows filling --packing_length (default --max_length); a batch of
+    --per_device_train_batch_size groups is one padding-free sequence. Every mode trains on exactly the same tokens
+    with the same loss normalisation; only the padding (and its compute) differs."""
+    from tunesmith.data.collate import PackedCollate, pack_groups
+
+    if args.packing:
+        capacity = args.packing_length or max_length
+        if not capacity:
+            raise ConfigError("--packing needs --max_length (or --packing_length): the size of a packed sequence")
+        units = []
+        for rows in (train_rows, eval_rows):
+            groups = pack_groups([length(r) for r in rows], capacity)
+            units.append([[rows[i] for i in g] for g in groups])
+        total = sum(length(r) for r in train_rows)
+        note(f"--packing: {len(train_rows)} rows -> {len(units[0])} sequences of up to {capacity} tokens "
+             f"({100 * total / max(len(units[0]) * capacity, 1):.0f}% filled)")
+        return units[0], units[1], PackedCollate(flat)
+    if args.padding_free:
+        return train_rows, eval_rows, flat
+    return train_rows, eval_rows, padded
 
 
 def make_run(args, prepared: Prepared, param_info: dict) -> tuple[str, dict]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 from functools import partial
 
 from tunesmith.args import SftArguments, to_record
-from tunesmith.data.collate import pad_collate
+from tunesmith.data.collate import flat_collate, pad_collate
 from tunesmith.track import Trackers
 from tunesmith.train import loop
 from tunesmith.train.token_logps import token_logps
-from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, finish_run,
+from tunesmith.train.setup import (batching, finalise_args, make_run, prepare_data, prepare_model, finish_run,
                                    save_model_fn)
 
 
@@ -42,12 +42,14 @@ def main(args: SftArguments):
     pad_id = prepared.tokenizer.pad_token_id
     print(f"[tunesmith] sft: {prepared.data_stats['train_rows']} training rows, "
           f"{prepared.data_stats['val_rows']} validation rows; run directory {run_dir}", flush=True)
+    train_rows, eval_rows, collate = batching(
+        args, prepared.train_rows, prepared.eval_rows, partial(pad_collate, pad_id=pad_id,
+                                                               padding_side=args.padding_side),
+        flat_collate, lambda r: len(r.input_ids), prepared.data_stats["max_length"])
     try:
         state = loop.train(args=args, model=model, objective=objective(args.router_aux_loss_coef),
-                           train_rows=prepared.train_rows, eval_rows=prepared.eval_rows,
-                           collate=partial(pad_collate, pad_id=pad_id, padding_side=args.padding_side),
-                           run_dir=run_dir, save_model=save_model_fn(prepared.tokenizer), trackers=trackers,
-                           args_extra=extra)
+                           train_rows=train_rows, eval_rows=eval_rows, collate=collate, run_dir=run_dir,
+                           save_model=save_model_fn(prepared.tokenizer), trackers=trackers, args_extra=extra)
     finally:
         trackers.close()
     finish_run(state, run_dir)
