@@ -90,7 +90,7 @@ def _model(model_dir, attn):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_padding_free_batch_equals_per_example_computation(tiny_models, attn):
     """One concatenated sequence, position_ids restarting per row: loss and gradients equal each row run alone."""
-    from tunesmith.data.collate import flat_collate
+    from tunesmith.data.collate import PackedCollate, flat_collate
     from tunesmith.train.sft import token_loss
 
     model_dir = tiny_models("qwen2")
@@ -104,14 +104,17 @@ def test_padding_free_batch_equals_per_example_computation(tiny_models, attn):
         total += float(parts["tokens"])
         n += stats["n_tokens"]
     alone = _grads(model)
-    model.zero_grad(set_to_none=True)
-    batch = flat_collate(rows)
-    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch and batch["n_tokens"] == n
-    parts, stats = token_loss(model, batch)
-    parts["tokens"].backward()
-    assert float(parts["tokens"]) == pytest.approx(total, rel=1e-6, abs=1e-5)
-    for k, g in _grads(model).items():
-        assert torch.allclose(g, alone[k], atol=1e-5, rtol=1e-4), k
+    flat = flat_collate(rows)
+    packed = PackedCollate(tok.pad_token_id)([rows[:3], rows[3:]])  # two packed rows, the shorter padded at the end
+    assert flat["input_ids"].shape[0] == 1 and packed["input_ids"].shape[0] == 2
+    for batch in (flat, packed):
+        model.zero_grad(set_to_none=True)
+        assert "attention_mask" not in batch and batch["n_tokens"] == n
+        parts, stats = token_loss(model, batch)
+        parts["tokens"].backward()
+        assert float(parts["tokens"]) == pytest.approx(total, rel=1e-6, abs=1e-5)
+        for k, g in _grads(model).items():
+            assert torch.allclose(g, alone[k], atol=1e-5, rtol=1e-4), k
 
 
 def test_padding_free_pairs_give_the_same_sequence_logps(tiny_models):
@@ -125,6 +128,8 @@ def test_padding_free_pairs_give_the_same_sequence_logps(tiny_models):
     flat_batch = preference.pair_collate(pairs, tok.pad_token_id, flat=True)
     flat = preference.sequence_logps(model, flat_batch)
     assert torch.allclose(padded.logps, flat.logps, atol=1e-5) and torch.equal(padded.n, flat.n)
+    packed = preference.sequence_logps(model, preference.PackedPairCollate(tok.pad_token_id)([pairs[:1], pairs[1:]]))
+    assert torch.allclose(padded.logps, packed.logps, atol=1e-5) and torch.equal(padded.n, packed.n)
     assert flat_batch["n_tokens"] == preference.pair_collate(pairs, tok.pad_token_id)["n_tokens"]
 
 

@@ -225,13 +225,15 @@ def build_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2
 
 
 def build_model(out_dir: str, family: str = "qwen2", hidden: int = 64, layers: int = 2, heads: int = 4,
-                intermediate: int | None = None, vocab_size: int = 2048, seed: int = 0) -> str:
-    """Save a random model + tokenizer as a normal HF directory at out_dir; return the path."""
+                intermediate: int | None = None, vocab_size: int = 2048, seed: int = 0,
+                model_vocab: int | None = None) -> str:
+    """Save a random model + tokenizer as a normal HF directory at out_dir; return the path. `model_vocab` widens
+    the embedding/output layer beyond the tokenizer (benchmarks: a realistic vocabulary-sized logits cost)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     tok = build_tokenizer(family, vocab_size)
-    config = build_config(family, len(tok), hidden, layers, heads, intermediate)
+    config = build_config(family, max(len(tok), model_vocab or 0), hidden, layers, heads, intermediate)
     config.eos_token_id = tok.eos_token_id
     config.pad_token_id = tok.pad_token_id
     if tok.bos_token_id is not None:
@@ -255,8 +257,10 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=None)
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--model_vocab", type=int, default=None, help="embedding rows (>= the tokenizer's)")
     a = p.parse_args(argv)
-    path = build_model(a.out_dir, a.family, a.hidden, a.layers, a.heads, a.intermediate, a.vocab)
+    path = build_model(a.out_dir, a.family, a.hidden, a.layers, a.heads, a.intermediate, a.vocab,
+                       model_vocab=a.model_vocab)
     print(path)
 
 

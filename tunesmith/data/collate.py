@@ -24,24 +24,39 @@ def pad_collate(rows: list[Encoded], pad_id: int, padding_side: str = "right") -
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_tokens": n_tokens}
 
 
-def flat_collate(rows: list[Encoded]) -> dict:
-    """Padding-free: the rows concatenated into one sequence [1, T]. `position_ids` restart at 0 for every row, so
-    attention never crosses rows (transformers builds the block-diagonal mask from them for sdpa/eager, and uses
-    flash-attention's varlen kernel on GPU), and each row's first label is ignored so that no row is trained to
-    predict the next one's start. `seq_ids` says which row each position came from. The loss is the same as with
-    padding: n_tokens counts the same trained positions."""
+def segments_collate(rows: list[list[tuple[int, Encoded]]], pad_id: int, n_seq: int) -> dict:
+    """Padding-free batches: each row is several sequences (`(seq_id, Encoded)` segments) one after another.
+
+    `position_ids` restart at 0 for every segment, so attention never crosses segments (transformers builds the
+    block-diagonal mask from them for sdpa/eager and uses flash-attention's varlen kernel on GPU); there is no
+    attention_mask. Rows are padded at the end only, where causal attention keeps real tokens from seeing the pads.
+    Each segment's first label is ignored so that no sequence is trained to predict the next one's start.
+    `seq_ids` tells which sequence each position belongs to; n_tokens counts the same trained positions as
+    padding would, so the loss is unchanged."""
     import torch
 
-    ids, labels, pos, seq = [], [], [], []
-    for k, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids += r.input_ids
-        labels += [IGNORE] + list(r.labels[1:])
-        pos += range(n)
-        seq += [k] * n
-    labels_t = torch.tensor([labels])
-    return {"input_ids": torch.tensor([ids]), "labels": labels_t, "position_ids": torch.tensor([pos]),
-            "seq_ids": torch.tensor([seq]), "n_seq": len(rows), "n_tokens": int((labels_t[:, 1:] != IGNORE).sum())}
+    longest = max(sum(len(e.input_ids) for _, e in row) for row in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), longest), dtype=torch.long)
+    seq = torch.full((len(rows), longest), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for k, e in row:
+            n = len(e.input_ids)
+            ids[b, at:at + n] = torch.tensor(e.input_ids)
+            labels[b, at + 1:at + n] = torch.tensor(e.labels[1:], dtype=torch.long)
+            pos[b, at:at + n] = torch.arange(n)
+            seq[b, at:at + n] = k
+            at += n
+        pos[b, at:] = torch.arange(longest - at)  # the pads: one more segment of their own, never trained
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_ids": seq, "n_seq": n_seq,
+            "n_tokens": int((labels[:, 1:] != IGNORE).sum())}
+
+
+def flat_collate(rows: list[Encoded], pad_id: int = 0) -> dict:
+    """--padding_free: the whole batch as one sequence [1, T] (no padding at all)."""
+    return segments_collate([list(enumerate(rows))], pad_id, len(rows))
 
 
 def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -66,11 +81,15 @@ def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 class PackedCollate:
-    """Collate for --packing: each unit is a group of rows; a batch of groups becomes one padding-free sequence.
+    """--packing: each unit is a group of rows filling one packed row; a batch of groups is [groups, longest group].
     A class (not a closure) so that DataLoader workers can pickle it."""
 
-    def __init__(self, flat):
-        self.flat = flat
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
 
     def __call__(self, groups: list) -> dict:
-        return self.flat([row for group in groups for row in group])
+        rows, k = [], 0
+        for group in groups:
+            rows.append([(k + i, r) for i, r in enumerate(group)])
+            k += len(group)
+        return segments_collate(rows, self.pad_id, k)

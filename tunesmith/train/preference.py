@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any, Optional
 
 from tunesmith.args import RLHFArguments, to_record
-from tunesmith.data.collate import flat_collate, pad_collate
+from tunesmith.data.collate import flat_collate, pad_collate, segments_collate
 from tunesmith.data.encode import IGNORE, Encoded
 from tunesmith.errors import ConfigError
 from tunesmith.model import load_model, note, resolve_model_dir
@@ -44,11 +44,33 @@ class Pair:
 
 def pair_collate(rows: list[Pair], pad_id: int, padding_side: str = "right", flat: bool = False) -> dict:
     """[chosen_1..B, rejected_1..B] in one batch, so one forward pass serves both sides of every pair: padded
-    together, or (flat, for --padding_free/--packing) concatenated into one sequence without padding."""
+    together, or (flat, for --padding_free) concatenated into one sequence without padding."""
+    seqs = [r.chosen for r in rows] + [r.rejected for r in rows]
+    return _pair_fields(flat_collate(seqs, pad_id) if flat else pad_collate(seqs, pad_id, padding_side), rows)
+
+
+class PackedPairCollate:
+    """--packing for pairs: each unit is a group of pairs packed into one row; sequence ids keep the order
+    [chosen_1..B, rejected_1..B] of the batch whatever row a sequence sits in."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, groups: list[list[Pair]]) -> dict:
+        n = sum(len(g) for g in groups)
+        rows, j = [], 0
+        for group in groups:
+            row = []
+            for p in group:
+                row += [(j, p.chosen), (n + j, p.rejected)]
+                j += 1
+            rows.append(row)
+        return _pair_fields(segments_collate(rows, self.pad_id, 2 * n), [p for g in groups for p in g])
+
+
+def _pair_fields(b: dict, rows: list[Pair]) -> dict:
     import torch
 
-    seqs = [r.chosen for r in rows] + [r.rejected for r in rows]
-    b = flat_collate(seqs) if flat else pad_collate(seqs, pad_id, padding_side)
     b["n_pairs"] = len(rows)
     # trained chosen tokens (the NLL's units), counted as the shifted labels are
     b["n_tokens"] = sum(1 for r in rows for x in r.chosen.labels[1:] if x != IGNORE)
@@ -452,7 +474,7 @@ def main(args: RLHFArguments):
         reference = cached
     train_rows, eval_rows, collate = batching(
         args, train_rows, eval_rows, collate, partial(pair_collate, pad_id=pad_id, flat=True),
-        lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids), prepared.data_stats["max_length"])
+        PackedPairCollate(pad_id), lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids), prepared.data_stats["max_length"])
     run_dir, extra = make_run(args, prepared, param_info)
     trackers = Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args)
     print(f"[tunesmith] rlhf {args.rlhf_type}: loss = {describe_objective(args)}\n"

@@ -194,13 +194,14 @@ def prepare_model(args, model_dir: str, tokenizer):
     return model, info
 
 
-def batching(args, train_rows: list, eval_rows: list, padded, flat, length, max_length) -> tuple[list, list, Any]:
+def batching(args, train_rows: list, eval_rows: list, padded, flat, packed, length, max_length):
     """(training units, validation units, collate) for --packing, --padding_free or plain padding.
 
-    With --packing the units are groups of rows filling --packing_length (default --max_length); a batch of
-    --per_device_train_batch_size groups is one padding-free sequence. Every mode trains on exactly the same tokens
-    with the same loss normalisation; only the padding (and its compute) differs."""
-    from tunesmith.data.collate import PackedCollate, pack_groups
+    --packing groups rows to fill --packing_length (default --max_length); a batch is
+    --per_device_train_batch_size such packed rows. --padding_free concatenates each batch into one sequence.
+    Every mode trains on exactly the same tokens with the same loss normalisation; only the padding (and its
+    compute) differs."""
+    from tunesmith.data.collate import pack_groups
 
     if args.packing:
         capacity = args.packing_length or max_length
@@ -213,7 +214,7 @@ def batching(args, train_rows: list, eval_rows: list, padded, flat, length, max_
         total = sum(length(r) for r in train_rows)
         note(f"--packing: {len(train_rows)} rows -> {len(units[0])} sequences of up to {capacity} tokens "
              f"({100 * total / max(len(units[0]) * capacity, 1):.0f}% filled)")
-        return units[0], units[1], PackedCollate(flat)
+        return units[0], units[1], packed
     if args.padding_free:
         return train_rows, eval_rows, flat
     return train_rows, eval_rows, padded

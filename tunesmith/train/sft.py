@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import partial
 
 from tunesmith.args import SftArguments, to_record
-from tunesmith.data.collate import flat_collate, pad_collate
+from tunesmith.data.collate import PackedCollate, flat_collate, pad_collate
 from tunesmith.track import Trackers
 from tunesmith.train import loop
 from tunesmith.train.token_logps import token_logps
@@ -45,7 +45,7 @@ def main(args: SftArguments):
     train_rows, eval_rows, collate = batching(
         args, prepared.train_rows, prepared.eval_rows, partial(pad_collate, pad_id=pad_id,
                                                                padding_side=args.padding_side),
-        flat_collate, lambda r: len(r.input_ids), prepared.data_stats["max_length"])
+        flat_collate, PackedCollate(pad_id), lambda r: len(r.input_ids), prepared.data_stats["max_length"])
     try:
         state = loop.train(args=args, model=model, objective=objective(args.router_aux_loss_coef),
                            train_rows=train_rows, eval_rows=eval_rows, collate=collate, run_dir=run_dir,
