@@ -10,7 +10,8 @@ credited with the same token count: the dataset's tokens as tunesmith encodes th
 sampled every 50 ms. Prints a table and the ratios tunesmith/peer; RESULTS.md records them with the command.
 
 Settings (each system at its best on a CPU):
-- tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (default).
+- tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (default); also run padded
+  with the peers' exact batch ("tunesmith-padded") to show what packing adds.
 - TRL 1.16: SFTTrainer/DPOTrainer, padded (its padding-free/packing need flash attention; TRL itself disables DPO
   padding_free on CPU), completion-only loss, the same LoRA.
 - ms-swift 4.6: `swift sft|rlhf` from bench/.venv-swift (created by --make-swift-venv; it pins older
@@ -93,16 +94,26 @@ def run_measured(cmd: list[str], env: dict, log: str) -> tuple[float, float, int
     return time.time() - t0, peak / 2 ** 30, proc.returncode
 
 
-def tunesmith_cmd(method, model, data, out):
+def tunesmith_cmd(method, model, data, out, packed=True):
+    """Packed: one packed row per micro-batch, accumulation chosen so that a step holds about as many rows as the
+    peers' 4 x 4 (SFT: 2 packs of 1024 tokens, about 14 rows; DPO: 3 packs of 2048, about 18 pairs). Padded: the
+    peers' exact batch (4 x 4), for an apples-to-apples view of what packing adds."""
     common = ["--model", model, "--dataset", data, "--train_type", "lora", "--lora_rank", "8", "--lora_alpha", "32",
-              "--target_modules", "all-linear", "--per_device_train_batch_size", "4",
-              "--gradient_accumulation_steps", "4", "--num_train_epochs", "1", "--max_length", "1024",
+              "--target_modules", "all-linear", "--num_train_epochs", "1", "--max_length", "1024",
               "--learning_rate", "1e-4", "--gradient_checkpointing", "false", "--logging_steps", "10",
-              "--save_strategy", "no", "--report_to", "none", "--output_dir", out, "--packing", "true",
-              "--dataloader_num_workers", "0"]
+              "--save_strategy", "no", "--report_to", "none", "--output_dir", out, "--dataloader_num_workers", "0"]
+    if packed:
+        common += ["--packing", "true", "--per_device_train_batch_size", "1", "--packing_length",
+                   "1024" if method == "sft" else "2048", "--gradient_accumulation_steps", "2" if method == "sft" else "3"]
+    else:
+        common += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4"]
     if method == "sft":
-        return ["tunesmith", "sft", *common, "--packing_length", "1024"]
-    return ["tunesmith", "rlhf", "--rlhf_type", "dpo", *common, "--packing_length", "2048"]
+        return ["tunesmith", "sft", *common]
+    return ["tunesmith", "rlhf", "--rlhf_type", "dpo", *common]
+
+
+def tunesmith_padded_cmd(method, model, data, out):
+    return tunesmith_cmd(method, model, data, out, packed=False)
 
 
 def trl_cmd(method, model, data, out):
@@ -112,7 +123,7 @@ def trl_cmd(method, model, data, out):
 def swift_cmd(method, model, data, out):
     swift = os.path.join(SWIFT_VENV, "bin", "swift")
     common = ["--model", model, "--model_type", "qwen2", "--template", "qwen2_5", "--dataset", data,
-              "--train_type", "lora", "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
+              "--tuner_type", "lora",  # ms-swift 4.x's name for --train_type "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
               "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4", "--num_train_epochs", "1",
               "--max_length", "1024", "--learning_rate", "1e-4", "--gradient_checkpointing", "false",
               "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--output_dir", out,
@@ -152,7 +163,7 @@ def main() -> int:
     data = os.path.join(work, "data.jsonl")
     make_data(data, a.rows, a.method)
     tokens = dataset_tokens(model, data, a.method)
-    systems = {"tunesmith": tunesmith_cmd}
+    systems = {"tunesmith": tunesmith_cmd, "tunesmith-padded": tunesmith_padded_cmd}
     peers = [p.strip() for p in a.peers.split(",") if p.strip()]
     if "trl" in peers:
         systems["trl"] = trl_cmd
@@ -173,24 +184,24 @@ def main() -> int:
                 results[name].append(None)
                 continue
             results[name].append((wall, rss))
-            print(f"  {name:10s} run {rep + 1}: {wall:7.1f} s  {tokens / wall:8.0f} tok/s  peak RSS {rss:.2f} GiB",
+            print(f"  {name:17s} run {rep + 1}: {wall:7.1f} s  {tokens / wall:8.0f} tok/s  peak RSS {rss:.2f} GiB",
                   flush=True)
     print(f"\n{a.method}: {a.rows} rows, {tokens} dataset tokens, 1 epoch, LoRA r8 all-linear, batch 4x4, "
           f"model 7.1M params / vocab 16384, {os.cpu_count()} CPUs")
-    print(f"{'system':10s} {'wall s (best)':>14s} {'tok/s':>8s} {'peak RSS GiB':>13s}")
+    print(f"{'system':17s} {'wall s (best)':>14s} {'tok/s':>8s} {'peak RSS GiB':>13s}")
     best = {}
     for name, runs in results.items():
         ok = [r for r in runs if r]
         if not ok:
-            print(f"{name:10s} failed")
+            print(f"{name:17s} failed")
             continue
         wall, rss = min(r[0] for r in ok), max(r[1] for r in ok)
         best[name] = (wall, rss)
-        print(f"{name:10s} {wall:14.1f} {tokens / wall:8.0f} {rss:13.2f}")
+        print(f"{name:17s} {wall:14.1f} {tokens / wall:8.0f} {rss:13.2f}")
     if "tunesmith" in best:
         tw, tr = best["tunesmith"]
         for name, (w, r) in best.items():
-            if name != "tunesmith":
+            if not name.startswith("tunesmith"):
                 print(f"tunesmith/{name}: throughput x{w / tw:.2f}, peak RSS x{tr / r:.2f}")
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -22,8 +22,8 @@ import torch
 
 from tunesmith.data.encode import IGNORE
 
-# floats per chunk of logits: 2^24 × 4 bytes = 64 MiB whatever the vocabulary size
-CHUNK_FLOATS = 1 << 24
+# floats per chunk of logits: 2^22 × 4 bytes = 16 MiB whatever the vocabulary size
+CHUNK_FLOATS = 1 << 22
 
 
 @dataclass
