@@ -121,7 +121,7 @@ def test_interactive_chat_streams_multi_turn_and_commands(lora_ckpt):
     from tunesmith.infer import build_engine, chat
 
     args = parse_args("infer", ["--adapters", lora_ckpt, "--max_new_tokens", "6", "--temperature", "0"])
-    engine, _, _, _ = build_engine(args)
+    engine, _, _ = build_engine(args)
     out = io.StringIO()
     chat(engine, args, None, stdin=io.StringIO("What is the capital of France?\nAnd of Japan?\nclear\nexit\n"),
          stdout=out)
@@ -148,7 +148,7 @@ def test_reasoning_is_returned_separately():
 def test_stop_words_and_length_limits(lora_ckpt):
     from tunesmith.infer import GenConfig, PromptTooLong, build_engine
 
-    engine, _, _, _ = build_engine(parse_args("infer", ["--adapters", lora_ckpt, "--temperature", "0",
+    engine, _, _ = build_engine(parse_args("infer", ["--adapters", lora_ckpt, "--temperature", "0",
                                                         "--max_model_len", "256"]))
     conv = [[{"role": "user", "content": "What is the capital of France?"}]]
     full = engine.generate(conv, GenConfig(max_new_tokens=12, temperature=0))[0]

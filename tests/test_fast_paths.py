@@ -4,10 +4,9 @@ import os
 import pytest
 import torch
 
-from conftest import EXAMPLES, write_jsonl
+from conftest import EXAMPLES
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import ChatEncoder
-from tunesmith.data.formats import normalise_row
 from tunesmith.data.load import load_datasets
 
 

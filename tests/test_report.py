@@ -1,7 +1,6 @@
 """Seeing a run: TensorBoard and SwanLab records (read back), no token on disk, plots, the HTML report in headless
 Chromium, and comparing runs."""
 import glob
-import json
 import os
 import shutil
 import subprocess

@@ -227,24 +227,25 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
 
 # ------------------------------------------------------------------ `tunesmith infer`
 
-def build_engine(args, named: Optional[dict] = None):
-    """Resolve the checkpoint, load the model and adapters, and make the Engine (shared with deploy)."""
+def build_engine(args):
+    """Resolve the checkpoint, load the model and adapters, and make the Engine (shared with deploy).
+    Returns (engine, the checkpoint whose args.json was read, deploy's named adapters)."""
+    from tunesmith.data.encode import read_system_prompt
     from tunesmith.model import load_for_inference, note
     from tunesmith.runs import resolve_checkpoint, split_named_adapters
 
     if args.infer_backend not in ("transformers", "pt"):
         raise_backend(args.infer_backend)
     ckpt = resolve_checkpoint(args)
-    plain, named_pairs = split_named_adapters(list(args.adapters))
-    named = {**named_pairs, **(named or {})}
-    model, tok, model_dir = load_for_inference(args, plain, named)
+    plain, named = split_named_adapters(list(args.adapters))
+    model, tok, _ = load_for_inference(args, plain, named)
     if args.logprobs or args.top_logprobs:
         note("--logprobs/--top_logprobs: token log-probs are not returned yet; results carry logprobs: null")
     if getattr(args, "max_batch_size", 1) == -1:
         note("--max_batch_size -1: every row of a batch inference is generated in one batch")
-    engine = Engine(model, tok, system=_read_system(args.system), defaults=GenConfig.from_args(args),
+    engine = Engine(model, tok, system=read_system_prompt(args.system), defaults=GenConfig.from_args(args),
                     max_model_len=args.max_model_len)
-    return engine, ckpt, model_dir, named
+    return engine, ckpt, named
 
 
 def raise_backend(backend: str):
@@ -257,13 +258,6 @@ def raise_backend(backend: str):
                               "use --infer_backend transformers") from None
         raise ConfigError("--infer_backend vllm is not wired into tunesmith yet; use --infer_backend transformers")
     raise ConfigError(f"--infer_backend {backend} is not supported; use --infer_backend transformers (or pt)")
-
-
-def _read_system(system: Optional[str]) -> Optional[str]:
-    if system and system.endswith(".txt") and os.path.isfile(system):
-        with open(system, encoding="utf-8") as fh:
-            return fh.read()
-    return system.replace("\\n", "\n") if system else system
 
 
 def _default_result_path(args, ckpt: Optional[str]) -> str:
@@ -382,7 +376,7 @@ def chat(engine: Engine, args, result_path: Optional[str], stdin=None, stdout=No
 
 
 def main(args):
-    engine, ckpt, _, _ = build_engine(args)
+    engine, ckpt, _ = build_engine(args)
     loaded = _infer_rows(args, ckpt)
     if loaded is None:
         chat(engine, args, args.result_path)

@@ -233,7 +233,7 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
     return app
 
 
-def served_models(args, named: dict, model_dir: str, ckpt: Optional[str]) -> dict[str, Optional[str]]:
+def served_models(args, named: dict, ckpt: Optional[str]) -> dict[str, Optional[str]]:
     """The model ids /v1/models lists: the loaded model (with its plain adapters) and one per named adapter."""
     from tunesmith.runs import model_suffix
 
@@ -261,8 +261,8 @@ def main(args):
     from tunesmith.infer import build_engine
 
     _check_port(args.host, args.port)
-    engine, ckpt, model_dir, named = build_engine(args)
-    served = served_models(args, named, model_dir, ckpt)
+    engine, ckpt, named = build_engine(args)
+    served = served_models(args, named, ckpt)
     app = create_app(engine, served, api_key=args.api_key, owned_by=args.owned_by)
     where = "reachable from the network" if args.host in ("0.0.0.0", "::") else \
         "local only; --host 0.0.0.0 exposes it to the network"

@@ -19,6 +19,7 @@ silently wrong mask.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -51,6 +52,14 @@ def parse_loss_scale(value: Optional[str], default: str) -> tuple[str, bool]:
             raise ConfigError(f"--loss_scale: unknown part {p!r} in {value!r}; use default, last_round or all, "
                               f"optionally with +ignore_empty_think")
     return base, ignore
+
+
+def read_system_prompt(system: Optional[str]) -> Optional[str]:
+    """--system: a string (with literal \\n as newlines, as shell scripts write it) or a .txt file."""
+    if system and system.endswith(".txt") and os.path.isfile(system):
+        with open(system, encoding="utf-8") as fh:
+            system = fh.read()
+    return system.replace("\\n", "\n") if system else system
 
 
 class TooLong(Exception):
