@@ -38,8 +38,10 @@ WORDS = ("the of and to in is was for on that with as by at from his her it an w
          "river north south east west king music film team game house line side water life power party war").split()
 
 
-def make_data(path: str, rows: int, method: str, seed: int = 0) -> None:
-    """Chat rows whose reply lengths follow a log-normal (median ~60 words, long tail capped near ~700 words)."""
+def make_data(path: str, rows: int, method: str, seed: int = 0, prompt_words: int = 0) -> None:
+    """Chat rows whose reply lengths follow a log-normal (median ~60 words, long tail capped near ~700 words).
+    Prompts are 5-40 words, or with prompt_words a log-normal of that median (multi-turn context, system prompts,
+    retrieved documents: where DPO prefix sharing matters)."""
     rng = random.Random(seed)
 
     def text(n):
@@ -47,7 +49,8 @@ def make_data(path: str, rows: int, method: str, seed: int = 0) -> None:
 
     with open(path, "w", encoding="utf-8") as fh:
         for _ in range(rows):
-            q = text(rng.randint(5, 40))
+            q = text(min(700, max(5, int(rng.lognormvariate(math.log(prompt_words), 0.7))))
+                     if prompt_words else rng.randint(5, 40))
             n = min(700, max(8, int(rng.lognormvariate(math.log(60), 0.9))))
             if method == "sft":
                 row = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": text(n)}]}
@@ -94,7 +97,7 @@ def run_measured(cmd: list[str], env: dict, log: str) -> tuple[float, float, int
     return time.time() - t0, peak / 2 ** 30, proc.returncode
 
 
-def tunesmith_cmd(method, model, data, out, packed=True):
+def tunesmith_cmd(method, model, data, out, packed=True, shared=None):
     """Packed: one packed row per micro-batch, accumulation chosen so that a step holds about as many rows as the
     peers' 4 x 4 (SFT: 2 packs of 1024 tokens, about 14 rows; DPO: 3 packs of 2048, about 18 pairs). Padded: the
     peers' exact batch (4 x 4), for an apples-to-apples view of what packing adds."""
@@ -109,11 +112,17 @@ def tunesmith_cmd(method, model, data, out, packed=True):
         common += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4"]
     if method == "sft":
         return ["tunesmith", "sft", *common]
-    return ["tunesmith", "rlhf", "--rlhf_type", "dpo", *common]
+    sharing = [] if shared is None else ["--prefix_sharing", str(shared).lower()]
+    return ["tunesmith", "rlhf", "--rlhf_type", "dpo", *common, *sharing]
 
 
 def tunesmith_padded_cmd(method, model, data, out):
     return tunesmith_cmd(method, model, data, out, packed=False)
+
+
+def tunesmith_unshared_cmd(method, model, data, out):
+    """Packed DPO without prefix sharing (chosen and rejected as two sequences): what sharing the prompt adds."""
+    return tunesmith_cmd(method, model, data, out, shared=False)
 
 
 def trl_cmd(method, model, data, out):
@@ -150,6 +159,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--peers", default="trl,ms-swift", help="comma-separated: trl, ms-swift")
     ap.add_argument("--make-swift-venv", action="store_true", help="create bench/.venv-swift (ms-swift 4.6)")
+    ap.add_argument("--prompt-words", type=int, default=0, help="median prompt length in words (default: 5-40)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
 
@@ -161,9 +171,11 @@ def main() -> int:
     model = build_model(os.path.join(work, "model"), "qwen2", hidden=256, layers=4, heads=4, intermediate=704,
                         model_vocab=16384)
     data = os.path.join(work, "data.jsonl")
-    make_data(data, a.rows, a.method)
+    make_data(data, a.rows, a.method, prompt_words=a.prompt_words)
     tokens = dataset_tokens(model, data, a.method)
     systems = {"tunesmith": tunesmith_cmd, "tunesmith-padded": tunesmith_padded_cmd}
+    if a.method == "dpo":
+        systems["tunesmith-unshared"] = tunesmith_unshared_cmd
     peers = [p.strip() for p in a.peers.split(",") if p.strip()]
     if "trl" in peers:
         systems["trl"] = trl_cmd

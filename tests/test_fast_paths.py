@@ -179,10 +179,96 @@ def test_dpo_padding_free_and_packing_runs(tiny_models, tmp_path):
             "--output_dir", str(tmp_path / name), *extra]))
         return [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "rewards/margins" in r]
 
-    plain, free = run("plain"), run("free", "--padding_free", "true")
-    for a, b in zip(plain, free):
-        for k in ("loss", "rewards/margins", "nll_loss", "logps/chosen"):
-            assert a[k] == pytest.approx(b[k], abs=1e-5), k
+    plain = run("plain", "--prefix_sharing", "false")
+    for name, extra in (("shared", ("--prefix_sharing", "true")), ("free", ("--padding_free", "true")),
+                        ("free-unshared", ("--padding_free", "true", "--prefix_sharing", "false"))):
+        other = run(name, *extra)
+        assert len(other) == len(plain) == 3
+        for a, b in zip(plain, other):
+            for k in ("loss", "rewards/margins", "nll_loss", "logps/chosen", "logps/rejected", "logits/rejected"):
+                assert a[k] == pytest.approx(b[k], abs=1e-5), (name, k)
     packed = run("packed", "--packing", "true", "--max_length", "256", "--per_device_train_batch_size", "1")
     assert packed[0]["loss"] == pytest.approx(packed[0]["pref_loss"] + 0.2 * packed[0]["nll_loss"], abs=1e-5)
     assert packed[0]["pref_loss"] == pytest.approx(0.6931472, abs=1e-6)
+
+
+# ------------------------------------------------------------------ DPO prefix sharing
+
+def _sliding_model(family, attn, window=8):
+    """A tiny model whose sliding-window layers matter: the pairs below are several windows long."""
+    from transformers import AutoModelForCausalLM
+    from tunesmith.testing import build_config
+
+    cfg = build_config(family, 300, layers=2)
+    if family == "qwen2":  # one full-attention layer, then sliding ones
+        cfg.use_sliding_window, cfg.max_window_layers = True, 1
+        cfg.layer_types = ["full_attention", "sliding_attention"]
+    if family in ("qwen2", "gpt_oss"):
+        cfg.sliding_window = window
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+
+
+def _synthetic_pairs(n=6, seed=0):
+    """Pairs with prompts and completions of different lengths, completions that start with the same token, and
+    one pair with a trained turn inside the prompt (multi-turn with every turn trained), which must not be shared."""
+    import random
+    from tunesmith.data.encode import IGNORE, Encoded
+    from tunesmith.train.preference import Pair
+
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randrange(4, 30))]
+        first = rng.randrange(3, 300)
+        c = [first] + [rng.randrange(3, 300) for _ in range(rng.randrange(2, 25))]
+        r = [first] + [rng.randrange(3, 300) for _ in range(rng.randrange(2, 25))]
+        lab = [IGNORE] * len(prompt)
+        if i == 2:
+            lab[len(prompt) // 2:len(prompt) // 2 + 3] = prompt[len(prompt) // 2:len(prompt) // 2 + 3]
+        pairs.append(Pair(Encoded(prompt + c, lab + c), Encoded(prompt + r, lab + r)))
+    return pairs
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"),
+                                         ("qwen2", "eager"), ("gpt_oss", "eager")])
+def test_prefix_shared_pairs_equal_two_sequences_with_gradients(family, attn):
+    """[prompt, chosen, rejected] in one sequence (alone, flat, or packed several pairs to a row) gives the
+    two-sequence log-probs and gradients, also with sliding-window layers and MoE."""
+    from tunesmith.train import preference as P
+    from tunesmith.train.token_logps import prefix_sharing_support
+
+    model = _sliding_model(family, attn)
+    assert prefix_sharing_support(model) is None
+    pairs = _synthetic_pairs()
+    shared = P.SharedPairCollate(0)(pairs)
+    assert shared["input_ids"].shape[1] < P.pair_collate(pairs, 0)["input_ids"].shape[1] * 2
+    assert shared["n_tokens"] == P.pair_collate(pairs, 0)["n_tokens"]
+    weights = torch.linspace(-1.0, 2.0, 2 * len(pairs))
+    results = []
+    for batch in (P.pair_collate(pairs, 0), shared, P.SharedPairCollate(0, flat=True)(pairs),
+                  P.SharedPairCollate(0, packed=True)([pairs[:2], pairs[2:5], pairs[5:]])):
+        model.zero_grad(set_to_none=True)
+        out = P.sequence_logps(model, batch, ld_alpha=0.5, n_pairs=len(pairs))
+        (out.logps * weights).sum().backward()
+        results.append((out, _grads(model)))
+    (ref, g_ref) = results[0]
+    for out, g in results[1:]:
+        assert torch.equal(out.n, ref.n)
+        assert torch.allclose(out.logps, ref.logps, atol=1e-5, rtol=1e-6)
+        for k, v in g_ref.items():
+            assert torch.allclose(g[k], v, atol=1e-5, rtol=1e-4), k
+
+
+def test_prefix_sharing_is_refused_where_the_mask_cannot_be_passed(tiny_models):
+    from tunesmith.args import parse_args
+    from tunesmith.errors import ConfigError
+    from tunesmith.train import preference as P
+
+    model = _sliding_model("llama", "sdpa")
+    model.config._attn_implementation = "flash_attention_2"
+    args = parse_args("rlhf", ["--model", "m", "--dataset", "d.jsonl", "--prefix_sharing", "true"])
+    with pytest.raises(ConfigError, match="flash_attention_2 takes no arbitrary attention mask"):
+        P.choose_prefix_sharing(args, model, _synthetic_pairs(2), 0)
+    args.prefix_sharing = None  # the default: falls back to two sequences and says why
+    assert P.choose_prefix_sharing(args, model, _synthetic_pairs(2), 0) is False

@@ -194,6 +194,10 @@ class RLHFArgs:
     desirable_weight: float = _f(1.0)
     undesirable_weight: float = _f(1.0)
     precompute_ref_log_probs: bool = _f(False)
+    prefix_sharing: Optional[bool] = _f(help="Run each pair as one sequence [prompt, chosen, rejected] so the prompt "
+                                             "is computed once (exact). Default: on with --packing or "
+                                             "--padding_free where the attention implementation takes a custom "
+                                             "mask (sdpa, eager).")
 
 
 @dataclass
@@ -258,6 +262,33 @@ class ExportOutputArgs:
     safe_serialization: bool = _f(True)
     max_shard_size: str = _f("5GB")
     exist_ok: bool = _f(False)
+
+
+@dataclass
+class EvalArgs:
+    eval_backend: str = _f("Native", help="Native (tunesmith's own evaluator).",
+                           choices=("Native", "OpenCompass", "VLMEvalKit"))
+    eval_dataset: List[str] = _f(help="ceval, cmmlu, mmlu, gsm8k, general_mcq, general_qa, humaneval.",
+                                 list_default=[])
+    eval_limit: Optional[int] = _f(help="At most this many samples per subset (the first ones).")
+    eval_dataset_args: Optional[dict] = _f(help='JSON per dataset, e.g. {"ceval": {"local_path": "data/ceval", '
+                                                '"subset_list": ["law"], "few_shot_num": 0}}.')
+    eval_generation_config: Optional[dict] = _f(help='JSON: max_tokens, temperature, top_p, top_k, stop, seed.')
+    eval_output_dir: Optional[str] = _f(help="Default <checkpoint>/eval_output (or ./eval_output); a <time> "
+                                             "folder is made inside.")
+    eval_url: Optional[str] = _f(help="An OpenAI-compatible endpoint to evaluate, e.g. http://127.0.0.1:8000/v1 "
+                                      "(--model names the served model; default its first).")
+    eval_num_proc: int = _f(16, help="Concurrent requests to --eval_url; processes for code tests.")
+    extra_eval_args: Optional[dict] = _f(help="EvalScope backend options (not used by the native evaluator).")
+    local_dataset: bool = _f(False, help="Accepted for compatibility; local files come from local_path.")
+    mcq_scoring: Optional[str] = _f(help="Multiple choice: likelihood of each option letter (default for local "
+                                         "models) or generation + extraction (the only way for --eval_url).",
+                                    choices=("likelihood", "generation"))
+    compare_base: bool = _f(True, help="With --adapters, also evaluate the base model (adapter off) side by side.")
+    base_model: Optional[str] = _f(help="Evaluate this model as the base next to --model (e.g. a merged export).")
+    allow_code_execution: bool = _f(False, help="humaneval: run the generated code (in a subprocess with limits).")
+    api_key: Optional[str] = _f(help="Bearer key for --eval_url (never written to disk).", secret=True)
+    max_batch_size: int = _f(8, help="Local models: questions per forward pass / generation batch.")
 
 
 @dataclass
@@ -345,9 +376,15 @@ VALUE_ALIASES = {
     ("infer_backend", "pt"): "transformers",
 }
 
+@dataclass
+class EvalArguments(EvalArgs, GenerationArgs, InferBackendArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs):
+    """`tunesmith eval`: benchmarks from local files; the base and the tuned model side by side."""
+    verbose: bool = _f(False)
+
+
 COMMAND_ARGS = {"sft": SftArguments, "data": DataCommandArguments, "rlhf": RLHFArguments, "dpo": RLHFArguments,
                 "infer": InferArguments, "deploy": DeployArguments, "export": ExportArguments,
-                "report": ReportArguments}
+                "report": ReportArguments, "eval": EvalArguments}
 
 
 # ---------------------------------------------------------------- type handling

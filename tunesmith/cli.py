@@ -23,11 +23,11 @@ COMMANDS = {
     "deploy": ("tunesmith.serve", "serve a model or checkpoint behind an OpenAI-compatible API"),
     "data": ("tunesmith.data.command", "inspect, validate, convert, split and measure datasets"),
     "report": ("tunesmith.report", "plots and an HTML report of a run, or several runs compared"),
+    "eval": ("tunesmith.evaluate", "benchmarks from local files: base vs tuned side by side"),
 }
 
 # ms-swift commands that tunesmith will provide but does not yet: a clear message instead of "unknown command".
 PLANNED = {
-    "eval": "benchmark evaluation",
     "pt": "continued pre-training",
 }
 

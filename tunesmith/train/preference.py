@@ -5,8 +5,9 @@ One step of the objective, for a batch of B pairs:
 1. The reference's log-probs of the 2B sequences: the same weights with the LoRA adapter switched off, a frozen
    copy of the SFT adapter (`--adapters`/`--ref_adapters`), a frozen reference model (full training), or a cache
    computed once before training (`--precompute_ref_log_probs`). Reference-free methods (CPO/SimPO/ORPO) skip it.
-2. One forward pass of the policy over [chosen_1..B, rejected_1..B] padded together; log-probs summed over the
-   completion tokens only (the encoder's labels: the prompt is never trained).
+2. One forward pass of the policy over the batch: each pair as one sequence [prompt, chosen, rejected] with the
+   prompt computed once (prefix sharing, where the attention implementation allows it), or [chosen_1..B,
+   rejected_1..B] padded together; log-probs summed over the completion tokens only (the prompt is never trained).
 3. The loss: a mean over pairs of the chosen variant(s), plus — only when asked for with --rpo_alpha, the `sft`
    loss type, CPO's cpo_alpha or ORPO — an NLL over the chosen tokens, logged separately as nll_loss.
 """
@@ -68,6 +69,75 @@ class PackedPairCollate:
         return _pair_fields(segments_collate(rows, self.pad_id, 2 * n), [p for g in groups for p in g])
 
 
+def shared_prefix_length(p: Pair) -> int:
+    """How many leading tokens both sides of a pair can share: identical ids and no trained label on either side
+    (a position trained for both sequences could not belong to one of them)."""
+    c, r = p.chosen, p.rejected
+    n = 0
+    limit = min(len(c.input_ids), len(r.input_ids)) - 1  # each side keeps at least one token of its own
+    while n < limit and c.input_ids[n] == r.input_ids[n] and c.labels[n] == IGNORE and r.labels[n] == IGNORE:
+        n += 1
+    return n
+
+
+def shared_length(p: Pair) -> int:
+    return len(p.chosen.input_ids) + len(p.rejected.input_ids) - shared_prefix_length(p)
+
+
+class SharedPairCollate:
+    """--prefix_sharing: each pair is one sequence [prompt, chosen, rejected]; the prompt is computed once.
+
+    Rejected positions continue from the prompt (position ids P, P+1, … as in its own sequence), its first token is
+    predicted from the prompt's last position (`label_src`), and the attention mask built from `attn_group` /
+    `attn_part` keeps rejected from seeing chosen — so every log-prob equals the two-sequence computation.
+    Units are pairs (one row each; `flat`: the whole batch in one row) or, with --packing, groups of pairs sharing
+    a row. Sequence ids keep the batch order [chosen_1..B, rejected_1..B] that the losses expect."""
+
+    def __init__(self, pad_id: int, packed: bool = False, flat: bool = False):
+        self.pad_id, self.packed, self.flat = pad_id, packed, flat
+
+    def __call__(self, units: list) -> dict:
+        import torch
+
+        groups = units if self.packed else ([units] if self.flat else [[p] for p in units])
+        pairs = [p for g in groups for p in g]
+        n = len(pairs)
+        longest = max(sum(shared_length(p) for p in g) for g in groups)
+        shape = (len(groups), longest)
+        ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE, dtype=torch.long)
+        pos = torch.zeros(shape, dtype=torch.long)
+        seq = torch.full(shape, -1, dtype=torch.long)
+        group = torch.full(shape, -1, dtype=torch.long)
+        part = torch.zeros(shape, dtype=torch.long)
+        src = (torch.arange(longest) - 1).clamp(min=0).repeat(len(groups), 1)
+        j = 0
+        for row, g in enumerate(groups):
+            at = 0
+            for p in g:
+                k = shared_prefix_length(p)
+                c, r = p.chosen, p.rejected
+                nc, nr = len(c.input_ids) - k, len(r.input_ids) - k
+                a, b_, e = at + k, at + k + nc, at + k + nc + nr  # starts of chosen and rejected, end
+                ids[row, at:a], ids[row, a:b_], ids[row, b_:e] = (
+                    torch.tensor(c.input_ids[:k]), torch.tensor(c.input_ids[k:]), torch.tensor(r.input_ids[k:]))
+                labels[row, a:b_], labels[row, b_:e] = torch.tensor(c.labels[k:]), torch.tensor(r.labels[k:])
+                if k == 0:  # nothing shared: neither side's first token has a predictor
+                    labels[row, a] = labels[row, b_] = IGNORE
+                pos[row, at:b_] = torch.arange(k + nc)
+                pos[row, b_:e] = torch.arange(k, k + nr)
+                seq[row, a:b_], seq[row, b_:e] = j, n + j
+                group[row, at:e] = j
+                part[row, a:b_], part[row, b_:e] = 1, 2
+                if k:
+                    src[row, b_] = at + k - 1  # rejected's first token follows the prompt, not the chosen side
+                at, j = e, j + 1
+            pos[row, at:] = torch.arange(longest - at)
+        batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_ids": seq, "n_seq": 2 * n,
+                 "label_src": src, "attn_group": group, "attn_part": part}
+        return _pair_fields(batch, pairs)
+
+
 def _pair_fields(b: dict, rows: list[Pair]) -> dict:
     import torch
 
@@ -105,8 +175,12 @@ def sequence_logps(model, batch: dict, ld_alpha: Optional[float] = None, n_pairs
     n = torch.bincount(rows, minlength=n_seq)
     weights = None
     if ld_alpha is not None and n_pairs:
+        # the rank of each trained position within its sequence; a sequence's positions are in order but may be
+        # interleaved with other sequences' (packed and prefix-shared rows), hence the stable sort
+        order = torch.sort(rows, stable=True).indices
         start = torch.cumsum(n, 0) - n                           # first trained position of each sequence
-        pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
+        pos = torch.empty_like(rows)
+        pos[order] = torch.arange(rows.numel(), device=rows.device) - start[rows[order]]
         public = torch.minimum(n[:n_pairs], n[n_pairs:]).repeat(2)
         weights = torch.where(pos < public[rows], 1.0, ld_alpha)
     contrib = t.logps if weights is None else t.logps * weights
@@ -252,6 +326,46 @@ def disable_dropout(model) -> int:
             m.p = 0.0
             changed += 1
     return changed
+
+
+def choose_prefix_sharing(args, model, pairs: list[Pair], pad_id: int) -> bool:
+    """Whether this run uses prefix-shared pairs: by default with --packing/--padding_free where the attention
+    implementation takes a custom mask, and only after a check on a few real pairs that it gives the two-sequence
+    log-probs."""
+    import torch
+
+    from tunesmith.train.token_logps import prefix_sharing_support
+
+    if args.prefix_sharing is False or not pairs:
+        return False
+    if args.prefix_sharing is None and not (args.packing or args.padding_free):
+        # measured on CPU (bench/RESULTS.md): rows of [prompt, chosen, rejected] padded to the longest pair cost
+        # more attention than the shared prompt saves; packed rows have a fixed budget, so there it is a gain
+        return False
+    reason = prefix_sharing_support(model)
+    if reason is None:
+        sample = pairs[:4]
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        model.to(device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            two = sequence_logps(model, loop._to_device(pair_collate(sample, pad_id), device))
+            one = sequence_logps(model, loop._to_device(SharedPairCollate(pad_id)(sample), device))
+        model.train(was_training)
+        per_token = ((two.logps - one.logps).abs() / two.n.clamp(min=1)).max().item()
+        tol = 1e-4 if model.get_input_embeddings().weight.dtype == torch.float32 else 3e-2
+        if not (per_token <= tol and torch.equal(two.n, one.n)):
+            reason = (f"on the first {len(sample)} pairs it differs from two sequences by {per_token:.2g} nats per "
+                      f"token (tolerance {tol:g})")
+    if reason is None:
+        note("prefix sharing: each pair runs as one sequence [prompt, chosen, rejected] (checked against two "
+             "sequences on the first pairs)")
+        return True
+    if args.prefix_sharing:
+        raise ConfigError(f"--prefix_sharing true: {reason}. Use --attn_impl sdpa, or --prefix_sharing false")
+    note(f"prefix sharing off: {reason}; pairs run as two sequences")
+    return False
 
 
 # ------------------------------------------------------------------ the objective
@@ -464,17 +578,22 @@ def main(args: RLHFArguments):
         note("dropout disabled for preference training (as TRL and ms-swift do), so the policy starts equal to "
              "the reference")
     pad_id = prepared.tokenizer.pad_token_id
-    collate = partial(pair_collate, pad_id=pad_id, padding_side=args.padding_side)
     train_rows = [Pair(c, r) for c, r in prepared.train_rows]
     eval_rows = [Pair(c, r) for c, r in prepared.eval_rows]
+    if choose_prefix_sharing(args, model, train_rows, pad_id):
+        collate, flat, packed, length = (SharedPairCollate(pad_id), SharedPairCollate(pad_id, flat=True),
+                                         SharedPairCollate(pad_id, packed=True), shared_length)
+    else:
+        collate, flat, packed = (partial(pair_collate, pad_id=pad_id, padding_side=args.padding_side),
+                                 partial(pair_collate, pad_id=pad_id, flat=True), PackedPairCollate(pad_id))
+        length = lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids)  # noqa: E731
     if args.precompute_ref_log_probs and reference.kind != "none":
         bs = max(args.per_device_train_batch_size, args.per_device_eval_batch_size)
         cached = precompute_reference(reference, model, train_rows + eval_rows, collate, bs)
         reference.model = None  # free the full-training reference copy
         reference = cached
-    train_rows, eval_rows, collate = batching(
-        args, train_rows, eval_rows, collate, partial(pair_collate, pad_id=pad_id, flat=True),
-        PackedPairCollate(pad_id), lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids), prepared.data_stats["max_length"])
+    train_rows, eval_rows, collate = batching(args, train_rows, eval_rows, collate, flat, packed, length,
+                                              prepared.data_stats["max_length"])
     run_dir, extra = make_run(args, prepared, param_info)
     trackers = Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args)
     print(f"[tunesmith] rlhf {args.rlhf_type}: loss = {describe_objective(args)}\n"

@@ -12,6 +12,14 @@ objectives call `token_logps`. Two exact paths:
 
 Packed batches (several sequences in one row, `position_ids` restarting at 0) carry `seq_ids`, the sequence each
 position belongs to; the log-probs are attributed per sequence from it.
+
+Prefix-shared preference batches (train/preference.py) lay a pair out as [prompt, chosen, rejected] in one row. Two
+things then differ from a plain causal row, and both are described by the batch, never guessed here:
+- `label_src[b, t]`: the position whose hidden state predicts the token at t. It is t − 1 except for the first
+  rejected token, which is predicted from the prompt's last position.
+- `attn_group` / `attn_part`: which pair each position belongs to and whether it is prompt (0), chosen (1) or
+  rejected (2); `prefix_sharing_mask` turns them into the 4D mask (rejected never sees chosen) in the format the
+  model's attention implementation expects.
 """
 from __future__ import annotations
 
@@ -98,9 +106,69 @@ def chunked_head(model):
     return decoder, head.weight
 
 
-def _inputs(batch: dict) -> dict:
+SHARED_PREFIX_ATTENTION = ("sdpa", "eager")  # implementations that take an arbitrary 4D mask
+
+
+def _attention_kinds(config) -> Optional[dict]:
+    """{layer kind: sliding window or None} for the layer kinds this model has, or None when some layer kind cannot
+    be expressed as a dense mask (chunked or linear attention)."""
+    kinds = set(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    if not kinds:  # older configs: one kind for every layer
+        use = getattr(config, "use_sliding_window", True)
+        return {"full_attention": window if (window and use) else None}
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        return None
+    return {k: (window if k == "sliding_attention" else None) for k in kinds}
+
+
+def prefix_sharing_support(model) -> Optional[str]:
+    """None when prefix-shared batches are exact for this model, else the reason they are not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+    if hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    cfg = base.config
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl not in SHARED_PREFIX_ATTENTION:
+        return f"--attn_impl {impl} takes no arbitrary attention mask (sdpa and eager do)"
+    if _attention_kinds(cfg) is None:
+        return f"layer types {sorted(set(cfg.layer_types))} cannot take a dense mask"
+    return None
+
+
+def prefix_sharing_mask(batch: dict, config, dtype):
+    """The attention mask of a prefix-shared batch: position i sees j when both are in the same pair, j comes first,
+    and i is not rejected while j is chosen (each position always sees itself, so padding rows stay finite). For
+    sliding-window layers the window is measured in position ids, as it would be in the two separate sequences.
+    Boolean (True = attend) for sdpa, additive float for eager; a {layer kind: mask} dict when kinds differ."""
+    import torch
+
+    group, part, pos = batch["attn_group"], batch["attn_part"], batch["position_ids"]
+    t = group.shape[1]
+    idx = torch.arange(t, device=group.device)
+    allowed = (group[:, :, None] == group[:, None, :]) & (idx[None, :, None] >= idx[None, None, :])
+    allowed &= ~((part[:, :, None] == 2) & (part[:, None, :] == 1))
+    allowed |= torch.eye(t, dtype=torch.bool, device=group.device)[None]
+    kinds = _attention_kinds(config)
+    eager = (getattr(config, "_attn_implementation", None) or "eager") == "eager"
+    masks = {}
+    for kind, window in kinds.items():
+        m = allowed
+        if window:
+            m = m & ((pos[:, :, None] - pos[:, None, :]) < window)
+        m = m[:, None]  # [batch, 1 (heads), query, key]
+        if eager:
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
+        masks[kind] = m
+    return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+def _inputs(batch: dict, model) -> dict:
     kw = {"input_ids": batch["input_ids"], "use_cache": False}
-    if batch.get("attention_mask") is not None:
+    if "attn_group" in batch:
+        dtype = model.get_input_embeddings().weight.dtype  # the activations' dtype, also under 4-bit weights
+        kw["attention_mask"] = prefix_sharing_mask(batch, model.config, dtype)
+    elif batch.get("attention_mask") is not None:
         kw["attention_mask"] = batch["attention_mask"]
     if batch.get("position_ids") is not None:
         kw["position_ids"] = batch["position_ids"]
@@ -109,25 +177,25 @@ def _inputs(batch: dict) -> dict:
 
 def token_logps(model, batch: dict, chunked: Optional[bool] = None) -> TokenLogps:
     """Log-probs of every trained (label != -100) position of the batch; chunked unless told or unable."""
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    target = labels[mask]
+    labels = batch["labels"]
+    b, t = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    t = t + 1                                       # the trained positions, row-major
+    target = labels[b, t]
+    src = batch["label_src"][b, t] if "label_src" in batch else t - 1
     if "seq_ids" in batch:
-        rows = batch["seq_ids"][:, 1:][mask]
-        n_seq = int(batch["n_seq"])
+        rows, n_seq = batch["seq_ids"][b, t], int(batch["n_seq"])
     else:
-        rows = mask.nonzero()[:, 0]
-        n_seq = labels.shape[0]
+        rows, n_seq = b, labels.shape[0]
     parts = chunked_head(model) if chunked is not False else None
     if parts is not None:
         decoder, weight = parts
-        out = decoder(**_inputs(batch))
-        hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1][mask]
+        out = decoder(**_inputs(batch, decoder))
+        hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[b, src]
         chunk = max(1, CHUNK_FLOATS // weight.shape[0])
         logps, correct, mean = ChunkedLogps.apply(hidden, weight, target, chunk)
         return TokenLogps(logps, rows, n_seq, correct, mean)
-    out = model(**_inputs(batch))
-    picked = out.logits[:, :-1][mask].float()
+    out = model(**_inputs(batch, model))
+    picked = out.logits[b, src].float()
     logps = picked.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(picked, -1)
     with torch.no_grad():
         correct, mean = picked.argmax(-1) == target, picked.mean(-1)

@@ -1,0 +1,518 @@
+"""`tunesmith eval`: benchmarks from local files (benchmarks.py), the base and the tuned model side by side.
+
+One run evaluates every model under test on every --eval_dataset:
+- a local model (--model, with --adapters: the base with the adapter switched off, then the tuned model; or
+  --base_model as the base), or any OpenAI-compatible endpoint (--eval_url, e.g. `tunesmith deploy`);
+- multiple choice is scored by the likelihood of each option letter for local models (one forward pass per
+  question, nothing to parse), by generation plus answer extraction for endpoints (or --mcq_scoring generation);
+- gsm8k, general_qa and humaneval generate (greedy unless --temperature / --eval_generation_config say otherwise).
+
+Outputs (<eval_output_dir>/<time>/): predictions/<model>/<dataset>.jsonl (one line per sample),
+reports/<model>/<dataset>.json, summary.json and summary.md (the table: dataset, subset, metric, n, each model,
+delta ± its standard error), and comparison.png when two models are compared.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from tunesmith import benchmarks as B
+from tunesmith.errors import ConfigError
+
+BINARY = {"acc", "exact_match", "exact_match_strict", "exact_match_flexible", "pass@1"}
+CORPUS = {"bleu", "chrf"}  # corpus-level: no per-sample standard error
+DEFAULT_NEW_TOKENS = {"mcq": 256, "math": 512, "qa": 512, "code": 512}
+
+
+# ------------------------------------------------------------------ models under test
+
+class LocalModel:
+    """A loaded model (through infer.Engine, the one generation path); `adapter_off` evaluates the base weights of
+    a PeftModel without loading them twice."""
+
+    def __init__(self, engine, label: str, describe: str, adapter_off: bool = False, batch_size: int = 8):
+        self.engine, self.label, self.describe = engine, label, describe
+        self.adapter_off, self.batch_size = adapter_off, max(1, batch_size)
+
+    def _context(self):
+        return self.engine.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
+
+    def option_logps(self, conversations: list[list[dict]], letters: list[list[str]]) -> list[dict]:
+        """log p(first token of each option letter) as the reply's first token, for each conversation."""
+        import torch
+
+        tok = self.engine.tok
+        letter_ids: dict[str, int] = {}
+        for opts in letters:
+            for k in opts:
+                if k not in letter_ids:
+                    ids = tok(k, add_special_tokens=False)["input_ids"]
+                    letter_ids[k] = ids[0]
+        if len(set(letter_ids.values())) != len(letter_ids):
+            raise ConfigError("this tokenizer gives two option letters the same first token; use --mcq_scoring "
+                              "generation")
+        out = []
+        model, pad = self.engine.model, tok.pad_token_id if tok.pad_token_id is not None else 0
+        with self._context(), torch.no_grad():
+            for i in range(0, len(conversations), self.batch_size):
+                prompts = [self.engine.prompt_ids(c) for c in conversations[i:i + self.batch_size]]
+                longest = max(len(p) for p in prompts)
+                ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.engine.device)
+                mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts],
+                                    device=self.engine.device)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1].float()
+                logps = torch.log_softmax(logits, -1).cpu()
+                for row, opts in zip(logps, letters[i:i + self.batch_size]):
+                    out.append({k: float(row[letter_ids[k]]) for k in opts})
+        return out
+
+    def generate(self, conversations: list[list[dict]], gen) -> list[str]:
+        from tqdm.auto import tqdm
+
+        replies = []
+        with self._context(), tqdm(total=len(conversations), desc=f"generate ({self.label})", disable=None,
+                                   leave=False) as bar:
+            for i in range(0, len(conversations), self.batch_size):
+                chunk = conversations[i:i + self.batch_size]
+                replies += [r.content for r in self.engine.generate(chunk, gen)]
+                bar.update(len(chunk))
+        return replies
+
+
+class Endpoint:
+    """An OpenAI-compatible chat endpoint (--eval_url), queried --eval_num_proc requests at a time."""
+
+    def __init__(self, url: str, model: Optional[str], api_key: Optional[str], num_proc: int, timeout: float = 600):
+        base = url.rstrip("/")
+        for suffix in ("/chat/completions", "/completions"):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+        self.base, self.api_key, self.num_proc, self.timeout = base, api_key, max(1, num_proc), timeout
+        self.model = model or self._first_model()
+        self.label, self.describe = self.model, f"{self.model} at {self.base}"
+
+    def _request(self, path: str, body: Optional[dict] = None) -> dict:
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, headers=headers,
+                                     method="POST" if body is not None else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")[:300]
+            raise ConfigError(f"--eval_url {self.base}{path}: HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ConfigError(f"--eval_url {self.base}: cannot connect ({getattr(e, 'reason', e)}); is the server "
+                              f"running? (tunesmith deploy ... prints its address)") from None
+
+    def _first_model(self) -> str:
+        models = self._request("/models").get("data") or []
+        if not models:
+            raise ConfigError(f"--eval_url {self.base}: /models lists no model; pass the name with --model")
+        return models[0]["id"]
+
+    def option_logps(self, conversations, letters):
+        raise ConfigError("an endpoint is scored by generation (--mcq_scoring generation)")
+
+    def generate(self, conversations: list[list[dict]], gen) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        def one(messages):
+            body = {"model": self.model, "messages": messages, "max_tokens": gen.max_new_tokens,
+                    "temperature": gen.temperature if gen.temperature is not None else 0.0}
+            for k in ("top_p", "top_k", "repetition_penalty", "seed"):
+                if getattr(gen, k, None) is not None:
+                    body[k] = getattr(gen, k)
+            if gen.stop:
+                body["stop"] = list(gen.stop)
+            reply = self._request("/chat/completions", body)
+            return reply["choices"][0]["message"].get("content") or ""
+
+        with ThreadPoolExecutor(self.num_proc) as pool:
+            return list(tqdm(pool.map(one, conversations), total=len(conversations), desc=f"requests ({self.label})",
+                             disable=None, leave=False))
+
+
+# ------------------------------------------------------------------ one dataset
+
+@dataclass
+class Task:
+    name: str
+    bench: B.Benchmark
+    samples: list
+    shots: dict
+    options: dict
+
+
+def _conversation(task: Task, s: B.Sample) -> list[dict]:
+    if task.bench.kind == "mcq":
+        text = B.mcq_prompt(s, task.bench.language, task.shots.get(s.subset, []))
+    elif task.bench.kind == "math":
+        text = B.gsm8k_prompt(s, task.shots.get("*", []))
+    elif "messages" in s.extra:
+        return [dict(m) for m in s.extra["messages"]]
+    else:
+        text = s.question
+    system = s.extra.get("system")
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+def run_task(task: Task, runner, mcq_scoring: str, gen, timeout: float, num_proc: int) -> tuple[list[dict], str]:
+    """Score every sample of one dataset with one model. Returns (per-sample records, how it was scored)."""
+    kind = task.bench.kind
+    convs = [_conversation(task, s) for s in task.samples]
+    records = []
+    if kind == "mcq" and mcq_scoring == "likelihood":
+        scoring = "likelihood of each option letter as the reply's first token"
+        for s, lp, conv in zip(task.samples, runner.option_logps(convs, [s.choices for s in task.samples]), convs):
+            pred = max(lp, key=lp.get)
+            records.append({"prediction": pred, "option_logps": {k: round(v, 5) for k, v in lp.items()},
+                            "metrics": {"acc": float(pred == s.answer)}})
+    else:
+        gen = gen.merged(max_new_tokens=gen.max_new_tokens or DEFAULT_NEW_TOKENS[kind])
+        replies = runner.generate(convs, gen)
+        scoring = "generation, then answer extraction"
+        if kind == "mcq":
+            for s, r in zip(task.samples, replies):
+                pred = B.mcq_extract(r, s.choices)
+                records.append({"response": r, "prediction": pred, "metrics": {"acc": float(pred == s.answer)}})
+        elif kind == "math":
+            for s, r in zip(task.samples, replies):
+                ext = B.gsm8k_extract(r)
+                records.append({"response": r, "prediction": ext, "metrics": {
+                    "exact_match_strict": float(ext["strict"] == s.answer),
+                    "exact_match_flexible": float(ext["flexible"] == s.answer)}})
+        elif kind == "qa":
+            scoring = "generation, compared with the reference (exact match, BLEU, ROUGE-L, chrF)"
+            for s, r in zip(task.samples, replies):
+                records.append({"response": r, "prediction": r, "metrics": B.qa_sample_metrics(r, s.answer)})
+        else:  # code
+            from concurrent.futures import ThreadPoolExecutor
+
+            scoring = f"generation, then the tests run in a subprocess ({timeout:g} s limit)"
+            programs = [B.humaneval_program(s, r) for s, r in zip(task.samples, replies)]
+            with ThreadPoolExecutor(max(1, min(num_proc, os.cpu_count() or 1))) as pool:
+                results = list(pool.map(lambda p: B.run_program(p, timeout), programs))
+            for r, (ok, why) in zip(replies, results):
+                records.append({"response": r, "prediction": why, "metrics": {"pass@1": float(ok)}})
+    for s, rec, conv in zip(task.samples, records, convs):
+        rec.update({"subset": s.subset, "source": s.source, "gold": s.answer, "prompt": conv[-1]["content"]})
+    return records, scoring
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _se(metric: str, xs: list[float]) -> Optional[float]:
+    n = len(xs)
+    if metric in CORPUS or n == 0:
+        return None
+    if metric in BINARY:
+        return B.binomial_se(_mean(xs), n)
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / max(n - 1, 1) / n)
+
+
+def aggregate(task: Task, records: list[dict]) -> dict:
+    """{subset: {"n", "metrics": {metric: {"score", "se"}}}}, plus "all" when there are several subsets."""
+    def block(recs: list[dict], samples: list) -> dict:
+        metrics = {}
+        for name in recs[0]["metrics"]:
+            xs = [r["metrics"][name] for r in recs]
+            metrics[name] = {"score": _mean(xs), "se": _se(name, xs)}
+        if task.bench.kind == "qa":
+            for name, value in B.qa_corpus_metrics([r["response"] for r in recs],
+                                                   [s.answer for s in samples]).items():
+                metrics[name] = {"score": value, "se": None}
+        return {"n": len(recs), "metrics": metrics}
+
+    subsets: dict[str, list[int]] = {}
+    for i, s in enumerate(task.samples):
+        subsets.setdefault(s.subset, []).append(i)
+    out = {sub: block([records[i] for i in idx], [task.samples[i] for i in idx]) for sub, idx in subsets.items()}
+    if len(subsets) > 1:
+        out["all"] = block(records, task.samples)
+    return out
+
+
+# ------------------------------------------------------------------ the table
+
+def summary_rows(tasks: list[Task], results: dict) -> list[dict]:
+    """One row per dataset × subset × metric; with two models, the paired delta and its standard error."""
+    labels = list(results)
+    rows = []
+    for task in tasks:
+        agg = {m: results[m][task.name]["aggregate"] for m in labels}
+        first = agg[labels[0]]
+        subsets = (["all"] if "all" in first else []) + [s for s in first if s != "all"]
+        for sub in subsets:
+            for metric in first[sub]["metrics"]:
+                row = {"dataset": task.name, "subset": sub, "metric": metric, "n": first[sub]["n"],
+                       "scores": {m: agg[m][sub]["metrics"][metric]["score"] for m in labels},
+                       "se": {m: agg[m][sub]["metrics"][metric]["se"] for m in labels}}
+                if len(labels) == 2:
+                    a, b = labels
+                    row["delta"] = row["scores"][b] - row["scores"][a]
+                    row["delta_se"] = None
+                    if metric not in CORPUS:
+                        pick = [i for i, s in enumerate(task.samples) if sub == "all" or s.subset == sub]
+                        xa = [results[a][task.name]["records"][i]["metrics"][metric] for i in pick]
+                        xb = [results[b][task.name]["records"][i]["metrics"][metric] for i in pick]
+                        row["delta_se"] = B.paired_se(xa, xb)
+                rows.append(row)
+    return rows
+
+
+def _pct(x: Optional[float]) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def markdown_table(rows: list[dict], labels: list[str], describe: dict) -> str:
+    head = ["dataset", "subset", "metric", "n"] + labels
+    if len(labels) == 2:
+        head.append("delta ± SE")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["dataset"], r["subset"], r["metric"], str(r["n"])]
+        for m in labels:
+            se = r["se"][m]
+            cells.append(_pct(r["scores"][m]) + (f" ± {_pct(se)}" if se is not None and not math.isnan(se) else ""))
+        if len(labels) == 2:
+            d, se = r["delta"], r["delta_se"]
+            text = f"{100 * d:+.1f}"
+            if se is not None and not math.isnan(se):
+                text += f" ± {100 * se:.1f}" + (" *" if se > 0 and abs(d) > 2 * se else "")
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ["", "Scores in %, ± one standard error (binomial for accuracies; BLEU and chrF are corpus-level)."]
+    if len(labels) == 2:
+        notes.append("delta = " + f"{labels[1]} − {labels[0]}, paired over the same samples; * marks |delta| > 2 SE "
+                                  "(unlikely to be noise).")
+    notes += [f"- {m}: {describe[m]}" for m in labels]
+    return "\n".join(lines + notes) + "\n"
+
+
+def comparison_chart(rows: list[dict], labels: list[str]) -> bytes:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["subset"] == "all" or not any(x["dataset"] == r["dataset"] and x["subset"] == "all"
+                                                                 for x in rows)]
+    names = [f"{r['dataset']}\n{r['subset']}\n{r['metric']}" for r in shown]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(shown) + 2), 4))
+    width = 0.8 / len(labels)
+    for k, m in enumerate(labels):
+        xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(shown))]
+        ses = [100 * (r["se"][m] or 0) for r in shown]
+        ax.bar(xs, [100 * r["scores"][m] for r in shown], width, yerr=ses, capsize=3, label=m)
+    ax.set_xticks(range(len(shown)))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("score (%)")
+    ax.set_title("base vs tuned")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ the command
+
+def _gen_config(args):
+    from tunesmith.infer import GenConfig
+
+    gen = GenConfig.from_args(args)
+    cfg = dict(args.eval_generation_config or {})
+    mapping = {"max_tokens": "max_new_tokens", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
+               "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty", "seed": "seed",
+               "stop": "stop"}
+    overrides = {}
+    for k, v in cfg.items():
+        if k == "do_sample":
+            if not v:
+                overrides["temperature"] = 0.0
+            continue
+        if k not in mapping:
+            near = difflib.get_close_matches(k, list(mapping) + ["do_sample"], n=1)
+            raise ConfigError(f"--eval_generation_config: unknown key {k!r}"
+                              + (f"; did you mean {near[0]!r}?" if near else ""))
+        overrides[mapping[k]] = list(v) if k == "stop" else v
+    gen = gen.merged(**overrides)
+    if gen.temperature is None:
+        gen = gen.merged(temperature=0.0)  # ms-swift's eval default: greedy
+    return gen
+
+
+def load_tasks(args) -> list[Task]:
+    """Every dataset's samples, read (and checked) before any model is loaded."""
+    if not args.eval_dataset:
+        raise ConfigError(f"--eval_dataset: name at least one benchmark ({', '.join(B.BENCHMARKS)})")
+    ds_args = args.eval_dataset_args or {}
+    for key in ds_args:
+        if key not in args.eval_dataset:
+            raise ConfigError(f"--eval_dataset_args: {key!r} is not in --eval_dataset ({' '.join(args.eval_dataset)})")
+    tasks = []
+    for name in args.eval_dataset:
+        if name not in B.BENCHMARKS:
+            near = difflib.get_close_matches(name, list(B.BENCHMARKS), n=1)
+            raise ConfigError(f"--eval_dataset {name}: unknown benchmark"
+                              + (f"; did you mean {near[0]}?" if near else "") + f" (one of {', '.join(B.BENCHMARKS)})")
+        opts = dict(ds_args.get(name) or {})
+        known = {"local_path", "subset_list", "few_shot_num", "timeout", "language"}
+        for k in opts:
+            if k not in known:
+                raise ConfigError(f"--eval_dataset_args {name}: unknown key {k!r} (known: {', '.join(sorted(known))})")
+        path = opts.get("local_path")
+        if path:
+            samples = B.LOADERS[name](os.path.expanduser(path))
+        elif name == "humaneval":
+            samples = B.load_humaneval(None)
+        else:
+            samples = B.load_from_hub(name)
+        if opts.get("subset_list"):
+            wanted = list(opts["subset_list"])
+            have = sorted({s.subset for s in samples})
+            missing = [w for w in wanted if w not in have]
+            if missing:
+                raise ConfigError(f"--eval_dataset_args {name}: subset {missing[0]!r} not found (have: "
+                                  f"{', '.join(have[:20])}{' …' if len(have) > 20 else ''})")
+            samples = [s for s in samples if s.subset in wanted]
+        if args.eval_limit:  # per subset, the first N (as EvalScope's --limit)
+            seen: dict[str, int] = {}
+            kept = []
+            for s in samples:
+                if seen.get(s.subset, 0) < args.eval_limit:
+                    kept.append(s)
+                    seen[s.subset] = seen.get(s.subset, 0) + 1
+            samples = kept
+        bench = B.BENCHMARKS[name]
+        if opts.get("language"):
+            bench = B.Benchmark(bench.name, bench.kind, opts["language"], bench.hub)
+        shots = B.load_shots(name, path, int(opts.get("few_shot_num") or 0))
+        tasks.append(Task(name, bench, samples, shots, opts))
+    if any(t.bench.kind == "code" for t in tasks) and not args.allow_code_execution:
+        raise ConfigError("humaneval runs the code the model writes. Pass --allow_code_execution true to run it "
+                          "(each program in its own subprocess with a time limit, 2 GiB of memory and no stdin), "
+                          "ideally inside a container")
+    return tasks
+
+
+def _runners(args):
+    """The models under test, in table order: (base, tuned) when there is a base to compare with."""
+    from tunesmith.infer import build_engine
+
+    if args.eval_url:
+        return [Endpoint(args.eval_url, args.model, args.api_key, args.eval_num_proc)], None
+    engine, ckpt, _ = build_engine(args)
+    bs = args.max_batch_size if args.max_batch_size > 0 else 64
+    tuned_name = ", ".join(args.adapters) if args.adapters else args.model
+    if args.base_model:
+        base_args = copy.copy(args)
+        base_args.model, base_args.adapters, base_args.ckpt_dir = args.base_model, [], None
+        base_engine, _, _ = build_engine(base_args)
+        return [LocalModel(base_engine, "base", args.base_model, batch_size=bs),
+                LocalModel(engine, "tuned", tuned_name, batch_size=bs)], ckpt
+    if args.adapters and args.compare_base:
+        if hasattr(engine.model, "disable_adapter"):
+            base = LocalModel(engine, "base", f"{args.model} (the adapter switched off)", adapter_off=True,
+                              batch_size=bs)
+        else:  # several adapters were merged in sequence: the base needs its own copy
+            base_args = copy.copy(args)
+            base_args.adapters, base_args.ckpt_dir = [], None
+            base = LocalModel(build_engine(base_args)[0], "base", args.model, batch_size=bs)
+        return [base, LocalModel(engine, "tuned", tuned_name, batch_size=bs)], ckpt
+    return [LocalModel(engine, "model", tuned_name, batch_size=bs)], ckpt
+
+
+def main(args):
+    from tunesmith.data.load import write_jsonl
+    from tunesmith.runs import write_text_atomic
+
+    if args.eval_backend != "Native":
+        raise ConfigError(f"--eval_backend {args.eval_backend}: tunesmith evaluates natively (--eval_backend Native); "
+                          f"OpenCompass and VLMEvalKit are not wired in")
+    if args.extra_eval_args:
+        raise ConfigError("--extra_eval_args is for EvalScope's backends, which tunesmith does not use")
+    if args.eval_url and (args.adapters or args.base_model):
+        raise ConfigError("--eval_url evaluates the served model; --adapters/--base_model are for local models "
+                          "(serve the adapter with tunesmith deploy --adapters NAME=PATH and pass --model NAME)")
+    if args.mcq_scoring == "likelihood" and args.eval_url:
+        raise ConfigError("--mcq_scoring likelihood needs the model's logits; an endpoint is scored by generation")
+    tasks = load_tasks(args)
+    gen = _gen_config(args)
+    mcq_scoring = args.mcq_scoring or ("generation" if args.eval_url else "likelihood")
+    runners, ckpt = _runners(args)
+    out_dir = args.eval_output_dir or os.path.join(ckpt or ".", "eval_output")
+    out_dir = os.path.join(out_dir, time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"[tunesmith] eval: {', '.join(f'{t.name} ({len(t.samples)})' for t in tasks)}; models: "
+          f"{'; '.join(f'{r.label} = {r.describe}' for r in runners)}; output {out_dir}", file=sys.stderr, flush=True)
+    results: dict[str, dict] = {}
+    for runner in runners:
+        results[runner.label] = {}
+        for task in tasks:
+            records, scoring = run_task(task, runner, mcq_scoring, gen, float(task.options.get("timeout", 10)),
+                                        args.eval_num_proc)
+            agg = aggregate(task, records)
+            results[runner.label][task.name] = {"records": records, "aggregate": agg, "scoring": scoring}
+            write_jsonl(os.path.join(out_dir, "predictions", runner.label, f"{task.name}.jsonl"),
+                        [{"index": i, **r} for i, r in enumerate(records)])
+            report = {"dataset": task.name, "model": runner.label, "model_describe": runner.describe,
+                      "scoring": scoring, "n": len(records), "subsets": agg}
+            write_text_atomic(os.path.join(_mkdir(out_dir, "reports", runner.label), f"{task.name}.json"),
+                              json.dumps(_clean(report), ensure_ascii=False, indent=2))
+    labels = [r.label for r in runners]
+    describe = {r.label: r.describe for r in runners}
+    rows = summary_rows(tasks, results)
+    table = markdown_table(rows, labels, describe)
+    scoring = {t.name: results[labels[0]][t.name]["scoring"] for t in tasks}
+    table += "".join(f"- {name}: scored by {how}\n" for name, how in scoring.items())
+    write_text_atomic(os.path.join(out_dir, "summary.md"), table)
+    write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(
+        _clean({"models": describe, "scoring": scoring, "rows": rows}), ensure_ascii=False, indent=2))
+    if len(labels) > 1:
+        png = comparison_chart(rows, labels)
+        tmp = os.path.join(out_dir, f"comparison.png.tmp-{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            fh.write(png)
+        os.replace(tmp, os.path.join(out_dir, "comparison.png"))
+    print(table + f"\nresults: {out_dir}", flush=True)
+    return {"output_dir": out_dir, "rows": rows, "results": results, "labels": labels}
+
+
+def _mkdir(*parts) -> str:
+    path = os.path.join(*parts)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _clean(x: Any):
+    """NaN (a standard error of one sample) as null: the JSON files stay valid JSON."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
