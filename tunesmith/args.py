@@ -131,6 +131,8 @@ class TrackArgs:
 class TrainArgs:
     output_dir: Optional[str] = _f(help="Default output/<model name>; a vN-YYYYMMDD-HHMMSS run folder is made inside.")
     add_version: bool = _f(True, help="Make the vN-date run folder inside --output_dir.")
+    deepspeed: Optional[str] = _f(help="zero0, zero1, zero2, zero3, zero2_offload, zero3_offload (presets), or a "
+                                       "DeepSpeed JSON file or string; \"auto\" values come from these flags.")
     num_train_epochs: float = _f(3.0)
     max_steps: int = _f(-1, help="Optimiser steps; overrides --num_train_epochs when > 0.")
     per_device_train_batch_size: int = _f(1, aliases=("batch_size",))
@@ -338,8 +340,8 @@ class ReportArguments:
 # ms-swift flags that exist upstream but that tunesmith does not implement yet. They are errors, never silently
 # ignored: a script relying on them must hear that the behaviour is not there. The value says what to do instead.
 NOT_SUPPORTED_YET = {
-    "deepspeed": "multi-process engines arrive with the scale-out work; run on one process for now",
-    "fsdp": "multi-process engines arrive with the scale-out work; run on one process for now",
+    "fsdp": "FSDP is not wired in yet; use --deepspeed zero3 (the same sharding of weights, gradients and "
+            "optimiser state)",
     "streaming": "stream the data into a file and pass the file",
     "custom_dataset_info": "pass the data files directly with --dataset",
     "custom_register_path": "tunesmith uses the model's own chat template; no plugins are needed",

@@ -41,6 +41,36 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+TRAINING = ("sft", "rlhf", "dpo")
+
+
+def _torchrun_args(command: str) -> list[str]:
+    """ms-swift's launch variables (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT) as torchrun
+    arguments, when they ask for more than one process and this is not already a launched worker."""
+    nproc = int(os.environ.get("NPROC_PER_NODE") or 1)
+    nnodes = int(os.environ.get("NNODES") or 1)
+    if (nproc <= 1 and nnodes <= 1) or "LOCAL_RANK" in os.environ:
+        return []
+    if command not in TRAINING:
+        print(f"[tunesmith] NPROC_PER_NODE/NNODES apply to training; {command} runs in one process",
+              file=sys.stderr)
+        return []
+    addr = os.environ.get("MASTER_ADDR") or "127.0.0.1"
+    port = int(os.environ.get("MASTER_PORT") or 29500)
+    node_rank = int(os.environ.get("NODE_RANK") or 0)
+    if node_rank == 0:
+        import socket
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("" if addr in ("127.0.0.1", "localhost") else addr, port))
+            except OSError:
+                raise ArgError(f"MASTER_PORT={port} is in use on this machine (another training run, or its "
+                               f"leftover processes); pick a free one, e.g. MASTER_PORT={port + 1}") from None
+    return [f"--nproc_per_node={nproc}", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+            f"--master_addr={addr}", f"--master_port={port}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -72,19 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = "export", ["--merge_lora", "true", *rest]
     try:
         args = parse_args(command, rest)
-        nproc = int(os.environ.get("NPROC_PER_NODE", "1") or 1)
-        if nproc > 1 and "LOCAL_RANK" not in os.environ:
-            raise ArgError(f"NPROC_PER_NODE={nproc}: multi-process training is not supported by this version yet; "
-                           f"unset NPROC_PER_NODE to train on one process")
+        launch = _torchrun_args(command)
     except ArgError as e:
         print(f"tunesmith {command}: error: {e}", file=sys.stderr)
         return 2
+    if launch:
+        import subprocess
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "tunesmith", command, *rest]
+        print(f"[tunesmith] launching: torchrun {' '.join(launch)} -m tunesmith {command} …", file=sys.stderr, flush=True)
+        return subprocess.call(cmd)
     module = importlib.import_module(COMMANDS[command][0])
     from tunesmith.errors import TunesmithError
     try:
         rc = module.main(args)
     except TunesmithError as e:
-        print(f"tunesmith {command}: error: {e}", file=sys.stderr)
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        print(f"tunesmith {command}{where}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tunesmith {command}: interrupted", file=sys.stderr)

@@ -12,7 +12,9 @@ _EXCLUDED_LEAVES = {"lm_head", "score", "v_head", "classifier", "gate", "router"
 
 
 def note(msg: str) -> None:
-    print(f"[tunesmith] {msg}", file=sys.stderr)
+    """A one-line message on stderr, from rank 0 only when several processes train."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"[tunesmith] {msg}", file=sys.stderr)
 
 
 def resolve_model_dir(model: Optional[str], use_hf: bool = False, revision: Optional[str] = None,

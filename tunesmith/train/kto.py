@@ -13,17 +13,16 @@ from __future__ import annotations
 
 from functools import partial
 
-from tunesmith.args import RLHFArguments, to_record
+from tunesmith.args import RLHFArguments
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE, Encoded
 from tunesmith.errors import ConfigError
 from tunesmith.model import note
-from tunesmith.track import Trackers
 from tunesmith.train import loop
 from tunesmith.train.preference import (Reference, disable_dropout, finalise_preference_args, sequence_logps,
                                         setup_reference)
-from tunesmith.train.setup import (finalise_args, make_run, prepare_data, prepare_model, finish_run,
-                                   save_model_fn)
+from tunesmith.train.setup import (finalise_args, finish_run, make_run, make_trackers, prepare_data, prepare_model,
+                                   save_model_fn, say)
 
 
 def _first_trained(enc: Encoded) -> int:
@@ -111,11 +110,11 @@ def main(args: RLHFArguments):
         note(f"KTO data has {n_good} desirable and {n_bad} undesirable replies; it learns best from both")
     collate = partial(kto_collate, pad_id=prepared.tokenizer.pad_token_id, padding_side=args.padding_side)
     run_dir, extra = make_run(args, prepared, param_info)
-    trackers = Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args)
-    print(f"[tunesmith] rlhf kto: β={args.beta:g}, desirable_weight={args.desirable_weight:g}, "
-          f"undesirable_weight={args.undesirable_weight:g}\n[tunesmith] reference: {reference.describe}\n"
-          f"[tunesmith] {n_good} desirable and {n_bad} undesirable training replies, {len(prepared.eval_rows)} "
-          f"validation replies; run directory {run_dir}", flush=True)
+    trackers = make_trackers(run_dir, args, prepared)
+    say(f"[tunesmith] rlhf kto: β={args.beta:g}, desirable_weight={args.desirable_weight:g}, "
+        f"undesirable_weight={args.undesirable_weight:g}\n[tunesmith] reference: {reference.describe}\n"
+        f"[tunesmith] {n_good} desirable and {n_bad} undesirable training replies, {len(prepared.eval_rows)} "
+        f"validation replies; run directory {run_dir}")
     try:
         state = loop.train(args=args, model=model, objective=kto_objective(args, reference),
                            train_rows=prepared.train_rows, eval_rows=prepared.eval_rows, collate=collate,

@@ -7,6 +7,7 @@ is the collator's business, so packing changes the collator, not this file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,9 @@ from tunesmith.runs import atomic_dir, rotate_checkpoints, save_args, update_sym
 
 class TrainingDiverged(TunesmithError):
     pass
+
+
+DEEPSPEED_TAG = "deepspeed"  # the folder inside a checkpoint that holds DeepSpeed's optimiser shards (for resume)
 
 
 @dataclass
@@ -97,7 +101,7 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, shuffle: bool) -> lis
     return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def build_optimizer(model, args):
+def build_optimizer(model, args, drop_empty_groups: bool = False):
     import torch
 
     decay, no_decay = [], []
@@ -109,6 +113,8 @@ def build_optimizer(model, args):
         raise TunesmithError("the model has no trainable parameters (check --train_type, --target_modules, "
                              "--target_regex); nothing would be learned")
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if drop_empty_groups:  # DeepSpeed drops them itself, and the schedule must see the same groups
+        groups = [g for g in groups if g["params"]]
     lr, betas, eps = args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon
     optim = args.optim
     if optim in ("adamw_torch", "adamw", "adamw_hf", "adamw_torch_fused"):
@@ -206,23 +212,23 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
           args_extra: Optional[dict] = None) -> TrainState:
     """Run training to the end; return the final state. Evaluation runs the same objective on `eval_rows`."""
     import torch
-    from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    mixed = "no"
-    if torch.cuda.is_available():
-        dtype = next(p.dtype for p in model.parameters())
-        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    from tunesmith.train import distributed as D
+
+    accelerator, engine = D.make_accelerator(args, model)
     device = accelerator.device
+    world, ds = engine.world, engine.kind == "deepspeed"
 
     bs, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    n_batches = math.ceil(len(train_rows) / bs)
+    n_batches = len(D.rank_batches(epoch_batches(len(train_rows), bs * world, 0, False), world, engine.rank)[0])
+    if n_batches == 0:
+        raise TunesmithError(f"{len(train_rows)} training rows cannot give each of {world} processes a batch")
     steps_per_epoch = math.ceil(n_batches / gas)
     total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
 
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args, drop_empty_groups=ds)
     scheduler = build_scheduler(optimizer, args, total_steps)
     state = TrainState(total_steps=total_steps)
 
@@ -232,8 +238,9 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
             saved = json.load(fh)
         load_model_weights(model, ckpt)
         if not args.resume_only_model:
-            optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu",
-                                                 weights_only=False))
+            if not ds:  # DeepSpeed restores its (partitioned) optimiser itself, after prepare
+                optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu",
+                                                     weights_only=False))
             scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
             _set_rng_state(torch.load(os.path.join(ckpt, "rng_state.pth"), weights_only=False))
             state.global_step = saved["global_step"]
@@ -243,11 +250,15 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
             state.epoch, state.batches_done = saved["epoch"], saved["batches_done"]
             if args.resume_only_model:
                 state.global_step = saved["global_step"]
-        print(f"[tunesmith] resumed from {ckpt} at step {saved['global_step']} "
-              f"({'weights only' if args.resume_only_model else 'weights, optimiser, scheduler, RNG'}"
-              f"{'' if args.ignore_data_skip else ', data position'})", file=sys.stderr)
+        if engine.main:
+            print(f"[tunesmith] resumed from {ckpt} at step {saved['global_step']} "
+                  f"({'weights only' if args.resume_only_model else 'weights, optimiser, scheduler, RNG'}"
+                  f"{'' if args.ignore_data_skip else ', data position'})", file=sys.stderr)
 
     model, optimizer = accelerator.prepare(model, optimizer)
+    if ds and args.resume_from_checkpoint and not args.resume_only_model:
+        model.load_checkpoint(args.resume_from_checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False,
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     eval_on = bool(eval_rows) and args.eval_strategy != "no"
@@ -274,33 +285,59 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
 
     def save_checkpoint() -> str:
         path = os.path.join(run_dir, f"checkpoint-{state.global_step}")
-        with atomic_dir(path) as tmp:
-            save_model(accelerator.unwrap_model(model), tmp)
-            save_args(tmp, args, args_extra)
+        full_state = None
+        shards = os.path.join(run_dir, f".tmp-deepspeed-{state.global_step}")
+        if ds:  # every rank takes part: its optimiser shard, and (ZeRO-3) gathering the weights for rank 0
             if not args.save_only_model:
-                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+                model.save_checkpoint(shards, tag=DEEPSPEED_TAG)
+                D.barrier()  # every rank's shard is on disk before rank 0 moves them into the checkpoint
+            full_state = accelerator.get_state_dict(model)
+        if engine.main:
+            _write_checkpoint(path, full_state, shards)
+        D.barrier()
+        state.last_model_checkpoint = path
+        if state.best_step == state.global_step:
+            state.best_model_checkpoint = path
+        return path
+
+    def _write_checkpoint(path: str, full_state, shards: str) -> None:
+        with atomic_dir(path) as tmp:
+            if full_state is not None:
+                save_model(accelerator.unwrap_model(model), tmp, full_state)
+            else:
+                save_model(accelerator.unwrap_model(model), tmp)
+            save_args(tmp, args, args_extra)
+            if ds and os.path.isdir(shards):
+                for name in os.listdir(shards):
+                    os.replace(os.path.join(shards, name), os.path.join(tmp, name))
+                os.rmdir(shards)
+            if not args.save_only_model:
+                if not ds:
+                    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
                 torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
                 torch.save(_rng_state(), os.path.join(tmp, "rng_state.pth"))
             st = {k: v for k, v in asdict(state).items() if k != "log_history"}
             write_json_atomic(os.path.join(tmp, "trainer_state.json"), st)
-        state.last_model_checkpoint = path
-        if state.best_step == state.global_step:
-            state.best_model_checkpoint = path
-        rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
+        best = path if state.best_step == state.global_step else state.best_model_checkpoint
+        rotate_checkpoints(run_dir, args.save_total_limit, best)
         if args.create_checkpoint_symlink:
             update_symlink(os.path.join(run_dir, "last"), path)
-            if state.best_model_checkpoint and os.path.isdir(state.best_model_checkpoint):
-                update_symlink(os.path.join(run_dir, "best"), state.best_model_checkpoint)
-        return path
+            if best and os.path.isdir(best):
+                update_symlink(os.path.join(run_dir, "best"), best)
 
     start, start_step = time.time(), state.global_step
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "stats": {}, "t0": time.time()}
     total_tokens = 0
     bar = tqdm(total=total_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
-               disable=not sys.stderr.isatty(), mininterval=0.5)
+               disable=not sys.stderr.isatty() or not engine.main, mininterval=0.5)
     num_workers = args.dataloader_num_workers or 0
     while state.global_step < total_steps:
-        batches = epoch_batches(len(train_rows), bs, args.seed + state.epoch, args.dataset_shuffle)
+        # the global batches of this epoch (the same permutation on every rank), each cut into per-rank slices
+        batches, dropped = D.rank_batches(epoch_batches(len(train_rows), bs * world, args.seed + state.epoch,
+                                                        args.dataset_shuffle), world, engine.rank)
+        if dropped and state.epoch == 0 and engine.main:
+            print(f"[tunesmith] {dropped} row(s) of the last batch of each epoch are skipped: fewer rows than the "
+                  f"{world} processes", file=sys.stderr)
         loader = DataLoader(batches[state.batches_done:], batch_size=None, collate_fn=_Collate(train_rows, collate),
                             num_workers=num_workers, generator=torch.Generator().manual_seed(args.seed),
                             pin_memory=torch.cuda.is_available())
@@ -315,17 +352,30 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
             units: dict = {}
             for b in micro:
                 _add(units, objective.count(b))
+            units = D.sum_values(units, device)  # the whole step's units, over every process
             loss_total = torch.zeros((), device=device)
-            for b in micro:
-                with accelerator.autocast():
+            tokens = 0
+            for j, b in enumerate(micro):
+                last = j == len(micro) - 1
+                # DDP all-reduces gradients only after the step's last micro-batch
+                sync = model.no_sync() if engine.kind == "ddp" and not last else contextlib.nullcontext()
+                with sync, accelerator.autocast():
                     parts, stats = objective.loss(model, b)
-                loss = sum(v / max(units[k], 1) for k, v in parts.items())
-                accelerator.backward(loss)
+                    loss = sum(v / max(units[k], 1) for k, v in parts.items())
+                    # DDP and DeepSpeed average gradients over processes; each holds its share of the global sum
+                    if ds:
+                        model.set_gradient_accumulation_boundary(last)
+                        model.backward(loss * world, scale_wrt_gas=False)
+                    else:
+                        accelerator.backward(loss * world if world > 1 else loss)
                 loss_total += loss.detach().float()
                 _add(window["stats"], stats)
-                tokens = int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
-                window["tokens"] += tokens
-                total_tokens += tokens
+                tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
+            if world > 1:
+                loss_total, tokens = (lambda r: (r["loss"], int(r["tokens"])))(
+                    D.sum_values({"loss": float(loss_total), "tokens": tokens}, device))
+            window["tokens"] += tokens
+            total_tokens += tokens
             loss_value = float(loss_total)
             if not math.isfinite(loss_value):
                 bar.close()
@@ -334,14 +384,18 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
                     f"the loss became {loss_value} at step {state.global_step + 1}; training stopped before the "
                     f"update, so no weights were damaged. Last good checkpoint: {last}. Try a lower "
                     f"--learning_rate, --max_grad_norm 1.0, or --torch_dtype bfloat16 instead of float16.")
-            if args.max_grad_norm and args.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+            if ds:  # the engine clips (gradient_clipping), steps and zeroes at the accumulation boundary
+                model.step()
+                grad_norm = float(model.get_global_grad_norm() or 0.0)
             else:
-                grad_norm = float(torch.norm(torch.stack([p.grad.detach().float().norm() for p in params
-                                                           if p.grad is not None])))
-            optimizer.step()
+                if args.max_grad_norm and args.max_grad_norm > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+                else:
+                    grad_norm = float(torch.norm(torch.stack([p.grad.detach().float().norm() for p in params
+                                                               if p.grad is not None])))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             state.batches_done += len(micro)
             state.global_step += 1
             window["loss"] += loss_value
@@ -353,8 +407,9 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
                     or step == total_steps:
                 elapsed = time.time() - start
                 dt = max(time.time() - window["t0"], 1e-9)
+                stats = D.merge_dicts(window["stats"]) if world > 1 else window["stats"]
                 record = {"loss": round(window["loss"] / window["steps"], 6), "grad_norm": round(grad_norm, 6),
-                          "learning_rate": lr, **objective.metrics(window["stats"]),
+                          "learning_rate": lr, **objective.metrics(stats),
                           "epoch": round(state.epoch + state.batches_done / max(n_batches, 1), 4),
                           "global_step/max_steps": f"{step}/{total_steps}",
                           "percentage": f"{100 * step / total_steps:.2f}%",

@@ -18,16 +18,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional
 
-from tunesmith.args import RLHFArguments, to_record
+from tunesmith.args import RLHFArguments
 from tunesmith.data.collate import flat_collate, pad_collate, segments_collate
 from tunesmith.data.encode import IGNORE, Encoded
 from tunesmith.errors import ConfigError
 from tunesmith.model import load_model, note, resolve_model_dir
 from tunesmith.runs import is_adapter_dir
-from tunesmith.track import Trackers
 from tunesmith.train import loop
-from tunesmith.train.setup import (batching, finalise_args, make_run, prepare_data, prepare_model, finish_run,
-                                   save_model_fn)
+from tunesmith.train.setup import (batching, finalise_args, finish_run, make_run, make_trackers, prepare_data,
+                                   prepare_model, save_model_fn, say)
 
 REFERENCE_FREE = ("cpo", "simpo", "orpo")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
@@ -595,12 +594,11 @@ def main(args: RLHFArguments):
     train_rows, eval_rows, collate = batching(args, train_rows, eval_rows, collate, flat, packed, length,
                                               prepared.data_stats["max_length"])
     run_dir, extra = make_run(args, prepared, param_info)
-    trackers = Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args)
-    print(f"[tunesmith] rlhf {args.rlhf_type}: loss = {describe_objective(args)}\n"
-          f"[tunesmith] reference: {reference.describe}\n"
-          f"[tunesmith] {prepared.data_stats['train_rows']} training pairs, {prepared.data_stats['val_rows']} "
-          f"validation pairs; run directory {run_dir}",
-          flush=True)
+    trackers = make_trackers(run_dir, args, prepared)
+    say(f"[tunesmith] rlhf {args.rlhf_type}: loss = {describe_objective(args)}\n"
+        f"[tunesmith] reference: {reference.describe}\n"
+        f"[tunesmith] {prepared.data_stats['train_rows']} training pairs, {prepared.data_stats['val_rows']} "
+        f"validation pairs; run directory {run_dir}")
     try:
         state = loop.train(args=args, model=model, objective=preference_objective(args, reference),
                            train_rows=train_rows, eval_rows=eval_rows, collate=collate, run_dir=run_dir,

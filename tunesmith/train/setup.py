@@ -17,9 +17,15 @@ from tunesmith.model import attach_lora, count_parameters, load_model, load_toke
 from tunesmith.runs import is_adapter_dir, make_run_dir, model_suffix, save_args
 
 
-def finalise_args(args, world_size: int = 1, default_loss_scale: str = "default") -> None:
-    """Fill the defaults that depend on other flags, exactly as ms-swift does (ms-swift-compat.md §1d)."""
+def finalise_args(args, world_size: Optional[int] = None, default_loss_scale: str = "default") -> None:
+    """Fill the defaults that depend on other flags, exactly as ms-swift does (ms-swift-compat.md §1d). Under torchrun
+    this is where each process joins the process group."""
     import torch
+
+    from tunesmith.train import distributed as D
+
+    D.init_process_group()
+    world_size = world_size or D.world_size()
 
     if not args.model:
         raise ConfigError("pass the model with --model (a local directory or a hub id)")
@@ -216,7 +222,10 @@ def batching(args, train_rows: list, eval_rows: list, padded, flat, packed, leng
 
 
 def make_run(args, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
-    run_dir = make_run_dir(args.output_dir, args.add_version)
+    """The run directory (made by rank 0; its name, with rank 0's clock, is shared with every rank)."""
+    from tunesmith.train import distributed as D
+
+    run_dir = D.broadcast(make_run_dir(args.output_dir, args.add_version) if D.is_main() else None)
     import torch
     import transformers
 
@@ -224,29 +233,54 @@ def make_run(args, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
              "data_stats": prepared.data_stats, "model_parameter_info": param_info,
              "library_versions": {"python": platform.python_version(), "torch": torch.__version__,
                                   "transformers": transformers.__version__}}
-    save_args(run_dir, args, extra)
-    if prepared.val_records is not None and not args.val_dataset:
-        write_jsonl(os.path.join(run_dir, "val_dataset.jsonl"), prepared.val_records.records)
+    if D.is_main():
+        save_args(run_dir, args, extra)
+        if prepared.val_records is not None and not args.val_dataset:
+            write_jsonl(os.path.join(run_dir, "val_dataset.jsonl"), prepared.val_records.records)
     return run_dir, extra
+
+
+def say(text: str) -> None:
+    """A progress line on stdout, from rank 0 only."""
+    from tunesmith.train import distributed as D
+
+    if D.is_main():
+        print(text, flush=True)
+
+
+def make_trackers(run_dir: str, args, prepared: Prepared):
+    """logging.jsonl and the --report_to trackers, on rank 0 only (other ranks get a disabled fan-out)."""
+    from tunesmith.args import to_record
+    from tunesmith.track import Trackers
+    from tunesmith.train import distributed as D
+
+    return Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args, enabled=D.is_main())
 
 
 def save_model_fn(tokenizer):
     from transformers.utils import logging as hf_logging
 
-    def save(model, path: str) -> None:
+    def save(model, path: str, state_dict=None) -> None:
+        """state_dict: the full weights gathered from every rank (DeepSpeed ZeRO-3 partitions them)."""
         hf_logging.disable_progress_bar()  # our own progress bar is running; theirs would interleave with it
+        kw = {"safe_serialization": True} if state_dict is None else {"safe_serialization": True,
+                                                                       "state_dict": state_dict}
         if len(getattr(model, "peft_config", {})) > 1:
             # a frozen reference adapter ("ref") rides along in preference training; only the trained one is saved
-            model.save_pretrained(path, safe_serialization=True, selected_adapters=["default"])
+            model.save_pretrained(path, selected_adapters=["default"], **kw)
         else:
-            model.save_pretrained(path, safe_serialization=True)
+            model.save_pretrained(path, **kw)
         tokenizer.save_pretrained(path)
     return save
 
 
 def finish_run(state, run_dir: str) -> None:
-    """Plots and report.html for the run, then the summary. A plotting failure never fails a finished run."""
+    """Plots and report.html for the run, then the summary (rank 0). A plotting failure never fails a finished run."""
     from tunesmith.report import write_run_report
+    from tunesmith.train import distributed as D
+
+    if not D.is_main():
+        return
 
     try:
         report = write_run_report(run_dir)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from functools import partial
 
-from tunesmith.args import SftArguments, to_record
+from tunesmith.args import SftArguments
 from tunesmith.data.collate import PackedCollate, flat_collate, pad_collate
-from tunesmith.track import Trackers
 from tunesmith.train import loop
 from tunesmith.train.token_logps import token_logps
-from tunesmith.train.setup import (batching, finalise_args, make_run, prepare_data, prepare_model, finish_run,
-                                   save_model_fn)
+from tunesmith.train.setup import (batching, finalise_args, finish_run, make_run, make_trackers, prepare_data,
+                                   prepare_model, save_model_fn, say)
 
 
 def token_loss(model, batch: dict, aux_coef: float = 0.0):
@@ -38,10 +37,10 @@ def main(args: SftArguments):
     prepared = prepare_data(args, kind="sft", default_loss_scale="default")
     model, param_info = prepare_model(args, prepared.model_dir, prepared.tokenizer)
     run_dir, extra = make_run(args, prepared, param_info)
-    trackers = Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args)
+    trackers = make_trackers(run_dir, args, prepared)
     pad_id = prepared.tokenizer.pad_token_id
-    print(f"[tunesmith] sft: {prepared.data_stats['train_rows']} training rows, "
-          f"{prepared.data_stats['val_rows']} validation rows; run directory {run_dir}", flush=True)
+    say(f"[tunesmith] sft: {prepared.data_stats['train_rows']} training rows, "
+        f"{prepared.data_stats['val_rows']} validation rows; run directory {run_dir}")
     train_rows, eval_rows, collate = batching(
         args, prepared.train_rows, prepared.eval_rows, partial(pad_collate, pad_id=pad_id,
                                                                padding_side=args.padding_side),

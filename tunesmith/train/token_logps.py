@@ -91,7 +91,8 @@ def chunked_head(model):
     """(decoder, output-embedding weight) when the chunked path is exact for this model, else None.
 
     It needs a plain Linear head without bias, no logit soft-capping or scaling, no MoE router loss to return, and
-    a model that is not wrapped for data parallelism (calling the decoder directly would bypass DDP's hooks)."""
+    a model that is not wrapped for data parallelism (calling the decoder directly would bypass DDP's hooks), and an
+    output weight that is not partitioned by ZeRO-3."""
     if hasattr(model, "module"):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -99,6 +100,8 @@ def chunked_head(model):
     cfg = getattr(base, "config", None)
     decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
     if type(head) is not torch.nn.Linear or head.bias is not None or decoder is None or cfg is None:
+        return None
+    if hasattr(head.weight, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: only the module's own forward gathers it
         return None
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) \
             or getattr(cfg, "output_router_logits", False):

@@ -1,0 +1,184 @@
+"""Several processes on CPU (torch's gloo backend): `NPROC_PER_NODE=2 tunesmith sft|rlhf` relaunches under torchrun,
+DDP reaches the same run as one process with the same global batch, DeepSpeed ZeRO-2/3 train, save adapters that
+peft loads and resume, and the seeds' multi-GPU DPO command line runs. These tests start real process groups."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import EXAMPLES, read_jsonl, write_jsonl
+from tunesmith.args import ArgError, parse_args
+from tunesmith.errors import ConfigError
+from tunesmith.train import distributed as D
+
+DATA = [os.path.join(EXAMPLES, "capitals_messages.jsonl"), os.path.join(EXAMPLES, "capitals_sharegpt.jsonl")]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(argv, nproc=2, timeout=300, **env):
+    """`tunesmith ...` in a fresh process, with ms-swift's launch variables."""
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    e.update({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+              "TOKENIZERS_PARALLELISM": "false", **env})
+    p = subprocess.run([sys.executable, "-m", "tunesmith", *argv], env=e, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    return p
+
+
+def _run_dir(out):
+    return os.path.join(out, next(d for d in os.listdir(out) if d.startswith("v")))
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in read_jsonl(os.path.join(run_dir, "logging.jsonl")) if "grad_norm" in r]
+
+
+def _adapter(ckpt):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------ settings
+
+def test_each_rank_gets_a_disjoint_share_of_every_global_batch():
+    batches = [[5, 1, 7, 3, 0, 2], [4, 6, 8]]
+    shares = [D.rank_batches(batches, 2, r) for r in range(2)]
+    assert shares[0] == ([[5, 1, 7], [4, 6]], 0) and shares[1] == ([[3, 0, 2], [8]], 0)
+    assert D.rank_batches([[1, 2, 3, 4], [9]], 2, 1) == ([[3, 4]], 1)  # one row cannot feed two processes
+
+
+def test_deepspeed_presets_are_filled_from_the_arguments():
+    args = parse_args("sft", ["--model", "m", "--dataset", "d", "--per_device_train_batch_size", "2",
+                              "--gradient_accumulation_steps", "4", "--max_grad_norm", "0.5"])
+    for preset in D.DEEPSPEED_PRESETS:
+        args.deepspeed = preset
+        cfg = D.deepspeed_config(args, 2, torch.bfloat16)
+        assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["gradient_accumulation_steps"] == 4
+        assert cfg["train_batch_size"] == 16 and cfg["gradient_clipping"] == 0.5
+        assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+        assert cfg["zero_optimization"]["stage"] == int(preset[4])
+    assert "offload_param" in D.deepspeed_config(args, 2, torch.float32)["zero_optimization"]
+    args.deepspeed = json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}})
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 8 in the config but 2"):
+        D.deepspeed_config(args, 2, torch.float32)
+    args.deepspeed = "zero4"
+    with pytest.raises(ConfigError, match="not a preset"):
+        D.deepspeed_config(args, 2, torch.float32)
+
+
+def test_launch_variables_become_torchrun_arguments(monkeypatch):
+    from tunesmith.cli import _torchrun_args
+
+    for k in ("LOCAL_RANK", "NNODES", "NODE_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NPROC_PER_NODE", "4")
+    port = _free_port()
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    assert _torchrun_args("sft") == ["--nproc_per_node=4", "--nnodes=1", "--node_rank=0",
+                                     "--master_addr=127.0.0.1", f"--master_port={port}"]
+    assert _torchrun_args("infer") == []                    # only training is launched on several processes
+    with socket.socket() as busy:
+        busy.bind(("", port))
+        busy.listen()
+        with pytest.raises(ArgError, match=f"MASTER_PORT={port} is in use"):
+            _torchrun_args("rlhf")
+    monkeypatch.setenv("LOCAL_RANK", "0")                   # already a torchrun worker: run directly
+    assert _torchrun_args("sft") == []
+
+
+# ------------------------------------------------------------------ real process groups
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process_with_the_same_global_batch(tiny_models, tmp_path):
+    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *DATA, "--max_steps", "4", "--logging_steps", "1",
+              "--learning_rate", "5e-3", "--lora_dropout", "0", "--gradient_accumulation_steps", "2",
+              "--save_steps", "4", "--report_to", "none", "--dataloader_num_workers", "0"]
+    _run([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")], nproc=1)
+    p = _run([*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")], nproc=2)
+    assert "launching: torchrun --nproc_per_node=2" in p.stderr
+    assert p.stdout.count("training rows") == 1             # rank 0 speaks, the other rank is silent
+    one, two = _run_dir(str(tmp_path / "one")), _run_dir(str(tmp_path / "two"))
+    assert os.listdir(str(tmp_path / "two")) == [os.path.basename(two)]  # one run directory, not one per rank
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5) and len(_losses(one)) == 4
+    a, b = _adapter(os.path.join(one, "checkpoint-4")), _adapter(os.path.join(two, "checkpoint-4"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert any(float(v.abs().max()) > 0 for k, v in b.items() if "lora_B" in k)  # it trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,train_type", [("zero2", "lora"), ("zero3", "full")])
+def test_deepspeed_trains_saves_a_loadable_checkpoint_and_resumes_exactly(tiny_models, tmp_path, stage, train_type):
+    pytest.importorskip("deepspeed")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lr = "5e-3" if train_type == "lora" else "1e-4"
+    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *DATA, "--max_steps", "4", "--logging_steps", "1",
+              "--learning_rate", lr, "--lora_dropout", "0", "--per_device_train_batch_size", "2",
+              "--gradient_accumulation_steps", "2", "--save_steps", "2", "--report_to", "none",
+              "--train_type", train_type, "--deepspeed", stage]
+    _run([*common, "--output_dir", str(tmp_path / "full")])
+    run = _run_dir(str(tmp_path / "full"))
+    assert os.path.isdir(os.path.join(run, "checkpoint-2", "deepspeed"))  # optimiser shards for resume
+    last = os.path.join(run, "checkpoint-4")
+    if train_type == "lora":
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models("qwen2")), last)
+    else:  # ZeRO-3 gathered the partitioned weights: a normal Hugging Face directory
+        base = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2"))
+        tuned = AutoModelForCausalLM.from_pretrained(last)
+        assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values()))
+    _run([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+          os.path.join(run, "checkpoint-2")])
+    resumed = _run_dir(str(tmp_path / "resumed"))
+    assert _losses(resumed) == pytest.approx(_losses(run)[2:], abs=1e-5)
+    # and the same run as one process with the same global batch: the loss is normalised over both processes
+    single = [*common[:-2], "--output_dir", str(tmp_path / "one")]  # without --deepspeed
+    single[single.index("--per_device_train_batch_size") + 1] = "4"
+    _run(single, nproc=1)
+    assert _losses(run) == pytest.approx(_losses(_run_dir(str(tmp_path / "one"))), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_seed_multi_gpu_dpo_command_runs_with_zero3(tiny_models, tmp_path):
+    """../shared/seeds/000's multi-GPU DPO line: NPROC_PER_NODE=2 ... --deepspeed zero3, the other flags verbatim
+    (paths and step counts changed); ZeRO-3 gathers the weights so the checkpoint is a normal PEFT directory."""
+    pytest.importorskip("deepspeed")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    good, bad = "apple pear plum peach".split(), "rock sand dust mud".split()
+    rows = [{"messages": [{"role": "user", "content": f"Which can you eat: {g} or {b}?"},
+                          {"role": "assistant", "content": f"The {g}."}], "rejected_response": f"The {b}."}
+            for g in good for b in bad]
+    data = write_jsonl(tmp_path / "dpo_data.json", rows)
+    out = tmp_path / "gpt_output"
+    model = tiny_models("gpt_oss")
+    _run(["rlhf", "--rlhf_type", "dpo", "--model", model, "--dataset", data,
+          "--train_type", "lora", "--torch_dtype", "bfloat16", "--num_train_epochs", "1",
+          "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1", "--learning_rate", "4e-4",
+          "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
+          "--gradient_accumulation_steps", "2", "--save_strategy", "epoch", "--save_total_limit", "5",
+          "--logging_steps", "1", "--max_length", "8192", "--output_dir", str(out), "--warmup_ratio", "0.05",
+          "--dataloader_num_workers", "4", "--use_liger_kernel", "true", "--load_from_cache_file", "false",
+          "--loss_scale", "ignore_empty_think", "--save_strategy", "epoch", "--model_author", "gxb",
+          "--model_name", "gxb-gpt-oss-20b-dpo", "--report_to", "swanlab", "--swanlab_project", "swift-robot",
+          "--deepspeed", "zero3"], CUDA_VISIBLE_DEVICES="0,1")
+    run = _run_dir(str(out))
+    log = [r for r in read_jsonl(os.path.join(run, "logging.jsonl")) if "rewards/accuracies" in r]
+    assert len(log) == 2 and log[0]["rewards/accuracies"] == 0.0  # 16 pairs / (2 x 2 processes x 2) = 2 steps
+    ckpt = os.path.join(run, "checkpoint-2")
+    weights = _adapter(ckpt)
+    assert weights and all(v.numel() > 0 for v in weights.values())  # gathered, not ZeRO-3's empty shards
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), ckpt)

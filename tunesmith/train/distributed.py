@@ -1,0 +1,224 @@
+"""Several processes on the engines users already trust: torchrun for the processes, accelerate for DDP and
+DeepSpeed. This file only decides settings (process group, DeepSpeed config, each rank's share of a batch) and
+offers the few collective helpers the loop needs; the loop itself stays in loop.py.
+
+Semantics (the same as one process with the global batch):
+- global batch = per-device batch × processes × accumulation; each global micro-batch is cut into per-rank slices,
+  so every rank sees a disjoint share of each epoch's (seeded) permutation;
+- every loss term is divided by its units (trained tokens, pairs) summed over all processes and micro-batches, and
+  multiplied by the number of processes because DDP and DeepSpeed average gradients across them;
+- only rank 0 writes files, logs and shows progress.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Optional
+
+from tunesmith.errors import ConfigError
+
+DEEPSPEED_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_process_group() -> None:
+    """Join the process group torchrun described (gloo on CPU, nccl on GPUs), once, before models are loaded so each
+    rank uses its own GPU."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank (e.g. the run directory, whose name carries rank 0's clock)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_values(values: dict, device) -> dict:
+    """{key: sum over ranks} for numbers every rank has under the same keys."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: (int(v) if isinstance(values[k], int) else v) for k, v in zip(keys, t.tolist())}
+
+
+def merge_dicts(values: dict) -> dict:
+    """Sum dicts of statistics whose keys may differ between ranks (logging steps only)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return values
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values)
+    out: dict = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def rank_batches(batches: list[list[int]], world: int, r: int) -> tuple[list[list[int]], int]:
+    """This rank's slice of each global micro-batch (contiguous, as even as possible). A last batch with fewer rows
+    than processes cannot give every rank work, so it is dropped; returns (slices, rows dropped)."""
+    if world <= 1:
+        return batches, 0
+    out, dropped = [], 0
+    for b in batches:
+        if len(b) < world:
+            dropped += len(b)
+            continue
+        base, extra = divmod(len(b), world)
+        start = r * base + min(r, extra)
+        out.append(b[start:start + base + (1 if r < extra else 0)])
+    return out, dropped
+
+
+# ------------------------------------------------------------------ DeepSpeed
+
+def _load_preset(name: str) -> dict:
+    text = resources.files("tunesmith").joinpath("ds_config", f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def deepspeed_config(args, world: int, dtype) -> Optional[dict]:
+    """--deepspeed as a preset name, a JSON file or a JSON string, with every "auto" filled from our arguments."""
+    import torch
+
+    spec = args.deepspeed
+    if not spec:
+        return None
+    if isinstance(spec, dict):
+        cfg = copy.deepcopy(spec)
+    elif spec in DEEPSPEED_PRESETS or spec.replace("default-", "") in DEEPSPEED_PRESETS:
+        cfg = _load_preset(spec.replace("default-", ""))
+    elif os.path.isfile(spec):
+        try:
+            with open(spec, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--deepspeed {spec}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    elif spec.lstrip().startswith("{"):
+        try:
+            cfg = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--deepspeed: not valid JSON ({e.msg})") from None
+    else:
+        raise ConfigError(f"--deepspeed {spec}: not a preset ({', '.join(DEEPSPEED_PRESETS)}), a JSON file or a "
+                          f"JSON string")
+    bf16, fp16 = dtype == torch.bfloat16, dtype == torch.float16
+    filled = {
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+        "gradient_clipping": args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else 0.0,
+    }
+    for k, v in filled.items():
+        if cfg.get(k, "auto") == "auto":
+            cfg[k] = v
+        elif k != "gradient_clipping" and cfg[k] != v:
+            raise ConfigError(f"--deepspeed: {k} is {cfg[k]} in the config but {v} from the arguments; set it to "
+                              f"\"auto\" (or remove it)")
+    for key, on in (("bf16", bf16), ("fp16", fp16)):
+        section = cfg.setdefault(key, {"enabled": "auto"})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = on
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    for k, v in list(zero.items()):
+        if v == "auto":  # bucket sizes: DeepSpeed's own defaults
+            del zero[k]
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints are normal HF/PEFT directories
+    if "optimizer" in cfg or "scheduler" in cfg:
+        raise ConfigError("--deepspeed: the config's optimizer/scheduler sections are not used: tunesmith builds "
+                          "them from --optim, --learning_rate and --lr_scheduler_type; remove those sections")
+    cfg["zero_force_ds_cpu_optimizer"] = False  # offload with the torch optimizer: no compiled extension needed
+    leftover = [k for k, v in _walk(cfg) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"--deepspeed: tunesmith cannot fill \"auto\" for {', '.join(leftover)}; give values")
+    return cfg
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@dataclass
+class Engine:
+    """What the loop needs to know about the wrapper accelerate put around the model."""
+    kind: str           # single | ddp | deepspeed
+    world: int
+    rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def make_accelerator(args, model):
+    """(Accelerator, Engine): DeepSpeed when --deepspeed is given, DDP under torchrun, else one process."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    world = world_size()
+    dtype = next(p.dtype for p in model.parameters())
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if torch.cuda.is_available() else "no"
+    cfg = deepspeed_config(args, world, dtype)
+    if cfg is not None:
+        try:
+            import deepspeed  # noqa: F401  (imported here so a missing install is one clear message)
+        except ImportError:
+            raise ConfigError("--deepspeed needs DeepSpeed: pip install deepspeed") from None
+        from accelerate.utils import DeepSpeedPlugin
+
+        acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg), mixed_precision=mixed,
+                          gradient_accumulation_steps=args.gradient_accumulation_steps)
+        # accelerate's process_index is not reliable for DeepSpeed on CPU; the process group is the truth
+        return acc, Engine("deepspeed", world_size(), rank())
+    # MoE layers leave experts unused in some batches; DDP must be told or it waits for their gradients
+    cfg_model = getattr(model, "config", None)
+    moe = any(getattr(cfg_model, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if moe else []
+    acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
+    return acc, Engine("ddp" if world > 1 else "single", world, rank())
