@@ -34,3 +34,16 @@ def write_jsonl(path, rows):
 def read_jsonl(path):
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def seed_gpt_oss_dpo_argv(model, data, out, accumulation="4", logging="5"):
+    """../shared/seeds/000's DPO command line, flags verbatim except the paths and the step counts."""
+    return ["rlhf", "--rlhf_type", "dpo", "--model", model, "--dataset", data,
+            "--train_type", "lora", "--torch_dtype", "bfloat16", "--num_train_epochs", "1",
+            "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1", "--learning_rate", "4e-4",
+            "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
+            "--gradient_accumulation_steps", accumulation, "--save_strategy", "epoch", "--save_total_limit", "5",
+            "--logging_steps", logging, "--max_length", "8192", "--output_dir", str(out), "--warmup_ratio", "0.05",
+            "--dataloader_num_workers", "4", "--use_liger_kernel", "true", "--load_from_cache_file", "false",
+            "--loss_scale", "ignore_empty_think", "--save_strategy", "epoch", "--model_author", "gxb",
+            "--model_name", "gxb-gpt-oss-20b-dpo", "--report_to", "swanlab", "--swanlab_project", "swift-robot"]

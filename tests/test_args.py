@@ -46,7 +46,7 @@ def test_unknown_flag_names_nearest():
 
 def test_not_supported_yet_is_an_error_not_ignored():
     with pytest.raises(ArgError, match="does not support yet"):
-        parse_args("sft", ["--deepspeed", "zero3"])
+        parse_args("sft", ["--fsdp", "full_shard auto_wrap"])
 
 
 def test_unique_prefix_accepted_like_argparse():
@@ -153,5 +153,5 @@ def test_help_is_fast_and_lists_commands():
 def test_cli_error_exit_code():
     r = subprocess.run([sys.executable, "-m", "tunesmith", "sft", "--lora_rnak", "1"], capture_output=True, text=True)
     assert r.returncode == 2 and re.search(r"Did you mean --lora_rank", r.stderr)
-    r = subprocess.run([sys.executable, "-m", "tunesmith", "eval", "--model", "x"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "pt", "--model", "x"], capture_output=True, text=True)
     assert r.returncode == 2 and "not available in this version yet" in r.stderr

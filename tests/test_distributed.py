@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import EXAMPLES, read_jsonl, write_jsonl
+from conftest import EXAMPLES, read_jsonl, seed_gpt_oss_dpo_argv, write_jsonl
 from tunesmith.args import ArgError, parse_args
 from tunesmith.errors import ConfigError
 from tunesmith.train import distributed as D
@@ -165,16 +165,8 @@ def test_seed_multi_gpu_dpo_command_runs_with_zero3(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "dpo_data.json", rows)
     out = tmp_path / "gpt_output"
     model = tiny_models("gpt_oss")
-    _run(["rlhf", "--rlhf_type", "dpo", "--model", model, "--dataset", data,
-          "--train_type", "lora", "--torch_dtype", "bfloat16", "--num_train_epochs", "1",
-          "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1", "--learning_rate", "4e-4",
-          "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
-          "--gradient_accumulation_steps", "2", "--save_strategy", "epoch", "--save_total_limit", "5",
-          "--logging_steps", "1", "--max_length", "8192", "--output_dir", str(out), "--warmup_ratio", "0.05",
-          "--dataloader_num_workers", "4", "--use_liger_kernel", "true", "--load_from_cache_file", "false",
-          "--loss_scale", "ignore_empty_think", "--save_strategy", "epoch", "--model_author", "gxb",
-          "--model_name", "gxb-gpt-oss-20b-dpo", "--report_to", "swanlab", "--swanlab_project", "swift-robot",
-          "--deepspeed", "zero3"], CUDA_VISIBLE_DEVICES="0,1")
+    _run([*seed_gpt_oss_dpo_argv(model, data, out, accumulation="2", logging="1"), "--deepspeed", "zero3"],
+         CUDA_VISIBLE_DEVICES="0,1")
     run = _run_dir(str(out))
     log = [r for r in read_jsonl(os.path.join(run, "logging.jsonl")) if "rewards/accuracies" in r]
     assert len(log) == 2 and log[0]["rewards/accuracies"] == 0.0  # 16 pairs / (2 x 2 processes x 2) = 2 steps

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import EXAMPLES, read_jsonl, write_jsonl
+from conftest import EXAMPLES, read_jsonl, seed_gpt_oss_dpo_argv, write_jsonl
 from tunesmith.args import parse_args
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.train import preference
@@ -192,15 +192,7 @@ def test_seed_gpt_oss_dpo_command_runs(tiny_models, tmp_path, capsys):
             for g in GOOD for b in BAD[:1]]
     data = write_jsonl(tmp_path / "dpo_data.json", rows)
     out = tmp_path / "gpt_output"
-    rc = main(["rlhf", "--rlhf_type", "dpo", "--model", tiny_models("gpt_oss"), "--dataset", data,
-               "--train_type", "lora", "--torch_dtype", "bfloat16", "--num_train_epochs", "1",
-               "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1", "--learning_rate", "4e-4",
-               "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
-               "--gradient_accumulation_steps", "4", "--save_strategy", "epoch", "--save_total_limit", "5",
-               "--logging_steps", "5", "--max_length", "8192", "--output_dir", str(out), "--warmup_ratio", "0.05",
-               "--dataloader_num_workers", "4", "--use_liger_kernel", "true", "--load_from_cache_file", "false",
-               "--loss_scale", "ignore_empty_think", "--save_strategy", "epoch", "--model_author", "gxb",
-               "--model_name", "gxb-gpt-oss-20b-dpo", "--report_to", "swanlab", "--swanlab_project", "swift-robot"])
+    rc = main(seed_gpt_oss_dpo_argv(tiny_models("gpt_oss"), data, out))
     err = capsys.readouterr().err
     assert rc == 0, err
     run_dir = next(p for p in out.iterdir() if p.name.startswith("v0-"))
