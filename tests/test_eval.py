@@ -372,3 +372,17 @@ def test_humaneval_package_data_with_canonical_solutions_passes():
         solutions = [json.loads(line)["canonical_solution"] for line in fh][:3]
     for s, sol in zip(samples, solutions):
         assert B.run_program(B.humaneval_program(s, sol), 10) == (True, "passed"), s.answer
+
+
+@pytest.mark.parametrize("family,ends", [("qwen2", "<|im_start|>assistant\n"),
+                                         ("qwen3", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+                                         ("llama3", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+                                         ("gpt_oss", "<|start|>assistant<|channel|>final<|message|>")])
+def test_option_letters_are_scored_where_the_answer_starts(family, ends):
+    """Likelihood scoring reads the letter where the template puts a final answer: after Qwen3's empty think block
+    and after gpt-oss's final-channel header, not at the bare generation prompt (which would score `<think>`)."""
+    from tunesmith.data.encode import ChatEncoder
+    from tunesmith.testing import build_tokenizer
+
+    enc = ChatEncoder(build_tokenizer(family, 1024))
+    assert E.answer_prefix(enc, [{"role": "user", "content": "Which is a fruit?\nA. rock\nB. apple"}]).endswith(ends)

@@ -34,6 +34,17 @@ DEFAULT_NEW_TOKENS = {"mcq": 256, "math": 512, "qa": 512, "code": 512}
 
 # ------------------------------------------------------------------ models under test
 
+_MARK = "\u00a7ANSWER\u00a7"
+
+
+def answer_prefix(encoder, messages: list[dict]) -> str:
+    """The text before the first token of a final answer, as the chat template renders one: the generation prompt
+    plus whatever the template puts before an answer (Qwen3's empty `<think></think>`, gpt-oss's final-channel
+    header). Scoring option letters after the bare generation prompt would score `<think>` or `<|channel|>`."""
+    text = encoder.render(encoder.with_system(messages + [{"role": "assistant", "content": _MARK}]))
+    k = text.find(_MARK)
+    return text[:k] if k >= 0 else encoder.render(encoder.with_system(messages), add_generation_prompt=True)
+
 class LocalModel:
     """A loaded model (through infer.Engine, the one generation path); `adapter_off` evaluates the base weights of
     a PeftModel without loading them twice."""
@@ -46,7 +57,7 @@ class LocalModel:
         return self.engine.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
 
     def option_logps(self, conversations: list[list[dict]], letters: list[list[str]]) -> list[dict]:
-        """log p(first token of each option letter) as the reply's first token, for each conversation."""
+        """log p(first token of each option letter) as the answer's first token, for each conversation."""
         import torch
 
         tok = self.engine.tok
@@ -63,7 +74,8 @@ class LocalModel:
         model, pad = self.engine.model, tok.pad_token_id if tok.pad_token_id is not None else 0
         with self._context(), torch.no_grad():
             for i in range(0, len(conversations), self.batch_size):
-                prompts = [self.engine.prompt_ids(c) for c in conversations[i:i + self.batch_size]]
+                prompts = [tok(answer_prefix(self.engine.encoder, c), add_special_tokens=False)["input_ids"]
+                           for c in conversations[i:i + self.batch_size]]
                 longest = max(len(p) for p in prompts)
                 ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.engine.device)
                 mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts],
