@@ -118,6 +118,27 @@ def test_two_ddp_processes_equal_one_process_with_the_same_global_batch(tiny_mod
 
 
 @pytest.mark.slow
+def test_ddp_dpo_with_packed_prefix_shared_pairs_equals_one_process(tiny_models, tmp_path):
+    dpo = os.path.join(EXAMPLES, "dpo_messages.jsonl")
+    common = ["dpo", "--model", tiny_models("qwen2"), "--dataset", dpo, dpo, "--max_steps", "2", "--logging_steps",
+              "1", "--learning_rate", "5e-3", "--lora_dropout", "0", "--gradient_accumulation_steps", "1",
+              "--packing", "true", "--max_length", "256", "--rpo_alpha", "0.5", "--report_to", "none",
+              "--save_strategy", "no", "--dataloader_num_workers", "0"]
+    _run([*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "one")], nproc=1)
+    p = _run([*common, "--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "two")], nproc=2)
+    assert "prefix sharing: each pair runs as one sequence" in p.stderr
+
+    def log(name):
+        return [r for r in read_jsonl(os.path.join(_run_dir(str(tmp_path / name)), "logging.jsonl"))
+                if "rewards/margins" in r]
+    one, two = log("one"), log("two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for k in ("loss", "nll_loss", "rewards/margins", "logps/chosen"):
+            assert b[k] == pytest.approx(a[k], abs=1e-5), k
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,train_type", [("zero2", "lora"), ("zero3", "full")])
 def test_deepspeed_trains_saves_a_loadable_checkpoint_and_resumes_exactly(tiny_models, tmp_path, stage, train_type):
     pytest.importorskip("deepspeed")

@@ -302,10 +302,7 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
 
     def _write_checkpoint(path: str, full_state, shards: str) -> None:
         with atomic_dir(path) as tmp:
-            if full_state is not None:
-                save_model(accelerator.unwrap_model(model), tmp, full_state)
-            else:
-                save_model(accelerator.unwrap_model(model), tmp)
+            save_model(accelerator.unwrap_model(model), tmp, full_state)
             save_args(tmp, args, args_extra)
             if ds and os.path.isdir(shards):
                 for name in os.listdir(shards):
@@ -367,13 +364,13 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
                         model.set_gradient_accumulation_boundary(last)
                         model.backward(loss * world, scale_wrt_gas=False)
                     else:
-                        accelerator.backward(loss * world if world > 1 else loss)
+                        accelerator.backward(loss * world)
                 loss_total += loss.detach().float()
                 _add(window["stats"], stats)
                 tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
-            if world > 1:
-                loss_total, tokens = (lambda r: (r["loss"], int(r["tokens"])))(
-                    D.sum_values({"loss": float(loss_total), "tokens": tokens}, device))
+            if world > 1:  # the step's loss and tokens over every process
+                summed = D.sum_values({"loss": float(loss_total), "tokens": tokens}, device)
+                loss_total, tokens = summed["loss"], int(summed["tokens"])
             window["tokens"] += tokens
             total_tokens += tokens
             loss_value = float(loss_total)

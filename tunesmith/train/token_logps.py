@@ -169,8 +169,9 @@ def prefix_sharing_mask(batch: dict, config, dtype):
 def _inputs(batch: dict, model) -> dict:
     kw = {"input_ids": batch["input_ids"], "use_cache": False}
     if "attn_group" in batch:
-        dtype = model.get_input_embeddings().weight.dtype  # the activations' dtype, also under 4-bit weights
-        kw["attention_mask"] = prefix_sharing_mask(batch, model.config, dtype)
+        inner = getattr(model, "module", model)  # under DDP / DeepSpeed: the wrapped model holds the config
+        dtype = inner.get_input_embeddings().weight.dtype  # the activations' dtype, also under 4-bit weights
+        kw["attention_mask"] = prefix_sharing_mask(batch, inner.config, dtype)
     elif batch.get("attention_mask") is not None:
         kw["attention_mask"] = batch["attention_mask"]
     if batch.get("position_ids") is not None:
