@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tunesmith demo on a tiny model built on the spot, on CPU, in about two minutes:
-# data -> sft -> dpo -> merge -> batch inference -> an OpenAI-compatible server answering one request.
+# data -> sft -> dpo -> merge -> batch inference -> an OpenAI-compatible server answering one request ->
+# base vs tuned evaluation -> reports.
 # Run from the repository root with the package installed (see README).
 set -euo pipefail
 OUT=${OUT:-demo_output}
@@ -88,7 +89,12 @@ r = json.load(urllib.request.urlopen(req, timeout=60))
 print("  ->", repr(r["choices"][0]["message"]["content"]), r["usage"])
 PY
 
-echo; echo "== 9. see the runs: plots and an HTML report per run, and both compared"
+echo; echo "== 9. tunesmith eval: the base model and the tuned one side by side (exact match, BLEU, ROUGE-L, chrF)"
+tunesmith eval --model "$DPO-merged" --base_model "$MODEL" --eval_dataset general_qa \
+    --eval_dataset_args '{"general_qa": {"local_path": "examples/data/capitals_messages.jsonl"}}' \
+    --eval_generation_config '{"max_tokens": 16}' --eval_output_dir "$OUT/eval" 2>&1 | quiet | grep -v "^\[tunesmith\]"
+
+echo; echo "== 10. see the runs: plots and an HTML report per run, and both compared"
 tunesmith report "$(dirname "$SFT")" "$(dirname "$DPO")" --output "$OUT/compare_report.html" 2>&1 | quiet
 echo "  $(dirname "$SFT")/report.html      (sft: loss, learning rate, grad norm, tokens/s, memory)"
 echo "  $(dirname "$DPO")/report.html      (dpo: also rewards, margins, accuracies)"

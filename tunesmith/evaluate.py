@@ -310,7 +310,8 @@ def markdown_table(rows: list[dict], labels: list[str], describe: dict) -> str:
             d, se = r["delta"], r["delta_se"]
             text = f"{100 * d:+.1f}"
             if se is not None and not math.isnan(se):
-                text += f" ± {100 * se:.1f}" + (" *" if se > 0 and abs(d) > 2 * se else "")
+                # a paired SE of 0 with a nonzero delta: every sample moved the same way (a sign test agrees)
+                text += f" ± {100 * se:.1f}" + (" *" if abs(d) > 2 * se and d != 0 else "")
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Scores in %, ± one standard error (binomial for accuracies; BLEU and chrF are corpus-level)."]
