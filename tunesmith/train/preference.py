@@ -25,8 +25,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.model import load_model, note, resolve_model_dir
 from tunesmith.runs import is_adapter_dir
 from tunesmith.train import loop
-from tunesmith.train.setup import (batching, finalise_args, finish_run, make_run, make_trackers, prepare_data,
-                                   prepare_model, save_model_fn, say)
+from tunesmith.train.setup import batching, finalise_args, prepare_data, prepare_model, train_run
 
 REFERENCE_FREE = ("cpo", "simpo", "orpo")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
@@ -593,18 +592,12 @@ def main(args: RLHFArguments):
         reference = cached
     train_rows, eval_rows, collate = batching(args, train_rows, eval_rows, collate, flat, packed, length,
                                               prepared.data_stats["max_length"])
-    run_dir, extra = make_run(args, prepared, param_info)
-    trackers = make_trackers(run_dir, args, prepared)
-    say(f"[tunesmith] rlhf {args.rlhf_type}: loss = {describe_objective(args)}\n"
-        f"[tunesmith] reference: {reference.describe}\n"
-        f"[tunesmith] {prepared.data_stats['train_rows']} training pairs, {prepared.data_stats['val_rows']} "
-        f"validation pairs; run directory {run_dir}")
-    try:
-        state = loop.train(args=args, model=model, objective=preference_objective(args, reference),
-                           train_rows=train_rows, eval_rows=eval_rows, collate=collate, run_dir=run_dir,
-                           save_model=save_model_fn(prepared.tokenizer), trackers=trackers, args_extra=extra)
-    finally:
-        trackers.close()
-    finish_run(state, run_dir)
+    stats = prepared.data_stats
+    run_dir, state = train_run(
+        args, prepared, model, param_info, preference_objective(args, reference), train_rows, eval_rows, collate,
+        lambda d: f"[tunesmith] rlhf {args.rlhf_type}: loss = {describe_objective(args)}\n"
+                  f"[tunesmith] reference: {reference.describe}\n"
+                  f"[tunesmith] {stats['train_rows']} training pairs, {stats['val_rows']} validation pairs; "
+                  f"run directory {d}")
     return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer,
             "reference": reference}

@@ -1,5 +1,6 @@
 """What every training method does before the loop: resolve defaults (ms-swift's), load and encode the data,
-load the model and adapter, and create the run directory. Shared by sft and the preference methods."""
+load the model and adapter, create the run directory, and run the loop (train_run). Shared by sft and the
+preference methods."""
 from __future__ import annotations
 
 import math
@@ -272,6 +273,25 @@ def save_model_fn(tokenizer):
             model.save_pretrained(path, **kw)
         tokenizer.save_pretrained(path)
     return save
+
+
+def train_run(args, prepared: Prepared, model, param_info: dict, objective, train_rows: list, eval_rows: list,
+              collate, header) -> tuple[str, Any]:
+    """What every training command does after its own setup: the run directory, the trackers, the header line
+    (`header(run_dir)`), the loop, then the report. Returns (run_dir, final state)."""
+    from tunesmith.train import loop
+
+    run_dir, extra = make_run(args, prepared, param_info)
+    trackers = make_trackers(run_dir, args, prepared)
+    say(header(run_dir))
+    try:
+        state = loop.train(args=args, model=model, objective=objective, train_rows=train_rows, eval_rows=eval_rows,
+                           collate=collate, run_dir=run_dir, save_model=save_model_fn(prepared.tokenizer),
+                           trackers=trackers, args_extra=extra)
+    finally:
+        trackers.close()
+    finish_run(state, run_dir)
+    return run_dir, state
 
 
 def finish_run(state, run_dir: str) -> None:

@@ -11,8 +11,7 @@ from tunesmith.args import SftArguments
 from tunesmith.data.collate import PackedCollate, flat_collate, pad_collate
 from tunesmith.train import loop
 from tunesmith.train.token_logps import token_logps
-from tunesmith.train.setup import (batching, finalise_args, finish_run, make_run, make_trackers, prepare_data,
-                                   prepare_model, save_model_fn, say)
+from tunesmith.train.setup import batching, finalise_args, prepare_data, prepare_model, train_run
 
 
 def token_loss(model, batch: dict, aux_coef: float = 0.0):
@@ -36,20 +35,14 @@ def main(args: SftArguments):
     finalise_args(args, default_loss_scale="default")
     prepared = prepare_data(args, kind="sft", default_loss_scale="default")
     model, param_info = prepare_model(args, prepared.model_dir, prepared.tokenizer)
-    run_dir, extra = make_run(args, prepared, param_info)
-    trackers = make_trackers(run_dir, args, prepared)
     pad_id = prepared.tokenizer.pad_token_id
-    say(f"[tunesmith] sft: {prepared.data_stats['train_rows']} training rows, "
-        f"{prepared.data_stats['val_rows']} validation rows; run directory {run_dir}")
     train_rows, eval_rows, collate = batching(
         args, prepared.train_rows, prepared.eval_rows, partial(pad_collate, pad_id=pad_id,
                                                                padding_side=args.padding_side),
         flat_collate, PackedCollate(pad_id), lambda r: len(r.input_ids), prepared.data_stats["max_length"])
-    try:
-        state = loop.train(args=args, model=model, objective=objective(args.router_aux_loss_coef),
-                           train_rows=train_rows, eval_rows=eval_rows, collate=collate, run_dir=run_dir,
-                           save_model=save_model_fn(prepared.tokenizer), trackers=trackers, args_extra=extra)
-    finally:
-        trackers.close()
-    finish_run(state, run_dir)
+    stats = prepared.data_stats
+    run_dir, state = train_run(
+        args, prepared, model, param_info, objective(args.router_aux_loss_coef), train_rows, eval_rows, collate,
+        lambda d: f"[tunesmith] sft: {stats['train_rows']} training rows, {stats['val_rows']} validation rows; "
+                  f"run directory {d}")
     return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer}
