@@ -131,18 +131,19 @@ def test_interactive_chat_streams_multi_turn_and_commands(lora_ckpt):
 
 
 def test_reasoning_is_returned_separately():
-    from tunesmith.infer import Engine
+    from tunesmith.reply import OutputParser
     from tunesmith.testing import build_tokenizer
 
-    class Stub:  # Engine only needs a config for the length limit here
-        config = None
+    def split(parser, raw):
+        p = parser.parse(raw, tools=False, final=True)
+        return p.content, p.reasoning
 
-    qwen3 = Engine(Stub(), build_tokenizer("qwen3"))
-    assert qwen3._split("<think>\nadd 2 and 2\n</think>\n\nIt is 4.<|im_end|>") == ("It is 4.", "add 2 and 2")
-    assert qwen3._split("Just 4.<|im_end|>") == ("Just 4.", None)
-    harmony = Engine(Stub(), build_tokenizer("gpt_oss"))
+    qwen3 = OutputParser(build_tokenizer("qwen3"))
+    assert split(qwen3, "<think>\nadd 2 and 2\n</think>\n\nIt is 4.<|im_end|>") == ("It is 4.", "add 2 and 2")
+    assert split(qwen3, "Just 4.<|im_end|>") == ("Just 4.", None)
+    harmony = OutputParser(build_tokenizer("gpt_oss"))
     raw = "<|channel|>analysis<|message|>think here<|end|><|start|>assistant<|channel|>final<|message|>Answer.<|return|>"
-    assert harmony._split(raw) == ("Answer.", "think here")
+    assert split(harmony, raw) == ("Answer.", "think here")
 
 
 def test_stop_words_and_length_limits(lora_ckpt):
@@ -213,7 +214,7 @@ def test_openai_client_against_deploy(server, tiny_models):
     import openai
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunesmith.infer import GenConfig, Engine
+    from tunesmith.infer import ChatEngine, GenConfig
 
     url, ckpt = server
     client = openai.OpenAI(base_url=url, api_key="sk-test-key")
@@ -221,7 +222,7 @@ def test_openai_client_against_deploy(server, tiny_models):
     q = [{"role": "user", "content": "What is the capital of France?"}]
     r = client.chat.completions.create(model="capitals", messages=q, temperature=0)
     # the same reply as local generation with the same model, template and system prompt (inherited from args.json)
-    local = Engine(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models("qwen2")), ckpt),
+    local = ChatEngine(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models("qwen2")), ckpt),
                    AutoTokenizer.from_pretrained(ckpt), system="You answer in one sentence.")
     want = local.generate([q], GenConfig(max_new_tokens=8, temperature=0))[0]
     assert r.choices[0].message.content == want.content

@@ -1,22 +1,19 @@
-"""Generation with the model's own chat template (the same rendering training used), and `tunesmith infer`.
+"""Chat-level generation with the model's own chat template (the same rendering training used), and
+`tunesmith infer`.
 
-`Engine` is the one generation path: `tunesmith infer` (interactive chat and batch over a dataset) and
-`tunesmith deploy` (the OpenAI-compatible server) both call it, so a reply is the same whichever way it is asked.
+`ChatEngine` renders conversations, submits them to the one `tunesmith.engine.GenerationEngine` (which batches
+every caller's sequences) and parses replies with `tunesmith.reply`. `tunesmith infer` (interactive chat and batch
+over a dataset), `tunesmith deploy` and `tunesmith eval` all go through it, so a reply is the same whichever way
+it is asked.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
-
-_HARMONY = re.compile(r"<\|channel\|>analysis<\|message\|>(?P<r>.*?)(?:<\|end\|>|$)", re.S)
-_HARMONY_FINAL = re.compile(r"<\|channel\|>final<\|message\|>(?P<c>.*)", re.S)
-_THINK = re.compile(r"^\s*(?:<think>)?(?P<r>.*?)</think>\s*(?P<c>.*)$", re.S)
-
 
 @dataclass
 class GenConfig:
@@ -29,12 +26,16 @@ class GenConfig:
     stop: list = field(default_factory=list)
     seed: Optional[int] = None
     num_beams: int = 1
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @classmethod
     def from_args(cls, args) -> "GenConfig":
         return cls(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=list(args.stop_words),
-                   seed=args.seed, num_beams=args.num_beams)
+                   num_beams=args.num_beams, n=getattr(args, "n", 1) or 1, logprobs=bool(args.logprobs),
+                   top_logprobs=args.top_logprobs or 0)
 
     def merged(self, **overrides) -> "GenConfig":
         """These settings with every non-None override applied (a request's values over the server's)."""
@@ -45,190 +46,232 @@ class GenConfig:
 class Reply:
     content: str
     reasoning: Optional[str]
-    finish_reason: str           # "stop" or "length"
+    finish_reason: str           # "stop", "length", "tool_calls" (or "abort"/"error" from the engine)
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: list = field(default_factory=list)
+    logprobs: Optional[list] = None   # [TokenLogprob] per completion token, when asked for
+    error: Optional[BaseException] = None
 
 
 class PromptTooLong(ValueError):
     pass
 
 
-class Engine:
-    """Batched generation for one model and tokenizer. Not thread-safe: the server serialises calls."""
+@dataclass
+class Prompt:
+    """A rendered request: token ids [T], whether the template left the output inside a `<think>` block, and
+    whether tool calls are parsed from the output."""
+    ids: list
+    in_think: bool
+    tools: bool
+
+
+class ChatEngine:
+    """Chat-level generation over the one `GenerationEngine`: renders conversations with the model's own chat
+    template (the same rendering training used), submits them, and parses replies (reasoning, tool calls).
+    Thread-safe: every call may come from any thread; the engine's scheduler batches them."""
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, defaults: Optional[GenConfig] = None,
-                 max_model_len: Optional[int] = None):
+                 max_model_len: Optional[int] = None, max_batch_size: int = 32,
+                 template_kwargs: Optional[dict] = None):
         from tunesmith.data.encode import ChatEncoder
+        from tunesmith.engine import GenerationEngine
+        from tunesmith.reply import OutputParser
 
         self.model, self.tok = model, tokenizer
         self.encoder = ChatEncoder(tokenizer, system=system)
         self.defaults = defaults or GenConfig()
+        self.template_kwargs = dict(template_kwargs or {})
         cfg = getattr(model, "config", None)
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", None) or 4096
-        stop = {tokenizer.eos_token_id}
-        for text in self.encoder.end_of_turn_tokens():  # e.g. <|im_end|>, <|eot_id|>, <|end|>/<|return|>
-            ids = tokenizer.convert_tokens_to_ids(text)
-            if isinstance(ids, int) and ids != tokenizer.unk_token_id:
-                stop.add(ids)
-        self.stop_ids = sorted(i for i in stop if i is not None)
-        self.specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        self.parser = OutputParser(tokenizer)
+        self.stop_ids = stop_token_ids(model, tokenizer, self.encoder, self.parser.reasoning_style)
+        self.engine = GenerationEngine(model, tokenizer, self.stop_ids, max_batch_size=max_batch_size,
+                                       max_model_len=self.max_model_len)
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
+    def close(self) -> None:
+        self.engine.close()
+
+    def prompt(self, messages: list[dict], tools=None, template_kwargs: Optional[dict] = None) -> Prompt:
+        """Render messages (OpenAI shape: tool_calls, tool messages, reasoning_content) with the generation prompt.
+        Raises PromptTooLong when no room is left under the model's limit."""
+        from tunesmith.reply import to_template_messages
+
+        kwargs = {**self.template_kwargs, **(template_kwargs or {})}
+        text = self.encoder.render(self.encoder.with_system(to_template_messages(messages)),
+                                   add_generation_prompt=True, tools=tools, **kwargs)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens; the model's limit is {self.max_model_len}")
+        return Prompt(ids, text.rstrip().endswith("<think>"), bool(tools))
+
     def prompt_ids(self, messages: list[dict], tools=None, **template_kwargs) -> list[int]:
-        text = self.encoder.render(self.encoder.with_system(messages), add_generation_prompt=True, tools=tools,
-                                   **template_kwargs)
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.prompt(messages, tools, template_kwargs).ids
 
     def check_prompt(self, messages: list[dict], cfg: GenConfig, tools=None) -> None:
-        """Raise PromptTooLong before any generation starts (the server answers 400 instead of a broken stream)."""
-        self._gen_kwargs(cfg, len(self.prompt_ids(messages, tools=tools)))
+        """Raise PromptTooLong before any generation starts."""
+        self.prompt(messages, tools)
 
-    def _gen_kwargs(self, cfg: GenConfig, longest_prompt: int) -> dict:
-        room = self.max_model_len - longest_prompt
-        if room <= 0:
-            raise PromptTooLong(f"the prompt has {longest_prompt} tokens; the model's limit is {self.max_model_len}")
-        kw = dict(max_new_tokens=min(cfg.max_new_tokens or room, room), eos_token_id=self.stop_ids,
-                  pad_token_id=self.tok.pad_token_id)
-        if cfg.temperature == 0:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            if cfg.temperature is not None:
-                kw.update(do_sample=True, temperature=cfg.temperature)
-            for k in ("top_p", "top_k"):
-                if getattr(cfg, k) is not None:
-                    kw[k] = getattr(cfg, k)
-        if cfg.repetition_penalty is not None:
-            kw["repetition_penalty"] = cfg.repetition_penalty
-        if cfg.num_beams > 1:
-            kw["num_beams"] = cfg.num_beams
-        if cfg.stop:
-            kw.update(stop_strings=list(cfg.stop), tokenizer=self.tok)
-        return kw
+    def sampling(self, cfg: GenConfig, choice: int = 0):
+        """GenConfig → the engine's SamplingParams (None → the model's generation_config defaults)."""
+        from tunesmith.engine import SamplingParams
 
-    def _split(self, raw: str) -> tuple[str, Optional[str]]:
-        """(content, reasoning): thinking is returned separately when the template produces it."""
-        reasoning = None
-        m, final = _HARMONY.search(raw), _HARMONY_FINAL.search(raw)
-        if m or final:
-            reasoning = m.group("r") if m else None
-            raw = final.group("c") if final else ""
-        else:
-            t = _THINK.match(raw)
-            if t and "</think>" in raw:
-                reasoning, raw = t.group("r").strip(), t.group("c")
-        for s in self.specials:
-            raw = raw.replace(s, "")
-        return raw.strip(), (reasoning.strip() if reasoning is not None else None)
+        gen = getattr(self.model, "generation_config", None)
+        temperature = cfg.temperature
+        if temperature is None:
+            temperature = (getattr(gen, "temperature", None) or 1.0) if getattr(gen, "do_sample", False) else 0.0
+        top_p = cfg.top_p if cfg.top_p is not None else (getattr(gen, "top_p", None) or 1.0)
+        top_k = cfg.top_k if cfg.top_k is not None else (getattr(gen, "top_k", None) or 0)
+        rep = cfg.repetition_penalty if cfg.repetition_penalty is not None else \
+            (getattr(gen, "repetition_penalty", None) or 1.0)
+        seed = None if cfg.seed is None else cfg.seed + choice
+        return SamplingParams(max_new_tokens=cfg.max_new_tokens or 0, temperature=float(temperature),
+                              top_p=float(top_p), top_k=int(top_k), repetition_penalty=float(rep),
+                              stop=tuple(s for s in cfg.stop if s), seed=seed, logprobs=cfg.logprobs,
+                              top_logprobs=cfg.top_logprobs or 0, num_beams=cfg.num_beams)
 
-    def _finish(self, ids: list[int], prompt_len: int, cfg: GenConfig, max_new: int) -> Reply:
-        end = next((i + 1 for i, t in enumerate(ids) if t in self.stop_ids), None)
-        kept = ids[:end] if end else ids
-        content, reasoning = self._split(self.tok.decode(kept, skip_special_tokens=False))
-        stopped = end is not None
+    def submit(self, prompt: Prompt, cfg: GenConfig, adapter: Optional[str] = None, loop=None) -> list:
+        """Queue cfg.n sequences for a rendered prompt: their engine Handles."""
+        return [self.engine.submit(prompt.ids, self.sampling(cfg, i), adapter, loop) for i in range(max(1, cfg.n))]
+
+    def reply(self, completion, prompt: Prompt, cfg: GenConfig) -> Reply:
+        """A finished sequence → Reply: decoded without its stop token, cut at a stop string, parsed."""
+        ids = list(completion.token_ids)
+        if ids and ids[-1] in self.stop_ids and completion.finish_reason == "stop":
+            ids = ids[:-1]
+        raw = self.tok.decode(ids, skip_special_tokens=False)
+        stopped = completion.finish_reason == "stop"
         for s in cfg.stop:  # OpenAI semantics: the stop sequence itself is not returned
-            k = content.find(s)
+            k = raw.find(s) if s else -1
             if k >= 0:
-                content, stopped = content[:k].rstrip(), True
-        if not stopped and len(kept) < max_new:
-            stopped = True  # ended by a stop string inside generate
-        return Reply(content, reasoning, "stop" if stopped else "length", prompt_len, len(kept))
+                raw, stopped = raw[:k], True
+        parsed = self.parser.parse(raw, tools=prompt.tools, final=True, in_think=prompt.in_think)
+        reason = completion.finish_reason
+        if parsed.tool_calls:
+            reason = "tool_calls"
+        elif stopped:
+            reason = "stop"
+        logprobs = completion.logprobs
+        if logprobs is not None and completion.finish_reason == "stop" and len(logprobs) > len(ids):
+            logprobs = logprobs[:len(ids)]
+        return Reply(parsed.content, parsed.reasoning, reason, completion.prompt_tokens, len(completion.token_ids),
+                     parsed.tool_calls, logprobs, completion.error)
 
-    def generate(self, conversations: list[list[dict]], cfg: Optional[GenConfig] = None, tools=None) -> list[Reply]:
-        """Reply to each conversation (messages ending with the user's turn) as one left-padded batch."""
-        import torch
+    def generate(self, conversations: list[list[dict]], cfg: Optional[GenConfig] = None, tools=None,
+                 adapter: Optional[str] = None) -> list[Reply]:
+        """Reply to each conversation (messages ending with the user's turn); all are batched by the engine.
+        One reply per conversation (cfg.n is ignored here). Raises PromptTooLong, or the engine's error."""
+        cfg = replace(cfg or self.defaults, n=1)
+        prompts = [self.prompt(c, tools) for c in conversations]
+        handles = [self.submit(p, cfg, adapter)[0] for p in prompts]
+        replies = [self.reply(h.result(), p, cfg) for h, p in zip(handles, prompts)]
+        for r in replies:
+            if r.error is not None:
+                raise r.error
+        return replies
 
-        cfg = cfg or self.defaults
-        prompts = [self.prompt_ids(c, tools=tools) for c in conversations]
-        longest = max(len(p) for p in prompts)
-        kw = self._gen_kwargs(cfg, longest)
-        pad = self.tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        if cfg.seed is not None and cfg.temperature != 0:
-            torch.manual_seed(cfg.seed)
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kw)
-        if was_training:
-            self.model.train()
-        return [self._finish(row, len(p), cfg, kw["max_new_tokens"])
-                for row, p in zip(out[:, longest:].tolist(), prompts)]
+    def stream_state(self, prompt: Prompt, cfg: GenConfig) -> "StreamState":
+        return StreamState(self, prompt, cfg)
 
     def stream(self, messages: list[dict], cfg: Optional[GenConfig] = None, tools=None) -> Iterator:
-        """Yield text pieces as they are generated, then the final Reply (same content as `generate`)."""
-        import threading
-
-        import torch
-        from transformers import TextIteratorStreamer
-
-        cfg = cfg or self.defaults
-        if cfg.num_beams > 1:  # beam search cannot stream: the best beam is known only at the end
-            reply = self.generate([messages], cfg, tools=tools)[0]
-            yield reply.content
-            yield reply
-            return
-        prompt = self.prompt_ids(messages, tools=tools)
-        kw = self._gen_kwargs(cfg, len(prompt))
-        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        result = {}
-        if cfg.seed is not None and cfg.temperature != 0:
-            torch.manual_seed(cfg.seed)
-
-        def run():
-            try:
-                with torch.no_grad():
-                    result["out"] = self.model.generate(input_ids=torch.tensor([prompt], device=self.device),
-                                                        streamer=streamer, **kw)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
-                result["error"] = e
-                streamer.end()
-
-        self.model.eval()
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        acc, sent = "", ""
-        for piece in streamer:
-            acc += piece
-            visible, done = _visible(acc, cfg.stop)
-            if visible.startswith(sent) and len(visible) > len(sent):
-                yield visible[len(sent):]
-                sent = visible
-            if done:
-                break
-        worker.join()
-        if "error" in result:
-            raise result["error"]
-        yield self._finish(result["out"][0, len(prompt):].tolist(), len(prompt), cfg, kw["max_new_tokens"])
+        """Yield answer text pieces as they are generated, then the final Reply (same content as `generate`)."""
+        cfg = replace(cfg or self.defaults, n=1)
+        prompt = self.prompt(messages, tools)
+        handle = self.submit(prompt, cfg)[0]
+        state = self.stream_state(prompt, cfg)
+        for token in handle:
+            piece = state.feed(token).get("content")
+            if piece:
+                yield piece
+        reply, last = state.finish(handle.completion)
+        if reply.error is not None:
+            raise reply.error
+        if last.get("content"):
+            yield last["content"]
+        yield reply
 
 
-def _visible(text: str, stop: list[str]) -> tuple[str, bool]:
-    """What a stream may show of the text so far, matching the final reply: leading and trailing whitespace are
-    held back (the reply is stripped), as is a tail that could still become a stop word. (text, stop word seen)."""
-    text = text.lstrip()
-    cuts = [text.find(s) for s in stop if s and s in text]
-    if cuts:
-        return text[:min(cuts)].rstrip(), True
-    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[:len(text) - hold].rstrip(), False
+class StreamState:
+    """Incremental detokenisation and parsing of one streamed sequence: `feed(token)` → delta fields to send now;
+    `finish(completion)` → (Reply, the remaining delta). Decoding keeps a small window (as vLLM does), so a
+    stream costs O(tokens), and bytes of a multi-byte character are held until the character is whole."""
+
+    def __init__(self, chat: ChatEngine, prompt: Prompt, cfg: GenConfig):
+        from tunesmith.reply import StreamDeltas
+
+        self.chat, self.prompt, self.cfg = chat, prompt, cfg
+        self.ids: list[int] = []
+        self.text, self._prefix, self._read = "", 0, 0
+        self.deltas = StreamDeltas()
+
+    def feed(self, token: int) -> dict:
+        tok = self.chat.tok
+        self.ids.append(token)
+        if token in self.chat.stop_ids:
+            return {}
+        before = tok.decode(self.ids[self._prefix:self._read], skip_special_tokens=False)
+        after = tok.decode(self.ids[self._prefix:], skip_special_tokens=False)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+        else:
+            return {}
+        parsed = self.chat.parser.parse(self.text, tools=self.prompt.tools, final=False,
+                                        in_think=self.prompt.in_think, stops=tuple(self.cfg.stop))
+        return self.deltas.delta(parsed)
+
+    def finish(self, completion) -> tuple[Reply, dict]:
+        from tunesmith.reply import Parsed
+
+        reply = self.chat.reply(completion, self.prompt, self.cfg)
+        delta = self.deltas.delta(Parsed(reply.content, reply.reasoning, reply.tool_calls))
+        return reply, delta
+
+
+def stop_token_ids(model, tokenizer, encoder, reasoning_style: str) -> list[int]:
+    """The ids that end a reply: the model's generation_config eos ids (gpt-oss: `<|return|>`, `<|call|>`), the
+    tokenizer's eos, and the template's end-of-turn tokens — except Harmony's `<|end|>`, which ends a message
+    (the analysis channel) but not the turn."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids.add(tokenizer.eos_token_id)
+    for text in encoder.end_of_turn_tokens():
+        if reasoning_style == "harmony" and text == "<|end|>":
+            continue
+        i = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(i, int) and i != tokenizer.unk_token_id:
+            ids.add(i)
+    if reasoning_style == "harmony":
+        for text in ("<|return|>", "<|call|>"):
+            i = tokenizer.convert_tokens_to_ids(text)
+            if isinstance(i, int) and i != tokenizer.unk_token_id:
+                ids.add(i)
+        end = tokenizer.convert_tokens_to_ids("<|end|>")
+        ids.discard(end)
+    return sorted(i for i in ids if i is not None)
 
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
                      system: Optional[str] = None, temperature: float = 0.0) -> list[str]:
-    """Reply texts for conversations (greedy when temperature is 0): the Engine in one call."""
-    engine = Engine(model, tokenizer, system=system)
-    cfg = GenConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    return [r.content for r in engine.generate(conversations, cfg)]
+    """Reply texts for conversations (greedy when temperature is 0): a ChatEngine in one call."""
+    engine = ChatEngine(model, tokenizer, system=system)
+    try:
+        cfg = GenConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+        return [r.content for r in engine.generate(conversations, cfg)]
+    finally:
+        engine.close()
 
 
 # ------------------------------------------------------------------ `tunesmith infer`
 
 def build_engine(args):
-    """Resolve the checkpoint, load the model and adapters, and make the Engine (shared with deploy).
+    """Resolve the checkpoint, load the model and adapters, and make the ChatEngine (shared with deploy and eval).
     Returns (engine, the checkpoint whose args.json was read, deploy's named adapters)."""
     from tunesmith.data.encode import read_system_prompt
     from tunesmith.model import load_for_inference, note
@@ -239,13 +282,34 @@ def build_engine(args):
     ckpt = resolve_checkpoint(args)
     plain, named = split_named_adapters(list(args.adapters))
     model, tok, _ = load_for_inference(args, plain, named)
-    if args.logprobs or args.top_logprobs:
-        note("--logprobs/--top_logprobs: token log-probs are not returned yet; results carry logprobs: null")
-    if getattr(args, "max_batch_size", 1) == -1:
-        note("--max_batch_size -1: every row of a batch inference is generated in one batch")
-    engine = Engine(model, tok, system=read_system_prompt(args.system), defaults=GenConfig.from_args(args),
-                    max_model_len=args.max_model_len)
+    batch = getattr(args, "max_batch_size", 32)
+    engine = ChatEngine(model, tok, system=read_system_prompt(args.system), defaults=GenConfig.from_args(args),
+                        max_model_len=args.max_model_len, max_batch_size=batch,
+                        template_kwargs=template_kwargs(args))
+    if args.seed is not None:
+        import torch
+        torch.manual_seed(args.seed)  # once: unseeded sampling is reproducible per run, not per request
+    note(f"generation: tunesmith continuous batching, up to {'all' if batch <= 0 else batch} sequences per step "
+         f"(--max_batch_size); stop tokens {engine.tok.convert_ids_to_tokens(engine.stop_ids)}")
     return engine, ckpt, named
+
+
+def template_kwargs(args) -> dict:
+    """Chat-template variables from flags: --enable_thinking (Qwen3 and other hybrid-thinking templates)."""
+    return {} if getattr(args, "enable_thinking", None) is None else {"enable_thinking": bool(args.enable_thinking)}
+
+
+def logprobs_json(tokenizer, logprobs: Optional[list]) -> Optional[dict]:
+    """[TokenLogprob] → OpenAI's chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    if logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in logprobs]}
 
 
 def raise_backend(backend: str):
@@ -281,21 +345,28 @@ def _infer_rows(args, ckpt: Optional[str]):
     if not files:
         return None
     return load_datasets(files, strict=args.strict, columns=args.columns, seed=args.data_seed, use_hf=args.use_hf,
-                         hub_token=args.hub_token, what="--val_dataset", need_reply=False)
+                         hub_token=args.hub_token, what="--val_dataset", need_reply=False, keep_columns=True)
 
 
-def batch_infer(engine: Engine, args, loaded, result_path: str) -> int:
-    """Generate for every row, writing ms-swift's result lines: response, labels, messages (+ the reply), …"""
+def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
+    """Generate for every row, writing ms-swift's result lines: response, labels, logprobs, messages (+ the reply),
+    and every other column of the row. Rows are submitted a window at a time and written in order; the engine
+    batches them (--max_batch_size). With --stream true each reply is printed as it is generated, one row at a
+    time. Returns the number of rows written."""
     from tqdm.auto import tqdm
 
+    from tunesmith.errors import ConfigError
+
     records = loaded.records
-    bs = len(records) if args.max_batch_size == -1 else max(1, args.max_batch_size)
+    cfg = engine.defaults
+    window = max(64, 4 * max(1, args.max_batch_size))
     os.makedirs(os.path.dirname(os.path.abspath(result_path)), exist_ok=True)
+    responses, golds = [], []
     written = 0
     with open(result_path, "a", encoding="utf-8") as fh, tqdm(total=len(records), desc="infer", disable=None) as bar:
-        for i in range(0, len(records), bs):
-            chunk = records[i:i + bs]
-            prompts, labels = [], []
+        for i in range(0, len(records), 1 if args.stream else window):
+            chunk = records[i:i + (1 if args.stream else window)]
+            prompts, labels, rendered = [], [], []
             for rec in chunk:
                 msgs = list(rec["messages"])
                 gold = None
@@ -303,27 +374,69 @@ def batch_infer(engine: Engine, args, loaded, result_path: str) -> int:
                     gold = msgs.pop()["content"]  # the gold reply becomes `labels`, as in ms-swift
                 prompts.append(msgs)
                 labels.append(gold)
-            if all(r.get("tools") == chunk[0].get("tools") for r in chunk):
-                replies = engine.generate(prompts, tools=chunk[0].get("tools"))
-            else:  # rows with different tool lists render different system prompts: generate them one by one
-                replies = [engine.generate([p], tools=r.get("tools"))[0] for p, r in zip(prompts, chunk)]
-            for rec, msgs, gold, rep in zip(chunk, prompts, labels, replies):
-                reply_msg = {"role": "assistant", "content": rep.content}
-                if rep.reasoning is not None:
-                    reply_msg["reasoning_content"] = rep.reasoning
-                line = {"response": rep.content, "labels": gold, "logprobs": None,
-                        "messages": [*msgs, reply_msg], "finish_reason": rep.finish_reason}
-                if rep.reasoning is not None:
-                    line["reasoning_content"] = rep.reasoning
-                line.update({k: v for k, v in rec.items() if k not in ("messages", "rejected_messages")})
-                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                try:
+                    rendered.append(engine.prompt(msgs, rec.get("tools")))
+                except PromptTooLong as e:
+                    raise ConfigError(f"--val_dataset row {i + len(rendered) + 1}: {e}; raise --max_model_len or "
+                                      f"shorten the row") from None
+            if args.stream:
+                replies = [[_stream_to(engine, rendered[0], cfg, sys.stdout)]]
+            else:
+                handles = [engine.submit(p, cfg) for p in rendered]
+                replies = [[engine.reply(h.result(), p, cfg) for h in hs] for hs, p in zip(handles, rendered)]
+            for rec, msgs, gold, reps in zip(chunk, prompts, labels, replies):
+                for rep in reps:
+                    if rep.error is not None:
+                        raise rep.error
+                fh.write(json.dumps(_result_line(engine, rec, msgs, gold, reps), ensure_ascii=False) + "\n")
+                responses.append(reps[0].content)
+                golds.append(gold)
                 written += 1
             fh.flush()
             bar.update(len(chunk))
+    if args.metric:
+        from tunesmith.benchmarks import infer_metrics
+        scores = infer_metrics(responses, golds, args.metric)
+        print(f"[tunesmith] infer --metric {args.metric}: {json.dumps(scores, ensure_ascii=False)}", file=sys.stderr)
     return written
 
 
-def chat(engine: Engine, args, result_path: Optional[str], stdin=None, stdout=None) -> None:
+def _result_line(engine: ChatEngine, rec: dict, msgs: list[dict], gold, reps: list[Reply]) -> dict:
+    first = reps[0]
+    reply_msg: dict = {"role": "assistant", "content": first.content}
+    if first.reasoning is not None:
+        reply_msg["reasoning_content"] = first.reasoning
+    if first.tool_calls:
+        reply_msg["tool_calls"] = first.tool_calls
+    line = {"response": first.content, "labels": gold, "logprobs": logprobs_json(engine.tok, first.logprobs),
+            "messages": [*msgs, reply_msg], "finish_reason": first.finish_reason}
+    if first.reasoning is not None:
+        line["reasoning_content"] = first.reasoning
+    if len(reps) > 1:
+        line["choices"] = [{"index": k, "response": r.content, "reasoning_content": r.reasoning,
+                            "finish_reason": r.finish_reason} for k, r in enumerate(reps)]
+    if rec.get("tools"):
+        line["tools"] = rec["tools"]
+    for k, v in (rec.get("columns") or {}).items():
+        line.setdefault(k, v)  # the row's own columns (ids, metadata) come back unchanged
+    return line
+
+
+def _stream_to(engine: ChatEngine, prompt: Prompt, cfg: GenConfig, out) -> Reply:
+    """Generate one reply, writing its reasoning and answer to `out` as they arrive."""
+    handle = engine.submit(prompt, replace(cfg, n=1))[0]
+    state = engine.stream_state(prompt, cfg)
+    for token in handle:
+        delta = state.feed(token)
+        out.write(delta.get("reasoning_content", "") + delta.get("content", ""))
+        out.flush()
+    reply, last = state.finish(handle.completion)
+    out.write(last.get("reasoning_content", "") + last.get("content", "") + "\n")
+    out.flush()
+    return reply
+
+
+def chat(engine: ChatEngine, args, result_path: Optional[str], stdin=None, stdout=None) -> None:
     """Interactive chat: streamed replies, multi-turn; `exit`/`quit`, `clear`, `reset-system`, `multi-line`."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     history: list[dict] = []
@@ -377,11 +490,14 @@ def chat(engine: Engine, args, result_path: Optional[str], stdin=None, stdout=No
 
 def main(args):
     engine, ckpt, _ = build_engine(args)
-    loaded = _infer_rows(args, ckpt)
-    if loaded is None:
-        chat(engine, args, args.result_path)
+    try:
+        loaded = _infer_rows(args, ckpt)
+        if loaded is None:
+            chat(engine, args, args.result_path)
+            return 0
+        result_path = args.result_path or _default_result_path(args, ckpt)
+        n = batch_infer(engine, args, loaded, result_path)
+        print(f"[tunesmith] infer: {n} rows -> {result_path}", file=sys.stderr)
         return 0
-    result_path = args.result_path or _default_result_path(args, ckpt)
-    n = batch_infer(engine, args, loaded, result_path)
-    print(f"[tunesmith] infer: {n} rows -> {result_path}", file=sys.stderr)
-    return 0
+    finally:
+        engine.close()

@@ -1,24 +1,30 @@
-"""`tunesmith deploy`: an OpenAI-compatible server (FastAPI + uvicorn) over the same `Engine` as `tunesmith infer`.
+"""`tunesmith deploy`: an OpenAI-compatible server (FastAPI + uvicorn) over the same `ChatEngine` as `tunesmith infer`.
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming as SSE ending
-in `data: [DONE]`). Requests are queued: one generation runs at a time (a lock around the engine), so concurrent
-requests never share or mix state; FastAPI's thread pool holds the waiting ones. Errors use OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}` (with ms-swift's `"object": "error"` alongside).
+in `data: [DONE]`). Handlers are async and never hold a lock: each request renders its prompt (in a worker
+thread), submits its sequences to the engine's scheduler (continuous batching across requests) and awaits its
+tokens on the event loop. A client that disconnects cancels its sequences (their batch slots are freed at the next
+decoding step). Errors of every origin use OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (with
+ms-swift's `"object": "error"` alongside). SIGTERM stops accepting, lets in-flight requests finish (up to
+GRACEFUL_SHUTDOWN_S) and then closes the engine.
 """
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
 import socket
 import sys
 import threading
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
 
 from tunesmith.errors import ConfigError
+
+GRACEFUL_SHUTDOWN_S = 15
 
 # The request schemas live at module level so FastAPI can resolve the handlers' annotations. This module is imported
 # only by `tunesmith deploy`, so pydantic never slows the CLI's start-up.
@@ -26,8 +32,11 @@ from tunesmith.errors import ConfigError
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str = Field(pattern="^(system|user|assistant|tool)$")
+    role: str = Field(pattern="^(system|developer|user|assistant|tool)$")
     content: Optional[Union[str, list]] = None
+    tool_calls: Optional[list] = None
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
 
 
 class Sampling(BaseModel):
@@ -37,18 +46,25 @@ class Sampling(BaseModel):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
+    top_k: Optional[int] = Field(None, ge=-1)
     repetition_penalty: Optional[float] = Field(None, gt=0)
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[dict] = None
+    logprobs: Optional[Union[bool, int]] = None   # chat: bool; legacy completions: an int (top alternatives)
+    top_logprobs: Optional[int] = Field(None, ge=0)
+    response_format: Optional[dict] = None
+    chat_template_kwargs: Optional[dict] = None
+    enable_thinking: Optional[bool] = None         # also accepted top-level, as Qwen's own servers take it
+    user: Optional[str] = None
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     tools: Optional[list] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict]] = None
 
 
 class CompletionRequest(Sampling):
@@ -79,22 +95,183 @@ def _text(content) -> str:
     return "".join(parts)
 
 
+def chat_messages(req: ChatRequest) -> list[dict]:
+    """The request's messages as plain dicts for the template: text content, assistant `tool_calls` and
+    `reasoning_content`, tool messages' `tool_call_id`/`name` (`developer` is the system role of newer clients)."""
+    out = []
+    for m in req.messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+        if m.tool_calls:
+            for c in m.tool_calls:
+                if not isinstance(c, dict) or not isinstance(c.get("function"), dict) or \
+                        not isinstance(c["function"].get("name"), str):
+                    raise ApiError(400, "each tool_calls entry needs function.name (and function.arguments)",
+                                   param="messages")
+            msg["tool_calls"] = m.tool_calls
+        for key in ("tool_call_id", "name"):
+            if getattr(m, key):
+                msg[key] = getattr(m, key)
+        extra = m.model_extra or {}
+        if extra.get("reasoning_content"):
+            msg["reasoning_content"] = extra["reasoning_content"]
+        out.append(msg)
+    return out
+
+
+class Server:
+    """The request handlers' shared state: the engine, the served model ids, the request log."""
+
+    def __init__(self, engine, served: dict[str, Optional[str]], result_path: Optional[str] = None,
+                 max_logprobs: int = 20):
+        self.engine, self.served, self.max_logprobs = engine, served, max_logprobs
+        self.result_path = result_path
+        self._log_lock = threading.Lock()
+
+    def adapter(self, name: str) -> Optional[str]:
+        if name not in self.served:
+            raise ApiError(404, f"the model '{name}' does not exist; available: {', '.join(self.served)}",
+                           code="model_not_found", param="model")
+        return self.served[name]
+
+    def config(self, req: Sampling, top_logprobs: int = 0):
+        """The request's sampling settings over the server's defaults; refuses what would be silently ignored."""
+        fmt = (req.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise ApiError(400, f"response_format {fmt!r} is not supported (no constrained decoding); "
+                                "ask for JSON in the prompt, or serve with --infer_backend vllm", param="response_format")
+        if top_logprobs > self.max_logprobs:
+            raise ApiError(400, f"top_logprobs {top_logprobs} is above this server's limit {self.max_logprobs} "
+                                "(--max_logprobs)", param="top_logprobs")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return self.engine.defaults.merged(
+            max_new_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
+            top_p=req.top_p, top_k=None if req.top_k in (None, -1) else req.top_k,
+            repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop or None, n=req.n,
+            logprobs=bool(req.logprobs) or top_logprobs > 0, top_logprobs=top_logprobs)
+
+    async def prompt(self, messages: list[dict], tools, template_kwargs: dict):
+        """Render and tokenise in a worker thread: a long prompt never stalls the event loop."""
+        from starlette.concurrency import run_in_threadpool
+
+        from tunesmith.infer import PromptTooLong
+        try:
+            return await run_in_threadpool(self.engine.prompt, messages, tools, template_kwargs)
+        except PromptTooLong as e:
+            raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from None
+        except Exception as e:  # noqa: BLE001 - the template refused these messages (raise_exception in Jinja)
+            raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
+
+    def submit(self, prompt, cfg, adapter):
+        try:
+            return self.engine.submit(prompt, cfg, adapter, loop=asyncio.get_running_loop())
+        except (ValueError, RuntimeError) as e:
+            raise ApiError(503 if isinstance(e, RuntimeError) else 400, str(e)) from None
+
+    def log(self, request: dict, response: dict) -> None:
+        """--result_path: one line per finished request, as ms-swift writes it (request fields + response)."""
+        if not self.result_path:
+            return
+        line = json.dumps({**request, "response": response}, ensure_ascii=False)
+        with self._log_lock, open(self.result_path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+async def _wait(handles: list, request) -> list:
+    """All completions; if the client goes away first, cancel the sequences (their slots free at the next step)."""
+    task = asyncio.ensure_future(asyncio.gather(*(h.aresult() for h in handles)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                for h in handles:
+                    h.cancel()
+                return await task
+    finally:
+        if not task.done():
+            for h in handles:
+                h.cancel()
+
+
+def _check(replies: list) -> None:
+    for r in replies:
+        if r.error is not None:
+            raise ApiError(500, f"generation failed: {type(r.error).__name__}: {r.error}", code="server_error")
+
+
+def _usage(prompt_tokens: int, replies: list) -> dict:
+    done = sum(r.completion_tokens for r in replies)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(server: Server, handles: list, prompt, cfg, chunk, include_usage: bool, on_done):
+    """SSE events for each choice in turn (all generate concurrently); the client going away cancels them all."""
+    from tunesmith.infer import logprobs_json
+    try:
+        yield _sse(chunk(0, None, first=True))
+        replies = []
+        for index, handle in enumerate(handles):
+            state = server.engine.stream_state(prompt, cfg)
+            async for token in handle:
+                delta = state.feed(token)
+                if delta:
+                    yield _sse(chunk(index, delta))
+            reply, last = state.finish(handle.completion)
+            if reply.error is not None:
+                yield _sse(_error_body(500, f"generation failed: {reply.error}", "server_error"))
+                yield "data: [DONE]\n\n"
+                return
+            yield _sse(chunk(index, last or None, finish=reply.finish_reason,
+                             logprobs=logprobs_json(server.engine.tok, reply.logprobs)))
+            replies.append(reply)
+        if include_usage:
+            yield _sse({**chunk(0, None), "choices": [], "usage": _usage(len(prompt.ids), replies)})
+        yield "data: [DONE]\n\n"
+        on_done(replies)
+    finally:
+        for h in handles:
+            h.cancel()  # no-op for finished sequences; frees the rest when the client went away
+
+
 def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] = None,
-               owned_by: str = "tunesmith"):
-    """served: model id -> adapter name to activate (None = the model as loaded, "" = the base without adapters)."""
-    from fastapi import FastAPI, Request
+               owned_by: str = "tunesmith", result_path: Optional[str] = None, max_logprobs: int = 20):
+    """The FastAPI app. served: model id -> adapter to use (None = the model as loaded, "" = the base without
+    adapters, or a named adapter)."""
+    import contextlib
+
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
-    from tunesmith.infer import PromptTooLong, Reply
-
-    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
-    lock = threading.Lock()
+    server = Server(engine, served, result_path, max_logprobs)
     created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        engine.close()  # after uvicorn drained in-flight requests: anything left ends with "abort"
+
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
         return JSONResponse(_error_body(e.status, e.message, e.code, e.param), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, e: HTTPException):
+        return JSONResponse(_error_body(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else
+                                        "invalid_request_error"), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):
+        return JSONResponse(_error_body(500, f"internal error: {type(e).__name__}: {e}", "server_error"),
+                            status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_, e: RequestValidationError):
@@ -109,126 +286,102 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or token.strip() != api_key:
                 return JSONResponse(_error_body(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                                 "invalid_api_key"), status_code=401)
         return await call_next(request)
 
     @app.get("/health")
-    def health():
+    async def health():
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    def models():
+    async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": owned_by}
                                            for name in served]}
 
-    def require(name: str) -> None:
-        if name not in served:
-            raise ApiError(404, f"the model '{name}' does not exist; available: {', '.join(served)}",
-                           code="model_not_found", param="model")
-
-    @contextlib.contextmanager
-    def use_model(name: str):
-        """Hold the engine for one request, with the requested adapter active."""
-        require(name)
-        adapter = served[name]
-        with lock:
-            m = engine.model
-            if adapter is None:
-                yield
-            elif adapter == "":
-                with m.disable_adapter():
-                    yield
-            else:
-                m.set_adapter(adapter)
-                yield
-
-    def config(req):
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return engine.defaults.merged(max_new_tokens=req.max_completion_tokens or req.max_tokens,
-                                      temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                      repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop or None)
-
-    def usage(r: Reply) -> dict:
-        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                "total_tokens": r.prompt_tokens + r.completion_tokens}
-
-    def run(name: str, messages: list[dict], cfg, tools=None) -> Reply:
-        with use_model(name):
-            try:
-                return engine.generate([messages], cfg, tools=tools)[0]
-            except PromptTooLong as e:
-                raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from None
-
-    def sse(name: str, messages: list[dict], cfg, chunk, include_usage: bool, tools=None):
-        """Check the model and the prompt before the stream starts (so errors are real HTTP errors), then
-        stream under the engine lock."""
-        require(name)
-        try:
-            engine.check_prompt(messages, cfg, tools=tools)
-        except PromptTooLong as e:
-            raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from None
-
-        def events():
-            with use_model(name):
-                yield f"data: {json.dumps(chunk(None, first=True))}\n\n"
-                final = None
-                for piece in engine.stream(messages, cfg, tools=tools):
-                    if isinstance(piece, Reply):
-                        final = piece
-                    elif piece:
-                        yield f"data: {json.dumps(chunk(piece))}\n\n"
-                yield f"data: {json.dumps(chunk(None, finish=final.finish_reason))}\n\n"
-                if include_usage:
-                    yield f"data: {json.dumps({**chunk(None), 'choices': [], 'usage': usage(final)})}\n\n"
-                yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream")
-
     @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatRequest):
-        messages = []
-        for m in req.messages:
-            msg: dict[str, Any] = {"role": m.role, "content": _text(m.content)}
-            extra = m.model_extra or {}
-            if extra.get("reasoning_content"):
-                msg["reasoning_content"] = extra["reasoning_content"]
-            messages.append(msg)
-        cfg = config(req)
+    async def chat_completions(req: ChatRequest, request: Request):
+        from tunesmith.infer import logprobs_json
+
+        adapter = server.adapter(req.model)
+        if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
+            raise ApiError(400, "tool_choice 'required' or a named function is not supported (no constrained "
+                                "decoding); use 'auto' or 'none'", param="tool_choice")
+        messages = chat_messages(req)
+        cfg = server.config(req, req.top_logprobs or 0)
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.enable_thinking is not None:
+            kwargs.setdefault("enable_thinking", req.enable_thinking)
+        prompt = await server.prompt(messages, req.tools, kwargs)
+        prompt.tools = bool(req.tools) and req.tool_choice != "none"
+        handles = server.submit(prompt, cfg, adapter)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        logged = req.model_dump(exclude_none=True)
+
+        def message(r) -> dict:
+            msg: dict[str, Any] = {"role": "assistant", "content": r.content if (r.content or not r.tool_calls)
+                                   else None}
+            if r.reasoning is not None:
+                msg["reasoning_content"] = r.reasoning
+            if r.tool_calls:
+                msg["tool_calls"] = r.tool_calls
+            return msg
+
         if req.stream:
-            def chunk(text, first=False, finish=None):
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            def chunk(index, delta, first=False, finish=None, logprobs=None):
+                d = {"role": "assistant", "content": ""} if first else (delta or {})
                 return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": req.model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                        "choices": [{"index": index, "delta": d, "finish_reason": finish, "logprobs": logprobs}]}
+
+            def done(replies):
+                server.log(logged, {"id": rid, "choices": [{"index": i, "message": message(r),
+                                                            "finish_reason": r.finish_reason}
+                                                           for i, r in enumerate(replies)],
+                                    "usage": _usage(len(prompt.ids), replies)})
             include = bool((req.stream_options or {}).get("include_usage"))
-            return sse(req.model, messages, cfg, chunk, include, tools=req.tools)
-        r = run(req.model, messages, cfg, tools=req.tools)
-        message = {"role": "assistant", "content": r.content}
-        if r.reasoning is not None:
-            message["reasoning_content"] = r.reasoning
-        return {"id": rid, "object": "chat.completion", "created": now, "model": req.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": r.finish_reason, "logprobs": None}],
-                "usage": usage(r)}
+            return StreamingResponse(_stream(server, handles, prompt, cfg, chunk, include, done),
+                                     media_type="text/event-stream")
+        completions = await _wait(handles, request)
+        replies = [engine.reply(c, prompt, cfg) for c in completions]
+        _check(replies)
+        body = {"id": rid, "object": "chat.completion", "created": now, "model": req.model,
+                "choices": [{"index": i, "message": message(r), "finish_reason": r.finish_reason,
+                             "logprobs": logprobs_json(engine.tok, r.logprobs)} for i, r in enumerate(replies)],
+                "usage": _usage(len(prompt.ids), replies)}
+        server.log(logged, body)
+        return body
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
+        adapter = server.adapter(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise ApiError(400, "send one prompt per request", param="prompt")
-        messages = [{"role": "user", "content": prompts[0]}]  # ms-swift: the prompt is one user message
-        cfg = config(req)
+        top = req.logprobs if isinstance(req.logprobs, int) and not isinstance(req.logprobs, bool) else 0
+        cfg = server.config(req, top)
+        # ms-swift: the prompt is one user message, rendered with the chat template
+        prompt = await server.prompt([{"role": "user", "content": prompts[0]}], None, dict(req.chat_template_kwargs or {}))
+        handles = server.submit(prompt, cfg, adapter)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        logged = req.model_dump(exclude_none=True)
         if req.stream:
-            def chunk(text, first=False, finish=None):
+            def chunk(index, delta, first=False, finish=None, logprobs=None):
                 return {"id": rid, "object": "text_completion", "created": now, "model": req.model,
-                        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+                        "choices": [{"index": index, "text": (delta or {}).get("content", ""),
+                                     "finish_reason": finish, "logprobs": None}]}
             include = bool((req.stream_options or {}).get("include_usage"))
-            return sse(req.model, messages, cfg, chunk, include)
-        r = run(req.model, messages, cfg)
-        return {"id": rid, "object": "text_completion", "created": now, "model": req.model,
-                "choices": [{"index": 0, "text": r.content, "finish_reason": r.finish_reason, "logprobs": None}],
-                "usage": usage(r)}
+            return StreamingResponse(_stream(server, handles, prompt, cfg, chunk, include, lambda r: None),
+                                     media_type="text/event-stream")
+        replies = [engine.reply(c, prompt, cfg) for c in await _wait(handles, request)]
+        _check(replies)
+        body = {"id": rid, "object": "text_completion", "created": now, "model": req.model,
+                "choices": [{"index": i, "text": r.content, "finish_reason": r.finish_reason, "logprobs": None}
+                            for i, r in enumerate(replies)],
+                "usage": _usage(len(prompt.ids), replies)}
+        server.log(logged, body)
+        return body
 
     return app
 
@@ -263,11 +416,13 @@ def main(args):
     _check_port(args.host, args.port)
     engine, ckpt, named = build_engine(args)
     served = served_models(args, named, ckpt)
-    app = create_app(engine, served, api_key=args.api_key, owned_by=args.owned_by)
+    app = create_app(engine, served, api_key=args.api_key, owned_by=args.owned_by, result_path=args.result_path,
+                     max_logprobs=args.max_logprobs)
     where = "reachable from the network" if args.host in ("0.0.0.0", "::") else \
         "local only; --host 0.0.0.0 exposes it to the network"
     print(f"[tunesmith] deploy: serving {', '.join(served)} at http://{args.host}:{args.port}/v1 ({where})"
           + ("; API key required" if args.api_key else ""), file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info",
-                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0

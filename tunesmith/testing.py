@@ -182,8 +182,20 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def build_tokenizer(family: str = "qwen2", vocab_size: int = 2048):
-    """A byte-level BPE tokenizer (trained here, offline) with the family's special tokens and chat template."""
+OFFICIAL_TEMPLATES = {"chatml": "qwen2_5", "qwen2": "qwen2_5", "qwen3": "qwen3", "gpt_oss": "gptoss",
+                      "llama3": "llama3_1", "llama": "llama3_1"}
+
+
+def load_official_template(family: str) -> str:
+    """The model family's official chat template (tools, tool calls, reasoning), from tunesmith/assets."""
+    path = os.path.join(os.path.dirname(__file__), "assets", "chat_templates", OFFICIAL_TEMPLATES[family] + ".jinja")
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def build_tokenizer(family: str = "qwen2", vocab_size: int = 2048, official_template: bool = False):
+    """A byte-level BPE tokenizer (trained here, offline) with the family's special tokens and chat template
+    (official_template: the real model's template instead of the compact one above)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -194,7 +206,7 @@ def build_tokenizer(family: str = "qwen2", vocab_size: int = 2048):
                                   eos_token=eos, pad_token=pad, bos_token=bos, unk_token=None)
     tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (eos, pad, bos)]})
     tok.add_tokens(PLAIN_ADDED_TOKENS)
-    tok.chat_template = template
+    tok.chat_template = load_official_template(family) if official_template else template
     tok.model_max_length = 4096
     return tok
 
@@ -226,13 +238,13 @@ def build_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2
 
 def build_model(out_dir: str, family: str = "qwen2", hidden: int = 64, layers: int = 2, heads: int = 4,
                 intermediate: int | None = None, vocab_size: int = 2048, seed: int = 0,
-                model_vocab: int | None = None) -> str:
+                model_vocab: int | None = None, official_template: bool = False) -> str:
     """Save a random model + tokenizer as a normal HF directory at out_dir; return the path. `model_vocab` widens
     the embedding/output layer beyond the tokenizer (benchmarks: a realistic vocabulary-sized logits cost)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    tok = build_tokenizer(family, vocab_size)
+    tok = build_tokenizer(family, vocab_size, official_template=official_template)
     config = build_config(family, max(len(tok), model_vocab or 0), hidden, layers, heads, intermediate)
     config.eos_token_id = tok.eos_token_id
     config.pad_token_id = tok.pad_token_id
@@ -240,7 +252,10 @@ def build_model(out_dir: str, family: str = "qwen2", hidden: int = 64, layers: i
         config.bos_token_id = tok.bos_token_id
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    eos = tok.eos_token_id
+    if family == "gpt_oss":  # as gpt-oss ships it: a reply ends at <|return|> (answer) or <|call|> (tool call)
+        eos = [tok.convert_tokens_to_ids("<|return|>"), tok.convert_tokens_to_ids("<|call|>")]
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id,
                                                bos_token_id=tok.bos_token_id)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)

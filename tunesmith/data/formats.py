@@ -326,6 +326,17 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
     return out
 
 
+_FORMAT_COLUMNS = {k.lower() for k in MESSAGE_KEYS + QUERY_KEYS + RESPONSE_KEYS + SYSTEM_KEYS} | {
+    "history", "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label"}
+
+
+def extra_columns(row: Any, columns: Optional[dict] = None) -> dict:
+    """The row's columns that no format reads (ids, metadata, …): `tunesmith infer` writes them back unchanged."""
+    if not isinstance(row, dict):
+        return {}
+    return {k: v for k, v in _rename_columns(row, columns).items() if str(k).lower() not in _FORMAT_COLUMNS}
+
+
 def row_kind(record: dict) -> str:
     """sft, preference or kto."""
     if "rejected_messages" in record:

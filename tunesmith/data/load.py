@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from tunesmith.data.formats import normalise_row
+from tunesmith.data.formats import extra_columns, normalise_row
 from tunesmith.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -216,8 +216,9 @@ def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Option
 
 
 def normalise_rows(raw: Iterable[RawRow], strict: bool = True, columns: Optional[dict] = None,
-                   need_reply: bool = True, max_reasons: int = 5) -> LoadResult:
-    """Normalise every row. strict: the first bad row raises. Otherwise bad rows are dropped and counted."""
+                   need_reply: bool = True, max_reasons: int = 5, keep_columns: bool = False) -> LoadResult:
+    """Normalise every row. strict: the first bad row raises. Otherwise bad rows are dropped and counted.
+    keep_columns: each record also carries "columns", the row's other columns (see formats.extra_columns)."""
     result = LoadResult([], [])
     for rr in raw:
         try:
@@ -229,6 +230,8 @@ def normalise_rows(raw: Iterable[RawRow], strict: bool = True, columns: Optional
             if len(result.reasons) < max_reasons:
                 result.reasons.append(str(e))
             continue
+        if keep_columns:
+            rec["columns"] = extra_columns(rr.row, columns)
         result.records.append(rec)
         result.sources.append((rr.source, rr.line))
     return result
@@ -236,12 +239,13 @@ def normalise_rows(raw: Iterable[RawRow], strict: bool = True, columns: Optional
 
 def load_datasets(specs: list[str], *, strict: bool = True, columns: Optional[dict] = None, seed: int = 42,
                   need_reply: bool = True, use_hf: bool = False, hub_token: Optional[str] = None,
-                  what: str = "--dataset") -> LoadResult:
-    """Load and normalise several dataset specs into one list (in order; shuffling is the trainer's job)."""
+                  what: str = "--dataset", keep_columns: bool = False) -> LoadResult:
+    """Load and normalise several dataset specs into one list (in order; shuffling is the trainer's job).
+    keep_columns: records carry the rows' other columns under "columns" (for `tunesmith infer`)."""
     raw: list[RawRow] = []
     for spec in specs:
         raw.extend(read_spec(spec, seed=seed, use_hf=use_hf, hub_token=hub_token))
-    result = normalise_rows(raw, strict=strict, columns=columns, need_reply=need_reply)
+    result = normalise_rows(raw, strict=strict, columns=columns, need_reply=need_reply, keep_columns=keep_columns)
     if not result.records:
         detail = f" All {result.dropped} rows were bad; first reasons:\n  " + "\n  ".join(result.reasons) \
             if result.dropped else ""

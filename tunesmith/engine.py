@@ -1,0 +1,504 @@
+"""The generation engine: one scheduler thread owns the model and runs every generation (`infer`, `deploy`,
+`eval`, and later RL rollouts) as continuous batches.
+
+What lives here: token-level scheduling only — prompts in as token ids, token ids (and log-probs) out. Chat
+templates, reasoning and tool-call parsing live in `tunesmith.reply`; HTTP in `tunesmith.serve`.
+
+How a step works. Requests wait in a queue. Between decoding steps the scheduler admits queued requests (up to
+`max_batch_size` rows in flight), prefills them as one left-padded batch, and appends their KV cache to the running
+batch's (left-padded to a common length: every row stays `[pads…, real tokens]`, so position ids and sliding
+windows are measured as in a lone run). Each step feeds every row its last token; a row that stops (stop token,
+stop string, `max_new_tokens`, or a cancelled handle) leaves the batch and its cache rows are dropped at once.
+Rows of different LoRA adapters share a batch through peft's per-row `adapter_names`.
+
+Why our own loop and not transformers' `ContinuousBatchingManager`: on CPU the paged-attention path measured
+slower than plain batching (bench/RESULTS.md, `bench/serve_load.py`), and this loop gives per-row sampling
+settings, per-request seeds, per-step cancellation and log-probs. Greedy rows are exact against a lone run up to
+float summation order (tests/test_engine.py compares token for token).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+# A prefill batch holds at most this many (padded) prompt tokens, so one huge prompt does not stall the batch
+# behind it for long and the prefill activations stay bounded; a single longer prompt still runs alone.
+MAX_PREFILL_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-sequence generation settings. `temperature` 0 is greedy. Processors apply in transformers' order:
+    repetition penalty, temperature, top-k, top-p (Holtzman et al. 2020). `top_logprobs` > 0 returns that many
+    alternatives per token (implies `logprobs`)."""
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple = ()                  # strings; generation ends when the decoded output contains one
+    stop_token_ids: tuple = ()        # in addition to the engine's own stop ids
+    seed: Optional[int] = None        # per-sequence RNG: the same seed gives the same sample whatever the batch
+    logprobs: bool = False
+    top_logprobs: int = 0
+    num_beams: int = 1                # > 1: beam search through `model.generate`, run alone
+
+
+@dataclass
+class TokenLogprob:
+    """log p (nats) of a generated token under the model's raw distribution, with the top alternatives."""
+    token_id: int
+    logprob: float
+    top: list = field(default_factory=list)   # [(token_id, logprob), …], most likely first
+
+
+@dataclass
+class Completion:
+    """A finished sequence. finish_reason: "stop" (stop token or string), "length", "abort" (cancelled or the
+    engine closed) or "error" (then `error` holds the exception)."""
+    token_ids: list
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: Optional[list] = None
+    stop_hit: Optional[str] = None     # the stop string that ended it, if any
+    error: Optional[BaseException] = None
+
+
+class Handle:
+    """One submitted sequence. Iterate (`for tok in handle` / `async for tok in handle`) to receive token ids as
+    they are generated; `result()` / `await aresult()` wait for the `Completion`. `cancel()` frees its batch slot
+    at the next step. Thread-safe: the scheduler pushes, one consumer reads."""
+
+    def __init__(self, prompt_ids: list, params: SamplingParams, adapter: Optional[str],
+                 loop: Optional[asyncio.AbstractEventLoop] = None):
+        self.prompt_ids, self.params, self.adapter = list(prompt_ids), params, adapter
+        self.cancelled = False
+        self.completion: Optional[Completion] = None
+        self._loop = loop
+        self._q: Any = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _push(self, item) -> None:
+        if self._loop is None:
+            self._q.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._q.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is gone (server shut down): nobody is listening
+            self.cancelled = True
+
+    def _finish(self, completion: Completion) -> None:
+        self.completion = completion
+        self._push(completion)
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self._q.get()
+            if isinstance(item, Completion):
+                return
+            yield item
+
+    async def __aiter__(self):
+        while True:
+            item = await self._q.get()
+            if isinstance(item, Completion):
+                return
+            yield item
+
+    def result(self) -> Completion:
+        for _ in self:
+            pass
+        return self.completion
+
+    async def aresult(self) -> Completion:
+        async for _ in self:
+            pass
+        return self.completion
+
+
+class _Row:
+    """A sequence in the running batch."""
+
+    def __init__(self, handle: Handle, generator):
+        self.handle, self.params = handle, handle.params
+        self.generated: list[int] = []
+        self.logprobs: Optional[list] = [] if (handle.params.logprobs or handle.params.top_logprobs) else None
+        self.generator = generator
+        self.position = len(handle.prompt_ids)  # position id of the next token fed
+        self.stop_ids = set(handle.params.stop_token_ids)
+        self.finish: Optional[str] = None
+        self.stop_hit: Optional[str] = None
+
+
+class GenerationEngine:
+    """Owns a causal LM (a transformers model or a peft `PeftModel`) and runs all generation on one scheduler
+    thread, started on first use.
+
+    Args:
+        model: the model, in eval mode while generating (the engine switches it and restores the mode).
+        tokenizer: decodes output tails for stop strings.
+        stop_ids: token ids that end every sequence (the model's generation_config eos ids, the template's
+            end-of-turn tokens).
+        max_batch_size: rows in flight at once (ms-swift's `--max_batch_size`; ≤ 0 means unbounded).
+        max_model_len: prompt + completion limit in tokens; `submit` raises `ValueError` past it.
+    """
+
+    def __init__(self, model, tokenizer, stop_ids, max_batch_size: int = 32, max_model_len: int = 4096):
+        self.model, self.tok = model, tokenizer
+        self.stop_ids = frozenset(int(i) for i in stop_ids if i is not None)
+        self.max_batch_size = max_batch_size if max_batch_size and max_batch_size > 0 else 1 << 30
+        self.max_model_len = max_model_len
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self._pending: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self._adapter_names = _peft_adapters(model)
+
+    # -------------------------------------------------------------- public
+
+    def submit(self, prompt_ids: list, params: SamplingParams, adapter: Optional[str] = None,
+               loop: Optional[asyncio.AbstractEventLoop] = None) -> Handle:
+        """Queue one sequence. adapter: None = the model as loaded, "" = the base with adapters off, or a peft
+        adapter name. loop: deliver tokens to this asyncio loop (for `async for`). Raises ValueError when the
+        prompt leaves no room under `max_model_len`, RuntimeError after `close()`."""
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's limit is {self.max_model_len}")
+        if adapter and adapter not in self._adapter_names:
+            raise ValueError(f"no adapter named {adapter!r}; loaded: {', '.join(self._adapter_names) or 'none'}")
+        room = self.max_model_len - len(prompt_ids)
+        params = _replace(params, max_new_tokens=max(1, min(params.max_new_tokens or room, room)))
+        handle = Handle(prompt_ids, params, adapter, loop)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the generation engine is shut down")
+            self._pending.append(handle)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tunesmith-engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return handle
+
+    def generate(self, prompts: list, params: SamplingParams, adapter: Optional[str] = None) -> list[Completion]:
+        """Submit every prompt, wait for all: the completions in prompt order."""
+        handles = [self.submit(p, params, adapter) for p in prompts]
+        return [h.result() for h in handles]
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the scheduler: queued and running sequences end with finish_reason "abort"."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -------------------------------------------------------------- the scheduler thread
+
+    def _run(self) -> None:
+        import torch
+
+        state = _Batch()
+        with torch.inference_mode():
+            while True:
+                admitted, closing = self._admit(state)
+                if closing:
+                    for row in state.rows:
+                        self._end(row, "abort")
+                    for handle in admitted:
+                        handle._finish(Completion([], "abort", len(handle.prompt_ids)))
+                    return
+                try:
+                    self._step(state, admitted)
+                except Exception as e:  # noqa: BLE001 - reported to every affected request; the engine goes on
+                    for row in state.rows:
+                        row.handle._finish(Completion(row.generated, "error", len(row.handle.prompt_ids), error=e))
+                    for handle in admitted:
+                        if handle.completion is None:
+                            handle._finish(Completion([], "error", len(handle.prompt_ids), error=e))
+                    state = _Batch()
+
+    def _admit(self, state) -> tuple[list[Handle], bool]:
+        """Wait until there is work; take queued handles that fit (rows, prefill tokens)."""
+        with self._cv:
+            while not self._pending and not state.rows and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                taken = list(self._pending)
+                self._pending.clear()
+                return taken, True
+            taken, longest = [], 0
+            while self._pending and len(state.rows) + len(taken) < self.max_batch_size:
+                h = self._pending[0]
+                if h.cancelled:
+                    self._pending.popleft()._finish(Completion([], "abort", len(h.prompt_ids)))
+                    continue
+                if h.params.num_beams > 1 and (taken or state.rows):
+                    break  # beam search runs alone
+                longest = max(longest, len(h.prompt_ids))
+                if taken and longest * (len(taken) + 1) > MAX_PREFILL_TOKENS:
+                    break
+                taken.append(self._pending.popleft())
+                if h.params.num_beams > 1:
+                    break
+            return taken, False
+
+    def _step(self, state: "_Batch", admitted: list[Handle]) -> None:
+        import torch
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            state.drop([r for r in state.rows if r.handle.cancelled], self._end)
+            if admitted and admitted[0].params.num_beams > 1:
+                self._beam_search(admitted[0])
+                return
+            if admitted:
+                self._prefill(state, admitted)
+            if not state.rows:
+                return
+            feed = torch.tensor([[r.generated[-1]] for r in state.rows], device=self.device)
+            pos = torch.tensor([[r.position] for r in state.rows], device=self.device)
+            state.mask = torch.cat([state.mask, state.mask.new_ones(len(state.rows), 1)], dim=1)
+            out = self.model(input_ids=feed, attention_mask=state.mask, position_ids=pos,
+                             past_key_values=state.cache, use_cache=True, **self._adapter_kwargs(state.rows))
+            for r in state.rows:
+                r.position += 1
+            done = self._choose(state.rows, out.logits[:, -1])
+            state.drop(done, self._end)
+        finally:
+            if was_training:
+                self.model.train()
+
+    def _prefill(self, state: "_Batch", handles: list[Handle]) -> None:
+        """Run the new prompts as one left-padded batch, choose their first tokens, and join them to the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        rows = [_Row(h, _generator(h.params.seed, self.device)) for h in handles]
+        longest = max(len(h.prompt_ids) for h in handles)
+        ids = torch.tensor([[self.pad_id] * (longest - len(h.prompt_ids)) + h.prompt_ids for h in handles],
+                           device=self.device)
+        mask = torch.tensor([[0] * (longest - len(h.prompt_ids)) + [1] * len(h.prompt_ids) for h in handles],
+                            device=self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1, **self._adapter_kwargs(rows))
+        done = self._choose(rows, out.logits[:, -1])
+        keep = [i for i, r in enumerate(rows) if r not in done]
+        for r in done:
+            self._end(r)
+        if keep:
+            state.join([rows[i] for i in keep], cache, mask, keep)
+
+    def _beam_search(self, handle: Handle) -> None:
+        import torch
+
+        p = handle.params
+        ids = torch.tensor([handle.prompt_ids], device=self.device)
+        kw = dict(max_new_tokens=p.max_new_tokens, num_beams=p.num_beams, do_sample=False,
+                  eos_token_id=sorted(self.stop_ids | set(p.stop_token_ids)), pad_token_id=self.pad_id)
+        if p.repetition_penalty != 1.0:
+            kw["repetition_penalty"] = p.repetition_penalty
+        if p.stop:
+            kw.update(stop_strings=list(p.stop), tokenizer=self.tok)
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw,
+                                  **self._adapter_kwargs([_Row(handle, None)]))
+        row = _Row(handle, None)
+        for t in out[0, len(handle.prompt_ids):].tolist():
+            row.generated.append(t)
+            handle._push(t)
+            if self._stopped(row, t):
+                break
+        self._end(row)
+
+    # -------------------------------------------------------------- per-row decisions
+
+    def _choose(self, rows: list[_Row], logits) -> list[_Row]:
+        """Pick each row's next token from its last logits [B, V]; push it; return the rows that are done."""
+        import torch
+
+        logits = logits.float()
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0]
+        picks = [0] * len(rows)
+        if greedy:
+            idx = torch.tensor(greedy, device=logits.device)
+            for i, t in zip(greedy, logits.index_select(0, idx).argmax(-1).tolist()):
+                picks[i] = t
+        plain = set(greedy)
+        for i, r in enumerate(rows):
+            if i not in plain:
+                picks[i] = _sample(logits[i], r, self.pad_id)
+        need = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        if need:
+            logps = torch.log_softmax(logits[need], dim=-1)
+            for j, i in enumerate(need):
+                k = rows[i].params.top_logprobs
+                top = logps[j].topk(k) if k else None
+                rows[i].logprobs.append(TokenLogprob(
+                    picks[i], float(logps[j, picks[i]]),
+                    list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
+        done = []
+        for r, t in zip(rows, picks):
+            r.generated.append(t)
+            r.handle._push(t)
+            if self._stopped(r, t):
+                done.append(r)
+        return done
+
+    def _stopped(self, row: _Row, token: int) -> bool:
+        p = row.params
+        if token in self.stop_ids or token in row.stop_ids:
+            row.finish = "stop"
+            return True
+        if p.stop:
+            # Only the tail can hold a new match: a stop string spans at most len(s) tokens (plus bytes that
+            # decode together), so decoding the last few tokens each step is enough.
+            span = max(len(s) for s in p.stop) + 4
+            tail = self.tok.decode(row.generated[-span:], skip_special_tokens=False)
+            hit = next((s for s in p.stop if s and s in tail), None)
+            if hit is not None:
+                row.finish, row.stop_hit = "stop", hit
+                return True
+        if len(row.generated) >= p.max_new_tokens:
+            row.finish = "length"
+            return True
+        return False
+
+    def _end(self, row: _Row, reason: Optional[str] = None) -> None:
+        reason = reason or row.finish or "abort"
+        row.handle._finish(Completion(row.generated, reason, len(row.handle.prompt_ids), row.logprobs, row.stop_hit))
+
+    def _adapter_kwargs(self, rows: list[_Row]) -> dict:
+        """peft's per-row adapter choice (mixed-batch LoRA inference); nothing when every row uses the model as
+        loaded."""
+        if not self._adapter_names or all(r.handle.adapter is None for r in rows):
+            return {}
+        active = _active_adapter(self.model)
+        names = ["__base__" if r.handle.adapter == "" else (r.handle.adapter or active) for r in rows]
+        return {"adapter_names": names}
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+class _Batch:
+    """The running batch: rows, their shared KV cache ([B, heads, L, dim] per layer) and attention mask [B, L]."""
+
+    def __init__(self):
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask = None
+
+    def join(self, rows: list[_Row], cache, mask, keep: list[int]) -> None:
+        import torch
+
+        if len(keep) != mask.shape[0]:
+            idx = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(idx)
+            mask = mask.index_select(0, idx)
+        if not self.rows:
+            self.rows, self.cache, self.mask = rows, cache, mask
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for old, new in zip(self.cache.layers, cache.layers):
+                old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+                old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+            self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)], dim=0)
+            self.rows = self.rows + rows
+        self._trim()
+
+    def drop(self, rows: list[_Row], end) -> None:
+        import torch
+
+        if not rows:
+            return
+        for r in rows:
+            end(r)
+        gone = set(map(id, rows))
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask.index_select(0, idx)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding in every row (left behind by rows that finished)."""
+        first = int(self.mask.any(0).nonzero()[0])
+        if first:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+
+def _left_pad(t, width: int, dim: int = 2):
+    import torch.nn.functional as F
+    missing = width - t.shape[dim]
+    if not missing:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
+    return F.pad(t, pad)
+
+
+def _sample(logits, row: _Row, pad_id: int) -> int:
+    """One token from a row's logits [V] with its processors (transformers' order and semantics)."""
+    import torch
+
+    p = row.params
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): divide positive, multiply negative scores
+        seen = torch.tensor(sorted(set(row.handle.prompt_ids) | set(row.generated)), device=logits.device)
+        score = logits[seen]
+        logits[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+    if p.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - p.top_p)
+        remove[-1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _generator(seed: Optional[int], device):
+    if seed is None:
+        return None
+    import torch
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed) % (1 << 63))
+    return g
+
+
+def _peft_adapters(model) -> list[str]:
+    config = getattr(model, "peft_config", None)
+    return list(config) if isinstance(config, dict) else []
+
+
+def _active_adapter(model) -> str:
+    active = getattr(model, "active_adapter", None)
+    if isinstance(active, (list, tuple)):
+        active = active[0]
+    return active or "default"
+
+
+def _replace(params: SamplingParams, **kw) -> SamplingParams:
+    from dataclasses import replace
+    return replace(params, **kw)
