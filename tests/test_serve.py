@@ -1,0 +1,203 @@
+"""`tunesmith deploy` under real use: clients that drop their streams, hundreds of concurrent clients (some
+cancelling), SIGTERM under load, n/logprobs over HTTP, and a tool-call round trip through the official openai
+client. Servers are real (a subprocess, or uvicorn on a thread for the scripted model), on loopback only."""
+import concurrent.futures as cf
+import http.client
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from test_after_training import _free_port, _http
+from test_engine import WEATHER, _scripted_chat, _weather_script
+
+
+def _start(model_dir, *extra):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", "--model", model_dir, "--port", str(port),
+                             "--max_new_tokens", "8", "--temperature", "0", "--verbose", "false",
+                             "--max_batch_size", "64", "--served_model_name", "m", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if _http("GET", f"http://127.0.0.1:{port}/health")[0] == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read())
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    proc, port = _start(tiny_models("qwen2"))
+    yield port, proc
+    if proc.poll() is None:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def _ask(port, content, stream=False, max_tokens=8, cancel_after=None, timeout=120):
+    """One chat request over a raw connection: the reply text (streamed or not); cancel_after=k closes the
+    connection after k stream events (the client going away)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": max_tokens, "stream": stream}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    if not stream:
+        out = json.loads(resp.read())["choices"][0]["message"]["content"]
+        conn.close()
+        return out
+    text, events = "", 0
+    for line in resp:
+        line = line.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        events += 1
+        if cancel_after is not None and events >= cancel_after:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+            return None
+        event = json.loads(line[6:])
+        assert "error" not in event, event
+        if event["choices"]:
+            text += event["choices"][0]["delta"].get("content") or ""
+    conn.close()
+    return text
+
+
+def _model_name(port):
+    return _http("GET", f"http://127.0.0.1:{port}/v1/models")[1]["data"][0]["id"]
+
+
+def test_dropped_streams_never_block_the_next_request(server):
+    port, _ = server
+    for i in range(20):
+        assert _ask(port, f"stream {i}", stream=True, max_tokens=200, cancel_after=2) is None
+    start = time.time()
+    assert isinstance(_ask(port, "are you there?"), str)
+    assert time.time() - start < 30  # answered at once, not after the dropped streams ran to their end
+
+
+@pytest.mark.slow
+def test_256_concurrent_clients_mixed_and_cancelling_all_answered_as_alone(server):
+    port, _ = server
+    rng = random.Random(0)
+    jobs = [(f"client {i} asks about {rng.choice(['rivers', 'kings', 'music', 'cities'])}",
+             rng.random() < 0.5, 3 if rng.random() < 0.15 else None) for i in range(256)]
+    alone = {q: _ask(port, q) for q, _, cancel in jobs[:24] if cancel is None}
+
+    def run(job):
+        q, stream, cancel = job
+        return _ask(port, q, stream=stream, cancel_after=cancel)
+
+    with cf.ThreadPoolExecutor(256) as pool:
+        answers = list(pool.map(run, jobs))  # any failure raises here
+    for (q, _, cancel), a in zip(jobs, answers):
+        if cancel is None:
+            assert isinstance(a, str)
+            if q in alone:
+                assert a == alone[q], q
+    assert isinstance(_ask(port, "still answering?"), str)
+
+
+def test_n_and_logprobs_over_http(server):
+    port, _ = server
+    status, body = _http("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": 0,
+                          "logprobs": True, "top_logprobs": 2, "max_tokens": 4})
+    assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["choices"][0]["message"] == body["choices"][1]["message"]
+    entries = body["choices"][0]["logprobs"]["content"]
+    assert len(entries) == body["usage"]["completion_tokens"] // 2 and len(entries[0]["top_logprobs"]) == 2
+    assert entries[0]["logprob"] == entries[0]["top_logprobs"][0]["logprob"] <= 0
+    status, body = _http("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                         {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                          "response_format": {"type": "json_schema", "json_schema": {}}})
+    assert status == 400 and "response_format" in body["error"]["message"]
+    status, body = _http("GET", f"http://127.0.0.1:{port}/v1/nothing-here")
+    assert status == 404 and body["error"]["message"]
+
+
+def test_sigterm_under_load_exits_cleanly(tiny_models):
+    proc, port = _start(tiny_models("qwen2"))
+    results = []
+
+    def client(i):
+        try:
+            results.append(("ok", _ask(port, f"load {i}", stream=i % 2 == 0, max_tokens=64, timeout=60)))
+        except Exception as e:  # noqa: BLE001 - an in-flight request may be refused or cut; it must not hang
+            results.append(("error", repr(e)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    for t in threads:
+        t.join(timeout=60)
+    # uvicorn drains in-flight requests, closes the engine, then re-raises the signal (the POSIX convention)
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Traceback" not in out, out
+    assert len(results) == 16  # every client got an answer or an error; none hangs
+
+
+@pytest.fixture
+def scripted_server(tiny_models):
+    """The app over a scripted model (it calls get_weather, then answers from the tool's result), served by uvicorn
+    on a thread."""
+    import uvicorn
+    from tunesmith.serve import create_app
+
+    chat = _scripted_chat(tiny_models, "qwen2", _weather_script)
+    app = create_app(chat, {"weather-bot": None}, api_key="sk-scripted")
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_tool_call_round_trip_through_the_openai_client(scripted_server):
+    import openai
+
+    client = openai.OpenAI(base_url=scripted_server, api_key="sk-scripted", max_retries=0)
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(model="weather-bot", messages=msgs, tools=WEATHER, temperature=0,
+                                           max_tokens=60)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    stream = client.chat.completions.create(model="weather-bot", messages=msgs, tools=WEATHER, temperature=0,
+                                            max_tokens=60, stream=True)
+    chunks = list(stream)
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [tc.function.name for tc in calls] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    msgs += [choice.message.model_dump(exclude_none=True),
+             {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"sky": "sunny"})}]
+    second = client.chat.completions.create(model="weather-bot", messages=msgs, tools=WEATHER, temperature=0,
+                                            max_tokens=60)
+    assert second.choices[0].message.content == "It is sunny in Paris."
+    assert second.choices[0].finish_reason == "stop"
+    # a lowercase bearer scheme is the same key
+    status, _ = _http("GET", f"{scripted_server}/models", headers={"Authorization": "bearer sk-scripted"})
+    assert status == 200
