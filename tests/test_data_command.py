@@ -64,3 +64,16 @@ def test_stats_counts_over_long_rows(capsys):
     assert s["tokens"]["max"] > 37 >= s["tokens"]["min"]
     assert "would be dropped" in capsys.readouterr().out
     json.dumps(s)
+
+
+def test_inspect_system_file_shows_its_content(tmp_path, monkeypatch, capsys):
+    """--system prompt.txt is the file's text, not its name; a .txt that does not exist is an error, as in ms-swift."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompt.txt").write_text("You are a pirate.\nSay arr.", encoding="utf-8")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "arr"}]}])
+    assert main(["data", "inspect", "--dataset", data, "--system", "prompt.txt"]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>system\nYou are a pirate.\nSay arr.<|im_end|>" in out and "prompt.txt" not in out
+    assert main(["data", "inspect", "--dataset", data, "--system", "promt.txt"]) == 2
+    assert "--system promt.txt: no such file" in capsys.readouterr().err

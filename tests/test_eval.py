@@ -208,6 +208,60 @@ def test_general_qa_metrics_handle_chinese_and_english(tmp_path):
     assert 0.5 < partial["rougeL"] < 1 and partial["exact_match"] == 0
 
 
+def test_infer_metrics_acc_and_rouge_by_hand():
+    """`infer --metric`: what ms-swift prints (acc a fraction, ROUGE/BLEU in %), rows without a label skipped."""
+    acc = B.infer_metrics(["Paris", "Rome", "Oslo", "Bern", "Kyiv"], ["Paris", "Rome", "Oslo", "Vienna", None], "acc")
+    assert acc == {"acc": 0.75, "n": 4, "skipped_no_label": 1}
+    assert B.infer_metrics(["paris"], ["Paris"], "acc")["acc"] == 0.0  # exact, as ms-swift compares
+    same = B.infer_metrics(["the cat sat on the mat"], ["the cat sat on the mat"], "rouge")
+    assert same == {"rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0, "bleu-4": 100.0, "n": 1,
+                    "skipped_no_label": 0, "skipped_empty": 0}
+    disjoint = B.infer_metrics(["red blue green"], ["one two three"], "rouge")
+    assert [disjoint[k] for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")] == [0.0, 0.0, 0.0, 0.0]
+    # Chinese by character: 我 爱 北 京 vs 我 爱 上 海. Unigrams 2/4, bigrams 1/3 (我爱), LCS 2; BLEU-4 with
+    # NLTK's method 3: the zero 3- and 4-gram precisions become 1/(2*2) and 1/(4*1): (1/2 * 1/3 * 1/4 * 1/4) ** (1/4)
+    zh = B.infer_metrics(["我爱北京"], ["我爱上海"], "rouge")
+    assert zh["rouge-1"] == 50.0 and zh["rouge-2"] == 33.333333 and zh["rouge-l"] == 50.0
+    assert zh["bleu-4"] == round(100 * (1 / 96) ** 0.25, 6)
+    mean = B.infer_metrics(["the cat sat on the mat", "red blue green", "", "x"],
+                           ["the cat sat on the mat", "one two three", "a reply", None], "rouge")
+    assert mean["rouge-1"] == 50.0 and mean["n"] == 2 and mean["skipped_empty"] == 1 and mean["skipped_no_label"] == 1
+    assert B.infer_metrics(["x"], [None], "rouge")["rouge-l"] is None
+    with pytest.raises(ConfigError, match="--metric bleu: use acc"):
+        B.infer_metrics(["x"], ["x"], "bleu")
+
+
+def test_report_to_tensorboard_logs_the_score_table(tmp_path, monkeypatch):
+    """--report_to tensorboard: each model's score and the delta per dataset/subset/metric, read back from the event
+    file; no token reaches the files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mcq_dir = write_general_mcq(tmp_path / "mcq")
+    args = parse_args("eval", ["--model", "unused", "--eval_dataset", "general_mcq", "--eval_dataset_args",
+                               json.dumps({"general_mcq": {"local_path": mcq_dir}}), "--eval_output_dir",
+                               str(tmp_path / "out"), "--report_to", "tensorboard",
+                               "--swanlab_token", "sk-eval-secret", "--hub_token", "hf_evalsecret"])
+    (task,) = E.load_tasks(args)
+    base, tuned = Oracle([task], wrong={s.source for s in task.samples[:4]}), Oracle([task])
+    base.label, tuned.label = "base", "tuned"
+    monkeypatch.setattr(E, "_runners", lambda a: ([base, tuned], None))
+    out = E.main(args)["output_dir"]
+    (events,) = [os.path.join(dp, f) for dp, _, fs in os.walk(out) for f in fs if "tfevents" in f]
+    acc = EventAccumulator(events)
+    acc.Reload()
+    scores = {tag: acc.Scalars(tag)[0].value for tag in acc.Tags()["scalars"]}
+    assert scores == pytest.approx({"eval/general_mcq/things/acc/base": 0.5, "eval/general_mcq/things/acc/tuned": 1.0,
+                                    "eval/general_mcq/things/acc/delta": 0.5})
+    for dp, _, files in os.walk(out):
+        for f in files:
+            blob = open(os.path.join(dp, f), "rb").read()
+            assert b"sk-eval-secret" not in blob and b"hf_evalsecret" not in blob, f
+    # the default (none, as ms-swift's eval has no --report_to) writes no tracker files
+    args.report_to, args.eval_output_dir = ["none"], str(tmp_path / "plain")
+    plain = E.main(args)["output_dir"]
+    assert not os.path.exists(os.path.join(plain, "runs")) and not os.path.exists(os.path.join(plain, "logging.jsonl"))
+
+
 def test_humaneval_runs_code_only_when_allowed_and_with_a_timeout(tmp_path):
     (task,) = _tasks(tmp_path, "humaneval")
     records, how = E.run_task(task, Oracle([task], {task.samples[1].source}), "likelihood",

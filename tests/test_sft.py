@@ -242,3 +242,45 @@ def test_same_seed_same_lora_run(tiny_models, tmp_path):
         outs.append(load_file(os.path.join(res["state"].last_model_checkpoint, "adapter_model.safetensors")))
     assert outs[0].keys() == outs[1].keys()
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_system_file_is_saved_as_text_and_survives_another_cwd(tiny_models, tmp_path, monkeypatch):
+    """--system prompt.txt (relative) is read at start: args.json holds the text, so infer on the checkpoint from
+    another directory gets the prompt, not the string 'prompt.txt'."""
+    from tunesmith.infer import build_engine
+
+    prompt = "You are a pirate.\nAlways say arr.\n"
+    train_dir, elsewhere = tmp_path / "train", tmp_path / "elsewhere"
+    train_dir.mkdir()
+    elsewhere.mkdir()
+    (train_dir / "prompt.txt").write_text(prompt, encoding="utf-8")
+    monkeypatch.chdir(train_dir)
+    res = run(["--model", tiny_models("qwen2"), "--dataset", _variable_length_data(train_dir, 4), "--max_steps", "1",
+               "--system", "prompt.txt", "--output_dir", "out", "--report_to", "none",
+               "--per_device_train_batch_size", "4"])
+    ckpt = res["state"].last_model_checkpoint
+    for path in (os.path.join(res["run_dir"], "args.json"), os.path.join(ckpt, "args.json")):
+        assert json.load(open(path))["system"] == prompt
+    monkeypatch.chdir(elsewhere)
+    assert os.path.isabs(ckpt)
+    engine, _, _ = build_engine(parse_args("infer", ["--adapters", ckpt, "--max_new_tokens", "2"]))
+    assert engine.encoder.system == prompt
+
+
+def test_old_args_json_with_a_system_path(tmp_path, monkeypatch):
+    """An args.json written before the text was saved holds the path: read from the same directory, else a clear
+    error rather than the path as the system prompt."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.runs import resolve_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "args.json").write_text(json.dumps({"model": "m", "system": "prompt.txt"}), encoding="utf-8")
+    (tmp_path / "prompt.txt").write_text("Be brief.", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    args = parse_args("infer", ["--model", str(ckpt)])
+    resolve_checkpoint(args)
+    assert args.system == "Be brief."
+    monkeypatch.chdir(ckpt)
+    with pytest.raises(ConfigError, match=r"args.json: system is the path .*'prompt.txt'.* pass --system"):
+        resolve_checkpoint(parse_args("infer", ["--model", str(ckpt)]))

@@ -61,7 +61,10 @@ class QuantArgs:
 @dataclass
 class TemplateArgs:
     template: Optional[str] = _f(help="Accepted for compatibility; the model's own chat template is used.")
-    system: Optional[str] = _f(help="Default system prompt (a string or a .txt file). A system message in the data wins.")
+    system: Optional[str] = _f(help="Default system prompt: the text (a literal \\n in it becomes a newline) or a .txt "
+                                    "file, read when the command starts (args.json keeps the text, not the path). As "
+                                    "in ms-swift, a value ending in .txt must be an existing file. A system message in "
+                                    "the data wins.")
     max_length: Optional[int] = _f(help="Token limit per row (each of chosen/rejected for preference data).")
     truncation_strategy: str = _f("delete", help="delete drops over-long rows (counted); left/right cut tokens.",
                                   choices=("delete", "left", "right"))
@@ -210,11 +213,13 @@ class GenerationArgs:
     top_p: Optional[float] = _f()
     repetition_penalty: Optional[float] = _f()
     num_beams: int = _f(1)
-    stream: Optional[bool] = _f()
-    stop_words: List[str] = _f(list_default=[])
-    logprobs: bool = _f(False)
-    top_logprobs: Optional[int] = _f()
-    seed: int = _f(42)
+    stream: Optional[bool] = _f(help="Stream replies as they are generated (chat; batch inference prints each row's "
+                                     "reply as it streams, one row at a time).")
+    stop_words: List[str] = _f(help="Stop strings (the reply is cut before them).", list_default=[])
+    logprobs: bool = _f(False, help="Return each reply token's log-probability (nats) in the result lines.")
+    top_logprobs: Optional[int] = _f(help="Also return this many most likely alternatives per token.")
+    n: int = _f(1, help="Replies per prompt (batch inference writes them under `choices`).")
+    seed: int = _f(42, help="Seeds sampling once at start-up (a request's own seed reseeds that request).")
 
 
 @dataclass
@@ -228,19 +233,74 @@ class CheckpointArgs:
 
 @dataclass
 class InferBackendArgs:
-    infer_backend: str = _f("transformers", help="pt/transformers (built in) or vllm.",
+    # ms-swift's engine flags (VllmArguments, SglangArguments, LmdeployArguments) with its defaults; the 3.x names
+    # are aliases. tunesmith/backends.py turns them into each engine's constructor kwargs.
+    infer_backend: str = _f("transformers", help="transformers (pt; built in), or vllm, sglang, lmdeploy (an NVIDIA "
+                                                 "GPU and that package installed).",
                             choices=("pt", "transformers", "vllm", "sglang", "lmdeploy"))
-    max_batch_size: int = _f(1)
-    result_path: Optional[str] = _f()
+    max_batch_size: int = _f(32, help="Sequences generated together (continuous batching: new requests join between "
+                                      "decoding steps, finished ones leave). -1: no limit.")
+    result_path: Optional[str] = _f(help="infer: the result jsonl. deploy: one jsonl line per finished request.")
     write_batch_size: int = _f(1000)
     metric: Optional[str] = _f(choices=("acc", "rouge"))
-    vllm_gpu_memory_utilization: float = _f(0.9, aliases=("gpu_memory_utilization",))
-    vllm_tensor_parallel_size: int = _f(1, aliases=("tensor_parallel_size",))
-    vllm_max_model_len: Optional[int] = _f()
-    vllm_max_num_seqs: int = _f(256)
-    vllm_enforce_eager: bool = _f(False, aliases=("enforce_eager",))
-    vllm_max_lora_rank: int = _f(16)
-    vllm_enable_prefix_caching: bool = _f(False, aliases=("enable_prefix_caching",))
+    # vLLM
+    vllm_gpu_memory_utilization: float = _f(0.9, help="vLLM: fraction (0-1) of each GPU's memory for weights and "
+                                                      "KV cache.", aliases=("gpu_memory_utilization",))
+    vllm_tensor_parallel_size: int = _f(1, help="vLLM: GPUs the model is split across.",
+                                        aliases=("tensor_parallel_size",))
+    vllm_pipeline_parallel_size: int = _f(1, help="vLLM: pipeline stages.", aliases=("pipeline_parallel_size",))
+    vllm_enable_expert_parallel: bool = _f(False, help="vLLM: expert parallelism for MoE layers.")
+    vllm_max_num_seqs: int = _f(256, help="vLLM: sequences per scheduling step.", aliases=("max_num_seqs",))
+    vllm_max_model_len: Optional[int] = _f(help="vLLM: context length in tokens (default --max_model_len, else "
+                                                "the model's).")
+    vllm_disable_custom_all_reduce: bool = _f(True, help="vLLM: use NCCL instead of the custom all-reduce kernel "
+                                                         "(ms-swift's default, for stability).",
+                                              aliases=("disable_custom_all_reduce",))
+    vllm_enforce_eager: bool = _f(False, help="vLLM: no CUDA graphs (less memory, slower).",
+                                  aliases=("enforce_eager",))
+    vllm_limit_mm_per_prompt: Optional[dict] = _f(help="vLLM: JSON, multimodal items per prompt.",
+                                                  aliases=("limit_mm_per_prompt",))
+    vllm_max_lora_rank: int = _f(16, help="vLLM: largest LoRA rank served (must be >= each adapter's r).")
+    vllm_enable_lora: Optional[bool] = _f(help="vLLM: LoRA support; default on when --adapters are given.")
+    vllm_enable_prefix_caching: Optional[bool] = _f(help="vLLM: automatic prefix caching (default: vLLM's).",
+                                                    aliases=("enable_prefix_caching",))
+    vllm_use_async_engine: Optional[bool] = _f(help="vLLM: AsyncLLMEngine (deploy always uses it).")
+    vllm_quantization: Optional[str] = _f(help="vLLM: quantization method (awq, gptq, fp8, ...).")
+    vllm_reasoning_parser: Optional[str] = _f(help="vLLM: reasoning parser name (e.g. qwen3, deepseek_r1).")
+    vllm_disable_cascade_attn: bool = _f(False, help="vLLM: disable cascade attention.")
+    vllm_mm_processor_cache_gb: Optional[float] = _f(help="vLLM: multimodal processor cache (GiB).")
+    vllm_speculative_config: Optional[dict] = _f(help="vLLM: JSON speculative-decoding config.")
+    vllm_engine_kwargs: Optional[dict] = _f(help="vLLM: JSON of extra engine arguments (win over the flags).")
+    vllm_data_parallel_size: int = _f(1, help="vLLM: data parallel replicas (ms-swift rollout).")
+    # SGLang
+    sglang_tp_size: int = _f(1, help="SGLang: tensor parallel GPUs.")
+    sglang_pp_size: int = _f(1, help="SGLang: pipeline parallel stages.")
+    sglang_dp_size: int = _f(1, help="SGLang: data parallel replicas.")
+    sglang_ep_size: int = _f(1, help="SGLang: expert parallel size.")
+    sglang_enable_ep_moe: bool = _f(False, help="SGLang: expert parallelism for MoE (removed in recent SGLang).")
+    sglang_mem_fraction_static: Optional[float] = _f(help="SGLang: fraction (0-1) of GPU memory for weights and KV "
+                                                          "cache; lower it on out-of-memory.")
+    sglang_context_length: Optional[int] = _f(help="SGLang: context length in tokens (default --max_model_len, "
+                                                   "else the model's).")
+    sglang_disable_cuda_graph: bool = _f(False, help="SGLang: no CUDA graphs.")
+    sglang_quantization: Optional[str] = _f(help="SGLang: quantization method.")
+    sglang_kv_cache_dtype: str = _f("auto", help="SGLang: KV cache dtype (auto, fp8_e5m2, fp8_e4m3).")
+    sglang_enable_dp_attention: bool = _f(False, help="SGLang: data-parallel attention (dp_size must equal tp_size).")
+    sglang_disable_custom_all_reduce: bool = _f(True, help="SGLang: use NCCL instead of the custom all-reduce.")
+    sglang_speculative_algorithm: Optional[str] = _f(help="SGLang: EAGLE, EAGLE3, NEXTN, STANDALONE or NGRAM.")
+    sglang_speculative_num_steps: Optional[int] = _f()
+    sglang_speculative_eagle_topk: Optional[int] = _f()
+    sglang_speculative_num_draft_tokens: Optional[int] = _f()
+    # LMDeploy (ms-swift 4.x names; the 3.x names and their dashed spellings are aliases)
+    lmdeploy_tp: int = _f(1, help="LMDeploy: tensor parallel GPUs.", aliases=("tp",))
+    lmdeploy_session_len: Optional[int] = _f(help="LMDeploy: longest session in tokens (prompt + reply; default "
+                                                  "--max_model_len, else the model's).", aliases=("session_len",))
+    lmdeploy_cache_max_entry_count: float = _f(0.8, help="LMDeploy: fraction (0-1) of free GPU memory for the KV "
+                                                         "cache.", aliases=("cache_max_entry_count",))
+    lmdeploy_quant_policy: int = _f(0, help="LMDeploy: KV cache quantisation: 0 (none), 4 or 8 bits.",
+                                    aliases=("quant_policy",), choices=(0, 4, 8))
+    lmdeploy_vision_batch_size: int = _f(1, help="LMDeploy: VisionConfig max_batch_size (multimodal).",
+                                         aliases=("vision_batch_size",))
 
 
 @dataclass
@@ -355,9 +415,6 @@ NOT_SUPPORTED_YET = {
     "max_pixels": "multimodal models are not supported",
     "agent_template": "agent templates are not supported yet",
     "sequence_parallel_size": "sequence parallelism is not supported",
-    "tp": "the lmdeploy backend is not supported; use --infer_backend pt (or vllm)",
-    "cache_max_entry_count": "the lmdeploy backend is not supported; use --infer_backend pt (or vllm)",
-    "session_len": "the lmdeploy backend is not supported; use --infer_backend pt (or vllm)",
     "lora_modules": "removed in ms-swift 3.x; use --adapters",
     "sync_ref_model": "TR-DPO reference syncing is not implemented; the reference stays fixed",
     "ref_model_sync_steps": "TR-DPO reference syncing is not implemented; the reference stays fixed",
@@ -379,9 +436,14 @@ VALUE_ALIASES = {
 }
 
 @dataclass
-class EvalArguments(EvalArgs, GenerationArgs, InferBackendArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs):
+class EvalArguments(EvalArgs, GenerationArgs, InferBackendArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs,
+                    TrackArgs):
     """`tunesmith eval`: benchmarks from local files; the base and the tuned model side by side."""
     verbose: bool = _f(False)
+    # ms-swift's eval has no --report_to (EvalScope keeps its own reports), so nothing is logged unless asked
+    report_to: List[str] = _f(help="Log the score table (each model's score and the delta, per dataset, subset and "
+                                   "metric) to tensorboard, swanlab, wandb, mlflow or all, under the eval's output "
+                                   "folder. Default none: ms-swift's eval has no --report_to.", list_default=["none"])
 
 
 COMMAND_ARGS = {"sft": SftArguments, "data": DataCommandArguments, "rlhf": RLHFArguments, "dpo": RLHFArguments,
@@ -561,6 +623,27 @@ def load_config_file(path: str) -> dict:
     return data
 
 
+def looks_like_system_file(value: Optional[str]) -> bool:
+    """ms-swift's rule: a --system value ending in .txt names a file (only one line: a prompt text is never one)."""
+    return bool(value) and value.endswith(".txt") and "\n" not in value
+
+
+def resolve_system(value: Optional[str], source: str = "") -> Optional[str]:
+    """--system as every stage uses it: a .txt file's content (verbatim, as ms-swift reads it), else the text with
+    literal \\n turned into newlines (shell scripts write it so). A relative path is relative to the working
+    directory. Raises ArgError when a .txt value is not an existing file: ms-swift stops there too, and a mistyped
+    path must not silently become the system prompt."""
+    if value is None:
+        return None
+    if looks_like_system_file(value):
+        if not os.path.isfile(value):
+            raise ArgError(f"{source}--system {value}: no such file (from {os.getcwd()}). A value ending in .txt is "
+                           f"read as a file: fix the path (or give an absolute one), or pass the prompt text itself")
+        with open(value, encoding="utf-8") as fh:
+            return fh.read()
+    return value.replace("\\n", "\n")
+
+
 def parse_args(command: str, argv: list[str], cls=None):
     """Parse `argv` (flags after the subcommand) into the command's dataclass.
 
@@ -614,6 +697,7 @@ def parse_args(command: str, argv: list[str], cls=None):
             if name in secrets and raw == REDACTED:
                 continue
             _set_value(cls, values, name, raw, src)
+    system_src = f"{config_path}: " if "system" in values else ""  # where --system came from, for its error
     if rest_pos:
         if command == "data" and "action" not in values:
             _set_value(cls, values, "action", rest_pos.pop(0), "")
@@ -631,6 +715,11 @@ def parse_args(command: str, argv: list[str], cls=None):
             else:
                 raise ArgError(f"--{name} needs a value")
         _set_value(cls, values, name, vals, "")
+        system_src = "" if name == "system" else system_src
+    if values.get("system") is not None:
+        # read once here, so that no stage (and no args.json) ever sees the path: a checkpoint used from another
+        # directory keeps the prompt
+        values["system"] = resolve_system(values["system"], system_src)
     try:
         return cls(**values)
     except TypeError as e:  # pragma: no cover - a programming error, not a user one

@@ -447,6 +447,55 @@ def qa_corpus_metrics(predictions: list[str], references: list[str]) -> dict:
             "chrf": sacrebleu.corpus_chrf(predictions, [references]).score / 100}
 
 
+INFER_METRICS = ("acc", "rouge")
+
+
+def infer_metrics(responses: list[str], labels: list[Optional[str]], metric: str) -> dict:
+    """What `swift infer --metric acc|rouge` prints after a batch inference, for `tunesmith infer --metric`.
+
+    Rows whose label is None (no reference reply in the data) are skipped and counted in "skipped_no_label";
+    "n" is the number of rows scored. A score is None when no row was scored.
+    - acc: {"acc", "n", "skipped_no_label"}; "acc" is the fraction (0..1) of responses equal to their label, compared
+      exactly (no stripping or case folding), as ms-swift does.
+    - rouge: {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "n", "skipped_no_label", "skipped_empty"}; each score is a
+      percentage (0..100, rounded to 6 decimals, as ms-swift prints them): the mean over rows of ROUGE-1/2/L F1 and
+      of sentence BLEU-4 (NLTK's, with smoothing method 3, as ms-swift: an exact reply shorter than 4 tokens scores
+      below 100). Text is tokenised by MixedTokenizer (CJK one character per token, other text as lowercase words);
+      ms-swift segments Chinese into words with jieba, so its Chinese scores can differ. As in ms-swift, a row
+      whose response or label has no tokens is left out of the means; "skipped_empty" counts those.
+    Raises ConfigError for a metric other than acc or rouge, ValueError when the two lists differ in length."""
+    if metric not in INFER_METRICS:
+        raise ConfigError(f"--metric {metric}: use acc (exact match with the label) or rouge (ROUGE-1/2/L, BLEU-4)")
+    if len(responses) != len(labels):
+        raise ValueError(f"infer_metrics: {len(responses)} responses but {len(labels)} labels")
+    pairs = [(r, l) for r, l in zip(responses, labels) if l is not None]
+    skipped = len(responses) - len(pairs)
+    if metric == "acc":
+        acc = sum(r == l for r, l in pairs) / len(pairs) if pairs else None
+        return {"acc": acc, "n": len(pairs), "skipped_no_label": skipped}
+
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # nltk comes with rouge-score
+    from rouge_score import rouge_scorer
+
+    tokenizer = MixedTokenizer()
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=tokenizer)
+    smooth = SmoothingFunction().method3
+    sums = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0, "bleu-4": 0.0}
+    n = 0
+    for response, label in pairs:
+        hyp, ref = tokenizer.tokenize(response), tokenizer.tokenize(label)
+        if not hyp or not ref:
+            continue
+        n += 1
+        rouge = scorer.score(label, response)
+        sums["rouge-1"] += rouge["rouge1"].fmeasure
+        sums["rouge-2"] += rouge["rouge2"].fmeasure
+        sums["rouge-l"] += rouge["rougeL"].fmeasure
+        sums["bleu-4"] += sentence_bleu([ref], hyp, smoothing_function=smooth)
+    out = {k: (round(100 * v / n, 6) if n else None) for k, v in sums.items()}
+    return {**out, "n": n, "skipped_no_label": skipped, "skipped_empty": len(pairs) - n}
+
+
 # ------------------------------------------------------------------ running generated code
 
 def run_program(program: str, timeout: float) -> tuple[bool, str]:

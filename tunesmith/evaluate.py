@@ -9,12 +9,14 @@ One run evaluates every model under test on every --eval_dataset:
 
 Outputs (<eval_output_dir>/<time>/): predictions/<model>/<dataset>.jsonl (one line per sample),
 reports/<model>/<dataset>.json, summary.json and summary.md (the table: dataset, subset, metric, n, each model,
-delta ± its standard error), and comparison.png when two models are compared.
+delta ± its standard error), and comparison.png when two models are compared. With --report_to, the same scores
+also go to the trackers (logging.jsonl, runs/ for TensorBoard, SwanLab, W&B, MLflow).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
 import json
 import math
@@ -46,7 +48,7 @@ def answer_prefix(encoder, messages: list[dict]) -> str:
     return text[:k] if k >= 0 else encoder.render(encoder.with_system(messages), add_generation_prompt=True)
 
 class LocalModel:
-    """A loaded model (through infer.Engine, the one generation path); `adapter_off` evaluates the base weights of
+    """A loaded model (through infer.ChatEngine, the one generation path); `adapter_off` evaluates the base weights of
     a PeftModel without loading them twice."""
 
     def __init__(self, engine, label: str, describe: str, adapter_off: bool = False, batch_size: int = 8):
@@ -87,15 +89,22 @@ class LocalModel:
         return out
 
     def generate(self, conversations: list[list[dict]], gen) -> list[str]:
+        """Replies in order. Every conversation is queued at once: the engine batches them (continuous batching,
+        --max_batch_size rows in flight); the base is the same weights with the adapter off for those rows."""
         from tqdm.auto import tqdm
 
+        gen = dataclasses.replace(gen, n=1)
+        adapter = "" if self.adapter_off else None
+        prompts = [self.engine.prompt(c) for c in conversations]
+        handles = [self.engine.submit(p, gen, adapter)[0] for p in prompts]
         replies = []
-        with self._context(), tqdm(total=len(conversations), desc=f"generate ({self.label})", disable=None,
-                                   leave=False) as bar:
-            for i in range(0, len(conversations), self.batch_size):
-                chunk = conversations[i:i + self.batch_size]
-                replies += [r.content for r in self.engine.generate(chunk, gen)]
-                bar.update(len(chunk))
+        with tqdm(total=len(conversations), desc=f"generate ({self.label})", disable=None, leave=False) as bar:
+            for h, p in zip(handles, prompts):
+                reply = self.engine.reply(h.result(), p, gen)
+                if reply.error is not None:
+                    raise reply.error
+                replies.append(reply.content)
+                bar.update(1)
         return replies
 
 
@@ -447,7 +456,9 @@ def _runners(args):
         return [LocalModel(base_engine, "base", args.base_model, batch_size=bs),
                 LocalModel(engine, "tuned", tuned_name, batch_size=bs)], ckpt
     if args.adapters and args.compare_base:
-        if hasattr(engine.model, "disable_adapter"):
+        # the base is the same weights with the adapter off: peft's adapter switch locally, no LoRA request on
+        # vLLM/SGLang/LMDeploy (a second engine would not fit next to the first on one GPU)
+        if hasattr(engine.model, "disable_adapter") or args.infer_backend not in ("transformers", "pt"):
             base = LocalModel(engine, "base", f"{args.model} (the adapter switched off)", adapter_off=True,
                               batch_size=bs)
         else:  # several adapters were merged in sequence: the base needs its own copy
@@ -510,8 +521,40 @@ def main(args):
         with open(tmp, "wb") as fh:
             fh.write(png)
         os.replace(tmp, os.path.join(out_dir, "comparison.png"))
+    report_scores(args, out_dir, rows, labels)
     print(table + f"\nresults: {out_dir}", flush=True)
     return {"output_dir": out_dir, "rows": rows, "results": results, "labels": labels}
+
+
+def tracker_metrics(rows: list[dict]) -> dict:
+    """The score table as tracker scalars: `eval/<dataset>/<subset>/<metric>/<model label>` for each model's score
+    and `.../delta` (second model minus first) when two are compared. Scores are fractions (0..1), as in
+    summary.json; NaN ones are dropped by the trackers."""
+    out = {}
+    for r in rows:
+        key = f"eval/{r['dataset']}/{r['subset']}/{r['metric']}"
+        out.update({f"{key}/{label}": score for label, score in r["scores"].items()})
+        if "delta" in r:
+            out[f"{key}/delta"] = r["delta"]
+    return out
+
+
+def report_scores(args, out_dir: str, rows: list[dict], labels: list[str]) -> None:
+    """--report_to: the score table to the trackers training uses (track.Trackers: logging.jsonl, TensorBoard under
+    out_dir/runs, SwanLab, W&B, MLflow), at step 0. The config they get is args.json's record, so tokens arrive
+    redacted; SwanLab's key is handed to its SDK in memory only. A tracker that fails warns and the eval still
+    succeeds (its files are already written)."""
+    names = [n.lower() for n in args.report_to or []]
+    if not [n for n in names if n != "none"]:
+        return  # the default: no logging.jsonl or runs/ appear in the eval folder
+    from tunesmith.args import to_record
+    from tunesmith.track import Trackers
+
+    trackers = Trackers(out_dir, args.report_to, {**to_record(args), "models": labels}, args)
+    try:
+        trackers.log(tracker_metrics(rows), step=0)
+    finally:
+        trackers.close()
 
 
 def _mkdir(*parts) -> str:

@@ -74,21 +74,37 @@ class ChatEngine:
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, defaults: Optional[GenConfig] = None,
                  max_model_len: Optional[int] = None, max_batch_size: int = 32,
-                 template_kwargs: Optional[dict] = None):
+                 template_kwargs: Optional[dict] = None, engine=None, generation_config=None, config=None):
+        """model: the loaded model, or None when `engine` is an accelerated engine (tunesmith.backends) holding the
+        weights; then `generation_config` (sampling defaults, eos ids) and `config` (context length) come from the
+        checkpoint. engine: a pre-built object with GenerationEngine's interface (submit, generate, close,
+        stop_ids, max_model_len); None builds the GenerationEngine over `model`. max_model_len in tokens."""
         from tunesmith.data.encode import ChatEncoder
         from tunesmith.engine import GenerationEngine
         from tunesmith.reply import OutputParser
 
+        if model is None:
+            if engine is None:
+                raise ValueError("ChatEngine needs a model or an engine")
+            from tunesmith.backends import EngineModelInfo
+            model = EngineModelInfo(config, generation_config, getattr(engine, "name", "vllm"))
         self.model, self.tok = model, tokenizer
         self.encoder = ChatEncoder(tokenizer, system=system)
         self.defaults = defaults or GenConfig()
         self.template_kwargs = dict(template_kwargs or {})
         cfg = getattr(model, "config", None)
-        self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", None) or 4096
+        # an engine enforces its own context length: the prompt check must agree with it
+        self.max_model_len = (getattr(engine, "max_model_len", None) if engine is not None else None) or \
+            max_model_len or getattr(cfg, "max_position_embeddings", None) or 4096
         self.parser = OutputParser(tokenizer)
         self.stop_ids = stop_token_ids(model, tokenizer, self.encoder, self.parser.reasoning_style)
-        self.engine = GenerationEngine(model, tokenizer, self.stop_ids, max_batch_size=max_batch_size,
-                                       max_model_len=self.max_model_len)
+        if engine is not None:
+            # the engine decides where sequences end; reply() strips exactly those ids
+            self.stop_ids = sorted(getattr(engine, "stop_ids", None) or self.stop_ids)
+            self.engine = engine
+        else:
+            self.engine = GenerationEngine(model, tokenizer, self.stop_ids, max_batch_size=max_batch_size,
+                                           max_model_len=self.max_model_len)
 
     @property
     def device(self):
@@ -272,17 +288,57 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
 
 def build_engine(args):
     """Resolve the checkpoint, load the model and adapters, and make the ChatEngine (shared with deploy and eval).
+    With --infer_backend vllm|sglang|lmdeploy only the tokenizer and configs are loaded here and the engine
+    (tunesmith.backends) loads the weights and adapters; raises ConfigError when it cannot run here.
     Returns (engine, the checkpoint whose args.json was read, deploy's named adapters)."""
     from tunesmith.data.encode import read_system_prompt
     from tunesmith.model import load_for_inference, note
     from tunesmith.runs import resolve_checkpoint, split_named_adapters
 
+    batch = getattr(args, "max_batch_size", 32)
     if args.infer_backend not in ("transformers", "pt"):
-        raise_backend(args.infer_backend)
+        from tunesmith.backends import ENGINES, NAMES, EngineModelInfo, check_backend, engine_adapters
+        from tunesmith.data.encode import ChatEncoder
+        from tunesmith.errors import ConfigError
+        from tunesmith.model import load_tokenizer, resolve_model_dir
+        from tunesmith.reply import OutputParser
+
+        backend = args.infer_backend
+        check_backend(backend)  # the package, its version and a GPU, each a one-line error
+        ckpt = resolve_checkpoint(args)  # an adapter checkpoint names its base model in args.json
+        plain, named = split_named_adapters(list(args.adapters))
+        lora = engine_adapters(args)  # raises for several plain adapters (one LoRA per request)
+        default = next((n for n, p in lora.items() if plain and p == plain[0] and n not in named), None)
+        model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
+        tok = load_tokenizer(args, model_dir)
+        info = EngineModelInfo.from_pretrained(model_dir, backend, trust_remote_code=args.trust_remote_code)
+        system = read_system_prompt(args.system)
+        stop = stop_token_ids(info, tok, ChatEncoder(tok, system=system), OutputParser(tok).reasoning_style)
+        flag = {"vllm": "vllm_max_model_len", "sglang": "sglang_context_length",
+                "lmdeploy": "lmdeploy_session_len"}[backend]
+        context = getattr(args, flag, None) or args.max_model_len or \
+            getattr(info.config, "max_position_embeddings", None) or 4096
+        try:
+            inner = ENGINES[backend](args, model_dir, tok, stop, lora, default, max_model_len=context)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - CUDA, memory, an unsupported architecture: say so in one line
+            raise_backend(backend, args, e)
+        try:
+            engine = ChatEngine(None, tok, system=system, defaults=GenConfig.from_args(args),
+                                max_model_len=inner.max_model_len, max_batch_size=batch,
+                                template_kwargs=template_kwargs(args), engine=inner,
+                                generation_config=info.generation_config, config=info.config)
+        except BaseException:
+            inner.close()
+            raise
+        note(f"generation: {NAMES[backend]} engine (--infer_backend {backend}), context {inner.max_model_len} "
+             f"tokens" + (f", LoRA adapters {', '.join(lora)}" if lora else "")
+             + f"; stop tokens {tok.convert_ids_to_tokens(engine.stop_ids)}")
+        return engine, ckpt, named
     ckpt = resolve_checkpoint(args)
     plain, named = split_named_adapters(list(args.adapters))
     model, tok, _ = load_for_inference(args, plain, named)
-    batch = getattr(args, "max_batch_size", 32)
     engine = ChatEngine(model, tok, system=read_system_prompt(args.system), defaults=GenConfig.from_args(args),
                         max_model_len=args.max_model_len, max_batch_size=batch,
                         template_kwargs=template_kwargs(args))
@@ -312,16 +368,26 @@ def logprobs_json(tokenizer, logprobs: Optional[list]) -> Optional[dict]:
                         for lp in logprobs]}
 
 
-def raise_backend(backend: str):
+def raise_backend(backend: str, args, error: BaseException):
+    """Raise ConfigError for an accelerated engine (`--infer_backend vllm|sglang|lmdeploy`) that failed to start
+    with `error`: one line naming the engine and the error, then the engine's own OpenAI-compatible server command
+    with the same settings (tunesmith.backends.native_serve_command; secrets redacted) as an alternative, and the
+    fallback --infer_backend transformers."""
+    from tunesmith.backends import NAMES, engine_adapters, format_command, native_serve_command
     from tunesmith.errors import ConfigError
-    if backend == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise ConfigError("--infer_backend vllm: vLLM is not installed (pip install vllm, on a CUDA machine); "
-                              "use --infer_backend transformers") from None
-        raise ConfigError("--infer_backend vllm is not wired into tunesmith yet; use --infer_backend transformers")
-    raise ConfigError(f"--infer_backend {backend} is not supported; use --infer_backend transformers (or pt)")
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    msg = f"--infer_backend {backend}: {NAMES[backend]} failed to start ({type(error).__name__}: {first})"
+    cmd = native_serve_command(backend, args, args.model, engine_adapters(args))
+    # the engines download hub ids from Hugging Face unless told otherwise; tunesmith defaults to ModelScope
+    modelscope = {"vllm": "VLLM_USE_MODELSCOPE=True", "sglang": "SGLANG_USE_MODELSCOPE=true",
+                  "lmdeploy": "LMDEPLOY_USE_MODELSCOPE=True"}[backend]
+    hub = "" if os.path.isdir(args.model) else (
+        " (a hub id: set HF_TOKEN in the environment if it is gated"
+        + ("" if args.use_hf else f"; {modelscope} to download from ModelScope as tunesmith does") + ")")
+    raise ConfigError(f"{msg}. The same model and settings with {NAMES[backend]}'s own OpenAI-compatible "
+                      f"server{hub}, for clients or `tunesmith eval --eval_url http://HOST:PORT/v1`:\n  "
+                      f"{format_command(cmd)}\nor use --infer_backend transformers") from error
 
 
 def _default_result_path(args, ckpt: Optional[str]) -> str:

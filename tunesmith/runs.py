@@ -17,7 +17,7 @@ import re
 import shutil
 from typing import Iterator, Optional
 
-from tunesmith.args import to_record
+from tunesmith.args import looks_like_system_file, to_record
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -156,6 +156,22 @@ def split_named_adapters(adapters: list[str]) -> tuple[list[str], dict[str, str]
     return plain, named
 
 
+def _saved_system(value: str, ckpt: str) -> str:
+    """The system prompt an args.json holds. tunesmith saves the text; an args.json from before it did may hold the
+    --system file's path, relative to wherever training ran. Read it if it is there, else raise ConfigError: the
+    path itself must not become the system prompt."""
+    if not looks_like_system_file(value):
+        return value
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as fh:
+            return fh.read()
+    from tunesmith.errors import ConfigError
+
+    raise ConfigError(f"{os.path.join(ckpt, 'args.json')}: system is the path of the training run's --system file "
+                      f"({value!r}, saved by an older tunesmith) and it does not exist from {os.getcwd()}; pass "
+                      f"--system with that file or the prompt text")
+
+
 def resolve_checkpoint(args) -> Optional[str]:
     """Find the base model and settings of `--adapters CKPT` / `--model CKPT` from the checkpoint's args.json.
 
@@ -193,7 +209,7 @@ def resolve_checkpoint(args) -> Optional[str]:
     for key in INHERITED_KEYS:
         if key in saved and hasattr(args, key) and getattr(args, key) in (None, [], "") \
                 and saved[key] not in (None, [], "", "<redacted>"):
-            setattr(args, key, saved[key])
+            setattr(args, key, _saved_system(saved[key], ckpt) if key == "system" else saved[key])
             inherited.append(f"{key}={saved[key]!r}" if key != "system" else "system")
     if inherited:
         print(f"[tunesmith] from {os.path.join(ckpt, 'args.json')}: {', '.join(inherited)}", file=sys.stderr)

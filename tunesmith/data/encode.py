@@ -19,7 +19,6 @@ silently wrong mask.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -55,11 +54,10 @@ def parse_loss_scale(value: Optional[str], default: str) -> tuple[str, bool]:
 
 
 def read_system_prompt(system: Optional[str]) -> Optional[str]:
-    """--system: a string (with literal \\n as newlines, as shell scripts write it) or a .txt file."""
-    if system and system.endswith(".txt") and os.path.isfile(system):
-        with open(system, encoding="utf-8") as fh:
-            system = fh.read()
-    return system.replace("\\n", "\n") if system else system
+    """--system as parsed: parse_args (tunesmith.args.resolve_system) has already read a .txt file and turned literal
+    \\n into newlines, so this returns the text unchanged. Reading it again here would read a file named by the
+    prompt's text, or double-convert a \\n the file meant literally. Kept for callers that still wrap args.system."""
+    return system
 
 
 class TooLong(Exception):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from tunesmith import __version__
-from tunesmith.data.encode import ChatEncoder, encode_records, read_system_prompt
+from tunesmith.data.encode import ChatEncoder, encode_records
 from tunesmith.data.load import LoadResult, load_datasets, split_train_val, write_jsonl
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.model import attach_lora, count_parameters, load_model, load_tokenizer, note, resolve_model_dir
@@ -116,7 +116,7 @@ def prepare_data(args, kind: str = "sft", default_loss_scale: str = "default") -
         max_length = getattr(cfg, "max_position_embeddings", None)
     encoder = ChatEncoder(tok, loss_scale=args.loss_scale, default_loss_scale=default_loss_scale,
                           max_length=max_length, truncation_strategy=args.truncation_strategy,
-                          system=read_system_prompt(args.system),
+                          system=args.system,  # the text: parse_args read a --system file
                           use_chat_template=args.use_chat_template)
     common = dict(strict=args.strict, columns=args.columns, seed=args.data_seed, use_hf=args.use_hf,
                   hub_token=args.hub_token)
