@@ -279,3 +279,20 @@ def test_infer_keeps_columns_and_computes_the_metric(tiny_models, tmp_path, caps
     assert main(["infer", "--model", tiny_models("qwen2"), "--val_dataset", data, "--max_new_tokens", "4",
                  "--temperature", "0", "--result_path", str(tmp_path / "s.jsonl"), "--stream", "true"]) == 0
     assert [r["response"] for r in read_jsonl(tmp_path / "s.jsonl")] == [r["response"] for r in rows]
+
+
+def test_chunked_greedy_head_equals_the_full_logits(monkeypatch):
+    """Greedy rows take the arg-max vocabulary chunk by chunk; it equals torch.argmax over the full logits,
+    ties (a repeated output row) included."""
+    from tunesmith.engine import _Last
+
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 16)
+    weight[700] = weight[3]  # a tie across chunks: the lower id wins, as torch.argmax decides
+    hidden = torch.randn(6, 16)
+    hidden[0] = weight[3] * 10
+    monkeypatch.setattr(_Last, "CHUNK", 128)
+    full = hidden @ weight.T
+    got = _Last(hidden=hidden).argmax(list(range(6)), (None, weight))
+    assert got.tolist() == full.argmax(-1).tolist() and got[0] == 3
+    assert torch.allclose(_Last(hidden=hidden).logits_of([1, 4], (None, weight)), full[[1, 4]], atol=1e-5)

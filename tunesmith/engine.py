@@ -161,6 +161,11 @@ class GenerationEngine:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._adapter_names = _peft_adapters(model)
+        from tunesmith.train.token_logps import chunked_head
+        # The decoder and the output weight, when calling them apart is exact (a plain Linear head): greedy rows
+        # then take the arg-max chunk by chunk and never materialise their [rows x vocabulary] logits, which at a
+        # real vocabulary (151,936) is most of a decoding step's memory traffic.
+        self._head = chunked_head(model)
 
     # -------------------------------------------------------------- public
 
@@ -266,11 +271,10 @@ class GenerationEngine:
             feed = torch.tensor([[r.generated[-1]] for r in state.rows], device=self.device)
             pos = torch.tensor([[r.position] for r in state.rows], device=self.device)
             state.mask = torch.cat([state.mask, state.mask.new_ones(len(state.rows), 1)], dim=1)
-            out = self.model(input_ids=feed, attention_mask=state.mask, position_ids=pos,
-                             past_key_values=state.cache, use_cache=True, **self._adapter_kwargs(state.rows))
+            last = self._forward(state.rows, feed, state.mask, pos, state.cache)
             for r in state.rows:
                 r.position += 1
-            done = self._choose(state.rows, out.logits[:, -1])
+            done = self._choose(state.rows, last)
             state.drop(done, self._end)
         finally:
             if was_training:
@@ -289,9 +293,7 @@ class GenerationEngine:
                             device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1, **self._adapter_kwargs(rows))
-        done = self._choose(rows, out.logits[:, -1])
+        done = self._choose(rows, self._forward(rows, ids, mask, pos, cache))
         keep = [i for i, r in enumerate(rows) if r not in done]
         for r in done:
             self._end(r)
@@ -321,30 +323,42 @@ class GenerationEngine:
 
     # -------------------------------------------------------------- per-row decisions
 
-    def _choose(self, rows: list[_Row], logits) -> list[_Row]:
-        """Pick each row's next token from its last logits [B, V]; push it; return the rows that are done."""
+    def _forward(self, rows: list[_Row], ids, mask, pos, cache):
+        """One forward pass over [B, T] tokens; returns the last position's output: hidden states [B, H] (when the
+        head can be applied apart) or logits [B, V]."""
+        adapters = self._adapter_kwargs(rows)
+        if self._head is not None and not adapters:
+            decoder, _ = self._head
+            out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            return _Last(hidden=out.last_hidden_state[:, -1])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1, **adapters)
+        return _Last(logits=out.logits[:, -1].float())
+
+    def _choose(self, rows: list[_Row], last: "_Last") -> list[_Row]:
+        """Pick each row's next token from the last position's output; push it; return the rows that are done."""
         import torch
 
-        logits = logits.float()
-        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0]
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0
+                  and r.logprobs is None]
+        full = [i for i in range(len(rows)) if i not in set(greedy)]
         picks = [0] * len(rows)
         if greedy:
-            idx = torch.tensor(greedy, device=logits.device)
-            for i, t in zip(greedy, logits.index_select(0, idx).argmax(-1).tolist()):
+            for i, t in zip(greedy, last.argmax(greedy, self._head).tolist()):
                 picks[i] = t
-        plain = set(greedy)
-        for i, r in enumerate(rows):
-            if i not in plain:
-                picks[i] = _sample(logits[i], r, self.pad_id)
-        need = [i for i, r in enumerate(rows) if r.logprobs is not None]
-        if need:
-            logps = torch.log_softmax(logits[need], dim=-1)
-            for j, i in enumerate(need):
-                k = rows[i].params.top_logprobs
-                top = logps[j].topk(k) if k else None
-                rows[i].logprobs.append(TokenLogprob(
-                    picks[i], float(logps[j, picks[i]]),
-                    list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
+        if full:
+            logits = last.logits_of(full, self._head)
+            for j, i in enumerate(full):
+                picks[i] = _sample(logits[j], rows[i], self.pad_id)
+            need = [j for j, i in enumerate(full) if rows[i].logprobs is not None]
+            if need:
+                logps = torch.log_softmax(logits[need], dim=-1)
+                for k, j in enumerate(need):
+                    r, t = rows[full[j]], picks[full[j]]
+                    top = logps[k].topk(r.params.top_logprobs) if r.params.top_logprobs else None
+                    r.logprobs.append(TokenLogprob(
+                        t, float(logps[k, t]),
+                        list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
         done = []
         for r, t in zip(rows, picks):
             r.generated.append(t)
@@ -388,6 +402,44 @@ class GenerationEngine:
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+
+class _Last:
+    """The last position's output of a forward pass: logits [B, V] (float32), or hidden states [B, H] with the
+    output weight applied here, in vocabulary chunks for arg-max (the same dot products as the model's head, up to
+    float summation order, as in any change of batch shape)."""
+
+    CHUNK = 16384  # vocabulary rows per product: [B x 16,384] floats stay in cache for the arg-max
+
+    def __init__(self, logits=None, hidden=None):
+        self.logits, self.hidden = logits, hidden
+
+    def argmax(self, rows: list[int], head):
+        """Greedy tokens [len(rows)]; ties go to the lowest id, as torch.argmax does."""
+        import torch
+
+        if self.logits is not None:
+            sub = self.logits if len(rows) == self.logits.shape[0] else self.logits[rows]
+            return sub.argmax(-1)
+        weight = head[1]
+        h = self.hidden[rows].to(weight.dtype)
+        best_val = best_idx = None
+        for start in range(0, weight.shape[0], self.CHUNK):
+            vals, idx = (h @ weight[start:start + self.CHUNK].T).float().max(-1)
+            idx = idx + start
+            if best_val is None:
+                best_val, best_idx = vals, idx
+            else:
+                better = vals > best_val  # strictly: an equal later logit keeps the earlier (lower) id
+                best_val, best_idx = torch.where(better, vals, best_val), torch.where(better, idx, best_idx)
+        return best_idx
+
+    def logits_of(self, rows: list[int], head):
+        """Full logits [len(rows), V] (float32) for rows that sample or report log-probs."""
+        if self.logits is not None:
+            return self.logits[rows]
+        weight = head[1]
+        return (self.hidden[rows].to(weight.dtype) @ weight.T).float()
 
 
 class _Batch:
