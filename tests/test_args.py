@@ -155,3 +155,51 @@ def test_cli_error_exit_code():
     assert r.returncode == 2 and re.search(r"Did you mean --lora_rank", r.stderr)
     r = subprocess.run([sys.executable, "-m", "tunesmith", "pt", "--model", "x"], capture_output=True, text=True)
     assert r.returncode == 2 and "not available in this version yet" in r.stderr
+
+
+def _sources_outside_args() -> str:
+    import glob
+    import os
+
+    import tunesmith
+    root = os.path.dirname(tunesmith.__file__)
+    files = [f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+             if os.path.basename(f) != "args.py" or os.path.dirname(f) != root]
+    return "\n".join(open(f, encoding="utf-8").read() for f in files)
+
+
+def test_every_flag_has_help_and_is_read_or_listed_as_compatibility_only():
+    import dataclasses
+
+    from tunesmith.args import COMMAND_ARGS, COMPATIBILITY_ONLY
+
+    fields = {f.name: f for cls in COMMAND_ARGS.values() for f in dataclasses.fields(cls)}
+    assert not [n for n, f in fields.items() if not f.metadata.get("help")], "flags without help text"
+    src = _sources_outside_args()
+
+    def read(name):  # args.name, getattr(args, "name", ...) or a keyword of the same name from args
+        return re.search(rf"\.{name}\b|getattr\(\w+, [\"']{name}[\"']", src) is not None
+
+    unread = sorted(n for n in fields if not read(n) and n not in COMPATIBILITY_ONLY)
+    assert unread == [], f"flags no code reads: read them or add them to COMPATIBILITY_ONLY: {unread}"
+    stale = sorted(n for n in COMPATIBILITY_ONLY if n not in fields or read(n))
+    assert stale == [], f"COMPATIBILITY_ONLY lists flags that do not exist or are read: {stale}"
+
+
+def test_help_shows_the_compatibility_only_table():
+    out = subprocess.run([sys.executable, "-m", "tunesmith", "sft", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    table = out[out.index("compatibility only"):]
+    assert "--model_type" in table and "config.json" in table and "--acc_strategy" in table
+    assert "--lora_dtype" not in table  # it does something
+    out = subprocess.run([sys.executable, "-m", "tunesmith", "deploy", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--vllm_reasoning_parser" in out[out.index("compatibility only"):]
+
+
+def test_lora_dtype_names_follow_ms_swift():
+    assert parse_args("sft", ["--lora_dtype", "bf16"]).lora_dtype == "bfloat16"
+    assert parse_args("sft", ["--lora_dtype", "float16"]).lora_dtype == "float16"
+    assert parse_args("sft", []).lora_dtype is None
+    with pytest.raises(ArgError, match="lora_dtype"):
+        parse_args("sft", ["--lora_dtype", "int8"])

@@ -195,3 +195,22 @@ def test_seed_multi_gpu_dpo_command_runs_with_zero3(tiny_models, tmp_path):
     weights = _adapter(ckpt)
     assert weights and all(v.numel() > 0 for v in weights.values())  # gathered, not ZeRO-3's empty shards
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), ckpt)
+
+
+def test_note_speaks_on_rank_zero_only(monkeypatch, capsys):
+    from tunesmith import log
+
+    monkeypatch.setenv("RANK", "1")
+    log.note("hello")
+    assert capsys.readouterr().err == "" and not log.is_main()
+    monkeypatch.setenv("RANK", "0")
+    log.note("hello")
+    log.note("plain", file=sys.stdout, prefix="")
+    out = capsys.readouterr()
+    assert out.err == "[tunesmith] hello\n" and out.out == "plain\n" and log.is_main()
+    assert D.rank is log.rank and D.is_main is log.is_main  # the rank is read in one place
+
+
+def test_parallelism_describes_the_run():
+    assert not hasattr(D, "Engine")  # named apart from the generation engine
+    assert D.Parallelism("ddp", 2, 1).main is False and D.Parallelism("single", 1, 0).main

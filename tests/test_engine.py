@@ -246,6 +246,22 @@ def test_hermes_tool_call_parsing(raw, calls, content):
     assert p.content == content
 
 
+def test_a_stray_end_of_think_is_text_unless_a_think_block_opened():
+    """A vocabulary may hold `</think>` without the template using it, and a think model may emit a stray one:
+    only a reply that opened `<think>` (or a prompt that did) is split, so a stream never sends text twice."""
+    from tunesmith.reply import OutputParser
+    from tunesmith.testing import build_tokenizer
+
+    llama = OutputParser(build_tokenizer("llama"))  # its vocabulary has </think>; its template has no think block
+    assert llama.reasoning_style == "none"
+    assert llama.parse("a b</think> c", tools=False, final=True).content == "a b</think> c"
+    qwen3 = OutputParser(build_tokenizer("qwen3"))
+    p = qwen3.parse("plain</think> text", tools=False, final=True)
+    assert (p.content, p.reasoning) == ("plain</think> text", None)
+    p = qwen3.parse("thinking</think>answer", tools=False, final=True, in_think=True)
+    assert (p.content, p.reasoning) == ("answer", "thinking")
+
+
 def test_llama_and_harmony_tool_calls():
     from tunesmith.reply import OutputParser
     from tunesmith.testing import build_tokenizer
@@ -278,6 +294,8 @@ def test_infer_keeps_columns_and_computes_the_metric(tiny_models, tmp_path, caps
     assert "--metric acc" in capsys.readouterr().err
     assert main(["infer", "--model", tiny_models("qwen2"), "--val_dataset", data, "--max_new_tokens", "4",
                  "--temperature", "0", "--result_path", str(tmp_path / "s.jsonl"), "--stream", "true"]) == 0
+    assert main(["infer", "--model", tiny_models("qwen2"), "--val_dataset", data, "--stream", "true", "--n", "2",
+                 "--result_path", str(tmp_path / "n.jsonl")]) == 1  # refused with a message, not silently n=1
     assert [r["response"] for r in read_jsonl(tmp_path / "s.jsonl")] == [r["response"] for r in rows]
 
 

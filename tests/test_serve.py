@@ -128,6 +128,15 @@ def test_n_and_logprobs_over_http(server):
     assert status == 400 and "response_format" in body["error"]["message"]
     status, body = _http("GET", f"http://127.0.0.1:{port}/v1/nothing-here")
     assert status == 404 and body["error"]["message"]
+    hi = [{"role": "user", "content": "hi"}]
+    for extra, param in [({"presence_penalty": 0.5}, "presence_penalty"), ({"logit_bias": {"5": 1}}, "logit_bias"),
+                         ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs")]:
+        status, body = _http("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                             {"model": "m", "messages": hi, **extra})
+        assert status == 400 and body["error"]["param"] == param, body  # refused, never silently ignored
+    status, body = _http("POST", f"http://127.0.0.1:{port}/v1/completions",
+                         {"model": "m", "prompt": "hi", "logprobs": 2})
+    assert status == 400 and body["error"]["param"] == "logprobs"
 
 
 def test_sigterm_under_load_exits_cleanly(tiny_models):

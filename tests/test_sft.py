@@ -284,3 +284,37 @@ def test_old_args_json_with_a_system_path(tmp_path, monkeypatch):
     monkeypatch.chdir(ckpt)
     with pytest.raises(ConfigError, match=r"args.json: system is the path .*'prompt.txt'.* pass --system"):
         resolve_checkpoint(parse_args("infer", ["--model", str(ckpt)]))
+
+
+@pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16), (None, None)])
+def test_lora_dtype_casts_only_the_lora_weights(tiny_models, name, dtype):
+    from tunesmith.model import attach_lora, load_model
+
+    argv = ["--model", tiny_models(), "--torch_dtype", "float32"] + (["--lora_dtype", name] if name else [])
+    args = parse_args("sft", argv)
+    model = attach_lora(load_model(args, args.model), args)
+    lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    assert lora == {dtype or torch.float32} and base == {torch.float32}  # default: peft's float32
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = model(input_ids=ids, labels=ids)  # peft casts each layer's input to its LoRA weights' dtype
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_finish_run_names_the_metric_that_chose_the_best_checkpoint(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from tunesmith.train import setup
+
+    monkeypatch.setattr("tunesmith.report.write_run_report", lambda run_dir: os.path.join(run_dir, "report.html"))
+    state = SimpleNamespace(global_step=10, last_model_checkpoint="ckpt-10", best_model_checkpoint="ckpt-5",
+                            best_metric=0.875)
+    (tmp_path / "args.json").write_text(json.dumps({"metric_for_best_model": "token_acc"}))
+    setup.finish_run(state, str(tmp_path))  # as the training commands call it: read from the run's args.json
+    assert "ckpt-5 (eval_token_acc 0.8750)" in capsys.readouterr().err
+    setup.finish_run(state, str(tmp_path), "eval_rewards/accuracies")
+    assert "(eval_rewards/accuracies 0.8750)" in capsys.readouterr().err
+    (tmp_path / "args.json").unlink()
+    setup.finish_run(state, str(tmp_path))  # no args.json: the default metric
+    assert "(eval_loss 0.8750)" in capsys.readouterr().err

@@ -4,6 +4,10 @@ Flag names follow ms-swift (3.x names, with the 4.x renames as aliases). Parsing
 transformers' HfArgumentParser that ms-swift scripts rely on (`--flag true|false`, a bare `--flag` meaning true,
 space-separated lists, JSON dicts, unique prefixes), but is implemented here on the standard library only: this
 module must import in milliseconds so that `tunesmith --help` and argument errors answer at once.
+
+What lives here: the field groups and each command's dataclass (every flag with its ms-swift meaning and units as
+help text); COMPATIBILITY_ONLY, the one list of flags accepted for ms-swift compatibility that change nothing (with
+why); NOT_SUPPORTED_YET, ms-swift flags that are errors; value aliases; parse_args, to_record and format_help.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ class ArgError(ValueError):
 # Field groups. Each is a plain dataclass of fields; commands compose them (one level, fields only).
 
 def _f(default=None, help: str = "", aliases: tuple = (), choices: tuple = (), secret: bool = False, list_default=None):
+    """A flag: its default (list_default for lists), help text (ms-swift's meaning, units), other accepted names,
+    allowed values, and whether it is a secret (redacted in args.json)."""
     meta = {"help": help, "aliases": aliases, "choices": choices, "secret": secret}
     if list_default is not None:
         return field(default_factory=lambda: list(list_default), metadata=meta)
@@ -34,7 +40,7 @@ def _f(default=None, help: str = "", aliases: tuple = (), choices: tuple = (), s
 class ModelArgs:
     model: Optional[str] = _f(help="Local model directory or hub id (ModelScope by default; --use_hf for Hugging Face).",
                               aliases=("model_id_or_path", "model_dir"))
-    model_type: Optional[str] = _f(help="Accepted for compatibility; the architecture is read from config.json.")
+    model_type: Optional[str] = _f(help="ms-swift's model type name. Compatibility only (see the table at the end).")
     model_revision: Optional[str] = _f(help="Hub revision.")
     torch_dtype: Optional[str] = _f(help="bfloat16, float16, float32 or auto (bf16 on GPUs that support it, fp32 on CPU).",
                                     choices=("bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "auto"))
@@ -53,14 +59,20 @@ class QuantArgs:
     quant_method: Optional[str] = _f(help="bnb for QLoRA (4-bit or 8-bit bitsandbytes).", choices=("bnb",))
     quant_bits: Optional[int] = _f(help="4 or 8.", choices=(4, 8))
     bnb_4bit_compute_dtype: Optional[str] = _f(help="Defaults to --torch_dtype.")
-    bnb_4bit_quant_type: str = _f("nf4", choices=("nf4", "fp4"))
-    bnb_4bit_use_double_quant: bool = _f(True)
-    bnb_4bit_quant_storage: Optional[str] = _f()
+    bnb_4bit_quant_type: str = _f("nf4", help="4-bit data type: nf4 (NormalFloat4, as in QLoRA) or fp4.",
+                                  choices=("nf4", "fp4"))
+    bnb_4bit_use_double_quant: bool = _f(True, help="Quantise the quantisation constants too (about 0.4 bit per "
+                                                    "weight saved).")
+    bnb_4bit_quant_storage: Optional[str] = _f(help="dtype the packed 4-bit weights are stored in (default uint8); "
+                                                    "ZeRO-3 QLoRA needs it equal to --torch_dtype.",
+                                               choices=("uint8", "int8", "float16", "bfloat16", "float32"))
 
 
 @dataclass
 class TemplateArgs:
-    template: Optional[str] = _f(help="Accepted for compatibility; the model's own chat template is used.")
+    template: Optional[str] = _f(help="ms-swift's template name. Training and inference use the model's own chat "
+                                      "template; `tunesmith data` without --model uses it to pick the built-in tiny "
+                                      "tokenizer (qwen2 by default).")
     system: Optional[str] = _f(help="Default system prompt: the text (a literal \\n in it becomes a newline) or a .txt "
                                     "file, read when the command starts (args.json keeps the text, not the path). As "
                                     "in ms-swift, a value ending in .txt must be an existing file. A system message in "
@@ -70,7 +82,7 @@ class TemplateArgs:
                                   choices=("delete", "left", "right"))
     loss_scale: Optional[str] = _f(help="default | last_round | all, optionally +ignore_empty_think. "
                                         "Default: default for sft, last_round for rlhf.")
-    padding_side: str = _f("right", choices=("left", "right"))
+    padding_side: str = _f("right", help="Side padding goes in a training batch.", choices=("left", "right"))
     use_chat_template: bool = _f(True, help="Render rows with the chat template (false: plain text, as swift pt).")
     enable_thinking: Optional[bool] = _f(help="Passed to chat templates that support it (Qwen3).")
     padding_free: bool = _f(False, help="Concatenate the rows of each batch into one sequence (no padding); "
@@ -88,26 +100,33 @@ class DataArgs:
     data_seed: int = _f(42, help="Seed for sampling, splitting and shuffling data.")
     dataset_num_proc: int = _f(1, help="Processes for tokenisation.")
     load_from_cache_file: bool = _f(False, help="Reuse the datasets map cache.")
-    dataset_shuffle: bool = _f(True)
-    val_dataset_shuffle: bool = _f(False)
+    dataset_shuffle: bool = _f(True, help="Shuffle the training rows each epoch (seeded by --seed and the epoch).")
+    val_dataset_shuffle: bool = _f(False, help="ms-swift: shuffle the validation rows. Compatibility only (see "
+                                               "the table at the end).")
     columns: Optional[dict] = _f(help='JSON rename map applied before format detection, e.g. {"q": "query"}.')
     strict: bool = _f(True, help="true: the first bad row stops with its file:line. false: bad rows are dropped and counted.")
-    remove_unused_columns: bool = _f(True)
+    remove_unused_columns: bool = _f(True, help="ms-swift: drop dataset columns the model does not take. "
+                                                "Compatibility only (see the table at the end).")
     model_name: List[str] = _f(help="Only for swift/self-cognition data ({{NAME}}).", list_default=[])
     model_author: List[str] = _f(help="Only for swift/self-cognition data ({{AUTHOR}}).", list_default=[])
-    lazy_tokenize: Optional[bool] = _f(help="Accepted for compatibility; rows are tokenised up front.")
+    lazy_tokenize: Optional[bool] = _f(help="ms-swift: tokenise rows when a batch needs them. Compatibility only "
+                                            "(see the table at the end).")
 
 
 @dataclass
 class TunerArgs:
     train_type: str = _f("lora", help="lora or full.", aliases=("tuner_type", "sft_type"), choices=("lora", "full"))
-    lora_rank: int = _f(8)
-    lora_alpha: int = _f(32)
-    lora_dropout: float = _f(0.05)
-    lora_bias: str = _f("none", choices=("none", "all"))
-    lora_dtype: Optional[str] = _f(help="dtype of the LoRA weights (default float32).")
-    use_rslora: bool = _f(False)
-    use_dora: bool = _f(False)
+    lora_rank: int = _f(8, help="LoRA rank r (inner dimension of the A and B matrices).")
+    lora_alpha: int = _f(32, help="LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with "
+                                  "--use_rslora).")
+    lora_dropout: float = _f(0.05, help="Dropout probability (0-1) on the LoRA branch's input.")
+    lora_bias: str = _f("none", help="none, or all: also train every bias of the model (saved with the adapter).",
+                        choices=("none", "all"))
+    lora_dtype: Optional[str] = _f(help="dtype of the trained LoRA weights (A, B; DoRA magnitude), cast after the "
+                                        "adapter is built. Default: peft's, float32 on a float16/bfloat16 base.",
+                                   choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
+    use_rslora: bool = _f(False, help="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    use_dora: bool = _f(False, help="DoRA: learn each weight's magnitude apart from its direction (slower).")
     init_weights: str = _f("true", help="true, gaussian, pissa, olora, loftq, ... (peft init_lora_weights).")
     target_modules: List[str] = _f(help="all-linear (no lm_head, no MoE routers) or module names.",
                                    list_default=["all-linear"])
@@ -123,11 +142,14 @@ class TunerArgs:
 class TrackArgs:
     report_to: List[str] = _f(help="tensorboard, swanlab, wandb, mlflow, all, none.", list_default=["tensorboard"])
     swanlab_token: Optional[str] = _f(help="SwanLab API key (or SWANLAB_API_KEY); never written to disk.", secret=True)
-    swanlab_project: str = _f("tunesmith")
-    swanlab_workspace: Optional[str] = _f()
-    swanlab_exp_name: Optional[str] = _f()
-    swanlab_mode: str = _f("cloud", choices=("cloud", "local", "offline", "disabled"))
-    run_name: Optional[str] = _f()
+    swanlab_project: str = _f("tunesmith", help="SwanLab project name.")
+    swanlab_workspace: Optional[str] = _f(help="SwanLab workspace (organisation); default your own.")
+    swanlab_exp_name: Optional[str] = _f(help="SwanLab experiment name (default --run_name, else the run "
+                                              "folder's name).")
+    swanlab_mode: str = _f("cloud", help="cloud (upload), local (local dashboard), offline (files only) or "
+                                         "disabled.", choices=("cloud", "local", "offline", "disabled"))
+    run_name: Optional[str] = _f(help="Run name shown in W&B, MLflow and SwanLab (default the run folder's name, "
+                                      "vN-YYYYMMDD-HHMMSS).")
 
 
 @dataclass
@@ -136,69 +158,84 @@ class TrainArgs:
     add_version: bool = _f(True, help="Make the vN-date run folder inside --output_dir.")
     deepspeed: Optional[str] = _f(help="zero0, zero1, zero2, zero3, zero2_offload, zero3_offload (presets), or a "
                                        "DeepSpeed JSON file or string; \"auto\" values come from these flags.")
-    num_train_epochs: float = _f(3.0)
+    num_train_epochs: float = _f(3.0, help="Passes over the training data (fractions allowed).")
     max_steps: int = _f(-1, help="Optimiser steps; overrides --num_train_epochs when > 0.")
-    per_device_train_batch_size: int = _f(1, aliases=("batch_size",))
-    per_device_eval_batch_size: int = _f(1)
+    per_device_train_batch_size: int = _f(1, help="Rows (or packed sequences) per micro-batch per process.",
+                                          aliases=("batch_size",))
+    per_device_eval_batch_size: int = _f(1, help="Rows per evaluation batch per process.")
     gradient_accumulation_steps: Optional[int] = _f(help="Default: total batch of 16 (ceil(16 / batch / processes)).")
     learning_rate: Optional[float] = _f(help="Default 1e-4 for LoRA, 1e-5 for full.")
-    lr_scheduler_type: str = _f("cosine", choices=("cosine", "linear", "constant", "constant_with_warmup",
+    lr_scheduler_type: str = _f("cosine", help="Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant", "constant_with_warmup",
                                                    "cosine_with_min_lr", "polynomial", "inverse_sqrt"))
     lr_scheduler_kwargs: Optional[dict] = _f(help='e.g. {"min_lr_rate": 0.1} for cosine_with_min_lr.')
-    warmup_ratio: float = _f(0.0)
-    warmup_steps: int = _f(0)
-    weight_decay: float = _f(0.1)
-    adam_beta1: float = _f(0.9)
-    adam_beta2: float = _f(0.95)
-    adam_epsilon: float = _f(1e-8)
-    optim: str = _f("adamw_torch", choices=("adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf", "sgd",
+    warmup_ratio: float = _f(0.0, help="Fraction (0-1) of the optimiser steps spent warming up linearly from 0.")
+    warmup_steps: int = _f(0, help="Warm-up optimiser steps (overrides --warmup_ratio when > 0).")
+    weight_decay: float = _f(0.1, help="AdamW decoupled weight decay (not on biases and norms).")
+    adam_beta1: float = _f(0.9, help="AdamW beta1 (first-moment decay).")
+    adam_beta2: float = _f(0.95, help="AdamW beta2 (second-moment decay).")
+    adam_epsilon: float = _f(1e-8, help="AdamW epsilon (added to the denominator).")
+    optim: str = _f("adamw_torch", help="Optimiser; the 8-bit and paged ones need bitsandbytes.", choices=("adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf", "sgd",
                                             "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit"))
-    max_grad_norm: float = _f(1.0)
-    gradient_checkpointing: bool = _f(True)
-    seed: int = _f(42)
-    save_strategy: str = _f("steps", choices=("steps", "epoch", "no", "best"))
-    save_steps: int = _f(500)
+    max_grad_norm: float = _f(1.0, help="Clip the gradient's global L2 norm to this (0: no clipping).")
+    gradient_checkpointing: bool = _f(True, help="Recompute activations in the backward pass: less memory, "
+                                                 "about 30% slower.")
+    seed: int = _f(42, help="Seed for LoRA init, data order each epoch and dropout.")
+    save_strategy: str = _f("steps", help="When to save a checkpoint: every --save_steps, each epoch, never, or "
+                                          "when --metric_for_best_model improves (best); all but no also save the last step.",
+                            choices=("steps", "epoch", "no", "best"))
+    save_steps: int = _f(500, help="Optimiser steps between checkpoints (--save_strategy steps).")
     save_total_limit: Optional[int] = _f(help="Keep this many newest checkpoints (plus the best).")
     save_only_model: bool = _f(False, help="Skip optimiser/scheduler/RNG state (no exact resume).")
     eval_strategy: Optional[str] = _f(help="Default: same as --save_strategy; no when there is no validation data.",
                                       aliases=("evaluation_strategy",), choices=("steps", "epoch", "no"))
     eval_steps: Optional[int] = _f(help="Default: same as --save_steps.")
-    logging_steps: int = _f(5)
-    logging_first_step: bool = _f(True)
+    logging_steps: int = _f(5, help="Optimiser steps between log records (means over the window).")
+    logging_first_step: bool = _f(True, help="Also log step 1.")
     dataloader_num_workers: Optional[int] = _f(help="Default 0 on CPU, 1 on GPU.")
     use_liger_kernel: bool = _f(False, help="Liger fused kernels (GPU only; skipped with a note on CPU).")
     router_aux_loss_coef: float = _f(0.0, help="MoE load-balancing loss weight (gpt-oss example: 1e-3).")
     resume_from_checkpoint: Optional[str] = _f(help="Checkpoint to continue: weights, optimiser, scheduler, RNG, data position.")
     resume_only_model: bool = _f(False, help="With --resume_from_checkpoint: weights only (data already seen is still skipped).")
-    ignore_data_skip: bool = _f(False)
-    metric_for_best_model: str = _f("loss")
-    greater_is_better: Optional[bool] = _f()
+    ignore_data_skip: bool = _f(False, help="On resume, start the data from the epoch's beginning instead of "
+                                            "skipping the rows already seen.")
+    metric_for_best_model: str = _f("loss", help="Validation metric that picks the best checkpoint (eval_ "
+                                                 "prefix optional), e.g. loss, token_acc, rewards/accuracies.")
+    greater_is_better: Optional[bool] = _f(help="Whether a larger --metric_for_best_model is better (default: "
+                                                "false for names ending in loss, else true).")
     create_checkpoint_symlink: bool = _f(False, help="Make output_dir/best and output_dir/last links.")
-    acc_strategy: str = _f("token", choices=("token", "seq"))
-    max_new_tokens: Optional[int] = _f()
-    temperature: Optional[float] = _f()
+    acc_strategy: str = _f("token", help="ms-swift: token accuracy or whole-sequence accuracy. Compatibility only "
+                                         "(see the table at the end).", choices=("token", "seq"))
+    max_new_tokens: Optional[int] = _f(help="ms-swift: generation length (tokens) for --predict_with_generate, which "
+                                            "tunesmith does not support; training never generates, so it changes "
+                                            "nothing here.")
+    temperature: Optional[float] = _f(help="ms-swift: sampling temperature for --predict_with_generate; changes "
+                                           "nothing in training (see --max_new_tokens).")
 
 
 @dataclass
 class RLHFArgs:
-    rlhf_type: str = _f("dpo", choices=("dpo", "simpo", "orpo", "cpo", "kto"))
+    rlhf_type: str = _f("dpo", help="Preference method: dpo (with --loss_type variants), simpo, orpo, cpo or kto.",
+                        choices=("dpo", "simpo", "orpo", "cpo", "kto"))
     beta: Optional[float] = _f(help="Default 0.1 (SimPO 2.0).")
     loss_type: List[str] = _f(help="DPO loss variant(s): sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, "
                                    "sppo_hard, apo_zero, apo_down, discopop, sft; several with --loss_weights.",
                               list_default=[])
-    loss_weights: List[float] = _f(list_default=[])
-    label_smoothing: float = _f(0.0)
+    loss_weights: List[float] = _f(help="One weight per --loss_type (default 1 each).", list_default=[])
+    label_smoothing: float = _f(0.0, help="Probability (0-0.5) that a preference label is flipped: cDPO, robust, "
+                                          "exo_pair; also CPO and SimPO.")
     rpo_alpha: Optional[float] = _f(help="Adds rpo_alpha * NLL(chosen) (logged separately as nll_loss).")
-    ld_alpha: Optional[float] = _f()
-    discopop_tau: float = _f(0.05)
+    ld_alpha: Optional[float] = _f(help="LD-DPO (DPO only): weight (0-1) of the log-probs of tokens beyond the "
+                                        "shorter reply's length.")
+    discopop_tau: float = _f(0.05, help="DiscoPOP (--loss_type discopop): temperature of the mixing sigmoid.")
     ref_model: Optional[str] = _f(help="Reference model for full training (default: --model).")
     ref_adapters: List[str] = _f(help="Reference adapters (e.g. the SFT checkpoint given to --adapters).",
                                  list_default=[])
-    cpo_alpha: float = _f(1.0)
-    simpo_gamma: float = _f(1.0)
-    desirable_weight: float = _f(1.0)
-    undesirable_weight: float = _f(1.0)
-    precompute_ref_log_probs: bool = _f(False)
+    cpo_alpha: float = _f(1.0, help="CPO: weight of the NLL over the chosen reply.")
+    simpo_gamma: float = _f(1.0, help="SimPO: target reward margin (gamma).")
+    desirable_weight: float = _f(1.0, help="KTO: loss weight of desirable replies (lambda_D).")
+    undesirable_weight: float = _f(1.0, help="KTO: loss weight of undesirable replies (lambda_U).")
+    precompute_ref_log_probs: bool = _f(False, help="Compute the reference log-probs once before training (no "
+                                                    "reference forward pass per step).")
     prefix_sharing: Optional[bool] = _f(help="Run each pair as one sequence [prompt, chosen, rejected] so the prompt "
                                              "is computed once (exact). Default: on with --packing or "
                                              "--padding_free where the attention implementation takes a custom "
@@ -207,12 +244,13 @@ class RLHFArgs:
 
 @dataclass
 class GenerationArgs:
-    max_new_tokens: Optional[int] = _f()
-    temperature: Optional[float] = _f(help="0 = greedy.")
-    top_k: Optional[int] = _f()
-    top_p: Optional[float] = _f()
-    repetition_penalty: Optional[float] = _f()
-    num_beams: int = _f(1)
+    max_new_tokens: Optional[int] = _f(help="Most tokens generated per reply (default: up to the model's limit).")
+    temperature: Optional[float] = _f(help="Sampling temperature; 0 = greedy.")
+    top_k: Optional[int] = _f(help="Sample from the k most likely tokens only.")
+    top_p: Optional[float] = _f(help="Nucleus sampling: the smallest token set with this much probability (0-1).")
+    repetition_penalty: Optional[float] = _f(help="Penalty (> 1 discourages, 1 = none) on tokens already in the "
+                                                  "prompt or reply, as in transformers.")
+    num_beams: int = _f(1, help="Beam search width (1: no beam search).")
     stream: Optional[bool] = _f(help="Stream replies as they are generated (chat; batch inference prints each row's "
                                      "reply as it streams, one row at a time).")
     stop_words: List[str] = _f(help="Stop strings (the reply is cut before them).", list_default=[])
@@ -241,8 +279,10 @@ class InferBackendArgs:
     max_batch_size: int = _f(32, help="Sequences generated together (continuous batching: new requests join between "
                                       "decoding steps, finished ones leave). -1: no limit.")
     result_path: Optional[str] = _f(help="infer: the result jsonl. deploy: one jsonl line per finished request.")
-    write_batch_size: int = _f(1000)
-    metric: Optional[str] = _f(choices=("acc", "rouge"))
+    write_batch_size: int = _f(1000, help="ms-swift: rows per write of the result file. Compatibility only (see "
+                                          "the table at the end).")
+    metric: Optional[str] = _f(help="infer: score the replies against the labels: acc (exact match) or rouge "
+                                    "(ROUGE-1/2/L, BLEU-4).", choices=("acc", "rouge"))
     # vLLM
     vllm_gpu_memory_utilization: float = _f(0.9, help="vLLM: fraction (0-1) of each GPU's memory for weights and "
                                                       "KV cache.", aliases=("gpu_memory_utilization",))
@@ -264,9 +304,11 @@ class InferBackendArgs:
     vllm_enable_lora: Optional[bool] = _f(help="vLLM: LoRA support; default on when --adapters are given.")
     vllm_enable_prefix_caching: Optional[bool] = _f(help="vLLM: automatic prefix caching (default: vLLM's).",
                                                     aliases=("enable_prefix_caching",))
-    vllm_use_async_engine: Optional[bool] = _f(help="vLLM: AsyncLLMEngine (deploy always uses it).")
+    vllm_use_async_engine: Optional[bool] = _f(help="vLLM: use AsyncLLMEngine. Compatibility only (see the table "
+                                                    "at the end).")
     vllm_quantization: Optional[str] = _f(help="vLLM: quantization method (awq, gptq, fp8, ...).")
-    vllm_reasoning_parser: Optional[str] = _f(help="vLLM: reasoning parser name (e.g. qwen3, deepseek_r1).")
+    vllm_reasoning_parser: Optional[str] = _f(help="vLLM: reasoning parser name (e.g. qwen3). Compatibility only "
+                                                    "(see the table at the end).")
     vllm_disable_cascade_attn: bool = _f(False, help="vLLM: disable cascade attention.")
     vllm_mm_processor_cache_gb: Optional[float] = _f(help="vLLM: multimodal processor cache (GiB).")
     vllm_speculative_config: Optional[dict] = _f(help="vLLM: JSON speculative-decoding config.")
@@ -288,9 +330,9 @@ class InferBackendArgs:
     sglang_enable_dp_attention: bool = _f(False, help="SGLang: data-parallel attention (dp_size must equal tp_size).")
     sglang_disable_custom_all_reduce: bool = _f(True, help="SGLang: use NCCL instead of the custom all-reduce.")
     sglang_speculative_algorithm: Optional[str] = _f(help="SGLang: EAGLE, EAGLE3, NEXTN, STANDALONE or NGRAM.")
-    sglang_speculative_num_steps: Optional[int] = _f()
-    sglang_speculative_eagle_topk: Optional[int] = _f()
-    sglang_speculative_num_draft_tokens: Optional[int] = _f()
+    sglang_speculative_num_steps: Optional[int] = _f(help="SGLang: draft steps per speculative round.")
+    sglang_speculative_eagle_topk: Optional[int] = _f(help="SGLang: EAGLE draft branches kept per step.")
+    sglang_speculative_num_draft_tokens: Optional[int] = _f(help="SGLang: draft tokens verified per round.")
     # LMDeploy (ms-swift 4.x names; the 3.x names and their dashed spellings are aliases)
     lmdeploy_tp: int = _f(1, help="LMDeploy: tensor parallel GPUs.", aliases=("tp",))
     lmdeploy_session_len: Optional[int] = _f(help="LMDeploy: longest session in tokens (prompt + reply; default "
@@ -299,31 +341,34 @@ class InferBackendArgs:
                                                          "cache.", aliases=("cache_max_entry_count",))
     lmdeploy_quant_policy: int = _f(0, help="LMDeploy: KV cache quantisation: 0 (none), 4 or 8 bits.",
                                     aliases=("quant_policy",), choices=(0, 4, 8))
-    lmdeploy_vision_batch_size: int = _f(1, help="LMDeploy: VisionConfig max_batch_size (multimodal).",
+    lmdeploy_vision_batch_size: int = _f(1, help="LMDeploy: images per vision-encoder batch. Compatibility only "
+                                                 "(see the table at the end).",
                                          aliases=("vision_batch_size",))
 
 
 @dataclass
 class DeployServerArgs:
     host: str = _f("127.0.0.1", help="Listen address; 0.0.0.0 exposes the server to the network.")
-    port: int = _f(8000)
+    port: int = _f(8000, help="TCP port to listen on.")
     api_key: Optional[str] = _f(help="Require 'Authorization: Bearer KEY' (never written to disk).", secret=True)
-    served_model_name: Optional[str] = _f()
-    ssl_keyfile: Optional[str] = _f()
-    ssl_certfile: Optional[str] = _f()
-    owned_by: str = _f("tunesmith")
-    log_interval: int = _f(20)
-    max_logprobs: int = _f(20)
-    verbose: bool = _f(True)
+    served_model_name: Optional[str] = _f(help="Model id clients send (default the model or checkpoint "
+                                               "folder's name).")
+    ssl_keyfile: Optional[str] = _f(help="TLS private key file (PEM), with --ssl_certfile: serve HTTPS.")
+    ssl_certfile: Optional[str] = _f(help="TLS certificate file (PEM).")
+    owned_by: str = _f("tunesmith", help="owned_by field of /v1/models.")
+    log_interval: int = _f(20, help="ms-swift: seconds between throughput log lines. Compatibility only (see the "
+                                    "table at the end).")
+    max_logprobs: int = _f(20, help="Largest top_logprobs a request may ask for.")
+    verbose: bool = _f(True, help="Log each HTTP request (uvicorn info level).")
 
 
 @dataclass
 class ExportOutputArgs:
     output_dir: Optional[str] = _f(help="Default <checkpoint>-merged.")
-    merge_lora: bool = _f(False)
-    safe_serialization: bool = _f(True)
-    max_shard_size: str = _f("5GB")
-    exist_ok: bool = _f(False)
+    merge_lora: bool = _f(False, help="Merge the --adapters into the base weights and save a full model.")
+    safe_serialization: bool = _f(True, help="Save .safetensors (false: PyTorch .bin).")
+    max_shard_size: str = _f("5GB", help="Largest weight file, e.g. 5GB or 500MB.")
+    exist_ok: bool = _f(False, help="Write into an existing --output_dir instead of stopping.")
 
 
 @dataclass
@@ -342,7 +387,8 @@ class EvalArgs:
                                       "(--model names the served model; default its first).")
     eval_num_proc: int = _f(16, help="Concurrent requests to --eval_url; processes for code tests.")
     extra_eval_args: Optional[dict] = _f(help="EvalScope backend options (not used by the native evaluator).")
-    local_dataset: bool = _f(False, help="Accepted for compatibility; local files come from local_path.")
+    local_dataset: bool = _f(False, help="ms-swift: use EvalScope's downloaded dataset archive. Compatibility only "
+                                         "(see the table at the end).")
     mcq_scoring: Optional[str] = _f(help="Multiple choice: likelihood of each option letter (default for local "
                                          "models) or generation + extraction (the only way for --eval_url).",
                                     choices=("likelihood", "generation"))
@@ -424,6 +470,27 @@ NOT_SUPPORTED_YET = {
     "center_rewards_coefficient": "reward-model training (--rlhf_type rm) is not supported",
 }
 
+# ms-swift flags that tunesmith accepts (so ms-swift scripts and args.json files run unchanged) but that change
+# nothing: flag -> why. This is the one list of them; `tunesmith <command> --help` prints the entries of that
+# command's flags at the end, and a test checks that every other flag is read somewhere in tunesmith/.
+COMPATIBILITY_ONLY = {
+    "model_type": "the architecture is read from the model's config.json",
+    "lazy_tokenize": "rows are tokenised up front, once, before training starts (bad rows are found before step 1)",
+    "remove_unused_columns": "columns other than the conversation's are ignored when rows are encoded, so none "
+                             "ever reaches the model",
+    "val_dataset_shuffle": "validation always covers every row, and its summed loss and metrics do not depend on "
+                           "the order",
+    "acc_strategy": "training logs token accuracy (token_acc, the fraction of trained tokens predicted exactly); "
+                    "sequence accuracy (seq) is not computed",
+    "local_dataset": "the native evaluator reads local files from --eval_dataset_args local_path and downloads nothing",
+    "write_batch_size": "result lines are written and flushed as each window of rows finishes",
+    "log_interval": "deploy logs each request (--verbose) and no periodic throughput line",
+    "vllm_use_async_engine": "tunesmith always drives vLLM through its AsyncLLMEngine",
+    "vllm_reasoning_parser": "reasoning is split from the answer by tunesmith's own parser, chosen from the chat "
+                             "template, for every backend alike",
+    "lmdeploy_vision_batch_size": "multimodal models are not supported, so there is no vision encoder to batch",
+}
+
 # ms-swift values that tunesmith does not implement: the error says so instead of only listing the choices.
 NOT_SUPPORTED_VALUES = {("rlhf_type", t): f"ms-swift's {t} is not supported by tunesmith yet"
                         for t in ("rm", "ppo", "grpo", "gkd")}
@@ -432,6 +499,7 @@ NOT_SUPPORTED_VALUES = {("rlhf_type", t): f"ms-swift's {t} is not supported by t
 VALUE_ALIASES = {
     ("torch_dtype", "bf16"): "bfloat16", ("torch_dtype", "fp16"): "float16", ("torch_dtype", "fp32"): "float32",
     ("attn_impl", "flash_attn"): "flash_attention_2",
+    ("lora_dtype", "bf16"): "bfloat16", ("lora_dtype", "fp16"): "float16", ("lora_dtype", "fp32"): "float32",
     ("infer_backend", "pt"): "transformers",
 }
 
@@ -439,7 +507,8 @@ VALUE_ALIASES = {
 class EvalArguments(EvalArgs, GenerationArgs, InferBackendArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs,
                     TrackArgs):
     """`tunesmith eval`: benchmarks from local files; the base and the tuned model side by side."""
-    verbose: bool = _f(False)
+    verbose: bool = _f(False, help="ms-swift: EvalScope's debug output. The native evaluator prints the same "
+                                   "either way.")
     # ms-swift's eval has no --report_to (EvalScope keeps its own reports), so nothing is logged unless asked
     report_to: List[str] = _f(help="Log the score table (each model's score and the delta, per dataset, subset and "
                                    "metric) to tensorboard, swanlab, wandb, mlflow or all, under the eval's output "
@@ -739,6 +808,8 @@ def to_record(args) -> dict:
 
 
 def format_help(command: str) -> str:
+    """`tunesmith COMMAND --help`: every flag with its type, choices, other names, default and help, then the
+    command's compatibility-only flags with why each changes nothing. Raises KeyError for an unknown command."""
     cls = COMMAND_ARGS[command]
     lines = [f"usage: tunesmith {command} [CONFIG.yaml|CONFIG.json] [--flag value ...]", ""]
     doc = (cls.__doc__ or "").strip()
@@ -756,4 +827,9 @@ def format_help(command: str) -> str:
         lines.append(f"  --{name} {tname}{choices}{al}{default}")
         if spec.help:
             lines.append(f"      {spec.help}")
+    compat = [name for name in _fields(cls) if name in COMPATIBILITY_ONLY]
+    if compat:
+        lines += ["", "compatibility only: accepted so that ms-swift scripts run unchanged, but changing nothing:"]
+        for name in compat:
+            lines += [f"  --{name}", f"      {COMPATIBILITY_ONLY[name]}"]
     return "\n".join(lines)

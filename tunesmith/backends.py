@@ -387,6 +387,8 @@ class _Stream:
 
     def add(self, token: int, logprob=None) -> bool:
         """Record and stream one token; True when the sequence is done by tunesmith's rules."""
+        from tunesmith.engine import stop_string_hit
+
         p = self.handle.params
         self.tokens.append(int(token))
         if self.logprobs is not None and logprob is not None:
@@ -394,12 +396,8 @@ class _Stream:
         self.handle._push(int(token))
         if token in self.stop_ids:
             self.finish = "stop"
-        elif p.stop:
-            # the same tail check as GenerationEngine._stopped: a stop string spans at most len(s) tokens (+4 for
-            # bytes that decode together)
-            span = max(len(s) for s in p.stop) + 4
-            tail = self.tok.decode(self.tokens[-span:], skip_special_tokens=False)
-            hit = next((s for s in p.stop if s and s in tail), None)
+        else:
+            hit = stop_string_hit(self.tok, self.tokens, p.stop)
             if hit is not None:
                 self.finish, self.stop_hit = "stop", hit
         if self.finish is None and len(self.tokens) >= p.max_new_tokens:

@@ -1,7 +1,8 @@
 """`tunesmith <command> [flags]`: a plain mapping of subcommand to `main(args)`.
 
-Only the standard library and tunesmith.args are imported here, so `--help` and argument errors answer at once;
-each command imports torch/transformers when it runs.
+Only the standard library, tunesmith.args and tunesmith.log are imported here, so `--help` and argument errors
+answer at once; each command imports torch/transformers when it runs. Also here: turning ms-swift's launch
+variables (NPROC_PER_NODE, NNODES, ...) into a torchrun launch of the same command.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 from tunesmith import __version__
 from tunesmith.args import ArgError, format_help, parse_args
+from tunesmith.log import note, rank, world_size
 
 # command -> (module, one-line description). The module's `main(args)` is also the Python API.
 COMMANDS = {
@@ -52,8 +54,7 @@ def _torchrun_args(command: str) -> list[str]:
     if (nproc <= 1 and nnodes <= 1) or "LOCAL_RANK" in os.environ:
         return []
     if command not in TRAINING:
-        print(f"[tunesmith] NPROC_PER_NODE/NNODES apply to training; {command} runs in one process",
-              file=sys.stderr)
+        note(f"NPROC_PER_NODE/NNODES apply to training; {command} runs in one process")
         return []
     addr = os.environ.get("MASTER_ADDR") or "127.0.0.1"
     port = int(os.environ.get("MASTER_PORT") or 29500)
@@ -109,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     if launch:
         import subprocess
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "tunesmith", command, *rest]
-        print(f"[tunesmith] launching: torchrun {' '.join(launch)} -m tunesmith {command} …", file=sys.stderr, flush=True)
+        note(f"launching: torchrun {' '.join(launch)} -m tunesmith {command} …")
         return subprocess.call(cmd)
     module = importlib.import_module(COMMANDS[command][0])
     from tunesmith.errors import TunesmithError
     try:
         rc = module.main(args)
     except TunesmithError as e:
-        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        # every rank may fail (each prints its own error), so say which one this is
+        where = f" (rank {rank()})" if world_size() > 1 else ""
         print(f"tunesmith {command}{where}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -372,15 +372,10 @@ class GenerationEngine:
         if token in self.stop_ids or token in row.stop_ids:
             row.finish = "stop"
             return True
-        if p.stop:
-            # Only the tail can hold a new match: a stop string spans at most len(s) tokens (plus bytes that
-            # decode together), so decoding the last few tokens each step is enough.
-            span = max(len(s) for s in p.stop) + 4
-            tail = self.tok.decode(row.generated[-span:], skip_special_tokens=False)
-            hit = next((s for s in p.stop if s and s in tail), None)
-            if hit is not None:
-                row.finish, row.stop_hit = "stop", hit
-                return True
+        hit = stop_string_hit(self.tok, row.generated, p.stop)
+        if hit is not None:
+            row.finish, row.stop_hit = "stop", hit
+            return True
         if len(row.generated) >= p.max_new_tokens:
             row.finish = "length"
             return True
@@ -493,6 +488,16 @@ class _Batch:
             self.mask = self.mask[:, first:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+
+def stop_string_hit(tokenizer, generated: list, stops) -> Optional[str]:
+    """The stop string that the output now contains, if any. Only the tail can hold a new match: a stop string
+    spans at most len(s) tokens (plus bytes that decode together), so the last few tokens are decoded each step."""
+    if not stops:
+        return None
+    span = max(len(s) for s in stops) + 4
+    tail = tokenizer.decode(generated[-span:], skip_special_tokens=False)
+    return next((s for s in stops if s and s in tail), None)
 
 
 def _left_pad(t, width: int, dim: int = 2):

@@ -425,6 +425,9 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
 
     records = loaded.records
     cfg = engine.defaults
+    if args.stream and cfg.n > 1:
+        raise ConfigError("--stream true prints one reply per row as it is generated; with --n 2 or more, drop "
+                          "--stream (the replies are written under `choices`)")
     window = max(64, 4 * max(1, args.max_batch_size))
     os.makedirs(os.path.dirname(os.path.abspath(result_path)), exist_ok=True)
     responses, golds = [], []

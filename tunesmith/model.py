@@ -1,20 +1,20 @@
-"""Load a model and tokenizer (local directory or hub id; dtype, attention, quantisation) and attach LoRA."""
+"""Load a model and tokenizer (local directory or hub id; dtype, attention, quantisation) and attach LoRA.
+
+Also the small helpers every stage shares about a loaded model: `default_device()` (where work runs when nothing
+else decides), `resolve_dtype()` (a --torch_dtype / --lora_dtype name as a torch dtype) and `unwrap_model()` (the
+transformers model inside the DDP/DeepSpeed and peft wrappers). `note` (rank-0 messages) lives in tunesmith.log
+and is re-exported here for the modules that import it from this one.
+"""
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional
 
 from tunesmith.errors import ConfigError
+from tunesmith.log import note  # noqa: F401 - re-exported: training modules import note from here
 
 # Output heads and MoE routers never get LoRA from `all-linear` (ms-swift's find_all_linears rule).
 _EXCLUDED_LEAVES = {"lm_head", "score", "v_head", "classifier", "gate", "router", "shared_expert_gate"}
-
-
-def note(msg: str) -> None:
-    """A one-line message on stderr, from rank 0 only when several processes train."""
-    if int(os.environ.get("RANK", "0") or 0) == 0:
-        print(f"[tunesmith] {msg}", file=sys.stderr)
 
 
 def resolve_model_dir(model: Optional[str], use_hf: bool = False, revision: Optional[str] = None,
@@ -47,14 +47,36 @@ def resolve_model_dir(model: Optional[str], use_hf: bool = False, revision: Opti
                           f"the hub id and your network") from None
 
 
+def default_device():
+    """The torch.device work runs on when nothing else decides: this process's current CUDA GPU when torch sees
+    one (under torchrun, distributed.init_process_group made it this rank's LOCAL_RANK GPU), else the CPU."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def resolve_dtype(name: Optional[str]):
+    """A dtype name (bfloat16, float16, float32, or ms-swift's bf16/fp16/fp32) as a torch dtype. None or "auto":
+    bfloat16 on a GPU that supports it, float16 on one that does not, float32 on CPU. Raises KeyError for another
+    name (parse_args checks --torch_dtype and --lora_dtype; --bnb_4bit_compute_dtype is free text)."""
     import torch
 
     if name in (None, "auto"):
-        if torch.cuda.is_available():
+        if default_device().type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def unwrap_model(model, peft: bool = True):
+    """The transformers model inside the wrappers training puts around it: a DDP module or DeepSpeed engine
+    (`.module`), then, with peft=True, a PeftModel (`get_base_model()`; its LoRA layers stay in place). A model
+    without wrappers is returned as is."""
+    model = getattr(model, "module", model)
+    if peft and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
 
 
 def load_tokenizer(args, model_dir: Optional[str] = None):
@@ -84,9 +106,13 @@ def _quantization_config(args, config, dtype):
         if args.quant_bits not in (4, None):
             raise ConfigError("--quant_bits must be 4 or 8 with --quant_method bnb")
         compute = resolve_dtype(args.bnb_4bit_compute_dtype) if args.bnb_4bit_compute_dtype else dtype
+        # the dtype the packed 4-bit weights are stored in (bitsandbytes' default uint8); ZeRO-3 needs it equal to
+        # the other weights' dtype. transformers takes the name (float16, bfloat16, uint8, ...) and checks it.
+        storage = getattr(args, "bnb_4bit_quant_storage", None)
+        extra = {"bnb_4bit_quant_storage": storage} if storage else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
                                   bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
-                                  bnb_4bit_compute_dtype=compute)
+                                  bnb_4bit_compute_dtype=compute, **extra)
     if qm == "mxfp4":
         # MXFP4 weights have no backward pass: dequantise to the training dtype (the seeds did this by hand).
         from transformers import Mxfp4Config
@@ -156,8 +182,41 @@ def _expand_special(model, names: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def cast_lora(model, dtype_name: Optional[str], adapter: str = "default") -> int:
+    """--lora_dtype: cast the LoRA weights of `adapter` (A and B, their embedding forms, DoRA's magnitude) to
+    float32, bfloat16 or float16, as ms-swift does after building the adapter. None leaves peft's choice (float32
+    for LoRA on a float16/bfloat16 base). The base weights are never touched; peft casts each layer's input to its
+    LoRA weights' dtype, so mixed dtypes stay correct. Returns the number of parameters cast."""
+    if not dtype_name:
+        return 0
+    dtype = resolve_dtype(dtype_name)
+    cast = 0
+    for module in model.modules():
+        for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+            holder = getattr(module, attr, None)
+            if holder is None or not hasattr(holder, "keys") or adapter not in holder.keys():
+                continue
+            part = holder[adapter]
+            if hasattr(part, "parameters"):  # a Linear/Embedding/DoRA layer
+                for p in part.parameters():
+                    if p.is_floating_point() and p.dtype != dtype:
+                        p.data = p.data.to(dtype)
+                        cast += 1
+            elif part.is_floating_point() and part.dtype != dtype:  # a bare Parameter (lora_embedding_A/B)
+                part.data = part.data.to(dtype)
+                cast += 1
+    return cast
+
+
 def attach_lora(model, args):
-    """Wrap the model with a fresh LoRA adapter, or continue from --adapters (trainable)."""
+    """Wrap the model with a fresh LoRA adapter, or continue from --adapters (trainable); then apply --lora_dtype
+    to the trained adapter's weights. Raises ConfigError for several --adapters or targets that match no layer."""
+    peft_model = _attach_lora(model, args)
+    cast_lora(peft_model, getattr(args, "lora_dtype", None))
+    return peft_model
+
+
+def _attach_lora(model, args):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if getattr(args, "quant_method", None):

@@ -39,7 +39,9 @@ def template_style(tokenizer) -> tuple[str, Optional[str]]:
     if "<|channel|>" in template:
         return "harmony", "harmony"
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    reasoning = "think" if ("<think>" in template or "</think>" in vocab) else "none"
+    # only a template that renders think blocks makes `</think>` mean "end of reasoning": a vocabulary that merely
+    # holds the token (many do) must not split an ordinary reply, or a stream would send text twice
+    reasoning = "think" if "<think>" in template else "none"
     if "<tool_call>" in template:
         tools = "hermes"
     elif "<|python_tag|>" in template or '"parameters"' in template:
@@ -123,19 +125,16 @@ class OutputParser:
 def _split_think(raw: str, in_think: bool, final: bool) -> tuple[Optional[str], str]:
     """(reasoning, rest) for `<think>…</think>` templates; reasoning None when the reply has no think block."""
     head = raw.lstrip()
-    if "</think>" in raw:
-        before, _, after = raw.partition("</think>")
-        before = before.lstrip()
-        if before.startswith("<think>"):
-            before = before[len("<think>"):]
+    opened = head.startswith("<think>")
+    if not (opened or in_think):
+        if not final and head and "<think>".startswith(head):
+            return None, ""                 # maybe the start of `<think>`: wait
+        return None, raw                    # no think block: a stray `</think>` later is just text
+    body = head[len("<think>"):] if opened else raw
+    if "</think>" in body:
+        before, _, after = body.partition("</think>")
         return before.strip(), after
-    if head.startswith("<think>"):
-        return head[len("<think>"):], ""    # still thinking (or cut off while thinking)
-    if in_think:
-        return raw, ""
-    if not final and "<think>".startswith(head) and head:
-        return None, ""                     # maybe the start of `<think>`: wait
-    return None, raw
+    return body, ""                         # still thinking (or cut off while thinking)
 
 
 def _hermes_calls(text: str, final: bool) -> tuple[list, str]:

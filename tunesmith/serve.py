@@ -135,6 +135,19 @@ class Server:
 
     def config(self, req: Sampling, top_logprobs: int = 0):
         """The request's sampling settings over the server's defaults; refuses what would be silently ignored."""
+        extra = req.model_extra or {}
+        for name, inert in (("presence_penalty", (None, 0, 0.0)), ("frequency_penalty", (None, 0, 0.0)),
+                            ("logit_bias", (None, {})), ("echo", (None, False)), ("best_of", (None, 1)),
+                            ("suffix", (None, "")), ("min_tokens", (None, 0))):
+            if extra.get(name) not in inert:
+                raise ApiError(400, f"{name} is not supported by this server; leave it out (repetition_penalty "
+                                    f"is supported)" if "penalty" in name else f"{name} is not supported by this "
+                                    f"server; leave it out", param=name)
+        reserved = {"add_generation_prompt", "tokenize", "tools", "messages", "chat_template", "documents"}
+        bad = reserved & set(req.chat_template_kwargs or {})
+        if bad:
+            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(sorted(bad))}: the server sets them",
+                           param="chat_template_kwargs")
         fmt = (req.response_format or {}).get("type", "text")
         if fmt != "text":
             raise ApiError(400, f"response_format {fmt!r} is not supported (no constrained decoding); "
@@ -246,7 +259,7 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
 
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
     server = Server(engine, served, result_path, max_logprobs)
@@ -303,87 +316,107 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        from tunesmith.infer import logprobs_json
-
-        adapter = server.adapter(req.model)
-        if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
-            raise ApiError(400, "tool_choice 'required' or a named function is not supported (no constrained "
-                                "decoding); use 'auto' or 'none'", param="tool_choice")
-        messages = chat_messages(req)
-        cfg = server.config(req, req.top_logprobs or 0)
-        kwargs = dict(req.chat_template_kwargs or {})
-        if req.enable_thinking is not None:
-            kwargs.setdefault("enable_thinking", req.enable_thinking)
-        prompt = await server.prompt(messages, req.tools, kwargs)
-        prompt.tools = bool(req.tools) and req.tool_choice != "none"
-        handles = server.submit(prompt, cfg, adapter)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        logged = req.model_dump(exclude_none=True)
-
-        def message(r) -> dict:
-            msg: dict[str, Any] = {"role": "assistant", "content": r.content if (r.content or not r.tool_calls)
-                                   else None}
-            if r.reasoning is not None:
-                msg["reasoning_content"] = r.reasoning
-            if r.tool_calls:
-                msg["tool_calls"] = r.tool_calls
-            return msg
-
-        if req.stream:
-            def chunk(index, delta, first=False, finish=None, logprobs=None):
-                d = {"role": "assistant", "content": ""} if first else (delta or {})
-                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": req.model,
-                        "choices": [{"index": index, "delta": d, "finish_reason": finish, "logprobs": logprobs}]}
-
-            def done(replies):
-                server.log(logged, {"id": rid, "choices": [{"index": i, "message": message(r),
-                                                            "finish_reason": r.finish_reason}
-                                                           for i, r in enumerate(replies)],
-                                    "usage": _usage(len(prompt.ids), replies)})
-            include = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(server, handles, prompt, cfg, chunk, include, done),
-                                     media_type="text/event-stream")
-        completions = await _wait(handles, request)
-        replies = [engine.reply(c, prompt, cfg) for c in completions]
-        _check(replies)
-        body = {"id": rid, "object": "chat.completion", "created": now, "model": req.model,
-                "choices": [{"index": i, "message": message(r), "finish_reason": r.finish_reason,
-                             "logprobs": logprobs_json(engine.tok, r.logprobs)} for i, r in enumerate(replies)],
-                "usage": _usage(len(prompt.ids), replies)}
-        server.log(logged, body)
-        return body
+        return await chat_completion(server, req, request)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        adapter = server.adapter(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise ApiError(400, "send one prompt per request", param="prompt")
-        top = req.logprobs if isinstance(req.logprobs, int) and not isinstance(req.logprobs, bool) else 0
-        cfg = server.config(req, top)
-        # ms-swift: the prompt is one user message, rendered with the chat template
-        prompt = await server.prompt([{"role": "user", "content": prompts[0]}], None, dict(req.chat_template_kwargs or {}))
-        handles = server.submit(prompt, cfg, adapter)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        logged = req.model_dump(exclude_none=True)
-        if req.stream:
-            def chunk(index, delta, first=False, finish=None, logprobs=None):
-                return {"id": rid, "object": "text_completion", "created": now, "model": req.model,
-                        "choices": [{"index": index, "text": (delta or {}).get("content", ""),
-                                     "finish_reason": finish, "logprobs": None}]}
-            include = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(server, handles, prompt, cfg, chunk, include, lambda r: None),
-                                     media_type="text/event-stream")
-        replies = [engine.reply(c, prompt, cfg) for c in await _wait(handles, request)]
-        _check(replies)
-        body = {"id": rid, "object": "text_completion", "created": now, "model": req.model,
-                "choices": [{"index": i, "text": r.content, "finish_reason": r.finish_reason, "logprobs": None}
-                            for i, r in enumerate(replies)],
-                "usage": _usage(len(prompt.ids), replies)}
-        server.log(logged, body)
-        return body
+        return await text_completion(server, req, request)
 
     return app
+
+
+def _message(r) -> dict:
+    """A Reply as an OpenAI assistant message (content null when the reply is only tool calls)."""
+    msg: dict[str, Any] = {"role": "assistant", "content": r.content if (r.content or not r.tool_calls) else None}
+    if r.reasoning is not None:
+        msg["reasoning_content"] = r.reasoning
+    if r.tool_calls:
+        msg["tool_calls"] = r.tool_calls
+    return msg
+
+
+def _chat_chunk(rid: str, now: int, model: str, index: int, delta, first=False, finish=None, logprobs=None) -> dict:
+    d = {"role": "assistant", "content": ""} if first else (delta or {})
+    return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
+            "choices": [{"index": index, "delta": d, "finish_reason": finish, "logprobs": logprobs}]}
+
+
+def _text_chunk(rid: str, now: int, model: str, index: int, delta, first=False, finish=None, logprobs=None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": now, "model": model,
+            "choices": [{"index": index, "text": (delta or {}).get("content", ""), "finish_reason": finish,
+                         "logprobs": None}]}
+
+
+async def chat_completion(server: Server, req: ChatRequest, request: Request):
+    """POST /v1/chat/completions: render, submit req.n sequences, then a JSON body or an SSE stream."""
+    from functools import partial
+
+    from starlette.responses import StreamingResponse
+
+    from tunesmith.infer import logprobs_json
+
+    adapter = server.adapter(req.model)
+    if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
+        raise ApiError(400, "tool_choice 'required' or a named function is not supported (no constrained "
+                            "decoding); use 'auto' or 'none'", param="tool_choice")
+    messages = chat_messages(req)
+    cfg = server.config(req, req.top_logprobs or 0)
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.enable_thinking is not None:
+        kwargs.setdefault("enable_thinking", req.enable_thinking)
+    prompt = await server.prompt(messages, req.tools, kwargs)
+    prompt.tools = bool(req.tools) and req.tool_choice != "none"
+    handles = server.submit(prompt, cfg, adapter)
+    rid, now, logged = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model_dump(exclude_none=True)
+    if req.stream:
+        def done(replies):
+            server.log(logged, {"id": rid, "usage": _usage(len(prompt.ids), replies),
+                                "choices": [{"index": i, "message": _message(r), "finish_reason": r.finish_reason}
+                                            for i, r in enumerate(replies)]})
+        include = bool((req.stream_options or {}).get("include_usage"))
+        chunk = partial(_chat_chunk, rid, now, req.model)
+        return StreamingResponse(_stream(server, handles, prompt, cfg, chunk, include, done),
+                                 media_type="text/event-stream")
+    replies = [server.engine.reply(c, prompt, cfg) for c in await _wait(handles, request)]
+    _check(replies)
+    body = {"id": rid, "object": "chat.completion", "created": now, "model": req.model,
+            "choices": [{"index": i, "message": _message(r), "finish_reason": r.finish_reason,
+                         "logprobs": logprobs_json(server.engine.tok, r.logprobs)} for i, r in enumerate(replies)],
+            "usage": _usage(len(prompt.ids), replies)}
+    server.log(logged, body)
+    return body
+
+
+async def text_completion(server: Server, req: CompletionRequest, request: Request):
+    """POST /v1/completions: as ms-swift, the prompt is one user message rendered with the chat template."""
+    from functools import partial
+
+    from starlette.responses import StreamingResponse
+
+    adapter = server.adapter(req.model)
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if len(prompts) != 1:
+        raise ApiError(400, "send one prompt per request", param="prompt")
+    if req.logprobs not in (None, False) or req.top_logprobs:
+        raise ApiError(400, "logprobs are returned by /v1/chat/completions; /v1/completions does not return them",
+                       param="logprobs")
+    cfg = server.config(req)
+    prompt = await server.prompt([{"role": "user", "content": prompts[0]}], None, dict(req.chat_template_kwargs or {}))
+    handles = server.submit(prompt, cfg, adapter)
+    rid, now, logged = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model_dump(exclude_none=True)
+    if req.stream:
+        include = bool((req.stream_options or {}).get("include_usage"))
+        chunk = partial(_text_chunk, rid, now, req.model)
+        return StreamingResponse(_stream(server, handles, prompt, cfg, chunk, include, lambda r: None),
+                                 media_type="text/event-stream")
+    replies = [server.engine.reply(c, prompt, cfg) for c in await _wait(handles, request)]
+    _check(replies)
+    body = {"id": rid, "object": "text_completion", "created": now, "model": req.model,
+            "choices": [{"index": i, "text": r.content, "finish_reason": r.finish_reason, "logprobs": None}
+                        for i, r in enumerate(replies)],
+            "usage": _usage(len(prompt.ids), replies)}
+    server.log(logged, body)
+    return body
 
 
 def served_models(args, named: dict, ckpt: Optional[str]) -> dict[str, Optional[str]]:

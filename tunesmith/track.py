@@ -2,20 +2,24 @@
 
 A tracker that is missing or fails (e.g. the network is gone) never stops training: it warns once and is
 switched off, and logging.jsonl keeps every record. Tokens are passed to tracker libraries in memory only.
+Warnings go through tunesmith.log.note (stderr, rank 0 only; the other ranks get a disabled fan-out anyway).
+--run_name names the run in W&B, MLflow and SwanLab (as transformers' run_name does); default: the run folder.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 from typing import Any
+
+from tunesmith.log import note
 
 ALL_TRACKERS = ("tensorboard", "swanlab", "wandb", "mlflow")
 
 
-def _warn(msg: str) -> None:
-    print(f"[tunesmith] {msg}", file=sys.stderr)
+def _run_name(run_dir: str, args) -> str:
+    """--run_name, else the run folder's name (vN-YYYYMMDD-HHMMSS)."""
+    return getattr(args, "run_name", None) or os.path.basename(run_dir)
 
 
 def _numeric(metrics: dict) -> dict:
@@ -65,7 +69,7 @@ class _SwanLab:
         if mode == "online" and token:
             swanlab.login(api_key=token, save=False)
         self.run = swanlab.init(project=args.swanlab_project, workspace=args.swanlab_workspace,
-                                name=args.swanlab_exp_name or os.path.basename(run_dir), config=config, mode=mode,
+                                name=args.swanlab_exp_name or _run_name(run_dir, args), config=config, mode=mode,
                                 log_dir=os.path.join(run_dir, "swanlog"), settings=settings)
         self.swanlab = swanlab
 
@@ -80,7 +84,7 @@ class _Wandb:
     def __init__(self, run_dir: str, config: dict, args):
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tunesmith"), name=os.path.basename(run_dir),
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tunesmith"), name=_run_name(run_dir, args),
                               config=config, dir=run_dir)
 
     def log(self, metrics: dict, step: int):
@@ -95,7 +99,7 @@ class _MLflow:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.start_run(run_name=os.path.basename(run_dir))
+        mlflow.start_run(run_name=_run_name(run_dir, args))
         mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
 
     def log(self, metrics: dict, step: int):
@@ -122,7 +126,7 @@ class Trackers:
             return
         for n in names:
             if n not in ALL_TRACKERS:
-                _warn(f"--report_to {n}: unknown tracker (use {', '.join(ALL_TRACKERS)}, all or none); skipped")
+                note(f"--report_to {n}: unknown tracker (use {', '.join(ALL_TRACKERS)}, all or none); skipped")
                 continue
             try:
                 if n == "tensorboard":
@@ -134,10 +138,10 @@ class Trackers:
                 else:
                     self.active[n] = _MLflow(run_dir, config, args)
             except ImportError:
-                _warn(f"--report_to {n}: {n} is not installed (pip install 'tunesmith[{_EXTRAS[n]}]'); "
+                note(f"--report_to {n}: {n} is not installed (pip install 'tunesmith[{_EXTRAS[n]}]'); "
                       f"metrics still go to logging.jsonl")
             except Exception as e:  # noqa: BLE001 - a tracker must never stop training
-                _warn(f"--report_to {n}: could not start ({type(e).__name__}: {e}); metrics still go to logging.jsonl")
+                note(f"--report_to {n}: could not start ({type(e).__name__}: {e}); metrics still go to logging.jsonl")
 
     def log(self, record: dict, step: int) -> None:
         if self.jsonl:
@@ -147,7 +151,7 @@ class Trackers:
             try:
                 self.active[name].log(metrics, step)
             except Exception as e:  # noqa: BLE001
-                _warn(f"{name} stopped logging ({type(e).__name__}: {e}); switched off, logging.jsonl continues")
+                note(f"{name} stopped logging ({type(e).__name__}: {e}); switched off, logging.jsonl continues")
                 self.active.pop(name, None)
 
     def write_summary(self, record: dict) -> None:

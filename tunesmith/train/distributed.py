@@ -1,6 +1,8 @@
 """Several processes on the engines users already trust: torchrun for the processes, accelerate for DDP and
 DeepSpeed. This file only decides settings (process group, DeepSpeed config, each rank's share of a batch) and
-offers the few collective helpers the loop needs; the loop itself stays in loop.py.
+offers the few collective helpers the loop needs; the loop itself stays in loop.py. `make_accelerator` returns the
+accelerate Accelerator with a `Parallelism` (how this run is spread over processes: single, ddp or deepspeed).
+The rank and world size are read in tunesmith.log and re-exported here.
 
 Semantics (the same as one process with the global batch):
 - global batch = per-device batch × processes × accumulation; each global micro-batch is cut into per-rank slices,
@@ -19,20 +21,10 @@ from importlib import resources
 from typing import Any, Optional
 
 from tunesmith.errors import ConfigError
+from tunesmith.log import is_main, rank, world_size  # noqa: F401 - re-exported: setup and loop use D.is_main() etc.
+from tunesmith.model import default_device
 
 DEEPSPEED_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 def init_process_group() -> None:
@@ -43,9 +35,10 @@ def init_process_group() -> None:
 
     if world_size() <= 1 or dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    gpu = default_device().type == "cuda"
+    if gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if gpu else "gloo")
 
 
 def barrier() -> None:
@@ -184,26 +177,31 @@ def _walk(d: dict, prefix: str = ""):
 
 
 @dataclass
-class Engine:
-    """What the loop needs to know about the wrapper accelerate put around the model."""
+class Parallelism:
+    """How the run is spread over processes: what the loop needs to know about the wrapper accelerate put around
+    the model. (Named apart from tunesmith.engine's generation engine.)"""
     kind: str           # single | ddp | deepspeed
-    world: int
-    rank: int
+    world: int          # processes taking part
+    rank: int           # this process's global rank
 
     @property
     def main(self) -> bool:
+        """Rank 0: the process that writes checkpoints, logs and progress."""
         return self.rank == 0
 
 
 def make_accelerator(args, model):
-    """(Accelerator, Engine): DeepSpeed when --deepspeed is given, DDP under torchrun, else one process."""
+    """(Accelerator, Parallelism): DeepSpeed when --deepspeed is given, DDP under torchrun, else one process.
+    Raises ConfigError for a bad --deepspeed value or when DeepSpeed is not installed."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     world = world_size()
+    gpu = default_device().type == "cuda"
     dtype = next(p.dtype for p in model.parameters())
-    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if torch.cuda.is_available() else "no"
+    # autocast on GPUs only; on CPU the model computes in the dtype it was loaded in (--torch_dtype)
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if gpu else "no"
     cfg = deepspeed_config(args, world, dtype)
     if cfg is not None:
         try:
@@ -215,10 +213,10 @@ def make_accelerator(args, model):
         acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg), mixed_precision=mixed,
                           gradient_accumulation_steps=args.gradient_accumulation_steps)
         # accelerate's process_index is not reliable for DeepSpeed on CPU; the process group is the truth
-        return acc, Engine("deepspeed", world_size(), rank())
+        return acc, Parallelism("deepspeed", world_size(), rank())
     # MoE layers leave experts unused in some batches; DDP must be told or it waits for their gradients
     cfg_model = getattr(model, "config", None)
     moe = any(getattr(cfg_model, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if moe else []
-    acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
-    return acc, Engine("ddp" if world > 1 else "single", world, rank())
+    acc = Accelerator(mixed_precision=mixed, cpu=not gpu, kwargs_handlers=handlers)
+    return acc, Parallelism("ddp" if world > 1 else "single", world, rank())

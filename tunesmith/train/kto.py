@@ -21,7 +21,7 @@ from tunesmith.model import note
 from tunesmith.train import loop
 from tunesmith.train.preference import (Reference, disable_dropout, finalise_preference_args, sequence_logps,
                                         setup_reference)
-from tunesmith.train.setup import finalise_args, prepare_data, prepare_model, train_run
+from tunesmith.train.setup import finalise_args, finish_run, prepare_data, prepare_model, save_model_fn, start_run
 
 
 def _first_trained(enc: Encoded) -> int:
@@ -108,12 +108,16 @@ def main(args: RLHFArguments):
     if not n_good or not n_bad:
         note(f"KTO data has {n_good} desirable and {n_bad} undesirable replies; it learns best from both")
     collate = partial(kto_collate, pad_id=prepared.tokenizer.pad_token_id, padding_side=args.padding_side)
-    run_dir, state = train_run(
-        args, prepared, model, param_info, kto_objective(args, reference), prepared.train_rows, prepared.eval_rows,
-        collate,
-        lambda d: f"[tunesmith] rlhf kto: β={args.beta:g}, desirable_weight={args.desirable_weight:g}, "
-                  f"undesirable_weight={args.undesirable_weight:g}\n[tunesmith] reference: {reference.describe}\n"
-                  f"[tunesmith] {n_good} desirable and {n_bad} undesirable training replies, "
-                  f"{len(prepared.eval_rows)} validation replies; run directory {d}")
+    header = lambda d: (f"[tunesmith] rlhf kto: β={args.beta:g}, desirable_weight={args.desirable_weight:g}, "  # noqa: E731
+                        f"undesirable_weight={args.undesirable_weight:g}\n[tunesmith] reference: {reference.describe}\n"
+                        f"[tunesmith] {n_good} desirable and {n_bad} undesirable training replies, "
+                        f"{len(prepared.eval_rows)} validation replies; run directory {d}")
+    with start_run(args, prepared, param_info, header) as out:
+        state = loop.train(args=args, model=model, objective=kto_objective(args, reference),
+                           train_rows=prepared.train_rows, eval_rows=prepared.eval_rows, collate=collate,
+                           run_dir=out.run_dir, save_model=save_model_fn(prepared.tokenizer), trackers=out.trackers,
+                           args_extra=out.args_extra)
+    finish_run(state, out.run_dir, args.metric_for_best_model)
+    run_dir = out.run_dir
     return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer,
             "reference": reference}

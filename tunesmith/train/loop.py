@@ -1,9 +1,11 @@
 """The training loop: the one place where batches become optimiser steps.
 
-Read top to bottom: build the optimiser and schedule, optionally restore a checkpoint, then for each step take
-`gradient_accumulation_steps` micro-batches, normalise each summed loss term by its units (trained tokens, pairs)
-counted over the whole step, clip, step, log, evaluate, save. Training methods plug in as an `Objective`; batching
-is the collator's business, so packing changes the collator, not this file.
+`train` reads top to bottom: `prepare_run` (optimiser, schedule, distributed wrapping, `restore` of a checkpoint),
+then per step `train_step` (the step's `gradient_accumulation_steps` micro-batches, each summed loss term divided
+by its units — trained tokens, pairs — counted over the whole step; clip; `optimizer.step()`), then what is due at
+that step: `log_record`, `evaluate`, `save_checkpoint`; `end_epoch` at each epoch's end. Every step is a
+module-level function over the frozen `Run` and the mutable `TrainState`. Training methods plug in as an
+`Objective`; batching is the collator's business, so packing changes the collator, not this file.
 """
 from __future__ import annotations
 
@@ -207,238 +209,384 @@ def load_model_weights(model, ckpt: str) -> None:
                              f"unexpected {list(unexpected)[:3]})")
 
 
+@dataclass(frozen=True)
+class Run:
+    """What every step of one training run shares, built once by `prepare_run` and never changed after."""
+    args: Any
+    model: Any             # as accelerate prepared it: plain, DDP-wrapped or a DeepSpeed engine
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    par: Any               # distributed.Parallelism: kind ("single" | "ddp" | "deepspeed"), world, rank, main
+    objective: Objective
+    train_rows: list
+    eval_rows: list
+    collate: Callable
+    run_dir: str
+    save_model: Callable
+    trackers: Any
+    args_extra: Optional[dict]
+    n_batches: int         # micro-batches per epoch on this process
+    params: list           # the trainable parameters (clipping, gradient norm)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.par.kind == "deepspeed"
+
+
+@dataclass
+class StepResult:
+    """One optimiser step: the loss (each term over its units of the whole step, summed over processes), the
+    tokens it read (all processes), the gradient norm before clipping, the summed statistics for `metrics`."""
+    loss: float
+    tokens: int
+    grad_norm: float
+    stats: dict
+    micro_batches: int
+
+
+@dataclass
+class Window:
+    """What is summed between two log records."""
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    stats: dict = field(default_factory=dict)
+    t0: float = field(default_factory=time.time)
+
+
 def train(*, args, model, objective: Objective, train_rows: list, eval_rows: list, collate: Callable,
           run_dir: str, save_model: Callable[[Any, str], None], trackers,
           args_extra: Optional[dict] = None) -> TrainState:
-    """Run training to the end; return the final state. Evaluation runs the same objective on `eval_rows`."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    """Run training to the end; return the final state. Evaluation runs the same objective on `eval_rows`.
+    Raises TrainingDiverged when the loss is not finite (before the update: the weights are not touched)."""
+    run, state = prepare_run(args, model, objective, train_rows, eval_rows, collate, run_dir, save_model, trackers,
+                             args_extra)
+    start, start_step, total_tokens = time.time(), state.global_step, 0
+    window = Window()
+    bar = _progress_bar(run, state)
+    while state.global_step < state.total_steps:
+        for micro in step_batches(run, state):
+            result = train_step(run, micro)
+            if not math.isfinite(result.loss):
+                bar.close()
+                raise diverged(result.loss, state)
+            state.batches_done += result.micro_batches
+            state.global_step += 1
+            total_tokens += result.tokens
+            _accumulate(window, result)
+            bar.update(1)
+            if log_due(args, state):
+                log_record(run, state, window, result.grad_norm, start, start_step, bar)
+                window = Window()
+            if eval_due(run, state):
+                evaluate(run, state)
+            if save_due(args, state):
+                save_checkpoint(run, state)
+        if state.batches_done >= run.n_batches:
+            end_epoch(run, state)
+    bar.close()
+    return summarise(run, state, total_tokens, time.time() - start)
 
+
+def prepare_run(args, model, objective, train_rows, eval_rows, collate, run_dir, save_model, trackers,
+                args_extra) -> tuple[Run, TrainState]:
+    """The optimiser, the schedule, the distributed wrapping and, with --resume_from_checkpoint, the restored
+    weights, optimiser, schedule, RNG and data position. Raises TunesmithError when the rows cannot give every
+    process a batch, or the model has nothing to train."""
     from tunesmith.train import distributed as D
 
-    accelerator, engine = D.make_accelerator(args, model)
-    device = accelerator.device
-    world, ds = engine.world, engine.kind == "deepspeed"
-
-    bs, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    n_batches = len(D.rank_batches(epoch_batches(len(train_rows), bs * world, 0, False), world, engine.rank)[0])
+    accelerator, par = D.make_accelerator(args, model)
+    bs, gas, world = args.per_device_train_batch_size, args.gradient_accumulation_steps, par.world
+    n_batches = len(D.rank_batches(epoch_batches(len(train_rows), bs * world, 0, False), world, par.rank)[0])
     if n_batches == 0:
         raise TunesmithError(f"{len(train_rows)} training rows cannot give each of {world} processes a batch")
     steps_per_epoch = math.ceil(n_batches / gas)
     total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
-
+    ds = par.kind == "deepspeed"
     optimizer = build_optimizer(model, args, drop_empty_groups=ds)
     scheduler = build_scheduler(optimizer, args, total_steps)
     state = TrainState(total_steps=total_steps)
-
     if args.resume_from_checkpoint:
-        ckpt = args.resume_from_checkpoint
-        with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
-            saved = json.load(fh)
-        load_model_weights(model, ckpt)
-        if not args.resume_only_model:
-            if not ds:  # DeepSpeed restores its (partitioned) optimiser itself, after prepare
-                optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu",
-                                                     weights_only=False))
-            scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
-            _set_rng_state(torch.load(os.path.join(ckpt, "rng_state.pth"), weights_only=False))
-            state.global_step = saved["global_step"]
-            state.best_metric, state.best_step = saved.get("best_metric"), saved.get("best_step")
-            state.best_model_checkpoint = saved.get("best_model_checkpoint")
-        if not args.ignore_data_skip:
-            state.epoch, state.batches_done = saved["epoch"], saved["batches_done"]
-            if args.resume_only_model:
-                state.global_step = saved["global_step"]
-        if engine.main:
-            print(f"[tunesmith] resumed from {ckpt} at step {saved['global_step']} "
-                  f"({'weights only' if args.resume_only_model else 'weights, optimiser, scheduler, RNG'}"
-                  f"{'' if args.ignore_data_skip else ', data position'})", file=sys.stderr)
-
+        restore(args, model, optimizer, scheduler, state, deepspeed=ds, main=par.main)
     model, optimizer = accelerator.prepare(model, optimizer)
     if ds and args.resume_from_checkpoint and not args.resume_only_model:
         model.load_checkpoint(args.resume_from_checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    eval_on = bool(eval_rows) and args.eval_strategy != "no"
+    run = Run(args, model, optimizer, scheduler, accelerator, par, objective, train_rows, eval_rows, collate,
+              run_dir, save_model, trackers, args_extra, n_batches, params)
+    return run, state
 
-    def do_eval() -> dict:
-        model.eval()
-        with torch.no_grad():
-            metrics = evaluate_objective(accelerator.unwrap_model(model), objective, eval_rows, collate,
-                                         args.per_device_eval_batch_size)
-        model.train()
-        if args.metric_for_best_model:
-            key = args.metric_for_best_model if args.metric_for_best_model.startswith("eval_") \
-                else f"eval_{args.metric_for_best_model}"
-            value = metrics.get(key)
-            greater = args.greater_is_better if args.greater_is_better is not None else not key.endswith("loss")
-            if value is not None and (state.best_metric is None or
-                                      (value > state.best_metric if greater else value < state.best_metric)):
-                state.best_metric, state.best_step = value, state.global_step
-        record = {**metrics, "global_step": state.global_step,
-                  "epoch": round(state.epoch + state.batches_done / max(n_batches, 1), 4)}
-        trackers.log(record, state.global_step)
-        state.log_history.append(record)
-        return metrics
 
-    def save_checkpoint() -> str:
-        path = os.path.join(run_dir, f"checkpoint-{state.global_step}")
-        full_state = None
-        shards = os.path.join(run_dir, f".tmp-deepspeed-{state.global_step}")
-        if ds:  # every rank takes part: its optimiser shard, and (ZeRO-3) gathering the weights for rank 0
-            if not args.save_only_model:
-                model.save_checkpoint(shards, tag=DEEPSPEED_TAG)
-                D.barrier()  # every rank's shard is on disk before rank 0 moves them into the checkpoint
-            full_state = accelerator.get_state_dict(model)
-        if engine.main:
-            _write_checkpoint(path, full_state, shards)
-        D.barrier()
-        state.last_model_checkpoint = path
-        if state.best_step == state.global_step:
-            state.best_model_checkpoint = path
-        return path
+def restore(args, model, optimizer, scheduler, state: TrainState, deepspeed: bool, main: bool) -> None:
+    """Load a checkpoint into the unwrapped model and the optimiser/schedule/RNG (DeepSpeed restores its own
+    partitioned optimiser after prepare), and the data position unless --ignore_data_skip."""
+    import torch
 
-    def _write_checkpoint(path: str, full_state, shards: str) -> None:
-        with atomic_dir(path) as tmp:
-            save_model(accelerator.unwrap_model(model), tmp, full_state)
-            save_args(tmp, args, args_extra)
-            if ds and os.path.isdir(shards):
-                for name in os.listdir(shards):
-                    os.replace(os.path.join(shards, name), os.path.join(tmp, name))
-                os.rmdir(shards)
-            if not args.save_only_model:
-                if not ds:
-                    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-                torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-                torch.save(_rng_state(), os.path.join(tmp, "rng_state.pth"))
-            st = {k: v for k, v in asdict(state).items() if k != "log_history"}
-            write_json_atomic(os.path.join(tmp, "trainer_state.json"), st)
-        best = path if state.best_step == state.global_step else state.best_model_checkpoint
-        rotate_checkpoints(run_dir, args.save_total_limit, best)
-        if args.create_checkpoint_symlink:
-            update_symlink(os.path.join(run_dir, "last"), path)
-            if best and os.path.isdir(best):
-                update_symlink(os.path.join(run_dir, "best"), best)
+    ckpt = args.resume_from_checkpoint
+    with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
+        saved = json.load(fh)
+    load_model_weights(model, ckpt)
+    if not args.resume_only_model:
+        if not deepspeed:
+            optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu",
+                                                 weights_only=False))
+        scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
+        _set_rng_state(torch.load(os.path.join(ckpt, "rng_state.pth"), weights_only=False))
+        state.global_step = saved["global_step"]
+        state.best_metric, state.best_step = saved.get("best_metric"), saved.get("best_step")
+        state.best_model_checkpoint = saved.get("best_model_checkpoint")
+    if not args.ignore_data_skip:
+        state.epoch, state.batches_done = saved["epoch"], saved["batches_done"]
+        if args.resume_only_model:
+            state.global_step = saved["global_step"]
+    if main:
+        print(f"[tunesmith] resumed from {ckpt} at step {saved['global_step']} "
+              f"({'weights only' if args.resume_only_model else 'weights, optimiser, scheduler, RNG'}"
+              f"{'' if args.ignore_data_skip else ', data position'})", file=sys.stderr)
 
-    start, start_step = time.time(), state.global_step
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "stats": {}, "t0": time.time()}
-    total_tokens = 0
-    bar = tqdm(total=total_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
-               disable=not sys.stderr.isatty() or not engine.main, mininterval=0.5)
-    num_workers = args.dataloader_num_workers or 0
-    while state.global_step < total_steps:
-        # the global batches of this epoch (the same permutation on every rank), each cut into per-rank slices
-        batches, dropped = D.rank_batches(epoch_batches(len(train_rows), bs * world, args.seed + state.epoch,
-                                                        args.dataset_shuffle), world, engine.rank)
-        if dropped and state.epoch == 0 and engine.main:
-            print(f"[tunesmith] {dropped} row(s) of the last batch of each epoch are skipped: fewer rows than the "
-                  f"{world} processes", file=sys.stderr)
-        loader = DataLoader(batches[state.batches_done:], batch_size=None, collate_fn=_Collate(train_rows, collate),
-                            num_workers=num_workers, generator=torch.Generator().manual_seed(args.seed),
-                            pin_memory=torch.cuda.is_available())
-        it = iter(loader)
-        epoch_ended = False
-        while state.global_step < total_steps:
-            micro = list(islice(it, gas))
-            if not micro:
-                epoch_ended = True
-                break
-            micro = [_to_device(b, device) for b in micro]
-            units: dict = {}
-            for b in micro:
-                _add(units, objective.count(b))
-            units = D.sum_values(units, device)  # the whole step's units, over every process
-            loss_total = torch.zeros((), device=device)
-            tokens = 0
-            for j, b in enumerate(micro):
-                last = j == len(micro) - 1
-                # DDP all-reduces gradients only after the step's last micro-batch
-                sync = model.no_sync() if engine.kind == "ddp" and not last else contextlib.nullcontext()
-                with sync, accelerator.autocast():
-                    parts, stats = objective.loss(model, b)
-                    loss = sum(v / max(units[k], 1) for k, v in parts.items())
-                    # DDP and DeepSpeed average gradients over processes; each holds its share of the global sum
-                    if ds:
-                        model.set_gradient_accumulation_boundary(last)
-                        model.backward(loss * world, scale_wrt_gas=False)
-                    else:
-                        accelerator.backward(loss * world)
-                loss_total += loss.detach().float()
-                _add(window["stats"], stats)
-                tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
-            if world > 1:  # the step's loss and tokens over every process
-                summed = D.sum_values({"loss": float(loss_total), "tokens": tokens}, device)
-                loss_total, tokens = summed["loss"], int(summed["tokens"])
-            window["tokens"] += tokens
-            total_tokens += tokens
-            loss_value = float(loss_total)
-            if not math.isfinite(loss_value):
-                bar.close()
-                last = state.last_model_checkpoint or "none (no checkpoint was saved yet)"
-                raise TrainingDiverged(
-                    f"the loss became {loss_value} at step {state.global_step + 1}; training stopped before the "
-                    f"update, so no weights were damaged. Last good checkpoint: {last}. Try a lower "
-                    f"--learning_rate, --max_grad_norm 1.0, or --torch_dtype bfloat16 instead of float16.")
-            if ds:  # the engine clips (gradient_clipping), steps and zeroes at the accumulation boundary
-                model.step()
-                grad_norm = float(model.get_global_grad_norm() or 0.0)
+
+def step_batches(run: Run, state: TrainState):
+    """The rest of the current epoch, `gradient_accumulation_steps` micro-batches (on the device) per step, until
+    the epoch or the training ends. Every rank cuts the same seeded global batches into its own slices."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from tunesmith.train import distributed as D
+
+    args, par = run.args, run.par
+    batches, dropped = D.rank_batches(epoch_batches(len(run.train_rows), args.per_device_train_batch_size * par.world,
+                                                    args.seed + state.epoch, args.dataset_shuffle),
+                                      par.world, par.rank)
+    if dropped and state.epoch == 0 and par.main:
+        print(f"[tunesmith] {dropped} row(s) of the last batch of each epoch are skipped: fewer rows than the "
+              f"{par.world} processes", file=sys.stderr)
+    loader = DataLoader(batches[state.batches_done:], batch_size=None,
+                        collate_fn=_Collate(run.train_rows, run.collate),
+                        num_workers=args.dataloader_num_workers or 0,
+                        generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available())
+    it = iter(loader)
+    while state.global_step < state.total_steps:
+        micro = list(islice(it, args.gradient_accumulation_steps))
+        if not micro:
+            return
+        yield [_to_device(b, run.accelerator.device) for b in micro]
+
+
+def train_step(run: Run, micro: list[dict]) -> StepResult:
+    """Forward and backward over the step's micro-batches, then clip (--max_grad_norm > 0), step the optimiser and
+    the schedule; the gradient norm is taken before clipping.
+
+    Each loss term is divided by its units (tokens, pairs, …) counted over the whole step and every process, so
+    accumulation and data parallelism give the step of one large batch; the loss is multiplied by the world size
+    because DDP and DeepSpeed average gradients over processes. A non-finite loss returns before the update."""
+    import torch
+
+    from tunesmith.train import distributed as D
+
+    model, objective, par, device = run.model, run.objective, run.par, run.accelerator.device
+    units: dict = {}
+    for b in micro:
+        _add(units, objective.count(b))
+    units = D.sum_values(units, device)
+    loss_total = torch.zeros((), device=device)
+    tokens, stats = 0, {}
+    for j, b in enumerate(micro):
+        last = j == len(micro) - 1
+        # DDP all-reduces gradients only after the step's last micro-batch
+        sync = model.no_sync() if par.kind == "ddp" and not last else contextlib.nullcontext()
+        with sync, run.accelerator.autocast():
+            parts, st = objective.loss(model, b)
+            loss = sum(v / max(units[k], 1) for k, v in parts.items())
+            if run.deepspeed:
+                model.set_gradient_accumulation_boundary(last)
+                model.backward(loss * par.world, scale_wrt_gas=False)
             else:
-                if args.max_grad_norm and args.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
-                else:
-                    grad_norm = float(torch.norm(torch.stack([p.grad.detach().float().norm() for p in params
-                                                               if p.grad is not None])))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state.batches_done += len(micro)
-            state.global_step += 1
-            window["loss"] += loss_value
-            window["steps"] += 1
-            step = state.global_step
-            lr = scheduler.get_last_lr()[0]
-            bar.update(1)
-            if step % max(args.logging_steps, 1) == 0 or (step == 1 and args.logging_first_step) \
-                    or step == total_steps:
-                elapsed = time.time() - start
-                dt = max(time.time() - window["t0"], 1e-9)
-                stats = D.merge_dicts(window["stats"]) if world > 1 else window["stats"]
-                record = {"loss": round(window["loss"] / window["steps"], 6), "grad_norm": round(grad_norm, 6),
-                          "learning_rate": lr, **objective.metrics(stats),
-                          "epoch": round(state.epoch + state.batches_done / max(n_batches, 1), 4),
-                          "global_step/max_steps": f"{step}/{total_steps}",
-                          "percentage": f"{100 * step / total_steps:.2f}%",
-                          "elapsed_time": _fmt_time(elapsed),
-                          "remaining_time": _fmt_time(elapsed / max(step - start_step, 1) * (total_steps - step)),
-                          "memory(GiB)": memory_gib(), "tokens_per_second": round(window["tokens"] / dt, 1),
-                          "train_speed(iter/s)": round(window["steps"] / dt, 4), "global_step": step}
-                trackers.log(record, step)
-                state.log_history.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
-                window.update(loss=0.0, steps=0, tokens=0, stats={}, t0=time.time())
-            last_step = step == total_steps
-            if eval_on and ((args.eval_strategy == "steps" and step % args.eval_steps == 0) or last_step):
-                do_eval()
-            if args.save_strategy in ("steps", "best") and (step % args.save_steps == 0 or last_step) \
-                    or args.save_strategy == "epoch" and last_step:
-                if args.save_strategy != "best" or state.best_step == step or last_step:
-                    save_checkpoint()
-        if epoch_ended or state.batches_done >= n_batches:
-            state.epoch += 1
-            state.batches_done = 0
-            if state.global_step < total_steps:
-                if eval_on and args.eval_strategy == "epoch":
-                    do_eval()
-                if args.save_strategy == "epoch":
-                    save_checkpoint()
-    bar.close()
-    runtime = time.time() - start
+                run.accelerator.backward(loss * par.world)
+        loss_total += loss.detach().float()
+        _add(stats, st)
+        tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
+    if par.world > 1:  # the step's loss and tokens over every process
+        summed = D.sum_values({"loss": float(loss_total), "tokens": tokens}, device)
+        loss_total, tokens = summed["loss"], int(summed["tokens"])
+    loss_value = float(loss_total)
+    if not math.isfinite(loss_value):
+        return StepResult(loss_value, tokens, float("nan"), stats, len(micro))
+    if run.deepspeed:  # the engine clips (gradient_clipping), steps and zeroes at the accumulation boundary
+        model.step()
+        grad_norm = float(model.get_global_grad_norm() or 0.0)
+    else:
+        if run.args.max_grad_norm and run.args.max_grad_norm > 0:
+            grad_norm = float(run.accelerator.clip_grad_norm_(run.params, run.args.max_grad_norm))
+        else:
+            grad_norm = float(torch.norm(torch.stack([p.grad.detach().float().norm() for p in run.params
+                                                       if p.grad is not None])))
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return StepResult(loss_value, tokens, grad_norm, stats, len(micro))
+
+
+def diverged(loss: float, state: TrainState) -> TrainingDiverged:
+    last = state.last_model_checkpoint or "none (no checkpoint was saved yet)"
+    return TrainingDiverged(
+        f"the loss became {loss} at step {state.global_step + 1}; training stopped before the update, so no weights "
+        f"were damaged. Last good checkpoint: {last}. Try a lower --learning_rate, --max_grad_norm 1.0, or "
+        f"--torch_dtype bfloat16 instead of float16.")
+
+
+def _accumulate(window: Window, result: StepResult) -> None:
+    window.loss += result.loss
+    window.steps += 1
+    window.tokens += result.tokens
+    _add(window.stats, result.stats)
+
+
+def log_due(args, state: TrainState) -> bool:
+    step = state.global_step
+    return step % max(args.logging_steps, 1) == 0 or (step == 1 and args.logging_first_step) \
+        or step == state.total_steps
+
+
+def eval_due(run: Run, state: TrainState) -> bool:
+    args = run.args
+    if not run.eval_rows or args.eval_strategy == "no":
+        return False
+    step = state.global_step
+    return (args.eval_strategy == "steps" and step % args.eval_steps == 0) or step == state.total_steps
+
+
+def save_due(args, state: TrainState) -> bool:
+    step, last_step = state.global_step, state.global_step == state.total_steps
+    if args.save_strategy in ("steps", "best") and (step % args.save_steps == 0 or last_step) \
+            or args.save_strategy == "epoch" and last_step:
+        return args.save_strategy != "best" or state.best_step == step or last_step
+    return False
+
+
+def log_record(run: Run, state: TrainState, window: Window, grad_norm: float, start: float, start_step: int,
+               bar) -> dict:
+    """The ms-swift-shaped log line for the steps since the last one: mean loss, learning rate, metrics, speed
+    (tokens/s over every process), memory (GiB); written to the trackers and the state's history."""
+    from tunesmith.train import distributed as D
+
+    step, total = state.global_step, state.total_steps
+    elapsed = time.time() - start
+    dt = max(time.time() - window.t0, 1e-9)
+    stats = D.merge_dicts(window.stats) if run.par.world > 1 else window.stats
+    lr = run.scheduler.get_last_lr()[0]
+    record = {"loss": round(window.loss / window.steps, 6), "grad_norm": round(grad_norm, 6),
+              "learning_rate": lr, **run.objective.metrics(stats),
+              "epoch": round(state.epoch + state.batches_done / max(run.n_batches, 1), 4),
+              "global_step/max_steps": f"{step}/{total}",
+              "percentage": f"{100 * step / total:.2f}%",
+              "elapsed_time": _fmt_time(elapsed),
+              "remaining_time": _fmt_time(elapsed / max(step - start_step, 1) * (total - step)),
+              "memory(GiB)": memory_gib(), "tokens_per_second": round(window.tokens / dt, 1),
+              "train_speed(iter/s)": round(window.steps / dt, 4), "global_step": step}
+    run.trackers.log(record, step)
+    state.log_history.append(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
+    return record
+
+
+def evaluate(run: Run, state: TrainState) -> dict:
+    """eval_* on the validation rows with the training objective; updates the best metric; logs the record."""
+    import torch
+
+    args, model = run.args, run.model
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate_objective(run.accelerator.unwrap_model(model), run.objective, run.eval_rows, run.collate,
+                                     args.per_device_eval_batch_size)
+    model.train()
+    if args.metric_for_best_model:
+        key = args.metric_for_best_model if args.metric_for_best_model.startswith("eval_") \
+            else f"eval_{args.metric_for_best_model}"
+        value = metrics.get(key)
+        greater = args.greater_is_better if args.greater_is_better is not None else not key.endswith("loss")
+        if value is not None and (state.best_metric is None or
+                                  (value > state.best_metric if greater else value < state.best_metric)):
+            state.best_metric, state.best_step = value, state.global_step
+    record = {**metrics, "global_step": state.global_step,
+              "epoch": round(state.epoch + state.batches_done / max(run.n_batches, 1), 4)}
+    run.trackers.log(record, state.global_step)
+    state.log_history.append(record)
+    return metrics
+
+
+def save_checkpoint(run: Run, state: TrainState) -> str:
+    """checkpoint-<step>: written by rank 0 into a temporary folder and renamed when complete. Under DeepSpeed every
+    rank writes its optimiser shard and (ZeRO-3) takes part in gathering the weights."""
+    from tunesmith.train import distributed as D
+
+    path = os.path.join(run.run_dir, f"checkpoint-{state.global_step}")
+    full_state = None
+    shards = os.path.join(run.run_dir, f".tmp-deepspeed-{state.global_step}")
+    if run.deepspeed:
+        if not run.args.save_only_model:
+            run.model.save_checkpoint(shards, tag=DEEPSPEED_TAG)
+            D.barrier()  # every rank's shard is on disk before rank 0 moves them into the checkpoint
+        full_state = run.accelerator.get_state_dict(run.model)
+    if run.par.main:
+        _write_checkpoint(run, state, path, full_state, shards)
+    D.barrier()
+    state.last_model_checkpoint = path
+    if state.best_step == state.global_step:
+        state.best_model_checkpoint = path
+    return path
+
+
+def _write_checkpoint(run: Run, state: TrainState, path: str, full_state, shards: str) -> None:
+    import torch
+
+    args = run.args
+    with atomic_dir(path) as tmp:
+        run.save_model(run.accelerator.unwrap_model(run.model), tmp, full_state)
+        save_args(tmp, args, run.args_extra)
+        if run.deepspeed and os.path.isdir(shards):
+            for name in os.listdir(shards):
+                os.replace(os.path.join(shards, name), os.path.join(tmp, name))
+            os.rmdir(shards)
+        if not args.save_only_model:
+            if not run.deepspeed:
+                torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            torch.save(_rng_state(), os.path.join(tmp, "rng_state.pth"))
+        st = {k: v for k, v in asdict(state).items() if k != "log_history"}
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), st)
+    best = path if state.best_step == state.global_step else state.best_model_checkpoint
+    rotate_checkpoints(run.run_dir, args.save_total_limit, best)
+    if args.create_checkpoint_symlink:
+        update_symlink(os.path.join(run.run_dir, "last"), path)
+        if best and os.path.isdir(best):
+            update_symlink(os.path.join(run.run_dir, "best"), best)
+
+
+def end_epoch(run: Run, state: TrainState) -> None:
+    """The epoch is used up: the next one starts from its first batch; epoch-strategy eval and save are due."""
+    state.epoch += 1
+    state.batches_done = 0
+    if state.global_step < state.total_steps:
+        if run.eval_rows and run.args.eval_strategy == "epoch":
+            evaluate(run, state)
+        if run.args.save_strategy == "epoch":
+            save_checkpoint(run, state)
+
+
+def summarise(run: Run, state: TrainState, total_tokens: int, runtime: float) -> TrainState:
     summary = {"last_model_checkpoint": state.last_model_checkpoint,
                "best_model_checkpoint": state.best_model_checkpoint, "best_metric": state.best_metric,
                "global_step": state.global_step, "train_runtime": round(runtime, 2),
                "train_tokens_per_second": round(total_tokens / max(runtime, 1e-9), 1), "memory(GiB)": memory_gib()}
-    trackers.write_summary(summary)
+    run.trackers.write_summary(summary)
     state.log_history.append(summary)
     return state
+
+
+def _progress_bar(run: Run, state: TrainState):
+    from tqdm.auto import tqdm
+    return tqdm(total=state.total_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
+                disable=not sys.stderr.isatty() or not run.par.main, mininterval=0.5)

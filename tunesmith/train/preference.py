@@ -22,10 +22,11 @@ from tunesmith.args import RLHFArguments
 from tunesmith.data.collate import flat_collate, pad_collate, segments_collate
 from tunesmith.data.encode import IGNORE, Encoded
 from tunesmith.errors import ConfigError
-from tunesmith.model import load_model, note, resolve_model_dir
+from tunesmith.model import default_device, load_model, note, resolve_model_dir
 from tunesmith.runs import is_adapter_dir
 from tunesmith.train import loop
-from tunesmith.train.setup import batching, finalise_args, prepare_data, prepare_model, train_run
+from tunesmith.train.setup import (batching, finalise_args, finish_run, prepare_data, prepare_model,
+                                   save_model_fn, start_run)
 
 REFERENCE_FREE = ("cpo", "simpo", "orpo")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
@@ -188,8 +189,9 @@ def sequence_logps(model, batch: dict, ld_alpha: Optional[float] = None, n_pairs
 
 
 def unwrap(model):
-    """The PeftModel / transformers model under an accelerate/DDP wrapper."""
-    return getattr(model, "module", model)
+    """The PeftModel / transformers model under an accelerate/DDP wrapper (peft layer kept: adapters switch)."""
+    from tunesmith.model import unwrap_model
+    return unwrap_model(model, peft=False)
 
 
 # ------------------------------------------------------------------ the reference
@@ -301,7 +303,7 @@ def precompute_reference(reference: Reference, policy, rows: list[Pair], collate
     import torch
     from tqdm.auto import tqdm
 
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device()
     policy.to(device)
     policy.eval()
     for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", disable=None):
@@ -343,7 +345,7 @@ def choose_prefix_sharing(args, model, pairs: list[Pair], pad_id: int) -> bool:
     reason = prefix_sharing_support(model)
     if reason is None:
         sample = pairs[:4]
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = default_device()
         model.to(device)
         was_training = model.training
         model.eval()
@@ -593,11 +595,16 @@ def main(args: RLHFArguments):
     train_rows, eval_rows, collate = batching(args, train_rows, eval_rows, collate, flat, packed, length,
                                               prepared.data_stats["max_length"])
     stats = prepared.data_stats
-    run_dir, state = train_run(
-        args, prepared, model, param_info, preference_objective(args, reference), train_rows, eval_rows, collate,
-        lambda d: f"[tunesmith] rlhf {args.rlhf_type}: loss = {describe_objective(args)}\n"
-                  f"[tunesmith] reference: {reference.describe}\n"
-                  f"[tunesmith] {stats['train_rows']} training pairs, {stats['val_rows']} validation pairs; "
-                  f"run directory {d}")
+    header = lambda d: (f"[tunesmith] rlhf {args.rlhf_type}: loss = {describe_objective(args)}\n"  # noqa: E731
+                        f"[tunesmith] reference: {reference.describe}\n"
+                        f"[tunesmith] {stats['train_rows']} training pairs, {stats['val_rows']} validation pairs; "
+                        f"run directory {d}")
+    with start_run(args, prepared, param_info, header) as out:
+        state = loop.train(args=args, model=model, objective=preference_objective(args, reference),
+                           train_rows=train_rows, eval_rows=eval_rows, collate=collate, run_dir=out.run_dir,
+                           save_model=save_model_fn(prepared.tokenizer), trackers=out.trackers,
+                           args_extra=out.args_extra)
+    finish_run(state, out.run_dir, args.metric_for_best_model)
+    run_dir = out.run_dir
     return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer,
             "reference": reference}

@@ -1,8 +1,10 @@
-"""What every training method does before the loop: resolve defaults (ms-swift's), load and encode the data,
-load the model and adapter, create the run directory, and run the loop (train_run). Shared by sft and the
-preference methods."""
+"""What every training method does around the loop: resolve defaults (ms-swift's), load and encode the data, load
+the model and adapter, open the run (`start_run`: directory, args.json, trackers) and close it (`finish_run`:
+report, summary). Shared by sft and the preference methods; the loop itself is train/loop.py."""
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import platform
@@ -14,7 +16,9 @@ from tunesmith import __version__
 from tunesmith.data.encode import ChatEncoder, encode_records
 from tunesmith.data.load import LoadResult, load_datasets, split_train_val, write_jsonl
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.model import attach_lora, count_parameters, load_model, load_tokenizer, note, resolve_model_dir
+from tunesmith.log import note
+from tunesmith.model import (attach_lora, count_parameters, load_model, load_tokenizer, resolve_model_dir,
+                             unwrap_model)
 from tunesmith.runs import is_adapter_dir, make_run_dir, model_suffix, save_args
 
 
@@ -187,7 +191,7 @@ def prepare_model(args, model_dir: str, tokenizer):
         except ImportError:
             note("--use_liger_kernel: liger-kernel is not installed (pip install liger-kernel); skipped")
         else:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base = unwrap_model(model)
             _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
     info = count_parameters(model)
     if info["trainable"] == 0:
@@ -242,11 +246,8 @@ def make_run(args, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
 
 
 def say(text: str) -> None:
-    """A progress line on stdout, from rank 0 only."""
-    from tunesmith.train import distributed as D
-
-    if D.is_main():
-        print(text, flush=True)
+    """A progress line on stdout, as given (no prefix added), from rank 0 only."""
+    note(text, file=sys.stdout, prefix="")
 
 
 def make_trackers(run_dir: str, args, prepared: Prepared):
@@ -275,32 +276,47 @@ def save_model_fn(tokenizer):
     return save
 
 
-def train_run(args, prepared: Prepared, model, param_info: dict, objective, train_rows: list, eval_rows: list,
-              collate, header) -> tuple[str, Any]:
-    """What every training command does after its own setup: the run directory, the trackers, the header line
-    (`header(run_dir)`), the loop, then the report. Returns (run_dir, final state)."""
-    from tunesmith.train import loop
+@dataclass
+class RunOutputs:
+    """Where a run writes: its directory, the extra args.json fields, and the opened trackers."""
+    run_dir: str
+    args_extra: dict
+    trackers: Any
 
+
+@contextlib.contextmanager
+def start_run(args, prepared: Prepared, param_info: dict, header):
+    """The run directory (args.json), the trackers, and the header line (`header(run_dir)`); the trackers are
+    closed when the block ends, however it ends."""
     run_dir, extra = make_run(args, prepared, param_info)
     trackers = make_trackers(run_dir, args, prepared)
     say(header(run_dir))
     try:
-        state = loop.train(args=args, model=model, objective=objective, train_rows=train_rows, eval_rows=eval_rows,
-                           collate=collate, run_dir=run_dir, save_model=save_model_fn(prepared.tokenizer),
-                           trackers=trackers, args_extra=extra)
+        yield RunOutputs(run_dir, extra, trackers)
     finally:
         trackers.close()
-    finish_run(state, run_dir)
-    return run_dir, state
 
 
-def finish_run(state, run_dir: str) -> None:
-    """Plots and report.html for the run, then the summary (rank 0). A plotting failure never fails a finished run."""
+def finish_run(state, run_dir: str, metric_for_best_model: Optional[str] = None) -> None:
+    """Plots and report.html for the run, then the summary on stderr (rank 0 only). A plotting failure never fails
+    a finished run.
+
+    The best checkpoint is labelled with the metric that chose it, named as the loop logs it (eval_ prefixed):
+    metric_for_best_model, or when not given, --metric_for_best_model from the run's args.json (default loss)."""
     from tunesmith.report import write_run_report
     from tunesmith.train import distributed as D
 
     if not D.is_main():
         return
+    metric = metric_for_best_model
+    if not metric:  # the callers pass the run directory only; make_run wrote the arguments into its args.json
+        try:
+            with open(os.path.join(run_dir, "args.json"), encoding="utf-8") as fh:
+                metric = json.load(fh).get("metric_for_best_model")
+        except (OSError, ValueError, AttributeError):  # no or unreadable args.json: the default below
+            metric = None
+    metric = metric or "loss"
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"  # as the loop names it
 
     try:
         report = write_run_report(run_dir)
@@ -310,7 +326,7 @@ def finish_run(state, run_dir: str) -> None:
              f"  run directory:    {run_dir}",
              f"  last checkpoint:  {state.last_model_checkpoint}",
              f"  best checkpoint:  {state.best_model_checkpoint}"
-             + (f" (eval_loss {state.best_metric:.4f})" if state.best_metric is not None else ""),
+             + (f" ({metric} {state.best_metric:.4f})" if state.best_metric is not None else ""),
              f"  log:              {os.path.join(run_dir, 'logging.jsonl')}",
              f"  report:           {report}"]
     print("\n".join(lines), file=sys.stderr)

@@ -11,7 +11,8 @@ from tunesmith.args import SftArguments
 from tunesmith.data.collate import PackedCollate, flat_collate, pad_collate
 from tunesmith.train import loop
 from tunesmith.train.token_logps import token_logps
-from tunesmith.train.setup import batching, finalise_args, prepare_data, prepare_model, train_run
+from tunesmith.train.setup import (batching, finalise_args, finish_run, prepare_data, prepare_model,
+                                   save_model_fn, start_run)
 
 
 def token_loss(model, batch: dict, aux_coef: float = 0.0):
@@ -41,8 +42,13 @@ def main(args: SftArguments):
                                                                padding_side=args.padding_side),
         flat_collate, PackedCollate(pad_id), lambda r: len(r.input_ids), prepared.data_stats["max_length"])
     stats = prepared.data_stats
-    run_dir, state = train_run(
-        args, prepared, model, param_info, objective(args.router_aux_loss_coef), train_rows, eval_rows, collate,
-        lambda d: f"[tunesmith] sft: {stats['train_rows']} training rows, {stats['val_rows']} validation rows; "
-                  f"run directory {d}")
+    header = lambda d: (f"[tunesmith] sft: {stats['train_rows']} training rows, {stats['val_rows']} validation "  # noqa: E731
+                        f"rows; run directory {d}")
+    with start_run(args, prepared, param_info, header) as out:
+        state = loop.train(args=args, model=model, objective=objective(args.router_aux_loss_coef),
+                           train_rows=train_rows, eval_rows=eval_rows, collate=collate, run_dir=out.run_dir,
+                           save_model=save_model_fn(prepared.tokenizer), trackers=out.trackers,
+                           args_extra=out.args_extra)
+    finish_run(state, out.run_dir, args.metric_for_best_model)
+    run_dir = out.run_dir
     return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer}

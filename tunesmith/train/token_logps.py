@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 
 from tunesmith.data.encode import IGNORE
+from tunesmith.model import unwrap_model
 
 # floats per chunk of logits: 2^22 × 4 bytes = 16 MiB whatever the vocabulary size
 CHUNK_FLOATS = 1 << 22
@@ -95,7 +96,7 @@ def chunked_head(model):
     output weight that is not partitioned by ZeRO-3."""
     if hasattr(model, "module"):
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     cfg = getattr(base, "config", None)
     decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
@@ -127,10 +128,7 @@ def _attention_kinds(config) -> Optional[dict]:
 
 def prefix_sharing_support(model) -> Optional[str]:
     """None when prefix-shared batches are exact for this model, else the reason they are not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
-    if hasattr(base, "get_base_model"):
-        base = base.get_base_model()
-    cfg = base.config
+    cfg = unwrap_model(model).config
     impl = getattr(cfg, "_attn_implementation", None) or "eager"
     if impl not in SHARED_PREFIX_ATTENTION:
         return f"--attn_impl {impl} takes no arbitrary attention mask (sdpa and eager do)"
