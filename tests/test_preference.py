@@ -305,8 +305,9 @@ def test_reference_that_is_the_policy_is_reported(tiny_models, tmp_path, capsys)
         opt.step()
         opt.zero_grad()
     assert "still equal the reference's exactly" in capsys.readouterr().err
+    from tunesmith.train import reference
     with pytest.raises(ConfigError, match="shares weights with the policy"):
-        preference._check_separate(policy, policy)
+        reference._check_separate(policy, policy)
 
 
 def test_resume_continues_the_same_run(tiny_models, tmp_path):

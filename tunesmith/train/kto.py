@@ -19,8 +19,8 @@ from tunesmith.data.encode import IGNORE, Encoded
 from tunesmith.errors import ConfigError
 from tunesmith.model import note
 from tunesmith.train import loop
-from tunesmith.train.preference import (Reference, disable_dropout, finalise_preference_args, sequence_logps,
-                                        setup_reference)
+from tunesmith.train.preference import finalise_preference_args
+from tunesmith.train.reference import Reference, disable_dropout, sequence_logps, setup_reference
 from tunesmith.train.setup import finalise_args, finish_run, prepare_data, prepare_model, save_model_fn, start_run
 
 

@@ -1,0 +1,173 @@
+"""What the preference methods share, and nothing method-specific: per-sequence log-probs of the trained tokens
+(`sequence_logps`), the reference model (`Reference`, `setup_reference`: the adapter switched off, a frozen
+reference adapter, a separate model, or cached log-probs) and `disable_dropout`. preference.py (the DPO family,
+CPO, SimPO, ORPO) and kto.py both import from here; this module imports neither, so there is no import cycle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from tunesmith.errors import ConfigError
+from tunesmith.model import load_model, note, resolve_model_dir
+from tunesmith.runs import is_adapter_dir
+
+REFERENCE_FREE = ("cpo", "simpo", "orpo")  # methods whose loss needs no reference model
+
+
+@dataclass
+class SeqLogps:
+    logps: Any          # [S] summed log-probs of each sequence's trained tokens (weighted by ld_alpha if given)
+    n: Any              # [S] trained tokens per sequence
+    logits_sum: Any     # [S] sum over trained tokens of the vocabulary-mean logit (detached; for logits/*)
+    token_logps: Any    # [N] per-token log-probs, N = all trained positions
+    rows: Any           # [N] which sequence each trained position belongs to
+    aux_loss: Any = None
+
+
+def sequence_logps(model, batch: dict, ld_alpha: Optional[float] = None, n_pairs: Optional[int] = None) -> SeqLogps:
+    """Per-sequence sums of the trained (completion) tokens' log-probs (train/token_logps.py computes them
+    without materialising the logits). With ld_alpha (LD-DPO, Liu et al. 2024, arXiv:2409.06411) the tokens of a
+    completion beyond the shorter completion of its pair are weighted by ld_alpha (TRL's form)."""
+    import torch
+
+    from tunesmith.train.token_logps import token_logps
+
+    t = token_logps(model, batch)
+    rows, n_seq = t.rows, t.n_seq
+    n = torch.bincount(rows, minlength=n_seq)
+    weights = None
+    if ld_alpha is not None and n_pairs:
+        # the rank of each trained position within its sequence; a sequence's positions are in order but may be
+        # interleaved with other sequences' (packed and prefix-shared rows), hence the stable sort
+        order = torch.sort(rows, stable=True).indices
+        start = torch.cumsum(n, 0) - n                           # first trained position of each sequence
+        pos = torch.empty_like(rows)
+        pos[order] = torch.arange(rows.numel(), device=rows.device) - start[rows[order]]
+        public = torch.minimum(n[:n_pairs], n[n_pairs:]).repeat(2)
+        weights = torch.where(pos < public[rows], 1.0, ld_alpha)
+    contrib = t.logps if weights is None else t.logps * weights
+    logps = torch.zeros(n_seq, device=contrib.device, dtype=contrib.dtype).index_add(0, rows, contrib)
+    logits_sum = torch.zeros(n_seq, device=contrib.device).index_add(0, rows, t.logits_mean)
+    return SeqLogps(logps, n, logits_sum, t.logps, rows, t.aux_loss)
+
+
+def unwrap(model):
+    """The PeftModel / transformers model under an accelerate/DDP wrapper (peft layer kept: adapters switch)."""
+    from tunesmith.model import unwrap_model
+    return unwrap_model(model, peft=False)
+
+
+# ------------------------------------------------------------------ the reference
+
+@dataclass
+class Reference:
+    """Where the reference log-probs come from. kind: none | adapter_off | ref_adapter | model | cached."""
+    kind: str
+    describe: str
+    model: Any = None
+    calls: int = field(default=0)
+
+    def logps(self, policy, batch: dict):
+        """Reference log-probs of the batch's sequences (no gradient). Called before the policy's forward pass
+        because switching adapters toggles requires_grad, which must not happen inside a live graph."""
+        import torch
+
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        with torch.no_grad():
+            if self.kind == "adapter_off":
+                peft_model = unwrap(policy)
+                with peft_model.disable_adapter():
+                    return sequence_logps(peft_model, batch).logps
+            if self.kind == "ref_adapter":
+                peft_model = unwrap(policy)
+                peft_model.set_adapter("ref", inference_mode=True)
+                try:
+                    return sequence_logps(peft_model, batch).logps
+                finally:
+                    peft_model.set_adapter("default")  # trainable again; "ref" stays frozen
+            if self.kind == "model":
+                device = batch["input_ids"].device
+                if next(self.model.parameters()).device != device:
+                    self.model.to(device)
+                return sequence_logps(self.model, batch).logps
+        raise RuntimeError(f"no reference log-probs for reference kind {self.kind!r}")
+
+
+def setup_reference(args, model, tokenizer) -> Reference:
+    """Choose the reference for this run, so that it is never the policy itself and never silently the raw base
+    when training continues from an SFT adapter (preference-training.md §2c, §3)."""
+    if args.rlhf_type in REFERENCE_FREE:
+        if args.ref_model or args.ref_adapters:
+            note(f"--rlhf_type {args.rlhf_type} uses no reference model; --ref_model/--ref_adapters are ignored")
+        return Reference("none", "none (reference-free method)")
+    if args.train_type == "lora":
+        if args.ref_model:
+            raise ConfigError("--ref_model is for full training. With LoRA the reference is the base model with the "
+                              "adapter switched off (no second copy in memory); to use an SFT adapter as the "
+                              "reference pass --ref_adapters CKPT")
+        ref_adapters = list(args.ref_adapters) or list(args.adapters)
+        if len(ref_adapters) > 1:
+            raise ConfigError("--ref_adapters: pass one adapter (the model the policy starts from)")
+        if not ref_adapters:
+            return Reference("adapter_off", "--model with the LoRA adapter switched off (shared weights, no copy)")
+        path = ref_adapters[0]
+        if not is_adapter_dir(path):
+            raise ConfigError(f"--ref_adapters {path}: not an adapter directory (no adapter_config.json)")
+        if not args.ref_adapters:
+            note(f"reference: the SFT model from --adapters {path} (a frozen copy of the adapter), not the bare base "
+                 f"model; pass --ref_adapters to choose another")
+        peft_model = unwrap(model)
+        try:
+            peft_model.load_adapter(path, adapter_name="ref", is_trainable=False)
+        except Exception as e:  # e.g. LoRA on raw parameters (MoE experts) cannot hold two adapters (peft#3340)
+            raise ConfigError(f"--ref_adapters {path}: peft could not load it as a second, frozen adapter ({e}). "
+                              f"Merge it first (tunesmith export --adapters {path} --merge_lora true) and train on "
+                              f"the merged model with --model") from None
+        peft_model.set_adapter("default")
+        _check_not_shared(model, peft_model, "ref")
+        return Reference("ref_adapter", f"{path} (a frozen copy of the adapter on the shared base weights)")
+    ref_path = args.ref_model or args.model
+    ref_dir = resolve_model_dir(ref_path, args.use_hf, args.model_revision, args.hub_token)
+    ref = load_model(args, ref_dir, tokenizer, for_training=False)
+    describe = f"{ref_path} (a frozen copy)"
+    if args.ref_adapters:
+        from peft import PeftModel
+        if len(args.ref_adapters) > 1:
+            raise ConfigError("--ref_adapters: pass one adapter")
+        ref = PeftModel.from_pretrained(ref, args.ref_adapters[0]).merge_and_unload()
+        describe = f"{ref_path} merged with {args.ref_adapters[0]} (a frozen copy)"
+    ref.eval()
+    ref.requires_grad_(False)
+    _check_separate(model, ref)
+    return Reference("model", describe, model=ref)
+
+
+def _check_separate(policy, ref) -> None:
+    """A reference model sharing tensors with the policy moves with it: the loss would stay at ln 2."""
+    policy_storage = {p.data_ptr() for p in policy.parameters()}
+    if any(p.data_ptr() in policy_storage for p in ref.parameters()):
+        raise ConfigError("the reference model shares weights with the policy, so it would move with training "
+                          "and the DPO loss would stay at ln 2; it must be a separate frozen copy")
+
+
+def _check_not_shared(model, peft_model, ref_name: str) -> None:
+    """The frozen reference adapter must be its own tensors, never the trained adapter's."""
+    trained = {p.data_ptr() for n, p in model.named_parameters() if p.requires_grad}
+    shared = [n for n, p in peft_model.named_parameters() if f".{ref_name}." in n and
+              (p.requires_grad or p.data_ptr() in trained)]
+    if shared:
+        raise ConfigError(f"the reference adapter is not a frozen copy ({shared[0]}); it would move with training")
+
+
+def disable_dropout(model) -> int:
+    """Dropout makes the policy differ from the reference for no reason (TRL's disable_dropout default)."""
+    import torch
+
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p = 0.0
+            changed += 1
+    return changed
