@@ -22,7 +22,7 @@ import asyncio
 import collections
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional
 
 # A prefill batch holds at most this many (padded) prompt tokens, so one huge prompt does not stall the batch
@@ -179,7 +179,7 @@ class GenerationEngine:
         if adapter and adapter not in self._adapter_names:
             raise ValueError(f"no adapter named {adapter!r}; loaded: {', '.join(self._adapter_names) or 'none'}")
         room = self.max_model_len - len(prompt_ids)
-        params = _replace(params, max_new_tokens=max(1, min(params.max_new_tokens or room, room)))
+        params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens or room, room)))
         handle = Handle(prompt_ids, params, adapter, loop)
         with self._cv:
             if self._closed:
@@ -554,8 +554,3 @@ def _active_adapter(model) -> str:
     if isinstance(active, (list, tuple)):
         active = active[0]
     return active or "default"
-
-
-def _replace(params: SamplingParams, **kw) -> SamplingParams:
-    from dataclasses import replace
-    return replace(params, **kw)

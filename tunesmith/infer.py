@@ -288,58 +288,18 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
 
 def build_engine(args):
     """Resolve the checkpoint, load the model and adapters, and make the ChatEngine (shared with deploy and eval).
-    With --infer_backend vllm|sglang|lmdeploy only the tokenizer and configs are loaded here and the engine
-    (tunesmith.backends) loads the weights and adapters; raises ConfigError when it cannot run here.
-    Returns (engine, the checkpoint whose args.json was read, deploy's named adapters)."""
-    from tunesmith.data.encode import read_system_prompt
+    With --infer_backend vllm|sglang|lmdeploy see `_build_backend_engine`; raises ConfigError when it cannot run
+    here. Returns (engine, the checkpoint whose args.json was read, deploy's named adapters)."""
     from tunesmith.model import load_for_inference, note
     from tunesmith.runs import resolve_checkpoint, split_named_adapters
 
     batch = getattr(args, "max_batch_size", 32)
     if args.infer_backend not in ("transformers", "pt"):
-        from tunesmith.backends import ENGINES, NAMES, EngineModelInfo, check_backend, engine_adapters
-        from tunesmith.data.encode import ChatEncoder
-        from tunesmith.errors import ConfigError
-        from tunesmith.model import load_tokenizer, resolve_model_dir
-        from tunesmith.reply import OutputParser
-
-        backend = args.infer_backend
-        check_backend(backend)  # the package, its version and a GPU, each a one-line error
-        ckpt = resolve_checkpoint(args)  # an adapter checkpoint names its base model in args.json
-        plain, named = split_named_adapters(list(args.adapters))
-        lora = engine_adapters(args)  # raises for several plain adapters (one LoRA per request)
-        default = next((n for n, p in lora.items() if plain and p == plain[0] and n not in named), None)
-        model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
-        tok = load_tokenizer(args, model_dir)
-        info = EngineModelInfo.from_pretrained(model_dir, backend, trust_remote_code=args.trust_remote_code)
-        system = read_system_prompt(args.system)
-        stop = stop_token_ids(info, tok, ChatEncoder(tok, system=system), OutputParser(tok).reasoning_style)
-        flag = {"vllm": "vllm_max_model_len", "sglang": "sglang_context_length",
-                "lmdeploy": "lmdeploy_session_len"}[backend]
-        context = getattr(args, flag, None) or args.max_model_len or \
-            getattr(info.config, "max_position_embeddings", None) or 4096
-        try:
-            inner = ENGINES[backend](args, model_dir, tok, stop, lora, default, max_model_len=context)
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - CUDA, memory, an unsupported architecture: say so in one line
-            raise_backend(backend, args, e)
-        try:
-            engine = ChatEngine(None, tok, system=system, defaults=GenConfig.from_args(args),
-                                max_model_len=inner.max_model_len, max_batch_size=batch,
-                                template_kwargs=template_kwargs(args), engine=inner,
-                                generation_config=info.generation_config, config=info.config)
-        except BaseException:
-            inner.close()
-            raise
-        note(f"generation: {NAMES[backend]} engine (--infer_backend {backend}), context {inner.max_model_len} "
-             f"tokens" + (f", LoRA adapters {', '.join(lora)}" if lora else "")
-             + f"; stop tokens {tok.convert_ids_to_tokens(engine.stop_ids)}")
-        return engine, ckpt, named
+        return _build_backend_engine(args, batch)
     ckpt = resolve_checkpoint(args)
     plain, named = split_named_adapters(list(args.adapters))
     model, tok, _ = load_for_inference(args, plain, named)
-    engine = ChatEngine(model, tok, system=read_system_prompt(args.system), defaults=GenConfig.from_args(args),
+    engine = ChatEngine(model, tok, system=args.system, defaults=GenConfig.from_args(args),
                         max_model_len=args.max_model_len, max_batch_size=batch,
                         template_kwargs=template_kwargs(args))
     if args.seed is not None:
@@ -347,6 +307,50 @@ def build_engine(args):
         torch.manual_seed(args.seed)  # once: unseeded sampling is reproducible per run, not per request
     note(f"generation: tunesmith continuous batching, up to {'all' if batch <= 0 else batch} sequences per step "
          f"(--max_batch_size); stop tokens {engine.tok.convert_ids_to_tokens(engine.stop_ids)}")
+    return engine, ckpt, named
+
+
+def _build_backend_engine(args, batch: int):
+    """build_engine for vLLM/SGLang/LMDeploy: only the tokenizer and configs are loaded here; the engine
+    (tunesmith.backends) loads the weights and adapters."""
+    from tunesmith.backends import ENGINES, NAMES, EngineModelInfo, check_backend, engine_adapters
+    from tunesmith.data.encode import ChatEncoder
+    from tunesmith.errors import ConfigError
+    from tunesmith.model import load_tokenizer, note, resolve_model_dir
+    from tunesmith.reply import OutputParser
+    from tunesmith.runs import resolve_checkpoint, split_named_adapters
+
+    backend = args.infer_backend
+    check_backend(backend)  # the package, its version and a GPU, each a one-line error
+    ckpt = resolve_checkpoint(args)  # an adapter checkpoint names its base model in args.json
+    plain, named = split_named_adapters(list(args.adapters))
+    lora = engine_adapters(args)  # raises for several plain adapters (one LoRA per request)
+    default = next((n for n, p in lora.items() if plain and p == plain[0] and n not in named), None)
+    model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
+    tok = load_tokenizer(args, model_dir)
+    info = EngineModelInfo.from_pretrained(model_dir, backend, trust_remote_code=args.trust_remote_code)
+    stop = stop_token_ids(info, tok, ChatEncoder(tok, system=args.system), OutputParser(tok).reasoning_style)
+    flag = {"vllm": "vllm_max_model_len", "sglang": "sglang_context_length",
+            "lmdeploy": "lmdeploy_session_len"}[backend]
+    context = getattr(args, flag, None) or args.max_model_len or \
+        getattr(info.config, "max_position_embeddings", None) or 4096
+    try:
+        inner = ENGINES[backend](args, model_dir, tok, stop, lora, default, max_model_len=context)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - CUDA, memory, an unsupported architecture: say so in one line
+        raise_backend(backend, args, e)
+    try:
+        engine = ChatEngine(None, tok, system=args.system, defaults=GenConfig.from_args(args),
+                            max_model_len=inner.max_model_len, max_batch_size=batch,
+                            template_kwargs=template_kwargs(args), engine=inner,
+                            generation_config=info.generation_config, config=info.config)
+    except BaseException:
+        inner.close()
+        raise
+    note(f"generation: {NAMES[backend]} engine (--infer_backend {backend}), context {inner.max_model_len} "
+         f"tokens" + (f", LoRA adapters {', '.join(lora)}" if lora else "")
+         + f"; stop tokens {tok.convert_ids_to_tokens(engine.stop_ids)}")
     return engine, ckpt, named
 
 

@@ -53,13 +53,6 @@ def parse_loss_scale(value: Optional[str], default: str) -> tuple[str, bool]:
     return base, ignore
 
 
-def read_system_prompt(system: Optional[str]) -> Optional[str]:
-    """--system as parsed: parse_args (tunesmith.args.resolve_system) has already read a .txt file and turned literal
-    \\n into newlines, so this returns the text unchanged. Reading it again here would read a file named by the
-    prompt's text, or double-convert a \\n the file meant literally. Kept for callers that still wrap args.system."""
-    return system
-
-
 class TooLong(Exception):
     """A row over --max_length with --truncation_strategy delete: dropped and counted by the caller."""
 
