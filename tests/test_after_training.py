@@ -20,8 +20,8 @@ CAPITALS = os.path.join(EXAMPLES, "capitals_messages.jsonl")
 
 
 def _sft(model_dir, out, *extra):
-    from tunesmith.train import sft
-    res = sft.main(parse_args("sft", ["--model", model_dir, "--dataset", CAPITALS, "--max_steps", "12",
+    from tunesmith.train import recipe
+    res = recipe.main(parse_args("sft", ["--model", model_dir, "--dataset", CAPITALS, "--max_steps", "12",
                                       "--learning_rate", "2e-2", "--per_device_train_batch_size", "4",
                                       "--gradient_accumulation_steps", "1", "--output_dir", str(out),
                                       "--report_to", "none", "--system", "You answer in one sentence.",

@@ -61,19 +61,17 @@ def test_deepspeed_presets_are_filled_from_the_arguments():
     args = parse_args("sft", ["--model", "m", "--dataset", "d", "--per_device_train_batch_size", "2",
                               "--gradient_accumulation_steps", "4", "--max_grad_norm", "0.5"])
     for preset in D.DEEPSPEED_PRESETS:
-        args.deepspeed = preset
-        cfg = D.deepspeed_config(args, 2, torch.bfloat16)
+        cfg = D.deepspeed_config(preset, args, 2, torch.bfloat16)
         assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["gradient_accumulation_steps"] == 4
         assert cfg["train_batch_size"] == 16 and cfg["gradient_clipping"] == 0.5
         assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
         assert cfg["zero_optimization"]["stage"] == int(preset[4])
-    assert "offload_param" in D.deepspeed_config(args, 2, torch.float32)["zero_optimization"]
-    args.deepspeed = json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}})
+    assert "offload_param" in D.deepspeed_config(preset, args, 2, torch.float32)["zero_optimization"]
+    spec = json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}})
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 8 in the config but 2"):
-        D.deepspeed_config(args, 2, torch.float32)
-    args.deepspeed = "zero4"
+        D.deepspeed_config(spec, args, 2, torch.float32)
     with pytest.raises(ConfigError, match="not a preset"):
-        D.deepspeed_config(args, 2, torch.float32)
+        D.deepspeed_config("zero4", args, 2, torch.float32)
 
 
 def test_launch_variables_become_torchrun_arguments(monkeypatch):

@@ -309,7 +309,7 @@ def test_bad_benchmark_data_names_file_line_and_field(tmp_path):
 @pytest.fixture(scope="module")
 def tuned(tiny_models, tmp_path_factory):
     """A tiny model fine-tuned on the answers of a multiple-choice fixture (the exact eval prompts)."""
-    from tunesmith.train import sft
+    from tunesmith.train import recipe
 
     root = tmp_path_factory.mktemp("evalfix")
     mcq_dir = write_general_mcq(root / "mcq")
@@ -319,7 +319,7 @@ def tuned(tiny_models, tmp_path_factory):
                           {"role": "assistant", "content": s.answer}]} for s in task.samples]
     data = write_jsonl(root / "train.jsonl", rows)
     # full fine-tuning: a tiny random model's LoRA cannot sharpen its output distribution within a test's budget
-    res = sft.main(parse_args("sft", ["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "80",
+    res = recipe.main(parse_args("sft", ["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "80",
                                       "--learning_rate", "3e-3", "--train_type", "full", "--per_device_train_batch_size",
                                       "8", "--gradient_accumulation_steps", "1", "--output_dir", str(root / "out"),
                                       "--report_to", "none", "--logging_steps", "10"]))
@@ -392,12 +392,12 @@ def test_endpoint_gives_the_same_answers_as_local_greedy_generation(tuned, tiny_
 def test_adapter_switched_off_is_the_plain_base(tiny_models, tuned, tmp_path):
     """With --adapters the base column comes from the same loaded model with the adapter off: it must equal the base
     model evaluated alone, and the tuned column must differ from it."""
-    from tunesmith.train import sft
+    from tunesmith.train import recipe
 
     _, mcq_dir = tuned
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "Which is a fruit?"},
                                                             {"role": "assistant", "content": "B"}]}] * 8)
-    res = sft.main(parse_args("sft", ["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "3",
+    res = recipe.main(parse_args("sft", ["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "3",
                                       "--learning_rate", "1e-2", "--lora_dropout", "0", "--report_to", "none",
                                       "--output_dir", str(tmp_path / "lora"), "--per_device_train_batch_size", "8"]))
     common = ["--eval_dataset", "general_mcq", "--eval_dataset_args",

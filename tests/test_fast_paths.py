@@ -117,7 +117,7 @@ def test_padding_free_batch_equals_per_example_computation(tiny_models, attn):
 
 
 def test_padding_free_pairs_give_the_same_sequence_logps(tiny_models):
-    from tunesmith.train import preference
+    from tunesmith.train import pairs as preference
 
     model_dir = tiny_models("qwen2")
     tok, rows = _rows(model_dir, 8)
@@ -145,8 +145,8 @@ def test_pack_groups_fill_without_overflow():
 def _train(tmp_path, name, model_dir, *extra):
     from conftest import read_jsonl
     from tunesmith.args import parse_args
-    from tunesmith.train import sft
-    res = sft.main(parse_args("sft", ["--model", model_dir, "--dataset", os.path.join(EXAMPLES, "capitals_messages.jsonl"),
+    from tunesmith.train import recipe
+    res = recipe.main(parse_args("sft", ["--model", model_dir, "--dataset", os.path.join(EXAMPLES, "capitals_messages.jsonl"),
                                       os.path.join(EXAMPLES, "capitals_alpaca.json"), "--train_type", "full",
                                       "--max_steps", "4", "--logging_steps", "1", "--learning_rate", "1e-3",
                                       "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
@@ -169,10 +169,10 @@ def test_padding_free_and_packing_runs(tiny_models, tmp_path, capsys):
 def test_dpo_padding_free_and_packing_runs(tiny_models, tmp_path):
     from conftest import read_jsonl
     from tunesmith.args import parse_args
-    from tunesmith.train import preference
+    from tunesmith.train import recipe
 
     def run(name, *extra):
-        res = preference.main(parse_args("rlhf", [
+        res = recipe.main(parse_args("rlhf", [
             "--model", tiny_models("qwen2"), "--dataset", os.path.join(EXAMPLES, "dpo_messages.jsonl"),
             "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "5e-3", "--rpo_alpha", "0.2",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--report_to", "none",
@@ -214,7 +214,7 @@ def _synthetic_pairs(n=6, seed=0):
     one pair with a trained turn inside the prompt (multi-turn with every turn trained), which must not be shared."""
     import random
     from tunesmith.data.encode import IGNORE, Encoded
-    from tunesmith.train.preference import Pair
+    from tunesmith.train.pairs import Pair
 
     rng = random.Random(seed)
     pairs = []
@@ -235,7 +235,7 @@ def _synthetic_pairs(n=6, seed=0):
 def test_prefix_shared_pairs_equal_two_sequences_with_gradients(family, attn):
     """[prompt, chosen, rejected] in one sequence (alone, flat, or packed several pairs to a row) gives the
     two-sequence log-probs and gradients, also with sliding-window layers and MoE."""
-    from tunesmith.train import preference as P
+    from tunesmith.train import pairs as P
     from tunesmith.train.token_logps import prefix_sharing_support
 
     model = _sliding_model(family, attn)
@@ -263,12 +263,12 @@ def test_prefix_shared_pairs_equal_two_sequences_with_gradients(family, attn):
 def test_prefix_sharing_is_refused_where_the_mask_cannot_be_passed(tiny_models):
     from tunesmith.args import parse_args
     from tunesmith.errors import ConfigError
-    from tunesmith.train import preference as P
+    from tunesmith.train import pairs as P
 
     model = _sliding_model("llama", "sdpa")
     model.config._attn_implementation = "flash_attention_2"
-    args = parse_args("rlhf", ["--model", "m", "--dataset", "d.jsonl", "--prefix_sharing", "true"])
+    data = parse_args("rlhf", ["--model", "m", "--dataset", "d.jsonl", "--packing", "true"])
     with pytest.raises(ConfigError, match="flash_attention_2 takes no arbitrary attention mask"):
-        P.choose_prefix_sharing(args, model, _synthetic_pairs(2), 0)
-    args.prefix_sharing = None  # the default: falls back to two sequences and says why
-    assert P.choose_prefix_sharing(args, model, _synthetic_pairs(2), 0) is False
+        P.choose_prefix_sharing(True, data, model, _synthetic_pairs(2), 0)
+    # the default: falls back to two sequences and says why
+    assert P.choose_prefix_sharing(None, data, model, _synthetic_pairs(2), 0) is False

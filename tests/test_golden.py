@@ -21,16 +21,16 @@ def _curve(run_dir):
 
 
 def test_sft_golden_curve(tiny_models, tmp_path):
-    from tunesmith.train import sft
-    res = sft.main(parse_args("sft", ["--model", tiny_models("qwen2"), "--dataset",
+    from tunesmith.train import recipe
+    res = recipe.main(parse_args("sft", ["--model", tiny_models("qwen2"), "--dataset",
                                       os.path.join(EXAMPLES, "capitals_messages.jsonl"),
                                       "--output_dir", str(tmp_path), *COMMON]))
     assert _curve(res["run_dir"]) == pytest.approx(SFT_CURVE, abs=1e-5)
 
 
 def test_dpo_golden_curve(tiny_models, tmp_path):
-    from tunesmith.train import preference
-    res = preference.main(parse_args("rlhf", ["--rlhf_type", "dpo", "--model", tiny_models("qwen2"), "--dataset",
+    from tunesmith.train import recipe
+    res = recipe.main(parse_args("rlhf", ["--rlhf_type", "dpo", "--model", tiny_models("qwen2"), "--dataset",
                                               os.path.join(EXAMPLES, "dpo_messages.jsonl"),
                                               "--output_dir", str(tmp_path), *COMMON]))
     assert _curve(res["run_dir"]) == pytest.approx(DPO_CURVE, abs=1e-5)

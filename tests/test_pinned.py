@@ -11,7 +11,9 @@ from tunesmith.args import parse_args
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE, ChatEncoder
 from tunesmith.data.formats import normalise_row
-from tunesmith.train import preference, sft
+from tunesmith.train import pairs, recipe, sft
+from tunesmith.train.config import resolve
+from tunesmith.train.reference import Reference, SeqLogps
 
 
 def logged_losses(run_dir):
@@ -51,7 +53,7 @@ def test_qlora_loss_halves_on_a_learnable_task(llama_with_real_logit_scale, tmp_
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
-    res = sft.main(parse_args("sft", [
+    res = recipe.main(parse_args("sft", [
         "--model", llama_with_real_logit_scale, "--dataset", os.path.join(EXAMPLES, "capitals_messages.jsonl"),
         "--quant_method", "bnb", "--quant_bits", "4", "--max_steps", str(QLORA_STEPS), "--learning_rate", "1e-2",
         "--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--per_device_train_batch_size", "8",
@@ -127,7 +129,7 @@ def test_gpt_oss_logged_sft_loss_includes_the_router_loss(tiny_models, tmp_path)
                           output_router_logits=True).aux_loss)
 
     def first_loss(coef):
-        res = sft.main(parse_args("sft", [
+        res = recipe.main(parse_args("sft", [
             "--model", model_dir, "--dataset", data, "--router_aux_loss_coef", str(coef), "--max_steps", "1",
             "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
             "--save_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / f"c{coef}")]))
@@ -186,13 +188,13 @@ def hand_loss(method, pairs, beta, gamma=0.0, eps=0.0, alpha=0.0):
 
 
 def _fake_sequence_logps(pairs):
-    """What preference.sequence_logps returns for these token log-probs: [chosen_1..B, rejected_1..B]."""
+    """What pairs.sequence_logps returns for these token log-probs: [chosen_1..B, rejected_1..B]."""
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
     token_logps = torch.tensor([x for s in seqs for x in s], dtype=torch.float64)
     rows = torch.tensor([i for i, s in enumerate(seqs) for _ in s])
-    return preference.SeqLogps(logps=torch.tensor([sum(s) for s in seqs], dtype=torch.float64),
-                               n=torch.tensor([len(s) for s in seqs]), logits_sum=torch.zeros(len(seqs)),
-                               token_logps=token_logps, rows=rows)
+    return SeqLogps(logps=torch.tensor([sum(s) for s in seqs], dtype=torch.float64),
+                    n=torch.tensor([len(s) for s in seqs]), logits_sum=torch.zeros(len(seqs)),
+                    token_logps=token_logps, rows=rows)
 
 
 SETTINGS = [  # (rlhf_type, flags, the hand formula's parameters)
@@ -213,12 +215,10 @@ def test_reference_free_objective_equals_the_papers_formula(monkeypatch, rlhf_ty
     plus the chosen-token NLL, combined as the training loop combines them — equals the published formula computed
     by hand, for fixed policy log-probs including margins of ±60 (no overflow, no saturation to the wrong side)
     and the beta / simpo_gamma / label_smoothing / cpo_alpha settings."""
-    from tunesmith.train.preference import Reference, finalise_preference_args, preference_objective
-
     args = parse_args("rlhf", ["--rlhf_type", rlhf_type, "--model", "unused", "--dataset", "unused.jsonl", *flags])
-    finalise_preference_args(args)
-    objective = preference_objective(args, Reference("none", "none (reference-free method)"))
-    monkeypatch.setattr(preference, "sequence_logps", lambda model, batch, **kw: _fake_sequence_logps(PAIRS))
+    cfg, method = resolve(args, recipe.method_for(args), world_size=1, cuda=False)
+    objective = method.objective(Reference("none", "none (reference-free method)"), cfg)
+    monkeypatch.setattr(pairs, "sequence_logps", lambda model, batch, **kw: _fake_sequence_logps(PAIRS))
     batch = {"n_pairs": len(PAIRS), "n_tokens": sum(len(c) for c, _ in PAIRS)}
     parts, _ = objective.loss(None, batch)
     units = objective.count(batch)
@@ -260,7 +260,7 @@ def test_logged_reference_free_loss_equals_the_formula_end_to_end(tiny_models, t
 
     model_dir = tiny_models("qwen2")
     data = write_jsonl(tmp_path / "pairs.jsonl", FOOD)
-    res = preference.main(parse_args("rlhf", [
+    res = recipe.main(parse_args("rlhf", [
         "--rlhf_type", rlhf_type, "--model", model_dir, "--dataset", data, *flags, "--max_steps", "1",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
         "--save_strategy", "no", "--report_to", "none", "--gradient_checkpointing", "false",

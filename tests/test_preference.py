@@ -10,7 +10,10 @@ import torch
 from conftest import EXAMPLES, read_jsonl, seed_gpt_oss_dpo_argv, write_jsonl
 from tunesmith.args import parse_args
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.train import preference
+from tunesmith.train import pairs as preference
+from tunesmith.train import recipe
+from tunesmith.train.config import resolve
+from tunesmith.train.reference import Reference
 
 LN2 = math.log(2)
 GOOD = "apple pear plum peach grape lemon mango melon".split()
@@ -29,7 +32,7 @@ def food_data(tmp_path, n=96):
 
 
 def rlhf(argv):
-    return preference.main(parse_args("rlhf", argv))
+    return recipe.main(parse_args("rlhf", argv))
 
 
 def log_rows(run_dir):
@@ -93,13 +96,13 @@ def test_sft_adapter_is_the_reference(tiny_models, tmp_path):
     """SFT LoRA -> DPO with --adapters: the reference log-probs at step 0 are the SFT model's, not the base's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunesmith.train import sft
+    from tunesmith.train import recipe
 
     model_dir = tiny_models("qwen2")
     sft_data = write_jsonl(tmp_path / "sft.jsonl", [
         {"messages": [{"role": "user", "content": f"Which can you eat: {g} or {b}?"},
                       {"role": "assistant", "content": f"The {g}."}]} for g in GOOD for b in BAD[:2]])
-    s = sft.main(parse_args("sft", ["--model", model_dir, "--dataset", sft_data, "--max_steps", "8",
+    s = recipe.main(parse_args("sft", ["--model", model_dir, "--dataset", sft_data, "--max_steps", "8",
                                     "--learning_rate", "1e-2", "--per_device_train_batch_size", "4",
                                     "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "s"),
                                     "--report_to", "none", "--lora_dropout", "0.1"]))
@@ -289,11 +292,10 @@ def test_reference_that_is_the_policy_is_reported(tiny_models, tmp_path, capsys)
     model_dir = tiny_models("qwen2")
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    args = parse_args("rlhf", ["--gradient_accumulation_steps", "1"])
-    preference.finalise_preference_args(args)
-    args.learning_rate = 1e-3
-    ref = preference.Reference("model", "the policy itself", model=policy)
-    objective = preference.preference_objective(args, ref)
+    args = parse_args("rlhf", ["--model", "m", "--dataset", "d.jsonl", "--gradient_accumulation_steps", "1",
+                               "--learning_rate", "1e-3"])
+    cfg, method = resolve(args, recipe.method_for(args), world_size=1, cuda=False)
+    objective = method.objective(Reference("model", "the policy itself", model=policy), cfg)
     enc = ChatEncoder(tok, loss_scale="last_round")
     batch = preference.pair_collate([preference.Pair(*enc.encode_pair(normalise_row(food_row("apple", "rock", 1))))],
                                     tok.pad_token_id)

@@ -14,9 +14,8 @@ TOKEN = "sk-swanlab-TOKEN-9f8e7d6c5b4a"
 
 
 def _train(command, model_dir, out, *extra, dataset="capitals_messages.jsonl"):
-    from tunesmith.train import preference, sft
-    module = sft if command == "sft" else preference
-    return module.main(parse_args(command, ["--model", model_dir, "--dataset", os.path.join(EXAMPLES, dataset),
+    from tunesmith.train import recipe
+    return recipe.main(parse_args(command, ["--model", model_dir, "--dataset", os.path.join(EXAMPLES, dataset),
                                             "--max_steps", "6", "--logging_steps", "2", "--output_dir", str(out),
                                             "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
                                             *extra]))

@@ -8,7 +8,7 @@ import torch
 
 from conftest import read_jsonl, write_jsonl
 from tunesmith.args import parse_args
-from tunesmith.train import sft
+from tunesmith.train import recipe
 
 WORDS = "red blue green black white gold pink gray".split()
 
@@ -19,7 +19,7 @@ def copy_row(seq):
 
 
 def run(argv):
-    return sft.main(parse_args("sft", argv))
+    return recipe.main(parse_args("sft", argv))
 
 
 def losses(run_dir):

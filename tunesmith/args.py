@@ -136,6 +136,10 @@ class TunerArgs:
     modules_to_save: List[str] = _f(help="Modules trained fully and saved with the adapter (all-embedding, all-norm).",
                                     list_default=[])
     adapters: List[str] = _f(help="Adapter checkpoints to start from (weights only).", list_default=[])
+    gradient_checkpointing: bool = _f(True, help="Recompute activations in the backward pass: less memory, "
+                                                 "about 30% slower.")
+    use_liger_kernel: bool = _f(False, help="Liger fused kernels (GPU only; skipped with a note on CPU).")
+    router_aux_loss_coef: float = _f(0.0, help="MoE load-balancing loss weight (gpt-oss example: 1e-3).")
 
 
 @dataclass
@@ -153,11 +157,8 @@ class TrackArgs:
 
 
 @dataclass
-class TrainArgs:
-    output_dir: Optional[str] = _f(help="Default output/<model name>; a vN-YYYYMMDD-HHMMSS run folder is made inside.")
-    add_version: bool = _f(True, help="Make the vN-date run folder inside --output_dir.")
-    deepspeed: Optional[str] = _f(help="zero0, zero1, zero2, zero3, zero2_offload, zero3_offload (presets), or a "
-                                       "DeepSpeed JSON file or string; \"auto\" values come from these flags.")
+class OptimArgs:
+    """The optimisation: batches, steps, optimiser, schedule, clipping, the loss's extra terms, seeds."""
     num_train_epochs: float = _f(3.0, help="Passes over the training data (fractions allowed).")
     max_steps: int = _f(-1, help="Optimiser steps; overrides --num_train_epochs when > 0.")
     per_device_train_batch_size: int = _f(1, help="Rows (or packed sequences) per micro-batch per process.",
@@ -177,9 +178,15 @@ class TrainArgs:
     optim: str = _f("adamw_torch", help="Optimiser; the 8-bit and paged ones need bitsandbytes.", choices=("adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf", "sgd",
                                             "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit"))
     max_grad_norm: float = _f(1.0, help="Clip the gradient's global L2 norm to this (0: no clipping).")
-    gradient_checkpointing: bool = _f(True, help="Recompute activations in the backward pass: less memory, "
-                                                 "about 30% slower.")
     seed: int = _f(42, help="Seed for LoRA init, data order each epoch and dropout.")
+    dataloader_num_workers: Optional[int] = _f(help="Default 0 on CPU, 1 on GPU.")
+
+
+@dataclass
+class OutputArgs:
+    """Where a run writes and when: the output folder, checkpoints, evaluation, logging, resuming."""
+    output_dir: Optional[str] = _f(help="Default output/<model name>; a vN-YYYYMMDD-HHMMSS run folder is made inside.")
+    add_version: bool = _f(True, help="Make the vN-date run folder inside --output_dir.")
     save_strategy: str = _f("steps", help="When to save a checkpoint: every --save_steps, each epoch, never, or "
                                           "when --metric_for_best_model improves (best); all but no also save the last step.",
                             choices=("steps", "epoch", "no", "best"))
@@ -191,9 +198,6 @@ class TrainArgs:
     eval_steps: Optional[int] = _f(help="Default: same as --save_steps.")
     logging_steps: int = _f(5, help="Optimiser steps between log records (means over the window).")
     logging_first_step: bool = _f(True, help="Also log step 1.")
-    dataloader_num_workers: Optional[int] = _f(help="Default 0 on CPU, 1 on GPU.")
-    use_liger_kernel: bool = _f(False, help="Liger fused kernels (GPU only; skipped with a note on CPU).")
-    router_aux_loss_coef: float = _f(0.0, help="MoE load-balancing loss weight (gpt-oss example: 1e-3).")
     resume_from_checkpoint: Optional[str] = _f(help="Checkpoint to continue: weights, optimiser, scheduler, RNG, data position.")
     resume_only_model: bool = _f(False, help="With --resume_from_checkpoint: weights only (data already seen is still skipped).")
     ignore_data_skip: bool = _f(False, help="On resume, start the data from the epoch's beginning instead of "
@@ -210,6 +214,13 @@ class TrainArgs:
                                             "nothing here.")
     temperature: Optional[float] = _f(help="ms-swift: sampling temperature for --predict_with_generate; changes "
                                            "nothing in training (see --max_new_tokens).")
+
+
+@dataclass
+class DistArgs:
+    """How training is spread over processes (torchrun sets the process count)."""
+    deepspeed: Optional[str] = _f(help="zero0, zero1, zero2, zero3, zero2_offload, zero3_offload (presets), or a "
+                                       "DeepSpeed JSON file or string; \"auto\" values come from these flags.")
 
 
 @dataclass
@@ -400,7 +411,8 @@ class EvalArgs:
 
 
 @dataclass
-class SftArguments(ModelArgs, QuantArgs, TemplateArgs, DataArgs, TunerArgs, TrackArgs, TrainArgs):
+class SftArguments(ModelArgs, QuantArgs, TemplateArgs, DataArgs, TunerArgs, TrackArgs, OutputArgs, OptimArgs,
+                   DistArgs):
     """`tunesmith sft`."""
 
 

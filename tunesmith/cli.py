@@ -16,9 +16,9 @@ from tunesmith.log import note, rank, world_size
 
 # command -> (module, one-line description). The module's `main(args)` is also the Python API.
 COMMANDS = {
-    "sft": ("tunesmith.train.sft", "supervised fine-tuning (LoRA, QLoRA, full)"),
-    "rlhf": ("tunesmith.train.preference", "preference training: DPO and its variants, CPO, SimPO, ORPO, KTO"),
-    "dpo": ("tunesmith.train.preference", "short for `rlhf --rlhf_type dpo`"),
+    "sft": ("tunesmith.train.recipe", "supervised fine-tuning (LoRA, QLoRA, full)"),
+    "rlhf": ("tunesmith.train.recipe", "preference training: DPO and its variants, CPO, SimPO, ORPO, KTO"),
+    "dpo": ("tunesmith.train.recipe", "short for `rlhf --rlhf_type dpo`"),
     "infer": ("tunesmith.infer", "chat with a model or checkpoint, or infer over a dataset"),
     "export": ("tunesmith.export", "merge LoRA adapters into the base model (--merge_lora true)"),
     "merge-lora": ("tunesmith.export", "short for `export --merge_lora true`"),

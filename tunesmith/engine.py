@@ -2,7 +2,8 @@
 `eval`, and later RL rollouts) as continuous batches.
 
 What lives here: token-level scheduling only — prompts in as token ids, token ids (and log-probs) out. Chat
-templates, reasoning and tool-call parsing live in `tunesmith.reply`; HTTP in `tunesmith.serve`.
+templates, reasoning and tool-call parsing live in `tunesmith.reply`; HTTP in `tunesmith.serve`; model loading in
+`tunesmith.model`. torch and transformers are imported inside the functions that use them, never at module level.
 
 How a step works. Requests wait in a queue. Between decoding steps the scheduler admits queued requests (up to
 `max_batch_size` rows in flight), prefills them as one left-padded batch, and appends their KV cache to the running
@@ -82,6 +83,7 @@ class Handle:
         self._q: Any = asyncio.Queue() if loop is not None else queue.SimpleQueue()
 
     def cancel(self) -> None:
+        """Ask the scheduler to end this sequence (finish_reason "abort") at its next step; returns at once."""
         self.cancelled = True
 
     def _push(self, item) -> None:
@@ -112,11 +114,13 @@ class Handle:
             yield item
 
     def result(self) -> Completion:
+        """Block until the sequence ends, dropping tokens not yet read. Only for a handle submitted without `loop`."""
         for _ in self:
             pass
         return self.completion
 
     async def aresult(self) -> Completion:
+        """Await the end of the sequence, dropping tokens not yet read. Only for a handle submitted with `loop`."""
         async for _ in self:
             pass
         return self.completion
@@ -173,7 +177,11 @@ class GenerationEngine:
                loop: Optional[asyncio.AbstractEventLoop] = None) -> Handle:
         """Queue one sequence. adapter: None = the model as loaded, "" = the base with adapters off, or a peft
         adapter name. loop: deliver tokens to this asyncio loop (for `async for`). Raises ValueError when the
-        prompt leaves no room under `max_model_len`, RuntimeError after `close()`."""
+        prompt leaves no room under `max_model_len`, RuntimeError after `close()`.
+
+        prompt_ids: [T] token ids. params.max_new_tokens is capped at the room left (0 or None: all of it).
+        Also raises ValueError for an adapter name that is not loaded. Errors during generation are not raised:
+        they end the sequence with finish_reason "error"."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's limit is {self.max_model_len}")
         if adapter and adapter not in self._adapter_names:
@@ -192,12 +200,16 @@ class GenerationEngine:
         return handle
 
     def generate(self, prompts: list, params: SamplingParams, adapter: Optional[str] = None) -> list[Completion]:
-        """Submit every prompt, wait for all: the completions in prompt order."""
+        """Submit every prompt, wait for all: the completions in prompt order.
+
+        prompts: lists of token ids. Blocks the calling thread; raises as `submit`."""
         handles = [self.submit(p, params, adapter) for p in prompts]
         return [h.result() for h in handles]
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the scheduler: queued and running sequences end with finish_reason "abort"."""
+        """Stop the scheduler: queued and running sequences end with finish_reason "abort".
+
+        timeout: seconds to wait for the scheduler thread; later `submit` calls raise RuntimeError."""
         with self._cv:
             self._closed = True
             self._cv.notify()
@@ -396,6 +408,7 @@ class GenerationEngine:
 
     @property
     def device(self):
+        """The device of the model's first parameter: where inputs are placed."""
         return next(self.model.parameters()).device
 
 
@@ -410,7 +423,10 @@ class _Last:
         self.logits, self.hidden = logits, hidden
 
     def argmax(self, rows: list[int], head):
-        """Greedy tokens [len(rows)]; ties go to the lowest id, as torch.argmax does."""
+        """Greedy tokens [len(rows)] (int64); ties go to the lowest id, as torch.argmax does.
+
+        rows: indices into the batch; head: (decoder, output weight [V, H]) from `chunked_head`, used only when
+        this holds hidden states."""
         import torch
 
         if self.logits is not None:
@@ -430,7 +446,7 @@ class _Last:
         return best_idx
 
     def logits_of(self, rows: list[int], head):
-        """Full logits [len(rows), V] (float32) for rows that sample or report log-probs."""
+        """Full logits [len(rows), V] (float32) for rows that sample or report log-probs; rows and head as `argmax`."""
         if self.logits is not None:
             return self.logits[rows]
         weight = head[1]
@@ -446,6 +462,8 @@ class _Batch:
         self.mask = None
 
     def join(self, rows: list[_Row], cache, mask, keep: list[int]) -> None:
+        """Append freshly prefilled rows. cache, mask [b, L]: the prefill batch's; keep: the indices in it of
+        `rows` (rows that ended at prefill are cut out). Both sides are left-padded to a common length."""
         import torch
 
         if len(keep) != mask.shape[0]:
@@ -464,6 +482,7 @@ class _Batch:
         self._trim()
 
     def drop(self, rows: list[_Row], end) -> None:
+        """Finish `rows` through `end(row)` and remove them, with their cache and mask rows."""
         import torch
 
         if not rows:
@@ -492,7 +511,10 @@ class _Batch:
 
 def stop_string_hit(tokenizer, generated: list, stops) -> Optional[str]:
     """The stop string that the output now contains, if any. Only the tail can hold a new match: a stop string
-    spans at most len(s) tokens (plus bytes that decode together), so the last few tokens are decoded each step."""
+    spans at most len(s) tokens (plus bytes that decode together), so the last few tokens are decoded each step.
+
+    generated: the token ids so far; stops: strings. Returns the first of `stops` (in their order) found in the
+    decoded tail (special tokens kept), else None."""
     if not stops:
         return None
     span = max(len(s) for s in stops) + 4

@@ -5,6 +5,11 @@
 every caller's sequences) and parses replies with `tunesmith.reply`. `tunesmith infer` (interactive chat and batch
 over a dataset), `tunesmith deploy` and `tunesmith eval` all go through it, so a reply is the same whichever way
 it is asked.
+
+What lives here: rendering prompts, GenConfig -> sampling settings, decoding and parsing replies, streaming state,
+building the engine from flags, and the `infer` command (batch result files, interactive chat). What must not: token
+scheduling (`tunesmith.engine`), template output conventions (`tunesmith.reply`), HTTP (`tunesmith.serve`), model
+loading (`tunesmith.model`). No torch import at module level.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class GenConfig:
 
     @classmethod
     def from_args(cls, args) -> "GenConfig":
+        """From the infer/deploy/eval flags (--max_new_tokens, --temperature, ..., --stop_words, --n, --logprobs)."""
         return cls(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=list(args.stop_words),
                    num_beams=args.num_beams, n=getattr(args, "n", 1) or 1, logprobs=bool(args.logprobs),
@@ -44,6 +50,7 @@ class GenConfig:
 
 @dataclass
 class Reply:
+    """A parsed reply. completion_tokens counts every generated token (the stop token included)."""
     content: str
     reasoning: Optional[str]
     finish_reason: str           # "stop", "length", "tool_calls" (or "abort"/"error" from the engine)
@@ -55,7 +62,7 @@ class Reply:
 
 
 class PromptTooLong(ValueError):
-    pass
+    """The rendered prompt has max_model_len tokens or more: no room to generate."""
 
 
 @dataclass
@@ -78,7 +85,8 @@ class ChatEngine:
         """model: the loaded model, or None when `engine` is an accelerated engine (tunesmith.backends) holding the
         weights; then `generation_config` (sampling defaults, eos ids) and `config` (context length) come from the
         checkpoint. engine: a pre-built object with GenerationEngine's interface (submit, generate, close,
-        stop_ids, max_model_len); None builds the GenerationEngine over `model`. max_model_len in tokens."""
+        stop_ids, max_model_len); None builds the GenerationEngine over `model`. max_model_len in tokens.
+        Raises ValueError when neither a model nor an engine is given."""
         from tunesmith.data.encode import ChatEncoder
         from tunesmith.engine import GenerationEngine
         from tunesmith.reply import OutputParser
@@ -108,14 +116,19 @@ class ChatEngine:
 
     @property
     def device(self):
+        """The device of the model's first parameter (a model loaded here, not an accelerated engine's)."""
         return next(self.model.parameters()).device
 
     def close(self) -> None:
+        """Close the engine: sequences still queued or running end with finish_reason "abort"."""
         self.engine.close()
 
     def prompt(self, messages: list[dict], tools=None, template_kwargs: Optional[dict] = None) -> Prompt:
         """Render messages (OpenAI shape: tool_calls, tool messages, reasoning_content) with the generation prompt.
-        Raises PromptTooLong when no room is left under the model's limit."""
+        Raises PromptTooLong when no room is left under the model's limit.
+
+        template_kwargs override the engine's (--enable_thinking). Returns a Prompt with ids [T]; `in_think` when
+        the rendering ends in `<think>`. The template's own errors propagate."""
         from tunesmith.reply import to_template_messages
 
         kwargs = {**self.template_kwargs, **(template_kwargs or {})}
@@ -127,14 +140,18 @@ class ChatEngine:
         return Prompt(ids, text.rstrip().endswith("<think>"), bool(tools))
 
     def prompt_ids(self, messages: list[dict], tools=None, **template_kwargs) -> list[int]:
+        """The rendered prompt's token ids [T] (see `prompt`). Raises PromptTooLong."""
         return self.prompt(messages, tools, template_kwargs).ids
 
     def check_prompt(self, messages: list[dict], cfg: GenConfig, tools=None) -> None:
-        """Raise PromptTooLong before any generation starts."""
+        """Raise PromptTooLong before any generation starts (cfg is not used)."""
         self.prompt(messages, tools)
 
     def sampling(self, cfg: GenConfig, choice: int = 0):
-        """GenConfig → the engine's SamplingParams (None → the model's generation_config defaults)."""
+        """GenConfig → the engine's SamplingParams (None → the model's generation_config defaults).
+
+        choice: which of cfg.n sequences; it is added to cfg.seed so the n samples differ. max_new_tokens None
+        becomes 0, which the engine reads as "all the room left"."""
         from tunesmith.engine import SamplingParams
 
         gen = getattr(self.model, "generation_config", None)
@@ -152,11 +169,18 @@ class ChatEngine:
                               top_logprobs=cfg.top_logprobs or 0, num_beams=cfg.num_beams)
 
     def submit(self, prompt: Prompt, cfg: GenConfig, adapter: Optional[str] = None, loop=None) -> list:
-        """Queue cfg.n sequences for a rendered prompt: their engine Handles."""
+        """Queue cfg.n sequences for a rendered prompt: their engine Handles.
+
+        loop: deliver tokens to this asyncio loop. Raises the engine's ValueError (no room, unknown adapter) or
+        RuntimeError (engine closed)."""
         return [self.engine.submit(prompt.ids, self.sampling(cfg, i), adapter, loop) for i in range(max(1, cfg.n))]
 
     def reply(self, completion, prompt: Prompt, cfg: GenConfig) -> Reply:
-        """A finished sequence → Reply: decoded without its stop token, cut at a stop string, parsed."""
+        """A finished sequence → Reply: decoded without its stop token, cut at a stop string, parsed.
+
+        completion: the engine's Completion. finish_reason becomes "tool_calls" when calls were parsed, "stop" when
+        a stop string cut the text; logprobs lose the stop token's entry. An engine error is returned in
+        Reply.error, not raised."""
         ids = list(completion.token_ids)
         if ids and ids[-1] in self.stop_ids and completion.finish_reason == "stop":
             ids = ids[:-1]
@@ -192,10 +216,14 @@ class ChatEngine:
         return replies
 
     def stream_state(self, prompt: Prompt, cfg: GenConfig) -> "StreamState":
+        """A StreamState for one sequence of `prompt` (feed it the handle's tokens)."""
         return StreamState(self, prompt, cfg)
 
     def stream(self, messages: list[dict], cfg: Optional[GenConfig] = None, tools=None) -> Iterator:
-        """Yield answer text pieces as they are generated, then the final Reply (same content as `generate`)."""
+        """Yield answer text pieces as they are generated, then the final Reply (same content as `generate`).
+
+        Only `content` is yielded as text (reasoning and tool calls are in the Reply). Raises PromptTooLong before
+        generating, or the engine's error at the end."""
         cfg = replace(cfg or self.defaults, n=1)
         prompt = self.prompt(messages, tools)
         handle = self.submit(prompt, cfg)[0]
@@ -226,6 +254,8 @@ class StreamState:
         self.deltas = StreamDeltas()
 
     def feed(self, token: int) -> dict:
+        """Take the next generated token id; return the delta fields to send now ({} while bytes, markers or stop
+        strings may still complete; stop tokens add nothing)."""
         tok = self.chat.tok
         self.ids.append(token)
         if token in self.chat.stop_ids:
@@ -242,6 +272,7 @@ class StreamState:
         return self.deltas.delta(parsed)
 
     def finish(self, completion) -> tuple[Reply, dict]:
+        """The ended Completion → (the Reply, the delta fields not sent yet); errors stay in Reply.error."""
         from tunesmith.reply import Parsed
 
         reply = self.chat.reply(completion, self.prompt, self.cfg)
@@ -252,7 +283,10 @@ class StreamState:
 def stop_token_ids(model, tokenizer, encoder, reasoning_style: str) -> list[int]:
     """The ids that end a reply: the model's generation_config eos ids (gpt-oss: `<|return|>`, `<|call|>`), the
     tokenizer's eos, and the template's end-of-turn tokens — except Harmony's `<|end|>`, which ends a message
-    (the analysis channel) but not the turn."""
+    (the analysis channel) but not the turn.
+
+    encoder: a ChatEncoder (for the template's end-of-turn tokens); reasoning_style: OutputParser's. Returns the
+    ids sorted. Raises ConfigError when the template does not render assistant content verbatim."""
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None)
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
@@ -275,7 +309,9 @@ def stop_token_ids(model, tokenizer, encoder, reasoning_style: str) -> list[int]
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
                      system: Optional[str] = None, temperature: float = 0.0) -> list[str]:
-    """Reply texts for conversations (greedy when temperature is 0): a ChatEngine in one call."""
+    """Reply texts for conversations (greedy when temperature is 0): a ChatEngine in one call.
+
+    max_new_tokens in tokens. Raises PromptTooLong, or the first generation error."""
     engine = ChatEngine(model, tokenizer, system=system)
     try:
         cfg = GenConfig(max_new_tokens=max_new_tokens, temperature=temperature)
@@ -289,7 +325,9 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
 def build_engine(args):
     """Resolve the checkpoint, load the model and adapters, and make the ChatEngine (shared with deploy and eval).
     With --infer_backend vllm|sglang|lmdeploy see `_build_backend_engine`; raises ConfigError when it cannot run
-    here. Returns (engine, the checkpoint whose args.json was read, deploy's named adapters)."""
+    here. Returns (engine, the checkpoint whose args.json was read, deploy's named adapters).
+
+    Named adapters: {name: path}. Also raises ConfigError for bad --adapters or a model that cannot be resolved."""
     from tunesmith.model import load_for_inference, note
     from tunesmith.runs import resolve_checkpoint, split_named_adapters
 
@@ -355,16 +393,22 @@ def _build_backend_engine(args, batch: int):
 
 
 def template_kwargs(args) -> dict:
-    """Chat-template variables from flags: --enable_thinking (Qwen3 and other hybrid-thinking templates)."""
+    """Chat-template variables from flags: --enable_thinking (Qwen3 and other hybrid-thinking templates).
+
+    Returns {} or {"enable_thinking": bool}."""
     return {} if getattr(args, "enable_thinking", None) is None else {"enable_thinking": bool(args.enable_thinking)}
 
 
 def logprobs_json(tokenizer, logprobs: Optional[list]) -> Optional[dict]:
-    """[TokenLogprob] → OpenAI's chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    """[TokenLogprob] → OpenAI's chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}.
+
+    One entry per generated token; logprob in nats; bytes: the UTF-8 bytes of the token's decoded text. None
+    when log-probs were not asked for."""
     if logprobs is None:
         return None
 
     def entry(token_id: int, logprob: float) -> dict:
+        """One token's {token, logprob, bytes}."""
         text = tokenizer.decode([token_id], skip_special_tokens=False)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
@@ -376,7 +420,9 @@ def raise_backend(backend: str, args, error: BaseException):
     """Raise ConfigError for an accelerated engine (`--infer_backend vllm|sglang|lmdeploy`) that failed to start
     with `error`: one line naming the engine and the error, then the engine's own OpenAI-compatible server command
     with the same settings (tunesmith.backends.native_serve_command; secrets redacted) as an alternative, and the
-    fallback --infer_backend transformers."""
+    fallback --infer_backend transformers.
+
+    Always raises ConfigError, chained to `error`."""
     from tunesmith.backends import NAMES, engine_adapters, format_command, native_serve_command
     from tunesmith.errors import ConfigError
 
@@ -422,7 +468,11 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
     """Generate for every row, writing ms-swift's result lines: response, labels, logprobs, messages (+ the reply),
     and every other column of the row. Rows are submitted a window at a time and written in order; the engine
     batches them (--max_batch_size). With --stream true each reply is printed as it is generated, one row at a
-    time. Returns the number of rows written."""
+    time. Returns the number of rows written.
+
+    loaded: a LoadResult; result_path: a JSONL file, appended to (folders created). With --metric, the scores
+    are printed to stderr. Raises ConfigError (--stream with --n > 1, a row over the context length) or the
+    first generation error (rows before it are already written)."""
     from tqdm.auto import tqdm
 
     from tunesmith.errors import ConfigError
@@ -510,7 +560,10 @@ def _stream_to(engine: ChatEngine, prompt: Prompt, cfg: GenConfig, out) -> Reply
 
 
 def chat(engine: ChatEngine, args, result_path: Optional[str], stdin=None, stdout=None) -> None:
-    """Interactive chat: streamed replies, multi-turn; `exit`/`quit`, `clear`, `reset-system`, `multi-line`."""
+    """Interactive chat: streamed replies, multi-turn; `exit`/`quit`, `clear`, `reset-system`, `multi-line`.
+
+    Reads stdin until EOF or exit; with result_path, appends each turn's history as a JSONL line. Raises
+    PromptTooLong when the conversation outgrows the context, or the engine's error."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     history: list[dict] = []
     print("tunesmith chat: type a message; commands: exit, clear, reset-system, multi-line", file=stdout)
@@ -562,6 +615,10 @@ def chat(engine: ChatEngine, args, result_path: Optional[str], stdin=None, stdou
 
 
 def main(args):
+    """`tunesmith infer`: batch inference over --val_dataset (or --load_data_args' split), else interactive chat.
+
+    Returns 0; the engine is closed on the way out. Raises ConfigError or DataError (see build_engine,
+    batch_infer)."""
     engine, ckpt, _ = build_engine(args)
     try:
         loaded = _infer_rows(args, ckpt)

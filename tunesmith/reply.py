@@ -3,7 +3,7 @@ finished reply and for a stream in progress.
 
 What lives here: the text conventions of the chat templates we serve (Qwen3/DeepSeek-R1 `<think>…</think>`,
 gpt-oss Harmony channels, Hermes/Qwen `<tool_call>` JSON, Llama 3.1 JSON calls) and the stream bookkeeping that
-turns successive parses into OpenAI deltas. What must not: token ids, sampling, HTTP.
+turns successive parses into OpenAI deltas. What must not: token ids, sampling, HTTP. No torch import.
 
 The one rule that keeps stream and non-stream equal: a stream only ever sends text that is a prefix of what the
 finished parse will return (leading/trailing whitespace, partial markers and partial stop strings are held back),
@@ -32,7 +32,9 @@ class Parsed:
 
 def template_style(tokenizer) -> tuple[str, Optional[str]]:
     """(reasoning style, tool-call style) read from the chat template and vocabulary:
-    reasoning "harmony" | "think" | "none"; tools "harmony" | "hermes" | "llama3_json" | None."""
+    reasoning "harmony" | "think" | "none"; tools "harmony" | "hermes" | "llama3_json" | None.
+
+    tokenizer: a transformers tokenizer; `chat_template` may be a string or a dict of named templates."""
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, dict):
         template = " ".join(template.values())
@@ -63,7 +65,10 @@ class OutputParser:
               stops: tuple = ()) -> Parsed:
         """Split raw generated text (special tokens kept). tools: parse tool calls (the request offered tools).
         final: the generation ended; otherwise hold back what may still change. in_think: the prompt already
-        opened a `<think>` block (DeepSeek-R1 style), so the output starts inside the reasoning."""
+        opened a `<think>` block (DeepSeek-R1 style), so the output starts inside the reasoning.
+
+        stops: the request's stop strings; the text from the first one on is dropped. Returns a Parsed; invalid
+        tool-call JSON stays in the content. Never raises on model output."""
         hits = [raw.find(s) for s in stops if s and s in raw]
         if hits:  # the engine stops at a stop string one step after a reader may see it: never show it
             raw = raw[:min(hits)]
@@ -191,6 +196,9 @@ class StreamDeltas:
         self.sent_reasoning, self.sent_content, self.sent_calls = "", "", 0
 
     def delta(self, parsed: Parsed) -> dict:
+        """What `parsed` adds to what was already sent: {"reasoning_content": str, "content": str, "tool_calls":
+        [{"index", "id", "type", "function"}]}, only the keys with something new (often {}); records it as sent.
+        A field whose new text does not extend what was sent contributes nothing."""
         out: dict = {}
         r = parsed.reasoning or ""
         if r.startswith(self.sent_reasoning) and len(r) > len(self.sent_reasoning):
@@ -210,7 +218,9 @@ class StreamDeltas:
 def to_template_messages(messages: list[dict]) -> list[dict]:
     """OpenAI chat messages → what chat templates expect: `tool_calls[].function.arguments` as a mapping (the
     templates apply `tojson` to it; a JSON string would be quoted twice), null content as "", None-valued keys
-    dropped (templates test `'tool_calls' in message`)."""
+    dropped (templates test `'tool_calls' in message`).
+
+    Returns new dicts; the input is not modified. Arguments that are not valid JSON are passed on as the string."""
     out = []
     for m in messages:
         m = {k: v for k, v in m.items() if v is not None}

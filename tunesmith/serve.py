@@ -7,6 +7,12 @@ tokens on the event loop. A client that disconnects cancels its sequences (their
 decoding step). Errors of every origin use OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (with
 ms-swift's `"object": "error"` alongside). SIGTERM stops accepting, lets in-flight requests finish (up to
 GRACEFUL_SHUTDOWN_S) and then closes the engine.
+
+What lives here: request schemas, validation, OpenAI/ms-swift response shapes, SSE, auth, the request log. What
+must not: token scheduling (`tunesmith.engine`), template rendering or reply parsing (`tunesmith.infer`,
+`tunesmith.reply`), model loading (`tunesmith.infer.build_engine`). No torch import; fastapi and uvicorn are
+imported inside `create_app`/`main` (pydantic and starlette at module level, for the schemas). Route handlers
+and the request models carry no docstrings on purpose: FastAPI would publish them in /openapi.json.
 """
 from __future__ import annotations
 
@@ -72,6 +78,8 @@ class CompletionRequest(Sampling):
 
 
 class ApiError(Exception):
+    """An error answered with HTTP `status` and OpenAI's error body; code and param fill its fields."""
+
     def __init__(self, status: int, message: str, code: str = "invalid_request_error", param: Optional[str] = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
@@ -97,7 +105,9 @@ def _text(content) -> str:
 
 def chat_messages(req: ChatRequest) -> list[dict]:
     """The request's messages as plain dicts for the template: text content, assistant `tool_calls` and
-    `reasoning_content`, tool messages' `tool_call_id`/`name` (`developer` is the system role of newer clients)."""
+    `reasoning_content`, tool messages' `tool_call_id`/`name` (`developer` is the system role of newer clients).
+
+    Raises ApiError 400: a non-text content part, or a tool_calls entry without function.name."""
     out = []
     for m in req.messages:
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
@@ -128,13 +138,20 @@ class Server:
         self._log_lock = threading.Lock()
 
     def adapter(self, name: str) -> Optional[str]:
+        """The adapter that serves model id `name` (None, "" or a name; see create_app).
+
+        Raises ApiError 404 (code model_not_found) for an id that is not served."""
         if name not in self.served:
             raise ApiError(404, f"the model '{name}' does not exist; available: {', '.join(self.served)}",
                            code="model_not_found", param="model")
         return self.served[name]
 
     def config(self, req: Sampling, top_logprobs: int = 0):
-        """The request's sampling settings over the server's defaults; refuses what would be silently ignored."""
+        """The request's sampling settings over the server's defaults; refuses what would be silently ignored.
+
+        Returns an `infer.GenConfig`. top_logprobs: alternatives per token asked for. Raises ApiError 400 for an
+        unsupported field with a non-default value (penalties, logit_bias, echo, best_of, suffix, min_tokens),
+        reserved chat_template_kwargs, a non-text response_format, or top_logprobs over --max_logprobs."""
         extra = req.model_extra or {}
         for name, inert in (("presence_penalty", (None, 0, 0.0)), ("frequency_penalty", (None, 0, 0.0)),
                             ("logit_bias", (None, {})), ("echo", (None, False)), ("best_of", (None, 1)),
@@ -163,7 +180,10 @@ class Server:
             logprobs=bool(req.logprobs) or top_logprobs > 0, top_logprobs=top_logprobs)
 
     async def prompt(self, messages: list[dict], tools, template_kwargs: dict):
-        """Render and tokenise in a worker thread: a long prompt never stalls the event loop."""
+        """Render and tokenise in a worker thread: a long prompt never stalls the event loop.
+
+        Returns an `infer.Prompt` (ids [T]). Raises ApiError 400: code context_length_exceeded when the prompt
+        fills the context, or the template's own refusal of these messages."""
         from starlette.concurrency import run_in_threadpool
 
         from tunesmith.infer import PromptTooLong
@@ -175,6 +195,9 @@ class Server:
             raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
 
     def submit(self, prompt, cfg, adapter):
+        """Queue cfg.n sequences, delivering tokens to the running event loop: their engine Handles.
+
+        Raises ApiError 400 for the engine's ValueError (no room left, unknown adapter), 503 once it is closed."""
         try:
             return self.engine.submit(prompt, cfg, adapter, loop=asyncio.get_running_loop())
         except (ValueError, RuntimeError) as e:
@@ -254,7 +277,8 @@ async def _stream(server: Server, handles: list, prompt, cfg, chunk, include_usa
 def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] = None,
                owned_by: str = "tunesmith", result_path: Optional[str] = None, max_logprobs: int = 20):
     """The FastAPI app. served: model id -> adapter to use (None = the model as loaded, "" = the base without
-    adapters, or a named adapter)."""
+    adapters, or a named adapter). api_key: when set, /v1/* needs `Authorization: Bearer KEY` (else 401).
+    Every error (400 validation, 404 route, 500 unexpected) answers OpenAI's error body; shutdown closes the engine."""
     import contextlib
 
     from fastapi import FastAPI
@@ -267,6 +291,7 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
+        """Close the engine when the app shuts down."""
         yield
         engine.close()  # after uvicorn drained in-flight requests: anything left ends with "abort"
 
@@ -348,7 +373,11 @@ def _text_chunk(rid: str, now: int, model: str, index: int, delta, first=False, 
 
 
 async def chat_completion(server: Server, req: ChatRequest, request: Request):
-    """POST /v1/chat/completions: render, submit req.n sequences, then a JSON body or an SSE stream."""
+    """POST /v1/chat/completions: render, submit req.n sequences, then a JSON body or an SSE stream.
+
+    Returns the `chat.completion` dict, or a StreamingResponse of `chat.completion.chunk` events. Raises ApiError:
+    404 unknown model; 400 tool_choice "required"/named, bad messages or settings, prompt too long; 503 engine
+    closed; 500 a failed generation (non-streaming; a stream sends an error event instead)."""
     from functools import partial
 
     from starlette.responses import StreamingResponse
@@ -370,6 +399,7 @@ async def chat_completion(server: Server, req: ChatRequest, request: Request):
     rid, now, logged = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model_dump(exclude_none=True)
     if req.stream:
         def done(replies):
+            """After the stream's last event: --result_path line with the replies (id, usage, choices)."""
             server.log(logged, {"id": rid, "usage": _usage(len(prompt.ids), replies),
                                 "choices": [{"index": i, "message": _message(r), "finish_reason": r.finish_reason}
                                             for i, r in enumerate(replies)]})
@@ -388,7 +418,11 @@ async def chat_completion(server: Server, req: ChatRequest, request: Request):
 
 
 async def text_completion(server: Server, req: CompletionRequest, request: Request):
-    """POST /v1/completions: as ms-swift, the prompt is one user message rendered with the chat template."""
+    """POST /v1/completions: as ms-swift, the prompt is one user message rendered with the chat template.
+
+    Returns the `text_completion` dict, or a StreamingResponse of its chunks. Raises ApiError: 404 unknown model;
+    400 more than one prompt, logprobs asked for, bad settings, prompt too long; 503 engine closed; 500 a failed
+    generation (non-streaming)."""
     from functools import partial
 
     from starlette.responses import StreamingResponse
@@ -420,7 +454,10 @@ async def text_completion(server: Server, req: CompletionRequest, request: Reque
 
 
 def served_models(args, named: dict, ckpt: Optional[str]) -> dict[str, Optional[str]]:
-    """The model ids /v1/models lists: the loaded model (with its plain adapters) and one per named adapter."""
+    """The model ids /v1/models lists: the loaded model (with its plain adapters) and one per named adapter.
+
+    named: deploy's named adapters {name: path}; ckpt: the checkpoint build_engine resolved. Returns {model id:
+    adapter} for create_app: {base: None} without named adapters, else {base: "" (adapters off), name: name, ...}."""
     from tunesmith.runs import model_suffix
 
     base = args.served_model_name or model_suffix(ckpt if (ckpt and args.adapters and not named) else args.model)
@@ -439,11 +476,15 @@ def _check_port(host: str, port: int) -> None:
 
 
 def main(args):
+    """`tunesmith deploy`: build the engine and serve it until SIGTERM / Ctrl-C. Returns 0.
+
+    Raises ConfigError: fastapi or uvicorn missing, the port taken, or the engine cannot be built here."""
     try:
-        import fastapi  # noqa: F401
+        import fastapi
         import uvicorn
     except ImportError:
         raise ConfigError("tunesmith deploy needs fastapi and uvicorn: pip install fastapi uvicorn") from None
+    del fastapi  # imported only to check that it is installed; create_app imports what it uses
     from tunesmith.infer import build_engine
 
     _check_port(args.host, args.port)

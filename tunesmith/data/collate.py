@@ -1,5 +1,10 @@
 """Batches from encoded rows. The loop only sees the dict this returns, so a packing collator can replace
-padding without touching the loop."""
+padding without touching the loop.
+
+What lives here: padding, padding-free and packed collators, and the packing plan (`pack_groups`). What must not:
+tokenisation or label masking (`tunesmith.data.encode`), the loss. torch is imported inside the functions, never at
+module level, so `tunesmith.data` imports without it.
+"""
 from __future__ import annotations
 
 from tunesmith.data.encode import IGNORE, Encoded
@@ -7,7 +12,11 @@ from tunesmith.data.encode import IGNORE, Encoded
 
 def pad_collate(rows: list[Encoded], pad_id: int, padding_side: str = "right") -> dict:
     """Pad to the longest row. Returns input_ids, attention_mask, labels (unshifted, -100 = not trained) and
-    n_tokens: the number of trained (shifted) label positions in the batch, used to normalise the loss."""
+    n_tokens: the number of trained (shifted) label positions in the batch, used to normalise the loss.
+
+    rows: B non-empty list of Encoded; padding_side: "left", anything else pads on the right.
+    Shapes: input_ids, attention_mask (1 = real token), labels: [B, T] int64, T = the longest row in tokens;
+    n_tokens: int. Raises ValueError for an empty `rows`."""
     import torch
 
     longest = max(len(r.input_ids) for r in rows)
@@ -32,7 +41,10 @@ def segments_collate(rows: list[list[tuple[int, Encoded]]], pad_id: int, n_seq: 
     attention_mask. Rows are padded at the end only, where causal attention keeps real tokens from seeing the pads.
     Each segment's first label is ignored so that no sequence is trained to predict the next one's start.
     `seq_ids` tells which sequence each position belongs to; n_tokens counts the same trained positions as
-    padding would, so the loss is unchanged."""
+    padding would, so the loss is unchanged.
+
+    Shapes: input_ids, labels, position_ids, seq_ids (-1 on pads): [B, T] int64, T = the longest row's total
+    tokens; n_seq: the int passed in (sequences in the batch); n_tokens: int. Raises ValueError for an empty `rows`."""
     import torch
 
     longest = max(sum(len(e.input_ids) for _, e in row) for row in rows)
@@ -55,13 +67,18 @@ def segments_collate(rows: list[list[tuple[int, Encoded]]], pad_id: int, n_seq: 
 
 
 def flat_collate(rows: list[Encoded], pad_id: int = 0) -> dict:
-    """--padding_free: the whole batch as one sequence [1, T] (no padding at all)."""
+    """--padding_free: the whole batch as one sequence [1, T] (no padding at all).
+
+    T = total tokens of `rows`; sequence ids 0..len(rows)-1 in order; the dict is segments_collate's."""
     return segments_collate([list(enumerate(rows))], pad_id, len(rows))
 
 
 def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
     """--packing: group row indices so that each group's total length fits `capacity` (best-fit decreasing;
-    deterministic). A row longer than the capacity gets a group of its own."""
+    deterministic). A row longer than the capacity gets a group of its own.
+
+    lengths: tokens per row; capacity: tokens per packed row. Returns lists of row indices, each sorted ascending;
+    every index appears exactly once."""
     import bisect
 
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -88,6 +105,7 @@ class PackedCollate:
         self.pad_id = pad_id
 
     def __call__(self, groups: list) -> dict:
+        """groups: lists of Encoded (one per packed row) -> segments_collate's dict, sequence ids unique per batch."""
         rows, k = [], 0
         for group in groups:
             rows.append([(k + i, r) for i, r in enumerate(group)])

@@ -1,4 +1,9 @@
-"""`tunesmith data inspect|validate|convert|split|stats --dataset ...`: look at data the way training will."""
+"""`tunesmith data inspect|validate|convert|split|stats --dataset ...`: look at data the way training will.
+
+What lives here: the five actions, printing to stdout. What must not: the data rules themselves (load, formats,
+encode hold them, so the command and training cannot disagree), training or model code. No torch import at
+module level; a tokenizer is loaded only by the actions that encode.
+"""
 from __future__ import annotations
 
 import os
@@ -36,6 +41,9 @@ def _need_dataset(args):
 
 
 def inspect(args: DataCommandArguments) -> None:
+    """Print rows --row .. --row + --num_rows - 1 as the model sees them, trained tokens marked (green on a TTY).
+
+    Raises ConfigError (no --dataset, --row past the end, template problems) or DataError (loading)."""
     _need_dataset(args)
     result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
     tok = _tokenizer(args)
@@ -64,6 +72,10 @@ def inspect(args: DataCommandArguments) -> None:
 
 
 def validate(args: DataCommandArguments) -> int:
+    """Print every problem of every --dataset, sorted by line, then a count; with --max_length also rows that are
+    over it or have no trained tokens. Returns the exit code: 1 if any problem, else 0.
+
+    Read errors are printed, not raised. Raises ConfigError (no --dataset, template problems)."""
     _need_dataset(args)
     problems = 0
     total = 0
@@ -105,6 +117,9 @@ def _line_of(message: str) -> int:
 
 
 def convert(args: DataCommandArguments) -> None:
+    """Write the data as canonical JSONL to --output (bad rows dropped unless --strict).
+
+    Raises ConfigError (no --dataset or --output), DataError (loading), OSError (writing)."""
     _need_dataset(args)
     if not args.output:
         raise ConfigError("pass --output FILE.jsonl for the converted data")
@@ -117,6 +132,10 @@ def convert(args: DataCommandArguments) -> None:
 
 
 def split(args: DataCommandArguments) -> None:
+    """Write a seeded train/validation split (--val_ratio) as train.jsonl and val.jsonl under --output (default:
+    FIRST_DATASET_split/).
+
+    Raises ConfigError (no --dataset, --val_ratio not in (0, 1)), DataError (loading; no training rows left)."""
     _need_dataset(args)
     result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
     if not 0 < args.val_ratio < 1:
@@ -134,6 +153,10 @@ def _pct(xs: list[int], p: float) -> int:
 
 
 def stats(args: DataCommandArguments) -> dict:
+    """Print and return row kinds, assistant turns, tokens per sequence (min/mean/p50/p90/max/total) and trained
+    tokens, each sequence measured untruncated; with --max_length, how many sequences it would drop.
+
+    Raises ConfigError (no --dataset, template problems) or DataError (loading)."""
     _need_dataset(args)
     result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
     tok = _tokenizer(args)
@@ -177,6 +200,9 @@ def stats(args: DataCommandArguments) -> dict:
 
 
 def main(args: DataCommandArguments):
+    """Run args.action. Returns the exit code (validate's; 0 for the others).
+
+    Raises ConfigError for a missing or unknown action, and whatever the action raises."""
     actions = {"inspect": inspect, "validate": validate, "convert": convert, "split": split, "stats": stats}
     if args.action not in actions:
         raise ConfigError(f"say what to do: tunesmith data {{{'|'.join(actions)}}} --dataset FILE")

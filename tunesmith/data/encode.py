@@ -16,6 +16,10 @@ Which tokens are trained is derived from the rendering itself, with no per-model
 
 Every position is checked against F; a template that breaks these assumptions gets a clear error, never a
 silently wrong mask.
+
+What lives here: rendering, label masking, truncation and the (optionally forked) encoding of a whole dataset. What
+must not: reading or normalising rows (`tunesmith.data.load`, `tunesmith.data.formats`), tensors and padding
+(`tunesmith.data.collate`), model code. No torch import: encodings are plain lists of ints.
 """
 from __future__ import annotations
 
@@ -35,7 +39,10 @@ BASE_LOSS_SCALES = ("default", "last_round", "all")
 
 
 def parse_loss_scale(value: Optional[str], default: str) -> tuple[str, bool]:
-    """'last_round+ignore_empty_think' -> ('last_round', True). Accepts ms-swift 3.x and 4.x spellings."""
+    """'last_round+ignore_empty_think' -> ('last_round', True). Accepts ms-swift 3.x and 4.x spellings.
+
+    value: the --loss_scale flag (None or "" -> `default`). Returns (one of BASE_LOSS_SCALES, ignore_empty_think).
+    Raises ConfigError for any other part."""
     value = (value or default).strip()
     aliases = {"last_round_with_ignore_empty_think": "last_round+ignore_empty_think",
                "ignore_empty_think": "default+ignore_empty_think"}
@@ -63,16 +70,22 @@ class NothingToTrain(Exception):
 
 @dataclass
 class Encoded:
+    """One encoded sequence: input_ids [T] token ids and labels [T] (the id where trained, else IGNORE = -100;
+    unshifted: the loss shifts them)."""
     input_ids: list[int]
     labels: list[int]
 
     @property
     def n_trained(self) -> int:
+        """Number of trained tokens (labels that are not IGNORE)."""
         return sum(1 for x in self.labels if x != IGNORE)
 
 
 class ChatEncoder:
-    """Encodes canonical records for one tokenizer and one set of template/loss settings."""
+    """Encodes canonical records for one tokenizer and one set of template/loss settings.
+
+    Construction raises ConfigError: an unknown --loss_scale part, no chat template while `use_chat_template`,
+    or a slow tokenizer (character offsets are needed to align labels)."""
 
     def __init__(self, tokenizer, *, loss_scale: Optional[str] = None, default_loss_scale: str = "default",
                  max_length: Optional[int] = None, truncation_strategy: str = "delete",
@@ -103,11 +116,15 @@ class ChatEncoder:
         return out
 
     def with_system(self, messages: list[dict]) -> list[dict]:
+        """A new list: `messages` with the --system prompt first when one is set and they have no system message."""
         if self.system and not (messages and messages[0]["role"] == "system"):
             return [{"role": "system", "content": self.system}] + list(messages)
         return list(messages)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools=None, **template_kwargs) -> str:
+        """The chat template's text for `messages` (per-message "loss" dropped; `reasoning_content` also passed as
+        `thinking`). tools and template_kwargs go to the template. The template's own errors (e.g. jinja2's
+        TemplateError from `raise_exception`) propagate."""
         kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs)
         if tools:
             kwargs["tools"] = tools
@@ -141,13 +158,19 @@ class ChatEncoder:
         return self._tails[key]
 
     def end_of_turn_tokens(self) -> list[str]:
-        """The special tokens that end a reply: mid-conversation and final (gpt-oss: `<|end|>` and `<|return|>`)."""
+        """The special tokens that end a reply: mid-conversation and final (gpt-oss: `<|end|>` and `<|return|>`).
+
+        Token strings, not ids; empty when the template ends turns without a special token. Raises ConfigError when
+        the template does not render assistant content verbatim."""
         return [eot for eot in (self._tail(None)[1], self._tail("user")[1]) if eot]
 
     # -------------------------------------------------------------- spans
 
     def trained_spans(self, messages: list[dict], tools=None) -> tuple[str, list[tuple[int, int]]]:
-        """The full rendering and the character spans of it that are trained."""
+        """The full rendering and the character spans of it that are trained.
+
+        Returns (text, [(start, end), ...]): half-open character offsets into text, in message order. Raises
+        ConfigError when the template's rendering cannot be aligned (see the module docstring)."""
         full = self.render(messages, tools=tools)
         if self.base == "all":
             spans = [(0, len(full))]
@@ -209,6 +232,13 @@ class ChatEncoder:
     # -------------------------------------------------------------- encoding
 
     def encode(self, record: dict, messages_key: str = "messages", truncate: bool = True) -> Encoded:
+        """Token ids and labels [T] of one canonical record's `messages_key` conversation ("messages" or
+        "rejected_messages"). Without a chat template the contents are joined and every token is trained.
+        truncate: apply --max_length / --truncation_strategy and require a trained token.
+        Raises:
+            TooLong: over --max_length with strategy "delete" (args[0]: the length in tokens); only with truncate.
+            NothingToTrain: no trained token left; only with truncate.
+            ConfigError: the template cannot be aligned. KeyError: the record has no `messages_key`."""
         messages = self.with_system(record[messages_key])
         if not self.use_chat_template:
             text = "".join(m["content"] for m in messages) + (self.tok.eos_token or "")
@@ -246,7 +276,10 @@ class ChatEncoder:
 
     def encode_pair(self, record: dict) -> tuple[Encoded, Encoded]:
         """Chosen and rejected encodings of a preference record. Their prompts must tokenise identically and their
-        trained completions must differ; --max_length applies to each side separately (as in ms-swift)."""
+        trained completions must differ; --max_length applies to each side separately (as in ms-swift).
+
+        Raises TooLong, NothingToTrain, ConfigError as `encode`; DataError (field "rejected", no source: the caller
+        adds it) when the prompts tokenise differently or the trained completions are identical."""
         chosen = self.encode(record, "messages", truncate=False)
         rejected = self.encode(record, "rejected_messages", truncate=False)
         if chosen.n_trained == 0 or rejected.n_trained == 0:
@@ -264,10 +297,13 @@ class ChatEncoder:
 
 
 def render_highlighted(tokenizer, enc: Encoded, color: bool = False) -> str:
-    """The encoded row as text with the trained tokens marked: [[...]] (or green when color)."""
+    """The encoded row as text with the trained tokens marked: [[...]] (or green when color).
+
+    Special tokens are kept; color wraps trained runs in ANSI green (ESC[32m ... ESC[0m) instead of brackets."""
     out, run, in_train = [], [], False
 
     def flush():
+        """Decode the pending run of ids into `out` (marked when trained) and start a new run."""
         if not run:
             return
         text = tokenizer.decode(run, skip_special_tokens=False)
@@ -292,7 +328,11 @@ def encode_records(encoder: ChatEncoder, records: list[dict], sources: list, kin
     """Encode many records. Returns (encoded rows, stats). Over-long rows are dropped and counted
     (--truncation_strategy delete); rows with nothing to train are dropped and counted.
 
-    kind: "sft" -> Encoded; "preference" -> (chosen, rejected); "kto" -> (Encoded, desirable: bool)."""
+    kind: "sft" -> Encoded; "preference" -> (chosen, rejected); "kto" -> (Encoded, desirable: bool).
+
+    sources: (source, line) per record, for errors. stats: {"too_long", "nothing_to_train", "bad": row counts,
+    "reasons": the first 5 messages of bad rows}. num_proc > 1 forks workers once there are >= 256 records.
+    Raises DataError (strict: the first bad row, with its source:line); ConfigError from the template."""
     stats = {"too_long": 0, "nothing_to_train": 0, "bad": 0, "reasons": []}
     out = []
     results = _encode_parallel(encoder, records, kind, num_proc) if num_proc > 1 and len(records) >= 256 \

@@ -12,6 +12,9 @@ Canonical record (what every loader produces, what `tunesmith data convert` writ
 Accepted inputs follow ms-swift's auto-detection (messages/conversation(s), sharegpt from/value, alpaca,
 query/response aliases, system columns, `rejected_response`, `rejected_messages`, KTO `label`) and, unlike
 ms-swift, also `prompt`/`chosen`/`rejected` without any --columns mapping (TRL's and LLaMA-Factory's layout).
+
+What lives here: pure-Python checks and rewrites of one decoded row at a time. What must not: file or hub reading
+(`tunesmith.data.load`), tokenizers and chat templates (`tunesmith.data.encode`), torch (not imported at all).
 """
 from __future__ import annotations
 
@@ -64,15 +67,18 @@ class _Row:
         self.row, self.source, self.line, self.keys = row, source, line, _ci(row)
 
     def err(self, field: str, problem: str, fix: str = "") -> DataError:
+        """A DataError for `field` of this row (returned, not raised: callers `raise r.err(...)`)."""
         return DataError(self.source, self.line, field, problem, fix)
 
     def get(self, *names: str):
+        """(original key, value) of the first of `names` (lower-case) the row has, else (None, None)."""
         for n in names:
             if n in self.keys:
                 return self.keys[n], self.row[self.keys[n]]
         return None, None
 
     def has(self, name: str) -> bool:
+        """Whether the row has column `name` (lower-case) with a non-null value."""
         return name in self.keys and self.row[self.keys[name]] is not None
 
 
@@ -243,58 +249,67 @@ def _label(r: _Row) -> Optional[bool]:
                 "write \"label\": true or \"label\": false.")
 
 
-def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional[dict] = None,
-                  need_reply: bool = True) -> dict:
-    """Normalise one row of any supported format to the canonical record, or raise DataError saying why not."""
-    if not isinstance(row, dict):
-        raise DataError(source, line, "", f"expected a JSON object per row, got {type(row).__name__} ({_short(row)}).",
-                        "write one {\"messages\": [...]} object per line.")
-    r = _Row(_rename_columns(row, columns), source, line)
-    out: dict[str, Any] = {}
-    msg_key = next((r.keys[k] for k in MESSAGE_KEYS if k in r.keys), None)
-    rejected: Optional[list[dict]] = None
+def _chosen_and_rejected(r: _Row, prompt: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(prompt + chosen reply, prompt + rejected reply) from the row's `chosen`/`rejected` columns."""
+    messages = prompt + _reply(r, r.keys["chosen"], r.row[r.keys["chosen"]])
+    rejected = prompt + _reply(r, r.keys["rejected"], r.row[r.keys["rejected"]])
+    return messages, rejected
+
+
+def _preference_prompt(r: _Row) -> list[dict]:
+    """The prompt of a `prompt`/`chosen`/`rejected` row (TRL, LLaMA-Factory): a string or messages, plus system."""
+    pkey, prompt_v = r.get("prompt", "query", "question", "instruction", "input")
+    if prompt_v is None:
+        raise r.err("prompt", "is missing: a chosen/rejected row needs the prompt they answer.",
+                    "add \"prompt\": \"...\" (a string or a list of messages).")
+    if isinstance(prompt_v, str):
+        prompt = [{"role": "user", "content": prompt_v}]
+    else:
+        prompt = _normalise_messages(r, pkey, prompt_v)
+    return _prepend_system(r, prompt)
+
+
+def _query_and_reply(r: _Row) -> list[dict]:
+    """Messages of an alpaca (instruction/input/output) or query/response row, after its `history` and system."""
+    if "instruction" in r.keys and "input" in r.keys:  # alpaca
+        ins = _as_text(r, r.keys["instruction"], r.row[r.keys["instruction"]] or "")
+        inp = _as_text(r, r.keys["input"], r.row[r.keys["input"]] or "")
+        qkey, query = r.keys["instruction"], "\n".join(x for x in (ins, inp) if x)
+    else:
+        qkey, query = r.get(*QUERY_KEYS)
+        if query is not None:
+            query = _as_text(r, qkey, query)
+    rkey, resp = r.get(*[k for k in RESPONSE_KEYS if k != (qkey or "").lower()])
+    if isinstance(resp, list) and resp and all(isinstance(x, str) for x in resp):
+        resp = resp[0]  # ms-swift: a list of answers trains on the first
+    if query is None and resp is None:
+        known = ", ".join(sorted(MESSAGE_KEYS + ("instruction/input/output", "query/response",
+                                                 "prompt/chosen/rejected")))
+        raise r.err("", f"no known format: columns are {', '.join(map(str, r.row)) or 'none'}.",
+                    f"use one of: {known}; or map your columns with --columns '{{\"yours\": \"query\"}}'.")
+    messages = _history(r)
+    if query is not None:
+        messages.append({"role": "user", "content": query})
+    if resp is not None:
+        messages.append({"role": "assistant", "content": _as_text(r, rkey, resp, allow_empty=False)})
+    return _prepend_system(r, messages)
+
+
+def _conversation(r: _Row, msg_key: Optional[str]) -> tuple[list[dict], Optional[list[dict]]]:
+    """(messages, rejected messages or None) from whichever layout the row uses."""
     if msg_key is not None and r.has("chosen") and r.has("rejected"):
         # sharegpt preference (LLaMA-Factory): conversations = prompt, chosen/rejected = reply messages
-        prompt = _prepend_system(r, _normalise_messages(r, msg_key, r.row[msg_key]))
-        messages = prompt + _reply(r, r.keys["chosen"], r.row[r.keys["chosen"]])
-        rejected = prompt + _reply(r, r.keys["rejected"], r.row[r.keys["rejected"]])
-    elif msg_key is not None:
-        messages = _prepend_system(r, _normalise_messages(r, msg_key, r.row[msg_key]))
-    elif r.has("chosen") and r.has("rejected"):
-        pkey, prompt_v = r.get("prompt", "query", "question", "instruction", "input")
-        if prompt_v is None:
-            raise r.err("prompt", "is missing: a chosen/rejected row needs the prompt they answer.",
-                        "add \"prompt\": \"...\" (a string or a list of messages).")
-        if isinstance(prompt_v, str):
-            prompt = [{"role": "user", "content": prompt_v}]
-        else:
-            prompt = _normalise_messages(r, pkey, prompt_v)
-        prompt = _prepend_system(r, prompt)
-        messages = prompt + _reply(r, r.keys["chosen"], r.row[r.keys["chosen"]])
-        rejected = prompt + _reply(r, r.keys["rejected"], r.row[r.keys["rejected"]])
-    else:
-        if "instruction" in r.keys and "input" in r.keys:  # alpaca
-            ins = _as_text(r, r.keys["instruction"], r.row[r.keys["instruction"]] or "")
-            inp = _as_text(r, r.keys["input"], r.row[r.keys["input"]] or "")
-            qkey, query = r.keys["instruction"], "\n".join(x for x in (ins, inp) if x)
-        else:
-            qkey, query = r.get(*QUERY_KEYS)
-            if query is not None:
-                query = _as_text(r, qkey, query)
-        rkey, resp = r.get(*[k for k in RESPONSE_KEYS if k != (qkey or "").lower()])
-        if isinstance(resp, list) and resp and all(isinstance(x, str) for x in resp):
-            resp = resp[0]  # ms-swift: a list of answers trains on the first
-        if query is None and resp is None:
-            known = ", ".join(sorted(MESSAGE_KEYS + ("instruction/input/output", "query/response",
-                                                     "prompt/chosen/rejected")))
-            raise r.err("", f"no known format: columns are {', '.join(map(str, r.row)) or 'none'}.",
-                        f"use one of: {known}; or map your columns with --columns '{{\"yours\": \"query\"}}'.")
-        messages = _history(r)
-        if query is not None:
-            messages.append({"role": "user", "content": query})
-        if resp is not None:
-            messages.append({"role": "assistant", "content": _as_text(r, rkey, resp, allow_empty=False)})
-        messages = _prepend_system(r, messages)
+        return _chosen_and_rejected(r, _prepend_system(r, _normalise_messages(r, msg_key, r.row[msg_key])))
+    if msg_key is not None:
+        return _prepend_system(r, _normalise_messages(r, msg_key, r.row[msg_key])), None
+    if r.has("chosen") and r.has("rejected"):
+        return _chosen_and_rejected(r, _preference_prompt(r))
+    return _query_and_reply(r), None
+
+
+def _rejected_columns(r: _Row, messages: list[dict], rejected: Optional[list[dict]]) -> Optional[list[dict]]:
+    """`rejected` unless already set, else from ms-swift's `rejected_response` (the reply to the last user turn)
+    or `rejected_messages` (a whole conversation) column; None when the row has neither."""
     key, rej = r.get("rejected_response")
     if rej is not None and rejected is None:
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
@@ -302,6 +317,41 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
     key, rej_msgs = r.get("rejected_messages")
     if rej_msgs is not None and rejected is None:
         rejected = _prepend_system(r, _normalise_messages(r, key, rej_msgs))
+    return rejected
+
+
+def _tools(r: _Row, key: str, tools: Any) -> Any:
+    """The `tools` column, decoded from JSON when it is a string."""
+    if isinstance(tools, str):
+        try:
+            import json
+            tools = json.loads(tools)
+        except ValueError:
+            raise r.err(key, "is a string that is not JSON.", "write the tools as a JSON list.") from None
+    return tools
+
+
+def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional[dict] = None,
+                  need_reply: bool = True) -> dict:
+    """Normalise one row of any supported format to the canonical record, or raise DataError saying why not.
+
+    row: one decoded JSON object (a dict); source, line: where it came from (file and 1-based line, or row number),
+    quoted in errors. columns: renames {"their column": "ours"}, matched case-insensitively. need_reply: the
+    conversation must end with an assistant reply (False for `tunesmith infer`, which generates it).
+    Returns the canonical record (see the module docstring): "messages", plus "rejected_messages", "label", "tools"
+    when present.
+    Raises:
+        DataError: not a dict, no known format, a malformed field, bad message order, or a rejected reply
+            identical to the chosen one (the message names the field and the fix).
+    """
+    if not isinstance(row, dict):
+        raise DataError(source, line, "", f"expected a JSON object per row, got {type(row).__name__} ({_short(row)}).",
+                        "write one {\"messages\": [...]} object per line.")
+    r = _Row(_rename_columns(row, columns), source, line)
+    out: dict[str, Any] = {}
+    msg_key = next((r.keys[k] for k in MESSAGE_KEYS if k in r.keys), None)
+    messages, rejected = _conversation(r, msg_key)
+    rejected = _rejected_columns(r, messages, rejected)
     field = msg_key or "messages"
     messages = _check_structure(r, field, messages, need_reply)
     out["messages"] = messages
@@ -316,13 +366,7 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
         out["label"] = label
     key, tools = r.get("tools")
     if tools:
-        if isinstance(tools, str):
-            try:
-                import json
-                tools = json.loads(tools)
-            except ValueError:
-                raise r.err(key, "is a string that is not JSON.", "write the tools as a JSON list.") from None
-        out["tools"] = tools
+        out["tools"] = _tools(r, key, tools)
     return out
 
 
@@ -331,14 +375,17 @@ _FORMAT_COLUMNS = {k.lower() for k in MESSAGE_KEYS + QUERY_KEYS + RESPONSE_KEYS 
 
 
 def extra_columns(row: Any, columns: Optional[dict] = None) -> dict:
-    """The row's columns that no format reads (ids, metadata, …): `tunesmith infer` writes them back unchanged."""
+    """The row's columns that no format reads (ids, metadata, …): `tunesmith infer` writes them back unchanged.
+
+    row: a decoded row (anything else gives {}); columns: the same --columns renames as normalise_row.
+    Returns {column name (after renames): value}."""
     if not isinstance(row, dict):
         return {}
     return {k: v for k, v in _rename_columns(row, columns).items() if str(k).lower() not in _FORMAT_COLUMNS}
 
 
 def row_kind(record: dict) -> str:
-    """sft, preference or kto."""
+    """The training kind of a canonical record: "preference" (has rejected_messages), "kto" (has label) or "sft"."""
     if "rejected_messages" in record:
         return "preference"
     if "label" in record:

@@ -5,6 +5,10 @@ Local JSON/JSONL/CSV/TXT are read here rather than through `datasets` because ev
 from: a bad row is reported as file:line, and `datasets`' json loader also refuses rows whose schemas differ
 (common in chat data, where some messages carry `loss` or `reasoning_content`). Parquet and hub data go through
 `datasets` (row numbers are reported instead of lines).
+
+What lives here: reading rows and handing each to `formats.normalise_row`. What must not: format rules
+(`tunesmith.data.formats`), tokenisation (`tunesmith.data.encode`), shuffling (the trainer's job). No torch import;
+pyarrow, `datasets` and modelscope are imported only when parquet or hub data is read.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 @dataclass
 class RawRow:
+    """One row as read, before normalisation: the decoded object and where it came from."""
     row: Any
     source: str
     line: Optional[int]  # 1-based line in the file, or row number for parquet/hub data
@@ -30,6 +35,7 @@ class RawRow:
 
 @dataclass
 class LoadResult:
+    """Canonical records with their (source, line) each, and how many bad rows were dropped (non-strict loads)."""
     records: list[dict]
     sources: list[tuple[str, Optional[int]]]
     dropped: int = 0
@@ -40,7 +46,10 @@ class LoadResult:
 
 
 def parse_spec(spec: str) -> tuple[str, Optional[str], Optional[int]]:
-    """`[hf::|ms::]path_or_id[:subset][#N]` -> (path_or_id, hub prefix, N)."""
+    """`[hf::|ms::]path_or_id[:subset][#N]` -> (path_or_id, hub prefix, N).
+
+    path_or_id keeps any `:subset`; hub prefix is "hf", "ms" or None; N (rows to sample) is None without a numeric
+    `#N` suffix (a non-numeric `#...` stays part of the path). Never raises."""
     hub = None
     if spec.startswith(("hf::", "ms::")):
         hub, spec = spec[:2], spec[4:]
@@ -91,6 +100,7 @@ def _read_json(path: str) -> Iterator[RawRow]:
     n = len(text)
 
     def skip_ws(p):
+        """The first offset at or after p that is not JSON whitespace."""
         while p < n and text[p] in " \t\r\n":
             p += 1
         return p
@@ -192,7 +202,12 @@ def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Option
               errors: Optional[list] = None) -> list[RawRow]:
     """Rows of one --dataset entry, with `#N` sampling applied (without replacement below the size, else repeated).
 
-    With `errors`, broken JSON lines of .jsonl files are collected there instead of stopping the read."""
+    With `errors`, broken JSON lines of .jsonl files are collected there instead of stopping the read.
+    seed: the `#N` sampling seed; use_hf, hub_token: for hub ids (ModelScope by default, unless USE_HF=1).
+    Returns the rows in file order (sampled rows keep their order).
+    Raises:
+        DataError: file not found, unsupported file type, a folder without data files, broken JSON, or no rows.
+        Hub ids: whatever `datasets.load_dataset` / `MsDataset.load` raise (not found, no access, no network)."""
     path, hub, n = parse_spec(spec)
     if hub is None and (os.path.exists(path) or path.lower().endswith(LOCAL_SUFFIXES) or path.startswith((".", "/"))):
         if not os.path.exists(path):
@@ -218,7 +233,10 @@ def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Option
 def normalise_rows(raw: Iterable[RawRow], strict: bool = True, columns: Optional[dict] = None,
                    need_reply: bool = True, max_reasons: int = 5, keep_columns: bool = False) -> LoadResult:
     """Normalise every row. strict: the first bad row raises. Otherwise bad rows are dropped and counted.
-    keep_columns: each record also carries "columns", the row's other columns (see formats.extra_columns)."""
+    keep_columns: each record also carries "columns", the row's other columns (see formats.extra_columns).
+
+    columns, need_reply: as formats.normalise_row. max_reasons: how many drop messages to keep in `reasons`.
+    Raises DataError (strict only): the first row that does not normalise."""
     result = LoadResult([], [])
     for rr in raw:
         try:
@@ -241,7 +259,11 @@ def load_datasets(specs: list[str], *, strict: bool = True, columns: Optional[di
                   need_reply: bool = True, use_hf: bool = False, hub_token: Optional[str] = None,
                   what: str = "--dataset", keep_columns: bool = False) -> LoadResult:
     """Load and normalise several dataset specs into one list (in order; shuffling is the trainer's job).
-    keep_columns: records carry the rows' other columns under "columns" (for `tunesmith infer`)."""
+    keep_columns: records carry the rows' other columns under "columns" (for `tunesmith infer`).
+
+    specs: --dataset entries (see read_spec); what: the flag named in errors. Other arguments as read_spec and
+    normalise_rows.
+    Raises DataError: any read error (read_spec), the first bad row when strict, or no usable rows at all."""
     raw: list[RawRow] = []
     for spec in specs:
         raw.extend(read_spec(spec, seed=seed, use_hf=use_hf, hub_token=hub_token))
@@ -255,7 +277,10 @@ def load_datasets(specs: list[str], *, strict: bool = True, columns: Optional[di
 
 
 def split_train_val(result: LoadResult, ratio: float, seed: int) -> tuple[LoadResult, LoadResult]:
-    """Split off max(int(n * ratio), 1) validation rows, seeded (ms-swift's rule)."""
+    """Split off max(int(n * ratio), 1) validation rows, seeded (ms-swift's rule).
+
+    ratio: validation fraction (0-1). Returns (train, val), each in the original order; `dropped`/`reasons` are not
+    carried over. Raises DataError when the split would leave no training rows."""
     n = len(result.records)
     n_val = max(int(n * ratio), 1)
     if n_val >= n:
@@ -270,7 +295,10 @@ def split_train_val(result: LoadResult, ratio: float, seed: int) -> tuple[LoadRe
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
-    """Write records atomically (temp file, then rename): a crash never leaves half a file."""
+    """Write records atomically (temp file, then rename): a crash never leaves half a file.
+
+    One JSON object per line, UTF-8, non-ASCII kept as is; parent folders are created. Raises OSError (and
+    TypeError for a record that is not JSON-serialisable)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:

@@ -42,6 +42,7 @@ def init_process_group() -> None:
 
 
 def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -110,11 +111,13 @@ def _load_preset(name: str) -> dict:
     return json.loads(text)
 
 
-def deepspeed_config(args, world: int, dtype) -> Optional[dict]:
-    """--deepspeed as a preset name, a JSON file or a JSON string, with every "auto" filled from our arguments."""
+def deepspeed_config(spec, optim, world: int, dtype) -> Optional[dict]:
+    """--deepspeed (`spec`: a preset name, a JSON file or a JSON string, or a dict) with every "auto" filled from
+    the optimisation slice (micro-batch, accumulation, clipping) and the model's dtype; None without --deepspeed.
+    Raises ConfigError for a value that is none of these, invalid JSON, an optimizer/scheduler section, or values
+    that contradict the flags."""
     import torch
 
-    spec = args.deepspeed
     if not spec:
         return None
     if isinstance(spec, dict):
@@ -137,10 +140,10 @@ def deepspeed_config(args, world: int, dtype) -> Optional[dict]:
                           f"JSON string")
     bf16, fp16 = dtype == torch.bfloat16, dtype == torch.float16
     filled = {
-        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
-        "gradient_clipping": args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else 0.0,
+        "train_micro_batch_size_per_gpu": optim.per_device_train_batch_size,
+        "gradient_accumulation_steps": optim.gradient_accumulation_steps,
+        "train_batch_size": optim.per_device_train_batch_size * optim.gradient_accumulation_steps * world,
+        "gradient_clipping": optim.max_grad_norm if optim.max_grad_norm and optim.max_grad_norm > 0 else 0.0,
     }
     for k, v in filled.items():
         if cfg.get(k, "auto") == "auto":
@@ -190,9 +193,10 @@ class Parallelism:
         return self.rank == 0
 
 
-def make_accelerator(args, model):
-    """(Accelerator, Parallelism): DeepSpeed when --deepspeed is given, DDP under torchrun, else one process.
-    Raises ConfigError for a bad --deepspeed value or when DeepSpeed is not installed."""
+def make_accelerator(dist, optim, model):
+    """(Accelerator, Parallelism) from the distributed and optimisation slices: DeepSpeed when --deepspeed is
+    given, DDP under torchrun, else one process. Raises ConfigError for a bad --deepspeed value or when DeepSpeed is
+    not installed."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -202,7 +206,7 @@ def make_accelerator(args, model):
     dtype = next(p.dtype for p in model.parameters())
     # autocast on GPUs only; on CPU the model computes in the dtype it was loaded in (--torch_dtype)
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if gpu else "no"
-    cfg = deepspeed_config(args, world, dtype)
+    cfg = deepspeed_config(dist.deepspeed, optim, world, dtype)
     if cfg is not None:
         try:
             import deepspeed  # noqa: F401  (imported here so a missing install is one clear message)
@@ -211,7 +215,7 @@ def make_accelerator(args, model):
         from accelerate.utils import DeepSpeedPlugin
 
         acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg), mixed_precision=mixed,
-                          gradient_accumulation_steps=args.gradient_accumulation_steps)
+                          gradient_accumulation_steps=optim.gradient_accumulation_steps)
         # accelerate's process_index is not reliable for DeepSpeed on CPU; the process group is the truth
         return acc, Parallelism("deepspeed", world_size(), rank())
     # MoE layers leave experts unused in some batches; DDP must be told or it waits for their gradients

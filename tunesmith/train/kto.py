@@ -1,5 +1,5 @@
-"""`tunesmith rlhf --rlhf_type kto`: KTO (Ethayarajh et al. 2024, arXiv:2402.01306) on single replies labelled
-desirable or undesirable (`"label": true/false`; a preference pair is split into one of each).
+"""The KTO method (`tunesmith rlhf --rlhf_type kto`): KTO (Ethayarajh et al. 2024, arXiv:2402.01306) on single
+replies labelled desirable or undesirable (`"label": true/false`; a preference pair is split into one of each).
 
 Per batch of B examples, following TRL's KTOTrainer:
 1. Reference log-probs (no gradient) of the B real sequences and of B mismatched ones — each prompt followed by the
@@ -11,17 +11,19 @@ Per batch of B examples, following TRL's KTOTrainer:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
-from tunesmith.args import RLHFArguments
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE, Encoded
-from tunesmith.errors import ConfigError
-from tunesmith.model import note
+from tunesmith.data.load import LoadResult
+from tunesmith.errors import DataError
+from tunesmith.log import note
 from tunesmith.train import loop
-from tunesmith.train.preference import finalise_preference_args
-from tunesmith.train.reference import Reference, disable_dropout, sequence_logps, setup_reference
-from tunesmith.train.setup import finalise_args, finish_run, prepare_data, prepare_model, save_model_fn, start_run
+from tunesmith.train.pairs import preference_flags
+from tunesmith.train.reference import Reference, disable_dropout, sequence_logps
+from tunesmith.train.setup import Batches
 
 
 def _first_trained(enc: Encoded) -> int:
@@ -29,7 +31,8 @@ def _first_trained(enc: Encoded) -> int:
 
 
 def kto_collate(rows: list[tuple[Encoded, bool]], pad_id: int, padding_side: str = "right") -> dict:
-    """[real_1..B, mismatched_1..B]: mismatched_i is prompt_i + the completion of example i−1 (TRL's KL pairs)."""
+    """[real_1..B, mismatched_1..B] padded into `input_ids`/`labels`/`attention_mask` [2B, T]: mismatched_i is
+    prompt_i + the completion of example i−1 (TRL's KL pairs); `desirable` [B] bool, `n_examples` B."""
     import torch
 
     encs = [e for e, _ in rows]
@@ -51,73 +54,117 @@ def _half(batch: dict, lo: int, hi: int) -> dict:
     return {k: batch[k][lo:hi] for k in ("input_ids", "attention_mask", "labels")}
 
 
-def kto_objective(args, reference: Reference) -> loop.Objective:
+_STAT_KEYS = ("reward_good", "reward_bad", "n_good", "n_bad", "logps_good", "logps_bad", "kl")
+
+
+def kto_loss(method: "KTO", reference: Reference, model, batch: dict) -> tuple[dict, dict]:
+    """({"examples": summed per-example KTO loss (nats)}, summed statistics) for one batch from `kto_collate`."""
     import torch
 
     from tunesmith.train import losses as L
 
-    beta = args.beta
-
-    def loss(model, batch):
-        n = batch["n_examples"]
-        desirable = batch["desirable"]
-        ref = reference.logps(model, batch).float()
-        with torch.no_grad():
-            kl_policy = sequence_logps(model, _half(batch, n, 2 * n)).logps
-        kl = (kl_policy.float() - ref[n:]).mean().clamp(min=0)
-        out = sequence_logps(model, _half(batch, 0, n))
-        logratio = out.logps - ref[:n]
-        per_example = L.kto(logratio, desirable, kl, beta, args.desirable_weight, args.undesirable_weight)
-        rewards = beta * logratio.detach()
-        good, bad = desirable.float(), (~desirable).float()
-        vals = torch.stack([x.float() for x in (
-            (rewards * good).sum(), (rewards * bad).sum(), good.sum(), bad.sum(),
-            (out.logps.detach() * good).sum(), (out.logps.detach() * bad).sum(), kl)]).tolist()
-        keys = ("reward_good", "reward_bad", "n_good", "n_bad", "logps_good", "logps_bad", "kl")
-        return {"examples": per_example.sum()}, {"batches": 1, **dict(zip(keys, vals))}
-
-    def metrics(st: dict) -> dict:
-        g, b = max(st.get("n_good", 0), 1), max(st.get("n_bad", 0), 1)
-        m = {"rewards/chosen": st.get("reward_good", 0.0) / g, "rewards/rejected": st.get("reward_bad", 0.0) / b,
-             "logps/chosen": st.get("logps_good", 0.0) / g, "logps/rejected": st.get("logps_bad", 0.0) / b,
-             "kl": st.get("kl", 0.0) / max(st.get("batches", 0), 1)}
-        m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
-        return {k: round(v, 6) for k, v in m.items()}
-
-    return loop.Objective("kto", loss=loss, count=lambda b: {"examples": b["n_examples"]}, metrics=metrics)
+    n, desirable, beta = batch["n_examples"], batch["desirable"], method.beta
+    ref = reference.logps(model, batch).float()
+    with torch.no_grad():
+        kl_policy = sequence_logps(model, _half(batch, n, 2 * n)).logps
+    kl = (kl_policy.float() - ref[n:]).mean().clamp(min=0)
+    out = sequence_logps(model, _half(batch, 0, n))
+    logratio = out.logps - ref[:n]
+    per_example = L.kto(logratio, desirable, kl, beta, method.desirable_weight, method.undesirable_weight)
+    rewards = beta * logratio.detach()
+    good, bad = desirable.float(), (~desirable).float()
+    vals = torch.stack([x.float() for x in (
+        (rewards * good).sum(), (rewards * bad).sum(), good.sum(), bad.sum(),
+        (out.logps.detach() * good).sum(), (out.logps.detach() * bad).sum(), kl)]).tolist()
+    return {"examples": per_example.sum()}, {"batches": 1, **dict(zip(_STAT_KEYS, vals))}
 
 
-def main(args: RLHFArguments):
-    finalise_preference_args(args)
-    if args.packing or args.padding_free:
-        raise ConfigError("--packing/--padding_free are not supported for KTO yet (its KL pairs are built per batch); "
-                          "train KTO padded")
-    if args.per_device_train_batch_size < 2:
-        raise ConfigError("KTO estimates the KL term from the other examples of the same batch, so it needs "
-                          "--per_device_train_batch_size 2 or more (with 1 the KL term equals the reward itself)")
-    if args.precompute_ref_log_probs:
-        note("--precompute_ref_log_probs: KTO's mismatched pairs change with the batch; reference log-probs are "
-             "computed during training")
-    finalise_args(args, default_loss_scale="last_round")
-    prepared = prepare_data(args, kind="kto", default_loss_scale="last_round")
-    model, param_info = prepare_model(args, prepared.model_dir, prepared.tokenizer)
-    reference = setup_reference(args, model, prepared.tokenizer)
-    disable_dropout(model)
-    n_good = sum(1 for _, d in prepared.train_rows if d)
-    n_bad = len(prepared.train_rows) - n_good
-    if not n_good or not n_bad:
-        note(f"KTO data has {n_good} desirable and {n_bad} undesirable replies; it learns best from both")
-    collate = partial(kto_collate, pad_id=prepared.tokenizer.pad_token_id, padding_side=args.padding_side)
-    header = lambda d: (f"[tunesmith] rlhf kto: β={args.beta:g}, desirable_weight={args.desirable_weight:g}, "  # noqa: E731
-                        f"undesirable_weight={args.undesirable_weight:g}\n[tunesmith] reference: {reference.describe}\n"
-                        f"[tunesmith] {n_good} desirable and {n_bad} undesirable training replies, "
-                        f"{len(prepared.eval_rows)} validation replies; run directory {d}")
-    with start_run(args, prepared, param_info, header) as out:
-        state = loop.train(args=args, model=model, objective=kto_objective(args, reference),
-                           train_rows=prepared.train_rows, eval_rows=prepared.eval_rows, collate=collate,
-                           run_dir=out.run_dir, save_model=save_model_fn(prepared.tokenizer), trackers=out.trackers,
-                           args_extra=out.args_extra)
-    finish_run(state, out.run_dir, args.metric_for_best_model)
-    run_dir = out.run_dir
-    return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer,
-            "reference": reference}
+def kto_metrics(st: dict) -> dict:
+    """rewards/* and logps/* per desirable (chosen) or undesirable (rejected) example, the mean KL estimate."""
+    g, b = max(st.get("n_good", 0), 1), max(st.get("n_bad", 0), 1)
+    m = {"rewards/chosen": st.get("reward_good", 0.0) / g, "rewards/rejected": st.get("reward_bad", 0.0) / b,
+         "logps/chosen": st.get("logps_good", 0.0) / g, "logps/rejected": st.get("logps_bad", 0.0) / b,
+         "kl": st.get("kl", 0.0) / max(st.get("batches", 0), 1)}
+    m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
+    return {k: round(v, 6) for k, v in m.items()}
+
+
+def _count(batch: dict) -> dict:
+    return {"examples": batch["n_examples"]}
+
+
+def unpair(loaded: LoadResult) -> LoadResult:
+    """KTO learns from single replies labelled desirable or not: a labelled row stays, a preference pair becomes
+    its chosen reply (desirable) and its rejected reply (undesirable). Rows with neither are an error."""
+    records, sources = [], []
+    for rec, src in zip(loaded.records, loaded.sources):
+        if "label" in rec:
+            records.append({k: v for k, v in rec.items() if k != "rejected_messages"})
+            sources.append(src)
+        elif "rejected_messages" in rec:
+            records += [{"messages": rec["messages"], "label": True, "tools": rec.get("tools")},
+                        {"messages": rec["rejected_messages"], "label": False, "tools": rec.get("tools")}]
+            sources += [src, src]
+        else:
+            raise DataError(src[0], src[1], "label", "is missing: KTO needs each reply labelled desirable or not.",
+                            'add "label": true or false (or give chosen/rejected pairs).')
+    return LoadResult(records=records, sources=sources, dropped=loaded.dropped, reasons=loaded.reasons)
+
+
+
+@dataclass(frozen=True)
+class KTO:
+    """KTO on labelled single replies (pairs split), with a reference; the last assistant turn is trained."""
+    beta: float
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    ref_model: Optional[str] = None
+    ref_adapters: tuple = ()
+    name = "kto"
+    rows = "kto"
+    default_loss_scale = "last_round"
+    needs_reference = True
+
+    @classmethod
+    def from_args(cls, args, problems: list) -> "KTO":
+        """beta (default 0.1), the weights; padded batches of 2 or more (the KL term needs other examples)."""
+        beta, _ = preference_flags(args, problems, ("kto",), "kto")
+        if args.packing or args.padding_free:
+            problems.append("--packing/--padding_free are not supported for KTO yet (its KL pairs are built per "
+                            "batch); train KTO padded")
+        if args.per_device_train_batch_size < 2:
+            problems.append("KTO estimates the KL term from the other examples of the same batch, so it needs "
+                            "--per_device_train_batch_size 2 or more (with 1 the KL term equals the reward itself)")
+        if args.precompute_ref_log_probs:
+            note("--precompute_ref_log_probs: KTO's mismatched pairs change with the batch; reference log-probs are "
+                 "computed during training")
+        return cls(beta, args.desirable_weight, args.undesirable_weight, args.ref_model, tuple(args.ref_adapters))
+
+    def resolved_flags(self) -> dict:
+        """beta, the loss type kto, rpo_alpha cleared (DPO only), for args.json."""
+        return {"beta": self.beta, "loss_type": ["kto"], "rpo_alpha": None}
+
+    def shape_records(self, loaded: LoadResult) -> LoadResult:
+        """Labelled rows kept, pairs split into a desirable and an undesirable reply (`unpair`)."""
+        return unpair(loaded)
+
+    def batches(self, cfg, prepared, model, reference) -> Batches:
+        """Padded batches of real and mismatched sequences (`kto_collate`); dropout off."""
+        disable_dropout(model)
+        collate = partial(kto_collate, pad_id=prepared.tokenizer.pad_token_id, padding_side=cfg.data.padding_side)
+        return Batches(prepared.train_rows, prepared.eval_rows, collate, reference)
+
+    def objective(self, reference, cfg) -> loop.Objective:
+        """KTO's objective: mean loss per example, with the KL estimate from mismatched pairs."""
+        return loop.Objective("kto", loss=partial(kto_loss, self, reference), count=_count, metrics=kto_metrics)
+
+    def header(self, prepared, batches) -> str:
+        """The run's header lines (and a note when one side of the labels is missing)."""
+        n_good = sum(1 for _, d in prepared.train_rows if d)
+        n_bad = len(prepared.train_rows) - n_good
+        if not n_good or not n_bad:
+            note(f"KTO data has {n_good} desirable and {n_bad} undesirable replies; it learns best from both")
+        return (f"[tunesmith] rlhf kto: β={self.beta:g}, desirable_weight={self.desirable_weight:g}, "
+                f"undesirable_weight={self.undesirable_weight:g}\n[tunesmith] reference: "
+                f"{batches.reference.describe}\n[tunesmith] {n_good} desirable and {n_bad} undesirable training "
+                f"replies, {len(prepared.eval_rows)} validation replies")

@@ -103,7 +103,10 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, shuffle: bool) -> lis
     return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def build_optimizer(model, args, drop_empty_groups: bool = False):
+def build_optimizer(model, optim, drop_empty_groups: bool = False):
+    """AdamW (or SGD, or a bitsandbytes 8-bit/paged AdamW) over the trainable parameters (optimisation slice),
+    without weight decay on biases, norms and other 1-D parameters. Raises TunesmithError when nothing is
+    trainable or bitsandbytes is missing for an 8-bit optimiser."""
     import torch
 
     decay, no_decay = [], []
@@ -114,33 +117,35 @@ def build_optimizer(model, args, drop_empty_groups: bool = False):
     if not decay and not no_decay:
         raise TunesmithError("the model has no trainable parameters (check --train_type, --target_modules, "
                              "--target_regex); nothing would be learned")
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if drop_empty_groups:  # DeepSpeed drops them itself, and the schedule must see the same groups
         groups = [g for g in groups if g["params"]]
-    lr, betas, eps = args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon
-    optim = args.optim
-    if optim in ("adamw_torch", "adamw", "adamw_hf", "adamw_torch_fused"):
-        fused = optim == "adamw_torch_fused" and torch.cuda.is_available()
+    lr, betas, eps = optim.learning_rate, (optim.adam_beta1, optim.adam_beta2), optim.adam_epsilon
+    name = optim.optim
+    if name in ("adamw_torch", "adamw", "adamw_hf", "adamw_torch_fused"):
+        fused = name == "adamw_torch_fused" and torch.cuda.is_available()
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-    if optim == "sgd":
+    if name == "sgd":
         return torch.optim.SGD(groups, lr=lr)
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise TunesmithError(f"--optim {optim} needs bitsandbytes: pip install 'tunesmith[qlora]'") from None
+        raise TunesmithError(f"--optim {name} needs bitsandbytes: pip install 'tunesmith[qlora]'") from None
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "adamw_bnb_8bit": bnb.optim.AdamW8bit,
-           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[optim]
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
     return cls(groups, lr=lr, betas=betas, eps=eps)
 
 
-def build_scheduler(optimizer, args, total_steps: int):
+def build_scheduler(optimizer, optim, total_steps: int):
+    """transformers' schedule --lr_scheduler_type over `total_steps` optimiser steps, warming up for --warmup_steps
+    (or --warmup_ratio of the steps, rounded up)."""
     from transformers import get_scheduler
 
-    warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
-    kwargs = dict(args.lr_scheduler_kwargs or {})
-    if args.lr_scheduler_type == "cosine_with_min_lr" and not kwargs:
+    warmup = optim.warmup_steps if optim.warmup_steps > 0 else math.ceil(optim.warmup_ratio * total_steps)
+    kwargs = dict(optim.lr_scheduler_kwargs or {})
+    if optim.lr_scheduler_type == "cosine_with_min_lr" and not kwargs:
         kwargs = {"min_lr_rate": 0.1}
-    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+    return get_scheduler(optim.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
                          scheduler_specific_kwargs=kwargs or None)
 
 
@@ -166,6 +171,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def memory_gib() -> float:
+    """Peak memory in GiB: CUDA reserved memory on a GPU, else the process's peak RSS."""
     import torch
 
     if torch.cuda.is_available():
@@ -212,7 +218,10 @@ def load_model_weights(model, ckpt: str) -> None:
 @dataclass(frozen=True)
 class Run:
     """What every step of one training run shares, built once by `prepare_run` and never changed after."""
-    args: Any
+    optim: Any             # config.OptimConfig
+    output: Any            # config.OutputConfig
+    shuffle: bool          # --dataset_shuffle
+    args: Any              # the whole resolved command, written as args.json into each checkpoint
     model: Any             # as accelerate prepared it: plain, DDP-wrapped or a DeepSpeed engine
     optimizer: Any
     scheduler: Any
@@ -231,6 +240,7 @@ class Run:
 
     @property
     def deepspeed(self) -> bool:
+        """Whether DeepSpeed wraps the model (it steps, clips and saves its own optimiser shards)."""
         return self.par.kind == "deepspeed"
 
 
@@ -255,13 +265,15 @@ class Window:
     t0: float = field(default_factory=time.time)
 
 
-def train(*, args, model, objective: Objective, train_rows: list, eval_rows: list, collate: Callable,
+def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list, collate: Callable,
           run_dir: str, save_model: Callable[[Any, str], None], trackers,
           args_extra: Optional[dict] = None) -> TrainState:
-    """Run training to the end; return the final state. Evaluation runs the same objective on `eval_rows`.
-    Raises TrainingDiverged when the loss is not finite (before the update: the weights are not touched)."""
-    run, state = prepare_run(args, model, objective, train_rows, eval_rows, collate, run_dir, save_model, trackers,
+    """Run training to the end (cfg: config.TrainConfig; the loop reads its optimisation, output and distributed
+    slices); return the final state. Evaluation runs the same objective on `eval_rows`. Raises TrainingDiverged
+    when the loss is not finite (before the update: the weights are not touched)."""
+    run, state = prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, save_model, trackers,
                              args_extra)
+    output = run.output
     start, start_step, total_tokens = time.time(), state.global_step, 0
     window = Window()
     bar = _progress_bar(run, state)
@@ -276,12 +288,12 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
             total_tokens += result.tokens
             _accumulate(window, result)
             bar.update(1)
-            if log_due(args, state):
+            if log_due(output, state):
                 log_record(run, state, window, result.grad_norm, start, start_step, bar)
                 window = Window()
             if eval_due(run, state):
                 evaluate(run, state)
-            if save_due(args, state):
+            if save_due(output, state):
                 save_checkpoint(run, state)
         if state.batches_done >= run.n_batches:
             end_epoch(run, state)
@@ -289,47 +301,50 @@ def train(*, args, model, objective: Objective, train_rows: list, eval_rows: lis
     return summarise(run, state, total_tokens, time.time() - start)
 
 
-def prepare_run(args, model, objective, train_rows, eval_rows, collate, run_dir, save_model, trackers,
+def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, save_model, trackers,
                 args_extra) -> tuple[Run, TrainState]:
     """The optimiser, the schedule, the distributed wrapping and, with --resume_from_checkpoint, the restored
     weights, optimiser, schedule, RNG and data position. Raises TunesmithError when the rows cannot give every
     process a batch, or the model has nothing to train."""
     from tunesmith.train import distributed as D
 
-    accelerator, par = D.make_accelerator(args, model)
-    bs, gas, world = args.per_device_train_batch_size, args.gradient_accumulation_steps, par.world
+    optim, output = cfg.optim, cfg.output
+    accelerator, par = D.make_accelerator(cfg.dist, optim, model)
+    bs, gas, world = optim.per_device_train_batch_size, optim.gradient_accumulation_steps, par.world
     n_batches = len(D.rank_batches(epoch_batches(len(train_rows), bs * world, 0, False), world, par.rank)[0])
     if n_batches == 0:
         raise TunesmithError(f"{len(train_rows)} training rows cannot give each of {world} processes a batch")
     steps_per_epoch = math.ceil(n_batches / gas)
-    total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+    total_steps = optim.max_steps if optim.max_steps > 0 \
+        else max(1, math.ceil(optim.num_train_epochs * steps_per_epoch))
     ds = par.kind == "deepspeed"
-    optimizer = build_optimizer(model, args, drop_empty_groups=ds)
-    scheduler = build_scheduler(optimizer, args, total_steps)
+    optimizer = build_optimizer(model, optim, drop_empty_groups=ds)
+    scheduler = build_scheduler(optimizer, optim, total_steps)
     state = TrainState(total_steps=total_steps)
-    if args.resume_from_checkpoint:
-        restore(args, model, optimizer, scheduler, state, deepspeed=ds, main=par.main)
+    if output.resume_from_checkpoint:
+        restore(output, model, optimizer, scheduler, state, deepspeed=ds, main=par.main)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ds and args.resume_from_checkpoint and not args.resume_only_model:
-        model.load_checkpoint(args.resume_from_checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False,
+    if ds and output.resume_from_checkpoint and not output.resume_only_model:
+        model.load_checkpoint(output.resume_from_checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    run = Run(args, model, optimizer, scheduler, accelerator, par, objective, train_rows, eval_rows, collate,
-              run_dir, save_model, trackers, args_extra, n_batches, params)
+    run = Run(optim, output, cfg.data.dataset_shuffle, cfg.args, model, optimizer, scheduler, accelerator, par,
+              objective, train_rows, eval_rows, collate, run_dir, save_model, trackers, args_extra, n_batches, params)
     return run, state
 
 
-def restore(args, model, optimizer, scheduler, state: TrainState, deepspeed: bool, main: bool) -> None:
-    """Load a checkpoint into the unwrapped model and the optimiser/schedule/RNG (DeepSpeed restores its own
-    partitioned optimiser after prepare), and the data position unless --ignore_data_skip."""
+def restore(output, model, optimizer, scheduler, state: TrainState, deepspeed: bool, main: bool) -> None:
+    """Load --resume_from_checkpoint (output slice) into the unwrapped model and the optimiser/schedule/RNG
+    (DeepSpeed restores its own partitioned optimiser after prepare), and the data position unless
+    --ignore_data_skip; with --resume_only_model the weights only."""
     import torch
 
-    ckpt = args.resume_from_checkpoint
+    ckpt = output.resume_from_checkpoint
     with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
         saved = json.load(fh)
     load_model_weights(model, ckpt)
-    if not args.resume_only_model:
+    if not output.resume_only_model:
         if not deepspeed:
             optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu",
                                                  weights_only=False))
@@ -338,14 +353,14 @@ def restore(args, model, optimizer, scheduler, state: TrainState, deepspeed: boo
         state.global_step = saved["global_step"]
         state.best_metric, state.best_step = saved.get("best_metric"), saved.get("best_step")
         state.best_model_checkpoint = saved.get("best_model_checkpoint")
-    if not args.ignore_data_skip:
+    if not output.ignore_data_skip:
         state.epoch, state.batches_done = saved["epoch"], saved["batches_done"]
-        if args.resume_only_model:
+        if output.resume_only_model:
             state.global_step = saved["global_step"]
     if main:
         print(f"[tunesmith] resumed from {ckpt} at step {saved['global_step']} "
-              f"({'weights only' if args.resume_only_model else 'weights, optimiser, scheduler, RNG'}"
-              f"{'' if args.ignore_data_skip else ', data position'})", file=sys.stderr)
+              f"({'weights only' if output.resume_only_model else 'weights, optimiser, scheduler, RNG'}"
+              f"{'' if output.ignore_data_skip else ', data position'})", file=sys.stderr)
 
 
 def step_batches(run: Run, state: TrainState):
@@ -356,20 +371,20 @@ def step_batches(run: Run, state: TrainState):
 
     from tunesmith.train import distributed as D
 
-    args, par = run.args, run.par
-    batches, dropped = D.rank_batches(epoch_batches(len(run.train_rows), args.per_device_train_batch_size * par.world,
-                                                    args.seed + state.epoch, args.dataset_shuffle),
+    optim, par = run.optim, run.par
+    batches, dropped = D.rank_batches(epoch_batches(len(run.train_rows), optim.per_device_train_batch_size * par.world,
+                                                    optim.seed + state.epoch, run.shuffle),
                                       par.world, par.rank)
     if dropped and state.epoch == 0 and par.main:
         print(f"[tunesmith] {dropped} row(s) of the last batch of each epoch are skipped: fewer rows than the "
               f"{par.world} processes", file=sys.stderr)
     loader = DataLoader(batches[state.batches_done:], batch_size=None,
                         collate_fn=_Collate(run.train_rows, run.collate),
-                        num_workers=args.dataloader_num_workers or 0,
-                        generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available())
+                        num_workers=optim.dataloader_num_workers or 0,
+                        generator=torch.Generator().manual_seed(optim.seed), pin_memory=torch.cuda.is_available())
     it = iter(loader)
     while state.global_step < state.total_steps:
-        micro = list(islice(it, args.gradient_accumulation_steps))
+        micro = list(islice(it, optim.gradient_accumulation_steps))
         if not micro:
             return
         yield [_to_device(b, run.accelerator.device) for b in micro]
@@ -418,8 +433,8 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
         model.step()
         grad_norm = float(model.get_global_grad_norm() or 0.0)
     else:
-        if run.args.max_grad_norm and run.args.max_grad_norm > 0:
-            grad_norm = float(run.accelerator.clip_grad_norm_(run.params, run.args.max_grad_norm))
+        if run.optim.max_grad_norm and run.optim.max_grad_norm > 0:
+            grad_norm = float(run.accelerator.clip_grad_norm_(run.params, run.optim.max_grad_norm))
         else:
             grad_norm = float(torch.norm(torch.stack([p.grad.detach().float().norm() for p in run.params
                                                        if p.grad is not None])))
@@ -430,6 +445,7 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
 
 
 def diverged(loss: float, state: TrainState) -> TrainingDiverged:
+    """The error for a non-finite loss at the coming step, naming the last checkpoint saved."""
     last = state.last_model_checkpoint or "none (no checkpoint was saved yet)"
     return TrainingDiverged(
         f"the loss became {loss} at step {state.global_step + 1}; training stopped before the update, so no weights "
@@ -444,25 +460,29 @@ def _accumulate(window: Window, result: StepResult) -> None:
     _add(window.stats, result.stats)
 
 
-def log_due(args, state: TrainState) -> bool:
+def log_due(output, state: TrainState) -> bool:
+    """A log record is due every --logging_steps optimiser steps, at step 1 (--logging_first_step) and at the end."""
     step = state.global_step
-    return step % max(args.logging_steps, 1) == 0 or (step == 1 and args.logging_first_step) \
+    return step % max(output.logging_steps, 1) == 0 or (step == 1 and output.logging_first_step) \
         or step == state.total_steps
 
 
 def eval_due(run: Run, state: TrainState) -> bool:
-    args = run.args
-    if not run.eval_rows or args.eval_strategy == "no":
+    """Evaluation is due every --eval_steps (eval_strategy steps) and at the last step, when there are eval rows."""
+    output = run.output
+    if not run.eval_rows or output.eval_strategy == "no":
         return False
     step = state.global_step
-    return (args.eval_strategy == "steps" and step % args.eval_steps == 0) or step == state.total_steps
+    return (output.eval_strategy == "steps" and step % output.eval_steps == 0) or step == state.total_steps
 
 
-def save_due(args, state: TrainState) -> bool:
+def save_due(output, state: TrainState) -> bool:
+    """A checkpoint is due every --save_steps (steps), when the best metric improved (best), and at the last step
+    unless --save_strategy no; epoch saves happen in `end_epoch`."""
     step, last_step = state.global_step, state.global_step == state.total_steps
-    if args.save_strategy in ("steps", "best") and (step % args.save_steps == 0 or last_step) \
-            or args.save_strategy == "epoch" and last_step:
-        return args.save_strategy != "best" or state.best_step == step or last_step
+    if output.save_strategy in ("steps", "best") and (step % output.save_steps == 0 or last_step) \
+            or output.save_strategy == "epoch" and last_step:
+        return output.save_strategy != "best" or state.best_step == step or last_step
     return False
 
 
@@ -496,17 +516,17 @@ def evaluate(run: Run, state: TrainState) -> dict:
     """eval_* on the validation rows with the training objective; updates the best metric; logs the record."""
     import torch
 
-    args, model = run.args, run.model
+    output, model = run.output, run.model
     model.eval()
     with torch.no_grad():
         metrics = evaluate_objective(run.accelerator.unwrap_model(model), run.objective, run.eval_rows, run.collate,
-                                     args.per_device_eval_batch_size)
+                                     run.optim.per_device_eval_batch_size)
     model.train()
-    if args.metric_for_best_model:
-        key = args.metric_for_best_model if args.metric_for_best_model.startswith("eval_") \
-            else f"eval_{args.metric_for_best_model}"
+    if output.metric_for_best_model:
+        key = output.metric_for_best_model if output.metric_for_best_model.startswith("eval_") \
+            else f"eval_{output.metric_for_best_model}"
         value = metrics.get(key)
-        greater = args.greater_is_better if args.greater_is_better is not None else not key.endswith("loss")
+        greater = output.greater_is_better if output.greater_is_better is not None else not key.endswith("loss")
         if value is not None and (state.best_metric is None or
                                   (value > state.best_metric if greater else value < state.best_metric)):
             state.best_metric, state.best_step = value, state.global_step
@@ -526,7 +546,7 @@ def save_checkpoint(run: Run, state: TrainState) -> str:
     full_state = None
     shards = os.path.join(run.run_dir, f".tmp-deepspeed-{state.global_step}")
     if run.deepspeed:
-        if not run.args.save_only_model:
+        if not run.output.save_only_model:
             run.model.save_checkpoint(shards, tag=DEEPSPEED_TAG)
             D.barrier()  # every rank's shard is on disk before rank 0 moves them into the checkpoint
         full_state = run.accelerator.get_state_dict(run.model)
@@ -542,15 +562,15 @@ def save_checkpoint(run: Run, state: TrainState) -> str:
 def _write_checkpoint(run: Run, state: TrainState, path: str, full_state, shards: str) -> None:
     import torch
 
-    args = run.args
+    output = run.output
     with atomic_dir(path) as tmp:
         run.save_model(run.accelerator.unwrap_model(run.model), tmp, full_state)
-        save_args(tmp, args, run.args_extra)
+        save_args(tmp, run.args, run.args_extra)
         if run.deepspeed and os.path.isdir(shards):
             for name in os.listdir(shards):
                 os.replace(os.path.join(shards, name), os.path.join(tmp, name))
             os.rmdir(shards)
-        if not args.save_only_model:
+        if not output.save_only_model:
             if not run.deepspeed:
                 torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
             torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -558,8 +578,8 @@ def _write_checkpoint(run: Run, state: TrainState, path: str, full_state, shards
         st = {k: v for k, v in asdict(state).items() if k != "log_history"}
         write_json_atomic(os.path.join(tmp, "trainer_state.json"), st)
     best = path if state.best_step == state.global_step else state.best_model_checkpoint
-    rotate_checkpoints(run.run_dir, args.save_total_limit, best)
-    if args.create_checkpoint_symlink:
+    rotate_checkpoints(run.run_dir, output.save_total_limit, best)
+    if output.create_checkpoint_symlink:
         update_symlink(os.path.join(run.run_dir, "last"), path)
         if best and os.path.isdir(best):
             update_symlink(os.path.join(run.run_dir, "best"), best)
@@ -570,13 +590,15 @@ def end_epoch(run: Run, state: TrainState) -> None:
     state.epoch += 1
     state.batches_done = 0
     if state.global_step < state.total_steps:
-        if run.eval_rows and run.args.eval_strategy == "epoch":
+        if run.eval_rows and run.output.eval_strategy == "epoch":
             evaluate(run, state)
-        if run.args.save_strategy == "epoch":
+        if run.output.save_strategy == "epoch":
             save_checkpoint(run, state)
 
 
 def summarise(run: Run, state: TrainState, total_tokens: int, runtime: float) -> TrainState:
+    """The run's summary (checkpoints, best metric, runtime in seconds, tokens/s, memory in GiB), written to the
+    trackers and the history."""
     summary = {"last_model_checkpoint": state.last_model_checkpoint,
                "best_model_checkpoint": state.best_model_checkpoint, "best_metric": state.best_metric,
                "global_step": state.global_step, "train_runtime": round(runtime, 2),

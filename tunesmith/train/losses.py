@@ -1,7 +1,7 @@
 """Preference losses as small pure functions on per-pair tensors, one per published variant.
 
-Notation (preference-training.md §2b): ℓ_c, ℓ_r are the policy's log-probs of the chosen and rejected
-completions summed over their tokens, ℓ^ref the reference's; r_c = ℓ_c − ℓ^ref_c, r_r = ℓ_r − ℓ^ref_r are the
+Notation (as in the DPO paper, Rafailov et al. 2023, and TRL's trainers): ℓ_c, ℓ_r are the policy's log-probs
+of the chosen and rejected completions summed over their tokens (nats, [B] each), ℓ^ref the reference's; r_c = ℓ_c − ℓ^ref_c, r_r = ℓ_r − ℓ^ref_r are the
 implicit rewards (before β), h = r_c − r_r; ε is label_smoothing. Every function returns one loss per pair
 (a tensor shaped like its inputs); averaging over pairs is the training loop's business. The conventions (summed
 vs per-token averaged log-probs, which variant reads ε) follow TRL's DPOTrainer, CPOTrainer and ORPOTrainer.
@@ -57,7 +57,7 @@ def nca_pair(r_c: Tensor, r_r: Tensor, beta: float) -> Tensor:
 
 def bco_pair(r_c: Tensor, r_r: Tensor, beta: float, delta: float = 0.0) -> Tensor:
     """BCO (pairwise), Jung et al. 2024 (arXiv:2404.04656): −log σ(βr_c − δ) − log σ(−(βr_r − δ)). TRL 1.x
-    uses δ = 0 (the form in preference-training.md); TRL 0.x subtracted a running mean of the rewards."""
+    uses δ = 0 (TRL DPOTrainer's bco_pair); TRL 0.x subtracted a running mean of the rewards."""
     return -F.logsigmoid(beta * r_c - delta) - F.logsigmoid(-(beta * r_r - delta))
 
 
@@ -93,8 +93,9 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "
 def dpo_loss(loss_type: str, *, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
              chosen_len: Tensor, rejected_len: Tensor, beta: float, label_smoothing: float = 0.0,
              discopop_tau: float = 0.05) -> Tensor:
-    """The per-pair loss of one DPO variant from summed log-probs (policy and reference) and completion lengths.
-    `sft` is not a pair loss (it is the NLL over chosen tokens) and is handled by the caller."""
+    """The per-pair loss ([B] nats) of one DPO variant from summed log-probs ([B] nats, policy and reference) and
+    completion lengths ([B] tokens). `sft` is not a pair loss (it is the NLL over chosen tokens) and is handled by
+    the caller. Raises ValueError for an unknown loss type."""
     r_c, r_r = chosen - ref_chosen, rejected - ref_rejected
     h = r_c - r_r
     variants = {
@@ -128,6 +129,27 @@ def simpo(chosen_avg: Tensor, rejected_avg: Tensor, beta: float, gamma: float,
     """SimPO, Meng et al. 2024 (arXiv:2405.14734): −log σ(β(ℓ̄_c − ℓ̄_r) − γ) on per-token averaged log-probs.
     Written as TRL does: logits = (ℓ̄_c − ℓ̄_r) − γ/β, loss = −log σ(β · logits) (label-smoothed)."""
     return dpo_sigmoid(chosen_avg - rejected_avg - gamma / beta, beta, label_smoothing)
+
+
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+CPO_AVERAGED = ("ipo", "simpo")  # the CPO variants that use per-token averaged log-probs ℓ̄ = ℓ / |y|
+
+
+def cpo_loss(loss_type: str, *, chosen: Tensor, rejected: Tensor, chosen_len: Tensor, rejected_len: Tensor,
+             beta: float, label_smoothing: float = 0.0, simpo_gamma: float = 1.0) -> Tensor:
+    """The per-pair loss of one reference-free CPO variant (TRL's CPOTrainer) from the policy's summed log-probs
+    ([B] nats) and completion lengths ([B] tokens): sigmoid (CPO), hinge (SLiC on ℓ_c − ℓ_r), ipo (IPO on averaged
+    log-probs), simpo (SimPO). Raises ValueError for another loss type."""
+    avg_c, avg_r = chosen / chosen_len, rejected / rejected_len
+    variants = {
+        "sigmoid": lambda: cpo(chosen, rejected, beta, label_smoothing),
+        "hinge": lambda: hinge(chosen - rejected, beta),
+        "ipo": lambda: ipo(avg_c - avg_r, beta),
+        "simpo": lambda: simpo(avg_c, avg_r, beta, simpo_gamma, label_smoothing),
+    }
+    if loss_type not in variants:
+        raise ValueError(f"unknown CPO loss type {loss_type!r}")
+    return variants[loss_type]()
 
 
 def orpo_log_odds(chosen_avg: Tensor, rejected_avg: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """What the preference methods share, and nothing method-specific: per-sequence log-probs of the trained tokens
 (`sequence_logps`), the reference model (`Reference`, `setup_reference`: the adapter switched off, a frozen
-reference adapter, a separate model, or cached log-probs) and `disable_dropout`. preference.py (the DPO family,
-CPO, SimPO, ORPO) and kto.py both import from here; this module imports neither, so there is no import cycle.
+reference adapter, a separate model, or cached log-probs) and `disable_dropout`. pairs.py (DPO, CPO, SimPO,
+ORPO) and kto.py import from here; this module imports no method, so there is no import cycle.
 """
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from typing import Any, Optional
 from tunesmith.errors import ConfigError
 from tunesmith.model import load_model, note, resolve_model_dir
 from tunesmith.runs import is_adapter_dir
-
-REFERENCE_FREE = ("cpo", "simpo", "orpo")  # methods whose loss needs no reference model
 
 
 @dataclass
@@ -95,19 +93,18 @@ class Reference:
         raise RuntimeError(f"no reference log-probs for reference kind {self.kind!r}")
 
 
-def setup_reference(args, model, tokenizer) -> Reference:
-    """Choose the reference for this run, so that it is never the policy itself and never silently the raw base
-    when training continues from an SFT adapter (preference-training.md §2c, §3)."""
-    if args.rlhf_type in REFERENCE_FREE:
-        if args.ref_model or args.ref_adapters:
-            note(f"--rlhf_type {args.rlhf_type} uses no reference model; --ref_model/--ref_adapters are ignored")
-        return Reference("none", "none (reference-free method)")
-    if args.train_type == "lora":
-        if args.ref_model:
+def setup_reference(model_cfg, ref_model: Optional[str], ref_adapters_flag: list, model, tokenizer) -> Reference:
+    """The reference for this run (model slice plus the method's --ref_model/--ref_adapters), never the policy
+    itself and never silently the raw base when training continues from an SFT adapter: with LoRA the adapter
+    switched off, or a frozen copy of --ref_adapters / the --adapters start; with full training a frozen copy of
+    --ref_model (default --model). Raises ConfigError for a reference that is not separate from the policy, or
+    flags that do not fit the train type."""
+    if model_cfg.train_type == "lora":
+        if ref_model:
             raise ConfigError("--ref_model is for full training. With LoRA the reference is the base model with the "
                               "adapter switched off (no second copy in memory); to use an SFT adapter as the "
                               "reference pass --ref_adapters CKPT")
-        ref_adapters = list(args.ref_adapters) or list(args.adapters)
+        ref_adapters = list(ref_adapters_flag) or list(model_cfg.adapters)
         if len(ref_adapters) > 1:
             raise ConfigError("--ref_adapters: pass one adapter (the model the policy starts from)")
         if not ref_adapters:
@@ -115,7 +112,7 @@ def setup_reference(args, model, tokenizer) -> Reference:
         path = ref_adapters[0]
         if not is_adapter_dir(path):
             raise ConfigError(f"--ref_adapters {path}: not an adapter directory (no adapter_config.json)")
-        if not args.ref_adapters:
+        if not ref_adapters_flag:
             note(f"reference: the SFT model from --adapters {path} (a frozen copy of the adapter), not the bare base "
                  f"model; pass --ref_adapters to choose another")
         peft_model = unwrap(model)
@@ -128,16 +125,16 @@ def setup_reference(args, model, tokenizer) -> Reference:
         peft_model.set_adapter("default")
         _check_not_shared(model, peft_model, "ref")
         return Reference("ref_adapter", f"{path} (a frozen copy of the adapter on the shared base weights)")
-    ref_path = args.ref_model or args.model
-    ref_dir = resolve_model_dir(ref_path, args.use_hf, args.model_revision, args.hub_token)
-    ref = load_model(args, ref_dir, tokenizer, for_training=False)
+    ref_path = ref_model or model_cfg.model
+    ref_dir = resolve_model_dir(ref_path, model_cfg.use_hf, model_cfg.model_revision, model_cfg.hub_token)
+    ref = load_model(model_cfg, ref_dir, tokenizer, for_training=False)
     describe = f"{ref_path} (a frozen copy)"
-    if args.ref_adapters:
+    if ref_adapters_flag:
         from peft import PeftModel
-        if len(args.ref_adapters) > 1:
+        if len(ref_adapters_flag) > 1:
             raise ConfigError("--ref_adapters: pass one adapter")
-        ref = PeftModel.from_pretrained(ref, args.ref_adapters[0]).merge_and_unload()
-        describe = f"{ref_path} merged with {args.ref_adapters[0]} (a frozen copy)"
+        ref = PeftModel.from_pretrained(ref, ref_adapters_flag[0]).merge_and_unload()
+        describe = f"{ref_path} merged with {ref_adapters_flag[0]} (a frozen copy)"
     ref.eval()
     ref.requires_grad_(False)
     _check_separate(model, ref)

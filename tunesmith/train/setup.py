@@ -1,11 +1,12 @@
-"""What every training method does around the loop: resolve defaults (ms-swift's), load and encode the data, load
-the model and adapter, open the run (`start_run`: directory, args.json, trackers) and close it (`finish_run`:
-report, summary). Shared by sft and the preference methods; the loop itself is train/loop.py."""
+"""What every training method does around the loop, each step taking its slice of the resolved config
+(train/config.py): load and encode the data (`prepare_data`), load the model and attach LoRA (`prepare_model`),
+cut rows into batches (`batching`), open the run (`start_run`: directory, args.json, trackers) and close it
+(`finish_run`: report, summary). Nothing method-specific lives here (that is each method's file), and nothing here
+changes the configuration; the loop itself is train/loop.py."""
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
 import sys
@@ -19,55 +20,24 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.log import note
 from tunesmith.model import (attach_lora, count_parameters, load_model, load_tokenizer, resolve_model_dir,
                              unwrap_model)
-from tunesmith.runs import is_adapter_dir, make_run_dir, model_suffix, save_args
+from tunesmith.runs import is_adapter_dir, make_run_dir, save_args
 
 
-def finalise_args(args, world_size: Optional[int] = None, default_loss_scale: str = "default") -> None:
-    """Fill the defaults that depend on other flags, exactly as ms-swift does (ms-swift-compat.md §1d). Under torchrun
-    this is where each process joins the process group."""
-    import torch
-
-    from tunesmith.train import distributed as D
-
-    D.init_process_group()
-    world_size = world_size or D.world_size()
-
-    if not args.model:
-        raise ConfigError("pass the model with --model (a local directory or a hub id)")
-    if not args.dataset:
-        raise ConfigError("pass the training data with --dataset FILE [FILE ...]")
-    if args.learning_rate is None:
-        args.learning_rate = 1e-5 if args.train_type == "full" else 1e-4
-    if args.gradient_accumulation_steps is None:
-        args.gradient_accumulation_steps = max(1, math.ceil(16 / args.per_device_train_batch_size / world_size))
-    if args.loss_scale is None:
-        args.loss_scale = default_loss_scale
-    if args.eval_steps is None:
-        args.eval_steps = args.save_steps
-    if args.eval_strategy is None:
-        args.eval_strategy = {"best": "steps"}.get(args.save_strategy, args.save_strategy)
-    if args.output_dir is None:
-        args.output_dir = os.path.join("output", model_suffix(args.model))
-    if args.dataloader_num_workers is None:
-        args.dataloader_num_workers = 1 if torch.cuda.is_available() else 0
-    if args.train_type == "full" and args.torch_dtype in ("float16",):
-        raise ConfigError("full training in float16 has no loss scaling for fp16 weights; use --torch_dtype "
-                          "bfloat16 (or float32)")
-    if args.quant_method and args.train_type == "full":
-        raise ConfigError("--quant_method bnb trains LoRA adapters on a quantised base (QLoRA); "
-                          "use --train_type lora with it")
-    if args.use_liger_kernel and not torch.cuda.is_available():
-        note("--use_liger_kernel: Liger kernels run only on CUDA GPUs; skipped on this CPU run")
-        args.use_liger_kernel = False
-    if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
-        raise ConfigError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint directory")
-    if args.model_name or args.model_author:
-        note("--model_name/--model_author only fill {{NAME}}/{{AUTHOR}} in swift/self-cognition data; "
-             "your data has none, so they change nothing")
+@dataclass(frozen=True)
+class Batches:
+    """What a method trains on: its training and validation units (rows, pairs, packed groups) and the collator
+    that turns a list of units into a batch; `reference` is the reference to train against (it may have become a
+    cache of precomputed log-probs), None for methods without one."""
+    train: list
+    eval: list
+    collate: Any
+    reference: Any = None
 
 
 @dataclass
 class Prepared:
+    """The encoded data and what it was encoded with. train_rows/eval_rows hold what the method's `rows` kind
+    encodes to: Encoded rows (sft), (chosen, rejected) pairs (preference), (Encoded, desirable) (kto)."""
     model_dir: str
     tokenizer: Any
     encoder: ChatEncoder
@@ -92,92 +62,72 @@ def _report_drops(what: str, loaded: LoadResult, stats: dict, max_length) -> Non
              + "\n  ".join(stats["reasons"]))
 
 
-def _unpair(loaded: LoadResult) -> LoadResult:
-    """KTO learns from single replies labelled desirable or not: a labelled row stays, a preference pair becomes
-    its chosen reply (desirable) and its rejected reply (undesirable). Rows with neither are an error."""
-    records, sources = [], []
-    for rec, src in zip(loaded.records, loaded.sources):
-        if "label" in rec:
-            records.append({k: v for k, v in rec.items() if k != "rejected_messages"})
-            sources.append(src)
-        elif "rejected_messages" in rec:
-            records += [{"messages": rec["messages"], "label": True, "tools": rec.get("tools")},
-                        {"messages": rec["rejected_messages"], "label": False, "tools": rec.get("tools")}]
-            sources += [src, src]
-        else:
-            raise DataError(src[0], src[1], "label", "is missing: KTO needs each reply labelled desirable or not.",
-                            'add "label": true or false (or give chosen/rejected pairs).')
-    return LoadResult(records=records, sources=sources, dropped=loaded.dropped, reasons=loaded.reasons)
-
-
-def prepare_data(args, kind: str = "sft", default_loss_scale: str = "default") -> Prepared:
-    model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
-    tok = load_tokenizer(args, model_dir)
-    max_length = args.max_length
+def prepare_data(data, model, method) -> Prepared:
+    """Load the tokenizer (model slice) and the data (data slice: --dataset, --val_dataset or a split), shape the
+    records for the method (`method.shape_records`: pairs checked, KTO's pairs split) and encode every row with the
+    chat template as `method.rows` says ("sft" | "preference" | "kto"). max_length defaults to the model's
+    max_position_embeddings (tokens). Raises DataError for bad rows (--strict true), rows the method cannot use,
+    or nothing left to train on."""
+    model_dir = resolve_model_dir(model.model, model.use_hf, model.model_revision, model.hub_token)
+    tok = load_tokenizer(model, model_dir)
+    max_length = data.max_length
     if max_length is None:
         from transformers import AutoConfig
-        cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
-        max_length = getattr(cfg, "max_position_embeddings", None)
-    encoder = ChatEncoder(tok, loss_scale=args.loss_scale, default_loss_scale=default_loss_scale,
-                          max_length=max_length, truncation_strategy=args.truncation_strategy,
-                          system=args.system,  # the text: parse_args read a --system file
-                          use_chat_template=args.use_chat_template)
-    common = dict(strict=args.strict, columns=args.columns, seed=args.data_seed, use_hf=args.use_hf,
-                  hub_token=args.hub_token)
-    train = load_datasets(args.dataset, **common)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=model.trust_remote_code)
+        max_length = getattr(config, "max_position_embeddings", None)
+    kind = method.rows
+    encoder = ChatEncoder(tok, loss_scale=data.loss_scale, default_loss_scale=method.default_loss_scale,
+                          max_length=max_length, truncation_strategy=data.truncation_strategy,
+                          system=data.system,  # the text: parse_args read a --system file
+                          use_chat_template=data.use_chat_template)
+    common = dict(strict=data.strict, columns=data.columns, seed=data.data_seed, use_hf=model.use_hf,
+                  hub_token=model.hub_token)
+    train = load_datasets(data.dataset, **common)
     val: Optional[LoadResult] = None
-    if args.val_dataset:
-        val = load_datasets(args.val_dataset, what="--val_dataset", **common)
-    elif args.split_dataset_ratio > 0:
+    if data.val_dataset:
+        val = load_datasets(data.val_dataset, what="--val_dataset", **common)
+    elif data.split_dataset_ratio > 0:
         dropped, reasons = train.dropped, train.reasons
-        train, val = split_train_val(train, args.split_dataset_ratio, args.data_seed)
+        train, val = split_train_val(train, data.split_dataset_ratio, data.data_seed)
         train.dropped, train.reasons = dropped, reasons
-    if kind == "preference":
-        bad = [src for rec, src in zip(train.records, train.sources) if "rejected_messages" not in rec]
-        if bad:
-            raise DataError(bad[0][0], bad[0][1], "rejected_response",
-                            "is missing: preference training needs a rejected reply for every row.",
-                            "add rejected_response (or use prompt/chosen/rejected).")
-    if kind == "kto":
-        train = _unpair(train)
-        val = _unpair(val) if val is not None else None
-    if args.load_from_cache_file:
+    train = method.shape_records(train)
+    val = method.shape_records(val) if val is not None else None
+    if data.load_from_cache_file:
         note("--load_from_cache_file: tunesmith encodes the data afresh on every run (no map cache is read)")
-    num_proc = max(1, args.dataset_num_proc)
-    train_rows, tstats = encode_records(encoder, train.records, train.sources, kind=kind, strict=args.strict,
+    num_proc = max(1, data.dataset_num_proc)
+    train_rows, tstats = encode_records(encoder, train.records, train.sources, kind=kind, strict=data.strict,
                                         num_proc=num_proc)
     _report_drops("--dataset", train, tstats, max_length)
     if not train_rows:
-        raise DataError(" ".join(args.dataset), None, "", "no rows left to train on after encoding "
+        raise DataError(" ".join(data.dataset), None, "", "no rows left to train on after encoding "
                         f"({tstats['too_long']} too long, {tstats['nothing_to_train']} with nothing to train).",
                         "raise --max_length, use --truncation_strategy left/right, or check --loss_scale.")
     eval_rows = []
     if val is not None:
-        eval_rows, vstats = encode_records(encoder, val.records, val.sources, kind=kind, strict=args.strict,
+        eval_rows, vstats = encode_records(encoder, val.records, val.sources, kind=kind, strict=data.strict,
                                            num_proc=num_proc)
         _report_drops("validation data", val, vstats, max_length)
-    if not eval_rows and args.eval_strategy != "no":
-        args.eval_strategy = "no"  # ms-swift: forced to no when there is no validation data
     stats = {"train_rows": len(train_rows), "val_rows": len(eval_rows), "dropped_bad": train.dropped,
              "dropped_too_long": tstats["too_long"], "dropped_nothing_to_train": tstats["nothing_to_train"],
              "max_length": max_length}
     return Prepared(model_dir, tok, encoder, train_rows, eval_rows, val, stats)
 
 
-def prepare_model(args, model_dir: str, tokenizer):
-    if args.adapters and args.train_type == "full":
-        raise ConfigError("--adapters starts from a LoRA adapter; with --train_type full pass the model with --model")
-    for a in args.adapters:
+def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int):
+    """The model to train (model slice): loaded, LoRA attached (--train_type lora) with the seeded init,
+    gradient checkpointing and Liger kernels as asked. Returns (model, parameter counts). Raises ConfigError for an
+    --adapters path that is not an adapter, or a model with nothing to train."""
+    for a in model_cfg.adapters:
         if not is_adapter_dir(a):
             raise ConfigError(f"--adapters {a}: not an adapter directory (no adapter_config.json); a full "
                               f"checkpoint is passed with --model")
     from transformers import set_seed
 
-    set_seed(args.seed)  # LoRA's random init (and anything else drawn here) is the same for the same --seed
-    model = load_model(args, model_dir, tokenizer, for_training=True)
-    if args.train_type == "lora":
-        model = attach_lora(model, args)
-    if args.gradient_checkpointing:
+    set_seed(seed)  # LoRA's random init (and anything else drawn here) is the same for the same --seed
+    model = load_model(model_cfg, model_dir, tokenizer, for_training=True)
+    if model_cfg.train_type == "lora":
+        model = attach_lora(model, model_cfg)
+    if model_cfg.gradient_checkpointing:
         # transformers 5.x renamed the method and its kwargs; keep working on 4.x too
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -185,7 +135,7 @@ def prepare_model(args, model_dir: str, tokenizer):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    if args.use_liger_kernel:
+    if model_cfg.use_liger_kernel:
         try:
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
         except ImportError:
@@ -200,7 +150,7 @@ def prepare_model(args, model_dir: str, tokenizer):
     return model, info
 
 
-def batching(args, train_rows: list, eval_rows: list, padded, flat, packed, length, max_length):
+def batching(data, train_rows: list, eval_rows: list, padded, flat, packed, length, max_length):
     """(training units, validation units, collate) for --packing, --padding_free or plain padding.
 
     --packing groups rows to fill --packing_length (default --max_length); a batch is
@@ -209,8 +159,8 @@ def batching(args, train_rows: list, eval_rows: list, padded, flat, packed, leng
     compute) differs."""
     from tunesmith.data.collate import pack_groups
 
-    if args.packing:
-        capacity = args.packing_length or max_length
+    if data.packing:
+        capacity = data.packing_length or max_length
         if not capacity:
             raise ConfigError("--packing needs --max_length (or --packing_length): the size of a packed sequence")
         units = []
@@ -221,16 +171,17 @@ def batching(args, train_rows: list, eval_rows: list, padded, flat, packed, leng
         note(f"--packing: {len(train_rows)} rows -> {len(units[0])} sequences of up to {capacity} tokens "
              f"({100 * total / max(len(units[0]) * capacity, 1):.0f}% filled)")
         return units[0], units[1], packed
-    if args.padding_free:
+    if data.padding_free:
         return train_rows, eval_rows, flat
     return train_rows, eval_rows, padded
 
 
-def make_run(args, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
-    """The run directory (made by rank 0; its name, with rank 0's clock, is shared with every rank)."""
+def make_run(cfg, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
+    """The run directory (made by rank 0; its name, with rank 0's clock, is shared with every rank), its args.json
+    (cfg.args, secrets redacted, plus the record-only fields returned) and, for a split, val_dataset.jsonl."""
     from tunesmith.train import distributed as D
 
-    run_dir = D.broadcast(make_run_dir(args.output_dir, args.add_version) if D.is_main() else None)
+    run_dir = D.broadcast(make_run_dir(cfg.output.output_dir, cfg.output.add_version) if D.is_main() else None)
     import torch
     import transformers
 
@@ -239,8 +190,8 @@ def make_run(args, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
              "library_versions": {"python": platform.python_version(), "torch": torch.__version__,
                                   "transformers": transformers.__version__}}
     if D.is_main():
-        save_args(run_dir, args, extra)
-        if prepared.val_records is not None and not args.val_dataset:
+        save_args(run_dir, cfg.args, extra)
+        if prepared.val_records is not None and not cfg.data.val_dataset:
             write_jsonl(os.path.join(run_dir, "val_dataset.jsonl"), prepared.val_records.records)
     return run_dir, extra
 
@@ -250,16 +201,20 @@ def say(text: str) -> None:
     note(text, file=sys.stdout, prefix="")
 
 
-def make_trackers(run_dir: str, args, prepared: Prepared):
-    """logging.jsonl and the --report_to trackers, on rank 0 only (other ranks get a disabled fan-out)."""
+def make_trackers(run_dir: str, cfg, prepared: Prepared):
+    """logging.jsonl and the --report_to trackers (output slice), on rank 0 only (other ranks get a disabled
+    fan-out); the trackers' config is args.json's record plus the data statistics."""
     from tunesmith.args import to_record
     from tunesmith.track import Trackers
     from tunesmith.train import distributed as D
 
-    return Trackers(run_dir, args.report_to, {**to_record(args), **prepared.data_stats}, args, enabled=D.is_main())
+    return Trackers(run_dir, cfg.output.report_to, {**to_record(cfg.args), **prepared.data_stats}, cfg.output,
+                    enabled=D.is_main())
 
 
 def save_model_fn(tokenizer):
+    """save(model, path, state_dict=None): the trained weights (adapter only for LoRA) and the tokenizer, as
+    safetensors, into `path` (a checkpoint's temporary folder)."""
     from transformers.utils import logging as hf_logging
 
     def save(model, path: str, state_dict=None) -> None:
@@ -285,11 +240,11 @@ class RunOutputs:
 
 
 @contextlib.contextmanager
-def start_run(args, prepared: Prepared, param_info: dict, header):
+def start_run(cfg, prepared: Prepared, param_info: dict, header):
     """The run directory (args.json), the trackers, and the header line (`header(run_dir)`); the trackers are
     closed when the block ends, however it ends."""
-    run_dir, extra = make_run(args, prepared, param_info)
-    trackers = make_trackers(run_dir, args, prepared)
+    run_dir, extra = make_run(cfg, prepared, param_info)
+    trackers = make_trackers(run_dir, cfg, prepared)
     say(header(run_dir))
     try:
         yield RunOutputs(run_dir, extra, trackers)

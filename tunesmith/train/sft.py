@@ -1,54 +1,88 @@
-"""`tunesmith sft`: supervised fine-tuning (LoRA, QLoRA, full, MoE experts).
+"""The SFT method (`tunesmith sft`): supervised fine-tuning — LoRA, QLoRA, full, MoE experts.
 
-The objective: summed next-token cross-entropy over the trained label positions (plus the MoE router loss when
---router_aux_loss_coef > 0); the loop divides by the trained tokens of the whole accumulated step.
+Its objective: the summed next-token cross-entropy over the trained label positions (plus, with
+--router_aux_loss_coef > 0, the MoE router's load-balancing loss weighted per token); the loop divides it by the
+trained tokens of the whole accumulated step, so the logged loss is nats per trained token. What must not live
+here: anything another method shares (data, model, the loop: setup.py, loop.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
-from tunesmith.args import SftArguments
 from tunesmith.data.collate import PackedCollate, flat_collate, pad_collate
 from tunesmith.train import loop
-from tunesmith.train.token_logps import token_logps
-from tunesmith.train.setup import (batching, finalise_args, finish_run, prepare_data, prepare_model,
-                                   save_model_fn, start_run)
+from tunesmith.train.setup import Batches, batching
 
 
-def token_loss(model, batch: dict, aux_coef: float = 0.0):
-    """({"tokens": summed CE over trained positions}, {"correct", "n_tokens"}) for one batch."""
+def token_loss(model, batch: dict, aux_coef: float = 0.0) -> tuple[dict, dict]:
+    """({"tokens": summed cross-entropy in nats over the trained positions}, {"correct", "n_tokens"}) for one
+    batch (`input_ids`/`labels` [B, T], or packed/flat rows). The router loss, a per-batch mean, is weighted by
+    this batch's trained tokens so that the step's loss per token stays a mean."""
+    from tunesmith.train.token_logps import token_logps
+
     out = token_logps(model, batch)
     loss_sum = -out.logps.sum()
     n = int(out.logps.numel())
     if aux_coef and out.aux_loss is not None:
-        # the router loss is a per-batch mean: weight it by this batch's tokens so the step mean stays a mean
         loss_sum = loss_sum + aux_coef * out.aux_loss.float() * n
     return {"tokens": loss_sum}, {"correct": int(out.correct.sum()), "n_tokens": n}
 
 
+def _count(batch: dict) -> dict:
+    return {"tokens": batch["n_tokens"]}
+
+
+def _metrics(stats: dict) -> dict:
+    """token_acc: the fraction of trained tokens whose arg-max prediction is the label."""
+    return {"token_acc": round(stats.get("correct", 0) / max(stats.get("n_tokens", 0), 1), 6)}
+
+
 def objective(aux_coef: float = 0.0) -> loop.Objective:
-    return loop.Objective(
-        "sft", loss=lambda m, b: token_loss(m, b, aux_coef), count=lambda b: {"tokens": b["n_tokens"]},
-        metrics=lambda st: {"token_acc": round(st.get("correct", 0) / max(st.get("n_tokens", 0), 1), 6)})
+    """SFT's loss: summed cross-entropy per trained token (units: tokens), logging token_acc."""
+    return loop.Objective("sft", loss=partial(token_loss, aux_coef=aux_coef), count=_count, metrics=_metrics)
 
 
-def main(args: SftArguments):
-    finalise_args(args, default_loss_scale="default")
-    prepared = prepare_data(args, kind="sft", default_loss_scale="default")
-    model, param_info = prepare_model(args, prepared.model_dir, prepared.tokenizer)
-    pad_id = prepared.tokenizer.pad_token_id
-    train_rows, eval_rows, collate = batching(
-        args, prepared.train_rows, prepared.eval_rows, partial(pad_collate, pad_id=pad_id,
-                                                               padding_side=args.padding_side),
-        flat_collate, PackedCollate(pad_id), lambda r: len(r.input_ids), prepared.data_stats["max_length"])
-    stats = prepared.data_stats
-    header = lambda d: (f"[tunesmith] sft: {stats['train_rows']} training rows, {stats['val_rows']} validation "  # noqa: E731
-                        f"rows; run directory {d}")
-    with start_run(args, prepared, param_info, header) as out:
-        state = loop.train(args=args, model=model, objective=objective(args.router_aux_loss_coef),
-                           train_rows=train_rows, eval_rows=eval_rows, collate=collate, run_dir=out.run_dir,
-                           save_model=save_model_fn(prepared.tokenizer), trackers=out.trackers,
-                           args_extra=out.args_extra)
-    finish_run(state, out.run_dir, args.metric_for_best_model)
-    run_dir = out.run_dir
-    return {"run_dir": run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer}
+@dataclass(frozen=True)
+class SFT:
+    """Supervised fine-tuning: single rows, every assistant turn trained by default, no reference."""
+    aux_coef: float = 0.0
+    name = "sft"
+    rows = "sft"
+    default_loss_scale = "default"
+    needs_reference = False
+
+    @classmethod
+    def from_args(cls, args, problems: list) -> "SFT":
+        """SFT has no flags of its own beyond the shared ones."""
+        return cls(aux_coef=args.router_aux_loss_coef or 0.0)
+
+    def resolved_flags(self) -> dict:
+        """Nothing: SFT resolves no flag of its own."""
+        return {}
+
+    def shape_records(self, loaded):
+        """Rows as loaded: any supported format is an SFT row."""
+        return loaded
+
+    def batches(self, cfg, prepared, model, reference):
+        """Rows padded per batch, concatenated (--padding_free) or packed (--packing)."""
+        pad_id = prepared.tokenizer.pad_token_id
+        train, evals, collate = batching(
+            cfg.data, prepared.train_rows, prepared.eval_rows,
+            partial(pad_collate, pad_id=pad_id, padding_side=cfg.data.padding_side), flat_collate,
+            PackedCollate(pad_id), _row_length, prepared.data_stats["max_length"])
+        return Batches(train, evals, collate)
+
+    def objective(self, reference, cfg) -> loop.Objective:
+        """Summed cross-entropy per trained token (+ the router loss), logging token_acc."""
+        return objective(self.aux_coef)
+
+    def header(self, prepared, batches) -> str:
+        """The run's header line: the training and validation rows."""
+        stats = prepared.data_stats
+        return f"[tunesmith] sft: {stats['train_rows']} training rows, {stats['val_rows']} validation rows"
+
+
+def _row_length(row) -> int:
+    return len(row.input_ids)

@@ -1,0 +1,88 @@
+"""The training configuration is resolved once: every bad flag value is reported at once, before anything is loaded
+or written; the resolved slices are frozen; the parsed arguments are not changed; each method is one object."""
+import dataclasses
+import math
+
+import pytest
+
+from tunesmith.args import parse_args, to_record
+from tunesmith.errors import ConfigError
+from tunesmith.train import recipe
+from tunesmith.train.config import resolve
+
+BASE = ["--model", "some/model", "--dataset", "data.jsonl"]
+
+# (flags, what the message must name): values that used to end in a traceback or train without a word
+BAD_VALUES = [
+    (["--learning_rate", "-1e-4"], "--learning_rate -0.0001"),
+    (["--learning_rate", "nan"], "--learning_rate nan"),
+    (["--lora_rank", "0"], "--lora_rank 0"),
+    (["--lora_rank", "-1"], "--lora_rank -1"),
+    (["--lora_alpha", "0"], "--lora_alpha 0"),
+    (["--lora_dropout", "1.5"], "--lora_dropout 1.5"),
+    (["--num_train_epochs", "nan"], "--num_train_epochs nan"),
+    (["--num_train_epochs", "0"], "--num_train_epochs 0"),
+    (["--num_train_epochs", "-1"], "--num_train_epochs -1"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0"),
+    (["--save_steps", "0"], "--save_steps 0"),
+    (["--eval_steps", "0"], "--eval_steps 0"),
+    (["--logging_steps", "0"], "--logging_steps 0"),
+    (["--adam_beta2", "1.5"], "--adam_beta2 1.5"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--max_length", "0"], "--max_length 0"),
+    (["--warmup_ratio", "2"], "--warmup_ratio 2"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm -1"),
+]
+
+
+@pytest.mark.parametrize("flags,named", BAD_VALUES, ids=[" ".join(f) for f, _ in BAD_VALUES])
+def test_a_bad_value_is_one_clear_error_before_anything_runs(tmp_path, flags, named):
+    out = tmp_path / "out"
+    args = parse_args("sft", [*BASE, "--output_dir", str(out), *flags])
+    with pytest.raises(ConfigError) as e:
+        recipe.main(args)
+    assert named in str(e.value) and "expected" in str(e.value)
+    assert not out.exists()  # refused before the run directory
+
+
+def test_every_problem_is_reported_at_once():
+    args = parse_args("rlhf", ["--dataset", "d.jsonl", "--learning_rate", "-1", "--lora_rank", "0",
+                               "--per_device_train_batch_size", "0", "--beta", "0", "--loss_type", "sigmod"])
+    with pytest.raises(ConfigError) as e:
+        resolve(args, recipe.method_for(args), world_size=1, cuda=False)
+    text = str(e.value)
+    assert text.startswith("6 problems with the flags:")
+    for part in ("--model", "--learning_rate -1.0", "--lora_rank 0", "--per_device_train_batch_size 0",
+                 "--beta 0.0", "--loss_type sigmod: not a loss of --rlhf_type dpo; did you mean sigmoid?"):
+        assert part in text, part
+
+
+def test_resolution_fills_ms_swift_defaults_without_changing_the_parsed_arguments():
+    args = parse_args("rlhf", [*BASE, "--rlhf_type", "simpo", "--per_device_train_batch_size", "2"])
+    before = to_record(args)
+    cfg, method = resolve(args, recipe.method_for(args), world_size=2, cuda=False)
+    assert to_record(args) == before  # resolve returned a new object
+    assert cfg.optim.learning_rate == 1e-4 and cfg.optim.gradient_accumulation_steps == math.ceil(16 / 2 / 2)
+    assert cfg.output.eval_strategy == "no"  # no validation data: ms-swift's rule
+    assert cfg.data.loss_scale == "last_round" and cfg.output.output_dir.endswith("model")
+    assert (method.name, method.beta, method.loss_type) == ("simpo", 2.0, "simpo")
+    assert cfg.args.beta == 2.0 and cfg.args.loss_type == ["simpo"]  # what args.json records
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.learning_rate = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        method.beta = 0.5
+    with pytest.raises(AttributeError):  # a stage sees only its slice
+        cfg.optim.dataset  # noqa: B018
+
+
+@pytest.mark.parametrize("rlhf_type,cls,needs_reference,loss_scale", [
+    ("dpo", "DPO", True, "last_round"), ("cpo", "CPO", False, "last_round"), ("simpo", "CPO", False, "last_round"),
+    ("orpo", "ORPO", False, "default"), ("kto", "KTO", True, "last_round")])
+def test_each_method_is_one_object(rlhf_type, cls, needs_reference, loss_scale):
+    args = parse_args("rlhf", [*BASE, "--rlhf_type", rlhf_type, "--per_device_train_batch_size", "2"])
+    _, method = resolve(args, recipe.method_for(args), world_size=1, cuda=False)
+    assert type(method).__name__ == cls and type(method).__module__ == f"tunesmith.train.{cls.lower()}"
+    assert method.needs_reference is needs_reference and method.default_loss_scale == loss_scale
+    _, sft = resolve(parse_args("sft", BASE), recipe.method_for(parse_args("sft", BASE)), world_size=1, cuda=False)
+    assert type(sft).__name__ == "SFT" and not sft.needs_reference and sft.rows == "sft"

@@ -1,0 +1,163 @@
+"""A training run's configuration, resolved once: parse (tunesmith.args) → `resolve` (every problem reported at
+once, then ms-swift's dependent defaults) → a frozen `TrainConfig` split into typed slices. Each stage takes only
+its slice: `prepare_data` the data slice, `prepare_model` the model slice, the loop the optimisation and output
+slices, the accelerator the distributed slice; the method object holds its own flags (train/sft.py, dpo.py, …).
+
+What lives here: the slices, the value checks (`problems`) and `resolve`. What must not: loading anything, joining
+the process group (the recipe does that before resolving), or changing the parsed arguments — `resolve` returns a
+new object and nothing changes a slice afterwards (they are frozen dataclasses).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.args import (DataArgs, DistArgs, ModelArgs, OptimArgs, OutputArgs, QuantArgs, TemplateArgs,
+                            TrackArgs, TunerArgs)
+from tunesmith.errors import ConfigError
+from tunesmith.log import note
+
+
+def _frozen_slice(name: str, doc: str, *groups) -> type:
+    """A frozen dataclass with the fields (names, types, help metadata) of the given argument groups."""
+    fields = [(f.name, f.type, dataclasses.field(metadata=f.metadata)) for g in groups for f in dataclasses.fields(g)]
+    return dataclasses.make_dataclass(name, fields, frozen=True, namespace={"__doc__": doc, "__module__": __name__})
+
+
+DataConfig = _frozen_slice("DataConfig", "What to read and how to encode it: the fields of TemplateArgs and DataArgs.",
+                           TemplateArgs, DataArgs)
+ModelConfig = _frozen_slice("ModelConfig", "What to load and train: the fields of ModelArgs, QuantArgs and TunerArgs.",
+                            ModelArgs, QuantArgs, TunerArgs)
+OptimConfig = _frozen_slice("OptimConfig", "How to step: the fields of OptimArgs.", OptimArgs)
+OutputConfig = _frozen_slice("OutputConfig", "Where and when a run writes: the fields of OutputArgs and TrackArgs.",
+                             OutputArgs, TrackArgs)
+DistConfig = _frozen_slice("DistConfig", "How the run is spread over processes: the fields of DistArgs.", DistArgs)
+
+
+def take(slice_cls: type, args) -> Any:
+    """The slice of `args` that `slice_cls` names (every field of the slice read from args)."""
+    return slice_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(slice_cls)})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run's resolved configuration. `args` is the whole resolved command (what args.json records);
+    the stages read their slice."""
+    args: Any
+    data: Any       # DataConfig
+    model: Any      # ModelConfig
+    optim: Any      # OptimConfig
+    output: Any     # OutputConfig
+    dist: Any       # DistConfig
+    world_size: int
+
+
+def _between(problems: list, name: str, value, lo, hi, lo_open=False, hi_open=False, hint: str = "") -> None:
+    """Append a problem unless lo (<|≤) value (<|≤) hi, with value a finite number; None bounds are open ends."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        lo_s = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
+        hi_s = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
+        problems.append(f"--{name} {value}: expected {lo_s}{name}{hi_s}" + (f"; {hint}" if hint else ""))
+
+
+def problems(args) -> list[str]:
+    """Every problem with the generic training flags (values out of range, required flags missing, combinations
+    that cannot run), as one message each; [] when there is none. The method's own flags are checked by the
+    method (`from_args`)."""
+    out: list[str] = []
+    if not args.model:
+        out.append("pass the model with --model (a local directory or a hub id)")
+    if not args.dataset:
+        out.append("pass the training data with --dataset FILE [FILE ...]")
+    if args.learning_rate is not None:
+        _between(out, "learning_rate", args.learning_rate, 0, None, lo_open=True, hint="the usual LoRA value is 1e-4")
+    if args.train_type == "lora":
+        _between(out, "lora_rank", args.lora_rank, 1, None, hint="8 or 16 are usual")
+        _between(out, "lora_alpha", args.lora_alpha, 0, None, lo_open=True, hint="usually 2-4x --lora_rank")
+        _between(out, "lora_dropout", args.lora_dropout, 0, 1, hi_open=True)
+    if args.max_steps <= 0:
+        _between(out, "num_train_epochs", args.num_train_epochs, 0, None, lo_open=True,
+                 hint="or give --max_steps N")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps"):
+        _between(out, name, getattr(args, name), 1, None)
+    for name in ("gradient_accumulation_steps", "eval_steps", "max_length", "packing_length"):
+        if getattr(args, name) is not None:
+            _between(out, name, getattr(args, name), 1, None)
+    if args.save_strategy in ("steps", "best"):
+        _between(out, "save_steps", args.save_steps, 1, None)
+    for name in ("adam_beta1", "adam_beta2"):
+        _between(out, name, getattr(args, name), 0, 1, hi_open=True)
+    for name in ("adam_epsilon", "weight_decay", "max_grad_norm", "warmup_steps", "router_aux_loss_coef"):
+        _between(out, name, getattr(args, name), 0, None)
+    _between(out, "warmup_ratio", args.warmup_ratio, 0, 1)
+    _between(out, "split_dataset_ratio", args.split_dataset_ratio, 0, 1, hi_open=True)
+    for name in ("seed", "data_seed"):
+        _between(out, name, getattr(args, name), 0, 2 ** 32 - 1)
+    if args.train_type == "full" and args.torch_dtype in ("float16",):
+        out.append("full training in float16 has no loss scaling for fp16 weights; use --torch_dtype bfloat16 "
+                   "(or float32)")
+    if args.quant_method and args.train_type == "full":
+        out.append("--quant_method bnb trains LoRA adapters on a quantised base (QLoRA); use --train_type lora with it")
+    if args.adapters and args.train_type == "full":
+        out.append("--adapters starts from a LoRA adapter; with --train_type full pass the model with --model")
+    if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
+        out.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint directory")
+    return out
+
+
+def raise_problems(found: list[str]) -> None:
+    """Raise one ConfigError naming every problem (a single problem is raised as its own message)."""
+    if len(found) == 1:
+        raise ConfigError(found[0])
+    if found:
+        raise ConfigError(f"{len(found)} problems with the flags:\n  - " + "\n  - ".join(found))
+
+
+def resolve(args, method_cls, world_size: int, cuda: bool):
+    """(TrainConfig, method): check every flag (all problems in one error), build the method from its flags, and
+    fill the defaults that depend on other flags as ms-swift does (learning rate by train type, a total batch of
+    16, eval following save, output/<model>, the method's loss scale). `args` is not changed.
+
+    world_size: processes in the run (for the default gradient accumulation). cuda: whether this process trains on
+    a CUDA device (data-loader workers, Liger kernels). Raises ConfigError."""
+    from tunesmith.runs import model_suffix
+
+    found = problems(args)
+    method = method_cls.from_args(args, found)
+    raise_problems(found)
+    changes = dict(method.resolved_flags())
+    if args.learning_rate is None:
+        changes["learning_rate"] = 1e-5 if args.train_type == "full" else 1e-4
+    if args.gradient_accumulation_steps is None:
+        changes["gradient_accumulation_steps"] = max(1, math.ceil(16 / args.per_device_train_batch_size / world_size))
+    if args.loss_scale is None:
+        changes["loss_scale"] = method.default_loss_scale
+    if args.eval_steps is None:
+        changes["eval_steps"] = args.save_steps
+    if args.eval_strategy is None:
+        has_validation = bool(args.val_dataset) or args.split_dataset_ratio > 0
+        # ms-swift: no when there is no validation data, else following --save_strategy
+        changes["eval_strategy"] = {"best": "steps"}.get(args.save_strategy, args.save_strategy) \
+            if has_validation else "no"
+    if args.output_dir is None:
+        changes["output_dir"] = os.path.join("output", model_suffix(args.model))
+    if args.dataloader_num_workers is None:
+        changes["dataloader_num_workers"] = 1 if cuda else 0
+    if args.use_liger_kernel and not cuda:
+        note("--use_liger_kernel: Liger kernels run only on CUDA GPUs; skipped on this CPU run")
+        changes["use_liger_kernel"] = False
+    if args.model_name or args.model_author:
+        note("--model_name/--model_author only fill {{NAME}}/{{AUTHOR}} in swift/self-cognition data; "
+             "your data has none, so they change nothing")
+    resolved = dataclasses.replace(args, **changes)
+    cfg = TrainConfig(resolved, take(DataConfig, resolved), take(ModelConfig, resolved), take(OptimConfig, resolved),
+                      take(OutputConfig, resolved), take(DistConfig, resolved), world_size)
+    return cfg, method

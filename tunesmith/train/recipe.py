@@ -1,0 +1,71 @@
+"""`tunesmith sft`, `tunesmith rlhf`, `tunesmith dpo`: the one training recipe, read top to bottom.
+
+    join the process group → resolve the flags (train/config.py) → load and encode the data → load the model →
+    the reference (preference methods) → the method's batches → train (train/loop.py) → finish the run
+
+Everything a training method decides is in its method object, one per file: sft.py (SFT), dpo.py (the DPO family),
+cpo.py (CPO and SimPO), orpo.py (ORPO), kto.py (KTO); pairs.py holds what the pair methods share. The recipe and
+the loop know nothing method-specific. A method object has:
+
+    name, rows ("sft" | "preference" | "kto": how rows are encoded), default_loss_scale, needs_reference
+    from_args(args, problems)   its flags, checked (problems appended) and finalised  [classmethod]
+    resolved_flags()            the finalised flags, recorded in args.json
+    shape_records(loaded)       the loaded records as the method reads them (pairs checked, KTO's pairs split)
+    ref_model, ref_adapters     where needs_reference: the reference flags
+    batches(cfg, prepared, model, reference) -> setup.Batches  its units and collator (packing, prefix sharing, …)
+    objective(reference, cfg) -> loop.Objective           its loss: summed terms, their units, its metrics
+    header(prepared, batches) -> str                      how the run describes itself in the log
+"""
+from __future__ import annotations
+
+from tunesmith.train import loop
+from tunesmith.train.setup import finish_run, prepare_data, prepare_model, save_model_fn, start_run
+
+
+def method_for(args):
+    """The method object class for the parsed command: SFT for `sft`, else by --rlhf_type."""
+    from tunesmith.args import RLHFArguments
+
+    if not isinstance(args, RLHFArguments):
+        from tunesmith.train.sft import SFT
+        return SFT
+    kind = args.rlhf_type
+    if kind == "dpo":
+        from tunesmith.train.dpo import DPO
+        return DPO
+    if kind in ("cpo", "simpo"):
+        from tunesmith.train.cpo import CPO
+        return CPO
+    if kind == "orpo":
+        from tunesmith.train.orpo import ORPO
+        return ORPO
+    if kind == "kto":
+        from tunesmith.train.kto import KTO
+        return KTO
+    raise ValueError(f"no training method for --rlhf_type {kind!r}")  # args.py's choices stop this earlier
+
+
+def main(args) -> dict:
+    """Train with the method the command names; return {"run_dir", "state", "model", "tokenizer", "reference"}.
+    Raises ConfigError / DataError (bad flags or data, before anything is written) and loop.TrainingDiverged."""
+    from tunesmith.model import default_device
+    from tunesmith.train import distributed as D
+    from tunesmith.train.config import resolve
+    from tunesmith.train.reference import setup_reference
+
+    D.init_process_group()  # under torchrun: join the other processes before anything else
+    cfg, method = resolve(args, method_for(args), D.world_size(), cuda=default_device().type == "cuda")
+    prepared = prepare_data(cfg.data, cfg.model, method)
+    model, param_info = prepare_model(cfg.model, prepared.model_dir, prepared.tokenizer, cfg.optim.seed)
+    reference = setup_reference(cfg.model, method.ref_model, method.ref_adapters, model, prepared.tokenizer) \
+        if method.needs_reference else None
+    batches = method.batches(cfg, prepared, model, reference)
+    header = method.header(prepared, batches)
+    with start_run(cfg, prepared, param_info, lambda d: f"{header}; run directory {d}") as out:
+        state = loop.train(cfg, model=model, objective=method.objective(batches.reference, cfg),
+                           train_rows=batches.train, eval_rows=batches.eval, collate=batches.collate,
+                           run_dir=out.run_dir, save_model=save_model_fn(prepared.tokenizer), trackers=out.trackers,
+                           args_extra=out.args_extra)
+    finish_run(state, out.run_dir, cfg.output.metric_for_best_model)
+    return {"run_dir": out.run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer,
+            "reference": batches.reference}
