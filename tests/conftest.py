@@ -7,6 +7,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples", "data")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _encoded_data_cache(tmp_path_factory):
+    """Encoded datasets (tunesmith.data.store) go to a session folder, never the user's ~/.cache; subprocesses
+    started by tests inherit it."""
+    old = os.environ.get("HF_DATASETS_CACHE")
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf_datasets_cache"))
+    yield
+    if old is None:
+        os.environ.pop("HF_DATASETS_CACHE", None)
+    else:
+        os.environ["HF_DATASETS_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny random models for each family, built once per test session (a few seconds)."""

@@ -8,7 +8,6 @@ import pytest
 from tunesmith.args import parse_args, to_record
 from tunesmith.errors import ConfigError
 from tunesmith.train import recipe
-from tunesmith.train.config import resolve
 
 BASE = ["--model", "some/model", "--dataset", "data.jsonl"]
 
@@ -50,7 +49,7 @@ def test_every_problem_is_reported_at_once():
     args = parse_args("rlhf", ["--dataset", "d.jsonl", "--learning_rate", "-1", "--lora_rank", "0",
                                "--per_device_train_batch_size", "0", "--beta", "0", "--loss_type", "sigmod"])
     with pytest.raises(ConfigError) as e:
-        resolve(args, recipe.method_for(args), world_size=1, cuda=False)
+        recipe.configure(args)
     text = str(e.value)
     assert text.startswith("6 problems with the flags:")
     for part in ("--model", "--learning_rate -1.0", "--lora_rank 0", "--per_device_train_batch_size 0",
@@ -61,7 +60,7 @@ def test_every_problem_is_reported_at_once():
 def test_resolution_fills_ms_swift_defaults_without_changing_the_parsed_arguments():
     args = parse_args("rlhf", [*BASE, "--rlhf_type", "simpo", "--per_device_train_batch_size", "2"])
     before = to_record(args)
-    cfg, method = resolve(args, recipe.method_for(args), world_size=2, cuda=False)
+    cfg, method = recipe.configure(args, world_size=2)
     assert to_record(args) == before  # resolve returned a new object
     assert cfg.optim.learning_rate == 1e-4 and cfg.optim.gradient_accumulation_steps == math.ceil(16 / 2 / 2)
     assert cfg.output.eval_strategy == "no"  # no validation data: ms-swift's rule
@@ -81,8 +80,37 @@ def test_resolution_fills_ms_swift_defaults_without_changing_the_parsed_argument
     ("orpo", "ORPO", False, "default"), ("kto", "KTO", True, "last_round")])
 def test_each_method_is_one_object(rlhf_type, cls, needs_reference, loss_scale):
     args = parse_args("rlhf", [*BASE, "--rlhf_type", rlhf_type, "--per_device_train_batch_size", "2"])
-    _, method = resolve(args, recipe.method_for(args), world_size=1, cuda=False)
+    _, method = recipe.configure(args)
     assert type(method).__name__ == cls and type(method).__module__ == f"tunesmith.train.{cls.lower()}"
     assert method.needs_reference is needs_reference and method.default_loss_scale == loss_scale
-    _, sft = resolve(parse_args("sft", BASE), recipe.method_for(parse_args("sft", BASE)), world_size=1, cuda=False)
+    _, sft = recipe.configure(parse_args("sft", BASE))
     assert type(sft).__name__ == "SFT" and not sft.needs_reference and sft.rows == "sft"
+
+
+METHOD_VALUES = [  # (rlhf_type, flags, what the message names): preference flags out of range ran silently
+    ("dpo", ["--label_smoothing", "0.7"], "--label_smoothing 0.7"),
+    ("dpo", ["--rpo_alpha", "-1"], "--rpo_alpha -1"),
+    ("dpo", ["--ld_alpha", "5"], "--ld_alpha 5"),
+    ("dpo", ["--loss_type", "discopop", "--discopop_tau", "0"], "--discopop_tau 0"),
+    ("cpo", ["--cpo_alpha", "-1"], "--cpo_alpha -1"),
+    ("simpo", ["--simpo_gamma", "-3"], "--simpo_gamma -3"),
+    ("kto", ["--desirable_weight", "-1"], "--desirable_weight -1"),
+    ("kto", ["--desirable_weight", "0", "--undesirable_weight", "0"], "both 0"),
+]
+
+
+@pytest.mark.parametrize("rlhf_type,flags,named", METHOD_VALUES, ids=[" ".join(f) for _, f, _ in METHOD_VALUES])
+def test_a_method_checks_its_own_flags(rlhf_type, flags, named):
+    args = parse_args("rlhf", [*BASE, "--rlhf_type", rlhf_type, "--per_device_train_batch_size", "2", *flags])
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
+        recipe.configure(args)
+
+
+def test_flag_errors_come_before_torch_is_imported():
+    """`tunesmith sft --lora_rank 0` answers at once: the checks run before torch (seconds to import) is loaded."""
+    import subprocess
+    import sys
+    code = ("import sys; from tunesmith.cli import main; rc = main(['sft', '--model', 'm', '--dataset', 'd.jsonl', "
+            "'--lora_rank', '0']); print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["1", "False"] and "--lora_rank 0" in out.stderr

@@ -77,3 +77,29 @@ def test_inspect_system_file_shows_its_content(tmp_path, monkeypatch, capsys):
     assert "<|im_start|>system\nYou are a pirate.\nSay arr.<|im_end|>" in out and "prompt.txt" not in out
     assert main(["data", "inspect", "--dataset", data, "--system", "promt.txt"]) == 2
     assert "--system promt.txt: no such file" in capsys.readouterr().err
+
+
+def test_stats_names_the_truncation_strategy_it_applies(capsys):
+    """delete: over-long sequences are dropped; left/right: truncated and still trained, except those whose kept
+    window holds no trained token (dropped, as training drops them)."""
+    from tunesmith.args import parse_args
+    from tunesmith.data.command import stats
+
+    data = os.path.join(EXAMPLES, "capitals_messages.jsonl")
+    out = {}
+    for strategy in ("delete", "left", "right"):
+        out[strategy] = stats(parse_args("data", ["stats", "--dataset", data, "--max_length", "12",
+                                                  "--truncation_strategy", strategy]))["over_max_length"]
+        out[strategy]["printed"] = capsys.readouterr().out.strip().splitlines()[-1]
+    over = out["delete"]["sequences"]
+    assert over > 0 and all(o["sequences"] == over for o in out.values())
+    assert out["delete"]["dropped"] == over and out["delete"]["truncated"] == 0
+    assert out["delete"]["printed"].endswith(f"{over} sequence(s) would be dropped (--truncation_strategy delete)")
+    # left keeps the end of each conversation (the reply): every sequence is still trained
+    assert out["left"]["truncated"] == over and out["left"]["dropped"] == 0
+    assert "truncated to 12 tokens, cut on the left (--truncation_strategy left): all still trained" \
+        in out["left"]["printed"] and "would be dropped" not in out["left"]["printed"]
+    # right keeps the start (system + question): 12 tokens hold no reply token, so training drops them
+    assert out["right"]["dropped"] == over and out["right"]["truncated"] == 0
+    assert f"cut on the right (--truncation_strategy right): 0 still trained, {over} dropped (no trained token " \
+           f"left)" in out["right"]["printed"]

@@ -146,14 +146,22 @@ def test_template_without_chat_template_is_a_clear_error(toks):
     assert tok.decode(e.input_ids) == "text<|im_end|>"
 
 
-def test_parallel_encoding_equals_serial(toks):
-    from tunesmith.data.encode import encode_records
+def test_parallel_encoding_equals_serial(toks, tmp_path):
+    from tunesmith.data.store import encode_rows
     tok = toks["qwen3"]
     recs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a " * (i % 9 + 1)}]}
             for i in range(300)]
     srcs = [("mem", i + 1) for i in range(300)]
-    enc = ChatEncoder(tok, max_length=30)
-    serial, s1 = encode_records(enc, recs, srcs)
-    parallel, s2 = encode_records(enc, recs, srcs, num_proc=2)
+    enc = ChatEncoder(tok, max_length=22)
+    serial, s1 = encode_rows(enc, recs, srcs, str(tmp_path / "serial"))
+    parallel, s2 = encode_rows(enc, recs, srcs, str(tmp_path / "parallel"), num_proc=2)
+    from tunesmith.data.encode import TooLong
+    expected = []
+    for r in recs:  # the encoder's own output, row by row, for the rows that fit
+        try:
+            expected.append(enc.encode(r))
+        except TooLong:
+            pass
+    assert [(e.input_ids, e.labels) for e in serial] == [(e.input_ids, e.labels) for e in expected]
     assert [(e.input_ids, e.labels) for e in serial] == [(e.input_ids, e.labels) for e in parallel]
-    assert s1 == s2
+    assert s1 == s2 and s1["too_long"] > 0 and len(serial) + s1["too_long"] == 300

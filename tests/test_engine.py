@@ -2,13 +2,11 @@
 (base, LoRA, two adapters in one batch, requests joining a running batch), n, log-probs, seeds, gpt-oss and Qwen3
 reasoning, tool calls (official templates), `infer` result lines."""
 import json
-import os
 
 import pytest
 import torch
 
 from conftest import read_jsonl, write_jsonl
-from tunesmith.args import parse_args
 
 Q = [[{"role": "user", "content": f"question {i}: " + "word " * (i % 5)}] for i in range(10)]
 

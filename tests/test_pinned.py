@@ -12,7 +12,6 @@ from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE, ChatEncoder
 from tunesmith.data.formats import normalise_row
 from tunesmith.train import pairs, recipe, sft
-from tunesmith.train.config import resolve
 from tunesmith.train.reference import Reference, SeqLogps
 
 
@@ -216,7 +215,7 @@ def test_reference_free_objective_equals_the_papers_formula(monkeypatch, rlhf_ty
     by hand, for fixed policy log-probs including margins of ±60 (no overflow, no saturation to the wrong side)
     and the beta / simpo_gamma / label_smoothing / cpo_alpha settings."""
     args = parse_args("rlhf", ["--rlhf_type", rlhf_type, "--model", "unused", "--dataset", "unused.jsonl", *flags])
-    cfg, method = resolve(args, recipe.method_for(args), world_size=1, cuda=False)
+    cfg, method = recipe.configure(args)
     objective = method.objective(Reference("none", "none (reference-free method)"), cfg)
     monkeypatch.setattr(pairs, "sequence_logps", lambda model, batch, **kw: _fake_sequence_logps(PAIRS))
     batch = {"n_pairs": len(PAIRS), "n_tokens": sum(len(c) for c, _ in PAIRS)}

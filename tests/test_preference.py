@@ -12,7 +12,6 @@ from tunesmith.args import parse_args
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.train import pairs as preference
 from tunesmith.train import recipe
-from tunesmith.train.config import resolve
 from tunesmith.train.reference import Reference
 
 LN2 = math.log(2)
@@ -294,7 +293,7 @@ def test_reference_that_is_the_policy_is_reported(tiny_models, tmp_path, capsys)
     tok = AutoTokenizer.from_pretrained(model_dir)
     args = parse_args("rlhf", ["--model", "m", "--dataset", "d.jsonl", "--gradient_accumulation_steps", "1",
                                "--learning_rate", "1e-3"])
-    cfg, method = resolve(args, recipe.method_for(args), world_size=1, cuda=False)
+    cfg, method = recipe.configure(args)
     objective = method.objective(Reference("model", "the policy itself", model=policy), cfg)
     enc = ChatEncoder(tok, loss_scale="last_round")
     batch = preference.pair_collate([preference.Pair(*enc.encode_pair(normalise_row(food_row("apple", "rock", 1))))],

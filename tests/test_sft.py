@@ -202,6 +202,32 @@ def test_nan_loss_stops_cleanly(tiny_models, tmp_path):
              "--gradient_accumulation_steps", "1", "--optim", "sgd"])
 
 
+def test_nan_gradient_with_a_finite_loss_is_never_applied(tiny_models, tmp_path, monkeypatch):
+    """A finite loss whose gradient is NaN (here: a hook on one LoRA weight, from step 3 on) stops the run before
+    the update; the checkpoint it names holds finite weights."""
+    from safetensors.torch import load_file
+    from tunesmith.train import recipe, setup
+    from tunesmith.train.loop import TrainingDiverged
+
+    calls = []
+    real = setup.prepare_model
+
+    def poisoned(*a, **kw):
+        model, info = real(*a, **kw)
+        p = next(p for p in model.parameters() if p.requires_grad)
+        p.register_hook(lambda g: g * float("nan") if len(calls.append(1) or calls) > 2 else g)
+        return model, info
+
+    monkeypatch.setattr(recipe, "prepare_model", poisoned)
+    data = _variable_length_data(tmp_path, 8)
+    with pytest.raises(TrainingDiverged, match=r"gradient norm became nan \(loss [0-9.]+\) at step 3.*checkpoint-2"):
+        run(["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "6", "--save_steps", "1",
+             "--output_dir", str(tmp_path / "g"), "--report_to", "none", "--per_device_train_batch_size", "4",
+             "--gradient_accumulation_steps", "1"])
+    ckpt = next((tmp_path / "g").glob("v*/checkpoint-2"))
+    assert all(bool(t.isfinite().all()) for t in load_file(str(ckpt / "adapter_model.safetensors")).values())
+
+
 def test_crash_mid_save_leaves_no_checkpoint(tmp_path):
     from tunesmith.runs import atomic_dir, list_checkpoints
     with pytest.raises(RuntimeError):

@@ -31,6 +31,14 @@ COMMANDS = {
 # ms-swift commands that tunesmith will provide but does not yet: a clear message instead of "unknown command".
 PLANNED = {
     "pt": "continued pre-training",
+    "app": "the Gradio chat web app",
+    "web-ui": "the training web UI",
+}
+# what to use meanwhile
+PLANNED_INSTEAD = {
+    "app": "chat in the terminal with `tunesmith infer`, or serve the model with `tunesmith deploy` and use any "
+           "OpenAI-compatible chat UI",
+    "web-ui": "run the commands (tunesmith sft, rlhf, infer, export, deploy, eval) in a terminal",
 }
 
 
@@ -85,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     rest = argv[1:]
     if command not in COMMANDS:
         if command in PLANNED:
-            print(f"tunesmith: '{command}' ({PLANNED[command]}) is not available in this version yet.", file=sys.stderr)
+            instead = f" Meanwhile: {PLANNED_INSTEAD[command]}." if command in PLANNED_INSTEAD else ""
+            print(f"tunesmith: '{command}' ({PLANNED[command]}) is not available in this version yet.{instead}",
+                  file=sys.stderr)
             return 2
         import difflib
         near = difflib.get_close_matches(command, list(COMMANDS) + list(PLANNED), n=1)

@@ -1,12 +1,15 @@
 """`tunesmith export --adapters CKPT --merge_lora true`: merge LoRA adapters into the base weights and write a
-normal Hugging Face model directory (sharded safetensors, config, generation config, tokenizer with its chat
-template, and an args.json so that infer/deploy on the merged model keep the run's system prompt).
+normal Hugging Face model directory (sharded safetensors, or PyTorch .bin shards with --safe_serialization false;
+config, generation config, tokenizer with its chat template, and an args.json so that infer/deploy on the merged
+model keep the run's system prompt).
 
 The merge always goes into the unquantised base (a QLoRA adapter is merged into the full-precision weights), and
 the directory appears only when complete: it is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import sys
 
@@ -34,7 +37,7 @@ def main(args):
              f"unquantised weights")
     model, tok, model_dir = load_for_inference(args, adapters, merge=True, quantise=False)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=args.safe_serialization, max_shard_size=args.max_shard_size)
+        save_weights(model, tmp, args.safe_serialization, args.max_shard_size)
         tok.save_pretrained(tmp)
         record = to_record(args)
         record.update(model=out, adapters=[], train_type="full", quant_method=None, merged_from={
@@ -42,3 +45,45 @@ def main(args):
         write_json_atomic(os.path.join(tmp, "args.json"), record)
     print(f"[tunesmith] export: merged {', '.join(adapters)} into {args.model} -> {out}", file=sys.stderr)
     return 0
+
+
+def save_weights(model, out_dir: str, safe_serialization: bool, max_shard_size: str) -> None:
+    """The model's weights into out_dir as safetensors shards, or PyTorch .bin shards (pytorch_model*.bin and
+    pytorch_model.bin.index.json, what transformers 4.x writes with safe_serialization=False).
+
+    transformers 5 dropped save_pretrained's safe_serialization (it writes safetensors only, and still loads .bin),
+    so there the safetensors shards it writes are rewritten as .bin, one shard in memory at a time."""
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:  # transformers 4.x
+        model.save_pretrained(out_dir, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+        return
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    if not safe_serialization:
+        safetensors_to_bin(out_dir)
+
+
+def safetensors_to_bin(folder: str) -> None:
+    """Rewrite save_pretrained's model*.safetensors (and its index) in folder as pytorch_model*.bin (and
+    pytorch_model.bin.index.json), tensor names and shard boundaries unchanged."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    index_path = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    index = None
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as fh:
+            index = json.load(fh)
+        shards = sorted(set(index["weight_map"].values()))
+    else:
+        shards = [SAFE_WEIGHTS_NAME]
+    safe_stem, bin_stem = SAFE_WEIGHTS_NAME[:-len(".safetensors")], WEIGHTS_NAME[:-len(".bin")]  # model, pytorch_model
+    renamed = {}
+    for shard in shards:
+        # model-00001-of-00003.safetensors -> pytorch_model-00001-of-00003.bin
+        renamed[shard] = bin_stem + shard[len(safe_stem):-len(".safetensors")] + ".bin"
+        torch.save(load_file(os.path.join(folder, shard)), os.path.join(folder, renamed[shard]))
+        os.remove(os.path.join(folder, shard))
+    if index is not None:
+        index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+        write_json_atomic(os.path.join(folder, WEIGHTS_INDEX_NAME), index)
+        os.remove(index_path)

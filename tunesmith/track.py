@@ -1,9 +1,11 @@
-"""Trackers: logging.jsonl always; TensorBoard, SwanLab, W&B and MLflow through their own libraries.
+"""Trackers: logging.jsonl always; TensorBoard, SwanLab, W&B, MLflow and Trackio through their own libraries.
 
 A tracker that is missing or fails (e.g. the network is gone) never stops training: it warns once and is
 switched off, and logging.jsonl keeps every record. Tokens are passed to tracker libraries in memory only.
 Warnings go through tunesmith.log.note (stderr, rank 0 only; the other ranks get a disabled fan-out anyway).
---run_name names the run in W&B, MLflow and SwanLab (as transformers' run_name does); default: the run folder.
+--run_name names the run in W&B, MLflow, SwanLab and Trackio (as transformers' run_name does); default: the run
+folder. Trackio logs to its local store ($TRACKIO_DIR, default ~/.cache/huggingface/trackio) unless
+--trackio_space_id names a Hugging Face Space.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from tunesmith.log import note
 
-ALL_TRACKERS = ("tensorboard", "swanlab", "wandb", "mlflow")
+ALL_TRACKERS = ("tensorboard", "swanlab", "wandb", "mlflow", "trackio")
 
 
 def _run_name(run_dir: str, args) -> str:
@@ -109,7 +111,28 @@ class _MLflow:
         self.mlflow.end_run()
 
 
-_EXTRAS = {"tensorboard": "tensorboard", "swanlab": "swanlab", "wandb": "wandb", "mlflow": "mlflow"}
+class _Trackio:
+    """Trackio through its own library, in its local mode unless --trackio_space_id is given. The config is
+    args.json's record (secrets already redacted); no token is handed to Trackio (a Space upload uses the Hugging
+    Face login of the machine)."""
+
+    def __init__(self, run_dir: str, config: dict, args):
+        import trackio
+
+        self.run = trackio.init(project=getattr(args, "project", None) or "tunesmith", name=_run_name(run_dir, args),
+                                config=config, space_id=getattr(args, "trackio_space_id", None),
+                                bucket_id=getattr(args, "trackio_bucket_id", None))
+
+    def log(self, metrics: dict, step: int):
+        self.run.log(metrics, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+_EXTRAS = {"tensorboard": "tensorboard", "swanlab": "swanlab", "wandb": "wandb", "mlflow": "mlflow",
+           "trackio": "trackio"}
+_CLASSES = {"tensorboard": None, "swanlab": _SwanLab, "wandb": _Wandb, "mlflow": _MLflow, "trackio": _Trackio}
 
 
 class Trackers:
@@ -131,12 +154,8 @@ class Trackers:
             try:
                 if n == "tensorboard":
                     self.active[n] = _TensorBoard(run_dir, config)
-                elif n == "swanlab":
-                    self.active[n] = _SwanLab(run_dir, config, args)
-                elif n == "wandb":
-                    self.active[n] = _Wandb(run_dir, config, args)
                 else:
-                    self.active[n] = _MLflow(run_dir, config, args)
+                    self.active[n] = _CLASSES[n](run_dir, config, args)
             except ImportError:
                 note(f"--report_to {n}: {n} is not installed (pip install 'tunesmith[{_EXTRAS[n]}]'); "
                       f"metrics still go to logging.jsonl")

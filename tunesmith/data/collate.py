@@ -111,3 +111,23 @@ class PackedCollate:
             rows.append([(k + i, r) for i, r in enumerate(group)])
             k += len(group)
         return segments_collate(rows, self.pad_id, k)
+
+
+class Grouped:
+    """A read-only sequence of row groups (packed rows): item k is [rows[i] for i in groups[k]], read from `rows`
+    only when a batch asks for it, so packing never holds all rows in memory at once."""
+
+    def __init__(self, rows, groups: list[list[int]]):
+        self.rows, self.groups = rows, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        return [self.rows[i] for i in self.groups[k]]
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import os
 import sys
+from itertools import islice
 from typing import Optional
 
 from tunesmith.args import DataCommandArguments
-from tunesmith.data.encode import ChatEncoder, TooLong, NothingToTrain, render_highlighted
+from tunesmith.data.encode import IGNORE, ChatEncoder, TooLong, NothingToTrain, render_highlighted
 from tunesmith.data.formats import row_kind
-from tunesmith.data.load import load_datasets, normalise_rows, read_spec, split_train_val, write_jsonl
+from tunesmith.data.load import (LoadResult, load_datasets, normalise_rows, read_spec, rows_for, split_train_val,
+                                 stream_records, write_jsonl)
 from tunesmith.errors import ConfigError, DataError
 
 
-def _tokenizer(args: DataCommandArguments):
+def _tokenizer(args: DataCommandArguments, tools: bool = False):
     if args.model:
         from tunesmith.model import load_tokenizer
         return load_tokenizer(args)
@@ -25,12 +27,13 @@ def _tokenizer(args: DataCommandArguments):
     family = args.template if args.template in FAMILIES else "qwen2"
     print(f"(no --model given: using the built-in tiny {family} tokenizer; pass --model to see your model's tokens)",
           file=sys.stderr)
-    return build_tokenizer(family)
+    return build_tokenizer(family, official_template=tools)  # the compact templates render no tool calls
 
 
 def _encoder(args: DataCommandArguments, tok, max_length: Optional[int] = -1) -> ChatEncoder:
     """max_length -1 means --max_length; stats passes None to measure every row at full length."""
-    return ChatEncoder(tok, loss_scale=args.loss_scale, default_loss_scale="last_round" if args.rlhf else "default",
+    return ChatEncoder(tok, loss_scale=args.loss_scale,
+                       default_loss_scale="last_round" if args.rlhf or args.rlhf_type else "default",
                        max_length=args.max_length if max_length == -1 else max_length, truncation_strategy=args.truncation_strategy, system=args.system,
                        use_chat_template=args.use_chat_template)
 
@@ -46,10 +49,11 @@ def inspect(args: DataCommandArguments) -> None:
     Raises ConfigError (no --dataset, --row past the end, template problems) or DataError (loading)."""
     _need_dataset(args)
     result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
-    tok = _tokenizer(args)
+    shown = result.records[args.row:args.row + max(1, args.num_rows or 1)]
+    tok = _tokenizer(args, tools=any("tools" in r or any(m.get("tool_calls") for m in r["messages"]) for r in shown))
     enc = _encoder(args, tok)
     color = sys.stdout.isatty()
-    end = min(len(result.records), args.row + max(1, args.num_rows))
+    end = min(len(result.records), args.row + max(1, args.num_rows or 1))
     if args.row >= len(result.records):
         raise ConfigError(f"--row {args.row}: the data has {len(result.records)} rows")
     for i in range(args.row, end):
@@ -71,43 +75,65 @@ def inspect(args: DataCommandArguments) -> None:
             print(render_highlighted(tok, e, color=color))
 
 
+def _rows_kind(args: DataCommandArguments) -> str:
+    """What training would encode the rows as: "kto" (--rlhf_type kto), "preference" (--rlhf or another
+    --rlhf_type: every row a pair) or "sft"."""
+    if args.rlhf_type == "kto":
+        return "kto"
+    return "preference" if args.rlhf or args.rlhf_type else "sft"
+
+
 def validate(args: DataCommandArguments) -> int:
-    """Print every problem of every --dataset, sorted by line, then a count; with --max_length also rows that are
-    over it or have no trained tokens. Returns the exit code: 1 if any problem, else 0.
+    """Print every problem of every --dataset and --val_dataset, sorted by line, then a count: rows that do not
+    load or normalise, rows the method cannot use (--rlhf/--rlhf_type: a pair needs a rejected reply; KTO a label or
+    a pair), and, when the rows are encoded (--model, --max_length or preference data), rows that training would
+    drop: over --max_length, nothing to train, pairs that do not encode. Returns the exit code: 1 if any problem,
+    else 0.
 
     Read errors are printed, not raised. Raises ConfigError (no --dataset, template problems)."""
     _need_dataset(args)
-    problems = 0
-    total = 0
-    for spec in args.dataset:
-        broken: list = []
+    kind = _rows_kind(args)
+    problems = total = 0
+    enc = None
+    for spec in args.dataset + args.val_dataset:
         try:
-            raw = read_spec(spec, seed=args.data_seed, errors=broken)
+            raw = read_spec(spec, seed=args.data_seed, use_hf=args.use_hf, hub_token=args.hub_token)
         except DataError as e:
             print(e)
             problems += 1
             continue
-        res = normalise_rows(raw, strict=False, columns=args.columns, max_reasons=10 ** 9)
-        total += len(raw) + len(broken)
-        for reason in sorted([str(b) for b in broken] + res.reasons, key=_line_of):
+        total += len(raw)
+        res = rows_for(normalise_rows(raw, strict=False, columns=args.columns, max_reasons=10 ** 9), kind)
+        for reason in sorted(res.reasons, key=_line_of):
             print(reason)
-        problems += res.dropped + len(broken)
-        if args.max_length and res.records:
-            tok = _tokenizer(args)
-            enc = _encoder(args, tok)
-            for rec, (src, line) in zip(res.records, res.sources):
-                for key in ["messages"] + (["rejected_messages"] if "rejected_messages" in rec else []):
-                    try:
-                        enc.encode(rec, key)
-                    except TooLong as t:
-                        print(f"{src}:{line}: {key}: {t.args[0]} tokens, over --max_length {args.max_length} "
-                              f"(dropped in training with --truncation_strategy delete)")
-                        problems += 1
-                    except NothingToTrain:
-                        print(f"{src}:{line}: {key}: no trained tokens (every reply excluded by loss settings)")
-                        problems += 1
+        problems += res.dropped
+        if res.records and (args.model or args.max_length or kind != "sft"):
+            enc = enc or _encoder(args, _tokenizer(args))
+            problems += _check_encoding(args, enc, res, kind)
     print(f"{total} rows checked, {problems} problem(s).")
     return 1 if problems else 0
+
+
+def _check_encoding(args: DataCommandArguments, enc: ChatEncoder, res, kind: str) -> int:
+    """Encode each record as training encodes its kind (a pair with encode_pair); print each row training would
+    drop, return how many."""
+    problems = 0
+    for rec, (src, line) in zip(res.records, res.sources):
+        try:
+            if kind == "preference":
+                enc.encode_pair(rec)
+            else:
+                enc.encode(rec)
+            continue
+        except TooLong as t:
+            print(f"{src}:{line}: {t.args[0]} tokens, over --max_length {args.max_length} "
+                  f"(dropped in training with --truncation_strategy delete)")
+        except NothingToTrain:
+            print(f"{src}:{line}: no trained tokens (every reply excluded by loss settings or truncation)")
+        except DataError as e:
+            print(DataError(src, line, e.field, e.problem, e.fix))
+        problems += 1
+    return problems
 
 
 def _line_of(message: str) -> int:
@@ -152,19 +178,47 @@ def _pct(xs: list[int], p: float) -> int:
     return xs[min(len(xs) - 1, int(p * (len(xs) - 1) + 0.5))] if xs else 0
 
 
+STREAM_SAMPLE_ROWS = 10_000  # `stats --streaming true` measures this many rows unless --num_rows says otherwise
+
+
+def _stats_records(args: DataCommandArguments) -> tuple[LoadResult, str]:
+    """What `stats` measures: every row; with --streaming, the first --num_rows (default 10,000) rows, read as
+    training streams them (nothing else is read). Returns (records, "" or the line that says it is a sample).
+    Raises DataError (loading; no usable row)."""
+    if not args.streaming:
+        return load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed), ""
+    n = args.num_rows or STREAM_SAMPLE_ROWS
+    result = LoadResult([], [], strict=args.strict)
+    for rec, src in islice(stream_records(args.dataset, result, columns=args.columns, use_hf=args.use_hf,
+                                          hub_token=args.hub_token), n):
+        result.records.append(rec)
+        result.sources.append(src)
+    if not result.records:
+        raise DataError(" ".join(args.dataset), None, "", "no usable rows in --dataset.",
+                        "run `tunesmith data validate --dataset ...` to list every problem.")
+    if len(result.records) < n:
+        return result, f"--streaming: all {len(result.records)} rows measured (the data ends before --num_rows {n})"
+    return result, (f"--streaming: a sample, the first {n} rows, measured (--num_rows N measures more; the rest "
+                    f"of the data is not read)")
+
+
 def stats(args: DataCommandArguments) -> dict:
     """Print and return row kinds, assistant turns, tokens per sequence (min/mean/p50/p90/max/total) and trained
-    tokens, each sequence measured untruncated; with --max_length, how many sequences it would drop.
+    tokens, each sequence measured untruncated; with --max_length, how many sequences are over it and what
+    --truncation_strategy does with them (delete: dropped; left/right: truncated, dropped only when no trained token
+    is left).
+
+    --streaming true measures a sample: the first --num_rows rows (default 10,000), and says so.
 
     Raises ConfigError (no --dataset, template problems) or DataError (loading)."""
     _need_dataset(args)
-    result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
+    result, sample = _stats_records(args)
     tok = _tokenizer(args)
     max_length = args.max_length
     enc = _encoder(args, tok, max_length=None)
     kinds: dict[str, int] = {}
     lengths, trained, turns = [], [], []
-    nothing = 0
+    nothing = emptied = 0
     for rec in result.records:
         kinds[row_kind(rec)] = kinds.get(row_kind(rec), 0) + 1
         turns.append(sum(1 for m in rec["messages"] if m["role"] == "assistant"))
@@ -176,6 +230,9 @@ def stats(args: DataCommandArguments) -> dict:
                 continue
             lengths.append(len(e.input_ids))
             trained.append(e.n_trained)
+            if max_length and len(e.input_ids) > max_length and args.truncation_strategy != "delete":
+                kept = e.labels[-max_length:] if args.truncation_strategy == "left" else e.labels[:max_length]
+                emptied += all(x == IGNORE for x in kept)  # truncation cut every trained token: dropped
     over = sum(1 for n in lengths if max_length and n > max_length)
     s = {"rows": len(result.records), "bad_rows_dropped": result.dropped, "kinds": kinds,
          "assistant_turns": {"mean": round(sum(turns) / len(turns), 2), "max": max(turns)},
@@ -183,10 +240,21 @@ def stats(args: DataCommandArguments) -> dict:
                     "p50": _pct(lengths, 0.5), "p90": _pct(lengths, 0.9), "max": max(lengths, default=0),
                     "total": sum(lengths)},
          "trained_tokens": {"total": sum(trained), "mean": round(sum(trained) / max(1, len(trained)), 1)},
-         "no_trained_tokens": nothing}
+         "no_trained_tokens": nothing, **({"sample": sample} if sample else {})}
+    strategy = args.truncation_strategy
+    if strategy == "delete":
+        fate = f"{over} sequence(s) would be dropped (--truncation_strategy delete)"
+    else:
+        fate = (f"{over} sequence(s) would be truncated to {max_length} tokens, cut on the {strategy} "
+                f"(--truncation_strategy {strategy}): "
+                + (f"{over - emptied} still trained, {emptied} dropped (no trained token left)" if emptied
+                   else "all still trained"))
     if max_length:
-        s["over_max_length"] = {"max_length": max_length, "sequences": over,
-                                "note": "dropped in training with --truncation_strategy delete"}
+        s["over_max_length"] = {"max_length": max_length, "sequences": over, "truncation_strategy": strategy,
+                                "truncated": 0 if strategy == "delete" else over - emptied,
+                                "dropped": over if strategy == "delete" else emptied, "note": fate}
+    if sample:
+        print(sample)
     print(f"rows: {s['rows']} ({', '.join(f'{k}: {v}' for k, v in kinds.items())})"
           + (f", {result.dropped} bad rows dropped" if result.dropped else ""))
     print(f"assistant turns per row: mean {s['assistant_turns']['mean']}, max {s['assistant_turns']['max']}")
@@ -195,7 +263,7 @@ def stats(args: DataCommandArguments) -> dict:
           f"total {t['total']}")
     print(f"trained tokens: total {s['trained_tokens']['total']}, mean {s['trained_tokens']['mean']} per sequence")
     if max_length:
-        print(f"over --max_length {max_length}: {over} sequence(s) would be dropped (--truncation_strategy delete)")
+        print(f"over --max_length {max_length}: {fate}")
     return s
 
 

@@ -10,6 +10,9 @@ Which tokens are trained is derived from the rendering itself, with no per-model
    assistant reply and the next content (e.g. `<|im_end|>\\n<|im_start|>user\\n`) is the same for any reply, so
    it is measured once on a dummy conversation and stepped back over. The end-of-turn token is the first special
    token of that stretch (`<|im_end|>`, `<|eot_id|>`, `<|end|>`; for the final turn `<|return|>` in gpt-oss).
+   A reply with `tool_calls` (rendered by the template itself) ends at the first special token after its calls,
+   measured the same way on a dummy call (`<|im_end|>`, `<|eot_id|>`, gpt-oss `<|call|>`), and must name every
+   call: a template that drops one (no parallel calls) is an error, not a shorter reply.
 4. Labels are set on the tokens of F whose first character lies in a trained span, so they match the final
    rendering exactly, also for templates that render a turn differently once later turns follow (Qwen3 drops
    earlier `<think>` blocks; gpt-oss ends the last turn with `<|return|>` and earlier ones with `<|end|>`).
@@ -130,14 +133,18 @@ class ChatEncoder:
             kwargs["tools"] = tools
         return self.tok.apply_chat_template(self._template_messages(messages), **kwargs)
 
-    def _first_special_end(self, text: str) -> int:
-        """End offset of the first special token in text (0 if none)."""
+    def _first_special(self, text: str) -> tuple[int, int]:
+        """(start, end) offsets of the first special token in text ((0, 0) if none)."""
         best = None
         for s in self.special:
             k = text.find(s)
             if k >= 0 and (best is None or k < best[0]):
                 best = (k, k + len(s))
-        return best[1] if best else 0
+        return best or (0, 0)
+
+    def _first_special_end(self, text: str) -> int:
+        """End offset of the first special token in text (0 if none)."""
+        return self._first_special(text)[1]
 
     def _tail(self, next_role: Optional[str]) -> tuple[str, str]:
         """(text between an assistant reply's end and the next content, its trained end-of-turn part)."""
@@ -156,6 +163,42 @@ class ChatEncoder:
             tail = text[a:b]
             self._tails[key] = (tail, tail[: self._first_special_end(tail)])
         return self._tails[key]
+
+    def _call_tail(self, next_role: Optional[str], name: str) -> tuple[str, str]:
+        """For a reply that ends in tool calls: (its end-of-turn special token, the text between that token and the
+        next message's content, or the end). Measured on a dummy call to `name` (the reply's last call: gpt-oss
+        names it in the tool result's header) whose arguments hold a marker: the first special token after the
+        marker ends the turn (`<|im_end|>`, `<|eot_id|>`, gpt-oss `<|call|>`).
+        Raises ConfigError when the template renders no tool calls, or none followed by a special token."""
+        key = ("<calls>", next_role or "<end>", name)
+        if key not in self._tails:
+            call = {"type": "function", "function": {"name": name, "arguments": {"k": _DUMMY_REPLY}}}
+            msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            if next_role:
+                msgs.append({"role": next_role, "content": _SENTINEL})
+            text = self.render(msgs)
+            a = text.find(_DUMMY_REPLY)
+            if a < 0:
+                raise ConfigError("the chat template does not render assistant tool_calls, so rows with tool calls "
+                                  "cannot be trained with it; use a model whose chat template supports tools")
+            a += len(_DUMMY_REPLY)
+            rest = text[a:text.find(_SENTINEL) if next_role else len(text)]
+            k0, k1 = self._first_special(rest)
+            if k1 == 0:
+                raise ConfigError("the chat template ends a tool-call reply without a special token; "
+                                  "cannot derive a loss mask from it")
+            self._tails[key] = (rest[k0:k1], rest[k1:])
+        return self._tails[key]
+
+    def _reply_tail(self, reply: dict, next_role: Optional[str]) -> tuple[str, str]:
+        """(the text that ends where the next message's content (or the rendering) ends, the trained first part
+        of it) for an assistant reply: its end-of-turn token is that trained part. For a reply with tool calls the
+        text starts at the end-of-turn token, as what precedes it depends on the arguments."""
+        calls = reply.get("tool_calls")
+        if not calls:
+            return self._tail(next_role)
+        eot, after = self._call_tail(next_role, _call_name(calls[-1]))
+        return eot + after, eot
 
     def end_of_turn_tokens(self) -> list[str]:
         """The special tokens that end a reply: mid-conversation and final (gpt-oss: `<|end|>` and `<|return|>`).
@@ -180,7 +223,8 @@ class ChatEncoder:
             for s, e in excluded:
                 spans = [piece for a, b in spans for piece in ((a, min(b, s)), (max(a, e), b)) if piece[0] < piece[1]]
             return full, spans
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        # ms-swift: a round starts at a user or tool message, so last_round trains only the final reply of an agent turn
+        last_user = max((i for i, m in enumerate(messages) if m["role"] in ("user", "tool")), default=-1)
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -210,23 +254,26 @@ class ChatEncoder:
                 f"(first difference at character {k}: {full[max(0, k - 20):k + 20]!r}); "
                 f"tunesmith cannot align labels with it")
         start = len(prompt)
+        calls = messages[i].get("tool_calls")
         j = i + 1
         if j < len(messages):
             nxt = messages[j]
             probe = self.render(messages[:j] + [{**nxt, "content": _SENTINEL}], tools=tools)
             c = probe.find(_SENTINEL)
-            tail, eot = self._tail(nxt["role"])
+            tail, eot = self._reply_tail(messages[i], nxt["role"])
             if c < 0 or probe[:c] != full[:c] or full[c - len(tail):c] != tail:
                 raise ConfigError(f"cannot locate the end of reply {i} in the chat template's rendering "
                                   f"(next role {nxt['role']!r})")
             end = c - len(tail) + len(eot)
         else:
-            tail, eot = self._tail(None)
+            tail, eot = self._reply_tail(messages[i], None)
             if not full.endswith(tail):
                 raise ConfigError("cannot locate the end of the final reply in the chat template's rendering")
             end = len(full) - len(tail) + len(eot)
         if end < start:
             raise ConfigError(f"reply {i} renders to an empty span; cannot train on it")
+        if calls:
+            _check_calls_rendered(full[start:end], calls, i)
         return start, end
 
     # -------------------------------------------------------------- encoding
@@ -238,14 +285,24 @@ class ChatEncoder:
         Raises:
             TooLong: over --max_length with strategy "delete" (args[0]: the length in tokens); only with truncate.
             NothingToTrain: no trained token left; only with truncate.
-            ConfigError: the template cannot be aligned. KeyError: the record has no `messages_key`."""
+            ConfigError: the template cannot be aligned. KeyError: the record has no `messages_key`.
+            DataError (no source: the caller adds it): the template refuses the conversation (its
+                `raise_exception`, e.g. Llama 3.1 on parallel tool calls), or drops one of a reply's tool calls."""
         messages = self.with_system(record[messages_key])
         if not self.use_chat_template:
             text = "".join(m["content"] for m in messages) + (self.tok.eos_token or "")
             ids = self.tok(text, add_special_tokens=False)["input_ids"]
             enc = Encoded(ids, list(ids))
             return self._truncate(enc) if truncate else enc
-        full, spans = self.trained_spans(messages, record.get("tools"))
+        from jinja2 import TemplateError, TemplateSyntaxError
+
+        try:
+            full, spans = self.trained_spans(messages, record.get("tools"))
+        except TemplateSyntaxError:
+            raise
+        except TemplateError as e:  # a row the template rejects is a bad row (file:line), not a crash
+            raise DataError("", None, messages_key, f"the chat template refuses this conversation: {e}",
+                            "reshape the row as the model's template expects, or drop it.") from None
         enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [IGNORE] * len(ids)
@@ -296,6 +353,24 @@ class ChatEncoder:
         return self._truncate(chosen), self._truncate(rejected)
 
 
+def _call_name(call: dict) -> str:
+    """The function name of a canonical (or OpenAI) tool call."""
+    return str((call.get("function") or call).get("name", ""))
+
+
+def _check_calls_rendered(span: str, calls: list[dict], i: int) -> None:
+    """Raise DataError (no source: the caller adds it) unless the rendered reply i names each of its tool calls: a
+    template that drops calls (gpt-oss's renders only the first of parallel calls) must not train a reply with
+    calls missing."""
+    names = [_call_name(c) for c in calls]
+    for name in sorted(set(names)):
+        if span.count(name) < names.count(name):
+            raise DataError("", None, f"messages[{i}].tool_calls",
+                            f"the chat template renders {span.count(name)} of the {names.count(name)} call(s) to "
+                            f"{name!r} in this reply (it does not support parallel calls), so the row cannot be "
+                            f"trained as written.", "give one call per assistant turn, each followed by its result.")
+
+
 def render_highlighted(tokenizer, enc: Encoded, color: bool = False) -> str:
     """The encoded row as text with the trained tokens marked: [[...]] (or green when color).
 
@@ -323,36 +398,11 @@ def render_highlighted(tokenizer, enc: Encoded, color: bool = False) -> str:
     return "".join(out)
 
 
-def encode_records(encoder: ChatEncoder, records: list[dict], sources: list, kind: str = "sft",
-                   strict: bool = True, num_proc: int = 1) -> tuple[list[Any], dict]:
-    """Encode many records. Returns (encoded rows, stats). Over-long rows are dropped and counted
-    (--truncation_strategy delete); rows with nothing to train are dropped and counted.
-
-    kind: "sft" -> Encoded; "preference" -> (chosen, rejected); "kto" -> (Encoded, desirable: bool).
-
-    sources: (source, line) per record, for errors. stats: {"too_long", "nothing_to_train", "bad": row counts,
-    "reasons": the first 5 messages of bad rows}. num_proc > 1 forks workers once there are >= 256 records.
-    Raises DataError (strict: the first bad row, with its source:line); ConfigError from the template."""
-    stats = {"too_long": 0, "nothing_to_train": 0, "bad": 0, "reasons": []}
-    out = []
-    results = _encode_parallel(encoder, records, kind, num_proc) if num_proc > 1 and len(records) >= 256 \
-        else (_encode_one(encoder, rec, kind) for rec in records)
-    for (status, value), (src, line) in zip(results, sources):
-        if status == "ok":
-            out.append(value)
-        elif status in ("too_long", "nothing_to_train"):
-            stats[status] += 1
-        else:
-            e2 = DataError(src, line, value.field, value.problem, value.fix)
-            if strict:
-                raise e2 from None
-            stats["bad"] += 1
-            if len(stats["reasons"]) < 5:
-                stats["reasons"].append(str(e2))
-    return out, stats
-
-
-def _encode_one(encoder: ChatEncoder, rec: dict, kind: str):
+def encode_one(encoder: ChatEncoder, rec: dict, kind: str) -> tuple[str, Any]:
+    """Encode one canonical record as a method's `rows` kind says: "sft" -> Encoded; "preference" -> (chosen,
+    rejected); "kto" -> (Encoded, desirable: bool). Returns (status, value): ("ok", encoded), ("too_long", None)
+    (--truncation_strategy delete), ("nothing_to_train", None) or ("bad", DataError). Raises ConfigError from the
+    template (a problem with the model, not the row)."""
     try:
         if kind == "preference":
             return "ok", encoder.encode_pair(rec)
@@ -365,24 +415,3 @@ def _encode_one(encoder: ChatEncoder, rec: dict, kind: str):
         return "nothing_to_train", None
     except DataError as e:
         return "bad", e
-
-
-_WORKER_ENCODER: Optional[ChatEncoder] = None
-
-
-def _worker_chunk(args):
-    recs, kind = args
-    return [_encode_one(_WORKER_ENCODER, r, kind) for r in recs]
-
-
-def _encode_parallel(encoder: ChatEncoder, records: list[dict], kind: str, num_proc: int):
-    """--dataset_num_proc: encode in forked worker processes (the encoder is inherited, not pickled)."""
-    import multiprocessing as mp
-
-    global _WORKER_ENCODER
-    _WORKER_ENCODER = encoder
-    size = max(64, len(records) // (num_proc * 4) + 1)
-    chunks = [(records[i:i + size], kind) for i in range(0, len(records), size)]
-    with mp.get_context("fork").Pool(num_proc) as pool:
-        for part in pool.imap(_worker_chunk, chunks):
-            yield from part

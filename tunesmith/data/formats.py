@@ -3,15 +3,21 @@
 Canonical record (what every loader produces, what `tunesmith data convert` writes, what the encoder reads)::
 
     {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str,
-                   "reasoning_content": str (assistant, optional), "loss": bool (assistant, optional)}, ...],
+                   "reasoning_content": str (assistant, optional), "loss": bool (assistant, optional),
+                   "tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}, ...]
+                                 (assistant, optional; content may then be "")}, ...],
      "rejected_messages": [...]   # preference rows: the same conversation ending in the rejected reply
      "label": bool                # KTO rows
-     "tools": ...                 # passed to the chat template when present
+     "tools": [{"type": "function", "function": {...}}, ...]   # passed to the chat template when present
     }
 
 Accepted inputs follow ms-swift's auto-detection (messages/conversation(s), sharegpt from/value, alpaca,
 query/response aliases, system columns, `rejected_response`, `rejected_messages`, KTO `label`) and, unlike
-ms-swift, also `prompt`/`chosen`/`rejected` without any --columns mapping (TRL's and LLaMA-Factory's layout).
+ms-swift, also `prompt`/`chosen`/`rejected` without any --columns mapping (TRL's and LLaMA-Factory's layout),
+TRL's conversational forms (explicit `prompt` messages, or implicit: `chosen`/`rejected`/`completion` holding the
+whole conversation) and both tool-call forms: ms-swift's `tool_call`/`tool_response` roles (consecutive calls are
+one turn with parallel calls) and OpenAI's assistant `tool_calls` + `tool` messages. Either way the calls reach
+the chat template as `tool_calls`, so what is trained is what the model's own template renders.
 
 What lives here: pure-Python checks and rewrites of one decoded row at a time. What must not: file or hub reading
 (`tunesmith.data.load`), tokenizers and chat templates (`tunesmith.data.encode`), torch (not imported at all).
@@ -19,6 +25,7 @@ What lives here: pure-Python checks and rewrites of one decoded row at a time. W
 from __future__ import annotations
 
 import ast
+import json
 from typing import Any, Optional
 
 from tunesmith.errors import DataError
@@ -36,6 +43,8 @@ RESPONSE_KEYS = ("response", "answer", "output", "targets", "target", "answer_ke
 SYSTEM_KEYS = ("system", "system_prompt")
 MESSAGE_KEYS = ("messages", "conversation", "conversations")
 THINK_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+TOOL_CALL_ROLES = ("tool_call", "function_call")
 
 _FIX_ROLES = "use role user/assistant/system/tool (or sharegpt from: human/gpt/system)."
 
@@ -110,6 +119,146 @@ def _parse_maybe_literal(r: _Row, field: str, value: Any):
     return value
 
 
+def _message(r: _Row, f: str, m: Any) -> list[dict]:
+    """One input message `m` (field name `f`) as canonical messages: usually one, two for the legacy swift
+    {"human": q, "assistant": a} pair. ms-swift's `tool_call` comes back as an assistant message with `tool_calls`,
+    for _normalise_messages to merge into the reply before it."""
+    if not isinstance(m, dict):
+        raise r.err(f, f"expected a message object, got {type(m).__name__} ({_short(m)}).",
+                    "each message is {\"role\": ..., \"content\": ...}.")
+    keys = _ci(m)
+    role_key = keys.get("role") or keys.get("from")
+    content_key = keys.get("content") if "content" in keys else keys.get("value")
+    if role_key is None and content_key is None:
+        return _legacy_pair(r, f, m, keys)
+    if role_key is None:
+        raise r.err(f + ".role", "is missing.", _FIX_ROLES)
+    raw_role = m[role_key]
+    if not isinstance(raw_role, str) or raw_role.lower() not in ROLE_MAP:
+        raise r.err(f + ".role", f"unknown role {_short(raw_role)}.", _FIX_ROLES)
+    if raw_role.lower() in TOOL_CALL_ROLES:  # ms-swift: the content is one call {"name", "arguments"}
+        if content_key is None:
+            raise r.err(f + ".content", "is missing.", "give the call as {\"name\": ..., \"arguments\": {...}}.")
+        msg = {"role": "assistant", "content": "", "tool_calls": [_tool_call(r, f + ".content", m[content_key])]}
+        return [_with_loss(r, f, m, keys, msg)]
+    role = ROLE_MAP[raw_role.lower()]
+    msg: dict[str, Any] = {"role": role}
+    if role == "assistant":
+        _assistant_fields(r, f, m, keys, content_key, msg)
+    elif content_key is None:
+        raise r.err(f + ".content", "is missing.", "give every message a \"content\" string.")
+    elif role == "tool" and isinstance(m[content_key], (dict, list)) and not _is_text_parts(m[content_key]):
+        msg["content"] = json.dumps(m[content_key], ensure_ascii=False)  # a structured tool result, as ms-swift
+    else:
+        msg["content"] = _as_text(r, f + ".content", m[content_key])
+    if role == "tool" and "name" in keys and m[keys["name"]] is not None:
+        msg["name"] = m[keys["name"]]
+    return [_with_loss(r, f, m, keys, msg)]
+
+
+def _legacy_pair(r: _Row, f: str, m: dict, keys: dict) -> list[dict]:
+    """The legacy swift pair form {"human": q, "assistant": a} as a user and an assistant message."""
+    q = next((m[keys[k]] for k in ("user", "human") if k in keys), None)
+    a = next((m[keys[k]] for k in ("assistant", "gpt", "bot") if k in keys), None)
+    if q is None and a is None:
+        raise r.err(f, f"has neither 'role' nor 'content' (keys: {', '.join(map(str, m)) or 'none'}).",
+                    "each message is {\"role\": ..., \"content\": ...} (or sharegpt {\"from\", \"value\"}).")
+    out = []
+    if q is not None:
+        out.append({"role": "user", "content": _as_text(r, f + ".human", q)})
+    if a is not None:
+        out.append({"role": "assistant", "content": _as_text(r, f + ".assistant", a)})
+    return out
+
+
+def _assistant_fields(r: _Row, f: str, m: dict, keys: dict, content_key: Optional[str], msg: dict) -> None:
+    """Fill an assistant message's content, reasoning and OpenAI `tool_calls` (content may then be null)."""
+    think = next((m[keys[k]] for k in THINK_KEYS if k in keys and m[keys[k]] is not None), None)
+    calls = m[keys["tool_calls"]] if "tool_calls" in keys else None
+    calls = _parse_maybe_json(r, f + ".tool_calls", calls)
+    if calls is not None and not isinstance(calls, list):
+        calls = [calls]
+    content = m[content_key] if content_key is not None else None
+    if content is None and content_key is not None and not calls:
+        raise r.err(f + ".content", "is null; expected a string.", "give it text, or drop the row.")
+    if content_key is None and think is None and not calls:
+        raise r.err(f + ".content", "is missing.", "give every message a \"content\" string.")
+    msg["content"] = "" if content is None else _as_text(r, f + ".content", content)
+    if think is not None:
+        msg["reasoning_content"] = _as_text(r, f + ".reasoning_content", think)
+    if calls:
+        msg["tool_calls"] = [_tool_call(r, f"{f}.tool_calls[{k}]", c) for k, c in enumerate(calls)]
+    elif not msg["content"].strip() and not msg.get("reasoning_content", "").strip():
+        raise r.err(f + ".content", "is empty: an assistant reply must have text to train on.",
+                    "fill in the reply, drop the message, or drop the row.")
+
+
+def _with_loss(r: _Row, f: str, m: dict, keys: dict, msg: dict) -> dict:
+    """msg with the message's optional per-reply `"loss": true|false` copied over (checked)."""
+    if "loss" in keys and m[keys["loss"]] is not None:
+        loss = m[keys["loss"]]
+        if not isinstance(loss, bool):
+            raise r.err(f + ".loss", f"expected true or false, got {_short(loss)}.",
+                        "use \"loss\": false to exclude a reply from training.")
+        msg["loss"] = loss
+    return msg
+
+
+def _is_text_parts(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(p, dict) and p.get("type") == "text"
+                                                           for p in value)
+
+
+def _parse_maybe_json(r: _Row, field: str, value: Any):
+    """A JSON-encoded string decoded (tool_calls written as a string, as some exports do); anything else as is."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise r.err(field, f"is a string that is not valid JSON ({e}).", "write it as a JSON list.") from None
+    return value
+
+
+def _tool_call(r: _Row, field: str, value: Any) -> dict:
+    """One tool call — ms-swift's `tool_call` content ({"name", "arguments"}, as a dict or JSON string) or an
+    OpenAI `tool_calls` item ({"type": "function", "function": {...}, "id"}) — in the canonical shape
+    {"type": "function", "function": {"name": str, "arguments": dict}}. Arguments given as a JSON string are
+    decoded (templates apply `tojson` to them); the call id is dropped (tool results are matched by position)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise r.err(field, f"is not valid JSON ({e}): {_short(value)}.",
+                        "write the call as {\"name\": \"fn\", \"arguments\": {...}}.") from None
+    if not isinstance(value, dict):
+        raise r.err(field, f"expected a tool call object, got {type(value).__name__} ({_short(value)}).",
+                    "write the call as {\"name\": \"fn\", \"arguments\": {...}}.")
+    keys = _ci(value)
+    if isinstance(value.get(keys.get("function", "function")), dict):  # OpenAI wraps the call in "function"
+        field, value = field + ".function", value[keys["function"]]
+        keys = _ci(value)
+    name = value.get(keys.get("name", "name"))
+    if not isinstance(name, str) or not name.strip():
+        raise r.err(field + ".name", f"expected the function's name, got {_short(name)}.",
+                    "give every call a \"name\" (a tool from the row's \"tools\").")
+    akey = keys.get("arguments") or keys.get("parameters")
+    args = value[akey] if akey is not None else None
+    field = f"{field}.{akey or 'arguments'}"
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError as e:
+            raise r.err(field, f"is not valid JSON ({e}): {_short(args)}.",
+                        "write the arguments as a JSON object such as {\"city\": \"Paris\"} (or as that text).") \
+                from None
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise r.err(field, f"expected a JSON object of arguments, got {type(args).__name__} ({_short(args)}).",
+                    "write the arguments as an object: {\"name of the parameter\": value, ...}.")
+    return {"type": "function", "function": {"name": name, "arguments": args}}
+
+
 def _normalise_messages(r: _Row, field: str, value: Any, require_role: bool = True) -> list[dict]:
     value = _parse_maybe_literal(r, field, value)
     if isinstance(value, dict):
@@ -118,61 +267,46 @@ def _normalise_messages(r: _Row, field: str, value: Any, require_role: bool = Tr
         raise r.err(field, f"expected a list of messages, got {type(value).__name__}.",
                     "write [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", \"content\": ...}].")
     out: list[dict] = []
-    for i, m in enumerate(value):
-        f = f"{field}[{i}]"
-        if not isinstance(m, dict):
-            raise r.err(f, f"expected a message object, got {type(m).__name__} ({_short(m)}).",
-                        "each message is {\"role\": ..., \"content\": ...}.")
-        keys = _ci(m)
-        role_key = keys.get("role") or keys.get("from")
-        content_key = keys.get("content") if "content" in keys else keys.get("value")
-        if role_key is None and content_key is None:
-            # legacy swift pair form: {"human": q, "assistant": a}
-            q = next((m[keys[k]] for k in ("user", "human") if k in keys), None)
-            a = next((m[keys[k]] for k in ("assistant", "gpt", "bot") if k in keys), None)
-            if q is None and a is None:
-                raise r.err(f, f"has neither 'role' nor 'content' (keys: {', '.join(map(str, m)) or 'none'}).",
-                            "each message is {\"role\": ..., \"content\": ...} (or sharegpt {\"from\", \"value\"}).")
-            if q is not None:
-                out.append({"role": "user", "content": _as_text(r, f + ".human", q)})
-            if a is not None:
-                out.append({"role": "assistant", "content": _as_text(r, f + ".assistant", a)})
-            continue
-        if role_key is None:
-            raise r.err(f + ".role", "is missing.", _FIX_ROLES)
-        raw_role = m[role_key]
-        if not isinstance(raw_role, str) or raw_role.lower() not in ROLE_MAP:
-            raise r.err(f + ".role", f"unknown role {_short(raw_role)}.", _FIX_ROLES)
-        role = ROLE_MAP[raw_role.lower()]
-        msg: dict[str, Any] = {"role": role}
-        think = next((m[keys[k]] for k in THINK_KEYS if k in keys and m[keys[k]] is not None), None)
-        if content_key is None:
-            if role == "assistant" and think is not None:
-                msg["content"] = ""
+    for i, m in _order_tool_results(value):
+        for msg in _message(r, f"{field}[{i}]", m):
+            prev = out[-1] if out else None
+            if msg.get("tool_calls") and prev is not None and prev["role"] == "assistant":
+                _merge_calls(prev, msg)  # consecutive calls, or a reply's text then its calls: one turn
             else:
-                raise r.err(f + ".content", "is missing.", "give every message a \"content\" string.")
-        else:
-            msg["content"] = _as_text(r, f + ".content", m[content_key])
-        if role == "assistant":
-            if think is not None:
-                msg["reasoning_content"] = _as_text(r, f + ".reasoning_content", think)
-            if not msg["content"].strip() and not msg.get("reasoning_content", "").strip():
-                raise r.err(f + ".content", "is empty: an assistant reply must have text to train on.",
-                            "fill in the reply, drop the message, or drop the row.")
-            if "tool_calls" in keys:
-                msg["tool_calls"] = m[keys["tool_calls"]]
-        if "loss" in keys and m[keys["loss"]] is not None:
-            loss = m[keys["loss"]]
-            if not isinstance(loss, bool):
-                raise r.err(f + ".loss", f"expected true or false, got {_short(loss)}.",
-                            "use \"loss\": false to exclude a reply from training.")
-            msg["loss"] = loss
-        if role == "tool" and "name" in keys:
-            msg["name"] = m[keys["name"]]
-        out.append(msg)
+                out.append(msg)
     if not out:
         raise r.err(field, "is an empty list.", "give at least a user message and an assistant reply.")
     return out
+
+
+def _order_tool_results(value: list) -> list[tuple[int, Any]]:
+    """(index, message) pairs with OpenAI tool results put in the order of the calls they answer (matched by
+    `tool_call_id`, as ms-swift does: templates pair calls and results by position). Results whose ids do not all
+    match the calls keep their order."""
+    out = list(enumerate(value))
+    for i, (_, m) in enumerate(out):
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            continue
+        order = {c.get("id"): k for k, c in enumerate(calls)}
+        end = i + 1
+        while end < len(out) and isinstance(out[end][1], dict) and out[end][1].get("role") in ("tool", "tool_response"):
+            end += 1
+        ids = [x.get("tool_call_id") for _, x in out[i + 1:end]]
+        if None not in order and len(order) == len(calls) == len(ids) and set(order) == set(ids):
+            out[i + 1:end] = sorted(out[i + 1:end], key=lambda x: order[x[1]["tool_call_id"]])
+    return out
+
+
+def _merge_calls(prev: dict, msg: dict) -> None:
+    """Append msg's tool calls (and text, if any) to the assistant turn prev; prev's `loss` wins (ms-swift)."""
+    if msg["content"]:
+        prev["content"] = prev["content"] + msg["content"]
+    if msg.get("reasoning_content") and not prev.get("reasoning_content"):
+        prev["reasoning_content"] = msg["reasoning_content"]
+    prev["tool_calls"] = prev.get("tool_calls", []) + msg["tool_calls"]
+    if "loss" in msg and "loss" not in prev:
+        prev["loss"] = msg["loss"]
 
 
 def _reply(r: _Row, field: str, value: Any) -> list[dict]:
@@ -261,7 +395,8 @@ def _preference_prompt(r: _Row) -> list[dict]:
     pkey, prompt_v = r.get("prompt", "query", "question", "instruction", "input")
     if prompt_v is None:
         raise r.err("prompt", "is missing: a chosen/rejected row needs the prompt they answer.",
-                    "add \"prompt\": \"...\" (a string or a list of messages).")
+                    "add \"prompt\": \"...\" (a string or a list of messages), or give chosen and rejected as "
+                    "whole conversations (with the user turn) that differ only in the final reply.")
     if isinstance(prompt_v, str):
         prompt = [{"role": "user", "content": prompt_v}]
     else:
@@ -277,11 +412,13 @@ def _query_and_reply(r: _Row) -> list[dict]:
         qkey, query = r.keys["instruction"], "\n".join(x for x in (ins, inp) if x)
     else:
         qkey, query = r.get(*QUERY_KEYS)
-        if query is not None:
-            query = _as_text(r, qkey, query)
     rkey, resp = r.get(*[k for k in RESPONSE_KEYS if k != (qkey or "").lower()])
     if isinstance(resp, list) and resp and all(isinstance(x, str) for x in resp):
         resp = resp[0]  # ms-swift: a list of answers trains on the first
+    if isinstance(query, (list, dict)) or isinstance(resp, (list, dict)):
+        return _conversational_prompt_completion(r, qkey, query, rkey, resp)
+    if query is not None:
+        query = _as_text(r, qkey, query)
     if query is None and resp is None:
         known = ", ".join(sorted(MESSAGE_KEYS + ("instruction/input/output", "query/response",
                                                  "prompt/chosen/rejected")))
@@ -295,8 +432,64 @@ def _query_and_reply(r: _Row) -> list[dict]:
     return _prepend_system(r, messages)
 
 
+def _conversational_prompt_completion(r: _Row, qkey: Optional[str], query: Any, rkey: Optional[str],
+                                      resp: Any) -> list[dict]:
+    """TRL's conversational prompt/completion row (KTO's unpaired form with `label`, or SFT): the prompt (a string
+    or messages) followed by the completion's reply messages. A completion that holds the whole conversation (a
+    user message in it: TRL's implicit prompt) is used as is, and a prompt column next to it is not read."""
+    if resp is not None and _has_prompt_turn(resp):
+        return _prepend_system(r, _normalise_messages(r, rkey, resp))
+    if query is None:
+        prompt = []
+    elif isinstance(query, str):
+        prompt = [{"role": "user", "content": query}]
+    else:
+        prompt = _normalise_messages(r, qkey, query)
+    return _prepend_system(r, prompt + (_reply(r, rkey, resp) if resp is not None else []))
+
+
+def _has_prompt_turn(value: Any) -> bool:
+    """Whether a chosen/rejected/completion value (a message or a list of them) holds a user or system message:
+    a whole conversation rather than only the reply."""
+    for m in [value] if isinstance(value, dict) else value if isinstance(value, list) else []:
+        if isinstance(m, dict):
+            keys = _ci(m)
+            role = m.get(keys.get("role") or keys.get("from") or "role")
+            if isinstance(role, str) and ROLE_MAP.get(role.lower()) in ("user", "system"):
+                return True
+    return False
+
+
+def _implicit_pair(r: _Row) -> tuple[list[dict], list[dict]]:
+    """TRL's implicit-prompt pair: `chosen` and `rejected` are whole conversations (HuggingFaceH4/
+    ultrafeedback_binarized); the messages they share before the first differing reply are the prompt. A `prompt`
+    or `messages` column next to them is not read. After the shared prompt each side may hold only its reply
+    (assistant and tool messages)."""
+    ck, rk = r.keys["chosen"], r.keys["rejected"]
+    chosen = _prepend_system(r, _normalise_messages(r, ck, r.row[ck]))
+    rejected = _prepend_system(r, _normalise_messages(r, rk, r.row[rk]))
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == len(chosen) == len(rejected):
+        return chosen, rejected  # identical: normalise_row says so
+    fix = ("give both the same messages up to the final reply, or put the prompt in \"prompt\" and only the replies "
+           "in chosen/rejected.")
+    for key, conv in ((ck, chosen), (rk, rejected)):
+        if n == len(conv):
+            raise r.err(key, "has no reply of its own: it ends where the other conversation goes on.", fix)
+        bad = next((k for k in range(n, len(conv)) if conv[k]["role"] not in ("assistant", "tool")), None)
+        if conv[n]["role"] != "assistant" or bad is not None:
+            k = n if conv[n]["role"] != "assistant" else bad
+            raise r.err(f"{key}[{k}]", f"the two conversations differ from this {conv[k]['role']} message on; as "
+                        f"whole conversations (no separate prompt) they may differ only in the final reply.", fix)
+    return chosen, rejected
+
+
 def _conversation(r: _Row, msg_key: Optional[str]) -> tuple[list[dict], Optional[list[dict]]]:
     """(messages, rejected messages or None) from whichever layout the row uses."""
+    if r.has("chosen") and r.has("rejected") and _has_prompt_turn(r.row[r.keys["chosen"]]):
+        return _implicit_pair(r)
     if msg_key is not None and r.has("chosen") and r.has("rejected"):
         # sharegpt preference (LLaMA-Factory): conversations = prompt, chosen/rejected = reply messages
         return _chosen_and_rejected(r, _prepend_system(r, _normalise_messages(r, msg_key, r.row[msg_key])))
@@ -320,15 +513,49 @@ def _rejected_columns(r: _Row, messages: list[dict], rejected: Optional[list[dic
     return rejected
 
 
-def _tools(r: _Row, key: str, tools: Any) -> Any:
-    """The `tools` column, decoded from JSON when it is a string."""
+def _tools(r: _Row, key: str, tools: Any) -> list:
+    """The `tools` column (a JSON string or a list; each tool a dict or a JSON string) as a list of OpenAI tool
+    objects: a bare function schema {"name", "description", "parameters"} is wrapped as
+    {"type": "function", "function": ...} (ms-swift's wrap_tool; gpt-oss's template reads `tool.function`)."""
     if isinstance(tools, str):
         try:
-            import json
             tools = json.loads(tools)
         except ValueError:
             raise r.err(key, "is a string that is not JSON.", "write the tools as a JSON list.") from None
-    return tools
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list):
+        raise r.err(key, f"expected a list of tools, got {type(tools).__name__}.",
+                    "write [{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}].")
+    out = []
+    for i, tool in enumerate(tools):
+        if isinstance(tool, str):
+            try:
+                tool = json.loads(tool)
+            except ValueError:
+                raise r.err(f"{key}[{i}]", "is a string that is not JSON.", "write each tool as a JSON object.") \
+                    from None
+        if not isinstance(tool, dict):
+            raise r.err(f"{key}[{i}]", f"expected a tool object, got {type(tool).__name__} ({_short(tool)}).",
+                        "write {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}.")
+        tool = _drop_padding(tool)
+        out.append(tool if "type" in tool or "function" in tool else {"type": "function", "function": tool})
+    return out
+
+
+_NULL_MEANINGFUL = ("default", "const", "enum", "examples")
+
+
+def _drop_padding(schema: Any) -> Any:
+    """A copy of a tool schema without null-valued keys: Arrow (parquet, hub datasets) aligns every row's tools to
+    the union of all their fields and reads the missing ones back as null (ms-swift's remove_arrow_padding). Nulls
+    under `default`/`const`/`enum`/`examples` are data and kept."""
+    if isinstance(schema, list):
+        return [_drop_padding(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {k: (v if k in _NULL_MEANINGFUL else _drop_padding(v)) for k, v in schema.items()
+            if v is not None or k in _NULL_MEANINGFUL}
 
 
 def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional[dict] = None,
@@ -365,8 +592,9 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
     if label is not None:
         out["label"] = label
     key, tools = r.get("tools")
+    tools = _tools(r, key, tools) if tools else None
     if tools:
-        out["tools"] = _tools(r, key, tools)
+        out["tools"] = tools
     return out
 
 

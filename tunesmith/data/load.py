@@ -6,18 +6,20 @@ from: a bad row is reported as file:line, and `datasets`' json loader also refus
 (common in chat data, where some messages carry `loss` or `reasoning_content`). Parquet and hub data go through
 `datasets` (row numbers are reported instead of lines).
 
-What lives here: reading rows and handing each to `formats.normalise_row`. What must not: format rules
-(`tunesmith.data.formats`), tokenisation (`tunesmith.data.encode`), shuffling (the trainer's job). No torch import;
-pyarrow, `datasets` and modelscope are imported only when parquet or hub data is read.
+What lives here: reading rows and handing each to `formats.normalise_row`, all at once (`load_datasets`) or, for
+--streaming, one row at a time as they are asked for (`stream_records`, the same readers and rules). What must not:
+format rules (`tunesmith.data.formats`), tokenisation (`tunesmith.data.encode`), shuffling (the trainer's job). No
+torch import; pyarrow, `datasets` and modelscope are imported only when parquet or hub data is read.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from tunesmith.data.formats import extra_columns, normalise_row
 from tunesmith.errors import DataError
@@ -27,61 +29,153 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 @dataclass
 class RawRow:
-    """One row as read, before normalisation: the decoded object and where it came from."""
+    """One row as read, before normalisation: the decoded object and where it came from. `error`: the row could not
+    be read (broken JSON, invalid UTF-8, a CSV row with the wrong number of cells): a bad row, dropped or raised
+    like any other when the rows are normalised."""
     row: Any
     source: str
     line: Optional[int]  # 1-based line in the file, or row number for parquet/hub data
+    error: Optional[DataError] = None
 
 
 @dataclass
 class LoadResult:
-    """Canonical records with their (source, line) each, and how many bad rows were dropped (non-strict loads)."""
+    """Canonical records with their (source, line) each, and how many bad rows were dropped (non-strict loads).
+
+    strict: whether a bad row found later (a row the training method cannot use, see `rows_for`) raises, as at
+    load time; max_reasons: how many drop messages `reasons` keeps."""
     records: list[dict]
     sources: list[tuple[str, Optional[int]]]
     dropped: int = 0
     reasons: list[str] = field(default_factory=list)  # first few reasons for dropped rows
+    strict: bool = True
+    max_reasons: int = 5
 
     def __len__(self):
         return len(self.records)
+
+    def drop(self, error: DataError) -> None:
+        """A bad row: raised when strict, else counted (and its reason kept while there is room)."""
+        if self.strict:
+            raise error
+        self.dropped += 1
+        if len(self.reasons) < self.max_reasons:
+            self.reasons.append(str(error))
 
 
 def parse_spec(spec: str) -> tuple[str, Optional[str], Optional[int]]:
     """`[hf::|ms::]path_or_id[:subset][#N]` -> (path_or_id, hub prefix, N).
 
     path_or_id keeps any `:subset`; hub prefix is "hf", "ms" or None; N (rows to sample) is None without a numeric
-    `#N` suffix (a non-numeric `#...` stays part of the path). Never raises."""
+    `#N` suffix (a non-numeric `#...` stays part of the path; read_spec refuses it). Never raises."""
     hub = None
     if spec.startswith(("hf::", "ms::")):
         hub, spec = spec[:2], spec[4:]
     n = None
-    if "#" in spec:
+    if "#" in spec and not os.path.exists(spec):  # a file whose name holds a '#' is that file
         base, _, num = spec.rpartition("#")
-        if num.isdigit():
+        if num.isascii() and num.isdigit():
             spec, n = base, int(num)
     return spec, hub, n
 
 
 # ----------------------------------------------------------------- readers
 
-def _read_jsonl(path: str, errors: Optional[list] = None) -> Iterator[RawRow]:
-    """JSON lines. With `errors`, broken lines are collected there and reading goes on (for `data validate`)."""
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, text in enumerate(fh, 1):
-            if not text.strip():
-                continue
-            try:
-                yield RawRow(json.loads(text), path, lineno)
-            except json.JSONDecodeError as e:
-                err = DataError(path, lineno, "", f"broken JSON at column {e.colno}: {e.msg}.",
-                                "each line must be one complete JSON object (check quotes, commas and brackets).")
-                if errors is None:
-                    raise err from None
-                errors.append(err)
+_FIX_UTF8 = "save the file as UTF-8 (most editors: Save with Encoding > UTF-8)."
+
+
+def _check_text_file(path: str) -> None:
+    """Refuse what is not UTF-8 text before reading it: a UTF-16/UTF-32 file, or binary data (NUL bytes)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8192)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(path, None, "", "is a UTF-16 (or UTF-32) file; tunesmith reads UTF-8 text.", _FIX_UTF8)
+    if b"\x00" in head:
+        raise DataError(path, None, "", "is not a text file (it holds NUL bytes: binary data, or UTF-16 without a "
+                        "byte-order mark).", f"pass UTF-8 text ({', '.join(LOCAL_SUFFIXES[:3])}, .txt) or parquet.")
+
+
+def _utf8_error(path: str, e: UnicodeDecodeError, line: int) -> DataError:
+    """The DataError for the invalid UTF-8 of `e` (its bytes begin at the start of `line`)."""
+    data = e.object
+    before = data[:e.start]
+    line += before.count(b"\n")
+    col = e.start - (before.rfind(b"\n") + 1) + 1
+    return DataError(path, line, "", f"is not valid UTF-8 (byte 0x{data[e.start]:02x}, the line's byte {col}).",
+                     _FIX_UTF8)
+
+
+def _read_text(path: str) -> str:
+    """The whole file as text (UTF-8, a byte-order mark dropped). Raises DataError naming the first invalid byte."""
+    _check_text_file(path)
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, e, 1) from None
+
+
+def _lines(path: str) -> Iterator[tuple[int, Any]]:
+    """(line number, text) of each line (UTF-8, a leading byte-order mark dropped, line ends kept), or
+    (line number, DataError) for a line that is not valid UTF-8: that one line is a bad row, not the whole file."""
+    _check_text_file(path)
+    lineno = 0
+    with open(path, "rb") as fh:
+        for chunk in fh:
+            for data in chunk.splitlines(keepends=True):  # \n, \r\n and a lone \r end a line, as in text mode
+                lineno += 1
+                if lineno == 1 and data.startswith(b"\xef\xbb\xbf"):
+                    data = data[3:]
+                try:
+                    yield lineno, data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield lineno, _utf8_error(path, e, lineno)
+
+
+_FIX_NESTING = "rows are objects holding messages, not deeply nested lists or objects."
+
+
+def _json_problem(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply to read."
+    return f"broken JSON at column {e.colno}: {e.msg.removesuffix(' at')}."  # json's "Invalid control character at"
+
+
+def _read_jsonl(path: str) -> Iterator[RawRow]:
+    """JSON lines; a line that does not decode is a bad row (RawRow.error). A file that is one JSON list (as
+    `datasets`' json loader accepts, so ms-swift too) is read as one."""
+    if _starts_with_list(path):
+        yield from _read_json(path)
+        return
+    for lineno, text in _lines(path):
+        if isinstance(text, DataError):
+            yield RawRow(None, path, lineno, text)
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield RawRow(json.loads(text), path, lineno)
+        except (json.JSONDecodeError, RecursionError) as e:
+            yield RawRow(None, path, lineno, DataError(
+                path, lineno, "", _json_problem(e), _FIX_NESTING if isinstance(e, RecursionError) else
+                "each line must be one complete JSON object (check quotes, commas and brackets)."))
+
+
+def _starts_with_list(path: str) -> bool:
+    """Whether the whole file decodes as one JSON list (only tried when its first character is '[')."""
+    with open(path, "rb") as fh:
+        first = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if first != b"[":
+        return False
+    try:
+        return isinstance(json.loads(_read_text(path)), list)
+    except (ValueError, RecursionError, DataError):
+        return False
 
 
 def _read_json(path: str) -> Iterator[RawRow]:
-    with open(path, encoding="utf-8-sig") as fh:
-        text = fh.read()
+    text = _read_text(path)
     stripped = text.lstrip()
     if not stripped:
         return
@@ -89,11 +183,11 @@ def _read_json(path: str) -> Iterator[RawRow]:
         # either one object, or JSON lines in a .json file (ms-swift accepts both)
         try:
             obj = json.loads(text)
-            yield RawRow(obj, path, text[: len(text) - len(stripped)].count("\n") + 1)
-            return
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             yield from _read_jsonl(path)
             return
+        yield RawRow(obj, path, text[: len(text) - len(stripped)].count("\n") + 1)
+        return
     # A JSON list: decode element by element so that every row knows its line.
     dec = json.JSONDecoder()
     pos = text.index("[") + 1
@@ -107,49 +201,86 @@ def _read_json(path: str) -> Iterator[RawRow]:
 
     pos = skip_ws(pos)
     if pos < n and text[pos] == "]":
-        return
-    while True:
-        pos = skip_ws(pos)
-        line = text.count("\n", 0, pos) + 1
-        try:
-            obj, end = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(path, e.lineno, "", f"broken JSON at column {e.colno}: {e.msg}.",
-                            "check quotes, commas and brackets around this line.") from None
-        yield RawRow(obj, path, line)
-        pos = skip_ws(end)
-        if pos < n and text[pos] == ",":
-            pos += 1
-            continue
-        if pos < n and text[pos] == "]":
-            return
-        line = text.count("\n", 0, pos) + 1
-        raise DataError(path, line, "", "broken JSON: expected ',' or ']' between list items.",
-                        "separate the objects with commas and close the list with ].")
+        end = pos + 1
+    else:
+        while True:
+            pos = skip_ws(pos)
+            line = text.count("\n", 0, pos) + 1
+            try:
+                obj, end = dec.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise DataError(path, e.lineno, "", _json_problem(e),
+                                "check quotes, commas and brackets around this line.") from None
+            except RecursionError as e:
+                raise DataError(path, line, "", _json_problem(e), _FIX_NESTING) from None
+            yield RawRow(obj, path, line)
+            pos = skip_ws(end)
+            if pos < n and text[pos] == ",":
+                pos += 1
+                continue
+            if pos < n and text[pos] == "]":
+                end = pos + 1
+                break
+            if pos >= n:
+                raise DataError(path, text.count("\n", 0, len(text.rstrip())) + 1, "", "broken JSON: the list is "
+                                "never closed.", "end the file with ] (and check that no object is cut off).")
+            raise DataError(path, text.count("\n", 0, pos) + 1, "", "broken JSON: expected ',' or ']' between "
+                            "list items.", "separate the objects with commas and close the list with ].")
+    rest = skip_ws(end)
+    if rest < n:
+        raise DataError(path, text.count("\n", 0, rest) + 1, "", "text after the end of the JSON list.",
+                        "a .json file holds one list of objects (or use .jsonl: one object per line).")
 
 
 def _read_csv(path: str) -> Iterator[RawRow]:
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        for row in reader:
+    text = _read_text(path)
+    csv.field_size_limit(2 ** 31 - 1)  # ms-swift (pandas) has no limit on a cell's size
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next((cells for cells in reader if cells), None)  # the first line that is not blank
+        if header is None:
+            return
+        for cells in reader:
+            if not cells:  # a blank line
+                continue
+            line = reader.line_num
+            if len(cells) != len(header):
+                yield RawRow(None, path, line, DataError(
+                    path, line, "", f"has {len(cells)} cells but the header has {len(header)} columns "
+                    f"({', '.join(header)}).", "quote cells that contain commas (\"a, b\"), and give every row "
+                    "one cell per column."))
+                continue
             # like ms-swift (na_filter=False): empty cells stay empty strings
-            yield RawRow({k: v for k, v in row.items() if k is not None}, path, reader.line_num)
+            yield RawRow(dict(zip(header, cells)), path, line)
+    except csv.Error as e:
+        raise DataError(path, reader.line_num, "", f"is not valid CSV ({e}).",
+                        "check the quoting around this line (a quote inside a cell is written \"\").") from None
 
 
 def _read_txt(path: str) -> Iterator[RawRow]:
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, text in enumerate(fh, 1):
-            text = text.rstrip("\n")
-            if text.strip():
-                yield RawRow({"text": text}, path, lineno)
+    for lineno, text in _lines(path):
+        if isinstance(text, DataError):
+            yield RawRow(None, path, lineno, text)
+            continue
+        text = text.rstrip("\r\n")
+        if text.strip():
+            yield RawRow({"text": text}, path, lineno)
 
 
 def _read_parquet(path: str) -> Iterator[RawRow]:
-    import pyarrow.parquet as pq  # a dependency of `datasets`
+    import pyarrow as pa  # a dependency of `datasets`
+    import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    for i, row in enumerate(table.to_pylist(), 1):
-        yield RawRow(row, path, i)
+    i = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # a batch at a time (--streaming)
+            for row in batch.to_pylist():
+                i += 1
+                yield RawRow(row, path, i)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(path, None, "", f"cannot be read as parquet ({first}).",
+                        "check that it is a complete parquet file (or give the file its real suffix).") from None
 
 
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_txt,
@@ -157,70 +288,98 @@ READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt"
 
 
 def _read_local(path: str) -> list[RawRow]:
+    return list(_iter_local(path))
+
+
+def _iter_local(path: str) -> Iterator[RawRow]:
+    """The rows of a local file, or of every data file in a folder (sorted), one at a time."""
     if os.path.isdir(path):
         files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs
                        if f.lower().endswith(LOCAL_SUFFIXES) and not f.startswith("."))
         if not files:
             raise DataError(path, None, "", "the folder holds no data files.",
                             f"put {', '.join(LOCAL_SUFFIXES)} files in it, or pass the files themselves.")
-        rows = []
         for f in files:
-            rows.extend(_read_local(f))
-        return rows
+            yield from _iter_local(f)
+        return
     suffix = os.path.splitext(path)[1].lower()
     reader = READERS.get(suffix)
     if reader is None:
         raise DataError(path, None, "", f"unsupported file type {suffix or '(none)'}.",
                         f"use one of {', '.join(LOCAL_SUFFIXES)}.")
-    return list(reader(path))
+    try:
+        yield from reader(path)
+    except OSError as e:  # unreadable: permissions, a special file, an I/O error
+        raise DataError(path, None, "", f"cannot be read ({e.strerror or e}).",
+                        "check the file's permissions, or copy it somewhere readable.") from None
 
 
 def _read_hub(dataset_id: str, hub: Optional[str], use_hf: bool, hub_token: Optional[str] = None) -> list[RawRow]:
+    """Rows of a hub dataset (every `:subset/subset` given, split "train"), from ModelScope (an `ms::` id, or a
+    plain id unless use_hf / USE_HF=1) or the Hugging Face hub. Raises DataError when it cannot be loaded."""
+    return list(_iter_hub(dataset_id, hub, use_hf, hub_token))
+
+
+def _iter_hub(dataset_id: str, hub: Optional[str], use_hf: bool, hub_token: Optional[str] = None,
+              streaming: bool = False) -> Iterator[RawRow]:
+    """_read_hub's rows one at a time; streaming: read as they download (`datasets.load_dataset(...,
+    streaming=True)`, ModelScope's use_streaming), nothing stored first."""
     name, _, subset = dataset_id.partition(":")
     subsets = [s for s in subset.split("/") if s] or [None]
-    use_ms = hub == "ms" or (hub is None and not use_hf and os.environ.get("USE_HF", "0") not in ("1", "true"))
-    rows: list[RawRow] = []
+    use_ms = hub == "ms" or (hub is None and not use_hf and os.environ.get("USE_HF", "0").lower() not in ("1", "true"))
+    if use_ms:
+        try:
+            from modelscope.msdatasets import MsDataset
+        except ImportError:
+            if hub == "ms":
+                raise DataError(f"ms::{dataset_id}", None, "", "ModelScope datasets need the modelscope package, "
+                                "which is not installed.", f"pip install modelscope, or load it from the Hugging "
+                                f"Face hub: hf::{dataset_id}.") from None
+            from tunesmith.log import note
+            note(f"--dataset {dataset_id}: modelscope is not installed; loading it from the Hugging Face hub "
+                 f"instead (pip install modelscope to use ModelScope, or write hf::{dataset_id})")
+            use_ms = False
+    hub_name = "ModelScope" if use_ms else "the Hugging Face hub"
     for sub in subsets:
-        if use_ms:
-            try:
-                from modelscope.msdatasets import MsDataset
-            except ImportError:
-                use_ms = False
-            else:
-                ds = MsDataset.load(name, subset_name=sub or "default", split="train")
-                ds = getattr(ds, "to_hf_dataset", lambda: ds)()
-        if not use_ms:
-            import datasets
-
-            ds = datasets.load_dataset(name, sub, split="train", token=hub_token)
         label = f"{'ms' if use_ms else 'hf'}::{name}" + (f":{sub}" if sub else "")
-        rows.extend(RawRow(r, label, i) for i, r in enumerate(ds, 1))
-    return rows
+        try:
+            if use_ms:
+                ds = MsDataset.load(name, subset_name=sub or "default", split="train", use_streaming=streaming)
+                ds = ds if streaming else getattr(ds, "to_hf_dataset", lambda: ds)()
+            else:
+                import datasets
+
+                ds = datasets.load_dataset(name, sub, split="train", token=hub_token, streaming=streaming)
+            for i, r in enumerate(ds, 1):
+                yield RawRow(r, label, i)
+        except Exception as e:  # noqa: BLE001 - network, auth, not-found and format errors all end here
+            first = str(e).splitlines()[0] if str(e) else ""
+            local = "" if hub else "not a local file or folder, and "
+            raise DataError(label, None, "", f"{local}loading it from {hub_name} failed ({type(e).__name__}: "
+                            f"{first}).", "check the path, or the dataset id and your network (offline, only "
+                            "datasets already in the cache load).") from None
 
 
-def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Optional[str] = None,
-              errors: Optional[list] = None) -> list[RawRow]:
+def _looks_local(path: str) -> bool:
+    return os.path.exists(path) or path.lower().endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~"))
+
+
+def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Optional[str] = None) -> list[RawRow]:
     """Rows of one --dataset entry, with `#N` sampling applied (without replacement below the size, else repeated).
 
-    With `errors`, broken JSON lines of .jsonl files are collected there instead of stopping the read.
+    Rows that cannot be read (broken JSON, invalid UTF-8, a CSV row with the wrong number of cells) come back with
+    RawRow.error set: bad rows for `normalise_rows` to raise or drop.
     seed: the `#N` sampling seed; use_hf, hub_token: for hub ids (ModelScope by default, unless USE_HF=1).
     Returns the rows in file order (sampled rows keep their order).
     Raises:
-        DataError: file not found, unsupported file type, a folder without data files, broken JSON, or no rows.
-        Hub ids: whatever `datasets.load_dataset` / `MsDataset.load` raise (not found, no access, no network)."""
-    path, hub, n = parse_spec(spec)
-    if hub is None and (os.path.exists(path) or path.lower().endswith(LOCAL_SUFFIXES) or path.startswith((".", "/"))):
-        if not os.path.exists(path):
-            raise DataError(path, None, "", "file not found.", "check the path given to --dataset.")
-        if errors is not None and path.lower().endswith(".jsonl"):
-            rows = list(_read_jsonl(path, errors))
-        else:
-            rows = _read_local(path)
-    else:
-        rows = _read_hub(path, hub, use_hf, hub_token)
-    if not rows and not errors:
+        DataError: file not found, unsupported or unreadable file (binary, UTF-16, not parquet, broken JSON list,
+            broken CSV quoting), a folder without data files, a `#N` that is not a whole number >= 1, no rows, or
+            a hub id that does not load (not found, no access, no network, modelscope missing for `ms::`)."""
+    path, hub, n, local = _check_spec(spec)
+    rows = _read_local(path) if local else _read_hub(path, hub, use_hf, hub_token)
+    if not rows:
         raise DataError(path, None, "", "the dataset is empty.", "add rows, or remove it from --dataset.")
-    if n is not None and rows:
+    if n is not None:
         rng = random.Random(seed)
         if n <= len(rows):
             rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), n))]
@@ -230,29 +389,112 @@ def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Option
     return rows
 
 
+def _check_spec(spec: str) -> tuple[str, Optional[str], Optional[int], bool]:
+    """(path or id, hub prefix, N of `#N`, whether it is local) for one --dataset entry. Raises DataError for a `#N`
+    that is not a whole number >= 1 and a local file that does not exist."""
+    path, hub, n = parse_spec(spec)
+    if n is None and "#" in path and not os.path.exists(path):
+        base, _, num = path.rpartition("#")
+        if base and not (_looks_local(base) and not os.path.exists(base)):
+            raise DataError(spec, None, "", f"'#{num}' is not a number of rows: `PATH#N` samples N rows.",
+                            "write a whole number >= 1 after the #, e.g. data.jsonl#500, or drop the #.")
+        if base:
+            path = base  # a missing file: say so below
+    if n == 0:
+        raise DataError(spec, None, "", "'#0' samples no rows.", "use #N with N >= 1, or drop the #0.")
+    local = hub is None and _looks_local(path)
+    if local and not os.path.exists(path):
+        raise DataError(path, None, "", "file not found.", "check the path given to --dataset.")
+    return path, hub, n, local
+
+
+def iter_spec(spec: str, use_hf: bool = False, hub_token: Optional[str] = None) -> Iterator[RawRow]:
+    """--streaming: the rows of one --dataset entry, read one at a time as they are asked for (local files row by
+    row, hub datasets as they download). `path#N` takes the first N rows, from the start again while there are
+    fewer (the size of a stream is not known up front, so it is not sampled as read_spec samples it).
+
+    The spec is checked now (read_spec's errors: a bad `#N`, a missing file); reading errors, and an empty
+    dataset, raise DataError when the rows are read."""
+    path, hub, n, local = _check_spec(spec)
+
+    def rows() -> Iterator[RawRow]:
+        return _iter_local(path) if local else _iter_hub(path, hub, use_hf, hub_token, streaming=True)
+    return _take(rows, n, path)
+
+
+def _take(rows: Callable[[], Iterator[RawRow]], n: Optional[int], path: str) -> Iterator[RawRow]:
+    """The rows of `rows()`, or its first n (reading it again from the start while there are fewer)."""
+    count = 0
+    while True:
+        before = count
+        for rr in rows():
+            yield rr
+            count += 1
+            if count == n:
+                return
+        if count == 0:
+            raise DataError(path, None, "", "the dataset is empty.", "add rows, or remove it from --dataset.")
+        if n is None or count == before:
+            return
+
+
 def normalise_rows(raw: Iterable[RawRow], strict: bool = True, columns: Optional[dict] = None,
                    need_reply: bool = True, max_reasons: int = 5, keep_columns: bool = False) -> LoadResult:
     """Normalise every row. strict: the first bad row raises. Otherwise bad rows are dropped and counted.
     keep_columns: each record also carries "columns", the row's other columns (see formats.extra_columns).
 
     columns, need_reply: as formats.normalise_row. max_reasons: how many drop messages to keep in `reasons`.
-    Raises DataError (strict only): the first row that does not normalise."""
-    result = LoadResult([], [])
+    A row that could not be read (RawRow.error) is a bad row like one that does not normalise.
+    Raises DataError (strict only): the first bad row."""
+    result = LoadResult([], [], strict=strict, max_reasons=max_reasons)
     for rr in raw:
         try:
-            rec = normalise_row(rr.row, rr.source, rr.line, columns=columns, need_reply=need_reply)
+            rec = normalise_one(rr, columns, need_reply)
         except DataError as e:
-            if strict:
-                raise
-            result.dropped += 1
-            if len(result.reasons) < max_reasons:
-                result.reasons.append(str(e))
+            result.drop(e)
             continue
         if keep_columns:
             rec["columns"] = extra_columns(rr.row, columns)
         result.records.append(rec)
         result.sources.append((rr.source, rr.line))
     return result
+
+
+def normalise_one(rr: RawRow, columns: Optional[dict] = None, need_reply: bool = True) -> dict:
+    """One row as read -> its canonical record (formats.normalise_row). Raises DataError: a row that could not be
+    read (RawRow.error), does not normalise, or is nested too deeply."""
+    if rr.error is not None:
+        raise rr.error
+    try:
+        return normalise_row(rr.row, rr.source, rr.line, columns=columns, need_reply=need_reply)
+    except RecursionError:
+        raise DataError(rr.source, rr.line, "", "nested too deeply to read.", _FIX_NESTING) from None
+
+
+def stream_records(specs: list[str], tally: LoadResult, *, columns: Optional[dict] = None, use_hf: bool = False,
+                   hub_token: Optional[str] = None,
+                   shape: Optional[Callable[[LoadResult], LoadResult]] = None) -> Iterator[tuple[dict, tuple]]:
+    """--streaming: (record, (source, line)) for every row of `specs` in order, read, normalised and shaped one row
+    at a time, never all in memory. shape: the training method's rules on a LoadResult (`method.shape_records`,
+    e.g. rows_for), applied to each row alone. Bad rows go to `tally`: raised when `tally.strict` (file:line),
+    else dropped and counted there. Every spec is checked now (iter_spec); the rows are read as asked for."""
+    streams = [iter_spec(spec, use_hf=use_hf, hub_token=hub_token) for spec in specs]
+    return _records(streams, tally, columns, shape)
+
+
+def _records(streams: list, tally: LoadResult, columns: Optional[dict], shape) -> Iterator[tuple[dict, tuple]]:
+    for stream in streams:
+        for rr in stream:
+            try:
+                rec = normalise_one(rr, columns)
+            except DataError as e:
+                tally.drop(e)
+                continue
+            one = LoadResult([rec], [(rr.source, rr.line)], strict=tally.strict)
+            shaped = shape(one) if shape else one
+            tally.dropped += shaped.dropped
+            tally.reasons += shaped.reasons[:max(0, tally.max_reasons - len(tally.reasons))]
+            yield from zip(shaped.records, shaped.sources)
 
 
 def load_datasets(specs: list[str], *, strict: bool = True, columns: Optional[dict] = None, seed: int = 42,
@@ -276,11 +518,57 @@ def load_datasets(specs: list[str], *, strict: bool = True, columns: Optional[di
     return result
 
 
+def map_records(loaded: LoadResult, fn: Callable[[dict, tuple], list]) -> LoadResult:
+    """A new LoadResult of `fn(record, (source, line))` for every record: the records to keep in its place (none,
+    the record, a rewrite, several). A DataError from fn is a bad row: raised when `loaded.strict`, else dropped and
+    counted on top of `loaded`'s drops."""
+    out = LoadResult([], [], loaded.dropped, list(loaded.reasons), loaded.strict, loaded.max_reasons)
+    for rec, src in zip(loaded.records, loaded.sources):
+        try:
+            new = fn(rec, src)
+        except DataError as e:
+            out.drop(e)
+            continue
+        out.records += new
+        out.sources += [src] * len(new)
+    return out
+
+
+def _pair_only(rec: dict, src: tuple) -> list[dict]:
+    if "rejected_messages" not in rec:
+        raise DataError(src[0], src[1], "rejected_response", "is missing or null: preference training needs a "
+                        "rejected reply for every row.", "add rejected_response (or use prompt/chosen/rejected).")
+    return [rec]
+
+
+def _kto_rows(rec: dict, src: tuple) -> list[dict]:
+    if "label" in rec:
+        return [{k: v for k, v in rec.items() if k != "rejected_messages"}]
+    if "rejected_messages" in rec:
+        return [{"messages": rec["messages"], "label": True, "tools": rec.get("tools")},
+                {"messages": rec["rejected_messages"], "label": False, "tools": rec.get("tools")}]
+    raise DataError(src[0], src[1], "label", "is missing or null: KTO needs each reply labelled desirable or not.",
+                    'add "label": true or false (or give chosen/rejected pairs).')
+
+
+def rows_for(loaded: LoadResult, kind: str) -> LoadResult:
+    """The loaded records as a training method's `rows` kind reads them: "sft" every row as loaded; "preference"
+    every row a pair (a row without a rejected reply is a bad row); "kto" single replies labelled desirable or not
+    (a labelled row stays, a pair becomes its chosen reply, desirable, and its rejected reply, undesirable; a row
+    with neither is a bad row). Bad rows raise when `loaded.strict`, else are dropped and counted (map_records).
+    `tunesmith data validate --rlhf` and training both check rows through here."""
+    if kind == "preference":
+        return map_records(loaded, _pair_only)
+    if kind == "kto":
+        return map_records(loaded, _kto_rows)
+    return loaded
+
+
 def split_train_val(result: LoadResult, ratio: float, seed: int) -> tuple[LoadResult, LoadResult]:
     """Split off max(int(n * ratio), 1) validation rows, seeded (ms-swift's rule).
 
     ratio: validation fraction (0-1). Returns (train, val), each in the original order; `dropped`/`reasons` are not
-    carried over. Raises DataError when the split would leave no training rows."""
+    carried over (`strict` is). Raises DataError when the split would leave no training rows."""
     n = len(result.records)
     n_val = max(int(n * ratio), 1)
     if n_val >= n:
@@ -290,7 +578,10 @@ def split_train_val(result: LoadResult, ratio: float, seed: int) -> tuple[LoadRe
     order = list(range(n))
     random.Random(seed).shuffle(order)
     val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
-    pick = lambda idx: LoadResult([result.records[i] for i in idx], [result.sources[i] for i in idx])  # noqa: E731
+
+    def pick(idx):
+        return LoadResult([result.records[i] for i in idx], [result.sources[i] for i in idx],
+                          strict=result.strict, max_reasons=result.max_reasons)
     return pick(train_idx), pick(val_idx)
 
 

@@ -55,7 +55,7 @@ class TrainConfig:
     world_size: int
 
 
-def _between(problems: list, name: str, value, lo, hi, lo_open=False, hi_open=False, hint: str = "") -> None:
+def between(problems: list, name: str, value, lo, hi, lo_open=False, hi_open=False, hint: str = "") -> None:
     """Append a problem unless lo (<|≤) value (<|≤) hi, with value a finite number; None bounds are open ends."""
     ok = isinstance(value, (int, float)) and math.isfinite(value)
     if ok and lo is not None:
@@ -78,29 +78,39 @@ def problems(args) -> list[str]:
     if not args.dataset:
         out.append("pass the training data with --dataset FILE [FILE ...]")
     if args.learning_rate is not None:
-        _between(out, "learning_rate", args.learning_rate, 0, None, lo_open=True, hint="the usual LoRA value is 1e-4")
+        usual = "the usual value for full training is 1e-5" if args.train_type == "full" else \
+            "the usual LoRA value is 1e-4"
+        between(out, "learning_rate", args.learning_rate, 0, None, lo_open=True, hint=usual)
     if args.train_type == "lora":
-        _between(out, "lora_rank", args.lora_rank, 1, None, hint="8 or 16 are usual")
-        _between(out, "lora_alpha", args.lora_alpha, 0, None, lo_open=True, hint="usually 2-4x --lora_rank")
-        _between(out, "lora_dropout", args.lora_dropout, 0, 1, hi_open=True)
-    if args.max_steps <= 0:
-        _between(out, "num_train_epochs", args.num_train_epochs, 0, None, lo_open=True,
+        between(out, "lora_rank", args.lora_rank, 1, None, hint="8 or 16 are usual")
+        between(out, "lora_alpha", args.lora_alpha, 0, None, lo_open=True, hint="usually 2-4x --lora_rank")
+        between(out, "lora_dropout", args.lora_dropout, 0, 1, hi_open=True)
+    if args.max_steps <= 0 and args.streaming:
+        out.append("--streaming needs --max_steps N: the number of rows in a stream is not known before it is read "
+                   "(ms-swift requires it too)")
+    elif args.max_steps <= 0:
+        between(out, "num_train_epochs", args.num_train_epochs, 0, None, lo_open=True,
                  hint="or give --max_steps N")
+    if args.streaming and args.split_dataset_ratio > 0:
+        out.append("--split_dataset_ratio cannot split a stream (--streaming); pass validation data with "
+                   "--val_dataset, as ms-swift requires")
+    if args.streaming:
+        between(out, "shuffle_buffer_size", args.shuffle_buffer_size, 1, None)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps"):
-        _between(out, name, getattr(args, name), 1, None)
+        between(out, name, getattr(args, name), 1, None)
     for name in ("gradient_accumulation_steps", "eval_steps", "max_length", "packing_length"):
         if getattr(args, name) is not None:
-            _between(out, name, getattr(args, name), 1, None)
+            between(out, name, getattr(args, name), 1, None)
     if args.save_strategy in ("steps", "best"):
-        _between(out, "save_steps", args.save_steps, 1, None)
+        between(out, "save_steps", args.save_steps, 1, None)
     for name in ("adam_beta1", "adam_beta2"):
-        _between(out, name, getattr(args, name), 0, 1, hi_open=True)
+        between(out, name, getattr(args, name), 0, 1, hi_open=True)
     for name in ("adam_epsilon", "weight_decay", "max_grad_norm", "warmup_steps", "router_aux_loss_coef"):
-        _between(out, name, getattr(args, name), 0, None)
-    _between(out, "warmup_ratio", args.warmup_ratio, 0, 1)
-    _between(out, "split_dataset_ratio", args.split_dataset_ratio, 0, 1, hi_open=True)
+        between(out, name, getattr(args, name), 0, None)
+    between(out, "warmup_ratio", args.warmup_ratio, 0, 1)
+    between(out, "split_dataset_ratio", args.split_dataset_ratio, 0, 1, hi_open=True)
     for name in ("seed", "data_seed"):
-        _between(out, name, getattr(args, name), 0, 2 ** 32 - 1)
+        between(out, name, getattr(args, name), 0, 2 ** 32 - 1)
     if args.train_type == "full" and args.torch_dtype in ("float16",):
         out.append("full training in float16 has no loss scaling for fp16 weights; use --torch_dtype bfloat16 "
                    "(or float32)")
@@ -108,6 +118,11 @@ def problems(args) -> list[str]:
         out.append("--quant_method bnb trains LoRA adapters on a quantised base (QLoRA); use --train_type lora with it")
     if args.adapters and args.train_type == "full":
         out.append("--adapters starts from a LoRA adapter; with --train_type full pass the model with --model")
+    if args.deepspeed:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            out.append("--deepspeed needs DeepSpeed: pip install deepspeed (or pip install 'tunesmith[deepspeed]')")
     if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
         out.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint directory")
     return out
@@ -121,18 +136,28 @@ def raise_problems(found: list[str]) -> None:
         raise ConfigError(f"{len(found)} problems with the flags:\n  - " + "\n  - ".join(found))
 
 
-def resolve(args, method_cls, world_size: int, cuda: bool):
-    """(TrainConfig, method): check every flag (all problems in one error), build the method from its flags, and
-    fill the defaults that depend on other flags as ms-swift does (learning rate by train type, a total batch of
-    16, eval following save, output/<model>, the method's loss scale). `args` is not changed.
-
-    world_size: processes in the run (for the default gradient accumulation). cuda: whether this process trains on
-    a CUDA device (data-loader workers, Liger kernels). Raises ConfigError."""
-    from tunesmith.runs import model_suffix
-
+def check(args, method_cls):
+    """Every problem with the flags at once — the generic ones (`problems`) and the method's own — raised as one
+    ConfigError before anything heavy is imported; returns the method object (`method_cls.from_args`)."""
     found = problems(args)
     method = method_cls.from_args(args, found)
+    if args.streaming and not getattr(method, "streams", False):
+        found.append(f"--streaming: {method.name} reads its rows up front (pairs are checked and measured before "
+                     f"training, the reference is precomputed over them); stream with tunesmith sft, or drop "
+                     f"--streaming")
     raise_problems(found)
+    return method
+
+
+def resolve(args, method, world_size: int, cuda: bool) -> TrainConfig:
+    """The frozen TrainConfig for checked flags (`check`): the method's resolved flags and the defaults that
+    depend on other flags, filled as ms-swift does (learning rate by train type, a total batch of 16, eval
+    following save, output/<model>, the method's loss scale). `args` is not changed.
+
+    world_size: processes in the run (for the default gradient accumulation). cuda: whether this process trains on
+    a CUDA device (data-loader workers, Liger kernels)."""
+    from tunesmith.runs import model_suffix
+
     changes = dict(method.resolved_flags())
     if args.learning_rate is None:
         changes["learning_rate"] = 1e-5 if args.train_type == "full" else 1e-4
@@ -160,4 +185,4 @@ def resolve(args, method_cls, world_size: int, cuda: bool):
     resolved = dataclasses.replace(args, **changes)
     cfg = TrainConfig(resolved, take(DataConfig, resolved), take(ModelConfig, resolved), take(OptimConfig, resolved),
                       take(OutputConfig, resolved), take(DistConfig, resolved), world_size)
-    return cfg, method
+    return cfg

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tunesmith.train import loop
+from tunesmith.train.config import between
 from tunesmith.train.pairs import (PairTerms, check_pairs, describe_nll, pair_batches, pair_header, pair_objective,
                                    preference_flags, reference_free_flags)
 
@@ -39,6 +40,9 @@ class CPO:
         beta, types = preference_flags(args, problems, CPO_LOSS_TYPES, "sigmoid", default_beta=2.0 if simpo else 0.1,
                                        one_type=True, types=["simpo"] if simpo else None)
         reference_free_flags(args)
+        between(problems, "label_smoothing", args.label_smoothing, 0, 0.5, hi_open=True)
+        between(problems, "cpo_alpha", args.cpo_alpha, 0, None)
+        between(problems, "simpo_gamma", args.simpo_gamma, 0, None, hint="the target margin; 0.5-1.5 is usual")
         return cls(args.rlhf_type, beta, types[0], args.cpo_alpha, args.simpo_gamma, args.label_smoothing,
                    args.router_aux_loss_coef or 0.0, args.prefix_sharing)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tunesmith.train import loop
+from tunesmith.train.config import between
 from tunesmith.train.pairs import (PairTerms, check_pairs, describe_nll, pair_batches, pair_header, pair_objective,
                                    preference_flags)
 
@@ -42,11 +43,18 @@ class DPO:
 
         beta, types = preference_flags(args, problems, DPO_LOSS_TYPES, "sigmoid")
         eps = args.label_smoothing
-        if "robust" in types and not 0 <= eps < 0.5:
-            problems.append(f"--label_smoothing {eps}: the robust loss needs 0 <= label_smoothing < 0.5")
-        if "exo_pair" in types and not 0 < eps < 1:
-            problems.append(f"--label_smoothing {eps}: exo_pair needs 0 < label_smoothing < 1 (1e-3 is the usual "
-                            f"value)")
+        if "exo_pair" in types:
+            if not 0 < eps < 1:
+                problems.append(f"--label_smoothing {eps}: exo_pair needs 0 < label_smoothing < 1 (1e-3 is the "
+                                f"usual value)")
+        else:  # the probability that a label is flipped (cDPO, robust): below one half, or the labels mean nothing
+            between(problems, "label_smoothing", eps, 0, 0.5, hi_open=True)
+        if args.rpo_alpha is not None:
+            between(problems, "rpo_alpha", args.rpo_alpha, 0, None)
+        if args.ld_alpha is not None:
+            between(problems, "ld_alpha", args.ld_alpha, 0, 1)
+        if "discopop" in types:
+            between(problems, "discopop_tau", args.discopop_tau, 0, None, lo_open=True, hint="0.05 is the usual value")
         return cls(beta, tuple(types), tuple(args.loss_weights or [1.0] * len(types)), eps, args.rpo_alpha,
                    args.ld_alpha, args.discopop_tau, args.router_aux_loss_coef or 0.0, args.prefix_sharing,
                    args.precompute_ref_log_probs, args.ref_model, tuple(args.ref_adapters))

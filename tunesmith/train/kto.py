@@ -17,10 +17,10 @@ from typing import Optional
 
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE, Encoded
-from tunesmith.data.load import LoadResult
-from tunesmith.errors import DataError
+from tunesmith.data.load import LoadResult, rows_for
 from tunesmith.log import note
 from tunesmith.train import loop
+from tunesmith.train.config import between
 from tunesmith.train.pairs import preference_flags
 from tunesmith.train.reference import Reference, disable_dropout, sequence_logps
 from tunesmith.train.setup import Batches
@@ -95,20 +95,9 @@ def _count(batch: dict) -> dict:
 
 def unpair(loaded: LoadResult) -> LoadResult:
     """KTO learns from single replies labelled desirable or not: a labelled row stays, a preference pair becomes
-    its chosen reply (desirable) and its rejected reply (undesirable). Rows with neither are an error."""
-    records, sources = [], []
-    for rec, src in zip(loaded.records, loaded.sources):
-        if "label" in rec:
-            records.append({k: v for k, v in rec.items() if k != "rejected_messages"})
-            sources.append(src)
-        elif "rejected_messages" in rec:
-            records += [{"messages": rec["messages"], "label": True, "tools": rec.get("tools")},
-                        {"messages": rec["rejected_messages"], "label": False, "tools": rec.get("tools")}]
-            sources += [src, src]
-        else:
-            raise DataError(src[0], src[1], "label", "is missing: KTO needs each reply labelled desirable or not.",
-                            'add "label": true or false (or give chosen/rejected pairs).')
-    return LoadResult(records=records, sources=sources, dropped=loaded.dropped, reasons=loaded.reasons)
+    its chosen reply (desirable) and its rejected reply (undesirable). A row with neither is a bad row
+    (load.rows_for): DataError (file, line) when the load was strict, else dropped and counted with its reason."""
+    return rows_for(loaded, "kto")
 
 
 
@@ -135,6 +124,10 @@ class KTO:
         if args.per_device_train_batch_size < 2:
             problems.append("KTO estimates the KL term from the other examples of the same batch, so it needs "
                             "--per_device_train_batch_size 2 or more (with 1 the KL term equals the reward itself)")
+        for name in ("desirable_weight", "undesirable_weight"):
+            between(problems, name, getattr(args, name), 0, None)
+        if args.desirable_weight == 0 and args.undesirable_weight == 0:
+            problems.append("--desirable_weight and --undesirable_weight are both 0: nothing would be learned")
         if args.precompute_ref_log_probs:
             note("--precompute_ref_log_probs: KTO's mismatched pairs change with the batch; reference log-probs are "
                  "computed during training")
@@ -150,7 +143,7 @@ class KTO:
 
     def batches(self, cfg, prepared, model, reference) -> Batches:
         """Padded batches of real and mismatched sequences (`kto_collate`); dropout off."""
-        disable_dropout(model)
+        disable_dropout(model, has_reference=True)
         collate = partial(kto_collate, pad_id=prepared.tokenizer.pad_token_id, padding_side=cfg.data.padding_side)
         return Batches(prepared.train_rows, prepared.eval_rows, collate, reference)
 
@@ -160,7 +153,7 @@ class KTO:
 
     def header(self, prepared, batches) -> str:
         """The run's header lines (and a note when one side of the labels is missing)."""
-        n_good = sum(1 for _, d in prepared.train_rows if d)
+        n_good = sum(prepared.train_rows.column("desirable"))  # a stored column: no row is decoded
         n_bad = len(prepared.train_rows) - n_good
         if not n_good or not n_bad:
             note(f"KTO data has {n_good} desirable and {n_bad} undesirable replies; it learns best from both")

@@ -5,7 +5,10 @@ then per step `train_step` (the step's `gradient_accumulation_steps` micro-batch
 by its units — trained tokens, pairs — counted over the whole step; clip; `optimizer.step()`), then what is due at
 that step: `log_record`, `evaluate`, `save_checkpoint`; `end_epoch` at each epoch's end. Every step is a
 module-level function over the frozen `Run` and the mutable `TrainState`. Training methods plug in as an
-`Objective`; batching is the collator's business, so packing changes the collator, not this file.
+`Objective`; batching is the collator's business, so packing changes the collator, not this file. The training
+rows are a sized sequence (cut into seeded per-epoch batches of indices) or, with --streaming, a stream without a
+length (data.stream.StreamingRows: `step_batches` cuts what each pass yields into the same batches; an epoch ends
+where the stream does).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sized
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any, Callable, Optional
@@ -80,6 +84,7 @@ class TrainState:
     last_model_checkpoint: Optional[str] = None
     total_steps: int = 0
     log_history: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # one-time notes already given (not saved)
 
 
 class _Collate:
@@ -235,7 +240,7 @@ class Run:
     save_model: Callable
     trackers: Any
     args_extra: Optional[dict]
-    n_batches: int         # micro-batches per epoch on this process
+    n_batches: Optional[int]  # micro-batches per epoch on this process; None for a stream (known at its end)
     params: list           # the trainable parameters (clipping, gradient norm)
 
     @property
@@ -280,9 +285,9 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
     while state.global_step < state.total_steps:
         for micro in step_batches(run, state):
             result = train_step(run, micro)
-            if not math.isfinite(result.loss):
+            if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
                 bar.close()
-                raise diverged(result.loss, state)
+                raise diverged(result, state)
             state.batches_done += result.micro_batches
             state.global_step += 1
             total_tokens += result.tokens
@@ -295,7 +300,9 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
                 evaluate(run, state)
             if save_due(output, state):
                 save_checkpoint(run, state)
-        if state.batches_done >= run.n_batches:
+        # the batches ran out before the last step (a stream's end is only known here), or the last step took
+        # the epoch's last batch
+        if state.global_step < state.total_steps or state.batches_done == run.n_batches:
             end_epoch(run, state)
     bar.close()
     return summarise(run, state, total_tokens, time.time() - start)
@@ -311,12 +318,13 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
     optim, output = cfg.optim, cfg.output
     accelerator, par = D.make_accelerator(cfg.dist, optim, model)
     bs, gas, world = optim.per_device_train_batch_size, optim.gradient_accumulation_steps, par.world
-    n_batches = len(D.rank_batches(epoch_batches(len(train_rows), bs * world, 0, False), world, par.rank)[0])
-    if n_batches == 0:
-        raise TunesmithError(f"{len(train_rows)} training rows cannot give each of {world} processes a batch")
-    steps_per_epoch = math.ceil(n_batches / gas)
+    n_batches = None  # a stream (--streaming): --max_steps is required, its length is not known
+    if isinstance(train_rows, Sized):
+        n_batches = len(D.rank_batches(epoch_batches(len(train_rows), bs * world, 0, False), world, par.rank)[0])
+        if n_batches == 0:
+            raise TunesmithError(f"{len(train_rows)} training rows cannot give each of {world} processes a batch")
     total_steps = optim.max_steps if optim.max_steps > 0 \
-        else max(1, math.ceil(optim.num_train_epochs * steps_per_epoch))
+        else max(1, math.ceil(optim.num_train_epochs * math.ceil(n_batches / gas)))
     ds = par.kind == "deepspeed"
     optimizer = build_optimizer(model, optim, drop_empty_groups=ds)
     scheduler = build_scheduler(optimizer, optim, total_steps)
@@ -365,7 +373,20 @@ def restore(output, model, optimizer, scheduler, state: TrainState, deepspeed: b
 
 def step_batches(run: Run, state: TrainState):
     """The rest of the current epoch, `gradient_accumulation_steps` micro-batches (on the device) per step, until
-    the epoch or the training ends. Every rank cuts the same seeded global batches into its own slices."""
+    the epoch or the training ends. Every rank cuts the same seeded global batches into its own slices; a stream's
+    batches are read as they are needed (`stream_batches`)."""
+    optim = run.optim
+    it = loader_batches(run, state) if run.n_batches is not None else stream_batches(run, state)
+    while state.global_step < state.total_steps:
+        micro = list(islice(it, optim.gradient_accumulation_steps))
+        if not micro:
+            return
+        yield [_to_device(b, run.accelerator.device) for b in micro]
+
+
+def loader_batches(run: Run, state: TrainState):
+    """Rows in a sequence: the epoch's remaining micro-batches of this rank (from `batches_done` on), collated by a
+    DataLoader over index lists of the seeded permutation."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -382,12 +403,36 @@ def step_batches(run: Run, state: TrainState):
                         collate_fn=_Collate(run.train_rows, run.collate),
                         num_workers=optim.dataloader_num_workers or 0,
                         generator=torch.Generator().manual_seed(optim.seed), pin_memory=torch.cuda.is_available())
-    it = iter(loader)
-    while state.global_step < state.total_steps:
-        micro = list(islice(it, optim.gradient_accumulation_steps))
-        if not micro:
+    return iter(loader)
+
+
+def stream_batches(run: Run, state: TrainState):
+    """A stream (--streaming): this rank's micro-batches of the epoch, collated in this process as they are read.
+    The pass's units (shuffled within buffers with --seed + epoch) are cut into global batches of per-device batch
+    × processes, each rank taking its slice as `epoch_batches` + `rank_batches` cut a sequence (with every slice
+    full: every world-th per-device batch). A resumed run skips the `batches_done` already trained (read again,
+    not collated). Raises TunesmithError when a whole pass gives this process no batch."""
+    optim, par = run.optim, run.par
+    units = run.train_rows.epoch(optim.seed + state.epoch, run.shuffle)
+    size = optim.per_device_train_batch_size * par.world
+    n = 0
+    for batch in islice(_rank_slices(units, size, par.world, par.rank), state.batches_done, None):
+        n += 1
+        yield run.collate(batch)
+    if n == 0 and state.batches_done == 0:
+        raise TunesmithError(f"the streamed training data gave no batch to each of {par.world} processes")
+
+
+def _rank_slices(units, size: int, world: int, rank: int):
+    """This rank's slice of each global batch of `size` units read from `units`."""
+    from tunesmith.train import distributed as D
+
+    while True:
+        batch = list(islice(units, size))
+        if not batch:
             return
-        yield [_to_device(b, run.accelerator.device) for b in micro]
+        for idx in D.rank_batches([list(range(len(batch)))], world, rank)[0]:
+            yield [batch[i] for i in idx]
 
 
 def train_step(run: Run, micro: list[dict]) -> StepResult:
@@ -438,17 +483,22 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
         else:
             grad_norm = float(torch.norm(torch.stack([p.grad.detach().float().norm() for p in run.params
                                                        if p.grad is not None])))
+        if not math.isfinite(grad_norm):  # a finite loss can still give a NaN/inf gradient: never apply it
+            run.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss_value, tokens, grad_norm, stats, len(micro))
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     return StepResult(loss_value, tokens, grad_norm, stats, len(micro))
 
 
-def diverged(loss: float, state: TrainState) -> TrainingDiverged:
-    """The error for a non-finite loss at the coming step, naming the last checkpoint saved."""
+def diverged(result: StepResult, state: TrainState) -> TrainingDiverged:
+    """The error for a non-finite loss or gradient at the coming step, naming the last checkpoint saved."""
     last = state.last_model_checkpoint or "none (no checkpoint was saved yet)"
+    what = f"the loss became {result.loss}" if not math.isfinite(result.loss) else \
+        f"the gradient norm became {result.grad_norm} (loss {result.loss:.4g})"
     return TrainingDiverged(
-        f"the loss became {loss} at step {state.global_step + 1}; training stopped before the update, so no weights "
+        f"{what} at step {state.global_step + 1}; training stopped before the update, so no weights "
         f"were damaged. Last good checkpoint: {last}. Try a lower --learning_rate, --max_grad_norm 1.0, or "
         f"--torch_dtype bfloat16 instead of float16.")
 
@@ -499,7 +549,7 @@ def log_record(run: Run, state: TrainState, window: Window, grad_norm: float, st
     lr = run.scheduler.get_last_lr()[0]
     record = {"loss": round(window.loss / window.steps, 6), "grad_norm": round(grad_norm, 6),
               "learning_rate": lr, **run.objective.metrics(stats),
-              "epoch": round(state.epoch + state.batches_done / max(run.n_batches, 1), 4),
+              "epoch": epoch_progress(run, state),
               "global_step/max_steps": f"{step}/{total}",
               "percentage": f"{100 * step / total:.2f}%",
               "elapsed_time": _fmt_time(elapsed),
@@ -510,6 +560,11 @@ def log_record(run: Run, state: TrainState, window: Window, grad_norm: float, st
     state.log_history.append(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
     return record
+
+
+def epoch_progress(run: Run, state: TrainState) -> float:
+    """Epochs done, with the current one's fraction (4 decimals); a stream's fraction is unknown: epochs done."""
+    return round(state.epoch + (state.batches_done / run.n_batches if run.n_batches else 0), 4)
 
 
 def evaluate(run: Run, state: TrainState) -> dict:
@@ -526,12 +581,16 @@ def evaluate(run: Run, state: TrainState) -> dict:
         key = output.metric_for_best_model if output.metric_for_best_model.startswith("eval_") \
             else f"eval_{output.metric_for_best_model}"
         value = metrics.get(key)
+        if value is None and key not in state.notes and run.par.main:
+            state.notes.append(key)
+            print(f"[tunesmith] --metric_for_best_model {output.metric_for_best_model}: there is no {key} among "
+                  f"the evaluation metrics ({', '.join(sorted(metrics))}), so no best checkpoint is chosen",
+                  file=sys.stderr)
         greater = output.greater_is_better if output.greater_is_better is not None else not key.endswith("loss")
         if value is not None and (state.best_metric is None or
                                   (value > state.best_metric if greater else value < state.best_metric)):
             state.best_metric, state.best_step = value, state.global_step
-    record = {**metrics, "global_step": state.global_step,
-              "epoch": round(state.epoch + state.batches_done / max(run.n_batches, 1), 4)}
+    record = {**metrics, "global_step": state.global_step, "epoch": epoch_progress(run, state)}
     run.trackers.log(record, state.global_step)
     state.log_history.append(record)
     return metrics
@@ -575,7 +634,7 @@ def _write_checkpoint(run: Run, state: TrainState, path: str, full_state, shards
                 torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
             torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             torch.save(_rng_state(), os.path.join(tmp, "rng_state.pth"))
-        st = {k: v for k, v in asdict(state).items() if k != "log_history"}
+        st = {k: v for k, v in asdict(state).items() if k not in ("log_history", "notes")}
         write_json_atomic(os.path.join(tmp, "trainer_state.json"), st)
     best = path if state.best_step == state.global_step else state.best_model_checkpoint
     rotate_checkpoints(run.run_dir, output.save_total_limit, best)

@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 from tunesmith.data.collate import flat_collate, pad_collate, segments_collate
 from tunesmith.data.encode import IGNORE, Encoded
-from tunesmith.data.load import LoadResult
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.data.load import LoadResult, rows_for
+from tunesmith.errors import ConfigError
 from tunesmith.model import default_device, note
 from tunesmith.train import loop
 from tunesmith.train.reference import Reference, disable_dropout, sequence_logps
@@ -35,10 +35,40 @@ REFERENCE_FREE = Reference("none", "none (reference-free method)")
 
 @dataclass
 class Pair:
+    """One preference pair as the collators take it; ref_* are the reference's summed log-probs (nats) when
+    --precompute_ref_log_probs computed them."""
     chosen: Encoded
     rejected: Encoded
-    ref_chosen: Optional[float] = None     # filled by --precompute_ref_log_probs
+    ref_chosen: Optional[float] = None
     ref_rejected: Optional[float] = None
+
+
+class PairRows:
+    """The encoded (chosen, rejected) rows as a read-only sequence of Pair, read on access (the rows may be Arrow,
+    store.EncodedRows); `ref` holds the precomputed reference log-probs, [N] chosen and [N] rejected, once
+    `precompute_reference` filled it."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.ref: Optional[tuple[list, list]] = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            idx = range(*i.indices(len(self)))
+            return [self._pair(j, c, r) for j, (c, r) in zip(idx, self.rows[i])]
+        c, r = self.rows[i]
+        return self._pair(i, c, r)
+
+    def __iter__(self):
+        return (self._pair(j, c, r) for j, (c, r) in enumerate(self.rows))
+
+    def _pair(self, j: int, chosen: Encoded, rejected: Encoded) -> Pair:
+        if self.ref is None:
+            return Pair(chosen, rejected)
+        return Pair(chosen, rejected, self.ref[0][j], self.ref[1][j])
 
 
 def pair_collate(rows: list[Pair], pad_id: int, padding_side: str = "right", flat: bool = False) -> dict:
@@ -151,20 +181,23 @@ def _pair_fields(b: dict, rows: list[Pair]) -> dict:
 
 # ------------------------------------------------------------------ the reference, cached
 
-def precompute_reference(reference: Reference, policy, rows: list[Pair], collate, batch_size: int) -> Reference:
-    """--precompute_ref_log_probs: one pass over the rows stores their reference log-probs with them, so training
-    runs no reference forward pass (and a full-training reference model is freed afterwards)."""
+def precompute_reference(reference: Reference, policy, splits: list[PairRows], collate, batch_size: int) -> Reference:
+    """--precompute_ref_log_probs: one pass over each split's pairs stores their reference log-probs with them
+    (`PairRows.ref`), so training runs no reference forward pass (and a full-training reference model is freed
+    afterwards)."""
     from tqdm.auto import tqdm
 
     device = default_device()
     policy.to(device)
     policy.eval()
-    for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", disable=None):
-        chunk = rows[i:i + batch_size]
-        b = loop._to_device(collate(chunk), device)
-        ref = reference.logps(policy, b).float().tolist()
-        for k, r in enumerate(chunk):
-            r.ref_chosen, r.ref_rejected = ref[k], ref[len(chunk) + k]
+    for rows in splits:
+        chosen, rejected = [], []
+        for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", disable=None):
+            chunk = rows[i:i + batch_size]
+            ref = reference.logps(policy, loop._to_device(collate(chunk), device)).float().tolist()
+            chosen += ref[:len(chunk)]
+            rejected += ref[len(chunk):]
+        rows.ref = (chosen, rejected)
     policy.train()
     return Reference("cached", reference.describe + ", precomputed once before training")
 
@@ -246,14 +279,10 @@ def reference_free_flags(args) -> None:
 
 
 def check_pairs(loaded: LoadResult) -> LoadResult:
-    """Every row must be a pair: a row without a rejected reply cannot train a preference method. Raises
-    DataError at the first such row (file, line)."""
-    bad = [src for rec, src in zip(loaded.records, loaded.sources) if "rejected_messages" not in rec]
-    if bad:
-        raise DataError(bad[0][0], bad[0][1], "rejected_response",
-                        "is missing: preference training needs a rejected reply for every row.",
-                        "add rejected_response (or use prompt/chosen/rejected).")
-    return loaded
+    """Every row must be a pair: a row without a rejected reply cannot train a preference method. Such a row is a
+    bad row (load.rows_for, the rule `tunesmith data validate --rlhf` applies too): DataError (file, line) when the
+    load was strict, else dropped and counted with its reason."""
+    return rows_for(loaded, "preference")
 
 
 def _pair_length(p: Pair) -> int:
@@ -266,12 +295,9 @@ def pair_batches(cfg, prepared, model, reference: Optional[Reference], prefix_sh
     two-sequence collation, padded / flat (--padding_free) / packed (--packing), and with --precompute_ref_log_probs
     the reference log-probs computed once and carried in the batches."""
     reference = reference or REFERENCE_FREE
-    if disable_dropout(model):  # after the reference: a reference adapter brings its own dropout layers
-        note("dropout disabled for preference training (as TRL and ms-swift do), so the policy starts equal to "
-             "the reference")
+    disable_dropout(model, reference.kind != "none")  # after the reference: its adapter brings dropout layers
     pad_id = prepared.tokenizer.pad_token_id
-    train_rows = [Pair(c, r) for c, r in prepared.train_rows]
-    eval_rows = [Pair(c, r) for c, r in prepared.eval_rows]
+    train_rows, eval_rows = PairRows(prepared.train_rows), PairRows(prepared.eval_rows)
     if choose_prefix_sharing(prefix_sharing, cfg.data, model, train_rows, pad_id):
         collate, flat, packed, length = (SharedPairCollate(pad_id), SharedPairCollate(pad_id, flat=True),
                                          SharedPairCollate(pad_id, packed=True), shared_length)
@@ -281,7 +307,7 @@ def pair_batches(cfg, prepared, model, reference: Optional[Reference], prefix_sh
                                          _pair_length)
     if precompute and reference.kind != "none":
         bs = max(cfg.optim.per_device_train_batch_size, cfg.optim.per_device_eval_batch_size)
-        cached = precompute_reference(reference, model, train_rows + eval_rows, collate, bs)
+        cached = precompute_reference(reference, model, [train_rows, eval_rows], collate, bs)
         reference.model = None  # free the full-training reference copy
         reference = cached
     train, evals, collate = batching(cfg.data, train_rows, eval_rows, collate, flat, packed, length,

@@ -1,13 +1,14 @@
 """`tunesmith sft`, `tunesmith rlhf`, `tunesmith dpo`: the one training recipe, read top to bottom.
 
-    join the process group → resolve the flags (train/config.py) → load and encode the data → load the model →
+    check the flags, all problems at once (train/config.py) → join the process group → resolve the flags → load and encode the data → load the model →
     the reference (preference methods) → the method's batches → train (train/loop.py) → finish the run
 
 Everything a training method decides is in its method object, one per file: sft.py (SFT), dpo.py (the DPO family),
 cpo.py (CPO and SimPO), orpo.py (ORPO), kto.py (KTO); pairs.py holds what the pair methods share. The recipe and
 the loop know nothing method-specific. A method object has:
 
-    name, rows ("sft" | "preference" | "kto": how rows are encoded), default_loss_scale, needs_reference
+    name, rows ("sft" | "preference" | "kto": how rows are encoded), default_loss_scale, needs_reference,
+    streams (optional, default False: whether --streaming may feed it rows read on the fly)
     from_args(args, problems)   its flags, checked (problems appended) and finalised  [classmethod]
     resolved_flags()            the finalised flags, recorded in args.json
     shape_records(loaded)       the loaded records as the method reads them (pairs checked, KTO's pairs split)
@@ -45,16 +46,26 @@ def method_for(args):
     raise ValueError(f"no training method for --rlhf_type {kind!r}")  # args.py's choices stop this earlier
 
 
+def configure(args, world_size: int = 1, cuda: bool = False):
+    """(TrainConfig, method) for a parsed command, as `main` resolves it (for scripts and tests that want the
+    resolved configuration without training). Raises ConfigError listing every problem."""
+    from tunesmith.train.config import check, resolve
+
+    method = check(args, method_for(args))
+    return resolve(args, method, world_size, cuda), method
+
+
 def main(args) -> dict:
     """Train with the method the command names; return {"run_dir", "state", "model", "tokenizer", "reference"}.
     Raises ConfigError / DataError (bad flags or data, before anything is written) and loop.TrainingDiverged."""
     from tunesmith.model import default_device
     from tunesmith.train import distributed as D
-    from tunesmith.train.config import resolve
+    from tunesmith.train.config import check, resolve
     from tunesmith.train.reference import setup_reference
 
-    D.init_process_group()  # under torchrun: join the other processes before anything else
-    cfg, method = resolve(args, method_for(args), D.world_size(), cuda=default_device().type == "cuda")
+    method = check(args, method_for(args))  # every flag problem at once, before torch is imported
+    D.init_process_group()  # under torchrun: join the other processes
+    cfg = resolve(args, method, D.world_size(), cuda=default_device().type == "cuda")
     prepared = prepare_data(cfg.data, cfg.model, method)
     model, param_info = prepare_model(cfg.model, prepared.model_dir, prepared.tokenizer, cfg.optim.seed)
     reference = setup_reference(cfg.model, method.ref_model, method.ref_adapters, model, prepared.tokenizer) \

@@ -158,8 +158,10 @@ def _check_not_shared(model, peft_model, ref_name: str) -> None:
         raise ConfigError(f"the reference adapter is not a frozen copy ({shared[0]}); it would move with training")
 
 
-def disable_dropout(model) -> int:
-    """Dropout makes the policy differ from the reference for no reason (TRL's disable_dropout default)."""
+def disable_dropout(model, has_reference: bool = True) -> int:
+    """Set every dropout probability to 0 and say so (TRL's and ms-swift's default for preference training):
+    dropout would make the policy differ from the reference for no reason, and the pair terms noisy. Returns the
+    number of dropout layers changed."""
     import torch
 
     changed = 0
@@ -167,4 +169,7 @@ def disable_dropout(model) -> int:
         if isinstance(m, torch.nn.Dropout) and m.p > 0:
             m.p = 0.0
             changed += 1
+    if changed:
+        note("dropout disabled for preference training (as TRL and ms-swift do)"
+             + (", so the policy starts equal to the reference" if has_reference else ""))
     return changed

@@ -9,18 +9,20 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from tunesmith import __version__
-from tunesmith.data.encode import ChatEncoder, encode_records
+from tunesmith.data.encode import ChatEncoder
 from tunesmith.data.load import LoadResult, load_datasets, split_train_val, write_jsonl
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.data.store import cache_root
+from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.log import note
 from tunesmith.model import (attach_lora, count_parameters, load_model, load_tokenizer, resolve_model_dir,
                              unwrap_model)
-from tunesmith.runs import is_adapter_dir, make_run_dir, save_args
+from tunesmith.runs import is_adapter_dir, make_run_dir, save_args, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class Batches:
 @dataclass
 class Prepared:
     """The encoded data and what it was encoded with. train_rows/eval_rows hold what the method's `rows` kind
-    encodes to: Encoded rows (sft), (chosen, rejected) pairs (preference), (Encoded, desirable) (kto)."""
+    encodes to: Encoded rows (sft), (chosen, rejected) pairs (preference), (Encoded, desirable) (kto); with
+    --streaming, train_rows is a data.stream.StreamingRows (no length: read and encoded on the fly)."""
     model_dir: str
     tokenizer: Any
     encoder: ChatEncoder
@@ -47,27 +50,29 @@ class Prepared:
     data_stats: dict
 
 
-def _report_drops(what: str, loaded: LoadResult, stats: dict, max_length) -> None:
-    if loaded.dropped:
-        note(f"{what}: {loaded.dropped} bad row(s) dropped (--strict false); first reasons:\n  "
-             + "\n  ".join(loaded.reasons))
-    if stats["too_long"]:
-        note(f"{what}: {stats['too_long']} row(s) longer than --max_length {max_length} dropped "
+def _report_drops(what: str, drops: dict, max_length) -> None:
+    """Notes for the rows dropped while loading (--strict false) and encoding (too long, nothing to train, bad)."""
+    if drops["dropped"]:
+        note(f"{what}: {drops['dropped']} bad row(s) dropped (--strict false); first reasons:\n  "
+             + "\n  ".join(drops["reasons"]))
+    if drops["too_long"]:
+        note(f"{what}: {drops['too_long']} row(s) longer than --max_length {max_length} dropped "
              f"(--truncation_strategy delete)")
-    if stats["nothing_to_train"]:
-        note(f"{what}: {stats['nothing_to_train']} row(s) with no trained tokens dropped (the prompt fills "
+    if drops["nothing_to_train"]:
+        note(f"{what}: {drops['nothing_to_train']} row(s) with no trained tokens dropped (the prompt fills "
              f"--max_length {max_length} after truncation, or --loss_scale / per-message loss trains nothing)")
-    if stats["bad"]:
-        note(f"{what}: {stats['bad']} row(s) failed to encode and were dropped; first reasons:\n  "
-             + "\n  ".join(stats["reasons"]))
+    if drops["bad"]:
+        note(f"{what}: {drops['bad']} row(s) failed to encode and were dropped; first reasons:\n  "
+             + "\n  ".join(drops["encode_reasons"]))
 
 
 def prepare_data(data, model, method) -> Prepared:
     """Load the tokenizer (model slice) and the data (data slice: --dataset, --val_dataset or a split), shape the
     records for the method (`method.shape_records`: pairs checked, KTO's pairs split) and encode every row with the
     chat template as `method.rows` says ("sft" | "preference" | "kto"). max_length defaults to the model's
-    max_position_embeddings (tokens). Raises DataError for bad rows (--strict true), rows the method cannot use,
-    or nothing left to train on."""
+    max_position_embeddings (tokens). With --streaming the training rows are read and encoded on the fly instead
+    (`_stream_rows`); only --val_dataset is encoded here. Raises DataError for bad rows (--strict true), rows the
+    method cannot use, or nothing left to train on."""
     model_dir = resolve_model_dir(model.model, model.use_hf, model.model_revision, model.hub_token)
     tok = load_tokenizer(model, model_dir)
     max_length = data.max_length
@@ -75,13 +80,114 @@ def prepare_data(data, model, method) -> Prepared:
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=model.trust_remote_code)
         max_length = getattr(config, "max_position_embeddings", None)
-    kind = method.rows
     encoder = ChatEncoder(tok, loss_scale=data.loss_scale, default_loss_scale=method.default_loss_scale,
                           max_length=max_length, truncation_strategy=data.truncation_strategy,
                           system=data.system,  # the text: parse_args read a --system file
                           use_chat_template=data.use_chat_template)
+    path = os.path.join(cache_root(), _data_fingerprint(data, model_dir, tok, max_length, method))
+    if data.streaming and not data.val_dataset:  # nothing is encoded up front
+        cached = None, None, {"val_split": False, "stats": {}}
+    else:
+        cached = _encoded(data, model, method, encoder, path, max_length)
+    train_rows, eval_rows, meta = cached
+    if data.streaming:
+        train_rows = _stream_rows(data, model, method, encoder, max_length)
+    else:
+        _report_drops("--dataset", meta["train_drops"], max_length)
+    if eval_rows is not None:
+        _report_drops("validation data", meta["val_drops"], max_length)
+    val = None
+    if meta["val_split"]:  # a split of --dataset: kept with the rows, written into the run as val_dataset.jsonl
+        with open(os.path.join(path, "val_dataset.jsonl"), encoding="utf-8") as fh:
+            val = LoadResult(records=[json.loads(line) for line in fh], sources=[])
+    stats = {"train_rows": "streamed" if data.streaming else len(train_rows), "val_rows": len(eval_rows or []),
+             **meta["stats"], "max_length": max_length}
+    return Prepared(model_dir, tok, encoder, train_rows, eval_rows or [], val, stats)
+
+
+def _encoded(data, model, method, encoder, path: str, max_length):
+    """(train rows, validation rows or None, meta) encoded at `path`: reused (--load_from_cache_file true, the key
+    matching) or encoded afresh by rank 0 and opened by every rank. Raises the DataError rank 0 met."""
+    from tunesmith.train import distributed as D
+
+    kind, what = method.rows, "encoded validation data" if data.streaming else "encoded data"
+    cached = _cached_data(path, kind) if data.load_from_cache_file else None
+    if cached is None:
+        # rank 0 encodes; the others open what it wrote (one copy on disk), or raise the error it met
+        failure = None
+        if D.is_main():
+            try:
+                _encode_data(data, model, method, encoder, path, max_length)
+            except TunesmithError as e:
+                failure = e
+        message = D.broadcast(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise DataError(" ".join(data.dataset), None, "", message)
+        cached = _cached_data(path, kind)
+        note(f"{what}: {path}")
+    else:
+        note(f"{what}: reusing {path} (--load_from_cache_file true)")
+    return cached
+
+
+def _data_fingerprint(data, model_dir: str, tokenizer, max_length, method) -> str:
+    """What the encoded rows depend on: the data files (path, size, modification time) or hub ids, the data and
+    encoding flags, the tokenizer and its chat template, the method's row kind, tunesmith's version."""
+    from tunesmith.data.store import fingerprint
+
+    def stat(spec: str):
+        """A local file or folder as [spec, [file, bytes, mtime], ...]; a hub id as itself."""
+        path = spec.split("#")[0]
+        if not os.path.exists(path):
+            return spec  # a hub id (its revision is the hub's business)
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+        return [spec] + [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files]
+
+    tok_files = sorted(f for f in os.listdir(model_dir) if f.startswith(("tokenizer", "chat_template", "special",
+                                                                          "vocab", "merges"))) \
+        if os.path.isdir(model_dir) else []
+    return fingerprint({
+        "version": __version__, "kind": method.rows, "shape": type(method).__name__,
+        "default_loss_scale": method.default_loss_scale,
+        "dataset": [stat(s) for s in data.dataset], "val_dataset": [stat(s) for s in data.val_dataset],
+        "split": data.split_dataset_ratio, "seed": data.data_seed, "columns": data.columns, "strict": data.strict,
+        "streaming": data.streaming,
+        "max_length": max_length, "truncation": data.truncation_strategy, "loss_scale": data.loss_scale,
+        "system": data.system, "use_chat_template": data.use_chat_template,
+        "tokenizer": [len(tokenizer), tokenizer.chat_template, str(tokenizer.all_special_tokens),
+                      [[f, os.path.getsize(os.path.join(model_dir, f))] for f in tok_files]]})
+
+
+def _stream_rows(data, model, method, encoder, max_length):
+    """--streaming: the training rows as a StreamingRows over --dataset (read, normalised, shaped by the method and
+    encoded row by row, each epoch), its drops noted after the first pass. The first usable row is read now, so a
+    missing file, a hub id that does not load or an early bad row fails before the model loads."""
+    from functools import partial
+
+    from tunesmith.data.load import stream_records
+    from tunesmith.data.stream import StreamingRows
+
+    records = partial(stream_records, data.dataset, columns=data.columns, use_hf=model.use_hf,
+                      hub_token=model.hub_token, shape=method.shape_records)
+    rows = StreamingRows(records, encoder, method.rows, data.strict, data.shuffle_buffer_size,
+                         report=partial(_report_drops, "--dataset (streamed; first pass)", max_length=max_length))
+    rows.probe()
+    return rows
+
+
+def _encode_data(data, model, method, encoder, path: str, max_length) -> None:
+    """Load --dataset (and --val_dataset or the split), shape the records for the method and encode them into
+    `path`: train/ and val/ Arrow rows, meta.json (drop counts), val_dataset.jsonl for a split. With --streaming
+    only --val_dataset is encoded here (the training rows stream: `_stream_rows`). Raises DataError."""
+    from tunesmith.data.store import encode_rows
+
     common = dict(strict=data.strict, columns=data.columns, seed=data.data_seed, use_hf=model.use_hf,
                   hub_token=model.hub_token)
+    if data.streaming:
+        return _encode_val_only(data, method, encoder, path, common)
     train = load_datasets(data.dataset, **common)
     val: Optional[LoadResult] = None
     if data.val_dataset:
@@ -92,25 +198,77 @@ def prepare_data(data, model, method) -> Prepared:
         train.dropped, train.reasons = dropped, reasons
     train = method.shape_records(train)
     val = method.shape_records(val) if val is not None else None
-    if data.load_from_cache_file:
-        note("--load_from_cache_file: tunesmith encodes the data afresh on every run (no map cache is read)")
+    for part, specs, what in ((train, data.dataset, "--dataset"),
+                              (val, data.val_dataset or data.dataset, "--val_dataset" if data.val_dataset
+                               else "the validation split")):
+        if part is not None and not part.records:  # every row was bad for this method (--strict false)
+            raise DataError(" ".join(specs), None, "", f"no usable rows in {what} for {method.name}: all "
+                            f"{part.dropped} were bad; first reasons:\n  " + "\n  ".join(part.reasons),
+                            "fix the rows (`tunesmith data validate --rlhf_type ...` lists every problem).")
     num_proc = max(1, data.dataset_num_proc)
-    train_rows, tstats = encode_records(encoder, train.records, train.sources, kind=kind, strict=data.strict,
-                                        num_proc=num_proc)
-    _report_drops("--dataset", train, tstats, max_length)
-    if not train_rows:
+    os.makedirs(path, exist_ok=True)
+    rows, tstats = encode_rows(encoder, train.records, train.sources, os.path.join(path, "train"), method.rows,
+                               data.strict, num_proc)
+    if not len(rows):
         raise DataError(" ".join(data.dataset), None, "", "no rows left to train on after encoding "
-                        f"({tstats['too_long']} too long, {tstats['nothing_to_train']} with nothing to train).",
+                        f"({train.dropped} bad, {tstats['bad']} failed to encode, {tstats['too_long']} too long, "
+                        f"{tstats['nothing_to_train']} with nothing to train).",
                         "raise --max_length, use --truncation_strategy left/right, or check --loss_scale.")
-    eval_rows = []
+    meta = {"train_drops": _drops(train, tstats), "val_drops": None, "val_split": False,
+            "stats": {"dropped_bad": train.dropped, "dropped_too_long": tstats["too_long"],
+                      "dropped_nothing_to_train": tstats["nothing_to_train"]}}
+    shutil.rmtree(os.path.join(path, "val"), ignore_errors=True)
     if val is not None:
-        eval_rows, vstats = encode_records(encoder, val.records, val.sources, kind=kind, strict=data.strict,
-                                           num_proc=num_proc)
-        _report_drops("validation data", val, vstats, max_length)
-    stats = {"train_rows": len(train_rows), "val_rows": len(eval_rows), "dropped_bad": train.dropped,
-             "dropped_too_long": tstats["too_long"], "dropped_nothing_to_train": tstats["nothing_to_train"],
-             "max_length": max_length}
-    return Prepared(model_dir, tok, encoder, train_rows, eval_rows, val, stats)
+        _, vstats = encode_rows(encoder, val.records, val.sources, os.path.join(path, "val"), method.rows,
+                                data.strict, num_proc)
+        meta["val_drops"] = _drops(val, vstats)
+        if not data.val_dataset:
+            write_jsonl(os.path.join(path, "val_dataset.jsonl"), val.records)
+            meta["val_split"] = True
+    write_json_atomic(os.path.join(path, "meta.json"), meta)
+
+
+def _encode_val_only(data, method, encoder, path: str, common: dict) -> None:
+    """--streaming: `path` holds --val_dataset's encoded rows (read whole, as without streaming) and meta.json; no
+    training rows (meta train_drops None)."""
+    from tunesmith.data.store import encode_rows
+
+    os.makedirs(path, exist_ok=True)
+    shutil.rmtree(os.path.join(path, "val"), ignore_errors=True)
+    meta = {"train_drops": None, "val_drops": None, "val_split": False, "stats": {}}
+    if data.val_dataset:
+        val = method.shape_records(load_datasets(data.val_dataset, what="--val_dataset", **common))
+        if not val.records:
+            raise DataError(" ".join(data.val_dataset), None, "", f"no usable rows in --val_dataset for "
+                            f"{method.name}: all {val.dropped} were bad; first reasons:\n  "
+                            + "\n  ".join(val.reasons))
+        _, vstats = encode_rows(encoder, val.records, val.sources, os.path.join(path, "val"), method.rows,
+                                data.strict, max(1, data.dataset_num_proc))
+        meta["val_drops"] = _drops(val, vstats)
+    write_json_atomic(os.path.join(path, "meta.json"), meta)
+
+
+def _drops(loaded: LoadResult, stats: dict) -> dict:
+    """What was dropped loading (bad rows, --strict false) and encoding, as meta.json keeps it."""
+    return {"dropped": loaded.dropped, "reasons": loaded.reasons, "too_long": stats["too_long"],
+            "nothing_to_train": stats["nothing_to_train"], "bad": stats["bad"], "encode_reasons": stats["reasons"]}
+
+
+def _cached_data(path: str, kind: str):
+    """(train rows, validation rows or None, meta) encoded earlier at `path`; None when absent or incomplete."""
+    from tunesmith.data.store import cached_rows
+
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    streamed = meta.get("train_drops") is None  # --streaming: only validation rows are kept here
+    train = None if streamed else cached_rows(os.path.join(path, "train"), kind)
+    val = cached_rows(os.path.join(path, "val"), kind) if meta.get("val_drops") is not None else None
+    if (train is None and not streamed) or (meta.get("val_drops") is not None and val is None):
+        return None
+    return train, val, meta
 
 
 def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int):
@@ -150,30 +308,49 @@ def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int):
     return model, info
 
 
-def batching(data, train_rows: list, eval_rows: list, padded, flat, packed, length, max_length):
+def batching(data, train_rows, eval_rows, padded, flat, packed, length, max_length):
     """(training units, validation units, collate) for --packing, --padding_free or plain padding.
 
     --packing groups rows to fill --packing_length (default --max_length); a batch is
-    --per_device_train_batch_size such packed rows. --padding_free concatenates each batch into one sequence.
-    Every mode trains on exactly the same tokens with the same loss normalisation; only the padding (and its
-    compute) differs."""
-    from tunesmith.data.collate import pack_groups
+    --per_device_train_batch_size such packed rows (read lazily: `Grouped`). --padding_free concatenates each batch
+    into one sequence. Every mode trains on exactly the same tokens with the same loss normalisation; only the
+    padding (and its compute) differs. length(row) -> tokens; None: the rows give theirs (`rows.lengths()`).
+    --streaming training rows (a StreamingRows) are packed as they are read, PACK_BUFFER_ROWS rows at a time.
+    Raises ConfigError for --packing without a length."""
+    from tunesmith.data.collate import Grouped, pack_groups
 
     if data.packing:
         capacity = data.packing_length or max_length
         if not capacity:
             raise ConfigError("--packing needs --max_length (or --packing_length): the size of a packed sequence")
-        units = []
+        if data.streaming:  # packed PACK_BUFFER_ROWS rows at a time as they are read
+            from tunesmith.data.stream import PACK_BUFFER_ROWS
+
+            note(f"--packing --streaming: every {PACK_BUFFER_ROWS} rows read are packed into sequences of up to "
+                 f"{capacity} tokens")
+            eval_units = Grouped(eval_rows, pack_groups(length_of(eval_rows, length), capacity))
+            return train_rows.packed(capacity, length or _tokens), eval_units, packed
+        units, total = [], 0
         for rows in (train_rows, eval_rows):
-            groups = pack_groups([length(r) for r in rows], capacity)
-            units.append([[rows[i] for i in g] for g in groups])
-        total = sum(length(r) for r in train_rows)
+            lengths = length_of(rows, length)
+            total = total or sum(lengths)
+            units.append(Grouped(rows, pack_groups(lengths, capacity)))
         note(f"--packing: {len(train_rows)} rows -> {len(units[0])} sequences of up to {capacity} tokens "
              f"({100 * total / max(len(units[0]) * capacity, 1):.0f}% filled)")
         return units[0], units[1], packed
     if data.padding_free:
         return train_rows, eval_rows, flat
     return train_rows, eval_rows, padded
+
+
+def length_of(rows, length) -> list[int]:
+    """Tokens per row of a sized sequence of rows: length(row) each, or the rows' own `lengths()`."""
+    return [length(r) for r in rows] if length else (rows.lengths() if len(rows) else [])
+
+
+def _tokens(row) -> int:
+    """An Encoded row's tokens (a streamed row's length for packing)."""
+    return len(row.input_ids)
 
 
 def make_run(cfg, prepared: Prepared, param_info: dict) -> tuple[str, dict]:

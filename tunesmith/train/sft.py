@@ -51,6 +51,7 @@ class SFT:
     rows = "sft"
     default_loss_scale = "default"
     needs_reference = False
+    streams = True  # --streaming: rows are read, encoded (and packed) on the fly
 
     @classmethod
     def from_args(cls, args, problems: list) -> "SFT":
@@ -71,7 +72,7 @@ class SFT:
         train, evals, collate = batching(
             cfg.data, prepared.train_rows, prepared.eval_rows,
             partial(pad_collate, pad_id=pad_id, padding_side=cfg.data.padding_side), flat_collate,
-            PackedCollate(pad_id), _row_length, prepared.data_stats["max_length"])
+            PackedCollate(pad_id), None, prepared.data_stats["max_length"])
         return Batches(train, evals, collate)
 
     def objective(self, reference, cfg) -> loop.Objective:
@@ -82,7 +83,3 @@ class SFT:
         """The run's header line: the training and validation rows."""
         stats = prepared.data_stats
         return f"[tunesmith] sft: {stats['train_rows']} training rows, {stats['val_rows']} validation rows"
-
-
-def _row_length(row) -> int:
-    return len(row.input_ids)

@@ -1,0 +1,112 @@
+"""Encoding at scale: peak memory and time to get a dataset ready for training, Python lists vs Arrow, and a second
+run from the cache — with the real Qwen2.5 tokenizer and chat template (151,643 BPE ranks + special tokens).
+
+    python bench/encode_scale.py --rows 50000 [--num_proc 2] [--skip_lists]
+
+Each measurement runs in its own process and reports its wall time and peak RSS (the process and its workers):
+- lists:  what tunesmith did before the Arrow store — every row encoded into Python lists held in memory
+          (`ChatEncoder.encode` over the loaded records), the path the issue measured (56 s, 683 MB for 50k rows);
+- arrow:  `train.setup.prepare_data` with --load_from_cache_file false: load, encode through datasets.map into
+          memory-mapped Arrow, open the rows;
+- cached: the same with --load_from_cache_file true after the arrow run: the rows are reopened, nothing is loaded.
+Rows are synthetic chats of about 260 tokens (the issue's 13M tokens / 50k rows). Prints the table and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "peers"))
+WORDS = ("the model reads every token of the prompt before it answers and a longer context costs more memory "
+         "training data comes in many shapes chat pairs tool calls and plain text 北京 上海 数据 训练 模型").split()
+
+
+def make_rows(path: str, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(120, 260)))
+            fh.write(json.dumps({"messages": [{"role": "user", "content": f"{i}: {q}"},
+                                              {"role": "assistant", "content": a}]}, ensure_ascii=False) + "\n")
+
+
+
+def child(mode: str, tok_dir: str, data: str, num_proc: int) -> dict:
+    t0 = time.time()
+    if mode == "lists":
+        from transformers import AutoTokenizer
+
+        from tunesmith.data.encode import ChatEncoder, encode_one
+        from tunesmith.data.load import load_datasets
+
+        enc = ChatEncoder(AutoTokenizer.from_pretrained(tok_dir), max_length=4096)
+        loaded = load_datasets([data])
+        rows = [v for s, v in (encode_one(enc, r, "sft") for r in loaded.records) if s == "ok"]
+        n = len(rows)
+    else:
+        from tunesmith.args import parse_args
+        from tunesmith.train import recipe
+        from tunesmith.train.setup import prepare_data
+
+        args = parse_args("sft", ["--model", tok_dir, "--dataset", data, "--max_length", "4096",
+                                  "--dataset_num_proc", str(num_proc),
+                                  "--load_from_cache_file", "true" if mode == "cached" else "false"])
+        cfg, method = recipe.configure(args)
+        prepared = prepare_data(cfg.data, cfg.model, method)
+        n = len(prepared.train_rows)
+        sum(len(prepared.train_rows[i].input_ids) for i in range(0, n, max(n // 100, 1)))  # touch some rows
+    return {"mode": mode, "rows": n, "seconds": round(time.time() - t0, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=50_000)
+    ap.add_argument("--num_proc", type=int, default=2)
+    ap.add_argument("--skip_lists", action="store_true", help="skip the lists baseline (it needs ~14 KB per row)")
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "TOKENIZER", "DATA"))
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(*a.child, a.num_proc)))
+        return 0
+    from qwen_tokenizer import CACHE, build_qwen25_tokenizer
+
+    tok_dir = os.path.join(CACHE, "qwen25-tokenizer")
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        build_qwen25_tokenizer(tok_dir)
+    work = tempfile.mkdtemp(prefix="encode_scale-")
+    data = os.path.join(work, "chat.jsonl")
+    make_rows(data, a.rows)
+    env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(work, "hf_cache")}
+    results = {}
+    from train_speed import run_measured  # samples the process tree's RSS every 50 ms
+
+    for mode in (["arrow", "cached"] if a.skip_lists else ["lists", "arrow", "cached"]):
+        log = os.path.join(work, f"{mode}.log")
+        _, peak_gib, rc = run_measured([sys.executable, __file__, "--num_proc", str(a.num_proc), "--child", mode,
+                                        tok_dir, data], env, log)
+        text = open(log, encoding="utf-8").read()
+        if rc:
+            print(text[-3000:], file=sys.stderr)
+            return 1
+        results[mode] = {**json.loads(text.strip().splitlines()[-1]), "peak_rss_mb": round(peak_gib * 1024, 1)}
+    print(f"{a.rows} rows ({os.path.getsize(data) / 2 ** 20:.0f} MiB of jsonl), real Qwen2.5 tokenizer, "
+          f"--dataset_num_proc {a.num_proc}")
+    print(f"{'mode':<8} {'rows':>9} {'seconds':>9} {'peak RSS MiB':>13} {'KiB per row':>12}")
+    for r in results.values():
+        print(f"{r['mode']:<8} {r['rows']:>9} {r['seconds']:>9} {r['peak_rss_mb']:>13} "
+              f"{1024 * r['peak_rss_mb'] / max(r['rows'], 1):>12.2f}")
+    if "lists" in results:
+        print(f"peak RSS arrow / lists: {results['arrow']['peak_rss_mb'] / results['lists']['peak_rss_mb']:.2f}")
+    print(f"time cached / arrow encoding: {results['cached']['seconds'] / results['arrow']['seconds']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Every flag of ms-swift 4.6 (tests/data/ms_swift_flags.json, written by bench/extract_swift_flags.py) is known to
+tunesmith: it is a real flag, a compatibility-only flag, or a clear "not supported yet" error that says what to use
+instead; never "unknown flag ... Did you mean"."""
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tunesmith.args import (COMMAND_ARGS, COMPATIBILITY_ONLY_IN, NOT_SUPPORTED_ELSEWHERE,
+                            NOT_SUPPORTED_VALUES, NOT_SUPPORTED_YET, ArgError, _aliases, _fields, format_help,
+                            parse_args)
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "data", "ms_swift_flags.json")
+with open(TABLE_PATH, encoding="utf-8") as fh:
+    TABLE = json.load(fh)
+COMMANDS = sorted(c for c in TABLE if c != "app")
+NOT_YET = re.compile(r"is an ms-swift flag that tunesmith does not support( in '\w+')? yet: \S.{15,}")
+
+
+def _value(spec) -> str:
+    """A plausible value of the flag's type (its first choice when it has choices)."""
+    if spec.choices:
+        return str(spec.choices[0])
+    if spec.inner is bool:
+        return "true"
+    if spec.inner is int:
+        return "2"
+    if spec.inner is float:
+        return "0.5"
+    if spec.inner is dict or getattr(spec.inner, "__origin__", None) is dict:
+        return '{"key": 1}'
+    return "some-value"
+
+
+def _outcome(command: str, flag: str):
+    """("flag", None) when it parses as the flag of that name (or a declared alias), ("prefix", None) when it only
+    parses as a longer flag it is a prefix of, or ("error", message)."""
+    cls = COMMAND_ARGS[command]
+    spec = _fields(cls).get(_aliases(cls).get(flag, flag))
+    try:
+        parse_args(command, [f"--{flag}", _value(spec) if spec else "1"])
+    except ArgError as e:
+        return "error", str(e)
+    return ("flag" if spec else "prefix"), None
+
+
+def test_table_is_ms_swift_4_6_and_sorted():
+    assert sorted(TABLE) == ["app", "deploy", "eval", "export", "infer", "rlhf", "sft"]
+    for command, flags in TABLE.items():
+        assert flags == sorted(set(flags)), command
+    assert len(TABLE["rlhf"]) > 400 and "reward_funcs" in TABLE["rlhf"] and "tuner_type" in TABLE["sft"]
+    assert "train_type" in TABLE["sft"] and "session_len" in TABLE["deploy"]  # 3.x names the seeds use
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_ms_swift_flag_parses_or_says_what_to_use(command):
+    unknown, bad = [], []
+    for flag in TABLE[command]:
+        kind, message = _outcome(command, flag)
+        if kind == "prefix":  # taken as another flag it is a prefix of: a silent change of meaning
+            bad.append(f"--{flag} parses as a longer tunesmith flag")
+        elif kind == "error" and ("unknown flag" in message or "Did you mean" in message):
+            unknown.append(flag)
+        elif kind == "error" and not NOT_YET.search(message):
+            bad.append(f"--{flag}: {message}")
+    assert unknown == [], f"ms-swift {command} flags unknown to tunesmith: {unknown}"
+    assert bad == []
+
+
+def test_flags_the_issue_names():
+    issue = {"use_galore": "GaLore", "lisa_activated_layers": "LISA", "push_to_hub": "upload",
+             "vit_lr": "multimodal", "cached_dataset": "--dataset", "llamapro_num_new_blocks": "--train_type lora",
+             "experts_impl": "experts_implementation", "reward_funcs": "issue #17", "use_vllm": "issue #17",
+             "num_generations": "issue #17"}
+    for flag, hint in issue.items():
+        with pytest.raises(ArgError, match=NOT_YET) as e:
+            parse_args("rlhf" if flag in ("reward_funcs", "use_vllm", "num_generations") else "sft",
+                       [f"--{flag}", "1"])
+        assert hint in str(e.value), (flag, str(e.value))
+    # GRPO's vLLM flags are errors in rlhf but real flags of infer
+    with pytest.raises(ArgError, match="in 'rlhf' yet: .*issue #17"):
+        parse_args("rlhf", ["--vllm_gpu_memory_utilization", "0.5"])
+    assert parse_args("infer", ["--vllm_gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
+    with pytest.raises(ArgError, match="issue #17"):
+        parse_args("rlhf", ["--rlhf_type", "grpo"])
+    # --tuner_backend: peft (ms-swift's default) is what tunesmith does; unsloth is refused with the reason
+    assert parse_args("sft", ["--tuner_backend", "peft"]).tuner_backend == "peft"
+    with pytest.raises(ArgError, match="unsloth.*peft"):
+        parse_args("sft", ["--tuner_backend", "unsloth"])
+
+
+def test_pinned_values_and_scoped_errors():
+    with pytest.raises(ArgError, match="all processes"):
+        parse_args("sft", ["--average_tokens_across_devices", "false"])
+    with pytest.raises(ArgError, match="binpack"):
+        parse_args("sft", ["--packing_strategy", "sequential"])
+    with pytest.raises(ArgError, match="in 'infer' yet: .*tunesmith export"):
+        parse_args("infer", ["--merge_lora", "true"])
+    with pytest.raises(ArgError, match="in 'sft' yet: .*export"):
+        parse_args("sft", ["--safe_serialization", "false"])
+    assert parse_args("export", ["--safe_serialization", "false"]).safe_serialization is False
+    # export accepts ms-swift's sampling and data flags, which change nothing in a merge
+    assert parse_args("export", ["--temperature", "0", "--dataset", "x.jsonl"]).temperature == 0.0
+
+
+def test_tables_are_consistent():
+    every = {f.name for cls in COMMAND_ARGS.values() for f in dataclasses.fields(cls)}
+    aliases = {a for cls in COMMAND_ARGS.values() for a in _aliases(cls)}
+    # NOT_SUPPORTED_YET: no command has the flag; NOT_SUPPORTED_ELSEWHERE: some do (the others refuse it)
+    assert sorted(n for n in NOT_SUPPORTED_YET if n in every or n in aliases) == []
+    assert sorted(n for n in NOT_SUPPORTED_ELSEWHERE if n not in every and n not in aliases) == []
+    for command, scoped in COMPATIBILITY_ONLY_IN.items():  # (its reason wins over COMPATIBILITY_ONLY's there)
+        fields = _fields(COMMAND_ARGS[command])
+        assert sorted(n for n in scoped if n not in fields) == [], command
+    for (flag, value), reason in NOT_SUPPORTED_VALUES.items():
+        assert reason and any(flag in _fields(cls) for cls in COMMAND_ARGS.values()), flag
+    for reason in list(NOT_SUPPORTED_YET.values()) + list(NOT_SUPPORTED_ELSEWHERE.values()):
+        assert len(reason) > 15, reason
+
+
+def test_help_lists_scoped_compatibility_flags_in_the_table_only():
+    text = format_help("export")
+    table = text[text.index("compatibility only"):]
+    assert "--temperature" in table and "--temperature" not in text[:text.index("compatibility only")]
+    assert "--to_peft_format" in table and "--tuner_backend" in table
+    text = format_help("eval")
+    assert "starts no server" in text[text.index("compatibility only"):]
+
+
+def test_app_is_not_available_yet():
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "app", "--model", "x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "'app'" in r.stderr and "not available in this version yet" in r.stderr
+    assert "tunesmith deploy" in r.stderr and "Did you mean" not in r.stderr
+
+
+def test_sft_help_stays_fast():
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "sft", "--help"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert r.returncode == 0 and "--tuner_backend" in r.stdout
+    assert elapsed < 2.0, f"tunesmith sft --help took {elapsed:.2f} s"  # ~0.3 s alone; slack for a loaded machine
