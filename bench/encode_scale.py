@@ -3,7 +3,8 @@ run from the cache — with the real Qwen2.5 tokenizer and chat template (151,64
 
     python bench/encode_scale.py --rows 50000 [--num_proc 2] [--skip_lists]
 
-Each measurement runs in its own process and reports its wall time and peak RSS (the process and its workers):
+Each measurement runs in its own process and reports its wall time and peak memory (PSS of the process and its
+workers):
 - lists:  what tunesmith did before the Arrow store — every row encoded into Python lists held in memory
           (`ChatEncoder.encode` over the loaded records), the path the issue measured (56 s, 683 MB for 50k rows);
 - arrow:  `train.setup.prepare_data` with --load_from_cache_file false: load, encode through datasets.map into
@@ -36,6 +37,27 @@ def make_rows(path: str, n: int, seed: int = 0) -> None:
             fh.write(json.dumps({"messages": [{"role": "user", "content": f"{i}: {q}"},
                                               {"role": "assistant", "content": a}]}, ensure_ascii=False) + "\n")
 
+
+
+def run_measured_pss(cmd: list[str], env: dict, log: str) -> tuple[float, int]:
+    """(peak memory of the process tree in GiB, exit code). Memory is PSS — each page shared between the
+    parent and its forked encoding workers counted once, split between them — sampled every 0.2 s: RSS would count
+    a shared page once per process and overstate a forked pool."""
+    import subprocess
+
+    import psutil
+
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        ps, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                procs = [ps, *ps.children(recursive=True)]
+                peak = max(peak, sum(p.memory_full_info().pss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+    return peak / 2 ** 30, proc.returncode
 
 
 def child(mode: str, tok_dir: str, data: str, num_proc: int) -> dict:
@@ -85,12 +107,10 @@ def main() -> int:
     make_rows(data, a.rows)
     env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(work, "hf_cache")}
     results = {}
-    from train_speed import run_measured  # samples the process tree's RSS every 50 ms
-
     for mode in (["arrow", "cached"] if a.skip_lists else ["lists", "arrow", "cached"]):
         log = os.path.join(work, f"{mode}.log")
-        _, peak_gib, rc = run_measured([sys.executable, __file__, "--num_proc", str(a.num_proc), "--child", mode,
-                                        tok_dir, data], env, log)
+        peak_gib, rc = run_measured_pss([sys.executable, __file__, "--num_proc", str(a.num_proc), "--child", mode,
+                                         tok_dir, data], env, log)
         text = open(log, encoding="utf-8").read()
         if rc:
             print(text[-3000:], file=sys.stderr)
@@ -98,12 +118,12 @@ def main() -> int:
         results[mode] = {**json.loads(text.strip().splitlines()[-1]), "peak_rss_mb": round(peak_gib * 1024, 1)}
     print(f"{a.rows} rows ({os.path.getsize(data) / 2 ** 20:.0f} MiB of jsonl), real Qwen2.5 tokenizer, "
           f"--dataset_num_proc {a.num_proc}")
-    print(f"{'mode':<8} {'rows':>9} {'seconds':>9} {'peak RSS MiB':>13} {'KiB per row':>12}")
+    print(f"{'mode':<8} {'rows':>9} {'seconds':>9} {'peak PSS MiB':>13} {'KiB per row':>12}")
     for r in results.values():
         print(f"{r['mode']:<8} {r['rows']:>9} {r['seconds']:>9} {r['peak_rss_mb']:>13} "
               f"{1024 * r['peak_rss_mb'] / max(r['rows'], 1):>12.2f}")
     if "lists" in results:
-        print(f"peak RSS arrow / lists: {results['arrow']['peak_rss_mb'] / results['lists']['peak_rss_mb']:.2f}")
+        print(f"peak memory arrow / lists: {results['arrow']['peak_rss_mb'] / results['lists']['peak_rss_mb']:.2f}")
     print(f"time cached / arrow encoding: {results['cached']['seconds'] / results['arrow']['seconds']:.3f}")
     return 0
 

@@ -564,12 +564,9 @@ def rows_for(loaded: LoadResult, kind: str) -> LoadResult:
     return loaded
 
 
-def split_train_val(result: LoadResult, ratio: float, seed: int) -> tuple[LoadResult, LoadResult]:
-    """Split off max(int(n * ratio), 1) validation rows, seeded (ms-swift's rule).
-
-    ratio: validation fraction (0-1). Returns (train, val), each in the original order; `dropped`/`reasons` are not
-    carried over (`strict` is). Raises DataError when the split would leave no training rows."""
-    n = len(result.records)
+def split_indices(n: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) row indices, each ascending: max(int(n * ratio), 1) rows split off for validation by a
+    seeded shuffle (ms-swift's rule). Raises DataError when the split would leave no training rows."""
     n_val = max(int(n * ratio), 1)
     if n_val >= n:
         raise DataError("--split_dataset_ratio", None, "",
@@ -577,7 +574,15 @@ def split_train_val(result: LoadResult, ratio: float, seed: int) -> tuple[LoadRe
                         "add data, lower the ratio, or pass --val_dataset.")
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def split_train_val(result: LoadResult, ratio: float, seed: int) -> tuple[LoadResult, LoadResult]:
+    """Split off max(int(n * ratio), 1) validation rows, seeded (ms-swift's rule; `split_indices`).
+
+    ratio: validation fraction (0-1). Returns (train, val), each in the original order; `dropped`/`reasons` are not
+    carried over (`strict` is). Raises DataError when the split would leave no training rows."""
+    train_idx, val_idx = split_indices(len(result.records), ratio, seed)
 
     def pick(idx):
         return LoadResult([result.records[i] for i in idx], [result.sources[i] for i in idx],

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from itertools import islice
 from typing import Any, Optional
 
 from tunesmith.data.encode import ChatEncoder, Encoded, encode_one
@@ -73,42 +74,94 @@ def _encode_batch(batch: dict, encoder: ChatEncoder, kind: str) -> dict:
     return out
 
 
-def encode_rows(encoder: ChatEncoder, records: list[dict], sources: list, path: str, kind: str = "sft",
-                strict: bool = True, num_proc: int = 1) -> tuple["EncodedRows", dict]:
-    """Encode `records` into an Arrow dataset at `path` (replaced atomically) and open it. Over-long rows
-    (--truncation_strategy delete) and rows with nothing to train are dropped and counted; bad rows too unless
-    `strict`.
+def write_source(items, path: str) -> int:
+    """(record, (file, line)) pairs -> an Arrow stream file at `path` (one JSON text per record, with its file and
+    line), written 10,000 at a time so the records never need to be all in memory. Returns the rows written."""
+    import pyarrow as pa
 
-    sources: (file, line) per record, for errors. Returns (rows, stats) with stats {"too_long", "nothing_to_train",
-    "bad": row counts, "reasons": the first 5 bad rows' messages}. Raises DataError (strict: the first bad row,
-    file:line) and ConfigError from the template."""
-    import datasets
+    schema = pa.schema([("record", pa.large_string()), ("source", pa.string()), ("line", pa.int64())])
+    items, n = iter(items), 0
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        while True:
+            chunk = list(islice(items, 10_000))
+            if not chunk:
+                return n
+            writer.write_table(pa.table({"record": [json.dumps(r, ensure_ascii=False) for r, _ in chunk],
+                                         "source": [str(s[0]) for _, s in chunk], "line": [s[1] for _, s in chunk]},
+                                        schema=schema))
+            n += len(chunk)
+
+
+def open_source(path: str):
+    """The records file `write_source` wrote, memory-mapped (a datasets.Dataset with record/source/line)."""
     from datasets import Dataset
+
+    return Dataset.from_file(path)
+
+
+def source_chunks(source, indices=None, size: int = 10_000):
+    """(records, sources) lists of at most `size` rows of a records file, for the given row indices (all rows when
+    None), in that order."""
+    idx = range(len(source)) if indices is None else indices
+    for start in range(0, len(idx), size):
+        part = source.select(idx[start:start + size]) if indices is not None else \
+            source.select(range(start, min(start + size, len(source))))
+        yield [json.loads(t) for t in part["record"]], list(zip(part["source"], part["line"]))
+
+
+def released(records: list, sources: list):
+    """(record, source) pairs, each record dropped from `records` once taken (the list keeps None)."""
+    for i, src in enumerate(sources):
+        rec, records[i] = records[i], None
+        yield rec, tuple(src)
+
+
+def encode_rows(encoder: ChatEncoder, records: list[dict], sources: list, path: str, kind: str = "sft",
+                strict: bool = True, num_proc: int = 1, consume: bool = False) -> tuple["EncodedRows", dict]:
+    """`encode_source` for records in a list. consume: release each record from `records` once written (the list
+    is left holding None), so the Python rows and their Arrow copy are never all in memory together."""
+    tmp = f"{path}.src-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        items = released(records, sources) if consume else ((r, tuple(s)) for r, s in zip(records, sources))
+        write_source(items, os.path.join(tmp, "source.arrow"))
+        return encode_source(encoder, open_source(os.path.join(tmp, "source.arrow")), path, kind, strict, num_proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def encode_source(encoder: ChatEncoder, source, path: str, kind: str = "sft", strict: bool = True,
+                  num_proc: int = 1) -> tuple["EncodedRows", dict]:
+    """Encode a records file (`open_source`) into an Arrow dataset at `path` (replaced atomically) and open it.
+    Over-long rows (--truncation_strategy delete) and rows with nothing to train are dropped and counted; bad rows
+    too unless `strict`.
+
+    Returns (rows, stats) with stats {"too_long", "nothing_to_train", "bad": row counts, "reasons": the first 5 bad
+    rows' messages}. Raises DataError (strict: the first bad row, file:line) and ConfigError from the template."""
+    import datasets
 
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    n = len(source)
     bars_were_off = datasets.are_progress_bars_disabled()
-    if len(records) < 10_000:  # a progress bar only where encoding takes a while
+    if n < 10_000:  # a progress bar only where encoding takes a while
         datasets.disable_progress_bars()
     try:
-        if not records:
+        if not n:
             return _save_empty(path, kind), {"too_long": 0, "nothing_to_train": 0, "bad": 0, "reasons": []}
-        source = Dataset.from_dict({"record": [json.dumps(r, ensure_ascii=False) for r in records],
-                                    "source": [str(s) for s, _ in sources], "line": [ln for _, ln in sources]})
-        encoded = source.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if len(records) >= 256
-                             else None, fn_kwargs={"encoder": encoder, "kind": kind},
-                             remove_columns=source.column_names, features=_features(kind),
-                             cache_file_name=os.path.join(tmp, "map.arrow"), new_fingerprint=os.path.basename(path),
-                             desc="encoding", disable_nullable=True)
+        encoded = source.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if n >= 256 else None,
+                             fn_kwargs={"encoder": encoder, "kind": kind}, remove_columns=source.column_names,
+                             features=_features(kind), cache_file_name=os.path.join(tmp, "map.arrow"),
+                             new_fingerprint=os.path.basename(path), desc="encoding", disable_nullable=True)
         stats = _stats(encoded, strict)
         ok = [i for i, s in enumerate(encoded["status"]) if s == "ok"]
         if not ok:  # Arrow files of zero rows do not load back
-            del source, encoded
+            del encoded
             return _save_empty(path, kind), stats
         kept = encoded.select(ok).remove_columns(["status", "reason"])
         kept.save_to_disk(os.path.join(tmp, "rows"))
-        del source, encoded, kept
+        del encoded, kept
         shutil.rmtree(path, ignore_errors=True)
         os.replace(os.path.join(tmp, "rows"), path)
     finally:

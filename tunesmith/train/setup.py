@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from tunesmith import __version__
 from tunesmith.data.encode import ChatEncoder
-from tunesmith.data.load import LoadResult, load_datasets, split_train_val, write_jsonl
+from tunesmith.data.load import LoadResult, load_datasets, write_jsonl
 from tunesmith.data.store import cache_root
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.log import note
@@ -180,52 +180,104 @@ def _stream_rows(data, model, method, encoder, max_length):
 
 def _encode_data(data, model, method, encoder, path: str, max_length) -> None:
     """Load --dataset (and --val_dataset or the split), shape the records for the method and encode them into
-    `path`: train/ and val/ Arrow rows, meta.json (drop counts), val_dataset.jsonl for a split. With --streaming
-    only --val_dataset is encoded here (the training rows stream: `_stream_rows`). Raises DataError."""
-    from tunesmith.data.store import encode_rows
+    `path`: train/ and val/ Arrow rows, meta.json (drop counts), val_dataset.jsonl for a split. The records pass
+    through Arrow files, never all held as Python objects (`_records_file`). With --streaming only --val_dataset is
+    encoded here (the training rows stream: `_stream_rows`). Raises DataError."""
+    from tunesmith.data.load import split_indices
+    from tunesmith.data.store import encode_source, open_source, source_chunks
 
     common = dict(strict=data.strict, columns=data.columns, seed=data.data_seed, use_hf=model.use_hf,
                   hub_token=model.hub_token)
     if data.streaming:
         return _encode_val_only(data, method, encoder, path, common)
-    train = load_datasets(data.dataset, **common)
-    val: Optional[LoadResult] = None
-    if data.val_dataset:
-        val = load_datasets(data.val_dataset, what="--val_dataset", **common)
-    elif data.split_dataset_ratio > 0:
-        dropped, reasons = train.dropped, train.reasons
-        train, val = split_train_val(train, data.split_dataset_ratio, data.data_seed)
-        train.dropped, train.reasons = dropped, reasons
-    train = method.shape_records(train)
-    val = method.shape_records(val) if val is not None else None
-    for part, specs, what in ((train, data.dataset, "--dataset"),
-                              (val, data.val_dataset or data.dataset, "--val_dataset" if data.val_dataset
-                               else "the validation split")):
-        if part is not None and not part.records:  # every row was bad for this method (--strict false)
-            raise DataError(" ".join(specs), None, "", f"no usable rows in {what} for {method.name}: all "
-                            f"{part.dropped} were bad; first reasons:\n  " + "\n  ".join(part.reasons),
-                            "fix the rows (`tunesmith data validate --rlhf_type ...` lists every problem).")
-    num_proc = max(1, data.dataset_num_proc)
     os.makedirs(path, exist_ok=True)
-    rows, tstats = encode_rows(encoder, train.records, train.sources, os.path.join(path, "train"), method.rows,
-                               data.strict, num_proc)
-    if not len(rows):
-        raise DataError(" ".join(data.dataset), None, "", "no rows left to train on after encoding "
-                        f"({train.dropped} bad, {tstats['bad']} failed to encode, {tstats['too_long']} too long, "
-                        f"{tstats['nothing_to_train']} with nothing to train).",
-                        "raise --max_length, use --truncation_strategy left/right, or check --loss_scale.")
-    meta = {"train_drops": _drops(train, tstats), "val_drops": None, "val_split": False,
-            "stats": {"dropped_bad": train.dropped, "dropped_too_long": tstats["too_long"],
-                      "dropped_nothing_to_train": tstats["nothing_to_train"]}}
-    shutil.rmtree(os.path.join(path, "val"), ignore_errors=True)
-    if val is not None:
-        _, vstats = encode_rows(encoder, val.records, val.sources, os.path.join(path, "val"), method.rows,
-                                data.strict, num_proc)
-        meta["val_drops"] = _drops(val, vstats)
-        if not data.val_dataset:
-            write_jsonl(os.path.join(path, "val_dataset.jsonl"), val.records)
-            meta["val_split"] = True
-    write_json_atomic(os.path.join(path, "meta.json"), meta)
+    work = os.path.join(path, f".records-{os.getpid()}")
+    os.makedirs(work, exist_ok=True)
+    try:
+        source, tally = _records_file(data.dataset, "--dataset", common, os.path.join(work, "train.arrow"))
+        parts = [("train", data.dataset, "--dataset", source, None, tally)]
+        if data.val_dataset:
+            val_source, val_tally = _records_file(data.val_dataset, "--val_dataset", common,
+                                                  os.path.join(work, "val.arrow"))
+            parts.append(("val", data.val_dataset, "--val_dataset", val_source, None, val_tally))
+        elif data.split_dataset_ratio > 0:
+            train_idx, val_idx = split_indices(len(source), data.split_dataset_ratio, data.data_seed)
+            parts = [("train", data.dataset, "--dataset", source, train_idx, tally),
+                     ("val", data.dataset, "the validation split", source, val_idx,
+                      LoadResult([], [], strict=data.strict))]
+        meta = {"train_drops": None, "val_drops": None, "val_split": bool(not data.val_dataset and len(parts) > 1)}
+        num_proc = max(1, data.dataset_num_proc)
+        shutil.rmtree(os.path.join(path, "val"), ignore_errors=True)
+        for name, specs, what, src, idx, drops in parts:
+            shaped_file = os.path.join(work, f"{name}-shaped.arrow")
+            _shape_records_file(method, src, idx, drops, shaped_file, specs, what)
+            if meta["val_split"] and name == "val":
+                write_jsonl(os.path.join(path, "val_dataset.jsonl"),
+                            (r for chunk, _ in source_chunks(open_source(shaped_file)) for r in chunk))
+            rows, stats = encode_source(encoder, open_source(shaped_file), os.path.join(path, name), method.rows,
+                                        data.strict, num_proc)
+            if name == "train" and not len(rows):
+                raise DataError(" ".join(data.dataset), None, "", "no rows left to train on after encoding "
+                                f"({drops.dropped} bad, {stats['bad']} failed to encode, {stats['too_long']} too long,"
+                                f" {stats['nothing_to_train']} with nothing to train).",
+                                "raise --max_length, use --truncation_strategy left/right, or check --loss_scale.")
+            meta[f"{name}_drops"] = _drops(drops, stats)
+            if name == "train":
+                meta["stats"] = {"dropped_bad": drops.dropped, "dropped_too_long": stats["too_long"],
+                                 "dropped_nothing_to_train": stats["nothing_to_train"]}
+        write_json_atomic(os.path.join(path, "meta.json"), meta)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _streamable(spec: str) -> bool:
+    """A local file or folder without `#N`: its rows can be read one at a time (sampling needs every row)."""
+    from tunesmith.data.load import parse_spec
+
+    path, hub, n = parse_spec(spec)
+    return hub is None and n is None and os.path.exists(path)
+
+
+def _records_file(specs: list, what: str, common: dict, file: str):
+    """(the normalised records of `specs` as an Arrow records file, the tally of bad rows dropped). Local files
+    are read, normalised and written a row at a time; hub ids and `#N` samples are loaded whole first. Raises
+    DataError (strict: the first bad row; no usable rows at all)."""
+    from tunesmith.data.load import stream_records
+    from tunesmith.data.store import open_source, released, write_source
+
+    if all(_streamable(s) for s in specs):
+        tally = LoadResult([], [], strict=common["strict"])
+        n = write_source(stream_records(specs, tally, columns=common["columns"], use_hf=common["use_hf"],
+                                        hub_token=common["hub_token"]), file)
+        if not n:
+            detail = f" All {tally.dropped} rows were bad; first reasons:\n  " + "\n  ".join(tally.reasons) \
+                if tally.dropped else ""
+            raise DataError(" ".join(specs), None, "", f"no usable rows in {what}.{detail}",
+                            "fix the rows above (run `tunesmith data validate --dataset ...` to list every problem).")
+        return open_source(file), tally
+    loaded = load_datasets(specs, what=what, **common)
+    write_source(released(loaded.records, loaded.sources), file)
+    return open_source(file), LoadResult([], [], loaded.dropped, loaded.reasons, loaded.strict)
+
+
+def _shape_records_file(method, source, indices, tally: LoadResult, out: str, specs, what: str) -> None:
+    """The method's rules (`method.shape_records`: pairs checked, KTO's pairs split) over the records file's rows
+    (`indices`, or all), 10,000 at a time, written to `out`; drops are added to `tally`. Raises DataError: strict,
+    or no usable row left for the method."""
+    from tunesmith.data.store import source_chunks, write_source
+
+    def shaped():
+        """The shaped (record, source) pairs, chunk by chunk."""
+        for records, sources in source_chunks(source, indices):
+            part = method.shape_records(LoadResult(records, sources, strict=tally.strict))
+            tally.dropped += part.dropped
+            tally.reasons += part.reasons[:max(0, tally.max_reasons - len(tally.reasons))]
+            yield from zip(part.records, part.sources)
+
+    if not write_source(shaped(), out):  # every row was bad for this method (--strict false)
+        raise DataError(" ".join(specs), None, "", f"no usable rows in {what} for {method.name}: all "
+                        f"{tally.dropped} were bad; first reasons:\n  " + "\n  ".join(tally.reasons),
+                        "fix the rows (`tunesmith data validate --rlhf_type ...` lists every problem).")
 
 
 def _encode_val_only(data, method, encoder, path: str, common: dict) -> None:
