@@ -58,9 +58,10 @@ def _encode_batch(batch: dict, encoder: ChatEncoder, kind: str) -> dict:
     out: dict = {k: [] for k in _features(kind)}
     for text, src, line in zip(batch["record"], batch["source"], batch["line"]):
         status, value = encode_one(encoder, json.loads(text), kind)
-        first, second = (value if status == "ok" and kind != "sft" else (value, None))
         if status != "ok":
-            first = None
+            first = second = None
+        else:  # sft: one Encoded; preference: (chosen, rejected); kto: (Encoded, desirable)
+            first, second = (value, None) if kind == "sft" else value
         out["input_ids"].append(first.input_ids if first else [])
         out["labels"].append(first.labels if first else [])
         if kind == "preference":
@@ -104,8 +105,7 @@ def source_chunks(source, indices=None, size: int = 10_000):
     None), in that order."""
     idx = range(len(source)) if indices is None else indices
     for start in range(0, len(idx), size):
-        part = source.select(idx[start:start + size]) if indices is not None else \
-            source.select(range(start, min(start + size, len(source))))
+        part = source.select(idx[start:start + size])
         yield [json.loads(t) for t in part["record"]], list(zip(part["source"], part["line"]))
 
 
