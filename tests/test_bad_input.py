@@ -298,3 +298,18 @@ def test_sft_strict_false_drops_every_bad_row(tiny_models, tmp_path, capsys):
     assert rc == 0, err
     assert f"--dataset: {len(bad)} bad row(s) dropped (--strict false); first reasons:\n  {path}:2:" in err
     assert "sft: 2 training rows" in out
+
+
+@pytest.mark.parametrize("line", ['{"messages": [{"role": "user", "content": "cut \\ud800 emoji"}, '
+                                  '{"role": "assistant", "content": "a"}]}',
+                                  '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+                                  '"content": "a"}], "n": ' + "9" * 5000 + "}"],
+                         ids=["lone-surrogate", "5000-digit-integer"])
+def test_valid_json_that_cannot_be_used_is_a_bad_row(tmp_path, capsys, line):
+    from tunesmith.cli import main
+    good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
+    path = tmp_path / "d.jsonl"
+    path.write_text(good + "\n" + line + "\n", encoding="utf-8")
+    assert main(["data", "validate", "--dataset", str(path)]) == 1
+    err = capsys.readouterr()
+    assert f"{path}:2:" in err.out + err.err and "Traceback" not in err.out + err.err

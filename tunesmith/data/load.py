@@ -139,7 +139,20 @@ _FIX_NESTING = "rows are objects holding messages, not deeply nested lists or ob
 def _json_problem(e: Exception) -> str:
     if isinstance(e, RecursionError):
         return "JSON nested too deeply to read."
+    if isinstance(e, UnicodeEncodeError):
+        return "holds an unpaired surrogate escape (e.g. \\ud800, half of an emoji cut off): not valid Unicode."
+    if not isinstance(e, json.JSONDecodeError):  # e.g. an integer of more than 4,300 digits
+        return f"cannot be read: {e}."
     return f"broken JSON at column {e.colno}: {e.msg.removesuffix(' at')}."  # json's "Invalid control character at"
+
+
+def _loads(text: str):
+    """json.loads, refusing strings that are not valid Unicode (lone surrogate escapes: the tokenizer and Arrow
+    cannot take them). Raises ValueError (JSONDecodeError, UnicodeEncodeError, too-long integers)."""
+    obj = json.loads(text)
+    if "\\u" in text:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    return obj
 
 
 def _read_jsonl(path: str) -> Iterator[RawRow]:
@@ -155,8 +168,8 @@ def _read_jsonl(path: str) -> Iterator[RawRow]:
         if not text.strip():
             continue
         try:
-            yield RawRow(json.loads(text), path, lineno)
-        except (json.JSONDecodeError, RecursionError) as e:
+            yield RawRow(_loads(text), path, lineno)
+        except (ValueError, RecursionError) as e:
             yield RawRow(None, path, lineno, DataError(
                 path, lineno, "", _json_problem(e), _FIX_NESTING if isinstance(e, RecursionError) else
                 "each line must be one complete JSON object (check quotes, commas and brackets)."))
