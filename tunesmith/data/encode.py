@@ -150,19 +150,23 @@ class ChatEncoder:
         """(text between an assistant reply's end and the next content, its trained end-of-turn part)."""
         key = next_role or "<end>"
         if key not in self._tails:
-            msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _DUMMY_REPLY}]
-            if next_role:
-                msgs.append({"role": next_role, "content": _SENTINEL})
-            text = self.render(msgs)
-            a = text.find(_DUMMY_REPLY)
-            if a < 0:
-                raise ConfigError("the chat template does not render assistant content verbatim; "
-                                  "cannot derive a loss mask from it")
-            a += len(_DUMMY_REPLY)
-            b = text.find(_SENTINEL) if next_role else len(text)
-            tail = text[a:b]
+            tail = self._after_dummy({"role": "assistant", "content": _DUMMY_REPLY}, next_role,
+                                     "the chat template does not render assistant content verbatim; "
+                                     "cannot derive a loss mask from it")
             self._tails[key] = (tail, tail[: self._first_special_end(tail)])
         return self._tails[key]
+
+    def _after_dummy(self, reply: dict, next_role: Optional[str], missing: str) -> str:
+        """The rendering of [user, `reply`, next_role's sentinel message] from the end of the dummy marker in the
+        reply to the sentinel (or the end). Raises ConfigError(`missing`) when the marker is not rendered."""
+        msgs = [{"role": "user", "content": "hello"}, reply]
+        if next_role:
+            msgs.append({"role": next_role, "content": _SENTINEL})
+        text = self.render(msgs)
+        a = text.find(_DUMMY_REPLY)
+        if a < 0:
+            raise ConfigError(missing)
+        return text[a + len(_DUMMY_REPLY):text.find(_SENTINEL) if next_role else len(text)]
 
     def _call_tail(self, next_role: Optional[str], name: str) -> tuple[str, str]:
         """For a reply that ends in tool calls: (its end-of-turn special token, the text between that token and the
@@ -173,16 +177,9 @@ class ChatEncoder:
         key = ("<calls>", next_role or "<end>", name)
         if key not in self._tails:
             call = {"type": "function", "function": {"name": name, "arguments": {"k": _DUMMY_REPLY}}}
-            msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-            if next_role:
-                msgs.append({"role": next_role, "content": _SENTINEL})
-            text = self.render(msgs)
-            a = text.find(_DUMMY_REPLY)
-            if a < 0:
-                raise ConfigError("the chat template does not render assistant tool_calls, so rows with tool calls "
-                                  "cannot be trained with it; use a model whose chat template supports tools")
-            a += len(_DUMMY_REPLY)
-            rest = text[a:text.find(_SENTINEL) if next_role else len(text)]
+            rest = self._after_dummy({"role": "assistant", "content": "", "tool_calls": [call]}, next_role,
+                                     "the chat template does not render assistant tool_calls, so rows with tool "
+                                     "calls cannot be trained with it; use a model whose chat template supports tools")
             k0, k1 = self._first_special(rest)
             if k1 == 0:
                 raise ConfigError("the chat template ends a tool-call reply without a special token; "
