@@ -39,25 +39,38 @@ def make_rows(path: str, n: int, seed: int = 0) -> None:
 
 
 
-def run_measured_pss(cmd: list[str], env: dict, log: str) -> tuple[float, int]:
-    """(peak memory of the process tree in GiB, exit code). Memory is PSS — each page shared between the
-    parent and its forked encoding workers counted once, split between them — sampled every 0.2 s: RSS would count
-    a shared page once per process and overstate a forked pool."""
+def pss_parts(pid: int) -> tuple[int, int]:
+    """(anonymous PSS, file-backed PSS) of one process in bytes, from /proc/PID/smaps_rollup. File-backed pages
+    (the memory-mapped Arrow files, shared libraries) are page cache the kernel can reclaim; anonymous ones are not."""
+    parts = {}
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("Pss_Anon", "Pss_File", "Pss_Shmem"):
+                parts[key] = int(rest.split()[0]) * 1024
+    return parts.get("Pss_Anon", 0) + parts.get("Pss_Shmem", 0), parts.get("Pss_File", 0)
+
+
+def run_measured_pss(cmd: list[str], env: dict, log: str) -> tuple[float, float, int]:
+    """(peak memory of the process tree in GiB, peak anonymous memory in GiB, exit code). Memory is PSS — each page
+    shared between the parent and its forked encoding workers counted once, split between them — sampled every
+    0.2 s: RSS would count a shared page once per process and overstate a forked pool."""
     import subprocess
 
     import psutil
 
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        ps, peak = psutil.Process(proc.pid), 0
+        ps, peak, peak_anon = psutil.Process(proc.pid), 0, 0
         while proc.poll() is None:
             try:
-                procs = [ps, *ps.children(recursive=True)]
-                peak = max(peak, sum(p.memory_full_info().pss for p in procs))
-            except psutil.Error:
+                parts = [pss_parts(p.pid) for p in [ps, *ps.children(recursive=True)]]
+                peak = max(peak, sum(a + f for a, f in parts))
+                peak_anon = max(peak_anon, sum(a for a, _ in parts))
+            except (psutil.Error, OSError):
                 pass
             time.sleep(0.2)
-    return peak / 2 ** 30, proc.returncode
+    return peak / 2 ** 30, peak_anon / 2 ** 30, proc.returncode
 
 
 def child(mode: str, tok_dir: str, data: str, num_proc: int) -> dict:
@@ -109,18 +122,19 @@ def main() -> int:
     results = {}
     for mode in (["arrow", "cached"] if a.skip_lists else ["lists", "arrow", "cached"]):
         log = os.path.join(work, f"{mode}.log")
-        peak_gib, rc = run_measured_pss([sys.executable, __file__, "--num_proc", str(a.num_proc), "--child", mode,
+        peak_gib, anon_gib, rc = run_measured_pss([sys.executable, __file__, "--num_proc", str(a.num_proc), "--child", mode,
                                          tok_dir, data], env, log)
         text = open(log, encoding="utf-8").read()
         if rc:
             print(text[-3000:], file=sys.stderr)
             return 1
-        results[mode] = {**json.loads(text.strip().splitlines()[-1]), "peak_rss_mb": round(peak_gib * 1024, 1)}
+        results[mode] = {**json.loads(text.strip().splitlines()[-1]), "peak_rss_mb": round(peak_gib * 1024, 1),
+                         "peak_anon_mb": round(anon_gib * 1024, 1)}
     print(f"{a.rows} rows ({os.path.getsize(data) / 2 ** 20:.0f} MiB of jsonl), real Qwen2.5 tokenizer, "
           f"--dataset_num_proc {a.num_proc}")
-    print(f"{'mode':<8} {'rows':>9} {'seconds':>9} {'peak PSS MiB':>13} {'KiB per row':>12}")
+    print(f"{'mode':<8} {'rows':>9} {'seconds':>9} {'peak PSS MiB':>13} {'of it anon':>11} {'KiB per row':>12}")
     for r in results.values():
-        print(f"{r['mode']:<8} {r['rows']:>9} {r['seconds']:>9} {r['peak_rss_mb']:>13} "
+        print(f"{r['mode']:<8} {r['rows']:>9} {r['seconds']:>9} {r['peak_rss_mb']:>13} {r['peak_anon_mb']:>11} "
               f"{1024 * r['peak_rss_mb'] / max(r['rows'], 1):>12.2f}")
     if "lists" in results:
         print(f"peak memory arrow / lists: {results['arrow']['peak_rss_mb'] / results['lists']['peak_rss_mb']:.2f}")

@@ -70,7 +70,30 @@ ROW_CASES = [
     ("csv_missing_cells", "d.csv", "query,response\nq1,a1\nq2\nq3,a3\n", 3, "has 1 cells"),
     ("csv_unclosed_quote", "d.csv", 'query,response\nq1,a1\nq3,a3\n"q2,a2\n', 4, "has 1 cells"),
     ("txt_invalid_utf8", "d.txt", b"first\n\xc3\x28 broken\nthird\n", 2, "is not valid UTF-8"),
-    ("parquet_null_reply", "d.parquet", _parquet_with_null_reply, 2, "has no assistant message"),
+    ("parquet_null_reply", "d.parquet", _parquet_with_null_reply, 2,
+     "field 'response': is missing or null: the row has a 'query' but no reply"),
+    # messages name the user's own fields, not the canonical form's
+    ("chosen_null", "d.jsonl", _sandwich('{"prompt": "q", "chosen": null, "rejected": "x"}'), 2,
+     "field 'chosen': is missing or null: a chosen/rejected row needs both replies"),
+    ("alpaca_without_output", "d.jsonl", _sandwich('{"instruction": "q", "input": ""}'), 2,
+     "field 'output': is missing or null: an instruction row"),
+    ("tool_call_without_result", "d.jsonl", _sandwich(json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "tool_call", "content": '{"name": "f", "arguments": {}}'},
+        {"role": "assistant", "content": "a"}]})), 2,
+     "the call to 'f' is followed by an assistant reply without the tool's result"),
+    ("tool_result_without_call", "d.jsonl", _sandwich(json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "tool_response", "content": "1"},
+        {"role": "assistant", "content": "a"}]})), 2, "a tool result follows a user message: no tool call"),
+    ("unmatched_tool_call_id", "d.jsonl", _sandwich(json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c9", "content": "1"}, {"role": "assistant", "content": "a"}]})), 2,
+     "field 'messages[2].tool_call_id': 'c9' answers none of the calls before it (their ids: 'c1')"),
+    ("call_to_unknown_function", "d.jsonl", _sandwich(json.dumps({
+        "tools": [{"type": "function", "function": {"name": "g", "parameters": {}}}], "messages": [
+            {"role": "user", "content": "q"}, {"role": "tool_call", "content": '{"name": "f", "arguments": {}}'},
+            {"role": "tool_response", "content": "1"}, {"role": "assistant", "content": "a"}]})), 2,
+     "field 'tools': has no function 'f', which the conversation calls (the tools: 'g')"),
 ]
 
 # (id, file name, content or None (the path is not created), spec suffix, line or None, fragment)
@@ -313,3 +336,12 @@ def test_valid_json_that_cannot_be_used_is_a_bad_row(tmp_path, capsys, line):
     assert main(["data", "validate", "--dataset", str(path)]) == 1
     err = capsys.readouterr()
     assert f"{path}:2:" in err.out + err.err and "Traceback" not in err.out + err.err
+
+
+def test_labelled_single_replies_given_to_a_pair_method_point_to_kto(tmp_path, capsys):
+    path = tmp_path / "kto.jsonl"
+    path.write_text(_msg("q", "a", label=True) + "\n")
+    rc, out, _ = cli(capsys, "data", "validate", "--dataset", str(path), "--rlhf_type", "dpo")
+    assert rc == 1 and "KTO's unpaired form" in out and "--rlhf_type kto" in out, out
+    rc, out, _ = cli(capsys, "data", "validate", "--dataset", str(path), "--rlhf_type", "kto")
+    assert rc == 0, out

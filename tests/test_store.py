@@ -104,3 +104,35 @@ def test_training_reads_its_rows_from_arrow(tiny_models, tmp_path):
     meta = json.load(open(os.path.join(os.path.dirname(prepared.train_rows.dataset.cache_files[0]["filename"]),
                                        "..", "meta.json")))
     assert meta["train_drops"]["bad"] == 0
+
+
+def test_rows_dropped_from_training_and_validation_data_are_recorded(tiny_models, tmp_path):
+    """args.json's data_stats (prepared.data_stats) count the bad rows of both, --strict false."""
+    train = write_jsonl(tmp_path / "t.jsonl", [_chat(i) for i in range(6)] + [{"text": 5}])
+    val = write_jsonl(tmp_path / "v.jsonl", [_chat(i) for i in range(3)] + ["{broken", {"messages": []}])
+    prepared = _prepare(tiny_models, train, "--val_dataset", val, "--strict", "false")
+    s = prepared.data_stats
+    assert (s["train_rows"], s["val_rows"], s["dropped_bad"], s["val_dropped_bad"]) == (6, 3, 1, 2)
+
+
+def test_data_cache_lists_and_cleans_the_encoded_datasets(tiny_models, tmp_path, monkeypatch, capsys):
+    from tunesmith.cli import main
+    from tunesmith.errors import ConfigError
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", [_chat(i) for i in range(8)])
+    _prepare(tiny_models, data, "--load_from_cache_file", "true")
+    _prepare(tiny_models, data, "--load_from_cache_file", "true", "--max_length", "64")
+    capsys.readouterr()
+    assert main(["data", "cache"]) == 0
+    out = capsys.readouterr().out
+    assert "kept: 2 encoded dataset(s)" in out and out.count(str(tmp_path / "cache" / "tunesmith-encoded")) == 3
+    assert main(["data", "cache", "--clean", "true", "--older_than_days", "1"]) == 0  # both used just now
+    assert "removed: 0 encoded dataset(s)" in capsys.readouterr().out
+    assert main(["data", "cache", "--older_than_days", "1"]) == 1
+    assert "goes with --clean true" in capsys.readouterr().err
+    assert main(["data", "cache", "--clean", "true"]) == 0
+    assert "removed: 2 encoded dataset(s)" in capsys.readouterr().out
+    assert not os.listdir(tmp_path / "cache" / "tunesmith-encoded")
+    _prepare(tiny_models, data, "--load_from_cache_file", "true")
+    assert "reusing" not in capsys.readouterr().err  # encoded afresh

@@ -111,6 +111,29 @@ def test_bad_rows_stop_with_file_and_line_or_are_counted(tiny_models, tmp_path):
         stream_records([str(tmp_path / "missing.jsonl")], LoadResult([], []))  # checked before any row is read
 
 
+def test_a_streamed_run_refused_by_its_data_leaves_nothing_or_says_how_to_resume(tiny_models, tmp_path):
+    """Every file's first row is read before training (a later file that cannot be read stops the run before the
+    run directory exists); a bad row met mid-run removes a run with no checkpoint, and otherwise names the
+    checkpoint to resume from."""
+    good = _data(tmp_path, 10)
+    unreadable = tmp_path / "second.jsonl"
+    unreadable.write_bytes(b"\xff\xfe{\x00\n")
+    common = ["--streaming", "true", "--max_steps", "6", "--dataset_shuffle", "false"]
+    with pytest.raises(DataError, match="second.jsonl: is a UTF-16"):
+        _train(tiny_models("qwen2"), good, tmp_path / "a", *common, "--dataset", good, str(unreadable))
+    assert not (tmp_path / "a").exists()
+
+    late = write_jsonl(tmp_path / "late.jsonl", [_row(i) for i in range(10)] + ["{broken"])
+    with pytest.raises(DataError, match="late.jsonl:11") as e:
+        _train(tiny_models("qwen2"), late, tmp_path / "b", *common, "--save_steps", "100")
+    assert "resume" not in str(e.value) and not os.listdir(tmp_path / "b")  # nothing to resume: nothing kept
+    with pytest.raises(DataError, match="late.jsonl:11") as e:
+        _train(tiny_models("qwen2"), late, tmp_path / "c", *common, "--save_steps", "1")
+    [run] = os.listdir(tmp_path / "c")
+    ckpt = os.path.join(tmp_path / "c", run, "checkpoint-2")  # 10 rows = 2.5 steps of 4: the bad row is in step 3
+    assert os.path.isdir(ckpt) and str(e.value).endswith(f"continue with --resume_from_checkpoint {ckpt}.")
+
+
 def test_shuffling_is_a_seeded_buffer_permutation():
     from tunesmith.data.stream import buffer_shuffle, pack_stream
 

@@ -75,19 +75,20 @@ def test_every_ms_swift_flag_parses_or_says_what_to_use(command):
 def test_flags_the_issue_names():
     issue = {"use_galore": "GaLore", "lisa_activated_layers": "LISA", "push_to_hub": "upload",
              "vit_lr": "multimodal", "cached_dataset": "--dataset", "llamapro_num_new_blocks": "--train_type lora",
-             "experts_impl": "experts_implementation", "reward_funcs": "issue #17", "use_vllm": "issue #17",
-             "num_generations": "issue #17"}
+             "experts_impl": "experts_implementation"}
     for flag, hint in issue.items():
         with pytest.raises(ArgError, match=NOT_YET) as e:
-            parse_args("rlhf" if flag in ("reward_funcs", "use_vllm", "num_generations") else "sft",
-                       [f"--{flag}", "1"])
+            parse_args("sft", [f"--{flag}", "1"])
         assert hint in str(e.value), (flag, str(e.value))
-    # GRPO's vLLM flags are errors in rlhf but real flags of infer
-    with pytest.raises(ArgError, match="in 'rlhf' yet: .*issue #17"):
+    # GRPO's flags are real flags of rlhf now (#17); its vLLM tuning flags are errors in rlhf, real flags of infer
+    args = parse_args("rlhf", ["--rlhf_type", "grpo", "--reward_funcs", "accuracy", "--num_generations", "4",
+                               "--use_vllm", "true"])
+    assert (args.rlhf_type, args.reward_funcs, args.num_generations, args.use_vllm) == ("grpo", ["accuracy"], 4, True)
+    with pytest.raises(ArgError, match="in 'rlhf' yet: vLLM rollouts for GRPO are not wired in yet"):
         parse_args("rlhf", ["--vllm_gpu_memory_utilization", "0.5"])
     assert parse_args("infer", ["--vllm_gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
-    with pytest.raises(ArgError, match="issue #17"):
-        parse_args("rlhf", ["--rlhf_type", "grpo"])
+    with pytest.raises(ArgError, match="does not support yet: that GRPO option is not implemented"):
+        parse_args("rlhf", ["--dynamic_sample", "true"])
     # --tuner_backend: peft (ms-swift's default) is what tunesmith does; unsloth is refused with the reason
     assert parse_args("sft", ["--tuner_backend", "peft"]).tuner_backend == "peft"
     with pytest.raises(ArgError, match="unsloth.*peft"):

@@ -2,6 +2,7 @@
 record, rendered by the model's own chat template, and the trained tokens are exactly the template's assistant turns
 (checked against a rendering made here, with spans located by hand) — the text inference parses back into calls."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -181,6 +182,28 @@ def test_call_with_text_and_a_final_call_turn(toks):
     assert trained_text(tok, enc) == [TRAINED["gpt_oss"][0]]
 
 
+def test_a_reply_the_template_renders_differently_later_is_a_located_bad_row(toks, tmp_path):
+    """gpt-oss renders the text next to a tool call as analysis and keeps it only in the last turn: that row cannot
+    be trained as rendered. It is a bad row (file:line), dropped and counted under --strict false."""
+    from tunesmith.data.encode import encode_one
+    from tunesmith.data.store import encode_rows
+
+    row = {"tools": TOOLS, "messages": [USER, {"role": "assistant", "content": "Let me check."},
+                                        {"role": "tool_call", "content": '{"name": "get_weather", "arguments": '
+                                                                         '{"city": "Paris"}}'},
+                                        {"role": "tool_response", "content": RESULT}, FINAL]}
+    status, err = encode_one(ChatEncoder(toks["gpt_oss"]), normalise_row(row), "sft")
+    assert status == "bad" and err.field == "messages"
+    assert "cannot locate assistant reply 1 (with tool calls)" in err.problem and "gpt-oss" in err.fix
+    rows = [normalise_row(r) for r in (SWIFT_ROW, row, OPENAI_ROW)]
+    sources = [("agent.jsonl", i + 1) for i in range(3)]
+    with pytest.raises(DataError, match="^agent.jsonl:2: field 'messages': cannot locate assistant reply 1"):
+        encode_rows(ChatEncoder(toks["gpt_oss"]), rows, sources, str(tmp_path / "strict"))
+    kept, stats = encode_rows(ChatEncoder(toks["gpt_oss"]), rows, sources, str(tmp_path / "lenient"), strict=False)
+    assert len(kept) == 2 and stats["bad"] == 1 and stats["reasons"][0].startswith("agent.jsonl:2: field")
+    assert encode_one(ChatEncoder(toks["qwen2"]), normalise_row(row), "sft")[0] == "ok"  # Qwen keeps the text
+
+
 @pytest.mark.parametrize("arguments", ['{"city": "Paris"}', {"city": "Paris"}, ' {"city":"Paris"} '])
 def test_arguments_as_string_or_dict_and_content_null_or_empty_or_missing(arguments):
     for content in ({"content": None}, {"content": ""}, {}):
@@ -236,6 +259,29 @@ def test_data_inspect_shows_tool_rows(tmp_path, capsys):
     build_tokenizer("llama3", official_template=True).save_pretrained(tok_dir)
     assert main(["data", "inspect", "--dataset", data, "--model", tok_dir]) == 0
     assert f"[[{TRAINED['llama3'][0]}]]" in capsys.readouterr().out
+
+
+def test_data_commands_without_a_model_check_tool_rows_with_the_named_template(tmp_path, capsys):
+    """Without --model, inspect/validate/stats use the built-in tokenizer of --template's family with its official
+    (tool-rendering) template: a row that template refuses (Llama 3.1: one call per turn) is located, not a crash;
+    inspect goes on to the next row, validate counts it, stats drops it under --strict false like training."""
+    from tunesmith.cli import main
+
+    data = write_jsonl(tmp_path / "agent.jsonl", [PARALLEL_SWIFT, SWIFT_ROW])
+    assert main(["data", "inspect", "--dataset", data, "--template", "llama3", "--num_rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"--- row 0 ({data}:1) messages: cannot be trained\n{data}:1: field 'messages': the chat template " \
+           "refuses this conversation: This model only supports single tool-calls" in out
+    assert f"[[{TRAINED['llama3'][0]}]]" in out  # row 1 still shown
+    assert main(["data", "validate", "--dataset", data, "--template", "llama3"]) == 1
+    out = capsys.readouterr().out
+    assert out.count(f"{data}:1: field 'messages'") == 1 and "2 rows checked, 1 problem(s)." in out
+    assert main(["data", "validate", "--dataset", data]) == 0  # Qwen2.5's template renders parallel calls
+    capsys.readouterr()
+    assert main(["data", "stats", "--dataset", data, "--template", "llama3"]) == 1  # strict: the first bad row
+    assert f"error: {data}:1: field 'messages'" in capsys.readouterr().err
+    assert main(["data", "stats", "--dataset", data, "--template", "llama3", "--strict", "false"]) == 0
+    assert "rows: 1 (sft: 1), 1 bad rows dropped" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- conversational preference and KTO rows
@@ -360,3 +406,23 @@ def test_sft_on_tool_call_rows_makes_deploy_answer_with_tool_calls(tiny_models, 
     assert choice.finish_reason == "tool_calls", choice.message
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+
+    # `tunesmith infer` on held-out agent rows: the gold call is kept (labels in ms-swift's tool_call form, and as
+    # OpenAI calls), the generated call is parsed next to it
+    from types import SimpleNamespace
+
+    from tunesmith.infer import batch_infer
+
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [{"tools": TOOLS, "messages": [
+        {"role": "user", "content": "What is the weather in Rome?"},
+        {"role": "tool_call", "content": json.dumps({"name": "get_weather", "arguments": {"city": "Rome"}})}]}])
+    loaded = load_datasets([held_out], need_reply=False, keep_columns=True)
+    chat.defaults = replace(chat.defaults, temperature=0.0, max_new_tokens=40)
+    batch_infer(chat, SimpleNamespace(stream=False, max_batch_size=1, metric=None), loaded,
+                str(tmp_path / "result.jsonl"))
+    (line,) = [json.loads(x) for x in open(tmp_path / "result.jsonl")]
+    assert json.loads(line["labels"]) == {"name": "get_weather", "arguments": {"city": "Rome"}}
+    assert line["label_tool_calls"] == [{"type": "function", "function": {"name": "get_weather",
+                                                                           "arguments": {"city": "Rome"}}}]
+    assert line["finish_reason"] == "tool_calls" and line["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert line["messages"][-1]["tool_calls"] == line["tool_calls"]

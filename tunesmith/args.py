@@ -101,7 +101,10 @@ class DataArgs:
     split_dataset_ratio: float = _f(0.0, help="Fraction of --dataset split off for validation.")
     data_seed: int = _f(42, help="Seed for sampling, splitting and shuffling data.")
     dataset_num_proc: int = _f(1, help="Processes for tokenisation.")
-    load_from_cache_file: bool = _f(False, help="Reuse the datasets map cache.")
+    load_from_cache_file: bool = _f(False, help="Reuse the rows an earlier run encoded from the same files with the "
+                                    "same tokenizer, template and encoding flags (kept under "
+                                    "$HF_DATASETS_CACHE/tunesmith-encoded; the path is printed; `tunesmith data "
+                                    "cache` lists and cleans them). Default false: encode afresh, as ms-swift.")
     dataset_shuffle: bool = _f(True, help="Shuffle the training rows each epoch (seeded by --seed and the epoch; "
                                           "with --streaming within a buffer of --shuffle_buffer_size rows).")
     streaming: bool = _f(False, help="Read, encode (and with --packing pack) the training rows on the fly, each "
@@ -242,9 +245,11 @@ class DistArgs:
 
 @dataclass
 class RLHFArgs:
-    rlhf_type: str = _f("dpo", help="Preference method: dpo (with --loss_type variants), simpo, orpo, cpo or kto.",
-                        choices=("dpo", "simpo", "orpo", "cpo", "kto"))
-    beta: Optional[float] = _f(help="Default 0.1 (SimPO 2.0).")
+    rlhf_type: str = _f("dpo", help="Method: dpo (with --loss_type variants), simpo, orpo, cpo, kto, or grpo "
+                                    "(reinforcement learning with reward functions).",
+                        choices=("dpo", "simpo", "orpo", "cpo", "kto", "grpo"))
+    beta: Optional[float] = _f(help="Default 0.1 (SimPO 2.0; GRPO 0.04, ms-swift's default — TRL's is 0: "
+                                    "the weight of the k3 KL to the reference, none at 0).")
     loss_type: List[str] = _f(help="DPO loss variant(s): sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, "
                                    "sppo_hard, apo_zero, apo_down, discopop, sft; several with --loss_weights. "
                                    "CPO/SimPO: one of sigmoid, hinge, ipo, simpo.",
@@ -271,6 +276,66 @@ class RLHFArgs:
                                              "is computed once (exact). Default: on with --packing or "
                                              "--padding_free where the attention implementation takes a custom "
                                              "mask (sdpa, eager).")
+
+
+@dataclass
+class GRPOArgs:
+    """GRPO (`--rlhf_type grpo`): ms-swift's flags and defaults; where TRL's defaults differ, the help says so."""
+    num_generations: int = _f(8, help="GRPO: completions sampled per prompt (G, the group).")
+    max_completion_length: int = _f(512, help="GRPO: most tokens generated per completion.")
+    temperature: float = _f(0.9, help="GRPO: sampling temperature of the rollouts (ms-swift 0.9; TRL 1.0).")
+    epsilon: float = _f(0.2, help="GRPO: clipping range of the importance ratio, [1 - epsilon, 1 + epsilon_high].")
+    epsilon_high: Optional[float] = _f(help="GRPO: upper clipping range (DAPO's clip-higher); default --epsilon.")
+    delta: Optional[float] = _f(help="GRPO: upper bound of the unclipped ratio (two-sided clipping, "
+                                     "INTELLECT-2); should be > 1 + epsilon.")
+    num_iterations: int = _f(1, help="GRPO: optimisation passes over each generated batch (mu).")
+    steps_per_generation: Optional[int] = _f(help="GRPO: micro-batches trained on each generated batch "
+                                                  "(default --gradient_accumulation_steps: one generation per step).")
+    generation_batch_size: Optional[int] = _f(help="GRPO: completions generated at once (default "
+                                                   "per_device_train_batch_size x processes x steps_per_generation).")
+    advantage_estimator: str = _f("grpo", help="GRPO: advantage estimator (grpo: reward minus the group mean; rloo: "
+                                               "leave-one-out; reinforce_plus_plus).",
+                                  choices=("grpo", "rloo", "reinforce_plus_plus"))
+    scale_rewards: Optional[str] = _f(help="GRPO: divide advantages by the std of the group, the batch or nothing "
+                                           "(default: group for grpo, none for rloo, batch for reinforce_plus_plus; "
+                                           "gdpo normalises each reward function apart).",
+                                      choices=("group", "batch", "none", "gdpo"))
+    importance_sampling_level: str = _f("token", help="GRPO: one importance ratio per token, or per sequence "
+                                                      "(GSPO; sequence_token: GSPO-token).",
+                                        choices=("token", "sequence", "sequence_token"))
+    top_entropy_quantile: float = _f(1.0, help="GRPO: train only the tokens whose entropy is in this top quantile "
+                                               "(1.0: all tokens).")
+    overlong_filter: bool = _f(False, help="GRPO: truncated completions (no end of turn within "
+                                           "--max_completion_length) are left out of the loss (TRL: "
+                                           "mask_truncated_completions).", aliases=("mask_truncated_completions",))
+    reward_funcs: List[str] = _f(help="GRPO: reward functions: built-ins (accuracy, format, react_format, cosine, "
+                                      "repetition, soft_overlong), names an --external_plugins file registers in "
+                                      "`orms`, or module.function (TRL style).", list_default=[])
+    reward_weights: List[float] = _f(help="GRPO: one weight per reward function (default 1 each).", list_default=[])
+    external_plugins: List[str] = _f(help="GRPO: Python files that register reward functions in `orms` (ms-swift's "
+                                          "plugin form: `from swift.rewards import ORM, orms` or `from swift.plugin "
+                                          "import ...` work without ms-swift installed).", list_default=[])
+    log_completions: bool = _f(False, help="GRPO: write every rollout (prompt, completion, rewards, advantage) to "
+                                           "completions.jsonl in the run directory.")
+    cosine_min_len_value_wrong: float = _f(-0.5, help="GRPO cosine reward: reward of a wrong answer of length 0.")
+    cosine_max_len_value_wrong: float = _f(0.0, help="GRPO cosine reward: reward of a wrong answer at the "
+                                                     "maximum length.")
+    cosine_min_len_value_correct: float = _f(1.0, help="GRPO cosine reward: reward of a correct answer of length 0.")
+    cosine_max_len_value_correct: float = _f(0.5, help="GRPO cosine reward: reward of a correct answer at the "
+                                                       "maximum length.")
+    cosine_max_len: Optional[int] = _f(help="GRPO cosine reward: the maximum length (default "
+                                            "--max_completion_length), tokens.")
+    repetition_n_grams: int = _f(3, help="GRPO repetition reward: n-gram size.")
+    repetition_max_penalty: float = _f(-1.0, help="GRPO repetition reward: the most negative reward.")
+    soft_max_length: Optional[int] = _f(help="GRPO soft_overlong reward: the length (tokens) past which the "
+                                             "penalty is full (default --max_completion_length).")
+    soft_cache_length: Optional[int] = _f(help="GRPO soft_overlong reward: the tokens before soft_max_length over "
+                                               "which the penalty grows (DAPO's L_cache).")
+    tau_pos: float = _f(1.0, help="GRPO --loss_type sapo: gate temperature for positive advantages.")
+    tau_neg: float = _f(1.05, help="GRPO --loss_type sapo: gate temperature for negative advantages.")
+    use_vllm: bool = _f(False, help="GRPO: generate rollouts with vLLM (CUDA GPUs, vllm installed).")
+    vllm_mode: str = _f("colocate", help="GRPO with --use_vllm: colocate (in the training process) or server.",
+                        choices=("colocate", "server"))
 
 
 @dataclass
@@ -506,9 +571,12 @@ class TrainerCompatArgs:
 @dataclass
 class TrainGenerationCompatArgs:
     """ms-swift's generation flags, which training accepts for --predict_with_generate: they change nothing here."""
-    top_k: Optional[int] = _f(help="ms-swift: top-k sampling for --predict_with_generate.")
-    top_p: Optional[float] = _f(help="ms-swift: nucleus sampling for --predict_with_generate.")
-    repetition_penalty: Optional[float] = _f(help="ms-swift: repetition penalty for --predict_with_generate.")
+    top_k: Optional[int] = _f(help="GRPO: sample rollouts from the k most likely tokens (other methods: ms-swift's "
+                                   "--predict_with_generate only).")
+    top_p: Optional[float] = _f(help="GRPO: nucleus sampling of the rollouts (other methods: ms-swift's "
+                                     "--predict_with_generate only).")
+    repetition_penalty: Optional[float] = _f(help="GRPO: repetition penalty of the rollouts (other methods: "
+                                                  "ms-swift's --predict_with_generate only).")
     num_beams: int = _f(1, help="ms-swift: beam width for --predict_with_generate.")
     stream: bool = _f(True, help="ms-swift: stream replies (inference only).")
     stop_words: List[str] = _f(help="ms-swift: stop strings for --predict_with_generate.", list_default=[])
@@ -565,7 +633,7 @@ class SftArguments(ModelArgs, QuantArgs, TemplateArgs, DataArgs, TunerArgs, Trac
 
 
 @dataclass
-class RLHFArguments(RLHFArgs, SftArguments):
+class RLHFArguments(GRPOArgs, RLHFArgs, SftArguments):
     """`tunesmith rlhf` (and `tunesmith dpo`)."""
 
 
@@ -588,14 +656,18 @@ class ExportArguments(ExportOutputArgs, CheckpointArgs, ModelArgs, QuantArgs, Te
 
 @dataclass
 class DataCommandArguments(ModelArgs, TemplateArgs, DataArgs):
-    """`tunesmith data ACTION`: inspect, validate, convert, split, stats."""
-    action: Optional[str] = _f(help="inspect | validate | convert | split | stats",
-                               choices=("inspect", "validate", "convert", "split", "stats"))
+    """`tunesmith data ACTION`: inspect, validate, convert, split, stats, cache."""
+    action: Optional[str] = _f(help="inspect | validate | convert | split | stats | cache",
+                               choices=("inspect", "validate", "convert", "split", "stats", "cache"))
     output: Optional[str] = _f(help="Output file (convert) or folder (split).", aliases=("output_dir",))
-    row: int = _f(0, help="inspect: which row (0-based) to show.")
+    row: int = _f(0, help="inspect: which row to show, 0-based among the usable rows (with --strict false bad rows "
+                              "are skipped; each row shown names its file:line).")
     num_rows: Optional[int] = _f(help="inspect: how many rows to show (default 1). stats --streaming true: how "
                                       "many rows to measure, from the start (default 10000).")
     val_ratio: float = _f(0.1, help="split: fraction for validation (default 9:1).")
+    clean: bool = _f(False, help="cache: remove the encoded datasets kept for --load_from_cache_file (all of them, "
+                                 "or those unused for --older_than_days).")
+    older_than_days: Optional[float] = _f(help="cache --clean true: only entries not used for this many days.")
     rlhf: bool = _f(False, help="Treat the data as preference data (chosen/rejected).")
     rlhf_type: Optional[str] = _f(help="The preference method the data is for (implies --rlhf): dpo, simpo, orpo "
                                        "or cpo need a rejected reply in every row, kto a label or a pair.",
@@ -614,9 +686,10 @@ def _same(reason: str, *names: str) -> dict:
     return dict.fromkeys(names, reason)
 
 
-_GRPO = "GRPO is planned (issue #17); tunesmith rlhf trains dpo, simpo, orpo, cpo and kto for now"
-_PPO = ("PPO (--rlhf_type ppo) is not planned yet; tunesmith rlhf trains dpo, simpo, orpo, cpo and kto (GRPO is "
-        "planned, issue #17)")
+_GRPO = ("that GRPO option is not implemented yet; tunesmith's GRPO (--rlhf_type grpo) has the flags tunesmith "
+         "rlhf --help lists")
+_PPO = ("PPO (--rlhf_type ppo) is not planned yet; tunesmith rlhf trains dpo, simpo, orpo, cpo, kto and grpo "
+        "(reinforcement learning with reward functions)")
 _GKD = "GKD distillation (--rlhf_type gkd) is not implemented; tunesmith rlhf trains dpo, simpo, orpo, cpo and kto"
 _TUNER = ("that ms-swift tuner is not implemented; tunesmith trains --train_type lora (also --use_dora, --use_rslora, "
           "--init_weights pissa/olora/loftq) or full")
@@ -646,7 +719,6 @@ NOT_SUPPORTED_YET = {
                    "optimiser state)",
     "custom_dataset_info": "pass the data files directly with --dataset",
     "custom_register_path": "tunesmith uses the model's own chat template; no plugins are needed",
-    "external_plugins": "tunesmith uses the model's own chat template; no plugins are needed",
     "neftune_noise_alpha": "NEFTune embedding noise is not implemented; drop the flag",
     "lorap_lr_ratio": "LoRA+ is not implemented; use --learning_rate for both LoRA matrices",
     "predict_with_generate": "use tunesmith infer on the checkpoint",
@@ -782,30 +854,24 @@ NOT_SUPPORTED_YET = {
                  "the merged folder with Ollama's or llama.cpp's own tools",
     **_same(_QUANT_EXPORT, "quant_n_samples", "quant_batch_size", "group_size"),
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
-    **_same(_GRPO, "advantage_estimator", "advantage_reweight", "async_generate", "chord_enable_phi_function",
-            "chord_mu_decay_steps", "chord_mu_peak", "chord_mu_valley", "chord_mu_warmup_steps", "chord_sft_dataset",
-            "chord_sft_per_device_train_batch_size", "completion_length_limit_scope", "cosine_max_len",
-            "cosine_max_len_value_correct", "cosine_max_len_value_wrong", "cosine_min_len_value_correct",
-            "cosine_min_len_value_wrong", "delta", "dynamic_sample", "enable_flattened_weight_sync", "epsilon",
-            "epsilon_high", "fipo_clip_high_only", "fipo_clip_range", "fipo_decay_rate", "fipo_safety_threshold",
-            "generation_batch_size", "gym_env", "importance_sampling_level", "kl_in_reward", "log_completions",
-            "log_entropy", "log_rollout_offpolicy_metrics", "max_completion_length", "max_resample_times",
-            "max_turns", "min_p", "move_model_batches", "multi_turn_scheduler", "num_generations",
-            "num_generations_eval", "num_iterations", "off_policy_sequence_mask_delta", "offload_model",
-            "offload_optimizer", "overlong_filter", "real_tau", "repetition_max_penalty", "repetition_n_grams",
-            "reward_funcs", "reward_model_plugin", "reward_weights", "rlsd_lambda", "rlsd_lambda_decay_steps",
-            "rlsd_lambda_warmup_steps", "rlsd_negative_only", "rlsd_reweight_clip_range",
-            "rollout_importance_sampling_mode", "rollout_importance_sampling_threshold", "scale_rewards",
-            "sdar_gate_beta", "sdar_loss_coef", "sleep_level", "soft_cache_length", "soft_max_length",
-            "steps_per_generation", "tau_neg", "tau_pos", "teacher_kl_coef", "teacher_tag_key",
-            "top_entropy_quantile", "use_gym_env", "use_vllm", "vllm_mode", "vllm_server_base_url",
-            "vllm_server_group_port", "vllm_server_host", "vllm_server_pass_dataset", "vllm_server_port",
-            "vllm_server_timeout", "wandb_log_unique_prompts"),
+    **_same(_GRPO, "advantage_reweight", "async_generate", "chord_enable_phi_function", "chord_mu_decay_steps",
+            "chord_mu_peak", "chord_mu_valley", "chord_mu_warmup_steps", "chord_sft_dataset",
+            "chord_sft_per_device_train_batch_size", "completion_length_limit_scope", "dynamic_sample",
+            "enable_flattened_weight_sync", "fipo_clip_high_only", "fipo_clip_range", "fipo_decay_rate",
+            "fipo_safety_threshold", "gym_env", "kl_in_reward", "log_entropy", "log_rollout_offpolicy_metrics",
+            "max_resample_times", "max_turns", "min_p", "move_model_batches", "multi_turn_scheduler",
+            "num_generations_eval", "off_policy_sequence_mask_delta", "offload_model", "offload_optimizer",
+            "real_tau", "reward_model_plugin", "rlsd_lambda", "rlsd_lambda_decay_steps", "rlsd_lambda_warmup_steps",
+            "rlsd_negative_only", "rlsd_reweight_clip_range", "rollout_importance_sampling_mode",
+            "rollout_importance_sampling_threshold", "sdar_gate_beta", "sdar_loss_coef", "sleep_level",
+            "teacher_kl_coef", "teacher_tag_key", "use_gym_env", "vllm_server_base_url", "vllm_server_group_port",
+            "vllm_server_host", "vllm_server_pass_dataset", "vllm_server_port", "vllm_server_timeout",
+            "wandb_log_unique_prompts"),
     **_same(_PPO, "cliprange", "cliprange_value", "gamma", "lam", "kl_coef", "local_rollout_forward_batch_size",
             "missing_eos_penalty", "num_mini_batches", "num_ppo_epochs", "num_sample_generations", "response_length",
             "vf_coef", "whiten_rewards"),
-    **_same("reward models score rollouts for PPO (not planned yet) and GRPO (planned, issue #17); tunesmith rlhf "
-            "trains dpo, simpo, orpo, cpo and kto", "reward_model", "reward_model_revision", "reward_model_type",
+    **_same("reward models as GRPO rewards (and --rlhf_type rm) are not supported yet; GRPO scores with "
+            "--reward_funcs (built-ins, plugin files, module.function)", "reward_model", "reward_model_revision", "reward_model_type",
             "reward_adapters", "reward_template"),
     **_same(_GKD, "gkd_logits_topk", "lmbda", "seq_kd", "sft_alpha", "teacher_adapters", "teacher_deepspeed",
             "teacher_model", "teacher_model_revision", "teacher_model_server", "teacher_model_type",
@@ -816,6 +882,8 @@ NOT_SUPPORTED_YET = {
 # not implement them: there (and only there, since a command's own flags are resolved first) they are errors with
 # this reason. NOT_SUPPORTED_YET holds the names that no tunesmith command has.
 NOT_SUPPORTED_ELSEWHERE = {
+    "external_plugins": "plugins register GRPO reward functions (tunesmith rlhf --rlhf_type grpo --reward_funcs); "
+                        "elsewhere tunesmith uses the model's own chat template and needs none",
     "loss_type": "sft trains the cross-entropy of the trained tokens; ms-swift's loss plugins are not implemented "
                  "(in rlhf, --loss_type picks the DPO variant)",
     **_same("training takes every setting from its own flags and never reads a checkpoint's args.json (infer, "
@@ -828,8 +896,8 @@ NOT_SUPPORTED_ELSEWHERE = {
             "safetensors, and infer/deploy/eval write no weights", "safe_serialization", "max_shard_size"),
     "merge_lora": "infer, deploy and eval apply the adapter unmerged (same outputs); for a merged model run "
                   "`tunesmith export --adapters CKPT --merge_lora true` and pass the merged folder with --model",
-    **_same("vLLM in rlhf generates GRPO rollouts: " + _GRPO + " (--infer_backend vllm serves tunesmith "
-            "infer/deploy)", "vllm_data_parallel_size", "vllm_disable_cascade_attn", "vllm_disable_custom_all_reduce",
+    **_same("vLLM rollouts for GRPO are not wired in yet: tunesmith generates them with its own batched engine "
+            "(--infer_backend vllm serves tunesmith infer/deploy)", "vllm_data_parallel_size", "vllm_disable_cascade_attn", "vllm_disable_custom_all_reduce",
             "vllm_enable_expert_parallel", "vllm_enable_lora", "vllm_enable_prefix_caching", "vllm_enforce_eager",
             "vllm_engine_kwargs", "vllm_gpu_memory_utilization", "vllm_limit_mm_per_prompt", "vllm_max_lora_rank",
             "vllm_max_model_len", "vllm_max_num_seqs", "vllm_mm_processor_cache_gb", "vllm_pipeline_parallel_size",
@@ -924,6 +992,7 @@ _NO_GENERATION_IN_TRAINING = ("training never generates: ms-swift uses it only w
 _TRAIN_SCOPED = dict.fromkeys(["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
                                "stream", "stop_words", "logprobs", "top_logprobs", "generation_config"],
                               _NO_GENERATION_IN_TRAINING)
+_ROLLOUT_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
 _DATA_FIELDS = ["dataset", "val_dataset", "split_dataset_ratio", "data_seed", "dataset_num_proc",
                 "load_from_cache_file", "dataset_shuffle", "val_dataset_shuffle", "columns", "strict",
                 "remove_unused_columns", "model_name", "model_author", "lazy_tokenize", "streaming",
@@ -933,7 +1002,8 @@ _STREAMING_IN_INFERENCE = {
     "shuffle_buffer_size": "it sizes training's --streaming shuffle buffer; inference keeps the rows' order"}
 COMPATIBILITY_ONLY_IN = {
     "sft": _TRAIN_SCOPED,
-    "rlhf": _TRAIN_SCOPED,
+    # GRPO samples its rollouts with them (--rlhf_type grpo); for the other methods they change nothing
+    "rlhf": {k: v for k, v in _TRAIN_SCOPED.items() if k not in _ROLLOUT_SAMPLING},
     "dpo": _TRAIN_SCOPED,
     "infer": _STREAMING_IN_INFERENCE,
     "deploy": _STREAMING_IN_INFERENCE,
@@ -961,7 +1031,6 @@ COMPATIBILITY_ONLY_IN = {
 # ms-swift values that tunesmith does not implement: the error says so instead of only listing the choices.
 NOT_SUPPORTED_VALUES = {
     **{("rlhf_type", t): f"ms-swift's {t} is not supported by tunesmith yet" for t in ("rm", "ppo", "gkd")},
-    ("rlhf_type", "grpo"): "GRPO is not supported yet: it is planned (issue #17)",
     **{("train_type", t): f"ms-swift's {t} tuner is not supported by tunesmith yet; use lora or full"
        for t in ("longlora", "adalora", "llamapro", "adapter", "vera", "boft", "fourierft", "reft", "bone")},
     **{("quant_method", q): f"{q} quantisation is not supported by tunesmith yet; QLoRA uses bnb, and quantised "

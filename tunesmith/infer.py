@@ -494,7 +494,7 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
                 msgs = list(rec["messages"])
                 gold = None
                 if msgs and msgs[-1]["role"] == "assistant":
-                    gold = msgs.pop()["content"]  # the gold reply becomes `labels`, as in ms-swift
+                    gold = _gold(msgs.pop())  # the gold reply becomes `labels`, as in ms-swift
                 prompts.append(msgs)
                 labels.append(gold)
                 try:
@@ -513,7 +513,7 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
                         raise rep.error
                 fh.write(json.dumps(_result_line(engine, rec, msgs, gold, reps), ensure_ascii=False) + "\n")
                 responses.append(reps[0].content)
-                golds.append(gold)
+                golds.append(gold if gold is None else gold["labels"])
                 written += 1
             fh.flush()
             bar.update(len(chunk))
@@ -524,15 +524,31 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
     return written
 
 
-def _result_line(engine: ChatEngine, rec: dict, msgs: list[dict], gold, reps: list[Reply]) -> dict:
+def _gold(reply: dict) -> dict:
+    """The result line's gold fields from the row's final assistant message: {"labels": its text} — or, for a reply
+    that is only tool calls, the calls as ms-swift writes a tool_call message's content ({"name", "arguments"} JSON,
+    one per line) — plus {"label_tool_calls": [OpenAI tool calls]} when it makes calls."""
+    calls = reply.get("tool_calls")
+    if not calls:
+        return {"labels": reply["content"]}
+    text = reply["content"] or "\n".join(
+        json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+        for c in calls)
+    return {"labels": text, "label_tool_calls": calls}
+
+
+def _result_line(engine: ChatEngine, rec: dict, msgs: list[dict], gold: Optional[dict], reps: list[Reply]) -> dict:
     first = reps[0]
     reply_msg: dict = {"role": "assistant", "content": first.content}
     if first.reasoning is not None:
         reply_msg["reasoning_content"] = first.reasoning
     if first.tool_calls:
         reply_msg["tool_calls"] = first.tool_calls
-    line = {"response": first.content, "labels": gold, "logprobs": logprobs_json(engine.tok, first.logprobs),
-            "messages": [*msgs, reply_msg], "finish_reason": first.finish_reason}
+    line = {"response": first.content, "labels": None, **(gold or {}),
+            "logprobs": logprobs_json(engine.tok, first.logprobs), "messages": [*msgs, reply_msg],
+            "finish_reason": first.finish_reason}
+    if first.tool_calls:
+        line["tool_calls"] = first.tool_calls
     if first.reasoning is not None:
         line["reasoning_content"] = first.reasoning
     if len(reps) > 1:

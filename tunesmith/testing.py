@@ -273,9 +273,11 @@ def main(argv=None):
     p.add_argument("--intermediate", type=int, default=None)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--model_vocab", type=int, default=None, help="embedding rows (>= the tokenizer's)")
+    p.add_argument("--official_template", action="store_true",
+                   help="the real model's chat template (renders tool calls) instead of the compact one")
     a = p.parse_args(argv)
     path = build_model(a.out_dir, a.family, a.hidden, a.layers, a.heads, a.intermediate, a.vocab,
-                       model_vocab=a.model_vocab)
+                       model_vocab=a.model_vocab, official_template=a.official_template)
     print(path)
 
 

@@ -1,6 +1,7 @@
-"""`tunesmith data inspect|validate|convert|split|stats --dataset ...`: look at data the way training will.
+"""`tunesmith data inspect|validate|convert|split|stats --dataset ...`: look at data the way training will;
+`tunesmith data cache [--clean true]`: the encoded rows kept for --load_from_cache_file.
 
-What lives here: the five actions, printing to stdout. What must not: the data rules themselves (load, formats,
+What lives here: the six actions, printing to stdout. What must not: the data rules themselves (load, formats,
 encode hold them, so the command and training cannot disagree), training or model code. No torch import at
 module level; a tokenizer is loaded only by the actions that encode.
 """
@@ -19,7 +20,14 @@ from tunesmith.data.load import (LoadResult, load_datasets, normalise_rows, read
 from tunesmith.errors import ConfigError, DataError
 
 
+def _has_tools(records) -> bool:
+    """Whether any record carries tools or tool calls (the built-in tokenizers' compact templates render none)."""
+    return any(r.get("tools") or any(m.get("tool_calls") for m in r["messages"]) for r in records)
+
+
 def _tokenizer(args: DataCommandArguments, tools: bool = False):
+    """--model's tokenizer; without --model a built-in tiny one of --template's family (default qwen2), with the
+    family's official chat template when `tools` (only those render tool calls)."""
     if args.model:
         from tunesmith.model import load_tokenizer
         return load_tokenizer(args)
@@ -27,7 +35,7 @@ def _tokenizer(args: DataCommandArguments, tools: bool = False):
     family = args.template if args.template in FAMILIES else "qwen2"
     print(f"(no --model given: using the built-in tiny {family} tokenizer; pass --model to see your model's tokens)",
           file=sys.stderr)
-    return build_tokenizer(family, official_template=tools)  # the compact templates render no tool calls
+    return build_tokenizer(family, official_template=tools)
 
 
 def _encoder(args: DataCommandArguments, tok, max_length: Optional[int] = -1) -> ChatEncoder:
@@ -50,7 +58,7 @@ def inspect(args: DataCommandArguments) -> None:
     _need_dataset(args)
     result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
     shown = result.records[args.row:args.row + max(1, args.num_rows or 1)]
-    tok = _tokenizer(args, tools=any("tools" in r or any(m.get("tool_calls") for m in r["messages"]) for r in shown))
+    tok = _tokenizer(args, tools=_has_tools(shown))
     enc = _encoder(args, tok)
     color = sys.stdout.isatty()
     end = min(len(result.records), args.row + max(1, args.num_rows or 1))
@@ -59,17 +67,22 @@ def inspect(args: DataCommandArguments) -> None:
     for i in range(args.row, end):
         rec, (src, line) = result.records[i], result.sources[i]
         keys = ["messages"] + (["rejected_messages"] if "rejected_messages" in rec else [])
+        label = f", label {str(bool(rec['label'])).lower()}" if "label" in rec else ""  # KTO rows
         for key in keys:
             try:
                 e = enc.encode(rec, key)
+            except DataError as err:  # the row cannot be trained: say why and go on to the next
+                print(f"--- row {i} ({src}:{line}) {key}: cannot be trained\n"
+                      f"{DataError(src, line, err.field, err.problem, err.fix)}")
+                continue
             except TooLong as t:
                 print(f"--- row {i} ({src}:{line}) {key}: {t.args[0]} tokens, over --max_length {args.max_length}")
                 continue
             except NothingToTrain:
                 print(f"--- row {i} ({src}:{line}) {key}: no trained tokens")
                 continue
-            label = "" if key == "messages" and len(keys) == 1 else (" chosen" if key == "messages" else " rejected")
-            print(f"--- row {i} ({src}:{line}){label}: {len(e.input_ids)} tokens, {e.n_trained} trained "
+            side = "" if key == "messages" and len(keys) == 1 else (" chosen" if key == "messages" else " rejected")
+            print(f"--- row {i} ({src}:{line}){side}{label}: {len(e.input_ids)} tokens, {e.n_trained} trained "
                   f"({'green' if color else '[[marked]]'}), loss_scale={enc.base}"
                   f"{'+ignore_empty_think' if enc.ignore_empty_think else ''}")
             print(render_highlighted(tok, e, color=color))
@@ -86,8 +99,9 @@ def _rows_kind(args: DataCommandArguments) -> str:
 def validate(args: DataCommandArguments) -> int:
     """Print every problem of every --dataset and --val_dataset, sorted by line, then a count: rows that do not
     load or normalise, rows the method cannot use (--rlhf/--rlhf_type: a pair needs a rejected reply; KTO a label or
-    a pair), and, when the rows are encoded (--model, --max_length or preference data), rows that training would
-    drop: over --max_length, nothing to train, pairs that do not encode. Returns the exit code: 1 if any problem,
+    a pair), and, when the rows are encoded (--model, --template, --max_length, tool calls or preference data), rows
+    that training would drop: over --max_length, nothing to train, rows the template cannot render or pairs that
+    do not encode. Returns the exit code: 1 if any problem,
     else 0.
 
     Read errors are printed, not raised. Raises ConfigError (no --dataset, template problems)."""
@@ -107,8 +121,9 @@ def validate(args: DataCommandArguments) -> int:
         for reason in sorted(res.reasons, key=_line_of):
             print(reason)
         problems += res.dropped
-        if res.records and (args.model or args.max_length or kind != "sft"):
-            enc = enc or _encoder(args, _tokenizer(args))
+        tools = _has_tools(res.records)
+        if res.records and (args.model or args.max_length or args.template or tools or kind != "sft"):
+            enc = enc or _encoder(args, _tokenizer(args, tools=tools))
             problems += _check_encoding(args, enc, res, kind)
     print(f"{total} rows checked, {problems} problem(s).")
     return 1 if problems else 0
@@ -202,6 +217,14 @@ def _stats_records(args: DataCommandArguments) -> tuple[LoadResult, str]:
                     f"of the data is not read)")
 
 
+def _measured(enc: ChatEncoder, rec: dict, key: str):
+    """One side of a row encoded untruncated, or None when it has no trained token. Raises DataError (no source)."""
+    try:
+        return enc.encode(rec, key)
+    except NothingToTrain:
+        return None
+
+
 def stats(args: DataCommandArguments) -> dict:
     """Print and return row kinds, assistant turns, tokens per sequence (min/mean/p50/p90/max/total) and trained
     tokens, each sequence measured untruncated; with --max_length, how many sequences are over it and what
@@ -213,28 +236,34 @@ def stats(args: DataCommandArguments) -> dict:
     Raises ConfigError (no --dataset, template problems) or DataError (loading)."""
     _need_dataset(args)
     result, sample = _stats_records(args)
-    tok = _tokenizer(args)
+    tok = _tokenizer(args, tools=_has_tools(result.records))
     max_length = args.max_length
     enc = _encoder(args, tok, max_length=None)
     kinds: dict[str, int] = {}
     lengths, trained, turns = [], [], []
     nothing = emptied = 0
-    for rec in result.records:
+    rows = 0
+    for rec, (src, line) in zip(result.records, result.sources):
+        try:
+            sides = [_measured(enc, rec, key) for key in ("messages", "rejected_messages") if key in rec]
+        except DataError as err:  # the template cannot render the row: a bad row, as in training
+            result.drop(DataError(src, line, err.field, err.problem, err.fix))
+            continue
+        rows += 1
         kinds[row_kind(rec)] = kinds.get(row_kind(rec), 0) + 1
         turns.append(sum(1 for m in rec["messages"] if m["role"] == "assistant"))
-        for key in ["messages"] + (["rejected_messages"] if "rejected_messages" in rec else []):
-            try:
-                e = enc.encode(rec, key)
-            except NothingToTrain:
-                nothing += 1
-                continue
+        nothing += sides.count(None)
+        for e in filter(None, sides):
             lengths.append(len(e.input_ids))
             trained.append(e.n_trained)
             if max_length and len(e.input_ids) > max_length and args.truncation_strategy != "delete":
                 kept = e.labels[-max_length:] if args.truncation_strategy == "left" else e.labels[:max_length]
                 emptied += all(x == IGNORE for x in kept)  # truncation cut every trained token: dropped
     over = sum(1 for n in lengths if max_length and n > max_length)
-    s = {"rows": len(result.records), "bad_rows_dropped": result.dropped, "kinds": kinds,
+    if not rows:
+        raise DataError(" ".join(args.dataset), None, "", f"no row the template can render; first reasons:\n  "
+                        + "\n  ".join(result.reasons), "fix the rows, or pass the --model (or --template) they are for.")
+    s = {"rows": rows, "bad_rows_dropped": result.dropped, "kinds": kinds,
          "assistant_turns": {"mean": round(sum(turns) / len(turns), 2), "max": max(turns)},
          "tokens": {"min": min(lengths, default=0), "mean": round(sum(lengths) / max(1, len(lengths)), 1),
                     "p50": _pct(lengths, 0.5), "p90": _pct(lengths, 0.9), "max": max(lengths, default=0),
@@ -267,11 +296,38 @@ def stats(args: DataCommandArguments) -> dict:
     return s
 
 
+def cache(args: DataCommandArguments) -> list[dict]:
+    """List the encoded datasets kept for --load_from_cache_file (path, size, last use); with --clean true remove
+    them (only those unused for --older_than_days when given). Returns the entries listed or removed.
+    Raises ConfigError (--older_than_days without --clean, or negative)."""
+    import shutil
+    import time
+
+    from tunesmith.data.store import cache_entries, cache_root
+
+    if args.older_than_days is not None and (not args.clean or args.older_than_days < 0):
+        raise ConfigError("--older_than_days N (N >= 0) goes with --clean true: remove the entries unused for N days")
+    entries = cache_entries()
+    now = time.time()
+    if args.clean:
+        cutoff = now - 86400 * (args.older_than_days or 0)
+        entries = [e for e in entries if args.older_than_days is None or e["last_used"] < cutoff]
+        for e in entries:
+            shutil.rmtree(e["path"], ignore_errors=True)
+    for e in entries:
+        print(f"{e['path']}  {e['bytes'] / 2 ** 20:9.1f} MiB  last used {(now - e['last_used']) / 86400:.1f} days ago")
+    total = sum(e["bytes"] for e in entries) / 2 ** 30
+    print(f"{'removed' if args.clean else 'kept'}: {len(entries)} encoded dataset(s), {total:.2f} GiB "
+          f"({cache_root()})" + ("" if args.clean or not entries else "; remove them with --clean true"))
+    return entries
+
+
 def main(args: DataCommandArguments):
     """Run args.action. Returns the exit code (validate's; 0 for the others).
 
     Raises ConfigError for a missing or unknown action, and whatever the action raises."""
-    actions = {"inspect": inspect, "validate": validate, "convert": convert, "split": split, "stats": stats}
+    actions = {"inspect": inspect, "validate": validate, "convert": convert, "split": split, "stats": stats,
+               "cache": cache}
     if args.action not in actions:
         raise ConfigError(f"say what to do: tunesmith data {{{'|'.join(actions)}}} --dataset FILE")
     rc = actions[args.action](args)

@@ -18,7 +18,8 @@ Which tokens are trained is derived from the rendering itself, with no per-model
    earlier `<think>` blocks; gpt-oss ends the last turn with `<|return|>` and earlier ones with `<|end|>`).
 
 Every position is checked against F; a template that breaks these assumptions gets a clear error, never a
-silently wrong mask.
+silently wrong mask: a bad row (file:line; dropped under --strict false) where it depends on the row, as gpt-oss
+keeping the text next to a tool call only in the last turn.
 
 What lives here: rendering, label masking, truncation and the (optionally forked) encoding of a whole dataset. What
 must not: reading or normalising rows (`tunesmith.data.load`, `tunesmith.data.formats`), tensors and padding
@@ -82,6 +83,20 @@ class Encoded:
     def n_trained(self) -> int:
         """Number of trained tokens (labels that are not IGNORE)."""
         return sum(1 for x in self.labels if x != IGNORE)
+
+
+_UNALIGNED_FIX = ("reshape the row as the model's template expects (gpt-oss, for one, renders the text next to a "
+                  "tool call as analysis and keeps it only in the last turn: drop that text or move it to its own "
+                  "reply), or drop the row (--strict false).")
+
+
+def _unaligned(i: int, messages: list[dict], how: str) -> str:
+    """The problem text of a reply whose trained tokens cannot be located in the template's rendering: which reply
+    (counted among the assistant turns, as the user wrote them) and what the template does."""
+    n = sum(m["role"] == "assistant" for m in messages[:i]) + 1
+    calls = " (with tool calls)" if messages[i].get("tool_calls") else ""
+    return (f"cannot locate assistant reply {n}{calls} in the chat template's rendering: the template {how}; "
+            f"tunesmith trains exactly the tokens the template renders, so this row cannot be trained")
 
 
 class ChatEncoder:
@@ -210,7 +225,7 @@ class ChatEncoder:
         """The full rendering and the character spans of it that are trained.
 
         Returns (text, [(start, end), ...]): half-open character offsets into text, in message order. Raises
-        ConfigError when the template's rendering cannot be aligned (see the module docstring)."""
+        DataError when a reply cannot be located in the rendering (see the module docstring)."""
         full = self.render(messages, tools=tools)
         if self.base == "all":
             spans = [(0, len(full))]
@@ -246,10 +261,9 @@ class ChatEncoder:
         prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools)
         if not full.startswith(prompt):
             k = next((j for j, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
-            raise ConfigError(
-                f"the chat template renders the history before reply {i} differently when later turns follow "
-                f"(first difference at character {k}: {full[max(0, k - 20):k + 20]!r}); "
-                f"tunesmith cannot align labels with it")
+            raise DataError("", None, "messages", _unaligned(i, messages, f"renders the conversation before it "
+                            f"differently once later turns follow (first difference at character {k}: "
+                            f"{full[max(0, k - 20):k + 20]!r})"), _UNALIGNED_FIX)
         start = len(prompt)
         calls = messages[i].get("tool_calls")
         j = i + 1
@@ -259,16 +273,17 @@ class ChatEncoder:
             c = probe.find(_SENTINEL)
             tail, eot = self._reply_tail(messages[i], nxt["role"])
             if c < 0 or probe[:c] != full[:c] or full[c - len(tail):c] != tail:
-                raise ConfigError(f"cannot locate the end of reply {i} in the chat template's rendering "
-                                  f"(next role {nxt['role']!r})")
+                raise DataError("", None, "messages", _unaligned(i, messages, "renders it differently once later "
+                                "turns follow (next role " + repr(nxt["role"]) + ")"), _UNALIGNED_FIX)
             end = c - len(tail) + len(eot)
         else:
             tail, eot = self._reply_tail(messages[i], None)
             if not full.endswith(tail):
-                raise ConfigError("cannot locate the end of the final reply in the chat template's rendering")
+                raise DataError("", None, "messages", _unaligned(i, messages, "does not end the final reply "
+                                "with its usual end-of-turn text"), _UNALIGNED_FIX)
             end = len(full) - len(tail) + len(eot)
         if end < start:
-            raise ConfigError(f"reply {i} renders to an empty span; cannot train on it")
+            raise DataError("", None, "messages", _unaligned(i, messages, "renders it as nothing"), _UNALIGNED_FIX)
         if calls:
             _check_calls_rendered(full[start:end], calls, i)
         return start, end
@@ -282,9 +297,11 @@ class ChatEncoder:
         Raises:
             TooLong: over --max_length with strategy "delete" (args[0]: the length in tokens); only with truncate.
             NothingToTrain: no trained token left; only with truncate.
-            ConfigError: the template cannot be aligned. KeyError: the record has no `messages_key`.
+            ConfigError: the template renders no chat at all as expected (e.g. no assistant tool_calls).
+            KeyError: the record has no `messages_key`.
             DataError (no source: the caller adds it): the template refuses the conversation (its
-                `raise_exception`, e.g. Llama 3.1 on parallel tool calls), or drops one of a reply's tool calls."""
+                `raise_exception`, e.g. Llama 3.1 on parallel tool calls), drops one of a reply's tool calls, or
+                renders a reply so that its tokens cannot be located (e.g. gpt-oss on text next to a tool call)."""
         messages = self.with_system(record[messages_key])
         if not self.use_chat_template:
             text = "".join(m["content"] for m in messages) + (self.tok.eos_token or "")

@@ -267,7 +267,7 @@ def _normalise_messages(r: _Row, field: str, value: Any, require_role: bool = Tr
         raise r.err(field, f"expected a list of messages, got {type(value).__name__}.",
                     "write [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", \"content\": ...}].")
     out: list[dict] = []
-    for i, m in _order_tool_results(value):
+    for i, m in _order_tool_results(r, field, value):
         for msg in _message(r, f"{field}[{i}]", m):
             prev = out[-1] if out else None
             if msg.get("tool_calls") and prev is not None and prev["role"] == "assistant":
@@ -279,10 +279,11 @@ def _normalise_messages(r: _Row, field: str, value: Any, require_role: bool = Tr
     return out
 
 
-def _order_tool_results(value: list) -> list[tuple[int, Any]]:
+def _order_tool_results(r: _Row, field: str, value: list) -> list[tuple[int, Any]]:
     """(index, message) pairs with OpenAI tool results put in the order of the calls they answer (matched by
-    `tool_call_id`, as ms-swift does: templates pair calls and results by position). Results whose ids do not all
-    match the calls keep their order."""
+    `tool_call_id`, as ms-swift does: templates pair calls and results by position). Results without ids keep
+    their order; a result whose id names none of the calls before it is an error (it answers a call that is not
+    there)."""
     out = list(enumerate(value))
     for i, (_, m) in enumerate(out):
         calls = m.get("tool_calls") if isinstance(m, dict) else None
@@ -293,6 +294,11 @@ def _order_tool_results(value: list) -> list[tuple[int, Any]]:
         while end < len(out) and isinstance(out[end][1], dict) and out[end][1].get("role") in ("tool", "tool_response"):
             end += 1
         ids = [x.get("tool_call_id") for _, x in out[i + 1:end]]
+        for (j, _), rid in zip(out[i + 1:end], ids):
+            if rid is not None and None not in order and rid not in order:
+                raise r.err(f"{field}[{j}].tool_call_id", f"{_short(rid)} answers none of the calls before it "
+                            f"(their ids: {', '.join(map(repr, order))}).",
+                            "give each tool result the id of the call it answers.")
         if None not in order and len(order) == len(calls) == len(ids) and set(order) == set(ids):
             out[i + 1:end] = sorted(out[i + 1:end], key=lambda x: order[x[1]["tool_call_id"]])
     return out
@@ -345,6 +351,29 @@ def _history(r: _Row) -> list[dict]:
     return out
 
 
+def _call_names(calls: list[dict]) -> str:
+    return ", ".join(repr(c["function"]["name"]) for c in calls)
+
+
+def _no_reply(r: _Row, field: str) -> DataError:
+    """The error for a row without a reply, naming the column its layout reads the reply from."""
+    for side, other in (("chosen", "rejected"), ("rejected", "chosen")):
+        if side in r.keys and not r.has(side) or (r.has(other) and side not in r.keys):
+            return r.err(r.keys.get(side, side), "is missing or null: a chosen/rejected row needs both replies.",
+                         f"give \"{side}\" a reply (a string or assistant messages), or drop the row.")
+    if "instruction" in r.keys:
+        key = r.keys.get("output", "output")
+        return r.err(key, "is missing or null: an instruction row (alpaca: instruction/input/output) needs its reply "
+                     "in output.", "add \"output\": \"...\" (or drop the row).")
+    qkey, _ = r.get(*QUERY_KEYS)
+    if qkey is not None:
+        rkey = next((r.keys[k] for k in RESPONSE_KEYS if k in r.keys and r.keys[k] != qkey), "response")
+        return r.err(rkey, f"is missing or null: the row has a {qkey!r} but no reply to it.",
+                     "add \"response\": \"...\" (or answer/output/completion), or drop the row.")
+    return r.err(field, "has no assistant message, so there is nothing to train on.",
+                 "end each conversation with {\"role\": \"assistant\", \"content\": ...}.")
+
+
 def _check_structure(r: _Row, field: str, messages: list[dict], need_reply: bool) -> list[dict]:
     roles = [m["role"] for m in messages]
     start = 1 if roles and roles[0] == "system" else 0
@@ -357,11 +386,22 @@ def _check_structure(r: _Row, field: str, messages: list[dict], need_reply: bool
         roles = [m["role"] for m in messages]
     for i in range(1, len(roles)):
         if roles[i] == "assistant" and roles[i - 1] == "assistant":
+            calls = messages[i - 1].get("tool_calls")
+            if calls:  # ms-swift's tool_call straight before a reply: the tool's result is missing
+                raise r.err(field, f"the call to {_call_names(calls)} is followed by an assistant reply without "
+                            f"the tool's result.", "put the result between them: {\"role\": \"tool_response\", "
+                            "\"content\": ...} (or {\"role\": \"tool\", ...}).")
             raise r.err(f"{field}[{i}]", "two assistant messages in a row.", "merge them into one reply.")
+        if roles[i] == "tool" and roles[i - 1] in ("user", "system"):
+            raise r.err(field, f"a tool result follows a {roles[i - 1]} message: no tool call comes before it.",
+                        "put the assistant's call before it (role tool_call, or assistant with tool_calls), or "
+                        "drop the result.")
+    if roles and roles[0] == "tool":
+        raise r.err(field, "the conversation starts with a tool result: no tool call comes before it.",
+                    "put the user's request and the assistant's call before it.")
     if need_reply:
         if "assistant" not in roles:
-            raise r.err(field, "has no assistant message, so there is nothing to train on.",
-                        "end each conversation with {\"role\": \"assistant\", \"content\": ...}.")
+            raise _no_reply(r, field)
         if roles[-1] != "assistant":
             raise r.err(f"{field}[{len(roles) - 1}].role",
                         f"the conversation ends with a {roles[-1]} message; the last message must be the reply.",
@@ -594,8 +634,21 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
     key, tools = r.get("tools")
     tools = _tools(r, key, tools) if tools else None
     if tools:
+        _check_called_tools(r, key, tools, [messages] + ([rejected] if rejected is not None else []))
         out["tools"] = tools
     return out
+
+
+def _check_called_tools(r: _Row, key: str, tools: list, conversations: list[list[dict]]) -> None:
+    """Every tool call names a function of the row's `tools` (the model is shown only those)."""
+    names = {t["function"].get("name") if isinstance(t.get("function"), dict) else t.get("name") for t in tools}
+    for messages in conversations:
+        for m in messages:
+            for c in m.get("tool_calls") or []:
+                if c["function"]["name"] not in names:
+                    raise r.err(key, f"has no function {c['function']['name']!r}, which the conversation calls "
+                                f"(the tools: {', '.join(map(repr, sorted(map(str, names))))}).",
+                                "add the function to tools, or correct the call's name.")
 
 
 _FORMAT_COLUMNS = {k.lower() for k in MESSAGE_KEYS + QUERY_KEYS + RESPONSE_KEYS + SYSTEM_KEYS} | {

@@ -549,6 +549,10 @@ def map_records(loaded: LoadResult, fn: Callable[[dict, tuple], list]) -> LoadRe
 
 def _pair_only(rec: dict, src: tuple) -> list[dict]:
     if "rejected_messages" not in rec:
+        if "label" in rec:  # an unpaired, labelled reply: KTO's data, not a pair
+            raise DataError(src[0], src[1], "rejected_response", "is missing: this row is a single reply with a "
+                            "label (KTO's unpaired form), and this method trains on pairs.",
+                            "train it with --rlhf_type kto, or give each row a rejected reply.")
         raise DataError(src[0], src[1], "rejected_response", "is missing or null: preference training needs a "
                         "rejected reply for every row.", "add rejected_response (or use prompt/chosen/rejected).")
     return [rec]
@@ -558,8 +562,9 @@ def _kto_rows(rec: dict, src: tuple) -> list[dict]:
     if "label" in rec:
         return [{k: v for k, v in rec.items() if k != "rejected_messages"}]
     if "rejected_messages" in rec:
-        return [{"messages": rec["messages"], "label": True, "tools": rec.get("tools")},
-                {"messages": rec["rejected_messages"], "label": False, "tools": rec.get("tools")}]
+        tools = {"tools": rec["tools"]} if "tools" in rec else {}
+        return [{"messages": rec["messages"], "label": True, **tools},
+                {"messages": rec["rejected_messages"], "label": False, **tools}]
     raise DataError(src[0], src[1], "label", "is missing or null: KTO needs each reply labelled desirable or not.",
                     'add "label": true or false (or give chosen/rejected pairs).')
 

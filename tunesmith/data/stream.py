@@ -76,12 +76,14 @@ class StreamingRows:
         out.capacity, out.length = capacity, length
         return out
 
-    def epoch(self, seed: int, shuffle: bool) -> Iterator:
+    def epoch(self, seed: int, shuffle: bool, skip_units: int = 0) -> Iterator:
         """One pass: the training units (rows, or packed groups) in order, shuffled within buffers with `seed`
-        (--seed + epoch) when `shuffle`. Raises DataError: a bad row (strict), or no usable row in the whole pass."""
+        (--seed + epoch) when `shuffle`, after the first `skip_units` (read, not returned: a resumed run). Raises
+        DataError: a bad row (strict), or no usable row in the whole pass."""
         rng = random.Random(seed) if shuffle else None
         rows = self.rows(rng)
-        return rows if self.capacity is None else pack_stream(rows, self.capacity, self.length, rng)
+        units = rows if self.capacity is None else pack_stream(rows, self.capacity, self.length, rng)
+        return islice(units, skip_units, None)
 
     def rows(self, rng: Optional[random.Random] = None) -> Iterator:
         """One pass over the encoded rows (records shuffled in a buffer with `rng` first when given); over-long

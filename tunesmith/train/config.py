@@ -179,6 +179,9 @@ def resolve(args, method, world_size: int, cuda: bool) -> TrainConfig:
     if args.use_liger_kernel and not cuda:
         note("--use_liger_kernel: Liger kernels run only on CUDA GPUs; skipped on this CPU run")
         changes["use_liger_kernel"] = False
+    if args.streaming and args.load_from_cache_file:
+        note("--load_from_cache_file: nothing is cached with --streaming (rows are encoded as they are read); "
+             "--val_dataset, read whole, is cached as usual")
     if args.model_name or args.model_author:
         note("--model_name/--model_author only fill {{NAME}}/{{AUTHOR}} in swift/self-cognition data; "
              "your data has none, so they change nothing")

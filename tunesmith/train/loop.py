@@ -318,7 +318,8 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
     optim, output = cfg.optim, cfg.output
     accelerator, par = D.make_accelerator(cfg.dist, optim, model)
     bs, gas, world = optim.per_device_train_batch_size, optim.gradient_accumulation_steps, par.world
-    n_batches = None  # a stream (--streaming): --max_steps is required, its length is not known
+    # a stream: --streaming (--max_steps required, its length is not known) or GRPO's rollouts (known length)
+    n_batches = getattr(train_rows, "batches_per_epoch", None)
     if isinstance(train_rows, Sized):
         n_batches = len(D.rank_batches(epoch_batches(len(train_rows), bs * world, 0, False), world, par.rank)[0])
         if n_batches == 0:
@@ -376,7 +377,7 @@ def step_batches(run: Run, state: TrainState):
     the epoch or the training ends. Every rank cuts the same seeded global batches into its own slices; a stream's
     batches are read as they are needed (`stream_batches`)."""
     optim = run.optim
-    it = loader_batches(run, state) if run.n_batches is not None else stream_batches(run, state)
+    it = loader_batches(run, state) if isinstance(run.train_rows, Sized) else stream_batches(run, state)
     while state.global_step < state.total_steps:
         micro = list(islice(it, optim.gradient_accumulation_steps))
         if not micro:
@@ -410,13 +411,15 @@ def stream_batches(run: Run, state: TrainState):
     """A stream (--streaming): this rank's micro-batches of the epoch, collated in this process as they are read.
     The pass's units (shuffled within buffers with --seed + epoch) are cut into global batches of per-device batch
     × processes, each rank taking its slice as `epoch_batches` + `rank_batches` cut a sequence (with every slice
-    full: every world-th per-device batch). A resumed run skips the `batches_done` already trained (read again,
-    not collated). Raises TunesmithError when a whole pass gives this process no batch."""
+    full: every world-th per-device batch). A resumed run skips the `batches_done` already trained: the stream's
+    `epoch(seed, shuffle, skip_units)` skips their units (a --streaming pass reads them again; GRPO's rollouts do
+    not generate whole rounds skipped). Raises TunesmithError when a whole pass gives this process no batch."""
     optim, par = run.optim, run.par
-    units = run.train_rows.epoch(optim.seed + state.epoch, run.shuffle)
     size = optim.per_device_train_batch_size * par.world
+    # global batch k is units [k·size, (k+1)·size): a resumed run starts after the batches already trained
+    units = run.train_rows.epoch(optim.seed + state.epoch, run.shuffle, state.batches_done * size)
     n = 0
-    for batch in islice(_rank_slices(units, size, par.world, par.rank), state.batches_done, None):
+    for batch in _rank_slices(units, size, par.world, par.rank):
         n += 1
         yield run.collate(batch)
     if n == 0 and state.batches_done == 0:

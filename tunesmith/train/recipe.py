@@ -43,6 +43,9 @@ def method_for(args):
     if kind == "kto":
         from tunesmith.train.kto import KTO
         return KTO
+    if kind == "grpo":
+        from tunesmith.train.grpo import GRPO
+        return GRPO
     raise ValueError(f"no training method for --rlhf_type {kind!r}")  # args.py's choices stop this earlier
 
 
@@ -73,6 +76,8 @@ def main(args) -> dict:
     batches = method.batches(cfg, prepared, model, reference)
     header = method.header(prepared, batches)
     with start_run(cfg, prepared, param_info, lambda d: f"{header}; run directory {d}") as out:
+        if batches.on_run_dir is not None:
+            batches.on_run_dir(out.run_dir)
         state = loop.train(cfg, model=model, objective=method.objective(batches.reference, cfg),
                            train_rows=batches.train, eval_rows=batches.eval, collate=batches.collate,
                            run_dir=out.run_dir, save_model=save_model_fn(prepared.tokenizer), trackers=out.trackers,

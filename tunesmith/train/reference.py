@@ -69,27 +69,32 @@ class Reference:
     def logps(self, policy, batch: dict):
         """Reference log-probs of the batch's sequences (no gradient). Called before the policy's forward pass
         because switching adapters toggles requires_grad, which must not happen inside a live graph."""
-        import torch
-
         if "ref_logps" in batch:
             return batch["ref_logps"]
+        return self.token_logps(policy, batch, lambda model, b: sequence_logps(model, b).logps)
+
+    def token_logps(self, policy, batch: dict, compute):
+        """`compute(model, batch)` (any log-prob function: per sequence, per token) run without gradient on the
+        reference: the policy with its adapter off, the frozen "ref" adapter, or the separate model."""
+        import torch
+
         with torch.no_grad():
             if self.kind == "adapter_off":
                 peft_model = unwrap(policy)
                 with peft_model.disable_adapter():
-                    return sequence_logps(peft_model, batch).logps
+                    return compute(peft_model, batch)
             if self.kind == "ref_adapter":
                 peft_model = unwrap(policy)
                 peft_model.set_adapter("ref", inference_mode=True)
                 try:
-                    return sequence_logps(peft_model, batch).logps
+                    return compute(peft_model, batch)
                 finally:
                     peft_model.set_adapter("default")  # trainable again; "ref" stays frozen
             if self.kind == "model":
                 device = batch["input_ids"].device
                 if next(self.model.parameters()).device != device:
                     self.model.to(device)
-                return sequence_logps(self.model, batch).logps
+                return compute(self.model, batch)
         raise RuntimeError(f"no reference log-probs for reference kind {self.kind!r}")
 
 

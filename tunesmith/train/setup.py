@@ -6,6 +6,7 @@ changes the configuration; the loop itself is train/loop.py."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ class Batches:
     eval: list
     collate: Any
     reference: Any = None
+    on_run_dir: Any = None  # called with the run directory once it exists (GRPO's completions log)
 
 
 @dataclass
@@ -84,6 +86,8 @@ def prepare_data(data, model, method) -> Prepared:
                           max_length=max_length, truncation_strategy=data.truncation_strategy,
                           system=data.system,  # the text: parse_args read a --system file
                           use_chat_template=data.use_chat_template)
+    if method.rows == "prompt":  # GRPO: prompts to generate from, nothing encoded up front
+        return _prompts(data, model, method, model_dir, tok, encoder, max_length)
     path = os.path.join(cache_root(), _data_fingerprint(data, model_dir, tok, max_length, method))
     if data.streaming and not data.val_dataset:  # nothing is encoded up front
         cached = None, None, {"val_split": False, "stats": {}}
@@ -100,9 +104,30 @@ def prepare_data(data, model, method) -> Prepared:
     if meta["val_split"]:  # a split of --dataset: kept with the rows, written into the run as val_dataset.jsonl
         with open(os.path.join(path, "val_dataset.jsonl"), encoding="utf-8") as fh:
             val = LoadResult(records=[json.loads(line) for line in fh], sources=[])
+    vd = meta.get("val_drops") or {}
+    val_dropped = {"val_dropped_bad": vd.get("dropped", 0) + vd.get("bad", 0), "val_dropped_too_long":
+                   vd.get("too_long", 0), "val_dropped_nothing_to_train": vd.get("nothing_to_train", 0)}
     stats = {"train_rows": "streamed" if data.streaming else len(train_rows), "val_rows": len(eval_rows or []),
-             **meta["stats"], "max_length": max_length}
+             **meta["stats"], **(val_dropped if eval_rows is not None else {}), "max_length": max_length}
     return Prepared(model_dir, tok, encoder, train_rows, eval_rows or [], val, stats)
+
+
+def _prompts(data, model, method, model_dir: str, tok, encoder, max_length) -> Prepared:
+    """The prompts of a method that generates its own completions (GRPO): --dataset loaded whole (rows without a
+    reply are fine), each row's other columns kept for the reward functions, shaped by the method
+    (`prompt_record`). Raises DataError (bad rows under --strict true, or no prompt left)."""
+    loaded = load_datasets(data.dataset, strict=data.strict, columns=data.columns, seed=data.data_seed,
+                           need_reply=False, use_hf=model.use_hf, hub_token=model.hub_token, keep_columns=True)
+    prompts = method.shape_records(loaded)
+    if not prompts.records:
+        raise DataError(" ".join(data.dataset), None, "", "no usable prompts; first reasons:\n  "
+                        + "\n  ".join(prompts.reasons))
+    if prompts.dropped:
+        note(f"--dataset: {prompts.dropped} bad row(s) dropped (--strict false); first reasons:\n  "
+             + "\n  ".join(prompts.reasons))
+    stats = {"train_rows": len(prompts.records), "val_rows": 0, "dropped_bad": prompts.dropped,
+             "max_length": max_length}
+    return Prepared(model_dir, tok, encoder, prompts.records, [], None, stats)
 
 
 def _encoded(data, model, method, encoder, path: str, max_length):
@@ -128,6 +153,9 @@ def _encoded(data, model, method, encoder, path: str, max_length):
         cached = _cached_data(path, kind)
         note(f"{what}: {path}")
     else:
+        from tunesmith.data.store import mark_used
+
+        mark_used(path)
         note(f"{what}: reusing {path} (--load_from_cache_file true)")
     return cached
 
@@ -172,6 +200,9 @@ def _stream_rows(data, model, method, encoder, max_length):
 
     records = partial(stream_records, data.dataset, columns=data.columns, use_hf=model.use_hf,
                       hub_token=model.hub_token, shape=method.shape_records)
+    for spec in data.dataset:  # each file's first row now: a later file that cannot be read fails before training
+        next(stream_records([spec], LoadResult([], [], strict=data.strict), columns=data.columns,
+                            use_hf=model.use_hf, hub_token=model.hub_token), None)
     rows = StreamingRows(records, encoder, method.rows, data.strict, data.shuffle_buffer_size,
                          report=partial(_report_drops, "--dataset (streamed; first pass)", max_length=max_length))
     rows.probe()
@@ -184,7 +215,7 @@ def _encode_data(data, model, method, encoder, path: str, max_length) -> None:
     through Arrow files, never all held as Python objects (`_records_file`). With --streaming only --val_dataset is
     encoded here (the training rows stream: `_stream_rows`). Raises DataError."""
     from tunesmith.data.load import split_indices
-    from tunesmith.data.store import encode_source, open_source, source_chunks
+    from tunesmith.data.store import RecordsFile, encode_source
 
     common = dict(strict=data.strict, columns=data.columns, seed=data.data_seed, use_hf=model.use_hf,
                   hub_token=model.hub_token)
@@ -213,8 +244,8 @@ def _encode_data(data, model, method, encoder, path: str, max_length) -> None:
             _shape_records_file(method, src, idx, drops, shaped_file, specs, what)
             if meta["val_split"] and name == "val":
                 write_jsonl(os.path.join(path, "val_dataset.jsonl"),
-                            (r for chunk, _ in source_chunks(open_source(shaped_file)) for r in chunk))
-            rows, stats = encode_source(encoder, open_source(shaped_file), os.path.join(path, name), method.rows,
+                            (r for chunk, _ in RecordsFile(shaped_file).chunks() for r in chunk))
+            rows, stats = encode_source(encoder, RecordsFile(shaped_file), os.path.join(path, name), method.rows,
                                         data.strict, num_proc)
             if name == "train" and not len(rows):
                 raise DataError(" ".join(data.dataset), None, "", "no rows left to train on after encoding "
@@ -223,7 +254,7 @@ def _encode_data(data, model, method, encoder, path: str, max_length) -> None:
                                 "raise --max_length, use --truncation_strategy left/right, or check --loss_scale.")
             meta[f"{name}_drops"] = _drops(drops, stats)
             if name == "train":
-                meta["stats"] = {"dropped_bad": drops.dropped, "dropped_too_long": stats["too_long"],
+                meta["stats"] = {"dropped_bad": drops.dropped + stats["bad"], "dropped_too_long": stats["too_long"],
                                  "dropped_nothing_to_train": stats["nothing_to_train"]}
         write_json_atomic(os.path.join(path, "meta.json"), meta)
     finally:
@@ -243,7 +274,7 @@ def _records_file(specs: list, what: str, common: dict, file: str):
     are read, normalised and written a row at a time; hub ids and `#N` samples are loaded whole first. Raises
     DataError (strict: the first bad row; no usable rows at all)."""
     from tunesmith.data.load import stream_records
-    from tunesmith.data.store import open_source, released, write_source
+    from tunesmith.data.store import RecordsFile, released, write_source
 
     if all(_streamable(s) for s in specs):
         tally = LoadResult([], [], strict=common["strict"])
@@ -254,21 +285,21 @@ def _records_file(specs: list, what: str, common: dict, file: str):
                 if tally.dropped else ""
             raise DataError(" ".join(specs), None, "", f"no usable rows in {what}.{detail}",
                             "fix the rows above (run `tunesmith data validate --dataset ...` to list every problem).")
-        return open_source(file), tally
+        return RecordsFile(file), tally
     loaded = load_datasets(specs, what=what, **common)
     write_source(released(loaded.records, loaded.sources), file)
-    return open_source(file), LoadResult([], [], loaded.dropped, loaded.reasons, loaded.strict)
+    return RecordsFile(file), LoadResult([], [], loaded.dropped, loaded.reasons, loaded.strict)
 
 
 def _shape_records_file(method, source, indices, tally: LoadResult, out: str, specs, what: str) -> None:
     """The method's rules (`method.shape_records`: pairs checked, KTO's pairs split) over the records file's rows
     (`indices`, or all), 10,000 at a time, written to `out`; drops are added to `tally`. Raises DataError: strict,
     or no usable row left for the method."""
-    from tunesmith.data.store import source_chunks, write_source
+    from tunesmith.data.store import write_source
 
     def shaped():
         """The shaped (record, source) pairs, chunk by chunk."""
-        for records, sources in source_chunks(source, indices):
+        for records, sources in source.chunks(indices):
             part = method.shape_records(LoadResult(records, sources, strict=tally.strict))
             tally.dropped += part.dropped
             tally.reasons += part.reasons[:max(0, tally.max_reasons - len(tally.reasons))]
@@ -475,10 +506,31 @@ def start_run(cfg, prepared: Prepared, param_info: dict, header):
     run_dir, extra = make_run(cfg, prepared, param_info)
     trackers = make_trackers(run_dir, cfg, prepared)
     say(header(run_dir))
+    failed = None
     try:
         yield RunOutputs(run_dir, extra, trackers)
+    except DataError as e:  # --streaming: a row met mid-run (strict)
+        failed = e
     finally:
         trackers.close()
+    if failed is not None:
+        raise _stopped_on_data(failed, run_dir) from None
+
+
+def _stopped_on_data(e: DataError, run_dir: str) -> DataError:
+    """A bad row met during training (--streaming, --strict true): a run with no checkpoint yet leaves nothing
+    behind (its directory is removed, as for data refused before training); otherwise the error says how to go on
+    from the last checkpoint."""
+    from tunesmith.train import distributed as D
+
+    checkpoints = sorted(glob.glob(os.path.join(run_dir, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
+    if not checkpoints:
+        if D.is_main():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return e
+    return DataError(e.source, e.line, e.field, e.problem,
+                     f"{e.fix} Training stopped at this row; after fixing it (or with --strict false, which drops "
+                     f"bad rows), continue with --resume_from_checkpoint {checkpoints[-1]}.".strip())
 
 
 def finish_run(state, run_dir: str, metric_for_best_model: Optional[str] = None) -> None:

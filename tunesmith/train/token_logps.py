@@ -177,8 +177,10 @@ def _inputs(batch: dict, model) -> dict:
     return kw
 
 
-def token_logps(model, batch: dict, chunked: Optional[bool] = None) -> TokenLogps:
-    """Log-probs of every trained (label != -100) position of the batch; chunked unless told or unable."""
+def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature: float = 1.0) -> TokenLogps:
+    """Log-probs of every trained (label != -100) position of the batch; chunked unless told or unable.
+    temperature: of the distribution the tokens were sampled from (GRPO): log softmax(logits / T), as TRL's and
+    ms-swift's GRPOTrainer (the hidden state is divided, never the [V, H] output weight)."""
     labels = batch["labels"]
     b, t = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
     t = t + 1                                       # the trained positions, row-major
@@ -193,11 +195,13 @@ def token_logps(model, batch: dict, chunked: Optional[bool] = None) -> TokenLogp
         decoder, weight = parts
         out = decoder(**_inputs(batch, decoder))
         hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[b, src]
+        if temperature != 1.0:
+            hidden = hidden / temperature
         chunk = max(1, CHUNK_FLOATS // weight.shape[0])
         logps, correct, mean = ChunkedLogps.apply(hidden, weight, target, chunk)
         return TokenLogps(logps, rows, n_seq, correct, mean)
     out = model(**_inputs(batch, model))
-    picked = out.logits[b, src].float()
+    picked = out.logits[b, src].float() / temperature
     logps = picked.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(picked, -1)
     with torch.no_grad():
         correct, mean = picked.argmax(-1) == target, picked.mean(-1)

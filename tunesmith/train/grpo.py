@@ -1,0 +1,322 @@
+"""The GRPO method (`tunesmith rlhf --rlhf_type grpo`): reinforcement learning from reward functions (GRPO, Shao et
+al. 2024, arXiv:2402.03300), with ms-swift's flags and defaults.
+
+Each generation round, as ms-swift's and TRL's GRPOTrainer:
+1. Take generation_batch_size / G prompts (the dataset's conversations without their final reply, which becomes
+   `solution` for the rewards), in a seeded shuffled order.
+2. Sample G completions of each with the policy's current weights (LoRA included) through the generation engine,
+   batched; each completion has its own seed, so a round depends only on the weights and the seed (exact resume).
+3. Score them with every reward function, combine with --reward_weights, and turn the rewards into advantages
+   within each group (`losses.group_advantages`).
+4. Log-probs of the completions under the sampling policy (when it changes before they are trained on:
+   --num_iterations > 1 or --steps_per_generation > --gradient_accumulation_steps) and under the reference (β > 0).
+5. Train on the round's completions: --steps_per_generation micro-batches, --num_iterations times, with the
+   clipped surrogate of `losses.grpo_loss`.
+
+The units the loop reads are completions (`Rollouts.epoch`): the loop cuts them into micro-batches like a stream's
+rows, and each micro-batch's loss terms are divided by their units over the whole step, as for every method.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional
+
+from tunesmith.data.load import LoadResult, map_records
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.train import loop
+from tunesmith.train.config import between
+from tunesmith.train.setup import Batches
+
+# how each loss type's scalar becomes a summed term and its unit (the loop divides by the units of the whole step):
+# grpo/sapo/dr_grpo average over completions, bnpo over micro-batches (ms-swift normalises each micro-batch by its
+# own tokens), dapo/cispo over the completion tokens of the step
+_UNIT = {"grpo": "completions", "sapo": "completions", "dr_grpo": "completions", "bnpo": "micro_batches",
+         "dapo": "tokens", "cispo": "tokens"}
+_DEFAULT_SCALE = {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch"}
+
+
+def prompt_record(rec: dict, src: tuple) -> list[dict]:
+    """A dataset record as a GRPO prompt: the conversation up to the last user (or tool) turn; a final assistant
+    reply, when there is one, is dropped and its text kept as `solution` (unless the row has a `solution` column).
+    The row's other columns stay under "columns" for the reward functions. Raises DataError when no prompt is left."""
+    messages = list(rec["messages"])
+    columns = dict(rec.get("columns") or {})
+    if messages and messages[-1]["role"] == "assistant":
+        reply = messages.pop()
+        columns.setdefault("solution", reply.get("content") or "")
+    if not messages or messages[-1]["role"] not in ("user", "tool"):
+        raise DataError(src[0], src[1], "messages", "has no prompt to complete: GRPO generates the reply to the "
+                        "last user message.", "end each row's messages with the user's turn (a final assistant "
+                        "reply is taken as the solution).")
+    out = {"messages": messages, "columns": columns}
+    if rec.get("tools"):
+        out["tools"] = rec["tools"]
+    return [out]
+
+
+def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict, dict]:
+    """({unit: summed loss term}, summed statistics) of one micro-batch from `grpo_collate`."""
+    from tunesmith.train import losses as L
+    from tunesmith.train.rollouts import completion_logps
+
+    mask = batch["completion_mask"]
+    logps = completion_logps(model, batch, method.temperature).float()
+    old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+    ntok = mask.sum()
+    loss, metrics = L.grpo_loss(method.loss_type, logps=logps, old_logps=old, ref_logps=batch.get("ref_logps"),
+                                advantages=batch["advantages"].float(), mask=mask, beta=method.beta,
+                                epsilon_low=method.epsilon, epsilon_high=method.epsilon_high, delta=method.delta,
+                                importance_sampling_level=method.importance_sampling_level,
+                                max_completion_length=method.max_completion_length, num_items_in_batch=ntok,
+                                tau_pos=method.tau_pos, tau_neg=method.tau_neg)
+    unit = _UNIT[method.loss_type]
+    scale = {"completions": batch["n_completions"], "micro_batches": 1, "tokens": ntok}[unit]
+    stats = {k: float(v) for k, v in batch["stats"].items()}
+    stats["tokens"] = float(ntok)
+    for k, v in metrics.items():
+        stats[k] = float(v) * float(ntok)  # token means, weighted by this batch's tokens
+    return {unit: loss * scale}, stats
+
+
+def _count(method: "GRPO", batch: dict) -> dict:
+    unit = _UNIT[method.loss_type]
+    n = {"completions": batch["n_completions"], "micro_batches": 1,
+         "tokens": int(batch["completion_mask"].sum())}[unit]
+    return {unit: n}
+
+
+def grpo_metrics(stats: dict) -> dict:
+    """Means of the summed statistics, under ms-swift's names: reward, reward_std (population std of the
+    completions' total rewards), rewards/<function>/mean, completions/mean_length and clipped_ratio,
+    frac_reward_zero_std, kl and the clip ratios (token means)."""
+    n = max(stats.get("n", 0), 1)
+    out = {}
+    if "reward" in stats:
+        mean = stats["reward"] / n
+        out["reward"] = round(mean, 6)
+        out["reward_std"] = round(math.sqrt(max(stats["reward_sq"] / n - mean * mean, 0.0)), 6)
+    for k, v in stats.items():
+        if k.startswith("rewards/") and k.endswith("/sum"):
+            name = k[len("rewards/"):-len("/sum")]
+            count = stats.get(f"rewards/{name}/count", 0)
+            out[f"rewards/{name}/mean"] = round(v / count, 6) if count else float("nan")
+    if "length" in stats:
+        out["completions/mean_length"] = round(stats["length"] / n, 2)
+        out["completions/clipped_ratio"] = round(stats["clipped"] / n, 4)
+        out["frac_reward_zero_std"] = round(stats["zero_std"] / n, 4)
+    tokens = max(stats.get("tokens", 0), 1)
+    for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
+        if k in stats:
+            out[k] = round(stats[k] / tokens, 6)
+    return out
+
+
+@dataclass(frozen=True)
+class GRPO:
+    """GRPO and its variants (--loss_type grpo | bnpo | dr_grpo | dapo | cispo | sapo) on prompts, with reward
+    functions; a reference (β > 0) for the KL term."""
+    loss_type: str
+    beta: float
+    num_generations: int
+    max_completion_length: int
+    temperature: float
+    top_p: Optional[float]
+    top_k: Optional[int]
+    repetition_penalty: Optional[float]
+    epsilon: float
+    epsilon_high: float
+    delta: Optional[float]
+    num_iterations: int
+    steps_per_generation: Optional[int]       # None: --gradient_accumulation_steps (Rollouts resolves it)
+    advantage_estimator: str
+    scale_rewards: str
+    importance_sampling_level: str
+    top_entropy_quantile: float
+    overlong_filter: bool
+    log_completions: bool
+    reward_funcs: tuple
+    reward_weights: tuple
+    external_plugins: tuple
+    reward_args: Any
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    ref_model: Optional[str] = None
+    ref_adapters: tuple = ()
+    name = "grpo"
+    rows = "prompt"
+    default_loss_scale = "last_round"
+
+    @property
+    def needs_reference(self) -> bool:
+        """A reference only for the KL term (β > 0), as ms-swift."""
+        return self.beta != 0
+
+    @classmethod
+    def from_args(cls, args, problems: list) -> "GRPO":
+        """The GRPO flags, checked (every problem appended), with ms-swift's dependent defaults filled in:
+        β 0.04, loss_type grpo, epsilon_high = epsilon, steps_per_generation from --generation_batch_size or
+        --gradient_accumulation_steps, scale_rewards by estimator. Reward functions are resolved here, so a bad
+        name or plugin is a flag problem before anything loads."""
+        from tunesmith.train.losses import GRPO_LOSS_TYPES
+
+        loss_type = _one_loss_type(args, problems, GRPO_LOSS_TYPES)
+        beta = 0.04 if args.beta is None else args.beta
+        between(problems, "beta", beta, 0, None)
+        between(problems, "num_generations", args.num_generations, 2, None)
+        between(problems, "max_completion_length", args.max_completion_length, 1, None)
+        between(problems, "temperature", args.temperature, 0, None, lo_open=True)
+        between(problems, "epsilon", args.epsilon, 0, None)
+        between(problems, "num_iterations", args.num_iterations, 1, None)
+        between(problems, "top_entropy_quantile", args.top_entropy_quantile, 0, 1, lo_open=True)
+        steps = _steps_per_generation(args, problems)
+        _check_unsupported(args, problems)
+        reward_args = _reward_args(args)
+        reward_funcs = _checked_rewards(args, reward_args, problems)
+        return cls(loss_type, beta, args.num_generations, args.max_completion_length, args.temperature, args.top_p,
+                   args.top_k, args.repetition_penalty, args.epsilon,
+                   args.epsilon if args.epsilon_high is None else args.epsilon_high, args.delta,
+                   args.num_iterations, steps, args.advantage_estimator,
+                   args.scale_rewards or _DEFAULT_SCALE[args.advantage_estimator], args.importance_sampling_level,
+                   args.top_entropy_quantile, args.overlong_filter, args.log_completions, tuple(reward_funcs),
+                   tuple(args.reward_weights or [1.0] * len(reward_funcs)), tuple(args.external_plugins),
+                   reward_args, args.tau_pos, args.tau_neg, args.ref_model, tuple(args.ref_adapters))
+
+    def resolved_flags(self) -> dict:
+        """The GRPO defaults as applied, for args.json."""
+        return {"beta": self.beta, "loss_type": [self.loss_type], "epsilon_high": self.epsilon_high,
+                "steps_per_generation": self.steps_per_generation, "scale_rewards": self.scale_rewards,
+                "reward_weights": list(self.reward_weights), "rpo_alpha": None}
+
+    def shape_records(self, loaded: LoadResult) -> LoadResult:
+        """Each record as a prompt (`prompt_record`); bad rows follow --strict."""
+        return map_records(loaded, prompt_record)
+
+    def batches(self, cfg, prepared, model, reference) -> Batches:
+        """The rollouts (generated as the loop reads them) and their collator; dropout off (the ratio of an
+        unchanged policy must be exactly 1, as TRL's disable_dropout)."""
+        from tunesmith.train.reference import disable_dropout
+        from tunesmith.train.rollouts import Rollouts, grpo_collate
+
+        disable_dropout(model, has_reference=self.needs_reference)
+        rollouts = Rollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, cfg)
+        return Batches(rollouts, [], partial(grpo_collate, pad_id=_pad_id(prepared.tokenizer)), reference,
+                       on_run_dir=rollouts.log_to)
+
+    def objective(self, reference, cfg) -> loop.Objective:
+        """GRPO's objective: the loss type's terms over completions, micro-batches or tokens."""
+        return loop.Objective("grpo", loss=partial(grpo_loss_terms, self, reference), count=partial(_count, self),
+                              metrics=grpo_metrics)
+
+    def header(self, prepared, batches) -> str:
+        """The run's header: the loss, the group size, the reward functions, the reference."""
+        names = ", ".join(f"{f.spec}×{w:g}" for f, w in zip(batches.train.reward_fns, self.reward_weights))
+        ref = batches.reference.describe if batches.reference is not None else "none (beta 0: no KL term)"
+        return (f"[tunesmith] rlhf grpo: loss_type={self.loss_type}, β={self.beta:g}, G={self.num_generations}, "
+                f"ε=[{self.epsilon:g}, {self.epsilon_high:g}], advantages {self.advantage_estimator}/"
+                f"{self.scale_rewards}, temperature {self.temperature:g}, max_completion_length "
+                f"{self.max_completion_length}\n[tunesmith] rewards: {names}\n[tunesmith] reference: {ref}\n"
+                f"[tunesmith] {len(prepared.train_rows)} prompts; {batches.train.prompts_per_round} per generation "
+                f"round ({batches.train.round_size} completions)")
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _one_loss_type(args, problems: list, allowed: tuple) -> str:
+    import difflib
+
+    types = list(args.loss_type) or ["grpo"]
+    if len(types) > 1:
+        problems.append(f"--rlhf_type grpo takes one --loss_type ({', '.join(allowed)})")
+    if types[0] not in allowed:
+        near = difflib.get_close_matches(types[0], allowed, n=1)
+        problems.append(f"--loss_type {types[0]}: not a GRPO loss" + (f"; did you mean {near[0]}?" if near else "")
+                        + f" (one of {', '.join(allowed)})")
+        return "grpo"
+    return types[0]
+
+
+def _steps_per_generation(args, problems: list) -> Optional[int]:
+    """ms-swift's rule (rlhf_trainers/args_mixin.py:205-231): one of --steps_per_generation and
+    --generation_batch_size; None (one generation per optimiser step: --gradient_accumulation_steps, known once
+    the processes are) when neither is given. The generation batch must hold whole groups (checked by Rollouts
+    when the default applies)."""
+    per_step = args.per_device_train_batch_size
+    steps = args.steps_per_generation
+    if args.generation_batch_size is not None:
+        if args.generation_batch_size % per_step:
+            problems.append(f"--generation_batch_size {args.generation_batch_size} must be a multiple of "
+                            f"--per_device_train_batch_size {per_step} (x processes)")
+        elif steps is not None and steps != args.generation_batch_size // per_step:
+            problems.append("give --steps_per_generation or --generation_batch_size, not both")
+        steps = max(1, args.generation_batch_size // per_step)
+    if steps is None:
+        return None
+    if steps < 1:
+        problems.append(f"--steps_per_generation {steps}: must be 1 or more")
+        return 1
+    if (per_step * steps) % max(args.num_generations, 1):
+        from tunesmith.train.rollouts import generation_batch_problem
+
+        problems.append(generation_batch_problem(per_step, steps, args.num_generations))
+    return steps
+
+
+def _check_unsupported(args, problems: list) -> None:
+    if args.use_vllm:
+        problems.append(_vllm_problem(args.vllm_mode))
+    if args.packing or args.padding_free:
+        problems.append("--packing/--padding_free: GRPO trains on its generated completions, padded; drop the flag")
+    if args.streaming:
+        problems.append("--streaming: GRPO reads its prompts up front; drop --streaming")
+    if args.val_dataset or args.split_dataset_ratio > 0:
+        problems.append("--val_dataset/--split_dataset_ratio: GRPO evaluation (rewards on held-out prompts) is not "
+                        "supported yet; drop them (the training rewards are logged every --logging_steps)")
+    if args.reward_weights and args.reward_funcs and len(args.reward_weights) != len(args.reward_funcs):
+        problems.append(f"--reward_weights has {len(args.reward_weights)} value(s) for {len(args.reward_funcs)} "
+                        f"reward function(s); give one weight per function")
+    if args.delta is not None and args.delta <= 1 + (args.epsilon_high or args.epsilon):
+        problems.append(f"--delta {args.delta}: must be > 1 + epsilon_high (it bounds the ratio above the clip)")
+
+
+def _vllm_problem(mode: str) -> str:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        return (f"--use_vllm true --vllm_mode {mode}: vLLM needs CUDA GPUs and `pip install vllm`; without it "
+                "tunesmith generates the rollouts with its own batched engine (drop --use_vllm)")
+    return ("--use_vllm true: rollouts through vLLM are not wired in yet; tunesmith generates them with its own "
+            "batched engine (drop --use_vllm)")
+
+
+def _reward_args(args):
+    from tunesmith.rewards import RewardArgs
+
+    return RewardArgs(cosine_min_len_value_wrong=args.cosine_min_len_value_wrong,
+                      cosine_max_len_value_wrong=args.cosine_max_len_value_wrong,
+                      cosine_min_len_value_correct=args.cosine_min_len_value_correct,
+                      cosine_max_len_value_correct=args.cosine_max_len_value_correct,
+                      cosine_max_len=args.cosine_max_len, repetition_n_grams=args.repetition_n_grams,
+                      repetition_max_penalty=args.repetition_max_penalty, soft_max_length=args.soft_max_length,
+                      soft_cache_length=args.soft_cache_length, max_completion_length=args.max_completion_length)
+
+
+def _checked_rewards(args, reward_args, problems: list) -> list:
+    """The --reward_funcs names (resolved now, so a typo or a broken plugin is reported with the other flag
+    problems); an empty list is a problem: GRPO learns nothing without a reward."""
+    from tunesmith.rewards import load_reward_functions
+
+    if not args.reward_funcs:
+        problems.append("GRPO needs --reward_funcs: e.g. --reward_funcs accuracy format (built-ins), a name an "
+                        "--external_plugins file registers, or module.function")
+        return []
+    try:
+        load_reward_functions(list(args.reward_funcs), list(args.external_plugins), reward_args)
+    except ConfigError as e:
+        problems.append(str(e))
+    return list(args.reward_funcs)
