@@ -30,6 +30,9 @@ CHARTS = [
     ("log-probs", ("logps/chosen", "logps/rejected")),
     ("nll / preference loss", ("nll_loss", "pref_loss")),
     ("KL estimate", ("kl",)),
+    ("reward (GRPO)", ("reward", "reward_std")),
+    ("completion length (GRPO)", ("completions/mean_length",)),
+    ("clip ratio (GRPO)", ("clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean")),
     ("tokens per second", ("tokens_per_second",)),
     ("memory (GiB)", ("memory(GiB)",)),
 ]
@@ -113,8 +116,11 @@ def _figure(title: str, runs: list[Run], metrics: tuple) -> Optional[bytes]:
 
 
 def charts(runs: list[Run]) -> list[tuple[str, bytes]]:
+    """The CHARTS that have data, then one chart of GRPO's per-function rewards (rewards/<name>/mean)."""
     out = []
-    for title, metrics in CHARTS:
+    per_function = tuple(sorted({m for r in runs for m in r.series
+                                 if m.startswith("rewards/") and m.endswith("/mean")}))
+    for title, metrics in CHARTS + [("reward per function (GRPO)", per_function)]:
         png = _figure(title, runs, metrics)
         if png:
             out.append((title, png))
@@ -157,7 +163,7 @@ def render_html(runs: list[Run], figures: list[tuple[str, bytes]]) -> str:
                         ["run", "directory", "model", "method", "train_type"]))
     parts.append("<h2>Final metrics</h2>")
     keys = [k for k in ("loss", "eval_loss", "token_acc", "eval_token_acc", "rewards/accuracies", "rewards/margins",
-                        "eval_rewards/accuracies", "nll_loss") if any(k in r.last for r in runs)]
+                        "eval_rewards/accuracies", "nll_loss", "reward") if any(k in r.last for r in runs)]
     rows = [[k] + [r.last.get(k) for r in runs] for k in keys]
     rows += [[k] + [r.summary.get(k) for r in runs] for k in SUMMARY_KEYS if any(k in r.summary for r in runs)]
     parts.append(_table(rows, ["metric"] + [r.name for r in runs]))

@@ -655,14 +655,22 @@ _FORMAT_COLUMNS = {k.lower() for k in MESSAGE_KEYS + QUERY_KEYS + RESPONSE_KEYS 
     "history", "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label"}
 
 
+# what a row with a messages column reads: its query/response-style columns (e.g. GRPO's `solution`) are its own
+_MESSAGE_ROW_COLUMNS = {k.lower() for k in MESSAGE_KEYS + SYSTEM_KEYS} | {
+    "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label"}
+
+
 def extra_columns(row: Any, columns: Optional[dict] = None) -> dict:
-    """The row's columns that no format reads (ids, metadata, …): `tunesmith infer` writes them back unchanged.
+    """The row's columns that its format does not read (ids, metadata, a GRPO `solution` next to `messages`, …):
+    `tunesmith infer` writes them back unchanged, GRPO hands them to the reward functions.
 
     row: a decoded row (anything else gives {}); columns: the same --columns renames as normalise_row.
     Returns {column name (after renames): value}."""
     if not isinstance(row, dict):
         return {}
-    return {k: v for k, v in _rename_columns(row, columns).items() if str(k).lower() not in _FORMAT_COLUMNS}
+    row = _rename_columns(row, columns)
+    read = _MESSAGE_ROW_COLUMNS if any(str(k).lower() in MESSAGE_KEYS for k in row) else _FORMAT_COLUMNS
+    return {k: v for k, v in row.items() if str(k).lower() not in read}
 
 
 def row_kind(record: dict) -> str:

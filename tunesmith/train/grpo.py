@@ -212,6 +212,11 @@ class GRPO:
     def header(self, prepared, batches) -> str:
         """The run's header: the loss, the group size, the reward functions, the reference."""
         names = ", ".join(f"{f.spec}×{w:g}" for f, w in zip(batches.train.reward_fns, self.reward_weights))
+        if any(f.spec == "accuracy" for f in batches.train.reward_fns):
+            from tunesmith.rewards import accuracy_backend
+            names += " (accuracy checked with " + ("math_verify)" if accuracy_backend() == "math_verify" else
+                                                    "tunesmith's own answer comparison; pip install math-verify "
+                                                    "for LaTeX equivalence)")
         ref = batches.reference.describe if batches.reference is not None else "none (beta 0: no KL term)"
         return (f"[tunesmith] rlhf grpo: loss_type={self.loss_type}, β={self.beta:g}, G={self.num_generations}, "
                 f"ε=[{self.epsilon:g}, {self.epsilon_high:g}], advantages {self.advantage_estimator}/"

@@ -139,8 +139,9 @@ class Rollouts:
         for r in range(math.ceil(len(order) / per)):
             chunk = order[r * per:(r + 1) * per]
             chunk += order[:per - len(chunk)]  # the epoch's last round, filled from its start
-            if skip_units >= per_round_units:
+            if skip_units >= per_round_units:  # trained before a resume: not generated again
                 skip_units -= per_round_units
+                self.rounds_done += 1
                 continue
             units = self._round([self.prompts[i] for i in chunk], seed, r)
             for _ in range(self.method.num_iterations):
