@@ -245,9 +245,9 @@ class DistArgs:
 
 @dataclass
 class RLHFArgs:
-    rlhf_type: str = _f("dpo", help="Method: dpo (with --loss_type variants), simpo, orpo, cpo, kto, or grpo "
-                                    "(reinforcement learning with reward functions).",
-                        choices=("dpo", "simpo", "orpo", "cpo", "kto", "grpo"))
+    rlhf_type: str = _f("dpo", help="Method: dpo (with --loss_type variants), simpo, orpo, cpo, kto, grpo "
+                                    "(reinforcement learning with reward functions) or rm (a reward model).",
+                        choices=("dpo", "simpo", "orpo", "cpo", "kto", "grpo", "rm"))
     beta: Optional[float] = _f(help="Default 0.1 (SimPO 2.0; GRPO 0.04, ms-swift's default — TRL's is 0: "
                                     "the weight of the k3 KL to the reference, none at 0).")
     loss_type: List[str] = _f(help="DPO loss variant(s): sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, "
@@ -267,6 +267,9 @@ class RLHFArgs:
     ref_adapters: List[str] = _f(help="Reference adapters (e.g. the SFT checkpoint given to --adapters).",
                                  list_default=[])
     cpo_alpha: float = _f(1.0, help="CPO: weight of the NLL over the chosen reply.")
+    center_rewards_coefficient: Optional[float] = _f(help="Reward model (--rlhf_type rm): weight of the mean "
+                                                          "squared reward, which centres rewards near 0 (Eisenstein "
+                                                          "et al. 2023); default none.")
     simpo_gamma: float = _f(1.0, help="SimPO: target reward margin (gamma).")
     desirable_weight: float = _f(1.0, help="KTO: loss weight of desirable replies (lambda_D).")
     undesirable_weight: float = _f(1.0, help="KTO: loss weight of undesirable replies (lambda_U).")
@@ -315,6 +318,9 @@ class GRPOArgs:
     external_plugins: List[str] = _f(help="GRPO: Python files that register reward functions in `orms` (ms-swift's "
                                           "plugin form: `from swift.rewards import ORM, orms` or `from swift.plugin "
                                           "import ...` work without ms-swift installed).", list_default=[])
+    reward_model: List[str] = _f(help="GRPO: reward models (a checkpoint of --rlhf_type rm, or any "
+                                      "sequence-classification model) scoring each conversation; their weights "
+                                      "follow --reward_funcs' in --reward_weights.", list_default=[])
     log_completions: bool = _f(False, help="GRPO: write every rollout (prompt, completion, rewards, advantage) to "
                                            "completions.jsonl in the run directory.")
     cosine_min_len_value_wrong: float = _f(-0.5, help="GRPO cosine reward: reward of a wrong answer of length 0.")
@@ -736,7 +742,6 @@ NOT_SUPPORTED_YET = {
     "ref_model_mixup_alpha": "TR-DPO reference syncing is not implemented; the reference stays fixed",
     "f_divergence_type": "only DPO's reverse-KL objective is implemented",
     "use_weighting": "WPO weighting is not implemented",
-    "center_rewards_coefficient": "reward-model training (--rlhf_type rm) is not supported",
     # tuners other than LoRA, and optimiser plugins
     **_same(_TUNER, "adalora_beta1", "adalora_beta2", "adalora_deltaT", "adalora_init_r", "adalora_orth_reg_weight",
             "adalora_target_r", "adalora_tfinal", "adalora_tinit", "adapter_act", "adapter_length", "boft_block_num",
@@ -870,9 +875,9 @@ NOT_SUPPORTED_YET = {
     **_same(_PPO, "cliprange", "cliprange_value", "gamma", "lam", "kl_coef", "local_rollout_forward_batch_size",
             "missing_eos_penalty", "num_mini_batches", "num_ppo_epochs", "num_sample_generations", "response_length",
             "vf_coef", "whiten_rewards"),
-    **_same("reward models as GRPO rewards (and --rlhf_type rm) are not supported yet; GRPO scores with "
-            "--reward_funcs (built-ins, plugin files, module.function)", "reward_model", "reward_model_revision", "reward_model_type",
-            "reward_adapters", "reward_template"),
+    **_same("GRPO's --reward_model takes a local checkpoint (a --rlhf_type rm checkpoint, adapter or full); its "
+            "revision, type, separate adapters and template options are not supported yet",
+            "reward_model_revision", "reward_model_type", "reward_adapters", "reward_template"),
     **_same(_GKD, "gkd_logits_topk", "lmbda", "seq_kd", "sft_alpha", "teacher_adapters", "teacher_deepspeed",
             "teacher_model", "teacher_model_revision", "teacher_model_server", "teacher_model_type",
             "offload_teacher_model"),
@@ -1030,7 +1035,7 @@ COMPATIBILITY_ONLY_IN = {
 
 # ms-swift values that tunesmith does not implement: the error says so instead of only listing the choices.
 NOT_SUPPORTED_VALUES = {
-    **{("rlhf_type", t): f"ms-swift's {t} is not supported by tunesmith yet" for t in ("rm", "ppo", "gkd")},
+    **{("rlhf_type", t): f"ms-swift's {t} is not supported by tunesmith yet" for t in ("ppo", "gkd")},
     **{("train_type", t): f"ms-swift's {t} tuner is not supported by tunesmith yet; use lora or full"
        for t in ("longlora", "adalora", "llamapro", "adapter", "vera", "boft", "fourierft", "reft", "bone")},
     **{("quant_method", q): f"{q} quantisation is not supported by tunesmith yet; QLoRA uses bnb, and quantised "

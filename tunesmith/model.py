@@ -121,8 +121,12 @@ def _quantization_config(args, config, dtype):
     return None
 
 
-def load_model(args, model_dir: str, tokenizer=None, for_training: bool = True):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model(args, model_dir: str, tokenizer=None, for_training: bool = True, head: str = "causal_lm"):
+    """The model at model_dir with its dtype, attention, quantisation and router-loss settings (args: a model
+    slice). head: "causal_lm" (AutoModelForCausalLM) or "seq_cls" (AutoModelForSequenceClassification with one
+    output, a reward model: a new score head when the checkpoint has none; the pad id set for its last-token
+    pooling)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = resolve_dtype(args.torch_dtype)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
@@ -143,7 +147,15 @@ def load_model(args, model_dir: str, tokenizer=None, for_training: bool = True):
         else:
             kwargs["output_router_logits"] = True
             kwargs["router_aux_loss_coef"] = coef
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code, **kwargs)
+    if head == "seq_cls":
+        kwargs.pop("output_router_logits", None)
+        kwargs.pop("router_aux_loss_coef", None)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code,
+                                                                   num_labels=1, **kwargs)
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code, **kwargs)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if for_training:
@@ -216,6 +228,10 @@ def attach_lora(model, args):
     return peft_model
 
 
+def _is_seq_cls(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def _attach_lora(model, args):
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -239,7 +255,7 @@ def _attach_lora(model, args):
                      target_modules=target, target_parameters=list(args.target_parameters) or None,
                      modules_to_save=_expand_special(model, args.modules_to_save) or None,
                      use_rslora=args.use_rslora, use_dora=args.use_dora, init_lora_weights=init,
-                     task_type="CAUSAL_LM")
+                     task_type="SEQ_CLS" if _is_seq_cls(model) else "CAUSAL_LM")  # SEQ_CLS trains the score head
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:

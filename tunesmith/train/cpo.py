@@ -27,6 +27,7 @@ class CPO:
     aux_coef: float = 0.0
     prefix_sharing: Optional[bool] = None
     rows = "preference"
+    head = "causal_lm"
     default_loss_scale = "last_round"
     needs_reference = False
     ld_alpha = None

@@ -32,6 +32,7 @@ class DPO:
     ref_model: Optional[str] = None
     ref_adapters: tuple = ()
     name = "dpo"
+    head = "causal_lm"
     rows = "preference"
     default_loss_scale = "last_round"
     needs_reference = True

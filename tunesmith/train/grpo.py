@@ -19,6 +19,7 @@ rows, and each micro-batch's loss terms are divided by their units over the whol
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Optional
@@ -137,14 +138,16 @@ class GRPO:
     overlong_filter: bool
     log_completions: bool
     reward_funcs: tuple
-    reward_weights: tuple
+    reward_weights: tuple                     # one per --reward_funcs, then one per --reward_model
     external_plugins: tuple
     reward_args: Any
+    reward_models: tuple = ()
     tau_pos: float = 1.0
     tau_neg: float = 1.05
     ref_model: Optional[str] = None
     ref_adapters: tuple = ()
     name = "grpo"
+    head = "causal_lm"
     rows = "prompt"
     default_loss_scale = "last_round"
 
@@ -180,8 +183,9 @@ class GRPO:
                    args.num_iterations, steps, args.advantage_estimator,
                    args.scale_rewards or _DEFAULT_SCALE[args.advantage_estimator], args.importance_sampling_level,
                    args.top_entropy_quantile, args.overlong_filter, args.log_completions, tuple(reward_funcs),
-                   tuple(args.reward_weights or [1.0] * len(reward_funcs)), tuple(args.external_plugins),
-                   reward_args, args.tau_pos, args.tau_neg, args.ref_model, tuple(args.ref_adapters))
+                   tuple(args.reward_weights or [1.0] * (len(reward_funcs) + len(args.reward_model))),
+                   tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,
+                   args.ref_model, tuple(args.ref_adapters))
 
     def resolved_flags(self) -> dict:
         """The GRPO defaults as applied, for args.json."""
@@ -280,9 +284,14 @@ def _check_unsupported(args, problems: list) -> None:
     if args.val_dataset or args.split_dataset_ratio > 0:
         problems.append("--val_dataset/--split_dataset_ratio: GRPO evaluation (rewards on held-out prompts) is not "
                         "supported yet; drop them (the training rewards are logged every --logging_steps)")
-    if args.reward_weights and args.reward_funcs and len(args.reward_weights) != len(args.reward_funcs):
-        problems.append(f"--reward_weights has {len(args.reward_weights)} value(s) for {len(args.reward_funcs)} "
-                        f"reward function(s); give one weight per function")
+    n = len(args.reward_funcs) + len(args.reward_model)
+    if args.reward_weights and len(args.reward_weights) != n:
+        problems.append(f"--reward_weights has {len(args.reward_weights)} value(s) for {n} reward function(s) and "
+                        f"model(s); give one weight per function, then one per --reward_model")
+    for path in args.reward_model:
+        if not os.path.isdir(path):
+            problems.append(f"--reward_model {path}: not a local checkpoint directory (train one with "
+                            f"--rlhf_type rm)")
     if args.delta is not None and args.delta <= 1 + (args.epsilon_high or args.epsilon):
         problems.append(f"--delta {args.delta}: must be > 1 + epsilon_high (it bounds the ratio above the clip)")
 
@@ -317,8 +326,9 @@ def _checked_rewards(args, reward_args, problems: list) -> list:
     from tunesmith.rewards import load_reward_functions
 
     if not args.reward_funcs:
-        problems.append("GRPO needs --reward_funcs: e.g. --reward_funcs accuracy format (built-ins), a name an "
-                        "--external_plugins file registers, or module.function")
+        if not args.reward_model:
+            problems.append("GRPO needs --reward_funcs (or --reward_model): e.g. --reward_funcs accuracy format "
+                            "(built-ins), a name an --external_plugins file registers, or module.function")
         return []
     try:
         load_reward_functions(list(args.reward_funcs), list(args.external_plugins), reward_args)

@@ -110,6 +110,7 @@ class KTO:
     ref_model: Optional[str] = None
     ref_adapters: tuple = ()
     name = "kto"
+    head = "causal_lm"
     rows = "kto"
     default_loss_scale = "last_round"
     needs_reference = True

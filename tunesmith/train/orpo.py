@@ -20,6 +20,7 @@ class ORPO:
     aux_coef: float = 0.0
     prefix_sharing: Optional[bool] = None
     name = "orpo"
+    head = "causal_lm"
     rows = "preference"
     default_loss_scale = "default"
     needs_reference = False

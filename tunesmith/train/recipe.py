@@ -4,10 +4,12 @@
     the reference (preference methods) → the method's batches → train (train/loop.py) → finish the run
 
 Everything a training method decides is in its method object, one per file: sft.py (SFT), dpo.py (the DPO family),
-cpo.py (CPO and SimPO), orpo.py (ORPO), kto.py (KTO); pairs.py holds what the pair methods share. The recipe and
-the loop know nothing method-specific. A method object has:
+cpo.py (CPO and SimPO), orpo.py (ORPO), kto.py (KTO), grpo.py (GRPO; rollouts.py generates its units), rm.py (reward
+models); pairs.py holds what the pair methods share. The recipe and the loop know nothing method-specific. A method
+object has:
 
-    name, rows ("sft" | "preference" | "kto": how rows are encoded), default_loss_scale, needs_reference,
+    name, rows ("sft" | "preference" | "kto": how rows are encoded; "prompt": prompts to generate from),
+    head ("causal_lm" | "seq_cls": the model class trained), default_loss_scale, needs_reference,
     streams (optional, default False: whether --streaming may feed it rows read on the fly)
     from_args(args, problems)   its flags, checked (problems appended) and finalised  [classmethod]
     resolved_flags()            the finalised flags, recorded in args.json
@@ -46,6 +48,9 @@ def method_for(args):
     if kind == "grpo":
         from tunesmith.train.grpo import GRPO
         return GRPO
+    if kind == "rm":
+        from tunesmith.train.rm import RewardModel
+        return RewardModel
     raise ValueError(f"no training method for --rlhf_type {kind!r}")  # args.py's choices stop this earlier
 
 
@@ -70,7 +75,7 @@ def main(args) -> dict:
     D.init_process_group()  # under torchrun: join the other processes
     cfg = resolve(args, method, D.world_size(), cuda=default_device().type == "cuda")
     prepared = prepare_data(cfg.data, cfg.model, method)
-    model, param_info = prepare_model(cfg.model, prepared.model_dir, prepared.tokenizer, cfg.optim.seed)
+    model, param_info = prepare_model(cfg.model, prepared.model_dir, prepared.tokenizer, cfg.optim.seed, method.head)
     reference = setup_reference(cfg.model, method.ref_model, method.ref_adapters, model, prepared.tokenizer) \
         if method.needs_reference else None
     batches = method.batches(cfg, prepared, model, reference)

@@ -115,8 +115,10 @@ class Rollouts:
         self.prompts_per_round = self.round_size // method.num_generations
         rounds = math.ceil(len(prompts) / self.prompts_per_round)
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
+        from tunesmith.train.rm import reward_model_functions
+
         self.reward_fns = load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
-                                                method.reward_args)
+                                                method.reward_args) + reward_model_functions(list(method.reward_models))
         self.chat = ChatEngine(model, tokenizer, system=cfg.data.system, max_batch_size=self.round_size,
                                max_model_len=cfg.data.max_length)
         self.seed = cfg.optim.seed

@@ -354,10 +354,11 @@ def _cached_data(path: str, kind: str):
     return train, val, meta
 
 
-def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int):
-    """The model to train (model slice): loaded, LoRA attached (--train_type lora) with the seeded init,
-    gradient checkpointing and Liger kernels as asked. Returns (model, parameter counts). Raises ConfigError for an
-    --adapters path that is not an adapter, or a model with nothing to train."""
+def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int, head: str = "causal_lm"):
+    """The model to train (model slice): loaded with the method's head ("causal_lm", or "seq_cls" for a reward
+    model), LoRA attached (--train_type lora) with the seeded init, gradient checkpointing and Liger kernels as
+    asked. Returns (model, parameter counts). Raises ConfigError for an --adapters path that is not an adapter, or a
+    model with nothing to train."""
     for a in model_cfg.adapters:
         if not is_adapter_dir(a):
             raise ConfigError(f"--adapters {a}: not an adapter directory (no adapter_config.json); a full "
@@ -365,7 +366,7 @@ def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int):
     from transformers import set_seed
 
     set_seed(seed)  # LoRA's random init (and anything else drawn here) is the same for the same --seed
-    model = load_model(model_cfg, model_dir, tokenizer, for_training=True)
+    model = load_model(model_cfg, model_dir, tokenizer, for_training=True, head=head)
     if model_cfg.train_type == "lora":
         model = attach_lora(model, model_cfg)
     if model_cfg.gradient_checkpointing:

@@ -48,6 +48,7 @@ class SFT:
     """Supervised fine-tuning: single rows, every assistant turn trained by default, no reference."""
     aux_coef: float = 0.0
     name = "sft"
+    head = "causal_lm"
     rows = "sft"
     default_loss_scale = "default"
     needs_reference = False

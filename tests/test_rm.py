@@ -1,0 +1,82 @@
+"""Reward-model training (`tunesmith rlhf --rlhf_type rm`): the Bradley–Terry loss equals a hand computation, a
+tiny model learns to rank chosen over rejected (validation accuracy and loss), the checkpoint loads in transformers
+and scores a held-out pair the right way round, and GRPO takes it as --reward_model."""
+import glob
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import read_jsonl, write_jsonl
+from tunesmith.args import parse_args
+from tunesmith.train import recipe
+
+
+@pytest.fixture(autouse=True)
+def _no_charts(monkeypatch):
+    import tunesmith.report
+
+    monkeypatch.setattr(tunesmith.report, "write_run_report", lambda run_dir: "not written (test)")
+
+
+def test_bradley_terry_loss_and_centering_equal_a_hand_computation():
+    import torch
+
+    from tunesmith.train.rm import RewardModel, rm_loss, rm_metrics
+
+    scores = torch.tensor([[1.5], [-0.5], [0.25], [0.75]], dtype=torch.float64)  # chosen 1.5, -0.5; rejected .25, .75
+
+    def model(input_ids, attention_mask, use_cache):
+        return SimpleNamespace(logits=scores)
+
+    batch = {"input_ids": None, "attention_mask": None, "n_pairs": 2}
+    terms, st = rm_loss(RewardModel(), model, batch)
+    want = sum(-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in ((1.5, 0.25), (-0.5, 0.75)))
+    assert abs(float(terms["pairs"]) - want) < 1e-6  # rewards are taken in float32
+    terms, _ = rm_loss(RewardModel(center_rewards_coefficient=0.1), model, batch)
+    assert abs(float(terms["pairs"]) - (want + 0.1 * ((1.5 + 0.25) ** 2 + (-0.5 + 0.75) ** 2))) < 1e-6
+    m = rm_metrics(st)
+    assert m["accuracy"] == 0.5 and abs(m["margin"] - ((1.25 - 1.25) / 2)) < 1e-9
+
+
+@pytest.mark.slow
+def test_a_reward_model_learns_to_rank_and_serves_grpo(tiny_models, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = tiny_models("qwen2")
+    pairs = [{"prompt": f"question {i}: is it good?", "chosen": "yes it is good red blue",
+              "rejected": "no it is bad green"} for i in range(48)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    res = recipe.main(parse_args("rlhf", [
+        "--rlhf_type", "rm", "--model", model_dir, "--dataset", data, "--split_dataset_ratio", "0.25",
+        "--eval_steps", "5", "--max_steps", "15", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
+        "--logging_steps", "1", "--report_to", "none", "--output_dir", str(tmp_path / "rm")]))
+    log = read_jsonl(os.path.join(res["run_dir"], "logging.jsonl"))
+    train = [r for r in log if "accuracy" in r]
+    evals = [r for r in log if "eval_accuracy" in r]
+    assert train[0]["accuracy"] <= 0.5 and abs(train[0]["loss"] - math.log(2)) < 0.1  # untrained head: ~ln 2
+    assert evals[-1]["eval_accuracy"] == 1.0 and evals[-1]["eval_loss"] < 0.1
+
+    ckpt = res["state"].last_model_checkpoint
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    rm = AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1).eval()  # transformers + peft
+    scores = []
+    for reply in ("yes it is good red blue", "no it is bad green"):
+        text = tok.apply_chat_template([{"role": "user", "content": "question 99: is it good?"},
+                                        {"role": "assistant", "content": reply}], tokenize=False)
+        with torch.no_grad():
+            scores.append(float(rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0]))
+    assert scores[0] > scores[1] + 1.0, scores
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"messages": [{"role": "user", "content": f"question {i}: is it good?"}]} for i in range(8)])
+    grpo = recipe.main(parse_args("rlhf", [
+        "--rlhf_type", "grpo", "--model", model_dir, "--dataset", prompts, "--reward_model", ckpt,
+        "--num_generations", "4", "--per_device_train_batch_size", "8", "--max_completion_length", "8",
+        "--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
+        "--output_dir", str(tmp_path / "grpo")]))
+    logged = [r for r in read_jsonl(os.path.join(grpo["run_dir"], "logging.jsonl")) if "reward" in r]
+    assert len(logged) == 2 and math.isfinite(logged[0]["rewards/reward_model/mean"])
+    assert glob.glob(os.path.join(grpo["run_dir"], "args.json"))

@@ -1,0 +1,151 @@
+"""Reward-model training (`tunesmith rlhf --rlhf_type rm`): a sequence-classification head with one output scores a
+conversation, trained on preference pairs so that the chosen reply scores above the rejected one.
+
+Loss per pair (Bradley–Terry, as in InstructGPT, Ouyang et al. 2022, eq. 1, and TRL's RewardTrainer):
+−log σ(r_c − r_r), plus --center_rewards_coefficient · (r_c + r_r)² (Eisenstein et al. 2023, arXiv:2312.09244),
+which keeps rewards near 0. r is the head's output at the sequence's last token (transformers' own pooling, so
+the trained model scores the same way when loaded with AutoModelForSequenceClassification). With LoRA the score
+head is trained in full (peft's SEQ_CLS task); the saved checkpoint loads in transformers (with peft installed)
+and serves as GRPO's --reward_model. Metrics: accuracy (share of pairs with r_c > r_r), margin, mean rewards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+from tunesmith.log import note
+from tunesmith.train import loop
+from tunesmith.train.pairs import check_pairs, pair_collate
+from tunesmith.train.setup import Batches
+
+
+def sequence_rewards(model, batch: dict):
+    """The head's score of each sequence ([2B]: chosen then rejected), from `pair_collate`'s batch."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.logits[:, 0].float()
+
+
+def rm_loss(method: "RewardModel", model, batch: dict) -> tuple[dict, dict]:
+    """({"pairs": summed per-pair loss (nats)}, summed statistics) for one batch of pairs."""
+    import torch.nn.functional as F
+
+    n = batch["n_pairs"]
+    r = sequence_rewards(model, batch)
+    chosen, rejected = r[:n], r[n:]
+    per_pair = -F.logsigmoid(chosen - rejected)
+    if method.center_rewards_coefficient:
+        per_pair = per_pair + method.center_rewards_coefficient * (chosen + rejected) ** 2
+    c, rj = chosen.detach(), rejected.detach()
+    stats = {"pairs": n, "correct": float((c > rj).sum()), "margin": float((c - rj).sum()),
+             "chosen": float(c.sum()), "rejected": float(rj.sum())}
+    return {"pairs": per_pair.sum()}, stats
+
+
+def rm_metrics(st: dict) -> dict:
+    """Means over pairs, named as TRL's RewardTrainer logs them: accuracy, margin, rewards/chosen, rewards/rejected."""
+    n = max(st.get("pairs", 0), 1)
+    return {"accuracy": round(st.get("correct", 0) / n, 4), "margin": round(st.get("margin", 0) / n, 6),
+            "rewards/chosen": round(st.get("chosen", 0) / n, 6), "rewards/rejected": round(st.get("rejected", 0) / n, 6)}
+
+
+@dataclass(frozen=True)
+class RewardModel:
+    """A reward model on pairs: Bradley–Terry loss, no reference, the whole conversation scored."""
+    center_rewards_coefficient: Optional[float] = None
+    name = "rm"
+    rows = "preference"
+    head = "seq_cls"
+    default_loss_scale = "last_round"
+    needs_reference = False
+
+    @classmethod
+    def from_args(cls, args, problems: list) -> "RewardModel":
+        """--center_rewards_coefficient (≥ 0); the flags of the other methods are ignored with a note."""
+        from tunesmith.train.config import between
+
+        if args.center_rewards_coefficient is not None:
+            between(problems, "center_rewards_coefficient", args.center_rewards_coefficient, 0, None)
+        if args.loss_type or args.beta is not None:
+            note("--rlhf_type rm trains the Bradley–Terry loss; --loss_type/--beta are ignored")
+        if args.packing or args.padding_free:
+            problems.append("--packing/--padding_free: a reward model scores each conversation at its last token; "
+                            "train it padded (drop the flag)")
+        return cls(args.center_rewards_coefficient)
+
+    def resolved_flags(self) -> dict:
+        """The loss, for args.json."""
+        return {"loss_type": ["bradley_terry"], "beta": None, "rpo_alpha": None}
+
+    def shape_records(self, loaded):
+        """Every row must be a pair (DataError at the first that is not)."""
+        return check_pairs(loaded)
+
+    def batches(self, cfg, prepared, model, reference) -> Batches:
+        """Padded batches [chosen_1..B, rejected_1..B]; the padding side is the right (the head reads the last
+        non-pad token)."""
+        pad = prepared.tokenizer.pad_token_id if prepared.tokenizer.pad_token_id is not None else \
+            prepared.tokenizer.eos_token_id
+        return Batches(prepared.train_rows, prepared.eval_rows, partial(_collate, pad_id=pad), None)
+
+    def objective(self, reference, cfg) -> loop.Objective:
+        """Mean Bradley–Terry loss per pair; accuracy and margins."""
+        return loop.Objective("rm", loss=partial(rm_loss, self), count=lambda b: {"pairs": b["n_pairs"]},
+                              metrics=rm_metrics)
+
+    def header(self, prepared, batches) -> str:
+        """The run's header line."""
+        center = f", center_rewards_coefficient={self.center_rewards_coefficient:g}" \
+            if self.center_rewards_coefficient else ""
+        return (f"[tunesmith] rlhf rm: Bradley–Terry loss{center}; {len(prepared.train_rows)} training pairs, "
+                f"{len(prepared.eval_rows)} validation pairs")
+
+
+def _collate(rows, pad_id: int) -> dict:
+    from tunesmith.train.pairs import Pair
+
+    return pair_collate([Pair(c, r) for c, r in rows], pad_id, "right")
+
+
+class RewardModelScorer:
+    """A trained reward model as a GRPO reward function (`--reward_model PATH`): each conversation (prompt +
+    completion, rendered with the reward model's own chat template) scored by its head, a micro-batch at a time,
+    without gradient. PATH: a full sequence-classification checkpoint, or a LoRA adapter trained with
+    --rlhf_type rm (its base is read from adapter_config.json)."""
+
+    def __init__(self, path: str, batch_size: int = 8):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from tunesmith.errors import ConfigError
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--reward_model {path}: cannot load a sequence-classification model from it ({e}); "
+                              f"pass a checkpoint trained with --rlhf_type rm, or a model with a score head") from None
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model.config.pad_token_id = self.tok.pad_token_id
+        self.batch_size, self.torch = batch_size, torch
+
+    def __call__(self, completions, messages=None, **kwargs) -> list:
+        """One score per completion; `messages` (each conversation ending in its completion) as GRPO passes them."""
+        texts = [self.tok.apply_chat_template(m, tokenize=False) for m in messages]
+        self.tok.padding_side = "right"
+        out = []
+        with self.torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tok(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                               add_special_tokens=False)
+                out += self.model(**enc).logits[:, 0].float().tolist()
+        return out
+
+
+def reward_model_functions(paths: list) -> list:
+    """--reward_model PATH ...: each as a rewards.RewardFn named reward_model (reward_model_1, … for several)."""
+    from tunesmith.rewards import RewardFn
+
+    return [RewardFn("reward_model" if len(paths) == 1 else f"reward_model_{i + 1}", path, RewardModelScorer(path))
+            for i, path in enumerate(paths)]
