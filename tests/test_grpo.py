@@ -141,3 +141,23 @@ def test_prompts_keep_the_solution_and_columns(tiny_models, tmp_path):
     assert recs[0] == {"messages": [{"role": "user", "content": "1+1?"}], "columns": {"id": 7, "solution": "2"}}
     assert recs[1]["messages"] == [{"role": "user", "content": "2+2?"}] and recs[1]["columns"]["solution"] == "4"
     assert recs[2]["columns"]["solution"] == "\\boxed{6}"
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_run_grpo_like_one_process_with_the_same_global_batch(setup, tmp_path):
+    """Each process generates its share of the round's groups (with the seeds one process would use), the round is
+    gathered, and each process trains its slice: the logged rewards, KL and losses equal one process's."""
+    from test_distributed import _run, _run_dir
+
+    model, data, plugin = setup
+    common = ["rlhf", "--rlhf_type", "grpo", "--model", model, "--dataset", data, "--external_plugins", plugin,
+              "--reward_funcs", "even_tokens", "--num_generations", "8", "--max_completion_length", "8",
+              "--max_steps", "2", "--logging_steps", "1", "--learning_rate", "2e-2", "--save_strategy", "no",
+              "--report_to", "none", "--gradient_accumulation_steps", "1", "--dataloader_num_workers", "0"]
+    _run([*common, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "one")], nproc=1)
+    _run([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "two")], nproc=2)
+    one, two = _log(_run_dir(str(tmp_path / "one"))), _log(_run_dir(str(tmp_path / "two")))
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("loss", "reward", "reward_std", "kl", "grad_norm", "completions/mean_length"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a[key], b[key])

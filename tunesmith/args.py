@@ -307,7 +307,7 @@ class GRPOArgs:
                                                       "(GSPO; sequence_token: GSPO-token).",
                                         choices=("token", "sequence", "sequence_token"))
     top_entropy_quantile: float = _f(1.0, help="GRPO: train only the tokens whose entropy is in this top quantile "
-                                               "(1.0: all tokens).")
+                                               "(1.0: all tokens; other values are not supported yet).")
     overlong_filter: bool = _f(False, help="GRPO: truncated completions (no end of turn within "
                                            "--max_completion_length) are left out of the loss (TRL: "
                                            "mask_truncated_completions).", aliases=("mask_truncated_completions",))

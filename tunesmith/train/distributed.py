@@ -73,6 +73,17 @@ def sum_values(values: dict, device) -> dict:
     return {k: (int(v) if isinstance(values[k], int) else v) for k, v in zip(keys, t.tolist())}
 
 
+def gather(value: Any) -> list:
+    """[every rank's value], in rank order ([value] in a single process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [value]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
 def merge_dicts(values: dict) -> dict:
     """Sum dicts of statistics whose keys may differ between ranks (logging steps only)."""
     import torch.distributed as dist

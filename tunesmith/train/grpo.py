@@ -172,7 +172,6 @@ class GRPO:
         between(problems, "temperature", args.temperature, 0, None, lo_open=True)
         between(problems, "epsilon", args.epsilon, 0, None)
         between(problems, "num_iterations", args.num_iterations, 1, None)
-        between(problems, "top_entropy_quantile", args.top_entropy_quantile, 0, 1, lo_open=True)
         steps = _steps_per_generation(args, problems)
         _check_unsupported(args, problems)
         reward_args = _reward_args(args)
@@ -281,6 +280,9 @@ def _check_unsupported(args, problems: list) -> None:
         problems.append("--packing/--padding_free: GRPO trains on its generated completions, padded; drop the flag")
     if args.streaming:
         problems.append("--streaming: GRPO reads its prompts up front; drop --streaming")
+    if args.top_entropy_quantile < 1.0:
+        problems.append(f"--top_entropy_quantile {args.top_entropy_quantile}: training only the high-entropy tokens "
+                        f"is not supported yet (it needs each token's entropy over the vocabulary); drop the flag")
     if args.val_dataset or args.split_dataset_ratio > 0:
         problems.append("--val_dataset/--split_dataset_ratio: GRPO evaluation (rewards on held-out prompts) is not "
                         "supported yet; drop them (the training rewards are logged every --logging_steps)")

@@ -92,26 +92,25 @@ def generation_batch_problem(per_step: int, steps: int, g: int) -> str:
 class Rollouts:
     """The completions of an epoch of prompts, round by round (a stream of `grpo.Unit`s for the loop).
 
-    A round takes `prompts_per_round` = per-device batch x steps_per_generation / G prompts of the epoch's seeded
-    order (the last round of an epoch is filled from its start), generates G completions of each, and yields the
-    round's `round_size` completions num_iterations times. Completion k of prompt j in round r is sampled with its
+    A round takes `prompts_per_round` = per-device batch x processes x steps_per_generation / G prompts of the
+    epoch's seeded order (the last round of an epoch is filled from its start), generates G completions of each
+    (split between the processes by prompt), and yields the round's `round_size` completions num_iterations times
+    on every process (the loop gives each its slice of each global batch). Completion k of prompt j in round r is sampled with its
     own seed (from --seed, the epoch, r, j and k), so a round depends only on the weights it starts from."""
 
     def __init__(self, method, prompts, model, tokenizer, reference, cfg):
         from tunesmith.infer import ChatEngine
         from tunesmith.rewards import load_reward_functions
 
-        if cfg.world_size > 1:
-            raise ConfigError("GRPO runs in one process for now (its rollouts are not yet split across "
-                              "processes); run it without torchrun/NPROC_PER_NODE")
         self.method, self.prompts, self.model, self.tok, self.reference = method, prompts, model, tokenizer, reference
         self.bs, gas = cfg.optim.per_device_train_batch_size, cfg.optim.gradient_accumulation_steps
         self.steps = method.steps_per_generation or gas
-        if (self.bs * self.steps) % method.num_generations:
-            raise ConfigError(generation_batch_problem(self.bs, self.steps, method.num_generations))
+        global_batch = self.bs * cfg.world_size  # completions per micro-batch, all processes
+        if (global_batch * self.steps) % method.num_generations:
+            raise ConfigError(generation_batch_problem(global_batch, self.steps, method.num_generations))
         # the sampling policy's log-probs are needed when the weights move between generation and training
         self.need_old = method.num_iterations > 1 or self.steps > gas
-        self.round_size = self.bs * self.steps
+        self.round_size = global_batch * self.steps
         self.prompts_per_round = self.round_size // method.num_generations
         rounds = math.ceil(len(prompts) / self.prompts_per_round)
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
@@ -154,31 +153,54 @@ class Rollouts:
     # ------------------------------------------------------------------ one round
 
     def _round(self, prompts: list[dict], seed: int, r: int) -> list:
-        """Generate, score and weigh one round's completions (see train/grpo.py)."""
+        """Generate, score and weigh one round's completions (see train/grpo.py). Under several processes each
+        rank generates the groups of prompts j ≡ rank (mod processes), with the same per-completion seeds as one
+        process would; the groups are then gathered in prompt order on every rank, and the advantages computed
+        over the whole round, so every rank holds the same round (the loop gives each its slice of each batch)."""
+        from tunesmith.train import distributed as D
 
+        world, rank = D.world_size(), D.rank()
+        mine = [j for j in range(len(prompts)) if j % world == rank]
+        local = self._groups(prompts, mine, seed, r)
+        groups = sorted((g for part in D.gather(local) for g in part), key=lambda g: g[0])
+        units = [u for _, us, _, _ in groups for u in us]
+        per_func = [row for _, _, rows, _ in groups for row in rows]
+        advantages = self._advantages(per_func)
+        combined = self._combined(per_func)
+        zero_std = self._zero_std(combined)
+        g = self.method.num_generations
+        for i, u in enumerate(units):
+            u.advantage = float(advantages[i])
+            u.stats.update({"reward": combined[i], "reward_sq": combined[i] ** 2, "zero_std": float(zero_std[i // g])})
+        if D.is_main():
+            self._log(prompts, [t for _, _, _, texts in groups for t in texts], per_func, combined, advantages)
+        self.rounds_done += 1
+        return units
+
+    def _groups(self, prompts: list[dict], which: list[int], seed: int, r: int) -> list:
+        """[(j, the G units of prompt j, their rewards [G][F], their texts)] for the prompts `which` of the round: generated,
+        scored, with the log-probs the loss needs (advantages are set once the whole round is known)."""
         m = self.method
-        ids = [self._prompt_ids(p) for p in prompts]
+        ids = {j: self._prompt_ids(prompts[j]) for j in which}
         completions = self._generate(ids, seed, r)
         texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        per_func, advantages = self._score(prompts, texts, completions)
-        combined = self._combined(per_func)
-        truncated = [c.finish_reason == "length" for c in completions]
-        zero_std = self._zero_std(combined)
+        owners = [j for j in which for _ in range(m.num_generations)]
+        per_func = self._score([prompts[j] for j in which], texts, completions)
         units = []
         for i, c in enumerate(completions):
-            stats = {"n": 1, "reward": combined[i], "reward_sq": combined[i] ** 2, "length": len(c.token_ids),
-                     "clipped": float(truncated[i]), "zero_std": float(zero_std[i // m.num_generations])}
+            truncated = c.finish_reason == "length"
+            stats = {"n": 1, "length": len(c.token_ids), "clipped": float(truncated)}
             for f, fn in enumerate(self.reward_fns):
                 v = per_func[i][f]
                 if not math.isnan(v):
                     stats[f"rewards/{fn.name}/sum"] = v
                     stats[f"rewards/{fn.name}/count"] = 1
-            units.append(Unit(ids[i // m.num_generations], list(c.token_ids), float(advantages[i]),
-                              not (m.overlong_filter and truncated[i]), stats=stats))
+            units.append(Unit(ids[owners[i]], list(c.token_ids), 0.0, not (m.overlong_filter and truncated),
+                              stats=stats))
         self._add_logps(units)
-        self._log(prompts, texts, per_func, combined, advantages)
-        self.rounds_done += 1
-        return units
+        g = m.num_generations
+        return [(j, units[k * g:(k + 1) * g], per_func[k * g:(k + 1) * g], texts[k * g:(k + 1) * g])
+                for k, j in enumerate(which)]
 
     def _prompt_ids(self, rec: dict) -> list:
         from tunesmith.infer import PromptTooLong
@@ -189,13 +211,14 @@ class Rollouts:
             raise DataError("--dataset", None, "messages", f"a prompt is too long to complete: {e}",
                             "raise --max_length, or shorten the prompt") from None
 
-    def _generate(self, ids: list, seed: int, r: int) -> list:
-        """G completions of each prompt, all submitted at once (the engine batches them), each with its own seed."""
+    def _generate(self, ids: dict, seed: int, r: int) -> list:
+        """G completions of each prompt ({j: token ids}, j its place in the round), all submitted at once (the
+        engine batches them), each with its own seed: the same completions whichever process generates them."""
         from tunesmith.infer import GenConfig
 
         m, g = self.method, self.method.num_generations
         handles = []
-        for j, prompt in enumerate(ids):
+        for j, prompt in ids.items():
             base = (seed * 1_000_003 + r * 65_537 + j * g) % (2 ** 31)
             cfg = GenConfig(max_new_tokens=m.max_completion_length, temperature=m.temperature, top_p=m.top_p,
                             top_k=m.top_k, repetition_penalty=m.repetition_penalty, seed=base)
@@ -206,36 +229,35 @@ class Rollouts:
                 raise c.error
         return out
 
-    def _score(self, prompts: list[dict], texts: list[str], completions: list):
-        """(rewards [N][F] with NaN for None, advantages [N]) of the round."""
-        import torch
-
+    def _score(self, prompts: list[dict], texts: list[str], completions: list) -> list:
+        """The rewards [N][F] (NaN for None) of these prompts' completions (G per prompt, in order)."""
         from tunesmith.rewards import score
-        from tunesmith.train import losses as L
 
         m, g = self.method, self.method.num_generations
         rep = [p for p in prompts for _ in range(g)]
-        columns: dict = {}
-        for p in rep:
-            for k in p.get("columns", {}):
-                columns.setdefault(k, [])
-        for k in columns:
-            columns[k] = [p.get("columns", {}).get(k) for p in rep]
+        names = sorted({k for p in rep for k in p.get("columns", {})})
+        columns = {k: [p.get("columns", {}).get(k) for p in rep] for k in names}
         messages = [p["messages"] + [{"role": "assistant", "content": t}] for p, t in zip(rep, texts)]
-        state = {"global_step": self.rounds_done * self.steps * m.num_iterations,
-                 "rounds_done": self.rounds_done}
+        state = {"global_step": self.rounds_done * self.steps * m.num_iterations, "rounds_done": self.rounds_done}
         per_func, errors = score(self.reward_fns, texts, prompts=[p["messages"] for p in rep], columns=columns,
                                  messages=messages, trainer_state=state, weights=list(m.reward_weights),
                                  completion_ids=[list(c.token_ids) for c in completions])
         if errors and self.rounds_done == 0:
             note(f"GRPO: {errors[0]} (and {len(errors) - 1} more this round)" if len(errors) > 1 else errors[0])
+        return per_func
+
+    def _advantages(self, per_func: list) -> list[float]:
+        """The round's advantages [N] from its rewards [N][F] (losses.group_advantages, or gdpo_advantages)."""
+        import torch
+
+        from tunesmith.train import losses as L
+
+        m, g = self.method, self.method.num_generations
         rewards = torch.tensor(per_func, dtype=torch.float64)
         if m.scale_rewards == "gdpo":
-            adv = L.gdpo_advantages(rewards, list(m.reward_weights), g)
-        else:
-            adv = L.group_advantages(L.combine_rewards(rewards, list(m.reward_weights)), g, m.advantage_estimator,
-                                     m.scale_rewards)
-        return per_func, adv.tolist()
+            return L.gdpo_advantages(rewards, list(m.reward_weights), g).tolist()
+        return L.group_advantages(L.combine_rewards(rewards, list(m.reward_weights)), g, m.advantage_estimator,
+                                  m.scale_rewards).tolist()
 
     def _combined(self, per_func: list) -> list[float]:
         return [sum(w * v for w, v in zip(self.method.reward_weights, row) if not math.isnan(v)) for row in per_func]
