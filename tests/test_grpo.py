@@ -66,14 +66,19 @@ def test_grpo_raises_a_reachable_reward_and_the_kl_rises_from_zero(setup, tmp_pa
     last = sum(r["reward"] for r in log[-5:]) / 5
     assert first < 0.55 and last > first + 0.15, (first, last)  # measured: 0.47 -> 0.75
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] > 0.1  # the policy starts as the reference, then moves
-    assert {"reward_std", "rewards/EvenTokens/mean", "completions/mean_length", "completions/clipped_ratio",
+    assert {"reward_std", "rewards/EvenTokens/mean", "rewards/EvenTokens/std", "completions/mean_length",
+            "completions/min_length", "completions/max_length", "completions/clipped_ratio",
             "clip_ratio/region_mean", "frac_reward_zero_std"} <= set(log[0])
+    assert log[0]["completions/min_length"] <= log[0]["completions/mean_length"] <= log[0]["completions/max_length"]
     rollouts = read_jsonl(os.path.join(res["run_dir"], "completions.jsonl"))
     assert len(rollouts) == 40 * 32 and set(rollouts[0]) == {"round", "prompt", "completion", "rewards", "reward",
                                                              "advantage"}
     assert rollouts[0]["prompt"][0]["role"] == "user" and "EvenTokens" in rollouts[0]["rewards"]
     group = rollouts[:8]  # one prompt's G completions: advantages are centred within the group
     assert abs(sum(r["advantage"] for r in group)) < 1e-6
+    from tunesmith.report import _completions_table, load_run
+    table = _completions_table(load_run(res["run_dir"]))
+    assert "Last 24 rollouts" in table and rollouts[-1]["completion"][:10] in table.replace("&#x27;", "'")
 
 
 def test_a_resumed_grpo_run_equals_the_uninterrupted_one(setup, tmp_path):

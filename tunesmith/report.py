@@ -188,10 +188,30 @@ def render_html(runs: list[Run], figures: list[tuple[str, bytes]]) -> str:
                      + (_table([[os.path.join(r.path, c), "best" if os.path.join(r.path, c) ==
                                  r.summary.get("best_model_checkpoint") else ""] for c in ckpts],
                                ["checkpoint", ""]) if ckpts else "<p>none saved</p>"))
+        parts.append(_completions_table(r))
         parts.append(f"<details><summary>All arguments ({html.escape(r.name)}; secrets redacted)</summary>"
                      + _table(sorted(r.args.items()), ["argument", "value"]) + "</details>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+COMPLETIONS_SHOWN = 24
+
+
+def _completions_table(r: Run) -> str:
+    """GRPO --log_completions: the last COMPLETIONS_SHOWN rollouts of completions.jsonl (prompt, completion, each
+    reward, advantage); "" when the run logged none."""
+    path = os.path.join(r.path, "completions.jsonl")
+    if not os.path.isfile(path):
+        return ""
+    from collections import deque
+
+    with open(path, encoding="utf-8") as fh:
+        last = [json.loads(line) for line in deque(fh, maxlen=COMPLETIONS_SHOWN) if line.strip()]
+    rows = [[c.get("round"), (c.get("prompt") or [{}])[-1].get("content", ""), c.get("completion", ""),
+             json.dumps(c.get("rewards", {}), ensure_ascii=False), c.get("reward"), c.get("advantage")] for c in last]
+    return (f"<h2>Last {len(rows)} rollouts ({html.escape(r.name)}; all in {html.escape(path)})</h2>"
+            + _table(rows, ["round", "prompt (last message)", "completion", "rewards", "reward", "advantage"]))
 
 
 def write_run_report(run_dir: str) -> str:

@@ -90,8 +90,9 @@ def _count(method: "GRPO", batch: dict) -> dict:
 
 def grpo_metrics(stats: dict) -> dict:
     """Means of the summed statistics, under ms-swift's names: reward, reward_std (population std of the
-    completions' total rewards), rewards/<function>/mean, completions/mean_length and clipped_ratio,
-    frac_reward_zero_std, kl and the clip ratios (token means)."""
+    completions' total rewards), rewards/<function>/mean and /std, completions/mean_length, min_length and
+    max_length (each round's extreme, averaged over the rounds logged), clipped_ratio, frac_reward_zero_std, kl
+    and the clip ratios (token means)."""
     n = max(stats.get("n", 0), 1)
     out = {}
     if "reward" in stats:
@@ -102,9 +103,16 @@ def grpo_metrics(stats: dict) -> dict:
         if k.startswith("rewards/") and k.endswith("/sum"):
             name = k[len("rewards/"):-len("/sum")]
             count = stats.get(f"rewards/{name}/count", 0)
-            out[f"rewards/{name}/mean"] = round(v / count, 6) if count else float("nan")
+            mean = v / count if count else float("nan")
+            out[f"rewards/{name}/mean"] = round(mean, 6)
+            if count:
+                out[f"rewards/{name}/std"] = round(math.sqrt(max(stats[f"rewards/{name}/sq"] / count - mean ** 2,
+                                                                 0.0)), 6)
     if "length" in stats:
         out["completions/mean_length"] = round(stats["length"] / n, 2)
+        if stats.get("rounds"):
+            out["completions/min_length"] = round(stats["round_min_length"] / stats["rounds"], 2)
+            out["completions/max_length"] = round(stats["round_max_length"] / stats["rounds"], 2)
         out["completions/clipped_ratio"] = round(stats["clipped"] / n, 4)
         out["frac_reward_zero_std"] = round(stats["zero_std"] / n, 4)
     tokens = max(stats.get("tokens", 0), 1)

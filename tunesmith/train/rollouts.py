@@ -172,6 +172,9 @@ class Rollouts:
         for i, u in enumerate(units):
             u.advantage = float(advantages[i])
             u.stats.update({"reward": combined[i], "reward_sq": combined[i] ** 2, "zero_std": float(zero_std[i // g])})
+        # per-round extremes ride on the round's first unit; the metrics average them over the rounds logged
+        lengths = [len(u.completion_ids) for u in units]
+        units[0].stats.update({"rounds": 1, "round_min_length": min(lengths), "round_max_length": max(lengths)})
         if D.is_main():
             self._log(prompts, [t for _, _, _, texts in groups for t in texts], per_func, combined, advantages)
         self.rounds_done += 1
@@ -194,6 +197,7 @@ class Rollouts:
                 v = per_func[i][f]
                 if not math.isnan(v):
                     stats[f"rewards/{fn.name}/sum"] = v
+                    stats[f"rewards/{fn.name}/sq"] = v * v
                     stats[f"rewards/{fn.name}/count"] = 1
             units.append(Unit(ids[owners[i]], list(c.token_ids), 0.0, not (m.overlong_filter and truncated),
                               stats=stats))
