@@ -11,7 +11,10 @@ rollout / train_runtime), the generation engine's own rate (completion tokens / 
 tunesmith's `Rollouts._generate`, TRL's profiled `transformers.generate` block), tokens trained per second (prompt +
 completion tokens of every trained sequence, unpadded, each system's own count: tunesmith's per-step `tokens`, TRL's
 `num_tokens`), and the peak RSS and PSS of the process tree (sampled every 100 ms). Then the ratios tunesmith / TRL,
-and the mean reward of the first and last steps and the last step's KL, as a check that both really sample and train.
+and the mean reward of the first and last steps and the last step's KL, as a check that both really sample and train
+(tunesmith logs the KL rounded to 6 decimals). Each run also reports the share of the CPUs other processes took while
+it ran ("other CPU"): on a shared 2-core machine torch's 2-thread ops slow down several-fold as soon as another
+process holds a core, so compare only runs where it is near 0.
 
 How:
 - The model: random Qwen2 weights with Qwen2.5-0.5B's layer shape scaled down (head_dim 64, 2 KV heads, MLP 5.4 x
@@ -25,7 +28,7 @@ How:
 - The same settings in both: LoRA r 8 / alpha 32 / dropout 0 on all-linear, num_generations 4,
   per_device_train_batch_size 8 completions (2 prompts a step), gradient_accumulation_steps 1, max_completion_length
   32, temperature 0.9, top_p 1, top_k off, beta 0.04 (the reference is the model with the adapter off, in both),
-  loss_type grpo (TRL's default is dapo), learning rate 1e-5 linear without warm-up, weight decay 0, max_grad_norm 1,
+  loss_type grpo (TRL's default is dapo), learning rate 1e-4 linear without warm-up, weight decay 0, max_grad_norm 1,
   no gradient checkpointing, dropout off, seed 42, --steps optimiser steps, no checkpoints, no eval, fp32 on CPU.
 - tunesmith: `python -m tunesmith rlhf --rlhf_type grpo ...` (through bench/peers/tunesmith_timed.py, which only adds
   a timer around rollout generation); metrics from its run directory's logging.jsonl.
@@ -120,7 +123,8 @@ def tunesmith_cmd(model, data, out, s) -> list[str]:
             "--reward_funcs", "grpo_reward.e_share", "--num_generations", str(s["num_generations"]),
             "--per_device_train_batch_size", str(s["batch"]), "--gradient_accumulation_steps", "1",
             "--max_completion_length", str(s["max_completion_length"]), "--temperature", str(s["temperature"]),
-            "--beta", str(s["beta"]), "--loss_type", "grpo", "--learning_rate", str(s["learning_rate"]),
+            "--top_p", "1.0", "--top_k", "0", "--repetition_penalty", "1.0", "--beta", str(s["beta"]),
+            "--loss_type", "grpo", "--learning_rate", str(s["learning_rate"]),
             "--lr_scheduler_type", "linear", "--warmup_ratio", "0", "--weight_decay", "0", "--max_grad_norm", "1",
             "--max_steps", str(s["steps"]), "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
             "--gradient_checkpointing", "false", "--torch_dtype", "float32", "--seed", str(s["seed"]),
@@ -139,12 +143,22 @@ def _pss(pid: int) -> int:
         return sum(int(line.split()[1]) * 1024 for line in fh if line.startswith("Pss:"))
 
 
-def run_measured(cmd: list[str], env: dict, log: str) -> tuple[float, float, float, int]:
-    """(wall seconds, peak RSS GiB, peak PSS GiB of the process tree, exit code), sampled every 100 ms."""
+def _busy() -> float:
+    """CPU seconds the whole machine has been busy."""
+    import psutil
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+
+def run_measured(cmd: list[str], env: dict, log: str) -> dict:
+    """wall seconds, peak RSS and PSS (GiB) of the process tree sampled every 100 ms, the exit code, and the share
+    of the machine's CPUs that other processes took meanwhile ("other_cpu": on a shared 2-core machine a little
+    of it slows torch's 2-thread ops several-fold; distrust runs where it is not near 0)."""
     import psutil
 
-    t0 = time.time()
+    t0, busy0 = time.time(), _busy()
     peak_rss = peak_pss = 0
+    cpu: dict[int, float] = {}  # pid -> last seen user + system seconds (children's included once they end)
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         ps = psutil.Process(proc.pid)
@@ -153,10 +167,17 @@ def run_measured(cmd: list[str], env: dict, log: str) -> tuple[float, float, flo
                 tree = [ps, *ps.children(recursive=True)]
                 peak_rss = max(peak_rss, sum(p.memory_info().rss for p in tree))
                 peak_pss = max(peak_pss, sum(_pss(p.pid) for p in tree))
+                for p in tree:
+                    t = p.cpu_times()
+                    cpu[p.pid] = t.user + t.system + t.children_user + t.children_system
             except (psutil.Error, OSError):
                 pass
             time.sleep(0.1)
-    return time.time() - t0, peak_rss / 2 ** 30, peak_pss / 2 ** 30, proc.returncode
+    wall = time.time() - t0
+    ours = sum(cpu.values())
+    other = max(0.0, _busy() - busy0 - ours) / max(wall * (os.cpu_count() or 1), 1e-9)
+    return {"wall": wall, "rss": peak_rss / 2 ** 30, "pss": peak_pss / 2 ** 30, "rc": proc.returncode,
+            "other_cpu": other, "cpu_s": ours}
 
 
 def parse_tunesmith(out: str, batch: int) -> dict:
@@ -172,7 +193,7 @@ def parse_tunesmith(out: str, batch: int) -> dict:
     return {"train_s": summary["train_runtime"], "step_s": step_s,
             "completion_tokens": sum(r["completions/mean_length"] * batch for r in steps),
             "tokens": sum(r["tokens_per_second"] * s for r, s in zip(steps, step_s)),
-            "generate_s": times["generate_s"], "rewards": [r["reward"] for r in steps],
+            "generate_s": times["generate_s"] or 0.0, "rewards": [r["reward"] for r in steps],
             "kl": steps[-1].get("kl"), "steps": len(steps)}
 
 
@@ -194,10 +215,13 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="2 steps, hidden 256, 2 layers, 16 prompts, 1 repeat")
     ap.add_argument("--systems", default="tunesmith,trl", help="comma-separated: tunesmith, trl")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS for both systems (default: torch's own, one per core). On a busy shared "
+                         "machine --threads 1 avoids 2-thread ops stalling on a core another process holds")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, run directories)")
     a = ap.parse_args()
     if a.smoke:
@@ -218,6 +242,8 @@ def main() -> int:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true",
            "PYTHONPATH": os.pathsep.join(p for p in (PEERS, os.environ.get("PYTHONPATH")) if p)}
+    if a.threads:
+        env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     makers = {"tunesmith": tunesmith_cmd, "trl": trl_cmd}
     parsers = {"tunesmith": parse_tunesmith, "trl": parse_trl}
     results: dict[str, list] = {n: [] for n in names}
@@ -225,11 +251,12 @@ def main() -> int:
         for name in names:
             out = os.path.join(work, f"{name}-{rep}")
             run_env = {**env, "GRPO_BENCH_TIMES": out + ".times.json"}
-            wall, rss, pss, rc = run_measured(makers[name](model, data, out, s), run_env, out + ".log")
+            m = run_measured(makers[name](model, data, out, s), run_env, out + ".log")
+            rc = m["rc"]
             r = None
             if rc == 0:
                 try:
-                    r = {**parsers[name](out, s["batch"]), "wall": wall, "rss": rss, "pss": pss}
+                    r = {**parsers[name](out, s["batch"]), **m}
                 except Exception as e:  # noqa: BLE001
                     print(f"{name}: could not read its results ({type(e).__name__}: {e})", file=sys.stderr)
             if r is None:
@@ -240,14 +267,16 @@ def main() -> int:
                 continue
             results[name].append(r)
             print(f"  {name:10s} run {rep + 1}: train {r['train_s']:6.1f} s ({r['steps']} steps), process "
-                  f"{wall:6.1f} s, peak RSS {rss:.2f} GiB, PSS {pss:.2f} GiB", flush=True)
+                  f"{r['wall']:6.1f} s ({r['cpu_s']:.0f} CPU s), peak RSS {r['rss']:.2f} GiB, PSS {r['pss']:.2f} GiB, "
+                  f"other processes {100 * r['other_cpu']:.0f}% of the CPUs", flush=True)
 
     print(f"\nGRPO, {a.steps} steps x {s['batch']} completions ({s['batch'] // s['num_generations']} prompts x G "
           f"{s['num_generations']}), max_completion_length {s['max_completion_length']}, LoRA r8 all-linear, "
-          f"beta {s['beta']}, loss grpo, lr {a.lr:g}, {a.prompts} prompts, {os.cpu_count()} CPUs")
+          f"beta {s['beta']}, loss grpo, lr {a.lr:g}, {a.prompts} prompts, {os.cpu_count()} CPUs, "
+          f"{'OMP_NUM_THREADS ' + str(a.threads) if a.threads else 'default torch threads'}")
     print(f"model: {described}")
     cols = ("train s", "s/step", "s/step>1", "compl tok", "compl tok/s", "gen tok/s", "tok/s", "RSS GiB", "PSS GiB",
-            "reward 1st", "reward last", "kl last")
+            "reward 1st", "reward last", "kl last", "other CPU")
     print(f"{'system':10s} " + " ".join(f"{c:>11s}" for c in cols))
     best = {}
     for name, runs in results.items():
@@ -266,12 +295,14 @@ def main() -> int:
         kl = f"{r['kl']:.2e}" if r["kl"] is not None else "-"
         vals = (f"{r['train_s']:.1f}", f"{r['train_s'] / r['steps']:.2f}", f"{r['later']:.2f}",
                 f"{r['completion_tokens']:.0f}", f"{r['compl_tps']:.1f}", f"{r['gen_tps']:.1f}", f"{r['tps']:.0f}",
-                f"{r['rss']:.2f}", f"{r['pss']:.2f}", f"{r['rewards'][0]:.4f}", f"{r['rewards'][-1]:.4f}", kl)
+                f"{r['rss']:.2f}", f"{r['pss']:.2f}", f"{r['rewards'][0]:.4f}", f"{r['rewards'][-1]:.4f}", kl,
+                f"{100 * r['other_cpu']:.0f}%")
         print(f"{name:10s} " + " ".join(f"{v:>11s}" for v in vals))
     if "tunesmith" in best and "trl" in best:
         t, p = best["tunesmith"], best["trl"]
-        print(f"tunesmith / trl: train time x{t['train_s'] / p['train_s']:.2f} (speed-up x{p['train_s'] / t['train_s']:.2f}), "
-              f"s/step after the first x{t['later'] / p['later']:.2f}, completion tok/s x{t['compl_tps'] / p['compl_tps']:.2f}, "
+        print(f"tunesmith / trl: train time x{t['train_s'] / p['train_s']:.2f} "
+              f"(speed-up x{p['train_s'] / t['train_s']:.2f}), s/step after the first x{t['later'] / p['later']:.2f}, "
+              f"completion tok/s x{t['compl_tps'] / p['compl_tps']:.2f}, "
               f"generation tok/s x{t['gen_tps'] / p['gen_tps']:.2f}, trained tok/s x{t['tps'] / p['tps']:.2f}, "
               f"peak RSS x{t['rss'] / p['rss']:.2f}, peak PSS x{t['pss'] / p['pss']:.2f}")
     if a.keep:

@@ -89,6 +89,18 @@ ROW_CASES = [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c9", "content": "1"}, {"role": "assistant", "content": "a"}]})), 2,
      "field 'messages[2].tool_call_id': 'c9' answers none of the calls before it (their ids: 'c1')"),
+    ("misspelt_arguments_key", "d.jsonl", _sandwich(json.dumps({
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "messages": [
+            {"role": "user", "content": "q"}, {"role": "tool_call", "content": '{"name": "f", "args": {"x": 1}}'},
+            {"role": "tool_response", "content": "1"}, {"role": "assistant", "content": "a"}]})), 2,
+     "field 'messages[1].content.args': is not a field of a tool call"),
+    ("calls_without_tools", "d.jsonl", _sandwich(json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "tool_call", "content": '{"name": "f", "arguments": {}}'},
+        {"role": "tool_response", "content": "1"}, {"role": "assistant", "content": "a"}]})), 2,
+     "field 'tools': is missing or empty, but the conversation calls tools"),
+    ("tool_without_name", "d.jsonl", _sandwich(json.dumps({"tools": [{"foo": 1}], "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})), 2,
+     "field 'tools[0]': has no function name"),
     ("call_to_unknown_function", "d.jsonl", _sandwich(json.dumps({
         "tools": [{"type": "function", "function": {"name": "g", "parameters": {}}}], "messages": [
             {"role": "user", "content": "q"}, {"role": "tool_call", "content": '{"name": "f", "arguments": {}}'},

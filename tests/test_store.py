@@ -131,6 +131,10 @@ def test_data_cache_lists_and_cleans_the_encoded_datasets(tiny_models, tmp_path,
     assert "removed: 0 encoded dataset(s)" in capsys.readouterr().out
     assert main(["data", "cache", "--older_than_days", "1"]) == 1
     assert "goes with --clean true" in capsys.readouterr().err
+    assert main(["data", "cache", "--clean", "true", "--older_than_days", "-1"]) == 1
+    assert "expected a number of days >= 0" in capsys.readouterr().err
+    assert main(["data", "cache", "--clean", "true", "--dataset", data]) == 1  # would remove every entry
+    assert "drop --dataset" in capsys.readouterr().err
     assert main(["data", "cache", "--clean", "true"]) == 0
     assert "removed: 2 encoded dataset(s)" in capsys.readouterr().out
     assert not os.listdir(tmp_path / "cache" / "tunesmith-encoded")

@@ -211,7 +211,7 @@ def test_arguments_as_string_or_dict_and_content_null_or_empty_or_missing(argume
             {"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
             {"role": "tool", "content": RESULT}, FINAL]}
         assert normalise_row(row)["messages"] == REFERENCE, (arguments, content)
-    swift = {"messages": [USER, {"role": "tool_call", "content": {"name": "get_weather", "arguments": arguments}},
+    swift = {"tools": TOOLS, "messages": [USER, {"role": "tool_call", "content": {"name": "get_weather", "arguments": arguments}},
                           {"role": "tool_response", "content": RESULT}, FINAL]}
     assert normalise_row(swift)["messages"][1] == REFERENCE[2]
 
@@ -284,6 +284,46 @@ def test_data_commands_without_a_model_check_tool_rows_with_the_named_template(t
     assert "rows: 1 (sft: 1), 1 bad rows dropped" in capsys.readouterr().out
 
 
+def test_template_names_map_to_built_in_families_and_unknown_ones_are_errors(tmp_path, capsys):
+    from tunesmith.cli import main
+
+    data = write_jsonl(tmp_path / "agent.jsonl", [PARALLEL_SWIFT])
+    assert main(["data", "validate", "--dataset", data, "--template", "llama3_1"]) == 1  # ms-swift's name: Llama 3.1
+    assert "only supports single tool-calls" in capsys.readouterr().out
+    assert main(["data", "validate", "--dataset", data, "--template", "mistral"]) == 1
+    assert "--template mistral: no built-in tokenizer of that family" in capsys.readouterr().err
+    assert main(["data", "inspect", "--dataset", data, "--row", "-1"]) == 1
+    assert "expected --row >= 0" in capsys.readouterr().err
+
+
+def test_a_tool_without_the_description_a_template_reads_names_tools(toks):
+    bare = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["parameters"]}}
+    with pytest.raises(DataError) as e:
+        ChatEncoder(toks["gpt_oss"]).encode(normalise_row({**SWIFT_ROW, "tools": [bare]}))
+    assert e.value.field == "tools" and 'give each function a "description"' in e.value.fix
+
+
+def test_a_pair_whose_chosen_calls_a_tool_trains_every_turn_of_each_completion(toks):
+    """chosen: call, result, answer; rejected: a direct answer. The completions start where the shared prompt
+    ends, so under last_round (the preference default) the call is trained too, and the prompts agree."""
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    row = {"tools": TOOLS, "chosen": [USER, call, {"role": "tool", "content": RESULT}, FINAL],
+           "rejected": [USER, {"role": "assistant", "content": "I do not know."}]}
+    tok = toks["qwen2"]
+    chosen, rejected = ChatEncoder(tok, loss_scale="last_round").encode_pair(normalise_row(row))
+    assert trained_text(tok, chosen) == TRAINED["qwen2"] and trained_text(tok, rejected) == ["I do not know.<|im_end|>"]
+
+
+def test_a_generated_call_and_the_gold_call_compare_equal_as_text():
+    from tunesmith.infer import calls_text
+
+    generated = [{"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                                "arguments": '{"city": "Paris"}'}}]
+    gold = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    assert calls_text(generated) == calls_text(gold) == '{"arguments": {"city": "Paris"}, "name": "get_weather"}'
+
+
 # ---------------------------------------------------------------- conversational preference and KTO rows
 
 Q = {"role": "user", "content": "What is 1+1?"}
@@ -324,7 +364,8 @@ def test_implicit_pair_multi_turn_and_with_tool_calls():
     # the chosen side calls a tool first: everything after the shared prompt is its reply
     calls = OPENAI_ROW["messages"][2:]
     rec = normalise_row({"tools": TOOLS, "chosen": [USER] + calls, "rejected": [USER, BAD]})
-    assert rec["messages"] == REFERENCE[1:] and rec["rejected_messages"] == [USER, BAD]
+    trained = [{**m, "loss": True} if m["role"] == "assistant" else m for m in REFERENCE[2:]]  # every turn of it
+    assert rec["messages"] == [USER] + trained and rec["rejected_messages"] == [USER, BAD]
 
 
 @pytest.mark.parametrize("row,fragment", [

@@ -512,7 +512,8 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
                     if rep.error is not None:
                         raise rep.error
                 fh.write(json.dumps(_result_line(engine, rec, msgs, gold, reps), ensure_ascii=False) + "\n")
-                responses.append(reps[0].content)
+                # a reply that is only tool calls is scored as its calls' text, as the gold call is
+                responses.append(reps[0].content or (calls_text(reps[0].tool_calls) if reps[0].tool_calls else ""))
                 golds.append(gold if gold is None else gold["labels"])
                 written += 1
             fh.flush()
@@ -531,10 +532,24 @@ def _gold(reply: dict) -> dict:
     calls = reply.get("tool_calls")
     if not calls:
         return {"labels": reply["content"]}
-    text = reply["content"] or "\n".join(
-        json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
-        for c in calls)
-    return {"labels": text, "label_tool_calls": calls}
+    return {"labels": reply["content"] or calls_text(calls), "label_tool_calls": calls}
+
+
+def calls_text(calls: list[dict]) -> str:
+    """Tool calls as ms-swift writes a tool_call message's content: one {"name", "arguments"} JSON per line, the
+    arguments as an object (a JSON-string argument, as OpenAI sends them, is decoded), keys in order — so a
+    generated call and the gold one compare equal as text (--metric)."""
+    lines = []
+    for c in calls:
+        args = c["function"].get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                pass
+        lines.append(json.dumps({"name": c["function"]["name"], "arguments": args}, ensure_ascii=False,
+                                sort_keys=True))
+    return "\n".join(lines)
 
 
 def _result_line(engine: ChatEngine, rec: dict, msgs: list[dict], gold: Optional[dict], reps: list[Reply]) -> dict:

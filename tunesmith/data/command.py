@@ -31,11 +31,31 @@ def _tokenizer(args: DataCommandArguments, tools: bool = False):
     if args.model:
         from tunesmith.model import load_tokenizer
         return load_tokenizer(args)
-    from tunesmith.testing import FAMILIES, build_tokenizer
-    family = args.template if args.template in FAMILIES else "qwen2"
+    from tunesmith.testing import build_tokenizer
+    family = _family(args.template)
     print(f"(no --model given: using the built-in tiny {family} tokenizer; pass --model to see your model's tokens)",
           file=sys.stderr)
     return build_tokenizer(family, official_template=tools)
+
+
+# ms-swift's template names (and ours) -> the built-in tokenizers' families, for the data commands without --model
+_TEMPLATE_FAMILIES = {"qwen2": "qwen2", "qwen2_5": "qwen2", "qwen": "qwen2", "qwen2_5_math": "qwen2", "qwen3": "qwen3",
+                      "qwen3_thinking": "qwen3", "qwen3_nothinking": "qwen3", "llama3": "llama3", "llama3_1": "llama3",
+                      "llama3_2": "llama3", "llama3_3": "llama3", "llama": "llama3", "gpt_oss": "gpt_oss",
+                      "gpt-oss": "gpt_oss", "chatml": "chatml"}
+
+
+def _family(template: Optional[str]) -> str:
+    """The built-in tokenizer family for --template (default qwen2). Raises ConfigError for a template without one,
+    naming those there are: checking rows against another family's template would pass rows it refuses."""
+    if template is None:
+        return "qwen2"
+    family = _TEMPLATE_FAMILIES.get(template.lower())
+    if family is None:
+        raise ConfigError(f"--template {template}: no built-in tokenizer of that family; without --model the data "
+                          f"commands render with one of: {', '.join(sorted(_TEMPLATE_FAMILIES))}. Pass --model "
+                          f"(a local model directory) to use its own chat template")
+    return family
 
 
 def _encoder(args: DataCommandArguments, tok, max_length: Optional[int] = -1) -> ChatEncoder:
@@ -56,6 +76,9 @@ def inspect(args: DataCommandArguments) -> None:
 
     Raises ConfigError (no --dataset, --row past the end, template problems) or DataError (loading)."""
     _need_dataset(args)
+    if args.row < 0 or (args.num_rows is not None and args.num_rows < 1):
+        raise ConfigError(f"--row {args.row} --num_rows {args.num_rows}: expected --row >= 0 (0-based) and "
+                          f"--num_rows >= 1")
     result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
     shown = result.records[args.row:args.row + max(1, args.num_rows or 1)]
     tok = _tokenizer(args, tools=_has_tools(shown))
@@ -305,8 +328,13 @@ def cache(args: DataCommandArguments) -> list[dict]:
 
     from tunesmith.data.store import cache_entries, cache_root
 
-    if args.older_than_days is not None and (not args.clean or args.older_than_days < 0):
-        raise ConfigError("--older_than_days N (N >= 0) goes with --clean true: remove the entries unused for N days")
+    if args.dataset:
+        raise ConfigError("tunesmith data cache lists (and --clean true removes) every encoded dataset, whatever its "
+                          "data; drop --dataset (--older_than_days N keeps the recently used ones)")
+    if args.older_than_days is not None and not args.clean:
+        raise ConfigError("--older_than_days N goes with --clean true: remove the entries unused for N days")
+    if args.older_than_days is not None and args.older_than_days < 0:
+        raise ConfigError(f"--older_than_days {args.older_than_days}: expected a number of days >= 0")
     entries = cache_entries()
     now = time.time()
     if args.clean:

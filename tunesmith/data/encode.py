@@ -315,8 +315,12 @@ class ChatEncoder:
         except TemplateSyntaxError:
             raise
         except TemplateError as e:  # a row the template rejects is a bad row (file:line), not a crash
-            raise DataError("", None, messages_key, f"the chat template refuses this conversation: {e}",
-                            "reshape the row as the model's template expects, or drop it.") from None
+            fix = "reshape the row as the model's template expects, or drop it."
+            if "has no attribute" in str(e):  # e.g. gpt-oss reads every tool's description
+                fix = (f"the template reads a field this row lacks ({str(e).split('has no attribute')[-1].strip()}); "
+                       f"add it — for tools, give each function a \"description\" — or drop the row.")
+            raise DataError("", None, "tools" if record.get("tools") and "description" in str(e) else messages_key,
+                            f"the chat template refuses this conversation: {e}", fix) from None
         enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [IGNORE] * len(ids)

@@ -219,6 +219,10 @@ def _parse_maybe_json(r: _Row, field: str, value: Any):
     return value
 
 
+# the fields a call may carry: ms-swift's {"name", "arguments"}, OpenAI's function object, and what some exports add
+_CALL_KEYS = {"name", "arguments", "parameters", "id", "type", "index", "description"}
+
+
 def _tool_call(r: _Row, field: str, value: Any) -> dict:
     """One tool call — ms-swift's `tool_call` content ({"name", "arguments"}, as a dict or JSON string) or an
     OpenAI `tool_calls` item ({"type": "function", "function": {...}, "id"}) — in the canonical shape
@@ -242,6 +246,10 @@ def _tool_call(r: _Row, field: str, value: Any) -> dict:
         raise r.err(field + ".name", f"expected the function's name, got {_short(name)}.",
                     "give every call a \"name\" (a tool from the row's \"tools\").")
     akey = keys.get("arguments") or keys.get("parameters")
+    unknown = sorted(str(k) for k in value if str(k).lower() not in _CALL_KEYS)
+    if unknown:  # e.g. "args" or "argument": silently empty arguments would be trained otherwise
+        raise r.err(f"{field}.{unknown[0]}", f"is not a field of a tool call (a call has \"name\" and "
+                    f"\"arguments\").", "rename it to \"arguments\" (an object of the function's parameters).")
     args = value[akey] if akey is not None else None
     field = f"{field}.{akey or 'arguments'}"
     if isinstance(args, str):
@@ -579,7 +587,13 @@ def _tools(r: _Row, key: str, tools: Any) -> list:
             raise r.err(f"{key}[{i}]", f"expected a tool object, got {type(tool).__name__} ({_short(tool)}).",
                         "write {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}.")
         tool = _drop_padding(tool)
-        out.append(tool if "type" in tool or "function" in tool else {"type": "function", "function": tool})
+        tool = tool if "type" in tool or "function" in tool else {"type": "function", "function": tool}
+        fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        if not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise r.err(f"{key}[{i}]", f"has no function name ({_short(tool)}).",
+                        "write {\"type\": \"function\", \"function\": {\"name\": ..., \"description\": ..., "
+                        "\"parameters\": {...}}}.")
+        out.append(tool)
     return out
 
 
@@ -627,16 +641,42 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
         if rejected == messages:
             raise r.err("rejected", "is identical to the chosen reply, so the pair carries no preference.",
                         "give a different rejected reply, or drop the row.")
+        messages, rejected = _whole_completions(messages, rejected)
+        out["messages"] = messages
         out["rejected_messages"] = rejected
     label = _label(r)
     if label is not None:
         out["label"] = label
     key, tools = r.get("tools")
     tools = _tools(r, key, tools) if tools else None
+    conversations = [messages] + ([rejected] if rejected is not None else [])
     if tools:
-        _check_called_tools(r, key, tools, [messages] + ([rejected] if rejected is not None else []))
+        _check_called_tools(r, key, tools, conversations)
         out["tools"] = tools
+    elif any(m.get("tool_calls") for conv in conversations for m in conv):
+        raise r.err(key or "tools", "is missing or empty, but the conversation calls tools: the model would learn "
+                    "to call functions its prompt never shows.",
+                    "add the functions it may call: \"tools\": [{\"type\": \"function\", \"function\": "
+                    "{\"name\": ..., \"description\": ..., \"parameters\": {...}}}].")
     return out
+
+
+def _whole_completions(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A pair whose completion (what follows the messages both sides share) holds several turns — a tool call,
+    its result, then the answer — trains every assistant turn of that completion on each side (`"loss": true`),
+    so that both sides' trained tokens start where the shared prompt ends (with last_round only the turn after
+    the last tool result would be trained, and the two "prompts" would differ). An explicit per-message loss is
+    kept; single-reply completions are left as they are."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+
+    def marked(conv: list[dict]) -> list[dict]:
+        tail = conv[n:]
+        if sum(m["role"] == "assistant" for m in tail) < 2 and not any(m["role"] == "tool" for m in tail):
+            return conv
+        return conv[:n] + [{**m, "loss": True} if m["role"] == "assistant" and "loss" not in m else m for m in tail]
+    return marked(chosen), marked(rejected)
 
 
 def _check_called_tools(r: _Row, key: str, tools: list, conversations: list[list[dict]]) -> None:
