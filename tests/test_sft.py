@@ -344,3 +344,15 @@ def test_finish_run_names_the_metric_that_chose_the_best_checkpoint(tmp_path, ca
     (tmp_path / "args.json").unlink()
     setup.finish_run(state, str(tmp_path))  # no args.json: the default metric
     assert "(eval_loss 0.8750)" in capsys.readouterr().err
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_models, tmp_path):
+    """As transformers' Trainer (and so ms-swift) logs it: linear decay from 1e-2 over 4 steps without warm-up logs
+    1e-2, 7.5e-3, 5e-3, 2.5e-3 — the rate before the schedule moves on, never the next step's."""
+    data = _variable_length_data(tmp_path, 8)
+    res = run(["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "4", "--logging_steps", "1",
+               "--learning_rate", "1e-2", "--lr_scheduler_type", "linear", "--warmup_ratio", "0",
+               "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--report_to", "none",
+               "--save_strategy", "no", "--output_dir", str(tmp_path / "out")])
+    lrs = [r["learning_rate"] for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "loss" in r]
+    assert lrs == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])

@@ -252,12 +252,14 @@ class Run:
 @dataclass
 class StepResult:
     """One optimiser step: the loss (each term over its units of the whole step, summed over processes), the
-    tokens it read (all processes), the gradient norm before clipping, the summed statistics for `metrics`."""
+    tokens it read (all processes), the gradient norm before clipping, the summed statistics for `metrics`, and the
+    learning rate the step used (logged as transformers' Trainer logs it: before the schedule moves on)."""
     loss: float
     tokens: int
     grad_norm: float
     stats: dict
     micro_batches: int
+    lr: float = 0.0
 
 
 @dataclass
@@ -294,7 +296,7 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
             _accumulate(window, result)
             bar.update(1)
             if log_due(output, state):
-                log_record(run, state, window, result.grad_norm, start, start_step, bar)
+                log_record(run, state, window, result, start, start_step, bar)
                 window = Window()
             if eval_due(run, state):
                 evaluate(run, state)
@@ -491,8 +493,9 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
             return StepResult(loss_value, tokens, grad_norm, stats, len(micro))
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step used
     run.scheduler.step()
-    return StepResult(loss_value, tokens, grad_norm, stats, len(micro))
+    return StepResult(loss_value, tokens, grad_norm, stats, len(micro), lr)
 
 
 def diverged(result: StepResult, state: TrainState) -> TrainingDiverged:
@@ -539,17 +542,18 @@ def save_due(output, state: TrainState) -> bool:
     return False
 
 
-def log_record(run: Run, state: TrainState, window: Window, grad_norm: float, start: float, start_step: int,
+def log_record(run: Run, state: TrainState, window: Window, last: StepResult, start: float, start_step: int,
                bar) -> dict:
-    """The ms-swift-shaped log line for the steps since the last one: mean loss, learning rate, metrics, speed
-    (tokens/s over every process), memory (GiB); written to the trackers and the state's history."""
+    """The ms-swift-shaped log line for the steps since the last one: mean loss, the last step's gradient norm and
+    learning rate (the one it used, as transformers' Trainer and so ms-swift log it), metrics, speed (tokens/s over
+    every process), memory (GiB); written to the trackers and the state's history."""
     from tunesmith.train import distributed as D
 
     step, total = state.global_step, state.total_steps
     elapsed = time.time() - start
     dt = max(time.time() - window.t0, 1e-9)
     stats = D.merge_dicts(window.stats) if run.par.world > 1 else window.stats
-    lr = run.scheduler.get_last_lr()[0]
+    lr, grad_norm = last.lr, last.grad_norm
     record = {"loss": round(window.loss / window.steps, 6), "grad_norm": round(grad_norm, 6),
               "learning_rate": lr, **run.objective.metrics(stats),
               "epoch": epoch_progress(run, state),
