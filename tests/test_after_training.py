@@ -276,3 +276,15 @@ def test_deploy_rejects_bad_requests_and_keeps_serving(server):
         assert body["error"]["message"] and body["object"] == "error"
     status, body = _http("POST", f"{url}/chat/completions", {"model": "capitals", "messages": hi}, auth)
     assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_infer_says_how_many_bad_rows_it_dropped(lora_ckpt, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    rows = read_jsonl(CAPITALS)[:2]
+    val = tmp_path / "val.jsonl"
+    val.write_text("\n".join([json.dumps(rows[0]), "{broken", json.dumps(rows[1])]) + "\n")
+    assert main(["infer", "--adapters", lora_ckpt, "--val_dataset", str(val), "--max_new_tokens", "4",
+                 "--strict", "false", "--result_path", str(tmp_path / "r.jsonl")]) == 0
+    assert "--val_dataset: 1 bad row(s) dropped (--strict false)" in capsys.readouterr().err
+    assert len(read_jsonl(tmp_path / "r.jsonl")) == 2

@@ -460,8 +460,12 @@ def _infer_rows(args, ckpt: Optional[str]):
         files = [split]
     if not files:
         return None
-    return load_datasets(files, strict=args.strict, columns=args.columns, seed=args.data_seed, use_hf=args.use_hf,
-                         hub_token=args.hub_token, what="--val_dataset", need_reply=False, keep_columns=True)
+    loaded = load_datasets(files, strict=args.strict, columns=args.columns, seed=args.data_seed, use_hf=args.use_hf,
+                           hub_token=args.hub_token, what="--val_dataset", need_reply=False, keep_columns=True)
+    if loaded.dropped:
+        print(f"[tunesmith] --val_dataset: {loaded.dropped} bad row(s) dropped (--strict false), no result lines for "
+              f"them; first reasons:\n  " + "\n  ".join(loaded.reasons), file=sys.stderr)
+    return loaded
 
 
 def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
