@@ -95,12 +95,14 @@ class Rollouts:
     A round takes `prompts_per_round` = per-device batch x processes x steps_per_generation / G prompts of the
     epoch's seeded order (the last round of an epoch is filled from its start), generates G completions of each
     (split between the processes by prompt), and yields the round's `round_size` completions num_iterations times
-    on every process (the loop gives each its slice of each global batch). Completion k of prompt j in round r is sampled with its
-    own seed (from --seed, the epoch, r, j and k), so a round depends only on the weights it starts from."""
+    on every process (the loop gives each its slice of each global batch). Completion k of prompt j in round r is
+    sampled with its own seed (from --seed, the epoch, r, j and k), so a round depends only on the weights it
+    starts from."""
 
     def __init__(self, method, prompts, model, tokenizer, reference, cfg):
         from tunesmith.infer import ChatEngine
         from tunesmith.rewards import load_reward_functions
+        from tunesmith.train.rm import reward_model_functions
 
         self.method, self.prompts, self.model, self.tok, self.reference = method, prompts, model, tokenizer, reference
         self.bs, gas = cfg.optim.per_device_train_batch_size, cfg.optim.gradient_accumulation_steps
@@ -114,8 +116,6 @@ class Rollouts:
         self.prompts_per_round = self.round_size // method.num_generations
         rounds = math.ceil(len(prompts) / self.prompts_per_round)
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
-        from tunesmith.train.rm import reward_model_functions
-
         self.reward_fns = load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
                                                 method.reward_args) + reward_model_functions(list(method.reward_models))
         self.chat = ChatEngine(model, tokenizer, system=cfg.data.system, max_batch_size=self.round_size,
@@ -181,8 +181,10 @@ class Rollouts:
         return units
 
     def _groups(self, prompts: list[dict], which: list[int], seed: int, r: int) -> list:
-        """[(j, the G units of prompt j, their rewards [G][F], their texts)] for the prompts `which` of the round: generated,
-        scored, with the log-probs the loss needs (advantages are set once the whole round is known)."""
+        """[(j, the G units of prompt j, their rewards [G][F], their texts)] for the prompts `which` of the round:
+        generated, scored, with the log-probs the loss needs (advantages are set once the whole round is known)."""
+        if not which:  # more processes than prompts in a round: this one only takes part in the gather
+            return []
         m = self.method
         ids = {j: self._prompt_ids(prompts[j]) for j in which}
         completions = self._generate(ids, seed, r)
