@@ -202,6 +202,19 @@ def test_nan_loss_stops_cleanly(tiny_models, tmp_path):
              "--gradient_accumulation_steps", "1", "--optim", "sgd"])
 
 
+def test_after_a_resume_the_failure_message_names_the_checkpoint_resumed_from(tiny_models, tmp_path):
+    from tunesmith.train.loop import TrainingDiverged
+    data = _variable_length_data(tmp_path, 8)
+    common = ["--model", tiny_models("qwen2"), "--dataset", data, "--train_type", "full", "--report_to", "none",
+              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--optim", "sgd",
+              "--lr_scheduler_type", "constant", "--max_grad_norm", "0"]
+    first = run(common + ["--max_steps", "1", "--save_steps", "1", "--output_dir", str(tmp_path / "a")])
+    ckpt = first["state"].last_model_checkpoint
+    with pytest.raises(TrainingDiverged, match=f"Last good checkpoint: {ckpt}"):
+        run(common + ["--max_steps", "6", "--save_steps", "100", "--learning_rate", "1e38", "--output_dir",
+                      str(tmp_path / "b"), "--resume_from_checkpoint", ckpt, "--resume_only_model", "true"])
+
+
 def test_nan_gradient_with_a_finite_loss_is_never_applied(tiny_models, tmp_path, monkeypatch):
     """A finite loss whose gradient is NaN (here: a hook on one LoRA weight, from step 3 on) stops the run before
     the update; the checkpoint it names holds finite weights."""

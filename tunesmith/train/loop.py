@@ -355,6 +355,7 @@ def restore(output, model, optimizer, scheduler, state: TrainState, deepspeed: b
     with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
         saved = json.load(fh)
     load_model_weights(model, ckpt)
+    state.last_model_checkpoint = ckpt  # until this run saves one: what a failure message points back to
     if not output.resume_only_model:
         if not deepspeed:
             optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu",
