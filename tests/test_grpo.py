@@ -101,16 +101,24 @@ def test_a_resumed_grpo_run_equals_the_uninterrupted_one(setup, tmp_path):
 def test_trl_style_module_function_rewards_and_builtins(setup, tmp_path, monkeypatch):
     model, data, _ = setup
     (tmp_path / "my_rewards.py").write_text(
-        "def short(completions, **kwargs):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
+        "STEPS = []\n"
+        "def short(completions, trainer_state=None, **kwargs):\n"
+        "    STEPS.append((trainer_state.global_step, trainer_state.max_steps))\n"
+        "    return [1.0 / (1 + len(c[0]['content'])) for c in completions]\n")  # TRL's form: message lists
     monkeypatch.syspath_prepend(str(tmp_path))
     res = _grpo(model, data, tmp_path / "out", "--reward_funcs", "my_rewards.short", "format",
                 "--reward_weights", "1", "0.5", "--max_steps", "2", "--save_strategy", "no",
                 "--per_device_train_batch_size", "16")
     log = _log(res["run_dir"])
     assert len(log) == 2 and "rewards/short/mean" in log[0] and "rewards/Format/mean" in log[0]
+    import my_rewards
+    assert my_rewards.STEPS == [(0, 2), (1, 2)]  # transformers' TrainerState attributes, optimiser steps
     args = json.load(open(os.path.join(res["run_dir"], "args.json")))
     assert args["reward_funcs"] == ["my_rewards.short", "format"] and args["beta"] == 0.04
     assert args["loss_type"] == ["grpo"] and args["scale_rewards"] == "group"
+    cfg, method = recipe.configure(parse_args("rlhf", ["--rlhf_type", "grpo", "--model", model, "--dataset", data,
+                                                       "--reward_funcs", "format", "--scale_rewards", "false"]))
+    assert method.scale_rewards == "none"  # ms-swift 3.x's boolean
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -123,6 +131,7 @@ def test_trl_style_module_function_rewards_and_builtins(setup, tmp_path, monkeyp
     (["--reward_funcs", "accuracy", "format", "--reward_weights", "1"], "one weight per function"),
     (["--reward_funcs", "accuracy", "--split_dataset_ratio", "0.1"], "GRPO evaluation"),
     (["--reward_funcs", "accuracy", "--external_plugins", "/nonexistent/plugin.py"], "plugin.py"),
+    (["--reward_funcs", "accuracy", "--top_p", "1.5", "--repetition_penalty", "0"], "repetition_penalty 0.0: expected 0 <"),
 ])
 def test_what_grpo_cannot_do_is_a_flag_error(tiny_models, tmp_path, flags, message):
     args = parse_args("rlhf", ["--rlhf_type", "grpo", "--model", tiny_models("qwen2"), "--dataset", "x.jsonl",

@@ -427,3 +427,29 @@ def test_score_argument_checks():
         R.score([fmt], ["a"], weights=[1.0, 2.0])
     with pytest.raises(ConfigError, match="column 'solution' has 1 values for 2 completions"):
         R.score([fmt], ["a", "b"], columns={"solution": ["x"]})
+
+
+
+def test_plugin_constructors_get_what_they_name_as_in_ms_swift(tmp_path):
+    """ms-swift builds a reward class with the arguments its __init__ names: none, args, tokenizer."""
+    from tunesmith.rewards import load_reward_functions
+
+    plugin = tmp_path / "ctor_plugin.py"
+    plugin.write_text(
+        "from swift.rewards import ORM, orms\n"
+        "class NoArgs(ORM):\n"
+        "    def __init__(self):\n        self.k = 1.0\n"
+        "    def __call__(self, completions, **kwargs):\n        return [self.k for _ in completions]\n"
+        "class WithTokenizer(ORM):\n"
+        "    def __init__(self, tokenizer=None, **kwargs):\n        self.tok = tokenizer\n"
+        "    def __call__(self, completions, **kwargs):\n        return [float(len(self.tok)) for _ in completions]\n"
+        "orms['no_args'] = NoArgs\norms['with_tokenizer'] = WithTokenizer\n")
+    fns = load_reward_functions(["no_args", "with_tokenizer"], [str(plugin)], tokenizer=[0, 1, 2])
+    assert fns[0](["a"]) == [1.0] and fns[1](["a"]) == [3.0]
+
+
+def test_accuracy_reads_numeric_solutions_and_skips_rows_without_one():
+    from tunesmith.rewards import load_reward_functions
+
+    (acc,) = load_reward_functions(["accuracy"], [])
+    assert acc(["The answer is \\boxed{3}", "\\boxed{3}", "\\boxed{4}"], solution=[3, None, "4"]) == [1.0, None, 1.0]

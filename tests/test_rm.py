@@ -79,4 +79,11 @@ def test_a_reward_model_learns_to_rank_and_serves_grpo(tiny_models, tmp_path):
         "--output_dir", str(tmp_path / "grpo")]))
     logged = [r for r in read_jsonl(os.path.join(grpo["run_dir"], "logging.jsonl")) if "reward" in r]
     assert len(logged) == 2 and math.isfinite(logged[0]["rewards/reward_model/mean"])
+
+    from tunesmith.cli import main
+    from tunesmith.errors import ConfigError
+    from tunesmith.train.rm import RewardModelScorer
+    assert main(["export", "--adapters", ckpt, "--merge_lora", "true"]) == 1  # the score head would be lost
+    with pytest.raises(ConfigError, match="has no trained score head"):
+        RewardModelScorer(model_dir)  # a plain language model: its head would be random
     assert glob.glob(os.path.join(grpo["run_dir"], "args.json"))

@@ -145,3 +145,14 @@ def test_sft_help_stays_fast():
     elapsed = time.perf_counter() - start
     assert r.returncode == 0 and "--tuner_backend" in r.stdout
     assert elapsed < 2.0, f"tunesmith sft --help took {elapsed:.2f} s"  # ~0.3 s alone; slack for a loaded machine
+
+
+
+def test_unsupported_flags_set_to_their_off_value_are_accepted():
+    """ms-swift GRPO scripts spell out defaults (`--dynamic_sample false`, `--sleep_level 0`); asking for a feature
+    to be off asks for nothing tunesmith lacks. On, it is still an error."""
+    args = parse_args("rlhf", ["--rlhf_type", "grpo", "--dynamic_sample", "false", "--sleep_level", "0",
+                               "--async_generate", "false", "--scale_rewards", "false"])
+    assert args.rlhf_type == "grpo" and args.scale_rewards == "false"
+    with pytest.raises(ArgError, match="does not support yet"):
+        parse_args("rlhf", ["--dynamic_sample", "true"])

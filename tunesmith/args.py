@@ -301,8 +301,9 @@ class GRPOArgs:
                                   choices=("grpo", "rloo", "reinforce_plus_plus"))
     scale_rewards: Optional[str] = _f(help="GRPO: divide advantages by the std of the group, the batch or nothing "
                                            "(default: group for grpo, none for rloo, batch for reinforce_plus_plus; "
-                                           "gdpo normalises each reward function apart).",
-                                      choices=("group", "batch", "none", "gdpo"))
+                                           "gdpo normalises each reward function apart; ms-swift 3.x's true/false "
+                                           "mean group/none).",
+                                      choices=("group", "batch", "none", "gdpo", "true", "false"))
     importance_sampling_level: str = _f("token", help="GRPO: one importance ratio per token, or per sequence "
                                                       "(GSPO; sequence_token: GSPO-token).",
                                         choices=("token", "sequence", "sequence_token"))
@@ -1170,6 +1171,20 @@ def secret_fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.metadata.get("secret")}
 
 
+_OFF_VALUES = {"false", "0", "none", "null", ""}
+
+
+def _turns_off_unsupported(cls, raw_name: str, vals: list) -> bool:
+    """An ms-swift flag tunesmith lacks, set to its off value (`--dynamic_sample false`, `--sleep_level 0`), as
+    ms-swift scripts often spell out defaults: it asks for nothing tunesmith does not do, so it is accepted."""
+    name = raw_name.replace("-", "_")
+    # only features no tunesmith command has: elsewhere "false" can be a real request (--safe_serialization false)
+    if name in _fields(cls) or name not in NOT_SUPPORTED_YET:
+        return False
+    return len(vals) == 1 and (vals[0] is None or vals[0] is False or vals[0] == 0 or
+                               (isinstance(vals[0], str) and vals[0].strip().lower() in _OFF_VALUES))
+
+
 def _resolve_name(cls, command: str, raw_name: str, source: str) -> str:
     name = raw_name.replace("-", "_")
     fields = _fields(cls)
@@ -1315,7 +1330,7 @@ def parse_args(command: str, argv: list[str], cls=None):
         src = f"{config_path}: "
         secrets = secret_fields(cls)
         for key, raw in load_config_file(config_path).items():
-            if key in RECORD_ONLY_KEYS:
+            if key in RECORD_ONLY_KEYS or _turns_off_unsupported(cls, str(key), [raw]):
                 continue
             name = _resolve_name(cls, command, str(key), src)
             if name in secrets and raw == REDACTED:
@@ -1328,7 +1343,7 @@ def parse_args(command: str, argv: list[str], cls=None):
         if rest_pos:
             raise ArgError(f"unexpected argument {rest_pos[0]!r} for 'tunesmith {command}' "
                            f"(flags start with --; a config file ends in .yaml, .yml or .json)")
-    for raw_name, vals, _ in flags:
+    for raw_name, vals, _ in (f for f in flags if not _turns_off_unsupported(cls, f[0], f[1])):
         name = _resolve_name(cls, command, raw_name, "")
         spec = _fields(cls)[name]
         if not vals:

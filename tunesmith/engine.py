@@ -544,7 +544,7 @@ def _sample(logits, row: _Row, pad_id: int) -> int:
     if p.temperature == 0:
         return int(logits.argmax())
     logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.numel():
+    if p.top_k and 0 < p.top_k < logits.numel():  # 0 and -1 (vLLM's, ms-swift's spelling) mean off
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:

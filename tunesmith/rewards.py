@@ -214,7 +214,8 @@ class MathAccuracy(ORM):
         if solution is None:
             raise ConfigError("the accuracy reward needs a 'solution' column in the dataset")
         check = _math_verify_accuracy if accuracy_backend() == "math_verify" else _fallback_accuracy
-        return [check(c, s) for c, s in zip(completions, solution)]
+        # a number in the column is its text; a row without a solution gets no reward (None: left out, as ms-swift)
+        return [None if s is None else check(c, str(s)) for c, s in zip(completions, solution)]
 
 
 class Format(ORM):
@@ -423,11 +424,25 @@ def _is_orm_class(obj) -> bool:
     return inspect.isclass(obj) and any(c.__name__ in ("ORM", "AsyncORM") for c in obj.__mro__[1:])
 
 
-def _wrap(spec: str, obj, args: RewardArgs, style: str) -> RewardFn:
-    """Instantiate a registered or imported class (ms-swift's ORMs with args=...), name it as ms-swift does."""
+def _constructor_kwargs(cls, args: RewardArgs, tokenizer) -> dict:
+    """What a reward class's constructor takes, as ms-swift builds its ORMs: `args` and `tokenizer` when its
+    __init__ names them (or takes **kwargs); nothing for `def __init__(self)`."""
+    if cls.__init__ is object.__init__:  # no constructor of its own: object's takes nothing
+        return {}
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    anything = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {k: v for k, v in (("args", args), ("tokenizer", tokenizer)) if k in params or anything}
+
+
+def _wrap(spec: str, obj, args: RewardArgs, style: str, tokenizer=None) -> RewardFn:
+    """Instantiate a registered or imported class (with the args/tokenizer its constructor takes, as ms-swift),
+    name it as ms-swift does."""
     if inspect.isclass(obj):
         try:
-            obj = obj(args=args) if _is_orm_class(obj) or style == "swift" else obj()
+            obj = obj(**_constructor_kwargs(obj, args, tokenizer))
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 — a plugin's constructor failing is the user's to fix
@@ -461,18 +476,18 @@ def _import_attr(spec: str):
     return getattr(module, attr)
 
 
-def _resolve(spec: str, registered: dict, args: RewardArgs) -> RewardFn:
+def _resolve(spec: str, registered: dict, args: RewardArgs, tokenizer=None) -> RewardFn:
     """One name: registry (built-ins and plugins), TRL built-in, module.func, else a ConfigError."""
     if spec in registered:
-        return _wrap(spec, registered[spec], args, "swift")
+        return _wrap(spec, registered[spec], args, "swift", tokenizer)
     if spec in TRL_REWARDS:
-        return _wrap(spec, TRL_REWARDS[spec], args, "trl")
+        return _wrap(spec, TRL_REWARDS[spec], args, "trl", tokenizer)
     if spec in NOT_BUILT_IN:
         raise ConfigError(f"reward {spec!r}: ms-swift's {NOT_BUILT_IN[spec]} is not built into tunesmith; copy it "
                           f"into a plugin file (--external_plugins) and register it there")
     if re.fullmatch(r"[\w.]+[.:]\w+", spec):
         obj = _import_attr(spec)
-        return _wrap(spec, obj, args, "swift" if _is_orm_class(obj) else "trl")
+        return _wrap(spec, obj, args, "swift" if _is_orm_class(obj) else "trl", tokenizer)
     known = sorted(set(registered) | set(TRL_REWARDS))
     near = difflib.get_close_matches(spec, known, n=1, cutoff=0.5)
     hint = f" Did you mean {near[0]!r}?" if near else ""
@@ -480,7 +495,7 @@ def _resolve(spec: str, registered: dict, args: RewardArgs) -> RewardFn:
                       f"--external_plugins plugin.py (orms['name'] = Cls), or name a module.func.")
 
 
-def load_reward_functions(names: list, plugins: list, args: RewardArgs | None = None) -> list:
+def load_reward_functions(names: list, plugins: list, args: RewardArgs | None = None, tokenizer=None) -> list:
     """The RewardFn for each name (ms-swift `--reward_funcs`), after running each plugin file (ms-swift
     `--external_plugins`, in order). A name resolves to, first match wins: an entry of `orms` — the built-ins and
     what plugins registered (a plugin may replace a built-in, as in ms-swift, where they share one dict); a TRL
@@ -493,7 +508,7 @@ def load_reward_functions(names: list, plugins: list, args: RewardArgs | None = 
     for path in plugins or []:
         from_swift.update(_run_plugin(os.path.abspath(os.path.expanduser(path))))
     registered = {**orms, **from_swift}  # read after the plugins ran: they register into `orms`
-    return [_resolve(name, registered, args) for name in names]
+    return [_resolve(name, registered, args, tokenizer) for name in names]
 
 
 # ------------------------------------------------------------------ plugin files

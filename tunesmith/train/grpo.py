@@ -179,6 +179,14 @@ class GRPO:
         between(problems, "max_completion_length", args.max_completion_length, 1, None)
         between(problems, "temperature", args.temperature, 0, None, lo_open=True)
         between(problems, "epsilon", args.epsilon, 0, None)
+        if args.epsilon_high is not None:
+            between(problems, "epsilon_high", args.epsilon_high, 0, None)
+        if args.top_p is not None:
+            between(problems, "top_p", args.top_p, 0, 1, lo_open=True)
+        if args.repetition_penalty is not None:
+            between(problems, "repetition_penalty", args.repetition_penalty, 0, None, lo_open=True)
+        if args.generation_batch_size is not None:
+            between(problems, "generation_batch_size", args.generation_batch_size, 1, None)
         between(problems, "num_iterations", args.num_iterations, 1, None)
         steps = _steps_per_generation(args, problems)
         _check_unsupported(args, problems)
@@ -188,7 +196,8 @@ class GRPO:
                    args.top_k, args.repetition_penalty, args.epsilon,
                    args.epsilon if args.epsilon_high is None else args.epsilon_high, args.delta,
                    args.num_iterations, steps, args.advantage_estimator,
-                   args.scale_rewards or _DEFAULT_SCALE[args.advantage_estimator], args.importance_sampling_level,
+                   {"true": "group", "false": "none"}.get(args.scale_rewards, args.scale_rewards)
+                   or _DEFAULT_SCALE[args.advantage_estimator], args.importance_sampling_level,
                    args.top_entropy_quantile, args.overlong_filter, args.log_completions, tuple(reward_funcs),
                    tuple(args.reward_weights or [1.0] * (len(reward_funcs) + len(args.reward_model))),
                    tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,

@@ -175,6 +175,6 @@ def disable_dropout(model, has_reference: bool = True) -> int:
             m.p = 0.0
             changed += 1
     if changed:
-        note("dropout disabled for preference training (as TRL and ms-swift do)"
+        note("dropout disabled for preference and RL training (as TRL and ms-swift do)"
              + (", so the policy starts equal to the reference" if has_reference else ""))
     return changed

@@ -121,10 +121,17 @@ class RewardModelScorer:
 
         try:
             self.tok = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
-        except (OSError, ValueError) as e:
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                                               output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as e:
             raise ConfigError(f"--reward_model {path}: cannot load a sequence-classification model from it ({e}); "
                               f"pass a checkpoint trained with --rlhf_type rm, or a model with a score head") from None
+        fresh = [k for k in info.get("missing_keys", []) if k.split(".")[-2:-1] in (["score"], ["classifier"])
+                 or k.startswith(("score", "classifier"))]
+        if fresh:
+            raise ConfigError(f"--reward_model {path}: has no trained score head ({fresh[0]} would be random); pass a "
+                              f"checkpoint trained with --rlhf_type rm")
+        self.model.eval()
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self.model.config.pad_token_id = self.tok.pad_token_id

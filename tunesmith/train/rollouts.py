@@ -13,6 +13,7 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Iterator, Optional
 
 from tunesmith.data.encode import IGNORE
@@ -117,7 +118,9 @@ class Rollouts:
         rounds = math.ceil(len(prompts) / self.prompts_per_round)
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
         self.reward_fns = load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
-                                                method.reward_args) + reward_model_functions(list(method.reward_models))
+                                                method.reward_args, tokenizer) + \
+            reward_model_functions(list(method.reward_models))
+        self.max_steps, self.gas = cfg.optim.max_steps, gas
         self.chat = ChatEngine(model, tokenizer, system=cfg.data.system, max_batch_size=self.round_size,
                                max_model_len=cfg.data.max_length)
         self.seed = cfg.optim.seed
@@ -144,6 +147,12 @@ class Rollouts:
                 skip_units -= per_round_units
                 self.rounds_done += 1
                 continue
+            if skip_units:
+                note(f"resuming inside a generation round ({skip_units} of its {per_round_units} completions "
+                     f"already trained): the round is generated again from the checkpoint's weights, so from here "
+                     f"the run is not the uninterrupted one (with one round per step — the default "
+                     f"--steps_per_generation and --num_iterations 1 — checkpoints fall between rounds and resume "
+                     f"is exact)")
             units = self._round([self.prompts[i] for i in chunk], seed, r)
             for _ in range(self.method.num_iterations):
                 for u in units[skip_units:]:
@@ -243,8 +252,12 @@ class Rollouts:
         rep = [p for p in prompts for _ in range(g)]
         names = sorted({k for p in rep for k in p.get("columns", {})})
         columns = {k: [p.get("columns", {}).get(k) for p in rep] for k in names}
+        if any(p.get("tools") for p in rep):
+            columns.setdefault("tools", [p.get("tools") for p in rep])
         messages = [p["messages"] + [{"role": "assistant", "content": t}] for p, t in zip(rep, texts)]
-        state = {"global_step": self.rounds_done * self.steps * m.num_iterations, "rounds_done": self.rounds_done}
+        # what ms-swift hands rewards as trainer_state (transformers' TrainerState): attributes, optimiser steps
+        state = SimpleNamespace(global_step=self.rounds_done * self.steps * m.num_iterations // self.gas,
+                                max_steps=self.max_steps, rounds_done=self.rounds_done)
         per_func, errors = score(self.reward_fns, texts, prompts=[p["messages"] for p in rep], columns=columns,
                                  messages=messages, trainer_state=state, weights=list(m.reward_weights),
                                  completion_ids=[list(c.token_ids) for c in completions])
