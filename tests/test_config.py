@@ -114,3 +114,14 @@ def test_flag_errors_come_before_torch_is_imported():
             "'--lora_rank', '0']); print(rc, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["1", "False"] and "--lora_rank 0" in out.stderr
+
+
+
+def test_an_adapter_checkpoint_given_as_the_model_is_a_flag_problem(tiny_models, tmp_path):
+    from tunesmith.train import recipe
+
+    ckpt = tmp_path / "checkpoint-5"
+    ckpt.mkdir()
+    (ckpt / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a LoRA adapter checkpoint, not a model: .*--adapters"):
+        recipe.configure(parse_args("sft", ["--model", str(ckpt), "--dataset", "x.jsonl"]))

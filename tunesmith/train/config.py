@@ -75,6 +75,11 @@ def problems(args) -> list[str]:
     out: list[str] = []
     if not args.model:
         out.append("pass the model with --model (a local directory or a hub id)")
+    elif os.path.isfile(os.path.join(args.model, "adapter_config.json")) and \
+            not os.path.isfile(os.path.join(args.model, "config.json")):
+        out.append(f"--model {args.model} is a LoRA adapter checkpoint, not a model: pass the base model with "
+                   f"--model and the adapter with --adapters to train on from it (or --resume_from_checkpoint to "
+                   f"continue that run)")
     if not args.dataset:
         out.append("pass the training data with --dataset FILE [FILE ...]")
     if args.learning_rate is not None:
