@@ -106,15 +106,16 @@ def test_trl_style_module_function_rewards_and_builtins(setup, tmp_path, monkeyp
         "    STEPS.append((trainer_state.global_step, trainer_state.max_steps))\n"
         "    return [1.0 / (1 + len(c[0]['content'])) for c in completions]\n")  # TRL's form: message lists
     monkeypatch.syspath_prepend(str(tmp_path))
-    res = _grpo(model, data, tmp_path / "out", "--reward_funcs", "my_rewards.short", "format",
-                "--reward_weights", "1", "0.5", "--max_steps", "2", "--save_strategy", "no",
+    res = _grpo(model, data, tmp_path / "out", "--reward_funcs", "my_rewards.short", "format", "format",
+                "--reward_weights", "1", "0.5", "0.25", "--max_steps", "2", "--save_strategy", "no",
                 "--per_device_train_batch_size", "16")
     log = _log(res["run_dir"])
     assert len(log) == 2 and "rewards/short/mean" in log[0] and "rewards/Format/mean" in log[0]
+    assert "rewards/Format_2/mean" in log[0]  # the same reward twice: two keys
     import my_rewards
     assert my_rewards.STEPS == [(0, 2), (1, 2)]  # transformers' TrainerState attributes, optimiser steps
     args = json.load(open(os.path.join(res["run_dir"], "args.json")))
-    assert args["reward_funcs"] == ["my_rewards.short", "format"] and args["beta"] == 0.04
+    assert args["reward_funcs"] == ["my_rewards.short", "format", "format"] and args["beta"] == 0.04
     assert args["loss_type"] == ["grpo"] and args["scale_rewards"] == "group"
     cfg, method = recipe.configure(parse_args("rlhf", ["--rlhf_type", "grpo", "--model", model, "--dataset", data,
                                                        "--reward_funcs", "format", "--scale_rewards", "false"]))

@@ -90,6 +90,18 @@ def generation_batch_problem(per_step: int, steps: int, g: int) -> str:
             f"--per_device_train_batch_size {g}, or --steps_per_generation / --generation_batch_size to match")
 
 
+def _unique_names(fns: list) -> list:
+    """The same reward named twice (e.g. with two weights) logs under name, name_2, … rather than one key."""
+    import dataclasses
+
+    seen: dict = {}
+    out = []
+    for fn in fns:
+        seen[fn.name] = seen.get(fn.name, 0) + 1
+        out.append(fn if seen[fn.name] == 1 else dataclasses.replace(fn, name=f"{fn.name}_{seen[fn.name]}"))
+    return out
+
+
 class Rollouts:
     """The completions of an epoch of prompts, round by round (a stream of `grpo.Unit`s for the loop).
 
@@ -117,15 +129,16 @@ class Rollouts:
         self.prompts_per_round = self.round_size // method.num_generations
         rounds = math.ceil(len(prompts) / self.prompts_per_round)
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
-        self.reward_fns = load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
-                                                method.reward_args, tokenizer) + \
-            reward_model_functions(list(method.reward_models))
+        self.reward_fns = _unique_names(load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
+                                                              method.reward_args, tokenizer)
+                                        + reward_model_functions(list(method.reward_models)))
         self.max_steps, self.gas = cfg.optim.max_steps, gas
         self.chat = ChatEngine(model, tokenizer, system=cfg.data.system, max_batch_size=self.round_size,
                                max_model_len=cfg.data.max_length)
         self.seed = cfg.optim.seed
         self.log_path: Optional[str] = None
         self.rounds_done = 0
+        self.said_flat = False  # the note on a round without any reward differences is given once
 
     def log_to(self, run_dir: str) -> None:
         """--log_completions: append every round's rollouts to run_dir/completions.jsonl."""
@@ -177,6 +190,11 @@ class Rollouts:
         advantages = self._advantages(per_func)
         combined = self._combined(per_func)
         zero_std = self._zero_std(combined)
+        if all(zero_std) and not self.said_flat:
+            self.said_flat = True
+            note("GRPO: in this round every group's completions got the same reward, so every advantage is 0 and "
+                 "nothing is learned from it; if this persists (frac_reward_zero_std 1.0), the reward functions "
+                 "cannot tell the completions apart — check them on a few completions (--log_completions true)")
         g = self.method.num_generations
         for i, u in enumerate(units):
             u.advantage = float(advantages[i])
