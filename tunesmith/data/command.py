@@ -284,7 +284,7 @@ def stats(args: DataCommandArguments) -> dict:
                 emptied += all(x == IGNORE for x in kept)  # truncation cut every trained token: dropped
     over = sum(1 for n in lengths if max_length and n > max_length)
     if not rows:
-        raise DataError(" ".join(args.dataset), None, "", f"no row the template can render; first reasons:\n  "
+        raise DataError(" ".join(args.dataset), None, "", "no row the template can render; first reasons:\n  "
                         + "\n  ".join(result.reasons), "fix the rows, or pass the --model (or --template) they are for.")
     s = {"rows": rows, "bad_rows_dropped": result.dropped, "kinds": kinds,
          "assistant_turns": {"mean": round(sum(turns) / len(turns), 2), "max": max(turns)},

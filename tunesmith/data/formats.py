@@ -248,8 +248,8 @@ def _tool_call(r: _Row, field: str, value: Any) -> dict:
     akey = keys.get("arguments") or keys.get("parameters")
     unknown = sorted(str(k) for k in value if str(k).lower() not in _CALL_KEYS)
     if unknown:  # e.g. "args" or "argument": silently empty arguments would be trained otherwise
-        raise r.err(f"{field}.{unknown[0]}", f"is not a field of a tool call (a call has \"name\" and "
-                    f"\"arguments\").", "rename it to \"arguments\" (an object of the function's parameters).")
+        raise r.err(f"{field}.{unknown[0]}", "is not a field of a tool call (a call has \"name\" and "
+                    "\"arguments\").", "rename it to \"arguments\" (an object of the function's parameters).")
     args = value[akey] if akey is not None else None
     field = f"{field}.{akey or 'arguments'}"
     if isinstance(args, str):
@@ -508,6 +508,14 @@ def _has_prompt_turn(value: Any) -> bool:
     return False
 
 
+def _shared_prefix(a: list, b: list) -> int:
+    """How many leading messages two conversations share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _implicit_pair(r: _Row) -> tuple[list[dict], list[dict]]:
     """TRL's implicit-prompt pair: `chosen` and `rejected` are whole conversations (HuggingFaceH4/
     ultrafeedback_binarized); the messages they share before the first differing reply are the prompt. A `prompt`
@@ -516,9 +524,7 @@ def _implicit_pair(r: _Row) -> tuple[list[dict], list[dict]]:
     ck, rk = r.keys["chosen"], r.keys["rejected"]
     chosen = _prepend_system(r, _normalise_messages(r, ck, r.row[ck]))
     rejected = _prepend_system(r, _normalise_messages(r, rk, r.row[rk]))
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+    n = _shared_prefix(chosen, rejected)
     if n == len(chosen) == len(rejected):
         return chosen, rejected  # identical: normalise_row says so
     fix = ("give both the same messages up to the final reply, or put the prompt in \"prompt\" and only the replies "
@@ -667,9 +673,7 @@ def _whole_completions(chosen: list[dict], rejected: list[dict]) -> tuple[list[d
     so that both sides' trained tokens start where the shared prompt ends (with last_round only the turn after
     the last tool result would be trained, and the two "prompts" would differ). An explicit per-message loss is
     kept; single-reply completions are left as they are."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+    n = _shared_prefix(chosen, rejected)
 
     def marked(conv: list[dict]) -> list[dict]:
         tail = conv[n:]

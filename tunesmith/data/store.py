@@ -52,15 +52,14 @@ def _features(kind: str):
     return Features({**cols, "status": Value("string"), "reason": Value("string")})
 
 
-def _encode_batch(batch: dict, records: str, encoder: ChatEncoder, kind: str) -> dict:
+def _encode_batch(batch: dict, records: "RecordsFile", encoder: ChatEncoder, kind: str) -> dict:
     """datasets.map function over ranges of the records file (`batch` holds "start"/"stop" row numbers): its rows ->
     token columns, with status ok | too_long | nothing_to_train | bad and, for bad rows, the DataError's parts as JSON
     [file, line, field, problem, fix]. The records are read here, a range at a time, so a worker never keeps the
     records file mapped (see RecordsFile)."""
     out: dict = {k: [] for k in _features(kind)}
-    source = RecordsFile(records)
     for start, stop in zip(batch["start"], batch["stop"]):
-        texts, places = source.read(range(start, stop), parse=False)
+        texts, places = records.read(range(start, stop), parse=False)
         for text, (src, line) in zip(texts, places):
             status, value = encode_one(encoder, json.loads(text), kind)
             if status != "ok":
@@ -198,7 +197,7 @@ def encode_source(encoder: ChatEncoder, source: RecordsFile, path: str, kind: st
         ranges = datasets.Dataset.from_dict({"start": starts, "stop": [min(s + RANGE, n) for s in starts]})
         encoded = ranges.map(_encode_batch, batched=True, batch_size=1,
                              num_proc=num_proc if len(starts) > 1 else None,
-                             fn_kwargs={"records": source.path, "encoder": encoder, "kind": kind},
+                             fn_kwargs={"records": source, "encoder": encoder, "kind": kind},
                              remove_columns=ranges.column_names, features=_features(kind),
                              cache_file_name=os.path.join(tmp, "map.arrow"), new_fingerprint=os.path.basename(path),
                              desc=f"encoding {n} rows ({RANGE} a step)", disable_nullable=True)

@@ -72,8 +72,7 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
                                 importance_sampling_level=method.importance_sampling_level,
                                 max_completion_length=method.max_completion_length, num_items_in_batch=ntok,
                                 tau_pos=method.tau_pos, tau_neg=method.tau_neg)
-    unit = _UNIT[method.loss_type]
-    scale = {"completions": batch["n_completions"], "micro_batches": 1, "tokens": ntok}[unit]
+    (unit, scale), = _count(method, batch).items()
     stats = {k: float(v) for k, v in batch["stats"].items()}
     stats["tokens"] = float(ntok)
     for k, v in metrics.items():
@@ -82,6 +81,7 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
 
 
 def _count(method: "GRPO", batch: dict) -> dict:
+    """{the loss type's unit: how many in this batch} (completions, 1 micro-batch, or completion tokens)."""
     unit = _UNIT[method.loss_type]
     n = {"completions": batch["n_completions"], "micro_batches": 1,
          "tokens": int(batch["completion_mask"].sum())}[unit]

@@ -187,8 +187,7 @@ class Rollouts:
         groups = sorted((g for part in D.gather(local) for g in part), key=lambda g: g[0])
         units = [u for _, us, _, _ in groups for u in us]
         per_func = [row for _, _, rows, _ in groups for row in rows]
-        advantages = self._advantages(per_func)
-        combined = self._combined(per_func)
+        advantages, combined = self._advantages(per_func)
         zero_std = self._zero_std(combined)
         if all(zero_std) and not self.said_flat:
             self.said_flat = True
@@ -283,21 +282,19 @@ class Rollouts:
             note(f"GRPO: {errors[0]} (and {len(errors) - 1} more this round)" if len(errors) > 1 else errors[0])
         return per_func
 
-    def _advantages(self, per_func: list) -> list[float]:
-        """The round's advantages [N] from its rewards [N][F] (losses.group_advantages, or gdpo_advantages)."""
+    def _advantages(self, per_func: list) -> tuple[list[float], list[float]]:
+        """(the round's advantages [N], its combined rewards [N]) from its rewards [N][F]
+        (losses.combine_rewards, then group_advantages — or gdpo_advantages)."""
         import torch
 
         from tunesmith.train import losses as L
 
         m, g = self.method, self.method.num_generations
         rewards = torch.tensor(per_func, dtype=torch.float64)
+        combined = L.combine_rewards(rewards, list(m.reward_weights))
         if m.scale_rewards == "gdpo":
-            return L.gdpo_advantages(rewards, list(m.reward_weights), g).tolist()
-        return L.group_advantages(L.combine_rewards(rewards, list(m.reward_weights)), g, m.advantage_estimator,
-                                  m.scale_rewards).tolist()
-
-    def _combined(self, per_func: list) -> list[float]:
-        return [sum(w * v for w, v in zip(self.method.reward_weights, row) if not math.isnan(v)) for row in per_func]
+            return L.gdpo_advantages(rewards, list(m.reward_weights), g).tolist(), combined.tolist()
+        return L.group_advantages(combined, g, m.advantage_estimator, m.scale_rewards).tolist(), combined.tolist()
 
     def _zero_std(self, combined: list[float]) -> list[bool]:
         g = self.method.num_generations
