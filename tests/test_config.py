@@ -125,3 +125,17 @@ def test_an_adapter_checkpoint_given_as_the_model_is_a_flag_problem(tiny_models,
     (ckpt / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="is a LoRA adapter checkpoint, not a model: .*--adapters"):
         recipe.configure(parse_args("sft", ["--model", str(ckpt), "--dataset", "x.jsonl"]))
+
+
+def test_a_missing_model_with_an_adapter_names_the_adapters_base(tmp_path):
+    """--adapters CKPT without --model: training reads no settings from a checkpoint, but the message names the
+    base model the adapter's args.json records, so the fix is one copy-paste."""
+    import json
+
+    from tunesmith.args import parse_args
+    from tunesmith.train.config import problems
+
+    (tmp_path / "args.json").write_text(json.dumps({"model": "Qwen/Qwen2.5-7B-Instruct"}))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    found = problems(parse_args("rlhf", ["--adapters", str(tmp_path), "--dataset", "x.jsonl"]))
+    assert any(p.endswith("add --model Qwen/Qwen2.5-7B-Instruct") for p in found), found

@@ -144,6 +144,12 @@ BAD = [
     ('{"prompt": "q", "chosen": "same", "rejected": "same"}', 1, "identical to the chosen"),
     ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss": "no"}]}', 1,
      "messages[1].loss': expected true or false"),
+    # multimodal rows (ms-swift's images/videos/audios columns) would train the tags as text without the media
+    ('{"messages": [{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": "a cat"}], '
+     '"images": ["cat.png"]}', 1, "field 'images': holds media, and multimodal training is not supported yet"),
+    ('{"query": "<audio>what?", "response": "a bird", "audios": "bird.wav"}', 1, "field 'audios': holds media"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "wide"}', 1,
+     "field 'margin': expected a finite number"),
 ]
 
 

@@ -191,6 +191,33 @@ def test_entropy_mask_drops_policy_term_but_keeps_kl():
     assert loss.item() == pytest.approx(total / sum(map(sum, MASK)), rel=1e-12)
 
 
+def test_high_entropy_mask_keeps_tokens_at_or_above_the_quantile():
+    """TRL's get_high_entropy_mask: threshold = torch.quantile(entropies of the completion tokens, 1 − q) (linear
+    interpolation), keep = entropy ≥ threshold on completion tokens; padding never, whatever its value."""
+    ent = t([[0.5, 2.0, 1.0, 7.0],
+             [3.0, 0.1, 1.0, 5.0],
+             [0.0, 4.0, 9.0, 9.0],
+             [2.0, 0.3, 6.0, 8.0]])
+    values = sorted(e for row_e, row_m in zip(ent.tolist(), MASK) for e, m in zip(row_e, row_m) if m)  # 13
+    for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+        keep, threshold = L.high_entropy_mask(ent, t(MASK), q)
+        pos = (1 - q) * (len(values) - 1)
+        lo = int(pos)
+        want = values[lo] + (values[min(lo + 1, len(values) - 1)] - values[lo]) * (pos - lo)
+        assert threshold.item() == pytest.approx(want, rel=1e-6), q  # in float32, as TRL
+        assert keep.tolist() == [[bool(m) and e >= want for e, m in zip(row_e, row_m)]
+                                 for row_e, row_m in zip(ent.tolist(), MASK)], q
+    assert L.high_entropy_mask(ent, t(MASK), 1.0)[0].tolist() == [[bool(m) for m in row] for row in MASK]
+    only_max, _ = L.high_entropy_mask(ent, t(MASK), 0.0)
+    assert only_max.sum().item() == 1 and only_max[0, 3]  # 7.0: the 9.0s and the 8.0 are padding
+    assert L.high_entropy_mask(ent, t(MASK), 0.5)[0][3].tolist() == [True, False, True, False]  # median 2.0 kept
+    # the threshold over given values (the caller gathers every process's tokens)
+    keep, threshold = L.high_entropy_mask(ent, t(MASK), 0.5, values=t([100.0, 200.0]))
+    assert threshold.item() == 150.0 and not keep.any()
+    none, threshold = L.high_entropy_mask(ent, torch.zeros(4, 4), 0.5)
+    assert threshold is None and not none.any()  # no completion token: nothing to train
+
+
 # ------------------------------------------------------------------ masking
 
 @pytest.mark.parametrize("loss_type", L.GRPO_LOSS_TYPES)

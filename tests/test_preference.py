@@ -325,3 +325,48 @@ def test_resume_continues_the_same_run(tiny_models, tmp_path):
     for step in (4, 5, 6):
         assert lb[step]["loss"] == pytest.approx(la[step]["loss"], abs=1e-6)
         assert lb[step]["rewards/margins"] == pytest.approx(la[step]["rewards/margins"], abs=1e-6)
+
+
+def test_sync_ref_model_mixes_the_policy_into_the_reference_and_resumes_exactly(tiny_models, tmp_path):
+    """TR-DPO (--sync_ref_model): every --ref_model_sync_steps steps θ_ref ← α·θ_policy + (1 − α)·θ_ref. The
+    reference at the end equals that recurrence computed from the checkpoints' policy weights; each checkpoint
+    carries the reference, and resuming from one reproduces the uninterrupted run's losses."""
+    from safetensors.torch import load_file
+
+    data, _ = food_data(tmp_path, 32)
+    common = ["--model", tiny_models("qwen2"), "--dataset", data, "--train_type", "full", "--max_steps", "4",
+              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
+              "--save_steps", "2", "--sync_ref_model", "true", "--ref_model_sync_steps", "2",
+              "--ref_model_mixup_alpha", "0.5", *COMMON]
+    full = rlhf([*common, "--output_dir", str(tmp_path / "a")])
+    from transformers import AutoModelForCausalLM
+    start = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2")).state_dict()
+    ref = dict(start)
+    for step in (2, 4):
+        policy = load_file(os.path.join(full["run_dir"], f"checkpoint-{step}", "model.safetensors"))
+        ref = {k: 0.5 * policy.get(k, policy.get("model.embed_tokens.weight") if k == "lm_head.weight" else None)
+               + 0.5 * v if k in policy or k == "lm_head.weight" else v for k, v in ref.items()}
+        saved = load_file(os.path.join(full["run_dir"], f"checkpoint-{step}", Reference.SYNC_FILE))
+        assert all(torch.allclose(saved[k], ref[k], atol=1e-6) for k in saved), step
+    final = dict(full["reference"].model.named_parameters())
+    assert all(torch.allclose(final[k], ref[k], atol=1e-6) for k in final)
+    assert not torch.equal(final["model.norm.weight"], start["model.norm.weight"])  # it moved
+    resumed = rlhf([*common, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint",
+                    os.path.join(full["run_dir"], "checkpoint-2")])
+    a = {r["global_step"]: r["loss"] for r in log_rows(full["run_dir"])}
+    b = {r["global_step"]: r["loss"] for r in log_rows(resumed["run_dir"])}
+    assert sorted(b) == [3, 4] and all(abs(a[s] - b[s]) < 1e-6 for s in b), (a, b)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--train_type", "lora"], "--sync_ref_model with LoRA"),
+    (["--rlhf_type", "simpo"], "simpo trains without a reference"),
+    (["--precompute_ref_log_probs", "true"], "would be stale"),
+    (["--ref_model_mixup_alpha", "0"], "--ref_model_mixup_alpha 0.0: expected 0 <"),
+    (["--deepspeed", "zero3"], "ZeRO-3 is not supported yet"),
+])
+def test_sync_ref_model_needs_a_separate_reference_model(tiny_models, flags, message):
+    args = parse_args("rlhf", ["--model", tiny_models("qwen2"), "--dataset", "x.jsonl", "--train_type", "full",
+                               "--sync_ref_model", "true", *flags])
+    with pytest.raises(ConfigError, match=message):
+        recipe.configure(args)

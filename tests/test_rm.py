@@ -37,7 +37,11 @@ def test_bradley_terry_loss_and_centering_equal_a_hand_computation():
     terms, _ = rm_loss(RewardModel(center_rewards_coefficient=0.1), model, batch)
     assert abs(float(terms["pairs"]) - (want + 0.1 * ((1.5 + 0.25) ** 2 + (-0.5 + 0.75) ** 2))) < 1e-6
     m = rm_metrics(st)
-    assert m["accuracy"] == 0.5 and abs(m["margin"] - ((1.25 - 1.25) / 2)) < 1e-9
+    assert m["rewards/accuracies"] == 0.5 and abs(m["rewards/margins"] - ((1.25 - 1.25) / 2)) < 1e-9
+    # a margin column: −log σ(r_c − r_r − m) (ms-swift's reward_trainer.py)
+    terms, _ = rm_loss(RewardModel(), model, {**batch, "margin": torch.tensor([1.0, -0.5])})
+    want = sum(-math.log(1 / (1 + math.exp(-(c - r - m)))) for c, r, m in ((1.5, 0.25, 1.0), (-0.5, 0.75, -0.5)))
+    assert abs(float(terms["pairs"]) - want) < 1e-6
 
 
 @pytest.mark.slow
@@ -54,10 +58,10 @@ def test_a_reward_model_learns_to_rank_and_serves_grpo(tiny_models, tmp_path):
         "--eval_steps", "5", "--max_steps", "15", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
         "--logging_steps", "1", "--report_to", "none", "--output_dir", str(tmp_path / "rm")]))
     log = read_jsonl(os.path.join(res["run_dir"], "logging.jsonl"))
-    train = [r for r in log if "accuracy" in r]
-    evals = [r for r in log if "eval_accuracy" in r]
-    assert train[0]["accuracy"] <= 0.5 and abs(train[0]["loss"] - math.log(2)) < 0.1  # untrained head: ~ln 2
-    assert evals[-1]["eval_accuracy"] == 1.0 and evals[-1]["eval_loss"] < 0.1
+    train = [r for r in log if "rewards/accuracies" in r]
+    evals = [r for r in log if "eval_rewards/accuracies" in r]
+    assert train[0]["rewards/accuracies"] <= 0.5 and abs(train[0]["loss"] - math.log(2)) < 0.1  # untrained head: ~ln 2
+    assert evals[-1]["eval_rewards/accuracies"] == 1.0 and evals[-1]["eval_loss"] < 0.1
 
     ckpt = res["state"].last_model_checkpoint
     tok = AutoTokenizer.from_pretrained(ckpt)
@@ -87,3 +91,30 @@ def test_a_reward_model_learns_to_rank_and_serves_grpo(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="has no trained score head"):
         RewardModelScorer(model_dir)  # a plain language model: its head would be random
     assert glob.glob(os.path.join(grpo["run_dir"], "args.json"))
+
+
+def test_a_margin_column_reaches_the_loss_through_the_encoded_store(tiny_models, tmp_path):
+    """ms-swift's (and TRL's) per-pair `margin` column: read from the file, kept through encoding and the Arrow
+    store, batched as `margin` [B] (0 for pairs without one); a margin that is not a finite number is a located
+    data error."""
+    from tunesmith.errors import DataError
+    from tunesmith.train.config import check, resolve
+    from tunesmith.train.rm import RewardModel
+    from tunesmith.train.setup import prepare_data
+
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad", **({"margin": i / 2} if i % 3 else {})}
+            for i in range(6)]
+    data = write_jsonl(tmp_path / "m.jsonl", rows)
+    args = parse_args("rlhf", ["--rlhf_type", "rm", "--model", tiny_models("qwen2"), "--dataset", data,
+                               "--dataset_shuffle", "false", "--output_dir", str(tmp_path / "o")])
+    method = check(args, RewardModel)
+    cfg = resolve(args, method, 1, cuda=False)
+    prepared = prepare_data(cfg.data, cfg.model, method)
+    margins = [c.margin for c, _ in prepared.train_rows]
+    assert margins == [None, 0.5, 1.0, None, 2.0, 2.5]
+    batch = method.batches(cfg, prepared, None, None).collate(list(prepared.train_rows)[:3])
+    assert batch["margin"].tolist() == [0.0, 0.5, 1.0]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "wide"}])
+    args = parse_args("rlhf", ["--rlhf_type", "rm", "--model", tiny_models("qwen2"), "--dataset", bad])
+    with pytest.raises(DataError, match="bad.jsonl:1: field .margin.: expected a finite number"):
+        prepare_data(resolve(args, method, 1, cuda=False).data, cfg.model, method)

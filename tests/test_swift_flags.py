@@ -84,11 +84,11 @@ def test_flags_the_issue_names():
     args = parse_args("rlhf", ["--rlhf_type", "grpo", "--reward_funcs", "accuracy", "--num_generations", "4",
                                "--use_vllm", "true"])
     assert (args.rlhf_type, args.reward_funcs, args.num_generations, args.use_vllm) == ("grpo", ["accuracy"], 4, True)
-    with pytest.raises(ArgError, match="in 'rlhf' yet: vLLM rollouts for GRPO are not wired in yet"):
-        parse_args("rlhf", ["--vllm_gpu_memory_utilization", "0.5"])
+    # the vLLM engine flags drive GRPO's --use_vllm rollouts as they drive infer's --infer_backend vllm
+    assert parse_args("rlhf", ["--gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
     assert parse_args("infer", ["--vllm_gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
     with pytest.raises(ArgError, match="does not support yet: that GRPO option is not implemented"):
-        parse_args("rlhf", ["--dynamic_sample", "true"])
+        parse_args("rlhf", ["--sleep_level", "1"])
     # --tuner_backend: peft (ms-swift's default) is what tunesmith does; unsloth is refused with the reason
     assert parse_args("sft", ["--tuner_backend", "peft"]).tuner_backend == "peft"
     with pytest.raises(ArgError, match="unsloth.*peft"):
@@ -155,4 +155,4 @@ def test_unsupported_flags_set_to_their_off_value_are_accepted():
                                "--async_generate", "false", "--scale_rewards", "false"])
     assert args.rlhf_type == "grpo" and args.scale_rewards == "false"
     with pytest.raises(ArgError, match="does not support yet"):
-        parse_args("rlhf", ["--dynamic_sample", "true"])
+        parse_args("rlhf", ["--async_generate", "true"])

@@ -273,6 +273,11 @@ class RLHFArgs:
     simpo_gamma: float = _f(1.0, help="SimPO: target reward margin (gamma).")
     desirable_weight: float = _f(1.0, help="KTO: loss weight of desirable replies (lambda_D).")
     undesirable_weight: float = _f(1.0, help="KTO: loss weight of undesirable replies (lambda_U).")
+    sync_ref_model: bool = _f(False, help="TR-DPO (Gorbatovski et al. 2024): every --ref_model_sync_steps steps "
+                                          "the reference becomes α·policy + (1 − α)·reference. Full training (a "
+                                          "separate reference model) only, as TRL.")
+    ref_model_sync_steps: int = _f(512, help="--sync_ref_model: optimiser steps between reference updates.")
+    ref_model_mixup_alpha: float = _f(0.6, help="--sync_ref_model: α, the policy's share of the new reference (0-1].")
     precompute_ref_log_probs: bool = _f(False, help="Compute the reference log-probs once before training (no "
                                                     "reference forward pass per step).")
     prefix_sharing: Optional[bool] = _f(help="Run each pair as one sequence [prompt, chosen, rejected] so the prompt "
@@ -307,8 +312,14 @@ class GRPOArgs:
     importance_sampling_level: str = _f("token", help="GRPO: one importance ratio per token, or per sequence "
                                                       "(GSPO; sequence_token: GSPO-token).",
                                         choices=("token", "sequence", "sequence_token"))
-    top_entropy_quantile: float = _f(1.0, help="GRPO: train only the tokens whose entropy is in this top quantile "
-                                               "(1.0: all tokens; other values are not supported yet).")
+    top_entropy_quantile: float = _f(1.0, help="GRPO: the policy-gradient term trains only the completion tokens "
+                                               "whose entropy (at --temperature) is in this top quantile of each "
+                                               "micro-batch's, e.g. 0.2 (Wang et al. 2025, the 80/20 rule); the KL "
+                                               "term and the normalisation keep every token. 0 <= q <= 1; 1.0: all "
+                                               "tokens. Logs entropy/threshold.")
+    log_entropy: bool = _f(False, help="GRPO: log entropy/mean, entropy/max and entropy/min (over the "
+                                       "completions of each micro-batch, of each completion's mean token entropy "
+                                       "at --temperature, nats), as ms-swift.")
     overlong_filter: bool = _f(False, help="GRPO: truncated completions (no end of turn within "
                                            "--max_completion_length) are left out of the loss (TRL: "
                                            "mask_truncated_completions).", aliases=("mask_truncated_completions",))
@@ -340,7 +351,12 @@ class GRPOArgs:
                                                "which the penalty grows (DAPO's L_cache).")
     tau_pos: float = _f(1.0, help="GRPO --loss_type sapo: gate temperature for positive advantages.")
     tau_neg: float = _f(1.05, help="GRPO --loss_type sapo: gate temperature for negative advantages.")
-    use_vllm: bool = _f(False, help="GRPO: generate rollouts with vLLM (CUDA GPUs, vllm installed).")
+    dynamic_sample: bool = _f(False, help="GRPO: DAPO's dynamic sampling: replace the groups whose completions all "
+                                          "got the same reward by the groups of further prompts.")
+    max_resample_times: int = _f(3, help="GRPO --dynamic_sample: most resamplings per round; a round still short "
+                                         "of informative groups is trained as first generated.")
+    use_vllm: bool = _f(False, help="GRPO: generate rollouts with vLLM in the training process (colocate; LoRA "
+                                    "training, a CUDA GPU and vllm installed; see the README).")
     vllm_mode: str = _f("colocate", help="GRPO with --use_vllm: colocate (in the training process) or server.",
                         choices=("colocate", "server"))
 
@@ -373,20 +389,9 @@ class CheckpointArgs:
 
 
 @dataclass
-class InferBackendArgs:
-    # ms-swift's engine flags (VllmArguments, SglangArguments, LmdeployArguments) with its defaults; the 3.x names
-    # are aliases. tunesmith/backends.py turns them into each engine's constructor kwargs.
-    infer_backend: str = _f("transformers", help="transformers (pt; built in), or vllm, sglang, lmdeploy (an NVIDIA "
-                                                 "GPU and that package installed).",
-                            choices=("pt", "transformers", "vllm", "sglang", "lmdeploy"))
-    max_batch_size: int = _f(32, help="Sequences generated together (continuous batching: new requests join between "
-                                      "decoding steps, finished ones leave). -1: no limit.")
-    result_path: Optional[str] = _f(help="infer: the result jsonl. deploy: one jsonl line per finished request.")
-    write_batch_size: int = _f(1000, help="ms-swift: rows per write of the result file. Compatibility only (see "
-                                          "the table at the end).")
-    metric: Optional[str] = _f(help="infer: score the replies against the labels: acc (exact match) or rouge "
-                                    "(ROUGE-1/2/L, BLEU-4).", choices=("acc", "rouge"))
-    # vLLM
+class VllmArgs:
+    # ms-swift's VllmArguments with its defaults (3.x names as aliases): the engine of `--infer_backend vllm` (infer,
+    # deploy, eval) and of GRPO's `--use_vllm` rollouts; tunesmith/backends.py turns them into vLLM's kwargs.
     vllm_gpu_memory_utilization: float = _f(0.9, help="vLLM: fraction (0-1) of each GPU's memory for weights and "
                                                       "KV cache.", aliases=("gpu_memory_utilization",))
     vllm_tensor_parallel_size: int = _f(1, help="vLLM: GPUs the model is split across.",
@@ -417,6 +422,22 @@ class InferBackendArgs:
     vllm_speculative_config: Optional[dict] = _f(help="vLLM: JSON speculative-decoding config.")
     vllm_engine_kwargs: Optional[dict] = _f(help="vLLM: JSON of extra engine arguments (win over the flags).")
     vllm_data_parallel_size: int = _f(1, help="vLLM: data parallel replicas (ms-swift rollout).")
+
+
+@dataclass
+class InferBackendArgs(VllmArgs):
+    # ms-swift's engine flags (VllmArguments, SglangArguments, LmdeployArguments) with its defaults; the 3.x names
+    # are aliases. tunesmith/backends.py turns them into each engine's constructor kwargs.
+    infer_backend: str = _f("transformers", help="transformers (pt; built in), or vllm, sglang, lmdeploy (an NVIDIA "
+                                                 "GPU and that package installed).",
+                            choices=("pt", "transformers", "vllm", "sglang", "lmdeploy"))
+    max_batch_size: int = _f(32, help="Sequences generated together (continuous batching: new requests join between "
+                                      "decoding steps, finished ones leave). -1: no limit.")
+    result_path: Optional[str] = _f(help="infer: the result jsonl. deploy: one jsonl line per finished request.")
+    write_batch_size: int = _f(1000, help="ms-swift: rows per write of the result file. Compatibility only (see "
+                                          "the table at the end).")
+    metric: Optional[str] = _f(help="infer: score the replies against the labels: acc (exact match) or rouge "
+                                    "(ROUGE-1/2/L, BLEU-4).", choices=("acc", "rouge"))
     # SGLang
     sglang_tp_size: int = _f(1, help="SGLang: tensor parallel GPUs.")
     sglang_pp_size: int = _f(1, help="SGLang: pipeline parallel stages.")
@@ -640,7 +661,7 @@ class SftArguments(ModelArgs, QuantArgs, TemplateArgs, DataArgs, TunerArgs, Trac
 
 
 @dataclass
-class RLHFArguments(GRPOArgs, RLHFArgs, SftArguments):
+class RLHFArguments(VllmArgs, GRPOArgs, RLHFArgs, SftArguments):
     """`tunesmith rlhf` (and `tunesmith dpo`)."""
 
 
@@ -738,9 +759,6 @@ NOT_SUPPORTED_YET = {
     "sequence_parallel_size": "sequence parallelism is not supported; use --deepspeed zero3 and "
                               "--gradient_checkpointing for long sequences",
     "lora_modules": "removed in ms-swift 3.x; use --adapters",
-    "sync_ref_model": "TR-DPO reference syncing is not implemented; the reference stays fixed",
-    "ref_model_sync_steps": "TR-DPO reference syncing is not implemented; the reference stays fixed",
-    "ref_model_mixup_alpha": "TR-DPO reference syncing is not implemented; the reference stays fixed",
     "f_divergence_type": "only DPO's reverse-KL objective is implemented",
     "use_weighting": "WPO weighting is not implemented",
     # tuners other than LoRA, and optimiser plugins
@@ -862,17 +880,19 @@ NOT_SUPPORTED_YET = {
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
     **_same(_GRPO, "advantage_reweight", "async_generate", "chord_enable_phi_function", "chord_mu_decay_steps",
             "chord_mu_peak", "chord_mu_valley", "chord_mu_warmup_steps", "chord_sft_dataset",
-            "chord_sft_per_device_train_batch_size", "completion_length_limit_scope", "dynamic_sample",
+            "chord_sft_per_device_train_batch_size", "completion_length_limit_scope",
             "enable_flattened_weight_sync", "fipo_clip_high_only", "fipo_clip_range", "fipo_decay_rate",
-            "fipo_safety_threshold", "gym_env", "kl_in_reward", "log_entropy", "log_rollout_offpolicy_metrics",
-            "max_resample_times", "max_turns", "min_p", "move_model_batches", "multi_turn_scheduler",
+            "fipo_safety_threshold", "gym_env", "kl_in_reward", "log_rollout_offpolicy_metrics",
+            "max_turns", "min_p", "move_model_batches", "multi_turn_scheduler",
             "num_generations_eval", "off_policy_sequence_mask_delta", "offload_model", "offload_optimizer",
             "real_tau", "reward_model_plugin", "rlsd_lambda", "rlsd_lambda_decay_steps", "rlsd_lambda_warmup_steps",
             "rlsd_negative_only", "rlsd_reweight_clip_range", "rollout_importance_sampling_mode",
             "rollout_importance_sampling_threshold", "sdar_gate_beta", "sdar_loss_coef", "sleep_level",
-            "teacher_kl_coef", "teacher_tag_key", "use_gym_env", "vllm_server_base_url", "vllm_server_group_port",
-            "vllm_server_host", "vllm_server_pass_dataset", "vllm_server_port", "vllm_server_timeout",
-            "wandb_log_unique_prompts"),
+            "teacher_kl_coef", "teacher_tag_key", "use_gym_env", "wandb_log_unique_prompts", "num_infer_workers",
+            "gc_collect_after_offload"),
+    **_same("rollouts from a separate `swift rollout` vLLM server are not supported yet; --use_vllm true runs vLLM "
+            "inside the training process (--vllm_mode colocate)", "vllm_server_base_url", "vllm_server_group_port",
+            "vllm_server_host", "vllm_server_pass_dataset", "vllm_server_port", "vllm_server_timeout"),
     **_same(_PPO, "cliprange", "cliprange_value", "gamma", "lam", "kl_coef", "local_rollout_forward_batch_size",
             "missing_eos_penalty", "num_mini_batches", "num_ppo_epochs", "num_sample_generations", "response_length",
             "vf_coef", "whiten_rewards"),
@@ -902,13 +922,6 @@ NOT_SUPPORTED_ELSEWHERE = {
             "safetensors, and infer/deploy/eval write no weights", "safe_serialization", "max_shard_size"),
     "merge_lora": "infer, deploy and eval apply the adapter unmerged (same outputs); for a merged model run "
                   "`tunesmith export --adapters CKPT --merge_lora true` and pass the merged folder with --model",
-    **_same("vLLM rollouts for GRPO are not wired in yet: tunesmith generates them with its own batched engine "
-            "(--infer_backend vllm serves tunesmith infer/deploy)", "vllm_data_parallel_size", "vllm_disable_cascade_attn", "vllm_disable_custom_all_reduce",
-            "vllm_enable_expert_parallel", "vllm_enable_lora", "vllm_enable_prefix_caching", "vllm_enforce_eager",
-            "vllm_engine_kwargs", "vllm_gpu_memory_utilization", "vllm_limit_mm_per_prompt", "vllm_max_lora_rank",
-            "vllm_max_model_len", "vllm_max_num_seqs", "vllm_mm_processor_cache_gb", "vllm_pipeline_parallel_size",
-            "vllm_quantization", "vllm_reasoning_parser", "vllm_speculative_config", "vllm_tensor_parallel_size",
-            "vllm_use_async_engine"),
 }
 
 # ms-swift flags that tunesmith accepts (so ms-swift scripts and args.json files run unchanged) but that change

@@ -52,10 +52,12 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def check_backend(backend: str) -> None:
-    """Raise ConfigError unless `--infer_backend BACKEND` can run here: the package imports, is at least the
-    version ms-swift requires, and torch sees a CUDA GPU. Returns None when all hold. The message names the pip
-    command (to run on a CUDA machine) or the fallback `--infer_backend transformers`."""
+def check_backend(backend: str, flag: Optional[str] = None, fallback: str = "use --infer_backend transformers") \
+        -> None:
+    """Raise ConfigError unless BACKEND can run here: the package imports, is at least the version ms-swift
+    requires, and torch sees a CUDA GPU. Returns None when all hold. The message starts with `flag` (default
+    `--infer_backend BACKEND`) and names the pip command (to run on a CUDA machine) or the `fallback`."""
+    flag = flag or f"--infer_backend {backend}"
     if backend not in BACKENDS:
         raise ConfigError(f"--infer_backend {backend} is not supported; use --infer_backend transformers (or pt), "
                           f"{', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
@@ -64,21 +66,19 @@ def check_backend(backend: str) -> None:
     try:
         mod = importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"--infer_backend {backend}: {name} is not installed; pip install '{requirement}' on a "
-                          f"CUDA machine (the range ms-swift requires), or use --infer_backend transformers") from None
+        raise ConfigError(f"{flag}: {name} is not installed; pip install '{requirement}' on a CUDA machine (the "
+                          f"range ms-swift requires), or {fallback}") from None
     except Exception as e:  # e.g. a CUDA-only build failing to load its kernels: say so, without a traceback
-        raise ConfigError(f"--infer_backend {backend}: {name} is installed but fails to import "
-                          f"({type(e).__name__}: {e}); use --infer_backend transformers") from None
+        raise ConfigError(f"{flag}: {name} is installed but fails to import ({type(e).__name__}: {e}); "
+                          f"{fallback}") from None
     minimum = requirement.split(">=", 1)[1]
     have = getattr(mod, "__version__", None)
     if have and _version_tuple(have) < _version_tuple(minimum):
-        raise ConfigError(f"--infer_backend {backend}: {name} {have} is older than ms-swift supports; "
-                          f"pip install -U '{requirement}'")
+        raise ConfigError(f"{flag}: {name} {have} is older than ms-swift supports; pip install -U '{requirement}'")
     import torch
 
     if not torch.cuda.is_available():
-        raise ConfigError(f"--infer_backend {backend}: {name} needs an NVIDIA GPU and torch sees none; on CPU use "
-                          f"--infer_backend transformers")
+        raise ConfigError(f"{flag}: {name} needs an NVIDIA GPU and torch sees none; on CPU {fallback}")
 
 
 # ------------------------------------------------------------------ adapters
@@ -674,6 +674,20 @@ class VllmEngine(_AsyncBackend):
                 "repetition_penalty": float(p.repetition_penalty), "stop": list(p.stop) or None,
                 "stop_token_ids": sorted(self.stop_ids | {int(i) for i in p.stop_token_ids}), "seed": p.seed,
                 "logprobs": int(p.top_logprobs or 0) if want else None, "skip_special_tokens": False}
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter at PATH under NAME from the next request on, with a new int id (vLLM caches
+        adapters by id, so a changed adapter needs a new one; the least recently used is evicted when
+        --vllm_max_loras slots are full). GRPO calls this each round with the policy's current adapter."""
+        ids = [r["lora_int_id"] for r in self._lora.values()]
+        self._next_lora_id = max([getattr(self, "_next_lora_id", 0)] + ids) + 1
+        self.adapters[name] = path
+        self._lora[name] = {"lora_name": name, "lora_int_id": self._next_lora_id, "lora_path": path}
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving NAME (requests naming it are refused; vLLM drops its copy when it needs the slot)."""
+        self.adapters.pop(name, None)
+        self._lora.pop(name, None)
 
     def lora_request(self, name: Optional[str]):
         """vllm LoRARequest for adapter NAME (None: no adapter). Positional (name, int id, path): the third field

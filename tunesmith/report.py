@@ -30,8 +30,9 @@ CHARTS = [
     ("log-probs", ("logps/chosen", "logps/rejected")),
     ("nll / preference loss", ("nll_loss", "pref_loss")),
     ("KL estimate", ("kl",)),
-    ("reward (GRPO)", ("reward", "reward_std")),
-    ("completion length (GRPO)", ("completions/mean_length",)),
+    ("reward (GRPO)", ("reward", "reward_std", "eval_reward")),
+    ("completion length (GRPO)", ("completions/mean_length", "eval_completions/mean_length")),
+    ("entropy (GRPO)", ("entropy/mean", "entropy/threshold")),
     ("clip ratio (GRPO)", ("clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean")),
     ("tokens per second", ("tokens_per_second",)),
     ("memory (GiB)", ("memory(GiB)",)),
@@ -163,7 +164,7 @@ def render_html(runs: list[Run], figures: list[tuple[str, bytes]]) -> str:
                         ["run", "directory", "model", "method", "train_type"]))
     parts.append("<h2>Final metrics</h2>")
     keys = [k for k in ("loss", "eval_loss", "token_acc", "eval_token_acc", "rewards/accuracies", "rewards/margins",
-                        "eval_rewards/accuracies", "nll_loss", "reward") if any(k in r.last for r in runs)]
+                        "eval_rewards/accuracies", "nll_loss", "reward", "eval_reward") if any(k in r.last for r in runs)]
     rows = [[k] + [r.last.get(k) for r in runs] for k in keys]
     rows += [[k] + [r.summary.get(k) for r in runs] for k in SUMMARY_KEYS if any(k in r.summary for r in runs)]
     parts.append(_table(rows, ["metric"] + [r.name for r in runs]))

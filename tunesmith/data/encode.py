@@ -78,6 +78,7 @@ class Encoded:
     unshifted: the loss shifts them)."""
     input_ids: list[int]
     labels: list[int]
+    margin: Optional[float] = None  # a pair's chosen side: the row's reward margin (reward models), if given
 
     @property
     def n_trained(self) -> int:
@@ -423,7 +424,9 @@ def encode_one(encoder: ChatEncoder, rec: dict, kind: str) -> tuple[str, Any]:
     template (a problem with the model, not the row)."""
     try:
         if kind == "preference":
-            return "ok", encoder.encode_pair(rec)
+            chosen, rejected = encoder.encode_pair(rec)
+            chosen.margin = rec.get("margin")
+            return "ok", (chosen, rejected)
         if kind == "kto":
             return "ok", (encoder.encode(rec), bool(rec["label"]))
         return "ok", encoder.encode(rec)

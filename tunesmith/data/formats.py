@@ -417,6 +417,40 @@ def _check_structure(r: _Row, field: str, messages: list[dict], need_reply: bool
     return messages
 
 
+MEDIA_KEYS = ("images", "videos", "audios", "image", "video", "audio")  # ms-swift's multimodal columns
+
+
+def _no_media(r: _Row) -> None:
+    """A row with images, videos or audio (ms-swift's multimodal columns) is refused: tunesmith trains text models,
+    and the `<image>` tags would be trained as plain text while the picture is silently left out."""
+    for k in MEDIA_KEYS:
+        key, v = r.get(k)
+        if v not in (None, [], "", {}):
+            raise r.err(key, "holds media, and multimodal training is not supported yet: tunesmith trains text "
+                             "models, so the row would be trained without them.",
+                        f"drop the {key!r} column (and the <image>/<video>/<audio> tags) to train on the text only, "
+                        "or train this model with ms-swift.")
+
+
+def _margin(r: _Row) -> Optional[float]:
+    """A pair's `margin` (ms-swift's and TRL's reward-model column: how far the chosen reply's reward should
+    exceed the rejected one's), a finite number or absent."""
+    import math
+
+    key, v = r.get("margin")
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise r.err(key, f"expected a finite number (the reward margin of the pair), got {_short(v)}.",
+                    "write e.g. \"margin\": 1.5, or drop the column.")
+    return float(v)
+
+
 def _label(r: _Row) -> Optional[bool]:
     key, v = r.get("label")
     if v is None:
@@ -635,6 +669,7 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
         raise DataError(source, line, "", f"expected a JSON object per row, got {type(row).__name__} ({_short(row)}).",
                         "write one {\"messages\": [...]} object per line.")
     r = _Row(_rename_columns(row, columns), source, line)
+    _no_media(r)
     out: dict[str, Any] = {}
     msg_key = next((r.keys[k] for k in MESSAGE_KEYS if k in r.keys), None)
     messages, rejected = _conversation(r, msg_key)
@@ -650,6 +685,9 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
         messages, rejected = _whole_completions(messages, rejected)
         out["messages"] = messages
         out["rejected_messages"] = rejected
+        margin = _margin(r)
+        if margin is not None:
+            out["margin"] = margin
     label = _label(r)
     if label is not None:
         out["label"] = label
@@ -696,12 +734,12 @@ def _check_called_tools(r: _Row, key: str, tools: list, conversations: list[list
 
 
 _FORMAT_COLUMNS = {k.lower() for k in MESSAGE_KEYS + QUERY_KEYS + RESPONSE_KEYS + SYSTEM_KEYS} | {
-    "history", "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label"}
+    "history", "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin"}
 
 
 # what a row with a messages column reads: its query/response-style columns (e.g. GRPO's `solution`) are its own
 _MESSAGE_ROW_COLUMNS = {k.lower() for k in MESSAGE_KEYS + SYSTEM_KEYS} | {
-    "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label"}
+    "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin"}
 
 
 def extra_columns(row: Any, columns: Optional[dict] = None) -> dict:

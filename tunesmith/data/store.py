@@ -22,7 +22,7 @@ from typing import Any, Optional
 from tunesmith.data.encode import ChatEncoder, Encoded, encode_one
 from tunesmith.errors import DataError
 
-STORE_VERSION = 2  # bump when the stored layout or the encoding changes meaning
+STORE_VERSION = 3  # bump when the stored layout or the encoding changes meaning
 
 
 def cache_root() -> str:
@@ -46,7 +46,8 @@ def _features(kind: str):
 
     cols = {"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))}
     if kind == "preference":
-        cols.update(rejected_input_ids=Sequence(Value("int32")), rejected_labels=Sequence(Value("int32")))
+        cols.update(rejected_input_ids=Sequence(Value("int32")), rejected_labels=Sequence(Value("int32")),
+                    margin=Value("float64"))  # NaN: the row gives none
     if kind == "kto":
         cols["desirable"] = Value("bool")
     return Features({**cols, "status": Value("string"), "reason": Value("string")})
@@ -71,6 +72,7 @@ def _encode_batch(batch: dict, records: "RecordsFile", encoder: ChatEncoder, kin
             if kind == "preference":
                 out["rejected_input_ids"].append(second.input_ids if first else [])
                 out["rejected_labels"].append(second.labels if first else [])
+                out["margin"].append(first.margin if first and first.margin is not None else float("nan"))
             if kind == "kto":
                 out["desirable"].append(bool(second) if first else False)
             out["status"].append(status)
@@ -298,6 +300,8 @@ class EncodedRows:
     def _row(self, r: dict) -> Any:
         first = Encoded(r["input_ids"], r["labels"])
         if self.kind == "preference":
+            margin = r.get("margin")
+            first.margin = None if margin is None or margin != margin else margin  # NaN: none given
             return first, Encoded(r["rejected_input_ids"], r["rejected_labels"])
         if self.kind == "kto":
             return first, bool(r["desirable"])

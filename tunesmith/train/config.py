@@ -68,13 +68,32 @@ def between(problems: list, name: str, value, lo, hi, lo_open=False, hi_open=Fal
         problems.append(f"--{name} {value}: expected {lo_s}{name}{hi_s}" + (f"; {hint}" if hint else ""))
 
 
+def _adapter_base(adapters) -> "str | None":
+    """The base model the first --adapters checkpoint names (its args.json, else adapter_config.json), or None.
+    Training never takes settings from a checkpoint silently; this only makes the missing --model's message exact."""
+    import json
+
+    for path in list(adapters or [])[:1]:
+        for name, key in (("args.json", "model"), ("adapter_config.json", "base_model_name_or_path")):
+            try:
+                with open(os.path.join(str(path).split("=")[-1], name), encoding="utf-8") as fh:
+                    value = json.load(fh).get(key)
+            except (OSError, ValueError, AttributeError):
+                continue
+            if value:
+                return str(value)
+    return None
+
+
 def problems(args) -> list[str]:
     """Every problem with the generic training flags (values out of range, required flags missing, combinations
     that cannot run), as one message each; [] when there is none. The method's own flags are checked by the
     method (`from_args`)."""
     out: list[str] = []
     if not args.model:
-        out.append("pass the model with --model (a local directory or a hub id)")
+        base = _adapter_base(args.adapters)
+        out.append("pass the model with --model (a local directory or a hub id)" +
+                   (f"; the adapter {args.adapters[0]} was trained on {base}: add --model {base}" if base else ""))
     elif os.path.isfile(os.path.join(args.model, "adapter_config.json")) and \
             not os.path.isfile(os.path.join(args.model, "config.json")):
         out.append(f"--model {args.model} is a LoRA adapter checkpoint, not a model: pass the base model with "
@@ -150,8 +169,46 @@ def check(args, method_cls):
         found.append(f"--streaming: {method.name} reads its rows up front (pairs are checked and measured before "
                      f"training, the reference is precomputed over them); stream with tunesmith sft, or drop "
                      f"--streaming")
+    if getattr(args, "sync_ref_model", False):
+        _sync_ref_problems(args, method, found)
     raise_problems(found)
     return method
+
+
+def _sync_ref_problems(args, method, found: list) -> None:
+    """--sync_ref_model (TR-DPO) needs a reference that is a separate model to mix the policy into: full
+    training, a method with a reference, the reference not precomputed (as TRL's DPOTrainer requires)."""
+    between(found, "ref_model_sync_steps", args.ref_model_sync_steps, 1, None)
+    between(found, "ref_model_mixup_alpha", args.ref_model_mixup_alpha, 0, 1, lo_open=True)
+    if not method.needs_reference:
+        found.append(f"--sync_ref_model: {method.name} trains without a reference model here"
+                     + (" (β = 0)" if method.name == "grpo" else "") + "; drop the flag")
+    elif args.train_type != "full":
+        found.append("--sync_ref_model with LoRA: the reference is the base model with the adapter switched off, "
+                     "not a separate model to mix the policy into (TRL refuses this too); use --train_type full, or "
+                     "drop the flag")
+    if args.precompute_ref_log_probs:
+        found.append("--sync_ref_model with --precompute_ref_log_probs: the reference moves during training, so "
+                     "log-probs computed once would be stale; drop one of them")
+    if _zero3(args.deepspeed):
+        found.append("--sync_ref_model under DeepSpeed ZeRO-3 is not supported yet (the policy's weights are "
+                     "partitioned); use zero2 or DDP")
+
+
+def _zero3(spec) -> bool:
+    """Whether --deepspeed (a preset, a JSON file or string) asks for ZeRO stage 3."""
+    import re
+
+    if not spec:
+        return False
+    text = str(spec)
+    if os.path.isfile(text):
+        try:
+            with open(text, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError:
+            return False
+    return text.replace("default-", "").startswith("zero3") or re.search(r'"stage"\s*:\s*3', text) is not None
 
 
 def resolve(args, method, world_size: int, cuda: bool) -> TrainConfig:

@@ -84,6 +84,30 @@ def gather(value: Any) -> list:
     return parts
 
 
+def gather_cat(t):
+    """Every rank's 1-D tensor `t` (lengths may differ), concatenated in rank order, on t's device (`t` itself in a
+    single process); without gradient. A tensor all-gather (gloo on CPU, nccl on GPUs): each rank's length first,
+    then the values padded to the longest, as accelerate's pad_across_processes + gather that TRL uses."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return t
+    t = t.detach().reshape(-1)
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([t.numel()], dtype=torch.long, device=t.device))
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    if longest == 0:
+        return t
+    padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
+    padded[:t.numel()] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
 def merge_dicts(values: dict) -> dict:
     """Sum dicts of statistics whose keys may differ between ranks (logging steps only)."""
     import torch.distributed as dist

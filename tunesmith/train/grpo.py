@@ -11,7 +11,8 @@ Each generation round, as ms-swift's and TRL's GRPOTrainer:
 4. Log-probs of the completions under the sampling policy (when it changes before they are trained on:
    --num_iterations > 1 or --steps_per_generation > --gradient_accumulation_steps) and under the reference (β > 0).
 5. Train on the round's completions: --steps_per_generation micro-batches, --num_iterations times, with the
-   clipped surrogate of `losses.grpo_loss`.
+   clipped surrogate of `losses.grpo_loss` (with --top_entropy_quantile < 1, its policy-gradient term on the
+   micro-batch's high-entropy tokens only: `entropy_terms`).
 
 The units the loop reads are completions (`Rollouts.epoch`): the loop cuts them into micro-batches like a stream's
 rows, and each micro-batch's loss terms are divided by their units over the whole step, as for every method.
@@ -58,12 +59,20 @@ def prompt_record(rec: dict, src: tuple) -> list[dict]:
 
 
 def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict, dict]:
-    """({unit: summed loss term}, summed statistics) of one micro-batch from `grpo_collate`."""
+    """({unit: summed loss term}, summed statistics) of one micro-batch from `grpo_collate`. The policy's
+    per-token entropy comes from the same forward when --log_entropy or --top_entropy_quantile < 1 ask for it
+    (ms-swift's compute_entropy); the entropy mask multiplies only the policy-gradient term (`entropy_terms`)."""
     from tunesmith.train import losses as L
-    from tunesmith.train.rollouts import completion_logps
+    from tunesmith.train.rollouts import completion_logps, completion_logps_and_entropy
 
     mask = batch["completion_mask"]
-    logps = completion_logps(model, batch, method.temperature).float()
+    entropy_mask, entropy_stats = None, {}
+    if method.log_entropy or method.top_entropy_quantile < 1.0:
+        logps, entropy = completion_logps_and_entropy(model, batch, method.temperature)
+        entropy_mask, entropy_stats = entropy_terms(method, entropy, mask)
+    else:
+        logps = completion_logps(model, batch, method.temperature)
+    logps = logps.float()
     old = batch["old_logps"] if "old_logps" in batch else logps.detach()
     ntok = mask.sum()
     loss, metrics = L.grpo_loss(method.loss_type, logps=logps, old_logps=old, ref_logps=batch.get("ref_logps"),
@@ -71,13 +80,47 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
                                 epsilon_low=method.epsilon, epsilon_high=method.epsilon_high, delta=method.delta,
                                 importance_sampling_level=method.importance_sampling_level,
                                 max_completion_length=method.max_completion_length, num_items_in_batch=ntok,
-                                tau_pos=method.tau_pos, tau_neg=method.tau_neg)
+                                entropy_mask=entropy_mask, tau_pos=method.tau_pos, tau_neg=method.tau_neg)
     (unit, scale), = _count(method, batch).items()
     stats = {k: float(v) for k, v in batch["stats"].items()}
     stats["tokens"] = float(ntok)
     for k, v in metrics.items():
         stats[k] = float(v) * float(ntok)  # token means, weighted by this batch's tokens
+    stats.update(entropy_stats)
     return {unit: loss * scale}, stats
+
+
+def entropy_terms(method: "GRPO", entropy, mask) -> tuple:
+    """(entropy mask [B, C] float or None, statistics) of one micro-batch from its completion tokens' entropies
+    [B, C] (nats; mask [B, C] the completion mask).
+
+    --top_entropy_quantile q < 1: `losses.high_entropy_mask` with the threshold over the completion tokens of the
+    micro-batch on every process (gathered: the same threshold as one process with the global batch, TRL 0.29
+    grpo_trainer.py:986-1002; ms-swift 4.6 takes each process's own, grpo_trainer.py:958-962); entropy/threshold is
+    that threshold. --log_entropy: over the micro-batch's completions (every process) with at least one token,
+    the mean, max and min of each completion's mean token entropy (ms-swift grpo_trainer.py:945-956: nanmean per
+    completion, gathered, then nanmean/nanmax/nanmin). Each is one value per micro-batch, averaged over the
+    micro-batches logged (ms-swift's log()); they are counted on the main process only, so summing the statistics
+    over processes leaves them whole."""
+    from tunesmith.train import distributed as D
+    from tunesmith.train import losses as L
+
+    keep, stats, main = mask.bool(), {}, D.is_main()
+    entropy = entropy.detach().float()
+    if method.log_entropy:
+        n = keep.sum(-1)
+        per_completion = D.gather_cat(((entropy * keep).sum(-1) / n.clamp(min=1))[n > 0])
+        if per_completion.numel() and main:
+            stats.update({"entropy/batches": 1, "entropy/mean_sum": float(per_completion.mean()),
+                          "entropy/max_sum": float(per_completion.max()),
+                          "entropy/min_sum": float(per_completion.min())})
+    if method.top_entropy_quantile >= 1.0:
+        return None, stats
+    high, threshold = L.high_entropy_mask(entropy, keep, method.top_entropy_quantile,
+                                          values=D.gather_cat(entropy[keep]))
+    if threshold is not None and main:
+        stats.update({"entropy/threshold_batches": 1, "entropy/threshold_sum": float(threshold)})
+    return high.to(mask.dtype), stats
 
 
 def _count(method: "GRPO", batch: dict) -> dict:
@@ -92,7 +135,8 @@ def grpo_metrics(stats: dict) -> dict:
     """Means of the summed statistics, under ms-swift's names: reward, reward_std (population std of the
     completions' total rewards), rewards/<function>/mean and /std, completions/mean_length, min_length and
     max_length (each round's extreme, averaged over the rounds logged), clipped_ratio, frac_reward_zero_std, kl
-    and the clip ratios (token means)."""
+    and the clip ratios (token means), and entropy/mean, /max, /min (--log_entropy) and entropy/threshold
+    (--top_entropy_quantile < 1), nats, averaged over the micro-batches logged (see `entropy_terms`)."""
     n = max(stats.get("n", 0), 1)
     out = {}
     if "reward" in stats:
@@ -119,6 +163,10 @@ def grpo_metrics(stats: dict) -> dict:
     for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
         if k in stats:
             out[k] = round(stats[k] / tokens, 6)
+    for name in ("mean", "max", "min", "threshold"):  # one value per micro-batch (`entropy_terms`), averaged
+        count = stats.get("entropy/threshold_batches" if name == "threshold" else "entropy/batches")
+        if count:
+            out[f"entropy/{name}"] = round(stats[f"entropy/{name}_sum"] / count, 6)
     return out
 
 
@@ -154,6 +202,10 @@ class GRPO:
     tau_neg: float = 1.05
     ref_model: Optional[str] = None
     ref_adapters: tuple = ()
+    use_vllm: bool = False                    # rollouts from vLLM (colocate, the LoRA adapter synced each round)
+    dynamic_sample: bool = False              # DAPO: replace groups without reward differences (max_resample_times)
+    max_resample_times: int = 3
+    log_entropy: bool = False                 # entropy/mean, /max, /min (ms-swift's --log_entropy)
     name = "grpo"
     head = "causal_lm"
     rows = "prompt"
@@ -188,6 +240,9 @@ class GRPO:
         if args.generation_batch_size is not None:
             between(problems, "generation_batch_size", args.generation_batch_size, 1, None)
         between(problems, "num_iterations", args.num_iterations, 1, None)
+        between(problems, "max_resample_times", args.max_resample_times, 0, None)
+        # torch.quantile's q = 1 − top_entropy_quantile must lie in [0, 1]; 0 keeps only the highest entropy
+        between(problems, "top_entropy_quantile", args.top_entropy_quantile, 0, 1)
         steps = _steps_per_generation(args, problems)
         _check_unsupported(args, problems)
         reward_args = _reward_args(args)
@@ -201,7 +256,9 @@ class GRPO:
                    args.top_entropy_quantile, args.overlong_filter, args.log_completions, tuple(reward_funcs),
                    tuple(args.reward_weights or [1.0] * (len(reward_funcs) + len(args.reward_model))),
                    tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,
-                   args.ref_model, tuple(args.ref_adapters))
+                   args.ref_model, tuple(args.ref_adapters), args.use_vllm,
+                   log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
+                   max_resample_times=args.max_resample_times)
 
     def resolved_flags(self) -> dict:
         """The GRPO defaults as applied, for args.json."""
@@ -217,12 +274,13 @@ class GRPO:
         """The rollouts (generated as the loop reads them) and their collator; dropout off (the ratio of an
         unchanged policy must be exactly 1, as TRL's disable_dropout)."""
         from tunesmith.train.reference import disable_dropout
-        from tunesmith.train.rollouts import Rollouts, grpo_collate
+        from tunesmith.train.rollouts import Rollouts, ValidationRollouts, grpo_collate
 
         disable_dropout(model, has_reference=self.needs_reference)
-        rollouts = Rollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, cfg)
-        return Batches(rollouts, [], partial(grpo_collate, pad_id=_pad_id(prepared.tokenizer)), reference,
-                       on_run_dir=rollouts.log_to)
+        rollouts = Rollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, cfg, prepared.model_dir)
+        val = ValidationRollouts(rollouts, prepared.eval_rows) if prepared.eval_rows else []
+        return Batches(rollouts, val, partial(grpo_collate, pad_id=_pad_id(prepared.tokenizer)), reference,
+                       on_run_dir=rollouts.log_to, hooks=(rollouts,))
 
     def objective(self, reference, cfg) -> loop.Objective:
         """GRPO's objective: the loss type's terms over completions, micro-batches or tokens."""
@@ -279,6 +337,14 @@ def _steps_per_generation(args, problems: list) -> Optional[int]:
             problems.append("give --steps_per_generation or --generation_batch_size, not both")
         steps = max(1, args.generation_batch_size // per_step)
     if steps is None:
+        # one generation per optimiser step: the step's completions (all processes) must hold whole groups; the
+        # default accumulation is resolve()'s (a total batch of 16), the processes torchrun's
+        world = max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
+        gas = args.gradient_accumulation_steps or max(1, math.ceil(16 / max(per_step, 1) / world))
+        if per_step >= 1 and (per_step * world * gas) % max(args.num_generations, 1):
+            from tunesmith.train.rollouts import generation_batch_problem
+
+            problems.append(generation_batch_problem(per_step * world, gas, args.num_generations))
         return None
     if steps < 1:
         problems.append(f"--steps_per_generation {steps}: must be 1 or more")
@@ -292,17 +358,11 @@ def _steps_per_generation(args, problems: list) -> Optional[int]:
 
 def _check_unsupported(args, problems: list) -> None:
     if args.use_vllm:
-        problems.append(_vllm_problem(args.vllm_mode))
+        _vllm_problems(args, problems)
     if args.packing or args.padding_free:
         problems.append("--packing/--padding_free: GRPO trains on its generated completions, padded; drop the flag")
     if args.streaming:
         problems.append("--streaming: GRPO reads its prompts up front; drop --streaming")
-    if args.top_entropy_quantile < 1.0:
-        problems.append(f"--top_entropy_quantile {args.top_entropy_quantile}: training only the high-entropy tokens "
-                        f"is not supported yet (it needs each token's entropy over the vocabulary); drop the flag")
-    if args.val_dataset or args.split_dataset_ratio > 0:
-        problems.append("--val_dataset/--split_dataset_ratio: GRPO evaluation (rewards on held-out prompts) is not "
-                        "supported yet; drop them (the training rewards are logged every --logging_steps)")
     n = len(args.reward_funcs) + len(args.reward_model)
     if args.reward_weights and len(args.reward_weights) != n:
         problems.append(f"--reward_weights has {len(args.reward_weights)} value(s) for {n} reward function(s) and "
@@ -311,20 +371,39 @@ def _check_unsupported(args, problems: list) -> None:
         if not os.path.isdir(path):
             problems.append(f"--reward_model {path}: not a local checkpoint directory (train one with "
                             f"--rlhf_type rm)")
+        elif not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
+            problems.append(f"--reward_model {path}: no config.json or adapter_config.json in it, so it is not a "
+                            f"model checkpoint (pass a checkpoint-N folder of a --rlhf_type rm run)")
     if args.delta is not None and args.delta <= 1 + (args.epsilon_high or args.epsilon):
         problems.append(f"--delta {args.delta}: must be > 1 + epsilon_high (it bounds the ratio above the clip)")
 
 
-def _vllm_problem(mode: str) -> str:
-    import importlib.util
+def _vllm_problems(args, problems: list) -> None:
+    """--use_vllm: what tunesmith's vLLM rollouts need (ms-swift's colocate mode with --vllm_enable_lora: the
+    policy's LoRA adapter is handed to vLLM each round), each missing piece one problem."""
+    from tunesmith.backends import check_backend
 
-    import torch
-
-    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
-        return (f"--use_vllm true --vllm_mode {mode}: vLLM needs CUDA GPUs and `pip install vllm`; without it "
-                "tunesmith generates the rollouts with its own batched engine (drop --use_vllm)")
-    return ("--use_vllm true: rollouts through vLLM are not wired in yet; tunesmith generates them with its own "
-            "batched engine (drop --use_vllm)")
+    off = "or drop --use_vllm (tunesmith's own batched engine generates the rollouts)"
+    if args.vllm_mode != "colocate":
+        problems.append(f"--vllm_mode {args.vllm_mode}: rollouts from a separate `swift rollout` server are not "
+                        f"supported yet; use --vllm_mode colocate (vLLM inside the training process), {off}")
+    if args.train_type != "lora":
+        problems.append(f"--use_vllm with --train_type {args.train_type}: tunesmith hands the policy to vLLM as a "
+                        f"LoRA adapter each round; syncing full weights into vLLM is not supported yet; use "
+                        f"--train_type lora, {off}")
+    elif args.vllm_enable_lora is False:
+        problems.append("--vllm_enable_lora false: tunesmith syncs the policy into vLLM as a LoRA adapter (merged "
+                        "weights are not supported yet); drop the flag")
+    elif args.lora_rank > args.vllm_max_lora_rank:
+        problems.append(f"--lora_rank {args.lora_rank} is above --vllm_max_lora_rank {args.vllm_max_lora_rank}: "
+                        f"vLLM could not load the adapter; pass --vllm_max_lora_rank {args.lora_rank}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append(f"--use_vllm under torchrun ({os.environ['WORLD_SIZE']} processes): one vLLM per training "
+                        f"process is not supported yet; run one process, {off}")
+    try:
+        check_backend("vllm", flag="--use_vllm true", fallback=off)
+    except ConfigError as e:
+        problems.append(str(e))
 
 
 def _reward_args(args):

@@ -44,11 +44,15 @@ class Objective:
     count(batch) -> {unit: how many in this batch}; each term is divided by its units summed over the whole
         accumulated step, so gradient accumulation gives the same step as one large batch.
     metrics(summed statistics) -> the values to log (means), e.g. token_acc or rewards/accuracies.
+    hooks: training state outside the model and optimiser (a reference that moves, TR-DPO; GRPO's round in
+        progress): objects with after_step(model, global_step), save(checkpoint folder) and load(checkpoint
+        folder); empty for most methods.
     """
     name: str
     loss: Callable[[Any, dict], tuple[dict, dict]]
     count: Callable[[dict], dict]
     metrics: Callable[[dict], dict]
+    hooks: tuple = ()
 
 
 def _add(into: dict, values: dict) -> None:
@@ -292,6 +296,8 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
                 raise diverged(result, state)
             state.batches_done += result.micro_batches
             state.global_step += 1
+            for hook in objective.hooks:
+                hook.after_step(run.model, state.global_step)
             total_tokens += result.tokens
             _accumulate(window, result)
             bar.update(1)
@@ -334,6 +340,8 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
     state = TrainState(total_steps=total_steps)
     if output.resume_from_checkpoint:
         restore(output, model, optimizer, scheduler, state, deepspeed=ds, main=par.main)
+        for hook in objective.hooks:
+            hook.load(output.resume_from_checkpoint)
     model, optimizer = accelerator.prepare(model, optimizer)
     if ds and output.resume_from_checkpoint and not output.resume_only_model:
         model.load_checkpoint(output.resume_from_checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False,
@@ -582,7 +590,9 @@ def evaluate(run: Run, state: TrainState) -> dict:
     output, model = run.output, run.model
     model.eval()
     with torch.no_grad():
-        metrics = evaluate_objective(run.accelerator.unwrap_model(model), run.objective, run.eval_rows, run.collate,
+        # rows generated at each evaluation (GRPO's validation prompts) come from the rows' own fresh()
+        rows = run.eval_rows.fresh() if hasattr(run.eval_rows, "fresh") else run.eval_rows
+        metrics = evaluate_objective(run.accelerator.unwrap_model(model), run.objective, rows, run.collate,
                                      run.optim.per_device_eval_batch_size)
     model.train()
     if output.metric_for_best_model:
@@ -633,6 +643,8 @@ def _write_checkpoint(run: Run, state: TrainState, path: str, full_state, shards
     with atomic_dir(path) as tmp:
         run.save_model(run.accelerator.unwrap_model(run.model), tmp, full_state)
         save_args(tmp, run.args, run.args_extra)
+        for hook in run.objective.hooks:
+            hook.save(tmp)
         if run.deepspeed and os.path.isdir(shards):
             for name in os.listdir(shards):
                 os.replace(os.path.join(shards, name), os.path.join(tmp, name))

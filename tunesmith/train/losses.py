@@ -289,6 +289,21 @@ def grpo_k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
     return torch.clamp(torch.exp(d) - d - 1, min=-10, max=10)
 
 
+def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float, values=None):
+    """(keep [N, T] bool, threshold 0-dim or None): the completion tokens whose entropy is in the top `top_quantile`
+    of the batch's (Wang et al. 2025, "Beyond the 80/20 Rule", arXiv:2506.01939). threshold = torch.quantile(values,
+    1 − top_quantile) (linear interpolation), values being the entropies of every completion token (mask = 1) of
+    the micro-batch — gathered over the processes by the caller when distributed, default entropy[mask] — and
+    keep = (entropy ≥ threshold) ∧ mask, as TRL 0.29 GRPOTrainer.get_high_entropy_mask (grpo_trainer.py:969-1005).
+    top_quantile 1 keeps every token, 0 only the highest entropy; no completion token at all: nothing kept, None.
+    entropy, mask: [N, T]; entropy in nats."""
+    values = entropy[mask.bool()] if values is None else values
+    if values.numel() == 0:
+        return torch.zeros(entropy.shape, dtype=torch.bool, device=entropy.device), None
+    threshold = torch.quantile(values.float(), 1.0 - top_quantile)
+    return (entropy >= threshold) & mask.bool(), threshold
+
+
 def _grpo_per_token(loss_type: str, coef_1: Tensor, adv: Tensor, logps: Tensor, epsilon_low: float,
                     epsilon_high: float, delta, tau_pos: float, tau_neg: float):
     """The per-token policy loss ([N, T]) and the ratio the clip metrics read (ms-swift's coef_1 after delta)."""

@@ -21,6 +21,8 @@ object has:
 """
 from __future__ import annotations
 
+import dataclasses
+
 from tunesmith.train import loop
 from tunesmith.train.setup import finish_run, prepare_data, prepare_model, save_model_fn, start_run
 
@@ -76,14 +78,20 @@ def main(args) -> dict:
     cfg = resolve(args, method, D.world_size(), cuda=default_device().type == "cuda")
     prepared = prepare_data(cfg.data, cfg.model, method)
     model, param_info = prepare_model(cfg.model, prepared.model_dir, prepared.tokenizer, cfg.optim.seed, method.head)
-    reference = setup_reference(cfg.model, method.ref_model, method.ref_adapters, model, prepared.tokenizer) \
+    sync = (args.ref_model_sync_steps, args.ref_model_mixup_alpha) if getattr(args, "sync_ref_model", False) \
+        else None
+    reference = setup_reference(cfg.model, method.ref_model, method.ref_adapters, model, prepared.tokenizer, sync) \
         if method.needs_reference else None
     batches = method.batches(cfg, prepared, model, reference)
     header = method.header(prepared, batches)
     with start_run(cfg, prepared, param_info, lambda d: f"{header}; run directory {d}") as out:
         if batches.on_run_dir is not None:
             batches.on_run_dir(out.run_dir)
-        state = loop.train(cfg, model=model, objective=method.objective(batches.reference, cfg),
+        # training state beyond weights and optimiser, saved and restored with checkpoints: the method's (GRPO's
+        # round in progress) and a moving reference (--sync_ref_model, updated after each step)
+        hooks = tuple(batches.hooks) + ((batches.reference,) if sync is not None else ())
+        objective = dataclasses.replace(method.objective(batches.reference, cfg), hooks=hooks)
+        state = loop.train(cfg, model=model, objective=objective,
                            train_rows=batches.train, eval_rows=batches.eval, collate=batches.collate,
                            run_dir=out.run_dir, save_model=save_model_fn(prepared.tokenizer), trackers=out.trackers,
                            args_extra=out.args_extra)

@@ -5,6 +5,7 @@ ORPO) and kto.py import from here; this module imports no method, so there is no
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -65,6 +66,47 @@ class Reference:
     describe: str
     model: Any = None
     calls: int = field(default=0)
+    sync_steps: int = 0       # --sync_ref_model: optimiser steps between updates (0: the reference stays fixed)
+    alpha: float = 0.6        # --ref_model_mixup_alpha
+
+    # a checkpoint's copy of a moving reference (resume restores it); in a subfolder, so that nothing that reads
+    # the checkpoint's own *.safetensors as the policy's weights picks it up
+    SYNC_FILE = os.path.join("reference", "model.safetensors")
+
+    def after_step(self, policy, step: int) -> None:
+        """TR-DPO's reference update (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
+        Alignment", eq. 5; TRL's SyncRefModelCallback): every `sync_steps` optimiser steps,
+        θ_ref ← α·θ_policy + (1 − α)·θ_ref, parameter by parameter, in place."""
+        import torch
+
+        if not self.sync_steps or step % self.sync_steps:
+            return
+        mine = dict(unwrap(policy).named_parameters())
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                src = mine[name]
+                p.mul_(1.0 - self.alpha).add_(src.detach().to(device=p.device, dtype=p.dtype), alpha=self.alpha)
+
+    def save(self, path: str) -> None:
+        """A moving reference is part of the training state: its weights go into the checkpoint folder."""
+        from safetensors.torch import save_model
+
+        if self.sync_steps:
+            os.makedirs(os.path.join(path, os.path.dirname(self.SYNC_FILE)), exist_ok=True)
+            save_model(self.model, os.path.join(path, self.SYNC_FILE))
+
+    def load(self, path: str) -> None:
+        """Restore the reference saved by `save` (raises ConfigError when the checkpoint lacks it)."""
+        from safetensors.torch import load_model as load_weights
+
+        if not self.sync_steps:
+            return
+        f = os.path.join(path, self.SYNC_FILE)
+        if not os.path.isfile(f):
+            raise ConfigError(f"--resume_from_checkpoint {path}: no {self.SYNC_FILE} in it, so the reference "
+                              f"--sync_ref_model moved cannot be restored (was the checkpoint saved without "
+                              f"--sync_ref_model?); resume without --sync_ref_model, or from a checkpoint of this run")
+        load_weights(self.model, f, device=str(next(self.model.parameters()).device))
 
     def logps(self, policy, batch: dict):
         """Reference log-probs of the batch's sequences (no gradient). Called before the policy's forward pass
@@ -98,12 +140,15 @@ class Reference:
         raise RuntimeError(f"no reference log-probs for reference kind {self.kind!r}")
 
 
-def setup_reference(model_cfg, ref_model: Optional[str], ref_adapters_flag: list, model, tokenizer) -> Reference:
+def setup_reference(model_cfg, ref_model: Optional[str], ref_adapters_flag: list, model, tokenizer,
+                    sync: Optional[tuple[int, float]] = None) -> Reference:
     """The reference for this run (model slice plus the method's --ref_model/--ref_adapters), never the policy
     itself and never silently the raw base when training continues from an SFT adapter: with LoRA the adapter
     switched off, or a frozen copy of --ref_adapters / the --adapters start; with full training a frozen copy of
-    --ref_model (default --model). Raises ConfigError for a reference that is not separate from the policy, or
-    flags that do not fit the train type."""
+    --ref_model (default --model). sync: (--ref_model_sync_steps, --ref_model_mixup_alpha) with --sync_ref_model
+    (full training only; checked by config.check). Raises ConfigError for a reference that is not separate from
+    the policy, one whose parameters differ from the policy's when syncing, or flags that do not fit the train
+    type."""
     if model_cfg.train_type == "lora":
         if ref_model:
             raise ConfigError("--ref_model is for full training. With LoRA the reference is the base model with the "
@@ -143,7 +188,24 @@ def setup_reference(model_cfg, ref_model: Optional[str], ref_adapters_flag: list
     ref.eval()
     ref.requires_grad_(False)
     _check_separate(model, ref)
-    return Reference("model", describe, model=ref)
+    reference = Reference("model", describe, model=ref)
+    if sync is not None:
+        _check_mixable(model, ref, ref_path)
+        steps, alpha = sync
+        reference = Reference("model", describe + f", moved towards the policy every {steps} steps "
+                              f"(α = {alpha:g})", model=ref, sync_steps=steps, alpha=alpha)
+    return reference
+
+
+def _check_mixable(policy, ref, ref_path: str) -> None:
+    """--sync_ref_model mixes parameters by name: the reference must have exactly the policy's (names, shapes)."""
+    mine = {n: tuple(p.shape) for n, p in unwrap(policy).named_parameters()}
+    theirs = {n: tuple(p.shape) for n, p in ref.named_parameters()}
+    if mine != theirs:
+        diff = sorted(set(mine.items()) ^ set(theirs.items()))
+        raise ConfigError(f"--sync_ref_model: the reference {ref_path} does not have the policy's parameters "
+                          f"(first difference: {diff[0][0]} {diff[0][1]}), so the policy cannot be mixed into it; "
+                          f"use a --ref_model of the same architecture and size, or drop --sync_ref_model")
 
 
 def _check_separate(policy, ref) -> None:

@@ -2,11 +2,12 @@
 conversation, trained on preference pairs so that the chosen reply scores above the rejected one.
 
 Loss per pair (Bradley–Terry, as in InstructGPT, Ouyang et al. 2022, eq. 1, and TRL's RewardTrainer):
-−log σ(r_c − r_r), plus --center_rewards_coefficient · (r_c + r_r)² (Eisenstein et al. 2023, arXiv:2312.09244),
+−log σ(r_c − r_r − m) with m the pair's `margin` column (Llama 2, Touvron et al. 2023, eq. 2; 0 when absent), plus --center_rewards_coefficient · (r_c + r_r)² (Eisenstein et al. 2023, arXiv:2312.09244),
 which keeps rewards near 0. r is the head's output at the sequence's last token (transformers' own pooling, so
 the trained model scores the same way when loaded with AutoModelForSequenceClassification). With LoRA the score
 head is trained in full (peft's SEQ_CLS task); the saved checkpoint loads in transformers (with peft installed)
-and serves as GRPO's --reward_model. Metrics: accuracy (share of pairs with r_c > r_r), margin, mean rewards.
+and serves as GRPO's --reward_model. Metrics, under ms-swift's names: rewards/accuracies (share of pairs with
+r_c > r_r), rewards/margins (mean r_c − r_r), rewards/chosen, rewards/rejected, center_rewards_loss.
 """
 from __future__ import annotations
 
@@ -27,26 +28,38 @@ def sequence_rewards(model, batch: dict):
 
 
 def rm_loss(method: "RewardModel", model, batch: dict) -> tuple[dict, dict]:
-    """({"pairs": summed per-pair loss (nats)}, summed statistics) for one batch of pairs."""
+    """({"pairs": summed per-pair loss (nats)}, summed statistics) for one batch of B pairs: rewards r [2B] from
+    `sequence_rewards`, the optional `margin` [B] (ms-swift's reward_trainer.py: −log σ(r_c − r_r − m))."""
     import torch.nn.functional as F
 
     n = batch["n_pairs"]
     r = sequence_rewards(model, batch)
     chosen, rejected = r[:n], r[n:]
-    per_pair = -F.logsigmoid(chosen - rejected)
+    diff = chosen - rejected
+    if batch.get("margin") is not None:
+        diff = diff - batch["margin"].to(device=diff.device, dtype=diff.dtype)
+    per_pair = -F.logsigmoid(diff)
+    stats = {}
     if method.center_rewards_coefficient:
-        per_pair = per_pair + method.center_rewards_coefficient * (chosen + rejected) ** 2
+        center = method.center_rewards_coefficient * (chosen + rejected) ** 2
+        per_pair = per_pair + center
+        stats["center"] = float(center.detach().sum())
     c, rj = chosen.detach(), rejected.detach()
-    stats = {"pairs": n, "correct": float((c > rj).sum()), "margin": float((c - rj).sum()),
-             "chosen": float(c.sum()), "rejected": float(rj.sum())}
+    stats.update({"pairs": n, "correct": float((c > rj).sum()), "margin": float((c - rj).sum()),
+                  "chosen": float(c.sum()), "rejected": float(rj.sum())})
     return {"pairs": per_pair.sum()}, stats
 
 
 def rm_metrics(st: dict) -> dict:
-    """Means over pairs, named as TRL's RewardTrainer logs them: accuracy, margin, rewards/chosen, rewards/rejected."""
+    """Means over pairs, under ms-swift's RewardTrainer names: rewards/accuracies, rewards/margins (r_c − r_r),
+    rewards/chosen, rewards/rejected, and center_rewards_loss with --center_rewards_coefficient."""
     n = max(st.get("pairs", 0), 1)
-    return {"accuracy": round(st.get("correct", 0) / n, 4), "margin": round(st.get("margin", 0) / n, 6),
-            "rewards/chosen": round(st.get("chosen", 0) / n, 6), "rewards/rejected": round(st.get("rejected", 0) / n, 6)}
+    out = {"rewards/accuracies": round(st.get("correct", 0) / n, 4),
+           "rewards/margins": round(st.get("margin", 0) / n, 6),
+           "rewards/chosen": round(st.get("chosen", 0) / n, 6), "rewards/rejected": round(st.get("rejected", 0) / n, 6)}
+    if "center" in st:
+        out["center_rewards_loss"] = round(st["center"] / n, 6)
+    return out
 
 
 @dataclass(frozen=True)
@@ -102,9 +115,15 @@ class RewardModel:
 
 
 def _collate(rows, pad_id: int) -> dict:
+    """Pairs → pair_collate's batch, plus `margin` [B] when some pair has one (0 for those without)."""
+    import torch
+
     from tunesmith.train.pairs import Pair
 
-    return pair_collate([Pair(c, r) for c, r in rows], pad_id, "right")
+    batch = pair_collate([Pair(c, r) for c, r in rows], pad_id, "right")
+    if any(c.margin is not None for c, _ in rows):
+        batch["margin"] = torch.tensor([c.margin or 0.0 for c, _ in rows], dtype=torch.float32)
+    return batch
 
 
 class RewardModelScorer:

@@ -83,6 +83,23 @@ def completion_logps(model, batch: dict, temperature: float = 1.0):
     return out.masked_scatter(cmask.bool(), flat)
 
 
+def completion_logps_and_entropy(model, batch: dict, temperature: float = 1.0):
+    """(`completion_logps` [B, C], the entropy [B, C] of each completion token's distribution softmax(logits / T)
+    in nats, without gradient), both from one forward; 0 where the completion mask is 0. The entropy is TRL's and
+    ms-swift's (entropy_from_logits on the temperature-scaled logits), for --top_entropy_quantile and the
+    entropy/* metrics."""
+    import torch
+
+    from tunesmith.train.token_logps import token_logps
+
+    keep = batch["completion_mask"].bool()
+    out = token_logps(model, batch, temperature=temperature, entropy=True)
+    logps = torch.zeros(keep.shape, dtype=out.logps.dtype, device=out.logps.device).masked_scatter(keep, out.logps)
+    entropy = torch.zeros(keep.shape, dtype=torch.float32, device=out.entropy.device).masked_scatter(keep,
+                                                                                                     out.entropy)
+    return logps, entropy
+
+
 def generation_batch_problem(per_step: int, steps: int, g: int) -> str:
     """The message for a generation batch that does not hold whole groups of G completions."""
     return (f"the generation batch ({per_step} completions per micro-batch x {steps} micro-batches per generation "
@@ -112,8 +129,7 @@ class Rollouts:
     sampled with its own seed (from --seed, the epoch, r, j and k), so a round depends only on the weights it
     starts from."""
 
-    def __init__(self, method, prompts, model, tokenizer, reference, cfg):
-        from tunesmith.infer import ChatEngine
+    def __init__(self, method, prompts, model, tokenizer, reference, cfg, model_dir: Optional[str] = None):
         from tunesmith.rewards import load_reward_functions
         from tunesmith.train.rm import reward_model_functions
 
@@ -133,12 +149,60 @@ class Rollouts:
                                                               method.reward_args, tokenizer)
                                         + reward_model_functions(list(method.reward_models)))
         self.max_steps, self.gas = cfg.optim.max_steps, gas
-        self.chat = ChatEngine(model, tokenizer, system=cfg.data.system, max_batch_size=self.round_size,
-                               max_model_len=cfg.data.max_length)
+        self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm else None
+        self.chat = self._chat(cfg)
         self.seed = cfg.optim.seed
         self.log_path: Optional[str] = None
         self.rounds_done = 0
         self.said_flat = False  # the note on a round without any reward differences is given once
+        self.said_resample = False  # and the one on a round --dynamic_sample could not fill
+        self.said_truncated = False  # and the one on a round --overlong_filter leaves empty
+        self.training, self.weights, self.evaluations = True, ("round", 0), 0
+        self.current: Optional[tuple] = None      # (epoch seed, round, its units): the round being trained
+        self.saved_round: Optional[dict] = None   # a checkpoint's round in progress, until its epoch reaches it
+
+    def _chat(self, cfg):
+        """The chat engine the rounds generate with: tunesmith's own over the policy, or vLLM (--use_vllm)."""
+        from tunesmith.infer import ChatEngine
+
+        if self.vllm is None:
+            return ChatEngine(self.model, self.tok, system=cfg.data.system, max_batch_size=self.round_size,
+                              max_model_len=cfg.data.max_length)
+        return self.vllm.chat(self.tok, cfg)
+
+    # ------------------------------------------------------------------ checkpoints (loop.Objective.hooks)
+
+    ROUND_FILE = "grpo_round.json"  # the round in progress: a checkpoint inside it resumes it exactly
+
+    def after_step(self, model, step: int) -> None:
+        """Nothing moves here between steps (rounds start when the loop reads them)."""
+
+    def save(self, path: str) -> None:
+        """The round being trained (its completions, advantages and log-probs, computed from the weights it
+        started with) goes into the checkpoint: with several steps per round (--steps_per_generation,
+        --num_iterations) a resume inside it trains on exactly these, not on a round sampled again."""
+        from dataclasses import asdict
+
+        from tunesmith.runs import write_json_atomic
+
+        if self.current is not None:
+            seed, r, units = self.current
+            write_json_atomic(os.path.join(path, self.ROUND_FILE),
+                              {"epoch_seed": seed, "round": r, "units": [asdict(u) for u in units]})
+
+    def load(self, path: str) -> None:
+        """Keep the checkpoint's round in progress for `epoch` (absent in checkpoints of older runs: then the
+        round is sampled again, with a note)."""
+        f = os.path.join(path, self.ROUND_FILE)
+        if os.path.isfile(f):
+            with open(f, encoding="utf-8") as fh:
+                self.saved_round = json.load(fh)
+
+    def _resumed_round(self, seed: int, r: int) -> Optional[list]:
+        saved, self.saved_round = self.saved_round, None
+        if saved is None or (saved["epoch_seed"], saved["round"]) != (seed, r):
+            return None
+        return [Unit(**u) for u in saved["units"]]
 
     def log_to(self, run_dir: str) -> None:
         """--log_completions: append every round's rollouts to run_dir/completions.jsonl."""
@@ -160,13 +224,16 @@ class Rollouts:
                 skip_units -= per_round_units
                 self.rounds_done += 1
                 continue
-            if skip_units:
-                note(f"resuming inside a generation round ({skip_units} of its {per_round_units} completions "
-                     f"already trained): the round is generated again from the checkpoint's weights, so from here "
-                     f"the run is not the uninterrupted one (with one round per step — the default "
-                     f"--steps_per_generation and --num_iterations 1 — checkpoints fall between rounds and resume "
-                     f"is exact)")
-            units = self._round([self.prompts[i] for i in chunk], seed, r)
+            units = self._resumed_round(seed, r) if skip_units else None
+            if units is None:
+                if skip_units:
+                    note(f"resuming inside a generation round ({skip_units} of its {per_round_units} completions "
+                         f"already trained) from a checkpoint that does not hold the round: it is generated again "
+                         f"from the checkpoint's weights, so from here the run is not the uninterrupted one")
+                units = self._round([self.prompts[i] for i in chunk], seed, r)
+            else:
+                self.rounds_done += 1
+            self.current = (seed, r, units)
             for _ in range(self.method.num_iterations):
                 for u in units[skip_units:]:
                     yield u
@@ -174,22 +241,30 @@ class Rollouts:
 
     # ------------------------------------------------------------------ one round
 
-    def _round(self, prompts: list[dict], seed: int, r: int) -> list:
+    def _round(self, prompts: list[dict], seed: int, r: int, training: bool = True) -> list:
         """Generate, score and weigh one round's completions (see train/grpo.py). Under several processes each
         rank generates the groups of prompts j ≡ rank (mod processes), with the same per-completion seeds as one
         process would; the groups are then gathered in prompt order on every rank, and the advantages computed
-        over the whole round, so every rank holds the same round (the loop gives each its slice of each batch)."""
+        over the whole round, so every rank holds the same round (the loop gives each its slice of each batch).
+        training False (validation, `evaluation_units`): no dynamic sampling, completions log or round count."""
         from tunesmith.train import distributed as D
 
-        world, rank = D.world_size(), D.rank()
-        mine = [j for j in range(len(prompts)) if j % world == rank]
-        local = self._groups(prompts, mine, seed, r)
-        groups = sorted((g for part in D.gather(local) for g in part), key=lambda g: g[0])
+        self.training = training
+        if training:
+            self.weights = ("round", self.rounds_done)
+        groups = self._gathered_groups(prompts, seed, r)
+        if self.method.dynamic_sample and training:
+            groups, prompts = self._dynamic_sample(groups, prompts, seed, r)
         units = [u for _, us, _, _ in groups for u in us]
         per_func = [row for _, _, rows, _ in groups for row in rows]
         advantages, combined = self._advantages(per_func)
         zero_std = self._zero_std(combined)
-        if all(zero_std) and not self.said_flat:
+        if training and not any(u.trained for u in units) and not self.said_truncated:
+            self.said_truncated = True
+            note(f"GRPO: every completion of this round reached --max_completion_length "
+                 f"{self.method.max_completion_length}, and --overlong_filter leaves truncated completions out of "
+                 f"the loss, so the round trains nothing; raise --max_completion_length (or drop --overlong_filter)")
+        if all(zero_std) and not self.said_flat and training:
             self.said_flat = True
             note("GRPO: in this round every group's completions got the same reward, so every advantage is 0 and "
                  "nothing is learned from it; if this persists (frac_reward_zero_std 1.0), the reward functions "
@@ -201,10 +276,67 @@ class Rollouts:
         # per-round extremes ride on the round's first unit; the metrics average them over the rounds logged
         lengths = [len(u.completion_ids) for u in units]
         units[0].stats.update({"rounds": 1, "round_min_length": min(lengths), "round_max_length": max(lengths)})
-        if D.is_main():
+        if D.is_main() and training:
             self._log(prompts, [t for _, _, _, texts in groups for t in texts], per_func, combined, advantages)
-        self.rounds_done += 1
+        if training:
+            self.rounds_done += 1
         return units
+
+    def evaluation_units(self, prompts: list[dict]) -> list:
+        """GRPO's validation (--val_dataset / --split_dataset_ratio, as ms-swift evaluates GRPO): G completions of
+        every validation prompt sampled with the policy's weights now — the same seeds at every evaluation, so
+        evaluations differ by the weights only — scored, with their advantages. The loop's evaluate_objective turns
+        them into eval_loss, eval_reward, eval_rewards/<function>/mean, eval_completions/mean_length, …"""
+        self.evaluations += 1
+        self.weights = ("eval", self.evaluations)
+        per, units = self.prompts_per_round, []
+        for r in range(math.ceil(len(prompts) / per)):
+            units += self._round(prompts[r * per:(r + 1) * per], self.seed + 7_919, r, training=False)
+        return units
+
+    def _gathered_groups(self, prompts: list[dict], seed: int, key: int) -> list:
+        """Every process's `_groups` of these prompts (process p generates prompts j ≡ p mod processes), gathered
+        on every rank in prompt order. key: the seeds' round number."""
+        from tunesmith.train import distributed as D
+
+        world, rank = D.world_size(), D.rank()
+        mine = [j for j in range(len(prompts)) if j % world == rank]
+        local = self._groups(prompts, mine, seed, key)
+        return sorted((g for part in D.gather(local) for g in part), key=lambda g: g[0])
+
+    def _dynamic_sample(self, groups: list, prompts: list[dict], seed: int, r: int) -> tuple[list, list]:
+        """DAPO's dynamic sampling (Yu et al. 2025, "DAPO", §3.2; ms-swift's --dynamic_sample): groups whose
+        completions all got the same reward teach nothing, so they are replaced by the groups of further prompts
+        — drawn from the dataset with seeds of (--seed, round, attempt), so a resumed run draws the same — up to
+        --max_resample_times times. When the round is still not full of informative groups, it is trained as
+        first generated (as ms-swift; a note says so once). Returns (groups, their prompts)."""
+        m, need = self.method, len(groups)
+        kept = [(g, prompts[g[0]]) for g in groups if not self._flat(g[2])]
+        for a in range(m.max_resample_times):
+            if len(kept) >= need:
+                break
+            pick = random.Random(f"{seed}/{r}/{a}").choices(range(len(self.prompts)), k=need)
+            extra = [self.prompts[i] for i in pick]
+            more = self._gathered_groups(extra, seed, r + (a + 1) * 1_000_003)
+            kept += [(g, extra[g[0]]) for g in more if not self._flat(g[2])]
+        if len(kept) < need:
+            if not self.said_resample:
+                self.said_resample = True
+                note(f"GRPO --dynamic_sample: after {m.max_resample_times} resamplings a round still had fewer "
+                     f"than {need} groups whose rewards differ; such rounds are trained as first generated "
+                     f"(raise --max_resample_times, or check the rewards)")
+            return groups, prompts
+        kept = kept[:need]
+        return [(k, *g[1:]) for k, (g, _) in enumerate(kept)], [p for _, p in kept]
+
+    def _flat(self, rows: list) -> bool:
+        """Whether one group's rewards [G][F] combine to the same total for every completion."""
+        import torch
+
+        from tunesmith.train import losses as L
+
+        combined = L.combine_rewards(torch.tensor(rows, dtype=torch.float64), list(self.method.reward_weights))
+        return bool(combined.max() - combined.min() < 1e-12)
 
     def _groups(self, prompts: list[dict], which: list[int], seed: int, r: int) -> list:
         """[(j, the G units of prompt j, their rewards [G][F], their texts)] for the prompts `which` of the round:
@@ -249,12 +381,13 @@ class Rollouts:
         from tunesmith.infer import GenConfig
 
         m, g = self.method, self.method.num_generations
+        adapter = self.vllm.sync(self.weights) if self.vllm is not None else None
         handles = []
         for j, prompt in ids.items():
             base = (seed * 1_000_003 + r * 65_537 + j * g) % (2 ** 31)
             cfg = GenConfig(max_new_tokens=m.max_completion_length, temperature=m.temperature, top_p=m.top_p,
                             top_k=m.top_k, repetition_penalty=m.repetition_penalty, seed=base)
-            handles += [self.chat.engine.submit(prompt, self.chat.sampling(cfg, k)) for k in range(g)]
+            handles += [self.chat.engine.submit(prompt, self.chat.sampling(cfg, k), adapter) for k in range(g)]
         out = [h.result() for h in handles]
         for c in out:
             if c.error is not None:
@@ -306,7 +439,7 @@ class Rollouts:
         import torch
 
         m = self.method
-        need_old = self.need_old
+        need_old = self.need_old and self.training  # validation trains nothing: its ratio is 1
         need_ref = self.reference is not None and m.beta != 0
         if not (need_old or need_ref):
             return
@@ -338,3 +471,89 @@ class Rollouts:
                                      "completion": text,
                                      "rewards": {n: (None if math.isnan(v) else v) for n, v in zip(names, per_func[i])},
                                      "reward": combined[i], "advantage": advantages[i]}, ensure_ascii=False) + "\n")
+
+
+class ValidationRollouts:
+    """The validation prompts as the loop's eval rows: `fresh()` samples and scores their completions anew at each
+    evaluation (Rollouts.evaluation_units); len() is the number of completions an evaluation trains nothing on."""
+
+    def __init__(self, rollouts: Rollouts, prompts: list[dict]):
+        self.rollouts, self.prompts = rollouts, prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts) * self.rollouts.method.num_generations
+
+    def fresh(self) -> list:
+        """This evaluation's units (`Unit`s, in prompt order)."""
+        return self.rollouts.evaluation_units(self.prompts)
+
+
+class VllmSync:
+    """GRPO's rollouts through vLLM in the training process (ms-swift's --vllm_mode colocate with
+    --vllm_enable_lora): vLLM holds the base model; before each round the policy's LoRA adapter is saved to a
+    temporary folder and served under a new adapter id, so every round samples from the weights it starts from.
+
+    The engine is tunesmith.backends.VllmEngine (the one `--infer_backend vllm` serves with), built from the
+    --vllm_* flags; its folders are removed when the round after has its own, and the last at exit."""
+
+    def __init__(self, model, cfg, model_dir: str):
+        import atexit
+        import tempfile
+
+        self.model, self.args, self.model_dir = model, cfg.args, model_dir
+        self.root = tempfile.mkdtemp(prefix="tunesmith-vllm-lora-")
+        self.engine = None
+        self.current: Optional[str] = None
+        self.weights: Optional[tuple] = None  # what the current adapter was saved from
+        self.synced = 0
+        atexit.register(self.close)
+
+    def _save(self, n: int) -> tuple[str, str]:
+        name = f"policy-{n}" if n >= 0 else "policy-initial"
+        path = os.path.join(self.root, name)
+        self.model.save_pretrained(path, selected_adapters=["default"], safe_serialization=True)
+        return name, path
+
+    def chat(self, tokenizer, cfg):
+        """A ChatEngine over a VllmEngine that starts with the policy's adapter as it is now."""
+        from tunesmith.backends import VllmEngine
+        from tunesmith.infer import ChatEngine, stop_token_ids
+        from tunesmith.data.encode import ChatEncoder
+        from tunesmith.reply import OutputParser
+
+        name, path = self._save(-1)  # vLLM starts with LoRA on; each round then brings its own adapter
+        stop = stop_token_ids(self.model, tokenizer, ChatEncoder(tokenizer, system=cfg.data.system),
+                              OutputParser(tokenizer).reasoning_style)
+        self.engine = VllmEngine(self.args, self.model_dir, tokenizer, stop, {name: path},
+                                 max_model_len=cfg.data.max_length)
+        self.current = name
+        return ChatEngine(None, tokenizer, system=cfg.data.system, engine=self.engine,
+                          generation_config=getattr(self.model, "generation_config", None),
+                          config=getattr(self.model, "config", None))
+
+    def sync(self, weights: tuple) -> str:
+        """Hand the policy's current adapter to vLLM, once per state of the weights (`weights`: ("round", r) for a
+        training round — its dynamic-sampling prompts included — or ("eval", n)); returns the adapter name to
+        request. Saved afresh for each: a resumed run's first round must not sample from the weights the engine
+        was built with."""
+        import shutil
+
+        if weights == self.weights:
+            return self.current
+        self.synced += 1
+        name, path = self._save(self.synced)
+        self.engine.add_adapter(name, path)
+        if self.current not in (None, name):
+            self.engine.remove_adapter(self.current)
+            shutil.rmtree(os.path.join(self.root, self.current), ignore_errors=True)
+        self.current, self.weights = name, weights
+        return name
+
+    def close(self) -> None:
+        """Shut vLLM down and remove the adapter folders."""
+        import shutil
+
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from tunesmith import __version__
 from tunesmith.data.encode import ChatEncoder
-from tunesmith.data.load import LoadResult, load_datasets, write_jsonl
+from tunesmith.data.load import LoadResult, load_datasets, split_train_val, write_jsonl
 from tunesmith.data.store import cache_root
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.log import note
@@ -36,6 +36,7 @@ class Batches:
     collate: Any
     reference: Any = None
     on_run_dir: Any = None  # called with the run directory once it exists (GRPO's completions log)
+    hooks: tuple = ()       # training state the checkpoints carry (loop.Objective.hooks): GRPO's round in progress
 
 
 @dataclass
@@ -116,18 +117,31 @@ def _prompts(data, model, method, model_dir: str, tok, encoder, max_length) -> P
     """The prompts of a method that generates its own completions (GRPO): --dataset loaded whole (rows without a
     reply are fine), each row's other columns kept for the reward functions, shaped by the method
     (`prompt_record`). Raises DataError (bad rows under --strict true, or no prompt left)."""
-    loaded = load_datasets(data.dataset, strict=data.strict, columns=data.columns, seed=data.data_seed,
-                           need_reply=False, use_hf=model.use_hf, hub_token=model.hub_token, keep_columns=True)
-    prompts = method.shape_records(loaded)
-    if not prompts.records:
-        raise DataError(" ".join(data.dataset), None, "", "no usable prompts; first reasons:\n  "
-                        + "\n  ".join(prompts.reasons))
-    if prompts.dropped:
-        note(f"--dataset: {prompts.dropped} bad row(s) dropped (--strict false); first reasons:\n  "
-             + "\n  ".join(prompts.reasons))
-    stats = {"train_rows": len(prompts.records), "val_rows": 0, "dropped_bad": prompts.dropped,
+    def load(specs, what: str):
+        """The prompts of `specs` (DataError when none is usable; bad rows dropped under --strict false)."""
+        loaded = load_datasets(specs, strict=data.strict, columns=data.columns, seed=data.data_seed,
+                               need_reply=False, use_hf=model.use_hf, hub_token=model.hub_token, keep_columns=True)
+        prompts = method.shape_records(loaded)
+        if not prompts.records:
+            raise DataError(" ".join(specs), None, "", "no usable prompts; first reasons:\n  "
+                            + "\n  ".join(prompts.reasons))
+        if prompts.dropped:
+            note(f"{what}: {prompts.dropped} bad row(s) dropped (--strict false); first reasons:\n  "
+                 + "\n  ".join(prompts.reasons))
+        return prompts
+
+    prompts = load(data.dataset, "--dataset")
+    val, split = LoadResult([], []), None
+    if data.val_dataset:
+        val = load(data.val_dataset, "--val_dataset")
+    elif data.split_dataset_ratio > 0:
+        prompts, val = split_train_val(prompts, data.split_dataset_ratio, data.data_seed)
+        # written into the run as val_dataset.jsonl, as for the other methods: rows that read back as these prompts
+        split = LoadResult([{"messages": r["messages"], **({"tools": r["tools"]} if r.get("tools") else {}),
+                             **r["columns"]} for r in val.records], [])
+    stats = {"train_rows": len(prompts.records), "val_rows": len(val.records), "dropped_bad": prompts.dropped,
              "max_length": max_length}
-    return Prepared(model_dir, tok, encoder, prompts.records, [], None, stats)
+    return Prepared(model_dir, tok, encoder, prompts.records, val.records, split, stats)
 
 
 def _encoded(data, model, method, encoder, path: str, max_length):

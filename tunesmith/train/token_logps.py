@@ -43,18 +43,29 @@ class TokenLogps:
     correct: torch.Tensor      # [N] argmax == label (no gradient)
     logits_mean: torch.Tensor  # [N] the vocabulary-mean logit (no gradient; DPO's logits/* metrics)
     aux_loss: Any = None       # MoE router loss from the plain path
+    entropy: Optional[torch.Tensor] = None  # [N] nats, H(softmax(logits / T)), no gradient; only when asked (GRPO)
+
+
+def _entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy [n] (nats, float32) of softmax(logits) for logits [n, V] (float32) whose logsumexp is lse
+    [n]: H = −Σ p·log p with log p = logits − lse (TRL's and ms-swift's entropy_from_logits). log p is clamped to the
+    float32 minimum so that a −inf logit contributes 0, not NaN."""
+    logp = (logits - lse[:, None]).clamp_(min=torch.finfo(torch.float32).min)
+    return -(logp.exp().mul_(logp)).sum(-1)
 
 
 class ChunkedLogps(torch.autograd.Function):
-    """log softmax(h Wᵀ)[target] for rows of h, chunk by chunk, with the logits recomputed in backward."""
+    """log softmax(h Wᵀ)[target] for rows of h, chunk by chunk, with the logits recomputed in backward; with
+    `entropy`, also each row's entropy from the same chunk's logits (no gradient; otherwise an empty tensor)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int):
+    def forward(ctx, hidden, weight, targets, chunk: int, entropy: bool = False):
         n = hidden.shape[0]
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
         correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
         mean = torch.empty_like(logps)
+        ent = torch.empty(n if entropy else 0, dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk):
             logits = (hidden[s:s + chunk] @ weight.t()).float()
             lse[s:s + chunk] = torch.logsumexp(logits, -1)
@@ -62,13 +73,15 @@ class ChunkedLogps(torch.autograd.Function):
             logps[s:s + chunk] = logits.gather(-1, t[:, None]).squeeze(-1) - lse[s:s + chunk]
             correct[s:s + chunk] = logits.argmax(-1) == t
             mean[s:s + chunk] = logits.mean(-1)
+            if entropy:
+                ent[s:s + chunk] = _entropy(logits, lse[s:s + chunk])
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
-        ctx.mark_non_differentiable(correct, mean)
-        return logps, correct, mean
+        ctx.mark_non_differentiable(correct, mean, ent)
+        return logps, correct, mean, ent
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_correct, _grad_mean):
+    def backward(ctx, grad_logps, _grad_correct, _grad_mean, _grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
         chunk = ctx.chunk
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -85,7 +98,7 @@ class ChunkedLogps(torch.autograd.Function):
                 grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if want_w:
                 grad_w += g.t() @ h.float()
-        return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None
+        return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None, None
 
 
 def chunked_head(model):
@@ -177,10 +190,14 @@ def _inputs(batch: dict, model) -> dict:
     return kw
 
 
-def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature: float = 1.0) -> TokenLogps:
+def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature: float = 1.0,
+                entropy: bool = False) -> TokenLogps:
     """Log-probs of every trained (label != -100) position of the batch; chunked unless told or unable.
     temperature: of the distribution the tokens were sampled from (GRPO): log softmax(logits / T), as TRL's and
-    ms-swift's GRPOTrainer (the hidden state is divided, never the [V, H] output weight)."""
+    ms-swift's GRPOTrainer (the hidden state is divided, never the [V, H] output weight).
+    entropy: also `TokenLogps.entropy` [N], H(softmax(logits / T)) in nats at each trained position, without
+    gradient, from the same forward and still `chunk` rows at a time (GRPO's entropy metrics and
+    --top_entropy_quantile, TRL's entropy_from_logits); off, nothing extra is computed."""
     labels = batch["labels"]
     b, t = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
     t = t + 1                                       # the trained positions, row-major
@@ -198,11 +215,17 @@ def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature:
         if temperature != 1.0:
             hidden = hidden / temperature
         chunk = max(1, CHUNK_FLOATS // weight.shape[0])
-        logps, correct, mean = ChunkedLogps.apply(hidden, weight, target, chunk)
-        return TokenLogps(logps, rows, n_seq, correct, mean)
+        logps, correct, mean, ent = ChunkedLogps.apply(hidden, weight, target, chunk, entropy)
+        return TokenLogps(logps, rows, n_seq, correct, mean, entropy=ent if entropy else None)
     out = model(**_inputs(batch, model))
     picked = out.logits[b, src].float() / temperature
-    logps = picked.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(picked, -1)
+    lse = torch.logsumexp(picked, -1)
+    logps = picked.gather(-1, target[:, None]).squeeze(-1) - lse
+    ent = None
     with torch.no_grad():
         correct, mean = picked.argmax(-1) == target, picked.mean(-1)
-    return TokenLogps(logps, rows, n_seq, correct, mean, getattr(out, "aux_loss", None))
+        if entropy:
+            chunk = max(1, CHUNK_FLOATS // picked.shape[-1])
+            ent = torch.cat([_entropy(picked[s:s + chunk], lse[s:s + chunk])
+                             for s in range(0, picked.shape[0], chunk)]) if picked.shape[0] else lse.detach()
+    return TokenLogps(logps, rows, n_seq, correct, mean, getattr(out, "aux_loss", None), ent)
