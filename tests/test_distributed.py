@@ -212,3 +212,18 @@ def test_note_speaks_on_rank_zero_only(monkeypatch, capsys):
 def test_parallelism_describes_the_run():
     assert not hasattr(D, "Engine")  # named apart from the generation engine
     assert D.Parallelism("ddp", 2, 1).main is False and D.Parallelism("single", 1, 0).main
+
+
+@pytest.mark.slow
+def test_deepspeed_without_torchrun_runs_as_one_process(tiny_models, tmp_path):
+    """`tunesmith sft --deepspeed zero3` started without a launcher (one GPU, as ms-swift users run ZeRO-3 offload):
+    it is set up as `torchrun --nproc_per_node 1` would set it up — it used to end in DeepSpeed's mpi4py
+    traceback — and trains as the plain run does."""
+    pytest.importorskip("deepspeed")
+    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *DATA, "--max_steps", "2", "--logging_steps", "1",
+              "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to", "none",
+              "--train_type", "full", "--learning_rate", "1e-4"]
+    _run([*common, "--deepspeed", "zero3", "--output_dir", str(tmp_path / "ds")], nproc=1)
+    _run([*common, "--output_dir", str(tmp_path / "plain")], nproc=1)
+    assert _losses(_run_dir(str(tmp_path / "ds"))) == pytest.approx(_losses(_run_dir(str(tmp_path / "plain"))),
+                                                                    abs=1e-5)

@@ -27,15 +27,30 @@ from tunesmith.model import default_device
 DEEPSPEED_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 
 
-def init_process_group() -> None:
+def init_process_group(deepspeed: bool = False) -> None:
     """Join the process group torchrun described (gloo on CPU, nccl on GPUs), once, before models are loaded so each
-    rank uses its own GPU."""
+    rank uses its own GPU. deepspeed: a run started without torchrun is set up as `torchrun --nproc_per_node 1`
+    would set it up (a group of one process), since DeepSpeed needs one and would otherwise look for an MPI
+    launcher."""
     import torch
     import torch.distributed as dist
 
-    if world_size() <= 1 or dist.is_initialized():
+    if dist.is_initialized():
         return
     gpu = default_device().type == "cuda"
+    if world_size() <= 1:
+        if deepspeed:
+            # what `torchrun --nproc_per_node 1` would set: DeepSpeed reads LOCAL_RANK itself
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                               ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+                os.environ.setdefault(key, value)
+            dist.init_process_group("nccl" if gpu else "gloo")
+        return
     if gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if gpu else "gloo")

@@ -74,7 +74,7 @@ def main(args) -> dict:
     from tunesmith.train.reference import setup_reference
 
     method = check(args, method_for(args))  # every flag problem at once, before torch is imported
-    D.init_process_group()  # under torchrun: join the other processes
+    D.init_process_group(deepspeed=bool(args.deepspeed))  # under torchrun: join the other processes
     cfg = resolve(args, method, D.world_size(), cuda=default_device().type == "cuda")
     prepared = prepare_data(cfg.data, cfg.model, method)
     model, param_info = prepare_model(cfg.model, prepared.model_dir, prepared.tokenizer, cfg.optim.seed, method.head)
