@@ -107,13 +107,13 @@ def test_a_method_checks_its_own_flags(rlhf_type, flags, named):
 
 
 def test_flag_errors_come_before_torch_is_imported():
-    """`tunesmith sft --lora_rank 0` answers at once: the checks run before torch (seconds to import) is loaded."""
+    """`tunesmith sft --lora_rank 0` answers at once (exit 2, a usage error): the checks run before torch (seconds to import) is loaded."""
     import subprocess
     import sys
     code = ("import sys; from tunesmith.cli import main; rc = main(['sft', '--model', 'm', '--dataset', 'd.jsonl', "
             "'--lora_rank', '0']); print(rc, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["1", "False"] and "--lora_rank 0" in out.stderr
+    assert out.stdout.split() == ["2", "False"] and "--lora_rank 0" in out.stderr
 
 
 
@@ -139,3 +139,71 @@ def test_a_missing_model_with_an_adapter_names_the_adapters_base(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     found = problems(parse_args("rlhf", ["--adapters", str(tmp_path), "--dataset", "x.jsonl"]))
     assert any(p.endswith("add --model Qwen/Qwen2.5-7B-Instruct") for p in found), found
+
+
+def _checkpoint(path, **saved):
+    import json
+
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    (path / "args.json").write_text(json.dumps({"model": "some/model", "train_type": "lora", "lora_rank": 8,
+                                                "target_modules": ["all-linear"], "use_dora": False,
+                                                "quant_bits": None, "modules_to_save": [], "rlhf_type": None,
+                                                **saved}))
+    return str(path)
+
+
+RESUME_STATES = [  # (how the checkpoint differs, flags of the resuming run, what the message must say)
+    ("missing", [], "no such checkpoint directory"),
+    ("tmp", [], "an unfinished save that a stopped run left behind"),
+    ("model_dir", [], "not a training checkpoint (no trainer_state.json)"),
+    ("diverged", [], "its weights gave a non-finite loss at step 4 (diverged.json)"),
+    ("rank", ["--lora_rank", "16"], "the checkpoint has --lora_rank 8, this run --lora_rank 16"),
+    ("full", ["--train_type", "full"], "the checkpoint has --train_type lora, this run --train_type full"),
+    ("method", [], "a sft checkpoint, but this run trains dpo"),
+    ("model", [], "the checkpoint was trained from --model some/model, this run loads other/bigger-model"),
+]
+
+
+@pytest.mark.parametrize("state,flags,fragment", RESUME_STATES, ids=[s for s, _, _ in RESUME_STATES])
+def test_resume_checks_the_checkpoint_before_anything_loads(tmp_path, state, flags, fragment):
+    """--resume_from_checkpoint must be a complete checkpoint of the same kind of run; each mismatch is a flag
+    problem naming both sides (they used to be tracebacks: a model folder, a leftover .tmp- save, another rank)."""
+    import json
+
+    from tunesmith.errors import FlagError
+
+    ckpt = str(tmp_path / "run" / "checkpoint-3")
+    if state == "tmp":
+        ckpt = _checkpoint(tmp_path / "run" / ".tmp-checkpoint-3-12345")
+    elif state == "model_dir":
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "config.json").write_text("{}")
+        ckpt = str(tmp_path / "m")
+    elif state != "missing":
+        _checkpoint(tmp_path / "run" / "checkpoint-3")
+    if state == "diverged":
+        (tmp_path / "run" / "checkpoint-3" / "diverged.json").write_text(json.dumps({"step": 4}))
+    command = "rlhf" if state == "method" else "sft"
+    model = "other/bigger-model" if state == "model" else "some/model"
+    args = parse_args(command, ["--model", model, "--dataset", "d.jsonl", "--resume_from_checkpoint", ckpt, *flags])
+    with pytest.raises(FlagError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        recipe.configure(args)
+
+
+def test_unfinished_saves_of_dead_runs_are_removed_at_start(tiny_models, tmp_path, capsys):
+    """A run killed while writing a checkpoint leaves `.tmp-checkpoint-N-PID`; the next run in that output folder
+    removes those whose process is gone (and says so), and keeps one a live process is writing."""
+    import os
+
+    out = tmp_path / "out"
+    dead = out / "v0-old" / ".tmp-checkpoint-5-999999999"
+    alive = out / "v0-old" / f".tmp-checkpoint-6-{os.getppid()}"
+    for d in (dead, alive):
+        d.mkdir(parents=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n' * 4)
+    recipe.main(parse_args("sft", ["--model", tiny_models("qwen2"), "--dataset", str(data), "--max_steps", "1",
+                                   "--report_to", "none", "--output_dir", str(out), "--save_strategy", "no"]))
+    assert not dead.exists() and alive.exists()
+    assert "removed 1 unfinished checkpoint save(s)" in capsys.readouterr().err

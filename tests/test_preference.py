@@ -321,7 +321,7 @@ def test_resume_continues_the_same_run(tiny_models, tmp_path):
     resumed = rlhf(base + ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", ckpt])
     la = {r["global_step"]: r for r in log_rows(whole["run_dir"])}
     lb = {r["global_step"]: r for r in log_rows(resumed["run_dir"])}
-    assert sorted(lb) == [4, 5, 6]
+    assert sorted(lb) == [1, 2, 3, 4, 5, 6]  # 1-3 from the checkpoint: the whole curve
     for step in (4, 5, 6):
         assert lb[step]["loss"] == pytest.approx(la[step]["loss"], abs=1e-6)
         assert lb[step]["rewards/margins"] == pytest.approx(la[step]["rewards/margins"], abs=1e-6)
@@ -355,7 +355,7 @@ def test_sync_ref_model_mixes_the_policy_into_the_reference_and_resumes_exactly(
                     os.path.join(full["run_dir"], "checkpoint-2")])
     a = {r["global_step"]: r["loss"] for r in log_rows(full["run_dir"])}
     b = {r["global_step"]: r["loss"] for r in log_rows(resumed["run_dir"])}
-    assert sorted(b) == [3, 4] and all(abs(a[s] - b[s]) < 1e-6 for s in b), (a, b)
+    assert sorted(b) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) < 1e-6 for s in b), (a, b)
 
 
 @pytest.mark.parametrize("flags,message", [

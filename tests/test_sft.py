@@ -82,7 +82,9 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_models, tmp_path):
     ckpt = os.path.join(full["run_dir"], "checkpoint-3")
     resumed = run(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", ckpt])
     a, b = losses(full["run_dir"]), losses(resumed["run_dir"])
-    assert sorted(b) == [4, 5, 6, 7, 8]  # epoch 1 has 6 steps: resume crosses an epoch boundary too
+    # steps 1-3 come from the checkpoint (the resumed run's log carries the whole curve); epoch 1 has 6 steps:
+    # resume crosses an epoch boundary too
+    assert sorted(b) == [1, 2, 3, 4, 5, 6, 7, 8]
     for step in b:
         assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
 
@@ -192,14 +194,36 @@ def test_seed_sft_command_runs_verbatim(tiny_models, tmp_path, capsys):
             assert b"sk-seed-token" not in open(os.path.join(dp, f), "rb").read()
 
 
-def test_nan_loss_stops_cleanly(tiny_models, tmp_path):
+@pytest.mark.parametrize("cmd,flags", [
+    ("sft", ["--learning_rate", "1e10"]),                                              # LoRA, AdamW
+    ("sft", ["--train_type", "full", "--learning_rate", "1e38", "--optim", "sgd", "--max_grad_norm", "0"]),
+    ("rlhf", ["--learning_rate", "1e10"]),                                             # DPO
+], ids=["lora-1e10", "full-sgd-1e38", "dpo-1e10"])
+def test_forced_nan_never_calls_the_weights_that_gave_it_good(tiny_models, tmp_path, cmd, flags):
+    """Step 1's update overflows the weights (still finite: ~1e10) and step 2's loss is NaN. checkpoint-1 holds those
+    weights: the message says so and names no good checkpoint (it used to call checkpoint-1 good, and resuming from
+    it hit NaN again); checkpoint-1 is marked (diverged.json) and resuming from it is refused with the reason."""
+    import json
+    import re
+
+    from tunesmith.errors import ConfigError
+    from tunesmith.train import recipe
     from tunesmith.train.loop import TrainingDiverged
-    data = _variable_length_data(tmp_path, 8)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan.*Last good checkpoint: .*checkpoint-1"):
-        run(["--model", tiny_models("qwen2"), "--dataset", data, "--train_type", "full", "--learning_rate", "1e38",
-             "--max_steps", "6", "--save_steps", "1", "--max_grad_norm", "0", "--lr_scheduler_type", "constant",
-             "--output_dir", str(tmp_path / "n"), "--report_to", "none", "--per_device_train_batch_size", "4",
-             "--gradient_accumulation_steps", "1", "--optim", "sgd"])
+
+    data = _variable_length_data(tmp_path, 8) if cmd == "sft" else write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"q{i}", "chosen": "good one", "rejected": "bad"} for i in range(8)])
+    common = ["--model", tiny_models("qwen2"), "--dataset", data, "--report_to", "none",
+              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
+    with pytest.raises(TrainingDiverged) as e:
+        recipe.main(parse_args(cmd, [*common, "--max_steps", "6", "--save_steps", "1", *flags,
+                                     "--output_dir", str(tmp_path / "n")]))
+    msg = str(e.value)
+    bad = re.search(r"(\S+checkpoint-1) holds the weights that gave it: do not resume from it", msg)
+    assert bad and "Last good checkpoint (a later step gave a finite loss from its weights): none" in msg, msg
+    assert json.load(open(os.path.join(bad.group(1), "diverged.json")))["step"] == 2
+    with pytest.raises(ConfigError, match="gave a non-finite loss at step 2 \\(diverged.json\\)"):
+        recipe.main(parse_args(cmd, [*common, "--max_steps", "3", "--learning_rate", "1e-4",
+                                     "--resume_from_checkpoint", bad.group(1), "--output_dir", str(tmp_path / "r")]))
 
 
 def test_after_a_resume_the_failure_message_names_the_checkpoint_resumed_from(tiny_models, tmp_path):
@@ -210,9 +234,13 @@ def test_after_a_resume_the_failure_message_names_the_checkpoint_resumed_from(ti
               "--lr_scheduler_type", "constant", "--max_grad_norm", "0"]
     first = run(common + ["--max_steps", "1", "--save_steps", "1", "--output_dir", str(tmp_path / "a")])
     ckpt = first["state"].last_model_checkpoint
-    with pytest.raises(TrainingDiverged, match=f"Last good checkpoint: {ckpt}"):
+    with pytest.raises(TrainingDiverged, match=f"Last good checkpoint .*: {ckpt}"):
         run(common + ["--max_steps", "6", "--save_steps", "100", "--learning_rate", "1e38", "--output_dir",
                       str(tmp_path / "b"), "--resume_from_checkpoint", ckpt, "--resume_only_model", "true"])
+    # and the checkpoint named good trains on with a sane learning rate
+    res = run(common + ["--max_steps", "3", "--learning_rate", "1e-4", "--output_dir", str(tmp_path / "c"),
+                        "--resume_from_checkpoint", ckpt, "--resume_only_model", "true"])
+    assert res["state"].global_step == 3
 
 
 def test_nan_gradient_with_a_finite_loss_is_never_applied(tiny_models, tmp_path, monkeypatch):

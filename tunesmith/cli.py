@@ -123,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         note(f"launching: torchrun {' '.join(launch)} -m tunesmith {command} …")
         return subprocess.call(cmd)
     module = importlib.import_module(COMMANDS[command][0])
-    from tunesmith.errors import TunesmithError
+    from tunesmith.errors import FlagError, TunesmithError
     try:
         rc = module.main(args)
+    except FlagError as e:  # flag values refused before anything loaded: a usage error, like a bad flag
+        where = f" (rank {rank()})" if world_size() > 1 else ""
+        print(f"tunesmith {command}{where}: error: {e}", file=sys.stderr)
+        return 2
     except TunesmithError as e:
         # every rank may fail (each prints its own error), so say which one this is
         where = f" (rank {rank()})" if world_size() > 1 else ""

@@ -24,3 +24,8 @@ class DataError(TunesmithError):
 
 class ConfigError(TunesmithError):
     """Arguments that parse but do not fit together (or do not fit the model/data)."""
+
+
+class FlagError(ConfigError):
+    """Flag values found wrong before anything loads (every problem at once); the CLI exits 2 for it, as for a
+    flag that does not parse."""

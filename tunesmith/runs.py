@@ -73,6 +73,35 @@ def save_args(path_dir: str, args, extra: Optional[dict] = None) -> dict:
     return record
 
 
+def remove_leftovers(folders: list[str]) -> list[str]:
+    """Remove the unfinished saves (`.tmp-<name>-<pid>`, `<name>.old-<pid>`: atomic_dir's) that processes no
+    longer running left in these folders and in their run directories (one level down); a folder whose process
+    is alive is another run's save in progress and is kept. Returns the paths removed."""
+    removed = []
+    places = {os.path.abspath(f) for f in folders if f and os.path.isdir(f)}
+    places |= {os.path.join(p, d) for p in list(places) for d in os.listdir(p) if os.path.isdir(os.path.join(p, d))}
+    for place in sorted(places):
+        for name in os.listdir(place):
+            m = re.fullmatch(r"\.tmp-.+-(\d+)|.+\.old-(\d+)", name)
+            if not m or not os.path.isdir(os.path.join(place, name)) or _alive(int(m.group(1) or m.group(2))):
+                continue
+            shutil.rmtree(os.path.join(place, name), ignore_errors=True)
+            removed.append(os.path.join(place, name))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(final_path: str) -> Iterator[str]:
     """Yield a temporary directory next to final_path; rename it into place only if the block succeeds.

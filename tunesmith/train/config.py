@@ -85,6 +85,88 @@ def _adapter_base(adapters) -> "str | None":
     return None
 
 
+# what a checkpoint's args.json must share with the run that resumes it: the weights' shapes and meaning
+_RESUME_SAME = ("train_type", "lora_rank", "target_modules", "use_dora", "quant_bits", "modules_to_save")
+
+
+def resume_problems(args) -> list[str]:
+    """--resume_from_checkpoint must be a complete checkpoint (trainer_state.json, weights, no unfinished save,
+    not marked diverged.json) of the same kind of run: the method, the tuner and its shapes, the model (by its
+    folder or hub name). Returns one problem per mismatch, each naming both values."""
+    import json
+
+    from tunesmith.runs import model_suffix
+
+    ckpt = args.resume_from_checkpoint
+    flag = f"--resume_from_checkpoint {ckpt}"
+    if not os.path.isdir(ckpt):
+        return [f"{flag}: no such checkpoint directory"]
+    if os.path.basename(os.path.normpath(ckpt)).startswith(".tmp-"):
+        return [f"{flag}: an unfinished save that a stopped run left behind (checkpoints are renamed into place "
+                f"only when complete); resume from a checkpoint-N folder next to it"]
+    if not os.path.isfile(os.path.join(ckpt, "trainer_state.json")):
+        return [f"{flag}: not a training checkpoint (no trainer_state.json) — a model folder? Pass a model with "
+                f"--model and an adapter with --adapters; resume from a run's checkpoint-N folder"]
+    if os.path.isfile(os.path.join(ckpt, "diverged.json")):
+        with open(os.path.join(ckpt, "diverged.json"), encoding="utf-8") as fh:
+            info = json.load(fh)
+        good = info.get("last_good_checkpoint")
+        return [f"{flag}: its weights gave a non-finite loss at step {info.get('step')} (diverged.json), so it "
+                f"would stop again; resume from " + (good if good else "an earlier checkpoint, or start afresh")
+                + " with a lower --learning_rate"]
+    try:
+        with open(os.path.join(ckpt, "args.json"), encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError):
+        return []  # an older or foreign checkpoint: the weights' load checks the shapes
+    out = []
+    theirs, ours = saved.get("rlhf_type") or "sft", getattr(args, "rlhf_type", None) or "sft"
+    if theirs != ours:
+        out.append(f"{flag}: a {theirs} checkpoint, but this run trains {ours}; to train {ours} from it, pass its "
+                   f"weights (--adapters {ckpt}, or --model for full training) instead of resuming")
+    for key in _RESUME_SAME if (saved.get("train_type") or "lora") == "lora" else ("train_type",):
+        if key in saved and saved[key] != getattr(args, key, None):
+            out.append(f"{flag}: the checkpoint has --{key} {saved[key]}, this run --{key} {getattr(args, key)}; "
+                       f"resume with the checkpoint's settings")
+    if saved.get("model") and args.model and model_suffix(saved["model"]) != model_suffix(args.model):
+        out.append(f"{flag}: the checkpoint was trained from --model {saved['model']}, this run loads "
+                   f"{args.model}; resume with the same model")
+    return out
+
+
+def _tracker_problems(report_to) -> list[str]:
+    """--report_to names only trackers tunesmith writes to (track.py), `all` or `none`."""
+    import difflib
+
+    from tunesmith.track import ALL_TRACKERS
+
+    known = (*ALL_TRACKERS, "all", "none")
+    out = []
+    for name in report_to or []:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            out.append(f"--report_to {name}: not a tracker tunesmith writes to" + (f"; did you mean {near[0]}?" if
+                       near else "") + f" (one or more of {', '.join(known)})")
+    return out
+
+
+def _combination_notes(args) -> None:
+    """Settings ms-swift accepts together although one makes the other moot: said, not refused."""
+    import dataclasses as dc
+
+    from tunesmith.args import TunerArgs
+
+    if args.train_type == "full":
+        defaults = {f.name: (f.default if f.default is not dc.MISSING else f.default_factory())
+                    for f in dc.fields(TunerArgs) if f.name.startswith("lora_") or f.name == "target_modules"}
+        given = [k for k, v in defaults.items() if getattr(args, k, v) != v]
+        if given:
+            note(f"--train_type full trains every weight: {', '.join('--' + k for k in given)} "
+                 f"{'has' if len(given) == 1 else 'have'} no effect")
+    if args.packing and args.padding_free:
+        note("--packing already trains without padding: --padding_free adds nothing")
+
+
 def problems(args) -> list[str]:
     """Every problem with the generic training flags (values out of range, required flags missing, combinations
     that cannot run), as one message each; [] when there is none. The method's own flags are checked by the
@@ -147,17 +229,21 @@ def problems(args) -> list[str]:
 
         if importlib.util.find_spec("deepspeed") is None:
             out.append("--deepspeed needs DeepSpeed: pip install deepspeed (or pip install 'tunesmith[deepspeed]')")
-    if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
-        out.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint directory")
+    if args.resume_from_checkpoint:
+        out += resume_problems(args)
+    out += _tracker_problems(args.report_to)
+    _combination_notes(args)
     return out
 
 
 def raise_problems(found: list[str]) -> None:
-    """Raise one ConfigError naming every problem (a single problem is raised as its own message)."""
+    """Raise one FlagError (a ConfigError) naming every problem (a single problem is raised as its own message)."""
+    from tunesmith.errors import FlagError
+
     if len(found) == 1:
-        raise ConfigError(found[0])
+        raise FlagError(found[0])
     if found:
-        raise ConfigError(f"{len(found)} problems with the flags:\n  - " + "\n  - ".join(found))
+        raise FlagError(f"{len(found)} problems with the flags:\n  - " + "\n  - ".join(found))
 
 
 def check(args, method_cls):

@@ -86,6 +86,10 @@ class TrainState:
     best_step: Optional[int] = None
     best_model_checkpoint: Optional[str] = None
     last_model_checkpoint: Optional[str] = None
+    # a checkpoint is "good" once a later step computed a finite loss and gradient from its weights; the one saved
+    # last is unconfirmed until then (its weights may be what makes the next loss NaN)
+    good_checkpoint: Optional[str] = None
+    unconfirmed_checkpoint: Optional[str] = None
     total_steps: int = 0
     log_history: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # one-time notes already given (not saved)
@@ -293,9 +297,12 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
             result = train_step(run, micro)
             if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
                 bar.close()
+                _mark_diverged(run, state, result)
                 raise diverged(result, state)
             state.batches_done += result.micro_batches
             state.global_step += 1
+            if state.unconfirmed_checkpoint:  # its weights just gave a finite loss and gradient
+                state.good_checkpoint, state.unconfirmed_checkpoint = state.unconfirmed_checkpoint, None
             for hook in objective.hooks:
                 hook.after_step(run.model, state.global_step)
             total_tokens += result.tokens
@@ -342,6 +349,8 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
         restore(output, model, optimizer, scheduler, state, deepspeed=ds, main=par.main)
         for hook in objective.hooks:
             hook.load(output.resume_from_checkpoint)
+        for record in state.log_history:  # the new run's logging.jsonl and trackers carry the whole curve
+            trackers.log(record, record["global_step"])
     model, optimizer = accelerator.prepare(model, optimizer)
     if ds and output.resume_from_checkpoint and not output.resume_only_model:
         model.load_checkpoint(output.resume_from_checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False,
@@ -364,6 +373,7 @@ def restore(output, model, optimizer, scheduler, state: TrainState, deepspeed: b
         saved = json.load(fh)
     load_model_weights(model, ckpt)
     state.last_model_checkpoint = ckpt  # until this run saves one: what a failure message points back to
+    state.unconfirmed_checkpoint = ckpt  # good once the first step from its weights is finite
     if not output.resume_only_model:
         if not deepspeed:
             optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu",
@@ -377,6 +387,8 @@ def restore(output, model, optimizer, scheduler, state: TrainState, deepspeed: b
         state.epoch, state.batches_done = saved["epoch"], saved["batches_done"]
         if output.resume_only_model:
             state.global_step = saved["global_step"]
+    if state.global_step:  # the run goes on numbering from the checkpoint: its curve so far comes along
+        state.log_history = [r for r in saved.get("log_history", []) if r.get("global_step", 0) <= state.global_step]
     if main:
         print(f"[tunesmith] resumed from {ckpt} at step {saved['global_step']} "
               f"({'weights only' if output.resume_only_model else 'weights, optimiser, scheduler, RNG'}"
@@ -508,14 +520,18 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
 
 
 def diverged(result: StepResult, state: TrainState) -> TrainingDiverged:
-    """The error for a non-finite loss or gradient at the coming step, naming the last checkpoint saved."""
-    last = state.last_model_checkpoint or "none (no checkpoint was saved yet)"
+    """The error for a non-finite loss or gradient at the coming step. It names as good only a checkpoint whose
+    weights a later step turned into a finite loss and gradient; the checkpoint saved just before this step holds
+    the very weights that gave the non-finite value, and is named as such."""
     what = f"the loss became {result.loss}" if not math.isfinite(result.loss) else \
         f"the gradient norm became {result.grad_norm} (loss {result.loss:.4g})"
+    good = state.good_checkpoint or "none (no checkpoint's weights have given a finite step yet)"
+    bad = (f" {state.unconfirmed_checkpoint} holds the weights that gave it: do not resume from it."
+           if state.unconfirmed_checkpoint else "")
     return TrainingDiverged(
-        f"{what} at step {state.global_step + 1}; training stopped before the update, so no weights "
-        f"were damaged. Last good checkpoint: {last}. Try a lower --learning_rate, --max_grad_norm 1.0, or "
-        f"--torch_dtype bfloat16 instead of float16.")
+        f"{what} at step {state.global_step + 1}; training stopped before applying that step.{bad} Last good "
+        f"checkpoint (a later step gave a finite loss from its weights): {good}. Try a lower --learning_rate, "
+        f"--max_grad_norm 1.0, or --torch_dtype bfloat16 instead of float16.")
 
 
 def _accumulate(window: Window, result: StepResult) -> None:
@@ -620,6 +636,7 @@ def save_checkpoint(run: Run, state: TrainState) -> str:
     from tunesmith.train import distributed as D
 
     path = os.path.join(run.run_dir, f"checkpoint-{state.global_step}")
+    _check_finite(run, state)
     full_state = None
     shards = os.path.join(run.run_dir, f".tmp-deepspeed-{state.global_step}")
     if run.deepspeed:
@@ -630,10 +647,36 @@ def save_checkpoint(run: Run, state: TrainState) -> str:
     if run.par.main:
         _write_checkpoint(run, state, path, full_state, shards)
     D.barrier()
-    state.last_model_checkpoint = path
+    state.last_model_checkpoint = state.unconfirmed_checkpoint = path
     if state.best_step == state.global_step:
         state.best_model_checkpoint = path
     return path
+
+
+DIVERGED = "diverged.json"  # in a checkpoint whose weights gave a non-finite loss: resume refuses it
+
+
+def _mark_diverged(run: Run, state: TrainState, result: StepResult) -> None:
+    """Mark the checkpoint whose weights gave the non-finite value, so that no resume picks it up unawares."""
+    if state.unconfirmed_checkpoint and run.par.main and os.path.isdir(state.unconfirmed_checkpoint):
+        write_json_atomic(os.path.join(state.unconfirmed_checkpoint, DIVERGED),
+                          {"step": state.global_step + 1, "loss": str(result.loss),
+                           "grad_norm": str(result.grad_norm), "last_good_checkpoint": state.good_checkpoint})
+
+
+def _check_finite(run: Run, state: TrainState) -> None:
+    """A checkpoint is never written from non-finite weights (inf/NaN after an update that overflowed): the run
+    stops with the same message as a non-finite loss. Raises TrainingDiverged."""
+    import torch
+
+    bad = next((n for n, p in run.accelerator.unwrap_model(run.model).named_parameters()
+                if p.requires_grad and p.numel() and not bool(torch.isfinite(p.detach()).all())), None)
+    if bad is not None:
+        result = StepResult(float("nan"), 0, float("nan"), {}, 0)
+        err = diverged(result, state)
+        raise TrainingDiverged(f"the weights hold inf/NaN after step {state.global_step} ({bad}), so "
+                               f"checkpoint-{state.global_step} was not saved. "
+                               + str(err).split("training stopped before applying that step.", 1)[1].strip())
 
 
 def _write_checkpoint(run: Run, state: TrainState, path: str, full_state, shards: str) -> None:
@@ -654,7 +697,8 @@ def _write_checkpoint(run: Run, state: TrainState, path: str, full_state, shards
                 torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
             torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             torch.save(_rng_state(), os.path.join(tmp, "rng_state.pth"))
-        st = {k: v for k, v in asdict(state).items() if k not in ("log_history", "notes")}
+        st = {k: v for k, v in asdict(state).items()
+              if k not in ("notes", "good_checkpoint", "unconfirmed_checkpoint")}  # log_history: as transformers
         write_json_atomic(os.path.join(tmp, "trainer_state.json"), st)
     best = path if state.best_step == state.global_step else state.best_model_checkpoint
     rotate_checkpoints(run.run_dir, output.save_total_limit, best)

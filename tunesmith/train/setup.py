@@ -456,6 +456,14 @@ def make_run(cfg, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
     (cfg.args, secrets redacted, plus the record-only fields returned) and, for a split, val_dataset.jsonl."""
     from tunesmith.train import distributed as D
 
+    if D.is_main():  # unfinished saves of runs killed mid-checkpoint: removed, and said
+        from tunesmith.runs import remove_leftovers
+
+        ckpt = cfg.output.resume_from_checkpoint
+        gone = remove_leftovers([cfg.output.output_dir] + ([os.path.dirname(os.path.abspath(ckpt))] if ckpt else []))
+        if gone:
+            note(f"removed {len(gone)} unfinished checkpoint save(s) left by stopped runs: "
+                 + ", ".join(os.path.relpath(g) for g in gone[:3]) + (" …" if len(gone) > 3 else ""))
     run_dir = D.broadcast(make_run_dir(cfg.output.output_dir, cfg.output.add_version) if D.is_main() else None)
     import torch
     import transformers
