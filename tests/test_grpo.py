@@ -132,6 +132,8 @@ def test_trl_style_module_function_rewards_and_builtins(setup, tmp_path, monkeyp
     (["--reward_funcs", "accuracy", "--per_device_train_batch_size", "3"],  # default accumulation 6: 18 completions
      r"\(3 completions per micro-batch x 6 micro-batches per generation = 18\) must hold whole groups"),
     (["--reward_model", "."], "no config.json or adapter_config.json in it"),
+    (["--reward_model", "MODEL"], r"not a reward model \(config.json has architectures \['Qwen2ForCausalLM'\]\)"),
+    (["--reward_funcs", "accuracy", "--num_infer_workers", "2"], "--num_infer_workers 2"),
     (["--reward_funcs", "accuracy", "--top_entropy_quantile", "1.5"],
      "top_entropy_quantile 1.5: expected 0 <= top_entropy_quantile <= 1"),
     (["--reward_funcs", "accuracy", "--top_entropy_quantile", "-0.1"], "expected 0 <= top_entropy_quantile"),
@@ -140,6 +142,7 @@ def test_trl_style_module_function_rewards_and_builtins(setup, tmp_path, monkeyp
     (["--reward_funcs", "accuracy", "--top_p", "1.5", "--repetition_penalty", "0"], "repetition_penalty 0.0: expected 0 <"),
 ])
 def test_what_grpo_cannot_do_is_a_flag_error(tiny_models, tmp_path, flags, message):
+    flags = [tiny_models("qwen2") if f == "MODEL" else f for f in flags]
     args = parse_args("rlhf", ["--rlhf_type", "grpo", "--model", tiny_models("qwen2"), "--dataset", "x.jsonl",
                                *flags])
     with pytest.raises(ConfigError, match=message):
@@ -526,3 +529,23 @@ def test_a_resume_inside_a_generation_round_trains_on_the_same_round(setup, tmp_
             for key in ("loss", "reward", "kl", "grad_norm", "clip_ratio/region_mean"):
                 assert abs(a[step][key] - b[step][key]) < 1e-5, (ckpt, step, key, a[step][key], b[step][key])
     assert "not the uninterrupted one" not in capsys.readouterr().err
+
+
+def test_prompts_are_fitted_to_max_length_before_training(setup, tmp_path, capsys):
+    """--max_length bounds the prompt (ms-swift's GRPO): a longer prompt is dropped at start with a note (it used
+    to stop the run mid-way), and the completion still gets its whole --max_completion_length on top."""
+    model, _, plugin = setup
+    rows = [{"messages": [{"role": "user", "content": f"say something {i}"}]} for i in range(16)]
+    rows[5]["messages"][0]["content"] = "long " * 300
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    res = _grpo(model, data, tmp_path / "out", "--external_plugins", plugin, "--reward_funcs", "even_tokens",
+                "--max_length", "40", "--max_completion_length", "12", "--max_steps", "2", "--save_strategy", "no",
+                "--per_device_train_batch_size", "16", "--log_completions", "true")
+    assert "1 prompt(s) longer than --max_length 40 tokens dropped" in capsys.readouterr().err
+    log = _log(res["run_dir"])
+    assert max(r["completions/max_length"] for r in log) == 12  # not cut to what 40 leaves after the prompt
+    assert all("long long" not in r["prompt"][0]["content"] for r in
+               read_jsonl(os.path.join(res["run_dir"], "completions.jsonl")))
+    cfg, _ = recipe.configure(parse_args("rlhf", ["--rlhf_type", "grpo", "--model", model, "--dataset", data,
+                                                   "--reward_funcs", "format"]))
+    assert cfg.output.metric_for_best_model == "reward"  # ms-swift's default for GRPO (loss elsewhere)

@@ -203,6 +203,23 @@ def test_plugin_swift_3x(tmp_path):
 
 
 @needs_no_swift
+def test_plugin_with_the_usual_imports_of_real_plugins(tmp_path):
+    """Real ms-swift plugins also import the registry's module itself and ms-swift's logger."""
+    path = write(tmp_path / "plugin.py", "from swift.plugin.orm import ORM, orms\n"
+                                         "from swift.rewards.orm import AsyncORM\n"
+                                         "from swift.utils import get_logger\n"
+                                         "logger = get_logger()\n"
+                                         "class Len(ORM):\n"
+                                         "    def __call__(self, completions, **kwargs):\n"
+                                         "        logger.info('scoring %d', len(completions))\n"
+                                         "        return [float(len(c)) for c in completions]\n"
+                                         "orms['len'] = Len\n")
+    fn = one("len", plugins=[path])
+    rows, errors = R.score([fn], ["ab", "abc"])
+    assert rows == [[2.0], [3.0]] and errors == [] and "swift" not in sys.modules
+
+
+@needs_no_swift
 def test_plugin_swift_4x_kwargs_and_none(tmp_path):
     path = write(tmp_path / "plugin4.py", PLUGIN_4X)
     length, none = R.load_reward_functions(["length_reward", "none_reward"], [path], R.RewardArgs())

@@ -397,3 +397,80 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_models, tmp_pat
                "--save_strategy", "no", "--output_dir", str(tmp_path / "out")])
     lrs = [r["learning_rate"] for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "loss" in r]
     assert lrs == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
+
+
+def test_a_full_disk_mid_run_is_one_message_and_leaves_every_checkpoint_loadable(tiny_models, tmp_path, monkeypatch):
+    """ENOSPC while writing checkpoint-2 (simulated: the save raises what a full disk raises) and while appending
+    to logging.jsonl: one message naming the file, what it is, why, and the checkpoint to resume from;
+    checkpoint-1 is complete and loads, nothing half-written looks like a checkpoint."""
+    import errno
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.errors import TunesmithError
+    from tunesmith.track import JsonlLog
+    from tunesmith.train import recipe
+
+    data = _variable_length_data(tmp_path, 8)
+    common = ["--model", tiny_models("qwen2"), "--dataset", data, "--report_to", "none", "--max_steps", "4",
+              "--save_steps", "1", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
+    real = recipe.save_model_fn
+
+    def full_disk_at_2(tok):
+        save = real(tok)
+
+        def wrapped(model, path, state_dict=None):
+            if "checkpoint-2" in path:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            save(model, path, state_dict)
+        return wrapped
+
+    monkeypatch.setattr(recipe, "save_model_fn", full_disk_at_2)
+    with pytest.raises(TunesmithError) as e:
+        run([*common, "--output_dir", str(tmp_path / "a")])
+    msg = str(e.value)
+    run_dir = next((tmp_path / "a").iterdir())
+    assert msg.startswith(f"could not write a checkpoint ({run_dir / 'checkpoint-2'}): the disk is full.") and \
+        f"Last good checkpoint: {run_dir / 'checkpoint-1'}" in msg and "--resume_from_checkpoint" in msg, msg
+    assert sorted(p.name for p in run_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models("qwen2")),
+                              str(run_dir / "checkpoint-1"))
+    monkeypatch.setattr(recipe, "save_model_fn", real)
+
+    writes = []
+
+    def log_full_at_3(self, record):
+        writes.append(record)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(JsonlLog, "write", log_full_at_3)
+    with pytest.raises(TunesmithError, match=r"could not write a run file|could not write the training log"):
+        run([*common, "--output_dir", str(tmp_path / "b")])
+
+
+def test_no_room_or_no_permission_is_found_before_the_model_loads(tiny_models, tmp_path, monkeypatch):
+    """A disk too small for one checkpoint, or an output folder this user cannot write, is refused before
+    anything loads or is written."""
+    import shutil
+    from collections import namedtuple
+
+    from tunesmith.errors import ConfigError
+    from tunesmith.train import recipe, setup
+
+    data = _variable_length_data(tmp_path, 4)
+    common = ["--model", tiny_models("qwen2"), "--dataset", data, "--report_to", "none", "--max_steps", "1",
+              "--train_type", "full"]
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, 10 << 20, 1000))
+    calls = []
+    monkeypatch.setattr(setup, "load_model", lambda *a, **k: calls.append(1))
+    with pytest.raises(ConfigError, match=r"GiB free on its disk, but one checkpoint of this run takes about"):
+        recipe.main(parse_args("sft", [*common, "--output_dir", str(tmp_path / "o")]))
+    assert not calls and not (tmp_path / "o").exists()
+    monkeypatch.undo()
+    import os
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p).startswith(str(tmp_path)) else real_access(p, m))
+    with pytest.raises(ConfigError, match="is not writable by this user"):
+        recipe.main(parse_args("sft", [*common, "--output_dir", str(tmp_path / "ro" / "out")]))

@@ -222,8 +222,9 @@ class OutputArgs:
     resume_only_model: bool = _f(False, help="With --resume_from_checkpoint: weights only (data already seen is still skipped).")
     ignore_data_skip: bool = _f(False, help="On resume, start the data from the epoch's beginning instead of "
                                             "skipping the rows already seen.")
-    metric_for_best_model: str = _f("loss", help="Validation metric that picks the best checkpoint (eval_ "
-                                                 "prefix optional), e.g. loss, token_acc, rewards/accuracies.")
+    metric_for_best_model: Optional[str] = _f(help="Validation metric that picks the best checkpoint (eval_ prefix "
+                                                   "optional), e.g. loss, token_acc, rewards/accuracies (default: "
+                                                   "reward for GRPO, else loss — ms-swift's rule).")
     greater_is_better: Optional[bool] = _f(help="Whether a larger --metric_for_best_model is better (default: "
                                                 "false for names ending in loss, else true).")
     create_checkpoint_symlink: bool = _f(False, help="Make output_dir/best and output_dir/last links.")
@@ -359,6 +360,11 @@ class GRPOArgs:
                                     "training, a CUDA GPU and vllm installed; see the README).")
     vllm_mode: str = _f("colocate", help="GRPO with --use_vllm: colocate (in the training process) or server.",
                         choices=("colocate", "server"))
+    vllm_device: List[str] = _f(help="ms-swift 3.x: the GPUs vLLM rollouts run on. Compatibility only (see the table "
+                                     "at the end).", list_default=["auto"])
+    num_infer_workers: int = _f(1, help="ms-swift 3.x: vLLM rollout workers per node (only 1 is supported).")
+    move_model_batches: Optional[int] = _f(help="ms-swift: batches of weights moved into vLLM per sync. "
+                                                "Compatibility only (see the table at the end).")
 
 
 @dataclass
@@ -883,12 +889,12 @@ NOT_SUPPORTED_YET = {
             "chord_sft_per_device_train_batch_size", "completion_length_limit_scope",
             "enable_flattened_weight_sync", "fipo_clip_high_only", "fipo_clip_range", "fipo_decay_rate",
             "fipo_safety_threshold", "gym_env", "kl_in_reward", "log_rollout_offpolicy_metrics",
-            "max_turns", "min_p", "move_model_batches", "multi_turn_scheduler",
+            "max_turns", "min_p", "multi_turn_scheduler", "multi_turn_func", "mini_batch_size", "use_lmdeploy",
             "num_generations_eval", "off_policy_sequence_mask_delta", "offload_model", "offload_optimizer",
             "real_tau", "reward_model_plugin", "rlsd_lambda", "rlsd_lambda_decay_steps", "rlsd_lambda_warmup_steps",
             "rlsd_negative_only", "rlsd_reweight_clip_range", "rollout_importance_sampling_mode",
             "rollout_importance_sampling_threshold", "sdar_gate_beta", "sdar_loss_coef", "sleep_level",
-            "teacher_kl_coef", "teacher_tag_key", "use_gym_env", "wandb_log_unique_prompts", "num_infer_workers",
+            "teacher_kl_coef", "teacher_tag_key", "use_gym_env", "wandb_log_unique_prompts",
             "gc_collect_after_offload"),
     **_same("rollouts from a separate `swift rollout` vLLM server are not supported yet; --use_vllm true runs vLLM "
             "inside the training process (--vllm_mode colocate)", "vllm_server_base_url", "vllm_server_group_port",
@@ -941,6 +947,9 @@ COMPATIBILITY_ONLY = {
     "write_batch_size": "result lines are written and flushed as each window of rows finishes",
     "log_interval": "deploy logs each request (--verbose) and no periodic throughput line",
     "vllm_use_async_engine": "tunesmith always drives vLLM through its AsyncLLMEngine",
+    "vllm_device": "with --use_vllm, vLLM runs in the training process, on its GPU (ms-swift's colocate mode)",
+    "move_model_batches": "with --use_vllm tunesmith hands vLLM the LoRA adapter, not the model's weights, so "
+                          "there are no weight batches to move",
     "vllm_reasoning_parser": "reasoning is split from the answer by tunesmith's own parser, chosen from the chat "
                              "template, for every backend alike",
     "lmdeploy_vision_batch_size": "multimodal models are not supported, so there is no vision encoder to batch",

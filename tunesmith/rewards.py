@@ -25,6 +25,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import inspect
+import logging
 import math
 import numbers
 import os
@@ -528,11 +529,20 @@ def _swift_stand_in():
     root.__path__ = []
     root.__spec__ = importlib.machinery.ModuleSpec("swift", None, is_package=True)
     stand_ins = {"swift": root}
-    for sub in ("plugin", "rewards"):
+    # the registry's homes in 3.x (swift.plugin, swift.plugin.orm) and 4.x (swift.rewards, swift.rewards.orm)
+    for sub in ("plugin", "rewards", "plugin.orm", "rewards.orm"):
         module = types.ModuleType(f"swift.{sub}")
         module.ORM, module.AsyncORM, module.orms = ORM, AsyncORM, orms
-        setattr(root, sub, module)
+        if "." not in sub:
+            module.__path__ = []
+            setattr(root, sub, module)
+        else:
+            setattr(stand_ins[f"swift.{sub.split('.')[0]}"], "orm", module)
         stand_ins[f"swift.{sub}"] = module
+    utils = types.ModuleType("swift.utils")  # plugins' usual logger: `from swift.utils import get_logger`
+    utils.get_logger = lambda *a, **k: logging.getLogger("tunesmith.plugin")
+    root.utils = utils
+    stand_ins["swift.utils"] = utils
     sys.modules.update(stand_ins)
     try:
         yield
@@ -565,7 +575,8 @@ def _plugin_failure(path: str, e: BaseException) -> ConfigError:
         if importlib.util.find_spec("swift") is None:
             return ConfigError(f"{where}: the reward plugin imports from ms-swift something tunesmith does not "
                                f"provide ({e}); without ms-swift installed only ORM, AsyncORM and orms from "
-                               f"swift.plugin / swift.rewards are available")
+                               f"swift.plugin / swift.rewards (and their .orm modules) and swift.utils.get_logger "
+                               f"are available")
         if e.name == "swift.plugin":
             return ConfigError(f"{where}: the installed ms-swift (4.x) has no swift.plugin; write "
                                f"`from swift.rewards import ORM, orms` (ms-swift 3.x plugins need this change "

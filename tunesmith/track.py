@@ -34,8 +34,12 @@ class JsonlLog:
         self.path = path
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        """Append one record; an OSError (a full disk) names this file."""
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from e
 
 
 class _TensorBoard:

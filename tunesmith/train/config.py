@@ -134,6 +134,20 @@ def resume_problems(args) -> list[str]:
     return out
 
 
+def _output_problems(output_dir) -> list[str]:
+    """--output_dir must be writable (it, or the nearest folder above it that exists): found now, not after the
+    model has loaded."""
+    path = os.path.abspath(output_dir or "output")
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return [f"--output_dir {output_dir}: {path} is a file, not a folder; choose another --output_dir"]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [f"--output_dir {output_dir}: {path} is not writable by this user; choose another --output_dir "
+                f"(or fix the folder's permissions)"]
+    return []
+
+
 def _tracker_problems(report_to) -> list[str]:
     """--report_to names only trackers tunesmith writes to (track.py), `all` or `none`."""
     import difflib
@@ -232,6 +246,7 @@ def problems(args) -> list[str]:
     if args.resume_from_checkpoint:
         out += resume_problems(args)
     out += _tracker_problems(args.report_to)
+    out += _output_problems(args.output_dir)
     _combination_notes(args)
     return out
 
@@ -315,6 +330,8 @@ def resolve(args, method, world_size: int, cuda: bool) -> TrainConfig:
         changes["loss_scale"] = method.default_loss_scale
     if args.eval_steps is None:
         changes["eval_steps"] = args.save_steps
+    if args.metric_for_best_model is None:  # ms-swift's _init_metric_for_best_model: reward for GRPO, else loss
+        changes["metric_for_best_model"] = getattr(method, "best_metric", "loss")
     if args.eval_strategy is None:
         has_validation = bool(args.val_dataset) or args.split_dataset_ratio > 0
         # ms-swift: no when there is no validation data, else following --save_strategy

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from tunesmith.data.load import LoadResult, map_records
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.log import note
 from tunesmith.train import loop
 from tunesmith.train.config import between
 from tunesmith.train.setup import Batches
@@ -207,6 +208,7 @@ class GRPO:
     max_resample_times: int = 3
     log_entropy: bool = False                 # entropy/mean, /max, /min (ms-swift's --log_entropy)
     name = "grpo"
+    best_metric = "reward"                    # --metric_for_best_model's default (ms-swift's rule)
     head = "causal_lm"
     rows = "prompt"
     default_loss_scale = "last_round"
@@ -267,7 +269,12 @@ class GRPO:
                 "reward_weights": list(self.reward_weights), "rpo_alpha": None}
 
     def shape_records(self, loaded: LoadResult) -> LoadResult:
-        """Each record as a prompt (`prompt_record`); bad rows follow --strict."""
+        """Each record as a prompt (`prompt_record`); bad rows follow --strict. Preference pairs are read as their
+        prompt and chosen reply (the `solution`), with a note: the rejected reply has no use in GRPO."""
+        pairs = sum(1 for r in loaded.records if "rejected_messages" in r)
+        if pairs:
+            note(f"GRPO: {pairs} row(s) are preference pairs; each gives its prompt, and its chosen reply as "
+                 f"`solution` (for rewards such as accuracy); the rejected reply is not used")
         return map_records(loaded, prompt_record)
 
     def batches(self, cfg, prepared, model, reference) -> Batches:
@@ -359,6 +366,9 @@ def _steps_per_generation(args, problems: list) -> Optional[int]:
 def _check_unsupported(args, problems: list) -> None:
     if args.use_vllm:
         _vllm_problems(args, problems)
+    if args.num_infer_workers != 1:
+        problems.append(f"--num_infer_workers {args.num_infer_workers}: one vLLM per training process is what "
+                        f"tunesmith runs (--use_vllm, colocate); drop the flag")
     if args.packing or args.padding_free:
         problems.append("--packing/--padding_free: GRPO trains on its generated completions, padded; drop the flag")
     if args.streaming:
@@ -374,8 +384,34 @@ def _check_unsupported(args, problems: list) -> None:
         elif not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
             problems.append(f"--reward_model {path}: no config.json or adapter_config.json in it, so it is not a "
                             f"model checkpoint (pass a checkpoint-N folder of a --rlhf_type rm run)")
+        else:
+            problems += _reward_model_kind(path)
     if args.delta is not None and args.delta <= 1 + (args.epsilon_high or args.epsilon):
         problems.append(f"--delta {args.delta}: must be > 1 + epsilon_high (it bounds the ratio above the clip)")
+
+
+def _reward_model_kind(path: str) -> list:
+    """A --reward_model must score: a LoRA adapter trained for sequence classification (peft task_type SEQ_CLS,
+    as --rlhf_type rm saves), or a full *ForSequenceClassification model; a causal-LM adapter or model would be
+    given a fresh, untrained score head, i.e. random rewards."""
+    import json
+
+    for name, key, ok in (("adapter_config.json", "task_type", lambda v: v == "SEQ_CLS"),
+                          ("config.json", "architectures", lambda v: any(str(a).endswith("ForSequenceClassification")
+                                                                         for a in v or []))):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    value = json.load(fh).get(key)
+            except (OSError, ValueError, AttributeError):
+                return []
+            if not ok(value):
+                return [f"--reward_model {path}: not a reward model ({name} has {key} {value}), so its score head "
+                        f"would be untrained and the rewards random; train one with --rlhf_type rm and pass its "
+                        f"checkpoint"]
+            return []
+    return []
 
 
 def _vllm_problems(args, problems: list) -> None:
@@ -383,7 +419,8 @@ def _vllm_problems(args, problems: list) -> None:
     policy's LoRA adapter is handed to vLLM each round), each missing piece one problem."""
     from tunesmith.backends import check_backend
 
-    off = "or drop --use_vllm (tunesmith's own batched engine generates the rollouts)"
+    drop = "drop --use_vllm (tunesmith's own batched engine generates the rollouts)"
+    off = "or " + drop
     if args.vllm_mode != "colocate":
         problems.append(f"--vllm_mode {args.vllm_mode}: rollouts from a separate `swift rollout` server are not "
                         f"supported yet; use --vllm_mode colocate (vLLM inside the training process), {off}")
@@ -401,7 +438,7 @@ def _vllm_problems(args, problems: list) -> None:
         problems.append(f"--use_vllm under torchrun ({os.environ['WORLD_SIZE']} processes): one vLLM per training "
                         f"process is not supported yet; run one process, {off}")
     try:
-        check_backend("vllm", flag="--use_vllm true", fallback=off)
+        check_backend("vllm", flag="--use_vllm true", fallback=drop)
     except ConfigError as e:
         problems.append(str(e))
 

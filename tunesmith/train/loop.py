@@ -13,6 +13,7 @@ where the stream does).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -288,6 +289,37 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
     when the loss is not finite (before the update: the weights are not touched)."""
     run, state = prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, save_model, trackers,
                              args_extra)
+    try:
+        return _run_steps(run, state, objective)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise disk_error(e, state) from None
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def disk_error(e: OSError, state: TrainState) -> TunesmithError:
+    """One message for a write the disk refused mid-run (full, quota, permissions, read-only): the file, what it
+    is, why, and the last good checkpoint to resume from. Checkpoints are renamed into place only when complete,
+    so none that looks complete is left half-written."""
+    path = e.filename or "?"
+    what = "a checkpoint" if ".tmp-checkpoint" in path or "checkpoint-" in path else \
+        {"logging.jsonl": "the training log", "completions.jsonl": "the GRPO completions log"}.get(
+            os.path.basename(path), "a run file")
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EROFS: "the file system is read-only"}.get(e.errno, "permission denied")
+    good = state.good_checkpoint or state.last_model_checkpoint
+    return TunesmithError(
+        f"could not write {what} ({path}): {why}. Training stopped at step {state.global_step}; every complete "
+        f"checkpoint is intact (a checkpoint is renamed into place only once fully written). Last good checkpoint: "
+        f"{good or 'none'}. Free some space (or fix the permissions) and "
+        + (f"resume with --resume_from_checkpoint {good}" if good else "start again"))
+
+
+def _run_steps(run: Run, state: TrainState, objective: Objective) -> TrainState:
+    """The optimiser steps until the run's end (see `train`)."""
     output = run.output
     start, start_step, total_tokens = time.time(), state.global_step, 0
     window = Window()
@@ -645,7 +677,14 @@ def save_checkpoint(run: Run, state: TrainState) -> str:
             D.barrier()  # every rank's shard is on disk before rank 0 moves them into the checkpoint
         full_state = run.accelerator.get_state_dict(run.model)
     if run.par.main:
-        _write_checkpoint(run, state, path, full_state, shards)
+        try:
+            _write_checkpoint(run, state, path, full_state, shards)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from e
+        except Exception as e:  # torch.save / safetensors report a failed write as RuntimeError and their own types
+            if "space" in str(e).lower() or "write" in str(e).lower():
+                raise OSError(errno.ENOSPC, str(e), path) from e
+            raise
     D.barrier()
     state.last_model_checkpoint = state.unconfirmed_checkpoint = path
     if state.best_step == state.global_step:

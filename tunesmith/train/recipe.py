@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 from tunesmith.train import loop
-from tunesmith.train.setup import finish_run, prepare_data, prepare_model, save_model_fn, start_run
+from tunesmith.train.setup import check_disk, finish_run, prepare_data, prepare_model, save_model_fn, start_run
 
 
 def method_for(args):
@@ -77,6 +77,7 @@ def main(args) -> dict:
     D.init_process_group(deepspeed=bool(args.deepspeed))  # under torchrun: join the other processes
     cfg = resolve(args, method, D.world_size(), cuda=default_device().type == "cuda")
     prepared = prepare_data(cfg.data, cfg.model, method)
+    check_disk(cfg, prepared.model_dir)
     model, param_info = prepare_model(cfg.model, prepared.model_dir, prepared.tokenizer, cfg.optim.seed, method.head)
     sync = (args.ref_model_sync_steps, args.ref_model_mixup_alpha) if getattr(args, "sync_ref_model", False) \
         else None

@@ -143,20 +143,25 @@ class Rollouts:
         self.need_old = method.num_iterations > 1 or self.steps > gas
         self.round_size = global_batch * self.steps
         self.prompts_per_round = self.round_size // method.num_generations
+        # --max_length bounds the prompt (ms-swift's GRPO); the completion gets --max_completion_length on top
+        self.max_prompt, self.truncation = cfg.data.max_length, cfg.data.truncation_strategy
+        self.context = self.max_prompt + method.max_completion_length if self.max_prompt else None
+        self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm else None
+        self.chat = self._chat(cfg)
+        self.prompts = prompts = self.fitted(prompts, "--dataset")
         rounds = math.ceil(len(prompts) / self.prompts_per_round)
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
         self.reward_fns = _unique_names(load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
                                                               method.reward_args, tokenizer)
                                         + reward_model_functions(list(method.reward_models)))
         self.max_steps, self.gas = cfg.optim.max_steps, gas
-        self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm else None
-        self.chat = self._chat(cfg)
         self.seed = cfg.optim.seed
         self.log_path: Optional[str] = None
         self.rounds_done = 0
         self.said_flat = False  # the note on a round without any reward differences is given once
         self.said_resample = False  # and the one on a round --dynamic_sample could not fill
         self.said_truncated = False  # and the one on a round --overlong_filter leaves empty
+        self.said_empty: set = set()  # reward functions that gave no value for a whole round (said once each)
         self.training, self.weights, self.evaluations = True, ("round", 0), 0
         self.current: Optional[tuple] = None      # (epoch seed, round, its units): the round being trained
         self.saved_round: Optional[dict] = None   # a checkpoint's round in progress, until its epoch reaches it
@@ -167,8 +172,35 @@ class Rollouts:
 
         if self.vllm is None:
             return ChatEngine(self.model, self.tok, system=cfg.data.system, max_batch_size=self.round_size,
-                              max_model_len=cfg.data.max_length)
-        return self.vllm.chat(self.tok, cfg)
+                              max_model_len=self.context)
+        return self.vllm.chat(self.tok, cfg, self.context)
+
+    def fitted(self, prompts: list[dict], what: str) -> list[dict]:
+        """The prompts with their token ids (`prompt_ids`, rendered with the chat template), fitted to
+        --max_length as --truncation_strategy says: delete drops a longer one (counted in a note), left/right
+        keep its last/first tokens. Raises DataError when no prompt is left."""
+        from tunesmith.infer import PromptTooLong
+
+        out, dropped = [], 0
+        for rec in prompts:
+            try:
+                ids = self.chat.prompt(rec["messages"], rec.get("tools")).ids
+            except PromptTooLong:  # longer than the whole context: no cut leaves room
+                ids = None
+            if ids is None or (self.max_prompt and len(ids) > self.max_prompt):
+                if ids is None or self.truncation == "delete":
+                    dropped += 1
+                    continue
+                ids = ids[-self.max_prompt:] if self.truncation == "left" else ids[:self.max_prompt]
+            out.append({**rec, "prompt_ids": ids})
+        if not out:
+            raise DataError(what, None, "messages", f"every prompt is longer than --max_length {self.max_prompt} "
+                            f"tokens (the prompt's limit in GRPO; the completion gets --max_completion_length on "
+                            f"top)", "raise --max_length, or shorten the prompts")
+        if dropped:
+            note(f"{what}: {dropped} prompt(s) longer than --max_length {self.max_prompt} tokens dropped "
+                 f"(--truncation_strategy delete; left or right would cut them instead)")
+        return out
 
     # ------------------------------------------------------------------ checkpoints (loop.Objective.hooks)
 
@@ -344,7 +376,7 @@ class Rollouts:
         if not which:  # more processes than prompts in a round: this one only takes part in the gather
             return []
         m = self.method
-        ids = {j: self._prompt_ids(prompts[j]) for j in which}
+        ids = {j: prompts[j]["prompt_ids"] for j in which}
         completions = self._generate(ids, seed, r)
         texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
         owners = [j for j in which for _ in range(m.num_generations)]
@@ -365,15 +397,6 @@ class Rollouts:
         g = m.num_generations
         return [(j, units[k * g:(k + 1) * g], per_func[k * g:(k + 1) * g], texts[k * g:(k + 1) * g])
                 for k, j in enumerate(which)]
-
-    def _prompt_ids(self, rec: dict) -> list:
-        from tunesmith.infer import PromptTooLong
-
-        try:
-            return self.chat.prompt(rec["messages"], rec.get("tools")).ids
-        except PromptTooLong as e:
-            raise DataError("--dataset", None, "messages", f"a prompt is too long to complete: {e}",
-                            "raise --max_length, or shorten the prompt") from None
 
     def _generate(self, ids: dict, seed: int, r: int) -> list:
         """G completions of each prompt ({j: token ids}, j its place in the round), all submitted at once (the
@@ -413,6 +436,12 @@ class Rollouts:
                                  completion_ids=[list(c.token_ids) for c in completions])
         if errors and self.rounds_done == 0:
             note(f"GRPO: {errors[0]} (and {len(errors) - 1} more this round)" if len(errors) > 1 else errors[0])
+        for f, fn in enumerate(self.reward_fns):
+            if fn.name not in self.said_empty and per_func and all(math.isnan(row[f]) for row in per_func):
+                self.said_empty.add(fn.name)
+                note(f"GRPO: reward {fn.name} gave None (or NaN) for every completion of a round, so it counted for "
+                     f"nothing there and rewards/{fn.name} is not logged for it; if that is not meant (e.g. a "
+                     f"missing `solution` column, or a 0/0), check the function on a few completions")
         return per_func
 
     def _advantages(self, per_func: list) -> tuple[list[float], list[float]]:
@@ -478,7 +507,7 @@ class ValidationRollouts:
     evaluation (Rollouts.evaluation_units); len() is the number of completions an evaluation trains nothing on."""
 
     def __init__(self, rollouts: Rollouts, prompts: list[dict]):
-        self.rollouts, self.prompts = rollouts, prompts
+        self.rollouts, self.prompts = rollouts, rollouts.fitted(prompts, "validation prompts")
 
     def __len__(self) -> int:
         return len(self.prompts) * self.rollouts.method.num_generations
@@ -514,8 +543,9 @@ class VllmSync:
         self.model.save_pretrained(path, selected_adapters=["default"], safe_serialization=True)
         return name, path
 
-    def chat(self, tokenizer, cfg):
-        """A ChatEngine over a VllmEngine that starts with the policy's adapter as it is now."""
+    def chat(self, tokenizer, cfg, context: Optional[int]):
+        """A ChatEngine over a VllmEngine that starts with the policy's adapter as it is now; context: tokens
+        (prompt + completion) when --max_length bounds the prompts."""
         from tunesmith.backends import VllmEngine
         from tunesmith.infer import ChatEngine, stop_token_ids
         from tunesmith.data.encode import ChatEncoder
@@ -524,8 +554,7 @@ class VllmSync:
         name, path = self._save(-1)  # vLLM starts with LoRA on; each round then brings its own adapter
         stop = stop_token_ids(self.model, tokenizer, ChatEncoder(tokenizer, system=cfg.data.system),
                               OutputParser(tokenizer).reasoning_style)
-        self.engine = VllmEngine(self.args, self.model_dir, tokenizer, stop, {name: path},
-                                 max_model_len=cfg.data.max_length)
+        self.engine = VllmEngine(self.args, self.model_dir, tokenizer, stop, {name: path}, max_model_len=context)
         self.current = name
         return ChatEngine(None, tokenizer, system=cfg.data.system, engine=self.engine,
                           generation_config=getattr(self.model, "generation_config", None),
