@@ -210,3 +210,83 @@ def test_tool_call_round_trip_through_the_openai_client(scripted_server):
     # a lowercase bearer scheme is the same key
     status, _ = _http("GET", f"{scripted_server}/models", headers={"Authorization": "bearer sk-scripted"})
     assert status == 200
+
+
+HOSTILE = [  # (name, method, path, body: dict or raw bytes, status)
+    ("seed 2^64", "POST", "/v1/chat/completions", {"seed": 2 ** 64}, 200),
+    ("body not UTF-8", "POST", "/v1/chat/completions", b'{"model": "m", "messages": [{"role": "user", '
+                                                       b'"content": "\xff\xfe"}]}', 400),
+    ("unknown path", "POST", "/v1/nope", {}, 404),
+    ("GET on chat", "GET", "/v1/chat/completions", None, 405),
+    ("broken JSON", "POST", "/v1/chat/completions", b'{"model": ', 400),
+    ("JSON list", "POST", "/v1/chat/completions", b"[1, 2]", 400),
+    ("max_tokens -1", "POST", "/v1/chat/completions", {"max_tokens": -1}, 400),
+    ("n 10000", "POST", "/v1/chat/completions", {"n": 10000}, 400),
+    ("temperature -1", "POST", "/v1/chat/completions", {"temperature": -1}, 400),
+    ("temperature NaN", "POST", "/v1/chat/completions",
+     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400),
+    ("top_p 2", "POST", "/v1/chat/completions", {"top_p": 2}, 400),
+    ("unknown model", "POST", "/v1/chat/completions", {"model": "zz"}, 404),
+    ("no messages", "POST", "/v1/chat/completions", {"messages": []}, 400),
+    ("unknown role", "POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400),
+    ("content 5", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400),
+    ("top_logprobs 1000", "POST", "/v1/chat/completions", {"logprobs": True, "top_logprobs": 1000}, 400),
+    ("10 MB body", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 5_000_000}]},
+     413),
+    ("2 MB prompt", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 1_000_000}]},
+     400),
+    ("deep JSON", "POST", "/v1/chat/completions", b'{"a":' * 100000 + b"1" + b"}" * 100000, 400),
+    ("bad API key", "GET", "/v1/models", None, 401),
+    ("no API key", "POST", "/v1/chat/completions", {}, 401),
+]
+
+
+def _raw(port, method, path, body, headers):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    data = body if isinstance(body, bytes) or body is None else json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body})
+    conn.request(method, path, data, {"Content-Type": "application/json", **headers})
+    resp = conn.getresponse()
+    out = resp.status, resp.read()
+    conn.close()
+    return out
+
+
+def _rss_mib(pid):
+    with open(f"/proc/{pid}/status") as fh:
+        return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_hostile_requests_get_openai_errors_and_memory_returns(tiny_models, monkeypatch):
+    """Every hostile request answers with the right status and OpenAI's error body, never a 5xx; a body over
+    --max_request_bytes is refused before it is read (chunked too), a prompt that cannot fit before it is
+    tokenised; 20 requests of 10 MB leave the server's memory within 20% of where it started. The API key comes
+    from TUNESMITH_API_KEY (kept out of the process list), its scheme case-insensitive."""
+    monkeypatch.setenv("TUNESMITH_API_KEY", "sk-env")
+    proc, port = _start(tiny_models("qwen2"))
+    try:
+        good = {"Authorization": "Bearer sk-env"}
+        assert "sk-env" not in open(f"/proc/{proc.pid}/cmdline", "rb").read().decode(errors="replace")
+        baseline = _rss_mib(proc.pid)
+        for name, method, path, body, want in HOSTILE:
+            headers = {} if name == "no API key" else {"Authorization": "Bearer nope"} if name == "bad API key" \
+                else good
+            status, raw = _raw(port, method, path, body, headers)
+            assert status == want, (name, status, raw[:300])
+            if status != 200:
+                err = json.loads(raw)["error"]
+                assert err["message"] and err["type"] and "code" in err, (name, raw[:300])
+        assert _raw(port, "GET", "/v1/models", None, {"Authorization": "bEaReR sk-env"})[0] == 200
+        for _ in range(20):
+            status, raw = _raw(port, "POST", "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "x " * 5_000_000}]}, good)
+            assert status == 413 and b"--max_request_bytes" in raw
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", (b"x" * (1 << 20) for _ in range(12)),
+                     {"Content-Type": "application/json", **good}, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
+        assert _rss_mib(proc.pid) < baseline * 1.2, (baseline, _rss_mib(proc.pid))
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

@@ -480,7 +480,8 @@ class InferBackendArgs(VllmArgs):
 class DeployServerArgs:
     host: str = _f("127.0.0.1", help="Listen address; 0.0.0.0 exposes the server to the network.")
     port: int = _f(8000, help="TCP port to listen on.")
-    api_key: Optional[str] = _f(help="Require 'Authorization: Bearer KEY' (never written to disk).", secret=True)
+    api_key: Optional[str] = _f(help="Require 'Authorization: Bearer KEY' (never written to disk; or set "
+                                     "TUNESMITH_API_KEY, which keeps it out of the process list).", secret=True)
     served_model_name: Optional[str] = _f(help="Model id clients send (default the model or checkpoint "
                                                "folder's name).")
     ssl_keyfile: Optional[str] = _f(help="TLS private key file (PEM), with --ssl_certfile: serve HTTPS.")
@@ -489,6 +490,8 @@ class DeployServerArgs:
     log_interval: int = _f(20, help="ms-swift: seconds between throughput log lines. Compatibility only (see the "
                                     "table at the end).")
     max_logprobs: int = _f(20, help="Largest top_logprobs a request may ask for.")
+    max_request_bytes: int = _f(8 << 20, help="Largest request body in bytes (default 8 MiB); a larger one is "
+                                              "refused (413) before it is read or tokenised. 0: no limit.")
     verbose: bool = _f(True, help="Log each HTTP request (uvicorn info level).")
 
 

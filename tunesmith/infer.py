@@ -134,10 +134,24 @@ class ChatEngine:
         kwargs = {**self.template_kwargs, **(template_kwargs or {})}
         text = self.encoder.render(self.encoder.with_system(to_template_messages(messages)),
                                    add_generation_prompt=True, tools=tools, **kwargs)
+        if len(text) > self.max_model_len * self.max_token_chars:
+            # no token spells more than max_token_chars characters, so this text cannot fit: refused before the
+            # tokenizer spends seconds (and memory) on it
+            raise PromptTooLong(f"the prompt has {len(text)} characters, more than {self.max_model_len} tokens "
+                                f"(the model's limit) can hold")
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens; the model's limit is {self.max_model_len}")
         return Prompt(ids, text.rstrip().endswith("<think>"), bool(tools))
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token of this vocabulary spells (its longest token string, byte-level or
+        sentencepiece; computed once)."""
+        if getattr(self, "_max_token_chars", None) is None:
+            strings = self.tok.convert_ids_to_tokens(list(range(len(self.tok))))
+            self._max_token_chars = max([len(s) for s in strings if isinstance(s, str)] + [1])
+        return self._max_token_chars
 
     def prompt_ids(self, messages: list[dict], tools=None, **template_kwargs) -> list[int]:
         """The rendered prompt's token ids [T] (see `prompt`). Raises PromptTooLong."""

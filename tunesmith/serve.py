@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 import threading
@@ -274,8 +275,50 @@ async def _stream(server: Server, handles: list, prompt, cfg, chunk, include_usa
             h.cancel()  # no-op for finished sequences; frees the rest when the client went away
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 (OpenAI's error shape) — at once from
+    its Content-Length, or as soon as a chunked body passes the limit — before the app reads, parses or tokenises
+    it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.limit:
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send, int(length))
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if seen > self.limit:
+                from starlette.exceptions import HTTPException
+                raise HTTPException(413, self._message(seen, exact=False))
+            return message
+
+        return await self.app(scope, limited, send)
+
+    def _message(self, size: int, exact: bool = True) -> str:
+        told = f"{size} bytes" if exact else f"over {self.limit} bytes (a chunked body, read up to {size})"
+        return f"the request body is {told}; this server takes at most {self.limit} (--max_request_bytes)"
+
+    async def _refuse(self, send, size: int) -> None:
+        body = json.dumps(_error_body(413, self._message(size), "request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+API_KEY_ENV = "TUNESMITH_API_KEY"  # deploy's key from the environment (as OpenAI clients read OPENAI_API_KEY)
+
+
 def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] = None,
-               owned_by: str = "tunesmith", result_path: Optional[str] = None, max_logprobs: int = 20):
+               owned_by: str = "tunesmith", result_path: Optional[str] = None, max_logprobs: int = 20,
+               max_request_bytes: int = 8 << 20):
     """The FastAPI app. served: model id -> adapter to use (None = the model as loaded, "" = the base without
     adapters, or a named adapter). api_key: when set, /v1/* needs `Authorization: Bearer KEY` (else 401).
     Every error (400 validation, 404 route, 500 unexpected) answers OpenAI's error body; shutdown closes the engine."""
@@ -296,6 +339,7 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
         engine.close()  # after uvicorn drained in-flight requests: anything left ends with "abort"
 
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
@@ -303,8 +347,8 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
 
     @app.exception_handler(HTTPException)
     async def _http_error(_, e: HTTPException):
-        return JSONResponse(_error_body(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else
-                                        "invalid_request_error"), status_code=e.status_code)
+        code = {404: "not_found", 413: "request_too_large"}.get(e.status_code, "invalid_request_error")
+        return JSONResponse(_error_body(e.status_code, str(e.detail), code), status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_, e: Exception):
@@ -490,12 +534,13 @@ def main(args):
     _check_port(args.host, args.port)
     engine, ckpt, named = build_engine(args)
     served = served_models(args, named, ckpt)
-    app = create_app(engine, served, api_key=args.api_key, owned_by=args.owned_by, result_path=args.result_path,
-                     max_logprobs=args.max_logprobs)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    app = create_app(engine, served, api_key=api_key, owned_by=args.owned_by, result_path=args.result_path,
+                     max_logprobs=args.max_logprobs, max_request_bytes=args.max_request_bytes)
     where = "reachable from the network" if args.host in ("0.0.0.0", "::") else \
         "local only; --host 0.0.0.0 exposes it to the network"
     print(f"[tunesmith] deploy: serving {', '.join(served)} at http://{args.host}:{args.port}/v1 ({where})"
-          + ("; API key required" if args.api_key else ""), file=sys.stderr, flush=True)
+          + ("; API key required" if api_key else ""), file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info",
                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
