@@ -32,6 +32,41 @@ BAD_VALUES = [
     (["--max_length", "0"], "--max_length 0"),
     (["--warmup_ratio", "2"], "--warmup_ratio 2"),
     (["--max_grad_norm", "-1"], "--max_grad_norm -1"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm nan"),
+    (["--learning_rate", "inf"], "--learning_rate inf"),
+    (["--num_train_epochs", "inf"], "--num_train_epochs inf"),
+    (["--lora_dropout", "-0.1"], "--lora_dropout -0.1"),
+    (["--lora_alpha", "-8"], "--lora_alpha -8"),
+    (["--weight_decay", "-1"], "--weight_decay -1"),
+    (["--adam_beta1", "1"], "--adam_beta1 1"),
+    (["--adam_beta2", "-0.5"], "--adam_beta2 -0.5"),
+    (["--warmup_steps", "-1"], "--warmup_steps -1"),
+    (["--warmup_ratio", "-0.1"], "--warmup_ratio -0.1"),
+    (["--save_total_limit", "-2"], "--save_total_limit -2"),
+    (["--max_steps", "-5"], "--max_steps -5: expected"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers -1"),
+    (["--dataset_num_proc", "0"], "--dataset_num_proc 0"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size 0"),
+    (["--eval_steps", "-3"], "--eval_steps -3"),
+    (["--save_steps", "-1"], "--save_steps -1"),
+    (["--logging_steps", "-1"], "--logging_steps -1"),
+    (["--gradient_accumulation_steps", "-2"], "--gradient_accumulation_steps -2"),
+    (["--num_train_epochs", "-0.5"], "--num_train_epochs -0.5"),
+    (["--split_dataset_ratio", "1.5"], "--split_dataset_ratio 1.5"),
+    (["--split_dataset_ratio", "-0.1"], "--split_dataset_ratio -0.1"),
+    (["--packing", "true", "--packing_length", "0"], "--packing_length 0"),
+    (["--max_length", "-5"], "--max_length -5"),
+    (["--seed", "99999999999"], "--seed 99999999999"),
+    (["--data_seed", "-1"], "--data_seed -1"),
+    (["--max_new_tokens", "-1"], "--max_new_tokens -1"),
+    (["--attn_impl", "flash"], "--attn_impl flash: expected one of"),
+    (["--loss_scale", "everything"], "--loss_scale: unknown part 'everything'"),
+    (["--report_to", "tensorbord"], "--report_to tensorbord: not a tracker tunesmith writes to; did you mean "
+                                    "tensorboard?"),
+    (["--train_type", "full", "--torch_dtype", "float16"], "full training in float16"),
+    (["--train_type", "full", "--quant_method", "bnb", "--quant_bits", "4"], "QLoRA"),
+    (["--streaming", "true"], "--streaming needs --max_steps N"),
+    (["--streaming", "true", "--max_steps", "5", "--split_dataset_ratio", "0.1"], "cannot split a stream"),
 ]
 
 
@@ -41,7 +76,7 @@ def test_a_bad_value_is_one_clear_error_before_anything_runs(tmp_path, flags, na
     args = parse_args("sft", [*BASE, "--output_dir", str(out), *flags])
     with pytest.raises(ConfigError) as e:
         recipe.main(args)
-    assert named in str(e.value) and "expected" in str(e.value)
+    assert named in str(e.value)
     assert not out.exists()  # refused before the run directory
 
 

@@ -53,6 +53,14 @@ def test_convert_and_split(tmp_path, capsys):
     assert read_jsonl(tmp_path / "again.jsonl") == rows
     assert main(["data", "split", "--dataset", str(out), "--output", str(tmp_path / "s"), "--val_ratio", "0.25"]) == 0
     assert len(read_jsonl(tmp_path / "s" / "train.jsonl")) == 24 and len(read_jsonl(tmp_path / "s" / "val.jsonl")) == 8
+    # the row's own columns (ids, a GRPO solution next to the response) survive converting and splitting
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"query": f"{i}+1?", "response": str(i + 1), "solution": str(i + 1),
+                                                    "id": i} for i in range(4)])
+    main(["data", "convert", "--dataset", extra, "--output", str(tmp_path / "extra_out.jsonl")])
+    assert [(r["solution"], r["id"]) for r in read_jsonl(tmp_path / "extra_out.jsonl")] == [("1", 0), ("2", 1),
+                                                                                           ("3", 2), ("4", 3)]
+    main(["data", "split", "--dataset", extra, "--output", str(tmp_path / "es"), "--val_ratio", "0.25"])
+    assert all("solution" in r and "id" in r for r in read_jsonl(tmp_path / "es" / "val.jsonl"))
 
 
 def test_stats_counts_over_long_rows(capsys):

@@ -180,6 +180,12 @@ def _line_of(message: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+def _rows(records: list[dict]) -> list[dict]:
+    """Canonical records as rows to write: the row's other columns (ids, a GRPO `solution`, …) kept next to the
+    conversation, so that nothing the format does not read is lost by converting or splitting."""
+    return [{**{k: v for k, v in r.items() if k != "columns"}, **(r.get("columns") or {})} for r in records]
+
+
 def convert(args: DataCommandArguments) -> None:
     """Write the data as canonical JSONL to --output (bad rows dropped unless --strict).
 
@@ -187,8 +193,9 @@ def convert(args: DataCommandArguments) -> None:
     _need_dataset(args)
     if not args.output:
         raise ConfigError("pass --output FILE.jsonl for the converted data")
-    result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
-    write_jsonl(args.output, result.records)
+    result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed,
+                           keep_columns=True)
+    write_jsonl(args.output, _rows(result.records))
     msg = f"wrote {len(result.records)} canonical rows to {args.output}"
     if result.dropped:
         msg += f" ({result.dropped} bad rows dropped; first: {result.reasons[0]})"
@@ -201,13 +208,14 @@ def split(args: DataCommandArguments) -> None:
 
     Raises ConfigError (no --dataset, --val_ratio not in (0, 1)), DataError (loading; no training rows left)."""
     _need_dataset(args)
-    result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
+    result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed,
+                           keep_columns=True)
     if not 0 < args.val_ratio < 1:
         raise ConfigError(f"--val_ratio must be between 0 and 1, got {args.val_ratio}")
     train, val = split_train_val(result, args.val_ratio, args.data_seed)
     out = args.output or os.path.splitext(args.dataset[0].split("#")[0])[0] + "_split"
-    write_jsonl(os.path.join(out, "train.jsonl"), train.records)
-    write_jsonl(os.path.join(out, "val.jsonl"), val.records)
+    write_jsonl(os.path.join(out, "train.jsonl"), _rows(train.records))
+    write_jsonl(os.path.join(out, "val.jsonl"), _rows(val.records))
     print(f"wrote {len(train)} train rows and {len(val)} validation rows to {out}/ (seed {args.data_seed})")
 
 

@@ -733,9 +733,6 @@ def _check_called_tools(r: _Row, key: str, tools: list, conversations: list[list
                                 "add the function to tools, or correct the call's name.")
 
 
-_FORMAT_COLUMNS = {k.lower() for k in MESSAGE_KEYS + QUERY_KEYS + RESPONSE_KEYS + SYSTEM_KEYS} | {
-    "history", "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin"}
-
 
 # what a row with a messages column reads: its query/response-style columns (e.g. GRPO's `solution`) are its own
 _MESSAGE_ROW_COLUMNS = {k.lower() for k in MESSAGE_KEYS + SYSTEM_KEYS} | {
@@ -751,8 +748,22 @@ def extra_columns(row: Any, columns: Optional[dict] = None) -> dict:
     if not isinstance(row, dict):
         return {}
     row = _rename_columns(row, columns)
-    read = _MESSAGE_ROW_COLUMNS if any(str(k).lower() in MESSAGE_KEYS for k in row) else _FORMAT_COLUMNS
+    read = _MESSAGE_ROW_COLUMNS if any(str(k).lower() in MESSAGE_KEYS for k in row) else _query_row_columns(row)
     return {k: v for k, v in row.items() if str(k).lower() not in read}
+
+
+def _query_row_columns(row: dict) -> set:
+    """The columns a query/response-style row's format reads: its query (or alpaca's instruction and input), the
+    first reply column after it, the system and pair columns — so a second reply-like column (a GRPO `solution`
+    next to `response`) stays the row's own."""
+    present = [str(k).lower() for k, v in row.items() if v is not None]
+    if "instruction" in present and "input" in present:
+        used = {"instruction", "input"}
+    else:
+        used = {next((k for k in QUERY_KEYS if k in present), None)}
+    used.add(next((k for k in RESPONSE_KEYS if k in present and k not in used), None))
+    return (used - {None}) | {k.lower() for k in SYSTEM_KEYS} | {
+        "history", "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin"}
 
 
 def row_kind(record: dict) -> str:

@@ -134,6 +134,33 @@ def resume_problems(args) -> list[str]:
     return out
 
 
+ATTN_IMPLS = ("sdpa", "eager", "flash_attn", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _more_value_problems(args) -> list[str]:
+    """The remaining counts and names: --max_steps (-1 = no limit), --save_total_limit, workers and processes,
+    --loss_scale, --attn_impl, --max_new_tokens."""
+    from tunesmith.data.encode import parse_loss_scale
+
+    out: list[str] = []
+    if args.max_steps < -1:
+        out.append(f"--max_steps {args.max_steps}: expected a number of steps, or -1 (the default) for "
+                   f"--num_train_epochs to decide")
+    if args.save_total_limit is not None:
+        between(out, "save_total_limit", args.save_total_limit, 1, None, hint="leave it out to keep every checkpoint")
+    between(out, "dataloader_num_workers", args.dataloader_num_workers or 0, 0, None)
+    between(out, "dataset_num_proc", args.dataset_num_proc, 1, None)
+    if getattr(args, "max_new_tokens", None) is not None:
+        between(out, "max_new_tokens", args.max_new_tokens, 1, None)
+    if args.attn_impl is not None and args.attn_impl not in ATTN_IMPLS:
+        out.append(f"--attn_impl {args.attn_impl}: expected one of {', '.join(ATTN_IMPLS)}")
+    try:
+        parse_loss_scale(args.loss_scale, "default")
+    except ConfigError as e:
+        out.append(str(e))
+    return out
+
+
 def _output_problems(output_dir) -> list[str]:
     """--output_dir must be writable (it, or the nearest folder above it that exists): found now, not after the
     model has loaded."""
@@ -231,6 +258,7 @@ def problems(args) -> list[str]:
     between(out, "split_dataset_ratio", args.split_dataset_ratio, 0, 1, hi_open=True)
     for name in ("seed", "data_seed"):
         between(out, name, getattr(args, name), 0, 2 ** 32 - 1)
+    out += _more_value_problems(args)
     if args.train_type == "full" and args.torch_dtype in ("float16",):
         out.append("full training in float16 has no loss scaling for fp16 weights; use --torch_dtype bfloat16 "
                    "(or float32)")

@@ -163,7 +163,7 @@ def grpo_metrics(stats: dict) -> dict:
     tokens = max(stats.get("tokens", 0), 1)
     for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
         if k in stats:
-            out[k] = round(stats[k] / tokens, 6)
+            out[k] = loop.signif(stats[k] / tokens)
     for name in ("mean", "max", "min", "threshold"):  # one value per micro-batch (`entropy_terms`), averaged
         count = stats.get("entropy/threshold_batches" if name == "threshold" else "entropy/batches")
         if count:

@@ -75,7 +75,13 @@ def evaluate_objective(model, objective: Objective, rows: list, collate: Callabl
             _add(units, objective.count(b))
             _add(stats, st)
     loss = sum(v / max(units[k], 1) for k, v in terms.items())
-    return {"eval_loss": round(loss, 6), **{f"eval_{k}": v for k, v in objective.metrics(stats).items()}}
+    return {"eval_loss": signif(loss), **{f"eval_{k}": v for k, v in objective.metrics(stats).items()}}
+
+
+def signif(x: float, digits: int = 6) -> float:
+    """x to `digits` significant digits, for the log: a small loss or KL (1e-7) keeps its value where rounding to
+    decimal places would log 0."""
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else x
 
 
 @dataclass
@@ -611,7 +617,7 @@ def log_record(run: Run, state: TrainState, window: Window, last: StepResult, st
     dt = max(time.time() - window.t0, 1e-9)
     stats = D.merge_dicts(window.stats) if run.par.world > 1 else window.stats
     lr, grad_norm = last.lr, last.grad_norm
-    record = {"loss": round(window.loss / window.steps, 6), "grad_norm": round(grad_norm, 6),
+    record = {"loss": signif(window.loss / window.steps), "grad_norm": signif(grad_norm),
               "learning_rate": lr, **run.objective.metrics(stats),
               "epoch": epoch_progress(run, state),
               "global_step/max_steps": f"{step}/{total}",
