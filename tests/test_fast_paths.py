@@ -272,3 +272,135 @@ def test_prefix_sharing_is_refused_where_the_mask_cannot_be_passed(tiny_models):
         P.choose_prefix_sharing(True, data, model, _synthetic_pairs(2), 0)
     # the default: falls back to two sequences and says why
     assert P.choose_prefix_sharing(None, data, model, _synthetic_pairs(2), 0) is False
+
+
+# ------------------------------------------------------------------ no [tokens x vocabulary] tensor, anywhere
+
+class _Largest:
+    """A TorchDispatchMode recording the largest tensor any op creates (forward and backward)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        probe = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.numel() > probe.numel:
+                        probe.numel, probe.op = t.numel(), str(func)
+                return out
+
+        self.numel, self.op, self.mode = 0, None, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def _long_batch(vocab, rows=2, length=150, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[:, :10] = -100  # a prompt
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _step_largest(model, batch, chunk_rows=8):
+    """(largest tensor created by token_logps + backward, the TokenLogps, the gradients), with `chunk_rows`
+    tokens per chunk."""
+    import tunesmith.train.token_logps as tl
+    from tunesmith.model import unwrap_model
+
+    vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
+    old, tl.CHUNK_FLOATS = tl.CHUNK_FLOATS, chunk_rows * vocab
+    try:
+        model.zero_grad(set_to_none=True)
+        with _Largest() as probe:
+            out = tl.token_logps(model, batch)
+            loss = -out.logps.sum() + (0.01 * out.aux_loss if out.aux_loss is not None else 0)
+            loss.backward()
+    finally:
+        tl.CHUNK_FLOATS = old
+    return probe, out, _grads(model)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt_oss"])
+def test_no_tokens_x_vocabulary_tensor_in_a_training_step(tiny_models, family):
+    """A training step's log-probs and gradients — a dense model, and an MoE model that returns its router loss —
+    never create a tensor of [trained tokens x vocabulary] elements (a dispatch-mode probe sees every op, backward
+    included), and equal the plain path's (which does create one) to 1e-5."""
+    from transformers import AutoModelForCausalLM
+
+    import tunesmith.train.token_logps as tl
+
+    kw = {"output_router_logits": True, "router_aux_loss_coef": 0.01} if family == "gpt_oss" else {}
+    model = AutoModelForCausalLM.from_pretrained(tiny_models(family), **kw)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch = _long_batch(vocab)
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    probe, fast, gf = _step_largest(model, batch)
+    assert probe.numel < tokens * vocab // 2, (probe.numel, probe.op, tokens * vocab)
+    model.zero_grad(set_to_none=True)
+    with _Largest() as plain_probe:
+        plain = tl.token_logps(model, batch, chunked=False)
+        (-plain.logps.sum() + (0.01 * plain.aux_loss if plain.aux_loss is not None else 0)).backward()
+    assert plain_probe.numel >= tokens * vocab  # the probe does see a full logits tensor when there is one
+    gp = _grads(model)
+    assert torch.allclose(plain.logps, fast.logps, atol=1e-5)
+    if family == "gpt_oss":
+        assert fast.aux_loss is not None and torch.allclose(plain.aux_loss, fast.aux_loss, atol=1e-6)
+    for k in gp:
+        assert torch.allclose(gp[k], gf[k], atol=1e-5, rtol=1e-4), k
+
+
+def _ddp_worker(rank, model_dir, port, result):
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(AutoModelForCausalLM.from_pretrained(model_dir))
+    vocab = model.module.get_output_embeddings().weight.shape[0]
+    batch = _long_batch(vocab, seed=rank)
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    probe, out, grads = _step_largest(model, batch)
+    result[rank] = (probe.numel, tokens * vocab, out.logps.detach(), {k: v for k, v in grads.items()})
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_no_tokens_x_vocabulary_tensor_under_ddp(tiny_models):
+    """Under DDP the log-probs go through the wrapper's own forward (its hooks and gradient all-reduce hold) and
+    still never create a [tokens x vocabulary] tensor; the all-reduced gradients equal the average of the two
+    processes' plain-path gradients (1e-5)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    import tunesmith.train.token_logps as tl
+
+    model_dir = tiny_models("qwen2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(model_dir, port, result), nprocs=2, join=True)
+    grads = []
+    for rank in range(2):
+        largest, full, logps, _ = result[rank]
+        assert largest < full // 2, (rank, largest, full)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        batch = _long_batch(model.get_output_embeddings().weight.shape[0], seed=rank)
+        plain = tl.token_logps(model, batch, chunked=False)
+        (-plain.logps.sum()).backward()
+        assert torch.allclose(plain.logps, logps, atol=1e-5)
+        grads.append(_grads(model))
+    ddp = result[0][3]
+    for k, g in ddp.items():
+        name = k.removeprefix("module.")
+        assert torch.allclose(g, (grads[0][name] + grads[1][name]) / 2, atol=1e-5, rtol=1e-4), k

@@ -123,6 +123,27 @@ def chunked_head(model):
     return decoder, head.weight
 
 
+def hidden_states_head(model):
+    """The output-embedding weight when the chunked product is exact through the model's own forward (a DDP or
+    DeepSpeed wrapper, or an MoE model that must return its router loss), else None: a plain Linear head without
+    bias, soft-capping or scaling, a forward that takes `logits_to_keep` (transformers computes the logits of the
+    kept positions only) and returns hidden states whose last entry is the decoder's final (normed) output, and
+    a weight that ZeRO-3 does not partition."""
+    import inspect
+
+    base = unwrap_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    cfg = getattr(base, "config", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or cfg is None or hasattr(head.weight, "ds_id"):
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    inner = getattr(base, "get_base_model", lambda: base)()  # under peft: the transformers model's own forward
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        return None
+    return head.weight
+
+
 SHARED_PREFIX_ATTENTION = ("sdpa", "eager")  # implementations that take an arbitrary 4D mask
 
 
@@ -208,15 +229,23 @@ def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature:
     else:
         rows, n_seq = b, labels.shape[0]
     parts = chunked_head(model) if chunked is not False else None
+    aux, weight = None, None
     if parts is not None:
         decoder, weight = parts
         out = decoder(**_inputs(batch, decoder))
-        hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[b, src]
+        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    elif chunked is not False and (weight := hidden_states_head(model)) is not None:
+        # through the wrapper's own forward (DDP's and DeepSpeed's hooks hold; an MoE model returns its router
+        # loss), asking for the last hidden states and the logits of one position only
+        out = model(**_inputs(batch, model), logits_to_keep=1, output_hidden_states=True)
+        last, aux = out.hidden_states[-1], getattr(out, "aux_loss", None)
+    if weight is not None:
+        hidden = last[b, src]
         if temperature != 1.0:
             hidden = hidden / temperature
         chunk = max(1, CHUNK_FLOATS // weight.shape[0])
         logps, correct, mean, ent = ChunkedLogps.apply(hidden, weight, target, chunk, entropy)
-        return TokenLogps(logps, rows, n_seq, correct, mean, entropy=ent if entropy else None)
+        return TokenLogps(logps, rows, n_seq, correct, mean, aux, entropy=ent if entropy else None)
     out = model(**_inputs(batch, model))
     picked = out.logits[b, src].float() / temperature
     lse = torch.logsumexp(picked, -1)
