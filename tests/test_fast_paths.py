@@ -277,7 +277,12 @@ def test_prefix_sharing_is_refused_where_the_mask_cannot_be_passed(tiny_models):
 # ------------------------------------------------------------------ no [tokens x vocabulary] tensor, anywhere
 
 class _Largest:
-    """A TorchDispatchMode recording the largest tensor any op creates (forward and backward)."""
+    """A TorchDispatchMode recording the largest tensor with a vocabulary-sized dimension that any op creates
+    (forward and backward) — logits-like tensors; other large buffers (DeepSpeed's gradient buckets) are not
+    logits."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -289,7 +294,7 @@ class _Largest:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
                 for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and t.numel() > probe.numel:
+                    if isinstance(t, torch.Tensor) and probe.vocab in t.shape and t.numel() > probe.numel:
                         probe.numel, probe.op = t.numel(), str(func)
                 return out
 
@@ -319,7 +324,7 @@ def _step_largest(model, batch, chunk_rows=8):
     old, tl.CHUNK_FLOATS = tl.CHUNK_FLOATS, chunk_rows * vocab
     try:
         model.zero_grad(set_to_none=True)
-        with _Largest() as probe:
+        with _Largest(vocab) as probe:
             out = tl.token_logps(model, batch)
             loss = -out.logps.sum() + (0.01 * out.aux_loss if out.aux_loss is not None else 0)
             loss.backward()
@@ -345,7 +350,7 @@ def test_no_tokens_x_vocabulary_tensor_in_a_training_step(tiny_models, family):
     probe, fast, gf = _step_largest(model, batch)
     assert probe.numel < tokens * vocab // 2, (probe.numel, probe.op, tokens * vocab)
     model.zero_grad(set_to_none=True)
-    with _Largest() as plain_probe:
+    with _Largest(vocab) as plain_probe:
         plain = tl.token_logps(model, batch, chunked=False)
         (-plain.logps.sum() + (0.01 * plain.aux_loss if plain.aux_loss is not None else 0)).backward()
     assert plain_probe.numel >= tokens * vocab  # the probe does see a full logits tensor when there is one
@@ -404,3 +409,62 @@ def test_no_tokens_x_vocabulary_tensor_under_ddp(tiny_models):
     for k, g in ddp.items():
         name = k.removeprefix("module.")
         assert torch.allclose(g, (grads[0][name] + grads[1][name]) / 2, atol=1e-5, rtol=1e-4), k
+
+
+def _zero_worker(rank, model_dir, port, stage, result):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import deepspeed
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import tunesmith.train.token_logps as tl
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+    keep = HfDeepSpeedConfig(cfg)  # noqa: F841 - ZeRO-3 partitions the weights as from_pretrained loads them
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    engine, *_ = deepspeed.initialize(model=model, config=cfg,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    from transformers import AutoConfig
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    batch = _long_batch(vocab, seed=rank)
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    old, tl.CHUNK_FLOATS = tl.CHUNK_FLOATS, 8 * vocab
+    try:
+        with _Largest(vocab) as probe:
+            out = tl.token_logps(engine, batch)
+            engine.backward(-out.logps.sum())
+        with torch.no_grad():
+            plain = tl.token_logps(engine, batch, chunked=False)
+    finally:
+        tl.CHUNK_FLOATS = old
+    result[rank] = (probe.numel, tokens * vocab, float((out.logps.detach() - plain.logps).abs().max()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_no_tokens_x_vocabulary_tensor_under_deepspeed(tiny_models, stage):
+    """ZeRO-2 (through the engine's forward) and ZeRO-3 (the partitioned, frozen head gathered for each chunked
+    product, forward and backward): a LoRA training step on two processes creates no [tokens x vocabulary] tensor,
+    and its log-probs equal the engine's plain forward's (1e-5)."""
+    pytest.importorskip("deepspeed")
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.spawn(_zero_worker, args=(tiny_models("qwen2"), port, stage, result), nprocs=2, join=True)
+    for rank in range(2):
+        largest, full, diff = result[rank]
+        assert largest < full // 2 and diff < 1e-5, (stage, rank, largest, full, diff)

@@ -23,6 +23,7 @@ things then differ from a plain causal row, and both are described by the batch,
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -59,7 +60,13 @@ class ChunkedLogps(torch.autograd.Function):
     `entropy`, also each row's entropy from the same chunk's logits (no gradient; otherwise an empty tensor)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, entropy: bool = False):
+    def forward(ctx, hidden, weight, targets, chunk: int, entropy: bool = False, gather=None):
+        ctx.gather = gather  # ZeRO-3: a context that gathers the partitioned weight, in forward and in backward
+        with gather() if gather is not None else contextlib.nullcontext():
+            return ChunkedLogps._forward(ctx, hidden, weight, targets, chunk, entropy)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, chunk: int, entropy: bool):
         n = hidden.shape[0]
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
@@ -82,6 +89,11 @@ class ChunkedLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_correct, _grad_mean, _grad_entropy):
+        with ctx.gather() if ctx.gather is not None else contextlib.nullcontext():
+            return ChunkedLogps._backward(ctx, grad_logps)
+
+    @staticmethod
+    def _backward(ctx, grad_logps):
         hidden, weight, targets, lse = ctx.saved_tensors
         chunk = ctx.chunk
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -98,7 +110,7 @@ class ChunkedLogps(torch.autograd.Function):
                 grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if want_w:
                 grad_w += g.t() @ h.float()
-        return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None, None, None
 
 
 def chunked_head(model):
@@ -128,13 +140,15 @@ def hidden_states_head(model):
     DeepSpeed wrapper, or an MoE model that must return its router loss), else None: a plain Linear head without
     bias, soft-capping or scaling, a forward that takes `logits_to_keep` (transformers computes the logits of the
     kept positions only) and returns hidden states whose last entry is the decoder's final (normed) output, and
-    a weight that ZeRO-3 does not partition."""
+    — when ZeRO-3 partitions the weight — a frozen head (LoRA), which `zero3_gather` gathers for each product."""
     import inspect
 
     base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     cfg = getattr(base, "config", None)
-    if type(head) is not torch.nn.Linear or head.bias is not None or cfg is None or hasattr(head.weight, "ds_id"):
+    if type(head) is not torch.nn.Linear or head.bias is not None or cfg is None:
+        return None
+    if hasattr(head.weight, "ds_id") and head.weight.requires_grad:  # ZeRO-3 with a trained head: the plain path
         return None
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return None
@@ -142,6 +156,16 @@ def hidden_states_head(model):
     if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
         return None
     return head.weight
+
+
+def zero3_gather(weight):
+    """For a weight DeepSpeed ZeRO-3 partitions: a callable giving a context in which every rank holds it whole
+    (deepspeed.zero.GatheredParameters, read-only), for ChunkedLogps' forward and backward; None otherwise."""
+    if not hasattr(weight, "ds_id"):
+        return None
+    import deepspeed
+
+    return lambda: deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
 
 
 SHARED_PREFIX_ATTENTION = ("sdpa", "eager")  # implementations that take an arbitrary 4D mask
@@ -243,8 +267,9 @@ def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature:
         hidden = last[b, src]
         if temperature != 1.0:
             hidden = hidden / temperature
-        chunk = max(1, CHUNK_FLOATS // weight.shape[0])
-        logps, correct, mean, ent = ChunkedLogps.apply(hidden, weight, target, chunk, entropy)
+        vocab = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
+        chunk = max(1, CHUNK_FLOATS // vocab)
+        logps, correct, mean, ent = ChunkedLogps.apply(hidden, weight, target, chunk, entropy, zero3_gather(weight))
         return TokenLogps(logps, rows, n_seq, correct, mean, aux, entropy=ent if entropy else None)
     out = model(**_inputs(batch, model))
     picked = out.logits[b, src].float() / temperature
