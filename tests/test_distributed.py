@@ -227,3 +227,27 @@ def test_deepspeed_without_torchrun_runs_as_one_process(tiny_models, tmp_path):
     _run([*common, "--output_dir", str(tmp_path / "plain")], nproc=1)
     assert _losses(_run_dir(str(tmp_path / "ds"))) == pytest.approx(_losses(_run_dir(str(tmp_path / "plain"))),
                                                                     abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_equal_one_process(tiny_models, tmp_path):
+    """ms-swift's multi-node launch variables on one machine: NNODES=2, NODE_RANK=0 and 1, one process each,
+    MASTER_ADDR 127.0.0.1 — the same run as one process with the same global batch; only node 0 writes."""
+    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *DATA, "--max_steps", "3", "--logging_steps", "1",
+              "--learning_rate", "5e-3", "--lora_dropout", "0", "--gradient_accumulation_steps", "1",
+              "--save_steps", "3", "--report_to", "none", "--dataloader_num_workers", "0"]
+    _run([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")], nproc=1)
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update({"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    argv = [sys.executable, "-m", "tunesmith", *common, "--per_device_train_batch_size", "2", "--output_dir",
+            str(tmp_path / "nodes")]
+    nodes = [subprocess.Popen(argv, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), [o[1][-3000:] for o in outs]
+    assert "--nnodes=2 --node_rank=1" in outs[1][1]
+    one, two = _run_dir(str(tmp_path / "one")), _run_dir(str(tmp_path / "nodes"))
+    assert os.listdir(str(tmp_path / "nodes")) == [os.path.basename(two)]
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5) and len(_losses(one)) == 3
