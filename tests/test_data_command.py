@@ -111,3 +111,13 @@ def test_stats_names_the_truncation_strategy_it_applies(capsys):
     assert out["right"]["dropped"] == over and out["right"]["truncated"] == 0
     assert f"cut on the right (--truncation_strategy right): 0 still trained, {over} dropped (no trained token " \
            f"left)" in out["right"]["printed"]
+
+
+def test_convert_and_split_refuse_an_output_they_cannot_write(tmp_path, capsys):
+    """--output that is a folder (convert) or under a file (split): one message, nothing half-written."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "response": "a"}] * 4)
+    assert main(["data", "convert", "--dataset", data, "--output", str(tmp_path)]) == 1
+    assert "is a folder; give the file to write" in capsys.readouterr().err
+    assert main(["data", "split", "--dataset", data, "--output", str(tmp_path / "d.jsonl" / "x")]) == 1
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]

@@ -549,3 +549,31 @@ def test_prompts_are_fitted_to_max_length_before_training(setup, tmp_path, capsy
     cfg, _ = recipe.configure(parse_args("rlhf", ["--rlhf_type", "grpo", "--model", model, "--dataset", data,
                                                    "--reward_funcs", "format"]))
     assert cfg.output.metric_for_best_model == "reward"  # ms-swift's default for GRPO (loss elsewhere)
+
+
+def test_non_finite_sampling_stops_like_a_non_finite_loss(setup, tmp_path, monkeypatch):
+    """Diverged weights can break GRPO's sampling (inf/NaN probabilities) before any loss shows it: the run stops
+    with the divergence message, and the checkpoint holding those weights is marked (diverged.json), as for a NaN
+    loss — it used to end in the sampler's RuntimeError traceback."""
+    import json
+
+    from tunesmith.train import loop
+    from tunesmith.train.rollouts import Rollouts
+
+    real = Rollouts._generate
+
+    def failing(self, ids, seed, r):
+        if self.rounds_done == 2:
+            raise loop.NonFiniteSampling("probability tensor contains either inf, nan or element < 0")
+        return real(self, ids, seed, r)
+
+    monkeypatch.setattr(Rollouts, "_generate", failing)
+    model, data, plugin = setup
+    with pytest.raises(loop.TrainingDiverged) as e:
+        _grpo(model, data, tmp_path / "out", "--external_plugins", plugin, "--reward_funcs", "even_tokens",
+              "--max_steps", "4", "--save_steps", "1", "--per_device_train_batch_size", "16")
+    msg = str(e.value)
+    assert msg.startswith("sampling became impossible (probability tensor contains") and "step 3" in msg, msg
+    assert "checkpoint-2 holds the weights that gave it" in msg and "checkpoint-1." in msg, msg
+    run_dir = next((tmp_path / "out").iterdir())
+    assert json.load(open(run_dir / "checkpoint-2" / "diverged.json"))["step"] == 3

@@ -224,6 +224,15 @@ def test_forced_nan_never_calls_the_weights_that_gave_it_good(tiny_models, tmp_p
     with pytest.raises(ConfigError, match="gave a non-finite loss at step 2 \\(diverged.json\\)"):
         recipe.main(parse_args(cmd, [*common, "--max_steps", "3", "--learning_rate", "1e-4",
                                      "--resume_from_checkpoint", bad.group(1), "--output_dir", str(tmp_path / "r")]))
+    if "--train_type" not in flags:  # an adapter: training from it, merging or serving it are refused too
+        from tunesmith.runs import resolve_checkpoint
+
+        with pytest.raises(ConfigError, match=r"--adapters .*checkpoint-1: its weights gave a non-finite loss"):
+            recipe.main(parse_args(cmd, [*common, "--max_steps", "1", "--adapters", bad.group(1),
+                                         "--output_dir", str(tmp_path / "a")]))
+        for command in ("export", "infer", "deploy"):
+            with pytest.raises(ConfigError, match="diverged.json"):
+                resolve_checkpoint(parse_args(command, ["--adapters", bad.group(1)]))
 
 
 def test_after_a_resume_the_failure_message_names_the_checkpoint_resumed_from(tiny_models, tmp_path):

@@ -663,11 +663,37 @@ def chat(engine: ChatEngine, args, result_path: Optional[str], stdin=None, stdou
                 fh.write(json.dumps({"response": reply.content, "messages": history}, ensure_ascii=False) + "\n")
 
 
+def check_generation_flags(args) -> None:
+    """infer's and deploy's flag values, before anything loads (every problem at once, FlagError: exit 2):
+    sampling settings, counts, and deploy's port, body limit and API key."""
+    from tunesmith.errors import FlagError
+    from tunesmith.train.config import between
+
+    out: list[str] = []
+    for name, lo, hi, lo_open in (("temperature", 0, None, False), ("top_p", 0, 1, True),
+                                  ("repetition_penalty", 0, None, True), ("max_new_tokens", 1, None, False),
+                                  ("top_logprobs", 0, None, False)):
+        if getattr(args, name, None) is not None:
+            between(out, name, getattr(args, name), lo, hi, lo_open=lo_open)
+    for name in ("n", "num_beams"):
+        between(out, name, getattr(args, name, 1), 1, None)
+    if getattr(args, "port", None) is not None:
+        between(out, "port", args.port, 0, 65535)
+    if getattr(args, "max_request_bytes", None) is not None:
+        between(out, "max_request_bytes", args.max_request_bytes, 0, None, hint="0 means no limit")
+    if getattr(args, "api_key", None) is not None and not str(args.api_key).strip():
+        out.append("--api_key is empty: the server would take any request; give a key (or leave the flag out)")
+    if out:
+        raise FlagError(out[0] if len(out) == 1 else f"{len(out)} problems with the flags:\n  - "
+                        + "\n  - ".join(out))
+
+
 def main(args):
     """`tunesmith infer`: batch inference over --val_dataset (or --load_data_args' split), else interactive chat.
 
     Returns 0; the engine is closed on the way out. Raises ConfigError or DataError (see build_engine,
     batch_infer)."""
+    check_generation_flags(args)
     engine, ckpt, _ = build_engine(args)
     try:
         loaded = _infer_rows(args, ckpt)

@@ -201,6 +201,22 @@ def _saved_system(value: str, ckpt: str) -> str:
                       f"--system with that file or the prompt text")
 
 
+def diverged_problem(path: Optional[str], flag: str) -> Optional[str]:
+    """The refusal for a checkpoint that training marked diverged.json (its weights gave a non-finite loss), or
+    None: merging, serving or training from it would carry the NaN on."""
+    marker = os.path.join(path, "diverged.json") if path and os.path.isdir(path) else None
+    if not marker or not os.path.isfile(marker):
+        return None
+    try:
+        with open(marker, encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (OSError, ValueError):
+        info = {}
+    good = info.get("last_good_checkpoint")
+    return (f"{flag} {path}: its weights gave a non-finite loss at step {info.get('step', '?')} (diverged.json); "
+            f"use " + (good if good else "an earlier checkpoint") + " instead")
+
+
 def resolve_checkpoint(args) -> Optional[str]:
     """Find the base model and settings of `--adapters CKPT` / `--model CKPT` from the checkpoint's args.json.
 
@@ -222,6 +238,10 @@ def resolve_checkpoint(args) -> Optional[str]:
         if not is_adapter_dir(path):
             raise ConfigError(f"--adapters {path}: this is a full model checkpoint, not a LoRA adapter (no "
                               f"adapter_config.json); pass it with --model {path}")
+    for flag, path in [("--adapters", p) for p in plain + list(named.values())] + [("--model", args.model)]:
+        problem = diverged_problem(path, flag)
+        if problem:
+            raise ConfigError(problem)
     if args.model and os.path.isdir(args.model) and is_adapter_dir(args.model):
         raise ConfigError(f"--model {args.model}: this is a LoRA adapter, not a model; pass it with "
                           f"--adapters {args.model} (the base model is read from its args.json)")

@@ -529,8 +529,9 @@ def main(args):
     except ImportError:
         raise ConfigError("tunesmith deploy needs fastapi and uvicorn: pip install fastapi uvicorn") from None
     del fastapi  # imported only to check that it is installed; create_app imports what it uses
-    from tunesmith.infer import build_engine
+    from tunesmith.infer import build_engine, check_generation_flags
 
+    check_generation_flags(args)
     _check_port(args.host, args.port)
     engine, ckpt, named = build_engine(args)
     served = served_models(args, named, ckpt)

@@ -193,6 +193,9 @@ def convert(args: DataCommandArguments) -> None:
     _need_dataset(args)
     if not args.output:
         raise ConfigError("pass --output FILE.jsonl for the converted data")
+    if os.path.isdir(args.output):
+        raise ConfigError(f"--output {args.output} is a folder; give the file to write, e.g. "
+                          f"{os.path.join(args.output, 'data.jsonl')}")
     result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed,
                            keep_columns=True)
     write_jsonl(args.output, _rows(result.records))
@@ -214,6 +217,11 @@ def split(args: DataCommandArguments) -> None:
         raise ConfigError(f"--val_ratio must be between 0 and 1, got {args.val_ratio}")
     train, val = split_train_val(result, args.val_ratio, args.data_seed)
     out = args.output or os.path.splitext(args.dataset[0].split("#")[0])[0] + "_split"
+    parent = out
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"--output {out}: {parent} is a file; give a folder for train.jsonl and val.jsonl")
     write_jsonl(os.path.join(out, "train.jsonl"), _rows(train.records))
     write_jsonl(os.path.join(out, "val.jsonl"), _rows(val.records))
     print(f"wrote {len(train)} train rows and {len(val)} validation rows to {out}/ (seed {args.data_seed})")

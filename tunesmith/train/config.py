@@ -85,6 +85,42 @@ def _adapter_base(adapters) -> "str | None":
     return None
 
 
+def _checkpoint_files(args, ckpt: str, flag: str) -> list[str]:
+    """The files a resume reads, present and readable: args.json and trainer_state.json (valid JSON), the weights
+    (*.safetensors, each with a readable header) and — unless --resume_only_model — the optimiser (or DeepSpeed's
+    shards), scheduler and RNG states."""
+    import json
+
+    out = []
+    for name in ("args.json", "trainer_state.json"):
+        try:
+            with open(os.path.join(ckpt, name), encoding="utf-8") as fh:
+                json.load(fh)
+        except FileNotFoundError:
+            out.append(f"{flag}: {name} is missing, so it is not a complete checkpoint of a tunesmith (or ms-swift) "
+                       f"run; resume from another checkpoint-N")
+        except (OSError, ValueError) as e:
+            out.append(f"{flag}: {name} is damaged ({e}); resume from another checkpoint-N")
+    weights = sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+    if not weights:
+        out.append(f"{flag}: no weights in it (*.safetensors); resume from another checkpoint-N")
+    for f in weights:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(ckpt, f), "pt") as fh:
+                fh.keys()
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file, whatever safetensors raises
+            out.append(f"{flag}: {f} is damaged ({type(e).__name__}: {e}); resume from another checkpoint-N")
+    if not args.resume_only_model:
+        optimiser = "deepspeed" if os.path.isdir(os.path.join(ckpt, "deepspeed")) else "optimizer.pt"
+        for name in (optimiser, "scheduler.pt", "rng_state.pth"):
+            if not os.path.exists(os.path.join(ckpt, name)):
+                out.append(f"{flag}: {name} is missing (a checkpoint saved with --save_only_model?); pass "
+                           f"--resume_only_model true to resume the weights alone")
+    return out
+
+
 # what a checkpoint's args.json must share with the run that resumes it: the weights' shapes and meaning
 _RESUME_SAME = ("train_type", "lora_rank", "target_modules", "use_dora", "quant_bits", "modules_to_save")
 
@@ -114,12 +150,11 @@ def resume_problems(args) -> list[str]:
         return [f"{flag}: its weights gave a non-finite loss at step {info.get('step')} (diverged.json), so it "
                 f"would stop again; resume from " + (good if good else "an earlier checkpoint, or start afresh")
                 + " with a lower --learning_rate"]
-    try:
-        with open(os.path.join(ckpt, "args.json"), encoding="utf-8") as fh:
-            saved = json.load(fh)
-    except (OSError, ValueError):
-        return []  # an older or foreign checkpoint: the weights' load checks the shapes
-    out = []
+    out = _checkpoint_files(args, ckpt, flag)
+    if out:
+        return out
+    with open(os.path.join(ckpt, "args.json"), encoding="utf-8") as fh:
+        saved = json.load(fh)
     theirs, ours = saved.get("rlhf_type") or "sft", getattr(args, "rlhf_type", None) or "sft"
     if theirs != ours:
         out.append(f"{flag}: a {theirs} checkpoint, but this run trains {ours}; to train {ours} from it, pass its "
@@ -161,9 +196,33 @@ def _more_value_problems(args) -> list[str]:
     return out
 
 
+def _scheduler_problems(args) -> list[str]:
+    """--lr_scheduler_type with --lr_scheduler_kwargs: built once on a stand-in optimiser, so a keyword the
+    schedule does not take (or a value of the wrong type) is a flag problem, not a traceback after the run
+    directory exists."""
+    if not args.lr_scheduler_kwargs:
+        return []
+    import torch
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    try:
+        sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=1, num_training_steps=10,
+                              scheduler_specific_kwargs=dict(args.lr_scheduler_kwargs))
+        for _ in range(3):
+            opt.step()
+            sched.step()
+    except (TypeError, ValueError) as e:
+        return [f"--lr_scheduler_kwargs {args.lr_scheduler_kwargs}: not accepted by --lr_scheduler_type "
+                f"{args.lr_scheduler_type} ({e})"]
+    return []
+
+
 def _output_problems(output_dir) -> list[str]:
     """--output_dir must be writable (it, or the nearest folder above it that exists): found now, not after the
     model has loaded."""
+    if output_dir is not None and not str(output_dir).strip():
+        return ["--output_dir is empty; give a folder (or leave the flag out for output/<model>)"]
     path = os.path.abspath(output_dir or "output")
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
@@ -259,11 +318,15 @@ def problems(args) -> list[str]:
     for name in ("seed", "data_seed"):
         between(out, name, getattr(args, name), 0, 2 ** 32 - 1)
     out += _more_value_problems(args)
+    out += _scheduler_problems(args)
     if args.train_type == "full" and args.torch_dtype in ("float16",):
         out.append("full training in float16 has no loss scaling for fp16 weights; use --torch_dtype bfloat16 "
                    "(or float32)")
     if args.quant_method and args.train_type == "full":
         out.append("--quant_method bnb trains LoRA adapters on a quantised base (QLoRA); use --train_type lora with it")
+    from tunesmith.runs import diverged_problem
+
+    out += [m for m in (diverged_problem(a, "--adapters") for a in args.adapters or []) if m]
     if args.adapters and args.train_type == "full":
         out.append("--adapters starts from a LoRA adapter; with --train_type full pass the model with --model")
     if args.deepspeed:

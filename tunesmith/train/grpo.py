@@ -374,6 +374,9 @@ def _check_unsupported(args, problems: list) -> None:
     if args.streaming:
         problems.append("--streaming: GRPO reads its prompts up front; drop --streaming")
     n = len(args.reward_funcs) + len(args.reward_model)
+    if args.reward_weights and not all(math.isfinite(w) for w in args.reward_weights):
+        problems.append(f"--reward_weights {' '.join(map(str, args.reward_weights))}: each weight must be a finite "
+                        f"number")
     if args.reward_weights and len(args.reward_weights) != n:
         problems.append(f"--reward_weights has {len(args.reward_weights)} value(s) for {n} reward function(s) and "
                         f"model(s); give one weight per function, then one per --reward_model")

@@ -33,6 +33,10 @@ class TrainingDiverged(TunesmithError):
     pass
 
 
+class NonFiniteSampling(TunesmithError):
+    """Generation (GRPO's rollouts) met inf/NaN probabilities: the weights diverged before a loss could show it."""
+
+
 DEEPSPEED_TAG = "deepspeed"  # the folder inside a checkpoint that holds DeepSpeed's optimiser shards (for resume)
 
 
@@ -79,9 +83,11 @@ def evaluate_objective(model, objective: Objective, rows: list, collate: Callabl
 
 
 def signif(x: float, digits: int = 6) -> float:
-    """x to `digits` significant digits, for the log: a small loss or KL (1e-7) keeps its value where rounding to
-    decimal places would log 0."""
-    return float(f"{x:.{digits}g}") if math.isfinite(x) else x
+    """x for the log: `digits` decimal places, and for a small value (a KL of 1e-7) `digits` significant digits,
+    where rounding to decimal places would log 0."""
+    if not math.isfinite(x):
+        return x
+    return round(x, digits) if abs(x) >= 0.01 else float(f"{x:.{digits}g}")
 
 
 @dataclass
@@ -297,6 +303,10 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
                              args_extra)
     try:
         return _run_steps(run, state, objective)
+    except NonFiniteSampling as e:  # GRPO: the weights give non-finite probabilities before any loss is taken
+        _mark_diverged(run, state, StepResult(float("nan"), 0, float("nan"), {}, 0))
+        raise TrainingDiverged(str(diverged(StepResult(float("nan"), 0, float("nan"), {}, 0), state)).replace(
+            "the loss became nan", f"sampling became impossible ({e})", 1)) from None
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
@@ -389,6 +399,8 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
             hook.load(output.resume_from_checkpoint)
         for record in state.log_history:  # the new run's logging.jsonl and trackers carry the whole curve
             trackers.log(record, record["global_step"])
+        if not output.resume_only_model and par.main:
+            _note_restored_schedule(output.resume_from_checkpoint, optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     if ds and output.resume_from_checkpoint and not output.resume_only_model:
         model.load_checkpoint(output.resume_from_checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False,
@@ -400,6 +412,20 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
     return run, state
 
 
+def _note_restored_schedule(ckpt: str, optim) -> None:
+    """A full resume restores the checkpoint's learning-rate schedule (as transformers' Trainer does): a different
+    --learning_rate is not used, which is said rather than silently ignored."""
+    try:
+        with open(os.path.join(ckpt, "args.json"), encoding="utf-8") as fh:
+            saved = json.load(fh).get("learning_rate")
+    except (OSError, ValueError):
+        return
+    if saved is not None and optim.learning_rate is not None and float(saved) != float(optim.learning_rate):
+        print(f"[tunesmith] resuming restores the checkpoint's learning-rate schedule (--learning_rate {saved}); "
+              f"--learning_rate {optim.learning_rate} is not used. To train on from these weights with new "
+              f"optimiser settings, add --resume_only_model true", file=sys.stderr)
+
+
 def restore(output, model, optimizer, scheduler, state: TrainState, deepspeed: bool, main: bool) -> None:
     """Load --resume_from_checkpoint (output slice) into the unwrapped model and the optimiser/schedule/RNG
     (DeepSpeed restores its own partitioned optimiser after prepare), and the data position unless
@@ -409,15 +435,23 @@ def restore(output, model, optimizer, scheduler, state: TrainState, deepspeed: b
     ckpt = output.resume_from_checkpoint
     with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
         saved = json.load(fh)
-    load_model_weights(model, ckpt)
+    try:
+        load_model_weights(model, ckpt)
+    except RuntimeError as e:  # shapes that do not fit this model
+        raise TunesmithError(f"--resume_from_checkpoint {ckpt}: its weights do not fit this model ({e})") from None
     state.last_model_checkpoint = ckpt  # until this run saves one: what a failure message points back to
     state.unconfirmed_checkpoint = ckpt  # good once the first step from its weights is finite
     if not output.resume_only_model:
-        if not deepspeed:
-            optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu",
-                                                 weights_only=False))
-        scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
-        _set_rng_state(torch.load(os.path.join(ckpt, "rng_state.pth"), weights_only=False))
+        try:
+            if not deepspeed:
+                optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu",
+                                                     weights_only=False))
+            scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
+            _set_rng_state(torch.load(os.path.join(ckpt, "rng_state.pth"), weights_only=False))
+        except (RuntimeError, ValueError, EOFError, OSError) as e:
+            raise TunesmithError(f"--resume_from_checkpoint {ckpt}: its optimiser, scheduler or RNG state cannot "
+                                 f"be read ({type(e).__name__}: {e}); pass --resume_only_model true to resume the "
+                                 f"weights alone, or resume from another checkpoint-N") from None
         state.global_step = saved["global_step"]
         state.best_metric, state.best_step = saved.get("best_metric"), saved.get("best_step")
         state.best_model_checkpoint = saved.get("best_model_checkpoint")
@@ -568,8 +602,10 @@ def diverged(result: StepResult, state: TrainState) -> TrainingDiverged:
            if state.unconfirmed_checkpoint else "")
     return TrainingDiverged(
         f"{what} at step {state.global_step + 1}; training stopped before applying that step.{bad} Last good "
-        f"checkpoint (a later step gave a finite loss from its weights): {good}. Try a lower --learning_rate, "
-        f"--max_grad_norm 1.0, or --torch_dtype bfloat16 instead of float16.")
+        f"checkpoint (a later step gave a finite loss from its weights): {good}. Try a lower --learning_rate or "
+        f"--max_grad_norm 1.0" + (" (from a checkpoint: with --resume_only_model true, since a full resume "
+                                  "restores the old learning-rate schedule)" if state.good_checkpoint else "")
+        + "; a float16 run can also use --torch_dtype bfloat16.")
 
 
 def _accumulate(window: Window, result: StepResult) -> None:

@@ -253,8 +253,8 @@ def preference_flags(args, problems: list, allowed: tuple, default_type: str, de
     import difflib
 
     beta = args.beta if args.beta is not None else default_beta
-    if not beta > 0:  # also NaN
-        problems.append(f"--beta {beta}: beta must be > 0. With beta = 0 every reward is 0 and the DPO loss stays at "
+    if not 0 < beta < float("inf"):  # also NaN
+        problems.append(f"--beta {beta}: beta must be a finite number > 0. With beta = 0 every reward is 0 and the DPO loss stays at "
                         f"ln 2 = 0.693 for the whole run (trl#1627); the usual value is 0.1")
     types = list(types if types is not None else args.loss_type) or [default_type]
     if one_type and len(types) > 1:
@@ -267,6 +267,10 @@ def preference_flags(args, problems: list, allowed: tuple, default_type: str, de
     if args.loss_weights and len(args.loss_weights) != len(types):
         problems.append(f"--loss_weights has {len(args.loss_weights)} value(s) for {len(types)} loss type(s) "
                         f"({' '.join(types)}); give one weight per type")
+    if args.loss_weights and not (all(0 <= w < float("inf") for w in args.loss_weights) and
+                                  any(w > 0 for w in args.loss_weights)):
+        problems.append(f"--loss_weights {' '.join(map(str, args.loss_weights))}: each weight must be a finite "
+                        f"number >= 0, and one at least > 0 (all 0 trains nothing)")
     if args.rpo_alpha and args.rlhf_type != "dpo":
         note(f"--rpo_alpha applies to DPO only; ignored for --rlhf_type {args.rlhf_type}")
     return beta, types

@@ -414,6 +414,10 @@ class Rollouts:
         out = [h.result() for h in handles]
         for c in out:
             if c.error is not None:
+                text = str(c.error).lower()
+                if isinstance(c.error, RuntimeError) and ("inf" in text or "nan" in text):
+                    raise loop.NonFiniteSampling(f"the policy's next-token probabilities hold inf or NaN: "
+                                                 f"{c.error}") from None
                 raise c.error
         return out
 
