@@ -231,7 +231,7 @@ def test_seed_ms_swift_dpo_lora_script_runs_with_prompt_chosen_rejected(tiny_mod
 
 def test_beta_zero_is_refused(tiny_models, tmp_path):
     data, _ = food_data(tmp_path, 4)
-    with pytest.raises(ConfigError, match=r"beta must be > 0.*ln 2"):
+    with pytest.raises(ConfigError, match=r"beta must be a finite number > 0.*ln 2"):
         rlhf(["--model", tiny_models("qwen2"), "--dataset", data, "--beta", "0", "--output_dir", str(tmp_path)])
 
 
