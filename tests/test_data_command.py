@@ -121,3 +121,21 @@ def test_convert_and_split_refuse_an_output_they_cannot_write(tmp_path, capsys):
     assert main(["data", "split", "--dataset", data, "--output", str(tmp_path / "d.jsonl" / "x")]) == 1
     assert "is a file; give a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_validate_reports_every_broken_file_of_a_folder(tmp_path, capsys):
+    """A folder with a good file, broken JSON, invalid UTF-8, a named pipe and a dangling link: validate names each
+    broken file (it used to stop at the first, and a named pipe made it wait forever)."""
+    import os
+
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    (tmp_path / "a.jsonl").write_text(good)
+    (tmp_path / "b.jsonl").write_text('{"messages": [')
+    (tmp_path / "c.jsonl").write_bytes(b"x\xff\xfe\n")
+    os.mkfifo(tmp_path / "d.jsonl")
+    os.symlink(tmp_path / "gone.jsonl", tmp_path / "e.jsonl")
+    assert main(["data", "validate", "--dataset", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    for fragment in ("b.jsonl:1: broken JSON", "c.jsonl:1: is not valid UTF-8", "d.jsonl: is not a regular file",
+                     "e.jsonl: file not found", "4 problem(s)"):
+        assert fragment in out, (fragment, out)

@@ -119,6 +119,24 @@ def _rows_kind(args: DataCommandArguments) -> str:
     return "preference" if args.rlhf or args.rlhf_type else "sft"
 
 
+def _each_file(specs: list[str]) -> list[str]:
+    """The specs with each local folder replaced by its data files, so that validate reports every broken file of
+    a folder rather than stopping at the first."""
+    from tunesmith.data.load import folder_files, parse_spec
+
+    out = []
+    for spec in specs:
+        path, hub, n = parse_spec(spec)
+        if hub is None and n is None and os.path.isdir(path):
+            try:
+                out += folder_files(path)
+                continue
+            except DataError:
+                pass  # read_spec says it again, as one problem
+        out.append(spec)
+    return out
+
+
 def validate(args: DataCommandArguments) -> int:
     """Print every problem of every --dataset and --val_dataset, sorted by line, then a count: rows that do not
     load or normalise, rows the method cannot use (--rlhf/--rlhf_type: a pair needs a rejected reply; KTO a label or
@@ -132,7 +150,7 @@ def validate(args: DataCommandArguments) -> int:
     kind = _rows_kind(args)
     problems = total = 0
     enc = None
-    for spec in args.dataset + args.val_dataset:
+    for spec in _each_file(args.dataset + args.val_dataset):
         try:
             raw = read_spec(spec, seed=args.data_seed, use_hf=args.use_hf, hub_token=args.hub_token)
         except DataError as e:

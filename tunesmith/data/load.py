@@ -304,17 +304,32 @@ def _read_local(path: str) -> list[RawRow]:
     return list(_iter_local(path))
 
 
+def folder_files(path: str) -> list[str]:
+    """The data files of a folder (its tree, sorted, dot-files left out). Raises DataError when there is none."""
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs
+                   if f.lower().endswith(LOCAL_SUFFIXES) and not f.startswith("."))
+    if not files:
+        raise DataError(path, None, "", "the folder holds no data files.",
+                        f"put {', '.join(LOCAL_SUFFIXES)} files in it, or pass the files themselves.")
+    return files
+
+
 def _iter_local(path: str) -> Iterator[RawRow]:
     """The rows of a local file, or of every data file in a folder (sorted), one at a time."""
+    import stat
+
     if os.path.isdir(path):
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs
-                       if f.lower().endswith(LOCAL_SUFFIXES) and not f.startswith("."))
-        if not files:
-            raise DataError(path, None, "", "the folder holds no data files.",
-                            f"put {', '.join(LOCAL_SUFFIXES)} files in it, or pass the files themselves.")
-        for f in files:
+        for f in folder_files(path):
             yield from _iter_local(f)
         return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:  # a broken link, a file removed meanwhile
+        raise DataError(path, None, "", f"cannot be read ({e.strerror or e}).",
+                        "check the file (a link whose target is gone?), or remove it from the folder.") from None
+    if not stat.S_ISREG(mode):  # a named pipe or a device would block or never end
+        raise DataError(path, None, "", "is not a regular file (a named pipe, socket or device).",
+                        "pass a regular data file, or remove it from the folder.")
     suffix = os.path.splitext(path)[1].lower()
     reader = READERS.get(suffix)
     if reader is None:
