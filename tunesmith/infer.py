@@ -666,8 +666,7 @@ def chat(engine: ChatEngine, args, result_path: Optional[str], stdin=None, stdou
 def check_generation_flags(args) -> None:
     """infer's and deploy's flag values, before anything loads (every problem at once, FlagError: exit 2):
     sampling settings, counts, and deploy's port, body limit and API key."""
-    from tunesmith.errors import FlagError
-    from tunesmith.train.config import between
+    from tunesmith.train.config import between, raise_problems
 
     out: list[str] = []
     for name, lo, hi, lo_open in (("temperature", 0, None, False), ("top_p", 0, 1, True),
@@ -683,9 +682,7 @@ def check_generation_flags(args) -> None:
         between(out, "max_request_bytes", args.max_request_bytes, 0, None, hint="0 means no limit")
     if getattr(args, "api_key", None) is not None and not str(args.api_key).strip():
         out.append("--api_key is empty: the server would take any request; give a key (or leave the flag out)")
-    if out:
-        raise FlagError(out[0] if len(out) == 1 else f"{len(out)} problems with the flags:\n  - "
-                        + "\n  - ".join(out))
+    raise_problems(out)
 
 
 def main(args):

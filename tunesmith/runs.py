@@ -73,6 +73,14 @@ def save_args(path_dir: str, args, extra: Optional[dict] = None) -> dict:
     return record
 
 
+def existing_ancestor(path: str) -> str:
+    """PATH made absolute, or the nearest folder above it that exists (where it would be created)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def remove_leftovers(folders: list[str]) -> list[str]:
     """Remove the unfinished saves (`.tmp-<name>-<pid>`, `<name>.old-<pid>`: atomic_dir's) that processes no
     longer running left in these folders and in their run directories (one level down); a folder whose process

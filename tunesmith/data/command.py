@@ -235,10 +235,10 @@ def split(args: DataCommandArguments) -> None:
         raise ConfigError(f"--val_ratio must be between 0 and 1, got {args.val_ratio}")
     train, val = split_train_val(result, args.val_ratio, args.data_seed)
     out = args.output or os.path.splitext(args.dataset[0].split("#")[0])[0] + "_split"
-    parent = out
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
+    from tunesmith.runs import existing_ancestor
+
+    parent = existing_ancestor(out)
+    if not os.path.isdir(parent):
         raise ConfigError(f"--output {out}: {parent} is a file; give a folder for train.jsonl and val.jsonl")
     write_jsonl(os.path.join(out, "train.jsonl"), _rows(train.records))
     write_jsonl(os.path.join(out, "val.jsonl"), _rows(val.records))

@@ -223,9 +223,9 @@ def _output_problems(output_dir) -> list[str]:
     model has loaded."""
     if output_dir is not None and not str(output_dir).strip():
         return ["--output_dir is empty; give a folder (or leave the flag out for output/<model>)"]
-    path = os.path.abspath(output_dir or "output")
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
+    from tunesmith.runs import existing_ancestor
+
+    path = existing_ancestor(output_dir or "output")
     if not os.path.isdir(path):
         return [f"--output_dir {output_dir}: {path} is a file, not a folder; choose another --output_dir"]
     if not os.access(path, os.W_OK | os.X_OK):

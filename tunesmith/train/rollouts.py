@@ -368,7 +368,7 @@ class Rollouts:
         from tunesmith.train import losses as L
 
         combined = L.combine_rewards(torch.tensor(rows, dtype=torch.float64), list(self.method.reward_weights))
-        return bool(combined.max() - combined.min() < 1e-12)
+        return self._zero_std(combined.tolist())[0]
 
     def _groups(self, prompts: list[dict], which: list[int], seed: int, r: int) -> list:
         """[(j, the G units of prompt j, their rewards [G][F], their texts)] for the prompts `which` of the round:

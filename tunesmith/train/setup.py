@@ -549,9 +549,9 @@ def check_disk(cfg, model_dir: str) -> None:
 
     if cfg.output.save_strategy == "no":
         return
-    path = os.path.abspath(cfg.output.output_dir)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
+    from tunesmith.runs import existing_ancestor
+
+    path = existing_ancestor(cfg.output.output_dir)
     need = checkpoint_bytes(model_dir, cfg.model.train_type, cfg.output.save_only_model)
     free = sh.disk_usage(path).free
     if need > free:
