@@ -288,3 +288,14 @@ def test_inference_and_remaining_training_flags_exit_2_before_loading(tmp_path, 
                                                                    ("sft", "rlhf") else []), *argv[1:]])
     err = capsys.readouterr().err
     assert rc == 2 and fragment in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--train_type", "full", "--lora_rank", "16", "--target_modules", "q_proj"],
+     "--train_type full trains every weight: --lora_rank, --target_modules have no effect"),
+    (["--packing", "true", "--padding_free", "true"], "--packing already trains without padding"),
+])
+def test_combinations_ms_swift_accepts_are_said_not_silent(capsys, flags, said):
+    """Settings that make each other moot, which ms-swift accepts: the run goes on and says what has no effect."""
+    recipe.configure(parse_args("sft", [*BASE, *flags]))
+    assert said in capsys.readouterr().err
