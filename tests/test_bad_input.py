@@ -69,6 +69,10 @@ ROW_CASES = [
      "has 3 cells but the header has 2 columns"),
     ("csv_missing_cells", "d.csv", "query,response\nq1,a1\nq2\nq3,a3\n", 3, "has 1 cells"),
     ("csv_unclosed_quote", "d.csv", 'query,response\nq1,a1\nq3,a3\n"q2,a2\n', 4, "has 1 cells"),
+    ("csv_invalid_utf8", "d.csv", b"query,response\nq1,a1\nq2 \xff\xfe,a2\nq3,a3\n", 3, "is not valid UTF-8 (byte 0xff, "
+     "the line's byte 4)"),
+    ("csv_invalid_utf8_in_a_quoted_cell", "d.csv", b'query,response\nq1,a1\n"q2\nsecond \xc3\x28 line",a2\nq3,a3\n', 4,
+     "is not valid UTF-8 (byte 0xc3, the line's byte 8)"),
     ("txt_invalid_utf8", "d.txt", b"first\n\xc3\x28 broken\nthird\n", 2, "is not valid UTF-8"),
     ("parquet_null_reply", "d.parquet", _parquet_with_null_reply, 2,
      "field 'response': is missing or null: the row has a 'query' but no reply"),
@@ -112,6 +116,7 @@ ROW_CASES = [
 FILE_CASES = [
     ("utf16", "d.jsonl", (G + "\n" + G + "\n").encode("utf-16"), "", None, "is a UTF-16"),
     ("utf16_csv", "d.csv", "query,response\nq,a\n".encode("utf-16"), "", None, "is a UTF-16"),
+    ("csv_header_invalid_utf8", "d.csv", b"query,resp\xffonse\nq,a\n", "", 1, "is not valid UTF-8 (byte 0xff"),
     ("binary", "d.jsonl", bytes(range(256)) * 8, "", None, "is not a text file"),
     ("not_parquet", "d.parquet", b"PAR1 this is not parquet", "", None, "cannot be read as parquet"),
     ("empty", "d.jsonl", b"", "", None, "the dataset is empty"),

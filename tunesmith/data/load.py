@@ -18,6 +18,7 @@ import io
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -245,18 +246,53 @@ def _read_json(path: str) -> Iterator[RawRow]:
                         "a .json file holds one list of objects (or use .jsonl: one object per line).")
 
 
+def _read_text_escaped(path: str) -> tuple[bytes, str]:
+    """(the file's bytes, its text) with each byte that is not valid UTF-8 kept as a lone surrogate
+    (surrogateescape), so that one bad row does not make the whole file unreadable; a byte-order mark dropped."""
+    _check_text_file(path)
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return data, data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def _escaped(cells: list[str]) -> bool:
+    """Whether a cell holds a byte that was not valid UTF-8 (surrogateescape keeps it as U+DC80..U+DCFF)."""
+    return any(not c.isascii() and _SURROGATE.search(c) for c in cells)
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _utf8_error_in(path: str, data: bytes, first: int, last: int) -> DataError:
+    """The DataError for the first invalid UTF-8 in lines first..last (1-based) of the file's bytes."""
+    lines = data.split(b"\n")
+    for i in range(first - 1, min(last, len(lines))):
+        try:
+            lines[i].decode("utf-8")
+        except UnicodeDecodeError as e:
+            return _utf8_error(path, e, i + 1)
+    return DataError(path, first, "", "is not valid UTF-8.", _FIX_UTF8)
+
+
 def _read_csv(path: str) -> Iterator[RawRow]:
-    text = _read_text(path)
+    data, text = _read_text_escaped(path)
     csv.field_size_limit(2 ** 31 - 1)  # ms-swift (pandas) has no limit on a cell's size
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next((cells for cells in reader if cells), None)  # the first line that is not blank
         if header is None:
             return
+        if _escaped(header):  # without its header no row of the file can be read
+            raise _utf8_error_in(path, data, 1, reader.line_num)
+        end = reader.line_num
         for cells in reader:
+            start, end = end + 1, reader.line_num  # the row's lines (a quoted cell may span several)
             if not cells:  # a blank line
                 continue
             line = reader.line_num
+            if _escaped(cells):  # a bad row, like an invalid line of a .jsonl file
+                yield RawRow(None, path, line, _utf8_error_in(path, data, start, end))
+                continue
             if len(cells) != len(header):
                 yield RawRow(None, path, line, DataError(
                     path, line, "", f"has {len(cells)} cells but the header has {len(header)} columns "
