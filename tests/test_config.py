@@ -209,6 +209,11 @@ RESUME_STATES = [  # (how the checkpoint differs, flags of the resuming run, wha
     ("no_weights", [], "no weights in it (*.safetensors)"),
     ("bad_weights", [], "adapter_model.safetensors is damaged"),
     ("no_args", [], "args.json is missing"),
+    ("max_steps_below", ["--max_steps", "2"], "the checkpoint is at step 3 and --max_steps 2 ends before it, so "
+                                              "there is nothing left to train"),
+    ("max_steps_equal", ["--max_steps", "3"], "the checkpoint is at step 3 and --max_steps 3 ends there, so there "
+                                              "is nothing left to train (a resumed run counts on from the "
+                                              "checkpoint's step). To train on, give --max_steps above 3"),
 ]
 
 
@@ -245,6 +250,16 @@ def test_resume_checks_the_checkpoint_before_anything_loads(tmp_path, state, fla
 
     with pytest.raises(FlagError, match=re.escape(fragment)):
         recipe.configure(args)
+
+
+def test_resume_with_max_steps_above_the_checkpoint_or_weights_only_is_fine(tmp_path):
+    """--max_steps above the checkpoint's step trains on; --resume_only_model with --ignore_data_skip counts from
+    step 0, so a small --max_steps is not refused there."""
+    ckpt = _checkpoint(tmp_path / "run" / "checkpoint-3")
+    base = ["--model", "some/model", "--dataset", "d.jsonl", "--resume_from_checkpoint", ckpt]
+    recipe.configure(parse_args("sft", [*base, "--max_steps", "4"]))
+    recipe.configure(parse_args("sft", [*base, "--max_steps", "2", "--resume_only_model", "true",
+                                        "--ignore_data_skip", "true"]))
 
 
 def test_unfinished_saves_of_dead_runs_are_removed_at_start(tiny_models, tmp_path, capsys):
@@ -288,6 +303,66 @@ def test_inference_and_remaining_training_flags_exit_2_before_loading(tmp_path, 
                                                                    ("sft", "rlhf") else []), *argv[1:]])
     err = capsys.readouterr().err
     assert rc == 2 and fragment in err and "Traceback" not in err, err
+
+
+# (command and flags, what the one message must name): flags that do not parse (a value outside the flag's
+# choices, of the wrong type, an unknown flag) used to be reported one per run; now all at once, with the value
+# checks' problems
+PARSE_CASES = [
+    (["sft", "--train_type", "foo", "--lr_scheduler_type", "bar", "--optim", "baz"],
+     ["3 problems with the flags", "--train_type: 'foo' is not one of lora, full",
+      "--lr_scheduler_type: 'bar' is not one of cosine, linear", "--optim: 'baz' is not one of adamw_torch"]),
+    (["sft", "--torch_dtype", "float61", "--lora_rank", "0", "--learning_rate", "-1"],
+     ["3 problems with the flags", "--torch_dtype: 'float61' is not one of bfloat16", "--lora_rank 0",
+      "--learning_rate -1.0"]),
+    (["sft", "--save_strategy", "sometimes", "--lora_rnak", "8", "--per_device_train_batch_size", "two"],
+     ["3 problems with the flags", "--save_strategy: 'sometimes' is not one of steps, epoch, no, best",
+      "unknown flag --lora_rnak", "Did you mean --lora_rank?",
+      "--per_device_train_batch_size: expected an integer, got 'two'"]),
+    (["sft", "--train_type", "adalora", "--packing", "maybe"],
+     ["2 problems with the flags", "ms-swift's adalora tuner is not supported by tunesmith yet",
+      "--packing: expected true or false, got 'maybe'"]),
+    (["rlhf", "--rlhf_type", "dpoo", "--eval_strategy", "often", "--lora_rank", "-1"],
+     ["3 problems with the flags", "--rlhf_type: 'dpoo' is not one of dpo", "--eval_strategy: 'often'",
+      "--lora_rank -1"]),
+    (["rlhf", "--rlhf_type", "grpo", "--reward_funcs", "format", "--advantage_estimator", "gae",
+      "--importance_sampling_level", "word"],
+     ["2 problems with the flags", "--advantage_estimator: 'gae'", "--importance_sampling_level: 'word'"]),
+    (["infer", "--infer_backend", "foo", "--temperature", "-1"],
+     ["2 problems with the flags", "--infer_backend: 'foo' is not one of pt, transformers", "--temperature -1.0"]),
+    (["deploy", "--infer_backend", "tgi", "--port", "99999", "--quant_bits", "3"],
+     ["3 problems with the flags", "--infer_backend: 'tgi'", "--port 99999", "--quant_bits: 3 is not one of 4, 8"]),
+    (["export", "--quant_method", "xyz", "--safe_serialization", "maybe"],
+     ["2 problems with the flags", "--quant_method: 'xyz' is not one of bnb",
+      "--safe_serialization: expected true or false, got 'maybe'"]),
+]
+
+
+@pytest.mark.parametrize("argv,fragments", PARSE_CASES, ids=[" ".join(a) for a, _ in PARSE_CASES])
+def test_every_flag_that_does_not_parse_is_reported_at_once(tmp_path, capsys, argv, fragments):
+    """Exit 2, one message listing every problem of the command (flag, value, what is allowed), nothing written."""
+    from tunesmith.cli import main
+
+    out = tmp_path / "out"
+    training = ["--dataset", "d.jsonl", "--output_dir", str(out)] if argv[0] in ("sft", "rlhf") else []
+    rc = main([argv[0], "--model", str(tmp_path / "no-model"), *training, *argv[1:]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.count("error:") == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_flag_problems_are_found_before_torchrun_starts(tmp_path, capsys, monkeypatch):
+    """Under NPROC_PER_NODE the launcher refuses them once, before starting the processes."""
+    from tunesmith.cli import main
+
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    rc = main(["sft", "--model", "m", "--dataset", "d.jsonl", "--train_type", "foo", "--optim", "baz"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 problems with the flags" in err and "launching" not in err, err
 
 
 @pytest.mark.parametrize("flags,said", [

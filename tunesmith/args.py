@@ -1308,17 +1308,10 @@ def resolve_system(value: Optional[str], source: str = "") -> Optional[str]:
     return value.replace("\\n", "\n")
 
 
-def parse_args(command: str, argv: list[str], cls=None):
-    """Parse `argv` (flags after the subcommand) into the command's dataclass.
-
-    Precedence: dataclass defaults < config file (positional .yaml/.yml/.json or --config) < flags.
-    """
-    cls = cls or COMMAND_ARGS[command]
-    values: dict[str, Any] = {}
-    argv = list(argv)
-    config_path = None
+def _split_argv(argv: list[str]) -> tuple[list[tuple[str, list[str], bool]], list[str]]:
+    """(flags as (name as written, values, had '=')), positionals) of a command line."""
+    flags: list[tuple[str, list[str], bool]] = []
     positionals = []
-    flags: list[tuple[str, list[str], bool]] = []  # (name as written, values, had '=')
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -1338,13 +1331,74 @@ def parse_args(command: str, argv: list[str], cls=None):
         else:
             positionals.append(tok)
             i += 1
+    return flags, positionals
+
+
+def problems_message(found: list[str]) -> str:
+    """One message for every problem found (a single problem is its own message)."""
+    if len(found) == 1:
+        return found[0]
+    return f"{len(found)} problems with the flags:\n  - " + "\n  - ".join(found)
+
+
+def deferred_problems(args) -> list[str]:
+    """The flag problems `parse_args(..., defer_problems=True)` found (each flag left at its default), for the
+    command's own value checks to report together with theirs."""
+    return list(getattr(args, "_deferred_problems", ()))
+
+
+def _set_config_values(cls, command: str, config_path: str, values: dict, found: list) -> None:
+    """The config file's values into `values`; each bad key or value appended to `found`."""
+    src = f"{config_path}: "
+    secrets = secret_fields(cls)
+    for key, raw in load_config_file(config_path).items():
+        if key in RECORD_ONLY_KEYS or _turns_off_unsupported(cls, str(key), [raw]):
+            continue
+        try:
+            name = _resolve_name(cls, command, str(key), src)
+            if name in secrets and raw == REDACTED:
+                continue
+            _set_value(cls, values, name, raw, src)
+        except ArgError as e:
+            found.append(str(e))
+
+
+def _set_flag_values(cls, command: str, flags: list, values: dict, found: list) -> bool:
+    """The command line's flags into `values` (over the config file's); each bad flag or value appended to
+    `found`. Returns whether --system was given on the command line."""
+    system_here = False
+    for raw_name, vals, _ in (f for f in flags if not _turns_off_unsupported(cls, f[0], f[1])):
+        try:
+            name = _resolve_name(cls, command, raw_name, "")
+            spec = _fields(cls)[name]
+            if not vals:
+                if spec.inner is bool and not spec.is_list:
+                    vals = ["true"]
+                elif not spec.is_list:
+                    raise ArgError(f"--{name} needs a value")
+            _set_value(cls, values, name, vals, "")
+            system_here = system_here or name == "system"
+        except ArgError as e:
+            found.append(str(e))
+    return system_here
+
+
+def parse_args(command: str, argv: list[str], cls=None, defer_problems: bool = False):
+    """Parse `argv` (flags after the subcommand) into the command's dataclass.
+
+    Precedence: dataclass defaults < config file (positional .yaml/.yml/.json or --config) < flags. Every flag
+    problem (an unknown flag, a value of the wrong type or not among the flag's choices) is found, and all are raised
+    as one ArgError; with `defer_problems` they are kept on the returned arguments instead (`deferred_problems`,
+    the flags left at their defaults) so that the command reports them together with its value checks.
+    """
+    cls = cls or COMMAND_ARGS[command]
+    values: dict[str, Any] = {}
+    found: list[str] = []
+    flags, positionals = _split_argv(list(argv))
     # positional config file (ms-swift: `swift sft x.yaml`)
-    rest_pos = []
-    for p in positionals:
-        if config_path is None and p.lower().endswith((".yaml", ".yml", ".json")):
-            config_path = p
-        else:
-            rest_pos.append(p)
+    k = next((i for i, p in enumerate(positionals) if p.lower().endswith((".yaml", ".yml", ".json"))), None)
+    config_path = None if k is None else positionals[k]
+    rest_pos = [p for i, p in enumerate(positionals) if i != k]
     cfg_flags = [f for f in flags if f[0].replace("-", "_") == "config"]
     if cfg_flags:
         if not cfg_flags[-1][1]:
@@ -1352,42 +1406,36 @@ def parse_args(command: str, argv: list[str], cls=None):
         config_path = cfg_flags[-1][1][0]
         flags = [f for f in flags if f[0].replace("-", "_") != "config"]
     if config_path:
-        src = f"{config_path}: "
-        secrets = secret_fields(cls)
-        for key, raw in load_config_file(config_path).items():
-            if key in RECORD_ONLY_KEYS or _turns_off_unsupported(cls, str(key), [raw]):
-                continue
-            name = _resolve_name(cls, command, str(key), src)
-            if name in secrets and raw == REDACTED:
-                continue
-            _set_value(cls, values, name, raw, src)
+        _set_config_values(cls, command, config_path, values, found)
     system_src = f"{config_path}: " if "system" in values else ""  # where --system came from, for its error
     if rest_pos:
         if command == "data" and "action" not in values:
-            _set_value(cls, values, "action", rest_pos.pop(0), "")
+            try:
+                _set_value(cls, values, "action", rest_pos.pop(0), "")
+            except ArgError as e:
+                found.append(str(e))
         if rest_pos:
             raise ArgError(f"unexpected argument {rest_pos[0]!r} for 'tunesmith {command}' "
                            f"(flags start with --; a config file ends in .yaml, .yml or .json)")
-    for raw_name, vals, _ in (f for f in flags if not _turns_off_unsupported(cls, f[0], f[1])):
-        name = _resolve_name(cls, command, raw_name, "")
-        spec = _fields(cls)[name]
-        if not vals:
-            if spec.inner is bool and not spec.is_list:
-                vals = ["true"]
-            elif spec.is_list:
-                vals = []
-            else:
-                raise ArgError(f"--{name} needs a value")
-        _set_value(cls, values, name, vals, "")
-        system_src = "" if name == "system" else system_src
+    if _set_flag_values(cls, command, flags, values, found):
+        system_src = ""
     if values.get("system") is not None:
         # read once here, so that no stage (and no args.json) ever sees the path: a checkpoint used from another
         # directory keeps the prompt
-        values["system"] = resolve_system(values["system"], system_src)
+        try:
+            values["system"] = resolve_system(values["system"], system_src)
+        except ArgError as e:
+            found.append(str(e))
+            del values["system"]
+    if found and not defer_problems:
+        raise ArgError(problems_message(found))
     try:
-        return cls(**values)
+        args = cls(**values)
     except TypeError as e:  # pragma: no cover - a programming error, not a user one
         raise ArgError(str(e)) from None
+    if found:
+        args._deferred_problems = tuple(found)
+    return args
 
 
 def to_record(args) -> dict:

@@ -11,7 +11,7 @@ import os
 import sys
 
 from tunesmith import __version__
-from tunesmith.args import ArgError, format_help, parse_args
+from tunesmith.args import ArgError, deferred_problems, format_help, parse_args, problems_message
 from tunesmith.log import note, rank, world_size
 
 # command -> (module, one-line description). The module's `main(args)` is also the Python API.
@@ -52,6 +52,7 @@ def _usage() -> str:
 
 
 TRAINING = ("sft", "rlhf", "dpo")
+DEFERRED = (*TRAINING, "infer", "deploy")  # commands whose value checks also report deferred flag problems
 
 
 def _torchrun_args(command: str) -> list[str]:
@@ -112,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "merge-lora":  # ms-swift's `swift merge-lora` is `swift export --merge_lora true`
         command, rest = "export", ["--merge_lora", "true", *rest]
     try:
-        args = parse_args(command, rest)
+        # training, infer and deploy report flag problems together with their value checks (all at once)
+        args = parse_args(command, rest, defer_problems=command in DEFERRED)
         launch = _torchrun_args(command)
+        if launch and deferred_problems(args):  # found here, once, not by every process torchrun would start
+            raise ArgError(problems_message(deferred_problems(args)))
     except ArgError as e:
         print(f"tunesmith {command}: error: {e}", file=sys.stderr)
         return 2

@@ -666,9 +666,10 @@ def chat(engine: ChatEngine, args, result_path: Optional[str], stdin=None, stdou
 def check_generation_flags(args) -> None:
     """infer's and deploy's flag values, before anything loads (every problem at once, FlagError: exit 2):
     sampling settings, counts, and deploy's port, body limit and API key."""
+    from tunesmith.args import deferred_problems
     from tunesmith.train.config import between, raise_problems
 
-    out: list[str] = []
+    out: list[str] = deferred_problems(args)
     for name, lo, hi, lo_open in (("temperature", 0, None, False), ("top_p", 0, 1, True),
                                   ("repetition_penalty", 0, None, True), ("max_new_tokens", 1, None, False),
                                   ("top_logprobs", 0, None, False)):

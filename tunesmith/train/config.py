@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunesmith.args import (DataArgs, DistArgs, ModelArgs, OptimArgs, OutputArgs, QuantArgs, TemplateArgs,
-                            TrackArgs, TunerArgs)
+                            TrackArgs, TunerArgs, deferred_problems, problems_message)
 from tunesmith.errors import ConfigError
 from tunesmith.log import note
 
@@ -166,7 +166,25 @@ def resume_problems(args) -> list[str]:
     if saved.get("model") and args.model and model_suffix(saved["model"]) != model_suffix(args.model):
         out.append(f"{flag}: the checkpoint was trained from --model {saved['model']}, this run loads "
                    f"{args.model}; resume with the same model")
-    return out
+    return out + _resume_step_problems(args, ckpt, flag, saved)
+
+
+def _resume_step_problems(args, ckpt: str, flag: str, saved: dict) -> list[str]:
+    """--max_steps at or below the checkpoint's step: the resumed run counts on from that step (unless
+    --resume_only_model with --ignore_data_skip starts it from 0), so it would stop at once, having trained nothing."""
+    import json
+
+    if args.max_steps <= 0 or (args.resume_only_model and args.ignore_data_skip):
+        return []
+    with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
+        step = json.load(fh).get("global_step")
+    if not isinstance(step, int) or args.max_steps > step:
+        return []
+    weights = f"--model {ckpt}" if saved.get("train_type") == "full" else f"--adapters {ckpt}"
+    return [f"{flag}: the checkpoint is at step {step} and --max_steps {args.max_steps} ends "
+            f"{'there' if args.max_steps == step else 'before it'}, so there is nothing left to train (a resumed run "
+            f"counts on from the checkpoint's step). To train on, give --max_steps above {step} (the total, e.g. "
+            f"--max_steps {2 * step}); to start a new run from these weights, pass {weights} instead of resuming"]
 
 
 ATTN_IMPLS = ("sdpa", "eager", "flash_attn", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -346,16 +364,16 @@ def raise_problems(found: list[str]) -> None:
     """Raise one FlagError (a ConfigError) naming every problem (a single problem is raised as its own message)."""
     from tunesmith.errors import FlagError
 
-    if len(found) == 1:
-        raise FlagError(found[0])
     if found:
-        raise FlagError(f"{len(found)} problems with the flags:\n  - " + "\n  - ".join(found))
+        raise FlagError(problems_message(found))
 
 
 def check(args, method_cls):
     """Every problem with the flags at once — the generic ones (`problems`) and the method's own — raised as one
     ConfigError before anything heavy is imported; returns the method object (`method_cls.from_args`)."""
-    found = problems(args)
+    found = deferred_problems(args) + problems(args)
+    if any(p.startswith("--rlhf_type") for p in deferred_problems(args)):
+        raise_problems(found)  # the method's own checks would judge the flags by the wrong method
     method = method_cls.from_args(args, found)
     if args.streaming and not getattr(method, "streams", False):
         found.append(f"--streaming: {method.name} reads its rows up front (pairs are checked and measured before "
