@@ -238,7 +238,79 @@ HOSTILE = [  # (name, method, path, body: dict or raw bytes, status)
     ("deep JSON", "POST", "/v1/chat/completions", b'{"a":' * 100000 + b"1" + b"}" * 100000, 400),
     ("bad API key", "GET", "/v1/models", None, 401),
     ("no API key", "POST", "/v1/chat/completions", {}, 401),
+    # wrong JSON types are refused, not coerced (OpenAI's strictness); an int is a fine float
+    ("n '3'", "POST", "/v1/chat/completions", {"n": "3"}, 400),
+    ("logprobs 'yes'", "POST", "/v1/chat/completions", {"logprobs": "yes"}, 400),
+    ("logprobs 1", "POST", "/v1/chat/completions", {"logprobs": 1}, 400),
+    ("max_tokens '4'", "POST", "/v1/chat/completions", {"max_tokens": "4"}, 400),
+    ("seed true", "POST", "/v1/chat/completions", {"seed": True}, 400),
+    ("stream 'false'", "POST", "/v1/chat/completions", {"stream": "false"}, 400),
+    ("temperature '0.5'", "POST", "/v1/chat/completions", {"temperature": "0.5"}, 400),
+    ("temperature 1 (int)", "POST", "/v1/chat/completions", {"temperature": 1}, 200),
+    ("completions n '2'", "POST", "/v1/completions", {"prompt": "hi", "n": "2"}, 400),
+    ("top_logprobs alone", "POST", "/v1/chat/completions", {"top_logprobs": 2}, 400),
+    ("top_logprobs, logprobs false", "POST", "/v1/chat/completions", {"logprobs": False, "top_logprobs": 2}, 400),
+    ("user without content", "POST", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400),
+    ("system content null", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"}]}, 400),
+    ("tool without content", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"},
+                   {"role": "tool", "tool_call_id": "c1"}]}, 400),
+    ("assistant without content or calls", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "x"}]}, 400),
+    ("lone surrogate", "POST", "/v1/chat/completions",
+     b'{"model": "m", "messages": [{"role": "user", "content": "cut \\ud800 emoji"}]}', 400),
+    ("lone surrogate in prompt", "POST", "/v1/completions", b'{"model": "m", "prompt": "x\\udfff"}', 400),
+    ("max_tokens 1e12", "POST", "/v1/chat/completions",
+     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e12}', 400),
+    ("max_completion_tokens 10^12", "POST", "/v1/chat/completions", {"max_completion_tokens": 10 ** 12}, 400),
+    ("completions max_tokens 10^12", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 10 ** 12}, 400),
+    ("max_tokens 1.5", "POST", "/v1/chat/completions", {"max_tokens": 1.5}, 400),
 ]
+
+# what a refusal must say: name -> (param, code, a fragment of the message)
+HOSTILE_SAYS = {
+    "n '3'": ("n", "invalid_type", "n: expected an integer, got a string"),
+    "logprobs 'yes'": ("logprobs", "invalid_type", "logprobs: Input should be a valid boolean"),
+    "seed true": ("seed", "invalid_type", "expected an integer, got a boolean"),
+    "temperature '0.5'": ("temperature", "invalid_type", "expected a number, got a string"),
+    "top_logprobs alone": ("top_logprobs", "invalid_request_error", "top_logprobs needs logprobs: true"),
+    "user without content": ("messages[0].content", "invalid_request_error",
+                             "messages[0].content is missing: a user message needs content"),
+    "tool without content": ("messages[2].content", "invalid_request_error", "a tool message needs content"),
+    "assistant without content or calls": ("messages[1].content", "invalid_request_error",
+                                           "only an assistant message with tool_calls may leave it null"),
+    "lone surrogate": ("messages[0].content", "invalid_request_error",
+                       "messages[0].content: holds an unpaired surrogate"),
+    "lone surrogate in prompt": ("prompt", "invalid_request_error", "prompt: holds an unpaired surrogate"),
+    "max_tokens 1e12": ("max_tokens", "context_length_exceeded",
+                        "This model's maximum context length is 4096 tokens. However, you requested 10000000000"),
+    "max_completion_tokens 10^12": ("max_completion_tokens", "context_length_exceeded",
+                                    "in the messages, 1000000000000 in the completion)"),
+    "completions max_tokens 10^12": ("max_tokens", "context_length_exceeded", "in the prompt, 1000000000000 in"),
+}
+
+# requests uvicorn's HTTP parser refuses before the app sees them: answered in OpenAI's shape all the same
+BAD_HTTP = [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 9\r\n\r\n{}",
+    b"GARBAGE\r\n\r\n",
+]
+
+
+def _bad_http(port, request: bytes):
+    """(status, headers, body) of a raw request uvicorn's parser refuses."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.decode("latin-1").lower(), body
 
 
 def _raw(port, method, path, body, headers):
@@ -276,6 +348,16 @@ def test_hostile_requests_get_openai_errors_and_memory_returns(tiny_models, monk
             if status != 200:
                 err = json.loads(raw)["error"]
                 assert err["message"] and err["type"] and "code" in err, (name, raw[:300])
+            if name in HOSTILE_SAYS:
+                param, code, fragment = HOSTILE_SAYS[name]
+                assert err["type"] == "invalid_request_error" and (err["param"], err["code"]) == (param, code), err
+                assert fragment in err["message"], err
+                assert "surrogates not allowed" not in err["message"]  # not the tokenizer's own words
+        for request in BAD_HTTP:
+            status, head, raw = _bad_http(port, request)
+            err = json.loads(raw)["error"]
+            assert status == 400 and "application/json" in head and err["type"] == "invalid_request_error", raw
+            assert err["code"] == "invalid_http_request" and "Content-Length" in err["message"], raw
         assert _raw(port, "GET", "/v1/models", None, {"Authorization": "bEaReR sk-env"})[0] == 200
         for _ in range(20):
             status, raw = _raw(port, "POST", "/v1/chat/completions",
@@ -290,3 +372,107 @@ def test_hostile_requests_get_openai_errors_and_memory_returns(tiny_models, monk
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_unparsable_http_gets_openai_errors_with_h11_too():
+    """uvicorn answers what its HTTP parser refuses before any app sees it; deploy's protocol class (httptools
+    above, h11 here) shapes that 400 as OpenAI's error body."""
+    import uvicorn
+    from tunesmith.serve import openai_http_protocol
+
+    async def app(scope, receive, send):  # never reached by these requests
+        raise AssertionError(scope)
+
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off",
+                                        http=openai_http_protocol("h11")))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        for request in BAD_HTTP:
+            status, head, raw = _bad_http(port, request)
+            err = json.loads(raw)["error"]
+            assert status == 400 and "application/json" in head and err["code"] == "invalid_http_request", raw
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_a_model_with_nan_weights_is_refused_at_start(tiny_models, tmp_path):
+    """deploy checks once, before listening, that the model's output is finite: NaN weights are named (and a
+    checkpoint that training marked diverged.json says so) instead of a server whose every answer fails."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_models("qwen2")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    bad = str(tmp_path / "nan-model")
+    model.save_pretrained(bad)
+    AutoTokenizer.from_pretrained(src).save_pretrained(bad)
+    for marked in (False, True):
+        if marked:
+            (tmp_path / "nan-model" / "diverged.json").write_text(json.dumps({"step": 7}))
+        out = subprocess.run([sys.executable, "-m", "tunesmith", "deploy", "--model", bad, "--port",
+                              str(_free_port())], capture_output=True, text=True, timeout=300)
+        text = out.stdout + out.stderr
+        assert out.returncode == 1 and "Traceback" not in text, text
+        assert (f"{bad}: its weights gave a non-finite loss at step 7 (diverged.json)" if marked else
+                f"{bad}: the weight model.norm.weight holds NaN or inf, so every request would fail; nothing was "
+                f"served") in text, text
+
+
+def test_a_request_whose_output_is_nan_gets_an_openai_error(tiny_models):
+    """A model whose forward gives NaN for some inputs (here: two words, as float16 activations can overflow on
+    some prompts): that request gets OpenAI's error body (code model_output_not_finite; a stream ends with an error
+    event), greedy or sampled — never a silent arg-max over NaN — and the server answers the next request."""
+    import torch
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tunesmith.infer import ChatEngine
+    from tunesmith.serve import create_app
+
+    src = tiny_models("qwen2")
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    chat = ChatEngine(model, tok)
+    normal = set(chat.prompt([{"role": "user", "content": "hi"}]).ids)
+    poison = torch.tensor([t for t in tok("zebra quagga", add_special_tokens=False)["input_ids"] if t not in normal])
+    assert len(poison)
+    model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: out.masked_fill(torch.isin(args[0], poison)[..., None], float("nan")))
+    assert chat.non_finite_problem() is None  # the start-up check passes: only these words overflow
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(chat, {"m": None}), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        for temperature in (0, 0.8):
+            body = {"model": "m", "messages": [{"role": "user", "content": "a zebra quagga"}], "max_tokens": 4,
+                    "temperature": temperature}
+            status, out = _http("POST", url, body)
+            err = out["error"]
+            assert status == 500 and err["code"] == "model_output_not_finite", out
+            assert "the model's output holds NaN or inf at generated token 1" in err["message"], out
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                         {"Content-Type": "application/json"})
+            events = [json.loads(line[6:]) for line in conn.getresponse().read().decode().splitlines()
+                      if line.startswith("data: {")]
+            conn.close()
+            assert events[-1]["error"]["code"] == "model_output_not_finite", events
+        status, out = _http("POST", url, {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                          "max_tokens": 4, "temperature": 0})
+        assert status == 200 and isinstance(out["choices"][0]["message"]["content"], str)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional
 
+from tunesmith.errors import TunesmithError
+
 # A prefill batch holds at most this many (padded) prompt tokens, so one huge prompt does not stall the batch
 # behind it for long and the prefill activations stay bounded; a single longer prompt still runs alone.
 MAX_PREFILL_TOKENS = 16384
@@ -55,6 +57,11 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list = field(default_factory=list)   # [(token_id, logprob), …], most likely first
+
+
+class NonFiniteOutput(TunesmithError, RuntimeError):
+    """The model's output for a sequence holds NaN or inf: no token can be chosen from it (a greedy arg-max would
+    pick one silently), so the sequence ends with this error."""
 
 
 @dataclass
@@ -138,6 +145,7 @@ class _Row:
         self.stop_ids = set(handle.params.stop_token_ids)
         self.finish: Optional[str] = None
         self.stop_hit: Optional[str] = None
+        self.error: Optional[BaseException] = None
 
 
 class GenerationEngine:
@@ -351,9 +359,10 @@ class GenerationEngine:
         """Pick each row's next token from the last position's output; push it; return the rows that are done."""
         import torch
 
+        broken = _non_finite_rows(rows, last)
         greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0
-                  and r.logprobs is None]
-        full = [i for i in range(len(rows)) if i not in set(greedy)]
+                  and r.logprobs is None and i not in broken]
+        full = [i for i in range(len(rows)) if i not in set(greedy) and i not in broken]
         picks = [0] * len(rows)
         if greedy:
             for i, t in zip(greedy, last.argmax(greedy, self._head).tolist()):
@@ -371,8 +380,10 @@ class GenerationEngine:
                     r.logprobs.append(TokenLogprob(
                         t, float(logps[k, t]),
                         list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
-        done = []
-        for r, t in zip(rows, picks):
+        done = [rows[i] for i in broken]
+        for i, (r, t) in enumerate(zip(rows, picks)):
+            if i in broken:
+                continue
             r.generated.append(t)
             r.handle._push(t)
             if self._stopped(r, t):
@@ -395,7 +406,8 @@ class GenerationEngine:
 
     def _end(self, row: _Row, reason: Optional[str] = None) -> None:
         reason = reason or row.finish or "abort"
-        row.handle._finish(Completion(row.generated, reason, len(row.handle.prompt_ids), row.logprobs, row.stop_hit))
+        row.handle._finish(Completion(row.generated, reason, len(row.handle.prompt_ids), row.logprobs, row.stop_hit,
+                                      row.error if reason == "error" else None))
 
     def _adapter_kwargs(self, rows: list[_Row]) -> dict:
         """peft's per-row adapter choice (mixed-batch LoRA inference); nothing when every row uses the model as
@@ -507,6 +519,22 @@ class _Batch:
             self.mask = self.mask[:, first:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+
+def _non_finite_rows(rows: list[_Row], last: "_Last") -> set[int]:
+    """Rows whose last output (hidden state [H] or logits [V]) holds NaN/inf; each gets finish "error" with a
+    NonFiniteOutput naming the generated token it stopped at. One reduction per step, read with the tokens."""
+    import torch
+
+    out = last.hidden if last.hidden is not None else last.logits
+    bad = (~torch.isfinite(out).all(-1)).nonzero().flatten().tolist()
+    for i in bad:
+        rows[i].finish = "error"
+        rows[i].error = NonFiniteOutput(
+            f"the model's output holds NaN or inf at generated token {len(rows[i].generated) + 1} of this request "
+            f"(its weights hold NaN/inf, or this input overflows the model's dtype); no token can be chosen "
+            f"from it")
+    return set(bad)
 
 
 def stop_string_hit(tokenizer, generated: list, stops) -> Optional[str]:

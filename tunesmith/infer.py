@@ -153,6 +153,27 @@ class ChatEngine:
             self._max_token_chars = max([len(s) for s in strings if isinstance(s, str)] + [1])
         return self._max_token_chars
 
+    def non_finite_problem(self) -> Optional[str]:
+        """What makes this model's output NaN/inf, or None: a weight holding NaN/inf (the first one, named), else a
+        short greedy generation whose output is not finite (activations that overflow the dtype). Skipped (None)
+        for an accelerated engine, which holds its own weights. Checked a tensor slice at a time (no full copy)."""
+        import torch
+
+        from tunesmith.engine import NonFiniteOutput, SamplingParams
+
+        if not isinstance(self.model, torch.nn.Module):
+            return None
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if p.is_floating_point() and not all(bool(torch.isfinite(c).all())
+                                                     for c in p.detach().reshape(-1).split(1 << 24)):
+                    return f"the weight {name} holds NaN or inf"
+        prompt = self.prompt([{"role": "user", "content": "Hello"}])
+        (done,) = self.engine.generate([prompt.ids], SamplingParams(max_new_tokens=1, temperature=0.0))
+        if isinstance(done.error, NonFiniteOutput):
+            return "its output for a short test prompt holds NaN or inf (the activations overflow its dtype?)"
+        return None
+
     def prompt_ids(self, messages: list[dict], tools=None, **template_kwargs) -> list[int]:
         """The rendered prompt's token ids [T] (see `prompt`). Raises PromptTooLong."""
         return self.prompt(messages, tools, template_kwargs).ids

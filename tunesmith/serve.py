@@ -24,9 +24,9 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.requests import Request
 
 from tunesmith.errors import ConfigError
@@ -35,6 +35,24 @@ GRACEFUL_SHUTDOWN_S = 15
 
 # The request schemas live at module level so FastAPI can resolve the handlers' annotations. This module is imported
 # only by `tunesmith deploy`, so pydantic never slows the CLI's start-up.
+
+
+def _json_number(what: str):
+    """A validator that refuses a string or a boolean where a JSON number belongs (pydantic's lax mode would read
+    "3" as 3 and true as 1; OpenAI answers 400). An int is a fine float, as in OpenAI; a float with no fraction is
+    a fine int (1e12)."""
+    def check(value):
+        if isinstance(value, (str, bool)):
+            from pydantic_core import PydanticCustomError
+            raise PydanticCustomError(f"{what}_type", "expected {expected}, got {got}",
+                                      {"expected": "an integer" if what == "int" else "a number",
+                                       "got": "a boolean" if isinstance(value, bool) else "a string"})
+        return value
+    return BeforeValidator(check)
+
+
+Int = Annotated[int, _json_number("int")]
+Float = Annotated[float, _json_number("float")]
 
 
 class Message(BaseModel):
@@ -49,33 +67,34 @@ class Message(BaseModel):
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
+    max_tokens: Optional[Int] = Field(None, ge=1)
+    max_completion_tokens: Optional[Int] = Field(None, ge=1)
+    temperature: Optional[Float] = Field(None, ge=0, le=2)
+    top_p: Optional[Float] = Field(None, gt=0, le=1)
+    top_k: Optional[Int] = Field(None, ge=-1)
+    repetition_penalty: Optional[Float] = Field(None, gt=0)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    seed: Optional[Int] = None
+    n: Int = Field(1, ge=1, le=16)
+    stream: StrictBool = False
     stream_options: Optional[dict] = None
-    logprobs: Optional[Union[bool, int]] = None   # chat: bool; legacy completions: an int (top alternatives)
-    top_logprobs: Optional[int] = Field(None, ge=0)
+    top_logprobs: Optional[Int] = Field(None, ge=0)
     response_format: Optional[dict] = None
     chat_template_kwargs: Optional[dict] = None
-    enable_thinking: Optional[bool] = None         # also accepted top-level, as Qwen's own servers take it
+    enable_thinking: Optional[StrictBool] = None   # also accepted top-level, as Qwen's own servers take it
     user: Optional[str] = None
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    logprobs: Optional[StrictBool] = None
     tools: Optional[list] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict]] = None
 
 
 class CompletionRequest(Sampling):
     prompt: Union[str, list[str]]
+    logprobs: Optional[Union[StrictBool, Int]] = None  # the legacy endpoint's int (top alternatives); refused
 
 
 class ApiError(Exception):
@@ -104,13 +123,39 @@ def _text(content) -> str:
     return "".join(parts)
 
 
+def check_unicode(req: BaseModel) -> None:
+    """Every string of the request (keys too) must be valid Unicode: JSON's `\\ud800` escape without its other half
+    decodes to a lone surrogate, which no tokenizer can take. Raises ApiError 400 naming the field."""
+    stack: list = [("", req.model_dump(exclude_none=True))]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"{path or 'the request'}: holds an unpaired surrogate (a \\ud800-style escape "
+                                    f"without its other half, e.g. an emoji cut in two), which is not valid Unicode; "
+                                    f"send the whole character", param=path or None) from None
+        elif isinstance(value, dict):
+            stack += [(f"{path}.{k}" if path else str(k), v) for k, v in reversed(value.items())]
+            stack += [(path, str(k)) for k in value]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value)))]
+
+
 def chat_messages(req: ChatRequest) -> list[dict]:
     """The request's messages as plain dicts for the template: text content, assistant `tool_calls` and
     `reasoning_content`, tool messages' `tool_call_id`/`name` (`developer` is the system role of newer clients).
 
-    Raises ApiError 400: a non-text content part, or a tool_calls entry without function.name."""
+    Raises ApiError 400: a message without content (only an assistant message with tool_calls may leave it null, as
+    in OpenAI's API), a non-text content part, or a tool_calls entry without function.name."""
     out = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ApiError(400, f"messages[{i}].content is missing: a {m.role} message needs content (a string or a "
+                                f"list of text parts)" + ("; only an assistant message with tool_calls may leave it "
+                                                          "null" if m.role == "assistant" else ""),
+                           param=f"messages[{i}].content")
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
         if m.tool_calls:
             for c in m.tool_calls:
@@ -180,6 +225,18 @@ class Server:
             repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop or None, n=req.n,
             logprobs=bool(req.logprobs) or top_logprobs > 0, top_logprobs=top_logprobs)
 
+    def check_room(self, prompt, req: Sampling, where: str) -> None:
+        """max_tokens / max_completion_tokens must fit in the context with the prompt (vLLM's rule and message);
+        without them the reply gets the room left. where: "messages" or "prompt". Raises ApiError 400."""
+        limit = getattr(self.engine, "max_model_len", None)
+        for name in ("max_completion_tokens", "max_tokens"):
+            asked = getattr(req, name)
+            if limit and asked is not None and len(prompt.ids) + asked > limit:
+                raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                    f"{len(prompt.ids) + asked} tokens ({len(prompt.ids)} in the {where}, {asked} in "
+                                    f"the completion). Please reduce the length of the {where} or {name}.",
+                               code="context_length_exceeded", param=name)
+
     async def prompt(self, messages: list[dict], tools, template_kwargs: dict):
         """Render and tokenise in a worker thread: a long prompt never stalls the event loop.
 
@@ -231,10 +288,19 @@ async def _wait(handles: list, request) -> list:
                 h.cancel()
 
 
+def _generation_error(error: BaseException) -> ApiError:
+    """The OpenAI-shaped 500 for a sequence the engine ended with an error (NaN/inf output has its own code)."""
+    from tunesmith.engine import NonFiniteOutput
+
+    if isinstance(error, NonFiniteOutput):
+        return ApiError(500, f"generation failed: {error}", code="model_output_not_finite")
+    return ApiError(500, f"generation failed: {type(error).__name__}: {error}", code="server_error")
+
+
 def _check(replies: list) -> None:
     for r in replies:
         if r.error is not None:
-            raise ApiError(500, f"generation failed: {type(r.error).__name__}: {r.error}", code="server_error")
+            raise _generation_error(r.error)
 
 
 def _usage(prompt_tokens: int, replies: list) -> dict:
@@ -260,7 +326,8 @@ async def _stream(server: Server, handles: list, prompt, cfg, chunk, include_usa
                     yield _sse(chunk(index, delta))
             reply, last = state.finish(handle.completion)
             if reply.error is not None:
-                yield _sse(_error_body(500, f"generation failed: {reply.error}", "server_error"))
+                e = _generation_error(reply.error)
+                yield _sse(_error_body(e.status, e.message, e.code))
                 yield "data: [DONE]\n\n"
                 return
             yield _sse(chunk(index, last or None, finish=reply.finish_reason,
@@ -361,9 +428,10 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
         first = errs[0] if errs else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        code = "invalid_type" if str(first.get("type", "")).endswith("_type") else "invalid_request_error"
         if first.get("type") == "json_invalid":
             msg, where = "the request body is not valid JSON", ""
-        return JSONResponse(_error_body(400, msg, "invalid_request_error", where or None), status_code=400)
+        return JSONResponse(_error_body(400, msg, code, where or None), status_code=400)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -432,12 +500,17 @@ async def chat_completion(server: Server, req: ChatRequest, request: Request):
     if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
         raise ApiError(400, "tool_choice 'required' or a named function is not supported (no constrained "
                             "decoding); use 'auto' or 'none'", param="tool_choice")
+    if req.top_logprobs is not None and req.logprobs is not True:
+        raise ApiError(400, "top_logprobs needs logprobs: true (it is the number of alternatives listed with each "
+                            "token's log-probability)", param="top_logprobs")
+    check_unicode(req)
     messages = chat_messages(req)
     cfg = server.config(req, req.top_logprobs or 0)
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
         kwargs.setdefault("enable_thinking", req.enable_thinking)
     prompt = await server.prompt(messages, req.tools, kwargs)
+    server.check_room(prompt, req, "messages")
     prompt.tools = bool(req.tools) and req.tool_choice != "none"
     handles = server.submit(prompt, cfg, adapter)
     rid, now, logged = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model_dump(exclude_none=True)
@@ -478,8 +551,10 @@ async def text_completion(server: Server, req: CompletionRequest, request: Reque
     if req.logprobs not in (None, False) or req.top_logprobs:
         raise ApiError(400, "logprobs are returned by /v1/chat/completions; /v1/completions does not return them",
                        param="logprobs")
+    check_unicode(req)
     cfg = server.config(req)
     prompt = await server.prompt([{"role": "user", "content": prompts[0]}], None, dict(req.chat_template_kwargs or {}))
+    server.check_room(prompt, req, "prompt")
     handles = server.submit(prompt, cfg, adapter)
     rid, now, logged = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model_dump(exclude_none=True)
     if req.stream:
@@ -519,10 +594,57 @@ def _check_port(host: str, port: int) -> None:
                               f"Pass --port with a free one") from None
 
 
+def check_finite(engine, args, ckpt: Optional[str]) -> None:
+    """Refuse to serve a model whose output is NaN/inf (engine.non_finite_problem): every answer would be an error
+    (or, greedy, silent garbage). Names the checkpoint, and its diverged.json when training marked it.
+
+    Raises ConfigError; closes the engine first."""
+    from tunesmith.runs import diverged_problem
+
+    problem = engine.non_finite_problem()
+    if problem is None:
+        return
+    engine.close()
+    where = ckpt or (args.adapters[-1] if args.adapters else args.model)
+    marked = next((m for m in (diverged_problem(p, "") for p in dict.fromkeys([where, args.model, *(args.adapters or [])]))
+                   if m), None)
+    raise ConfigError(f"{where}: {problem}, so every request would fail; nothing was served. "
+                      + (f"Training marked it diverged ({marked.strip()})." if marked else
+                         "Serve an earlier checkpoint (or one whose training loss stayed finite)."))
+
+
+def openai_http_protocol(http: str = "auto"):
+    """uvicorn's HTTP protocol class (`auto`: httptools when installed, else h11) answering a request it cannot
+    parse (a bad Content-Length, a broken request line) with OpenAI's JSON error body instead of its plain-text 400;
+    both implementations send those from `send_400_response`. Returns the name unchanged when the class lacks it."""
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    base = import_from_string(HTTP_PROTOCOLS.get(http, http))
+    if not callable(getattr(base, "send_400_response", None)):
+        return http
+
+    class OpenAIErrors(base):
+        def send_400_response(self, msg: str) -> None:
+            """The 400 as OpenAI's error body; the connection is closed after it, as uvicorn does."""
+            body = json.dumps(_error_body(400, f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}): check its "
+                                               f"Content-Length and headers", "invalid_http_request")).encode()
+            head = [b"HTTP/1.1 400 Bad Request\r\n"]
+            for name, value in getattr(self.server_state, "default_headers", []):
+                head.append(name + b": " + value + b"\r\n")
+            head.append(b"content-type: application/json\r\ncontent-length: " + str(len(body)).encode() +
+                        b"\r\nconnection: close\r\n\r\n")
+            self.transport.write(b"".join(head) + body)
+            self.transport.close()
+
+    return OpenAIErrors
+
+
 def main(args):
     """`tunesmith deploy`: build the engine and serve it until SIGTERM / Ctrl-C. Returns 0.
 
-    Raises ConfigError: fastapi or uvicorn missing, the port taken, or the engine cannot be built here."""
+    Raises ConfigError: fastapi or uvicorn missing, the port taken, the engine cannot be built here, or the model's
+    output is NaN/inf (check_finite)."""
     try:
         import fastapi
         import uvicorn
@@ -534,6 +656,7 @@ def main(args):
     check_generation_flags(args)
     _check_port(args.host, args.port)
     engine, ckpt, named = build_engine(args)
+    check_finite(engine, args, ckpt)
     served = served_models(args, named, ckpt)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(engine, served, api_key=api_key, owned_by=args.owned_by, result_path=args.result_path,
@@ -543,6 +666,6 @@ def main(args):
     print(f"[tunesmith] deploy: serving {', '.join(served)} at http://{args.host}:{args.port}/v1 ({where})"
           + ("; API key required" if api_key else ""), file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info",
-                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, http=openai_http_protocol(),
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0
