@@ -251,3 +251,118 @@ def test_two_simulated_nodes_equal_one_process(tiny_models, tmp_path):
     one, two = _run_dir(str(tmp_path / "one")), _run_dir(str(tmp_path / "nodes"))
     assert os.listdir(str(tmp_path / "nodes")) == [os.path.basename(two)]
     assert _losses(two) == pytest.approx(_losses(one), abs=1e-5) and len(_losses(one)) == 3
+
+
+# ------------------------------------------------------------------ FSDP2
+
+def test_fsdp_flags_read_as_ms_swift_and_transformers_write_them(tmp_path):
+    """--fsdp takes transformers' option words (one string or several), ms-swift's `fsdp2` preset, or a JSON
+    file/string with "fsdp" and "fsdp_config"; --fsdp_config merges over it (accelerate's fsdp_ prefix allowed).
+    What tunesmith does not do is refused with the alternative, never ignored."""
+    S = D.fsdp_settings
+    assert S([]) is None and S(None) is None
+    full = S(["full_shard auto_wrap"])
+    assert full == S(["full_shard", "auto_wrap"]) and full.reshard_after_forward and full.wrap_layers
+    assert not full.offload and not full.activation_checkpointing
+    assert S(["shard_grad_op"]).reshard_after_forward is False and S(["shard_grad_op"]).wrap_layers is False
+    assert S(["full_shard", "auto_wrap", "offload"]).offload
+    preset = S(["fsdp2"])  # ms-swift 4.6's swift/config/fsdp2.json
+    assert preset.wrap_layers and preset.reshard_after_forward and preset.activation_checkpointing
+    f = tmp_path / "fsdp.json"
+    f.write_text(json.dumps({"fsdp": "full_shard auto_wrap",
+                             "fsdp_config": {"fsdp_transformer_layer_cls_to_wrap": "Qwen2DecoderLayer",
+                                             "reshard_after_forward": False}}))
+    from_file = S([str(f)])
+    assert from_file.layer_classes == ("Qwen2DecoderLayer",) and from_file.reshard_after_forward is False
+    assert S(["full_shard"], '{"activation_checkpointing": true}').activation_checkpointing
+    for bad, match in [(["hybrid_shard"], "2-D|two-dimensional"), (["no_shard"], "drop --fsdp"),
+                       (["full_shard", "shard_grad_op"], "choose one"), (["ful_shard"], "expected full_shard"),
+                       (["{not json"], "not valid JSON")]:
+        with pytest.raises(ConfigError, match=match):
+            S(bad)
+    for cfg, match in [('{"reshard_after_foward": true}', "did you mean 'reshard_after_forward'"),
+                       ('{"fsdp_version": 1}', "FSDP2"), ('{"auto_wrap_policy": "SIZE_BASED_WRAP"}', "not supported"),
+                       ('{"activation_checkpointing": "maybe"}', "true or false")]:
+        with pytest.raises(ConfigError, match=match):
+            S(["full_shard"], cfg)
+
+
+def test_fsdp_combinations_that_cannot_run_are_flag_errors(tiny_models, tmp_path):
+    from tunesmith.errors import FlagError
+
+    base = ["sft", "--model", tiny_models("qwen2"), "--dataset", DATA[0], "--output_dir", str(tmp_path / "o")]
+    e = os.environ.copy()
+    for extra, match in [(["--fsdp", "full_shard", "--deepspeed", "zero3"], "choose one"),
+                         (["--fsdp", "hybrid_shard"], "not supported yet"),
+                         (["--fsdp", "full_shard", "--quant_bits", "4"], "bnb_4bit_quant_storage")]:
+        p = subprocess.run([sys.executable, "-m", "tunesmith", *base, *extra], capture_output=True, text=True,
+                           env=e, timeout=120)
+        assert p.returncode == 2 and match in p.stderr and "Traceback" not in p.stderr, (extra, p.stderr[-2000:])
+    assert not os.path.exists(tmp_path / "o")
+    assert issubclass(FlagError, ConfigError)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,train_type", [("qwen2", "lora"), ("llama", "full")])
+def test_fsdp_two_processes_equal_one_and_save_loadable_checkpoints_that_resume_exactly(tiny_models, tmp_path,
+                                                                                         family, train_type):
+    """`--fsdp full_shard auto_wrap` on two processes (PyTorch FSDP2, gloo): the same losses and final weights as
+    one process with the same global batch (1e-5), checkpoints that peft/transformers load (whole weights) with
+    the optimiser state sharded (optimizer_0/), and a resume from checkpoint-2 that reproduces steps 3-4. LoRA on a
+    tied-embedding Qwen2, full training of a Llama with its own output layer (trained through the chunked head)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_models(family)
+    lr = "5e-3" if train_type == "lora" else "1e-4"
+    common = ["sft", "--model", model, "--dataset", *DATA, "--max_steps", "4", "--logging_steps", "1",
+              "--learning_rate", lr, "--lora_dropout", "0", "--gradient_accumulation_steps", "2", "--save_steps",
+              "2", "--report_to", "none", "--train_type", train_type, "--dataloader_num_workers", "0"]
+    fsdp = ["--per_device_train_batch_size", "2", "--fsdp", "full_shard", "auto_wrap"]
+    _run([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")], nproc=1)
+    _run([*common, *fsdp, "--output_dir", str(tmp_path / "two")])
+    one, two = _run_dir(str(tmp_path / "one")), _run_dir(str(tmp_path / "two"))
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5) and len(_losses(two)) == 4
+    assert os.path.isfile(os.path.join(two, "checkpoint-2", "optimizer_0", ".metadata"))  # every rank's shard
+    assert not os.path.exists(os.path.join(two, "checkpoint-2", "optimizer.pt"))
+    last = os.path.join(two, "checkpoint-4")
+    from safetensors.torch import load_file
+    name = "adapter_model.safetensors" if train_type == "lora" else "model.safetensors"
+    a, b = load_file(os.path.join(one, "checkpoint-4", name)), load_file(os.path.join(last, name))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    if train_type == "lora":
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), last)
+    else:
+        tuned = AutoModelForCausalLM.from_pretrained(last)
+        base = AutoModelForCausalLM.from_pretrained(model)
+        assert not torch.equal(tuned.lm_head.weight, base.lm_head.weight)  # the output layer trained
+    _run([*common, *fsdp, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+          os.path.join(two, "checkpoint-2")])
+    resumed = _run_dir(str(tmp_path / "resumed"))
+    assert _losses(resumed) == pytest.approx(_losses(two), abs=1e-5)
+    c = load_file(os.path.join(resumed, "checkpoint-4", name))
+    assert all(torch.allclose(b[k], c[k], atol=1e-5) for k in b)
+
+
+@pytest.mark.slow
+def test_seed_multi_gpu_dpo_command_runs_with_fsdp(tiny_models, tmp_path):
+    """../shared/seeds/000's multi-GPU DPO line (gpt-oss, a MoE) with `--fsdp full_shard auto_wrap` in place of
+    `--deepspeed zero3`, NPROC_PER_NODE=2; the adapter it saves loads in peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    good, bad = "apple pear plum peach".split(), "rock sand dust mud".split()
+    rows = [{"messages": [{"role": "user", "content": f"Which can you eat: {g} or {b}?"},
+                          {"role": "assistant", "content": f"The {g}."}], "rejected_response": f"The {b}."}
+            for g in good for b in bad]
+    data = write_jsonl(tmp_path / "dpo_data.json", rows)
+    out = tmp_path / "gpt_output"
+    model = tiny_models("gpt_oss")
+    _run([*seed_gpt_oss_dpo_argv(model, data, out, accumulation="2", logging="1"), "--fsdp", "full_shard",
+          "auto_wrap"], CUDA_VISIBLE_DEVICES="0,1")
+    run = _run_dir(str(out))
+    log = [r for r in read_jsonl(os.path.join(run, "logging.jsonl")) if "rewards/accuracies" in r]
+    assert len(log) == 2 and log[0]["rewards/accuracies"] == 0.0
+    ckpt = os.path.join(run, "checkpoint-2")
+    assert os.path.isdir(os.path.join(ckpt, "optimizer_0"))
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), ckpt)

@@ -468,3 +468,69 @@ def test_no_tokens_x_vocabulary_tensor_under_deepspeed(tiny_models, stage):
     for rank in range(2):
         largest, full, diff = result[rank]
         assert largest < full // 2 and diff < 1e-5, (stage, rank, largest, full, diff)
+
+
+def _fsdp_worker(rank, model_dir, port, train_type, result):
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.train import distributed as D
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if train_type == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    model = D.shard_model(model, D.fsdp_settings(["full_shard", "auto_wrap"]))
+    batch = _long_batch(vocab, seed=rank)
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    probe, out, _ = _step_largest(model, batch)
+    with torch.no_grad():
+        import tunesmith.train.token_logps as tl
+        plain = tl.token_logps(model, batch, chunked=False)
+    state = D.full_state_dict(model, trainable_only=False)  # collective: every rank takes part
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            grads[name] = p.grad.full_tensor()
+    result[rank] = (probe.numel, tokens * vocab, float((out.logps.detach() - plain.logps).abs().max()),
+                    grads if rank == 0 else None, len(state))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,train_type", [("qwen2", "lora"), ("llama", "full")])
+def test_no_tokens_x_vocabulary_tensor_under_fsdp(tiny_models, family, train_type):
+    """FSDP2 (`fully_shard` per decoder layer and on the model, two processes): the log-probs go through the
+    sharded model's own forward and its gathered output weight — frozen (LoRA) or trained (full, a Llama's own
+    output layer) — never creating a [tokens x vocabulary] tensor; they equal the plain forward's (1e-5), and the
+    reduce-scattered gradients equal the average of the two processes' plain-path gradients (1e-5)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    import tunesmith.train.token_logps as tl
+
+    model_dir = tiny_models(family)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.spawn(_fsdp_worker, args=(model_dir, port, train_type, result), nprocs=2, join=True)
+    for rank in range(2):
+        largest, full, diff, _, _ = result[rank]
+        assert largest < full // 2 and diff < 1e-5, (rank, largest, full, diff)
+    if train_type == "full":
+        grads = []
+        for rank in range(2):
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+            batch = _long_batch(model.get_output_embeddings().weight.shape[0], seed=rank)
+            (-tl.token_logps(model, batch, chunked=False).logps.sum()).backward()
+            grads.append(_grads(model))
+        sharded = result[0][3]
+        assert "lm_head.weight" in sharded
+        for k, g in sharded.items():
+            assert torch.allclose(g, (grads[0][k] + grads[1][k]) / 2, atol=1e-5, rtol=1e-4), k

@@ -242,6 +242,17 @@ class DistArgs:
     """How training is spread over processes (torchrun sets the process count)."""
     deepspeed: Optional[str] = _f(help="zero0, zero1, zero2, zero3, zero2_offload, zero3_offload (presets), or a "
                                        "DeepSpeed JSON file or string; \"auto\" values come from these flags.")
+    fsdp: List[str] = _f(help="PyTorch FSDP2 (fully_shard): full_shard (weights, gradients and optimiser state "
+                              "sharded, as ZeRO-3) or shard_grad_op (kept whole between forward and backward, as "
+                              "ZeRO-2), with auto_wrap (each decoder layer its own unit) and offload (to CPU memory); "
+                              "or fsdp2 (ms-swift's preset: full_shard auto_wrap with activation checkpointing), or "
+                              "a JSON file or string {\"fsdp\": ..., \"fsdp_config\": {...}}.",
+                         list_default=[])
+    fsdp_config: Optional[str] = _f(help="FSDP settings as a JSON file or string: reshard_after_forward, "
+                                         "auto_wrap_policy (TRANSFORMER_BASED_WRAP | NO_WRAP), "
+                                         "transformer_layer_cls_to_wrap, activation_checkpointing, offload_params, "
+                                         "state_dict_type (weights are always saved whole, as Hugging Face "
+                                         "folders; the optimiser state sharded).")
 
 
 @dataclass
@@ -750,10 +761,6 @@ _SAMPLING = ("length-grouped or sorted sampling is not implemented; training bat
 # ignored: a script relying on them must hear that the behaviour is not there. The value says what to do instead.
 # (A name that is a real flag of some command is an error only in the commands that lack it.)
 NOT_SUPPORTED_YET = {
-    "fsdp": "FSDP is not wired in yet; use --deepspeed zero3 (the same sharding of weights, gradients and "
-            "optimiser state)",
-    "fsdp_config": "FSDP is not wired in yet; use --deepspeed zero3 (the same sharding of weights, gradients and "
-                   "optimiser state)",
     "custom_dataset_info": "pass the data files directly with --dataset",
     "custom_register_path": "tunesmith uses the model's own chat template; no plugins are needed",
     "neftune_noise_alpha": "NEFTune embedding noise is not implemented; drop the flag",

@@ -113,7 +113,16 @@ def _checkpoint_files(args, ckpt: str, flag: str) -> list[str]:
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file, whatever safetensors raises
             out.append(f"{flag}: {f} is damaged ({type(e).__name__}: {e}); resume from another checkpoint-N")
     if not args.resume_only_model:
-        optimiser = "deepspeed" if os.path.isdir(os.path.join(ckpt, "deepspeed")) else "optimizer.pt"
+        optimiser = "deepspeed" if os.path.isdir(os.path.join(ckpt, "deepspeed")) else \
+            "optimizer_0" if os.path.isdir(os.path.join(ckpt, "optimizer_0")) else "optimizer.pt"
+        mine = "deepspeed" if args.deepspeed else "optimizer_0" if args.fsdp else "optimizer.pt"
+        run_kind = {"deepspeed": "--deepspeed", "optimizer_0": "--fsdp", "optimizer.pt": "neither --deepspeed nor "
+                    "--fsdp"}
+        if optimiser != mine and os.path.exists(os.path.join(ckpt, optimiser)):
+            out.append(f"{flag}: its optimiser state was saved by a run with {run_kind[optimiser]} ({optimiser}), "
+                       f"this run has {run_kind[mine]}; resume the same way, or pass --resume_only_model true to "
+                       f"resume the weights alone (with a fresh optimiser)")
+            return out
         for name in (optimiser, "scheduler.pt", "rng_state.pth"):
             if not os.path.exists(os.path.join(ckpt, name)):
                 out.append(f"{flag}: {name} is missing (a checkpoint saved with --save_only_model?); pass "
@@ -352,11 +361,47 @@ def problems(args) -> list[str]:
 
         if importlib.util.find_spec("deepspeed") is None:
             out.append("--deepspeed needs DeepSpeed: pip install deepspeed (or pip install 'tunesmith[deepspeed]')")
+    out += _fsdp_problems(args)
     if args.resume_from_checkpoint:
         out += resume_problems(args)
     out += _tracker_problems(args.report_to)
     out += _output_problems(args.output_dir)
     _combination_notes(args)
+    return out
+
+
+def _fsdp_problems(args) -> list[str]:
+    """--fsdp/--fsdp_config: readable settings (distributed.fsdp_settings), not together with --deepspeed, QLoRA
+    with a float storage dtype (FSDP shards tensors of one dtype), and — GRPO's vLLM and TR-DPO — what is not wired
+    to sharded weights yet."""
+    from tunesmith.train import distributed as D
+
+    try:
+        settings = D.fsdp_settings(args.fsdp, args.fsdp_config)
+    except ConfigError as e:
+        return [str(e)]
+    if settings is None:
+        if args.fsdp_config:
+            note("--fsdp_config without --fsdp changes nothing (as in ms-swift); add --fsdp full_shard auto_wrap "
+                 "to shard the model")
+        return []
+    out = []
+    if args.deepspeed:
+        out.append("--fsdp and --deepspeed both shard the model: choose one")
+    if args.quant_bits == 4 and (args.bnb_4bit_quant_storage or "uint8") not in ("bfloat16", "float16", "float32"):
+        out.append("--fsdp with 4-bit QLoRA: FSDP shards the packed 4-bit weights together with the others only "
+                   "when they are stored in a float dtype; add --bnb_4bit_quant_storage "
+                   f"{args.torch_dtype if args.torch_dtype in ('bfloat16', 'float16') else 'bfloat16'}")
+    if getattr(args, "sync_ref_model", False):
+        out.append("--sync_ref_model with --fsdp is not supported yet (the policy's weights are sharded); use DDP "
+                   "or --deepspeed zero2")
+    if getattr(args, "rlhf_type", None) == "grpo":
+        out.append("GRPO with --fsdp is not supported yet (each process samples its own prompts, and a sharded "
+                   "model would need every process in each forward step); run GRPO on several processes without "
+                   "--fsdp (DDP)")
+    elif getattr(args, "use_vllm", False):
+        out.append("--use_vllm with --fsdp is not supported yet (the adapter handed to vLLM would be a shard); "
+                   "drop --use_vllm (rollouts then run on the training model)")
     return out
 
 
@@ -405,6 +450,13 @@ def _sync_ref_problems(args, method, found: list) -> None:
                      "partitioned); use zero2 or DDP")
 
 
+def _fsdp_or_none(args):
+    """The checked FSDP settings (`_fsdp_problems` reported any problem before), or None."""
+    from tunesmith.train import distributed as D
+
+    return D.fsdp_settings(args.fsdp, args.fsdp_config)
+
+
 def _zero3(spec) -> bool:
     """Whether --deepspeed (a preset, a JSON file or string) asks for ZeRO stage 3."""
     import re
@@ -450,6 +502,10 @@ def resolve(args, method, world_size: int, cuda: bool) -> TrainConfig:
         changes["output_dir"] = os.path.join("output", model_suffix(args.model))
     if args.dataloader_num_workers is None:
         changes["dataloader_num_workers"] = 1 if cuda else 0
+    fsdp = _fsdp_or_none(args)
+    if fsdp is not None and fsdp.activation_checkpointing and not args.gradient_checkpointing:
+        # FSDP's activation_checkpointing is the same recomputation, per decoder layer, non-reentrant
+        changes["gradient_checkpointing"] = True
     if args.use_liger_kernel and not cuda:
         note("--use_liger_kernel: Liger kernels run only on CUDA GPUs; skipped on this CPU run")
         changes["use_liger_kernel"] = False

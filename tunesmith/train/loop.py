@@ -389,19 +389,28 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
             raise TunesmithError(f"{len(train_rows)} training rows cannot give each of {world} processes a batch")
     total_steps = optim.max_steps if optim.max_steps > 0 \
         else max(1, math.ceil(optim.num_train_epochs * math.ceil(n_batches / gas)))
-    ds = par.kind == "deepspeed"
+    ds, fsdp = par.kind == "deepspeed", par.kind == "fsdp"
+    if output.resume_from_checkpoint:  # whole weights, into the model before any sharding
+        resume_weights(model, output.resume_from_checkpoint)
+    if fsdp:  # before the optimiser, which must hold the sharded parameters
+        model = D.shard_model(model, D.fsdp_settings(cfg.dist.fsdp, cfg.dist.fsdp_config))
     optimizer = build_optimizer(model, optim, drop_empty_groups=ds)
     scheduler = build_scheduler(optimizer, optim, total_steps)
     state = TrainState(total_steps=total_steps)
     if output.resume_from_checkpoint:
-        restore(output, model, optimizer, scheduler, state, deepspeed=ds, main=par.main)
+        restore(output, model, optimizer, scheduler, state, own_optimizer=not (ds or fsdp), main=par.main)
         for hook in objective.hooks:
             hook.load(output.resume_from_checkpoint)
         for record in state.log_history:  # the new run's logging.jsonl and trackers carry the whole curve
             trackers.log(record, record["global_step"])
         if not output.resume_only_model and par.main:
             _note_restored_schedule(output.resume_from_checkpoint, optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:
+        if output.resume_from_checkpoint and not output.resume_only_model:
+            D.load_sharded_optimizer(model, optimizer, os.path.join(output.resume_from_checkpoint,
+                                                                    D.FSDP_OPTIMIZER_DIR))
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if ds and output.resume_from_checkpoint and not output.resume_only_model:
         model.load_checkpoint(output.resume_from_checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -426,24 +435,29 @@ def _note_restored_schedule(ckpt: str, optim) -> None:
               f"optimiser settings, add --resume_only_model true", file=sys.stderr)
 
 
-def restore(output, model, optimizer, scheduler, state: TrainState, deepspeed: bool, main: bool) -> None:
-    """Load --resume_from_checkpoint (output slice) into the unwrapped model and the optimiser/schedule/RNG
-    (DeepSpeed restores its own partitioned optimiser after prepare), and the data position unless
-    --ignore_data_skip; with --resume_only_model the weights only."""
+def resume_weights(model, ckpt: str) -> None:
+    """The checkpoint's weights into the unwrapped, not yet sharded model. Raises TunesmithError when they do not
+    fit it."""
+    try:
+        load_model_weights(model, ckpt)
+    except RuntimeError as e:  # shapes that do not fit this model
+        raise TunesmithError(f"--resume_from_checkpoint {ckpt}: its weights do not fit this model ({e})") from None
+
+
+def restore(output, model, optimizer, scheduler, state: TrainState, own_optimizer: bool, main: bool) -> None:
+    """Restore --resume_from_checkpoint's (output slice) optimiser/schedule/RNG (the weights are loaded first, by
+    `resume_weights`), and the data position unless --ignore_data_skip; with --resume_only_model the position only.
+    own_optimizer False: DeepSpeed's or FSDP's sharded optimiser state is restored by the caller."""
     import torch
 
     ckpt = output.resume_from_checkpoint
     with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
         saved = json.load(fh)
-    try:
-        load_model_weights(model, ckpt)
-    except RuntimeError as e:  # shapes that do not fit this model
-        raise TunesmithError(f"--resume_from_checkpoint {ckpt}: its weights do not fit this model ({e})") from None
     state.last_model_checkpoint = ckpt  # until this run saves one: what a failure message points back to
     state.unconfirmed_checkpoint = ckpt  # good once the first step from its weights is finite
     if not output.resume_only_model:
         try:
-            if not deepspeed:
+            if own_optimizer:
                 optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu",
                                                      weights_only=False))
             scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
@@ -553,8 +567,10 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
     tokens, stats = 0, {}
     for j, b in enumerate(micro):
         last = j == len(micro) - 1
-        # DDP all-reduces gradients only after the step's last micro-batch
+        # DDP all-reduces (FSDP reduce-scatters) gradients only after the step's last micro-batch
         sync = model.no_sync() if par.kind == "ddp" and not last else contextlib.nullcontext()
+        if par.kind == "fsdp":
+            model.set_requires_gradient_sync(last)
         with sync, run.accelerator.autocast():
             parts, st = objective.loss(model, b)
             loss = sum(v / max(units[k], 1) for k, v in parts.items())
@@ -576,7 +592,9 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
         model.step()
         grad_norm = float(model.get_global_grad_norm() or 0.0)
     else:
-        if run.optim.max_grad_norm and run.optim.max_grad_norm > 0:
+        if par.kind == "fsdp":  # sharded gradients: the norm over every shard
+            grad_norm = D.grad_norm(run.params, run.optim.max_grad_norm)
+        elif run.optim.max_grad_norm and run.optim.max_grad_norm > 0:
             grad_norm = float(run.accelerator.clip_grad_norm_(run.params, run.optim.max_grad_norm))
         else:
             grad_norm = float(torch.norm(torch.stack([p.grad.detach().float().norm() for p in run.params
@@ -712,12 +730,17 @@ def save_checkpoint(run: Run, state: TrainState) -> str:
     path = os.path.join(run.run_dir, f"checkpoint-{state.global_step}")
     _check_finite(run, state)
     full_state = None
-    shards = os.path.join(run.run_dir, f".tmp-deepspeed-{state.global_step}")
+    shards = os.path.join(run.run_dir, f".tmp-shards-{state.global_step}")
     if run.deepspeed:
         if not run.output.save_only_model:
             run.model.save_checkpoint(shards, tag=DEEPSPEED_TAG)
             D.barrier()  # every rank's shard is on disk before rank 0 moves them into the checkpoint
         full_state = run.accelerator.get_state_dict(run.model)
+    elif run.par.kind == "fsdp":
+        if not run.output.save_only_model:
+            D.save_sharded_optimizer(run.model, run.optimizer, os.path.join(shards, D.FSDP_OPTIMIZER_DIR))
+            D.barrier()
+        full_state = D.full_state_dict(run.model, trainable_only=hasattr(run.model, "peft_config"))
     if run.par.main:
         try:
             _write_checkpoint(run, state, path, full_state, shards)
@@ -750,8 +773,15 @@ def _check_finite(run: Run, state: TrainState) -> None:
     stops with the same message as a non-finite loss. Raises TrainingDiverged."""
     import torch
 
+    from tunesmith.train import distributed as D
+
+    def _local(p):  # an FSDP2 shard is checked where it lives; the ranks then agree
+        return p.to_local() if hasattr(p, "to_local") else p
+
     bad = next((n for n, p in run.accelerator.unwrap_model(run.model).named_parameters()
-                if p.requires_grad and p.numel() and not bool(torch.isfinite(p.detach()).all())), None)
+                if p.requires_grad and _local(p).numel() and not bool(torch.isfinite(_local(p).detach()).all())), None)
+    if run.par.kind == "fsdp":
+        bad = next((b for b in D.gather(bad) if b is not None), None)
     if bad is not None:
         result = StepResult(float("nan"), 0, float("nan"), {}, 0)
         err = diverged(result, state)
@@ -769,12 +799,12 @@ def _write_checkpoint(run: Run, state: TrainState, path: str, full_state, shards
         save_args(tmp, run.args, run.args_extra)
         for hook in run.objective.hooks:
             hook.save(tmp)
-        if run.deepspeed and os.path.isdir(shards):
+        if os.path.isdir(shards):  # DeepSpeed's or FSDP's optimiser shards, written by every rank
             for name in os.listdir(shards):
                 os.replace(os.path.join(shards, name), os.path.join(tmp, name))
             os.rmdir(shards)
         if not output.save_only_model:
-            if not run.deepspeed:
+            if run.par.kind not in ("deepspeed", "fsdp"):
                 torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
             torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             torch.save(_rng_state(), os.path.join(tmp, "rng_state.pth"))

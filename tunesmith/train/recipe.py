@@ -74,7 +74,8 @@ def main(args) -> dict:
     from tunesmith.train.reference import setup_reference
 
     method = check(args, method_for(args))  # every flag problem at once, before torch is imported
-    D.init_process_group(deepspeed=bool(args.deepspeed))  # under torchrun: join the other processes
+    # under torchrun: join the other processes; DeepSpeed and FSDP need a group even for one process
+    D.init_process_group(alone=bool(args.deepspeed or args.fsdp))
     cfg = resolve(args, method, D.world_size(), cuda=default_device().type == "cuda")
     prepared = prepare_data(cfg.data, cfg.model, method)
     check_disk(cfg, prepared.model_dir)

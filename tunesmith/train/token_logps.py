@@ -117,9 +117,11 @@ def chunked_head(model):
     """(decoder, output-embedding weight) when the chunked path is exact for this model, else None.
 
     It needs a plain Linear head without bias, no logit soft-capping or scaling, no MoE router loss to return, and
-    a model that is not wrapped for data parallelism (calling the decoder directly would bypass DDP's hooks), and an
-    output weight that is not partitioned by ZeRO-3."""
-    if hasattr(model, "module"):
+    a model that is not wrapped for data parallelism (calling the decoder directly would bypass DDP's hooks and
+    FSDP2's gathering of the outer unit's weights), and an output weight that is not partitioned by ZeRO-3."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if hasattr(model, "module") or isinstance(model, FSDPModule):
         return None
     base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -139,7 +141,8 @@ def hidden_states_head(model):
     """The output-embedding weight when the chunked product is exact through the model's own forward (a DDP or
     DeepSpeed wrapper, or an MoE model that must return its router loss), else None: a plain Linear head without
     bias, soft-capping or scaling, a forward that takes `logits_to_keep` (transformers computes the logits of the
-    kept positions only) and returns hidden states whose last entry is the decoder's final (normed) output, and
+    kept positions only) and returns hidden states whose last entry is the decoder's final (normed) output (also
+    FSDP2's outer unit, which gathers the weight for its forward), and
     — when ZeRO-3 partitions the weight — a frozen head (LoRA), which `zero3_gather` gathers for each product."""
     import inspect
 
@@ -263,6 +266,14 @@ def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature:
         # loss), asking for the last hidden states and the logits of one position only
         out = model(**_inputs(batch, model), logits_to_keep=1, output_hidden_states=True)
         last, aux = out.hidden_states[-1], getattr(out, "aux_loss", None)
+        # FSDP2 swaps the whole weight in for the forward and keeps it until the backward (the outer unit is not
+        # re-sharded after its forward): read it again, so that the product and its gradient use the gathered one
+        weight = unwrap_model(model).get_output_embeddings().weight
+        if hasattr(weight, "full_tensor"):  # still sharded (a frozen head: gathering it changes no gradient)
+            if weight.requires_grad:
+                raise RuntimeError("FSDP re-sharded the trained output layer after the forward pass; the outer "
+                                   "unit must keep it gathered (distributed.shard_model)")
+            weight = weight.full_tensor()
     if weight is not None:
         hidden = last[b, src]
         if temperature != 1.0:
