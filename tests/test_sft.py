@@ -1,5 +1,6 @@
 """`tunesmith sft` end to end on tiny in-process models: it learns, resumes exactly, saves what it should."""
 import json
+import math
 import os
 import random
 
@@ -198,7 +199,8 @@ def test_seed_sft_command_runs_verbatim(tiny_models, tmp_path, capsys):
     ("sft", ["--learning_rate", "1e10"]),                                              # LoRA, AdamW
     ("sft", ["--train_type", "full", "--learning_rate", "1e38", "--optim", "sgd", "--max_grad_norm", "0"]),
     ("rlhf", ["--learning_rate", "1e10"]),                                             # DPO
-], ids=["lora-1e10", "full-sgd-1e38", "dpo-1e10"])
+    ("sft", ["--torch_dtype", "float16", "--learning_rate", "1e10"]),                  # LoRA on a float16 model
+], ids=["lora-1e10", "full-sgd-1e38", "dpo-1e10", "fp16-1e10"])
 def test_forced_nan_never_calls_the_weights_that_gave_it_good(tiny_models, tmp_path, cmd, flags):
     """Step 1's update overflows the weights (still finite: ~1e10) and step 2's loss is NaN. checkpoint-1 holds those
     weights: the message says so and names no good checkpoint (it used to call checkpoint-1 good, and resuming from
@@ -250,6 +252,72 @@ def test_after_a_resume_the_failure_message_names_the_checkpoint_resumed_from(ti
     res = run(common + ["--max_steps", "3", "--learning_rate", "1e-4", "--output_dir", str(tmp_path / "c"),
                         "--resume_from_checkpoint", ckpt, "--resume_only_model", "true"])
     assert res["state"].global_step == 3
+
+
+def test_forced_nan_in_float16_names_a_good_checkpoint_that_trains_on(tiny_models, tmp_path):
+    """float16 (CPU runs it): a sane first step saves checkpoint-1; resumed with --learning_rate 1e10 the loss
+    turns NaN, and the checkpoint the message calls good loads and gives a finite loss — resuming from it with a
+    sane learning rate trains on, with finite losses."""
+    import re
+
+    from tunesmith.train.loop import TrainingDiverged
+    data = _variable_length_data(tmp_path, 8)
+    common = ["--model", tiny_models("qwen2"), "--dataset", data, "--torch_dtype", "float16", "--report_to", "none",
+              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1"]
+    first = run(common + ["--max_steps", "1", "--save_steps", "1", "--output_dir", str(tmp_path / "a")])
+    assert next(first["model"].parameters()).dtype == torch.float16
+    ckpt = first["state"].last_model_checkpoint
+    with pytest.raises(TrainingDiverged, match="the loss became nan") as e:
+        run(common + ["--max_steps", "6", "--save_steps", "100", "--learning_rate", "1e10", "--output_dir",
+                      str(tmp_path / "b"), "--resume_from_checkpoint", ckpt, "--resume_only_model", "true"])
+    good = re.search(r"Last good checkpoint \(a later step gave a finite loss from its weights\): (\S+)\.",
+                     str(e.value)).group(1)
+    assert good == ckpt, str(e.value)
+    res = run(common + ["--max_steps", "3", "--learning_rate", "1e-4", "--output_dir", str(tmp_path / "c"),
+                        "--resume_from_checkpoint", good, "--resume_only_model", "true"])
+    losses = [r["loss"] for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "loss" in r]
+    assert res["state"].global_step == 3 and losses and all(math.isfinite(x) for x in losses), losses
+
+
+@pytest.mark.parametrize("nproc,sig", [(1, "SIGTERM"), (1, "SIGINT"), (2, "SIGTERM")],
+                         ids=["sigterm", "sigint", "torchrun-sigterm"])
+def test_a_signal_stops_training_with_one_message_naming_the_last_checkpoint(tiny_models, tmp_path, nproc, sig):
+    """SIGTERM (exit 143) or Ctrl-C (130) mid-run: no traceback, one message (rank 0 only under torchrun, where every
+    process gets the signal) naming the last complete checkpoint and how to resume; no checkpoint is saved on the
+    signal and no unfinished save is left; resuming from the one named trains on."""
+    import glob
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _variable_length_data(tmp_path, 8)
+    out = tmp_path / "o"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc > 1:
+        from test_after_training import _free_port
+        env.update({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(_free_port())})
+    flags = ["--model", tiny_models("qwen2"), "--dataset", data, "--report_to", "none", "--save_steps", "2",
+             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--output_dir", str(out)]
+    p = subprocess.Popen([sys.executable, "-m", "tunesmith", "sft", *flags, "--max_steps", "100000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while not glob.glob(str(out / "v*" / "checkpoint-2")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + getattr(signal, sig), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith(f"tunesmith sft: stopped by {sig} at step ")]
+    assert len(said) == 1, err[-3000:]
+    named = re.search(r"the last: (\S+)\. Resume with the same command and --resume_from_checkpoint (\S+)$",
+                      said[0])
+    assert named and named.group(1) == named.group(2), said[0]
+    steps = sorted(int(c.rsplit("-", 1)[1]) for c in glob.glob(str(out / "v*" / "checkpoint-*")))
+    assert named.group(1).endswith(f"checkpoint-{steps[-1]}") and not glob.glob(str(out / "v*" / ".tmp-*"))
+    res = run([*flags, "--max_steps", str(steps[-1] + 2), "--resume_from_checkpoint", named.group(1)])
+    assert res["state"].global_step == steps[-1] + 2
 
 
 def test_nan_gradient_with_a_finite_loss_is_never_applied(tiny_models, tmp_path, monkeypatch):

@@ -81,6 +81,52 @@ def _torchrun_args(command: str) -> list[str]:
             f"--master_addr={addr}", f"--master_port={port}"]
 
 
+def _launch(cmd: list[str]) -> int:
+    """Run torchrun and return its exit code. A SIGTERM sent to this process goes on to torchrun, which passes it
+    to every rank (rank 0 then says where training stopped); Ctrl-C reaches them all from the terminal already, so
+    this process only waits."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum, _frame):
+        """SIGTERM: pass it on; SIGINT: the terminal sent it to the whole process group."""
+        if signum == signal.SIGTERM and proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def torchrun(argv: list[str]) -> int:
+    """torchrun (torch.distributed.run) over `argv`, in this process; returns its exit code. A run that a signal
+    stopped — the agent's own SIGTERM/SIGINT, or every failed rank exiting 128 + a signal (rank 0 said where
+    training stopped) — ends with that code and without the agent's traceback; other failures print torchrun's
+    summary of them (no traceback) and return 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args as torchrun_args
+    from torch.distributed.run import run
+
+    try:
+        run(torchrun_args(argv))
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        signalled = {c if c > 0 else 128 - c for c in codes} & {128 + 2, 128 + 15}
+        if signalled and all(c in (130, 143, -2, -15) for c in codes):
+            return max(signalled)
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -122,14 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunesmith {command}: error: {e}", file=sys.stderr)
         return 2
     if launch:
-        import subprocess
-        cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "tunesmith", command, *rest]
+        cmd = [sys.executable, "-c", "import sys; from tunesmith.cli import torchrun; sys.exit(torchrun(sys.argv[1:]))",
+               *launch, "-m", "tunesmith", command, *rest]
         note(f"launching: torchrun {' '.join(launch)} -m tunesmith {command} …")
-        return subprocess.call(cmd)
+        return _launch(cmd)
     module = importlib.import_module(COMMANDS[command][0])
-    from tunesmith.errors import FlagError, TunesmithError
+    from tunesmith.errors import FlagError, Interrupted, TunesmithError
     try:
         rc = module.main(args)
+    except Interrupted as e:  # every process got the signal: rank 0 says where training stopped
+        if rank() == 0:
+            print(f"tunesmith {command}: {e}", file=sys.stderr)
+        return e.exit_code
     except FlagError as e:  # flag values refused before anything loaded: a usage error, like a bad flag
         where = f" (rank {rank()})" if world_size() > 1 else ""
         print(f"tunesmith {command}{where}: error: {e}", file=sys.stderr)

@@ -29,3 +29,14 @@ class ConfigError(TunesmithError):
 class FlagError(ConfigError):
     """Flag values found wrong before anything loads (every problem at once); the CLI exits 2 for it, as for a
     flag that does not parse."""
+
+
+class Interrupted(TunesmithError):
+    """A signal stopped the command (SIGTERM, or SIGINT / Ctrl-C): the CLI prints the message once (rank 0 under
+    torchrun, where every process gets the signal) and exits 128 + the signal's number (143, 130), as the shell
+    reports a process killed by it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

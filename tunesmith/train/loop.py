@@ -299,8 +299,14 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
     """Run training to the end (cfg: config.TrainConfig; the loop reads its optimisation, output and distributed
     slices); return the final state. Evaluation runs the same objective on `eval_rows`. Raises TrainingDiverged
     when the loss is not finite (before the update: the weights are not touched)."""
-    run, state = prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, save_model, trackers,
-                             args_extra)
+    with _signals_stop_training(), _stop_message() as seen:
+        run, seen.state = prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, save_model,
+                                      trackers, args_extra)
+        return _train_steps(run, seen.state, objective)
+
+
+def _train_steps(run: Run, state: TrainState, objective: Objective) -> TrainState:
+    """`_run_steps`, with what stops it mid-way said in one message (see `train`)."""
     try:
         return _run_steps(run, state, objective)
     except NonFiniteSampling as e:  # GRPO: the weights give non-finite probabilities before any loss is taken
@@ -314,6 +320,96 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
 
 
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class _Signalled(BaseException):
+    """Raised by the SIGTERM/SIGINT handler in the training process (a BaseException, like KeyboardInterrupt, so
+    that no `except Exception` on the way swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_SIGNALS = {"deferred": 0, "pending": None}  # inside `signals_deferred`: the signal that came, raised at its end
+
+
+@contextlib.contextmanager
+def _signals_stop_training():
+    """While training runs: SIGTERM (and SIGINT) raise _Signalled at once — or, inside `signals_deferred` (a
+    checkpoint being written and renamed), when that block ends. No checkpoint is saved on a signal (as in
+    transformers' Trainer): a killed save is removed (atomic_dir), and every complete checkpoint stays intact.
+    Only in the main thread (signal handlers can be set nowhere else); the previous handlers come back after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        """Raise now, or when the deferred block ends."""
+        if _SIGNALS["deferred"]:
+            _SIGNALS["pending"] = signum
+            return
+        raise _Signalled(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        _SIGNALS["pending"] = None
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """A block a signal must not cut in two (writing, renaming and rotating checkpoints): a signal that comes
+    meanwhile is raised when it ends."""
+    _SIGNALS["deferred"] += 1
+    try:
+        yield
+    finally:
+        _SIGNALS["deferred"] -= 1
+    if not _SIGNALS["deferred"] and _SIGNALS["pending"] is not None:
+        signum, _SIGNALS["pending"] = _SIGNALS["pending"], None
+        raise _Signalled(signum)
+
+
+@contextlib.contextmanager
+def _stop_message():
+    """A signal (or Ctrl-C) during training becomes one Interrupted error naming the step, the last checkpoint and
+    how to resume; no traceback. Yields a holder whose `state` the caller sets (the loop updates it in place)."""
+    import signal
+    from types import SimpleNamespace
+
+    from tunesmith.errors import Interrupted
+
+    seen = SimpleNamespace(state=None)
+    try:
+        yield seen
+    except (_Signalled, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
+        _close_progress_bars()
+        state = seen.state or TrainState()
+        last = state.last_model_checkpoint
+        raise Interrupted(
+            f"stopped by {signal.Signals(signum).name} at step {state.global_step}"
+            + (f" of {state.total_steps}" if state.total_steps else "") + "; no checkpoint was saved on the signal. "
+            + (f"Every complete checkpoint is intact (a checkpoint is renamed into place only once fully written); "
+               f"the last: {last}. Resume with the same command and --resume_from_checkpoint {last}" if last else
+               "No checkpoint had been saved yet (--save_steps); start again to train"), signum) from None
+
+
+def _close_progress_bars() -> None:
+    """End the progress bar's line, so the message starts on its own."""
+    try:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
 
 
 def disk_error(e: OSError, state: TrainState) -> TunesmithError:
@@ -362,7 +458,8 @@ def _run_steps(run: Run, state: TrainState, objective: Objective) -> TrainState:
             if eval_due(run, state):
                 evaluate(run, state)
             if save_due(output, state):
-                save_checkpoint(run, state)
+                with signals_deferred():
+                    save_checkpoint(run, state)
         # the batches ran out before the last step (a stream's end is only known here), or the last step took
         # the epoch's last batch
         if state.global_step < state.total_steps or state.batches_done == run.n_batches:
@@ -827,7 +924,8 @@ def end_epoch(run: Run, state: TrainState) -> None:
         if run.eval_rows and run.output.eval_strategy == "epoch":
             evaluate(run, state)
         if run.output.save_strategy == "epoch":
-            save_checkpoint(run, state)
+            with signals_deferred():
+                save_checkpoint(run, state)
 
 
 def summarise(run: Run, state: TrainState, total_tokens: int, runtime: float) -> TrainState:
