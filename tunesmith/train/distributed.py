@@ -375,6 +375,10 @@ def shard_model(model, settings: FsdpSettings):
             if p.requires_grad:  # the optimiser updates fp32 master weights, as accelerate's FSDP2 does
                 p.data = p.data.float()
     offload = CPUOffloadPolicy() if settings.offload and gpu else OffloadPolicy()
+    if settings.offload and not gpu:
+        from tunesmith.log import note
+
+        note("--fsdp offload: without a GPU the shards are in CPU memory already; nothing to offload")
     kw = {"reshard_after_forward": settings.reshard_after_forward, "mp_policy": mixed, "offload_policy": offload}
     if settings.wrap_layers:
         names = set(settings.layer_classes) or set(getattr(unwrap_model(model), "_no_split_modules", None) or ())
