@@ -219,9 +219,12 @@ def run_load(port: int, name: str, texts: list[str], a, stop_at: float) -> dict:
             "p50_s": statistics.median(lat) if lat else None, "p95_s": q[18] if lat else None}
 
 
-def serve_and_load(system: str, model: str, texts: list[str], a, work: str, rep: int, stop_at: float) -> dict:
+def serve_and_load(system: str, model: str, texts: list[str], a, work: str, rep: int, stop_at: float,
+                   command=None) -> dict:
+    """Start `system`'s server, wait until it answers, send one warm-up request, run the load, stop it. command:
+    port -> (argv, model name or None), for a server not in `commands` (bench/gpu_check.py's deploy on a GPU)."""
     port = free_port()
-    cmd, name = commands(model, port, a)[system]
+    cmd, name = command(port) if command else commands(model, port, a)[system]
     log = os.path.join(work, f"{system}-{rep}.log")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     t0, peak, ready_rss = time.time(), [0], 0

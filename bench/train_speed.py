@@ -1,34 +1,54 @@
-"""Training throughput and memory: tunesmith against TRL (and ms-swift when its venv exists), in one run.
+"""Training throughput and memory: tunesmith against TRL and ms-swift, in one run.
 
-    python bench/train_speed.py --method sft --rows 256 --repeats 2
+    python bench/train_speed.py --method sft --rows 256 --repeats 2                   # the small shape
     python bench/train_speed.py --method dpo --rows 128 --repeats 2
+    python bench/train_speed.py --shape qwen2.5-0.5b --method both --rows 48 --max-length 512   # the real vocabulary
 
-The same random Qwen2-shaped model (7.1M parameters, 16,384-row vocabulary), the same data with a long-tailed length
-distribution (tens to ~1000 tokens), the same LoRA config (r 8, all-linear), the same effective batch (4 x 4) and
-one epoch. Each system runs in its own process, alternating (A B A B ...), so drift hits all alike. Every system is
-credited with the same token count: the dataset's tokens as tunesmith encodes them. Peak RSS is the process tree's,
-sampled every 50 ms. Prints a table and the ratios tunesmith/peer; RESULTS.md records them with the command.
+Shapes (random weights, fp32 on the CPU, the same model directory for every system):
+- `small`: a Qwen2-shaped model of 7.1M parameters (hidden 256, 4 layers, 16,384-row vocabulary) and
+  tunesmith.testing's tokenizer.
+- `qwen2.5-0.5b`: Qwen2.5-0.5B's layer shape (hidden 896, 14 heads / 2 KV heads, MLP 4864, tied embeddings,
+  RMSNorm eps 1e-6, rope theta 1e6) with its real 151,936-row vocabulary and the real Qwen2.5 tokenizer and chat
+  template (bench/peers/qwen_tokenizer.py), with fewer layers than the real 24 (`--layers`, default 2) so a CPU
+  can run it. Here the output layer is most of the work, as it is for small models on a GPU: the [tokens x 151,936]
+  logits cost 0.6 MB per token in fp32.
 
-Settings (each system at its best on a CPU):
-- tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (default); also run padded
-  with the peers' exact batch ("tunesmith-padded") to show what packing adds.
-- TRL 1.16: SFTTrainer/DPOTrainer, padded (its padding-free/packing need flash attention; TRL itself disables DPO
-  padding_free on CPU), completion-only loss, the same LoRA.
-- ms-swift 4.6: `swift sft|rlhf` from bench/.venv-swift (created by --make-swift-venv; it pins older
+The same data with a long-tailed length distribution (tens to ~1000 tokens, capped to fit --max-length), the same
+LoRA config (r 8, all-linear), about the same rows per optimiser step (4 x 4 for the peers) and one epoch. Each
+system runs in its own process, alternating (A B C A B C ...), so drift hits all alike. Every system is credited
+with the same token count: the dataset's tokens as tunesmith encodes them. Wall time includes process start,
+imports and model loading; "train s" is each trainer's own `train_runtime` (the loop only), read from its log.
+Peak RSS is the process tree's (both ranks for the two-process rows), sampled every 50 ms. Prints a table and the
+ratios tunesmith/peer; --json writes them; RESULTS.md records them with the command.
+
+Systems (each at its best on a CPU):
+- tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (the default).
+- tunesmith-padded: the peers' exact batch (4 x 4), to show what packing adds.
+- tunesmith-unshared (DPO): packed, --prefix_sharing false.
+- tunesmith-ddp2: packed, `torchrun --nproc_per_node 2` (gloo, one thread per rank), same rows per step.
+- tunesmith-zero3: the same two processes with `--deepspeed zero3`.
+- trl: TRL 1.x SFTTrainer/DPOTrainer (bench/peers/trl_train.py), padded (its padding-free/packing need flash
+  attention; TRL itself disables DPO padding_free on CPU), completion-only loss, the same LoRA.
+- ms-swift: `swift sft|rlhf` 4.6 from bench/.venv-swift (created by --make-swift-venv; it pins older
   transformers/trl/peft), padded (its --packing refuses to run without flash attention).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
 import random
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWIFT_VENV = os.path.join(HERE, ".venv-swift")
@@ -38,8 +58,85 @@ WORDS = ("the of and to in is was for on that with as by at from his her it an w
          "river north south east west king music film team game house line side water life power party war").split()
 
 
-def make_data(path: str, rows: int, method: str, seed: int = 0, prompt_words: int = 0) -> None:
-    """Chat rows whose reply lengths follow a log-normal (median ~60 words, long tail capped near ~700 words).
+@dataclass(frozen=True)
+class Shape:
+    """A model every system trains: random weights, fp32. `vocab` is the embedding (= tied output) rows."""
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    real_tokenizer: bool  # the real Qwen2.5 tokenizer (151,665 tokens) rather than tunesmith.testing's 2,048 BPE
+
+
+SHAPES = {
+    "small": Shape("small", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=704, vocab=16384,
+                   real_tokenizer=False),
+    # Qwen2.5-0.5B's config.json, except num_hidden_layers (24 in the real model)
+    "qwen2.5-0.5b": Shape("qwen2.5-0.5b", hidden=896, layers=2, heads=14, kv_heads=2, intermediate=4864,
+                          vocab=151936, real_tokenizer=True),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one measured process trains: method ("sft"/"dpo"), model directory, data file, output directory and
+    --max_length in tokens (per sequence; a DPO pair's chosen and rejected sides each)."""
+    method: str
+    model: str
+    data: str
+    out: str
+    max_length: int
+
+
+def build_shape_model(out: str, shape: Shape) -> str:
+    """Save `shape` with random weights (seed 0) and its tokenizer to `out`; return a line saying which tokenizer."""
+    if not shape.real_tokenizer:
+        from tunesmith.testing import build_model
+        build_model(out, "qwen2", hidden=shape.hidden, layers=shape.layers, heads=shape.heads,
+                    intermediate=shape.intermediate, model_vocab=shape.vocab)
+        return f"tunesmith.testing qwen2 tokenizer (2,048-token BPE), model vocabulary widened to {shape.vocab:,}"
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    try:
+        sys.path.insert(0, os.path.join(HERE, "peers"))
+        from qwen_tokenizer import copy_cached_qwen25_tokenizer
+        copy_cached_qwen25_tokenizer(out)
+        tok = AutoTokenizer.from_pretrained(out)
+        which = "the real Qwen2.5 tokenizer (151,643 BPE ranks + 22 added tokens, its chat template)"
+    except Exception as e:  # noqa: BLE001  (no registry: a tokenizer of another size still exercises the vocabulary)
+        from tunesmith.testing import build_tokenizer
+        print(f"real Qwen tokenizer unavailable ({type(e).__name__}: {e}); using tunesmith.testing's",
+              file=sys.stderr)
+        tok = build_tokenizer("qwen2")
+        tok.save_pretrained(out)
+        which = f"tunesmith.testing qwen2 tokenizer (2,048-token BPE), model vocabulary widened to {shape.vocab:,}"
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.kv_heads, max_position_embeddings=32768, rope_theta=1e6,
+                      rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=pad, eos_token_id=eos,
+                      pad_token_id=pad)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to(torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
+    model.save_pretrained(out)
+    return which
+
+
+def model_params(shape: Shape) -> int:
+    """Parameters of `shape` (tied output layer counted once)."""
+    h, kv_dim = shape.hidden, shape.hidden // shape.heads * shape.kv_heads
+    attn = 2 * h * h + 2 * h * kv_dim + h + 2 * kv_dim  # q and o, k and v, the q/k/v biases (o has none)
+    layer = attn + 3 * h * shape.intermediate + 2 * h
+    return shape.vocab * h + shape.layers * layer + h
+
+
+def make_data(path: str, rows: int, method: str, seed: int = 0, prompt_words: int = 0, max_words: int = 700) -> None:
+    """Chat rows whose reply lengths follow a log-normal (median ~60 words, long tail capped at `max_words`).
     Prompts are 5-40 words, or with prompt_words a log-normal of that median (multi-turn context, system prompts,
     retrieved documents: where DPO prefix sharing matters)."""
     rng = random.Random(seed)
@@ -49,98 +146,169 @@ def make_data(path: str, rows: int, method: str, seed: int = 0, prompt_words: in
 
     with open(path, "w", encoding="utf-8") as fh:
         for _ in range(rows):
-            q = text(min(700, max(5, int(rng.lognormvariate(math.log(prompt_words), 0.7))))
+            q = text(min(max_words, max(5, int(rng.lognormvariate(math.log(prompt_words), 0.7))))
                      if prompt_words else rng.randint(5, 40))
-            n = min(700, max(8, int(rng.lognormvariate(math.log(60), 0.9))))
+            n = min(max_words, max(8, int(rng.lognormvariate(math.log(60), 0.9))))
             if method == "sft":
                 row = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": text(n)}]}
             else:
-                m = min(700, max(8, int(n * rng.uniform(0.6, 1.4))))
+                m = min(max_words, max(8, int(n * rng.uniform(0.6, 1.4))))
                 row = {"prompt": q, "chosen": text(n), "rejected": text(m)}
             fh.write(json.dumps(row) + "\n")
 
 
-def dataset_tokens(model: str, data: str, method: str) -> int:
-    """The tokens every system is credited with: the dataset as tunesmith's encoder renders it."""
+def dataset_tokens(model: str, data: str, method: str, max_length: int) -> tuple[int, int]:
+    """(the tokens every system is credited with: the dataset as tunesmith's encoder renders it, rows longer than
+    max_length). Over-long rows would be dropped by tunesmith and ms-swift but truncated by TRL, so the data is
+    sized to have none; the count is printed to show it."""
     from transformers import AutoTokenizer
 
     from tunesmith.data.encode import ChatEncoder
     from tunesmith.data.load import load_datasets
 
     enc = ChatEncoder(AutoTokenizer.from_pretrained(model), loss_scale="last_round")
-    total = 0
+    total = over = 0
     for rec in load_datasets([data]).records:
         if method == "sft":
-            total += len(enc.encode(rec).input_ids)
+            lengths = [len(enc.encode(rec).input_ids)]
         else:
             c, r = enc.encode_pair(rec)
-            total += len(c.input_ids) + len(r.input_ids)
-    return total
+            lengths = [len(c.input_ids), len(r.input_ids)]
+        total += sum(lengths)
+        over += max(lengths) > max_length
+    return total, over
 
 
-def run_measured(cmd: list[str], env: dict, log: str) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS GiB of the process tree, exit code)."""
+def train_runtime(log: str, out: str) -> Optional[float]:
+    """The trainer's own loop time in seconds, or None: TRL and ms-swift print `train_runtime` in their log,
+    tunesmith writes it to the run directory's logging.jsonl (out/v*/logging.jsonl)."""
+    texts = []
+    for path in [log, *glob.glob(os.path.join(out, "v*", "logging.jsonl"))]:
+        try:
+            texts.append(open(path, encoding="utf-8", errors="replace").read())
+        except OSError:
+            pass
+    found = re.findall(r"""['"]train_runtime['"]\s*:\s*['"]?([0-9.]+)""", "\n".join(texts))
+    return float(found[-1]) if found else None
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all processes), since boot."""
+    import psutil
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+
+def run_measured(cmd: list[str], env: dict, log: str) -> tuple[float, float, int, float]:
+    """(wall seconds, peak RSS GiB of the process tree, exit code, the share of all CPUs that other processes used
+    meanwhile). On a shared 2-core machine a little outside work slows torch's threaded ops a lot, so every run
+    says how busy the machine was."""
     import psutil
 
-    t0 = time.time()
+    t0, busy0 = time.time(), busy_cpu_seconds()
+    ours: dict[int, float] = {}  # pid -> last CPU seconds seen (children that exit keep their last reading)
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         ps = psutil.Process(proc.pid)
         peak = 0
         while proc.poll() is None:
             try:
-                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-                peak = max(peak, rss)
+                tree = [ps, *ps.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+                for p in tree:
+                    c = p.cpu_times()
+                    ours[p.pid] = c.user + c.system
             except psutil.Error:
                 pass
             time.sleep(0.05)
-    return time.time() - t0, peak / 2 ** 30, proc.returncode
+    wall = time.time() - t0
+    other = max(0.0, busy_cpu_seconds() - busy0 - sum(ours.values())) / (wall * (os.cpu_count() or 1))
+    return wall, peak / 2 ** 30, proc.returncode, other
 
 
-def tunesmith_cmd(method, model, data, out, packed=True, shared=None):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tunesmith_cmd(spec: RunSpec, packed: bool = True, shared: Optional[bool] = None, world: int = 1,
+                  deepspeed: Optional[str] = None) -> list[str]:
     """Packed: one packed row per micro-batch, accumulation chosen so that a step holds about as many rows as the
-    peers' 4 x 4 (SFT: 2 packs of 1024 tokens, about 14 rows; DPO: 3 packs of 2048, about 18 pairs). Padded: the
-    peers' exact batch (4 x 4), for an apples-to-apples view of what packing adds."""
-    common = ["--model", model, "--dataset", data, "--train_type", "lora", "--lora_rank", "8", "--lora_alpha", "32",
-              "--target_modules", "all-linear", "--num_train_epochs", "1", "--max_length", "1024",
-              "--learning_rate", "1e-4", "--gradient_checkpointing", "false", "--logging_steps", "10",
-              "--save_strategy", "no", "--report_to", "none", "--output_dir", out, "--dataloader_num_workers", "0"]
+    peers' 4 x 4 (SFT: 2 packs of max_length tokens, about 14 rows at 1024; DPO: 3 packs of 2 x max_length, about
+    18 pairs). With `world` processes the accumulation is divided by it, rounded up (DPO: 2 x 2 = 4 packs a step).
+    Padded: the peers' exact batch (4 x 4), for an apples-to-apples view of what packing adds."""
+    ml = spec.max_length
+    common = ["--model", spec.model, "--dataset", spec.data, "--train_type", "lora", "--lora_rank", "8",
+              "--lora_alpha", "32", "--target_modules", "all-linear", "--num_train_epochs", "1",
+              "--max_length", str(ml), "--learning_rate", "1e-4", "--gradient_checkpointing", "false",
+              "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--output_dir", spec.out,
+              "--dataloader_num_workers", "0"]
     if packed:
+        accumulation = math.ceil((2 if spec.method == "sft" else 3) / world)
         common += ["--packing", "true", "--per_device_train_batch_size", "1", "--packing_length",
-                   "1024" if method == "sft" else "2048", "--gradient_accumulation_steps", "2" if method == "sft" else "3"]
+                   str(ml if spec.method == "sft" else 2 * ml), "--gradient_accumulation_steps", str(accumulation)]
     else:
         common += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4"]
-    if method == "sft":
-        return ["tunesmith", "sft", *common]
+    if deepspeed:
+        common += ["--deepspeed", deepspeed]
+    if world > 1:
+        # torchrun sets OMP_NUM_THREADS=1 per rank: two ranks on two cores, no oversubscription
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                  "--master_port", str(free_port()), "-m", "tunesmith"]
+    else:
+        launch = [sys.executable, "-m", "tunesmith"]
+    if spec.method == "sft":
+        return [*launch, "sft", *common]
     sharing = [] if shared is None else ["--prefix_sharing", str(shared).lower()]
-    return ["tunesmith", "rlhf", "--rlhf_type", "dpo", *common, *sharing]
+    return [*launch, "rlhf", "--rlhf_type", "dpo", *common, *sharing]
 
 
-def tunesmith_padded_cmd(method, model, data, out):
-    return tunesmith_cmd(method, model, data, out, packed=False)
+def tunesmith_padded_cmd(spec: RunSpec) -> list[str]:
+    return tunesmith_cmd(spec, packed=False)
 
 
-def tunesmith_unshared_cmd(method, model, data, out):
+def tunesmith_unshared_cmd(spec: RunSpec) -> list[str]:
     """Packed DPO without prefix sharing (chosen and rejected as two sequences): what sharing the prompt adds."""
-    return tunesmith_cmd(method, model, data, out, shared=False)
+    return tunesmith_cmd(spec, shared=False)
 
 
-def trl_cmd(method, model, data, out):
-    return [sys.executable, os.path.join(HERE, "peers", "trl_train.py"), method, model, data, out]
+def tunesmith_ddp2_cmd(spec: RunSpec) -> list[str]:
+    return tunesmith_cmd(spec, world=2)
 
 
-def swift_cmd(method, model, data, out):
+def tunesmith_zero3_cmd(spec: RunSpec) -> list[str]:
+    return tunesmith_cmd(spec, world=2, deepspeed="zero3")
+
+
+def trl_cmd(spec: RunSpec) -> list[str]:
+    return [sys.executable, os.path.join(HERE, "peers", "trl_train.py"), spec.method, spec.model, spec.data,
+            spec.out, str(spec.max_length)]
+
+
+def swift_cmd(spec: RunSpec) -> list[str]:
     swift = os.path.join(SWIFT_VENV, "bin", "swift")
-    common = ["--model", model, "--model_type", "qwen2", "--template", "qwen2_5", "--dataset", data,
-              "--tuner_type", "lora",  # ms-swift 4.x's name for --train_type "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
+    common = ["--model", spec.model, "--model_type", "qwen2", "--template", "qwen2_5", "--dataset", spec.data,
+              "--tuner_type", "lora",  # ms-swift 4.x's name for --train_type
+              "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
               "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4", "--num_train_epochs", "1",
-              "--max_length", "1024", "--learning_rate", "1e-4", "--gradient_checkpointing", "false",
-              "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--output_dir", out,
+              "--max_length", str(spec.max_length), "--learning_rate", "1e-4", "--gradient_checkpointing", "false",
+              "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--output_dir", spec.out,
               "--dataloader_num_workers", "0", "--torch_dtype", "float32", "--split_dataset_ratio", "0"]
-    if method == "sft":
+    if spec.method == "sft":
         return [swift, "sft", *common]
     return [swift, "rlhf", "--rlhf_type", "dpo", *common,
             "--columns", json.dumps({"chosen": "response", "rejected": "rejected_response"})]
+
+
+SYSTEMS: dict[str, Callable[[RunSpec], list[str]]] = {
+    "tunesmith": tunesmith_cmd, "tunesmith-padded": tunesmith_padded_cmd, "tunesmith-unshared": tunesmith_unshared_cmd,
+    "tunesmith-ddp2": tunesmith_ddp2_cmd, "tunesmith-zero3": tunesmith_zero3_cmd, "trl": trl_cmd, "ms-swift": swift_cmd,
+}
+DEFAULT_SYSTEMS = {  # shape -> systems run when --systems is not given (the DPO-only one is dropped for SFT)
+    "small": "tunesmith,tunesmith-padded,tunesmith-unshared,trl,ms-swift",
+    "qwen2.5-0.5b": "tunesmith,trl,ms-swift,tunesmith-ddp2,tunesmith-zero3",
+}
 
 
 def make_swift_venv() -> None:
@@ -152,69 +320,130 @@ def make_swift_venv() -> None:
     subprocess.run([pip, "install", "-q", "ms-swift==4.6.0"], check=True)
 
 
+def pick_systems(names: str, method: str) -> list[str]:
+    picked = []
+    for name in (n.strip() for n in names.split(",")):
+        if not name:
+            continue
+        if name not in SYSTEMS:
+            raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+        if name == "tunesmith-unshared" and method != "dpo":
+            continue
+        if name == "ms-swift" and not os.path.exists(os.path.join(SWIFT_VENV, "bin", "swift")):
+            print("ms-swift: bench/.venv-swift does not exist (run with --make-swift-venv); skipped", file=sys.stderr)
+            continue
+        picked.append(name)
+    return picked
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--method", choices=("sft", "dpo"), default="sft")
-    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    ap.add_argument("--method", choices=("sft", "dpo", "both"), default="sft")
+    ap.add_argument("--rows", type=int, default=256, help="rows (SFT) or pairs (DPO)")
+    ap.add_argument("--dpo-rows", type=int, default=None, help="pairs for DPO with --method both (default --rows)")
+    ap.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (DPO: per side)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--peers", default="trl,ms-swift", help="comma-separated: trl, ms-swift")
+    ap.add_argument("--systems", default=None, help=f"comma-separated from: {', '.join(SYSTEMS)} "
+                                                    "(default depends on --shape)")
+    ap.add_argument("--peers", default=None, help="(older spelling) comma-separated peers: trl, ms-swift, none")
     ap.add_argument("--make-swift-venv", action="store_true", help="create bench/.venv-swift (ms-swift 4.6)")
     ap.add_argument("--prompt-words", type=int, default=0, help="median prompt length in words (default: 5-40)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
 
     if a.make_swift_venv:
         make_swift_venv()
+    shape = SHAPES[a.shape]
+    if a.layers:
+        shape = Shape(**{**asdict(shape), "layers": a.layers})
+    names = a.systems or DEFAULT_SYSTEMS[a.shape]
+    if a.peers is not None and a.systems is None:  # keep the tunesmith rows, replace the peers
+        names = ",".join([n for n in names.split(",") if n.startswith("tunesmith")] +
+                         [p for p in a.peers.split(",") if p.strip() not in ("", "none")])
     work = tempfile.mkdtemp(prefix="tunesmith-bench-")
-    from tunesmith.testing import build_model
-
-    model = build_model(os.path.join(work, "model"), "qwen2", hidden=256, layers=4, heads=4, intermediate=704,
-                        model_vocab=16384)
-    data = os.path.join(work, "data.jsonl")
-    make_data(data, a.rows, a.method, prompt_words=a.prompt_words)
-    tokens = dataset_tokens(model, data, a.method)
-    systems = {"tunesmith": tunesmith_cmd, "tunesmith-padded": tunesmith_padded_cmd}
-    if a.method == "dpo":
-        systems["tunesmith-unshared"] = tunesmith_unshared_cmd
-    peers = [p.strip() for p in a.peers.split(",") if p.strip()]
-    if "trl" in peers:
-        systems["trl"] = trl_cmd
-    if "ms-swift" in peers:
-        if os.path.exists(os.path.join(SWIFT_VENV, "bin", "swift")):
-            systems["ms-swift"] = swift_cmd
-        else:
-            print("ms-swift: bench/.venv-swift does not exist (run with --make-swift-venv); skipped", file=sys.stderr)
+    model = os.path.join(work, "model")
+    which_tok = build_shape_model(model, shape)
+    # Replies are capped so that every row fits max_length (the random words are ~1.1 tokens each).
+    max_words = min(700, int(0.75 * a.max_length) - 40)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    results: dict[str, list] = {name: [] for name in systems}
+    methods = ("sft", "dpo") if a.method == "both" else (a.method,)
+    setup = {method: {} for method in methods}
+    for method in methods:
+        data = os.path.join(work, f"{method}.jsonl")
+        rows = a.dpo_rows if method == "dpo" and a.dpo_rows else a.rows
+        make_data(data, rows, method, prompt_words=a.prompt_words, max_words=max_words)
+        tokens, over = dataset_tokens(model, data, method, a.max_length)
+        setup[method] = {"data": data, "rows": rows, "tokens": tokens, "over_max_length": over,
+                         "systems": pick_systems(names, method)}
+        if over:
+            print(f"warning: {over} {method} rows exceed --max-length {a.max_length}", file=sys.stderr)
+    results: dict[str, dict[str, list]] = {m: {n: [] for n in setup[m]["systems"]} for m in methods}
     for rep in range(a.repeats):
-        for name, make_cmd in systems.items():
-            out = os.path.join(work, f"{name}-{rep}")
-            wall, rss, rc = run_measured(make_cmd(a.method, model, data, out), env, out + ".log")
-            if rc != 0:
-                print(f"{name} failed (exit {rc}); log: {out}.log", file=sys.stderr)
-                print(open(out + ".log").read()[-3000:], file=sys.stderr)
-                results[name].append(None)
+        for method in methods:  # SFT then DPO within a round: both see the same drift
+            for name in setup[method]["systems"]:
+                out = os.path.join(work, f"{method}-{name}-{rep}")
+                spec = RunSpec(method, model, setup[method]["data"], out, a.max_length)
+                wall, rss, rc, other = run_measured(SYSTEMS[name](spec), env, out + ".log")
+                if rc != 0:
+                    print(f"{method} {name} failed (exit {rc}); log: {out}.log", file=sys.stderr)
+                    print(open(out + ".log", errors="replace").read()[-3000:], file=sys.stderr)
+                    results[method][name].append(None)
+                    continue
+                loop = train_runtime(out + ".log", out)
+                results[method][name].append({"wall_s": wall, "train_s": loop, "peak_rss_gib": rss,
+                                              "other_cpu": other})
+                tokens = setup[method]["tokens"]
+                print(f"  {method} {name:17s} run {rep + 1}: {wall:7.1f} s  {tokens / wall:8.1f} tok/s  "
+                      f"train {loop if loop is not None else float('nan'):7.1f} s  peak RSS {rss:.2f} GiB  "
+                      f"(other processes used {100 * other:.0f}% of the CPUs)",
+                      flush=True)
+    params = model_params(shape)
+    report = {"shape": asdict(shape), "params": params, "tokenizer": which_tok, "rows": a.rows,
+              "max_length": a.max_length, "repeats": a.repeats, "cpus": os.cpu_count(), "methods": {}}
+    for method in methods:
+        tokens = setup[method]["tokens"]
+        print(f"\n{method}: {setup[method]['rows']} rows, {tokens} dataset tokens, 1 epoch, LoRA r8 all-linear, "
+              f"max_length {a.max_length}, model {a.shape} ({shape.layers} layers, {params / 1e6:.1f}M params, vocab "
+              f"{shape.vocab}), {os.cpu_count()} CPUs")
+        print(f"{'system':17s} {'wall s (best)':>14s} {'tok/s':>8s} {'train s':>8s} {'train tok/s':>12s} "
+              f"{'peak RSS GiB':>13s} {'other CPU %':>12s}")
+        best = {}
+        for name, runs in results[method].items():
+            ok = [r for r in runs if r]
+            if not ok:
+                print(f"{name:17s} failed")
+                best[name] = None
                 continue
-            results[name].append((wall, rss))
-            print(f"  {name:17s} run {rep + 1}: {wall:7.1f} s  {tokens / wall:8.0f} tok/s  peak RSS {rss:.2f} GiB",
-                  flush=True)
-    print(f"\n{a.method}: {a.rows} rows, {tokens} dataset tokens, 1 epoch, LoRA r8 all-linear, batch 4x4, "
-          f"model 7.1M params / vocab 16384, {os.cpu_count()} CPUs")
-    print(f"{'system':17s} {'wall s (best)':>14s} {'tok/s':>8s} {'peak RSS GiB':>13s}")
-    best = {}
-    for name, runs in results.items():
-        ok = [r for r in runs if r]
-        if not ok:
-            print(f"{name:17s} failed")
-            continue
-        wall, rss = min(r[0] for r in ok), max(r[1] for r in ok)
-        best[name] = (wall, rss)
-        print(f"{name:17s} {wall:14.1f} {tokens / wall:8.0f} {rss:13.2f}")
-    if "tunesmith" in best:
-        tw, tr = best["tunesmith"]
-        for name, (w, r) in best.items():
-            if not name.startswith("tunesmith"):
-                print(f"tunesmith/{name}: throughput x{w / tw:.2f}, peak RSS x{tr / r:.2f}")
+            fastest = min(ok, key=lambda r: r["wall_s"])
+            best[name] = {**fastest, "peak_rss_gib": max(r["peak_rss_gib"] for r in ok),
+                          "tokens_per_s": tokens / fastest["wall_s"],
+                          "train_tokens_per_s": tokens / fastest["train_s"] if fastest["train_s"] else None}
+            b = best[name]
+            print(f"{name:17s} {b['wall_s']:14.1f} {b['tokens_per_s']:8.1f} "
+                  f"{b['train_s'] if b['train_s'] is not None else float('nan'):8.1f} "
+                  f"{b['train_tokens_per_s'] or float('nan'):12.1f} {b['peak_rss_gib']:13.2f} "
+                  f"{100 * b.get('other_cpu', float('nan')):12.0f}")
+        ratios = {}
+        if best.get("tunesmith"):
+            t = best["tunesmith"]
+            for name, b in best.items():
+                if b and not name.startswith("tunesmith"):
+                    ratios[name] = {"throughput": b["wall_s"] / t["wall_s"], "peak_rss": t["peak_rss_gib"] /
+                                    b["peak_rss_gib"]}
+                    if t["train_s"] and b["train_s"]:
+                        ratios[name]["train_loop_throughput"] = b["train_s"] / t["train_s"]
+                    print(f"tunesmith/{name}: throughput x{ratios[name]['throughput']:.2f} (train loop "
+                          f"x{ratios[name].get('train_loop_throughput', float('nan')):.2f}), peak RSS "
+                          f"x{ratios[name]['peak_rss']:.2f}")
+        report["methods"][method] = {"rows": setup[method]["rows"], "tokens": tokens,
+                                     "over_max_length": setup[method]["over_max_length"],
+                                     "runs": results[method], "best": best, "ratios": ratios}
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(report, fh, indent=2)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     else:
