@@ -32,8 +32,11 @@ import torch
 from tunesmith.data.encode import IGNORE
 from tunesmith.model import unwrap_model
 
-# floats per chunk of logits: 2^22 × 4 bytes = 16 MiB whatever the vocabulary size
-CHUNK_FLOATS = 1 << 22
+# floats per chunk of logits: 2^25 × 4 bytes = 128 MiB whatever the vocabulary size (220 rows at Qwen's 151,936).
+# Each chunk reads the whole output weight, so a chunk must be large enough to pay for that read: at 27 rows
+# (16 MiB) the real-vocabulary head ran 2.2x slower than at 256 (bench/head_breakdown.py, RESULTS.md), while the
+# full logits of one 8,192-token gpt-oss row would be 6.6 GB
+CHUNK_FLOATS = 1 << 25
 
 
 @dataclass
