@@ -374,3 +374,19 @@ def test_combinations_ms_swift_accepts_are_said_not_silent(capsys, flags, said):
     """Settings that make each other moot, which ms-swift accepts: the run goes on and says what has no effect."""
     recipe.configure(parse_args("sft", [*BASE, *flags]))
     assert said in capsys.readouterr().err
+
+
+def test_resuming_on_another_process_count_is_refused_unless_the_data_position_is_dropped(tmp_path, monkeypatch):
+    """A checkpoint's data position counts each process's batches: a resume on another process count (a review
+    found its losses off) is a flag problem naming both counts, unless --ignore_data_skip true."""
+    from tunesmith.train.config import problems
+
+    ckpt = _checkpoint(tmp_path / "checkpoint-3", world_size=2)
+    base = ["--model", "some/model", "--dataset", "x.jsonl", "--resume_from_checkpoint", ckpt]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    found = problems(parse_args("sft", base))
+    assert any("saved by a run on 2 processes, this run has 1" in p for p in found), found
+    assert not any("processes" in p for p in problems(parse_args("sft", [*base, "--ignore_data_skip", "true"])))
+    monkeypatch.setenv("NPROC_PER_NODE", "2")  # what the launcher will start
+    assert not any("processes" in p for p in problems(parse_args("sft", base)))

@@ -366,3 +366,23 @@ def test_seed_multi_gpu_dpo_command_runs_with_fsdp(tiny_models, tmp_path):
     ckpt = os.path.join(run, "checkpoint-2")
     assert os.path.isdir(os.path.join(ckpt, "optimizer_0"))
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), ckpt)
+
+
+def test_fsdp_review_cases_are_clear_flag_errors(tiny_models, tmp_path):
+    """What a fresh-user review typed: a non-list layer class (was a TypeError traceback), a --fsdp_config that
+    is no JSON object, a layer class named without auto_wrap (now wraps it, so a wrong name is an error at
+    sharding), and NPROC_PER_NODE=2 with a bad value — refused before torchrun starts, exit 2, not 1."""
+    S = D.fsdp_settings
+    with pytest.raises(ConfigError, match="expected class names"):
+        S(["full_shard"], '{"transformer_layer_cls_to_wrap": 5}')
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        S(["full_shard"], str(tmp_path / "missing.json"))
+    assert S(["full_shard"], '{"transformer_layer_cls_to_wrap": ["NoSuchLayer"]}').wrap_layers
+    base = ["sft", "--model", tiny_models("qwen2"), "--dataset", DATA[0], "--output_dir", str(tmp_path / "o")]
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    e.update({"NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())})
+    p = subprocess.run([sys.executable, "-m", "tunesmith", *base, "--lora_rank", "-1", "--fsdp", "hybrid_shard"],
+                       capture_output=True, text=True, env=e, timeout=120)
+    assert p.returncode == 2 and "launching: torchrun" not in p.stderr, p.stderr[-2000:]
+    assert "lora_rank" in p.stderr and "hybrid_shard" in p.stderr and "Traceback" not in p.stderr
+    assert not os.path.exists(tmp_path / "o")

@@ -167,6 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     except ArgError as e:
         print(f"tunesmith {command}: error: {e}", file=sys.stderr)
         return 2
+    if launch and COMMANDS[command][0] == "tunesmith.train.recipe":
+        # the value checks too, once here rather than by every process torchrun would start (exit 2, as alone)
+        from tunesmith.errors import ConfigError
+        from tunesmith.train.config import check
+        from tunesmith.train.recipe import method_for
+
+        try:
+            check(args, method_for(args))
+        except ConfigError as e:
+            print(f"tunesmith {command}: error: {e}", file=sys.stderr)
+            return 2
     if launch:
         cmd = [sys.executable, "-c", "import sys; from tunesmith.cli import torchrun; sys.exit(torchrun(sys.argv[1:]))",
                *launch, "-m", "tunesmith", command, *rest]

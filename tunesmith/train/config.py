@@ -172,6 +172,11 @@ def resume_problems(args) -> list[str]:
         if key in saved and saved[key] != getattr(args, key, None):
             out.append(f"{flag}: the checkpoint has --{key} {saved[key]}, this run --{key} {getattr(args, key)}; "
                        f"resume with the checkpoint's settings")
+    world = _planned_world()
+    if saved.get("world_size") and saved["world_size"] != world and not args.ignore_data_skip:
+        out.append(f"{flag}: saved by a run on {saved['world_size']} processes, this run has {world}; the data "
+                   f"position counts each process's batches, so resume on {saved['world_size']} processes, or add "
+                   f"--ignore_data_skip true (the epoch starts over, with the weights and optimiser restored)")
     if saved.get("model") and args.model and model_suffix(saved["model"]) != model_suffix(args.model):
         out.append(f"{flag}: the checkpoint was trained from --model {saved['model']}, this run loads "
                    f"{args.model}; resume with the same model")
@@ -448,6 +453,17 @@ def _sync_ref_problems(args, method, found: list) -> None:
     if _zero3(args.deepspeed):
         found.append("--sync_ref_model under DeepSpeed ZeRO-3 is not supported yet (the policy's weights are "
                      "partitioned); use zero2 or DDP")
+
+
+def _planned_world() -> int:
+    """The processes this run has (WORLD_SIZE under torchrun), or will have once `tunesmith` relaunches itself
+    (NPROC_PER_NODE x NNODES, ms-swift's variables)."""
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    try:
+        return max(1, int(os.environ.get("NPROC_PER_NODE") or 1)) * max(1, int(os.environ.get("NNODES") or 1))
+    except ValueError:
+        return 1
 
 
 def _fsdp_or_none(args):

@@ -267,8 +267,10 @@ def _json_spec(value: str, flag: str) -> dict:
         with open(value, encoding="utf-8") as fh:
             text = fh.read()
     elif not value.lstrip().startswith("{"):
-        raise ConfigError(f"{flag} {value}: expected {' '.join(FSDP_OPTIONS)} (any of them), fsdp2, or a JSON file "
-                          f"or string")
+        raise ConfigError(f"{flag} {value}: expected " + (
+            "a JSON object (a file that exists, or a string such as '{\"activation_checkpointing\": true}')"
+            if flag == "--fsdp_config" else f"{' '.join(FSDP_OPTIONS)} (any of them), fsdp2, or a JSON file or "
+                                            f"string"))
     try:
         out = json.loads(text)
     except json.JSONDecodeError as e:
@@ -295,6 +297,8 @@ def fsdp_settings(fsdp, fsdp_config=None) -> Optional[FsdpSettings]:
         spec = FSDP_PRESETS.get(words[0]) or _json_spec(words[0], "--fsdp")
         if "fsdp" not in spec and "fsdp_config" not in spec:
             spec = {"fsdp_config": spec}  # a bare fsdp_config
+        if not isinstance(spec.get("fsdp_config") or {}, dict):
+            raise ConfigError(f"--fsdp {words[0]}: its fsdp_config must be a JSON object")
         words, config = str(spec.get("fsdp", "full_shard auto_wrap")).split(), dict(spec.get("fsdp_config") or {})
     if fsdp_config:
         config.update(_json_spec(fsdp_config, "--fsdp_config") if isinstance(fsdp_config, str) else fsdp_config)
@@ -332,7 +336,13 @@ def _settings_from(words: list, config: dict) -> FsdpSettings:
         raise ConfigError(f"--fsdp_config: auto_wrap_policy {policy} is not supported; use TRANSFORMER_BASED_WRAP "
                           f"(each decoder layer its own unit) or NO_WRAP")
     classes = config.get("transformer_layer_cls_to_wrap") or ()
-    classes = tuple(c.strip() for c in classes.split(",")) if isinstance(classes, str) else tuple(classes)
+    classes = tuple(c.strip() for c in classes.split(",")) if isinstance(classes, str) else classes
+    if not isinstance(classes, (tuple, list)) or not all(isinstance(c, str) and c for c in classes):
+        raise ConfigError(f"--fsdp_config: transformer_layer_cls_to_wrap {classes!r}: expected class names, e.g. "
+                          f"[\"Qwen2DecoderLayer\"]")
+    classes = tuple(classes)
+    if classes and "auto_wrap_policy" not in config:  # naming the layers asks for them to be wrapped
+        policy = "TRANSFORMER_BASED_WRAP"
     state_type = str(config.get("state_dict_type", "SHARDED_STATE_DICT")).upper()
     if state_type not in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
         raise ConfigError(f"--fsdp_config: state_dict_type {state_type}: expected SHARDED_STATE_DICT or "

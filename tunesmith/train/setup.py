@@ -469,7 +469,7 @@ def make_run(cfg, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
     import transformers
 
     extra = {"tunesmith_version": __version__, "model_dir": prepared.model_dir, "output_run_dir": run_dir,
-             "data_stats": prepared.data_stats, "model_parameter_info": param_info,
+             "data_stats": prepared.data_stats, "model_parameter_info": param_info, "world_size": D.world_size(),
              "library_versions": {"python": platform.python_version(), "torch": torch.__version__,
                                   "transformers": transformers.__version__}}
     if D.is_main():
