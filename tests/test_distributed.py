@@ -48,6 +48,15 @@ def _adapter(ckpt):
     return load_file(os.path.join(ckpt, "adapter_model.safetensors"))
 
 
+def _seed_dpo_data(tmp_path):
+    """16 ms-swift DPO rows (messages + rejected_response) as the seeds' dpo_data.json."""
+    good, bad = "apple pear plum peach".split(), "rock sand dust mud".split()
+    rows = [{"messages": [{"role": "user", "content": f"Which can you eat: {g} or {b}?"},
+                          {"role": "assistant", "content": f"The {g}."}], "rejected_response": f"The {b}."}
+            for g in good for b in bad]
+    return write_jsonl(tmp_path / "dpo_data.json", rows)
+
+
 # ------------------------------------------------------------------ settings
 
 def test_each_rank_gets_a_disjoint_share_of_every_global_batch():
@@ -177,11 +186,7 @@ def test_seed_multi_gpu_dpo_command_runs_with_zero3(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    good, bad = "apple pear plum peach".split(), "rock sand dust mud".split()
-    rows = [{"messages": [{"role": "user", "content": f"Which can you eat: {g} or {b}?"},
-                          {"role": "assistant", "content": f"The {g}."}], "rejected_response": f"The {b}."}
-            for g in good for b in bad]
-    data = write_jsonl(tmp_path / "dpo_data.json", rows)
+    data = _seed_dpo_data(tmp_path)
     out = tmp_path / "gpt_output"
     model = tiny_models("gpt_oss")
     _run([*seed_gpt_oss_dpo_argv(model, data, out, accumulation="2", logging="1"), "--deepspeed", "zero3"],
@@ -351,11 +356,7 @@ def test_seed_multi_gpu_dpo_command_runs_with_fsdp(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    good, bad = "apple pear plum peach".split(), "rock sand dust mud".split()
-    rows = [{"messages": [{"role": "user", "content": f"Which can you eat: {g} or {b}?"},
-                          {"role": "assistant", "content": f"The {g}."}], "rejected_response": f"The {b}."}
-            for g in good for b in bad]
-    data = write_jsonl(tmp_path / "dpo_data.json", rows)
+    data = _seed_dpo_data(tmp_path)
     out = tmp_path / "gpt_output"
     model = tiny_models("gpt_oss")
     _run([*seed_gpt_oss_dpo_argv(model, data, out, accumulation="2", logging="1"), "--fsdp", "full_shard",
