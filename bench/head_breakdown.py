@@ -6,7 +6,7 @@ Builds bench/train_speed.py's `qwen2.5-0.5b` shape (hidden 896, 151,936-row tied
 LoRA r 8 on all-linear as every system in the benchmark does, and times one packed row of `--tokens` tokens:
 - the decoder (embedding + layers + final norm), forward and backward, with the LoRA weights trained;
 - the output layer + log-softmax of the label, forward and backward (into the decoder's last hidden states), as
-  tunesmith computes it (`tunesmith.train.token_logps.ChunkedLogps`, its default chunk of CHUNK_FLOATS // vocab
+  tunesmith computes it (`tunesmith.train.ops.token_logps.ChunkedLogps`, its default chunk of CHUNK_FLOATS // vocab
   rows) and with larger chunks, and as the peers do (one [tokens x vocabulary] logits tensor, float32
   log-softmax, gather).
 Each is the best of --repeats runs, in seconds and tokens/s, with the largest logits tensor each path allocates.
@@ -46,7 +46,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from train_speed import SHAPES, Shape, build_shape_model
-    from tunesmith.train.token_logps import CHUNK_FLOATS, ChunkedLogps
+    from tunesmith.train.ops.token_logps import CHUNK_FLOATS, ChunkedLogps
 
     shape = Shape(**{**SHAPES["qwen2.5-0.5b"].__dict__, "layers": a.layers})
     with tempfile.TemporaryDirectory() as work:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import EXAMPLES, read_jsonl
-from tunesmith.args import parse_args
+from tunesmith.config.args import parse_args
 from tunesmith.errors import ConfigError
 
 CAPITALS = os.path.join(EXAMPLES, "capitals_messages.jsonl")
@@ -61,7 +61,7 @@ def test_export_merges_to_a_plain_hf_model_with_equal_logits(tiny_models, lora_c
     assert (a - _logits(AutoModelForCausalLM.from_pretrained(tiny_models("qwen2")), ids)).abs().max() > 1e-2
     assert json.load(open(os.path.join(out, "args.json")))["system"] == "You answer in one sentence."
     with pytest.raises(ConfigError, match="already exists.*--exist_ok"):
-        from tunesmith import export
+        from tunesmith.commands import export
         export.main(parse_args("export", ["--adapters", lora_ckpt, "--merge_lora", "true", "--output_dir", out]))
     # default output: <ckpt>-merged, and `merge-lora` is the ms-swift short form
     assert main(["merge-lora", "--adapters", lora_ckpt]) == 0
@@ -71,7 +71,7 @@ def test_export_merges_to_a_plain_hf_model_with_equal_logits(tiny_models, lora_c
 def test_qlora_adapter_merges_into_the_unquantised_base(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from tunesmith import export
+    from tunesmith.commands import export
 
     ckpt = _sft(tiny_models("qwen2"), tmp_path / "q", "--quant_method", "bnb", "--quant_bits", "4")
     out = str(tmp_path / "m")
@@ -84,7 +84,8 @@ def test_qlora_adapter_merges_into_the_unquantised_base(tiny_models, tmp_path):
 
 
 def test_wrong_flag_for_a_checkpoint_is_explained(tiny_models, lora_ckpt, tmp_path):
-    from tunesmith import export, infer
+    from tunesmith.commands import export
+    from tunesmith.commands import infer
     merged = str(tmp_path / "full")
     export.main(parse_args("export", ["--adapters", lora_ckpt, "--merge_lora", "true", "--output_dir", merged]))
     with pytest.raises(ConfigError, match="full model checkpoint.*--model"):
@@ -118,7 +119,8 @@ def test_batch_infer_writes_every_row_deterministically(lora_ckpt, tmp_path, cap
 
 
 def test_interactive_chat_streams_multi_turn_and_commands(lora_ckpt):
-    from tunesmith.infer import build_engine, chat
+    from tunesmith.inference.chat import build_engine
+    from tunesmith.commands.infer import chat
 
     args = parse_args("infer", ["--adapters", lora_ckpt, "--max_new_tokens", "6", "--temperature", "0"])
     engine, _, _ = build_engine(args)
@@ -131,7 +133,7 @@ def test_interactive_chat_streams_multi_turn_and_commands(lora_ckpt):
 
 
 def test_reasoning_is_returned_separately():
-    from tunesmith.reply import OutputParser
+    from tunesmith.inference.reply import OutputParser
     from tunesmith.testing import build_tokenizer
 
     def split(parser, raw):
@@ -147,7 +149,7 @@ def test_reasoning_is_returned_separately():
 
 
 def test_stop_words_and_length_limits(lora_ckpt):
-    from tunesmith.infer import GenConfig, PromptTooLong, build_engine
+    from tunesmith.inference.chat import GenConfig, PromptTooLong, build_engine
 
     engine, _, _ = build_engine(parse_args("infer", ["--adapters", lora_ckpt, "--temperature", "0",
                                                         "--max_model_len", "256"]))
@@ -214,7 +216,7 @@ def test_openai_client_against_deploy(server, tiny_models):
     import openai
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunesmith.infer import ChatEngine, GenConfig
+    from tunesmith.inference.chat import ChatEngine, GenConfig
 
     url, ckpt = server
     client = openai.OpenAI(base_url=url, api_key="sk-test-key")

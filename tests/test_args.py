@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tunesmith.args import ArgError, NOT_SUPPORTED_YET, parse_args, to_record
+from tunesmith.config.args import ArgError, NOT_SUPPORTED_YET, parse_args, to_record
 
 
 def test_bool_list_dict_and_bare_flags():
@@ -171,7 +171,7 @@ def _sources_outside_args() -> str:
 def test_every_flag_has_help_and_is_read_or_listed_as_compatibility_only():
     import dataclasses
 
-    from tunesmith.args import COMMAND_ARGS, COMPATIBILITY_ONLY
+    from tunesmith.config.args import COMMAND_ARGS, COMPATIBILITY_ONLY
 
     fields = {f.name: f for cls in COMMAND_ARGS.values() for f in dataclasses.fields(cls)}
     assert not [n for n, f in fields.items() if not f.metadata.get("help")], "flags without help text"

@@ -3,7 +3,7 @@ constructor kwargs with ms-swift's defaults, LoRA adapters map to the engines' n
 command lines carry the same settings (secrets redacted), and a missing package or GPU is one clear error.
 
 The engines themselves run against FAKE vllm / sglang / lmdeploy modules (injected into sys.modules) that mimic the
-API surface tunesmith.backends calls: streamed token outputs, abort, LoRA requests, sampling settings. What only a
+API surface tunesmith.inference.backends calls: streamed token outputs, abort, LoRA requests, sampling settings. What only a
 GPU can show (the real engines' outputs) is not tested here."""
 import asyncio
 import importlib.util
@@ -14,8 +14,8 @@ import types
 
 import pytest
 
-from tunesmith import backends as B
-from tunesmith.args import parse_args
+from tunesmith.inference import backends as B
+from tunesmith.config.args import parse_args
 from tunesmith.errors import ConfigError
 
 
@@ -399,7 +399,7 @@ def tok(tiny_models):
 
 
 def _sp(**kw):
-    from tunesmith.engine import SamplingParams
+    from tunesmith.inference.engine import SamplingParams
     return SamplingParams(**{"max_new_tokens": 16, **kw})
 
 
@@ -592,7 +592,7 @@ def test_lmdeploy_engine(monkeypatch, tok, tmp_path):
 def test_chat_engine_over_a_backend(monkeypatch, tok, tiny_models):
     from transformers import GenerationConfig
 
-    from tunesmith.infer import ChatEngine, GenConfig
+    from tunesmith.inference.chat import ChatEngine, GenConfig
 
     hello = tok("hello there", add_special_tokens=False)["input_ids"]
     fake = FakeVllm(script=(*hello, tok.eos_token_id), finish="stop")
@@ -616,7 +616,7 @@ def test_chat_engine_over_a_backend(monkeypatch, tok, tiny_models):
 
 
 def test_build_engine_with_vllm(monkeypatch, tiny_models, capsys):
-    from tunesmith.infer import ChatEngine, build_engine
+    from tunesmith.inference.chat import ChatEngine, build_engine
 
     fake = FakeVllm(script=(5,))
     built = _fake_vllm(monkeypatch, fake)
@@ -638,7 +638,7 @@ def test_build_engine_with_vllm(monkeypatch, tiny_models, capsys):
 
 
 def test_build_engine_names_the_alternative_when_the_engine_fails(monkeypatch, tiny_models):
-    from tunesmith.infer import build_engine
+    from tunesmith.inference.chat import build_engine
 
     _fake_vllm(monkeypatch, FakeVllm())
 
@@ -656,7 +656,7 @@ def test_build_engine_names_the_alternative_when_the_engine_fails(monkeypatch, t
 
 
 def test_build_engine_checks_the_backend_first(monkeypatch, tiny_models):
-    from tunesmith.infer import build_engine
+    from tunesmith.inference.chat import build_engine
 
     _fake_vllm(monkeypatch, FakeVllm(), gpu=False)
     args = parse_args("infer", ["--model", tiny_models("qwen2"), "--infer_backend", "vllm"])

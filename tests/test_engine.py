@@ -13,13 +13,13 @@ Q = [[{"role": "user", "content": f"question {i}: " + "word " * (i % 5)}] for i 
 
 def _chat(model_dir, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunesmith.infer import ChatEngine
+    from tunesmith.inference.chat import ChatEngine
     return ChatEngine(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), **kw)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt_oss", "llama"])
 def test_batched_greedy_equals_alone_and_transformers_generate(tiny_models, family):
-    from tunesmith.infer import GenConfig
+    from tunesmith.inference.chat import GenConfig
 
     chat = _chat(tiny_models(family), max_batch_size=4)  # 10 prompts, 4 at a time: rows join and leave
     try:
@@ -49,7 +49,7 @@ def _adapter(model_dir, out, seed):
 def test_two_adapters_and_the_base_share_one_batch(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunesmith.infer import ChatEngine, GenConfig
+    from tunesmith.inference.chat import ChatEngine, GenConfig
 
     base_dir = tiny_models("qwen2")
     a, b = _adapter(base_dir, tmp_path / "a", 1), _adapter(base_dir, tmp_path / "b", 2)
@@ -78,7 +78,7 @@ def test_two_adapters_and_the_base_share_one_batch(tiny_models, tmp_path):
 
 def test_n_logprobs_seed_and_stop(tiny_models):
     from transformers import AutoModelForCausalLM
-    from tunesmith.infer import GenConfig
+    from tunesmith.inference.chat import GenConfig
 
     d = tiny_models("qwen2")
     chat = _chat(d)
@@ -135,14 +135,14 @@ class Scripted(torch.nn.Module):
 
 def _scripted_chat(tiny_models, family, choose, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunesmith.infer import ChatEngine
+    from tunesmith.inference.chat import ChatEngine
     d = tiny_models(family, official_template=True)
     tok = AutoTokenizer.from_pretrained(d)
     return ChatEngine(Scripted(AutoModelForCausalLM.from_pretrained(d), tok, choose), tok, **kw)
 
 
 def test_gpt_oss_returns_the_final_channel_with_reasoning_apart(tiny_models):
-    from tunesmith.infer import GenConfig
+    from tunesmith.inference.chat import GenConfig
 
     harmony = ("<|channel|>analysis<|message|>The user asks for a capital.<|end|><|start|>assistant"
                "<|channel|>final<|message|>Paris.<|return|>")
@@ -168,7 +168,7 @@ def _streamed(chat, messages, cfg, tools=None):
 
 
 def test_qwen3_stream_and_whole_reply_agree_on_reasoning_and_content(tiny_models):
-    from tunesmith.infer import GenConfig
+    from tunesmith.inference.chat import GenConfig
 
     chat = _scripted_chat(tiny_models, "qwen3",
                           lambda p: "<think>\nTwo plus two.\n</think>\n\nIt is 4.<|im_end|>")
@@ -199,7 +199,7 @@ def _weather_script(prompt: str) -> str:
 
 
 def test_tool_calls_are_parsed_streamed_and_the_history_reaches_the_template(tiny_models):
-    from tunesmith.infer import GenConfig
+    from tunesmith.inference.chat import GenConfig
 
     chat = _scripted_chat(tiny_models, "qwen2", _weather_script)
     cfg = GenConfig(max_new_tokens=60, temperature=0)
@@ -236,7 +236,7 @@ def test_tool_calls_are_parsed_streamed_and_the_history_reaches_the_template(tin
     ("<tool_call>\nnot json\n</tool_call>", [], "<tool_call>\nnot json\n</tool_call>"),
 ])
 def test_hermes_tool_call_parsing(raw, calls, content):
-    from tunesmith.reply import OutputParser
+    from tunesmith.inference.reply import OutputParser
     from tunesmith.testing import build_tokenizer
 
     p = OutputParser(build_tokenizer("qwen2", official_template=True)).parse(raw, tools=True, final=True)
@@ -247,7 +247,7 @@ def test_hermes_tool_call_parsing(raw, calls, content):
 def test_a_stray_end_of_think_is_text_unless_a_think_block_opened():
     """A vocabulary may hold `</think>` without the template using it, and a think model may emit a stray one:
     only a reply that opened `<think>` (or a prompt that did) is split, so a stream never sends text twice."""
-    from tunesmith.reply import OutputParser
+    from tunesmith.inference.reply import OutputParser
     from tunesmith.testing import build_tokenizer
 
     llama = OutputParser(build_tokenizer("llama"))  # its vocabulary has </think>; its template has no think block
@@ -261,7 +261,7 @@ def test_a_stray_end_of_think_is_text_unless_a_think_block_opened():
 
 
 def test_llama_and_harmony_tool_calls():
-    from tunesmith.reply import OutputParser
+    from tunesmith.inference.reply import OutputParser
     from tunesmith.testing import build_tokenizer
 
     llama = OutputParser(build_tokenizer("llama", official_template=True))
@@ -300,7 +300,7 @@ def test_infer_keeps_columns_and_computes_the_metric(tiny_models, tmp_path, caps
 def test_chunked_greedy_head_equals_the_full_logits(monkeypatch):
     """Greedy rows take the arg-max vocabulary chunk by chunk; it equals torch.argmax over the full logits,
     ties (a repeated output row) included."""
-    from tunesmith.engine import _Last
+    from tunesmith.inference.engine import _Last
 
     torch.manual_seed(0)
     weight = torch.randn(1000, 16)

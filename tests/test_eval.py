@@ -12,9 +12,10 @@ import urllib.request
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from tunesmith import benchmarks as B
-from tunesmith import evaluate as E
-from tunesmith.args import parse_args
+from tunesmith.eval import benchmarks as B
+from tunesmith.commands import eval as eval_command
+from tunesmith.eval import evaluate as E
+from tunesmith.config.args import parse_args
 from tunesmith.errors import ConfigError, DataError
 
 # ------------------------------------------------------------------ fixtures in each published layout
@@ -244,8 +245,8 @@ def test_report_to_tensorboard_logs_the_score_table(tmp_path, monkeypatch):
     (task,) = E.load_tasks(args)
     base, tuned = Oracle([task], wrong={s.source for s in task.samples[:4]}), Oracle([task])
     base.label, tuned.label = "base", "tuned"
-    monkeypatch.setattr(E, "_runners", lambda a: ([base, tuned], None))
-    out = E.main(args)["output_dir"]
+    monkeypatch.setattr(eval_command, "_runners", lambda a: ([base, tuned], None))
+    out = eval_command.main(args)["output_dir"]
     (events,) = [os.path.join(dp, f) for dp, _, fs in os.walk(out) for f in fs if "tfevents" in f]
     acc = EventAccumulator(events)
     acc.Reload()
@@ -258,7 +259,7 @@ def test_report_to_tensorboard_logs_the_score_table(tmp_path, monkeypatch):
             assert b"sk-eval-secret" not in blob and b"hf_evalsecret" not in blob, f
     # the default (none, as ms-swift's eval has no --report_to) writes no tracker files
     args.report_to, args.eval_output_dir = ["none"], str(tmp_path / "plain")
-    plain = E.main(args)["output_dir"]
+    plain = eval_command.main(args)["output_dir"]
     assert not os.path.exists(os.path.join(plain, "runs")) and not os.path.exists(os.path.join(plain, "logging.jsonl"))
 
 
@@ -374,9 +375,9 @@ def test_endpoint_gives_the_same_answers_as_local_greedy_generation(tuned, tiny_
         common = ["--eval_dataset", "general_mcq", "--eval_dataset_args",
                   json.dumps({"general_mcq": {"local_path": mcq_dir}}), "--eval_generation_config",
                   json.dumps({"max_tokens": 6})]
-        remote = E.main(parse_args("eval", ["--eval_url", f"http://127.0.0.1:{port}/v1", "--eval_num_proc", "4",
+        remote = eval_command.main(parse_args("eval", ["--eval_url", f"http://127.0.0.1:{port}/v1", "--eval_num_proc", "4",
                                             "--eval_output_dir", str(tmp_path / "remote"), *common]))
-        local = E.main(parse_args("eval", ["--model", ckpt, "--mcq_scoring",
+        local = eval_command.main(parse_args("eval", ["--model", ckpt, "--mcq_scoring",
                                            "generation", "--eval_output_dir", str(tmp_path / "local"), *common]))
     finally:
         proc.terminate()
@@ -402,9 +403,9 @@ def test_adapter_switched_off_is_the_plain_base(tiny_models, tuned, tmp_path):
                                       "--output_dir", str(tmp_path / "lora"), "--per_device_train_batch_size", "8"]))
     common = ["--eval_dataset", "general_mcq", "--eval_dataset_args",
               json.dumps({"general_mcq": {"local_path": mcq_dir}})]
-    both = E.main(parse_args("eval", ["--adapters", res["state"].last_model_checkpoint,
+    both = eval_command.main(parse_args("eval", ["--adapters", res["state"].last_model_checkpoint,
                                       "--eval_output_dir", str(tmp_path / "a"), *common]))
-    alone = E.main(parse_args("eval", ["--model", tiny_models("qwen2"), "--eval_output_dir", str(tmp_path / "b"),
+    alone = eval_command.main(parse_args("eval", ["--model", tiny_models("qwen2"), "--eval_output_dir", str(tmp_path / "b"),
                                        *common]))
     assert both["labels"] == ["base", "tuned"] and alone["labels"] == ["model"]
 

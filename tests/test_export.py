@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tunesmith.args import parse_args
+from tunesmith.config.args import parse_args
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def _logits(path, ids):
 
 
 def test_safe_serialization_false_writes_pytorch_bin(base_and_adapter, tmp_path):
-    from tunesmith import export
+    from tunesmith.commands import export
 
     base, adapter = base_and_adapter
     outs = {}

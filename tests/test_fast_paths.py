@@ -34,8 +34,9 @@ def _grads(model):
 
 @pytest.mark.parametrize("train_lm_head", [False, True])
 def test_chunked_logps_equal_plain_with_gradients(tiny_models, train_lm_head):
-    from tunesmith.train.token_logps import chunked_head, token_logps, CHUNK_FLOATS
-    import tunesmith.train.token_logps as tl
+    from tunesmith.models.head import chunked_head
+    from tunesmith.train.ops.token_logps import token_logps, CHUNK_FLOATS
+    import tunesmith.train.ops.token_logps as tl
 
     model_dir = tiny_models("qwen2")
     tok, rows = _rows(model_dir)
@@ -72,7 +73,7 @@ def test_chunked_logps_equal_plain_with_gradients(tiny_models, train_lm_head):
 def test_models_the_chunked_path_cannot_serve_use_the_plain_path(tiny_models):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    from tunesmith.train.token_logps import chunked_head
+    from tunesmith.models.head import chunked_head
 
     m = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2"))
     saved = get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
@@ -90,7 +91,7 @@ def _model(model_dir, attn):
 def test_padding_free_batch_equals_per_example_computation(tiny_models, attn):
     """One concatenated sequence, position_ids restarting per row: loss and gradients equal each row run alone."""
     from tunesmith.data.collate import PackedCollate, flat_collate
-    from tunesmith.train.sft import token_loss
+    from tunesmith.train.methods.sft import token_loss
 
     model_dir = tiny_models("qwen2")
     tok, rows = _rows(model_dir, 8)
@@ -117,7 +118,7 @@ def test_padding_free_batch_equals_per_example_computation(tiny_models, attn):
 
 
 def test_padding_free_pairs_give_the_same_sequence_logps(tiny_models):
-    from tunesmith.train import pairs as preference
+    from tunesmith.train.methods import pairs as preference
 
     model_dir = tiny_models("qwen2")
     tok, rows = _rows(model_dir, 8)
@@ -144,7 +145,7 @@ def test_pack_groups_fill_without_overflow():
 
 def _train(tmp_path, name, model_dir, *extra):
     from conftest import read_jsonl
-    from tunesmith.args import parse_args
+    from tunesmith.config.args import parse_args
     from tunesmith.train import recipe
     res = recipe.main(parse_args("sft", ["--model", model_dir, "--dataset", os.path.join(EXAMPLES, "capitals_messages.jsonl"),
                                       os.path.join(EXAMPLES, "capitals_alpaca.json"), "--train_type", "full",
@@ -168,7 +169,7 @@ def test_padding_free_and_packing_runs(tiny_models, tmp_path, capsys):
 
 def test_dpo_padding_free_and_packing_runs(tiny_models, tmp_path):
     from conftest import read_jsonl
-    from tunesmith.args import parse_args
+    from tunesmith.config.args import parse_args
     from tunesmith.train import recipe
 
     def run(name, *extra):
@@ -214,7 +215,7 @@ def _synthetic_pairs(n=6, seed=0):
     one pair with a trained turn inside the prompt (multi-turn with every turn trained), which must not be shared."""
     import random
     from tunesmith.data.encode import IGNORE, Encoded
-    from tunesmith.train.pairs import Pair
+    from tunesmith.train.methods.pairs import Pair
 
     rng = random.Random(seed)
     pairs = []
@@ -235,8 +236,8 @@ def _synthetic_pairs(n=6, seed=0):
 def test_prefix_shared_pairs_equal_two_sequences_with_gradients(family, attn):
     """[prompt, chosen, rejected] in one sequence (alone, flat, or packed several pairs to a row) gives the
     two-sequence log-probs and gradients, also with sliding-window layers and MoE."""
-    from tunesmith.train import pairs as P
-    from tunesmith.train.token_logps import prefix_sharing_support
+    from tunesmith.train.methods import pairs as P
+    from tunesmith.train.ops.token_logps import prefix_sharing_support
 
     model = _sliding_model(family, attn)
     assert prefix_sharing_support(model) is None
@@ -261,9 +262,9 @@ def test_prefix_shared_pairs_equal_two_sequences_with_gradients(family, attn):
 
 
 def test_prefix_sharing_is_refused_where_the_mask_cannot_be_passed(tiny_models):
-    from tunesmith.args import parse_args
+    from tunesmith.config.args import parse_args
     from tunesmith.errors import ConfigError
-    from tunesmith.train import pairs as P
+    from tunesmith.train.methods import pairs as P
 
     model = _sliding_model("llama", "sdpa")
     model.config._attn_implementation = "flash_attention_2"
@@ -317,8 +318,8 @@ def _long_batch(vocab, rows=2, length=150, seed=0):
 def _step_largest(model, batch, chunk_rows=8):
     """(largest tensor created by token_logps + backward, the TokenLogps, the gradients), with `chunk_rows`
     tokens per chunk."""
-    import tunesmith.train.token_logps as tl
-    from tunesmith.model import unwrap_model
+    import tunesmith.train.ops.token_logps as tl
+    from tunesmith.models.load import unwrap_model
 
     vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
     old, tl.CHUNK_FLOATS = tl.CHUNK_FLOATS, chunk_rows * vocab
@@ -340,7 +341,7 @@ def test_no_tokens_x_vocabulary_tensor_in_a_training_step(tiny_models, family):
     included), and equal the plain path's (which does create one) to 1e-5."""
     from transformers import AutoModelForCausalLM
 
-    import tunesmith.train.token_logps as tl
+    import tunesmith.train.ops.token_logps as tl
 
     kw = {"output_router_logits": True, "router_aux_loss_coef": 0.01} if family == "gpt_oss" else {}
     model = AutoModelForCausalLM.from_pretrained(tiny_models(family), **kw)
@@ -387,7 +388,7 @@ def test_no_tokens_x_vocabulary_tensor_under_ddp(tiny_models):
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
-    import tunesmith.train.token_logps as tl
+    import tunesmith.train.ops.token_logps as tl
 
     model_dir = tiny_models("qwen2")
     with socket.socket() as s:
@@ -421,7 +422,7 @@ def _zero_worker(rank, model_dir, port, stage, result):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    import tunesmith.train.token_logps as tl
+    import tunesmith.train.ops.token_logps as tl
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -488,7 +489,7 @@ def _fsdp_worker(rank, model_dir, port, train_type, result):
     tokens = int((batch["labels"][:, 1:] != -100).sum())
     probe, out, _ = _step_largest(model, batch)
     with torch.no_grad():
-        import tunesmith.train.token_logps as tl
+        import tunesmith.train.ops.token_logps as tl
         plain = tl.token_logps(model, batch, chunked=False)
     state = D.full_state_dict(model, trainable_only=False)  # collective: every rank takes part
     grads = {}
@@ -512,7 +513,7 @@ def test_no_tokens_x_vocabulary_tensor_under_fsdp(tiny_models, family, train_typ
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
-    import tunesmith.train.token_logps as tl
+    import tunesmith.train.ops.token_logps as tl
 
     model_dir = tiny_models(family)
     with socket.socket() as s:

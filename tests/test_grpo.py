@@ -10,7 +10,7 @@ import os
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from tunesmith.args import parse_args
+from tunesmith.config.args import parse_args
 from tunesmith.errors import ConfigError
 from tunesmith.train import recipe
 
@@ -31,9 +31,9 @@ orms["even_tokens"] = EvenTokens
 
 @pytest.fixture(autouse=True)
 def _no_charts(monkeypatch):
-    import tunesmith.report
+    import tunesmith.runs.report
 
-    monkeypatch.setattr(tunesmith.report, "write_run_report", lambda run_dir: "not written (test)")
+    monkeypatch.setattr(tunesmith.runs.report, "write_run_report", lambda run_dir: "not written (test)")
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_grpo_raises_a_reachable_reward_and_the_kl_rises_from_zero(setup, tmp_pa
     assert rollouts[0]["prompt"][0]["role"] == "user" and "EvenTokens" in rollouts[0]["rewards"]
     group = rollouts[:8]  # one prompt's G completions: advantages are centred within the group
     assert abs(sum(r["advantage"] for r in group)) < 1e-6
-    from tunesmith.report import _completions_table, load_run
+    from tunesmith.runs.report import _completions_table, load_run
     table = _completions_table(load_run(res["run_dir"]))
     assert "Last 24 rollouts" in table and rollouts[-1]["completion"][:10] in table.replace("&#x27;", "'")
 
@@ -152,7 +152,7 @@ def test_what_grpo_cannot_do_is_a_flag_error(tiny_models, tmp_path, flags, messa
 def test_prompts_keep_the_solution_and_columns(tiny_models, tmp_path):
     """A row's final assistant reply becomes `solution` (unless it has one); other columns reach the rewards."""
     from tunesmith.data.load import load_datasets
-    from tunesmith.train.grpo import prompt_record
+    from tunesmith.train.rl.grpo import prompt_record
 
     data = write_jsonl(tmp_path / "d.jsonl", [
         {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}], "id": 7},
@@ -179,7 +179,7 @@ def _entropy_batch(model_dir, seed=0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.train.rollouts import Unit, grpo_collate
+    from tunesmith.train.rl.rollouts import Unit, grpo_collate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
@@ -216,7 +216,7 @@ def _method(model_dir, *flags):
 def test_token_entropy_equals_a_float64_computation_from_the_full_logits(tiny_models, chunked, monkeypatch):
     import torch
 
-    import tunesmith.train.token_logps as tl
+    import tunesmith.train.ops.token_logps as tl
 
     model, batch = _entropy_batch(tiny_models("qwen2"))
     assert tl.chunked_head(model) is not None
@@ -231,7 +231,7 @@ def test_token_entropy_equals_a_float64_computation_from_the_full_logits(tiny_mo
     assert want_entropy[keep].max() - want_entropy[keep].min() > 1.0  # varied: the quantile tests below mean something
     assert tl.token_logps(model, batch, chunked=chunked, temperature=T).entropy is None  # only when asked
 
-    from tunesmith.train.rollouts import completion_logps, completion_logps_and_entropy
+    from tunesmith.train.rl.rollouts import completion_logps, completion_logps_and_entropy
     logps, entropy = completion_logps_and_entropy(model, batch, T)
     assert torch.allclose(entropy.double(), want_entropy, atol=1e-5, rtol=0)
     assert torch.equal(logps, completion_logps(model, batch, T))
@@ -253,8 +253,8 @@ def test_top_entropy_quantile_trains_the_high_entropy_tokens_only(tiny_models, l
     token); entropy/threshold is the median."""
     import torch
 
-    from tunesmith.train import losses as L
-    from tunesmith.train.grpo import _count, grpo_loss_terms, grpo_metrics
+    from tunesmith.train.ops import losses as L
+    from tunesmith.train.rl.grpo import _count, grpo_loss_terms, grpo_metrics
 
     model_dir = tiny_models("qwen2")
     method = _method(model_dir, "--top_entropy_quantile", "0.5", "--loss_type", loss_type)
@@ -289,9 +289,9 @@ def test_top_entropy_quantile_one_leaves_the_loss_unchanged_and_log_entropy_logs
     and /min are the mean, max and min over the completions of each one's mean token entropy (ms-swift)."""
     import torch
 
-    from tunesmith.train import losses as L
-    from tunesmith.train.grpo import grpo_loss_terms, grpo_metrics
-    from tunesmith.train.rollouts import completion_logps
+    from tunesmith.train.ops import losses as L
+    from tunesmith.train.rl.grpo import grpo_loss_terms, grpo_metrics
+    from tunesmith.train.rl.rollouts import completion_logps
 
     model_dir = tiny_models("qwen2")
     model, batch = _entropy_batch(model_dir)
@@ -320,7 +320,7 @@ def _gather_threshold_worker(rank, port, out_dir):
     import torch
     import torch.distributed as dist
 
-    from tunesmith.train import grpo as G
+    from tunesmith.train.rl import grpo as G
 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -401,7 +401,7 @@ def test_use_vllm_samples_each_round_from_the_policys_current_adapter(setup, tmp
     from safetensors.torch import load_file
     from test_backends import FakeVllm, _fake_vllm
 
-    import tunesmith.backends as B
+    import tunesmith.inference.backends as B
 
     seen = []
 
@@ -558,7 +558,7 @@ def test_non_finite_sampling_stops_like_a_non_finite_loss(setup, tmp_path, monke
     import json
 
     from tunesmith.train import loop
-    from tunesmith.train.rollouts import Rollouts
+    from tunesmith.train.rl.rollouts import Rollouts
 
     real = Rollouts._generate
 

@@ -1,4 +1,4 @@
-"""The GRPO-family losses and advantage estimators (tunesmith.train.losses, "GRPO family") equal ms-swift 4.6's
+"""The GRPO-family losses and advantage estimators (tunesmith.train.ops.losses, "GRPO family") equal ms-swift 4.6's
 formulas, recomputed here independently with plain float64 Python loops on hand-picked inputs."""
 import math
 import statistics
@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from tunesmith.train import losses as L
+from tunesmith.train.ops import losses as L
 
 EPS_LOW, EPS_HIGH, BETA = 0.2, 0.28, 0.04
 # four completions (two groups of two), up to four tokens each; row 2 has two padding positions, row 3 one.

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tunesmith.train import losses as L
+from tunesmith.train.ops import losses as L
 
 BETA, EPS = 0.3, 0.1
 # summed log-probs of two pairs: policy chosen/rejected, reference chosen/rejected, completion lengths

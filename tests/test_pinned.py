@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import EXAMPLES, read_jsonl, write_jsonl
-from tunesmith.args import parse_args
+from tunesmith.config.args import parse_args
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE, ChatEncoder
 from tunesmith.data.formats import normalise_row
-from tunesmith.train import pairs, recipe, sft
+from tunesmith.train.methods import pairs, sft
+from tunesmith.train import recipe
 from tunesmith.train.reference import Reference, SeqLogps
 
 
@@ -85,7 +86,7 @@ def test_gpt_oss_router_aux_loss_is_added_once_scaled_by_its_coefficient(tiny_mo
     c = 0 — added once, neither dropped, nor scaled twice, nor weighted by the wrong token count."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.model import load_model
+    from tunesmith.models.load import load_model
 
     model_dir = tiny_models("gpt_oss")
     tok = AutoTokenizer.from_pretrained(model_dir)

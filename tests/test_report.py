@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import EXAMPLES, read_jsonl
-from tunesmith.args import parse_args
+from tunesmith.config.args import parse_args
 
 TOKEN = "sk-swanlab-TOKEN-9f8e7d6c5b4a"
 
@@ -80,7 +80,7 @@ def test_tensorboard_and_swanlab_get_the_metrics_and_never_the_token(tiny_models
 
 
 def test_a_failing_tracker_never_stops_training(tiny_models, tmp_path, capsys):
-    from tunesmith.track import Trackers
+    from tunesmith.runs.track import Trackers
 
     class Broken:
         calls = 0
@@ -109,7 +109,7 @@ def test_a_failing_tracker_never_stops_training(tiny_models, tmp_path, capsys):
 
 
 def test_missing_tracker_library_says_how_to_install(tmp_path, capsys):
-    from tunesmith.track import Trackers
+    from tunesmith.runs.track import Trackers
     if shutil.which("wandb") or _importable("wandb"):
         pytest.skip("wandb is installed here")
     t = Trackers(str(tmp_path), ["wandb"], {}, parse_args("sft", []))
@@ -137,7 +137,7 @@ def test_run_report_has_plots_args_data_and_checkpoints(tiny_models, tmp_path):
 
 def test_comparing_two_runs_overlays_curves_and_lists_differing_args(tiny_models, tmp_path):
     from tunesmith.cli import main
-    from tunesmith.report import CHARTS, chart_lines, load_run
+    from tunesmith.runs.report import CHARTS, chart_lines, load_run
 
     a = _train("sft", tiny_models("qwen2"), tmp_path / "a", "--report_to", "none", "--learning_rate", "1e-3")
     b = _train("sft", tiny_models("qwen2"), tmp_path / "b", "--report_to", "none", "--learning_rate", "5e-3")

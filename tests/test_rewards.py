@@ -1,4 +1,4 @@
-"""Reward functions (tunesmith.rewards): ms-swift's built-ins on hand-made cases, ms-swift plugin files (3.x and
+"""Reward functions (tunesmith.train.rl.rewards): ms-swift's built-ins on hand-made cases, ms-swift plugin files (3.x and
 4.x imports, sync and async), TRL-style module.func names and built-ins, scoring (kwargs, None → NaN) and the
 errors a user sees."""
 import importlib.util
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tunesmith import rewards as R
+from tunesmith.train.rl import rewards as R
 from tunesmith.errors import ConfigError
 
 SWIFT_INSTALLED = importlib.util.find_spec("swift") is not None
@@ -378,7 +378,7 @@ def test_all_none_row_is_reported(tmp_path, monkeypatch):
 
 def test_scores_feed_the_advantages(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
-    from tunesmith.train.losses import combine_rewards, group_advantages
+    from tunesmith.train.ops.losses import combine_rewards, group_advantages
     write(tmp_path / "mixed.py", "def m(completions, **kwargs):\n    return [None, 1.0, 2.0, None]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     rows, _ = R.score([one("format"), one("mixed.m")], ["<think>a</think><answer>b</answer>", "x", "y", "z"])
@@ -449,7 +449,7 @@ def test_score_argument_checks():
 
 def test_plugin_constructors_get_what_they_name_as_in_ms_swift(tmp_path):
     """ms-swift builds a reward class with the arguments its __init__ names: none, args, tokenizer."""
-    from tunesmith.rewards import load_reward_functions
+    from tunesmith.train.rl.rewards import load_reward_functions
 
     plugin = tmp_path / "ctor_plugin.py"
     plugin.write_text(
@@ -466,7 +466,7 @@ def test_plugin_constructors_get_what_they_name_as_in_ms_swift(tmp_path):
 
 
 def test_accuracy_reads_numeric_solutions_and_skips_rows_without_one():
-    from tunesmith.rewards import load_reward_functions
+    from tunesmith.train.rl.rewards import load_reward_functions
 
     (acc,) = load_reward_functions(["accuracy"], [])
     assert acc(["The answer is \\boxed{3}", "\\boxed{3}", "\\boxed{4}"], solution=[3, None, "4"]) == [1.0, None, 1.0]

@@ -9,21 +9,21 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from tunesmith.args import parse_args
+from tunesmith.config.args import parse_args
 from tunesmith.train import recipe
 
 
 @pytest.fixture(autouse=True)
 def _no_charts(monkeypatch):
-    import tunesmith.report
+    import tunesmith.runs.report
 
-    monkeypatch.setattr(tunesmith.report, "write_run_report", lambda run_dir: "not written (test)")
+    monkeypatch.setattr(tunesmith.runs.report, "write_run_report", lambda run_dir: "not written (test)")
 
 
 def test_bradley_terry_loss_and_centering_equal_a_hand_computation():
     import torch
 
-    from tunesmith.train.rm import RewardModel, rm_loss, rm_metrics
+    from tunesmith.train.methods.rm import RewardModel, rm_loss, rm_metrics
 
     scores = torch.tensor([[1.5], [-0.5], [0.25], [0.75]], dtype=torch.float64)  # chosen 1.5, -0.5; rejected .25, .75
 
@@ -86,7 +86,7 @@ def test_a_reward_model_learns_to_rank_and_serves_grpo(tiny_models, tmp_path):
 
     from tunesmith.cli import main
     from tunesmith.errors import ConfigError
-    from tunesmith.train.rm import RewardModelScorer
+    from tunesmith.train.methods.rm import RewardModelScorer
     assert main(["export", "--adapters", ckpt, "--merge_lora", "true"]) == 1  # the score head would be lost
     with pytest.raises(ConfigError, match="has no trained score head"):
         RewardModelScorer(model_dir)  # a plain language model: its head would be random
@@ -99,7 +99,7 @@ def test_a_margin_column_reaches_the_loss_through_the_encoded_store(tiny_models,
     data error."""
     from tunesmith.errors import DataError
     from tunesmith.train.config import check, resolve
-    from tunesmith.train.rm import RewardModel
+    from tunesmith.train.methods.rm import RewardModel
     from tunesmith.train.setup import prepare_data
 
     rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad", **({"margin": i / 2} if i % 3 else {})}

@@ -168,7 +168,7 @@ def scripted_server(tiny_models):
     """The app over a scripted model (it calls get_weather, then answers from the tool's result), served by uvicorn
     on a thread."""
     import uvicorn
-    from tunesmith.serve import create_app
+    from tunesmith.serve.app import create_app
 
     chat = _scripted_chat(tiny_models, "qwen2", _weather_script)
     app = create_app(chat, {"weather-bot": None}, api_key="sk-scripted")
@@ -378,7 +378,7 @@ def test_unparsable_http_gets_openai_errors_with_h11_too():
     """uvicorn answers what its HTTP parser refuses before any app sees it; deploy's protocol class (httptools
     above, h11 here) shapes that 400 as OpenAI's error body."""
     import uvicorn
-    from tunesmith.serve import openai_http_protocol
+    from tunesmith.serve.app import openai_http_protocol
 
     async def app(scope, receive, send):  # never reached by these requests
         raise AssertionError(scope)
@@ -433,8 +433,8 @@ def test_a_request_whose_output_is_nan_gets_an_openai_error(tiny_models):
     import torch
     import uvicorn
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunesmith.infer import ChatEngine
-    from tunesmith.serve import create_app
+    from tunesmith.inference.chat import ChatEngine
+    from tunesmith.serve.app import create_app
 
     src = tiny_models("qwen2")
     tok = AutoTokenizer.from_pretrained(src)

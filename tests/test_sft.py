@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl, write_jsonl
-from tunesmith.args import parse_args
+from tunesmith.config.args import parse_args
 from tunesmith.train import recipe
 
 WORDS = "red blue green black white gold pink gray".split()
@@ -29,7 +29,7 @@ def losses(run_dir):
 
 def test_learns_a_held_out_task(tiny_models, tmp_path):
     """Copying three-word sequences: loss falls and exact match on unseen sequences rises from 0."""
-    from tunesmith.infer import generate_replies
+    from tunesmith.inference.chat import generate_replies
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     combos = [(a, b, c) for a in WORDS for b in WORDS for c in WORDS]
@@ -227,7 +227,7 @@ def test_forced_nan_never_calls_the_weights_that_gave_it_good(tiny_models, tmp_p
         recipe.main(parse_args(cmd, [*common, "--max_steps", "3", "--learning_rate", "1e-4",
                                      "--resume_from_checkpoint", bad.group(1), "--output_dir", str(tmp_path / "r")]))
     if "--train_type" not in flags:  # an adapter: training from it, merging or serving it are refused too
-        from tunesmith.runs import resolve_checkpoint
+        from tunesmith.models.checkpoint import resolve_checkpoint
 
         with pytest.raises(ConfigError, match=r"--adapters .*checkpoint-1: its weights gave a non-finite loss"):
             recipe.main(parse_args(cmd, [*common, "--max_steps", "1", "--adapters", bad.group(1),
@@ -349,7 +349,7 @@ def test_nan_gradient_with_a_finite_loss_is_never_applied(tiny_models, tmp_path,
 
 
 def test_crash_mid_save_leaves_no_checkpoint(tmp_path):
-    from tunesmith.runs import atomic_dir, list_checkpoints
+    from tunesmith.runs.run_dir import atomic_dir, list_checkpoints
     with pytest.raises(RuntimeError):
         with atomic_dir(str(tmp_path / "checkpoint-5")) as tmp:
             open(os.path.join(tmp, "adapter_model.safetensors"), "w").write("partial")
@@ -393,7 +393,7 @@ def test_same_seed_same_lora_run(tiny_models, tmp_path):
 def test_system_file_is_saved_as_text_and_survives_another_cwd(tiny_models, tmp_path, monkeypatch):
     """--system prompt.txt (relative) is read at start: args.json holds the text, so infer on the checkpoint from
     another directory gets the prompt, not the string 'prompt.txt'."""
-    from tunesmith.infer import build_engine
+    from tunesmith.inference.chat import build_engine
 
     prompt = "You are a pirate.\nAlways say arr.\n"
     train_dir, elsewhere = tmp_path / "train", tmp_path / "elsewhere"
@@ -417,7 +417,7 @@ def test_old_args_json_with_a_system_path(tmp_path, monkeypatch):
     """An args.json written before the text was saved holds the path: read from the same directory, else a clear
     error rather than the path as the system prompt."""
     from tunesmith.errors import ConfigError
-    from tunesmith.runs import resolve_checkpoint
+    from tunesmith.models.checkpoint import resolve_checkpoint
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -434,7 +434,7 @@ def test_old_args_json_with_a_system_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16), (None, None)])
 def test_lora_dtype_casts_only_the_lora_weights(tiny_models, name, dtype):
-    from tunesmith.model import attach_lora, load_model
+    from tunesmith.models.load import attach_lora, load_model
 
     argv = ["--model", tiny_models(), "--torch_dtype", "float32"] + (["--lora_dtype", name] if name else [])
     args = parse_args("sft", argv)
@@ -453,7 +453,7 @@ def test_finish_run_names_the_metric_that_chose_the_best_checkpoint(tmp_path, ca
 
     from tunesmith.train import setup
 
-    monkeypatch.setattr("tunesmith.report.write_run_report", lambda run_dir: os.path.join(run_dir, "report.html"))
+    monkeypatch.setattr("tunesmith.runs.report.write_run_report", lambda run_dir: os.path.join(run_dir, "report.html"))
     state = SimpleNamespace(global_step=10, last_model_checkpoint="ckpt-10", best_model_checkpoint="ckpt-5",
                             best_metric=0.875)
     (tmp_path / "args.json").write_text(json.dumps({"metric_for_best_model": "token_acc"}))
@@ -488,7 +488,7 @@ def test_a_full_disk_mid_run_is_one_message_and_leaves_every_checkpoint_loadable
     from transformers import AutoModelForCausalLM
 
     from tunesmith.errors import TunesmithError
-    from tunesmith.track import JsonlLog
+    from tunesmith.runs.track import JsonlLog
     from tunesmith.train import recipe
 
     data = _variable_length_data(tmp_path, 8)

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from tunesmith.args import parse_args
+from tunesmith.config.args import parse_args
 from tunesmith.data.load import LoadResult, iter_spec, read_spec, stream_records
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.train import recipe
@@ -18,9 +18,9 @@ WORDS = "red blue green black white gold pink gray".split()
 @pytest.fixture(autouse=True)
 def _no_charts(monkeypatch):
     """The runs here are compared by their logged losses; drawing each run's charts would only cost time."""
-    import tunesmith.report
+    import tunesmith.runs.report
 
-    monkeypatch.setattr(tunesmith.report, "write_run_report", lambda run_dir: "not written (test)")
+    monkeypatch.setattr(tunesmith.runs.report, "write_run_report", lambda run_dir: "not written (test)")
 
 
 def _row(i):
@@ -172,7 +172,7 @@ def test_hub_and_local_streams_read_the_rows_loading_reads(tmp_path):
 
 
 def test_data_stats_streaming_measures_a_sample(tmp_path, capsys):
-    from tunesmith.data.command import stats
+    from tunesmith.commands.data import stats
 
     data = _data(tmp_path, 12)
     s = stats(parse_args("data", ["stats", "--dataset", data, "--streaming", "true", "--num_rows", "5"]))

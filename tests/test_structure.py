@@ -67,3 +67,67 @@ def test_docstrings():
                     and node.name not in ("forward", "backward") and not ast.get_docstring(node):
                 missing.append(f"{name}.{node.name}")
     assert not missing, missing
+
+
+# The layers, lowest first. A package may import its own modules and those of the packages listed for it; nothing
+# else. `tunesmith.testing` (tiny in-process models) is for tests, bench and the demo only.
+BASE = {"tunesmith.errors", "tunesmith.log"}
+LAYERS = {
+    "tunesmith.config": {"tunesmith.errors"},
+    "tunesmith.data": BASE | {"tunesmith.config"},
+    "tunesmith.models": BASE | {"tunesmith.config", "tunesmith.data"},
+    "tunesmith.runs": BASE | {"tunesmith.config"},
+    "tunesmith.inference": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.runs"},
+    "tunesmith.serve": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.inference"},
+    "tunesmith.eval": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.inference",
+                              "tunesmith.runs"},
+    "tunesmith.train": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.inference",
+                               "tunesmith.runs"},
+    "tunesmith.commands": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.inference",
+                                  "tunesmith.runs", "tunesmith.serve", "tunesmith.eval", "tunesmith.train"},
+}
+TOP = {"tunesmith", "tunesmith.errors", "tunesmith.log", "tunesmith.cli", "tunesmith.__main__", "tunesmith.testing"}
+
+
+def _package(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def layering_violations(modules: dict) -> list[str]:
+    """Every import (late ones included) that runs against LAYERS, as 'importer -> imported' lines."""
+    bad = []
+    for name, (_, tree) in modules.items():
+        pkg = _package(name)
+        for dep in _imports(tree, modules):
+            dep_pkg = _package(dep)
+            if dep_pkg == pkg or dep_pkg == "tunesmith":
+                continue
+            if dep == "tunesmith.testing" or dep_pkg == "tunesmith.testing":
+                bad.append(f"{name} -> {dep} (the tiny-model helpers are for tests, bench and the demo)")
+            elif dep_pkg == "tunesmith.commands" and name != "tunesmith.cli":
+                bad.append(f"{name} -> {dep} (command modules are imported only by the CLI)")
+            elif pkg in LAYERS and dep_pkg not in LAYERS[pkg]:
+                bad.append(f"{name} -> {dep} ({pkg} may import only {sorted(LAYERS[pkg])})")
+            elif pkg in ("tunesmith.errors", "tunesmith.log") and dep_pkg not in BASE:
+                bad.append(f"{name} -> {dep} (errors and log import nothing of tunesmith)")
+    return sorted(bad)
+
+
+def test_layers_only_import_downwards():
+    modules = _modules()
+    assert set(_package(m) for m in modules) <= set(LAYERS) | TOP, "a new package needs its place in LAYERS"
+    assert not layering_violations(modules), "\n".join(layering_violations(modules))
+
+
+def test_layering_check_catches_an_arrow_back_up():
+    """The check itself: a deliberate upward import (inference importing training, config importing data, a
+    library module importing a command) is reported."""
+    modules = _modules()
+    for importer, imported in (("tunesmith.inference.engine", "tunesmith.train.ops.token_logps"),
+                               ("tunesmith.config.args", "tunesmith.data.load"),
+                               ("tunesmith.serve.app", "tunesmith.commands.infer"),
+                               ("tunesmith.data.load", "tunesmith.testing")):
+        path, tree = modules[importer]
+        bad_tree = ast.parse(f"from {imported} import x\n" + ast.unparse(tree))
+        found = layering_violations({**modules, importer: (path, bad_tree)})
+        assert any(line.startswith(f"{importer} -> {imported}") for line in found), (importer, imported, found)

@@ -103,7 +103,7 @@ def test_masks_equal_the_templates_own_rendering(toks, family):
 
 @pytest.mark.parametrize("family", sorted(TRAINED))
 def test_what_is_trained_is_what_inference_parses(toks, family):
-    from tunesmith.reply import OutputParser
+    from tunesmith.inference.reply import OutputParser
 
     tok = toks[family]
     enc = ChatEncoder(tok, loss_scale="default").encode(normalise_row(OPENAI_ROW))
@@ -316,7 +316,7 @@ def test_a_pair_whose_chosen_calls_a_tool_trains_every_turn_of_each_completion(t
 
 
 def test_a_generated_call_and_the_gold_call_compare_equal_as_text():
-    from tunesmith.infer import calls_text
+    from tunesmith.commands.infer import calls_text
 
     generated = [{"id": "c1", "type": "function", "function": {"name": "get_weather",
                                                                 "arguments": '{"city": "Paris"}'}}]
@@ -414,9 +414,9 @@ def test_sft_on_tool_call_rows_makes_deploy_answer_with_tool_calls(tiny_models, 
     from transformers import AutoTokenizer
 
     from test_after_training import _free_port
-    from tunesmith.args import parse_args
-    from tunesmith.infer import ChatEngine
-    from tunesmith.serve import create_app
+    from tunesmith.config.args import parse_args
+    from tunesmith.inference.chat import ChatEngine
+    from tunesmith.serve.app import create_app
     from tunesmith.train import recipe
 
     model_dir = tiny_models("qwen2", official_template=True)
@@ -452,7 +452,7 @@ def test_sft_on_tool_call_rows_makes_deploy_answer_with_tool_calls(tiny_models, 
     # OpenAI calls), the generated call is parsed next to it
     from types import SimpleNamespace
 
-    from tunesmith.infer import batch_infer
+    from tunesmith.commands.infer import batch_infer
 
     held_out = write_jsonl(tmp_path / "held_out.jsonl", [{"tools": TOOLS, "messages": [
         {"role": "user", "content": "What is the weather in Rome?"},

@@ -62,7 +62,7 @@ def _args(**kw):
 
 def test_trackio_that_cannot_start_is_one_note(tmp_path, monkeypatch, capsys):
     trackio = pytest.importorskip("trackio")
-    from tunesmith.track import Trackers
+    from tunesmith.runs.track import Trackers
 
     def broken_init(**kw):
         raise ConnectionError("no route to the Space")
@@ -78,7 +78,7 @@ def test_trackio_that_cannot_start_is_one_note(tmp_path, monkeypatch, capsys):
 
 
 def test_trackio_missing_is_one_note(tmp_path, monkeypatch, capsys):
-    from tunesmith.track import Trackers
+    from tunesmith.runs.track import Trackers
 
     monkeypatch.setitem(sys.modules, "trackio", None)  # import trackio raises ImportError
     t = Trackers(str(tmp_path), ["trackio"], {}, _args())
@@ -89,7 +89,7 @@ def test_trackio_missing_is_one_note(tmp_path, monkeypatch, capsys):
 
 def test_trackio_that_fails_while_logging_is_switched_off(tmp_path, monkeypatch, capsys):
     trackio = pytest.importorskip("trackio")
-    from tunesmith.track import Trackers
+    from tunesmith.runs.track import Trackers
 
     class Run:
         def log(self, metrics, step):

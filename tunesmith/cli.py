@@ -1,6 +1,6 @@
 """`tunesmith <command> [flags]`: a plain mapping of subcommand to `main(args)`.
 
-Only the standard library, tunesmith.args and tunesmith.log are imported here, so `--help` and argument errors
+Only the standard library, tunesmith.config.args and tunesmith.log are imported here, so `--help` and argument errors
 answer at once; each command imports torch/transformers when it runs. Also here: turning ms-swift's launch
 variables (NPROC_PER_NODE, NNODES, ...) into a torchrun launch of the same command.
 """
@@ -11,21 +11,21 @@ import os
 import sys
 
 from tunesmith import __version__
-from tunesmith.args import ArgError, deferred_problems, format_help, parse_args, problems_message
+from tunesmith.config.args import ArgError, deferred_problems, format_help, parse_args, problems_message
 from tunesmith.log import note, rank, world_size
 
 # command -> (module, one-line description). The module's `main(args)` is also the Python API.
 COMMANDS = {
-    "sft": ("tunesmith.train.recipe", "supervised fine-tuning (LoRA, QLoRA, full)"),
-    "rlhf": ("tunesmith.train.recipe", "preference training: DPO and its variants, CPO, SimPO, ORPO, KTO"),
-    "dpo": ("tunesmith.train.recipe", "short for `rlhf --rlhf_type dpo`"),
-    "infer": ("tunesmith.infer", "chat with a model or checkpoint, or infer over a dataset"),
-    "export": ("tunesmith.export", "merge LoRA adapters into the base model (--merge_lora true)"),
-    "merge-lora": ("tunesmith.export", "short for `export --merge_lora true`"),
-    "deploy": ("tunesmith.serve", "serve a model or checkpoint behind an OpenAI-compatible API"),
-    "data": ("tunesmith.data.command", "inspect, validate, convert, split and measure datasets"),
-    "report": ("tunesmith.report", "plots and an HTML report of a run, or several runs compared"),
-    "eval": ("tunesmith.evaluate", "benchmarks from local files: base vs tuned side by side"),
+    "sft": ("tunesmith.commands.train", "supervised fine-tuning (LoRA, QLoRA, full)"),
+    "rlhf": ("tunesmith.commands.train", "preference training: DPO and its variants, CPO, SimPO, ORPO, KTO"),
+    "dpo": ("tunesmith.commands.train", "short for `rlhf --rlhf_type dpo`"),
+    "infer": ("tunesmith.commands.infer", "chat with a model or checkpoint, or infer over a dataset"),
+    "export": ("tunesmith.commands.export", "merge LoRA adapters into the base model (--merge_lora true)"),
+    "merge-lora": ("tunesmith.commands.export", "short for `export --merge_lora true`"),
+    "deploy": ("tunesmith.commands.deploy", "serve a model or checkpoint behind an OpenAI-compatible API"),
+    "data": ("tunesmith.commands.data", "inspect, validate, convert, split and measure datasets"),
+    "report": ("tunesmith.commands.report", "plots and an HTML report of a run, or several runs compared"),
+    "eval": ("tunesmith.commands.eval", "benchmarks from local files: base vs tuned side by side"),
 }
 
 # ms-swift commands that tunesmith will provide but does not yet: a clear message instead of "unknown command".
@@ -167,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     except ArgError as e:
         print(f"tunesmith {command}: error: {e}", file=sys.stderr)
         return 2
-    if launch and COMMANDS[command][0] == "tunesmith.train.recipe":
+    if launch and COMMANDS[command][0] == "tunesmith.commands.train":
         # the value checks too, once here rather than by every process torchrun would start (exit 2, as alone)
         from tunesmith.errors import ConfigError
         from tunesmith.train.config import check
-        from tunesmith.train.recipe import method_for
+        from tunesmith.commands.train import method_for
 
         try:
             check(args, method_for(args))

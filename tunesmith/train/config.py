@@ -1,4 +1,4 @@
-"""A training run's configuration, resolved once: parse (tunesmith.args) → `resolve` (every problem reported at
+"""A training run's configuration, resolved once: parse (tunesmith.config.args) → `resolve` (every problem reported at
 once, then ms-swift's dependent defaults) → a frozen `TrainConfig` split into typed slices. Each stage takes only
 its slice: `prepare_data` the data slice, `prepare_model` the model slice, the loop the optimisation and output
 slices, the accelerator the distributed slice; the method object holds its own flags (train/sft.py, dpo.py, …).
@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.args import (DataArgs, DistArgs, ModelArgs, OptimArgs, OutputArgs, QuantArgs, TemplateArgs,
-                            TrackArgs, TunerArgs, deferred_problems, problems_message)
+from tunesmith.config.args import (DataArgs, DistArgs, ModelArgs, OptimArgs, OutputArgs, QuantArgs, TemplateArgs, TrackArgs, TunerArgs, deferred_problems)
+from tunesmith.config.checks import between, raise_problems
 from tunesmith.errors import ConfigError
 from tunesmith.log import note
 
@@ -53,19 +53,6 @@ class TrainConfig:
     output: Any     # OutputConfig
     dist: Any       # DistConfig
     world_size: int
-
-
-def between(problems: list, name: str, value, lo, hi, lo_open=False, hi_open=False, hint: str = "") -> None:
-    """Append a problem unless lo (<|≤) value (<|≤) hi, with value a finite number; None bounds are open ends."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value < hi if hi_open else value <= hi
-    if not ok:
-        lo_s = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
-        hi_s = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
-        problems.append(f"--{name} {value}: expected {lo_s}{name}{hi_s}" + (f"; {hint}" if hint else ""))
 
 
 def _adapter_base(adapters) -> "str | None":
@@ -140,7 +127,7 @@ def resume_problems(args) -> list[str]:
     folder or hub name). Returns one problem per mismatch, each naming both values."""
     import json
 
-    from tunesmith.runs import model_suffix
+    from tunesmith.models.checkpoint import model_suffix
 
     ckpt = args.resume_from_checkpoint
     flag = f"--resume_from_checkpoint {ckpt}"
@@ -255,7 +242,7 @@ def _output_problems(output_dir) -> list[str]:
     model has loaded."""
     if output_dir is not None and not str(output_dir).strip():
         return ["--output_dir is empty; give a folder (or leave the flag out for output/<model>)"]
-    from tunesmith.runs import existing_ancestor
+    from tunesmith.runs.run_dir import existing_ancestor
 
     path = existing_ancestor(output_dir or "output")
     if not os.path.isdir(path):
@@ -270,7 +257,7 @@ def _tracker_problems(report_to) -> list[str]:
     """--report_to names only trackers tunesmith writes to (track.py), `all` or `none`."""
     import difflib
 
-    from tunesmith.track import ALL_TRACKERS
+    from tunesmith.runs.track import ALL_TRACKERS
 
     known = (*ALL_TRACKERS, "all", "none")
     out = []
@@ -286,7 +273,7 @@ def _combination_notes(args) -> None:
     """Settings ms-swift accepts together although one makes the other moot: said, not refused."""
     import dataclasses as dc
 
-    from tunesmith.args import TunerArgs
+    from tunesmith.config.args import TunerArgs
 
     if args.train_type == "full":
         defaults = {f.name: (f.default if f.default is not dc.MISSING else f.default_factory())
@@ -356,7 +343,7 @@ def problems(args) -> list[str]:
                    "(or float32)")
     if args.quant_method and args.train_type == "full":
         out.append("--quant_method bnb trains LoRA adapters on a quantised base (QLoRA); use --train_type lora with it")
-    from tunesmith.runs import diverged_problem
+    from tunesmith.models.checkpoint import diverged_problem
 
     out += [m for m in (diverged_problem(a, "--adapters") for a in args.adapters or []) if m]
     if args.adapters and args.train_type == "full":
@@ -408,14 +395,6 @@ def _fsdp_problems(args) -> list[str]:
         out.append("--use_vllm with --fsdp is not supported yet (the adapter handed to vLLM would be a shard); "
                    "drop --use_vllm (rollouts then run on the training model)")
     return out
-
-
-def raise_problems(found: list[str]) -> None:
-    """Raise one FlagError (a ConfigError) naming every problem (a single problem is raised as its own message)."""
-    from tunesmith.errors import FlagError
-
-    if found:
-        raise FlagError(problems_message(found))
 
 
 def check(args, method_cls):
@@ -496,7 +475,7 @@ def resolve(args, method, world_size: int, cuda: bool) -> TrainConfig:
 
     world_size: processes in the run (for the default gradient accumulation). cuda: whether this process trains on
     a CUDA device (data-loader workers, Liger kernels)."""
-    from tunesmith.runs import model_suffix
+    from tunesmith.models.checkpoint import model_suffix
 
     changes = dict(method.resolved_flags())
     if args.learning_rate is None:

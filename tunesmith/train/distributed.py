@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from tunesmith.errors import ConfigError
 from tunesmith.log import is_main, rank, world_size  # noqa: F401 - re-exported: setup and loop use D.is_main() etc.
-from tunesmith.model import default_device
+from tunesmith.models.load import default_device
 
 DEEPSPEED_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 
@@ -374,7 +374,7 @@ def shard_model(model, settings: FsdpSettings):
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from tunesmith.model import unwrap_model
+    from tunesmith.models.load import unwrap_model
 
     gpu = default_device().type == "cuda"
     dtype = next(p.dtype for p in model.parameters())
@@ -473,7 +473,7 @@ def grad_norm(params: list, max_norm: float) -> float:
 @dataclass
 class Parallelism:
     """How the run is spread over processes: what the loop needs to know about the wrapper accelerate put around
-    the model. (Named apart from tunesmith.engine's generation engine.)"""
+    the model. (Named apart from tunesmith.inference.engine's generation engine.)"""
     kind: str           # single | ddp | deepspeed | fsdp
     world: int          # processes taking part
     rank: int           # this process's global rank

@@ -26,7 +26,7 @@ from itertools import islice
 from typing import Any, Callable, Optional
 
 from tunesmith.errors import TunesmithError
-from tunesmith.runs import atomic_dir, rotate_checkpoints, save_args, update_symlink, write_json_atomic
+from tunesmith.runs.run_dir import atomic_dir, rotate_checkpoints, save_args, update_symlink, write_json_atomic
 
 
 class TrainingDiverged(TunesmithError):
@@ -220,7 +220,7 @@ def load_model_weights(model, ckpt: str) -> None:
     """Load the weights saved in a checkpoint into the (possibly peft-wrapped) model in place."""
     from safetensors.torch import load_file
 
-    from tunesmith.runs import is_adapter_dir
+    from tunesmith.models.checkpoint import is_adapter_dir
 
     if is_adapter_dir(ckpt):
         from peft import set_peft_model_state_dict

@@ -29,29 +29,29 @@ from tunesmith.train.setup import check_disk, finish_run, prepare_data, prepare_
 
 def method_for(args):
     """The method object class for the parsed command: SFT for `sft`, else by --rlhf_type."""
-    from tunesmith.args import RLHFArguments
+    from tunesmith.config.args import RLHFArguments
 
     if not isinstance(args, RLHFArguments):
-        from tunesmith.train.sft import SFT
+        from tunesmith.train.methods.sft import SFT
         return SFT
     kind = args.rlhf_type
     if kind == "dpo":
-        from tunesmith.train.dpo import DPO
+        from tunesmith.train.methods.dpo import DPO
         return DPO
     if kind in ("cpo", "simpo"):
-        from tunesmith.train.cpo import CPO
+        from tunesmith.train.methods.cpo import CPO
         return CPO
     if kind == "orpo":
-        from tunesmith.train.orpo import ORPO
+        from tunesmith.train.methods.orpo import ORPO
         return ORPO
     if kind == "kto":
-        from tunesmith.train.kto import KTO
+        from tunesmith.train.methods.kto import KTO
         return KTO
     if kind == "grpo":
-        from tunesmith.train.grpo import GRPO
+        from tunesmith.train.rl.grpo import GRPO
         return GRPO
     if kind == "rm":
-        from tunesmith.train.rm import RewardModel
+        from tunesmith.train.methods.rm import RewardModel
         return RewardModel
     raise ValueError(f"no training method for --rlhf_type {kind!r}")  # args.py's choices stop this earlier
 
@@ -68,7 +68,7 @@ def configure(args, world_size: int = 1, cuda: bool = False):
 def main(args) -> dict:
     """Train with the method the command names; return {"run_dir", "state", "model", "tokenizer", "reference"}.
     Raises ConfigError / DataError (bad flags or data, before anything is written) and loop.TrainingDiverged."""
-    from tunesmith.model import default_device
+    from tunesmith.models.load import default_device
     from tunesmith.train import distributed as D
     from tunesmith.train.config import check, resolve
     from tunesmith.train.reference import setup_reference

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tunesmith.errors import ConfigError
-from tunesmith.model import load_model, note, resolve_model_dir
-from tunesmith.runs import is_adapter_dir
+from tunesmith.models.load import load_model, note, resolve_model_dir
+from tunesmith.models.checkpoint import is_adapter_dir
 
 
 @dataclass
@@ -30,7 +30,7 @@ def sequence_logps(model, batch: dict, ld_alpha: Optional[float] = None, n_pairs
     completion beyond the shorter completion of its pair are weighted by ld_alpha (TRL's form)."""
     import torch
 
-    from tunesmith.train.token_logps import token_logps
+    from tunesmith.train.ops.token_logps import token_logps
 
     t = token_logps(model, batch)
     rows, n_seq = t.rows, t.n_seq
@@ -53,7 +53,7 @@ def sequence_logps(model, batch: dict, ld_alpha: Optional[float] = None, n_pairs
 
 def unwrap(model):
     """The PeftModel / transformers model under an accelerate/DDP wrapper (peft layer kept: adapters switch)."""
-    from tunesmith.model import unwrap_model
+    from tunesmith.models.load import unwrap_model
     return unwrap_model(model, peft=False)
 
 

@@ -21,9 +21,9 @@ from tunesmith.data.load import LoadResult, load_datasets, split_train_val, writ
 from tunesmith.data.store import cache_root
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.log import note
-from tunesmith.model import (attach_lora, count_parameters, load_model, load_tokenizer, resolve_model_dir,
-                             unwrap_model)
-from tunesmith.runs import is_adapter_dir, make_run_dir, save_args, write_json_atomic
+from tunesmith.models.load import (attach_lora, count_parameters, load_model, load_tokenizer, resolve_model_dir, unwrap_model)
+from tunesmith.models.checkpoint import is_adapter_dir
+from tunesmith.runs.run_dir import make_run_dir, save_args, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -457,7 +457,7 @@ def make_run(cfg, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
     from tunesmith.train import distributed as D
 
     if D.is_main():  # unfinished saves of runs killed mid-checkpoint: removed, and said
-        from tunesmith.runs import remove_leftovers
+        from tunesmith.runs.run_dir import remove_leftovers
 
         ckpt = cfg.output.resume_from_checkpoint
         gone = remove_leftovers([cfg.output.output_dir] + ([os.path.dirname(os.path.abspath(ckpt))] if ckpt else []))
@@ -487,8 +487,8 @@ def say(text: str) -> None:
 def make_trackers(run_dir: str, cfg, prepared: Prepared):
     """logging.jsonl and the --report_to trackers (output slice), on rank 0 only (other ranks get a disabled
     fan-out); the trackers' config is args.json's record plus the data statistics."""
-    from tunesmith.args import to_record
-    from tunesmith.track import Trackers
+    from tunesmith.config.args import to_record
+    from tunesmith.runs.track import Trackers
     from tunesmith.train import distributed as D
 
     return Trackers(run_dir, cfg.output.report_to, {**to_record(cfg.args), **prepared.data_stats}, cfg.output,
@@ -549,7 +549,7 @@ def check_disk(cfg, model_dir: str) -> None:
 
     if cfg.output.save_strategy == "no":
         return
-    from tunesmith.runs import existing_ancestor
+    from tunesmith.runs.run_dir import existing_ancestor
 
     path = existing_ancestor(cfg.output.output_dir)
     need = checkpoint_bytes(model_dir, cfg.model.train_type, cfg.output.save_only_model)
@@ -603,7 +603,7 @@ def finish_run(state, run_dir: str, metric_for_best_model: Optional[str] = None)
 
     The best checkpoint is labelled with the metric that chose it, named as the loop logs it (eval_ prefixed):
     metric_for_best_model, or when not given, --metric_for_best_model from the run's args.json (default loss)."""
-    from tunesmith.report import write_run_report
+    from tunesmith.runs.report import write_run_report
     from tunesmith.train import distributed as D
 
     if not D.is_main():

@@ -9,8 +9,7 @@ from typing import Optional
 
 from tunesmith.log import note
 from tunesmith.train import loop
-from tunesmith.train.pairs import (PairTerms, check_pairs, describe_nll, pair_batches, pair_header, pair_objective,
-                                   preference_flags, reference_free_flags)
+from tunesmith.train.methods.pairs import (PairTerms, check_pairs, describe_nll, pair_batches, pair_header, pair_objective, preference_flags, reference_free_flags)
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class ORPO:
         """−λ log σ(log OR) per pair on averaged log-probs ℓ̄ = ℓ/|y|; rewards β·ℓ̄; log odds logged. [B] each."""
         import torch
 
-        from tunesmith.train import losses as L
+        from tunesmith.train.ops import losses as L
 
         avg_c, avg_r = c / n_c, r / n_r
         log_odds = L.orpo_log_odds(avg_c, avg_r).detach()

@@ -12,7 +12,6 @@ import html
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -217,7 +216,7 @@ def _completions_table(r: Run) -> str:
 
 def write_run_report(run_dir: str) -> str:
     """images/*.png and report.html for one run; returns the report's path."""
-    from tunesmith.runs import write_text_atomic
+    from tunesmith.runs.run_dir import write_text_atomic
 
     run = load_run(run_dir)
     figures = charts([run])
@@ -232,7 +231,7 @@ def write_run_report(run_dir: str) -> str:
 
 
 def compare(run_dirs: list[str], output: str) -> str:
-    from tunesmith.runs import write_text_atomic
+    from tunesmith.runs.run_dir import write_text_atomic
 
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
@@ -243,12 +242,3 @@ def compare(run_dirs: list[str], output: str) -> str:
     return output
 
 
-def main(args) -> int:
-    if not args.runs:
-        raise ConfigError("pass one or more run directories: tunesmith report output/<model>/v0-… [v1-… …]")
-    if len(args.runs) == 1 and not args.output:
-        path = write_run_report(args.runs[0])
-    else:
-        path = compare(args.runs, args.output or "compare_report.html")
-    print(f"[tunesmith] report: {os.path.abspath(path)}", file=sys.stderr)
-    return 0

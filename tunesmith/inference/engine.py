@@ -2,8 +2,8 @@
 `eval`, and later RL rollouts) as continuous batches.
 
 What lives here: token-level scheduling only — prompts in as token ids, token ids (and log-probs) out. Chat
-templates, reasoning and tool-call parsing live in `tunesmith.reply`; HTTP in `tunesmith.serve`; model loading in
-`tunesmith.model`. torch and transformers are imported inside the functions that use them, never at module level.
+templates, reasoning and tool-call parsing live in `tunesmith.inference.reply`; HTTP in `tunesmith.serve`; model loading in
+`tunesmith.models.load`. torch and transformers are imported inside the functions that use them, never at module level.
 
 How a step works. Requests wait in a queue. Between decoding steps the scheduler admits queued requests (up to
 `max_batch_size` rows in flight), prefills them as one left-padded batch, and appends their KV cache to the running
@@ -173,7 +173,7 @@ class GenerationEngine:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._adapter_names = _peft_adapters(model)
-        from tunesmith.train.token_logps import chunked_head
+        from tunesmith.models.head import chunked_head
         # The decoder and the output weight, when calling them apart is exact (a plain Linear head): greedy rows
         # then take the arg-max chunk by chunk and never materialise their [rows x vocabulary] logits, which at a
         # real vocabulary (151,936) is most of a decoding step's memory traffic.

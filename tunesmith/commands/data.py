@@ -12,7 +12,7 @@ import sys
 from itertools import islice
 from typing import Optional
 
-from tunesmith.args import DataCommandArguments
+from tunesmith.config.args import DataCommandArguments
 from tunesmith.data.encode import IGNORE, ChatEncoder, TooLong, NothingToTrain, render_highlighted
 from tunesmith.data.formats import row_kind
 from tunesmith.data.load import (LoadResult, load_datasets, normalise_rows, read_spec, rows_for, split_train_val,
@@ -29,9 +29,9 @@ def _tokenizer(args: DataCommandArguments, tools: bool = False):
     """--model's tokenizer; without --model a built-in tiny one of --template's family (default qwen2), with the
     family's official chat template when `tools` (only those render tool calls)."""
     if args.model:
-        from tunesmith.model import load_tokenizer
+        from tunesmith.models.load import load_tokenizer
         return load_tokenizer(args)
-    from tunesmith.testing import build_tokenizer
+    from tunesmith.data.tiny_tokenizer import build_tokenizer
     family = _family(args.template)
     print(f"(no --model given: using the built-in tiny {family} tokenizer; pass --model to see your model's tokens)",
           file=sys.stderr)
@@ -235,7 +235,7 @@ def split(args: DataCommandArguments) -> None:
         raise ConfigError(f"--val_ratio must be between 0 and 1, got {args.val_ratio}")
     train, val = split_train_val(result, args.val_ratio, args.data_seed)
     out = args.output or os.path.splitext(args.dataset[0].split("#")[0])[0] + "_split"
-    from tunesmith.runs import existing_ancestor
+    from tunesmith.runs.run_dir import existing_ancestor
 
     parent = existing_ancestor(out)
     if not os.path.isdir(parent):

@@ -17,7 +17,7 @@ from typing import Optional
 
 from tunesmith.log import note
 from tunesmith.train import loop
-from tunesmith.train.pairs import check_pairs, pair_collate
+from tunesmith.train.methods.pairs import check_pairs, pair_collate
 from tunesmith.train.setup import Batches
 
 
@@ -75,7 +75,7 @@ class RewardModel:
     @classmethod
     def from_args(cls, args, problems: list) -> "RewardModel":
         """--center_rewards_coefficient (≥ 0); the flags of the other methods are ignored with a note."""
-        from tunesmith.train.config import between
+        from tunesmith.config.checks import between
 
         if args.center_rewards_coefficient is not None:
             between(problems, "center_rewards_coefficient", args.center_rewards_coefficient, 0, None)
@@ -118,7 +118,7 @@ def _collate(rows, pad_id: int) -> dict:
     """Pairs → pair_collate's batch, plus `margin` [B] when some pair has one (0 for those without)."""
     import torch
 
-    from tunesmith.train.pairs import Pair
+    from tunesmith.train.methods.pairs import Pair
 
     batch = pair_collate([Pair(c, r) for c, r in rows], pad_id, "right")
     if any(c.margin is not None for c, _ in rows):
@@ -171,7 +171,7 @@ class RewardModelScorer:
 
 def reward_model_functions(paths: list) -> list:
     """--reward_model PATH ...: each as a rewards.RewardFn named reward_model (reward_model_1, … for several)."""
-    from tunesmith.rewards import RewardFn
+    from tunesmith.train.rl.rewards import RewardFn
 
     return [RewardFn("reward_model" if len(paths) == 1 else f"reward_model_{i + 1}", path, RewardModelScorer(path))
             for i, path in enumerate(paths)]

@@ -20,8 +20,8 @@ from tunesmith.data.encode import IGNORE, Encoded
 from tunesmith.data.load import LoadResult, rows_for
 from tunesmith.log import note
 from tunesmith.train import loop
-from tunesmith.train.config import between
-from tunesmith.train.pairs import preference_flags
+from tunesmith.config.checks import between
+from tunesmith.train.methods.pairs import preference_flags
 from tunesmith.train.reference import Reference, disable_dropout, sequence_logps
 from tunesmith.train.setup import Batches
 
@@ -61,7 +61,7 @@ def kto_loss(method: "KTO", reference: Reference, model, batch: dict) -> tuple[d
     """({"examples": summed per-example KTO loss (nats)}, summed statistics) for one batch from `kto_collate`."""
     import torch
 
-    from tunesmith.train import losses as L
+    from tunesmith.train.ops import losses as L
 
     n, desirable, beta = batch["n_examples"], batch["desirable"], method.beta
     ref = reference.logps(model, batch).float()

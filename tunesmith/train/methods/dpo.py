@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tunesmith.train import loop
-from tunesmith.train.config import between
-from tunesmith.train.pairs import (PairTerms, check_pairs, describe_nll, pair_batches, pair_header, pair_objective,
-                                   preference_flags)
+from tunesmith.config.checks import between
+from tunesmith.train.methods.pairs import (PairTerms, check_pairs, describe_nll, pair_batches, pair_header, pair_objective, preference_flags)
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class DPO:
     @classmethod
     def from_args(cls, args, problems: list) -> "DPO":
         """beta (default 0.1), the loss types (default sigmoid) and weights, checked; problems are appended."""
-        from tunesmith.train.losses import DPO_LOSS_TYPES
+        from tunesmith.train.ops.losses import DPO_LOSS_TYPES
 
         beta, types = preference_flags(args, problems, DPO_LOSS_TYPES, "sigmoid")
         eps = args.label_smoothing
@@ -82,7 +81,7 @@ class DPO:
         """The weighted sum of the chosen variants per pair; rewards β(ℓ − ℓ_ref). c, r, n_c, n_r: [B]; ref: [2B]."""
         import torch
 
-        from tunesmith.train import losses as L
+        from tunesmith.train.ops import losses as L
 
         b = c.shape[0]
         rc, rr = ref[:b], ref[b:]

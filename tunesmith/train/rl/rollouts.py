@@ -4,7 +4,7 @@ functions, and turns the rewards into advantages (see train/grpo.py for the roun
 
 What lives here: the rounds (which prompts, the seeds, generation, scoring, advantages, the sampling policy's and
 the reference's log-probs) and the completions log. What must not: the loss (losses.grpo_loss, grpo.py), the reward
-functions themselves (tunesmith.rewards), token scheduling (tunesmith.engine).
+functions themselves (tunesmith.train.rl.rewards), token scheduling (tunesmith.inference.engine).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def completion_logps(model, batch: dict, temperature: float = 1.0):
     train/token_logps.py without materialising the [tokens x vocabulary] logits."""
     import torch
 
-    from tunesmith.train.token_logps import token_logps
+    from tunesmith.train.ops.token_logps import token_logps
 
     cmask = batch["completion_mask"]
     flat = token_logps(model, batch, temperature=temperature).logps
@@ -90,7 +90,7 @@ def completion_logps_and_entropy(model, batch: dict, temperature: float = 1.0):
     entropy/* metrics."""
     import torch
 
-    from tunesmith.train.token_logps import token_logps
+    from tunesmith.train.ops.token_logps import token_logps
 
     keep = batch["completion_mask"].bool()
     out = token_logps(model, batch, temperature=temperature, entropy=True)
@@ -130,8 +130,8 @@ class Rollouts:
     starts from."""
 
     def __init__(self, method, prompts, model, tokenizer, reference, cfg, model_dir: Optional[str] = None):
-        from tunesmith.rewards import load_reward_functions
-        from tunesmith.train.rm import reward_model_functions
+        from tunesmith.train.rl.rewards import load_reward_functions
+        from tunesmith.train.methods.rm import reward_model_functions
 
         self.method, self.prompts, self.model, self.tok, self.reference = method, prompts, model, tokenizer, reference
         self.bs, gas = cfg.optim.per_device_train_batch_size, cfg.optim.gradient_accumulation_steps
@@ -168,7 +168,7 @@ class Rollouts:
 
     def _chat(self, cfg):
         """The chat engine the rounds generate with: tunesmith's own over the policy, or vLLM (--use_vllm)."""
-        from tunesmith.infer import ChatEngine
+        from tunesmith.inference.chat import ChatEngine
 
         if self.vllm is None:
             return ChatEngine(self.model, self.tok, system=cfg.data.system, max_batch_size=self.round_size,
@@ -179,7 +179,7 @@ class Rollouts:
         """The prompts with their token ids (`prompt_ids`, rendered with the chat template), fitted to
         --max_length as --truncation_strategy says: delete drops a longer one (counted in a note), left/right
         keep its last/first tokens. Raises DataError when no prompt is left."""
-        from tunesmith.infer import PromptTooLong
+        from tunesmith.inference.chat import PromptTooLong
 
         out, dropped = [], 0
         for rec in prompts:
@@ -215,7 +215,7 @@ class Rollouts:
         --num_iterations) a resume inside it trains on exactly these, not on a round sampled again."""
         from dataclasses import asdict
 
-        from tunesmith.runs import write_json_atomic
+        from tunesmith.runs.run_dir import write_json_atomic
 
         if self.current is not None:
             seed, r, units = self.current
@@ -365,7 +365,7 @@ class Rollouts:
         """Whether one group's rewards [G][F] combine to the same total for every completion."""
         import torch
 
-        from tunesmith.train import losses as L
+        from tunesmith.train.ops import losses as L
 
         combined = L.combine_rewards(torch.tensor(rows, dtype=torch.float64), list(self.method.reward_weights))
         return self._zero_std(combined.tolist())[0]
@@ -401,7 +401,7 @@ class Rollouts:
     def _generate(self, ids: dict, seed: int, r: int) -> list:
         """G completions of each prompt ({j: token ids}, j its place in the round), all submitted at once (the
         engine batches them), each with its own seed: the same completions whichever process generates them."""
-        from tunesmith.infer import GenConfig
+        from tunesmith.inference.chat import GenConfig
 
         m, g = self.method, self.method.num_generations
         adapter = self.vllm.sync(self.weights) if self.vllm is not None else None
@@ -423,7 +423,7 @@ class Rollouts:
 
     def _score(self, prompts: list[dict], texts: list[str], completions: list) -> list:
         """The rewards [N][F] (NaN for None) of these prompts' completions (G per prompt, in order)."""
-        from tunesmith.rewards import score
+        from tunesmith.train.rl.rewards import score
 
         m, g = self.method, self.method.num_generations
         rep = [p for p in prompts for _ in range(g)]
@@ -453,7 +453,7 @@ class Rollouts:
         (losses.combine_rewards, then group_advantages — or gdpo_advantages)."""
         import torch
 
-        from tunesmith.train import losses as L
+        from tunesmith.train.ops import losses as L
 
         m, g = self.method, self.method.num_generations
         rewards = torch.tensor(per_func, dtype=torch.float64)
@@ -526,7 +526,7 @@ class VllmSync:
     --vllm_enable_lora): vLLM holds the base model; before each round the policy's LoRA adapter is saved to a
     temporary folder and served under a new adapter id, so every round samples from the weights it starts from.
 
-    The engine is tunesmith.backends.VllmEngine (the one `--infer_backend vllm` serves with), built from the
+    The engine is tunesmith.inference.backends.VllmEngine (the one `--infer_backend vllm` serves with), built from the
     --vllm_* flags; its folders are removed when the round after has its own, and the last at exit."""
 
     def __init__(self, model, cfg, model_dir: str):
@@ -550,10 +550,10 @@ class VllmSync:
     def chat(self, tokenizer, cfg, context: Optional[int]):
         """A ChatEngine over a VllmEngine that starts with the policy's adapter as it is now; context: tokens
         (prompt + completion) when --max_length bounds the prompts."""
-        from tunesmith.backends import VllmEngine
-        from tunesmith.infer import ChatEngine, stop_token_ids
+        from tunesmith.inference.backends import VllmEngine
+        from tunesmith.inference.chat import ChatEngine, stop_token_ids
         from tunesmith.data.encode import ChatEncoder
-        from tunesmith.reply import OutputParser
+        from tunesmith.inference.reply import OutputParser
 
         name, path = self._save(-1)  # vLLM starts with LoRA on; each round then brings its own adapter
         stop = stop_token_ids(self.model, tokenizer, ChatEncoder(tokenizer, system=cfg.data.system),

@@ -1,22 +1,19 @@
 """Chat-level generation with the model's own chat template (the same rendering training used), and
 `tunesmith infer`.
 
-`ChatEngine` renders conversations, submits them to the one `tunesmith.engine.GenerationEngine` (which batches
-every caller's sequences) and parses replies with `tunesmith.reply`. `tunesmith infer` (interactive chat and batch
+`ChatEngine` renders conversations, submits them to the one `tunesmith.inference.engine.GenerationEngine` (which batches
+every caller's sequences) and parses replies with `tunesmith.inference.reply`. `tunesmith infer` (interactive chat and batch
 over a dataset), `tunesmith deploy` and `tunesmith eval` all go through it, so a reply is the same whichever way
 it is asked.
 
 What lives here: rendering prompts, GenConfig -> sampling settings, decoding and parsing replies, streaming state,
 building the engine from flags, and the `infer` command (batch result files, interactive chat). What must not: token
-scheduling (`tunesmith.engine`), template output conventions (`tunesmith.reply`), HTTP (`tunesmith.serve`), model
-loading (`tunesmith.model`). No torch import at module level.
+scheduling (`tunesmith.inference.engine`), template output conventions (`tunesmith.inference.reply`), HTTP (`tunesmith.serve`), model
+loading (`tunesmith.models.load`). No torch import at module level.
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
-import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
@@ -82,19 +79,19 @@ class ChatEngine:
     def __init__(self, model, tokenizer, system: Optional[str] = None, defaults: Optional[GenConfig] = None,
                  max_model_len: Optional[int] = None, max_batch_size: int = 32,
                  template_kwargs: Optional[dict] = None, engine=None, generation_config=None, config=None):
-        """model: the loaded model, or None when `engine` is an accelerated engine (tunesmith.backends) holding the
+        """model: the loaded model, or None when `engine` is an accelerated engine (tunesmith.inference.backends) holding the
         weights; then `generation_config` (sampling defaults, eos ids) and `config` (context length) come from the
         checkpoint. engine: a pre-built object with GenerationEngine's interface (submit, generate, close,
         stop_ids, max_model_len); None builds the GenerationEngine over `model`. max_model_len in tokens.
         Raises ValueError when neither a model nor an engine is given."""
         from tunesmith.data.encode import ChatEncoder
-        from tunesmith.engine import GenerationEngine
-        from tunesmith.reply import OutputParser
+        from tunesmith.inference.engine import GenerationEngine
+        from tunesmith.inference.reply import OutputParser
 
         if model is None:
             if engine is None:
                 raise ValueError("ChatEngine needs a model or an engine")
-            from tunesmith.backends import EngineModelInfo
+            from tunesmith.inference.backends import EngineModelInfo
             model = EngineModelInfo(config, generation_config, getattr(engine, "name", "vllm"))
         self.model, self.tok = model, tokenizer
         self.encoder = ChatEncoder(tokenizer, system=system)
@@ -129,7 +126,7 @@ class ChatEngine:
 
         template_kwargs override the engine's (--enable_thinking). Returns a Prompt with ids [T]; `in_think` when
         the rendering ends in `<think>`. The template's own errors propagate."""
-        from tunesmith.reply import to_template_messages
+        from tunesmith.inference.reply import to_template_messages
 
         kwargs = {**self.template_kwargs, **(template_kwargs or {})}
         text = self.encoder.render(self.encoder.with_system(to_template_messages(messages)),
@@ -159,7 +156,7 @@ class ChatEngine:
         for an accelerated engine, which holds its own weights. Checked a tensor slice at a time (no full copy)."""
         import torch
 
-        from tunesmith.engine import NonFiniteOutput, SamplingParams
+        from tunesmith.inference.engine import NonFiniteOutput, SamplingParams
 
         if not isinstance(self.model, torch.nn.Module):
             return None
@@ -187,7 +184,7 @@ class ChatEngine:
 
         choice: which of cfg.n sequences; it is added to cfg.seed so the n samples differ. max_new_tokens None
         becomes 0, which the engine reads as "all the room left"."""
-        from tunesmith.engine import SamplingParams
+        from tunesmith.inference.engine import SamplingParams
 
         gen = getattr(self.model, "generation_config", None)
         temperature = cfg.temperature
@@ -281,7 +278,7 @@ class StreamState:
     stream costs O(tokens), and bytes of a multi-byte character are held until the character is whole."""
 
     def __init__(self, chat: ChatEngine, prompt: Prompt, cfg: GenConfig):
-        from tunesmith.reply import StreamDeltas
+        from tunesmith.inference.reply import StreamDeltas
 
         self.chat, self.prompt, self.cfg = chat, prompt, cfg
         self.ids: list[int] = []
@@ -308,7 +305,7 @@ class StreamState:
 
     def finish(self, completion) -> tuple[Reply, dict]:
         """The ended Completion → (the Reply, the delta fields not sent yet); errors stay in Reply.error."""
-        from tunesmith.reply import Parsed
+        from tunesmith.inference.reply import Parsed
 
         reply = self.chat.reply(completion, self.prompt, self.cfg)
         delta = self.deltas.delta(Parsed(reply.content, reply.reasoning, reply.tool_calls))
@@ -363,8 +360,8 @@ def build_engine(args):
     here. Returns (engine, the checkpoint whose args.json was read, deploy's named adapters).
 
     Named adapters: {name: path}. Also raises ConfigError for bad --adapters or a model that cannot be resolved."""
-    from tunesmith.model import load_for_inference, note
-    from tunesmith.runs import resolve_checkpoint, split_named_adapters
+    from tunesmith.models.load import load_for_inference, note
+    from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 
     batch = getattr(args, "max_batch_size", 32)
     if args.infer_backend not in ("transformers", "pt"):
@@ -385,13 +382,13 @@ def build_engine(args):
 
 def _build_backend_engine(args, batch: int):
     """build_engine for vLLM/SGLang/LMDeploy: only the tokenizer and configs are loaded here; the engine
-    (tunesmith.backends) loads the weights and adapters."""
-    from tunesmith.backends import ENGINES, NAMES, EngineModelInfo, check_backend, engine_adapters
+    (tunesmith.inference.backends) loads the weights and adapters."""
+    from tunesmith.inference.backends import ENGINES, NAMES, EngineModelInfo, check_backend, engine_adapters
     from tunesmith.data.encode import ChatEncoder
     from tunesmith.errors import ConfigError
-    from tunesmith.model import load_tokenizer, note, resolve_model_dir
-    from tunesmith.reply import OutputParser
-    from tunesmith.runs import resolve_checkpoint, split_named_adapters
+    from tunesmith.models.load import load_tokenizer, note, resolve_model_dir
+    from tunesmith.inference.reply import OutputParser
+    from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 
     backend = args.infer_backend
     check_backend(backend)  # the package, its version and a GPU, each a one-line error
@@ -454,11 +451,11 @@ def logprobs_json(tokenizer, logprobs: Optional[list]) -> Optional[dict]:
 def raise_backend(backend: str, args, error: BaseException):
     """Raise ConfigError for an accelerated engine (`--infer_backend vllm|sglang|lmdeploy`) that failed to start
     with `error`: one line naming the engine and the error, then the engine's own OpenAI-compatible server command
-    with the same settings (tunesmith.backends.native_serve_command; secrets redacted) as an alternative, and the
+    with the same settings (tunesmith.inference.backends.native_serve_command; secrets redacted) as an alternative, and the
     fallback --infer_backend transformers.
 
     Always raises ConfigError, chained to `error`."""
-    from tunesmith.backends import NAMES, engine_adapters, format_command, native_serve_command
+    from tunesmith.inference.backends import NAMES, engine_adapters, format_command, native_serve_command
     from tunesmith.errors import ConfigError
 
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -475,220 +472,11 @@ def raise_backend(backend: str, args, error: BaseException):
                       f"{format_command(cmd)}\nor use --infer_backend transformers") from error
 
 
-def _default_result_path(args, ckpt: Optional[str]) -> str:
-    from tunesmith.runs import model_suffix
-    base = ckpt if ckpt else os.path.join("result", model_suffix(args.model))
-    return os.path.join(base, "infer_result", time.strftime("%Y%m%d-%H%M%S") + ".jsonl")
-
-
-def _infer_rows(args, ckpt: Optional[str]):
-    """The rows to infer on: --val_dataset, or with --load_data_args the run's own validation split."""
-    from tunesmith.data.load import load_datasets
-    from tunesmith.errors import ConfigError
-
-    files = list(args.val_dataset)
-    if not files and args.load_data_args and ckpt:
-        split = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "val_dataset.jsonl")
-        if not os.path.isfile(split):
-            raise ConfigError(f"--load_data_args: {split} does not exist (the run took no validation split); "
-                              f"pass --val_dataset")
-        files = [split]
-    if not files:
-        return None
-    loaded = load_datasets(files, strict=args.strict, columns=args.columns, seed=args.data_seed, use_hf=args.use_hf,
-                           hub_token=args.hub_token, what="--val_dataset", need_reply=False, keep_columns=True)
-    if loaded.dropped:
-        print(f"[tunesmith] --val_dataset: {loaded.dropped} bad row(s) dropped (--strict false), no result lines for "
-              f"them; first reasons:\n  " + "\n  ".join(loaded.reasons), file=sys.stderr)
-    return loaded
-
-
-def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
-    """Generate for every row, writing ms-swift's result lines: response, labels, logprobs, messages (+ the reply),
-    and every other column of the row. Rows are submitted a window at a time and written in order; the engine
-    batches them (--max_batch_size). With --stream true each reply is printed as it is generated, one row at a
-    time. Returns the number of rows written.
-
-    loaded: a LoadResult; result_path: a JSONL file, appended to (folders created). With --metric, the scores
-    are printed to stderr. Raises ConfigError (--stream with --n > 1, a row over the context length) or the
-    first generation error (rows before it are already written)."""
-    from tqdm.auto import tqdm
-
-    from tunesmith.errors import ConfigError
-
-    records = loaded.records
-    cfg = engine.defaults
-    if args.stream and cfg.n > 1:
-        raise ConfigError("--stream true prints one reply per row as it is generated; with --n 2 or more, drop "
-                          "--stream (the replies are written under `choices`)")
-    window = max(64, 4 * max(1, args.max_batch_size))
-    os.makedirs(os.path.dirname(os.path.abspath(result_path)), exist_ok=True)
-    responses, golds = [], []
-    written = 0
-    with open(result_path, "a", encoding="utf-8") as fh, tqdm(total=len(records), desc="infer", disable=None) as bar:
-        for i in range(0, len(records), 1 if args.stream else window):
-            chunk = records[i:i + (1 if args.stream else window)]
-            prompts, labels, rendered = [], [], []
-            for rec in chunk:
-                msgs = list(rec["messages"])
-                gold = None
-                if msgs and msgs[-1]["role"] == "assistant":
-                    gold = _gold(msgs.pop())  # the gold reply becomes `labels`, as in ms-swift
-                prompts.append(msgs)
-                labels.append(gold)
-                try:
-                    rendered.append(engine.prompt(msgs, rec.get("tools")))
-                except PromptTooLong as e:
-                    raise ConfigError(f"--val_dataset row {i + len(rendered) + 1}: {e}; raise --max_model_len or "
-                                      f"shorten the row") from None
-            if args.stream:
-                replies = [[_stream_to(engine, rendered[0], cfg, sys.stdout)]]
-            else:
-                handles = [engine.submit(p, cfg) for p in rendered]
-                replies = [[engine.reply(h.result(), p, cfg) for h in hs] for hs, p in zip(handles, rendered)]
-            for rec, msgs, gold, reps in zip(chunk, prompts, labels, replies):
-                for rep in reps:
-                    if rep.error is not None:
-                        raise rep.error
-                fh.write(json.dumps(_result_line(engine, rec, msgs, gold, reps), ensure_ascii=False) + "\n")
-                # a reply that is only tool calls is scored as its calls' text, as the gold call is
-                responses.append(reps[0].content or (calls_text(reps[0].tool_calls) if reps[0].tool_calls else ""))
-                golds.append(gold if gold is None else gold["labels"])
-                written += 1
-            fh.flush()
-            bar.update(len(chunk))
-    if args.metric:
-        from tunesmith.benchmarks import infer_metrics
-        scores = infer_metrics(responses, golds, args.metric)
-        print(f"[tunesmith] infer --metric {args.metric}: {json.dumps(scores, ensure_ascii=False)}", file=sys.stderr)
-    return written
-
-
-def _gold(reply: dict) -> dict:
-    """The result line's gold fields from the row's final assistant message: {"labels": its text} — or, for a reply
-    that is only tool calls, the calls as ms-swift writes a tool_call message's content ({"name", "arguments"} JSON,
-    one per line) — plus {"label_tool_calls": [OpenAI tool calls]} when it makes calls."""
-    calls = reply.get("tool_calls")
-    if not calls:
-        return {"labels": reply["content"]}
-    return {"labels": reply["content"] or calls_text(calls), "label_tool_calls": calls}
-
-
-def calls_text(calls: list[dict]) -> str:
-    """Tool calls as ms-swift writes a tool_call message's content: one {"name", "arguments"} JSON per line, the
-    arguments as an object (a JSON-string argument, as OpenAI sends them, is decoded), keys in order — so a
-    generated call and the gold one compare equal as text (--metric)."""
-    lines = []
-    for c in calls:
-        args = c["function"].get("arguments")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                pass
-        lines.append(json.dumps({"name": c["function"]["name"], "arguments": args}, ensure_ascii=False,
-                                sort_keys=True))
-    return "\n".join(lines)
-
-
-def _result_line(engine: ChatEngine, rec: dict, msgs: list[dict], gold: Optional[dict], reps: list[Reply]) -> dict:
-    first = reps[0]
-    reply_msg: dict = {"role": "assistant", "content": first.content}
-    if first.reasoning is not None:
-        reply_msg["reasoning_content"] = first.reasoning
-    if first.tool_calls:
-        reply_msg["tool_calls"] = first.tool_calls
-    line = {"response": first.content, "labels": None, **(gold or {}),
-            "logprobs": logprobs_json(engine.tok, first.logprobs), "messages": [*msgs, reply_msg],
-            "finish_reason": first.finish_reason}
-    if first.tool_calls:
-        line["tool_calls"] = first.tool_calls
-    if first.reasoning is not None:
-        line["reasoning_content"] = first.reasoning
-    if len(reps) > 1:
-        line["choices"] = [{"index": k, "response": r.content, "reasoning_content": r.reasoning,
-                            "finish_reason": r.finish_reason} for k, r in enumerate(reps)]
-    if rec.get("tools"):
-        line["tools"] = rec["tools"]
-    for k, v in (rec.get("columns") or {}).items():
-        line.setdefault(k, v)  # the row's own columns (ids, metadata) come back unchanged
-    return line
-
-
-def _stream_to(engine: ChatEngine, prompt: Prompt, cfg: GenConfig, out) -> Reply:
-    """Generate one reply, writing its reasoning and answer to `out` as they arrive."""
-    handle = engine.submit(prompt, replace(cfg, n=1))[0]
-    state = engine.stream_state(prompt, cfg)
-    for token in handle:
-        delta = state.feed(token)
-        out.write(delta.get("reasoning_content", "") + delta.get("content", ""))
-        out.flush()
-    reply, last = state.finish(handle.completion)
-    out.write(last.get("reasoning_content", "") + last.get("content", "") + "\n")
-    out.flush()
-    return reply
-
-
-def chat(engine: ChatEngine, args, result_path: Optional[str], stdin=None, stdout=None) -> None:
-    """Interactive chat: streamed replies, multi-turn; `exit`/`quit`, `clear`, `reset-system`, `multi-line`.
-
-    Reads stdin until EOF or exit; with result_path, appends each turn's history as a JSONL line. Raises
-    PromptTooLong when the conversation outgrows the context, or the engine's error."""
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    history: list[dict] = []
-    print("tunesmith chat: type a message; commands: exit, clear, reset-system, multi-line", file=stdout)
-    while True:
-        stdout.write("<<< ")
-        stdout.flush()
-        line = stdin.readline()
-        if not line:
-            break
-        text = line.rstrip("\n")
-        cmd = text.strip().lower()
-        if cmd in ("exit", "quit"):
-            break
-        if cmd == "clear":
-            history = []
-            print("(history cleared)", file=stdout)
-            continue
-        if cmd == "reset-system":
-            stdout.write("new system prompt: ")
-            stdout.flush()
-            engine.encoder.system = stdin.readline().rstrip("\n") or None
-            history = []
-            continue
-        if cmd == "multi-line":
-            stdout.write("(end with a line containing only #)\n")
-            lines = []
-            for more in stdin:
-                if more.rstrip("\n") == "#":
-                    break
-                lines.append(more.rstrip("\n"))
-            text = "\n".join(lines)
-        if not text.strip():
-            continue
-        history.append({"role": "user", "content": text})
-        stdout.write(">>> ")
-        reply = None
-        for piece in engine.stream(history):
-            if isinstance(piece, Reply):
-                reply = piece
-            else:
-                stdout.write(piece)
-                stdout.flush()
-        stdout.write("\n")
-        history.append({"role": "assistant", "content": reply.content})
-        if result_path:
-            os.makedirs(os.path.dirname(os.path.abspath(result_path)), exist_ok=True)
-            with open(result_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"response": reply.content, "messages": history}, ensure_ascii=False) + "\n")
-
-
 def check_generation_flags(args) -> None:
     """infer's and deploy's flag values, before anything loads (every problem at once, FlagError: exit 2):
     sampling settings, counts, and deploy's port, body limit and API key."""
-    from tunesmith.args import deferred_problems
-    from tunesmith.train.config import between, raise_problems
+    from tunesmith.config.args import deferred_problems
+    from tunesmith.config.checks import between, raise_problems
 
     out: list[str] = deferred_problems(args)
     for name, lo, hi, lo_open in (("temperature", 0, None, False), ("top_p", 0, 1, True),
@@ -707,21 +495,3 @@ def check_generation_flags(args) -> None:
     raise_problems(out)
 
 
-def main(args):
-    """`tunesmith infer`: batch inference over --val_dataset (or --load_data_args' split), else interactive chat.
-
-    Returns 0; the engine is closed on the way out. Raises ConfigError or DataError (see build_engine,
-    batch_infer)."""
-    check_generation_flags(args)
-    engine, ckpt, _ = build_engine(args)
-    try:
-        loaded = _infer_rows(args, ckpt)
-        if loaded is None:
-            chat(engine, args, args.result_path)
-            return 0
-        result_path = args.result_path or _default_result_path(args, ckpt)
-        n = batch_infer(engine, args, loaded, result_path)
-        print(f"[tunesmith] infer: {n} rows -> {result_path}", file=sys.stderr)
-        return 0
-    finally:
-        engine.close()

@@ -9,8 +9,8 @@ ms-swift's `"object": "error"` alongside). SIGTERM stops accepting, lets in-flig
 GRACEFUL_SHUTDOWN_S) and then closes the engine.
 
 What lives here: request schemas, validation, OpenAI/ms-swift response shapes, SSE, auth, the request log. What
-must not: token scheduling (`tunesmith.engine`), template rendering or reply parsing (`tunesmith.infer`,
-`tunesmith.reply`), model loading (`tunesmith.infer.build_engine`). No torch import; fastapi and uvicorn are
+must not: token scheduling (`tunesmith.inference.engine`), template rendering or reply parsing (`tunesmith.inference.chat`,
+`tunesmith.inference.reply`), model loading (`tunesmith.inference.chat.build_engine`). No torch import; fastapi and uvicorn are
 imported inside `create_app`/`main` (pydantic and starlette at module level, for the schemas). Route handlers
 and the request models carry no docstrings on purpose: FastAPI would publish them in /openapi.json.
 """
@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import sys
 import threading
 import time
 import uuid
@@ -29,9 +26,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.requests import Request
 
-from tunesmith.errors import ConfigError
 
-GRACEFUL_SHUTDOWN_S = 15
 
 # The request schemas live at module level so FastAPI can resolve the handlers' annotations. This module is imported
 # only by `tunesmith deploy`, so pydantic never slows the CLI's start-up.
@@ -244,7 +239,7 @@ class Server:
         fills the context, or the template's own refusal of these messages."""
         from starlette.concurrency import run_in_threadpool
 
-        from tunesmith.infer import PromptTooLong
+        from tunesmith.inference.chat import PromptTooLong
         try:
             return await run_in_threadpool(self.engine.prompt, messages, tools, template_kwargs)
         except PromptTooLong as e:
@@ -290,7 +285,7 @@ async def _wait(handles: list, request) -> list:
 
 def _generation_error(error: BaseException) -> ApiError:
     """The OpenAI-shaped 500 for a sequence the engine ended with an error (NaN/inf output has its own code)."""
-    from tunesmith.engine import NonFiniteOutput
+    from tunesmith.inference.engine import NonFiniteOutput
 
     if isinstance(error, NonFiniteOutput):
         return ApiError(500, f"generation failed: {error}", code="model_output_not_finite")
@@ -314,7 +309,7 @@ def _sse(obj) -> str:
 
 async def _stream(server: Server, handles: list, prompt, cfg, chunk, include_usage: bool, on_done):
     """SSE events for each choice in turn (all generate concurrently); the client going away cancels them all."""
-    from tunesmith.infer import logprobs_json
+    from tunesmith.inference.chat import logprobs_json
     try:
         yield _sse(chunk(0, None, first=True))
         replies = []
@@ -494,7 +489,7 @@ async def chat_completion(server: Server, req: ChatRequest, request: Request):
 
     from starlette.responses import StreamingResponse
 
-    from tunesmith.infer import logprobs_json
+    from tunesmith.inference.chat import logprobs_json
 
     adapter = server.adapter(req.model)
     if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
@@ -572,47 +567,6 @@ async def text_completion(server: Server, req: CompletionRequest, request: Reque
     return body
 
 
-def served_models(args, named: dict, ckpt: Optional[str]) -> dict[str, Optional[str]]:
-    """The model ids /v1/models lists: the loaded model (with its plain adapters) and one per named adapter.
-
-    named: deploy's named adapters {name: path}; ckpt: the checkpoint build_engine resolved. Returns {model id:
-    adapter} for create_app: {base: None} without named adapters, else {base: "" (adapters off), name: name, ...}."""
-    from tunesmith.runs import model_suffix
-
-    base = args.served_model_name or model_suffix(ckpt if (ckpt and args.adapters and not named) else args.model)
-    if not named:
-        return {base: None}
-    return {base: "", **{name: name for name in named}}
-
-
-def _check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); another server is using the port? "
-                              f"Pass --port with a free one") from None
-
-
-def check_finite(engine, args, ckpt: Optional[str]) -> None:
-    """Refuse to serve a model whose output is NaN/inf (engine.non_finite_problem): every answer would be an error
-    (or, greedy, silent garbage). Names the checkpoint, and its diverged.json when training marked it.
-
-    Raises ConfigError; closes the engine first."""
-    from tunesmith.runs import diverged_problem
-
-    problem = engine.non_finite_problem()
-    if problem is None:
-        return
-    engine.close()
-    where = ckpt or (args.adapters[-1] if args.adapters else args.model)
-    marked = next((m for m in (diverged_problem(p, "") for p in dict.fromkeys([where, args.model, *(args.adapters or [])]))
-                   if m), None)
-    raise ConfigError(f"{where}: {problem}, so every request would fail; nothing was served. "
-                      + (f"Training marked it diverged ({marked.strip()})." if marked else
-                         "Serve an earlier checkpoint (or one whose training loss stayed finite)."))
-
-
 def openai_http_protocol(http: str = "auto"):
     """uvicorn's HTTP protocol class (`auto`: httptools when installed, else h11) answering a request it cannot
     parse (a bad Content-Length, a broken request line) with OpenAI's JSON error body instead of its plain-text 400;
@@ -640,32 +594,3 @@ def openai_http_protocol(http: str = "auto"):
     return OpenAIErrors
 
 
-def main(args):
-    """`tunesmith deploy`: build the engine and serve it until SIGTERM / Ctrl-C. Returns 0.
-
-    Raises ConfigError: fastapi or uvicorn missing, the port taken, the engine cannot be built here, or the model's
-    output is NaN/inf (check_finite)."""
-    try:
-        import fastapi
-        import uvicorn
-    except ImportError:
-        raise ConfigError("tunesmith deploy needs fastapi and uvicorn: pip install fastapi uvicorn") from None
-    del fastapi  # imported only to check that it is installed; create_app imports what it uses
-    from tunesmith.infer import build_engine, check_generation_flags
-
-    check_generation_flags(args)
-    _check_port(args.host, args.port)
-    engine, ckpt, named = build_engine(args)
-    check_finite(engine, args, ckpt)
-    served = served_models(args, named, ckpt)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(engine, served, api_key=api_key, owned_by=args.owned_by, result_path=args.result_path,
-                     max_logprobs=args.max_logprobs, max_request_bytes=args.max_request_bytes)
-    where = "reachable from the network" if args.host in ("0.0.0.0", "::") else \
-        "local only; --host 0.0.0.0 exposes it to the network"
-    print(f"[tunesmith] deploy: serving {', '.join(served)} at http://{args.host}:{args.port}/v1 ({where})"
-          + ("; API key required" if api_key else ""), file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info",
-                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, http=openai_http_protocol(),
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    return 0

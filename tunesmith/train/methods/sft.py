@@ -19,7 +19,7 @@ def token_loss(model, batch: dict, aux_coef: float = 0.0) -> tuple[dict, dict]:
     """({"tokens": summed cross-entropy in nats over the trained positions}, {"correct", "n_tokens"}) for one
     batch (`input_ids`/`labels` [B, T], or packed/flat rows). The router loss, a per-batch mean, is weighted by
     this batch's trained tokens so that the step's loss per token stays a mean."""
-    from tunesmith.train.token_logps import token_logps
+    from tunesmith.train.ops.token_logps import token_logps
 
     out = token_logps(model, batch)
     loss_sum = -out.logps.sum()

@@ -23,7 +23,7 @@ from tunesmith.data.collate import flat_collate, pad_collate, segments_collate
 from tunesmith.data.encode import IGNORE, Encoded
 from tunesmith.data.load import LoadResult, rows_for
 from tunesmith.errors import ConfigError
-from tunesmith.model import default_device, note
+from tunesmith.models.load import default_device, note
 from tunesmith.train import loop
 from tunesmith.train.reference import Reference, disable_dropout, sequence_logps
 from tunesmith.train.setup import Batches, batching
@@ -208,7 +208,7 @@ def choose_prefix_sharing(prefix_sharing: Optional[bool], data, model, pairs: li
     log-probs."""
     import torch
 
-    from tunesmith.train.token_logps import prefix_sharing_support
+    from tunesmith.train.ops.token_logps import prefix_sharing_support
 
     if prefix_sharing is False or not pairs:
         return False

@@ -13,10 +13,11 @@ import json
 import os
 import sys
 
-from tunesmith.args import to_record
+from tunesmith.config.args import to_record
 from tunesmith.errors import ConfigError
-from tunesmith.model import load_for_inference, note
-from tunesmith.runs import atomic_dir, resolve_checkpoint, split_named_adapters, write_json_atomic
+from tunesmith.models.load import load_for_inference, note
+from tunesmith.runs.run_dir import atomic_dir, write_json_atomic
+from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 
 
 def main(args):

@@ -1,25 +1,11 @@
-"""Run directories (ms-swift layout), args.json with secrets redacted, and checkpoints written atomically.
-
-Shared by training, export, infer, deploy and report, so none of them imports train/.
-
-    output_dir/vN-YYYYMMDD-HHMMSS/
-        args.json  logging.jsonl  val_dataset.jsonl  runs/ (TensorBoard)
-        checkpoint-STEP/  (adapter or full model, args.json, trainer_state.json, optimizer.pt, scheduler.pt,
-                           rng_state.pth)
-"""
+"""Checkpoints as models: which folders are adapters, named adapters (`name=path`), the settings a checkpoint passes on to inference (args.json), and whether a checkpoint diverged."""
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
 import json
 import os
 import re
-import shutil
-from typing import Iterator, Optional
-
-from tunesmith.args import looks_like_system_file, to_record
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+from typing import Optional
+from tunesmith.config.args import looks_like_system_file
 
 
 def model_suffix(model: str) -> str:
@@ -36,143 +22,9 @@ def model_suffix(model: str) -> str:
     return name.replace("___", ".")
 
 
-def next_version_dir(output_dir: str, now: Optional[_dt.datetime] = None) -> str:
-    """output_dir/v{N}-{YYYYMMDD-HHMMSS}, N = 1 + the largest existing vN (first run: v0)."""
-    os.makedirs(output_dir, exist_ok=True)
-    versions = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.match(r"^v(\d+)-", d))]
-    n = max(versions) + 1 if versions else 0
-    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return os.path.join(output_dir, f"v{n}-{stamp}")
-
-
-def make_run_dir(output_dir: str, add_version: bool = True) -> str:
-    path = next_version_dir(output_dir) if add_version else output_dir
-    os.makedirs(path, exist_ok=True)
-    return os.path.abspath(path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, ensure_ascii=False, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def save_args(path_dir: str, args, extra: Optional[dict] = None) -> dict:
-    """Write args.json: every resolved argument, secrets replaced by '<redacted>', plus record-only extras."""
-    record = to_record(args)
-    record.update(extra or {})
-    write_json_atomic(os.path.join(path_dir, "args.json"), record)
-    return record
-
-
-def existing_ancestor(path: str) -> str:
-    """PATH made absolute, or the nearest folder above it that exists (where it would be created)."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
-
-
-def remove_leftovers(folders: list[str]) -> list[str]:
-    """Remove the unfinished saves (`.tmp-<name>-<pid>`, `<name>.old-<pid>`: atomic_dir's) that processes no
-    longer running left in these folders and in their run directories (one level down); a folder whose process
-    is alive is another run's save in progress and is kept. Returns the paths removed."""
-    removed = []
-    places = {os.path.abspath(f) for f in folders if f and os.path.isdir(f)}
-    places |= {os.path.join(p, d) for p in list(places) for d in os.listdir(p) if os.path.isdir(os.path.join(p, d))}
-    for place in sorted(places):
-        for name in os.listdir(place):
-            m = re.fullmatch(r"\.tmp-.+-(\d+)|.+\.old-(\d+)", name)
-            if not m or not os.path.isdir(os.path.join(place, name)) or _alive(int(m.group(1) or m.group(2))):
-                continue
-            shutil.rmtree(os.path.join(place, name), ignore_errors=True)
-            removed.append(os.path.join(place, name))
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def atomic_dir(final_path: str) -> Iterator[str]:
-    """Yield a temporary directory next to final_path; rename it into place only if the block succeeds.
-
-    A crash mid-write leaves a `.tmp-` directory that no checkpoint search matches, never a checkpoint that
-    looks complete but is not.
-    """
-    parent = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(final_path)}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(final_path):
-        old = final_path + f".old-{os.getpid()}"
-        os.replace(final_path, old)
-        os.replace(tmp, final_path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final_path)
-
-
-def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoints in a run directory, oldest step first."""
-    if not os.path.isdir(run_dir):
-        return []
-    found = [(int(m.group(1)), os.path.join(run_dir, d)) for d in os.listdir(run_dir)
-             if (m := CHECKPOINT_RE.match(d)) and os.path.isdir(os.path.join(run_dir, d))]
-    return [p for _, p in sorted(found)]
-
-
-def rotate_checkpoints(run_dir: str, limit: Optional[int], best: Optional[str] = None) -> list[str]:
-    """Keep the `limit` newest checkpoints plus the best one; return the removed paths."""
-    if not limit or limit <= 0:
-        return []
-    ckpts = list_checkpoints(run_dir)
-    keep = set(ckpts[-limit:])
-    if best:
-        keep.add(os.path.abspath(best))
-    removed = []
-    for c in ckpts:
-        if os.path.abspath(c) not in {os.path.abspath(k) for k in keep}:
-            shutil.rmtree(c, ignore_errors=True)
-            removed.append(c)
-    return removed
-
-
 def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json")) or \
         os.path.isfile(os.path.join(path, "default", "adapter_config.json"))
-
-
-def update_symlink(link: str, target: str) -> None:
-    tmp = link + f".tmp-{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    os.symlink(os.path.relpath(target, os.path.dirname(link)), tmp)
-    os.replace(tmp, link)
 
 
 # Keys a checkpoint's args.json fills when the command line left them empty (ms-swift's load_args, §2); flags win.

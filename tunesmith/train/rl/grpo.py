@@ -29,7 +29,7 @@ from tunesmith.data.load import LoadResult, map_records
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.log import note
 from tunesmith.train import loop
-from tunesmith.train.config import between
+from tunesmith.config.checks import between
 from tunesmith.train.setup import Batches
 
 # how each loss type's scalar becomes a summed term and its unit (the loop divides by the units of the whole step):
@@ -63,8 +63,8 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
     """({unit: summed loss term}, summed statistics) of one micro-batch from `grpo_collate`. The policy's
     per-token entropy comes from the same forward when --log_entropy or --top_entropy_quantile < 1 ask for it
     (ms-swift's compute_entropy); the entropy mask multiplies only the policy-gradient term (`entropy_terms`)."""
-    from tunesmith.train import losses as L
-    from tunesmith.train.rollouts import completion_logps, completion_logps_and_entropy
+    from tunesmith.train.ops import losses as L
+    from tunesmith.train.rl.rollouts import completion_logps, completion_logps_and_entropy
 
     mask = batch["completion_mask"]
     entropy_mask, entropy_stats = None, {}
@@ -104,7 +104,7 @@ def entropy_terms(method: "GRPO", entropy, mask) -> tuple:
     micro-batches logged (ms-swift's log()); they are counted on the main process only, so summing the statistics
     over processes leaves them whole."""
     from tunesmith.train import distributed as D
-    from tunesmith.train import losses as L
+    from tunesmith.train.ops import losses as L
 
     keep, stats, main = mask.bool(), {}, D.is_main()
     entropy = entropy.detach().float()
@@ -224,7 +224,7 @@ class GRPO:
         β 0.04, loss_type grpo, epsilon_high = epsilon, steps_per_generation from --generation_batch_size or
         --gradient_accumulation_steps, scale_rewards by estimator. Reward functions are resolved here, so a bad
         name or plugin is a flag problem before anything loads."""
-        from tunesmith.train.losses import GRPO_LOSS_TYPES
+        from tunesmith.train.ops.losses import GRPO_LOSS_TYPES
 
         loss_type = _one_loss_type(args, problems, GRPO_LOSS_TYPES)
         beta = 0.04 if args.beta is None else args.beta
@@ -281,7 +281,7 @@ class GRPO:
         """The rollouts (generated as the loop reads them) and their collator; dropout off (the ratio of an
         unchanged policy must be exactly 1, as TRL's disable_dropout)."""
         from tunesmith.train.reference import disable_dropout
-        from tunesmith.train.rollouts import Rollouts, ValidationRollouts, grpo_collate
+        from tunesmith.train.rl.rollouts import Rollouts, ValidationRollouts, grpo_collate
 
         disable_dropout(model, has_reference=self.needs_reference)
         rollouts = Rollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, cfg, prepared.model_dir)
@@ -298,7 +298,7 @@ class GRPO:
         """The run's header: the loss, the group size, the reward functions, the reference."""
         names = ", ".join(f"{f.spec}×{w:g}" for f, w in zip(batches.train.reward_fns, self.reward_weights))
         if any(f.spec == "accuracy" for f in batches.train.reward_fns):
-            from tunesmith.rewards import accuracy_backend
+            from tunesmith.train.rl.rewards import accuracy_backend
             names += " (accuracy checked with " + ("math_verify)" if accuracy_backend() == "math_verify" else
                                                     "tunesmith's own answer comparison; pip install math-verify "
                                                     "for LaTeX equivalence)")
@@ -349,7 +349,7 @@ def _steps_per_generation(args, problems: list) -> Optional[int]:
         world = max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
         gas = args.gradient_accumulation_steps or max(1, math.ceil(16 / max(per_step, 1) / world))
         if per_step >= 1 and (per_step * world * gas) % max(args.num_generations, 1):
-            from tunesmith.train.rollouts import generation_batch_problem
+            from tunesmith.train.rl.rollouts import generation_batch_problem
 
             problems.append(generation_batch_problem(per_step * world, gas, args.num_generations))
         return None
@@ -357,7 +357,7 @@ def _steps_per_generation(args, problems: list) -> Optional[int]:
         problems.append(f"--steps_per_generation {steps}: must be 1 or more")
         return 1
     if (per_step * steps) % max(args.num_generations, 1):
-        from tunesmith.train.rollouts import generation_batch_problem
+        from tunesmith.train.rl.rollouts import generation_batch_problem
 
         problems.append(generation_batch_problem(per_step, steps, args.num_generations))
     return steps
@@ -420,7 +420,7 @@ def _reward_model_kind(path: str) -> list:
 def _vllm_problems(args, problems: list) -> None:
     """--use_vllm: what tunesmith's vLLM rollouts need (ms-swift's colocate mode with --vllm_enable_lora: the
     policy's LoRA adapter is handed to vLLM each round), each missing piece one problem."""
-    from tunesmith.backends import check_backend
+    from tunesmith.inference.backends import check_backend
 
     drop = "drop --use_vllm (tunesmith's own batched engine generates the rollouts)"
     off = "or " + drop
@@ -447,7 +447,7 @@ def _vllm_problems(args, problems: list) -> None:
 
 
 def _reward_args(args):
-    from tunesmith.rewards import RewardArgs
+    from tunesmith.train.rl.rewards import RewardArgs
 
     return RewardArgs(cosine_min_len_value_wrong=args.cosine_min_len_value_wrong,
                       cosine_max_len_value_wrong=args.cosine_max_len_value_wrong,
@@ -461,7 +461,7 @@ def _reward_args(args):
 def _checked_rewards(args, reward_args, problems: list) -> list:
     """The --reward_funcs names (resolved now, so a typo or a broken plugin is reported with the other flag
     problems); an empty list is a problem: GRPO learns nothing without a reward."""
-    from tunesmith.rewards import load_reward_functions
+    from tunesmith.train.rl.rewards import load_reward_functions
 
     if not args.reward_funcs:
         if not args.reward_model:

@@ -373,6 +373,7 @@ def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int
     tokens, then (L_max − L_cache − t) / L_cache, and −1 beyond L_max. Reads `completion_ids`."""
 
     def soft_overlong_punishment_reward(completion_ids, **kwargs) -> list:
+        """[N] rewards for N completions (token-id lists): the punishment above, per completion."""
         out = []
         for ids in completion_ids:
             t = len(ids)
@@ -675,6 +676,7 @@ def _call(fn: RewardFn, completions, kwargs: dict):
 async def _gather(calls: list):
     """Await the async rewards concurrently (asyncio.gather, as ms-swift and TRL)."""
     async def one(fn, completions, kwargs):
+        """One async reward function's scores; a ConfigError is the plugin's fault and is raised as it is."""
         try:
             return await fn(completions, **kwargs)
         except ConfigError:

@@ -87,7 +87,7 @@ def engine_adapters(args) -> dict[str, str]:
     """The LoRA adapters to serve, {name: path}: deploy's `name=path` pairs as named, and a plain `--adapters PATH`
     under its folder name (what tunesmith's deploy calls it). Raises ConfigError for several plain adapters: the
     engines apply one LoRA per request, not a stack; merge them first (`tunesmith export --merge_lora true`)."""
-    from tunesmith.runs import model_suffix, split_named_adapters
+    from tunesmith.models.checkpoint import model_suffix, split_named_adapters
 
     plain, named = split_named_adapters(list(getattr(args, "adapters", None) or []))
     if len(plain) > 1:
@@ -281,7 +281,7 @@ def native_serve_command(backend: str, args, model_dir: str, lora: Optional[dict
     --served_model_name come from deploy's flags where present. Secrets (--api_key) appear as '<redacted>';
     --hub_token is never included (set HF_TOKEN / MODELSCOPE_API_TOKEN in the environment instead).
     Raises ConfigError for an unknown backend or an impossible LoRA combination (as the translations do)."""
-    from tunesmith.runs import model_suffix
+    from tunesmith.models.checkpoint import model_suffix
 
     lora = dict(lora or {})
     host, port = getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8000)
@@ -356,8 +356,8 @@ def format_command(cmd: list[str]) -> str:
 # ------------------------------------------------------------------ the engines behind ChatEngine
 
 def _handle_class():
-    # Built lazily: tunesmith.engine imports nothing heavy, but keeping this module import-light is the rule here.
-    from tunesmith.engine import Handle
+    # Built lazily: tunesmith.inference.engine imports nothing heavy, but keeping this module import-light is the rule here.
+    from tunesmith.inference.engine import Handle
 
     class BackendHandle(Handle):
         def __init__(self, prompt_ids, params, adapter, loop, backend):
@@ -387,7 +387,7 @@ class _Stream:
 
     def add(self, token: int, logprob=None) -> bool:
         """Record and stream one token; True when the sequence is done by tunesmith's rules."""
-        from tunesmith.engine import stop_string_hit
+        from tunesmith.inference.engine import stop_string_hit
 
         p = self.handle.params
         self.tokens.append(int(token))
@@ -405,7 +405,7 @@ class _Stream:
         return self.finish is not None
 
     def completion(self, reason: Optional[str] = None, error: Optional[BaseException] = None):
-        from tunesmith.engine import Completion
+        from tunesmith.inference.engine import Completion
 
         return Completion(self.tokens, self.finish or reason or "abort", len(self.handle.prompt_ids),
                           self.logprobs, self.stop_hit, error)
@@ -700,7 +700,7 @@ class VllmEngine(_AsyncBackend):
         return LoRARequest(r["lora_name"], r["lora_int_id"], r["lora_path"])
 
     async def _stream(self, handle, request_id: str, lora: Optional[str]):
-        from tunesmith.engine import TokenLogprob
+        from tunesmith.inference.engine import TokenLogprob
 
         sp = self.sampling_params(handle.params)
         delta = getattr(getattr(sp, "output_kind", None), "name", None) == "DELTA"
@@ -791,7 +791,7 @@ class SglangEngine(_AsyncBackend):
         return sp
 
     async def _stream(self, handle, request_id: str, lora: Optional[str]):
-        from tunesmith.engine import TokenLogprob
+        from tunesmith.inference.engine import TokenLogprob
 
         p = handle.params
         want = bool(p.logprobs or p.top_logprobs)
@@ -884,7 +884,7 @@ class LmdeployEngine(_AsyncBackend):
         return lmdeploy.GenerationConfig(**kw)
 
     async def _stream(self, handle, request_id: str, lora: Optional[str]):
-        from tunesmith.engine import TokenLogprob
+        from tunesmith.inference.engine import TokenLogprob
 
         session = int(request_id.rsplit("-", 1)[1]) + 1  # LMDeploy sessions are ints; 0 is avoided
         self._sessions[request_id] = session

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tunesmith.train import loop
-from tunesmith.train.config import between
-from tunesmith.train.pairs import (PairTerms, check_pairs, describe_nll, pair_batches, pair_header, pair_objective,
-                                   preference_flags, reference_free_flags)
+from tunesmith.config.checks import between
+from tunesmith.train.methods.pairs import (PairTerms, check_pairs, describe_nll, pair_batches, pair_header, pair_objective, preference_flags, reference_free_flags)
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class CPO:
     @classmethod
     def from_args(cls, args, problems: list) -> "CPO":
         """One loss type (default sigmoid; simpo for --rlhf_type simpo), beta (default 0.1; SimPO 2.0)."""
-        from tunesmith.train.losses import CPO_LOSS_TYPES
+        from tunesmith.train.ops.losses import CPO_LOSS_TYPES
 
         simpo = args.rlhf_type == "simpo"
         beta, types = preference_flags(args, problems, CPO_LOSS_TYPES, "sigmoid", default_beta=2.0 if simpo else 0.1,
@@ -66,7 +65,7 @@ class CPO:
 
     def pair_terms(self, c, r, n_c, n_r, ref) -> PairTerms:
         """The variant's loss per pair; rewards β·ℓ (averaged ℓ̄ for ipo/simpo, as TRL logs them). [B] each."""
-        from tunesmith.train import losses as L
+        from tunesmith.train.ops import losses as L
 
         loss = L.cpo_loss(self.loss_type, chosen=c, rejected=r, chosen_len=n_c, rejected_len=n_r, beta=self.beta,
                           label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)

@@ -1,0 +1,1 @@
+"""Benchmarks and their scoring: tasks from local files, answer extraction, metrics, tables and charts."""

@@ -1,0 +1,1 @@
+"""What a run leaves on disk: run and checkpoint folders written atomically, trackers, and reports."""

@@ -1,0 +1,1 @@
+"""Reinforcement learning: GRPO, its rollouts, and the reward functions."""
