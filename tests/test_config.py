@@ -116,7 +116,7 @@ def test_resolution_fills_ms_swift_defaults_without_changing_the_parsed_argument
 def test_each_method_is_one_object(rlhf_type, cls, needs_reference, loss_scale):
     args = parse_args("rlhf", [*BASE, "--rlhf_type", rlhf_type, "--per_device_train_batch_size", "2"])
     _, method = recipe.configure(args)
-    assert type(method).__name__ == cls and type(method).__module__ == f"tunesmith.train.{cls.lower()}"
+    assert type(method).__name__ == cls and type(method).__module__ == f"tunesmith.train.methods.{cls.lower()}"
     assert method.needs_reference is needs_reference and method.default_loss_scale == loss_scale
     _, sft = recipe.configure(parse_args("sft", BASE))
     assert type(sft).__name__ == "SFT" and not sft.needs_reference and sft.rows == "sft"
