@@ -169,12 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if launch and COMMANDS[command][0] == "tunesmith.commands.train":
         # the value checks too, once here rather than by every process torchrun would start (exit 2, as alone)
+        from tunesmith.commands.train import check_flags
         from tunesmith.errors import ConfigError
-        from tunesmith.train.config import check
-        from tunesmith.commands.train import method_for
 
         try:
-            check(args, method_for(args))
+            check_flags(args)
         except ConfigError as e:
             print(f"tunesmith {command}: error: {e}", file=sys.stderr)
             return 2

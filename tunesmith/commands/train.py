@@ -8,3 +8,11 @@ from tunesmith.train import recipe
 def main(args):
     """Train as the parsed command says (sft, or rlhf/dpo with its --rlhf_type); returns the exit code."""
     return recipe.main(args)
+
+
+def check_flags(args) -> None:
+    """The training command's value checks (every problem at once), without loading anything: the launcher runs
+    them once before torchrun starts the processes. Raises ConfigError (a FlagError for flag values)."""
+    from tunesmith.train.config import check
+
+    check(args, recipe.method_for(args))
