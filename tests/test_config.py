@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tunesmith.config.args import parse_args, to_record
+from tunesmith.config.parser import parse_args, to_record
 from tunesmith.errors import ConfigError
 from tunesmith.train import recipe
 
@@ -116,7 +116,7 @@ def test_resolution_fills_ms_swift_defaults_without_changing_the_parsed_argument
 def test_each_method_is_one_object(rlhf_type, cls, needs_reference, loss_scale):
     args = parse_args("rlhf", [*BASE, "--rlhf_type", rlhf_type, "--per_device_train_batch_size", "2"])
     _, method = recipe.configure(args)
-    assert type(method).__name__ == cls and type(method).__module__ == f"tunesmith.train.{cls.lower()}"
+    assert type(method).__name__ == cls and type(method).__module__ == f"tunesmith.train.methods.{cls.lower()}"
     assert method.needs_reference is needs_reference and method.default_loss_scale == loss_scale
     _, sft = recipe.configure(parse_args("sft", BASE))
     assert type(sft).__name__ == "SFT" and not sft.needs_reference and sft.rows == "sft"
@@ -167,7 +167,7 @@ def test_a_missing_model_with_an_adapter_names_the_adapters_base(tmp_path):
     base model the adapter's args.json records, so the fix is one copy-paste."""
     import json
 
-    from tunesmith.config.args import parse_args
+    from tunesmith.config.parser import parse_args
     from tunesmith.train.config import problems
 
     (tmp_path / "args.json").write_text(json.dumps({"model": "Qwen/Qwen2.5-7B-Instruct"}))
