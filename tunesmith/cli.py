@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         # the value checks too, once here rather than by every process torchrun would start (exit 2, as alone)
         from tunesmith.errors import ConfigError
         from tunesmith.train.config import check
-        from tunesmith.commands.train import method_for
+        from tunesmith.train.recipe import method_for
 
         try:
             check(args, method_for(args))
