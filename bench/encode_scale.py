@@ -86,7 +86,7 @@ def child(mode: str, tok_dir: str, data: str, num_proc: int) -> dict:
         rows = [v for s, v in (encode_one(enc, r, "sft") for r in loaded.records) if s == "ok"]
         n = len(rows)
     else:
-        from tunesmith.config.args import parse_args
+        from tunesmith.config.parser import parse_args
         from tunesmith.train import recipe
         from tunesmith.train.setup import prepare_data
 

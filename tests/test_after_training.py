@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import EXAMPLES, read_jsonl
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError
 
 CAPITALS = os.path.join(EXAMPLES, "capitals_messages.jsonl")
@@ -123,7 +123,7 @@ def test_interactive_chat_streams_multi_turn_and_commands(lora_ckpt):
     from tunesmith.commands.infer import chat
 
     args = parse_args("infer", ["--adapters", lora_ckpt, "--max_new_tokens", "6", "--temperature", "0"])
-    engine, _, _ = build_engine(args)
+    engine, _, _, _ = build_engine(args)
     out = io.StringIO()
     chat(engine, args, None, stdin=io.StringIO("What is the capital of France?\nAnd of Japan?\nclear\nexit\n"),
          stdout=out)
@@ -151,7 +151,7 @@ def test_reasoning_is_returned_separately():
 def test_stop_words_and_length_limits(lora_ckpt):
     from tunesmith.inference.chat import GenConfig, PromptTooLong, build_engine
 
-    engine, _, _ = build_engine(parse_args("infer", ["--adapters", lora_ckpt, "--temperature", "0",
+    engine, _, _, _ = build_engine(parse_args("infer", ["--adapters", lora_ckpt, "--temperature", "0",
                                                         "--max_model_len", "256"]))
     conv = [[{"role": "user", "content": "What is the capital of France?"}]]
     full = engine.generate(conv, GenConfig(max_new_tokens=12, temperature=0))[0]

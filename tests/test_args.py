@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from tunesmith.config.args import ArgError, NOT_SUPPORTED_YET, parse_args, to_record
+from tunesmith.config.parser import ArgError, parse_args, to_record
+from tunesmith.config.swift_compat import NOT_SUPPORTED_YET
 
 
 def test_bool_list_dict_and_bare_flags():
@@ -163,15 +164,17 @@ def _sources_outside_args() -> str:
 
     import tunesmith
     root = os.path.dirname(tunesmith.__file__)
-    files = [f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-             if os.path.basename(f) != "args.py" or os.path.dirname(f) != root]
+    # the modules that declare and parse the flags (config/args.py before it was split) do not count as readers
+    defining = {os.path.join(root, "config", f) for f in ("groups.py", "swift_compat.py", "commands.py", "parser.py")}
+    files = [f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True) if f not in defining]
     return "\n".join(open(f, encoding="utf-8").read() for f in files)
 
 
 def test_every_flag_has_help_and_is_read_or_listed_as_compatibility_only():
     import dataclasses
 
-    from tunesmith.config.args import COMMAND_ARGS, COMPATIBILITY_ONLY
+    from tunesmith.config.commands import COMMAND_ARGS
+    from tunesmith.config.swift_compat import COMPATIBILITY_ONLY
 
     fields = {f.name: f for cls in COMMAND_ARGS.values() for f in dataclasses.fields(cls)}
     assert not [n for n, f in fields.items() if not f.metadata.get("help")], "flags without help text"

@@ -15,7 +15,7 @@ import types
 import pytest
 
 from tunesmith.inference import backends as B
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError
 
 
@@ -623,7 +623,7 @@ def test_build_engine_with_vllm(monkeypatch, tiny_models, capsys):
     model = tiny_models("qwen2")
     args = parse_args("deploy", ["--model", model, "--infer_backend", "vllm", "--vllm_gpu_memory_utilization",
                                  "0.5", "--max_new_tokens", "7"])
-    chat, ckpt, named = build_engine(args)
+    chat, _, ckpt, named = build_engine(args)
     try:
         assert isinstance(chat, ChatEngine) and isinstance(chat.engine, B.VllmEngine)
         assert built["engine_args"].kw["gpu_memory_utilization"] == 0.5

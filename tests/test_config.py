@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tunesmith.config.args import parse_args, to_record
+from tunesmith.config.parser import parse_args, to_record
 from tunesmith.errors import ConfigError
 from tunesmith.train import recipe
 
@@ -167,7 +167,7 @@ def test_a_missing_model_with_an_adapter_names_the_adapters_base(tmp_path):
     base model the adapter's args.json records, so the fix is one copy-paste."""
     import json
 
-    from tunesmith.config.args import parse_args
+    from tunesmith.config.parser import parse_args
     from tunesmith.train.config import problems
 
     (tmp_path / "args.json").write_text(json.dumps({"model": "Qwen/Qwen2.5-7B-Instruct"}))

@@ -65,7 +65,7 @@ def test_convert_and_split(tmp_path, capsys):
 
 def test_stats_counts_over_long_rows(capsys):
     from tunesmith.commands.data import stats
-    from tunesmith.config.args import parse_args
+    from tunesmith.config.parser import parse_args
     s = stats(parse_args("data", ["stats", "--dataset", *ALL_FORMATS, "--max_length", "37"]))
     assert s["rows"] == 32 and s["kinds"] == {"sft": 24, "preference": 8}
     assert 0 < s["over_max_length"]["sequences"] < 40
@@ -90,7 +90,7 @@ def test_inspect_system_file_shows_its_content(tmp_path, monkeypatch, capsys):
 def test_stats_names_the_truncation_strategy_it_applies(capsys):
     """delete: over-long sequences are dropped; left/right: truncated and still trained, except those whose kept
     window holds no trained token (dropped, as training drops them)."""
-    from tunesmith.config.args import parse_args
+    from tunesmith.config.parser import parse_args
     from tunesmith.commands.data import stats
 
     data = os.path.join(EXAMPLES, "capitals_messages.jsonl")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import EXAMPLES, read_jsonl, seed_gpt_oss_dpo_argv, write_jsonl
-from tunesmith.config.args import ArgError, parse_args
+from tunesmith.config.parser import ArgError, parse_args
 from tunesmith.errors import ConfigError
 from tunesmith.train import distributed as D
 

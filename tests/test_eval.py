@@ -1,6 +1,7 @@
 """`tunesmith eval`: every benchmark's published layout read from small fixture files written here, the answer
 extraction forms, clear errors for bad data, code execution only when allowed, the base-vs-tuned table after a quick
 fine-tune, and an endpoint (`tunesmith deploy`) giving the same answers as local greedy generation."""
+import dataclasses
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ from conftest import read_jsonl, write_jsonl
 from tunesmith.eval import benchmarks as B
 from tunesmith.commands import eval as eval_command
 from tunesmith.eval import evaluate as E
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError, DataError
 
 # ------------------------------------------------------------------ fixtures in each published layout
@@ -245,7 +246,7 @@ def test_report_to_tensorboard_logs_the_score_table(tmp_path, monkeypatch):
     (task,) = E.load_tasks(args)
     base, tuned = Oracle([task], wrong={s.source for s in task.samples[:4]}), Oracle([task])
     base.label, tuned.label = "base", "tuned"
-    monkeypatch.setattr(eval_command, "_runners", lambda a: ([base, tuned], None))
+    monkeypatch.setattr(eval_command, "_runners", lambda a: ([base, tuned], None, a))
     out = eval_command.main(args)["output_dir"]
     (events,) = [os.path.join(dp, f) for dp, _, fs in os.walk(out) for f in fs if "tfevents" in f]
     acc = EventAccumulator(events)
@@ -258,7 +259,7 @@ def test_report_to_tensorboard_logs_the_score_table(tmp_path, monkeypatch):
             blob = open(os.path.join(dp, f), "rb").read()
             assert b"sk-eval-secret" not in blob and b"hf_evalsecret" not in blob, f
     # the default (none, as ms-swift's eval has no --report_to) writes no tracker files
-    args.report_to, args.eval_output_dir = ["none"], str(tmp_path / "plain")
+    args = dataclasses.replace(args, report_to=["none"], eval_output_dir=str(tmp_path / "plain"))  # args are frozen
     plain = eval_command.main(args)["output_dir"]
     assert not os.path.exists(os.path.join(plain, "runs")) and not os.path.exists(os.path.join(plain, "logging.jsonl"))
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,7 @@ def test_pack_groups_fill_without_overflow():
 
 def _train(tmp_path, name, model_dir, *extra):
     from conftest import read_jsonl
-    from tunesmith.config.args import parse_args
+    from tunesmith.config.parser import parse_args
     from tunesmith.train import recipe
     res = recipe.main(parse_args("sft", ["--model", model_dir, "--dataset", os.path.join(EXAMPLES, "capitals_messages.jsonl"),
                                       os.path.join(EXAMPLES, "capitals_alpaca.json"), "--train_type", "full",
@@ -169,7 +169,7 @@ def test_padding_free_and_packing_runs(tiny_models, tmp_path, capsys):
 
 def test_dpo_padding_free_and_packing_runs(tiny_models, tmp_path):
     from conftest import read_jsonl
-    from tunesmith.config.args import parse_args
+    from tunesmith.config.parser import parse_args
     from tunesmith.train import recipe
 
     def run(name, *extra):
@@ -262,7 +262,7 @@ def test_prefix_shared_pairs_equal_two_sequences_with_gradients(family, attn):
 
 
 def test_prefix_sharing_is_refused_where_the_mask_cannot_be_passed(tiny_models):
-    from tunesmith.config.args import parse_args
+    from tunesmith.config.parser import parse_args
     from tunesmith.errors import ConfigError
     from tunesmith.train.methods import pairs as P
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import EXAMPLES, read_jsonl
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 
 COMMON = ["--max_steps", "10", "--logging_steps", "1", "--per_device_train_batch_size", "2",
           "--gradient_accumulation_steps", "2", "--learning_rate", "5e-3", "--seed", "3", "--report_to", "none",

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError
 from tunesmith.train import recipe
 

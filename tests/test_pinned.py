@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import EXAMPLES, read_jsonl, write_jsonl
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE, ChatEncoder
 from tunesmith.data.formats import normalise_row

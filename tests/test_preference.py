@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import EXAMPLES, read_jsonl, seed_gpt_oss_dpo_argv, write_jsonl
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.train.methods import pairs as preference
 from tunesmith.train import recipe

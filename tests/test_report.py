@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import EXAMPLES, read_jsonl
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 
 TOKEN = "sk-swanlab-TOKEN-9f8e7d6c5b4a"
 

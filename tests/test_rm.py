@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 from tunesmith.train import recipe
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl, write_jsonl
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 from tunesmith.train import recipe
 
 WORDS = "red blue green black white gold pink gray".split()
@@ -409,7 +409,7 @@ def test_system_file_is_saved_as_text_and_survives_another_cwd(tiny_models, tmp_
         assert json.load(open(path))["system"] == prompt
     monkeypatch.chdir(elsewhere)
     assert os.path.isabs(ckpt)
-    engine, _, _ = build_engine(parse_args("infer", ["--adapters", ckpt, "--max_new_tokens", "2"]))
+    engine, _, _, _ = build_engine(parse_args("infer", ["--adapters", ckpt, "--max_new_tokens", "2"]))
     assert engine.encoder.system == prompt
 
 
@@ -424,8 +424,7 @@ def test_old_args_json_with_a_system_path(tmp_path, monkeypatch):
     (ckpt / "args.json").write_text(json.dumps({"model": "m", "system": "prompt.txt"}), encoding="utf-8")
     (tmp_path / "prompt.txt").write_text("Be brief.", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    args = parse_args("infer", ["--model", str(ckpt)])
-    resolve_checkpoint(args)
+    args, _ = resolve_checkpoint(parse_args("infer", ["--model", str(ckpt)]))
     assert args.system == "Be brief."
     monkeypatch.chdir(ckpt)
     with pytest.raises(ConfigError, match=r"args.json: system is the path .*'prompt.txt'.* pass --system"):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import EXAMPLES, write_jsonl
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 from tunesmith.data.encode import ChatEncoder
 from tunesmith.data.formats import normalise_row
 from tunesmith.errors import DataError

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from tunesmith.config.args import parse_args
+from tunesmith.config.parser import parse_args
 from tunesmith.data.load import LoadResult, iter_spec, read_spec, stream_records
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.train import recipe

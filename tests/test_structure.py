@@ -124,7 +124,7 @@ def test_layering_check_catches_an_arrow_back_up():
     library module importing a command) is reported."""
     modules = _modules()
     for importer, imported in (("tunesmith.inference.engine", "tunesmith.train.ops.token_logps"),
-                               ("tunesmith.config.args", "tunesmith.data.load"),
+                               ("tunesmith.config.parser", "tunesmith.data.load"),
                                ("tunesmith.serve.app", "tunesmith.commands.infer"),
                                ("tunesmith.data.load", "tunesmith.testing")):
         path, tree = modules[importer]

@@ -11,7 +11,10 @@ import time
 
 import pytest
 
-from tunesmith.config.args import (COMMAND_ARGS, COMPATIBILITY_ONLY_IN, NOT_SUPPORTED_ELSEWHERE, NOT_SUPPORTED_VALUES, NOT_SUPPORTED_YET, ArgError, _aliases, _fields, format_help, parse_args)
+from tunesmith.config.commands import COMMAND_ARGS
+from tunesmith.config.parser import ArgError, _aliases, _fields, format_help, parse_args
+from tunesmith.config.swift_compat import (COMPATIBILITY_ONLY_IN, NOT_SUPPORTED_ELSEWHERE, NOT_SUPPORTED_VALUES,
+                                           NOT_SUPPORTED_YET)
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "data", "ms_swift_flags.json")
 with open(TABLE_PATH, encoding="utf-8") as fh:

@@ -414,7 +414,7 @@ def test_sft_on_tool_call_rows_makes_deploy_answer_with_tool_calls(tiny_models, 
     from transformers import AutoTokenizer
 
     from test_after_training import _free_port
-    from tunesmith.config.args import parse_args
+    from tunesmith.config.parser import parse_args
     from tunesmith.inference.chat import ChatEngine
     from tunesmith.serve.app import create_app
     from tunesmith.train import recipe

@@ -1,6 +1,6 @@
 """`tunesmith <command> [flags]`: a plain mapping of subcommand to `main(args)`.
 
-Only the standard library, tunesmith.config.args and tunesmith.log are imported here, so `--help` and argument errors
+Only the standard library, tunesmith.config.parser and tunesmith.log are imported here, so `--help` and argument errors
 answer at once; each command imports torch/transformers when it runs. Also here: turning ms-swift's launch
 variables (NPROC_PER_NODE, NNODES, ...) into a torchrun launch of the same command.
 """
@@ -11,7 +11,7 @@ import os
 import sys
 
 from tunesmith import __version__
-from tunesmith.config.args import ArgError, deferred_problems, format_help, parse_args, problems_message
+from tunesmith.config.parser import ArgError, deferred_problems, format_help, parse_args, problems_message
 from tunesmith.log import note, rank, world_size
 
 # command -> (module, one-line description). The module's `main(args)` is also the Python API.

@@ -12,7 +12,7 @@ import sys
 from itertools import islice
 from typing import Optional
 
-from tunesmith.config.args import DataCommandArguments
+from tunesmith.config.commands import DataCommandArguments
 from tunesmith.data.encode import IGNORE, ChatEncoder, TooLong, NothingToTrain, render_highlighted
 from tunesmith.data.formats import row_kind
 from tunesmith.data.load import (LoadResult, load_datasets, normalise_rows, read_spec, rows_for, split_train_val,

@@ -68,7 +68,7 @@ def main(args):
 
     check_generation_flags(args)
     _check_port(args.host, args.port)
-    engine, ckpt, named = build_engine(args)
+    engine, args, ckpt, named = build_engine(args)
     check_finite(engine, args, ckpt)
     served = served_models(args, named, ckpt)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None

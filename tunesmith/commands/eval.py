@@ -1,7 +1,7 @@
 """`tunesmith eval`: run benchmarks from local files on the base and the tuned model (or an endpoint), side by side, and write the tables, charts and per-sample reports."""
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import math
 import os
@@ -13,20 +13,21 @@ from tunesmith.eval.evaluate import (LocalModel, Endpoint, run_task, aggregate, 
 
 
 def _runners(args):
-    """The models under test, in table order: (base, tuned) when there is a base to compare with."""
+    """(the models under test in table order — base and tuned when there is a base to compare with —, the
+    checkpoint whose args.json was read, the command resolved from it: a new frozen one, see
+    models.checkpoint.resolve_checkpoint). The base's command is made from the tuned model's resolved one."""
     from tunesmith.inference.chat import build_engine
 
     if args.eval_url:
-        return [Endpoint(args.eval_url, args.model, args.api_key, args.eval_num_proc)], None
-    engine, ckpt, _ = build_engine(args)
+        return [Endpoint(args.eval_url, args.model, args.api_key, args.eval_num_proc)], None, args
+    engine, args, ckpt, _ = build_engine(args)
     bs = args.max_batch_size if args.max_batch_size > 0 else 64
     tuned_name = ", ".join(args.adapters) if args.adapters else args.model
     if args.base_model:
-        base_args = copy.copy(args)
-        base_args.model, base_args.adapters, base_args.ckpt_dir = args.base_model, [], None
-        base_engine, _, _ = build_engine(base_args)
+        base_args = dataclasses.replace(args, model=args.base_model, adapters=[], ckpt_dir=None)
+        base_engine = build_engine(base_args)[0]
         return [LocalModel(base_engine, "base", args.base_model, batch_size=bs),
-                LocalModel(engine, "tuned", tuned_name, batch_size=bs)], ckpt
+                LocalModel(engine, "tuned", tuned_name, batch_size=bs)], ckpt, args
     if args.adapters and args.compare_base:
         # the base is the same weights with the adapter off: peft's adapter switch locally, no LoRA request on
         # vLLM/SGLang/LMDeploy (a second engine would not fit next to the first on one GPU)
@@ -34,11 +35,10 @@ def _runners(args):
             base = LocalModel(engine, "base", f"{args.model} (the adapter switched off)", adapter_off=True,
                               batch_size=bs)
         else:  # several adapters were merged in sequence: the base needs its own copy
-            base_args = copy.copy(args)
-            base_args.adapters, base_args.ckpt_dir = [], None
+            base_args = dataclasses.replace(args, adapters=[], ckpt_dir=None)
             base = LocalModel(build_engine(base_args)[0], "base", args.model, batch_size=bs)
-        return [base, LocalModel(engine, "tuned", tuned_name, batch_size=bs)], ckpt
-    return [LocalModel(engine, "model", tuned_name, batch_size=bs)], ckpt
+        return [base, LocalModel(engine, "tuned", tuned_name, batch_size=bs)], ckpt, args
+    return [LocalModel(engine, "model", tuned_name, batch_size=bs)], ckpt, args
 
 
 def main(args):
@@ -58,7 +58,7 @@ def main(args):
     tasks = load_tasks(args)
     gen = _gen_config(args)
     mcq_scoring = args.mcq_scoring or ("generation" if args.eval_url else "likelihood")
-    runners, ckpt = _runners(args)
+    runners, ckpt, args = _runners(args)
     out_dir = args.eval_output_dir or os.path.join(ckpt or ".", "eval_output")
     out_dir = os.path.join(out_dir, time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out_dir, exist_ok=True)
@@ -119,7 +119,7 @@ def report_scores(args, out_dir: str, rows: list[dict], labels: list[str]) -> No
     names = [n.lower() for n in args.report_to or []]
     if not [n for n in names if n != "none"]:
         return  # the default: no logging.jsonl or runs/ appear in the eval folder
-    from tunesmith.config.args import to_record
+    from tunesmith.config.parser import to_record
     from tunesmith.runs.track import Trackers
 
     trackers = Trackers(out_dir, args.report_to, {**to_record(args), "models": labels}, args)

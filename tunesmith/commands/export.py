@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-from tunesmith.config.args import to_record
+from tunesmith.config.parser import to_record
+from tunesmith.config.slices import ModelConfig, take
 from tunesmith.errors import ConfigError
 from tunesmith.models.load import load_for_inference, note
 from tunesmith.runs.run_dir import atomic_dir, write_json_atomic
@@ -24,7 +25,7 @@ def main(args):
     if not args.merge_lora:
         raise ConfigError("tunesmith export merges LoRA adapters: pass --adapters CKPT --merge_lora true "
                           "(quantised export, ollama and mcore conversion are not supported yet)")
-    resolve_checkpoint(args)
+    args, _ = resolve_checkpoint(args)
     adapters, named = split_named_adapters(list(args.adapters))
     if named:
         raise ConfigError("--adapters name=path pairs are for deploy; export merges plain adapter paths")
@@ -37,7 +38,7 @@ def main(args):
     if args.quant_method:
         note(f"the adapter was trained on a {args.quant_method} {args.quant_bits}-bit base; it is merged into the "
              f"unquantised weights")
-    model, tok, model_dir = load_for_inference(args, adapters, merge=True, quantise=False)
+    model, tok, model_dir = load_for_inference(take(ModelConfig, args), adapters, merge=True, quantise=False)
     with atomic_dir(out) as tmp:
         save_weights(model, tmp, args.safe_serialization, args.max_shard_size)
         tok.save_pretrained(tmp)

@@ -225,7 +225,7 @@ def main(args):
     Returns 0; the engine is closed on the way out. Raises ConfigError or DataError (see build_engine,
     batch_infer)."""
     check_generation_flags(args)
-    engine, ckpt, _ = build_engine(args)
+    engine, args, ckpt, _ = build_engine(args)
     try:
         loaded = _infer_rows(args, ckpt)
         if loaded is None:

@@ -1,2 +1,3 @@
-"""Configuration: the flag groups, the command table, ms-swift's compatibility tables, the parser and the value
-checks every command shares. Imports nothing of tunesmith but errors, so `tunesmith --help` stays instant."""
+"""Configuration: the flag groups (groups), what each command takes (commands), ms-swift's compatibility tables
+(swift_compat), the parser (parser), the typed slices the stages take (slices) and the value checks every command
+shares (checks). Imports nothing of tunesmith but errors, so `tunesmith --help` stays instant."""

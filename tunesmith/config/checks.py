@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from tunesmith.config.args import (problems_message)
+from tunesmith.config.parser import problems_message
 
 
 def between(problems: list, name: str, value, lo, hi, lo_open=False, hi_open=False, hint: str = "") -> None:

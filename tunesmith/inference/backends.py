@@ -4,13 +4,14 @@ What lives here, all CPU-testable and free of heavy imports at module load:
 
 - `check_backend(backend)`: is the engine's package importable (and new enough) and is there an NVIDIA GPU?
   Raises ConfigError saying what to install or which backend to use instead.
-- The translation from tunesmith's parsed arguments (ms-swift's flag names: `--vllm_gpu_memory_utilization`,
-  `--sglang_tp_size`, `--tp`/`--lmdeploy_tp`, ...) to each engine's constructor kwargs, following what ms-swift's
-  own engines pass (swift/infer_engine/{vllm,sglang,lmdeploy}_engine.py): `vllm_engine_args` (vllm.AsyncEngineArgs),
+- The translation from the engine slice of the parsed arguments (tunesmith.config.slices.EngineConfig, ms-swift's
+  flag names: `--vllm_gpu_memory_utilization`, `--sglang_tp_size`, `--tp`/`--lmdeploy_tp`, ...) to each engine's
+  constructor kwargs, following what ms-swift's own engines pass
+  (swift/infer_engine/{vllm,sglang,lmdeploy}_engine.py): `vllm_engine_args` (vllm.AsyncEngineArgs),
   `sglang_engine_args` (sglang.Engine / ServerArgs), `lmdeploy_engine_config` (TurbomindEngineConfig or
   PytorchEngineConfig). LoRA adapters map to the engine's native multi-LoRA; `vllm_lora_requests` gives the
   per-request LoRARequest arguments.
-- `native_serve_command(backend, args, model_dir, lora)`: the same settings as the engine's own OpenAI-compatible
+- `native_serve_command(backend, cfg, model_dir, lora)`: the same settings as the engine's own OpenAI-compatible
   server command line (`vllm serve`, `python -m sglang.launch_server`, `lmdeploy serve api_server`), with secrets
   redacted: the documented alternative, printed when an engine fails to start inside tunesmith.
 - The engines themselves behind tunesmith's ChatEngine (so chat templates, reasoning/tool-call parsing, the OpenAI
@@ -27,6 +28,7 @@ import os
 import shlex
 from typing import Any, Optional
 
+from tunesmith.config.slices import EngineConfig
 from tunesmith.errors import ConfigError
 
 BACKENDS = ("vllm", "sglang", "lmdeploy")
@@ -83,13 +85,13 @@ def check_backend(backend: str, flag: Optional[str] = None, fallback: str = "use
 
 # ------------------------------------------------------------------ adapters
 
-def engine_adapters(args) -> dict[str, str]:
+def engine_adapters(cfg: EngineConfig) -> dict[str, str]:
     """The LoRA adapters to serve, {name: path}: deploy's `name=path` pairs as named, and a plain `--adapters PATH`
     under its folder name (what tunesmith's deploy calls it). Raises ConfigError for several plain adapters: the
     engines apply one LoRA per request, not a stack; merge them first (`tunesmith export --merge_lora true`)."""
     from tunesmith.models.checkpoint import model_suffix, split_named_adapters
 
-    plain, named = split_named_adapters(list(getattr(args, "adapters", None) or []))
+    plain, named = split_named_adapters(list(cfg.adapters or []))
     if len(plain) > 1:
         raise ConfigError(f"--adapters {' '.join(plain)}: the accelerated engines apply one LoRA adapter per "
                           f"request; merge them into the model first (tunesmith export --merge_lora true), or "
@@ -128,19 +130,19 @@ def vllm_lora_requests(lora: dict[str, str]) -> dict[str, dict]:
 
 # ------------------------------------------------------------------ translation
 
-def _dtype(args) -> str:
+def _dtype(cfg: EngineConfig) -> str:
     # The engines take the dtype by name; tunesmith's --torch_dtype is already normalised (bf16 -> bfloat16).
-    dtype = getattr(args, "torch_dtype", None)
+    dtype = cfg.torch_dtype
     return dtype if dtype in ("bfloat16", "float16", "float32") else "auto"
 
 
-def _context_len(args, engine_value: Optional[int]) -> Optional[int]:
+def _context_len(cfg: EngineConfig, engine_value: Optional[int]) -> Optional[int]:
     # ms-swift 3.x scripts pass the vLLM context length as --max_model_len (renamed --vllm_max_model_len in 3.7);
     # tunesmith parses that as the general --max_model_len, so the engine's own flag wins and that one fills in.
-    return engine_value if engine_value is not None else getattr(args, "max_model_len", None)
+    return engine_value if engine_value is not None else cfg.max_model_len
 
 
-def vllm_engine_args(args, model_dir: str, lora: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def vllm_engine_args(cfg: EngineConfig, model_dir: str, lora: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """kwargs for vllm.AsyncEngineArgs (or EngineArgs), as ms-swift's VllmEngine builds them.
 
     Sizes: gpu_memory_utilization is a fraction (0-1) of each GPU's memory; max_model_len is in tokens. Keys whose
@@ -152,47 +154,47 @@ def vllm_engine_args(args, model_dir: str, lora: Optional[dict[str, str]] = None
     kw: dict[str, Any] = {
         "model": model_dir,
         "tokenizer": model_dir,
-        "dtype": _dtype(args),
-        "gpu_memory_utilization": args.vllm_gpu_memory_utilization,
-        "tensor_parallel_size": args.vllm_tensor_parallel_size,
-        "pipeline_parallel_size": args.vllm_pipeline_parallel_size,
-        "max_model_len": _context_len(args, args.vllm_max_model_len),
-        "max_num_seqs": args.vllm_max_num_seqs,
-        "disable_custom_all_reduce": args.vllm_disable_custom_all_reduce,
-        "enforce_eager": args.vllm_enforce_eager,
-        "trust_remote_code": bool(getattr(args, "trust_remote_code", False)),
+        "dtype": _dtype(cfg),
+        "gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
+        "tensor_parallel_size": cfg.vllm_tensor_parallel_size,
+        "pipeline_parallel_size": cfg.vllm_pipeline_parallel_size,
+        "max_model_len": _context_len(cfg, cfg.vllm_max_model_len),
+        "max_num_seqs": cfg.vllm_max_num_seqs,
+        "disable_custom_all_reduce": cfg.vllm_disable_custom_all_reduce,
+        "enforce_eager": cfg.vllm_enforce_eager,
+        "trust_remote_code": bool(cfg.trust_remote_code),
         "disable_log_stats": True,  # ms-swift's default: no periodic stats lines interleaved with replies
     }
-    if getattr(args, "seed", None) is not None:
-        kw["seed"] = args.seed
-    if getattr(args, "model_revision", None):
-        kw["revision"] = args.model_revision
-    enable_lora = args.vllm_enable_lora if args.vllm_enable_lora is not None else bool(lora)
+    if cfg.seed is not None:
+        kw["seed"] = cfg.seed
+    if cfg.model_revision:
+        kw["revision"] = cfg.model_revision
+    enable_lora = cfg.vllm_enable_lora if cfg.vllm_enable_lora is not None else bool(lora)
     if lora and not enable_lora:
         raise ConfigError(f"--vllm_enable_lora false with --adapters {', '.join(lora)}: drop one of them")
     if enable_lora:
         for name, path in lora.items():
             r = _adapter_rank(path)
-            if r is not None and r > args.vllm_max_lora_rank:
+            if r is not None and r > cfg.vllm_max_lora_rank:
                 raise ConfigError(f"--adapters {name}: LoRA rank {r} is above --vllm_max_lora_rank "
-                                  f"{args.vllm_max_lora_rank}; pass --vllm_max_lora_rank {r}")
-        kw.update(enable_lora=True, max_loras=max(len(lora), 1), max_lora_rank=args.vllm_max_lora_rank)
+                                  f"{cfg.vllm_max_lora_rank}; pass --vllm_max_lora_rank {r}")
+        kw.update(enable_lora=True, max_loras=max(len(lora), 1), max_lora_rank=cfg.vllm_max_lora_rank)
     optional = {
-        "enable_prefix_caching": args.vllm_enable_prefix_caching,
-        "limit_mm_per_prompt": args.vllm_limit_mm_per_prompt or None,
-        "enable_expert_parallel": args.vllm_enable_expert_parallel or None,
-        "quantization": args.vllm_quantization,
-        "disable_cascade_attn": args.vllm_disable_cascade_attn or None,
-        "mm_processor_cache_gb": args.vllm_mm_processor_cache_gb,
-        "speculative_config": args.vllm_speculative_config,
-        "data_parallel_size": args.vllm_data_parallel_size if args.vllm_data_parallel_size != 1 else None,
+        "enable_prefix_caching": cfg.vllm_enable_prefix_caching,
+        "limit_mm_per_prompt": cfg.vllm_limit_mm_per_prompt or None,
+        "enable_expert_parallel": cfg.vllm_enable_expert_parallel or None,
+        "quantization": cfg.vllm_quantization,
+        "disable_cascade_attn": cfg.vllm_disable_cascade_attn or None,
+        "mm_processor_cache_gb": cfg.vllm_mm_processor_cache_gb,
+        "speculative_config": cfg.vllm_speculative_config,
+        "data_parallel_size": cfg.vllm_data_parallel_size if cfg.vllm_data_parallel_size != 1 else None,
     }
     kw.update({k: v for k, v in optional.items() if v is not None})
-    kw.update(args.vllm_engine_kwargs or {})
+    kw.update(cfg.vllm_engine_kwargs or {})
     return kw
 
 
-def sglang_engine_args(args, model_dir: str, lora: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def sglang_engine_args(cfg: EngineConfig, model_dir: str, lora: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """kwargs for sglang.Engine(**kw) / sglang.srt.server_args.ServerArgs, as ms-swift's SglangEngine builds them.
 
     mem_fraction_static is a fraction (0-1) of GPU memory; context_length is in tokens. skip_tokenizer_init is set
@@ -203,32 +205,32 @@ def sglang_engine_args(args, model_dir: str, lora: Optional[dict[str, str]] = No
     lora = dict(lora or {})
     kw: dict[str, Any] = {
         "model_path": model_dir,
-        "dtype": _dtype(args),
-        "tp_size": args.sglang_tp_size,
-        "dp_size": args.sglang_dp_size,
-        "ep_size": args.sglang_ep_size,
-        "mem_fraction_static": args.sglang_mem_fraction_static,
-        "context_length": _context_len(args, args.sglang_context_length),
-        "disable_cuda_graph": args.sglang_disable_cuda_graph,
-        "quantization": args.sglang_quantization,
-        "kv_cache_dtype": args.sglang_kv_cache_dtype,
-        "enable_dp_attention": args.sglang_enable_dp_attention,
-        "disable_custom_all_reduce": args.sglang_disable_custom_all_reduce,
-        "speculative_algorithm": args.sglang_speculative_algorithm,
-        "speculative_num_steps": args.sglang_speculative_num_steps,
-        "speculative_eagle_topk": args.sglang_speculative_eagle_topk,
-        "speculative_num_draft_tokens": args.sglang_speculative_num_draft_tokens,
+        "dtype": _dtype(cfg),
+        "tp_size": cfg.sglang_tp_size,
+        "dp_size": cfg.sglang_dp_size,
+        "ep_size": cfg.sglang_ep_size,
+        "mem_fraction_static": cfg.sglang_mem_fraction_static,
+        "context_length": _context_len(cfg, cfg.sglang_context_length),
+        "disable_cuda_graph": cfg.sglang_disable_cuda_graph,
+        "quantization": cfg.sglang_quantization,
+        "kv_cache_dtype": cfg.sglang_kv_cache_dtype,
+        "enable_dp_attention": cfg.sglang_enable_dp_attention,
+        "disable_custom_all_reduce": cfg.sglang_disable_custom_all_reduce,
+        "speculative_algorithm": cfg.sglang_speculative_algorithm,
+        "speculative_num_steps": cfg.sglang_speculative_num_steps,
+        "speculative_eagle_topk": cfg.sglang_speculative_eagle_topk,
+        "speculative_num_draft_tokens": cfg.sglang_speculative_num_draft_tokens,
         "log_level": "error",
         "skip_tokenizer_init": True,
-        "trust_remote_code": bool(getattr(args, "trust_remote_code", False)),
+        "trust_remote_code": bool(cfg.trust_remote_code),
     }
-    if getattr(args, "seed", None) is not None:
-        kw["random_seed"] = args.seed
-    if getattr(args, "model_revision", None):
-        kw["revision"] = args.model_revision
-    if args.sglang_pp_size != 1:
-        kw["pp_size"] = args.sglang_pp_size
-    if args.sglang_enable_ep_moe:
+    if cfg.seed is not None:
+        kw["random_seed"] = cfg.seed
+    if cfg.model_revision:
+        kw["revision"] = cfg.model_revision
+    if cfg.sglang_pp_size != 1:
+        kw["pp_size"] = cfg.sglang_pp_size
+    if cfg.sglang_enable_ep_moe:
         kw["enable_ep_moe"] = True
     if lora:
         kw["lora_paths"] = [f"{name}={path}" for name, path in lora.items()]
@@ -237,7 +239,8 @@ def sglang_engine_args(args, model_dir: str, lora: Optional[dict[str, str]] = No
     return kw
 
 
-def lmdeploy_engine_config(args, model_dir: str, lora: Optional[dict[str, str]] = None) -> tuple[str, dict[str, Any]]:
+def lmdeploy_engine_config(cfg: EngineConfig, model_dir: str,
+                           lora: Optional[dict[str, str]] = None) -> tuple[str, dict[str, Any]]:
     """(backend, kwargs): 'turbomind' with TurbomindEngineConfig kwargs, as ms-swift's LmdeployEngine builds them
     (it then lets lmdeploy.api.autoget_backend_config fall back to PyTorch for models TurboMind lacks), or
     'pytorch' with PytorchEngineConfig kwargs when LoRA adapters are given: only LMDeploy's PyTorch engine serves
@@ -246,18 +249,18 @@ def lmdeploy_engine_config(args, model_dir: str, lora: Optional[dict[str, str]] 
     quantisation together with adapters (TurboMind-only feature vs PyTorch-only feature)."""
     lora = dict(lora or {})
     kw: dict[str, Any] = {
-        "tp": args.lmdeploy_tp,
-        "session_len": _context_len(args, args.lmdeploy_session_len),
-        "cache_max_entry_count": args.lmdeploy_cache_max_entry_count,
-        "quant_policy": args.lmdeploy_quant_policy,
+        "tp": cfg.lmdeploy_tp,
+        "session_len": _context_len(cfg, cfg.lmdeploy_session_len),
+        "cache_max_entry_count": cfg.lmdeploy_cache_max_entry_count,
+        "quant_policy": cfg.lmdeploy_quant_policy,
     }
-    dtype = _dtype(args)
+    dtype = _dtype(cfg)
     if dtype in ("bfloat16", "float16"):
         kw["dtype"] = dtype  # both configs take 'auto' | 'float16' | 'bfloat16'; float32 is not an option
     if not lora:
         return "turbomind", kw
-    if args.lmdeploy_quant_policy:
-        raise ConfigError(f"--quant_policy {args.lmdeploy_quant_policy} with --adapters: LMDeploy serves LoRA "
+    if cfg.lmdeploy_quant_policy:
+        raise ConfigError(f"--quant_policy {cfg.lmdeploy_quant_policy} with --adapters: LMDeploy serves LoRA "
                           f"only on its PyTorch engine; drop --quant_policy or merge the adapter first "
                           f"(tunesmith export --merge_lora true)")
     kw["adapters"] = lora
@@ -275,7 +278,8 @@ def _secret(value: Optional[str]) -> Optional[str]:
     return REDACTED if value else None
 
 
-def native_serve_command(backend: str, args, model_dir: str, lora: Optional[dict[str, str]] = None) -> list[str]:
+def native_serve_command(backend: str, cfg: EngineConfig, model_dir: str,
+                         lora: Optional[dict[str, str]] = None) -> list[str]:
     """The engine's own OpenAI-compatible server command (argv list) with the same settings as the translation:
     `vllm serve`, `python -m sglang.launch_server` or `lmdeploy serve api_server`. --host/--port/--api_key/
     --served_model_name come from deploy's flags where present. Secrets (--api_key) appear as '<redacted>';
@@ -284,12 +288,12 @@ def native_serve_command(backend: str, args, model_dir: str, lora: Optional[dict
     from tunesmith.models.checkpoint import model_suffix
 
     lora = dict(lora or {})
-    host, port = getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8000)
-    served = getattr(args, "served_model_name", None) or model_suffix(getattr(args, "model", None) or model_dir)
-    api_key = _secret(getattr(args, "api_key", None))
-    ssl = [(getattr(args, "ssl_keyfile", None), "ssl_keyfile"), (getattr(args, "ssl_certfile", None), "ssl_certfile")]
+    host, port = cfg.host, cfg.port
+    served = cfg.served_model_name or model_suffix(cfg.model or model_dir)
+    api_key = _secret(cfg.api_key)
+    ssl = [(cfg.ssl_keyfile, "ssl_keyfile"), (cfg.ssl_certfile, "ssl_certfile")]
     if backend == "vllm":
-        kw = vllm_engine_args(args, model_dir, lora)
+        kw = vllm_engine_args(cfg, model_dir, lora)
         cmd = ["vllm", "serve", kw.pop("model")]
         kw.pop("tokenizer", None)
         kw.pop("disable_log_stats", None)  # the server logs its stats; that is useful there
@@ -309,10 +313,10 @@ def native_serve_command(backend: str, args, model_dir: str, lora: Optional[dict
         cmd += ["--served-model-name", served, "--host", str(host), "--port", str(port)]
         if api_key:
             cmd += ["--api-key", api_key]
-        if getattr(args, "max_logprobs", None):
-            cmd += ["--max-logprobs", str(args.max_logprobs)]
+        if cfg.max_logprobs:
+            cmd += ["--max-logprobs", str(cfg.max_logprobs)]
     elif backend == "sglang":
-        kw = sglang_engine_args(args, model_dir, lora)
+        kw = sglang_engine_args(cfg, model_dir, lora)
         cmd = ["python", "-m", "sglang.launch_server", "--model-path", kw.pop("model_path")]
         # the HTTP server renders chat templates and detokenises itself; log_level stays SGLang's default there
         for key in ("skip_tokenizer_init", "log_level"):
@@ -328,7 +332,7 @@ def native_serve_command(backend: str, args, model_dir: str, lora: Optional[dict
         if api_key:
             cmd += ["--api-key", api_key]
     elif backend == "lmdeploy":
-        engine, kw = lmdeploy_engine_config(args, model_dir, lora)
+        engine, kw = lmdeploy_engine_config(cfg, model_dir, lora)
         cmd = ["lmdeploy", "serve", "api_server", model_dir, "--backend", engine]
         adapters = kw.pop("adapters", None)
         for key, value in kw.items():
@@ -631,15 +635,16 @@ class VllmEngine(_AsyncBackend):
     finish_reason and stop_reason; `output_kind=RequestOutputKind.DELTA` (vLLM >= 0.6.3) makes them deltas, older
     versions send cumulative lists, which are diffed; `await engine.abort(request_id)`; `engine.shutdown()`.
 
-    Args: args (parsed flags, for vllm_engine_args), model_dir, tokenizer (tunesmith's, for stop strings),
+    Args: cfg (the engine slice, for vllm_engine_args), model_dir, tokenizer (tunesmith's, for stop strings),
     stop_ids, adapters {name: path}, default_adapter (the plain --adapters one: used when adapter is None),
     max_model_len (tokens; used only when the engine does not report its own)."""
 
     name = "vllm"
 
-    def __init__(self, args, model_dir: str, tokenizer, stop_ids, adapters: Optional[dict[str, str]] = None,
-                 default_adapter: Optional[str] = None, max_model_len: Optional[int] = None):
-        self._kwargs = vllm_engine_args(args, model_dir, adapters or {})
+    def __init__(self, cfg: EngineConfig, model_dir: str, tokenizer, stop_ids,
+                 adapters: Optional[dict[str, str]] = None, default_adapter: Optional[str] = None,
+                 max_model_len: Optional[int] = None):
+        self._kwargs = vllm_engine_args(cfg, model_dir, adapters or {})
         self._lora = vllm_lora_requests(adapters or {})
         super().__init__(tokenizer, stop_ids, max_model_len or 4096, adapters, default_adapter)
         # the engine's own context length (flags, else the model's config) is the one it enforces
@@ -767,10 +772,11 @@ class SglangEngine(_AsyncBackend):
 
     name = "sglang"
 
-    def __init__(self, args, model_dir: str, tokenizer, stop_ids, adapters: Optional[dict[str, str]] = None,
-                 default_adapter: Optional[str] = None, max_model_len: Optional[int] = None):
-        self._kwargs = sglang_engine_args(args, model_dir, adapters or {})
-        super().__init__(tokenizer, stop_ids, max_model_len or getattr(args, "max_model_len", None) or 4096,
+    def __init__(self, cfg: EngineConfig, model_dir: str, tokenizer, stop_ids,
+                 adapters: Optional[dict[str, str]] = None, default_adapter: Optional[str] = None,
+                 max_model_len: Optional[int] = None):
+        self._kwargs = sglang_engine_args(cfg, model_dir, adapters or {})
+        super().__init__(tokenizer, stop_ids, max_model_len or cfg.max_model_len or 4096,
                          adapters, default_adapter)
 
     def _create(self):
@@ -850,14 +856,15 @@ class LmdeployEngine(_AsyncBackend):
 
     name = "lmdeploy"
 
-    def __init__(self, args, model_dir: str, tokenizer, stop_ids, adapters: Optional[dict[str, str]] = None,
-                 default_adapter: Optional[str] = None, max_model_len: Optional[int] = None):
+    def __init__(self, cfg: EngineConfig, model_dir: str, tokenizer, stop_ids,
+                 adapters: Optional[dict[str, str]] = None, default_adapter: Optional[str] = None,
+                 max_model_len: Optional[int] = None):
         self._model_dir = model_dir
-        self._backend, self._kwargs = lmdeploy_engine_config(args, model_dir, adapters or {})
-        self._trust = bool(getattr(args, "trust_remote_code", False))
+        self._backend, self._kwargs = lmdeploy_engine_config(cfg, model_dir, adapters or {})
+        self._trust = bool(cfg.trust_remote_code)
         self._sessions: dict[str, int] = {}
-        super().__init__(tokenizer, stop_ids, max_model_len or getattr(args, "lmdeploy_session_len", None)
-                         or getattr(args, "max_model_len", None) or 4096, adapters, default_adapter)
+        super().__init__(tokenizer, stop_ids, max_model_len or cfg.lmdeploy_session_len
+                         or cfg.max_model_len or 4096, adapters, default_adapter)
 
     def _create(self):
         import lmdeploy

@@ -17,6 +17,9 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
+from tunesmith.config.groups import DeployServerArgs, GenerationArgs, TemplateArgs
+from tunesmith.config.slices import EngineConfig, ModelConfig, take
+
 @dataclass
 class GenConfig:
     """Per-request generation settings; None means the model's generation_config.json default."""
@@ -33,11 +36,11 @@ class GenConfig:
     top_logprobs: int = 0
 
     @classmethod
-    def from_args(cls, args) -> "GenConfig":
+    def from_args(cls, args: GenerationArgs) -> "GenConfig":
         """From the infer/deploy/eval flags (--max_new_tokens, --temperature, ..., --stop_words, --n, --logprobs)."""
         return cls(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=list(args.stop_words),
-                   num_beams=args.num_beams, n=getattr(args, "n", 1) or 1, logprobs=bool(args.logprobs),
+                   num_beams=args.num_beams, n=args.n or 1, logprobs=bool(args.logprobs),
                    top_logprobs=args.top_logprobs or 0)
 
     def merged(self, **overrides) -> "GenConfig":
@@ -357,18 +360,20 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
 def build_engine(args):
     """Resolve the checkpoint, load the model and adapters, and make the ChatEngine (shared with deploy and eval).
     With --infer_backend vllm|sglang|lmdeploy see `_build_backend_engine`; raises ConfigError when it cannot run
-    here. Returns (engine, the checkpoint whose args.json was read, deploy's named adapters).
+    here. args: a parsed infer, deploy or eval command, not changed. Returns (engine, the resolved command — a new
+    frozen one with what the checkpoint's args.json filled in, see models.checkpoint.resolve_checkpoint —, the
+    checkpoint whose args.json was read, deploy's named adapters).
 
     Named adapters: {name: path}. Also raises ConfigError for bad --adapters or a model that cannot be resolved."""
     from tunesmith.models.load import load_for_inference, note
     from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 
-    batch = getattr(args, "max_batch_size", 32)
+    batch = args.max_batch_size
     if args.infer_backend not in ("transformers", "pt"):
         return _build_backend_engine(args, batch)
-    ckpt = resolve_checkpoint(args)
+    args, ckpt = resolve_checkpoint(args)
     plain, named = split_named_adapters(list(args.adapters))
-    model, tok, _ = load_for_inference(args, plain, named)
+    model, tok, _ = load_for_inference(take(ModelConfig, args), plain, named)
     engine = ChatEngine(model, tok, system=args.system, defaults=GenConfig.from_args(args),
                         max_model_len=args.max_model_len, max_batch_size=batch,
                         template_kwargs=template_kwargs(args))
@@ -377,7 +382,7 @@ def build_engine(args):
         torch.manual_seed(args.seed)  # once: unseeded sampling is reproducible per run, not per request
     note(f"generation: tunesmith continuous batching, up to {'all' if batch <= 0 else batch} sequences per step "
          f"(--max_batch_size); stop tokens {engine.tok.convert_ids_to_tokens(engine.stop_ids)}")
-    return engine, ckpt, named
+    return engine, args, ckpt, named
 
 
 def _build_backend_engine(args, batch: int):
@@ -392,24 +397,24 @@ def _build_backend_engine(args, batch: int):
 
     backend = args.infer_backend
     check_backend(backend)  # the package, its version and a GPU, each a one-line error
-    ckpt = resolve_checkpoint(args)  # an adapter checkpoint names its base model in args.json
+    args, ckpt = resolve_checkpoint(args)  # an adapter checkpoint names its base model in args.json
+    cfg = take(EngineConfig, args)
     plain, named = split_named_adapters(list(args.adapters))
-    lora = engine_adapters(args)  # raises for several plain adapters (one LoRA per request)
+    lora = engine_adapters(cfg)  # raises for several plain adapters (one LoRA per request)
     default = next((n for n, p in lora.items() if plain and p == plain[0] and n not in named), None)
     model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
     tok = load_tokenizer(args, model_dir)
     info = EngineModelInfo.from_pretrained(model_dir, backend, trust_remote_code=args.trust_remote_code)
     stop = stop_token_ids(info, tok, ChatEncoder(tok, system=args.system), OutputParser(tok).reasoning_style)
-    flag = {"vllm": "vllm_max_model_len", "sglang": "sglang_context_length",
-            "lmdeploy": "lmdeploy_session_len"}[backend]
-    context = getattr(args, flag, None) or args.max_model_len or \
-        getattr(info.config, "max_position_embeddings", None) or 4096
+    own = {"vllm": cfg.vllm_max_model_len, "sglang": cfg.sglang_context_length,
+           "lmdeploy": cfg.lmdeploy_session_len}[backend]  # the engine's own context flag
+    context = own or args.max_model_len or getattr(info.config, "max_position_embeddings", None) or 4096
     try:
-        inner = ENGINES[backend](args, model_dir, tok, stop, lora, default, max_model_len=context)
+        inner = ENGINES[backend](cfg, model_dir, tok, stop, lora, default, max_model_len=context)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - CUDA, memory, an unsupported architecture: say so in one line
-        raise_backend(backend, args, e)
+        raise_backend(backend, cfg, e)
     try:
         engine = ChatEngine(None, tok, system=args.system, defaults=GenConfig.from_args(args),
                             max_model_len=inner.max_model_len, max_batch_size=batch,
@@ -421,14 +426,14 @@ def _build_backend_engine(args, batch: int):
     note(f"generation: {NAMES[backend]} engine (--infer_backend {backend}), context {inner.max_model_len} "
          f"tokens" + (f", LoRA adapters {', '.join(lora)}" if lora else "")
          + f"; stop tokens {tok.convert_ids_to_tokens(engine.stop_ids)}")
-    return engine, ckpt, named
+    return engine, args, ckpt, named
 
 
-def template_kwargs(args) -> dict:
+def template_kwargs(args: TemplateArgs) -> dict:
     """Chat-template variables from flags: --enable_thinking (Qwen3 and other hybrid-thinking templates).
 
     Returns {} or {"enable_thinking": bool}."""
-    return {} if getattr(args, "enable_thinking", None) is None else {"enable_thinking": bool(args.enable_thinking)}
+    return {} if args.enable_thinking is None else {"enable_thinking": bool(args.enable_thinking)}
 
 
 def logprobs_json(tokenizer, logprobs: Optional[list]) -> Optional[dict]:
@@ -448,7 +453,7 @@ def logprobs_json(tokenizer, logprobs: Optional[list]) -> Optional[dict]:
                         for lp in logprobs]}
 
 
-def raise_backend(backend: str, args, error: BaseException):
+def raise_backend(backend: str, cfg: EngineConfig, error: BaseException):
     """Raise ConfigError for an accelerated engine (`--infer_backend vllm|sglang|lmdeploy`) that failed to start
     with `error`: one line naming the engine and the error, then the engine's own OpenAI-compatible server command
     with the same settings (tunesmith.inference.backends.native_serve_command; secrets redacted) as an alternative, and the
@@ -460,38 +465,41 @@ def raise_backend(backend: str, args, error: BaseException):
 
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     msg = f"--infer_backend {backend}: {NAMES[backend]} failed to start ({type(error).__name__}: {first})"
-    cmd = native_serve_command(backend, args, args.model, engine_adapters(args))
+    cmd = native_serve_command(backend, cfg, cfg.model, engine_adapters(cfg))
     # the engines download hub ids from Hugging Face unless told otherwise; tunesmith defaults to ModelScope
     modelscope = {"vllm": "VLLM_USE_MODELSCOPE=True", "sglang": "SGLANG_USE_MODELSCOPE=true",
                   "lmdeploy": "LMDEPLOY_USE_MODELSCOPE=True"}[backend]
-    hub = "" if os.path.isdir(args.model) else (
+    hub = "" if os.path.isdir(cfg.model) else (
         " (a hub id: set HF_TOKEN in the environment if it is gated"
-        + ("" if args.use_hf else f"; {modelscope} to download from ModelScope as tunesmith does") + ")")
+        + ("" if cfg.use_hf else f"; {modelscope} to download from ModelScope as tunesmith does") + ")")
     raise ConfigError(f"{msg}. The same model and settings with {NAMES[backend]}'s own OpenAI-compatible "
                       f"server{hub}, for clients or `tunesmith eval --eval_url http://HOST:PORT/v1`:\n  "
                       f"{format_command(cmd)}\nor use --infer_backend transformers") from error
 
 
-def check_generation_flags(args) -> None:
+def check_generation_flags(args: GenerationArgs) -> None:
     """infer's and deploy's flag values, before anything loads (every problem at once, FlagError: exit 2):
-    sampling settings, counts, and deploy's port, body limit and API key."""
-    from tunesmith.config.args import deferred_problems
+    sampling settings, counts, and deploy's port, body limit and API key (a DeployServerArgs)."""
     from tunesmith.config.checks import between, raise_problems
+    from tunesmith.config.parser import deferred_problems
 
     out: list[str] = deferred_problems(args)
-    for name, lo, hi, lo_open in (("temperature", 0, None, False), ("top_p", 0, 1, True),
-                                  ("repetition_penalty", 0, None, True), ("max_new_tokens", 1, None, False),
-                                  ("top_logprobs", 0, None, False)):
-        if getattr(args, name, None) is not None:
-            between(out, name, getattr(args, name), lo, hi, lo_open=lo_open)
-    for name in ("n", "num_beams"):
-        between(out, name, getattr(args, name, 1), 1, None)
-    if getattr(args, "port", None) is not None:
-        between(out, "port", args.port, 0, 65535)
-    if getattr(args, "max_request_bytes", None) is not None:
-        between(out, "max_request_bytes", args.max_request_bytes, 0, None, hint="0 means no limit")
-    if getattr(args, "api_key", None) is not None and not str(args.api_key).strip():
-        out.append("--api_key is empty: the server would take any request; give a key (or leave the flag out)")
+    for name, value, lo, hi, lo_open in (("temperature", args.temperature, 0, None, False),
+                                         ("top_p", args.top_p, 0, 1, True),
+                                         ("repetition_penalty", args.repetition_penalty, 0, None, True),
+                                         ("max_new_tokens", args.max_new_tokens, 1, None, False),
+                                         ("top_logprobs", args.top_logprobs, 0, None, False)):
+        if value is not None:
+            between(out, name, value, lo, hi, lo_open=lo_open)
+    for name, value in (("n", args.n), ("num_beams", args.num_beams)):
+        between(out, name, value, 1, None)
+    if isinstance(args, DeployServerArgs):  # deploy: the server's own flags
+        if args.port is not None:
+            between(out, "port", args.port, 0, 65535)
+        if args.max_request_bytes is not None:
+            between(out, "max_request_bytes", args.max_request_bytes, 0, None, hint="0 means no limit")
+        if args.api_key is not None and not str(args.api_key).strip():
+            out.append("--api_key is empty: the server would take any request; give a key (or leave the flag out)")
     raise_problems(out)
 
 

@@ -1,11 +1,21 @@
-"""Checkpoints as models: which folders are adapters, named adapters (`name=path`), the settings a checkpoint passes on to inference (args.json), and whether a checkpoint diverged."""
+"""Checkpoints as models: which folders are adapters, named adapters (`name=path`), the settings a checkpoint passes
+on to inference (args.json; `resolve_checkpoint` returns a new frozen command with them), and whether a checkpoint
+diverged."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from typing import Optional
-from tunesmith.config.args import looks_like_system_file
+from typing import Optional, TypeVar
+
+from tunesmith.config.commands import EvalArguments, ExportArguments, InferArguments
+from tunesmith.config.parser import looks_like_system_file
+from tunesmith.config.slices import flag_values
+
+# a parsed infer (deploy's is one), export or eval command: each has the checkpoint, model, quantisation and
+# template flags that resolve_checkpoint reads and fills
+Checkpointed = TypeVar("Checkpointed", InferArguments, ExportArguments, EvalArguments)
 
 
 def model_suffix(model: str) -> str:
@@ -77,20 +87,24 @@ def diverged_problem(path: Optional[str], flag: str) -> Optional[str]:
             f"use " + (good if good else "an earlier checkpoint") + " instead")
 
 
-def resolve_checkpoint(args) -> Optional[str]:
-    """Find the base model and settings of `--adapters CKPT` / `--model CKPT` from the checkpoint's args.json.
+def resolve_checkpoint(args: Checkpointed) -> tuple[Checkpointed, Optional[str]]:
+    """Find the base model and settings of `--adapters CKPT` / `--model CKPT` (or ms-swift's `--ckpt_dir CKPT`)
+    from the checkpoint's args.json.
 
-    Returns the checkpoint directory whose args.json was read (None if none). Flags always win: a key is inherited
-    only when the command line left it empty, and what was inherited is printed."""
+    args: a parsed infer, deploy, export or eval command (frozen). Returns (a new frozen command of the same class
+    with --ckpt_dir folded into --adapters or --model and the inherited settings filled in, the checkpoint directory
+    whose args.json was read or None); args is not changed. Flags always win: a key is inherited only when the
+    command line left it empty, and what was inherited is printed. Raises ConfigError for adapters that are not
+    adapter folders, a diverged checkpoint, or no base model."""
     import sys
 
     from tunesmith.errors import ConfigError
 
-    if getattr(args, "ckpt_dir", None):
+    if args.ckpt_dir:
         if is_adapter_dir(args.ckpt_dir):
-            args.adapters = [args.ckpt_dir] + list(args.adapters)
+            args = dataclasses.replace(args, adapters=[args.ckpt_dir] + list(args.adapters))
         elif not args.model:
-            args.model = args.ckpt_dir
+            args = dataclasses.replace(args, model=args.ckpt_dir)
     plain, named = split_named_adapters(list(args.adapters))
     for path in plain + list(named.values()):
         if not os.path.isdir(path):
@@ -111,17 +125,16 @@ def resolve_checkpoint(args) -> Optional[str]:
         if not args.model:
             raise ConfigError("pass the model with --model, or a checkpoint with --adapters (its args.json names "
                               "the base model)")
-        return ckpt
+        return args, ckpt
     with open(os.path.join(ckpt, "args.json"), encoding="utf-8") as fh:
         saved = json.load(fh)
-    inherited = []
-    for key in INHERITED_KEYS:
-        if key in saved and hasattr(args, key) and getattr(args, key) in (None, [], "") \
-                and saved[key] not in (None, [], "", "<redacted>"):
-            setattr(args, key, _saved_system(saved[key], ckpt) if key == "system" else saved[key])
-            inherited.append(f"{key}={saved[key]!r}" if key != "system" else "system")
+    given = flag_values(args)
+    inherited = {key: _saved_system(saved[key], ckpt) if key == "system" else saved[key] for key in INHERITED_KEYS
+                 if key in saved and given[key] in (None, [], "") and saved[key] not in (None, [], "", "<redacted>")}
     if inherited:
-        print(f"[tunesmith] from {os.path.join(ckpt, 'args.json')}: {', '.join(inherited)}", file=sys.stderr)
+        said = [f"{key}={saved[key]!r}" if key != "system" else "system" for key in inherited]
+        print(f"[tunesmith] from {os.path.join(ckpt, 'args.json')}: {', '.join(said)}", file=sys.stderr)
+        args = dataclasses.replace(args, **inherited)
     if not args.model:
         raise ConfigError(f"{ckpt}/args.json names no base model; pass it with --model")
-    return ckpt
+    return args, ckpt

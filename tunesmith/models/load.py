@@ -1,4 +1,6 @@
-"""Load a model and tokenizer (local directory or hub id; dtype, attention, quantisation) and attach LoRA.
+"""Load a model and tokenizer (local directory or hub id; dtype, attention, quantisation) and attach LoRA. They take
+the model slice (tunesmith.config.slices.ModelConfig: `take(ModelConfig, args)` of any command; the tokenizer only
+its ModelArgs), never a command's arguments.
 
 Also the small helpers every stage shares about a loaded model: `default_device()` (where work runs when nothing
 else decides), `resolve_dtype()` (a --torch_dtype / --lora_dtype name as a torch dtype) and `unwrap_model()` (the
@@ -7,9 +9,12 @@ and is re-exported here for the modules that import it from this one.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
+from tunesmith.config.groups import ModelArgs
+from tunesmith.config.slices import ModelConfig
 from tunesmith.errors import ConfigError
 from tunesmith.log import note  # noqa: F401 - re-exported: training modules import note from here
 
@@ -79,39 +84,42 @@ def unwrap_model(model, peft: bool = True):
     return model
 
 
-def load_tokenizer(args, model_dir: Optional[str] = None):
+def load_tokenizer(cfg: ModelArgs, model_dir: Optional[str] = None):
+    """The tokenizer of cfg's model (model_dir when already resolved, else --model downloaded if need be), with
+    --new_special_tokens added and EOS as the pad token when it has none. cfg: the model flags of any command."""
     from transformers import AutoTokenizer
 
-    model_dir = model_dir or resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
-    if getattr(args, "new_special_tokens", None):
-        tok.add_special_tokens({"additional_special_tokens": list(args.new_special_tokens)})
+    model_dir = model_dir or resolve_model_dir(cfg.model, cfg.use_hf, cfg.model_revision, cfg.hub_token)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    if cfg.new_special_tokens:
+        tok.add_special_tokens({"additional_special_tokens": list(cfg.new_special_tokens)})
     if tok.pad_token is None:
         # Padding positions are excluded by the attention mask and labels, so reusing EOS here never masks a real EOS.
         tok.pad_token = tok.eos_token
     return tok
 
 
-def _quantization_config(args, config, dtype):
+def _quantization_config(cfg: ModelConfig, config, dtype):
+    """--quant_method bnb as a BitsAndBytesConfig, an MXFP4 checkpoint's dequantising config, or None."""
     qc = getattr(config, "quantization_config", None)
     qm = (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) if qc else None
-    if args.quant_method == "bnb":
+    if cfg.quant_method == "bnb":
         from transformers import BitsAndBytesConfig
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("--quant_method bnb needs bitsandbytes: pip install 'tunesmith[qlora]'") from None
-        if args.quant_bits == 8:
+        if cfg.quant_bits == 8:
             return BitsAndBytesConfig(load_in_8bit=True)
-        if args.quant_bits not in (4, None):
+        if cfg.quant_bits not in (4, None):
             raise ConfigError("--quant_bits must be 4 or 8 with --quant_method bnb")
-        compute = resolve_dtype(args.bnb_4bit_compute_dtype) if args.bnb_4bit_compute_dtype else dtype
+        compute = resolve_dtype(cfg.bnb_4bit_compute_dtype) if cfg.bnb_4bit_compute_dtype else dtype
         # the dtype the packed 4-bit weights are stored in (bitsandbytes' default uint8); ZeRO-3 needs it equal to
         # the other weights' dtype. transformers takes the name (float16, bfloat16, uint8, ...) and checks it.
-        storage = getattr(args, "bnb_4bit_quant_storage", None)
+        storage = cfg.bnb_4bit_quant_storage
         extra = {"bnb_4bit_quant_storage": storage} if storage else {}
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
-                                  bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
                                   bnb_4bit_compute_dtype=compute, **extra)
     if qm == "mxfp4":
         # MXFP4 weights have no backward pass: dequantise to the training dtype (the seeds did this by hand).
@@ -121,26 +129,27 @@ def _quantization_config(args, config, dtype):
     return None
 
 
-def load_model(args, model_dir: str, tokenizer=None, for_training: bool = True, head: str = "causal_lm"):
-    """The model at model_dir with its dtype, attention, quantisation and router-loss settings (args: a model
-    slice). head: "causal_lm" (AutoModelForCausalLM) or "seq_cls" (AutoModelForSequenceClassification with one
-    output, a reward model: a new score head when the checkpoint has none; the pad id set for its last-token
-    pooling)."""
+def load_model(cfg: ModelConfig, model_dir: str, tokenizer=None, for_training: bool = True,
+               head: str = "causal_lm"):
+    """The model at model_dir with its dtype, attention, quantisation and router-loss settings (cfg: the model
+    slice, `take(ModelConfig, args)` for any command). head: "causal_lm" (AutoModelForCausalLM) or "seq_cls"
+    (AutoModelForSequenceClassification with one output, a reward model: a new score head when the checkpoint has
+    none; the pad id set for its last-token pooling)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    dtype = resolve_dtype(args.torch_dtype)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
-    kwargs = dict(getattr(args, "model_kwargs", None) or {})
+    dtype = resolve_dtype(cfg.torch_dtype)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(cfg.model_kwargs or {})
     kwargs["dtype"] = dtype
-    attn = args.attn_impl
+    attn = cfg.attn_impl
     if attn:
         kwargs["attn_implementation"] = {"flash_attn": "flash_attention_2"}.get(attn, attn)
-    qconf = _quantization_config(args, config, dtype) if hasattr(args, "quant_method") else None
+    qconf = _quantization_config(cfg, config, dtype)
     if qconf is not None:
         kwargs["quantization_config"] = qconf
-    if getattr(args, "device_map", None):
-        kwargs["device_map"] = args.device_map
-    coef = getattr(args, "router_aux_loss_coef", 0.0) or 0.0
+    if cfg.device_map:
+        kwargs["device_map"] = cfg.device_map
+    coef = cfg.router_aux_loss_coef or 0.0
     if coef > 0:
         if not hasattr(config, "router_aux_loss_coef"):
             note(f"--router_aux_loss_coef {coef}: {type(config).__name__} is not a mixture-of-experts model; ignored")
@@ -150,12 +159,12 @@ def load_model(args, model_dir: str, tokenizer=None, for_training: bool = True, 
     if head == "seq_cls":
         kwargs.pop("output_router_logits", None)
         kwargs.pop("router_aux_loss_coef", None)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code,
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code,
                                                                    num_labels=1, **kwargs)
         if tokenizer is not None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code, **kwargs)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if for_training:
@@ -220,11 +229,11 @@ def cast_lora(model, dtype_name: Optional[str], adapter: str = "default") -> int
     return cast
 
 
-def attach_lora(model, args):
+def attach_lora(model, cfg: ModelConfig):
     """Wrap the model with a fresh LoRA adapter, or continue from --adapters (trainable); then apply --lora_dtype
     to the trained adapter's weights. Raises ConfigError for several --adapters or targets that match no layer."""
-    peft_model = _attach_lora(model, args)
-    cast_lora(peft_model, getattr(args, "lora_dtype", None))
+    peft_model = _attach_lora(model, cfg)
+    cast_lora(peft_model, cfg.lora_dtype)
     return peft_model
 
 
@@ -232,37 +241,37 @@ def _is_seq_cls(model) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification")
 
 
-def _attach_lora(model, args):
+def _attach_lora(model, cfg: ModelConfig):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if getattr(args, "quant_method", None):
+    if cfg.quant_method:
         from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.adapters:
-        if len(args.adapters) > 1:
+    if cfg.adapters:
+        if len(cfg.adapters) > 1:
             raise ConfigError("training continues from one adapter; pass a single --adapters path")
-        note(f"continuing training from adapter {args.adapters[0]}")
-        return PeftModel.from_pretrained(model, args.adapters[0], is_trainable=True)
-    dropout = args.lora_dropout
-    if args.target_parameters and dropout:
+        note(f"continuing training from adapter {cfg.adapters[0]}")
+        return PeftModel.from_pretrained(model, cfg.adapters[0], is_trainable=True)
+    dropout = cfg.lora_dropout
+    if cfg.target_parameters and dropout:
         note(f"--lora_dropout {dropout} -> 0: peft's LoRA on raw parameters (--target_parameters, MoE experts) "
              f"does not support dropout")
         dropout = 0.0
-    target = args.target_regex or _expand_special(model, args.target_modules)
-    init = {"true": True, "false": False}.get(str(args.init_weights).lower(), args.init_weights)
-    cfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=dropout, bias=args.lora_bias,
-                     target_modules=target, target_parameters=list(args.target_parameters) or None,
-                     modules_to_save=_expand_special(model, args.modules_to_save) or None,
-                     use_rslora=args.use_rslora, use_dora=args.use_dora, init_lora_weights=init,
-                     task_type="SEQ_CLS" if _is_seq_cls(model) else "CAUSAL_LM")  # SEQ_CLS trains the score head
+    target = cfg.target_regex or _expand_special(model, cfg.target_modules)
+    init = {"true": True, "false": False}.get(str(cfg.init_weights).lower(), cfg.init_weights)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=dropout, bias=cfg.lora_bias,
+                      target_modules=target, target_parameters=list(cfg.target_parameters) or None,
+                      modules_to_save=_expand_special(model, cfg.modules_to_save) or None,
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=init,
+                      task_type="SEQ_CLS" if _is_seq_cls(model) else "CAUSAL_LM")  # SEQ_CLS trains the score head
     try:
-        return get_peft_model(model, cfg)
+        return get_peft_model(model, lora)
     except ValueError as e:
         if "not found in the base model" not in str(e):
             raise
-        which = f"--target_regex {args.target_regex}" if args.target_regex else \
-            f"--target_modules {' '.join(args.target_modules)}"
+        which = f"--target_regex {cfg.target_regex}" if cfg.target_regex else \
+            f"--target_modules {' '.join(cfg.target_modules)}"
         raise ConfigError(f"{which} matches no layer of this model, so LoRA would have no trainable parameters. "
                           f"Its Linear layers are: {', '.join(all_linear_names(model))} (or pass all-linear)") from None
 
@@ -273,24 +282,21 @@ def count_parameters(model) -> dict:
     return {"total": total, "trainable": trainable, "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}
 
 
-def load_for_inference(args, adapters: list[str], named: Optional[dict] = None, merge: bool = False,
+def load_for_inference(cfg: ModelConfig, adapters: list[str], named: Optional[dict] = None, merge: bool = False,
                        quantise: bool = True):
     """The model to generate with: the base (quantised as trained unless quantise=False), then the adapters.
 
     Plain adapters are applied in order; several are merged one after another (ms-swift merges them in sequence),
     one stays a live PeftModel unless merge=True. Named adapters (deploy's name=path) are loaded side by side and
-    chosen per request. Returns (model, tokenizer, model_dir)."""
-    import copy
-
+    chosen per request. cfg: the model slice of the (checkpoint-resolved) command. Returns (model, tokenizer,
+    model_dir)."""
     from peft import PeftModel
 
-    model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
-    tokenizer = load_tokenizer(args, model_dir)
-    load_args = args
-    if not quantise and getattr(args, "quant_method", None):
-        load_args = copy.copy(args)
-        load_args.quant_method = None  # merging always goes into the unquantised base weights
-    model = load_model(load_args, model_dir, tokenizer, for_training=False)
+    model_dir = resolve_model_dir(cfg.model, cfg.use_hf, cfg.model_revision, cfg.hub_token)
+    tokenizer = load_tokenizer(cfg, model_dir)
+    if not quantise and cfg.quant_method:
+        cfg = dataclasses.replace(cfg, quant_method=None)  # merging always goes into the unquantised base weights
+    model = load_model(cfg, model_dir, tokenizer, for_training=False)
     for path in adapters:
         model = PeftModel.from_pretrained(model, path)
         if merge or len(adapters) > 1:

@@ -17,7 +17,7 @@ import re
 import shutil
 from typing import Iterator, Optional
 
-from tunesmith.config.args import to_record
+from tunesmith.config.parser import to_record
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 

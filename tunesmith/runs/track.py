@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
+from tunesmith.config.groups import TrackArgs
 from tunesmith.log import note
 
 ALL_TRACKERS = ("tensorboard", "swanlab", "wandb", "mlflow", "trackio")
 
 
-def _run_name(run_dir: str, args) -> str:
+def _run_name(run_dir: str, track: TrackArgs) -> str:
     """--run_name, else the run folder's name (vN-YYYYMMDD-HHMMSS)."""
-    return getattr(args, "run_name", None) or os.path.basename(run_dir)
+    return track.run_name or os.path.basename(run_dir)
 
 
 def _numeric(metrics: dict) -> dict:
@@ -66,16 +67,16 @@ class _SwanLab:
 
     MODES = {"cloud": "online", "online": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
 
-    def __init__(self, run_dir: str, config: dict, args):
+    def __init__(self, run_dir: str, config: dict, track: TrackArgs):
         import swanlab
 
-        token = getattr(args, "swanlab_token", None) or os.environ.get("SWANLAB_API_KEY")
-        mode = self.MODES[getattr(args, "swanlab_mode", None) or "cloud"]
+        token = track.swanlab_token or os.environ.get("SWANLAB_API_KEY")
+        mode = self.MODES[track.swanlab_mode or "cloud"]
         settings = swanlab.Settings(probe={"runtime": False})
         if mode == "online" and token:
             swanlab.login(api_key=token, save=False)
-        self.run = swanlab.init(project=args.swanlab_project, workspace=args.swanlab_workspace,
-                                name=args.swanlab_exp_name or _run_name(run_dir, args), config=config, mode=mode,
+        self.run = swanlab.init(project=track.swanlab_project, workspace=track.swanlab_workspace,
+                                name=track.swanlab_exp_name or _run_name(run_dir, track), config=config, mode=mode,
                                 log_dir=os.path.join(run_dir, "swanlog"), settings=settings)
         self.swanlab = swanlab
 
@@ -87,10 +88,10 @@ class _SwanLab:
 
 
 class _Wandb:
-    def __init__(self, run_dir: str, config: dict, args):
+    def __init__(self, run_dir: str, config: dict, track: TrackArgs):
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tunesmith"), name=_run_name(run_dir, args),
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tunesmith"), name=_run_name(run_dir, track),
                               config=config, dir=run_dir)
 
     def log(self, metrics: dict, step: int):
@@ -101,11 +102,11 @@ class _Wandb:
 
 
 class _MLflow:
-    def __init__(self, run_dir: str, config: dict, args):
+    def __init__(self, run_dir: str, config: dict, track: TrackArgs):
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.start_run(run_name=_run_name(run_dir, args))
+        mlflow.start_run(run_name=_run_name(run_dir, track))
         mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
 
     def log(self, metrics: dict, step: int):
@@ -120,12 +121,11 @@ class _Trackio:
     args.json's record (secrets already redacted); no token is handed to Trackio (a Space upload uses the Hugging
     Face login of the machine)."""
 
-    def __init__(self, run_dir: str, config: dict, args):
+    def __init__(self, run_dir: str, config: dict, track: TrackArgs):
         import trackio
 
-        self.run = trackio.init(project=getattr(args, "project", None) or "tunesmith", name=_run_name(run_dir, args),
-                                config=config, space_id=getattr(args, "trackio_space_id", None),
-                                bucket_id=getattr(args, "trackio_bucket_id", None))
+        self.run = trackio.init(project=track.project or "tunesmith", name=_run_name(run_dir, track),
+                                config=config, space_id=track.trackio_space_id, bucket_id=track.trackio_bucket_id)
 
     def log(self, metrics: dict, step: int):
         self.run.log(metrics, step=step)
@@ -140,9 +140,11 @@ _CLASSES = {"tensorboard": None, "swanlab": _SwanLab, "wandb": _Wandb, "mlflow":
 
 
 class Trackers:
-    """Fan-out to the trackers named in --report_to, plus logging.jsonl."""
+    """Fan-out to the trackers named in --report_to, plus logging.jsonl. track: the tracker flags (TrackArgs:
+    training's output slice, eval's command), read by the trackers that take a name, key or project."""
 
-    def __init__(self, run_dir: str, report_to: list[str], config: dict, args=None, enabled: bool = True):
+    def __init__(self, run_dir: str, report_to: list[str], config: dict, track: Optional[TrackArgs] = None,
+                 enabled: bool = True):
         self.jsonl = JsonlLog(os.path.join(run_dir, "logging.jsonl")) if enabled else None
         names = [n.lower() for n in report_to or []]
         if "all" in names:
@@ -159,7 +161,7 @@ class Trackers:
                 if n == "tensorboard":
                     self.active[n] = _TensorBoard(run_dir, config)
                 else:
-                    self.active[n] = _CLASSES[n](run_dir, config, args)
+                    self.active[n] = _CLASSES[n](run_dir, config, track)
             except ImportError:
                 note(f"--report_to {n}: {n} is not installed (pip install 'tunesmith[{_EXTRAS[n]}]'); "
                       f"metrics still go to logging.jsonl")

@@ -1,9 +1,10 @@
-"""A training run's configuration, resolved once: parse (tunesmith.config.args) → `resolve` (every problem reported at
-once, then ms-swift's dependent defaults) → a frozen `TrainConfig` split into typed slices. Each stage takes only
-its slice: `prepare_data` the data slice, `prepare_model` the model slice, the loop the optimisation and output
-slices, the accelerator the distributed slice; the method object holds its own flags (train/sft.py, dpo.py, …).
+"""A training run's configuration, resolved once: parse (tunesmith.config.parser) → `resolve` (every problem reported
+at once, then ms-swift's dependent defaults) → a frozen `TrainConfig` split into typed slices
+(tunesmith.config.slices). Each stage takes only its slice: `prepare_data` the data slice, `prepare_model` the model
+slice, the loop the optimisation and output slices, the accelerator the distributed slice; the method object holds
+its own flags (train/methods/sft.py, dpo.py, …).
 
-What lives here: the slices, the value checks (`problems`) and `resolve`. What must not: loading anything, joining
+What lives here: TrainConfig, the value checks (`problems`) and `resolve`. What must not: loading anything, joining
 the process group (the recipe does that before resolving), or changing the parsed arguments — `resolve` returns a
 new object and nothing changes a slice afterwards (they are frozen dataclasses).
 """
@@ -13,45 +14,26 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
 
-from tunesmith.config.args import (DataArgs, DistArgs, ModelArgs, OptimArgs, OutputArgs, QuantArgs, TemplateArgs, TrackArgs, TunerArgs, deferred_problems)
+from tunesmith.config.commands import RLHFArguments, SftArguments
+from tunesmith.config.groups import TunerArgs
+from tunesmith.config.parser import deferred_problems
+from tunesmith.config.slices import DataConfig, DistConfig, ModelConfig, OptimConfig, OutputConfig, flag_values, take
 from tunesmith.config.checks import between, raise_problems
 from tunesmith.errors import ConfigError
 from tunesmith.log import note
 
 
-def _frozen_slice(name: str, doc: str, *groups) -> type:
-    """A frozen dataclass with the fields (names, types, help metadata) of the given argument groups."""
-    fields = [(f.name, f.type, dataclasses.field(metadata=f.metadata)) for g in groups for f in dataclasses.fields(g)]
-    return dataclasses.make_dataclass(name, fields, frozen=True, namespace={"__doc__": doc, "__module__": __name__})
-
-
-DataConfig = _frozen_slice("DataConfig", "What to read and how to encode it: the fields of TemplateArgs and DataArgs.",
-                           TemplateArgs, DataArgs)
-ModelConfig = _frozen_slice("ModelConfig", "What to load and train: the fields of ModelArgs, QuantArgs and TunerArgs.",
-                            ModelArgs, QuantArgs, TunerArgs)
-OptimConfig = _frozen_slice("OptimConfig", "How to step: the fields of OptimArgs.", OptimArgs)
-OutputConfig = _frozen_slice("OutputConfig", "Where and when a run writes: the fields of OutputArgs and TrackArgs.",
-                             OutputArgs, TrackArgs)
-DistConfig = _frozen_slice("DistConfig", "How the run is spread over processes: the fields of DistArgs.", DistArgs)
-
-
-def take(slice_cls: type, args) -> Any:
-    """The slice of `args` that `slice_cls` names (every field of the slice read from args)."""
-    return slice_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(slice_cls)})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run's resolved configuration. `args` is the whole resolved command (what args.json records);
-    the stages read their slice."""
-    args: Any
-    data: Any       # DataConfig
-    model: Any      # ModelConfig
-    optim: Any      # OptimConfig
-    output: Any     # OutputConfig
-    dist: Any       # DistConfig
+    """One training run's resolved configuration. `args` is the whole resolved command (what args.json records;
+    RLHFArguments for rlhf and dpo); the stages read their slice."""
+    args: SftArguments
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig
+    output: OutputConfig
+    dist: DistConfig
     world_size: int
 
 
@@ -151,13 +133,14 @@ def resume_problems(args) -> list[str]:
         return out
     with open(os.path.join(ckpt, "args.json"), encoding="utf-8") as fh:
         saved = json.load(fh)
-    theirs, ours = saved.get("rlhf_type") or "sft", getattr(args, "rlhf_type", None) or "sft"
+    theirs, ours = saved.get("rlhf_type") or "sft", args.rlhf_type if isinstance(args, RLHFArguments) else "sft"
     if theirs != ours:
         out.append(f"{flag}: a {theirs} checkpoint, but this run trains {ours}; to train {ours} from it, pass its "
                    f"weights (--adapters {ckpt}, or --model for full training) instead of resuming")
+    ours_now = flag_values(args)
     for key in _RESUME_SAME if (saved.get("train_type") or "lora") == "lora" else ("train_type",):
-        if key in saved and saved[key] != getattr(args, key, None):
-            out.append(f"{flag}: the checkpoint has --{key} {saved[key]}, this run --{key} {getattr(args, key)}; "
+        if key in saved and saved[key] != ours_now[key]:
+            out.append(f"{flag}: the checkpoint has --{key} {saved[key]}, this run --{key} {ours_now[key]}; "
                        f"resume with the checkpoint's settings")
     world = _planned_world()
     if saved.get("world_size") and saved["world_size"] != world and not args.ignore_data_skip:
@@ -188,6 +171,29 @@ def _resume_step_problems(args, ckpt: str, flag: str, saved: dict) -> list[str]:
             f"--max_steps {2 * step}); to start a new run from these weights, pass {weights} instead of resuming"]
 
 
+def _range_problems(args) -> list[str]:
+    """The counts, sizes, rates and seeds that must lie in a range (batch sizes and steps at least 1, the Adam betas
+    in [0, 1), seeds within 32 bits, ...), one problem per value outside its range."""
+    out: list[str] = []
+    v = flag_values(args)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps"):
+        between(out, name, v[name], 1, None)
+    for name in ("gradient_accumulation_steps", "eval_steps", "max_length", "packing_length"):
+        if v[name] is not None:
+            between(out, name, v[name], 1, None)
+    if args.save_strategy in ("steps", "best"):
+        between(out, "save_steps", args.save_steps, 1, None)
+    for name in ("adam_beta1", "adam_beta2"):
+        between(out, name, v[name], 0, 1, hi_open=True)
+    for name in ("adam_epsilon", "weight_decay", "max_grad_norm", "warmup_steps", "router_aux_loss_coef"):
+        between(out, name, v[name], 0, None)
+    between(out, "warmup_ratio", args.warmup_ratio, 0, 1)
+    between(out, "split_dataset_ratio", args.split_dataset_ratio, 0, 1, hi_open=True)
+    for name in ("seed", "data_seed"):
+        between(out, name, v[name], 0, 2 ** 32 - 1)
+    return out
+
+
 ATTN_IMPLS = ("sdpa", "eager", "flash_attn", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -204,7 +210,7 @@ def _more_value_problems(args) -> list[str]:
         between(out, "save_total_limit", args.save_total_limit, 1, None, hint="leave it out to keep every checkpoint")
     between(out, "dataloader_num_workers", args.dataloader_num_workers or 0, 0, None)
     between(out, "dataset_num_proc", args.dataset_num_proc, 1, None)
-    if getattr(args, "max_new_tokens", None) is not None:
+    if args.max_new_tokens is not None:
         between(out, "max_new_tokens", args.max_new_tokens, 1, None)
     if args.attn_impl is not None and args.attn_impl not in ATTN_IMPLS:
         out.append(f"--attn_impl {args.attn_impl}: expected one of {', '.join(ATTN_IMPLS)}")
@@ -271,14 +277,12 @@ def _tracker_problems(report_to) -> list[str]:
 
 def _combination_notes(args) -> None:
     """Settings ms-swift accepts together although one makes the other moot: said, not refused."""
-    import dataclasses as dc
-
-    from tunesmith.config.args import TunerArgs
-
     if args.train_type == "full":
-        defaults = {f.name: (f.default if f.default is not dc.MISSING else f.default_factory())
-                    for f in dc.fields(TunerArgs) if f.name.startswith("lora_") or f.name == "target_modules"}
-        given = [k for k, v in defaults.items() if getattr(args, k, v) != v]
+        fields = dataclasses.fields(TunerArgs)
+        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in fields if f.name.startswith("lora_") or f.name == "target_modules"}
+        values = flag_values(args)
+        given = [k for k, v in defaults.items() if values[k] != v]
         if given:
             note(f"--train_type full trains every weight: {', '.join('--' + k for k in given)} "
                  f"{'has' if len(given) == 1 else 'have'} no effect")
@@ -321,21 +325,7 @@ def problems(args) -> list[str]:
                    "--val_dataset, as ms-swift requires")
     if args.streaming:
         between(out, "shuffle_buffer_size", args.shuffle_buffer_size, 1, None)
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps"):
-        between(out, name, getattr(args, name), 1, None)
-    for name in ("gradient_accumulation_steps", "eval_steps", "max_length", "packing_length"):
-        if getattr(args, name) is not None:
-            between(out, name, getattr(args, name), 1, None)
-    if args.save_strategy in ("steps", "best"):
-        between(out, "save_steps", args.save_steps, 1, None)
-    for name in ("adam_beta1", "adam_beta2"):
-        between(out, name, getattr(args, name), 0, 1, hi_open=True)
-    for name in ("adam_epsilon", "weight_decay", "max_grad_norm", "warmup_steps", "router_aux_loss_coef"):
-        between(out, name, getattr(args, name), 0, None)
-    between(out, "warmup_ratio", args.warmup_ratio, 0, 1)
-    between(out, "split_dataset_ratio", args.split_dataset_ratio, 0, 1, hi_open=True)
-    for name in ("seed", "data_seed"):
-        between(out, name, getattr(args, name), 0, 2 ** 32 - 1)
+    out += _range_problems(args)
     out += _more_value_problems(args)
     out += _scheduler_problems(args)
     if args.train_type == "full" and args.torch_dtype in ("float16",):
@@ -384,14 +374,15 @@ def _fsdp_problems(args) -> list[str]:
         out.append("--fsdp with 4-bit QLoRA: FSDP shards the packed 4-bit weights together with the others only "
                    "when they are stored in a float dtype; add --bnb_4bit_quant_storage "
                    f"{args.torch_dtype if args.torch_dtype in ('bfloat16', 'float16') else 'bfloat16'}")
-    if getattr(args, "sync_ref_model", False):
+    rlhf = args if isinstance(args, RLHFArguments) else None
+    if rlhf and rlhf.sync_ref_model:
         out.append("--sync_ref_model with --fsdp is not supported yet (the policy's weights are sharded); use DDP "
                    "or --deepspeed zero2")
-    if getattr(args, "rlhf_type", None) == "grpo":
+    if rlhf and rlhf.rlhf_type == "grpo":
         out.append("GRPO with --fsdp is not supported yet (each process samples its own prompts, and a sharded "
                    "model would need every process in each forward step); run GRPO on several processes without "
                    "--fsdp (DDP)")
-    elif getattr(args, "use_vllm", False):
+    elif rlhf and rlhf.use_vllm:
         out.append("--use_vllm with --fsdp is not supported yet (the adapter handed to vLLM would be a shard); "
                    "drop --use_vllm (rollouts then run on the training model)")
     return out
@@ -408,7 +399,7 @@ def check(args, method_cls):
         found.append(f"--streaming: {method.name} reads its rows up front (pairs are checked and measured before "
                      f"training, the reference is precomputed over them); stream with tunesmith sft, or drop "
                      f"--streaming")
-    if getattr(args, "sync_ref_model", False):
+    if isinstance(args, RLHFArguments) and args.sync_ref_model:
         _sync_ref_problems(args, method, found)
     raise_problems(found)
     return method

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from tunesmith.config.commands import RLHFArguments
 from tunesmith.train import loop
 from tunesmith.train.setup import check_disk, finish_run, prepare_data, prepare_model, save_model_fn, start_run
 
 
 def method_for(args):
     """The method object class for the parsed command: SFT for `sft`, else by --rlhf_type."""
-    from tunesmith.config.args import RLHFArguments
-
     if not isinstance(args, RLHFArguments):
         from tunesmith.train.methods.sft import SFT
         return SFT
@@ -53,7 +52,7 @@ def method_for(args):
     if kind == "rm":
         from tunesmith.train.methods.rm import RewardModel
         return RewardModel
-    raise ValueError(f"no training method for --rlhf_type {kind!r}")  # args.py's choices stop this earlier
+    raise ValueError(f"no training method for --rlhf_type {kind!r}")  # the parser's choices stop this earlier
 
 
 def configure(args, world_size: int = 1, cuda: bool = False):
@@ -80,8 +79,8 @@ def main(args) -> dict:
     prepared = prepare_data(cfg.data, cfg.model, method)
     check_disk(cfg, prepared.model_dir)
     model, param_info = prepare_model(cfg.model, prepared.model_dir, prepared.tokenizer, cfg.optim.seed, method.head)
-    sync = (args.ref_model_sync_steps, args.ref_model_mixup_alpha) if getattr(args, "sync_ref_model", False) \
-        else None
+    sync = (args.ref_model_sync_steps, args.ref_model_mixup_alpha) \
+        if isinstance(args, RLHFArguments) and args.sync_ref_model else None
     reference = setup_reference(cfg.model, method.ref_model, method.ref_adapters, model, prepared.tokenizer, sync) \
         if method.needs_reference else None
     batches = method.batches(cfg, prepared, model, reference)

@@ -487,7 +487,7 @@ def say(text: str) -> None:
 def make_trackers(run_dir: str, cfg, prepared: Prepared):
     """logging.jsonl and the --report_to trackers (output slice), on rank 0 only (other ranks get a disabled
     fan-out); the trackers' config is args.json's record plus the data statistics."""
-    from tunesmith.config.args import to_record
+    from tunesmith.config.parser import to_record
     from tunesmith.runs.track import Trackers
     from tunesmith.train import distributed as D
 

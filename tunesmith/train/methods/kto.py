@@ -125,8 +125,9 @@ class KTO:
         if args.per_device_train_batch_size < 2:
             problems.append("KTO estimates the KL term from the other examples of the same batch, so it needs "
                             "--per_device_train_batch_size 2 or more (with 1 the KL term equals the reward itself)")
-        for name in ("desirable_weight", "undesirable_weight"):
-            between(problems, name, getattr(args, name), 0, None)
+        for name, weight in (("desirable_weight", args.desirable_weight),
+                             ("undesirable_weight", args.undesirable_weight)):
+            between(problems, name, weight, 0, None)
         if args.desirable_weight == 0 and args.undesirable_weight == 0:
             problems.append("--desirable_weight and --undesirable_weight are both 0: nothing would be learned")
         if args.precompute_ref_log_probs:

@@ -533,7 +533,9 @@ class VllmSync:
         import atexit
         import tempfile
 
-        self.model, self.args, self.model_dir = model, cfg.args, model_dir
+        from tunesmith.config.slices import EngineConfig, take
+
+        self.model, self.engine_cfg, self.model_dir = model, take(EngineConfig, cfg.args), model_dir
         self.root = tempfile.mkdtemp(prefix="tunesmith-vllm-lora-")
         self.engine = None
         self.current: Optional[str] = None
@@ -558,7 +560,7 @@ class VllmSync:
         name, path = self._save(-1)  # vLLM starts with LoRA on; each round then brings its own adapter
         stop = stop_token_ids(self.model, tokenizer, ChatEncoder(tokenizer, system=cfg.data.system),
                               OutputParser(tokenizer).reasoning_style)
-        self.engine = VllmEngine(self.args, self.model_dir, tokenizer, stop, {name: path}, max_model_len=context)
+        self.engine = VllmEngine(self.engine_cfg, self.model_dir, tokenizer, stop, {name: path}, max_model_len=context)
         self.current = name
         return ChatEngine(None, tokenizer, system=cfg.data.system, engine=self.engine,
                           generation_config=getattr(self.model, "generation_config", None),

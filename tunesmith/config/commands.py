@@ -1,0 +1,103 @@
+"""What each command takes: its flag groups (tunesmith.config.groups), ms-swift's compatibility groups
+(tunesmith.config.swift_compat) and, for data, eval and report, a few flags of its own. Each command's class is a
+frozen dataclass composed of its groups, so a parsed command is immutable and `isinstance(args, TrackArgs)` says
+what it has.
+
+    command     groups                                                        compatibility only
+    sft         Model Quant Template Data Tuner Track Output Optim Dist       SwiftCompat TrainerCompat
+                                                                              TrainGenerationCompat
+    rlhf, dpo   sft's, and RLHF GRPO Vllm                                     sft's
+    infer       Generation InferBackend(Vllm) Checkpoint Model Quant          SwiftCompat
+                Template Data
+    deploy      infer's, and DeployServer                                     infer's
+    export      ExportOutput Checkpoint Model Quant Template Generation Data  SwiftCompat
+    eval        Eval Generation InferBackend(Vllm) Checkpoint Model Quant     SwiftCompat EvalServerCompat
+                Template Track Data; its own --verbose, --report_to
+    data        Model Template Data; its own action, output, row, ...
+    report      its own runs, output
+
+Where two groups name the same flag (eval's --max_batch_size, --report_to, --api_key), the first base listed wins,
+as Python's method resolution order says. COMMAND_ARGS maps each command name to its class.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from tunesmith.config.groups import (CheckpointArgs, DataArgs, DeployServerArgs, DistArgs, EvalArgs, ExportOutputArgs,
+                                     GenerationArgs, GRPOArgs, InferBackendArgs, ModelArgs, OptimArgs, OutputArgs,
+                                     QuantArgs, RLHFArgs, TemplateArgs, TrackArgs, TunerArgs, VllmArgs, _f)
+from tunesmith.config.swift_compat import (EvalServerCompatArgs, SwiftCompatArgs, TrainerCompatArgs,
+                                           TrainGenerationCompatArgs)
+
+
+@dataclass(frozen=True)
+class SftArguments(ModelArgs, QuantArgs, TemplateArgs, DataArgs, TunerArgs, TrackArgs, OutputArgs, OptimArgs,
+                   DistArgs, SwiftCompatArgs, TrainerCompatArgs, TrainGenerationCompatArgs):
+    """`tunesmith sft`."""
+
+
+@dataclass(frozen=True)
+class RLHFArguments(VllmArgs, GRPOArgs, RLHFArgs, SftArguments):
+    """`tunesmith rlhf` (and `tunesmith dpo`)."""
+
+
+@dataclass(frozen=True)
+class InferArguments(GenerationArgs, InferBackendArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs, DataArgs,
+                     SwiftCompatArgs):
+    """`tunesmith infer`: interactive chat, or batch over --val_dataset."""
+
+
+@dataclass(frozen=True)
+class DeployArguments(DeployServerArgs, InferArguments):
+    """`tunesmith deploy`: OpenAI-compatible server."""
+
+
+@dataclass(frozen=True)
+class ExportArguments(ExportOutputArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs, SwiftCompatArgs,
+                      GenerationArgs, DataArgs):
+    """`tunesmith export`: merge LoRA adapters into the base model."""
+
+
+@dataclass(frozen=True)
+class EvalArguments(EvalArgs, GenerationArgs, InferBackendArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs,
+                    TrackArgs, SwiftCompatArgs, DataArgs, EvalServerCompatArgs):
+    """`tunesmith eval`: benchmarks from local files; the base and the tuned model side by side."""
+    verbose: bool = _f(False, help="ms-swift: EvalScope's debug output. The native evaluator prints the same "
+                                   "either way.")
+    # ms-swift's eval has no --report_to (EvalScope keeps its own reports), so nothing is logged unless asked
+    report_to: List[str] = _f(help="Log the score table (each model's score and the delta, per dataset, subset and "
+                                   "metric) to tensorboard, swanlab, wandb, mlflow or all, under the eval's output "
+                                   "folder. Default none: ms-swift's eval has no --report_to.", list_default=["none"])
+
+
+@dataclass(frozen=True)
+class DataCommandArguments(ModelArgs, TemplateArgs, DataArgs):
+    """`tunesmith data ACTION`: inspect, validate, convert, split, stats, cache."""
+    action: Optional[str] = _f(help="inspect | validate | convert | split | stats | cache",
+                               choices=("inspect", "validate", "convert", "split", "stats", "cache"))
+    output: Optional[str] = _f(help="Output file (convert) or folder (split).", aliases=("output_dir",))
+    row: int = _f(0, help="inspect: which row to show, 0-based among the usable rows (with --strict false bad rows "
+                              "are skipped; each row shown names its file:line).")
+    num_rows: Optional[int] = _f(help="inspect: how many rows to show (default 1). stats --streaming true: how "
+                                      "many rows to measure, from the start (default 10000).")
+    val_ratio: float = _f(0.1, help="split: fraction for validation (default 9:1).")
+    clean: bool = _f(False, help="cache: remove the encoded datasets kept for --load_from_cache_file (all of them, "
+                                 "or those unused for --older_than_days).")
+    older_than_days: Optional[float] = _f(help="cache --clean true: only entries not used for this many days.")
+    rlhf: bool = _f(False, help="Treat the data as preference data (chosen/rejected).")
+    rlhf_type: Optional[str] = _f(help="The preference method the data is for (implies --rlhf): dpo, simpo, orpo "
+                                       "or cpo need a rejected reply in every row, kto a label or a pair.",
+                                  choices=("dpo", "simpo", "orpo", "cpo", "kto"))
+
+
+@dataclass(frozen=True)
+class ReportArguments:
+    """`tunesmith report RUN_DIR [RUN_DIR ...]`: rebuild a run's plots and report.html, or compare runs."""
+    runs: List[str] = _f(help="Run directories (output/<model>/vN-…); also given positionally.", list_default=[])
+    output: Optional[str] = _f(help="Comparison report path (default compare_report.html; one run: its report.html).")
+
+
+COMMAND_ARGS = {"sft": SftArguments, "data": DataCommandArguments, "rlhf": RLHFArguments, "dpo": RLHFArguments,
+                "infer": InferArguments, "deploy": DeployArguments, "export": ExportArguments,
+                "report": ReportArguments, "eval": EvalArguments}
