@@ -1,9 +1,11 @@
 """The generation engine: one scheduler thread owns the model and runs every generation (`infer`, `deploy`,
 `eval`, and later RL rollouts) as continuous batches.
 
-What lives here: token-level scheduling only — prompts in as token ids, token ids (and log-probs) out. Chat
-templates, reasoning and tool-call parsing live in `tunesmith.inference.reply`; HTTP in `tunesmith.serve`; model loading in
-`tunesmith.models.load`. torch and transformers are imported inside the functions that use them, never at module level.
+What lives here: token-level scheduling only — prompts in as token ids, token ids (and log-probs) out. A row's
+sampling (transformers' logits processors, seeded generators) and stop strings live in `tunesmith.inference.sampling`;
+chat templates, reasoning and tool-call parsing in `tunesmith.inference.reply`; HTTP in `tunesmith.serve`; model
+loading in `tunesmith.models.load`. torch and transformers are imported inside the functions that use them, never at
+module level.
 
 How a step works. Requests wait in a queue. Between decoding steps the scheduler admits queued requests (up to
 `max_batch_size` rows in flight), prefills them as one left-padded batch, and appends their KV cache to the running
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional
 
 from tunesmith.errors import TunesmithError
+from tunesmith.inference.sampling import sample_token, seeded_generator, stop_string_hit
 
 # A prefill batch holds at most this many (padded) prompt tokens, so one huge prompt does not stall the batch
 # behind it for long and the prefill activations stay bounded; a single longer prompt still runs alone.
@@ -305,7 +308,7 @@ class GenerationEngine:
         import torch
         from transformers import DynamicCache
 
-        rows = [_Row(h, _generator(h.params.seed, self.device)) for h in handles]
+        rows = [_Row(h, seeded_generator(h.params.seed, self.device)) for h in handles]
         longest = max(len(h.prompt_ids) for h in handles)
         ids = torch.tensor([[self.pad_id] * (longest - len(h.prompt_ids)) + h.prompt_ids for h in handles],
                            device=self.device)
@@ -370,7 +373,7 @@ class GenerationEngine:
         if full:
             logits = last.logits_of(full, self._head)
             for j, i in enumerate(full):
-                picks[i] = _sample(logits[j], rows[i], self.pad_id)
+                picks[i] = sample_token(logits[j], rows[i], self.pad_id)
             need = [j for j, i in enumerate(full) if rows[i].logprobs is not None]
             if need:
                 logps = torch.log_softmax(logits[need], dim=-1)
@@ -537,19 +540,6 @@ def _non_finite_rows(rows: list[_Row], last: "_Last") -> set[int]:
     return set(bad)
 
 
-def stop_string_hit(tokenizer, generated: list, stops) -> Optional[str]:
-    """The stop string that the output now contains, if any. Only the tail can hold a new match: a stop string
-    spans at most len(s) tokens (plus bytes that decode together), so the last few tokens are decoded each step.
-
-    generated: the token ids so far; stops: strings. Returns the first of `stops` (in their order) found in the
-    decoded tail (special tokens kept), else None."""
-    if not stops:
-        return None
-    span = max(len(s) for s in stops) + 4
-    tail = tokenizer.decode(generated[-span:], skip_special_tokens=False)
-    return next((s for s in stops if s and s in tail), None)
-
-
 def _left_pad(t, width: int, dim: int = 2):
     import torch.nn.functional as F
     missing = width - t.shape[dim]
@@ -557,41 +547,6 @@ def _left_pad(t, width: int, dim: int = 2):
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
     return F.pad(t, pad)
-
-
-def _sample(logits, row: _Row, pad_id: int) -> int:
-    """One token from a row's logits [V] with its processors (transformers' order and semantics)."""
-    import torch
-
-    p = row.params
-    logits = logits.clone()
-    if p.repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): divide positive, multiply negative scores
-        seen = torch.tensor(sorted(set(row.handle.prompt_ids) | set(row.generated)), device=logits.device)
-        score = logits[seen]
-        logits[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
-    if p.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / p.temperature
-    if p.top_k and 0 < p.top_k < logits.numel():  # 0 and -1 (vLLM's, ms-swift's spelling) mean off
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= (1 - p.top_p)
-        remove[-1] = False  # keep at least the most likely token
-        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=row.generator))
-
-
-def _generator(seed: Optional[int], device):
-    if seed is None:
-        return None
-    import torch
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed) % (1 << 63))
-    return g
 
 
 def _peft_adapters(model) -> list[str]:

@@ -171,7 +171,7 @@ class RewardModelScorer:
 
 def reward_model_functions(paths: list) -> list:
     """--reward_model PATH ...: each as a rewards.RewardFn named reward_model (reward_model_1, … for several)."""
-    from tunesmith.train.rl.rewards import RewardFn
+    from tunesmith.train.rl.scoring import RewardFn
 
     return [RewardFn("reward_model" if len(paths) == 1 else f"reward_model_{i + 1}", path, RewardModelScorer(path))
             for i, path in enumerate(paths)]

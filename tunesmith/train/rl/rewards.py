@@ -12,31 +12,30 @@ this completion" (it becomes NaN and is left out of the weighted sum; see losses
     (`from swift.rewards import ORM, orms`); they run unchanged whether or not ms-swift is installed;
   * TRL's built-ins (trl/rewards: accuracy_reward, reasoning_accuracy_reward, think_format_reward,
     get_soft_overlong_punishment) and TRL-style `module.func` / `module:func` names (trl/scripts/grpo.py).
-This module stays light (no torch) because the CLI imports it to check names before training starts.
+What lives here: the reward functions' parameters (RewardArgs), ms-swift's base classes (ORM, AsyncORM), the
+built-ins of ms-swift and TRL, their registries, and how a name resolves (`load_reward_functions`). Elsewhere:
+answer checking (`tunesmith.train.rl.answers`), running plugin files (`tunesmith.train.rl.plugins`), calling the
+rewards on a batch (`tunesmith.train.rl.scoring`; `score` is reachable from here too). This module stays light (no
+torch) because the CLI imports it to check names before training starts.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import difflib
-import hashlib
 import importlib
-import importlib.machinery
 import importlib.util
 import inspect
-import logging
 import math
-import numbers
 import os
 import re
 import sys
-import traceback
-import types
-from fractions import Fraction
 from typing import Any, Callable
 
 from tunesmith.errors import ConfigError
+from tunesmith.train.rl.answers import fallback_accuracy, math_verify_accuracy
+from tunesmith.train.rl.plugins import run_plugin
+# score is called through this module too (rewards.score), as before scoring had a module of its own
+from tunesmith.train.rl.scoring import RewardFn, score  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,110 +87,6 @@ def accuracy_backend() -> str:
     return "math_verify" if importlib.util.find_spec("math_verify") is not None else "fallback"
 
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:\s*/\s*-?\d+(?:\.\d+)?)?")
-_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*\{\s*(-?[\d.,]+)\s*\}")
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} (or \\fbox{...}) in text, braces balanced; None if there is none."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    if not starts:
-        return None
-    depth, start = 1, starts[-1]
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0) if text[i - 1] != "\\" else 0
-        if depth == 0:
-            return text[start:i].strip()
-    return None
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer in a completion or solution, for the fallback checker: inside <answer>...</answer> if
-    present (as ms-swift's MathAccuracy), the last \\boxed{...}; else the whole tag content if there was a tag;
-    else the last number (\\frac{a}{b} counts as a/b); else None."""
-    tag = _ANSWER_TAG.search(text)
-    inner = tag.group(1).strip() if tag else text
-    boxed = last_boxed(inner)
-    if boxed is not None:
-        return boxed
-    if tag:
-        return inner
-    numbers_ = _NUMBER.findall(_FRAC.sub(r"\1/\2", inner))
-    return numbers_[-1] if numbers_ else None
-
-
-def _normalise(answer: str) -> str:
-    """LaTeX and formatting noise removed: $, \\left/\\right, spacing commands, \\text{}, degrees, percent,
-    a leading `x =`, a trailing full stop, spaces; lower case."""
-    s = answer.strip().strip("$")
-    s = re.sub(r"\\(?:left|right|displaystyle|!|,|;|:| )", "", s)
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\^\s*\{?\\circ\}?|\\%|%|\\\$", "", s)
-    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)
-    s = _FRAC.sub(r"\1/\2", s)
-    return re.sub(r"\s+", "", s).rstrip(".").lower()
-
-
-def to_number(answer: str) -> Fraction | None:
-    """An answer as an exact number (integers, decimals, fractions a/b or \\frac{a}{b}, thousands separators
-    1,234), or None when it is not one."""
-    s = _normalise(answer)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
-    s = re.sub(r"^\((-?[\d.]+)\)/\((-?[\d.]+)\)$", r"\1/\2", s)
-    try:
-        num, _, den = s.partition("/")
-        value = Fraction(num) / Fraction(den) if den else Fraction(num)
-    except (ValueError, ZeroDivisionError):
-        return None
-    return value
-
-
-def answers_match(predicted: str, gold: str) -> bool:
-    """Whether two extracted answers are equal: as exact numbers when both are numbers, else as normalised
-    strings (see _normalise)."""
-    a, b = to_number(predicted), to_number(gold)
-    if a is not None and b is not None:
-        return a == b
-    return _normalise(predicted) == _normalise(gold)
-
-
-def _fallback_accuracy(content: str, solution: str, unparseable_gold=0.0):
-    """1.0 / 0.0 by the fallback checker; `unparseable_gold` when the solution has no answer to compare with."""
-    gold = extract_answer(solution)
-    if gold is None:
-        stripped = solution.strip()
-        if not stripped or len(stripped) > 100:  # a bare short solution ("B", "x + 1") is its own answer
-            return unparseable_gold
-        gold = stripped
-    predicted = extract_answer(content)
-    return float(predicted is not None and answers_match(predicted, gold))
-
-
-def _math_verify_accuracy(content: str, solution: str) -> float:
-    """ms-swift 4.6 MathAccuracy.__call__ for one completion (swift/rewards/orm.py:78-120), the same logic."""
-    from latex2sympy2_extended import NormalizationConfig
-    from math_verify import LatexExtractionConfig, parse, verify
-    match = _ANSWER_TAG.search(content)
-    to_parse = match.group(1).strip() if match else content
-    sol_match = _ANSWER_TAG.search(solution)
-    gold = parse(sol_match.group(1).strip() if sol_match else solution, extraction_mode="first_match")
-    if len(gold) == 0:
-        return 0.0  # an unparseable solution gets 0, as ms-swift (it "skips" the example)
-    if match:
-        answer = parse(to_parse, extraction_mode="first_match")
-    else:
-        norm = NormalizationConfig(nits=False, malformed_operators=False, basic_latex=True, boxed=True, units=True)
-        answer = parse(to_parse, extraction_config=[LatexExtractionConfig(
-            normalization_config=norm, boxed_match_priority=0, try_extract_without_anchor=False)],
-            extraction_mode="first_match")
-    try:
-        return float(verify(gold, answer))
-    except Exception:  # noqa: BLE001 — ms-swift scores a verifier failure 0
-        return 0.0
-
-
 # ------------------------------------------------------------------ ms-swift's built-ins (swift/rewards/orm.py)
 
 def _token_count(ids) -> int:
@@ -214,7 +109,7 @@ class MathAccuracy(ORM):
     def __call__(self, completions, solution=None, **kwargs) -> list:
         if solution is None:
             raise ConfigError("the accuracy reward needs a 'solution' column in the dataset")
-        check = _math_verify_accuracy if accuracy_backend() == "math_verify" else _fallback_accuracy
+        check = math_verify_accuracy if accuracy_backend() == "math_verify" else fallback_accuracy
         # a number in the column is its text; a row without a solution gets no reward (None: left out, as ms-swift)
         return [None if s is None else check(c, str(s)) for c, s in zip(completions, solution)]
 
@@ -318,6 +213,8 @@ orms: dict[str, Any] = {
     "repetition": RepetitionPenalty,
     "soft_overlong": SoftOverlong,
 }
+
+
 # ms-swift built-ins tunesmith does not carry (they need sympy's ANTLR LaTeX parser / rouge); a plugin can
 NOT_BUILT_IN = {"math": "MathORM", "toolbench": "ReactORM"}
 
@@ -339,7 +236,7 @@ def think_format_reward(completions, **kwargs) -> list:
 def _trl_accuracy(content: str, solution: str):
     """TRL's accuracy_reward for one completion: None when the solution does not parse (TRL skips the row)."""
     if accuracy_backend() == "fallback":
-        return _fallback_accuracy(content, solution, unparseable_gold=None)
+        return fallback_accuracy(content, solution, unparseable_gold=None)
     from latex2sympy2_extended import NormalizationConfig
     from math_verify import LatexExtractionConfig, parse, verify
     gold = parse(solution)
@@ -395,26 +292,6 @@ TRL_REWARDS: dict[str, Callable] = {
 
 
 # ------------------------------------------------------------------ resolving names
-
-@dataclasses.dataclass
-class RewardFn:
-    """A resolved reward. `name` is what ms-swift and TRL log it as (rewards/{name}/mean: the class name of an
-    instance, the function's __name__); `spec` is the name given on the command line. Calling it with
-    `(completions, **kwargs)` returns the list of rewards — an awaitable for an async reward (`is_async`).
-    `style` says how it is called: "swift" — fn(completions, **kwargs), completions as strings (ms-swift's
-    convention); "trl" — fn(completions=..., **kwargs), completions in conversational form (a list with one
-    assistant message each) when the prompts are conversations, as TRL's GRPOTrainer passes them."""
-    name: str
-    spec: str
-    fn: Callable
-    style: str = "swift"
-    is_async: bool = False
-
-    def __call__(self, completions, **kwargs):
-        if self.style == "trl":
-            return self.fn(completions=completions, **kwargs)
-        return self.fn(completions, **kwargs)
-
 
 def _is_async(fn) -> bool:
     """As ms-swift's _is_async_reward (rl_core/grpo_algorithm.py:12-14): an async function or __call__."""
@@ -508,223 +385,7 @@ def load_reward_functions(names: list, plugins: list, args: RewardArgs | None = 
     args = args or RewardArgs()
     from_swift = {}
     for path in plugins or []:
-        from_swift.update(_run_plugin(os.path.abspath(os.path.expanduser(path))))
+        from_swift.update(run_plugin(os.path.abspath(os.path.expanduser(path)),
+                                     {"ORM": ORM, "AsyncORM": AsyncORM, "orms": orms}))
     registered = {**orms, **from_swift}  # read after the plugins ran: they register into `orms`
     return [_resolve(name, registered, args, tokenizer) for name in names]
-
-
-# ------------------------------------------------------------------ plugin files
-
-@contextlib.contextmanager
-def _swift_stand_in():
-    """While a plugin runs, and only when ms-swift is not installed, make `swift.plugin` and `swift.rewards`
-    importable with our ORM, AsyncORM and orms. Why: plugins written for ms-swift begin with `from swift.plugin
-    import ORM, orms` (3.x) or `from swift.rewards import ORM, orms` (4.x) and need nothing else from it, so they
-    run unchanged. Why only then: an installed ms-swift must win — the plugin may use more of it, and shadowing it
-    would break it for the rest of the process. Why only while loading: so that nothing later mistakes the
-    stand-in for ms-swift (importlib.util.find_spec("swift") and friends stay truthful)."""
-    if importlib.util.find_spec("swift") is not None:
-        yield
-        return
-    root = types.ModuleType("swift", "tunesmith's stand-in for ms-swift while loading a reward plugin")
-    root.__path__ = []
-    root.__spec__ = importlib.machinery.ModuleSpec("swift", None, is_package=True)
-    stand_ins = {"swift": root}
-    # the registry's homes in 3.x (swift.plugin, swift.plugin.orm) and 4.x (swift.rewards, swift.rewards.orm)
-    for sub in ("plugin", "rewards", "plugin.orm", "rewards.orm"):
-        module = types.ModuleType(f"swift.{sub}")
-        module.ORM, module.AsyncORM, module.orms = ORM, AsyncORM, orms
-        if "." not in sub:
-            module.__path__ = []
-            setattr(root, sub, module)
-        else:
-            setattr(stand_ins[f"swift.{sub.split('.')[0]}"], "orm", module)
-        stand_ins[f"swift.{sub}"] = module
-    utils = types.ModuleType("swift.utils")  # plugins' usual logger: `from swift.utils import get_logger`
-    utils.get_logger = lambda *a, **k: logging.getLogger("tunesmith.plugin")
-    root.utils = utils
-    stand_ins["swift.utils"] = utils
-    sys.modules.update(stand_ins)
-    try:
-        yield
-    finally:
-        for key, module in stand_ins.items():
-            if sys.modules.get(key) is module:
-                del sys.modules[key]
-
-
-def _swift_orms() -> dict:
-    """ms-swift's own registries (4.x swift.rewards.orms, 3.x swift.plugin.orms), when ms-swift is installed."""
-    found = {}
-    if importlib.util.find_spec("swift") is None:
-        return found
-    for module_name in ("swift.plugin", "swift.rewards"):
-        try:
-            found[module_name] = importlib.import_module(module_name).orms
-        except Exception:  # noqa: BLE001 — that ms-swift version has no such module
-            continue
-    return found
-
-
-def _plugin_failure(path: str, e: BaseException) -> ConfigError:
-    """A ConfigError naming the plugin file, the line and what went wrong."""
-    if isinstance(e, SyntaxError):
-        return ConfigError(f"{path}:{e.lineno}: syntax error in reward plugin: {e.msg}")
-    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path]
-    where = f"{path}:{lines[-1]}" if lines else path
-    if isinstance(e, ImportError) and (e.name or "").split(".")[0] == "swift":
-        if importlib.util.find_spec("swift") is None:
-            return ConfigError(f"{where}: the reward plugin imports from ms-swift something tunesmith does not "
-                               f"provide ({e}); without ms-swift installed only ORM, AsyncORM and orms from "
-                               f"swift.plugin / swift.rewards (and their .orm modules) and swift.utils.get_logger "
-                               f"are available")
-        if e.name == "swift.plugin":
-            return ConfigError(f"{where}: the installed ms-swift (4.x) has no swift.plugin; write "
-                               f"`from swift.rewards import ORM, orms` (ms-swift 3.x plugins need this change "
-                               f"for ms-swift 4 too), or uninstall ms-swift")
-    return ConfigError(f"{where}: reward plugin failed: {type(e).__name__}: {e}")
-
-
-_loaded_plugins: dict = {}  # path → what it registered in ms-swift's registries (a file runs once per process)
-
-
-def _run_plugin(path: str) -> dict:
-    """Execute one plugin file as a module (as ms-swift's import_external_file, utils/utils.py:409-429: its
-    folder goes on sys.path so it can import files next to it; a file already loaded is not run again). Returns
-    the entries it added to or replaced in ms-swift's registries when ms-swift is installed (what it registers in
-    ours lands in `orms` directly)."""
-    if path in _loaded_plugins:
-        return _loaded_plugins[path]
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: reward plugin file not found (--external_plugins)")
-    if os.path.dirname(path) not in sys.path:
-        sys.path.insert(0, os.path.dirname(path))
-    before = {name: dict(reg) for name, reg in _swift_orms().items()}
-    module_name = "_tunesmith_plugin_" + hashlib.sha256(path.encode()).hexdigest()[:16]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        with _swift_stand_in():
-            spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 — any failure inside the user's file becomes one clear message
-        sys.modules.pop(module_name, None)
-        raise _plugin_failure(path, e) from e
-    added = {}
-    for name, reg in _swift_orms().items():
-        old = before.get(name, {})
-        added.update({k: v for k, v in reg.items() if old.get(k) is not v})
-    _loaded_plugins[path] = added
-    return added
-
-
-# ------------------------------------------------------------------ scoring a batch
-
-def _reward_kwargs(n: int, prompts, columns, messages, trainer_state, completion_ids) -> dict:
-    """The keyword arguments every reward gets: ms-swift's (the dataset columns, messages, trainer_state,
-    response_token_ids) and TRL's (prompts, completion_ids)."""
-    kwargs = {}
-    for key, values in (columns or {}).items():
-        if key == "completions":
-            raise ConfigError("a dataset column named 'completions' would hide the completions from the rewards")
-        if len(values) != n:
-            raise ConfigError(f"dataset column {key!r} has {len(values)} values for {n} completions")
-        kwargs[key] = values
-    if messages is not None:
-        kwargs["messages"] = messages
-    kwargs["trainer_state"] = trainer_state
-    if prompts is not None:
-        kwargs["prompts"] = prompts
-    if completion_ids is not None:
-        kwargs["response_token_ids"] = completion_ids
-        kwargs["completion_ids"] = completion_ids
-    return kwargs
-
-
-def _check_output(fn: RewardFn, out, n: int) -> list:
-    """The rewards as floats (None → NaN); ConfigError naming the function unless a list of n numbers/None."""
-    if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
-        out = out.tolist()  # a numpy array or tensor
-    if not isinstance(out, (list, tuple)):
-        raise ConfigError(f"reward function {fn.name} ({fn.spec}) returned {type(out).__name__}, expected a list "
-                          f"of {n} numbers or None")
-    if len(out) != n:
-        raise ConfigError(f"reward function {fn.name} ({fn.spec}) returned {len(out)} rewards for {n} completions")
-    bad = next((r for r in out if r is not None and not isinstance(r, numbers.Real)), None)
-    if bad is not None:
-        raise ConfigError(f"reward function {fn.name} ({fn.spec}) returned {type(bad).__name__} {bad!r:.80}, "
-                          f"expected numbers or None")
-    return [math.nan if r is None else float(r) for r in out]
-
-
-def _failure(fn: RewardFn, e: Exception, kwargs: dict) -> ConfigError:
-    """An exception inside a reward as a ConfigError naming it and the keyword arguments it was given."""
-    return ConfigError(f"reward function {fn.name} ({fn.spec}) raised {type(e).__name__}: {e} (it was given "
-                       f"completions and {', '.join(sorted(kwargs))})")
-
-
-def _call(fn: RewardFn, completions, kwargs: dict):
-    """Call one synchronous reward."""
-    try:
-        return fn(completions, **kwargs)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise _failure(fn, e, kwargs) from e
-
-
-async def _gather(calls: list):
-    """Await the async rewards concurrently (asyncio.gather, as ms-swift and TRL)."""
-    async def one(fn, completions, kwargs):
-        """One async reward function's scores; a ConfigError is the plugin's fault and is raised as it is."""
-        try:
-            return await fn(completions, **kwargs)
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise _failure(fn, e, kwargs) from e
-    return await asyncio.gather(*(one(*c) for c in calls))
-
-
-def _run_async(calls: list) -> list:
-    """asyncio.run the async rewards; from inside a running event loop, in a worker thread instead."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(_gather(calls))
-    import concurrent.futures
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, _gather(calls)).result()
-
-
-def score(reward_fns: list, completions: list, prompts=None, columns: dict | None = None, messages=None,
-          trainer_state=None, weights=None, completion_ids=None):
-    """Score N completions (strings) with F rewards. Returns (rewards, errors): rewards an N × F list of lists
-    (row i, reward f; None → NaN, ready for losses.combine_rewards), errors a list of messages about rows that got
-    no reward at all (every function returned None: the row's combined reward is 0 — ms-swift and TRL warn).
-    Every reward gets ms-swift's kwargs — `columns` (dataset column → N values, e.g. solution), `messages`
-    (the conversations, completion last, as ms-swift passes them), `trainer_state`, `response_token_ids` — and
-    TRL's `prompts` and `completion_ids` (the last three when given); TRL-style rewards get the completions as
-    one-message conversations when the prompts are conversations. Synchronous rewards run in order, the async
-    ones together (asyncio.gather). Raises ConfigError when weights do not match the rewards, a column has the
-    wrong length, or a reward raises or does not return a list of N numbers/None (naming it)."""
-    n = len(completions)
-    if weights is not None and len(weights) != len(reward_fns):
-        raise ConfigError(f"{len(weights)} reward weights for {len(reward_fns)} reward functions")
-    kwargs = _reward_kwargs(n, prompts, columns, messages, trainer_state, completion_ids)
-    conversational = bool(prompts) and isinstance(prompts[0], list)
-    as_messages = [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions
-    outputs, pending = [None] * len(reward_fns), []
-    for f, fn in enumerate(reward_fns):
-        given = as_messages if fn.style == "trl" else completions
-        if fn.is_async:
-            pending.append((f, (fn, given, kwargs)))
-        else:
-            outputs[f] = _check_output(fn, _call(fn, given, kwargs), n)
-    if pending:
-        for (f, (fn, _, _)), out in zip(pending, _run_async([c for _, c in pending])):
-            outputs[f] = _check_output(fn, out, n)
-    rows = [[outputs[f][i] for f in range(len(reward_fns))] for i in range(n)]
-    errors = [f"completion {i}: every reward function returned None (its reward counts as 0)"
-              for i, row in enumerate(rows) if row and all(math.isnan(r) for r in row)]
-    return rows, errors

@@ -423,7 +423,7 @@ class Rollouts:
 
     def _score(self, prompts: list[dict], texts: list[str], completions: list) -> list:
         """The rewards [N][F] (NaN for None) of these prompts' completions (G per prompt, in order)."""
-        from tunesmith.train.rl.rewards import score
+        from tunesmith.train.rl.scoring import score
 
         m, g = self.method, self.method.num_generations
         rep = [p for p in prompts for _ in range(g)]
