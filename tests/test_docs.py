@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tunesmith.cli import COMMANDS
-from tunesmith.config.args import ArgError, deferred_problems, parse_args
+from tunesmith.config.parser import ArgError, deferred_problems, parse_args
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

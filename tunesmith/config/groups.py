@@ -357,7 +357,7 @@ class GRPOArgs:
     max_resample_times: int = _f(3, help="GRPO --dynamic_sample: most resamplings per round; a round still short "
                                          "of informative groups is trained as first generated.")
     use_vllm: bool = _f(False, help="GRPO: generate rollouts with vLLM in the training process (colocate; LoRA "
-                                    "training, a CUDA GPU and vllm installed; see the README).")
+                                    "training, a CUDA GPU and vllm installed; see docs/grpo.md).")
     vllm_mode: str = _f("colocate", help="GRPO with --use_vllm: colocate (in the training process) or server.",
                         choices=("colocate", "server"))
     vllm_device: List[str] = _f(help="ms-swift 3.x: the GPUs vLLM rollouts run on. Compatibility only (see the table "
