@@ -69,14 +69,13 @@ def prepare_rows(data, model, method: MethodRows, model_dir: str, tokenizer, max
     are read and encoded on the fly instead (`_stream_rows`); only --val_dataset is encoded here. model: the model
     slice (its hub flags reach the datasets too). Raises DataError for bad rows (--strict true), rows the method
     cannot use, or nothing left to train on."""
-    tok = tokenizer
-    encoder = ChatEncoder(tok, loss_scale=data.loss_scale, default_loss_scale=method.default_loss_scale,
+    encoder = ChatEncoder(tokenizer, loss_scale=data.loss_scale, default_loss_scale=method.default_loss_scale,
                           max_length=max_length, truncation_strategy=data.truncation_strategy,
                           system=data.system,  # the text: parse_args read a --system file
                           use_chat_template=data.use_chat_template)
     if method.rows == "prompt":  # GRPO: prompts to generate from, nothing encoded up front
-        return _prompts(data, model, method, model_dir, tok, encoder, max_length)
-    path = os.path.join(cache_root(), _data_fingerprint(data, model_dir, tok, max_length, method))
+        return _prompts(data, model, method, model_dir, tokenizer, encoder, max_length)
+    path = os.path.join(cache_root(), _data_fingerprint(data, model_dir, tokenizer, max_length, method))
     if data.streaming and not data.val_dataset:  # nothing is encoded up front
         cached = None, None, {"val_split": False, "stats": {}}
     else:
@@ -97,7 +96,7 @@ def prepare_rows(data, model, method: MethodRows, model_dir: str, tokenizer, max
                    vd.get("too_long", 0), "val_dropped_nothing_to_train": vd.get("nothing_to_train", 0)}
     stats = {"train_rows": "streamed" if data.streaming else len(train_rows), "val_rows": len(eval_rows or []),
              **meta["stats"], **(val_dropped if eval_rows is not None else {}), "max_length": max_length}
-    return Prepared(model_dir, tok, encoder, train_rows, eval_rows or [], val, stats)
+    return Prepared(model_dir, tokenizer, encoder, train_rows, eval_rows or [], val, stats)
 
 
 def _prompts(data, model, method, model_dir: str, tok, encoder, max_length) -> Prepared:
