@@ -68,7 +68,7 @@ def _prepare(tiny_models, data, *flags):
 
 
 def test_a_second_run_reuses_the_encoded_rows(tiny_models, tmp_path, capsys, monkeypatch):
-    from tunesmith.train import setup
+    from tunesmith.data import prepare
 
     data = write_jsonl(tmp_path / "d.jsonl", [_chat(i) for i in range(40)])
     first = _prepare(tiny_models, data, "--load_from_cache_file", "true", "--split_dataset_ratio", "0.25")
@@ -77,7 +77,7 @@ def test_a_second_run_reuses_the_encoded_rows(tiny_models, tmp_path, capsys, mon
     def no_loading(*a, **kw):
         raise AssertionError("the data was loaded again")
 
-    monkeypatch.setattr(setup, "load_datasets", no_loading)
+    monkeypatch.setattr(prepare, "load_datasets", no_loading)
     again = _prepare(tiny_models, data, "--load_from_cache_file", "true", "--split_dataset_ratio", "0.25")
     assert "reusing" in capsys.readouterr().err
     assert list(again.train_rows) == list(first.train_rows) and list(again.eval_rows) == list(first.eval_rows)

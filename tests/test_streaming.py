@@ -149,7 +149,7 @@ def test_shuffling_is_a_seeded_buffer_permutation():
 def test_each_rank_takes_its_slice_of_every_global_batch():
     """The same cut as rows in a sequence: per-device batch 2, 3 processes; the last, short batch goes too."""
     from tunesmith.train.distributed import rank_batches
-    from tunesmith.train.loop import _rank_slices, epoch_batches
+    from tunesmith.train.microbatches import _rank_slices, epoch_batches
 
     for rank in range(3):
         streamed = list(_rank_slices(iter(range(20)), 6, 3, rank))

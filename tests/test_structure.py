@@ -131,3 +131,41 @@ def test_layering_check_catches_an_arrow_back_up():
         bad_tree = ast.parse(f"from {imported} import x\n" + ast.unparse(tree))
         found = layering_violations({**modules, importer: (path, bad_tree)})
         assert any(line.startswith(f"{importer} -> {imported}") for line in found), (importer, imported, found)
+
+
+def test_the_training_loop_reads_as_one_story():
+    """From the recipe (`tunesmith sft|rlhf` → train/recipe.py's `main`) to `optimizer.step()` is at most 3 frames,
+    all in recipe.py and loop.py (today: recipe.main → loop.train, which owns the epoch/step loop and the log, eval
+    and save cadence → loop.train_step → optimizer.step()); and loop.py stays under 450 lines (checkpoints,
+    signals and disk errors, the optimiser and the data order live in their own files)."""
+    funcs = {}  # "recipe.main" -> its ast.FunctionDef (module-level functions of the two files)
+    for mod in ("recipe", "loop"):
+        for node in ast.parse((PACKAGE / "train" / f"{mod}.py").read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef):
+                funcs[f"{mod}.{node.name}"] = node
+
+    def callees(name: str) -> set:
+        """The functions of recipe.py and loop.py that `name` calls: f(...) in its own module, or loop.f(...)."""
+        mod, out = name.split(".")[0], set()
+        for call in (c for c in ast.walk(funcs[name]) if isinstance(c, ast.Call)):
+            f = call.func
+            target = f"{mod}.{f.id}" if isinstance(f, ast.Name) else \
+                f"{f.value.id}.{f.attr}" if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else None
+            if target in funcs:
+                out.add(target)
+        return out
+
+    def steps_the_optimizer(name: str) -> bool:
+        """Whether `name` itself calls `<...>optimizer.step()`."""
+        return any(isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "step"
+                   and ast.unparse(c.func.value).split(".")[-1] == "optimizer" for c in ast.walk(funcs[name]))
+
+    paths, found = [["recipe.main"]], None
+    while paths and found is None:  # breadth first: the shortest chain of calls
+        found = next((p for p in paths if steps_the_optimizer(p[-1])), None)
+        paths = [p + [c] for p in paths for c in sorted(callees(p[-1])) if c not in p]
+    assert found is not None, "recipe.main never reaches optimizer.step() through recipe.py and loop.py"
+    frames = found[1:] + ["optimizer.step"]  # the frames below the recipe
+    assert len(frames) <= 3, " → ".join(found + ["optimizer.step()"])
+    lines = len((PACKAGE / "train" / "loop.py").read_text(encoding="utf-8").splitlines())
+    assert lines < 450, f"train/loop.py has {lines} lines"

@@ -61,7 +61,7 @@ class StreamingRows:
     records(tally) -> iterator of (record, (source, line)): a fresh pass over the shaped records (bad rows counted
     in, or raised from, `tally`: load.stream_records). kind: the method's `rows` kind (encode_one). strict: the
     first bad row raises with its file:line, else bad rows are dropped and counted. report(drops): called once,
-    after the first complete pass, with the counts setup._report_drops prints. capacity/length: set by `packed`."""
+    after the first complete pass, with the counts prepare._report_drops prints. capacity/length: set by `packed`."""
 
     def __init__(self, records: Callable[[LoadResult], Iterator], encoder: ChatEncoder, kind: str, strict: bool,
                  shuffle_buffer: int = 1000, report: Optional[Callable[[dict], None]] = None):

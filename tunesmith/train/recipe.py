@@ -1,7 +1,10 @@
 """`tunesmith sft`, `tunesmith rlhf`, `tunesmith dpo`: the one training recipe, read top to bottom.
 
-    check the flags, all problems at once (train/config.py) → join the process group → resolve the flags → load and encode the data → load the model →
+    check the flags, all problems at once (train/config.py) → join the process group → resolve the flags → load and encode the data (data/prepare.py) → load the model →
     the reference (preference methods) → the method's batches → train (train/loop.py) → finish the run
+
+From here to the optimiser is three frames: recipe.main → loop.train (the epoch/step loop; logging, evaluation and
+checkpoints when due) → loop.train_step (forward, backward, clip) → optimizer.step().
 
 Everything a training method decides is in its method object, one per file: sft.py (SFT), dpo.py (the DPO family),
 cpo.py (CPO and SimPO), orpo.py (ORPO), kto.py (KTO), grpo.py (GRPO; rollouts.py generates its units), rm.py (reward

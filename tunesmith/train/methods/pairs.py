@@ -25,6 +25,7 @@ from tunesmith.data.load import LoadResult, rows_for
 from tunesmith.errors import ConfigError
 from tunesmith.models.load import default_device, note
 from tunesmith.train import loop
+from tunesmith.train.microbatches import to_device
 from tunesmith.train.reference import Reference, disable_dropout, sequence_logps
 from tunesmith.train.setup import Batches, batching
 
@@ -194,7 +195,7 @@ def precompute_reference(reference: Reference, policy, splits: list[PairRows], c
         chosen, rejected = [], []
         for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", disable=None):
             chunk = rows[i:i + batch_size]
-            ref = reference.logps(policy, loop._to_device(collate(chunk), device)).float().tolist()
+            ref = reference.logps(policy, to_device(collate(chunk), device)).float().tolist()
             chosen += ref[:len(chunk)]
             rejected += ref[len(chunk):]
         rows.ref = (chosen, rejected)
@@ -224,8 +225,8 @@ def choose_prefix_sharing(prefix_sharing: Optional[bool], data, model, pairs: li
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            two = sequence_logps(model, loop._to_device(pair_collate(sample, pad_id), device))
-            one = sequence_logps(model, loop._to_device(SharedPairCollate(pad_id)(sample), device))
+            two = sequence_logps(model, to_device(pair_collate(sample, pad_id), device))
+            one = sequence_logps(model, to_device(SharedPairCollate(pad_id)(sample), device))
         model.train(was_training)
         per_token = ((two.logps - one.logps).abs() / two.n.clamp(min=1)).max().item()
         tol = 1e-4 if model.get_input_embeddings().weight.dtype == torch.float32 else 3e-2

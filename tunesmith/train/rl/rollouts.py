@@ -20,6 +20,7 @@ from tunesmith.data.encode import IGNORE
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.log import note
 from tunesmith.train import loop
+from tunesmith.train.interrupts import NonFiniteSampling
 
 
 @dataclass
@@ -416,8 +417,8 @@ class Rollouts:
             if c.error is not None:
                 text = str(c.error).lower()
                 if isinstance(c.error, RuntimeError) and ("inf" in text or "nan" in text):
-                    raise loop.NonFiniteSampling(f"the policy's next-token probabilities hold inf or NaN: "
-                                                 f"{c.error}") from None
+                    raise NonFiniteSampling(f"the policy's next-token probabilities hold inf or NaN: "
+                                            f"{c.error}") from None
                 raise c.error
         return out
 

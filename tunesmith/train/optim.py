@@ -1,0 +1,54 @@
+"""The optimiser and its learning-rate schedule, built from the optimisation slice (config.OptimConfig): AdamW (or
+SGD, or bitsandbytes' 8-bit/paged AdamW) without weight decay on 1-D parameters, and transformers' schedule over the
+run's optimiser steps. The loop (train/loop.py) builds both once, in `prepare_run`."""
+from __future__ import annotations
+
+import math
+
+from tunesmith.errors import TunesmithError
+
+
+def build_optimizer(model, optim, drop_empty_groups: bool = False):
+    """AdamW (or SGD, or a bitsandbytes 8-bit/paged AdamW) over the trainable parameters (optimisation slice),
+    without weight decay on biases, norms and other 1-D parameters. Raises TunesmithError when nothing is
+    trainable or bitsandbytes is missing for an 8-bit optimiser."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    if not decay and not no_decay:
+        raise TunesmithError("the model has no trainable parameters (check --train_type, --target_modules, "
+                             "--target_regex); nothing would be learned")
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if drop_empty_groups:  # DeepSpeed drops them itself, and the schedule must see the same groups
+        groups = [g for g in groups if g["params"]]
+    lr, betas, eps = optim.learning_rate, (optim.adam_beta1, optim.adam_beta2), optim.adam_epsilon
+    name = optim.optim
+    if name in ("adamw_torch", "adamw", "adamw_hf", "adamw_torch_fused"):
+        fused = name == "adamw_torch_fused" and torch.cuda.is_available()
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise TunesmithError(f"--optim {name} needs bitsandbytes: pip install 'tunesmith[qlora]'") from None
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "adamw_bnb_8bit": bnb.optim.AdamW8bit,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    return cls(groups, lr=lr, betas=betas, eps=eps)
+
+
+def build_scheduler(optimizer, optim, total_steps: int):
+    """transformers' schedule --lr_scheduler_type over `total_steps` optimiser steps, warming up for --warmup_steps
+    (or --warmup_ratio of the steps, rounded up)."""
+    from transformers import get_scheduler
+
+    warmup = optim.warmup_steps if optim.warmup_steps > 0 else math.ceil(optim.warmup_ratio * total_steps)
+    kwargs = dict(optim.lr_scheduler_kwargs or {})
+    if optim.lr_scheduler_type == "cosine_with_min_lr" and not kwargs:
+        kwargs = {"min_lr_rate": 0.1}
+    return get_scheduler(optim.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=kwargs or None)
