@@ -349,7 +349,8 @@ def test_nan_gradient_with_a_finite_loss_is_never_applied(tiny_models, tmp_path,
 
 
 def test_crash_mid_save_leaves_no_checkpoint(tmp_path):
-    from tunesmith.runs.run_dir import atomic_dir, list_checkpoints
+    from tunesmith.files import atomic_dir
+    from tunesmith.runs.run_dir import list_checkpoints
     with pytest.raises(RuntimeError):
         with atomic_dir(str(tmp_path / "checkpoint-5")) as tmp:
             open(os.path.join(tmp, "adapter_model.safetensors"), "w").write("partial")

@@ -235,7 +235,7 @@ def split(args: DataCommandArguments) -> None:
         raise ConfigError(f"--val_ratio must be between 0 and 1, got {args.val_ratio}")
     train, val = split_train_val(result, args.val_ratio, args.data_seed)
     out = args.output or os.path.splitext(args.dataset[0].split("#")[0])[0] + "_split"
-    from tunesmith.runs.run_dir import existing_ancestor
+    from tunesmith.files import existing_ancestor
 
     parent = existing_ancestor(out)
     if not os.path.isdir(parent):

@@ -43,7 +43,7 @@ def _runners(args):
 
 def main(args):
     from tunesmith.data.load import write_jsonl
-    from tunesmith.runs.run_dir import write_text_atomic
+    from tunesmith.files import write_text_atomic
 
     if args.eval_backend != "Native":
         raise ConfigError(f"--eval_backend {args.eval_backend}: tunesmith evaluates natively (--eval_backend Native); "

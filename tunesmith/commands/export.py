@@ -17,7 +17,7 @@ from tunesmith.config.parser import to_record
 from tunesmith.config.slices import ModelConfig, take
 from tunesmith.errors import ConfigError
 from tunesmith.models.load import load_for_inference, note
-from tunesmith.runs.run_dir import atomic_dir, write_json_atomic
+from tunesmith.files import atomic_dir, write_json_atomic
 from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 
 

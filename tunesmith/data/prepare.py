@@ -25,6 +25,7 @@ from tunesmith.data.encode import ChatEncoder
 from tunesmith.data.load import LoadResult, load_datasets, split_train_val, write_jsonl
 from tunesmith.data.store import cache_root
 from tunesmith.errors import DataError, TunesmithError
+from tunesmith.files import write_json_atomic
 from tunesmith.log import is_main, note
 
 
@@ -271,7 +272,7 @@ def _encode_data(data, model, method, encoder, path: str, max_length) -> None:
             if name == "train":
                 meta["stats"] = {"dropped_bad": drops.dropped + stats["bad"], "dropped_too_long": stats["too_long"],
                                  "dropped_nothing_to_train": stats["nothing_to_train"]}
-        _write_json_atomic(os.path.join(path, "meta.json"), meta)
+        write_json_atomic(os.path.join(path, "meta.json"), meta)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -343,7 +344,7 @@ def _encode_val_only(data, method, encoder, path: str, common: dict) -> None:
         _, vstats = encode_rows(encoder, val.records, val.sources, os.path.join(path, "val"), method.rows,
                                 data.strict, max(1, data.dataset_num_proc))
         meta["val_drops"] = _drops(val, vstats)
-    _write_json_atomic(os.path.join(path, "meta.json"), meta)
+    write_json_atomic(os.path.join(path, "meta.json"), meta)
 
 
 def _drops(loaded: LoadResult, stats: dict) -> dict:
@@ -366,12 +367,3 @@ def _report_drops(what: str, drops: dict, max_length) -> None:
     if drops["bad"]:
         note(f"{what}: {drops['bad']} row(s) failed to encode and were dropped; first reasons:\n  "
              + "\n  ".join(drops["encode_reasons"]))
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    """`obj` as JSON at `path`, written beside it and renamed into place (as runs.run_dir.write_json_atomic, which
-    sits in a layer above data/)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, ensure_ascii=False, indent=2, default=str)
-    os.replace(tmp, path)

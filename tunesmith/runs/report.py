@@ -216,7 +216,7 @@ def _completions_table(r: Run) -> str:
 
 def write_run_report(run_dir: str) -> str:
     """images/*.png and report.html for one run; returns the report's path."""
-    from tunesmith.runs.run_dir import write_text_atomic
+    from tunesmith.files import write_text_atomic
 
     run = load_run(run_dir)
     figures = charts([run])
@@ -231,7 +231,7 @@ def write_run_report(run_dir: str) -> str:
 
 
 def compare(run_dirs: list[str], output: str) -> str:
-    from tunesmith.runs.run_dir import write_text_atomic
+    from tunesmith.files import write_text_atomic
 
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]

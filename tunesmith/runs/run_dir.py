@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import os
 import re
 import shutil
-from typing import Iterator, Optional
+from typing import Optional
 
 from tunesmith.config.parser import to_record
+from tunesmith.files import write_json_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -37,34 +37,12 @@ def make_run_dir(output_dir: str, add_version: bool = True) -> str:
     return os.path.abspath(path)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, ensure_ascii=False, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def save_args(path_dir: str, args, extra: Optional[dict] = None) -> dict:
     """Write args.json: every resolved argument, secrets replaced by '<redacted>', plus record-only extras."""
     record = to_record(args)
     record.update(extra or {})
     write_json_atomic(os.path.join(path_dir, "args.json"), record)
     return record
-
-
-def existing_ancestor(path: str) -> str:
-    """PATH made absolute, or the nearest folder above it that exists (where it would be created)."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
 
 
 def remove_leftovers(folders: list[str]) -> list[str]:
@@ -94,33 +72,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
-
-@contextlib.contextmanager
-def atomic_dir(final_path: str) -> Iterator[str]:
-    """Yield a temporary directory next to final_path; rename it into place only if the block succeeds.
-
-    A crash mid-write leaves a `.tmp-` directory that no checkpoint search matches, never a checkpoint that
-    looks complete but is not.
-    """
-    parent = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(final_path)}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(final_path):
-        old = final_path + f".old-{os.getpid()}"
-        os.replace(final_path, old)
-        os.replace(tmp, final_path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final_path)
 
 
 def list_checkpoints(run_dir: str) -> list[str]:

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from tunesmith.errors import TunesmithError
-from tunesmith.runs.run_dir import atomic_dir, rotate_checkpoints, save_args, update_symlink, write_json_atomic
+from tunesmith.files import atomic_dir, write_json_atomic
+from tunesmith.runs.run_dir import rotate_checkpoints, save_args, update_symlink
 from tunesmith.train.interrupts import TrainingDiverged, diverged
 
 DEEPSPEED_TAG = "deepspeed"  # the folder inside a checkpoint that holds DeepSpeed's optimiser shards (for resume)

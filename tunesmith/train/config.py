@@ -248,7 +248,7 @@ def _output_problems(output_dir) -> list[str]:
     model has loaded."""
     if output_dir is not None and not str(output_dir).strip():
         return ["--output_dir is empty; give a folder (or leave the flag out for output/<model>)"]
-    from tunesmith.runs.run_dir import existing_ancestor
+    from tunesmith.files import existing_ancestor
 
     path = existing_ancestor(output_dir or "output")
     if not os.path.isdir(path):

@@ -20,7 +20,7 @@ import math
 import os
 
 from tunesmith.errors import TunesmithError
-from tunesmith.runs.run_dir import write_json_atomic
+from tunesmith.files import write_json_atomic
 
 
 class TrainingDiverged(TunesmithError):

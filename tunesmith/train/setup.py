@@ -240,7 +240,7 @@ def check_disk(cfg, model_dir: str) -> None:
 
     if cfg.output.save_strategy == "no":
         return
-    from tunesmith.runs.run_dir import existing_ancestor
+    from tunesmith.files import existing_ancestor
 
     path = existing_ancestor(cfg.output.output_dir)
     need = checkpoint_bytes(model_dir, cfg.model.train_type, cfg.output.save_only_model)

@@ -216,7 +216,7 @@ class Rollouts:
         --num_iterations) a resume inside it trains on exactly these, not on a round sampled again."""
         from dataclasses import asdict
 
-        from tunesmith.runs.run_dir import write_json_atomic
+        from tunesmith.files import write_json_atomic
 
         if self.current is not None:
             seed, r, units = self.current
