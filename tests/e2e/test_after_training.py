@@ -4,15 +4,11 @@ import concurrent.futures as cf
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import EXAMPLES, read_jsonl
+from conftest import EXAMPLES, http_json, read_jsonl, start_deploy
 from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError
 
@@ -168,44 +164,11 @@ def test_stop_words_and_length_limits(lora_ckpt):
 
 # ------------------------------------------------------------------ deploy: a real server process
 
-def _http(method, url, body=None, headers=None, raw=None):
-    """(status, parsed JSON body) with the standard library only."""
-    import urllib.error
-    import urllib.request
-
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(lora_ckpt, tiny_models):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", "--adapters", f"capitals={lora_ckpt}",
-                             "--model", tiny_models("qwen2"), "--served_model_name", "base", "--port", str(port),
-                             "--api_key", "sk-test-key", "--max_new_tokens", "8", "--verbose", "false",
-                             "--max_model_len", "512"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if _http("GET", f"http://127.0.0.1:{port}/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
+    proc, port = start_deploy("--adapters", f"capitals={lora_ckpt}", "--model", tiny_models("qwen2"),
+                              "--served_model_name", "base", "--api_key", "sk-test-key", "--max_new_tokens", "8",
+                              "--verbose", "false", "--max_model_len", "512")
     yield f"http://127.0.0.1:{port}/v1", lora_ckpt
     proc.terminate()
     out = proc.communicate(timeout=20)[0]
@@ -265,18 +228,19 @@ def test_deploy_rejects_bad_requests_and_keeps_serving(server):
     auth = {"Authorization": "Bearer sk-test-key"}
     hi = [{"role": "user", "content": "hi"}]
     cases = [
-        (_http("POST", f"{url}/chat/completions", raw=b"{not json", headers=auth), 400),
-        (_http("POST", f"{url}/chat/completions", {"model": "capitals", "messages": []}, auth), 400),
-        (_http("POST", f"{url}/chat/completions", {"model": "capitals", "temperature": 9, "messages": hi}, auth), 400),
-        (_http("POST", f"{url}/chat/completions", {"model": "nope", "messages": hi}, auth), 404),
-        (_http("POST", f"{url}/chat/completions",
-               {"model": "capitals", "messages": [{"role": "user", "content": "word " * 3000}]}, auth), 400),
-        (_http("GET", f"{url}/models"), 401),
+        (http_json("POST", f"{url}/chat/completions", raw=b"{not json", headers=auth), 400),
+        (http_json("POST", f"{url}/chat/completions", {"model": "capitals", "messages": []}, auth), 400),
+        (http_json("POST", f"{url}/chat/completions", {"model": "capitals", "temperature": 9, "messages": hi},
+                   auth), 400),
+        (http_json("POST", f"{url}/chat/completions", {"model": "nope", "messages": hi}, auth), 404),
+        (http_json("POST", f"{url}/chat/completions",
+                   {"model": "capitals", "messages": [{"role": "user", "content": "word " * 3000}]}, auth), 400),
+        (http_json("GET", f"{url}/models"), 401),
     ]
     for (status, body), want in cases:
         assert status == want, body
         assert body["error"]["message"] and body["object"] == "error"
-    status, body = _http("POST", f"{url}/chat/completions", {"model": "capitals", "messages": hi}, auth)
+    status, body = http_json("POST", f"{url}/chat/completions", {"model": "capitals", "messages": hi}, auth)
     assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
 
 

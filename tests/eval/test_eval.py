@@ -4,15 +4,10 @@ fine-tune, and an endpoint (`tunesmith deploy`) giving the same answers as local
 import dataclasses
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
-from conftest import read_jsonl, write_jsonl
+from conftest import read_jsonl, start_deploy, write_jsonl
 from tunesmith.eval import benchmarks as B
 from tunesmith.commands import eval as eval_command
 from tunesmith.eval import evaluate as E
@@ -351,28 +346,10 @@ def test_side_by_side_table_shows_the_fine_tune(tuned, tiny_models, tmp_path, ca
     assert os.path.getsize(d / "comparison.png") > 1000 and (d / "summary.md").read_text().startswith("| dataset")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_endpoint_gives_the_same_answers_as_local_greedy_generation(tuned, tiny_models, tmp_path):
     ckpt, mcq_dir = tuned
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", "--model", ckpt, "--port", str(port),
-                             "--served_model_name", "tuned", "--verbose", "false"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, port = start_deploy("--model", ckpt, "--served_model_name", "tuned", "--verbose", "false")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(proc.stdout.read())
-                time.sleep(0.3)
         common = ["--eval_dataset", "general_mcq", "--eval_dataset_args",
                   json.dumps({"general_mcq": {"local_path": mcq_dir}}), "--eval_generation_config",
                   json.dumps({"max_tokens": 6})]

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import read_jsonl, write_jsonl
+from conftest import losses_by_step, read_jsonl, write_jsonl
 from tunesmith.config.parser import parse_args
 from tunesmith.train import recipe
 
@@ -21,10 +21,6 @@ def copy_row(seq):
 
 def run(argv):
     return recipe.main(parse_args("sft", argv))
-
-
-def losses(run_dir):
-    return {r["global_step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "logging.jsonl")) if "loss" in r}
 
 
 def test_learns_a_held_out_task(tiny_models, tmp_path):
@@ -48,7 +44,7 @@ def test_learns_a_held_out_task(tiny_models, tmp_path):
                "--logging_steps", "20", "--save_strategy", "no", "--gradient_checkpointing", "false"])
     outs = generate_replies(res["model"], res["tokenizer"], prompts, max_new_tokens=8)
     after = sum(o == e for o, e in zip(outs, expect)) / len(expect)
-    log = losses(res["run_dir"])
+    log = losses_by_step(res["run_dir"])
     assert before == 0.0
     assert after >= 0.8, outs[:5]
     assert log[max(log)] < 0.1 * log[1]
@@ -69,7 +65,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_models, tmp_path):
                         "--output_dir", str(tmp_path / "a")])
     acc = run(common + ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
                         "--output_dir", str(tmp_path / "b")])
-    assert abs(losses(big["run_dir"])[1] - losses(acc["run_dir"])[1]) < 1e-5
+    assert abs(losses_by_step(big["run_dir"])[1] - losses_by_step(acc["run_dir"])[1]) < 1e-5
     sa, sb = big["model"].state_dict(), acc["model"].state_dict()
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
 
@@ -82,7 +78,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_models, tmp_path):
     full = run(common + ["--output_dir", str(tmp_path / "full")])
     ckpt = os.path.join(full["run_dir"], "checkpoint-3")
     resumed = run(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", ckpt])
-    a, b = losses(full["run_dir"]), losses(resumed["run_dir"])
+    a, b = losses_by_step(full["run_dir"]), losses_by_step(resumed["run_dir"])
     # steps 1-3 come from the checkpoint (the resumed run's log carries the whole curve); epoch 1 has 6 steps:
     # resume crosses an epoch boundary too
     assert sorted(b) == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -147,7 +143,7 @@ def test_qlora_trains_and_saves(tiny_models, tmp_path):
     import bitsandbytes as bnb
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in res["model"].modules())
     assert os.path.isfile(os.path.join(res["state"].last_model_checkpoint, "adapter_model.safetensors"))
-    assert all(v == v for v in losses(res["run_dir"]).values())
+    assert all(v == v for v in losses_by_step(res["run_dir"]).values())
 
 
 def test_gpt_oss_expert_lora_with_router_loss(tiny_models, tmp_path, capsys):
@@ -296,8 +292,8 @@ def test_a_signal_stops_training_with_one_message_naming_the_last_checkpoint(tin
     out = tmp_path / "o"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc > 1:
-        from test_after_training import _free_port
-        env.update({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(_free_port())})
+        from conftest import free_port
+        env.update({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port())})
     flags = ["--model", tiny_models("qwen2"), "--dataset", data, "--report_to", "none", "--save_steps", "2",
              "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--output_dir", str(out)]
     p = subprocess.Popen([sys.executable, "-m", "tunesmith", "sft", *flags, "--max_steps", "100000"],

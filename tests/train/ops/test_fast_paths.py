@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, step_losses, train
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import ChatEncoder
 from tunesmith.data.load import load_datasets
@@ -143,25 +143,22 @@ def test_pack_groups_fill_without_overflow():
     assert len(groups) == 5 and pack_groups(lengths, 1024) == groups  # tight and deterministic
 
 
-def _train(tmp_path, name, model_dir, *extra):
-    from conftest import read_jsonl
-    from tunesmith.config.parser import parse_args
-    from tunesmith.train import recipe
-    res = recipe.main(parse_args("sft", ["--model", model_dir, "--dataset", os.path.join(EXAMPLES, "capitals_messages.jsonl"),
-                                      os.path.join(EXAMPLES, "capitals_alpaca.json"), "--train_type", "full",
-                                      "--max_steps", "4", "--logging_steps", "1", "--learning_rate", "1e-3",
-                                      "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-                                      "--output_dir", str(tmp_path / name), "--report_to", "none",
-                                      "--gradient_checkpointing", "false", *extra]))
-    return [r["loss"] for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "grad_norm" in r]
+def _sft_losses(tmp_path, name, model_dir, *extra):
+    """4 steps of full fine-tuning on the capitals rows (two formats): the loss of each step."""
+    res = train("sft", "--model", model_dir, "--dataset", os.path.join(EXAMPLES, "capitals_messages.jsonl"),
+                os.path.join(EXAMPLES, "capitals_alpaca.json"), "--train_type", "full", "--max_steps", "4",
+                "--logging_steps", "1", "--learning_rate", "1e-3", "--per_device_train_batch_size", "4",
+                "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / name), "--report_to", "none",
+                "--gradient_checkpointing", "false", *extra)
+    return step_losses(res["run_dir"])
 
 
 def test_padding_free_and_packing_runs(tiny_models, tmp_path, capsys):
     model_dir = tiny_models("qwen2")
-    plain = _train(tmp_path, "plain", model_dir)
-    free = _train(tmp_path, "free", model_dir, "--padding_free", "true")
+    plain = _sft_losses(tmp_path, "plain", model_dir)
+    free = _sft_losses(tmp_path, "free", model_dir, "--padding_free", "true")
     assert free == pytest.approx(plain, abs=1e-5)  # same batches, no padding: the same run
-    packed = _train(tmp_path, "packed", model_dir, "--packing", "true", "--max_length", "128",
+    packed = _sft_losses(tmp_path, "packed", model_dir, "--packing", "true", "--max_length", "128",
                     "--per_device_train_batch_size", "1")
     assert "--packing: 16 rows -> 6 sequences of up to 128 tokens" in capsys.readouterr().err
     assert len(packed) == 4 and packed[-1] < packed[0]

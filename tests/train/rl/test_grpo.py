@@ -29,11 +29,7 @@ orms["even_tokens"] = EvenTokens
 '''
 
 
-@pytest.fixture(autouse=True)
-def _no_charts(monkeypatch):
-    import tunesmith.runs.report
-
-    monkeypatch.setattr(tunesmith.runs.report, "write_run_report", lambda run_dir: "not written (test)")
+pytestmark = pytest.mark.usefixtures("no_charts")
 
 
 @pytest.fixture
@@ -375,16 +371,16 @@ def test_a_grpo_run_with_top_entropy_quantile_logs_the_entropy(setup, tmp_path):
 def test_two_ddp_processes_run_grpo_like_one_process_with_the_same_global_batch(setup, tmp_path):
     """Each process generates its share of the round's groups (with the seeds one process would use), the round is
     gathered, and each process trains its slice: the logged rewards, KL and losses equal one process's."""
-    from test_distributed import _run, _run_dir
+    from conftest import launch, run_dir_of
 
     model, data, plugin = setup
     common = ["rlhf", "--rlhf_type", "grpo", "--model", model, "--dataset", data, "--external_plugins", plugin,
               "--reward_funcs", "even_tokens", "--num_generations", "8", "--max_completion_length", "8",
               "--max_steps", "2", "--logging_steps", "1", "--learning_rate", "2e-2", "--save_strategy", "no",
               "--report_to", "none", "--gradient_accumulation_steps", "1", "--dataloader_num_workers", "0"]
-    _run([*common, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "one")], nproc=1)
-    _run([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "two")], nproc=2)
-    one, two = _log(_run_dir(str(tmp_path / "one"))), _log(_run_dir(str(tmp_path / "two")))
+    launch([*common, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "one")], nproc=1)
+    launch([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "two")], nproc=2)
+    one, two = _log(run_dir_of(str(tmp_path / "one"))), _log(run_dir_of(str(tmp_path / "two")))
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         for key in ("loss", "reward", "reward_std", "kl", "grad_norm", "completions/mean_length"):
@@ -399,7 +395,7 @@ def test_use_vllm_samples_each_round_from_the_policys_current_adapter(setup, tmp
     import types
 
     from safetensors.torch import load_file
-    from test_backends import FakeVllm, _fake_vllm
+    from fakes import FakeVllm, fake_vllm
 
     import tunesmith.inference.backends as B
 
@@ -418,7 +414,7 @@ def test_use_vllm_samples_each_round_from_the_policys_current_adapter(setup, tmp
                                             stop_reason=None)
                 yield types.SimpleNamespace(outputs=[out], finished=last)
 
-    built = _fake_vllm(monkeypatch, PolicyVllm(), gpu=False)
+    built = fake_vllm(monkeypatch, PolicyVllm(), gpu=False)
     monkeypatch.setattr(B, "check_backend", lambda *a, **k: None)  # the fake is the GPU engine here
     model, data, plugin = setup
     res = _grpo(model, data, tmp_path / "out", "--external_plugins", plugin, "--reward_funcs", "even_tokens",
