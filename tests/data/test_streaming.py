@@ -35,6 +35,7 @@ def _sft(model, data, out, *flags):
                  "--learning_rate", "5e-3", "--output_dir", str(out), *flags)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--packing", "true", "--max_length", "64"]], ids=["padded", "packed"])
 def test_a_stream_trains_like_the_rows_encoded_up_front(tiny_models, tmp_path, mode):
     """File order (--dataset_shuffle false), bad rows dropped (--strict false): the same losses, step by step, across
@@ -51,6 +52,7 @@ def test_a_stream_trains_like_the_rows_encoded_up_front(tiny_models, tmp_path, m
     assert streamed["state"].epoch >= 1
 
 
+@pytest.mark.slow
 def test_a_resumed_stream_equals_the_uninterrupted_one(tiny_models, tmp_path):
     """Shuffled within a buffer, packed, LoRA dropout on: resuming at step 3 skips the batches already trained."""
     data = _data(tmp_path, 10)
@@ -103,6 +105,7 @@ def test_bad_rows_stop_with_file_and_line_or_are_counted(tiny_models, tmp_path):
         stream_records([str(tmp_path / "missing.jsonl")], LoadResult([], []))  # checked before any row is read
 
 
+@pytest.mark.slow
 def test_a_streamed_run_refused_by_its_data_leaves_nothing_or_says_how_to_resume(tiny_models, tmp_path):
     """Every file's first row is read before training (a later file that cannot be read stops the run before the
     run directory exists); a bad row met mid-run removes a run with no checkpoint, and otherwise names the

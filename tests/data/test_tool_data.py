@@ -403,6 +403,7 @@ def test_kto_conversational_rows_encode_like_messages_and_label(toks, label):
     assert rec == {"messages": REFERENCE, "tools": TOOLS, "label": label}
 
 
+@pytest.mark.slow
 def test_sft_on_tool_call_rows_makes_deploy_answer_with_tool_calls(tiny_models, tmp_path):
     """A short SFT on ms-swift-style agent rows (tiny model, official Qwen2.5 template), then the OpenAI API of
     `tunesmith deploy`'s app: a held-out question comes back as a parsed `tool_calls` reply."""

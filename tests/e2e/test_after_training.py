@@ -36,6 +36,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+@pytest.mark.slow
 def test_export_merges_to_a_plain_hf_model_with_equal_logits(tiny_models, lora_ckpt, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,6 +65,7 @@ def test_export_merges_to_a_plain_hf_model_with_equal_logits(tiny_models, lora_c
     assert os.path.isfile(os.path.join(lora_ckpt + "-merged", "config.json"))
 
 
+@pytest.mark.slow
 def test_qlora_adapter_merges_into_the_unquantised_base(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -79,6 +81,7 @@ def test_qlora_adapter_merges_into_the_unquantised_base(tiny_models, tmp_path):
     assert (_logits(ref, ids) - _logits(merged, ids)).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_wrong_flag_for_a_checkpoint_is_explained(tiny_models, lora_ckpt, tmp_path):
     from tunesmith.commands import export
     from tunesmith.commands import infer
@@ -90,6 +93,7 @@ def test_wrong_flag_for_a_checkpoint_is_explained(tiny_models, lora_ckpt, tmp_pa
         infer.main(parse_args("infer", ["--model", lora_ckpt]))
 
 
+@pytest.mark.slow
 def test_batch_infer_writes_every_row_deterministically(lora_ckpt, tmp_path, capsys):
     from tunesmith.cli import main
 
@@ -114,6 +118,7 @@ def test_batch_infer_writes_every_row_deterministically(lora_ckpt, tmp_path, cap
     assert len(read_jsonl(os.path.join(lora_ckpt, "infer_result", results[0]))) == len(val) == 2
 
 
+@pytest.mark.slow
 def test_interactive_chat_streams_multi_turn_and_commands(lora_ckpt):
     from tunesmith.inference.chat import build_engine
     from tunesmith.commands.infer import chat
@@ -144,6 +149,7 @@ def test_reasoning_is_returned_separately():
     assert split(harmony, raw) == ("Answer.", "think here")
 
 
+@pytest.mark.slow
 def test_stop_words_and_length_limits(lora_ckpt):
     from tunesmith.inference.chat import GenConfig, PromptTooLong, build_engine
 
@@ -175,6 +181,7 @@ def server(lora_ckpt, tiny_models):
     assert "sk-test-key" not in out  # the key is never printed
 
 
+@pytest.mark.slow
 def test_openai_client_against_deploy(server, tiny_models):
     import openai
     from peft import PeftModel
@@ -206,6 +213,7 @@ def test_openai_client_against_deploy(server, tiny_models):
         openai.OpenAI(base_url=url, api_key="wrong").models.list()
 
 
+@pytest.mark.slow
 def test_deploy_serves_concurrent_requests_each_its_own(server):
     import openai
     url, _ = server
@@ -223,6 +231,7 @@ def test_deploy_serves_concurrent_requests_each_its_own(server):
     assert answers == [alone[q] for q in questions]
 
 
+@pytest.mark.slow
 def test_deploy_rejects_bad_requests_and_keeps_serving(server):
     url, _ = server
     auth = {"Authorization": "Bearer sk-test-key"}
@@ -244,6 +253,7 @@ def test_deploy_rejects_bad_requests_and_keeps_serving(server):
     assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
 
 
+@pytest.mark.slow
 def test_infer_says_how_many_bad_rows_it_dropped(lora_ckpt, tmp_path, capsys):
     from tunesmith.cli import main
 

@@ -267,6 +267,7 @@ def test_fsdp_flags_read_as_ms_swift_and_transformers_write_them(tmp_path):
             S(["full_shard"], cfg)
 
 
+@pytest.mark.slow
 def test_fsdp_combinations_that_cannot_run_are_flag_errors(tiny_models, tmp_path):
     from tunesmith.errors import FlagError
 

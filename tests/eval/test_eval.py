@@ -259,6 +259,7 @@ def test_report_to_tensorboard_logs_the_score_table(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(plain, "runs")) and not os.path.exists(os.path.join(plain, "logging.jsonl"))
 
 
+@pytest.mark.slow
 def test_humaneval_runs_code_only_when_allowed_and_with_a_timeout(tmp_path):
     (task,) = _tasks(tmp_path, "humaneval")
     records, how = E.run_task(task, Oracle([task], {task.samples[1].source}), "likelihood",
@@ -323,6 +324,7 @@ def tuned(tiny_models, tmp_path_factory):
     return res["state"].last_model_checkpoint, mcq_dir
 
 
+@pytest.mark.slow
 def test_side_by_side_table_shows_the_fine_tune(tuned, tiny_models, tmp_path, capsys):
     from tunesmith.cli import main
 
@@ -346,6 +348,7 @@ def test_side_by_side_table_shows_the_fine_tune(tuned, tiny_models, tmp_path, ca
     assert os.path.getsize(d / "comparison.png") > 1000 and (d / "summary.md").read_text().startswith("| dataset")
 
 
+@pytest.mark.slow
 def test_endpoint_gives_the_same_answers_as_local_greedy_generation(tuned, tiny_models, tmp_path):
     ckpt, mcq_dir = tuned
     proc, port = start_deploy("--model", ckpt, "--served_model_name", "tuned", "--verbose", "false")
@@ -368,6 +371,7 @@ def test_endpoint_gives_the_same_answers_as_local_greedy_generation(tuned, tiny_
     assert "generation" in remote["results"]["tuned"]["general_mcq"]["scoring"]
 
 
+@pytest.mark.slow
 def test_adapter_switched_off_is_the_plain_base(tiny_models, tuned, tmp_path):
     """With --adapters the base column comes from the same loaded model with the adapter off: it must equal the base
     model evaluated alone, and the tuned column must differ from it."""

@@ -18,6 +18,7 @@ def _chat(model_dir, **kw):
     return ChatEngine(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "gpt_oss", "llama"])
 def test_batched_greedy_equals_alone_and_transformers_generate(tiny_models, family):
     from tunesmith.inference.chat import GenConfig
@@ -47,6 +48,7 @@ def _adapter(model_dir, out, seed):
     return str(out)
 
 
+@pytest.mark.slow
 def test_two_adapters_and_the_base_share_one_batch(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -42,6 +42,7 @@ def _swanlab_scalars(run_dir):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["sft", "rlhf"])
 def test_tensorboard_and_swanlab_get_the_metrics_and_never_the_token(tiny_models, tmp_path, command, monkeypatch):
     pytest.importorskip("swanlab")
@@ -78,6 +79,7 @@ def test_tensorboard_and_swanlab_get_the_metrics_and_never_the_token(tiny_models
                 assert TOKEN.encode() not in fh.read(), os.path.join(dirpath, f)
 
 
+@pytest.mark.slow
 def test_a_failing_tracker_never_stops_training(tiny_models, tmp_path, capsys):
     from tunesmith.runs.track import Trackers
 
@@ -120,6 +122,7 @@ def _importable(name):
     return importlib.util.find_spec(name) is not None
 
 
+@pytest.mark.slow
 def test_run_report_has_plots_args_data_and_checkpoints(tiny_models, tmp_path):
     res = _short_run("rlhf", tiny_models("qwen2"), tmp_path / "o", "--report_to", "none", "--save_steps", "3",
                  "--swanlab_token", TOKEN, dataset="dpo_messages.jsonl")
@@ -134,6 +137,7 @@ def test_run_report_has_plots_args_data_and_checkpoints(tiny_models, tmp_path):
     assert TOKEN not in page and "&lt;redacted&gt;" in page
 
 
+@pytest.mark.slow
 def test_comparing_two_runs_overlays_curves_and_lists_differing_args(tiny_models, tmp_path):
     from tunesmith.cli import main
     from tunesmith.runs.report import CHARTS, chart_lines, load_run
@@ -154,6 +158,7 @@ def test_comparing_two_runs_overlays_curves_and_lists_differing_args(tiny_models
     assert main(["report", a["run_dir"]]) == 0 and os.path.isfile(os.path.join(a["run_dir"], "report.html"))
 
 
+@pytest.mark.slow
 def test_report_opens_in_headless_chromium_and_shows_charts(tiny_models, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chromium:

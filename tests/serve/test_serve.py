@@ -68,6 +68,7 @@ def _model_name(port):
     return http_json("GET", f"http://127.0.0.1:{port}/v1/models")[1]["data"][0]["id"]
 
 
+@pytest.mark.slow
 def test_dropped_streams_never_block_the_next_request(server):
     port, _ = server
     for i in range(20):
@@ -99,6 +100,7 @@ def test_256_concurrent_clients_mixed_and_cancelling_all_answered_as_alone(serve
     assert isinstance(_ask(port, "still answering?"), str)
 
 
+@pytest.mark.slow
 def test_n_and_logprobs_over_http(server):
     port, _ = server
     status, body = http_json("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -126,6 +128,7 @@ def test_n_and_logprobs_over_http(server):
     assert status == 400 and body["error"]["param"] == "logprobs"
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_exits_cleanly(tiny_models):
     proc, port = _start(tiny_models("qwen2"))
     results = []
@@ -161,6 +164,7 @@ def scripted_server(tiny_models):
         yield f"http://127.0.0.1:{port}/v1"
 
 
+@pytest.mark.slow
 def test_tool_call_round_trip_through_the_openai_client(scripted_server):
     import openai
 
@@ -306,6 +310,7 @@ def _rss_mib(pid):
         return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024
 
 
+@pytest.mark.slow
 def test_hostile_requests_get_openai_errors_and_memory_returns(tiny_models, monkeypatch):
     """Every hostile request answers with the right status and OpenAI's error body, never a 5xx; a body over
     --max_request_bytes is refused before it is read (chunked too), a prompt that cannot fit before it is
@@ -366,6 +371,7 @@ def test_unparsable_http_gets_openai_errors_with_h11_too():
             assert status == 400 and "application/json" in head and err["code"] == "invalid_http_request", raw
 
 
+@pytest.mark.slow
 def test_a_model_with_nan_weights_is_refused_at_start(tiny_models, tmp_path):
     """deploy checks once, before listening, that the model's output is finite: NaN weights are named (and a
     checkpoint that training marked diverged.json says so) instead of a server whose every answer fails."""

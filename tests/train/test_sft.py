@@ -23,6 +23,7 @@ def run(argv):
     return recipe.main(parse_args("sft", argv))
 
 
+@pytest.mark.slow
 def test_learns_a_held_out_task(tiny_models, tmp_path):
     """Copying three-word sequences: loss falls and exact match on unseen sequences rises from 0."""
     from tunesmith.inference.chat import generate_replies
@@ -56,6 +57,7 @@ def _variable_length_data(tmp_path, n=16):
     return write_jsonl(tmp_path / "var.jsonl", rows)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tiny_models, tmp_path):
     data = _variable_length_data(tmp_path, 8)
     common = ["--model", tiny_models("qwen2"), "--dataset", data, "--train_type", "full", "--max_steps", "1",
@@ -70,6 +72,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_models, tmp_path):
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny_models, tmp_path):
     data = _variable_length_data(tmp_path, 24)
     common = ["--model", tiny_models("qwen2"), "--dataset", data, "--train_type", "lora", "--lora_dropout", "0.1",
@@ -86,6 +89,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_models, tmp_path):
         assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
 
 
+@pytest.mark.slow
 def test_checkpoints_rotation_and_no_secrets(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("SWANLAB_API_KEY", "env-secret-12345")
     data = _variable_length_data(tmp_path, 16)
@@ -121,6 +125,7 @@ def test_checkpoints_rotation_and_no_secrets(tiny_models, tmp_path, monkeypatch)
     assert {"loss", "learning_rate", "grad_norm", "tokens_per_second", "memory(GiB)", "epoch"} <= set(steps[0])
 
 
+@pytest.mark.slow
 def test_full_checkpoint_is_a_normal_hf_model(tiny_models, tmp_path):
     data = _variable_length_data(tmp_path, 8)
     res = run(["--model", tiny_models("llama"), "--dataset", data, "--train_type", "full", "--max_steps", "2",
@@ -134,6 +139,7 @@ def test_full_checkpoint_is_a_normal_hf_model(tiny_models, tmp_path):
     assert torch.allclose(m(ids).logits, res["model"](ids).logits, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_qlora_trains_and_saves(tiny_models, tmp_path):
     pytest.importorskip("bitsandbytes")
     data = _variable_length_data(tmp_path, 8)
@@ -146,6 +152,7 @@ def test_qlora_trains_and_saves(tiny_models, tmp_path):
     assert all(v == v for v in losses_by_step(res["run_dir"]).values())
 
 
+@pytest.mark.slow
 def test_gpt_oss_expert_lora_with_router_loss(tiny_models, tmp_path, capsys):
     data = _variable_length_data(tmp_path, 8)
     res = run(["--model", tiny_models("gpt_oss"), "--dataset", data, "--target_modules", "all-linear",
@@ -159,6 +166,7 @@ def test_gpt_oss_expert_lora_with_router_loss(tiny_models, tmp_path, capsys):
     assert not any("router" in k for k in keys)  # all-linear leaves the router alone
 
 
+@pytest.mark.slow
 def test_seed_sft_command_runs_verbatim(tiny_models, tmp_path, capsys):
     """The seeds' SFT flag sets (../shared/seeds/001, 003): paths and step counts changed, the rest verbatim."""
     from tunesmith.cli import main
@@ -191,6 +199,7 @@ def test_seed_sft_command_runs_verbatim(tiny_models, tmp_path, capsys):
             assert b"sk-seed-token" not in open(os.path.join(dp, f), "rb").read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd,flags", [
     ("sft", ["--learning_rate", "1e10"]),                                              # LoRA, AdamW
     ("sft", ["--train_type", "full", "--learning_rate", "1e38", "--optim", "sgd", "--max_grad_norm", "0"]),
@@ -233,6 +242,7 @@ def test_forced_nan_never_calls_the_weights_that_gave_it_good(tiny_models, tmp_p
                 resolve_checkpoint(parse_args(command, ["--adapters", bad.group(1)]))
 
 
+@pytest.mark.slow
 def test_after_a_resume_the_failure_message_names_the_checkpoint_resumed_from(tiny_models, tmp_path):
     from tunesmith.train.loop import TrainingDiverged
     data = _variable_length_data(tmp_path, 8)
@@ -250,6 +260,7 @@ def test_after_a_resume_the_failure_message_names_the_checkpoint_resumed_from(ti
     assert res["state"].global_step == 3
 
 
+@pytest.mark.slow
 def test_forced_nan_in_float16_names_a_good_checkpoint_that_trains_on(tiny_models, tmp_path):
     """float16 (CPU runs it): a sane first step saves checkpoint-1; resumed with --learning_rate 1e10 the loss
     turns NaN, and the checkpoint the message calls good loads and gives a finite loss — resuming from it with a
@@ -275,6 +286,7 @@ def test_forced_nan_in_float16_names_a_good_checkpoint_that_trains_on(tiny_model
     assert res["state"].global_step == 3 and losses and all(math.isfinite(x) for x in losses), losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,sig", [(1, "SIGTERM"), (1, "SIGINT"), (2, "SIGTERM")],
                          ids=["sigterm", "sigint", "torchrun-sigterm"])
 def test_a_signal_stops_training_with_one_message_naming_the_last_checkpoint(tiny_models, tmp_path, nproc, sig):
@@ -318,6 +330,7 @@ def test_a_signal_stops_training_with_one_message_naming_the_last_checkpoint(tin
     assert res["state"].global_step == steps[-1] + 2
 
 
+@pytest.mark.slow
 def test_nan_gradient_with_a_finite_loss_is_never_applied(tiny_models, tmp_path, monkeypatch):
     """A finite loss whose gradient is NaN (here: a hook on one LoRA weight, from step 3 on) stops the run before
     the update; the checkpoint it names holds finite weights."""
@@ -361,6 +374,7 @@ def test_bad_data_fails_before_anything_is_written(tiny_models, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_missing_model_is_one_clear_error(tmp_path, monkeypatch):
     import subprocess
     import sys
@@ -373,6 +387,7 @@ def test_missing_model_is_one_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_same_seed_same_lora_run(tiny_models, tmp_path):
     """LoRA's random init is drawn after seeding: two runs with one --seed give the same adapter."""
     from safetensors.torch import load_file
@@ -386,6 +401,7 @@ def test_same_seed_same_lora_run(tiny_models, tmp_path):
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
+@pytest.mark.slow
 def test_system_file_is_saved_as_text_and_survives_another_cwd(tiny_models, tmp_path, monkeypatch):
     """--system prompt.txt (relative) is read at start: args.json holds the text, so infer on the checkpoint from
     another directory gets the prompt, not the string 'prompt.txt'."""
@@ -427,6 +443,7 @@ def test_old_args_json_with_a_system_path(tmp_path, monkeypatch):
         resolve_checkpoint(parse_args("infer", ["--model", str(ckpt)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16), (None, None)])
 def test_lora_dtype_casts_only_the_lora_weights(tiny_models, name, dtype):
     from tunesmith.models.load import attach_lora, load_model
@@ -461,6 +478,7 @@ def test_finish_run_names_the_metric_that_chose_the_best_checkpoint(tmp_path, ca
     assert "(eval_loss 0.8750)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_models, tmp_path):
     """As transformers' Trainer (and so ms-swift) logs it: linear decay from 1e-2 over 4 steps without warm-up logs
     1e-2, 7.5e-3, 5e-3, 2.5e-3 — the rate before the schedule moves on, never the next step's."""
@@ -473,6 +491,7 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_models, tmp_pat
     assert lrs == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_message_and_leaves_every_checkpoint_loadable(tiny_models, tmp_path, monkeypatch):
     """ENOSPC while writing checkpoint-2 (simulated: the save raises what a full disk raises) and while appending
     to logging.jsonl: one message naming the file, what it is, why, and the checkpoint to resume from;

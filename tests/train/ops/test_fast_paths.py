@@ -32,6 +32,7 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_lm_head", [False, True])
 def test_chunked_logps_equal_plain_with_gradients(tiny_models, train_lm_head):
     from tunesmith.models.head import chunked_head
@@ -87,6 +88,7 @@ def _model(model_dir, attn):
     return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_padding_free_batch_equals_per_example_computation(tiny_models, attn):
     """One concatenated sequence, position_ids restarting per row: loss and gradients equal each row run alone."""
@@ -153,6 +155,7 @@ def _sft_losses(tmp_path, name, model_dir, *extra):
     return step_losses(res["run_dir"])
 
 
+@pytest.mark.slow
 def test_padding_free_and_packing_runs(tiny_models, tmp_path, capsys):
     model_dir = tiny_models("qwen2")
     plain = _sft_losses(tmp_path, "plain", model_dir)
@@ -164,6 +167,7 @@ def test_padding_free_and_packing_runs(tiny_models, tmp_path, capsys):
     assert len(packed) == 4 and packed[-1] < packed[0]
 
 
+@pytest.mark.slow
 def test_dpo_padding_free_and_packing_runs(tiny_models, tmp_path):
     from conftest import read_jsonl
     from tunesmith.config.parser import parse_args
@@ -228,6 +232,7 @@ def _synthetic_pairs(n=6, seed=0):
     return pairs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"),
                                          ("qwen2", "eager"), ("gpt_oss", "eager")])
 def test_prefix_shared_pairs_equal_two_sequences_with_gradients(family, attn):
@@ -331,6 +336,7 @@ def _step_largest(model, batch, chunk_rows=8):
     return probe, out, _grads(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "gpt_oss"])
 def test_no_tokens_x_vocabulary_tensor_in_a_training_step(tiny_models, family):
     """A training step's log-probs and gradients — a dense model, and an MoE model that returns its router loss —
