@@ -1,4 +1,4 @@
-"""Write tests/data/ms_swift_flags.json: every command-line flag of ms-swift, per command.
+"""Write tests/fixtures/ms_swift_flags.json: every command-line flag of ms-swift, per command.
 
 Run from the repository root with the ms-swift venv (ms-swift 4.6 installed there):
 
@@ -46,7 +46,7 @@ SWIFT3_SEED_FLAGS = {
 }
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(REPO, "tests", "data", "ms_swift_flags.json")
+OUT = os.path.join(REPO, "tests", "fixtures", "ms_swift_flags.json")
 SEEDS = os.path.join(os.path.dirname(REPO), "shared", "seeds")
 
 

@@ -1,10 +1,22 @@
+"""Fixtures and helpers shared by the test folders (tests/<package>/ mirrors tunesmith/<package>/; e2e/ runs whole
+paths, regression/ holds the golden and pinned numbers). Test files import the plain helpers from here
+(`from conftest import ...`: pytest puts this folder on sys.path); the shared test doubles are in fakes.py."""
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples", "data")
+# the capitals rows in two formats: the data of the multi-process runs (tests/e2e/test_distributed.py and the DDP cases
+# of the streaming and GRPO tests)
+CAPITALS_DATA = [os.path.join(EXAMPLES, "capitals_messages.jsonl"), os.path.join(EXAMPLES, "capitals_sharegpt.jsonl")]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -18,6 +30,15 @@ def _encoded_data_cache(tmp_path_factory):
         os.environ.pop("HF_DATASETS_CACHE", None)
     else:
         os.environ["HF_DATASETS_CACHE"] = old
+
+
+@pytest.fixture
+def no_charts(monkeypatch):
+    """Training runs without the run report's charts: the runs of a test file that compares logged numbers only
+    (use it with `pytestmark = pytest.mark.usefixtures("no_charts")`); drawing them would only cost time."""
+    import tunesmith.runs.report
+
+    monkeypatch.setattr(tunesmith.runs.report, "write_run_report", lambda run_dir: "not written (test)")
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +59,7 @@ def tiny_models(tmp_path_factory):
 
 
 def write_jsonl(path, rows):
+    """Rows (dicts, or strings written as they are) as a JSON-lines file; returns its path as a string."""
     with open(path, "w", encoding="utf-8") as fh:
         for r in rows:
             fh.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
@@ -45,6 +67,7 @@ def write_jsonl(path, rows):
 
 
 def read_jsonl(path):
+    """The records of a JSON-lines file (blank lines skipped)."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
@@ -60,3 +83,106 @@ def seed_gpt_oss_dpo_argv(model, data, out, accumulation="4", logging="5"):
             "--dataloader_num_workers", "4", "--use_liger_kernel", "true", "--load_from_cache_file", "false",
             "--loss_scale", "ignore_empty_think", "--save_strategy", "epoch", "--model_author", "gxb",
             "--model_name", "gxb-gpt-oss-20b-dpo", "--report_to", "swanlab", "--swanlab_project", "swift-robot"]
+
+
+# ------------------------------------------------------------------ training runs
+
+def train(command, *argv):
+    """`tunesmith <command> ARGV` (sft or rlhf) in this process, as the command line runs it: parse_args, then
+    recipe.main. Returns recipe.main's result (run_dir, state, model, ...). Later flags win, as on a command line."""
+    from tunesmith.config.parser import parse_args
+    from tunesmith.train import recipe
+
+    return recipe.main(parse_args(command, [str(a) for a in argv]))
+
+
+def step_losses(run_dir):
+    """The logged loss of each optimiser step of a run (the records of logging.jsonl with a grad_norm), in order."""
+    return [r["loss"] for r in read_jsonl(os.path.join(run_dir, "logging.jsonl")) if "grad_norm" in r]
+
+
+def losses_by_step(run_dir):
+    """{global_step: loss} of every record of a run's logging.jsonl that has a loss."""
+    return {r["global_step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "logging.jsonl")) if "loss" in r}
+
+
+def run_dir_of(out):
+    """The run folder (v<N>-<time>) that a run wrote under its --output_dir."""
+    return os.path.join(out, next(d for d in os.listdir(out) if d.startswith("v")))
+
+
+def launch(argv, nproc=2, timeout=300, **env):
+    """`tunesmith ARGV` in a fresh process with ms-swift's launch variables (NPROC_PER_NODE=nproc, a free
+    MASTER_PORT; env adds or overrides variables); asserts it exits 0 and returns the CompletedProcess."""
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    e.update({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+              "TOKENIZERS_PARALLELISM": "false", **env})
+    p = subprocess.run([sys.executable, "-m", "tunesmith", *argv], env=e, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    return p
+
+
+# ------------------------------------------------------------------ servers on loopback
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(method, url, body=None, headers=None, raw=None):
+    """(status, parsed JSON body) of one HTTP request, with the standard library only; body is sent as JSON, raw as
+    bytes as they are."""
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def start_deploy(*argv):
+    """`tunesmith deploy ARGV --port <free port>` in a subprocess (stdout and stderr merged, as text), returned once
+    /health answers 200: (process, port). The caller stops it. Raises RuntimeError with the server's output if it
+    exits first, or when it does not answer within 120 s."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", *argv, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if http_json("GET", f"http://127.0.0.1:{port}/health")[0] == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read())
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+@contextlib.contextmanager
+def serve_on_a_thread(app, **config):
+    """An ASGI app served by uvicorn on a daemon thread, on a free loopback port: yields the port once the server has
+    started (or after 30 s), and stops it on exit. config: more uvicorn.Config arguments (log_level: warning)."""
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **{"log_level": "warning", **config}))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

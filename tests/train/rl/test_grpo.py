@@ -29,11 +29,7 @@ orms["even_tokens"] = EvenTokens
 '''
 
 
-@pytest.fixture(autouse=True)
-def _no_charts(monkeypatch):
-    import tunesmith.runs.report
-
-    monkeypatch.setattr(tunesmith.runs.report, "write_run_report", lambda run_dir: "not written (test)")
+pytestmark = pytest.mark.usefixtures("no_charts")
 
 
 @pytest.fixture
@@ -82,6 +78,7 @@ def test_grpo_raises_a_reachable_reward_and_the_kl_rises_from_zero(setup, tmp_pa
     assert "Last 24 rollouts" in table and rollouts[-1]["completion"][:10] in table.replace("&#x27;", "'")
 
 
+@pytest.mark.slow
 def test_a_resumed_grpo_run_equals_the_uninterrupted_one(setup, tmp_path):
     """Each completion has its own seed and a round starts from the weights of its step, so resuming at a step
     regenerates exactly the rollouts the uninterrupted run trained on (LoRA, β > 0, two iterations per round)."""
@@ -99,6 +96,7 @@ def test_a_resumed_grpo_run_equals_the_uninterrupted_one(setup, tmp_path):
             assert abs(a[step][key] - b[step][key]) < 1e-5, (step, key, a[step][key], b[step][key])
 
 
+@pytest.mark.slow
 def test_trl_style_module_function_rewards_and_builtins(setup, tmp_path, monkeypatch):
     model, data, _ = setup
     (tmp_path / "my_rewards.py").write_text(
@@ -246,6 +244,7 @@ def _hand_quantile(values, q):
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo"])
 def test_top_entropy_quantile_trains_the_high_entropy_tokens_only(tiny_models, loss_type):
     """q = 0.5: the policy-gradient term keeps exactly the completion tokens whose entropy is at or above the
@@ -284,6 +283,7 @@ def test_top_entropy_quantile_trains_the_high_entropy_tokens_only(tiny_models, l
     assert "entropy/mean" not in grpo_metrics(stats)  # those are --log_entropy's
 
 
+@pytest.mark.slow
 def test_top_entropy_quantile_one_leaves_the_loss_unchanged_and_log_entropy_logs_the_completions(tiny_models):
     """q = 1 (the default) is the loss as before, bit for bit, also with --log_entropy, whose entropy/mean, /max
     and /min are the mean, max and min over the completions of each one's mean token entropy (ms-swift)."""
@@ -333,6 +333,7 @@ def _gather_threshold_worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_the_entropy_threshold_is_taken_over_every_process(tmp_path):
     """Under two processes (gloo) the threshold and the --log_entropy statistics are those of the global
     micro-batch, as TRL's gathered quantile; they are counted once (rank 0), so the logged sums stay whole."""
@@ -357,6 +358,7 @@ def test_the_entropy_threshold_is_taken_over_every_process(tmp_path):
     assert r1["stats"] == {}  # rank 0 counts them: summing the ranks' statistics leaves one value per batch
 
 
+@pytest.mark.slow
 def test_a_grpo_run_with_top_entropy_quantile_logs_the_entropy(setup, tmp_path):
     model, data, plugin = setup
     res = _grpo(model, data, tmp_path / "out", "--external_plugins", plugin, "--reward_funcs", "even_tokens",
@@ -375,22 +377,23 @@ def test_a_grpo_run_with_top_entropy_quantile_logs_the_entropy(setup, tmp_path):
 def test_two_ddp_processes_run_grpo_like_one_process_with_the_same_global_batch(setup, tmp_path):
     """Each process generates its share of the round's groups (with the seeds one process would use), the round is
     gathered, and each process trains its slice: the logged rewards, KL and losses equal one process's."""
-    from test_distributed import _run, _run_dir
+    from conftest import launch, run_dir_of
 
     model, data, plugin = setup
     common = ["rlhf", "--rlhf_type", "grpo", "--model", model, "--dataset", data, "--external_plugins", plugin,
               "--reward_funcs", "even_tokens", "--num_generations", "8", "--max_completion_length", "8",
               "--max_steps", "2", "--logging_steps", "1", "--learning_rate", "2e-2", "--save_strategy", "no",
               "--report_to", "none", "--gradient_accumulation_steps", "1", "--dataloader_num_workers", "0"]
-    _run([*common, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "one")], nproc=1)
-    _run([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "two")], nproc=2)
-    one, two = _log(_run_dir(str(tmp_path / "one"))), _log(_run_dir(str(tmp_path / "two")))
+    launch([*common, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "one")], nproc=1)
+    launch([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "two")], nproc=2)
+    one, two = _log(run_dir_of(str(tmp_path / "one"))), _log(run_dir_of(str(tmp_path / "two")))
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         for key in ("loss", "reward", "reward_std", "kl", "grad_norm", "completions/mean_length"):
             assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a[key], b[key])
 
 
+@pytest.mark.slow
 def test_use_vllm_samples_each_round_from_the_policys_current_adapter(setup, tmp_path, monkeypatch):
     """--use_vllm (colocate): a fake vLLM (this machine has no GPU) records what each request carried. Every round
     gets a new LoRA id whose folder holds the adapter the policy had when the round started — equal to the
@@ -399,7 +402,7 @@ def test_use_vllm_samples_each_round_from_the_policys_current_adapter(setup, tmp
     import types
 
     from safetensors.torch import load_file
-    from test_backends import FakeVllm, _fake_vllm
+    from fakes import FakeVllm, fake_vllm
 
     import tunesmith.inference.backends as B
 
@@ -418,7 +421,7 @@ def test_use_vllm_samples_each_round_from_the_policys_current_adapter(setup, tmp
                                             stop_reason=None)
                 yield types.SimpleNamespace(outputs=[out], finished=last)
 
-    built = _fake_vllm(monkeypatch, PolicyVllm(), gpu=False)
+    built = fake_vllm(monkeypatch, PolicyVllm(), gpu=False)
     monkeypatch.setattr(B, "check_backend", lambda *a, **k: None)  # the fake is the GPU engine here
     model, data, plugin = setup
     res = _grpo(model, data, tmp_path / "out", "--external_plugins", plugin, "--reward_funcs", "even_tokens",
@@ -455,6 +458,7 @@ def test_what_vllm_rollouts_cannot_do_is_a_flag_error(tiny_models, flags, messag
         recipe.configure(args)
 
 
+@pytest.mark.slow
 def test_dynamic_sample_replaces_the_groups_without_reward_differences(setup, tmp_path, monkeypatch):
     """DAPO's dynamic sampling: half the prompts get a constant reward (their groups teach nothing); with
     --dynamic_sample every trained group is one whose rewards differ, drawn again from the dataset."""
@@ -477,6 +481,7 @@ def test_dynamic_sample_replaces_the_groups_without_reward_differences(setup, tm
     assert len(trained) == 64 and all(int(r["prompt"][0]["content"].split()[-1]) % 2 for r in trained)
 
 
+@pytest.mark.slow
 def test_validation_prompts_are_sampled_and_scored_at_each_evaluation(setup, tmp_path):
     """--split_dataset_ratio (or --val_dataset) with GRPO: each evaluation samples G completions of every held-out
     prompt with the current weights and logs their rewards and loss (ms-swift's GRPO evaluation); nothing of it
@@ -499,6 +504,7 @@ def test_validation_prompts_are_sampled_and_scored_at_each_evaluation(setup, tmp
     assert not held_out & {r["prompt"][0]["content"] for r in logged}
 
 
+@pytest.mark.slow
 def test_a_round_overlong_filter_empties_is_reported(setup, tmp_path, capsys):
     """--overlong_filter with completions that all hit --max_completion_length: nothing is trained, and the run
     says so (once) with the fix, instead of logging a loss of 0 without a word."""
@@ -511,6 +517,7 @@ def test_a_round_overlong_filter_empties_is_reported(setup, tmp_path, capsys):
     assert all(r["completions/clipped_ratio"] == 1.0 for r in _log(res["run_dir"]))
 
 
+@pytest.mark.slow
 def test_a_resume_inside_a_generation_round_trains_on_the_same_round(setup, tmp_path, capsys):
     """Two optimiser steps per round (--num_iterations 2, or --steps_per_generation): a checkpoint between them
     carries the round in progress, so the resumed run trains its second step on the very completions (and
@@ -531,6 +538,7 @@ def test_a_resume_inside_a_generation_round_trains_on_the_same_round(setup, tmp_
     assert "not the uninterrupted one" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_prompts_are_fitted_to_max_length_before_training(setup, tmp_path, capsys):
     """--max_length bounds the prompt (ms-swift's GRPO): a longer prompt is dropped at start with a note (it used
     to stop the run mid-way), and the completion still gets its whole --max_completion_length on top."""
@@ -551,6 +559,7 @@ def test_prompts_are_fitted_to_max_length_before_training(setup, tmp_path, capsy
     assert cfg.output.metric_for_best_model == "reward"  # ms-swift's default for GRPO (loss elsewhere)
 
 
+@pytest.mark.slow
 def test_non_finite_sampling_stops_like_a_non_finite_loss(setup, tmp_path, monkeypatch):
     """Diverged weights can break GRPO's sampling (inf/NaN probabilities) before any loss shows it: the run stops
     with the divergence message, and the checkpoint holding those weights is marked (diverged.json), as for a NaN

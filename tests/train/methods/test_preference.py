@@ -41,6 +41,7 @@ def log_rows(run_dir):
 COMMON = ["--report_to", "none", "--logging_steps", "1", "--gradient_checkpointing", "false"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_type", ["lora", "full"])
 def test_step0_loss_is_ln2_with_zero_margins(tiny_models, tmp_path, train_type):
     data, _ = food_data(tmp_path, 16)
@@ -69,6 +70,7 @@ def _pair_logps(model, tokenizer, pairs):
     return lp[:len(rows)], lp[len(rows):]
 
 
+@pytest.mark.slow
 def test_dpo_learns_a_synthetic_preference(tiny_models, tmp_path):
     """Prefer edible answers: rewards/accuracies 0 -> >= 0.9, margins up, and held-out pairs ranked right."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,6 +93,7 @@ def test_dpo_learns_a_synthetic_preference(tiny_models, tmp_path):
     assert float((c1 > r1).float().mean()) >= float((c0 > r0).float().mean()) + 0.25
 
 
+@pytest.mark.slow
 def test_sft_adapter_is_the_reference(tiny_models, tmp_path):
     """SFT LoRA -> DPO with --adapters: the reference log-probs at step 0 are the SFT model's, not the base's."""
     from peft import PeftModel
@@ -126,6 +129,7 @@ def test_sft_adapter_is_the_reference(tiny_models, tmp_path):
     assert "adapter_model.safetensors" in saved and "ref" not in saved  # only the trained adapter is saved
 
 
+@pytest.mark.slow
 def test_precomputed_reference_gives_the_same_run(tiny_models, tmp_path):
     data, _ = food_data(tmp_path, 16)
     base = ["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "4", "--train_type", "full",
@@ -139,6 +143,7 @@ def test_precomputed_reference_gives_the_same_run(tiny_models, tmp_path):
     assert [r["rewards/margins"] for r in la] == pytest.approx([r["rewards/margins"] for r in lb], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch_with_nll_term(tiny_models, tmp_path):
     """Pairs and NLL tokens are both normalised over the whole step: 2x4 == 8x1 (rpo_alpha mixes an NLL in)."""
     data, _ = food_data(tmp_path, 16)
@@ -156,6 +161,7 @@ def test_gradient_accumulation_equals_one_big_batch_with_nll_term(tiny_models, t
     assert la[0]["pref_loss"] == pytest.approx(LN2, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_loss_type_list_with_weights(tiny_models, tmp_path):
     """MPO-style mix: at step 0 sigmoid = ln2 and bco_pair = 2 ln2, plus the weighted NLL of the sft type."""
     data, _ = food_data(tmp_path, 8)
@@ -167,6 +173,7 @@ def test_loss_type_list_with_weights(tiny_models, tmp_path):
     assert first["loss"] == pytest.approx(first["pref_loss"] + first["nll_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rlhf_type", ["simpo", "orpo", "cpo", "kto"])
 def test_other_methods_train(tiny_models, tmp_path, rlhf_type):
     data, _ = food_data(tmp_path, 32)
@@ -186,6 +193,7 @@ def test_other_methods_train(tiny_models, tmp_path, rlhf_type):
 
 # ------------------------------------------------------------------ the seeds' command lines
 
+@pytest.mark.slow
 def test_seed_gpt_oss_dpo_command_runs(tiny_models, tmp_path, capsys):
     """../shared/seeds/000: the DPO command verbatim (paths, steps changed; torchrun and --deepspeed left out)."""
     from tunesmith.cli import main
@@ -203,6 +211,7 @@ def test_seed_gpt_oss_dpo_command_runs(tiny_models, tmp_path, capsys):
     assert first["rewards/accuracies"] == 0.0 and math.isfinite(first["loss"])
 
 
+@pytest.mark.slow
 def test_seed_ms_swift_dpo_lora_script_runs_with_prompt_chosen_rejected(tiny_models, tmp_path, capsys):
     """../shared/seeds/002 runs ms-swift's examples/train/rlhf/dpo/lora.sh with its own data; 004 has TRL's
     prompt/chosen/rejected rows. Both formats run with the script's flags (paths and steps changed)."""
@@ -256,6 +265,7 @@ def test_missing_rejected_is_a_data_error(tiny_models, tmp_path):
         rlhf(["--model", tiny_models("qwen2"), "--dataset", data, "--output_dir", str(tmp_path / "o")])
 
 
+@pytest.mark.slow
 def test_prompt_filling_max_length_is_explained(tiny_models, tmp_path, capsys):
     long_prompt = {"prompt": "word " * 200, "chosen": "yes", "rejected": "no"}
     data = write_jsonl(tmp_path / "long.jsonl", [long_prompt, food_row("apple", "rock", 1)])
@@ -282,6 +292,7 @@ def test_ref_model_with_lora_is_refused(tiny_models, tmp_path):
               "--output_dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_reference_that_is_the_policy_is_reported(tiny_models, tmp_path, capsys):
     """If the reference moves with the policy, the loss can never leave ln 2: say so after a few steps."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -311,6 +322,7 @@ def test_reference_that_is_the_policy_is_reported(tiny_models, tmp_path, capsys)
         reference._check_separate(policy, policy)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(tiny_models, tmp_path):
     data, _ = food_data(tmp_path, 24)
     base = ["--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "6", "--save_steps", "3",
@@ -327,6 +339,7 @@ def test_resume_continues_the_same_run(tiny_models, tmp_path):
         assert lb[step]["rewards/margins"] == pytest.approx(la[step]["rewards/margins"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sync_ref_model_mixes_the_policy_into_the_reference_and_resumes_exactly(tiny_models, tmp_path):
     """TR-DPO (--sync_ref_model): every --ref_model_sync_steps steps θ_ref ← α·θ_policy + (1 − α)·θ_ref. The
     reference at the end equals that recurrence computed from the checkpoints' policy weights; each checkpoint

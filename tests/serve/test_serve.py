@@ -14,27 +14,14 @@ import time
 
 import pytest
 
-from test_after_training import _free_port, _http
-from test_engine import WEATHER, _scripted_chat, _weather_script
+from conftest import free_port, http_json, serve_on_a_thread, start_deploy
+from fakes import WEATHER, scripted_chat, weather_script
 
 
 def _start(model_dir, *extra):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", "--model", model_dir, "--port", str(port),
-                             "--max_new_tokens", "8", "--temperature", "0", "--verbose", "false",
-                             "--max_batch_size", "64", "--served_model_name", "m", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if _http("GET", f"http://127.0.0.1:{port}/health")[0] == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
-    proc.kill()
-    raise RuntimeError("server did not start")
+    """`tunesmith deploy` of model_dir as "m" (greedy, 8 new tokens, batches of up to 64): (process, port)."""
+    return start_deploy("--model", model_dir, "--max_new_tokens", "8", "--temperature", "0", "--verbose", "false",
+                        "--max_batch_size", "64", "--served_model_name", "m", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +65,10 @@ def _ask(port, content, stream=False, max_tokens=8, cancel_after=None, timeout=1
 
 
 def _model_name(port):
-    return _http("GET", f"http://127.0.0.1:{port}/v1/models")[1]["data"][0]["id"]
+    return http_json("GET", f"http://127.0.0.1:{port}/v1/models")[1]["data"][0]["id"]
 
 
+@pytest.mark.slow
 def test_dropped_streams_never_block_the_next_request(server):
     port, _ = server
     for i in range(20):
@@ -112,33 +100,35 @@ def test_256_concurrent_clients_mixed_and_cancelling_all_answered_as_alone(serve
     assert isinstance(_ask(port, "still answering?"), str)
 
 
+@pytest.mark.slow
 def test_n_and_logprobs_over_http(server):
     port, _ = server
-    status, body = _http("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": 0,
-                          "logprobs": True, "top_logprobs": 2, "max_tokens": 4})
+    status, body = http_json("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                             {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": 0,
+                              "logprobs": True, "top_logprobs": 2, "max_tokens": 4})
     assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1]
     assert body["choices"][0]["message"] == body["choices"][1]["message"]
     entries = body["choices"][0]["logprobs"]["content"]
     assert len(entries) == body["usage"]["completion_tokens"] // 2 and len(entries[0]["top_logprobs"]) == 2
     assert entries[0]["logprob"] == entries[0]["top_logprobs"][0]["logprob"] <= 0
-    status, body = _http("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                         {"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                          "response_format": {"type": "json_schema", "json_schema": {}}})
+    status, body = http_json("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                             {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_schema", "json_schema": {}}})
     assert status == 400 and "response_format" in body["error"]["message"]
-    status, body = _http("GET", f"http://127.0.0.1:{port}/v1/nothing-here")
+    status, body = http_json("GET", f"http://127.0.0.1:{port}/v1/nothing-here")
     assert status == 404 and body["error"]["message"]
     hi = [{"role": "user", "content": "hi"}]
     for extra, param in [({"presence_penalty": 0.5}, "presence_penalty"), ({"logit_bias": {"5": 1}}, "logit_bias"),
                          ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs")]:
-        status, body = _http("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                             {"model": "m", "messages": hi, **extra})
+        status, body = http_json("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                                 {"model": "m", "messages": hi, **extra})
         assert status == 400 and body["error"]["param"] == param, body  # refused, never silently ignored
-    status, body = _http("POST", f"http://127.0.0.1:{port}/v1/completions",
-                         {"model": "m", "prompt": "hi", "logprobs": 2})
+    status, body = http_json("POST", f"http://127.0.0.1:{port}/v1/completions",
+                             {"model": "m", "prompt": "hi", "logprobs": 2})
     assert status == 400 and body["error"]["param"] == "logprobs"
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_exits_cleanly(tiny_models):
     proc, port = _start(tiny_models("qwen2"))
     results = []
@@ -167,23 +157,14 @@ def test_sigterm_under_load_exits_cleanly(tiny_models):
 def scripted_server(tiny_models):
     """The app over a scripted model (it calls get_weather, then answers from the tool's result), served by uvicorn
     on a thread."""
-    import uvicorn
     from tunesmith.serve.app import create_app
 
-    chat = _scripted_chat(tiny_models, "qwen2", _weather_script)
-    app = create_app(chat, {"weather-bot": None}, api_key="sk-scripted")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    srv.should_exit = True
-    thread.join(timeout=30)
+    chat = scripted_chat(tiny_models, "qwen2", weather_script)
+    with serve_on_a_thread(create_app(chat, {"weather-bot": None}, api_key="sk-scripted")) as port:
+        yield f"http://127.0.0.1:{port}/v1"
 
 
+@pytest.mark.slow
 def test_tool_call_round_trip_through_the_openai_client(scripted_server):
     import openai
 
@@ -208,7 +189,7 @@ def test_tool_call_round_trip_through_the_openai_client(scripted_server):
     assert second.choices[0].message.content == "It is sunny in Paris."
     assert second.choices[0].finish_reason == "stop"
     # a lowercase bearer scheme is the same key
-    status, _ = _http("GET", f"{scripted_server}/models", headers={"Authorization": "bearer sk-scripted"})
+    status, _ = http_json("GET", f"{scripted_server}/models", headers={"Authorization": "bearer sk-scripted"})
     assert status == 200
 
 
@@ -329,6 +310,7 @@ def _rss_mib(pid):
         return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024
 
 
+@pytest.mark.slow
 def test_hostile_requests_get_openai_errors_and_memory_returns(tiny_models, monkeypatch):
     """Every hostile request answers with the right status and OpenAI's error body, never a 5xx; a body over
     --max_request_bytes is refused before it is read (chunked too), a prompt that cannot fit before it is
@@ -377,30 +359,19 @@ def test_hostile_requests_get_openai_errors_and_memory_returns(tiny_models, monk
 def test_unparsable_http_gets_openai_errors_with_h11_too():
     """uvicorn answers what its HTTP parser refuses before any app sees it; deploy's protocol class (httptools
     above, h11 here) shapes that 400 as OpenAI's error body."""
-    import uvicorn
     from tunesmith.serve.app import openai_http_protocol
 
     async def app(scope, receive, send):  # never reached by these requests
         raise AssertionError(scope)
 
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off",
-                                        http=openai_http_protocol("h11")))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
+    with serve_on_a_thread(app, log_level="error", lifespan="off", http=openai_http_protocol("h11")) as port:
         for request in BAD_HTTP:
             status, head, raw = _bad_http(port, request)
             err = json.loads(raw)["error"]
             assert status == 400 and "application/json" in head and err["code"] == "invalid_http_request", raw
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_model_with_nan_weights_is_refused_at_start(tiny_models, tmp_path):
     """deploy checks once, before listening, that the model's output is finite: NaN weights are named (and a
     checkpoint that training marked diverged.json says so) instead of a server whose every answer fails."""
@@ -418,7 +389,7 @@ def test_a_model_with_nan_weights_is_refused_at_start(tiny_models, tmp_path):
         if marked:
             (tmp_path / "nan-model" / "diverged.json").write_text(json.dumps({"step": 7}))
         out = subprocess.run([sys.executable, "-m", "tunesmith", "deploy", "--model", bad, "--port",
-                              str(_free_port())], capture_output=True, text=True, timeout=300)
+                              str(free_port())], capture_output=True, text=True, timeout=300)
         text = out.stdout + out.stderr
         assert out.returncode == 1 and "Traceback" not in text, text
         assert (f"{bad}: its weights gave a non-finite loss at step 7 (diverged.json)" if marked else
@@ -431,7 +402,6 @@ def test_a_request_whose_output_is_nan_gets_an_openai_error(tiny_models):
     some prompts): that request gets OpenAI's error body (code model_output_not_finite; a stream ends with an error
     event), greedy or sampled — never a silent arg-max over NaN — and the server answers the next request."""
     import torch
-    import uvicorn
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tunesmith.inference.chat import ChatEngine
     from tunesmith.serve.app import create_app
@@ -446,20 +416,12 @@ def test_a_request_whose_output_is_nan_gets_an_openai_error(tiny_models):
     model.get_input_embeddings().register_forward_hook(
         lambda m, args, out: out.masked_fill(torch.isin(args[0], poison)[..., None], float("nan")))
     assert chat.non_finite_problem() is None  # the start-up check passes: only these words overflow
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(chat, {"m": None}), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    try:
+    with serve_on_a_thread(create_app(chat, {"m": None})) as port:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
         for temperature in (0, 0.8):
             body = {"model": "m", "messages": [{"role": "user", "content": "a zebra quagga"}], "max_tokens": 4,
                     "temperature": temperature}
-            status, out = _http("POST", url, body)
+            status, out = http_json("POST", url, body)
             err = out["error"]
             assert status == 500 and err["code"] == "model_output_not_finite", out
             assert "the model's output holds NaN or inf at generated token 1" in err["message"], out
@@ -470,9 +432,6 @@ def test_a_request_whose_output_is_nan_gets_an_openai_error(tiny_models):
                       if line.startswith("data: {")]
             conn.close()
             assert events[-1]["error"]["code"] == "model_output_not_finite", events
-        status, out = _http("POST", url, {"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                                          "max_tokens": 4, "temperature": 0})
+        status, out = http_json("POST", url, {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 4, "temperature": 0})
         assert status == 200 and isinstance(out["choices"][0]["message"]["content"], str)
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)

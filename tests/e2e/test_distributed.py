@@ -10,38 +10,11 @@ import sys
 import pytest
 import torch
 
-from conftest import EXAMPLES, read_jsonl, seed_gpt_oss_dpo_argv, write_jsonl
+from conftest import (CAPITALS_DATA, EXAMPLES, free_port, launch, read_jsonl, run_dir_of, seed_gpt_oss_dpo_argv,
+                      step_losses, write_jsonl)
 from tunesmith.config.parser import ArgError, parse_args
 from tunesmith.errors import ConfigError
 from tunesmith.train import distributed as D
-
-DATA = [os.path.join(EXAMPLES, "capitals_messages.jsonl"), os.path.join(EXAMPLES, "capitals_sharegpt.jsonl")]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(argv, nproc=2, timeout=300, **env):
-    """`tunesmith ...` in a fresh process, with ms-swift's launch variables."""
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    e.update({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
-              "TOKENIZERS_PARALLELISM": "false", **env})
-    p = subprocess.run([sys.executable, "-m", "tunesmith", *argv], env=e, capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
-    return p
-
-
-def _run_dir(out):
-    return os.path.join(out, next(d for d in os.listdir(out) if d.startswith("v")))
-
-
-def _losses(run_dir):
-    return [r["loss"] for r in read_jsonl(os.path.join(run_dir, "logging.jsonl")) if "grad_norm" in r]
-
 
 def _adapter(ckpt):
     from safetensors.torch import load_file
@@ -89,7 +62,7 @@ def test_launch_variables_become_torchrun_arguments(monkeypatch):
     for k in ("LOCAL_RANK", "NNODES", "NODE_RANK", "MASTER_ADDR"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("NPROC_PER_NODE", "4")
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("MASTER_PORT", str(port))
     assert _torchrun_args("sft") == ["--nproc_per_node=4", "--nnodes=1", "--node_rank=0",
                                      "--master_addr=127.0.0.1", f"--master_port={port}"]
@@ -107,16 +80,17 @@ def test_launch_variables_become_torchrun_arguments(monkeypatch):
 
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one_process_with_the_same_global_batch(tiny_models, tmp_path):
-    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *DATA, "--max_steps", "4", "--logging_steps", "1",
-              "--learning_rate", "5e-3", "--lora_dropout", "0", "--gradient_accumulation_steps", "2",
-              "--save_steps", "4", "--report_to", "none", "--dataloader_num_workers", "0"]
-    _run([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")], nproc=1)
-    p = _run([*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")], nproc=2)
+    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *CAPITALS_DATA, "--max_steps", "4",
+              "--logging_steps", "1", "--learning_rate", "5e-3", "--lora_dropout", "0",
+              "--gradient_accumulation_steps", "2", "--save_steps", "4", "--report_to", "none",
+              "--dataloader_num_workers", "0"]
+    launch([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")], nproc=1)
+    p = launch([*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")], nproc=2)
     assert "launching: torchrun --nproc_per_node=2" in p.stderr
     assert p.stdout.count("training rows") == 1             # rank 0 speaks, the other rank is silent
-    one, two = _run_dir(str(tmp_path / "one")), _run_dir(str(tmp_path / "two"))
+    one, two = run_dir_of(str(tmp_path / "one")), run_dir_of(str(tmp_path / "two"))
     assert os.listdir(str(tmp_path / "two")) == [os.path.basename(two)]  # one run directory, not one per rank
-    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5) and len(_losses(one)) == 4
+    assert step_losses(two) == pytest.approx(step_losses(one), abs=1e-5) and len(step_losses(one)) == 4
     a, b = _adapter(os.path.join(one, "checkpoint-4")), _adapter(os.path.join(two, "checkpoint-4"))
     assert a.keys() == b.keys()
     for k in a:
@@ -131,12 +105,12 @@ def test_ddp_dpo_with_packed_prefix_shared_pairs_equals_one_process(tiny_models,
               "1", "--learning_rate", "5e-3", "--lora_dropout", "0", "--gradient_accumulation_steps", "1",
               "--packing", "true", "--max_length", "256", "--rpo_alpha", "0.5", "--report_to", "none",
               "--save_strategy", "no", "--dataloader_num_workers", "0"]
-    _run([*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "one")], nproc=1)
-    p = _run([*common, "--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "two")], nproc=2)
+    launch([*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "one")], nproc=1)
+    p = launch([*common, "--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "two")], nproc=2)
     assert "prefix sharing: each pair runs as one sequence" in p.stderr
 
     def log(name):
-        return [r for r in read_jsonl(os.path.join(_run_dir(str(tmp_path / name)), "logging.jsonl"))
+        return [r for r in read_jsonl(os.path.join(run_dir_of(str(tmp_path / name)), "logging.jsonl"))
                 if "rewards/margins" in r]
     one, two = log("one"), log("two")
     assert len(one) == len(two) == 2
@@ -153,12 +127,12 @@ def test_deepspeed_trains_saves_a_loadable_checkpoint_and_resumes_exactly(tiny_m
     from transformers import AutoModelForCausalLM
 
     lr = "5e-3" if train_type == "lora" else "1e-4"
-    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *DATA, "--max_steps", "4", "--logging_steps", "1",
-              "--learning_rate", lr, "--lora_dropout", "0", "--per_device_train_batch_size", "2",
-              "--gradient_accumulation_steps", "2", "--save_steps", "2", "--report_to", "none",
-              "--train_type", train_type, "--deepspeed", stage]
-    _run([*common, "--output_dir", str(tmp_path / "full")])
-    run = _run_dir(str(tmp_path / "full"))
+    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *CAPITALS_DATA, "--max_steps", "4",
+              "--logging_steps", "1", "--learning_rate", lr, "--lora_dropout", "0",
+              "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--save_steps", "2",
+              "--report_to", "none", "--train_type", train_type, "--deepspeed", stage]
+    launch([*common, "--output_dir", str(tmp_path / "full")])
+    run = run_dir_of(str(tmp_path / "full"))
     assert os.path.isdir(os.path.join(run, "checkpoint-2", "deepspeed"))  # optimiser shards for resume
     last = os.path.join(run, "checkpoint-4")
     if train_type == "lora":
@@ -167,15 +141,15 @@ def test_deepspeed_trains_saves_a_loadable_checkpoint_and_resumes_exactly(tiny_m
         base = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2"))
         tuned = AutoModelForCausalLM.from_pretrained(last)
         assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values()))
-    _run([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
-          os.path.join(run, "checkpoint-2")])
-    resumed = _run_dir(str(tmp_path / "resumed"))
-    assert _losses(resumed) == pytest.approx(_losses(run), abs=1e-5)  # steps 1-2 come from the checkpoint
+    launch([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+            os.path.join(run, "checkpoint-2")])
+    resumed = run_dir_of(str(tmp_path / "resumed"))
+    assert step_losses(resumed) == pytest.approx(step_losses(run), abs=1e-5)  # steps 1-2 come from the checkpoint
     # and the same run as one process with the same global batch: the loss is normalised over both processes
     single = [*common[:-2], "--output_dir", str(tmp_path / "one")]  # without --deepspeed
     single[single.index("--per_device_train_batch_size") + 1] = "4"
-    _run(single, nproc=1)
-    assert _losses(run) == pytest.approx(_losses(_run_dir(str(tmp_path / "one"))), abs=1e-5)
+    launch(single, nproc=1)
+    assert step_losses(run) == pytest.approx(step_losses(run_dir_of(str(tmp_path / "one"))), abs=1e-5)
 
 
 @pytest.mark.slow
@@ -189,9 +163,9 @@ def test_seed_multi_gpu_dpo_command_runs_with_zero3(tiny_models, tmp_path):
     data = _seed_dpo_data(tmp_path)
     out = tmp_path / "gpt_output"
     model = tiny_models("gpt_oss")
-    _run([*seed_gpt_oss_dpo_argv(model, data, out, accumulation="2", logging="1"), "--deepspeed", "zero3"],
-         CUDA_VISIBLE_DEVICES="0,1")
-    run = _run_dir(str(out))
+    launch([*seed_gpt_oss_dpo_argv(model, data, out, accumulation="2", logging="1"), "--deepspeed", "zero3"],
+           CUDA_VISIBLE_DEVICES="0,1")
+    run = run_dir_of(str(out))
     log = [r for r in read_jsonl(os.path.join(run, "logging.jsonl")) if "rewards/accuracies" in r]
     assert len(log) == 2 and log[0]["rewards/accuracies"] == 0.0  # 16 pairs / (2 x 2 processes x 2) = 2 steps
     ckpt = os.path.join(run, "checkpoint-2")
@@ -225,24 +199,25 @@ def test_deepspeed_without_torchrun_runs_as_one_process(tiny_models, tmp_path):
     it is set up as `torchrun --nproc_per_node 1` would set it up — it used to end in DeepSpeed's mpi4py
     traceback — and trains as the plain run does."""
     pytest.importorskip("deepspeed")
-    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *DATA, "--max_steps", "2", "--logging_steps", "1",
-              "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to", "none",
-              "--train_type", "full", "--learning_rate", "1e-4"]
-    _run([*common, "--deepspeed", "zero3", "--output_dir", str(tmp_path / "ds")], nproc=1)
-    _run([*common, "--output_dir", str(tmp_path / "plain")], nproc=1)
-    assert _losses(_run_dir(str(tmp_path / "ds"))) == pytest.approx(_losses(_run_dir(str(tmp_path / "plain"))),
-                                                                    abs=1e-5)
+    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *CAPITALS_DATA, "--max_steps", "2",
+              "--logging_steps", "1", "--per_device_train_batch_size", "2", "--save_strategy", "no",
+              "--report_to", "none", "--train_type", "full", "--learning_rate", "1e-4"]
+    launch([*common, "--deepspeed", "zero3", "--output_dir", str(tmp_path / "ds")], nproc=1)
+    launch([*common, "--output_dir", str(tmp_path / "plain")], nproc=1)
+    ds, plain = step_losses(run_dir_of(str(tmp_path / "ds"))), step_losses(run_dir_of(str(tmp_path / "plain")))
+    assert ds == pytest.approx(plain, abs=1e-5)
 
 
 @pytest.mark.slow
 def test_two_simulated_nodes_equal_one_process(tiny_models, tmp_path):
     """ms-swift's multi-node launch variables on one machine: NNODES=2, NODE_RANK=0 and 1, one process each,
     MASTER_ADDR 127.0.0.1 — the same run as one process with the same global batch; only node 0 writes."""
-    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *DATA, "--max_steps", "3", "--logging_steps", "1",
-              "--learning_rate", "5e-3", "--lora_dropout", "0", "--gradient_accumulation_steps", "1",
-              "--save_steps", "3", "--report_to", "none", "--dataloader_num_workers", "0"]
-    _run([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")], nproc=1)
-    port = str(_free_port())
+    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *CAPITALS_DATA, "--max_steps", "3",
+              "--logging_steps", "1", "--learning_rate", "5e-3", "--lora_dropout", "0",
+              "--gradient_accumulation_steps", "1", "--save_steps", "3", "--report_to", "none",
+              "--dataloader_num_workers", "0"]
+    launch([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")], nproc=1)
+    port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update({"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                 "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -253,9 +228,9 @@ def test_two_simulated_nodes_equal_one_process(tiny_models, tmp_path):
     outs = [p.communicate(timeout=600) for p in nodes]
     assert all(p.returncode == 0 for p in nodes), [o[1][-3000:] for o in outs]
     assert "--nnodes=2 --node_rank=1" in outs[1][1]
-    one, two = _run_dir(str(tmp_path / "one")), _run_dir(str(tmp_path / "nodes"))
+    one, two = run_dir_of(str(tmp_path / "one")), run_dir_of(str(tmp_path / "nodes"))
     assert os.listdir(str(tmp_path / "nodes")) == [os.path.basename(two)]
-    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5) and len(_losses(one)) == 3
+    assert step_losses(two) == pytest.approx(step_losses(one), abs=1e-5) and len(step_losses(one)) == 3
 
 
 # ------------------------------------------------------------------ FSDP2
@@ -292,10 +267,11 @@ def test_fsdp_flags_read_as_ms_swift_and_transformers_write_them(tmp_path):
             S(["full_shard"], cfg)
 
 
+@pytest.mark.slow
 def test_fsdp_combinations_that_cannot_run_are_flag_errors(tiny_models, tmp_path):
     from tunesmith.errors import FlagError
 
-    base = ["sft", "--model", tiny_models("qwen2"), "--dataset", DATA[0], "--output_dir", str(tmp_path / "o")]
+    base = ["sft", "--model", tiny_models("qwen2"), "--dataset", CAPITALS_DATA[0], "--output_dir", str(tmp_path / "o")]
     e = os.environ.copy()
     for extra, match in [(["--fsdp", "full_shard", "--deepspeed", "zero3"], "choose one"),
                          (["--fsdp", "hybrid_shard"], "not supported yet"),
@@ -320,14 +296,14 @@ def test_fsdp_two_processes_equal_one_and_save_loadable_checkpoints_that_resume_
 
     model = tiny_models(family)
     lr = "5e-3" if train_type == "lora" else "1e-4"
-    common = ["sft", "--model", model, "--dataset", *DATA, "--max_steps", "4", "--logging_steps", "1",
+    common = ["sft", "--model", model, "--dataset", *CAPITALS_DATA, "--max_steps", "4", "--logging_steps", "1",
               "--learning_rate", lr, "--lora_dropout", "0", "--gradient_accumulation_steps", "2", "--save_steps",
               "2", "--report_to", "none", "--train_type", train_type, "--dataloader_num_workers", "0"]
     fsdp = ["--per_device_train_batch_size", "2", "--fsdp", "full_shard", "auto_wrap"]
-    _run([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")], nproc=1)
-    _run([*common, *fsdp, "--output_dir", str(tmp_path / "two")])
-    one, two = _run_dir(str(tmp_path / "one")), _run_dir(str(tmp_path / "two"))
-    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5) and len(_losses(two)) == 4
+    launch([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")], nproc=1)
+    launch([*common, *fsdp, "--output_dir", str(tmp_path / "two")])
+    one, two = run_dir_of(str(tmp_path / "one")), run_dir_of(str(tmp_path / "two"))
+    assert step_losses(two) == pytest.approx(step_losses(one), abs=1e-5) and len(step_losses(two)) == 4
     assert os.path.isfile(os.path.join(two, "checkpoint-2", "optimizer_0", ".metadata"))  # every rank's shard
     assert not os.path.exists(os.path.join(two, "checkpoint-2", "optimizer.pt"))
     last = os.path.join(two, "checkpoint-4")
@@ -341,10 +317,10 @@ def test_fsdp_two_processes_equal_one_and_save_loadable_checkpoints_that_resume_
         tuned = AutoModelForCausalLM.from_pretrained(last)
         base = AutoModelForCausalLM.from_pretrained(model)
         assert not torch.equal(tuned.lm_head.weight, base.lm_head.weight)  # the output layer trained
-    _run([*common, *fsdp, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
-          os.path.join(two, "checkpoint-2")])
-    resumed = _run_dir(str(tmp_path / "resumed"))
-    assert _losses(resumed) == pytest.approx(_losses(two), abs=1e-5)
+    launch([*common, *fsdp, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+            os.path.join(two, "checkpoint-2")])
+    resumed = run_dir_of(str(tmp_path / "resumed"))
+    assert step_losses(resumed) == pytest.approx(step_losses(two), abs=1e-5)
     c = load_file(os.path.join(resumed, "checkpoint-4", name))
     assert all(torch.allclose(b[k], c[k], atol=1e-5) for k in b)
 
@@ -359,9 +335,9 @@ def test_seed_multi_gpu_dpo_command_runs_with_fsdp(tiny_models, tmp_path):
     data = _seed_dpo_data(tmp_path)
     out = tmp_path / "gpt_output"
     model = tiny_models("gpt_oss")
-    _run([*seed_gpt_oss_dpo_argv(model, data, out, accumulation="2", logging="1"), "--fsdp", "full_shard",
-          "auto_wrap"], CUDA_VISIBLE_DEVICES="0,1")
-    run = _run_dir(str(out))
+    launch([*seed_gpt_oss_dpo_argv(model, data, out, accumulation="2", logging="1"), "--fsdp", "full_shard",
+            "auto_wrap"], CUDA_VISIBLE_DEVICES="0,1")
+    run = run_dir_of(str(out))
     log = [r for r in read_jsonl(os.path.join(run, "logging.jsonl")) if "rewards/accuracies" in r]
     assert len(log) == 2 and log[0]["rewards/accuracies"] == 0.0
     ckpt = os.path.join(run, "checkpoint-2")
@@ -379,9 +355,9 @@ def test_fsdp_review_cases_are_clear_flag_errors(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="expected a JSON object"):
         S(["full_shard"], str(tmp_path / "missing.json"))
     assert S(["full_shard"], '{"transformer_layer_cls_to_wrap": ["NoSuchLayer"]}').wrap_layers
-    base = ["sft", "--model", tiny_models("qwen2"), "--dataset", DATA[0], "--output_dir", str(tmp_path / "o")]
+    base = ["sft", "--model", tiny_models("qwen2"), "--dataset", CAPITALS_DATA[0], "--output_dir", str(tmp_path / "o")]
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    e.update({"NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())})
+    e.update({"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
     p = subprocess.run([sys.executable, "-m", "tunesmith", *base, "--lora_rank", "-1", "--fsdp", "hybrid_shard"],
                        capture_output=True, text=True, env=e, timeout=120)
     assert p.returncode == 2 and "launching: torchrun" not in p.stderr, p.stderr[-2000:]

@@ -13,11 +13,7 @@ from tunesmith.config.parser import parse_args
 from tunesmith.train import recipe
 
 
-@pytest.fixture(autouse=True)
-def _no_charts(monkeypatch):
-    import tunesmith.runs.report
-
-    monkeypatch.setattr(tunesmith.runs.report, "write_run_report", lambda run_dir: "not written (test)")
+pytestmark = pytest.mark.usefixtures("no_charts")
 
 
 def test_bradley_terry_loss_and_centering_equal_a_hand_computation():

@@ -20,6 +20,7 @@ print(json.dumps(SQLiteStorage.get_logs(sys.argv[1], sys.argv[2])))
 """
 
 
+@pytest.mark.slow
 def test_trackio_gets_the_metrics_and_never_the_token(tiny_models, tmp_path):
     pytest.importorskip("trackio")
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}

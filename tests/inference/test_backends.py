@@ -10,10 +10,10 @@ import importlib.util
 import json
 import os
 import sys
-import types
 
 import pytest
 
+from fakes import FakeLmdeploy, FakeSglang, FakeVllm, fake_lmdeploy, fake_module, fake_sglang, fake_vllm
 from tunesmith.inference import backends as B
 from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError
@@ -205,22 +205,14 @@ def test_check_backend_missing_package(backend):
     assert "--infer_backend transformers" in msg and "\n" not in msg
 
 
-def _fake(monkeypatch, name: str, version: str = "0.8.5", gpu: bool = False):
-    mod = types.ModuleType(name)
-    mod.__version__ = version
-    monkeypatch.setitem(sys.modules, name, mod)
-    import torch
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
-
-
 def test_check_backend_no_gpu_old_version_unknown(monkeypatch):
-    _fake(monkeypatch, "vllm")
+    fake_module(monkeypatch, "vllm")
     with pytest.raises(ConfigError, match="needs an NVIDIA GPU.*on CPU use --infer_backend transformers"):
         B.check_backend("vllm")
-    _fake(monkeypatch, "vllm", version="0.4.3", gpu=True)
+    fake_module(monkeypatch, "vllm", version="0.4.3", gpu=True)
     with pytest.raises(ConfigError, match="older than ms-swift supports; pip install -U 'vllm>=0.5.1'"):
         B.check_backend("vllm")
-    _fake(monkeypatch, "lmdeploy", version="0.7.2.post1", gpu=True)
+    fake_module(monkeypatch, "lmdeploy", version="0.7.2.post1", gpu=True)
     assert B.check_backend("lmdeploy") is None
     with pytest.raises(ConfigError, match="not supported"):
         B.check_backend("tgi")
@@ -241,157 +233,6 @@ def test_cli_backend_error_is_one_line(command, tmp_path, capsys):
     assert err.startswith(f"tunesmith {command}: error: --infer_backend vllm") and "pip install" in err
 
 
-# ------------------------------------------------------------------ fake engines
-
-class _Rec:
-    """A keyword-argument recorder: the fakes' SamplingParams / configs."""
-
-    def __init__(self, *args, **kw):
-        self.args, self.kw = args, kw
-        self.__dict__.update(kw)
-
-
-class _Logprob:
-    def __init__(self, logprob):
-        self.logprob = logprob
-
-
-def _script_tokens(script, i):
-    return script[i] if i < len(script) else None
-
-
-class FakeVllm:
-    """AsyncLLMEngine: generate() streams one token per RequestOutput (DELTA) and hangs after the script when
-    `hang` (so cancel has something to abort); the last output carries finish_reason."""
-
-    def __init__(self, script=(5, 6, 7), finish="length", hang=False, stop_reason=None):
-        self.script, self.finish, self.hang, self.stop_reason = list(script), finish, hang, stop_reason
-        self.calls, self.aborted, self.shut = [], [], False
-        self.model_config = types.SimpleNamespace(max_model_len=512)
-
-    async def generate(self, prompt, sp, request_id, lora_request=None):
-        self.calls.append({"prompt": prompt, "sp": sp, "rid": request_id, "lora": lora_request})
-        for i, t in enumerate(self.script):
-            await asyncio.sleep(0)
-            last = i == len(self.script) - 1 and not self.hang
-            lps = [{t: _Logprob(-0.5), 99: _Logprob(-1.5)}] if sp.logprobs is not None else None
-            out = types.SimpleNamespace(token_ids=[t], logprobs=lps, finish_reason=self.finish if last else None,
-                                        stop_reason=self.stop_reason if last else None)
-            yield types.SimpleNamespace(outputs=[out], finished=last)
-        if self.hang:
-            await asyncio.sleep(3600)
-
-    async def abort(self, request_id):
-        self.aborted.append(request_id)
-
-    def shutdown(self):
-        self.shut = True
-
-
-def _fake_vllm(monkeypatch, engine: FakeVllm, gpu: bool = True):
-    import enum
-
-    _fake(monkeypatch, "vllm", version="0.8.5", gpu=gpu)
-    vllm = sys.modules["vllm"]
-    built = {}
-
-    class AsyncLLMEngine:
-        @staticmethod
-        def from_engine_args(engine_args):
-            built["engine_args"] = engine_args
-            return engine
-
-    vllm.SamplingParams, vllm.AsyncEngineArgs, vllm.AsyncLLMEngine = _Rec, _Rec, AsyncLLMEngine
-    sp_mod = types.ModuleType("vllm.sampling_params")
-    sp_mod.RequestOutputKind = enum.Enum("RequestOutputKind", "CUMULATIVE DELTA FINAL_ONLY")
-    lora_pkg, lora_mod = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
-    lora_mod.LoRARequest = _Rec
-    for name, mod in (("vllm.sampling_params", sp_mod), ("vllm.lora", lora_pkg), ("vllm.lora.request", lora_mod)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    return built
-
-
-class FakeSglang:
-    """sglang.Engine: async_generate(stream=True) returns an async iterator of cumulative output_ids dicts."""
-
-    def __init__(self, script=(5, 6, 7), finish=None, hang=False, **kw):
-        self.kw, self.script, self.hang = kw, list(script), hang
-        self.finish = finish or {"type": "length", "length": len(self.script)}
-        self.calls, self.aborted, self.shut = [], [], False
-        self.tokenizer_manager = types.SimpleNamespace(abort_request=self.aborted.append)
-
-    async def async_generate(self, **kw):
-        self.calls.append(kw)
-
-        async def gen():
-            for i in range(len(self.script)):
-                await asyncio.sleep(0)
-                last = i == len(self.script) - 1 and not self.hang
-                meta = {"completion_tokens": i + 1, "finish_reason": self.finish if last else None}
-                if kw.get("return_logprob"):
-                    meta["output_token_logprobs"] = [(-0.25, t, None) for t in self.script[:i + 1]]
-                    meta["output_top_logprobs"] = [[(-0.25, t, None), (-2.0, 98, None)] for t in self.script[:i + 1]]
-                yield {"output_ids": self.script[:i + 1], "meta_info": meta}
-            if self.hang:
-                await asyncio.sleep(3600)
-        return gen()
-
-    def shutdown(self):
-        self.shut = True
-
-
-class FakeLmdeploy:
-    """lmdeploy AsyncEngine (< 0.16): generate(..., input_ids=) streams GenOut-like objects, then a final one."""
-
-    def __init__(self, script=(5, 6, 7), finish="stop", hang=False):
-        self.script, self.finish, self.hang = list(script), finish, hang
-        self.calls, self.stopped, self.closed = [], [], False
-
-    async def generate(self, messages, session_id, gen_config, stream_response=True, do_preprocess=True,
-                       adapter_name=None, input_ids=None):
-        self.calls.append({"session": session_id, "gen": gen_config, "adapter": adapter_name, "ids": input_ids,
-                           "messages": messages, "do_preprocess": do_preprocess})
-        for i, t in enumerate(self.script):
-            await asyncio.sleep(0)
-            lps = [{t: -0.75, 97: -3.0}] if gen_config.logprobs else None
-            yield types.SimpleNamespace(token_ids=[t], generate_token_len=i + 1, logprobs=lps, finish_reason=None)
-        if self.hang:
-            await asyncio.sleep(3600)
-        yield types.SimpleNamespace(token_ids=[], generate_token_len=len(self.script), logprobs=None,
-                                    finish_reason=self.finish)
-
-    async def stop_session(self, session_id):
-        self.stopped.append(session_id)
-
-    def close(self):
-        self.closed = True
-
-
-def _fake_sglang(monkeypatch, engine: FakeSglang):
-    _fake(monkeypatch, "sglang", version="0.4.9", gpu=True)
-    built = {}
-
-    def Engine(**kw):
-        built.update(kw)
-        return engine
-    sys.modules["sglang"].Engine = Engine
-    return built
-
-
-def _fake_lmdeploy(monkeypatch, engine: FakeLmdeploy):
-    _fake(monkeypatch, "lmdeploy", version="0.7.2", gpu=True)
-    mod = sys.modules["lmdeploy"]
-    built = {}
-
-    def pipeline(model_dir, backend_config=None, **kw):
-        built.update(model=model_dir, config=backend_config, **kw)
-        return engine
-    mod.pipeline, mod.GenerationConfig = pipeline, _Rec
-    mod.TurbomindEngineConfig = type("TurbomindEngineConfig", (_Rec,), {})
-    mod.PytorchEngineConfig = type("PytorchEngineConfig", (_Rec,), {})
-    return built
-
-
 @pytest.fixture
 def tok(tiny_models):
     from transformers import AutoTokenizer
@@ -407,7 +248,7 @@ def _sp(**kw):
 
 def test_vllm_streams_tokens_logprobs_and_finish(monkeypatch, tok):
     fake = FakeVllm(script=(5, 6, 7), finish="length")
-    built = _fake_vllm(monkeypatch, fake)
+    built = fake_vllm(monkeypatch, fake)
     eng = B.VllmEngine(_deploy("--vllm_max_num_seqs", "8"), "/m", tok, [2, 3], max_model_len=100)
     try:
         assert built["engine_args"].kw["max_num_seqs"] == 8 and built["engine_args"].kw["model"] == "/m"
@@ -432,7 +273,7 @@ def test_vllm_streams_tokens_logprobs_and_finish(monkeypatch, tok):
 
 def test_vllm_sampling_translation(monkeypatch, tok):
     fake = FakeVllm()
-    _fake_vllm(monkeypatch, fake)
+    fake_vllm(monkeypatch, fake)
     eng = B.VllmEngine(_deploy(), "/m", tok, [2, 3], max_model_len=100)
     try:
         greedy = eng.sampling_params(_sp(max_new_tokens=9))
@@ -456,7 +297,7 @@ def test_vllm_sampling_translation(monkeypatch, tok):
 
 def test_vllm_cancel_aborts_and_stop_strings_end_early(monkeypatch, tok):
     fake = FakeVllm(script=(5, 6), hang=True)
-    _fake_vllm(monkeypatch, fake)
+    fake_vllm(monkeypatch, fake)
     eng = B.VllmEngine(_deploy(), "/m", tok, [2], max_model_len=100)
     try:
         h = eng.submit([1, 2], _sp())
@@ -485,7 +326,7 @@ def test_vllm_cancel_aborts_and_stop_strings_end_early(monkeypatch, tok):
 
 def test_vllm_engine_stop_reason_and_async_consumer(monkeypatch, tok):
     fake = FakeVllm(script=(5, 6), finish="stop", stop_reason="</s>")
-    _fake_vllm(monkeypatch, fake)
+    fake_vllm(monkeypatch, fake)
     eng = B.VllmEngine(_deploy(), "/m", tok, [2], max_model_len=100)
 
     async def consume():
@@ -501,7 +342,7 @@ def test_vllm_engine_stop_reason_and_async_consumer(monkeypatch, tok):
 
 def test_vllm_adapters_map_to_lora_requests(monkeypatch, tok, tmp_path):
     fake = FakeVllm(script=(5,))
-    built = _fake_vllm(monkeypatch, fake)
+    built = fake_vllm(monkeypatch, fake)
     a, b = _adapter(tmp_path, "a"), _adapter(tmp_path, "b")
     eng = B.VllmEngine(_deploy(), "/m", tok, [2], adapters={"a": a, "sql": b}, default_adapter="a",
                        max_model_len=100)
@@ -527,7 +368,7 @@ def _wait(cond, timeout=5.0):
 
 def test_sglang_engine(monkeypatch, tok, tmp_path):
     fake = FakeSglang(script=(5, 6, 7))
-    built = _fake_sglang(monkeypatch, fake)
+    built = fake_sglang(monkeypatch, fake)
     a = _adapter(tmp_path, "a")
     eng = B.SglangEngine(_deploy(), "/m", tok, [2], adapters={"sql": a}, max_model_len=100)
     try:
@@ -558,7 +399,7 @@ def test_sglang_engine(monkeypatch, tok, tmp_path):
 
 def test_lmdeploy_engine(monkeypatch, tok, tmp_path):
     fake = FakeLmdeploy(script=(5, 6))
-    built = _fake_lmdeploy(monkeypatch, fake)
+    built = fake_lmdeploy(monkeypatch, fake)
     a = _adapter(tmp_path, "a")
     eng = B.LmdeployEngine(_deploy("--session_len", "300"), "/m", tok, [2], adapters={"sql": a},
                            default_adapter="sql")
@@ -596,7 +437,7 @@ def test_chat_engine_over_a_backend(monkeypatch, tok, tiny_models):
 
     hello = tok("hello there", add_special_tokens=False)["input_ids"]
     fake = FakeVllm(script=(*hello, tok.eos_token_id), finish="stop")
-    _fake_vllm(monkeypatch, fake)
+    fake_vllm(monkeypatch, fake)
     eng = B.VllmEngine(_deploy(), "/m", tok, [tok.eos_token_id], max_model_len=100)
     gen = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.8, eos_token_id=tok.eos_token_id)
     chat = ChatEngine(None, tok, engine=eng, generation_config=gen)
@@ -619,7 +460,7 @@ def test_build_engine_with_vllm(monkeypatch, tiny_models, capsys):
     from tunesmith.inference.chat import ChatEngine, build_engine
 
     fake = FakeVllm(script=(5,))
-    built = _fake_vllm(monkeypatch, fake)
+    built = fake_vllm(monkeypatch, fake)
     model = tiny_models("qwen2")
     args = parse_args("deploy", ["--model", model, "--infer_backend", "vllm", "--vllm_gpu_memory_utilization",
                                  "0.5", "--max_new_tokens", "7"])
@@ -640,7 +481,7 @@ def test_build_engine_with_vllm(monkeypatch, tiny_models, capsys):
 def test_build_engine_names_the_alternative_when_the_engine_fails(monkeypatch, tiny_models):
     from tunesmith.inference.chat import build_engine
 
-    _fake_vllm(monkeypatch, FakeVllm())
+    fake_vllm(monkeypatch, FakeVllm())
 
     def broken(engine_args):
         raise RuntimeError("CUDA out of memory\nmore lines")
@@ -658,7 +499,7 @@ def test_build_engine_names_the_alternative_when_the_engine_fails(monkeypatch, t
 def test_build_engine_checks_the_backend_first(monkeypatch, tiny_models):
     from tunesmith.inference.chat import build_engine
 
-    _fake_vllm(monkeypatch, FakeVllm(), gpu=False)
+    fake_vllm(monkeypatch, FakeVllm(), gpu=False)
     args = parse_args("infer", ["--model", tiny_models("qwen2"), "--infer_backend", "vllm"])
     with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):
         build_engine(args)

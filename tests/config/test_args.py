@@ -170,6 +170,7 @@ def _sources_outside_args() -> str:
     return "\n".join(open(f, encoding="utf-8").read() for f in files)
 
 
+@pytest.mark.slow
 def test_every_flag_has_help_and_is_read_or_listed_as_compatibility_only():
     import dataclasses
 

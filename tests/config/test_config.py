@@ -262,6 +262,7 @@ def test_resume_with_max_steps_above_the_checkpoint_or_weights_only_is_fine(tmp_
                                         "--ignore_data_skip", "true"]))
 
 
+@pytest.mark.slow
 def test_unfinished_saves_of_dead_runs_are_removed_at_start(tiny_models, tmp_path, capsys):
     """A run killed while writing a checkpoint leaves `.tmp-checkpoint-N-PID`; the next run in that output folder
     removes those whose process is gone (and says so), and keeps one a live process is writing."""

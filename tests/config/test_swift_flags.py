@@ -1,4 +1,4 @@
-"""Every flag of ms-swift 4.6 (tests/data/ms_swift_flags.json, written by bench/extract_swift_flags.py) is known to
+"""Every flag of ms-swift 4.6 (tests/fixtures/ms_swift_flags.json, written by bench/extract_swift_flags.py) is known to
 tunesmith: it is a real flag, a compatibility-only flag, or a clear "not supported yet" error that says what to use
 instead; never "unknown flag ... Did you mean"."""
 import dataclasses
@@ -16,7 +16,7 @@ from tunesmith.config.parser import ArgError, _aliases, _fields, format_help, pa
 from tunesmith.config.swift_compat import (COMPATIBILITY_ONLY_IN, NOT_SUPPORTED_ELSEWHERE, NOT_SUPPORTED_VALUES,
                                            NOT_SUPPORTED_YET)
 
-TABLE_PATH = os.path.join(os.path.dirname(__file__), "data", "ms_swift_flags.json")
+TABLE_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "fixtures", "ms_swift_flags.json")
 with open(TABLE_PATH, encoding="utf-8") as fh:
     TABLE = json.load(fh)
 COMMANDS = sorted(c for c in TABLE if c != "app")

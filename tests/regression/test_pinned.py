@@ -45,6 +45,7 @@ def llama_with_real_logit_scale(tiny_models, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_qlora_loss_halves_on_a_learnable_task(llama_with_real_logit_scale, tmp_path):
     """A user running `tunesmith sft --quant_method bnb --quant_bits 4` on a small task sees the loss fall, not just
     stay finite: on the 8 bundled capital-city conversations, 12 steps of LoRA on the 4-bit layers bring the last
@@ -112,6 +113,7 @@ def test_gpt_oss_router_aux_loss_is_added_once_scaled_by_its_coefficient(tiny_mo
     assert diff == pytest.approx(AUX_COEF * aux, abs=1e-5), (diff, aux)
 
 
+@pytest.mark.slow
 def test_gpt_oss_logged_sft_loss_includes_the_router_loss(tiny_models, tmp_path):
     """The same through the command line: `tunesmith sft` for one step on a 4-row dataset (one batch) logs a
     step-1 loss (before any update) that is c × aux higher with `--router_aux_loss_coef c` than with 0."""
@@ -250,6 +252,7 @@ def _plain_pair_logps(model, tokenizer, rows, loss_scale):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rlhf_type,flags,params", [SETTINGS[1], SETTINGS[3], SETTINGS[5]],
                          ids=["simpo", "cpo", "orpo"])
 def test_logged_reference_free_loss_equals_the_formula_end_to_end(tiny_models, tmp_path, rlhf_type, flags, params):

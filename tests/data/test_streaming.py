@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from conftest import read_jsonl, write_jsonl
+from conftest import losses_by_step, train, write_jsonl
 from tunesmith.config.parser import parse_args
 from tunesmith.data.load import LoadResult, iter_spec, read_spec, stream_records
 from tunesmith.errors import ConfigError, DataError
@@ -15,12 +15,8 @@ from tunesmith.train import recipe
 WORDS = "red blue green black white gold pink gray".split()
 
 
-@pytest.fixture(autouse=True)
-def _no_charts(monkeypatch):
-    """The runs here are compared by their logged losses; drawing each run's charts would only cost time."""
-    import tunesmith.runs.report
-
-    monkeypatch.setattr(tunesmith.runs.report, "write_run_report", lambda run_dir: "not written (test)")
+# the runs here are compared by their logged losses; drawing each run's charts would only cost time
+pytestmark = pytest.mark.usefixtures("no_charts")
 
 
 def _row(i):
@@ -32,17 +28,14 @@ def _data(tmp_path, n=10, extra=()):
     return write_jsonl(tmp_path / "d.jsonl", [_row(i) for i in range(n)] + list(extra))
 
 
-def _losses(run_dir):
-    return {r["global_step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "logging.jsonl")) if "loss" in r}
+def _sft(model, data, out, *flags):
+    """`tunesmith sft` on data, 2 rows a micro-batch, 2 micro-batches a step, every step logged."""
+    return train("sft", "--model", model, "--dataset", data, "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--report_to", "none",
+                 "--learning_rate", "5e-3", "--output_dir", str(out), *flags)
 
 
-def _train(model, data, out, *flags):
-    argv = ["--model", model, "--dataset", data, "--per_device_train_batch_size", "2",
-            "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--report_to", "none",
-            "--learning_rate", "5e-3", "--output_dir", str(out), *flags]
-    return recipe.main(parse_args("sft", argv))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--packing", "true", "--max_length", "64"]], ids=["padded", "packed"])
 def test_a_stream_trains_like_the_rows_encoded_up_front(tiny_models, tmp_path, mode):
     """File order (--dataset_shuffle false), bad rows dropped (--strict false): the same losses, step by step, across
@@ -50,25 +43,26 @@ def test_a_stream_trains_like_the_rows_encoded_up_front(tiny_models, tmp_path, m
     data = _data(tmp_path, 10, extra=["{broken json"])
     common = ["--max_steps", "5", "--dataset_shuffle", "false", "--strict", "false", "--save_strategy", "no",
               "--lora_dropout", "0", *mode]
-    upfront = _train(tiny_models("qwen2"), data, tmp_path / "a", *common)
-    streamed = _train(tiny_models("qwen2"), data, tmp_path / "b", *common, "--streaming", "true")
-    a, b = _losses(upfront["run_dir"]), _losses(streamed["run_dir"])
+    upfront = _sft(tiny_models("qwen2"), data, tmp_path / "a", *common)
+    streamed = _sft(tiny_models("qwen2"), data, tmp_path / "b", *common, "--streaming", "true")
+    a, b = losses_by_step(upfront["run_dir"]), losses_by_step(streamed["run_dir"])
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     for step in a:
         assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
     assert streamed["state"].epoch >= 1
 
 
+@pytest.mark.slow
 def test_a_resumed_stream_equals_the_uninterrupted_one(tiny_models, tmp_path):
     """Shuffled within a buffer, packed, LoRA dropout on: resuming at step 3 skips the batches already trained."""
     data = _data(tmp_path, 10)
     common = ["--streaming", "true", "--shuffle_buffer_size", "5", "--packing", "true", "--max_length", "48",
               "--max_steps", "6", "--save_steps", "3", "--lora_dropout", "0.1", "--per_device_train_batch_size", "1"]
-    full = _train(tiny_models("qwen2"), data, tmp_path / "full", *common)
+    full = _sft(tiny_models("qwen2"), data, tmp_path / "full", *common)
     ckpt = os.path.join(full["run_dir"], "checkpoint-3")
     assert json.load(open(os.path.join(ckpt, "trainer_state.json")))["batches_done"] > 0
-    resumed = _train(tiny_models("qwen2"), data, tmp_path / "resumed", *common, "--resume_from_checkpoint", ckpt)
-    a, b = _losses(full["run_dir"]), _losses(resumed["run_dir"])
+    resumed = _sft(tiny_models("qwen2"), data, tmp_path / "resumed", *common, "--resume_from_checkpoint", ckpt)
+    a, b = losses_by_step(full["run_dir"]), losses_by_step(resumed["run_dir"])
     assert sorted(b) == [1, 2, 3, 4, 5, 6] and full["state"].epoch >= 1  # the stream ended and was read again
     for step in b:
         assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
@@ -111,6 +105,7 @@ def test_bad_rows_stop_with_file_and_line_or_are_counted(tiny_models, tmp_path):
         stream_records([str(tmp_path / "missing.jsonl")], LoadResult([], []))  # checked before any row is read
 
 
+@pytest.mark.slow
 def test_a_streamed_run_refused_by_its_data_leaves_nothing_or_says_how_to_resume(tiny_models, tmp_path):
     """Every file's first row is read before training (a later file that cannot be read stops the run before the
     run directory exists); a bad row met mid-run removes a run with no checkpoint, and otherwise names the
@@ -120,15 +115,15 @@ def test_a_streamed_run_refused_by_its_data_leaves_nothing_or_says_how_to_resume
     unreadable.write_bytes(b"\xff\xfe{\x00\n")
     common = ["--streaming", "true", "--max_steps", "6", "--dataset_shuffle", "false"]
     with pytest.raises(DataError, match="second.jsonl: is a UTF-16"):
-        _train(tiny_models("qwen2"), good, tmp_path / "a", *common, "--dataset", good, str(unreadable))
+        _sft(tiny_models("qwen2"), good, tmp_path / "a", *common, "--dataset", good, str(unreadable))
     assert not (tmp_path / "a").exists()
 
     late = write_jsonl(tmp_path / "late.jsonl", [_row(i) for i in range(10)] + ["{broken"])
     with pytest.raises(DataError, match="late.jsonl:11") as e:
-        _train(tiny_models("qwen2"), late, tmp_path / "b", *common, "--save_steps", "100")
+        _sft(tiny_models("qwen2"), late, tmp_path / "b", *common, "--save_steps", "100")
     assert "resume" not in str(e.value) and not os.listdir(tmp_path / "b")  # nothing to resume: nothing kept
     with pytest.raises(DataError, match="late.jsonl:11") as e:
-        _train(tiny_models("qwen2"), late, tmp_path / "c", *common, "--save_steps", "1")
+        _sft(tiny_models("qwen2"), late, tmp_path / "c", *common, "--save_steps", "1")
     [run] = os.listdir(tmp_path / "c")
     ckpt = os.path.join(tmp_path / "c", run, "checkpoint-2")  # 10 rows = 2.5 steps of 4: the bad row is in step 3
     assert os.path.isdir(ckpt) and str(e.value).endswith(f"continue with --resume_from_checkpoint {ckpt}.")
@@ -185,13 +180,13 @@ def test_data_stats_streaming_measures_a_sample(tmp_path, capsys):
 @pytest.mark.slow
 def test_two_ddp_processes_stream_like_one_process_with_the_same_global_batch(tiny_models, tmp_path):
     """Under torchrun every rank reads the stream and trains on its slice of each global batch."""
-    from test_distributed import DATA, _losses, _run, _run_dir
+    from conftest import CAPITALS_DATA, launch, run_dir_of, step_losses
 
-    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *DATA, "--streaming", "true",
+    common = ["sft", "--model", tiny_models("qwen2"), "--dataset", *CAPITALS_DATA, "--streaming", "true",
               "--shuffle_buffer_size", "8", "--packing", "true", "--max_length", "64", "--max_steps", "3",
               "--logging_steps", "1", "--learning_rate", "5e-3", "--lora_dropout", "0",
               "--gradient_accumulation_steps", "2", "--save_strategy", "no", "--report_to", "none"]
-    _run([*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "one")], nproc=1)
-    _run([*common, "--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "two")], nproc=2)
-    one, two = _losses(_run_dir(str(tmp_path / "one"))), _losses(_run_dir(str(tmp_path / "two")))
+    launch([*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "one")], nproc=1)
+    launch([*common, "--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "two")], nproc=2)
+    one, two = step_losses(run_dir_of(str(tmp_path / "one"))), step_losses(run_dir_of(str(tmp_path / "two")))
     assert two == pytest.approx(one, abs=1e-5) and len(one) == 3

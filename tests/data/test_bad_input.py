@@ -298,6 +298,7 @@ def test_validate_checks_what_the_method_needs(tmp_path, capsys):
     assert rc == 2 and "ppo" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [["rlhf", "--rlhf_type", "dpo"],  # cpo, simpo and orpo share its check_pairs
                                     ["rlhf", "--rlhf_type", "kto", "--per_device_train_batch_size", "2"]],
                          ids=["dpo", "kto"])
@@ -327,6 +328,7 @@ def test_training_drops_or_stops_at_rows_the_method_cannot_use(tiny_models, tmp_
     assert "done: 1 steps" in err
 
 
+@pytest.mark.slow
 def test_sft_strict_false_drops_every_bad_row(tiny_models, tmp_path, capsys):
     """All the malformed JSON-lines rows above in one file, with two good rows: dropped, counted, trained."""
     bad = [c[2].split(b"\n")[1] for c in ROW_CASES if c[1] == "d.jsonl" and c[0] != "bom_then_bad_row"]

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+
 TRAIN_CASES = ("sft_sdpa", "dpo_sdpa", "sft_flash_attn", "dpo_flash_attn", "sft_sdpa_liger", "dpo_sdpa_liger")
 MEMORY_CASES = ("lora_dpo_7b", "qlora_dpo_7b")
 SERVE_CASES = ("serve_64_clients", "serve_vllm_64_clients")

@@ -4,15 +4,10 @@ fine-tune, and an endpoint (`tunesmith deploy`) giving the same answers as local
 import dataclasses
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
-from conftest import read_jsonl, write_jsonl
+from conftest import read_jsonl, start_deploy, write_jsonl
 from tunesmith.eval import benchmarks as B
 from tunesmith.commands import eval as eval_command
 from tunesmith.eval import evaluate as E
@@ -264,6 +259,7 @@ def test_report_to_tensorboard_logs_the_score_table(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(plain, "runs")) and not os.path.exists(os.path.join(plain, "logging.jsonl"))
 
 
+@pytest.mark.slow
 def test_humaneval_runs_code_only_when_allowed_and_with_a_timeout(tmp_path):
     (task,) = _tasks(tmp_path, "humaneval")
     records, how = E.run_task(task, Oracle([task], {task.samples[1].source}), "likelihood",
@@ -328,6 +324,7 @@ def tuned(tiny_models, tmp_path_factory):
     return res["state"].last_model_checkpoint, mcq_dir
 
 
+@pytest.mark.slow
 def test_side_by_side_table_shows_the_fine_tune(tuned, tiny_models, tmp_path, capsys):
     from tunesmith.cli import main
 
@@ -351,28 +348,11 @@ def test_side_by_side_table_shows_the_fine_tune(tuned, tiny_models, tmp_path, ca
     assert os.path.getsize(d / "comparison.png") > 1000 and (d / "summary.md").read_text().startswith("| dataset")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_endpoint_gives_the_same_answers_as_local_greedy_generation(tuned, tiny_models, tmp_path):
     ckpt, mcq_dir = tuned
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", "--model", ckpt, "--port", str(port),
-                             "--served_model_name", "tuned", "--verbose", "false"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, port = start_deploy("--model", ckpt, "--served_model_name", "tuned", "--verbose", "false")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(proc.stdout.read())
-                time.sleep(0.3)
         common = ["--eval_dataset", "general_mcq", "--eval_dataset_args",
                   json.dumps({"general_mcq": {"local_path": mcq_dir}}), "--eval_generation_config",
                   json.dumps({"max_tokens": 6})]
@@ -391,6 +371,7 @@ def test_endpoint_gives_the_same_answers_as_local_greedy_generation(tuned, tiny_
     assert "generation" in remote["results"]["tuned"]["general_mcq"]["scoring"]
 
 
+@pytest.mark.slow
 def test_adapter_switched_off_is_the_plain_base(tiny_models, tuned, tmp_path):
     """With --adapters the base column comes from the same loaded model with the adapter off: it must equal the base
     model evaluated alone, and the tuned column must differ from it."""

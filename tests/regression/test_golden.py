@@ -20,6 +20,7 @@ def _curve(run_dir):
     return [r["loss"] for r in read_jsonl(os.path.join(run_dir, "logging.jsonl")) if "loss" in r and "grad_norm" in r]
 
 
+@pytest.mark.slow
 def test_sft_golden_curve(tiny_models, tmp_path):
     from tunesmith.train import recipe
     res = recipe.main(parse_args("sft", ["--model", tiny_models("qwen2"), "--dataset",
@@ -28,6 +29,7 @@ def test_sft_golden_curve(tiny_models, tmp_path):
     assert _curve(res["run_dir"]) == pytest.approx(SFT_CURVE, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_dpo_golden_curve(tiny_models, tmp_path):
     from tunesmith.train import recipe
     res = recipe.main(parse_args("rlhf", ["--rlhf_type", "dpo", "--model", tiny_models("qwen2"), "--dataset",

@@ -4,15 +4,11 @@ import concurrent.futures as cf
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import EXAMPLES, read_jsonl
+from conftest import EXAMPLES, http_json, read_jsonl, start_deploy
 from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError
 
@@ -40,6 +36,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+@pytest.mark.slow
 def test_export_merges_to_a_plain_hf_model_with_equal_logits(tiny_models, lora_ckpt, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,6 +65,7 @@ def test_export_merges_to_a_plain_hf_model_with_equal_logits(tiny_models, lora_c
     assert os.path.isfile(os.path.join(lora_ckpt + "-merged", "config.json"))
 
 
+@pytest.mark.slow
 def test_qlora_adapter_merges_into_the_unquantised_base(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -83,6 +81,7 @@ def test_qlora_adapter_merges_into_the_unquantised_base(tiny_models, tmp_path):
     assert (_logits(ref, ids) - _logits(merged, ids)).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_wrong_flag_for_a_checkpoint_is_explained(tiny_models, lora_ckpt, tmp_path):
     from tunesmith.commands import export
     from tunesmith.commands import infer
@@ -94,6 +93,7 @@ def test_wrong_flag_for_a_checkpoint_is_explained(tiny_models, lora_ckpt, tmp_pa
         infer.main(parse_args("infer", ["--model", lora_ckpt]))
 
 
+@pytest.mark.slow
 def test_batch_infer_writes_every_row_deterministically(lora_ckpt, tmp_path, capsys):
     from tunesmith.cli import main
 
@@ -118,6 +118,7 @@ def test_batch_infer_writes_every_row_deterministically(lora_ckpt, tmp_path, cap
     assert len(read_jsonl(os.path.join(lora_ckpt, "infer_result", results[0]))) == len(val) == 2
 
 
+@pytest.mark.slow
 def test_interactive_chat_streams_multi_turn_and_commands(lora_ckpt):
     from tunesmith.inference.chat import build_engine
     from tunesmith.commands.infer import chat
@@ -148,6 +149,7 @@ def test_reasoning_is_returned_separately():
     assert split(harmony, raw) == ("Answer.", "think here")
 
 
+@pytest.mark.slow
 def test_stop_words_and_length_limits(lora_ckpt):
     from tunesmith.inference.chat import GenConfig, PromptTooLong, build_engine
 
@@ -168,50 +170,18 @@ def test_stop_words_and_length_limits(lora_ckpt):
 
 # ------------------------------------------------------------------ deploy: a real server process
 
-def _http(method, url, body=None, headers=None, raw=None):
-    """(status, parsed JSON body) with the standard library only."""
-    import urllib.error
-    import urllib.request
-
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(lora_ckpt, tiny_models):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", "--adapters", f"capitals={lora_ckpt}",
-                             "--model", tiny_models("qwen2"), "--served_model_name", "base", "--port", str(port),
-                             "--api_key", "sk-test-key", "--max_new_tokens", "8", "--verbose", "false",
-                             "--max_model_len", "512"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if _http("GET", f"http://127.0.0.1:{port}/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
+    proc, port = start_deploy("--adapters", f"capitals={lora_ckpt}", "--model", tiny_models("qwen2"),
+                              "--served_model_name", "base", "--api_key", "sk-test-key", "--max_new_tokens", "8",
+                              "--verbose", "false", "--max_model_len", "512")
     yield f"http://127.0.0.1:{port}/v1", lora_ckpt
     proc.terminate()
     out = proc.communicate(timeout=20)[0]
     assert "sk-test-key" not in out  # the key is never printed
 
 
+@pytest.mark.slow
 def test_openai_client_against_deploy(server, tiny_models):
     import openai
     from peft import PeftModel
@@ -243,6 +213,7 @@ def test_openai_client_against_deploy(server, tiny_models):
         openai.OpenAI(base_url=url, api_key="wrong").models.list()
 
 
+@pytest.mark.slow
 def test_deploy_serves_concurrent_requests_each_its_own(server):
     import openai
     url, _ = server
@@ -260,26 +231,29 @@ def test_deploy_serves_concurrent_requests_each_its_own(server):
     assert answers == [alone[q] for q in questions]
 
 
+@pytest.mark.slow
 def test_deploy_rejects_bad_requests_and_keeps_serving(server):
     url, _ = server
     auth = {"Authorization": "Bearer sk-test-key"}
     hi = [{"role": "user", "content": "hi"}]
     cases = [
-        (_http("POST", f"{url}/chat/completions", raw=b"{not json", headers=auth), 400),
-        (_http("POST", f"{url}/chat/completions", {"model": "capitals", "messages": []}, auth), 400),
-        (_http("POST", f"{url}/chat/completions", {"model": "capitals", "temperature": 9, "messages": hi}, auth), 400),
-        (_http("POST", f"{url}/chat/completions", {"model": "nope", "messages": hi}, auth), 404),
-        (_http("POST", f"{url}/chat/completions",
-               {"model": "capitals", "messages": [{"role": "user", "content": "word " * 3000}]}, auth), 400),
-        (_http("GET", f"{url}/models"), 401),
+        (http_json("POST", f"{url}/chat/completions", raw=b"{not json", headers=auth), 400),
+        (http_json("POST", f"{url}/chat/completions", {"model": "capitals", "messages": []}, auth), 400),
+        (http_json("POST", f"{url}/chat/completions", {"model": "capitals", "temperature": 9, "messages": hi},
+                   auth), 400),
+        (http_json("POST", f"{url}/chat/completions", {"model": "nope", "messages": hi}, auth), 404),
+        (http_json("POST", f"{url}/chat/completions",
+                   {"model": "capitals", "messages": [{"role": "user", "content": "word " * 3000}]}, auth), 400),
+        (http_json("GET", f"{url}/models"), 401),
     ]
     for (status, body), want in cases:
         assert status == want, body
         assert body["error"]["message"] and body["object"] == "error"
-    status, body = _http("POST", f"{url}/chat/completions", {"model": "capitals", "messages": hi}, auth)
+    status, body = http_json("POST", f"{url}/chat/completions", {"model": "capitals", "messages": hi}, auth)
     assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
 
 
+@pytest.mark.slow
 def test_infer_says_how_many_bad_rows_it_dropped(lora_ckpt, tmp_path, capsys):
     from tunesmith.cli import main
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import read_jsonl, write_jsonl
+from conftest import losses_by_step, read_jsonl, write_jsonl
 from tunesmith.config.parser import parse_args
 from tunesmith.train import recipe
 
@@ -23,10 +23,7 @@ def run(argv):
     return recipe.main(parse_args("sft", argv))
 
 
-def losses(run_dir):
-    return {r["global_step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "logging.jsonl")) if "loss" in r}
-
-
+@pytest.mark.slow
 def test_learns_a_held_out_task(tiny_models, tmp_path):
     """Copying three-word sequences: loss falls and exact match on unseen sequences rises from 0."""
     from tunesmith.inference.chat import generate_replies
@@ -48,7 +45,7 @@ def test_learns_a_held_out_task(tiny_models, tmp_path):
                "--logging_steps", "20", "--save_strategy", "no", "--gradient_checkpointing", "false"])
     outs = generate_replies(res["model"], res["tokenizer"], prompts, max_new_tokens=8)
     after = sum(o == e for o, e in zip(outs, expect)) / len(expect)
-    log = losses(res["run_dir"])
+    log = losses_by_step(res["run_dir"])
     assert before == 0.0
     assert after >= 0.8, outs[:5]
     assert log[max(log)] < 0.1 * log[1]
@@ -60,6 +57,7 @@ def _variable_length_data(tmp_path, n=16):
     return write_jsonl(tmp_path / "var.jsonl", rows)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tiny_models, tmp_path):
     data = _variable_length_data(tmp_path, 8)
     common = ["--model", tiny_models("qwen2"), "--dataset", data, "--train_type", "full", "--max_steps", "1",
@@ -69,11 +67,12 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_models, tmp_path):
                         "--output_dir", str(tmp_path / "a")])
     acc = run(common + ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
                         "--output_dir", str(tmp_path / "b")])
-    assert abs(losses(big["run_dir"])[1] - losses(acc["run_dir"])[1]) < 1e-5
+    assert abs(losses_by_step(big["run_dir"])[1] - losses_by_step(acc["run_dir"])[1]) < 1e-5
     sa, sb = big["model"].state_dict(), acc["model"].state_dict()
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny_models, tmp_path):
     data = _variable_length_data(tmp_path, 24)
     common = ["--model", tiny_models("qwen2"), "--dataset", data, "--train_type", "lora", "--lora_dropout", "0.1",
@@ -82,7 +81,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_models, tmp_path):
     full = run(common + ["--output_dir", str(tmp_path / "full")])
     ckpt = os.path.join(full["run_dir"], "checkpoint-3")
     resumed = run(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", ckpt])
-    a, b = losses(full["run_dir"]), losses(resumed["run_dir"])
+    a, b = losses_by_step(full["run_dir"]), losses_by_step(resumed["run_dir"])
     # steps 1-3 come from the checkpoint (the resumed run's log carries the whole curve); epoch 1 has 6 steps:
     # resume crosses an epoch boundary too
     assert sorted(b) == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -90,6 +89,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_models, tmp_path):
         assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
 
 
+@pytest.mark.slow
 def test_checkpoints_rotation_and_no_secrets(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("SWANLAB_API_KEY", "env-secret-12345")
     data = _variable_length_data(tmp_path, 16)
@@ -125,6 +125,7 @@ def test_checkpoints_rotation_and_no_secrets(tiny_models, tmp_path, monkeypatch)
     assert {"loss", "learning_rate", "grad_norm", "tokens_per_second", "memory(GiB)", "epoch"} <= set(steps[0])
 
 
+@pytest.mark.slow
 def test_full_checkpoint_is_a_normal_hf_model(tiny_models, tmp_path):
     data = _variable_length_data(tmp_path, 8)
     res = run(["--model", tiny_models("llama"), "--dataset", data, "--train_type", "full", "--max_steps", "2",
@@ -138,6 +139,7 @@ def test_full_checkpoint_is_a_normal_hf_model(tiny_models, tmp_path):
     assert torch.allclose(m(ids).logits, res["model"](ids).logits, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_qlora_trains_and_saves(tiny_models, tmp_path):
     pytest.importorskip("bitsandbytes")
     data = _variable_length_data(tmp_path, 8)
@@ -147,9 +149,10 @@ def test_qlora_trains_and_saves(tiny_models, tmp_path):
     import bitsandbytes as bnb
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in res["model"].modules())
     assert os.path.isfile(os.path.join(res["state"].last_model_checkpoint, "adapter_model.safetensors"))
-    assert all(v == v for v in losses(res["run_dir"]).values())
+    assert all(v == v for v in losses_by_step(res["run_dir"]).values())
 
 
+@pytest.mark.slow
 def test_gpt_oss_expert_lora_with_router_loss(tiny_models, tmp_path, capsys):
     data = _variable_length_data(tmp_path, 8)
     res = run(["--model", tiny_models("gpt_oss"), "--dataset", data, "--target_modules", "all-linear",
@@ -163,6 +166,7 @@ def test_gpt_oss_expert_lora_with_router_loss(tiny_models, tmp_path, capsys):
     assert not any("router" in k for k in keys)  # all-linear leaves the router alone
 
 
+@pytest.mark.slow
 def test_seed_sft_command_runs_verbatim(tiny_models, tmp_path, capsys):
     """The seeds' SFT flag sets (../shared/seeds/001, 003): paths and step counts changed, the rest verbatim."""
     from tunesmith.cli import main
@@ -195,6 +199,7 @@ def test_seed_sft_command_runs_verbatim(tiny_models, tmp_path, capsys):
             assert b"sk-seed-token" not in open(os.path.join(dp, f), "rb").read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd,flags", [
     ("sft", ["--learning_rate", "1e10"]),                                              # LoRA, AdamW
     ("sft", ["--train_type", "full", "--learning_rate", "1e38", "--optim", "sgd", "--max_grad_norm", "0"]),
@@ -237,6 +242,7 @@ def test_forced_nan_never_calls_the_weights_that_gave_it_good(tiny_models, tmp_p
                 resolve_checkpoint(parse_args(command, ["--adapters", bad.group(1)]))
 
 
+@pytest.mark.slow
 def test_after_a_resume_the_failure_message_names_the_checkpoint_resumed_from(tiny_models, tmp_path):
     from tunesmith.train.loop import TrainingDiverged
     data = _variable_length_data(tmp_path, 8)
@@ -254,6 +260,7 @@ def test_after_a_resume_the_failure_message_names_the_checkpoint_resumed_from(ti
     assert res["state"].global_step == 3
 
 
+@pytest.mark.slow
 def test_forced_nan_in_float16_names_a_good_checkpoint_that_trains_on(tiny_models, tmp_path):
     """float16 (CPU runs it): a sane first step saves checkpoint-1; resumed with --learning_rate 1e10 the loss
     turns NaN, and the checkpoint the message calls good loads and gives a finite loss — resuming from it with a
@@ -279,6 +286,7 @@ def test_forced_nan_in_float16_names_a_good_checkpoint_that_trains_on(tiny_model
     assert res["state"].global_step == 3 and losses and all(math.isfinite(x) for x in losses), losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,sig", [(1, "SIGTERM"), (1, "SIGINT"), (2, "SIGTERM")],
                          ids=["sigterm", "sigint", "torchrun-sigterm"])
 def test_a_signal_stops_training_with_one_message_naming_the_last_checkpoint(tiny_models, tmp_path, nproc, sig):
@@ -296,8 +304,8 @@ def test_a_signal_stops_training_with_one_message_naming_the_last_checkpoint(tin
     out = tmp_path / "o"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc > 1:
-        from test_after_training import _free_port
-        env.update({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(_free_port())})
+        from conftest import free_port
+        env.update({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port())})
     flags = ["--model", tiny_models("qwen2"), "--dataset", data, "--report_to", "none", "--save_steps", "2",
              "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--output_dir", str(out)]
     p = subprocess.Popen([sys.executable, "-m", "tunesmith", "sft", *flags, "--max_steps", "100000"],
@@ -322,6 +330,7 @@ def test_a_signal_stops_training_with_one_message_naming_the_last_checkpoint(tin
     assert res["state"].global_step == steps[-1] + 2
 
 
+@pytest.mark.slow
 def test_nan_gradient_with_a_finite_loss_is_never_applied(tiny_models, tmp_path, monkeypatch):
     """A finite loss whose gradient is NaN (here: a hook on one LoRA weight, from step 3 on) stops the run before
     the update; the checkpoint it names holds finite weights."""
@@ -366,6 +375,7 @@ def test_bad_data_fails_before_anything_is_written(tiny_models, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_missing_model_is_one_clear_error(tmp_path, monkeypatch):
     import subprocess
     import sys
@@ -378,6 +388,7 @@ def test_missing_model_is_one_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_same_seed_same_lora_run(tiny_models, tmp_path):
     """LoRA's random init is drawn after seeding: two runs with one --seed give the same adapter."""
     from safetensors.torch import load_file
@@ -391,6 +402,7 @@ def test_same_seed_same_lora_run(tiny_models, tmp_path):
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
+@pytest.mark.slow
 def test_system_file_is_saved_as_text_and_survives_another_cwd(tiny_models, tmp_path, monkeypatch):
     """--system prompt.txt (relative) is read at start: args.json holds the text, so infer on the checkpoint from
     another directory gets the prompt, not the string 'prompt.txt'."""
@@ -432,6 +444,7 @@ def test_old_args_json_with_a_system_path(tmp_path, monkeypatch):
         resolve_checkpoint(parse_args("infer", ["--model", str(ckpt)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16), (None, None)])
 def test_lora_dtype_casts_only_the_lora_weights(tiny_models, name, dtype):
     from tunesmith.models.load import attach_lora, load_model
@@ -466,6 +479,7 @@ def test_finish_run_names_the_metric_that_chose_the_best_checkpoint(tmp_path, ca
     assert "(eval_loss 0.8750)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_models, tmp_path):
     """As transformers' Trainer (and so ms-swift) logs it: linear decay from 1e-2 over 4 steps without warm-up logs
     1e-2, 7.5e-3, 5e-3, 2.5e-3 — the rate before the schedule moves on, never the next step's."""
@@ -478,6 +492,7 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_models, tmp_pat
     assert lrs == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_message_and_leaves_every_checkpoint_loadable(tiny_models, tmp_path, monkeypatch):
     """ENOSPC while writing checkpoint-2 (simulated: the save raises what a full disk raises) and while appending
     to logging.jsonl: one message naming the file, what it is, why, and the checkpoint to resume from;

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl, write_jsonl
+from fakes import WEATHER, scripted_chat, weather_script
 
 Q = [[{"role": "user", "content": f"question {i}: " + "word " * (i % 5)}] for i in range(10)]
 
@@ -17,6 +18,7 @@ def _chat(model_dir, **kw):
     return ChatEngine(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "gpt_oss", "llama"])
 def test_batched_greedy_equals_alone_and_transformers_generate(tiny_models, family):
     from tunesmith.inference.chat import GenConfig
@@ -46,6 +48,7 @@ def _adapter(model_dir, out, seed):
     return str(out)
 
 
+@pytest.mark.slow
 def test_two_adapters_and_the_base_share_one_batch(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,48 +108,12 @@ def test_n_logprobs_seed_and_stop(tiny_models):
         chat.close()
 
 
-class Scripted(torch.nn.Module):
-    """A tiny real model whose greedy output follows a script chosen from the prompt: the test double for 'the
-    model decided to call a tool / to think'. The KV cache and batching are the real model's; only the final
-    logits are replaced: each (fed token, position) pair is mapped, at prefill, to the script's next token."""
-
-    def __init__(self, model, tokenizer, choose):
-        super().__init__()
-        self.inner, self.tok, self.choose = model, tokenizer, choose
-        self.config, self.generation_config = model.config, model.generation_config
-        self.next: dict = {}
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
-        logits = torch.full((input_ids.shape[0], 1, out.logits.shape[-1]), -1e4)
-        for i in range(input_ids.shape[0]):
-            pos = int(position_ids[i, -1])
-            if input_ids.shape[1] > 1:  # prefill: choose the script for this prompt
-                real = input_ids[i][attention_mask[i].bool()].tolist()
-                script = self.tok(self.choose(self.tok.decode(real)), add_special_tokens=False)["input_ids"]
-                for k in range(len(script) - 1):
-                    self.next[(script[k], pos + 1 + k)] = script[k + 1]
-                logits[i, 0, script[0]] = 0
-            else:
-                logits[i, 0, self.next.get((int(input_ids[i, -1]), pos), self.tok.eos_token_id)] = 0
-        out.logits = logits
-        return out
-
-
-def _scripted_chat(tiny_models, family, choose, **kw):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunesmith.inference.chat import ChatEngine
-    d = tiny_models(family, official_template=True)
-    tok = AutoTokenizer.from_pretrained(d)
-    return ChatEngine(Scripted(AutoModelForCausalLM.from_pretrained(d), tok, choose), tok, **kw)
-
-
 def test_gpt_oss_returns_the_final_channel_with_reasoning_apart(tiny_models):
     from tunesmith.inference.chat import GenConfig
 
     harmony = ("<|channel|>analysis<|message|>The user asks for a capital.<|end|><|start|>assistant"
                "<|channel|>final<|message|>Paris.<|return|>")
-    chat = _scripted_chat(tiny_models, "gpt_oss", lambda prompt: harmony)
+    chat = scripted_chat(tiny_models, "gpt_oss", lambda prompt: harmony)
     try:
         assert "<|end|>" not in chat.tok.convert_ids_to_tokens(chat.stop_ids)  # ends a message, not the turn
         reply = chat.generate([[{"role": "user", "content": "Capital of France?"}]],
@@ -170,7 +137,7 @@ def _streamed(chat, messages, cfg, tools=None):
 def test_qwen3_stream_and_whole_reply_agree_on_reasoning_and_content(tiny_models):
     from tunesmith.inference.chat import GenConfig
 
-    chat = _scripted_chat(tiny_models, "qwen3",
+    chat = scripted_chat(tiny_models, "qwen3",
                           lambda p: "<think>\nTwo plus two.\n</think>\n\nIt is 4.<|im_end|>")
     cfg = GenConfig(max_new_tokens=40, temperature=0)
     msgs = [{"role": "user", "content": "2+2?"}]
@@ -187,21 +154,10 @@ def test_qwen3_stream_and_whole_reply_agree_on_reasoning_and_content(tiny_models
         chat.close()
 
 
-WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                             "parameters": {"type": "object",
-                                                            "properties": {"city": {"type": "string"}}}}}]
-
-
-def _weather_script(prompt: str) -> str:
-    if "<tool_response>" in prompt:
-        return "It is sunny in Paris.<|im_end|>"
-    return '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
-
-
 def test_tool_calls_are_parsed_streamed_and_the_history_reaches_the_template(tiny_models):
     from tunesmith.inference.chat import GenConfig
 
-    chat = _scripted_chat(tiny_models, "qwen2", _weather_script)
+    chat = scripted_chat(tiny_models, "qwen2", weather_script)
     cfg = GenConfig(max_new_tokens=60, temperature=0)
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
     try:

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, step_losses, train
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import ChatEncoder
 from tunesmith.data.load import load_datasets
@@ -32,6 +32,7 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_lm_head", [False, True])
 def test_chunked_logps_equal_plain_with_gradients(tiny_models, train_lm_head):
     from tunesmith.models.head import chunked_head
@@ -87,6 +88,7 @@ def _model(model_dir, attn):
     return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_padding_free_batch_equals_per_example_computation(tiny_models, attn):
     """One concatenated sequence, position_ids restarting per row: loss and gradients equal each row run alone."""
@@ -143,30 +145,29 @@ def test_pack_groups_fill_without_overflow():
     assert len(groups) == 5 and pack_groups(lengths, 1024) == groups  # tight and deterministic
 
 
-def _train(tmp_path, name, model_dir, *extra):
-    from conftest import read_jsonl
-    from tunesmith.config.parser import parse_args
-    from tunesmith.train import recipe
-    res = recipe.main(parse_args("sft", ["--model", model_dir, "--dataset", os.path.join(EXAMPLES, "capitals_messages.jsonl"),
-                                      os.path.join(EXAMPLES, "capitals_alpaca.json"), "--train_type", "full",
-                                      "--max_steps", "4", "--logging_steps", "1", "--learning_rate", "1e-3",
-                                      "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-                                      "--output_dir", str(tmp_path / name), "--report_to", "none",
-                                      "--gradient_checkpointing", "false", *extra]))
-    return [r["loss"] for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "grad_norm" in r]
+def _sft_losses(tmp_path, name, model_dir, *extra):
+    """4 steps of full fine-tuning on the capitals rows (two formats): the loss of each step."""
+    res = train("sft", "--model", model_dir, "--dataset", os.path.join(EXAMPLES, "capitals_messages.jsonl"),
+                os.path.join(EXAMPLES, "capitals_alpaca.json"), "--train_type", "full", "--max_steps", "4",
+                "--logging_steps", "1", "--learning_rate", "1e-3", "--per_device_train_batch_size", "4",
+                "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / name), "--report_to", "none",
+                "--gradient_checkpointing", "false", *extra)
+    return step_losses(res["run_dir"])
 
 
+@pytest.mark.slow
 def test_padding_free_and_packing_runs(tiny_models, tmp_path, capsys):
     model_dir = tiny_models("qwen2")
-    plain = _train(tmp_path, "plain", model_dir)
-    free = _train(tmp_path, "free", model_dir, "--padding_free", "true")
+    plain = _sft_losses(tmp_path, "plain", model_dir)
+    free = _sft_losses(tmp_path, "free", model_dir, "--padding_free", "true")
     assert free == pytest.approx(plain, abs=1e-5)  # same batches, no padding: the same run
-    packed = _train(tmp_path, "packed", model_dir, "--packing", "true", "--max_length", "128",
+    packed = _sft_losses(tmp_path, "packed", model_dir, "--packing", "true", "--max_length", "128",
                     "--per_device_train_batch_size", "1")
     assert "--packing: 16 rows -> 6 sequences of up to 128 tokens" in capsys.readouterr().err
     assert len(packed) == 4 and packed[-1] < packed[0]
 
 
+@pytest.mark.slow
 def test_dpo_padding_free_and_packing_runs(tiny_models, tmp_path):
     from conftest import read_jsonl
     from tunesmith.config.parser import parse_args
@@ -231,6 +232,7 @@ def _synthetic_pairs(n=6, seed=0):
     return pairs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"),
                                          ("qwen2", "eager"), ("gpt_oss", "eager")])
 def test_prefix_shared_pairs_equal_two_sequences_with_gradients(family, attn):
@@ -334,6 +336,7 @@ def _step_largest(model, batch, chunk_rows=8):
     return probe, out, _grads(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "gpt_oss"])
 def test_no_tokens_x_vocabulary_tensor_in_a_training_step(tiny_models, family):
     """A training step's log-probs and gradients — a dense model, and an MoE model that returns its router loss —

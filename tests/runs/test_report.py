@@ -7,18 +7,17 @@ import subprocess
 
 import pytest
 
-from conftest import EXAMPLES, read_jsonl
+from conftest import EXAMPLES, read_jsonl, train
 from tunesmith.config.parser import parse_args
 
 TOKEN = "sk-swanlab-TOKEN-9f8e7d6c5b4a"
 
 
-def _train(command, model_dir, out, *extra, dataset="capitals_messages.jsonl"):
-    from tunesmith.train import recipe
-    return recipe.main(parse_args(command, ["--model", model_dir, "--dataset", os.path.join(EXAMPLES, dataset),
-                                            "--max_steps", "6", "--logging_steps", "2", "--output_dir", str(out),
-                                            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-                                            *extra]))
+def _short_run(command, model_dir, out, *extra, dataset="capitals_messages.jsonl"):
+    """6 steps of `tunesmith <command>` on an example file, logging every 2nd: recipe.main's result."""
+    return train(command, "--model", model_dir, "--dataset", os.path.join(EXAMPLES, dataset), "--max_steps", "6",
+                 "--logging_steps", "2", "--output_dir", str(out), "--per_device_train_batch_size", "4",
+                 "--gradient_accumulation_steps", "1", *extra)
 
 
 def _logged(run_dir):
@@ -43,6 +42,7 @@ def _swanlab_scalars(run_dir):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["sft", "rlhf"])
 def test_tensorboard_and_swanlab_get_the_metrics_and_never_the_token(tiny_models, tmp_path, command, monkeypatch):
     pytest.importorskip("swanlab")
@@ -53,10 +53,10 @@ def test_tensorboard_and_swanlab_get_the_metrics_and_never_the_token(tiny_models
     extra = ["--report_to", "tensorboard", "swanlab", "--swanlab_mode", "offline", "--swanlab_token", TOKEN,
              "--swanlab_project", "tunesmith-test", "--swanlab_exp_name", f"{command}-run"]
     if command == "rlhf":
-        res = _train("rlhf", tiny_models("qwen2"), out, *extra, "--learning_rate", "5e-3",
+        res = _short_run("rlhf", tiny_models("qwen2"), out, *extra, "--learning_rate", "5e-3",
                      dataset="dpo_messages.jsonl")
     else:
-        res = _train("sft", tiny_models("qwen2"), out, *extra)
+        res = _short_run("sft", tiny_models("qwen2"), out, *extra)
     run_dir = res["run_dir"]
     logged = _logged(run_dir)
     keys = ["loss", "learning_rate", "grad_norm"] + (["rewards/margins", "rewards/accuracies"] if command == "rlhf"
@@ -79,6 +79,7 @@ def test_tensorboard_and_swanlab_get_the_metrics_and_never_the_token(tiny_models
                 assert TOKEN.encode() not in fh.read(), os.path.join(dirpath, f)
 
 
+@pytest.mark.slow
 def test_a_failing_tracker_never_stops_training(tiny_models, tmp_path, capsys):
     from tunesmith.runs.track import Trackers
 
@@ -100,7 +101,7 @@ def test_a_failing_tracker_never_stops_training(tiny_models, tmp_path, capsys):
 
     Trackers.__init__ = init
     try:
-        res = _train("sft", tiny_models("qwen2"), tmp_path / "o", "--report_to", "none")
+        res = _short_run("sft", tiny_models("qwen2"), tmp_path / "o", "--report_to", "none")
     finally:
         Trackers.__init__ = real_init
     err = capsys.readouterr().err
@@ -121,8 +122,9 @@ def _importable(name):
     return importlib.util.find_spec(name) is not None
 
 
+@pytest.mark.slow
 def test_run_report_has_plots_args_data_and_checkpoints(tiny_models, tmp_path):
-    res = _train("rlhf", tiny_models("qwen2"), tmp_path / "o", "--report_to", "none", "--save_steps", "3",
+    res = _short_run("rlhf", tiny_models("qwen2"), tmp_path / "o", "--report_to", "none", "--save_steps", "3",
                  "--swanlab_token", TOKEN, dataset="dpo_messages.jsonl")
     run_dir = res["run_dir"]
     images = sorted(os.listdir(os.path.join(run_dir, "images")))
@@ -135,12 +137,13 @@ def test_run_report_has_plots_args_data_and_checkpoints(tiny_models, tmp_path):
     assert TOKEN not in page and "&lt;redacted&gt;" in page
 
 
+@pytest.mark.slow
 def test_comparing_two_runs_overlays_curves_and_lists_differing_args(tiny_models, tmp_path):
     from tunesmith.cli import main
     from tunesmith.runs.report import CHARTS, chart_lines, load_run
 
-    a = _train("sft", tiny_models("qwen2"), tmp_path / "a", "--report_to", "none", "--learning_rate", "1e-3")
-    b = _train("sft", tiny_models("qwen2"), tmp_path / "b", "--report_to", "none", "--learning_rate", "5e-3")
+    a = _short_run("sft", tiny_models("qwen2"), tmp_path / "a", "--report_to", "none", "--learning_rate", "1e-3")
+    b = _short_run("sft", tiny_models("qwen2"), tmp_path / "b", "--report_to", "none", "--learning_rate", "5e-3")
     out = tmp_path / "compare.html"
     assert main(["report", a["run_dir"], b["run_dir"], "--output", str(out)]) == 0
     runs = [load_run(a["run_dir"]), load_run(b["run_dir"])]
@@ -155,6 +158,7 @@ def test_comparing_two_runs_overlays_curves_and_lists_differing_args(tiny_models
     assert main(["report", a["run_dir"]]) == 0 and os.path.isfile(os.path.join(a["run_dir"], "report.html"))
 
 
+@pytest.mark.slow
 def test_report_opens_in_headless_chromium_and_shows_charts(tiny_models, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chromium:
@@ -162,7 +166,7 @@ def test_report_opens_in_headless_chromium_and_shows_charts(tiny_models, tmp_pat
     import numpy as np
     from PIL import Image
 
-    res = _train("sft", tiny_models("qwen2"), tmp_path / "o", "--report_to", "none")
+    res = _short_run("sft", tiny_models("qwen2"), tmp_path / "o", "--report_to", "none")
     page = os.path.join(res["run_dir"], "report.html")
     shot = tmp_path / "shot.png"
     common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",

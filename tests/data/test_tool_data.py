@@ -403,17 +403,14 @@ def test_kto_conversational_rows_encode_like_messages_and_label(toks, label):
     assert rec == {"messages": REFERENCE, "tools": TOOLS, "label": label}
 
 
+@pytest.mark.slow
 def test_sft_on_tool_call_rows_makes_deploy_answer_with_tool_calls(tiny_models, tmp_path):
     """A short SFT on ms-swift-style agent rows (tiny model, official Qwen2.5 template), then the OpenAI API of
     `tunesmith deploy`'s app: a held-out question comes back as a parsed `tool_calls` reply."""
-    import threading
-    import time
-
     import openai
-    import uvicorn
     from transformers import AutoTokenizer
 
-    from test_after_training import _free_port
+    from conftest import serve_on_a_thread
     from tunesmith.config.parser import parse_args
     from tunesmith.inference.chat import ChatEngine
     from tunesmith.serve.app import create_app
@@ -430,19 +427,11 @@ def test_sft_on_tool_call_rows_makes_deploy_answer_with_tool_calls(tiny_models, 
         "--per_device_train_batch_size", "6", "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "constant",
         "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--save_strategy", "no"]))
     chat = ChatEngine(res["model"].eval(), AutoTokenizer.from_pretrained(model_dir))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(chat, {"agent": None}), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
+    # lifespan off: the app's shutdown would close the engine, and `tunesmith infer` below reuses it
+    with serve_on_a_thread(create_app(chat, {"agent": None}), lifespan="off") as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         r = client.chat.completions.create(model="agent", tools=TOOLS, temperature=0, max_tokens=40, messages=[
             {"role": "user", "content": "What is the weather in Rome?"}])  # a city never seen in training
-    finally:
-        srv.should_exit = True
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls", choice.message
     (call,) = choice.message.tool_calls

@@ -146,6 +146,7 @@ def test_template_without_chat_template_is_a_clear_error(toks):
     assert tok.decode(e.input_ids) == "text<|im_end|>"
 
 
+@pytest.mark.slow
 def test_parallel_encoding_equals_serial(toks, tmp_path):
     from tunesmith.data.store import encode_rows
     tok = toks["qwen3"]

@@ -36,6 +36,7 @@ def _logits(path, ids):
         return model(input_ids=ids).logits
 
 
+@pytest.mark.slow
 def test_safe_serialization_false_writes_pytorch_bin(base_and_adapter, tmp_path):
     from tunesmith.commands import export
 
