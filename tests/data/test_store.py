@@ -117,7 +117,6 @@ def test_rows_dropped_from_training_and_validation_data_are_recorded(tiny_models
 
 def test_data_cache_lists_and_cleans_the_encoded_datasets(tiny_models, tmp_path, monkeypatch, capsys):
     from tunesmith.cli import main
-    from tunesmith.errors import ConfigError
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     data = write_jsonl(tmp_path / "d.jsonl", [_chat(i) for i in range(8)])

@@ -1,7 +1,7 @@
 """ms-swift compatibility: the flags tunesmith accepts but that change nothing (their groups, and
 COMPATIBILITY_ONLY / COMPATIBILITY_ONLY_IN saying why, per flag and per command), the ms-swift flags and values that
 are errors saying what to use instead (NOT_SUPPORTED_YET, NOT_SUPPORTED_ELSEWHERE, NOT_SUPPORTED_VALUES) and value
-aliases (VALUE_ALIASES). Every flag of ms-swift 4.6 (tests/data/ms_swift_flags.json, from
+aliases (VALUE_ALIASES). Every flag of ms-swift 4.6 (tests/fixtures/ms_swift_flags.json, from
 bench/extract_swift_flags.py) is one of these or a real flag of tunesmith.config.groups.
 """
 from __future__ import annotations

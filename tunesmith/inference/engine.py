@@ -17,7 +17,7 @@ Rows of different LoRA adapters share a batch through peft's per-row `adapter_na
 Why our own loop and not transformers' `ContinuousBatchingManager`: on CPU the paged-attention path measured
 slower than plain batching (bench/RESULTS.md, `bench/serve_load.py`), and this loop gives per-row sampling
 settings, per-request seeds, per-step cancellation and log-probs. Greedy rows are exact against a lone run up to
-float summation order (tests/test_engine.py compares token for token).
+float summation order (tests/inference/test_engine.py compares token for token).
 """
 from __future__ import annotations
 
