@@ -198,3 +198,30 @@ def test_runnable_block(page, line, block, tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, (f"{_rel(page)}:{line} failed (exit {proc.returncode}):\n{block}\n"
                                   f"--- stdout (end)\n{proc.stdout[-3000:]}\n--- stderr (end)\n{proc.stderr[-3000:]}")
+
+
+def test_architecture_names_real_files_and_functions():
+    """docs/architecture.md's call paths name frames as `package/module.function` (or `module.py`): each must exist
+    in the code, so the page cannot drift from it after a move."""
+    import ast
+    import re
+
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    pkg = REPO / "tunesmith"
+    missing = []
+    hypothetical = ("xpo", "embedding")  # the worked examples of a new method and a new endpoint
+    for path in set(re.findall(r"`((?:[a-z_]+/)+[a-z_]+)\.py", text)):
+        if any(h in path for h in hypothetical):
+            continue
+        if not (pkg / f"{path}.py").exists() and not (REPO / f"{path}.py").exists():
+            missing.append(f"{path}.py")
+    for path, name in set(re.findall(r"`((?:[a-z_]+/)+[a-z_]+)\.([A-Za-z_]\w*)", text)):
+        file = pkg / f"{path}.py"
+        if name == "py" or not file.exists():
+            continue
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        if name not in defined:
+            missing.append(f"{path}.{name}")
+    assert not missing, f"docs/architecture.md names what the code does not have: {sorted(missing)}"
