@@ -20,6 +20,8 @@ from tunesmith.config.parser import to_record
 from tunesmith.files import write_json_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# atomic_dir's unfinished saves: `.tmp-<name>-<pid>` (being written) and `<name>.old-<pid>` (being replaced)
+LEFTOVER_RE = re.compile(r"\.tmp-.+-(\d+)|.+\.old-(\d+)")
 
 
 def next_version_dir(output_dir: str, now: Optional[_dt.datetime] = None) -> str:
@@ -51,15 +53,26 @@ def remove_leftovers(folders: list[str]) -> list[str]:
     is alive is another run's save in progress and is kept. Returns the paths removed."""
     removed = []
     places = {os.path.abspath(f) for f in folders if f and os.path.isdir(f)}
-    places |= {os.path.join(p, d) for p in list(places) for d in os.listdir(p) if os.path.isdir(os.path.join(p, d))}
+    # one level down, but never into a leftover itself: it may be removed below before its turn comes (a run killed
+    # during a save leaves `.tmp-checkpoint-N-PID` in the run directory that its resume names)
+    places |= {os.path.join(p, d) for p in list(places) for d in _names(p)
+               if os.path.isdir(os.path.join(p, d)) and not LEFTOVER_RE.fullmatch(d)}
     for place in sorted(places):
-        for name in os.listdir(place):
-            m = re.fullmatch(r"\.tmp-.+-(\d+)|.+\.old-(\d+)", name)
+        for name in _names(place):
+            m = LEFTOVER_RE.fullmatch(name)
             if not m or not os.path.isdir(os.path.join(place, name)) or _alive(int(m.group(1) or m.group(2))):
                 continue
             shutil.rmtree(os.path.join(place, name), ignore_errors=True)
             removed.append(os.path.join(place, name))
     return removed
+
+
+def _names(folder: str) -> list[str]:
+    """The entries of a folder, or none when it is gone (another process's cleanup removed it meanwhile)."""
+    try:
+        return os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _alive(pid: int) -> bool:
