@@ -169,3 +169,16 @@ def test_the_training_loop_reads_as_one_story():
     assert len(frames) <= 3, " → ".join(found + ["optimizer.step()"])
     lines = len((PACKAGE / "train" / "loop.py").read_text(encoding="utf-8").splitlines())
     assert lines < 450, f"train/loop.py has {lines} lines"
+
+
+def test_no_deprecated_library_names_in_our_calls():
+    """transformers 5.25 deprecates `past_key_values=` (→ `cache=`, removed in 5.40) and `is_gradient_checkpointing`
+    (→ `is_activation_checkpointing`): our code must not use them (the engine picks the keyword the model's forward
+    takes, so older transformers keep working)."""
+    found = []
+    for name, (path, _) in _modules().items():
+        text = path.read_text(encoding="utf-8")
+        for deprecated in ("past_key_values=", ".is_gradient_checkpointing"):
+            if deprecated in text:
+                found.append(f"{name}: {deprecated}")
+    assert not found, found

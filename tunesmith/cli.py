@@ -127,7 +127,17 @@ def torchrun(argv: list[str]) -> int:
     return 0
 
 
+# Library warnings about the libraries' own calls, which no user of tunesmith can act on: peft (0.21, the newest)
+# reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model. tunesmith's own calls use
+# the current names; tests/test_structure.py checks that no module of ours reads the deprecated one.
+LIBRARY_NOISE = (r"`is_gradient_checkpointing` is deprecated",)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    for message in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

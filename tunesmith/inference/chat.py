@@ -1,5 +1,4 @@
-"""Chat-level generation with the model's own chat template (the same rendering training used), and
-`tunesmith infer`.
+"""Chat-level generation with the model's own chat template (the same rendering training used).
 
 `ChatEngine` renders conversations, submits them to the one `tunesmith.inference.engine.GenerationEngine` (which batches
 every caller's sequences) and parses replies with `tunesmith.inference.reply`. `tunesmith infer` (interactive chat and batch
@@ -7,7 +6,7 @@ over a dataset), `tunesmith deploy` and `tunesmith eval` all go through it, so a
 it is asked.
 
 What lives here: rendering prompts, GenConfig -> sampling settings, decoding and parsing replies, streaming state,
-building the engine from flags, and the `infer` command (batch result files, interactive chat). What must not: token
+building the engine from flags. What must not: the `infer` command (tunesmith.commands.infer), token
 scheduling (`tunesmith.inference.engine`), template output conventions (`tunesmith.inference.reply`), HTTP (`tunesmith.serve`), model
 loading (`tunesmith.models.load`). No torch import at module level.
 """

@@ -181,6 +181,7 @@ class GenerationEngine:
         # then take the arg-max chunk by chunk and never materialise their [rows x vocabulary] logits, which at a
         # real vocabulary (151,936) is most of a decoding step's memory traffic.
         self._head = chunked_head(model)
+        self._cache_kw = _cache_keyword(model)
 
     # -------------------------------------------------------------- public
 
@@ -352,10 +353,11 @@ class GenerationEngine:
         adapters = self._adapter_kwargs(rows)
         if self._head is not None and not adapters:
             decoder, _ = self._head
-            out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                          **{self._cache_kw: cache})
             return _Last(hidden=out.last_hidden_state[:, -1])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1, **adapters)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self._cache_kw: cache}, **adapters)
         return _Last(logits=out.logits[:, -1].float())
 
     def _choose(self, rows: list[_Row], last: "_Last") -> list[_Row]:
@@ -547,6 +549,15 @@ def _left_pad(t, width: int, dim: int = 2):
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
     return F.pad(t, pad)
+
+
+def _cache_keyword(model) -> str:
+    """The keyword a model's forward takes its KV cache under: `cache` from transformers 5.25 on (where
+    the old keyword is deprecated, to be removed in 5.40, with a warning at every call), `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _peft_adapters(model) -> list[str]:

@@ -50,7 +50,7 @@ class Server:
     def config(self, req: Sampling, top_logprobs: int = 0):
         """The request's sampling settings over the server's defaults; refuses what would be silently ignored.
 
-        Returns an `infer.GenConfig`. top_logprobs: alternatives per token asked for. Raises ApiError 400 for an
+        Returns an `inference.chat.GenConfig`. top_logprobs: alternatives per token asked for. Raises ApiError 400 for an
         unsupported field with a non-default value (penalties, logit_bias, echo, best_of, suffix, min_tokens),
         reserved chat_template_kwargs, a non-text response_format, or top_logprobs over --max_logprobs."""
         extra = req.model_extra or {}
@@ -95,7 +95,7 @@ class Server:
     async def prompt(self, messages: list[dict], tools, template_kwargs: dict):
         """Render and tokenise in a worker thread: a long prompt never stalls the event loop.
 
-        Returns an `infer.Prompt` (ids [T]). Raises ApiError 400: code context_length_exceeded when the prompt
+        Returns an `inference.chat.Prompt` (ids [T]). Raises ApiError 400: code context_length_exceeded when the prompt
         fills the context, or the template's own refusal of these messages."""
         from starlette.concurrency import run_in_threadpool
 

@@ -4,7 +4,7 @@ A checkpoint-<step> folder holds the weights (adapter only for LoRA: `run.save_m
 (optimizer.pt; DeepSpeed's and FSDP's shards in their own folders), the schedule (scheduler.pt), every RNG
 (rng_state.pth), trainer_state.json (`TrainState`: step, epoch, data position, best metric, log history) and what the
 method's hooks keep (GRPO's round in progress). It is written into a temporary folder and renamed when complete
-(runs.run_dir.atomic_dir), so a killed save leaves nothing that looks like a checkpoint; older ones are rotated
+(tunesmith.files.atomic_dir), so a killed save leaves nothing that looks like a checkpoint; older ones are rotated
 (--save_total_limit, the best kept) and `last`/`best` links follow. Weights holding inf/NaN are never saved.
 
 Resuming is exact: the weights (`resume_weights`, before any sharding), then `restore`: optimiser, schedule, RNG and

@@ -1,6 +1,6 @@
 """GRPO's training units, generated as the loop reads them: each generation round samples the completions of a few
 prompts with the policy's current weights (through the generation engine, batched), scores them with the reward
-functions, and turns the rewards into advantages (see train/grpo.py for the round's steps).
+functions, and turns the rewards into advantages (see train/rl/grpo.py for the round's steps).
 
 What lives here: the rounds (which prompts, the seeds, generation, scoring, advantages, the sampling policy's and
 the reference's log-probs) and the completions log. What must not: the loss (losses.grpo_loss, grpo.py), the reward
@@ -275,7 +275,7 @@ class Rollouts:
     # ------------------------------------------------------------------ one round
 
     def _round(self, prompts: list[dict], seed: int, r: int, training: bool = True) -> list:
-        """Generate, score and weigh one round's completions (see train/grpo.py). Under several processes each
+        """Generate, score and weigh one round's completions (see train/rl/grpo.py). Under several processes each
         rank generates the groups of prompts j ≡ rank (mod processes), with the same per-completion seeds as one
         process would; the groups are then gathered in prompt order on every rank, and the advantages computed
         over the whole round, so every rank holds the same round (the loop gives each its slice of each batch).
