@@ -364,14 +364,18 @@ def build_engine(args):
     checkpoint whose args.json was read, deploy's named adapters).
 
     Named adapters: {name: path}. Also raises ConfigError for bad --adapters or a model that cannot be resolved."""
+    from tunesmith.config.checks import raise_problems
     from tunesmith.models.load import load_for_inference, note
-    from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
+    from tunesmith.models.checkpoint import (named_adapter_problems, resolve_checkpoint, side_by_side_problems,
+                                             split_named_adapters)
 
     batch = args.max_batch_size
     if args.infer_backend not in ("transformers", "pt"):
         return _build_backend_engine(args, batch)
     args, ckpt = resolve_checkpoint(args)
     plain, named = split_named_adapters(list(args.adapters))
+    # the names again, now that the checkpoint's args.json may have named the model (the base's served name)
+    raise_problems(named_adapter_problems(list(args.adapters), served_base_name(args)) + side_by_side_problems(named))
     model, tok, _ = load_for_inference(take(ModelConfig, args), plain, named)
     engine = ChatEngine(model, tok, system=args.system, defaults=GenConfig.from_args(args),
                         max_model_len=args.max_model_len, max_batch_size=batch,
@@ -481,6 +485,7 @@ def check_generation_flags(args: GenerationArgs) -> None:
     sampling settings, counts, and deploy's port, body limit and API key (a DeployServerArgs)."""
     from tunesmith.config.checks import between, raise_problems
     from tunesmith.config.parser import deferred_problems
+    from tunesmith.models.checkpoint import named_adapter_problems
 
     out: list[str] = deferred_problems(args)
     for name, value, lo, hi, lo_open in (("temperature", args.temperature, 0, None, False),
@@ -499,6 +504,19 @@ def check_generation_flags(args: GenerationArgs) -> None:
             between(out, "max_request_bytes", args.max_request_bytes, 0, None, hint="0 means no limit")
         if args.api_key is not None and not str(args.api_key).strip():
             out.append("--api_key is empty: the server would take any request; give a key (or leave the flag out)")
+    out += named_adapter_problems(list(getattr(args, "adapters", None) or []), served_base_name(args))
     raise_problems(out)
+
+
+def served_base_name(args) -> Optional[str]:
+    """The name deploy serves the base model under when named adapters are given (--served_model_name, else the
+    --model folder's name), or None when it is not known yet (the model comes from a checkpoint's args.json) or
+    args is not a deploy command."""
+    from tunesmith.models.checkpoint import model_suffix
+
+    if not isinstance(args, DeployServerArgs):
+        return None
+    model = getattr(args, "model", None)
+    return args.served_model_name or (model_suffix(model) if model else None)
 
 

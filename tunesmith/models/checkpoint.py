@@ -43,16 +43,105 @@ INHERITED_KEYS = ("model", "model_revision", "torch_dtype", "attn_impl", "system
                   "use_chat_template", "truncation_strategy")
 
 
+def _is_named(adapter: str) -> bool:
+    """Whether an --adapters value is a `name=path` pair (an existing path with "=" in it stays a path)."""
+    return "=" in adapter and not os.path.exists(adapter)
+
+
 def split_named_adapters(adapters: list[str]) -> tuple[list[str], dict[str, str]]:
-    """deploy's `name=path` pairs -> (plain paths, {name: path})."""
+    """deploy's `name=path` pairs -> (plain paths, {name: path}). named_adapter_problems finds the pairs this
+    cannot split faithfully (an empty name or path, a name given twice)."""
     plain, named = [], {}
     for a in adapters:
-        name, sep, path = a.partition("=")
-        if sep and name and not os.path.exists(a):
+        if _is_named(a):
+            name, _, path = a.partition("=")
             named[name] = path
         else:
             plain.append(a)
     return plain, named
+
+
+def named_adapter_problems(adapters: list[str], base_name: Optional[str] = None) -> list[str]:
+    """The problems of deploy's `--adapters name=path` pairs, one line each, found before anything loads: an
+    empty name or path, a name given twice (the later pair would silently replace the earlier), a name equal to
+    base_name (the base model's served name, when it is known: the pair would hide the base model)."""
+    out, seen = [], {}
+    for a in adapters:
+        if not _is_named(a):
+            continue
+        name, _, path = a.partition("=")
+        if not name.strip():
+            out.append(f"--adapters {a}: the adapter's name is empty; write NAME=PATH (e.g. sql={path or 'CKPT'})")
+        elif not path:
+            out.append(f"--adapters {a}: no path after the name; write {name}=PATH (the adapter's checkpoint)")
+        elif name in seen:
+            out.append(f"--adapters {seen[name]} {a}: the name {name!r} is given twice; give each adapter its own "
+                       f"name (a request chooses the adapter by this name)")
+        elif base_name is not None and name == base_name:
+            out.append(f"--adapters {a}: {name!r} is also the base model's served name; rename the adapter "
+                       f"(or pass --served_model_name with another name for the base)")
+        seen.setdefault(name, a)
+    return out
+
+
+def _adapter_config(path: str) -> dict:
+    """The adapter_config.json of an adapter folder (or of its default/ subfolder); {} when unreadable."""
+    for where in (path, os.path.join(path, "default")):
+        try:
+            with open(os.path.join(where, "adapter_config.json"), encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
+def _trained_on(path: str, config: dict) -> Optional[str]:
+    """The base model an adapter was trained on: its args.json's model, else peft's base_model_name_or_path."""
+    try:
+        with open(os.path.join(path, "args.json"), encoding="utf-8") as fh:
+            model = json.load(fh).get("model")
+    except (OSError, ValueError, AttributeError):
+        model = None
+    return model or config.get("base_model_name_or_path") or None
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model references name the same model: the same folder, or (a hub id and its download, or two
+    hub ids) the same model name."""
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return model_suffix(a) == model_suffix(b)
+
+
+def side_by_side_problems(named: dict[str, str]) -> list[str]:
+    """Why deploy's named adapters {name: path} cannot be served side by side in one model, one line each (empty
+    when they can). Each request picks its adapter per row of a shared batch (peft's adapter_names), so every
+    adapter must be a causal-LM LoRA on the same base, must not change weights the others share (LoRA bias
+    training writes the base model's own biases), and must not be DoRA (peft has no per-row DoRA). Different
+    ranks, alphas, target modules and modules_to_save are fine."""
+    out, bases = [], {}
+    alone = "serve it on its own: --adapters {path} (no name=)"
+    for name, path in named.items():
+        config, pair = _adapter_config(path), f"--adapters {name}={path}"
+        if config.get("task_type") == "SEQ_CLS":
+            out.append(f"{pair}: a reward model (--rlhf_type rm, a score head): it scores text and cannot "
+                       f"generate; deploy serves generation adapters only")
+        elif config.get("use_dora"):
+            out.append(f"{pair}: a DoRA adapter (--use_dora true), which peft cannot choose per request beside "
+                       f"other adapters; " + alone.format(path=path) + ", or merge it with export --merge_lora true")
+        elif config.get("bias", "none") != "none":
+            out.append(f"{pair}: trained with --lora_bias {config['bias']}, which changes the base model's own "
+                       f"biases, so every other model served beside it would change too; " + alone.format(path=path))
+        base = _trained_on(path, config)
+        if base:
+            bases.setdefault(base, name)
+    if len(bases) > 1:
+        first, *rest = bases
+        other = next((b for b in rest if not _same_model(first, b)), None)
+        if other is not None:
+            out.append(f"--adapters: {bases[first]} was trained on {first} but {bases[other]} on {other}; adapters "
+                       f"served together must share their base model (deploy each base on its own server)")
+    return out
 
 
 def _saved_system(value: str, ckpt: str) -> str:

@@ -287,7 +287,8 @@ def load_for_inference(cfg: ModelConfig, adapters: list[str], named: Optional[di
     """The model to generate with: the base (quantised as trained unless quantise=False), then the adapters.
 
     Plain adapters are applied in order; several are merged one after another (ms-swift merges them in sequence),
-    one stays a live PeftModel unless merge=True. Named adapters (deploy's name=path) are loaded side by side and
+    one stays a live PeftModel unless merge=True or named adapters follow (then it is merged: the served base is
+    the model with its plain adapters, and the named ones apply on top). Named adapters (deploy's name=path) are loaded side by side and
     chosen per request. cfg: the model slice of the (checkpoint-resolved) command. Returns (model, tokenizer,
     model_dir)."""
     from peft import PeftModel
@@ -299,12 +300,59 @@ def load_for_inference(cfg: ModelConfig, adapters: list[str], named: Optional[di
     model = load_model(cfg, model_dir, tokenizer, for_training=False)
     for path in adapters:
         model = PeftModel.from_pretrained(model, path)
-        if merge or len(adapters) > 1:
+        if merge or len(adapters) > 1 or named:  # named adapters go on top of the plain ones, merged
             model = model.merge_and_unload()
-    for i, (name, path) in enumerate((named or {}).items()):
-        if i == 0:
-            model = PeftModel.from_pretrained(model, path, adapter_name=name)
-        else:
-            model.load_adapter(path, adapter_name=name)
+    if named:
+        model = _load_side_by_side(model, named, cfg.model)
     model.eval()
     return model, tokenizer, model_dir
+
+
+def _load_side_by_side(model, named: dict, base: str):
+    """deploy's named adapters {name: path} loaded into one PeftModel, each chosen per row of a batch (peft's
+    adapter_names). Raises ConfigError for an adapter whose weights do not fit the model (another base)."""
+    from peft import PeftModel
+
+    for i, (name, path) in enumerate(named.items()):
+        try:
+            if i == 0:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+            else:
+                model.load_adapter(path, adapter_name=name)
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            raise ConfigError(f"--adapters {name}={path}: its weights do not fit {base} ("
+                              f"{str(e).strip().splitlines()[-1].strip()}); it was trained on another base "
+                              f"model. Serve it with its own --model") from None
+    share_saved_modules(model)
+    return model
+
+
+def share_saved_modules(model) -> int:
+    """Give every adapter of a multi-adapter PeftModel an entry in every module another adapter saved whole
+    (--modules_to_save: embed_tokens, lm_head, ...): the base module itself, shared, not a copy.
+
+    peft keeps such a module per adapter (ModulesToSaveWrapper) and, in a batch that picks adapters per row,
+    looks each row's adapter up in it: an adapter that did not train the module raised KeyError on every request
+    (peft #1378), and while the active adapter lacked it the wrapper fell back to the base module for every row,
+    silently dropping the other adapter's trained module. An adapter without the module computes it with the base
+    module in a lone run, so the shared entry is exact and costs no memory. Returns the entries added. Raises
+    ConfigError for a wrapper that cannot be shared this way (peft's trainable-token deltas)."""
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    names = list(getattr(model, "peft_config", {}) or {})
+    added = 0
+    for where, wrapper in list(model.named_modules()):
+        if not isinstance(wrapper, AuxiliaryTrainingWrapper):
+            continue
+        missing = [n for n in names if n not in wrapper._get_available_adapters()]
+        if missing and not isinstance(wrapper, ModulesToSaveWrapper):
+            raise ConfigError(f"adapters {', '.join(missing)} lack the {type(wrapper).__name__} of {where} that "
+                              f"another adapter trained; serve them on separate servers")
+        for name in missing:
+            wrapper.modules_to_save[name] = wrapper.original_module  # present: update() makes no copy
+            wrapper.update(name)
+            added += 1
+        wrapper.original_module.requires_grad_(False)
+    return added
