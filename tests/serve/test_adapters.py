@@ -52,13 +52,15 @@ def test_adapters_that_cannot_share_a_model_are_refused_at_start(tiny_models, tm
     rm = _fake_adapter(tmp_path / "rm", base, task_type="SEQ_CLS", modules_to_save=["score"])
     dora = _fake_adapter(tmp_path / "dora", base, use_dora=True)
     bias = _fake_adapter(tmp_path / "bias", base, bias="all")
+    experts = _fake_adapter(tmp_path / "experts", base, target_parameters=["mlp.experts.gate_up_proj"])
     other = _fake_adapter(tmp_path / "other", "/models/Another-Model-7B")
     code, err = _deploy_exit(capsys, "--model", base, "--adapters", f"ok={ok}", f"rm={rm}", f"dora={dora}",
-                             f"bias={bias}", f"other={other}")
+                             f"bias={bias}", f"experts={experts}", f"other={other}")
     assert code == 2, err
     assert f"--adapters rm={rm}: a reward model (--rlhf_type rm, a score head)" in err
     assert f"--adapters dora={dora}: a DoRA adapter" in err and f"--adapters {dora} (no name=)" in err
     assert f"--adapters bias={bias}: trained with --lora_bias all" in err
+    assert f"--adapters experts={experts}: LoRA on raw parameters (--target_parameters" in err
     assert f"ok was trained on {base} but other on /models/Another-Model-7B" in err
     assert "Traceback" not in err
     not_adapter = tmp_path / "plain_folder"

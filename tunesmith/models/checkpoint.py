@@ -117,8 +117,8 @@ def side_by_side_problems(named: dict[str, str]) -> list[str]:
     """Why deploy's named adapters {name: path} cannot be served side by side in one model, one line each (empty
     when they can). Each request picks its adapter per row of a shared batch (peft's adapter_names), so every
     adapter must be a causal-LM LoRA on the same base, must not change weights the others share (LoRA bias
-    training writes the base model's own biases), and must not be DoRA (peft has no per-row DoRA). Different
-    ranks, alphas, target modules and modules_to_save are fine."""
+    training writes the base model's own biases), and must be neither DoRA nor LoRA on raw parameters (peft chooses
+    neither per row). Different ranks, alphas, target modules and modules_to_save are fine."""
     out, bases = [], {}
     alone = "serve it on its own: --adapters {path} (no name=)"
     for name, path in named.items():
@@ -129,6 +129,9 @@ def side_by_side_problems(named: dict[str, str]) -> list[str]:
         elif config.get("use_dora"):
             out.append(f"{pair}: a DoRA adapter (--use_dora true), which peft cannot choose per request beside "
                        f"other adapters; " + alone.format(path=path) + ", or merge it with export --merge_lora true")
+        elif config.get("target_parameters"):
+            out.append(f"{pair}: LoRA on raw parameters (--target_parameters, MoE experts), which peft cannot "
+                       f"choose per request beside other adapters; " + alone.format(path=path))
         elif config.get("bias", "none") != "none":
             out.append(f"{pair}: trained with --lora_bias {config['bias']}, which changes the base model's own "
                        f"biases, so every other model served beside it would change too; " + alone.format(path=path))
