@@ -6,8 +6,8 @@ import os
 import shutil
 
 import pytest
-
 from conftest import EXAMPLES
+
 from tunesmith.config.parser import given_flags, parse_args
 from tunesmith.errors import ConfigError
 from tunesmith.models.checkpoint import resolve_checkpoint
@@ -15,6 +15,11 @@ from tunesmith.models.checkpoint import resolve_checkpoint
 CAPITALS = os.path.join(EXAMPLES, "capitals_messages.jsonl")
 NO_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # Qwen3's generation prompt with enable_thinking false
 HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def _json(path):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def _adapter(folder, **saved):
@@ -93,9 +98,9 @@ def test_a_relative_base_model_in_an_older_args_json_is_found_again(tmp_path, mo
                                    {"model": "models/base", "model_dir": "/gone/models/base"},
                                    {"model": "./base", "working_dir": "/gone"}])
 def test_a_missing_recorded_base_model_is_one_clear_message(tmp_path, monkeypatch, capsys, saved):
-    from tunesmith.cli import main
-
     import huggingface_hub
+
+    from tunesmith.cli import main
 
     def no_hub(*a, **k):
         raise AssertionError("a hub download was tried")
@@ -151,7 +156,7 @@ def _rendered(argv):
 @pytest.mark.slow
 def test_a_no_think_checkpoint_is_served_no_think_from_anywhere(no_think, tmp_path, monkeypatch, capsys):
     here, ckpt = no_think
-    saved = json.load(open(os.path.join(ckpt, "args.json")))
+    saved = _json(os.path.join(ckpt, "args.json"))
     assert saved["enable_thinking"] is False and saved["model"] == str(here / "base")
     monkeypatch.chdir(tmp_path)  # elsewhere: the relative --model training was given resolves from here too
     for command in ("infer", "deploy"):
@@ -175,7 +180,7 @@ def test_a_merged_no_think_model_keeps_its_settings(no_think, tmp_path, monkeypa
     _, ckpt = no_think
     monkeypatch.chdir(tmp_path)
     assert main(["export", "--adapters", ckpt, "--merge_lora", "true", "--output_dir", "merged"]) == 0
-    saved = json.load(open(tmp_path / "merged" / "args.json"))
+    saved = _json(tmp_path / "merged" / "args.json")
     assert saved["enable_thinking"] is False and saved["model"] == str(tmp_path / "merged")
     other = tmp_path / "other"
     other.mkdir()
