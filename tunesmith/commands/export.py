@@ -13,12 +13,12 @@ import json
 import os
 import sys
 
-from tunesmith.config.parser import to_record
 from tunesmith.config.slices import ModelConfig, take
 from tunesmith.errors import ConfigError
 from tunesmith.models.load import load_for_inference, note
 from tunesmith.files import atomic_dir, write_json_atomic
 from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
+from tunesmith.runs.run_dir import save_args
 
 
 def main(args):
@@ -32,7 +32,7 @@ def main(args):
     if not adapters:
         raise ConfigError("--merge_lora true needs --adapters CKPT (the LoRA checkpoint to merge)")
     _refuse_reward_model(adapters[0])
-    out = args.output_dir or os.path.abspath(adapters[0]).rstrip(os.sep) + "-merged"
+    out = os.path.abspath(args.output_dir or os.path.abspath(adapters[0]).rstrip(os.sep) + "-merged")
     if os.path.exists(out) and not args.exist_ok:
         raise ConfigError(f"{out} already exists; pass --exist_ok true to replace it or choose --output_dir")
     if args.quant_method:
@@ -42,10 +42,11 @@ def main(args):
     with atomic_dir(out) as tmp:
         save_weights(model, tmp, args.safe_serialization, args.max_shard_size)
         tok.save_pretrained(tmp)
-        record = to_record(args)
-        record.update(model=out, adapters=[], train_type="full", quant_method=None, merged_from={
-            "model": args.model, "model_dir": model_dir, "adapters": adapters})
-        write_json_atomic(os.path.join(tmp, "args.json"), record)
+        # the settings the adapter's args.json passed on (resolve_checkpoint: template, system, enable_thinking,
+        # ...) stay with the merged model; local paths absolute, as training records them
+        save_args(tmp, args, {"model": out, "adapters": [], "train_type": "full", "quant_method": None,
+                              "merged_from": {"model": args.model, "model_dir": model_dir,
+                                              "adapters": [os.path.abspath(a) for a in adapters]}})
     print(f"[tunesmith] export: merged {', '.join(adapters)} into {args.model} -> {out}", file=sys.stderr)
     return 0
 

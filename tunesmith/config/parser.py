@@ -187,7 +187,8 @@ def _set_value(cls, values: dict, name: str, raw: Any, source: str):
 
 # Keys that tunesmith writes into args.json for the record but that are not inputs.
 RECORD_ONLY_KEYS = {"tunesmith_version", "model_dir", "output_run_dir", "world_size", "library_versions",
-                    "command", "rlhf_type_resolved", "data_stats", "model_parameter_info", "merged_from"}
+                    "command", "rlhf_type_resolved", "data_stats", "model_parameter_info", "merged_from",
+                    "working_dir"}
 REDACTED = "<redacted>"
 
 
@@ -361,10 +362,23 @@ def parse_args(command: str, argv: list[str], cls=None, defer_problems: bool = F
         args = cls(**values)
     except TypeError as e:  # pragma: no cover - a programming error, not a user one
         raise ArgError(str(e)) from None
+    # the attributes set after construction, here, before anyone sees the object (it is frozen): the flags the
+    # user gave (config file or command line), and the problems deferred to the command's own checks
+    object.__setattr__(args, "_given_flags", frozenset(values))
     if found:
-        # the one attribute set after construction, here, before anyone sees the object (it is frozen)
         object.__setattr__(args, "_deferred_problems", tuple(found))
     return args
+
+
+def given_flags(args) -> frozenset:
+    """The flag names the user set, on the command line or in a config file (ms-swift's rule: what was given wins
+    over what a checkpoint's args.json holds), even when the value given equals the default. For arguments that
+    did not come from `parse_args` (built directly, or a `dataclasses.replace` copy) the flags whose values differ
+    from their defaults."""
+    given = getattr(args, "_given_flags", None)
+    if given is not None:
+        return given
+    return frozenset(name for name, spec in _fields(type(args)).items() if getattr(args, name) != spec.default)
 
 
 def to_record(args) -> dict:

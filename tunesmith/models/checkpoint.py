@@ -10,8 +10,7 @@ import re
 from typing import Optional, TypeVar
 
 from tunesmith.config.commands import EvalArguments, ExportArguments, InferArguments
-from tunesmith.config.parser import looks_like_system_file
-from tunesmith.config.slices import flag_values
+from tunesmith.config.parser import given_flags, looks_like_system_file
 
 # a parsed infer (deploy's is one), export or eval command: each has the checkpoint, model, quantisation and
 # template flags that resolve_checkpoint reads and fills
@@ -37,10 +36,12 @@ def is_adapter_dir(path: str) -> bool:
         os.path.isfile(os.path.join(path, "default", "adapter_config.json"))
 
 
-# Keys a checkpoint's args.json fills when the command line left them empty (ms-swift's load_args, §2); flags win.
+# Keys a checkpoint's args.json fills when the command line (or a config file) did not give them (ms-swift's
+# load_args, §2): the base model and how it loads, and every setting that shapes the prompt (template, system,
+# enable_thinking, ...), so that a model is served as it was trained. Flags given win, even when they equal the default.
 INHERITED_KEYS = ("model", "model_revision", "torch_dtype", "attn_impl", "system", "max_model_len", "quant_method",
                   "quant_bits", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
-                  "use_chat_template", "truncation_strategy")
+                  "template", "enable_thinking", "use_chat_template", "truncation_strategy")
 
 
 def _is_named(adapter: str) -> bool:
@@ -185,18 +186,22 @@ def resolve_checkpoint(args: Checkpointed) -> tuple[Checkpointed, Optional[str]]
 
     args: a parsed infer, deploy, export or eval command (frozen). Returns (a new frozen command of the same class
     with --ckpt_dir folded into --adapters or --model and the inherited settings filled in, the checkpoint directory
-    whose args.json was read or None); args is not changed. Flags always win: a key is inherited only when the
-    command line left it empty, and what was inherited is printed. Raises ConfigError for adapters that are not
-    adapter folders, a diverged checkpoint, or no base model."""
+    whose args.json was read or None); args is not changed. Flags always win: a key is inherited only when neither
+    the command line nor a config file gave it (config.parser.given_flags), and what was inherited is printed.
+    Raises ConfigError for adapters that are not adapter folders, a diverged checkpoint, no base model, or a base
+    model folder the args.json records that no longer exists."""
     import sys
 
     from tunesmith.errors import ConfigError
 
+    given = set(given_flags(args))
     if args.ckpt_dir:
         if is_adapter_dir(args.ckpt_dir):
             args = dataclasses.replace(args, adapters=[args.ckpt_dir] + list(args.adapters))
+            given.add("adapters")
         elif not args.model:
             args = dataclasses.replace(args, model=args.ckpt_dir)
+            given.add("model")
     plain, named = split_named_adapters(list(args.adapters))
     for path in plain + list(named.values()):
         if not os.path.isdir(path):
@@ -220,13 +225,63 @@ def resolve_checkpoint(args: Checkpointed) -> tuple[Checkpointed, Optional[str]]
         return args, ckpt
     with open(os.path.join(ckpt, "args.json"), encoding="utf-8") as fh:
         saved = json.load(fh)
-    given = flag_values(args)
-    inherited = {key: _saved_system(saved[key], ckpt) if key == "system" else saved[key] for key in INHERITED_KEYS
-                 if key in saved and given[key] in (None, [], "") and saved[key] not in (None, [], "", "<redacted>")}
+    inherited = {key: saved[key] for key in INHERITED_KEYS
+                 if key in saved and key not in given and saved[key] not in (None, [], "", "<redacted>")}
+    if "system" in inherited:
+        inherited["system"] = _saved_system(saved["system"], ckpt)
+    if "model" in inherited:
+        inherited["model"] = _saved_model(saved, ckpt)
     if inherited:
-        said = [f"{key}={saved[key]!r}" if key != "system" else "system" for key in inherited]
+        said = [f"{key}={value!r}" if key != "system" else "system" for key, value in inherited.items()]
         print(f"[tunesmith] from {os.path.join(ckpt, 'args.json')}: {', '.join(said)}", file=sys.stderr)
         args = dataclasses.replace(args, **inherited)
     if not args.model:
         raise ConfigError(f"{ckpt}/args.json names no base model; pass it with --model")
     return args, ckpt
+
+
+def _saved_model(saved: dict, ckpt: str) -> str:
+    """The base model an args.json names, as a path that opens from here. tunesmith records a local model folder
+    absolute (and the directory training ran in, `working_dir`); an args.json from before it did may hold a path
+    relative to wherever training ran: found again from `working_dir`, or from `model_dir` (the folder training
+    resolved it to). A local folder that no longer exists raises ConfigError naming it and --model, rather than
+    being taken for a hub id; a hub id is returned as it is."""
+    model = saved["model"]
+    if os.path.isdir(model):
+        return model
+    places = []
+    if not os.path.isabs(model):
+        if isinstance(saved.get("working_dir"), str):
+            places.append(os.path.join(saved["working_dir"], model))
+        if _resolved_from(saved.get("model_dir"), model):
+            places.append(saved["model_dir"])
+    found = next((p for p in places if os.path.isdir(p)), None)
+    if found:
+        return os.path.normpath(found)
+    if _was_local(model, saved):
+        from tunesmith.errors import ConfigError
+
+        where = model if os.path.isabs(model) else f"{model} (relative to where training ran" + (
+            f", {saved['working_dir']}" if isinstance(saved.get("working_dir"), str) else "") + ")"
+        raise ConfigError(f"{os.path.join(ckpt, 'args.json')}: the base model folder it records, {where}, was not "
+                          f"found (moved or deleted?); pass --model with the base model's folder or hub id")
+    return model
+
+
+def _resolved_from(model_dir, model: str) -> bool:
+    """Whether an args.json's `model_dir` (the absolute folder training loaded) is the local path `model` resolved,
+    and not a hub cache's folder for a hub id: a Hugging Face snapshot or ModelScope's cache."""
+    if not isinstance(model_dir, str) or not os.path.isabs(model_dir):
+        return False
+    tail = os.sep + os.path.normpath(model).lstrip(os.sep)
+    return os.path.normpath(model_dir).endswith(tail) and "models--" not in model_dir and \
+        "modelscope" not in model_dir.lower()
+
+
+def _was_local(model: str, saved: dict) -> bool:
+    """Whether an args.json's `model` was a local folder when training ran (else a hub id): an absolute or ./ path,
+    or, in an args.json from before local models were recorded absolute, one that `model_dir` says was resolved
+    locally."""
+    if os.path.isabs(model) or model.startswith((".", "~")):
+        return True
+    return "working_dir" not in saved and _resolved_from(saved.get("model_dir"), model)

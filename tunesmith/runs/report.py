@@ -39,7 +39,7 @@ CHARTS = [
 SUMMARY_KEYS = ("global_step", "train_runtime", "train_tokens_per_second", "memory(GiB)", "best_metric",
                 "last_model_checkpoint", "best_model_checkpoint")
 # arguments that differ between any two runs and say nothing about the experiment
-_NOISE_ARGS = {"output_run_dir", "output_dir", "logging_dir", "library_versions", "tunesmith_version"}
+_NOISE_ARGS = {"output_run_dir", "output_dir", "logging_dir", "library_versions", "tunesmith_version", "working_dir"}
 
 
 @dataclass

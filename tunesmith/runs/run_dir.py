@@ -39,12 +39,37 @@ def make_run_dir(output_dir: str, add_version: bool = True) -> str:
     return os.path.abspath(path)
 
 
+# The flags naming models and adapters that later commands open from args.json (infer/export/deploy --adapters CKPT
+# load the base model it records): a local folder is recorded absolute, so that the record works from any directory.
+MODEL_PATH_KEYS = ("model", "ref_model", "adapters", "ref_adapters", "reward_model")
+
+
 def save_args(path_dir: str, args, extra: Optional[dict] = None) -> dict:
-    """Write args.json: every resolved argument, secrets replaced by '<redacted>', plus record-only extras."""
+    """Write args.json: every resolved argument, secrets replaced by '<redacted>', plus record-only extras, with the
+    local folders of MODEL_PATH_KEYS made absolute and the directory it was written from (`working_dir`, for the
+    paths kept as given: data files). Returns the record."""
     record = to_record(args)
     record.update(extra or {})
+    record.update(absolute_model_paths(record), working_dir=os.getcwd())
     write_json_atomic(os.path.join(path_dir, "args.json"), record)
     return record
+
+
+def absolute_model_paths(record: dict) -> dict:
+    """{key: value} for the MODEL_PATH_KEYS of a record that name existing local paths, those made absolute (a
+    hub id, which is no local path, is kept as it is)."""
+
+    def absolute(value):
+        return os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+
+    out = {}
+    for key in MODEL_PATH_KEYS:
+        value = record.get(key)
+        if isinstance(value, list):
+            out[key] = [absolute(v) for v in value]
+        elif isinstance(value, str):
+            out[key] = absolute(value)
+    return out
 
 
 def remove_leftovers(folders: list[str]) -> list[str]:
