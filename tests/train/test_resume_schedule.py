@@ -8,6 +8,7 @@ import pytest
 
 from conftest import read_jsonl, write_jsonl
 from tunesmith.config.parser import parse_args
+from tunesmith.errors import FlagError
 from tunesmith.train import recipe
 
 
@@ -70,7 +71,8 @@ def test_a_longer_resume_goes_on_with_the_schedule_of_the_new_length(schedule, t
 def test_resuming_the_end_of_a_shorter_run_with_more_epochs(tiny_models, tmp_path, capfd):
     """The issue's case through --num_train_epochs: a run of half an epoch (4 steps, warm-up 1) resumed from its
     last checkpoint — where its schedule had ended at 0 — with one epoch (8 steps, warm-up 2): step 5 does not
-    train at 0; steps 5..8 use the uninterrupted one-epoch run's rates, and the note says so."""
+    train at 0; steps 5..8 use the uninterrupted one-epoch run's rates, and the note says so. Resumed with fewer
+    epochs than the checkpoint's step, it is the --max_steps check's message (nothing left to train)."""
     common = _common(tiny_models, tmp_path, "--warmup_ratio", "0.25")
     short = _run(common + ["--num_train_epochs", "0.5", "--output_dir", str(tmp_path / "short")])
     full = _run(common + ["--num_train_epochs", "1", "--output_dir", str(tmp_path / "full")])
@@ -84,6 +86,15 @@ def test_resuming_the_end_of_a_shorter_run_with_more_epochs(tiny_models, tmp_pat
     assert ("had 4 steps (cosine, 1 warm-up step), this run has 8 steps (cosine, 2 warm-up steps): the "
             "learning-rate schedule is rebuilt for 8 steps and goes on from step 4") in err, err
     assert "had ended at 0" in err, err
+    # fewer epochs than the checkpoint's step: nothing left to train is one message (exit 2) and no run folder
+    # (was: "done: 4 steps", nothing trained)
+    with pytest.raises(FlagError) as e:
+        _run(common + ["--num_train_epochs", "0.25", "--output_dir", str(tmp_path / "none"),
+                       "--resume_from_checkpoint", os.path.join(short["run_dir"], "checkpoint-4")])
+    assert ("checkpoint-4: the checkpoint is at step 4 and --num_train_epochs 0.25 (2 steps, 8 per epoch) ends "
+            "before it, so there is nothing left to train") in str(e.value), e.value
+    assert "give --num_train_epochs above 0.5 or --max_steps above 4 (the total)" in str(e.value), e.value
+    assert not os.listdir(tmp_path / "none")
 
 
 @pytest.mark.slow

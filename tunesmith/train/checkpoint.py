@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import FlagError, TunesmithError
 from tunesmith.files import atomic_dir, write_json_atomic
 from tunesmith.runs.run_dir import rotate_checkpoints, save_args, update_symlink
 from tunesmith.train.interrupts import TrainingDiverged, diverged
@@ -179,6 +179,32 @@ def restore(output, model, optimizer, scheduler, state: TrainState, own_optimize
         print(f"[tunesmith] resumed from {ckpt} at step {saved['global_step']} "
               f"({'weights only' if output.resume_only_model else 'weights, optimiser, scheduler, RNG'}"
               f"{'' if output.ignore_data_skip else ', data position'})", file=sys.stderr)
+
+
+def check_steps_left(output, optim, total_steps: int, steps_per_epoch: int) -> None:
+    """--num_train_epochs (or --max_steps) that ends at or before the checkpoint's step leaves nothing to train: a
+    resumed run counts on from that step (unless --resume_only_model with --ignore_data_skip starts it from 0). The
+    --max_steps case is found with the flags (train/config.py); the epochs' steps are known once the data is. Raises
+    FlagError."""
+    ckpt = output.resume_from_checkpoint
+    if output.resume_only_model and output.ignore_data_skip:
+        return
+    saved, _ = _saved_settings(ckpt)
+    try:
+        with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
+            step = json.load(fh).get("global_step")
+    except (OSError, ValueError):
+        return
+    if not isinstance(step, int) or total_steps > step:
+        return
+    flag = (f"--max_steps {optim.max_steps}" if optim.max_steps > 0 else
+            f"--num_train_epochs {optim.num_train_epochs:g} ({total_steps} steps, {steps_per_epoch} per epoch)")
+    more = "" if optim.max_steps > 0 else f"--num_train_epochs above {step / steps_per_epoch:g} or "
+    weights = f"--model {ckpt}" if saved.get("train_type") == "full" else f"--adapters {ckpt}"
+    raise FlagError(f"--resume_from_checkpoint {ckpt}: the checkpoint is at step {step} and {flag} ends "
+                    f"{'there' if total_steps == step else 'before it'}, so there is nothing left to train (a resumed "
+                    f"run counts on from the checkpoint's step). To train on, give {more}--max_steps above {step} "
+                    f"(the total); to start a new run from these weights, pass {weights} instead of resuming")
 
 
 def resume_schedule(output, optim, scheduler, step: int, total_steps: int, main: bool) -> None:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from tunesmith.errors import TunesmithError
-from tunesmith.train.checkpoint import (DEEPSPEED_TAG, TrainState, restore, resume_schedule, resume_weights,
-                                        save_checkpoint)
+from tunesmith.train.checkpoint import (DEEPSPEED_TAG, TrainState, check_steps_left, restore, resume_schedule,
+                                        resume_weights, save_checkpoint)
 from tunesmith.train.interrupts import (NonFiniteSampling, TrainingDiverged,  # noqa: F401 - the loop's errors
                                         diverged, failures_explained, mark_diverged, signals_deferred,
                                         signals_stop_training, stop_message)
@@ -172,6 +172,7 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
         else max(1, math.ceil(optim.num_train_epochs * math.ceil(n_batches / gas)))
     ds, fsdp = par.kind == "deepspeed", par.kind == "fsdp"
     if output.resume_from_checkpoint:  # whole weights, into the model before any sharding
+        check_steps_left(output, optim, total_steps, math.ceil(n_batches / gas) if n_batches else 0)
         resume_weights(model, output.resume_from_checkpoint)
     if fsdp:  # before the optimiser, which must hold the sharded parameters
         model = D.shard_model(model, D.fsdp_settings(cfg.dist.fsdp, cfg.dist.fsdp_config))
