@@ -21,10 +21,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import FlagError, TunesmithError
 from tunesmith.files import atomic_dir, write_json_atomic
 from tunesmith.runs.run_dir import rotate_checkpoints, save_args, update_symlink
 from tunesmith.train.interrupts import TrainingDiverged, diverged
+from tunesmith.train.optim import move_schedule_to, schedule_shape
 
 DEEPSPEED_TAG = "deepspeed"  # the folder inside a checkpoint that holds DeepSpeed's optimiser shards (for resume)
 
@@ -180,18 +181,93 @@ def restore(output, model, optimizer, scheduler, state: TrainState, own_optimize
               f"{'' if output.ignore_data_skip else ', data position'})", file=sys.stderr)
 
 
-def note_restored_schedule(ckpt: str, optim) -> None:
-    """A full resume restores the checkpoint's learning-rate schedule (as transformers' Trainer does): a different
-    --learning_rate is not used, which is said rather than silently ignored."""
+def check_steps_left(output, optim, total_steps: int, steps_per_epoch: int) -> None:
+    """--num_train_epochs (or --max_steps) that ends at or before the checkpoint's step leaves nothing to train: a
+    resumed run counts on from that step (unless --resume_only_model with --ignore_data_skip starts it from 0). The
+    --max_steps case is found with the flags (train/config.py); the epochs' steps are known once the data is. Raises
+    FlagError."""
+    ckpt = output.resume_from_checkpoint
+    if output.resume_only_model and output.ignore_data_skip:
+        return
+    saved, _ = _saved_settings(ckpt)
     try:
-        with open(os.path.join(ckpt, "args.json"), encoding="utf-8") as fh:
-            saved = json.load(fh).get("learning_rate")
+        with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
+            step = json.load(fh).get("global_step")
     except (OSError, ValueError):
         return
-    if saved is not None and optim.learning_rate is not None and float(saved) != float(optim.learning_rate):
-        print(f"[tunesmith] resuming restores the checkpoint's learning-rate schedule (--learning_rate {saved}); "
+    if not isinstance(step, int) or total_steps > step:
+        return
+    flag = (f"--max_steps {optim.max_steps}" if optim.max_steps > 0 else
+            f"--num_train_epochs {optim.num_train_epochs:g} ({total_steps} steps, {steps_per_epoch} per epoch)")
+    more = "" if optim.max_steps > 0 else f"--num_train_epochs above {step / steps_per_epoch:g} or "
+    weights = f"--model {ckpt}" if saved.get("train_type") == "full" else f"--adapters {ckpt}"
+    raise FlagError(f"--resume_from_checkpoint {ckpt}: the checkpoint is at step {step} and {flag} ends "
+                    f"{'there' if total_steps == step else 'before it'}, so there is nothing left to train (a resumed "
+                    f"run counts on from the checkpoint's step). To train on, give {more}--max_steps above {step} "
+                    f"(the total); to start a new run from these weights, pass {weights} instead of resuming")
+
+
+def resume_schedule(output, optim, scheduler, step: int, total_steps: int, main: bool) -> None:
+    """The learning-rate schedule of a resumed run, set after every optimiser state is loaded (DeepSpeed's and FSDP's
+    carry the checkpoint's rates). A full resume keeps the checkpoint's base --learning_rate (a different one is said
+    to be unused) and goes on with this run's schedule — length (--max_steps or --num_train_epochs), type, warm-up —
+    at the checkpoint's step: step k uses the rate an uninterrupted run with these settings uses at step k, and a
+    schedule that differs from the checkpoint's is said to be rebuilt. --resume_only_model starts a new optimiser and
+    schedule, which is said when the run counts on from the checkpoint's step."""
+    ckpt = output.resume_from_checkpoint
+    if output.resume_only_model:
+        if main and step:
+            _note_fresh_schedule(ckpt, optim, step, total_steps)
+        return
+    before = scheduler.get_last_lr()[0]
+    move_schedule_to(scheduler, step)
+    if not main:
+        return
+    saved, saved_total = _saved_settings(ckpt)
+    lr = saved.get("learning_rate")
+    if lr is not None and optim.learning_rate is not None and float(lr) != float(optim.learning_rate):
+        print(f"[tunesmith] resuming restores the checkpoint's learning-rate schedule (--learning_rate {lr}); "
               f"--learning_rate {optim.learning_rate} is not used. To train on from these weights with new "
               f"optimiser settings, add --resume_only_model true", file=sys.stderr)
+    if not isinstance(saved_total, int) or "lr_scheduler_type" not in saved:
+        return
+    old = schedule_shape(saved["lr_scheduler_type"], saved.get("lr_scheduler_kwargs"),
+                         saved.get("warmup_steps") or 0, saved.get("warmup_ratio") or 0.0, saved_total)
+    new = schedule_shape(optim.lr_scheduler_type, optim.lr_scheduler_kwargs, optim.warmup_steps, optim.warmup_ratio,
+                         total_steps)
+    if (old, saved_total) != (new, total_steps):
+        was = "had ended at 0" if before == 0 and step >= saved_total else f"gives {before:.6g}"
+        print(f"[tunesmith] the checkpoint's run had {_describe(old, saved_total)}, this run has "
+              f"{_describe(new, total_steps)}: the learning-rate schedule is rebuilt for {total_steps} steps and goes "
+              f"on from step {step} as an uninterrupted run with these settings would — step {step + 1} uses "
+              f"{scheduler.get_last_lr()[0]:.6g} (the checkpoint's schedule {was} there)", file=sys.stderr)
+
+
+def _note_fresh_schedule(ckpt: str, optim, step: int, total_steps: int) -> None:
+    left = total_steps - step
+    print(f"[tunesmith] --resume_only_model: the run counts on from {ckpt}'s step {step} with a new optimiser and a "
+          f"new {optim.lr_scheduler_type} learning-rate schedule over {total_steps} steps started at its step 0 "
+          f"(warm-up included): steps {step + 1}..{total_steps} use its steps 0..{left - 1}, so it does not reach "
+          f"its end. To go on with the checkpoint's optimiser and schedule, resume without --resume_only_model",
+          file=sys.stderr)
+
+
+def _saved_settings(ckpt: str) -> tuple[dict, Optional[int]]:
+    """The checkpoint's args.json and the total steps its run was scheduled for ({} and None where unreadable)."""
+    out: list = []
+    for name in ("args.json", "trainer_state.json"):
+        try:
+            with open(os.path.join(ckpt, name), encoding="utf-8") as fh:
+                out.append(json.load(fh))
+        except (OSError, ValueError):
+            out.append({})
+    return out[0], out[1].get("total_steps")
+
+
+def _describe(shape: tuple, total: int) -> str:
+    kind, kwargs, warmup = shape
+    extra = "".join(f", {k} {v}" for k, v in sorted(kwargs.items()))
+    return f"{total} steps ({kind}{extra}, {warmup} warm-up step{'' if warmup == 1 else 's'})"
 
 
 def load_model_weights(model, ckpt: str) -> None:

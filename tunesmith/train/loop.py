@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from tunesmith.errors import TunesmithError
-from tunesmith.train.checkpoint import (DEEPSPEED_TAG, TrainState, note_restored_schedule, restore, resume_weights,
-                                        save_checkpoint)
+from tunesmith.train.checkpoint import (DEEPSPEED_TAG, TrainState, check_steps_left, restore, resume_schedule,
+                                        resume_weights, save_checkpoint)
 from tunesmith.train.interrupts import (NonFiniteSampling, TrainingDiverged,  # noqa: F401 - the loop's errors
                                         diverged, failures_explained, mark_diverged, signals_deferred,
                                         signals_stop_training, stop_message)
@@ -172,6 +172,7 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
         else max(1, math.ceil(optim.num_train_epochs * math.ceil(n_batches / gas)))
     ds, fsdp = par.kind == "deepspeed", par.kind == "fsdp"
     if output.resume_from_checkpoint:  # whole weights, into the model before any sharding
+        check_steps_left(output, optim, total_steps, math.ceil(n_batches / gas) if n_batches else 0)
         resume_weights(model, output.resume_from_checkpoint)
     if fsdp:  # before the optimiser, which must hold the sharded parameters
         model = D.shard_model(model, D.fsdp_settings(cfg.dist.fsdp, cfg.dist.fsdp_config))
@@ -184,8 +185,6 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
             hook.load(output.resume_from_checkpoint)
         for record in state.log_history:  # the new run's logging.jsonl and trackers carry the whole curve
             trackers.log(record, record["global_step"])
-        if not output.resume_only_model and par.main:
-            note_restored_schedule(output.resume_from_checkpoint, optim)
     if fsdp:
         if output.resume_from_checkpoint and not output.resume_only_model:
             D.load_sharded_optimizer(model, optimizer, os.path.join(output.resume_from_checkpoint,
@@ -195,6 +194,8 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
     if ds and output.resume_from_checkpoint and not output.resume_only_model:
         model.load_checkpoint(output.resume_from_checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
+    if output.resume_from_checkpoint:  # after every optimiser state: they carry the checkpoint's rates
+        resume_schedule(output, optim, scheduler, state.global_step, total_steps, par.main)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     run = Run(optim, output, cfg.data.dataset_shuffle, cfg.args, model, optimizer, scheduler, accelerator, par,

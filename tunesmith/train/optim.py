@@ -41,14 +41,31 @@ def build_optimizer(model, optim, drop_empty_groups: bool = False):
     return cls(groups, lr=lr, betas=betas, eps=eps)
 
 
+def schedule_shape(kind: str, kwargs, warmup_steps: int, warmup_ratio: float, total_steps: int) -> tuple:
+    """(--lr_scheduler_type, its kwargs, warm-up steps) of a schedule over `total_steps` optimiser steps: --warmup_steps,
+    or --warmup_ratio of the steps rounded up; cosine_with_min_lr's floor defaults to 0.1 of the rate. What
+    `build_scheduler` builds, and what a resume compares with the checkpoint's (checkpoint.resume_schedule)."""
+    warmup = warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * total_steps)
+    kwargs = dict(kwargs or {})
+    if kind == "cosine_with_min_lr" and not kwargs:
+        kwargs = {"min_lr_rate": 0.1}
+    return kind, kwargs, warmup
+
+
 def build_scheduler(optimizer, optim, total_steps: int):
     """transformers' schedule --lr_scheduler_type over `total_steps` optimiser steps, warming up for --warmup_steps
     (or --warmup_ratio of the steps, rounded up)."""
     from transformers import get_scheduler
 
-    warmup = optim.warmup_steps if optim.warmup_steps > 0 else math.ceil(optim.warmup_ratio * total_steps)
-    kwargs = dict(optim.lr_scheduler_kwargs or {})
-    if optim.lr_scheduler_type == "cosine_with_min_lr" and not kwargs:
-        kwargs = {"min_lr_rate": 0.1}
-    return get_scheduler(optim.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+    kind, kwargs, warmup = schedule_shape(optim.lr_scheduler_type, optim.lr_scheduler_kwargs, optim.warmup_steps,
+                                          optim.warmup_ratio, total_steps)
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
                          scheduler_specific_kwargs=kwargs or None)
+
+
+def move_schedule_to(scheduler, step: int) -> None:
+    """Put the schedule at optimiser step `step` of its own curve and give its optimiser that step's rates (base rate
+    times the schedule's factor at `step`, computed as the step that reaches it computes them): the state an
+    uninterrupted run with this schedule has after `step` steps, whatever curve the loaded state came from."""
+    scheduler.last_epoch = step - 1
+    scheduler.step()

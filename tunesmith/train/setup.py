@@ -19,7 +19,7 @@ from typing import Any, Optional
 from tunesmith import __version__
 from tunesmith.data.load import write_jsonl
 from tunesmith.data.prepare import MethodRows, Prepared, prepare_rows
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError, DataError, FlagError
 from tunesmith.log import note
 from tunesmith.models.load import (attach_lora, count_parameters, load_model, load_tokenizer, resolve_model_dir, unwrap_model)
 from tunesmith.models.checkpoint import is_adapter_dir
@@ -264,7 +264,7 @@ def start_run(cfg, prepared: Prepared, param_info: dict, header):
     failed = None
     try:
         yield RunOutputs(run_dir, extra, trackers)
-    except DataError as e:  # --streaming: a row met mid-run (strict)
+    except (DataError, FlagError) as e:  # --streaming: a row met mid-run (strict); flags that do not fit the data
         failed = e
     finally:
         trackers.close()
@@ -272,16 +272,19 @@ def start_run(cfg, prepared: Prepared, param_info: dict, header):
         raise _stopped_on_data(failed, run_dir) from None
 
 
-def _stopped_on_data(e: DataError, run_dir: str) -> DataError:
-    """A bad row met during training (--streaming, --strict true): a run with no checkpoint yet leaves nothing
-    behind (its directory is removed, as for data refused before training); otherwise the error says how to go on
-    from the last checkpoint."""
+def _stopped_on_data(e, run_dir: str):
+    """A bad row met during training (--streaming, --strict true), or flags found not to fit the data before the
+    first step (FlagError: a resume with no steps left): a run with no checkpoint yet leaves nothing behind (its
+    directory is removed, as for data refused before training); otherwise the error says how to go on from the last
+    checkpoint."""
     from tunesmith.train import distributed as D
 
     checkpoints = sorted(glob.glob(os.path.join(run_dir, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
     if not checkpoints:
         if D.is_main():
             shutil.rmtree(run_dir, ignore_errors=True)
+        return e
+    if isinstance(e, FlagError):
         return e
     return DataError(e.source, e.line, e.field, e.problem,
                      f"{e.fix} Training stopped at this row; after fixing it (or with --strict false, which drops "
