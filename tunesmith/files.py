@@ -43,22 +43,23 @@ def read_only_fs(path: str) -> bool:
         return False
 
 
-def unwritable(path: str, folder: bool = False) -> Optional[str]:
+def unwritable(path: str, folder: bool = False, example: str = "result.jsonl") -> Optional[str]:
     """Why PATH cannot be written — as a file, or with folder=True as a folder to create or write into — or None
-    when it can: a folder where a file is wanted (or the reverse), a file above it, a read-only file system, no
-    write permission for this user. Checked on PATH when it exists, else on the nearest folder above it."""
+    when it can, as a clause with its fix: a folder where a file is wanted (or the reverse), a file above it, a
+    read-only file system, no write permission for this user. Checked on PATH when it exists, else on the nearest
+    folder above it. example: the file name the fix suggests inside a folder given for a file."""
     path = os.path.abspath(path)
     if os.path.isdir(path) and not folder:
-        return "is a folder; give the file to write"
+        return f"is a folder; give the file to write, e.g. {os.path.join(path, example)}"
     if os.path.exists(path) and not os.path.isdir(path) and folder:
-        return "is a file, not a folder"
+        return "is a file, not a folder; give a folder"
     at = existing_ancestor(path)
     if at != path and not os.path.isdir(at):
-        return f"{at} is a file, so nothing can be created under it"
+        return f"{at} is a file, so nothing can be created under it; give a path outside it"
     if read_only_fs(at):
-        return f"{at} is on a read-only file system"
+        return f"{at} is on a read-only file system; give a path on a writable disk (or remount it read-write)"
     if not os.access(at, os.W_OK | (os.X_OK if os.path.isdir(at) else 0)):
-        return f"{at} is not writable by this user (fix its permissions, or run as its owner)"
+        return f"{at} is not writable by this user; fix its permissions, or give another path"
     return None
 
 
