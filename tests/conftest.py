@@ -123,6 +123,55 @@ def launch(argv, nproc=2, timeout=300, **env):
     return p
 
 
+# ------------------------------------------------------------------ paths this user cannot read or write
+
+@pytest.fixture
+def shared_dir():
+    """A folder every user can enter (tmp_path is private to its owner): for what another user must reach."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="tunesmith-shared-")
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_other_user(argv, timeout=120, **env):
+    """`tunesmith ARGV` in a fresh process as a user without root's right to read everything: nobody (65534) via
+    setpriv when this is root, else this user. Skips the test, with the reason, where that cannot be done. Returns
+    the CompletedProcess (not checked)."""
+    import shutil
+
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root and setpriv is missing: cannot run as a user that lacks read permission")
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    e = {**os.environ, "PYTHONPATH": REPO, "HOME": "/tmp", **env}
+    p = subprocess.run([*prefix, sys.executable, "-m", "tunesmith", *map(str, argv)], env=e, capture_output=True,
+                       text=True, timeout=timeout)
+    if prefix and "Operation not permitted" in p.stderr and "setpriv" in p.stderr:
+        pytest.skip(f"setpriv is not permitted here ({p.stderr.strip()[:200]})")
+    return p
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder on a file system mounted read-only (a 1 MiB tmpfs; root only: skipped with the reason where
+    mounting is not permitted)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({r.stderr.strip() or r.returncode})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 # ------------------------------------------------------------------ servers on loopback
 
 def free_port():

@@ -114,12 +114,14 @@ def test_stats_names_the_truncation_strategy_it_applies(capsys):
 
 
 def test_convert_and_split_refuse_an_output_they_cannot_write(tmp_path, capsys):
-    """--output that is a folder (convert) or under a file (split): one message, nothing half-written."""
+    """--output that is a folder (convert) or under a file (convert, split): one message before anything is read
+    (a flag problem: exit 2), nothing half-written."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "response": "a"}] * 4)
-    assert main(["data", "convert", "--dataset", data, "--output", str(tmp_path)]) == 1
-    assert "is a folder; give the file to write" in capsys.readouterr().err
-    assert main(["data", "split", "--dataset", data, "--output", str(tmp_path / "d.jsonl" / "x")]) == 1
-    assert "is a file; give a folder" in capsys.readouterr().err
+    assert main(["data", "convert", "--dataset", data, "--output", str(tmp_path)]) == 2
+    assert f"--output {tmp_path}: is a folder; give the file to write, e.g. " in capsys.readouterr().err
+    for action in ("convert", "split"):
+        assert main(["data", action, "--dataset", data, "--output", str(tmp_path / "d.jsonl" / "x")]) == 2
+        assert f"{data} is a file, so nothing can be created under it" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
 
 

@@ -225,6 +225,7 @@ def test_cli_backend_error_is_one_line(command, tmp_path, capsys):
     if _installed("vllm"):
         pytest.skip("vllm is installed here")
     extra = ["--port", "0"] if command == "deploy" else []
+    (tmp_path / "config.json").write_text("{}")  # a model folder (an empty one is a flag problem, found first)
     rc = main([command, "--model", str(tmp_path), "--infer_backend", "vllm", *extra])
     err = capsys.readouterr().err.strip()
     # tunesmith.cli exits 1 for errors raised while a command runs (ConfigError), 2 for argument errors

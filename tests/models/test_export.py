@@ -65,3 +65,35 @@ def test_safe_serialization_false_writes_pytorch_bin(base_and_adapter, tmp_path)
     assert torch.equal(_logits(outs["false", "200KB"], ids), reference)
     assert torch.equal(_logits(outs["false", "5GB"], ids), reference)
     assert (reference - _logits(base, ids)).abs().max() > 1e-3  # the merge is in the weights
+
+
+@pytest.mark.parametrize("size", ["abc", "0", "0GB", "1.5GB", "-1GB", ""])
+def test_a_max_shard_size_transformers_cannot_read_is_a_flag_problem(tmp_path, capsys, size):
+    """Found before the model loads (exit 2), naming the value and the form it takes."""
+    from tunesmith.cli import main
+
+    rc = main(["export", "--adapters", str(tmp_path), "--merge_lora", "true", "--max_shard_size", size,
+               "--output_dir", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--max_shard_size {size}: expected a whole number of at least 1 and a unit, e.g. 5GB" in err
+    assert "Traceback" not in err and not (tmp_path / "merged").exists()
+
+
+def test_export_to_a_full_disk_is_one_message_and_leaves_nothing(base_and_adapter, tmp_path, monkeypatch):
+    """torch's/safetensors' words for a full disk while the merged model is written: one message, no folder."""
+    import tunesmith.commands.export as export
+    import tunesmith.files as files
+    from tunesmith.errors import TunesmithError
+
+    base, adapter = base_and_adapter
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 456")
+    monkeypatch.setattr(export, "save_weights", full)
+    monkeypatch.setattr(files, "FULL_BELOW", 1 << 62)
+    out = tmp_path / "merged"
+    with pytest.raises(TunesmithError, match=rf"could not write the merged model \({out}\): the disk is full; "
+                                             r"nothing was left half-written"):
+        export.main(parse_args("export", ["--model", base, "--adapters", adapter, "--merge_lora", "true",
+                                          "--output_dir", str(out)]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ from tunesmith.data.encode import IGNORE, ChatEncoder, TooLong, NothingToTrain, 
 from tunesmith.data.formats import row_kind
 from tunesmith.data.load import (LoadResult, load_datasets, normalise_rows, read_spec, rows_for, split_train_val,
                                  stream_records, write_jsonl)
+from tunesmith.config.checks import raise_problems
 from tunesmith.errors import ConfigError, DataError
 
 
@@ -112,11 +113,24 @@ def inspect(args: DataCommandArguments) -> None:
 
 
 def _rows_kind(args: DataCommandArguments) -> str:
-    """What training would encode the rows as: "kto" (--rlhf_type kto), "preference" (--rlhf or another
-    --rlhf_type: every row a pair) or "sft"."""
-    if args.rlhf_type == "kto":
-        return "kto"
+    """What training would read the rows as: "kto" (--rlhf_type kto), "prompt" (--rlhf_type grpo: prompts, no
+    reply needed), "preference" (--rlhf or another --rlhf_type: every row a pair) or "sft"."""
+    if args.rlhf_type in ("kto", "grpo"):
+        return {"kto": "kto", "grpo": "prompt"}[args.rlhf_type]
     return "preference" if args.rlhf or args.rlhf_type else "sft"
+
+
+def _usable(raw, args: DataCommandArguments, kind: str) -> LoadResult:
+    """The rows of one file as the method reads them, every bad row dropped with its reason: GRPO's prompts by
+    its own rule (train.rl.grpo.prompt_record: no reply needed), the other kinds by load.rows_for."""
+    if kind != "prompt":
+        return rows_for(normalise_rows(raw, strict=False, columns=args.columns, max_reasons=10 ** 9), kind)
+    from tunesmith.data.load import map_records
+    from tunesmith.train.rl.grpo import prompt_record
+
+    loaded = normalise_rows(raw, strict=False, columns=args.columns, need_reply=False, keep_columns=True,
+                            max_reasons=10 ** 9)
+    return map_records(loaded, prompt_record)
 
 
 def _each_file(specs: list[str]) -> list[str]:
@@ -140,10 +154,9 @@ def _each_file(specs: list[str]) -> list[str]:
 def validate(args: DataCommandArguments) -> int:
     """Print every problem of every --dataset and --val_dataset, sorted by line, then a count: rows that do not
     load or normalise, rows the method cannot use (--rlhf/--rlhf_type: a pair needs a rejected reply; KTO a label or
-    a pair), and, when the rows are encoded (--model, --template, --max_length, tool calls or preference data), rows
-    that training would drop: over --max_length, nothing to train, rows the template cannot render or pairs that
-    do not encode. Returns the exit code: 1 if any problem,
-    else 0.
+    a pair; GRPO a prompt), and, when the rows are encoded (--model, --template, --max_length, tool calls or
+    preference data; not GRPO's prompts), rows that training would drop: over --max_length, nothing to train, rows
+    the template cannot render or pairs that do not encode. Returns the exit code: 1 if any problem, else 0.
 
     Read errors are printed, not raised. Raises ConfigError (no --dataset, template problems)."""
     _need_dataset(args)
@@ -158,12 +171,13 @@ def validate(args: DataCommandArguments) -> int:
             problems += 1
             continue
         total += len(raw)
-        res = rows_for(normalise_rows(raw, strict=False, columns=args.columns, max_reasons=10 ** 9), kind)
+        res = _usable(raw, args, kind)
         for reason in sorted(res.reasons, key=_line_of):
             print(reason)
         problems += res.dropped
         tools = _has_tools(res.records)
-        if res.records and (args.model or args.max_length or args.template or tools or kind != "sft"):
+        if res.records and kind != "prompt" and (args.model or args.max_length or args.template or tools
+                                                 or kind != "sft"):
             enc = enc or _encoder(args, _tokenizer(args, tools=tools))
             problems += _check_encoding(args, enc, res, kind)
     print(f"{total} rows checked, {problems} problem(s).")
@@ -211,9 +225,6 @@ def convert(args: DataCommandArguments) -> None:
     _need_dataset(args)
     if not args.output:
         raise ConfigError("pass --output FILE.jsonl for the converted data")
-    if os.path.isdir(args.output):
-        raise ConfigError(f"--output {args.output} is a folder; give the file to write, e.g. "
-                          f"{os.path.join(args.output, 'data.jsonl')}")
     result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed,
                            keep_columns=True)
     write_jsonl(args.output, _rows(result.records))
@@ -235,11 +246,11 @@ def split(args: DataCommandArguments) -> None:
         raise ConfigError(f"--val_ratio must be between 0 and 1, got {args.val_ratio}")
     train, val = split_train_val(result, args.val_ratio, args.data_seed)
     out = args.output or os.path.splitext(args.dataset[0].split("#")[0])[0] + "_split"
-    from tunesmith.files import existing_ancestor
+    from tunesmith.files import unwritable
 
-    parent = existing_ancestor(out)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--output {out}: {parent} is a file; give a folder for train.jsonl and val.jsonl")
+    why = unwritable(out, folder=True)  # the default, next to the data (a given --output was checked up front)
+    if why:
+        raise ConfigError(f"--output {out}: {why} for train.jsonl and val.jsonl")
     write_jsonl(os.path.join(out, "train.jsonl"), _rows(train.records))
     write_jsonl(os.path.join(out, "val.jsonl"), _rows(val.records))
     print(f"wrote {len(train)} train rows and {len(val)} validation rows to {out}/ (seed {args.data_seed})")
@@ -384,6 +395,23 @@ def cache(args: DataCommandArguments) -> list[dict]:
     return entries
 
 
+def _flag_problems(args: DataCommandArguments) -> list[str]:
+    """Flag values the data commands can judge before reading anything (every problem at once, exit 2): no empty
+    --dataset or --val_dataset name; convert's --output a file and split's a folder that can be written."""
+    from tunesmith.config.checks import empty_names
+    from tunesmith.files import unwritable
+
+    out: list[str] = []
+    empty_names(out, "dataset", args.dataset)
+    empty_names(out, "val_dataset", args.val_dataset)
+    if args.output is not None and args.action in ("convert", "split"):
+        why = "is empty; give the path to write" if not str(args.output).strip() else \
+            unwritable(args.output, folder=args.action == "split", example="data.jsonl")
+        if why:
+            out.append(f"--output {args.output}: {why}")
+    return out
+
+
 def main(args: DataCommandArguments):
     """Run args.action. Returns the exit code (validate's; 0 for the others).
 
@@ -392,5 +420,6 @@ def main(args: DataCommandArguments):
                "cache": cache}
     if args.action not in actions:
         raise ConfigError(f"say what to do: tunesmith data {{{'|'.join(actions)}}} --dataset FILE")
+    raise_problems(_flag_problems(args))
     rc = actions[args.action](args)
     return rc if args.action == "validate" else 0

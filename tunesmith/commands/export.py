@@ -8,20 +8,46 @@ the directory appears only when complete: it is written under a temporary name a
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import inspect
 import json
 import os
+import re
 import sys
 
 from tunesmith.config.slices import ModelConfig, take
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.models.load import load_for_inference, note
-from tunesmith.files import atomic_dir, write_json_atomic
+from tunesmith.files import atomic_dir, failed_write, write_json_atomic
 from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 from tunesmith.runs.run_dir import save_args
 
 
+SHARD_SIZE = re.compile(r"^(\d+)(GiB|MiB|KiB|GB|MB|KB)$", re.I)  # what transformers' convert_file_size_to_int reads
+
+
+def flag_problems(args) -> list[str]:
+    """export's flag values, before anything loads: --max_shard_size (a whole number of at least 1 and a unit, as
+    transformers reads it) and --output_dir (a folder that can be written)."""
+    from tunesmith.files import unwritable
+
+    out = []
+    size = SHARD_SIZE.match(str(args.max_shard_size).strip())
+    if not size or int(size.group(1)) < 1:
+        out.append(f"--max_shard_size {args.max_shard_size}: expected a whole number of at least 1 and a unit, "
+                   f"e.g. 5GB, 500MB or 2GiB")
+    if args.output_dir is not None:
+        why = unwritable(args.output_dir, folder=True)
+        if why:
+            out.append(f"--output_dir {args.output_dir}: {why}")
+    return out
+
+
 def main(args):
+    from tunesmith.config.checks import raise_problems
+
+    raise_problems(flag_problems(args))
     if not args.merge_lora:
         raise ConfigError("tunesmith export merges LoRA adapters: pass --adapters CKPT --merge_lora true "
                           "(quantised export, ollama and mcore conversion are not supported yet)")
@@ -39,16 +65,37 @@ def main(args):
         note(f"the adapter was trained on a {args.quant_method} {args.quant_bits}-bit base; it is merged into the "
              f"unquantised weights")
     model, tok, model_dir = load_for_inference(take(ModelConfig, args), adapters, merge=True, quantise=False)
-    with atomic_dir(out) as tmp:
-        save_weights(model, tmp, args.safe_serialization, args.max_shard_size)
-        tok.save_pretrained(tmp)
-        # the settings the adapter's args.json passed on (resolve_checkpoint: template, system, enable_thinking,
-        # ...) stay with the merged model; local paths absolute, as training records them
-        save_args(tmp, args, {"model": out, "adapters": [], "train_type": "full", "quant_method": None,
-                              "merged_from": {"model": args.model, "model_dir": model_dir,
-                                              "adapters": [os.path.abspath(a) for a in adapters]}})
+    with _write_refused(out), atomic_dir(out) as tmp:
+        try:
+            save_weights(model, tmp, args.safe_serialization, args.max_shard_size)
+            tok.save_pretrained(tmp)
+            # the settings the adapter's args.json passed on (resolve_checkpoint: template, system, enable_thinking,
+            # ...) stay with the merged model; local paths absolute, as training records them
+            save_args(tmp, args, {"model": out, "adapters": [], "train_type": "full", "quant_method": None,
+                                  "merged_from": {"model": args.model, "model_dir": model_dir,
+                                                  "adapters": [os.path.abspath(a) for a in adapters]}})
+        except Exception as e:  # noqa: BLE001 - torch / safetensors word a full disk their own way
+            failed = failed_write(e, out, tmp)  # the free space read before the partial folder is removed
+            if failed is None:
+                raise
+            raise failed from e
     print(f"[tunesmith] export: merged {', '.join(adapters)} into {args.model} -> {out}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _write_refused(out: str):
+    """A write the disk refused while the merged model is written becomes one message (nothing half-written is
+    left: the folder is renamed into place only when complete)."""
+    try:
+        yield
+    except OSError as e:
+        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}.get(e.errno, e.strerror)
+        raise TunesmithError(f"could not write the merged model ({out}): {why}; nothing was left half-written. "
+                             f"Free some space (or fix the permissions) or choose another --output_dir, and "
+                             f"export again") from None
 
 
 def _refuse_reward_model(adapter: str) -> None:

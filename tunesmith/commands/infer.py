@@ -224,6 +224,9 @@ def main(args):
 
     Returns 0; the engine is closed on the way out. Raises ConfigError or DataError (see build_engine,
     batch_infer)."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.files import unwritable
+
     check_generation_flags(args)
     engine, args, ckpt, _ = build_engine(args)
     try:
@@ -232,6 +235,9 @@ def main(args):
             chat(engine, args, args.result_path)
             return 0
         result_path = args.result_path or _default_result_path(args, ckpt)
+        why = unwritable(result_path)
+        if why:
+            raise ConfigError(f"the result file {result_path}: {why}; or pass --result_path FILE")
         n = batch_infer(engine, args, loaded, result_path)
         print(f"[tunesmith] infer: {n} rows -> {result_path}", file=sys.stderr)
         return 0

@@ -5,8 +5,15 @@ import math
 from tunesmith.config.parser import problems_message
 
 
+MAX_COUNT = 2 ** 31 - 1  # the largest count (steps, sizes, tokens, ...) a flag takes: beyond it nothing finishes
+
+
 def between(problems: list, name: str, value, lo, hi, lo_open=False, hi_open=False, hint: str = "") -> None:
-    """Append a problem unless lo (<|≤) value (<|≤) hi, with value a finite number; None bounds are open ends."""
+    """Append a problem unless lo (<|≤) value (<|≤) hi, with value a finite number; None bounds are open ends,
+    except that an integer (a count) is never above MAX_COUNT: a larger one overflows or never finishes."""
+    if hi is None and isinstance(value, int) and not isinstance(value, bool) and value > MAX_COUNT:
+        problems.append(f"--{name} {value}: expected at most {MAX_COUNT}; a count this large would never finish")
+        return
     ok = isinstance(value, (int, float)) and math.isfinite(value)
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
@@ -24,3 +31,12 @@ def raise_problems(found: list[str]) -> None:
 
     if found:
         raise FlagError(problems_message(found))
+
+
+def empty_names(problems: list, name: str, values) -> None:
+    """Append a problem for each empty entry of a list flag of names (--dataset ""): nothing to load, and a hub
+    lookup of "" fails with a misleading error."""
+    for v in values or []:
+        if not str(v).strip() or str(v).strip() in ("hf::", "ms::"):
+            problems.append(f"--{name} {v!r}: an empty name; give a data file, a folder or a hub id (or leave the "
+                            f"empty value out)")

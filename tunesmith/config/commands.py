@@ -86,9 +86,10 @@ class DataCommandArguments(ModelArgs, TemplateArgs, DataArgs):
                                  "or those unused for --older_than_days).")
     older_than_days: Optional[float] = _f(help="cache --clean true: only entries not used for this many days.")
     rlhf: bool = _f(False, help="Treat the data as preference data (chosen/rejected).")
-    rlhf_type: Optional[str] = _f(help="The preference method the data is for (implies --rlhf): dpo, simpo, orpo "
-                                       "or cpo need a rejected reply in every row, kto a label or a pair.",
-                                  choices=("dpo", "simpo", "orpo", "cpo", "kto"))
+    rlhf_type: Optional[str] = _f(help="The method the data is for (implies --rlhf): dpo, simpo, orpo, cpo or rm "
+                                       "need a rejected reply in every row, kto a label or a pair, grpo a prompt "
+                                       "(a row ending with the user's turn, or a final reply taken as the solution).",
+                                  choices=("dpo", "simpo", "orpo", "cpo", "rm", "kto", "grpo"))
 
 
 @dataclass(frozen=True)

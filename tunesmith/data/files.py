@@ -99,6 +99,8 @@ def _json_problem(e: Exception) -> str:
         return "holds an unpaired surrogate escape (e.g. \\ud800, half of an emoji cut off): not valid Unicode."
     if not isinstance(e, json.JSONDecodeError):  # e.g. an integer of more than 4,300 digits
         return f"cannot be read: {e}."
+    if e.msg.startswith("Unterminated string"):
+        return f"broken JSON at column {e.colno}: a string starts there and is never closed (a missing \"?)."
     return f"broken JSON at column {e.colno}: {e.msg.removesuffix(' at')}."  # json's "Invalid control character at"
 
 
@@ -123,8 +125,8 @@ def _read_jsonl(path: str) -> Iterator[RawRow]:
             continue
         if not text.strip():
             continue
-        try:
-            yield RawRow(_loads(text), path, lineno)
+        try:  # without its line end, so that an error at the end of the line gets the column an editor shows
+            yield RawRow(_loads(text.rstrip("\r\n")), path, lineno)
         except (ValueError, RecursionError) as e:
             yield RawRow(None, path, lineno, DataError(
                 path, lineno, "", _json_problem(e), FIX_NESTING if isinstance(e, RecursionError) else

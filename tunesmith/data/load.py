@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from tunesmith.data.files import FIX_NESTING, LOCAL_SUFFIXES, READERS, RawRow
 from tunesmith.data.formats import extra_columns, normalise_row
-from tunesmith.errors import DataError
+from tunesmith.errors import DataError, FlagError
 
 
 @dataclass
@@ -68,9 +68,15 @@ def _read_local(path: str) -> list[RawRow]:
 
 
 def folder_files(path: str) -> list[str]:
-    """The data files of a folder (its tree, sorted, dot-files left out). Raises DataError when there is none."""
-    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs
+    """The data files of a folder (its tree, sorted, dot-files left out). Raises DataError when there is none, or
+    when the folder or one below it cannot be read (its data would be missed without a word)."""
+    refused: list[OSError] = []
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(path, onerror=refused.append) for f in fs
                    if f.lower().endswith(LOCAL_SUFFIXES) and not f.startswith("."))
+    if refused:
+        e = refused[0]
+        raise DataError(e.filename or path, None, "", f"the folder cannot be read ({e.strerror or e}), so its data "
+                        f"files cannot be listed.", "fix its permissions (chmod a+rx), or pass readable files.")
     if not files:
         raise DataError(path, None, "", "the folder holds no data files.",
                         f"put {', '.join(LOCAL_SUFFIXES)} files in it, or pass the files themselves.")
@@ -184,6 +190,9 @@ def _check_spec(spec: str) -> tuple[str, Optional[str], Optional[int], bool]:
     """(path or id, hub prefix, N of `#N`, whether it is local) for one --dataset entry. Raises DataError for a `#N`
     that is not a whole number >= 1 and a local file that does not exist."""
     path, hub, n = parse_spec(spec)
+    if not path.strip():
+        raise FlagError(f"an empty dataset name ({spec!r}) in --dataset or --val_dataset; give a data file, a "
+                        f"folder or a hub id (or leave the empty value out)")
     if n is None and "#" in path and not os.path.exists(path):
         base, _, num = path.rpartition("#")
         if base and not (_looks_local(base) and not os.path.exists(base)):

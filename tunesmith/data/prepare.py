@@ -144,6 +144,10 @@ def _encoded(data, model, method, encoder, path: str, max_length, broadcast):
                 _encode_data(data, model, method, encoder, path, max_length)
             except TunesmithError as e:
                 failure = e
+            except OSError as e:  # the cache refused a write: full, read-only, no permission
+                failure = TunesmithError(f"could not write the encoded data ({e.filename or path}): {e.strerror}. "
+                                         f"It is kept under HF_DATASETS_CACHE; set it to a writable folder with "
+                                         f"room (or free some space)")
         message = broadcast(None if failure is None else str(failure))
         if failure is not None:
             raise failure

@@ -25,6 +25,27 @@ from tunesmith.errors import DataError
 STORE_VERSION = 3  # bump when the stored layout or the encoding changes meaning
 
 
+def datasets_cache() -> str:
+    """The datasets cache folder as `datasets` finds it (HF_DATASETS_CACHE, else HF_HOME/datasets, else
+    XDG_CACHE_HOME/huggingface/datasets, else ~/.cache/huggingface/datasets), without importing it."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return os.environ["HF_DATASETS_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return os.path.join(home, "datasets")
+
+
+def cache_problem() -> Optional[str]:
+    """Why the encoded data cannot be kept under the datasets cache (`unwritable`), as one flag-style problem
+    naming HF_DATASETS_CACHE, or None."""
+    from tunesmith.files import unwritable
+
+    base = datasets_cache()
+    why = unwritable(os.path.join(base, "tunesmith-encoded"), folder=True)
+    return (f"HF_DATASETS_CACHE={base}: {why}. tunesmith keeps the encoded data there; set HF_DATASETS_CACHE to "
+            f"a writable folder with room") if why else None
+
+
 def cache_root() -> str:
     """Where encoded datasets are kept: `tunesmith-encoded` under the datasets cache (HF_DATASETS_CACHE, default
     ~/.cache/huggingface/datasets)."""

@@ -505,6 +505,7 @@ def check_generation_flags(args: GenerationArgs) -> None:
         if args.api_key is not None and not str(args.api_key).strip():
             out.append("--api_key is empty: the server would take any request; give a key (or leave the flag out)")
     out += named_adapter_problems(list(getattr(args, "adapters", None) or []), served_base_name(args))
+    out += path_problems(args)
     raise_problems(out)
 
 
@@ -518,5 +519,26 @@ def served_base_name(args) -> Optional[str]:
         return None
     model = getattr(args, "model", None)
     return args.served_model_name or (model_suffix(model) if model else None)
+
+
+
+def path_problems(args) -> list[str]:
+    """The paths infer, deploy and eval are given, before anything loads: --result_path a file that can be
+    written, no empty --val_dataset name, a local --model folder that can be read and holds a model."""
+    from tunesmith.config.checks import empty_names
+    from tunesmith.files import unwritable
+    from tunesmith.models.load import model_dir_problem
+
+    out: list[str] = []
+    result_path = getattr(args, "result_path", None)
+    if result_path is not None:
+        why = unwritable(result_path) if str(result_path).strip() else "is empty; give the file to write"
+        if why:
+            out.append(f"--result_path {result_path}: {why}")
+    empty_names(out, "val_dataset", getattr(args, "val_dataset", None))
+    model = getattr(args, "model", None)
+    if model and os.path.isdir(model):
+        out += [m for m in [model_dir_problem(model)] if m]
+    return out
 
 

@@ -23,11 +23,15 @@ _EXCLUDED_LEAVES = {"lm_head", "score", "v_head", "classifier", "gate", "router"
 
 
 def resolve_model_dir(model: Optional[str], use_hf: bool = False, revision: Optional[str] = None,
-                      token: Optional[str] = None) -> str:
-    """A local directory, or a hub id downloaded from ModelScope (default) or Hugging Face (--use_hf / USE_HF=1)."""
+                      token: Optional[str] = None, tokenizer_only: bool = False) -> str:
+    """A local directory, or a hub id downloaded from ModelScope (default) or Hugging Face (--use_hf / USE_HF=1).
+    A local directory must hold a model (`model_dir_problem`; a tokenizer is enough with tokenizer_only)."""
     if not model:
         raise ConfigError("pass the model with --model (a local directory or a hub id)")
     if os.path.isdir(model):
+        problem = model_dir_problem(model, tokenizer_only=tokenizer_only)
+        if problem:
+            raise ConfigError(problem)
         return os.path.abspath(model)
     if model.startswith((".", "/")) or os.sep in model.strip("/") and model.count("/") > 1:
         raise ConfigError(f"--model {model}: no such directory")
@@ -50,6 +54,30 @@ def resolve_model_dir(model: Optional[str], use_hf: bool = False, revision: Opti
         raise ConfigError(f"--model {model}: not a local directory, and downloading it from {hub} failed "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the path, or "
                           f"the hub id and your network") from None
+
+
+def model_dir_problem(model: str, flag: str = "--model", tokenizer_only: bool = False) -> Optional[str]:
+    """Why the local folder `model` cannot be loaded as a model (with tokenizer_only: as a tokenizer, what the data
+    commands read), or None: it (or a file in it) cannot be read by this user, it is empty, or it holds no
+    config.json (no tokenizer files). Checked before anything loads, so that transformers' misleading guesses (a
+    tokenizer that needs sentencepiece, a hub download) never come."""
+    from tunesmith.files import unreadable
+
+    why = unreadable(model)
+    if why:
+        return f"{flag} {model}: {why}; fix the permissions (chmod -R a+rX) or run as the files' owner"
+    try:
+        names = os.listdir(model)
+    except OSError as e:
+        return f"{flag} {model}: cannot be read ({e.strerror})"
+    if not names:
+        return f"{flag} {model}: the folder is empty; give a model folder (config.json, weights, tokenizer) or a hub id"
+    wanted = {"config.json", "adapter_config.json"} | (
+        {"tokenizer.json", "tokenizer_config.json"} if tokenizer_only else set())
+    if not wanted & set(names):
+        return (f"{flag} {model}: no config.json in it, so it is not a Hugging Face model folder (an unfinished "
+                f"download or copy?); give a model folder (config.json, weights, tokenizer) or a hub id")
+    return None
 
 
 def default_device():
@@ -89,7 +117,8 @@ def load_tokenizer(cfg: ModelArgs, model_dir: Optional[str] = None):
     --new_special_tokens added and EOS as the pad token when it has none. cfg: the model flags of any command."""
     from transformers import AutoTokenizer
 
-    model_dir = model_dir or resolve_model_dir(cfg.model, cfg.use_hf, cfg.model_revision, cfg.hub_token)
+    model_dir = model_dir or resolve_model_dir(cfg.model, cfg.use_hf, cfg.model_revision, cfg.hub_token,
+                                               tokenizer_only=True)
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     if cfg.new_special_tokens:
         tok.add_special_tokens({"additional_special_tokens": list(cfg.new_special_tokens)})

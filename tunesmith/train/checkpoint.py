@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from tunesmith.errors import FlagError, TunesmithError
-from tunesmith.files import atomic_dir, write_json_atomic
+from tunesmith.files import atomic_dir, failed_write, write_json_atomic
 from tunesmith.runs.run_dir import rotate_checkpoints, save_args, update_symlink
-from tunesmith.train.interrupts import TrainingDiverged, diverged
+from tunesmith.train.interrupts import DISK_ERRNOS, TrainingDiverged, disk_error, diverged
 from tunesmith.train.optim import move_schedule_to, schedule_shape
 
 DEEPSPEED_TAG = "deepspeed"  # the folder inside a checkpoint that holds DeepSpeed's optimiser shards (for resume)
@@ -70,14 +70,7 @@ def save_checkpoint(run, state: TrainState) -> str:
             D.barrier()
         full_state = D.full_state_dict(run.model, trainable_only=hasattr(run.model, "peft_config"))
     if run.par.main:
-        try:
-            _write_checkpoint(run, state, path, full_state, shards)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, path) from e
-        except Exception as e:  # torch.save / safetensors report a failed write as RuntimeError and their own types
-            if "space" in str(e).lower() or "write" in str(e).lower():
-                raise OSError(errno.ENOSPC, str(e), path) from e
-            raise
+        _write_checkpoint(run, state, path, full_state, shards)
     D.barrier()
     state.last_model_checkpoint = state.unconfirmed_checkpoint = path
     if state.best_step == state.global_step:
@@ -107,32 +100,52 @@ def _check_finite(run, state: TrainState) -> None:
 
 
 def _write_checkpoint(run, state: TrainState, path: str, full_state, shards: str) -> None:
+    """The checkpoint written aside and renamed into place, then rotation and the last/best links. A write the disk
+    refuses — an OSError, or torch's and safetensors' own wordings of one (tunesmith.files.failed_write, which looks
+    at the free space before the partial checkpoint is removed) — raises `disk_error`'s one message."""
+    output = run.output
+    try:
+        with atomic_dir(path) as tmp:
+            try:
+                _fill_checkpoint(run, state, tmp, full_state, shards)
+            except Exception as e:  # noqa: BLE001 - torch.save / safetensors raise RuntimeError and their own types
+                failed = failed_write(e, path, tmp)
+                if failed is None:
+                    raise
+                raise failed from e
+        best = path if state.best_step == state.global_step else state.best_model_checkpoint
+        rotate_checkpoints(run.run_dir, output.save_total_limit, best)
+        if output.create_checkpoint_symlink:
+            update_symlink(os.path.join(run.run_dir, "last"), path)
+            if best and os.path.isdir(best):
+                update_symlink(os.path.join(run.run_dir, "best"), best)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS | {errno.EIO}:  # EIO: failed_write's word for a write refused unexplained
+            raise
+        raise disk_error(e if e.filename else OSError(e.errno, e.strerror, path), state) from None
+
+
+def _fill_checkpoint(run, state: TrainState, tmp: str, full_state, shards: str) -> None:
+    """Everything a checkpoint holds, written into its temporary folder tmp."""
     import torch
 
     output = run.output
-    with atomic_dir(path) as tmp:
-        run.save_model(run.accelerator.unwrap_model(run.model), tmp, full_state)
-        save_args(tmp, run.args, run.args_extra)
-        for hook in run.objective.hooks:
-            hook.save(tmp)
-        if os.path.isdir(shards):  # DeepSpeed's or FSDP's optimiser shards, written by every rank
-            for name in os.listdir(shards):
-                os.replace(os.path.join(shards, name), os.path.join(tmp, name))
-            os.rmdir(shards)
-        if not output.save_only_model:
-            if run.par.kind not in ("deepspeed", "fsdp"):
-                torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            torch.save(_rng_state(), os.path.join(tmp, "rng_state.pth"))
-        st = {k: v for k, v in asdict(state).items()
-              if k not in ("notes", "good_checkpoint", "unconfirmed_checkpoint")}  # log_history: as transformers
-        write_json_atomic(os.path.join(tmp, "trainer_state.json"), st)
-    best = path if state.best_step == state.global_step else state.best_model_checkpoint
-    rotate_checkpoints(run.run_dir, output.save_total_limit, best)
-    if output.create_checkpoint_symlink:
-        update_symlink(os.path.join(run.run_dir, "last"), path)
-        if best and os.path.isdir(best):
-            update_symlink(os.path.join(run.run_dir, "best"), best)
+    run.save_model(run.accelerator.unwrap_model(run.model), tmp, full_state)
+    save_args(tmp, run.args, run.args_extra)
+    for hook in run.objective.hooks:
+        hook.save(tmp)
+    if os.path.isdir(shards):  # DeepSpeed's or FSDP's optimiser shards, written by every rank
+        for name in os.listdir(shards):
+            os.replace(os.path.join(shards, name), os.path.join(tmp, name))
+        os.rmdir(shards)
+    if not output.save_only_model:
+        if run.par.kind not in ("deepspeed", "fsdp"):
+            torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        torch.save(_rng_state(), os.path.join(tmp, "rng_state.pth"))
+    st = {k: v for k, v in asdict(state).items()
+          if k not in ("notes", "good_checkpoint", "unconfirmed_checkpoint")}  # log_history: as transformers
+    write_json_atomic(os.path.join(tmp, "trainer_state.json"), st)
 
 
 def resume_weights(model, ckpt: str) -> None:

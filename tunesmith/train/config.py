@@ -19,7 +19,7 @@ from tunesmith.config.commands import RLHFArguments, SftArguments
 from tunesmith.config.groups import TunerArgs
 from tunesmith.config.parser import deferred_problems
 from tunesmith.config.slices import DataConfig, DistConfig, ModelConfig, OptimConfig, OutputConfig, flag_values, take
-from tunesmith.config.checks import between, raise_problems
+from tunesmith.config.checks import between, empty_names, raise_problems
 from tunesmith.errors import ConfigError
 from tunesmith.log import note
 
@@ -194,6 +194,8 @@ def _range_problems(args) -> list[str]:
     return out
 
 
+MAX_EPOCHS = 10 ** 6  # more passes over the data than any run finishes (and a step count that overflows)
+
 ATTN_IMPLS = ("sdpa", "eager", "flash_attn", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -206,6 +208,8 @@ def _more_value_problems(args) -> list[str]:
     if args.max_steps < -1:
         out.append(f"--max_steps {args.max_steps}: expected a number of steps, or -1 (the default) for "
                    f"--num_train_epochs to decide")
+    elif args.max_steps > 0:
+        between(out, "max_steps", args.max_steps, 1, None)
     if args.save_total_limit is not None:
         between(out, "save_total_limit", args.save_total_limit, 1, None, hint="leave it out to keep every checkpoint")
     between(out, "dataloader_num_workers", args.dataloader_num_workers or 0, 0, None)
@@ -248,15 +252,10 @@ def _output_problems(output_dir) -> list[str]:
     model has loaded."""
     if output_dir is not None and not str(output_dir).strip():
         return ["--output_dir is empty; give a folder (or leave the flag out for output/<model>)"]
-    from tunesmith.files import existing_ancestor
+    from tunesmith.files import unwritable
 
-    path = existing_ancestor(output_dir or "output")
-    if not os.path.isdir(path):
-        return [f"--output_dir {output_dir}: {path} is a file, not a folder; choose another --output_dir"]
-    if not os.access(path, os.W_OK | os.X_OK):
-        return [f"--output_dir {output_dir}: {path} is not writable by this user; choose another --output_dir "
-                f"(or fix the folder's permissions)"]
-    return []
+    why = unwritable(output_dir or "output", folder=True)
+    return [f"--output_dir {output_dir}: {why}"] if why else []
 
 
 def _tracker_problems(report_to) -> list[str]:
@@ -306,6 +305,16 @@ def problems(args) -> list[str]:
                    f"continue that run)")
     if not args.dataset:
         out.append("pass the training data with --dataset FILE [FILE ...]")
+    empty_names(out, "dataset", args.dataset)
+    empty_names(out, "val_dataset", args.val_dataset)
+    if not args.streaming and getattr(args, "rlhf_type", None) != "grpo":  # the encoded rows go to the cache
+        from tunesmith.data.store import cache_problem
+
+        out += [m for m in [cache_problem()] if m]
+    if args.model and os.path.isdir(args.model):
+        from tunesmith.models.load import model_dir_problem
+
+        out += [m for m in [model_dir_problem(args.model)] if m]
     if args.learning_rate is not None:
         usual = "the usual value for full training is 1e-5" if args.train_type == "full" else \
             "the usual LoRA value is 1e-4"
@@ -318,7 +327,7 @@ def problems(args) -> list[str]:
         out.append("--streaming needs --max_steps N: the number of rows in a stream is not known before it is read "
                    "(ms-swift requires it too)")
     elif args.max_steps <= 0:
-        between(out, "num_train_epochs", args.num_train_epochs, 0, None, lo_open=True,
+        between(out, "num_train_epochs", args.num_train_epochs, 0, MAX_EPOCHS, lo_open=True,
                  hint="or give --max_steps N")
     if args.streaming and args.split_dataset_ratio > 0:
         out.append("--split_dataset_ratio cannot split a stream (--streaming); pass validation data with "

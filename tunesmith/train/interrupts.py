@@ -3,8 +3,8 @@
 - A signal (SIGTERM from a scheduler, Ctrl-C): `signals_stop_training` turns it into an exception at once — or, inside
   `signals_deferred` (a checkpoint being written and renamed), when that block ends — and `stop_message` into one
   Interrupted error naming the step, the last checkpoint and how to resume. No checkpoint is saved on a signal.
-- A write the disk refuses (full, quota, permissions, read-only): `disk_error`, naming the file and the last good
-  checkpoint.
+- A write the disk refuses (full, quota, permissions, read-only; torch's and safetensors' wordings of one too, see
+  tunesmith.files.failed_write): `disk_error`, naming the file and the last good checkpoint.
 - A loss or gradient that is not finite (or sampling that met inf/NaN probabilities, GRPO): `diverged`, raised before
   the update is applied; `mark_diverged` writes diverged.json into the checkpoint whose weights gave it, so that no
   resume picks it up unawares.
@@ -81,7 +81,8 @@ def failures_explained(state, main: bool):
 
 
 def disk_error(e: OSError, state) -> TunesmithError:
-    """One message for a write the disk refused mid-run (full, quota, permissions, read-only): the file, what it
+    """One message for a write the disk refused mid-run (full, quota, permissions, read-only; EIO: a write torch
+    or safetensors reported failed with room left on the disk): the file, what it
     is, why, and the last good checkpoint to resume from. Checkpoints are renamed into place only when complete,
     so none that looks complete is left half-written."""
     path = e.filename or "?"
@@ -89,12 +90,17 @@ def disk_error(e: OSError, state) -> TunesmithError:
         {"logging.jsonl": "the training log", "completions.jsonl": "the GRPO completions log"}.get(
             os.path.basename(path), "a run file")
     why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-           errno.EROFS: "the file system is read-only"}.get(e.errno, "permission denied")
+           errno.EROFS: "the file system is read-only",
+           errno.EIO: f"the write failed ({e.strerror}) with room left on the disk"}.get(e.errno, "permission denied")
+    fix = {errno.ENOSPC: "Free some space", errno.EDQUOT: "Free some space (or raise the quota)",
+           errno.EROFS: "Remount it writable (or choose another --output_dir)",
+           errno.EIO: "Check the disk (a quota, a file-size limit, the storage itself)"}.get(
+        e.errno, "Fix the permissions (or choose another --output_dir)")
     good = state.good_checkpoint or state.last_model_checkpoint
     return TunesmithError(
         f"could not write {what} ({path}): {why}. Training stopped at step {state.global_step}; every complete "
         f"checkpoint is intact (a checkpoint is renamed into place only once fully written). Last good checkpoint: "
-        f"{good or 'none'}. Free some space (or fix the permissions) and "
+        f"{good or 'none'}. {fix} and "
         + (f"resume with --resume_from_checkpoint {good}" if good else "start again"))
 
 
