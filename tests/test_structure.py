@@ -182,3 +182,17 @@ def test_no_deprecated_library_names_in_our_calls():
             if deprecated in text:
                 found.append(f"{name}: {deprecated}")
     assert not found, found
+
+
+def test_commands_arguments_are_read_as_typed_fields():
+    """Outside config/, a command's parsed arguments are read as fields (or through config.slices: `take`, a typed
+    slice; `flag_values`, a name → value map), never probed with getattr(args, ...) — model loading, the engines
+    and the trackers take typed slices, so a missing field is an error an IDE or a test sees."""
+    found = []
+    for name, (path, _) in _modules().items():
+        if name.startswith("tunesmith.config"):
+            continue
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "getattr(args" in line:
+                found.append(f"{name}:{i}")
+    assert not found, found

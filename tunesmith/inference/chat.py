@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
 from tunesmith.config.groups import DeployServerArgs, GenerationArgs, TemplateArgs
-from tunesmith.config.slices import EngineConfig, ModelConfig, take
+from tunesmith.config.slices import EngineConfig, ModelConfig, flag_values, take
 
 @dataclass
 class GenConfig:
@@ -504,7 +504,7 @@ def check_generation_flags(args: GenerationArgs) -> None:
             between(out, "max_request_bytes", args.max_request_bytes, 0, None, hint="0 means no limit")
         if args.api_key is not None and not str(args.api_key).strip():
             out.append("--api_key is empty: the server would take any request; give a key (or leave the flag out)")
-    out += named_adapter_problems(list(getattr(args, "adapters", None) or []), served_base_name(args))
+    out += named_adapter_problems(list(flag_values(args).get("adapters") or []), served_base_name(args))
     out += path_problems(args)
     raise_problems(out)
 
@@ -517,9 +517,8 @@ def served_base_name(args) -> Optional[str]:
 
     if not isinstance(args, DeployServerArgs):
         return None
-    model = getattr(args, "model", None)
+    model = flag_values(args).get("model")
     return args.served_model_name or (model_suffix(model) if model else None)
-
 
 
 def path_problems(args) -> list[str]:
@@ -530,13 +529,14 @@ def path_problems(args) -> list[str]:
     from tunesmith.models.load import model_dir_problem
 
     out: list[str] = []
-    result_path = getattr(args, "result_path", None)
+    values = flag_values(args)  # infer, deploy and eval do not share every one of these flags
+    result_path = values.get("result_path")
     if result_path is not None:
         why = unwritable(result_path) if str(result_path).strip() else "is empty; give the file to write"
         if why:
             out.append(f"--result_path {result_path}: {why}")
-    empty_names(out, "val_dataset", getattr(args, "val_dataset", None))
-    model = getattr(args, "model", None)
+    empty_names(out, "val_dataset", values.get("val_dataset"))
+    model = values.get("model")
     if model and os.path.isdir(model):
         out += [m for m in [model_dir_problem(model)] if m]
     return out

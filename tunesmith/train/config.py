@@ -307,7 +307,7 @@ def problems(args) -> list[str]:
         out.append("pass the training data with --dataset FILE [FILE ...]")
     empty_names(out, "dataset", args.dataset)
     empty_names(out, "val_dataset", args.val_dataset)
-    if not args.streaming and getattr(args, "rlhf_type", None) != "grpo":  # the encoded rows go to the cache
+    if not args.streaming and not (isinstance(args, RLHFArguments) and args.rlhf_type == "grpo"):  # the encoded rows go to the cache
         from tunesmith.data.store import cache_problem
 
         out += [m for m in [cache_problem()] if m]
