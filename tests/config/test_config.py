@@ -391,3 +391,13 @@ def test_resuming_on_another_process_count_is_refused_unless_the_data_position_i
     assert not any("processes" in p for p in problems(parse_args("sft", [*base, "--ignore_data_skip", "true"])))
     monkeypatch.setenv("NPROC_PER_NODE", "2")  # what the launcher will start
     assert not any("processes" in p for p in problems(parse_args("sft", base)))
+
+
+@pytest.mark.parametrize("command", ["sft", "rlhf", "dpo", "infer", "deploy", "export", "eval", "data", "report"])
+def test_every_commands_parsed_arguments_are_frozen(command):
+    """No command changes its parsed arguments after parsing: what a checkpoint fills in is a new object
+    (dataclasses.replace), so each command's arguments are frozen dataclasses."""
+    args = parse_args(command, [])
+    field = dataclasses.fields(args)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(args, field, "changed")
