@@ -31,7 +31,6 @@ def main(args):
         raise ConfigError("--adapters name=path pairs are for deploy; export merges plain adapter paths")
     if not adapters:
         raise ConfigError("--merge_lora true needs --adapters CKPT (the LoRA checkpoint to merge)")
-    _refuse_reward_model(adapters[0])
     out = args.output_dir or os.path.abspath(adapters[0]).rstrip(os.sep) + "-merged"
     if os.path.exists(out) and not args.exist_ok:
         raise ConfigError(f"{out} already exists; pass --exist_ok true to replace it or choose --output_dir")
@@ -48,20 +47,6 @@ def main(args):
         write_json_atomic(os.path.join(tmp, "args.json"), record)
     print(f"[tunesmith] export: merged {', '.join(adapters)} into {args.model} -> {out}", file=sys.stderr)
     return 0
-
-
-def _refuse_reward_model(adapter: str) -> None:
-    """A reward-model adapter (--rlhf_type rm, peft task SEQ_CLS) is not merged: merging loads a causal LM, which
-    would drop the trained score head. Raises ConfigError naming what to use instead."""
-    try:
-        with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
-            task = json.load(fh).get("task_type")
-    except (OSError, ValueError):
-        return
-    if task == "SEQ_CLS":
-        raise ConfigError(f"--adapters {adapter} is a reward model (--rlhf_type rm); merging it is not supported yet "
-                          f"(the score head would be lost). Use the checkpoint itself: GRPO's --reward_model takes it, "
-                          f"and AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1) loads it")
 
 
 def save_weights(model, out_dir: str, safe_serialization: bool, max_shard_size: str) -> None:

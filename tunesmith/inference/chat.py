@@ -390,7 +390,7 @@ def _build_backend_engine(args, batch: int):
     from tunesmith.inference.backends import ENGINES, NAMES, EngineModelInfo, check_backend, engine_adapters
     from tunesmith.data.encode import ChatEncoder
     from tunesmith.errors import ConfigError
-    from tunesmith.models.load import load_tokenizer, note, resolve_model_dir
+    from tunesmith.models.load import load_tokenizer, note, refuse_reward_model, resolve_model_dir
     from tunesmith.inference.reply import OutputParser
     from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 
@@ -402,6 +402,7 @@ def _build_backend_engine(args, batch: int):
     lora = engine_adapters(cfg)  # raises for several plain adapters (one LoRA per request)
     default = next((n for n, p in lora.items() if plain and p == plain[0] and n not in named), None)
     model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
+    refuse_reward_model(args.model, model_dir)
     tok = load_tokenizer(args, model_dir)
     info = EngineModelInfo.from_pretrained(model_dir, backend, trust_remote_code=args.trust_remote_code)
     stop = stop_token_ids(info, tok, ChatEncoder(tok, system=args.system), OutputParser(tok).reasoning_style)
