@@ -22,6 +22,12 @@ from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 
 
 def main(args):
+    """`tunesmith export`: merge --adapters into the base weights and write the model folder. Returns 0. Raises
+    FlagError (flag values, before anything loads) or ConfigError (nothing to merge, a reward model, the output
+    exists)."""
+    from tunesmith.inference.flags import check_inference_flags
+
+    check_inference_flags(args)
     if not args.merge_lora:
         raise ConfigError("tunesmith export merges LoRA adapters: pass --adapters CKPT --merge_lora true "
                           "(quantised export, ollama and mcore conversion are not supported yet)")

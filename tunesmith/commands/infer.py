@@ -7,7 +7,8 @@ import sys
 import time
 from dataclasses import replace
 from typing import Optional
-from tunesmith.inference.chat import (GenConfig, Reply, PromptTooLong, Prompt, ChatEngine, build_engine, logprobs_json, check_generation_flags)
+from tunesmith.inference.chat import (GenConfig, Reply, PromptTooLong, Prompt, ChatEngine, build_engine, logprobs_json)
+from tunesmith.inference.flags import check_inference_flags
 
 
 def _default_result_path(args, ckpt: Optional[str]) -> str:
@@ -224,7 +225,7 @@ def main(args):
 
     Returns 0; the engine is closed on the way out. Raises ConfigError or DataError (see build_engine,
     batch_infer)."""
-    check_generation_flags(args)
+    check_inference_flags(args)
     engine, args, ckpt, _ = build_engine(args)
     try:
         loaded = _infer_rows(args, ckpt)

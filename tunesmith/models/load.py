@@ -293,16 +293,17 @@ def refuse_reward_model(model: str, model_dir: str) -> None:
 
 
 def load_for_inference(cfg: ModelConfig, adapters: list[str], named: Optional[dict] = None, merge: bool = False,
-                       quantise: bool = True):
+                       quantise: bool = True, model_dir: Optional[str] = None):
     """The model to generate with: the base (quantised as trained unless quantise=False), then the adapters.
 
     Plain adapters are applied in order; several are merged one after another (ms-swift merges them in sequence),
     one stays a live PeftModel unless merge=True. Named adapters (deploy's name=path) are loaded side by side and
-    chosen per request. cfg: the model slice of the (checkpoint-resolved) command. Returns (model, tokenizer,
-    model_dir)."""
+    chosen per request. cfg: the model slice of the (checkpoint-resolved) command; model_dir: cfg.model's folder
+    when the caller resolved it already. Returns (model, tokenizer, model_dir)."""
     from peft import PeftModel
 
-    model_dir = resolve_model_dir(cfg.model, cfg.use_hf, cfg.model_revision, cfg.hub_token)
+    if model_dir is None:
+        model_dir = resolve_model_dir(cfg.model, cfg.use_hf, cfg.model_revision, cfg.hub_token)
     refuse_reward_model(cfg.model, model_dir)
     tokenizer = load_tokenizer(cfg, model_dir)
     if not quantise and cfg.quant_method:
