@@ -414,7 +414,8 @@ def _build_backend_engine(args, batch: int):
     stop = stop_token_ids(info, tok, ChatEncoder(tok, system=args.system), OutputParser(tok).reasoning_style)
     own = {"vllm": cfg.vllm_max_model_len, "sglang": cfg.sglang_context_length,
            "lmdeploy": cfg.lmdeploy_session_len}[backend]  # the engine's own context flag
-    context, source = (own, "the engine's own context flag") if own else context_length(info.config, args.max_model_len)
+    flag = {"vllm": "--vllm_max_model_len", "sglang": "--sglang_context_length", "lmdeploy": "--lmdeploy_session_len"}
+    context, source = (own, flag[backend]) if own else context_length(info.config, args.max_model_len)
     check_reply_room(args.max_new_tokens, context, source)
     try:
         inner = ENGINES[backend](cfg, model_dir, tok, stop, lora, default, max_model_len=context)
