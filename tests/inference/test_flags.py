@@ -26,9 +26,9 @@ CASES = [
                                               "--ssl_keyfile key.pem: no such file"]),
     (["eval", "--eval_limit", "-1"], ["--eval_limit -1: expected 1 <= eval_limit; leave it out to evaluate every "
                                       "sample"]),
-    (["eval", "--eval_limit", "0", "--eval_num_proc", "0", "--eval_url", "localhost:8000/v1"],
-     ["3 problems with the flags", "--eval_limit 0", "--eval_num_proc 0",
-      "--eval_url 'localhost:8000/v1': expected an http:// or https:// address"]),
+    (["eval", "--eval_limit", "0", "--eval_num_proc", "0", "--eval_url", "localhost:8000/v1", "--api_key", ""],
+     ["4 problems with the flags", "--eval_limit 0", "--eval_num_proc 0",
+      "--eval_url 'localhost:8000/v1': expected an http:// or https:// address", "--api_key is empty"]),
     (["eval", "--eval_generation_config", '{"max_tokens": 0, "top_p": 2}'],
      ["--eval_generation_config max_tokens 0: expected 1 <= max_tokens",
       "--eval_generation_config top_p 2: expected 0 < top_p <= 1"]),

@@ -116,7 +116,7 @@ def _server_problems(args) -> list[str]:
 
 
 def _eval_problems(args) -> list[str]:
-    """eval's counts, endpoint and output folder, and the values of --eval_generation_config."""
+    """eval's counts, endpoint, key and output folder, and the values of --eval_generation_config."""
     out: list[str] = []
     if args.eval_limit is not None:
         between(out, "eval_limit", args.eval_limit, 1, None, hint="leave it out to evaluate every sample")
@@ -125,6 +125,7 @@ def _eval_problems(args) -> list[str]:
     if url is not None and not str(url).startswith(("http://", "https://")):
         out.append(f"--eval_url {url!r}: expected an http:// or https:// address, e.g. http://127.0.0.1:8000/v1")
     out += empty_problem("eval_output_dir", args.eval_output_dir, "give a folder (or leave the flag out)")
+    out += empty_problem("api_key", args.api_key, "give --eval_url's key (or leave the flag out)")
     gen = args.eval_generation_config or {}
     for key, lo, lo_open, hi in (("max_tokens", 1, False, None), ("max_new_tokens", 1, False, None),
                                  ("temperature", 0, False, None), ("top_p", 0, True, 1), ("top_k", -1, False, None),
