@@ -52,7 +52,7 @@ def _usage() -> str:
 
 
 TRAINING = ("sft", "rlhf", "dpo")
-DEFERRED = (*TRAINING, "infer", "deploy")  # commands whose value checks also report deferred flag problems
+DEFERRED = (*TRAINING, "infer", "deploy", "export", "eval")  # their value checks also report the deferred flag problems
 
 
 def _torchrun_args(command: str) -> list[str]:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "merge-lora":  # ms-swift's `swift merge-lora` is `swift export --merge_lora true`
         command, rest = "export", ["--merge_lora", "true", *rest]
     try:
-        # training, infer and deploy report flag problems together with their value checks (all at once)
+        # training, infer, deploy, export and eval report flag problems together with their value checks (all at once)
         args = parse_args(command, rest, defer_problems=command in DEFERRED)
         launch = _torchrun_args(command)
         if launch and deferred_problems(args):  # found here, once, not by every process torchrun would start

@@ -370,3 +370,32 @@ def test_labelled_single_replies_given_to_a_pair_method_point_to_kto(tmp_path, c
     assert rc == 1 and "KTO's unpaired form" in out and "--rlhf_type kto" in out, out
     rc, out, _ = cli(capsys, "data", "validate", "--dataset", str(path), "--rlhf_type", "kto")
     assert rc == 0, out
+
+
+@pytest.mark.parametrize("messages", [[{"role": "assistant", "content": "4"}],
+                                      [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "4"}]],
+                         ids=["assistant-only", "system-then-assistant"])
+def test_a_prompt_row_without_a_user_turn_is_a_bad_row_for_generation(tmp_path, messages):
+    """GRPO's prompts and infer's rows (need_reply=False) are generated from: a row that starts with the assistant
+    has no user turn to answer. It used to get an invented empty user prompt (ms-swift's pretraining form, right
+    for sft) and be trained on; now it is a bad row naming file:line:field (dropped and counted under --strict
+    false), as `{"messages": []}` is. Training data (need_reply) keeps the pretraining form."""
+    from conftest import write_jsonl
+    from tunesmith.data.load import load_datasets, map_records
+    from tunesmith.errors import DataError
+    from tunesmith.train.rl.grpo import prompt_record
+
+    user = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    path = write_jsonl(tmp_path / "prompts.jsonl", [user, {"messages": messages}, user])
+    with pytest.raises(DataError) as e:
+        load_datasets([path], need_reply=False, keep_columns=True)
+    start = len(messages) - 1
+    assert str(e.value).startswith(f"{path}:2: field 'messages[{start}].role': the conversation starts with an "
+                                   f"assistant message, so there is no user turn to generate a reply to."), e.value
+    assert "put the user's message before it" in str(e.value)
+    loaded = load_datasets([path], strict=False, need_reply=False, keep_columns=True)
+    prompts = map_records(loaded, prompt_record)
+    assert [p["messages"] for p in prompts.records] == [[user["messages"][0]]] * 2
+    assert prompts.dropped == 1 and prompts.reasons[0].startswith(f"{path}:2:")
+    trained = load_datasets([path])  # sft: the pretraining form, an empty user turn before the reply
+    assert trained.records[1]["messages"][start:] == [{"role": "user", "content": ""}, messages[-1]]

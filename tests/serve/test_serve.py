@@ -296,8 +296,9 @@ def _bad_http(port, request: bytes):
 
 def _raw(port, method, path, body, headers):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    plain = {"messages": [{"role": "user", "content": "hi"}]} if "/chat/" in path else {}  # completions: a prompt
     data = body if isinstance(body, bytes) or body is None else json.dumps(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body})
+        {"model": "m", **plain, "max_tokens": 4, **body})
     conn.request(method, path, data, {"Content-Type": "application/json", **headers})
     resp = conn.getresponse()
     out = resp.status, resp.read()
@@ -435,3 +436,103 @@ def test_a_request_whose_output_is_nan_gets_an_openai_error(tiny_models):
         status, out = http_json("POST", url, {"model": "m", "messages": [{"role": "user", "content": "hi"}],
                                               "max_tokens": 4, "temperature": 0})
         assert status == 200 and isinstance(out["choices"][0]["message"]["content"], str)
+
+
+USER = {"role": "user", "content": "What is the weather in Paris?"}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+ASKED = {"role": "assistant", "content": None, "tool_calls": [CALL]}
+RESULT = {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny"}'}
+
+# what OpenAI answers 400 and this server used to answer 200: (name, path, fields over a plain chat request,
+# param, a fragment of the message)
+REFUSED = [
+    ("tool without function", "/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools[0].function",
+     "Missing required parameter: 'tools[0].function'."),
+    ("function without name", "/v1/chat/completions",
+     {"tools": [{"type": "function", "function": {"parameters": {"type": "object"}}}]}, "tools[0].function.name",
+     "Missing required parameter: 'tools[0].function.name'."),
+    ("function name empty", "/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": ""}}]},
+     "tools[0].function.name", "'tools[0].function.name'"),
+    ("tool type", "/v1/chat/completions", {"tools": [{"type": "retrieval", "function": {"name": "f"}}]},
+     "tools[0].type", "Supported values are: 'function'."),
+    ("tool not an object", "/v1/chat/completions", {"tools": ["get_weather"]}, "tools[0]", "expected an object"),
+    ("tools empty", "/v1/chat/completions", {"tools": []}, "tools", "Invalid 'tools': empty array"),
+    ("parameters not an object", "/v1/chat/completions",
+     {"tools": [{"type": "function", "function": {"name": "f", "parameters": "city"}}]},
+     "tools[0].function.parameters", "expected an object"),
+    ("tool message without id or call", "/v1/chat/completions",
+     {"messages": [USER, {"role": "tool", "content": "sunny"}]}, "messages[1].tool_call_id",
+     "Missing required parameter: 'messages[1].tool_call_id'"),
+    ("tool message without a call before it", "/v1/chat/completions",
+     {"messages": [USER, {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]}, "messages[1].role",
+     "messages with role 'tool' must be a response to a preceding message with 'tool_calls'"),
+    ("tool_call_id of no call", "/v1/chat/completions",
+     {"messages": [USER, ASKED, {**RESULT, "tool_call_id": "call_9"}]}, "messages[2].tool_call_id",
+     "'call_9' answers none of the unanswered calls of messages[1] (their ids: 'call_1')"),
+    ("call never answered", "/v1/chat/completions", {"messages": [USER, ASKED, {"role": "user", "content": "and?"}]},
+     "messages[1].tool_calls", "The following tool_call_ids did not have response messages: call_1"),
+    ("arguments not JSON", "/v1/chat/completions",
+     {"messages": [USER, {**ASKED, "tool_calls": [{**CALL, "function": {"name": "get_weather",
+                                                                         "arguments": "{bad"}}]}, RESULT]},
+     "messages[1].tool_calls[0].function.arguments", "is not valid JSON"),
+    ("arguments a JSON list", "/v1/chat/completions",
+     {"messages": [USER, {**ASKED, "tool_calls": [{**CALL, "function": {"name": "get_weather",
+                                                                         "arguments": "[1]"}}]}, RESULT]},
+     "messages[1].tool_calls[0].function.arguments", "expected a JSON object of arguments"),
+    ("call without id", "/v1/chat/completions",
+     {"messages": [USER, {**ASKED, "tool_calls": [{"type": "function", "function": CALL["function"]}]}]},
+     "messages[1].tool_calls[0].id", "Missing required parameter: 'messages[1].tool_calls[0].id'"),
+    ("tool_calls on a user message", "/v1/chat/completions", {"messages": [{**USER, "tool_calls": [CALL]}]},
+     "messages[0].tool_calls", "only an assistant message may carry tool_calls"),
+    ("unknown field", "/v1/chat/completions", {"foo": 1}, "foo", "Unrecognized request argument supplied: foo"),
+    ("two unknown fields", "/v1/completions", {"messages": None, "bar": []}, "messages",
+     "Unrecognized request arguments supplied: messages, bar"),
+    ("vLLM's min_p", "/v1/chat/completions", {"min_p": 0.1}, "min_p", "min_p is not supported by this server"),
+    ("functions (deprecated)", "/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions", "use tools"),
+    ("stream_options without stream", "/v1/chat/completions", {"stream_options": {"include_usage": True}},
+     "stream_options", "only allowed when 'stream' is enabled"),
+]
+
+# what OpenAI's and vLLM's clients send and must keep working: (name, path, fields)
+ACCEPTED = [
+    ("OpenAI's optional fields", "/v1/chat/completions",
+     {"user": "u1", "seed": 3, "n": 1, "logprobs": False, "response_format": {"type": "text"}, "metadata": {"a": "b"},
+      "service_tier": "auto", "store": False, "parallel_tool_calls": True, "presence_penalty": 0,
+      "stream": True, "stream_options": {"include_usage": True}, "max_completion_tokens": 4}),
+    ("vLLM's extras", "/v1/chat/completions", {"top_k": -1, "repetition_penalty": 1.0, "enable_thinking": False,
+                                               "chat_template_kwargs": {}, "min_p": 0}),
+    ("a whole tool round", "/v1/chat/completions", {"messages": [USER, ASKED, RESULT], "tools": [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}),
+    ("arguments as an object", "/v1/chat/completions", {"messages": [
+        USER, {**ASKED, "tool_calls": [{**CALL, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        RESULT]}),
+    ("completions' fields", "/v1/completions", {"echo": False, "best_of": 1, "suffix": "", "logprobs": None,
+                                                "user": "u1"}),
+]
+
+
+def test_what_openai_refuses_is_a_400_naming_the_param_and_what_clients_send_is_accepted(tiny_models):
+    """Each request of REFUSED got 200 (an invented tool, a result without its call, unparsable arguments, an
+    unknown field read as nothing); now a 400 in OpenAI's error shape naming the param. Every request of ACCEPTED
+    still gets 200."""
+    from tunesmith.serve.app import create_app
+
+    chat = scripted_chat(tiny_models, "qwen2", weather_script)
+    with serve_on_a_thread(create_app(chat, {"m": None})) as port:
+        url = f"http://127.0.0.1:{port}"
+
+        def post(path, fields):
+            """(status, body) of a plain request to path (a user message, or a prompt) with `fields` over it."""
+            base = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+            return http_json("POST", url + path, {"model": "m", "max_tokens": 1, **base, **fields}) \
+                if not fields.get("stream") else _raw(port, "POST", path, fields, {})
+
+        for name, path, fields, param, fragment in REFUSED:
+            status, body = post(path, fields)
+            assert status == 400, (name, status, body)
+            err = body["error"]
+            assert (err["type"], err["param"]) == ("invalid_request_error", param), (name, err)
+            assert fragment in err["message"], (name, err["message"])
+        for name, path, fields in ACCEPTED:
+            status, body = post(path, fields)
+            assert status == 200, (name, body)

@@ -64,9 +64,10 @@ def main(args):
     except ImportError:
         raise ConfigError("tunesmith deploy needs fastapi and uvicorn: pip install fastapi uvicorn") from None
     del fastapi  # imported only to check that it is installed; create_app imports what it uses
-    from tunesmith.inference.chat import build_engine, check_generation_flags
+    from tunesmith.inference.chat import build_engine
+    from tunesmith.inference.flags import check_inference_flags
 
-    check_generation_flags(args)
+    check_inference_flags(args)
     _check_port(args.host, args.port)
     engine, args, ckpt, named = build_engine(args)
     check_finite(engine, args, ckpt)

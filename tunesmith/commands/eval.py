@@ -42,8 +42,14 @@ def _runners(args):
 
 
 def main(args):
+    """`tunesmith eval`: the benchmarks on the model(s) or endpoint; writes the tables, charts and per-sample
+    reports. Returns {output_dir, rows, results, labels}. Raises FlagError (flag values, before anything loads) or
+    ConfigError."""
     from tunesmith.data.load import write_jsonl
     from tunesmith.files import write_text_atomic
+    from tunesmith.inference.flags import check_inference_flags
+
+    check_inference_flags(args)
 
     if args.eval_backend != "Native":
         raise ConfigError(f"--eval_backend {args.eval_backend}: tunesmith evaluates natively (--eval_backend Native); "

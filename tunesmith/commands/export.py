@@ -45,9 +45,12 @@ def flag_problems(args) -> list[str]:
 
 
 def main(args):
-    from tunesmith.config.checks import raise_problems
+    """`tunesmith export`: merge --adapters into the base weights and write the model folder. Returns 0. Raises
+    FlagError (flag values, before anything loads) or ConfigError (nothing to merge, a reward model, the output
+    exists)."""
+    from tunesmith.inference.flags import check_inference_flags
 
-    raise_problems(flag_problems(args))
+    check_inference_flags(args, flag_problems(args))
     if not args.merge_lora:
         raise ConfigError("tunesmith export merges LoRA adapters: pass --adapters CKPT --merge_lora true "
                           "(quantised export, ollama and mcore conversion are not supported yet)")
@@ -57,7 +60,6 @@ def main(args):
         raise ConfigError("--adapters name=path pairs are for deploy; export merges plain adapter paths")
     if not adapters:
         raise ConfigError("--merge_lora true needs --adapters CKPT (the LoRA checkpoint to merge)")
-    _refuse_reward_model(adapters[0])
     out = os.path.abspath(args.output_dir or os.path.abspath(adapters[0]).rstrip(os.sep) + "-merged")
     if os.path.exists(out) and not args.exist_ok:
         raise ConfigError(f"{out} already exists; pass --exist_ok true to replace it or choose --output_dir")
@@ -96,20 +98,6 @@ def _write_refused(out: str):
         raise TunesmithError(f"could not write the merged model ({out}): {why}; nothing was left half-written. "
                              f"Free some space (or fix the permissions) or choose another --output_dir, and "
                              f"export again") from None
-
-
-def _refuse_reward_model(adapter: str) -> None:
-    """A reward-model adapter (--rlhf_type rm, peft task SEQ_CLS) is not merged: merging loads a causal LM, which
-    would drop the trained score head. Raises ConfigError naming what to use instead."""
-    try:
-        with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
-            task = json.load(fh).get("task_type")
-    except (OSError, ValueError):
-        return
-    if task == "SEQ_CLS":
-        raise ConfigError(f"--adapters {adapter} is a reward model (--rlhf_type rm); merging it is not supported yet "
-                          f"(the score head would be lost). Use the checkpoint itself: GRPO's --reward_model takes it, "
-                          f"and AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1) loads it")
 
 
 def save_weights(model, out_dir: str, safe_serialization: bool, max_shard_size: str) -> None:

@@ -7,7 +7,8 @@ import sys
 import time
 from dataclasses import replace
 from typing import Optional
-from tunesmith.inference.chat import (GenConfig, Reply, PromptTooLong, Prompt, ChatEngine, build_engine, logprobs_json, check_generation_flags)
+from tunesmith.inference.chat import (GenConfig, Reply, PromptTooLong, Prompt, ChatEngine, build_engine, logprobs_json)
+from tunesmith.inference.flags import check_inference_flags
 
 
 def _default_result_path(args, ckpt: Optional[str]) -> str:
@@ -227,7 +228,7 @@ def main(args):
     from tunesmith.errors import ConfigError
     from tunesmith.files import unwritable
 
-    check_generation_flags(args)
+    check_inference_flags(args)
     engine, args, ckpt, _ = build_engine(args)
     try:
         loaded = _infer_rows(args, ckpt)

@@ -40,3 +40,30 @@ def empty_names(problems: list, name: str, values) -> None:
         if not str(v).strip() or str(v).strip() in ("hf::", "ms::"):
             problems.append(f"--{name} {v!r}: an empty name; give a data file, a folder or a hub id (or leave the "
                             f"empty value out)")
+
+
+ATTN_IMPLS = ("sdpa", "eager", "flash_attn", "flash_attention_2", "flash_attention_3", "flex_attention")
+DTYPE_NAMES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+SEED_MAX = 2 ** 32 - 1  # numpy's and CUDA's seeds are 32-bit
+
+
+def model_problems(args) -> list[str]:
+    """The model flags of every command that loads one (a ModelArgs and QuantArgs): --attn_impl among the
+    implementations transformers has, --bnb_4bit_compute_dtype a dtype name, --max_model_len at least 1."""
+    out: list[str] = []
+    if args.attn_impl is not None and args.attn_impl not in ATTN_IMPLS:
+        out.append(f"--attn_impl {args.attn_impl}: expected one of {', '.join(ATTN_IMPLS)}")
+    dtype = getattr(args, "bnb_4bit_compute_dtype", None)
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        out.append(f"--bnb_4bit_compute_dtype {dtype}: expected one of {', '.join(DTYPE_NAMES)} (or leave it out for "
+                   f"--torch_dtype)")
+    if args.max_model_len is not None:
+        between(out, "max_model_len", args.max_model_len, 1, None, hint="tokens; leave it out for the model's own")
+    return out
+
+
+def empty_problem(name: str, value, instead: str) -> list[str]:
+    """[the problem] when a text flag was given as '' (or spaces), else []: instead says what to give."""
+    if value is not None and not str(value).strip():
+        return [f"--{name} is empty; {instead}"]
+    return []

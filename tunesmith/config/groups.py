@@ -493,9 +493,9 @@ class DeployServerArgs:
     owned_by: str = _f("tunesmith", help="owned_by field of /v1/models.")
     log_interval: int = _f(20, help="ms-swift: seconds between throughput log lines. Compatibility only (see the "
                                     "table at the end).")
-    max_logprobs: int = _f(20, help="Largest top_logprobs a request may ask for.")
+    max_logprobs: int = _f(20, help="Largest top_logprobs a request may ask for (0: none).")
     max_request_bytes: int = _f(8 << 20, help="Largest request body in bytes (default 8 MiB); a larger one is "
-                                              "refused (413) before it is read or tokenised. 0: no limit.")
+                                              "refused (413) before it is read or tokenised.")
     verbose: bool = _f(True, help="Log each HTTP request (uvicorn info level).")
 
 

@@ -96,7 +96,11 @@ def _check_structure(r: Row, field: str, messages: list[dict], need_reply: bool)
         raise r.err(f"{field}[{roles.index('system', start)}].role", "a system message may only come first.",
                     "move it to the start or merge it into the first system message.")
     if start < len(messages) and messages[start]["role"] == "assistant":
-        # ms-swift's pretraining form: a leading assistant message gets an empty user turn.
+        if not need_reply:  # a prompt to generate from (infer, GRPO): an invented empty one would be answered
+            raise r.err(f"{field}[{start}].role", "the conversation starts with an assistant message, so there is "
+                        "no user turn to generate a reply to.", "put the user's message before it (a final "
+                        "assistant reply is read as the expected answer), or drop the row.")
+        # ms-swift's pretraining form (training): a leading assistant message gets an empty user turn.
         messages = messages[:start] + [{"role": "user", "content": ""}] + messages[start:]
         roles = [m["role"] for m in messages]
     for i in range(1, len(roles)):

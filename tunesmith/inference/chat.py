@@ -363,11 +363,14 @@ def build_engine(args):
     frozen one with what the checkpoint's args.json filled in, see models.checkpoint.resolve_checkpoint —, the
     checkpoint whose args.json was read, deploy's named adapters).
 
-    Named adapters: {name: path}. Also raises ConfigError for bad --adapters or a model that cannot be resolved."""
+    Named adapters: {name: path}. Also raises ConfigError for bad --adapters, a reward model or a model that cannot
+    be resolved, and FlagError for --max_new_tokens over the model's context length (both before the weights
+    load)."""
     from tunesmith.config.checks import raise_problems
-    from tunesmith.models.load import load_for_inference, note
+    from tunesmith.inference.flags import check_model_reply_room
     from tunesmith.models.checkpoint import (named_adapter_problems, resolve_checkpoint, side_by_side_problems,
                                              split_named_adapters)
+    from tunesmith.models.load import load_for_inference, note, resolve_model_dir
 
     batch = args.max_batch_size
     if args.infer_backend not in ("transformers", "pt"):
@@ -376,7 +379,9 @@ def build_engine(args):
     plain, named = split_named_adapters(list(args.adapters))
     # the names again, now that the checkpoint's args.json may have named the model (the base's served name)
     raise_problems(named_adapter_problems(list(args.adapters), served_base_name(args)) + side_by_side_problems(named))
-    model, tok, _ = load_for_inference(take(ModelConfig, args), plain, named)
+    model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
+    check_model_reply_room(args, model_dir)  # --max_new_tokens within the context: before the weights load
+    model, tok, _ = load_for_inference(take(ModelConfig, args), plain, named, model_dir=model_dir)
     engine = ChatEngine(model, tok, system=args.system, defaults=GenConfig.from_args(args),
                         max_model_len=args.max_model_len, max_batch_size=batch,
                         template_kwargs=template_kwargs(args))
@@ -394,7 +399,8 @@ def _build_backend_engine(args, batch: int):
     from tunesmith.inference.backends import ENGINES, NAMES, EngineModelInfo, check_backend, engine_adapters
     from tunesmith.data.encode import ChatEncoder
     from tunesmith.errors import ConfigError
-    from tunesmith.models.load import load_tokenizer, note, resolve_model_dir
+    from tunesmith.inference.flags import check_reply_room, context_length
+    from tunesmith.models.load import load_tokenizer, note, refuse_reward_model, resolve_model_dir
     from tunesmith.inference.reply import OutputParser
     from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 
@@ -406,12 +412,15 @@ def _build_backend_engine(args, batch: int):
     lora = engine_adapters(cfg)  # raises for several plain adapters (one LoRA per request)
     default = next((n for n, p in lora.items() if plain and p == plain[0] and n not in named), None)
     model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
+    refuse_reward_model(args.model, model_dir)
     tok = load_tokenizer(args, model_dir)
     info = EngineModelInfo.from_pretrained(model_dir, backend, trust_remote_code=args.trust_remote_code)
     stop = stop_token_ids(info, tok, ChatEncoder(tok, system=args.system), OutputParser(tok).reasoning_style)
     own = {"vllm": cfg.vllm_max_model_len, "sglang": cfg.sglang_context_length,
            "lmdeploy": cfg.lmdeploy_session_len}[backend]  # the engine's own context flag
-    context = own or args.max_model_len or getattr(info.config, "max_position_embeddings", None) or 4096
+    flag = {"vllm": "--vllm_max_model_len", "sglang": "--sglang_context_length", "lmdeploy": "--lmdeploy_session_len"}
+    context, source = (own, flag[backend]) if own else context_length(info.config, args.max_model_len)
+    check_reply_room(args.max_new_tokens, context, source)
     try:
         inner = ENGINES[backend](cfg, model_dir, tok, stop, lora, default, max_model_len=context)
     except ConfigError:
@@ -478,35 +487,6 @@ def raise_backend(backend: str, cfg: EngineConfig, error: BaseException):
     raise ConfigError(f"{msg}. The same model and settings with {NAMES[backend]}'s own OpenAI-compatible "
                       f"server{hub}, for clients or `tunesmith eval --eval_url http://HOST:PORT/v1`:\n  "
                       f"{format_command(cmd)}\nor use --infer_backend transformers") from error
-
-
-def check_generation_flags(args: GenerationArgs) -> None:
-    """infer's and deploy's flag values, before anything loads (every problem at once, FlagError: exit 2):
-    sampling settings, counts, and deploy's port, body limit and API key (a DeployServerArgs)."""
-    from tunesmith.config.checks import between, raise_problems
-    from tunesmith.config.parser import deferred_problems
-    from tunesmith.models.checkpoint import named_adapter_problems
-
-    out: list[str] = deferred_problems(args)
-    for name, value, lo, hi, lo_open in (("temperature", args.temperature, 0, None, False),
-                                         ("top_p", args.top_p, 0, 1, True),
-                                         ("repetition_penalty", args.repetition_penalty, 0, None, True),
-                                         ("max_new_tokens", args.max_new_tokens, 1, None, False),
-                                         ("top_logprobs", args.top_logprobs, 0, None, False)):
-        if value is not None:
-            between(out, name, value, lo, hi, lo_open=lo_open)
-    for name, value in (("n", args.n), ("num_beams", args.num_beams)):
-        between(out, name, value, 1, None)
-    if isinstance(args, DeployServerArgs):  # deploy: the server's own flags
-        if args.port is not None:
-            between(out, "port", args.port, 0, 65535)
-        if args.max_request_bytes is not None:
-            between(out, "max_request_bytes", args.max_request_bytes, 0, None, hint="0 means no limit")
-        if args.api_key is not None and not str(args.api_key).strip():
-            out.append("--api_key is empty: the server would take any request; give a key (or leave the flag out)")
-    out += named_adapter_problems(list(flag_values(args).get("adapters") or []), served_base_name(args))
-    out += path_problems(args)
-    raise_problems(out)
 
 
 def served_base_name(args) -> Optional[str]:

@@ -180,6 +180,41 @@ def diverged_problem(path: Optional[str], flag: str) -> Optional[str]:
             f"use " + (good if good else "an earlier checkpoint") + " instead")
 
 
+def _reward_model_kind(folder: str) -> Optional[str]:
+    """What makes `folder` a reward model (a score head, no text generation), or None: a peft SEQ_CLS adapter
+    (--rlhf_type rm with LoRA), or a model whose config.json names a *ForSequenceClassification architecture
+    (--rlhf_type rm with --train_type full, or a hub reward model). Unreadable files are left to the loader."""
+    for name in ("adapter_config.json", os.path.join("default", "adapter_config.json"), "config.json"):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                config = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(config, dict):
+            continue
+        if config.get("task_type") == "SEQ_CLS":
+            return "a LoRA adapter with a score head: peft task SEQ_CLS, as --rlhf_type rm saves it"
+        arch = next((a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
+                    None)
+        if arch:
+            return f"its config.json names {arch}"
+    return None
+
+
+def reward_model_problem(flag: str, value: str, folder: Optional[str] = None) -> Optional[str]:
+    """The refusal of a reward model given to infer, deploy, eval or export as `flag value` (folder: where it lies,
+    when that is not `value` itself, e.g. a hub id's download), or None. Every one of them would load it as a
+    causal LM, dropping the trained score head and generating text from the bare backbone."""
+    folder = folder or value
+    kind = _reward_model_kind(folder) if folder and os.path.isdir(folder) else None
+    if kind is None:
+        return None
+    return (f"{flag} {value} is a reward model ({kind}): it scores replies and does not generate text, and "
+            f"loading it as a causal LM (to generate from, or to merge) would drop its trained score head, so it is "
+            f"not loaded. Use it where rewards are scored: `tunesmith rlhf --rlhf_type grpo --reward_model {value}`, "
+            f"or in Python AutoModelForSequenceClassification.from_pretrained({value!r}, num_labels=1)")
+
+
 def resolve_checkpoint(args: Checkpointed) -> tuple[Checkpointed, Optional[str]]:
     """Find the base model and settings of `--adapters CKPT` / `--model CKPT` (or ms-swift's `--ckpt_dir CKPT`)
     from the checkpoint's args.json.
@@ -188,8 +223,8 @@ def resolve_checkpoint(args: Checkpointed) -> tuple[Checkpointed, Optional[str]]
     with --ckpt_dir folded into --adapters or --model and the inherited settings filled in, the checkpoint directory
     whose args.json was read or None); args is not changed. Flags always win: a key is inherited only when neither
     the command line nor a config file gave it (config.parser.given_flags), and what was inherited is printed.
-    Raises ConfigError for adapters that are not adapter folders, a diverged checkpoint, no base model, or a base
-    model folder the args.json records that no longer exists."""
+    Raises ConfigError for adapters that are not adapter folders, a diverged checkpoint, a reward model
+    (reward_model_problem), no base model, or a base model folder the args.json records that no longer exists."""
     import sys
 
     from tunesmith.errors import ConfigError
@@ -210,7 +245,7 @@ def resolve_checkpoint(args: Checkpointed) -> tuple[Checkpointed, Optional[str]]
             raise ConfigError(f"--adapters {path}: this is a full model checkpoint, not a LoRA adapter (no "
                               f"adapter_config.json); pass it with --model {path}")
     for flag, path in [("--adapters", p) for p in plain + list(named.values())] + [("--model", args.model)]:
-        problem = diverged_problem(path, flag)
+        problem = diverged_problem(path, flag) or reward_model_problem(flag, path)
         if problem:
             raise ConfigError(problem)
     if args.model and os.path.isdir(args.model) and is_adapter_dir(args.model):

@@ -311,18 +311,30 @@ def count_parameters(model) -> dict:
     return {"total": total, "trainable": trainable, "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}
 
 
+def refuse_reward_model(model: str, model_dir: str) -> None:
+    """Raise ConfigError when --model (a hub id, downloaded to model_dir; local folders were checked with the
+    checkpoint) is a reward model: generating from it would drop its score head (checkpoint.reward_model_problem)."""
+    from tunesmith.models.checkpoint import reward_model_problem
+
+    problem = reward_model_problem("--model", model, model_dir)
+    if problem:
+        raise ConfigError(problem)
+
+
 def load_for_inference(cfg: ModelConfig, adapters: list[str], named: Optional[dict] = None, merge: bool = False,
-                       quantise: bool = True):
+                       quantise: bool = True, model_dir: Optional[str] = None):
     """The model to generate with: the base (quantised as trained unless quantise=False), then the adapters.
 
     Plain adapters are applied in order; several are merged one after another (ms-swift merges them in sequence),
     one stays a live PeftModel unless merge=True or named adapters follow (then it is merged: the served base is
-    the model with its plain adapters, and the named ones apply on top). Named adapters (deploy's name=path) are loaded side by side and
-    chosen per request. cfg: the model slice of the (checkpoint-resolved) command. Returns (model, tokenizer,
-    model_dir)."""
+    the model with its plain adapters, and the named ones apply on top). Named adapters (deploy's name=path) are
+    loaded side by side and chosen per request. cfg: the model slice of the (checkpoint-resolved) command;
+    model_dir: cfg.model's folder when the caller resolved it already. Returns (model, tokenizer, model_dir)."""
     from peft import PeftModel
 
-    model_dir = resolve_model_dir(cfg.model, cfg.use_hf, cfg.model_revision, cfg.hub_token)
+    if model_dir is None:
+        model_dir = resolve_model_dir(cfg.model, cfg.use_hf, cfg.model_revision, cfg.hub_token)
+    refuse_reward_model(cfg.model, model_dir)
     tokenizer = load_tokenizer(cfg, model_dir)
     if not quantise and cfg.quant_method:
         cfg = dataclasses.replace(cfg, quant_method=None)  # merging always goes into the unquantised base weights

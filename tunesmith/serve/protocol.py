@@ -12,6 +12,7 @@ A new endpoint's request model goes here, its handler in `tunesmith.serve.routes
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
@@ -80,6 +81,26 @@ class CompletionRequest(Sampling):
     logprobs: Optional[Union[StrictBool, Int]] = None  # the legacy endpoint's int (top alternatives); refused
 
 
+# Fields of OpenAI's requests (and vLLM's, ms-swift's) that this server does not act on, with the values that
+# change nothing (null always does): accepted at those values, refused by name otherwise (`Server.config`), never
+# silently ignored; the hint says what to do instead.
+UNSUPPORTED = {
+    "presence_penalty": ((0,), "repetition_penalty is supported"),
+    "frequency_penalty": ((0,), "repetition_penalty is supported"),
+    "logit_bias": (({},), ""), "echo": ((False,), ""), "best_of": ((1,), ""), "suffix": (("",), ""),
+    "min_tokens": ((0,), ""), "min_p": ((0,), "top_p and top_k are supported"), "length_penalty": ((1,), ""),
+    "num_beams": ((1,), "serve with --num_beams instead"), "ignore_eos": ((False,), ""),
+    "parallel_tool_calls": ((True,), "the model decides how many calls it makes"), "store": ((False,), ""),
+    "modalities": ((["text"],), "this server answers in text"), "audio": ((), "this server answers in text"),
+    "prediction": ((), ""), "web_search_options": ((), ""), "functions": (([],), "use tools"),
+    "function_call": ((), "use tool_choice"), "verbosity": ((), ""),
+    "reasoning_effort": ((), 'pass chat_template_kwargs {"reasoning_effort": ...} to a template that reads it '
+                             '(gpt-oss), or enable_thinking'),
+}
+# Fields that only label a request for the caller's own bookkeeping: accepted and ignored, as vLLM does.
+LABELS = ("metadata", "service_tier", "prompt_cache_key", "safety_identifier")
+
+
 class ApiError(Exception):
     """An error answered with HTTP `status` and OpenAI's error body; code and param fill its fields."""
 
@@ -108,6 +129,53 @@ def _text(content) -> str:
     return "".join(parts)
 
 
+def check_fields(req: Sampling) -> None:
+    """Refuse a field OpenAI's API does not define (nor vLLM's extras this server takes: top_k, repetition_penalty,
+    chat_template_kwargs, enable_thinking), as OpenAI does: 400 "Unrecognized request argument supplied: NAME"
+    naming it (the first one as param). Fields in UNSUPPORTED and LABELS are known; Server.config judges their
+    values. Also refuses stream_options without stream, as OpenAI does."""
+    unknown = [k for k in (req.model_extra or {}) if k not in UNSUPPORTED and k not in LABELS]
+    if unknown:
+        many = "s" if len(unknown) > 1 else ""
+        raise ApiError(400, f"Unrecognized request argument{many} supplied: {', '.join(unknown)}", param=unknown[0])
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                       param="stream_options")
+
+
+def check_tools(tools: Optional[list]) -> None:
+    """Each entry of a request's `tools` must be {"type": "function", "function": {"name": a non-empty string,
+    "parameters": an object (optional), "description": a string (optional)}}, and the list not empty, as OpenAI
+    requires. Raises ApiError 400 naming the first bad field (e.g. param tools[0].function.name)."""
+    if tools is None:
+        return
+    if not tools:
+        raise ApiError(400, "Invalid 'tools': empty array. Expected an array with minimum length 1; leave tools out "
+                            "for a request without tools", param="tools")
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise ApiError(400, f"Invalid type for '{where}': expected an object, but got "
+                                f"{type(tool).__name__}", param=where)
+        if tool.get("type") != "function":
+            raise ApiError(400, f"Invalid value for '{where}.type': {tool.get('type')!r}. Supported values are: "
+                                f"'function'.", param=f"{where}.type")
+        fn = tool.get("function")
+        if fn is None:
+            raise ApiError(400, f"Missing required parameter: '{where}.function'.", param=f"{where}.function")
+        if not isinstance(fn, dict):
+            raise ApiError(400, f"Invalid type for '{where}.function': expected an object", param=f"{where}.function")
+        if not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            missing = "Missing required parameter" if fn.get("name") is None else "Invalid value (expected the " \
+                                                                                   "function's name, a string)"
+            raise ApiError(400, f"{missing}: '{where}.function.name'.", param=f"{where}.function.name")
+        for key, kind in (("parameters", dict), ("description", str)):
+            if fn.get(key) is not None and not isinstance(fn[key], kind):
+                raise ApiError(400, f"Invalid type for '{where}.function.{key}': expected "
+                                    f"{'an object (a JSON schema)' if kind is dict else 'a string'}",
+                               param=f"{where}.function.{key}")
+
+
 def check_unicode(req: BaseModel) -> None:
     """Every string of the request (keys too) must be valid Unicode: JSON's `\\ud800` escape without its other half
     decodes to a lone surrogate, which no tokenizer can take. Raises ApiError 400 naming the field."""
@@ -132,9 +200,11 @@ def chat_messages(req: ChatRequest) -> list[dict]:
     """The request's messages as plain dicts for the template: text content, assistant `tool_calls` and
     `reasoning_content`, tool messages' `tool_call_id`/`name` (`developer` is the system role of newer clients).
 
-    Raises ApiError 400: a message without content (only an assistant message with tool_calls may leave it null, as
-    in OpenAI's API), a non-text content part, or a tool_calls entry without function.name."""
+    Raises ApiError 400, as OpenAI's API: a message without content (only an assistant message with tool_calls may
+    leave it null), a non-text content part, a malformed tool call (`_check_calls`), or tool turns that do not
+    match their calls (`ToolTurns`)."""
     out = []
+    turns = ToolTurns()
     for i, m in enumerate(req.messages):
         if m.content is None and not (m.role == "assistant" and m.tool_calls):
             raise ApiError(400, f"messages[{i}].content is missing: a {m.role} message needs content (a string or a "
@@ -142,13 +212,11 @@ def chat_messages(req: ChatRequest) -> list[dict]:
                                                           "null" if m.role == "assistant" else ""),
                            param=f"messages[{i}].content")
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
-        if m.tool_calls:
-            for c in m.tool_calls:
-                if not isinstance(c, dict) or not isinstance(c.get("function"), dict) or \
-                        not isinstance(c["function"].get("name"), str):
-                    raise ApiError(400, "each tool_calls entry needs function.name (and function.arguments)",
-                                   param="messages")
-            msg["tool_calls"] = m.tool_calls
+        if m.tool_calls is not None:
+            _check_calls(i, m)
+            if m.tool_calls:
+                msg["tool_calls"] = m.tool_calls
+        turns.feed(i, m)
         for key in ("tool_call_id", "name"):
             if getattr(m, key):
                 msg[key] = getattr(m, key)
@@ -156,7 +224,80 @@ def chat_messages(req: ChatRequest) -> list[dict]:
         if extra.get("reasoning_content"):
             msg["reasoning_content"] = extra["reasoning_content"]
         out.append(msg)
+    turns.end()
     return out
+
+
+def _check_calls(i: int, m: Message) -> None:
+    """An assistant message's tool_calls as OpenAI requires them: each {"id": a string, "type": "function",
+    "function": {"name": a string, "arguments": a JSON object, as a string (or the object itself)}}. Raises
+    ApiError 400 naming the field (param messages[i].tool_calls[k]...)."""
+    where = f"messages[{i}].tool_calls"
+    if m.role != "assistant":
+        raise ApiError(400, f"{where}: only an assistant message may carry tool_calls (a {m.role} message does not; "
+                            f"a tool's result is a tool message with tool_call_id)", param=where)
+    for k, c in enumerate(m.tool_calls):
+        at = f"{where}[{k}]"
+        if not isinstance(c, dict) or not isinstance(c.get("function"), dict) or \
+                not isinstance(c["function"].get("name"), str) or not c["function"]["name"]:
+            raise ApiError(400, f"{at}: each tool_calls entry needs function.name (and function.arguments)",
+                           param=f"{at}.function.name")
+        if not isinstance(c.get("id"), str) or not c["id"]:
+            raise ApiError(400, f"Missing required parameter: '{at}.id' (the call's id, which the tool message "
+                                f"answering it names as tool_call_id).", param=f"{at}.id")
+        if c.get("type", "function") != "function":
+            raise ApiError(400, f"Invalid value for '{at}.type': {c['type']!r}. Supported values are: 'function'.",
+                           param=f"{at}.type")
+        args = c["function"].get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError as e:
+                raise ApiError(400, f"{at}.function.arguments is not valid JSON ({e}): send the call's arguments "
+                                    "as a JSON object string, e.g. '{\"city\": \"Paris\"}'",
+                               param=f"{at}.function.arguments") from None
+        if not isinstance(args, dict):
+            raise ApiError(400, f"{at}.function.arguments: expected a JSON object of arguments (as a string), got "
+                                f"{type(args).__name__}", param=f"{at}.function.arguments")
+
+
+class ToolTurns:
+    """The order OpenAI's API requires of tool turns, fed one message at a time: a tool message names (tool_call_id)
+    a call of the assistant message right before its run of tool messages, and every call is answered before the
+    next other message (or the end of the conversation). Raises ApiError 400 naming the message."""
+
+    def __init__(self):
+        self.pending: dict = {}       # call id -> function name: calls not answered yet
+        self.calls_at = None          # the index of the assistant message whose calls the tool messages answer
+
+    def feed(self, i: int, m: Message) -> None:
+        """Check message i against the calls before it; the calls of an assistant message open a new run."""
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise ApiError(400, f"Missing required parameter: 'messages[{i}].tool_call_id' (the id of the call "
+                                    f"this result answers).", param=f"messages[{i}].tool_call_id")
+            if self.calls_at is None:
+                raise ApiError(400, f"messages[{i}]: messages with role 'tool' must be a response to a preceding "
+                                    f"message with 'tool_calls'", param=f"messages[{i}].role")
+            if m.tool_call_id not in self.pending:
+                raise ApiError(400, f"messages[{i}].tool_call_id {m.tool_call_id!r} answers none of the unanswered "
+                                    f"calls of messages[{self.calls_at}]"
+                               + (f" (their ids: {', '.join(map(repr, self.pending))})" if self.pending else ""),
+                               param=f"messages[{i}].tool_call_id")
+            del self.pending[m.tool_call_id]
+            return
+        self.end()
+        self.calls_at = None
+        if m.role == "assistant" and m.tool_calls:
+            self.pending, self.calls_at = {c["id"]: c["function"]["name"] for c in m.tool_calls}, i
+
+    def end(self) -> None:
+        """Every call made so far must have its tool message by now."""
+        if self.pending:
+            raise ApiError(400, f"An assistant message with 'tool_calls' must be followed by tool messages "
+                                f"responding to each 'tool_call_id'. The following tool_call_ids did not have "
+                                f"response messages: {', '.join(self.pending)} (messages[{self.calls_at}])",
+                           param=f"messages[{self.calls_at}].tool_calls")
 
 
 # ------------------------------------------------------------------ response bodies

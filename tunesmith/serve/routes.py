@@ -24,8 +24,9 @@ from typing import Optional
 
 from starlette.requests import Request
 
-from tunesmith.serve.protocol import (ApiError, ChatRequest, CompletionRequest, Sampling, assistant_message,
-                                      chat_chunk, chat_messages, check_unicode, error_body, text_chunk, usage)
+from tunesmith.serve.protocol import (UNSUPPORTED, ApiError, ChatRequest, CompletionRequest, Sampling,
+                                      assistant_message, chat_chunk, chat_messages, check_fields, check_tools,
+                                      check_unicode, error_body, text_chunk, usage)
 
 
 class Server:
@@ -51,16 +52,14 @@ class Server:
         """The request's sampling settings over the server's defaults; refuses what would be silently ignored.
 
         Returns an `inference.chat.GenConfig`. top_logprobs: alternatives per token asked for. Raises ApiError 400 for an
-        unsupported field with a non-default value (penalties, logit_bias, echo, best_of, suffix, min_tokens),
-        reserved chat_template_kwargs, a non-text response_format, or top_logprobs over --max_logprobs."""
+        unsupported field with a value that would change the reply (protocol.UNSUPPORTED: penalties, logit_bias,
+        echo, best_of, ...), reserved chat_template_kwargs, a non-text response_format, or top_logprobs over
+        --max_logprobs."""
         extra = req.model_extra or {}
-        for name, inert in (("presence_penalty", (None, 0, 0.0)), ("frequency_penalty", (None, 0, 0.0)),
-                            ("logit_bias", (None, {})), ("echo", (None, False)), ("best_of", (None, 1)),
-                            ("suffix", (None, "")), ("min_tokens", (None, 0))):
-            if extra.get(name) not in inert:
-                raise ApiError(400, f"{name} is not supported by this server; leave it out (repetition_penalty "
-                                    f"is supported)" if "penalty" in name else f"{name} is not supported by this "
-                                    f"server; leave it out", param=name)
+        for name, (inert, hint) in UNSUPPORTED.items():
+            if extra.get(name) is not None and extra[name] not in inert:
+                raise ApiError(400, f"{name} is not supported by this server; leave it out"
+                                    + (f" ({hint})" if hint else ""), param=name)
         reserved = {"add_generation_prompt", "tokenize", "tools", "messages", "chat_template", "documents"}
         bad = reserved & set(req.chat_template_kwargs or {})
         if bad:
@@ -196,14 +195,17 @@ async def chat_completion(server: Server, req: ChatRequest, request: Request):
     """POST /v1/chat/completions: render, submit req.n sequences, then a JSON body or an SSE stream.
 
     Returns the `chat.completion` dict, or a StreamingResponse of `chat.completion.chunk` events. Raises ApiError:
-    404 unknown model; 400 tool_choice "required"/named, bad messages or settings, prompt too long; 503 engine
-    closed; 500 a failed generation (non-streaming; a stream sends an error event instead)."""
+    400 a field OpenAI does not define, bad tools, tool_choice "required"/named, bad messages or settings, prompt
+    too long; 404 unknown model; 503 engine closed; 500 a failed generation (non-streaming; a stream sends an error
+    event instead)."""
     from functools import partial
 
     from starlette.responses import StreamingResponse
 
     from tunesmith.inference.chat import logprobs_json
 
+    check_fields(req)
+    check_tools(req.tools)
     adapter = server.adapter(req.model)
     if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
         raise ApiError(400, "tool_choice 'required' or a named function is not supported (no constrained "
@@ -246,12 +248,13 @@ async def text_completion(server: Server, req: CompletionRequest, request: Reque
     """POST /v1/completions: as ms-swift, the prompt is one user message rendered with the chat template.
 
     Returns the `text_completion` dict, or a StreamingResponse of its chunks. Raises ApiError: 404 unknown model;
-    400 more than one prompt, logprobs asked for, bad settings, prompt too long; 503 engine closed; 500 a failed
+    400 a field OpenAI does not define, more than one prompt, logprobs asked for, bad settings, prompt too long; 503 engine closed; 500 a failed
     generation (non-streaming)."""
     from functools import partial
 
     from starlette.responses import StreamingResponse
 
+    check_fields(req)
     adapter = server.adapter(req.model)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if len(prompts) != 1:

@@ -19,7 +19,7 @@ from tunesmith.config.commands import RLHFArguments, SftArguments
 from tunesmith.config.groups import TunerArgs
 from tunesmith.config.parser import deferred_problems
 from tunesmith.config.slices import DataConfig, DistConfig, ModelConfig, OptimConfig, OutputConfig, flag_values, take
-from tunesmith.config.checks import between, empty_names, raise_problems
+from tunesmith.config.checks import between, empty_names, model_problems, raise_problems
 from tunesmith.errors import ConfigError
 from tunesmith.log import note
 
@@ -196,12 +196,10 @@ def _range_problems(args) -> list[str]:
 
 MAX_EPOCHS = 10 ** 6  # more passes over the data than any run finishes (and a step count that overflows)
 
-ATTN_IMPLS = ("sdpa", "eager", "flash_attn", "flash_attention_2", "flash_attention_3", "flex_attention")
-
 
 def _more_value_problems(args) -> list[str]:
     """The remaining counts and names: --max_steps (-1 = no limit), --save_total_limit, workers and processes,
-    --loss_scale, --attn_impl, --max_new_tokens."""
+    --loss_scale, --max_new_tokens, the model flags (config.checks.model_problems: --attn_impl, ...)."""
     from tunesmith.data.encode import parse_loss_scale
 
     out: list[str] = []
@@ -216,8 +214,7 @@ def _more_value_problems(args) -> list[str]:
     between(out, "dataset_num_proc", args.dataset_num_proc, 1, None)
     if args.max_new_tokens is not None:
         between(out, "max_new_tokens", args.max_new_tokens, 1, None)
-    if args.attn_impl is not None and args.attn_impl not in ATTN_IMPLS:
-        out.append(f"--attn_impl {args.attn_impl}: expected one of {', '.join(ATTN_IMPLS)}")
+    out += model_problems(args)
     try:
         parse_loss_scale(args.loss_scale, "default")
     except ConfigError as e:
