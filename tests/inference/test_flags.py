@@ -81,11 +81,14 @@ def test_max_new_tokens_over_the_context_is_refused_before_the_weights_load(tiny
     model = tiny_models("qwen2")
     with open(f"{model}/config.json") as fh:
         context = json.load(fh)["max_position_embeddings"]
-    rc, err = _run(capsys, ["infer", "--max_new_tokens", "1000000000000"], model)
-    assert rc == 2 and "Traceback" not in err, err
-    assert f"--max_new_tokens 1000000000000: expected 1 <= max_new_tokens <= {context}; the model's context is " \
-           f"{context} tokens (max_position_embeddings in the model's config.json; --max_model_len overrides it)" in err
+    rc, err = _run(capsys, ["infer", "--max_new_tokens", "1000000000000"], model)  # a count no run finishes
+    assert rc == 2 and "Traceback" not in err and "--max_new_tokens 1000000000000: expected" in err, err
     assert "generation:" not in err  # no engine was built
+    rc, err = _run(capsys, ["infer", "--max_new_tokens", "1000000"], model)  # a count, but past the context
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"--max_new_tokens 1000000: expected 1 <= max_new_tokens <= {context}; the model's context is " \
+           f"{context} tokens (max_position_embeddings in the model's config.json; --max_model_len overrides it)" in err
+    assert "generation:" not in err
     rc, err = _run(capsys, ["deploy", "--port", "0", "--max_new_tokens", "64", "--max_model_len", "32"], model)
     assert rc == 2 and "--max_new_tokens 64: expected 1 <= max_new_tokens <= 32; the model's context is 32 tokens " \
                        "(--max_model_len)" in err, err

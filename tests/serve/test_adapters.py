@@ -54,15 +54,17 @@ def test_adapters_that_cannot_share_a_model_are_refused_at_start(tiny_models, tm
     bias = _fake_adapter(tmp_path / "bias", base, bias="all")
     experts = _fake_adapter(tmp_path / "experts", base, target_parameters=["mlp.experts.gate_up_proj"])
     other = _fake_adapter(tmp_path / "other", "/models/Another-Model-7B")
-    code, err = _deploy_exit(capsys, "--model", base, "--adapters", f"ok={ok}", f"rm={rm}", f"dora={dora}",
+    code, err = _deploy_exit(capsys, "--model", base, "--adapters", f"ok={ok}", f"dora={dora}",
                              f"bias={bias}", f"experts={experts}", f"other={other}")
     assert code == 2, err
-    assert f"--adapters rm={rm}: a reward model (--rlhf_type rm, a score head)" in err
     assert f"--adapters dora={dora}: a DoRA adapter" in err and f"--adapters {dora} (no name=)" in err
     assert f"--adapters bias={bias}: trained with --lora_bias all" in err
     assert f"--adapters experts={experts}: LoRA on raw parameters (--target_parameters" in err
     assert f"ok was trained on {base} but other on /models/Another-Model-7B" in err
     assert "Traceback" not in err
+    # a reward model is refused by every inference command alike, before anything loads (models.checkpoint)
+    code, err = _deploy_exit(capsys, "--model", base, "--adapters", f"ok={ok}", f"rm={rm}")
+    assert code == 1 and f"--adapters {rm} is a reward model" in err and "Traceback" not in err, err
     not_adapter = tmp_path / "plain_folder"
     not_adapter.mkdir()
     code, err = _deploy_exit(capsys, "--model", base, "--adapters", f"ok={ok}", f"x={not_adapter}")

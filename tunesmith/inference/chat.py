@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
-from tunesmith.config.groups import DeployServerArgs, GenerationArgs, TemplateArgs
-from tunesmith.config.slices import EngineConfig, ModelConfig, flag_values, take
+from tunesmith.config.groups import GenerationArgs, TemplateArgs
+from tunesmith.config.slices import EngineConfig, ModelConfig, take
 
 @dataclass
 class GenConfig:
@@ -367,7 +367,7 @@ def build_engine(args):
     be resolved, and FlagError for --max_new_tokens over the model's context length (both before the weights
     load)."""
     from tunesmith.config.checks import raise_problems
-    from tunesmith.inference.flags import check_model_reply_room
+    from tunesmith.inference.flags import check_model_reply_room, served_base_name
     from tunesmith.models.checkpoint import (named_adapter_problems, resolve_checkpoint, side_by_side_problems,
                                              split_named_adapters)
     from tunesmith.models.load import load_for_inference, note, resolve_model_dir
@@ -487,38 +487,3 @@ def raise_backend(backend: str, cfg: EngineConfig, error: BaseException):
     raise ConfigError(f"{msg}. The same model and settings with {NAMES[backend]}'s own OpenAI-compatible "
                       f"server{hub}, for clients or `tunesmith eval --eval_url http://HOST:PORT/v1`:\n  "
                       f"{format_command(cmd)}\nor use --infer_backend transformers") from error
-
-
-def served_base_name(args) -> Optional[str]:
-    """The name deploy serves the base model under when named adapters are given (--served_model_name, else the
-    --model folder's name), or None when it is not known yet (the model comes from a checkpoint's args.json) or
-    args is not a deploy command."""
-    from tunesmith.models.checkpoint import model_suffix
-
-    if not isinstance(args, DeployServerArgs):
-        return None
-    model = flag_values(args).get("model")
-    return args.served_model_name or (model_suffix(model) if model else None)
-
-
-def path_problems(args) -> list[str]:
-    """The paths infer, deploy and eval are given, before anything loads: --result_path a file that can be
-    written, no empty --val_dataset name, a local --model folder that can be read and holds a model."""
-    from tunesmith.config.checks import empty_names
-    from tunesmith.files import unwritable
-    from tunesmith.models.load import model_dir_problem
-
-    out: list[str] = []
-    values = flag_values(args)  # infer, deploy and eval do not share every one of these flags
-    result_path = values.get("result_path")
-    if result_path is not None:
-        why = unwritable(result_path) if str(result_path).strip() else "is empty; give the file to write"
-        if why:
-            out.append(f"--result_path {result_path}: {why}")
-    empty_names(out, "val_dataset", values.get("val_dataset"))
-    model = values.get("model")
-    if model and os.path.isdir(model):
-        out += [m for m in [model_dir_problem(model)] if m]
-    return out
-
-

@@ -7,8 +7,12 @@ Flags without a range (paths, names the engines check, booleans, choices the par
 ms-swift's compatibility-only flags are ignored (with a note), so their values are not judged either."""
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 from tunesmith.config.checks import SEED_MAX, between, empty_problem, model_problems, raise_problems
 from tunesmith.config.groups import DeployServerArgs, EvalArgs, ExportOutputArgs, InferBackendArgs
+from tunesmith.config.slices import flag_values
 
 
 def check_inference_flags(args, extra: list[str] = ()) -> None:
@@ -16,8 +20,6 @@ def check_inference_flags(args, extra: list[str] = ()) -> None:
     (with the flag problems parse_args deferred, deploy's adapter names, the paths to read and write, and the
     command's own `extra` problems); nothing has loaded yet. Returns None when all are fine."""
     from tunesmith.config.parser import deferred_problems
-    from tunesmith.config.slices import flag_values
-    from tunesmith.inference.chat import path_problems, served_base_name
     from tunesmith.models.checkpoint import named_adapter_problems
 
     out: list[str] = deferred_problems(args) + list(extra)
@@ -64,9 +66,10 @@ def generation_problems(args) -> list[str]:
 def _data_problems(args) -> list[str]:
     """The data and template flags these commands share with training (--val_dataset rows, --load_data_args)."""
     out: list[str] = []
+    values = flag_values(args)
     for name in ("max_length", "packing_length"):
-        if getattr(args, name) is not None:
-            between(out, name, getattr(args, name), 1, None)
+        if values[name] is not None:
+            between(out, name, values[name], 1, None)
     between(out, "split_dataset_ratio", args.split_dataset_ratio, 0, 1, hi_open=True)
     between(out, "data_seed", args.data_seed, 0, SEED_MAX)
     between(out, "dataset_num_proc", args.dataset_num_proc, 1, None)
@@ -88,12 +91,13 @@ def _backend_problems(args) -> list[str]:
     out: list[str] = []
     if args.max_batch_size != -1:
         between(out, "max_batch_size", args.max_batch_size, 1, None, hint="or -1 for no limit")
+    values = flag_values(args)
     for name in _ENGINE_COUNTS:
-        if getattr(args, name) is not None:
-            between(out, name, getattr(args, name), 1, None)
+        if values[name] is not None:
+            between(out, name, values[name], 1, None)
     for name in _ENGINE_FRACTIONS:
-        if getattr(args, name) is not None:
-            between(out, name, getattr(args, name), 0, 1, lo_open=True, hint="a fraction of the GPU's memory")
+        if values[name] is not None:
+            between(out, name, values[name], 0, 1, lo_open=True, hint="a fraction of the GPU's memory")
     if args.vllm_mm_processor_cache_gb is not None:
         between(out, "vllm_mm_processor_cache_gb", args.vllm_mm_processor_cache_gb, 0, None)
     return out
@@ -114,8 +118,7 @@ def _server_problems(args) -> list[str]:
         out.append("--api_key is empty: the server would take any request; give a key (or leave the flag out)")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         out.append("--ssl_keyfile and --ssl_certfile go together: HTTPS needs the private key and its certificate")
-    for name in ("ssl_keyfile", "ssl_certfile"):
-        path = getattr(args, name)
+    for name, path in (("ssl_keyfile", args.ssl_keyfile), ("ssl_certfile", args.ssl_certfile)):
         if path and not os.path.isfile(path):
             out.append(f"--{name} {path}: no such file")
     return out
@@ -181,3 +184,36 @@ def check_model_reply_room(args, model_dir: str) -> None:
             return
         config = None
     check_reply_room(args.max_new_tokens, *context_length(config, args.max_model_len))
+
+
+def served_base_name(args) -> Optional[str]:
+    """The name deploy serves the base model under when named adapters are given (--served_model_name, else the
+    --model folder's name), or None when it is not known yet (the model comes from a checkpoint's args.json) or
+    args is not a deploy command."""
+    from tunesmith.models.checkpoint import model_suffix
+
+    if not isinstance(args, DeployServerArgs):
+        return None
+    model = flag_values(args).get("model")
+    return args.served_model_name or (model_suffix(model) if model else None)
+
+
+def path_problems(args) -> list[str]:
+    """The paths infer, deploy and eval are given, before anything loads: --result_path a file that can be
+    written, no empty --val_dataset name, a local --model folder that can be read and holds a model."""
+    from tunesmith.config.checks import empty_names
+    from tunesmith.files import unwritable
+    from tunesmith.models.load import model_dir_problem
+
+    out: list[str] = []
+    values = flag_values(args)  # infer, deploy and eval do not share every one of these flags
+    result_path = values.get("result_path")
+    if result_path is not None:
+        why = unwritable(result_path) if str(result_path).strip() else "is empty; give the file to write"
+        if why:
+            out.append(f"--result_path {result_path}: {why}")
+    empty_names(out, "val_dataset", values.get("val_dataset"))
+    model = values.get("model")
+    if model and os.path.isdir(model):
+        out += [m for m in [model_dir_problem(model)] if m]
+    return out
