@@ -365,7 +365,8 @@ def test_crash_mid_save_leaves_no_checkpoint(tmp_path):
     from tunesmith.runs.run_dir import list_checkpoints
     with pytest.raises(RuntimeError):
         with atomic_dir(str(tmp_path / "checkpoint-5")) as tmp:
-            open(os.path.join(tmp, "adapter_model.safetensors"), "w").write("partial")
+            with open(os.path.join(tmp, "adapter_model.safetensors"), "w") as fh:
+                fh.write("partial")
             raise RuntimeError("disk full")
     assert list_checkpoints(str(tmp_path)) == [] and os.listdir(tmp_path) == []
 
