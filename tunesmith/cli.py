@@ -151,10 +151,10 @@ def quiet_libraries(command: str, args) -> None:
     bars ("Loading weights", "Writing model shards": tunesmith says what it loads and writes; downloads keep
     huggingface_hub's bars) through transformers' tqdm hook, and DeepSpeed's DEEPSPEED_CPU_NOTICE in a run
     without --deepspeed."""
-    import logging
-
     if command not in MODEL_COMMANDS:
         return
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     if hasattr(hf_logging, "set_tqdm_hook"):  # transformers 5
