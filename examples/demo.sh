@@ -9,7 +9,6 @@ MODEL=$OUT/tiny-qwen
 DATA="examples/data/capitals_messages.jsonl examples/data/capitals_sharegpt.jsonl examples/data/capitals_alpaca.json"
 QUESTIONS=examples/data/questions.jsonl
 rm -rf "$OUT"
-quiet() { grep -v -e Warning -e warnings.warn -e "Loading weights" -e "Writing model shards" || true; }
 answers() {  # print the replies of an infer result file
     python - "$1" <<'PY'
 import json, sys
@@ -28,14 +27,14 @@ tunesmith data inspect --model "$MODEL" --dataset examples/data/capitals_sharegp
 
 echo; echo "== 3. before training (tunesmith infer, greedy)"
 tunesmith infer --model "$MODEL" --val_dataset $QUESTIONS --max_new_tokens 12 --temperature 0 \
-    --result_path "$OUT/before.jsonl" 2>&1 | quiet
+    --result_path "$OUT/before.jsonl"
 answers "$OUT/before.jsonl"
 
 echo; echo "== 4. tunesmith sft (full fine-tuning; the same command line as ms-swift)"
 tunesmith sft --model "$MODEL" --dataset $DATA --train_type full --learning_rate 2e-3 \
     --num_train_epochs 100 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 \
     --warmup_ratio 0.05 --logging_steps 50 --save_steps 1000 \
-    --gradient_checkpointing false --output_dir "$OUT/sft" --report_to none 2>&1 | quiet
+    --gradient_checkpointing false --output_dir "$OUT/sft" --report_to none
 SFT=$(ls -d "$OUT"/sft/v*/checkpoint-* | sort -V | tail -1)
 python - "$(dirname "$SFT")/logging.jsonl" <<'PY'
 import json, sys
@@ -46,7 +45,7 @@ PY
 echo; echo "== 5. tunesmith dpo on top (LoRA; the reference is the SFT model, the adapter switched off)"
 tunesmith dpo --model "$SFT" --dataset examples/data/dpo_messages.jsonl --train_type lora \
     --learning_rate 5e-3 --max_steps 20 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 \
-    --logging_steps 5 --gradient_checkpointing false --output_dir "$OUT/dpo" --report_to none 2>&1 | quiet
+    --logging_steps 5 --gradient_checkpointing false --output_dir "$OUT/dpo" --report_to none
 DPO=$(ls -d "$OUT"/dpo/v*/checkpoint-* | sort -V | tail -1)
 python - "$(dirname "$DPO")/logging.jsonl" <<'PY'
 import json, sys
@@ -57,12 +56,12 @@ for r in (rows[0], rows[-1]):
 PY
 
 echo; echo "== 6. tunesmith export --merge_lora true (a plain Hugging Face model directory)"
-tunesmith export --adapters "$DPO" --merge_lora true 2>&1 | quiet
+tunesmith export --adapters "$DPO" --merge_lora true
 ls "$DPO-merged"
 
 echo; echo "== 7. tunesmith infer on the merged model (batch over a file; results as jsonl)"
 tunesmith infer --model "$DPO-merged" --val_dataset $QUESTIONS --max_new_tokens 12 --temperature 0 \
-    --result_path "$OUT/after.jsonl" 2>&1 | quiet
+    --result_path "$OUT/after.jsonl"
 answers "$OUT/after.jsonl"
 
 echo; echo "== 8. tunesmith deploy: an OpenAI-compatible server, one request"
@@ -92,10 +91,10 @@ PY
 echo; echo "== 9. tunesmith eval: the base model and the tuned one side by side (exact match, BLEU, ROUGE-L, chrF)"
 tunesmith eval --model "$DPO-merged" --base_model "$MODEL" --eval_dataset general_qa \
     --eval_dataset_args '{"general_qa": {"local_path": "examples/data/capitals_messages.jsonl"}}' \
-    --eval_generation_config '{"max_tokens": 16}' --eval_output_dir "$OUT/eval" 2>&1 | quiet | grep -v "^\[tunesmith\]"
+    --eval_generation_config '{"max_tokens": 16}' --eval_output_dir "$OUT/eval" 2>&1 | grep -v "^\[tunesmith\]"
 
 echo; echo "== 10. see the runs: plots and an HTML report per run, and both compared"
-tunesmith report "$(dirname "$SFT")" "$(dirname "$DPO")" --output "$OUT/compare_report.html" 2>&1 | quiet
+tunesmith report "$(dirname "$SFT")" "$(dirname "$DPO")" --output "$OUT/compare_report.html"
 echo "  $(dirname "$SFT")/report.html      (sft: loss, learning rate, grad norm, tokens/s, memory)"
 echo "  $(dirname "$DPO")/report.html      (dpo: also rewards, margins, accuracies)"
 echo "  $OUT/compare_report.html  (both runs on the same charts, differing arguments side by side)"

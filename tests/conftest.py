@@ -197,41 +197,70 @@ def http_json(method, url, body=None, headers=None, raw=None):
         return e.code, json.load(e)
 
 
+# how long a server or subprocess may take to reach the state a test waits for before the wait counts as a hang:
+# the waits end on the condition (a port answering, a file appearing, a process exiting), this only bounds a hang,
+# and it is generous because two test suites on a busy 2-core machine make a start take minutes
+HANG_S = 600
+
+
 def start_deploy(*argv):
     """`tunesmith deploy ARGV --port <free port>` in a subprocess (stdout and stderr merged, as text), returned once
-    /health answers 200: (process, port). The caller stops it. Raises RuntimeError with the server's output if it
-    exits first, or when it does not answer within 120 s."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", *argv, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    /health answers 200: (process, port). The caller stops it. A port another process took between our pick and
+    the server's bind is replaced by a fresh one (twice at most). Raises RuntimeError with the server's output if
+    it exits first, or when it does not answer within HANG_S."""
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", *argv, "--port", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if _wait_for_health(proc, port):
+            return proc, port
+        out = proc.stdout.read()
+        taken = f":{port} (" in out and "cannot listen on" in out or "address already in use" in out.lower()
+        if not taken:  # deploy's own port check, or uvicorn's bind after it
+            raise RuntimeError(out)
+    raise RuntimeError(out)
+
+
+def _wait_for_health(proc, port) -> bool:
+    """True once /health answers 200, False when the process has exited; kills it after HANG_S."""
+    deadline = time.time() + HANG_S
+    while proc.poll() is None:
         try:
             if http_json("GET", f"http://127.0.0.1:{port}/health")[0] == 200:
-                return proc, port
+                return True
         except OSError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
-    proc.kill()
-    raise RuntimeError("server did not start")
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the server did not answer /health within {HANG_S} s: {proc.communicate()[0]}")
+        time.sleep(0.2)
+    return False
 
 
 @contextlib.contextmanager
 def serve_on_a_thread(app, **config):
     """An ASGI app served by uvicorn on a daemon thread, on a free loopback port: yields the port once the server has
-    started (or after 30 s), and stops it on exit. config: more uvicorn.Config arguments (log_level: warning)."""
+    started (another port when the one picked was taken meanwhile), and on exit stops it and waits for it to end.
+    config: more uvicorn.Config arguments (log_level: warning). Raises RuntimeError when it cannot start."""
     import uvicorn
 
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **{"log_level": "warning", **config}))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
+    for _ in range(3):
+        port = free_port()
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **{"log_level": "warning", **config}))
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        deadline = time.time() + HANG_S
+        while not srv.started and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+        if srv.started:
+            break
+        srv.should_exit = True
+        thread.join(HANG_S)
+    else:
+        raise RuntimeError("uvicorn did not start (three free ports tried); see its log above")
     try:
         yield port
     finally:
         srv.should_exit = True
-        thread.join(timeout=30)
+        thread.join(HANG_S)
+        assert not thread.is_alive(), f"the server did not stop within {HANG_S} s"

@@ -184,7 +184,11 @@ class Scripted(torch.nn.Module):
         self.config, self.generation_config = model.config, model.generation_config
         self.next: dict = {}
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, **kw):
+        from tunesmith.inference.engine import _cache_keyword
+
+        if cache is not None:  # the KV cache under the inner model's own keyword (no deprecated name passed)
+            kw[_cache_keyword(self.inner)] = cache
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
         logits = torch.full((input_ids.shape[0], 1, out.logits.shape[-1]), -1e4)
         for i in range(input_ids.shape[0]):

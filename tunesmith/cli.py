@@ -131,13 +131,40 @@ def torchrun(argv: list[str]) -> int:
 # reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model. tunesmith's own calls use
 # the current names; tests/test_structure.py checks that no module of ours reads the deprecated one.
 LIBRARY_NOISE = (r"`is_gradient_checkpointing` is deprecated",)
+# DeepSpeed logs this when it is imported on a machine without a GPU. transformers' save_pretrained imports
+# DeepSpeed whenever it is installed (its unwrap_model goes through accelerate's extract_model_from_parallel), so
+# every run that saves weights would print it; it is kept for --deepspeed runs, where it is news.
+DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
+MODEL_COMMANDS = (*TRAINING, "infer", "export", "deploy", "eval")  # the commands that load or save weights
 
 
-def main(argv: list[str] | None = None) -> int:
+def _ignore_library_warnings() -> None:
     import warnings
 
     for message in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
+def quiet_libraries(command: str, args) -> None:
+    """Keep library output that no tunesmith user can act on off the terminal, for a command that loads or saves
+    weights (the warnings of LIBRARY_NOISE are filtered for every command, in main): transformers' own progress
+    bars ("Loading weights", "Writing model shards": tunesmith says what it loads and writes; downloads keep
+    huggingface_hub's bars) through transformers' tqdm hook, and DeepSpeed's DEEPSPEED_CPU_NOTICE in a run
+    without --deepspeed."""
+    if command not in MODEL_COMMANDS:
+        return
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    if hasattr(hf_logging, "set_tqdm_hook"):  # transformers 5
+        hf_logging.set_tqdm_hook(lambda factory, bar_args, kwargs: factory(*bar_args, **{**kwargs, "disable": True}))
+    if not getattr(args, "deepspeed", None):
+        logging.getLogger("DeepSpeed").addFilter(lambda record: DEEPSPEED_CPU_NOTICE not in record.getMessage())
+
+
+def main(argv: list[str] | None = None) -> int:
+    _ignore_library_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -193,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         note(f"launching: torchrun {' '.join(launch)} -m tunesmith {command} …")
         return _launch(cmd)
     module = importlib.import_module(COMMANDS[command][0])
+    quiet_libraries(command, args)
     from tunesmith.errors import FlagError, Interrupted, TunesmithError
     try:
         rc = module.main(args)

@@ -101,8 +101,9 @@ def test_training_reads_its_rows_from_arrow(tiny_models, tmp_path):
     assert isinstance(prepared.train_rows, EncodedRows)
     files = os.listdir(prepared.train_rows.dataset.cache_files[0]["filename"].rsplit("/", 1)[0])
     assert any(f.endswith(".arrow") for f in files)
-    meta = json.load(open(os.path.join(os.path.dirname(prepared.train_rows.dataset.cache_files[0]["filename"]),
-                                       "..", "meta.json")))
+    with open(os.path.join(os.path.dirname(prepared.train_rows.dataset.cache_files[0]["filename"]), "..",
+                           "meta.json")) as fh:
+        meta = json.load(fh)
     assert meta["train_drops"]["bad"] == 0
 
 

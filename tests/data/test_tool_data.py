@@ -427,8 +427,8 @@ def test_sft_on_tool_call_rows_makes_deploy_answer_with_tool_calls(tiny_models, 
         "--per_device_train_batch_size", "6", "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "constant",
         "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--save_strategy", "no"]))
     chat = ChatEngine(res["model"].eval(), AutoTokenizer.from_pretrained(model_dir))
-    # lifespan off: the app's shutdown would close the engine, and `tunesmith infer` below reuses it
-    with serve_on_a_thread(create_app(chat, {"agent": None}), lifespan="off") as port:
+    # the server stops at the end of this block; the engine is ours and stays open for `tunesmith infer` below
+    with serve_on_a_thread(create_app(chat, {"agent": None})) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         r = client.chat.completions.create(model="agent", tools=TOOLS, temperature=0, max_tokens=40, messages=[
             {"role": "user", "content": "What is the weather in Rome?"}])  # a city never seen in training
@@ -456,3 +456,4 @@ def test_sft_on_tool_call_rows_makes_deploy_answer_with_tool_calls(tiny_models, 
                                                                            "arguments": {"city": "Rome"}}}]
     assert line["finish_reason"] == "tool_calls" and line["tool_calls"][0]["function"]["name"] == "get_weather"
     assert line["messages"][-1]["tool_calls"] == line["tool_calls"]
+    chat.close()

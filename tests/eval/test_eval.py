@@ -251,7 +251,8 @@ def test_report_to_tensorboard_logs_the_score_table(tmp_path, monkeypatch):
                                     "eval/general_mcq/things/acc/delta": 0.5})
     for dp, _, files in os.walk(out):
         for f in files:
-            blob = open(os.path.join(dp, f), "rb").read()
+            with open(os.path.join(dp, f), "rb") as fh:
+                blob = fh.read()
             assert b"sk-eval-secret" not in blob and b"hf_evalsecret" not in blob, f
     # the default (none, as ms-swift's eval has no --report_to) writes no tracker files
     args = dataclasses.replace(args, report_to=["none"], eval_output_dir=str(tmp_path / "plain"))  # args are frozen

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import free_port, http_json, serve_on_a_thread, start_deploy
+from conftest import HANG_S, free_port, http_json, serve_on_a_thread, start_deploy
 from fakes import WEATHER, scripted_chat, weather_script
 
 
@@ -33,9 +33,10 @@ def server(tiny_models):
         proc.communicate(timeout=30)
 
 
-def _ask(port, content, stream=False, max_tokens=8, cancel_after=None, timeout=120):
+def _ask(port, content, stream=False, max_tokens=8, cancel_after=None, timeout=120, streaming=None):
     """One chat request over a raw connection: the reply text (streamed or not); cancel_after=k closes the
-    connection after k stream events (the client going away)."""
+    connection after k stream events (the client going away); streaming: a threading.Event set at the first
+    stream event (the request is being generated)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     body = {"model": "m", "messages": [{"role": "user", "content": content}], "temperature": 0,
             "max_tokens": max_tokens, "stream": stream}
@@ -52,6 +53,8 @@ def _ask(port, content, stream=False, max_tokens=8, cancel_after=None, timeout=1
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         events += 1
+        if streaming is not None:
+            streaming.set()
         if cancel_after is not None and events >= cancel_after:
             conn.sock.shutdown(socket.SHUT_RDWR)
             conn.close()
@@ -131,26 +134,74 @@ def test_n_and_logprobs_over_http(server):
 @pytest.mark.slow
 def test_sigterm_under_load_exits_cleanly(tiny_models):
     proc, port = _start(tiny_models("qwen2"))
-    results = []
+    results, streaming = [], threading.Event()
 
     def client(i):
         try:
-            results.append(("ok", _ask(port, f"load {i}", stream=i % 2 == 0, max_tokens=64, timeout=60)))
+            results.append(("ok", _ask(port, f"load {i}", stream=i % 2 == 0, max_tokens=64, timeout=60,
+                                       streaming=streaming)))
         except Exception as e:  # noqa: BLE001 - an in-flight request may be refused or cut; it must not hang
             results.append(("error", repr(e)))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    assert streaming.wait(HANG_S)  # requests are being generated (not a fixed wait: the machine may be busy)
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0]
+    out = proc.communicate(timeout=HANG_S)[0]
     for t in threads:
-        t.join(timeout=60)
-    # uvicorn drains in-flight requests, closes the engine, then re-raises the signal (the POSIX convention)
+        t.join(timeout=HANG_S)
+    # uvicorn drains in-flight requests; deploy closes the engine, then raises the signal again (POSIX convention)
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Traceback" not in out, out
     assert len(results) == 16  # every client got an answer or an error; none hangs
+
+
+class _Engine:
+    """Stands for a ChatEngine: records its close."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def close(self):
+        self.events.append("engine closed")
+
+
+def test_a_server_stopping_leaves_the_engine_to_whoever_built_it():
+    """The app never closes the engine it was given (another user of the same engine keeps it); deploy, which
+    built its engine, closes it after uvicorn has drained and returned, and still ends killed by the SIGTERM that
+    stopped it (uvicorn's way: handle the signal, shut down, restore the handler and raise the signal again)."""
+    from tunesmith.commands.deploy import serve_then_close
+    from tunesmith.serve.app import create_app
+
+    events = []
+    with serve_on_a_thread(create_app(_Engine(events), {"m": None})) as port:
+        assert http_json("GET", f"http://127.0.0.1:{port}/health")[0] == 200
+    assert events == []
+
+    def uvicorn_run():
+        caught = []
+        original = signal.signal(signal.SIGTERM, lambda signum, _frame: caught.append(signum))
+        signal.raise_signal(signal.SIGTERM)  # a SIGTERM while serving
+        events.append("drained")
+        signal.signal(signal.SIGTERM, original)
+        for signum in caught:
+            signal.raise_signal(signum)
+
+    def default_action(_signum, _frame):  # SIG_DFL's part, in this test process
+        events.append("process ends by SIGTERM")
+
+    outer = signal.signal(signal.SIGTERM, default_action)
+    try:
+        serve_then_close(_Engine(events), uvicorn_run)
+        assert events == ["drained", "engine closed", "process ends by SIGTERM"]
+        assert signal.getsignal(signal.SIGTERM) is default_action
+        events.clear()
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C: the engine is closed on the way out
+            serve_then_close(_Engine(events), lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert events == ["engine closed"]
+    finally:
+        signal.signal(signal.SIGTERM, outer)
 
 
 @pytest.fixture
@@ -162,6 +213,7 @@ def scripted_server(tiny_models):
     chat = scripted_chat(tiny_models, "qwen2", weather_script)
     with serve_on_a_thread(create_app(chat, {"weather-bot": None}, api_key="sk-scripted")) as port:
         yield f"http://127.0.0.1:{port}/v1"
+    chat.close()  # the app does not close the engine it was given: its builder does
 
 
 @pytest.mark.slow
@@ -436,6 +488,7 @@ def test_a_request_whose_output_is_nan_gets_an_openai_error(tiny_models):
         status, out = http_json("POST", url, {"model": "m", "messages": [{"role": "user", "content": "hi"}],
                                               "max_tokens": 4, "temperature": 0})
         assert status == 200 and isinstance(out["choices"][0]["message"]["content"], str)
+    chat.close()
 
 
 USER = {"role": "user", "content": "What is the weather in Paris?"}
@@ -536,3 +589,4 @@ def test_what_openai_refuses_is_a_400_naming_the_param_and_what_clients_send_is_
         for name, path, fields in ACCEPTED:
             status, body = post(path, fields)
             assert status == 200, (name, body)
+    chat.close()

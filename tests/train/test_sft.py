@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import losses_by_step, read_jsonl, write_jsonl
+from conftest import HANG_S, losses_by_step, read_jsonl, write_jsonl
 from tunesmith.config.parser import parse_args
 from tunesmith.train import recipe
 
@@ -310,9 +310,12 @@ def test_a_signal_stops_training_with_one_message_naming_the_last_checkpoint(tin
              "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--output_dir", str(out)]
     p = subprocess.Popen([sys.executable, "-m", "tunesmith", "sft", *flags, "--max_steps", "100000"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_S  # the wait is for the checkpoint; this only bounds a hang
     while not glob.glob(str(out / "v*" / "checkpoint-2")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
+    if p.poll() is not None or not glob.glob(str(out / "v*" / "checkpoint-2")):
+        p.kill()
+        pytest.fail("no checkpoint-2 to stop after: " + p.communicate()[1][-3000:])
     p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + getattr(signal, sig), err[-3000:]
@@ -362,7 +365,8 @@ def test_crash_mid_save_leaves_no_checkpoint(tmp_path):
     from tunesmith.runs.run_dir import list_checkpoints
     with pytest.raises(RuntimeError):
         with atomic_dir(str(tmp_path / "checkpoint-5")) as tmp:
-            open(os.path.join(tmp, "adapter_model.safetensors"), "w").write("partial")
+            with open(os.path.join(tmp, "adapter_model.safetensors"), "w") as fh:
+                fh.write("partial")
             raise RuntimeError("disk full")
     assert list_checkpoints(str(tmp_path)) == [] and os.listdir(tmp_path) == []
 

@@ -53,6 +53,39 @@ def check_finite(engine, args, ckpt: Optional[str]) -> None:
                          "Serve an earlier checkpoint (or one whose training loss stayed finite)."))
 
 
+class _Terminated(BaseException):
+    """SIGTERM, as an exception (serve_then_close): it unwinds to where the engine is closed."""
+
+
+def _terminated(_signum, _frame):
+    raise _Terminated
+
+
+def serve_then_close(engine, serve) -> None:
+    """serve() (uvicorn: on SIGTERM or Ctrl-C it stops accepting and drains in-flight requests), then close the
+    engine, which this command built: the app never closes an engine it was given. uvicorn raises the signal that
+    stopped it again once it has shut down; SIGTERM's default action would end the process before the engine is
+    closed, so it comes back here as an exception and is raised with its default action after the close (the
+    process still ends as killed by SIGTERM, the POSIX convention; a SIGTERM before uvicorn listens does the same).
+    Ctrl-C arrives as KeyboardInterrupt, after the engine is closed."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals are the main thread's only
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    terminated = False
+    try:
+        serve()
+    except _Terminated:
+        terminated = True
+    finally:
+        engine.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        signal.raise_signal(signal.SIGTERM)
+
+
 def main(args):
     """`tunesmith deploy`: build the engine and serve it until SIGTERM / Ctrl-C. Returns 0.
 
@@ -79,7 +112,8 @@ def main(args):
         "local only; --host 0.0.0.0 exposes it to the network"
     print(f"[tunesmith] deploy: serving {', '.join(served)} at http://{args.host}:{args.port}/v1 ({where})"
           + ("; API key required" if api_key else ""), file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info",
-                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, http=openai_http_protocol(),
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    serve_then_close(engine, lambda: uvicorn.run(
+        app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info",
+        ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, http=openai_http_protocol(),
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     return 0

@@ -2,8 +2,9 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming as SSE ending
 in `data: [DONE]`). Errors of every origin use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`
-(with ms-swift's `"object": "error"` alongside). SIGTERM stops accepting, lets in-flight requests finish (up to
-GRACEFUL_SHUTDOWN_S) and then closes the engine.
+(with ms-swift's `"object": "error"` alongside). SIGTERM stops accepting and lets in-flight requests finish (up to
+GRACEFUL_SHUTDOWN_S); the app never closes the engine it is given: whoever built it closes it (`tunesmith deploy`
+after uvicorn returns), so other users of the same engine keep it when a server over it stops.
 
 What lives here: the app's wiring — `create_app` registers the handlers of `tunesmith.serve.routes` (ROUTES), the
 error handlers, API-key auth and the body limit (`BodyLimit`) — and uvicorn's HTTP protocol answering unparseable
@@ -70,20 +71,12 @@ def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] 
                max_request_bytes: int = 8 << 20):
     """The FastAPI app. served: model id -> adapter to use (None = the model as loaded, "" = the base without
     adapters, or a named adapter). api_key: when set, /v1/* needs `Authorization: Bearer KEY` (else 401).
-    Every error (400 validation, 404 route, 500 unexpected) answers OpenAI's error body; shutdown closes the engine.
-    The handlers reach the Server (engine, served ids, request log) as `request.app.state.server`."""
-    import contextlib
-
+    Every error (400 validation, 404 route, 500 unexpected) answers OpenAI's error body. The app does not close
+    the engine when it shuts down: the caller built it and closes it (other users may share it). The handlers reach the Server (engine, served ids, request log) as `request.app.state.server`."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_):
-        """Close the engine when the app shuts down."""
-        yield
-        engine.close()  # after uvicorn drained in-flight requests: anything left ends with "abort"
-
-    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
     app.state.server = Server(engine, served, result_path, max_logprobs, owned_by)
     app.state.api_key = api_key
     app.add_middleware(BodyLimit, limit=max_request_bytes)

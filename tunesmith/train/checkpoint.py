@@ -88,7 +88,7 @@ def _check_finite(run, state: TrainState) -> None:
     def _local(p):  # an FSDP2 shard is checked where it lives; the ranks then agree
         return p.to_local() if hasattr(p, "to_local") else p
 
-    bad = next((n for n, p in run.accelerator.unwrap_model(run.model).named_parameters()
+    bad = next((n for n, p in D.bare_model(run.accelerator, run.par, run.model).named_parameters()
                 if p.requires_grad and _local(p).numel() and not bool(torch.isfinite(_local(p).detach()).all())), None)
     if run.par.kind == "fsdp":
         bad = next((b for b in D.gather(bad) if b is not None), None)
@@ -129,8 +129,10 @@ def _fill_checkpoint(run, state: TrainState, tmp: str, full_state, shards: str) 
     """Everything a checkpoint holds, written into its temporary folder tmp."""
     import torch
 
+    from tunesmith.train import distributed as D
+
     output = run.output
-    run.save_model(run.accelerator.unwrap_model(run.model), tmp, full_state)
+    run.save_model(D.bare_model(run.accelerator, run.par, run.model), tmp, full_state)
     save_args(tmp, run.args, run.args_extra)
     for hook in run.objective.hooks:
         hook.save(tmp)

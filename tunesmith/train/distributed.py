@@ -484,6 +484,18 @@ class Parallelism:
         return self.rank == 0
 
 
+def bare_model(accelerator, par: Parallelism, model):
+    """The model inside the wrapper `accelerator.prepare` put around it: accelerate's unwrap_model for a DeepSpeed
+    engine; a DDP module's `.module` otherwise (FSDP2 shards in place, no wrapper). accelerate's unwrap_model
+    imports DeepSpeed whenever it is installed, and DeepSpeed's import prints "[WARNING] Setting accelerator to
+    CPU" on a machine without a GPU, into runs that never asked for DeepSpeed."""
+    if par.kind == "deepspeed":
+        return accelerator.unwrap_model(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def make_accelerator(dist, optim, model):
     """(Accelerator, Parallelism) from the distributed and optimisation slices: FSDP2 with --fsdp (the model is
     sharded by `shard_model`, not by accelerate), DeepSpeed when --deepspeed is given, DDP under torchrun, else one

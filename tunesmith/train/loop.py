@@ -334,12 +334,14 @@ def evaluate(run: Run, state: TrainState) -> dict:
     """eval_* on the validation rows with the training objective; updates the best metric; logs the record."""
     import torch
 
+    from tunesmith.train import distributed as D
+
     output, model = run.output, run.model
     model.eval()
     with torch.no_grad():
         # rows generated at each evaluation (GRPO's validation prompts) come from the rows' own fresh()
         rows = run.eval_rows.fresh() if hasattr(run.eval_rows, "fresh") else run.eval_rows
-        metrics = evaluate_objective(run.accelerator.unwrap_model(model), run.objective, rows, run.collate,
+        metrics = evaluate_objective(D.bare_model(run.accelerator, run.par, model), run.objective, rows, run.collate,
                                      run.optim.per_device_eval_batch_size)
     model.train()
     if output.metric_for_best_model:

@@ -156,6 +156,8 @@ class _AsyncBackend:
     def _stop_loop(self, timeout: float = 30.0) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
+        if not self._thread.is_alive():  # stopped: its resources go too (else "unclosed event loop" at exit)
+            self._loop.close()
 
     async def _create_async(self):
         # on the loop thread: engines bind their background tasks to the event loop current at construction
