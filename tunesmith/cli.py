@@ -159,7 +159,9 @@ def quiet_libraries(command: str, args) -> None:
 
     if hasattr(hf_logging, "set_tqdm_hook"):  # transformers 5
         hf_logging.set_tqdm_hook(lambda factory, bar_args, kwargs: factory(*bar_args, **{**kwargs, "disable": True}))
-    if not getattr(args, "deepspeed", None):
+    from tunesmith.config.slices import flag_values
+
+    if not flag_values(args).get("deepspeed"):
         logging.getLogger("DeepSpeed").addFilter(lambda record: DEEPSPEED_CPU_NOTICE not in record.getMessage())
 
 
