@@ -264,3 +264,26 @@ def serve_on_a_thread(app, **config):
         srv.should_exit = True
         thread.join(HANG_S)
         assert not thread.is_alive(), f"the server did not stop within {HANG_S} s"
+
+
+def cli(capsys, *argv):
+    """(exit code, stdout, stderr) of `tunesmith ARGV` in this process; never a traceback."""
+    from tunesmith.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, out + err
+    return rc, out, err
+
+
+def error_line(err: str, command: str) -> str:
+    """The one `tunesmith COMMAND: error:` line of stderr."""
+    lines = [line for line in err.splitlines() if line.startswith(f"tunesmith {command}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def cli_error(capsys, command, *argv):
+    """(exit code, the one error line) of `tunesmith COMMAND ARGV`, which must fail with one message."""
+    rc, _, err = cli(capsys, command, *argv)
+    return rc, error_line(err, command)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import cli, error_line
 from tunesmith.cli import main
 
 GOOD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
@@ -162,19 +163,8 @@ def _write(tmp_path, name, content) -> str:
     return str(path)
 
 
-def cli(capsys, *argv):
-    """(exit code, stdout, stderr) of `tunesmith ARGV`; never a traceback."""
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, out + err
-    return rc, out, err
 
 
-def error_line(err: str, command: str) -> str:
-    """The one `tunesmith COMMAND: error:` line of stderr."""
-    lines = [line for line in err.splitlines() if line.startswith(f"tunesmith {command}: error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture(autouse=True)
@@ -354,7 +344,6 @@ def test_sft_strict_false_drops_every_bad_row(tiny_models, tmp_path, capsys):
                                   '"content": "a"}], "n": ' + "9" * 5000 + "}"],
                          ids=["lone-surrogate", "5000-digit-integer"])
 def test_valid_json_that_cannot_be_used_is_a_bad_row(tmp_path, capsys, line):
-    from tunesmith.cli import main
     good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
     path = tmp_path / "d.jsonl"
     path.write_text(good + "\n" + line + "\n", encoding="utf-8")

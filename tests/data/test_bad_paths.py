@@ -7,24 +7,13 @@ import os
 
 import pytest
 
-from conftest import as_other_user, write_jsonl
-from tunesmith.cli import main
+from conftest import as_other_user, cli, error_line, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
 
-def cli(capsys, *argv):
-    """(exit code, stdout, stderr) of `tunesmith ARGV`; never a traceback."""
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, out + err
-    return rc, out, err
 
 
-def one_error(err: str, command: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith(f"tunesmith {command}: error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("spec", ["", " ", "hf::"], ids=["empty", "blank", "hub-prefix-only"])
@@ -39,7 +28,7 @@ def test_an_empty_dataset_name_is_a_flag_problem(tiny_models, tmp_path, capsys, 
                           ("data", ["validate", "--dataset", spec]),
                           ("data", ["convert", "--dataset", data, spec, "--output", tmp_path / "c.jsonl"])):
         rc, _, err = cli(capsys, command, *argv)
-        msg = one_error(err, command)
+        msg = error_line(err, command)
         assert rc == 2 and f"{spec!r}: an empty name; give a data file, a folder or a hub id" in msg, msg
         assert "IndexError" not in msg and "hub" not in msg.split("give")[0]
     assert not (tmp_path / "o").exists() and not (tmp_path / "c.jsonl").exists()
@@ -99,7 +88,7 @@ def test_convert_and_split_outputs_that_cannot_be_written_are_flag_problems(tmp_
              ("split", read_only_dir / "s", f"{read_only_dir} is on a read-only file system")]
     for action, output, fragment in cases:
         rc, _, err = cli(capsys, "data", action, "--dataset", data, "--output", output)
-        assert rc == 2 and fragment in one_error(err, "data"), err
+        assert rc == 2 and fragment in error_line(err, "data"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "ro"]
 
 
@@ -114,7 +103,7 @@ def test_a_datasets_cache_that_cannot_be_written_is_one_message(tiny_models, tmp
     data = write_jsonl(tmp_path / "d.jsonl", [GOOD])
     rc, _, err = cli(capsys, "sft", "--model", tiny_models("qwen2"), "--dataset", data,
                      "--output_dir", tmp_path / "o")
-    msg = one_error(err, "sft")
+    msg = error_line(err, "sft")
     why = f"{tmp_path / 'f'} is a file" if where == "under_a_file" else f"{read_only_dir} is on a read-only file system"
     assert rc == 2 and msg.startswith(f"tunesmith sft: error: HF_DATASETS_CACHE={cache}: {why}") and \
         "set HF_DATASETS_CACHE to a writable folder" in msg, msg

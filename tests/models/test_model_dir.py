@@ -6,19 +6,11 @@ import shutil
 
 import pytest
 
-from conftest import as_other_user, write_jsonl
-from tunesmith.cli import main
+from conftest import as_other_user, cli_error, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
 
-def _error(capsys, command, *argv):
-    rc = main([command, *map(str, argv)])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    lines = [line for line in err.splitlines() if line.startswith(f"tunesmith {command}: error: ")]
-    assert len(lines) == 1, err
-    return rc, lines[0]
 
 
 @pytest.mark.parametrize("content", ["empty", "no_config"])
@@ -31,7 +23,7 @@ def test_a_model_folder_without_a_model_is_a_flag_problem(tmp_path, capsys, cont
     data = write_jsonl(tmp_path / "d.jsonl", [GOOD])
     for command, argv in (("sft", ["--dataset", data, "--output_dir", tmp_path / "o"]),
                           ("infer", ["--val_dataset", data]), ("deploy", [])):
-        rc, msg = _error(capsys, command, "--model", model, *argv)
+        rc, msg = cli_error(capsys, command, "--model", model, *argv)
         assert rc == 2 and f"--model {model}: {why}" in msg and "sentencepiece" not in msg, msg
     assert not (tmp_path / "o").exists()
 

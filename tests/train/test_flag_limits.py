@@ -2,19 +2,11 @@
 and the fix): counts so large they overflow or never finish, and an --output_dir on a read-only file system."""
 import pytest
 
-from conftest import write_jsonl
-from tunesmith.cli import main
+from conftest import cli_error, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
 
-def _error(capsys, command, *argv):
-    rc = main([command, *map(str, argv)])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    lines = [line for line in err.splitlines() if line.startswith(f"tunesmith {command}: error: ")]
-    assert len(lines) == 1, err
-    return rc, lines[0]
 
 
 @pytest.mark.parametrize("flag,value,fragment", [
@@ -29,7 +21,7 @@ def _error(capsys, command, *argv):
 ])
 def test_counts_too_large_to_run_are_flag_problems(tiny_models, tmp_path, capsys, flag, value, fragment):
     data = write_jsonl(tmp_path / "d.jsonl", [GOOD])
-    rc, msg = _error(capsys, "sft", "--model", tiny_models("qwen2"), "--dataset", data, f"--{flag}", value,
+    rc, msg = cli_error(capsys, "sft", "--model", tiny_models("qwen2"), "--dataset", data, f"--{flag}", value,
                      "--output_dir", tmp_path / "o")
     assert rc == 2 and f"--{flag} " in msg and fragment in msg, msg
     assert not (tmp_path / "o").exists()
@@ -38,7 +30,7 @@ def test_counts_too_large_to_run_are_flag_problems(tiny_models, tmp_path, capsys
 def test_an_output_dir_on_a_read_only_file_system_says_so(tiny_models, tmp_path, capsys, read_only_dir):
     """EROFS is a read-only file system, named with its path, not a permissions problem."""
     data = write_jsonl(tmp_path / "d.jsonl", [GOOD])
-    rc, msg = _error(capsys, "sft", "--model", tiny_models("qwen2"), "--dataset", data,
+    rc, msg = cli_error(capsys, "sft", "--model", tiny_models("qwen2"), "--dataset", data,
                      "--output_dir", read_only_dir / "out")
     assert rc == 2 and f"--output_dir {read_only_dir / 'out'}: {read_only_dir} is on a read-only file system" in msg
     assert "permission" not in msg, msg
