@@ -156,20 +156,25 @@ def as_other_user(argv, timeout=120, **env):
     return p
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder on a file system mounted read-only (a 1 MiB tmpfs; root only: skipped with the reason where
-    mounting is not permitted)."""
-    mnt = tmp_path / "ro"
+@contextlib.contextmanager
+def mounted_tmpfs(mnt, options: str, what: str):
+    """A tmpfs mounted at the folder `mnt` with `options` (root only: skipped, naming `what` and the reason, where
+    mounting is not permitted); unmounted afterwards."""
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True,
-                       text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({r.stderr.strip() or r.returncode})")
+        pytest.skip(f"cannot mount {what} here ({r.stderr.strip() or r.returncode})")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder on a file system mounted read-only (a 1 MiB tmpfs)."""
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m", "a read-only tmpfs") as mnt:
+        yield mnt
 
 
 # ------------------------------------------------------------------ servers on loopback

@@ -4,11 +4,10 @@ why, and the last good checkpoint; nothing half-written looks like a checkpoint.
 import errno
 import json
 import os
-import subprocess
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import mounted_tmpfs, write_jsonl
 from tunesmith.config.parser import parse_args
 from tunesmith.errors import TunesmithError
 from tunesmith.files import failed_write
@@ -85,16 +84,9 @@ def test_disk_refusing_torch_save_mid_run_is_one_message(tiny_models, tmp_path, 
 
 @pytest.fixture
 def tmpfs_2mib(tmp_path):
-    """A real 2 MiB tmpfs (root only; skipped with the reason where mounting is not permitted)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
-    try:
+    """A real 2 MiB tmpfs."""
+    with mounted_tmpfs(tmp_path / "small", "size=2m", "a tmpfs") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.slow
