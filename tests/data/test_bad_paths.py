@@ -128,3 +128,24 @@ def test_validate_grpo_prompts(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [*GRPO_ROWS, {"messages": [{"role": "system", "content": "x"}]}])
     rc, out, _ = cli(capsys, "data", "validate", "--dataset", bad, "--rlhf_type", "grpo")
     assert rc == 1 and "5 rows checked, 1 problem(s)." in out and f"{bad}:5: field 'messages': has no prompt" in out, out
+
+
+def test_data_split_refuses_trainings_ratio_and_a_ratio_outside_0_1(tmp_path, capsys):
+    """`data split --split_dataset_ratio 2` used to be accepted and ignored (the split used the default
+    --val_ratio); --val_ratio 2 exited 1 after reading the data. Both are flag problems now (exit 2), nothing written."""
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 8)
+    rc, _, err = cli(capsys, "data", "split", "--dataset", data, "--split_dataset_ratio", "2",
+                     "--output", tmp_path / "s1")
+    assert rc == 2 and "--split_dataset_ratio 2.0: that is training's validation split; `tunesmith data split` " \
+                       "takes --val_ratio" in error_line(err, "data")
+    for ratio in ("2", "-1", "0"):
+        rc, _, err = cli(capsys, "data", "split", "--dataset", data, "--val_ratio", ratio, "--output", tmp_path / "s2")
+        assert rc == 2 and f"--val_ratio {float(ratio)}: expected 0 < val_ratio < 1" in error_line(err, "data")
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
+
+
+def test_a_missing_val_dataset_is_named_as_such_before_the_model_loads(tiny_models, tmp_path, capsys):
+    """infer --val_dataset nonexist.jsonl said "check the path given to --dataset", after loading the model."""
+    rc, _, err = cli(capsys, "infer", "--model", tiny_models("qwen2"), "--val_dataset", tmp_path / "nonexist.jsonl")
+    assert rc == 2 and error_line(err, "infer").endswith("file not found. Fix: check the path given to --val_dataset.")
+    assert "generation:" not in err

@@ -189,3 +189,20 @@ def test_a_merged_no_think_model_keeps_its_settings(no_think, tmp_path, monkeypa
     assert kwargs == {"enable_thinking": False} and text.endswith(NO_THINK)
     assert _rendered(["deploy", "--model", str(tmp_path / "merged"), "--enable_thinking", "true"])[0] == \
         {"enable_thinking": True}
+
+
+def test_settings_equal_to_the_commands_own_are_not_announced_as_inherited(tmp_path, capsys):
+    """A plain LoRA checkpoint's args.json holds the quantisation defaults (bnb_4bit_quant_type nf4, ...): they
+    equal infer's own, so nothing is said about them; what differs (the base model) is."""
+    from tunesmith.models.checkpoint import resolve_checkpoint
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base", "task_type": "CAUSAL_LM"}))
+    defaults = parse_args("infer", [])
+    (ckpt / "args.json").write_text(json.dumps({"model": "Qwen/Qwen2.5-0.5B", "bnb_4bit_quant_type":
+                                                defaults.bnb_4bit_quant_type, "bnb_4bit_use_double_quant":
+                                                defaults.bnb_4bit_use_double_quant}))
+    args, _ = resolve_checkpoint(parse_args("infer", ["--adapters", str(ckpt)]))
+    said = capsys.readouterr().err
+    assert args.model == "Qwen/Qwen2.5-0.5B" and "model='Qwen/Qwen2.5-0.5B'" in said and "bnb_4bit" not in said

@@ -397,13 +397,20 @@ def cache(args: DataCommandArguments) -> list[dict]:
 
 def _flag_problems(args: DataCommandArguments) -> list[str]:
     """Flag values the data commands can judge before reading anything (every problem at once, exit 2): no empty
-    --dataset or --val_dataset name; convert's --output a file and split's a folder that can be written."""
+    --dataset or --val_dataset name; split's --val_ratio in (0, 1), and not training's --split_dataset_ratio; convert's --output a file and split's a folder that can be written."""
     from tunesmith.config.checks import empty_names
+    from tunesmith.config.parser import given_flags
     from tunesmith.files import unwritable
 
     out: list[str] = []
     empty_names(out, "dataset", args.dataset)
     empty_names(out, "val_dataset", args.val_dataset)
+    if args.action == "split":
+        if "split_dataset_ratio" in given_flags(args):  # training's flag: `data split` would silently ignore it
+            out.append(f"--split_dataset_ratio {args.split_dataset_ratio}: that is training's validation split; "
+                       f"`tunesmith data split` takes --val_ratio")
+        if not 0 < args.val_ratio < 1:
+            out.append(f"--val_ratio {args.val_ratio}: expected 0 < val_ratio < 1")
     if args.output is not None and args.action in ("convert", "split"):
         why = "is empty; give the path to write" if not str(args.output).strip() else \
             unwritable(args.output, folder=args.action == "split", example="data.jsonl")

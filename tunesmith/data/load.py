@@ -161,21 +161,23 @@ def _looks_local(path: str) -> bool:
     return os.path.exists(path) or path.lower().endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~"))
 
 
-def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Optional[str] = None) -> list[RawRow]:
+def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Optional[str] = None,
+              what: str = "--dataset") -> list[RawRow]:
     """Rows of one --dataset entry, with `#N` sampling applied (without replacement below the size, else repeated).
 
     Rows that cannot be read (broken JSON, invalid UTF-8, a CSV row with the wrong number of cells) come back with
     RawRow.error set: bad rows for `normalise_rows` to raise or drop.
-    seed: the `#N` sampling seed; use_hf, hub_token: for hub ids (ModelScope by default, unless USE_HF=1).
+    seed: the `#N` sampling seed; use_hf, hub_token: for hub ids (ModelScope by default, unless USE_HF=1); what: the
+    flag the spec came from, named in errors.
     Returns the rows in file order (sampled rows keep their order).
     Raises:
         DataError: file not found, unsupported or unreadable file (binary, UTF-16, not parquet, broken JSON list,
             broken CSV quoting), a folder without data files, a `#N` that is not a whole number >= 1, no rows, or
             a hub id that does not load (not found, no access, no network, modelscope missing for `ms::`)."""
-    path, hub, n, local = _check_spec(spec)
+    path, hub, n, local = check_spec(spec, what)
     rows = _read_local(path) if local else _read_hub(path, hub, use_hf, hub_token)
     if not rows:
-        raise DataError(path, None, "", "the dataset is empty.", "add rows, or remove it from --dataset.")
+        raise DataError(path, None, "", "the dataset is empty.", f"add rows, or remove it from {what}.")
     if n is not None:
         rng = random.Random(seed)
         if n <= len(rows):
@@ -186,7 +188,7 @@ def read_spec(spec: str, seed: int = 42, use_hf: bool = False, hub_token: Option
     return rows
 
 
-def _check_spec(spec: str) -> tuple[str, Optional[str], Optional[int], bool]:
+def check_spec(spec: str, what: str = "--dataset") -> tuple[str, Optional[str], Optional[int], bool]:
     """(path or id, hub prefix, N of `#N`, whether it is local) for one --dataset entry. Raises DataError for a `#N`
     that is not a whole number >= 1 and a local file that does not exist."""
     path, hub, n = parse_spec(spec)
@@ -204,7 +206,7 @@ def _check_spec(spec: str) -> tuple[str, Optional[str], Optional[int], bool]:
         raise DataError(spec, None, "", "'#0' samples no rows.", "use #N with N >= 1, or drop the #0.")
     local = hub is None and _looks_local(path)
     if local and not os.path.exists(path):
-        raise DataError(path, None, "", "file not found.", "check the path given to --dataset.")
+        raise DataError(path, None, "", "file not found.", f"check the path given to {what}.")
     return path, hub, n, local
 
 
@@ -215,7 +217,7 @@ def iter_spec(spec: str, use_hf: bool = False, hub_token: Optional[str] = None) 
 
     The spec is checked now (read_spec's errors: a bad `#N`, a missing file); reading errors, and an empty
     dataset, raise DataError when the rows are read."""
-    path, hub, n, local = _check_spec(spec)
+    path, hub, n, local = check_spec(spec)
 
     def rows() -> Iterator[RawRow]:
         return _iter_local(path) if local else _iter_hub(path, hub, use_hf, hub_token, streaming=True)
@@ -308,7 +310,7 @@ def load_datasets(specs: list[str], *, strict: bool = True, columns: Optional[di
     Raises DataError: any read error (read_spec), the first bad row when strict, or no usable rows at all."""
     raw: list[RawRow] = []
     for spec in specs:
-        raw.extend(read_spec(spec, seed=seed, use_hf=use_hf, hub_token=hub_token))
+        raw.extend(read_spec(spec, seed=seed, use_hf=use_hf, hub_token=hub_token, what=what))
     result = normalise_rows(raw, strict=strict, columns=columns, need_reply=need_reply, keep_columns=keep_columns)
     if not result.records:
         detail = f" All {result.dropped} rows were bad; first reasons:\n  " + "\n  ".join(result.reasons) \

@@ -202,6 +202,8 @@ def path_problems(args) -> list[str]:
     """The paths infer, deploy and eval are given, before anything loads: --result_path a file that can be
     written, no empty --val_dataset name, a local --model folder that can be read and holds a model."""
     from tunesmith.config.checks import empty_names
+    from tunesmith.data.load import check_spec
+    from tunesmith.errors import DataError, FlagError
     from tunesmith.files import unwritable
     from tunesmith.models.load import model_dir_problem
 
@@ -213,6 +215,14 @@ def path_problems(args) -> list[str]:
         if why:
             out.append(f"--result_path {result_path}: {why}")
     empty_names(out, "val_dataset", values.get("val_dataset"))
+    for spec in values.get("val_dataset") or []:  # a local file that is not there, before the model loads
+        if str(spec).strip():
+            try:
+                check_spec(str(spec), "--val_dataset")
+            except DataError as e:
+                out.append(f"--val_dataset {spec}: {e}")
+            except FlagError:  # an empty name ('hf::'): empty_names above said so
+                pass
     model = values.get("model")
     if model and os.path.isdir(model):
         out += [m for m in [model_dir_problem(model)] if m]

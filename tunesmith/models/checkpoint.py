@@ -11,6 +11,7 @@ from typing import Optional, TypeVar
 
 from tunesmith.config.commands import EvalArguments, ExportArguments, InferArguments
 from tunesmith.config.parser import given_flags, looks_like_system_file
+from tunesmith.config.slices import flag_values
 
 # a parsed infer (deploy's is one), export or eval command: each has the checkpoint, model, quantisation and
 # template flags that resolve_checkpoint reads and fills
@@ -260,8 +261,10 @@ def resolve_checkpoint(args: Checkpointed) -> tuple[Checkpointed, Optional[str]]
         return args, ckpt
     with open(os.path.join(ckpt, "args.json"), encoding="utf-8") as fh:
         saved = json.load(fh)
+    current = flag_values(args)  # a value equal to the one this command has already changes nothing: not said
     inherited = {key: saved[key] for key in INHERITED_KEYS
-                 if key in saved and key not in given and saved[key] not in (None, [], "", "<redacted>")}
+                 if key in saved and key not in given and saved[key] not in (None, [], "", "<redacted>")
+                 and saved[key] != current.get(key)}
     if "system" in inherited:
         inherited["system"] = _saved_system(saved["system"], ckpt)
     if "model" in inherited:
