@@ -84,8 +84,10 @@ LAYERS = {
                               "tunesmith.runs"},
     "tunesmith.train": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.inference",
                                "tunesmith.runs"},
+    "tunesmith.export": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.runs"},
     "tunesmith.commands": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.inference",
-                                  "tunesmith.runs", "tunesmith.serve", "tunesmith.eval", "tunesmith.train"},
+                                  "tunesmith.runs", "tunesmith.serve", "tunesmith.eval", "tunesmith.train",
+                                  "tunesmith.export"},
     "tunesmith.cli": BASE | {"tunesmith.config", "tunesmith.commands"},
 }
 TOP = {"tunesmith", "tunesmith.__main__", "tunesmith.testing"}
