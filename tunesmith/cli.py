@@ -20,7 +20,8 @@ COMMANDS = {
     "rlhf": ("tunesmith.commands.train", "preference training: DPO and its variants, CPO, SimPO, ORPO, KTO"),
     "dpo": ("tunesmith.commands.train", "short for `rlhf --rlhf_type dpo`"),
     "infer": ("tunesmith.commands.infer", "chat with a model or checkpoint, or infer over a dataset"),
-    "export": ("tunesmith.commands.export", "merge LoRA adapters into the base model (--merge_lora true)"),
+    "export": ("tunesmith.commands.export", "merge adapters (--merge_lora true), write GGUF (--to_gguf true), an "
+                                          "Ollama Modelfile (--to_ollama true) or a quantised checkpoint"),
     "merge-lora": ("tunesmith.commands.export", "short for `export --merge_lora true`"),
     "deploy": ("tunesmith.commands.deploy", "serve a model or checkpoint behind an OpenAI-compatible API"),
     "data": ("tunesmith.commands.data", "inspect, validate, convert, split and measure datasets"),

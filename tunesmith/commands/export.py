@@ -1,142 +1,288 @@
-"""`tunesmith export --adapters CKPT --merge_lora true`: merge LoRA adapters into the base weights and write a
-normal Hugging Face model directory (sharded safetensors, or PyTorch .bin shards with --safe_serialization false;
-config, generation config, tokenizer with its chat template, and an args.json so that infer/deploy on the merged
-model keep the run's system prompt).
+"""`tunesmith export`: a trained model out of tunesmith, in one of four forms (one per command):
 
-The merge always goes into the unquantised base (a QLoRA adapter is merged into the full-precision weights), and
-the directory appears only when complete: it is written under a temporary name and renamed.
+    flags                               default --output_dir            what is written
+    --merge_lora true                   <checkpoint>-merged             a Hugging Face folder, adapters merged
+    --to_gguf true [--to_ollama true]   <checkpoint>-gguf               GGUF files (one per --gguf_quant) [+ Modelfile]
+    --to_ollama true                    <checkpoint>-ollama             a Modelfile (+ the merged weights for adapters)
+    --quant_method M [--quant_bits N]   <checkpoint>-M-int<N>           a quantised Hugging Face checkpoint
+
+--adapters are merged into the unquantised base on the way (a QLoRA adapter too); for GGUF and quantised exports
+the merge stays in memory (no extra copy on disk). Every output appears only when complete (written under a
+temporary name and renamed); the libraries that write them are tunesmith.export's.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import inspect
 import json
 import os
-import re
+import shutil
 import sys
 
+from tunesmith.config.groups import ExportOutputArgs
 from tunesmith.config.slices import ModelConfig, take
-from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.models.load import load_for_inference, note
-from tunesmith.files import atomic_dir, failed_write, write_json_atomic
+from tunesmith.errors import ConfigError
+from tunesmith.export.merge import write_model_folder, write_refused
+from tunesmith.files import atomic_dir, write_text_atomic
 from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
+from tunesmith.models.load import load_for_inference, note
 from tunesmith.runs.run_dir import save_args
 
 
-SHARD_SIZE = re.compile(r"^(\d+)(GiB|MiB|KiB|GB|MB|KB)$", re.I)  # what transformers' convert_file_size_to_int reads
-
-
-def flag_problems(args) -> list[str]:
+def flag_problems(args, cfg: ExportOutputArgs) -> list[str]:
     """export's flag values, before anything loads: --max_shard_size (a whole number of at least 1 and a unit, as
-    transformers reads it) and --output_dir (a folder that can be written)."""
+    transformers reads it), --output_dir (a folder that can be written), the GGUF types, the quantisation method and
+    bits, and the combinations that would need two outputs. cfg: export's own flags as given (before a checkpoint
+    fills anything in)."""
+    from tunesmith.export.quantise import quant_problems
+    from tunesmith.export.sizes import shard_size_problem
+    from tunesmith.export.to_gguf import gguf_quant_problems
     from tunesmith.files import unwritable
 
-    out = []
-    size = SHARD_SIZE.match(str(args.max_shard_size).strip())
-    if not size or int(size.group(1)) < 1:
-        out.append(f"--max_shard_size {args.max_shard_size}: expected a whole number of at least 1 and a unit, "
-                   f"e.g. 5GB, 500MB or 2GiB")
-    if args.output_dir is not None:
-        why = unwritable(args.output_dir, folder=True)
+    out = shard_size_problem(cfg.max_shard_size)
+    if cfg.output_dir is not None:
+        why = unwritable(cfg.output_dir, folder=True)
         if why:
-            out.append(f"--output_dir {args.output_dir}: {why}")
+            out.append(f"--output_dir {cfg.output_dir}: {why}")
+    if cfg.to_gguf:
+        out += gguf_quant_problems(list(cfg.gguf_quant))
+    elif list(cfg.gguf_quant) != ["q8_0"]:
+        out.append("--gguf_quant chooses the GGUF types: pass --to_gguf true with it")
+    if cfg.quant_method:
+        out += quant_problems(cfg.quant_method, cfg.quant_bits, group_size=cfg.group_size,
+                              has_dataset=bool(args.dataset))
+        if cfg.to_gguf or cfg.to_ollama:
+            out.append(f"--quant_method {cfg.quant_method} writes a quantised Hugging Face checkpoint; GGUF files "
+                       f"are quantised with --gguf_quant (e.g. --to_gguf true --gguf_quant q4_k_m): one export per "
+                       f"command, so run them as two")
+    elif cfg.quant_bits is not None:
+        out.append("--quant_bits goes with --quant_method (bnb, fp8, gptq); GGUF types are chosen with --gguf_quant")
+    for name, value in (("quant_n_samples", cfg.quant_n_samples), ("quant_batch_size", cfg.quant_batch_size)):
+        if value < 1:
+            out.append(f"--{name} {value}: expected a whole number of at least 1")
+    if cfg.group_size == 0 or cfg.group_size < -1:
+        out.append(f"--group_size {cfg.group_size}: expected -1 (one group per row) or a whole number of at least 1")
     return out
 
 
-def main(args):
-    """`tunesmith export`: merge --adapters into the base weights and write the model folder. Returns 0. Raises
-    FlagError (flag values, before anything loads) or ConfigError (nothing to merge, a reward model, the output
-    exists)."""
-    from tunesmith.inference.flags import check_inference_flags
+def export_kind(cfg: ExportOutputArgs) -> str:
+    """Which output the flags ask for: "gguf", "quant", "ollama" or "merged". Raises ConfigError when none is."""
+    if cfg.to_gguf:
+        return "gguf"
+    if cfg.quant_method:
+        return "quant"
+    if cfg.to_ollama:
+        return "ollama"
+    if cfg.merge_lora:
+        return "merged"
+    raise ConfigError("tunesmith export needs something to write: --merge_lora true (a merged Hugging Face folder), "
+                      "--to_gguf true (GGUF files for llama.cpp/Ollama/LM Studio), --to_ollama true (an Ollama "
+                      "Modelfile) or --quant_method bnb|fp8|gptq (a quantised checkpoint)")
 
-    check_inference_flags(args, flag_problems(args))
-    if not args.merge_lora:
-        raise ConfigError("tunesmith export merges LoRA adapters: pass --adapters CKPT --merge_lora true "
-                          "(quantised export, ollama and mcore conversion are not supported yet)")
+
+def main(args):
+    """`tunesmith export`: merge, or write GGUF files, an Ollama Modelfile or a quantised checkpoint. Returns 0.
+    Raises FlagError (flag values, before anything loads) or ConfigError (nothing to export, a reward model, a
+    family or tokenizer the output cannot hold, the output exists)."""
+    from tunesmith.inference.flags import check_inference_flags
+    from tunesmith.models.load import resolve_model_dir
+
+    cfg = take(ExportOutputArgs, args)  # before the checkpoint fills in: a QLoRA checkpoint's quant_method is
+    check_inference_flags(args, flag_problems(args, cfg))  # how it trained, not what to write
+    kind = export_kind(cfg)
     args, _ = resolve_checkpoint(args)
     adapters, named = split_named_adapters(list(args.adapters))
     if named:
         raise ConfigError("--adapters name=path pairs are for deploy; export merges plain adapter paths")
-    if not adapters:
+    if kind == "merged" and not adapters:
         raise ConfigError("--merge_lora true needs --adapters CKPT (the LoRA checkpoint to merge)")
-    out = os.path.abspath(args.output_dir or os.path.abspath(adapters[0]).rstrip(os.sep) + "-merged")
-    if os.path.exists(out) and not args.exist_ok:
+    out = os.path.abspath(cfg.output_dir or default_output_dir(kind, cfg, adapters, args.model))
+    if os.path.exists(out) and not cfg.exist_ok:
         raise ConfigError(f"{out} already exists; pass --exist_ok true to replace it or choose --output_dir")
-    if args.quant_method:
+    if args.quant_method and adapters and args.quant_method != cfg.quant_method:
         note(f"the adapter was trained on a {args.quant_method} {args.quant_bits}-bit base; it is merged into the "
              f"unquantised weights")
-    model, tok, model_dir = load_for_inference(take(ModelConfig, args), adapters, merge=True, quantise=False)
-    with _write_refused(out), atomic_dir(out) as tmp:
-        try:
-            save_weights(model, tmp, args.safe_serialization, args.max_shard_size)
-            tok.save_pretrained(tmp)
-            # the settings the adapter's args.json passed on (resolve_checkpoint: template, system, enable_thinking,
-            # ...) stay with the merged model; local paths absolute, as training records them
-            save_args(tmp, args, {"model": out, "adapters": [], "train_type": "full", "quant_method": None,
-                                  "merged_from": {"model": args.model, "model_dir": model_dir,
-                                                  "adapters": [os.path.abspath(a) for a in adapters]}})
-        except Exception as e:  # noqa: BLE001 - torch / safetensors word a full disk their own way
-            failed = failed_write(e, out, tmp)  # the free space read before the partial folder is removed
-            if failed is None:
-                raise
-            raise failed from e
-    print(f"[tunesmith] export: merged {', '.join(adapters)} into {args.model} -> {out}", file=sys.stderr)
+    model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
+    {"merged": _merged, "gguf": _gguf, "ollama": _ollama, "quant": _quantised}[kind](args, cfg, adapters, out,
+                                                                                    model_dir)
     return 0
 
 
-@contextlib.contextmanager
-def _write_refused(out: str):
-    """A write the disk refused while the merged model is written becomes one message (nothing half-written is
-    left: the folder is renamed into place only when complete)."""
-    try:
-        yield
-    except OSError as e:
-        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied"}.get(e.errno, e.strerror)
-        raise TunesmithError(f"could not write the merged model ({out}): {why}; nothing was left half-written. "
-                             f"Free some space (or fix the permissions) or choose another --output_dir, and "
-                             f"export again") from None
+def default_output_dir(kind: str, cfg: ExportOutputArgs, adapters: list[str], model: str) -> str:
+    """ms-swift's default: <checkpoint>-<suffix> next to the first adapter (or the model folder; a hub id: in the
+    working directory), suffix merged, gguf, ollama or <method>-int<bits>."""
+    from tunesmith.export.quantise import default_bits
+
+    suffix = {"merged": "merged", "gguf": "gguf", "ollama": "ollama"}.get(kind)
+    if kind == "quant":
+        suffix = f"{cfg.quant_method}-int{cfg.quant_bits or default_bits(cfg.quant_method)}"
+    source = adapters[0] if adapters else model
+    if not os.path.isdir(source):
+        source = source.rstrip("/").split("/")[-1]  # a hub id: its name, here
+    return os.path.abspath(source).rstrip(os.sep) + "-" + suffix
 
 
-def save_weights(model, out_dir: str, safe_serialization: bool, max_shard_size: str) -> None:
-    """The model's weights into out_dir as safetensors shards, or PyTorch .bin shards (pytorch_model*.bin and
-    pytorch_model.bin.index.json, what transformers 4.x writes with safe_serialization=False).
-
-    transformers 5 dropped save_pretrained's safe_serialization (it writes safetensors only, and still loads .bin),
-    so there the safetensors shards it writes are rewritten as .bin, one shard in memory at a time."""
-    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:  # transformers 4.x
-        model.save_pretrained(out_dir, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
-        return
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    if not safe_serialization:
-        safetensors_to_bin(out_dir)
+def _load(args, adapters: list[str], model_dir: str):
+    """(model with the adapters merged, tokenizer): the unquantised base, as every export takes it."""
+    return load_for_inference(take(ModelConfig, args), adapters, merge=True, quantise=False, model_dir=model_dir)[:2]
 
 
-def safetensors_to_bin(folder: str) -> None:
-    """Rewrite save_pretrained's model*.safetensors (and its index) in folder as pytorch_model*.bin (and
-    pytorch_model.bin.index.json), tensor names and shard boundaries unchanged."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+def _merged_args(args, out: str, adapters: list[str], model_dir: str):
+    """extra_files for write_model_folder: the args.json that keeps the run's prompt settings (resolve_checkpoint:
+    template, system, enable_thinking, ...) with the merged model; local paths absolute, as training records them."""
+    return lambda tmp: save_args(tmp, args, {
+        "model": out, "adapters": [], "train_type": "full", "quant_method": None, "quant_bits": None,
+        "merged_from": {"model": args.model, "model_dir": model_dir, "adapters": [os.path.abspath(a) for a in adapters]}})
 
-    index_path = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
-    index = None
-    if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as fh:
-            index = json.load(fh)
-        shards = sorted(set(index["weight_map"].values()))
+
+def _merged(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_dir: str) -> None:
+    model, tok = _load(args, adapters, model_dir)
+    write_model_folder(model, tok, out, safe_serialization=cfg.safe_serialization, max_shard_size=cfg.max_shard_size,
+                       extra_files=_merged_args(args, out, adapters, model_dir))
+    print(f"[tunesmith] export: merged {', '.join(adapters)} into {args.model} -> {out}", file=sys.stderr)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _gguf(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_dir: str) -> None:
+    """GGUF files, one per --gguf_quant, from one pass over the weights (the merged model in memory for adapters,
+    else streamed from the model folder's safetensors), and the Modelfile with --to_ollama."""
+    from tunesmith.export.sizes import check_free_space, gguf_bytes
+    from tunesmith.export.to_gguf import (gguf_family_problem, source_from_folder, source_from_model,
+                                          tokenizer_problem, write_gguf)
+    from tunesmith.models.load import load_tokenizer
+
+    config = _read_json(os.path.join(model_dir, "config.json"))
+    tok = load_tokenizer(take(ModelConfig, args), model_dir)
+    problem = (gguf_family_problem(config) or tokenizer_problem(tok)
+               or (_ollama_problem(config, tok) if cfg.to_ollama else None))
+    if problem:
+        raise ConfigError(problem)
+    if adapters:
+        model, tok = _load(args, adapters, model_dir)
+        source = source_from_model(model)
     else:
-        shards = [SAFE_WEIGHTS_NAME]
-    safe_stem, bin_stem = SAFE_WEIGHTS_NAME[:-len(".safetensors")], WEIGHTS_NAME[:-len(".bin")]  # model, pytorch_model
-    renamed = {}
-    for shard in shards:
-        # model-00001-of-00003.safetensors -> pytorch_model-00001-of-00003.bin
-        renamed[shard] = bin_stem + shard[len(safe_stem):-len(".safetensors")] + ".bin"
-        torch.save(load_file(os.path.join(folder, shard)), os.path.join(folder, renamed[shard]))
-        os.remove(os.path.join(folder, shard))
-    if index is not None:
-        index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
-        write_json_atomic(os.path.join(folder, WEIGHTS_INDEX_NAME), index)
-        os.remove(index_path)
+        source = source_from_folder(model_dir)
+    check_free_space(out, gguf_bytes(source, list(cfg.gguf_quant)), "the GGUF files")
+    stem = export_stem(args.model, adapters)
+    with write_refused(out, "the GGUF files"), atomic_dir(out) as tmp:
+        paths = write_gguf(source, config, tok, tmp, stem, list(cfg.gguf_quant),
+                           generation_config=_read_json(os.path.join(model_dir, "generation_config.json")),
+                           name=stem)
+        names = [os.path.basename(p) for p in paths]
+        if cfg.to_ollama:
+            _write_modelfile(args, tmp, "./" + names[0], config, tok, model_dir)
+    for name in names:
+        print(f"[tunesmith] export: {os.path.join(out, name)}", file=sys.stderr)
+    print(f"[tunesmith] run it: llama-cli -m {os.path.join(out, names[0])} -cnv", file=sys.stderr)
+    if cfg.to_ollama:
+        _print_ollama_hint(out, stem)
+
+
+def _ollama(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_dir: str) -> None:
+    """A Modelfile: with adapters, next to the merged weights written in out (FROM .); for a plain --model, alone
+    in out, FROM the model folder (ms-swift's layout: Ollama imports the safetensors)."""
+    from tunesmith.models.load import load_tokenizer
+
+    config = _read_json(os.path.join(model_dir, "config.json"))
+    tok = load_tokenizer(take(ModelConfig, args), model_dir)
+    problem = _ollama_problem(config, tok)
+    if problem:
+        raise ConfigError(problem)
+    stem = export_stem(args.model, adapters)
+    if adapters:
+        model, tok = _load(args, adapters, model_dir)
+        merged_args = _merged_args(args, out, adapters, model_dir)
+
+        def extra(tmp):
+            merged_args(tmp)
+            _write_modelfile(args, tmp, ".", config, tok, model_dir)
+        write_model_folder(model, tok, out, safe_serialization=True, max_shard_size=cfg.max_shard_size,
+                           extra_files=extra)
+    else:
+        with write_refused(out, "the Modelfile"), atomic_dir(out) as tmp:
+            _write_modelfile(args, tmp, model_dir, config, tok, model_dir)
+    _print_ollama_hint(out, stem)
+
+
+def _ollama_problem(config: dict, tok) -> str | None:
+    from tunesmith.export.ollama import ollama_problem
+
+    return ollama_problem(config.get("model_type", ""), getattr(tok, "chat_template", None))
+
+
+def _write_modelfile(args, folder: str, source: str, config: dict, tok, model_dir: str) -> None:
+    """folder/Modelfile: FROM source, the chat format's TEMPLATE, stop tokens, --system and the sampling defaults
+    (the model's generation_config.json, overridden by the sampling flags given to export)."""
+    from tunesmith.config.parser import given_flags
+    from tunesmith.export.ollama import modelfile
+
+    generation = {k: v for k, v in _read_json(os.path.join(model_dir, "generation_config.json")).items()
+                  if k in ("temperature", "top_p", "top_k", "repetition_penalty") and v is not None}
+    given = given_flags(args)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens}
+    generation.update({k: v for k, v in sampling.items() if k in given and v is not None})
+    text = modelfile(source=source, model_type=config.get("model_type", ""), chat_template=tok.chat_template,
+                     tokenizer=tok, system=args.system, generation=generation, stops=list(args.stop_words or []))
+    write_text_atomic(os.path.join(folder, "Modelfile"), text)
+
+
+def _print_ollama_hint(out: str, stem: str) -> None:
+    from tunesmith.export.ollama import ollama_create_hint
+
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem.lower())
+    print(f"[tunesmith] export: {os.path.join(out, 'Modelfile')}\n"
+          + ollama_create_hint(os.path.join(out, "Modelfile"), name), file=sys.stderr)
+
+
+def export_stem(model: str, adapters: list[str]) -> str:
+    """The file name stem of exported files: the base model's name, and the checkpoint's for adapters
+    (Qwen2.5-0.5B-Instruct-checkpoint-50), as Ollama and LM Studio show it."""
+    base = os.path.basename(os.path.normpath(model)) or "model"
+    if not adapters:
+        return base
+    return f"{base}-{os.path.basename(os.path.normpath(adapters[0]))}"
+
+
+def _quantised(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_dir: str) -> None:
+    """A quantised Hugging Face checkpoint from the model folder, or from the merge of the adapters (written to a
+    temporary folder next to out, removed afterwards); gptq calibrates on the first --quant_n_samples rows of
+    --dataset rendered by the chat template."""
+    from tunesmith.export.quantise import default_bits, write_quantised
+    from tunesmith.models.load import load_tokenizer
+
+    bits = cfg.quant_bits or default_bits(cfg.quant_method)
+    tok = load_tokenizer(take(ModelConfig, args), model_dir)
+    calibration = _calibration_texts(args, tok, cfg.quant_n_samples) if cfg.quant_method.startswith("gptq") else None
+    source = model_dir
+    merged_tmp = None
+    if adapters:
+        merged_tmp = os.path.join(os.path.dirname(out), f".merging-{os.path.basename(out)}-{os.getpid()}")
+        model, tok = _load(args, adapters, model_dir)
+        write_model_folder(model, tok, merged_tmp, extra_files=None)
+        del model
+        source = merged_tmp
+    extra = _merged_args(args, out, adapters, model_dir)
+    try:
+        with write_refused(out, f"the {cfg.quant_method} checkpoint"):
+            write_quantised(source, tok, out, cfg.quant_method, bits, group_size=cfg.group_size,
+                            calibration=calibration, batch_size=cfg.quant_batch_size,
+                            extra_files=extra)
+    finally:
+        if merged_tmp:
+            shutil.rmtree(merged_tmp, ignore_errors=True)
+    print(f"[tunesmith] export: {cfg.quant_method} {bits}-bit checkpoint -> {out}", file=sys.stderr)
+
+
+def _calibration_texts(args, tok, n: int) -> list[str]:
+    """The first n rows of --dataset rendered by the chat template (with --system): GPTQ's calibration text."""
+    from tunesmith.data.encode import ChatEncoder
+    from tunesmith.data.load import load_datasets
+
+    loaded = load_datasets(list(args.dataset), need_reply=False)
+    enc = ChatEncoder(tok, system=args.system)
+    return [enc.render(enc.with_system(rec["messages"]), tools=rec.get("tools")) for rec in loaded.records[:n]]

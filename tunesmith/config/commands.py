@@ -16,7 +16,8 @@ what it has.
     data        Model Template Data; its own action, output, row, ...
     report      its own runs, output
 
-Where two groups name the same flag (eval's --max_batch_size, --report_to, --api_key), the first base listed wins,
+Where two groups name the same flag (eval's --max_batch_size, --report_to, --api_key; export's --quant_method
+and --quant_bits, the quantisation to write), the first base listed wins,
 as Python's method resolution order says. COMMAND_ARGS maps each command name to its class.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ class DeployArguments(DeployServerArgs, InferArguments):
 @dataclass(frozen=True)
 class ExportArguments(ExportOutputArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs, SwiftCompatArgs,
                       GenerationArgs, DataArgs):
-    """`tunesmith export`: merge LoRA adapters into the base model."""
+    """`tunesmith export`: merge LoRA adapters, write GGUF files and an Ollama Modelfile, or a quantised checkpoint."""
 
 
 @dataclass(frozen=True)

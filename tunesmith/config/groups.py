@@ -509,6 +509,25 @@ class ExportOutputArgs:
     exist_ok: bool = _f(False, help="Write into an existing --output_dir instead of stopping.")
     to_peft_format: bool = _f(False, help="ms-swift: export in PEFT format. Compatibility only (see the table at the "
                                           "end).")
+    to_gguf: bool = _f(False, help="Write GGUF files for llama.cpp, Ollama, LM Studio and Jan (Qwen2/2.5, Qwen3, "
+                                   "Llama 3.x, gpt-oss); --adapters are merged on the way. Default <checkpoint>-gguf.")
+    gguf_quant: List[str] = _f(help="GGUF types, one file each from one load: f32 f16 bf16 q8_0, and llama.cpp's "
+                                    "q4_k_m q5_k_m q6_k q4_0 ... (those need tunesmith[gguf]).", list_default=["q8_0"])
+    to_ollama: bool = _f(False, help="Write an Ollama Modelfile (FROM, TEMPLATE for the chat format, stop tokens, "
+                                     "SYSTEM, sampling defaults) next to the GGUF, or with the merged weights in "
+                                     "<checkpoint>-ollama.")
+    # export's --quant_method is the quantisation to write (ms-swift's export flag; it takes the place of QuantArgs'
+    # in ExportArguments); a QLoRA checkpoint's own quant_method, inherited from its args.json, only says how it was
+    # trained: export merges it unquantised
+    quant_method: Optional[str] = _f(help="Write a quantised Hugging Face checkpoint: bnb (bitsandbytes 4/8-bit), "
+                                          "fp8, gptq or gptq_v2 (calibrated on --dataset); awq is refused with "
+                                          "what to use. Default <checkpoint>-<method>-int<bits>.",
+                                     choices=("bnb", "fp8", "gptq", "gptq_v2", "awq"))
+    quant_bits: Optional[int] = _f(help="bnb: 4 (default) or 8; gptq: 2, 3, 4 (default) or 8; fp8: 8.",
+                                   choices=(2, 3, 4, 8))
+    quant_n_samples: int = _f(256, help="--quant_method gptq: calibration rows taken from --dataset.")
+    quant_batch_size: int = _f(1, help="--quant_method gptq: calibration batch size.")
+    group_size: int = _f(128, help="--quant_method gptq: weights sharing one scale (-1: one group per row).")
 
 
 

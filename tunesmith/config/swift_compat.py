@@ -162,8 +162,8 @@ _TASK = ("only chat/causal language modelling is supported (task_type causal_lm)
 _EVAL_IN_TRAINING = ("benchmarks do not run during training; evaluate a checkpoint afterwards with `tunesmith eval "
                      "--adapters CKPT --eval_dataset ...` (validation loss and token_acc are logged during training)")
 _MCORE = "Megatron-Core conversion is not supported: tunesmith reads and writes Hugging Face checkpoints only"
-_QUANT_EXPORT = ("quantised export (awq, gptq, fp8, bnb) is not supported yet; tunesmith export merges LoRA "
-                 "adapters (--merge_lora true)")
+_QUANT_EXPORT = ("quantised and local-runtime export is `tunesmith export`'s: after training, `tunesmith export "
+                 "--adapters CKPT --to_gguf true --to_ollama true` (or --quant_method bnb|gptq|fp8)")
 _CACHED = ("pre-tokenised dataset caches are not supported; pass the data itself with --dataset (tunesmith tokenises "
            "it once before training; `tunesmith data stats` shows the token counts)")
 _RAY = "Ray is not supported; launch several processes with NPROC_PER_NODE (and NNODES) as with ms-swift"
@@ -303,9 +303,6 @@ NOT_SUPPORTED_YET = {
     **_same(_RAY, "use_ray", "ray_exp_name", "device_groups"),
     **_same(_MCORE, "to_mcore", "to_hf", "mcore_model", "mcore_adapter", "thread_count", "test_convert_precision",
             "test_convert_dtype", "save_missing_weights"),
-    "to_ollama": "Ollama export is not supported yet; merge with `tunesmith export --merge_lora true` and convert "
-                 "the merged folder with Ollama's or llama.cpp's own tools",
-    **_same(_QUANT_EXPORT, "quant_n_samples", "quant_batch_size", "group_size"),
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
     **_same(_GRPO, "advantage_reweight", "async_generate", "chord_enable_phi_function", "chord_mu_decay_steps",
             "chord_mu_peak", "chord_mu_valley", "chord_mu_warmup_steps", "chord_sft_dataset",
@@ -349,6 +346,8 @@ NOT_SUPPORTED_ELSEWHERE = {
             "and a full model with --model; drop the flag", "tuner_type", "train_type", "sft_type"),
     **_same("only tunesmith export writes full model weights (pass it there); training checkpoints are always "
             "safetensors, and infer/deploy/eval write no weights", "safe_serialization", "max_shard_size"),
+    **_same(_QUANT_EXPORT, "quant_n_samples", "quant_batch_size", "group_size", "to_ollama", "to_gguf",
+            "gguf_quant"),
     "merge_lora": "infer, deploy and eval apply the adapter unmerged (same outputs); for a merged model run "
                   "`tunesmith export --adapters CKPT --merge_lora true` and pass the merged folder with --model",
 }
@@ -461,13 +460,13 @@ COMPATIBILITY_ONLY_IN = {
     "data": {"shuffle_buffer_size": "the data commands read rows in order (`data stats --streaming true` measures "
                                     "the first --num_rows); it sizes training's --streaming shuffle buffer"},
     "export": {
-        **dict.fromkeys(["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
-                         "stream", "stop_words", "logprobs", "top_logprobs", "n"],
-                        "export generates nothing and copies the model's generation_config.json unchanged (sampling "
-                        "is set in tunesmith infer and deploy)"),
-        "seed": "merging is deterministic; nothing is sampled",
-        **dict.fromkeys(_DATA_FIELDS, "merging reads no data (ms-swift uses it for quantisation calibration and "
-                                      "--to_cached_dataset, which tunesmith export does not support yet)"),
+        **dict.fromkeys(["num_beams", "stream", "logprobs", "top_logprobs", "n"],
+                        "export generates nothing; the sampling defaults it writes (the Ollama Modelfile's "
+                        "PARAMETER lines) are --temperature, --top_k, --top_p, --repetition_penalty, "
+                        "--max_new_tokens and --stop_words"),
+        "seed": "export is deterministic; nothing is sampled",
+        **dict.fromkeys([f for f in _DATA_FIELDS if f != "dataset"],
+                        "export reads rows only for GPTQ calibration: the first --quant_n_samples of --dataset"),
     },
     "eval": {
         **dict.fromkeys(_DATA_FIELDS, "tunesmith eval reads its benchmarks from --eval_dataset (local files via "
@@ -484,9 +483,11 @@ NOT_SUPPORTED_VALUES = {
     **{("rlhf_type", t): f"ms-swift's {t} is not supported by tunesmith yet" for t in ("ppo", "gkd")},
     **{("train_type", t): f"ms-swift's {t} tuner is not supported by tunesmith yet; use lora or full"
        for t in ("longlora", "adalora", "llamapro", "adapter", "vera", "boft", "fourierft", "reft", "bone")},
-    **{("quant_method", q): f"{q} quantisation is not supported by tunesmith yet; QLoRA uses bnb, and quantised "
-                            f"export is not available"
-       for q in ("hqq", "eetq", "quanto", "fp8", "awq", "gptq", "gptq_v2")},
+    **{("quant_method", q): f"QLoRA trains on a bnb-quantised base; {q} is not supported for training"
+       for q in ("hqq", "eetq", "quanto")},
+    **{("quant_method", q): f"QLoRA trains on a bnb-quantised base; to write a {q} checkpoint after training use "
+                            f"`tunesmith export --quant_method {q}`"
+       for q in ("fp8", "awq", "gptq", "gptq_v2")},
     ("truncation_strategy", "split"): "splitting over-long rows is not supported yet; use delete, left or right",
     ("tuner_backend", "unsloth"): "unsloth is not supported; adapters are built with peft",
     ("use_swift_lora", True): "swift's own LoRA layers are not supported; adapters are peft's",

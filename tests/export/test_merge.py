@@ -82,6 +82,7 @@ def test_a_max_shard_size_transformers_cannot_read_is_a_flag_problem(tmp_path, c
 def test_export_to_a_full_disk_is_one_message_and_leaves_nothing(base_and_adapter, tmp_path, monkeypatch):
     """torch's/safetensors' words for a full disk while the merged model is written: one message, no folder."""
     import tunesmith.commands.export as export
+    import tunesmith.export.merge as merge
     import tunesmith.files as files
     from tunesmith.errors import TunesmithError
 
@@ -89,7 +90,7 @@ def test_export_to_a_full_disk_is_one_message_and_leaves_nothing(base_and_adapte
 
     def full(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 456")
-    monkeypatch.setattr(export, "save_weights", full)
+    monkeypatch.setattr(merge, "save_weights", full)
     monkeypatch.setattr(files, "FULL_BELOW", 1 << 62)
     out = tmp_path / "merged"
     with pytest.raises(TunesmithError, match=rf"could not write the merged model \({out}\): the disk is full; "

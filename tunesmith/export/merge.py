@@ -1,0 +1,93 @@
+"""Merged Hugging Face folders: LoRA adapters folded into the unquantised base weights and written as a normal model
+directory (sharded safetensors, or PyTorch .bin shards), config, generation config, tokenizer with its chat
+template, and an args.json that keeps the run's prompt settings.
+
+The folder appears only when complete: it is written under a temporary name and renamed (tunesmith.files.atomic_dir);
+a disk that fills or refuses the write meanwhile is one message (`write_refused`).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import inspect
+import json
+import os
+
+from tunesmith.errors import TunesmithError
+from tunesmith.files import atomic_dir, failed_write, write_json_atomic
+
+
+def write_model_folder(model, tokenizer, out: str, *, safe_serialization: bool = True, max_shard_size: str = "5GB",
+                       extra_files=None, what: str = "the merged model") -> None:
+    """Write `model` (a plain transformers model, adapters merged) and `tokenizer` as a Hugging Face folder at out,
+    atomically. extra_files(tmp_dir), if given, adds files (args.json) before the rename.
+
+    Raises TunesmithError (one message; nothing left half-written) when the disk refuses the write."""
+    with write_refused(out, what), atomic_dir(out) as tmp:
+        try:
+            save_weights(model, tmp, safe_serialization, max_shard_size)
+            tokenizer.save_pretrained(tmp)
+            if extra_files is not None:
+                extra_files(tmp)
+        except Exception as e:  # noqa: BLE001 - torch / safetensors word a full disk their own way
+            failed = failed_write(e, out, tmp)  # the free space read before the partial folder is removed
+            if failed is None:
+                raise
+            raise failed from e
+
+
+@contextlib.contextmanager
+def write_refused(out: str, what: str = "the merged model"):
+    """A write the disk refused while `what` is written to out becomes one TunesmithError (nothing half-written is
+    left: outputs are renamed into place only when complete)."""
+    try:
+        yield
+    except OSError as e:
+        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}.get(e.errno, e.strerror)
+        raise TunesmithError(f"could not write {what} ({out}): {why}; nothing was left half-written. "
+                             f"Free some space (or fix the permissions) or choose another --output_dir, and "
+                             f"export again") from None
+
+
+def save_weights(model, out_dir: str, safe_serialization: bool, max_shard_size: str) -> None:
+    """The model's weights into out_dir as safetensors shards, or PyTorch .bin shards (pytorch_model*.bin and
+    pytorch_model.bin.index.json, what transformers 4.x writes with safe_serialization=False).
+
+    transformers 5 dropped save_pretrained's safe_serialization (it writes safetensors only, and still loads .bin),
+    so there the safetensors shards it writes are rewritten as .bin, one shard in memory at a time."""
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:  # transformers 4.x
+        model.save_pretrained(out_dir, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+        return
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    if not safe_serialization:
+        safetensors_to_bin(out_dir)
+
+
+def safetensors_to_bin(folder: str) -> None:
+    """Rewrite save_pretrained's model*.safetensors (and its index) in folder as pytorch_model*.bin (and
+    pytorch_model.bin.index.json), tensor names and shard boundaries unchanged."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    index_path = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    index = None
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as fh:
+            index = json.load(fh)
+        shards = sorted(set(index["weight_map"].values()))
+    else:
+        shards = [SAFE_WEIGHTS_NAME]
+    safe_stem, bin_stem = SAFE_WEIGHTS_NAME[:-len(".safetensors")], WEIGHTS_NAME[:-len(".bin")]  # model, pytorch_model
+    renamed = {}
+    for shard in shards:
+        # model-00001-of-00003.safetensors -> pytorch_model-00001-of-00003.bin
+        renamed[shard] = bin_stem + shard[len(safe_stem):-len(".safetensors")] + ".bin"
+        torch.save(load_file(os.path.join(folder, shard)), os.path.join(folder, renamed[shard]))
+        os.remove(os.path.join(folder, shard))
+    if index is not None:
+        index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+        write_json_atomic(os.path.join(folder, WEIGHTS_INDEX_NAME), index)
+        os.remove(index_path)
