@@ -39,10 +39,11 @@ def go_render(tmp_path_factory):
     return str(binary)
 
 
-def run_go(binary, template, messages, tools=None, think=None, system="", harmony=False) -> dict:
-    """Ollama's rendering of a chat request: {"prompt", "think_tags", "tool_tag"}."""
+def run_go(binary, template, messages, tools=None, think=None, system="", harmony=False, ollama_0_9=False) -> dict:
+    """Ollama's rendering of a chat request: {"prompt", "think_tags", "tool_tag"} (ollama_0_9: with the narrower
+    template data of Ollama 0.9)."""
     request = {"template": template, "system": system, "messages": [to_ollama(m) for m in messages],
-               "tools": tools, "think": think, "harmony": harmony}
+               "tools": tools, "think": think, "harmony": harmony, "ollama_0_9": ollama_0_9}
     out = subprocess.run([binary], input=json.dumps(request), capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -220,6 +221,18 @@ def test_the_template_renders_the_chat_templates_prompt(go_render, family, offic
     tok = tokenizer(family, official)
     got = run_go(go_render, template_for(tok, family), messages, tools=tools, harmony=family == "gpt_oss")
     assert got["prompt"] == hf_prompt(tok, messages, tools=tools)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "gpt_oss"])
+def test_the_templates_read_only_what_ollama_0_9_has(go_render, family):
+    """Go templates fail on a struct field the data lacks: the tool chats render the same with Ollama 0.9's types
+    (the first Ollama with .Thinking and .IsThinkSet), so the Modelfile works there too."""
+    tok = tokenizer(family, True)
+    for messages, tools in [CHATS["tool round trip"], CHATS["tool round trip without system"],
+                            THINKING_CHATS["reasoning in a tool loop (kept)"]]:
+        got = run_go(go_render, template_for(tok, family), messages, tools=tools, harmony=family == "gpt_oss",
+                     ollama_0_9=True)
+        assert got["prompt"] == hf_prompt(tok, messages, tools=tools)
 
 
 def test_every_tiny_template_is_recognised():

@@ -23,9 +23,13 @@ from the Hugging Face rendering:
   Go's sorted order (Ollama hands templates plain Go maps, so the order a client sent is lost), strings are quoted
   with Go's %q (equal to JSON for printable text, quotes, backslashes, \\n \\t \\r; other control characters and
   non-printable Unicode are escaped differently), numbers with Ollama's `json` (Go: 20.0 prints as 20).
-- a tool's parameter schema keeps what Ollama's api.ToolProperty keeps (type, items, enum, description; nested
-  properties and anyOf as compact JSON); a JSON-schema `default` or `nullable` is dropped by Ollama before any
-  template sees it.
+- a tool's parameter schema keeps what Ollama's api.ToolProperty has kept since Ollama 0.9 (type, items, enum,
+  description): nested object properties, anyOf and a property's own `required` are not rendered (Ollama 0.11 to 0.20
+  added them; a template that reads a field an older Ollama lacks fails there), and a JSON-schema `default` or
+  `nullable` is dropped by Ollama before any template sees it.
+
+Ollama 0.9 or later (May 2025: `.Thinking`, `.IsThinkSet`); the gpt-oss template also uses `.ThinkLevel` and
+`currentDate` (0.11, August 2025, the first Ollama to run gpt-oss).
 """
 from __future__ import annotations
 
@@ -76,16 +80,16 @@ JSON_DEFINES = _fill(
     '{{ end }}]{{ else }}{{ json . }}{{ end }}{{ end }}'
     '{{- define "json.object" }}{ {{- $sep := "" }}{{ range $k, $v := . }}{{ $sep }}{{ Q($k) }}: '
     '{{ template "json.value" $v }}{{ $sep = ", " }}{{ end }}}{{ end }}'
-    # api.ToolProperty, in transformers' get_json_schema key order (type, items/enum, description)
+    # api.ToolProperty, in transformers' get_json_schema key order (type, items/enum, description): the fields it has
+    # had since Ollama 0.9 (a field a struct lacks stops a Go template; anyOf, nested properties and required came
+    # later, in 0.11 to 0.20)
     '{{- define "json.property" }}{ {{- $sep := "" }}'
     '{{ if .Type }}"type": {{ if eq (len .Type) 1 }}{{ Q(index .Type 0) }}{{ else }}[{{ range $i, $t := .Type }}'
     '{{ if $i }}, {{ end }}{{ Q($t) }}{{ end }}]{{ end }}{{ $sep = ", " }}{{ end }}'
     '{{ if .Items }}{{ $sep }}"items": {{ template "json.value" .Items }}{{ $sep = ", " }}{{ end }}'
     '{{ if .Enum }}{{ $sep }}"enum": {{ template "json.value" .Enum }}{{ $sep = ", " }}{{ end }}'
     '{{ if .Description }}{{ $sep }}"description": {{ Q(.Description) }}{{ $sep = ", " }}{{ end }}'
-    '{{ if .AnyOf }}{{ $sep }}"anyOf": {{ json .AnyOf }}{{ $sep = ", " }}{{ end }}'
-    '{{ if .Properties }}{{ $sep }}"properties": {{ json .Properties }}{{ $sep = ", " }}{{ end }}'
-    '{{ if .Required }}{{ $sep }}"required": {{ json .Required }}{{ end }}}{{ end }}'
+    '}{{ end }}'
     # a tool as `tool | tojson` writes the usual {"type", "function": {"name", "description", "parameters"}}
     '{{- define "json.tool" }}{"type": {{ Q(.Type) }}, "function": {"name": {{ Q(.Function.Name) }}'
     '{{ if .Function.Description }}, "description": {{ Q(.Function.Description) }}{{ end }}'
@@ -107,7 +111,6 @@ JSON_INDENT_DEFINES = _fill(
     '{{ if .Enum }}{{ $sep }}@5"enum": [{{ range $i, $e := .Enum }}{{ if $i }},{{ end }}@6{{ template "json.value" $e }}'
     '{{ end }}@5]{{ $sep = "," }}{{ end }}'
     '{{ if .Description }}{{ $sep }}@5"description": {{ Q(.Description) }}{{ $sep = "," }}{{ end }}'
-    '{{ if .Properties }}{{ $sep }}@5"properties": {{ json .Properties }}{{ $sep = "," }}{{ end }}'
     '{{ if $sep }}@4}{{ else }}}{{ end }}{{ end }}'
     '{{- define "json.tool4" }}{@1"type": {{ Q(.Type) }},@1"function": {@2"name": {{ Q(.Function.Name) }}'
     '{{ if .Function.Description }},@2"description": {{ Q(.Function.Description) }}{{ end }}'
@@ -292,8 +295,8 @@ def harmony_template(*, system_message: str, default_system: str | None, tools: 
     assistant = (calls + "{{ if .Thinking }}" + analysis + "{{ .Thinking }}<|end|>{{ end }}" + final + "{{ .Content }}"
                  "{{ else }}" + final + '{{ .Content }}<|end|>{{ $lastTool = "" }}{{ end }}')
     if tools:
-        tool = ('<|start|>functions.{{ if $lastTool }}{{ $lastTool }}{{ else }}{{ .ToolName }}{{ end }} to=assistant'
-                '<|channel|>commentary<|message|>{{ printf "%q" .Content }}<|end|>')
+        tool = ('<|start|>functions.{{ $lastTool }} to=assistant<|channel|>commentary<|message|>{{ printf "%q" .Content }}'
+                '<|end|>')
         other = '{{ else if eq .Role "user" }}<|start|>user<|message|>{{ .Content }}<|end|>'
     else:
         tool = "<|start|>functions.tool to=assistant<|channel|>commentary<|message|>{{ .Content }}<|end|>"

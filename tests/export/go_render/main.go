@@ -2,7 +2,7 @@
 // (tests/export/test_ollama.py). Standard library only, offline.
 //
 // Input (stdin, JSON): {"template": str, "system": str, "messages": [api.Message...], "tools": [api.Tool...],
-// "think": true|false|"low"|"medium"|"high"|null, "harmony": bool}
+// "think": true|false|"low"|"medium"|"high"|null, "harmony": bool, "ollama_0_9": bool}
 // Output (stdout, JSON): {"prompt": str, "think_tags": [open, close], "tool_tag": str, "vars": [...]}
 //
 // What is mirrored from github.com/ollama/ollama (read at commit fb30760996871fa9460115c753afd2c60d4ab0f7; our own
@@ -355,6 +355,7 @@ type request struct {
 	Tools    []Tool          `json:"tools"`
 	Think    json.RawMessage `json:"think"`
 	Harmony  bool            `json:"harmony"`
+	Ollama09 bool            `json:"ollama_0_9"` // hand the template Ollama 0.9's types (legacy.go)
 }
 
 func readThink(raw json.RawMessage) *ThinkValue {
@@ -403,11 +404,15 @@ func main() {
 	if req.Tools != nil {
 		tools = convertTools(req.Tools)
 	}
-	var b bytes.Buffer
-	err = tmpl.Execute(&b, map[string]any{
+	data := map[string]any{
 		"System": system, "Messages": collated, "Tools": tools, "Response": "",
 		"Think": think.Bool(), "ThinkLevel": think.String(), "IsThinkSet": think != nil,
-	})
+	}
+	if req.Ollama09 {
+		data["Messages"], data["Tools"] = legacyData(collated, req.Tools)
+	}
+	var b bytes.Buffer
+	err = tmpl.Execute(&b, data)
 	if err != nil {
 		fail("template does not execute: %v", err)
 	}
