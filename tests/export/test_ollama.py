@@ -60,13 +60,10 @@ def to_ollama(message: dict) -> dict:
     return out
 
 
-_TOKENIZERS = {}
-
-
-def tokenizer(family: str, official: bool):
-    if (family, official) not in _TOKENIZERS:
-        _TOKENIZERS[family, official] = build_tokenizer(family, official_template=official)
-    return _TOKENIZERS[family, official]
+@pytest.fixture(scope="session")
+def toks():
+    """The tiny tokenizers (family, official template?) -> tokenizer, built once per session (about a second)."""
+    return {(family, official): build_tokenizer(family, official_template=official) for family, official in VARIANTS}
 
 
 def hf_prompt(tok, messages, tools=None, **kwargs) -> str:
@@ -217,17 +214,17 @@ def cases():
 
 
 @pytest.mark.parametrize("family,official,messages,tools", list(cases()))
-def test_the_template_renders_the_chat_templates_prompt(go_render, family, official, messages, tools):
-    tok = tokenizer(family, official)
+def test_the_template_renders_the_chat_templates_prompt(toks, go_render, family, official, messages, tools):
+    tok = toks[family, official]
     got = run_go(go_render, template_for(tok, family), messages, tools=tools, harmony=family == "gpt_oss")
     assert got["prompt"] == hf_prompt(tok, messages, tools=tools)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "gpt_oss"])
-def test_the_templates_read_only_what_ollama_0_9_has(go_render, family):
+def test_the_templates_read_only_what_ollama_0_9_has(toks, go_render, family):
     """Go templates fail on a struct field the data lacks: the tool chats render the same with Ollama 0.9's types
     (the first Ollama with .Thinking and .IsThinkSet), so the Modelfile works there too."""
-    tok = tokenizer(family, True)
+    tok = toks[family, True]
     for messages, tools in [CHATS["tool round trip"], CHATS["tool round trip without system"],
                             THINKING_CHATS["reasoning in a tool loop (kept)"]]:
         got = run_go(go_render, template_for(tok, family), messages, tools=tools, harmony=family == "gpt_oss",
@@ -235,18 +232,18 @@ def test_the_templates_read_only_what_ollama_0_9_has(go_render, family):
         assert got["prompt"] == hf_prompt(tok, messages, tools=tools)
 
 
-def test_every_tiny_template_is_recognised():
+def test_every_tiny_template_is_recognised(toks):
     for family, official in VARIANTS:
-        tok = tokenizer(family, official)
+        tok = toks[family, official]
         assert ollama.ollama_problem(family, tok.chat_template, tok) is None, (family, official)
 
 
-def test_ollama_reads_the_thinking_and_tool_call_tags_it_needs(go_render):
+def test_ollama_reads_the_thinking_and_tool_call_tags_it_needs(toks, go_render):
     """Ollama parses a model's output with tags it reads off TEMPLATE (thinking/template.go InferTags,
     tools/template.go parseTag): Qwen3's reasoning between <think> tags, Qwen's calls after <tool_call>, Llama's
     calls as bare JSON ("{"). gpt-oss output goes through Ollama's harmony parser instead."""
     def tags(family, official):
-        return run_go(go_render, template_for(tokenizer(family, official), family), [USER])
+        return run_go(go_render, template_for(toks[family, official], family), [USER])
 
     assert tags("qwen3", True)["think_tags"] == ["<think>", "</think>"]
     assert tags("qwen3", False)["think_tags"] == ["<think>", "</think>"]
@@ -257,10 +254,10 @@ def test_ollama_reads_the_thinking_and_tool_call_tags_it_needs(go_render):
 
 @pytest.mark.parametrize("official", [False, True])
 @pytest.mark.parametrize("think,enable_thinking", [(None, None), (True, True), (False, False)])
-def test_qwen3_think_flag_is_enable_thinking(go_render, official, think, enable_thinking):
+def test_qwen3_think_flag_is_enable_thinking(toks, go_render, official, think, enable_thinking):
     """Ollama's `think` (unset: on, for a model whose template has thinking tags) is Qwen3's enable_thinking: off
     adds the empty think block after the generation prompt."""
-    tok = tokenizer("qwen3", official)
+    tok = toks["qwen3", official]
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     got = run_go(go_render, template_for(tok, "qwen3"), [SYSTEM, USER], think=think)["prompt"]
     assert got == hf_prompt(tok, [SYSTEM, USER], **kwargs)
@@ -268,27 +265,27 @@ def test_qwen3_think_flag_is_enable_thinking(go_render, official, think, enable_
 
 
 @pytest.mark.parametrize("level", ["low", "high"])
-def test_gpt_oss_think_level_is_reasoning_effort(go_render, level):
+def test_gpt_oss_think_level_is_reasoning_effort(toks, go_render, level):
     """Ollama's think levels set gpt-oss's `Reasoning:` line as the template's reasoning_effort does (the compact
     tiny template writes a fixed "medium", so only the official template is compared)."""
-    tok = tokenizer("gpt_oss", True)
+    tok = toks["gpt_oss", True]
     got = run_go(go_render, template_for(tok, "gpt_oss"), [SYSTEM, USER], think=level, harmony=True)["prompt"]
     assert got == hf_prompt(tok, [SYSTEM, USER], reasoning_effort=level)
     assert f"Reasoning: {level}\n" in got
 
 
-def test_gpt_oss_dates_its_system_message_with_ollamas_current_date():
-    official, compact = template_for(tokenizer("gpt_oss", True), "gpt_oss"), template_for(
-        tokenizer("gpt_oss", False), "gpt_oss")
+def test_gpt_oss_dates_its_system_message_with_ollamas_current_date(toks):
+    official, compact = template_for(toks["gpt_oss", True], "gpt_oss"), template_for(
+        toks["gpt_oss", False], "gpt_oss")
     assert "Current date: {{ currentDate }}" in official  # strftime_now("%Y-%m-%d") in the model's template
     assert "Current date: 2025-08-12" in compact  # a fixed date stays fixed
 
 
 @pytest.mark.parametrize("family,official", VARIANTS)
-def test_a_final_assistant_message_is_continued(go_render, family, official):
+def test_a_final_assistant_message_is_continued(toks, go_render, family, official):
     """As in Ollama's own templates, a chat ending with an assistant message is a prefill: the reply continues it
     (Hugging Face: continue_final_message=True)."""
-    tok = tokenizer(family, official)
+    tok = toks[family, official]
     chat = [SYSTEM, USER, {"role": "assistant", "content": "The capital is"}]
     got = run_go(go_render, template_for(tok, family), chat, harmony=family == "gpt_oss")["prompt"]
     assert got == hf_prompt(tok, chat, add_generation_prompt=False, continue_final_message=True)
@@ -315,12 +312,12 @@ TEMPLATE_SYSTEM_PROMPTS = {  # a SYSTEM block cannot hold these: they go into TE
 
 @pytest.mark.parametrize("name", list(SYSTEM_PROMPTS) + list(TEMPLATE_SYSTEM_PROMPTS))
 @pytest.mark.parametrize("family", ["qwen2", "gpt_oss"])  # (Llama trims it: test_llama_contents_are_not_trimmed)
-def test_the_system_prompt_survives_ollamas_parser(go_render, family, name):
+def test_the_system_prompt_survives_ollamas_parser(toks, go_render, family, name):
     """--system reaches the model exactly: in SYSTEM, read back by Ollama's parser and put first when a request has
     no system message (routes.go ChatHandler); or, when a SYSTEM block cannot hold it, in TEMPLATE as the system
     prompt of a chat that has none — the same prompt either way."""
     text = {**SYSTEM_PROMPTS, **TEMPLATE_SYSTEM_PROMPTS}[name]
-    tok = tokenizer(family, True)
+    tok = toks[family, True]
     written = ollama.modelfile(source="./m.gguf", model_type=family, chat_template=tok.chat_template, tokenizer=tok,
                                system=text)
     commands = dict(parse_modelfile(written))
@@ -336,8 +333,8 @@ def test_the_system_prompt_survives_ollamas_parser(go_render, family, name):
         hf_prompt(tok, [own, USER])
 
 
-def test_the_modelfile_reads_back():
-    tok = tokenizer("qwen3", True)
+def test_the_modelfile_reads_back(toks):
+    tok = toks["qwen3", True]
     written = ollama.modelfile(source="/models/run-1/merged", model_type="qwen3", chat_template=tok.chat_template,
                                tokenizer=tok, system="Be brief.",
                                generation={"temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05,
@@ -352,15 +349,15 @@ def test_the_modelfile_reads_back():
 
 @pytest.mark.parametrize("family,stops", [("qwen2", ["<|im_end|>"]), ("qwen3", ["<|im_end|>"]),
                                           ("llama", ["<|eot_id|>"]), ("gpt_oss", ["<|return|>", "<|call|>"])])
-def test_stop_parameters_are_the_end_of_turn_tokens(family, stops):
-    tok = tokenizer(family, True)
+def test_stop_parameters_are_the_end_of_turn_tokens(toks, family, stops):
+    tok = toks[family, True]
     written = ollama.modelfile(source="./m.gguf", model_type=family, chat_template=tok.chat_template, tokenizer=tok)
     assert [v for n, v in parse_modelfile(written) if n == "stop"] == stops
     assert all(tok.convert_tokens_to_ids(s) != tok.unk_token_id for s in stops)
 
 
-def test_given_stops_and_greedy_decoding():
-    tok = tokenizer("qwen2", False)
+def test_given_stops_and_greedy_decoding(toks):
+    tok = toks["qwen2", False]
     written = ollama.modelfile(source="./m.gguf", model_type="qwen2", chat_template=tok.chat_template, tokenizer=tok,
                                stops=["<|im_end|>", " END", "User:"], generation={"do_sample": False,
                                                                                  "temperature": 0.6})
@@ -397,8 +394,8 @@ def test_a_family_without_a_template_is_refused():
     ("qwen3", None, "reasoning in an earlier turn"),  # a Qwen3 template that keeps old reasoning
     ("gpt_oss", None, "a system prompt and a question"),  # system prompt as a system message, not instructions
 ])
-def test_a_replaced_chat_template_is_refused(family, template, probe):
-    official = tokenizer(family, True).chat_template
+def test_a_replaced_chat_template_is_refused(toks, family, template, probe):
+    official = toks[family, True].chat_template
     template = template or {
         "qwen2": official.replace("message.content + '<|im_end|>' + '\\n'", "message.content + '<|im_end|>'"),
         "qwen3": official.replace("loop.index0 > ns.last_query_index", "true"),
@@ -408,26 +405,26 @@ def test_a_replaced_chat_template_is_refused(family, template, probe):
     problem = ollama.ollama_problem(family, template)
     assert problem and f"for {probe} it gives" in problem and "would prompt the model differently" in problem
     with pytest.raises(ConfigError, match="prompt the model differently"):
-        ollama.modelfile(source="./m.gguf", model_type=family, chat_template=template, tokenizer=tokenizer(family, True))
+        ollama.modelfile(source="./m.gguf", model_type=family, chat_template=template, tokenizer=toks[family, True])
 
 
 # ---- what Go templates cannot do ------------------------------------------------------------------------------------
 
 
-def test_llama_contents_are_not_trimmed(go_render):
+def test_llama_contents_are_not_trimmed(toks, go_render):
     """Llama 3's template trims each message (`| trim`); Go's text/template has no trim (Ollama registers none), so
     the TEMPLATE uses a message as sent: equal prompts whenever contents carry no surrounding whitespace."""
-    tok = tokenizer("llama", True)
+    tok = toks["llama", True]
     padded = [SYSTEM, {"role": "user", "content": "  What is the capital of France?\n"}]
     got = run_go(go_render, template_for(tok, "llama"), padded)["prompt"]
     assert hf_prompt(tok, padded) == hf_prompt(tok, [SYSTEM, USER])
     assert got == hf_prompt(tok, padded).replace(USER["content"], padded[1]["content"])
 
 
-def test_tool_arguments_come_in_sorted_key_order(go_render):
+def test_tool_arguments_come_in_sorted_key_order(toks, go_render):
     """Ollama gives templates a tool call's arguments as a Go map, whose keys a template can only visit sorted:
     arguments written in another order render sorted (the order of JSON keys, not their content, differs)."""
-    tok = tokenizer("qwen2", True)
+    tok = toks["qwen2", True]
     unsorted = [USER, {"role": "assistant", "content": "", "tool_calls": [call("get_weather", unit="c", city="Oslo")]},
                 TOOL_RESULT]
     got = run_go(go_render, template_for(tok, "qwen2"), unsorted, tools=[WEATHER])["prompt"]
