@@ -1,0 +1,3 @@
+module tunesmith.test/go_render
+
+go 1.19
