@@ -51,7 +51,7 @@ def build_model(out: str, layers: int) -> str:
                          bos_token_id=151643, eos_token_id=151645)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.generation_config = GenerationConfig(eos_token_id=[151645, 151643], pad_token_id=151643,
+    model.generation_config = GenerationConfig(eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=True,
                                                temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
     model.save_pretrained(out)
     return out

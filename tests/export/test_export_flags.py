@@ -17,6 +17,7 @@ from tunesmith.config.parser import parse_args
     (["--quant_bits", "4", "--merge_lora", "true"], "--quant_bits goes with --quant_method"),
     (["--quant_method", "awq"], "awq"),
     (["--quant_method", "bnb", "--quant_bits", "3"], "bnb"),
+    (["--quant_method", "bnb"], "--quant_bits"),
     (["--quant_method", "gptq", "--group_size", "0"], "--group_size 0: expected -1"),
     (["--quant_method", "gptq", "--dataset", "x.jsonl", "--quant_n_samples", "0"], "--quant_n_samples 0"),
 ])
@@ -57,7 +58,8 @@ def test_default_output_dirs_follow_ms_swift(tmp_path):
     assert out("--merge_lora", "true") == f"{ckpt}-merged"
     assert out("--to_gguf", "true", "--to_ollama", "true") == f"{ckpt}-gguf"
     assert out("--to_ollama", "true") == f"{ckpt}-ollama"
-    assert out("--quant_method", "bnb") == f"{ckpt}-bnb-int4"
+    assert out("--quant_method", "bnb", "--quant_bits", "4") == f"{ckpt}-bnb-int4"
+    assert out("--quant_method", "fp8") == f"{ckpt}-fp8"
     assert out("--quant_method", "gptq", "--quant_bits", "8") == f"{ckpt}-gptq-int8"
     assert export_stem("Qwen/Qwen2.5-0.5B-Instruct", [str(ckpt)]) == "Qwen2.5-0.5B-Instruct-checkpoint-50"
     assert export_stem(str(tmp_path / "my-model") + "/", []) == "my-model"

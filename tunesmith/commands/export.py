@@ -108,16 +108,16 @@ def main(args):
 
 def default_output_dir(kind: str, cfg: ExportOutputArgs, adapters: list[str], model: str) -> str:
     """ms-swift's default: <checkpoint>-<suffix> next to the first adapter (or the model folder; a hub id: in the
-    working directory), suffix merged, gguf, ollama or <method>-int<bits>."""
-    from tunesmith.export.quantise import default_bits
+    working directory), suffix merged, gguf, ollama, <method>-int<bits> or fp8."""
+    from tunesmith.export import quantise
 
-    suffix = {"merged": "merged", "gguf": "gguf", "ollama": "ollama"}.get(kind)
-    if kind == "quant":
-        suffix = f"{cfg.quant_method}-int{cfg.quant_bits or default_bits(cfg.quant_method)}"
     source = adapters[0] if adapters else model
     if not os.path.isdir(source):
         source = source.rstrip("/").split("/")[-1]  # a hub id: its name, here
-    return os.path.abspath(source).rstrip(os.sep) + "-" + suffix
+    if kind == "quant":
+        return quantise.default_output_dir(source, cfg.quant_method,
+                                           cfg.quant_bits or quantise.default_bits(cfg.quant_method))
+    return os.path.abspath(source).rstrip(os.sep) + "-" + kind
 
 
 def _load(args, adapters: list[str], model_dir: str):
@@ -211,7 +211,7 @@ def _ollama(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_di
 def _ollama_problem(config: dict, tok) -> str | None:
     from tunesmith.export.ollama import ollama_problem
 
-    return ollama_problem(config.get("model_type", ""), getattr(tok, "chat_template", None))
+    return ollama_problem(config.get("model_type", ""), getattr(tok, "chat_template", None), tok)
 
 
 def _write_modelfile(args, folder: str, source: str, config: dict, tok, model_dir: str) -> None:
@@ -221,11 +221,13 @@ def _write_modelfile(args, folder: str, source: str, config: dict, tok, model_di
     from tunesmith.export.ollama import modelfile
 
     generation = {k: v for k, v in _read_json(os.path.join(model_dir, "generation_config.json")).items()
-                  if k in ("temperature", "top_p", "top_k", "repetition_penalty") and v is not None}
+                  if k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty") and v is not None}
     given = given_flags(args)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens}
     generation.update({k: v for k, v in sampling.items() if k in given and v is not None})
+    if "temperature" in given:
+        generation.pop("do_sample", None)  # a --temperature given to export wins over a greedy generation config
     text = modelfile(source=source, model_type=config.get("model_type", ""), chat_template=tok.chat_template,
                      tokenizer=tok, system=args.system, generation=generation, stops=list(args.stop_words or []))
     write_text_atomic(os.path.join(folder, "Modelfile"), text)
@@ -252,7 +254,7 @@ def _quantised(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model
     """A quantised Hugging Face checkpoint from the model folder, or from the merge of the adapters (written to a
     temporary folder next to out, removed afterwards); gptq calibrates on the first --quant_n_samples rows of
     --dataset rendered by the chat template."""
-    from tunesmith.export.quantise import default_bits, write_quantised
+    from tunesmith.export.quantise import default_bits, default_torch_dtype, write_quantised
     from tunesmith.models.load import load_tokenizer
 
     bits = cfg.quant_bits or default_bits(cfg.quant_method)
@@ -268,10 +270,9 @@ def _quantised(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model
         source = merged_tmp
     extra = _merged_args(args, out, adapters, model_dir)
     try:
-        with write_refused(out, f"the {cfg.quant_method} checkpoint"):
-            write_quantised(source, tok, out, cfg.quant_method, bits, group_size=cfg.group_size,
-                            calibration=calibration, batch_size=cfg.quant_batch_size,
-                            extra_files=extra)
+        write_quantised(source, tok, out, cfg.quant_method, bits, group_size=cfg.group_size,
+                        calibration=calibration, batch_size=cfg.quant_batch_size,
+                        torch_dtype=args.torch_dtype or default_torch_dtype(cfg.quant_method), extra_files=extra)
     finally:
         if merged_tmp:
             shutil.rmtree(merged_tmp, ignore_errors=True)
