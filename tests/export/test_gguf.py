@@ -194,12 +194,15 @@ def test_quantised_ggufs_stay_near_the_model(family, tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_an_in_memory_model_writes_the_same_file_as_its_folder(tiny_models, tmp_path):
-    """source_from_model (a LoRA-merged model in memory) and source_from_folder give byte-identical GGUFs."""
-    model_dir = tiny_models("llama")
-    a = export(model_dir, tmp_path / "a", ["f16"])[0]
-    b = export(model_dir, tmp_path / "b", ["f16"], source=source_from_model(_hf_model(model_dir)))[0]
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        assert fa.read() == fb.read()
+    """source_from_model (a LoRA-merged model in memory, whose state dict also lists a tied lm_head) and
+    source_from_folder give byte-identical GGUFs."""
+    for family in ("qwen2", "llama"):
+        model_dir = tiny_models(family)
+        a = export(model_dir, tmp_path / family / "a", ["f16", "q8_0"])
+        b = export(model_dir, tmp_path / family / "b", ["f16", "q8_0"], source=source_from_model(_hf_model(model_dir)))
+        for x, y in zip(a, b):
+            with open(x, "rb") as fa, open(y, "rb") as fb:
+                assert fa.read() == fb.read()
 
 
 # ------------------------------------------------------------------ tensors: llama.cpp's names, shapes and types
@@ -489,3 +492,22 @@ def test_tensors_are_streamed_one_at_a_time(tiny_models, tmp_path):
     export(model_dir, tmp_path, ["f32", "f16", "bf16", "q8_0"], source=TensorSource(src.shapes, src.dtypes, counted))
     gc.collect()
     assert most[0] <= 2 and alive[0] == 0
+
+
+def test_tensor_encodings_are_the_gguf_packages_bytes():
+    """The streamed encodings (torch casts for F16/BF16 straight from the source dtype, Q8_0 by row chunks) are
+    byte for byte what gguf.quants (llama.cpp's rounding, reimplemented) makes from float32, over 10 decades of
+    magnitude and from a bf16 source."""
+    import gguf
+    import torch
+
+    from tunesmith.export.to_gguf import _encode
+
+    q = gguf.GGMLQuantizationType
+    torch.manual_seed(0)
+    x = torch.randn(5000, 64) * torch.logspace(-6, 4, 64)
+    for qtype in (q.F32, q.F16, q.BF16, q.Q8_0):
+        assert _encode(x, qtype).tobytes() == gguf.quants.quantize(x.numpy(), qtype).tobytes(), qtype.name
+    xb = x.to(torch.bfloat16)
+    for qtype in (q.F16, q.BF16):
+        assert _encode(xb, qtype).tobytes() == gguf.quants.quantize(xb.float().numpy(), qtype).tobytes()

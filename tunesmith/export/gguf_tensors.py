@@ -187,15 +187,13 @@ def _permute(w, n_head: int):
 
 
 def produce(p: PlannedTensor, load: Callable[[str], object], config: dict):
-    """The float32 numpy array of planned tensor p, its source read with load(name) -> torch.Tensor (contiguous,
-    shape p.shape)."""
-    import numpy as np
+    """Planned tensor p as a contiguous CPU torch.Tensor of shape p.shape, in its source's dtype (no float32 copy
+    of a bf16 model: the file types are made from it one at a time), its source read with load(name)."""
     import torch
 
     if p.op == "rope_freqs":
-        return llama3_rope_factors(config)
-    t = load(p.source).detach()
-    t = t.to(device="cpu", dtype=torch.float32)
+        return torch.from_numpy(llama3_rope_factors(config))
+    t = load(p.source).detach().to(device="cpu")
     if p.op in ("permute_q", "permute_k"):
         heads = config["num_attention_heads"] if p.op == "permute_q" else \
             config.get("num_key_value_heads") or config["num_attention_heads"]
@@ -206,9 +204,9 @@ def produce(p: PlannedTensor, load: Callable[[str], object], config: dict):
             t = t.transpose(-1, -2)
     elif p.op == "t":
         t = t.transpose(-1, -2)
-    out = np.ascontiguousarray(t.numpy())
-    assert out.shape == p.shape, (p.name, out.shape, p.shape)
-    return out
+    t = t.contiguous()
+    assert tuple(t.shape) == p.shape, (p.name, tuple(t.shape), p.shape)
+    return t
 
 
 def add_model_kv(writer, family: str, config: dict, n_vocab: int) -> None:

@@ -111,8 +111,8 @@ def _merges(model: dict) -> tuple[str, ...]:
     gguf.SpecialVocab._try_load_from_tokenizer_json writes the list-of-pairs form."""
     merges = model.get("merges") or []
     if merges and not isinstance(merges[0], str):
-        merges = [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
-                  for pair in merges]
+        space = chr(ord(" ") + 256)
+        merges = [f"{a.replace(' ', space)} {b.replace(' ', space)}" for a, b in merges]
     return tuple(merges)
 
 

@@ -183,10 +183,10 @@ def _checked(source: TensorSource, config: dict, tokenizer, types: list[str]):
     if odd:
         raise ConfigError(f"tensors {', '.join(sorted(odd)[:3])} are {source.dtypes[odd[0]]}, not float: GGUF export "
                           f"needs float weights (bf16/f16/f32)")
-    embd = next(p for p in plan if p.name == "token_embd.weight")
-    if max(tokenizer.get_vocab().values()) >= embd.shape[0]:
-        raise ConfigError(f"the tokenizer has ids up to {max(tokenizer.get_vocab().values())} but the model's "
-                          f"embedding has {embd.shape[0]} rows; resize the embeddings to the tokenizer first")
+    rows, top = next(p for p in plan if p.name == "token_embd.weight").shape[0], max(tokenizer.get_vocab().values())
+    if top >= rows:
+        raise ConfigError(f"the tokenizer has ids up to {top} but the model's embedding has {rows} rows; resize "
+                          f"the embeddings to the tokenizer first")
     return family, plan, [str(t).strip().lower() for t in types]
 
 
@@ -194,7 +194,7 @@ def float_type(source: TensorSource, plan) -> str:
     """The model's own float type for the llama.cpp intermediate (lossless): f32 if any weight is float32, else
     bf16 if any is bfloat16, else f16."""
     kinds = {_FLOAT_DTYPES[source.dtypes[p.source]] for p in plan if p.source and not p.keep_f32}
-    return next(k for k in ("f32", "bf16", "f16") if k in kinds or k == "f16")
+    return "f32" if "f32" in kinds else "bf16" if "bf16" in kinds else "f16"
 
 
 def write_gguf(source: TensorSource, config: dict, tokenizer, out_dir: str, stem: str, types: list[str], *,
@@ -261,12 +261,27 @@ def _file_type(gguf_type: str):
     return gguf.LlamaFileType.ALL_F32 if gguf_type == "f32" else gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"]
 
 
-def _encode(data, qtype):
-    """data (float32 numpy) in ggml type qtype: gguf.quants.quantize (F16 by numpy's cast, BF16 and Q8_0 by
-    llama.cpp's rounding as the gguf package reimplements it)."""
-    import gguf
+_ROWS = 4096  # rows quantised at a time: the float32 temporaries of gguf.quants stay small
 
-    return gguf.quants.quantize(data, qtype)
+
+def _encode(t, qtype):
+    """Tensor t (torch, any float dtype) as the bytes of ggml type qtype, as a numpy array for write_tensor_data:
+    F32/F16/BF16 by torch's round-to-nearest-even cast (what ggml's fp32->fp16/bf16 conversions do), Q8_0 by
+    gguf.quants (llama.cpp's quantize_row_q8_0 reimplemented), _ROWS rows at a time."""
+    import gguf
+    import numpy as np
+    import torch
+
+    q = gguf.GGMLQuantizationType
+    if qtype in (q.F32, q.F16):
+        return t.to(torch.float32 if qtype == q.F32 else torch.float16).numpy()
+    if qtype == q.BF16:
+        return t.to(torch.bfloat16).view(torch.int16).numpy()
+    rows = t.reshape(-1, t.shape[-1])
+    out = np.empty(gguf.quant_shape_to_byte_shape(tuple(rows.shape), qtype), dtype=np.uint8)
+    for i in range(0, rows.shape[0], _ROWS):
+        out[i:i + _ROWS] = gguf.quants.quantize(rows[i:i + _ROWS].to(torch.float32).numpy(), qtype)
+    return out
 
 
 def _open_writer(path: str, plan, gguf_type: str, family: str, config: dict, vocab, name: str):
