@@ -158,8 +158,9 @@ def _family_dir(family, tiny_models, gpt_oss_with_biases):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float_ggufs_give_the_models_logits(family, tiny_models, gpt_oss_with_biases, tmp_path):
-    """f32 reproduces the logits to float rounding (1e-5), f16 within 1e-3 (the issue's bound; measured ~3e-4 on
-    these models), q8_0 within 3e-2 (measured ~8e-3: 8-bit blocks of 32 with one f16 scale each)."""
+    """f32 reproduces the logits to float rounding (1e-5; measured 0), f16 within 1e-3 (the issue's bound;
+    measured 2.9e-4 to 3.4e-4), q8_0 within 3e-2 (measured 6.7e-3 to 9.2e-3: 8-bit blocks of 32 values with one
+    f16 scale each)."""
     model_dir = _family_dir(family, tiny_models, gpt_oss_with_biases)
     paths = export(model_dir, tmp_path, ["f32", "f16", "q8_0"])
     assert [os.path.basename(p) for p in paths] == ["m-F32.gguf", "m-F16.gguf", "m-Q8_0.gguf"]
@@ -171,13 +172,22 @@ def test_float_ggufs_give_the_models_logits(family, tiny_models, gpt_oss_with_bi
     assert diffs[2] < 3e-2, diffs
 
 
+def _relative(a, b):
+    """||a - b|| / ||b|| over all the prompts' logits."""
+    import torch
+
+    return float(torch.linalg.norm(torch.cat(a) - torch.cat(b)) / torch.linalg.norm(torch.cat(b)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_quantised_ggufs_stay_near_the_model(family, tiny_models, tmp_path):
-    """hidden 256 (so that K-quant super-blocks of 256 apply instead of their fallbacks): q8_0's logits within 3e-2
-    of the HF model's and q4_k_m's (llama.cpp's quantiser, when installed) within 0.25; their perplexity on a
-    held-out text within 1% (q8_0) and 5% (q4_k_m) of f16's. The model is random, so this measures the
-    quantisers' numerical fidelity, not language quality."""
+    """hidden 256 (so that K-quant super-blocks of 256 apply instead of their fallbacks): relative to the HF model's
+    logits (||q - f|| / ||f||) q8_0 stays within 0.05 and q4_k_m (llama.cpp's quantiser, when installed) within
+    0.25 (measured 0.013-0.014 and 0.14-0.16: random weights have no structure to spare, so 4 bits cost more than on a
+    trained model); their perplexity on a held-out text is within 1% (q8_0) and 5% (q4_k_m) of f16's (measured
+    0.2% and 0.5%). The model is random, so this measures the quantisers' numerical fidelity, not language
+    quality."""
     model_dir = tiny_models(family, hidden=256)
     types = ["f16", "q8_0"] + (["q4_k_m"] if llama_cpp_available() else [])
     paths = export(model_dir, tmp_path, types)
@@ -185,10 +195,10 @@ def test_quantised_ggufs_stay_near_the_model(family, tiny_models, tmp_path):
     ref = _logits(_hf_model(model_dir), tok, PROMPTS)
     models = {t: gguf_model(p, model_dir, family) for t, p in zip(types, paths)}
     ppl = {t: _perplexity(m, tok, HELD_OUT) for t, m in models.items()}
-    assert _max_diff(_logits(models["q8_0"], tok, PROMPTS), ref) < 3e-2
+    assert _relative(_logits(models["q8_0"], tok, PROMPTS), ref) < 0.05
     assert abs(ppl["q8_0"] / ppl["f16"] - 1) < 0.01, ppl
     if "q4_k_m" in models:
-        assert _max_diff(_logits(models["q4_k_m"], tok, PROMPTS), ref) < 0.25
+        assert _relative(_logits(models["q4_k_m"], tok, PROMPTS), ref) < 0.25
         assert abs(ppl["q4_k_m"] / ppl["f16"] - 1) < 0.05, ppl
 
 
