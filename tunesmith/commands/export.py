@@ -60,11 +60,19 @@ def flag_problems(args, cfg: ExportOutputArgs) -> list[str]:
             out.append(f"--{name} {value}: expected a whole number of at least 1")
     if cfg.group_size == 0 or cfg.group_size < -1:
         out.append(f"--group_size {cfg.group_size}: expected -1 (one group per row) or a whole number of at least 1")
+    if not (cfg.to_gguf or cfg.quant_method or cfg.to_ollama or cfg.merge_lora):
+        out.append(NOTHING_TO_EXPORT)
     return out
 
 
+NOTHING_TO_EXPORT = ("tunesmith export needs something to write: --merge_lora true (a merged Hugging Face folder), "
+                     "--to_gguf true (GGUF files for llama.cpp/Ollama/LM Studio), --to_ollama true (an Ollama "
+                     "Modelfile) or --quant_method bnb|fp8|gptq (a quantised checkpoint)")
+
+
 def export_kind(cfg: ExportOutputArgs) -> str:
-    """Which output the flags ask for: "gguf", "quant", "ollama" or "merged". Raises ConfigError when none is."""
+    """Which output the flags ask for: "gguf", "quant", "ollama" or "merged". Raises ConfigError when none is
+    (flag_problems says so first)."""
     if cfg.to_gguf:
         return "gguf"
     if cfg.quant_method:
@@ -73,9 +81,7 @@ def export_kind(cfg: ExportOutputArgs) -> str:
         return "ollama"
     if cfg.merge_lora:
         return "merged"
-    raise ConfigError("tunesmith export needs something to write: --merge_lora true (a merged Hugging Face folder), "
-                      "--to_gguf true (GGUF files for llama.cpp/Ollama/LM Studio), --to_ollama true (an Ollama "
-                      "Modelfile) or --quant_method bnb|fp8|gptq (a quantised checkpoint)")
+    raise ConfigError(NOTHING_TO_EXPORT)
 
 
 def main(args):
@@ -229,7 +235,7 @@ def _write_modelfile(args, folder: str, source: str, config: dict, tok, model_di
     if "temperature" in given:
         generation.pop("do_sample", None)  # a --temperature given to export wins over a greedy generation config
     text = modelfile(source=source, model_type=config.get("model_type", ""), chat_template=tok.chat_template,
-                     tokenizer=tok, system=args.system, generation=generation, stops=list(args.stop_words or []))
+                     tokenizer=tok, system=args.system, generation=generation, stops=list(args.stop_words) or None)
     write_text_atomic(os.path.join(folder, "Modelfile"), text)
 
 

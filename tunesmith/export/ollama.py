@@ -292,11 +292,11 @@ def _template(fmt: ChatFormat, default_system: str | None) -> str:
 
 
 def _stop_values(fmt: ChatFormat, tokenizer, stops: list[str] | None) -> list[str]:
-    """The given stops, else the format's end-of-turn tokens the tokenizer has, then its eos token."""
-    if stops is None:
-        vocab = tokenizer.get_vocab()
-        stops = [t for t in _STOPS[fmt.style] if t in vocab] + [getattr(tokenizer, "eos_token", None)]
-    return list(dict.fromkeys(s for s in stops if s))
+    """The format's end-of-turn tokens the tokenizer has, its eos token, then the given stops (export's
+    --stop_words: they add to the tokens that end a turn, which Ollama must still stop at)."""
+    vocab = tokenizer.get_vocab()
+    ends = [t for t in _STOPS[fmt.style] if t in vocab] + [getattr(tokenizer, "eos_token", None)]
+    return list(dict.fromkeys(s for s in ends + list(stops or []) if s))
 
 
 def _value(text: str) -> str:
@@ -330,8 +330,8 @@ def modelfile(*, source: str, model_type: str, chat_template: str, tokenizer, sy
               generation: dict | None = None, stops: list[str] | None = None) -> str:
     """The Modelfile text (docs/modelfile.md in github.com/ollama/ollama): `FROM source` (as written: ./name.gguf,
     or an absolute Hugging Face folder), `TEMPLATE` for the model's chat format (ollama_templates), `SYSTEM` (when
-    given), `PARAMETER stop` for each of `stops` (default: the format's end-of-turn tokens in the tokenizer's
-    vocabulary, then its eos token) and PARAMETER lines for `generation` (temperature, top_p, top_k,
+    given), `PARAMETER stop` for the format's end-of-turn tokens in the tokenizer's vocabulary, its eos token and
+    then each of `stops` and PARAMETER lines for `generation` (temperature, top_p, top_k,
     repetition_penalty -> repeat_penalty, max_new_tokens -> num_predict; those not None).
 
     A system prompt a Modelfile cannot hold (a line ending in three double quotes; characters Ollama's parser drops)

@@ -15,7 +15,6 @@ from tunesmith.files import existing_ancestor
 
 SHARD_SIZE = re.compile(r"^(\d+)(GiB|MiB|KiB|GB|MB|KB)$", re.I)  # what transformers' convert_file_size_to_int reads
 FLOAT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0}
-PYTHON_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by the gguf package; the others by llama.cpp's quantiser
 
 
 def shard_size_problem(value: str) -> list[str]:
@@ -47,15 +46,15 @@ def bytes_per_weight(gguf_type: str) -> float:
 
 def gguf_bytes(source, types: list[str]) -> int:
     """Bytes the GGUF files of `types` take for the weights of source (a TensorSource: .shapes {name: shape},
-    .dtypes {name: torch dtype}), plus the float intermediate llama.cpp's quantiser reads when a type needs it and
-    no float file is asked for."""
-    import torch
+    .dtypes {name: dtype name, e.g. "bfloat16"}), plus the float intermediate llama.cpp's quantiser reads when a
+    type needs it and no float file is asked for."""
+    from tunesmith.export.to_gguf import PYTHON_TYPES  # written by the gguf package; the others by llama.cpp's
 
     n = sum(math.prod(shape) for shape in source.shapes.values())
     total = sum(n * bytes_per_weight(t) for t in types)
     if any(t.lower() not in PYTHON_TYPES for t in types) and not any(t.lower() in FLOAT_BYTES for t in types):
-        widest = max((torch.finfo(d).bits // 8 for d in source.dtypes.values() if d.is_floating_point), default=2)
-        total += n * widest
+        widths = {"float32": 4, "float16": 2, "bfloat16": 2}
+        total += n * max((widths.get(str(d).removeprefix("torch."), 2) for d in source.dtypes.values()), default=2)
     return int(total * 1.02) + (16 << 20)  # metadata and the tokenizer: a few MiB
 
 

@@ -1,0 +1,155 @@
+"""`tunesmith export` from a trained checkpoint to a laptop, as a user runs it: `--to_gguf` (the adapters merged on
+the way) and `--to_ollama`, `--quant_method bnb`, and what is refused before anything is written.
+
+The proof that the GGUF is the same model: llama.cpp (llama-cpp-python) answers the chat questions with the text
+`tunesmith infer` gives on the merged Hugging Face model, greedy, prompts rendered by the GGUF's embedded template.
+"""
+import json
+import os
+import shutil
+import types
+
+import pytest
+
+from conftest import cli, read_jsonl, write_jsonl
+from tunesmith.config.parser import parse_args
+
+CAPITALS = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "data", "capitals_messages.jsonl")
+SYSTEM = 'You answer in one sentence. Say """yes""" when unsure.'
+QUESTIONS = ["What is the capital of France?", "What is the capital of Japan?", "Name a river.",
+             "What is 7 * 6?", "Say hello."]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_models, tmp_path_factory):
+    """A LoRA checkpoint of a few SFT steps on the tiny Qwen2 model, trained with a --system prompt."""
+    from tunesmith.train import recipe
+
+    res = recipe.main(parse_args("sft", [
+        "--model", tiny_models("qwen2"), "--dataset", CAPITALS, "--max_steps", "6", "--learning_rate", "5e-2",
+        "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path_factory.mktemp("sft")),
+        "--report_to", "none", "--system", SYSTEM, "--lora_rank", "8"]))
+    return res["state"].last_model_checkpoint
+
+
+def _infer_answers(capsys, model, tmp_path):
+    data = str(tmp_path / "q.jsonl")
+    write_jsonl(data, [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS])
+    rc, _, err = cli(capsys, "infer", "--model", model, "--val_dataset", data, "--max_new_tokens", "8",
+                     "--temperature", "0", "--result_path", str(tmp_path / "r.jsonl"))
+    assert rc == 0, err
+    return [row["response"] for row in read_jsonl(tmp_path / "r.jsonl")]
+
+
+@pytest.mark.slow
+def test_adapter_to_gguf_and_ollama_answers_as_tunesmith_infer(ckpt, tmp_path, capsys):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install "
+                                                        "'tunesmith[gguf]'")
+    rc, _, err = cli(capsys, "export", "--adapters", ckpt, "--to_gguf", "true", "--gguf_quant", "f16", "q8_0",
+                     "--to_ollama", "true", "--temperature", "0.3")
+    out = ckpt + "-gguf"
+    assert rc == 0, err
+    files = sorted(os.listdir(out))
+    ggufs = [f for f in files if f.endswith(".gguf")]
+    assert len(ggufs) == 2 and files == sorted(ggufs + ["Modelfile"]), files
+    assert all(f.endswith(("-F16.gguf", "-Q8_0.gguf")) and os.path.basename(ckpt) in f for f in ggufs)
+    assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".tmp-")]  # nothing half-written
+    modelfile = open(os.path.join(out, "Modelfile"), encoding="utf-8").read()
+    f16 = next(f for f in ggufs if f.endswith("-F16.gguf"))
+    assert modelfile.startswith(f"FROM ./{f16}\n") or f"\nFROM ./{f16}\n" in modelfile
+    assert "PARAMETER stop <|im_end|>" in modelfile and "PARAMETER temperature 0.3" in modelfile
+    assert "You answer in one sentence." in modelfile  # the run's --system, from the checkpoint
+    assert f"ollama create" in err and os.path.join(out, "Modelfile") in err
+    # the same model: llama.cpp's greedy answers equal tunesmith infer's on the merged HF model
+    merged = str(tmp_path / "merged")
+    assert cli(capsys, "export", "--adapters", ckpt, "--merge_lora", "true", "--output_dir", merged)[0] == 0
+    expected = _infer_answers(capsys, merged, tmp_path)
+    llm = llama_cpp.Llama(model_path=os.path.join(out, f16), n_ctx=512, n_threads=2, verbose=False)
+    got = []
+    for q in QUESTIONS:
+        reply = llm.create_chat_completion([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                                           temperature=0.0, max_tokens=8)
+        got.append(reply["choices"][0]["message"]["content"].strip())  # tunesmith's replies are stripped
+    assert got == expected
+    assert len(set(expected)) > 1  # the answers differ: a wrong weight would show
+
+
+@pytest.mark.slow
+def test_adapter_to_ollama_without_gguf_writes_the_merged_weights_with_the_modelfile(ckpt, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "ollama")
+    rc, _, err = cli(capsys, "export", "--adapters", ckpt, "--to_ollama", "true", "--output_dir", out)
+    assert rc == 0, err
+    assert "FROM .\n" in open(os.path.join(out, "Modelfile"), encoding="utf-8").read()
+    AutoModelForCausalLM.from_pretrained(out)  # Ollama imports the safetensors next to the Modelfile
+    assert json.load(open(os.path.join(out, "args.json")))["system"] == SYSTEM
+
+
+@pytest.mark.slow
+def test_a_plain_model_to_ollama_points_at_its_folder(tiny_models, tmp_path, capsys):
+    model = tiny_models("llama")
+    rc, _, err = cli(capsys, "export", "--model", model, "--to_ollama", "true", "--output_dir", tmp_path / "o")
+    assert rc == 0, err
+    assert os.listdir(tmp_path / "o") == ["Modelfile"]
+    assert f"FROM {os.path.abspath(model)}\n" in open(tmp_path / "o" / "Modelfile", encoding="utf-8").read()
+
+
+@pytest.mark.slow
+def test_adapter_to_bnb_4bit_loads_and_generates(ckpt, capsys):
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rc, _, err = cli(capsys, "export", "--adapters", ckpt, "--quant_method", "bnb", "--quant_bits", "4")
+    out = ckpt + "-bnb-int4"
+    assert rc == 0, err
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+    args = json.load(open(os.path.join(out, "args.json")))
+    assert args["system"] == SYSTEM and args["quant_method"] is None  # loads as written, never re-quantised
+    assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith((".tmp-", ".merging-"))]
+
+
+def _mistral(tmp_path):
+    """A tiny model of a family tunesmith does not write GGUF or Modelfiles for."""
+    import transformers as tf
+    from tunesmith.testing import build_tokenizer
+
+    cfg = tf.MistralConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1)
+    path = str(tmp_path / "mistral")
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    build_tokenizer("qwen2", 2048).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--to_gguf", "--to_ollama"])
+def test_a_family_without_gguf_or_modelfile_is_refused_by_name(tmp_path, capsys, flag):
+    model = _mistral(tmp_path)
+    rc, _, err = cli(capsys, "export", "--model", model, flag, "true", "--output_dir", tmp_path / "out")
+    assert rc == 1 and "mistral" in err and "qwen2" in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_too_little_disk_is_refused_before_writing(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1 << 20))
+    rc, _, err = cli(capsys, "export", "--model", tiny_models("qwen2"), "--to_gguf", "true",
+                     "--output_dir", tmp_path / "g")
+    assert rc == 1 and "GiB free" in err and "nothing was written" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_adapter_without_a_base_says_how_to_name_it(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    rc, _, err = cli(capsys, "export", "--adapters", adapter, "--to_gguf", "true")
+    assert rc == 1 and "pass the model with --model" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
