@@ -61,14 +61,15 @@ def llama_cpp_converter() -> str:
     """Path to convert_hf_to_gguf.py of the llama.cpp vendored by llama-cpp-python, extracted once."""
     root = os.path.join(CACHE, f"llama_cpp_python-{LLAMA_CPP_PYTHON}")
     script = os.path.join(root, "vendor", "llama.cpp", "convert_hf_to_gguf.py")
-    if os.path.isfile(script):
+    if os.path.isfile(script) and os.path.isdir(os.path.join(root, "vendor", "llama.cpp", "conversion")):
         return script
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                         f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp], check=True)
         with tarfile.open(glob.glob(os.path.join(tmp, "llama_cpp_python-*.tar.gz"))[0]) as tar:
             members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and
-                       ("convert_hf_to_gguf" in m.name or "/gguf-py/" in m.name)]
+                       ("convert_hf_to_gguf" in m.name or "/gguf-py/" in m.name
+                                                                or "/llama.cpp/conversion/" in m.name)]
             tar.extractall(CACHE, members=members, filter="data")
     return script
 

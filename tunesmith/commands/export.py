@@ -20,8 +20,8 @@ import sys
 from tunesmith.config.groups import ExportOutputArgs
 from tunesmith.config.slices import ModelConfig, take
 from tunesmith.errors import ConfigError
-from tunesmith.export.merge import write_model_folder, write_refused
-from tunesmith.files import atomic_dir, write_text_atomic
+from tunesmith.export.merge import atomic_output, write_model_folder
+from tunesmith.files import write_text_atomic
 from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 from tunesmith.models.load import load_for_inference, note
 from tunesmith.runs.run_dir import save_args
@@ -174,7 +174,7 @@ def _gguf(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_dir:
         source = source_from_folder(model_dir)
     check_free_space(out, gguf_bytes(source, list(cfg.gguf_quant)), "the GGUF files")
     stem = export_stem(args.model, adapters)
-    with write_refused(out, "the GGUF files"), atomic_dir(out) as tmp:
+    with atomic_output(out, "the GGUF files") as tmp:
         paths = write_gguf(source, config, tok, tmp, stem, list(cfg.gguf_quant),
                            generation_config=_read_json(os.path.join(model_dir, "generation_config.json")),
                            name=stem)
@@ -209,7 +209,7 @@ def _ollama(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_di
         write_model_folder(model, tok, out, safe_serialization=True, max_shard_size=cfg.max_shard_size,
                            extra_files=extra)
     else:
-        with write_refused(out, "the Modelfile"), atomic_dir(out) as tmp:
+        with atomic_output(out, "the Modelfile") as tmp:
             _write_modelfile(args, tmp, model_dir, config, tok, model_dir)
     _print_ollama_hint(out, stem)
 

@@ -23,12 +23,21 @@ def write_model_folder(model, tokenizer, out: str, *, safe_serialization: bool =
     atomically. extra_files(tmp_dir), if given, adds files (args.json) before the rename.
 
     Raises TunesmithError (one message; nothing left half-written) when the disk refuses the write."""
+    with atomic_output(out, what) as tmp:
+        save_weights(model, tmp, safe_serialization, max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        if extra_files is not None:
+            extra_files(tmp)
+
+
+@contextlib.contextmanager
+def atomic_output(out: str, what: str):
+    """Yield a temporary folder that becomes out when the block succeeds (tunesmith.files.atomic_dir), for every
+    export: a write the disk refused meanwhile — however torch, safetensors or llama.cpp word it — is one
+    TunesmithError naming `what` and out, and the partial folder is removed."""
     with write_refused(out, what), atomic_dir(out) as tmp:
         try:
-            save_weights(model, tmp, safe_serialization, max_shard_size)
-            tokenizer.save_pretrained(tmp)
-            if extra_files is not None:
-                extra_files(tmp)
+            yield tmp
         except Exception as e:  # noqa: BLE001 - torch / safetensors word a full disk their own way
             failed = failed_write(e, out, tmp)  # the free space read before the partial folder is removed
             if failed is None:
@@ -45,7 +54,7 @@ def write_refused(out: str, what: str = "the merged model"):
     except OSError as e:
         why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied"}.get(e.errno, e.strerror)
+               errno.EPERM: "permission denied", errno.EIO: "the disk refused the write"}.get(e.errno, e.strerror)
         raise TunesmithError(f"could not write {what} ({out}): {why}; nothing was left half-written. "
                              f"Free some space (or fix the permissions) or choose another --output_dir, and "
                              f"export again") from None

@@ -19,23 +19,19 @@ bnb|fp8|gptq|gptq_v2 --quant_bits N`, named as ms-swift's `swift export` names t
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib.util
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 
-from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.files import atomic_dir, failed_write, unwritable
+from tunesmith.errors import ConfigError
+from tunesmith.export.merge import atomic_output
+from tunesmith.files import unwritable
 
 QUANT_METHODS: tuple[str, ...] = ("bnb", "fp8", "gptq", "gptq_v2", "awq")
 QUANT_BITS = {"bnb": (4, 8), "fp8": (8,), "gptq": (2, 3, 4, 8), "gptq_v2": (2, 3, 4, 8)}
 CALIBRATED = ("gptq", "gptq_v2")
-# the errors of a write the disk refused (tunesmith.files.failed_write's EIO: one refused without a reason)
-_WRITE_REFUSED = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                  errno.EPERM: "permission denied", errno.EIO: "the disk refused the write"}
 MIN_CALIBRATION_TOKENS = 10  # gptqmodel's quantize(calibration_data_min_length=10)
 # the Python module each method needs, and the tunesmith extra that installs it
 LIBRARY = {"bnb": ("bitsandbytes", "qlora"), "fp8": ("compressed_tensors", "fp8"),
@@ -121,25 +117,17 @@ def write_quantised(model_dir: str, tokenizer, out_dir: str, method: str, bits: 
     bits = bits or default_bits(method)
     dtype = _dtype(torch_dtype or default_torch_dtype(method))
     out_dir = os.path.abspath(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        try:
-            if method == "bnb":
-                _write_bnb(model_dir, tmp, bits, dtype)
-            elif method == "fp8":
-                _write_fp8(model_dir, tmp, dtype)
-            else:
-                _write_gptq(model_dir, tmp, bits, group_size, calibration, batch_size, dtype, tokenizer,
-                            v2=method == "gptq_v2")
-            tokenizer.save_pretrained(tmp)
-            if extra_files is not None:
-                extra_files(tmp)
-        except Exception as e:  # torch / safetensors word a full disk their own way
-            failed = failed_write(e, out_dir, tmp)  # the free space read before the partial folder is removed
-            if failed is None or failed.errno not in _WRITE_REFUSED:
-                raise
-            raise TunesmithError(f"could not write the quantised model ({out_dir}): {_WRITE_REFUSED[failed.errno]};"
-                                 f" nothing was left half-written. Free some space (or fix the permissions) or "
-                                 f"choose another --output_dir, and export again") from e
+    with atomic_output(out_dir, "the quantised model") as tmp:
+        if method == "bnb":
+            _write_bnb(model_dir, tmp, bits, dtype)
+        elif method == "fp8":
+            _write_fp8(model_dir, tmp, dtype)
+        else:
+            _write_gptq(model_dir, tmp, bits, group_size, calibration, batch_size, dtype, tokenizer,
+                        v2=method == "gptq_v2")
+        tokenizer.save_pretrained(tmp)
+        if extra_files is not None:
+            extra_files(tmp)
 
 
 def calibration_texts(texts: list[str], tokenizer) -> list[str]:
