@@ -12,7 +12,8 @@ process tree's, sampled every 50 ms):
 - tunesmith: `tunesmith export --model DIR --to_gguf true --gguf_quant f16` and `... q4_k_m` (the second writes a
   bf16 intermediate and quantises it with llama.cpp's quantiser, through llama-cpp-python).
 - llama.cpp: `convert_hf_to_gguf.py DIR --outtype f16` (the converter Unsloth runs, from the llama.cpp that
-  llama-cpp-python 0.3.36 vendors: its sdist is fetched from the package registry into the cache), and for q4_k_m the
+  llama-cpp-python 0.3.36 vendors: its sdist is fetched from the package registry into the cache; it needs
+  `pip install sentencepiece`, as its requirements file says), and for q4_k_m the
   same converter's f16 output quantised by `llama_model_quantize` (what `llama-quantize` runs).
 It also compares the two f16 files tensor by tensor (names, types, shapes, bytes) and their tokenizer metadata:
 the converter is the reference layout llama.cpp loads.
