@@ -136,6 +136,7 @@ LIBRARY_NOISE = (r"`is_gradient_checkpointing` is deprecated",)
 # DeepSpeed whenever it is installed (its unwrap_model goes through accelerate's extract_model_from_parallel), so
 # every run that saves weights would print it; it is kept for --deepspeed runs, where it is news.
 DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
+BNB_CPU_LOGGER, BNB_KERNEL_NOTICE = "bitsandbytes.backends.cpu.ops", "from kernels-community"
 MODEL_COMMANDS = (*TRAINING, "infer", "export", "deploy", "eval")  # the commands that load or save weights
 
 
@@ -150,8 +151,8 @@ def quiet_libraries(command: str, args) -> None:
     """Keep library output that no tunesmith user can act on off the terminal, for a command that loads or saves
     weights (the warnings of LIBRARY_NOISE are filtered for every command, in main): transformers' own progress
     bars ("Loading weights", "Writing model shards": tunesmith says what it loads and writes; downloads keep
-    huggingface_hub's bars) through transformers' tqdm hook, and DeepSpeed's DEEPSPEED_CPU_NOTICE in a run
-    without --deepspeed."""
+    huggingface_hub's bars) through transformers' tqdm hook, DeepSpeed's DEEPSPEED_CPU_NOTICE in a run
+    without --deepspeed, and bitsandbytes' failed fetch of an optional CPU kernel (BNB_KERNEL_NOTICE)."""
     if command not in MODEL_COMMANDS:
         return
     import logging
@@ -164,6 +165,9 @@ def quiet_libraries(command: str, args) -> None:
 
     if not flag_values(args).get("deepspeed"):
         logging.getLogger("DeepSpeed").addFilter(lambda record: DEEPSPEED_CPU_NOTICE not in record.getMessage())
+    # bitsandbytes on a CPU tries to fetch an optional kernel from the hub whenever it is imported (transformers'
+    # quantizers import it) and logs the refusal; its own CPU code runs either way
+    logging.getLogger(BNB_CPU_LOGGER).addFilter(lambda record: BNB_KERNEL_NOTICE not in record.getMessage())
 
 
 def main(argv: list[str] | None = None) -> int:

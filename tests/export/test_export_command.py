@@ -151,5 +151,121 @@ def test_an_adapter_without_a_base_says_how_to_name_it(tmp_path, capsys):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     rc, _, err = cli(capsys, "export", "--adapters", adapter, "--to_gguf", "true")
-    assert rc == 1 and "pass the model with --model" in err, err
+    assert rc == 1 and "has no args.json naming its base model" in err and "--model BASE" in err, err
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+@pytest.mark.slow
+def test_exist_ok_replaces_an_earlier_export_but_never_the_source_or_other_files(tiny_models, tmp_path, capsys):
+    """--exist_ok replaces a folder as a whole, so it is refused where that would delete what the export reads or
+    files an export did not write (the fresh-user run lost its checkpoint and notes this way)."""
+    model = tiny_models("qwen2")
+    rc, _, err = cli(capsys, "export", "--model", model, "--to_gguf", "true", "--output_dir",
+                     os.path.dirname(model), "--exist_ok", "true")
+    assert rc == 1 and "which this export reads" in err and os.path.isdir(model), err
+    rc, _, err = cli(capsys, "export", "--model", model, "--to_ollama", "true", "--output_dir", model,
+                     "--exist_ok", "true")
+    assert rc == 1 and "which this export reads" in err and os.path.isfile(os.path.join(model, "config.json"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    rc, _, err = cli(capsys, "export", "--model", model, "--to_gguf", "true", "--output_dir", mine,
+                     "--exist_ok", "true")
+    assert rc == 1 and "holds files an export did not write (notes.txt)" in err
+    assert (mine / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "g"
+    assert cli(capsys, "export", "--model", model, "--to_gguf", "true", "--gguf_quant", "f16", "q8_0",
+               "--output_dir", out)[0] == 0
+    assert cli(capsys, "export", "--model", model, "--to_gguf", "true", "--gguf_quant", "f32",
+               "--output_dir", out, "--exist_ok", "true")[0] == 0  # an earlier export: replaced whole
+    assert [f.rsplit("-", 1)[1] for f in os.listdir(out)] == ["F32.gguf"]
+
+
+@pytest.mark.slow
+def test_a_folder_without_its_tokenizer_json_is_refused(tiny_models, tmp_path, capsys):
+    model = str(tmp_path / "notok")
+    shutil.copytree(tiny_models("qwen2"), model)
+    os.remove(os.path.join(model, "tokenizer.json"))
+    rc, _, err = cli(capsys, "export", "--model", model, "--to_gguf", "true", "--output_dir", tmp_path / "g")
+    assert rc == 1 and "tokenizer.json" in err and "embedding rows" in err, err
+    assert not os.path.exists(tmp_path / "g")
+
+
+@pytest.mark.slow
+def test_mxfp4_moe_on_a_dense_model_is_refused(tiny_models, tmp_path, capsys):
+    rc, _, err = cli(capsys, "export", "--model", tiny_models("llama"), "--to_gguf", "true", "--gguf_quant",
+                     "mxfp4_moe", "--output_dir", tmp_path / "g")
+    assert rc == 1 and "has none: use q4_k_m" in err, err
+
+
+def test_names_ollama_accepts_and_the_stem_of_a_full_checkpoint(tmp_path):
+    from tunesmith.commands.export import export_stem, ollama_model_name
+
+    assert ollama_model_name("Tiny-Mödel v1 (final)") == "tiny-model-v1-final"
+    assert ollama_model_name("x" * 120) == "x" * 80 and ollama_model_name("日本語") == "model"
+    ckpt = tmp_path / "checkpoint-120"
+    ckpt.mkdir()
+    (ckpt / "args.json").write_text(json.dumps({"model": "Qwen/Qwen2.5-0.5B-Instruct"}))
+    assert export_stem(str(ckpt), []) == "Qwen2.5-0.5B-Instruct-checkpoint-120"
+
+
+def test_temporaries_of_a_killed_export_are_removed_and_a_live_ones_kept(tmp_path):
+    from tunesmith.export.merge import remove_stale_temporaries
+
+    out = tmp_path / "ckpt-gguf"
+    dead, live = tmp_path / ".tmp-ckpt-gguf-999999999", tmp_path / f".tmp-ckpt-gguf-{os.getpid()}"
+    other = tmp_path / ".tmp-other-999999999"
+    for d in (dead, live, other):
+        d.mkdir()
+    assert remove_stale_temporaries(str(out)) == [str(dead)]
+    assert live.exists() and other.exists() and not dead.exists()
+
+
+def _interrupt_when(argv, ready, sig, timeout=120):
+    """Run `tunesmith ARGV`, send sig once ready(proc) holds; (exit code, stderr)."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", *map(str, argv)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not ready(proc) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the export ended before it could be interrupted"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_an_interrupted_gguf_export_leaves_nothing_and_stops_at_once(tiny_models, tmp_path, sig_name, code):
+    """SIGTERM or Ctrl-C while llama.cpp's quantiser runs (a child process, killed with the export): the export
+    stops with the signal's exit code, no temporary is left and no output appears."""
+    import signal
+
+    import psutil
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install 'tunesmith[gguf]'")
+    model = tiny_models("qwen2", hidden=512, layers=4)
+    out = tmp_path / "g"
+
+    def quantising(proc):
+        return any("tunesmith.export.to_gguf" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children())
+    rc, err = _interrupt_when(["export", "--model", model, "--to_gguf", "true", "--gguf_quant", "q4_k_m", "q5_k_m",
+                               "q6_k", "--output_dir", out], quantising, getattr(signal, sig_name))
+    assert rc == code, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_an_fp8_export_runs_in_tunesmith_infer_on_a_cpu(tiny_models, tmp_path, capsys):
+    """compressed-tensors' W8A8 runs compressed only on a GPU; on a CPU infer decompresses it when loading (the
+    fresh-user run got a dtype error from the forward pass)."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed: pip install 'tunesmith[fp8]'")
+    out = str(tmp_path / "fp8")
+    rc, _, err = cli(capsys, "export", "--model", tiny_models("qwen2"), "--quant_method", "fp8", "--output_dir", out)
+    assert rc == 0, err
+    answers = _infer_answers(capsys, out, tmp_path)
+    assert len(answers) == len(QUESTIONS)

@@ -13,9 +13,15 @@ from tunesmith.config.parser import parse_args
     (["--to_gguf", "true", "--gguf_quant", "q4_k_n"], "q4_k_m"),                    # a typo: the nearest type
     (["--gguf_quant", "q4_k_m"], "--gguf_quant chooses the GGUF types: pass --to_gguf true with it"),
     (["--to_gguf", "true", "--quant_method", "bnb"], "one export per command"),
-    (["--to_ollama", "true", "--quant_method", "bnb"], "one export per command"),
+    (["--to_ollama", "true", "--quant_method", "bnb"], "are two exports: Ollama runs GGUF files"),
     (["--quant_bits", "4", "--merge_lora", "true"], "--quant_bits goes with --quant_method"),
     (["--quant_method", "awq"], "awq"),
+    (["--to_gguf", "true", "--gguf_quant", "iq2_xs"], "IQ2_XS needs an importance matrix"),
+    (["--to_gguf", "true", "--gguf_quant", "q4_k,q8_0"], "separate the types with spaces: --gguf_quant q4_k q8_0"),
+    (["--to_gguf", "true", "--gguf_quant", "Q4_K"], "write llama.cpp's Q4_K as q4_k_m"),
+    (["--to_gguf", "true", "--gguf_quant"], "--gguf_quant: give at least one type"),
+    (["--to_gguf", "true", "--max_shard_size", "2GB"], "--max_shard_size shapes a Hugging Face folder"),
+    (["--to_gguf", "true", "--safe_serialization", "false"], "--safe_serialization shapes a Hugging Face folder"),
     (["--quant_method", "bnb", "--quant_bits", "3"], "bnb"),
     (["--quant_method", "bnb"], "--quant_bits"),
     (["--quant_method", "gptq", "--group_size", "0"], "--group_size 0: expected -1"),
@@ -81,7 +87,11 @@ def test_gguf_size_estimate_and_the_free_space_refusal(tmp_path, monkeypatch):
     overhead = 16 << 20
     assert gguf_bytes(src, ["f16"]) == int(2e6 * 1.02) + overhead
     assert gguf_bytes(src, ["q4_k_m"]) == int((1e6 * 176 / 256 + 2e6) * 1.02) + overhead  # + the bf16 intermediate
-    assert gguf_bytes(src, ["f16", "q4_k_m"]) == int((2e6 + 1e6 * 176 / 256) * 1.02) + overhead
+    assert gguf_bytes(src, ["bf16", "q4_k_m"]) == int((2e6 + 1e6 * 176 / 256) * 1.02) + overhead
+    # an f32 model quantises from an f32 intermediate even when f16 is asked for (the fresh-user run's tmpfs)
+    f32 = types.SimpleNamespace(shapes={"w": (1000, 1000), "norm": (1000,)}, dtypes={"w": "float32", "norm": "float32"})
+    n = 1e6 + 1e3
+    assert gguf_bytes(f32, ["f16", "q8_0", "q4_k_m"]) == int(n * (2 + 34 / 32 + 176 / 256 + 4) * 1.02) + overhead
     monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1 << 30))
     with pytest.raises(ConfigError, match=r"need about 2\.00 GiB and .* has 1\.00 GiB free; .*nothing was written"):
         check_free_space(str(tmp_path / "out"), 2 << 30, "the GGUF files")

@@ -457,3 +457,16 @@ def test_a_saved_tiny_model_folder(go_render, tiny_models):
     chat, tools = CHATS["tool round trip without system"]
     got = run_go(go_render, commands["template"], chat, tools=tools, system=commands["system"])["prompt"]
     assert got == hf_prompt(tok, [{"role": "system", "content": "Be brief."}] + chat, tools=tools)
+
+
+@pytest.mark.parametrize("think", [None, False, True])
+def test_a_run_trained_without_thinking_prompts_without_it(toks, go_render, think):
+    """A Qwen3 run trained with --enable_thinking false (its checkpoint's setting reaches the Modelfile) is prompted
+    as training did, with the empty think block, whatever `think` says: Ollama sets think on by default for a model
+    with think tags, so the default cannot be told from a request."""
+    tok = toks["qwen3", True]
+    text = ollama.modelfile(source="./m.gguf", model_type="qwen3", chat_template=tok.chat_template, tokenizer=tok,
+                            enable_thinking=False)
+    template = next(v for n, v in parse_modelfile(text) if n == "template")
+    got = run_go(go_render, template, [SYSTEM, USER], think=think)["prompt"]
+    assert got == hf_prompt(tok, [SYSTEM, USER], enable_thinking=False)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import sys
 
 from tunesmith.config.groups import ExportOutputArgs
 from tunesmith.config.slices import ModelConfig, take
 from tunesmith.errors import ConfigError
-from tunesmith.export.merge import atomic_output, write_model_folder
+from tunesmith.export.merge import (atomic_output, remove_stale_temporaries, terminate_as_interrupt,
+                                    write_model_folder)
 from tunesmith.files import write_text_atomic
 from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
 from tunesmith.models.load import load_for_inference, note
@@ -32,6 +35,7 @@ def flag_problems(args, cfg: ExportOutputArgs) -> list[str]:
     transformers reads it), --output_dir (a folder that can be written), the GGUF types, the quantisation method and
     bits, and the combinations that would need two outputs. cfg: export's own flags as given (before a checkpoint
     fills anything in)."""
+    from tunesmith.config.parser import given_flags
     from tunesmith.export.quantise import quant_problems
     from tunesmith.export.sizes import shard_size_problem
     from tunesmith.export.to_gguf import gguf_quant_problems
@@ -42,17 +46,23 @@ def flag_problems(args, cfg: ExportOutputArgs) -> list[str]:
         why = unwritable(cfg.output_dir, folder=True)
         if why:
             out.append(f"--output_dir {cfg.output_dir}: {why}")
+    given = given_flags(args)
     if cfg.to_gguf:
         out += gguf_quant_problems(list(cfg.gguf_quant))
-    elif list(cfg.gguf_quant) != ["q8_0"]:
+        out += [f"--{f} shapes a Hugging Face folder's weight files; GGUF files are one file per type: drop it"
+                for f in ("max_shard_size", "safe_serialization") if f in given]
+    elif "gguf_quant" in given:
         out.append("--gguf_quant chooses the GGUF types: pass --to_gguf true with it")
     if cfg.quant_method:
         out += quant_problems(cfg.quant_method, cfg.quant_bits, group_size=cfg.group_size,
                               has_dataset=bool(args.dataset))
-        if cfg.to_gguf or cfg.to_ollama:
+        if cfg.to_gguf:
             out.append(f"--quant_method {cfg.quant_method} writes a quantised Hugging Face checkpoint; GGUF files "
                        f"are quantised with --gguf_quant (e.g. --to_gguf true --gguf_quant q4_k_m): one export per "
                        f"command, so run them as two")
+        elif cfg.to_ollama:
+            out.append(f"--quant_method {cfg.quant_method} and --to_ollama are two exports: Ollama runs GGUF files "
+                       f"(--to_gguf true --gguf_quant q4_k_m --to_ollama true) or the merged weights; run them as two")
     elif cfg.quant_bits is not None:
         out.append("--quant_bits goes with --quant_method (bnb, fp8, gptq); GGUF types are chosen with --gguf_quant")
     for name, value in (("quant_n_samples", cfg.quant_n_samples), ("quant_batch_size", cfg.quant_batch_size)):
@@ -101,15 +111,52 @@ def main(args):
     if kind == "merged" and not adapters:
         raise ConfigError("--merge_lora true needs --adapters CKPT (the LoRA checkpoint to merge)")
     out = os.path.abspath(cfg.output_dir or default_output_dir(kind, cfg, adapters, args.model))
-    if os.path.exists(out) and not cfg.exist_ok:
-        raise ConfigError(f"{out} already exists; pass --exist_ok true to replace it or choose --output_dir")
     if args.quant_method and adapters and args.quant_method != cfg.quant_method:
         note(f"the adapter was trained on a {args.quant_method} {args.quant_bits}-bit base; it is merged into the "
              f"unquantised weights")
     model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
-    {"merged": _merged, "gguf": _gguf, "ollama": _ollama, "quant": _quantised}[kind](args, cfg, adapters, out,
-                                                                                    model_dir)
+    problem = output_problem(out, kind, [model_dir] + adapters, cfg.exist_ok)
+    if problem:
+        raise ConfigError(problem)
+    remove_stale_temporaries(out)
+    with terminate_as_interrupt():
+        {"merged": _merged, "gguf": _gguf, "ollama": _ollama, "quant": _quantised}[kind](args, cfg, adapters, out,
+                                                                                        model_dir)
     return 0
+
+
+def output_problem(out: str, kind: str, sources: list[str], exist_ok: bool) -> str | None:
+    """Why the export must not be written to out, or None: out is (or holds) a folder the export reads — replacing
+    it would delete the model being exported —, out exists without --exist_ok, or (with it) holds files an earlier
+    export of this kind did not write: --exist_ok replaces the folder as a whole, so only an earlier export is
+    replaced, never a folder of other files."""
+    for src in sources:
+        src = os.path.abspath(src)
+        if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
+            return (f"--output_dir {out} is (or holds) {src}, which this export reads; writing there would replace "
+                    f"it: choose another --output_dir")
+    if not os.path.exists(out):
+        return None
+    if not exist_ok:
+        return f"{out} already exists; pass --exist_ok true to replace it or choose --output_dir"
+    strangers = _not_an_export(out, kind)
+    if strangers:
+        return (f"--output_dir {out} holds files an export did not write ({', '.join(strangers[:3])}"
+                f"{', …' if len(strangers) > 3 else ''}): --exist_ok true replaces the folder as a whole, so it "
+                f"replaces only an earlier export; choose a new or empty folder")
+    return None
+
+
+def _not_an_export(out: str, kind: str) -> list[str]:
+    """The entries of the existing folder out that an earlier export of `kind` does not write: for GGUF anything
+    but *.gguf files and a Modelfile; for the Hugging Face forms everything, unless its args.json says tunesmith
+    export wrote it (merged_from) or it holds only a Modelfile."""
+    entries = sorted(os.listdir(out))
+    if kind == "gguf":
+        return [e for e in entries if not (e.endswith(".gguf") or e == "Modelfile")]
+    if set(entries) <= {"Modelfile"} or "merged_from" in _read_json(os.path.join(out, "args.json")):
+        return []
+    return entries
 
 
 def default_output_dir(kind: str, cfg: ExportOutputArgs, adapters: list[str], model: str) -> str:
@@ -163,10 +210,17 @@ def _gguf(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_dir:
 
     config = _read_json(os.path.join(model_dir, "config.json"))
     tok = load_tokenizer(take(ModelConfig, args), model_dir)
-    problem = (gguf_family_problem(config) or tokenizer_problem(tok)
+    problem = (gguf_family_problem(config) or tokenizer_problem(tok, config)
                or (_ollama_problem(config, tok) if cfg.to_ollama else None))
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if not problem and "mxfp4_moe" in [t.lower() for t in cfg.gguf_quant] and not experts:
+        problem = (f"--gguf_quant mxfp4_moe quantises the experts of a mixture-of-experts model (gpt-oss); this "
+                   f"{config.get('model_type')} model has none: use q4_k_m, q5_k_m or q8_0")
     if problem:
         raise ConfigError(problem)
+    if not getattr(tok, "chat_template", None):
+        note("the tokenizer has no chat template: the GGUF embeds none, so llama.cpp, LM Studio and Ollama fall "
+             "back to their own guess of the chat format")
     if adapters:
         model, tok = _load(args, adapters, model_dir)
         source = source_from_model(model)
@@ -183,7 +237,7 @@ def _gguf(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_dir:
             _write_modelfile(args, tmp, "./" + names[0], config, tok, model_dir)
     for name in names:
         print(f"[tunesmith] export: {os.path.join(out, name)}", file=sys.stderr)
-    print(f"[tunesmith] run it: llama-cli -m {os.path.join(out, names[0])} -cnv", file=sys.stderr)
+    print(f"[tunesmith] run it: llama-cli -m {shlex.quote(os.path.join(out, names[0]))} -cnv", file=sys.stderr)
     if cfg.to_ollama:
         _print_ollama_hint(out, stem)
 
@@ -235,25 +289,39 @@ def _write_modelfile(args, folder: str, source: str, config: dict, tok, model_di
     if "temperature" in given:
         generation.pop("do_sample", None)  # a --temperature given to export wins over a greedy generation config
     text = modelfile(source=source, model_type=config.get("model_type", ""), chat_template=tok.chat_template,
-                     tokenizer=tok, system=args.system, generation=generation, stops=list(args.stop_words) or None)
+                     tokenizer=tok, system=args.system, generation=generation, stops=list(args.stop_words) or None,
+                     enable_thinking=args.enable_thinking)
     write_text_atomic(os.path.join(folder, "Modelfile"), text)
 
 
 def _print_ollama_hint(out: str, stem: str) -> None:
     from tunesmith.export.ollama import ollama_create_hint
 
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem.lower())
     print(f"[tunesmith] export: {os.path.join(out, 'Modelfile')}\n"
-          + ollama_create_hint(os.path.join(out, "Modelfile"), name), file=sys.stderr)
+          + ollama_create_hint(os.path.join(out, "Modelfile"), ollama_model_name(stem)), file=sys.stderr)
+
+
+def ollama_model_name(stem: str) -> str:
+    """A name `ollama create` accepts for stem: ASCII letters, digits, '_', '-' and '.', at most 80 characters
+    (Ollama's types/model/name.go isValidPart), accents folded (mödel -> model), other characters as '-'."""
+    import unicodedata
+
+    ascii_only = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode().lower()
+    name = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9_.-]", "-", ascii_only)).strip("-.")
+    return name[:80].rstrip("-.") or "model"
 
 
 def export_stem(model: str, adapters: list[str]) -> str:
     """The file name stem of exported files: the base model's name, and the checkpoint's for adapters
-    (Qwen2.5-0.5B-Instruct-checkpoint-50), as Ollama and LM Studio show it."""
+    (Qwen2.5-0.5B-Instruct-checkpoint-50), as Ollama and LM Studio show it; for a full or merged checkpoint given
+    as --model, the model its args.json names, then the folder (Qwen2.5-0.5B-Instruct-checkpoint-50-merged)."""
     base = os.path.basename(os.path.normpath(model)) or "model"
-    if not adapters:
-        return base
-    return f"{base}-{os.path.basename(os.path.normpath(adapters[0]))}"
+    if adapters:
+        return f"{base}-{os.path.basename(os.path.normpath(adapters[0]))}"
+    saved = _read_json(os.path.join(model, "args.json")) if os.path.isdir(model) else {}
+    origin = (saved.get("merged_from") or {}).get("model") or saved.get("model")
+    origin = os.path.basename(os.path.normpath(origin)) if isinstance(origin, str) and origin else None
+    return f"{origin}-{base}" if origin and origin != base else base  # a full or merged checkpoint: its model too
 
 
 def _quantised(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_dir: str) -> None:

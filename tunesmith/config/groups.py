@@ -502,7 +502,8 @@ class DeployServerArgs:
 @dataclass(frozen=True)
 class ExportOutputArgs:
     """`tunesmith export`: where the merged model goes and how its weights are written."""
-    output_dir: Optional[str] = _f(help="Default <checkpoint>-merged.")
+    output_dir: Optional[str] = _f(help="Default <checkpoint>-merged, -gguf, -ollama or -<method>-int<bits> (fp8: "
+                                        "-fp8), next to the checkpoint.")
     merge_lora: bool = _f(False, help="Merge the --adapters into the base weights and save a full model.")
     safe_serialization: bool = _f(True, help="Save .safetensors (false: PyTorch .bin).")
     max_shard_size: str = _f("5GB", help="Largest weight file, e.g. 5GB or 500MB.")
@@ -511,8 +512,10 @@ class ExportOutputArgs:
                                           "end).")
     to_gguf: bool = _f(False, help="Write GGUF files for llama.cpp, Ollama, LM Studio and Jan (Qwen2/2.5, Qwen3, "
                                    "Llama 3.x, gpt-oss); --adapters are merged on the way. Default <checkpoint>-gguf.")
-    gguf_quant: List[str] = _f(help="GGUF types, one file each from one load: f32 f16 bf16 q8_0, and llama.cpp's "
-                                    "q4_k_m q5_k_m q6_k q4_0 ... (those need tunesmith[gguf]).", list_default=["q8_0"])
+    gguf_quant: List[str] = _f(help="GGUF types, one file each from one load: f32 f16 bf16 q8_0 (written by the "
+                                    "gguf package), and through llama.cpp's quantiser (tunesmith[gguf]): q4_0 q4_1 "
+                                    "q5_0 q5_1 q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k iq3_s "
+                                    "iq3_m iq4_nl iq4_xs mxfp4_moe.", list_default=["q8_0"])
     to_ollama: bool = _f(False, help="Write an Ollama Modelfile (FROM, TEMPLATE for the chat format, stop tokens, "
                                      "SYSTEM, sampling defaults) next to the GGUF, or with the merged weights in "
                                      "<checkpoint>-ollama.")
@@ -523,8 +526,8 @@ class ExportOutputArgs:
                                           "fp8, gptq or gptq_v2 (calibrated on --dataset); awq is refused with "
                                           "what to use. Default <checkpoint>-<method>-int<bits>.",
                                      choices=("bnb", "fp8", "gptq", "gptq_v2", "awq"))
-    quant_bits: Optional[int] = _f(help="bnb: 4 (default) or 8; gptq: 2, 3, 4 (default) or 8; fp8: 8.",
-                                   choices=(2, 3, 4, 8))
+    quant_bits: Optional[int] = _f(help="Required with --quant_method (as in ms-swift), except fp8: bnb 4 or 8; "
+                                        "gptq 2, 3, 4 or 8; fp8 8.", choices=(2, 3, 4, 8))
     quant_n_samples: int = _f(256, help="--quant_method gptq: calibration rows taken from --dataset.")
     quant_batch_size: int = _f(1, help="--quant_method gptq: calibration batch size.")
     group_size: int = _f(128, help="--quant_method gptq: weights sharing one scale (-1: one group per row).")

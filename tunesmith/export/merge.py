@@ -12,9 +12,11 @@ import errno
 import inspect
 import json
 import os
+import re
+import shutil
 
 from tunesmith.errors import TunesmithError
-from tunesmith.files import atomic_dir, failed_write, write_json_atomic
+from tunesmith.files import FULL_BELOW, atomic_dir, existing_ancestor, failed_write, write_json_atomic
 
 
 def write_model_folder(model, tokenizer, out: str, *, safe_serialization: bool = True, max_shard_size: str = "5GB",
@@ -45,6 +47,54 @@ def atomic_output(out: str, what: str):
             raise failed from e
 
 
+def remove_stale_temporaries(out: str) -> list[str]:
+    """Remove the temporary folders an export to out left when it was killed outright (SIGKILL, a power cut):
+    `.tmp-<name>-<pid>` (atomic_dir) and `.merging-<name>-<pid>` next to out, whose process is gone. Folders of a
+    live process (an export running now) are kept. Returns the paths removed."""
+    parent, name = os.path.split(os.path.abspath(out))
+    pattern = re.compile(rf"^\.(?:tmp|merging)-{re.escape(name)}-(\d+)$")
+    removed = []
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        m = pattern.match(entry)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            removed.append(os.path.join(parent, entry))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Within the block, SIGTERM (`kill`, `timeout`, a scheduler) unwinds like Ctrl-C, so every atomic output's
+    temporary folder is removed on the way out: SystemExit(143) after one line on stderr. The previous handler is
+    restored after. Main thread only (signal handlers); elsewhere the block runs unchanged."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print("tunesmith export: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def write_refused(out: str, what: str = "the merged model"):
     """A write the disk refused while `what` is written to out becomes one TunesmithError (nothing half-written is
@@ -55,6 +105,9 @@ def write_refused(out: str, what: str = "the merged model"):
         why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                errno.EPERM: "permission denied", errno.EIO: "the disk refused the write"}.get(e.errno, e.strerror)
+        if why is None:  # an OSError without errno (numpy's tofile: "N requested and M written")
+            free = shutil.disk_usage(existing_ancestor(out)).free
+            why = "the disk is full" if free < FULL_BELOW else (str(e) or "the disk refused the write")
         raise TunesmithError(f"could not write {what} ({out}): {why}; nothing was left half-written. "
                              f"Free some space (or fix the permissions) or choose another --output_dir, and "
                              f"export again") from None

@@ -281,9 +281,10 @@ def fits_modelfile(text: str) -> bool:
     return True
 
 
-def _template(fmt: ChatFormat, default_system: str | None) -> str:
+def _template(fmt: ChatFormat, default_system: str | None, enable_thinking: bool | None = None) -> str:
     if fmt.style == "chatml":
-        return gotmpl.chatml_template(default_system=default_system, tools=fmt.tools, thinking=fmt.thinking)
+        return gotmpl.chatml_template(default_system=default_system, tools=fmt.tools, thinking=fmt.thinking,
+                                      think_default=enable_thinking is not False)
     if fmt.style == "llama3":
         return gotmpl.llama3_template(preamble=fmt.preamble, default_system=default_system, tools=fmt.tools)
     today = datetime.date.today().strftime("%Y-%m-%d")
@@ -327,12 +328,15 @@ def _parameter_lines(generation: dict | None) -> list[str]:
 
 
 def modelfile(*, source: str, model_type: str, chat_template: str, tokenizer, system: str | None = None,
-              generation: dict | None = None, stops: list[str] | None = None) -> str:
+              generation: dict | None = None, stops: list[str] | None = None,
+              enable_thinking: bool | None = None) -> str:
     """The Modelfile text (docs/modelfile.md in github.com/ollama/ollama): `FROM source` (as written: ./name.gguf,
     or an absolute Hugging Face folder), `TEMPLATE` for the model's chat format (ollama_templates), `SYSTEM` (when
     given), `PARAMETER stop` for the format's end-of-turn tokens in the tokenizer's vocabulary, its eos token and
     then each of `stops` and PARAMETER lines for `generation` (temperature, top_p, top_k,
-    repetition_penalty -> repeat_penalty, max_new_tokens -> num_predict; those not None).
+    repetition_penalty -> repeat_penalty, max_new_tokens -> num_predict; those not None). enable_thinking=False
+    (a Qwen3 run trained with --enable_thinking false): the prompt always closes the think block, as training
+    rendered it (Ollama turns `think` on by default, so the TEMPLATE cannot tell a request's choice from it).
 
     A system prompt a Modelfile cannot hold (a line ending in three double quotes; characters Ollama's parser drops)
     goes into TEMPLATE as the system prompt of a chat that has none — what SYSTEM does (Ollama's chat handler puts
@@ -353,7 +357,7 @@ def modelfile(*, source: str, model_type: str, chat_template: str, tokenizer, sy
     if fmt.dated and fmt.style == "llama3":
         notes.append("# The model's chat template dates its system turn with the current day; Go templates cannot "
                      "write that date format, so TEMPLATE carries the export date.")
-    template = _template(fmt, default_system)
+    template = _template(fmt, default_system, enable_thinking)
     if not fits_modelfile(template):
         raise TunesmithError("internal error: the Ollama TEMPLATE cannot be written in a Modelfile")
     features = ", ".join(["system prompt", "multi-turn"] + (["tool calls"] if fmt.tools else [])

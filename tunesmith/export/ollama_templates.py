@@ -169,7 +169,7 @@ CHATML_TOOLS_HEADER = (
 )
 
 
-def chatml_template(*, default_system: str | None, tools: bool, thinking: bool) -> str:
+def chatml_template(*, default_system: str | None, tools: bool, thinking: bool, think_default: bool = True) -> str:
     """The Go template for ChatML as Qwen2.5 (`thinking=False`) and Qwen3 (`thinking=True`) write it.
 
     default_system: the system prompt used when the conversation has none (Qwen2.5's "You are Qwen, ...").
@@ -177,7 +177,9 @@ def chatml_template(*, default_system: str | None, tools: bool, thinking: bool) 
     templates), else tool definitions and calls are not rendered (the compact tiny templates).
     thinking: Qwen3 — `<think>` blocks of assistant turns after the last user message (`.Thinking`, kept in a tool
     loop, empty on a prefill), and an empty think block after the generation prompt when the request sets
-    `think: false` (Hugging Face's `enable_thinking=False`)."""
+    `think: false` (Hugging Face's `enable_thinking=False`) — or, with think_default=False (a run trained with
+    --enable_thinking false), always: Ollama turns `think` on by default for a model whose template has think
+    tags, so a default cannot be told from a request, and the model was trained to answer without thinking."""
     head = _leading_system(default_system)
     if thinking:
         head += ('{{ $lastUser := len .Messages }}{{ range $i, $_ := .Messages }}{{ if eq .Role "user" }}'
@@ -205,6 +207,8 @@ def chatml_template(*, default_system: str | None, tools: bool, thinking: bool) 
     else:
         tool = "<|im_start|>user\n<tool_response>\n{{ .Content }}\n</tool_response><|im_end|>\n"
     no_think = "{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>\n\n{{ end }}" if thinking else ""
+    if thinking and not think_default:
+        no_think = "<think>\n\n</think>\n\n"
     return (
         (JSON_DEFINES if tools else "") + head + system
         + '{{ $prev := "" }}{{ range $i, $_ := .Messages }}' + _LAST

@@ -51,10 +51,16 @@ def gguf_bytes(source, types: list[str]) -> int:
     from tunesmith.export.to_gguf import PYTHON_TYPES  # written by the gguf package; the others by llama.cpp's
 
     n = sum(math.prod(shape) for shape in source.shapes.values())
+    types = [t.lower() for t in types]
     total = sum(n * bytes_per_weight(t) for t in types)
-    if any(t.lower() not in PYTHON_TYPES for t in types) and not any(t.lower() in FLOAT_BYTES for t in types):
-        widths = {"float32": 4, "float16": 2, "bfloat16": 2}
-        total += n * max((widths.get(str(d).removeprefix("torch."), 2) for d in source.dtypes.values()), default=2)
+    # llama.cpp's types are quantised from a float file in the model's own float type (the matrices': 1-D norms
+    # may be stored wider), unless that very type is asked for too
+    names = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+    kinds = {names.get(str(source.dtypes[k]).removeprefix("torch."), "f16") for k, shape in source.shapes.items()
+             if len(shape) >= 2}
+    base = "f32" if "f32" in kinds else "bf16" if "bf16" in kinds else "f16"
+    if any(t not in PYTHON_TYPES for t in types) and base not in types:
+        total += n * FLOAT_BYTES[base]
     return int(total * 1.02) + (16 << 20)  # metadata and the tokenizer: a few MiB
 
 

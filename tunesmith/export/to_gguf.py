@@ -119,12 +119,12 @@ def gguf_quant_problems(types: list[str]) -> list[str]:
     nearest valid one), a type repeated, the gguf package missing, a type only llama.cpp's quantiser makes while
     llama-cpp-python is not installed (both naming the extra). Cheap: nothing is loaded."""
     out, seen = [], set()
+    if not types:
+        out.append(f"--gguf_quant: give at least one type (choose from {' '.join(GGUF_TYPES)})")
     for t in types:
         low = str(t).strip().lower()
         if low not in GGUF_TYPES:
-            near = difflib.get_close_matches(low, GGUF_TYPES, n=1, cutoff=0.4)
-            hint = f"did you mean {near[0]}? " if near else ""
-            out.append(f"--gguf_quant {t}: not a GGUF type; {hint}(choose from {', '.join(GGUF_TYPES)})")
+            out.append(f"--gguf_quant {t}: {_not_a_type(low)}")
         elif low in seen:
             out.append(f"--gguf_quant {t}: given twice")
         seen.add(low)
@@ -135,6 +135,25 @@ def gguf_quant_problems(types: list[str]) -> list[str]:
         out.append(f"--gguf_quant {' '.join(needs)}: made by llama.cpp's quantiser, which needs llama-cpp-python: "
                    f"{EXTRA} (or ask only for {', '.join(PYTHON_TYPES)}, written without it)")
     return out
+
+
+# llama.cpp's own short names (tools/quantize: Q4_K is Q4_K_M, ...) and the types that need an importance matrix
+_SHORT = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
+_NEED_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s")
+
+
+def _not_a_type(low: str) -> str:
+    """Why `low` is not one of GGUF_TYPES, with what to write instead."""
+    if "," in low:
+        return f"separate the types with spaces: --gguf_quant {' '.join(p for p in low.split(',') if p)}"
+    if low in _SHORT:
+        return f"write llama.cpp's {low.upper()} as {_SHORT[low]} (what llama-quantize means by it)"
+    if low in _NEED_IMATRIX:
+        return (f"{low.upper()} needs an importance matrix (llama-imatrix over calibration text), which tunesmith "
+                f"does not compute; the smallest types without one are q2_k, q3_k_s, iq3_s and iq4_xs")
+    near = difflib.get_close_matches(low, GGUF_TYPES, n=1, cutoff=0.4)
+    hint = f"did you mean {near[0]}? " if near else ""
+    return f"not a GGUF type; {hint}choose from {' '.join(GGUF_TYPES)}"
 
 
 def gguf_family_problem(config: dict) -> str | None:
@@ -157,11 +176,20 @@ def gguf_family_problem(config: dict) -> str | None:
     return f"this {family} model cannot be written as GGUF: {why}" if why else None
 
 
-def tokenizer_problem(tokenizer) -> str | None:
+def tokenizer_problem(tokenizer, config: dict | None = None) -> str | None:
     """Why llama.cpp would tokenise differently from this Hugging Face tokenizer (its pre-tokenizer, model type or
-    normalizer; gguf_vocab.vocab_problem), as one message, or None. Call it before the weights load."""
+    normalizer; gguf_vocab.vocab_problem), or — given the model's config.json — why it is not this model's
+    tokenizer (fewer than half as many tokens as the embedding has rows: a folder without its tokenizer.json, from
+    which transformers builds a near-empty one), as one message, or None. Call it before the weights load."""
     why = vocab_problem(tokenizer)
-    return f"the tokenizer cannot be written to GGUF: {why}" if why else None
+    if why:
+        return f"the tokenizer cannot be written to GGUF: {why}"
+    rows = (config or {}).get("vocab_size")
+    if isinstance(rows, int) and len(tokenizer) < rows // 2:
+        return (f"the tokenizer has {len(tokenizer)} tokens for a model with {rows} embedding rows: the model "
+                f"folder's tokenizer.json (or vocab.json and merges.txt) is missing or not this model's, and a GGUF "
+                f"of it would not load in llama.cpp; copy the base model's tokenizer files into the folder")
+    return None
 
 
 def gguf_file_name(stem: str, gguf_type: str) -> str:
@@ -174,7 +202,7 @@ def _checked(source: TensorSource, config: dict, tokenizer, types: list[str]):
     problems = gguf_quant_problems(types)
     if problems:
         raise ConfigError("; ".join(problems))
-    for why in (gguf_family_problem(config), tokenizer_problem(tokenizer)):
+    for why in (gguf_family_problem(config), tokenizer_problem(tokenizer, config)):
         if why:
             raise ConfigError(why)
     family = config["model_type"]
@@ -340,8 +368,37 @@ def write_float_ggufs(plan, source: TensorSource, paths: dict[str, str], *, fami
 
 
 def quantize_gguf(llama_cpp, src: str, dst: str, gguf_type: str) -> None:
-    """llama.cpp's llama_model_quantize: the float GGUF src as a gguf_type (LLAMA_CPP_TYPES) GGUF dst, its log
-    kept quiet (llama_log_set) and its error, if any, raised as one TunesmithError (dst removed)."""
+    """llama.cpp's llama_model_quantize: the float GGUF src as a gguf_type (LLAMA_CPP_TYPES) GGUF dst, run in a
+    child process (`python -m tunesmith.export.to_gguf SRC DST TYPE`) so that Ctrl-C or SIGTERM stops it at once:
+    in this process a signal arriving inside the C loop reaches Python only in the log callback, whose exception
+    ctypes swallows, and the quantisation would run on. Its error, if any, is raised as one TunesmithError (dst
+    removed; the child is killed if this process is interrupted). llama_cpp: the imported module (checked present
+    by the caller)."""
+    import subprocess
+    import sys
+
+    del llama_cpp  # imported by the child
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.export.to_gguf", src, dst, gguf_type],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(dst)
+        raise
+    if proc.returncode != 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(dst)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        raise TunesmithError(lines[-1] if lines else f"llama.cpp's quantiser stopped with exit code "
+                                                     f"{proc.returncode} while writing {gguf_type.upper()}")
+
+
+def _quantize_here(llama_cpp, src: str, dst: str, gguf_type: str) -> None:
+    """quantize_gguf's work, in the calling process: llama_model_quantize with its log kept quiet (llama_log_set),
+    its error raised as one TunesmithError (dst removed)."""
     import ctypes
 
     import gguf
@@ -377,3 +434,15 @@ def _restore_llama_log(llama_cpp) -> None:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     except (ImportError, AttributeError):  # no such module in this version: llama.cpp's default (stderr)
         llama_cpp.llama_log_set(None, ctypes.c_void_p(0))
+
+
+if __name__ == "__main__":  # quantize_gguf's child: python -m tunesmith.export.to_gguf SRC DST TYPE
+    import sys
+
+    try:
+        import llama_cpp as _llama_cpp
+
+        _quantize_here(_llama_cpp, *sys.argv[1:4])
+    except TunesmithError as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)

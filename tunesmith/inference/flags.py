@@ -36,7 +36,8 @@ def check_inference_flags(args, extra: list[str] = ()) -> None:
         out += _eval_problems(args)
     if isinstance(args, ExportOutputArgs):
         out += empty_problem("output_dir", args.output_dir, "give a folder (or leave the flag out for "
-                                                            "<checkpoint>-merged)")
+                                                            "<checkpoint>-merged, -gguf, -ollama or "
+                                                            "-<method>-int<bits>)")
     raise_problems(out)
 
 

@@ -255,6 +255,10 @@ def resolve_checkpoint(args: Checkpointed) -> tuple[Checkpointed, Optional[str]]
     candidates = plain + list(named.values()) + ([args.model] if args.model else [])
     ckpt = next((c for c in candidates if os.path.isfile(os.path.join(c, "args.json"))), None)
     if ckpt is None or not args.load_args:
+        if not args.model and plain + list(named.values()):
+            first = (plain + list(named.values()))[0]
+            raise ConfigError(f"--adapters {first} has no args.json naming its base model (it was not saved by "
+                              f"tunesmith or ms-swift training): pass the base model with --model BASE")
         if not args.model:
             raise ConfigError("pass the model with --model, or a checkpoint with --adapters (its args.json names "
                               "the base model)")

@@ -10,6 +10,7 @@ and is re-exported here for the modules that import it from this one.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import os
 from typing import Optional
 
@@ -155,7 +156,19 @@ def _quantization_config(cfg: ModelConfig, config, dtype):
         from transformers import Mxfp4Config
         note("MXFP4 checkpoint: dequantising the experts to the training dtype for training")
         return Mxfp4Config(dequantize=True)
+    if qm == "compressed-tensors" and not _has_cuda():
+        # FP8 W8A8 (tunesmith export --quant_method fp8) runs compressed only on a GPU: on a CPU the weights are
+        # decompressed to the model dtype when loaded (transformers' dequantize=True)
+        from transformers import CompressedTensorsConfig
+        note("compressed-tensors (FP8) checkpoint on a CPU: its weights are decompressed to the model's dtype")
+        return CompressedTensorsConfig(dequantize=True)
     return None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def load_model(cfg: ModelConfig, model_dir: str, tokenizer=None, for_training: bool = True,
@@ -185,15 +198,18 @@ def load_model(cfg: ModelConfig, model_dir: str, tokenizer=None, for_training: b
         else:
             kwargs["output_router_logits"] = True
             kwargs["router_aux_loss_coef"] = coef
-    if head == "seq_cls":
-        kwargs.pop("output_router_logits", None)
-        kwargs.pop("router_aux_loss_coef", None)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code,
-                                                                   num_labels=1, **kwargs)
-        if tokenizer is not None and tokenizer.pad_token_id is not None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    with warnings.catch_warnings():
+        # a dequantising config (MXFP4, compressed-tensors on a CPU) overrides the checkpoint's own on purpose
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        if head == "seq_cls":
+            kwargs.pop("output_router_logits", None)
+            kwargs.pop("router_aux_loss_coef", None)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, trust_remote_code=cfg.trust_remote_code, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if head == "seq_cls" and tokenizer is not None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if for_training:
