@@ -191,11 +191,12 @@ def test_the_run_outlives_its_ui_and_a_new_ui_stops_it(browser, ws):
     expect(message).to_contain_text("stopped by SIGTERM at step", timeout=WAIT)
     ckpt = re.search(r"the last: (\S+checkpoint-\d+)\.", message.inner_text()).group(1)
     assert os.path.isfile(os.path.join(ckpt, "adapter_config.json"))
-    _shot(pg, ws, "4-stopped")
     pg.reload()  # a reload lists it again, stopped, with its message
     _select_run(pg, "out/sft/")
     expect(pg.locator("#run-progress")).to_contain_text("stopped", timeout=WAIT)
     expect(pg.locator("#run-message")).to_contain_text(ckpt, timeout=WAIT)
+    expect(pg.locator("#curve-0")).to_contain_text("loss", timeout=WAIT)
+    _shot(pg, ws, "4-stopped")
     pg.close()
     ws["checkpoint"] = ckpt
 

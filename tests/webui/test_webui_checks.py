@@ -139,3 +139,54 @@ def test_every_ms_swift_app_flag_is_known():
     assert unknown == []
     assert parse_args("app", ["--studio_title", "Demo", "--server_port", "7861", "--lang", "zh"]).studio_title == \
         "Demo"
+
+
+@pytest.mark.slow
+def test_a_key_means_a_password_and_is_never_written(tmp_path):
+    """With TUNESMITH_API_KEY the page asks for it (any user name); a wrong one is refused; the key appears in no
+    output and no file."""
+    pytest.importorskip("gradio", reason="gradio is not installed: pip install 'tunesmith[webui]'")
+    import http.cookiejar
+    import time
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from conftest import free_port
+
+    port, key = free_port(), "k3y-that-must-not-leak"
+    log = open(tmp_path / "ui.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "web-ui", "--server_port", str(port), "--output_dir",
+                             str(tmp_path / "out")], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": REPO, "TUNESMITH_API_KEY": key})
+    base = f"http://127.0.0.1:{port}"
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+
+    def status(path, data=None):
+        try:
+            with opener.open(base + path, data=urllib.parse.urlencode(data).encode() if data else None,
+                             timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        end = time.time() + 120
+        while time.time() < end:
+            try:
+                urllib.request.urlopen(base + "/", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert status("/config") == 401
+        assert status("/login", {"username": "me", "password": "wrong"}) == 400
+        assert status("/login", {"username": "anyone", "password": key}) == 200
+        assert status("/config") == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    said = (tmp_path / "ui.log").read_text()
+    assert "password required" in said and key not in said
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and key in p.read_text(errors="replace")]

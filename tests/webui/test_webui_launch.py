@@ -125,3 +125,13 @@ def test_run_cli_reports_the_exit_code():
     assert (code, out.strip()) == (3, "hi")
     code, out = L.run_cli([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.5)
     assert code == 124 and "stopped after" in out
+
+
+def test_started_commands_do_not_get_the_page_s_password(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNESMITH_API_KEY", "page-password")
+    monkeypatch.setenv("HF_TOKEN", "hub-token")
+    code, out = L.run_cli([sys.executable, "-c", "import os; print(os.environ.get('TUNESMITH_API_KEY'), "
+                                                 "os.environ.get('HF_TOKEN'), os.environ.get('NPROC_PER_NODE'))"])
+    assert out.split() == ["None", "hub-token", "None"]
+    env = L.child_env({"NPROC_PER_NODE": "2"})
+    assert "TUNESMITH_API_KEY" not in env and env["NPROC_PER_NODE"] == "2" and env["PYTHONUNBUFFERED"] == "1"

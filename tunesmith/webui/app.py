@@ -97,8 +97,9 @@ def _theme(gr):
 
 
 # long command lines and messages wrap instead of scrolling sideways
-CSS = "#train-message pre, #run-message pre, #run-progress code, #export-status pre, #eval-status pre " \
-      "{white-space: pre-wrap; word-break: break-all}"
+CSS = ", ".join(f"#{e} pre, #{e} code" for e in ("train-message", "run-message", "run-progress", "run-action",
+                                                  "export-status", "eval-status", "export-message", "eval-message")) \
+    + " {white-space: pre-wrap !important; word-break: break-word}"
 
 
 def _check_port(host: str, port: int) -> None:

@@ -175,6 +175,16 @@ class _Lock:
             pass
 
 
+def child_env(extra: Optional[dict] = None) -> dict:
+    """The environment of a started command: this process's (hub tokens and tracker keys pass on, as in a
+    terminal), `extra` over it, unbuffered output, and without the page's own password (TUNESMITH_API_KEY): a
+    command started from the page never needs it."""
+    from tunesmith.serve.app import API_KEY_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    return {**env, **(extra or {}), "PYTHONUNBUFFERED": "1"}
+
+
 def start(process_argv: list, argv: list, line: str, output_dir: str, env: Optional[dict] = None,
           cwd: Optional[str] = None) -> Launch:
     """Start `process_argv` detached, its output going to a log file in <output_dir>/.tunesmith-webui/, and record
@@ -193,10 +203,9 @@ def start(process_argv: list, argv: list, line: str, output_dir: str, env: Optio
         n = 1
         while os.path.exists(log):
             log, n = os.path.join(folder, f"{stamp}-{n}.log"), n + 1
-        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         with open(log, "ab") as out:
             proc = subprocess.Popen(process_argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=cwd or os.getcwd(), env=full_env, start_new_session=True)
+                                    cwd=cwd or os.getcwd(), env=child_env(env), start_new_session=True)
         st = _stat(proc.pid)
         launch = Launch(proc.pid, list(argv), line, output_dir, cwd or os.getcwd(), log, time.time(),
                         st[1] if st else None, dict(env or {}))
@@ -243,7 +252,7 @@ def run_cli(process_argv: list, timeout: float = 300, cwd: Optional[str] = None)
     that runs past `timeout` seconds is killed and reported as exit code 124."""
     try:
         p = subprocess.run(process_argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                           cwd=cwd or os.getcwd(), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                           cwd=cwd or os.getcwd(), env=child_env())
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         return 124, out + f"\n(stopped after {timeout:.0f} s)"

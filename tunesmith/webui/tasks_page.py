@@ -81,12 +81,31 @@ def _writes_inside(ctx: Context, built: Built) -> str:
             f"({', '.join(ctx.folders.outputs)}); give {flag} inside one")
 
 
+def _benchmark_files(ctx: Context, built: Built) -> str:
+    """The page's folder rule for the benchmark files eval reads (--eval_dataset_args' local_path), or ""."""
+    import json
+
+    from tunesmith.webui.paths import is_local, within
+
+    if "--eval_dataset_args" not in built.argv:
+        return ""
+    try:
+        spec = json.loads(built.argv[built.argv.index("--eval_dataset_args") + 1])
+    except ValueError:
+        return ""  # the command's own check says what is wrong with it
+    paths = [str(v.get("local_path")) for v in (spec.values() if isinstance(spec, dict) else [])
+             if isinstance(v, dict) and v.get("local_path")]
+    bad = [p for p in paths if is_local(p) and not within(p, ctx.folders.readable)]
+    return (f"tunesmith web-ui: --eval_dataset_args local_path {bad[0]}: outside the folders this page may read "
+            f"({', '.join(ctx.folders.readable)})") if bad else ""
+
+
 def run_task(ctx: Context, kind: str, built: Built) -> str:
-    """Check `built` (the command's own check and the folder rule) and start it detached; the page's message."""
+    """Check `built` (the folder rule, the command's own check) and start it detached; the page's message."""
     from tunesmith.errors import ConfigError
     from tunesmith.webui.launch import start
 
-    problem = validate(ctx, built) or _writes_inside(ctx, built)
+    problem = _benchmark_files(ctx, built) or validate(ctx, built) or _writes_inside(ctx, built)
     if problem:
         return f"```\n{problem}\n```"
     try:
@@ -104,8 +123,12 @@ def task_state(ctx: Context, kind: str) -> tuple[str, str, str]:
     if launch is None:
         return "", "", ""
     log = log_tail(launch.log, 60)
-    state = "running" if alive(launch) else "ended"
     message = message_of(log)
+    if alive(launch):
+        state = "running"
+    else:
+        state = {0: "finished", None: "ended"}.get(launch.exit_code, "failed")
+        state = "failed" if " error: " in message else state
     table = "\n".join(line for line in log.splitlines() if line.startswith("|"))
     return f"**{state}** · `{launch.line}`" + (f"\n```\n{message}\n```" if message else ""), log, table
 
@@ -150,9 +173,10 @@ def build_eval(gr, ctx: Context) -> dict:
     datasets = gr.Dropdown(choices=list(BENCHMARKS), value=["general_qa"], multiselect=True,
                            label=w["eval_datasets"], elem_id="eval-datasets")
     limit = gr.Number(value=20, precision=0, label="--eval_limit", elem_id="eval-limit")
-    dataset_args = gr.Code(language="json", label="--eval_dataset_args (JSON: local_path per benchmark)",
-                           value='{"general_qa": {"local_path": "examples/data/capitals_messages.jsonl"}}',
-                           interactive=True, elem_id="eval-args")
+    dataset_args = gr.Textbox(label="--eval_dataset_args", info="JSON: each benchmark's local_path (the files in "
+                              "its published layout; docs/eval.md), subset_list, few_shot_num",
+                              placeholder='{"general_qa": {"local_path": "data/qa.jsonl"}}', lines=2,
+                              elem_id="eval-args")
     go = gr.Button(w["eval"], variant="primary", elem_id="eval-start")
     message = gr.Markdown(elem_id="eval-message")
     status = gr.Markdown(elem_id="eval-status")
