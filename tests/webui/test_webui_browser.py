@@ -2,7 +2,7 @@
 CLI's own message inline; the Train form starts an SFT run and a GRPO run at once; the loss curve updates; a second
 start into a busy folder is refused; the UI process is killed (SIGKILL) and the run keeps training; a new UI finds it
 and stops it, naming the checkpoint; a reload still lists it; the GRPO run shows its reward curves; the checkpoint
-answers on the Chat page, streamed. Screenshots are kept under the test's temporary folder (printed).
+answers on the Chat page, streamed; `tunesmith app` serves its model on a titled chat page. Screenshots are kept under the test's temporary folder (printed).
 
 Skipped, saying why, where chromium, Playwright or gradio is missing. The modules share one workspace (runs carry
 over from test to test, in file order)."""
@@ -230,3 +230,38 @@ def test_chat_with_the_checkpoint_streams(page, ws):
     seen = page.evaluate("window.__seen")
     assert len(seen) >= 2 and seen[-1], seen  # the reply grew on the page as it was generated
     _shot(page, ws, "6-chat")
+
+
+def test_the_app_command_is_a_chat_page(browser, ws):
+    """`tunesmith app --model … --studio_title …`: the chat page alone, titled, its sampling settings from the
+    generation flags, a reply streamed."""
+    port = free_port()
+    log = open(ws["root"] / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "app", "--model", ws["model"], "--server_port",
+                             str(port), "--studio_title", "Capitals bot", "--max_new_tokens", "12", "--temperature",
+                             "0"], cwd=ws["root"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        end = time.time() + 180
+        while time.time() < end:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
+                break
+            except OSError:
+                assert proc.poll() is None, open(log.name).read()
+                time.sleep(0.5)
+        pg = browser.new_page()
+        pg.goto(f"http://127.0.0.1:{port}/")
+        expect(pg.locator("#chat-status")).to_contain_text(f"loaded {ws['model']}", timeout=WAIT)
+        assert pg.title() == "Capitals bot"
+        expect(pg.locator("#chat-max_new_tokens input").first).to_have_value("12")
+        pg.locator("#chat-input textarea").first.fill("Hello")
+        pg.click("#chat-send")
+        expect(pg.locator("#chat-turn-status")).to_contain_text("finish reason: length", timeout=WAIT)
+        assert pg.locator("#chatbot .message.bot").last.inner_text().strip()
+        _shot(pg, ws, "7-app")
+        pg.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()

@@ -150,7 +150,7 @@ def web_ui(args, check) -> object:
     with gr.Blocks(title=words["title"], analytics_enabled=False) as blocks:
         with gr.Tabs() as tabs:
             with gr.Tab(words["train"], id="train"):
-                train_page.build(gr, ctx)
+                train = train_page.build(gr, ctx)
             with gr.Tab(words["runs"], id="runs"):
                 runs = runs_page.build(gr, ctx)
             with gr.Tab(words["chat"], id="chat"):
@@ -160,6 +160,7 @@ def web_ui(args, check) -> object:
             with gr.Tab(words["eval"], id="eval"):
                 tasks_page.build_eval(gr, ctx)
         _wire(gr, ctx, blocks, tabs, runs, chat, export)
+        blocks.load(train["choices"], None, train["pickers"], show_progress="hidden")  # files added since start
     return blocks
 
 

@@ -20,9 +20,6 @@ from tunesmith.config.commands import COMMAND_ARGS
 from tunesmith.config.parser import secret_fields
 from tunesmith.config.swift_compat import COMPATIBILITY_ONLY, COMPATIBILITY_ONLY_IN
 
-KINDS = ("bool", "tristate", "choice", "text", "list", "dict")
-
-
 @dataclass(frozen=True)
 class FlagSpec:
     """One flag as a form field. kind: bool (a checkbox), tristate (unset/true/false: an Optional[bool]), choice

@@ -131,7 +131,8 @@ def _start(ctx: Context, method: str, nproc, names: list, values: tuple) -> tupl
 
 def build(gr, ctx: Context) -> dict:
     """The Train page's components and events, inside the current gr.Blocks/Tab. Returns the components other
-    pages address ({"method", "flags": {name: component}, "message", "command"})."""
+    pages address ({"method", "flags": {name: component}, "message", "command"}) and, for the page load, the
+    drop-downs of model folders and data files and the function that lists them again ("pickers", "choices")."""
     words = ctx.words
     specs = all_specs()
     method = gr.Radio(choices=list(METHODS), value="sft", label=words["method"], elem_id="method")
@@ -174,4 +175,8 @@ def build(gr, ctx: Context) -> dict:
     check_btn.click(lambda m, n, *v: _check(ctx, m, n, names, v), inputs, [command, message])
     start_btn.click(lambda m, n, *v: _start(ctx, m, n, names, v), inputs, [command, message],
                     concurrency_limit=1)
-    return {"method": method, "flags": flags, "message": message, "command": command}
+    def choices():
+        return gr.update(choices=model_folders(ctx.folders)), gr.update(choices=data_files(ctx.folders))
+
+    return {"method": method, "flags": flags, "message": message, "command": command, "choices": choices,
+            "pickers": [flags["model"], flags["dataset"]]}
