@@ -190,3 +190,22 @@ def test_a_key_means_a_password_and_is_never_written(tmp_path):
     said = (tmp_path / "ui.log").read_text()
     assert "password required" in said and key not in said
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and key in p.read_text(errors="replace")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_the_pages_build_in_both_languages(lang, tmp_path):
+    """Every page of web-ui and app builds (no word missing in either language), the tabs in that language."""
+    pytest.importorskip("gradio", reason="gradio is not installed: pip install 'tunesmith[webui]'")
+    from tunesmith.webui.app import chat_app, web_ui
+    from tunesmith.webui.labels import EN, ZH
+
+    assert set(EN) == set(ZH)
+    args = parse_args("web-ui", ["--lang", lang, "--output_dir", str(tmp_path / "out"), "--allowed_paths",
+                                 str(tmp_path)])
+    blocks = web_ui(args, lambda command, argv: None)
+    tabs = [b.label for b in blocks.blocks.values() if type(b).__name__ == "Tab"]
+    assert tabs == [labels(lang)[k] for k in ("train", "runs", "chat", "export", "eval")]
+    app = chat_app(parse_args("app", ["--lang", lang, "--temperature", "0.3"]), ChatSession(), "Demo")
+    values = {b.elem_id: getattr(b, "value", None) for b in app.blocks.values() if getattr(b, "elem_id", None)}
+    assert values["chat-temperature"] == "0.3" and "chatbot" in values

@@ -123,11 +123,15 @@ def serve(blocks, args, api_key: Optional[str], max_upload_mb: int = 100) -> Non
           + ("; password required: any user name, the API key as the password)" if api_key else ")"),
           file=sys.stderr, flush=True)
     blocks.queue(default_concurrency_limit=8)
-    blocks.launch(server_name=args.server_name, server_port=args.server_port, share=bool(args.share),
-                  auth=_auth(api_key), auth_message="tunesmith: log in with any user name and the API key",
-                  max_file_size=f"{max_upload_mb}mb", ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                  quiet=True, show_error=False, footer_links=["gradio"], ssr_mode=False, mcp_server=False,
-                  enable_monitoring=False, theme=_theme(gr), css=CSS, prevent_thread_lock=False)
+    _, _, share_url = blocks.launch(
+        server_name=args.server_name, server_port=args.server_port, share=bool(args.share), auth=_auth(api_key),
+        auth_message="tunesmith: log in with any user name and the API key", max_file_size=f"{max_upload_mb}mb",
+        ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, quiet=True, show_error=False,
+        footer_links=["gradio"], ssr_mode=False, mcp_server=False, enable_monitoring=False, theme=_theme(gr),
+        css=CSS, prevent_thread_lock=True)
+    if share_url:
+        print(f"[tunesmith] public link: {share_url} (password required)", file=sys.stderr, flush=True)
+    blocks.block_thread()
 
 
 def web_ui(args, check) -> object:

@@ -21,6 +21,7 @@ once and turn a clean stop into a crash.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -148,31 +149,27 @@ def _is_linked(run_dir: str, launch: Launch) -> bool:
     return rec is not None and rec.pid == launch.pid and rec.started == launch.started
 
 
-class _Lock:
+@contextlib.contextmanager
+def _start_lock(folder: str):
     """An O_EXCL lock file in the record folder while a start checks and records (two pages starting into the
-    same folder at once: one wins, the other is refused). A lock older than LOCK_STALE_S is a crashed page's."""
-
-    def __init__(self, folder: str):
-        self.path = os.path.join(folder, "start.lock")
-
-    def __enter__(self):
-        try:
-            if time.time() - os.path.getmtime(self.path) > LOCK_STALE_S:
-                os.remove(self.path)
-        except OSError:
-            pass
-        try:
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            raise ConfigError(f"another page is starting a run into {os.path.dirname(os.path.dirname(self.path))} "
-                              f"right now; try again in a moment") from None
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            os.remove(self.path)
-        except OSError:
-            pass
+    same folder at once: one wins, the other is refused with ConfigError). A lock older than LOCK_STALE_S is a
+    crashed page's and is taken over."""
+    path = os.path.join(folder, "start.lock")
+    try:
+        if time.time() - os.path.getmtime(path) > LOCK_STALE_S:
+            os.remove(path)
+    except OSError:
+        pass
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise ConfigError(f"another page is starting a run into {os.path.dirname(folder)} right now; try again in "
+                          f"a moment") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def child_env(extra: Optional[dict] = None) -> dict:
@@ -194,7 +191,7 @@ def start(process_argv: list, argv: list, line: str, output_dir: str, env: Optio
     output_dir = os.path.abspath(output_dir)
     folder = os.path.join(output_dir, RECORD_DIR)
     os.makedirs(folder, exist_ok=True)
-    with _Lock(folder):
+    with _start_lock(folder):
         problem = busy_problem(output_dir)
         if problem:
             raise ConfigError(problem)
