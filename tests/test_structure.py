@@ -85,9 +85,12 @@ LAYERS = {
     "tunesmith.train": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.inference",
                                "tunesmith.runs"},
     "tunesmith.export": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.runs"},
+    # the browser pages: they start training as `tunesmith` processes, never by importing train/ or commands/
+    "tunesmith.webui": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.runs",
+                               "tunesmith.inference", "tunesmith.serve", "tunesmith.eval"},
     "tunesmith.commands": BASE | {"tunesmith.config", "tunesmith.data", "tunesmith.models", "tunesmith.inference",
                                   "tunesmith.runs", "tunesmith.serve", "tunesmith.eval", "tunesmith.train",
-                                  "tunesmith.export"},
+                                  "tunesmith.export", "tunesmith.webui"},
     "tunesmith.cli": BASE | {"tunesmith.config", "tunesmith.commands"},
 }
 TOP = {"tunesmith", "tunesmith.__main__", "tunesmith.testing"}

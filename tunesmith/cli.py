@@ -27,20 +27,16 @@ COMMANDS = {
     "data": ("tunesmith.commands.data", "inspect, validate, convert, split and measure datasets"),
     "report": ("tunesmith.commands.report", "plots and an HTML report of a run, or several runs compared"),
     "eval": ("tunesmith.commands.eval", "benchmarks from local files: base vs tuned side by side"),
+    "web-ui": ("tunesmith.commands.web_ui", "train, watch, stop, compare, chat and export in a browser (gradio)"),
+    "app": ("tunesmith.commands.app", "a chat page for one model or checkpoint in a browser (gradio)"),
 }
 
 # ms-swift commands that tunesmith will provide but does not yet: a clear message instead of "unknown command".
 PLANNED = {
     "pt": "continued pre-training",
-    "app": "the Gradio chat web app",
-    "web-ui": "the training web UI",
 }
 # what to use meanwhile
-PLANNED_INSTEAD = {
-    "app": "chat in the terminal with `tunesmith infer`, or serve the model with `tunesmith deploy` and use any "
-           "OpenAI-compatible chat UI",
-    "web-ui": "run the commands (tunesmith sft, rlhf, infer, export, deploy, eval) in a terminal",
-}
+PLANNED_INSTEAD: dict = {}
 
 
 def _usage() -> str:
@@ -53,7 +49,8 @@ def _usage() -> str:
 
 
 TRAINING = ("sft", "rlhf", "dpo")
-DEFERRED = (*TRAINING, "infer", "deploy", "export", "eval")  # their value checks also report the deferred flag problems
+# their value checks also report the deferred flag problems
+DEFERRED = (*TRAINING, "infer", "deploy", "export", "eval", "web-ui", "app")
 
 
 def _torchrun_args(command: str) -> list[str]:
@@ -137,7 +134,7 @@ LIBRARY_NOISE = (r"`is_gradient_checkpointing` is deprecated",)
 # every run that saves weights would print it; it is kept for --deepspeed runs, where it is news.
 DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
 BNB_CPU_LOGGER, BNB_KERNEL_NOTICE = "bitsandbytes.backends.cpu.ops", "from kernels-community"
-MODEL_COMMANDS = (*TRAINING, "infer", "export", "deploy", "eval")  # the commands that load or save weights
+MODEL_COMMANDS = (*TRAINING, "infer", "export", "deploy", "eval", "app", "web-ui")  # load or save weights
 
 
 def _ignore_library_warnings() -> None:

@@ -134,10 +134,13 @@ def test_help_lists_scoped_compatibility_flags_in_the_table_only():
     assert "starts no server" in text[text.index("compatibility only"):]
 
 
-def test_app_is_not_available_yet():
-    r = subprocess.run([sys.executable, "-m", "tunesmith", "app", "--model", "x"], capture_output=True, text=True)
-    assert r.returncode == 2 and "'app'" in r.stderr and "not available in this version yet" in r.stderr
-    assert "tunesmith deploy" in r.stderr and "Did you mean" not in r.stderr
+def test_app_says_what_it_does_not_support_yet():
+    """`tunesmith app` exists (tunesmith/webui); ms-swift's --base_url (chat with a running server) is refused,
+    saying what to pass instead (tests/webui/test_webui_checks.py checks every app flag)."""
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "app", "--model", "x", "--base_url", "http://h/v1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--base_url http://h/v1: chatting with a server" in r.stderr
+    assert "--model" in r.stderr and "Did you mean" not in r.stderr
 
 
 def test_sft_help_stays_fast():

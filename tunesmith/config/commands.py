@@ -15,6 +15,8 @@ what it has.
                 Template Track Data; its own --verbose, --report_to
     data        Model Template Data; its own action, output, row, ...
     report      its own runs, output
+    web-ui      UIServer WebUIFolder
+    app         UIServer App, and deploy's                                    deploy's
 
 Where two groups name the same flag (eval's --max_batch_size, --report_to, --api_key; export's --quant_method
 and --quant_bits, the quantisation to write), the first base listed wins,
@@ -28,6 +30,7 @@ from typing import List, Optional
 from tunesmith.config.groups import (CheckpointArgs, DataArgs, DeployServerArgs, DistArgs, EvalArgs, ExportOutputArgs,
                                      GenerationArgs, GRPOArgs, InferBackendArgs, ModelArgs, OptimArgs, OutputArgs,
                                      QuantArgs, RLHFArgs, TemplateArgs, TrackArgs, TunerArgs, VllmArgs, _f)
+from tunesmith.config.groups import AppArgs, UIServerArgs, WebUIFolderArgs  # web-ui and app
 from tunesmith.config.swift_compat import (EvalServerCompatArgs, SwiftCompatArgs, TrainerCompatArgs,
                                            TrainGenerationCompatArgs)
 
@@ -100,6 +103,17 @@ class ReportArguments:
     output: Optional[str] = _f(help="Comparison report path (default compare_report.html; one run: its report.html).")
 
 
+@dataclass(frozen=True)
+class WebUIArguments(UIServerArgs, WebUIFolderArgs):
+    """`tunesmith web-ui`: train, watch, stop, compare, chat and export from a browser."""
+
+
+@dataclass(frozen=True)
+class AppArguments(UIServerArgs, AppArgs, DeployArguments):
+    """`tunesmith app`: the chat page alone, for one model or checkpoint."""
+
+
 COMMAND_ARGS = {"sft": SftArguments, "data": DataCommandArguments, "rlhf": RLHFArguments, "dpo": RLHFArguments,
                 "infer": InferArguments, "deploy": DeployArguments, "export": ExportArguments,
                 "report": ReportArguments, "eval": EvalArguments}
+COMMAND_ARGS.update({"web-ui": WebUIArguments, "app": AppArguments})

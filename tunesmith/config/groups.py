@@ -563,3 +563,46 @@ class EvalArgs:
     api_key: Optional[str] = _f(help="Bearer key for --eval_url (never written to disk).", secret=True)
     max_batch_size: int = _f(8, help="Local models: questions per forward pass / generation batch.")
 
+
+
+@dataclass(frozen=True)
+class UIServerArgs:
+    """`tunesmith web-ui` and `tunesmith app`: where the page is served and who may open it (ms-swift's
+    WebUIArguments; safe by default: this machine only)."""
+    server_name: str = _f("127.0.0.1", help="Address the page listens on: 127.0.0.1 (the default; ms-swift's is "
+                                            "0.0.0.0) serves this machine only; any other address (0.0.0.0: every "
+                                            "network interface) needs --api_key.")
+    server_port: int = _f(7860, help="TCP port of the page (gradio's default, 7860).")
+    share: bool = _f(False, help="gradio's public *.gradio.live link to the page: needs the internet and --api_key "
+                                 "(refused offline, saying so).")
+    lang: str = _f("en", help="Language of the page's own labels, en or zh (flag help texts stay English; "
+                              "ms-swift's web-ui defaults to zh).", choices=("en", "zh"))
+    api_key: Optional[str] = _f(help="Password of the page (log in with any user name and this key; or set "
+                                     "TUNESMITH_API_KEY, which keeps it out of the process list). Never written to "
+                                     "disk, shown or logged.", secret=True)
+    ssl_keyfile: Optional[str] = _f(help="TLS private key file (PEM), with --ssl_certfile: serve the page over HTTPS.")
+    ssl_certfile: Optional[str] = _f(help="TLS certificate file (PEM).")
+
+
+@dataclass(frozen=True)
+class WebUIFolderArgs:
+    """`tunesmith web-ui`: the folders the page works in; it reads and starts nothing outside them."""
+    output_dir: List[str] = _f(help="Folders the Train page starts runs in (the first is the default: <it>/<model "
+                                    "name>, as training's own output/<model name>) and the Runs page lists runs "
+                                    "from (every folder with args.json and logging.jsonl, up to 4 levels down). A "
+                                    "run's --output_dir must be inside one.", list_default=["output"])
+    allowed_paths: List[str] = _f(help="Folders the page may read models, datasets and checkpoints from (besides "
+                                       "--output_dir; default the current folder): a local path outside them is "
+                                       "refused (a hub id is not a path).", list_default=["."])
+    max_upload_mb: int = _f(100, help="Largest dataset upload, in MiB; uploads are kept under <first "
+                                      "--output_dir>/uploads.")
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """`tunesmith app`: ms-swift's AppArguments besides the server's."""
+    studio_title: Optional[str] = _f(help="Title of the chat page (default the model's or checkpoint's name).")
+    base_url: Optional[str] = _f(help="ms-swift: chat with an OpenAI-compatible server already running instead of "
+                                      "loading the model. Not supported yet (refused): pass --model/--adapters.")
+    is_multimodal: bool = _f(False, help="ms-swift: whether the model takes images. Compatibility only (see the "
+                                         "table at the end).", choices=(False,))

@@ -502,3 +502,17 @@ VALUE_ALIASES = {
     ("lora_dtype", "bf16"): "bfloat16", ("lora_dtype", "fp16"): "float16", ("lora_dtype", "fp32"): "float32",
     ("infer_backend", "pt"): "transformers",
 }
+
+# `tunesmith app`: ms-swift's app deploys a server and chats with it over HTTP; tunesmith's chat page runs the engine
+# in its own process, so the server's flags and the data flags change nothing there.
+COMPATIBILITY_ONLY["is_multimodal"] = ("multimodal models are not supported, so the chat page takes text only; true "
+                                       "is refused")
+NOT_SUPPORTED_VALUES[("is_multimodal", True)] = _MULTIMODAL
+COMPATIBILITY_ONLY_IN["app"] = {
+    **dict.fromkeys(["host", "port", "served_model_name", "owned_by", "max_logprobs", "max_request_bytes",
+                     "result_path"],
+                    "the chat page runs the model in its own process and starts no API server (ms-swift's app "
+                    "deploys one first); for an API use tunesmith deploy"),
+    **dict.fromkeys(["n", "logprobs", "top_logprobs", "metric"], "the chat page shows one reply per turn, as text"),
+    **dict.fromkeys(_DATA_FIELDS + ["load_data_args"], "the chat page reads no dataset: you type the conversation"),
+}
