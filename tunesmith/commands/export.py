@@ -35,7 +35,7 @@ def flag_problems(args, cfg: ExportOutputArgs) -> list[str]:
     transformers reads it), --output_dir (a folder that can be written), the GGUF types, the quantisation method and
     bits, and the combinations that would need two outputs. cfg: export's own flags as given (before a checkpoint
     fills anything in)."""
-    from tunesmith.config.parser import given_flags
+    from tunesmith.config.parser import deferred_problems, given_flags
     from tunesmith.export.quantise import quant_problems
     from tunesmith.export.sizes import shard_size_problem
     from tunesmith.export.to_gguf import gguf_quant_problems
@@ -70,7 +70,11 @@ def flag_problems(args, cfg: ExportOutputArgs) -> list[str]:
             out.append(f"--{name} {value}: expected a whole number of at least 1")
     if cfg.group_size == 0 or cfg.group_size < -1:
         out.append(f"--group_size {cfg.group_size}: expected -1 (one group per row) or a whole number of at least 1")
-    if not (cfg.to_gguf or cfg.quant_method or cfg.to_ollama or cfg.merge_lora):
+    # a target whose value did not parse is reported by the parser already (deferred_problems)
+    unparsed = " ".join(deferred_problems(args))
+    targets = ("to_gguf", "quant_method", "to_ollama", "merge_lora")
+    if not (cfg.to_gguf or cfg.quant_method or cfg.to_ollama or cfg.merge_lora) and not any(
+            f"--{t}" in unparsed for t in targets):
         out.append(NOTHING_TO_EXPORT)
     return out
 
