@@ -130,7 +130,7 @@ def test_help_lists_scoped_compatibility_flags_in_the_table_only():
     table = text[text.index("compatibility only"):]
     # export's sampling flags are the Ollama Modelfile's PARAMETER lines; its --num_beams changes nothing
     assert "--num_beams" in table and "--num_beams" not in text[:text.index("compatibility only")]
-    assert "--temperature" in text[:text.index("compatibility only")] and "--temperature" not in table
+    assert "--temperature float" in text[:text.index("compatibility only")] and "\n  --temperature" not in table
     assert "--to_peft_format" in table and "--tuner_backend" in table
     text = format_help("eval")
     assert "starts no server" in text[text.index("compatibility only"):]
