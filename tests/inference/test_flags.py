@@ -46,7 +46,7 @@ CASES = [
     (["infer", "--temperature", "x", "--n", "0"], ["2 problems with the flags", "--temperature: expected a number",
                                                    "--n 0"]),
     (["export", "--merge_lora", "true", "--output_dir", "", "--top_p", "0", "--quant_bits", "3"],
-     ["3 problems with the flags", "--output_dir is empty", "--top_p 0.0", "--quant_bits: 3 is not one of 4, 8"]),
+     ["3 problems with the flags", "--output_dir is empty", "--top_p 0.0", "--quant_bits goes with --quant_method"]),
 ]
 
 
