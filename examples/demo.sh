@@ -58,6 +58,9 @@ PY
 echo; echo "== 6. tunesmith export --merge_lora true (a plain Hugging Face model directory)"
 tunesmith export --adapters "$DPO" --merge_lora true
 ls "$DPO-merged"
+echo "-- and for a laptop: a GGUF file (llama.cpp, LM Studio, Jan) with an Ollama Modelfile"
+tunesmith export --adapters "$DPO" --to_gguf true --gguf_quant q8_0 --to_ollama true
+ls "$DPO-gguf"
 
 echo; echo "== 7. tunesmith infer on the merged model (batch over a file; results as jsonl)"
 tunesmith infer --model "$DPO-merged" --val_dataset $QUESTIONS --max_new_tokens 12 --temperature 0 \

@@ -319,9 +319,9 @@ def export_stem(model: str, adapters: list[str]) -> str:
     """The file name stem of exported files: the base model's name, and the checkpoint's for adapters
     (Qwen2.5-0.5B-Instruct-checkpoint-50), as Ollama and LM Studio show it; for a full or merged checkpoint given
     as --model, the model its args.json names, then the folder (Qwen2.5-0.5B-Instruct-checkpoint-50-merged)."""
+    if adapters:  # the base's own stem: a full checkpoint as base is named with its model too
+        return f"{export_stem(model, [])}-{os.path.basename(os.path.normpath(adapters[0]))}"
     base = os.path.basename(os.path.normpath(model)) or "model"
-    if adapters:
-        return f"{base}-{os.path.basename(os.path.normpath(adapters[0]))}"
     saved = _read_json(os.path.join(model, "args.json")) if os.path.isdir(model) else {}
     origin = (saved.get("merged_from") or {}).get("model") or saved.get("model")
     origin = os.path.basename(os.path.normpath(origin)) if isinstance(origin, str) and origin else None
