@@ -37,7 +37,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=512, help="tokens in the row (all of them trained)")
-    ap.add_argument("--chunks", default="256,1024", help="larger chunk sizes (rows) to compare with the default")
+    ap.add_argument("--chunks", default="128,1024", help="larger chunk sizes (rows) to compare with the default")
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
 
@@ -46,7 +46,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from train_speed import SHAPES, Shape, build_shape_model
-    from tunesmith.train.ops.token_logps import CHUNK_FLOATS, ChunkedLogps
+    from tunesmith.train.ops.token_logps import ChunkedLogps, chunk_rows
 
     shape = Shape(**{**SHAPES["qwen2.5-0.5b"].__dict__, "layers": a.layers})
     with tempfile.TemporaryDirectory() as work:
@@ -73,8 +73,23 @@ def main() -> int:
     def chunked(chunk):
         def step():
             h = hidden.clone().requires_grad_()
-            logps, _, _, _ = ChunkedLogps.apply(h, weight, targets, chunk, False, None)
+            logps, _, _, _ = ChunkedLogps.apply(h, weight, targets, chunk, False, None, (True, False), False)
             logps.sum().backward()
+        return step
+
+    def recompute(chunk):
+        """The pre-#30 path: forward logits, then in backward the logits again and the hidden-state gradient."""
+        def step():
+            h = hidden.clone().requires_grad_()
+            with torch.no_grad():
+                lse = torch.cat([torch.logsumexp((h[s:s + chunk] @ weight.t()).float(), -1)
+                                 for s in range(0, n, chunk)])
+            grad = torch.empty_like(h)
+            for s in range(0, n, chunk):
+                logits = (h[s:s + chunk] @ weight.t()).float()
+                g = torch.exp(logits - lse[s:s + chunk, None]).neg_()
+                g.scatter_add_(-1, targets[s:s + chunk, None], torch.ones_like(g[:, :1]))
+                grad[s:s + chunk] = g @ weight
         return step
 
     def plain():
@@ -84,10 +99,12 @@ def main() -> int:
         logps.sum().backward()
 
     rows.append(("decoder (2 layers, LoRA), forward + backward", best_of(decoder_step, a.repeats), None))
-    default = max(1, CHUNK_FLOATS // shape.vocab)
+    default = chunk_rows(shape.vocab, shape.hidden)
     for chunk in [default, *(int(c) for c in a.chunks.split(",") if c)]:
         label = f"output layer, chunked by {chunk} rows" + (" (tunesmith's default)" if chunk == default else "")
         rows.append((label, best_of(chunked(chunk), a.repeats), min(chunk, n) * shape.vocab * 4))
+    rows.append((f"output layer, chunked by {default} rows, logits recomputed (before #30)",
+                 best_of(recompute(default), a.repeats), min(default, n) * shape.vocab * 4))
     rows.append(("output layer, plain [tokens x vocabulary] logits (the peers)", best_of(plain, a.repeats),
                  n * shape.vocab * 4))
     print(f"{'part':64s} {'seconds':>8s} {'tokens/s':>9s} {'largest logits MiB':>19s}")

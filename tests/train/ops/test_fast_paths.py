@@ -36,8 +36,7 @@ def _grads(model):
 @pytest.mark.parametrize("train_lm_head", [False, True])
 def test_chunked_logps_equal_plain_with_gradients(tiny_models, train_lm_head):
     from tunesmith.models.head import chunked_head
-    from tunesmith.train.ops.token_logps import token_logps, CHUNK_FLOATS
-    import tunesmith.train.ops.token_logps as tl
+    from tunesmith.train.ops.token_logps import token_logps
 
     model_dir = tiny_models("qwen2")
     tok, rows = _rows(model_dir)
@@ -47,18 +46,13 @@ def test_chunked_logps_equal_plain_with_gradients(tiny_models, train_lm_head):
         model.get_base_model().lm_head.weight.requires_grad_(True)
     assert chunked_head(model) is not None
     results = {}
-    old = tl.CHUNK_FLOATS
-    tl.CHUNK_FLOATS = 7 * model.get_base_model().lm_head.weight.shape[0]  # 7 tokens per chunk: many chunks
-    try:
-        for chunked in (False, True):
-            model.zero_grad(set_to_none=True)
-            out = token_logps(model, batch, chunked=chunked)
-            # an uneven upstream gradient per token (as DPO's per-sequence weights produce)
-            weights = torch.linspace(0.5, 2.0, out.logps.numel())
-            (-(out.logps * weights).sum()).backward()
-            results[chunked] = (out, _grads(model))
-    finally:
-        tl.CHUNK_FLOATS = old
+    for chunked in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = token_logps(model, batch, chunked=chunked, chunk=7)  # 7 tokens per chunk: many chunks
+        # an uneven upstream gradient per token (as DPO's per-sequence weights produce)
+        weights = torch.linspace(0.5, 2.0, out.logps.numel())
+        (-(out.logps * weights).sum()).backward()
+        results[chunked] = (out, _grads(model))
     (plain, gp), (fast, gf) = results[False], results[True]
     assert torch.allclose(plain.logps, fast.logps, atol=1e-5)
     assert torch.equal(plain.rows, fast.rows) and torch.equal(plain.correct, fast.correct)
@@ -68,7 +62,6 @@ def test_chunked_logps_equal_plain_with_gradients(tiny_models, train_lm_head):
     assert any("lm_head" in k or "embed_tokens" in k for k in gp) == train_lm_head
     for k in gp:
         assert torch.allclose(gp[k], gf[k], atol=1e-5, rtol=1e-4), k
-    assert CHUNK_FLOATS == tl.CHUNK_FLOATS
 
 
 def test_models_the_chunked_path_cannot_serve_use_the_plain_path(tiny_models):
@@ -324,15 +317,11 @@ def _step_largest(model, batch, chunk_rows=8):
     from tunesmith.models.load import unwrap_model
 
     vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
-    old, tl.CHUNK_FLOATS = tl.CHUNK_FLOATS, chunk_rows * vocab
-    try:
-        model.zero_grad(set_to_none=True)
-        with _Largest(vocab) as probe:
-            out = tl.token_logps(model, batch)
-            loss = -out.logps.sum() + (0.01 * out.aux_loss if out.aux_loss is not None else 0)
-            loss.backward()
-    finally:
-        tl.CHUNK_FLOATS = old
+    model.zero_grad(set_to_none=True)
+    with _Largest(vocab) as probe:
+        out = tl.token_logps(model, batch, chunk=chunk_rows)
+        loss = -out.logps.sum() + (0.01 * out.aux_loss if out.aux_loss is not None else 0)
+        loss.backward()
     return probe, out, _grads(model)
 
 
@@ -441,15 +430,11 @@ def _zero_worker(rank, model_dir, port, stage, result):
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
     batch = _long_batch(vocab, seed=rank)
     tokens = int((batch["labels"][:, 1:] != -100).sum())
-    old, tl.CHUNK_FLOATS = tl.CHUNK_FLOATS, 8 * vocab
-    try:
-        with _Largest(vocab) as probe:
-            out = tl.token_logps(engine, batch)
-            engine.backward(-out.logps.sum())
-        with torch.no_grad():
-            plain = tl.token_logps(engine, batch, chunked=False)
-    finally:
-        tl.CHUNK_FLOATS = old
+    with _Largest(vocab) as probe:
+        out = tl.token_logps(engine, batch, chunk=8)
+        engine.backward(-out.logps.sum())
+    with torch.no_grad():
+        plain = tl.token_logps(engine, batch, chunked=False)
     result[rank] = (probe.numel, tokens * vocab, float((out.logps.detach() - plain.logps).abs().max()))
 
 

@@ -21,7 +21,7 @@ def token_loss(model, batch: dict, aux_coef: float = 0.0) -> tuple[dict, dict]:
     this batch's trained tokens so that the step's loss per token stays a mean."""
     from tunesmith.train.ops.token_logps import token_logps
 
-    out = token_logps(model, batch)
+    out = token_logps(model, batch, summed=True)  # the loss is −Σ log p: one upstream gradient for every token
     loss_sum = -out.logps.sum()
     n = int(out.logps.numel())
     if aux_coef and out.aux_loss is not None:

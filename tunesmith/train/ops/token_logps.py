@@ -6,9 +6,10 @@ objectives call `token_logps`. Two exact paths:
 - plain: the model's own forward returns logits [batch, tokens, vocabulary]; only the trained positions are turned
   into float32 log-softmax.
 - chunked (used whenever the model allows it): the decoder returns its last hidden states, and only the trained
-  positions meet the output embedding, `chunk` tokens at a time, inside a custom autograd function that recomputes
-  each chunk's logits in the backward pass. No [tokens × vocabulary] tensor larger than one chunk ever exists,
-  forward or backward, and the prompt's positions never get logits at all.
+  positions meet the output embedding, `chunk` tokens at a time, inside a custom autograd function that takes each
+  chunk's gradient with respect to the hidden states while its logits exist (ChunkedLogps). No [tokens ×
+  vocabulary] tensor larger than one chunk ever exists, forward or backward, nothing is recomputed for a frozen
+  output layer, and the prompt's positions never get logits at all.
 
 Packed batches (several sequences in one row, `position_ids` restarting at 0) carry `seq_ids`, the sequence each
 position belongs to; the log-probs are attributed per sequence from it.
@@ -33,11 +34,22 @@ from tunesmith.data.encode import IGNORE
 from tunesmith.models.head import chunked_head, hidden_states_head, zero3_gather
 from tunesmith.models.load import unwrap_model
 
-# floats per chunk of logits: 2^25 × 4 bytes = 128 MiB whatever the vocabulary size (220 rows at Qwen's 151,936).
-# Each chunk reads the whole output weight, so a chunk must be large enough to pay for that read: at 27 rows
-# (16 MiB) the real-vocabulary head ran 2.2x slower than at 256 (bench/head_breakdown.py, RESULTS.md), while the
-# full logits of one 8,192-token gpt-oss row would be 6.6 GB
-CHUNK_FLOATS = 1 << 25
+# Rows per chunk of the output layer (see chunk_rows). Each chunk's products read the whole [V, H] output weight, so
+# a chunk must hold enough rows to pay for that read: at 27 rows (16 MiB of logits) the real-vocabulary head ran
+# 2.2x slower than at 256 (bench/head_breakdown.py, RESULTS.md). Below MIN_CHUNK_ROWS rows the ~10 operations per
+# chunk cost more than their arithmetic on small models; above MAX_CHUNK_FLOATS floats (256 MiB of float32 logits,
+# plus their gradient in place) a chunk stops paying for its memory.
+MIN_CHUNK_ROWS = 256
+MAX_CHUNK_FLOATS = 1 << 26
+
+
+def chunk_rows(vocab: int, hidden: int) -> int:
+    """Rows (tokens) per chunk of the chunked output layer for a [vocab, hidden] output weight.
+
+    hidden // 4 rows: a product then does hidden/4 multiply-adds per weight element it reads, and the chunk's
+    float32 logits are a quarter of the weight's size (224 rows for Qwen2.5-0.5B, 896 for 7B before the cap);
+    at least MIN_CHUNK_ROWS, and at most MAX_CHUNK_FLOATS // vocab (441 rows at Qwen's 151,936), at least 1."""
+    return max(1, min(max(hidden // 4, MIN_CHUNK_ROWS), MAX_CHUNK_FLOATS // vocab))
 
 
 @dataclass
@@ -59,62 +71,112 @@ def _entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return -(logp.exp().mul_(logp)).sum(-1)
 
 
+def _d_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d log p(t) / d logits = onehot(t) − softmax(logits), [n, V] float32, computed in place over `logits`."""
+    g = logits.sub_(lse[:, None]).exp_().neg_()
+    return g.scatter_add_(-1, targets[:, None], torch.ones_like(g[:, :1]))
+
+
 class ChunkedLogps(torch.autograd.Function):
-    """log softmax(h Wᵀ)[target] for rows of h, chunk by chunk, with the logits recomputed in backward; with
-    `entropy`, also each row's entropy from the same chunk's logits (no gradient; otherwise an empty tensor)."""
+    """log softmax(h Wᵀ)[target] for rows of h [N, H] and an output weight W [V, H], `chunk` rows at a time, with
+    the gradient taken in the forward pass (Liger's fused linear cross-entropy, Hsu et al. 2024, arXiv:2410.10989,
+    applied to per-token log-probs): log p_i depends on h_i alone, so d log p_i / d h_i = (onehot(t_i) − p_i) W is
+    an [H] vector per row, computed from the chunk's logits while they exist and kept ([N, H], the size of h);
+    backward only scales it by the upstream gradient. The logits are never recomputed and no [N, V] tensor exists:
+    two weight-sized products per chunk when W is frozen (LoRA), as the plain path pays.
+
+    A trained W needs Σ_i g_i (onehot(t_i) − p_i)ᵀ h_i, which depends on the upstream g_i. With `summed` (the
+    caller's loss is c·Σ_i log p_i, SFT's cross-entropy: one g for every row) it is accumulated in the forward as
+    well ([V, H] float32) and scaled in backward (three products, as the plain path); otherwise backward recomputes
+    each chunk's logits for it (four). With `entropy`, also each row's entropy from the same chunk's logits (no
+    gradient; otherwise an empty tensor). `grads` = (hidden needs a gradient, weight needs one), as seen by the
+    caller (inside forward autograd cannot tell a no_grad call)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, entropy: bool = False, gather=None):
-        ctx.gather = gather  # ZeRO-3: a context that gathers the partitioned weight, in forward and in backward
+    def forward(ctx, hidden, weight, targets, chunk: int, entropy: bool = False, gather=None,
+                grads: tuple = (False, False), summed: bool = False):
+        ctx.gather = gather  # ZeRO-3: a context that gathers the partitioned weight, for each product
         with gather() if gather is not None else contextlib.nullcontext():
-            return ChunkedLogps._forward(ctx, hidden, weight, targets, chunk, entropy)
+            return ChunkedLogps._forward(ctx, hidden, weight, targets, chunk, entropy, grads, summed)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, chunk: int, entropy: bool):
-        n = hidden.shape[0]
-        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    def _forward(ctx, hidden, weight, targets, chunk: int, entropy: bool, grads: tuple, summed: bool):
+        n, dev = hidden.shape[0], hidden.device
+        want_h, want_w = grads
+        weight_now = want_w and summed
+        logps = torch.empty(n, dtype=torch.float32, device=dev)
         lse = torch.empty_like(logps)
-        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        correct = torch.empty(n, dtype=torch.bool, device=dev)
         mean = torch.empty_like(logps)
-        ent = torch.empty(n if entropy else 0, dtype=torch.float32, device=hidden.device)
+        ent = torch.empty(n if entropy else 0, dtype=torch.float32, device=dev)
+        d_hidden = torch.empty(hidden.shape, dtype=weight.dtype, device=dev) if want_h else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if weight_now else None
         for s in range(0, n, chunk):
-            logits = (hidden[s:s + chunk] @ weight.t()).float()
-            lse[s:s + chunk] = torch.logsumexp(logits, -1)
-            t = targets[s:s + chunk]
-            logps[s:s + chunk] = logits.gather(-1, t[:, None]).squeeze(-1) - lse[s:s + chunk]
+            h, t = hidden[s:s + chunk], targets[s:s + chunk]
+            logits = (h @ weight.t()).float()
+            logps[s:s + chunk] = logits.gather(-1, t[:, None]).squeeze(-1)
             correct[s:s + chunk] = logits.argmax(-1) == t
             mean[s:s + chunk] = logits.mean(-1)
             if entropy:
+                lse[s:s + chunk] = torch.logsumexp(logits, -1)
                 ent[s:s + chunk] = _entropy(logits, lse[s:s + chunk])
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk = chunk
+                if want_h or weight_now:
+                    logits.sub_(lse[s:s + chunk, None]).exp_()  # softmax
+            else:  # logsumexp in place (max + log Σ exp(x − max), as torch.logsumexp): no second [chunk, V] tensor
+                top = logits.amax(-1, keepdim=True)
+                total = logits.sub_(top).exp_().sum(-1)
+                lse[s:s + chunk] = total.log() + top.squeeze(-1)
+                if want_h or weight_now:
+                    logits.div_(total[:, None])  # softmax
+            logps[s:s + chunk] -= lse[s:s + chunk]
+            if want_h or weight_now:
+                # d log p(t) / d logits = onehot(t) − softmax(logits), over the softmax in place
+                logits.neg_().scatter_add_(-1, t[:, None], torch.ones_like(logits[:, :1]))
+                if want_h:
+                    torch.matmul(logits.to(weight.dtype), weight, out=d_hidden[s:s + chunk])
+                if weight_now:
+                    d_weight.addmm_(logits.t(), h.float())
+            del logits  # before the next chunk's product: one chunk of logits alive at a time
+        ctx.want, ctx.summed, ctx.chunk = grads, summed, chunk
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        if want_w and not summed:  # backward recomputes the logits for the weight's gradient
+            ctx.save_for_backward(d_hidden, d_weight, hidden, weight, targets, lse)
+        else:
+            ctx.save_for_backward(d_hidden, d_weight)
         ctx.mark_non_differentiable(correct, mean, ent)
         return logps, correct, mean, ent
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_correct, _grad_mean, _grad_entropy):
-        with ctx.gather() if ctx.gather is not None else contextlib.nullcontext():
-            return ChunkedLogps._backward(ctx, grad_logps)
+        want_h, want_w = ctx.want
+        saved = ctx.saved_tensors
+        d_hidden, d_weight = saved[0], saved[1]
+        g = grad_logps.float()
+        grad_h = (d_hidden.float() * g[:, None]).to(ctx.hidden_dtype) if want_h else None
+        grad_w = None
+        if want_w and ctx.summed:
+            if g.numel() and not bool((g == g[0]).all()):
+                raise RuntimeError("ChunkedLogps(summed=True) got a different upstream gradient per token; "
+                                   "summed is only for losses of the form c * sum(log p)")
+            grad_w = d_weight * (g[0] if g.numel() else 0.0)
+        elif want_w:
+            with ctx.gather() if ctx.gather is not None else contextlib.nullcontext():
+                grad_w = ChunkedLogps._weight_grad(ctx, g, *saved[2:])
+        if grad_w is not None:
+            grad_w = grad_w.to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
 
     @staticmethod
-    def _backward(ctx, grad_logps):
-        hidden, weight, targets, lse = ctx.saved_tensors
+    def _weight_grad(ctx, g, hidden, weight, targets, lse):
+        """Σ_i g_i (onehot(t_i) − p_i)ᵀ h_i [V, H] float32, recomputing each chunk's logits."""
         chunk = ctx.chunk
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            logits = (h @ weight.t()).float()
-            g_out = grad_logps[s:s + chunk].float()
-            # d log p(t) / d logits = onehot(t) − softmax
-            g = torch.exp(logits - lse[s:s + chunk, None]).mul_(-g_out[:, None])
-            g.scatter_add_(-1, targets[s:s + chunk, None], g_out[:, None])
-            if want_h:
-                grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            if want_w:
-                grad_w += g.t() @ h.float()
-        return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None, None, None
+            d = _d_logits((h @ weight.t()).float(), lse[s:s + chunk], targets[s:s + chunk])
+            grad_w.addmm_(d.mul_(g[s:s + chunk, None]).t(), h.float())
+            del d
+        return grad_w
 
 
 SHARED_PREFIX_ATTENTION = ("sdpa", "eager")  # implementations that take an arbitrary 4D mask
@@ -185,13 +247,16 @@ def _inputs(batch: dict, model) -> dict:
 
 
 def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature: float = 1.0,
-                entropy: bool = False) -> TokenLogps:
+                entropy: bool = False, summed: bool = False, chunk: Optional[int] = None) -> TokenLogps:
     """Log-probs of every trained (label != -100) position of the batch; chunked unless told or unable.
     temperature: of the distribution the tokens were sampled from (GRPO): log softmax(logits / T), as TRL's and
     ms-swift's GRPOTrainer (the hidden state is divided, never the [V, H] output weight).
     entropy: also `TokenLogps.entropy` [N], H(softmax(logits / T)) in nats at each trained position, without
     gradient, from the same forward and still `chunk` rows at a time (GRPO's entropy metrics and
-    --top_entropy_quantile, TRL's entropy_from_logits); off, nothing extra is computed."""
+    --top_entropy_quantile, TRL's entropy_from_logits); off, nothing extra is computed.
+    summed: the caller's loss is c·Σ logps (SFT): a trained output layer's gradient is then taken in the forward
+    pass too (ChunkedLogps); a backward with per-token weights then raises RuntimeError.
+    chunk: rows per chunk of the output layer (default chunk_rows(vocab, hidden))."""
     labels = batch["labels"]
     b, t = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
     t = t + 1                                       # the trained positions, row-major
@@ -224,9 +289,10 @@ def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature:
         hidden = last[b, src]
         if temperature != 1.0:
             hidden = hidden / temperature
-        vocab = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
-        chunk = max(1, CHUNK_FLOATS // vocab)
-        logps, correct, mean, ent = ChunkedLogps.apply(hidden, weight, target, chunk, entropy, zero3_gather(weight))
+        vocab, width = weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape
+        grads = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
+        logps, correct, mean, ent = ChunkedLogps.apply(hidden, weight, target, chunk or chunk_rows(vocab, width),
+                                                       entropy, zero3_gather(weight), grads, summed)
         return TokenLogps(logps, rows, n_seq, correct, mean, aux, entropy=ent if entropy else None)
     out = model(**_inputs(batch, model))
     picked = out.logits[b, src].float() / temperature
@@ -236,7 +302,7 @@ def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature:
     with torch.no_grad():
         correct, mean = picked.argmax(-1) == target, picked.mean(-1)
         if entropy:
-            chunk = max(1, CHUNK_FLOATS // picked.shape[-1])
+            chunk = chunk or max(1, MAX_CHUNK_FLOATS // picked.shape[-1])
             ent = torch.cat([_entropy(picked[s:s + chunk], lse[s:s + chunk])
                              for s in range(0, picked.shape[0], chunk)]) if picked.shape[0] else lse.detach()
     return TokenLogps(logps, rows, n_seq, correct, mean, getattr(out, "aux_loss", None), ent)

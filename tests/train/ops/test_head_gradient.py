@@ -1,0 +1,146 @@
+"""The chunked output layer takes its gradient in the forward pass (ChunkedLogps): exact against the plain
+[tokens × vocabulary] computation in float32 — frozen and trained heads, tied and untied, one upstream gradient
+(SFT) and one per token (DPO, KTO, GRPO) — and it multiplies by the output weight only as often as the plain path."""
+import pytest
+import torch
+
+from tunesmith.train.ops import token_logps as tl
+
+
+def _plain(hidden, weight, targets):
+    logits = (hidden @ weight.t()).float()
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _case(n=37, h=16, v=53, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    targets = torch.randint(0, v, (n,), generator=g)
+    upstream = torch.rand(n, generator=g) + 0.5
+    return hidden, weight, targets, upstream
+
+
+@pytest.mark.parametrize("train_weight", [False, True])
+@pytest.mark.parametrize("summed", [False, True])
+@pytest.mark.parametrize("chunk", [1, 5, 37, 100])
+def test_gradients_equal_the_plain_computation(train_weight, summed, chunk):
+    hidden, weight, targets, upstream = _case()
+    if summed:
+        upstream = torch.full_like(upstream, -0.37)  # SFT: −1/tokens for every token
+    grads = {}
+    for name in ("plain", "chunked"):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(train_weight)
+        if name == "plain":
+            logps = _plain(h, w, targets)
+        else:
+            logps, *_ = tl.ChunkedLogps.apply(h, w, targets, chunk, False, None, (True, train_weight), summed)
+        (logps * upstream).sum().backward()
+        grads[name] = (logps.detach(), h.grad, w.grad)
+    (lp, hp, wp), (lc, hc, wc) = grads["plain"], grads["chunked"]
+    assert torch.allclose(lp, lc, atol=1e-5)
+    assert torch.allclose(hp, hc, atol=1e-5)
+    if train_weight:
+        assert torch.allclose(wp, wc, atol=1e-5)
+    else:
+        assert wc is None
+
+
+def test_summed_refuses_a_per_token_upstream_gradient():
+    hidden, weight, targets, upstream = _case()
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+    logps, *_ = tl.ChunkedLogps.apply(h, w, targets, 8, False, None, (True, True), True)
+    with pytest.raises(RuntimeError, match="summed"):
+        (logps * upstream).sum().backward()
+
+
+def _count_weight_products(fn):
+    """How many matrix products involving a [V, H]-sized operand run inside fn() (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("mm", "addmm", "addmm_", "matmul", "bmm"):
+                if any(isinstance(a, torch.Tensor) and 53 in a.shape and 16 in a.shape and a.numel() == 53 * 16
+                       for a in args):
+                    seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        fn()
+    return len(seen)
+
+
+@pytest.mark.parametrize("train_weight,summed,products", [
+    (False, False, 2),  # LoRA, any loss: logits + the hidden gradient (plain path: 2)
+    (True, True, 3),    # full fine-tuning, SFT: + the weight gradient, in the forward (plain path: 3)
+    (True, False, 4),   # full fine-tuning, DPO/KTO/GRPO: the weight gradient needs the upstream one (recompute)
+])
+def test_weight_sized_products_per_chunk(train_weight, summed, products):
+    hidden, weight, targets, upstream = _case(n=5)
+    h = hidden.requires_grad_(True)
+    w = weight.requires_grad_(train_weight)
+
+    def step():
+        logps, *_ = tl.ChunkedLogps.apply(h, w, targets, 5, False, None, (True, train_weight), summed)
+        (logps * (upstream[0] if summed else upstream)).sum().backward()
+
+    assert _count_weight_products(step) == products
+
+
+def test_no_gradient_work_under_no_grad():
+    hidden, weight, targets, _ = _case(n=5)
+    model_free = lambda: tl.ChunkedLogps.apply(hidden, weight, targets, 5, False, None, (False, False), False)  # noqa
+    assert _count_weight_products(model_free) == 1  # the reference model's log-probs: the logits only
+
+
+def test_chunk_rows_follow_the_hidden_size_and_bound_the_logits():
+    assert tl.chunk_rows(151_936, 896) == 256          # Qwen2.5-0.5B: hidden/4 = 224, raised to the floor
+    assert tl.chunk_rows(151_936, 3_584) == 441        # 7B: hidden/4 = 896, capped by 256 MiB of float32 logits
+    assert tl.chunk_rows(128_256, 4_096) == 523        # Llama 3 8B: capped
+    assert tl.chunk_rows(32_000, 8_192) == 2_048       # hidden/4
+    assert tl.chunk_rows(1_000, 64) == 256             # tiny: the floor
+    assert tl.chunk_rows(1 << 27, 4_096) == 1          # never 0
+    for vocab, hidden in ((151_936, 896), (151_936, 3_584), (262_144, 5_376)):
+        assert tl.chunk_rows(vocab, hidden) * vocab <= tl.MAX_CHUNK_FLOATS
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # a tied output layer, an untied one
+@pytest.mark.parametrize("train_type", ["lora", "full"])
+def test_sft_loss_gradients_equal_the_plain_path(tiny_models, family, train_type, monkeypatch):
+    """SFT's loss (summed=True: the output layer's gradient taken in the forward pass when it is trained) gives
+    every parameter the gradient of the plain [tokens × vocabulary] path, to 1e-5 in float32, chunk by chunk."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.train.methods.sft import token_loss
+
+    monkeypatch.setattr(tl, "chunk_rows", lambda vocab, hidden: 9)  # 66 trained tokens: 8 chunks
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models(family))
+    if train_type == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (2, 40), generator=g)
+    labels = ids.clone()
+    labels[:, :7] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    results = {}
+    for chunked in (False, True):
+        model.zero_grad(set_to_none=True)
+        if chunked:
+            loss = token_loss(model, batch)[0]["tokens"]
+        else:
+            loss = -tl.token_logps(model, batch, chunked=False).logps.sum()
+        (loss / 66).backward()
+        results[chunked] = (float(loss), {n: p.grad.clone() for n, p in model.named_parameters()
+                                          if p.grad is not None})
+    (lp, gp), (lc, gc) = results[False], results[True]
+    assert abs(lp - lc) < 1e-4 * abs(lp)
+    assert gp.keys() == gc.keys()
+    assert any("lm_head" in k or "embed_tokens" in k for k in gp) == (train_type == "full")
+    for k in gp:
+        assert torch.allclose(gp[k], gc[k], atol=1e-5, rtol=1e-4), k
