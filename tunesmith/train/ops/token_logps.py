@@ -121,17 +121,17 @@ class ChunkedLogps(torch.autograd.Function):
                 lse[s:s + chunk] = torch.logsumexp(logits, -1)
                 ent[s:s + chunk] = _entropy(logits, lse[s:s + chunk])
                 if want_h or weight_now:
-                    logits.sub_(lse[s:s + chunk, None]).exp_()  # softmax
+                    logits.sub_(lse[s:s + chunk, None]).exp_().neg_()  # −softmax
             else:  # logsumexp in place (max + log Σ exp(x − max), as torch.logsumexp): no second [chunk, V] tensor
                 top = logits.amax(-1, keepdim=True)
                 total = logits.sub_(top).exp_().sum(-1)
                 lse[s:s + chunk] = total.log() + top.squeeze(-1)
                 if want_h or weight_now:
-                    logits.div_(total[:, None])  # softmax
+                    logits.div_(total.neg_()[:, None])  # −softmax
             logps[s:s + chunk] -= lse[s:s + chunk]
             if want_h or weight_now:
-                # d log p(t) / d logits = onehot(t) − softmax(logits), over the softmax in place
-                logits.neg_().scatter_add_(-1, t[:, None], torch.ones_like(logits[:, :1]))
+                # d log p(t) / d logits = onehot(t) − softmax(logits), in place over −softmax
+                logits.scatter_add_(-1, t[:, None], torch.ones_like(logits[:, :1]))
                 if want_h:
                     torch.matmul(logits.to(weight.dtype), weight, out=d_hidden[s:s + chunk])
                 if weight_now:
