@@ -1,6 +1,8 @@
 """Serving under concurrent load: `tunesmith deploy` against ms-swift and `transformers serve`, in one run.
 
     python bench/serve_load.py --clients 64 --requests 2 --max-tokens 32
+    python bench/serve_load.py --clients 64,256 ...       # one load after the other, a table for each
+    python bench/serve_load.py --systems tunesmith --clients 8 --requests 1 --max-tokens 8   # a quick smoke run
     python bench/serve_load.py --make-swift-venv ...      # first creates bench/.venv-swift (ms-swift 4.6)
 
 Measures what a user of an OpenAI-compatible endpoint sees when many clients call it at once: C concurrent clients
@@ -23,11 +25,14 @@ does the same work per token. Built once per run in a temp dir and served by all
 
 Systems (each a subprocess on 127.0.0.1, started, polled on /v1/models until ready, loaded, then SIGTERM/SIGKILL;
 runs alternate A B C A B C over --repeats and the table reports each system's best run by tokens/s):
-- tunesmith: `python -m tunesmith deploy --model DIR --host 127.0.0.1 --port P --max_new_tokens N --temperature 0
-  --max_batch_size B` (main venv).
+- tunesmith: `python -m tunesmith deploy --model DIR --host 127.0.0.1 --port P --max_new_tokens N --temperature 0`
+  (main venv), with its default `--max_batch_size auto` (the rows in flight sized from the memory left after
+  loading; the table's note quotes the server's own start-up line saying what it chose), or `--max_batch_size B`
+  with `--max-batch-size B`.
 - ms-swift 4.6: `bench/.venv-swift/bin/swift deploy --model DIR --model_type qwen2 --template qwen2_5
-  --infer_backend transformers --max_batch_size B --max_new_tokens N --temperature 0 --torch_dtype float32
+  --infer_backend transformers --max_batch_size S --max_new_tokens N --temperature 0 --torch_dtype float32
   --host 127.0.0.1 --port P` (its own venv, made by bench/train_speed.py's make_swift_venv: it pins older libraries).
+  S is `--swift-max-batch-size`, 64 unless given: ms-swift's own default, 1, would serve one request at a time.
 - transformers serve: `transformers serve DIR --continuous-batching --device cpu --host 127.0.0.1 --port P`
   (main venv: its `[serving]` extra is fastapi/uvicorn/openai/pydantic/rich, all already there). Pinned to DIR,
   it answers only requests naming the model by that path.
@@ -91,12 +96,15 @@ def prompts(n: int, seed: int) -> list[str]:
 def commands(model: str, port, a) -> dict[str, tuple[list[str], str | None]]:
     """system -> (command, the model name requests must use; None = the first id of /v1/models)."""
     host = ["--host", "127.0.0.1", "--port", str(port)]
-    n, b = str(a.max_tokens), str(a.max_batch_size)
+    n = str(a.max_tokens)
+    # tunesmith with its default (auto) unless --max-batch-size is given; ms-swift with --swift-max-batch-size
+    ours = [] if getattr(a, "max_batch_size", None) is None else ["--max_batch_size", str(a.max_batch_size)]
+    swift = str(getattr(a, "swift_max_batch_size", 64))
     return {
         "tunesmith": ([sys.executable, "-m", "tunesmith", "deploy", "--model", model, *host, "--max_new_tokens", n,
-                       "--temperature", "0", "--max_batch_size", b], None),
+                       "--temperature", "0", *ours], None),
         "ms-swift": ([os.path.join(SWIFT_VENV, "bin", "swift"), "deploy", "--model", model, "--model_type", "qwen2",
-                      "--template", "qwen2_5", "--infer_backend", "transformers", "--max_batch_size", b,
+                      "--template", "qwen2_5", "--infer_backend", "transformers", "--max_batch_size", swift,
                       "--max_new_tokens", n, "--temperature", "0", "--torch_dtype", "float32", *host], None),
         "transformers": ([os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", model,
                           "--continuous-batching", "--device", "cpu", *host], model),
@@ -262,10 +270,20 @@ def serve_and_load(system: str, model: str, texts: list[str], a, work: str, rep:
         busy1, ours1 = cpu_seconds(proc.pid)
         other = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (res["wall_s"] * (os.cpu_count() or 1))
         return {**res, "other_cpu_pct": 100 * other, "startup_s": startup, "ready_rss_gib": ready_rss / 2 ** 30,
-                "peak_rss_gib": peak[0] / 2 ** 30, "log": log}
+                "peak_rss_gib": peak[0] / 2 ** 30, "log": log, "batch": batch_line(log)}
     finally:
         done.set()
         stop(proc)
+
+
+def batch_line(log: str):
+    """What tunesmith's server said at start about its batch ("batch: up to N sequences in flight (...)"), or None
+    (another system, or a log without the line)."""
+    with open(log, errors="replace") as fh:
+        for line in fh:
+            if "batch: up to" in line:
+                return line[line.index("batch: up to"):].strip()
+    return None
 
 
 def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
@@ -298,17 +316,61 @@ def table(best: dict, a, which: str) -> str:
         out.append(f"| {name} | {f(r['req_s'])} | {f(r['tok_s'], 1)} | {f(r['tok_per_req'], 1)} | {f(r['p50_s'])} | "
                    f"{f(r['p95_s'])} | {r['failures']} | {f(r['startup_s'], 1)} | {f(r['peak_rss_gib'])} | "
                    f"{f(r['other_cpu_pct'], 0)} |")
+    said = best.get("tunesmith", {}).get("batch")
+    if said:
+        out += ["", f"tunesmith's start-up line: {said}"]
     return "\n".join(out)
+
+
+def ratios_to_peers(best: dict) -> dict:
+    """tunesmith ÷ the best peer: tokens/s (higher is better) and p95 latency (lower is better); {} without both."""
+    t = best.get("tunesmith", {})
+    peers = {s: r for s, r in best.items() if s != "tunesmith" and "error" not in r and r["ok"]}
+    if "error" in t or not t.get("ok") or not peers:
+        return {}
+    top_tok = max(peers.items(), key=lambda kv: kv[1]["tok_s"])
+    top_p95 = min(peers.items(), key=lambda kv: kv[1]["p95_s"])
+    return {"tok_s": t["tok_s"] / top_tok[1]["tok_s"], "tok_s_peer": top_tok[0],
+            "p95": t["p95_s"] / top_p95[1]["p95_s"], "p95_peer": top_p95[0]}
+
+
+def run_load_for(clients: int, systems: list, model: str, a, work: str, stop_at: float) -> dict:
+    """One load (`clients` clients × --requests requests) on every system, alternating over --repeats; each
+    system's best run by tokens/s, and the ratios to the peers."""
+    load = argparse.Namespace(**{**vars(a), "clients": clients})
+    texts = prompts(clients * a.requests, seed=0)
+    runs: dict[str, list] = {s: [] for s in systems}
+    for rep in range(a.repeats):
+        for s in systems:
+            r = serve_and_load(s, model, texts, load, work, rep, stop_at)
+            runs[s].append(r)
+            if "error" in r:
+                print(f"{s} run {rep + 1}: {r['error']}; log {r['log']}\n{r['log_tail']}", file=sys.stderr)
+            else:
+                print(f"  {clients:4d} clients  {s:12s} run {rep + 1}: {r['tok_s']:7.1f} tok/s  {r['req_s']:6.2f} "
+                      f"req/s  p95 {r['p95_s'] or 0:.2f} s  failures {r['failures']}  peak RSS "
+                      f"{r['peak_rss_gib']:.2f} GiB  (other processes used {r['other_cpu_pct']:.0f}% of the CPUs)"
+                      + (f"  e.g. {r['errors'][0]}" if r["errors"] else ""), flush=True)
+    best = {}
+    for s, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        best[s] = max(ok, key=lambda r: r["tok_s"]) if ok else rs[0]
+    return {"clients": clients, "runs": runs, "best": best, "ratios": ratios_to_peers(best), "args": load}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--clients", default="64", help="concurrent clients; a comma list (64,256) runs one load after "
+                                                    "the other and reports each")
     ap.add_argument("--requests", type=int, default=2, help="sequential requests per client")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--max-batch-size", type=int, default=64, help="tunesmith's and ms-swift's --max_batch_size")
+    ap.add_argument("--max-batch-size", type=int, default=None,
+                    help="tunesmith's --max_batch_size (default: none given, its auto sizing)")
+    ap.add_argument("--swift-max-batch-size", type=int, default=64, help="ms-swift's --max_batch_size (its own "
+                                                                         "default, 1, serves one request at a time)")
     ap.add_argument("--stream-fraction", type=float, default=0.0, help="share of requests sent with stream=true")
-    ap.add_argument("--systems", default="tunesmith,ms-swift,transformers")
+    ap.add_argument("--systems", default="tunesmith,ms-swift,transformers",
+                    help="comma list of tunesmith, ms-swift, transformers")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -319,49 +381,37 @@ def main() -> int:
     ap.add_argument("--make-swift-venv", action="store_true", help="create bench/.venv-swift (ms-swift 4.6) first")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (model, server logs)")
     a = ap.parse_args()
+    try:
+        loads = [int(c) for c in a.clients.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--clients {a.clients}: expected a number or a comma list of numbers, such as 64,256")
+    systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in commands("DIR", "PORT", a)]
+    if unknown or not loads or min(loads) < 1:
+        ap.error(f"--systems {a.systems} / --clients {a.clients}: systems are tunesmith, ms-swift, transformers; "
+                 f"clients at least 1")
 
     stop_at = time.time() + a.deadline
     if a.make_swift_venv:
         make_swift_venv()
-    systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     if "ms-swift" in systems and not os.path.exists(os.path.join(SWIFT_VENV, "bin", "swift")):
         print("ms-swift: bench/.venv-swift does not exist (run with --make-swift-venv); skipped", file=sys.stderr)
         systems.remove("ms-swift")
     work = tempfile.mkdtemp(prefix="tunesmith-serve-")
     model = os.path.join(work, "model")
     which = build_model(model, a.hidden, a.layers)
-    texts = prompts(a.clients * a.requests, seed=0)
-    runs: dict[str, list] = {s: [] for s in systems}
-    for rep in range(a.repeats):
-        for s in systems:
-            r = serve_and_load(s, model, texts, a, work, rep, stop_at)
-            runs[s].append(r)
-            if "error" in r:
-                print(f"{s} run {rep + 1}: {r['error']}; log {r['log']}\n{r['log_tail']}", file=sys.stderr)
-            else:
-                print(f"  {s:12s} run {rep + 1}: {r['tok_s']:7.1f} tok/s  {r['req_s']:6.2f} req/s  p95 "
-                      f"{r['p95_s'] or 0:.2f} s  failures {r['failures']}  peak RSS {r['peak_rss_gib']:.2f} GiB  "
-                      f"(other processes used {r['other_cpu_pct']:.0f}% of the CPUs)"
-                      + (f"  e.g. {r['errors'][0]}" if r["errors"] else ""), flush=True)
-    best = {}
-    for s, rs in runs.items():
-        ok = [r for r in rs if "error" not in r]
-        best[s] = max(ok, key=lambda r: r["tok_s"]) if ok else rs[0]
-    print("\n" + table(best, a, which))
-    ratios, t = {}, best.get("tunesmith", {})
-    peers = {s: r for s, r in best.items() if s != "tunesmith" and "error" not in r and r["ok"]}
-    if "error" not in t and t.get("ok") and peers:
-        top_tok = max(peers.items(), key=lambda kv: kv[1]["tok_s"])
-        top_p95 = min(peers.items(), key=lambda kv: kv[1]["p95_s"])
-        ratios = {"tok_s": t["tok_s"] / top_tok[1]["tok_s"], "tok_s_peer": top_tok[0],
-                  "p95": t["p95_s"] / top_p95[1]["p95_s"], "p95_peer": top_p95[0]}
-        print(f"\ntunesmith / best peer: tokens/s x{ratios['tok_s']:.2f} (vs {top_tok[0]}), "
-              f"p95 latency x{ratios['p95']:.2f} (vs {top_p95[0]}; lower is better)")
+    results = [run_load_for(c, systems, model, a, work, stop_at) for c in loads]
+    for res in results:
+        print("\n" + table(res["best"], res["args"], which))
+        r = res["ratios"]
+        if r:
+            print(f"\n{res['clients']} clients: tunesmith / best peer: tokens/s x{r['tok_s']:.2f} (vs "
+                  f"{r['tok_s_peer']}), p95 latency x{r['p95']:.2f} (vs {r['p95_peer']}; lower is better)")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"args": vars(a), "tokenizer": which, "cpus": os.cpu_count(), "platform": platform.platform(),
-                       "commands": {s: commands("DIR", "PORT", a)[s][0] for s in systems}, "runs": runs, "best": best,
-                       "ratios": ratios, "best_by": "tokens/s"}, fh, indent=2)
+                       "commands": {s: commands("DIR", "PORT", a)[s][0] for s in systems}, "best_by": "tokens/s",
+                       "loads": [{k: v for k, v in res.items() if k != "args"} for res in results]}, fh, indent=2)
     if a.keep:
         print(f"work directory: {work}")
     else:

@@ -268,3 +268,67 @@ def test_chunked_greedy_head_equals_the_full_logits(monkeypatch):
     got = _Last(hidden=hidden).argmax(list(range(6)), (None, weight))
     assert got.tolist() == full.argmax(-1).tolist() and got[0] == 3
     assert torch.allclose(_Last(hidden=hidden).logits_of([1, 4], (None, weight)), full[[1, 4]], atol=1e-5)
+
+
+def _engine(tiny_models, **kw):
+    """A GenerationEngine over the tiny qwen2 model with no stop ids: every row runs to max_new_tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tunesmith.inference.engine import GenerationEngine
+
+    d = tiny_models("qwen2")
+    return GenerationEngine(AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d), [],
+                            max_model_len=512, **kw)
+
+
+def test_admission_stops_at_the_kv_budget_and_resumes_as_rows_finish(tiny_models):
+    """With a KV budget of 3 rows x 28 tokens, ten 12-token prompts with 16 new tokens each run 3 at a time (not 8,
+    the plan's rows), every one finishing, each equal to its lone run; a longer row counts every row at its length
+    (one of 44 tokens runs alone), and a budget of nothing runs one at a time."""
+    import dataclasses
+    from tunesmith.inference.engine import SamplingParams
+
+    alone_engine = _engine(tiny_models, max_batch_size=1)
+    params = SamplingParams(max_new_tokens=16)
+    prompts = [[20 + i] + list(range(30, 41)) for i in range(10)]  # 12 tokens each: 28 at their longest
+    alone = [alone_engine.generate([p], params)[0].token_ids for p in prompts]
+    per_token = alone_engine.plan.kv_bytes_per_token
+    plan = dataclasses.replace(alone_engine.plan, max_rows=8, kv_budget=3 * 28 * per_token)
+    engine = _engine(tiny_models, plan=plan)
+    try:
+        out = engine.generate(prompts, params)
+        assert engine.peak_rows == 3  # the budget stopped admission, below the 8 rows
+        assert [c.finish_reason for c in out] == ["length"] * 10 and [c.token_ids for c in out] == alone
+    finally:
+        engine.close()
+    engine = _engine(tiny_models, plan=plan)
+    try:
+        long = engine.submit(prompts[0], SamplingParams(max_new_tokens=32))  # 44 tokens: 2 x 44 > 3 x 28
+        short = [engine.submit(p, params) for p in prompts[1:3]]
+        assert long.result().finish_reason == "length" and [h.result().token_ids for h in short] == alone[1:3]
+        assert engine.peak_rows == 2  # the long row ran alone, then the two short ones together
+    finally:
+        engine.close()
+    engine = _engine(tiny_models, plan=dataclasses.replace(plan, kv_budget=0))
+    try:
+        assert [c.token_ids for c in engine.generate(prompts[:3], params)] == alone[:3] and engine.peak_rows == 1
+    finally:
+        engine.close()
+        alone_engine.close()
+
+
+def test_auto_batch_greedy_equals_alone_under_many_concurrent_requests(tiny_models):
+    """The default (--max_batch_size auto) takes all 24 concurrent requests into one batch on this model; each
+    greedy reply equals the reply to the request alone."""
+    from tunesmith.inference.chat import GenConfig
+
+    chat = _chat(tiny_models("qwen2"))
+    try:
+        plan = chat.engine.plan
+        assert plan.cap is None and plan.max_rows >= 24 and plan.kv_budget > 0
+        questions = [[{"role": "user", "content": f"question {i}: " + "word " * (i % 7)}] for i in range(24)]
+        cfg = GenConfig(max_new_tokens=10, temperature=0)
+        batched = [r.content for r in chat.generate(questions, cfg)]
+        assert chat.engine.peak_rows > 12  # rows did share the batch
+        assert batched == [chat.generate([q], cfg)[0].content for q in questions]
+    finally:
+        chat.close()

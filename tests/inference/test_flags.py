@@ -19,7 +19,9 @@ CASES = [
     (["deploy", "--max_request_bytes", "0"], ["--max_request_bytes 0: expected 1 <= max_request_bytes; the default "
                                               "is 8388608 (8 MiB)"]),
     (["deploy", "--max_logprobs", "-3"], ["--max_logprobs -3: expected 0 <= max_logprobs"]),
-    (["deploy", "--max_batch_size", "0"], ["--max_batch_size 0: expected 1 <= max_batch_size; or -1 for no limit"]),
+    (["deploy", "--max_batch_size", "0"], ["--max_batch_size 0: expected 1 <= max_batch_size; or auto (the default: "
+                                           "sized from memory), or -1 for no cap"]),
+    (["deploy", "--max_batch_size", "many"], ["--max_batch_size: expected auto or an integer, got 'many'"]),
     (["deploy", "--served_model_name", ""], ["--served_model_name is empty; clients send it as the model id"]),
     (["deploy", "--host", " "], ["--host is empty; give the address to listen on"]),
     (["deploy", "--ssl_keyfile", "key.pem"], ["--ssl_keyfile and --ssl_certfile go together",
@@ -32,7 +34,8 @@ CASES = [
     (["eval", "--eval_generation_config", '{"max_tokens": 0, "top_p": 2}'],
      ["--eval_generation_config max_tokens 0: expected 1 <= max_tokens",
       "--eval_generation_config top_p 2: expected 0 < top_p <= 1"]),
-    (["eval", "--max_batch_size", "-2", "--temperature", "-1"], ["--max_batch_size -2", "--temperature -1.0"]),
+    (["eval", "--max_batch_size", "-2", "--temperature", "-1"], ["--max_batch_size -2: expected 1 <= max_batch_size; "
+                                                                 "or -1 for no cap", "--temperature -1.0"]),
     (["infer", "--top_k", "-5", "--seed", "-1", "--stop_words", ""],
      ["--top_k -5: expected -1 <= top_k; 0 or -1 turn it off", "--seed -1: expected 0 <= seed <= 4294967295",
       "--stop_words holds an empty string"]),

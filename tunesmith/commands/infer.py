@@ -57,7 +57,10 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
     if args.stream and cfg.n > 1:
         raise ConfigError("--stream true prints one reply per row as it is generated; with --n 2 or more, drop "
                           "--stream (the replies are written under `choices`)")
-    window = max(64, 4 * max(1, args.max_batch_size))
+    # rows in flight: the flag's, else (auto, -1) the engine's choice, at most 256 (vLLM and SGLang choose theirs)
+    rows = args.max_batch_size if args.max_batch_size and args.max_batch_size > 0 else \
+        min(256, getattr(engine.engine, "max_batch_size", None) or 64)
+    window = max(64, 4 * rows)
     os.makedirs(os.path.dirname(os.path.abspath(result_path)), exist_ok=True)
     responses, golds = [], []
     written = 0

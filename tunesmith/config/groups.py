@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
-def _f(default=None, help: str = "", aliases: tuple = (), choices: tuple = (), secret: bool = False, list_default=None):
+def _f(default=None, help: str = "", aliases: tuple = (), choices: tuple = (), secret: bool = False, list_default=None,
+       auto: bool = False):
     """A flag: its default (list_default for lists), help text (ms-swift's meaning, units), other accepted names,
-    allowed values, and whether it is a secret (redacted in args.json). Shared with swift_compat and commands."""
-    meta = {"help": help, "aliases": aliases, "choices": choices, "secret": secret}
+    allowed values, whether it is a secret (redacted in args.json), and whether the word `auto` is accepted as a
+    value, meaning None: tunesmith chooses (the default of such a flag is None). Shared with swift_compat and
+    commands."""
+    meta = {"help": help, "aliases": aliases, "choices": choices, "secret": secret, "auto": auto}
     if list_default is not None:
         return field(default_factory=lambda: list(list_default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -400,8 +403,9 @@ class CheckpointArgs:
 class VllmArgs:
     """ms-swift's VllmArguments with its defaults (3.x names as aliases): the engine of `--infer_backend vllm` (infer,
     deploy, eval) and of GRPO's `--use_vllm` rollouts; tunesmith.inference.backends turns them into vLLM's kwargs."""
-    vllm_gpu_memory_utilization: float = _f(0.9, help="vLLM: fraction (0-1) of each GPU's memory for weights and "
-                                                      "KV cache.", aliases=("gpu_memory_utilization",))
+    vllm_gpu_memory_utilization: float = _f(0.9, help="Fraction (0-1) of each GPU's memory for weights and KV "
+                                                      "cache: vLLM's, and the built-in engine's automatic "
+                                                      "--max_batch_size.", aliases=("gpu_memory_utilization",))
     vllm_tensor_parallel_size: int = _f(1, help="vLLM: GPUs the model is split across.",
                                         aliases=("tensor_parallel_size",))
     vllm_pipeline_parallel_size: int = _f(1, help="vLLM: pipeline stages.", aliases=("pipeline_parallel_size",))
@@ -440,8 +444,11 @@ class InferBackendArgs(VllmArgs):
     infer_backend: str = _f("transformers", help="transformers (pt; built in), or vllm, sglang, lmdeploy (an NVIDIA "
                                                  "GPU and that package installed).",
                             choices=("pt", "transformers", "vllm", "sglang", "lmdeploy"))
-    max_batch_size: int = _f(32, help="Sequences generated together (continuous batching: new requests join between "
-                                      "decoding steps, finished ones leave). -1: no limit.")
+    max_batch_size: Optional[int] = _f(help="Sequences generated together (continuous batching: new requests join "
+                                            "between decoding steps, finished ones leave). auto (the default): as "
+                                            "many as memory holds, up to 256, each request joining only while the "
+                                            "batch's KV cache fits (docs/serving.md); N: at most N of them; -1: no "
+                                            "cap but memory.", auto=True)
     result_path: Optional[str] = _f(help="infer: the result jsonl. deploy: one jsonl line per finished request.")
     write_batch_size: int = _f(1000, help="ms-swift: rows per write of the result file. Compatibility only (see "
                                           "the table at the end).")

@@ -97,6 +97,7 @@ class _Field:
     choices: tuple
     help: str
     default: Any
+    auto: bool = False  # the word `auto` is accepted and means None (tunesmith chooses)
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +108,8 @@ def _fields(cls) -> dict[str, _Field]:
         inner, is_list = _unwrap(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        out[f.name] = _Field(f.name, inner, is_list, tuple(f.metadata.get("choices", ())), f.metadata.get("help", ""), default)
+        out[f.name] = _Field(f.name, inner, is_list, tuple(f.metadata.get("choices", ())), f.metadata.get("help", ""),
+                             default, bool(f.metadata.get("auto")))
     return out
 
 
@@ -174,7 +176,15 @@ def _set_value(cls, values: dict, name: str, raw: Any, source: str):
             if len(raw) != 1:
                 raise ArgError(f"{source}--{name} takes one value, got {len(raw)}: {' '.join(map(str, raw))}")
             raw = raw[0]
-        converted = _convert(name, spec.inner, raw, source)
+        if spec.auto and isinstance(raw, str) and raw.strip().lower() == "auto":
+            values[name] = None  # tunesmith chooses (the flag's help says how)
+            return
+        try:
+            converted = _convert(name, spec.inner, raw, source)
+        except ArgError:
+            if not spec.auto:
+                raise
+            raise ArgError(f"{source}--{name}: expected auto or an integer, got {raw!r}") from None
         converted = VALUE_ALIASES.get((name, converted), converted) if isinstance(converted, str) else converted
     if spec.choices:
         for v in (converted if spec.is_list else [converted]):
@@ -409,9 +419,10 @@ def format_help(command: str) -> str:
         if name in scoped:  # listed only in the compatibility table below
             continue
         tname = getattr(spec.inner, "__name__", str(spec.inner))
-        tname = f"{tname} ..." if spec.is_list else tname
+        tname = f"{tname} ..." if spec.is_list else f"{tname}|auto" if spec.auto else tname
         al = f" (also --{', --'.join(aliases[name])})" if name in aliases else ""
-        default = "" if spec.default in (None, [], "") else f" [default: {spec.default}]"
+        default = " [default: auto]" if spec.auto and spec.default is None else \
+            "" if spec.default in (None, [], "") else f" [default: {spec.default}]"
         choices = f" {{{','.join(map(str, spec.choices))}}}" if spec.choices else ""
         lines.append(f"  --{name} {tname}{choices}{al}{default}")
         if spec.help:

@@ -79,12 +79,15 @@ class ChatEngine:
     Thread-safe: every call may come from any thread; the engine's scheduler batches them."""
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, defaults: Optional[GenConfig] = None,
-                 max_model_len: Optional[int] = None, max_batch_size: int = 32,
-                 template_kwargs: Optional[dict] = None, engine=None, generation_config=None, config=None):
+                 max_model_len: Optional[int] = None, max_batch_size: Optional[int] = None,
+                 template_kwargs: Optional[dict] = None, engine=None, generation_config=None, config=None,
+                 gpu_memory_utilization: float = 0.9):
         """model: the loaded model, or None when `engine` is an accelerated engine (tunesmith.inference.backends) holding the
         weights; then `generation_config` (sampling defaults, eos ids) and `config` (context length) come from the
         checkpoint. engine: a pre-built object with GenerationEngine's interface (submit, generate, close,
-        stop_ids, max_model_len); None builds the GenerationEngine over `model`. max_model_len in tokens.
+        stop_ids, max_model_len); None builds the GenerationEngine over `model`, with `max_batch_size` (None: sized
+        from memory, see tunesmith.inference.budget; N: at most N rows; -1: no cap) and `gpu_memory_utilization`
+        (fraction 0-1 of a GPU's memory for weights and KV cache). max_model_len in tokens.
         Raises ValueError when neither a model nor an engine is given."""
         from tunesmith.data.encode import ChatEncoder
         from tunesmith.inference.engine import GenerationEngine
@@ -111,7 +114,8 @@ class ChatEngine:
             self.engine = engine
         else:
             self.engine = GenerationEngine(model, tokenizer, self.stop_ids, max_batch_size=max_batch_size,
-                                           max_model_len=self.max_model_len)
+                                           max_model_len=self.max_model_len,
+                                           gpu_memory_utilization=gpu_memory_utilization)
 
     @property
     def device(self):
@@ -384,16 +388,17 @@ def build_engine(args):
     model, tok, _ = load_for_inference(take(ModelConfig, args), plain, named, model_dir=model_dir)
     engine = ChatEngine(model, tok, system=args.system, defaults=GenConfig.from_args(args),
                         max_model_len=args.max_model_len, max_batch_size=batch,
-                        template_kwargs=template_kwargs(args))
+                        template_kwargs=template_kwargs(args),
+                        gpu_memory_utilization=args.vllm_gpu_memory_utilization)
     if args.seed is not None:
         import torch
         torch.manual_seed(args.seed)  # once: unseeded sampling is reproducible per run, not per request
-    note(f"generation: tunesmith continuous batching, up to {'all' if batch <= 0 else batch} sequences per step "
-         f"(--max_batch_size); stop tokens {engine.tok.convert_ids_to_tokens(engine.stop_ids)}")
+    note(f"generation: tunesmith continuous batching; {engine.engine.plan.describe()}")
+    note(f"generation: stop tokens {engine.tok.convert_ids_to_tokens(engine.stop_ids)}")
     return engine, args, ckpt, named
 
 
-def _build_backend_engine(args, batch: int):
+def _build_backend_engine(args, batch: Optional[int]):
     """build_engine for vLLM/SGLang/LMDeploy: only the tokenizer and configs are loaded here; the engine
     (tunesmith.inference.backends) loads the weights and adapters."""
     from tunesmith.inference.backends import ENGINES, NAMES, EngineModelInfo, check_backend, engine_adapters

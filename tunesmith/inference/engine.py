@@ -7,11 +7,14 @@ chat templates, reasoning and tool-call parsing in `tunesmith.inference.reply`; 
 loading in `tunesmith.models.load`. torch and transformers are imported inside the functions that use them, never at
 module level.
 
-How a step works. Requests wait in a queue. Between decoding steps the scheduler admits queued requests (up to
-`max_batch_size` rows in flight), prefills them as one left-padded batch, and appends their KV cache to the running
-batch's (left-padded to a common length: every row stays `[pads…, real tokens]`, so position ids and sliding
-windows are measured as in a lone run). Each step feeds every row its last token; a row that stops (stop token,
-stop string, `max_new_tokens`, or a cancelled handle) leaves the batch and its cache rows are dropped at once.
+How a step works. Requests wait in a queue. Between decoding steps the scheduler admits queued requests, in
+order, up to the plan's rows in flight and while the batch's KV cache, every row at its longest (prompt +
+max_new_tokens), fits the plan's budget (`tunesmith.inference.budget`: both sized from the memory left once the
+model is loaded; `--max_batch_size` caps the rows), prefills them as one left-padded batch, and appends their KV
+cache to the running batch's (left-padded to a common length: every row stays `[pads…, real tokens]`, so position
+ids and sliding windows are measured as in a lone run). Each step feeds every row its last token; a row that stops
+(stop token, stop string, `max_new_tokens`, or a cancelled handle) leaves the batch and its cache rows are dropped
+at once.
 Rows of different LoRA adapters share a batch through peft's per-row `adapter_names`.
 
 Why our own loop and not transformers' `ContinuousBatchingManager`: on CPU the paged-attention path measured
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional
 
 from tunesmith.errors import TunesmithError
+from tunesmith.inference.budget import BatchPlan, measure_memory, model_shape, plan_batch
 from tunesmith.inference.sampling import sample_token, seeded_generator, stop_string_hit
 
 # A prefill batch holds at most this many (padded) prompt tokens, so one huge prompt does not stall the batch
@@ -160,15 +164,28 @@ class GenerationEngine:
         tokenizer: decodes output tails for stop strings.
         stop_ids: token ids that end every sequence (the model's generation_config eos ids, the template's
             end-of-turn tokens).
-        max_batch_size: rows in flight at once (ms-swift's `--max_batch_size`; ≤ 0 means unbounded).
+        max_batch_size: ms-swift's `--max_batch_size`: None sizes the rows in flight from memory (up to 256);
+            N ≥ 1 caps them at N; ≤ 0 lifts the cap. Memory limits every one of them (`plan`).
         max_model_len: prompt + completion limit in tokens; `submit` raises `ValueError` past it.
+        gpu_memory_utilization: on CUDA, the fraction (0-1) of the GPU's memory that weights and KV cache may
+            take (`--gpu_memory_utilization`).
+        plan: the batch to run (a `budget.BatchPlan`); None sizes it now from `max_batch_size`, the model's shape
+            and the memory left once the weights loaded (`budget.plan_batch` over `budget.measure_memory`).
+
+    `plan` (a `budget.BatchPlan`) says what was chosen and why (`plan.describe()`); `max_batch_size` is its rows in
+    flight and `peak_rows` the most that were in flight at once so far.
     """
 
-    def __init__(self, model, tokenizer, stop_ids, max_batch_size: int = 32, max_model_len: int = 4096):
+    def __init__(self, model, tokenizer, stop_ids, max_batch_size: Optional[int] = None, max_model_len: int = 4096,
+                 gpu_memory_utilization: float = 0.9, plan: Optional[BatchPlan] = None):
         self.model, self.tok = model, tokenizer
         self.stop_ids = frozenset(int(i) for i in stop_ids if i is not None)
-        self.max_batch_size = max_batch_size if max_batch_size and max_batch_size > 0 else 1 << 30
         self.max_model_len = max_model_len
+        self.plan: BatchPlan = plan or plan_batch(model_shape(model), measure_memory(self.device,
+                                                                                     gpu_memory_utilization),
+                                                  max_batch_size, max_model_len, MAX_PREFILL_TOKENS)
+        self.max_batch_size = self.plan.max_rows
+        self.peak_rows = 0
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self._pending: collections.deque = collections.deque()
@@ -254,7 +271,8 @@ class GenerationEngine:
                     state = _Batch()
 
     def _admit(self, state) -> tuple[list[Handle], bool]:
-        """Wait until there is work; take queued handles that fit (rows, prefill tokens)."""
+        """Wait until there is work; take queued handles, in order, while they fit: rows in flight, the KV budget
+        (every row at its longest, `plan.fits`; a request alone always runs) and the prefill tokens."""
         with self._cv:
             while not self._pending and not state.rows and not self._closed:
                 self._cv.wait()
@@ -262,7 +280,8 @@ class GenerationEngine:
                 taken = list(self._pending)
                 self._pending.clear()
                 return taken, True
-            taken, longest = [], 0
+            taken, prompt_len = [], 0
+            final_len = max((_longest(r.handle) for r in state.rows), default=0)
             while self._pending and len(state.rows) + len(taken) < self.max_batch_size:
                 h = self._pending[0]
                 if h.cancelled:
@@ -270,12 +289,16 @@ class GenerationEngine:
                     continue
                 if h.params.num_beams > 1 and (taken or state.rows):
                     break  # beam search runs alone
-                longest = max(longest, len(h.prompt_ids))
-                if taken and longest * (len(taken) + 1) > MAX_PREFILL_TOKENS:
+                prompt_len = max(prompt_len, len(h.prompt_ids))
+                if taken and prompt_len * (len(taken) + 1) > MAX_PREFILL_TOKENS:
                     break
+                final_len = max(final_len, _longest(h))
+                if (taken or state.rows) and not self.plan.fits(len(state.rows) + len(taken) + 1, final_len):
+                    break  # waits until rows finish
                 taken.append(self._pending.popleft())
                 if h.params.num_beams > 1:
                     break
+            self.peak_rows = max(self.peak_rows, len(state.rows) + len(taken))
             return taken, False
 
     def _step(self, state: "_Batch", admitted: list[Handle]) -> None:
@@ -524,6 +547,11 @@ class _Batch:
             self.mask = self.mask[:, first:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+
+def _longest(handle: Handle) -> int:
+    """The most tokens a sequence can reach: prompt + max_new_tokens (which `submit` capped at the context)."""
+    return len(handle.prompt_ids) + handle.params.max_new_tokens
 
 
 def _non_finite_rows(rows: list[_Row], last: "_Last") -> set[int]:

@@ -88,10 +88,13 @@ _ENGINE_FRACTIONS = ("vllm_gpu_memory_utilization", "sglang_mem_fraction_static"
 
 
 def _backend_problems(args) -> list[str]:
-    """--max_batch_size (at least 1, or -1: no limit) and the vLLM/SGLang/LMDeploy counts and memory fractions."""
+    """--max_batch_size (auto, at least 1, or -1: no cap) and the vLLM/SGLang/LMDeploy counts and memory
+    fractions."""
     out: list[str] = []
-    if args.max_batch_size != -1:
-        between(out, "max_batch_size", args.max_batch_size, 1, None, hint="or -1 for no limit")
+    if args.max_batch_size not in (None, -1):
+        between(out, "max_batch_size", args.max_batch_size, 1, None,  # eval's is its own flag, without auto
+                hint="or -1 for no cap" if isinstance(args, EvalArgs) else
+                "or auto (the default: sized from memory), or -1 for no cap")
     values = flag_values(args)
     for name in _ENGINE_COUNTS:
         if values[name] is not None:

@@ -25,7 +25,7 @@ class FlagSpec:
     """One flag as a form field. kind: bool (a checkbox), tristate (unset/true/false: an Optional[bool]), choice
     (a drop-down of `choices`; "" is unset when the default is None), text (one value: numbers, names, paths),
     list (space-separated values, quoted as in a shell), dict (a JSON object). default_text: the default as the
-    form shows it ("" for None)."""
+    form shows it ("" for None; "auto" for a flag whose None means tunesmith chooses)."""
     name: str
     kind: str
     default: Any
@@ -86,8 +86,9 @@ def command_flags(command: str, fixed: tuple = ()) -> list[FlagSpec]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = tuple(f.metadata.get("choices", ()))
         kind = _kind(hints[f.name], default, choices)
-        out.append(FlagSpec(f.name, kind, default, as_text(default), choices, f.metadata.get("help", ""),
-                            owner.__name__))
+        # a flag that takes `auto` (None: tunesmith chooses) shows the word, which adds no flag when left as it is
+        shown = "auto" if f.metadata.get("auto") and default is None else as_text(default)
+        out.append(FlagSpec(f.name, kind, default, shown, choices, f.metadata.get("help", ""), owner.__name__))
     return sorted(out, key=lambda s: order[next(k for k in cls.__mro__ if k.__name__ == s.group)])
 
 
