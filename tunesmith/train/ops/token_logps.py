@@ -115,7 +115,8 @@ class ChunkedLogps(torch.autograd.Function):
             h, t = hidden[s:s + chunk], targets[s:s + chunk]
             logits = (h @ weight.t()).float()
             logps[s:s + chunk] = logits.gather(-1, t[:, None]).squeeze(-1)
-            correct[s:s + chunk] = logits.argmax(-1) == t
+            top, best = logits.max(-1, keepdim=True)  # one pass for the arg-max and logsumexp's shift
+            correct[s:s + chunk] = best.squeeze(-1) == t
             mean[s:s + chunk] = logits.mean(-1)
             if entropy:
                 lse[s:s + chunk] = torch.logsumexp(logits, -1)
@@ -123,7 +124,6 @@ class ChunkedLogps(torch.autograd.Function):
                 if want_h or weight_now:
                     logits.sub_(lse[s:s + chunk, None]).exp_().neg_()  # −softmax
             else:  # logsumexp in place (max + log Σ exp(x − max), as torch.logsumexp): no second [chunk, V] tensor
-                top = logits.amax(-1, keepdim=True)
                 total = logits.sub_(top).exp_().sum(-1)
                 lse[s:s + chunk] = total.log() + top.squeeze(-1)
                 if want_h or weight_now:
