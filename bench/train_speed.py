@@ -3,6 +3,7 @@
     python bench/train_speed.py --method sft --rows 256 --repeats 2                   # the small shape
     python bench/train_speed.py --method dpo --rows 128 --repeats 2
     python bench/train_speed.py --shape qwen2.5-0.5b --method both --rows 48 --max-length 512   # the real vocabulary
+    python bench/train_speed.py --method all --rows 64 --dpo-rows 32 --repeats 2    # SFT, DPO, KTO and reward model
 
 Shapes (random weights, fp32 on the CPU, the same model directory for every system):
 - `small`: a Qwen2-shaped model of 7.1M parameters (hidden 256, 4 layers, 16,384-row vocabulary) and
@@ -13,24 +14,42 @@ Shapes (random weights, fp32 on the CPU, the same model directory for every syst
   can run it. Here the output layer is most of the work, as it is for small models on a GPU: the [tokens x 151,936]
   logits cost 0.6 MB per token in fp32.
 
-The same data with a long-tailed length distribution (tens to ~1000 tokens, capped to fit --max-length), the same
-LoRA config (r 8, all-linear), about the same rows per optimiser step (4 x 4 for the peers) and one epoch. Each
-system runs in its own process, alternating (A B C A B C ...), so drift hits all alike. Every system is credited
-with the same token count: the dataset's tokens as tunesmith encodes them. Wall time includes process start,
-imports and model loading; "train s" is each trainer's own `train_runtime` (the loop only), read from its log.
-Peak RSS is the process tree's (both ranks for the two-process rows), sampled every 50 ms. Prints a table and the
+Methods (--method, comma-separated, or `both` = sft,dpo, `all` = sft,dpo,kto,rm):
+- sft: chat rows (`messages`), the loss on the reply.
+- dpo: preference pairs (`prompt`/`chosen`/`rejected`), beta 0.1, a reference (the base with the adapter off).
+- kto: single replies labelled desirable or not, in ms-swift's KTO format (`messages` + `"label": true|false`, half
+  of each), read as is by tunesmith and ms-swift; TRL's KTOTrainer gets them as prompt/completion/label. Beta 0.1,
+  weights 1, a reference, the KL estimate from mismatched pairs within each batch.
+- rm: the same kind of pairs as DPO, trained as a reward model: a one-output sequence-classification head
+  (`score`, trained in full next to the LoRA), Bradley-Terry loss, no reference. The output layer is hidden x 1,
+  so the vocabulary costs nothing here.
+tunesmith trains KTO and RM padded (4 x 4, as the peers): it has no packing for them.
+
+The same data with a long-tailed length distribution (tens to ~1000 tokens, replies capped so that every row fits
+--max-length for every system: see dataset_tokens), the same LoRA config (r 8, alpha 32, all-linear), about the same
+rows per optimiser step (4 x 4 for the peers) and one epoch. Each system runs in its own process, alternating
+(A B C A B C ...), so drift hits all alike. Every system is credited with the same token count: the dataset's tokens
+as tunesmith encodes them (KTO: the labelled replies, not the mismatched sequences of its KL term). Wall time
+includes process start, imports and model loading; "train s" is each trainer's own `train_runtime` (the loop only),
+read from its log.
+Peak RSS is the process tree's (both ranks for the two-process rows), sampled every 50 ms. Each run also records the
+share of the CPUs that other processes took meanwhile. Prints the library versions, a table per method and the
 ratios tunesmith/peer; --json writes them; RESULTS.md records them with the command.
 
 Systems (each at its best on a CPU):
-- tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (the default).
-- tunesmith-padded: the peers' exact batch (4 x 4), to show what packing adds.
+- tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (the default); KTO and RM
+  padded, 4 x 4 (no packing for them).
+- tunesmith-padded: the peers' exact batch (4 x 4), to show what packing adds (SFT and DPO: for KTO and RM it is
+  the same run as `tunesmith`, so it is skipped).
 - tunesmith-unshared (DPO): packed, --prefix_sharing false.
 - tunesmith-ddp2: packed, `torchrun --nproc_per_node 2` (gloo, one thread per rank), same rows per step.
 - tunesmith-zero3: the same two processes with `--deepspeed zero3`.
-- trl: TRL 1.x SFTTrainer/DPOTrainer (bench/peers/trl_train.py), padded (its padding-free/packing need flash
-  attention; TRL itself disables DPO padding_free on CPU), completion-only loss, the same LoRA.
-- ms-swift: `swift sft|rlhf` 4.6 from bench/.venv-swift (created by --make-swift-venv; it pins older
-  transformers/trl/peft), padded (its --packing refuses to run without flash attention).
+- trl: TRL 1.x SFTTrainer/DPOTrainer/KTOTrainer/RewardTrainer (bench/peers/trl_train.py), padded (its
+  padding-free/packing need flash attention; TRL itself disables DPO padding_free on CPU), completion-only loss,
+  the same LoRA (task SEQ_CLS for the reward model, which trains the score head in full).
+- ms-swift: `swift sft` / `swift rlhf --rlhf_type dpo|kto|rm` 4.6 from bench/.venv-swift (created by
+  --make-swift-venv; it pins older transformers/trl/peft), padded (its --packing refuses to run without flash
+  attention).
 """
 from __future__ import annotations
 
@@ -82,8 +101,8 @@ SHAPES = {
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What one measured process trains: method ("sft"/"dpo"), model directory, data file, output directory and
-    --max_length in tokens (per sequence; a DPO pair's chosen and rejected sides each)."""
+    """What one measured process trains: method ("sft"/"dpo"/"kto"/"rm"), model directory, data file, output
+    directory and --max_length in tokens (per sequence; a pair's chosen and rejected sides each)."""
     method: str
     model: str
     data: str
@@ -135,48 +154,86 @@ def model_params(shape: Shape) -> int:
     return shape.vocab * h + shape.layers * layer + h
 
 
+PAIRED = ("dpo", "rm")  # methods trained on preference pairs (two sequences per row)
+METHODS = ("sft", "dpo", "kto", "rm")
+METHOD_SETS = {"both": ("sft", "dpo"), "all": METHODS}
+
+
 def make_data(path: str, rows: int, method: str, seed: int = 0, prompt_words: int = 0, max_words: int = 700) -> None:
     """Chat rows whose reply lengths follow a log-normal (median ~60 words, long tail capped at `max_words`).
     Prompts are 5-40 words, or with prompt_words a log-normal of that median (multi-turn context, system prompts,
-    retrieved documents: where DPO prefix sharing matters)."""
+    retrieved documents: where DPO prefix sharing matters). SFT: `messages`. KTO: `messages` + `label`, ms-swift's
+    KTO format, alternately true and false (KTO learns from both). DPO and RM: `prompt`/`chosen`/`rejected`."""
     rng = random.Random(seed)
 
     def text(n):
         return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
 
     with open(path, "w", encoding="utf-8") as fh:
-        for _ in range(rows):
+        for i in range(rows):
             q = text(min(max_words, max(5, int(rng.lognormvariate(math.log(prompt_words), 0.7))))
                      if prompt_words else rng.randint(5, 40))
             n = min(max_words, max(8, int(rng.lognormvariate(math.log(60), 0.9))))
-            if method == "sft":
+            if method in ("sft", "kto"):
                 row = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": text(n)}]}
+                if method == "kto":
+                    row["label"] = i % 2 == 0
             else:
                 m = min(max_words, max(8, int(n * rng.uniform(0.6, 1.4))))
                 row = {"prompt": q, "chosen": text(n), "rejected": text(m)}
             fh.write(json.dumps(row) + "\n")
 
 
-def dataset_tokens(model: str, data: str, method: str, max_length: int) -> tuple[int, int]:
-    """(the tokens every system is credited with: the dataset as tunesmith's encoder renders it, rows longer than
-    max_length). Over-long rows would be dropped by tunesmith and ms-swift but truncated by TRL, so the data is
-    sized to have none; the count is printed to show it."""
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def swift_headroom(model: str) -> int:
+    """Tokens by which ms-swift's `qwen2_5` template can render a row longer than the tokenizer's own chat template
+    (which tunesmith and TRL use): ms-swift adds Qwen's default system prompt, the real Qwen2.5 template adds the
+    same one (0 here), tunesmith.testing's template a shorter one (the small shape)."""
     from transformers import AutoTokenizer
 
-    from tunesmith.data.encode import ChatEncoder
+    tok = AutoTokenizer.from_pretrained(model)
+    user = [{"role": "user", "content": "Hello."}]
+
+    def n(messages):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+    return max(0, n([{"role": "system", "content": QWEN_SYSTEM}, *user]) - n(user))
+
+
+def dataset_tokens(model: str, data: str, method: str, max_length: int, headroom: int = 0) -> tuple[int, int]:
+    """(the tokens every system is credited with: the dataset as tunesmith's encoder renders it, rows that might
+    not fit max_length). Over-long rows would be dropped by tunesmith and ms-swift but truncated by TRL, so the data
+    is sized to have none (main shrinks the replies until none is over). A row counts as over when its longest
+    sequence plus `headroom` (see swift_headroom) exceeds max_length; for KTO also when its prompt followed by the
+    longest reply of the data, or the longest prompt followed by its reply, would: KTO's KL term pairs each prompt
+    with another row's reply (ms-swift after shuffling, so any pair), and ms-swift drops a row whose mismatched
+    sequence is too long."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.encode import IGNORE, ChatEncoder
     from tunesmith.data.load import load_datasets
 
     enc = ChatEncoder(AutoTokenizer.from_pretrained(model), loss_scale="last_round")
-    total = over = 0
+    total = 0
+    longest, parts = [], []  # per row: its longest sequence; (prompt tokens, reply tokens) for KTO
     for rec in load_datasets([data]).records:
-        if method == "sft":
-            lengths = [len(enc.encode(rec).input_ids)]
+        if method not in PAIRED:  # sft, kto (one reply each; KTO's mismatched KL sequences are not credited)
+            e = enc.encode(rec)
+            lengths = [len(e.input_ids)]
+            if method == "kto":
+                p = next(i for i, x in enumerate(e.labels) if x != IGNORE)
+                parts.append((p, len(e.input_ids) - p))
         else:
             c, r = enc.encode_pair(rec)
             lengths = [len(c.input_ids), len(r.input_ids)]
         total += sum(lengths)
-        over += max(lengths) > max_length
-    return total, over
+        longest.append(max(lengths))
+    if parts:
+        max_p, max_r = max(p for p, _ in parts), max(r for _, r in parts)
+        longest = [max(n, p + max_r, max_p + r) for n, (p, r) in zip(longest, parts)]
+    return total, sum(n + headroom > max_length for n in longest)
 
 
 def train_runtime(log: str, out: str) -> Optional[float]:
@@ -237,19 +294,22 @@ def tunesmith_cmd(spec: RunSpec, packed: bool = True, shared: Optional[bool] = N
     """Packed: one packed row per micro-batch, accumulation chosen so that a step holds about as many rows as the
     peers' 4 x 4 (SFT: 2 packs of max_length tokens, about 14 rows at 1024; DPO: 3 packs of 2 x max_length, about
     18 pairs). With `world` processes the accumulation is divided by it, rounded up (DPO: 2 x 2 = 4 packs a step).
-    Padded: the peers' exact batch (4 x 4), for an apples-to-apples view of what packing adds."""
+    Padded: the peers' exact batch (4 x 4), for an apples-to-apples view of what packing adds; with `world`
+    processes 4 x 4/world each. KTO and RM are always padded (tunesmith refuses --packing for them)."""
     ml = spec.max_length
     common = ["--model", spec.model, "--dataset", spec.data, "--train_type", "lora", "--lora_rank", "8",
               "--lora_alpha", "32", "--target_modules", "all-linear", "--num_train_epochs", "1",
               "--max_length", str(ml), "--learning_rate", "1e-4", "--gradient_checkpointing", "false",
               "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--output_dir", spec.out,
               "--dataloader_num_workers", "0"]
+    if spec.method in ("kto", "rm"):
+        packed = False
     if packed:
         accumulation = math.ceil((2 if spec.method == "sft" else 3) / world)
         common += ["--packing", "true", "--per_device_train_batch_size", "1", "--packing_length",
                    str(ml if spec.method == "sft" else 2 * ml), "--gradient_accumulation_steps", str(accumulation)]
     else:
-        common += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4"]
+        common += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", str(math.ceil(4 / world))]
     if deepspeed:
         common += ["--deepspeed", deepspeed]
     if world > 1:
@@ -260,8 +320,8 @@ def tunesmith_cmd(spec: RunSpec, packed: bool = True, shared: Optional[bool] = N
         launch = [sys.executable, "-m", "tunesmith"]
     if spec.method == "sft":
         return [*launch, "sft", *common]
-    sharing = [] if shared is None else ["--prefix_sharing", str(shared).lower()]
-    return [*launch, "rlhf", "--rlhf_type", "dpo", *common, *sharing]
+    sharing = [] if shared is None or spec.method != "dpo" else ["--prefix_sharing", str(shared).lower()]
+    return [*launch, "rlhf", "--rlhf_type", spec.method, *common, *sharing]
 
 
 def tunesmith_padded_cmd(spec: RunSpec) -> list[str]:
@@ -294,10 +354,16 @@ def swift_cmd(spec: RunSpec) -> list[str]:
               "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4", "--num_train_epochs", "1",
               "--max_length", str(spec.max_length), "--learning_rate", "1e-4", "--gradient_checkpointing", "false",
               "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--output_dir", spec.out,
-              "--dataloader_num_workers", "0", "--torch_dtype", "float32", "--split_dataset_ratio", "0"]
+              "--dataloader_num_workers", "0", "--torch_dtype", "float32", "--split_dataset_ratio", "0",
+              # no ModelScope query for a newer version of the model (offline it retries ~7 s before training)
+              "--check_model", "false"]
     if spec.method == "sft":
         return [swift, "sft", *common]
-    return [swift, "rlhf", "--rlhf_type", "dpo", *common,
+    if spec.method == "kto":  # messages + label: ms-swift's own KTO format, no mapping
+        return [swift, "rlhf", "--rlhf_type", "kto", *common]
+    # DPO and RM pairs: prompt is ms-swift's query; chosen/rejected mapped to its response/rejected_response.
+    # --rlhf_type rm makes ms-swift load the model with --task_type seq_cls --num_labels 1 itself.
+    return [swift, "rlhf", "--rlhf_type", spec.method, *common,
             "--columns", json.dumps({"chosen": "response", "rejected": "rejected_response"})]
 
 
@@ -305,10 +371,63 @@ SYSTEMS: dict[str, Callable[[RunSpec], list[str]]] = {
     "tunesmith": tunesmith_cmd, "tunesmith-padded": tunesmith_padded_cmd, "tunesmith-unshared": tunesmith_unshared_cmd,
     "tunesmith-ddp2": tunesmith_ddp2_cmd, "tunesmith-zero3": tunesmith_zero3_cmd, "trl": trl_cmd, "ms-swift": swift_cmd,
 }
-DEFAULT_SYSTEMS = {  # shape -> systems run when --systems is not given (the DPO-only one is dropped for SFT)
+DEFAULT_SYSTEMS = {  # shape -> systems run when --systems is not given (pick_systems drops those that do not
+    # apply: tunesmith-unshared outside DPO, tunesmith-padded for KTO and RM)
     "small": "tunesmith,tunesmith-padded,tunesmith-unshared,trl,ms-swift",
     "qwen2.5-0.5b": "tunesmith,trl,ms-swift,tunesmith-ddp2,tunesmith-zero3",
 }
+
+
+VERSIONED = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed")
+
+
+def library_versions(swift: bool) -> dict[str, dict[str, str]]:
+    """{"tunesmith venv": {package: version}, "ms-swift venv": {...}} of the libraries each system trains with
+    (tunesmith and TRL share this interpreter; ms-swift runs from bench/.venv-swift with its own pins)."""
+    from importlib import metadata
+
+    def installed(names):
+        out = {}
+        for name in names:
+            try:
+                out[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                pass
+        return out
+
+    found = {"tunesmith venv": {"python": sys.version.split()[0], **installed(("tunesmith", *VERSIONED))}}
+    python = os.path.join(SWIFT_VENV, "bin", "python")
+    if swift and os.path.exists(python):
+        code = ("import json, sys; from importlib import metadata as m\n"
+                "out = {'python': sys.version.split()[0]}\n"
+                "for n in sys.argv[1:]:\n"
+                "    try: out[n] = m.version(n)\n"
+                "    except m.PackageNotFoundError: pass\n"
+                "print(json.dumps(out))")
+        try:
+            got = subprocess.run([python, "-c", code, "ms-swift", *VERSIONED], capture_output=True, text=True,
+                                 timeout=120, check=True)
+            found["ms-swift venv"] = json.loads(got.stdout)
+        except (subprocess.SubprocessError, ValueError) as e:
+            found["ms-swift venv"] = {"error": f"{type(e).__name__}: {e}"}
+    return found
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """`sft`, `dpo`, `kto`, `rm`, `both` (sft,dpo), `all` (all four), or a comma-separated list of these."""
+    picked: list[str] = []
+    for name in (n.strip() for n in text.split(",")):
+        if not name:
+            continue
+        for m in METHOD_SETS.get(name, (name,)):
+            if m not in METHODS:
+                raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from "
+                                                 f"{', '.join((*METHODS, *METHOD_SETS))}")
+            if m not in picked:
+                picked.append(m)
+    if not picked:
+        raise argparse.ArgumentTypeError("no method given")
+    return tuple(picked)
 
 
 def make_swift_venv() -> None:
@@ -329,6 +448,8 @@ def pick_systems(names: str, method: str) -> list[str]:
             raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
         if name == "tunesmith-unshared" and method != "dpo":
             continue
+        if name == "tunesmith-padded" and method in ("kto", "rm"):  # tunesmith trains these padded anyway
+            continue
         if name == "ms-swift" and not os.path.exists(os.path.join(SWIFT_VENV, "bin", "swift")):
             print("ms-swift: bench/.venv-swift does not exist (run with --make-swift-venv); skipped", file=sys.stderr)
             continue
@@ -340,10 +461,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
-    ap.add_argument("--method", choices=("sft", "dpo", "both"), default="sft")
-    ap.add_argument("--rows", type=int, default=256, help="rows (SFT) or pairs (DPO)")
-    ap.add_argument("--dpo-rows", type=int, default=None, help="pairs for DPO with --method both (default --rows)")
-    ap.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (DPO: per side)")
+    ap.add_argument("--method", type=parse_methods, default=("sft",),
+                    help="sft, dpo, kto, rm, both (= sft,dpo), all (= sft,dpo,kto,rm) or a comma-separated list")
+    ap.add_argument("--rows", type=int, default=256, help="rows (SFT, KTO) or pairs (DPO, RM)")
+    ap.add_argument("--dpo-rows", type=int, default=None, help="pairs for DPO (default --rows)")
+    ap.add_argument("--kto-rows", type=int, default=None, help="labelled replies for KTO (default --rows)")
+    ap.add_argument("--rm-rows", type=int, default=None, help="pairs for the reward model (default --dpo-rows, "
+                                                                "else --rows)")
+    ap.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (DPO, RM: per side)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--systems", default=None, help=f"comma-separated from: {', '.join(SYSTEMS)} "
                                                     "(default depends on --shape)")
@@ -369,20 +494,36 @@ def main() -> int:
     # Replies are capped so that every row fits max_length (the random words are ~1.1 tokens each).
     max_words = min(700, int(0.75 * a.max_length) - 40)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    methods = ("sft", "dpo") if a.method == "both" else (a.method,)
+    methods = a.method
+    headroom = swift_headroom(model)  # applied whatever --systems: the data depends only on the shape and sizes
+    rows_for = {"sft": a.rows, "dpo": a.dpo_rows or a.rows, "kto": a.kto_rows or a.rows,
+                "rm": a.rm_rows or a.dpo_rows or a.rows}
     setup = {method: {} for method in methods}
     for method in methods:
         data = os.path.join(work, f"{method}.jsonl")
-        rows = a.dpo_rows if method == "dpo" and a.dpo_rows else a.rows
-        make_data(data, rows, method, prompt_words=a.prompt_words, max_words=max_words)
-        tokens, over = dataset_tokens(model, data, method, a.max_length)
+        rows = rows_for[method]
+        systems = pick_systems(names, method)
+        words = max_words
+        while True:  # shorten the longest replies until every row fits (every system then trains every row)
+            make_data(data, rows, method, prompt_words=a.prompt_words, max_words=words)
+            tokens, over = dataset_tokens(model, data, method, a.max_length, headroom)
+            if not over or words <= 8:
+                break
+            words = max(8, int(words * 0.9))
+        if words != max_words:
+            print(f"{method}: replies capped at {words} words (not {max_words}) so that every row fits "
+                  f"--max-length {a.max_length}" + (f" with ms-swift's {headroom} more system-prompt tokens"
+                                                    if headroom else ""), file=sys.stderr)
         setup[method] = {"data": data, "rows": rows, "tokens": tokens, "over_max_length": over,
-                         "systems": pick_systems(names, method)}
+                         "max_reply_words": words, "systems": systems}
         if over:
             print(f"warning: {over} {method} rows exceed --max-length {a.max_length}", file=sys.stderr)
+    versions = library_versions(any("ms-swift" in setup[m]["systems"] for m in methods))
+    for where, found in versions.items():
+        print(f"{where}: " + ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
     results: dict[str, dict[str, list]] = {m: {n: [] for n in setup[m]["systems"]} for m in methods}
     for rep in range(a.repeats):
-        for method in methods:  # SFT then DPO within a round: both see the same drift
+        for method in methods:  # every method within a round: all see the same drift
             for name in setup[method]["systems"]:
                 out = os.path.join(work, f"{method}-{name}-{rep}")
                 spec = RunSpec(method, model, setup[method]["data"], out, a.max_length)
@@ -402,10 +543,12 @@ def main() -> int:
                       flush=True)
     params = model_params(shape)
     report = {"shape": asdict(shape), "params": params, "tokenizer": which_tok, "rows": a.rows,
-              "max_length": a.max_length, "repeats": a.repeats, "cpus": os.cpu_count(), "methods": {}}
+              "max_length": a.max_length, "repeats": a.repeats, "cpus": os.cpu_count(), "versions": versions,
+              "methods": {}}
     for method in methods:
         tokens = setup[method]["tokens"]
-        print(f"\n{method}: {setup[method]['rows']} rows, {tokens} dataset tokens, 1 epoch, LoRA r8 all-linear, "
+        unit = {"dpo": "pairs", "rm": "pairs", "kto": "labelled replies"}.get(method, "rows")
+        print(f"\n{method}: {setup[method]['rows']} {unit}, {tokens} dataset tokens, 1 epoch, LoRA r8 all-linear, "
               f"max_length {a.max_length}, model {a.shape} ({shape.layers} layers, {params / 1e6:.1f}M params, vocab "
               f"{shape.vocab}), {os.cpu_count()} CPUs")
         print(f"{'system':17s} {'wall s (best)':>14s} {'tok/s':>8s} {'train s':>8s} {'train tok/s':>12s} "
