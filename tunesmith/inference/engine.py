@@ -1,11 +1,11 @@
 """The generation engine: one scheduler thread owns the model and runs every generation (`infer`, `deploy`,
 `eval`, and later RL rollouts) as continuous batches.
 
-What lives here: token-level scheduling only — prompts in as token ids, token ids (and log-probs) out. A row's
-sampling (transformers' logits processors, seeded generators) and stop strings live in `tunesmith.inference.sampling`;
-chat templates, reasoning and tool-call parsing in `tunesmith.inference.reply`; HTTP in `tunesmith.serve`; model
-loading in `tunesmith.models.load`. torch and transformers are imported inside the functions that use them, never at
-module level.
+What lives here: token-level scheduling only — prompts in as token ids, token ids (and log-probs) out. Sampling
+(transformers' logits processors over the batch, each row's counter-based random draws) and stop strings live in
+`tunesmith.inference.sampling`; chat templates, reasoning and tool-call parsing in `tunesmith.inference.reply`;
+HTTP in `tunesmith.serve`; model loading in `tunesmith.models.load`. torch and transformers are imported inside the
+functions that use them, never at module level.
 
 How a step works. Requests wait in a queue. Between decoding steps the scheduler admits queued requests (up to
 `max_batch_size` rows in flight), prefills them as one left-padded batch, and appends their KV cache to the running
@@ -17,7 +17,8 @@ Rows of different LoRA adapters share a batch through peft's per-row `adapter_na
 Why our own loop and not transformers' `ContinuousBatchingManager`: on CPU the paged-attention path measured
 slower than plain batching (bench/RESULTS.md, `bench/serve_load.py`), and this loop gives per-row sampling
 settings, per-request seeds, per-step cancellation and log-probs. Greedy rows are exact against a lone run up to
-float summation order (tests/inference/test_engine.py compares token for token).
+float summation order (tests/inference/test_engine.py compares token for token), and so are seeded sampled rows:
+each row's random draws are keyed by its seed and token index, not by its place in the batch.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional
 
 from tunesmith.errors import TunesmithError
-from tunesmith.inference.sampling import sample_token, seeded_generator, stop_string_hit
+from tunesmith.inference.sampling import random_seed, sample_tokens, stop_string_hit
 
 # A prefill batch holds at most this many (padded) prompt tokens, so one huge prompt does not stall the batch
 # behind it for long and the prefill activations stay bounded; a single longer prompt still runs alone.
@@ -139,11 +140,11 @@ class Handle:
 class _Row:
     """A sequence in the running batch."""
 
-    def __init__(self, handle: Handle, generator):
+    def __init__(self, handle: Handle, seed: Optional[int]):
         self.handle, self.params = handle, handle.params
         self.generated: list[int] = []
         self.logprobs: Optional[list] = [] if (handle.params.logprobs or handle.params.top_logprobs) else None
-        self.generator = generator
+        self.seed = seed  # keys the row's random draws (sampling.row_uniform); None for beam search
         self.position = len(handle.prompt_ids)  # position id of the next token fed
         self.stop_ids = set(handle.params.stop_token_ids)
         self.finish: Optional[str] = None
@@ -309,7 +310,7 @@ class GenerationEngine:
         import torch
         from transformers import DynamicCache
 
-        rows = [_Row(h, seeded_generator(h.params.seed, self.device)) for h in handles]
+        rows = [_Row(h, h.params.seed if h.params.seed is not None else random_seed()) for h in handles]
         longest = max(len(h.prompt_ids) for h in handles)
         ids = torch.tensor([[self.pad_id] * (longest - len(h.prompt_ids)) + h.prompt_ids for h in handles],
                            device=self.device)
@@ -374,9 +375,15 @@ class GenerationEngine:
                 picks[i] = t
         if full:
             logits = last.logits_of(full, self._head)
-            for j, i in enumerate(full):
-                picks[i] = sample_token(logits[j], rows[i], self.pad_id)
-            need = [j for j, i in enumerate(full) if rows[i].logprobs is not None]
+            for i, t in zip(full, sample_tokens(logits, [rows[i] for i in full])):
+                if t is None:  # the processed logits overflowed: nothing to sample from
+                    rows[i].finish, rows[i].error = "error", NonFiniteOutput(
+                        f"the sampling weights of generated token {len(rows[i].generated) + 1} hold NaN or inf "
+                        f"(the logits overflow at temperature {rows[i].params.temperature:g})")
+                    broken.add(i)
+                else:
+                    picks[i] = t
+            need = [j for j, i in enumerate(full) if rows[i].logprobs is not None and i not in broken]
             if need:
                 logps = torch.log_softmax(logits[need], dim=-1)
                 for k, j in enumerate(need):
