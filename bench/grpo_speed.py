@@ -1,17 +1,20 @@
-"""GRPO speed and memory: tunesmith against TRL's GRPOTrainer, same model, data, reward and settings, in one run.
+"""GRPO speed and memory: tunesmith against TRL's GRPOTrainer and ms-swift's `swift rlhf --rlhf_type grpo`, same
+model, data, reward and settings, in one run.
 
     python bench/grpo_speed.py                       # full: 6 steps, hidden 512, 2 layers, 32 prompts
     python bench/grpo_speed.py --steps 6 --hidden 512 --layers 2 --prompts 32 --repeats 2
-    python bench/grpo_speed.py --smoke               # 2 steps, hidden 256, 2 layers, 16 prompts: checks both run
+    python bench/grpo_speed.py --smoke               # 2 steps, hidden 256, 2 layers, 16 prompts: checks all run
+    python bench/grpo_speed.py --smoke --systems tunesmith   # tunesmith alone
 
 What it measures, per system: the training part's wall time (each trainer's own `train_runtime`: from its loop's
 start to its end, generation included, model loading excluded), the seconds per step after the first (the first
 pays one-time warm-up), completion tokens generated per second of training (every completion token of every
 rollout / train_runtime), the generation engine's own rate (completion tokens / the time spent inside generation:
-tunesmith's `Rollouts._generate`, TRL's profiled `transformers.generate` block), tokens trained per second (prompt +
-completion tokens of every trained sequence, unpadded, each system's own count: tunesmith's per-step `tokens`, TRL's
-`num_tokens`), and the peak RSS and PSS of the process tree (sampled every 100 ms). Then the ratios tunesmith / TRL,
-and the mean reward of the first and last steps and the last step's KL, as a check that both really sample and train
+tunesmith's `Rollouts._generate`, TRL's profiled `transformers.generate` block, ms-swift's `_engine_infer` — the
+block it profiles as 'generate'), tokens trained per second (prompt + completion tokens of every trained sequence,
+unpadded, each system's own count: tunesmith's per-step `tokens`, TRL's `num_tokens`; ms-swift logs no such count,
+so its column is empty), and the peak RSS and PSS of the process tree (sampled every 100 ms). Then the ratios
+tunesmith / each peer, and the mean reward of the first and last steps and the last step's KL, as a check that both really sample and train
 (tunesmith logs the KL rounded to 6 decimals). Each run also reports the share of the CPUs other processes took while
 it ran ("other CPU"): on a shared 2-core machine torch's 2-thread ops slow down several-fold as soon as another
 process holds a core, so compare only runs where it is near 0.
@@ -24,16 +27,26 @@ How:
   2,048-token BPE; the output says which. Built once, saved to one directory both systems load.
 - The data: --prompts chat rows {"messages": [{"role": "user", ...}]} (8-30 seeded random words).
 - The reward: bench/peers/grpo_reward.py `e_share` (the share of a completion's characters that are 'e'), the same
-  function in both (tunesmith: `--reward_funcs grpo_reward.e_share` with bench/peers on PYTHONPATH).
-- The same settings in both: LoRA r 8 / alpha 32 / dropout 0 on all-linear, num_generations 4,
+  function in all three (tunesmith: `--reward_funcs grpo_reward.e_share` with bench/peers on PYTHONPATH; ms-swift:
+  the ORM plugin bench/peers/swift_grpo_plugin.py, `--external_plugins … --reward_funcs e_share`).
+- The same settings in all: LoRA r 8 / alpha 32 / dropout 0 on all-linear, num_generations 4,
   per_device_train_batch_size 8 completions (2 prompts a step), gradient_accumulation_steps 1, max_completion_length
   32, temperature 0.9, top_p 1, top_k off, beta 0.04 (the reference is the model with the adapter off, in both),
   loss_type grpo (TRL's default is dapo), learning rate 1e-4 linear without warm-up, weight decay 0, max_grad_norm 1,
   no gradient checkpointing, dropout off, seed 42, --steps optimiser steps, no checkpoints, no eval, fp32 on CPU.
+  (ms-swift spells top_k off as -1; TRL and tunesmith take 0.)
 - tunesmith: `python -m tunesmith rlhf --rlhf_type grpo ...` (through bench/peers/tunesmith_timed.py, which only adds
   a timer around rollout generation); metrics from its run directory's logging.jsonl.
 - TRL 0.29.1: bench/peers/trl_grpo.py in bench/.venv-swift (ms-swift 4.6's venv, which pins TRL 0.29.1 with
   transformers 5.19), `use_vllm=False`, `use_cpu=True`, `bf16=False`; metrics from its log history.
+- ms-swift 4.6: `swift rlhf --rlhf_type grpo` with its documented GRPO flags (--reward_funcs from --external_plugins,
+  --num_generations, --max_completion_length, --use_vllm false, --beta, --loss_type grpo, --temperature, the LoRA
+  flags; --model_type qwen2 --template qwen2_5 for the local model), in bench/.venv-swift, through
+  bench/peers/swift_grpo.py, which runs ms-swift's `rlhf_main` with a timer around generation added; metrics (each
+  step's `step_time`, the rewards, the KL, `train_runtime`) from its run directory's logging.jsonl. Skipped, with a
+  message, when bench/.venv-swift has no `swift` (python bench/train_speed.py --make-swift-venv makes it; ms-swift
+  4.6's RL trainers also need msgspec, which its requirements leave out: `bench/.venv-swift/bin/pip install
+  msgspec` in an older venv).
 - Each system runs in its own process, alternating over --repeats (A B A B), so machine drift hits both alike; the
   table keeps each system's fastest run (by train_runtime) and the highest peak memory.
 """
@@ -53,7 +66,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = os.path.join(HERE, "peers")
 SWIFT_VENV = os.path.join(HERE, ".venv-swift")
-TRL_PYTHON = os.path.join(SWIFT_VENV, "bin", "python")
+TRL_PYTHON = os.path.join(SWIFT_VENV, "bin", "python")  # TRL 0.29.1 comes with ms-swift 4.6 in the same venv
+SWIFT = os.path.join(SWIFT_VENV, "bin", "swift")
 VOCAB = 151936  # Qwen2.5's embedding rows (151,665 tokens padded to a multiple of 128)
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or has had "
          "not but one all their new first two been after who its also they other more time years into only over "
@@ -138,6 +152,24 @@ def trl_cmd(model, data, out, s) -> list[str]:
     return [TRL_PYTHON, os.path.join(PEERS, "trl_grpo.py"), model, data, out, path]
 
 
+def swift_cmd(model, data, out, s) -> list[str]:
+    """`swift rlhf --rlhf_type grpo` (through bench/peers/swift_grpo.py: the same call, timed) with the settings."""
+    return [TRL_PYTHON, os.path.join(PEERS, "swift_grpo.py"), out + ".times.json", "--rlhf_type", "grpo",
+            "--model", model, "--model_type", "qwen2", "--template", "qwen2_5", "--dataset", data,
+            "--split_dataset_ratio", "0", "--tuner_type", "lora",  # ms-swift 4.x's name for --train_type
+            "--lora_rank", str(s["lora_rank"]), "--lora_alpha", str(s["lora_alpha"]), "--lora_dropout", "0",
+            "--target_modules", "all-linear", "--external_plugins", os.path.join(PEERS, "swift_grpo_plugin.py"),
+            "--reward_funcs", "e_share", "--num_generations", str(s["num_generations"]),
+            "--per_device_train_batch_size", str(s["batch"]), "--gradient_accumulation_steps", "1",
+            "--max_completion_length", str(s["max_completion_length"]), "--use_vllm", "false",
+            "--temperature", str(s["temperature"]), "--top_p", "1.0", "--top_k", "-1", "--repetition_penalty", "1.0",
+            "--beta", str(s["beta"]), "--loss_type", "grpo", "--learning_rate", str(s["learning_rate"]),
+            "--lr_scheduler_type", "linear", "--warmup_ratio", "0", "--weight_decay", "0", "--max_grad_norm", "1",
+            "--max_steps", str(s["steps"]), "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+            "--gradient_checkpointing", "false", "--torch_dtype", "float32", "--seed", str(s["seed"]),
+            "--dataloader_num_workers", "0", "--output_dir", out]
+
+
 def _pss(pid: int) -> int:
     with open(f"/proc/{pid}/smaps_rollup") as fh:
         return sum(int(line.split()[1]) * 1024 for line in fh if line.startswith("Pss:"))
@@ -209,6 +241,64 @@ def parse_trl(out: str, batch: int) -> dict:
             "kl": steps[-1].get("kl"), "steps": len(steps)}
 
 
+def parse_swift(out: str, batch: int) -> dict:
+    runs = glob.glob(os.path.join(out, "**", "logging.jsonl"), recursive=True)
+    if not runs:
+        raise RuntimeError(f"no logging.jsonl under {out}")
+    recs = [json.loads(line) for line in open(runs[0], encoding="utf-8") if line.strip()]
+    steps = [r for r in recs if "reward" in r and "loss" in r]
+    summary = next(r for r in recs if "train_runtime" in r)
+    with open(out + ".times.json") as fh:
+        times = json.load(fh)
+    return {"train_s": summary["train_runtime"], "step_s": [r["step_time"] for r in steps],
+            "completion_tokens": sum(r["completions/mean_length"] * batch for r in steps), "tokens": None,
+            "rewards": [r["reward"] for r in steps], "generate_s": times["generate_s"] or 0.0,
+            "kl": steps[-1].get("kl"), "steps": len(steps)}
+
+
+def ratios(t: dict, p: dict, name: str) -> str:
+    """One line of tunesmith / peer ratios (time, speeds, memory)."""
+    trained = f"trained tok/s x{t['tps'] / p['tps']:.2f}, " if p["tps"] == p["tps"] else ""
+    return (f"tunesmith / {name}: train time x{t['train_s'] / p['train_s']:.2f} "
+            f"(speed-up x{p['train_s'] / t['train_s']:.2f}), s/step after the first x{t['later'] / p['later']:.2f}, "
+            f"completion tok/s x{t['compl_tps'] / p['compl_tps']:.2f}, "
+            f"generation tok/s x{t['gen_tps'] / p['gen_tps']:.2f}, {trained}"
+            f"peak RSS x{t['rss'] / p['rss']:.2f}, peak PSS x{t['pss'] / p['pss']:.2f}")
+
+
+def table(results: dict) -> dict:
+    """Print one row per system (its fastest run, the highest peak memory of its runs) and the ratios tunesmith /
+    each peer; returns {system: that run's figures}."""
+    cols = ("train s", "s/step", "s/step>1", "compl tok", "compl tok/s", "gen tok/s", "tok/s", "RSS GiB", "PSS GiB",
+            "reward 1st", "reward last", "kl last", "other CPU")
+    print(f"{'system':10s} " + " ".join(f"{c:>11s}" for c in cols))
+    best = {}
+    for name, runs in results.items():
+        ok = [r for r in runs if r]
+        if not ok:
+            print(f"{name:10s} failed")
+            continue
+        r = min(ok, key=lambda x: x["train_s"])
+        r["rss"], r["pss"] = max(x["rss"] for x in ok), max(x["pss"] for x in ok)
+        later = r["step_s"][1:]
+        r["later"] = sum(later) / len(later) if later else float("nan")
+        r["compl_tps"] = r["completion_tokens"] / r["train_s"]
+        r["gen_tps"] = r["completion_tokens"] / r["generate_s"] if r["generate_s"] else float("nan")
+        r["tps"] = r["tokens"] / r["train_s"] if r["tokens"] is not None else float("nan")
+        best[name] = r
+        kl = f"{r['kl']:.2e}" if r["kl"] is not None else "-"
+        vals = (f"{r['train_s']:.1f}", f"{r['train_s'] / r['steps']:.2f}", f"{r['later']:.2f}",
+                f"{r['completion_tokens']:.0f}", f"{r['compl_tps']:.1f}", f"{r['gen_tps']:.1f}",
+                f"{r['tps']:.0f}" if r["tps"] == r["tps"] else "-",
+                f"{r['rss']:.2f}", f"{r['pss']:.2f}", f"{r['rewards'][0]:.4f}", f"{r['rewards'][-1]:.4f}", kl,
+                f"{100 * r['other_cpu']:.0f}%")
+        print(f"{name:10s} " + " ".join(f"{v:>11s}" for v in vals))
+    for peer in ("trl", "ms-swift"):
+        if "tunesmith" in best and peer in best:
+            print(ratios(best["tunesmith"], best[peer], peer))
+    return best
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6)
@@ -218,19 +308,29 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="2 steps, hidden 256, 2 layers, 16 prompts, 1 repeat")
-    ap.add_argument("--systems", default="tunesmith,trl", help="comma-separated: tunesmith, trl")
+    ap.add_argument("--systems", default="tunesmith,trl,ms-swift", help="comma-separated: tunesmith, trl, ms-swift")
     ap.add_argument("--threads", type=int, default=0,
-                    help="OMP_NUM_THREADS for both systems (default: torch's own, one per core). On a busy shared "
+                    help="OMP_NUM_THREADS for every system (default: torch's own, one per core). On a busy shared "
                          "machine --threads 1 avoids 2-thread ops stalling on a core another process holds")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, run directories)")
     a = ap.parse_args()
     if a.smoke:
         a.steps, a.hidden, a.layers, a.prompts, a.repeats = 2, 256, 2, 16, 1
     names = [n.strip() for n in a.systems.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ("tunesmith", "trl", "ms-swift")]
+    if unknown:
+        ap.error(f"--systems: unknown {', '.join(unknown)} (tunesmith, trl, ms-swift)")
     if "trl" in names and not os.path.exists(TRL_PYTHON):
         print("trl: bench/.venv-swift does not exist (python bench/train_speed.py --make-swift-venv); skipped",
               file=sys.stderr)
         names.remove("trl")
+    if "ms-swift" in names and not os.path.exists(SWIFT):
+        print("ms-swift: bench/.venv-swift has no swift (python bench/train_speed.py --make-swift-venv); skipped",
+              file=sys.stderr)
+        names.remove("ms-swift")
+    if not names:
+        print("nothing left to run", file=sys.stderr)
+        return 1
 
     work = tempfile.mkdtemp(prefix="tunesmith-grpo-bench-")
     model = os.path.join(work, "model")
@@ -244,8 +344,9 @@ def main() -> int:
            "PYTHONPATH": os.pathsep.join(p for p in (PEERS, os.environ.get("PYTHONPATH")) if p)}
     if a.threads:
         env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-    makers = {"tunesmith": tunesmith_cmd, "trl": trl_cmd}
-    parsers = {"tunesmith": parse_tunesmith, "trl": parse_trl}
+    makers = {"tunesmith": tunesmith_cmd, "trl": trl_cmd, "ms-swift": swift_cmd}
+    parsers = {"tunesmith": parse_tunesmith, "trl": parse_trl, "ms-swift": parse_swift}
+
     results: dict[str, list] = {n: [] for n in names}
     for rep in range(a.repeats):
         for name in names:
@@ -275,36 +376,7 @@ def main() -> int:
           f"beta {s['beta']}, loss grpo, lr {a.lr:g}, {a.prompts} prompts, {os.cpu_count()} CPUs, "
           f"{'OMP_NUM_THREADS ' + str(a.threads) if a.threads else 'default torch threads'}")
     print(f"model: {described}")
-    cols = ("train s", "s/step", "s/step>1", "compl tok", "compl tok/s", "gen tok/s", "tok/s", "RSS GiB", "PSS GiB",
-            "reward 1st", "reward last", "kl last", "other CPU")
-    print(f"{'system':10s} " + " ".join(f"{c:>11s}" for c in cols))
-    best = {}
-    for name, runs in results.items():
-        ok = [r for r in runs if r]
-        if not ok:
-            print(f"{name:10s} failed")
-            continue
-        r = min(ok, key=lambda x: x["train_s"])
-        r["rss"], r["pss"] = max(x["rss"] for x in ok), max(x["pss"] for x in ok)
-        later = r["step_s"][1:]
-        r["later"] = sum(later) / len(later) if later else float("nan")
-        r["compl_tps"] = r["completion_tokens"] / r["train_s"]
-        r["gen_tps"] = r["completion_tokens"] / r["generate_s"] if r["generate_s"] else float("nan")
-        r["tps"] = r["tokens"] / r["train_s"]
-        best[name] = r
-        kl = f"{r['kl']:.2e}" if r["kl"] is not None else "-"
-        vals = (f"{r['train_s']:.1f}", f"{r['train_s'] / r['steps']:.2f}", f"{r['later']:.2f}",
-                f"{r['completion_tokens']:.0f}", f"{r['compl_tps']:.1f}", f"{r['gen_tps']:.1f}", f"{r['tps']:.0f}",
-                f"{r['rss']:.2f}", f"{r['pss']:.2f}", f"{r['rewards'][0]:.4f}", f"{r['rewards'][-1]:.4f}", kl,
-                f"{100 * r['other_cpu']:.0f}%")
-        print(f"{name:10s} " + " ".join(f"{v:>11s}" for v in vals))
-    if "tunesmith" in best and "trl" in best:
-        t, p = best["tunesmith"], best["trl"]
-        print(f"tunesmith / trl: train time x{t['train_s'] / p['train_s']:.2f} "
-              f"(speed-up x{p['train_s'] / t['train_s']:.2f}), s/step after the first x{t['later'] / p['later']:.2f}, "
-              f"completion tok/s x{t['compl_tps'] / p['compl_tps']:.2f}, "
-              f"generation tok/s x{t['gen_tps'] / p['gen_tps']:.2f}, trained tok/s x{t['tps'] / p['tps']:.2f}, "
-              f"peak RSS x{t['rss'] / p['rss']:.2f}, peak PSS x{t['pss'] / p['pss']:.2f}")
+    best = table(results)
     if a.keep:
         print(f"work directory: {work}")
     else:

@@ -436,7 +436,8 @@ def make_swift_venv() -> None:
     subprocess.run([sys.executable, "-m", "venv", SWIFT_VENV], check=True)
     pip = os.path.join(SWIFT_VENV, "bin", "pip")
     subprocess.run([pip, "install", "-q", "torch==2.13.0"], check=True)
-    subprocess.run([pip, "install", "-q", "ms-swift==4.6.0"], check=True)
+    # msgspec: ms-swift 4.6's RL trainers import it (swift/rlhf_trainers/utils.py) but its requirements do not name it
+    subprocess.run([pip, "install", "-q", "ms-swift==4.6.0", "msgspec"], check=True)
 
 
 def pick_systems(names: str, method: str) -> list[str]:

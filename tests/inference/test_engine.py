@@ -108,6 +108,28 @@ def test_n_logprobs_seed_and_stop(tiny_models):
         chat.close()
 
 
+def test_a_training_model_generates_in_eval_mode_and_is_given_back_in_training_mode(tiny_models):
+    """The engine runs every step in eval mode (dropout off); a model that was training (GRPO's policy) is put
+    back in training mode after each step, and one already in eval mode stays so."""
+    from tunesmith.inference.chat import GenConfig
+
+    chat = _chat(tiny_models("qwen2"))
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(mod.training)) for m in chat.model.modules()]
+    try:
+        cfg = GenConfig(max_new_tokens=4, temperature=0.7, seed=1)
+        for training in (True, False):
+            chat.model.train(training)
+            seen.clear()
+            chat.generate([Q[0], Q[1]], cfg)
+            assert seen and not any(seen)
+            assert chat.model.training is training and all(m.training is training for m in chat.model.modules())
+    finally:
+        for h in hooks:
+            h.remove()
+        chat.close()
+
+
 def test_gpt_oss_returns_the_final_channel_with_reasoning_apart(tiny_models):
     from tunesmith.inference.chat import GenConfig
 

@@ -1,11 +1,11 @@
 """The generation engine: one scheduler thread owns the model and runs every generation (`infer`, `deploy`,
 `eval`, and later RL rollouts) as continuous batches.
 
-What lives here: token-level scheduling only — prompts in as token ids, token ids (and log-probs) out. A row's
-sampling (transformers' logits processors, seeded generators) and stop strings live in `tunesmith.inference.sampling`;
-chat templates, reasoning and tool-call parsing in `tunesmith.inference.reply`; HTTP in `tunesmith.serve`; model
-loading in `tunesmith.models.load`. torch and transformers are imported inside the functions that use them, never at
-module level.
+What lives here: token-level scheduling only — prompts in as token ids, token ids (and log-probs) out. Sampling
+(transformers' logits processors over the batch, each row's counter-based random draws) and stop strings live in
+`tunesmith.inference.sampling`; chat templates, reasoning and tool-call parsing in `tunesmith.inference.reply`;
+HTTP in `tunesmith.serve`; model loading in `tunesmith.models.load`. torch and transformers are imported inside the
+functions that use them, never at module level.
 
 How a step works. Requests wait in a queue. Between decoding steps the scheduler admits queued requests, in
 order, up to the plan's rows in flight and while the batch's KV cache, every row at its longest (prompt +
@@ -20,7 +20,8 @@ Rows of different LoRA adapters share a batch through peft's per-row `adapter_na
 Why our own loop and not transformers' `ContinuousBatchingManager`: on CPU the paged-attention path measured
 slower than plain batching (bench/RESULTS.md, `bench/serve_load.py`), and this loop gives per-row sampling
 settings, per-request seeds, per-step cancellation and log-probs. Greedy rows are exact against a lone run up to
-float summation order (tests/inference/test_engine.py compares token for token).
+float summation order (tests/inference/test_engine.py compares token for token), and so are seeded sampled rows:
+each row's random draws are keyed by its seed and token index, not by its place in the batch.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from typing import Any, Iterator, Optional
 
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.budget import BatchPlan, measure_memory, model_shape, plan_batch
-from tunesmith.inference.sampling import sample_token, seeded_generator, stop_string_hit
+from tunesmith.inference.sampling import random_seed, sample_tokens, stop_string_hit
 
 # A prefill batch holds at most this many (padded) prompt tokens, so one huge prompt does not stall the batch
 # behind it for long and the prefill activations stay bounded; a single longer prompt still runs alone.
@@ -143,11 +144,11 @@ class Handle:
 class _Row:
     """A sequence in the running batch."""
 
-    def __init__(self, handle: Handle, generator):
+    def __init__(self, handle: Handle, seed: Optional[int]):
         self.handle, self.params = handle, handle.params
         self.generated: list[int] = []
         self.logprobs: Optional[list] = [] if (handle.params.logprobs or handle.params.top_logprobs) else None
-        self.generator = generator
+        self.seed = seed  # keys the row's random draws (sampling.row_uniform); None for beam search
         self.position = len(handle.prompt_ids)  # position id of the next token fed
         self.stop_ids = set(handle.params.stop_token_ids)
         self.finish: Optional[str] = None
@@ -199,6 +200,7 @@ class GenerationEngine:
         # real vocabulary (151,936) is most of a decoding step's memory traffic.
         self._head = chunked_head(model)
         self._cache_kw = _cache_keyword(model)
+        self._held: Optional[list] = None  # (handle, Completion) ended during the step in progress
 
     # -------------------------------------------------------------- public
 
@@ -304,8 +306,14 @@ class GenerationEngine:
     def _step(self, state: "_Batch", admitted: list[Handle]) -> None:
         import torch
 
+        # a step runs in eval mode, and a model in training mode is put back after it, before the step's
+        # completions are delivered (so a caller woken by one finds its model as it left it); switching walks every
+        # module (and transformers' kernel set-up): ~8 ms each way for a LoRA model, so a caller that generates
+        # many steps in a row from a training model (GRPO's rounds) switches once around them instead
         was_training = self.model.training
-        self.model.eval()
+        if was_training:
+            self.model.eval()
+        self._held = []
         try:
             state.drop([r for r in state.rows if r.handle.cancelled], self._end)
             if admitted and admitted[0].params.num_beams > 1:
@@ -326,13 +334,16 @@ class GenerationEngine:
         finally:
             if was_training:
                 self.model.train()
+            held, self._held = self._held, None
+            for handle, completion in held:
+                handle._finish(completion)
 
     def _prefill(self, state: "_Batch", handles: list[Handle]) -> None:
         """Run the new prompts as one left-padded batch, choose their first tokens, and join them to the batch."""
         import torch
         from transformers import DynamicCache
 
-        rows = [_Row(h, seeded_generator(h.params.seed, self.device)) for h in handles]
+        rows = [_Row(h, h.params.seed if h.params.seed is not None else random_seed()) for h in handles]
         longest = max(len(h.prompt_ids) for h in handles)
         ids = torch.tensor([[self.pad_id] * (longest - len(h.prompt_ids)) + h.prompt_ids for h in handles],
                            device=self.device)
@@ -397,9 +408,15 @@ class GenerationEngine:
                 picks[i] = t
         if full:
             logits = last.logits_of(full, self._head)
-            for j, i in enumerate(full):
-                picks[i] = sample_token(logits[j], rows[i], self.pad_id)
-            need = [j for j, i in enumerate(full) if rows[i].logprobs is not None]
+            for i, t in zip(full, sample_tokens(logits, [rows[i] for i in full])):
+                if t is None:  # the processed logits overflowed: nothing to sample from
+                    rows[i].finish, rows[i].error = "error", NonFiniteOutput(
+                        f"the sampling weights of generated token {len(rows[i].generated) + 1} hold NaN or inf "
+                        f"(the logits overflow at temperature {rows[i].params.temperature:g})")
+                    broken.add(i)
+                else:
+                    picks[i] = t
+            need = [j for j, i in enumerate(full) if rows[i].logprobs is not None and i not in broken]
             if need:
                 logps = torch.log_softmax(logits[need], dim=-1)
                 for k, j in enumerate(need):
@@ -433,9 +450,14 @@ class GenerationEngine:
         return False
 
     def _end(self, row: _Row, reason: Optional[str] = None) -> None:
+        """Finish a row's handle with its Completion; inside a step, once the step is over (`_step`)."""
         reason = reason or row.finish or "abort"
-        row.handle._finish(Completion(row.generated, reason, len(row.handle.prompt_ids), row.logprobs, row.stop_hit,
-                                      row.error if reason == "error" else None))
+        completion = Completion(row.generated, reason, len(row.handle.prompt_ids), row.logprobs, row.stop_hit,
+                                row.error if reason == "error" else None)
+        if self._held is not None:
+            self._held.append((row.handle, completion))
+        else:
+            row.handle._finish(completion)
 
     def _adapter_kwargs(self, rows: list[_Row]) -> dict:
         """peft's per-row adapter choice (mixed-batch LoRA inference); nothing when every row uses the model as

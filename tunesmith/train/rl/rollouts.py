@@ -401,18 +401,27 @@ class Rollouts:
 
     def _generate(self, ids: dict, seed: int, r: int) -> list:
         """G completions of each prompt ({j: token ids}, j its place in the round), all submitted at once (the
-        engine batches them), each with its own seed: the same completions whichever process generates them."""
+        engine batches them), each with its own seed: the same completions whichever process generates them (the
+        engine's draws are keyed by a row's seed and token index, not by its place in the batch:
+        inference/sampling.py). The policy is in eval mode for the round (dropout is off anyway)."""
         from tunesmith.inference.chat import GenConfig
 
         m, g = self.method, self.method.num_generations
         adapter = self.vllm.sync(self.weights) if self.vllm is not None else None
-        handles = []
-        for j, prompt in ids.items():
-            base = (seed * 1_000_003 + r * 65_537 + j * g) % (2 ** 31)
-            cfg = GenConfig(max_new_tokens=m.max_completion_length, temperature=m.temperature, top_p=m.top_p,
-                            top_k=m.top_k, repetition_penalty=m.repetition_penalty, seed=base)
-            handles += [self.chat.engine.submit(prompt, self.chat.sampling(cfg, k), adapter) for k in range(g)]
-        out = [h.result() for h in handles]
+        training = self.vllm is None and self.model.training
+        if training:  # once for the round, not at each of its decoding steps (the engine's rule)
+            self.model.eval()
+        try:
+            handles = []
+            for j, prompt in ids.items():
+                base = (seed * 1_000_003 + r * 65_537 + j * g) % (2 ** 31)
+                cfg = GenConfig(max_new_tokens=m.max_completion_length, temperature=m.temperature, top_p=m.top_p,
+                                top_k=m.top_k, repetition_penalty=m.repetition_penalty, seed=base)
+                handles += [self.chat.engine.submit(prompt, self.chat.sampling(cfg, k), adapter) for k in range(g)]
+            out = [h.result() for h in handles]
+        finally:
+            if training:
+                self.model.train()
         for c in out:
             if c.error is not None:
                 text = str(c.error).lower()
