@@ -74,13 +74,18 @@ def test_every_ms_swift_flag_parses_or_says_what_to_use(command):
 
 
 def test_flags_the_issue_names():
-    issue = {"use_galore": "GaLore", "lisa_activated_layers": "LISA", "push_to_hub": "upload",
+    issue = {"galore_quantization": "Q-GaLore", "push_to_hub": "upload",
              "vit_lr": "multimodal", "cached_dataset": "--dataset", "llamapro_num_new_blocks": "--train_type lora",
              "experts_impl": "experts_implementation"}
     for flag, hint in issue.items():
         with pytest.raises(ArgError, match=NOT_YET) as e:
             parse_args("sft", [f"--{flag}", "1"])
         assert hint in str(e.value), (flag, str(e.value))
+    # issue #32's training knobs are real flags now (tests/train/test_knobs.py shows each acting)
+    args = parse_args("sft", ["--use_galore", "true", "--lisa_activated_layers", "2", "--optimizer", "muon",
+                              "--neftune_noise_alpha", "5", "--lorap_lr_ratio", "16", "--group_by_length", "true",
+                              "--enable_dft_loss", "true", "--freeze_parameters", "lm_head"])
+    assert (args.use_galore, args.lisa_activated_layers, args.optimizer) == (True, 2, "muon")
     # GRPO's flags are real flags of rlhf now (#17); its vLLM tuning flags are errors in rlhf, real flags of infer
     args = parse_args("rlhf", ["--rlhf_type", "grpo", "--reward_funcs", "accuracy", "--num_generations", "4",
                                "--use_vllm", "true"])
