@@ -167,3 +167,12 @@ def test_unsupported_flags_set_to_their_off_value_are_accepted():
     assert args.rlhf_type == "grpo" and args.scale_rewards == "false"
     with pytest.raises(ArgError, match="does not support yet"):
         parse_args("rlhf", ["--async_generate", "true"])
+
+
+def test_count_of_flags_not_supported_yet():
+    """How many of ms-swift 4.6's flags each command still refuses as "not supported yet" (printed with -s); the
+    counts only go down (issue #32 took sft from 172 to 145, rlhf from 246 to 219)."""
+    counts = {c: sum(1 for f in TABLE[c] if (lambda k: k[0] == "error" and NOT_YET.search(k[1]))(_outcome(c, f)))
+              for c in COMMANDS}
+    print("ms-swift flags not supported yet:", counts)
+    assert counts["sft"] <= 145 and counts["rlhf"] <= 219

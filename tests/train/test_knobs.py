@@ -252,6 +252,14 @@ def test_neftune_noise_in_training_only(tiny_models, tmp_path):
     assert torch.equal(emb(ids), plain)
 
 
+@pytest.mark.slow
+def test_neftune_and_group_by_length_resume_exactly(tiny_models, data, tmp_path):
+    """NEFTune's noise comes from the RNG a checkpoint restores, and the length-grouped order from --seed and the
+    epoch: a resumed run draws the same noise and the same batches."""
+    assert_resume_is_exact(tiny_models("qwen2"), data, tmp_path, "--neftune_noise_alpha", "5", "--group_by_length",
+                           "true", steps=6)
+
+
 # ------------------------------------------------------------------ 7. partial full fine-tuning
 
 def test_freeze_ratio_counts_elements_from_the_bottom():
@@ -453,3 +461,26 @@ def test_channel_loss_is_logged_per_channel(tiny_models, tmp_path):
         assert step[f"loss_{c}"] == pytest.approx(sums[c] / counts[c], abs=2e-5), c
         assert f"eval_loss_{c}" in evals
     assert step["loss"] == pytest.approx(sum(sums.values()) / sum(counts.values()), abs=2e-5)
+
+
+def test_channels_follow_rows_through_padding_and_packing():
+    """Each sequence's `channel` rides in the batch (`channels`, by row or packed sequence id) and channel_stats
+    sums each channel's per-token loss and tokens over the sequences that token_logps says they belong to."""
+    from tunesmith.data.collate import PackedCollate, pad_collate
+    from tunesmith.data.encode import Encoded
+    from tunesmith.train.methods.sft import channel_stats
+
+    def enc(n, channel):
+        e = Encoded(list(range(3, 3 + n)), list(range(3, 3 + n)))
+        e.channel = channel
+        return e
+
+    assert "channels" not in pad_collate([enc(3, None), enc(2, None)], pad_id=0)
+    assert pad_collate([enc(3, "a"), enc(2, None)], pad_id=0)["channels"] == ["a", None]
+    packed = PackedCollate(0)([[enc(3, "a"), enc(2, "b")], [enc(4, "a")]])
+    assert packed["channels"] == ["a", "b", "a"] and packed["n_seq"] == 3
+    per_token = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    rows = torch.tensor([0, 0, 1, 2, 2, 2])
+    assert channel_stats(per_token, rows, packed["channels"]) == {
+        "channel_loss/a": 18.0, "channel_tokens/a": 5, "channel_loss/b": 3.0, "channel_tokens/b": 1}
+    assert channel_stats(per_token, rows, None) == {"channel_loss/None": 21.0, "channel_tokens/None": 6}
