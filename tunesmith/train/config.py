@@ -468,6 +468,8 @@ def _data_knob_problems(args) -> list[str]:
             "packed sequences are already filled to --packing_length" if args.packing else \
             "it draws a shuffled order (ms-swift requires shuffling too); drop --dataset_shuffle false"
         out.append(f"--group_by_length: {why}")
+    if isinstance(args, RLHFArguments) and args.rlhf_type == "grpo" and (probs or args.group_by_length):
+        out.append("--interleave_prob/--group_by_length: GRPO samples its prompts in rounds of its own; drop the flag")
     if isinstance(args, RLHFArguments) and (args.enable_dft_loss or args.enable_channel_loss):
         out.append(f"--enable_dft_loss/--enable_channel_loss change the SFT loss: they apply to tunesmith sft and pt, "
                    f"not to --rlhf_type {args.rlhf_type}")
