@@ -136,6 +136,7 @@ def _optim_slice(*flags):
 def test_galore_update_lies_in_the_rank_r_projection(tiny_models, data, tmp_path):
     """--use_galore --galore_rank 2 on the q_proj weights: their first update has rank 2 (it is P·Adam(PᵀG), P the
     top-2 singular vectors of the gradient), while an untargeted weight's AdamW update has full rank."""
+    pytest.importorskip("galore_torch")
     model_dir = tiny_models("qwen2")
     before = base_weights(model_dir)
     res = one_step(model_dir, data, tmp_path / "o", "--use_galore", "true", "--galore_rank", "2",
@@ -153,6 +154,7 @@ def test_galore_update_lies_in_the_rank_r_projection(tiny_models, data, tmp_path
 def test_galore_resume_keeps_the_projection(tiny_models, data, tmp_path):
     """The projection (recomputed every 3 steps) lives in the optimiser state: resumed at step 2, steps 3-4 use
     the step-1 projection, as the uninterrupted run does."""
+    pytest.importorskip("galore_torch")
     assert_resume_is_exact(tiny_models("qwen2"), data, tmp_path, "--use_galore", "true", "--galore_rank", "4",
                            "--galore_update_proj_gap", "3")
 

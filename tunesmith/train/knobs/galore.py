@@ -52,7 +52,7 @@ def galore_optimizer(model, optim):
     try:
         import galore_torch
     except ImportError:
-        raise TunesmithError("--use_galore needs galore-torch: pip install galore-torch") from None
+        raise TunesmithError("--use_galore needs galore-torch: pip install 'tunesmith[galore]'") from None
     targets = galore_targets(model, optim)
     if not targets:
         raise TunesmithError(f"--use_galore: no trainable Linear module matches --galore_target_modules "
