@@ -17,6 +17,8 @@ from tunesmith.log import note, rank, world_size
 # command -> (module, one-line description). The module's `main(args)` is also the Python API.
 COMMANDS = {
     "sft": ("tunesmith.commands.train", "supervised fine-tuning (LoRA, QLoRA, full)"),
+    "pt": ("tunesmith.commands.train", "continued pre-training on plain text: sft without a chat template, every "
+                                       "token trained"),
     "rlhf": ("tunesmith.commands.train", "preference training: DPO and its variants, CPO, SimPO, ORPO, KTO"),
     "dpo": ("tunesmith.commands.train", "short for `rlhf --rlhf_type dpo`"),
     "infer": ("tunesmith.commands.infer", "chat with a model or checkpoint, or infer over a dataset"),
@@ -32,9 +34,7 @@ COMMANDS = {
 }
 
 # ms-swift commands that tunesmith will provide but does not yet: a clear message instead of "unknown command".
-PLANNED = {
-    "pt": "continued pre-training",
-}
+PLANNED: dict = {}
 # what to use meanwhile
 PLANNED_INSTEAD: dict = {}
 
@@ -48,7 +48,7 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-TRAINING = ("sft", "rlhf", "dpo")
+TRAINING = ("sft", "pt", "rlhf", "dpo")
 # their value checks also report the deferred flag problems
 DEFERRED = (*TRAINING, "infer", "deploy", "export", "eval", "web-ui", "app")
 

@@ -1,4 +1,4 @@
-"""`tunesmith sft`, `tunesmith rlhf` and `tunesmith dpo`: the training commands. The story of a run is
+"""`tunesmith sft`, `tunesmith pt`, `tunesmith rlhf` and `tunesmith dpo`: the training commands. The story of a run is
 tunesmith.train.recipe; this is the command's entry point that the CLI imports."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from tunesmith.train import recipe
 
 
 def main(args):
-    """Train as the parsed command says (sft, or rlhf/dpo with its --rlhf_type); returns the exit code."""
+    """Train as the parsed command says (sft or pt, or rlhf/dpo with its --rlhf_type); returns the exit code."""
     return recipe.main(args)
 
 

@@ -4,8 +4,8 @@ frozen dataclass composed of its groups, so a parsed command is immutable and `i
 what it has.
 
     command     groups                                                        compatibility only
-    sft         Model Quant Template Data Tuner Track Output Optim Dist       SwiftCompat TrainerCompat
-                                                                              TrainGenerationCompat
+    sft, pt     Model Quant Template Data Tuner Track Output Optim Dist       SwiftCompat TrainerCompat
+                ModelKnob OptimKnob (pt: no chat template, loss_scale all)    TrainGenerationCompat
     rlhf, dpo   sft's, and RLHF GRPO Vllm                                     sft's
     infer       Generation InferBackend(Vllm) Checkpoint Model Quant          SwiftCompat
                 Template Data
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from tunesmith.config.groups import (CheckpointArgs, DataArgs, DeployServerArgs, DistArgs, EvalArgs, ExportOutputArgs,
-                                     GenerationArgs, GRPOArgs, InferBackendArgs, ModelArgs, OptimArgs, OutputArgs,
-                                     QuantArgs, RLHFArgs, TemplateArgs, TrackArgs, TunerArgs, VllmArgs, _f)
+                                     GenerationArgs, GRPOArgs, InferBackendArgs, ModelArgs, ModelKnobArgs, OptimArgs,
+                                     OptimKnobArgs, OutputArgs, QuantArgs, RLHFArgs, TemplateArgs, TrackArgs, TunerArgs,
+                                     VllmArgs, _f)
 from tunesmith.config.groups import AppArgs, UIServerArgs, WebUIFolderArgs  # web-ui and app
 from tunesmith.config.swift_compat import (EvalServerCompatArgs, SwiftCompatArgs, TrainerCompatArgs,
                                            TrainGenerationCompatArgs)
@@ -37,8 +38,20 @@ from tunesmith.config.swift_compat import (EvalServerCompatArgs, SwiftCompatArgs
 
 @dataclass(frozen=True)
 class SftArguments(ModelArgs, QuantArgs, TemplateArgs, DataArgs, TunerArgs, TrackArgs, OutputArgs, OptimArgs,
-                   DistArgs, SwiftCompatArgs, TrainerCompatArgs, TrainGenerationCompatArgs):
+                   DistArgs, ModelKnobArgs, OptimKnobArgs, SwiftCompatArgs, TrainerCompatArgs,
+                   TrainGenerationCompatArgs):
     """`tunesmith sft`."""
+
+
+@dataclass(frozen=True)
+class PretrainArguments(SftArguments):
+    """`tunesmith pt`: continued pre-training. sft with ms-swift's PretrainArguments defaults: plain text, no chat
+    template, every token trained."""
+    use_chat_template: bool = _f(False, help="Render rows with the chat template. pt's default false: each row's "
+                                             "text (a .txt line, a `text` field, or a conversation's contents "
+                                             "joined) with the tokenizer's own BOS and an EOS, as ms-swift pt.")
+    loss_scale: Optional[str] = _f("all", help="pt's default all: every token is trained (default, last_round: "
+                                               "only the replies of chat rows).")
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,8 @@ class AppArguments(UIServerArgs, AppArgs, DeployArguments):
     """`tunesmith app`: the chat page alone, for one model or checkpoint."""
 
 
-COMMAND_ARGS = {"sft": SftArguments, "data": DataCommandArguments, "rlhf": RLHFArguments, "dpo": RLHFArguments,
+COMMAND_ARGS = {"sft": SftArguments, "pt": PretrainArguments, "data": DataCommandArguments, "rlhf": RLHFArguments,
+                "dpo": RLHFArguments,
                 "infer": InferArguments, "deploy": DeployArguments, "export": ExportArguments,
                 "report": ReportArguments, "eval": EvalArguments}
 COMMAND_ARGS.update({"web-ui": WebUIArguments, "app": AppArguments})

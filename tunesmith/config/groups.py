@@ -112,6 +112,14 @@ class DataArgs:
     model_author: List[str] = _f(help="Only for swift/self-cognition data ({{AUTHOR}}).", list_default=[])
     lazy_tokenize: Optional[bool] = _f(help="ms-swift: tokenise rows when a batch needs them. Compatibility only "
                                             "(see the table at the end).")
+    interleave_prob: List[float] = _f(help="Several --dataset: draw rows from them at random with these "
+                                           "probabilities (one per dataset, summing to 1), seeded by --data_seed, as "
+                                           "datasets' interleave_datasets; default: concatenate them.",
+                                      list_default=[])
+    stopping_strategy: str = _f("first_exhausted", help="--interleave_prob: stop when the first dataset runs out "
+                                                        "(first_exhausted) or when every one has been used up, "
+                                                        "restarting the others (all_exhausted).",
+                                choices=("first_exhausted", "all_exhausted"))
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,74 @@ class DistArgs:
                                          "transformer_layer_cls_to_wrap, activation_checkpointing, offload_params, "
                                          "state_dict_type (weights are always saved whole, as Hugging Face "
                                          "folders; the optimiser state sharded).")
+
+
+# ---- ms-swift's training knobs (issue #32): what is trained and how it is stepped, beyond the tuner and the
+# optimiser's own flags. Read by models/load.py and train/setup.py (ModelKnobArgs), train/optim.py,
+# train/knobs/, train/microbatches.py and the SFT method (OptimKnobArgs).
+
+@dataclass(frozen=True)
+class ModelKnobArgs:
+    """Which weights of a full fine-tune train, the embeddings' noise, compilation: ms-swift's partial full
+    fine-tuning (--freeze_parameters ...), NEFTune and --torch_compile."""
+    freeze_parameters: List[str] = _f(help="--train_type full: freeze the parameters whose names start with these "
+                                           "prefixes (e.g. model.embed_tokens lm_head).", list_default=[])
+    freeze_parameters_regex: Optional[str] = _f(help="--train_type full: freeze the parameters whose names match "
+                                                     "this regex (re.search).")
+    freeze_parameters_ratio: float = _f(0.0, help="--train_type full: freeze this fraction (0-1) of the parameters, "
+                                                  "counted in elements from the bottom (embeddings first) up.")
+    trainable_parameters: List[str] = _f(help="--train_type full: after freezing, train again the parameters whose "
+                                              "names start with these prefixes.", list_default=[])
+    trainable_parameters_regex: Optional[str] = _f(help="--train_type full: after freezing, train again the "
+                                                        "parameters whose names match this regex.")
+    neftune_noise_alpha: Optional[float] = _f(help="NEFTune (Jain et al. 2023): add uniform noise of scale "
+                                                   "alpha / sqrt(L·d) to the input embeddings in training (L tokens, "
+                                                   "d hidden size); 5 is usual. Default none.")
+    torch_compile: bool = _f(False, help="Compile each decoder layer with torch.compile (the first steps are slower "
+                                         "while it compiles).")
+    torch_compile_backend: Optional[str] = _f(help="--torch_compile: torch.compile's backend (default inductor).")
+    torch_compile_mode: Optional[str] = _f(help="--torch_compile: torch.compile's mode (default, reduce-overhead, "
+                                                "max-autotune, ...).")
+
+
+@dataclass(frozen=True)
+class OptimKnobArgs:
+    """The optimiser plugins (LoRA+, GaLore, Muon), LISA's layer sampling, length-grouped batches and the loss
+    variants (DFT, per-channel losses): ms-swift's trainer flags."""
+    optimizer: Optional[str] = _f(help="ms-swift's optimiser plugin: muon (Muon on the 2-D hidden weights, AdamW on "
+                                       "the rest), galore (as --use_galore true), lorap (as --lorap_lr_ratio) or "
+                                       "default. Takes priority over --optim.",
+                                  choices=("default", "muon", "galore", "lorap"))
+    optim_args: Optional[str] = _f(help="--optimizer muon: 'momentum=0.95,ns_steps=5,nesterov=true' (Muon's own "
+                                        "settings).")
+    lorap_lr_ratio: Optional[float] = _f(help="LoRA+ (Hayou et al. 2024): the LoRA B matrices learn at "
+                                              "--learning_rate x this ratio (16 is usual). LoRA only.")
+    use_galore: bool = _f(False, help="GaLore (Zhao et al. 2024): AdamW on a rank --galore_rank projection of each "
+                                      "targeted weight's gradient (galore-torch). Full training only.")
+    galore_target_modules: List[str] = _f(help="--use_galore: the Linear modules whose names contain one of these "
+                                               "(default: every Linear but the output layer).", list_default=[])
+    galore_rank: int = _f(128, help="--use_galore: rank r of the gradient projection.")
+    galore_update_proj_gap: int = _f(50, help="--use_galore: optimiser steps between recomputing the projection "
+                                              "(an SVD of the gradient).")
+    galore_scale: float = _f(1.0, help="--use_galore: the projected-back update is multiplied by this.")
+    galore_proj_type: str = _f("std", help="--use_galore: which side is projected (galore-torch's proj_type).",
+                               choices=("std", "reverse_std", "right", "left", "full"))
+    galore_optim_per_parameter: bool = _f(False, help="ms-swift: one optimiser per parameter. Compatibility only "
+                                                      "(see the table at the end).", choices=(False,))
+    galore_with_embedding: bool = _f(False, help="--use_galore: also project the input embedding's gradient.")
+    lisa_activated_layers: int = _f(0, help="LISA (Pan et al. 2024): train only this many decoder layers at a time, "
+                                            "drawn at random (seeded by --seed) every --lisa_step_interval steps; "
+                                            "the embeddings, norms and output layer always train. 0: off. Full "
+                                            "training only.")
+    lisa_step_interval: int = _f(20, help="--lisa_activated_layers: optimiser steps between new draws of the "
+                                          "trained layers.")
+    group_by_length: bool = _f(False, help="Batch rows of similar length together (with a random factor, seeded: "
+                                           "transformers' length-grouped order), so less of each batch is padding.")
+    enable_dft_loss: bool = _f(False, help="DFT (Wu et al. 2025, arXiv:2508.05629): weight each token's "
+                                           "cross-entropy by its predicted probability (detached). sft and pt only.")
+    enable_channel_loss: bool = _f(False, help="Log the loss per channel: rows with a `channel` field are "
+                                               "averaged per channel as loss_<channel> (training and validation). "
+                                               "sft and pt only.")
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@ groups (tunesmith.config.groups), so an IDE sees every field, and `take`, the on
 of any command's parsed arguments.
 
     slice          groups                                          taken by
-    ModelConfig    Model Quant Tuner                               models.load (loading, LoRA), training's model
+    ModelConfig    Model Quant Tuner ModelKnob                     models.load (loading, LoRA), training's model
     DataConfig     Template Data                                   training's data preparation
-    OptimConfig    Optim                                           the training loop's optimiser and schedule
+    OptimConfig    Optim OptimKnob                                 the training loop's optimiser and schedule
     OutputConfig   Output Track                                    the run directory, checkpoints, trackers
     DistConfig     Dist                                            DeepSpeed / FSDP
     EngineConfig   InferBackend(Vllm) DeployServer Checkpoint      inference.backends (vLLM, SGLang, LMDeploy)
@@ -22,14 +22,16 @@ from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
 
 from tunesmith.config.groups import (CheckpointArgs, DataArgs, DeployServerArgs, DistArgs, InferBackendArgs,
-                                     ModelArgs, OptimArgs, OutputArgs, QuantArgs, TemplateArgs, TrackArgs, TunerArgs)
+                                     ModelArgs, ModelKnobArgs, OptimArgs, OptimKnobArgs, OutputArgs, QuantArgs,
+                                     TemplateArgs, TrackArgs, TunerArgs)
 
 
 @dataclass(frozen=True)
-class ModelConfig(ModelArgs, QuantArgs, TunerArgs):
-    """What to load and how to adapt it: the model (folder or hub id, dtype, attention), its quantisation (QLoRA) and
-    the tuner (LoRA's rank, targets, dtype; full training; --router_aux_loss_coef). Inference commands have no tuner
-    flags: those keep their defaults, and load_model reads only --router_aux_loss_coef (0.0) of them."""
+class ModelConfig(ModelArgs, QuantArgs, TunerArgs, ModelKnobArgs):
+    """What to load and how to adapt it: the model (folder or hub id, dtype, attention), its quantisation (QLoRA),
+    the tuner (LoRA's rank, targets, dtype; full training; --router_aux_loss_coef) and the training knobs on the
+    model (--freeze_parameters ..., NEFTune, --torch_compile). Inference commands have no tuner or knob flags: those
+    keep their defaults, and load_model reads only --router_aux_loss_coef (0.0) of them."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,9 @@ class DataConfig(TemplateArgs, DataArgs):
 
 
 @dataclass(frozen=True)
-class OptimConfig(OptimArgs):
-    """How to step: batch sizes, steps or epochs, the optimiser, learning-rate schedule, clipping, seeds."""
+class OptimConfig(OptimArgs, OptimKnobArgs):
+    """How to step: batch sizes, steps or epochs, the optimiser (and its plugins: LoRA+, GaLore, Muon), LISA, the
+    learning-rate schedule, clipping, seeds, length-grouped batches."""
 
 
 @dataclass(frozen=True)

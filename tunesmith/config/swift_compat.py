@@ -167,8 +167,9 @@ _QUANT_EXPORT = ("quantised and local-runtime export is `tunesmith export`'s: af
 _CACHED = ("pre-tokenised dataset caches are not supported; pass the data itself with --dataset (tunesmith tokenises "
            "it once before training; `tunesmith data stats` shows the token counts)")
 _RAY = "Ray is not supported; launch several processes with NPROC_PER_NODE (and NNODES) as with ms-swift"
-_SAMPLING = ("length-grouped or sorted sampling is not implemented; training batches are drawn in a seeded shuffled "
-             "order (--dataset_shuffle false keeps the file order)")
+_SAMPLING = ("that sampling switch is not implemented; training batches are drawn in a seeded shuffled order "
+             "(--group_by_length true groups rows of similar length, with each row's length in tokens; "
+             "--dataset_shuffle false keeps the file order)")
 
 # ms-swift flags that exist upstream but that tunesmith does not implement yet. They are errors, never silently
 # ignored: a script relying on them must hear that the behaviour is not there. The value says what to do instead.
@@ -176,8 +177,6 @@ _SAMPLING = ("length-grouped or sorted sampling is not implemented; training bat
 NOT_SUPPORTED_YET = {
     "custom_dataset_info": "pass the data files directly with --dataset",
     "custom_register_path": "tunesmith uses the model's own chat template; no plugins are needed",
-    "neftune_noise_alpha": "NEFTune embedding noise is not implemented; drop the flag",
-    "lorap_lr_ratio": "LoRA+ is not implemented; use --learning_rate for both LoRA matrices",
     "predict_with_generate": "use tunesmith infer on the checkpoint",
     "freeze_llm": _MULTIMODAL,
     "freeze_vit": _MULTIMODAL,
@@ -199,25 +198,14 @@ NOT_SUPPORTED_YET = {
     **_same("LoRA-GA initialisation is not implemented; --init_weights takes true, gaussian, pissa, olora, loftq, ...",
             "lora_ga_batch_size", "lora_ga_direction", "lora_ga_iters", "lora_ga_max_length", "lora_ga_scale",
             "lora_ga_stable_gamma"),
-    **_same("GaLore is not implemented; for low memory use --train_type lora (or QLoRA: --quant_method bnb "
-            "--quant_bits 4), or full training with --deepspeed zero2/zero3 and an 8-bit --optim",
-            "use_galore", "galore_cos_threshold", "galore_gamma_proj", "galore_optim_per_parameter",
-            "galore_proj_bits", "galore_proj_group_size", "galore_proj_quant", "galore_proj_type",
-            "galore_quantization", "galore_queue_size", "galore_rank", "galore_scale", "galore_target_modules",
-            "galore_update_proj_gap", "galore_with_embedding"),
-    **_same("LISA layer sampling is not implemented; use --train_type lora or full",
-            "lisa_activated_layers", "lisa_step_interval"),
-    **_same("optimiser plugins (GaLore, APOLLO, LoRA+, Muon, ...) are not implemented; --optim chooses adamw_torch, "
-            "adamw_torch_fused, sgd, adamw_8bit, paged_adamw_8bit or paged_adamw_32bit",
-            "optimizer", "optim_args", "optim_target_modules"),
-    **_same("partial full fine-tuning (freezing or unfreezing parameters by name) is not implemented; use --train_type "
-            "lora (with --modules_to_save for modules trained fully) or full",
-            "freeze_parameters", "freeze_parameters_ratio", "freeze_parameters_regex", "trainable_parameters",
-            "trainable_parameters_regex"),
+    **_same("Q-GaLore (GaLore with 8-bit weights and quantised projections) needs q-galore-torch's 8-bit CUDA "
+            "optimiser and is not supported; --use_galore true trains with galore-torch's GaLoreAdamW",
+            "galore_cos_threshold", "galore_gamma_proj", "galore_proj_bits", "galore_proj_group_size",
+            "galore_proj_quant", "galore_quantization", "galore_queue_size"),
+    "optim_target_modules": "that is transformers' --optim galore_* form; use --use_galore true with "
+                            "--galore_target_modules",
     **_same(_MULTIMODAL, "vit_lr", "aligner_lr", "vit_gradient_checkpointing", "norm_bbox"),
     # losses, metrics and trainer plugins
-    "enable_dft_loss": "the DFT loss is not implemented; sft trains the plain cross-entropy",
-    "enable_channel_loss": "per-channel losses are not implemented; sft logs one loss",
     "mrl_dims": _TASK,
     "eval_metric": "metric plugins are not supported; validation logs loss and token_acc",
     "callbacks": "trainer callback plugins are not supported; logging.jsonl and --report_to carry every record",
@@ -230,8 +218,6 @@ NOT_SUPPORTED_YET = {
             "mixed-precision switch", "bf16", "fp16"),
     **_same("evaluation runs in --torch_dtype", "bf16_full_eval", "fp16_full_eval"),
     "tf32": "TF32 matmuls follow PyTorch's default; set torch.backends.cuda.matmul.allow_tf32 yourself if needed",
-    **_same("torch.compile is not wired in yet; drop the flag", "torch_compile", "torch_compile_backend",
-            "torch_compile_mode"),
     "auto_find_batch_size": "set --per_device_train_batch_size yourself (tunesmith does not retry after running out "
                             "of memory); --gradient_accumulation_steps keeps the total batch",
     "full_determinism": "runs are seeded (--seed, --data_seed) but deterministic kernels are not forced; drop the flag",
@@ -248,7 +234,7 @@ NOT_SUPPORTED_YET = {
                               "--adapters (or --model) pointing there",
     "dataloader_drop_last": "the last incomplete batch of an epoch is always trained on; drop the flag",
     "train_dataloader_shuffle": "use --dataset_shuffle false to keep the training rows in file order",
-    **_same(_SAMPLING, "group_by_length", "length_column_name", "train_sampling_strategy", "sortish_sampler"),
+    **_same(_SAMPLING, "length_column_name", "train_sampling_strategy", "sortish_sampler"),
     "save_on_each_node": "checkpoints are written by the global rank 0 only; put --output_dir on storage every node "
                          "shares",
     **_same("checkpoints are written every --save_steps (or --save_strategy); resume with --resume_from_checkpoint",
@@ -283,8 +269,6 @@ NOT_SUPPORTED_YET = {
     **_same(_TASK, "task_type", "num_labels", "problem_type", "reranker_use_activation"),
     # data and templates
     **_same(_CACHED, "cached_dataset", "cached_val_dataset", "to_cached_dataset", "template_mode"),
-    **_same("datasets are concatenated (sample each with FILE#N); interleaving is not implemented",
-            "interleave_prob", "stopping_strategy"),
     "download_mode": "hub datasets are downloaded once and reused; delete the cached copy to download again",
     "disable_auto_column_mapping": "tunesmith always detects the data format from its fields; rename fields with "
                                    "--columns",
@@ -432,6 +416,9 @@ COMPATIBILITY_ONLY = {
     "generation_num_beams": "training never generates (--predict_with_generate is not supported)",
     "to_peft_format": "ms-swift itself keeps it for compatibility only; it changes nothing there either",
     "ref_model_type": "the reference model's architecture is read from its config.json",
+    "galore_optim_per_parameter": "tunesmith's one GaLoreAdamW already keeps each parameter's state and projection "
+                                  "apart, so every parameter gets the update its own optimiser would give; layer-wise "
+                                  "steps during the backward pass (true) are refused",
 }
 
 # Flags that change nothing in one command although the same name does something in another (so they cannot be in
@@ -446,19 +433,23 @@ _ROLLOUT_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
 _DATA_FIELDS = ["dataset", "val_dataset", "split_dataset_ratio", "data_seed", "dataset_num_proc",
                 "load_from_cache_file", "dataset_shuffle", "val_dataset_shuffle", "columns", "strict",
                 "remove_unused_columns", "model_name", "model_author", "lazy_tokenize", "streaming",
-                "shuffle_buffer_size"]
+                "shuffle_buffer_size", "interleave_prob", "stopping_strategy"]
+_INTERLEAVE_IN_TRAINING = "it mixes training's --dataset files (sft, pt, rlhf); this command reads its rows in order"
 _STREAMING_IN_INFERENCE = {
     "streaming": "inference reads its rows (--val_dataset) whole, in order; only training (sft) streams",
-    "shuffle_buffer_size": "it sizes training's --streaming shuffle buffer; inference keeps the rows' order"}
+    "shuffle_buffer_size": "it sizes training's --streaming shuffle buffer; inference keeps the rows' order",
+    "interleave_prob": _INTERLEAVE_IN_TRAINING, "stopping_strategy": _INTERLEAVE_IN_TRAINING}
 COMPATIBILITY_ONLY_IN = {
     "sft": _TRAIN_SCOPED,
+    "pt": _TRAIN_SCOPED,
     # GRPO samples its rollouts with them (--rlhf_type grpo); for the other methods they change nothing
     "rlhf": {k: v for k, v in _TRAIN_SCOPED.items() if k not in _ROLLOUT_SAMPLING},
     "dpo": _TRAIN_SCOPED,
     "infer": _STREAMING_IN_INFERENCE,
     "deploy": _STREAMING_IN_INFERENCE,
     "data": {"shuffle_buffer_size": "the data commands read rows in order (`data stats --streaming true` measures "
-                                    "the first --num_rows); it sizes training's --streaming shuffle buffer"},
+                                    "the first --num_rows); it sizes training's --streaming shuffle buffer",
+             "interleave_prob": _INTERLEAVE_IN_TRAINING, "stopping_strategy": _INTERLEAVE_IN_TRAINING},
     "export": {
         **dict.fromkeys(["num_beams", "stream", "logprobs", "top_logprobs", "n"],
                         "export generates nothing; the sampling defaults it writes (the Ollama Modelfile's "
@@ -493,6 +484,11 @@ NOT_SUPPORTED_VALUES = {
     ("use_swift_lora", True): "swift's own LoRA layers are not supported; adapters are peft's",
     ("packing_strategy", "sequential"): "tunesmith packs best-fit decreasing (binpack) only",
     ("average_tokens_across_devices", False): "tunesmith always divides the loss by the tokens of all processes",
+    ("galore_optim_per_parameter", True): "layer-wise GaLore (an optimiser step per parameter during the backward "
+                                          "pass) cannot clip the whole gradient or accumulate micro-batches; drop the "
+                                          "flag: one GaLoreAdamW gives each parameter the same update",
+    ("optimizer", "muonclip"): "MuonClip (Muon with QK-clip) is not supported; --optimizer muon is",
+    ("optimizer", "multimodal"): _MULTIMODAL,
 }
 
 # Values that ms-swift accepts as aliases (value rewrites, not flag renames).

@@ -30,7 +30,13 @@ def pad_collate(rows: list[Encoded], pad_id: int, padding_side: str = "right") -
         labels[i, sl] = torch.tensor(r.labels)
         mask[i, sl] = 1
     n_tokens = int((labels[:, 1:] != IGNORE).sum())
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_tokens": n_tokens}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_tokens": n_tokens,
+            **_channels([r.channel for r in rows])}
+
+
+def _channels(channels: list) -> dict:
+    """{"channels": each sequence's `channel` (None where a row gives none)} when some row gives one, else {}."""
+    return {"channels": channels} if any(c is not None for c in channels) else {}
 
 
 def segments_collate(rows: list[list[tuple[int, Encoded]]], pad_id: int, n_seq: int) -> dict:
@@ -52,6 +58,7 @@ def segments_collate(rows: list[list[tuple[int, Encoded]]], pad_id: int, n_seq: 
     labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), longest), dtype=torch.long)
     seq = torch.full((len(rows), longest), -1, dtype=torch.long)
+    channels = [None] * n_seq
     for b, row in enumerate(rows):
         at = 0
         for k, e in row:
@@ -60,10 +67,11 @@ def segments_collate(rows: list[list[tuple[int, Encoded]]], pad_id: int, n_seq: 
             labels[b, at + 1:at + n] = torch.tensor(e.labels[1:], dtype=torch.long)
             pos[b, at:at + n] = torch.arange(n)
             seq[b, at:at + n] = k
+            channels[k] = e.channel
             at += n
         pos[b, at:] = torch.arange(longest - at)  # the pads: one more segment of their own, never trained
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_ids": seq, "n_seq": n_seq,
-            "n_tokens": int((labels[:, 1:] != IGNORE).sum())}
+            "n_tokens": int((labels[:, 1:] != IGNORE).sum()), **_channels(channels)}
 
 
 def flat_collate(rows: list[Encoded], pad_id: int = 0) -> dict:

@@ -79,6 +79,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     margin: Optional[float] = None  # a pair's chosen side: the row's reward margin (reward models), if given
+    channel: Optional[str] = None  # the row's `channel` (--enable_channel_loss), if given
 
     @property
     def n_trained(self) -> int:
@@ -122,6 +123,7 @@ class ChatEncoder:
             raise ConfigError("a fast tokenizer (tokenizer.json) is needed to align labels with the template.")
         self.special = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
         self._tails: dict[str, tuple[str, str]] = {}
+        self._around: Optional[tuple[list, list]] = None  # plain text: the tokenizer's own specials (`_plain`)
 
     # -------------------------------------------------------------- rendering
 
@@ -305,9 +307,7 @@ class ChatEncoder:
                 renders a reply so that its tokens cannot be located (e.g. gpt-oss on text next to a tool call)."""
         messages = self.with_system(record[messages_key])
         if not self.use_chat_template:
-            text = "".join(m["content"] for m in messages) + (self.tok.eos_token or "")
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
-            enc = Encoded(ids, list(ids))
+            enc = self._plain(messages)
             return self._truncate(enc) if truncate else enc
         from jinja2 import TemplateError, TemplateSyntaxError
 
@@ -336,6 +336,22 @@ class ChatEncoder:
                 labels[t] = ids[t]
         enc = Encoded(list(ids), labels)
         return self._truncate(enc) if truncate else enc
+
+    def _plain(self, messages: list[dict]) -> Encoded:
+        """--use_chat_template false (`tunesmith pt`): the contents joined, between the special tokens the tokenizer
+        adds around a text by itself (a BOS for Llama-style tokenizers, none for Qwen's) and followed by EOS, every
+        token a label — ms-swift's generation template (TemplateMeta.to_generate_template_meta, auto_add_bos)."""
+        if self._around is None:  # once per encoder
+            with_specials = self.tok("a")["input_ids"]
+            single = self.tok("a", add_special_tokens=False)["input_ids"]
+            self._around = ([], [])
+            if len(single) == 1 and single[0] in with_specials:
+                i = with_specials.index(single[0])
+                self._around = (with_specials[:i], with_specials[i + 1:])
+        before, after = self._around
+        text = "".join(m["content"] for m in messages) + (self.tok.eos_token or "")
+        ids = before + self.tok(text, add_special_tokens=False)["input_ids"] + after
+        return Encoded(ids, list(ids))
 
     def _truncate(self, enc: Encoded) -> Encoded:
         n, m = len(enc.input_ids), self.max_length
@@ -429,7 +445,9 @@ def encode_one(encoder: ChatEncoder, rec: dict, kind: str) -> tuple[str, Any]:
             return "ok", (chosen, rejected)
         if kind == "kto":
             return "ok", (encoder.encode(rec), bool(rec["label"]))
-        return "ok", encoder.encode(rec)
+        enc = encoder.encode(rec)
+        enc.channel = rec.get("channel")
+        return "ok", enc
     except TooLong:
         return "too_long", None
     except NothingToTrain:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from tunesmith.data.layouts import (read_conversation, read_label, read_margin, read_tools, refuse_media,
+from tunesmith.data.layouts import (read_channel, read_conversation, read_label, read_margin, read_tools, refuse_media,
                                     rejected_columns, shared_prefix)
 from tunesmith.data.row import MESSAGE_KEYS, QUERY_KEYS, RESPONSE_KEYS, SYSTEM_KEYS, Row, rename_columns, short
 from tunesmith.errors import DataError
@@ -75,6 +75,9 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
     label = read_label(r)
     if label is not None:
         out["label"] = label
+    channel = read_channel(r)
+    if channel is not None:  # --enable_channel_loss
+        out["channel"] = channel
     key, tools = r.get("tools")
     tools = read_tools(r, key, tools) if tools else None
     conversations = [messages] + ([rejected] if rejected is not None else [])
@@ -181,7 +184,7 @@ def _check_called_tools(r: Row, key: str, tools: list, conversations: list[list[
 
 # what a row with a messages column reads: its query/response-style columns (e.g. GRPO's `solution`) are its own
 _MESSAGE_ROW_COLUMNS = {k.lower() for k in MESSAGE_KEYS + SYSTEM_KEYS} | {
-    "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin"}
+    "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin", "channel"}
 
 
 def extra_columns(row: Any, columns: Optional[dict] = None) -> dict:
@@ -208,7 +211,8 @@ def _query_row_columns(row: dict) -> set:
         used = {next((k for k in QUERY_KEYS if k in present), None)}
     used.add(next((k for k in RESPONSE_KEYS if k in present and k not in used), None))
     return (used - {None}) | {k.lower() for k in SYSTEM_KEYS} | {
-        "history", "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin"}
+        "history", "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin",
+        "channel"}
 
 
 def row_kind(record: dict) -> str:

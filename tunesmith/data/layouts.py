@@ -186,6 +186,18 @@ def read_margin(r: Row) -> Optional[float]:
     return float(v)
 
 
+def read_channel(r: Row) -> Optional[str]:
+    """ms-swift's `channel` column (--enable_channel_loss: the loss is logged per channel) as text, or None when
+    absent or null."""
+    key, v = r.get("channel")
+    if v is None:
+        return None
+    if isinstance(v, (dict, list)):
+        raise r.err(key, f"expected a channel name (text or a number), got {short(v)}.",
+                    "write e.g. \"channel\": \"math\", or drop the column.")
+    return str(v)
+
+
 def read_label(r: Row) -> Optional[bool]:
     """KTO's `label` (true/false, 1/0, or those as strings) as a bool, or None when absent."""
     key, v = r.get("label")

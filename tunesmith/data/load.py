@@ -397,6 +397,21 @@ def split_train_val(result: LoadResult, ratio: float, seed: int) -> tuple[LoadRe
     return pick(train_idx), pick(val_idx)
 
 
+def interleave_order(groups: list[list[int]], probabilities: list[float], seed: int,
+                     stopping_strategy: str = "first_exhausted") -> list[int]:
+    """--interleave_prob: the rows (indices) that interleaving the datasets `groups` (each a list of row indices,
+    in order) gives, as Hugging Face datasets' `interleave_datasets(…, probabilities, seed, stopping_strategy)`
+    does — it is computed by that function over the index lists: each next row comes from dataset k with
+    probability p_k (numpy's default_rng(seed)), in each dataset's order; first_exhausted stops when one dataset
+    runs out, all_exhausted when every one has run out at least once (the others start over, so rows repeat)."""
+    from datasets import Dataset, interleave_datasets
+
+    parts = [Dataset.from_dict({"i": list(g)}) for g in groups]
+    mixed = interleave_datasets(parts, probabilities=list(probabilities), seed=seed,
+                                stopping_strategy=stopping_strategy)
+    return list(mixed["i"])
+
+
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
     """Write records atomically (temp file, then rename): a crash never leaves half a file.
 

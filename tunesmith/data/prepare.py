@@ -202,7 +202,7 @@ def _data_fingerprint(data, model_dir: str, tokenizer, max_length, method) -> st
         "default_loss_scale": method.default_loss_scale,
         "dataset": [stat(s) for s in data.dataset], "val_dataset": [stat(s) for s in data.val_dataset],
         "split": data.split_dataset_ratio, "seed": data.data_seed, "columns": data.columns, "strict": data.strict,
-        "streaming": data.streaming,
+        "streaming": data.streaming, "interleave": [data.interleave_prob, data.stopping_strategy],
         "max_length": max_length, "truncation": data.truncation_strategy, "loss_scale": data.loss_scale,
         "system": data.system, "use_chat_template": data.use_chat_template,
         "tokenizer": [len(tokenizer), tokenizer.chat_template, str(tokenizer.all_special_tokens),
@@ -245,7 +245,8 @@ def _encode_data(data, model, method, encoder, path: str, max_length) -> None:
     work = os.path.join(path, f".records-{os.getpid()}")
     os.makedirs(work, exist_ok=True)
     try:
-        source, tally = _records_file(data.dataset, "--dataset", common, os.path.join(work, "train.arrow"))
+        counts = [] if data.interleave_prob else None
+        source, tally = _records_file(data.dataset, "--dataset", common, os.path.join(work, "train.arrow"), counts)
         parts = [("train", data.dataset, "--dataset", source, None, tally)]
         if data.val_dataset:
             val_source, val_tally = _records_file(data.val_dataset, "--val_dataset", common,
@@ -256,6 +257,9 @@ def _encode_data(data, model, method, encoder, path: str, max_length) -> None:
             parts = [("train", data.dataset, "--dataset", source, train_idx, tally),
                      ("val", data.dataset, "the validation split", source, val_idx,
                       LoadResult([], [], strict=data.strict))]
+        if counts is not None:  # --interleave_prob: the training rows mixed as interleave_datasets mixes them
+            name, specs, what, src, idx, drops = parts[0]
+            parts[0] = (name, specs, what, src, _interleaved(data, counts, idx), drops)
         meta = {"train_drops": None, "val_drops": None, "val_split": bool(not data.val_dataset and len(parts) > 1)}
         num_proc = max(1, data.dataset_num_proc)
         shutil.rmtree(os.path.join(path, "val"), ignore_errors=True)
@@ -289,13 +293,16 @@ def _streamable(spec: str) -> bool:
     return hub is None and n is None and os.path.exists(path)
 
 
-def _records_file(specs: list, what: str, common: dict, file: str):
+def _records_file(specs: list, what: str, common: dict, file: str, counts: Optional[list] = None):
     """(the normalised records of `specs` as an Arrow records file, the tally of bad rows dropped). Local files
-    are read, normalised and written a row at a time; hub ids and `#N` samples are loaded whole first. Raises
-    DataError (strict: the first bad row; no usable rows at all)."""
+    are read, normalised and written a row at a time; hub ids and `#N` samples are loaded whole first. counts: a
+    list that gets each spec's number of records, in order (--interleave_prob). Raises DataError (strict: the first
+    bad row; no usable rows at all)."""
     from tunesmith.data.load import stream_records
     from tunesmith.data.store import RecordsFile, released, write_source
 
+    if counts is not None:
+        return _counted_records_file(specs, what, common, file, counts)
     if all(_streamable(s) for s in specs):
         tally = LoadResult([], [], strict=common["strict"])
         n = write_source(stream_records(specs, tally, columns=common["columns"], use_hf=common["use_hf"],
@@ -309,6 +316,43 @@ def _records_file(specs: list, what: str, common: dict, file: str):
     loaded = load_datasets(specs, what=what, **common)
     write_source(released(loaded.records, loaded.sources), file)
     return RecordsFile(file), LoadResult([], [], loaded.dropped, loaded.reasons, loaded.strict)
+
+
+def _counted_records_file(specs: list, what: str, common: dict, file: str, counts: list):
+    """`_records_file` spec by spec, into one file: counts gets each spec's records (its rows are the next
+    counts[k] of the file)."""
+    from tunesmith.data.store import RecordsFile, write_source
+
+    parts, tally = [], LoadResult([], [], strict=common["strict"])
+    for k, spec in enumerate(specs):
+        source, part_tally = _records_file([spec], what, common, f"{file}.{k}")
+        parts.append(source)
+        counts.append(len(source))
+        tally.dropped += part_tally.dropped
+        tally.reasons += part_tally.reasons[:max(0, tally.max_reasons - len(tally.reasons))]
+
+    def rows():
+        """Every part's (record, source) pairs, in order."""
+        for source in parts:
+            for records, sources in source.chunks():
+                yield from zip(records, map(tuple, sources))
+
+    write_source(rows(), file)
+    for k in range(len(specs)):
+        os.remove(f"{file}.{k}")
+    return RecordsFile(file), tally
+
+
+def _interleaved(data, counts: list, train_idx) -> list:
+    """--interleave_prob: the training rows' indices in the records file as interleaving the datasets gives them
+    (load.interleave_order over each dataset's training rows; `train_idx`: the rows left for training, None for
+    all)."""
+    from tunesmith.data.load import interleave_order
+
+    bounds = [sum(counts[:k]) for k in range(len(counts) + 1)]
+    rows = range(bounds[-1]) if train_idx is None else sorted(train_idx)
+    groups = [[i for i in rows if bounds[k] <= i < bounds[k + 1]] for k in range(len(counts))]
+    return interleave_order(groups, data.interleave_prob, data.data_seed, data.stopping_strategy)
 
 
 def _shape_records_file(method, source, indices, tally: LoadResult, out: str, specs, what: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from tunesmith.data.encode import ChatEncoder, Encoded, encode_one
 from tunesmith.errors import DataError
 
-STORE_VERSION = 3  # bump when the stored layout or the encoding changes meaning
+STORE_VERSION = 4  # bump when the stored layout or the encoding changes meaning
 
 
 def datasets_cache() -> str:
@@ -71,6 +71,8 @@ def _features(kind: str):
                     margin=Value("float64"))  # NaN: the row gives none
     if kind == "kto":
         cols["desirable"] = Value("bool")
+    if kind == "sft":
+        cols["channel"] = Value("string")  # --enable_channel_loss; None: the row gives none
     return Features({**cols, "status": Value("string"), "reason": Value("string")})
 
 
@@ -96,6 +98,8 @@ def _encode_batch(batch: dict, records: "RecordsFile", encoder: ChatEncoder, kin
                 out["margin"].append(first.margin if first and first.margin is not None else float("nan"))
             if kind == "kto":
                 out["desirable"].append(bool(second) if first else False)
+            if kind == "sft":
+                out["channel"].append(first.channel if first else None)
             out["status"].append(status)
             out["reason"].append(json.dumps([src, line, value.field, value.problem, value.fix], ensure_ascii=False)
                                  if status == "bad" else "")
@@ -326,6 +330,7 @@ class EncodedRows:
             return first, Encoded(r["rejected_input_ids"], r["rejected_labels"])
         if self.kind == "kto":
             return first, bool(r["desirable"])
+        first.channel = r.get("channel")
         return first
 
     def _column(self, array):

@@ -350,11 +350,129 @@ def problems(args) -> list[str]:
         if importlib.util.find_spec("deepspeed") is None:
             out.append("--deepspeed needs DeepSpeed: pip install deepspeed (or pip install 'tunesmith[deepspeed]')")
     out += _fsdp_problems(args)
+    out += knob_problems(args) + _data_knob_problems(args)
     if args.resume_from_checkpoint:
         out += resume_problems(args)
     out += _tracker_problems(args.report_to)
     out += _output_problems(args.output_dir)
     _combination_notes(args)
+    return out
+
+
+def knob_problems(args) -> list[str]:
+    """ms-swift's training knobs (issue #32): the optimiser plugins (one at a time; LoRA+ needs LoRA, GaLore and LISA
+    full training and one unsharded process group), LISA's counts, partial full fine-tuning (full only, valid
+    regexes), NEFTune's alpha, --optim_args (Muon's). One problem per flag."""
+    out: list[str] = []
+    sharded = args.deepspeed or args.fsdp
+    plugins = {p for p in ((args.optimizer if args.optimizer != "default" else None),
+                           "lorap" if args.lorap_lr_ratio else None, "galore" if args.use_galore else None) if p}
+    if len(plugins) > 1:
+        out.append(f"--optimizer/--lorap_lr_ratio/--use_galore ask for {' and '.join(sorted(plugins))}: one "
+                   f"optimiser plugin at a time")
+    if args.lorap_lr_ratio is not None:
+        between(out, "lorap_lr_ratio", args.lorap_lr_ratio, 0, None, lo_open=True, hint="16 is usual")
+    if "lorap" in plugins and args.train_type != "lora":
+        out.append("LoRA+ (--lorap_lr_ratio) sets the LoRA B matrices' learning rate: use it with --train_type lora")
+    if args.optimizer == "lorap" and not args.lorap_lr_ratio:
+        out.append("--optimizer lorap needs --lorap_lr_ratio (the B matrices' learning-rate ratio, e.g. 16)")
+    if "galore" in plugins:
+        out += _galore_problems(args, sharded)
+    if args.optimizer == "muon" and sharded:
+        out.append("--optimizer muon with --deepspeed/--fsdp is not supported yet (Muon orthogonalises whole "
+                   "matrices, which are sharded there); train with DDP or in one process")
+    if args.optim_args and args.optimizer != "muon":
+        out.append("--optim_args sets Muon's momentum, ns_steps and nesterov: use it with --optimizer muon")
+    elif args.optim_args:
+        from tunesmith.train.knobs.muon import muon_args
+
+        try:
+            muon_args(args.optim_args)
+        except ConfigError as e:
+            out.append(str(e))
+    out += _lisa_problems(args, sharded) + _freeze_problems(args)
+    if args.neftune_noise_alpha is not None:
+        between(out, "neftune_noise_alpha", args.neftune_noise_alpha, 0, None, hint="5 is usual")
+    return out
+
+
+def _galore_problems(args, sharded) -> list[str]:
+    out: list[str] = []
+    if args.train_type != "full":
+        out.append("GaLore (--use_galore) projects the gradients of full weights: use it with --train_type full "
+                   "(LoRA already trains low-rank matrices)")
+    if sharded:
+        out.append("--use_galore with --deepspeed/--fsdp is not supported (the projection needs each weight "
+                   "whole); train with DDP or in one process")
+    if args.optim == "sgd":
+        out.append("--use_galore trains with GaLore's AdamW: use an AdamW --optim (adamw_torch, or an 8-bit one)")
+    between(out, "galore_rank", args.galore_rank, 1, None)
+    between(out, "galore_update_proj_gap", args.galore_update_proj_gap, 1, None)
+    return out
+
+
+def _lisa_problems(args, sharded) -> list[str]:
+    if args.lisa_activated_layers == 0:
+        return []
+    out: list[str] = []
+    between(out, "lisa_activated_layers", args.lisa_activated_layers, 1, None)
+    between(out, "lisa_step_interval", args.lisa_step_interval, 1, None)
+    if args.train_type != "full":
+        out.append("LISA (--lisa_activated_layers) samples which layers of a full fine-tune train: use it with "
+                   "--train_type full (ms-swift requires it too)")
+    if sharded or _planned_world() > 1:
+        out.append("LISA with several processes (DDP, --deepspeed, --fsdp) is not supported yet: the trained "
+                   "layers change during the run; train in one process")
+    return out
+
+
+def _freeze_problems(args) -> list[str]:
+    import re
+
+    given = args.freeze_parameters or args.freeze_parameters_regex or args.freeze_parameters_ratio or \
+        args.trainable_parameters or args.trainable_parameters_regex
+    if not given:
+        return []
+    out: list[str] = []
+    between(out, "freeze_parameters_ratio", args.freeze_parameters_ratio, 0, 1)
+    if args.train_type != "full":
+        out.append("--freeze_parameters/--trainable_parameters choose the trained weights of a full fine-tune "
+                   "(ms-swift applies them with --train_type full only): add --train_type full, or with LoRA use "
+                   "--target_modules / --modules_to_save")
+    for name in ("freeze_parameters_regex", "trainable_parameters_regex"):
+        pattern = flag_values(args)[name]
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                out.append(f"--{name} {pattern}: not a valid regular expression ({e})")
+    return out
+
+
+def _data_knob_problems(args) -> list[str]:
+    """--interleave_prob (one probability per --dataset, summing to 1, no stream), --group_by_length (a shuffled
+    order of rows that know their length), the loss variants (sft and pt only)."""
+    out: list[str] = []
+    probs = list(args.interleave_prob)
+    if probs:
+        if len(probs) != len(args.dataset):
+            out.append(f"--interleave_prob has {len(probs)} probabilities for {len(args.dataset)} --dataset entries: "
+                       f"give one per dataset")
+        if any(not (0 <= p <= 1) for p in probs) or abs(sum(probs) - 1) > 1e-6:
+            out.append(f"--interleave_prob {' '.join(map(str, probs))}: expected probabilities in [0, 1] summing to 1")
+        if args.streaming:
+            out.append("--interleave_prob with --streaming is not supported yet; without --streaming the datasets are "
+                       "interleaved before training")
+    if args.group_by_length and (args.streaming or args.packing or not args.dataset_shuffle):
+        why = "a stream's rows are not known in advance" if args.streaming else \
+            "packed sequences are already filled to --packing_length" if args.packing else \
+            "it draws a shuffled order (ms-swift requires shuffling too); drop --dataset_shuffle false"
+        out.append(f"--group_by_length: {why}")
+    if isinstance(args, RLHFArguments) and args.rlhf_type == "grpo" and (probs or args.group_by_length):
+        out.append("--interleave_prob/--group_by_length: GRPO samples its prompts in rounds of its own; drop the flag")
+    if isinstance(args, RLHFArguments) and (args.enable_dft_loss or args.enable_channel_loss):
+        out.append(f"--enable_dft_loss/--enable_channel_loss change the SFT loss: they apply to tunesmith sft and pt, "
+                   f"not to --rlhf_type {args.rlhf_type}")
     return out
 
 

@@ -44,8 +44,8 @@ class Objective:
         accumulated step, so gradient accumulation gives the same step as one large batch.
     metrics(summed statistics) -> the values to log (means), e.g. token_acc or rewards/accuracies.
     hooks: training state outside the model and optimiser (a reference that moves, TR-DPO; GRPO's round in
-        progress): objects with after_step(model, global_step), save(checkpoint folder) and load(checkpoint
-        folder); empty for most methods.
+        progress; LISA's trained layers): objects with begin(model, global_step) — before this run's first step —,
+        after_step(model, global_step), save(checkpoint folder) and load(checkpoint folder); often empty.
     """
     name: str
     loss: Callable[[Any, dict], tuple[dict, dict]]
@@ -117,6 +117,8 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
         run, state = prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, save_model,
                                  trackers, args_extra)
         seen.state = state
+        for hook in objective.hooks:  # state that starts from the step reached (LISA's layers)
+            hook.begin(run.model, state.global_step)
         with failures_explained(state, run.par.main):
             start, start_step, total_tokens = time.time(), state.global_step, 0
             window, bar = Window(), _progress_bar(run, state)

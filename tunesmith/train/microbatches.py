@@ -1,8 +1,8 @@
 """Which micro-batches each optimiser step trains on, and in what order: the data side of the loop.
 
 Rows in a sequence are cut into seeded per-epoch batches of indices (`epoch_batches`: the same for the same --seed +
-epoch), every rank taking its slice of each global batch (distributed.rank_batches) and a DataLoader collating them
-(`loader_batches`). A stream without a length (--streaming's data.stream.StreamingRows, GRPO's rollouts) is cut the
+epoch; grouped by length with --group_by_length), every rank taking its slice of each global batch
+(distributed.rank_batches) and a DataLoader collating them (`loader_batches`). A stream without a length (--streaming's data.stream.StreamingRows, GRPO's rollouts) is cut the
 same way as it is read (`stream_batches`). `step_batches` groups either into `gradient_accumulation_steps`
 micro-batches per step, from the epoch's `batches_done` on, so a resumed run reads on where it stopped. `run` here is
 the loop's frozen loop.Run; `state` its checkpoint.TrainState.
@@ -16,11 +16,18 @@ from itertools import islice
 from tunesmith.errors import TunesmithError
 
 
-def epoch_batches(n_rows: int, batch_size: int, seed: int, shuffle: bool) -> list[list[int]]:
-    """The micro-batches of one epoch: a seeded permutation cut into batches (the same for the same seed)."""
+def epoch_batches(n_rows: int, batch_size: int, seed: int, shuffle: bool, lengths=None) -> list[list[int]]:
+    """The micro-batches of one epoch: a seeded permutation cut into batches (the same for the same seed). With the
+    rows' `lengths` (tokens; --group_by_length), transformers' length-grouped order instead
+    (get_length_grouped_indices, as ms-swift's BatchSamplerShard: a seeded permutation cut into mega-batches of up to
+    50 batches, each sorted by length, the longest batch first), so that a batch holds rows of similar length."""
     import torch
 
-    if shuffle:
+    if shuffle and lengths is not None:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        order = get_length_grouped_indices(lengths, batch_size, generator=torch.Generator().manual_seed(seed))
+    elif shuffle:
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed)).tolist()
     else:
         order = list(range(n_rows))
@@ -49,8 +56,10 @@ def loader_batches(run, state):
     from tunesmith.train import distributed as D
 
     optim, par = run.optim, run.par
+    # --group_by_length: each unit's tokens (rows that cannot say theirs keep the plain shuffled order)
+    lengths = run.train_rows.lengths() if optim.group_by_length and hasattr(run.train_rows, "lengths") else None
     batches, dropped = D.rank_batches(epoch_batches(len(run.train_rows), optim.per_device_train_batch_size * par.world,
-                                                    optim.seed + state.epoch, run.shuffle),
+                                                    optim.seed + state.epoch, run.shuffle, lengths),
                                       par.world, par.rank)
     if dropped and state.epoch == 0 and par.main:
         print(f"[tunesmith] {dropped} row(s) of the last batch of each epoch are skipped: fewer rows than the "

@@ -28,6 +28,7 @@ import dataclasses
 
 from tunesmith.config.commands import RLHFArguments
 from tunesmith.train import loop
+from tunesmith.train.knobs.lisa import lisa_hooks
 from tunesmith.train.setup import check_disk, finish_run, prepare_data, prepare_model, save_model_fn, start_run
 
 
@@ -92,8 +93,9 @@ def main(args) -> dict:
         if batches.on_run_dir is not None:
             batches.on_run_dir(out.run_dir)
         # training state beyond weights and optimiser, saved and restored with checkpoints: the method's (GRPO's
-        # round in progress) and a moving reference (--sync_ref_model, updated after each step)
-        hooks = tuple(batches.hooks) + ((batches.reference,) if sync is not None else ())
+        # round in progress), a moving reference (--sync_ref_model, updated after each step) and LISA's layers
+        hooks = tuple(batches.hooks) + ((batches.reference,) if sync is not None else ()) \
+            + lisa_hooks(cfg.optim, model)  # LISA: which decoder layers train (--lisa_activated_layers)
         objective = dataclasses.replace(method.objective(batches.reference, cfg), hooks=hooks)
         state = loop.train(cfg, model=model, objective=objective,
                            train_rows=batches.train, eval_rows=batches.eval, collate=batches.collate,

@@ -73,6 +73,9 @@ class Reference:
     # the checkpoint's own *.safetensors as the policy's weights picks it up
     SYNC_FILE = os.path.join("reference", "model.safetensors")
 
+    def begin(self, policy, step: int) -> None:
+        """Nothing to set up before the first step (loop.Objective.hooks)."""
+
     def after_step(self, policy, step: int) -> None:
         """TR-DPO's reference update (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
         Alignment", eq. 5; TRL's SyncRefModelCallback): every `sync_steps` optimiser steps,

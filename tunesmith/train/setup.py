@@ -61,9 +61,9 @@ def prepare_data(data, model, method) -> Prepared:
 
 def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int, head: str = "causal_lm"):
     """The model to train (model slice): loaded with the method's head ("causal_lm", or "seq_cls" for a reward
-    model), LoRA attached (--train_type lora) with the seeded init, gradient checkpointing and Liger kernels as
-    asked. Returns (model, parameter counts). Raises ConfigError for an --adapters path that is not an adapter, or a
-    model with nothing to train."""
+    model), LoRA attached (--train_type lora) with the seeded init, gradient checkpointing, Liger kernels and the
+    training knobs (`apply_knobs`) as asked. Returns (model, parameter counts). Raises ConfigError for an
+    --adapters path that is not an adapter, or a model with nothing to train."""
     for a in model_cfg.adapters:
         if not is_adapter_dir(a):
             raise ConfigError(f"--adapters {a}: not an adapter directory (no adapter_config.json); a full "
@@ -90,11 +90,32 @@ def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int, head: str = "
         else:
             base = unwrap_model(model)
             _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
+    apply_knobs(model, model_cfg)  # freezing, NEFTune, --torch_compile
     info = count_parameters(model)
     if info["trainable"] == 0:
         raise ConfigError("the model has no trainable parameters (check --target_modules / --target_regex)")
     note(f"parameters: {info['trainable']:,} trainable of {info['total']:,} ({info['trainable_percent']}%)")
     return model, info
+
+
+def apply_knobs(model, knobs) -> None:
+    """ms-swift's training knobs on the model (model slice), in place: partial full fine-tuning (--freeze_parameters
+    ..., knobs/freeze.py), NEFTune's embedding noise (knobs/neftune.py) and compiled decoder layers
+    (--torch_compile, knobs/compile.py)."""
+    if knobs.train_type == "full" and (knobs.freeze_parameters or knobs.freeze_parameters_regex or
+                                       knobs.freeze_parameters_ratio > 0 or knobs.trainable_parameters or
+                                       knobs.trainable_parameters_regex):
+        from tunesmith.train.knobs.freeze import apply_freezing
+
+        apply_freezing(model, knobs)
+    if knobs.neftune_noise_alpha:
+        from tunesmith.train.knobs.neftune import add_neftune
+
+        add_neftune(model, knobs.neftune_noise_alpha)
+    if knobs.torch_compile:
+        from tunesmith.train.knobs.compile import compile_layers
+
+        compile_layers(model, knobs.torch_compile_backend, knobs.torch_compile_mode)
 
 
 def batching(data, train_rows, eval_rows, padded, flat, packed, length, max_length):

@@ -207,6 +207,9 @@ class Rollouts:
 
     ROUND_FILE = "grpo_round.json"  # the round in progress: a checkpoint inside it resumes it exactly
 
+    def begin(self, model, step: int) -> None:
+        """Nothing to set up before the first step (rounds start when the loop reads them)."""
+
     def after_step(self, model, step: int) -> None:
         """Nothing moves here between steps (rounds start when the loop reads them)."""
 
