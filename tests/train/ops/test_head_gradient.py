@@ -144,3 +144,26 @@ def test_sft_loss_gradients_equal_the_plain_path(tiny_models, family, train_type
     assert any("lm_head" in k or "embed_tokens" in k for k in gp) == (train_type == "full")
     for k in gp:
         assert torch.allclose(gp[k], gc[k], atol=1e-5, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_entropy_and_gradients_together(train_weight):
+    """GRPO's policy forward asks for each token's entropy as well: the entropy equals a float64 computation from
+    the full logits (1e-5 nats), and the gradients are still the plain path's."""
+    hidden, weight, targets, upstream = _case()
+    weight[3] *= 40  # a few very peaked rows: entropies from near 0 to near log V
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(train_weight)
+    logps, _, _, ent = tl.ChunkedLogps.apply(h, w, targets, 6, True, None, (True, train_weight), False)
+    (logps * upstream).sum().backward()
+    logits = hidden.double() @ weight.double().t()
+    want = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    assert want.min() < 0.1 and want.max() > 2.0
+    assert torch.allclose(ent.double(), want, atol=1e-5)
+    h2 = hidden.clone().requires_grad_(True)
+    w2 = weight.clone().requires_grad_(train_weight)
+    plain = (h2 @ w2.t()).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    (plain * upstream).sum().backward()
+    assert torch.allclose(h.grad, h2.grad, atol=1e-5)
+    if train_weight:
+        assert torch.allclose(w.grad, w2.grad, atol=1e-5)

@@ -118,16 +118,21 @@ class ChunkedLogps(torch.autograd.Function):
             top, best = logits.max(-1, keepdim=True)  # one pass for the arg-max and logsumexp's shift
             correct[s:s + chunk] = best.squeeze(-1) == t
             mean[s:s + chunk] = logits.mean(-1)
-            if entropy:
-                lse[s:s + chunk] = torch.logsumexp(logits, -1)
-                ent[s:s + chunk] = _entropy(logits, lse[s:s + chunk])
-                if want_h or weight_now:
-                    logits.sub_(lse[s:s + chunk, None]).exp_().neg_()  # −softmax
-            else:  # logsumexp in place (max + log Σ exp(x − max), as torch.logsumexp): no second [chunk, V] tensor
-                total = logits.sub_(top).exp_().sum(-1)
-                lse[s:s + chunk] = total.log() + top.squeeze(-1)
-                if want_h or weight_now:
-                    logits.div_(total.neg_()[:, None])  # −softmax
+            # logsumexp as torch computes it (max + log Σ exp(x − max)), in place over the logits
+            shifted = logits.sub_(top)
+            if entropy:  # H = log Σe − Σ e·(x − max) / Σe with e = exp(x − max): needs e and x − max at once
+                shifted.clamp_(min=torch.finfo(torch.float32).min)  # a −inf logit then adds 0, not NaN
+                e = shifted.exp()
+                total = e.sum(-1)
+                dot = torch.bmm(e[:, None, :], shifted[:, :, None]).view(-1)
+                ent[s:s + chunk] = total.log() - dot / total
+                del logits, shifted
+                logits = e
+            else:
+                total = shifted.exp_().sum(-1)
+            lse[s:s + chunk] = total.log() + top.squeeze(-1)
+            if want_h or weight_now:
+                logits.div_(total.neg_()[:, None])  # −softmax
             logps[s:s + chunk] -= lse[s:s + chunk]
             if want_h or weight_now:
                 # d log p(t) / d logits = onehot(t) − softmax(logits), in place over −softmax
