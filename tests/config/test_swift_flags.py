@@ -75,7 +75,7 @@ def test_every_ms_swift_flag_parses_or_says_what_to_use(command):
 
 def test_flags_the_issue_names():
     issue = {"use_galore": "GaLore", "lisa_activated_layers": "LISA", "push_to_hub": "upload",
-             "vit_lr": "multimodal", "cached_dataset": "--dataset", "llamapro_num_new_blocks": "--train_type lora",
+             "vit_lr": "multimodal", "cached_dataset": "--dataset", "adapter_length": "--train_type lora",
              "experts_impl": "experts_implementation"}
     for flag, hint in issue.items():
         with pytest.raises(ArgError, match=NOT_YET) as e:
