@@ -262,6 +262,7 @@ def test_tuners_without_a_library_are_refused_with_the_reason(value, reason):
     (["--init_weights", "eva"], "EVA initialises from the SVD of activations"),
     (["--init_weights", "corda"], "CorDA initialises from activation covariances"),
     (["--init_weights", "nonsense"], "not a LoRA initialisation"),
+    (["--init_weights", "orthogonal", "--lora_rank", "5"], "--lora_rank must be even, not 5"),
 ])
 def test_tuner_flag_problems_are_found_before_anything_loads(tiny_models, tmp_path, argv, problem):
     from tunesmith.train.config import problems
@@ -318,6 +319,12 @@ def test_adapters_peft_cannot_use_are_refused_by_name(tmp_path):
     assert adapter_problem(vera, train_type="vera") is None and adapter_problem(vera, merge=True) is None
     prompt = adapter("prompt", peft_type="PROMPT_TUNING")
     assert "peft cannot merge it" in adapter_problem(prompt, merge=True)
+    # vLLM, SGLang and LMDeploy apply LoRA only: another tuner is refused, saying to merge it first
+    from tunesmith.config.slices import EngineConfig
+    from tunesmith.inference.backends.common import engine_adapters
+
+    with pytest.raises(ConfigError, match=r"\(VERA\): the accelerated engines serve LoRA adapters only; merge it"):
+        engine_adapters(EngineConfig(adapters=[vera]))
 
 
 def test_a_start_moved_out_of_the_base_is_no_reference_for_dpo(tiny_models, tmp_path):
@@ -332,3 +339,15 @@ def test_a_start_moved_out_of_the_base_is_no_reference_for_dpo(tiny_models, tmp_
                                    str(tmp_path / "x.jsonl"), "--init_weights", init])
         with pytest.raises(FlagError, match=f"--init_weights {init} moves part of every targeted weight"):
             check(args, method_for(args))
+
+
+def test_lora_flags_another_tuner_does_not_read_are_said(capsys):
+    """ms-swift accepts them and ignores them; tunesmith says so (AdaLoRA reads --lora_alpha, --lora_dropout and
+    --lora_bias, its rank is --adalora_init_r)."""
+    from tunesmith.train.config import _combination_notes
+
+    _combination_notes(parse_args("sft", ["--train_type", "vera", "--lora_rank", "16", "--lora_alpha", "8"]))
+    _combination_notes(parse_args("sft", ["--train_type", "adalora", "--lora_rank", "16", "--lora_alpha", "8"]))
+    err = capsys.readouterr().err
+    assert "--train_type vera does not read LoRA's --lora_rank, --lora_alpha: they have no effect" in err
+    assert "--train_type adalora does not read LoRA's --lora_rank: it has no effect" in err

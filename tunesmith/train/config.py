@@ -300,6 +300,9 @@ def tuner_problems(args) -> list[str]:
                    f"{', '.join(_LORA_INITS[:-1])}, pissa_niter_N")
     elif kind == "lora" and init in ("lora-ga", "lora_ga") and not args.adapters:
         out += _lora_ga_problems(args)
+    elif kind == "lora" and init == "orthogonal" and args.lora_rank % 2:
+        out.append(f"--init_weights orthogonal splits a random rotation in two halves: --lora_rank must be even, "
+                   f"not {args.lora_rank}")
     allowed = {"adalora": ("true", "false"), "bone": ("true", "false", "bat")}.get(kind)
     if allowed and init not in allowed:
         out.append(f"--init_weights {args.init_weights}: --train_type {kind} takes {', '.join(allowed)}")
@@ -370,15 +373,20 @@ def _adalora_problems(args) -> list[str]:
 
 def _combination_notes(args) -> None:
     """Settings ms-swift accepts together although one makes the other moot: said, not refused."""
-    if args.train_type == "full":
+    kind = args.train_type
+    if kind != "lora":  # LoRA's flags: only AdaLoRA reads some, the other tuners only the targets
+        read = {"adalora": ("lora_alpha", "lora_dropout", "lora_bias", "target_modules"),
+                "full": (), "llamapro": ()}.get(kind, ("target_modules",))
         fields = dataclasses.fields(TunerArgs)
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                    for f in fields if f.name.startswith("lora_") or f.name == "target_modules"}
+                    for f in fields if (f.name.startswith("lora_") or f.name == "target_modules") and f.name not in read}
         values = flag_values(args)
         given = [k for k, v in defaults.items() if values[k] != v]
         if given:
-            note(f"--train_type full trains every weight: {', '.join('--' + k for k in given)} "
-                 f"{'has' if len(given) == 1 else 'have'} no effect")
+            flags, one = ", ".join("--" + k for k in given), len(given) == 1
+            note(f"--train_type full trains every weight: {flags} {'has' if one else 'have'} no effect"
+                 if kind == "full" else
+                 f"--train_type {kind} does not read LoRA's {flags}: {'it has' if one else 'they have'} no effect")
     if args.packing and args.padding_free:
         note("--packing already trains without padding: --padding_free adds nothing")
 
