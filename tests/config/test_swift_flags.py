@@ -73,9 +73,22 @@ def test_every_ms_swift_flag_parses_or_says_what_to_use(command):
     assert bad == []
 
 
+def test_how_many_ms_swift_flags_are_not_supported_yet(capsys):
+    """The count of ms-swift flags refused as "not supported yet", per command, printed for the record (-s); it may
+    only fall (issue #32 item 2, the peft tuners, took sft from 172 to 145 and rlhf from 246 to 219)."""
+    def not_yet(command, flag):
+        kind, message = _outcome(command, flag)
+        return kind == "error" and bool(NOT_YET.search(message))
+
+    counts = {c: sum(not_yet(c, f) for f in TABLE[c]) for c in COMMANDS}
+    with capsys.disabled():
+        print(f"\nms-swift flags 'not supported yet': {counts} (total {sum(counts.values())})")
+    assert counts["sft"] <= 145 and counts["rlhf"] <= 219, counts
+
+
 def test_flags_the_issue_names():
     issue = {"galore_quantization": "Q-GaLore", "push_to_hub": "upload",
-             "vit_lr": "multimodal", "cached_dataset": "--dataset", "llamapro_num_new_blocks": "--train_type lora",
+             "vit_lr": "multimodal", "cached_dataset": "--dataset", "adapter_length": "--train_type lora",
              "experts_impl": "experts_implementation"}
     for flag, hint in issue.items():
         with pytest.raises(ArgError, match=NOT_YET) as e:

@@ -19,13 +19,14 @@ import shlex
 import shutil
 import sys
 
+from tunesmith.config.checks import raise_problems
 from tunesmith.config.groups import ExportOutputArgs
 from tunesmith.config.slices import ModelConfig, take
 from tunesmith.errors import ConfigError
 from tunesmith.export.merge import (atomic_output, remove_stale_temporaries, terminate_as_interrupt,
                                     write_model_folder)
 from tunesmith.files import write_text_atomic
-from tunesmith.models.checkpoint import resolve_checkpoint, split_named_adapters
+from tunesmith.models.checkpoint import adapter_problem, resolve_checkpoint, split_named_adapters
 from tunesmith.models.load import load_for_inference, note
 from tunesmith.runs.run_dir import save_args
 
@@ -114,6 +115,7 @@ def main(args):
         raise ConfigError("--adapters name=path pairs are for deploy; export merges plain adapter paths")
     if kind == "merged" and not adapters:
         raise ConfigError("--merge_lora true needs --adapters CKPT (the LoRA checkpoint to merge)")
+    raise_problems([m for m in (adapter_problem(a, merge=True) for a in adapters) if m])  # every export merges
     out = os.path.abspath(cfg.output_dir or default_output_dir(kind, cfg, adapters, args.model))
     if args.quant_method and adapters and args.quant_method != cfg.quant_method:
         note(f"the adapter was trained on a {args.quant_method} {args.quant_bits}-bit base; it is merged into the "

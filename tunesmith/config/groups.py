@@ -124,8 +124,13 @@ class DataArgs:
 
 @dataclass(frozen=True)
 class TunerArgs:
-    """What is trained: LoRA (rank, alpha, targets, DoRA, rsLoRA, init) or every weight; adapters to start from."""
-    train_type: str = _f("lora", help="lora or full.", aliases=("tuner_type", "sft_type"), choices=("lora", "full"))
+    """What is trained: LoRA (rank, alpha, targets, DoRA, rsLoRA, init), another peft tuner (AdaLoRA, VeRA, BOFT,
+    FourierFT, Bone), LLaMA-Pro's new blocks, or every weight; adapters to start from. The tuners' flags are
+    ms-swift 4.x's names with its defaults (swift/arguments/tuner_args.py); docs/tuners.md has the table."""
+    train_type: str = _f("lora", help="lora, full, or the tuners adalora, vera, boft, fourierft, bone (peft) and "
+                                      "llamapro (new decoder blocks); see docs/tuners.md.",
+                         aliases=("tuner_type", "sft_type"),
+                         choices=("lora", "full", "adalora", "vera", "boft", "fourierft", "bone", "llamapro"))
     lora_rank: int = _f(8, help="LoRA rank r (inner dimension of the A and B matrices).")
     lora_alpha: int = _f(32, help="LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with "
                                   "--use_rslora).")
@@ -137,7 +142,20 @@ class TunerArgs:
                                    choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
     use_rslora: bool = _f(False, help="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
     use_dora: bool = _f(False, help="DoRA: learn each weight's magnitude apart from its direction (slower).")
-    init_weights: str = _f("true", help="true, gaussian, pissa, olora, loftq, ... (peft init_lora_weights).")
+    init_weights: str = _f("true", help="LoRA's initialisation (peft init_lora_weights): true (B = 0), false, "
+                                        "gaussian, orthogonal, pissa, pissa_niter_N, olora, lora-ga; bone: true, "
+                                        "false or bat.")
+    # LoRA-GA (--init_weights lora-ga): LoRA started from the gradients of the first training rows
+    lora_ga_batch_size: int = _f(2, help="LoRA-GA: rows per batch of the gradient estimate.")
+    lora_ga_iters: int = _f(2, help="LoRA-GA: batches the gradient is averaged over (the first batch_size x iters "
+                                    "training rows).")
+    lora_ga_max_length: int = _f(1024, help="LoRA-GA: tokens each row is cut to for the gradient estimate.")
+    lora_ga_direction: str = _f("ArB2r", help="LoRA-GA: which singular vectors of the gradient A and B take "
+                                              "(ArB2r: A the first r, B the next r).",
+                                choices=("ArBr", "A2rBr", "ArB2r", "random"))
+    lora_ga_scale: str = _f("stable", help="LoRA-GA: how the start is scaled: stable (by --lora_ga_stable_gamma), "
+                                           "gd, unit or weightS.", choices=("stable", "gd", "unit", "weightS"))
+    lora_ga_stable_gamma: int = _f(16, help="LoRA-GA: gamma of the stable scaling.")
     target_modules: List[str] = _f(help="all-linear (no lm_head, no MoE routers) or module names.",
                                    list_default=["all-linear"])
     target_regex: Optional[str] = _f(help="Regex over module names (overrides --target_modules).")
@@ -150,6 +168,40 @@ class TunerArgs:
                                                  "about 30% slower.")
     use_liger_kernel: bool = _f(False, help="Liger fused kernels (GPU only; skipped with a note on CPU).")
     router_aux_loss_coef: float = _f(0.0, help="MoE load-balancing loss weight (gpt-oss example: 1e-3).")
+    # AdaLoRA (--train_type adalora; also reads --lora_alpha, --lora_dropout, --target_modules, --init_weights)
+    adalora_target_r: int = _f(8, help="AdaLoRA: the average rank left per matrix once the budget is allocated.")
+    adalora_init_r: int = _f(12, help="AdaLoRA: every matrix's rank at the start.")
+    adalora_tinit: int = _f(0, help="AdaLoRA: optimiser steps of warm-up before ranks are pruned.")
+    adalora_tfinal: int = _f(0, help="AdaLoRA: optimiser steps at the end trained with the final ranks.")
+    adalora_deltaT: int = _f(1, help="AdaLoRA: optimiser steps between two budget allocations.")
+    adalora_beta1: float = _f(0.85, help="AdaLoRA: EMA factor of the sensitivity (importance) scores.")
+    adalora_beta2: float = _f(0.85, help="AdaLoRA: EMA factor of the scores' uncertainty.")
+    adalora_orth_reg_weight: float = _f(0.5, help="AdaLoRA: weight of the orthogonality penalty on P and Q, added to "
+                                                  "the loss.")
+    # VeRA (--train_type vera)
+    vera_rank: int = _f(256, help="VeRA: rank of the shared frozen random matrices.")
+    vera_projection_prng_key: int = _f(0, help="VeRA: seed of the shared random projections (saved with the "
+                                               "adapter).")
+    vera_dropout: float = _f(0.0, help="VeRA: dropout probability (0-1) on the adapter's input.")
+    vera_d_initial: float = _f(0.1, help="VeRA: initial value of the trained scaling vector d.")
+    # BOFT (--train_type boft)
+    boft_block_size: int = _f(4, help="BOFT: size of each orthogonal block (divides every targeted layer's input "
+                                      "size); give it or --boft_block_num, not both.")
+    boft_block_num: int = _f(0, help="BOFT: number of orthogonal blocks per layer (0: from --boft_block_size).")
+    boft_n_butterfly_factor: int = _f(1, help="BOFT: butterfly factors (1 is OFT's block-diagonal matrix).")
+    boft_dropout: float = _f(0.0, help="BOFT: multiplicative dropout probability (0-1) of whole blocks.")
+    # FourierFT (--train_type fourierft)
+    fourier_n_frequency: int = _f(2000, help="FourierFT: spectral coefficients trained per layer (at most the "
+                                             "layer's in x out size).")
+    fourier_scaling: float = _f(300.0, help="FourierFT: scaling of the weight update built from the spectrum.")
+    # Bone (--train_type bone; peft calls it MiSS): ms-swift reads its rank from --reft_rank
+    reft_rank: int = _f(4, help="Bone: block size (rank); ms-swift reads bone's rank from this flag (--train_type "
+                                "reft itself is not supported).")
+    # LLaMA-Pro (--train_type llamapro): block expansion, https://arxiv.org/abs/2401.02415
+    llamapro_num_new_blocks: int = _f(4, help="LLaMA-Pro: new decoder blocks, each a copy of the block before it "
+                                             "with its o_proj and down_proj zeroed; only these are trained.")
+    llamapro_num_groups: Optional[int] = _f(help="LLaMA-Pro: groups the layers are split into, a new block after "
+                                                 "each (default --llamapro_num_new_blocks).")
 
 
 @dataclass(frozen=True)

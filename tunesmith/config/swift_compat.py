@@ -152,8 +152,14 @@ _GRPO = ("that GRPO option is not implemented yet; tunesmith's GRPO (--rlhf_type
 _PPO = ("PPO (--rlhf_type ppo) is not planned yet; tunesmith rlhf trains dpo, simpo, orpo, cpo, kto and grpo "
         "(reinforcement learning with reward functions)")
 _GKD = "GKD distillation (--rlhf_type gkd) is not implemented; tunesmith rlhf trains dpo, simpo, orpo, cpo and kto"
-_TUNER = ("that ms-swift tuner is not implemented; tunesmith trains --train_type lora (also --use_dora, --use_rslora, "
-          "--init_weights pissa/olora/loftq) or full")
+_ADAPTER = ("ms-swift's Adapter tuner (its own bottleneck layers) is not supported yet: no maintained library for it "
+            "installs beside transformers 5 (AdapterHub's adapters 1.3 pins transformers ~=4.57); use --train_type "
+            "lora, or another peft tuner (docs/tuners.md)")
+_REFT = ("ReFT is not supported yet: pyreft 0.1.0, its library, pins transformers==4.45.1, which tunesmith cannot run "
+         "with; use --train_type lora, or another peft tuner (docs/tuners.md)")
+_LONGLORA = ("LongLoRA is not supported yet: it is ms-swift's own patch of Llama's attention (shifted sparse "
+             "attention), which no maintained library provides and tunesmith does not patch models; use --train_type "
+             "lora (with --attn_impl flash_attn for long sequences)")
 _MULTIMODAL = "multimodal models are not supported yet; tunesmith trains text-only causal language models"
 _HUB = ("pushing to a hub is not implemented; upload the output folder afterwards, e.g. `huggingface-cli upload "
         "REPO_ID OUTPUT_DIR` or `modelscope upload REPO_ID OUTPUT_DIR`")
@@ -190,14 +196,8 @@ NOT_SUPPORTED_YET = {
     "f_divergence_type": "only DPO's reverse-KL objective is implemented",
     "use_weighting": "WPO weighting is not implemented",
     # tuners other than LoRA, and optimiser plugins
-    **_same(_TUNER, "adalora_beta1", "adalora_beta2", "adalora_deltaT", "adalora_init_r", "adalora_orth_reg_weight",
-            "adalora_target_r", "adalora_tfinal", "adalora_tinit", "adapter_act", "adapter_length", "boft_block_num",
-            "boft_block_size", "boft_dropout", "boft_n_butterfly_factor", "fourier_n_frequency", "fourier_scaling",
-            "llamapro_num_groups", "llamapro_num_new_blocks", "reft_args", "reft_intervention_type", "reft_layer_key",
-            "reft_layers", "reft_rank", "vera_d_initial", "vera_dropout", "vera_projection_prng_key", "vera_rank"),
-    **_same("LoRA-GA initialisation is not implemented; --init_weights takes true, gaussian, pissa, olora, loftq, ...",
-            "lora_ga_batch_size", "lora_ga_direction", "lora_ga_iters", "lora_ga_max_length", "lora_ga_scale",
-            "lora_ga_stable_gamma"),
+    **_same(_ADAPTER, "adapter_act", "adapter_length"),
+    **_same(_REFT, "reft_args", "reft_intervention_type", "reft_layer_key", "reft_layers"),
     **_same("Q-GaLore (GaLore with 8-bit weights and quantised projections) needs q-galore-torch's 8-bit CUDA "
             "optimiser and is not supported; --use_galore true trains with galore-torch's GaLoreAdamW",
             "galore_cos_threshold", "galore_gamma_proj", "galore_proj_bits", "galore_proj_group_size",
@@ -472,8 +472,7 @@ COMPATIBILITY_ONLY_IN = {
 # ms-swift values that tunesmith does not implement: the error says so instead of only listing the choices.
 NOT_SUPPORTED_VALUES = {
     **{("rlhf_type", t): f"ms-swift's {t} is not supported by tunesmith yet" for t in ("ppo", "gkd")},
-    **{("train_type", t): f"ms-swift's {t} tuner is not supported by tunesmith yet; use lora or full"
-       for t in ("longlora", "adalora", "llamapro", "adapter", "vera", "boft", "fourierft", "reft", "bone")},
+    ("train_type", "longlora"): _LONGLORA, ("train_type", "adapter"): _ADAPTER, ("train_type", "reft"): _REFT,
     **{("quant_method", q): f"QLoRA trains on a bnb-quantised base; {q} is not supported for training"
        for q in ("hqq", "eetq", "quanto")},
     **{("quant_method", q): f"QLoRA trains on a bnb-quantised base; to write a {q} checkpoint after training use "

@@ -86,15 +86,47 @@ def named_adapter_problems(adapters: list[str], base_name: Optional[str] = None)
     return out
 
 
-def _adapter_config(path: str) -> dict:
+# the peft_type in adapter_config.json of each --train_type saved as a peft adapter (peft 0.17 renamed Bone to
+# MiSS; ms-swift's `from peft import BoneConfig` fails on peft 0.21)
+PEFT_TYPES = {"lora": "LORA", "adalora": "ADALORA", "vera": "VERA", "boft": "BOFT", "fourierft": "FOURIERFT",
+              "bone": "MISS"}
+# peft adapters that add virtual tokens or prompts rather than a weight update: peft cannot merge them
+_PROMPT_TYPES = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT"}
+
+
+def adapter_config(path: str) -> dict:
     """The adapter_config.json of an adapter folder (or of its default/ subfolder); {} when unreadable."""
     for where in (path, os.path.join(path, "default")):
         try:
             with open(os.path.join(where, "adapter_config.json"), encoding="utf-8") as fh:
-                return json.load(fh)
+                config = json.load(fh)
+            return config if isinstance(config, dict) else {}
         except (OSError, ValueError):
             continue
     return {}
+
+
+def adapter_problem(path: str, flag: str = "--adapters", train_type: Optional[str] = None,
+                    merge: bool = False) -> Optional[str]:
+    """Why the adapter folder `path` cannot be used as asked, or None: an ms-swift adapter in its own format (LLaMA-Pro,
+    Adapter, ReFT: `swift_type`), which peft cannot load; with train_type, an adapter of another tuner than
+    --train_type (training continues the adapter's own tuner); with merge, a prompt-learning adapter, which peft
+    cannot merge into the weights."""
+    config = adapter_config(path)
+    swift = config.get("swift_type")
+    if swift:
+        return (f"{flag} {path}: an ms-swift {swift} adapter, saved in ms-swift's own format, which peft cannot load; "
+                f"merge it with ms-swift (swift export --adapters {path} --merge_lora true) and pass the merged "
+                f"folder with --model")
+    kind = config.get("peft_type")
+    if train_type and kind and PEFT_TYPES.get(train_type) != kind:
+        ours = next((t for t, k in PEFT_TYPES.items() if k == kind), None)
+        return (f"{flag} {path}: a {kind} adapter, but --train_type is {train_type}; training continues an adapter "
+                f"with its own tuner" + (f": pass --train_type {ours}" if ours else ", which tunesmith does not train"))
+    if merge and kind in _PROMPT_TYPES:
+        return (f"{flag} {path}: a {kind} adapter, which adds virtual tokens rather than a weight update, so peft "
+                f"cannot merge it into the model; serve it unmerged (tunesmith infer/deploy --adapters {path})")
+    return None
 
 
 def _trained_on(path: str, config: dict) -> Optional[str]:
@@ -119,15 +151,20 @@ def side_by_side_problems(named: dict[str, str]) -> list[str]:
     """Why deploy's named adapters {name: path} cannot be served side by side in one model, one line each (empty
     when they can). Each request picks its adapter per row of a shared batch (peft's adapter_names), so every
     adapter must be a causal-LM LoRA on the same base, must not change weights the others share (LoRA bias
-    training writes the base model's own biases), and must be neither DoRA nor LoRA on raw parameters (peft chooses
-    neither per row). Different ranks, alphas, target modules and modules_to_save are fine."""
+    training writes the base model's own biases), and must be neither DoRA, LoRA on raw parameters nor another peft
+    tuner (AdaLoRA, VeRA, ...: peft chooses none of them per row). Different ranks, alphas, target modules and
+    modules_to_save are fine."""
     out, bases = [], {}
     alone = "serve it on its own: --adapters {path} (no name=)"
     for name, path in named.items():
-        config, pair = _adapter_config(path), f"--adapters {name}={path}"
+        config, pair = adapter_config(path), f"--adapters {name}={path}"
         if config.get("task_type") == "SEQ_CLS":
             out.append(f"{pair}: a reward model (--rlhf_type rm, a score head): it scores text and cannot "
                        f"generate; deploy serves generation adapters only")
+        elif config.get("peft_type", "LORA") != "LORA":
+            out.append(f"{pair}: an adapter of peft type {config['peft_type']}; peft chooses only LoRA adapters "
+                       f"per request beside other adapters, so " + alone.format(path=path) + ", or merge it with "
+                       f"export --merge_lora true")
         elif config.get("use_dora"):
             out.append(f"{pair}: a DoRA adapter (--use_dora true), which peft cannot choose per request beside "
                        f"other adapters; " + alone.format(path=path) + ", or merge it with export --merge_lora true")
@@ -246,7 +283,8 @@ def resolve_checkpoint(args: Checkpointed) -> tuple[Checkpointed, Optional[str]]
             raise ConfigError(f"--adapters {path}: this is a full model checkpoint, not a LoRA adapter (no "
                               f"adapter_config.json); pass it with --model {path}")
     for flag, path in [("--adapters", p) for p in plain + list(named.values())] + [("--model", args.model)]:
-        problem = diverged_problem(path, flag) or reward_model_problem(flag, path)
+        problem = diverged_problem(path, flag) or reward_model_problem(flag, path) or \
+            (adapter_problem(path, flag) if flag == "--adapters" else None)
         if problem:
             raise ConfigError(problem)
     if args.model and os.path.isdir(args.model) and is_adapter_dir(args.model):

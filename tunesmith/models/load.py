@@ -274,10 +274,12 @@ def cast_lora(model, dtype_name: Optional[str], adapter: str = "default") -> int
     return cast
 
 
-def attach_lora(model, cfg: ModelConfig):
+def attach_lora(model, cfg: ModelConfig, gradient_step=None):
     """Wrap the model with a fresh LoRA adapter, or continue from --adapters (trainable); then apply --lora_dtype
-    to the trained adapter's weights. Raises ConfigError for several --adapters or targets that match no layer."""
-    peft_model = _attach_lora(model, cfg)
+    to the trained adapter's weights. gradient_step: for --init_weights lora-ga, a function of no arguments that
+    runs the forward and backward passes LoRA-GA estimates the gradients from (peft's preprocess_loraga; see
+    models.tuners.lora_ga_step). Raises ConfigError for several --adapters or targets that match no layer."""
+    peft_model = _attach_lora(model, cfg, gradient_step)
     cast_lora(peft_model, cfg.lora_dtype)
     return peft_model
 
@@ -286,8 +288,8 @@ def _is_seq_cls(model) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification")
 
 
-def _attach_lora(model, cfg: ModelConfig):
-    from peft import LoraConfig, PeftModel, get_peft_model
+def _attach_lora(model, cfg: ModelConfig, gradient_step=None):
+    from peft import PeftModel, get_peft_model
 
     if cfg.quant_method:
         from peft import prepare_model_for_kbit_training
@@ -298,19 +300,12 @@ def _attach_lora(model, cfg: ModelConfig):
             raise ConfigError("training continues from one adapter; pass a single --adapters path")
         note(f"continuing training from adapter {cfg.adapters[0]}")
         return PeftModel.from_pretrained(model, cfg.adapters[0], is_trainable=True)
-    dropout = cfg.lora_dropout
-    if cfg.target_parameters and dropout:
-        note(f"--lora_dropout {dropout} -> 0: peft's LoRA on raw parameters (--target_parameters, MoE experts) "
-             f"does not support dropout")
-        dropout = 0.0
-    target = cfg.target_regex or _expand_special(model, cfg.target_modules)
-    init = {"true": True, "false": False}.get(str(cfg.init_weights).lower(), cfg.init_weights)
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=dropout, bias=cfg.lora_bias,
-                      target_modules=target, target_parameters=list(cfg.target_parameters) or None,
-                      modules_to_save=_expand_special(model, cfg.modules_to_save) or None,
-                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=init,
-                      task_type="SEQ_CLS" if _is_seq_cls(model) else "CAUSAL_LM")  # SEQ_CLS trains the score head
+    lora = lora_config(model, cfg)
     try:
+        if lora.init_lora_weights == "lora_ga":
+            from peft import preprocess_loraga
+
+            preprocess_loraga(model, lora, gradient_step)  # the gradients, kept on the layers for the init
         return get_peft_model(model, lora)
     except ValueError as e:
         if "not found in the base model" not in str(e):
@@ -319,6 +314,33 @@ def _attach_lora(model, cfg: ModelConfig):
             f"--target_modules {' '.join(cfg.target_modules)}"
         raise ConfigError(f"{which} matches no layer of this model, so LoRA would have no trainable parameters. "
                           f"Its Linear layers are: {', '.join(all_linear_names(model))} (or pass all-linear)") from None
+
+
+# ms-swift's --lora_ga_scale names -> peft's LoraGAConfig.scale
+_LORA_GA_SCALES = {"stable": "stable", "gd": "gd_scale", "unit": "unit", "weightS": "weight_svd"}
+
+
+def lora_config(model, cfg: ModelConfig):
+    """The peft LoraConfig of the LoRA flags (cfg: the model slice): rank, alpha, dropout (0 for LoRA on raw
+    parameters, which peft requires, with a note), targets (all-linear expanded), --init_weights (ms-swift's true,
+    false and lora-ga as peft spells them; LoRA-GA's --lora_ga_* flags), the task (SEQ_CLS for a reward model: peft
+    then trains its score head)."""
+    from peft import LoraConfig, LoraGAConfig
+
+    dropout = cfg.lora_dropout
+    if cfg.target_parameters and dropout:
+        note(f"--lora_dropout {dropout} -> 0: peft's LoRA on raw parameters (--target_parameters, MoE experts) "
+             f"does not support dropout")
+        dropout = 0.0
+    target = cfg.target_regex or _expand_special(model, cfg.target_modules)
+    init = {"true": True, "false": False, "lora-ga": "lora_ga"}.get(str(cfg.init_weights).lower(), cfg.init_weights)
+    ga = LoraGAConfig(direction=cfg.lora_ga_direction, scale=_LORA_GA_SCALES[cfg.lora_ga_scale],
+                      stable_gamma=cfg.lora_ga_stable_gamma) if init == "lora_ga" else None
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=dropout, bias=cfg.lora_bias,
+                      target_modules=target, target_parameters=list(cfg.target_parameters) or None,
+                      modules_to_save=_expand_special(model, cfg.modules_to_save) or None,
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=init, lora_ga_config=ga,
+                      task_type="SEQ_CLS" if _is_seq_cls(model) else "CAUSAL_LM")
 
 
 def count_parameters(model) -> dict:

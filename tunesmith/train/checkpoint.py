@@ -201,6 +201,8 @@ def check_steps_left(output, optim, total_steps: int, steps_per_epoch: int) -> N
     resumed run counts on from that step (unless --resume_only_model with --ignore_data_skip starts it from 0). The
     --max_steps case is found with the flags (train/config.py); the epochs' steps are known once the data is. Raises
     FlagError."""
+    from tunesmith.models.tuners import WHOLE_MODEL
+
     ckpt = output.resume_from_checkpoint
     if output.resume_only_model and output.ignore_data_skip:
         return
@@ -215,7 +217,7 @@ def check_steps_left(output, optim, total_steps: int, steps_per_epoch: int) -> N
     flag = (f"--max_steps {optim.max_steps}" if optim.max_steps > 0 else
             f"--num_train_epochs {optim.num_train_epochs:g} ({total_steps} steps, {steps_per_epoch} per epoch)")
     more = "" if optim.max_steps > 0 else f"--num_train_epochs above {step / steps_per_epoch:g} or "
-    weights = f"--model {ckpt}" if saved.get("train_type") == "full" else f"--adapters {ckpt}"
+    weights = f"--model {ckpt}" if saved.get("train_type") in WHOLE_MODEL else f"--adapters {ckpt}"
     raise FlagError(f"--resume_from_checkpoint {ckpt}: the checkpoint is at step {step} and {flag} ends "
                     f"{'there' if total_steps == step else 'before it'}, so there is nothing left to train (a resumed "
                     f"run counts on from the checkpoint's step). To train on, give {more}--max_steps above {step} "
@@ -286,11 +288,17 @@ def _describe(shape: tuple, total: int) -> str:
 
 
 def load_model_weights(model, ckpt: str) -> None:
-    """Load the weights saved in a checkpoint into the (possibly peft-wrapped) model in place."""
+    """Load the weights saved in a checkpoint into the (possibly peft-wrapped) model in place: the training form
+    of the weights where the checkpoint has one (models.tuners.TRAINING_WEIGHTS: AdaLoRA, PiSSA, OLoRA), else the
+    adapter or the whole model."""
     from safetensors.torch import load_file
 
     from tunesmith.models.checkpoint import is_adapter_dir
+    from tunesmith.models.tuners import TRAINING_WEIGHTS, load_training_weights
 
+    if os.path.isfile(os.path.join(ckpt, TRAINING_WEIGHTS)):
+        load_training_weights(model, ckpt)
+        return
     if is_adapter_dir(ckpt):
         from peft import set_peft_model_state_dict
 

@@ -22,6 +22,7 @@ from tunesmith.config.slices import DataConfig, DistConfig, ModelConfig, OptimCo
 from tunesmith.config.checks import between, empty_names, model_problems, raise_problems
 from tunesmith.errors import ConfigError
 from tunesmith.log import note
+from tunesmith.models.tuners import MUTATING_INITS, RESUME_SAME, WHOLE_MODEL
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,6 @@ def _checkpoint_files(args, ckpt: str, flag: str) -> list[str]:
     return out
 
 
-# what a checkpoint's args.json must share with the run that resumes it: the weights' shapes and meaning
-_RESUME_SAME = ("train_type", "lora_rank", "target_modules", "use_dora", "quant_bits", "modules_to_save")
 
 
 def resume_problems(args) -> list[str]:
@@ -138,7 +137,8 @@ def resume_problems(args) -> list[str]:
         out.append(f"{flag}: a {theirs} checkpoint, but this run trains {ours}; to train {ours} from it, pass its "
                    f"weights (--adapters {ckpt}, or --model for full training) instead of resuming")
     ours_now = flag_values(args)
-    for key in _RESUME_SAME if (saved.get("train_type") or "lora") == "lora" else ("train_type",):
+    # what the checkpoint must share with this run: the tuner and the flags that shape (and mean) its weights
+    for key in ("train_type",) + RESUME_SAME.get(saved.get("train_type") or "lora", ()):
         if key in saved and saved[key] != ours_now[key]:
             out.append(f"{flag}: the checkpoint has --{key} {saved[key]}, this run --{key} {ours_now[key]}; "
                        f"resume with the checkpoint's settings")
@@ -164,7 +164,7 @@ def _resume_step_problems(args, ckpt: str, flag: str, saved: dict) -> list[str]:
         step = json.load(fh).get("global_step")
     if not isinstance(step, int) or args.max_steps > step:
         return []
-    weights = f"--model {ckpt}" if saved.get("train_type") == "full" else f"--adapters {ckpt}"
+    weights = f"--model {ckpt}" if saved.get("train_type") in WHOLE_MODEL else f"--adapters {ckpt}"
     return [f"{flag}: the checkpoint is at step {step} and --max_steps {args.max_steps} ends "
             f"{'there' if args.max_steps == step else 'before it'}, so there is nothing left to train (a resumed run "
             f"counts on from the checkpoint's step). To train on, give --max_steps above {step} (the total, e.g. "
@@ -271,17 +271,122 @@ def _tracker_problems(report_to) -> list[str]:
     return out
 
 
+# LoRA initialisations tunesmith does not run, and why (--init_weights)
+_INITS_NOT_YET = {
+    "loftq": "LoftQ replaces the base weights with their 4-bit quantised form, so its adapter fits only that changed "
+             "base, which tunesmith does not save (ms-swift passes no LoftQConfig, so peft refuses it there too); for "
+             "a quantised base train QLoRA (--quant_method bnb --quant_bits 4), for a start from the weights' "
+             "principal directions use --init_weights pissa",
+    "eva": "EVA initialises from the SVD of activations over training batches, a pass that tunesmith does not run "
+           "yet (ms-swift does not either: it passes peft no data for it, and has no flags for its settings); use "
+           "pissa, olora or lora-ga (which starts from the gradients of the first training rows)",
+    "corda": "CorDA initialises from activation covariances over training batches, a pass that tunesmith does not "
+             "run yet (ms-swift does not either, and has no flags for its settings); use pissa, olora or lora-ga",
+}
+_LORA_INITS = ("true", "false", "gaussian", "orthogonal", "pissa", "olora", "lora-ga", "lora_ga")
+
+
+def tuner_problems(args) -> list[str]:
+    """The problems of the tuner flags (--train_type and its ms-swift flags; docs/tuners.md), one line each: values
+    out of range, --init_weights the tuner does not take, flags of LoRA alone with another tuner, and AdaLoRA's
+    schedule against --max_steps and with DeepSpeed/FSDP (its allocation reads the gradients between the update and
+    their clearing, which those engines do in one call)."""
+    out: list[str] = []
+    kind, init = args.train_type, str(args.init_weights).lower()
+    if kind == "lora" and init in _INITS_NOT_YET:
+        out.append(f"--init_weights {args.init_weights}: {_INITS_NOT_YET[init]}")
+    elif kind == "lora" and init not in _LORA_INITS and not init.startswith("pissa_niter_"):
+        out.append(f"--init_weights {args.init_weights}: not a LoRA initialisation; one of "
+                   f"{', '.join(_LORA_INITS[:-1])}, pissa_niter_N")
+    elif kind == "lora" and init in ("lora-ga", "lora_ga") and not args.adapters:
+        out += _lora_ga_problems(args)
+    elif kind == "lora" and init == "orthogonal" and args.lora_rank % 2:
+        out.append(f"--init_weights orthogonal splits a random rotation in two halves: --lora_rank must be even, "
+                   f"not {args.lora_rank}")
+    allowed = {"adalora": ("true", "false"), "bone": ("true", "false", "bat")}.get(kind)
+    if allowed and init not in allowed:
+        out.append(f"--init_weights {args.init_weights}: --train_type {kind} takes {', '.join(allowed)}")
+    if kind not in ("lora", "full") and (args.use_dora or args.target_parameters):
+        out.append(f"--{'use_dora' if args.use_dora else 'target_parameters'} is LoRA's; --train_type {kind} has no "
+                   f"such variant: drop it, or train --train_type lora")
+    if kind == "adalora":
+        out += _adalora_problems(args)
+    elif kind == "vera":
+        between(out, "vera_rank", args.vera_rank, 1, None, hint="ms-swift's default is 256")
+        between(out, "vera_dropout", args.vera_dropout, 0, 1, hi_open=True)
+    elif kind == "boft":
+        between(out, "boft_dropout", args.boft_dropout, 0, 1, hi_open=True)
+        between(out, "boft_n_butterfly_factor", args.boft_n_butterfly_factor, 1, None)
+        if (args.boft_block_size > 0) == (args.boft_block_num > 0):
+            out.append(f"--boft_block_size {args.boft_block_size} --boft_block_num {args.boft_block_num}: BOFT takes "
+                       f"one of them (peft's rule): give --boft_block_size 0 with --boft_block_num N, or "
+                       f"--boft_block_num 0 (the default) with --boft_block_size N")
+    elif kind == "fourierft":
+        between(out, "fourier_n_frequency", args.fourier_n_frequency, 1, None, hint="ms-swift's default is 2000")
+    elif kind == "bone":
+        between(out, "reft_rank", args.reft_rank, 1, None, hint="bone's rank; ms-swift's default is 4")
+    elif kind == "llamapro":
+        between(out, "llamapro_num_new_blocks", args.llamapro_num_new_blocks, 1, None)
+        if args.llamapro_num_groups is not None:
+            between(out, "llamapro_num_groups", args.llamapro_num_groups, 1, None)
+    return out
+
+
+def _lora_ga_problems(args) -> list[str]:
+    """LoRA-GA estimates its start from the gradients of the first training rows before the model is wrapped: the
+    rows must be encoded up front, on a full-precision base, for a causal LM."""
+    out: list[str] = []
+    for name in ("lora_ga_batch_size", "lora_ga_iters", "lora_ga_max_length", "lora_ga_stable_gamma"):
+        between(out, name, flag_values(args)[name], 1, None)
+    method = args.rlhf_type if isinstance(args, RLHFArguments) else "sft"
+    why = ("--streaming (the rows are read as training goes)" if args.streaming else
+           "--quant_method (peft needs full-precision gradients)" if args.quant_method else
+           f"--rlhf_type {method} (" + ("a reward model has no causal-LM loss" if method == "rm" else
+                                         "its rows are prompts, not encoded sequences") + ")"
+           if method in ("rm", "grpo") else None)
+    if why:
+        out.append(f"--init_weights lora-ga estimates its start from the gradients of the first training rows, "
+                   f"which cannot be done with {why}; use --init_weights pissa or true")
+    return out
+
+
+def _adalora_problems(args) -> list[str]:
+    out: list[str] = []
+    between(out, "adalora_init_r", args.adalora_init_r, 1, None, hint="ms-swift's default is 12")
+    between(out, "adalora_target_r", args.adalora_target_r, 1, args.adalora_init_r,
+            hint="the average rank kept, at most --adalora_init_r")
+    between(out, "adalora_deltaT", args.adalora_deltaT, 1, None)
+    for name in ("adalora_tinit", "adalora_tfinal", "adalora_orth_reg_weight"):
+        between(out, name, flag_values(args)[name], 0, None)
+    for name in ("adalora_beta1", "adalora_beta2"):
+        between(out, name, flag_values(args)[name], 0, 1, hi_open=True)
+    if 0 < args.max_steps <= args.adalora_tinit + args.adalora_tfinal:
+        out.append(f"--adalora_tinit {args.adalora_tinit} and --adalora_tfinal {args.adalora_tfinal} leave no step of "
+                   f"--max_steps {args.max_steps} for AdaLoRA to allocate ranks in (peft needs tinit below max_steps "
+                   f"minus tfinal); lower them or raise --max_steps")
+    if args.deepspeed or args.fsdp:
+        out.append(f"--train_type adalora with --{'deepspeed' if args.deepspeed else 'fsdp'} is not supported yet: "
+                   f"AdaLoRA allocates its ranks from the gradients after each update, which that engine clears in "
+                   f"the same call; use DDP (NPROC_PER_NODE alone)")
+    return out
+
+
 def _combination_notes(args) -> None:
     """Settings ms-swift accepts together although one makes the other moot: said, not refused."""
-    if args.train_type == "full":
+    kind = args.train_type
+    if kind != "lora":  # LoRA's flags: only AdaLoRA reads some, the other tuners only the targets
+        read = {"adalora": ("lora_alpha", "lora_dropout", "lora_bias", "target_modules"),
+                "full": (), "llamapro": ()}.get(kind, ("target_modules",))
         fields = dataclasses.fields(TunerArgs)
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                    for f in fields if f.name.startswith("lora_") or f.name == "target_modules"}
+                    for f in fields if (f.name.startswith("lora_") or f.name == "target_modules") and f.name not in read}
         values = flag_values(args)
         given = [k for k, v in defaults.items() if values[k] != v]
         if given:
-            note(f"--train_type full trains every weight: {', '.join('--' + k for k in given)} "
-                 f"{'has' if len(given) == 1 else 'have'} no effect")
+            flags, one = ", ".join("--" + k for k in given), len(given) == 1
+            note(f"--train_type full trains every weight: {flags} {'has' if one else 'have'} no effect"
+                 if kind == "full" else
+                 f"--train_type {kind} does not read LoRA's {flags}: {'it has' if one else 'they have'} no effect")
     if args.packing and args.padding_free:
         note("--packing already trains without padding: --padding_free adds nothing")
 
@@ -316,10 +421,12 @@ def problems(args) -> list[str]:
         usual = "the usual value for full training is 1e-5" if args.train_type == "full" else \
             "the usual LoRA value is 1e-4"
         between(out, "learning_rate", args.learning_rate, 0, None, lo_open=True, hint=usual)
-    if args.train_type == "lora":
-        between(out, "lora_rank", args.lora_rank, 1, None, hint="8 or 16 are usual")
+    if args.train_type in ("lora", "adalora"):
         between(out, "lora_alpha", args.lora_alpha, 0, None, lo_open=True, hint="usually 2-4x --lora_rank")
         between(out, "lora_dropout", args.lora_dropout, 0, 1, hi_open=True)
+    if args.train_type == "lora":
+        between(out, "lora_rank", args.lora_rank, 1, None, hint="8 or 16 are usual")
+    out += tuner_problems(args)
     if args.max_steps <= 0 and args.streaming:
         out.append("--streaming needs --max_steps N: the number of rows in a stream is not known before it is read "
                    "(ms-swift requires it too)")
@@ -337,13 +444,19 @@ def problems(args) -> list[str]:
     if args.train_type == "full" and args.torch_dtype in ("float16",):
         out.append("full training in float16 has no loss scaling for fp16 weights; use --torch_dtype bfloat16 "
                    "(or float32)")
-    if args.quant_method and args.train_type == "full":
-        out.append("--quant_method bnb trains LoRA adapters on a quantised base (QLoRA); use --train_type lora with it")
+    if args.quant_method and args.train_type != "lora":
+        out.append(f"--quant_method bnb trains LoRA adapters on a quantised base (QLoRA); --train_type "
+                   f"{args.train_type} on a quantised base is not supported yet: use --train_type lora with it")
     from tunesmith.models.checkpoint import diverged_problem
 
     out += [m for m in (diverged_problem(a, "--adapters") for a in args.adapters or []) if m]
-    if args.adapters and args.train_type == "full":
-        out.append("--adapters starts from a LoRA adapter; with --train_type full pass the model with --model")
+    if args.adapters and args.train_type in WHOLE_MODEL:
+        out.append(f"--adapters starts from an adapter; with --train_type {args.train_type} pass the model (a full "
+                   f"checkpoint too) with --model")
+    elif args.adapters:
+        from tunesmith.models.checkpoint import adapter_problem
+
+        out += [m for m in (adapter_problem(a, "--adapters", args.train_type) for a in args.adapters) if m]
     if args.deepspeed:
         import importlib.util
 
@@ -525,6 +638,13 @@ def check(args, method_cls):
                      f"--streaming")
     if isinstance(args, RLHFArguments) and args.sync_ref_model:
         _sync_ref_problems(args, method, found)
+    adapter_off = getattr(method, "needs_reference", False) and args.train_type == "lora" and \
+        not (args.adapters or args.ref_adapters)  # the reference is the model with the adapter switched off
+    if adapter_off and str(args.init_weights).lower().startswith(MUTATING_INITS):
+        found.append(f"--init_weights {args.init_weights} moves part of every targeted weight into the adapter, so the "
+                     f"reference ({method.name}'s: the model with the adapter switched off) would be the base "
+                     f"without that part, not the model training starts from; use --init_weights true here, or "
+                     f"start from an SFT adapter (--adapters CKPT), which is then the reference")
     raise_problems(found)
     return method
 

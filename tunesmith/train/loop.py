@@ -46,12 +46,15 @@ class Objective:
     hooks: training state outside the model and optimiser (a reference that moves, TR-DPO; GRPO's round in
         progress; LISA's trained layers): objects with begin(model, global_step) — before this run's first step —,
         after_step(model, global_step), save(checkpoint folder) and load(checkpoint folder); often empty.
+    after_update: f(model, global_step, total_steps) after each optimiser update, before the gradients are cleared
+        (a tuner's own step: AdaLoRA's rank allocation, train/tuners.py); not run under DeepSpeed.
     """
     name: str
     loss: Callable[[Any, dict], tuple[dict, dict]]
     count: Callable[[dict], dict]
     metrics: Callable[[dict], dict]
     hooks: tuple = ()
+    after_update: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def train(cfg, *, model, objective: Objective, train_rows: list, eval_rows: list
             window, bar = Window(), _progress_bar(run, state)
             while state.global_step < state.total_steps:
                 for micro in step_batches(run, state):
-                    result = train_step(run, micro)
+                    result = train_step(run, micro, state)
                     if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
                         bar.close()
                         mark_diverged(state, result.loss, result.grad_norm, run.par.main)
@@ -205,9 +208,9 @@ def prepare_run(cfg, model, objective, train_rows, eval_rows, collate, run_dir, 
     return run, state
 
 
-def train_step(run: Run, micro: list[dict]) -> StepResult:
-    """Forward and backward over the step's micro-batches, then clip (--max_grad_norm > 0), step the optimiser and
-    the schedule; the gradient norm is taken before clipping.
+def train_step(run: Run, micro: list[dict], state: TrainState) -> StepResult:
+    """Forward and backward over the step's micro-batches, then clip (--max_grad_norm > 0), step the optimiser (and
+    the objective's after_update) and the schedule; the gradient norm is taken before clipping.
 
     Each loss term is divided by its units (tokens, pairs, …) counted over the whole step and every process, so
     accumulation and data parallelism give the step of one large batch; the loss is multiplied by the world size
@@ -261,6 +264,8 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
             run.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss_value, tokens, grad_norm, stats, len(micro))
         run.optimizer.step()
+        for update in objective.after_update:
+            update(model, state.global_step + 1, state.total_steps)
         run.optimizer.zero_grad(set_to_none=True)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step used
     run.scheduler.step()

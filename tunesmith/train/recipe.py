@@ -72,6 +72,8 @@ def main(args) -> dict:
     """Train with the method the command names; return {"run_dir", "state", "model", "tokenizer", "reference"}.
     Raises ConfigError / DataError (bad flags or data, before anything is written) and loop.TrainingDiverged."""
     from tunesmith.models.load import default_device
+    from tunesmith.models.tuners import initial_adapter
+    from tunesmith.train.tuners import with_tuner
     from tunesmith.train import distributed as D
     from tunesmith.train.config import check, resolve
     from tunesmith.train.reference import setup_reference
@@ -82,7 +84,9 @@ def main(args) -> dict:
     cfg = resolve(args, method, D.world_size(), cuda=default_device().type == "cuda")
     prepared = prepare_data(cfg.data, cfg.model, method)
     check_disk(cfg, prepared.model_dir)
-    model, param_info = prepare_model(cfg.model, prepared.model_dir, prepared.tokenizer, cfg.optim.seed, method.head)
+    model, param_info = prepare_model(cfg.model, prepared.model_dir, prepared.tokenizer, cfg.optim.seed, method.head,
+                                      prepared.train_rows)
+    initial = initial_adapter(model, cfg.model)  # PiSSA, OLoRA, LoRA-GA: checkpoints are converted against it
     sync = (args.ref_model_sync_steps, args.ref_model_mixup_alpha) \
         if isinstance(args, RLHFArguments) and args.sync_ref_model else None
     reference = setup_reference(cfg.model, method.ref_model, method.ref_adapters, model, prepared.tokenizer, sync) \
@@ -97,10 +101,11 @@ def main(args) -> dict:
         hooks = tuple(batches.hooks) + ((batches.reference,) if sync is not None else ()) \
             + lisa_hooks(cfg.optim, model)  # LISA: which decoder layers train (--lisa_activated_layers)
         objective = dataclasses.replace(method.objective(batches.reference, cfg), hooks=hooks)
+        objective = with_tuner(objective, model, cfg.model.train_type)  # AdaLoRA's penalty and rank allocation
         state = loop.train(cfg, model=model, objective=objective,
                            train_rows=batches.train, eval_rows=batches.eval, collate=batches.collate,
-                           run_dir=out.run_dir, save_model=save_model_fn(prepared.tokenizer), trackers=out.trackers,
-                           args_extra=out.args_extra)
+                           run_dir=out.run_dir, save_model=save_model_fn(prepared.tokenizer, initial),
+                           trackers=out.trackers, args_extra=out.args_extra)
     finish_run(state, out.run_dir, cfg.output.metric_for_best_model)
     return {"run_dir": out.run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer,
             "reference": batches.reference}

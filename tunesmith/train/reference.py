@@ -12,6 +12,7 @@ from typing import Any, Optional
 from tunesmith.errors import ConfigError
 from tunesmith.models.load import load_model, note, resolve_model_dir
 from tunesmith.models.checkpoint import is_adapter_dir
+from tunesmith.models.tuners import WHOLE_MODEL
 
 
 @dataclass
@@ -146,13 +147,13 @@ class Reference:
 def setup_reference(model_cfg, ref_model: Optional[str], ref_adapters_flag: list, model, tokenizer,
                     sync: Optional[tuple[int, float]] = None) -> Reference:
     """The reference for this run (model slice plus the method's --ref_model/--ref_adapters), never the policy
-    itself and never silently the raw base when training continues from an SFT adapter: with LoRA the adapter
-    switched off, or a frozen copy of --ref_adapters / the --adapters start; with full training a frozen copy of
-    --ref_model (default --model). sync: (--ref_model_sync_steps, --ref_model_mixup_alpha) with --sync_ref_model
+    itself and never silently the raw base when training continues from an SFT adapter: with LoRA (or another peft
+    tuner) the adapter switched off, or a frozen copy of --ref_adapters / the --adapters start; with full training
+    (and LLaMA-Pro) a frozen copy of --ref_model (default --model). sync: (--ref_model_sync_steps, --ref_model_mixup_alpha) with --sync_ref_model
     (full training only; checked by config.check). Raises ConfigError for a reference that is not separate from
     the policy, one whose parameters differ from the policy's when syncing, or flags that do not fit the train
     type."""
-    if model_cfg.train_type == "lora":
+    if model_cfg.train_type not in WHOLE_MODEL:  # a peft adapter (LoRA, AdaLoRA, VeRA, ...)
         if ref_model:
             raise ConfigError("--ref_model is for full training. With LoRA the reference is the base model with the "
                               "adapter switched off (no second copy in memory); to use an SFT adapter as the "

@@ -59,11 +59,12 @@ def prepare_data(data, model, method) -> Prepared:
     return prepare_rows(data, model, rows, model_dir, tok, max_length, broadcast=D.broadcast)
 
 
-def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int, head: str = "causal_lm"):
+def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int, head: str = "causal_lm", train_rows=None):
     """The model to train (model slice): loaded with the method's head ("causal_lm", or "seq_cls" for a reward
-    model), LoRA attached (--train_type lora) with the seeded init, gradient checkpointing, Liger kernels and the
-    training knobs (`apply_knobs`) as asked. Returns (model, parameter counts). Raises ConfigError for an
-    --adapters path that is not an adapter, or a model with nothing to train."""
+    model), its tuner attached with the seeded init (`attach`; train_rows: the encoded training rows, which
+    --init_weights lora-ga estimates its start from), gradient checkpointing, Liger kernels and the training knobs
+    (`apply_knobs`) as asked. Returns (model, parameter counts). Raises ConfigError for an --adapters path that is
+    not an adapter, or a model with nothing to train."""
     for a in model_cfg.adapters:
         if not is_adapter_dir(a):
             raise ConfigError(f"--adapters {a}: not an adapter directory (no adapter_config.json); a full "
@@ -72,8 +73,7 @@ def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int, head: str = "
 
     set_seed(seed)  # LoRA's random init (and anything else drawn here) is the same for the same --seed
     model = load_model(model_cfg, model_dir, tokenizer, for_training=True, head=head)
-    if model_cfg.train_type == "lora":
-        model = attach_lora(model, model_cfg)
+    model = attach(model, model_cfg, train_rows, tokenizer.pad_token_id)
     if model_cfg.gradient_checkpointing:
         # transformers 5.x renamed the method and its kwargs; keep working on 4.x too
         if hasattr(model, "activation_checkpointing_enable"):
@@ -116,6 +116,29 @@ def apply_knobs(model, knobs) -> None:
         from tunesmith.train.knobs.compile import compile_layers
 
         compile_layers(model, knobs.torch_compile_backend, knobs.torch_compile_mode)
+
+
+def attach(model, model_cfg, train_rows=None, pad_id: int = 0):
+    """--train_type on the loaded model: LoRA (models.load.attach_lora; with --init_weights lora-ga, from the
+    gradients of the first train_rows, padded with pad_id), a peft tuner (models.tuners.attach_tuner: adalora,
+    vera, boft, fourierft, bone), LLaMA-Pro's new blocks, the only weights trained (models.tuners.expand_blocks; a
+    reward model's new score head trains too), or nothing for full training."""
+    from tunesmith.models.tuners import PEFT_CONFIGS, attach_tuner, expand_blocks, lora_ga_rows, lora_ga_step
+
+    kind = model_cfg.train_type
+    if kind == "lora":
+        lora_ga = str(model_cfg.init_weights).lower() in ("lora-ga", "lora_ga") and not model_cfg.adapters
+        step = lora_ga_step(model, lora_ga_rows(train_rows, model_cfg), model_cfg, pad_id) if lora_ga else None
+        return attach_lora(model, model_cfg, step)
+    if kind in PEFT_CONFIGS:
+        return attach_tuner(model, model_cfg)
+    if kind == "llamapro":
+        added = expand_blocks(model, model_cfg.llamapro_num_new_blocks, model_cfg.llamapro_num_groups)
+        note(f"--train_type llamapro: {len(added)} new decoder blocks at layers {', '.join(map(str, added))}, "
+             f"the only ones trained ({model.config.num_hidden_layers} layers now)")
+        if hasattr(model, "score"):  # a reward model's score head is new: it trains with the blocks
+            model.score.requires_grad_(True)
+    return model
 
 
 def batching(data, train_rows, eval_rows, padded, flat, packed, length, max_length):
@@ -207,21 +230,29 @@ def make_trackers(run_dir: str, cfg, prepared: Prepared):
                     enabled=D.is_main())
 
 
-def save_model_fn(tokenizer):
-    """save(model, path, state_dict=None): the trained weights (adapter only for LoRA) and the tokenizer, as
-    safetensors, into `path` (a checkpoint's temporary folder)."""
+def save_model_fn(tokenizer, initial=None):
+    """save(model, path, state_dict=None): the trained weights (the adapter as peft writes it for a peft tuner, the
+    whole model for full training and LLaMA-Pro) and the tokenizer, as safetensors, into `path` (a checkpoint's
+    temporary folder). initial: models.tuners.initial_adapter's folder (PiSSA, OLoRA, LoRA-GA), which the adapter is
+    converted against; where peft's adapter is not the training form (that converted one, AdaLoRA's trimmed one),
+    the training weights are saved beside it for an exact resume (models.tuners.TRAINING_WEIGHTS)."""
     from transformers.utils import logging as hf_logging
+
+    from tunesmith.models.tuners import needs_training_weights, save_adapter, save_training_weights
 
     def save(model, path: str, state_dict=None) -> None:
         """state_dict: the full weights gathered from every rank (DeepSpeed ZeRO-3 partitions them)."""
         hf_logging.disable_progress_bar()  # our own progress bar is running; theirs would interleave with it
         kw = {"safe_serialization": True} if state_dict is None else {"safe_serialization": True,
                                                                        "state_dict": state_dict}
-        if len(getattr(model, "peft_config", {})) > 1:
-            # a frozen reference adapter ("ref") rides along in preference training; only the trained one is saved
-            model.save_pretrained(path, selected_adapters=["default"], **kw)
-        else:
+        if not hasattr(model, "peft_config"):
             model.save_pretrained(path, **kw)
+        else:
+            # a frozen reference adapter ("ref") rides along in preference training; only the trained one is saved
+            save_adapter(model, path, initial, **kw, **({"selected_adapters": ["default"]}
+                                                       if len(model.peft_config) > 1 else {}))
+            if needs_training_weights(model):
+                save_training_weights(model, path, state_dict)
         tokenizer.save_pretrained(path)
     return save
 
@@ -236,12 +267,16 @@ class RunOutputs:
 
 def checkpoint_bytes(model_dir: str, train_type: str, save_only_model: bool) -> int:
     """About how large one checkpoint of this run is (bytes): full training saves the weights (as large as the
-    model's weight files) plus AdamW's two fp32 moments per parameter; LoRA saves an adapter and its optimiser
-    state, taken as 2% of the weights (a rank-64 all-linear adapter of a 7B model with AdamW is ~1.3%)."""
+    model's weight files) plus AdamW's two fp32 moments per parameter; LLaMA-Pro the expanded model and the new
+    blocks' moments, taken as 1.7x the weights (4 new blocks on 32 bf16 layers: 1.125x saved, 0.5x moments); LoRA
+    and the other peft tuners save an adapter and its optimiser state, taken as 2% of the weights (a rank-64
+    all-linear adapter of a 7B model with AdamW is ~1.3%)."""
     import json
 
     weights = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                   if f.endswith((".safetensors", ".bin", ".pt"))) if os.path.isdir(model_dir) else 0
+    if train_type == "llamapro":
+        return int(weights * 1.7)
     if train_type != "full":
         return int(weights * 0.02)
     try:

@@ -67,9 +67,10 @@ def check_backend(backend: str, flag: Optional[str] = None, fallback: str = "use
 
 def engine_adapters(cfg: EngineConfig) -> dict[str, str]:
     """The LoRA adapters to serve, {name: path}: deploy's `name=path` pairs as named, and a plain `--adapters PATH`
-    under its folder name (what tunesmith's deploy calls it). Raises ConfigError for several plain adapters: the
-    engines apply one LoRA per request, not a stack; merge them first (`tunesmith export --merge_lora true`)."""
-    from tunesmith.models.checkpoint import model_suffix, split_named_adapters
+    under its folder name (what tunesmith's deploy calls it). Raises ConfigError for several plain adapters (the
+    engines apply one LoRA per request, not a stack; merge them first: `tunesmith export --merge_lora true`) and for
+    adapters of another peft tuner (AdaLoRA, VeRA, ...), which the engines cannot apply."""
+    from tunesmith.models.checkpoint import adapter_config, model_suffix, split_named_adapters
 
     plain, named = split_named_adapters(list(cfg.adapters or []))
     if len(plain) > 1:
@@ -80,6 +81,12 @@ def engine_adapters(cfg: EngineConfig) -> dict[str, str]:
     for path in plain:
         name = model_suffix(path)
         lora[name if name not in lora else f"{name}-default"] = path
+    other = [f"{p} ({adapter_config(p).get('peft_type')})" for p in lora.values()
+             if adapter_config(p).get("peft_type", "LORA") != "LORA"]
+    if other:
+        raise ConfigError(f"--adapters {', '.join(other)}: the accelerated engines serve LoRA adapters only; merge "
+                          f"it into the model (tunesmith export --adapters PATH --merge_lora true) and serve the "
+                          f"merged folder with --model, or use --infer_backend transformers")
     return lora
 
 
