@@ -27,10 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from tunesmith.config.groups import (CheckpointArgs, DataArgs, DeployServerArgs, DistArgs, EvalArgs, ExportOutputArgs,
-                                     GenerationArgs, GRPOArgs, InferBackendArgs, ModelArgs, ModelKnobArgs, OptimArgs,
-                                     OptimKnobArgs, OutputArgs, QuantArgs, RLHFArgs, TemplateArgs, TrackArgs, TunerArgs,
-                                     VllmArgs, _f)
+from tunesmith.config.groups import (CheckpointArgs, DataArgs, DeployServerArgs, DistArgs, EvalArgs,
+                                     ExportOutputArgs, GenerationArgs, GRPOArgs, InferBackendArgs, ModelArgs,
+                                     OptimArgs, OutputArgs, QuantArgs, RLHFArgs, TemplateArgs, TrackArgs, VllmArgs,
+                                     _f)
+from tunesmith.config.training_groups import ModelKnobArgs, OptimKnobArgs, TunerArgs
 from tunesmith.config.groups import AppArgs, UIServerArgs, WebUIFolderArgs  # web-ui and app
 from tunesmith.config.swift_compat import (EvalServerCompatArgs, SwiftCompatArgs, TrainerCompatArgs,
                                            TrainGenerationCompatArgs)

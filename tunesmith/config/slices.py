@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
 
 from tunesmith.config.groups import (CheckpointArgs, DataArgs, DeployServerArgs, DistArgs, InferBackendArgs,
-                                     ModelArgs, ModelKnobArgs, OptimArgs, OptimKnobArgs, OutputArgs, QuantArgs,
-                                     TemplateArgs, TrackArgs, TunerArgs)
+                                     ModelArgs, OptimArgs, OutputArgs, QuantArgs, TemplateArgs, TrackArgs)
+from tunesmith.config.training_groups import ModelKnobArgs, OptimKnobArgs, TunerArgs
 
 
 @dataclass(frozen=True)
