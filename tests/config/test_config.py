@@ -401,3 +401,21 @@ def test_every_commands_parsed_arguments_are_frozen(command):
     field = dataclasses.fields(args)[0].name
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(args, field, "changed")
+
+
+def test_add_version_false_into_an_earlier_runs_folder_is_refused(tmp_path):
+    """--add_version false writes into --output_dir itself: a folder that holds another run's args.json or
+    logging.jsonl is refused before anything loads (the two runs' logs and checkpoints would mix), unless the run
+    continues one of that folder's checkpoints; an empty folder is fine."""
+    old = tmp_path / "run"
+    old.mkdir()
+    flags = ["--model", "m", "--dataset", "d.jsonl", "--output_dir", str(old), "--add_version", "false"]
+    recipe.configure(parse_args("sft", flags))  # empty: fine
+    (old / "logging.jsonl").write_text('{"loss": 1.0}\n')
+    with pytest.raises(ConfigError, match=r"already holds a run \(logging.jsonl\).*--resume_from_checkpoint"):
+        recipe.configure(parse_args("sft", flags))
+    recipe.configure(parse_args("sft", flags[:-2]))  # a new v<N>-<time> folder inside: fine
+    from tunesmith.train.config import problems
+
+    resumed = parse_args("sft", flags + ["--resume_from_checkpoint", str(old / "checkpoint-4")])
+    assert not [p for p in problems(resumed) if "already holds" in p]

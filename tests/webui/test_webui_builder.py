@@ -123,3 +123,20 @@ def test_other_commands_and_the_export_page():
     built = eval_command("ckpt", ["general_qa"], 4, '{"general_qa": {"local_path": "q.jsonl"}}')
     args = parse_args("eval", built.argv[1:])
     assert args.eval_dataset == ["general_qa"] and args.eval_limit == 4 and args.adapters == ["ckpt"]
+
+
+def test_export_and_eval_fields_cannot_add_a_flag():
+    """A field of the Export or Eval page is one flag's value: `q8_0 --exist_ok true` typed into --gguf_quant (which
+    would replace an earlier export) is refused, as the Train page refuses it, and so is a flag in any field."""
+    from tunesmith.webui.tasks_page import eval_command, export_command, export_kinds
+
+    gguf = next(k[0] for k in export_kinds() if "gguf_quant" in k[3])
+    with pytest.raises(ValueError, match=r"--gguf_quant --exist_ok: a value cannot begin with --"):
+        export_command("ckpt", gguf, {"gguf_quant": "q8_0 --exist_ok true"})
+    with pytest.raises(ValueError, match=r"--output_dir --exist_ok"):
+        export_command("ckpt", gguf, {"output_dir": "--exist_ok"})
+    with pytest.raises(ValueError, match=r"--adapters --model"):
+        export_command("--model", gguf, {})
+    with pytest.raises(ValueError, match=r"--eval_dataset --eval_limit"):
+        eval_command("ckpt", ["general_qa", "--eval_limit"], 4, "")
+    assert export_command("ckpt", gguf, {"gguf_quant": "q8_0 q4_k_m"}).argv[-3:] == ["--gguf_quant", "q8_0", "q4_k_m"]

@@ -256,6 +256,23 @@ def _output_problems(output_dir) -> list[str]:
     return [f"--output_dir {output_dir}: {why}"] if why else []
 
 
+def _earlier_run_problems(args) -> list[str]:
+    """--add_version false writes into --output_dir itself: refused when the folder already holds another run's
+    record (args.json, logging.jsonl) and this run does not continue one of its checkpoints, since the two runs'
+    logs, curves and checkpoints would mix in one folder."""
+    d = args.output_dir
+    if args.add_version or not d or not str(d).strip():
+        return []
+    held = [f for f in ("args.json", "logging.jsonl") if os.path.isfile(os.path.join(d, f))]
+    ckpt = args.resume_from_checkpoint
+    if not held or (ckpt and os.path.abspath(os.path.dirname(os.path.normpath(ckpt))) == os.path.abspath(d)):
+        return []
+    return [f"--output_dir {d} already holds a run ({', '.join(held)}) and --add_version false writes into it: the "
+            f"two runs' logs, curves and checkpoints would mix. Choose an empty folder, drop --add_version false (a "
+            f"new v<N>-<time> folder is made inside), or continue that run with --resume_from_checkpoint "
+            f"{os.path.join(d, 'checkpoint-N')}"]
+
+
 def _tracker_problems(report_to) -> list[str]:
     """--report_to names only trackers tunesmith writes to (track.py), `all` or `none`."""
     import difflib
@@ -368,7 +385,7 @@ def problems(args) -> list[str]:
     if args.resume_from_checkpoint:
         out += resume_problems(args)
     out += _tracker_problems(args.report_to)
-    out += _output_problems(args.output_dir)
+    out += _output_problems(args.output_dir) + _earlier_run_problems(args)
     _combination_notes(args)
     return out
 

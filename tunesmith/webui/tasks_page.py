@@ -49,29 +49,40 @@ def task_dir(ctx: Context, kind: str) -> str:
     return os.path.join(ctx.folders.outputs[0], ".tunesmith-webui-tasks", kind)
 
 
+def _no_flags(name: str, values: list) -> list:
+    """values, or ValueError when one begins with -- (the command line would read it as a flag: a form field must
+    never add a flag the page does not show)."""
+    bad = [v for v in values if str(v).startswith("--")]
+    if bad:
+        raise ValueError(f"--{name} {bad[0]}: a value cannot begin with -- (the command line would read it as a flag)")
+    return values
+
+
 def export_command(checkpoint: str, kind_label: str, options: dict) -> Built:
     """`tunesmith export --adapters CKPT <the kind's flags> [--option value ...]` (the kind's options; empty ones
     left out).
-    Raises ValueError for a kind that is not offered."""
+    Raises ValueError for a kind that is not offered, or a value that begins with --."""
     kind = next((k for k in export_kinds() if k[0] == kind_label), None)
     if kind is None:
         raise ValueError(f"{kind_label!r} is not an export this version offers")
-    argv = ["export", "--adapters", str(checkpoint).strip(), *kind[1]]
+    argv = ["export", "--adapters", *_no_flags("adapters", [str(checkpoint).strip()]), *kind[1]]
     for name, value in options.items():
         if name in kind[3] and str(value or "").strip():
             # a list flag (several GGUF types) takes its values as separate arguments, as on a command line
-            argv += [f"--{name}", *(str(value).split() if name in LIST_OPTIONS else [str(value).strip()])]
+            vals = str(value).split() if name in LIST_OPTIONS else [str(value).strip()]
+            argv += [f"--{name}", *_no_flags(name, vals)]
     return Built(argv)
 
 
 def eval_command(checkpoint: str, datasets, limit, dataset_args: str) -> Built:
     """`tunesmith eval --adapters CKPT --eval_dataset ... [--eval_limit N] [--eval_dataset_args JSON]`: the base
     (the adapter switched off) and the tuned model side by side."""
-    argv = ["eval", "--adapters", str(checkpoint).strip(), "--eval_dataset", *(datasets or [])]
+    argv = ["eval", "--adapters", *_no_flags("adapters", [str(checkpoint).strip()]),
+            "--eval_dataset", *_no_flags("eval_dataset", list(datasets or []))]
     if limit not in (None, ""):
         argv += ["--eval_limit", str(int(limit))]
     if str(dataset_args or "").strip():
-        argv += ["--eval_dataset_args", str(dataset_args).strip()]
+        argv += ["--eval_dataset_args", *_no_flags("eval_dataset_args", [str(dataset_args).strip()])]
     return Built(argv)
 
 
@@ -188,8 +199,14 @@ def build_eval(gr, ctx: Context) -> dict:
     status = gr.Markdown(elem_id="eval-status")
     result = gr.Markdown(label=w["eval_result"], elem_id="eval-result")
     log = gr.Textbox(label=w["log"], lines=10, max_lines=10, interactive=False, elem_id="eval-log")
-    go.click(lambda c, d, n, a: run_task(ctx, "eval", eval_command(c or "", d, n, a)),
-             [ckpt, datasets, limit, dataset_args], message)
+    def start(c, d, n, a):
+        try:
+            built = eval_command(c or "", d, n, a)
+        except ValueError as e:
+            return f"tunesmith web-ui: {e}"
+        return run_task(ctx, "eval", built)
+
+    go.click(start, [ckpt, datasets, limit, dataset_args], message)
     gr.Timer(2.0).tick(lambda: task_state(ctx, "eval"), None, [status, log, result], show_progress="hidden",
                        queue=False)
     return {"checkpoint": ckpt, "refresh": lambda: gr.update(choices=_checkpoints(ctx))}
