@@ -122,6 +122,9 @@ def test_app_refuses_base_url_and_multimodal():
                        env={**os.environ, "PYTHONPATH": REPO})
     assert r.returncode == 2 and "--base_url http://x/v1: chatting with a server" in r.stderr
     assert "multimodal models are not supported" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "app"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": REPO})
+    assert r.returncode == 2 and "pass the model to chat with: --model" in r.stderr  # a flag problem: exit 2
 
 
 def test_every_ms_swift_app_flag_is_known():
@@ -209,3 +212,28 @@ def test_the_pages_build_in_both_languages(lang, tmp_path):
     app = chat_app(parse_args("app", ["--lang", lang, "--temperature", "0.3"]), ChatSession(), "Demo")
     values = {b.elem_id: getattr(b, "value", None) for b in app.blocks.values() if getattr(b, "elem_id", None)}
     assert values["chat-temperature"] == "0.3" and "chatbot" in values
+
+
+def test_addresses_and_tls_files_are_one_line_each(tmp_path):
+    """A busy port, an address this machine does not have, and TLS files that are not a PEM certificate and key
+    each give one message saying what to change, before gradio starts (no traceback)."""
+    import socket
+
+    from tunesmith.errors import ConfigError
+    from tunesmith.webui.app import _check_port, _check_tls
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ConfigError, match="another server is using the port"):
+            _check_port("127.0.0.1", s.getsockname()[1])
+    for host in ("nosuchhost.invalid", "10.255.255.1"):
+        with pytest.raises(ConfigError, match="--server_name must be an address or host name of this machine"):
+            _check_port(host, 7999)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"--ssl_certfile .*notes.txt .*not a PEM certificate and its key"):
+        _check_tls(str(bad), str(bad))
+    with pytest.raises(ConfigError, match="go together"):
+        _check_tls(None, str(bad))
+    _check_tls(None, None)

@@ -108,8 +108,31 @@ def _check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); another server is using the port? "
-                              f"Pass --server_port with a free one") from None
+            import errno
+
+            hint = ("another server is using the port? Pass --server_port with a free one" if e.errno == errno.EADDRINUSE
+                    else "--server_name must be an address or host name of this machine (127.0.0.1, 0.0.0.0, or "
+                         "one of its interfaces)" if e.errno in (errno.EADDRNOTAVAIL, None) or isinstance(
+                             e, socket.gaierror)
+                    else "check --server_name and --server_port")
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); {hint}") from None
+
+
+def _check_tls(keyfile: Optional[str], certfile: Optional[str]) -> None:
+    """--ssl_keyfile/--ssl_certfile: a certificate and key that load (ssl's own check), before the server starts.
+    Raises ConfigError naming the files and the ssl library's reason."""
+    if not (keyfile or certfile):
+        return
+    import ssl
+
+    if not (keyfile and certfile):
+        raise ConfigError("--ssl_keyfile and --ssl_certfile go together: give both (PEM files) or neither")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"--ssl_certfile {certfile} / --ssl_keyfile {keyfile}: not a PEM certificate and its key "
+                          f"({getattr(e, 'reason', None) or e.strerror or e}); give the files your TLS tool wrote "
+                          f"(e.g. openssl req -x509 -newkey rsa:2048 -nodes -keyout key.pem -out cert.pem)") from None
 
 
 def serve(blocks, args, api_key: Optional[str], max_upload_mb: int = 100) -> None:
@@ -117,6 +140,7 @@ def serve(blocks, args, api_key: Optional[str], max_upload_mb: int = 100) -> Non
     needed. Raises ConfigError when the port is taken."""
     gr = gradio_module()
     _check_port(args.server_name, args.server_port)
+    _check_tls(args.ssl_keyfile, args.ssl_certfile)
     scheme = "https" if args.ssl_certfile else "http"
     where = "this machine only" if is_local(args.server_name) else "reachable from the network"
     print(f"[tunesmith] {scheme}://{args.server_name}:{args.server_port} ({where}"
