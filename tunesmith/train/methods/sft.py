@@ -89,6 +89,7 @@ class SFT:
     aux_coef: float = 0.0
     dft: bool = False       # --enable_dft_loss
     channels: bool = False  # --enable_channel_loss
+    command: str = "sft"    # the command that trains it: sft, or pt (the same method with pt's defaults)
     name = "sft"
     head = "causal_lm"
     rows = "sft"
@@ -99,8 +100,10 @@ class SFT:
     @classmethod
     def from_args(cls, args, problems: list) -> "SFT":
         """SFT's own flags: --enable_dft_loss and --enable_channel_loss (the loss variants of sft and pt)."""
+        from tunesmith.config.commands import PretrainArguments
+
         return cls(aux_coef=args.router_aux_loss_coef or 0.0, dft=args.enable_dft_loss,
-                   channels=args.enable_channel_loss)
+                   channels=args.enable_channel_loss, command="pt" if isinstance(args, PretrainArguments) else "sft")
 
     def resolved_flags(self) -> dict:
         """Nothing: SFT resolves no flag of its own."""
@@ -127,4 +130,4 @@ class SFT:
     def header(self, prepared, batches) -> str:
         """The run's header line: the training and validation rows."""
         stats = prepared.data_stats
-        return f"[tunesmith] sft: {stats['train_rows']} training rows, {stats['val_rows']} validation rows"
+        return f"[tunesmith] {self.command}: {stats['train_rows']} training rows, {stats['val_rows']} validation rows"
