@@ -129,6 +129,11 @@ def torchrun(argv: list[str]) -> int:
 # reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model. tunesmith's own calls use
 # the current names; tests/test_structure.py checks that no module of ours reads the deprecated one.
 LIBRARY_NOISE = (r"`is_gradient_checkpointing` is deprecated",)
+# peft's notes about its own internals, whatever the category: BOFT's optional CUDA kernel failing to build on a
+# machine without CUDA (its pure-PyTorch path runs; "setting boft_n_butterfly_factor to 1" changes nothing it was
+# given), and AdaLoRA's saved rank_pattern, whose keys peft itself wrote, "not matching" on load.
+PEFT_NOISE = (r"Failed to load the CUDA extension", r"Setting boft_n_butterfly_factor to 1",
+              r"The following rank_pattern keys did not match any targeted module")
 # DeepSpeed logs this when it is imported on a machine without a GPU. transformers' save_pretrained imports
 # DeepSpeed whenever it is installed (its unwrap_model goes through accelerate's extract_model_from_parallel), so
 # every run that saves weights would print it; it is kept for --deepspeed runs, where it is news.
@@ -142,6 +147,8 @@ def _ignore_library_warnings() -> None:
 
     for message in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for message in PEFT_NOISE:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def quiet_libraries(command: str, args) -> None:
