@@ -114,3 +114,49 @@ def test_a_margin_column_reaches_the_loss_through_the_encoded_store(tiny_models,
     args = parse_args("rlhf", ["--rlhf_type", "rm", "--model", tiny_models("qwen2"), "--dataset", bad])
     with pytest.raises(DataError, match="bad.jsonl:1: field .margin.: expected a finite number"):
         prepare_data(resolve(args, method, 1, cuda=False).data, cfg.model, method)
+
+
+@pytest.mark.parametrize("mode", ["--packing", "--padding_free"])
+def test_packed_and_padding_free_rewards_equal_the_padded_ones(tiny_models, tmp_path, mode):
+    """--packing / --padding_free for a reward model: each sequence is scored at its own last position through the
+    same head, so the rewards, the loss (with margins) and every gradient equal the padded batch's (1e-5, fp32),
+    while the batch holds no padding between sequences."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.train.config import check, resolve
+    from tunesmith.train.methods.rm import RewardModel, rm_loss
+    from tunesmith.train.setup import prepare_data
+
+    rows = [{"prompt": f"question {i} " * (1 + i % 3), "chosen": "a good answer " * (1 + i % 4),
+             "rejected": "bad " * (1 + i % 2), **({"margin": i / 4} if i % 2 else {})} for i in range(6)]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    model_dir = tiny_models("qwen2")
+    results = {}
+    for flags in ([], [mode, "true"]):
+        args = parse_args("rlhf", ["--rlhf_type", "rm", "--model", model_dir, "--dataset", data, "--max_length", "64",
+                                   "--dataset_shuffle", "false", "--output_dir", str(tmp_path / "o"), *flags])
+        method = check(args, RewardModel)
+        cfg = resolve(args, method, 1, cuda=False)
+        prepared = prepare_data(cfg.data, cfg.model, method)
+        batches = method.batches(cfg, prepared, None, None)
+        units = list(batches.train)
+        batch = batches.collate(units) if flags else batches.collate(list(prepared.train_rows))
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+        model.config.pad_token_id = prepared.tokenizer.pad_token_id
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules="all-linear",
+                                                 init_lora_weights=False))
+        parts, stats = rm_loss(method, model, batch)
+        parts["pairs"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[bool(flags)] = (float(parts["pairs"].detach()), stats, grads, batch)
+    (lp, sp, gp, bp), (lk, sk, gk, bk) = results[False], results[True]
+    assert bk["input_ids"].numel() < bp["input_ids"].numel()  # the padding is gone
+    # packing may group the pairs in another order; each margin stays with its pair
+    assert "margin" in bk and sorted(bk["margin"].tolist()) == sorted(bp["margin"].tolist())
+    assert abs(lp - lk) < 1e-5 and abs(sp["margin"] - sk["margin"]) < 1e-4 and sp["correct"] == sk["correct"]
+    assert gp.keys() == gk.keys() and any("score" in k for k in gp)
+    for k in gp:
+        assert torch.allclose(gp[k], gk[k], atol=1e-5, rtol=1e-4), k

@@ -22,9 +22,26 @@ from tunesmith.train.setup import Batches
 
 
 def sequence_rewards(model, batch: dict):
-    """The head's score of each sequence ([2B]: chosen then rejected), from `pair_collate`'s batch."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return out.logits[:, 0].float()
+    """The head's score of each sequence ([2B]: chosen then rejected), from `pair_collate`'s batch: padded (the
+    model's own pooling at each row's last non-pad token), or padding-free / packed (`seq_ids`: several sequences
+    per row, position ids restarting at 0 so attention stays inside each): the final hidden state at each sequence's
+    last position, through the same score head — what the padded path reads, without the padding's compute."""
+    if "seq_ids" not in batch:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return out.logits[:, 0].float()
+    import torch
+
+    from tunesmith.models.load import unwrap_model
+
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                output_hidden_states=True)
+    seq = batch["seq_ids"]
+    n = int(batch["n_seq"])
+    flat = torch.arange(seq.numel(), device=seq.device).view_as(seq)
+    last = torch.full((n,), -1, dtype=torch.long, device=seq.device).scatter_reduce(
+        0, seq[seq >= 0], flat[seq >= 0], reduce="amax")
+    hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])[last]
+    return unwrap_model(model).score(hidden)[:, 0].float()
 
 
 def rm_loss(method: "RewardModel", model, batch: dict) -> tuple[dict, dict]:
@@ -81,9 +98,6 @@ class RewardModel:
             between(problems, "center_rewards_coefficient", args.center_rewards_coefficient, 0, None)
         if args.loss_type or args.beta is not None:
             note("--rlhf_type rm trains the Bradley–Terry loss; --loss_type/--beta are ignored")
-        if args.packing or args.padding_free:
-            problems.append("--packing/--padding_free: a reward model scores each conversation at its last token; "
-                            "train it padded (drop the flag)")
         return cls(args.center_rewards_coefficient)
 
     def resolved_flags(self) -> dict:
@@ -95,11 +109,23 @@ class RewardModel:
         return check_pairs(loaded)
 
     def batches(self, cfg, prepared, model, reference) -> Batches:
-        """Padded batches [chosen_1..B, rejected_1..B]; the padding side is the right (the head reads the last
-        non-pad token)."""
+        """Batches [chosen_1..B, rejected_1..B]: padded on the right (the head reads the last non-pad token), or
+        --padding_free (one sequence) / --packing (pairs packed into --packing_length rows), which score each
+        sequence at its last position without the padding's compute."""
+        from tunesmith.train.methods.pairs import PackedPairCollate, PairRows
+        from tunesmith.train.setup import batching
+
         pad = prepared.tokenizer.pad_token_id if prepared.tokenizer.pad_token_id is not None else \
             prepared.tokenizer.eos_token_id
-        return Batches(prepared.train_rows, prepared.eval_rows, partial(_collate, pad_id=pad), None)
+        if not (cfg.data.packing or cfg.data.padding_free):
+            return Batches(prepared.train_rows, prepared.eval_rows, partial(_collate, pad_id=pad), None)
+        rows = [PairRows(prepared.train_rows), PairRows(prepared.eval_rows)]
+        packed = PackedPairCollate(pad)
+        train, evals, collate = batching(
+            cfg.data, *rows, None, partial(_collate_pairs, pad_id=pad, flat=True),
+            lambda groups: _with_margin(packed(groups), [p for g in groups for p in g]),
+            lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids), prepared.data_stats["max_length"])
+        return Batches(train, evals, collate, None)
 
     def objective(self, reference, cfg) -> loop.Objective:
         """Mean Bradley–Terry loss per pair; accuracy and margins."""
@@ -115,14 +141,24 @@ class RewardModel:
 
 
 def _collate(rows, pad_id: int) -> dict:
-    """Pairs → pair_collate's batch, plus `margin` [B] when some pair has one (0 for those without)."""
-    import torch
-
+    """(chosen, rejected) rows → pair_collate's padded batch, plus `margin` [B] when some pair has one (0 for those
+    without)."""
     from tunesmith.train.methods.pairs import Pair
 
-    batch = pair_collate([Pair(c, r) for c, r in rows], pad_id, "right")
-    if any(c.margin is not None for c, _ in rows):
-        batch["margin"] = torch.tensor([c.margin or 0.0 for c, _ in rows], dtype=torch.float32)
+    return _collate_pairs([Pair(c, r) for c, r in rows], pad_id)
+
+
+def _collate_pairs(pairs, pad_id: int, flat: bool = False) -> dict:
+    """Pairs → pair_collate's batch (padded on the right, or flat: one sequence), with `margin`."""
+    return _with_margin(pair_collate(pairs, pad_id, "right", flat=flat), pairs)
+
+
+def _with_margin(batch: dict, pairs) -> dict:
+    """batch plus `margin` [B] in the batch's pair order when some pair has one (0 for those without)."""
+    import torch
+
+    if any(p.chosen.margin is not None for p in pairs):
+        batch["margin"] = torch.tensor([p.chosen.margin or 0.0 for p in pairs], dtype=torch.float32)
     return batch
 
 
