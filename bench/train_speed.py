@@ -37,10 +37,10 @@ share of the CPUs that other processes took meanwhile. Prints the library versio
 ratios tunesmith/peer; --json writes them; RESULTS.md records them with the command.
 
 Systems (each at its best on a CPU):
-- tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (the default); KTO and RM
-  padded, 4 x 4 (no packing for them).
-- tunesmith-padded: the peers' exact batch (4 x 4), to show what packing adds (SFT and DPO: for KTO and RM it is
-  the same run as `tunesmith`, so it is skipped).
+- tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (the default); KTO padded,
+  4 x 4 (no packing for it).
+- tunesmith-padded: the peers' exact batch (4 x 4), to show what packing adds (SFT, DPO and RM: for KTO it is the
+  same run as `tunesmith`, so it is skipped).
 - tunesmith-unshared (DPO): packed, --prefix_sharing false.
 - tunesmith-ddp2: packed, `torchrun --nproc_per_node 2` (gloo, one thread per rank), same rows per step.
 - tunesmith-zero3: the same two processes with `--deepspeed zero3`.
@@ -295,14 +295,15 @@ def tunesmith_cmd(spec: RunSpec, packed: bool = True, shared: Optional[bool] = N
     peers' 4 x 4 (SFT: 2 packs of max_length tokens, about 14 rows at 1024; DPO: 3 packs of 2 x max_length, about
     18 pairs). With `world` processes the accumulation is divided by it, rounded up (DPO: 2 x 2 = 4 packs a step).
     Padded: the peers' exact batch (4 x 4), for an apples-to-apples view of what packing adds; with `world`
-    processes 4 x 4/world each. KTO and RM are always padded (tunesmith refuses --packing for them)."""
+    processes 4 x 4/world each. RM packs as DPO does (pairs of 2 x max_length); KTO is always padded (tunesmith
+    refuses --packing for it: its KL term pairs each reply with another row's prompt)."""
     ml = spec.max_length
     common = ["--model", spec.model, "--dataset", spec.data, "--train_type", "lora", "--lora_rank", "8",
               "--lora_alpha", "32", "--target_modules", "all-linear", "--num_train_epochs", "1",
               "--max_length", str(ml), "--learning_rate", "1e-4", "--gradient_checkpointing", "false",
               "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--output_dir", spec.out,
               "--dataloader_num_workers", "0"]
-    if spec.method in ("kto", "rm"):
+    if spec.method == "kto":
         packed = False
     if packed:
         accumulation = math.ceil((2 if spec.method == "sft" else 3) / world)
@@ -449,7 +450,7 @@ def pick_systems(names: str, method: str) -> list[str]:
             raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
         if name == "tunesmith-unshared" and method != "dpo":
             continue
-        if name == "tunesmith-padded" and method in ("kto", "rm"):  # tunesmith trains these padded anyway
+        if name == "tunesmith-padded" and method == "kto":  # tunesmith trains KTO padded anyway
             continue
         if name == "ms-swift" and not os.path.exists(os.path.join(SWIFT_VENV, "bin", "swift")):
             print("ms-swift: bench/.venv-swift does not exist (run with --make-swift-venv); skipped", file=sys.stderr)
