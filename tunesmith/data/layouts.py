@@ -112,7 +112,7 @@ def _query_and_reply(r: Row) -> list[dict]:
         query = as_text(r, qkey, query)
     if query is None and resp is None:
         known = ", ".join(sorted(MESSAGE_KEYS + ("instruction/input/output", "query/response",
-                                                 "prompt/chosen/rejected")))
+                                                 "prompt/chosen/rejected", "text (plain text: tunesmith pt)")))
         raise r.err("", f"no known format: columns are {', '.join(map(str, r.row)) or 'none'}.",
                     f"use one of: {known}; or map your columns with --columns '{{\"yours\": \"query\"}}'.")
     messages = history_messages(r)

@@ -93,7 +93,8 @@ def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int, head: str = "
     apply_knobs(model, model_cfg)  # freezing, NEFTune, --torch_compile
     info = count_parameters(model)
     if info["trainable"] == 0:
-        raise ConfigError("the model has no trainable parameters (check --target_modules / --target_regex)")
+        raise ConfigError("the model has no trainable parameters (check --target_modules / --target_regex, or with "
+                          "--train_type full the --freeze_parameters* / --trainable_parameters* flags)")
     note(f"parameters: {info['trainable']:,} trainable of {info['total']:,} ({info['trainable_percent']}%)")
     return model, info
 

@@ -90,6 +90,9 @@ class AdaLoraSteps:
             config.total_step = total_steps
         self.model.base_model.update_and_allocate(step)
 
+    def begin(self, model, step: int) -> None:
+        """Nothing before the first step: the rank allocation runs after each update."""
+
     def after_step(self, model, step: int) -> None:
         """Nothing: the allocation runs in `update`, before the gradients are cleared."""
 

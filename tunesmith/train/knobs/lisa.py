@@ -28,6 +28,11 @@ class LISA:
     STATE_FILE = "lisa.json"  # the layers training at the checkpoint (for the record: the draw is recomputed)
 
     def __init__(self, layers, active: int, interval: int, seed: int):
+        if active >= len(layers):
+            from tunesmith.log import note
+
+            note(f"--lisa_activated_layers {active}: the model has {len(layers)} decoder layers, so every layer trains "
+                 f"at every step (LISA samples nothing); give fewer than {len(layers)}")
         self.layers, self.active, self.interval, self.seed = layers, min(active, len(layers)), interval, seed
         self.current: list[int] = []
 
