@@ -99,7 +99,7 @@ class DataArgs:
     streaming: bool = _f(False, help="Read, encode (and with --packing pack) the training rows on the fly, each "
                                      "epoch, instead of encoding them all up front: for corpora that do not fit on "
                                      "disk or in memory. Needs --max_steps; validation comes from --val_dataset "
-                                     "(read whole). sft only; `data stats` measures the first --num_rows rows.")
+                                     "(read whole). sft and pt only; `data stats` measures the first --num_rows rows.")
     shuffle_buffer_size: int = _f(1000, help="--streaming with --dataset_shuffle: rows shuffled together (a buffer "
                                              "of this many rows, as datasets' IterableDataset.shuffle).")
     val_dataset_shuffle: bool = _f(False, help="ms-swift: shuffle the validation rows. Compatibility only (see "
