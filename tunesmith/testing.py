@@ -9,7 +9,7 @@ import argparse
 import os
 
 from tunesmith.data.tiny_tokenizer import (  # noqa: F401 - re-exported for tests and bench
-    CHATML_TEMPLATE, FAMILIES, GPT_OSS_TEMPLATE, LLAMA3_TEMPLATE, OFFICIAL_TEMPLATES, PLAIN_ADDED_TOKENS, QWEN3_TEMPLATE,
+    CHATML_TEMPLATE, FAMILIES, VL_FAMILIES, GPT_OSS_TEMPLATE, LLAMA3_TEMPLATE, OFFICIAL_TEMPLATES, PLAIN_ADDED_TOKENS, QWEN3_TEMPLATE,
     SPECIAL_TOKENS, build_tokenizer, load_official_template)
 
 
@@ -65,6 +65,72 @@ def build_model(out_dir: str, family: str = "qwen2", hidden: int = 64, layers: i
     return out_dir
 
 
+# The tiny vision towers' image budget: 28-pixel merged patches (Qwen2/2.5-VL; 32 for Qwen3-VL), 4 to 16 image
+# tokens per picture, so a test image costs a handful of tokens.
+VL_MIN_TOKENS, VL_MAX_TOKENS = 4, 16
+
+
+def build_vl_config(family: str, tok, hidden: int = 64, layers: int = 2, heads: int = 4,
+                    intermediate: int | None = None, vision_hidden: int = 32, vision_depth: int = 2):
+    """The config of a tiny vision-language model of `family` (qwen2_vl, qwen2_5_vl, qwen3_vl) around the
+    tokenizer `tok` (tiny_tokenizer's, with the vision tokens)."""
+    import transformers as tf
+
+    intermediate = intermediate or hidden * 2
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
+                  out_hidden_size=hidden, spatial_merge_size=2, temporal_patch_size=2)
+    section = [hidden // heads // 2 - 2 * (hidden // heads // 8), hidden // heads // 8, hidden // heads // 8]
+    if family == "qwen2_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+        return tf.Qwen2VLConfig(text_config=text, vision_config=dict(
+            depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2, num_heads=2,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2), tie_word_embeddings=True, **ids)
+    if family == "qwen2_5_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+        return tf.Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+            **vision, patch_size=14, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
+            tie_word_embeddings=True, **ids)
+    if family == "qwen3_vl":
+        text.update(head_dim=hidden // heads, rope_parameters={
+            "rope_type": "default", "rope_theta": 5e6, "mrope_section": section, "mrope_interleaved": True})
+        return tf.Qwen3VLConfig(text_config=text, vision_config=dict(
+            **vision, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[vision_depth - 1]),
+            tie_word_embeddings=True, **ids)
+    raise ValueError(f"unknown vision-language family {family!r}; choose from {', '.join(VL_FAMILIES)}")
+
+
+def build_vl_model(out_dir: str, family: str = "qwen2_5_vl", hidden: int = 64, layers: int = 2, heads: int = 4,
+                   vocab_size: int = 2048, seed: int = 0) -> str:
+    """Save a random vision-language model (transformers' own class for `family`), its tokenizer (with the vision
+    tokens and the Qwen-VL chat template) and its image processor's config as a normal HF directory; return it.
+    Pictures cost VL_MIN_TOKENS..VL_MAX_TOKENS image tokens each."""
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig, Qwen2VLImageProcessorPil
+
+    tok = build_tokenizer(family, vocab_size)
+    config = build_vl_config(family, tok, hidden, layers, heads)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    patch = config.vision_config.patch_size
+    unit = (patch * 2) ** 2  # pixels per merged 2x2 patch = one image token
+    processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                         size={"shortest_edge": VL_MIN_TOKENS * unit,
+                                               "longest_edge": VL_MAX_TOKENS * unit})
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build a tiny random model + tokenizer directory.")
     p.add_argument("out_dir")
@@ -78,6 +144,9 @@ def main(argv=None):
     p.add_argument("--official_template", action="store_true",
                    help="the real model's chat template (renders tool calls) instead of the compact one")
     a = p.parse_args(argv)
+    if a.family in VL_FAMILIES:
+        print(build_vl_model(a.out_dir, a.family, a.hidden, a.layers, a.heads, a.vocab))
+        return
     path = build_model(a.out_dir, a.family, a.hidden, a.layers, a.heads, a.intermediate, a.vocab,
                        model_vocab=a.model_vocab, official_template=a.official_template)
     print(path)

@@ -117,6 +117,24 @@ GPT_OSS_TEMPLATE = (
 )
 
 
+# Qwen2-VL / Qwen2.5-VL's official template: a message's content is a string or a list of parts; each image part
+# renders as <|vision_start|><|image_pad|><|vision_end|> (the processor expands the pad to one token per merged patch).
+QWEN_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
 FAMILIES = {
     # family: (template, eos, pad, bos)
     "chatml": (CHATML_TEMPLATE, "<|im_end|>", "<|endoftext|>", None),
@@ -125,7 +143,12 @@ FAMILIES = {
     "llama3": (LLAMA3_TEMPLATE, "<|eot_id|>", "<|pad|>", "<|begin_of_text|>"),
     "llama": (LLAMA3_TEMPLATE, "<|eot_id|>", "<|pad|>", "<|begin_of_text|>"),
     "gpt_oss": (GPT_OSS_TEMPLATE, "<|return|>", "<|pad|>", None),
+    # vision-language: their special tokens are added after the text families' (VISION_TOKENS)
+    "qwen2_vl": (QWEN_VL_TEMPLATE, "<|im_end|>", "<|endoftext|>", None),
+    "qwen2_5_vl": (QWEN_VL_TEMPLATE, "<|im_end|>", "<|endoftext|>", None),
+    "qwen3_vl": (QWEN_VL_TEMPLATE, "<|im_end|>", "<|endoftext|>", None),
 }
+VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 _WORDS = ("the a an of to in is it you that he was for on are with as his they be at one have this from or had by "
@@ -216,6 +239,8 @@ def build_tokenizer(family: str = "qwen2", vocab_size: int = 2048, official_temp
                                   eos_token=eos, pad_token=pad, bos_token=bos, unk_token=None)
     tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (eos, pad, bos)]})
     tok.add_tokens(PLAIN_ADDED_TOKENS)
+    if family in VL_FAMILIES:
+        tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS}, replace_extra_special_tokens=False)
     tok.chat_template = load_official_template(family) if official_template else template
     tok.model_max_length = 4096
     return tok
