@@ -79,7 +79,7 @@ def build_vl_config(family: str, tok, hidden: int = 64, layers: int = 2, heads: 
     intermediate = intermediate or hidden * 2
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
                video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
                vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),

@@ -40,6 +40,9 @@ class ModelArgs:
     max_model_len: Optional[int] = _f(help="Override the model's maximum length.")
     trust_remote_code: bool = _f(False, help="Allow model repositories that ship their own code.")
     new_special_tokens: List[str] = _f(help="Special tokens to add to the tokenizer.", list_default=[])
+    max_pixels: Optional[int] = _f(help="Vision-language models: resize each image to at most this many pixels "
+                                        "(aspect kept; default: the environment's MAX_PIXELS, Qwen3-VL's "
+                                        "IMAGE_MAX_TOKEN_NUM in tokens, else the model's image processor).")
 
 
 @dataclass(frozen=True)

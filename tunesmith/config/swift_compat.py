@@ -160,7 +160,8 @@ _REFT = ("ReFT is not supported yet: pyreft 0.1.0, its library, pins transformer
 _LONGLORA = ("LongLoRA is not supported yet: it is ms-swift's own patch of Llama's attention (shifted sparse "
              "attention), which no maintained library provides and tunesmith does not patch models; use --train_type "
              "lora (with --attn_impl flash_attn for long sequences)")
-_MULTIMODAL = "multimodal models are not supported yet; tunesmith trains text-only causal language models"
+_MULTIMODAL = ("that multimodal input is not supported yet; tunesmith trains text models and the vision-language "
+               "models Qwen2-VL, Qwen2.5-VL and Qwen3-VL on images (docs/vision.md)")
 _HUB = ("pushing to a hub is not implemented; upload the output folder afterwards, e.g. `huggingface-cli upload "
         "REPO_ID OUTPUT_DIR` or `modelscope upload REPO_ID OUTPUT_DIR`")
 _TASK = ("only chat/causal language modelling is supported (task_type causal_lm); classification, embedding and "
@@ -184,10 +185,6 @@ NOT_SUPPORTED_YET = {
     "custom_dataset_info": "pass the data files directly with --dataset",
     "custom_register_path": "tunesmith uses the model's own chat template; no plugins are needed",
     "predict_with_generate": "use tunesmith infer on the checkpoint",
-    "freeze_llm": _MULTIMODAL,
-    "freeze_vit": _MULTIMODAL,
-    "freeze_aligner": _MULTIMODAL,
-    "max_pixels": _MULTIMODAL,
     "agent_template": "agent templates are not supported yet; tool calls are rendered by the model's own chat "
                       "template",
     "sequence_parallel_size": "sequence parallelism is not supported; use --deepspeed zero3 and "
@@ -204,7 +201,7 @@ NOT_SUPPORTED_YET = {
             "galore_proj_quant", "galore_quantization", "galore_queue_size"),
     "optim_target_modules": "that is transformers' --optim galore_* form; use --use_galore true with "
                             "--galore_target_modules",
-    **_same(_MULTIMODAL, "vit_lr", "aligner_lr", "vit_gradient_checkpointing", "norm_bbox"),
+    "norm_bbox": "grounding boxes are not supported yet: images are trained as pictures, box coordinates as text",
     # losses, metrics and trainer plugins
     "mrl_dims": _TASK,
     "eval_metric": "metric plugins are not supported; validation logs loss and token_acc",
@@ -487,7 +484,6 @@ NOT_SUPPORTED_VALUES = {
                                           "pass) cannot clip the whole gradient or accumulate micro-batches; drop the "
                                           "flag: one GaLoreAdamW gives each parameter the same update",
     ("optimizer", "muonclip"): "MuonClip (Muon with QK-clip) is not supported; --optimizer muon is",
-    ("optimizer", "multimodal"): _MULTIMODAL,
 }
 
 # Values that ms-swift accepts as aliases (value rewrites, not flag renames).

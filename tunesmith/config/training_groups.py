@@ -119,16 +119,29 @@ class ModelKnobArgs:
     torch_compile_backend: Optional[str] = _f(help="--torch_compile: torch.compile's backend (default inductor).")
     torch_compile_mode: Optional[str] = _f(help="--torch_compile: torch.compile's mode (default, reduce-overhead, "
                                                 "max-autotune, ...).")
+    # vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): ms-swift's defaults (swift/arguments/tuner_args.py)
+    freeze_vit: bool = _f(True, help="Vision-language models: keep the vision tower frozen (full training), and "
+                                     "without LoRA (all-linear).")
+    freeze_aligner: bool = _f(True, help="Vision-language models: keep the aligner (the vision-to-text merger) "
+                                         "frozen (full training), and without LoRA (all-linear).")
+    freeze_llm: bool = _f(False, help="Vision-language models: keep the language model frozen (full training), "
+                                      "and without LoRA (all-linear).")
+    vit_gradient_checkpointing: Optional[bool] = _f(help="Vision-language models: gradient checkpointing in the "
+                                                         "vision tower (default: as --gradient_checkpointing).")
 
 
 @dataclass(frozen=True)
 class OptimKnobArgs:
     """The optimiser plugins (LoRA+, GaLore, Muon), LISA's layer sampling, length-grouped batches and the loss
     variants (DFT, per-channel losses): ms-swift's trainer flags."""
+    vit_lr: Optional[float] = _f(help="Vision-language models: the vision tower's learning rate (default "
+                                      "--learning_rate); ms-swift's multimodal optimiser.")
+    aligner_lr: Optional[float] = _f(help="Vision-language models: the aligner's learning rate (default "
+                                          "--learning_rate).")
     optimizer: Optional[str] = _f(help="ms-swift's optimiser plugin: muon (Muon on the 2-D hidden weights, AdamW on "
                                        "the rest), galore (as --use_galore true), lorap (as --lorap_lr_ratio) or "
                                        "default. Takes priority over --optim.",
-                                  choices=("default", "muon", "galore", "lorap"))
+                                  choices=("default", "muon", "galore", "lorap", "multimodal"))
     optim_args: Optional[str] = _f(help="--optimizer muon: 'momentum=0.95,ns_steps=5,nesterov=true' (Muon's own "
                                         "settings).")
     lorap_lr_ratio: Optional[float] = _f(help="LoRA+ (Hayou et al. 2024): the LoRA B matrices learn at "

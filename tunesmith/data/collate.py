@@ -31,7 +31,14 @@ def pad_collate(rows: list[Encoded], pad_id: int, padding_side: str = "right") -
         mask[i, sl] = 1
     n_tokens = int((labels[:, 1:] != IGNORE).sum())
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_tokens": n_tokens,
-            **_channels([r.channel for r in rows])}
+            **_channels([r.channel for r in rows]), **_images(rows)}
+
+
+def _images(rows: list[Encoded]) -> dict:
+    """{"images": each sequence's picture references (None for a text-only one)} when some row has pictures, else
+    {}: tunesmith.data.vision.WithPixels turns them into the vision tower's inputs."""
+    images = [r.images for r in rows]
+    return {"images": images} if any(images) else {}
 
 
 def _channels(channels: list) -> dict:

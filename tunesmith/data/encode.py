@@ -31,9 +31,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from tunesmith.data.vision import expand_images
 from tunesmith.errors import ConfigError, DataError
 
 IGNORE = -100
+IMAGE_TAG = "<image>"  # ms-swift's tag for where a row's picture goes (tunesmith.data.images reads the pictures)
 _SENTINEL = "\u2063TSENT\u2063"
 _DUMMY_REPLY = "\u2063TREPLY\u2063"
 # ms-swift >= 3.12 ignore_empty_think: anchored at the start of each trained reply.
@@ -80,6 +82,7 @@ class Encoded:
     labels: list[int]
     margin: Optional[float] = None  # a pair's chosen side: the row's reward margin (reward models), if given
     channel: Optional[str] = None  # the row's `channel` (--enable_channel_loss), if given
+    images: Optional[list] = None  # the pictures of its image placeholders, in order (references: path or URL)
 
     @property
     def n_trained(self) -> int:
@@ -109,8 +112,9 @@ class ChatEncoder:
 
     def __init__(self, tokenizer, *, loss_scale: Optional[str] = None, default_loss_scale: str = "default",
                  max_length: Optional[int] = None, truncation_strategy: str = "delete",
-                 system: Optional[str] = None, use_chat_template: bool = True):
+                 system: Optional[str] = None, use_chat_template: bool = True, images=None):
         self.tok = tokenizer
+        self.images = images  # tunesmith.data.vision.ImageTokens of a vision-language model, else None
         self.base, self.ignore_empty_think = parse_loss_scale(loss_scale, default_loss_scale)
         self.max_length = max_length
         self.truncation = truncation_strategy
@@ -131,6 +135,8 @@ class ChatEncoder:
         out = []
         for m in messages:
             m2 = {k: v for k, v in m.items() if k != "loss"}
+            if self.images is not None and isinstance(m2.get("content"), str) and IMAGE_TAG in m2["content"]:
+                m2["content"] = image_parts(m2["content"])  # the template renders each image part's placeholder
             if "reasoning_content" in m2:
                 m2["thinking"] = m2["reasoning_content"]  # gpt-oss reads `thinking`, Qwen3 `reasoning_content`
             out.append(m2)
@@ -306,6 +312,16 @@ class ChatEncoder:
                 `raise_exception`, e.g. Llama 3.1 on parallel tool calls), drops one of a reply's tool calls, or
                 renders a reply so that its tokens cannot be located (e.g. gpt-oss on text next to a tool call)."""
         messages = self.with_system(record[messages_key])
+        images = record_images(record, messages_key)
+        if images and self.images is None:
+            raise DataError("", None, _images_key(record, messages_key), f"holds {len(images)} image(s), but the "
+                            "model takes text only (no vision tower), so the pictures would be left out.",
+                            "train a vision-language model (e.g. Qwen/Qwen2.5-VL-7B-Instruct), or drop the images "
+                            "and their <image> tags.")
+        if images and not self.use_chat_template:
+            raise DataError("", None, _images_key(record, messages_key), "images need the chat template, which "
+                            "places them; --use_chat_template false joins text only.",
+                            "drop --use_chat_template false (or the images).")
         if not self.use_chat_template:
             enc = self._plain(messages)
             return self._truncate(enc) if truncate else enc
@@ -334,7 +350,10 @@ class ChatEncoder:
                 k += 1
             if k < len(spans) and spans[k][0] <= a < spans[k][1]:
                 labels[t] = ids[t]
-        enc = Encoded(list(ids), labels)
+        ids = list(ids)
+        if self.images is not None and (images or self.images.image_token_id in ids):
+            ids, labels, _ = expand_images(ids, labels, images, self.images, _images_key(record, messages_key))
+        enc = Encoded(ids, labels, images=list(images) or None)
         return self._truncate(enc) if truncate else enc
 
     def _plain(self, messages: list[dict]) -> Encoded:
@@ -358,10 +377,13 @@ class ChatEncoder:
         if m and n > m:
             if self.truncation == "delete":
                 raise TooLong(n)
+            cut = enc.input_ids[:n - m] if self.truncation == "left" else enc.input_ids[m:]
+            if enc.images and self.images.image_token_id in cut:
+                raise TooLong(n)  # a picture cut in part would not match its features: the row goes as too long
             if self.truncation == "left":
-                enc = Encoded(enc.input_ids[-m:], enc.labels[-m:])
+                enc = Encoded(enc.input_ids[-m:], enc.labels[-m:], images=enc.images)
             else:
-                enc = Encoded(enc.input_ids[:m], enc.labels[:m])
+                enc = Encoded(enc.input_ids[:m], enc.labels[:m], images=enc.images)
         if enc.n_trained == 0:
             raise NothingToTrain()
         return enc
@@ -386,6 +408,28 @@ class ChatEncoder:
             raise DataError("", None, "rejected", "tokenises to the same trained reply as the chosen one, so the "
                             "pair carries no preference.", "give a different rejected reply, or drop the row.")
         return self._truncate(chosen), self._truncate(rejected)
+
+
+def record_images(record: dict, messages_key: str = "messages") -> list:
+    """The pictures of a record's `messages_key` conversation, in tag order: a pair's rejected side has its own
+    `rejected_images` or shares `images`; [] for a text row."""
+    return list(record.get(_images_key(record, messages_key)) or [])
+
+
+def _images_key(record: dict, messages_key: str) -> str:
+    return "rejected_images" if messages_key == "rejected_messages" and "rejected_images" in record else "images"
+
+
+def image_parts(text: str) -> list[dict]:
+    """A message's text with `<image>` tags (ms-swift's rows) as the content parts a vision-language chat template
+    renders: [{"type": "text", "text": ...}, {"type": "image"}, ...] (empty texts left out)."""
+    parts: list[dict] = []
+    for i, piece in enumerate(text.split(IMAGE_TAG)):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
 
 
 def _call_name(call: dict) -> str:

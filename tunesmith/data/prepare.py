@@ -60,7 +60,7 @@ class Prepared:
 
 
 def prepare_rows(data, model, method: MethodRows, model_dir: str, tokenizer, max_length: Optional[int],
-                 broadcast: Callable[[Any], Any]) -> Prepared:
+                 broadcast: Callable[[Any], Any], images=None) -> Prepared:
     """Load the data (data slice: --dataset, --val_dataset or a split), shape the records for the method
     (`method.shape_records`: pairs checked, KTO's pairs split) and encode every row with the tokenizer's chat
     template as `method.rows` says ("sft" | "preference" | "kto"; "prompt": GRPO's prompts, loaded but not encoded),
@@ -69,14 +69,15 @@ def prepare_rows(data, model, method: MethodRows, model_dir: str, tokenizer, max
     0's value on every rank: distributed.broadcast) tells the others how it went. With --streaming the training rows
     are read and encoded on the fly instead (`_stream_rows`); only --val_dataset is encoded here. model: the model
     slice (its hub flags reach the datasets too). Raises DataError for bad rows (--strict true), rows the method
-    cannot use, or nothing left to train on."""
+    cannot use, or nothing left to train on. images: a vision-language model's ImageTokens (tunesmith.data.vision;
+    None for a text model, whose rows with images are bad rows)."""
     encoder = ChatEncoder(tokenizer, loss_scale=data.loss_scale, default_loss_scale=method.default_loss_scale,
                           max_length=max_length, truncation_strategy=data.truncation_strategy,
                           system=data.system,  # the text: parse_args read a --system file
-                          use_chat_template=data.use_chat_template)
+                          use_chat_template=data.use_chat_template, images=images)
     if method.rows == "prompt":  # GRPO: prompts to generate from, nothing encoded up front
         return _prompts(data, model, method, model_dir, tokenizer, encoder, max_length)
-    path = os.path.join(cache_root(), _data_fingerprint(data, model_dir, tokenizer, max_length, method))
+    path = os.path.join(cache_root(), _data_fingerprint(data, model_dir, tokenizer, max_length, method, images))
     if data.streaming and not data.val_dataset:  # nothing is encoded up front
         cached = None, None, {"val_split": False, "stats": {}}
     else:
@@ -180,7 +181,7 @@ def _cached_data(path: str, kind: str):
     return train, val, meta
 
 
-def _data_fingerprint(data, model_dir: str, tokenizer, max_length, method) -> str:
+def _data_fingerprint(data, model_dir: str, tokenizer, max_length, method, images=None) -> str:
     """What the encoded rows depend on: the data files (path, size, modification time) or hub ids, the data and
     encoding flags, the tokenizer and its chat template, the method's row kind, tunesmith's version."""
     from tunesmith.data.store import fingerprint
@@ -206,7 +207,8 @@ def _data_fingerprint(data, model_dir: str, tokenizer, max_length, method) -> st
         "max_length": max_length, "truncation": data.truncation_strategy, "loss_scale": data.loss_scale,
         "system": data.system, "use_chat_template": data.use_chat_template,
         "tokenizer": [len(tokenizer), tokenizer.chat_template, str(tokenizer.all_special_tokens),
-                      [[f, os.path.getsize(os.path.join(model_dir, f))] for f in tok_files]]})
+                      [[f, os.path.getsize(os.path.join(model_dir, f))] for f in tok_files]],
+        **({"images": images.fingerprint()} if images is not None else {})})
 
 
 def _stream_rows(data, model, method, encoder, max_length):

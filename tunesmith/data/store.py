@@ -22,7 +22,7 @@ from typing import Any, Optional
 from tunesmith.data.encode import ChatEncoder, Encoded, encode_one
 from tunesmith.errors import DataError
 
-STORE_VERSION = 4  # bump when the stored layout or the encoding changes meaning
+STORE_VERSION = 5  # bump when the stored layout or the encoding changes meaning
 
 
 def datasets_cache() -> str:
@@ -65,9 +65,11 @@ def fingerprint(parts: dict) -> str:
 def _features(kind: str):
     from datasets import Features, Sequence, Value
 
-    cols = {"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))}
+    cols = {"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+            "images": Sequence(Value("string"))}  # the pictures' references (paths, URLs), never their pixels
     if kind == "preference":
         cols.update(rejected_input_ids=Sequence(Value("int32")), rejected_labels=Sequence(Value("int32")),
+                    rejected_images=Sequence(Value("string")),
                     margin=Value("float64"))  # NaN: the row gives none
     if kind == "kto":
         cols["desirable"] = Value("bool")
@@ -92,9 +94,11 @@ def _encode_batch(batch: dict, records: "RecordsFile", encoder: ChatEncoder, kin
                 first, second = (value, None) if kind == "sft" else value
             out["input_ids"].append(first.input_ids if first else [])
             out["labels"].append(first.labels if first else [])
+            out["images"].append(first.images or [] if first else [])
             if kind == "preference":
                 out["rejected_input_ids"].append(second.input_ids if first else [])
                 out["rejected_labels"].append(second.labels if first else [])
+                out["rejected_images"].append(second.images or [] if first else [])
                 out["margin"].append(first.margin if first and first.margin is not None else float("nan"))
             if kind == "kto":
                 out["desirable"].append(bool(second) if first else False)
@@ -323,11 +327,12 @@ class EncodedRows:
         return [self._row(dict(zip(cols, values))) for values in zip(*cols.values())]
 
     def _row(self, r: dict) -> Any:
-        first = Encoded(r["input_ids"], r["labels"])
+        first = Encoded(r["input_ids"], r["labels"], images=r.get("images") or None)
         if self.kind == "preference":
             margin = r.get("margin")
             first.margin = None if margin is None or margin != margin else margin  # NaN: none given
-            return first, Encoded(r["rejected_input_ids"], r["rejected_labels"])
+            return first, Encoded(r["rejected_input_ids"], r["rejected_labels"],
+                                  images=r.get("rejected_images") or None)
         if self.kind == "kto":
             return first, bool(r["desirable"])
         first.channel = r.get("channel")

@@ -10,8 +10,9 @@ and is re-exported here for the modules that import it from this one.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 import os
+import re
+import warnings
 from typing import Optional
 
 from tunesmith.config.groups import ModelArgs
@@ -178,9 +179,15 @@ def load_model(cfg: ModelConfig, model_dir: str, tokenizer=None, for_training: b
     (AutoModelForSequenceClassification with one output, a reward model: a new score head when the checkpoint has
     none; the pad id set for its last-token pooling)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from tunesmith.models.vision import check_supported, is_vision_language
 
     dtype = resolve_dtype(cfg.torch_dtype)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    check_supported(config, cfg.model or model_dir)
+    vision = is_vision_language(config)
+    if vision and head == "seq_cls":
+        raise ConfigError(f"--model {cfg.model or model_dir}: reward models (a score head) on a vision-language "
+                          f"model are not supported yet; train the reward model on a text model")
     kwargs = dict(cfg.model_kwargs or {})
     kwargs["dtype"] = dtype
     attn = cfg.attn_impl
@@ -206,6 +213,11 @@ def load_model(cfg: ModelConfig, model_dir: str, tokenizer=None, for_training: b
             kwargs.pop("router_aux_loss_coef", None)
             model = AutoModelForSequenceClassification.from_pretrained(
                 model_dir, trust_remote_code=cfg.trust_remote_code, num_labels=1, **kwargs)
+        elif vision:  # transformers' own image-text class (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code,
+                                                                **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code, **kwargs)
     if head == "seq_cls" and tokenizer is not None and tokenizer.pad_token_id is not None:
@@ -332,7 +344,7 @@ def lora_config(model, cfg: ModelConfig):
         note(f"--lora_dropout {dropout} -> 0: peft's LoRA on raw parameters (--target_parameters, MoE experts) "
              f"does not support dropout")
         dropout = 0.0
-    target = cfg.target_regex or _expand_special(model, cfg.target_modules)
+    target = cfg.target_regex or _vision_targets(model, cfg) or _expand_special(model, cfg.target_modules)
     init = {"true": True, "false": False, "lora-ga": "lora_ga"}.get(str(cfg.init_weights).lower(), cfg.init_weights)
     ga = LoraGAConfig(direction=cfg.lora_ga_direction, scale=_LORA_GA_SCALES[cfg.lora_ga_scale],
                       stable_gamma=cfg.lora_ga_stable_gamma) if init == "lora_ga" else None
@@ -341,6 +353,21 @@ def lora_config(model, cfg: ModelConfig):
                       modules_to_save=_expand_special(model, cfg.modules_to_save) or None,
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=init, lora_ga_config=ga,
                       task_type="SEQ_CLS" if _is_seq_cls(model) else "CAUSAL_LM")
+
+
+def _vision_targets(model, cfg: ModelConfig) -> Optional[str]:
+    """For a vision-language model with all-linear among --target_modules: ms-swift's regex — the Linear layers of
+    the parts --freeze_vit/--freeze_aligner/--freeze_llm leave trained (default: the language model only), plus any
+    other names given; None otherwise (the names apply as given)."""
+    from tunesmith.models.vision import PARTS, lora_target_regex, trained_parts
+
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in PARTS or "all-linear" not in cfg.target_modules:
+        return None
+    regex = lora_target_regex(model, PARTS[kind], trained_parts(cfg.freeze_vit, cfg.freeze_aligner,
+                                                                cfg.freeze_llm))
+    others = [n for n in _expand_special(model, [t for t in cfg.target_modules if t != "all-linear"])]
+    return regex + "".join(rf"|.*\.{re.escape(n)}" for n in others)
 
 
 def count_parameters(model) -> dict:

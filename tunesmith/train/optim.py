@@ -20,6 +20,8 @@ def optimizer_plugin(optim) -> str:
         return optim.optimizer
     if optim.lorap_lr_ratio:
         return "lorap"
+    if optim.vit_lr is not None or optim.aligner_lr is not None:
+        return "multimodal"
     return "galore" if optim.use_galore else "default"
 
 
@@ -60,6 +62,10 @@ def build_optimizer(model, optim, drop_empty_groups: bool = False):
 
         decay_groups(model, optim.weight_decay)  # something to train
         opt = lorap_optimizer(model, *optimizer_class(optim), optim)
+    elif plugin == "multimodal":
+        from tunesmith.train.knobs.vision_lr import vision_lr_optimizer
+
+        opt = vision_lr_optimizer(model, *optimizer_class(optim), optim)
     elif plugin == "galore":
         from tunesmith.train.knobs.galore import galore_optimizer
 

@@ -92,6 +92,10 @@ def main(args) -> dict:
     reference = setup_reference(cfg.model, method.ref_model, method.ref_adapters, model, prepared.tokenizer, sync) \
         if method.needs_reference else None
     batches = method.batches(cfg, prepared, model, reference)
+    if prepared.encoder.images is not None:  # a vision-language model: batches also carry their pictures' pixels
+        from tunesmith.data.vision import with_pixels
+
+        batches = dataclasses.replace(batches, collate=with_pixels(batches.collate, prepared.encoder.images))
     header = method.header(prepared, batches)
     with start_run(cfg, prepared, param_info, lambda d: f"{header}; run directory {d}") as out:
         if batches.on_run_dir is not None:

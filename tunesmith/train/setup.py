@@ -50,13 +50,20 @@ def prepare_data(data, model, method) -> Prepared:
 
     model_dir = resolve_model_dir(model.model, model.use_hf, model.model_revision, model.hub_token)
     tok = load_tokenizer(model, model_dir)
+    from transformers import AutoConfig
+    from tunesmith.models.vision import check_supported, image_tokens, is_vision_language, text_config
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=model.trust_remote_code)
+    check_supported(config, model.model)
     max_length = data.max_length
     if max_length is None:
-        from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=model.trust_remote_code)
-        max_length = getattr(config, "max_position_embeddings", None)
+        max_length = getattr(text_config(config), "max_position_embeddings", None)
+    images = image_tokens(model_dir, config, tok, model.max_pixels) if is_vision_language(config) else None
+    if images is not None:
+        note(f"images: {images.limits['min_pixels']:,} to {images.limits['max_pixels']:,} pixels each "
+             f"(--max_pixels / MAX_PIXELS), counted in --max_length")
     rows = MethodRows(method.name, method.rows, method.default_loss_scale, method.shape_records, type(method).__name__)
-    return prepare_rows(data, model, rows, model_dir, tok, max_length, broadcast=D.broadcast)
+    return prepare_rows(data, model, rows, model_dir, tok, max_length, broadcast=D.broadcast, images=images)
 
 
 def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int, head: str = "causal_lm", train_rows=None):
@@ -82,6 +89,7 @@ def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int, head: str = "
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+        _vision_checkpointing(model, model_cfg)
     if model_cfg.use_liger_kernel:
         try:
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -99,10 +107,29 @@ def prepare_model(model_cfg, model_dir: str, tokenizer, seed: int, head: str = "
     return model, info
 
 
+def _vision_checkpointing(model, model_cfg) -> None:
+    """--vit_gradient_checkpointing false with --gradient_checkpointing: the vision tower runs without it (ms-swift's
+    default follows --gradient_checkpointing)."""
+    if model_cfg.vit_gradient_checkpointing is False:
+        visual = getattr(getattr(unwrap_model(model), "model", None), "visual", None)
+        for m in (visual.modules() if visual is not None else ()):
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = False
+
+
 def apply_knobs(model, knobs) -> None:
-    """ms-swift's training knobs on the model (model slice), in place: partial full fine-tuning (--freeze_parameters
-    ..., knobs/freeze.py), NEFTune's embedding noise (knobs/neftune.py) and compiled decoder layers
-    (--torch_compile, knobs/compile.py)."""
+    """ms-swift's training knobs on the model (model slice), in place: a vision-language model's frozen parts
+    (--freeze_vit/--freeze_aligner/--freeze_llm, full training; LoRA's are its targets), partial full fine-tuning
+    (--freeze_parameters ..., knobs/freeze.py), NEFTune's embedding noise (knobs/neftune.py) and compiled decoder
+    layers (--torch_compile, knobs/compile.py)."""
+    from tunesmith.models.vision import PARTS, freeze_parts, trained_parts
+
+    kind = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+    if knobs.train_type == "full" and kind in PARTS:
+        trained = trained_parts(knobs.freeze_vit, knobs.freeze_aligner, knobs.freeze_llm)
+        frozen = freeze_parts(model, PARTS[kind], trained)
+        note(f"vision-language model: training the {', '.join(sorted(trained))} ({frozen} tensors of the other parts "
+             f"frozen; --freeze_vit/--freeze_aligner/--freeze_llm)")
     if knobs.train_type == "full" and (knobs.freeze_parameters or knobs.freeze_parameters_regex or
                                        knobs.freeze_parameters_ratio > 0 or knobs.trainable_parameters or
                                        knobs.trainable_parameters_regex):

@@ -248,7 +248,19 @@ def _inputs(batch: dict, model) -> dict:
         kw["attention_mask"] = batch["attention_mask"]
     if batch.get("position_ids") is not None:
         kw["position_ids"] = batch["position_ids"]
+    if batch.get("pixel_values") is not None:  # a vision-language model's pictures (tunesmith.data.vision)
+        kw.update(vision_inputs(batch, model))
     return kw
+
+
+def vision_inputs(batch: dict, model) -> dict:
+    """The vision tower's keyword arguments for a batch with pictures: pixel_values [P, C·t·p·p], image_grid_thw
+    [N, 3] and mm_token_type_ids [B, T] (1 at image placeholders), from which the model builds its 3-D M-RoPE
+    positions itself (transformers' get_rope_index)."""
+    inner = getattr(model, "module", model)
+    image_token = inner.config.image_token_id
+    return {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"],
+            "mm_token_type_ids": (batch["input_ids"] == image_token).int()}
 
 
 def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature: float = 1.0,
