@@ -292,3 +292,42 @@ def cli_error(capsys, command, *argv):
     """(exit code, the one error line) of `tunesmith COMMAND ARGV`, which must fail with one message."""
     rc, _, err = cli(capsys, command, *argv)
     return rc, error_line(err, command)
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_models(tmp_path_factory):
+    """Tiny random vision-language models (tunesmith.testing.build_vl_model: qwen2_vl, qwen2_5_vl, qwen3_vl), built
+    once per test session."""
+    from tunesmith.testing import build_vl_model
+
+    root = tmp_path_factory.mktemp("vl_models")
+    cache = {}
+
+    def get(family="qwen2_5_vl"):
+        if family not in cache:
+            cache[family] = build_vl_model(str(root / family), family)
+        return cache[family]
+
+    return get
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 220)}
+
+
+def colour_rows(folder, n, seed=0, sizes=((56, 56), (84, 56), (112, 84), (56, 112))):
+    """n rows "what colour is this?" over solid-colour pictures written (PNG) into `folder`: ms-swift's form, a
+    `<image>` tag in the user message and the picture's path in `images`. Returns the rows (dicts)."""
+    import random
+    from PIL import Image
+
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for i in range(n):
+        colour = rng.choice(sorted(COLOURS))
+        rgb = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in COLOURS[colour])
+        path = os.path.join(str(folder), f"{colour}-{seed}-{i}.png")
+        Image.new("RGB", rng.choice(sizes), rgb).save(path)
+        rows.append({"messages": [{"role": "user", "content": "<image>What colour is this?"},
+                                  {"role": "assistant", "content": colour}], "images": [path]})
+    return rows

@@ -66,6 +66,7 @@ def segments_collate(rows: list[list[tuple[int, Encoded]]], pad_id: int, n_seq: 
     pos = torch.zeros((len(rows), longest), dtype=torch.long)
     seq = torch.full((len(rows), longest), -1, dtype=torch.long)
     channels = [None] * n_seq
+    images = []  # the pictures in sequence order (as the placeholders appear in the flattened batch)
     for b, row in enumerate(rows):
         at = 0
         for k, e in row:
@@ -75,10 +76,12 @@ def segments_collate(rows: list[list[tuple[int, Encoded]]], pad_id: int, n_seq: 
             pos[b, at:at + n] = torch.arange(n)
             seq[b, at:at + n] = k
             channels[k] = e.channel
+            images.append(e.images)
             at += n
         pos[b, at:] = torch.arange(longest - at)  # the pads: one more segment of their own, never trained
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_ids": seq, "n_seq": n_seq,
-            "n_tokens": int((labels[:, 1:] != IGNORE).sum()), **_channels(channels)}
+            "n_tokens": int((labels[:, 1:] != IGNORE).sum()), **_channels(channels),
+            **({"images": images} if any(images) else {})}
 
 
 def flat_collate(rows: list[Encoded], pad_id: int = 0) -> dict:

@@ -119,9 +119,25 @@ class WithPixels:
         images = batch.pop("images", None)
         if images:
             batch.update(pixel_inputs(images, self.spec))
+            batch["image_counts"] = [len(x or ()) for x in images]  # pictures per sequence (`slice_sequences`)
         return batch
 
 
 def with_pixels(collate, spec: Optional[ImageTokens]):
     """`collate` wrapped in WithPixels for a vision-language model (spec given), else `collate` itself."""
     return WithPixels(collate, spec) if spec is not None else collate
+
+
+def slice_sequences(batch: dict, lo: int, hi: int, keys=("input_ids", "attention_mask", "labels")) -> dict:
+    """Sequences lo..hi-1 of a padded batch: `keys` [B, T] sliced to [hi-lo, T], and with pictures their own
+    pixel_values rows and image_grid_thw (WithPixels' `image_counts` says which pictures are whose)."""
+    out = {k: batch[k][lo:hi] for k in keys}
+    counts = batch.get("image_counts")
+    if counts and sum(counts[lo:hi]):
+        first, last = sum(counts[:lo]), sum(counts[:hi])
+        grids = batch["image_grid_thw"]
+        patches = grids.prod(-1).tolist()
+        a, b = sum(patches[:first]), sum(patches[:last])
+        out.update(pixel_values=batch["pixel_values"][a:b], image_grid_thw=grids[first:last],
+                   image_counts=counts[lo:hi])
+    return out

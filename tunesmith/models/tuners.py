@@ -269,6 +269,13 @@ def _gradient_pass(model, rows: list, size: int, pad_id: int) -> None:
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to(default_device())
     device = next(model.parameters()).device
+    text = [r for r in rows if not getattr(r, "images", None)]  # the estimate runs text rows only (no pixels here)
+    if len(text) < len(rows):
+        from tunesmith.log import note
+
+        note(f"--init_weights lora-ga: the gradient estimate uses the {len(text)} text-only rows of the first "
+             f"{len(rows)} (rows with images are left out of it)")
+    rows = text
     for start in range(0, len(rows), size):
         batch = pad_collate(rows[start:start + size], pad_id)
         if not bool((batch["labels"][:, 1:] != IGNORE).any()):

@@ -147,9 +147,12 @@ def pixel_limits(processor, patch_size: int, merge_size: int, max_pixels: Option
     size = processor.size
     top, top_src = read(max_pixels, "MAX_PIXELS", "IMAGE_MAX_TOKEN_NUM", size["longest_edge"])
     low, low_src = read(None, "MIN_PIXELS", "IMAGE_MIN_TOKEN_NUM", size["shortest_edge"])
-    if top <= 0 or low <= 0:
-        raise ConfigError(f"the image budget must be positive pixels (max_pixels {top} from {top_src}, "
-                          f"min_pixels {low} from {low_src})")
+    if top < unit or low <= 0:
+        raise ConfigError(f"max_pixels {top} ({top_src}) is below one image token ({unit} pixels: a "
+                          f"{patch_size * merge_size}x{patch_size * merge_size} block); raise it" if top < unit else
+                          f"min_pixels {low} ({low_src}) must be positive")
+    if low > top and low_src == "the model's image processor":
+        low = top  # a budget below the checkpoint's own minimum: every picture resized to at most max_pixels
     if low > top:
         raise ConfigError(f"min_pixels {low} ({low_src}) is above max_pixels {top} ({top_src}); lower MIN_PIXELS or "
                           f"raise --max_pixels")

@@ -42,7 +42,7 @@ def kto_collate(rows: list[tuple[Encoded, bool]], pad_id: int, padding_side: str
         p, q = _first_trained(e), _first_trained(other)
         limit = max(len(e.input_ids), len(other.input_ids))
         mismatched.append(Encoded((e.input_ids[:p] + other.input_ids[q:])[:limit],
-                                  ([IGNORE] * p + other.labels[q:])[:limit]))
+                                  ([IGNORE] * p + other.labels[q:])[:limit], images=e.images))  # the prompt's
     b = pad_collate(encs + mismatched, pad_id, padding_side)
     n = len(rows)
     b["n_examples"] = n
@@ -51,7 +51,9 @@ def kto_collate(rows: list[tuple[Encoded, bool]], pad_id: int, padding_side: str
 
 
 def _half(batch: dict, lo: int, hi: int) -> dict:
-    return {k: batch[k][lo:hi] for k in ("input_ids", "attention_mask", "labels")}
+    from tunesmith.data.vision import slice_sequences
+
+    return slice_sequences(batch, lo, hi)
 
 
 _STAT_KEYS = ("reward_good", "reward_bad", "n_good", "n_bad", "logps_good", "logps_bad", "kl")

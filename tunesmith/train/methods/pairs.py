@@ -312,7 +312,10 @@ def pair_batches(cfg, prepared, model, reference: Optional[Reference], prefix_sh
                                          _pair_length)
     if precompute and reference.kind != "none":
         bs = max(cfg.optim.per_device_train_batch_size, cfg.optim.per_device_eval_batch_size)
-        cached = precompute_reference(reference, model, [train_rows, eval_rows], collate, bs)
+        from tunesmith.data.vision import with_pixels
+
+        cached = precompute_reference(reference, model, [train_rows, eval_rows],
+                                      with_pixels(collate, prepared.encoder.images), bs)
         reference.model = None  # free the full-training reference copy
         reference = cached
     train, evals, collate = batching(cfg.data, train_rows, eval_rows, collate, flat, packed, length,

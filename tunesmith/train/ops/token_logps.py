@@ -203,6 +203,9 @@ def _attention_kinds(config) -> Optional[dict]:
 def prefix_sharing_support(model) -> Optional[str]:
     """None when prefix-shared batches are exact for this model, else the reason they are not."""
     cfg = unwrap_model(model).config
+    if getattr(cfg, "vision_config", None) is not None:
+        return ("a vision-language model's 3-D M-RoPE positions are built per sequence by the model, which a shared "
+                "prompt with two continuations does not fit")
     impl = getattr(cfg, "_attn_implementation", None) or "eager"
     if impl not in SHARED_PREFIX_ATTENTION:
         return f"--attn_impl {impl} takes no arbitrary attention mask (sdpa and eager do)"
@@ -248,19 +251,62 @@ def _inputs(batch: dict, model) -> dict:
         kw["attention_mask"] = batch["attention_mask"]
     if batch.get("position_ids") is not None:
         kw["position_ids"] = batch["position_ids"]
-    if batch.get("pixel_values") is not None:  # a vision-language model's pictures (tunesmith.data.vision)
-        kw.update(vision_inputs(batch, model))
+    kw.update(vision_inputs(batch, model))  # a vision-language model's pictures and M-RoPE positions
     return kw
 
 
 def vision_inputs(batch: dict, model) -> dict:
-    """The vision tower's keyword arguments for a batch with pictures: pixel_values [P, C·t·p·p], image_grid_thw
-    [N, 3] and mm_token_type_ids [B, T] (1 at image placeholders), from which the model builds its 3-D M-RoPE
-    positions itself (transformers' get_rope_index)."""
+    """A vision-language model's extra keyword arguments for a batch: its pictures (pixel_values [P, C·t·p·p],
+    image_grid_thw [N, 3]) and what its 3-D M-RoPE positions are built from. Padded rows: mm_token_type_ids [B, T]
+    (1 at image placeholders), from which the model builds them itself (transformers' get_rope_index). Padding-free
+    and packed rows (position_ids given, restarting per sequence): `packed_mrope_positions`. {} for a text model."""
+    if batch.get("images"):  # picture references the collate did not turn into pixels: never train without them
+        raise RuntimeError("a batch holds pictures but no pixel_values: its collate function was not wrapped in "
+                           "tunesmith.data.vision.with_pixels")
     inner = getattr(model, "module", model)
-    image_token = inner.config.image_token_id
-    return {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"],
-            "mm_token_type_ids": (batch["input_ids"] == image_token).int()}
+    config = inner.config
+    if getattr(config, "vision_config", None) is None:
+        return {}
+    kw = {}
+    if batch.get("pixel_values") is not None:
+        kw = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+    if batch.get("position_ids") is not None:
+        kw["position_ids"] = packed_mrope_positions(batch, inner)
+    elif kw:
+        kw["mm_token_type_ids"] = (batch["input_ids"] == config.image_token_id).int()
+    return kw
+
+
+def packed_mrope_positions(batch: dict, model):
+    """[4, B, T] position ids of padding-free / packed rows for a Qwen-VL model: row 0 the text positions as given
+    (restarting at 0 for each sequence, from which transformers builds the block-diagonal mask), rows 1-3 each
+    sequence's own 3-D M-RoPE positions (the model's get_rope_index on that sequence alone, with its pictures'
+    grids), exactly as if the sequence were run alone. The pictures (image_grid_thw) are in sequence order."""
+    import torch
+
+    owner = unwrap_model(model)
+    owner = getattr(owner, "model", owner) if not hasattr(owner, "get_rope_index") else owner
+    config = owner.config
+    image = config.image_token_id
+    merge = config.vision_config.spatial_merge_size
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    grids = batch.get("image_grid_thw")
+    per_image = (grids.prod(-1) // merge ** 2).tolist() if grids is not None else []
+    out = pos[None].repeat(4, 1, 1)
+    g = 0
+    for b in range(ids.shape[0]):
+        starts = (pos[b] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+        for a, e in zip(starts[:-1], starts[1:]):
+            seg = ids[b, a:e][None]
+            kinds = (seg == image).int()
+            k, have, need = g, 0, int(kinds.sum())
+            while have < need:
+                have, k = have + per_image[k], k + 1
+            rope, _ = owner.get_rope_index(seg, mm_token_type_ids=kinds,
+                                           image_grid_thw=grids[g:k] if k > g else None)
+            out[1:, b, a:e] = rope[:, 0]
+            g = k
+    return out
 
 
 def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature: float = 1.0,

@@ -1,0 +1,335 @@
+"""Vision-language training (issue #31) on tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and generated
+pictures: masks equal an independent computation from the processor's rendering, packed rows equal padded ones, SFT
+learns to tell colours on held-out pictures, DPO and KTO train on image pairs, the freeze flags pick what trains,
+and the image budget flags count as the processor does."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import COLOURS, colour_rows, read_jsonl, train, write_jsonl
+
+
+def _spec(model_dir, max_pixels=None):
+    from transformers import AutoConfig, AutoTokenizer
+    from tunesmith.models.vision import image_tokens
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return tok, image_tokens(model_dir, AutoConfig.from_pretrained(model_dir), tok, max_pixels)
+
+
+def _model(model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_masks_equal_an_independent_rendering(tiny_vl_models, tmp_path, family):
+    """Image placeholders and the prompt are never trained, the answer and its end of turn are: the same ids and
+    labels as the chat template's own rendering of content parts, each placeholder repeated as often as the image
+    processor's own output says (grid_t·grid_h·grid_w / merge²), the answer located by the generation prompt."""
+    from tunesmith.data.encode import IGNORE, ChatEncoder
+
+    model_dir = tiny_vl_models(family)
+    tok, spec = _spec(model_dir)
+    rows = colour_rows(tmp_path, 2, seed=3)
+    paths = [r["images"][0] for r in rows]
+    record = {"messages": [{"role": "user", "content": "first <image> then <image> which?"},
+                           {"role": "assistant", "content": "the second"}], "images": paths}
+    enc = ChatEncoder(tok, images=spec).encode(record)
+
+    from PIL import Image
+    grids = spec.processor([Image.open(p).convert("RGB") for p in paths])["image_grid_thw"]
+    counts = [int(np.prod(g)) // spec.merge_size ** 2 for g in grids]
+    parts = [{"type": "text", "text": "first "}, {"type": "image"}, {"type": "text", "text": " then "},
+             {"type": "image"}, {"type": "text", "text": " which?"}]
+    user = [{"role": "user", "content": parts}]
+
+    def expanded(text):
+        pieces = text.split("<|image_pad|>")
+        out = pieces[0]
+        for n, piece in zip(counts, pieces[1:]):
+            out += "<|image_pad|>" * n + piece
+        return tok(out, add_special_tokens=False)["input_ids"]
+
+    full = expanded(tok.apply_chat_template(user + [{"role": "assistant", "content": "the second"}], tokenize=False))
+    prompt = expanded(tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
+    tail = len(tok("\n", add_special_tokens=False)["input_ids"])  # after <|im_end|>: the template's newline
+    expect = [IGNORE] * len(prompt) + full[len(prompt):len(full) - tail] + [IGNORE] * tail
+    assert enc.input_ids == full
+    assert enc.labels == expect
+    assert enc.input_ids.count(spec.image_token_id) == sum(counts) and sum(counts) > 2
+    assert all(lab == IGNORE for i, lab in zip(enc.input_ids, enc.labels) if i == spec.image_token_id)
+    assert enc.images == paths
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_packed_and_padding_free_equal_padded(tiny_vl_models, tmp_path, family):
+    """The trained tokens' log-probs of a mixed batch (one picture, none, two) are the same padded, padding-free and
+    packed in another grouping: each sequence's 3-D M-RoPE positions are its own (packed_mrope_positions) and no
+    attention crosses sequences."""
+    from tunesmith.data.collate import PackedCollate, flat_collate, pad_collate
+    from tunesmith.data.encode import ChatEncoder
+    from tunesmith.data.vision import with_pixels
+    from tunesmith.train.ops.token_logps import token_logps
+
+    model_dir = tiny_vl_models(family)
+    tok, spec = _spec(model_dir)
+    pics = [r["images"][0] for r in colour_rows(tmp_path, 3, seed=1)]
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": "red it is"}], "images": pics[:1]},
+               {"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}]},
+               {"messages": [{"role": "user", "content": "two <image> and <image> ok"},
+                             {"role": "assistant", "content": "blue and green"}], "images": pics[1:]}]
+    enc = ChatEncoder(tok, images=spec)
+    rows = [enc.encode(r) for r in records]
+    model = _model(model_dir)
+    pad = with_pixels(lambda rs: pad_collate(rs, tok.pad_token_id), spec)
+    with torch.no_grad():
+        padded = token_logps(model, pad(rows)).logps
+        flat = token_logps(model, with_pixels(lambda rs: flat_collate(rs, tok.pad_token_id), spec)(rows)).logps
+        packed = token_logps(model, with_pixels(PackedCollate(tok.pad_token_id), spec)(
+            [[rows[2], rows[0]], [rows[1]]])).logps
+        alone = torch.cat([token_logps(model, pad([r])).logps for r in (rows[2], rows[0], rows[1])])
+        no_pictures = token_logps(model, {k: v for k, v in pad(rows[:1]).items()
+                                          if k not in ("pixel_values", "image_grid_thw", "image_counts")}).logps
+    assert torch.allclose(padded, flat, atol=1e-5)
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert not torch.allclose(padded[:no_pictures.numel()], no_pictures, atol=1e-3)  # the pixels matter
+
+
+def _answer_accuracy(model, tok, spec, rows) -> float:
+    """Share of rows whose own colour gets the highest summed log-prob among the three answers."""
+    from tunesmith.data.collate import pad_collate
+    from tunesmith.data.encode import ChatEncoder
+    from tunesmith.data.vision import with_pixels
+    from tunesmith.train.reference import sequence_logps
+
+    enc = ChatEncoder(tok, images=spec)
+    collate = with_pixels(lambda rs: pad_collate(rs, tok.pad_token_id), spec)
+    right = 0
+    for row in rows:
+        cands = [enc.encode({**row, "messages": [row["messages"][0], {"role": "assistant", "content": c}]})
+                 for c in sorted(COLOURS)]
+        with torch.no_grad():
+            scores = sequence_logps(model, collate(cands)).logps
+        right += sorted(COLOURS)[int(scores.argmax())] == row["messages"][1]["content"]
+    return right / len(rows)
+
+
+@pytest.mark.slow
+def test_sft_tells_colours_of_held_out_pictures(tiny_vl_models, tmp_path):
+    """SFT (LoRA on the language model, vision tower frozen: ms-swift's defaults) on "what colour is this?" over
+    generated pictures: on 30 held-out pictures of new sizes and shades the right colour scores highest for at least
+    80% (chance: 33%), from no better than chance before."""
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    data = write_jsonl(tmp_path / "train.jsonl", colour_rows(tmp_path / "train", 96, seed=0))
+    held_out = colour_rows(tmp_path / "held", 30, seed=7, sizes=((70, 70), (98, 56)))
+    tok, spec = _spec(model_dir)
+    before = _answer_accuracy(_model(model_dir), tok, spec, held_out)
+    res = train("sft", "--model", model_dir, "--dataset", data, "--learning_rate", "3e-3", "--lora_rank", "16",
+                "--max_steps", "60", "--per_device_train_batch_size", "8", "--warmup_ratio", "0",
+                "--output_dir", tmp_path / "out", "--report_to", "none", "--save_strategy", "no",
+                "--logging_steps", "10")
+    after = _answer_accuracy(res["model"].eval(), tok, spec, held_out)
+    assert before <= 0.5 and after >= 0.8, (before, after)
+
+
+def _pairs(rows):
+    names = sorted(COLOURS)
+    return [{**r, "rejected_response": names[(names.index(r["messages"][1]["content"]) + 1) % 3]} for r in rows]
+
+
+@pytest.mark.slow
+def test_dpo_on_image_pairs_raises_reward_accuracy(tiny_vl_models, tmp_path):
+    """DPO on pairs that share their picture (the right colour chosen, another rejected): rewards/accuracies rises
+    from the first logged step to at least 0.9 and the loss falls below log 2."""
+    from conftest import step_losses
+
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    data = write_jsonl(tmp_path / "dpo.jsonl", _pairs(colour_rows(tmp_path / "pics", 48, seed=2)))
+    res = train("rlhf", "--rlhf_type", "dpo", "--model", model_dir, "--dataset", data, "--learning_rate", "2e-3",
+                "--max_steps", "16", "--per_device_train_batch_size", "6", "--logging_steps", "4",
+                "--output_dir", tmp_path / "out", "--report_to", "none", "--save_strategy", "no")
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "rewards/accuracies" in r]
+    assert log[-1]["rewards/accuracies"] >= 0.9 and log[-1]["rewards/accuracies"] > log[0]["rewards/accuracies"]
+    assert step_losses(res["run_dir"])[-1] < 0.6931
+
+
+def test_precomputed_reference_sees_the_pictures(tiny_vl_models, tmp_path):
+    """--precompute_ref_log_probs computes the reference's log-probs with each pair's pixels: the first step's loss
+    and rewards equal those of the live reference (a reference computed without the pictures would differ)."""
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    data = write_jsonl(tmp_path / "dpo.jsonl", _pairs(colour_rows(tmp_path / "pics", 8, seed=4)))
+    firsts = []
+    for precompute in ("false", "true"):
+        res = train("rlhf", "--rlhf_type", "dpo", "--model", model_dir, "--dataset", data, "--max_steps", "1",
+                    "--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none",
+                    "--precompute_ref_log_probs", precompute, "--output_dir", tmp_path / f"out-{precompute}",
+                    "--save_strategy", "no", "--learning_rate", "1e-3")
+        firsts.append(read_jsonl(os.path.join(res["run_dir"], "logging.jsonl"))[0])
+    for key in ("loss", "logps/chosen", "logps/rejected"):
+        assert firsts[0][key] == pytest.approx(firsts[1][key], abs=1e-5), key
+
+
+def test_kto_trains_on_image_rows(tiny_vl_models, tmp_path):
+    """KTO rows with a picture and a label: the run trains, and its mismatched (KL) sequences keep their prompt's
+    picture (a placeholder without pixels would stop the model)."""
+    rows = colour_rows(tmp_path / "pics", 12, seed=5)
+    names = sorted(COLOURS)
+    kto = [{**r, "label": True} if i % 2 else
+           {**r, "messages": [r["messages"][0], {"role": "assistant", "content": names[(names.index(
+               r["messages"][1]["content"]) + 1) % 3]}], "label": False} for i, r in enumerate(rows)]
+    res = train("rlhf", "--rlhf_type", "kto", "--model", tiny_vl_models("qwen2_5_vl"),
+                "--dataset", write_jsonl(tmp_path / "kto.jsonl", kto), "--max_steps", "2",
+                "--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none",
+                "--output_dir", tmp_path / "out", "--save_strategy", "no")
+    log = read_jsonl(os.path.join(res["run_dir"], "logging.jsonl"))
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+
+
+def _trainable_parts(model):
+    from tunesmith.models.vision import PARTS, part_of
+
+    kind = model.config.model_type
+    return {part_of(n, PARTS[kind]) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("flags, parts", [
+    ([], {"language_model"}),                                     # ms-swift's defaults: ViT and aligner frozen
+    (["--freeze_vit", "false"], {"language_model", "vision_tower"}),
+    (["--freeze_aligner", "false", "--freeze_llm", "true"], {"aligner"}),
+])
+def test_lora_all_linear_follows_the_freeze_flags(tiny_vl_models, tmp_path, flags, parts):
+    """LoRA all-linear goes on the Linear layers of the parts left trained, never on lm_head."""
+    res = train("sft", "--model", tiny_vl_models("qwen2_5_vl"), "--dataset",
+                write_jsonl(tmp_path / "d.jsonl", colour_rows(tmp_path / "pics", 4)), "--max_steps", "1",
+                "--output_dir", tmp_path / "out", "--report_to", "none", "--save_strategy", "no", *flags)
+    assert _trainable_parts(res["model"]) == parts
+    assert not any("lm_head" in n for n, p in res["model"].named_parameters() if p.requires_grad)
+
+
+def test_full_training_freezes_parts_and_steps_them_at_their_rates(tiny_vl_models, tmp_path):
+    """--train_type full --freeze_vit false: the vision tower and language model train, the aligner stays frozen
+    (its weights unchanged after a step); --vit_lr gives the vision tower its own learning rate."""
+    from safetensors.torch import load_file
+
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    res = train("sft", "--model", model_dir, "--dataset",
+                write_jsonl(tmp_path / "d.jsonl", colour_rows(tmp_path / "pics", 4)), "--max_steps", "1",
+                "--train_type", "full", "--freeze_vit", "false", "--vit_lr", "3e-5", "--learning_rate", "1e-3",
+                "--output_dir", tmp_path / "out", "--report_to", "none", "--save_strategy", "no")
+    model = res["model"]
+    assert _trainable_parts(model) == {"language_model", "vision_tower"}
+    before = load_file(os.path.join(model_dir, "model.safetensors"))
+    after = model.state_dict()
+    merger = [n for n in after if ".merger." in n]
+    moved = [n for n in after if ".blocks.0." in n and n.endswith("qkv.weight")]
+    saved = {n: next(v for k, v in before.items() if n.endswith(k)) for n in merger + moved}
+    assert merger and all(torch.equal(saved[n], after[n]) for n in merger)
+    assert moved and not any(torch.equal(saved[n], after[n]) for n in moved)
+
+
+def test_vit_and_aligner_learning_rates(tiny_vl_models):
+    """--vit_lr and --aligner_lr (ms-swift's multimodal optimiser): the vision tower's and the aligner's parameters
+    step at their own rates, the rest at --learning_rate, each split into decay / no-decay groups."""
+    from types import SimpleNamespace
+
+    from tunesmith.models.vision import PARTS, part_of
+    from tunesmith.train.knobs.vision_lr import vision_lr_optimizer
+
+    model = _model(tiny_vl_models("qwen2_5_vl"))
+    optim = SimpleNamespace(learning_rate=1e-3, vit_lr=3e-5, aligner_lr=None, weight_decay=0.1)
+    opt = vision_lr_optimizer(model, torch.optim.AdamW, {"lr": 1e-3}, optim)
+    where = {id(p): part_of(n, PARTS["qwen2_5_vl"]) for n, p in model.named_parameters()}
+    rates = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            rates.setdefault(where[id(p)], set()).add(g["lr"])
+    assert rates == {"vision_tower": {3e-5}, "aligner": {1e-3}, "language_model": {1e-3}}
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(1 for _ in model.parameters())
+
+
+def test_all_parts_frozen_is_refused(tiny_vl_models, tmp_path):
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nothing would train"):
+        train("sft", "--model", tiny_vl_models("qwen2_5_vl"), "--dataset",
+              write_jsonl(tmp_path / "d.jsonl", colour_rows(tmp_path / "pics", 2)), "--max_steps", "1",
+              "--freeze_llm", "true", "--output_dir", tmp_path / "out", "--report_to", "none")
+
+
+def test_text_model_refuses_image_rows(tiny_models, tmp_path):
+    """A text-only model given rows with pictures: a located bad row (the pictures would be left out), dropped and
+    counted under --strict false."""
+    from tunesmith.errors import DataError
+
+    rows = colour_rows(tmp_path / "pics", 3)
+    text = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data = write_jsonl(tmp_path / "d.jsonl", rows + [text] * 4)
+    with pytest.raises(DataError) as e:
+        train("sft", "--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "1",
+              "--output_dir", tmp_path / "out", "--report_to", "none")
+    assert "d.jsonl:1" in str(e.value) and "text only" in str(e.value) and "images" in str(e.value)
+    res = train("sft", "--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "1", "--strict", "false",
+                "--output_dir", tmp_path / "out2", "--report_to", "none", "--save_strategy", "no")
+    assert res["state"] is not None
+
+
+def test_image_budget_flags_and_environment(tiny_vl_models, tmp_path):
+    """--max_pixels, else MAX_PIXELS, else IMAGE_MAX_TOKEN_NUM (tokens), else the processor's own budget: a large
+    picture costs max_pixels / 28² tokens at most, as the processor's own resize gives."""
+    from PIL import Image
+    from tunesmith.errors import ConfigError
+    from tunesmith.models.vision import pixel_limits
+
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    big = str(tmp_path / "big.png")
+    Image.new("RGB", (560, 420), (9, 9, 9)).save(big)
+    tok, spec = _spec(model_dir)
+    assert spec.limits["max_pixels"] == 16 * 28 * 28 and spec.tokens_of(big) <= 16
+    _, wide = _spec(model_dir, max_pixels=64 * 28 * 28)
+    grid = wide.processor([Image.open(big).convert("RGB")])["image_grid_thw"][0]
+    assert wide.tokens_of(big) == int(np.prod(grid)) // 4 and 16 < wide.tokens_of(big) <= 64
+    proc = spec.processor
+    assert pixel_limits(proc, 14, 2, None, {"MAX_PIXELS": "50176"})["max_pixels"] == 50176
+    assert pixel_limits(proc, 14, 2, None, {"IMAGE_MAX_TOKEN_NUM": "32"})["max_pixels"] == 32 * 28 * 28
+    assert pixel_limits(proc, 14, 2, 1000, {"MAX_PIXELS": "50176"}) == {"max_pixels": 1000, "min_pixels": 1000}
+    with pytest.raises(ConfigError, match="MAX_PIXELS"):
+        pixel_limits(proc, 14, 2, None, {"MAX_PIXELS": "lots"})
+    with pytest.raises(ConfigError, match="above max_pixels"):
+        pixel_limits(proc, 14, 2, 1000, {"MIN_PIXELS": "5000"})
+    with pytest.raises(ConfigError, match="below one image token"):
+        pixel_limits(proc, 14, 2, 100, {})
+
+
+def test_truncation_never_cuts_a_picture(tiny_vl_models, tmp_path):
+    """--truncation_strategy left/right that would cut through a picture's tokens drops the row as too long (a
+    picture cut in part no longer matches its features); a cut after the picture keeps it."""
+    from tunesmith.data.encode import ChatEncoder, TooLong
+
+    tok, spec = _spec(tiny_vl_models("qwen2_5_vl"))
+    row = colour_rows(tmp_path, 1)[0]
+    row = {**row, "messages": [row["messages"][0], {"role": "assistant", "content": "red " * 30}]}
+    full = ChatEncoder(tok, images=spec).encode(row).input_ids
+    n, first = len(full), full.index(spec.image_token_id)
+    with pytest.raises(TooLong):
+        ChatEncoder(tok, images=spec, max_length=n - first - 1, truncation_strategy="left").encode(row)
+    assert ChatEncoder(tok, images=spec, max_length=n - first, truncation_strategy="left").encode(row).images
+    kept = ChatEncoder(tok, images=spec, max_length=n - 5, truncation_strategy="right").encode(row)
+    assert len(kept.input_ids) == n - 5 and kept.images == row["images"]
+
+
+def test_a_batch_with_pictures_but_no_pixels_is_refused(tiny_vl_models, tmp_path):
+    """Training must never run a picture's placeholders without its pixels."""
+    from tunesmith.data.collate import pad_collate
+    from tunesmith.data.encode import ChatEncoder
+    from tunesmith.train.ops.token_logps import token_logps
+
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    tok, spec = _spec(model_dir)
+    row = ChatEncoder(tok, images=spec).encode(colour_rows(tmp_path, 1)[0])
+    with pytest.raises(RuntimeError, match="no pixel_values"):
+        token_logps(_model(model_dir), pad_collate([row], tok.pad_token_id))
