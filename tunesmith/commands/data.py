@@ -26,14 +26,14 @@ def _has_tools(records) -> bool:
     return any(r.get("tools") or any(m.get("tool_calls") for m in r["messages"]) for r in records)
 
 
-def _tokenizer(args: DataCommandArguments, tools: bool = False):
-    """--model's tokenizer; without --model a built-in tiny one of --template's family (default qwen2), with the
-    family's official chat template when `tools` (only those render tool calls)."""
+def _tokenizer(args: DataCommandArguments, tools: bool = False, images: bool = False):
+    """--model's tokenizer; without --model a built-in tiny one of --template's family (default qwen2, or qwen2_5_vl
+    for rows with images), with the family's official chat template when `tools` (only those render tool calls)."""
     if args.model:
         from tunesmith.models.load import load_tokenizer
         return load_tokenizer(args)
     from tunesmith.data.tiny_tokenizer import build_tokenizer
-    family = _family(args.template)
+    family = _family(args.template or ("qwen2_5_vl" if images else None))
     print(f"(no --model given: using the built-in tiny {family} tokenizer; pass --model to see your model's tokens)",
           file=sys.stderr)
     return build_tokenizer(family, official_template=tools)
@@ -43,7 +43,45 @@ def _tokenizer(args: DataCommandArguments, tools: bool = False):
 _TEMPLATE_FAMILIES = {"qwen2": "qwen2", "qwen2_5": "qwen2", "qwen": "qwen2", "qwen2_5_math": "qwen2", "qwen3": "qwen3",
                       "qwen3_thinking": "qwen3", "qwen3_nothinking": "qwen3", "llama3": "llama3", "llama3_1": "llama3",
                       "llama3_2": "llama3", "llama3_3": "llama3", "llama": "llama3", "gpt_oss": "gpt_oss",
-                      "gpt-oss": "gpt_oss", "chatml": "chatml"}
+                      "gpt-oss": "gpt_oss", "chatml": "chatml", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl",
+                      "qwen3_vl": "qwen3_vl"}
+# Without --model, the vision-language families count image tokens with their released image processors' budgets
+# (patch size, pixels per picture; preprocessor_config.json of Qwen2-VL/Qwen2.5-VL-7B-Instruct and Qwen3-VL-8B).
+_BUILT_IN_IMAGE_PROCESSORS = {"qwen2_vl": (14, 3136, 12845056), "qwen2_5_vl": (14, 3136, 12845056),
+                              "qwen3_vl": (16, 65536, 16777216)}
+
+
+def _images(args: DataCommandArguments, tok):
+    """The encoder's ImageTokens: --model's when it is a vision-language model, the built-in family's without
+    --model (`_BUILT_IN_IMAGE_PROCESSORS`), else None (a text model: rows with images are bad rows). --max_pixels
+    and MAX_PIXELS / IMAGE_MAX_TOKEN_NUM apply as in training."""
+    if args.model:
+        from transformers import AutoConfig
+        from tunesmith.models.load import resolve_model_dir
+        from tunesmith.models.vision import check_supported, image_tokens, is_vision_language
+
+        model_dir = resolve_model_dir(args.model, args.use_hf, args.model_revision, args.hub_token)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+        check_supported(config, args.model)
+        return image_tokens(model_dir, config, tok, args.max_pixels) if is_vision_language(config) else None
+    family = _family(args.template) if args.template else None
+    if family not in _BUILT_IN_IMAGE_PROCESSORS and "<|image_pad|>" not in tok.get_vocab():
+        return None
+    from transformers import Qwen2VLImageProcessorPil
+    from tunesmith.data.vision import ImageTokens
+    from tunesmith.models.vision import pixel_limits
+
+    patch, low, high = _BUILT_IN_IMAGE_PROCESSORS[family or "qwen2_5_vl"]
+    probe = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, size={"shortest_edge": low, "longest_edge": high})
+    limits = pixel_limits(probe, patch, 2, args.max_pixels)
+    processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, size={
+        "shortest_edge": limits["min_pixels"], "longest_edge": limits["max_pixels"]})
+    return ImageTokens("<|image_pad|>", tok.convert_tokens_to_ids("<|image_pad|>"), 2, family or "qwen2_5_vl",
+                       limits, processor)
+
+
+def _has_images(records) -> bool:
+    return any(r.get("images") or r.get("rejected_images") for r in records)
 
 
 def _family(template: Optional[str]) -> str:
@@ -60,11 +98,13 @@ def _family(template: Optional[str]) -> str:
 
 
 def _encoder(args: DataCommandArguments, tok, max_length: Optional[int] = -1) -> ChatEncoder:
-    """max_length -1 means --max_length; stats passes None to measure every row at full length."""
+    """max_length -1 means --max_length; stats passes None to measure every row at full length. A vision-language
+    --model (or built-in family) counts each picture's image tokens as training does."""
     return ChatEncoder(tok, loss_scale=args.loss_scale,
                        default_loss_scale="last_round" if args.rlhf or args.rlhf_type else "default",
-                       max_length=args.max_length if max_length == -1 else max_length, truncation_strategy=args.truncation_strategy, system=args.system,
-                       use_chat_template=args.use_chat_template)
+                       max_length=args.max_length if max_length == -1 else max_length,
+                       truncation_strategy=args.truncation_strategy, system=args.system,
+                       use_chat_template=args.use_chat_template, images=_images(args, tok))
 
 
 def _need_dataset(args):
@@ -82,7 +122,7 @@ def inspect(args: DataCommandArguments) -> None:
                           f"--num_rows >= 1")
     result = load_datasets(args.dataset, strict=args.strict, columns=args.columns, seed=args.data_seed)
     shown = result.records[args.row:args.row + max(1, args.num_rows or 1)]
-    tok = _tokenizer(args, tools=_has_tools(shown))
+    tok = _tokenizer(args, tools=_has_tools(shown), images=_has_images(shown))
     enc = _encoder(args, tok)
     color = sys.stdout.isatty()
     end = min(len(result.records), args.row + max(1, args.num_rows or 1))
@@ -106,10 +146,24 @@ def inspect(args: DataCommandArguments) -> None:
                 print(f"--- row {i} ({src}:{line}) {key}: no trained tokens")
                 continue
             side = "" if key == "messages" and len(keys) == 1 else (" chosen" if key == "messages" else " rejected")
-            print(f"--- row {i} ({src}:{line}){side}{label}: {len(e.input_ids)} tokens, {e.n_trained} trained "
-                  f"({'green' if color else '[[marked]]'}), loss_scale={enc.base}"
+            pictures = _image_note(enc, e)
+            print(f"--- row {i} ({src}:{line}){side}{label}: {len(e.input_ids)} tokens{pictures}, {e.n_trained} "
+                  f"trained ({'green' if color else '[[marked]]'}), loss_scale={enc.base}"
                   f"{'+ignore_empty_think' if enc.ignore_empty_think else ''}")
-            print(render_highlighted(tok, e, color=color))
+            print(render_highlighted(tok, e, color=color,
+                                     image_token_id=enc.images.image_token_id if enc.images else None))
+
+
+def _image_tokens(enc: ChatEncoder, e) -> list[int]:
+    """Image tokens of each picture of an encoded sequence (in order; [] without pictures)."""
+    if not e.images or enc.images is None:
+        return []
+    return [enc.images.tokens_of(ref) for ref in e.images]
+
+
+def _image_note(enc: ChatEncoder, e) -> str:
+    counts = _image_tokens(enc, e)
+    return f" (of which {sum(counts)} image tokens: {' + '.join(map(str, counts))})" if counts else ""
 
 
 def _rows_kind(args: DataCommandArguments) -> str:
@@ -304,11 +358,12 @@ def stats(args: DataCommandArguments) -> dict:
     Raises ConfigError (no --dataset, template problems) or DataError (loading)."""
     _need_dataset(args)
     result, sample = _stats_records(args)
-    tok = _tokenizer(args, tools=_has_tools(result.records))
+    tok = _tokenizer(args, tools=_has_tools(result.records), images=_has_images(result.records))
     max_length = args.max_length
     enc = _encoder(args, tok, max_length=None)
     kinds: dict[str, int] = {}
     lengths, trained, turns = [], [], []
+    pictures, image_tokens, over_rows = [], [], []  # per sequence with images; rows over --max_length
     nothing = emptied = 0
     rows = 0
     for rec, (src, line) in zip(result.records, result.sources):
@@ -324,6 +379,13 @@ def stats(args: DataCommandArguments) -> dict:
         for e in filter(None, sides):
             lengths.append(len(e.input_ids))
             trained.append(e.n_trained)
+            counts = _image_tokens(enc, e)
+            if counts:
+                pictures.append(len(counts))
+                image_tokens.append(sum(counts))
+            if max_length and len(e.input_ids) > max_length and len(over_rows) < 20:
+                over_rows.append(f"{src}:{line} ({len(e.input_ids)} tokens"
+                                 + (f", {sum(counts)} of them image tokens" if counts else "") + ")")
             if max_length and len(e.input_ids) > max_length and args.truncation_strategy != "delete":
                 kept = e.labels[-max_length:] if args.truncation_strategy == "left" else e.labels[:max_length]
                 emptied += all(x == IGNORE for x in kept)  # truncation cut every trained token: dropped
@@ -338,6 +400,11 @@ def stats(args: DataCommandArguments) -> dict:
                     "total": sum(lengths)},
          "trained_tokens": {"total": sum(trained), "mean": round(sum(trained) / max(1, len(trained)), 1)},
          "no_trained_tokens": nothing, **({"sample": sample} if sample else {})}
+    if image_tokens:
+        s["images"] = {"sequences_with_images": len(pictures), "pictures": sum(pictures),
+                       "image_tokens": {"min": min(image_tokens), "mean": round(sum(image_tokens) / len(image_tokens), 1),
+                                        "max": max(image_tokens), "total": sum(image_tokens)},
+                       "max_pixels": enc.images.limits["max_pixels"], "min_pixels": enc.images.limits["min_pixels"]}
     strategy = args.truncation_strategy
     if strategy == "delete":
         fate = f"{over} sequence(s) would be dropped (--truncation_strategy delete)"
@@ -349,7 +416,8 @@ def stats(args: DataCommandArguments) -> dict:
     if max_length:
         s["over_max_length"] = {"max_length": max_length, "sequences": over, "truncation_strategy": strategy,
                                 "truncated": 0 if strategy == "delete" else over - emptied,
-                                "dropped": over if strategy == "delete" else emptied, "note": fate}
+                                "dropped": over if strategy == "delete" else emptied, "note": fate,
+                                "first_rows": over_rows}
     if sample:
         print(sample)
     print(f"rows: {s['rows']} ({', '.join(f'{k}: {v}' for k, v in kinds.items())})"
@@ -359,8 +427,16 @@ def stats(args: DataCommandArguments) -> dict:
     print(f"tokens per sequence: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, p90 {t['p90']}, max {t['max']}; "
           f"total {t['total']}")
     print(f"trained tokens: total {s['trained_tokens']['total']}, mean {s['trained_tokens']['mean']} per sequence")
+    if image_tokens:
+        im = s["images"]
+        print(f"images: {im['pictures']} in {im['sequences_with_images']} sequences; image tokens per sequence: "
+              f"min {im['image_tokens']['min']}, mean {im['image_tokens']['mean']}, max {im['image_tokens']['max']}; "
+              f"total {im['image_tokens']['total']} (pictures resized to {im['min_pixels']:,}-{im['max_pixels']:,} "
+              f"pixels: --max_pixels / MAX_PIXELS)")
     if max_length:
         print(f"over --max_length {max_length}: {fate}")
+        if over_rows:
+            print("  first rows over it: " + "; ".join(over_rows[:5]) + (" ..." if over > 5 else ""))
     return s
 
 

@@ -450,17 +450,23 @@ def _check_calls_rendered(span: str, calls: list[dict], i: int) -> None:
                             f"trained as written.", "give one call per assistant turn, each followed by its result.")
 
 
-def render_highlighted(tokenizer, enc: Encoded, color: bool = False) -> str:
+def render_highlighted(tokenizer, enc: Encoded, color: bool = False, image_token_id: Optional[int] = None) -> str:
     """The encoded row as text with the trained tokens marked: [[...]] (or green when color).
 
-    Special tokens are kept; color wraps trained runs in ANSI green (ESC[32m ... ESC[0m) instead of brackets."""
+    Special tokens are kept; color wraps trained runs in ANSI green (ESC[32m ... ESC[0m) instead of brackets. A run of
+    a picture's image tokens (image_token_id) shows once with its count: `<|image_pad|>×64`."""
+    import re
+
     out, run, in_train = [], [], False
+    pad = tokenizer.convert_ids_to_tokens(image_token_id) if image_token_id is not None else None
 
     def flush():
         """Decode the pending run of ids into `out` (marked when trained) and start a new run."""
         if not run:
             return
         text = tokenizer.decode(run, skip_special_tokens=False)
+        if pad:
+            text = re.sub(f"(?:{re.escape(pad)})+", lambda m: f"{pad}×{len(m.group(0)) // len(pad)}", text)
         if in_train:
             out.append(f"\x1b[32m{text}\x1b[0m" if color else f"[[{text}]]")
         else:
