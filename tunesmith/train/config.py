@@ -529,6 +529,10 @@ def resolve(args, method, world_size: int, cuda: bool) -> TrainConfig:
     if args.use_liger_kernel and not cuda:
         note("--use_liger_kernel: Liger kernels run only on CUDA GPUs; skipped on this CPU run")
         changes["use_liger_kernel"] = False
+    if args.attn_impl in ("flash_attn", "flash_attention_2", "flash_attention_3") and not cuda:
+        # FlashAttention's kernels are CUDA-only; transformers would try to fetch a kernel from the hub instead
+        note(f"--attn_impl {args.attn_impl}: FlashAttention runs only on CUDA GPUs; sdpa on this CPU run")
+        changes["attn_impl"] = "sdpa"
     if args.streaming and args.load_from_cache_file:
         note("--load_from_cache_file: nothing is cached with --streaming (rows are encoded as they are read); "
              "--val_dataset, read whole, is cached as usual")
