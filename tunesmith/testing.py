@@ -1,7 +1,8 @@
 """Tiny models, built offline in seconds, for tests, the demo and benchmarks (never imported by tunesmith itself).
 Their tokenizers and chat templates are tunesmith.data.tiny_tokenizer's.
 
-Usage: ``python -m tunesmith.testing OUT_DIR [--family qwen2|qwen3|llama|gpt_oss] [--hidden 64] [--layers 2]``.
+Usage: ``python -m tunesmith.testing OUT_DIR [--family qwen2|qwen3|llama|gpt_oss|qwen2_5_vl|...] [--hidden 64]
+[--layers 2] [--colour_rows FILE]``.
 """
 from __future__ import annotations
 
@@ -131,6 +132,31 @@ def build_vl_model(out_dir: str, family: str = "qwen2_5_vl", hidden: int = 64, l
     return out_dir
 
 
+DEMO_COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 220)}
+
+
+def write_colour_rows(path: str, n: int = 12, seed: int = 0) -> str:
+    """A demo image dataset: n rows "what colour is this?" (ms-swift's form: an `<image>` tag and `images`) over
+    solid-colour PNG pictures of a few sizes, written next to the JSON-lines file `path`. Returns path."""
+    import json
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            name = rng.choice(sorted(DEMO_COLOURS))
+            picture = os.path.join(folder, f"colour-{i}.png")
+            Image.new("RGB", rng.choice([(56, 56), (84, 56), (112, 84)]), DEMO_COLOURS[name]).save(picture)
+            fh.write(json.dumps({"messages": [{"role": "user", "content": "<image>What colour is this?"},
+                                              {"role": "assistant", "content": name}],
+                                 "images": [os.path.relpath(picture)]}) + "\n")
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build a tiny random model + tokenizer directory.")
     p.add_argument("out_dir")
@@ -141,9 +167,13 @@ def main(argv=None):
     p.add_argument("--intermediate", type=int, default=None)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--model_vocab", type=int, default=None, help="embedding rows (>= the tokenizer's)")
+    p.add_argument("--colour_rows", default=None, metavar="FILE",
+                   help="also write a demo image dataset (rows with pictures) to this JSON-lines file")
     p.add_argument("--official_template", action="store_true",
                    help="the real model's chat template (renders tool calls) instead of the compact one")
     a = p.parse_args(argv)
+    if a.colour_rows:
+        write_colour_rows(a.colour_rows)
     if a.family in VL_FAMILIES:
         print(build_vl_model(a.out_dir, a.family, a.hidden, a.layers, a.heads, a.vocab))
         return
