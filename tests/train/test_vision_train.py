@@ -333,3 +333,22 @@ def test_a_batch_with_pictures_but_no_pixels_is_refused(tiny_vl_models, tmp_path
     row = ChatEncoder(tok, images=spec).encode(colour_rows(tmp_path, 1)[0])
     with pytest.raises(RuntimeError, match="no pixel_values"):
         token_logps(_model(model_dir), pad_collate([row], tok.pad_token_id))
+
+
+def test_checkpoints_and_merged_models_carry_the_image_processor(tiny_vl_models, tmp_path):
+    """A LoRA checkpoint, a full checkpoint and `export --merge_lora` each hold preprocessor_config.json, so infer,
+    deploy and later training load them as the base model (the image processor's budget included)."""
+    from tunesmith.cli import main
+
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    data = write_jsonl(tmp_path / "d.jsonl", colour_rows(tmp_path / "pics", 2))
+    for kind in ("lora", "full"):
+        res = train("sft", "--model", model_dir, "--dataset", data, "--max_steps", "1", "--train_type", kind,
+                    "--output_dir", tmp_path / kind, "--report_to", "none")
+        ckpt = os.path.join(res["run_dir"], "checkpoint-1")
+        assert os.path.isfile(os.path.join(ckpt, "preprocessor_config.json")), kind
+    assert main(["export", "--adapters", os.path.join(tmp_path, "lora", os.listdir(tmp_path / "lora")[0],
+                                                      "checkpoint-1"),
+                 "--merge_lora", "true", "--output_dir", str(tmp_path / "merged")]) == 0
+    assert os.path.isfile(tmp_path / "merged" / "preprocessor_config.json")
+    _spec(str(tmp_path / "merged"))  # loads as a vision-language model again

@@ -195,7 +195,7 @@ def _merged_args(args, out: str, adapters: list[str], model_dir: str):
 def _merged(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_dir: str) -> None:
     model, tok = _load(args, adapters, model_dir)
     write_model_folder(model, tok, out, safe_serialization=cfg.safe_serialization, max_shard_size=cfg.max_shard_size,
-                       extra_files=_merged_args(args, out, adapters, model_dir))
+                       extra_files=_merged_args(args, out, adapters, model_dir), processor_dir=model_dir)
     print(f"[tunesmith] export: merged {', '.join(adapters)} into {args.model} -> {out}", file=sys.stderr)
 
 
@@ -267,7 +267,7 @@ def _ollama(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model_di
             merged_args(tmp)
             _write_modelfile(args, tmp, ".", config, tok, model_dir)
         write_model_folder(model, tok, out, safe_serialization=True, max_shard_size=cfg.max_shard_size,
-                           extra_files=extra)
+                           extra_files=extra, processor_dir=model_dir)
     else:
         with atomic_output(out, "the Modelfile") as tmp:
             _write_modelfile(args, tmp, model_dir, config, tok, model_dir)
@@ -345,7 +345,7 @@ def _quantised(args, cfg: ExportOutputArgs, adapters: list[str], out: str, model
     if adapters:
         merged_tmp = os.path.join(os.path.dirname(out), f".merging-{os.path.basename(out)}-{os.getpid()}")
         model, tok = _load(args, adapters, model_dir)
-        write_model_folder(model, tok, merged_tmp, extra_files=None)
+        write_model_folder(model, tok, merged_tmp, extra_files=None, processor_dir=model_dir)
         del model
         source = merged_tmp
     extra = _merged_args(args, out, adapters, model_dir)

@@ -14,20 +14,26 @@ import json
 import os
 import re
 import shutil
+from typing import Optional
 
 from tunesmith.errors import TunesmithError
 from tunesmith.files import FULL_BELOW, atomic_dir, existing_ancestor, failed_write, write_json_atomic
 
 
 def write_model_folder(model, tokenizer, out: str, *, safe_serialization: bool = True, max_shard_size: str = "5GB",
-                       extra_files=None, what: str = "the merged model") -> None:
+                       extra_files=None, what: str = "the merged model", processor_dir: Optional[str] = None) -> None:
     """Write `model` (a plain transformers model, adapters merged) and `tokenizer` as a Hugging Face folder at out,
-    atomically. extra_files(tmp_dir), if given, adds files (args.json) before the rename.
+    atomically. extra_files(tmp_dir), if given, adds files (args.json) before the rename. processor_dir: the base
+    model's folder, whose image-processor files a vision-language model needs beside its weights.
 
     Raises TunesmithError (one message; nothing left half-written) when the disk refuses the write."""
     with atomic_output(out, what) as tmp:
         save_weights(model, tmp, safe_serialization, max_shard_size)
         tokenizer.save_pretrained(tmp)
+        if processor_dir:
+            from tunesmith.models.vision import copy_processor_files
+
+            copy_processor_files(processor_dir, tmp)
         if extra_files is not None:
             extra_files(tmp)
 

@@ -164,8 +164,10 @@ def gguf_family_problem(config: dict) -> str | None:
     archs = config.get("architectures") or []
     if family not in GGUF_FAMILIES:
         what = f"model_type {family!r}" + (f" ({', '.join(archs)})" if archs else "")
+        vision = (" (for a vision-language model run it twice: once for the language model, once with --mmproj for "
+                  "the vision tower, which llama.cpp loads as a second file)") if "vision_config" in config else ""
         return (f"GGUF export writes the families {', '.join(GGUF_FAMILIES)}; this model is {what}. Convert it "
-                f"with llama.cpp's convert_hf_to_gguf.py instead")
+                f"with llama.cpp's convert_hf_to_gguf.py instead{vision}")
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         return f"GGUF export writes causal language models; this {family} model is a {', '.join(archs)}"
     if config.get("quantization_config"):

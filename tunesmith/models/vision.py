@@ -39,6 +39,26 @@ PARTS = {
 SUPPORTED = tuple(PARTS)
 
 
+# What a vision-language checkpoint needs besides the weights and the tokenizer to be loaded again: the image (and
+# video) processors' settings, the processor's own config and its chat template file.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")
+
+
+def copy_processor_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copy PROCESSOR_FILES that src_dir (the base model's folder) has, and dst_dir (a checkpoint, a merged model)
+    lacks, into dst_dir; returns the names copied. A text model has none: nothing happens."""
+    import shutil
+
+    copied = []
+    for name in PROCESSOR_FILES:
+        src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
+        if os.path.isfile(src) and not os.path.exists(dst):
+            shutil.copyfile(src, dst)
+            copied.append(name)
+    return copied
+
+
 def is_vision_language(config) -> bool:
     """Whether a transformers config is an image-text model's (it has a vision tower's config)."""
     return getattr(config, "vision_config", None) is not None

@@ -108,7 +108,7 @@ def main(args) -> dict:
         objective = with_tuner(objective, model, cfg.model.train_type)  # AdaLoRA's penalty and rank allocation
         state = loop.train(cfg, model=model, objective=objective,
                            train_rows=batches.train, eval_rows=batches.eval, collate=batches.collate,
-                           run_dir=out.run_dir, save_model=save_model_fn(prepared.tokenizer, initial),
+                           run_dir=out.run_dir, save_model=save_model_fn(prepared.tokenizer, initial, prepared.model_dir),
                            trackers=out.trackers, args_extra=out.args_extra)
     finish_run(state, out.run_dir, cfg.output.metric_for_best_model)
     return {"run_dir": out.run_dir, "state": state, "model": model, "tokenizer": prepared.tokenizer,

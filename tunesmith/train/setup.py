@@ -258,13 +258,16 @@ def make_trackers(run_dir: str, cfg, prepared: Prepared):
                     enabled=D.is_main())
 
 
-def save_model_fn(tokenizer, initial=None):
+def save_model_fn(tokenizer, initial=None, model_dir: Optional[str] = None):
     """save(model, path, state_dict=None): the trained weights (the adapter as peft writes it for a peft tuner, the
     whole model for full training and LLaMA-Pro) and the tokenizer, as safetensors, into `path` (a checkpoint's
     temporary folder). initial: models.tuners.initial_adapter's folder (PiSSA, OLoRA, LoRA-GA), which the adapter is
     converted against; where peft's adapter is not the training form (that converted one, AdaLoRA's trimmed one),
-    the training weights are saved beside it for an exact resume (models.tuners.TRAINING_WEIGHTS)."""
+    the training weights are saved beside it for an exact resume (models.tuners.TRAINING_WEIGHTS). model_dir: the
+    base model's folder, whose image-processor files a vision-language checkpoint carries too (infer, export)."""
     from transformers.utils import logging as hf_logging
+
+    from tunesmith.models.vision import copy_processor_files
 
     from tunesmith.models.tuners import needs_training_weights, save_adapter, save_training_weights
 
@@ -282,6 +285,8 @@ def save_model_fn(tokenizer, initial=None):
             if needs_training_weights(model):
                 save_training_weights(model, path, state_dict)
         tokenizer.save_pretrained(path)
+        if model_dir and os.path.isdir(model_dir):
+            copy_processor_files(model_dir, path)
     return save
 
 
