@@ -144,10 +144,14 @@ BAD = [
     ('{"prompt": "q", "chosen": "same", "rejected": "same"}', 1, "identical to the chosen"),
     ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss": "no"}]}', 1,
      "messages[1].loss': expected true or false"),
-    # multimodal rows (ms-swift's images/videos/audios columns) would train the tags as text without the media
+    # videos and audio (ms-swift's videos/audios columns) would train the tags as text without the media; images
+    # are read (tests/data/test_image_rows.py), and a picture that is not there is a bad row
     ('{"messages": [{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": "a cat"}], '
-     '"images": ["cat.png"]}', 1, "field 'images': holds media, and multimodal training is not supported yet"),
-    ('{"query": "<audio>what?", "response": "a bird", "audios": "bird.wav"}', 1, "field 'audios': holds media"),
+     '"images": ["cat.png"]}', 1, "field 'images[0]': 'cat.png': the file does not exist"),
+    ('{"messages": [{"role": "user", "content": "<video>what?"}, {"role": "assistant", "content": "a cat"}], '
+     '"videos": ["cat.mp4"]}', 1, "field 'videos': holds videos or audio, which are not supported yet: only images"),
+    ('{"query": "<audio>what?", "response": "a bird", "audios": "bird.wav"}', 1,
+     "field 'audios': holds videos or audio, which are not supported yet"),
     ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "wide"}', 1,
      "field 'margin': expected a finite number"),
 ]

@@ -9,7 +9,13 @@ Canonical record (what every loader produces, what `tunesmith data convert` writ
      "rejected_messages": [...]   # preference rows: the same conversation ending in the rejected reply
      "label": bool                # KTO rows
      "tools": [{"type": "function", "function": {...}}, ...]   # passed to the chat template when present
+     "images": [str, ...]         # rows with pictures: one reference per <image> tag in the messages, in order
+     "rejected_images": [str, ...]  # pairs whose rejected conversation has pictures of its own
     }
+
+Rows with pictures (`tunesmith.data.images`: ms-swift's `<image>` tags with `images`/`image` columns, OpenAI
+`image_url` parts, TRL/Hugging Face `{"type": "image"}` parts) keep message contents as strings with `<image>` tags;
+a row without pictures has no "images" key. Videos and audio are refused (not supported yet).
 
 Accepted inputs follow ms-swift's auto-detection (messages/conversation(s), sharegpt from/value, alpaca,
 query/response aliases, system columns, `rejected_response`, `rejected_messages`, KTO `label`) and, unlike
@@ -22,15 +28,17 @@ the chat template as `tool_calls`, so what is trained is what the model's own te
 What lives here: `normalise_row` (one decoded row in; its canonical record, or a DataError saying why not), the
 checks of the conversation as a whole, `extra_columns` and `row_kind`. It reads a row through
 `tunesmith.data.layouts` (which columns hold what), `tunesmith.data.messages` (the messages themselves, tool calls
-included) and `tunesmith.data.row` (the column names, the row's view and its errors): pure-Python checks and
-rewrites of one decoded row at a time. What must not: file or hub reading (`tunesmith.data.load`), tokenizers and
-chat templates (`tunesmith.data.encode`), torch (not imported at all).
+included), `tunesmith.data.images` (pictures: references read, files checked with PIL) and `tunesmith.data.row`
+(the column names, the row's view and its errors): checks and rewrites of one decoded row at a time. What must
+not: file or hub reading (`tunesmith.data.load`), tokenizers and chat templates (`tunesmith.data.encode`), torch
+(not imported at all).
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from tunesmith.data.layouts import (read_channel, read_conversation, read_label, read_margin, read_tools, refuse_media,
+from tunesmith.data.images import IMAGE_COLUMNS, attach_images, refuse_other_media
+from tunesmith.data.layouts import (read_channel, read_conversation, read_label, read_margin, read_tools,
                                     rejected_columns, shared_prefix)
 from tunesmith.data.row import MESSAGE_KEYS, QUERY_KEYS, RESPONSE_KEYS, SYSTEM_KEYS, Row, rename_columns, short
 from tunesmith.errors import DataError
@@ -43,27 +51,32 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
     row: one decoded JSON object (a dict); source, line: where it came from (file and 1-based line, or row number),
     quoted in errors. columns: renames {"their column": "ours"}, matched case-insensitively. need_reply: the
     conversation must end with an assistant reply (False for `tunesmith infer`, which generates it).
-    Returns the canonical record (see the module docstring): "messages", plus "rejected_messages", "label", "tools"
-    when present.
+    Returns the canonical record (see the module docstring): "messages", plus "rejected_messages", "label", "tools",
+    "images", "rejected_images" when present.
     Raises:
-        DataError: not a dict, no known format, a malformed field, bad message order, or a rejected reply
-            identical to the chosen one (the message names the field and the fix).
+        DataError: not a dict, no known format, a malformed field, bad message order, a rejected reply identical
+            to the chosen one, a bad picture, <image> tags and pictures that do not match, videos or audio (the
+            message names the field and the fix).
     """
     if not isinstance(row, dict):
         raise DataError(source, line, "", f"expected a JSON object per row, got {type(row).__name__} ({short(row)}).",
                         "write one {\"messages\": [...]} object per line.")
     r = Row(rename_columns(row, columns), source, line)
-    refuse_media(r)
+    refuse_other_media(r)
     out: dict[str, Any] = {}
     msg_key = next((r.keys[k] for k in MESSAGE_KEYS if k in r.keys), None)
     messages, rejected = read_conversation(r, msg_key)
     rejected = rejected_columns(r, messages, rejected)
+    if rejected is None and r.has("rejected_images") and r.row[r.keys["rejected_images"]] not in ([], ""):
+        rejected = messages  # ms-swift: the same conversation, with other pictures
     field = msg_key or "messages"
     messages = _check_structure(r, field, messages, need_reply)
-    out["messages"] = messages
     if rejected is not None:
         rejected = _check_structure(r, "rejected", rejected, True)
-        if rejected == messages:
+    messages, rejected, media = attach_images(r, field, messages, rejected)
+    out["messages"] = messages
+    if rejected is not None:
+        if rejected == messages and media.get("rejected_images", media.get("images")) == media.get("images"):
             raise r.err("rejected", "is identical to the chosen reply, so the pair carries no preference.",
                         "give a different rejected reply, or drop the row.")
         messages, rejected = _whole_completions(messages, rejected)
@@ -89,6 +102,7 @@ def normalise_row(row: Any, source: str = "<data>", line=None, columns: Optional
                     "to call functions its prompt never shows.",
                     "add the functions it may call: \"tools\": [{\"type\": \"function\", \"function\": "
                     "{\"name\": ..., \"description\": ..., \"parameters\": {...}}}].")
+    out.update(media)
     return out
 
 
@@ -184,7 +198,8 @@ def _check_called_tools(r: Row, key: str, tools: list, conversations: list[list[
 
 # what a row with a messages column reads: its query/response-style columns (e.g. GRPO's `solution`) are its own
 _MESSAGE_ROW_COLUMNS = {k.lower() for k in MESSAGE_KEYS + SYSTEM_KEYS} | {
-    "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin", "channel"}
+    "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin", "channel",
+    *IMAGE_COLUMNS, "rejected_images"}
 
 
 def extra_columns(row: Any, columns: Optional[dict] = None) -> dict:
@@ -212,7 +227,7 @@ def _query_row_columns(row: dict) -> set:
     used.add(next((k for k in RESPONSE_KEYS if k in present and k not in used), None))
     return (used - {None}) | {k.lower() for k in SYSTEM_KEYS} | {
         "history", "chosen", "rejected", "rejected_response", "rejected_messages", "tools", "label", "margin",
-        "channel"}
+        "channel", *IMAGE_COLUMNS, "rejected_images"}
 
 
 def row_kind(record: dict) -> str:

@@ -5,7 +5,7 @@ replies next to it); alpaca's instruction/input/output and the query/response al
 `prompt`/`chosen`/`rejected` (TRL, LLaMA-Factory; the prompt a string or messages); TRL's conversational forms
 (explicit prompt messages, or implicit: `chosen`/`rejected`/`completion` holding the whole conversation);
 ms-swift's `rejected_response` and `rejected_messages`. Beside the conversation: `tools` (OpenAI tool objects, Arrow
-padding dropped), a pair's `margin`, KTO's `label`, and media columns (refused: text models only).
+padding dropped), a pair's `margin` and KTO's `label` (images and the other media: `tunesmith.data.images`).
 """
 from __future__ import annotations
 
@@ -150,21 +150,6 @@ def rejected_columns(r: Row, messages: list[dict], rejected: Optional[list[dict]
     if rej_msgs is not None and rejected is None:
         rejected = prepend_system(r, normalise_messages(r, key, rej_msgs))
     return rejected
-
-
-MEDIA_KEYS = ("images", "videos", "audios", "image", "video", "audio")  # ms-swift's multimodal columns
-
-
-def refuse_media(r: Row) -> None:
-    """A row with images, videos or audio (ms-swift's multimodal columns) is refused: tunesmith trains text models,
-    and the `<image>` tags would be trained as plain text while the picture is silently left out."""
-    for k in MEDIA_KEYS:
-        key, v = r.get(k)
-        if v not in (None, [], "", {}):
-            raise r.err(key, "holds media, and multimodal training is not supported yet: tunesmith trains text "
-                             "models, so the row would be trained without them.",
-                        f"drop the {key!r} column (and the <image>/<video>/<audio> tags) to train on the text only, "
-                        "or train this model with ms-swift.")
 
 
 def read_margin(r: Row) -> Optional[float]:

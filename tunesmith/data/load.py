@@ -349,11 +349,14 @@ def _pair_only(rec: dict, src: tuple) -> list[dict]:
 
 def _kto_rows(rec: dict, src: tuple) -> list[dict]:
     if "label" in rec:
-        return [{k: v for k, v in rec.items() if k != "rejected_messages"}]
+        return [{k: v for k, v in rec.items() if k not in ("rejected_messages", "rejected_images")}]
     if "rejected_messages" in rec:
         tools = {"tools": rec["tools"]} if "tools" in rec else {}
-        return [{"messages": rec["messages"], "label": True, **tools},
-                {"messages": rec["rejected_messages"], "label": False, **tools}]
+        images = rec.get("images")
+        rejected_images = rec.get("rejected_images", images)
+        return [{"messages": rec["messages"], "label": True, **tools, **({"images": images} if images else {})},
+                {"messages": rec["rejected_messages"], "label": False, **tools,
+                 **({"images": rejected_images} if rejected_images else {})}]
     raise DataError(src[0], src[1], "label", "is missing or null: KTO needs each reply labelled desirable or not.",
                     'add "label": true or false (or give chosen/rejected pairs).')
 
@@ -361,8 +364,9 @@ def _kto_rows(rec: dict, src: tuple) -> list[dict]:
 def rows_for(loaded: LoadResult, kind: str) -> LoadResult:
     """The loaded records as a training method's `rows` kind reads them: "sft" every row as loaded; "preference"
     every row a pair (a row without a rejected reply is a bad row); "kto" single replies labelled desirable or not
-    (a labelled row stays, a pair becomes its chosen reply, desirable, and its rejected reply, undesirable; a row
-    with neither is a bad row). Bad rows raise when `loaded.strict`, else are dropped and counted (map_records).
+    (a labelled row stays, a pair becomes its chosen reply, desirable, and its rejected reply, undesirable, each
+    with its pictures: the rejected one's `rejected_images` when it has its own; a row with neither is a bad row).
+    Bad rows raise when `loaded.strict`, else are dropped and counted (map_records).
     `tunesmith data validate --rlhf` and training both check rows through here."""
     if kind == "preference":
         return map_records(loaded, _pair_only)

@@ -5,15 +5,19 @@ legacy swift {"human": q, "assistant": a} pair; an assistant's reasoning (`reaso
 `reasoning`) and per-reply `loss`; both tool-call forms — ms-swift's `tool_call`/`tool_response` roles
 (consecutive calls are one turn with parallel calls) and OpenAI's assistant `tool_calls` + `tool` messages (results
 put in the order of the calls they answer, by `tool_call_id`); replies, the system column and alpaca's `history`.
+Contents written as typed parts with pictures (OpenAI `image_url`, TRL/Hugging Face `image`) become strings with
+`<image>` tags, the parts' pictures kept on the message (`images.PARTS_KEY`) until `images.attach_images` matches
+them to the row's tags.
 
 What must not live here: which columns of a row hold what (`tunesmith.data.layouts`), the checks of the whole
-conversation (`tunesmith.data.formats`).
+conversation (`tunesmith.data.formats`), pictures themselves (`tunesmith.data.images`).
 """
 from __future__ import annotations
 
 import json
 from typing import Any, Optional
 
+from tunesmith.data.images import PARTS_KEY, ImageParts, has_media_parts, read_content
 from tunesmith.data.row import (ROLE_MAP, SYSTEM_KEYS, THINK_KEYS, TOOL_CALL_ROLES, Row, as_text, lower_keys,
                                 parse_maybe_literal, short)
 
@@ -71,10 +75,11 @@ def _message(r: Row, f: str, m: Any) -> list[dict]:
         _assistant_fields(r, f, m, keys, content_key, msg)
     elif content_key is None:
         raise r.err(f + ".content", "is missing.", "give every message a \"content\" string.")
-    elif role == "tool" and isinstance(m[content_key], (dict, list)) and not _is_text_parts(m[content_key]):
+    elif role == "tool" and isinstance(m[content_key], (dict, list)) and not _is_text_parts(m[content_key]) \
+            and not has_media_parts(m[content_key]):
         msg["content"] = json.dumps(m[content_key], ensure_ascii=False)  # a structured tool result, as ms-swift
     else:
-        msg["content"] = as_text(r, f + ".content", m[content_key])
+        _content(r, f + ".content", m[content_key], msg)
     if role == "tool" and "name" in keys and m[keys["name"]] is not None:
         msg["name"] = m[keys["name"]]
     return [_with_loss(r, f, m, keys, msg)]
@@ -107,7 +112,10 @@ def _assistant_fields(r: Row, f: str, m: dict, keys: dict, content_key: Optional
         raise r.err(f + ".content", "is null; expected a string.", "give it text, or drop the row.")
     if content_key is None and think is None and not calls:
         raise r.err(f + ".content", "is missing.", "give every message a \"content\" string.")
-    msg["content"] = "" if content is None else as_text(r, f + ".content", content)
+    if content is None:
+        msg["content"] = ""
+    else:
+        _content(r, f + ".content", content, msg)
     if think is not None:
         msg["reasoning_content"] = as_text(r, f + ".reasoning_content", think)
     if calls:
@@ -115,6 +123,14 @@ def _assistant_fields(r: Row, f: str, m: dict, keys: dict, content_key: Optional
     elif not msg["content"].strip() and not msg.get("reasoning_content", "").strip():
         raise r.err(f + ".content", "is empty: an assistant reply must have text to train on.",
                     "fill in the reply, drop the message, or drop the row.")
+
+
+def _content(r: Row, f: str, value: Any, msg: dict) -> None:
+    """Set msg's content from a message's content value: a string, or typed parts — images become <image> tags,
+    their pictures kept under PARTS_KEY until `images.attach_images` matches them to the row's tags."""
+    msg["content"], parts = read_content(r, f, value)
+    if parts:
+        msg[PARTS_KEY] = parts
 
 
 def _with_loss(r: Row, f: str, m: dict, keys: dict, msg: dict) -> dict:
@@ -220,6 +236,8 @@ def _merge_calls(prev: dict, msg: dict) -> None:
     """Append msg's tool calls (and text, if any) to the assistant turn prev; prev's `loss` wins (ms-swift)."""
     if msg["content"]:
         prev["content"] = prev["content"] + msg["content"]
+    if msg.get(PARTS_KEY):
+        prev[PARTS_KEY] = ImageParts([*prev.get(PARTS_KEY, ()), *msg[PARTS_KEY]])
     if msg.get("reasoning_content") and not prev.get("reasoning_content"):
         prev["reasoning_content"] = msg["reasoning_content"]
     prev["tool_calls"] = prev.get("tool_calls", []) + msg["tool_calls"]
