@@ -98,7 +98,8 @@ def test_stats_names_the_truncation_strategy_it_applies(capsys):
     for strategy in ("delete", "left", "right"):
         out[strategy] = stats(parse_args("data", ["stats", "--dataset", data, "--max_length", "12",
                                                   "--truncation_strategy", strategy]))["over_max_length"]
-        out[strategy]["printed"] = capsys.readouterr().out.strip().splitlines()[-1]
+        printed = capsys.readouterr().out.splitlines()
+        out[strategy]["printed"] = next(line for line in printed if line.startswith("over --max_length"))
     over = out["delete"]["sequences"]
     assert over > 0 and all(o["sequences"] == over for o in out.values())
     assert out["delete"]["dropped"] == over and out["delete"]["truncated"] == 0

@@ -55,6 +55,8 @@ def _images(args: DataCommandArguments, tok):
     """The encoder's ImageTokens: --model's when it is a vision-language model, the built-in family's without
     --model (`_BUILT_IN_IMAGE_PROCESSORS`), else None (a text model: rows with images are bad rows). --max_pixels
     and MAX_PIXELS / IMAGE_MAX_TOKEN_NUM apply as in training."""
+    if args.model and os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        return None  # a tokenizer folder: the data commands need no more of a text model
     if args.model:
         from transformers import AutoConfig
         from tunesmith.models.load import resolve_model_dir
@@ -379,13 +381,7 @@ def stats(args: DataCommandArguments) -> dict:
         for e in filter(None, sides):
             lengths.append(len(e.input_ids))
             trained.append(e.n_trained)
-            counts = _image_tokens(enc, e)
-            if counts:
-                pictures.append(len(counts))
-                image_tokens.append(sum(counts))
-            if max_length and len(e.input_ids) > max_length and len(over_rows) < 20:
-                over_rows.append(f"{src}:{line} ({len(e.input_ids)} tokens"
-                                 + (f", {sum(counts)} of them image tokens" if counts else "") + ")")
+            _count_images(enc, e, f"{src}:{line}", max_length, pictures, image_tokens, over_rows)
             if max_length and len(e.input_ids) > max_length and args.truncation_strategy != "delete":
                 kept = e.labels[-max_length:] if args.truncation_strategy == "left" else e.labels[:max_length]
                 emptied += all(x == IGNORE for x in kept)  # truncation cut every trained token: dropped
@@ -401,10 +397,7 @@ def stats(args: DataCommandArguments) -> dict:
          "trained_tokens": {"total": sum(trained), "mean": round(sum(trained) / max(1, len(trained)), 1)},
          "no_trained_tokens": nothing, **({"sample": sample} if sample else {})}
     if image_tokens:
-        s["images"] = {"sequences_with_images": len(pictures), "pictures": sum(pictures),
-                       "image_tokens": {"min": min(image_tokens), "mean": round(sum(image_tokens) / len(image_tokens), 1),
-                                        "max": max(image_tokens), "total": sum(image_tokens)},
-                       "max_pixels": enc.images.limits["max_pixels"], "min_pixels": enc.images.limits["min_pixels"]}
+        s["images"] = _image_summary(pictures, image_tokens, enc.images.limits)
     strategy = args.truncation_strategy
     if strategy == "delete":
         fate = f"{over} sequence(s) would be dropped (--truncation_strategy delete)"
@@ -428,16 +421,40 @@ def stats(args: DataCommandArguments) -> dict:
           f"total {t['total']}")
     print(f"trained tokens: total {s['trained_tokens']['total']}, mean {s['trained_tokens']['mean']} per sequence")
     if image_tokens:
-        im = s["images"]
-        print(f"images: {im['pictures']} in {im['sequences_with_images']} sequences; image tokens per sequence: "
-              f"min {im['image_tokens']['min']}, mean {im['image_tokens']['mean']}, max {im['image_tokens']['max']}; "
-              f"total {im['image_tokens']['total']} (pictures resized to {im['min_pixels']:,}-{im['max_pixels']:,} "
-              f"pixels: --max_pixels / MAX_PIXELS)")
+        _print_images(s["images"])
     if max_length:
         print(f"over --max_length {max_length}: {fate}")
         if over_rows:
             print("  first rows over it: " + "; ".join(over_rows[:5]) + (" ..." if over > 5 else ""))
     return s
+
+
+def _count_images(enc: ChatEncoder, e, where: str, max_length, pictures: list, image_tokens: list,
+                  over_rows: list) -> None:
+    """stats' per-sequence tallies: its pictures and image tokens (when it has pictures), and the first 20 sequences
+    over --max_length with where they are."""
+    counts = _image_tokens(enc, e)
+    if counts:
+        pictures.append(len(counts))
+        image_tokens.append(sum(counts))
+    if max_length and len(e.input_ids) > max_length and len(over_rows) < 20:
+        over_rows.append(f"{where} ({len(e.input_ids)} tokens"
+                         + (f", {sum(counts)} of them image tokens" if counts else "") + ")")
+
+
+def _image_summary(pictures: list[int], image_tokens: list[int], limits: dict) -> dict:
+    """stats' "images": pictures and image tokens over the sequences that have pictures, and the pixel budget."""
+    return {"sequences_with_images": len(pictures), "pictures": sum(pictures),
+            "image_tokens": {"min": min(image_tokens), "mean": round(sum(image_tokens) / len(image_tokens), 1),
+                             "max": max(image_tokens), "total": sum(image_tokens)},
+            "max_pixels": limits["max_pixels"], "min_pixels": limits["min_pixels"]}
+
+
+def _print_images(im: dict) -> None:
+    t = im["image_tokens"]
+    print(f"images: {im['pictures']} in {im['sequences_with_images']} sequences; image tokens per sequence: "
+          f"min {t['min']}, mean {t['mean']}, max {t['max']}; total {t['total']} (pictures resized to "
+          f"{im['min_pixels']:,}-{im['max_pixels']:,} pixels: --max_pixels / MAX_PIXELS)")
 
 
 def cache(args: DataCommandArguments) -> list[dict]:

@@ -31,11 +31,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from tunesmith.data.images import IMAGE_TAG
 from tunesmith.data.vision import expand_images
 from tunesmith.errors import ConfigError, DataError
 
 IGNORE = -100
-IMAGE_TAG = "<image>"  # ms-swift's tag for where a row's picture goes (tunesmith.data.images reads the pictures)
 _SENTINEL = "\u2063TSENT\u2063"
 _DUMMY_REPLY = "\u2063TREPLY\u2063"
 # ms-swift >= 3.12 ignore_empty_think: anchored at the start of each trained reply.

@@ -267,8 +267,6 @@ def save_model_fn(tokenizer, initial=None, model_dir: Optional[str] = None):
     base model's folder, whose image-processor files a vision-language checkpoint carries too (infer, export)."""
     from transformers.utils import logging as hf_logging
 
-    from tunesmith.models.vision import copy_processor_files
-
     from tunesmith.models.tuners import needs_training_weights, save_adapter, save_training_weights
 
     def save(model, path: str, state_dict=None) -> None:
@@ -284,10 +282,17 @@ def save_model_fn(tokenizer, initial=None, model_dir: Optional[str] = None):
                                                        if len(model.peft_config) > 1 else {}))
             if needs_training_weights(model):
                 save_training_weights(model, path, state_dict)
-        tokenizer.save_pretrained(path)
-        if model_dir and os.path.isdir(model_dir):
-            copy_processor_files(model_dir, path)
+        _save_beside(tokenizer, model_dir, path)
     return save
+
+
+def _save_beside(tokenizer, model_dir: Optional[str], path: str) -> None:
+    """What a checkpoint holds besides the weights: the tokenizer, and a vision-language model's processor files."""
+    from tunesmith.models.vision import copy_processor_files
+
+    tokenizer.save_pretrained(path)
+    if model_dir and os.path.isdir(model_dir):
+        copy_processor_files(model_dir, path)
 
 
 @dataclass
