@@ -352,3 +352,22 @@ def test_checkpoints_and_merged_models_carry_the_image_processor(tiny_vl_models,
                  "--merge_lora", "true", "--output_dir", str(tmp_path / "merged")]) == 0
     assert os.path.isfile(tmp_path / "merged" / "preprocessor_config.json")
     _spec(str(tmp_path / "merged"))  # loads as a vision-language model again
+
+
+def test_encoding_decodes_no_picture(tiny_vl_models, tmp_path, monkeypatch):
+    """Encoding a dataset counts each picture's tokens from its header: no picture is decoded (open_image is the
+    only decoder; here it fails if called), so memory does not grow with the pictures (bench/vl_encode_memory.py:
+    2,000 640x480 pictures encode at the same peak as the text rows)."""
+    import tunesmith.data.images as images
+    from tunesmith.config.parser import parse_args
+    from tunesmith.train import recipe
+    from tunesmith.train.setup import prepare_data
+
+    def refuse(ref, *a, **k):
+        raise AssertionError(f"decoded {ref}")
+
+    monkeypatch.setattr(images, "open_image", refuse)
+    data = write_jsonl(tmp_path / "d.jsonl", colour_rows(tmp_path / "pics", 12))
+    cfg, method = recipe.configure(parse_args("sft", ["--model", tiny_vl_models("qwen2_5_vl"), "--dataset", data]))
+    rows = prepare_data(cfg.data, cfg.model, method).train_rows
+    assert len(rows) == 12 and all(r.images for r in rows)
