@@ -1,6 +1,7 @@
 """Fixtures and helpers shared by the test folders (tests/<package>/ mirrors tunesmith/<package>/; e2e/ runs whole
 paths, regression/ holds the golden and pinned numbers). Test files import the plain helpers from here
 (`from conftest import ...`: pytest puts this folder on sys.path); the shared test doubles are in fakes.py."""
+import base64
 import contextlib
 import json
 import os
@@ -56,6 +57,70 @@ def tiny_models(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+# ------------------------------------------------------------------ vision-language models and pictures
+
+def picture(path, size=(100, 60), colour=(200, 30, 40)):
+    """A PNG with a stripe (so pictures differ in content, not only in colour) at path; returns the path."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", size, colour)
+    ImageDraw.Draw(im).rectangle([size[0] // 4, 0, size[0] // 2, size[1]], fill=(colour[2], colour[0], 255))
+    im.save(path)
+    return str(path)
+
+
+def data_url(path) -> str:
+    """The file at path as a data:image/png;base64 URL."""
+    with open(path, "rb") as fh:
+        return "data:image/png;base64," + base64.b64encode(fh.read()).decode()
+
+
+@pytest.fixture(scope="session")
+def vl_models(tmp_path_factory):
+    """Tiny vision-language models (tunesmith.testing.build_vl_model), built once per session: get(family) -> the
+    folder. Their weights are drawn wide (std 0.3), so that their greedy output depends on every input — a rope
+    delta of 0 instead of the right one changes the tokens (tests/inference/test_vision_infer.py checks it)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from tunesmith.testing import build_vl_model
+
+    root, cache = tmp_path_factory.mktemp("vl"), {}
+
+    def get(family):
+        if family not in cache:
+            path = build_vl_model(str(root / family), family)
+            model = AutoModelForImageTextToText.from_pretrained(path)
+            torch.manual_seed(1)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() >= 2:
+                        p.normal_(0, 0.3)
+            model.save_pretrained(path)
+            cache[family] = path
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def pictures(tmp_path_factory):
+    """Three small PNGs of different sizes and colours (4 to 16 image tokens each for the tiny models): paths."""
+    root = tmp_path_factory.mktemp("pictures")
+    return [picture(root / "a.png"), picture(root / "b.png", (60, 90), (20, 180, 60)),
+            picture(root / "c.png", (130, 130), (10, 10, 200))]
+
+
+def vl_chat(model_dir, **kw):
+    """A ChatEngine over the vision-language model at model_dir with its ImageTokens (kw: ChatEngine's)."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from tunesmith.inference.chat import ChatEngine
+    from tunesmith.models.vision import image_tokens
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return ChatEngine(model, tok, images=image_tokens(model_dir, model.config, tok), **kw)
 
 
 def write_jsonl(path, rows):

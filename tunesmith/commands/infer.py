@@ -1,13 +1,19 @@
-"""`tunesmith infer`: chat with a model in the terminal, or infer over a dataset into a JSONL of results (ms-swift's result layout). The engine it drives is tunesmith.inference.chat."""
+"""`tunesmith infer`: chat with a model in the terminal, or infer over a dataset into a JSONL of results (ms-swift's result layout). The engine it drives is tunesmith.inference.chat.
+
+Pictures (vision-language models): a --val_dataset row's `images` go with its `<image>` tags; in the terminal, as in
+ms-swift, a message with `<image>` tags is followed by one prompt per tag, `Input an image path or URL <<< `, and
+the pictures stay with the conversation until `clear`."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 import time
 from dataclasses import replace
 from typing import Optional
-from tunesmith.inference.chat import (GenConfig, Reply, PromptTooLong, Prompt, ChatEngine, build_engine, logprobs_json)
+from tunesmith.inference.chat import (GenConfig, ImageInputError, Reply, PromptTooLong, Prompt, ChatEngine,
+                                      build_engine, logprobs_json)
 from tunesmith.inference.flags import check_inference_flags
 
 
@@ -46,11 +52,13 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
     time. Returns the number of rows written.
 
     loaded: a LoadResult; result_path: a JSONL file, appended to (folders created). With --metric, the scores
-    are printed to stderr. Raises ConfigError (--stream with --n > 1, a row over the context length) or the
+    are printed to stderr. Raises ConfigError (--stream with --n > 1, a row over the context length), DataError
+    (a row's pictures: a text model, a picture that does not read, tags that do not match; file:line) or the
     first generation error (rows before it are already written)."""
     from tqdm.auto import tqdm
 
-    from tunesmith.errors import ConfigError
+    from tunesmith.data.encode import record_images
+    from tunesmith.errors import ConfigError, DataError
 
     records = loaded.records
     cfg = engine.defaults
@@ -76,10 +84,13 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
                 prompts.append(msgs)
                 labels.append(gold)
                 try:
-                    rendered.append(engine.prompt(msgs, rec.get("tools")))
+                    rendered.append(engine.prompt(msgs, rec.get("tools"), images=record_images(rec)))
                 except PromptTooLong as e:
                     raise ConfigError(f"--val_dataset row {i + len(rendered) + 1}: {e}; raise --max_model_len or "
                                       f"shorten the row") from None
+                except ImageInputError as e:
+                    source, line = loaded.sources[i + len(rendered)]
+                    raise DataError(source, line, "images", str(e)) from None
             if args.stream:
                 replies = [[_stream_to(engine, rendered[0], cfg, sys.stdout)]]
             else:
@@ -149,6 +160,8 @@ def _result_line(engine: ChatEngine, rec: dict, msgs: list[dict], gold: Optional
                             "finish_reason": r.finish_reason} for k, r in enumerate(reps)]
     if rec.get("tools"):
         line["tools"] = rec["tools"]
+    if rec.get("images"):
+        line["images"] = rec["images"]  # as ms-swift writes them: the row's references
     for k, v in (rec.get("columns") or {}).items():
         line.setdefault(k, v)  # the row's own columns (ids, metadata) come back unchanged
     return line
@@ -171,11 +184,18 @@ def _stream_to(engine: ChatEngine, prompt: Prompt, cfg: GenConfig, out) -> Reply
 def chat(engine: ChatEngine, args, result_path: Optional[str], stdin=None, stdout=None) -> None:
     """Interactive chat: streamed replies, multi-turn; `exit`/`quit`, `clear`, `reset-system`, `multi-line`.
 
-    Reads stdin until EOF or exit; with result_path, appends each turn's history as a JSONL line. Raises
-    PromptTooLong when the conversation outgrows the context, or the engine's error."""
+    With a vision-language model, each `<image>` tag of a message is followed by a prompt for that picture's path
+    or URL (ms-swift's `Input an image path or URL <<< `); the conversation keeps its pictures until `clear` (or
+    `reset-system`). A message whose pictures cannot be used (a picture that does not read) is dropped with a
+    one-line note and the conversation goes on. Reads stdin until EOF or exit; with result_path, appends each
+    turn's history (and its `images`) as a JSONL line. Raises PromptTooLong when the conversation outgrows the
+    context, or the engine's error."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     history: list[dict] = []
-    print("tunesmith chat: type a message; commands: exit, clear, reset-system, multi-line", file=stdout)
+    pictures: list[str] = []
+    print("tunesmith chat: type a message; commands: exit, clear, reset-system, multi-line"
+          + ("; <image> in a message asks for a picture's path or URL" if engine.images is not None else ""),
+          file=stdout)
     while True:
         stdout.write("<<< ")
         stdout.flush()
@@ -187,14 +207,14 @@ def chat(engine: ChatEngine, args, result_path: Optional[str], stdin=None, stdou
         if cmd in ("exit", "quit"):
             break
         if cmd == "clear":
-            history = []
+            history, pictures = [], []
             print("(history cleared)", file=stdout)
             continue
         if cmd == "reset-system":
             stdout.write("new system prompt: ")
             stdout.flush()
             engine.encoder.system = stdin.readline().rstrip("\n") or None
-            history = []
+            history, pictures = [], []
             continue
         if cmd == "multi-line":
             stdout.write("(end with a line containing only #)\n")
@@ -206,21 +226,53 @@ def chat(engine: ChatEngine, args, result_path: Optional[str], stdin=None, stdou
             text = "\n".join(lines)
         if not text.strip():
             continue
+        asked = _ask_pictures(engine, text, stdin, stdout)
         history.append({"role": "user", "content": text})
-        stdout.write(">>> ")
-        reply = None
-        for piece in engine.stream(history):
-            if isinstance(piece, Reply):
-                reply = piece
-            else:
-                stdout.write(piece)
-                stdout.flush()
-        stdout.write("\n")
+        try:
+            reply = _reply_to(engine, history, pictures + asked, stdout)
+        except ImageInputError as e:
+            history.pop()
+            print(f"[tunesmith] the message was not sent: {e}", file=stdout)
+            continue
+        pictures += asked
         history.append({"role": "assistant", "content": reply.content})
         if result_path:
             os.makedirs(os.path.dirname(os.path.abspath(result_path)), exist_ok=True)
             with open(result_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"response": reply.content, "messages": history}, ensure_ascii=False) + "\n")
+                fh.write(json.dumps({"response": reply.content, "messages": history,
+                                     **({"images": pictures} if pictures else {})}, ensure_ascii=False) + "\n")
+
+
+def _ask_pictures(engine: ChatEngine, text: str, stdin, stdout) -> list[str]:
+    """For a vision-language model: one line read per `<image>` tag of the message (its picture's path or URL),
+    after ms-swift's prompt; [] for a text model, whose `<image>` is plain text."""
+    from tunesmith.data.encode import IMAGE_TAG
+
+    if engine.images is None:
+        return []
+    out = []
+    for _ in range(text.count(IMAGE_TAG)):
+        stdout.write("Input an image path or URL <<< ")
+        stdout.flush()
+        out.append(stdin.readline().strip())
+    return out
+
+
+def _reply_to(engine: ChatEngine, history: list[dict], pictures: list[str], stdout) -> Reply:
+    """Stream the reply to the conversation onto stdout after `>>> `; returns the Reply. Raises ImageInputError or
+    PromptTooLong before anything is written (the prompt, and its pictures, are read first)."""
+    pieces = engine.stream(history, images=pictures or None)
+    first = next(pieces)
+    stdout.write(">>> ")
+    reply = None
+    for piece in itertools.chain([first], pieces):
+        if isinstance(piece, Reply):
+            reply = piece
+        else:
+            stdout.write(piece)
+            stdout.flush()
+    stdout.write("\n")
+    return reply
 
 
 def main(args):

@@ -483,7 +483,8 @@ class DeployServerArgs:
                                     "table at the end).")
     max_logprobs: int = _f(20, help="Largest top_logprobs a request may ask for (0: none).")
     max_request_bytes: int = _f(8 << 20, help="Largest request body in bytes (default 8 MiB); a larger one is "
-                                              "refused (413) before it is read or tokenised.")
+                                              "refused (413) before it is read or tokenised. Also the largest "
+                                              "picture (decoded bytes, from a data URL or an http(s) URL; 400).")
     verbose: bool = _f(True, help="Log each HTTP request (uvicorn info level).")
 
 

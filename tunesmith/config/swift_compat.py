@@ -355,7 +355,9 @@ COMPATIBILITY_ONLY = {
                           "there are no weight batches to move",
     "vllm_reasoning_parser": "reasoning is split from the answer by tunesmith's own parser, chosen from the chat "
                              "template, for every backend alike",
-    "lmdeploy_vision_batch_size": "multimodal models are not supported, so there is no vision encoder to batch",
+    "lmdeploy_vision_batch_size": "tunesmith's LMDeploy backend takes text only, so there is no vision encoder to "
+                                  "batch; with --infer_backend transformers a prefill batch runs all its pictures "
+                                  "through the vision tower together",
     # every command (SwiftCompatArgs)
     "tuner_backend": "adapters are always built with peft (ms-swift's default); unsloth is refused",
     "use_swift_lora": "adapters are always peft's LoRA layers (ms-swift's default); true is refused",

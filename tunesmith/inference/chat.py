@@ -5,6 +5,12 @@ every caller's sequences) and parses replies with `tunesmith.inference.reply`. `
 over a dataset), `tunesmith deploy` and `tunesmith eval` all go through it, so a reply is the same whichever way
 it is asked.
 
+Pictures (vision-language models): a conversation's messages carry ms-swift's `<image>` tags in their text and the
+pictures come alongside, as references in tag order (a path, a `data:image/...;base64,` URL, an http(s) URL; read by
+`tunesmith.data.images`). `prompt` renders the tags as the template's image placeholders, expands each to its
+picture's tokens and makes the pixel inputs the engine feeds (`Prompt.pixels`) — in the caller's thread, never the
+scheduler's. A text-only model, or an accelerated backend, refuses pictures (`ImageInputError`).
+
 What lives here: rendering prompts, GenConfig -> sampling settings, decoding and parsing replies, streaming state,
 building the engine from flags. What must not: the `infer` command (tunesmith.commands.infer), token
 scheduling (`tunesmith.inference.engine`), template output conventions (`tunesmith.inference.reply`), HTTP (`tunesmith.serve`), model
@@ -64,13 +70,21 @@ class PromptTooLong(ValueError):
     """The rendered prompt has max_model_len tokens or more: no room to generate."""
 
 
+class ImageInputError(ValueError):
+    """A request's pictures cannot be used: the model (or the backend) takes text only, a picture cannot be read, or
+    the `<image>` tags do not match the pictures. The message is one line, for the CLI or an HTTP 400."""
+
+
 @dataclass
 class Prompt:
-    """A rendered request: token ids [T], whether the template left the output inside a `<think>` block, and
-    whether tool calls are parsed from the output."""
+    """A rendered request: token ids [T] (each image placeholder expanded to its picture's tokens), whether the
+    template left the output inside a `<think>` block, whether tool calls are parsed from the output, and the
+    pictures' pixel inputs for the engine (`tunesmith.data.vision.pixel_inputs`: pixel_values [P, D],
+    image_grid_thw [N, 3]), None for a text prompt."""
     ids: list
     in_think: bool
     tools: bool
+    pixels: Optional[dict] = None
 
 
 class ChatEngine:
@@ -81,25 +95,32 @@ class ChatEngine:
     def __init__(self, model, tokenizer, system: Optional[str] = None, defaults: Optional[GenConfig] = None,
                  max_model_len: Optional[int] = None, max_batch_size: Optional[int] = None,
                  template_kwargs: Optional[dict] = None, engine=None, generation_config=None, config=None,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, images=None, max_images: Optional[int] = None):
         """model: the loaded model, or None when `engine` is an accelerated engine (tunesmith.inference.backends) holding the
         weights; then `generation_config` (sampling defaults, eos ids) and `config` (context length) come from the
         checkpoint. engine: a pre-built object with GenerationEngine's interface (submit, generate, close,
         stop_ids, max_model_len); None builds the GenerationEngine over `model`, with `max_batch_size` (None: sized
         from memory, see tunesmith.inference.budget; N: at most N rows; -1: no cap) and `gpu_memory_utilization`
         (fraction 0-1 of a GPU's memory for weights and KV cache). max_model_len in tokens.
+        images: the `tunesmith.data.vision.ImageTokens` of a vision-language model (`tunesmith.models.vision.
+        image_tokens`: its pictures are counted, expanded and fed), else None (prompts with pictures are refused).
+        max_images: at most this many pictures per prompt (--vllm_limit_mm_per_prompt's "image", as vLLM caps
+        them); None: no cap.
         Raises ValueError when neither a model nor an engine is given."""
         from tunesmith.data.encode import ChatEncoder
         from tunesmith.inference.engine import GenerationEngine
         from tunesmith.inference.reply import OutputParser
 
+        self._backend: Optional[str] = None  # the accelerated engine's name (vllm, sglang, lmdeploy), if one
         if model is None:
             if engine is None:
                 raise ValueError("ChatEngine needs a model or an engine")
             from tunesmith.inference.backends import EngineModelInfo
-            model = EngineModelInfo(config, generation_config, getattr(engine, "name", "vllm"))
+            self._backend = getattr(engine, "name", "vllm")
+            model = EngineModelInfo(config, generation_config, self._backend)
         self.model, self.tok = model, tokenizer
-        self.encoder = ChatEncoder(tokenizer, system=system)
+        self.images, self.max_images = images, max_images
+        self.encoder = ChatEncoder(tokenizer, system=system, images=images)
         self.defaults = defaults or GenConfig()
         self.template_kwargs = dict(template_kwargs or {})
         cfg = getattr(model, "config", None)
@@ -126,14 +147,23 @@ class ChatEngine:
         """Close the engine: sequences still queued or running end with finish_reason "abort"."""
         self.engine.close()
 
-    def prompt(self, messages: list[dict], tools=None, template_kwargs: Optional[dict] = None) -> Prompt:
+    def prompt(self, messages: list[dict], tools=None, template_kwargs: Optional[dict] = None,
+               images: Optional[list] = None) -> Prompt:
         """Render messages (OpenAI shape: tool_calls, tool messages, reasoning_content) with the generation prompt.
         Raises PromptTooLong when no room is left under the model's limit.
 
-        template_kwargs override the engine's (--enable_thinking). Returns a Prompt with ids [T]; `in_think` when
-        the rendering ends in `<think>`. The template's own errors propagate."""
+        template_kwargs override the engine's (--enable_thinking). images: the pictures of the messages' `<image>`
+        tags, in order (references: a path, a data: URL, an http(s) URL), decoded here into `Prompt.pixels`.
+        Returns a Prompt with ids [T]; `in_think` when the rendering ends in `<think>`. Raises ImageInputError for
+        pictures given to a model that takes none, pictures that cannot be read, or tags that do not match the
+        pictures (a vision-language model's text holding `<|image_pad|>` without a picture included). The
+        template's own errors propagate."""
         from tunesmith.inference.reply import to_template_messages
 
+        images = list(images or [])
+        problem = self.image_problem(len(images))
+        if problem:
+            raise ImageInputError(problem)
         kwargs = {**self.template_kwargs, **(template_kwargs or {})}
         text = self.encoder.render(self.encoder.with_system(to_template_messages(messages)),
                                    add_generation_prompt=True, tools=tools, **kwargs)
@@ -143,9 +173,50 @@ class ChatEngine:
             raise PromptTooLong(f"the prompt has {len(text)} characters, more than {self.max_model_len} tokens "
                                 f"(the model's limit) can hold")
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        pixels = None
+        if self.images is not None and (images or self.images.image_token_id in ids):
+            ids, pixels = self._with_pictures(ids, images)
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens; the model's limit is {self.max_model_len}")
-        return Prompt(ids, text.rstrip().endswith("<think>"), bool(tools))
+        return Prompt(ids, text.rstrip().endswith("<think>"), bool(tools), pixels)
+
+    def _with_pictures(self, ids: list, images: list) -> tuple[list, Optional[dict]]:
+        """(ids [T'] with each image placeholder repeated once per image token of its picture, the pictures' pixel
+        inputs or None when there are none). Raises ImageInputError (one line) for placeholders that do not match
+        the pictures or a picture that cannot be read."""
+        from tunesmith.data.images import ImageError
+        from tunesmith.data.vision import expand_images, pixel_inputs
+        from tunesmith.errors import DataError
+
+        try:
+            ids, _, _ = expand_images(ids, [-100] * len(ids), images, self.images)
+            return ids, pixel_inputs([images], self.images) or None
+        except DataError as e:
+            raise ImageInputError(f"{e.problem} Fix: {e.fix}" if e.fix else e.problem) from None
+        except ImageError as e:
+            raise ImageInputError(f"a picture cannot be read: {e}") from None
+
+    def image_problem(self, count: int) -> Optional[str]:
+        """Why a prompt with `count` pictures cannot be answered (one line), or None: this engine takes none (a text
+        model, an accelerated backend), or more than `max_images`. Cheap: callers ask before fetching pictures."""
+        if count and self.images is None:
+            return f"{count} image(s) given, but {self._text_only()}"
+        if self.max_images is not None and count > self.max_images:
+            return (f"{count} images in one prompt; at most {self.max_images} are taken (--vllm_limit_mm_per_prompt "
+                    f"'{{\"image\": {self.max_images}}}')")
+        return None
+
+    def _text_only(self) -> str:
+        """Why this engine takes no pictures (the end of an image_problem)."""
+        from tunesmith.models.vision import is_vision_language
+
+        if not is_vision_language(getattr(self.model, "config", None)):
+            return ("the model takes text only (it has no vision tower); use a vision-language model (Qwen2-VL, "
+                    "Qwen2.5-VL, Qwen3-VL), or leave the pictures out")
+        if self._backend:
+            return (f"--infer_backend {self._backend} takes text only in tunesmith so far; use --infer_backend "
+                    f"transformers for pictures")
+        return "this engine was built without the model's image processor (ChatEngine's images)"
 
     @property
     def max_token_chars(self) -> int:
@@ -207,11 +278,13 @@ class ChatEngine:
                               top_logprobs=cfg.top_logprobs or 0, num_beams=cfg.num_beams)
 
     def submit(self, prompt: Prompt, cfg: GenConfig, adapter: Optional[str] = None, loop=None) -> list:
-        """Queue cfg.n sequences for a rendered prompt: their engine Handles.
+        """Queue cfg.n sequences for a rendered prompt (its pictures too): their engine Handles.
 
-        loop: deliver tokens to this asyncio loop. Raises the engine's ValueError (no room, unknown adapter) or
-        RuntimeError (engine closed)."""
-        return [self.engine.submit(prompt.ids, self.sampling(cfg, i), adapter, loop) for i in range(max(1, cfg.n))]
+        loop: deliver tokens to this asyncio loop. Raises the engine's ValueError (no room, unknown adapter,
+        pictures that do not fit) or RuntimeError (engine closed)."""
+        pictures = {"images": prompt.pixels} if prompt.pixels else {}  # a text prompt: any engine's submit
+        return [self.engine.submit(prompt.ids, self.sampling(cfg, i), adapter, loop, **pictures)
+                for i in range(max(1, cfg.n))]
 
     def reply(self, completion, prompt: Prompt, cfg: GenConfig) -> Reply:
         """A finished sequence → Reply: decoded without its stop token, cut at a stop string, parsed.
@@ -241,11 +314,14 @@ class ChatEngine:
                      parsed.tool_calls, logprobs, completion.error)
 
     def generate(self, conversations: list[list[dict]], cfg: Optional[GenConfig] = None, tools=None,
-                 adapter: Optional[str] = None) -> list[Reply]:
+                 adapter: Optional[str] = None, images: Optional[list] = None) -> list[Reply]:
         """Reply to each conversation (messages ending with the user's turn); all are batched by the engine.
-        One reply per conversation (cfg.n is ignored here). Raises PromptTooLong, or the engine's error."""
+        One reply per conversation (cfg.n is ignored here). images: each conversation's pictures (a list of
+        references, or None), or None for all text. Raises PromptTooLong, ImageInputError, or the engine's
+        error."""
         cfg = replace(cfg or self.defaults, n=1)
-        prompts = [self.prompt(c, tools) for c in conversations]
+        images = images or [None] * len(conversations)
+        prompts = [self.prompt(c, tools, images=i) for c, i in zip(conversations, images)]
         handles = [self.submit(p, cfg, adapter)[0] for p in prompts]
         replies = [self.reply(h.result(), p, cfg) for h, p in zip(handles, prompts)]
         for r in replies:
@@ -257,13 +333,15 @@ class ChatEngine:
         """A StreamState for one sequence of `prompt` (feed it the handle's tokens)."""
         return StreamState(self, prompt, cfg)
 
-    def stream(self, messages: list[dict], cfg: Optional[GenConfig] = None, tools=None) -> Iterator:
+    def stream(self, messages: list[dict], cfg: Optional[GenConfig] = None, tools=None,
+               images: Optional[list] = None) -> Iterator:
         """Yield answer text pieces as they are generated, then the final Reply (same content as `generate`).
 
-        Only `content` is yielded as text (reasoning and tool calls are in the Reply). Raises PromptTooLong before
-        generating, or the engine's error at the end."""
+        images: the pictures of the messages' `<image>` tags (see `prompt`). Only `content` is yielded as text
+        (reasoning and tool calls are in the Reply). Raises PromptTooLong or ImageInputError before generating, or
+        the engine's error at the end."""
         cfg = replace(cfg or self.defaults, n=1)
-        prompt = self.prompt(messages, tools)
+        prompt = self.prompt(messages, tools, images=images)
         handle = self.submit(prompt, cfg)[0]
         state = self.stream_state(prompt, cfg)
         for token in handle:
@@ -389,13 +467,39 @@ def build_engine(args):
     engine = ChatEngine(model, tok, system=args.system, defaults=GenConfig.from_args(args),
                         max_model_len=args.max_model_len, max_batch_size=batch,
                         template_kwargs=template_kwargs(args),
-                        gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+                        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                        images=_image_tokens(args, model, tok, model_dir),
+                        max_images=image_cap(args.vllm_limit_mm_per_prompt))
     if args.seed is not None:
         import torch
         torch.manual_seed(args.seed)  # once: unseeded sampling is reproducible per run, not per request
     note(f"generation: tunesmith continuous batching; {engine.engine.plan.describe()}")
     note(f"generation: stop tokens {engine.tok.convert_ids_to_tokens(engine.stop_ids)}")
     return engine, args, ckpt, named
+
+
+def _image_tokens(args, model, tok, model_dir: str):
+    """A vision-language model's ImageTokens (tunesmith.models.vision.image_tokens, within --max_pixels /
+    MAX_PIXELS), with a note of the budget; None for a text model."""
+    from tunesmith.models.load import note
+    from tunesmith.models.vision import image_tokens, is_vision_language
+
+    if not is_vision_language(model.config):
+        return None
+    images = image_tokens(model_dir, model.config, tok, args.max_pixels)
+    note(f"images: {images.limits['min_pixels']:,} to {images.limits['max_pixels']:,} pixels each (--max_pixels / "
+         f"MAX_PIXELS); {images.image_token} placeholders expanded per picture")
+    return images
+
+
+def image_cap(limit_mm_per_prompt: Optional[dict]) -> Optional[int]:
+    """Pictures per prompt from --vllm_limit_mm_per_prompt (ms-swift's JSON, vLLM's limit_mm_per_prompt): its
+    "image" entry, a count or vLLM's {"count": N, ...}; None when it sets none. Its other modalities (video, audio)
+    limit inputs tunesmith does not take."""
+    value = (limit_mm_per_prompt or {}).get("image")
+    if isinstance(value, dict):
+        value = value.get("count")
+    return None if value is None else int(value)
 
 
 def _build_backend_engine(args, batch: Optional[int]):

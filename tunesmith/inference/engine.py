@@ -17,6 +17,15 @@ ids and sliding windows are measured as in a lone run). Each step feeds every ro
 at once.
 Rows of different LoRA adapters share a batch through peft's per-row `adapter_names`.
 
+Pictures (vision-language models: Qwen2-VL, Qwen2.5-VL, Qwen3-VL). A request may bring its prompt's pictures as the
+vision tower takes them (`tunesmith.data.vision.pixel_inputs`, made by the caller: decoding and resizing never run on
+the scheduler thread) with every image placeholder of its prompt already expanded. A prefill batch that holds
+pictures feeds them with the batch and gives every row its 3-D M-RoPE positions from the model's own
+`get_rope_index` (text rows get their plain positions, repeated on the three axes); each row keeps its rope delta
+(M-RoPE position after the prompt minus its length; 0 for text), and a decoding step feeds each row text position
++ delta, the same on all three axes, as transformers' `generate` does. So rows with and without pictures share
+batches and join at any step; batches without pictures, and text-only models, run exactly as before.
+
 Why our own loop and not transformers' `ContinuousBatchingManager`: on CPU the paged-attention path measured
 slower than plain batching (bench/RESULTS.md, `bench/serve_load.py`), and this loop gives per-row sampling
 settings, per-request seeds, per-step cancellation and log-probs. Greedy rows are exact against a lone run up to
@@ -90,8 +99,9 @@ class Handle:
     at the next step. Thread-safe: the scheduler pushes, one consumer reads."""
 
     def __init__(self, prompt_ids: list, params: SamplingParams, adapter: Optional[str],
-                 loop: Optional[asyncio.AbstractEventLoop] = None):
+                 loop: Optional[asyncio.AbstractEventLoop] = None, images: Optional[dict] = None):
         self.prompt_ids, self.params, self.adapter = list(prompt_ids), params, adapter
+        self.images = images  # the prompt's pixel inputs (see GenerationEngine.submit); dropped once prefilled
         self.cancelled = False
         self.completion: Optional[Completion] = None
         self._loop = loop
@@ -149,7 +159,7 @@ class _Row:
         self.generated: list[int] = []
         self.logprobs: Optional[list] = [] if (handle.params.logprobs or handle.params.top_logprobs) else None
         self.seed = seed  # keys the row's random draws (sampling.row_uniform); None for beam search
-        self.position = len(handle.prompt_ids)  # position id of the next token fed
+        self.position = len(handle.prompt_ids)  # position id of the next token fed (+ its M-RoPE delta, `_prefill`)
         self.stop_ids = set(handle.params.stop_token_ids)
         self.finish: Optional[str] = None
         self.stop_hit: Optional[str] = None
@@ -200,26 +210,36 @@ class GenerationEngine:
         # real vocabulary (151,936) is most of a decoding step's memory traffic.
         self._head = chunked_head(model)
         self._cache_kw = _cache_keyword(model)
+        self._vision = _vision_of(model)  # a vision-language model's image token and M-RoPE function, else None
         self._held: Optional[list] = None  # (handle, Completion) ended during the step in progress
 
     # -------------------------------------------------------------- public
 
     def submit(self, prompt_ids: list, params: SamplingParams, adapter: Optional[str] = None,
-               loop: Optional[asyncio.AbstractEventLoop] = None) -> Handle:
+               loop: Optional[asyncio.AbstractEventLoop] = None, images: Optional[dict] = None) -> Handle:
         """Queue one sequence. adapter: None = the model as loaded, "" = the base with adapters off, or a peft
         adapter name. loop: deliver tokens to this asyncio loop (for `async for`). Raises ValueError when the
         prompt leaves no room under `max_model_len`, RuntimeError after `close()`.
 
         prompt_ids: [T] token ids. params.max_new_tokens is capped at the room left (0 or None: all of it).
-        Also raises ValueError for an adapter name that is not loaded. Errors during generation are not raised:
-        they end the sequence with finish_reason "error"."""
+        images: the prompt's pictures as the vision tower takes them, made by the caller
+        (`tunesmith.data.vision.pixel_inputs`): {"pixel_values": [P, C·t·p·p] float, "image_grid_thw": [N, 3]
+        int64}, its N pictures in the order of their placeholders in prompt_ids, each placeholder already repeated
+        once per image token (grid_t·grid_h·grid_w / merge² of them: `tunesmith.data.vision.expand_images`); None
+        or {} for a text prompt. The engine drops them once the prompt is prefilled.
+        Also raises ValueError for an adapter name that is not loaded, for pictures given to a model without a
+        vision tower, and (vision-language models) for image placeholders that do not match the pictures — checked
+        here, so that one bad request never fails the batch it would have joined. Errors during generation are
+        not raised: they end the sequence with finish_reason "error"."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's limit is {self.max_model_len}")
         if adapter and adapter not in self._adapter_names:
             raise ValueError(f"no adapter named {adapter!r}; loaded: {', '.join(self._adapter_names) or 'none'}")
+        if images or self._vision is not None:
+            _check_images(self._vision, prompt_ids, images or None)
         room = self.max_model_len - len(prompt_ids)
         params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens or room, room)))
-        handle = Handle(prompt_ids, params, adapter, loop)
+        handle = Handle(prompt_ids, params, adapter, loop, images or None)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the generation engine is shut down")
@@ -230,11 +250,14 @@ class GenerationEngine:
             self._cv.notify()
         return handle
 
-    def generate(self, prompts: list, params: SamplingParams, adapter: Optional[str] = None) -> list[Completion]:
+    def generate(self, prompts: list, params: SamplingParams, adapter: Optional[str] = None,
+                 images: Optional[list] = None) -> list[Completion]:
         """Submit every prompt, wait for all: the completions in prompt order.
 
-        prompts: lists of token ids. Blocks the calling thread; raises as `submit`."""
-        handles = [self.submit(p, params, adapter) for p in prompts]
+        prompts: lists of token ids; images: each prompt's pixel inputs (None for a text one; see `submit`), or
+        None for all text. Blocks the calling thread; raises as `submit`."""
+        images = images or [None] * len(prompts)
+        handles = [self.submit(p, params, adapter, images=i) for p, i in zip(prompts, images)]
         return [h.result() for h in handles]
 
     def close(self, timeout: float = 30.0) -> None:
@@ -339,7 +362,8 @@ class GenerationEngine:
                 handle._finish(completion)
 
     def _prefill(self, state: "_Batch", handles: list[Handle]) -> None:
-        """Run the new prompts as one left-padded batch, choose their first tokens, and join them to the batch."""
+        """Run the new prompts as one left-padded batch, choose their first tokens, and join them to the batch.
+        A batch with pictures also feeds them, with every row's M-RoPE positions (`_vision_inputs`)."""
         import torch
         from transformers import DynamicCache
 
@@ -350,13 +374,34 @@ class GenerationEngine:
         mask = torch.tensor([[0] * (longest - len(h.prompt_ids)) + [1] * len(h.prompt_ids) for h in handles],
                             device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        vision: dict = {}
+        if any(h.images for h in handles):
+            vision, pos, deltas = self._vision_inputs(handles, ids, mask)
+            for r, delta in zip(rows, deltas):
+                r.position += delta
         cache = DynamicCache()
-        done = self._choose(rows, self._forward(rows, ids, mask, pos, cache))
+        done = self._choose(rows, self._forward(rows, ids, mask, pos, cache, vision))
         keep = [i for i, r in enumerate(rows) if r not in done]
         for r in done:
             self._end(r)
         if keep:
             state.join([rows[i] for i in keep], cache, mask, keep)
+
+    def _vision_inputs(self, handles: list[Handle], ids, mask) -> tuple[dict, Any, list[int]]:
+        """For a prefill batch with pictures: (the vision tower's inputs — pixel_values [P, D] and image_grid_thw
+        [N, 3], every row's pictures in row order —, M-RoPE position ids [3, B, T] from the model's own
+        get_rope_index (padding 0; a text row's plain positions on all three axes), each row's rope delta: its
+        M-RoPE position after the prompt minus its length, 0 for a text row). The handles' pixels are let go."""
+        import torch
+
+        pictures = [h.images for h in handles if h.images]
+        for h in handles:
+            h.images = None
+        grid = torch.cat([p["image_grid_thw"] for p in pictures]).to(self.device)
+        pixels = torch.cat([p["pixel_values"] for p in pictures]).to(self.device)
+        kinds = (ids == self._vision.image_token_id).int()  # transformers' mm_token_type_ids: 1 = image
+        pos, deltas = self._vision.rope_index(ids, mm_token_type_ids=kinds, image_grid_thw=grid, attention_mask=mask)
+        return {"pixel_values": pixels, "image_grid_thw": grid}, pos, [int(d) for d in deltas.flatten().tolist()]
 
     def _beam_search(self, handle: Handle) -> None:
         import torch
@@ -369,6 +414,10 @@ class GenerationEngine:
             kw["repetition_penalty"] = p.repetition_penalty
         if p.stop:
             kw.update(stop_strings=list(p.stop), tokenizer=self.tok)
+        if handle.images:  # generate builds the M-RoPE positions itself from mm_token_type_ids
+            kw.update({k: v.to(self.device) for k, v in handle.images.items()},
+                      mm_token_type_ids=(ids == self._vision.image_token_id).int())
+            handle.images = None
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw,
                                   **self._adapter_kwargs([_Row(handle, None)]))
         row = _Row(handle, None)
@@ -381,17 +430,18 @@ class GenerationEngine:
 
     # -------------------------------------------------------------- per-row decisions
 
-    def _forward(self, rows: list[_Row], ids, mask, pos, cache):
+    def _forward(self, rows: list[_Row], ids, mask, pos, cache, vision: Optional[dict] = None):
         """One forward pass over [B, T] tokens; returns the last position's output: hidden states [B, H] (when the
-        head can be applied apart) or logits [B, V]."""
+        head can be applied apart) or logits [B, V]. pos: [B, T], or [3, B, T] M-RoPE positions; vision: a
+        prefill's pixel_values and image_grid_thw (`_vision_inputs`), else nothing."""
         adapters = self._adapter_kwargs(rows)
         if self._head is not None and not adapters:
             decoder, _ = self._head
             out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                          **{self._cache_kw: cache})
+                          **{self._cache_kw: cache}, **(vision or {}))
             return _Last(hidden=out.last_hidden_state[:, -1])
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         **{self._cache_kw: cache}, **adapters)
+                         **{self._cache_kw: cache}, **(vision or {}), **adapters)
         return _Last(logits=out.logits[:, -1].float())
 
     def _choose(self, rows: list[_Row], last: "_Last") -> list[_Row]:
@@ -599,6 +649,52 @@ def _left_pad(t, width: int, dim: int = 2):
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
     return F.pad(t, pad)
+
+
+@dataclass(frozen=True)
+class _Vision:
+    """What the engine needs of a vision-language model: its image placeholder id, the vision tower's merge size
+    (merge² patches make one image token) and its M-RoPE position function (transformers' `get_rope_index`:
+    (input_ids [B, T], mm_token_type_ids, image_grid_thw, attention_mask) -> (positions [3, B, T], deltas [B, 1]))."""
+    image_token_id: int
+    merge: int
+    rope_index: Any
+
+
+def _vision_of(model) -> Optional[_Vision]:
+    """The _Vision of a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: a config with a vision_config and
+    an image_token_id, a `model.get_rope_index`), also under peft; None for any other model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    rope_index = getattr(getattr(base, "model", None), "get_rope_index", None)
+    token = getattr(cfg, "image_token_id", None)
+    if getattr(cfg, "vision_config", None) is None or rope_index is None or token is None:
+        return None
+    return _Vision(int(token), int(cfg.vision_config.spatial_merge_size), rope_index)
+
+
+def _check_images(vision: Optional[_Vision], prompt_ids: list, images: Optional[dict]) -> None:
+    """Raise ValueError unless the prompt's pictures fit the model and the prompt: a text-only model takes none;
+    a vision-language model's prompt holds exactly as many image placeholders as its pictures make tokens
+    (grid_t·grid_h·grid_w / merge² each) and pixel_values has a row per patch (a literal `<|image_pad|>` typed in
+    a text prompt is refused here too, before it could fail the batch)."""
+    if vision is None:
+        raise ValueError("this model takes text only (it has no vision tower), so a prompt with pictures cannot "
+                         "be answered; serve a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
+    placeholders = sum(1 for t in prompt_ids if t == vision.image_token_id)
+    tokens, patches = 0, 0
+    if images:
+        grid = images["image_grid_thw"]
+        patches = int(grid.prod(-1).sum())
+        tokens = patches // vision.merge ** 2
+        if int(images["pixel_values"].shape[0]) != patches:
+            raise ValueError(f"pixel_values has {int(images['pixel_values'].shape[0])} rows but image_grid_thw "
+                             f"{grid.tolist()} makes {patches} patches")
+    if placeholders != tokens:
+        raise ValueError(f"the prompt holds {placeholders} image placeholder token(s) but its "
+                         f"{0 if not images else len(images['image_grid_thw'])} picture(s) make {tokens}: each "
+                         f"picture's placeholder must be repeated once per image token "
+                         f"(tunesmith.data.vision.expand_images), and a text prompt may not hold any")
 
 
 def _cache_keyword(model) -> str:

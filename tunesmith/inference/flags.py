@@ -104,7 +104,23 @@ def _backend_problems(args) -> list[str]:
             between(out, name, values[name], 0, 1, lo_open=True, hint="a fraction of the GPU's memory")
     if args.vllm_mm_processor_cache_gb is not None:
         between(out, "vllm_mm_processor_cache_gb", args.vllm_mm_processor_cache_gb, 0, None)
+    out += _image_limit_problems(args.vllm_limit_mm_per_prompt)
     return out
+
+
+def _image_limit_problems(limit) -> list[str]:
+    """--vllm_limit_mm_per_prompt: a JSON object whose "image" entry (the pictures per prompt, also for the built-in
+    engine) is a whole number >= 0, or vLLM's {"count": N, ...}."""
+    if limit is None:
+        return []
+    if not isinstance(limit, dict):
+        return [f"--vllm_limit_mm_per_prompt {limit!r}: expected a JSON object such as '{{\"image\": 4}}'"]
+    value = limit.get("image")
+    count = value.get("count") if isinstance(value, dict) else value
+    if value is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        return [f"--vllm_limit_mm_per_prompt image {value!r}: expected the pictures per prompt, a whole number >= 0 "
+                f"(0 refuses every picture)"]
+    return []
 
 
 def _server_problems(args) -> list[str]:

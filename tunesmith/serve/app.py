@@ -68,16 +68,19 @@ API_KEY_ENV = "TUNESMITH_API_KEY"  # deploy's key from the environment (as OpenA
 
 def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] = None,
                owned_by: str = "tunesmith", result_path: Optional[str] = None, max_logprobs: int = 20,
-               max_request_bytes: int = 8 << 20):
+               max_request_bytes: int = 8 << 20, max_image_bytes: Optional[int] = None):
     """The FastAPI app. served: model id -> adapter to use (None = the model as loaded, "" = the base without
     adapters, or a named adapter). api_key: when set, /v1/* needs `Authorization: Bearer KEY` (else 401).
+    max_request_bytes: the largest request body (413 past it); max_image_bytes: the largest picture, decoded (a
+    data URL's, or one fetched from an http(s) URL; 400 past it), None: max_request_bytes.
     Every error (400 validation, 404 route, 500 unexpected) answers OpenAI's error body. The app does not close
     the engine when it shuts down: the caller built it and closes it (other users may share it). The handlers reach the Server (engine, served ids, request log) as `request.app.state.server`."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
 
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
-    app.state.server = Server(engine, served, result_path, max_logprobs, owned_by)
+    app.state.server = Server(engine, served, result_path, max_logprobs, owned_by,
+                              max_image_bytes or max_request_bytes)
     app.state.api_key = api_key
     app.add_middleware(BodyLimit, limit=max_request_bytes)
     app.add_exception_handler(ApiError, _api_error)

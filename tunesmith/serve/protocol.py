@@ -2,9 +2,11 @@
 
 Requests: pydantic models (`ChatRequest`, `CompletionRequest`, over the shared `Sampling` fields) with JSON number
 checks OpenAI makes (no "3" or true where a number belongs), plus the checks pydantic cannot express
-(`check_unicode`, `chat_messages`). Errors: `ApiError`, answered with `error_body` — OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}` with ms-swift's `"object": "error"` alongside. Responses: the
-assistant message, streaming chunks and usage of `chat.completion` / `text_completion` bodies.
+(`check_unicode`, `chat_messages`). A user message's `image_url` content parts become ms-swift's `<image>` tags in
+its text, where the part was, and `image_urls` lists their URLs in the same order (tunesmith.serve.images reads
+them). Errors: `ApiError`, answered with `error_body` — OpenAI's shape `{"error": {"message", "type", "param",
+"code"}}` with ms-swift's `"object": "error"` alongside. Responses: the assistant message, streaming chunks and usage
+of `chat.completion` / `text_completion` bodies.
 
 A new endpoint's request model goes here, its handler in `tunesmith.serve.routes`. No torch or fastapi import
 (pydantic only, for the schemas). The request models carry no docstrings on purpose: FastAPI would publish them in
@@ -117,16 +119,53 @@ def error_body(status: int, message: str, code: str, param: Optional[str] = None
             "error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _text(content) -> str:
-    """OpenAI content: a string or a list of parts; text parts are joined."""
+def _text(content, where: str, role: str) -> str:
+    """OpenAI content: a string or a list of parts; text parts are joined, an image part (a user message's) becomes
+    an `<image>` tag where it stands. where: the content's param (messages[i].content). Raises ApiError 400 for
+    another part type, an image outside a user message, or a part without its text/url (`_image_url`)."""
+    from tunesmith.data.encode import IMAGE_TAG
+
     if content is None or isinstance(content, str):
         return content or ""
     parts = []
-    for p in content:
-        if not isinstance(p, dict) or p.get("type") != "text":
-            raise ApiError(400, "only text content parts are supported", param="messages")
-        parts.append(p.get("text", ""))
+    for k, p in enumerate(content):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text":
+            parts.append(p.get("text", ""))
+        elif kind == "image_url":
+            if role != "user":
+                raise ApiError(400, f"{where}[{k}]: only a user message may carry images (this is a {role} "
+                                    f"message)", param=f"{where}[{k}]")
+            _image_url(p, f"{where}[{k}]")
+            parts.append(IMAGE_TAG)
+        else:
+            raise ApiError(400, f"{where}[{k}]: content parts of type {kind!r} are not supported; this server takes "
+                                f"'text' and 'image_url' parts", param=f"{where}[{k}].type")
     return "".join(parts)
+
+
+def _image_url(part: dict, where: str) -> str:
+    """The URL of an `image_url` part: {"image_url": {"url": URL, "detail": ...}} or the plain {"image_url": URL}
+    (detail is accepted and ignored: the picture is sized by --max_pixels). Raises ApiError 400 without one."""
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url.strip():
+        raise ApiError(400, f"{where}.image_url: expected {{\"url\": \"data:image/png;base64,...\"}} (or an "
+                            f"http(s) URL)", param=f"{where}.image_url")
+    return url.strip()
+
+
+def image_urls(req: "ChatRequest") -> list[tuple[str, str]]:
+    """The pictures of a chat request's `image_url` parts, in the order their `<image>` tags stand in the rendered
+    conversation: [(param, url)], param naming the part (messages[i].content[k].image_url). Run after
+    `chat_messages`, which validates the parts."""
+    out = []
+    for i, m in enumerate(req.messages):
+        for k, p in enumerate(m.content if isinstance(m.content, list) else []):
+            if isinstance(p, dict) and p.get("type") == "image_url":
+                where = f"messages[{i}].content[{k}]"
+                out.append((f"{where}.image_url", _image_url(p, where)))
+    return out
 
 
 def check_fields(req: Sampling) -> None:
@@ -197,12 +236,13 @@ def check_unicode(req: BaseModel) -> None:
 
 
 def chat_messages(req: ChatRequest) -> list[dict]:
-    """The request's messages as plain dicts for the template: text content, assistant `tool_calls` and
-    `reasoning_content`, tool messages' `tool_call_id`/`name` (`developer` is the system role of newer clients).
+    """The request's messages as plain dicts for the template: text content (a user message's image parts as
+    `<image>` tags; `image_urls` gives their pictures), assistant `tool_calls` and `reasoning_content`, tool
+    messages' `tool_call_id`/`name` (`developer` is the system role of newer clients).
 
     Raises ApiError 400, as OpenAI's API: a message without content (only an assistant message with tool_calls may
-    leave it null), a non-text content part, a malformed tool call (`_check_calls`), or tool turns that do not
-    match their calls (`ToolTurns`)."""
+    leave it null), a content part other than text and a user's image_url, a malformed tool call (`_check_calls`),
+    or tool turns that do not match their calls (`ToolTurns`)."""
     out = []
     turns = ToolTurns()
     for i, m in enumerate(req.messages):
@@ -211,7 +251,8 @@ def chat_messages(req: ChatRequest) -> list[dict]:
                                 f"list of text parts)" + ("; only an assistant message with tool_calls may leave it "
                                                           "null" if m.role == "assistant" else ""),
                            param=f"messages[{i}].content")
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": _text(m.content, f"messages[{i}].content", m.role)}
         if m.tool_calls is not None:
             _check_calls(i, m)
             if m.tool_calls:

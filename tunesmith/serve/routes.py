@@ -2,6 +2,9 @@
 
 Handlers are async and never hold a lock: each request renders its prompt (in a worker thread), submits its
 sequences to the engine's scheduler (continuous batching across requests) and awaits its tokens on the event loop.
+A request's pictures (`image_url` parts) are fetched and checked (tunesmith.serve.images), then decoded into pixel
+inputs with the prompt, all in worker threads, so one client's pictures never hold up another's request; requests
+with and without pictures share the engine's batches.
 A client that disconnects cancels its sequences (their batch slots are freed at the next decoding step). Streams
 are SSE events ending in `data: [DONE]`.
 
@@ -26,16 +29,17 @@ from starlette.requests import Request
 
 from tunesmith.serve.protocol import (UNSUPPORTED, ApiError, ChatRequest, CompletionRequest, Sampling,
                                       assistant_message, chat_chunk, chat_messages, check_fields, check_tools,
-                                      check_unicode, error_body, text_chunk, usage)
+                                      check_unicode, error_body, image_urls, text_chunk, usage)
 
 
 class Server:
     """The request handlers' shared state: the engine, the served model ids (what /v1/models lists: `owned_by`, and
-    `created`, the server's start in Unix seconds), the request log."""
+    `created`, the server's start in Unix seconds), the request log, the largest picture (decoded bytes)."""
 
     def __init__(self, engine, served: dict[str, Optional[str]], result_path: Optional[str] = None,
-                 max_logprobs: int = 20, owned_by: str = "tunesmith"):
+                 max_logprobs: int = 20, owned_by: str = "tunesmith", max_image_bytes: int = 8 << 20):
         self.engine, self.served, self.max_logprobs = engine, served, max_logprobs
+        self.max_image_bytes = max_image_bytes
         self.result_path, self.owned_by, self.created = result_path, owned_by, int(time.time())
         self._log_lock = threading.Lock()
 
@@ -91,18 +95,40 @@ class Server:
                                     f"the completion). Please reduce the length of the {where} or {name}.",
                                code="context_length_exceeded", param=name)
 
-    async def prompt(self, messages: list[dict], tools, template_kwargs: dict):
-        """Render and tokenise in a worker thread: a long prompt never stalls the event loop.
-
-        Returns an `inference.chat.Prompt` (ids [T]). Raises ApiError 400: code context_length_exceeded when the prompt
-        fills the context, or the template's own refusal of these messages."""
+    async def pictures(self, req: ChatRequest) -> list[str]:
+        """The request's pictures (its image_url parts, in order) as references the engine reads, fetched and checked
+        in a worker thread (tunesmith.serve.images); [] without any. Raises ApiError 400 before anything is fetched
+        when the model takes no pictures (or not that many), else as `images.resolve_images`."""
         from starlette.concurrency import run_in_threadpool
 
-        from tunesmith.inference.chat import PromptTooLong
+        from tunesmith.serve.images import resolve_images
+
+        urls = image_urls(req)
+        if not urls:
+            return []
+        problem = self.engine.image_problem(len(urls))
+        if problem:
+            raise ApiError(400, problem, code="invalid_image", param=urls[0][0])
+        return await run_in_threadpool(resolve_images, urls, self.max_image_bytes)
+
+    async def prompt(self, messages: list[dict], tools, template_kwargs: dict, images: Optional[list] = None):
+        """Render and tokenise in a worker thread, with the pictures' pixels: a long prompt or a large picture never
+        stalls the event loop.
+
+        images: references from `pictures`. Returns an `inference.chat.Prompt` (ids [T]). Raises ApiError 400: code
+        context_length_exceeded when the prompt fills the context, invalid_image when the pictures cannot be used
+        (inference.chat.ImageInputError), or the template's own refusal of these messages."""
+        from starlette.concurrency import run_in_threadpool
+
+        from tunesmith.inference.chat import ImageInputError, PromptTooLong
         try:
+            if images:
+                return await run_in_threadpool(self.engine.prompt, messages, tools, template_kwargs, images)
             return await run_in_threadpool(self.engine.prompt, messages, tools, template_kwargs)
         except PromptTooLong as e:
             raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from None
+        except ImageInputError as e:
+            raise ApiError(400, str(e), code="invalid_image", param="messages") from None
         except Exception as e:  # noqa: BLE001 - the template refused these messages (raise_exception in Jinja)
             raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
 
@@ -196,7 +222,7 @@ async def chat_completion(server: Server, req: ChatRequest, request: Request):
 
     Returns the `chat.completion` dict, or a StreamingResponse of `chat.completion.chunk` events. Raises ApiError:
     400 a field OpenAI does not define, bad tools, tool_choice "required"/named, bad messages or settings, prompt
-    too long; 404 unknown model; 503 engine closed; 500 a failed generation (non-streaming; a stream sends an error
+    too long, pictures that cannot be used (a text model, a bad data URL or fetch, over the size limit); 404 unknown model; 503 engine closed; 500 a failed generation (non-streaming; a stream sends an error
     event instead)."""
     from functools import partial
 
@@ -219,7 +245,7 @@ async def chat_completion(server: Server, req: ChatRequest, request: Request):
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
         kwargs.setdefault("enable_thinking", req.enable_thinking)
-    prompt = await server.prompt(messages, req.tools, kwargs)
+    prompt = await server.prompt(messages, req.tools, kwargs, await server.pictures(req))
     server.check_room(prompt, req, "messages")
     prompt.tools = bool(req.tools) and req.tool_choice != "none"
     handles = server.submit(prompt, cfg, adapter)
