@@ -88,12 +88,15 @@ def test_how_many_ms_swift_flags_are_not_supported_yet(capsys):
 
 def test_flags_the_issue_names():
     issue = {"galore_quantization": "Q-GaLore", "push_to_hub": "upload",
-             "vit_lr": "multimodal", "cached_dataset": "--dataset", "adapter_length": "--train_type lora",
+             "cached_dataset": "--dataset", "adapter_length": "--train_type lora",
              "experts_impl": "experts_implementation"}
     for flag, hint in issue.items():
         with pytest.raises(ArgError, match=NOT_YET) as e:
             parse_args("sft", [f"--{flag}", "1"])
         assert hint in str(e.value), (flag, str(e.value))
+    # issue #31's vision-language flags are real flags now (tests/train/test_vision_train.py shows each acting)
+    args = parse_args("sft", ["--vit_lr", "1e-5", "--freeze_vit", "false", "--max_pixels", "50176"])
+    assert (args.vit_lr, args.freeze_vit, args.max_pixels) == (1e-5, False, 50176)
     # issue #32's training knobs are real flags now (tests/train/test_knobs.py shows each acting)
     args = parse_args("sft", ["--use_galore", "true", "--lisa_activated_layers", "2", "--optimizer", "muon",
                               "--neftune_noise_alpha", "5", "--lorap_lr_ratio", "16", "--group_by_length", "true",

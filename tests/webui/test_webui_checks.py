@@ -121,7 +121,7 @@ def test_app_refuses_base_url_and_multimodal():
                         "--is_multimodal", "true"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": REPO})
     assert r.returncode == 2 and "--base_url http://x/v1: chatting with a server" in r.stderr
-    assert "multimodal models are not supported" in r.stderr
+    assert "the chat page takes text only" in r.stderr
     r = subprocess.run([sys.executable, "-m", "tunesmith", "app"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": REPO})
     assert r.returncode == 2 and "pass the model to chat with: --model" in r.stderr  # a flag problem: exit 2

@@ -498,9 +498,10 @@ VALUE_ALIASES = {
 
 # `tunesmith app`: ms-swift's app deploys a server and chats with it over HTTP; tunesmith's chat page runs the engine
 # in its own process, so the server's flags and the data flags change nothing there.
-COMPATIBILITY_ONLY["is_multimodal"] = ("multimodal models are not supported, so the chat page takes text only; true "
-                                       "is refused")
-NOT_SUPPORTED_VALUES[("is_multimodal", True)] = _MULTIMODAL
+_APP_TEXT_ONLY = ("the chat page takes text only: pictures are not supported on it yet; chat with pictures through "
+                  "`tunesmith infer` (interactive) or `tunesmith deploy` (docs/vision.md)")
+COMPATIBILITY_ONLY["is_multimodal"] = _APP_TEXT_ONLY + "; true is refused"
+NOT_SUPPORTED_VALUES[("is_multimodal", True)] = _APP_TEXT_ONLY
 COMPATIBILITY_ONLY_IN["app"] = {
     **dict.fromkeys(["host", "port", "served_model_name", "owned_by", "max_logprobs", "max_request_bytes",
                      "result_path"],

@@ -199,4 +199,4 @@ def image_tokens(model_dir: str, config, tokenizer, max_pixels: Optional[int] = 
         raise ConfigError(f"{model_dir}: the config names no image token the tokenizer has (image_token_id "
                           f"{token_id}); the checkpoint's tokenizer does not match its model")
     return ImageTokens(image_token=token, image_token_id=int(token_id), merge_size=merge,
-                       model_type=config.model_type, limits=limits, processor=processor)
+                       model_type=getattr(config, "model_type", "?"), limits=limits, processor=processor)
