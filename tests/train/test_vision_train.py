@@ -371,3 +371,74 @@ def test_encoding_decodes_no_picture(tiny_vl_models, tmp_path, monkeypatch):
     cfg, method = recipe.configure(parse_args("sft", ["--model", tiny_vl_models("qwen2_5_vl"), "--dataset", data]))
     rows = prepare_data(cfg.data, cfg.model, method).train_rows
     assert len(rows) == 12 and all(r.images for r in rows)
+
+
+EVEN_TOKENS = '''
+from swift.plugin import ORM, orms
+
+
+class EvenTokens(ORM):
+    def __call__(self, completions, response_token_ids=None, images=None, **kwargs):
+        assert images is not None and all(len(i) == 1 for i in images)  # the rows' pictures reach the rewards
+        return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in response_token_ids]
+
+
+orms["even_tokens"] = EvenTokens
+'''
+
+
+@pytest.mark.slow
+def test_grpo_with_image_prompts_raises_its_reward(tiny_vl_models, tmp_path, monkeypatch):
+    """GRPO on prompts with pictures: every completion is sampled with its prompt's pixels (the engine is given
+    them), no picture placeholder is ever sampled (one would break the next forward: 'Image features and image
+    tokens do not match'), the reward functions see the rows' `images`, and a reward the model can reach rises."""
+    from tunesmith.inference.engine import GenerationEngine
+
+    submitted = []
+    real_submit = GenerationEngine.submit
+
+    def spy(self, prompt_ids, params, adapter=None, loop=None, images=None):
+        submitted.append(images is not None and images["pixel_values"].shape[0] > 0)
+        return real_submit(self, prompt_ids, params, adapter, loop, images)
+
+    monkeypatch.setattr(GenerationEngine, "submit", spy)
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    rows = [{"messages": [r["messages"][0]], "solution": r["messages"][1]["content"], "images": r["images"]}
+            for r in colour_rows(tmp_path / "pics", 16)]
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(EVEN_TOKENS)
+    res = train("rlhf", "--rlhf_type", "grpo", "--model", model_dir, "--dataset", write_jsonl(tmp_path / "p.jsonl", rows),
+                "--external_plugins", plugin, "--reward_funcs", "even_tokens", "--num_generations", "8",
+                "--per_device_train_batch_size", "32", "--max_completion_length", "12", "--train_type", "full",
+                "--learning_rate", "5e-3", "--max_steps", "40", "--logging_steps", "1", "--save_strategy", "no",
+                "--report_to", "none", "--output_dir", tmp_path / "out", "--log_completions", "true")
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r]
+    first = sum(r["reward"] for r in log[:5]) / 5
+    last = sum(r["reward"] for r in log[-5:]) / 5
+    assert last > first + 0.12, (first, last)  # measured: 0.50 -> 0.68
+    assert submitted and all(submitted)
+
+
+def test_the_engine_never_samples_a_picture_placeholder(tiny_vl_models):
+    """Even a model whose most likely next token is `<|image_pad|>` never generates it (greedy, sampled, beam):
+    a placeholder without a picture breaks the next turn and GRPO's training forward."""
+    from tunesmith.inference.engine import GenerationEngine, SamplingParams
+
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    tok, spec = _spec(model_dir)
+    model = _model(model_dir)
+    ids = tok("hello there", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # the placeholder's output row: ten times the winning token's, so it wins instead
+        best = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        model.lm_head.weight[spec.image_token_id] = 10 * model.lm_head.weight[best]
+        plain = model(torch.tensor([ids])).logits[0, -1]
+    assert int(plain.argmax()) == spec.image_token_id  # what an unguarded sampler would pick
+    engine = GenerationEngine(model, tok, stop_ids={tok.eos_token_id})
+    try:
+        for params in (SamplingParams(max_new_tokens=6, temperature=0.0),
+                       SamplingParams(max_new_tokens=6, temperature=1.0, seed=3),
+                       SamplingParams(max_new_tokens=6, num_beams=2)):
+            out = engine.generate([ids], params)[0].token_ids
+            assert out and spec.image_token_id not in out, params
+    finally:
+        engine.close()

@@ -126,6 +126,7 @@ def _prompts(data, model, method, model_dir: str, tok, encoder, max_length) -> P
         prompts, val = split_train_val(prompts, data.split_dataset_ratio, data.data_seed)
         # written into the run as val_dataset.jsonl, as for the other methods: rows that read back as these prompts
         split = LoadResult([{"messages": r["messages"], **({"tools": r["tools"]} if r.get("tools") else {}),
+                             **({"images": r["images"]} if r.get("images") else {}),
                              **r["columns"]} for r in val.records], [])
     stats = {"train_rows": len(prompts.records), "val_rows": len(val.records), "dropped_bad": prompts.dropped,
              "max_length": max_length}

@@ -148,12 +148,13 @@ class ChatEngine:
         self.engine.close()
 
     def prompt(self, messages: list[dict], tools=None, template_kwargs: Optional[dict] = None,
-               images: Optional[list] = None) -> Prompt:
+               images: Optional[list] = None, pixels: bool = True) -> Prompt:
         """Render messages (OpenAI shape: tool_calls, tool messages, reasoning_content) with the generation prompt.
         Raises PromptTooLong when no room is left under the model's limit.
 
         template_kwargs override the engine's (--enable_thinking). images: the pictures of the messages' `<image>`
-        tags, in order (references: a path, a data: URL, an http(s) URL), decoded here into `Prompt.pixels`.
+        tags, in order (references: a path, a data: URL, an http(s) URL), decoded here into `Prompt.pixels` (pixels
+        False: only counted from their headers, `Prompt.pixels` None — GRPO decodes them when it samples).
         Returns a Prompt with ids [T]; `in_think` when the rendering ends in `<think>`. Raises ImageInputError for
         pictures given to a model that takes none, pictures that cannot be read, or tags that do not match the
         pictures (a vision-language model's text holding `<|image_pad|>` without a picture included). The
@@ -173,24 +174,24 @@ class ChatEngine:
             raise PromptTooLong(f"the prompt has {len(text)} characters, more than {self.max_model_len} tokens "
                                 f"(the model's limit) can hold")
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        pixels = None
+        decoded = None
         if self.images is not None and (images or self.images.image_token_id in ids):
-            ids, pixels = self._with_pictures(ids, images)
+            ids, decoded = self._with_pictures(ids, images, pixels)
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens; the model's limit is {self.max_model_len}")
-        return Prompt(ids, text.rstrip().endswith("<think>"), bool(tools), pixels)
+        return Prompt(ids, text.rstrip().endswith("<think>"), bool(tools), decoded)
 
-    def _with_pictures(self, ids: list, images: list) -> tuple[list, Optional[dict]]:
+    def _with_pictures(self, ids: list, images: list, pixels: bool = True) -> tuple[list, Optional[dict]]:
         """(ids [T'] with each image placeholder repeated once per image token of its picture, the pictures' pixel
-        inputs or None when there are none). Raises ImageInputError (one line) for placeholders that do not match
-        the pictures or a picture that cannot be read."""
+        inputs or None when there are none or `pixels` is False). Raises ImageInputError (one line) for
+        placeholders that do not match the pictures or a picture that cannot be read."""
         from tunesmith.data.images import ImageError
         from tunesmith.data.vision import expand_images, pixel_inputs
         from tunesmith.errors import DataError
 
         try:
             ids, _, _ = expand_images(ids, [-100] * len(ids), images, self.images)
-            return ids, pixel_inputs([images], self.images) or None
+            return ids, (pixel_inputs([images], self.images) or None) if pixels else None
         except DataError as e:
             raise ImageInputError(f"{e.problem} Fix: {e.fix}" if e.fix else e.problem) from None
         except ImageError as e:

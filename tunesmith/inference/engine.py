@@ -210,6 +210,7 @@ class GenerationEngine:
         # real vocabulary (151,936) is most of a decoding step's memory traffic.
         self._head = chunked_head(model)
         self._cache_kw = _cache_keyword(model)
+        self._banned = _placeholder_ids(model)  # a vision-language model never samples a picture's placeholder
         self._vision = _vision_of(model)  # a vision-language model's image token and M-RoPE function, else None
         self._held: Optional[list] = None  # (handle, Completion) ended during the step in progress
 
@@ -414,6 +415,8 @@ class GenerationEngine:
             kw["repetition_penalty"] = p.repetition_penalty
         if p.stop:
             kw.update(stop_strings=list(p.stop), tokenizer=self.tok)
+        if self._banned:  # as the engine's own steps: no picture placeholder is ever generated
+            kw["suppress_tokens"] = list(self._banned)
         if handle.images:  # generate builds the M-RoPE positions itself from mm_token_type_ids
             kw.update({k: v.to(self.device) for k, v in handle.images.items()},
                       mm_token_type_ids=(ids == self._vision.image_token_id).int())
@@ -439,10 +442,10 @@ class GenerationEngine:
             decoder, _ = self._head
             out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                           **{self._cache_kw: cache}, **(vision or {}))
-            return _Last(hidden=out.last_hidden_state[:, -1])
+            return _Last(hidden=out.last_hidden_state[:, -1], banned=self._banned)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                          **{self._cache_kw: cache}, **(vision or {}), **adapters)
-        return _Last(logits=out.logits[:, -1].float())
+        return _Last(logits=out.logits[:, -1].float(), banned=self._banned)
 
     def _choose(self, rows: list[_Row], last: "_Last") -> list[_Row]:
         """Pick each row's next token from the last position's output; push it; return the rows that are done."""
@@ -531,8 +534,10 @@ class _Last:
 
     CHUNK = 16384  # vocabulary rows per product: [B x 16,384] floats stay in cache for the arg-max
 
-    def __init__(self, logits=None, hidden=None):
-        self.logits, self.hidden = logits, hidden
+    def __init__(self, logits=None, hidden=None, banned: tuple = ()):
+        self.logits, self.hidden, self.banned = logits, hidden, banned
+        if logits is not None and banned:
+            self.logits[:, list(banned)] = float("-inf")
 
     def argmax(self, rows: list[int], head):
         """Greedy tokens [len(rows)] (int64); ties go to the lowest id, as torch.argmax does.
@@ -548,7 +553,11 @@ class _Last:
         h = self.hidden[rows].to(weight.dtype)
         best_val = best_idx = None
         for start in range(0, weight.shape[0], self.CHUNK):
-            vals, idx = (h @ weight[start:start + self.CHUNK].T).float().max(-1)
+            scores = (h @ weight[start:start + self.CHUNK].T).float()
+            inside = [t - start for t in self.banned if start <= t < start + self.CHUNK]
+            if inside:
+                scores[:, inside] = float("-inf")
+            vals, idx = scores.max(-1)
             idx = idx + start
             if best_val is None:
                 best_val, best_idx = vals, idx
@@ -562,7 +571,10 @@ class _Last:
         if self.logits is not None:
             return self.logits[rows]
         weight = head[1]
-        return (self.hidden[rows].to(weight.dtype) @ weight.T).float()
+        logits = (self.hidden[rows].to(weight.dtype) @ weight.T).float()
+        if self.banned:
+            logits[:, list(self.banned)] = float("-inf")
+        return logits
 
 
 class _Batch:
@@ -695,6 +707,19 @@ def _check_images(vision: Optional[_Vision], prompt_ids: list, images: Optional[
                          f"{0 if not images else len(images['image_grid_thw'])} picture(s) make {tokens}: each "
                          f"picture's placeholder must be repeated once per image token "
                          f"(tunesmith.data.vision.expand_images), and a text prompt may not hold any")
+
+
+def _placeholder_ids(model) -> tuple:
+    """The token ids a vision-language model's pictures are written with (image and video placeholders): never
+    sampled — a generated one would be a placeholder without a picture in the next prompt or training batch, which the
+    model refuses ("Image features and image tokens do not match"). () for a text model."""
+    from tunesmith.models.load import unwrap_model
+
+    config = getattr(unwrap_model(model), "config", None)
+    if getattr(config, "vision_config", None) is None:
+        return ()
+    return tuple(int(t) for t in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+                 if t is not None)
 
 
 def _cache_keyword(model) -> str:

@@ -56,6 +56,8 @@ def prompt_record(rec: dict, src: tuple) -> list[dict]:
     out = {"messages": messages, "columns": columns}
     if rec.get("tools"):
         out["tools"] = rec["tools"]
+    if rec.get("images"):  # the prompt's pictures (a vision-language model samples with them)
+        out["images"] = rec["images"]
     return [out]
 
 
@@ -284,7 +286,8 @@ class GRPO:
         from tunesmith.train.rl.rollouts import Rollouts, ValidationRollouts, grpo_collate
 
         disable_dropout(model, has_reference=self.needs_reference)
-        rollouts = Rollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, cfg, prepared.model_dir)
+        rollouts = Rollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, cfg, prepared.model_dir,
+                            images=prepared.encoder.images)
         val = ValidationRollouts(rollouts, prepared.eval_rows) if prepared.eval_rows else []
         return Batches(rollouts, val, partial(grpo_collate, pad_id=_pad_id(prepared.tokenizer)), reference,
                        on_run_dir=rollouts.log_to, hooks=(rollouts,))

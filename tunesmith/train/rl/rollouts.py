@@ -13,6 +13,7 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 from typing import Iterator, Optional
 
@@ -34,6 +35,7 @@ class Unit:
     old_logps: Optional[list] = None
     ref_logps: Optional[list] = None
     stats: dict = field(default_factory=dict)
+    images: Optional[list] = None       # the prompt's pictures (references), for a vision-language policy
 
 
 def grpo_collate(units: list[Unit], pad_id: int) -> dict:
@@ -58,6 +60,8 @@ def grpo_collate(units: list[Unit], pad_id: int) -> dict:
             cmask[i, :m] = 1
     batch = {"input_ids": ids, "attention_mask": att, "labels": labels, "completion_mask": cmask,
              "advantages": torch.tensor([u.advantage for u in units]), "n_completions": len(units)}
+    if any(u.images for u in units):  # data.vision.WithPixels turns them into the vision tower's inputs
+        batch["images"] = [u.images for u in units]
     for key in ("old_logps", "ref_logps"):
         if units[0].__dict__[key] is not None:
             batch[key] = torch.zeros(len(units), c)
@@ -130,11 +134,16 @@ class Rollouts:
     sampled with its own seed (from --seed, the epoch, r, j and k), so a round depends only on the weights it
     starts from."""
 
-    def __init__(self, method, prompts, model, tokenizer, reference, cfg, model_dir: Optional[str] = None):
+    def __init__(self, method, prompts, model, tokenizer, reference, cfg, model_dir: Optional[str] = None,
+                 images=None):
         from tunesmith.train.rl.rewards import load_reward_functions
         from tunesmith.train.methods.rm import reward_model_functions
 
         self.method, self.prompts, self.model, self.tok, self.reference = method, prompts, model, tokenizer, reference
+        self.images = images  # a vision-language policy's ImageTokens (tunesmith.data.vision), else None
+        if images is not None and method.use_vllm:
+            raise ConfigError("--use_vllm with a vision-language model: pictures through vLLM rollouts are not "
+                              "supported yet; leave --use_vllm false (tunesmith's engine samples with the pictures)")
         self.bs, gas = cfg.optim.per_device_train_batch_size, cfg.optim.gradient_accumulation_steps
         self.steps = method.steps_per_generation or gas
         global_batch = self.bs * cfg.world_size  # completions per micro-batch, all processes
@@ -173,7 +182,7 @@ class Rollouts:
 
         if self.vllm is None:
             return ChatEngine(self.model, self.tok, system=cfg.data.system, max_batch_size=self.round_size,
-                              max_model_len=self.context)
+                              max_model_len=self.context, images=self.images)
         return self.vllm.chat(self.tok, cfg, self.context)
 
     def fitted(self, prompts: list[dict], what: str) -> list[dict]:
@@ -184,8 +193,8 @@ class Rollouts:
 
         out, dropped = [], 0
         for rec in prompts:
-            try:
-                ids = self.chat.prompt(rec["messages"], rec.get("tools")).ids
+            try:  # pictures are counted from their headers here, decoded when the prompt is sampled
+                ids = self.chat.prompt(rec["messages"], rec.get("tools"), images=rec.get("images"), pixels=False).ids
             except PromptTooLong:  # longer than the whole context: no cut leaves room
                 ids = None
             if ids is None or (self.max_prompt and len(ids) > self.max_prompt):
@@ -381,7 +390,7 @@ class Rollouts:
             return []
         m = self.method
         ids = {j: prompts[j]["prompt_ids"] for j in which}
-        completions = self._generate(ids, seed, r)
+        completions = self._generate(ids, seed, r, {j: prompts[j].get("images") for j in which})
         texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
         owners = [j for j in which for _ in range(m.num_generations)]
         per_func = self._score([prompts[j] for j in which], texts, completions)
@@ -396,17 +405,19 @@ class Rollouts:
                     stats[f"rewards/{fn.name}/sq"] = v * v
                     stats[f"rewards/{fn.name}/count"] = 1
             units.append(Unit(ids[owners[i]], list(c.token_ids), 0.0, not (m.overlong_filter and truncated),
-                              stats=stats))
+                              stats=stats, images=prompts[owners[i]].get("images")))
         self._add_logps(units)
         g = m.num_generations
         return [(j, units[k * g:(k + 1) * g], per_func[k * g:(k + 1) * g], texts[k * g:(k + 1) * g])
                 for k, j in enumerate(which)]
 
-    def _generate(self, ids: dict, seed: int, r: int) -> list:
+    def _generate(self, ids: dict, seed: int, r: int, images: Optional[dict] = None) -> list:
         """G completions of each prompt ({j: token ids}, j its place in the round), all submitted at once (the
         engine batches them), each with its own seed: the same completions whichever process generates them (the
         engine's draws are keyed by a row's seed and token index, not by its place in the batch:
-        inference/sampling.py). The policy is in eval mode for the round (dropout is off anyway)."""
+        inference/sampling.py). The policy is in eval mode for the round (dropout is off anyway). images: {j: the
+        prompt's pictures} of a vision-language policy, decoded here once per prompt for its G completions."""
+        from tunesmith.data.vision import pixel_inputs
         from tunesmith.inference.chat import GenConfig
 
         m, g = self.method, self.method.num_generations
@@ -420,7 +431,10 @@ class Rollouts:
                 base = (seed * 1_000_003 + r * 65_537 + j * g) % (2 ** 31)
                 cfg = GenConfig(max_new_tokens=m.max_completion_length, temperature=m.temperature, top_p=m.top_p,
                                 top_k=m.top_k, repetition_penalty=m.repetition_penalty, seed=base)
-                handles += [self.chat.engine.submit(prompt, self.chat.sampling(cfg, k), adapter) for k in range(g)]
+                refs = (images or {}).get(j)
+                pixels = pixel_inputs([refs], self.images) if refs else None
+                handles += [self.chat.engine.submit(prompt, self.chat.sampling(cfg, k), adapter, images=pixels)
+                            for k in range(g)]
             out = [h.result() for h in handles]
         finally:
             if training:
@@ -444,6 +458,8 @@ class Rollouts:
         columns = {k: [p.get("columns", {}).get(k) for p in rep] for k in names}
         if any(p.get("tools") for p in rep):
             columns.setdefault("tools", [p.get("tools") for p in rep])
+        if any(p.get("images") for p in rep):  # ms-swift hands reward functions the rows' `images` too
+            columns.setdefault("images", [p.get("images") for p in rep])
         messages = [p["messages"] + [{"role": "assistant", "content": t}] for p, t in zip(rep, texts)]
         # what ms-swift hands rewards as trainer_state (transformers' TrainerState): attributes, optimiser steps
         state = SimpleNamespace(global_step=self.rounds_done * self.steps * m.num_iterations // self.gas,
@@ -484,6 +500,8 @@ class Rollouts:
         on) and the reference's (β > 0), in micro-batches, without gradient."""
         import torch
 
+        from tunesmith.data.vision import with_pixels
+
         m = self.method
         need_old = self.need_old and self.training  # validation trains nothing: its ratio is 1
         need_ref = self.reference is not None and m.beta != 0
@@ -492,9 +510,10 @@ class Rollouts:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         device = next(self.model.parameters()).device
         with torch.no_grad():
+            collate = with_pixels(partial(grpo_collate, pad_id=pad), self.images)
             for s in range(0, len(units), self.bs):
                 part = units[s:s + self.bs]
-                batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in grpo_collate(part, pad).items()}
+                batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(part).items()}
                 t = m.temperature
                 old = completion_logps(self.model, batch, t).float().cpu() if need_old else None
                 ref = self.reference.token_logps(self.model, batch, lambda mod, b: completion_logps(mod, b, t))\
