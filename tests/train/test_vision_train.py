@@ -442,3 +442,42 @@ def test_the_engine_never_samples_a_picture_placeholder(tiny_vl_models):
             assert out and spec.image_token_id not in out, params
     finally:
         engine.close()
+
+
+def _processor_class_or_reason(model_dir):
+    """transformers' own processor for the model, or why it cannot be built here (its video processor imports
+    torchvision, whose default wheels are CUDA builds that do not load against a CPU-only torch)."""
+    try:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(model_dir), None
+    except Exception as e:  # noqa: BLE001 - any failure to build it is the reason to skip
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return None, f"{type(e).__name__}: {(lines or ['(no message)'])[0][:160]}"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_expansion_and_pixels_equal_the_processor_where_torchvision_loads(tiny_vl_models, tmp_path, family):
+    """Where transformers' processor class can be built (torchvision loads), its input_ids, pixel_values and
+    image_grid_thw for a rendered prompt equal tunesmith's (image processor + placeholder expansion)."""
+    from tunesmith.data.encode import ChatEncoder
+    from tunesmith.data.vision import pixel_inputs
+
+    model_dir = tiny_vl_models(family)
+    processor, reason = _processor_class_or_reason(model_dir)
+    if processor is None:
+        pytest.skip(f"the processor class needs torchvision, which does not load here ({reason})")
+    tok, spec = _spec(model_dir)
+    pics = [r["images"][0] for r in colour_rows(tmp_path, 2, sizes=((112, 84), (56, 112)))]
+    record = {"messages": [{"role": "user", "content": "<image> and <image>?"},
+                           {"role": "assistant", "content": "two"}], "images": pics}
+    ours = ChatEncoder(tok, images=spec).encode(record)
+    from PIL import Image
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " and "},
+                                                                 {"type": "image"}, {"type": "text", "text": "?"}]},
+                                    {"role": "assistant", "content": "two"}], tokenize=False)
+    theirs = processor(text=[text], images=[Image.open(p).convert("RGB") for p in pics], return_tensors="pt")
+    assert theirs["input_ids"][0].tolist() == ours.input_ids
+    mine = pixel_inputs([pics], spec)
+    assert torch.equal(theirs["image_grid_thw"], mine["image_grid_thw"])
+    assert torch.allclose(theirs["pixel_values"].float(), mine["pixel_values"], atol=1e-5)
