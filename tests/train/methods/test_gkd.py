@@ -156,7 +156,7 @@ def test_the_nll_term_and_a_trained_output_layer_have_autograds_gradients():
 def test_a_micro_batchs_loss_equals_trls_gkd_loss_on_the_same_batch_and_teacher(setup, train_type):
     """The method's loss on a collated batch of encoded rows (dataset replies) against TRL's compute_loss: both
     models' full logits, shifted, generalized_jsd_loss over the reply tokens; the loss and the student's gradient
-    agree (1e-5)."""
+    agree (1e-5). Ours never runs either model's output layer over the sequence ([tokens × vocabulary])."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.data.encode import ChatEncoder
@@ -176,7 +176,12 @@ def test_a_micro_batchs_loss_equals_trls_gkd_loss_on_the_same_batch_and_teacher(
     batch = gkd_collate(rows, tok.pad_token_id)
     method = GKD(beta=0.5, lmbda=0.0, temperature=0.7, max_completion_length=8)
     run = Distillation(Reference("model", "teacher", model=teacher), SimpleNamespace(on_policy=lambda: False))
+    called = []
+    hooks = [m.get_output_embeddings().register_forward_hook(lambda *a: called.append(1)) for m in (student, teacher)]
     parts, stats = gkd_loss(method, run, student, batch)
+    for h in hooks:
+        h.remove()
+    assert called == []  # neither output layer ran on the whole sequence: only chunks of the reply positions
     ours = parts["micro_batches"]
     out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     with torch.no_grad():
