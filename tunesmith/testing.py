@@ -2,7 +2,7 @@
 Their tokenizers and chat templates are tunesmith.data.tiny_tokenizer's.
 
 Usage: ``python -m tunesmith.testing OUT_DIR [--family qwen2|qwen3|llama|gpt_oss|qwen2_5_vl|...] [--hidden 64]
-[--layers 2] [--colour_rows FILE]``.
+[--layers 2] [--seed 0] [--colour_rows FILE]``.
 """
 from __future__ import annotations
 
@@ -167,6 +167,8 @@ def main(argv=None):
     p.add_argument("--intermediate", type=int, default=None)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--model_vocab", type=int, default=None, help="embedding rows (>= the tokenizer's)")
+    p.add_argument("--seed", type=int, default=0, help="the random weights' seed (another seed: another model with "
+                                                       "the same tokenizer, e.g. a GKD teacher)")
     p.add_argument("--colour_rows", default=None, metavar="FILE",
                    help="also write a demo image dataset (rows with pictures) to this JSON-lines file")
     p.add_argument("--official_template", action="store_true",
@@ -177,7 +179,7 @@ def main(argv=None):
     if a.family in VL_FAMILIES:
         print(build_vl_model(a.out_dir, a.family, a.hidden, a.layers, a.heads, a.vocab))
         return
-    path = build_model(a.out_dir, a.family, a.hidden, a.layers, a.heads, a.intermediate, a.vocab,
+    path = build_model(a.out_dir, a.family, a.hidden, a.layers, a.heads, a.intermediate, a.vocab, seed=a.seed,
                        model_vocab=a.model_vocab, official_template=a.official_template)
     print(path)
 

@@ -231,10 +231,12 @@ class DistArgs:
 class RLHFArgs:
     """Preference training (`tunesmith rlhf`): the method, its loss variants and weights, the reference model."""
     rlhf_type: str = _f("dpo", help="Method: dpo (with --loss_type variants), simpo, orpo, cpo, kto, grpo "
-                                    "(reinforcement learning with reward functions) or rm (a reward model).",
-                        choices=("dpo", "simpo", "orpo", "cpo", "kto", "grpo", "rm"))
+                                    "(reinforcement learning with reward functions), gkd (on-policy distillation "
+                                    "from a teacher) or rm (a reward model).",
+                        choices=("dpo", "simpo", "orpo", "cpo", "kto", "grpo", "gkd", "rm"))
     beta: Optional[float] = _f(help="Default 0.1 (SimPO 2.0; GRPO 0.04, ms-swift's default — TRL's is 0: "
-                                    "the weight of the k3 KL to the reference, none at 0).")
+                                    "the weight of the k3 KL to the reference, none at 0; GKD 0.5: the generalised "
+                                    "JSD's interpolation, 0 forward KL(teacher ‖ student), 1 reverse KL).")
     loss_type: List[str] = _f(help="DPO loss variant(s): sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, "
                                    "sppo_hard, apo_zero, apo_down, discopop, sft; several with --loss_weights. "
                                    "CPO/SimPO: one of sigmoid, hinge, ipo, simpo.",
@@ -275,8 +277,9 @@ class RLHFArgs:
 class GRPOArgs:
     """GRPO (`--rlhf_type grpo`): ms-swift's flags and defaults; where TRL's defaults differ, the help says so."""
     num_generations: int = _f(8, help="GRPO: completions sampled per prompt (G, the group).")
-    max_completion_length: int = _f(512, help="GRPO: most tokens generated per completion.")
-    temperature: float = _f(0.9, help="GRPO: sampling temperature of the rollouts (ms-swift 0.9; TRL 1.0).")
+    max_completion_length: int = _f(512, help="GRPO and GKD: most tokens generated per completion.")
+    temperature: float = _f(0.9, help="GRPO: sampling temperature of the rollouts (ms-swift 0.9; TRL 1.0). GKD: "
+                                      "of the student's samples and of both distributions in the divergence.")
     epsilon: float = _f(0.2, help="GRPO: clipping range of the importance ratio, [1 - epsilon, 1 + epsilon_high].")
     epsilon_high: Optional[float] = _f(help="GRPO: upper clipping range (DAPO's clip-higher); default --epsilon.")
     delta: Optional[float] = _f(help="GRPO: upper bound of the unclipped ratio (two-sided clipping, "
@@ -349,6 +352,34 @@ class GRPOArgs:
     num_infer_workers: int = _f(1, help="ms-swift 3.x: vLLM rollout workers per node (only 1 is supported).")
     move_model_batches: Optional[int] = _f(help="ms-swift: batches of weights moved into vLLM per sync. "
                                                 "Compatibility only (see the table at the end).")
+
+
+@dataclass(frozen=True)
+class GKDArgs:
+    """GKD (`--rlhf_type gkd`, Agarwal et al. 2024): on-policy distillation from a teacher, ms-swift's flags and
+    defaults (its --beta 0.5, --temperature 0.9 and --max_completion_length 512 are the shared rlhf flags)."""
+    lmbda: float = _f(0.5, help="GKD: the share (0-1) of optimiser steps trained on the student's own "
+                                "completions of the batch's prompts (on-policy); the others train on the "
+                                "dataset's replies. Drawn per step from --seed and the step, as ms-swift.")
+    seq_kd: bool = _f(False, help="GKD: sequential KD (the teacher generates the replies). Deprecated and not "
+                                  "implemented in ms-swift either: true is refused.", choices=(False,))
+    sft_alpha: float = _f(0.0, help="GKD: adds sft_alpha x the NLL of the dataset's reply tokens (the steps not "
+                                    "on-policy), ms-swift's gkd_loss + sft_alpha * sft_loss.")
+    teacher_model: Optional[str] = _f(help="GKD: the teacher, a local folder or hub id with the student's "
+                                           "tokenizer (loaded frozen, with the student's --torch_dtype and "
+                                           "quantisation). The same as --model with LoRA: the model with the "
+                                           "adapter switched off (no copy). None: ms-swift's self-distillation, "
+                                           "the student as it is now.")
+    teacher_adapters: List[str] = _f(help="GKD: LoRA adapters merged into --teacher_model (e.g. an SFT "
+                                          "checkpoint of it).", list_default=[])
+    teacher_model_type: Optional[str] = _f(help="ms-swift's model type of --teacher_model. Compatibility only (see "
+                                                "the table at the end).")
+    teacher_model_revision: Optional[str] = _f(help="GKD: the hub revision of --teacher_model.")
+    offload_teacher_model: bool = _f(False, help="GKD: keep the teacher in CPU memory and move it to the GPU only "
+                                                 "for its forward passes (less GPU memory, slower).")
+    gkd_logits_topk: Optional[int] = _f(help="GKD: the divergence over the teacher's k most likely tokens only "
+                                             "(both distributions renormalised over them); default the whole "
+                                             "vocabulary.")
 
 
 @dataclass(frozen=True)

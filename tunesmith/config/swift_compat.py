@@ -149,9 +149,8 @@ def _same(reason: str, *names: str) -> dict:
 
 _GRPO = ("that GRPO option is not implemented yet; tunesmith's GRPO (--rlhf_type grpo) has the flags tunesmith "
          "rlhf --help lists")
-_PPO = ("PPO (--rlhf_type ppo) is not planned yet; tunesmith rlhf trains dpo, simpo, orpo, cpo, kto and grpo "
-        "(reinforcement learning with reward functions)")
-_GKD = "GKD distillation (--rlhf_type gkd) is not implemented; tunesmith rlhf trains dpo, simpo, orpo, cpo and kto"
+_PPO = ("PPO (--rlhf_type ppo) is not planned yet; tunesmith rlhf trains dpo, simpo, orpo, cpo, kto, grpo "
+        "(reinforcement learning with reward functions) and gkd (on-policy distillation)")
 _ADAPTER = ("ms-swift's Adapter tuner (its own bottleneck layers) is not supported yet: no maintained library for it "
             "installs beside transformers 5 (AdapterHub's adapters 1.3 pins transformers ~=4.57); use --train_type "
             "lora, or another peft tuner (docs/tuners.md)")
@@ -306,9 +305,13 @@ NOT_SUPPORTED_YET = {
     **_same("GRPO's --reward_model takes a local checkpoint (a --rlhf_type rm checkpoint, adapter or full); its "
             "revision, type, separate adapters and template options are not supported yet",
             "reward_model_revision", "reward_model_type", "reward_adapters", "reward_template"),
-    **_same(_GKD, "gkd_logits_topk", "lmbda", "seq_kd", "sft_alpha", "teacher_adapters", "teacher_deepspeed",
-            "teacher_model", "teacher_model_revision", "teacher_model_server", "teacher_model_type",
-            "offload_teacher_model"),
+    # GKD (--rlhf_type gkd) has the rest of ms-swift's teacher flags
+    "teacher_model_server": "a GKD teacher behind a server (its top-k log-probs fetched over HTTP) is not supported "
+                            "yet; load it with --teacher_model PATH (--offload_teacher_model true keeps it in CPU "
+                            "memory between its forward passes)",
+    "teacher_deepspeed": "a DeepSpeed config of the GKD teacher's own is not supported yet: the teacher is loaded "
+                         "whole on every process, outside DeepSpeed; --offload_teacher_model true keeps it in CPU "
+                         "memory between its forward passes",
 }
 
 # Names that are real flags of some tunesmith commands but that ms-swift also has in commands where tunesmith does
@@ -415,6 +418,9 @@ COMPATIBILITY_ONLY = {
     "generation_num_beams": "training never generates (--predict_with_generate is not supported)",
     "to_peft_format": "ms-swift itself keeps it for compatibility only; it changes nothing there either",
     "ref_model_type": "the reference model's architecture is read from its config.json",
+    "teacher_model_type": "the GKD teacher's architecture is read from its config.json",
+    "seq_kd": "GKD trains on the dataset's replies or the student's own (--lmbda), as ms-swift; true (the teacher "
+              "generates) is deprecated in ms-swift and refused",
     "galore_optim_per_parameter": "tunesmith's one GaLoreAdamW already keeps each parameter's state and projection "
                                   "apart, so every parameter gets the update its own optimiser would give; layer-wise "
                                   "steps during the backward pass (true) are refused",
@@ -470,7 +476,10 @@ COMPATIBILITY_ONLY_IN = {
 
 # ms-swift values that tunesmith does not implement: the error says so instead of only listing the choices.
 NOT_SUPPORTED_VALUES = {
-    **{("rlhf_type", t): f"ms-swift's {t} is not supported by tunesmith yet" for t in ("ppo", "gkd")},
+    ("rlhf_type", "ppo"): "ms-swift's ppo is not supported by tunesmith yet",
+    ("seq_kd", True): "sequential KD (the teacher generates the replies) is deprecated in ms-swift and not "
+                      "implemented there either (it raises NotImplementedError); drop the flag: --lmbda sets the "
+                      "share of steps on the student's own completions",
     ("train_type", "longlora"): _LONGLORA, ("train_type", "adapter"): _ADAPTER, ("train_type", "reft"): _REFT,
     **{("quant_method", q): f"QLoRA trains on a bnb-quantised base; {q} is not supported for training"
        for q in ("hqq", "eetq", "quanto")},

@@ -30,7 +30,8 @@ CHARTS = [
     ("nll / preference loss", ("nll_loss", "pref_loss")),
     ("KL estimate", ("kl",)),
     ("reward (GRPO)", ("reward", "reward_std", "eval_reward")),
-    ("completion length (GRPO)", ("completions/mean_length", "eval_completions/mean_length")),
+    ("divergence to the teacher (GKD)", ("jsd", "eval_jsd", "sft_loss")),
+    ("completion length (GRPO, GKD)", ("completions/mean_length", "eval_completions/mean_length")),
     ("entropy (GRPO)", ("entropy/mean", "entropy/threshold")),
     ("clip ratio (GRPO)", ("clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean")),
     ("tokens per second", ("tokens_per_second",)),
@@ -199,8 +200,9 @@ COMPLETIONS_SHOWN = 24
 
 
 def _completions_table(r: Run) -> str:
-    """GRPO --log_completions: the last COMPLETIONS_SHOWN rollouts of completions.jsonl (prompt, completion, each
-    reward, advantage); "" when the run logged none."""
+    """--log_completions: the last COMPLETIONS_SHOWN rollouts of completions.jsonl — GRPO's (prompt, completion,
+    each reward, advantage) or GKD's on-policy samples (step, the end of the rendered prompt, completion); "" when
+    the run logged none."""
     path = os.path.join(r.path, "completions.jsonl")
     if not os.path.isfile(path):
         return ""
@@ -208,10 +210,13 @@ def _completions_table(r: Run) -> str:
 
     with open(path, encoding="utf-8") as fh:
         last = [json.loads(line) for line in deque(fh, maxlen=COMPLETIONS_SHOWN) if line.strip()]
+    title = f"<h2>Last {len(last)} rollouts ({html.escape(r.name)}; all in {html.escape(path)})</h2>"
+    if last and isinstance(last[0].get("prompt"), str):  # GKD: the prompt as rendered, its end shown
+        rows = [[c.get("step"), c["prompt"][-200:], c.get("completion", "")] for c in last]
+        return title + _table(rows, ["step", "prompt (its end)", "completion"])
     rows = [[c.get("round"), (c.get("prompt") or [{}])[-1].get("content", ""), c.get("completion", ""),
              json.dumps(c.get("rewards", {}), ensure_ascii=False), c.get("reward"), c.get("advantage")] for c in last]
-    return (f"<h2>Last {len(rows)} rollouts ({html.escape(r.name)}; all in {html.escape(path)})</h2>"
-            + _table(rows, ["round", "prompt (last message)", "completion", "rewards", "reward", "advantage"]))
+    return title + _table(rows, ["round", "prompt (last message)", "completion", "rewards", "reward", "advantage"])
 
 
 def write_run_report(run_dir: str) -> str:

@@ -439,6 +439,8 @@ def check(args, method_cls):
                      f"--streaming")
     if isinstance(args, RLHFArguments) and args.sync_ref_model:
         _sync_ref_problems(args, method, found)
+    if isinstance(args, RLHFArguments) and args.rlhf_type != "gkd":
+        _teacher_flag_problems(args, found)
     adapter_off = getattr(method, "needs_reference", False) and args.train_type == "lora" and \
         not (args.adapters or args.ref_adapters)  # the reference is the model with the adapter switched off
     if adapter_off and str(args.init_weights).lower().startswith(MUTATING_INITS):
@@ -468,6 +470,21 @@ def _sync_ref_problems(args, method, found: list) -> None:
     if _zero3(args.deepspeed):
         found.append("--sync_ref_model under DeepSpeed ZeRO-3 is not supported yet (the policy's weights are "
                      "partitioned); use zero2 or DDP")
+
+
+def _teacher_flag_problems(args, found: list) -> None:
+    """GKD's flags given to another method: a teacher for GRPO (ms-swift's OPD-RL) is not supported yet; for the
+    others they change nothing (ms-swift ignores them there too, with a warning)."""
+    given = [f"--{k}" for k, v in (("teacher_model", args.teacher_model), ("teacher_adapters", args.teacher_adapters),
+                                   ("teacher_model_revision", args.teacher_model_revision),
+                                   ("offload_teacher_model", args.offload_teacher_model),
+                                   ("gkd_logits_topk", args.gkd_logits_topk), ("sft_alpha", args.sft_alpha),
+                                   ("lmbda", args.lmbda != 0.5)) if v]
+    if args.rlhf_type == "grpo" and (args.teacher_model or args.teacher_adapters):
+        found.append("--teacher_model with --rlhf_type grpo (ms-swift's on-policy distillation RL, OPD-RL) is not "
+                     "supported yet; distil with --rlhf_type gkd")
+    elif given:
+        note(f"{', '.join(given)}: GKD's flags (--rlhf_type gkd) change nothing for --rlhf_type {args.rlhf_type}")
 
 
 def _fsdp_or_none(args):

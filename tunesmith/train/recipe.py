@@ -7,8 +7,8 @@ From here to the optimiser is three frames: recipe.main → loop.train (the epoc
 checkpoints when due) → loop.train_step (forward, backward, clip) → optimizer.step().
 
 Everything a training method decides is in its method object, one per file: sft.py (SFT), dpo.py (the DPO family),
-cpo.py (CPO and SimPO), orpo.py (ORPO), kto.py (KTO), grpo.py (GRPO; rollouts.py generates its units), rm.py (reward
-models); pairs.py holds what the pair methods share. The recipe and the loop know nothing method-specific. A method
+cpo.py (CPO and SimPO), orpo.py (ORPO), kto.py (KTO), grpo.py (GRPO; rollouts.py generates its units), gkd.py (GKD,
+distillation from a teacher), rm.py (reward models); pairs.py holds what the pair methods share. The recipe and the loop know nothing method-specific. A method
 object has:
 
     name, rows ("sft" | "preference" | "kto": how rows are encoded; "prompt": prompts to generate from),
@@ -53,6 +53,9 @@ def method_for(args):
     if kind == "grpo":
         from tunesmith.train.rl.grpo import GRPO
         return GRPO
+    if kind == "gkd":
+        from tunesmith.train.methods.gkd import GKD
+        return GKD
     if kind == "rm":
         from tunesmith.train.methods.rm import RewardModel
         return RewardModel

@@ -1,7 +1,8 @@
 """What the preference methods share, and nothing method-specific: per-sequence log-probs of the trained tokens
 (`sequence_logps`), the reference model (`Reference`, `setup_reference`: the adapter switched off, a frozen
-reference adapter, a separate model, or cached log-probs) and `disable_dropout`. pairs.py (DPO, CPO, SimPO,
-ORPO) and kto.py import from here; this module imports no method, so there is no import cycle.
+reference adapter, a separate model, or cached log-probs), GKD's teacher (`setup_teacher`: the same kinds, and the
+student itself) and `disable_dropout`. pairs.py (DPO, CPO, SimPO, ORPO), kto.py and gkd.py import from here; this
+module imports no method, so there is no import cycle.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Optional
 from tunesmith.errors import ConfigError
 from tunesmith.models.load import load_model, note, resolve_model_dir
 from tunesmith.models.checkpoint import is_adapter_dir
-from tunesmith.models.tuners import WHOLE_MODEL
+from tunesmith.models.tuners import MUTATING_INITS, WHOLE_MODEL
 
 
 @dataclass
@@ -62,13 +63,15 @@ def unwrap(model):
 
 @dataclass
 class Reference:
-    """Where the reference log-probs come from. kind: none | adapter_off | ref_adapter | model | cached."""
+    """Where the reference log-probs come from. kind: none | adapter_off | ref_adapter | model | cached | policy
+    (GKD's self-distillation: the policy itself as it is now, without gradient)."""
     kind: str
     describe: str
     model: Any = None
     calls: int = field(default=0)
     sync_steps: int = 0       # --sync_ref_model: optimiser steps between updates (0: the reference stays fixed)
     alpha: float = 0.6        # --ref_model_mixup_alpha
+    offload: bool = False     # kind model: kept in CPU memory, on the batch's device only for its forward passes
 
     # a checkpoint's copy of a moving reference (resume restores it); in a subfolder, so that nothing that reads
     # the checkpoint's own *.safetensors as the policy's weights picks it up
@@ -140,7 +143,13 @@ class Reference:
                 device = batch["input_ids"].device
                 if next(self.model.parameters()).device != device:
                     self.model.to(device)
-                return compute(self.model, batch)
+                try:
+                    return compute(self.model, batch)
+                finally:
+                    if self.offload:  # what compute returned holds its own references to the device tensors
+                        self.model.to("cpu")
+            if self.kind == "policy":
+                return compute(policy, batch)
         raise RuntimeError(f"no reference log-probs for reference kind {self.kind!r}")
 
 
@@ -199,6 +208,84 @@ def setup_reference(model_cfg, ref_model: Optional[str], ref_adapters_flag: list
         reference = Reference("model", describe + f", moved towards the policy every {steps} steps "
                               f"(α = {alpha:g})", model=ref, sync_steps=steps, alpha=alpha)
     return reference
+
+
+def setup_teacher(model_cfg, teacher_model: Optional[str], teacher_adapters: list, revision: Optional[str],
+                  offload: bool, model, tokenizer) -> Reference:
+    """GKD's teacher, by ms-swift's rule (arguments/rlhf_args.py `_check_teacher`): no --teacher_model is
+    self-distillation (the student itself as it is at each step); --teacher_model equal to --model with LoRA and no
+    --teacher_adapters is the model with the adapter switched off (no copy; ms-swift's disable_adapter teacher);
+    otherwise a frozen model loaded like the student (--torch_dtype, attention, quantisation) at
+    --teacher_model_revision, with --teacher_adapters merged in, in CPU memory between its forward passes with
+    `offload`. Raises ConfigError for a teacher whose tokenizer differs from the student's, whose output layer
+    has fewer rows than the tokenizer has tokens, or that shares weights with the student."""
+    if teacher_model is None:
+        return Reference("policy", "the student itself, as it is at each step (self-distillation: no "
+                         "--teacher_model)")
+    same = teacher_model == model_cfg.model or (os.path.isdir(teacher_model) and os.path.isdir(model_cfg.model or "")
+                                               and os.path.samefile(teacher_model, model_cfg.model))
+    if same and model_cfg.train_type == "lora" and not teacher_adapters:
+        if not str(model_cfg.init_weights).lower().startswith(MUTATING_INITS) or model_cfg.adapters:
+            start = f" (the base under --adapters {model_cfg.adapters[0]})" if model_cfg.adapters else ""
+            return Reference("adapter_off", f"--model with the LoRA adapter switched off{start} (shared weights, "
+                             f"no copy)")
+        note(f"--init_weights {model_cfg.init_weights} moves part of every targeted weight into the adapter, so "
+             f"the teacher is a frozen copy of --teacher_model, not the model with the adapter switched off")
+    return _load_teacher(model_cfg, teacher_model, list(teacher_adapters), revision, offload, model, tokenizer)
+
+
+def _load_teacher(model_cfg, path: str, adapters: list, revision: Optional[str], offload: bool, model,
+                  tokenizer) -> Reference:
+    """A separate frozen teacher (`setup_teacher`), checked against the student's tokenizer."""
+    import dataclasses
+
+    teacher_dir = resolve_model_dir(path, model_cfg.use_hf, revision, model_cfg.hub_token)
+    _check_teacher_vocabulary(path, teacher_dir, tokenizer, model_cfg.trust_remote_code)
+    cfg = dataclasses.replace(model_cfg, model=path, model_revision=revision, router_aux_loss_coef=0.0)
+    teacher = load_model(cfg, teacher_dir, None, for_training=False)
+    describe = f"{path} (frozen)"
+    if adapters:
+        from peft import PeftModel
+
+        for adapter in adapters:
+            teacher = PeftModel.from_pretrained(teacher, adapter).merge_and_unload()
+        describe = f"{path} merged with {' and '.join(adapters)} (frozen)"
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise ConfigError(f"--teacher_model {path}: its output layer has {rows} rows, fewer than the {len(tokenizer)} "
+                          f"tokens of the student's tokenizer, so it has no probability for some of the student's "
+                          f"tokens; use a teacher with the student's tokenizer")
+    teacher.eval()
+    teacher.requires_grad_(False)
+    _check_separate(model, teacher)
+    if offload:
+        teacher.to("cpu")
+        describe += ", in CPU memory between its forward passes (--offload_teacher_model)"
+    return Reference("model", describe, model=teacher, offload=offload)
+
+
+def _check_teacher_vocabulary(path: str, teacher_dir: str, tokenizer, trust_remote_code: bool) -> None:
+    """GKD compares the two models' distributions token id by token id: the teacher's tokenizer must map every
+    token to the id the student's does (the teacher's output layer may have more padding rows: ms-swift's
+    alignment takes care of those). A teacher folder without a tokenizer is checked by its output layer only."""
+    from transformers import AutoTokenizer
+
+    try:
+        theirs = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code).get_vocab()
+    except (OSError, ValueError):
+        note(f"--teacher_model {path}: no tokenizer in it, so GKD cannot check that it shares the student's "
+             f"vocabulary; make sure it does")
+        return
+    ours = tokenizer.get_vocab()
+    if theirs == ours:
+        return
+    diff = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])
+    token, tid = diff[0]
+    where = "the teacher's" if theirs.get(token) == tid else "the student's"
+    raise ConfigError(f"--teacher_model {path}: its tokenizer differs from the student's ({len(theirs)} tokens "
+                      f"against {len(ours)}; e.g. {token!r} is id {tid} in {where} only). GKD compares the two "
+                      f"models' next-token distributions token by token, so they need the same vocabulary: use a "
+                      f"teacher of the student's family (e.g. Qwen2.5-7B-Instruct for Qwen2.5-0.5B-Instruct)")
 
 
 def _check_mixable(policy, ref, ref_path: str) -> None:

@@ -282,8 +282,6 @@ def packed_mrope_positions(batch: dict, model):
     (restarting at 0 for each sequence, from which transformers builds the block-diagonal mask), rows 1-3 each
     sequence's own 3-D M-RoPE positions (the model's get_rope_index on that sequence alone, with its pictures'
     grids), exactly as if the sequence were run alone. The pictures (image_grid_thw) are in sequence order."""
-    import torch
-
     owner = unwrap_model(model)
     owner = getattr(owner, "model", owner) if not hasattr(owner, "get_rope_index") else owner
     config = owner.config
@@ -309,17 +307,27 @@ def packed_mrope_positions(batch: dict, model):
     return out
 
 
-def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature: float = 1.0,
-                entropy: bool = False, summed: bool = False, chunk: Optional[int] = None) -> TokenLogps:
-    """Log-probs of every trained (label != -100) position of the batch; chunked unless told or unable.
-    temperature: of the distribution the tokens were sampled from (GRPO): log softmax(logits / T), as TRL's and
-    ms-swift's GRPOTrainer (the hidden state is divided, never the [V, H] output weight).
-    entropy: also `TokenLogps.entropy` [N], H(softmax(logits / T)) in nats at each trained position, without
-    gradient, from the same forward and still `chunk` rows at a time (GRPO's entropy metrics and
-    --top_entropy_quantile, TRL's entropy_from_logits); off, nothing extra is computed.
-    summed: the caller's loss is c·Σ logps (SFT): a trained output layer's gradient is then taken in the forward
-    pass too (ChunkedLogps); a backward with per-token weights then raises RuntimeError.
-    chunk: rows per chunk of the output layer (default chunk_rows(vocab, hidden))."""
+@dataclass
+class HeadInputs:
+    """What the output layer turns into the logits of a batch's trained positions, before it does: `hidden` [N, H]
+    the hidden states that predict each trained token (row-major order) with `weight` [V, H] the output embedding,
+    or — on the plain path, `weight` None — `hidden` holds those positions' logits [N, V] themselves (the model's
+    own forward computed them). `target` [N] the trained tokens, `rows` [N] their sequences, `aux_loss` an MoE
+    router loss the forward returned."""
+    hidden: torch.Tensor
+    weight: Optional[torch.Tensor]
+    target: torch.Tensor
+    rows: torch.Tensor
+    n_seq: int
+    aux_loss: Any = None
+
+
+def head_inputs(model, batch: dict, chunked: Optional[bool] = None) -> HeadInputs:
+    """The forward pass up to the output layer for every trained (label != -100) position of the batch: the last
+    hidden states at the predicting positions and the output weight (chunked: the decoder alone, or the model's own
+    forward asking for hidden states — under DDP/DeepSpeed, or an MoE model's router loss), or, when the output layer
+    cannot be applied apart (chunked False, or a head with bias, soft-capping or scaling), the model's logits at those
+    positions. Packed rows carry `seq_ids`; prefix-shared pairs `label_src` (see the module's docstring)."""
     labels = batch["labels"]
     b, t = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
     t = t + 1                                       # the trained positions, row-major
@@ -349,7 +357,26 @@ def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature:
                                    "unit must keep it gathered (distributed.shard_model)")
             weight = weight.full_tensor()
     if weight is not None:
-        hidden = last[b, src]
+        return HeadInputs(last[b, src], weight, target, rows, n_seq, aux)
+    out = model(**_inputs(batch, model))
+    return HeadInputs(out.logits[b, src], None, target, rows, n_seq, getattr(out, "aux_loss", None))
+
+
+def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature: float = 1.0,
+                entropy: bool = False, summed: bool = False, chunk: Optional[int] = None) -> TokenLogps:
+    """Log-probs of every trained (label != -100) position of the batch; chunked unless told or unable.
+    temperature: of the distribution the tokens were sampled from (GRPO): log softmax(logits / T), as TRL's and
+    ms-swift's GRPOTrainer (the hidden state is divided, never the [V, H] output weight).
+    entropy: also `TokenLogps.entropy` [N], H(softmax(logits / T)) in nats at each trained position, without
+    gradient, from the same forward and still `chunk` rows at a time (GRPO's entropy metrics and
+    --top_entropy_quantile, TRL's entropy_from_logits); off, nothing extra is computed.
+    summed: the caller's loss is c·Σ logps (SFT): a trained output layer's gradient is then taken in the forward
+    pass too (ChunkedLogps); a backward with per-token weights then raises RuntimeError.
+    chunk: rows per chunk of the output layer (default chunk_rows(vocab, hidden))."""
+    h = head_inputs(model, batch, chunked)
+    target, rows, n_seq, aux, weight = h.target, h.rows, h.n_seq, h.aux_loss, h.weight
+    if weight is not None:
+        hidden = h.hidden
         if temperature != 1.0:
             hidden = hidden / temperature
         vocab, width = weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape
@@ -357,8 +384,7 @@ def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature:
         logps, correct, mean, ent = ChunkedLogps.apply(hidden, weight, target, chunk or chunk_rows(vocab, width),
                                                        entropy, zero3_gather(weight), grads, summed)
         return TokenLogps(logps, rows, n_seq, correct, mean, aux, entropy=ent if entropy else None)
-    out = model(**_inputs(batch, model))
-    picked = out.logits[b, src].float() / temperature
+    picked = h.hidden.float() / temperature
     lse = torch.logsumexp(picked, -1)
     logps = picked.gather(-1, target[:, None]).squeeze(-1) - lse
     ent = None
@@ -368,4 +394,4 @@ def token_logps(model, batch: dict, chunked: Optional[bool] = None, temperature:
             chunk = chunk or max(1, MAX_CHUNK_FLOATS // picked.shape[-1])
             ent = torch.cat([_entropy(picked[s:s + chunk], lse[s:s + chunk])
                              for s in range(0, picked.shape[0], chunk)]) if picked.shape[0] else lse.detach()
-    return TokenLogps(logps, rows, n_seq, correct, mean, getattr(out, "aux_loss", None), ent)
+    return TokenLogps(logps, rows, n_seq, correct, mean, aux, ent)
