@@ -31,6 +31,18 @@ class NonFiniteSampling(TunesmithError):
     """Generation (GRPO's rollouts) met inf/NaN probabilities: the weights diverged before a loss could show it."""
 
 
+def raise_sampling_errors(completions, who: str = "policy") -> None:
+    """Raise the first error among the engine's completions of a training round (GRPO's rollouts, GKD's on-policy
+    samples): NonFiniteSampling for inf/NaN next-token probabilities (the `who`'s weights diverged), else the error
+    itself."""
+    for c in completions:
+        if c.error is not None:
+            text = str(c.error).lower()
+            if isinstance(c.error, RuntimeError) and ("inf" in text or "nan" in text):
+                raise NonFiniteSampling(f"the {who}'s next-token probabilities hold inf or NaN: {c.error}") from None
+            raise c.error
+
+
 DIVERGED = "diverged.json"  # in a checkpoint whose weights gave a non-finite loss: resume refuses it
 
 

@@ -35,7 +35,7 @@ from tunesmith.data.encode import IGNORE, Encoded
 from tunesmith.errors import ConfigError
 from tunesmith.log import note
 from tunesmith.train import loop
-from tunesmith.train.interrupts import NonFiniteSampling
+from tunesmith.train.interrupts import raise_sampling_errors
 from tunesmith.train.setup import Batches
 
 
@@ -143,13 +143,7 @@ class OnPolicy:
         finally:
             if training:
                 self.model.train()
-        for c in done:
-            if c.error is not None:
-                text = str(c.error).lower()
-                if isinstance(c.error, RuntimeError) and ("inf" in text or "nan" in text):
-                    raise NonFiniteSampling(f"the student's next-token probabilities hold inf or NaN: "
-                                            f"{c.error}") from None
-                raise c.error
+        raise_sampling_errors(done, "student")
         return done
 
     def _log(self, prefixes: list, done: list) -> None:

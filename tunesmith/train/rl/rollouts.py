@@ -21,7 +21,7 @@ from tunesmith.data.encode import IGNORE
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.log import note
 from tunesmith.train import loop
-from tunesmith.train.interrupts import NonFiniteSampling
+from tunesmith.train.interrupts import raise_sampling_errors
 
 
 @dataclass
@@ -439,13 +439,7 @@ class Rollouts:
         finally:
             if training:
                 self.model.train()
-        for c in out:
-            if c.error is not None:
-                text = str(c.error).lower()
-                if isinstance(c.error, RuntimeError) and ("inf" in text or "nan" in text):
-                    raise NonFiniteSampling(f"the policy's next-token probabilities hold inf or NaN: "
-                                            f"{c.error}") from None
-                raise c.error
+        raise_sampling_errors(out, "policy")
         return out
 
     def _score(self, prompts: list[dict], texts: list[str], completions: list) -> list:
