@@ -515,8 +515,8 @@ def test_a_full_disk_mid_run_is_one_message_and_leaves_every_checkpoint_loadable
               "--save_steps", "1", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
     real = recipe.save_model_fn
 
-    def full_disk_at_2(tok, initial=None):
-        save = real(tok, initial)
+    def full_disk_at_2(tok, initial=None, model_dir=None):
+        save = real(tok, initial, model_dir)
 
         def wrapped(model, path, state_dict=None):
             if "checkpoint-2" in path:

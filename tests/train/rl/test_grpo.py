@@ -571,10 +571,10 @@ def test_non_finite_sampling_stops_like_a_non_finite_loss(setup, tmp_path, monke
 
     real = Rollouts._generate
 
-    def failing(self, ids, seed, r):
+    def failing(self, ids, seed, r, images=None):
         if self.rounds_done == 2:
             raise loop.NonFiniteSampling("probability tensor contains either inf, nan or element < 0")
-        return real(self, ids, seed, r)
+        return real(self, ids, seed, r, images)
 
     monkeypatch.setattr(Rollouts, "_generate", failing)
     model, data, plugin = setup

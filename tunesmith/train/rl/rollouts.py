@@ -432,8 +432,8 @@ class Rollouts:
                 cfg = GenConfig(max_new_tokens=m.max_completion_length, temperature=m.temperature, top_p=m.top_p,
                                 top_k=m.top_k, repetition_penalty=m.repetition_penalty, seed=base)
                 refs = (images or {}).get(j)
-                pixels = pixel_inputs([refs], self.images) if refs else None
-                handles += [self.chat.engine.submit(prompt, self.chat.sampling(cfg, k), adapter, images=pixels)
+                pictures = {"images": pixel_inputs([refs], self.images)} if refs else {}
+                handles += [self.chat.engine.submit(prompt, self.chat.sampling(cfg, k), adapter, **pictures)
                             for k in range(g)]
             out = [h.result() for h in handles]
         finally:
