@@ -272,11 +272,12 @@ def _bad_cases(tmp_path):
          ["the conversation (messages) has 2 <image> tag(s), but 'images' gives 1"]),
         ("tags without pictures", {"messages": _msgs("<image>?")}, "messages",
          ["has 1 <image> tag(s), but the row gives no pictures", "\"images\": [\"path.png\""]),
-        ("rejected tags", {"prompt": "<image>?", "chosen": "x", "rejected": "<image> y", "images": ["a.png"]},
-         "images", ["the rejected conversation (rejected) has 2 <image> tag(s), but 'images' (shared with the "
-                    "chosen conversation"]),
-        ("rejected_images count", {"prompt": "<image>?", "chosen": "x", "rejected": "<image>y",
-                                   "images": ["a.png"], "rejected_images": ["b.jpg"]},
+        ("tag in a reply", {"prompt": "<image>?", "chosen": "x", "rejected": "<image> y", "images": ["a.png"]},
+         "rejected[1].content", ["an assistant reply holds an <image> tag", "put the pictures in user messages"]),
+        ("rejected_images count", {"messages": [{"role": "user", "content": "<image><image>?"},
+                                                {"role": "assistant", "content": "x"}],
+                                   "rejected_response": "y", "images": ["a.png", "a.png"],
+                                   "rejected_images": ["b.jpg"]},
          "rejected_images",
          ["the rejected conversation (rejected) has 2 <image> tag(s), but 'rejected_images' gives 1"]),
         ("a number", {"messages": _msgs("<image>"), "images": 5}, "images",
@@ -361,7 +362,8 @@ def test_strict_false_drops_and_counts_bad_picture_rows(pics, tmp_path, capsys):
     rc, out, _ = cli(capsys, "data", "convert", "--dataset", path, "--strict", "false",
                      "--output", tmp_path / "canon.jsonl")
     assert rc == 0 and f"{len(bad)} bad rows dropped; first: {path}:2:" in out, out
-    assert [json.loads(x) for x in (tmp_path / "canon.jsonl").read_text().splitlines()] == [good, good]
+    absolute = {**good, "images": [os.path.abspath("a.png")]}  # written to find the picture from any folder
+    assert [json.loads(x) for x in (tmp_path / "canon.jsonl").read_text().splitlines()] == [absolute, absolute]
     rc, out, _ = cli(capsys, "data", "validate", "--dataset", path)
     assert rc == 1 and f"{len(bad)} problem(s)" in out, out
 

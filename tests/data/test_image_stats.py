@@ -61,4 +61,4 @@ def test_inspect_shows_each_picture_once_with_its_tokens(tiny_vl_models, tmp_pat
     data = write_jsonl(tmp_path / "d.jsonl", colour_rows(tmp_path / "pics", 1, sizes=((112, 84),)))
     data_command.inspect(parse_args("data", ["inspect", "--dataset", data, "--model", model_dir]))
     out = capsys.readouterr().out
-    assert "<|image_pad|>×12<|vision_end|>" in out and "of which 12 image tokens" in out
+    assert "<|image_pad|>×12<|vision_end|>" in out and "of which 12 image tokens for 1 picture" in out

@@ -481,3 +481,67 @@ def test_expansion_and_pixels_equal_the_processor_where_torchvision_loads(tiny_v
     mine = pixel_inputs([pics], spec)
     assert torch.equal(theirs["image_grid_thw"], mine["image_grid_thw"])
     assert torch.allclose(theirs["pixel_values"].float(), mine["pixel_values"], atol=1e-5)
+
+
+def test_break_it_findings_are_located_errors(tiny_vl_models, tiny_models, tmp_path):
+    """From the new-user review: a picture the image processor cannot resize (over 200:1) is a located bad row,
+    dropped under --strict false; GRPO refuses pictures for a text model before sampling; --vit_lr must be a
+    positive rate; a short raw-base64 picture is read as a picture."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tunesmith.config.parser import parse_args
+    from tunesmith.data.images import to_reference
+    from tunesmith.errors import ConfigError, DataError, FlagError
+
+    Image.new("RGB", (10000, 20), (1, 2, 3)).save(tmp_path / "wide.png")
+    rows = colour_rows(tmp_path / "pics", 4)
+    wide = {**rows[0], "images": [str(tmp_path / "wide.png")]}
+    data = write_jsonl(tmp_path / "d.jsonl", rows + [wide])
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    with pytest.raises(DataError) as e:
+        train("sft", "--model", model_dir, "--dataset", data, "--max_steps", "1", "--output_dir", tmp_path / "o1",
+              "--report_to", "none")
+    assert "d.jsonl:5" in str(e.value) and "10000x20" in str(e.value) and "crop or pad" in str(e.value)
+    assert str(e.value).count("Fix:") == 1
+    res = train("sft", "--model", model_dir, "--dataset", data, "--max_steps", "1", "--strict", "false",
+                "--output_dir", tmp_path / "o2", "--report_to", "none", "--save_strategy", "no")
+    assert res["state"] is not None
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"messages": [r["messages"][0]], "solution": "red",
+                                                  "images": r["images"]} for r in rows])
+    with pytest.raises(DataError, match="prompt\\(s\\) hold pictures .*, but the model takes text only"):
+        train("rlhf", "--rlhf_type", "grpo", "--model", tiny_models("qwen2"), "--dataset", prompts,
+              "--reward_funcs", "format", "--num_generations", "2", "--per_device_train_batch_size", "2",
+              "--max_steps", "1", "--output_dir", tmp_path / "o3", "--report_to", "none")
+
+    from tunesmith.train.recipe import configure
+    for flag in ("--vit_lr", "--aligner_lr"):
+        with pytest.raises((ConfigError, FlagError), match=flag.lstrip("-")):
+            configure(parse_args("sft", ["--model", model_dir, "--dataset", data, flag, "-1"]))
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2), (9, 9, 9)).save(buf, format="PNG")
+    raw = base64.b64encode(buf.getvalue()).decode()
+    assert len(raw) < 200 and to_reference(raw).startswith("data:image/png;base64,")
+
+
+def test_infer_strict_false_skips_rows_whose_pictures_cannot_be_used(tiny_vl_models, tmp_path, capsys):
+    """`infer --val_dataset --strict false`: a row whose picture cannot be used (a placeholder typed as text with
+    no picture) is skipped and counted; the other rows get their result lines. --strict true stops at it."""
+    from tunesmith.cli import main
+
+    rows = colour_rows(tmp_path / "pics", 2)
+    odd = {"messages": [{"role": "user", "content": "<|image_pad|> what?"}]}
+    data = write_jsonl(tmp_path / "v.jsonl", [rows[0], odd, rows[1]])
+    out = tmp_path / "res.jsonl"
+    rc = main(["infer", "--model", tiny_vl_models("qwen2_5_vl"), "--val_dataset", data, "--strict", "false",
+               "--max_new_tokens", "2", "--result_path", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0 and "1 row(s) whose pictures cannot be used skipped" in err and "v.jsonl:2" in err, err
+    assert len(read_jsonl(out)) == 2
+    rc = main(["infer", "--model", tiny_vl_models("qwen2_5_vl"), "--val_dataset", data, "--max_new_tokens", "2",
+               "--result_path", str(tmp_path / "strict.jsonl")])
+    assert rc != 0 and "v.jsonl:2" in capsys.readouterr().err

@@ -165,7 +165,10 @@ def _image_tokens(enc: ChatEncoder, e) -> list[int]:
 
 def _image_note(enc: ChatEncoder, e) -> str:
     counts = _image_tokens(enc, e)
-    return f" (of which {sum(counts)} image tokens: {' + '.join(map(str, counts))})" if counts else ""
+    if not counts:
+        return ""
+    each = f": {' + '.join(map(str, counts))} for {len(counts)} pictures" if len(counts) > 1 else " for 1 picture"
+    return f" (of which {sum(counts)} image tokens{each})"
 
 
 def _rows_kind(args: DataCommandArguments) -> str:
@@ -271,8 +274,17 @@ def _line_of(message: str) -> int:
 
 def _rows(records: list[dict]) -> list[dict]:
     """Canonical records as rows to write: the row's other columns (ids, a GRPO `solution`, …) kept next to the
-    conversation, so that nothing the format does not read is lost by converting or splitting."""
-    return [{**{k: v for k, v in r.items() if k != "columns"}, **(r.get("columns") or {})} for r in records]
+    conversation, so that nothing the format does not read is lost by converting or splitting; pictures' local
+    paths made absolute, so the rows still find them from the folder they are written to."""
+    return [{**{k: _absolute(k, v) for k, v in r.items() if k != "columns"}, **(r.get("columns") or {})}
+            for r in records]
+
+
+def _absolute(key: str, value):
+    if key not in ("images", "rejected_images"):
+        return value
+    return [ref if ref.lower().startswith(("data:", "http://", "https://")) else os.path.abspath(ref)
+            for ref in value]
 
 
 def convert(args: DataCommandArguments) -> None:

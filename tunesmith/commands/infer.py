@@ -57,8 +57,7 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
     first generation error (rows before it are already written)."""
     from tqdm.auto import tqdm
 
-    from tunesmith.data.encode import record_images
-    from tunesmith.errors import ConfigError, DataError
+    from tunesmith.errors import ConfigError
 
     records = loaded.records
     cfg = engine.defaults
@@ -71,26 +70,14 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
     window = max(64, 4 * rows)
     os.makedirs(os.path.dirname(os.path.abspath(result_path)), exist_ok=True)
     responses, golds = [], []
-    written = 0
+    written, skipped = 0, []
     with open(result_path, "a", encoding="utf-8") as fh, tqdm(total=len(records), desc="infer", disable=None) as bar:
         for i in range(0, len(records), 1 if args.stream else window):
-            chunk = records[i:i + (1 if args.stream else window)]
-            prompts, labels, rendered = [], [], []
-            for rec in chunk:
-                msgs = list(rec["messages"])
-                gold = None
-                if msgs and msgs[-1]["role"] == "assistant":
-                    gold = _gold(msgs.pop())  # the gold reply becomes `labels`, as in ms-swift
-                prompts.append(msgs)
-                labels.append(gold)
-                try:
-                    rendered.append(engine.prompt(msgs, rec.get("tools"), images=record_images(rec)))
-                except PromptTooLong as e:
-                    raise ConfigError(f"--val_dataset row {i + len(rendered) + 1}: {e}; raise --max_model_len or "
-                                      f"shorten the row") from None
-                except ImageInputError as e:
-                    source, line = loaded.sources[i + len(rendered)]
-                    raise DataError(source, line, "images", str(e)) from None
+            window_rows = records[i:i + (1 if args.stream else window)]
+            chunk, prompts, labels, rendered = _render_chunk(engine, args, loaded, i, window_rows, skipped)
+            if not rendered:
+                bar.update(len(window_rows))
+                continue
             if args.stream:
                 replies = [[_stream_to(engine, rendered[0], cfg, sys.stdout)]]
             else:
@@ -106,12 +93,47 @@ def batch_infer(engine: ChatEngine, args, loaded, result_path: str) -> int:
                 golds.append(gold if gold is None else gold["labels"])
                 written += 1
             fh.flush()
-            bar.update(len(chunk))
+            bar.update(len(window_rows))
+    if skipped:
+        print(f"[tunesmith] --val_dataset: {len(skipped)} row(s) whose pictures cannot be used skipped (--strict "
+              f"false), no result lines for them; first reasons:\n  " + "\n  ".join(skipped[:5]), file=sys.stderr)
     if args.metric:
         from tunesmith.eval.benchmarks import infer_metrics
         scores = infer_metrics(responses, golds, args.metric)
         print(f"[tunesmith] infer --metric {args.metric}: {json.dumps(scores, ensure_ascii=False)}", file=sys.stderr)
     return written
+
+
+def _render_chunk(engine: ChatEngine, args, loaded, start: int, chunk: list, skipped: list) -> tuple:
+    """(rows kept, their prompt messages, gold replies, rendered prompts) of a window of rows starting at `start`.
+    A row whose pictures cannot be used (a text model, a picture that does not read, tags that do not match) is a
+    DataError (file:line) under --strict true, else skipped with its reason appended to `skipped`. Raises
+    ConfigError for a row over the context length."""
+    from tunesmith.data.encode import record_images
+    from tunesmith.errors import ConfigError, DataError
+
+    kept, prompts, labels, rendered = [], [], [], []
+    for k, rec in enumerate(chunk):
+        msgs = list(rec["messages"])
+        gold = None
+        if msgs and msgs[-1]["role"] == "assistant":
+            gold = _gold(msgs.pop())  # the gold reply becomes `labels`, as in ms-swift
+        try:
+            prompt = engine.prompt(msgs, rec.get("tools"), images=record_images(rec))
+        except PromptTooLong as e:
+            raise ConfigError(f"--val_dataset row {start + k + 1}: {e}; raise --max_model_len or shorten the "
+                              f"row") from None
+        except ImageInputError as e:
+            source, line = loaded.sources[start + k]
+            if args.strict:
+                raise DataError(source, line, "images", str(e)) from None
+            skipped.append(f"{source}:{line}: {e}")
+            continue
+        kept.append(rec)
+        prompts.append(msgs)
+        labels.append(gold)
+        rendered.append(prompt)
+    return kept, prompts, labels, rendered
 
 
 def _gold(reply: dict) -> dict:

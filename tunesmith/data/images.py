@@ -219,13 +219,12 @@ def to_reference(value: Any) -> str:
             raise ImageError(value, "an empty reference.", "give the picture's path or URL, or drop the entry.")
         if ref.startswith("file:"):
             return file_url_path(ref)
-        if len(ref) > 200 and not ref.startswith(("data:", "http://", "https://")) and _BASE64.fullmatch(ref) \
-                and not os.path.exists(ref):
-            try:  # ms-swift reads long strings that are not files as base64
-                data = _b64decode(value, ref)
+        if len(ref) >= 16 and not ref.lower().startswith(("data:", "http://", "https://")) \
+                and _BASE64.fullmatch(ref) and not os.path.exists(ref):
+            try:  # ms-swift reads strings that are not files as base64 (any length whose bytes are a picture)
+                return bytes_to_data_url(_b64decode(value, ref), value)
             except ImageError:
-                return ref  # not base64 either: a path, reported as missing when checked
-            return bytes_to_data_url(data, value)
+                return ref  # not a base64 picture: a path, reported as missing when checked
         return ref
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes_to_data_url(bytes(value), value)
@@ -522,6 +521,11 @@ def _conversation_images(r: Row, field: str, what: str, messages: list[dict], co
                         "give every image part its picture (image_url, image, path or url).")
     refs = carried or given
     tags = tag_count(messages)
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and IMAGE_TAG in (m.get("content") or "")]
+    if refs and replies:
+        raise r.err(f"{field}[{replies[0]}].content", f"an assistant reply holds an {IMAGE_TAG} tag: the model would "
+                    "be trained to write a picture's markers, which it cannot draw.",
+                    "put the pictures in user messages (the question), not in the replies.")
     if tags > len(refs):
         source = f"its image parts carry {len(refs)}" if carried else (
             f"{column!r}{shared} gives {len(refs)}" if column else "the row gives no pictures")

@@ -47,10 +47,16 @@ class ImageTokens:
 
     def tokens_of(self, ref: str) -> int:
         """Image tokens of the picture at `ref` (a path, file:// or data: URL), from its header only.
-        Raises tunesmith.data.images.ImageError when it cannot be read."""
-        from tunesmith.data.images import image_size
+        Raises tunesmith.data.images.ImageError when it cannot be read, or the image processor cannot resize it
+        (Qwen-VL's smart_resize refuses an aspect ratio over 200:1)."""
+        from tunesmith.data.images import ImageError, image_size
 
-        return self.count(*image_size(ref))
+        width, height = image_size(ref)
+        try:
+            return self.count(width, height)
+        except ValueError as e:
+            raise ImageError(ref, f"{width}x{height} pixels: the model's image processor cannot resize it "
+                                  f"({str(e).strip()}).", "crop or pad the picture to a less extreme shape.") from None
 
     def fingerprint(self) -> dict:
         """What an encoding depends on besides the tokenizer: the placeholder and the pixel limits."""
@@ -65,7 +71,7 @@ def expand_images(ids: list[int], labels: list[int], images: list[str], spec: Im
 
     Raises DataError (no source: the caller adds it) when the template rendered a different number of placeholders
     than the row has images, or a picture cannot be read (tunesmith.data.images.ImageError's reason)."""
-    from tunesmith.data.images import ImageError
+    from tunesmith.data.images import ImageError, describe
 
     where = [i for i, t in enumerate(ids) if t == spec.image_token_id]
     if len(where) != len(images):
@@ -77,7 +83,8 @@ def expand_images(ids: list[int], labels: list[int], images: list[str], spec: Im
         try:
             counts.append(spec.tokens_of(ref))
         except ImageError as e:
-            raise DataError("", None, field_name, str(e), "fix or remove the image, or drop the row.") from None
+            raise DataError("", None, field_name, f"image {describe(e.ref)}: {e.reason}",
+                            e.fix or "fix or remove the image.") from None
     out_ids: list[int] = []
     out_labels: list[int] = []
     prev = 0

@@ -160,7 +160,10 @@ def pixel_limits(processor, patch_size: int, merge_size: int, max_pixels: Option
                 try:
                     value = int(env[var])
                 except ValueError:
-                    raise ConfigError(f"{var}={env[var]!r}: expected a whole number") from None
+                    value = 0
+                if value <= 0:
+                    raise ConfigError(f"{var}={env[var]!r}: expected a positive whole number"
+                                      + (" of image tokens" if scale > 1 else " of pixels"))
                 return value * scale, var
         return int(default), "the model's image processor"
 
@@ -174,8 +177,8 @@ def pixel_limits(processor, patch_size: int, merge_size: int, max_pixels: Option
     if low > top and low_src == "the model's image processor":
         low = top  # a budget below the checkpoint's own minimum: every picture resized to at most max_pixels
     if low > top:
-        raise ConfigError(f"min_pixels {low} ({low_src}) is above max_pixels {top} ({top_src}); lower MIN_PIXELS or "
-                          f"raise --max_pixels")
+        raise ConfigError(f"min_pixels {low} ({low_src}) is above max_pixels {top} ({top_src}); lower {low_src} or "
+                          f"raise {top_src}")
     return {"max_pixels": top, "min_pixels": low}
 
 

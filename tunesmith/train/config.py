@@ -309,6 +309,13 @@ def _combination_notes(args) -> None:
         note("--packing already trains without padding: --padding_free adds nothing")
 
 
+def _vision_rate_problems(out: list, vit_lr, aligner_lr) -> None:
+    """--vit_lr and --aligner_lr, when given: positive finite rates like --learning_rate."""
+    for name, value in (("vit_lr", vit_lr), ("aligner_lr", aligner_lr)):
+        if value is not None:
+            between(out, name, value, 0, None, lo_open=True, hint="ms-swift's examples use 1e-5")
+
+
 def problems(args) -> list[str]:
     """Every problem with the generic training flags (values out of range, required flags missing, combinations
     that cannot run), as one message each; [] when there is none. The method's own flags are checked by the
@@ -339,6 +346,7 @@ def problems(args) -> list[str]:
         usual = "the usual value for full training is 1e-5" if args.train_type == "full" else \
             "the usual LoRA value is 1e-4"
         between(out, "learning_rate", args.learning_rate, 0, None, lo_open=True, hint=usual)
+    _vision_rate_problems(out, args.vit_lr, args.aligner_lr)
     if args.train_type in ("lora", "adalora"):
         between(out, "lora_alpha", args.lora_alpha, 0, None, lo_open=True, hint="usually 2-4x --lora_rank")
         between(out, "lora_dropout", args.lora_dropout, 0, 1, hi_open=True)

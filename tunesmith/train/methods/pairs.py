@@ -238,7 +238,9 @@ def choose_prefix_sharing(prefix_sharing: Optional[bool], data, model, pairs: li
              "sequences on the first pairs)")
         return True
     if prefix_sharing:
-        raise ConfigError(f"--prefix_sharing true: {reason}. Use --attn_impl sdpa, or --prefix_sharing false")
+        fix = "Use --prefix_sharing false" if "vision-language" in reason else \
+            "Use --attn_impl sdpa, or --prefix_sharing false"
+        raise ConfigError(f"--prefix_sharing true: {reason}. {fix}")
     note(f"prefix sharing off: {reason}; pairs run as two sequences")
     return False
 

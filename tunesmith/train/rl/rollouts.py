@@ -38,6 +38,18 @@ class Unit:
     images: Optional[list] = None       # the prompt's pictures (references), for a vision-language policy
 
 
+def refuse_pictures(prompts: list[dict], what: str) -> None:
+    """Raise DataError when prompts hold pictures but the policy is a text model (they would be sampled without
+    them), naming how many and the first one's pictures."""
+    with_pictures = [p for p in prompts if p.get("images")]
+    if with_pictures:
+        raise DataError(what, None, "images", f"{len(with_pictures)} prompt(s) hold pictures (the first: "
+                        f"{', '.join(map(str, with_pictures[0]['images']))[:120]}), but the model takes text only (no "
+                        f"vision tower), so they would be sampled without them.",
+                        "train a vision-language model (e.g. Qwen/Qwen2.5-VL-7B-Instruct), or drop the images and "
+                        "their <image> tags.")
+
+
 def grpo_collate(units: list[Unit], pad_id: int) -> dict:
     """Units → `input_ids`/`attention_mask` [B, P + C] (prompts left-padded to P, completions right-padded to C),
     `labels` (the completion tokens, IGNORE elsewhere), `completion_mask` [B, C], `advantages` [B], and
@@ -158,6 +170,8 @@ class Rollouts:
         self.context = self.max_prompt + method.max_completion_length if self.max_prompt else None
         self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm else None
         self.chat = self._chat(cfg)
+        if images is None:
+            refuse_pictures(prompts, "--dataset")
         self.prompts = prompts = self.fitted(prompts, "--dataset")
         rounds = math.ceil(len(prompts) / self.prompts_per_round)
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
@@ -537,6 +551,8 @@ class ValidationRollouts:
     evaluation (Rollouts.evaluation_units); len() is the number of completions an evaluation trains nothing on."""
 
     def __init__(self, rollouts: Rollouts, prompts: list[dict]):
+        if rollouts.images is None:
+            refuse_pictures(prompts, "validation prompts")
         self.rollouts, self.prompts = rollouts, rollouts.fitted(prompts, "validation prompts")
 
     def __len__(self) -> int:
