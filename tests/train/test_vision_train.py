@@ -545,3 +545,30 @@ def test_infer_strict_false_skips_rows_whose_pictures_cannot_be_used(tiny_vl_mod
     rc = main(["infer", "--model", tiny_vl_models("qwen2_5_vl"), "--val_dataset", data, "--max_new_tokens", "2",
                "--result_path", str(tmp_path / "strict.jsonl")])
     assert rc != 0 and "v.jsonl:2" in capsys.readouterr().err
+
+
+def test_vision_flags_on_a_text_model_and_huge_pictures_are_refused_up_front(tiny_models, tmp_path):
+    """--vit_lr on a local text model is a flag problem before anything loads (exit 2, nothing written); a picture
+    over PIL's decompression-bomb limit is a located bad row, not a warning and a decode of gigabytes later."""
+    from PIL import Image
+
+    from tunesmith.cli import main
+    from tunesmith.data.load import load_datasets
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "yo"}]}])
+    assert main(["sft", "--model", tiny_models("qwen2"), "--dataset", data, "--vit_lr", "1e-5",
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1000  # a small limit stands in for 89 megapixels
+    try:
+        Image.new("RGB", (40, 40)).save(tmp_path / "big.png")  # over the limit, under PIL's own 2x error
+        Image.new("RGB", (20, 20)).save(tmp_path / "ok.png")
+        rows = write_jsonl(tmp_path / "i.jsonl", [{"messages": [{"role": "user", "content": "<image>?"},
+                                                                {"role": "assistant", "content": "x"}],
+                                                   "images": [str(tmp_path / name)]} for name in ("big.png", "ok.png")])
+        loaded = load_datasets([rows], strict=False)
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    assert loaded.dropped == 1 and "megapixels" in loaded.reasons[0] and "i.jsonl:1" in loaded.reasons[0]

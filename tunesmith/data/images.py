@@ -325,14 +325,31 @@ def _check_file(path: str, size: int, mtime_ns: int, ref: str) -> str:
     return _verified(lambda: open(path, "rb"), tail, ref)
 
 
+def _refuse_huge(im, ref: Any) -> None:
+    """ImageError for a picture over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 89 megapixels):
+    decoding it would take gigabytes before the model's resize brings it down to --max_pixels."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.width * im.height > limit:
+        raise ImageError(ref, f"{im.width}x{im.height} pixels ({im.width * im.height / 1e6:.0f} megapixels), over the "
+                         f"{limit / 1e6:.0f} megapixels a picture may have (decoding it would take gigabytes).",
+                         "downscale it: the model resizes every picture to at most --max_pixels anyway.")
+
+
 def _verified(opener: Callable[[], Any], tail: bytes, ref: Any) -> str:
     """The format of the picture `opener()` reads, after Image.open + verify(); a JPEG without its end marker
     (`tail`: the last bytes) and formats verify() does not check are decoded too (a JPEG at 1/8 size)."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with opener() as fh, Image.open(fh) as im:
+        with opener() as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one message
+            im = Image.open(fh)
             fmt = im.format or "PNG"
+            _refuse_huge(im, ref)
             im.verify()  # PNG: every chunk and its checksum, to the end of the file
         if fmt == "PNG" or (fmt in ("JPEG", "MPO") and tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")):
             return fmt

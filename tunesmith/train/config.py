@@ -309,11 +309,26 @@ def _combination_notes(args) -> None:
         note("--packing already trains without padding: --padding_free adds nothing")
 
 
-def _vision_rate_problems(out: list, vit_lr, aligner_lr) -> None:
-    """--vit_lr and --aligner_lr, when given: positive finite rates like --learning_rate."""
+def _vision_rate_problems(out: list, vit_lr, aligner_lr, optimizer, model) -> None:
+    """--vit_lr and --aligner_lr, when given: positive finite rates like --learning_rate, for a vision-language
+    model (a local --model folder whose config.json has no vision tower is told before anything loads)."""
     for name, value in (("vit_lr", vit_lr), ("aligner_lr", aligner_lr)):
         if value is not None:
             between(out, name, value, 0, None, lo_open=True, hint="ms-swift's examples use 1e-5")
+    asked = [f for f, v in (("--vit_lr", vit_lr), ("--aligner_lr", aligner_lr),
+                            ("--optimizer multimodal", optimizer == "multimodal" or None)) if v is not None]
+    config = os.path.join(model or "", "config.json")
+    if asked and model and os.path.isfile(config):
+        import json
+
+        try:
+            with open(config, encoding="utf-8") as fh:
+                text_only = "vision_config" not in json.load(fh)
+        except (OSError, ValueError):
+            return
+        if text_only:
+            out.append(f"{' / '.join(asked)}: --model {model} is a text model (no vision tower); these set a "
+                       f"vision-language model's vision tower and aligner learning rates")
 
 
 def problems(args) -> list[str]:
@@ -346,7 +361,7 @@ def problems(args) -> list[str]:
         usual = "the usual value for full training is 1e-5" if args.train_type == "full" else \
             "the usual LoRA value is 1e-4"
         between(out, "learning_rate", args.learning_rate, 0, None, lo_open=True, hint=usual)
-    _vision_rate_problems(out, args.vit_lr, args.aligner_lr)
+    _vision_rate_problems(out, args.vit_lr, args.aligner_lr, args.optimizer, args.model)
     if args.train_type in ("lora", "adalora"):
         between(out, "lora_alpha", args.lora_alpha, 0, None, lo_open=True, hint="usually 2-4x --lora_rank")
         between(out, "lora_dropout", args.lora_dropout, 0, 1, hi_open=True)
