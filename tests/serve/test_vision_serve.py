@@ -139,8 +139,8 @@ def test_pictures_that_cannot_be_used_get_an_openai_400(vl_server, pictures, tmp
         (_ask([], f"{web}/not.png"), "invalid_image", "not a picture"),
         (_ask([], f"{web}/missing.png"), "invalid_image_url", "could not fetch"),
         (_ask([], "http://127.0.0.1:9/none.png"), "invalid_image_url", "could not fetch"),
-        (_ask([], pictures[0]), "invalid_image_url", "must be a data URL"),
-        (_ask([], "file://" + pictures[0]), "invalid_image_url", "not file:"),
+        (_ask([], pictures[0]), "invalid_image_url", "image_url must be a data: URL or an http(s) URL"),
+        (_ask([], "file://" + pictures[0]), "invalid_image_url", "not a file: URL"),
         ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
             {"type": "image_url", "image_url": {"url": data_url(pictures[0])}}]},
           {"role": "user", "content": "and?"}], "invalid_request_error", "only a user message may carry images"),

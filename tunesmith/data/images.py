@@ -49,9 +49,10 @@ PARTS_KEY = "_image_parts"  # a message's image parts (ImageParts) while the row
 
 _IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 _OTHER_PART_TYPES = ("video", "video_url", "audio", "audio_url", "input_audio")
-_DATA_URL = re.compile(r"data:([^,]*?),", re.DOTALL)
+_DATA_URL = re.compile(r"data:([^,]*?),", re.DOTALL | re.IGNORECASE)
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 _FETCH_FIX = "download it and pass the local path (or a data: URL) instead."
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 
 
 class ImageError(TunesmithError, ValueError):
@@ -64,9 +65,19 @@ class ImageError(TunesmithError, ValueError):
         super().__init__(f"image {describe(ref)}: {reason}" + (f" Fix: {fix}" if fix else ""))
 
 
+def url_scheme(ref: Any) -> str:
+    """The scheme of a reference, in lower case ("data", "http", "https", "file"), or "" (a path, or not a string).
+    URL schemes are case-insensitive (RFC 3986): `DATA:image/png;base64,...` is a data URL, never a file name.
+    One letter before the colon is a Windows drive (C:\\pictures), not a scheme."""
+    if not isinstance(ref, str):
+        return ""
+    m = _SCHEME.match(ref.strip())
+    return m.group(1).lower() if m and len(m.group(1)) > 1 else ""
+
+
 def describe(ref: Any) -> str:
     """A reference for messages: data URLs and long values cut short (their length said)."""
-    if isinstance(ref, str) and ref.startswith("data:"):
+    if url_scheme(ref) == "data":
         head = ref.split(",", 1)[0]
         return f"'{head},...' ({len(ref)} characters)"
     if isinstance(ref, (bytes, bytearray)):
@@ -129,11 +140,12 @@ def _source(ref: str, timeout: float):
     if not isinstance(ref, str) or not ref.strip():
         raise ImageError(ref, "an empty reference, or not a string.", "give a path, a data: URL or an http(s) URL.")
     ref = ref.strip()
-    if ref.startswith(("http://", "https://")):
+    kind = url_scheme(ref)
+    if kind in ("http", "https"):
         return io.BytesIO(_fetch(ref, timeout))
-    if ref.startswith("data:"):
+    if kind == "data":
         return io.BytesIO(data_url_bytes(ref))
-    path = os.path.expanduser(file_url_path(ref) if ref.startswith("file:") else ref)
+    path = os.path.expanduser(file_url_path(ref) if kind == "file" else ref)
     if not os.path.isfile(path):
         raise _missing(ref, path)
     return path
@@ -217,10 +229,10 @@ def to_reference(value: Any) -> str:
         ref = value.strip()
         if not ref:
             raise ImageError(value, "an empty reference.", "give the picture's path or URL, or drop the entry.")
-        if ref.startswith("file:"):
+        if url_scheme(ref) == "file":
             return file_url_path(ref)
-        if len(ref) >= 16 and not ref.lower().startswith(("data:", "http://", "https://")) \
-                and _BASE64.fullmatch(ref) and not os.path.exists(ref):
+        if len(ref) >= 16 and url_scheme(ref) not in ("data", "http", "https") and _BASE64.fullmatch(ref) \
+                and not os.path.exists(ref):
             try:  # ms-swift reads strings that are not files as base64 (any length whose bytes are a picture)
                 return bytes_to_data_url(_b64decode(value, ref), value)
             except ImageError:
@@ -287,9 +299,9 @@ def check_reference(ref: str, base_dir: Optional[str] = None) -> str:
     exist from the current directory, else their absolute path under $ROOT_IMAGE_DIR or `base_dir` (the dataset
     file's folder) where they exist there. Raises ImageError: a missing file, a bad data URL, not an image,
     corrupt or truncated."""
-    if ref.startswith(("http://", "https://")):
+    if url_scheme(ref) in ("http", "https"):
         return ref
-    if ref.startswith("data:"):
+    if url_scheme(ref) == "data":
         check_bytes(data_url_bytes(ref), ref)
         return ref
     path = locate(ref, base_dir)
@@ -474,7 +486,7 @@ def _part_reference(r: Row, f: str, p: dict) -> tuple[str, Any]:
         if v is not None and not (isinstance(v, str) and not v.strip()):
             if isinstance(v, dict) and key == "image_url":
                 return f"{f}.image_url.url", v.get("url")
-            if key == "base64" and isinstance(v, str) and not v.startswith("data:"):
+            if key == "base64" and isinstance(v, str) and url_scheme(v) != "data":
                 try:
                     v = _b64decode(v, v)  # bytes: made a data URL of their real format
                 except ImageError as e:

@@ -72,7 +72,13 @@ class PromptTooLong(ValueError):
 
 class ImageInputError(ValueError):
     """A request's pictures cannot be used: the model (or the backend) takes text only, a picture cannot be read, or
-    the `<image>` tags do not match the pictures. The message is one line, for the CLI or an HTTP 400."""
+    the `<image>` tags do not match the pictures. The message is one line, for the CLI or an HTTP 400. picture: the
+    index (in `images`) of the picture that cannot be read, and reason what is wrong with it (no advice), when one
+    picture is the cause; else None."""
+
+    def __init__(self, message: str, picture: Optional[int] = None, reason: Optional[str] = None):
+        super().__init__(message)
+        self.picture, self.reason = picture, reason
 
 
 @dataclass
@@ -195,7 +201,10 @@ class ChatEngine:
         except DataError as e:
             raise ImageInputError(f"{e.problem} Fix: {e.fix}" if e.fix else e.problem) from None
         except ImageError as e:
-            raise ImageInputError(f"a picture cannot be read: {e}") from None
+            at = next((i for i, ref in enumerate(images) if ref is e.ref), None)
+            if at is None and e.ref in images:
+                at = images.index(e.ref)
+            raise ImageInputError(f"a picture cannot be read: {e}", at, e.reason) from None
 
     def image_problem(self, count: int) -> Optional[str]:
         """Why a prompt with `count` pictures cannot be answered (one line), or None: this engine takes none (a text

@@ -121,37 +121,80 @@ def error_body(status: int, message: str, code: str, param: Optional[str] = None
 
 def _text(content, where: str, role: str) -> str:
     """OpenAI content: a string or a list of parts; text parts are joined, an image part (a user message's) becomes
-    an `<image>` tag where it stands. where: the content's param (messages[i].content). Raises ApiError 400 for
-    another part type, an image outside a user message, or a part without its text/url (`_image_url`)."""
+    an `<image>` tag where it stands. where: the content's param (messages[i].content). Raises ApiError 400 naming
+    the field (`_part`) for a part that is not an object, without a type or of another type, a text part whose text
+    is missing or not a string, an image outside a user message, or an image part without its URL (`_image_url`)."""
     from tunesmith.data.encode import IMAGE_TAG
 
     if content is None or isinstance(content, str):
         return content or ""
     parts = []
     for k, p in enumerate(content):
-        kind = p.get("type") if isinstance(p, dict) else None
-        if kind == "text":
-            parts.append(p.get("text", ""))
-        elif kind == "image_url":
-            if role != "user":
-                raise ApiError(400, f"{where}[{k}]: only a user message may carry images (this is a {role} "
-                                    f"message)", param=f"{where}[{k}]")
-            _image_url(p, f"{where}[{k}]")
-            parts.append(IMAGE_TAG)
+        at = f"{where}[{k}]"
+        if _part(p, at) == "text":
+            parts.append(p["text"])
         else:
-            raise ApiError(400, f"{where}[{k}]: content parts of type {kind!r} are not supported; this server takes "
-                                f"'text' and 'image_url' parts", param=f"{where}[{k}].type")
+            if role != "user":
+                raise ApiError(400, f"{at}: only a user message may carry images (this is a {role} message)",
+                               param=at)
+            parts.append(IMAGE_TAG)
     return "".join(parts)
+
+
+def _part(p, at: str) -> str:
+    """A content part's type, "text" or "image_url", once its fields are as OpenAI requires: an object with a
+    string `type`; a text part's `text` a string; an image part's URL a non-empty string (`_image_url`). at: the
+    part's param (messages[i].content[k]). Raises ApiError 400 naming the field (param at.type, at.text, ...)."""
+    if not isinstance(p, dict):
+        raise ApiError(400, f"Invalid type for '{at}': expected an object (a content part such as {{\"type\": "
+                            f"\"text\", \"text\": \"...\"}}), but got {_json_type(p)}.", param=at)
+    kind = p.get("type")
+    if kind is None:
+        raise ApiError(400, f"Missing required parameter: '{at}.type' ('text' or 'image_url').", param=f"{at}.type")
+    if kind == "text":
+        if "text" not in p:
+            raise ApiError(400, f"Missing required parameter: '{at}.text'.", param=f"{at}.text")
+        if not isinstance(p["text"], str):
+            raise ApiError(400, f"Invalid type for '{at}.text': expected a string, but got {_json_type(p['text'])}.",
+                           param=f"{at}.text")
+        return kind
+    if kind == "image_url":
+        _image_url(p, at)
+        return kind
+    shown = repr(kind) if isinstance(kind, str) else f"a {_json_type(kind)}"
+    raise ApiError(400, f"Invalid value for '{at}.type': content parts of type {shown} are not supported; this "
+                        f"server takes 'text' and 'image_url' parts.", param=f"{at}.type")
+
+
+def _json_type(value) -> str:
+    """The JSON name of a value's type, for messages (a number, a string, an array...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _image_url(part: dict, where: str) -> str:
     """The URL of an `image_url` part: {"image_url": {"url": URL, "detail": ...}} or the plain {"image_url": URL}
-    (detail is accepted and ignored: the picture is sized by --max_pixels). Raises ApiError 400 without one."""
+    (detail is accepted and ignored: the picture is sized by --max_pixels). Raises ApiError 400 naming the field
+    without one, or with one that is not a non-empty string."""
     value = part.get("image_url")
-    url = value.get("url") if isinstance(value, dict) else value
-    if not isinstance(url, str) or not url.strip():
-        raise ApiError(400, f"{where}.image_url: expected {{\"url\": \"data:image/png;base64,...\"}} (or an "
-                            f"http(s) URL)", param=f"{where}.image_url")
+    if isinstance(value, dict):
+        url, at = value.get("url"), f"{where}.image_url.url"
+    else:
+        url, at = value, f"{where}.image_url"
+    if url is None:
+        raise ApiError(400, f"Missing required parameter: '{at}' (expected {{\"url\": "
+                            f"\"data:image/png;base64,...\"}}, or an http(s) URL).", param=at)
+    if not isinstance(url, str):
+        raise ApiError(400, f"Invalid type for '{at}': expected a string (a data: URL or an http(s) URL), but got "
+                            f"{_json_type(url)}.", param=at)
+    if not url.strip():
+        raise ApiError(400, f"Invalid value for '{at}': an empty URL; expected a data: URL "
+                            f"(data:image/png;base64,...) or an http(s) URL.", param=at)
     return url.strip()
 
 

@@ -2,10 +2,11 @@
 
 Handlers are async and never hold a lock: each request renders its prompt (in a worker thread), submits its
 sequences to the engine's scheduler (continuous batching across requests) and awaits its tokens on the event loop.
-A request's pictures (`image_url` parts) are fetched and checked (tunesmith.serve.images), then decoded into pixel
-inputs with the prompt, all in worker threads, so one client's pictures never hold up another's request; requests
-with and without pictures share the engine's batches.
-A client that disconnects cancels its sequences (their batch slots are freed at the next decoding step). Streams
+A request's pictures (`image_url` parts) are fetched (on tunesmith.serve.images' own fetch threads, with a
+deadline) and checked, then decoded into pixel inputs with the prompt in worker threads, so one client's pictures
+never hold up another's request; requests with and without pictures share the engine's batches.
+A client that disconnects cancels its sequences (their batch slots are freed at the next decoding step): a stream
+when its events can no longer be sent, a non-streamed request as soon as the disconnect arrives (`_wait`). Streams
 are SSE events ending in `data: [DONE]`.
 
 A new endpoint is one handler here, taking the request model (`tunesmith.serve.protocol`) and `request`
@@ -95,29 +96,30 @@ class Server:
                                     f"the completion). Please reduce the length of the {where} or {name}.",
                                code="context_length_exceeded", param=name)
 
-    async def pictures(self, req: ChatRequest) -> list[str]:
-        """The request's pictures (its image_url parts, in order) as references the engine reads, fetched and checked
-        in a worker thread (tunesmith.serve.images); [] without any. Raises ApiError 400 before anything is fetched
-        when the model takes no pictures (or not that many), else as `images.resolve_images`."""
-        from starlette.concurrency import run_in_threadpool
-
+    async def pictures(self, req: ChatRequest) -> tuple[list[str], list[tuple[str, str]]]:
+        """The request's pictures (its image_url parts, in order) as `data:` URLs the engine reads, fetched and
+        checked off the event loop (tunesmith.serve.images), and their [(param, url as given)]; ([], []) without
+        any. Raises ApiError 400 before anything is fetched when the model takes no pictures (or not that many),
+        else as `images.resolve_images`."""
         from tunesmith.serve.images import resolve_images
 
         urls = image_urls(req)
         if not urls:
-            return []
+            return [], []
         problem = self.engine.image_problem(len(urls))
         if problem:
             raise ApiError(400, problem, code="invalid_image", param=urls[0][0])
-        return await run_in_threadpool(resolve_images, urls, self.max_image_bytes)
+        return await resolve_images(urls, self.max_image_bytes), urls
 
-    async def prompt(self, messages: list[dict], tools, template_kwargs: dict, images: Optional[list] = None):
+    async def prompt(self, messages: list[dict], tools, template_kwargs: dict, images: Optional[list] = None,
+                     urls: Optional[list] = None):
         """Render and tokenise in a worker thread, with the pictures' pixels: a long prompt or a large picture never
         stalls the event loop.
 
-        images: references from `pictures`. Returns an `inference.chat.Prompt` (ids [T]). Raises ApiError 400: code
-        context_length_exceeded when the prompt fills the context, invalid_image when the pictures cannot be used
-        (inference.chat.ImageInputError), or the template's own refusal of these messages."""
+        images: references from `pictures`, urls its [(param, url)] (named in errors). Returns an
+        `inference.chat.Prompt` (ids [T]). Raises ApiError 400: code context_length_exceeded when the prompt fills
+        the context, invalid_image when the pictures cannot be used (inference.chat.ImageInputError; a picture that
+        does not decode is named by its part), or the template's own refusal of these messages."""
         from starlette.concurrency import run_in_threadpool
 
         from tunesmith.inference.chat import ImageInputError, PromptTooLong
@@ -128,6 +130,13 @@ class Server:
         except PromptTooLong as e:
             raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from None
         except ImageInputError as e:
+            if e.picture is not None and urls and e.picture < len(urls):
+                from tunesmith.serve.images import shown
+
+                param, url = urls[e.picture]
+                raise ApiError(400, f"{param}: the picture {shown(url)} cannot be decoded: {e.reason} Send the "
+                                    f"complete picture (PNG, JPEG, WebP, GIF or BMP)", code="invalid_image",
+                               param=param) from None
             raise ApiError(400, str(e), code="invalid_image", param="messages") from None
         except Exception as e:  # noqa: BLE001 - the template refused these messages (raise_exception in Jinja)
             raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
@@ -151,21 +160,34 @@ class Server:
 
 
 async def _wait(handles: list, request) -> list:
-    """All completions; if the client goes away first, cancel the sequences (their slots free at the next step)."""
-    task = asyncio.ensure_future(asyncio.gather(*(h.aresult() for h in handles)))
+    """All completions; if the client goes away first, cancel the sequences (their slots free at the next step).
+
+    The disconnect is awaited (`_gone`), not polled with `request.is_disconnected()`: behind a `BaseHTTPMiddleware`
+    (the API-key check) that poll never sees the client leave, and a non-streamed request would generate to its
+    end for nobody."""
+    result = asyncio.ensure_future(asyncio.gather(*(h.aresult() for h in handles)))
+    gone = asyncio.ensure_future(_gone(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                for h in handles:
-                    h.cancel()
-                return await task
-    finally:
-        if not task.done():
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not result.done():
             for h in handles:
                 h.cancel()
+        return await result
+    finally:
+        gone.cancel()
+        if not result.done():
+            for h in handles:
+                h.cancel()
+
+
+async def _gone(request) -> None:
+    """Returns once the client of a request whose body was read has gone away (ASGI's http.disconnect; a receive
+    channel that fails counts as gone)."""
+    try:
+        while (await request.receive()).get("type") != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - the server tore the connection down
+        return
 
 
 def _generation_error(error: BaseException) -> ApiError:
@@ -245,7 +267,8 @@ async def chat_completion(server: Server, req: ChatRequest, request: Request):
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
         kwargs.setdefault("enable_thinking", req.enable_thinking)
-    prompt = await server.prompt(messages, req.tools, kwargs, await server.pictures(req))
+    images, urls = await server.pictures(req)
+    prompt = await server.prompt(messages, req.tools, kwargs, images, urls)
     server.check_room(prompt, req, "messages")
     prompt.tools = bool(req.tools) and req.tool_choice != "none"
     handles = server.submit(prompt, cfg, adapter)
