@@ -417,6 +417,8 @@ def test_grpo_with_image_prompts_raises_its_reward(tiny_vl_models, tmp_path, mon
     last = sum(r["reward"] for r in log[-5:]) / 5
     assert last > first + 0.12, (first, last)  # measured: 0.50 -> 0.68
     assert submitted and all(submitted)
+    logged = read_jsonl(os.path.join(res["run_dir"], "completions.jsonl"))[0]
+    assert logged["images"][0] in [r["images"][0] for r in rows]  # each rollout line says which picture
 
 
 def test_the_engine_never_samples_a_picture_placeholder(tiny_vl_models):

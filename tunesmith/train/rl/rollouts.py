@@ -538,9 +538,14 @@ class Rollouts:
             return
         g = self.method.num_generations
         names = [fn.name for fn in self.reward_fns]
+        from tunesmith.data.images import describe, url_scheme
+
         with open(self.log_path, "a", encoding="utf-8") as fh:
             for i, text in enumerate(texts):
+                pictures = prompts[i // g].get("images")  # data: URLs cut short (their length said)
                 fh.write(json.dumps({"round": self.rounds_done, "prompt": prompts[i // g]["messages"],
+                                     **({"images": [describe(p) if url_scheme(p) == "data" else p
+                                                    for p in pictures]} if pictures else {}),
                                      "completion": text,
                                      "rewards": {n: (None if math.isnan(v) else v) for n, v in zip(names, per_func[i])},
                                      "reward": combined[i], "advantage": advantages[i]}, ensure_ascii=False) + "\n")
