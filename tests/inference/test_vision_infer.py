@@ -190,7 +190,7 @@ def test_infer_over_rows_with_images_writes_results(vl_models, tiny_models, pict
 
     rows = _image_rows(pictures)
     loaded = LoadResult(records=rows, sources=[("rows.jsonl", i + 1) for i in range(len(rows))])
-    args = SimpleNamespace(stream=False, max_batch_size=4, metric=None)
+    args = SimpleNamespace(stream=False, max_batch_size=4, metric=None, strict=True)
     chat = vl_chat(vl_models("qwen2_5_vl"), defaults=GenConfig(max_new_tokens=6, temperature=0))
     try:
         assert batch_infer(chat, args, loaded, str(tmp_path / "out.jsonl")) == 3
