@@ -44,6 +44,7 @@ from typing import Any, Iterator, Optional
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.budget import BatchPlan, measure_memory, model_shape, plan_batch
 from tunesmith.inference.sampling import random_seed, sample_tokens, stop_string_hit
+from tunesmith.inference.vision import check_images, engine_vision, prefill_inputs
 
 # A prefill batch holds at most this many (padded) prompt tokens, so one huge prompt does not stall the batch
 # behind it for long and the prefill activations stay bounded; a single longer prompt still runs alone.
@@ -210,8 +211,9 @@ class GenerationEngine:
         # real vocabulary (151,936) is most of a decoding step's memory traffic.
         self._head = chunked_head(model)
         self._cache_kw = _cache_keyword(model)
-        self._banned = _placeholder_ids(model)  # a vision-language model never samples a picture's placeholder
-        self._vision = _vision_of(model)  # a vision-language model's image token and M-RoPE function, else None
+        self._vision = engine_vision(model)  # a vision-language model's image token and M-RoPE function, else None
+        # a vision-language model never samples a picture's placeholder
+        self._banned = self._vision.placeholders if self._vision is not None else ()
         self._held: Optional[list] = None  # (handle, Completion) ended during the step in progress
 
     # -------------------------------------------------------------- public
@@ -237,7 +239,7 @@ class GenerationEngine:
         if adapter and adapter not in self._adapter_names:
             raise ValueError(f"no adapter named {adapter!r}; loaded: {', '.join(self._adapter_names) or 'none'}")
         if images or self._vision is not None:
-            _check_images(self._vision, prompt_ids, images or None)
+            check_images(self._vision, prompt_ids, images or None)
         room = self.max_model_len - len(prompt_ids)
         params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens or room, room)))
         handle = Handle(prompt_ids, params, adapter, loop, images or None)
@@ -364,7 +366,7 @@ class GenerationEngine:
 
     def _prefill(self, state: "_Batch", handles: list[Handle]) -> None:
         """Run the new prompts as one left-padded batch, choose their first tokens, and join them to the batch.
-        A batch with pictures also feeds them, with every row's M-RoPE positions (`_vision_inputs`)."""
+        A batch with pictures also feeds them, with every row's M-RoPE positions (`inference.vision.prefill_inputs`)."""
         import torch
         from transformers import DynamicCache
 
@@ -377,7 +379,7 @@ class GenerationEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         vision: dict = {}
         if any(h.images for h in handles):
-            vision, pos, deltas = self._vision_inputs(handles, ids, mask)
+            vision, pos, deltas = prefill_inputs(self._vision, handles, ids, mask, self.device)
             for r, delta in zip(rows, deltas):
                 r.position += delta
         cache = DynamicCache()
@@ -387,22 +389,6 @@ class GenerationEngine:
             self._end(r)
         if keep:
             state.join([rows[i] for i in keep], cache, mask, keep)
-
-    def _vision_inputs(self, handles: list[Handle], ids, mask) -> tuple[dict, Any, list[int]]:
-        """For a prefill batch with pictures: (the vision tower's inputs — pixel_values [P, D] and image_grid_thw
-        [N, 3], every row's pictures in row order —, M-RoPE position ids [3, B, T] from the model's own
-        get_rope_index (padding 0; a text row's plain positions on all three axes), each row's rope delta: its
-        M-RoPE position after the prompt minus its length, 0 for a text row). The handles' pixels are let go."""
-        import torch
-
-        pictures = [h.images for h in handles if h.images]
-        for h in handles:
-            h.images = None
-        grid = torch.cat([p["image_grid_thw"] for p in pictures]).to(self.device)
-        pixels = torch.cat([p["pixel_values"] for p in pictures]).to(self.device)
-        kinds = (ids == self._vision.image_token_id).int()  # transformers' mm_token_type_ids: 1 = image
-        pos, deltas = self._vision.rope_index(ids, mm_token_type_ids=kinds, image_grid_thw=grid, attention_mask=mask)
-        return {"pixel_values": pixels, "image_grid_thw": grid}, pos, [int(d) for d in deltas.flatten().tolist()]
 
     def _beam_search(self, handle: Handle) -> None:
         import torch
@@ -436,7 +422,7 @@ class GenerationEngine:
     def _forward(self, rows: list[_Row], ids, mask, pos, cache, vision: Optional[dict] = None):
         """One forward pass over [B, T] tokens; returns the last position's output: hidden states [B, H] (when the
         head can be applied apart) or logits [B, V]. pos: [B, T], or [3, B, T] M-RoPE positions; vision: a
-        prefill's pixel_values and image_grid_thw (`_vision_inputs`), else nothing."""
+        prefill's pixel_values and image_grid_thw (`inference.vision.prefill_inputs`), else nothing."""
         adapters = self._adapter_kwargs(rows)
         if self._head is not None and not adapters:
             decoder, _ = self._head
@@ -661,65 +647,6 @@ def _left_pad(t, width: int, dim: int = 2):
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
     return F.pad(t, pad)
-
-
-@dataclass(frozen=True)
-class _Vision:
-    """What the engine needs of a vision-language model: its image placeholder id, the vision tower's merge size
-    (merge² patches make one image token) and its M-RoPE position function (transformers' `get_rope_index`:
-    (input_ids [B, T], mm_token_type_ids, image_grid_thw, attention_mask) -> (positions [3, B, T], deltas [B, 1]))."""
-    image_token_id: int
-    merge: int
-    rope_index: Any
-
-
-def _vision_of(model) -> Optional[_Vision]:
-    """The _Vision of a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: a config with a vision_config and
-    an image_token_id, a `model.get_rope_index`), also under peft; None for any other model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = getattr(base, "config", None)
-    rope_index = getattr(getattr(base, "model", None), "get_rope_index", None)
-    token = getattr(cfg, "image_token_id", None)
-    if getattr(cfg, "vision_config", None) is None or rope_index is None or token is None:
-        return None
-    return _Vision(int(token), int(cfg.vision_config.spatial_merge_size), rope_index)
-
-
-def _check_images(vision: Optional[_Vision], prompt_ids: list, images: Optional[dict]) -> None:
-    """Raise ValueError unless the prompt's pictures fit the model and the prompt: a text-only model takes none;
-    a vision-language model's prompt holds exactly as many image placeholders as its pictures make tokens
-    (grid_t·grid_h·grid_w / merge² each) and pixel_values has a row per patch (a literal `<|image_pad|>` typed in
-    a text prompt is refused here too, before it could fail the batch)."""
-    if vision is None:
-        raise ValueError("this model takes text only (it has no vision tower), so a prompt with pictures cannot "
-                         "be answered; serve a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
-    placeholders = sum(1 for t in prompt_ids if t == vision.image_token_id)
-    tokens, patches = 0, 0
-    if images:
-        grid = images["image_grid_thw"]
-        patches = int(grid.prod(-1).sum())
-        tokens = patches // vision.merge ** 2
-        if int(images["pixel_values"].shape[0]) != patches:
-            raise ValueError(f"pixel_values has {int(images['pixel_values'].shape[0])} rows but image_grid_thw "
-                             f"{grid.tolist()} makes {patches} patches")
-    if placeholders != tokens:
-        raise ValueError(f"the prompt holds {placeholders} image placeholder token(s) but its "
-                         f"{0 if not images else len(images['image_grid_thw'])} picture(s) make {tokens}: each "
-                         f"picture's placeholder must be repeated once per image token "
-                         f"(tunesmith.data.vision.expand_images), and a text prompt may not hold any")
-
-
-def _placeholder_ids(model) -> tuple:
-    """The token ids a vision-language model's pictures are written with (image and video placeholders): never
-    sampled — a generated one would be a placeholder without a picture in the next prompt or training batch, which the
-    model refuses ("Image features and image tokens do not match"). () for a text model."""
-    from tunesmith.models.load import unwrap_model
-
-    config = getattr(unwrap_model(model), "config", None)
-    if getattr(config, "vision_config", None) is None:
-        return ()
-    return tuple(int(t) for t in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
-                 if t is not None)
 
 
 def _cache_keyword(model) -> str:
