@@ -183,7 +183,7 @@ def kto(logratio: Tensor, desirable: Tensor, kl: Tensor, beta: float, desirable_
 # importance ratio, A the advantage of a completion. Everything follows ms-swift 4.6 (rl_core/advantage.py and
 # GRPOTrainer._compute_loss_and_metrics in rlhf_trainers/grpo_trainer.py), which is the CLI's contract.
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "real", "fipo", "luspo")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
@@ -316,6 +316,8 @@ def _grpo_per_token(loss_type: str, coef_1: Tensor, adv: Tensor, logps: Tensor, 
         gate_pos = torch.sigmoid(tau_pos * (coef_1 - 1)) * (4.0 / tau_pos)
         gate_neg = torch.sigmoid(tau_neg * (coef_1 - 1)) * (4.0 / tau_neg)
         return -torch.where(adv > 0, gate_pos, gate_neg) * adv, coef_1
+    if loss_type == "real":  # REAL's loss is its own (grpo_variants.real_loss); no per-token surrogate
+        return torch.zeros_like(logps), coef_1
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
     if delta is not None:
         # two-sided clipping (INTELLECT-2, arXiv:2505.07291): bound r from above in the unclipped term too, so a
@@ -329,6 +331,8 @@ def _grpo_reduce(loss_type: str, per_token: Tensor, mask: Tensor, max_completion
     """Aggregate the per-token loss as ms-swift 4.6 grpo_trainer.py:1082-1132; see grpo_loss."""
     if loss_type in ("grpo", "sapo"):
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "luspo":  # TRL 1.16: each completion's summed loss, averaged over the completions
+        return (per_token * mask).sum(-1).mean()
     if loss_type == "bnpo":
         return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
     if loss_type == "dr_grpo":
@@ -342,56 +346,97 @@ def _grpo_reduce(loss_type: str, per_token: Tensor, mask: Tensor, max_completion
 def grpo_loss(loss_type: str, *, logps: Tensor, old_logps: Tensor, ref_logps, advantages: Tensor, mask: Tensor,
               beta: float, epsilon_low: float, epsilon_high: float, delta=None,
               importance_sampling_level: str = "token", max_completion_length=None, num_items_in_batch=None,
-              num_processes: int = 1, entropy_mask=None, tau_pos: float = 1.0, tau_neg: float = 1.05):
+              num_processes: int = 1, entropy_mask=None, tau_pos: float = 1.0, tau_neg: float = 1.05,
+              variants=None, rollout_logps=None):
     """The GRPO-family policy loss (scalar, nats) and its metrics, as ms-swift 4.6 GRPOTrainer
     (rlhf_trainers/grpo_trainer.py:972-1226). Inputs: logps, old_logps [N, T] (old_logps = logps.detach() when
     there is one update per generation), ref_logps [N, T] or None, advantages [N] (or [N, T]), mask [N, T]
     (1 = completion token; 0 = padding or a completion excluded, e.g. truncated with overlong_filter),
-    entropy_mask [N, T] or None (top_entropy_quantile: 1 = token kept).
+    entropy_mask [N, T] or None (top_entropy_quantile: 1 = token kept), variants (grpo_variants.GRPOVariants: the
+    options below; None = all off), rollout_logps [N, T] or None (the sampling engine's own log-probs).
 
     Ratio: r = e^{logp − old} per token ("token"); "sequence" uses one ratio per completion, the exp of the masked
     mean log-ratio (GSPO's s_i(θ), Zheng et al. 2025, arXiv:2507.18071); "sequence_token" has that value with a
     per-token gradient (GSPO-token; grpo_trainer.py:1008-1023). Per-token loss ℓ, by loss_type:
-      grpo, bnpo, dr_grpo, dapo: −min(r'·A, clip(r, 1−ε_low, 1+ε_high)·A) (PPO/GRPO surrogate), r' = min(r, delta)
-        when delta is set, else r;
+      grpo, bnpo, dr_grpo, dapo, luspo: −min(r'·A, clip(r, 1−ε_low, 1+ε_high)·A) (PPO/GRPO surrogate),
+        r' = min(r, delta) when delta is set, else r; fipo: the same times FIPO's influence weight
+        (grpo_variants.fipo_influence);
       cispo: −sg(min(r, ε_high))·A·logp (ε_high is the absolute bound here, as ms-swift);
-      sapo: −g(r)·A with g(r) = σ(τ(r−1))·4/τ, τ = tau_pos when A > 0 else tau_neg.
+      sapo: −g(r)·A with g(r) = σ(τ(r−1))·4/τ, τ = tau_pos when A > 0 else tau_neg;
+      real: none — REAL's group loss (grpo_variants.real_loss) plus β·(token mean of the KL).
     ℓ is multiplied by entropy_mask, then β·KL (k3, grpo_k3_kl) is added when β ≠ 0 and ref_logps is given
-    (pass ref_logps None when the KL is in the reward instead). Aggregation: grpo and sapo average each
-    completion's tokens, then the N completions (fully masked rows count in N); bnpo sums over tokens / number of
-    tokens; dr_grpo sums / (N · max_completion_length) (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783); dapo and
-    cispo sum / (num_items_in_batch / num_processes), num_items_in_batch being the completion tokens of the
-    global batch (all processes, whole accumulation window; default: mask.sum() of this batch) — undoing the
-    trainer's division by the accumulation steps is the caller's business (grpo_trainer.py:1228-1243).
+    (pass ref_logps None when the KL is in the reward instead), then multiplied by the rollout importance-sampling
+    weights (variants.rollout_is_mode, grpo_variants.rollout_is_weights, when rollout_logps are given); with
+    variants.off_policy_sequence_mask_delta the completions `grpo_variants.off_policy_sequence_mask` drops leave
+    the mask. Aggregation: grpo and sapo average each completion's tokens, then the N completions (fully masked
+    rows count in N); luspo sums each completion's tokens, then averages over the N (TRL 1.16's LUSPO); bnpo sums
+    over tokens / number of tokens; dr_grpo sums / (N · max_completion_length) (Dr. GRPO, Liu et al. 2025,
+    arXiv:2503.20783); dapo, cispo and fipo sum / (num_items_in_batch / num_processes), num_items_in_batch being
+    the completion tokens of the global batch (all processes, whole accumulation window; default: mask.sum() of
+    this batch) — undoing the trainer's division by the accumulation steps is the caller's business
+    (grpo_trainer.py:1228-1243).
 
     Metrics (detached 0-dim tensors, per process; ms-swift gathers them and also logs low_min/high_max):
     "kl" (masked token mean, when the KL is computed), and either "clip_ratio/low_mean" (r' < 1−ε_low and A < 0),
     "clip_ratio/high_mean" (r' > 1+ε_high and A > 0), "clip_ratio/region_mean" (either) as masked token means,
-    or for cispo "cispo_clip_ratio" (r > ε_high and A > 0); sapo has no clip metric. Raises ValueError for an
-    unknown loss type or importance-sampling level, or dr_grpo without max_completion_length."""
+    or for cispo "cispo_clip_ratio" (r > ε_high and A > 0); sapo and real have no clip metric; fipo adds
+    fipo/future_kl_mean, fipo/influence_weight_mean, fipo/safety_keep_ratio; rollout logps with the correction or
+    variants.log_rollout_offpolicy_metrics add rollout_correction/* (grpo_variants.rollout_offpolicy_metrics and
+    is_correction_metrics). Raises ValueError for an unknown loss type or importance-sampling level, dr_grpo
+    without max_completion_length, or real without whole groups."""
+    from tunesmith.train.ops import grpo_variants as V
+
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"unknown GRPO loss type {loss_type!r} (expected one of {', '.join(GRPO_LOSS_TYPES)})")
+    var = variants or V.GRPOVariants()
     mask = mask.to(logps.dtype)
     adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand_as(logps)
+    is_weights, metrics = V.rollout_correction(var, old_logps, rollout_logps, mask)
     coef_1 = torch.exp(_importance_log_weights(logps, old_logps, mask, importance_sampling_level))
     per_token, ratio = _grpo_per_token(loss_type, coef_1, adv, logps, epsilon_low, epsilon_high, delta,
                                        tau_pos, tau_neg)
+    fipo = None
+    if loss_type == "fipo":
+        weight, fipo = V.fipo_influence(logps - old_logps, coef_1, adv, mask, gamma=var.fipo_gamma,
+                                        clip_range=var.fipo_clip_range, clip_high_only=var.fipo_clip_high_only,
+                                        safety_threshold=var.fipo_safety_threshold, delta=delta)
+        per_token = per_token * weight
     if entropy_mask is not None:
         per_token = per_token * entropy_mask
     kl = grpo_k3_kl(logps, ref_logps) if beta != 0.0 and ref_logps is not None else None
     if kl is not None:
         per_token = per_token + beta * kl
-    loss = _grpo_reduce(loss_type, per_token, mask, max_completion_length, num_items_in_batch, num_processes)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    if var.off_policy_sequence_mask_delta is not None:
+        behaviour = old_logps if rollout_logps is None else rollout_logps
+        mask = mask * V.off_policy_sequence_mask(logps, behaviour, mask, adv, var.off_policy_sequence_mask_delta)\
+            .unsqueeze(-1).to(mask.dtype)
+    if loss_type == "real":
+        loss = V.real_loss(logps - old_logps, mask, adv, var.num_generations, var.real_tau)
+        if kl is not None:
+            loss = loss + beta * (kl * mask).sum() / mask.sum().clamp(min=1.0)
+    else:
+        loss = _grpo_reduce(loss_type, per_token, mask, max_completion_length, num_items_in_batch, num_processes)
+    return loss, {**metrics, **_grpo_metrics(loss_type, mask, kl, ratio, adv, epsilon_low, epsilon_high, fipo)}
 
+
+def _grpo_metrics(loss_type: str, mask: Tensor, kl, ratio: Tensor, adv: Tensor, epsilon_low: float,
+                  epsilon_high: float, fipo) -> dict:
+    """grpo_loss's metrics (see there): masked token means over the final mask."""
     def _masked_mean(x):
         return (x.to(mask.dtype) * mask).sum().detach() / mask.sum().clamp(min=1.0)
 
     metrics = {} if kl is None else {"kl": _masked_mean(kl)}
+    if fipo is not None:
+        metrics.update({"fipo/future_kl_mean": _masked_mean(fipo["future_kl"]),
+                        "fipo/influence_weight_mean": _masked_mean(fipo["influence_weight"]),
+                        "fipo/safety_keep_ratio": _masked_mean(fipo["safety_mask"])})
     if loss_type == "cispo":
         metrics["cispo_clip_ratio"] = _masked_mean((ratio > epsilon_high) & (adv > 0))
-    elif loss_type != "sapo":
+    elif loss_type not in ("sapo", "real"):
         low = (ratio < 1 - epsilon_low) & (adv < 0)
         high = (ratio > 1 + epsilon_high) & (adv > 0)
         metrics.update({"clip_ratio/low_mean": _masked_mean(low), "clip_ratio/high_mean": _masked_mean(high),
                         "clip_ratio/region_mean": _masked_mean(low | high)})
-    return loss, metrics
+    return metrics
