@@ -110,7 +110,18 @@ def test_flags_the_issue_names():
     assert parse_args("rlhf", ["--gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
     assert parse_args("infer", ["--vllm_gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
     with pytest.raises(ArgError, match="does not support yet: that GRPO option is not implemented"):
-        parse_args("rlhf", ["--sleep_level", "1"])
+        parse_args("rlhf", ["--multi_turn_scheduler", "x"])
+    # #33: GRPO's memory options for a colocated vLLM are refused with their own reason
+    for flag in ("sleep_level", "offload_model", "offload_optimizer", "gc_collect_after_offload"):
+        with pytest.raises(ArgError, match="frees GPU memory between a colocated vLLM") as e:
+            parse_args("rlhf", [f"--{flag}", "1"])
+        assert "--vllm_gpu_memory_utilization" in str(e.value)
+    # and its loss/advantage variants and sampling options are real flags
+    args = parse_args("rlhf", ["--rlhf_type", "grpo", "--kl_in_reward", "true", "--min_p", "0.1", "--real_tau",
+                               "0.3", "--rollout_importance_sampling_mode", "token_mask",
+                               "--off_policy_sequence_mask_delta", "0.5", "--num_generations_eval", "2"])
+    assert (args.kl_in_reward, args.min_p, args.real_tau, args.rollout_importance_sampling_mode,
+            args.off_policy_sequence_mask_delta, args.num_generations_eval) == (True, 0.1, 0.3, "token_mask", 0.5, 2)
     # --tuner_backend: peft (ms-swift's default) is what tunesmith does; unsloth is refused with the reason
     assert parse_args("sft", ["--tuner_backend", "peft"]).tuner_backend == "peft"
     with pytest.raises(ArgError, match="unsloth.*peft"):

@@ -18,6 +18,8 @@ PARAMS = [SamplingParams(max_new_tokens=40, temperature=0.9),
           SamplingParams(max_new_tokens=40, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.3),
           SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.2),  # greedy, penalised
           SamplingParams(max_new_tokens=40, temperature=0.5, top_k=-1, repetition_penalty=0.8)]
+MIN_P = [SamplingParams(max_new_tokens=40, temperature=1.1, min_p=0.05),  # GRPO's --min_p
+         SamplingParams(max_new_tokens=40, temperature=0.8, top_k=100, top_p=0.95, min_p=0.2)]
 
 
 def _row(params, seed, prompt=(1, 2, 3), generated=()):
@@ -56,16 +58,18 @@ def test_a_rows_tokens_depend_only_on_its_logits_and_seed():
     assert same == [_run([_row(PARAMS[3], s)], 30)[0] for s in seeds]
     assert all(len(set(t)) > 5 for t in together[:4])  # the sampled rows really vary
     assert len({tuple(t) for t in _run([_row(PARAMS[0], s) for s in range(8)], 30)}) == 8  # seeds differ
+    mixed = _run([_row(p, s) for p, s in zip(MIN_P + PARAMS[:2], seeds)], 30)  # min-p rows in a batch and alone
+    assert mixed[:2] == [_run([_row(p, s)], 30)[0] for p, s in zip(MIN_P, seeds)]
 
 
 def test_processors_equal_transformers_on_each_row_of_a_mixed_batch():
-    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
 
-    rows = [_row(p, i, prompt=[5, 7, 9, 700], generated=[9, 33]) for i, p in enumerate(PARAMS)]
+    rows = [_row(p, i, prompt=[5, 7, 9, 700], generated=[9, 33]) for i, p in enumerate(PARAMS + MIN_P)]
     logits = torch.stack([_logits(i, 0) for i in range(len(rows))])
     ours = processed_scores(logits, rows)
-    for i, (r, p) in enumerate(zip(rows, PARAMS)):
+    for i, (r, p) in enumerate(zip(rows, PARAMS + MIN_P)):
         ids = torch.tensor([r.handle.prompt_ids + r.generated])
         want = logits[i:i + 1].clone()
         if p.repetition_penalty != 1.0:
@@ -76,11 +80,14 @@ def test_processors_equal_transformers_on_each_row_of_a_mixed_batch():
                 want = TopKLogitsWarper(p.top_k)(ids, want)
             if p.top_p < 1:
                 want = TopPLogitsWarper(p.top_p)(ids, want)
+            if p.min_p > 0:
+                want = MinPLogitsWarper(p.min_p)(ids, want)
         kept = torch.isfinite(want[0])
         assert torch.equal(torch.isfinite(ours[i]), kept), i  # the same tokens removed
         # the same scores: 1/T is a float32 multiplier here, a division there (≤ 1 ulp apart)
         torch.testing.assert_close(ours[i][kept], want[0][kept], rtol=3e-7, atol=0)
     assert int(torch.isfinite(ours[1]).sum()) == 20  # top-k 20 keeps 20
+    assert 1 < int(torch.isfinite(ours[6]).sum()) < V  # min-p removes some tokens, not all
     picks = sample_tokens(logits, rows)
     assert picks[4] == int(ours[4].argmax())  # greedy: the arg-max of the penalised logits
 

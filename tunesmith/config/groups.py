@@ -239,7 +239,8 @@ class RLHFArgs:
                                     "JSD's interpolation, 0 forward KL(teacher ‖ student), 1 reverse KL).")
     loss_type: List[str] = _f(help="DPO loss variant(s): sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, "
                                    "sppo_hard, apo_zero, apo_down, discopop, sft; several with --loss_weights. "
-                                   "CPO/SimPO: one of sigmoid, hinge, ipo, simpo.",
+                                   "CPO/SimPO: one of sigmoid, hinge, ipo, simpo. GRPO: one of grpo, bnpo, "
+                                   "dr_grpo, dapo, cispo, sapo, real, fipo, luspo.",
                               list_default=[])
     loss_weights: List[float] = _f(help="One weight per --loss_type (default 1 each).", list_default=[])
     label_smoothing: float = _f(0.0, help="Probability (0-0.5) that a preference label is flipped: cDPO, robust, "
@@ -339,6 +340,39 @@ class GRPOArgs:
                                                "which the penalty grows (DAPO's L_cache).")
     tau_pos: float = _f(1.0, help="GRPO --loss_type sapo: gate temperature for positive advantages.")
     tau_neg: float = _f(1.05, help="GRPO --loss_type sapo: gate temperature for negative advantages.")
+    kl_in_reward: Optional[bool] = _f(help="GRPO: subtract β x each completion's KL to the reference (summed over "
+                                           "its tokens, from the sampling policy) from its reward before the "
+                                           "advantages, instead of a KL term in the loss. Default: false for "
+                                           "--advantage_estimator grpo, true for rloo and reinforce_plus_plus "
+                                           "(ms-swift); off with --scale_rewards gdpo.")
+    num_generations_eval: Optional[int] = _f(help="GRPO: completions sampled per validation prompt (default "
+                                                  "--num_generations).")
+    min_p: float = _f(0.0, help="GRPO: min-p sampling of the rollouts: tokens less likely than min_p x the most "
+                                "likely token's probability are never sampled (0: off).")
+    real_tau: float = _f(0.5, help="GRPO --loss_type real: temperature tau of REAL's group loss (the gradient weight "
+                                   "of each completion is bounded by 1/tau).")
+    fipo_decay_rate: float = _f(32.0, help="GRPO --loss_type fipo: half-life (tokens) of the Future-KL discount.")
+    fipo_clip_range: Optional[float] = _f(0.2, help="GRPO --loss_type fipo: clip of the influence weight, [1 - c, "
+                                                    "1 + c] (0: none).")
+    fipo_clip_high_only: bool = _f(True, help="GRPO --loss_type fipo: clip the influence weight to [1, 1 + c] "
+                                              "only.")
+    fipo_safety_threshold: Optional[float] = _f(4.0, help="GRPO --loss_type fipo: tokens with a negative "
+                                                          "advantage and a ratio above this keep a weight in "
+                                                          "[0.8, 1].")
+    off_policy_sequence_mask_delta: Optional[float] = _f(help="GRPO: leave out of the loss the completions with a "
+                                                              "negative advantage whose mean log-ratio (sampler − "
+                                                              "policy) exceeds this (DeepSeek-V3.2); default off.")
+    rollout_importance_sampling_mode: Optional[str] = _f(help="GRPO: correct for the sampling engine's log-probs "
+                                                              "differing from the training forward's: "
+                                                              "token_truncate, token_mask, sequence_truncate or "
+                                                              "sequence_mask (default off).",
+                                                         choices=("token_truncate", "token_mask",
+                                                                  "sequence_truncate", "sequence_mask"))
+    rollout_importance_sampling_threshold: float = _f(2.0, help="GRPO --rollout_importance_sampling_mode: the "
+                                                                "truncation / mask threshold C of the ratio.")
+    log_rollout_offpolicy_metrics: bool = _f(False, help="GRPO: log rollout_correction/* (KL, perplexities, chi²) "
+                                                         "between the sampling engine and the training forward "
+                                                         "without correcting.")
     dynamic_sample: bool = _f(False, help="GRPO: DAPO's dynamic sampling: replace the groups whose completions all "
                                           "got the same reward by the groups of further prompts.")
     max_resample_times: int = _f(3, help="GRPO --dynamic_sample: most resamplings per round; a round still short "

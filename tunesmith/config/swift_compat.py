@@ -149,6 +149,16 @@ def _same(reason: str, *names: str) -> dict:
 
 _GRPO = ("that GRPO option is not implemented yet; tunesmith's GRPO (--rlhf_type grpo) has the flags tunesmith "
          "rlhf --help lists")
+_CHORD = ("CHORD (SFT on --chord_sft_dataset mixed into GRPO's loss with a μ schedule) is not implemented yet: it "
+          "needs a second, SFT data stream drawn inside each GRPO step; train SFT and GRPO one after the other "
+          "(tunesmith sft, then tunesmith rlhf --rlhf_type grpo --adapters CKPT)")
+_OPD_RL = ("OPD-RL (a teacher's log-probs inside GRPO: teacher_kl_coef, RLSD's advantage_reweight, SDAR, and the "
+           "teacher routing of teacher_tag_key) is not implemented yet: tunesmith's GRPO loads no teacher; distil "
+           "with --rlhf_type gkd --teacher_model PATH, or train GRPO with reward functions")
+_VLLM_MEMORY = ("this frees GPU memory between a colocated vLLM's rollouts and training (vLLM's sleep mode, moving "
+                "the policy or its optimizer states to the CPU while vLLM samples); tunesmith's --use_vllm does not "
+                "do that juggling yet — lower --vllm_gpu_memory_utilization instead, or leave --use_vllm false "
+                "(tunesmith's own engine samples with the training model's weights, no second copy)")
 _PPO = ("PPO (--rlhf_type ppo) is not planned yet; tunesmith rlhf trains dpo, simpo, orpo, cpo, kto, grpo "
         "(reinforcement learning with reward functions) and gkd (on-policy distillation)")
 _ADAPTER = ("ms-swift's Adapter tuner (its own bottleneck layers) is not supported yet: no maintained library for it "
@@ -284,18 +294,29 @@ NOT_SUPPORTED_YET = {
     **_same(_MCORE, "to_mcore", "to_hf", "mcore_model", "mcore_adapter", "thread_count", "test_convert_precision",
             "test_convert_dtype", "save_missing_weights"),
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
-    **_same(_GRPO, "advantage_reweight", "async_generate", "chord_enable_phi_function", "chord_mu_decay_steps",
-            "chord_mu_peak", "chord_mu_valley", "chord_mu_warmup_steps", "chord_sft_dataset",
-            "chord_sft_per_device_train_batch_size", "completion_length_limit_scope",
-            "enable_flattened_weight_sync", "fipo_clip_high_only", "fipo_clip_range", "fipo_decay_rate",
-            "fipo_safety_threshold", "gym_env", "kl_in_reward", "log_rollout_offpolicy_metrics",
-            "max_turns", "min_p", "multi_turn_scheduler", "multi_turn_func", "mini_batch_size", "use_lmdeploy",
-            "num_generations_eval", "off_policy_sequence_mask_delta", "offload_model", "offload_optimizer",
-            "real_tau", "reward_model_plugin", "rlsd_lambda", "rlsd_lambda_decay_steps", "rlsd_lambda_warmup_steps",
-            "rlsd_negative_only", "rlsd_reweight_clip_range", "rollout_importance_sampling_mode",
-            "rollout_importance_sampling_threshold", "sdar_gate_beta", "sdar_loss_coef", "sleep_level",
-            "teacher_kl_coef", "teacher_tag_key", "use_gym_env", "wandb_log_unique_prompts",
-            "gc_collect_after_offload"),
+    **_same(_GRPO, "async_generate", "completion_length_limit_scope", "gym_env", "max_turns", "multi_turn_scheduler",
+            "multi_turn_func", "use_gym_env"),
+    **_same(_CHORD, "chord_enable_phi_function", "chord_mu_decay_steps", "chord_mu_peak", "chord_mu_valley",
+            "chord_mu_warmup_steps", "chord_sft_dataset", "chord_sft_per_device_train_batch_size"),
+    **_same(_OPD_RL, "advantage_reweight", "rlsd_lambda", "rlsd_lambda_decay_steps", "rlsd_lambda_warmup_steps",
+            "rlsd_negative_only", "rlsd_reweight_clip_range", "sdar_gate_beta", "sdar_loss_coef", "teacher_kl_coef",
+            "teacher_tag_key"),
+    "reward_model_plugin": "ms-swift's reward-model plugins drive its own Template and inference-engine objects "
+                           "(template.encode, data_collator, PtEngine/GenRM), which tunesmith does not have, so a "
+                           "plugin file would not run unchanged; score with --reward_model (a sequence-classification "
+                           "checkpoint, e.g. from --rlhf_type rm), or write a reward function that calls your model "
+                           "(--reward_funcs NAME --external_plugins FILE)",
+    "wandb_log_unique_prompts": "tunesmith logs GRPO's completions to completions.jsonl in the run folder "
+                                "(--log_completions true), not as a W&B table, so there is no table to "
+                                "de-duplicate; drop the flag",
+    "mini_batch_size": "ms-swift 3.x's GRPO mini-batches were replaced by --steps_per_generation (micro-batches "
+                       "trained per generated batch) and --generation_batch_size, which tunesmith has; use those",
+    **_same(_VLLM_MEMORY, "sleep_level", "offload_model", "offload_optimizer", "gc_collect_after_offload"),
+    "use_lmdeploy": "ms-swift 3.x's LMDeploy rollouts for GRPO were removed in ms-swift 4; tunesmith samples GRPO's "
+                    "rollouts with its own engine or, with --use_vllm true, with vLLM; drop the flag",
+    "enable_flattened_weight_sync": "this tunes how full weights are sent to a separate `swift rollout` vLLM server; "
+                                    "tunesmith's --use_vllm runs vLLM in the training process and hands it the LoRA "
+                                    "adapter each round, so there is nothing to flatten; drop the flag",
     **_same("rollouts from a separate `swift rollout` vLLM server are not supported yet; --use_vllm true runs vLLM "
             "inside the training process (--vllm_mode colocate)", "vllm_server_base_url", "vllm_server_group_port",
             "vllm_server_host", "vllm_server_pass_dataset", "vllm_server_port", "vllm_server_timeout"),

@@ -36,6 +36,7 @@ class GenConfig:
     stop: list = field(default_factory=list)
     seed: Optional[int] = None
     num_beams: int = 1
+    min_p: float = 0.0                        # min-p sampling (0: off); GRPO's --min_p
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
@@ -285,7 +286,7 @@ class ChatEngine:
         return SamplingParams(max_new_tokens=cfg.max_new_tokens or 0, temperature=float(temperature),
                               top_p=float(top_p), top_k=int(top_k), repetition_penalty=float(rep),
                               stop=tuple(s for s in cfg.stop if s), seed=seed, logprobs=cfg.logprobs,
-                              top_logprobs=cfg.top_logprobs or 0, num_beams=cfg.num_beams)
+                              top_logprobs=cfg.top_logprobs or 0, num_beams=cfg.num_beams, min_p=float(cfg.min_p))
 
     def submit(self, prompt: Prompt, cfg: GenConfig, adapter: Optional[str] = None, loop=None) -> list:
         """Queue cfg.n sequences for a rendered prompt (its pictures too): their engine Handles.

@@ -43,7 +43,7 @@ from typing import Any, Iterator, Optional
 
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.budget import BatchPlan, measure_memory, model_shape, plan_batch
-from tunesmith.inference.sampling import random_seed, sample_tokens, stop_string_hit
+from tunesmith.inference.sampling import processed_scores, random_seed, sample_tokens, stop_string_hit
 from tunesmith.inference.vision import check_images, engine_vision, prefill_inputs
 
 # A prefill batch holds at most this many (padded) prompt tokens, so one huge prompt does not stall the batch
@@ -54,19 +54,23 @@ MAX_PREFILL_TOKENS = 16384
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-sequence generation settings. `temperature` 0 is greedy. Processors apply in transformers' order:
-    repetition penalty, temperature, top-k, top-p (Holtzman et al. 2020). `top_logprobs` > 0 returns that many
-    alternatives per token (implies `logprobs`)."""
+    repetition penalty, temperature, top-k, top-p (Holtzman et al. 2020), min-p. `top_logprobs` > 0 returns that
+    many alternatives per token (implies `logprobs`). `processed_logprobs`: the log-probs (and alternatives) are of
+    the distribution sampled from — after the processors — as vLLM's logprobs_mode "processed_logprobs", instead
+    of the model's raw one."""
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
     stop: tuple = ()                  # strings; generation ends when the decoded output contains one
     stop_token_ids: tuple = ()        # in addition to the engine's own stop ids
     seed: Optional[int] = None        # per-sequence RNG: the same seed gives the same sample whatever the batch
     logprobs: bool = False
     top_logprobs: int = 0
     num_beams: int = 1                # > 1: beam search through `model.generate`, run alone
+    processed_logprobs: bool = False
 
 
 @dataclass
@@ -435,8 +439,6 @@ class GenerationEngine:
 
     def _choose(self, rows: list[_Row], last: "_Last") -> list[_Row]:
         """Pick each row's next token from the last position's output; push it; return the rows that are done."""
-        import torch
-
         broken = _non_finite_rows(rows, last)
         greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0
                   and r.logprobs is None and i not in broken]
@@ -457,7 +459,7 @@ class GenerationEngine:
                     picks[i] = t
             need = [j for j, i in enumerate(full) if rows[i].logprobs is not None and i not in broken]
             if need:
-                logps = torch.log_softmax(logits[need], dim=-1)
+                logps = _logprobs(logits[need], [rows[full[j]] for j in need])
                 for k, j in enumerate(need):
                     r, t = rows[full[j]], picks[full[j]]
                     top = logps[k].topk(r.params.top_logprobs) if r.params.top_logprobs else None
@@ -622,6 +624,20 @@ class _Batch:
 def _longest(handle: Handle) -> int:
     """The most tokens a sequence can reach: prompt + max_new_tokens (which `submit` capped at the context)."""
     return len(handle.prompt_ids) + handle.params.max_new_tokens
+
+
+def _logprobs(logits, rows: list[_Row]):
+    """log-probs [b, V] of the rows' next token: of the model's raw distribution, or — for a row asking for
+    processed_logprobs — of the distribution it samples from (`processed_scores`: penalty, temperature, top-k,
+    top-p, min-p; removed tokens −inf), as vLLM's logprobs_mode "processed_logprobs". logits: [b, V], one row each."""
+    import torch
+
+    logps = torch.log_softmax(logits, dim=-1)
+    processed = [k for k, r in enumerate(rows) if r.params.processed_logprobs]
+    if processed:
+        logps = logps.float().clone()
+        logps[processed] = torch.log_softmax(processed_scores(logits[processed], [rows[k] for k in processed]), -1)
+    return logps
 
 
 def _non_finite_rows(rows: list[_Row], last: "_Last") -> set[int]:

@@ -66,8 +66,9 @@ def processed_scores(logits, rows):
     """The rows' scores [B, V] (float32, a new tensor) after their processors, in transformers' order and with
     its semantics: repetition penalty (CTRL, Keskar et al. 2019: a seen token's positive logit divided by it, a
     negative one multiplied), temperature, top-k (the k highest kept), top-p (Holtzman et al. 2020: the smallest
-    set of most likely tokens with probability above top_p kept, at least one). Removed tokens score −inf. A
-    greedy row (temperature 0) gets the penalty only.
+    set of most likely tokens with probability above top_p kept, at least one), min-p (Nguyen et al. 2024,
+    arXiv:2407.01082: tokens whose probability is below min_p × the most likely token's removed; transformers'
+    MinPLogitsWarper). Removed tokens score −inf. A greedy row (temperature 0) gets the penalty only.
 
     logits: [B, V] (any float dtype); rows: the engine's rows (`params`: SamplingParams, `handle.prompt_ids`,
     `generated`), one per logits row."""
@@ -91,6 +92,7 @@ def processed_scores(logits, rows):
     sampled = [i for i, r in enumerate(rows) if r.params.temperature != 0]
     _top_k(scores, [rows[i].params.top_k if i in sampled else 0 for i in range(len(rows))])
     _top_p(scores, [rows[i].params.top_p if i in sampled else 1.0 for i in range(len(rows))])
+    _min_p(scores, [rows[i].params.min_p if i in sampled else 0.0 for i in range(len(rows))])
     return scores
 
 
@@ -122,6 +124,21 @@ def _top_p(scores, ps: list) -> None:
     remove = cum <= torch.tensor([[1 - ps[j]] for j in on], device=scores.device)
     remove[:, -1] = False  # keep at least the most likely token
     _remove(scores, on, remove.scatter(1, order, remove))
+
+
+def _min_p(scores, ps: list) -> None:
+    """In place on scores [b, V]: transformers' MinPLogitsWarper with each row's min_p (0: off): p = softmax(scores)
+    of the scores left by top-k/top-p, tokens with p < min_p · max p removed, the most likely always kept."""
+    import torch
+
+    on = [j for j, p in enumerate(ps) if p > 0.0]
+    if not on:
+        return
+    sub = scores[on] if len(on) < len(ps) else scores
+    probs = sub.softmax(-1)
+    remove = probs < torch.tensor([[ps[j]] for j in on], device=scores.device) * probs.amax(-1, keepdim=True)
+    remove.scatter_(-1, probs.argmax(-1, keepdim=True), False)
+    _remove(scores, on, remove)
 
 
 def _remove(scores, on: list, mask) -> None:

@@ -121,7 +121,7 @@ class VllmEngine(_AsyncBackend):
         want = p.logprobs or p.top_logprobs
         return {"n": 1, "max_tokens": p.max_new_tokens, "temperature": float(p.temperature), "top_p": float(p.top_p),
                 "top_k": int(p.top_k) if p.top_k and p.top_k > 0 else -1,
-                "repetition_penalty": float(p.repetition_penalty), "stop": list(p.stop) or None,
+                "repetition_penalty": float(p.repetition_penalty), "min_p": float(p.min_p), "stop": list(p.stop) or None,
                 "stop_token_ids": sorted(self.stop_ids | {int(i) for i in p.stop_token_ids}), "seed": p.seed,
                 "logprobs": int(p.top_logprobs or 0) if want else None, "skip_special_tokens": False}
 

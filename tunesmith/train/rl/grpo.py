@@ -30,13 +30,15 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.log import note
 from tunesmith.train import loop
 from tunesmith.config.checks import between
+from tunesmith.train.rl.variants import variant_fields
 from tunesmith.train.setup import Batches
 
 # how each loss type's scalar becomes a summed term and its unit (the loop divides by the units of the whole step):
 # grpo/sapo/dr_grpo average over completions, bnpo over micro-batches (ms-swift normalises each micro-batch by its
 # own tokens), dapo/cispo over the completion tokens of the step
 _UNIT = {"grpo": "completions", "sapo": "completions", "dr_grpo": "completions", "bnpo": "micro_batches",
-         "dapo": "tokens", "cispo": "tokens"}
+         "dapo": "tokens", "cispo": "tokens", "fipo": "tokens", "real": "micro_batches", "luspo": "completions"}
+_PER_BATCH = ("rollout_correction/", "fipo/")  # metrics averaged per micro-batch, not per token
 _DEFAULT_SCALE = {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch"}
 
 
@@ -83,12 +85,16 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
                                 epsilon_low=method.epsilon, epsilon_high=method.epsilon_high, delta=method.delta,
                                 importance_sampling_level=method.importance_sampling_level,
                                 max_completion_length=method.max_completion_length, num_items_in_batch=ntok,
-                                entropy_mask=entropy_mask, tau_pos=method.tau_pos, tau_neg=method.tau_neg)
+                                entropy_mask=entropy_mask, tau_pos=method.tau_pos, tau_neg=method.tau_neg,
+                                variants=method.variants, rollout_logps=batch.get("rollout_logps"))
     (unit, scale), = _count(method, batch).items()
     stats = {k: float(v) for k, v in batch["stats"].items()}
     stats["tokens"] = float(ntok)
     for k, v in metrics.items():
-        stats[k] = float(v) * float(ntok)  # token means, weighted by this batch's tokens
+        if k.startswith(_PER_BATCH):  # one value per micro-batch, averaged over those logged (ms-swift's log())
+            stats[f"{k}/sum"], stats[f"{k.split('/')[0]}/batches"] = float(v), 1
+        else:
+            stats[k] = float(v) * float(ntok)  # token means, weighted by this batch's tokens
     stats.update(entropy_stats)
     return {unit: loss * scale}, stats
 
@@ -139,7 +145,10 @@ def grpo_metrics(stats: dict) -> dict:
     completions' total rewards), rewards/<function>/mean and /std, completions/mean_length, min_length and
     max_length (each round's extreme, averaged over the rounds logged), clipped_ratio, frac_reward_zero_std, kl
     and the clip ratios (token means), and entropy/mean, /max, /min (--log_entropy) and entropy/threshold
-    (--top_entropy_quantile < 1), nats, averaged over the micro-batches logged (see `entropy_terms`)."""
+    (--top_entropy_quantile < 1), nats, averaged over the micro-batches logged (see `entropy_terms`); with
+    --kl_in_reward, kl is the mean over completions of their summed KL (nats); fipo/* (--loss_type fipo) and
+    rollout_correction/* (--rollout_importance_sampling_mode, --log_rollout_offpolicy_metrics) are one value per
+    micro-batch and process, averaged over those logged."""
     n = max(stats.get("n", 0), 1)
     out = {}
     if "reward" in stats:
@@ -166,6 +175,12 @@ def grpo_metrics(stats: dict) -> dict:
     for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
         if k in stats:
             out[k] = loop.signif(stats[k] / tokens)
+    if "kl_in_reward" in stats:  # --kl_in_reward: the mean of each completion's summed KL (ms-swift's kl)
+        out["kl"] = loop.signif(stats["kl_in_reward"] / n)
+    for k, v in stats.items():  # fipo/*, rollout_correction/*: per micro-batch values, averaged
+        head = k.split("/")[0] + "/"
+        if head in _PER_BATCH and k.endswith("/sum") and stats.get(f"{head}batches"):
+            out[k[:-len("/sum")]] = loop.signif(v / stats[f"{head}batches"])
     for name in ("mean", "max", "min", "threshold"):  # one value per micro-batch (`entropy_terms`), averaged
         count = stats.get("entropy/threshold_batches" if name == "threshold" else "entropy/batches")
         if count:
@@ -175,8 +190,9 @@ def grpo_metrics(stats: dict) -> dict:
 
 @dataclass(frozen=True)
 class GRPO:
-    """GRPO and its variants (--loss_type grpo | bnpo | dr_grpo | dapo | cispo | sapo) on prompts, with reward
-    functions; a reference (β > 0) for the KL term."""
+    """GRPO and its variants (--loss_type grpo | bnpo | dr_grpo | dapo | cispo | sapo | real | fipo | luspo) on
+    prompts, with reward functions; a reference (β > 0) for the KL term (or, --kl_in_reward, the KL penalty in the
+    reward); `variants` holds the loss options of train/ops/grpo_variants.py (train/rl/variants.py resolves them)."""
     loss_type: str
     beta: float
     num_generations: int
@@ -209,11 +225,20 @@ class GRPO:
     dynamic_sample: bool = False              # DAPO: replace groups without reward differences (max_resample_times)
     max_resample_times: int = 3
     log_entropy: bool = False                 # entropy/mean, /max, /min (ms-swift's --log_entropy)
+    kl_in_reward: bool = False                # β·KL subtracted from the rewards, no KL term in the loss
+    num_generations_eval: Optional[int] = None  # G of the validation rounds (None: num_generations)
+    min_p: float = 0.0                        # min-p sampling of the rollouts (0: off)
+    variants: Any = None                      # grpo_variants.GRPOVariants (REAL, FIPO, masking, rollout IS)
     name = "grpo"
     best_metric = "reward"                    # --metric_for_best_model's default (ms-swift's rule)
     head = "causal_lm"
     rows = "prompt"
     default_loss_scale = "last_round"
+
+    @property
+    def eval_generations(self) -> int:
+        """G of a validation round: --num_generations_eval, else --num_generations."""
+        return self.num_generations_eval or self.num_generations
 
     @property
     def needs_reference(self) -> bool:
@@ -249,25 +274,27 @@ class GRPO:
         between(problems, "top_entropy_quantile", args.top_entropy_quantile, 0, 1)
         steps = _steps_per_generation(args, problems)
         _check_unsupported(args, problems)
+        scale_rewards = "none" if loss_type == "real" else \
+            ({"true": "group", "false": "none"}.get(args.scale_rewards, args.scale_rewards)
+             or _DEFAULT_SCALE[args.advantage_estimator])
         reward_args = _reward_args(args)
         reward_funcs = _checked_rewards(args, reward_args, problems)
         return cls(loss_type, beta, args.num_generations, args.max_completion_length, args.temperature, args.top_p,
                    args.top_k, args.repetition_penalty, args.epsilon,
                    args.epsilon if args.epsilon_high is None else args.epsilon_high, args.delta,
-                   args.num_iterations, steps, args.advantage_estimator,
-                   {"true": "group", "false": "none"}.get(args.scale_rewards, args.scale_rewards)
-                   or _DEFAULT_SCALE[args.advantage_estimator], args.importance_sampling_level,
+                   args.num_iterations, steps, args.advantage_estimator, scale_rewards, args.importance_sampling_level,
                    args.top_entropy_quantile, args.overlong_filter, args.log_completions, tuple(reward_funcs),
                    tuple(args.reward_weights or [1.0] * (len(reward_funcs) + len(args.reward_model))),
                    tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
-                   max_resample_times=args.max_resample_times)
+                   max_resample_times=args.max_resample_times, **variant_fields(args, problems))
 
     def resolved_flags(self) -> dict:
         """The GRPO defaults as applied, for args.json."""
         return {"beta": self.beta, "loss_type": [self.loss_type], "epsilon_high": self.epsilon_high,
                 "steps_per_generation": self.steps_per_generation, "scale_rewards": self.scale_rewards,
+                "kl_in_reward": self.kl_in_reward,
                 "reward_weights": list(self.reward_weights), "rpo_alpha": None}
 
     def shape_records(self, loaded: LoadResult) -> LoadResult:

@@ -36,6 +36,7 @@ class Unit:
     ref_logps: Optional[list] = None
     stats: dict = field(default_factory=dict)
     images: Optional[list] = None       # the prompt's pictures (references), for a vision-language policy
+    rollout_logps: Optional[list] = None  # the sampling engine's own [C] (rollout IS correction, diagnostics)
 
 
 def refuse_pictures(prompts: list[dict], what: str) -> None:
@@ -53,7 +54,7 @@ def refuse_pictures(prompts: list[dict], what: str) -> None:
 def grpo_collate(units: list[Unit], pad_id: int) -> dict:
     """Units → `input_ids`/`attention_mask` [B, P + C] (prompts left-padded to P, completions right-padded to C),
     `labels` (the completion tokens, IGNORE elsewhere), `completion_mask` [B, C], `advantages` [B], and
-    `old_logps`/`ref_logps` [B, C] when the units carry them; `stats` summed over the units."""
+    `old_logps`/`ref_logps`/`rollout_logps` [B, C] when the units carry them; `stats` summed over the units."""
     import torch
 
     p = max(len(u.prompt_ids) for u in units)
@@ -74,7 +75,7 @@ def grpo_collate(units: list[Unit], pad_id: int) -> dict:
              "advantages": torch.tensor([u.advantage for u in units]), "n_completions": len(units)}
     if any(u.images for u in units):  # data.vision.WithPixels turns them into the vision tower's inputs
         batch["images"] = [u.images for u in units]
-    for key in ("old_logps", "ref_logps"):
+    for key in ("old_logps", "ref_logps", "rollout_logps"):
         if units[0].__dict__[key] is not None:
             batch[key] = torch.zeros(len(units), c)
             for i, u in enumerate(units):
@@ -169,6 +170,9 @@ class Rollouts:
         self.max_prompt, self.truncation = cfg.data.max_length, cfg.data.truncation_strategy
         self.context = self.max_prompt + method.max_completion_length if self.max_prompt else None
         self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm else None
+        if self.vllm is not None and method.variants is not None and method.variants.wants_rollout_logps:
+            self.vllm.engine_cfg = processed_logprobs_config(self.vllm.engine_cfg)
+        self.group = method.num_generations  # G of the round being generated (validation: eval_generations)
         self.chat = self._chat(cfg)
         if images is None:
             refuse_pictures(prompts, "--dataset")
@@ -309,6 +313,7 @@ class Rollouts:
         from tunesmith.train import distributed as D
 
         self.training = training
+        self.group = self.method.num_generations if training else self.method.eval_generations
         if training:
             self.weights = ("round", self.rounds_done)
         groups = self._gathered_groups(prompts, seed, r)
@@ -316,7 +321,7 @@ class Rollouts:
             groups, prompts = self._dynamic_sample(groups, prompts, seed, r)
         units = [u for _, us, _, _ in groups for u in us]
         per_func = [row for _, _, rows, _ in groups for row in rows]
-        advantages, combined = self._advantages(per_func)
+        advantages, combined = self._advantages(per_func, [u.stats.get("kl_in_reward", 0.0) for u in units])
         zero_std = self._zero_std(combined)
         if training and not any(u.trained for u in units) and not self.said_truncated:
             self.said_truncated = True
@@ -328,7 +333,7 @@ class Rollouts:
             note("GRPO: in this round every group's completions got the same reward, so every advantage is 0 and "
                  "nothing is learned from it; if this persists (frac_reward_zero_std 1.0), the reward functions "
                  "cannot tell the completions apart — check them on a few completions (--log_completions true)")
-        g = self.method.num_generations
+        g = self.group
         for i, u in enumerate(units):
             u.advantage = float(advantages[i])
             u.stats.update({"reward": combined[i], "reward_sq": combined[i] ** 2, "zero_std": float(zero_std[i // g])})
@@ -406,7 +411,7 @@ class Rollouts:
         ids = {j: prompts[j]["prompt_ids"] for j in which}
         completions = self._generate(ids, seed, r, {j: prompts[j].get("images") for j in which})
         texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        owners = [j for j in which for _ in range(m.num_generations)]
+        owners = [j for j in which for _ in range(self.group)]
         per_func = self._score([prompts[j] for j in which], texts, completions)
         units = []
         for i, c in enumerate(completions):
@@ -419,9 +424,10 @@ class Rollouts:
                     stats[f"rewards/{fn.name}/sq"] = v * v
                     stats[f"rewards/{fn.name}/count"] = 1
             units.append(Unit(ids[owners[i]], list(c.token_ids), 0.0, not (m.overlong_filter and truncated),
-                              stats=stats, images=prompts[owners[i]].get("images")))
+                              stats=stats, images=prompts[owners[i]].get("images"),
+                              rollout_logps=[lp.logprob for lp in c.logprobs] if self._rollout_logps else None))
         self._add_logps(units)
-        g = m.num_generations
+        g = self.group
         return [(j, units[k * g:(k + 1) * g], per_func[k * g:(k + 1) * g], texts[k * g:(k + 1) * g])
                 for k, j in enumerate(which)]
 
@@ -434,7 +440,7 @@ class Rollouts:
         from tunesmith.data.vision import pixel_inputs
         from tunesmith.inference.chat import GenConfig
 
-        m, g = self.method, self.method.num_generations
+        m, g = self.method, self.group
         adapter = self.vllm.sync(self.weights) if self.vllm is not None else None
         training = self.vllm is None and self.model.training
         if training:  # once for the round, not at each of its decoding steps (the engine's rule)
@@ -444,10 +450,11 @@ class Rollouts:
             for j, prompt in ids.items():
                 base = (seed * 1_000_003 + r * 65_537 + j * g) % (2 ** 31)
                 cfg = GenConfig(max_new_tokens=m.max_completion_length, temperature=m.temperature, top_p=m.top_p,
-                                top_k=m.top_k, repetition_penalty=m.repetition_penalty, seed=base)
+                                top_k=m.top_k, repetition_penalty=m.repetition_penalty, seed=base, min_p=m.min_p,
+                                logprobs=self._rollout_logps)
                 refs = (images or {}).get(j)
                 pictures = {"images": pixel_inputs([refs], self.images)} if refs else {}
-                handles += [self.chat.engine.submit(prompt, self.chat.sampling(cfg, k), adapter, **pictures)
+                handles += [self.chat.engine.submit(prompt, self._sampling(cfg, k), adapter, **pictures)
                             for k in range(g)]
             out = [h.result() for h in handles]
         finally:
@@ -456,11 +463,26 @@ class Rollouts:
         raise_sampling_errors(out, "policy")
         return out
 
+    @property
+    def _rollout_logps(self) -> bool:
+        """Whether the engine returns its own log-probs of the sampled tokens (--rollout_importance_sampling_mode,
+        --log_rollout_offpolicy_metrics) — of the distribution it samples from (processed), in training rounds."""
+        v = self.method.variants
+        return bool(self.training and v is not None and v.wants_rollout_logps)
+
+    def _sampling(self, cfg, k: int):
+        """The engine's SamplingParams of choice k, its log-probs those of the processed distribution (vLLM's
+        processed_logprobs) when they are asked for."""
+        from dataclasses import replace
+
+        params = self.chat.sampling(cfg, k)
+        return replace(params, processed_logprobs=True) if cfg.logprobs else params
+
     def _score(self, prompts: list[dict], texts: list[str], completions: list) -> list:
         """The rewards [N][F] (NaN for None) of these prompts' completions (G per prompt, in order)."""
         from tunesmith.train.rl.scoring import score
 
-        m, g = self.method, self.method.num_generations
+        m, g = self.method, self.group
         rep = [p for p in prompts for _ in range(g)]
         names = sorted({k for p in rep for k in p.get("columns", {})})
         columns = {k: [p.get("columns", {}).get(k) for p in rep] for k in names}
@@ -485,22 +507,26 @@ class Rollouts:
                      f"missing `solution` column, or a 0/0), check the function on a few completions")
         return per_func
 
-    def _advantages(self, per_func: list) -> tuple[list[float], list[float]]:
-        """(the round's advantages [N], its combined rewards [N]) from its rewards [N][F]
-        (losses.combine_rewards, then group_advantages — or gdpo_advantages)."""
+    def _advantages(self, per_func: list, kl: list) -> tuple[list[float], list[float]]:
+        """(the round's advantages [N], its combined rewards [N]) from its rewards [N][F] and the completions'
+        summed KL to the reference [N] (losses.combine_rewards, less β·KL with --kl_in_reward
+        (grpo_variants.kl_penalised_rewards), then group_advantages — or gdpo_advantages)."""
         import torch
 
         from tunesmith.train.ops import losses as L
+        from tunesmith.train.ops.grpo_variants import kl_penalised_rewards
 
-        m, g = self.method, self.method.num_generations
+        m, g = self.method, self.group
         rewards = torch.tensor(per_func, dtype=torch.float64)
         combined = L.combine_rewards(rewards, list(m.reward_weights))
+        if m.kl_in_reward and m.beta != 0 and self.reference is not None:
+            combined = kl_penalised_rewards(combined, torch.tensor(kl, dtype=torch.float64), m.beta)
         if m.scale_rewards == "gdpo":
             return L.gdpo_advantages(rewards, list(m.reward_weights), g).tolist(), combined.tolist()
         return L.group_advantages(combined, g, m.advantage_estimator, m.scale_rewards).tolist(), combined.tolist()
 
     def _zero_std(self, combined: list[float]) -> list[bool]:
-        g = self.method.num_generations
+        g = self.group
         return [max(combined[i:i + g]) - min(combined[i:i + g]) < 1e-12 for i in range(0, len(combined), g)]
 
     def _add_logps(self, units: list) -> None:
@@ -511,8 +537,10 @@ class Rollouts:
         from tunesmith.data.vision import with_pixels
 
         m = self.method
-        need_old = self.need_old and self.training  # validation trains nothing: its ratio is 1
         need_ref = self.reference is not None and m.beta != 0
+        kl_in_reward = need_ref and m.kl_in_reward  # the sampling policy's KL joins the reward (ms-swift's rule)
+        keep_old = self.need_old and self.training  # validation trains nothing: its ratio is 1
+        need_old = keep_old or kl_in_reward
         if not (need_old or need_ref):
             return
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -528,15 +556,17 @@ class Rollouts:
                     .float().cpu() if need_ref else None
                 for i, u in enumerate(part):
                     n = len(u.completion_ids)
-                    if old is not None:
+                    if kl_in_reward:  # Σ_t (old − ref) over the whole completion (grpo_variants.sequence_kl)
+                        u.stats["kl_in_reward"] = float((old[i, :n].double() - ref[i, :n].double()).sum())
+                    if keep_old:
                         u.old_logps = old[i, :n].tolist()
-                    if ref is not None:
+                    if ref is not None and not kl_in_reward:  # in the reward, the loss has no KL term
                         u.ref_logps = ref[i, :n].tolist()
 
     def _log(self, prompts, texts, per_func, combined, advantages) -> None:
         if self.log_path is None:
             return
-        g = self.method.num_generations
+        g = self.group
         names = [fn.name for fn in self.reward_fns]
         from tunesmith.data.images import describe, url_scheme
 
@@ -561,11 +591,22 @@ class ValidationRollouts:
         self.rollouts, self.prompts = rollouts, rollouts.fitted(prompts, "validation prompts")
 
     def __len__(self) -> int:
-        return len(self.prompts) * self.rollouts.method.num_generations
+        return len(self.prompts) * self.rollouts.method.eval_generations
 
     def fresh(self) -> list:
         """This evaluation's units (`Unit`s, in prompt order)."""
         return self.rollouts.evaluation_units(self.prompts)
+
+
+def processed_logprobs_config(engine_cfg):
+    """The vLLM engine config with logprobs_mode "processed_logprobs" (vLLM ≥ 0.10.2, as ms-swift's GRPO rollouts):
+    returned log-probs are of the distribution sampled from (temperature and the other processors applied), the one
+    the training forward's log-probs are compared with."""
+    from dataclasses import replace
+
+    extra = dict(engine_cfg.vllm_engine_kwargs or {})
+    extra.setdefault("logprobs_mode", "processed_logprobs")
+    return replace(engine_cfg, vllm_engine_kwargs=extra)
 
 
 class VllmSync:

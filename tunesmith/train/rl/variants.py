@@ -1,0 +1,70 @@
+"""GRPO's further options, resolved once from the flags into the GRPO method (train/rl/grpo.py): the KL in the reward,
+validation's group size, min-p sampling, and the loss variants of train/ops/grpo_variants.py (REAL, FIPO, off-policy
+sequence masking, rollout importance sampling). ms-swift 4.6's names, defaults and dependent defaults
+(arguments/rlhf_args.py `_init_grpo`, rlhf_trainers/grpo_trainer.py `_prepare_algorithm_params`)."""
+from __future__ import annotations
+
+from tunesmith.config.checks import between
+from tunesmith.log import note
+
+
+def variant_fields(args, problems: list) -> dict:
+    """The GRPO dataclass's kl_in_reward, num_generations_eval, min_p and variants (grpo_variants.GRPOVariants)
+    from the flags, each problem appended to `problems`:
+      --kl_in_reward: default false for --advantage_estimator grpo, true for rloo and reinforce_plus_plus; with
+        --scale_rewards gdpo it is off (ms-swift turns it off with a warning; a note here);
+      --num_generations_eval ≥ 1; --min_p in [0, 1]; --real_tau > 0; --fipo_decay_rate > 0 (tokens);
+      --fipo_clip_range ≥ 0; --rollout_importance_sampling_threshold > 0 (its reciprocal bounds the ESS weights);
+      --loss_type real needs each micro-batch to hold whole groups (per-device train batch, and eval batch when
+      validating, multiples of the group size), since REAL compares the completions of a group."""
+    from tunesmith.train.ops.grpo_variants import GRPOVariants, fipo_gamma
+
+    loss_type = (list(args.loss_type) or ["grpo"])[0]
+    kl_in_reward = args.kl_in_reward
+    if kl_in_reward is None:
+        kl_in_reward = args.advantage_estimator in ("rloo", "reinforce_plus_plus")
+    if kl_in_reward and args.scale_rewards == "gdpo":
+        if args.kl_in_reward:
+            note("GRPO: --scale_rewards gdpo normalises each reward function apart, so the KL cannot join the "
+                 "rewards: --kl_in_reward is off (the KL stays a loss term), as ms-swift")
+        kl_in_reward = False
+    if loss_type == "real" and args.scale_rewards not in (None, "none", "false"):
+        note(f"GRPO --loss_type real: --scale_rewards {args.scale_rewards} is replaced by none (REAL uses the sign "
+             f"of the advantage only), as ms-swift")
+    if args.num_generations_eval is not None:
+        between(problems, "num_generations_eval", args.num_generations_eval, 1, None)
+    between(problems, "min_p", args.min_p, 0, 1)
+    between(problems, "real_tau", args.real_tau, 0, None, lo_open=True)
+    between(problems, "fipo_decay_rate", args.fipo_decay_rate, 0, None, lo_open=True)
+    if args.fipo_clip_range is not None:
+        between(problems, "fipo_clip_range", args.fipo_clip_range, 0, None)
+    between(problems, "rollout_importance_sampling_threshold", args.rollout_importance_sampling_threshold, 0, None,
+            lo_open=True)
+    if loss_type == "real":
+        _real_groups(args, problems)
+    variants = GRPOVariants(
+        num_generations=args.num_generations, real_tau=args.real_tau,
+        fipo_gamma=fipo_gamma(args.fipo_decay_rate) if args.fipo_decay_rate > 0 else 0.0,
+        fipo_clip_range=args.fipo_clip_range, fipo_clip_high_only=args.fipo_clip_high_only,
+        fipo_safety_threshold=args.fipo_safety_threshold,
+        off_policy_sequence_mask_delta=args.off_policy_sequence_mask_delta,
+        rollout_is_mode=args.rollout_importance_sampling_mode,
+        rollout_is_threshold=args.rollout_importance_sampling_threshold,
+        log_rollout_offpolicy_metrics=args.log_rollout_offpolicy_metrics)
+    return {"kl_in_reward": bool(kl_in_reward), "num_generations_eval": args.num_generations_eval,
+            "min_p": args.min_p, "variants": variants}
+
+
+def _real_groups(args, problems: list) -> None:
+    """REAL's loss is over the groups of a micro-batch: its completions must be whole groups."""
+    g = args.num_generations
+    if args.per_device_train_batch_size % max(g, 1):
+        problems.append(f"--loss_type real compares the completions of each group within a micro-batch: "
+                        f"--per_device_train_batch_size {args.per_device_train_batch_size} must be a multiple of "
+                        f"--num_generations {g}")
+    g_eval = args.num_generations_eval or g
+    validating = bool(args.val_dataset) or args.split_dataset_ratio > 0
+    if validating and args.per_device_eval_batch_size % max(g_eval, 1):
+        problems.append(f"--loss_type real with validation: --per_device_eval_batch_size "
+                        f"{args.per_device_eval_batch_size} must be a multiple of the validation group size "
+                        f"{g_eval} (--num_generations_eval, else --num_generations)")
