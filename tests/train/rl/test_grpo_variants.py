@@ -1,0 +1,177 @@
+"""GRPO's further options wired into runs (#33): --kl_in_reward's defaults and its place in the advantages, the
+engine's own log-probs for the rollout importance-sampling correction (equal to the training forward's under the
+same weights), --num_generations_eval, --loss_type real/fipo/luspo end to end, --min_p in vLLM's kwargs. The formulas
+themselves are checked in tests/train/ops/test_grpo_variants.py."""
+import math
+import os
+
+import pytest
+
+from conftest import read_jsonl, write_jsonl
+from tunesmith.config.parser import parse_args
+from tunesmith.errors import ConfigError
+from tunesmith.train import recipe
+
+pytestmark = pytest.mark.usefixtures("no_charts")
+
+REWARD = ("def even_share(completions, completion_ids=None, **kwargs):\n"
+          "    return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]\n")
+
+
+@pytest.fixture
+def setup(tiny_models, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"messages": [{"role": "user", "content": f"say something {i}"}]} for i in range(16)])
+    (tmp_path / "variant_rewards.py").write_text(REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tiny_models("qwen2"), data
+
+
+def _grpo(model, data, out, *flags):
+    argv = ["--rlhf_type", "grpo", "--model", model, "--dataset", data, "--num_generations", "4",
+            "--per_device_train_batch_size", "16", "--max_completion_length", "8", "--logging_steps", "1",
+            "--report_to", "none", "--save_strategy", "no", "--reward_funcs", "variant_rewards.even_share",
+            "--output_dir", str(out), *flags]
+    return recipe.main(parse_args("rlhf", argv))
+
+
+def _method(model_dir, *flags):
+    return recipe.configure(parse_args("rlhf", ["--rlhf_type", "grpo", "--model", model_dir, "--dataset", "x.jsonl",
+                                                "--reward_funcs", "format", *flags]))[1]
+
+
+def test_kl_in_reward_defaults_follow_the_estimator_as_ms_swift(tiny_models):
+    model = tiny_models("qwen2")
+    assert _method(model).kl_in_reward is False
+    assert _method(model, "--advantage_estimator", "rloo").kl_in_reward is True
+    assert _method(model, "--advantage_estimator", "reinforce_plus_plus").kl_in_reward is True
+    assert _method(model, "--advantage_estimator", "rloo", "--kl_in_reward", "false").kl_in_reward is False
+    assert _method(model, "--kl_in_reward", "true").kl_in_reward is True
+    assert _method(model, "--kl_in_reward", "true", "--scale_rewards", "gdpo").kl_in_reward is False
+    real = _method(model, "--loss_type", "real", "--per_device_train_batch_size", "8", "--scale_rewards", "group")
+    assert real.scale_rewards == "none" and real.variants.real_tau == 0.5
+    fipo = _method(model, "--loss_type", "fipo", "--fipo_decay_rate", "16")
+    assert fipo.variants.fipo_gamma == pytest.approx(2 ** (-1 / 16))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--loss_type", "real", "--per_device_train_batch_size", "4"], "must be a multiple of --num_generations 8"),
+    (["--loss_type", "real", "--per_device_train_batch_size", "8", "--split_dataset_ratio", "0.2",
+      "--num_generations_eval", "3"], "--per_device_eval_batch_size 1 must be a multiple of the validation group"),
+    (["--num_generations_eval", "0"], "num_generations_eval 0"),
+    (["--min_p", "1.5"], "min_p 1.5"),
+    (["--real_tau", "0"], "real_tau 0"),
+    (["--rollout_importance_sampling_threshold", "0"], "rollout_importance_sampling_threshold 0"),
+])
+def test_bad_variant_flags_are_flag_errors(tiny_models, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        _method(tiny_models("qwen2"), *flags)
+
+
+@pytest.mark.slow
+def test_kl_in_reward_moves_the_kl_into_the_rewards_and_the_advantages(setup, tmp_path):
+    """rloo with β > 0 (kl_in_reward by default): the logged reward of each completion is its reward less β·KL, the
+    advantages are the leave-one-out ones of those rewards, and kl is the mean summed KL (0 in the first round,
+    when the policy is the reference)."""
+    model, data = setup
+    beta = 0.5
+    res = _grpo(model, data, tmp_path / "out", "--advantage_estimator", "rloo", "--beta", str(beta),
+                "--train_type", "full", "--learning_rate", "5e-3", "--max_steps", "3", "--log_completions", "true")
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r]
+    assert log[0]["kl"] == 0 and log[-1]["kl"] != 0
+    rows = read_jsonl(os.path.join(res["run_dir"], "completions.jsonl"))
+    last = [r for r in rows if r["round"] == 2]
+    penalties = [r["rewards"]["even_share"] - r["reward"] for r in last]
+    assert any(abs(p) > 1e-6 for p in penalties)  # the KL reached the rewards
+    assert sum(penalties) / len(penalties) == pytest.approx(beta * log[-1]["kl"], rel=1e-3, abs=1e-6)
+    for k in range(0, len(last), 4):
+        group = [r["reward"] for r in last[k:k + 4]]
+        for r, reward in zip(last[k:k + 4], group):
+            assert r["advantage"] == pytest.approx((reward - sum(group) / 4) * 4 / 3, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_the_engines_log_probs_equal_the_training_forwards_and_the_correction_is_logged(setup, tmp_path,
+                                                                                     monkeypatch):
+    """Our engine's processed log-probs (temperature applied) of the sampled tokens equal the training forward's
+    under the same weights, so with tunesmith's engine the rollout correction is ~1 and its diagnostics ~0; they
+    are logged under ms-swift's names. (With --top_k/--top_p/--min_p the engine's distribution is the truncated
+    one, as vLLM's processed_logprobs, so the two differ by its renormalisation.)"""
+    import torch
+
+    from tunesmith.train.rl import rollouts as R
+
+    model, data = setup
+    seen = []
+    original = R.Rollouts._add_logps
+
+    def spy(self, units):
+        original(self, units)
+        seen.extend(units)
+
+    monkeypatch.setattr(R.Rollouts, "_add_logps", spy)
+    res = _grpo(model, data, tmp_path / "out", "--rollout_importance_sampling_mode", "token_truncate",
+                "--temperature", "0.7", "--max_steps", "2", "--num_iterations", "2",
+                "--beta", "0")
+    assert seen and all(len(u.rollout_logps) == len(u.completion_ids) == len(u.old_logps) for u in seen)
+    gap = max(abs(a - b) for u in seen for a, b in zip(u.rollout_logps, u.old_logps))
+    assert gap < 1e-4
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r]
+    names = {"rollout_correction/" + k for k in ("kl", "k3_kl", "training_ppl", "rollout_ppl", "chi2_token",
+                                                  "chi2_seq", "ess", "is_weight_mean", "clipped_frac",
+                                                  "log_ppl_diff_max")}
+    assert names <= set(log[0])
+    assert abs(log[0]["rollout_correction/kl"]) < 1e-4 and log[0]["rollout_correction/ess"] > 0.999
+    assert log[0]["rollout_correction/training_ppl"] == pytest.approx(log[0]["rollout_correction/rollout_ppl"],
+                                                                    rel=1e-3)
+    assert torch.isfinite(torch.tensor(log[-1]["loss"]))
+
+
+@pytest.mark.slow
+def test_validation_samples_num_generations_eval_completions_per_prompt(setup, tmp_path, monkeypatch):
+    from tunesmith.train.rl import rollouts as R
+
+    model, data = setup
+    sizes = []
+    original = R.Rollouts.evaluation_units
+
+    def spy(self, prompts):
+        units = original(self, prompts)
+        sizes.append((len(prompts), len(units)))
+        return units
+
+    monkeypatch.setattr(R.Rollouts, "evaluation_units", spy)
+    res = _grpo(model, data, tmp_path / "out", "--split_dataset_ratio", "0.25", "--num_generations_eval", "2",
+                "--max_steps", "2", "--eval_steps", "1", "--save_steps", "1", "--save_strategy", "steps")
+    assert sizes == [(4, 8), (4, 8)]
+    evals = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "eval_loss" in r]
+    assert evals and math.isfinite(evals[0]["eval_reward"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type,extra", [("real", []), ("fipo", ["--fipo_decay_rate", "4"]),
+                                             ("luspo", ["--importance_sampling_level", "sequence"])])
+def test_the_new_loss_types_train(setup, tmp_path, loss_type, extra):
+    model, data = setup
+    res = _grpo(model, data, tmp_path / "out", "--loss_type", loss_type, "--max_steps", "2", "--num_iterations", "2",
+                "--off_policy_sequence_mask_delta", "0.05", *extra)
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    if loss_type == "fipo":
+        assert {"fipo/future_kl_mean", "fipo/influence_weight_mean", "fipo/safety_keep_ratio"} <= set(log[0])
+
+
+def test_vllm_rollouts_get_min_p_and_processed_log_probs():
+    from tunesmith.config.slices import EngineConfig, take
+    from tunesmith.inference.backends.vllm import VllmEngine
+    from tunesmith.inference.engine import SamplingParams
+    from tunesmith.train.rl.rollouts import processed_logprobs_config
+
+    cfg = take(EngineConfig, parse_args("rlhf", ["--rlhf_type", "grpo", "--vllm_engine_kwargs",
+                                                 '{"swap_space": 2}']))
+    out = processed_logprobs_config(cfg)
+    assert out.vllm_engine_kwargs == {"swap_space": 2, "logprobs_mode": "processed_logprobs"}
+    engine = VllmEngine.__new__(VllmEngine)
+    engine.stop_ids = set()
+    kw = engine.sampling_kwargs(SamplingParams(max_new_tokens=4, temperature=0.9, min_p=0.1, logprobs=True))
+    assert kw["min_p"] == 0.1 and kw["logprobs"] == 0
