@@ -370,6 +370,19 @@ class GRPOArgs:
                                                                   "sequence_truncate", "sequence_mask"))
     rollout_importance_sampling_threshold: float = _f(2.0, help="GRPO --rollout_importance_sampling_mode: the "
                                                                 "truncation / mask threshold C of the ratio.")
+    chord_sft_dataset: List[str] = _f(help="GRPO CHORD: expert SFT data; each training micro-batch's loss becomes "
+                                           "(1 - mu) x GRPO + mu x the cross-entropy of a batch of these rows.",
+                                      list_default=[])
+    chord_sft_per_device_train_batch_size: Optional[int] = _f(help="GRPO CHORD: expert rows per micro-batch "
+                                                                   "(default --per_device_train_batch_size).")
+    chord_enable_phi_function: bool = _f(False, help="GRPO CHORD-phi: weight each expert token's cross-entropy by "
+                                                     "p(1 - p).")
+    chord_mu_warmup_steps: Optional[int] = _f(help="GRPO CHORD: optimiser steps over which mu rises linearly to "
+                                                   "--chord_mu_peak.")
+    chord_mu_decay_steps: Optional[int] = _f(help="GRPO CHORD: optimiser steps of mu's cosine decay to "
+                                                  "--chord_mu_valley.")
+    chord_mu_peak: Optional[float] = _f(help="GRPO CHORD: mu's peak (0-1).")
+    chord_mu_valley: Optional[float] = _f(help="GRPO CHORD: mu after the decay (0-1).")
     log_rollout_offpolicy_metrics: bool = _f(False, help="GRPO: log rollout_correction/* (KL, perplexities, chi²) "
                                                          "between the sampling engine and the training forward "
                                                          "without correcting.")

@@ -149,9 +149,6 @@ def _same(reason: str, *names: str) -> dict:
 
 _GRPO = ("that GRPO option is not implemented yet; tunesmith's GRPO (--rlhf_type grpo) has the flags tunesmith "
          "rlhf --help lists")
-_CHORD = ("CHORD (SFT on --chord_sft_dataset mixed into GRPO's loss with a μ schedule) is not implemented yet: it "
-          "needs a second, SFT data stream drawn inside each GRPO step; train SFT and GRPO one after the other "
-          "(tunesmith sft, then tunesmith rlhf --rlhf_type grpo --adapters CKPT)")
 _OPD_RL = ("OPD-RL (a teacher's log-probs inside GRPO: teacher_kl_coef, RLSD's advantage_reweight, SDAR, and the "
            "teacher routing of teacher_tag_key) is not implemented yet: tunesmith's GRPO loads no teacher; distil "
            "with --rlhf_type gkd --teacher_model PATH, or train GRPO with reward functions")
@@ -296,8 +293,6 @@ NOT_SUPPORTED_YET = {
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
     **_same(_GRPO, "async_generate", "completion_length_limit_scope", "gym_env", "max_turns", "multi_turn_scheduler",
             "multi_turn_func", "use_gym_env"),
-    **_same(_CHORD, "chord_enable_phi_function", "chord_mu_decay_steps", "chord_mu_peak", "chord_mu_valley",
-            "chord_mu_warmup_steps", "chord_sft_dataset", "chord_sft_per_device_train_batch_size"),
     **_same(_OPD_RL, "advantage_reweight", "rlsd_lambda", "rlsd_lambda_decay_steps", "rlsd_lambda_warmup_steps",
             "rlsd_negative_only", "rlsd_reweight_clip_range", "sdar_gate_beta", "sdar_loss_coef", "teacher_kl_coef",
             "teacher_tag_key"),

@@ -175,3 +175,80 @@ def test_vllm_rollouts_get_min_p_and_processed_log_probs():
     engine.stop_ids = set()
     kw = engine.sampling_kwargs(SamplingParams(max_new_tokens=4, temperature=0.9, min_p=0.1, logprobs=True))
     assert kw["min_p"] == 0.1 and kw["logprobs"] == 0
+
+
+# ------------------------------------------------------------------ CHORD
+
+def test_mu_schedule_is_a_warmup_then_a_cosine_decay():
+    from tunesmith.train.rl.chord import mu_schedule
+
+    warm, decay, peak, valley = 4, 10, 0.9, 0.1
+    for step in range(20):
+        if step < warm:
+            want = step / warm * peak
+        elif step >= warm + decay:
+            want = valley
+        else:
+            want = valley + (peak - valley) * (1 + math.cos(math.pi * (step - warm) / decay)) / 2
+        assert mu_schedule(step, warm, decay, peak, valley) == pytest.approx(want, rel=1e-15)
+    assert mu_schedule(0, 0, 0, 0.5, 0.2) == 0.2 and mu_schedule(3, 0, 6, 0.5, 0.2) == pytest.approx(0.35)
+
+
+@pytest.mark.parametrize("phi", [False, True])
+def test_chord_sft_loss_equals_the_token_mean_cross_entropy_from_the_full_logits(tiny_models, phi):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.train.rl.chord import chord_sft_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2"), dtype=torch.float32)
+    ids = torch.tensor([[5, 9, 14, 3, 77, 2], [8, 8, 30, 41, 0, 0]])
+    labels = torch.tensor([[-100, -100, 14, 3, 77, 2], [-100, 8, 30, 41, -100, -100]])
+    batch = {"input_ids": ids, "attention_mask": (labels != -200).long() * torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+             "labels": labels}
+    got = chord_sft_loss(model, batch, phi)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits.double()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100, reduction="none")
+    keep = labels[:, 1:].reshape(-1) != -100
+    ce = ce[keep]
+    if phi:
+        p = torch.exp(-ce)
+        ce = ce * p * (1 - p)
+    assert got.item() == pytest.approx(ce.mean().item(), rel=1e-5)
+
+
+def test_chord_flags_need_the_mu_schedule(tiny_models):
+    with pytest.raises(ConfigError, match="--chord_sft_dataset needs μ's schedule: give --chord_mu_peak"):
+        _method(tiny_models("qwen2"), "--chord_sft_dataset", "x.jsonl", "--chord_mu_warmup_steps", "0",
+                "--chord_mu_decay_steps", "10", "--chord_mu_valley", "0.1")
+    m = _method(tiny_models("qwen2"), "--chord_sft_dataset", "x.jsonl", "--chord_mu_warmup_steps", "0",
+                "--chord_mu_decay_steps", "10", "--chord_mu_peak", "0.5", "--chord_mu_valley", "0.1",
+                "--per_device_train_batch_size", "8")
+    assert (m.chord.batch_size, m.chord.peak, m.chord.phi) == (8, 0.5, False)
+
+
+@pytest.mark.slow
+def test_chord_mixes_sft_on_expert_rows_into_grpo_and_learns_them(setup, tmp_path):
+    """μ = 1 throughout (peak = valley = 1): the GRPO term is weighted 0 and each step trains the expert rows'
+    cross-entropy, which falls; chord/mu and chord/sft_loss are logged; a resumed run draws the same expert
+    batches as the uninterrupted one (the stream's position is in the checkpoint)."""
+    model, data = setup
+    expert = write_jsonl(tmp_path / "expert.jsonl", [
+        {"messages": [{"role": "user", "content": f"say something {i}"},
+                      {"role": "assistant", "content": "two four six eight"}]} for i in range(6)])
+    chord = ["--chord_sft_dataset", expert, "--chord_mu_warmup_steps", "0", "--chord_mu_decay_steps", "0",
+             "--chord_mu_peak", "1", "--chord_mu_valley", "1", "--chord_sft_per_device_train_batch_size", "4",
+             "--learning_rate", "3e-3", "--train_type", "full"]
+    res = _grpo(model, data, tmp_path / "out", *chord, "--max_steps", "6", "--save_strategy", "steps",
+                "--save_steps", "3")
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r]
+    assert all(r["chord/mu"] == 1 for r in log)
+    sft = [r["chord/sft_loss"] for r in log]
+    assert sft[-1] < sft[0] - 0.5 and log[0]["loss"] == pytest.approx(sft[0], rel=1e-4)
+    resumed = _grpo(model, data, tmp_path / "resumed", *chord, "--max_steps", "6", "--resume_from_checkpoint",
+                    os.path.join(res["run_dir"], "checkpoint-3"))
+    again = {r["global_step"]: r for r in read_jsonl(os.path.join(resumed["run_dir"], "logging.jsonl"))
+             if "reward" in r}
+    for r in log[3:]:
+        assert again[r["global_step"]]["chord/sft_loss"] == pytest.approx(r["chord/sft_loss"], abs=1e-5)

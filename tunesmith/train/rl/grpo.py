@@ -30,6 +30,7 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.log import note
 from tunesmith.train import loop
 from tunesmith.config.checks import between
+from tunesmith.train.rl.chord import ChordSpec
 from tunesmith.train.rl.variants import variant_fields
 from tunesmith.train.setup import Batches
 
@@ -38,7 +39,7 @@ from tunesmith.train.setup import Batches
 # own tokens), dapo/cispo over the completion tokens of the step
 _UNIT = {"grpo": "completions", "sapo": "completions", "dr_grpo": "completions", "bnpo": "micro_batches",
          "dapo": "tokens", "cispo": "tokens", "fipo": "tokens", "real": "micro_batches", "luspo": "completions"}
-_PER_BATCH = ("rollout_correction/", "fipo/")  # metrics averaged per micro-batch, not per token
+_PER_BATCH = ("rollout_correction/", "fipo/", "chord/")  # metrics averaged per micro-batch, not per token
 _DEFAULT_SCALE = {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch"}
 
 
@@ -87,7 +88,13 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
                                 max_completion_length=method.max_completion_length, num_items_in_batch=ntok,
                                 entropy_mask=entropy_mask, tau_pos=method.tau_pos, tau_neg=method.tau_neg,
                                 variants=method.variants, rollout_logps=batch.get("rollout_logps"))
-    (unit, scale), = _count(method, batch).items()
+    unit = _UNIT[method.loss_type]
+    terms = {unit: loss * _count(method, batch)[unit]}
+    if "chord" in batch and model.training:  # CHORD: (1 − μ)·GRPO + μ·SFT on expert rows (train/rl/chord.py)
+        from tunesmith.train.rl.chord import chord_terms
+
+        terms, chord_metrics = chord_terms(batch["chord"], model, terms, logps.device)
+        metrics = {**metrics, **chord_metrics}
     stats = {k: float(v) for k, v in batch["stats"].items()}
     stats["tokens"] = float(ntok)
     for k, v in metrics.items():
@@ -96,7 +103,7 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
         else:
             stats[k] = float(v) * float(ntok)  # token means, weighted by this batch's tokens
     stats.update(entropy_stats)
-    return {unit: loss * scale}, stats
+    return terms, stats
 
 
 def entropy_terms(method: "GRPO", entropy, mask) -> tuple:
@@ -133,11 +140,12 @@ def entropy_terms(method: "GRPO", entropy, mask) -> tuple:
 
 
 def _count(method: "GRPO", batch: dict) -> dict:
-    """{the loss type's unit: how many in this batch} (completions, 1 micro-batch, or completion tokens)."""
+    """{the loss type's unit: how many in this batch} (completions, 1 micro-batch, or completion tokens), and with
+    CHORD one chord_batches (its SFT term is a mean over the step's micro-batches)."""
     unit = _UNIT[method.loss_type]
     n = {"completions": batch["n_completions"], "micro_batches": 1,
          "tokens": int(batch["completion_mask"].sum())}[unit]
-    return {unit: n}
+    return {unit: n, "chord_batches": 1} if "chord" in batch else {unit: n}
 
 
 def grpo_metrics(stats: dict) -> dict:
@@ -229,6 +237,7 @@ class GRPO:
     num_generations_eval: Optional[int] = None  # G of the validation rounds (None: num_generations)
     min_p: float = 0.0                        # min-p sampling of the rollouts (0: off)
     variants: Any = None                      # grpo_variants.GRPOVariants (REAL, FIPO, masking, rollout IS)
+    chord: Any = None                         # chord.ChordSpec (--chord_sft_dataset), None: no CHORD
     name = "grpo"
     best_metric = "reward"                    # --metric_for_best_model's default (ms-swift's rule)
     head = "causal_lm"
@@ -288,13 +297,15 @@ class GRPO:
                    tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
-                   max_resample_times=args.max_resample_times, **variant_fields(args, problems))
+                   max_resample_times=args.max_resample_times, **variant_fields(args, problems),
+                   chord=ChordSpec.from_args(args, problems))
 
     def resolved_flags(self) -> dict:
         """The GRPO defaults as applied, for args.json."""
         return {"beta": self.beta, "loss_type": [self.loss_type], "epsilon_high": self.epsilon_high,
                 "steps_per_generation": self.steps_per_generation, "scale_rewards": self.scale_rewards,
                 "kl_in_reward": self.kl_in_reward,
+                **({"chord_sft_per_device_train_batch_size": self.chord.batch_size} if self.chord else {}),
                 "reward_weights": list(self.reward_weights), "rpo_alpha": None}
 
     def shape_records(self, loaded: LoadResult) -> LoadResult:
@@ -316,8 +327,13 @@ class GRPO:
         rollouts = Rollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, cfg, prepared.model_dir,
                             images=prepared.encoder.images)
         val = ValidationRollouts(rollouts, prepared.eval_rows) if prepared.eval_rows else []
-        return Batches(rollouts, val, partial(grpo_collate, pad_id=_pad_id(prepared.tokenizer)), reference,
-                       on_run_dir=rollouts.log_to, hooks=(rollouts,))
+        collate, hooks = partial(grpo_collate, pad_id=_pad_id(prepared.tokenizer)), (rollouts,)
+        if self.chord is not None:
+            from tunesmith.train.rl.chord import chord_stream
+
+            collate, stream = chord_stream(self.chord, collate, prepared, cfg, _pad_id(prepared.tokenizer))
+            hooks += (stream,)
+        return Batches(rollouts, val, collate, reference, on_run_dir=rollouts.log_to, hooks=hooks)
 
     def objective(self, reference, cfg) -> loop.Objective:
         """GRPO's objective: the loss type's terms over completions, micro-batches or tokens."""
