@@ -370,6 +370,8 @@ class GRPOArgs:
                                                                   "sequence_truncate", "sequence_mask"))
     rollout_importance_sampling_threshold: float = _f(2.0, help="GRPO --rollout_importance_sampling_mode: the "
                                                                 "truncation / mask threshold C of the ratio.")
+    teacher_kl_coef: float = _f(1.0, help="GRPO with --teacher_model (OPD-RL): each completion token's advantage "
+                                          "gains teacher_kl_coef x (log p_teacher - log p_policy) of that token.")
     chord_sft_dataset: List[str] = _f(help="GRPO CHORD: expert SFT data; each training micro-batch's loss becomes "
                                            "(1 - mu) x GRPO + mu x the cross-entropy of a batch of these rows.",
                                       list_default=[])

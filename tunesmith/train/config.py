@@ -496,17 +496,17 @@ def _sync_ref_problems(args, method, found: list) -> None:
 
 
 def _teacher_flag_problems(args, found: list) -> None:
-    """GKD's flags given to another method: a teacher for GRPO (ms-swift's OPD-RL) is not supported yet; for the
-    others they change nothing (ms-swift ignores them there too, with a warning)."""
+    """GKD's flags given to another method: GRPO takes the teacher's (ms-swift's OPD-RL); for the others they change
+    nothing (ms-swift ignores them there too, with a warning)."""
     given = [f"--{k}" for k, v in (("teacher_model", args.teacher_model), ("teacher_adapters", args.teacher_adapters),
                                    ("teacher_model_revision", args.teacher_model_revision),
                                    ("offload_teacher_model", args.offload_teacher_model),
                                    ("gkd_logits_topk", args.gkd_logits_topk), ("sft_alpha", args.sft_alpha),
                                    ("lmbda", args.lmbda != 0.5)) if v]
-    if args.rlhf_type == "grpo" and (args.teacher_model or args.teacher_adapters):
-        found.append("--teacher_model with --rlhf_type grpo (ms-swift's on-policy distillation RL, OPD-RL) is not "
-                     "supported yet; distil with --rlhf_type gkd")
-    elif given:
+    if args.rlhf_type == "grpo":  # OPD-RL: GRPO takes the teacher flags (train/rl/grpo.py checks them)
+        given = [g for g in given if g not in ("--teacher_model", "--teacher_adapters", "--teacher_model_revision",
+                                               "--offload_teacher_model")]
+    if given:
         note(f"{', '.join(given)}: GKD's flags (--rlhf_type gkd) change nothing for --rlhf_type {args.rlhf_type}")
 
 

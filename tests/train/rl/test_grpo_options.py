@@ -27,11 +27,12 @@ def setup(tiny_models, tmp_path, monkeypatch):
     return tiny_models("qwen2"), data
 
 
-def _grpo(model, data, out, *flags):
+def _grpo(model, data, out, *flags, reward=True):
     argv = ["--rlhf_type", "grpo", "--model", model, "--dataset", data, "--num_generations", "4",
             "--per_device_train_batch_size", "16", "--max_completion_length", "8", "--logging_steps", "1",
-            "--report_to", "none", "--save_strategy", "no", "--reward_funcs", "variant_rewards.even_share",
-            "--output_dir", str(out), *flags]
+            "--report_to", "none", "--save_strategy", "no", "--output_dir", str(out), *flags]
+    if reward:
+        argv += ["--reward_funcs", "variant_rewards.even_share"]
     return recipe.main(parse_args("rlhf", argv))
 
 
@@ -252,3 +253,112 @@ def test_chord_mixes_sft_on_expert_rows_into_grpo_and_learns_them(setup, tmp_pat
              if "reward" in r}
     for r in log[3:]:
         assert again[r["global_step"]]["chord/sft_loss"] == pytest.approx(r["chord/sft_loss"], abs=1e-5)
+
+
+# ------------------------------------------------------------------ OPD-RL (a teacher on GRPO)
+
+def _teacher(model_dir, out):
+    """A teacher with the tiny model's tokenizer and different weights (its output layer shifted by seeded noise)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(3)
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        head = teacher.get_output_embeddings().weight
+        head.add_(torch.randn_like(head) * 2 * head.std())
+    teacher.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--loss_type", "fipo"], "OPD-RL\\) with --loss_type fipo"),
+    (["--off_policy_sequence_mask_delta", "0.1"], "OPD-RL\\) with --off_policy_sequence_mask_delta"),
+    (["--dynamic_sample", "true"], "--dynamic_sample without reward functions"),
+])
+def test_what_a_teacher_on_grpo_cannot_do_is_a_flag_error(tiny_models, flags, message):
+    model = tiny_models("qwen2")
+    args = parse_args("rlhf", ["--rlhf_type", "grpo", "--model", model, "--dataset", "x.jsonl", "--teacher_model",
+                               model, *flags])
+    with pytest.raises(ConfigError, match=message):
+        recipe.configure(args)
+    # pure distillation (a teacher, no reward function) is a GRPO run
+    m = recipe.configure(parse_args("rlhf", ["--rlhf_type", "grpo", "--model", model, "--dataset", "x.jsonl",
+                                             "--teacher_model", model, "--teacher_kl_coef", "0.5"]))[1]
+    assert (m.teacher_model, m.teacher_kl_coef, m.reward_funcs) == (model, 0.5, ())
+
+
+@pytest.mark.slow
+def test_opd_rl_adds_the_teachers_log_ratio_to_each_tokens_advantage_and_moves_towards_it(setup, tmp_path,
+                                                                                       monkeypatch):
+    """OPD-RL's pure distillation (no reward function): each completion token's advantage is
+    teacher_kl_coef · (log p_teacher − log p_policy) at --temperature — recomputed here from the two models — and
+    teacher_kl is the token mean of the k3 distance of those log-ratios."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.train.rl import rollouts as R
+
+    model, data = setup
+    teacher = _teacher(model, tmp_path / "teacher")
+    rounds = []
+    original = R.Rollouts._round
+
+    def spy(self, prompts, seed, r, training=True):
+        units = original(self, prompts, seed, r, training)
+        rounds.append(units)
+        return units
+
+    monkeypatch.setattr(R.Rollouts, "_round", spy)
+    res = _grpo(model, data, tmp_path / "out", "--teacher_model", teacher, "--teacher_kl_coef", "0.5",
+                "--train_type", "full", "--learning_rate", "1e-2", "--max_steps", "8", "--temperature", "1.0",
+                "--beta", "0", reward=False)
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "teacher_kl" in r]
+    assert len(log) == 8 and all(math.isfinite(r["loss"]) for r in log)
+    gaps = [d for u in rounds[0] for d in u.teacher_gap]
+    assert log[0]["teacher_kl"] == pytest.approx(sum(math.exp(d) - d - 1 for d in gaps) / len(gaps), rel=1e-4)
+    units = rounds[0][:4]
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    tmodel = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    for u in units:
+        ids = torch.tensor([u.prompt_ids + u.completion_ids])
+        n, p = len(u.completion_ids), len(u.prompt_ids)
+
+        def logps(m):
+            lp = torch.log_softmax(m(input_ids=ids).logits[0, p - 1:p - 1 + n].double(), -1)
+            return lp.gather(-1, torch.tensor(u.completion_ids)[:, None]).squeeze(-1)
+
+        want = 0.5 * (logps(tmodel) - logps(policy))
+        assert u.advantage == 0.0  # no reward: the advantage is the teacher's signal alone
+        assert torch.allclose(torch.tensor(u.token_advantages, dtype=torch.float64), want, atol=2e-4)
+
+
+def test_the_teachers_per_token_signal_lowers_the_reverse_kl_to_the_teacher():
+    """The OPD-RL advantage log p_teacher − log p_policy through grpo_loss is a score-function estimate of
+    −∇ KL(π ‖ π_teacher): a free categorical policy trained with it moves to the teacher (toy, exact KL)."""
+    import torch
+
+    from tunesmith.train.ops import losses as L
+
+    torch.manual_seed(0)
+    teacher = torch.log_softmax(torch.randn(50) * 2, -1)
+    logits = torch.zeros(50, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+
+    def kl():
+        lp = torch.log_softmax(logits, -1)
+        return float((lp.exp() * (lp - teacher)).sum())
+
+    start = kl()
+    for _ in range(150):
+        lp = torch.log_softmax(logits, -1)
+        y = torch.multinomial(lp.exp().detach(), 256, replacement=True)
+        tok = lp[y].unsqueeze(-1)  # [N, 1]: one-token completions
+        adv = (teacher[y].unsqueeze(-1) - tok).detach()  # teacher_kl_coef 1
+        loss, _ = L.grpo_loss("grpo", logps=tok, old_logps=tok.detach(), ref_logps=None, advantages=adv,
+                              mask=torch.ones_like(tok), beta=0.0, epsilon_low=0.2, epsilon_high=0.2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert kl() < 0.2 * start

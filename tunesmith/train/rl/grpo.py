@@ -31,7 +31,7 @@ from tunesmith.log import note
 from tunesmith.train import loop
 from tunesmith.config.checks import between
 from tunesmith.train.rl.chord import ChordSpec
-from tunesmith.train.rl.variants import variant_fields
+from tunesmith.train.rl.variants import teacher_fields, variant_fields
 from tunesmith.train.setup import Batches
 
 # how each loss type's scalar becomes a summed term and its unit (the loop divides by the units of the whole step):
@@ -155,8 +155,10 @@ def grpo_metrics(stats: dict) -> dict:
     and the clip ratios (token means), and entropy/mean, /max, /min (--log_entropy) and entropy/threshold
     (--top_entropy_quantile < 1), nats, averaged over the micro-batches logged (see `entropy_terms`); with
     --kl_in_reward, kl is the mean over completions of their summed KL (nats); fipo/* (--loss_type fipo) and
-    rollout_correction/* (--rollout_importance_sampling_mode, --log_rollout_offpolicy_metrics) are one value per
-    micro-batch and process, averaged over those logged."""
+    rollout_correction/* (--rollout_importance_sampling_mode, --log_rollout_offpolicy_metrics) and chord/mu,
+    chord/sft_loss (--chord_sft_dataset) are one value per micro-batch and process, averaged over those logged;
+    teacher_kl (OPD-RL, --teacher_model) is the token mean of the k3 distance to the teacher, e^d − d − 1 with
+    d = log p_teacher − log p_old."""
     n = max(stats.get("n", 0), 1)
     out = {}
     if "reward" in stats:
@@ -183,6 +185,8 @@ def grpo_metrics(stats: dict) -> dict:
     for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
         if k in stats:
             out[k] = loop.signif(stats[k] / tokens)
+    if stats.get("teacher_kl_tokens"):  # OPD-RL: the token mean of the k3 distance to the teacher
+        out["teacher_kl"] = loop.signif(stats["teacher_kl"] / stats["teacher_kl_tokens"])
     if "kl_in_reward" in stats:  # --kl_in_reward: the mean of each completion's summed KL (ms-swift's kl)
         out["kl"] = loop.signif(stats["kl_in_reward"] / n)
     for k, v in stats.items():  # fipo/*, rollout_correction/*: per micro-batch values, averaged
@@ -238,6 +242,11 @@ class GRPO:
     min_p: float = 0.0                        # min-p sampling of the rollouts (0: off)
     variants: Any = None                      # grpo_variants.GRPOVariants (REAL, FIPO, masking, rollout IS)
     chord: Any = None                         # chord.ChordSpec (--chord_sft_dataset), None: no CHORD
+    teacher_model: Optional[str] = None       # OPD-RL: the teacher whose log-probs join each token's advantage
+    teacher_adapters: tuple = ()
+    teacher_revision: Optional[str] = None
+    offload_teacher: bool = False
+    teacher_kl_coef: float = 1.0
     name = "grpo"
     best_metric = "reward"                    # --metric_for_best_model's default (ms-swift's rule)
     head = "causal_lm"
@@ -298,7 +307,7 @@ class GRPO:
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
                    max_resample_times=args.max_resample_times, **variant_fields(args, problems),
-                   chord=ChordSpec.from_args(args, problems))
+                   chord=ChordSpec.from_args(args, problems), **teacher_fields(args, problems))
 
     def resolved_flags(self) -> dict:
         """The GRPO defaults as applied, for args.json."""
@@ -324,8 +333,14 @@ class GRPO:
         from tunesmith.train.rl.rollouts import Rollouts, ValidationRollouts, grpo_collate
 
         disable_dropout(model, has_reference=self.needs_reference)
+        teacher = None
+        if self.teacher_model:  # OPD-RL: GKD's teacher rules (the same model with LoRA: the adapter switched off)
+            from tunesmith.train.reference import setup_teacher
+
+            teacher = setup_teacher(cfg.model, self.teacher_model, list(self.teacher_adapters), self.teacher_revision,
+                                    self.offload_teacher, model, prepared.tokenizer)
         rollouts = Rollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, cfg, prepared.model_dir,
-                            images=prepared.encoder.images)
+                            images=prepared.encoder.images, teacher=teacher)
         val = ValidationRollouts(rollouts, prepared.eval_rows) if prepared.eval_rows else []
         collate, hooks = partial(grpo_collate, pad_id=_pad_id(prepared.tokenizer)), (rollouts,)
         if self.chord is not None:
@@ -349,6 +364,9 @@ class GRPO:
                                                     "tunesmith's own answer comparison; pip install math-verify "
                                                     "for LaTeX equivalence)")
         ref = batches.reference.describe if batches.reference is not None else "none (beta 0: no KL term)"
+        if batches.train.teacher is not None:
+            ref += (f"\n[tunesmith] teacher (OPD-RL, teacher_kl_coef {self.teacher_kl_coef:g}): "
+                    f"{batches.train.teacher.describe}")
         return (f"[tunesmith] rlhf grpo: loss_type={self.loss_type}, β={self.beta:g}, G={self.num_generations}, "
                 f"ε=[{self.epsilon:g}, {self.epsilon_high:g}], advantages {self.advantage_estimator}/"
                 f"{self.scale_rewards}, temperature {self.temperature:g}, max_completion_length "
@@ -510,7 +528,7 @@ def _checked_rewards(args, reward_args, problems: list) -> list:
     from tunesmith.train.rl.rewards import load_reward_functions
 
     if not args.reward_funcs:
-        if not args.reward_model:
+        if not args.reward_model and not args.teacher_model:  # a teacher alone: OPD-RL's pure distillation
             problems.append("GRPO needs --reward_funcs (or --reward_model): e.g. --reward_funcs accuracy format "
                             "(built-ins), a name an --external_plugins file registers, or module.function")
         return []

@@ -37,6 +37,8 @@ class Unit:
     stats: dict = field(default_factory=dict)
     images: Optional[list] = None       # the prompt's pictures (references), for a vision-language policy
     rollout_logps: Optional[list] = None  # the sampling engine's own [C] (rollout IS correction, diagnostics)
+    token_advantages: Optional[list] = None  # OPD-RL: [C], the advantage plus the teacher's per-token signal
+    teacher_gap: Optional[list] = None  # OPD-RL: [C], log p_teacher − log p_old of each token (nats)
 
 
 def refuse_pictures(prompts: list[dict], what: str) -> None:
@@ -54,7 +56,8 @@ def refuse_pictures(prompts: list[dict], what: str) -> None:
 def grpo_collate(units: list[Unit], pad_id: int) -> dict:
     """Units → `input_ids`/`attention_mask` [B, P + C] (prompts left-padded to P, completions right-padded to C),
     `labels` (the completion tokens, IGNORE elsewhere), `completion_mask` [B, C], `advantages` [B], and
-    `old_logps`/`ref_logps`/`rollout_logps` [B, C] when the units carry them; `stats` summed over the units."""
+    `old_logps`/`ref_logps`/`rollout_logps` [B, C] when the units carry them; `stats` summed over the units. With
+    OPD-RL's per-token advantages (`Unit.token_advantages`), `advantages` is [B, C]."""
     import torch
 
     p = max(len(u.prompt_ids) for u in units)
@@ -73,6 +76,10 @@ def grpo_collate(units: list[Unit], pad_id: int) -> dict:
             cmask[i, :m] = 1
     batch = {"input_ids": ids, "attention_mask": att, "labels": labels, "completion_mask": cmask,
              "advantages": torch.tensor([u.advantage for u in units]), "n_completions": len(units)}
+    if units[0].token_advantages is not None:
+        batch["advantages"] = torch.zeros(len(units), c)
+        for i, u in enumerate(units):
+            batch["advantages"][i, :len(u.completion_ids)] = torch.tensor(u.token_advantages)
     if any(u.images for u in units):  # data.vision.WithPixels turns them into the vision tower's inputs
         batch["images"] = [u.images for u in units]
     for key in ("old_logps", "ref_logps", "rollout_logps"):
@@ -148,11 +155,12 @@ class Rollouts:
     starts from."""
 
     def __init__(self, method, prompts, model, tokenizer, reference, cfg, model_dir: Optional[str] = None,
-                 images=None):
+                 images=None, teacher=None):
         from tunesmith.train.rl.rewards import load_reward_functions
         from tunesmith.train.methods.rm import reward_model_functions
 
         self.method, self.prompts, self.model, self.tok, self.reference = method, prompts, model, tokenizer, reference
+        self.teacher = teacher  # OPD-RL's (reference.setup_teacher), else None
         self.images = images  # a vision-language policy's ImageTokens (tunesmith.data.vision), else None
         if images is not None and method.use_vllm:
             raise ConfigError("--use_vllm with a vision-language model: pictures through vLLM rollouts are not "
@@ -328,7 +336,7 @@ class Rollouts:
             note(f"GRPO: every completion of this round reached --max_completion_length "
                  f"{self.method.max_completion_length}, and --overlong_filter leaves truncated completions out of "
                  f"the loss, so the round trains nothing; raise --max_completion_length (or drop --overlong_filter)")
-        if all(zero_std) and not self.said_flat and training:
+        if all(zero_std) and not self.said_flat and training and self.reward_fns:
             self.said_flat = True
             note("GRPO: in this round every group's completions got the same reward, so every advantage is 0 and "
                  "nothing is learned from it; if this persists (frac_reward_zero_std 1.0), the reward functions "
@@ -336,6 +344,8 @@ class Rollouts:
         g = self.group
         for i, u in enumerate(units):
             u.advantage = float(advantages[i])
+            if u.teacher_gap is not None:  # OPD-RL
+                teacher_signal(u, self.method.teacher_kl_coef)
             u.stats.update({"reward": combined[i], "reward_sq": combined[i] ** 2, "zero_std": float(zero_std[i // g])})
         # per-round extremes ride on the round's first unit; the metrics average them over the rounds logged
         lengths = [len(u.completion_ids) for u in units]
@@ -540,7 +550,7 @@ class Rollouts:
         need_ref = self.reference is not None and m.beta != 0
         kl_in_reward = need_ref and m.kl_in_reward  # the sampling policy's KL joins the reward (ms-swift's rule)
         keep_old = self.need_old and self.training  # validation trains nothing: its ratio is 1
-        need_old = keep_old or kl_in_reward
+        need_old = keep_old or kl_in_reward or self.teacher is not None
         if not (need_old or need_ref):
             return
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -554,8 +564,12 @@ class Rollouts:
                 old = completion_logps(self.model, batch, t).float().cpu() if need_old else None
                 ref = self.reference.token_logps(self.model, batch, lambda mod, b: completion_logps(mod, b, t))\
                     .float().cpu() if need_ref else None
+                teacher = self.teacher.token_logps(self.model, batch, lambda mod, b: completion_logps(mod, b, t))\
+                    .float().cpu() if self.teacher is not None else None
                 for i, u in enumerate(part):
                     n = len(u.completion_ids)
+                    if teacher is not None:  # OPD-RL: the signed teacher log-ratio of each token
+                        u.teacher_gap = (teacher[i, :n] - old[i, :n]).tolist()
                     if kl_in_reward:  # Σ_t (old − ref) over the whole completion (grpo_variants.sequence_kl)
                         u.stats["kl_in_reward"] = float((old[i, :n].double() - ref[i, :n].double()).sum())
                     if keep_old:
@@ -596,6 +610,15 @@ class ValidationRollouts:
     def fresh(self) -> list:
         """This evaluation's units (`Unit`s, in prompt order)."""
         return self.rollouts.evaluation_units(self.prompts)
+
+
+def teacher_signal(u: Unit, coef: float) -> None:
+    """OPD-RL (ms-swift 4.6 rl_core/advantage.py expand_advantage_to_per_token): the unit's per-token advantages
+    A + coef·(log p_teacher − log p_old) [C], and its teacher_kl statistics — the k3 estimate e^d − d − 1 of each
+    token, d = log p_teacher − log p_old (compute_teacher_kl_per_token), summed with its token count."""
+    u.token_advantages = [u.advantage + coef * d for d in u.teacher_gap]
+    u.stats["teacher_kl"] = sum(math.exp(d) - d - 1 for d in u.teacher_gap)
+    u.stats["teacher_kl_tokens"] = len(u.teacher_gap)
 
 
 def processed_logprobs_config(engine_cfg):

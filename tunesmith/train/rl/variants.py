@@ -68,3 +68,31 @@ def _real_groups(args, problems: list) -> None:
         problems.append(f"--loss_type real with validation: --per_device_eval_batch_size "
                         f"{args.per_device_eval_batch_size} must be a multiple of the validation group size "
                         f"{g_eval} (--num_generations_eval, else --num_generations)")
+
+
+def teacher_fields(args, problems: list) -> dict:
+    """OPD-RL (ms-swift's on-policy distillation as RL: a teacher on a GRPO run) — the GRPO dataclass's teacher_model,
+    teacher_adapters, teacher_revision, offload_teacher and teacher_kl_coef, each problem appended. What ms-swift
+    refuses with a teacher (arguments/rlhf_args.py `_check_opd_rl`) is refused here too: --loss_type real or fipo
+    and --off_policy_sequence_mask_delta (they need one advantage per completion, the teacher's is per token), and
+    without reward functions (pure distillation) --dynamic_sample and --scale_rewards gdpo (no reward variance)."""
+    if args.teacher_adapters and not args.teacher_model:
+        problems.append("--teacher_adapters needs --teacher_model (the model they are merged into)")
+    if args.teacher_model:
+        loss_type = (list(args.loss_type) or ["grpo"])[0]
+        if loss_type in ("real", "fipo"):
+            problems.append(f"--teacher_model (OPD-RL) with --loss_type {loss_type}: its loss needs one advantage "
+                            f"per completion, and the teacher's signal is per token; use another loss type")
+        if args.off_policy_sequence_mask_delta is not None:
+            problems.append("--teacher_model (OPD-RL) with --off_policy_sequence_mask_delta: the mask needs one "
+                            "advantage per completion, and the teacher's signal is per token; drop one of them")
+        if not args.reward_funcs and not args.reward_model:
+            if args.dynamic_sample:
+                problems.append("--dynamic_sample without reward functions: pure distillation (--teacher_model "
+                                "alone) has no reward differences to sample for; add --reward_funcs or drop it")
+            if args.scale_rewards == "gdpo":
+                problems.append("--scale_rewards gdpo without reward functions: pure distillation has no rewards "
+                                "to normalise; add --reward_funcs or drop it")
+    return {"teacher_model": args.teacher_model, "teacher_adapters": tuple(args.teacher_adapters),
+            "teacher_revision": args.teacher_model_revision, "offload_teacher": args.offload_teacher_model,
+            "teacher_kl_coef": args.teacher_kl_coef}
