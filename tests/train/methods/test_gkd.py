@@ -400,14 +400,17 @@ def test_gkd_flags_parse_and_unknown_or_unsupported_ones_say_so():
             parse_args("rlhf", [f"--{flag}", "x"])
 
 
-def test_a_grpo_teacher_is_refused_and_other_methods_note_gkd_flags(tiny_models, tmp_path, capsys):
+def test_a_grpo_teacher_is_opd_rl_and_other_methods_note_gkd_flags(tiny_models, tmp_path, capsys):
     from tunesmith.train.recipe import configure
 
     model = tiny_models("qwen2")
     common = ["--model", model, "--dataset", "x.jsonl", "--output_dir", str(tmp_path / "out")]
+    # GRPO takes the teacher (OPD-RL, tests/train/rl/test_grpo_options.py); its incompatibilities are refused
+    assert configure(parse_args("rlhf", ["--rlhf_type", "grpo", "--reward_funcs", "format", "--teacher_model", model,
+                                         *common]))[1].teacher_model == model
     with pytest.raises(ConfigError, match="OPD-RL"):
         configure(parse_args("rlhf", ["--rlhf_type", "grpo", "--reward_funcs", "format", "--teacher_model", model,
-                                      *common]))
+                                      "--loss_type", "real", *common]))
     configure(parse_args("rlhf", ["--rlhf_type", "dpo", "--lmbda", "1", *common]))
     assert "--lmbda: GKD's flags (--rlhf_type gkd) change nothing for --rlhf_type dpo" in capsys.readouterr().err
 
