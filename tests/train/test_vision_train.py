@@ -1,7 +1,7 @@
 """Vision-language training (issue #31) on tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and generated
 pictures: masks equal an independent computation from the processor's rendering, packed rows equal padded ones, SFT
 learns to tell colours on held-out pictures, DPO and KTO train on image pairs, the freeze flags pick what trains,
-and the image budget flags count as the processor does."""
+the image budget flags count as the processor does, and a reward model orders image pairs by their picture."""
 import os
 
 import numpy as np
