@@ -59,6 +59,20 @@ def pack_adapter(config: dict, tensors: dict) -> bytes:
 def unpack_adapter(data: bytes) -> tuple[dict, dict]:
     """(peft config, {name: tensor}) from `pack_adapter`'s bytes. Raises ValueError naming what is wrong: not a
     safetensors file, or no "peft_config" JSON object in its metadata."""
+    metadata, tensors = read_safetensors(data)
+    try:
+        config = json.loads(metadata.get("peft_config", "null"))
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise ValueError("the safetensors metadata holds no \"peft_config\" (the adapter_config.json content, as "
+                         "JSON): pack the adapter with tunesmith.inference.live_adapters.pack_adapter")
+    return config, tensors
+
+
+def read_safetensors(data: bytes) -> tuple[dict, dict]:
+    """(header metadata {str: str}, {name: tensor}) of a safetensors file's bytes. Raises ValueError when it is not
+    one (too short, a header that is not JSON, offsets past the end)."""
     from safetensors.torch import load
 
     if len(data) < 8:
@@ -66,14 +80,13 @@ def unpack_adapter(data: bytes) -> tuple[dict, dict]:
     (n,) = struct.unpack("<Q", data[:8])
     try:
         header = json.loads(data[8:8 + n]) if 8 + n <= len(data) else None
-        config = json.loads((header or {}).get("__metadata__", {}).get("peft_config", "null"))
+        metadata = (header or {}).get("__metadata__") or {}
     except (ValueError, UnicodeDecodeError, AttributeError):
         raise ValueError("the body is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(config, dict):
-        raise ValueError("the safetensors metadata holds no \"peft_config\" (the adapter_config.json content, as "
-                         "JSON): pack the adapter with tunesmith.inference.live_adapters.pack_adapter")
+    if header is None or not isinstance(metadata, dict):
+        raise ValueError("the body is not a safetensors file (its header is cut short)")
     try:
-        return config, load(data)
+        return metadata, load(data)
     except Exception as e:  # noqa: BLE001 - safetensors' own errors (truncated body, bad offsets)
         raise ValueError(f"the safetensors body cannot be read: {e}") from None
 
@@ -155,6 +168,32 @@ class LiveAdapters:
                 self._own.remove(old)
         model.set_adapter(self._own[-1])
         self.engine.adopt(model)
+
+    def update_params(self, tensors: dict, timeout: Optional[float] = None) -> int:
+        """Copy full weights ({parameter name as the model names it: tensor}, e.g. a fully trained policy's) into
+        the engine's model between two decoding steps; returns how many. Sequences in flight go on with the new
+        weights from the next step. Raises ValueError, before anything is copied, for a name the model does not
+        have or a shape that differs, or when the model holds adapter versions (a LoRA run's server)."""
+        return self.engine.between_steps(lambda: self._copy(tensors)).result(timeout)
+
+    def _copy(self, tensors: dict) -> int:
+        import torch
+
+        if self._own:
+            raise ValueError("this server holds LoRA versions pushed by a LoRA run; full weights would change its "
+                             "base under them: restart the server for a full-weight run")
+        params = dict(self.engine.model.named_parameters())
+        unknown = [k for k in tensors if k not in params]
+        wrong = [f"{k} {tuple(v.shape)} (the model's: {tuple(params[k].shape)})" for k, v in tensors.items()
+                 if k in params and tuple(v.shape) != tuple(params[k].shape)]
+        if unknown or wrong:
+            raise ValueError(f"the weights do not fit the served model: {len(unknown)} unknown name(s) (e.g. "
+                             f"{unknown[:2]}), {len(wrong)} with another shape (e.g. {wrong[:1]}); push weights "
+                             f"of this model")
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v)
+        return len(tensors)
 
     def names(self) -> list[str]:
         """The adapter names the engine's model holds now."""

@@ -7,7 +7,9 @@ RolloutOutput per request, its ChatCompletionResponse choices carrying the token
 and the cache resets (no-ops: the engine keeps no prefix cache between requests). Weights arrive over HTTP, with
 no NCCL: POST /update_adapter/ (tunesmith's) takes the policy's LoRA adapter as one safetensors body
 (tunesmith.inference.live_adapters' format), installs it as the next adapter version between two decoding steps,
-and every /infer/ after it samples that version (a request keeps the version it started with). The NCCL endpoints
+and every /infer/ after it samples that version (a request keeps the version it started with); POST /update_params/
+takes full weights the same way (one safetensors body of named parameters, copied in between two steps; a
+full-weight run sends them in several bodies). The NCCL endpoints
 (/init_communicator/, /update_named_param/, /update_adapter_flattened_param/, /update_adapter_param/,
 /update_flattened_params/) answer 501 saying what to use: they broadcast tensors between GPUs, which only a vLLM
 server (`swift rollout`) can take.
@@ -30,7 +32,7 @@ from tunesmith.serve.rollout_protocol import (InferBody, RequestConfig, check_in
                                               choice, rollout_output)
 
 SERVER_NAME = "tunesmith"  # /get_engine_type/'s "server": how a trainer tells this server from a vLLM one
-WEIGHT_PATHS = ("/update_adapter/",)  # bodies larger than --max_request_bytes (create_app's `unlimited`)
+WEIGHT_PATHS = ("/update_adapter/", "/update_params/")  # bodies larger than --max_request_bytes (create_app's `unlimited`)
 NCCL_ENDPOINTS = ("/init_communicator/", "/update_named_param/", "/update_adapter_flattened_param/",
                   "/update_adapter_param/", "/update_flattened_params/")
 
@@ -159,6 +161,24 @@ async def update_adapter(request: Request):
             "tensors": len(tensors), "bytes": len(data)}
 
 
+async def update_params(request: Request):
+    from starlette.concurrency import run_in_threadpool
+
+    from tunesmith.inference.live_adapters import read_safetensors
+
+    rollout: Rollout = request.app.state.rollout
+    data = await request.body()
+    try:
+        _, tensors = await run_in_threadpool(read_safetensors, data)
+        n = await asyncio.get_running_loop().run_in_executor(None, rollout.adapters.update_params, tensors)
+    except ValueError as e:
+        raise ApiError(400, f"the weights cannot be loaded: {e}", code="invalid_weights") from None
+    except RuntimeError as e:
+        raise ApiError(503, str(e)) from None
+    return {"message": f"{n} weight tensor(s) updated; /infer/ samples them from now on", "tensors": n,
+            "bytes": len(data)}
+
+
 async def health():
     return {"status": "ok"}
 
@@ -197,6 +217,7 @@ ROUTES = (("GET", "/health", health), ("GET", "/health/", health),
           ("GET", "/get_model_state_keys/", get_model_state_keys),
           ("POST", "/infer/", infer),
           ("POST", "/update_adapter/", update_adapter),
+          ("POST", "/update_params/", update_params),
           *(("POST", path, nccl_only) for path in NCCL_ENDPOINTS),
           *(("POST", path, nothing_cached) for path in ("/reset_prefix_cache/", "/reset_encoder_cache/",
                                                         "/reset_mm_cache/", "/process_weights_after_loading/",

@@ -95,6 +95,41 @@ def test_server_rollouts_equal_the_colocated_run_and_follow_the_updated_adapter(
     _server_samples_checkpoint(model, port, os.path.join(remote["run_dir"], "checkpoint-2"))
 
 
+@pytest.mark.slow
+def test_full_weight_server_rollouts_equal_the_colocated_run(tiny_models, setup, tmp_path):
+    """--train_type full: the trainable weights go to a fresh server before each round (POST /update_params/), and
+    two steps equal two colocated steps."""
+    from tunesmith.commands.rollout import build
+
+    model = tiny_models("qwen2")
+    data, plugin = setup
+    from safetensors.torch import load_file
+
+    common = ["--max_steps", "2", "--save_steps", "1", "--train_type", "full", "--learning_rate", "1e-3"]
+    engine, app, _ = build(parse_args("rollout", ["--model", model, "--verbose", "false"]))
+    try:
+        with serve_on_a_thread(app) as port:
+            remote = _grpo(model, data, plugin, tmp_path / "remote", *common, *_server_flags(port))
+        # the last push came before round 2: the server holds checkpoint-1's weights, not the base model's
+        served = dict(engine.engine.model.named_parameters())
+        ckpt = load_file(os.path.join(remote["run_dir"], "checkpoint-1", "model.safetensors"))
+        base = load_file(os.path.join(model, "model.safetensors"))
+        shared = [k for k in ckpt if k in served]
+        assert shared and all((served[k] == ckpt[k]).all() for k in shared)
+        assert any(not (served[k] == base[k]).all() for k in shared)
+    finally:
+        engine.close()
+    local = _grpo(model, data, plugin, tmp_path / "local", *common)
+    a = read_jsonl(os.path.join(local["run_dir"], "completions.jsonl"))
+    b = read_jsonl(os.path.join(remote["run_dir"], "completions.jsonl"))
+    assert len(a) == 2 * 16 and [r["completion"] for r in a] == [r["completion"] for r in b]
+    assert [r["completion"] for r in a[:16]] != [r["completion"] for r in a[16:]]
+    logs = [[r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r]
+            for res in (local, remote)]
+    for x, y in zip(*logs):
+        assert abs(x["loss"] - y["loss"]) < 1e-6 and x["reward"] == y["reward"], (x, y)
+
+
 def _server_samples_checkpoint(model, port, ckpt):
     """/infer/ now (the adapter pushed before round 3: checkpoint-2's weights) equals the trainer's engine over
     that checkpoint, with the same seeds; the base model samples something else."""
@@ -254,8 +289,8 @@ def test_a_vllm_rollout_server_is_refused_with_the_reason():
     (["--vllm_mode", "server"], "--vllm_mode server needs the rollout server's --vllm_server_host"),
     (["--vllm_mode", "server", "--vllm_server_host", "a", "b", "--vllm_server_port", "1", "2"],
      "one rollout server is supported yet"),
-    (["--vllm_mode", "server", "--vllm_server_host", "a", "--train_type", "full"],
-     "syncing full weights to a server is not supported yet"),
+    (["--vllm_mode", "server", "--vllm_server_host", "a", "--train_type", "vera"],
+     "other tuners' weights are not synced to a server yet"),
     (["--vllm_mode", "server", "--vllm_server_base_url", "localhost:8000"], "an http:// or https:// URL"),
     (["--vllm_mode", "server", "--vllm_server_host", "a", "--vllm_server_timeout", "0"], "more than 0"),
 ])

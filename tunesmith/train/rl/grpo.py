@@ -448,10 +448,10 @@ def _server_problems(args, problems: list) -> None:
             problems.append(f"--vllm_server_base_url {url}: an http:// or https:// URL, e.g. http://127.0.0.1:8000")
     if not args.vllm_server_timeout > 0:
         problems.append(f"--vllm_server_timeout {args.vllm_server_timeout}: seconds, more than 0")
-    if args.train_type != "lora":
+    if args.train_type not in ("lora", "full"):
         problems.append(f"--vllm_mode server with --train_type {args.train_type}: the policy reaches the rollout "
-                        f"server as its LoRA adapter each round; syncing full weights to a server is not supported "
-                        f"yet; use --train_type lora, or --vllm_mode colocate without vLLM: {drop}")
+                        f"server as its LoRA adapter (--train_type lora) or as its full weights (--train_type "
+                        f"full); other tuners' weights are not synced to a server yet; {drop}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         problems.append(f"--vllm_mode server under torchrun ({os.environ['WORLD_SIZE']} processes): one training "
                         f"process per rollout server is supported yet; run one process, {drop}")

@@ -55,7 +55,8 @@ class RolloutServer:
         self.cfg, self.model, self.model_dir = cfg, model, model_dir
         self.adapter: Optional[str] = None  # the server's name of the version last pushed
         self.pushes = 0
-        self._pushed: Optional[dict] = None  # CPU copies of the tensors last pushed
+        self._pushed: Optional[dict] = None  # CPU copies of the LoRA tensors last pushed
+        self._full: Optional[tuple] = None  # the Rollouts.weights whose full weights were pushed last
 
     def start_command(self) -> str:
         """The command that starts a server for this model at this address (for error messages)."""
@@ -96,13 +97,20 @@ class RolloutServer:
                               f"colocate")
         return info
 
-    def sync(self) -> str:
-        """Push the policy's adapter when its weights differ from the last push (the first call always pushes);
-        returns the server's name of the version to sample. Raises RolloutServerError."""
+    def sync(self, weights: Optional[tuple] = None) -> Optional[str]:
+        """Bring the server to the policy's weights: a LoRA policy's adapter when its tensors differ from the last
+        push (the first call always pushes); a fully trained policy's trainable weights when `weights` (the state
+        the rounds are on: Rollouts.weights) differs from the last push's. Returns the server's name of the adapter
+        version to sample (None for full weights). Raises RolloutServerError."""
         import torch
 
         from tunesmith.inference.live_adapters import pack_adapter, policy_adapter
 
+        if not isinstance(getattr(self.model, "peft_config", None), dict):
+            if weights is None or weights != self._full:
+                self._push_params()
+                self._full = weights
+            return None
         config, tensors = policy_adapter(self.model)
         if self._pushed is not None and self._pushed.keys() == tensors.keys() and \
                 all(torch.equal(self._pushed[k], v) for k, v in tensors.items()):
@@ -112,6 +120,25 @@ class RolloutServer:
         self.adapter, self.pushes = answer["adapter"], self.pushes + 1
         self._pushed = {k: v.clone() for k, v in tensors.items()}
         return self.adapter
+
+    BUCKET_BYTES = 512 << 20  # full weights go in bodies of about this size (a large model never in one)
+
+    def _push_params(self) -> None:
+        """POST the policy's trainable parameters to /update_params/, in safetensors bodies of ~BUCKET_BYTES."""
+        from safetensors.torch import save
+
+        bucket, size = {}, 0
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue  # frozen weights never change
+            bucket[name] = p.detach().to("cpu").contiguous()
+            size += p.numel() * p.element_size()
+            if size >= self.BUCKET_BYTES:
+                self._request("POST", "/update_params/", save(bucket), "application/octet-stream", timeout=None)
+                bucket, size = {}, 0
+        if bucket:
+            self._request("POST", "/update_params/", save(bucket), "application/octet-stream", timeout=None)
+        self.pushes += 1
 
     def generate(self, prompts: list, sampling: dict, n: int) -> list:
         """n completions of each prompt, in order: prompts [(token ids, first seed, messages)] — completion k of a
@@ -123,7 +150,15 @@ class RolloutServer:
         body = {"infer_requests": [{"messages": m, "prompt_token_ids": list(ids), "seed": s} for ids, s, m in prompts],
                 "request_config": {**sampling, "n": n, "return_details": True},
                 "adapter_request": {"name": self.adapter} if self.adapter else None}
-        outputs = self._request("POST", "/infer/", json.dumps(body).encode(), timeout=None)
+        try:
+            outputs = self._request("POST", "/infer/", json.dumps(body).encode(), timeout=None)
+        except RolloutServerError as e:
+            if "is not loaded here" not in str(e):
+                raise
+            # the server lost the version (restarted, or another trainer's upload dropped it): push it again
+            self._pushed = None
+            body["adapter_request"] = {"name": self.sync(self._full)}
+            outputs = self._request("POST", "/infer/", json.dumps(body).encode(), timeout=None)
         if len(outputs) != len(prompts):
             raise RolloutServerError(f"{self.cfg.base_url}/infer/ answered {len(outputs)} outputs for "
                                      f"{len(prompts)} requests")

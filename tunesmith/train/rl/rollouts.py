@@ -485,7 +485,7 @@ class Rollouts:
         seeds; the same completions as the trainer's own engine would sample. messages: {j: the prompt's messages}
         (the request's ms-swift fields)."""
         m, g = self.method, self.method.num_generations
-        self.remote.sync()
+        self.remote.sync(self.weights)
         prompts = [(prompt, _completion_seed(seed, r, j, g), messages[j]) for j, prompt in ids.items()]
         sampling = {"max_tokens": m.max_completion_length, "temperature": m.temperature, "top_p": m.top_p,
                     "top_k": m.top_k, "repetition_penalty": m.repetition_penalty}
