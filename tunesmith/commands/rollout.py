@@ -10,14 +10,19 @@ from tunesmith.errors import ConfigError
 
 
 def refuse_backend(args) -> None:
-    """Raise ConfigError for an engine the rollout server cannot hand adapters to over HTTP: vLLM, SGLang and
-    LMDeploy hold their own weights (`swift rollout` syncs vLLM's over NCCL)."""
+    """Raise ConfigError for an engine the rollout server cannot hand the policy to: SGLang and LMDeploy, and vLLM
+    without --vllm_enable_lora true (each pushed adapter becomes a vLLM LoRA request)."""
     if args.infer_backend in ("transformers", "pt"):
         return
+    if args.infer_backend == "vllm":
+        if not args.vllm_enable_lora:
+            raise ConfigError("--infer_backend vllm: pass --vllm_enable_lora true (the policy's LoRA adapter is "
+                              "served as a vLLM LoRA request each round; full weights reach vLLM only over NCCL, "
+                              "ms-swift's `swift rollout`), or serve with --infer_backend transformers")
+        return
     raise ConfigError(f"--infer_backend {args.infer_backend}: tunesmith rollout serves from tunesmith's own engine "
-                      f"(--infer_backend transformers, the default), which takes the policy's LoRA adapter over "
-                      f"HTTP each round; a vLLM rollout server with NCCL weight sync is ms-swift's `swift rollout` "
-                      f"(tunesmith's GRPO does not drive NCCL weight sync yet)")
+                      f"(--infer_backend transformers, the default) or vLLM (--infer_backend vllm "
+                      f"--vllm_enable_lora true), which take the policy's LoRA adapter over HTTP each round")
 
 
 def build(args):
@@ -36,7 +41,7 @@ def build(args):
     name = next(iter(served_models(args, named, ckpt)))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_rollout_app(engine, name, api_key=api_key, max_logprobs=args.max_logprobs,
-                             max_request_bytes=args.max_request_bytes)
+                             max_request_bytes=args.max_request_bytes, max_lora_rank=args.vllm_max_lora_rank)
     return engine, app, name
 
 

@@ -211,3 +211,70 @@ def _remove(model, name: str, fresh: bool) -> None:
         model.unload()
     elif name in model.peft_config:
         model.delete_adapter(name)
+
+
+class VllmAdapters:
+    """`LiveAdapters` for a rollout server on vLLM (--infer_backend vllm --vllm_enable_lora true): each version is
+    written to a temporary folder (adapter_model.safetensors + adapter_config.json, as save_pretrained writes them)
+    and served as a vLLM LoRA request under a new id (VllmEngine.add_adapter: vLLM caches adapters by id); the
+    version before the previous one is dropped with its folder. Full weights are refused: vLLM takes them over
+    NCCL only. Thread-safe."""
+
+    def __init__(self, engine, max_lora_rank: int):
+        """engine: a tunesmith.inference.backends.VllmEngine started with LoRA on; max_lora_rank: its
+        --vllm_max_lora_rank (a larger adapter is refused at upload)."""
+        import atexit
+        import tempfile
+
+        self.engine, self.max_lora_rank = engine, max_lora_rank
+        self.root = tempfile.mkdtemp(prefix="tunesmith-rollout-lora-")
+        atexit.register(self.close)
+        self.current: Optional[str] = None
+        self.loaded = 0
+        self._lock = threading.Lock()
+        self._own: list[str] = []
+
+    def load(self, config: dict, tensors: dict, timeout: Optional[float] = None) -> str:
+        """Write the adapter (`unpack_adapter`'s config and tensors) and serve it as the next version; returns its
+        name. Raises ValueError for a config that is not LoRA or a rank above --vllm_max_lora_rank."""
+        import os
+        import shutil
+
+        from safetensors.torch import save_file
+
+        cfg = lora_config(config)
+        if cfg.r > self.max_lora_rank:
+            raise ValueError(f"LoRA rank {cfg.r} is above this server's --vllm_max_lora_rank {self.max_lora_rank}; "
+                             f"restart it with --vllm_max_lora_rank {cfg.r}")
+        with self._lock:
+            self.loaded += 1
+            name = f"{PREFIX}{self.loaded}"
+            path = os.path.join(self.root, name)
+            os.makedirs(path)
+            save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+            with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as fh:
+                json.dump(config, fh)
+            self.engine.add_adapter(name, path)
+            self._own.append(name)
+            while len(self._own) > 2:  # the previous version may still have requests running
+                old = self._own.pop(0)
+                self.engine.remove_adapter(old)
+                shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+            self.current = name
+        return name
+
+    def update_params(self, tensors: dict, timeout: Optional[float] = None) -> int:
+        """Refused: raises ValueError (vLLM's weights are loaded over NCCL, by `swift rollout`)."""
+        raise ValueError("full weights cannot be loaded into vLLM over HTTP (ms-swift's `swift rollout` broadcasts "
+                         "them over NCCL); train LoRA against this server, or serve with --infer_backend "
+                         "transformers")
+
+    def names(self) -> list[str]:
+        """The adapter names the engine serves now."""
+        return list(self.engine.adapters)
+
+    def close(self) -> None:
+        """Remove the adapter folders."""
+        import shutil
+
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -48,17 +48,19 @@ class Rollout:
 
 
 def create_rollout_app(engine, model_name: str, api_key: Optional[str] = None, max_logprobs: int = 20,
-                       max_request_bytes: int = 8 << 20):
-    """The FastAPI app of `tunesmith rollout` over a ChatEngine (tunesmith.inference.chat) built on the
-    transformers backend. api_key: every path but /health needs `Authorization: Bearer KEY` (as `swift rollout`).
-    max_request_bytes: the largest /infer/ body (weight uploads are not limited). The app does not close the
-    engine."""
-    from tunesmith.inference.live_adapters import LiveAdapters
+                       max_request_bytes: int = 8 << 20, max_lora_rank: int = 16):
+    """The FastAPI app of `tunesmith rollout` over a ChatEngine (tunesmith.inference.chat): tunesmith's own engine,
+    or vLLM (pushed adapters become vLLM LoRA requests; max_lora_rank: its --vllm_max_lora_rank). api_key: every
+    path but /health needs `Authorization: Bearer KEY` (as `swift rollout`). max_request_bytes: the largest
+    /infer/ body (weight uploads are not limited). The app does not close the engine."""
+    from tunesmith.inference.live_adapters import LiveAdapters, VllmAdapters
     from tunesmith.serve.app import create_app
 
     app = create_app(engine, {model_name: None}, api_key=api_key, max_logprobs=max_logprobs,
                      max_request_bytes=max_request_bytes, routes=ROUTES, guarded="/", unlimited=WEIGHT_PATHS)
-    app.state.rollout = Rollout(app.state.server, LiveAdapters(engine.engine), model_name, len(engine.tok))
+    inner = engine.engine
+    adapters = VllmAdapters(inner, max_lora_rank) if getattr(inner, "name", None) == "vllm" else LiveAdapters(inner)
+    app.state.rollout = Rollout(app.state.server, adapters, model_name, len(engine.tok))
     return app
 
 
@@ -195,8 +197,8 @@ async def get_engine_type(request: Request):
 
 
 async def get_model_state_keys(request: Request):
-    model = request.app.state.rollout.server.engine.engine.model
-    return {"keys": [name for name, _ in model.named_parameters()]}
+    model = getattr(request.app.state.rollout.server.engine.engine, "model", None)  # vLLM's weights are its own
+    return {"keys": [name for name, _ in model.named_parameters()] if model is not None else []}
 
 
 async def nccl_only(request: Request):

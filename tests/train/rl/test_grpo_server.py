@@ -308,11 +308,69 @@ def test_rollout_flags(tiny_models):
     args = parse_args("rollout", ["--model", "m", "--port", "8001", "--vllm_enable_lora", "true",
                                   "--vllm_max_lora_rank", "64"])
     assert (args.port, args.infer_backend) == (8001, "transformers")
-    with pytest.raises(ConfigError, match="tunesmith's own engine .*`swift rollout`"):
+    with pytest.raises(ConfigError, match="pass --vllm_enable_lora true .*NCCL"):
         refuse_backend(parse_args("rollout", ["--model", "m", "--infer_backend", "vllm"]))
+    refuse_backend(parse_args("rollout", ["--model", "m", "--infer_backend", "vllm", "--vllm_enable_lora", "true"]))
+    with pytest.raises(ConfigError, match="tunesmith's own engine"):
+        refuse_backend(parse_args("rollout", ["--model", "m", "--infer_backend", "sglang"]))
     with pytest.raises(ArgError, match="NCCL port"):
         parse_args("rlhf", ["--vllm_server_group_port", "51216"])
     with pytest.raises(ArgError, match="does not support"):
         parse_args("rollout", ["--multi_turn_scheduler", "x"])
     args = parse_args("rlhf", ["--vllm_server_base_url", "http://h:1", "--vllm_server_timeout", "5"])
     assert (args.vllm_server_base_url, args.vllm_server_port, args.vllm_server_timeout) == (["http://h:1"], [8000], 5)
+
+
+def test_on_vllm_each_pushed_adapter_becomes_a_lora_request(tiny_models, monkeypatch):
+    """--infer_backend vllm --vllm_enable_lora true, dry run (a stand-in for vLLM: this machine has no GPU): each
+    upload is written as an adapter folder and the following /infer/ requests carry a LoRA request with a new id
+    whose folder holds exactly the pushed weights; two versions are kept; full weights are refused (NCCL only)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import tunesmith.inference.backends as B
+    from fakes import FakeVllm, fake_vllm
+    from tunesmith.commands.rollout import build
+    from tunesmith.inference.live_adapters import pack_adapter, policy_adapter
+
+    fake = FakeVllm(script=(5, 6, 7))
+    built = fake_vllm(monkeypatch, fake, gpu=False)
+    monkeypatch.setattr(B, "check_backend", lambda *a, **k: None)
+    model = tiny_models("qwen2")
+    engine, app, _ = build(parse_args("rollout", ["--model", model, "--infer_backend", "vllm", "--vllm_enable_lora",
+                                                  "true", "--vllm_max_lora_rank", "8", "--verbose", "false"]))
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=4, target_modules=["q_proj"]))
+    ask = {"infer_requests": [{"messages": [{"role": "user", "content": "hi"}]}],
+           "request_config": {"max_tokens": 3, "return_details": True}}
+    try:
+        with serve_on_a_thread(app) as port:
+            url = f"http://127.0.0.1:{port}"
+            assert built["engine_args"].kw["enable_lora"] and built["engine_args"].kw["max_lora_rank"] == 8
+            paths = []
+            for version in range(1, 4):
+                with torch.no_grad():
+                    for n, p in policy.named_parameters():
+                        if "lora_B" in n:
+                            p.fill_(0.01 * version)
+                status, answer = http_json("POST", f"{url}/update_adapter/", raw=pack_adapter(*policy_adapter(policy)),
+                                           headers={"Content-Type": "application/octet-stream"})
+                assert status == 200 and answer["adapter"] == f"policy-{version}", answer
+                status, body = http_json("POST", f"{url}/infer/", ask)
+                assert status == 200 and body[0]["response"]["choices"][0]["token_ids"] == [5, 6, 7]
+                name, lora_id, path = fake.calls[-1]["lora"].args
+                assert name == f"policy-{version}" and load_file(os.path.join(path, "adapter_model.safetensors"))\
+                    .keys() == policy_adapter(policy)[1].keys()
+                sent = load_file(os.path.join(path, "adapter_model.safetensors"))
+                assert all((v == policy_adapter(policy)[1][k]).all() for k, v in sent.items())
+                paths.append((lora_id, path))
+            assert len({i for i, _ in paths}) == 3 and not os.path.exists(paths[0][1]) and os.path.exists(paths[2][1])
+            status, err = http_json("POST", f"{url}/update_params/", raw=pack_adapter({}, {"x": torch.zeros(1)}))
+            assert status == 400 and "NCCL" in err["error"]["message"]
+            big = get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=16,
+                                                                                         target_modules=["q_proj"]))
+            status, err = http_json("POST", f"{url}/update_adapter/", raw=pack_adapter(*policy_adapter(big)))
+            assert status == 400 and "--vllm_max_lora_rank 16" in err["error"]["message"]
+    finally:
+        engine.close()
