@@ -63,6 +63,10 @@ def main(args):
     where = "reachable from the network" if args.host in ("0.0.0.0", "::") else \
         "local only; --host 0.0.0.0 exposes it to the network"
     keyed = app.state.api_key is not None
+    if not keyed and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"[tunesmith] rollout: warning: listening on {args.host}:{args.port} without an API key: anyone who "
+              f"reaches this port can replace the served weights or run inference; pass --api_key (or set "
+              f"TUNESMITH_API_KEY), or --host 127.0.0.1", file=sys.stderr, flush=True)
     print(f"[tunesmith] rollout: serving {name} at http://{args.host}:{args.port} ({where})"
           + ("; API key required" if keyed else "") + f"; train with --use_vllm true --vllm_mode server "
           f"--vllm_server_host {args.host} --vllm_server_port {args.port}", file=sys.stderr, flush=True)

@@ -204,8 +204,9 @@ async def get_model_state_keys(request: Request):
 async def nccl_only(request: Request):
     raise ApiError(501, f"{request.url.path} broadcasts weights over NCCL between GPUs, which a tunesmith rollout "
                         f"server does not take: its weights arrive over HTTP (POST /update_adapter/ with the policy's "
-                        f"LoRA adapter; tunesmith's GRPO --vllm_mode server does this every round). Train against a "
-                        f"`swift rollout` vLLM server for NCCL weight sync", code="nccl_not_available")
+                        f"LoRA adapter, or /update_params/ with full weights; tunesmith's GRPO --vllm_mode server does "
+                        f"this every round). A trainer that syncs over NCCL (ms-swift's) needs a `swift rollout` vLLM "
+                        f"server", code="nccl_not_available")
 
 
 async def nothing_cached(request: Request):
