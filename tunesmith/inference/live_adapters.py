@@ -6,7 +6,8 @@ names (those of adapter_model.safetensors: `base_model.model.<module>.lora_A.wei
 holds the adapter's peft config as JSON under "peft_config" (adapter_config.json's content). A trainer packs its
 policy's adapter (`policy_adapter`); the server loads it as a new adapter version (`LiveAdapters.load`) between two
 decoding steps, and the requests that follow sample it while sequences already running keep the version they
-started with (a version is removed once no sequence uses it).
+started with (an older version is removed at an install once no sequence uses it). On vLLM (`VllmAdapters`) a
+version is a LoRA request over a folder written from the upload.
 
 What lives here: the format, and installing versions into the engine's model. What must not: HTTP (the server's
 routes are tunesmith.serve.rollout, the trainer's client tunesmith.train.rl.rollout_client). No torch import at
@@ -108,8 +109,8 @@ def lora_config(config: dict):
 class LiveAdapters:
     """The policy versions a rollout server's engine holds. `load` installs a version (a new peft adapter in the
     engine's model, the model wrapped into a PeftModel on the first one) between two decoding steps and makes it
-    the active adapter; `current` names the newest (None before any). Older versions are deleted once no queued
-    or running sequence uses them. Thread-safe."""
+    the active adapter; `current` names the newest (None before any). At each install, the older versions that no
+    queued or running sequence uses are deleted (one still in use waits for the next install). Thread-safe."""
 
     def __init__(self, engine):
         """engine: a GenerationEngine (tunesmith.inference.engine) over a transformers model, with or without
@@ -130,8 +131,6 @@ class LiveAdapters:
             self.loaded += 1
             name = f"{PREFIX}{self.loaded}"
         self.engine.between_steps(lambda: self._install(name, cfg, tensors)).result(timeout)
-        with self._lock:
-            self.current = name
         return name
 
     def _install(self, name: str, cfg, tensors: dict) -> None:
@@ -158,6 +157,8 @@ class LiveAdapters:
         self._own.append(name)
         self.engine.adopt(model)
         self._drop_unused(model)
+        with self._lock:  # set here, on the scheduler thread: uploads that race end with the last one installed
+            self.current = name
 
     def _drop_unused(self, model) -> None:
         """Delete the versions before the newest that no queued or running sequence uses."""
