@@ -374,3 +374,56 @@ def test_on_vllm_each_pushed_adapter_becomes_a_lora_request(tiny_models, monkeyp
             assert status == 400 and "--vllm_max_lora_rank 16" in err["error"]["message"]
     finally:
         engine.close()
+
+
+def test_a_version_pushed_mid_request_leaves_running_sequences_on_theirs(tiny_models, monkeypatch):
+    """An adapter installed while a sequence of the previous version is generating: the sequence ends exactly as it
+    would have alone on its own version (it is pinned to it), requests after the install sample the new one, and
+    the old version is dropped at the next install once nothing uses it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.inference.chat import ChatEngine, GenConfig
+    from tunesmith.inference.live_adapters import LiveAdapters, policy_adapter
+
+    model = tiny_models("qwen2")
+    tok = AutoTokenizer.from_pretrained(model)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=4, target_modules="all-linear"))
+    chat = ChatEngine(AutoModelForCausalLM.from_pretrained(model).eval(), tok)
+    live = LiveAdapters(chat.engine)
+    prompt = chat.prompt([{"role": "user", "content": "tell me everything"}])
+    cfg = GenConfig(max_new_tokens=60, temperature=0)
+
+    def push(scale):
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    torch.manual_seed(int(scale * 100))
+                    p.copy_(torch.randn_like(p) * scale)
+        return live.load(*policy_adapter(policy))
+
+    step = chat.engine._step
+
+    def slow_step(state, admitted):  # 60 steps take over a second: the install lands mid-sequence
+        step(state, admitted)
+        time.sleep(0.02)
+
+    try:
+        v1 = push(0.5)
+        alone = chat.submit(prompt, cfg, v1)[0].result().token_ids
+        monkeypatch.setattr(chat.engine, "_step", slow_step)
+        handle = chat.submit(prompt, cfg, v1)[0]
+        seen = []
+        for token in handle:
+            seen.append(token)
+            if len(seen) == 5:
+                v2 = push(1.0)  # installed between two steps of this very sequence
+                assert live.names() == [v1, v2] and live.current == v2  # v1 is in use: kept
+        assert handle.completion.token_ids == alone and len(seen) > 5
+        after = chat.submit(prompt, cfg, None)[0].result().token_ids  # None: the newest version
+        assert after == chat.submit(prompt, cfg, v2)[0].result().token_ids != alone
+        v3 = push(1.5)
+        assert live.names() == [v3]
+    finally:
+        chat.close()
