@@ -433,7 +433,8 @@ def _server(args):
 
 
 def _server_problems(args, problems: list) -> None:
-    """--vllm_mode server: one rollout server, a LoRA policy (its adapter is what goes over HTTP), one process."""
+    """--vllm_mode server: one rollout server, a LoRA or fully trained policy (its adapter, or its trainable
+    weights, go over HTTP), one process."""
     drop = "or drop --use_vllm (tunesmith's own batched engine in the training process generates the rollouts)"
     start = "`tunesmith rollout --model MODEL --port 8000`"
     urls, hosts, ports = args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port

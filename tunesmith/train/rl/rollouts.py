@@ -206,8 +206,9 @@ class Rollouts:
 
         server = RolloutServer(method.server, model, model_dir)
         info = server.connect()
+        what = "LoRA adapter" if isinstance(getattr(model, "peft_config", None), dict) else "trainable weights"
         note(f"GRPO rollouts from the rollout server at {method.server.base_url} (model {info.get('model')}); the "
-             f"policy's LoRA adapter is pushed to it over HTTP whenever it changed")
+             f"policy's {what} are pushed to it over HTTP whenever they changed")
         return server
 
     def _chat(self, cfg):
