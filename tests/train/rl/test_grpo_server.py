@@ -427,3 +427,24 @@ def test_a_version_pushed_mid_request_leaves_running_sequences_on_theirs(tiny_mo
         assert live.names() == [v3]
     finally:
         chat.close()
+
+
+def test_a_version_the_server_lost_is_pushed_again(rollout):
+    """A server that no longer holds the version the trainer names (restarted, or another trainer's upload dropped
+    it) answers /infer/ with a 400; the client pushes the adapter again and the round is sampled from it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.train.rl.rollout_client import RolloutServer, ServerConfig
+
+    model, port, _ = rollout
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=4, target_modules=["v_proj"]))
+    client = RolloutServer(ServerConfig(f"http://127.0.0.1:{port}", 5.0), policy, model)
+    assert client.connect()["server"] == "tunesmith"
+    first = client.sync()
+    assert client.sync() == first and client.pushes == 1  # unchanged weights are not pushed again
+    client.adapter = "policy-999999"  # what a restarted server would not know
+    out = client.generate([([5, 6, 7], 11, [{"role": "user", "content": "x"}])],
+                          {"max_tokens": 3, "temperature": 1.0}, 2)
+    assert len(out) == 2 and client.pushes == 2 and client.adapter not in (first, "policy-999999")
+    assert all(1 <= len(c.token_ids) <= 3 and c.prompt_tokens == 3 for c in out)
