@@ -296,9 +296,14 @@ NOT_SUPPORTED_YET = {
             "rollout_importance_sampling_threshold", "sdar_gate_beta", "sdar_loss_coef", "sleep_level",
             "teacher_kl_coef", "teacher_tag_key", "use_gym_env", "wandb_log_unique_prompts",
             "gc_collect_after_offload"),
-    **_same("rollouts from a separate `swift rollout` vLLM server are not supported yet; --use_vllm true runs vLLM "
-            "inside the training process (--vllm_mode colocate)", "vllm_server_base_url", "vllm_server_group_port",
-            "vllm_server_host", "vllm_server_pass_dataset", "vllm_server_port", "vllm_server_timeout"),
+    "vllm_server_group_port": "it is the NCCL port of a `swift rollout` vLLM server's weight broadcast (GPU to "
+                              "GPU); tunesmith's --vllm_mode server pushes the policy's LoRA adapter to "
+                              "`tunesmith rollout` over HTTP and needs no group port",
+    "vllm_server_pass_dataset": "it hands the rows' extra columns to a multi-turn scheduler running on the rollout "
+                                "server; multi-turn rollouts are not supported yet, and rewards get the columns "
+                                "in the trainer either way",
+    "context_manager": "multi-turn rollouts (and their context managers) are not supported yet; `tunesmith "
+                       "rollout` samples single-turn completions",
     **_same(_PPO, "cliprange", "cliprange_value", "gamma", "lam", "kl_coef", "local_rollout_forward_batch_size",
             "missing_eos_penalty", "num_mini_batches", "num_ppo_epochs", "num_sample_generations", "response_length",
             "vf_coef", "whiten_rewards"),
@@ -452,6 +457,7 @@ COMPATIBILITY_ONLY_IN = {
     "dpo": _TRAIN_SCOPED,
     "infer": _STREAMING_IN_INFERENCE,
     "deploy": _STREAMING_IN_INFERENCE,
+    "rollout": _STREAMING_IN_INFERENCE,
     "data": {"shuffle_buffer_size": "the data commands read rows in order (`data stats --streaming true` measures "
                                     "the first --num_rows); it sizes training's --streaming shuffle buffer",
              "interleave_prob": _INTERLEAVE_IN_TRAINING, "stopping_strategy": _INTERLEAVE_IN_TRAINING},
