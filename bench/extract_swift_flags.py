@@ -35,6 +35,7 @@ COMMANDS = {  # `swift <command>` -> its argument dataclass in swift.arguments (
     "deploy": "DeployArguments",
     "eval": "EvalArguments",
     "app": "AppArguments",
+    "rollout": "RolloutArguments",
 }
 
 # ms-swift 3.x names the seed tutorials pass (ms-swift 3.7) that 4.6 no longer accepts: command -> names.

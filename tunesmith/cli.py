@@ -26,6 +26,8 @@ COMMANDS = {
                                           "Ollama Modelfile (--to_ollama true) or a quantised checkpoint"),
     "merge-lora": ("tunesmith.commands.export", "short for `export --merge_lora true`"),
     "deploy": ("tunesmith.commands.deploy", "serve a model or checkpoint behind an OpenAI-compatible API"),
+    "rollout": ("tunesmith.commands.rollout", "serve a model for GRPO's --vllm_mode server (ms-swift's rollout "
+                                              "protocol; the policy's adapter arrives over HTTP)"),
     "data": ("tunesmith.commands.data", "inspect, validate, convert, split and measure datasets"),
     "report": ("tunesmith.commands.report", "plots and an HTML report of a run, or several runs compared"),
     "eval": ("tunesmith.commands.eval", "benchmarks from local files: base vs tuned side by side"),
@@ -50,7 +52,7 @@ def _usage() -> str:
 
 TRAINING = ("sft", "pt", "rlhf", "dpo")
 # their value checks also report the deferred flag problems
-DEFERRED = (*TRAINING, "infer", "deploy", "export", "eval", "web-ui", "app")
+DEFERRED = (*TRAINING, "infer", "deploy", "rollout", "export", "eval", "web-ui", "app")
 
 
 def _torchrun_args(command: str) -> list[str]:
@@ -139,7 +141,7 @@ PEFT_NOISE = (r"Failed to load the CUDA extension", r"Setting boft_n_butterfly_f
 # every run that saves weights would print it; it is kept for --deepspeed runs, where it is news.
 DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
 BNB_CPU_LOGGER, BNB_KERNEL_NOTICE = "bitsandbytes.backends.cpu.ops", "from kernels-community"
-MODEL_COMMANDS = (*TRAINING, "infer", "export", "deploy", "eval", "app", "web-ui")  # load or save weights
+MODEL_COMMANDS = (*TRAINING, "infer", "export", "deploy", "rollout", "eval", "app", "web-ui")  # load or save weights
 
 
 def _ignore_library_warnings() -> None:

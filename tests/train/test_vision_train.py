@@ -1,7 +1,7 @@
 """Vision-language training (issue #31) on tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and generated
 pictures: masks equal an independent computation from the processor's rendering, packed rows equal padded ones, SFT
 learns to tell colours on held-out pictures, DPO and KTO train on image pairs, the freeze flags pick what trains,
-and the image budget flags count as the processor does."""
+the image budget flags count as the processor does, and a reward model orders image pairs by their picture."""
 import os
 
 import numpy as np
@@ -574,3 +574,98 @@ def test_vision_flags_on_a_text_model_and_huge_pictures_are_refused_up_front(tin
     finally:
         Image.MAX_IMAGE_PIXELS = old
     assert loaded.dropped == 1 and "megapixels" in loaded.reasons[0] and "i.jsonl:1" in loaded.reasons[0]
+
+
+def test_a_vision_reward_model_loads_the_base_and_scores_the_last_token_with_its_picture(tiny_vl_models, tmp_path):
+    """models.vision.sequence_classifier over Qwen-VL (transformers has none): every weight of the base checkpoint is
+    loaded (only `score` is new); a pair's scores equal an independent computation — the generation model's final
+    hidden state at the last real token (with the picture's pixels) through the score weight — padded or packed
+    (rm.sequence_rewards); a different picture changes the score; and it saves ms-swift's seq_cls layout
+    (architectures Qwen2_5_VLForSequenceClassification, `score.weight`, no lm_head) that loads back unchanged."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from tunesmith.data.collate import pad_collate
+    from tunesmith.data.encode import ChatEncoder
+    from tunesmith.data.vision import with_pixels
+    from tunesmith.models.vision import sequence_classifier
+    from tunesmith.train.methods.pairs import Pair, PackedPairCollate
+    from tunesmith.train.methods.rm import sequence_rewards, _collate_pairs
+
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    cls = sequence_classifier(AutoConfig.from_pretrained(model_dir))
+    torch.manual_seed(3)
+    rm, info = cls.from_pretrained(model_dir, num_labels=1, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["score.weight"] and not info["unexpected_keys"]
+    tok, spec = _spec(model_dir)
+    rm.config.pad_token_id = rm.config.get_text_config().pad_token_id = tok.pad_token_id
+    rm.eval()
+    rows = colour_rows(tmp_path / "pics", 3, seed=4)
+    enc = ChatEncoder(tok, images=spec)
+    seqs = [enc.encode(r) for r in rows]
+    pairs = [Pair(seqs[0], seqs[1]), Pair(seqs[2], seqs[0])]
+    with torch.no_grad():
+        padded = sequence_rewards(rm, with_pixels(lambda p: _collate_pairs(p, tok.pad_token_id), spec)(pairs))
+        packed = sequence_rewards(rm, with_pixels(PackedPairCollate(tok.pad_token_id), spec)([pairs]))
+        gen = _model(model_dir)
+        gen.model.load_state_dict(rm.model.state_dict())
+        expected = []
+        for s in [seqs[0], seqs[2], seqs[1], seqs[0]]:
+            batch = with_pixels(lambda r: pad_collate(r, tok.pad_token_id), spec)([s])
+            h = gen.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                          image_grid_thw=batch["image_grid_thw"],
+                          mm_token_type_ids=(batch["input_ids"] == gen.config.image_token_id).int()
+                          ).last_hidden_state[0, -1]
+            expected.append(float(h @ rm.score.weight[0]))
+        other = with_pixels(lambda r: pad_collate(r, tok.pad_token_id), spec)([seqs[0]])
+        other["pixel_values"] = torch.zeros_like(other["pixel_values"])  # the same tokens, a grey picture
+        moved = rm(input_ids=other["input_ids"], pixel_values=other["pixel_values"],
+                   image_grid_thw=other["image_grid_thw"],
+                   mm_token_type_ids=(other["input_ids"] == gen.config.image_token_id).int()).logits[0, 0]
+    assert torch.allclose(padded, torch.tensor(expected), atol=1e-5), (padded, expected)
+    assert torch.allclose(packed, padded, atol=1e-5)
+    assert abs(float(moved) - expected[0]) > 1e-4
+    rm.save_pretrained(tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "score.weight" in keys and not any(k.startswith("lm_head") for k in keys)
+    assert any(k.startswith("visual.") for k in keys) and any(k.startswith("model.layers.") for k in keys)
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["architectures"] == ["Qwen2_5_VLForSequenceClassification"]
+    again, info = cls.from_pretrained(tmp_path / "saved", output_loading_info=True)
+    assert not info["missing_keys"] and torch.equal(again.score.weight, rm.score.weight)
+
+
+@pytest.mark.slow
+def test_reward_model_on_image_pairs_learns_the_picture_and_scores_grpo_rollouts(tiny_vl_models, tmp_path):
+    """`--rlhf_type rm` on a Qwen2.5-VL model, pairs sharing their picture (the right colour chosen, the next one
+    rejected, cyclically, so no text-only scorer can order more than 2/3 of them): training accuracy reaches 0.95
+    (measured 1.0), held-out pictures are ordered right by the saved checkpoint as GRPO's --reward_model scorer
+    (measured 12/12 of 12), and GRPO runs with it as its reward, logging rewards/reward_model."""
+    from tunesmith.train.methods.rm import RewardModelScorer
+
+    model_dir = tiny_vl_models("qwen2_5_vl")
+    data = write_jsonl(tmp_path / "rm.jsonl", _pairs(colour_rows(tmp_path / "pics", 48, seed=2)))
+    res = train("rlhf", "--rlhf_type", "rm", "--model", model_dir, "--dataset", data, "--train_type", "full",
+                "--learning_rate", "1e-3", "--max_steps", "24", "--per_device_train_batch_size", "8",
+                "--logging_steps", "4", "--output_dir", tmp_path / "out", "--report_to", "none")
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "rewards/accuracies" in r]
+    assert log[-1]["rewards/accuracies"] >= 0.95, log[-1]
+    ckpt = os.path.join(res["run_dir"], "checkpoint-24")
+    held_out = _pairs(colour_rows(tmp_path / "held", 12, seed=9))
+    scorer = RewardModelScorer(ckpt)
+    convs = [r["messages"][:1] + [{"role": "assistant", "content": c}]
+             for r in held_out for c in (r["messages"][1]["content"], r["rejected_response"])]
+    scores = scorer([c[-1]["content"] for c in convs], messages=convs,
+                    images=[r["images"] for r in held_out for _ in range(2)])
+    right = sum(scores[2 * i] > scores[2 * i + 1] for i in range(len(held_out)))
+    assert right >= 11, (right, scores)
+    prompts = [{"messages": [r["messages"][0]], "images": r["images"]} for r in held_out]
+    res = train("rlhf", "--rlhf_type", "grpo", "--model", model_dir, "--reward_model", ckpt,
+                "--dataset", write_jsonl(tmp_path / "p.jsonl", prompts), "--num_generations", "4",
+                "--per_device_train_batch_size", "8", "--max_completion_length", "4", "--max_steps", "1",
+                "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--output_dir", tmp_path / "g")
+    rec = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r][0]
+    assert "rewards/reward_model/mean" in rec

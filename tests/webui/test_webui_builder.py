@@ -90,6 +90,10 @@ def test_forms_hold_every_flag_read_and_no_secret():
     assert "num_generations" in {s.name for s in method_flags("grpo")}
     assert "num_generations" not in {s.name for s in method_flags("dpo")}
     assert "beta" not in {s.name for s in method_flags("sft")}
+    # GKD samples the student with GRPO's sampling flags: its tab shows them, not GRPO's others
+    gkd = {s.name for s in method_flags("gkd")}
+    assert {"temperature", "max_completion_length", "lmbda", "teacher_model"} <= gkd
+    assert "num_generations" not in gkd
 
 
 def test_every_default_round_trips_through_the_parser():

@@ -10,6 +10,7 @@ what it has.
     infer       Generation InferBackend(Vllm) Checkpoint Model Quant          SwiftCompat
                 Template Data
     deploy      infer's, and DeployServer                                     infer's
+    rollout     deploy's (ms-swift's RolloutArguments extend DeployArguments)  deploy's
     export      ExportOutput Checkpoint Model Quant Template Generation Data  SwiftCompat
     eval        Eval Generation InferBackend(Vllm) Checkpoint Model Quant     SwiftCompat EvalServerCompat
                 Template Track Data; its own --verbose, --report_to
@@ -72,6 +73,12 @@ class DeployArguments(DeployServerArgs, InferArguments):
 
 
 @dataclass(frozen=True)
+class RolloutArguments(DeployArguments):
+    """`tunesmith rollout`: ms-swift's rollout protocol (GRPO's --vllm_mode server) on tunesmith's engine; deploy's
+    flags (ms-swift's RolloutArguments extend DeployArguments the same way)."""
+
+
+@dataclass(frozen=True)
 class ExportArguments(ExportOutputArgs, CheckpointArgs, ModelArgs, QuantArgs, TemplateArgs, SwiftCompatArgs,
                       GenerationArgs, DataArgs):
     """`tunesmith export`: merge LoRA adapters, write GGUF files and an Ollama Modelfile, or a quantised checkpoint."""
@@ -130,6 +137,7 @@ class AppArguments(UIServerArgs, AppArgs, DeployArguments):
 
 COMMAND_ARGS = {"sft": SftArguments, "pt": PretrainArguments, "data": DataCommandArguments, "rlhf": RLHFArguments,
                 "dpo": RLHFArguments,
-                "infer": InferArguments, "deploy": DeployArguments, "export": ExportArguments,
+                "infer": InferArguments, "deploy": DeployArguments, "rollout": RolloutArguments,
+                "export": ExportArguments,
                 "report": ReportArguments, "eval": EvalArguments}
 COMMAND_ARGS.update({"web-ui": WebUIArguments, "app": AppArguments})

@@ -394,8 +394,18 @@ class GRPOArgs:
                                          "of informative groups is trained as first generated.")
     use_vllm: bool = _f(False, help="GRPO: generate rollouts with vLLM in the training process (colocate; LoRA "
                                     "training, a CUDA GPU and vllm installed; see docs/grpo.md).")
-    vllm_mode: str = _f("colocate", help="GRPO with --use_vllm: colocate (in the training process) or server.",
-                        choices=("colocate", "server"))
+    vllm_mode: str = _f("colocate", help="GRPO with --use_vllm: colocate (vLLM in the training process) or server "
+                                         "(rollouts from `tunesmith rollout`, the LoRA adapter pushed over HTTP each "
+                                         "round; see docs/grpo.md).", choices=("colocate", "server"))
+    vllm_server_host: List[str] = _f(help="GRPO --vllm_mode server: the rollout server's host (one server).",
+                                     list_default=[])
+    vllm_server_port: List[int] = _f(help="GRPO --vllm_mode server: the rollout server's port.",
+                                     list_default=[8000])
+    vllm_server_base_url: List[str] = _f(help="GRPO --vllm_mode server: the rollout server's URL, e.g. "
+                                              "http://127.0.0.1:8000 (instead of --vllm_server_host/port).",
+                                         list_default=[])
+    vllm_server_timeout: float = _f(240.0, help="GRPO --vllm_mode server: seconds to wait for the rollout server's "
+                                               "/health/ at start.")
     vllm_device: List[str] = _f(help="ms-swift 3.x: the GPUs vLLM rollouts run on. Compatibility only (see the table "
                                      "at the end).", list_default=["auto"])
     num_infer_workers: int = _f(1, help="ms-swift 3.x: vLLM rollout workers per node (only 1 is supported).")

@@ -309,12 +309,18 @@ NOT_SUPPORTED_YET = {
     **_same(_VLLM_MEMORY, "sleep_level", "offload_model", "offload_optimizer", "gc_collect_after_offload"),
     "use_lmdeploy": "ms-swift 3.x's LMDeploy rollouts for GRPO were removed in ms-swift 4; tunesmith samples GRPO's "
                     "rollouts with its own engine or, with --use_vllm true, with vLLM; drop the flag",
-    "enable_flattened_weight_sync": "this tunes how full weights are sent to a separate `swift rollout` vLLM server; "
-                                    "tunesmith's --use_vllm runs vLLM in the training process and hands it the LoRA "
-                                    "adapter each round, so there is nothing to flatten; drop the flag",
-    **_same("rollouts from a separate `swift rollout` vLLM server are not supported yet; --use_vllm true runs vLLM "
-            "inside the training process (--vllm_mode colocate)", "vllm_server_base_url", "vllm_server_group_port",
-            "vllm_server_host", "vllm_server_pass_dataset", "vllm_server_port", "vllm_server_timeout"),
+    "enable_flattened_weight_sync": "this tunes how full weights are flattened for a `swift rollout` vLLM server's "
+                                    "NCCL broadcast; tunesmith's --vllm_mode server pushes the policy to `tunesmith "
+                                    "rollout` over HTTP (and --use_vllm colocate hands vLLM the LoRA adapter), so "
+                                    "there is nothing to flatten; drop the flag",
+    "vllm_server_group_port": "it is the NCCL port of a `swift rollout` vLLM server's weight broadcast (GPU to "
+                              "GPU); tunesmith's --vllm_mode server pushes the policy's LoRA adapter to "
+                              "`tunesmith rollout` over HTTP and needs no group port",
+    "vllm_server_pass_dataset": "it hands the rows' extra columns to a multi-turn scheduler running on the rollout "
+                                "server; multi-turn rollouts are not supported yet, and rewards get the columns "
+                                "in the trainer either way",
+    "context_manager": "multi-turn rollouts (and their context managers) are not supported yet; `tunesmith "
+                       "rollout` samples single-turn completions",
     **_same(_PPO, "cliprange", "cliprange_value", "gamma", "lam", "kl_coef", "local_rollout_forward_batch_size",
             "missing_eos_penalty", "num_mini_batches", "num_ppo_epochs", "num_sample_generations", "response_length",
             "vf_coef", "whiten_rewards"),
@@ -468,6 +474,7 @@ COMPATIBILITY_ONLY_IN = {
     "dpo": _TRAIN_SCOPED,
     "infer": _STREAMING_IN_INFERENCE,
     "deploy": _STREAMING_IN_INFERENCE,
+    "rollout": _STREAMING_IN_INFERENCE,
     "data": {"shuffle_buffer_size": "the data commands read rows in order (`data stats --streaming true` measures "
                                     "the first --num_rows); it sizes training's --streaming shuffle buffer",
              "interleave_prob": _INTERLEAVE_IN_TRAINING, "stopping_strategy": _INTERLEAVE_IN_TRAINING},

@@ -219,6 +219,8 @@ class GenerationEngine:
         # a vision-language model never samples a picture's placeholder
         self._banned = self._vision.placeholders if self._vision is not None else ()
         self._held: Optional[list] = None  # (handle, Completion) ended during the step in progress
+        self._tasks: collections.deque = collections.deque()  # (fn, Future) to run between steps (`between_steps`)
+        self._state: Optional[_Batch] = None  # the running batch (scheduler thread only)
 
     # -------------------------------------------------------------- public
 
@@ -251,11 +253,49 @@ class GenerationEngine:
             if self._closed:
                 raise RuntimeError("the generation engine is shut down")
             self._pending.append(handle)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="tunesmith-engine", daemon=True)
-                self._thread.start()
+            self._start()
             self._cv.notify()
         return handle
+
+    def between_steps(self, fn):
+        """Run fn() on the scheduler thread between two decoding steps, when no forward pass runs: how the model is
+        changed while it serves (a new adapter version: `tunesmith.inference.live_adapters`). Sequences in flight
+        go on at the next step. Returns a concurrent.futures.Future of fn's result (or of its exception); raises
+        RuntimeError after `close()` (tasks still queued at close fail with it)."""
+        import concurrent.futures
+
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the generation engine is shut down")
+            self._tasks.append((fn, future))
+            self._start()
+            self._cv.notify()
+        return future
+
+    def adopt(self, model) -> None:
+        """Run `model` from the next step on: the same weights re-wrapped (a peft PeftModel around the model held
+        so far) or with adapters added or removed. Scheduler thread only (inside `between_steps`)."""
+        from tunesmith.models.head import chunked_head
+
+        self.model = model
+        self._adapter_names = _peft_adapters(model)
+        self._head = chunked_head(model)
+        self._cache_kw = _cache_keyword(model)
+
+    def adapters_in_use(self) -> set:
+        """The adapter names that queued or running sequences were submitted with (None and "" included when
+        used). Scheduler thread only (inside `between_steps`), where neither set changes."""
+        rows = self._state.rows if self._state is not None else []
+        with self._cv:
+            pending = list(self._pending)
+        return {r.handle.adapter for r in rows} | {h.adapter for h in pending}
+
+    def _start(self) -> None:
+        """Start the scheduler thread on first use (under `_cv`)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tunesmith-engine", daemon=True)
+            self._thread.start()
 
     def generate(self, prompts: list, params: SamplingParams, adapter: Optional[str] = None,
                  images: Optional[list] = None) -> list[Completion]:
@@ -282,11 +322,13 @@ class GenerationEngine:
     def _run(self) -> None:
         import torch
 
-        state = _Batch()
+        state = self._state = _Batch()
         with torch.inference_mode():
             while True:
+                self._run_tasks()
                 admitted, closing = self._admit(state)
                 if closing:
+                    self._run_tasks()  # fails what close() left queued
                     for row in state.rows:
                         self._end(row, "abort")
                     for handle in admitted:
@@ -300,13 +342,27 @@ class GenerationEngine:
                     for handle in admitted:
                         if handle.completion is None:
                             handle._finish(Completion([], "error", len(handle.prompt_ids), error=e))
-                    state = _Batch()
+                    state = self._state = _Batch()
+
+    def _run_tasks(self) -> None:
+        """Run the `between_steps` tasks queued so far (after close(), fail them instead)."""
+        with self._cv:
+            tasks, closed = list(self._tasks), self._closed
+            self._tasks.clear()
+        for fn, future in tasks:
+            if closed:
+                future.set_exception(RuntimeError("the generation engine is shut down"))
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller waiting on the future
+                future.set_exception(e)
 
     def _admit(self, state) -> tuple[list[Handle], bool]:
         """Wait until there is work; take queued handles, in order, while they fit: rows in flight, the KV budget
         (every row at its longest, `plan.fits`; a request alone always runs) and the prefill tokens."""
         with self._cv:
-            while not self._pending and not state.rows and not self._closed:
+            while not self._pending and not state.rows and not self._closed and not self._tasks:
                 self._cv.wait()
             if self._closed:
                 taken = list(self._pending)
@@ -507,6 +563,8 @@ class GenerationEngine:
             return {}
         active = _active_adapter(self.model)
         names = ["__base__" if r.handle.adapter == "" else (r.handle.adapter or active) for r in rows]
+        if all(n == active for n in names):  # every row runs the active adapter: the model as it is
+            return {}
         return {"adapter_names": names}
 
     @property

@@ -9,6 +9,7 @@ and is re-exported here for the modules that import it from this one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -185,9 +186,6 @@ def load_model(cfg: ModelConfig, model_dir: str, tokenizer=None, for_training: b
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     check_supported(config, cfg.model or model_dir)
     vision = is_vision_language(config)
-    if vision and head == "seq_cls":
-        raise ConfigError(f"--model {cfg.model or model_dir}: reward models (a score head) on a vision-language "
-                          f"model are not supported yet; train the reward model on a text model")
     kwargs = dict(cfg.model_kwargs or {})
     kwargs["dtype"] = dtype
     attn = cfg.attn_impl
@@ -211,8 +209,13 @@ def load_model(cfg: ModelConfig, model_dir: str, tokenizer=None, for_training: b
         if head == "seq_cls":
             kwargs.pop("output_router_logits", None)
             kwargs.pop("router_aux_loss_coef", None)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, trust_remote_code=cfg.trust_remote_code, num_labels=1, **kwargs)
+            from tunesmith.models.vision import sequence_classifier
+
+            auto = sequence_classifier(config) if vision else AutoModelForSequenceClassification
+            with _without_load_report():  # a new score head is expected: said once below, in our words
+                model, info = auto.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code,
+                                                   num_labels=1, output_loading_info=True, **kwargs)
+            _say_new_weights(info, cfg.model or model_dir)
         elif vision:  # transformers' own image-text class (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
             from transformers import AutoModelForImageTextToText
 
@@ -221,12 +224,48 @@ def load_model(cfg: ModelConfig, model_dir: str, tokenizer=None, for_training: b
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code, **kwargs)
     if head == "seq_cls" and tokenizer is not None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+        # the pooling reads the pad id from the language model's config (a vision-language config nests it)
+        model.config.pad_token_id = model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if for_training:
         model.config.use_cache = False
     return model
+
+
+class _DropLoadReport:
+    """A logging filter that drops transformers' LOAD REPORT record (the loader's table of new/unused weights)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    """transformers' load report left out while a reward model loads: its new score head is expected, and the
+    table (with "Consider training on your downstream task") is noise; `_say_new_weights` says what matters."""
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_DropLoadReport)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_DropLoadReport)
+
+
+def _say_new_weights(info: dict, model: str) -> None:
+    """A note on what a reward model's loading left untrained: the score head (a base model's: new, trained from
+    here), and any other weight the checkpoint lacked (a warning: the backbone would start random there)."""
+    missing = sorted(info.get("missing_keys") or ())
+    head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
+    other = [k for k in missing if k not in head]
+    if head:
+        note(f"--model {model}: a new score head ({', '.join(head)}) is trained from scratch on it (reward model)")
+    if other:
+        note(f"warning: --model {model}: {len(other)} weight(s) of the backbone are not in the checkpoint and start "
+             f"random ({', '.join(other[:3])}{', …' if len(other) > 3 else ''}); check that it is the model meant")
 
 
 def all_linear_names(model) -> list[str]:

@@ -11,6 +11,7 @@ aligner `model.visual.merger` (+ `model.visual.deepstack_merger_list` for Qwen3-
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -75,6 +76,38 @@ def check_supported(config, model: str) -> None:
 def text_config(config):
     """The language model's config (a vision-language config nests it as text_config)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def sequence_classifier(config):
+    """The sequence-classification class (a reward model's: a score head over the final hidden state of each
+    sequence's last non-pad token) of a supported vision-language family, e.g. Qwen2_5_VLForSequenceClassification.
+
+    transformers 5.25 ships none for Qwen-VL, so it is composed as transformers composes its text ones
+    (`Qwen2ForSequenceClassification(GenericForSequenceClassification, Qwen2PreTrainedModel)`): the family's own
+    base model (pictures, M-RoPE) under `model`, a bias-free `score` Linear [hidden → num_labels]. Its weights are
+    the generation class's without `lm_head`, so it loads the base checkpoint (score new) and, with the generation
+    class's checkpoint-layout conversion registered under its name (transformers' register_checkpoint_conversion_
+    mapping), saves the layout ms-swift's seq_cls reward models have (`model.*`, `visual.*`, `score.weight`, config
+    architectures `…ForSequenceClassification`), so either reads the other's. One class per family (cached)."""
+    return _sequence_classifier(type(config))
+
+
+@functools.cache
+def _sequence_classifier(config_class):
+    from transformers import AutoModelForImageTextToText, PreTrainedModel
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, \
+        register_checkpoint_conversion_mapping
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    generation = AutoModelForImageTextToText._model_mapping[config_class]
+    base = next(c for c in generation.__mro__[1:] if issubclass(c, PreTrainedModel)
+                and c.__name__.endswith("PreTrainedModel"))
+    name = generation.__name__.replace("ForConditionalGeneration", "ForSequenceClassification")
+    cls = type(name, (GenericForSequenceClassification, base), {"__module__": __name__})
+    layout = get_checkpoint_conversion_mapping(generation.__name__)
+    if layout and get_checkpoint_conversion_mapping(name) is None:
+        register_checkpoint_conversion_mapping(name, layout)
+    return cls
 
 
 def part_of(name: str, parts: VisionParts) -> str:

@@ -31,11 +31,12 @@ class BodyLimit:
     its Content-Length, or as soon as a chunked body passes the limit — before the app reads, parses or tokenises
     it."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, exempt: tuple = ()):
+        """exempt: paths whose bodies have no limit (a rollout server's weight uploads, larger than any request)."""
+        self.app, self.limit, self.exempt = app, limit, frozenset(exempt)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.limit:
+        if scope["type"] != "http" or not self.limit or scope.get("path") in self.exempt:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
@@ -68,27 +69,31 @@ API_KEY_ENV = "TUNESMITH_API_KEY"  # deploy's key from the environment (as OpenA
 
 def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] = None,
                owned_by: str = "tunesmith", result_path: Optional[str] = None, max_logprobs: int = 20,
-               max_request_bytes: int = 8 << 20, max_image_bytes: Optional[int] = None):
+               max_request_bytes: int = 8 << 20, max_image_bytes: Optional[int] = None, routes: tuple = ROUTES,
+               guarded: str = "/v1/", unlimited: tuple = ()):
     """The FastAPI app. served: model id -> adapter to use (None = the model as loaded, "" = the base without
     adapters, or a named adapter). api_key: when set, /v1/* needs `Authorization: Bearer KEY` (else 401).
     max_request_bytes: the largest request body (413 past it); max_image_bytes: the largest picture, decoded (a
     data URL's, or one fetched from an http(s) URL; 400 past it), None: max_request_bytes.
     Every error (400 validation, 404 route, 500 unexpected) answers OpenAI's error body. The app does not close
-    the engine when it shuts down: the caller built it and closes it (other users may share it). The handlers reach the Server (engine, served ids, request log) as `request.app.state.server`."""
+    the engine when it shuts down: the caller built it and closes it (other users may share it). The handlers reach the Server (engine, served ids, request log) as `request.app.state.server`.
+    routes: (method, path, handler) rows (default deploy's ROUTES; `tunesmith rollout` passes its own);
+    guarded: the path prefix the API key guards ("/" guards every path but /health); unlimited: paths exempt from
+    max_request_bytes."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
 
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
     app.state.server = Server(engine, served, result_path, max_logprobs, owned_by,
                               max_image_bytes or max_request_bytes)
-    app.state.api_key = api_key
-    app.add_middleware(BodyLimit, limit=max_request_bytes)
+    app.state.api_key, app.state.guarded = api_key, guarded
+    app.add_middleware(BodyLimit, limit=max_request_bytes, exempt=unlimited)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(RequestValidationError, _bad_request)
     app.middleware("http")(_auth)
-    for method, path, handler in ROUTES:
+    for method, path, handler in routes:
         app.add_api_route(path, handler, methods=[method])
     return app
 
@@ -120,11 +125,14 @@ async def _bad_request(_, e):
 
 
 async def _auth(request: Request, call_next):
-    """With create_app's api_key: /v1/* needs `Authorization: Bearer KEY`, else 401."""
-    api_key = request.app.state.api_key
-    if api_key and request.url.path.startswith("/v1/"):
+    """With create_app's api_key: the guarded paths (/v1/*; a rollout server's all but /health) need
+    `Authorization: Bearer KEY`, else 401. The key is compared in constant time and never logged."""
+    import hmac
+
+    api_key, path = request.app.state.api_key, request.url.path
+    if api_key and path.startswith(request.app.state.guarded) and path.rstrip("/") != "/health":
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != api_key:
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             return JSONResponse(error_body(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                            "invalid_api_key"), status_code=401)
     return await call_next(request)

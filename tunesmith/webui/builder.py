@@ -28,6 +28,9 @@ METHODS = {
 }
 # flag groups shown only for some methods (the others' flags stay at their defaults and are not sent)
 METHOD_GROUPS = {"RLHFArgs": set(METHODS) - {"sft"}, "GRPOArgs": {"grpo"}, "VllmArgs": {"grpo"}, "GKDArgs": {"gkd"}}
+# flags of another method's group that a method reads too (GKD samples the student as GRPO samples its rollouts)
+SHARED_FLAGS = {"gkd": ("temperature", "max_completion_length", "top_p", "top_k", "repetition_penalty",
+                        "log_completions")}
 # the fields the Train page shows first, above the grouped flags
 BASICS = ("model", "dataset", "val_dataset", "split_dataset_ratio", "train_type", "num_train_epochs", "max_steps",
           "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_rank",
@@ -39,7 +42,8 @@ def method_flags(method: str) -> list[FlagSpec]:
     other methods (GRPO's for dpo, RLHF's for sft). Raises KeyError for an unknown method."""
     command, fixed = METHODS[method]
     specs = command_flags(command, fixed=tuple(f[2:] for f in fixed[::2]))
-    return [s for s in specs if method in METHOD_GROUPS.get(s.group, {method})]
+    return [s for s in specs if method in METHOD_GROUPS.get(s.group, {method})
+            or s.name in SHARED_FLAGS.get(method, ())]
 
 
 @dataclass(frozen=True)

@@ -445,7 +445,7 @@ def test_use_vllm_samples_each_round_from_the_policys_current_adapter(setup, tmp
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--vllm_mode", "server"], "--vllm_mode server: rollouts from a separate `swift rollout` server"),
+    (["--vllm_mode", "server"], "--vllm_mode server needs the rollout server's --vllm_server_host"),
     (["--train_type", "full"], "syncing full weights into vLLM is not supported yet; use --train_type lora"),
     (["--lora_rank", "32"], "pass --vllm_max_lora_rank 32"),
     (["--vllm_enable_lora", "false"], "--vllm_enable_lora false"),

@@ -25,16 +25,20 @@ def sequence_rewards(model, batch: dict):
     """The head's score of each sequence ([2B]: chosen then rejected), from `pair_collate`'s batch: padded (the
     model's own pooling at each row's last non-pad token), or padding-free / packed (`seq_ids`: several sequences
     per row, position ids restarting at 0 so attention stays inside each): the final hidden state at each sequence's
-    last position, through the same score head — what the padded path reads, without the padding's compute."""
+    last position, through the same score head — what the padded path reads, without the padding's compute.
+    A vision-language reward model gets the batch's pictures (token_logps.vision_inputs)."""
+    from tunesmith.train.ops.token_logps import vision_inputs
+
     if "seq_ids" not in batch:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                    **vision_inputs(batch, model))
         return out.logits[:, 0].float()
     import torch
 
     from tunesmith.models.load import unwrap_model
 
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                output_hidden_states=True)
+    kw = {"position_ids": batch["position_ids"], **vision_inputs(batch, model)}
+    out = model(input_ids=batch["input_ids"], use_cache=False, output_hidden_states=True, **kw)
     seq = batch["seq_ids"]
     n = int(batch["n_seq"])
     flat = torch.arange(seq.numel(), device=seq.device).view_as(seq)
@@ -166,18 +170,20 @@ class RewardModelScorer:
     """A trained reward model as a GRPO reward function (`--reward_model PATH`): each conversation (prompt +
     completion, rendered with the reward model's own chat template) scored by its head, a micro-batch at a time,
     without gradient. PATH: a full sequence-classification checkpoint, or a LoRA adapter trained with
-    --rlhf_type rm (its base is read from adapter_config.json)."""
+    --rlhf_type rm (its base is read from adapter_config.json). A vision-language reward model (Qwen-VL, models/
+    vision.sequence_classifier) sees each prompt's pictures (GRPO's `images` column), expanded and fed as in training.
+    Raises ConfigError when PATH holds no model with a trained score head."""
 
     def __init__(self, path: str, batch_size: int = 8):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from tunesmith.errors import ConfigError
 
         try:
             self.tok = AutoTokenizer.from_pretrained(path)
-            self.model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-                                                                               output_loading_info=True)
+            config, model_dir = _scorer_config(path)
+            self.model, info = _scorer_class(config).from_pretrained(path, num_labels=1, output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as e:
             raise ConfigError(f"--reward_model {path}: cannot load a sequence-classification model from it ({e}); "
                               f"pass a checkpoint trained with --rlhf_type rm, or a model with a score head") from None
@@ -189,11 +195,15 @@ class RewardModelScorer:
         self.model.eval()
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        self.model.config.pad_token_id = self.tok.pad_token_id
+        self.model.config.pad_token_id = self.model.config.get_text_config().pad_token_id = self.tok.pad_token_id
         self.batch_size, self.torch = batch_size, torch
+        self.encoder = _picture_encoder(path, model_dir, config, self.tok)
 
-    def __call__(self, completions, messages=None, **kwargs) -> list:
-        """One score per completion; `messages` (each conversation ending in its completion) as GRPO passes them."""
+    def __call__(self, completions, messages=None, images=None, **kwargs) -> list:
+        """One score per completion; `messages` (each conversation ending in its completion) and, for a
+        vision-language reward model, `images` (each prompt's pictures, or None) as GRPO passes them."""
+        if self.encoder is not None:
+            return self._scores_with_pictures(messages, images or [None] * len(messages))
         texts = [self.tok.apply_chat_template(m, tokenize=False) for m in messages]
         self.tok.padding_side = "right"
         out = []
@@ -203,6 +213,76 @@ class RewardModelScorer:
                                add_special_tokens=False)
                 out += self.model(**enc).logits[:, 0].float().tolist()
         return out
+
+    def _scores_with_pictures(self, messages: list, images: list) -> list:
+        """Each conversation encoded as training encodes it (`<image>` tags expanded to the picture's tokens),
+        padded on the right, the pictures decoded per micro-batch (data.vision.with_pixels)."""
+        from tunesmith.data.collate import pad_collate
+        from tunesmith.data.vision import with_pixels
+        from tunesmith.train.ops.token_logps import vision_inputs
+
+        rows = [self.encoder.encode({"messages": m, **({"images": list(p)} if p else {})}, truncate=False)
+                for m, p in zip(messages, images)]
+        collate = with_pixels(partial(pad_collate, pad_id=self.tok.pad_token_id), self.encoder.images)
+        out = []
+        with self.torch.no_grad():
+            for i in range(0, len(rows), self.batch_size):
+                batch = collate(rows[i:i + self.batch_size])
+                out += self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  **vision_inputs(batch, self.model)).logits[:, 0].float().tolist()
+        return out
+
+
+def _scorer_config(path: str):
+    """(the transformers config of the model a --reward_model folder holds, the folder it was read from): the
+    folder's own config.json, or for a LoRA adapter its base model's (adapter_config.json)."""
+    import json
+    import os
+
+    from transformers import AutoConfig
+
+    adapter = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(adapter):
+        with open(adapter, encoding="utf-8") as fh:
+            base = json.load(fh).get("base_model_name_or_path") or path
+        return AutoConfig.from_pretrained(base), base
+    return AutoConfig.from_pretrained(path), path
+
+
+def _scorer_class(config):
+    """AutoModelForSequenceClassification, or a supported vision-language family's own (models/vision.py)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.models.vision import is_vision_language, sequence_classifier
+
+    return sequence_classifier(config) if is_vision_language(config) else AutoModelForSequenceClassification
+
+
+def _picture_encoder(path: str, model_dir: str, config, tokenizer):
+    """For a vision-language reward model: a ChatEncoder whose ImageTokens use the processor settings the reward
+    model was trained with (its own folder's preprocessor_config.json, else its base model's, and the --max_pixels
+    of its args.json); None for a text one."""
+    import os
+
+    from tunesmith.data.encode import ChatEncoder
+    from tunesmith.models.vision import image_tokens, is_vision_language
+
+    if not is_vision_language(config):
+        return None
+    folder = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else model_dir
+    return ChatEncoder(tokenizer, images=image_tokens(folder, config, tokenizer, _trained_max_pixels(path)))
+
+
+def _trained_max_pixels(path: str):
+    """The --max_pixels the reward model was trained with (its checkpoint's args.json), or None."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "args.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("max_pixels")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def reward_model_functions(paths: list) -> list:

@@ -264,7 +264,7 @@ def vision_inputs(batch: dict, model) -> dict:
         raise RuntimeError("a batch holds pictures but no pixel_values: its collate function was not wrapped in "
                            "tunesmith.data.vision.with_pixels")
     inner = getattr(model, "module", model)
-    config = inner.config
+    config = getattr(inner, "config", None)
     if getattr(config, "vision_config", None) is None:
         return {}
     kw = {}

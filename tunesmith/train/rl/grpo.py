@@ -234,6 +234,7 @@ class GRPO:
     ref_model: Optional[str] = None
     ref_adapters: tuple = ()
     use_vllm: bool = False                    # rollouts from vLLM (colocate, the LoRA adapter synced each round)
+    server: Any = None                        # --vllm_mode server: rollout_client.ServerConfig, else None
     dynamic_sample: bool = False              # DAPO: replace groups without reward differences (max_resample_times)
     max_resample_times: int = 3
     log_entropy: bool = False                 # entropy/mean, /max, /min (ms-swift's --log_entropy)
@@ -306,8 +307,9 @@ class GRPO:
                    tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
-                   max_resample_times=args.max_resample_times, **variant_fields(args, problems),
-                   chord=ChordSpec.from_args(args, problems), **teacher_fields(args, problems))
+                   max_resample_times=args.max_resample_times, server=_server(args),
+                   **variant_fields(args, problems), chord=ChordSpec.from_args(args, problems),
+                   **teacher_fields(args, problems))
 
     def resolved_flags(self) -> dict:
         """The GRPO defaults as applied, for args.json."""
@@ -481,16 +483,54 @@ def _reward_model_kind(path: str) -> list:
     return []
 
 
+def _server(args):
+    """--use_vllm true --vllm_mode server: where the rollout server is (rollout_client.ServerConfig), else None."""
+    wanted = args.use_vllm and args.vllm_mode == "server"
+    if not wanted or not (args.vllm_server_base_url or args.vllm_server_host):
+        return None
+    from tunesmith.train.rl.rollout_client import ServerConfig
+
+    return ServerConfig.from_flags(list(args.vllm_server_base_url), list(args.vllm_server_host),
+                                   list(args.vllm_server_port), args.vllm_server_timeout)
+
+
+def _server_problems(args, problems: list) -> None:
+    """--vllm_mode server: one rollout server, a LoRA or fully trained policy (its adapter, or its trainable
+    weights, go over HTTP), one process."""
+    drop = "or drop --use_vllm (tunesmith's own batched engine in the training process generates the rollouts)"
+    start = "`tunesmith rollout --model MODEL --port 8000`"
+    urls, hosts, ports = args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port
+    if not urls and not hosts:
+        problems.append(f"--vllm_mode server needs the rollout server's --vllm_server_host and --vllm_server_port "
+                        f"(or --vllm_server_base_url); start one with {start}, {drop}")
+    if len(urls) > 1 or len(hosts) > 1 or len(ports) > 1:
+        problems.append("--vllm_mode server: one rollout server is supported yet (several hosts, ports or URLs "
+                        "were given); pass one")
+    for url in urls:
+        if not str(url).startswith(("http://", "https://")):
+            problems.append(f"--vllm_server_base_url {url}: an http:// or https:// URL, e.g. http://127.0.0.1:8000")
+    if not args.vllm_server_timeout > 0:
+        problems.append(f"--vllm_server_timeout {args.vllm_server_timeout}: seconds, more than 0")
+    if args.train_type not in ("lora", "full"):
+        problems.append(f"--vllm_mode server with --train_type {args.train_type}: the policy reaches the rollout "
+                        f"server as its LoRA adapter (--train_type lora) or as its full weights (--train_type "
+                        f"full); other tuners' weights are not synced to a server yet; {drop}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append(f"--vllm_mode server under torchrun ({os.environ['WORLD_SIZE']} processes): one training "
+                        f"process per rollout server is supported yet; run one process, {drop}")
+
+
 def _vllm_problems(args, problems: list) -> None:
     """--use_vllm: what tunesmith's vLLM rollouts need (ms-swift's colocate mode with --vllm_enable_lora: the
-    policy's LoRA adapter is handed to vLLM each round), each missing piece one problem."""
+    policy's LoRA adapter is handed to vLLM each round; server mode: `_server_problems`), each missing piece one
+    problem."""
     from tunesmith.inference.backends import check_backend
 
+    if args.vllm_mode == "server":
+        _server_problems(args, problems)
+        return
     drop = "drop --use_vllm (tunesmith's own batched engine generates the rollouts)"
     off = "or " + drop
-    if args.vllm_mode != "colocate":
-        problems.append(f"--vllm_mode {args.vllm_mode}: rollouts from a separate `swift rollout` server are not "
-                        f"supported yet; use --vllm_mode colocate (vLLM inside the training process), {off}")
     if args.train_type != "lora":
         problems.append(f"--use_vllm with --train_type {args.train_type}: tunesmith hands the policy to vLLM as a "
                         f"LoRA adapter each round; syncing full weights into vLLM is not supported yet; use "

@@ -144,6 +144,11 @@ def _unique_names(fns: list) -> list:
     return out
 
 
+def _completion_seed(seed: int, r: int, j: int, g: int) -> int:
+    """The seed of prompt j's first completion in round r of the epoch seeded `seed` (completion k: this + k)."""
+    return (seed * 1_000_003 + r * 65_537 + j * g) % (2 ** 31)
+
+
 class Rollouts:
     """The completions of an epoch of prompts, round by round (a stream of `grpo.Unit`s for the loop).
 
@@ -177,7 +182,8 @@ class Rollouts:
         # --max_length bounds the prompt (ms-swift's GRPO); the completion gets --max_completion_length on top
         self.max_prompt, self.truncation = cfg.data.max_length, cfg.data.truncation_strategy
         self.context = self.max_prompt + method.max_completion_length if self.max_prompt else None
-        self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm else None
+        self.remote = self._remote(method, model, model_dir)  # --vllm_mode server
+        self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm and self.remote is None else None
         if self.vllm is not None and method.variants is not None and method.variants.wants_rollout_logps:
             self.vllm.engine_cfg = processed_logprobs_config(self.vllm.engine_cfg)
         self.group = method.num_generations  # G of the round being generated (validation: eval_generations)
@@ -201,6 +207,21 @@ class Rollouts:
         self.training, self.weights, self.evaluations = True, ("round", 0), 0
         self.current: Optional[tuple] = None      # (epoch seed, round, its units): the round being trained
         self.saved_round: Optional[dict] = None   # a checkpoint's round in progress, until its epoch reaches it
+
+    @staticmethod
+    def _remote(method, model, model_dir: Optional[str]):
+        """The rollout server of --vllm_mode server (tunesmith.train.rl.rollout_client), connected and checked, or
+        None. Raises ConfigError when none answers within --vllm_server_timeout, or when it is a vLLM server."""
+        if method.server is None:
+            return None
+        from tunesmith.train.rl.rollout_client import RolloutServer
+
+        server = RolloutServer(method.server, model, model_dir)
+        info = server.connect()
+        what = "LoRA adapter" if isinstance(getattr(model, "peft_config", None), dict) else "trainable weights"
+        note(f"GRPO rollouts from the rollout server at {method.server.base_url} (model {info.get('model')}); the "
+             f"policy's {what} are pushed to it over HTTP whenever they changed")
+        return server
 
     def _chat(self, cfg):
         """The chat engine the rounds generate with: tunesmith's own over the policy, or vLLM (--use_vllm)."""
@@ -419,7 +440,10 @@ class Rollouts:
             return []
         m = self.method
         ids = {j: prompts[j]["prompt_ids"] for j in which}
-        completions = self._generate(ids, seed, r, {j: prompts[j].get("images") for j in which})
+        if self.remote is not None:
+            completions = self._generate_remote(ids, seed, r, {j: prompts[j]["messages"] for j in which})
+        else:
+            completions = self._generate(ids, seed, r, {j: prompts[j].get("images") for j in which})
         texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
         owners = [j for j in which for _ in range(self.group)]
         per_func = self._score([prompts[j] for j in which], texts, completions)
@@ -458,7 +482,7 @@ class Rollouts:
         try:
             handles = []
             for j, prompt in ids.items():
-                base = (seed * 1_000_003 + r * 65_537 + j * g) % (2 ** 31)
+                base = _completion_seed(seed, r, j, g)
                 cfg = GenConfig(max_new_tokens=m.max_completion_length, temperature=m.temperature, top_p=m.top_p,
                                 top_k=m.top_k, repetition_penalty=m.repetition_penalty, seed=base, min_p=m.min_p,
                                 logprobs=self._rollout_logps)
@@ -470,6 +494,20 @@ class Rollouts:
         finally:
             if training:
                 self.model.train()
+        raise_sampling_errors(out, "policy")
+        return out
+
+    def _generate_remote(self, ids: dict, seed: int, r: int, messages: dict) -> list:
+        """`_generate` through the rollout server (--vllm_mode server): the policy's adapter pushed first when it
+        changed, then every prompt of the round in one /infer/ call, as token ids, with the same per-completion
+        seeds; the same completions as the trainer's own engine would sample. messages: {j: the prompt's messages}
+        (the request's ms-swift fields)."""
+        m, g = self.method, self.group
+        self.remote.sync(self.weights)
+        prompts = [(prompt, _completion_seed(seed, r, j, g), messages[j]) for j, prompt in ids.items()]
+        sampling = {"max_tokens": m.max_completion_length, "temperature": m.temperature, "top_p": m.top_p,
+                    "top_k": m.top_k, "repetition_penalty": m.repetition_penalty}
+        out = self.remote.generate(prompts, sampling, g)
         raise_sampling_errors(out, "policy")
         return out
 

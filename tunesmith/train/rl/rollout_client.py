@@ -1,0 +1,206 @@
+"""GRPO's rollouts from a rollout server (`--use_vllm true --vllm_mode server`): the trainer's side of the protocol
+that `tunesmith rollout` serves (tunesmith.serve.rollout; ms-swift's `swift rollout` endpoint names and shapes).
+
+Before each round the policy's LoRA adapter goes to the server over HTTP (POST /update_adapter/, one safetensors
+body: tunesmith.inference.live_adapters) — only when its weights changed since the last push — and the round is
+sampled through POST /infer/ with that adapter version named, every prompt as the token ids the trainer trains on
+and with the same per-completion seeds as the colocated engine, so a round sampled by the server equals the one
+the trainer's own engine would sample. A `swift rollout` or `trl vllm-serve` vLLM server syncs weights over NCCL
+only; it is recognised by /get_engine_type/ and refused with the reason.
+
+What must not live here: the rounds themselves (train/rl/rollouts.py), the server (tunesmith.serve, which train
+may not import). Standard library HTTP only (no requests dependency). No torch import at module level.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional
+
+from tunesmith.errors import ConfigError, TunesmithError
+
+API_KEY_ENV = "TUNESMITH_API_KEY"  # the server's --api_key, read from the environment (never logged)
+
+
+class RolloutServerError(TunesmithError):
+    """The rollout server answered a request with an error, or the connection broke mid-run."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the rollout server is: base_url (http://HOST:PORT, no trailing slash) and timeout, the seconds to
+    wait for its /health/ to answer (--vllm_server_timeout)."""
+    base_url: str
+    timeout: float
+
+    @classmethod
+    def from_flags(cls, base_urls: list, hosts: list, ports: list, timeout: float) -> "ServerConfig":
+        """From --vllm_server_base_url, or --vllm_server_host and --vllm_server_port (one server; checked by
+        grpo._vllm_problems)."""
+        if base_urls:
+            return cls(str(base_urls[0]).rstrip("/"), float(timeout))
+        host = str(hosts[0])
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return cls(f"http://{host}:{int(ports[0])}", float(timeout))
+
+
+class RolloutServer:
+    """A connection to one rollout server for a policy (a peft PeftModel with its "default" adapter)."""
+
+    def __init__(self, cfg: ServerConfig, model, model_dir: Optional[str] = None):
+        self.cfg, self.model, self.model_dir = cfg, model, model_dir
+        self.adapter: Optional[str] = None  # the server's name of the version last pushed
+        self.pushes = 0
+        self._pushed: Optional[dict] = None  # CPU copies of the LoRA tensors last pushed
+        self._full: Optional[tuple] = None  # the Rollouts.weights whose full weights were pushed last
+
+    def start_command(self) -> str:
+        """The command that starts a server for this model at this address (for error messages)."""
+        host, _, port = self.cfg.base_url.split("://", 1)[-1].rpartition(":")
+        return f"tunesmith rollout --model {self.model_dir or 'MODEL'} --host {host.strip('[]')} --port {port}"
+
+    def connect(self) -> dict:
+        """Wait until /health/ answers (up to cfg.timeout seconds, polling), then check with /get_engine_type/ that
+        it is a tunesmith rollout server. Returns its engine description. Raises ConfigError naming the address
+        and the command that starts one, or why a vLLM server cannot serve this run."""
+        deadline, last = time.monotonic() + self.cfg.timeout, None
+        while True:
+            try:
+                self._request("GET", "/health/", timeout=max(0.5, min(5.0, self.cfg.timeout)))
+                break
+            except RolloutServerError as e:
+                last = e.__context__ or e
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"--vllm_mode server: no rollout server answers at {self.cfg.base_url} (waited "
+                                  f"{self.cfg.timeout:g} s for /health/, --vllm_server_timeout; last: "
+                                  f"{_reason(last)}). Start one first, e.g. `{self.start_command()}`, and pass its "
+                                  f"--vllm_server_host/--vllm_server_port (or --vllm_server_base_url)") from None
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        return self._check_engine()
+
+    def _check_engine(self) -> dict:
+        try:
+            info = self._request("POST", "/get_engine_type/")
+        except RolloutServerError as e:
+            info = {"error": str(e)}
+        if info.get("server") != "tunesmith":
+            kind = info.get("engine_type", "no /get_engine_type/")
+            raise ConfigError(f"--vllm_mode server: {self.cfg.base_url} is not a tunesmith rollout server (engine "
+                              f"{kind}: a `swift rollout` or `trl vllm-serve` vLLM server). Those take the "
+                              f"policy's weights only over NCCL between GPUs, which tunesmith's GRPO does not drive "
+                              f"yet, so every round would sample stale weights. Serve the model with "
+                              f"`{self.start_command()}` (the policy's adapter goes over HTTP), or use --vllm_mode "
+                              f"colocate")
+        return info
+
+    def sync(self, weights: Optional[tuple] = None) -> Optional[str]:
+        """Bring the server to the policy's weights: a LoRA policy's adapter when its tensors differ from the last
+        push (the first call always pushes); a fully trained policy's trainable weights when `weights` (the state
+        the rounds are on: Rollouts.weights) differs from the last push's. Returns the server's name of the adapter
+        version to sample (None for full weights). Raises RolloutServerError."""
+        import torch
+
+        from tunesmith.inference.live_adapters import pack_adapter, policy_adapter
+
+        if not isinstance(getattr(self.model, "peft_config", None), dict):
+            if weights is None or weights != self._full:
+                self._push_params()
+                self._full = weights
+            return None
+        config, tensors = policy_adapter(self.model)
+        if self._pushed is not None and self._pushed.keys() == tensors.keys() and \
+                all(torch.equal(self._pushed[k], v) for k, v in tensors.items()):
+            return self.adapter
+        body = pack_adapter(config, tensors)
+        answer = self._request("POST", "/update_adapter/", body, "application/octet-stream")
+        self.adapter, self.pushes = answer["adapter"], self.pushes + 1
+        self._pushed = {k: v.clone() for k, v in tensors.items()}
+        return self.adapter
+
+    BUCKET_BYTES = 512 << 20  # full weights go in bodies of about this size (a large model never in one)
+
+    def _push_params(self) -> None:
+        """POST the policy's trainable parameters to /update_params/, in safetensors bodies of ~BUCKET_BYTES."""
+        from safetensors.torch import save
+
+        bucket, size = {}, 0
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue  # frozen weights never change
+            bucket[name] = p.detach().to("cpu").contiguous()
+            size += p.numel() * p.element_size()
+            if size >= self.BUCKET_BYTES:
+                self._request("POST", "/update_params/", save(bucket), "application/octet-stream", timeout=None)
+                bucket, size = {}, 0
+        if bucket:
+            self._request("POST", "/update_params/", save(bucket), "application/octet-stream", timeout=None)
+        self.pushes += 1
+
+    def generate(self, prompts: list, sampling: dict, n: int) -> list:
+        """n completions of each prompt, in order: prompts [(token ids, first seed, messages)] — completion k of a
+        prompt is sampled with seed + k — and sampling: RequestConfig fields (max_tokens, temperature, top_p, top_k,
+        repetition_penalty; None for the model's default). Returns engine Completions (token ids with the stop
+        token, as the engine's). Raises RolloutServerError."""
+        from tunesmith.inference.engine import Completion
+
+        body = {"infer_requests": [{"messages": m, "prompt_token_ids": list(ids), "seed": s} for ids, s, m in prompts],
+                "request_config": {**sampling, "n": n, "return_details": True},
+                "adapter_request": {"name": self.adapter} if self.adapter else None}
+        try:
+            outputs = self._request("POST", "/infer/", json.dumps(body).encode(), timeout=None)
+        except RolloutServerError as e:
+            if "is not loaded here" not in str(e):
+                raise
+            # the server lost the version (restarted, or another trainer's upload dropped it): push it again
+            self._pushed = None
+            body["adapter_request"] = {"name": self.sync(self._full)}
+            outputs = self._request("POST", "/infer/", json.dumps(body).encode(), timeout=None)
+        if len(outputs) != len(prompts):
+            raise RolloutServerError(f"{self.cfg.base_url}/infer/ answered {len(outputs)} outputs for "
+                                     f"{len(prompts)} requests")
+        out = []
+        for (ids, _, _), o in zip(prompts, outputs):
+            for c in o["response"]["choices"]:
+                out.append(Completion(list(c["token_ids"]), c["finish_reason"] or "stop", len(ids)))
+        return out
+
+    def _request(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "application/json",
+                 timeout: Optional[float] = 60.0):
+        """The JSON answer of one request (timeout: seconds, None for no limit). Raises RolloutServerError for an
+        HTTP error (with the server's message) or when nothing answers."""
+        headers = {"Content-Type": content_type}
+        key = os.environ.get(API_KEY_ENV)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.cfg.base_url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:
+            raise RolloutServerError(f"the rollout server at {self.cfg.base_url} refused {path} (HTTP {e.code}): "
+                                     f"{_message(e)}") from None
+        except OSError as e:  # refused, reset, timed out: the server is not there (any more)
+            raise RolloutServerError(f"the rollout server at {self.cfg.base_url} did not answer {path} "
+                                     f"({_reason(e)}); is `{self.start_command()}` still running?") from None
+
+
+def _message(e) -> str:
+    """The error message of an HTTP error body (deploy's {"error": {"message"}} or FastAPI's {"detail"})."""
+    try:
+        body = json.load(e)
+    except (ValueError, OSError):
+        return e.reason if isinstance(e.reason, str) else "no message"
+    if isinstance(body, dict):
+        err = body.get("error")
+        return (err.get("message") if isinstance(err, dict) else None) or str(body.get("detail", body))[:500]
+    return str(body)[:500]
+
+
+def _reason(error) -> str:
+    """A connection failure in a few words (urllib's URLError wraps the socket's)."""
+    inner = getattr(error, "reason", None) or error
+    return f"{type(inner).__name__}: {inner}" if inner is not None else "no answer"
