@@ -372,6 +372,18 @@ class GRPOArgs:
                                                                 "truncation / mask threshold C of the ratio.")
     teacher_kl_coef: float = _f(1.0, help="GRPO with --teacher_model (OPD-RL): each completion token's advantage "
                                           "gains teacher_kl_coef x (log p_teacher - log p_policy) of that token.")
+    advantage_reweight: Optional[str] = _f(help="GRPO: rlsd reweights each token's advantage by the teacher's "
+                                                "log-ratio (RLSD; the teacher: --teacher_model, or the policy on the "
+                                                "rows' teacher_prompt column).", choices=("rlsd",))
+    rlsd_lambda: float = _f(0.5, help="GRPO RLSD: mixing weight (0: plain GRPO, 1: full reweighting).")
+    rlsd_reweight_clip_range: float = _f(0.2, help="GRPO RLSD: the token weight is clipped to [1 - c, 1 + c].")
+    rlsd_lambda_warmup_steps: int = _f(0, help="GRPO RLSD: optimiser steps of lambda's linear warmup from 0.")
+    rlsd_lambda_decay_steps: int = _f(0, help="GRPO RLSD: optimiser steps of lambda's linear decay to 0 after "
+                                              "the warmup (0: none).")
+    rlsd_negative_only: bool = _f(False, help="GRPO RLSD: reweight only completions with a negative advantage.")
+    sdar_loss_coef: float = _f(0.0, help="GRPO SDAR: weight of the confidence-gated distillation loss toward the "
+                                         "teacher (0: off).")
+    sdar_gate_beta: float = _f(5.0, help="GRPO SDAR: sharpness of the sigmoid gate on the teacher's log-ratio.")
     chord_sft_dataset: List[str] = _f(help="GRPO CHORD: expert SFT data; each training micro-batch's loss becomes "
                                            "(1 - mu) x GRPO + mu x the cross-entropy of a batch of these rows.",
                                       list_default=[])

@@ -149,10 +149,6 @@ def _same(reason: str, *names: str) -> dict:
 
 _GRPO = ("that GRPO option is not implemented yet; tunesmith's GRPO (--rlhf_type grpo) has the flags tunesmith "
          "rlhf --help lists")
-_OPD_RL = ("that part of OPD-RL is not implemented yet: RLSD's advantage_reweight and SDAR take the teacher's "
-           "log-probs on a privileged `teacher_prompt` column (self-distillation), and teacher_tag_key routes rows to "
-           "teachers behind servers; tunesmith's GRPO takes one local teacher, --teacher_model PATH with "
-           "--teacher_kl_coef (or distil with --rlhf_type gkd)")
 _VLLM_MEMORY = ("this frees GPU memory between a colocated vLLM's rollouts and training (vLLM's sleep mode, moving "
                 "the policy or its optimizer states to the CPU while vLLM samples); tunesmith's --use_vllm does not "
                 "do that juggling yet — lower --vllm_gpu_memory_utilization instead, or leave --use_vllm false "
@@ -294,8 +290,8 @@ NOT_SUPPORTED_YET = {
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
     **_same(_GRPO, "async_generate", "completion_length_limit_scope", "gym_env", "max_turns", "multi_turn_scheduler",
             "multi_turn_func", "use_gym_env"),
-    **_same(_OPD_RL, "advantage_reweight", "rlsd_lambda", "rlsd_lambda_decay_steps", "rlsd_lambda_warmup_steps",
-            "rlsd_negative_only", "rlsd_reweight_clip_range", "sdar_gate_beta", "sdar_loss_coef", "teacher_tag_key"),
+    "teacher_tag_key": "it routes rows to the teachers of a --teacher_model_server list, which tunesmith does not "
+                       "support yet; GRPO takes one local teacher, --teacher_model PATH",
     "reward_model_plugin": "ms-swift's reward-model plugins drive its own Template and inference-engine objects "
                            "(template.encode, data_collator, PtEngine/GenRM), which tunesmith does not have, so a "
                            "plugin file would not run unchanged; score with --reward_model (a sequence-classification "

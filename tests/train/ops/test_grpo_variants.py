@@ -275,3 +275,47 @@ def test_the_correction_multiplies_the_per_token_loss_kl_included(loss_type):
     plain, _ = L.grpo_loss(loss_type, **kw)
     assert diag.item() == pytest.approx(plain.item(), rel=1e-15)
     assert "rollout_correction/kl" in m2 and "rollout_correction/ess" not in m2
+
+
+# ------------------------------------------------------------------ RLSD, SDAR
+
+def test_rlsd_lambda_schedule():
+    assert [V.rlsd_lambda(s, 0.5, 0, 0) for s in (0, 10)] == [0.5, 0.5]
+    assert [V.rlsd_lambda(s, 0.5, 4, 0) for s in (0, 2, 4, 9)] == [0.0, 0.25, 0.5, 0.5]
+    assert [V.rlsd_lambda(s, 0.5, 2, 4) for s in (1, 2, 4, 6, 9)] == [0.25, 0.5, 0.25, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("negative_only", [False, True])
+def test_rlsd_reweight_never_flips_the_advantage_and_equals_its_formula(negative_only):
+    lam, eps = 0.7, 0.2
+    teacher = [[o + g for o, g in zip(ro, rg)] for ro, rg in zip(OLD, GAP)]  # so teacher − old = GAP
+    got = V.rlsd_reweight(t(ADV), t(MASK), t(teacher), t(OLD), lam, eps, negative_only)
+    for i in rows():
+        for j in range(4):
+            if not MASK[i][j]:
+                assert got[i, j].item() == 0.0
+                continue
+            a = ADV[i]
+            w = min(max(math.exp(math.copysign(1, a) * GAP[i][j]), 1 - eps), 1 + eps)
+            want = a * ((1 - lam) + lam * w)
+            if negative_only and a >= 0:
+                want = a
+            assert got[i, j].item() == pytest.approx(want, rel=1e-12)
+            assert got[i, j].item() * a > 0  # the sign of the reward's advantage is kept
+
+
+def test_sdar_loss_value_gradient_and_metrics():
+    beta = 5.0
+    teacher = [[o + g for o, g in zip(ro, rg)] for ro, rg in zip(LOGP, GAP)]  # so teacher − logp = GAP
+    logp = t(LOGP).requires_grad_(True)
+    loss, m = V.sdar_loss(logp, t(teacher), t(MASK), beta)
+    toks = [(i, j) for i in rows() for j in masked(i)]
+    gate = {k: 1 / (1 + math.exp(-beta * GAP[k[0]][k[1]])) for k in toks}
+    assert loss.item() == pytest.approx(sum(gate[k] * GAP[k[0]][k[1]] for k in toks) / len(toks), rel=1e-12)
+    loss.backward()
+    for i in rows():
+        for j in range(4):
+            want = -gate[(i, j)] / len(toks) if MASK[i][j] else 0.0  # the gate is detached
+            assert logp.grad[i, j].item() == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert m["sdar/gate_active_ratio"].item() == pytest.approx(sum(GAP[i][j] > 0 for i, j in toks) / len(toks))
+    assert m["sdar/teacher_gap_mean"].item() == pytest.approx(sum(GAP[i][j] for i, j in toks) / len(toks))

@@ -362,3 +362,88 @@ def test_the_teachers_per_token_signal_lowers_the_reverse_kl_to_the_teacher():
         loss.backward()
         opt.step()
     assert kl() < 0.2 * start
+
+
+# ------------------------------------------------------------------ self-distillation on a teacher_prompt (OPSD)
+
+@pytest.fixture
+def privileged(tmp_path):
+    """Prompts whose teacher_prompt column (ms-swift's OPSD column) shows the answer."""
+    return write_jsonl(tmp_path / "privileged.jsonl", [
+        {"messages": [{"role": "user", "content": f"say something {i}"}],
+         "teacher_prompt": f"say something {i}; hint: use even tokens"} for i in range(16)])
+
+
+def _spy_rounds(monkeypatch):
+    from tunesmith.train.rl import rollouts as R
+
+    rounds = []
+    original = R.Rollouts._round
+
+    def spy(self, prompts, seed, r, training=True):
+        units = original(self, prompts, seed, r, training)
+        rounds.append(units)
+        return units
+
+    monkeypatch.setattr(R.Rollouts, "_round", spy)
+    return rounds
+
+
+def _view_logps(model_dir, prompt_ids, completion_ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.tensor([prompt_ids + completion_ids])
+    p, n = len(prompt_ids), len(completion_ids)
+    lp = torch.log_softmax(m(input_ids=ids).logits[0, p - 1:p - 1 + n].double() / 0.9, -1)
+    return lp.gather(-1, torch.tensor(completion_ids)[:, None]).squeeze(-1)
+
+
+@pytest.mark.slow
+def test_rlsd_reweights_by_the_policy_on_the_teacher_prompt(setup, privileged, tmp_path, monkeypatch):
+    """--advantage_reweight rlsd without --teacher_model: the teacher is the policy itself on each row's
+    teacher_prompt (dynamic self-distillation); each token's advantage is A·((1 − λ) + λ·clip(e^{sign(A)·Δ}))
+    with Δ recomputed here from the model on the two prompts."""
+    model, _ = setup
+    rounds = _spy_rounds(monkeypatch)
+    res = _grpo(model, privileged, tmp_path / "out", "--advantage_reweight", "rlsd", "--rlsd_lambda", "0.8",
+                "--beta", "0", "--max_steps", "2")
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r]
+    assert log[0]["rlsd_lambda"] == 0.8 and "teacher_kl" in log[0]
+    for u in rounds[0][:3]:
+        assert u.teacher_prompt_ids != u.prompt_ids
+        gap = _view_logps(model, u.teacher_prompt_ids, u.completion_ids) - _view_logps(model, u.prompt_ids,
+                                                                                      u.completion_ids)
+        assert gap.tolist() == pytest.approx(u.teacher_gap, abs=2e-4)
+        a = u.advantage
+        want = [a * (0.2 + 0.8 * min(max(math.exp(math.copysign(1, a) * g), 0.8), 1.2)) for g in u.teacher_gap]
+        assert u.token_advantages == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,key", [(["--sdar_loss_coef", "0.1"], "sdar/gate_mean"),
+                                       (["--teacher_kl_coef", "0.5"], "teacher_kl")])
+def test_sdar_and_the_additive_signal_on_a_teacher_prompt(setup, privileged, tmp_path, monkeypatch, flags, key):
+    """SDAR adds its gated loss (sdar/* logged, the advantages left per completion); without RLSD or SDAR the
+    teacher_prompt column gives OPD-RL's additive signal A + coef·Δ (ms-swift's rule for such rows)."""
+    model, _ = setup
+    rounds = _spy_rounds(monkeypatch)
+    res = _grpo(model, privileged, tmp_path / "out", *flags, "--max_steps", "2")
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r]
+    assert key in log[0] and all(math.isfinite(r["loss"]) for r in log)
+    u = rounds[0][0]
+    if key == "teacher_kl":
+        assert u.token_advantages == pytest.approx([u.advantage + 0.5 * g for g in u.teacher_gap], rel=1e-9)
+    else:
+        assert u.token_advantages is None and len(u.teacher_logps) == len(u.completion_ids)
+        assert 0 < log[0]["sdar/gate_mean"] < 1 and log[0]["sdar/coef"] == 0.1
+
+
+def test_a_teacher_prompt_with_a_per_completion_loss_is_refused(setup, privileged, tmp_path):
+    model, _ = setup
+    with pytest.raises(ConfigError, match="teacher_prompt column.*--loss_type fipo"):
+        _grpo(model, privileged, tmp_path / "out", "--loss_type", "fipo", "--max_steps", "1")
+    with pytest.raises(ConfigError, match="--advantage_reweight rlsd needs --reward_funcs"):
+        _grpo(model, privileged, tmp_path / "out2", "--advantage_reweight", "rlsd", "--teacher_model", model,
+              reward=False)

@@ -253,3 +253,47 @@ def is_correction_metrics(mode: str, rollout_log_ratio: Tensor, weights: Tensor,
         clipped = (_sequence_ratios(ratio, m) > threshold).to(m.dtype).mean()
     return {"is_weight_mean": _masked_mean(weights, m),
             "ess": 1.0 / _masked_mean(normalised.square(), m).clamp(min=1e-10), "clipped_frac": clipped}
+
+
+# ------------------------------------------------------------------ self-distillation: RLSD, SDAR
+
+def rlsd_lambda(step: int, target: float, warmup_steps: int, decay_steps: int) -> float:
+    """RLSD's mixing weight λ at optimiser step `step` (ms-swift 4.6 grpo_trainer.py:2191-2207): a linear ramp
+    0 → target over warmup_steps, then (decay_steps > 0) a linear decay target → 0 over decay_steps; else target."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return target * (step / warmup_steps)
+    if decay_steps > 0 and step >= warmup_steps:
+        return target * max(1.0 - (step - warmup_steps) / decay_steps, 0.0)
+    return target
+
+
+def rlsd_reweight(advantages: Tensor, mask: Tensor, teacher_logps: Tensor, old_logps: Tensor, lam: float,
+                  clip_range: float, negative_only: bool = False) -> Tensor:
+    """RLSD's per-token advantages [N, T] (Self-Distilled RLVR, arXiv:2604.03128; ms-swift 4.6
+    rl_core/advantage.py:294-343): δ_t = sg(log p_T − log p_old), w_t = e^{sign(A)·δ_t}, the advantage becomes
+    A · ((1 − λ) + λ·clip(w_t, 1 − ε_w, 1 + ε_w)) — never changing its sign — and 0 outside the mask;
+    negative_only leaves completions with A ≥ 0 at A. advantages: [N]; mask, teacher_logps, old_logps: [N, T]."""
+    base = advantages.unsqueeze(1).expand_as(mask)
+    delta = (teacher_logps.detach() - old_logps.detach()) * mask
+    weights = torch.exp(torch.sign(base) * delta) * mask
+    reweight = (1.0 - lam) + lam * torch.clamp(weights, min=1.0 - clip_range, max=1.0 + clip_range)
+    if negative_only:
+        neg = (advantages < 0).to(mask.dtype).unsqueeze(1)
+        reweight = neg * reweight + (1.0 - neg)
+    return base * reweight.detach() * mask
+
+
+def sdar_loss(logps: Tensor, teacher_logps: Tensor, mask: Tensor, gate_beta: float) -> tuple[Tensor, dict]:
+    """SDAR's auxiliary loss (Self-Distilled Agentic RL, arXiv:2605.15155; ms-swift 4.6 rl_core/advantage.py:362-415)
+    and its metrics: Δ_t = log p_T − log p_θ, g_t = sg(σ(gate_beta · Δ_t)), L = token mean of g_t·Δ_t over the mask
+    (the gradient flows through log p_θ only, raising the tokens where the teacher is more confident).
+    logps (with gradient), teacher_logps, mask: [N, T]. Metrics: sdar/gate_mean, sdar/gate_active_ratio (g > ½),
+    sdar/teacher_gap_mean (mean Δ), sdar/loss."""
+    teacher = teacher_logps.detach()
+    delta = teacher - logps.detach()
+    gate = torch.sigmoid(gate_beta * delta)
+    loss = _masked_mean(gate * (teacher - logps), mask)
+    metrics = {"sdar/gate_mean": _masked_mean(gate, mask), "sdar/gate_active_ratio":
+               _masked_mean((gate > 0.5).to(mask.dtype), mask), "sdar/teacher_gap_mean": _masked_mean(delta, mask),
+               "sdar/loss": loss.detach()}
+    return loss, metrics

@@ -39,7 +39,7 @@ from tunesmith.train.setup import Batches
 # own tokens), dapo/cispo over the completion tokens of the step
 _UNIT = {"grpo": "completions", "sapo": "completions", "dr_grpo": "completions", "bnpo": "micro_batches",
          "dapo": "tokens", "cispo": "tokens", "fipo": "tokens", "real": "micro_batches", "luspo": "completions"}
-_PER_BATCH = ("rollout_correction/", "fipo/", "chord/")  # metrics averaged per micro-batch, not per token
+_PER_BATCH = ("rollout_correction/", "fipo/", "chord/", "sdar/")  # metrics averaged per micro-batch, not per token
 _DEFAULT_SCALE = {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch"}
 
 
@@ -90,6 +90,12 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
                                 variants=method.variants, rollout_logps=batch.get("rollout_logps"))
     unit = _UNIT[method.loss_type]
     terms = {unit: loss * _count(method, batch)[unit]}
+    if "teacher_logps" in batch and method.distill.sdar_coef > 0:  # SDAR: + coef · the gated distillation loss
+        from tunesmith.train.ops.grpo_variants import sdar_loss
+
+        sdar, sdar_metrics = sdar_loss(logps, batch["teacher_logps"].float(), mask, method.distill.sdar_beta)
+        terms["sdar_batches"] = method.distill.sdar_coef * sdar
+        metrics = {**metrics, **sdar_metrics, "sdar/coef": method.distill.sdar_coef}
     if "chord" in batch and model.training:  # CHORD: (1 − μ)·GRPO + μ·SFT on expert rows (train/rl/chord.py)
         from tunesmith.train.rl.chord import chord_terms
 
@@ -145,7 +151,10 @@ def _count(method: "GRPO", batch: dict) -> dict:
     unit = _UNIT[method.loss_type]
     n = {"completions": batch["n_completions"], "micro_batches": 1,
          "tokens": int(batch["completion_mask"].sum())}[unit]
-    return {unit: n, "chord_batches": 1} if "chord" in batch else {unit: n}
+    out = {unit: n, "chord_batches": 1} if "chord" in batch else {unit: n}
+    if "teacher_logps" in batch:  # SDAR's term: a mean over the step's micro-batches, as ms-swift
+        out["sdar_batches"] = 1
+    return out
 
 
 def grpo_metrics(stats: dict) -> dict:
@@ -187,6 +196,8 @@ def grpo_metrics(stats: dict) -> dict:
             out[k] = loop.signif(stats[k] / tokens)
     if stats.get("teacher_kl_tokens"):  # OPD-RL: the token mean of the k3 distance to the teacher
         out["teacher_kl"] = loop.signif(stats["teacher_kl"] / stats["teacher_kl_tokens"])
+    if stats.get("rlsd_lambda_count"):  # RLSD's λ when the rounds were generated
+        out["rlsd_lambda"] = loop.signif(stats["rlsd_lambda_sum"] / stats["rlsd_lambda_count"])
     if "kl_in_reward" in stats:  # --kl_in_reward: the mean of each completion's summed KL (ms-swift's kl)
         out["kl"] = loop.signif(stats["kl_in_reward"] / n)
     for k, v in stats.items():  # fipo/*, rollout_correction/*: per micro-batch values, averaged
@@ -248,6 +259,7 @@ class GRPO:
     teacher_revision: Optional[str] = None
     offload_teacher: bool = False
     teacher_kl_coef: float = 1.0
+    distill: Any = None                       # variants.SelfDistill: RLSD / SDAR / OPD-RL's additive signal
     name = "grpo"
     best_metric = "reward"                    # --metric_for_best_model's default (ms-swift's rule)
     head = "causal_lm"

@@ -39,6 +39,8 @@ class Unit:
     rollout_logps: Optional[list] = None  # the sampling engine's own [C] (rollout IS correction, diagnostics)
     token_advantages: Optional[list] = None  # OPD-RL: [C], the advantage plus the teacher's per-token signal
     teacher_gap: Optional[list] = None  # OPD-RL: [C], log p_teacher − log p_old of each token (nats)
+    teacher_logps: Optional[list] = None  # SDAR: [C], the teacher's log-probs of the tokens
+    teacher_prompt_ids: Optional[list] = None  # OPSD: the prompt with the row's teacher_prompt as last user turn
 
 
 def refuse_pictures(prompts: list[dict], what: str) -> None:
@@ -82,7 +84,7 @@ def grpo_collate(units: list[Unit], pad_id: int) -> dict:
             batch["advantages"][i, :len(u.completion_ids)] = torch.tensor(u.token_advantages)
     if any(u.images for u in units):  # data.vision.WithPixels turns them into the vision tower's inputs
         batch["images"] = [u.images for u in units]
-    for key in ("old_logps", "ref_logps", "rollout_logps"):
+    for key in ("old_logps", "ref_logps", "rollout_logps", "teacher_logps"):
         if units[0].__dict__[key] is not None:
             batch[key] = torch.zeros(len(units), c)
             for i, u in enumerate(units):
@@ -166,6 +168,11 @@ class Rollouts:
 
         self.method, self.prompts, self.model, self.tok, self.reference = method, prompts, model, tokenizer, reference
         self.teacher = teacher  # OPD-RL's (reference.setup_teacher), else None
+        # OPSD (ms-swift's rule): rows with a teacher_prompt column get a teacher view — the policy itself on that
+        # prompt when there is no --teacher_model (dynamic self-distillation)
+        self.opsd = any((p.get("columns") or {}).get("teacher_prompt") for p in prompts)
+        if self.opsd:
+            opsd_problems(method)
         self.images = images  # a vision-language policy's ImageTokens (tunesmith.data.vision), else None
         if images is not None and method.use_vllm:
             raise ConfigError("--use_vllm with a vision-language model: pictures through vLLM rollouts are not "
@@ -249,7 +256,7 @@ class Rollouts:
                     dropped += 1
                     continue
                 ids = ids[-self.max_prompt:] if self.truncation == "left" else ids[:self.max_prompt]
-            out.append({**rec, "prompt_ids": ids})
+            out.append({**rec, "prompt_ids": ids, **self._teacher_view(rec)})
         if not out:
             raise DataError(what, None, "messages", f"every prompt is longer than --max_length {self.max_prompt} "
                             f"tokens (the prompt's limit in GRPO; the completion gets --max_completion_length on "
@@ -365,8 +372,8 @@ class Rollouts:
         g = self.group
         for i, u in enumerate(units):
             u.advantage = float(advantages[i])
-            if u.teacher_gap is not None:  # OPD-RL
-                teacher_signal(u, self.method.teacher_kl_coef)
+            if u.teacher_gap is not None:  # OPD-RL, RLSD, SDAR
+                teacher_signal(u, self.method, self._global_step())
             u.stats.update({"reward": combined[i], "reward_sq": combined[i] ** 2, "zero_std": float(zero_std[i // g])})
         # per-round extremes ride on the round's first unit; the metrics average them over the rounds logged
         lengths = [len(u.completion_ids) for u in units]
@@ -459,7 +466,8 @@ class Rollouts:
                     stats[f"rewards/{fn.name}/count"] = 1
             units.append(Unit(ids[owners[i]], list(c.token_ids), 0.0, not (m.overlong_filter and truncated),
                               stats=stats, images=prompts[owners[i]].get("images"),
-                              rollout_logps=[lp.logprob for lp in c.logprobs] if self._rollout_logps else None))
+                              rollout_logps=[lp.logprob for lp in c.logprobs] if self._rollout_logps else None,
+                              teacher_prompt_ids=prompts[owners[i]].get("teacher_prompt_ids")))
         self._add_logps(units)
         g = self.group
         return [(j, units[k * g:(k + 1) * g], per_func[k * g:(k + 1) * g], texts[k * g:(k + 1) * g])
@@ -526,6 +534,11 @@ class Rollouts:
         params = self.chat.sampling(cfg, k)
         return replace(params, processed_logprobs=True) if cfg.logprobs else params
 
+    def _global_step(self) -> int:
+        """The optimiser steps done when this round was generated (what ms-swift's trainer_state says)."""
+        m = self.method
+        return self.rounds_done * self.steps * m.num_iterations // self.gas
+
     def _score(self, prompts: list[dict], texts: list[str], completions: list) -> list:
         """The rewards [N][F] (NaN for None) of these prompts' completions (G per prompt, in order)."""
         from tunesmith.train.rl.scoring import score
@@ -540,7 +553,7 @@ class Rollouts:
             columns.setdefault("images", [p.get("images") for p in rep])
         messages = [p["messages"] + [{"role": "assistant", "content": t}] for p, t in zip(rep, texts)]
         # what ms-swift hands rewards as trainer_state (transformers' TrainerState): attributes, optimiser steps
-        state = SimpleNamespace(global_step=self.rounds_done * self.steps * m.num_iterations // self.gas,
+        state = SimpleNamespace(global_step=self._global_step(),
                                 max_steps=self.max_steps, rounds_done=self.rounds_done)
         per_func, errors = score(self.reward_fns, texts, prompts=[p["messages"] for p in rep], columns=columns,
                                  messages=messages, trainer_state=state, weights=list(m.reward_weights),
@@ -588,7 +601,8 @@ class Rollouts:
         need_ref = self.reference is not None and m.beta != 0
         kl_in_reward = need_ref and m.kl_in_reward  # the sampling policy's KL joins the reward (ms-swift's rule)
         keep_old = self.need_old and self.training  # validation trains nothing: its ratio is 1
-        need_old = keep_old or kl_in_reward or self.teacher is not None
+        need_teacher = self.teacher is not None or self.opsd
+        need_old = keep_old or kl_in_reward or need_teacher
         if not (need_old or need_ref):
             return
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -602,18 +616,49 @@ class Rollouts:
                 old = completion_logps(self.model, batch, t).float().cpu() if need_old else None
                 ref = self.reference.token_logps(self.model, batch, lambda mod, b: completion_logps(mod, b, t))\
                     .float().cpu() if need_ref else None
-                teacher = self.teacher.token_logps(self.model, batch, lambda mod, b: completion_logps(mod, b, t))\
-                    .float().cpu() if self.teacher is not None else None
+                teacher = self._teacher_logps(part, batch, collate, device) if need_teacher else None
                 for i, u in enumerate(part):
                     n = len(u.completion_ids)
                     if teacher is not None:  # OPD-RL: the signed teacher log-ratio of each token
                         u.teacher_gap = (teacher[i, :n] - old[i, :n]).tolist()
+                        if m.distill is not None and m.distill.sdar_coef > 0:
+                            u.teacher_logps = teacher[i, :n].tolist()
                     if kl_in_reward:  # Σ_t (old − ref) over the whole completion (grpo_variants.sequence_kl)
                         u.stats["kl_in_reward"] = float((old[i, :n].double() - ref[i, :n].double()).sum())
                     if keep_old:
                         u.old_logps = old[i, :n].tolist()
                     if ref is not None and not kl_in_reward:  # in the reward, the loss has no KL term
                         u.ref_logps = ref[i, :n].tolist()
+
+    def _teacher_logps(self, part: list, batch: dict, collate, device):
+        """The teacher's log-probs [B, C] (CPU, float) of a micro-batch's completion tokens at --temperature, each
+        completion after its teacher view (OPSD: its row's teacher_prompt, else its own prompt): --teacher_model's,
+        else the policy's own (dynamic self-distillation, ms-swift's OPSD teacher)."""
+        from dataclasses import replace
+
+        t = self.method.temperature
+        if any(u.teacher_prompt_ids for u in part):
+            views = [replace(u, prompt_ids=u.teacher_prompt_ids) if u.teacher_prompt_ids else u for u in part]
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(views).items()}
+        if self.teacher is not None:
+            return self.teacher.token_logps(self.model, batch, lambda mod, b: completion_logps(mod, b, t)).float().cpu()
+        return completion_logps(self.model, batch, t).float().cpu()
+
+    def _teacher_view(self, rec: dict) -> dict:
+        """{"teacher_prompt_ids": the prompt rendered with the row's teacher_prompt as its last user turn, fitted to
+        --max_length as the prompt} for a row with a teacher_prompt column (ms-swift's build_teacher_view), else {}."""
+        text = (rec.get("columns") or {}).get("teacher_prompt")
+        if not text:
+            return {}
+        messages = [dict(msg) for msg in rec["messages"]]
+        for msg in reversed(messages):
+            if msg["role"] == "user":
+                msg["content"] = text
+                break
+        ids = self.chat.prompt(messages, rec.get("tools"), images=rec.get("images"), pixels=False).ids
+        if self.max_prompt and len(ids) > self.max_prompt:
+            ids = ids[:self.max_prompt] if self.truncation == "right" else ids[-self.max_prompt:]
+        return {"teacher_prompt_ids": ids}
 
     def _log(self, prompts, texts, per_func, combined, advantages) -> None:
         if self.log_path is None:
@@ -650,13 +695,41 @@ class ValidationRollouts:
         return self.rollouts.evaluation_units(self.prompts)
 
 
-def teacher_signal(u: Unit, coef: float) -> None:
-    """OPD-RL (ms-swift 4.6 rl_core/advantage.py expand_advantage_to_per_token): the unit's per-token advantages
-    A + coef·(log p_teacher − log p_old) [C], and its teacher_kl statistics — the k3 estimate e^d − d − 1 of each
-    token, d = log p_teacher − log p_old (compute_teacher_kl_per_token), summed with its token count."""
-    u.token_advantages = [u.advantage + coef * d for d in u.teacher_gap]
+def teacher_signal(u: Unit, method, step: int) -> None:
+    """The teacher's per-token signal on a unit, as ms-swift 4.6 grpo_trainer.py:259-303 — RLSD
+    (--advantage_reweight rlsd): the advantages `grpo_variants.rlsd_reweight` [C] with λ at optimiser step `step`;
+    SDAR (--sdar_loss_coef > 0): none here (the loss adds its term); otherwise OPD-RL
+    (rl_core/advantage.py expand_advantage_to_per_token): A + teacher_kl_coef·(log p_teacher − log p_old) [C]. And
+    its teacher_kl statistics — the k3 estimate e^d − d − 1 of each token, d = log p_teacher − log p_old
+    (compute_teacher_kl_per_token), summed with its token count."""
+    import torch
+
+    from tunesmith.train.ops.grpo_variants import rlsd_lambda, rlsd_reweight
+
+    sd = method.distill
+    if sd is not None and sd.reweight == "rlsd":
+        gap = torch.tensor([u.teacher_gap], dtype=torch.float64)
+        lam = rlsd_lambda(step, sd.lam, sd.warmup_steps, sd.decay_steps)
+        u.token_advantages = rlsd_reweight(torch.tensor([u.advantage], dtype=torch.float64), torch.ones_like(gap),
+                                           gap, torch.zeros_like(gap), lam, sd.clip_range, sd.negative_only)[0].tolist()
+        u.stats.update({"rlsd_lambda_sum": lam, "rlsd_lambda_count": 1})
+    elif sd is None or sd.sdar_coef <= 0:
+        u.token_advantages = [u.advantage + method.teacher_kl_coef * g for g in u.teacher_gap]
     u.stats["teacher_kl"] = sum(math.exp(d) - d - 1 for d in u.teacher_gap)
     u.stats["teacher_kl_tokens"] = len(u.teacher_gap)
+
+
+def opsd_problems(method) -> None:
+    """Rows with a teacher_prompt column turn on OPD-RL's teacher signal (ms-swift's OPSD); what needs one advantage
+    per completion cannot take it. Raises ConfigError (ms-swift raises at the loss)."""
+    if method.loss_type in ("real", "fipo") or method.variants.off_policy_sequence_mask_delta is not None:
+        raise ConfigError(f"the rows have a teacher_prompt column, which turns on OPD-RL's per-token teacher signal "
+                          f"(ms-swift's self-distillation); --loss_type {method.loss_type} / "
+                          f"--off_policy_sequence_mask_delta need one advantage per completion: drop one of them "
+                          f"(or the column)")
+    note("GRPO: the rows have a teacher_prompt column: the policy on that prompt is the teacher of each completion "
+         "token (ms-swift's OPSD self-distillation; --teacher_model names another teacher)" if method.teacher_model
+         is None else "GRPO: the rows have a teacher_prompt column: --teacher_model scores each completion after it")
 
 
 def processed_logprobs_config(engine_cfg):

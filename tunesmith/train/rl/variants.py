@@ -4,8 +4,25 @@ sequence masking, rollout importance sampling). ms-swift 4.6's names, defaults a
 (arguments/rlhf_args.py `_init_grpo`, rlhf_trainers/grpo_trainer.py `_prepare_algorithm_params`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tunesmith.config.checks import between
 from tunesmith.log import note
+
+
+@dataclass(frozen=True)
+class SelfDistill:
+    """How the teacher's per-token log-ratio Δ = log p_teacher − log p_old enters GRPO (ms-swift's OPD-RL family):
+    reweight "rlsd" (RLSD: `grpo_variants.rlsd_reweight`, λ scheduled by `grpo_variants.rlsd_lambda`), sdar_coef > 0
+    (SDAR: + sdar_coef · `grpo_variants.sdar_loss`), else OPD-RL's additive A + teacher_kl_coef·Δ."""
+    reweight: str = ""
+    lam: float = 0.5
+    clip_range: float = 0.2
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    negative_only: bool = False
+    sdar_coef: float = 0.0
+    sdar_beta: float = 5.0
 
 
 def variant_fields(args, problems: list) -> dict:
@@ -103,4 +120,32 @@ def teacher_fields(args, problems: list) -> dict:
                                 "to normalise; add --reward_funcs or drop it")
     return {"teacher_model": args.teacher_model, "teacher_adapters": tuple(args.teacher_adapters),
             "teacher_revision": args.teacher_model_revision, "offload_teacher": args.offload_teacher_model,
-            "teacher_kl_coef": args.teacher_kl_coef}
+            "teacher_kl_coef": args.teacher_kl_coef, "distill": _self_distill(args, problems)}
+
+
+def _self_distill(args, problems: list) -> SelfDistill:
+    """RLSD's and SDAR's flags, checked as ms-swift's `_check_rlsd` and `_check_sdar` (arguments/rlhf_args.py):
+    λ in [0, 1], ε_w ≥ 0, steps ≥ 0; RLSD needs reward functions (it uses the sign of the advantage) and refuses
+    --loss_type real/fipo and --off_policy_sequence_mask_delta; SDAR needs gate β > 0 and not RLSD too."""
+    loss_type = (list(args.loss_type) or ["grpo"])[0]
+    if args.advantage_reweight == "rlsd":
+        between(problems, "rlsd_lambda", args.rlsd_lambda, 0, 1)
+        between(problems, "rlsd_reweight_clip_range", args.rlsd_reweight_clip_range, 0, None)
+        between(problems, "rlsd_lambda_warmup_steps", args.rlsd_lambda_warmup_steps, 0, None)
+        between(problems, "rlsd_lambda_decay_steps", args.rlsd_lambda_decay_steps, 0, None)
+        if not args.reward_funcs:
+            problems.append("--advantage_reweight rlsd needs --reward_funcs: it reweights by the sign of the "
+                            "reward's advantage")
+        if loss_type in ("real", "fipo") or args.off_policy_sequence_mask_delta is not None:
+            problems.append("--advantage_reweight rlsd with --loss_type real/fipo or --off_policy_sequence_mask_delta: "
+                            "they reduce the advantage to one per completion; drop one of them")
+        if args.beta:
+            note(f"GRPO RLSD: the reference RLSD setup has no KL (--beta 0); this run keeps --beta {args.beta:g}")
+    if args.sdar_loss_coef > 0:
+        between(problems, "sdar_gate_beta", args.sdar_gate_beta, 0, None, lo_open=True)
+        if args.advantage_reweight == "rlsd":
+            problems.append("--sdar_loss_coef with --advantage_reweight rlsd: pick one teacher-distillation "
+                            "mechanism (SDAR adds a loss, RLSD reweights the advantage)")
+    return SelfDistill(args.advantage_reweight or "", args.rlsd_lambda, args.rlsd_reweight_clip_range,
+                       args.rlsd_lambda_warmup_steps, args.rlsd_lambda_decay_steps, args.rlsd_negative_only,
+                       args.sdar_loss_coef, args.sdar_gate_beta)
