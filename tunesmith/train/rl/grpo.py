@@ -67,7 +67,9 @@ def prompt_record(rec: dict, src: tuple) -> list[dict]:
 def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict, dict]:
     """({unit: summed loss term}, summed statistics) of one micro-batch from `grpo_collate`. The policy's
     per-token entropy comes from the same forward when --log_entropy or --top_entropy_quantile < 1 ask for it
-    (ms-swift's compute_entropy); the entropy mask multiplies only the policy-gradient term (`entropy_terms`)."""
+    (ms-swift's compute_entropy); the entropy mask multiplies only the policy-gradient term (`entropy_terms`).
+    Added terms, as ms-swift adds them after the policy loss: SDAR's (--sdar_loss_coef, unit sdar_batches), then
+    CHORD's mix (--chord_sft_dataset, training only: every term × (1 − μ), + μ·SFT in chord_batches)."""
     from tunesmith.train.ops import losses as L
     from tunesmith.train.rl.rollouts import completion_logps, completion_logps_and_entropy
 
