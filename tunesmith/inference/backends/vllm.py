@@ -121,9 +121,10 @@ class VllmEngine(_AsyncBackend):
         want = p.logprobs or p.top_logprobs
         return {"n": 1, "max_tokens": p.max_new_tokens, "temperature": float(p.temperature), "top_p": float(p.top_p),
                 "top_k": int(p.top_k) if p.top_k and p.top_k > 0 else -1,
-                "repetition_penalty": float(p.repetition_penalty), "min_p": float(p.min_p), "stop": list(p.stop) or None,
+                "repetition_penalty": float(p.repetition_penalty), "stop": list(p.stop) or None,
                 "stop_token_ids": sorted(self.stop_ids | {int(i) for i in p.stop_token_ids}), "seed": p.seed,
-                "logprobs": int(p.top_logprobs or 0) if want else None, "skip_special_tokens": False}
+                "logprobs": int(p.top_logprobs or 0) if want else None, "skip_special_tokens": False,
+                **({"min_p": float(p.min_p)} if p.min_p else {})}  # GRPO's --min_p; left out at vLLM's default 0
 
     def add_adapter(self, name: str, path: str) -> None:
         """Serve the LoRA adapter at PATH under NAME from the next request on, with a new int id (vLLM caches
