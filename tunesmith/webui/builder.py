@@ -23,11 +23,13 @@ METHODS = {
     "orpo": ("rlhf", ("--rlhf_type", "orpo")),
     "kto": ("rlhf", ("--rlhf_type", "kto")),
     "grpo": ("rlhf", ("--rlhf_type", "grpo")),
+    "ppo": ("rlhf", ("--rlhf_type", "ppo")),
     "gkd": ("rlhf", ("--rlhf_type", "gkd")),
     "rm": ("rlhf", ("--rlhf_type", "rm")),
 }
 # flag groups shown only for some methods (the others' flags stay at their defaults and are not sent)
-METHOD_GROUPS = {"RLHFArgs": set(METHODS) - {"sft"}, "GRPOArgs": {"grpo"}, "VllmArgs": {"grpo"}, "GKDArgs": {"gkd"}}
+METHOD_GROUPS = {"RLHFArgs": set(METHODS) - {"sft"}, "GRPOArgs": {"grpo", "ppo"}, "VllmArgs": {"grpo"},
+                 "GKDArgs": {"gkd"}, "PPOArgs": {"ppo"}}
 # the fields the Train page shows first, above the grouped flags
 BASICS = ("model", "dataset", "val_dataset", "split_dataset_ratio", "train_type", "num_train_epochs", "max_steps",
           "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_rank",
