@@ -379,3 +379,11 @@ def test_the_value_model_starts_as_the_reward_models_copy(tiny_models, tmp_path)
         v = value.values(batch)  # completion token j's value: the state before it, prompt + tokens < j
         pooled = [float(ref(input_ids=ids[:, :k + 1]).logits[0, 0]) for k in range(ids.shape[1] - 1)]
     assert v.shape == (1, ids.shape[1] - 1) and torch.allclose(v[0], torch.tensor(pooled), atol=1e-5)
+
+
+def test_data_validate_reads_ppo_rows_as_prompts(tmp_path):
+    """`tunesmith data validate --rlhf_type ppo` reads rows as PPO does: GRPO's prompts (no reply needed)."""
+    from tunesmith.cli import main
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    assert main(["data", "validate", "--dataset", data, "--rlhf_type", "ppo"]) == 0
