@@ -204,7 +204,8 @@ class PPO:
                               "the rollouts would need the pictures); train a text model, or use --rlhf_type grpo")
         disable_dropout(model, has_reference=self.needs_reference)
         value = build_value_model(cfg.model, self.reward_models[0] if self.reward_models else None,
-                                  prepared.tokenizer, cfg.optim, default_device())
+                                  prepared.tokenizer, cfg.optim, default_device(),
+                                  resume_optimizer=not cfg.output.resume_only_model)
         rollouts = PPORollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, value, cfg)
         val = PPOValidation(rollouts, prepared.eval_rows) if prepared.eval_rows else []
         return Batches(rollouts, val, partial(ppo_collate, pad_id=rollouts.pad), PPORun(reference, value, rollouts),

@@ -48,9 +48,11 @@ def value_source(model_cfg, reward_model: Optional[str]) -> tuple:
         f"a trainable copy of the reward model {reward_model} (its LoRA adapter continued on {base})"
 
 
-def build_value_model(model_cfg, reward_model: Optional[str], tokenizer, optim, device) -> "ValueModel":
+def build_value_model(model_cfg, reward_model: Optional[str], tokenizer, optim, device,
+                      resume_optimizer: bool = True) -> "ValueModel":
     """The value model (`value_source`) loaded as a sequence classifier with one output, the run's tuner attached,
-    dropout off, on `device`, with its optimiser (optimisation slice `optim`)."""
+    dropout off, on `device`, with its optimiser (optimisation slice `optim`). resume_optimizer False
+    (--resume_only_model): a resumed run restores its weights only, with a new optimiser, as the policy's."""
     from tunesmith.models.load import resolve_model_dir
     from tunesmith.train.reference import disable_dropout
     from tunesmith.train.setup import prepare_model
@@ -62,7 +64,7 @@ def build_value_model(model_cfg, reward_model: Optional[str], tokenizer, optim, 
     disable_dropout(model, has_reference=False)
     model.to(device)
     model.train()
-    return ValueModel(model, optim, describe)
+    return ValueModel(model, optim, describe, resume_optimizer)
 
 
 class ValueModel:
@@ -72,10 +74,10 @@ class ValueModel:
     DIR = "value_model"          # in each checkpoint: the trained weights as peft/transformers save them
     OPTIMIZER = "optimizer.pt"   # beside them: the optimiser's state
 
-    def __init__(self, model, optim, describe: str):
+    def __init__(self, model, optim, describe: str, resume_optimizer: bool = True):
         from tunesmith.train.optim import build_optimizer
 
-        self.model, self.optim, self.describe = model, optim, describe
+        self.model, self.optim, self.describe, self.resume_optimizer = model, optim, describe, resume_optimizer
         self.optimizer = build_optimizer(model, optim)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.scheduler = None    # built at the first update, when the run's total steps are known
@@ -138,7 +140,8 @@ class ValueModel:
         torch.save(self.optimizer.state_dict(), os.path.join(out, self.OPTIMIZER))
 
     def load(self, path: str) -> None:
-        """Restore what `save` wrote (a resumed run). Raises ConfigError when the checkpoint has no value model."""
+        """Restore what `save` wrote (a resumed run; the optimiser state unless --resume_only_model). Raises
+        ConfigError when the checkpoint has no value model."""
         import torch
 
         from tunesmith.train.checkpoint import load_model_weights
@@ -149,5 +152,5 @@ class ValueModel:
                               f"restored (is it a checkpoint of a --rlhf_type ppo run?)")
         load_model_weights(self.model, folder)
         f = os.path.join(folder, self.OPTIMIZER)
-        if os.path.isfile(f):
+        if self.resume_optimizer and os.path.isfile(f):
             self.optimizer.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
