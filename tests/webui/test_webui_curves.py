@@ -53,7 +53,7 @@ def test_grpo_charts_include_the_reward_per_function():
     assert titles[i + 1] == "reward per function (GRPO)"
     per_fn = next(c for c in charts(_records(20, grpo=True)) if c.title == "reward per function (GRPO)")
     assert {r[2] for r in per_fn.rows} == {"rewards/accuracy/mean", "rewards/format/mean"}
-    assert "KL estimate" in titles and "completion length (GRPO, GKD)" in titles
+    assert "KL estimate" in titles and "completion length (GRPO, PPO, GKD)" in titles
 
 
 def test_series_skips_the_summary_and_text():

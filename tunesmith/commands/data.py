@@ -172,11 +172,11 @@ def _image_note(enc: ChatEncoder, e) -> str:
 
 
 def _rows_kind(args: DataCommandArguments) -> str:
-    """What training would read the rows as: "kto" (--rlhf_type kto), "prompt" (--rlhf_type grpo: prompts, no
+    """What training would read the rows as: "kto" (--rlhf_type kto), "prompt" (--rlhf_type grpo or ppo: prompts, no
     reply needed), "sft" (--rlhf_type gkd: sft's rows), "preference" (--rlhf or another --rlhf_type: every row a
     pair) or "sft"."""
-    if args.rlhf_type in ("kto", "grpo", "gkd"):
-        return {"kto": "kto", "grpo": "prompt", "gkd": "sft"}[args.rlhf_type]
+    if args.rlhf_type in ("kto", "grpo", "ppo", "gkd"):
+        return {"kto": "kto", "grpo": "prompt", "ppo": "prompt", "gkd": "sft"}[args.rlhf_type]
     return "preference" if args.rlhf or args.rlhf_type else "sft"
 
 

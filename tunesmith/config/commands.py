@@ -6,7 +6,7 @@ what it has.
     command     groups                                                        compatibility only
     sft, pt     Model Quant Template Data Tuner Track Output Optim Dist       SwiftCompat TrainerCompat
                 ModelKnob OptimKnob (pt: no chat template, loss_scale all)    TrainGenerationCompat
-    rlhf, dpo   sft's, and RLHF GRPO GKD Vllm                                 sft's
+    rlhf, dpo   sft's, and RLHF GRPO PPO GKD Vllm                             sft's
     infer       Generation InferBackend(Vllm) Checkpoint Model Quant          SwiftCompat
                 Template Data
     deploy      infer's, and DeployServer                                     infer's
@@ -30,8 +30,8 @@ from typing import List, Optional
 
 from tunesmith.config.groups import (CheckpointArgs, DataArgs, DeployServerArgs, DistArgs, EvalArgs,
                                      ExportOutputArgs, GenerationArgs, GKDArgs, GRPOArgs, InferBackendArgs, ModelArgs,
-                                     OptimArgs, OutputArgs, QuantArgs, RLHFArgs, TemplateArgs, TrackArgs, VllmArgs,
-                                     _f)
+                                     OptimArgs, OutputArgs, PPOArgs, QuantArgs, RLHFArgs, TemplateArgs, TrackArgs,
+                                     VllmArgs, _f)
 from tunesmith.config.training_groups import ModelKnobArgs, OptimKnobArgs, TunerArgs
 from tunesmith.config.groups import AppArgs, UIServerArgs, WebUIFolderArgs  # web-ui and app
 from tunesmith.config.swift_compat import (EvalServerCompatArgs, SwiftCompatArgs, TrainerCompatArgs,
@@ -57,7 +57,7 @@ class PretrainArguments(SftArguments):
 
 
 @dataclass(frozen=True)
-class RLHFArguments(VllmArgs, GKDArgs, GRPOArgs, RLHFArgs, SftArguments):
+class RLHFArguments(VllmArgs, PPOArgs, GKDArgs, GRPOArgs, RLHFArgs, SftArguments):
     """`tunesmith rlhf` (and `tunesmith dpo`)."""
 
 
@@ -114,8 +114,8 @@ class DataCommandArguments(ModelArgs, TemplateArgs, DataArgs):
     rlhf_type: Optional[str] = _f(help="The method the data is for (implies --rlhf): dpo, simpo, orpo, cpo or rm "
                                        "need a rejected reply in every row, kto a label or a pair, grpo a prompt "
                                        "(a row ending with the user's turn, or a final reply taken as the solution), "
-                                       "gkd a reply (sft's rows, the last reply trained).",
-                                  choices=("dpo", "simpo", "orpo", "cpo", "rm", "kto", "grpo", "gkd"))
+                                       "gkd a reply (sft's rows, the last reply trained), ppo a prompt (as grpo).",
+                                  choices=("dpo", "simpo", "orpo", "cpo", "rm", "kto", "grpo", "ppo", "gkd"))
 
 
 @dataclass(frozen=True)

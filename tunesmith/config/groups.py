@@ -231,9 +231,9 @@ class DistArgs:
 class RLHFArgs:
     """Preference training (`tunesmith rlhf`): the method, its loss variants and weights, the reference model."""
     rlhf_type: str = _f("dpo", help="Method: dpo (with --loss_type variants), simpo, orpo, cpo, kto, grpo "
-                                    "(reinforcement learning with reward functions), gkd (on-policy distillation "
-                                    "from a teacher) or rm (a reward model).",
-                        choices=("dpo", "simpo", "orpo", "cpo", "kto", "grpo", "gkd", "rm"))
+                                    "(reinforcement learning with reward functions), ppo (with a value model), gkd "
+                                    "(on-policy distillation from a teacher) or rm (a reward model).",
+                        choices=("dpo", "simpo", "orpo", "cpo", "kto", "grpo", "ppo", "gkd", "rm"))
     beta: Optional[float] = _f(help="Default 0.1 (SimPO 2.0; GRPO 0.04, ms-swift's default — TRL's is 0: "
                                     "the weight of the k3 KL to the reference, none at 0; GKD 0.5: the generalised "
                                     "JSD's interpolation, 0 forward KL(teacher ‖ student), 1 reverse KL).")
@@ -278,9 +278,9 @@ class RLHFArgs:
 class GRPOArgs:
     """GRPO (`--rlhf_type grpo`): ms-swift's flags and defaults; where TRL's defaults differ, the help says so."""
     num_generations: int = _f(8, help="GRPO: completions sampled per prompt (G, the group).")
-    max_completion_length: int = _f(512, help="GRPO and GKD: most tokens generated per completion.")
-    temperature: float = _f(0.9, help="GRPO: sampling temperature of the rollouts (ms-swift 0.9; TRL 1.0). GKD: "
-                                      "of the student's samples and of both distributions in the divergence.")
+    max_completion_length: int = _f(512, help="GRPO, PPO and GKD: most tokens generated per completion.")
+    temperature: float = _f(0.9, help="GRPO and PPO: sampling temperature of the rollouts (ms-swift 0.9; TRL 1.0). "
+                                      "GKD: of the student's samples and of both distributions in the divergence.")
     epsilon: float = _f(0.2, help="GRPO: clipping range of the importance ratio, [1 - epsilon, 1 + epsilon_high].")
     epsilon_high: Optional[float] = _f(help="GRPO: upper clipping range (DAPO's clip-higher); default --epsilon.")
     delta: Optional[float] = _f(help="GRPO: upper bound of the unclipped ratio (two-sided clipping, "
@@ -312,18 +312,21 @@ class GRPOArgs:
     overlong_filter: bool = _f(False, help="GRPO: truncated completions (no end of turn within "
                                            "--max_completion_length) are left out of the loss (TRL: "
                                            "mask_truncated_completions).", aliases=("mask_truncated_completions",))
-    reward_funcs: List[str] = _f(help="GRPO: reward functions: built-ins (accuracy, format, react_format, cosine, "
-                                      "repetition, soft_overlong), names an --external_plugins file registers in "
-                                      "`orms`, or module.function (TRL style).", list_default=[])
-    reward_weights: List[float] = _f(help="GRPO: one weight per reward function (default 1 each).", list_default=[])
-    external_plugins: List[str] = _f(help="GRPO: Python files that register reward functions in `orms` (ms-swift's "
-                                          "plugin form: `from swift.rewards import ORM, orms` or `from swift.plugin "
-                                          "import ...` work without ms-swift installed).", list_default=[])
-    reward_model: List[str] = _f(help="GRPO: reward models (a checkpoint of --rlhf_type rm, or any "
-                                      "sequence-classification model) scoring each conversation; their weights "
-                                      "follow --reward_funcs' in --reward_weights.", list_default=[])
-    log_completions: bool = _f(False, help="GRPO: write every rollout (prompt, completion, rewards, advantage) to "
-                                           "completions.jsonl in the run directory.")
+    reward_funcs: List[str] = _f(help="GRPO and PPO: reward functions: built-ins (accuracy, format, react_format, "
+                                      "cosine, repetition, soft_overlong), names an --external_plugins file "
+                                      "registers in `orms`, or module.function (TRL style).", list_default=[])
+    reward_weights: List[float] = _f(help="GRPO and PPO: one weight per reward function (default 1 each).",
+                                     list_default=[])
+    external_plugins: List[str] = _f(help="GRPO and PPO: Python files that register reward functions in `orms` "
+                                          "(ms-swift's plugin form: `from swift.rewards import ORM, orms` or `from "
+                                          "swift.plugin import ...` work without ms-swift installed).",
+                                     list_default=[])
+    reward_model: List[str] = _f(help="GRPO and PPO (one; its copy is PPO's value model): reward models (a "
+                                      "checkpoint of --rlhf_type rm, or any sequence-classification model) scoring "
+                                      "each conversation; their weights follow --reward_funcs' in --reward_weights.",
+                                 list_default=[])
+    log_completions: bool = _f(False, help="GRPO and PPO: write every rollout (prompt, completion, rewards, "
+                                           "advantage) to completions.jsonl in the run directory.")
     cosine_min_len_value_wrong: float = _f(-0.5, help="GRPO cosine reward: reward of a wrong answer of length 0.")
     cosine_max_len_value_wrong: float = _f(0.0, help="GRPO cosine reward: reward of a wrong answer at the "
                                                      "maximum length.")
@@ -451,6 +454,33 @@ class GKDArgs:
     gkd_logits_topk: Optional[int] = _f(help="GKD: the divergence over the teacher's k most likely tokens only "
                                              "(both distributions renormalised over them); default the whole "
                                              "vocabulary.")
+
+
+@dataclass(frozen=True)
+class PPOArgs:
+    """PPO (`--rlhf_type ppo`, Schulman et al. 2017, as TRL's PPOTrainer that ms-swift runs): ms-swift's flags and
+    defaults (its --temperature 0.9 and --max_completion_length 512 are the shared rlhf flags)."""
+    num_ppo_epochs: int = _f(4, help="PPO: optimisation passes over each batch of rollouts (K).")
+    whiten_rewards: bool = _f(False, help="PPO: whiten the per-token rewards of each batch of rollouts (their "
+                                          "variance scaled to 1, the mean kept) before the advantages.")
+    kl_coef: float = _f(0.05, help="PPO: weight of the per-token KL penalty to the reference in the reward (k1: "
+                                   "log pi - log pi_ref at each sampled token); 0: no reference.")
+    cliprange: float = _f(0.2, help="PPO: clipping range of the policy's importance ratio, [1 - c, 1 + c].")
+    vf_coef: float = _f(0.1, help="PPO: weight of the value loss in the loss.")
+    cliprange_value: float = _f(0.2, help="PPO: the value prediction is clipped to old value +- this.")
+    gamma: float = _f(1.0, help="PPO: discount factor of the per-token rewards (GAE's gamma).")
+    lam: float = _f(0.95, help="PPO: GAE's lambda (bias-variance trade-off of the advantages).")
+    num_mini_batches: int = _f(1, help="PPO: optimiser steps per pass over a batch of rollouts; each step "
+                                       "trains on per_device_train_batch_size x gradient_accumulation_steps of "
+                                       "them, so a batch holds num_mini_batches such steps.")
+    local_rollout_forward_batch_size: int = _f(64, help="PPO: completions per forward pass without gradient "
+                                                        "(log-probs, reference, values) and per generation batch.")
+    num_sample_generations: int = _f(10, help="PPO (TRL): debugging sample generations over training. "
+                                              "Compatibility only (see the table at the end).")
+    response_length: Optional[int] = _f(help="PPO: ms-swift's deprecated name of --max_completion_length (it wins "
+                                             "when given).")
+    missing_eos_penalty: Optional[float] = _f(help="PPO: subtracted from the score of a completion that ends "
+                                                   "without an end-of-turn token (cut at the length limit).")
 
 
 @dataclass(frozen=True)

@@ -153,8 +153,6 @@ _VLLM_MEMORY = ("this frees GPU memory between a colocated vLLM's rollouts and t
                 "the policy or its optimizer states to the CPU while vLLM samples); tunesmith's --use_vllm does not "
                 "do that juggling yet — lower --vllm_gpu_memory_utilization instead, or leave --use_vllm false "
                 "(tunesmith's own engine samples with the training model's weights, no second copy)")
-_PPO = ("PPO (--rlhf_type ppo) is not planned yet; tunesmith rlhf trains dpo, simpo, orpo, cpo, kto, grpo "
-        "(reinforcement learning with reward functions) and gkd (on-policy distillation)")
 _ADAPTER = ("ms-swift's Adapter tuner (its own bottleneck layers) is not supported yet: no maintained library for it "
             "installs beside transformers 5 (AdapterHub's adapters 1.3 pins transformers ~=4.57); use --train_type "
             "lora, or another peft tuner (docs/tuners.md)")
@@ -317,11 +315,8 @@ NOT_SUPPORTED_YET = {
                                 "in the trainer either way",
     "context_manager": "multi-turn rollouts (and their context managers) are not supported yet; `tunesmith "
                        "rollout` samples single-turn completions",
-    **_same(_PPO, "cliprange", "cliprange_value", "gamma", "lam", "kl_coef", "local_rollout_forward_batch_size",
-            "missing_eos_penalty", "num_mini_batches", "num_ppo_epochs", "num_sample_generations", "response_length",
-            "vf_coef", "whiten_rewards"),
-    **_same("GRPO's --reward_model takes a local checkpoint (a --rlhf_type rm checkpoint, adapter or full); its "
-            "revision, type, separate adapters and template options are not supported yet",
+    **_same("GRPO's and PPO's --reward_model takes a local checkpoint (a --rlhf_type rm checkpoint, adapter or "
+            "full); its revision, type, separate adapters and template options are not supported yet",
             "reward_model_revision", "reward_model_type", "reward_adapters", "reward_template"),
     # GKD (--rlhf_type gkd) has the rest of ms-swift's teacher flags
     "teacher_model_server": "a GKD teacher behind a server (its top-k log-probs fetched over HTTP) is not supported "
@@ -372,6 +367,10 @@ COMPATIBILITY_ONLY = {
     "log_interval": "deploy logs each request (--verbose) and no periodic throughput line",
     "vllm_use_async_engine": "tunesmith always drives vLLM through its AsyncLLMEngine",
     "vllm_device": "with --use_vllm, vLLM runs in the training process, on its GPU (ms-swift's colocate mode)",
+    "num_sample_generations": "PPO: TRL prints a table of a few near-greedy validation samples that many times during "
+                              "training; tunesmith writes every rollout with its rewards to completions.jsonl "
+                              "(--log_completions true) and scores the validation prompts at each evaluation "
+                              "(eval_objective/scores)",
     "move_model_batches": "with --use_vllm tunesmith hands vLLM the LoRA adapter, not the model's weights, so "
                           "there are no weight batches to move",
     "vllm_reasoning_parser": "reasoning is split from the answer by tunesmith's own parser, chosen from the chat "
@@ -495,7 +494,6 @@ COMPATIBILITY_ONLY_IN = {
 
 # ms-swift values that tunesmith does not implement: the error says so instead of only listing the choices.
 NOT_SUPPORTED_VALUES = {
-    ("rlhf_type", "ppo"): "ms-swift's ppo is not supported by tunesmith yet",
     ("seq_kd", True): "sequential KD (the teacher generates the replies) is deprecated in ms-swift and not "
                       "implemented there either (it raises NotImplementedError); drop the flag: --lmbda sets the "
                       "share of steps on the student's own completions",

@@ -8,7 +8,8 @@ checkpoints when due) → loop.train_step (forward, backward, clip) → optimize
 
 Everything a training method decides is in its method object, one per file: sft.py (SFT), dpo.py (the DPO family),
 cpo.py (CPO and SimPO), orpo.py (ORPO), kto.py (KTO), grpo.py (GRPO; rollouts.py generates its units), gkd.py (GKD,
-distillation from a teacher), rm.py (reward models); pairs.py holds what the pair methods share. The recipe and the loop know nothing method-specific. A method
+distillation from a teacher), ppo.py (PPO; rl/ppo_rollouts.py and rl/ppo_value.py), rm.py (reward models);
+pairs.py holds what the pair methods share. The recipe and the loop know nothing method-specific. A method
 object has:
 
     name, rows ("sft" | "preference" | "kto": how rows are encoded; "prompt": prompts to generate from),
@@ -56,6 +57,9 @@ def method_for(args):
     if kind == "gkd":
         from tunesmith.train.methods.gkd import GKD
         return GKD
+    if kind == "ppo":
+        from tunesmith.train.methods.ppo import PPO
+        return PPO
     if kind == "rm":
         from tunesmith.train.methods.rm import RewardModel
         return RewardModel

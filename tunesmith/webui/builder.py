@@ -23,11 +23,13 @@ METHODS = {
     "orpo": ("rlhf", ("--rlhf_type", "orpo")),
     "kto": ("rlhf", ("--rlhf_type", "kto")),
     "grpo": ("rlhf", ("--rlhf_type", "grpo")),
+    "ppo": ("rlhf", ("--rlhf_type", "ppo")),
     "gkd": ("rlhf", ("--rlhf_type", "gkd")),
     "rm": ("rlhf", ("--rlhf_type", "rm")),
 }
 # flag groups shown only for some methods (the others' flags stay at their defaults and are not sent)
-METHOD_GROUPS = {"RLHFArgs": set(METHODS) - {"sft"}, "GRPOArgs": {"grpo"}, "VllmArgs": {"grpo"}, "GKDArgs": {"gkd"}}
+METHOD_GROUPS = {"RLHFArgs": set(METHODS) - {"sft"}, "GRPOArgs": {"grpo", "ppo"}, "VllmArgs": {"grpo"},
+                 "GKDArgs": {"gkd"}, "PPOArgs": {"ppo"}}
 # flags of another method's group that a method reads too (GKD samples the student as GRPO samples its rollouts)
 SHARED_FLAGS = {"gkd": ("temperature", "max_completion_length", "top_p", "top_k", "repetition_penalty",
                         "log_completions")}

@@ -460,7 +460,16 @@ def _check_unsupported(args, problems: list) -> None:
     if args.reward_weights and len(args.reward_weights) != n:
         problems.append(f"--reward_weights has {len(args.reward_weights)} value(s) for {n} reward function(s) and "
                         f"model(s); give one weight per function, then one per --reward_model")
-    for path in args.reward_model:
+    problems += reward_model_problems(args.reward_model)
+    if args.delta is not None and args.delta <= 1 + (args.epsilon_high or args.epsilon):
+        problems.append(f"--delta {args.delta}: must be > 1 + epsilon_high (it bounds the ratio above the clip)")
+
+
+def reward_model_problems(paths: list) -> list:
+    """What is wrong with each --reward_model path (GRPO's and PPO's): not a local folder, not a model checkpoint,
+    or not a reward model (`_reward_model_kind`); one message each."""
+    problems = []
+    for path in paths:
         if not os.path.isdir(path):
             problems.append(f"--reward_model {path}: not a local checkpoint directory (train one with "
                             f"--rlhf_type rm)")
@@ -469,8 +478,7 @@ def _check_unsupported(args, problems: list) -> None:
                             f"model checkpoint (pass a checkpoint-N folder of a --rlhf_type rm run)")
         else:
             problems += _reward_model_kind(path)
-    if args.delta is not None and args.delta <= 1 + (args.epsilon_high or args.epsilon):
-        problems.append(f"--delta {args.delta}: must be > 1 + epsilon_high (it bounds the ratio above the clip)")
+    return problems
 
 
 def _reward_model_kind(path: str) -> list:

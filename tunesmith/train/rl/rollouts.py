@@ -134,6 +134,34 @@ def generation_batch_problem(per_step: int, steps: int, g: int) -> str:
             f"--per_device_train_batch_size {g}, or --steps_per_generation / --generation_batch_size to match")
 
 
+def fit_prompts(chat, prompts: list[dict], max_prompt: Optional[int], truncation: str, what: str) -> list[dict]:
+    """The prompts with their token ids (`prompt_ids`, rendered with the chat template of `chat`, a ChatEngine),
+    fitted to --max_length (max_prompt tokens) as --truncation_strategy says: delete drops a longer one (counted in a
+    note), left/right keep its last/first tokens. Raises DataError when no prompt is left (`what` names the data)."""
+    from tunesmith.inference.chat import PromptTooLong
+
+    out, dropped = [], 0
+    for rec in prompts:
+        try:  # pictures are counted from their headers here, decoded when the prompt is sampled
+            ids = chat.prompt(rec["messages"], rec.get("tools"), images=rec.get("images"), pixels=False).ids
+        except PromptTooLong:  # longer than the whole context: no cut leaves room
+            ids = None
+        if ids is None or (max_prompt and len(ids) > max_prompt):
+            if ids is None or truncation == "delete":
+                dropped += 1
+                continue
+            ids = ids[-max_prompt:] if truncation == "left" else ids[:max_prompt]
+        out.append({**rec, "prompt_ids": ids})
+    if not out:
+        raise DataError(what, None, "messages", f"every prompt is longer than --max_length {max_prompt} "
+                        f"tokens (the prompt's limit in GRPO and PPO; the completion gets --max_completion_length on "
+                        f"top)", "raise --max_length, or shorten the prompts")
+    if dropped:
+        note(f"{what}: {dropped} prompt(s) longer than --max_length {max_prompt} tokens dropped "
+             f"(--truncation_strategy delete; left or right would cut them instead)")
+    return out
+
+
 def _unique_names(fns: list) -> list:
     """The same reward named twice (e.g. with two weights) logs under name, name_2, … rather than one key."""
     import dataclasses
@@ -240,31 +268,10 @@ class Rollouts:
         return self.vllm.chat(self.tok, cfg, self.context)
 
     def fitted(self, prompts: list[dict], what: str) -> list[dict]:
-        """The prompts with their token ids (`prompt_ids`, rendered with the chat template), fitted to
-        --max_length as --truncation_strategy says: delete drops a longer one (counted in a note), left/right
-        keep its last/first tokens. Raises DataError when no prompt is left."""
-        from tunesmith.inference.chat import PromptTooLong
-
-        out, dropped = [], 0
-        for rec in prompts:
-            try:  # pictures are counted from their headers here, decoded when the prompt is sampled
-                ids = self.chat.prompt(rec["messages"], rec.get("tools"), images=rec.get("images"), pixels=False).ids
-            except PromptTooLong:  # longer than the whole context: no cut leaves room
-                ids = None
-            if ids is None or (self.max_prompt and len(ids) > self.max_prompt):
-                if ids is None or self.truncation == "delete":
-                    dropped += 1
-                    continue
-                ids = ids[-self.max_prompt:] if self.truncation == "left" else ids[:self.max_prompt]
-            out.append({**rec, "prompt_ids": ids, **self._teacher_view(rec)})
-        if not out:
-            raise DataError(what, None, "messages", f"every prompt is longer than --max_length {self.max_prompt} "
-                            f"tokens (the prompt's limit in GRPO; the completion gets --max_completion_length on "
-                            f"top)", "raise --max_length, or shorten the prompts")
-        if dropped:
-            note(f"{what}: {dropped} prompt(s) longer than --max_length {self.max_prompt} tokens dropped "
-                 f"(--truncation_strategy delete; left or right would cut them instead)")
-        return out
+        """The prompts with their token ids, fitted to --max_length (`fit_prompts`), and with their teacher view
+        when they have a teacher_prompt column (`_teacher_view`)."""
+        return [{**rec, **self._teacher_view(rec)}
+                for rec in fit_prompts(self.chat, prompts, self.max_prompt, self.truncation, what)]
 
     # ------------------------------------------------------------------ checkpoints (loop.Objective.hooks)
 
