@@ -31,7 +31,7 @@ from tunesmith.log import note
 from tunesmith.train import loop
 from tunesmith.config.checks import between
 from tunesmith.train.rl.chord import ChordSpec
-from tunesmith.train.rl.variants import teacher_fields, variant_fields
+from tunesmith.train.rl.variants import grpo_teacher, sdar_terms, teacher_fields, variant_fields
 from tunesmith.train.setup import Batches
 
 # how each loss type's scalar becomes a summed term and its unit (the loop divides by the units of the whole step):
@@ -93,11 +93,7 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
     unit = _UNIT[method.loss_type]
     terms = {unit: loss * _count(method, batch)[unit]}
     if "teacher_logps" in batch and method.distill.sdar_coef > 0:  # SDAR: + coef · the gated distillation loss
-        from tunesmith.train.ops.grpo_variants import sdar_loss
-
-        sdar, sdar_metrics = sdar_loss(logps, batch["teacher_logps"].float(), mask, method.distill.sdar_beta)
-        terms["sdar_batches"] = method.distill.sdar_coef * sdar
-        metrics = {**metrics, **sdar_metrics, "sdar/coef": method.distill.sdar_coef}
+        terms, metrics = sdar_terms(method.distill, logps, batch, terms, metrics)
     if "chord" in batch and model.training:  # CHORD: (1 − μ)·GRPO + μ·SFT on expert rows (train/rl/chord.py)
         from tunesmith.train.rl.chord import chord_terms
 
@@ -349,12 +345,7 @@ class GRPO:
         from tunesmith.train.rl.rollouts import Rollouts, ValidationRollouts, grpo_collate
 
         disable_dropout(model, has_reference=self.needs_reference)
-        teacher = None
-        if self.teacher_model:  # OPD-RL: GKD's teacher rules (the same model with LoRA: the adapter switched off)
-            from tunesmith.train.reference import setup_teacher
-
-            teacher = setup_teacher(cfg.model, self.teacher_model, list(self.teacher_adapters), self.teacher_revision,
-                                    self.offload_teacher, model, prepared.tokenizer)
+        teacher = grpo_teacher(self, cfg, model, prepared.tokenizer)
         rollouts = Rollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, cfg, prepared.model_dir,
                             images=prepared.encoder.images, teacher=teacher)
         val = ValidationRollouts(rollouts, prepared.eval_rows) if prepared.eval_rows else []

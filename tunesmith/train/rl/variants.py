@@ -149,3 +149,25 @@ def _self_distill(args, problems: list) -> SelfDistill:
     return SelfDistill(args.advantage_reweight or "", args.rlsd_lambda, args.rlsd_reweight_clip_range,
                        args.rlsd_lambda_warmup_steps, args.rlsd_lambda_decay_steps, args.rlsd_negative_only,
                        args.sdar_loss_coef, args.sdar_gate_beta)
+
+
+def grpo_teacher(method, cfg, model, tokenizer):
+    """OPD-RL's teacher (reference.setup_teacher: GKD's rules — the same model with LoRA is the model with the
+    adapter switched off) when --teacher_model is given, else None (rows with a teacher_prompt column then use the
+    policy itself). Raises ConfigError as setup_teacher."""
+    if not method.teacher_model:
+        return None
+    from tunesmith.train.reference import setup_teacher
+
+    return setup_teacher(cfg.model, method.teacher_model, list(method.teacher_adapters), method.teacher_revision,
+                         method.offload_teacher, model, tokenizer)
+
+
+def sdar_terms(distill: SelfDistill, logps, batch: dict, terms: dict, metrics: dict) -> tuple[dict, dict]:
+    """(terms with SDAR's, metrics with sdar/*): + sdar_coef · `grpo_variants.sdar_loss` of the policy's log-probs
+    logps [B, C] against the batch's teacher_logps [B, C] over its completion mask, in the unit sdar_batches (a mean
+    over the step's micro-batches, as ms-swift adds it after the policy loss)."""
+    from tunesmith.train.ops.grpo_variants import sdar_loss
+
+    loss, more = sdar_loss(logps, batch["teacher_logps"].float(), batch["completion_mask"], distill.sdar_beta)
+    return {**terms, "sdar_batches": distill.sdar_coef * loss}, {**metrics, **more, "sdar/coef": distill.sdar_coef}
