@@ -211,7 +211,8 @@ class Rollouts:
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
         self.reward_fns = _unique_names(load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
                                                               method.reward_args, tokenizer)
-                                        + reward_model_functions(list(method.reward_models)))
+                                        + reward_model_functions(list(method.reward_models),
+                                                                 pictures=images is not None))
         self.max_steps, self.gas = cfg.optim.max_steps, gas
         self.seed = cfg.optim.seed
         self.log_path: Optional[str] = None
