@@ -286,16 +286,21 @@ NOT_SUPPORTED_YET = {
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
     **_same(_GRPO, "advantage_reweight", "async_generate", "chord_enable_phi_function", "chord_mu_decay_steps",
             "chord_mu_peak", "chord_mu_valley", "chord_mu_warmup_steps", "chord_sft_dataset",
-            "chord_sft_per_device_train_batch_size", "completion_length_limit_scope",
-            "enable_flattened_weight_sync", "fipo_clip_high_only", "fipo_clip_range", "fipo_decay_rate",
-            "fipo_safety_threshold", "gym_env", "kl_in_reward", "log_rollout_offpolicy_metrics",
-            "max_turns", "min_p", "multi_turn_scheduler", "multi_turn_func", "mini_batch_size", "use_lmdeploy",
+            "chord_sft_per_device_train_batch_size", "enable_flattened_weight_sync", "fipo_clip_high_only",
+            "fipo_clip_range", "fipo_decay_rate", "fipo_safety_threshold", "kl_in_reward",
+            "log_rollout_offpolicy_metrics", "min_p", "mini_batch_size", "use_lmdeploy",
             "num_generations_eval", "off_policy_sequence_mask_delta", "offload_model", "offload_optimizer",
             "real_tau", "reward_model_plugin", "rlsd_lambda", "rlsd_lambda_decay_steps", "rlsd_lambda_warmup_steps",
             "rlsd_negative_only", "rlsd_reweight_clip_range", "rollout_importance_sampling_mode",
             "rollout_importance_sampling_threshold", "sdar_gate_beta", "sdar_loss_coef", "sleep_level",
-            "teacher_kl_coef", "teacher_tag_key", "use_gym_env", "wandb_log_unique_prompts",
+            "teacher_kl_coef", "teacher_tag_key", "wandb_log_unique_prompts",
             "gc_collect_after_offload"),
+    **_same("gym environments (ms-swift's gym_scheduler with an Env from envs, its total_reward as the reward) are "
+            "not run by tunesmith yet; a --multi_turn_scheduler whose step() plays the environment (appending its "
+            "observation as a user or tool message) and a reward function over `messages` do the same",
+            "gym_env", "use_gym_env"),
+    "multi_turn_func": "ms-swift 3.x's multi_turn_func became --multi_turn_scheduler: name a scheduler class "
+                       "(multi_turns['name'] = Cls in an --external_plugins file, or tool_call_scheduler)",
     **_same("rollouts from a separate `swift rollout` vLLM server are not supported yet; --use_vllm true runs vLLM "
             "inside the training process (--vllm_mode colocate)", "vllm_server_base_url", "vllm_server_group_port",
             "vllm_server_host", "vllm_server_pass_dataset", "vllm_server_port", "vllm_server_timeout"),

@@ -162,6 +162,8 @@ def grpo_metrics(stats: dict) -> dict:
             out["completions/max_length"] = round(stats["round_max_length"] / stats["rounds"], 2)
         out["completions/clipped_ratio"] = round(stats["clipped"] / n, 4)
         out["frac_reward_zero_std"] = round(stats["zero_std"] / n, 4)
+    if "num_turns" in stats:  # multi-turn rollouts: model turns per completion (ms-swift's num_turns)
+        out["num_turns"] = round(stats["num_turns"] / n, 4)
     tokens = max(stats.get("tokens", 0), 1)
     for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
         if k in stats:
@@ -209,6 +211,9 @@ class GRPO:
     dynamic_sample: bool = False              # DAPO: replace groups without reward differences (max_resample_times)
     max_resample_times: int = 3
     log_entropy: bool = False                 # entropy/mean, /max, /min (ms-swift's --log_entropy)
+    multi_turn_scheduler: Optional[str] = None  # multi-turn rollouts: the scheduler's name (train/rl/multi_turn.py)
+    max_turns: Optional[int] = None           # model turns per trajectory; None: no limit
+    completion_length_limit_scope: str = "per_round"  # max_completion_length: per model turn, or "total"
     name = "grpo"
     best_metric = "reward"                    # --metric_for_best_model's default (ms-swift's rule)
     head = "causal_lm"
@@ -251,6 +256,7 @@ class GRPO:
         _check_unsupported(args, problems)
         reward_args = _reward_args(args)
         reward_funcs = _checked_rewards(args, reward_args, problems)
+        _check_multi_turn(args, problems)
         return cls(loss_type, beta, args.num_generations, args.max_completion_length, args.temperature, args.top_p,
                    args.top_k, args.repetition_penalty, args.epsilon,
                    args.epsilon if args.epsilon_high is None else args.epsilon_high, args.delta,
@@ -262,7 +268,8 @@ class GRPO:
                    tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
-                   max_resample_times=args.max_resample_times)
+                   max_resample_times=args.max_resample_times, multi_turn_scheduler=args.multi_turn_scheduler,
+                   max_turns=args.max_turns, completion_length_limit_scope=args.completion_length_limit_scope)
 
     def resolved_flags(self) -> dict:
         """The GRPO defaults as applied, for args.json."""
@@ -310,6 +317,9 @@ class GRPO:
                 f"ε=[{self.epsilon:g}, {self.epsilon_high:g}], advantages {self.advantage_estimator}/"
                 f"{self.scale_rewards}, temperature {self.temperature:g}, max_completion_length "
                 f"{self.max_completion_length}\n[tunesmith] rewards: {names}\n[tunesmith] reference: {ref}\n"
+                + (f"[tunesmith] multi-turn rollouts: scheduler {self.multi_turn_scheduler}, max_turns "
+                   f"{self.max_turns or 'unlimited'}, completion length limit {self.completion_length_limit_scope}\n"
+                   if self.multi_turn_scheduler else "") +
                 f"[tunesmith] {len(prepared.train_rows)} prompts; {batches.train.prompts_per_round} per generation "
                 f"round ({batches.train.round_size} completions)")
 
@@ -394,6 +404,25 @@ def _check_unsupported(args, problems: list) -> None:
             problems += _reward_model_kind(path)
     if args.delta is not None and args.delta <= 1 + (args.epsilon_high or args.epsilon):
         problems.append(f"--delta {args.delta}: must be > 1 + epsilon_high (it bounds the ratio above the clip)")
+
+
+def _check_multi_turn(args, problems: list) -> None:
+    """--multi_turn_scheduler names a scheduler that loads (after the reward plugins ran: a plugin file may
+    register both); --max_turns >= 1; --max_turns and --completion_length_limit_scope total only with a
+    scheduler (they would change nothing)."""
+    from tunesmith.train.rl.multi_turn import load_scheduler
+
+    if args.max_turns is not None:
+        between(problems, "max_turns", args.max_turns, 1, None)
+    if args.multi_turn_scheduler is None:
+        if args.max_turns is not None or args.completion_length_limit_scope != "per_round":
+            problems.append("--max_turns and --completion_length_limit_scope shape multi-turn rollouts: give "
+                            "--multi_turn_scheduler NAME too (e.g. tool_call_scheduler), or drop them")
+        return
+    try:
+        load_scheduler(args.multi_turn_scheduler, list(args.external_plugins), args.max_turns)
+    except ConfigError as e:
+        problems.append(str(e))
 
 
 def _reward_model_kind(path: str) -> list:
