@@ -352,6 +352,12 @@ class GRPOArgs:
                                                               "model turn (per_round) or the whole completion after "
                                                               "the prompt, tool turns included (total).",
                                             choices=("per_round", "total"))
+    gym_env: Optional[str] = _f(help="GRPO multi-turn with --multi_turn_scheduler gym_scheduler: the gym environment "
+                                     "(a name an --external_plugins file registers as envs['name'] = MyEnv) of rows "
+                                     "whose env_config names none; implies --use_gym_env.")
+    use_gym_env: Optional[bool] = _f(help="GRPO multi-turn: the environment's summed rewards (rollout_infos' "
+                                          "total_reward) are a reward, gym_reward, after --reward_funcs and "
+                                          "--reward_model (default: true with --gym_env).")
     use_vllm: bool = _f(False, help="GRPO: generate rollouts with vLLM in the training process (colocate; LoRA "
                                     "training, a CUDA GPU and vllm installed; see docs/grpo.md).")
     vllm_mode: str = _f("colocate", help="GRPO with --use_vllm: colocate (in the training process) or server.",

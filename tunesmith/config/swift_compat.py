@@ -295,10 +295,6 @@ NOT_SUPPORTED_YET = {
             "rollout_importance_sampling_threshold", "sdar_gate_beta", "sdar_loss_coef", "sleep_level",
             "teacher_kl_coef", "teacher_tag_key", "wandb_log_unique_prompts",
             "gc_collect_after_offload"),
-    **_same("gym environments (ms-swift's gym_scheduler with an Env from envs, its total_reward as the reward) are "
-            "not run by tunesmith yet; a --multi_turn_scheduler whose step() plays the environment (appending its "
-            "observation as a user or tool message) and a reward function over `messages` do the same",
-            "gym_env", "use_gym_env"),
     "multi_turn_func": "ms-swift 3.x's multi_turn_func became --multi_turn_scheduler: name a scheduler class "
                        "(multi_turns['name'] = Cls in an --external_plugins file, or tool_call_scheduler)",
     **_same("rollouts from a separate `swift rollout` vLLM server are not supported yet; --use_vllm true runs vLLM "

@@ -288,3 +288,76 @@ def test_a_resumed_multi_turn_run_equals_the_uninterrupted_one(tiny_models, tmp_
     for step in (3, 4):
         for key in ("loss", "reward", "kl", "grad_norm", "num_turns"):
             assert abs(a[step][key] - b[step][key]) < 1e-5, (step, key, a[step][key], b[step][key])
+
+
+GYM_PLUGIN = '''
+from swift.rollout import Env, envs
+
+
+class Countdown(Env):
+    """Two steps: says "go", then "again" after the first reply; each reply earns 0.25, the episode ends after two."""
+
+    async def reset(self, config):
+        self.replies = 0
+        return "go", {}, "Count with me. " + config.data_dict.get("solution", "")
+
+    async def step(self, action):
+        self.replies += 1
+        assert action[-1]["role"] == "assistant"
+        return "again", 0.25, self.replies >= 2, {}
+
+    async def close(self):
+        pass
+
+
+envs["countdown"] = Countdown
+'''
+
+
+def test_a_gym_environment_runs_the_conversation_and_sums_its_rewards(weather_chat, tmp_path):
+    """ms-swift's gym_scheduler with an Env a plugin registers (envs['name'] = Cls): the environment's first
+    observation and system prompt replace the prompt, each reply gets its next observation as a user message, and
+    its rewards are summed into rollout_infos['total_reward']."""
+    path = tmp_path / "gym.py"
+    path.write_text(GYM_PLUGIN)
+    chat = weather_chat
+    scheduler = mt.load_scheduler("gym_scheduler", [str(path)], 5, chat.tok, gym_env="countdown")
+    t = _drive(chat, scheduler, [{"role": "user", "content": "placeholder"}], max_turns=5)
+    assert [m["role"] for m in t.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert t.messages[1]["content"] == "go" and t.messages[3]["content"] == "again" and t.turns == 2
+    assert t.infos["total_reward"] == 0.5 and t.infos["step_rewards"] == [0.25, 0.25] and t.infos["gym_done"]
+    assert t.prompt_ids == chat.prompt(t.messages[:2]).ids  # the prompt was rendered again from the observation
+    assert mt.gym_reward()(["x"], rollout_infos=[t.infos]) == [0.5]
+    with pytest.raises(ConfigError, match="gym environment 'nope' not found.*available: .*countdown"):
+        _drive(chat, mt.load_scheduler("gym_scheduler", [], 5, chat.tok, gym_env="nope"),
+               [{"role": "user", "content": "placeholder"}], max_turns=5)
+
+
+@pytest.mark.slow
+def test_grpo_with_a_gym_environment_takes_its_total_reward(tiny_models, tmp_path):
+    """--gym_env implies --use_gym_env: the environment's summed rewards are the reward (no --reward_funcs needed),
+    logged as rewards/gym_reward."""
+    path = tmp_path / "gym.py"
+    path.write_text(GYM_PLUGIN)
+    data = write_jsonl(tmp_path / "rows.jsonl",
+                       [{"messages": [{"role": "user", "content": "start"}], "solution": str(i)} for i in range(8)])
+    res = recipe.main(parse_args("rlhf", [
+        "--rlhf_type", "grpo", "--model", tiny_models("qwen2"), "--dataset", data, "--num_generations", "4",
+        "--per_device_train_batch_size", "8", "--max_completion_length", "4", "--logging_steps", "1",
+        "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--external_plugins", str(path),
+        "--multi_turn_scheduler", "gym_scheduler", "--gym_env", "countdown", "--max_turns", "3",
+        "--max_steps", "2"]))
+    log = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r]
+    assert [r["rewards/gym_reward/mean"] for r in log] == [0.5, 0.5] and all(r["num_turns"] == 2 for r in log)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gym_env", "countdown"], "give --multi_turn_scheduler NAME too"),
+    (["--multi_turn_scheduler", "gym_scheduler", "--use_gym_env", "true", "--reward_weights", "1"],
+     "1 value\\(s\\) for 2 reward function"),
+])
+def test_what_gym_runs_cannot_take_is_a_flag_error(tiny_models, flags, message):
+    args = parse_args("rlhf", ["--rlhf_type", "grpo", "--model", tiny_models("qwen2"), "--dataset", "x.jsonl",
+                               "--reward_funcs", "format", *flags])
+    with pytest.raises(ConfigError, match=message):
+        recipe.configure(args)

@@ -214,6 +214,8 @@ class GRPO:
     multi_turn_scheduler: Optional[str] = None  # multi-turn rollouts: the scheduler's name (train/rl/multi_turn.py)
     max_turns: Optional[int] = None           # model turns per trajectory; None: no limit
     completion_length_limit_scope: str = "per_round"  # max_completion_length: per model turn, or "total"
+    gym_env: Optional[str] = None             # gym_scheduler's default environment
+    use_gym_env: bool = False                 # rollout_infos' total_reward as a reward (gym_reward), weighted last
     name = "grpo"
     best_metric = "reward"                    # --metric_for_best_model's default (ms-swift's rule)
     head = "causal_lm"
@@ -255,8 +257,9 @@ class GRPO:
         steps = _steps_per_generation(args, problems)
         _check_unsupported(args, problems)
         reward_args = _reward_args(args)
-        reward_funcs = _checked_rewards(args, reward_args, problems)
-        _check_multi_turn(args, problems)
+        use_gym = args.use_gym_env if args.use_gym_env is not None else args.gym_env is not None
+        reward_funcs = _checked_rewards(args, reward_args, problems, use_gym)
+        _check_multi_turn(args, problems, use_gym)
         return cls(loss_type, beta, args.num_generations, args.max_completion_length, args.temperature, args.top_p,
                    args.top_k, args.repetition_penalty, args.epsilon,
                    args.epsilon if args.epsilon_high is None else args.epsilon_high, args.delta,
@@ -264,12 +267,13 @@ class GRPO:
                    {"true": "group", "false": "none"}.get(args.scale_rewards, args.scale_rewards)
                    or _DEFAULT_SCALE[args.advantage_estimator], args.importance_sampling_level,
                    args.top_entropy_quantile, args.overlong_filter, args.log_completions, tuple(reward_funcs),
-                   tuple(args.reward_weights or [1.0] * (len(reward_funcs) + len(args.reward_model))),
+                   tuple(args.reward_weights or [1.0] * (len(reward_funcs) + len(args.reward_model) + use_gym)),
                    tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
                    max_resample_times=args.max_resample_times, multi_turn_scheduler=args.multi_turn_scheduler,
-                   max_turns=args.max_turns, completion_length_limit_scope=args.completion_length_limit_scope)
+                   max_turns=args.max_turns, completion_length_limit_scope=args.completion_length_limit_scope,
+                   gym_env=args.gym_env, use_gym_env=use_gym)
 
     def resolved_flags(self) -> dict:
         """The GRPO defaults as applied, for args.json."""
@@ -386,13 +390,15 @@ def _check_unsupported(args, problems: list) -> None:
         problems.append("--packing/--padding_free: GRPO trains on its generated completions, padded; drop the flag")
     if args.streaming:
         problems.append("--streaming: GRPO reads its prompts up front; drop --streaming")
-    n = len(args.reward_funcs) + len(args.reward_model)
+    n = len(args.reward_funcs) + len(args.reward_model) + bool(
+        args.use_gym_env if args.use_gym_env is not None else args.gym_env is not None)  # gym_reward: the last
     if args.reward_weights and not all(math.isfinite(w) for w in args.reward_weights):
         problems.append(f"--reward_weights {' '.join(map(str, args.reward_weights))}: each weight must be a finite "
                         f"number")
     if args.reward_weights and len(args.reward_weights) != n:
         problems.append(f"--reward_weights has {len(args.reward_weights)} value(s) for {n} reward function(s) and "
-                        f"model(s); give one weight per function, then one per --reward_model")
+                        f"model(s); give one weight per function, then one per --reward_model (then one for "
+                        f"gym_reward with --use_gym_env)")
     for path in args.reward_model:
         if not os.path.isdir(path):
             problems.append(f"--reward_model {path}: not a local checkpoint directory (train one with "
@@ -406,21 +412,23 @@ def _check_unsupported(args, problems: list) -> None:
         problems.append(f"--delta {args.delta}: must be > 1 + epsilon_high (it bounds the ratio above the clip)")
 
 
-def _check_multi_turn(args, problems: list) -> None:
+def _check_multi_turn(args, problems: list, use_gym: bool) -> None:
     """--multi_turn_scheduler names a scheduler that loads (after the reward plugins ran: a plugin file may
-    register both); --max_turns >= 1; --max_turns and --completion_length_limit_scope total only with a
-    scheduler (they would change nothing)."""
+    register both); --max_turns >= 1; --max_turns, --completion_length_limit_scope total, --gym_env and
+    --use_gym_env only with a scheduler (they would change nothing)."""
     from tunesmith.train.rl.multi_turn import load_scheduler
 
     if args.max_turns is not None:
         between(problems, "max_turns", args.max_turns, 1, None)
     if args.multi_turn_scheduler is None:
-        if args.max_turns is not None or args.completion_length_limit_scope != "per_round":
-            problems.append("--max_turns and --completion_length_limit_scope shape multi-turn rollouts: give "
-                            "--multi_turn_scheduler NAME too (e.g. tool_call_scheduler), or drop them")
+        if (args.max_turns is not None or args.completion_length_limit_scope != "per_round"
+                or args.gym_env is not None or use_gym):
+            problems.append("--max_turns, --completion_length_limit_scope, --gym_env and --use_gym_env shape "
+                            "multi-turn rollouts: give --multi_turn_scheduler NAME too (e.g. tool_call_scheduler, "
+                            "or gym_scheduler for a gym environment), or drop them")
         return
     try:
-        load_scheduler(args.multi_turn_scheduler, list(args.external_plugins), args.max_turns)
+        load_scheduler(args.multi_turn_scheduler, list(args.external_plugins), args.max_turns, gym_env=args.gym_env)
     except ConfigError as e:
         problems.append(str(e))
 
@@ -490,13 +498,13 @@ def _reward_args(args):
                       soft_cache_length=args.soft_cache_length, max_completion_length=args.max_completion_length)
 
 
-def _checked_rewards(args, reward_args, problems: list) -> list:
+def _checked_rewards(args, reward_args, problems: list, use_gym: bool = False) -> list:
     """The --reward_funcs names (resolved now, so a typo or a broken plugin is reported with the other flag
     problems); an empty list is a problem: GRPO learns nothing without a reward."""
     from tunesmith.train.rl.rewards import load_reward_functions
 
     if not args.reward_funcs:
-        if not args.reward_model:
+        if not args.reward_model and not use_gym:
             problems.append("GRPO needs --reward_funcs (or --reward_model): e.g. --reward_funcs accuracy format "
                             "(built-ins), a name an --external_plugins file registers, or module.function")
         return []

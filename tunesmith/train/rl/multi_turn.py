@@ -24,6 +24,7 @@ advantages (rollouts.py), the loss (grpo.py). No torch import at module level.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import random
 import uuid as uuid_lib
@@ -224,15 +225,96 @@ class ToolCallScheduler(MultiTurnScheduler):
 
 
 class Env:
-    """ms-swift's gym Env interface (swift/rollout/gym_env.py), so that plugins defining one import; gym
-    environments (--gym_env, --use_gym_env) are not run by tunesmith yet."""
+    """ms-swift's gym environment (swift/rollout/gym_env.py), one per trajectory, made as Cls(env_config) (the row's
+    `env_config` column; its "name" picks the class from `envs`, else --gym_env): `async reset(request) ->
+    (observation, info, system_message)` opens the conversation, `async step(messages) -> (next_observation,
+    reward, done, info)` answers each model turn, `async close()` when done."""
 
     def __init__(self, env_config):
         self.env_config = env_config
 
+    async def reset(self, config) -> tuple:
+        """(the first user message, info, the system prompt or "")."""
+        raise NotImplementedError("implement reset() in your Env subclass")
 
-multi_turns: dict = {"tool_call_scheduler": ToolCallScheduler}  # ms-swift's registry: name -> scheduler class
-envs: dict = {}
+    async def step(self, action: list) -> tuple:
+        """(the next user message, this turn's reward, whether the episode is over, info) for the conversation so
+        far (`action`: its messages, the model's reply last)."""
+        raise NotImplementedError("implement step() in your Env subclass")
+
+    async def close(self) -> None:
+        """Free the environment's resources; the default does nothing."""
+
+
+envs: dict = {}  # ms-swift's registry of gym environments: name -> Env class
+
+
+class GYMScheduler(MultiTurnScheduler):
+    """ms-swift's `gym_scheduler`: each trajectory gets its own environment (see `Env`), which replaces the prompt
+    with its first observation (and system prompt), answers every model turn with the next observation as a user
+    message, and ends the trajectory when it says done (or --max_turns does). Each turn's reward is summed into
+    rollout_infos["total_reward"] (with "step_rewards"), which --use_gym_env makes a reward (`gym_reward`).
+    Raises ConfigError for an environment name not in `envs`."""
+
+    def __init__(self, infer_engine=None, max_turns: Optional[int] = None, **kwargs):
+        super().__init__(infer_engine, max_turns, **kwargs)
+        self.gym_env_name = kwargs.get("gym_env")
+        self._envs, self._total, self._steps, self._pending = {}, {}, {}, {}
+
+    async def on_trajectory_start(self, requests: list) -> None:
+        """Make and reset each request's environment; its observation becomes the conversation."""
+        for req in requests:
+            config = dict((req.data_dict or {}).get("env_config") or {})
+            name = config.get("name", self.gym_env_name)
+            if name not in envs:
+                raise ConfigError(f"gym environment {name!r} not found (--gym_env, or the row's env_config name); "
+                                  f"available: {', '.join(sorted(envs)) or 'none'} (an --external_plugins file "
+                                  f"registers one as envs['name'] = MyEnv)")
+            env = envs[name](config)
+            observation, _, system = await env.reset(req)
+            req.messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": observation}]
+            self._envs[req.uuid], self._total[req.uuid], self._steps[req.uuid] = env, 0.0, []
+            self._pending[req.uuid] = None
+
+    async def on_turn_end(self, infer_request, response_choice, current_turn: int) -> dict:
+        """The environment's step: its reward is added up, its observation kept for `step`."""
+        key = infer_request.uuid
+        env = self._envs.get(key)
+        if env is None:
+            return {"done": True, "rollout_infos": {}}
+        observation, reward, done, _ = await env.step(copy.deepcopy(infer_request.messages))
+        self._total[key] += float(reward)
+        self._steps[key].append(float(reward))
+        self._pending[key] = None if done else observation
+        infos = {"total_reward": self._total[key], "step_rewards": list(self._steps[key]), "gym_done": done}
+        if done:
+            self._envs.pop(key, None)
+            await env.close()
+        return {"done": done, "rollout_infos": infos}
+
+    def step(self, infer_request, response_choice, current_turn: int) -> dict:
+        """The environment's observation as the next user message."""
+        observation = self._pending.pop(infer_request.uuid, None)
+        if observation is not None:
+            infer_request.messages.append({"role": "user", "content": observation})
+        return {"infer_request": infer_request}
+
+
+def gym_reward():
+    """--use_gym_env's reward: each trajectory's rollout_infos["total_reward"] (None when the scheduler reported
+    none), logged as rewards/gym_reward, after the reward functions and models as in ms-swift."""
+    from tunesmith.train.rl.scoring import RewardFn
+
+    return RewardFn("gym_reward", "gym_reward", _total_reward)
+
+
+def _total_reward(completions, rollout_infos=None, **kwargs) -> list:
+    return [(info or {}).get("total_reward") for info in (rollout_infos or [None] * len(completions))]
+
+
+# ms-swift's registry: name -> scheduler class
+multi_turns: dict = {"tool_call_scheduler": ToolCallScheduler, "gym_scheduler": GYMScheduler}
 
 # what plugins import from ms-swift (4.x homes, then 3.x's), offered while they load without ms-swift installed
 _PROTOCOL = dict(RequestConfig=RequestConfig, RolloutInferRequest=RolloutInferRequest, Function=Function,
@@ -253,16 +335,18 @@ plugins.provide("template", Messages=list)
 
 # ms-swift 4.6's built-in schedulers tunesmith does not ship, and why (a name of theirs gets this in its error)
 _NOT_SHIPPED = {"math_tip_trick": "ms-swift's math tip trick", "thinking_tips_scheduler": "ms-swift's thinking tips",
-                "gym_scheduler": "gym environments (--gym_env)", "openenv_scheduler": "OpenEnv environments"}
+                "openenv_scheduler": "OpenEnv environments (a server per environment)"}
 
 
-def load_scheduler(name: str, plugin_paths: list, max_turns: Optional[int], tokenizer=None):
+def load_scheduler(name: str, plugin_paths: list, max_turns: Optional[int], tokenizer=None,
+                   gym_env: Optional[str] = None):
     """The scheduler registered as `name`: tunesmith's built-ins (`multi_turns`), what the --external_plugins files
     (absolute paths; run here unless already run, see plugins.run_plugin) registered in it, or in an installed
     ms-swift's registry. Instantiated as ms-swift does: Cls(max_turns=..., tokenizer=..., template=None).
 
     Raises ConfigError: an unknown name (naming the available ones), a registered object that is not a
-    MultiTurnScheduler-like class (no step/check_finished), a constructor that fails, or a plugin that fails."""
+    MultiTurnScheduler-like class (no step/check_finished), a constructor that fails, or a plugin that fails.
+    gym_env: --gym_env, passed on as ms-swift does (only when set)."""
     import difflib
     import os
 
@@ -288,7 +372,8 @@ def load_scheduler(name: str, plugin_paths: list, max_turns: Optional[int], toke
                           f"(subclass MultiTurnScheduler and implement step())")
     try:
         with plugins.stand_in():  # imports of ms-swift inside the constructor find the stand-in too
-            return cls(max_turns=max_turns, tokenizer=tokenizer, template=None)
+            return cls(max_turns=max_turns, tokenizer=tokenizer, template=None,
+                       **({"gym_env": gym_env} if gym_env is not None else {}))
     except Exception as e:  # noqa: BLE001 — the plugin's constructor: one clear message
         raise ConfigError(f"--multi_turn_scheduler {name}: {cls.__name__}(max_turns=..., tokenizer=..., "
                           f"template=None) failed: {type(e).__name__}: {e}") from e
@@ -393,8 +478,6 @@ class MultiTurn:
         round), in order. Completion k of prompt j has Rollouts._generate's seed (its first turn is the single-turn
         completion), its later turns `turn_seed`s; its request holds a copy of the prompt's messages, its tools,
         pictures and other columns (`data_dict`, e.g. `solution`), and a uuid from its seed."""
-        import copy
-
         from tunesmith.data.vision import pixel_inputs
 
         g = rollouts.method.num_generations

@@ -183,13 +183,13 @@ class Rollouts:
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
         self.reward_fns = _unique_names(load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
                                                               method.reward_args, tokenizer)
-                                        + reward_model_functions(list(method.reward_models)))
+                                        + reward_model_functions(list(method.reward_models)) + self._gym_reward())
         self.multi_turn = None  # multi_turn.MultiTurn when --multi_turn_scheduler names a scheduler
         if method.multi_turn_scheduler is not None:
             from tunesmith.train.rl.multi_turn import MultiTurn, load_scheduler
 
             self.multi_turn = MultiTurn(load_scheduler(method.multi_turn_scheduler, list(method.external_plugins),
-                                                       method.max_turns, tokenizer),
+                                                       method.max_turns, tokenizer, method.gym_env),
                                         self.chat, method.multi_turn_scheduler, method.max_turns,
                                         method.completion_length_limit_scope, method.max_completion_length)
         self.max_steps, self.gas = cfg.optim.max_steps, gas
@@ -203,6 +203,14 @@ class Rollouts:
         self.training, self.weights, self.evaluations = True, ("round", 0), 0
         self.current: Optional[tuple] = None      # (epoch seed, round, its units): the round being trained
         self.saved_round: Optional[dict] = None   # a checkpoint's round in progress, until its epoch reaches it
+
+    def _gym_reward(self) -> list:
+        """[--use_gym_env's gym_reward] (multi_turn.gym_reward), or []."""
+        if not self.method.use_gym_env:
+            return []
+        from tunesmith.train.rl.multi_turn import gym_reward
+
+        return [gym_reward()]
 
     def _chat(self, cfg):
         """The chat engine the rounds generate with: tunesmith's own over the policy, or vLLM (--use_vllm)."""
