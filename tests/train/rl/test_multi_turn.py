@@ -113,6 +113,59 @@ def test_an_observation_joined_to_the_reply_is_untrained_and_the_next_turn_conti
     assert t.turn_ids[0] == t.token_ids  # no template tokens between the turns: the reply goes on
 
 
+def test_the_trained_log_probs_of_a_trajectory_are_the_sampled_ones(tiny_models):
+    """The loss's log-probs (completion_logps over grpo_collate's batch) at the trajectory's trained tokens equal
+    the engine's log-probs when it sampled them, turn after turn (1e-5): the tokens before each turn are exactly
+    the ones it was sampled after, and the tool turns sit under mask 0."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.inference.chat import ChatEngine
+    from tunesmith.train.rl.rollouts import completion_logps
+
+    d = tiny_models("qwen2")
+    tok, model = AutoTokenizer.from_pretrained(d), AutoModelForCausalLM.from_pretrained(d).eval()
+    chat = ChatEngine(model, tok)
+
+    class Tool(mt.MultiTurnScheduler):
+        def check_finished(self, infer_request, response_choice, current_turn):
+            return current_turn >= 3
+
+        def step(self, infer_request, response_choice, current_turn):
+            infer_request.messages.append({"role": "tool", "content": "even" * 4})
+            return {"infer_request": infer_request}
+
+    sampled: dict = {}  # (the context a turn was sampled after, its seed) -> the engine's log-probs of its tokens
+
+    def sample(rows):
+        cfgs = [GenConfig(max_new_tokens=room, temperature=1.0, seed=seed, logprobs=True) for _, room, seed, _ in rows]
+        out = [h.result() for h in [chat.engine.submit(r[0], chat.sampling(c), None) for r, c in zip(rows, cfgs)]]
+        for (ids, _, seed, _), c in zip(rows, out):
+            sampled[tuple(ids), seed] = [lp.logprob for lp in c.logprobs]
+        return out
+
+    messages = [{"role": "user", "content": "hi there"}]
+    trajectories = [mt.Trajectory(mt.RolloutInferRequest(copy.deepcopy(messages), uuid=str(k)),
+                                  chat.prompt(messages).ids, seed=k) for k in range(4)]
+    try:
+        mt.MultiTurn(Tool(), chat, "tool", 3, "per_round", 6).run(trajectories, sample)
+    finally:
+        chat.close()
+    batch = grpo_collate([Unit(t.prompt_ids, t.token_ids, 1.0, True, completion_mask=t.mask) for t in trajectories],
+                         pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        logps = completion_logps(model, batch, 1.0)
+    for i, t in enumerate(trajectories):
+        assert t.turns == 3 and 0 in t.mask
+        ours = [float(logps[i, k]) for k, keep in enumerate(t.mask) if keep]
+        assert all(float(logps[i, k]) == 0.0 for k, keep in enumerate(t.mask) if not keep)
+        starts = [k for k in range(len(t.mask)) if t.mask[k] and (k == 0 or not t.mask[k - 1])]
+        engine = [x for turn, k in enumerate(starts, 1)
+                  for x in sampled[tuple(t.prompt_ids + t.token_ids[:k]), mt.turn_seed(t.seed, turn)]]
+        assert len(starts) == 3 and len(engine) == len(ours)
+        assert max(abs(a - b) for a, b in zip(engine, ours)) < 1e-5
+
+
 def test_max_turns_and_the_completion_length_scopes_bound_a_trajectory(weather_chat):
     """A scheduler that never finishes (it always asks again) stops at --max_turns; per_round gives each turn up to
     max_completion_length tokens, total the whole completion (tool turns included)."""
