@@ -284,24 +284,26 @@ NOT_SUPPORTED_YET = {
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
     **_same(_GRPO, "advantage_reweight", "async_generate", "chord_enable_phi_function", "chord_mu_decay_steps",
             "chord_mu_peak", "chord_mu_valley", "chord_mu_warmup_steps", "chord_sft_dataset",
-            "chord_sft_per_device_train_batch_size", "completion_length_limit_scope",
-            "enable_flattened_weight_sync", "fipo_clip_high_only", "fipo_clip_range", "fipo_decay_rate",
-            "fipo_safety_threshold", "gym_env", "kl_in_reward", "log_rollout_offpolicy_metrics",
-            "max_turns", "min_p", "multi_turn_scheduler", "multi_turn_func", "mini_batch_size", "use_lmdeploy",
+            "chord_sft_per_device_train_batch_size", "enable_flattened_weight_sync", "fipo_clip_high_only",
+            "fipo_clip_range", "fipo_decay_rate", "fipo_safety_threshold", "kl_in_reward",
+            "log_rollout_offpolicy_metrics", "min_p", "mini_batch_size", "use_lmdeploy",
             "num_generations_eval", "off_policy_sequence_mask_delta", "offload_model", "offload_optimizer",
             "real_tau", "reward_model_plugin", "rlsd_lambda", "rlsd_lambda_decay_steps", "rlsd_lambda_warmup_steps",
             "rlsd_negative_only", "rlsd_reweight_clip_range", "rollout_importance_sampling_mode",
             "rollout_importance_sampling_threshold", "sdar_gate_beta", "sdar_loss_coef", "sleep_level",
-            "teacher_kl_coef", "teacher_tag_key", "use_gym_env", "wandb_log_unique_prompts",
+            "teacher_kl_coef", "teacher_tag_key", "wandb_log_unique_prompts",
             "gc_collect_after_offload"),
+    "multi_turn_func": "ms-swift 3.x's multi_turn_func became --multi_turn_scheduler: name a scheduler class "
+                       "(multi_turns['name'] = Cls in an --external_plugins file, or tool_call_scheduler)",
     "vllm_server_group_port": "it is the NCCL port of a `swift rollout` vLLM server's weight broadcast (GPU to "
                               "GPU); tunesmith's --vllm_mode server pushes the policy's LoRA adapter to "
                               "`tunesmith rollout` over HTTP and needs no group port",
     "vllm_server_pass_dataset": "it hands the rows' extra columns to a multi-turn scheduler running on the rollout "
-                                "server; multi-turn rollouts are not supported yet, and rewards get the columns "
-                                "in the trainer either way",
-    "context_manager": "multi-turn rollouts (and their context managers) are not supported yet; `tunesmith "
-                       "rollout` samples single-turn completions",
+                                "server; tunesmith runs multi-turn rollouts in the trainer (--multi_turn_scheduler), "
+                                "not on the server, and rewards get the columns there",
+    "context_manager": "multi-turn context managers run on ms-swift's rollout server; `tunesmith rollout` "
+                       "samples single-turn completions, and multi-turn rollouts run in the trainer "
+                       "(--multi_turn_scheduler)",
     **_same("GRPO's and PPO's --reward_model takes a local checkpoint (a --rlhf_type rm checkpoint, adapter or "
             "full); its revision, type, separate adapters and template options are not supported yet",
             "reward_model_revision", "reward_model_type", "reward_adapters", "reward_template"),
