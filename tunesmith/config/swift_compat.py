@@ -320,6 +320,9 @@ NOT_SUPPORTED_YET = {
 # not implement them: there (and only there, since a command's own flags are resolved first) they are errors with
 # this reason. NOT_SUPPORTED_YET holds the names that no tunesmith command has.
 NOT_SUPPORTED_ELSEWHERE = {
+    **_same("multi-turn rollouts (their scheduler and gym environment) run in the training process, not on "
+            "`tunesmith rollout`: pass the flag to tunesmith rlhf --rlhf_type grpo", "multi_turn_scheduler",
+            "max_turns", "gym_env", "use_gym_env"),
     "external_plugins": "plugins register GRPO reward functions (tunesmith rlhf --rlhf_type grpo --reward_funcs); "
                         "elsewhere tunesmith uses the model's own chat template and needs none",
     "loss_type": "sft trains the cross-entropy of the trained tokens; ms-swift's loss plugins are not implemented "
