@@ -644,6 +644,8 @@ def test_reward_model_on_image_pairs_learns_the_picture_and_scores_grpo_rollouts
     rejected, cyclically, so no text-only scorer can order more than 2/3 of them): training accuracy reaches 0.95
     (measured 1.0), held-out pictures are ordered right by the saved checkpoint as GRPO's --reward_model scorer
     (measured 12/12 of 12), and GRPO runs with it as its reward, logging rewards/reward_model."""
+    import json
+
     from tunesmith.train.methods.rm import RewardModelScorer
 
     model_dir = tiny_vl_models("qwen2_5_vl")
@@ -662,6 +664,13 @@ def test_reward_model_on_image_pairs_learns_the_picture_and_scores_grpo_rollouts
                     images=[r["images"] for r in held_out for _ in range(2)])
     right = sum(scores[2 * i] > scores[2 * i + 1] for i in range(len(held_out)))
     assert right >= 11, (right, scores)
+    # the budget it was trained with (args.json's image_pixels) is the one it scores with; a completion writing an
+    # image tag itself, which no picture fills, gets no reward (None) instead of stopping the run
+    args = json.loads(open(os.path.join(ckpt, "args.json"), encoding="utf-8").read())
+    assert args["image_pixels"] == scorer.encoder.images.limits
+    odd = scorer(["red", "see <image> here"], messages=convs[:1] + [convs[0][:1] + [
+        {"role": "assistant", "content": "see <image> here"}]], images=[held_out[0]["images"]] * 2)
+    assert odd[0] == pytest.approx(scores[0], abs=1e-5) and odd[1] is None
     prompts = [{"messages": [r["messages"][0]], "images": r["images"]} for r in held_out]
     res = train("rlhf", "--rlhf_type", "grpo", "--model", model_dir, "--reward_model", ckpt,
                 "--dataset", write_jsonl(tmp_path / "p.jsonl", prompts), "--num_generations", "4",
@@ -669,3 +678,47 @@ def test_reward_model_on_image_pairs_learns_the_picture_and_scores_grpo_rollouts
                 "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--output_dir", tmp_path / "g")
     rec = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r][0]
     assert "rewards/reward_model/mean" in rec
+
+
+def test_pairs_with_their_own_rejected_pictures_encode(tiny_vl_models, tmp_path):
+    """A pair whose rejected side has pictures of its own (`rejected_images`) is a preference through its pictures:
+    the same reply on another picture, or another number of pictures (prompts that tokenise differently), encodes —
+    a pair sharing its picture still needs replies that differ."""
+    from tunesmith.data.encode import ChatEncoder
+    from tunesmith.errors import DataError
+
+    tok, spec = _spec(tiny_vl_models("qwen2_5_vl"))
+    enc = ChatEncoder(tok, images=spec)
+    red, blue = (r["images"][0] for r in colour_rows(tmp_path / "pics", 2, seed=11, sizes=((56, 56), (84, 56))))
+    msgs = [{"role": "user", "content": "<image>What colour is this?"}, {"role": "assistant", "content": "red"}]
+    same_reply = {"messages": msgs, "rejected_messages": msgs, "images": [red], "rejected_images": [blue]}
+    chosen, rejected = enc.encode_pair(same_reply)
+    assert chosen.images == [red] and rejected.images == [blue]
+    two = [{"role": "user", "content": "<image><image>Which colours?"}, {"role": "assistant", "content": "red"}]
+    one = [{"role": "user", "content": "<image>Which colours?"}, {"role": "assistant", "content": "red"}]
+    chosen, rejected = enc.encode_pair({"messages": two, "rejected_messages": one, "images": [red, blue],
+                                        "rejected_images": [blue]})
+    assert len(chosen.images) == 2 and len(rejected.images) == 1
+    with pytest.raises(DataError, match="same trained reply"):
+        enc.encode_pair({"messages": msgs, "rejected_messages": msgs, "images": [red]})
+
+
+@pytest.mark.slow
+def test_full_training_of_a_vision_model_resumes_exactly(tiny_vl_models, tmp_path):
+    """--train_type full on a Qwen2.5-VL model, resumed from checkpoint-2: transformers saves its weights in the
+    checkpoints' original layout (`visual.*`, `model.layers.*`), which the resume reads back through transformers'
+    own conversion; steps 3-4 equal the uninterrupted run's (loss and grad_norm)."""
+    data = write_jsonl(tmp_path / "c.jsonl", colour_rows(tmp_path / "pics", 16, seed=5))
+    flags = ["--model", tiny_vl_models("qwen2_5_vl"), "--dataset", data, "--train_type", "full", "--max_steps", "4",
+             "--save_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none"]
+    whole = train("sft", *flags, "--output_dir", tmp_path / "a")
+    ckpt = os.path.join(whole["run_dir"], "checkpoint-2")
+    resumed = train("sft", *flags, "--output_dir", tmp_path / "b", "--resume_from_checkpoint", ckpt)
+
+    def steps(res):
+        return {r["global_step/max_steps"]: (r["loss"], r["grad_norm"])
+                for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "loss" in r}
+
+    a, b = steps(whole), steps(resumed)
+    for k in ("3/4", "4/4"):
+        assert b[k] == pytest.approx(a[k], abs=1e-6), (k, a, b)

@@ -407,6 +407,21 @@ class GRPOArgs:
                                           "got the same reward by the groups of further prompts.")
     max_resample_times: int = _f(3, help="GRPO --dynamic_sample: most resamplings per round; a round still short "
                                          "of informative groups is trained as first generated.")
+    multi_turn_scheduler: Optional[str] = _f(help="GRPO: multi-turn rollouts driven by this scheduler (ms-swift's "
+                                                  "interface): tool_call_scheduler (runs the tools a subclass "
+                                                  "registers), or a name an --external_plugins file registers as "
+                                                  "multi_turns['name'] = Cls (see docs/grpo.md).")
+    max_turns: Optional[int] = _f(help="GRPO multi-turn: most model turns per trajectory (default: no limit).")
+    completion_length_limit_scope: str = _f("per_round", help="GRPO multi-turn: --max_completion_length bounds each "
+                                                              "model turn (per_round) or the whole completion after "
+                                                              "the prompt, tool turns included (total).",
+                                            choices=("per_round", "total"))
+    gym_env: Optional[str] = _f(help="GRPO multi-turn with --multi_turn_scheduler gym_scheduler: the gym environment "
+                                     "(a name an --external_plugins file registers as envs['name'] = MyEnv) of rows "
+                                     "whose env_config names none; implies --use_gym_env.")
+    use_gym_env: Optional[bool] = _f(help="GRPO multi-turn: the environment's summed rewards (rollout_infos' "
+                                          "total_reward) are a reward, gym_reward, after --reward_funcs and "
+                                          "--reward_model (default: true with --gym_env).")
     use_vllm: bool = _f(False, help="GRPO: generate rollouts with vLLM in the training process (colocate; LoRA "
                                     "training, a CUDA GPU and vllm installed; see docs/grpo.md).")
     vllm_mode: str = _f("colocate", help="GRPO with --use_vllm: colocate (vLLM in the training process) or server "

@@ -286,8 +286,7 @@ NOT_SUPPORTED_YET = {
     **_same(_MCORE, "to_mcore", "to_hf", "mcore_model", "mcore_adapter", "thread_count", "test_convert_precision",
             "test_convert_dtype", "save_missing_weights"),
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
-    **_same(_GRPO, "async_generate", "completion_length_limit_scope", "gym_env", "max_turns", "multi_turn_scheduler",
-            "multi_turn_func", "use_gym_env"),
+    **_same(_GRPO, "async_generate"),
     "teacher_tag_key": "it routes rows to the teachers of a --teacher_model_server list, which tunesmith does not "
                        "support yet; GRPO takes one local teacher, --teacher_model PATH",
     "reward_model_plugin": "ms-swift's reward-model plugins drive its own Template and inference-engine objects "
@@ -307,14 +306,17 @@ NOT_SUPPORTED_YET = {
                                     "NCCL broadcast; tunesmith's --vllm_mode server pushes the policy to `tunesmith "
                                     "rollout` over HTTP (and --use_vllm colocate hands vLLM the LoRA adapter), so "
                                     "there is nothing to flatten; drop the flag",
+    "multi_turn_func": "ms-swift 3.x's multi_turn_func became --multi_turn_scheduler: name a scheduler class "
+                       "(multi_turns['name'] = Cls in an --external_plugins file, or tool_call_scheduler)",
     "vllm_server_group_port": "it is the NCCL port of a `swift rollout` vLLM server's weight broadcast (GPU to "
                               "GPU); tunesmith's --vllm_mode server pushes the policy's LoRA adapter to "
                               "`tunesmith rollout` over HTTP and needs no group port",
     "vllm_server_pass_dataset": "it hands the rows' extra columns to a multi-turn scheduler running on the rollout "
-                                "server; multi-turn rollouts are not supported yet, and rewards get the columns "
-                                "in the trainer either way",
-    "context_manager": "multi-turn rollouts (and their context managers) are not supported yet; `tunesmith "
-                       "rollout` samples single-turn completions",
+                                "server; tunesmith runs multi-turn rollouts in the trainer (--multi_turn_scheduler), "
+                                "not on the server, and rewards get the columns there",
+    "context_manager": "multi-turn context managers run on ms-swift's rollout server; `tunesmith rollout` "
+                       "samples single-turn completions, and multi-turn rollouts run in the trainer "
+                       "(--multi_turn_scheduler)",
     **_same("GRPO's and PPO's --reward_model takes a local checkpoint (a --rlhf_type rm checkpoint, adapter or "
             "full); its revision, type, separate adapters and template options are not supported yet",
             "reward_model_revision", "reward_model_type", "reward_adapters", "reward_template"),
@@ -331,6 +333,9 @@ NOT_SUPPORTED_YET = {
 # not implement them: there (and only there, since a command's own flags are resolved first) they are errors with
 # this reason. NOT_SUPPORTED_YET holds the names that no tunesmith command has.
 NOT_SUPPORTED_ELSEWHERE = {
+    **_same("multi-turn rollouts (their scheduler and gym environment) run in the training process, not on "
+            "`tunesmith rollout`: pass the flag to tunesmith rlhf --rlhf_type grpo", "multi_turn_scheduler",
+            "max_turns", "gym_env", "use_gym_env"),
     "external_plugins": "plugins register GRPO reward functions (tunesmith rlhf --rlhf_type grpo --reward_funcs); "
                         "elsewhere tunesmith uses the model's own chat template and needs none",
     "loss_type": "sft trains the cross-entropy of the trained tokens; ms-swift's loss plugins are not implemented "

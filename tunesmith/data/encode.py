@@ -390,7 +390,8 @@ class ChatEncoder:
 
     def encode_pair(self, record: dict) -> tuple[Encoded, Encoded]:
         """Chosen and rejected encodings of a preference record. Their prompts must tokenise identically and their
-        trained completions must differ; --max_length applies to each side separately (as in ms-swift).
+        trained completions must differ — unless the rejected side has pictures of its own (`rejected_images`),
+        where either may differ; --max_length applies to each side separately (as in ms-swift).
 
         Raises TooLong, NothingToTrain, ConfigError as `encode`; DataError (field "rejected", no source: the caller
         adds it) when the prompts tokenise differently or the trained completions are identical."""
@@ -398,6 +399,10 @@ class ChatEncoder:
         rejected = self.encode(record, "rejected_messages", truncate=False)
         if chosen.n_trained == 0 or rejected.n_trained == 0:
             raise NothingToTrain()
+        if record_images(record, "rejected_messages") != record_images(record, "messages"):
+            # the rejected side has pictures of its own (`rejected_images`): the preference may lie in them, and
+            # prompts with other pictures tokenise differently, so neither check below applies
+            return self._truncate(chosen), self._truncate(rejected)
         pc = next(i for i, x in enumerate(chosen.labels) if x != IGNORE)
         pr = next(i for i, x in enumerate(rejected.labels) if x != IGNORE)
         if chosen.input_ids[:pc] != rejected.input_ids[:pr]:

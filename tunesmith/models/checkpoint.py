@@ -250,7 +250,8 @@ def reward_model_problem(flag: str, value: str, folder: Optional[str] = None) ->
     return (f"{flag} {value} is a reward model ({kind}): it scores replies and does not generate text, and "
             f"loading it as a causal LM (to generate from, or to merge) would drop its trained score head, so it is "
             f"not loaded. Use it where rewards are scored: `tunesmith rlhf --rlhf_type grpo --reward_model {value}`, "
-            f"or in Python AutoModelForSequenceClassification.from_pretrained({value!r}, num_labels=1)")
+            f"or in Python AutoModelForSequenceClassification.from_pretrained({value!r}, num_labels=1) (a "
+            f"vision-language one through tunesmith.models.vision.sequence_classifier: docs/vision.md)")
 
 
 def resolve_checkpoint(args: Checkpointed) -> tuple[Checkpointed, Optional[str]]:

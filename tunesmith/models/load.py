@@ -212,7 +212,7 @@ def load_model(cfg: ModelConfig, model_dir: str, tokenizer=None, for_training: b
             from tunesmith.models.vision import sequence_classifier
 
             auto = sequence_classifier(config) if vision else AutoModelForSequenceClassification
-            with _without_load_report():  # a new score head is expected: said once below, in our words
+            with without_load_report():  # a new score head is expected: said once below, in our words
                 model, info = auto.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code,
                                                    num_labels=1, output_loading_info=True, **kwargs)
             _say_new_weights(info, cfg.model or model_dir)
@@ -242,17 +242,23 @@ class _DropLoadReport:
 
 
 @contextlib.contextmanager
-def _without_load_report():
-    """transformers' load report left out while a reward model loads: its new score head is expected, and the
-    table (with "Consider training on your downstream task") is noise; `_say_new_weights` says what matters."""
+def without_load_report():
+    """transformers' load report (and its progress bar) left out while a model loads whose report is expected noise:
+    a reward model's new score head ("Consider training on your downstream task"; `_say_new_weights` says what
+    matters), a checkpoint read back for a resume, a reward model's base before its adapter."""
+    from transformers.utils import logging as hf_logging
     import logging
 
     logger = logging.getLogger("transformers.modeling_utils")
     logger.addFilter(_DropLoadReport)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         logger.removeFilter(_DropLoadReport)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _say_new_weights(info: dict, model: str) -> None:

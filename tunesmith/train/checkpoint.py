@@ -311,11 +311,34 @@ def load_model_weights(model, ckpt: str) -> None:
             state.update(load_file(os.path.join(ckpt, f)))
     if not state:
         raise TunesmithError(f"{ckpt}: no model weights (*.safetensors) to resume from")
-    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - tied:
+        # transformers saves some models in their checkpoints' original layout (Qwen-VL's `visual.*` and
+        # `model.layers.*` for `model.visual.*` and `model.language_model.*`; fused MoE experts split): its own
+        # loader converts them back
+        del state
+        missing, unexpected = model.load_state_dict(_converted_weights(model, ckpt), strict=False)
     if unexpected or set(missing) - tied:
         raise TunesmithError(f"{ckpt}: weights do not match the model (missing {list(missing)[:3]}, "
                              f"unexpected {list(unexpected)[:3]})")
+
+
+def _converted_weights(model, ckpt: str) -> dict:
+    """The checkpoint's full weights as transformers' from_pretrained reads them into this model's class (its
+    checkpoint-layout conversions applied), on the CPU; {} when it cannot read them."""
+    import torch
+
+    from tunesmith.models.load import without_load_report
+
+    try:
+        with without_load_report():
+            loaded = type(model).from_pretrained(ckpt, config=model.config, dtype=next(model.parameters()).dtype,
+                                                 device_map={"": "cpu"})
+    except (OSError, ValueError, RuntimeError, TypeError):
+        return {}
+    with torch.no_grad():
+        return {k: v.detach() for k, v in loaded.state_dict().items()}
 
 
 def _rng_state() -> dict:

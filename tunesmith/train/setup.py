@@ -235,6 +235,8 @@ def make_run(cfg, prepared: Prepared, param_info: dict) -> tuple[str, dict]:
              "data_stats": prepared.data_stats, "model_parameter_info": param_info, "world_size": D.world_size(),
              "library_versions": {"python": platform.python_version(), "torch": torch.__version__,
                                   "transformers": transformers.__version__}}
+    if prepared.encoder.images is not None:  # the budget as applied (--max_pixels, or MAX_PIXELS & co.)
+        extra["image_pixels"] = dict(prepared.encoder.images.limits)
     if D.is_main():
         save_args(run_dir, cfg.args, extra)
         if prepared.val_records is not None and not cfg.data.val_dataset:

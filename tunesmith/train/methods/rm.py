@@ -179,11 +179,14 @@ class RewardModelScorer:
         from transformers import AutoTokenizer
 
         from tunesmith.errors import ConfigError
+        from tunesmith.models.load import without_load_report
 
         try:
             self.tok = AutoTokenizer.from_pretrained(path)
             config, model_dir = _scorer_config(path)
-            self.model, info = _scorer_class(config).from_pretrained(path, num_labels=1, output_loading_info=True)
+            with without_load_report():  # a LoRA reward model's base, before its adapter, has no score yet
+                self.model, info = _scorer_class(config).from_pretrained(path, num_labels=1,
+                                                                         output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as e:
             raise ConfigError(f"--reward_model {path}: cannot load a sequence-classification model from it ({e}); "
                               f"pass a checkpoint trained with --rlhf_type rm, or a model with a score head") from None
@@ -198,6 +201,7 @@ class RewardModelScorer:
         self.model.config.pad_token_id = self.model.config.get_text_config().pad_token_id = self.tok.pad_token_id
         self.batch_size, self.torch = batch_size, torch
         self.encoder = _picture_encoder(path, model_dir, config, self.tok)
+        self.said_unscored = False
 
     def __call__(self, completions, messages=None, images=None, **kwargs) -> list:
         """One score per completion; `messages` (each conversation ending in its completion) and, for a
@@ -221,16 +225,35 @@ class RewardModelScorer:
         from tunesmith.data.vision import with_pixels
         from tunesmith.train.ops.token_logps import vision_inputs
 
-        rows = [self.encoder.encode({"messages": m, **({"images": list(p)} if p else {})}, truncate=False)
-                for m, p in zip(messages, images)]
+        rows = [self._encoded(m, p) for m, p in zip(messages, images)]
         collate = with_pixels(partial(pad_collate, pad_id=self.tok.pad_token_id), self.encoder.images)
-        out = []
+        kept = [i for i, r in enumerate(rows) if r is not None]
+        out: list = [None] * len(rows)
         with self.torch.no_grad():
-            for i in range(0, len(rows), self.batch_size):
-                batch = collate(rows[i:i + self.batch_size])
-                out += self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  **vision_inputs(batch, self.model)).logits[:, 0].float().tolist()
+            for s in range(0, len(kept), self.batch_size):
+                part = kept[s:s + self.batch_size]
+                batch = collate([rows[i] for i in part])
+                scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    **vision_inputs(batch, self.model)).logits[:, 0].float().tolist()
+                for i, v in zip(part, scores):
+                    out[i] = v
         return out
+
+    def _encoded(self, messages: list, pictures):
+        """One conversation encoded with its pictures, or None (no score, said once) when it cannot be: e.g. a
+        completion that writes an image tag (`<image>`, `<|image_pad|>`) itself, which no picture fills."""
+        from tunesmith.errors import DataError
+
+        try:
+            return self.encoder.encode({"messages": messages, **({"images": list(pictures)} if pictures else {})},
+                                       truncate=False)
+        except DataError as e:
+            if not self.said_unscored:
+                self.said_unscored = True
+                note(f"--reward_model: a completion could not be scored with its prompt's pictures ({e.problem}); "
+                     f"such completions get no reward from it (None). A completion that writes an image tag itself "
+                     f"is the usual cause")
+            return None
 
 
 def _scorer_config(path: str):
@@ -274,20 +297,29 @@ def _picture_encoder(path: str, model_dir: str, config, tokenizer):
 
 
 def _trained_max_pixels(path: str):
-    """The --max_pixels the reward model was trained with (its checkpoint's args.json), or None."""
+    """The picture budget (pixels) the reward model was trained with — its checkpoint's args.json: the budget as
+    applied (`image_pixels`, whether from --max_pixels or MAX_PIXELS & co.), else --max_pixels — or None."""
     import json
     import os
 
     try:
         with open(os.path.join(path, "args.json"), encoding="utf-8") as fh:
-            return json.load(fh).get("max_pixels")
+            record = json.load(fh)
+        return (record.get("image_pixels") or {}).get("max_pixels") or record.get("max_pixels")
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def reward_model_functions(paths: list) -> list:
-    """--reward_model PATH ...: each as a rewards.RewardFn named reward_model (reward_model_1, … for several)."""
+def reward_model_functions(paths: list, pictures: bool = False) -> list:
+    """--reward_model PATH ...: each as a rewards.RewardFn named reward_model (reward_model_1, … for several).
+    pictures: the policy's prompts have pictures; a text reward model among them is said to score the text only."""
     from tunesmith.train.rl.scoring import RewardFn
 
-    return [RewardFn("reward_model" if len(paths) == 1 else f"reward_model_{i + 1}", path, RewardModelScorer(path))
-            for i, path in enumerate(paths)]
+    out = [RewardFn("reward_model" if len(paths) == 1 else f"reward_model_{i + 1}", path, RewardModelScorer(path))
+           for i, path in enumerate(paths)]
+    for fn in out:
+        if pictures and fn.fn.encoder is None:
+            note(f"--reward_model {fn.spec}: a text reward model; it scores the completions' text without the "
+                 f"prompts' pictures (a vision-language reward model, trained with --rlhf_type rm on image pairs, "
+                 f"would see them)")
+    return out

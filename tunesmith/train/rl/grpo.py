@@ -188,6 +188,8 @@ def grpo_metrics(stats: dict) -> dict:
             out["completions/max_length"] = round(stats["round_max_length"] / stats["rounds"], 2)
         out["completions/clipped_ratio"] = round(stats["clipped"] / n, 4)
         out["frac_reward_zero_std"] = round(stats["zero_std"] / n, 4)
+    if "num_turns" in stats:  # multi-turn rollouts: model turns per completion (ms-swift's num_turns)
+        out["num_turns"] = round(stats["num_turns"] / n, 4)
     tokens = max(stats.get("tokens", 0), 1)
     for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
         if k in stats:
@@ -258,6 +260,11 @@ class GRPO:
     offload_teacher: bool = False
     teacher_kl_coef: float = 1.0
     distill: Any = None                       # variants.SelfDistill: RLSD / SDAR / OPD-RL's additive signal
+    multi_turn_scheduler: Optional[str] = None  # multi-turn rollouts: the scheduler's name (train/rl/multi_turn.py)
+    max_turns: Optional[int] = None           # model turns per trajectory; None: no limit
+    completion_length_limit_scope: str = "per_round"  # max_completion_length: per model turn, or "total"
+    gym_env: Optional[str] = None             # gym_scheduler's default environment
+    use_gym_env: bool = False                 # rollout_infos' total_reward as a reward (gym_reward), weighted last
     name = "grpo"
     best_metric = "reward"                    # --metric_for_best_model's default (ms-swift's rule)
     head = "causal_lm"
@@ -307,19 +314,23 @@ class GRPO:
             ({"true": "group", "false": "none"}.get(args.scale_rewards, args.scale_rewards)
              or _DEFAULT_SCALE[args.advantage_estimator])
         reward_args = _reward_args(args)
-        reward_funcs = _checked_rewards(args, reward_args, problems)
+        use_gym = args.use_gym_env if args.use_gym_env is not None else args.gym_env is not None
+        reward_funcs = _checked_rewards(args, reward_args, problems, use_gym)
+        _check_multi_turn(args, problems, use_gym)
         return cls(loss_type, beta, args.num_generations, args.max_completion_length, args.temperature, args.top_p,
                    args.top_k, args.repetition_penalty, args.epsilon,
                    args.epsilon if args.epsilon_high is None else args.epsilon_high, args.delta,
                    args.num_iterations, steps, args.advantage_estimator, scale_rewards, args.importance_sampling_level,
                    args.top_entropy_quantile, args.overlong_filter, args.log_completions, tuple(reward_funcs),
-                   tuple(args.reward_weights or [1.0] * (len(reward_funcs) + len(args.reward_model))),
+                   tuple(args.reward_weights or [1.0] * (len(reward_funcs) + len(args.reward_model) + use_gym)),
                    tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
                    max_resample_times=args.max_resample_times, server=_server(args),
                    **variant_fields(args, problems), chord=ChordSpec.from_args(args, problems),
-                   **teacher_fields(args, problems))
+                   **teacher_fields(args, problems), multi_turn_scheduler=args.multi_turn_scheduler,
+                   max_turns=args.max_turns, completion_length_limit_scope=args.completion_length_limit_scope,
+                   gym_env=args.gym_env, use_gym_env=use_gym)
 
     def resolved_flags(self) -> dict:
         """The GRPO defaults as applied, for args.json."""
@@ -378,6 +389,9 @@ class GRPO:
                 f"ε=[{self.epsilon:g}, {self.epsilon_high:g}], advantages {self.advantage_estimator}/"
                 f"{self.scale_rewards}, temperature {self.temperature:g}, max_completion_length "
                 f"{self.max_completion_length}\n[tunesmith] rewards: {names}\n[tunesmith] reference: {ref}\n"
+                + (f"[tunesmith] multi-turn rollouts: scheduler {self.multi_turn_scheduler}, max_turns "
+                   f"{self.max_turns or 'unlimited'}, completion length limit {self.completion_length_limit_scope}\n"
+                   if self.multi_turn_scheduler else "") +
                 f"[tunesmith] {len(prepared.train_rows)} prompts; {batches.train.prompts_per_round} per generation "
                 f"round ({batches.train.round_size} completions)")
 
@@ -444,13 +458,15 @@ def _check_unsupported(args, problems: list) -> None:
         problems.append("--packing/--padding_free: GRPO trains on its generated completions, padded; drop the flag")
     if args.streaming:
         problems.append("--streaming: GRPO reads its prompts up front; drop --streaming")
-    n = len(args.reward_funcs) + len(args.reward_model)
+    n = len(args.reward_funcs) + len(args.reward_model) + bool(
+        args.use_gym_env if args.use_gym_env is not None else args.gym_env is not None)  # gym_reward: the last
     if args.reward_weights and not all(math.isfinite(w) for w in args.reward_weights):
         problems.append(f"--reward_weights {' '.join(map(str, args.reward_weights))}: each weight must be a finite "
                         f"number")
     if args.reward_weights and len(args.reward_weights) != n:
         problems.append(f"--reward_weights has {len(args.reward_weights)} value(s) for {n} reward function(s) and "
-                        f"model(s); give one weight per function, then one per --reward_model")
+                        f"model(s); give one weight per function, then one per --reward_model (then one for "
+                        f"gym_reward with --use_gym_env)")
     problems += reward_model_problems(args.reward_model)
     if args.delta is not None and args.delta <= 1 + (args.epsilon_high or args.epsilon):
         problems.append(f"--delta {args.delta}: must be > 1 + epsilon_high (it bounds the ratio above the clip)")
@@ -470,6 +486,27 @@ def reward_model_problems(paths: list) -> list:
         else:
             problems += _reward_model_kind(path)
     return problems
+
+
+def _check_multi_turn(args, problems: list, use_gym: bool) -> None:
+    """--multi_turn_scheduler names a scheduler that loads (after the reward plugins ran: a plugin file may
+    register both); --max_turns >= 1; --max_turns, --completion_length_limit_scope total, --gym_env and
+    --use_gym_env only with a scheduler (they would change nothing)."""
+    from tunesmith.train.rl.multi_turn import load_scheduler
+
+    if args.max_turns is not None:
+        between(problems, "max_turns", args.max_turns, 1, None)
+    if args.multi_turn_scheduler is None:
+        if (args.max_turns is not None or args.completion_length_limit_scope != "per_round"
+                or args.gym_env is not None or use_gym):
+            problems.append("--max_turns, --completion_length_limit_scope, --gym_env and --use_gym_env shape "
+                            "multi-turn rollouts: give --multi_turn_scheduler NAME too (e.g. tool_call_scheduler, "
+                            "or gym_scheduler for a gym environment), or drop them")
+        return
+    try:
+        load_scheduler(args.multi_turn_scheduler, list(args.external_plugins), args.max_turns, gym_env=args.gym_env)
+    except ConfigError as e:
+        problems.append(str(e))
 
 
 def _reward_model_kind(path: str) -> list:
@@ -528,6 +565,9 @@ def _server_problems(args, problems: list) -> None:
         problems.append(f"--vllm_mode server with --train_type {args.train_type}: the policy reaches the rollout "
                         f"server as its LoRA adapter (--train_type lora) or as its full weights (--train_type "
                         f"full); other tuners' weights are not synced to a server yet; {drop}")
+    if args.multi_turn_scheduler:
+        problems.append(f"--vllm_mode server with --multi_turn_scheduler {args.multi_turn_scheduler}: multi-turn "
+                        f"rollouts run in the training process, not on a rollout server, yet; {drop}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         problems.append(f"--vllm_mode server under torchrun ({os.environ['WORLD_SIZE']} processes): one training "
                         f"process per rollout server is supported yet; run one process, {drop}")
@@ -575,13 +615,13 @@ def _reward_args(args):
                       soft_cache_length=args.soft_cache_length, max_completion_length=args.max_completion_length)
 
 
-def _checked_rewards(args, reward_args, problems: list) -> list:
+def _checked_rewards(args, reward_args, problems: list, use_gym: bool = False) -> list:
     """The --reward_funcs names (resolved now, so a typo or a broken plugin is reported with the other flag
     problems); an empty list is a problem: GRPO learns nothing without a reward."""
     from tunesmith.train.rl.rewards import load_reward_functions
 
     if not args.reward_funcs:
-        if not args.reward_model and not args.teacher_model:  # a teacher alone: OPD-RL's pure distillation
+        if not args.reward_model and not use_gym and not args.teacher_model:  # a teacher alone: OPD-RL distillation
             problems.append("GRPO needs --reward_funcs (or --reward_model): e.g. --reward_funcs accuracy format "
                             "(built-ins), a name an --external_plugins file registers, or module.function")
         return []

@@ -1,10 +1,13 @@
-"""ms-swift reward plugin files (`--external_plugins plugin.py`) run as ms-swift runs them, with or without ms-swift.
+"""ms-swift plugin files (`--external_plugins plugin.py`) run as ms-swift runs them, with or without ms-swift.
 
 A plugin registers its reward classes as `orms['name'] = Cls` after `from swift.plugin import ORM, orms` (ms-swift
-3.x) or `from swift.rewards import ORM, orms` (4.x). When ms-swift is not installed, those modules are stood in for
-while the file runs, offering the registry and base classes of `tunesmith.train.rl.rewards` (`exports`); when it
-is, ms-swift's own registries are read after the file ran. A failing plugin is a ConfigError naming its file and
-line. No torch import.
+3.x) or `from swift.rewards import ORM, orms` (4.x), and its multi-turn schedulers as `multi_turns['name'] = Cls`
+after `from swift.plugin.multi_turn import MultiTurnScheduler, multi_turns` (3.x) or `from swift.rollout import
+MultiTurnScheduler, multi_turns` (4.x). When ms-swift is not installed, those modules are stood in for while the
+file runs, offering tunesmith's registries and base classes: the reward side's (`exports`, from
+`tunesmith.train.rl.rewards`) and what other modules `provide` (the multi-turn side, `tunesmith.train.rl.multi_turn`);
+when it is, ms-swift's own registries are read after the file ran. A failing plugin is a ConfigError naming its file
+and line. No torch import.
 """
 from __future__ import annotations
 
@@ -22,10 +25,38 @@ import types
 from tunesmith.errors import ConfigError
 
 
+# module name -> {name: object}: what other modules offer plugins through the stand-in `swift` (`provide`)
+_PROVIDED: dict = {}
+
+
+def provide(module: str, **names) -> None:
+    """Offer `names` to plugins as `swift.<module>` while they load without ms-swift installed (e.g. provide(
+    "rollout", MultiTurnScheduler=...) makes `from swift.rollout import MultiTurnScheduler` work). Repeated calls
+    add to the module."""
+    _PROVIDED.setdefault(module, {}).update(names)
+
+
+def _stand_in_module(root, stand_ins: dict, sub: str, names: dict) -> None:
+    """Create swift.<sub> (and its parents) in stand_ins holding `names`."""
+    parent, name = root, "swift"
+    for part in sub.split("."):
+        name = f"{name}.{part}"
+        module = stand_ins.get(name)
+        if module is None:
+            module = types.ModuleType(name)
+            module.__path__ = []
+            setattr(parent, part, module)
+            stand_ins[name] = module
+        parent = module
+    for key, value in names.items():
+        setattr(parent, key, value)
+
+
 @contextlib.contextmanager
 def _swift_stand_in(exports: dict):
     """While a plugin runs, and only when ms-swift is not installed, make `swift.plugin` and `swift.rewards`
-    importable with our ORM, AsyncORM and orms (`exports`: those names -> our objects). Why: plugins written for
+    importable with our ORM, AsyncORM and orms (`exports`: those names -> our objects), and the modules other parts
+    `provide` (the multi-turn schedulers' swift.rollout, swift.plugin.multi_turn, ...). Why: plugins written for
     ms-swift begin with `from swift.plugin import ORM, orms` (3.x) or `from swift.rewards import ORM, orms` (4.x) and
     need nothing else from it, so they run unchanged. Why only then: an installed ms-swift must win — the plugin may
     use more of it, and shadowing it would break it for the rest of the process. Why only while loading: so that
@@ -34,25 +65,18 @@ def _swift_stand_in(exports: dict):
     if importlib.util.find_spec("swift") is not None:
         yield
         return
-    root = types.ModuleType("swift", "tunesmith's stand-in for ms-swift while loading a reward plugin")
+    root = types.ModuleType("swift", "tunesmith's stand-in for ms-swift while loading a plugin")
     root.__path__ = []
     root.__spec__ = importlib.machinery.ModuleSpec("swift", None, is_package=True)
     stand_ins = {"swift": root}
-    # the registry's homes in 3.x (swift.plugin, swift.plugin.orm) and 4.x (swift.rewards, swift.rewards.orm)
+    for sub, names in _PROVIDED.items():
+        _stand_in_module(root, stand_ins, sub, names)
+    # the registry's homes in 3.x (swift.plugin, swift.plugin.orm) and 4.x (swift.rewards, swift.rewards.orm); the
+    # caller's exports win over what was provided
     for sub in ("plugin", "rewards", "plugin.orm", "rewards.orm"):
-        module = types.ModuleType(f"swift.{sub}")
-        for name, value in exports.items():
-            setattr(module, name, value)
-        if "." not in sub:
-            module.__path__ = []
-            setattr(root, sub, module)
-        else:
-            setattr(stand_ins[f"swift.{sub.split('.')[0]}"], "orm", module)
-        stand_ins[f"swift.{sub}"] = module
-    utils = types.ModuleType("swift.utils")  # plugins' usual logger: `from swift.utils import get_logger`
-    utils.get_logger = lambda *a, **k: logging.getLogger("tunesmith.plugin")
-    root.utils = utils
-    stand_ins["swift.utils"] = utils
+        _stand_in_module(root, stand_ins, sub, exports)
+    # plugins' usual logger: `from swift.utils import get_logger`
+    _stand_in_module(root, stand_ins, "utils", {"get_logger": lambda *a, **k: logging.getLogger("tunesmith.plugin")})
     sys.modules.update(stand_ins)
     try:
         yield
@@ -62,14 +86,24 @@ def _swift_stand_in(exports: dict):
                 del sys.modules[key]
 
 
-def _swift_orms() -> dict:
-    """ms-swift's own registries (4.x swift.rewards.orms, 3.x swift.plugin.orms), when ms-swift is installed."""
+def stand_in():
+    """The stand-in `swift` modules (what `provide` offers: the reward registry's homes once
+    tunesmith.train.rl.rewards is imported, the multi-turn ones) as a context manager: for code of a plugin that
+    imports ms-swift after the file loaded, e.g. in a scheduler's constructor. Does nothing when ms-swift is
+    installed."""
+    return _swift_stand_in({})
+
+
+def _swift_orms(registry: str = "orms") -> dict:
+    """ms-swift's own registries, when ms-swift is installed: `orms` (4.x swift.rewards, 3.x swift.plugin) or
+    `multi_turns` (4.x swift.rollout, 3.x swift.plugin)."""
     found = {}
     if importlib.util.find_spec("swift") is None:
         return found
-    for module_name in ("swift.plugin", "swift.rewards"):
+    homes = ("swift.plugin", "swift.rewards") if registry == "orms" else ("swift.plugin", "swift.rollout")
+    for module_name in homes:
         try:
-            found[module_name] = importlib.import_module(module_name).orms
+            found[module_name] = getattr(importlib.import_module(module_name), registry)
         except Exception:  # noqa: BLE001 — that ms-swift version has no such module
             continue
     return found
@@ -78,23 +112,35 @@ def _swift_orms() -> dict:
 def _plugin_failure(path: str, e: BaseException) -> ConfigError:
     """A ConfigError naming the plugin file, the line and what went wrong."""
     if isinstance(e, SyntaxError):
-        return ConfigError(f"{path}:{e.lineno}: syntax error in reward plugin: {e.msg}")
+        return ConfigError(f"{path}:{e.lineno}: syntax error in plugin: {e.msg}")
     lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path]
     where = f"{path}:{lines[-1]}" if lines else path
     if isinstance(e, ImportError) and (e.name or "").split(".")[0] == "swift":
         if importlib.util.find_spec("swift") is None:
-            return ConfigError(f"{where}: the reward plugin imports from ms-swift something tunesmith does not "
+            return ConfigError(f"{where}: the plugin imports from ms-swift something tunesmith does not "
                                f"provide ({e}); without ms-swift installed only ORM, AsyncORM and orms from "
-                               f"swift.plugin / swift.rewards (and their .orm modules) and swift.utils.get_logger "
-                               f"are available")
+                               f"swift.plugin / swift.rewards (and their .orm modules), swift.utils.get_logger, "
+                               f"and {_provided_names()} are available")
         if e.name == "swift.plugin":
             return ConfigError(f"{where}: the installed ms-swift (4.x) has no swift.plugin; write "
                                f"`from swift.rewards import ORM, orms` (ms-swift 3.x plugins need this change "
                                f"for ms-swift 4 too), or uninstall ms-swift")
-    return ConfigError(f"{where}: reward plugin failed: {type(e).__name__}: {e}")
+    return ConfigError(f"{where}: plugin failed: {type(e).__name__}: {e}")
+
+
+def _provided_names() -> str:
+    """What `provide` offers, for an error message: "MultiTurnScheduler, multi_turns from swift.rollout; ..."."""
+    return "; ".join(f"{', '.join(sorted(names))} from swift.{sub}" for sub, names in sorted(_PROVIDED.items()))
 
 
 _loaded_plugins: dict = {}  # path → what it registered in ms-swift's registries (a file runs once per process)
+_loaded_schedulers: dict = {}  # path → the multi-turn schedulers it registered in ms-swift's multi_turns
+
+
+def plugin_schedulers(path: str) -> dict:
+    """The multi-turn schedulers the plugin at `path` (absolute, already run) registered in an installed
+    ms-swift's `multi_turns` ({} without ms-swift: they land in tunesmith's registry directly)."""
+    return _loaded_schedulers.get(path, {})
 
 
 def run_plugin(path: str, exports: dict) -> dict:
@@ -112,6 +158,7 @@ def run_plugin(path: str, exports: dict) -> dict:
     if os.path.dirname(path) not in sys.path:
         sys.path.insert(0, os.path.dirname(path))
     before = {name: dict(reg) for name, reg in _swift_orms().items()}
+    before_turns = {name: dict(reg) for name, reg in _swift_orms("multi_turns").items()}
     module_name = "_tunesmith_plugin_" + hashlib.sha256(path.encode()).hexdigest()[:16]
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
@@ -127,4 +174,6 @@ def run_plugin(path: str, exports: dict) -> dict:
         old = before.get(name, {})
         added.update({k: v for k, v in reg.items() if old.get(k) is not v})
     _loaded_plugins[path] = added
+    _loaded_schedulers[path] = {k: v for name, reg in _swift_orms("multi_turns").items() for k, v in reg.items()
+                                if before_turns.get(name, {}).get(k) is not v}
     return added

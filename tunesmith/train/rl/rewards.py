@@ -33,7 +33,8 @@ from typing import Any, Callable
 
 from tunesmith.errors import ConfigError
 from tunesmith.train.rl.answers import fallback_accuracy, math_verify_accuracy
-from tunesmith.train.rl.plugins import run_plugin
+from tunesmith.train.rl import multi_turn  # noqa: F401 — offers the multi-turn names to plugins (plugins.provide)
+from tunesmith.train.rl.plugins import provide, run_plugin
 # score is called through this module too (rewards.score), as before scoring had a module of its own
 from tunesmith.train.rl.scoring import RewardFn, score  # noqa: F401
 
@@ -213,6 +214,8 @@ orms: dict[str, Any] = {
     "repetition": RepetitionPenalty,
     "soft_overlong": SoftOverlong,
 }
+for _home in ("plugin", "rewards", "plugin.orm", "rewards.orm"):  # for code that imports them after loading
+    provide(_home, ORM=ORM, AsyncORM=AsyncORM, orms=orms)
 
 
 # ms-swift built-ins tunesmith does not carry (they need sympy's ANTLR LaTeX parser / rouge); a plugin can

@@ -41,6 +41,7 @@ class Unit:
     teacher_gap: Optional[list] = None  # OPD-RL: [C], log p_teacher − log p_old of each token (nats)
     teacher_logps: Optional[list] = None  # SDAR: [C], the teacher's log-probs of the tokens
     teacher_prompt_ids: Optional[list] = None  # OPSD: the prompt with the row's teacher_prompt as last user turn
+    completion_mask: Optional[list] = None  # [C] 1 trained, 0 not (a multi-turn rollout's tool turns); None: all 1
 
 
 def refuse_pictures(prompts: list[dict], what: str) -> None:
@@ -57,9 +58,10 @@ def refuse_pictures(prompts: list[dict], what: str) -> None:
 
 def grpo_collate(units: list[Unit], pad_id: int) -> dict:
     """Units → `input_ids`/`attention_mask` [B, P + C] (prompts left-padded to P, completions right-padded to C),
-    `labels` (the completion tokens, IGNORE elsewhere), `completion_mask` [B, C], `advantages` [B], and
-    `old_logps`/`ref_logps`/`rollout_logps` [B, C] when the units carry them; `stats` summed over the units. With
-    OPD-RL's per-token advantages (`Unit.token_advantages`), `advantages` is [B, C]."""
+    `labels` (the completion tokens a unit's completion_mask trains, IGNORE elsewhere), `completion_mask` [B, C]
+    (1 on those tokens), `advantages` [B], and `old_logps`/`ref_logps`/`rollout_logps`/`teacher_logps` [B, C] when
+    the units carry them; `stats` summed over the units. With OPD-RL's per-token advantages
+    (`Unit.token_advantages`), `advantages` is [B, C]."""
     import torch
 
     p = max(len(u.prompt_ids) for u in units)
@@ -74,8 +76,10 @@ def grpo_collate(units: list[Unit], pad_id: int) -> dict:
         ids[i, p:p + m] = torch.tensor(u.completion_ids, dtype=torch.long)
         att[i, p - n:p + m] = 1
         if u.trained:
-            labels[i, p:p + m] = ids[i, p:p + m]
-            cmask[i, :m] = 1
+            keep = torch.ones(m, dtype=torch.bool) if u.completion_mask is None else \
+                torch.tensor(u.completion_mask, dtype=torch.bool)
+            labels[i, p:p + m] = torch.where(keep, ids[i, p:p + m], IGNORE)
+            cmask[i, :m] = keep.float()
     batch = {"input_ids": ids, "attention_mask": att, "labels": labels, "completion_mask": cmask,
              "advantages": torch.tensor([u.advantage for u in units]), "n_completions": len(units)}
     if units[0].token_advantages is not None:
@@ -216,7 +220,9 @@ class Rollouts:
         self.prompts_per_round = self.round_size // method.num_generations
         # --max_length bounds the prompt (ms-swift's GRPO); the completion gets --max_completion_length on top
         self.max_prompt, self.truncation = cfg.data.max_length, cfg.data.truncation_strategy
-        self.context = self.max_prompt + method.max_completion_length if self.max_prompt else None
+        # multi-turn rounds of --max_completion_length each (per_round) may outgrow it: the model's context then
+        per_round = method.multi_turn_scheduler is not None and method.completion_length_limit_scope == "per_round"
+        self.context = self.max_prompt + method.max_completion_length if self.max_prompt and not per_round else None
         self.remote = self._remote(method, model, model_dir)  # --vllm_mode server
         self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm and self.remote is None else None
         if self.vllm is not None and method.variants is not None and method.variants.wants_rollout_logps:
@@ -230,7 +236,16 @@ class Rollouts:
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
         self.reward_fns = _unique_names(load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
                                                               method.reward_args, tokenizer)
-                                        + reward_model_functions(list(method.reward_models)))
+                                        + reward_model_functions(list(method.reward_models), pictures=images is not None)
+                                        + self._gym_reward())
+        self.multi_turn = None  # multi_turn.MultiTurn when --multi_turn_scheduler names a scheduler
+        if method.multi_turn_scheduler is not None:
+            from tunesmith.train.rl.multi_turn import MultiTurn, load_scheduler
+
+            self.multi_turn = MultiTurn(load_scheduler(method.multi_turn_scheduler, list(method.external_plugins),
+                                                       method.max_turns, tokenizer, method.gym_env),
+                                        self.chat, method.multi_turn_scheduler, method.max_turns,
+                                        method.completion_length_limit_scope, method.max_completion_length)
         self.max_steps, self.gas = cfg.optim.max_steps, gas
         self.seed = cfg.optim.seed
         self.log_path: Optional[str] = None
@@ -257,6 +272,14 @@ class Rollouts:
         note(f"GRPO rollouts from the rollout server at {method.server.base_url} (model {info.get('model')}); the "
              f"policy's {what} are pushed to it over HTTP whenever they changed")
         return server
+
+    def _gym_reward(self) -> list:
+        """[--use_gym_env's gym_reward] (multi_turn.gym_reward), or []."""
+        if not self.method.use_gym_env:
+            return []
+        from tunesmith.train.rl.multi_turn import gym_reward
+
+        return [gym_reward()]
 
     def _chat(self, cfg):
         """The chat engine the rounds generate with: tunesmith's own over the policy, or vLLM (--use_vllm)."""
@@ -454,17 +477,24 @@ class Rollouts:
             return []
         m = self.method
         ids = {j: prompts[j]["prompt_ids"] for j in which}
-        if self.remote is not None:
+        if self.multi_turn is not None:  # trajectories (multi_turn.Trajectory): model and tool turns, masked
+            completions = self.multi_turn.generate(self, {j: prompts[j] for j in which}, seed, r)
+            texts = [c.text for c in completions]
+        elif self.remote is not None:
             completions = self._generate_remote(ids, seed, r, {j: prompts[j]["messages"] for j in which})
+            texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
         else:
             completions = self._generate(ids, seed, r, {j: prompts[j].get("images") for j in which})
-        texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+            texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
         owners = [j for j in which for _ in range(self.group)]
         per_func = self._score([prompts[j] for j in which], texts, completions)
         units = []
         for i, c in enumerate(completions):
             truncated = c.finish_reason == "length"
-            stats = {"n": 1, "length": len(c.token_ids), "clipped": float(truncated)}
+            mask = c.mask if self.multi_turn is not None else None
+            stats = {"n": 1, "length": len(c.token_ids) if mask is None else sum(mask), "clipped": float(truncated)}
+            if mask is not None:
+                stats["num_turns"] = c.turns
             for f, fn in enumerate(self.reward_fns):
                 v = per_func[i][f]
                 if not math.isnan(v):
@@ -472,8 +502,9 @@ class Rollouts:
                     stats[f"rewards/{fn.name}/sq"] = v * v
                     stats[f"rewards/{fn.name}/count"] = 1
             units.append(Unit(ids[owners[i]], list(c.token_ids), 0.0, not (m.overlong_filter and truncated),
-                              stats=stats, images=prompts[owners[i]].get("images"),
-                              rollout_logps=[lp.logprob for lp in c.logprobs] if self._rollout_logps else None,
+                              stats=stats, images=prompts[owners[i]].get("images"), completion_mask=mask,
+                              rollout_logps=[lp.logprob for lp in c.logprobs]
+                              if self._rollout_logps and c.logprobs is not None else None,
                               teacher_prompt_ids=prompts[owners[i]].get("teacher_prompt_ids")))
         self._add_logps(units)
         g = self.group
@@ -559,12 +590,18 @@ class Rollouts:
         if any(p.get("images") for p in rep):  # ms-swift hands reward functions the rows' `images` too
             columns.setdefault("images", [p.get("images") for p in rep])
         messages = [p["messages"] + [{"role": "assistant", "content": t}] for p, t in zip(rep, texts)]
+        token_ids = [list(c.token_ids) for c in completions]
+        if self.multi_turn is not None:  # ms-swift's: the whole conversation, each turn's tokens, rollout_infos
+            messages = [c.messages for c in completions]
+            token_ids = [[t for t, k in zip(c.token_ids, c.mask) if k] for c in completions]
+            columns.setdefault("response_token_ids", [c.turn_ids for c in completions])  # [turn][token]
+            columns.setdefault("rollout_infos", [{**c.infos, "num_turns": c.turns} for c in completions])
         # what ms-swift hands rewards as trainer_state (transformers' TrainerState): attributes, optimiser steps
         state = SimpleNamespace(global_step=self._global_step(),
                                 max_steps=self.max_steps, rounds_done=self.rounds_done)
         per_func, errors = score(self.reward_fns, texts, prompts=[p["messages"] for p in rep], columns=columns,
                                  messages=messages, trainer_state=state, weights=list(m.reward_weights),
-                                 completion_ids=[list(c.token_ids) for c in completions])
+                                 completion_ids=token_ids)
         if errors and self.rounds_done == 0:
             note(f"GRPO: {errors[0]} (and {len(errors) - 1} more this round)" if len(errors) > 1 else errors[0])
         for f, fn in enumerate(self.reward_fns):

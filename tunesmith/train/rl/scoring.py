@@ -38,7 +38,8 @@ class RewardFn:
 
 def _reward_kwargs(n: int, prompts, columns, messages, trainer_state, completion_ids) -> dict:
     """The keyword arguments every reward gets: ms-swift's (the dataset columns, messages, trainer_state,
-    response_token_ids) and TRL's (prompts, completion_ids)."""
+    response_token_ids — unless a column gives them, as multi-turn rollouts do per turn) and TRL's (prompts,
+    completion_ids)."""
     kwargs = {}
     for key, values in (columns or {}).items():
         if key == "completions":
@@ -51,8 +52,8 @@ def _reward_kwargs(n: int, prompts, columns, messages, trainer_state, completion
     kwargs["trainer_state"] = trainer_state
     if prompts is not None:
         kwargs["prompts"] = prompts
-    if completion_ids is not None:
-        kwargs["response_token_ids"] = completion_ids
+    if completion_ids is not None:  # a multi-turn rollout's response_token_ids come per turn, as a column
+        kwargs.setdefault("response_token_ids", completion_ids)
         kwargs["completion_ids"] = completion_ids
     return kwargs
 
