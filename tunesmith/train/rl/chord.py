@@ -183,6 +183,15 @@ def chord_stream(spec: ChordSpec, collate, prepared, cfg, pad_id: int) -> tuple:
     return WithChord(collate, stream), stream
 
 
+def with_chord(spec: Optional[ChordSpec], pad_id: int, collate, hooks: tuple, prepared, cfg) -> tuple:
+    """(collate, hooks) of a GRPO run: as given without CHORD; with it, the collate carrying the expert stream and
+    the stream added to the hooks (`chord_stream`)."""
+    if spec is None:
+        return collate, hooks
+    collate, stream = chord_stream(spec, collate, prepared, cfg, pad_id)
+    return collate, hooks + (stream,)
+
+
 def load_chord_rows(spec: ChordSpec, prepared, cfg) -> list:
     """--chord_sft_dataset loaded (the --dataset rules: --columns, --strict, the hub flags) and encoded with the
     policy's chat template and --max_length as SFT rows. Raises DataError for a bad row under --strict true, or when

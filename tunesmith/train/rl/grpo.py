@@ -30,8 +30,9 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.log import note
 from tunesmith.train import loop
 from tunesmith.config.checks import between
-from tunesmith.train.rl.chord import ChordSpec
-from tunesmith.train.rl.variants import grpo_teacher, sdar_terms, teacher_fields, variant_fields
+from tunesmith.train.rl.chord import ChordSpec, with_chord
+from tunesmith.train.rl.variants import (PER_BATCH, grpo_teacher, sdar_terms, teacher_fields, variant_fields,
+                                         variant_metrics)
 from tunesmith.train.setup import Batches
 
 # how each loss type's scalar becomes a summed term and its unit (the loop divides by the units of the whole step):
@@ -39,7 +40,6 @@ from tunesmith.train.setup import Batches
 # own tokens), dapo/cispo over the completion tokens of the step
 _UNIT = {"grpo": "completions", "sapo": "completions", "dr_grpo": "completions", "bnpo": "micro_batches",
          "dapo": "tokens", "cispo": "tokens", "fipo": "tokens", "real": "micro_batches", "luspo": "completions"}
-_PER_BATCH = ("rollout_correction/", "fipo/", "chord/", "sdar/")  # metrics averaged per micro-batch, not per token
 _DEFAULT_SCALE = {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch"}
 
 
@@ -102,7 +102,7 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
     stats = {k: float(v) for k, v in batch["stats"].items()}
     stats["tokens"] = float(ntok)
     for k, v in metrics.items():
-        if k.startswith(_PER_BATCH):  # one value per micro-batch, averaged over those logged (ms-swift's log())
+        if k.startswith(PER_BATCH):  # one value per micro-batch, averaged over those logged (ms-swift's log())
             stats[f"{k}/sum"], stats[f"{k.split('/')[0]}/batches"] = float(v), 1
         else:
             stats[k] = float(v) * float(ntok)  # token means, weighted by this batch's tokens
@@ -160,12 +160,9 @@ def grpo_metrics(stats: dict) -> dict:
     completions' total rewards), rewards/<function>/mean and /std, completions/mean_length, min_length and
     max_length (each round's extreme, averaged over the rounds logged), clipped_ratio, frac_reward_zero_std, kl
     and the clip ratios (token means), and entropy/mean, /max, /min (--log_entropy) and entropy/threshold
-    (--top_entropy_quantile < 1), nats, averaged over the micro-batches logged (see `entropy_terms`); with
-    --kl_in_reward, kl is the mean over completions of their summed KL (nats); fipo/* (--loss_type fipo) and
-    rollout_correction/* (--rollout_importance_sampling_mode, --log_rollout_offpolicy_metrics) and chord/mu,
-    chord/sft_loss (--chord_sft_dataset) are one value per micro-batch and process, averaged over those logged;
-    teacher_kl (OPD-RL, --teacher_model) is the token mean of the k3 distance to the teacher, e^d − d − 1 with
-    d = log p_teacher − log p_old."""
+    (--top_entropy_quantile < 1), nats, averaged over the micro-batches logged (see `entropy_terms`); the
+    variants' (kl with --kl_in_reward, teacher_kl, rlsd_lambda, fipo/*, rollout_correction/*, chord/*, sdar/*):
+    variants.variant_metrics."""
     n = max(stats.get("n", 0), 1)
     out = {}
     if "reward" in stats:
@@ -194,16 +191,7 @@ def grpo_metrics(stats: dict) -> dict:
     for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
         if k in stats:
             out[k] = loop.signif(stats[k] / tokens)
-    if stats.get("teacher_kl_tokens"):  # OPD-RL: the token mean of the k3 distance to the teacher
-        out["teacher_kl"] = loop.signif(stats["teacher_kl"] / stats["teacher_kl_tokens"])
-    if stats.get("rlsd_lambda_count"):  # RLSD's λ when the rounds were generated
-        out["rlsd_lambda"] = loop.signif(stats["rlsd_lambda_sum"] / stats["rlsd_lambda_count"])
-    if "kl_in_reward" in stats:  # --kl_in_reward: the mean of each completion's summed KL (ms-swift's kl)
-        out["kl"] = loop.signif(stats["kl_in_reward"] / n)
-    for k, v in stats.items():  # fipo/*, rollout_correction/*: per micro-batch values, averaged
-        head = k.split("/")[0] + "/"
-        if head in _PER_BATCH and k.endswith("/sum") and stats.get(f"{head}batches"):
-            out[k[:-len("/sum")]] = loop.signif(v / stats[f"{head}batches"])
+    out.update(variant_metrics(stats, n))
     for name in ("mean", "max", "min", "threshold"):  # one value per micro-batch (`entropy_terms`), averaged
         count = stats.get("entropy/threshold_batches" if name == "threshold" else "entropy/batches")
         if count:
@@ -360,12 +348,8 @@ class GRPO:
         rollouts = Rollouts(self, prepared.train_rows, model, prepared.tokenizer, reference, cfg, prepared.model_dir,
                             images=prepared.encoder.images, teacher=teacher)
         val = ValidationRollouts(rollouts, prepared.eval_rows) if prepared.eval_rows else []
-        collate, hooks = partial(grpo_collate, pad_id=_pad_id(prepared.tokenizer)), (rollouts,)
-        if self.chord is not None:
-            from tunesmith.train.rl.chord import chord_stream
-
-            collate, stream = chord_stream(self.chord, collate, prepared, cfg, _pad_id(prepared.tokenizer))
-            hooks += (stream,)
+        pad = _pad_id(prepared.tokenizer)
+        collate, hooks = with_chord(self.chord, pad, partial(grpo_collate, pad_id=pad), (rollouts,), prepared, cfg)
         return Batches(rollouts, val, collate, reference, on_run_dir=rollouts.log_to, hooks=hooks)
 
     def objective(self, reference, cfg) -> loop.Objective:

@@ -6,8 +6,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunesmith.train import loop
+
 from tunesmith.config.checks import between
 from tunesmith.log import note
+
+
+PER_BATCH = ("rollout_correction/", "fipo/", "chord/", "sdar/")  # metrics averaged per micro-batch, not per token
+
+
+def variant_metrics(stats: dict, n: float) -> dict:
+    """The variants' logged values from the summed statistics (n: completions counted): teacher_kl (OPD-RL, the
+    token mean of e^d − d − 1), rlsd_lambda (RLSD's λ when the rounds were generated), kl with --kl_in_reward (the
+    mean of each completion's summed KL, ms-swift's), and the PER_BATCH families (one value per micro-batch and
+    process, averaged over those logged)."""
+    out = {}
+    if stats.get("teacher_kl_tokens"):
+        out["teacher_kl"] = loop.signif(stats["teacher_kl"] / stats["teacher_kl_tokens"])
+    if stats.get("rlsd_lambda_count"):
+        out["rlsd_lambda"] = loop.signif(stats["rlsd_lambda_sum"] / stats["rlsd_lambda_count"])
+    if "kl_in_reward" in stats:
+        out["kl"] = loop.signif(stats["kl_in_reward"] / n)
+    for k, v in stats.items():
+        head = k.split("/")[0] + "/"
+        if head in PER_BATCH and k.endswith("/sum") and stats.get(f"{head}batches"):
+            out[k[:-len("/sum")]] = loop.signif(v / stats[f"{head}batches"])
+    return out
 
 
 @dataclass(frozen=True)
