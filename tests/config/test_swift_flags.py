@@ -113,7 +113,7 @@ def test_flags_the_issue_names():
     assert parse_args("rlhf", ["--gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
     assert parse_args("infer", ["--vllm_gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
     with pytest.raises(ArgError, match="does not support yet: that GRPO option is not implemented"):
-        parse_args("rlhf", ["--multi_turn_scheduler", "x"])
+        parse_args("rlhf", ["--async_generate", "true"])
     # #33: GRPO's memory options for a colocated vLLM are refused with their own reason
     for flag in ("sleep_level", "offload_model", "offload_optimizer", "gc_collect_after_offload"):
         with pytest.raises(ArgError, match="frees GPU memory between a colocated vLLM") as e:
