@@ -177,7 +177,7 @@ def _entropy_batch(model_dir, seed=0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.train.rl.rollouts import Unit, grpo_collate
+    from tunesmith.train.rl.units import Unit, grpo_collate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
@@ -229,7 +229,7 @@ def test_token_entropy_equals_a_float64_computation_from_the_full_logits(tiny_mo
     assert want_entropy[keep].max() - want_entropy[keep].min() > 1.0  # varied: the quantile tests below mean something
     assert tl.token_logps(model, batch, chunked=chunked, temperature=T).entropy is None  # only when asked
 
-    from tunesmith.train.rl.rollouts import completion_logps, completion_logps_and_entropy
+    from tunesmith.train.rl.units import completion_logps, completion_logps_and_entropy
     logps, entropy = completion_logps_and_entropy(model, batch, T)
     assert torch.allclose(entropy.double(), want_entropy, atol=1e-5, rtol=0)
     assert torch.equal(logps, completion_logps(model, batch, T))
@@ -291,7 +291,7 @@ def test_top_entropy_quantile_one_leaves_the_loss_unchanged_and_log_entropy_logs
 
     from tunesmith.train.ops import losses as L
     from tunesmith.train.rl.grpo import grpo_loss_terms, grpo_metrics
-    from tunesmith.train.rl.rollouts import completion_logps
+    from tunesmith.train.rl.units import completion_logps
 
     model_dir = tiny_models("qwen2")
     model, batch = _entropy_batch(model_dir)

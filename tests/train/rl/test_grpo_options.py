@@ -166,7 +166,7 @@ def test_vllm_rollouts_get_min_p_and_processed_log_probs():
     from tunesmith.config.slices import EngineConfig, take
     from tunesmith.inference.backends.vllm import VllmEngine
     from tunesmith.inference.engine import SamplingParams
-    from tunesmith.train.rl.rollouts import processed_logprobs_config
+    from tunesmith.train.rl.vllm_sync import processed_logprobs_config
 
     cfg = take(EngineConfig, parse_args("rlhf", ["--rlhf_type", "grpo", "--vllm_engine_kwargs",
                                                  '{"swap_space": 2}']))

@@ -21,7 +21,7 @@ from tunesmith.inference.chat import GenConfig
 from tunesmith.train import recipe
 from tunesmith.train.rl import multi_turn as mt
 from tunesmith.train.rl import rewards  # noqa: F401 — offers ORM and orms to plugins, as GRPO loads rewards first
-from tunesmith.train.rl.rollouts import Unit, grpo_collate
+from tunesmith.train.rl.units import Unit, grpo_collate
 
 needs_no_swift = pytest.mark.skipif(__import__("importlib").util.find_spec("swift") is not None,
                                     reason="ms-swift is installed: plugins import the real one")
@@ -121,7 +121,7 @@ def test_the_trained_log_probs_of_a_trajectory_are_the_sampled_ones(tiny_models)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.inference.chat import ChatEngine
-    from tunesmith.train.rl.rollouts import completion_logps
+    from tunesmith.train.rl.units import completion_logps
 
     d = tiny_models("qwen2")
     tok, model = AutoTokenizer.from_pretrained(d), AutoModelForCausalLM.from_pretrained(d).eval()

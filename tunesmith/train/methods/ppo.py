@@ -65,7 +65,7 @@ def ppo_loss(method: "PPO", run: PPORun, model, batch: dict) -> tuple[dict, dict
     the clipped value loss (ops/gae.py), each a mean over the micro-batch's completion tokens (TRL's
     masked_mean); statistics per micro-batch (averaged over micro-batches in the log, as TRL) and per completion."""
     from tunesmith.train.ops import gae as G
-    from tunesmith.train.rl.rollouts import completion_logps_and_entropy
+    from tunesmith.train.rl.units import completion_logps_and_entropy
 
     mask = batch["completion_mask"]
     logps, entropy = completion_logps_and_entropy(model, batch, method.temperature)

@@ -71,7 +71,7 @@ def grpo_loss_terms(method: "GRPO", reference, model, batch: dict) -> tuple[dict
     Added terms, as ms-swift adds them after the policy loss: SDAR's (--sdar_loss_coef, unit sdar_batches), then
     CHORD's mix (--chord_sft_dataset, training only: every term × (1 − μ), + μ·SFT in chord_batches)."""
     from tunesmith.train.ops import losses as L
-    from tunesmith.train.rl.rollouts import completion_logps, completion_logps_and_entropy
+    from tunesmith.train.rl.units import completion_logps, completion_logps_and_entropy
 
     mask = batch["completion_mask"]
     entropy_mask, entropy_stats = None, {}
@@ -341,7 +341,8 @@ class GRPO:
         """The rollouts (generated as the loop reads them) and their collator; dropout off (the ratio of an
         unchanged policy must be exactly 1, as TRL's disable_dropout)."""
         from tunesmith.train.reference import disable_dropout
-        from tunesmith.train.rl.rollouts import Rollouts, ValidationRollouts, grpo_collate
+        from tunesmith.train.rl.rollouts import Rollouts, ValidationRollouts
+        from tunesmith.train.rl.units import grpo_collate
 
         disable_dropout(model, has_reference=self.needs_reference)
         teacher = grpo_teacher(self, cfg, model, prepared.tokenizer)
@@ -418,7 +419,7 @@ def _steps_per_generation(args, problems: list) -> Optional[int]:
         world = max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
         gas = args.gradient_accumulation_steps or max(1, math.ceil(16 / max(per_step, 1) / world))
         if per_step >= 1 and (per_step * world * gas) % max(args.num_generations, 1):
-            from tunesmith.train.rl.rollouts import generation_batch_problem
+            from tunesmith.train.rl.units import generation_batch_problem
 
             problems.append(generation_batch_problem(per_step * world, gas, args.num_generations))
         return None
@@ -426,7 +427,7 @@ def _steps_per_generation(args, problems: list) -> Optional[int]:
         problems.append(f"--steps_per_generation {steps}: must be 1 or more")
         return 1
     if (per_step * steps) % max(args.num_generations, 1):
-        from tunesmith.train.rl.rollouts import generation_batch_problem
+        from tunesmith.train.rl.units import generation_batch_problem
 
         problems.append(generation_batch_problem(per_step, steps, args.num_generations))
     return steps

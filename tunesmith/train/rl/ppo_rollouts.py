@@ -38,12 +38,12 @@ class PPOUnit:
 
 
 def ppo_collate(units: list, pad_id: int) -> dict:
-    """Units → GRPO's layout (`rollouts.grpo_collate`: input_ids/attention_mask [B, P + C], prompts left-padded,
+    """Units → GRPO's layout (`units.grpo_collate`: input_ids/attention_mask [B, P + C], prompts left-padded,
     completions right-padded, completion_mask [B, C], `stats` summed) plus `old_logps`, `values`, `advantages`,
     `returns` [B, C] (0 on the padding) where the units carry them."""
     import torch
 
-    from tunesmith.train.rl.rollouts import Unit, grpo_collate
+    from tunesmith.train.rl.units import Unit, grpo_collate
 
     batch = grpo_collate([Unit(u.prompt_ids, u.completion_ids, 0.0, True, stats=u.stats) for u in units], pad_id)
     c = batch["completion_mask"].shape[1]
@@ -85,7 +85,7 @@ class PPORollouts:
         from tunesmith.inference.chat import ChatEngine
         from tunesmith.train.methods.rm import reward_model_functions
         from tunesmith.train.rl.rewards import load_reward_functions
-        from tunesmith.train.rl.rollouts import _unique_names, fit_prompts, refuse_pictures
+        from tunesmith.train.rl.units import _unique_names, fit_prompts, refuse_pictures
 
         self.method, self.model, self.tok, self.reference, self.value = method, model, tokenizer, reference, value
         self.bs = cfg.optim.per_device_train_batch_size
@@ -245,7 +245,7 @@ class PPORollouts:
         import torch
 
         from tunesmith.train.microbatches import to_device
-        from tunesmith.train.rl.rollouts import completion_logps
+        from tunesmith.train.rl.units import completion_logps
 
         m, t = self.method, self.method.temperature
         device = next(self.model.parameters()).device
@@ -329,7 +329,7 @@ class PPOValidation:
     evaluation; len() is the number of completions."""
 
     def __init__(self, rollouts: PPORollouts, prompts: list):
-        from tunesmith.train.rl.rollouts import refuse_pictures
+        from tunesmith.train.rl.units import refuse_pictures
 
         refuse_pictures(prompts, "validation prompts")
         self.rollouts, self.prompts = rollouts, rollouts.fit(prompts, what="validation prompts")

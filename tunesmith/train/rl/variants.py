@@ -4,11 +4,13 @@ sequence masking, rollout importance sampling). ms-swift 4.6's names, defaults a
 (arguments/rlhf_args.py `_init_grpo`, rlhf_trainers/grpo_trainer.py `_prepare_algorithm_params`)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tunesmith.train import loop
 
 from tunesmith.config.checks import between
+from tunesmith.errors import ConfigError
 from tunesmith.log import note
 
 
@@ -195,3 +197,40 @@ def sdar_terms(distill: SelfDistill, logps, batch: dict, terms: dict, metrics: d
 
     loss, more = sdar_loss(logps, batch["teacher_logps"].float(), batch["completion_mask"], distill.sdar_beta)
     return {**terms, "sdar_batches": distill.sdar_coef * loss}, {**metrics, **more, "sdar/coef": distill.sdar_coef}
+
+
+def teacher_signal(u, method, step: int) -> None:
+    """The teacher's per-token signal on a unit (units.Unit), as ms-swift 4.6 grpo_trainer.py:259-303 — RLSD
+    (--advantage_reweight rlsd): the advantages `grpo_variants.rlsd_reweight` [C] with λ at optimiser step `step`;
+    SDAR (--sdar_loss_coef > 0): none here (the loss adds its term); otherwise OPD-RL
+    (rl_core/advantage.py expand_advantage_to_per_token): A + teacher_kl_coef·(log p_teacher − log p_old) [C]. And
+    its teacher_kl statistics — the k3 estimate e^d − d − 1 of each token, d = log p_teacher − log p_old
+    (compute_teacher_kl_per_token), summed with its token count."""
+    import torch
+
+    from tunesmith.train.ops.grpo_variants import rlsd_lambda, rlsd_reweight
+
+    sd = method.distill
+    if sd is not None and sd.reweight == "rlsd":
+        gap = torch.tensor([u.teacher_gap], dtype=torch.float64)
+        lam = rlsd_lambda(step, sd.lam, sd.warmup_steps, sd.decay_steps)
+        u.token_advantages = rlsd_reweight(torch.tensor([u.advantage], dtype=torch.float64), torch.ones_like(gap),
+                                           gap, torch.zeros_like(gap), lam, sd.clip_range, sd.negative_only)[0].tolist()
+        u.stats.update({"rlsd_lambda_sum": lam, "rlsd_lambda_count": 1})
+    elif sd is None or sd.sdar_coef <= 0:
+        u.token_advantages = [u.advantage + method.teacher_kl_coef * g for g in u.teacher_gap]
+    u.stats["teacher_kl"] = sum(math.exp(d) - d - 1 for d in u.teacher_gap)
+    u.stats["teacher_kl_tokens"] = len(u.teacher_gap)
+
+
+def opsd_problems(method) -> None:
+    """Rows with a teacher_prompt column turn on OPD-RL's teacher signal (ms-swift's OPSD); what needs one advantage
+    per completion cannot take it. Raises ConfigError (ms-swift raises at the loss)."""
+    if method.loss_type in ("real", "fipo") or method.variants.off_policy_sequence_mask_delta is not None:
+        raise ConfigError(f"the rows have a teacher_prompt column, which turns on OPD-RL's per-token teacher signal "
+                          f"(ms-swift's self-distillation); --loss_type {method.loss_type} / "
+                          f"--off_policy_sequence_mask_delta need one advantage per completion: drop one of them "
+                          f"(or the column)")
+    note("GRPO: the rows have a teacher_prompt column: the policy on that prompt is the teacher of each completion "
+         "token (ms-swift's OPSD self-distillation; --teacher_model names another teacher)" if method.teacher_model
+         is None else "GRPO: the rows have a teacher_prompt column: --teacher_model scores each completion after it")
