@@ -20,6 +20,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.inference.chat import GenConfig
 from tunesmith.train import recipe
 from tunesmith.train.rl import multi_turn as mt
+from tunesmith.train.rl import schedulers as sch
 from tunesmith.train.rl import rewards  # noqa: F401 — offers ORM and orms to plugins, as GRPO loads rewards first
 from tunesmith.train.rl.units import Unit, grpo_collate
 
@@ -29,7 +30,7 @@ needs_no_swift = pytest.mark.skipif(__import__("importlib").util.find_spec("swif
 pytestmark = pytest.mark.usefixtures("no_charts")
 
 
-class Weather(mt.ToolCallScheduler):
+class Weather(sch.ToolCallScheduler):
     """The built-in tool-call scheduler with one tool, as a user would extend it."""
 
     def __init__(self, *args, **kwargs):
@@ -40,7 +41,7 @@ class Weather(mt.ToolCallScheduler):
 def _drive(chat, scheduler, messages, tools=None, max_turns=None, scope="per_round", limit=64):
     """One trajectory of `messages` through MultiTurn with greedy sampling; returns it."""
     driver = mt.MultiTurn(scheduler, chat, "test", max_turns, scope, limit)
-    t = mt.Trajectory(mt.RolloutInferRequest(copy.deepcopy(messages), tools=tools, uuid="u"),
+    t = mt.Trajectory(sch.RolloutInferRequest(copy.deepcopy(messages), tools=tools, uuid="u"),
                       chat.prompt(messages, tools).ids, seed=7)
 
     def sample(rows):
@@ -94,7 +95,7 @@ def test_an_observation_joined_to_the_reply_is_untrained_and_the_next_turn_conti
     response_token_ids / response_loss_mask (0 on the answer); the next turn continues the same reply, and its
     response_token_ids entry is extended (one entry for the one reply)."""
 
-    class Observe(mt.MultiTurnScheduler):
+    class Observe(sch.MultiTurnScheduler):
         def step(self, infer_request, response_choice, current_turn):
             seen = self.tokenizer("\nObservation: sunny\n", add_special_tokens=False)["input_ids"]
             infer_request.messages[-1]["content"] += "\nObservation: sunny\n"
@@ -127,7 +128,7 @@ def test_the_trained_log_probs_of_a_trajectory_are_the_sampled_ones(tiny_models)
     tok, model = AutoTokenizer.from_pretrained(d), AutoModelForCausalLM.from_pretrained(d).eval()
     chat = ChatEngine(model, tok)
 
-    class Tool(mt.MultiTurnScheduler):
+    class Tool(sch.MultiTurnScheduler):
         def check_finished(self, infer_request, response_choice, current_turn):
             return current_turn >= 3
 
@@ -145,7 +146,7 @@ def test_the_trained_log_probs_of_a_trajectory_are_the_sampled_ones(tiny_models)
         return out
 
     messages = [{"role": "user", "content": "hi there"}]
-    trajectories = [mt.Trajectory(mt.RolloutInferRequest(copy.deepcopy(messages), uuid=str(k)),
+    trajectories = [mt.Trajectory(sch.RolloutInferRequest(copy.deepcopy(messages), uuid=str(k)),
                                   chat.prompt(messages).ids, seed=k) for k in range(4)]
     try:
         mt.MultiTurn(Tool(), chat, "tool", 3, "per_round", 6).run(trajectories, sample)
@@ -170,7 +171,7 @@ def test_max_turns_and_the_completion_length_scopes_bound_a_trajectory(weather_c
     """A scheduler that never finishes (it always asks again) stops at --max_turns; per_round gives each turn up to
     max_completion_length tokens, total the whole completion (tool turns included)."""
 
-    class Again(mt.MultiTurnScheduler):
+    class Again(sch.MultiTurnScheduler):
         def check_finished(self, infer_request, response_choice, current_turn):
             return False
 
@@ -187,11 +188,11 @@ def test_max_turns_and_the_completion_length_scopes_bound_a_trajectory(weather_c
 
 
 def test_a_scheduler_that_breaks_the_contract_is_named(weather_chat):
-    class NoStep(mt.MultiTurnScheduler):
+    class NoStep(sch.MultiTurnScheduler):
         def check_finished(self, infer_request, response_choice, current_turn):
             return False
 
-    class BadMask(mt.ToolCallScheduler):
+    class BadMask(sch.ToolCallScheduler):
         def step(self, infer_request, response_choice, current_turn):
             return {"infer_request": infer_request, "response_token_ids": [1, 2], "response_loss_mask": [1]}
 
@@ -241,8 +242,8 @@ multi_turns["echo3"] = Echo3
 def test_a_plugin_in_ms_swifts_form_loads_without_ms_swift(tmp_path, body, name):
     path = tmp_path / f"{name}.py"
     path.write_text(body)
-    scheduler = mt.load_scheduler(name, [str(path)], 3, tokenizer="TOK")
-    assert isinstance(scheduler, mt.MultiTurnScheduler) and type(scheduler).__name__.lower() == name
+    scheduler = sch.load_scheduler(name, [str(path)], 3, tokenizer="TOK")
+    assert isinstance(scheduler, sch.MultiTurnScheduler) and type(scheduler).__name__.lower() == name
     assert scheduler.max_turns == 3 and scheduler.tokenizer == "TOK"
     assert "swift" not in sys.modules  # the stand-in is gone once the plugin is loaded
 
@@ -251,13 +252,13 @@ def test_an_unknown_scheduler_names_the_available_ones(tmp_path):
     # (the registry is the process's, as ms-swift's: other tests' plugins may have added names)
     with pytest.raises(ConfigError, match=r"no such scheduler; did you mean tool_call_scheduler\?; available: "
                                           r"(\w+, )*tool_call_scheduler"):
-        mt.load_scheduler("tool_call_schedular", [], None)
+        sch.load_scheduler("tool_call_schedular", [], None)
     with pytest.raises(ConfigError, match="math tip trick is an ms-swift built-in tunesmith does not ship yet"):
-        mt.load_scheduler("math_tip_trick", [], None)
+        sch.load_scheduler("math_tip_trick", [], None)
     path = tmp_path / "not_a_class.py"
     path.write_text("from swift.rollout import multi_turns\nmulti_turns['odd'] = 42\n")
     with pytest.raises(ConfigError, match="multi_turns\\['odd'\\] is 42, not a scheduler class"):
-        mt.load_scheduler("odd", [str(path)], None)
+        sch.load_scheduler("odd", [str(path)], None)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -374,15 +375,15 @@ def test_a_gym_environment_runs_the_conversation_and_sums_its_rewards(weather_ch
     path = tmp_path / "gym.py"
     path.write_text(GYM_PLUGIN)
     chat = weather_chat
-    scheduler = mt.load_scheduler("gym_scheduler", [str(path)], 5, chat.tok, gym_env="countdown")
+    scheduler = sch.load_scheduler("gym_scheduler", [str(path)], 5, chat.tok, gym_env="countdown")
     t = _drive(chat, scheduler, [{"role": "user", "content": "placeholder"}], max_turns=5)
     assert [m["role"] for m in t.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert t.messages[1]["content"] == "go" and t.messages[3]["content"] == "again" and t.turns == 2
     assert t.infos["total_reward"] == 0.5 and t.infos["step_rewards"] == [0.25, 0.25] and t.infos["gym_done"]
     assert t.prompt_ids == chat.prompt(t.messages[:2]).ids  # the prompt was rendered again from the observation
-    assert mt.gym_reward()(["x"], rollout_infos=[t.infos]) == [0.5]
+    assert sch.gym_reward()(["x"], rollout_infos=[t.infos]) == [0.5]
     with pytest.raises(ConfigError, match="gym environment 'nope' not found.*available: .*countdown"):
-        _drive(chat, mt.load_scheduler("gym_scheduler", [], 5, chat.tok, gym_env="nope"),
+        _drive(chat, sch.load_scheduler("gym_scheduler", [], 5, chat.tok, gym_env="nope"),
                [{"role": "user", "content": "placeholder"}], max_turns=5)
 
 

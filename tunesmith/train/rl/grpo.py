@@ -248,7 +248,7 @@ class GRPO:
     offload_teacher: bool = False
     teacher_kl_coef: float = 1.0
     distill: Any = None                       # variants.SelfDistill: RLSD / SDAR / OPD-RL's additive signal
-    multi_turn_scheduler: Optional[str] = None  # multi-turn rollouts: the scheduler's name (train/rl/multi_turn.py)
+    multi_turn_scheduler: Optional[str] = None  # multi-turn rollouts: the scheduler's name (train/rl/schedulers.py)
     max_turns: Optional[int] = None           # model turns per trajectory; None: no limit
     completion_length_limit_scope: str = "per_round"  # max_completion_length: per model turn, or "total"
     gym_env: Optional[str] = None             # gym_scheduler's default environment
@@ -477,7 +477,7 @@ def _check_multi_turn(args, problems: list, use_gym: bool) -> None:
     """--multi_turn_scheduler names a scheduler that loads (after the reward plugins ran: a plugin file may
     register both); --max_turns >= 1; --max_turns, --completion_length_limit_scope total, --gym_env and
     --use_gym_env only with a scheduler (they would change nothing)."""
-    from tunesmith.train.rl.multi_turn import load_scheduler
+    from tunesmith.train.rl.schedulers import load_scheduler
 
     if args.max_turns is not None:
         between(problems, "max_turns", args.max_turns, 1, None)

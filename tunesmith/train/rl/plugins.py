@@ -5,7 +5,7 @@ A plugin registers its reward classes as `orms['name'] = Cls` after `from swift.
 after `from swift.plugin.multi_turn import MultiTurnScheduler, multi_turns` (3.x) or `from swift.rollout import
 MultiTurnScheduler, multi_turns` (4.x). When ms-swift is not installed, those modules are stood in for while the
 file runs, offering tunesmith's registries and base classes: the reward side's (`exports`, from
-`tunesmith.train.rl.rewards`) and what other modules `provide` (the multi-turn side, `tunesmith.train.rl.multi_turn`);
+`tunesmith.train.rl.rewards`) and what other modules `provide` (the multi-turn side, `tunesmith.train.rl.schedulers`);
 when it is, ms-swift's own registries are read after the file ran. A failing plugin is a ConfigError naming its file
 and line. No torch import.
 """

@@ -83,7 +83,8 @@ class Rollouts:
                                         + self._gym_reward())
         self.multi_turn = None  # multi_turn.MultiTurn when --multi_turn_scheduler names a scheduler
         if method.multi_turn_scheduler is not None:
-            from tunesmith.train.rl.multi_turn import MultiTurn, load_scheduler
+            from tunesmith.train.rl.multi_turn import MultiTurn
+            from tunesmith.train.rl.schedulers import load_scheduler
 
             self.multi_turn = MultiTurn(load_scheduler(method.multi_turn_scheduler, list(method.external_plugins),
                                                        method.max_turns, tokenizer, method.gym_env),
@@ -117,10 +118,10 @@ class Rollouts:
         return server
 
     def _gym_reward(self) -> list:
-        """[--use_gym_env's gym_reward] (multi_turn.gym_reward), or []."""
+        """[--use_gym_env's gym_reward] (schedulers.gym_reward), or []."""
         if not self.method.use_gym_env:
             return []
-        from tunesmith.train.rl.multi_turn import gym_reward
+        from tunesmith.train.rl.schedulers import gym_reward
 
         return [gym_reward()]
 
