@@ -112,7 +112,7 @@ def test_flags_the_issue_names():
     # the vLLM engine flags drive GRPO's --use_vllm rollouts as they drive infer's --infer_backend vllm
     assert parse_args("rlhf", ["--gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
     assert parse_args("infer", ["--vllm_gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
-    with pytest.raises(ArgError, match="does not support yet: that GRPO option is not implemented"):
+    with pytest.raises(ArgError, match="does not support yet: it samples the next round on a rollout server"):
         parse_args("rlhf", ["--async_generate", "true"])
     # #33: GRPO's memory options for a colocated vLLM are refused with their own reason
     for flag in ("sleep_level", "offload_model", "offload_optimizer", "gc_collect_after_offload"):
