@@ -185,6 +185,9 @@ def test_max_turns_and_the_completion_length_scopes_bound_a_trajectory(weather_c
     assert all(len(ids) <= 5 for ids in t.turn_ids) and t.finish_reason == "length"
     t = _drive(chat, Again(max_turns=3), messages, WEATHER, max_turns=3, scope="total", limit=20)
     assert len(t.token_ids) <= 20 and t.finish_reason == "length" and t.turns <= 3
+    # the budget spent by a turn: the message step() appended leaves with its tokens, so rewards (which read the
+    # last message) score the model's reply, never the scheduler's text
+    assert t.messages[-1]["role"] == "assistant"
 
 
 def test_a_scheduler_that_breaks_the_contract_is_named(weather_chat):
@@ -196,7 +199,19 @@ def test_a_scheduler_that_breaks_the_contract_is_named(weather_chat):
         def step(self, infer_request, response_choice, current_turn):
             return {"infer_request": infer_request, "response_token_ids": [1, 2], "response_loss_mask": [1]}
 
+    class Raises(NoStep):
+        def step(self, infer_request, response_choice, current_turn):
+            raise KeyError("boom in step")
+
+    class BadIds(BadMask):
+        def step(self, infer_request, response_choice, current_turn):
+            return {"infer_request": infer_request, "response_token_ids": [10 ** 9, -5]}
+
     messages = [{"role": "user", "content": "Weather in Paris?"}]
+    with pytest.raises(ConfigError, match=r"Raises.step\(\) raised KeyError: 'boom in step' \(turn 1\)"):
+        _drive(weather_chat, Raises(), messages, WEATHER, max_turns=2)
+    with pytest.raises(ConfigError, match="1000000000, not a token id"):
+        _drive(weather_chat, BadIds(), messages, WEATHER, max_turns=2)
     with pytest.raises(ConfigError, match="NoStep does not implement step"):
         _drive(weather_chat, NoStep(), messages, WEATHER, max_turns=2)
     with pytest.raises(ConfigError, match="2 response_token_ids and a response_loss_mask of 1"):

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tunesmith.errors import ConfigError
+from tunesmith.log import note
 from tunesmith.train.rl.schedulers import (ChatCompletionMessageToolCall, ChatCompletionResponseChoice, ChatMessage,
                                           Function, RolloutInferRequest)
 
@@ -100,6 +101,11 @@ class MultiTurn:
         self.max_turns, self.scope, self.max_completion_length = max_turns, scope, max_completion_length
         self.parser = OutputParser(chat.tok)
         self.stop_ids = set(chat.stop_ids)
+        if not max_turns:
+            note(f"--multi_turn_scheduler {name} without --max_turns: a trajectory ends when the scheduler says so "
+                 f"or when it fills the model's context ({chat.max_model_len} tokens" +
+                 (f"; --max_completion_length {max_completion_length} in all" if scope == "total" else "") +
+                 "); a scheduler that never finishes makes each round that long — pass --max_turns N to bound it")
 
     def room(self, t: Trajectory) -> int:
         """How many tokens the next turn of `t` may sample (< 1: none)."""
@@ -165,19 +171,17 @@ class MultiTurn:
         choice = self._choice(completion)
         continued = _append_reply(t.request.messages, choice.message.content)
         t.turns, t.finish_reason = turn, completion.finish_reason
-        ended = loop.run_until_complete(self.scheduler.on_turn_end(t.request, choice, turn)) or {}
+        ended = self._call("on_turn_end", turn, lambda: loop.run_until_complete(
+            self.scheduler.on_turn_end(t.request, choice, turn))) or {}
         t.infos.update(ended.get("rollout_infos") or {})
-        stop = ended["done"] if "done" in ended else self.scheduler.check_finished(t.request, choice, turn)
+        stop = ended["done"] if "done" in ended else \
+            self._call("check_finished", turn, lambda: self.scheduler.check_finished(t.request, choice, turn))
         if stop or (self.max_turns and turn >= self.max_turns):
             ids, mask = self._tokens(ended, ids, "on_turn_end")
             t.add(ids, mask, continued)
             return False
-        try:
-            ret = self.scheduler.step(t.request, choice, turn)
-        except NotImplementedError as e:
-            raise ConfigError(f"--multi_turn_scheduler {self.name}: {type(self.scheduler).__name__} does not "
-                              f"implement step() ({e}); run() overrides are ms-swift's server mode, tunesmith drives "
-                              f"step() and check_finished() as ms-swift's colocate mode") from e
+        replied = copy.deepcopy(t.request.messages)  # the conversation ending in the model's reply
+        ret = self._call("step", turn, lambda: self.scheduler.step(t.request, choice, turn))
         if not isinstance(ret, dict) or ret.get("infer_request") is None:
             raise ConfigError(f"--multi_turn_scheduler {self.name}: step() returned {type(ret).__name__}, not a dict "
                               f"with 'infer_request' (the request for the next turn)")
@@ -189,9 +193,26 @@ class MultiTurn:
         t.token_ids, t.mask = t.token_ids + glue, t.mask + [0] * len(glue)
         if self.room(t) < 1:  # no room for another turn: the environment's tokens at the end train nothing
             t.token_ids, t.mask = t.token_ids[:len(t.token_ids) - len(glue)], t.mask[:len(t.mask) - len(glue)]
+            t.request.messages = replied  # and its messages leave too: rewards score the model's last reply
             t.finish_reason = "length"
             return False
         return True
+
+    def _call(self, what: str, turn: int, fn):
+        """A scheduler hook's result; an exception in the plugin's code becomes one ConfigError naming the
+        scheduler, the hook and the turn (NotImplementedError from step(): what tunesmith drives instead)."""
+        try:
+            return fn()
+        except ConfigError:
+            raise
+        except NotImplementedError as e:
+            raise ConfigError(f"--multi_turn_scheduler {self.name}: {type(self.scheduler).__name__} does not "
+                              f"implement {what}() ({e}); run() overrides are ms-swift's server mode, tunesmith "
+                              f"drives step() and check_finished() as ms-swift's colocate mode") from e
+        except Exception as e:  # the plugin's own bug: said once, with where it happened
+            raise ConfigError(f"--multi_turn_scheduler {self.name}: {type(self.scheduler).__name__}.{what}() "
+                              f"raised {type(e).__name__}: {e} (turn {turn}); fix the scheduler (run it on one "
+                              f"request to see the traceback)") from e
 
     def _choice(self, completion) -> ChatCompletionResponseChoice:
         """The engine's Completion as ms-swift's response choice: content decoded without the stop token and
@@ -215,6 +236,10 @@ class MultiTurn:
                                   f"without response_token_ids (ms-swift requires both)")
             return ids, [1] * len(ids)
         given = [int(i) for i in given]
+        bad = next((i for i in given if not 0 <= i < len(self.tok)), None)
+        if bad is not None:
+            raise ConfigError(f"--multi_turn_scheduler {self.name}: {where}() returned response_token_ids with {bad}, "
+                              f"not a token id of this tokenizer (0 to {len(self.tok) - 1})")
         mask = [1] * len(given) if mask is None else [int(v) for v in mask]
         if len(mask) != len(given) or any(v not in (0, 1) for v in mask):
             raise ConfigError(f"--multi_turn_scheduler {self.name}: {where}() returned {len(given)} "
@@ -234,7 +259,13 @@ class MultiTurn:
         if last is None:
             raise ConfigError(f"--multi_turn_scheduler {self.name}: step() left no assistant message in the "
                               f"conversation (the model's reply must stay in it)")
-        text = self._render(msgs[:last] + [{"role": "assistant", "content": _SENTINEL}] + msgs[last + 1:], request)
+        try:
+            text = self._render(msgs[:last] + [{"role": "assistant", "content": _SENTINEL}] + msgs[last + 1:],
+                                request)
+        except Exception as e:  # a message the scheduler appended that the chat template cannot render
+            raise ConfigError(f"--multi_turn_scheduler {self.name}: the chat template cannot render the messages "
+                              f"step() appended ({type(e).__name__}: {e}); each needs a role the template knows "
+                              f"(user, tool, system) and string content") from e
         at = text.rfind(_SENTINEL)
         if at < 0:
             raise ConfigError("multi-turn rollouts: the chat template does not render an assistant reply's text "

@@ -250,7 +250,8 @@ class Rollouts:
                 teacher_signal(u, self.method, self._global_step())
             u.stats.update({"reward": combined[i], "reward_sq": combined[i] ** 2, "zero_std": float(zero_std[i // g])})
         # per-round extremes ride on the round's first unit; the metrics average them over the rounds logged
-        lengths = [len(u.completion_ids) for u in units]
+        # the trained tokens, as the mean length counts them (a multi-turn completion's tool turns are not)
+        lengths = [len(u.completion_ids) if u.completion_mask is None else sum(u.completion_mask) for u in units]
         units[0].stats.update({"rounds": 1, "round_min_length": min(lengths), "round_max_length": max(lengths)})
         if D.is_main() and training:
             self._log(prompts, [t for _, _, _, texts in groups for t in texts], per_func, combined, advantages)
