@@ -197,6 +197,9 @@ def test_ms_swift_ppo_flags_parse_with_its_defaults():
     method = PPO.from_args(parse_args("rlhf", ["--rlhf_type", "ppo", "--reward_funcs", "format",
                                                "--response_length", "77", "--max_completion_length", "9"]), problems)
     assert problems == [] and method.max_completion_length == 77 and method.reward_weights == (1.0,)
+    PPO.from_args(parse_args("rlhf", ["--rlhf_type", "ppo", "--reward_funcs", "format", "--response_length", "0"]),
+                  problems)  # 0 is a length, not "unset": refused like --max_completion_length 0
+    assert any("response_length" in p for p in problems), problems
     assert method.needs_reference and not PPO.from_args(
         parse_args("rlhf", ["--rlhf_type", "ppo", "--reward_funcs", "format", "--kl_coef", "0"]), []).needs_reference
 

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import time
+from unittest import mock
 
 import pytest
 
@@ -257,6 +258,14 @@ def test_the_api_key_guards_every_path_but_health(rollout):
         assert http_json("POST", f"{url}/get_engine_type/")[0] == 401
         assert http_json("POST", f"{url}/update_adapter/", raw=b"x")[0] == 401
         assert http_json("POST", f"{url}/get_engine_type/", headers={"Authorization": "Bearer sk-rollout"})[0] == 200
+        # a trainer without the key (or with a wrong one) is told to set it, not that this is a vLLM server
+        from tunesmith.train.rl.rollout_client import API_KEY_ENV, RolloutServer, ServerConfig
+
+        for key in (None, "wrong"):
+            env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV} | ({API_KEY_ENV: key} if key else {})
+            with mock.patch.dict(os.environ, env, clear=True):
+                with pytest.raises(ConfigError, match=f"needs an API key .*set {API_KEY_ENV}"):
+                    RolloutServer(ServerConfig(url, 5.0), None, "m").connect()
 
 
 def test_no_server_is_a_clear_error_at_once(tiny_models, setup, tmp_path):
@@ -291,7 +300,11 @@ def test_a_vllm_rollout_server_is_refused_with_the_reason():
      "one rollout server is supported yet"),
     (["--vllm_mode", "server", "--vllm_server_host", "a", "--train_type", "vera"],
      "other tuners' weights are not synced to a server yet"),
-    (["--vllm_mode", "server", "--vllm_server_base_url", "localhost:8000"], "an http:// or https:// URL"),
+    (["--vllm_mode", "server", "--vllm_server_base_url", "localhost:8000"], "the server's root, http://HOST:PORT"),
+    (["--vllm_mode", "server", "--vllm_server_base_url", "http://127.0.0.1:8000/v1"], "(no path)"),
+    (["--vllm_mode", "server", "--vllm_server_host", "a", "--vllm_server_port", "70000"], "a TCP port, 1 to 65535"),
+    (["--vllm_mode", "server", "--vllm_server_host", "a", "--multi_turn_scheduler", "tool_call_scheduler"],
+     "multi-turn rollouts run in the training process"),
     (["--vllm_mode", "server", "--vllm_server_host", "a", "--vllm_server_timeout", "0"], "more than 0"),
 ])
 def test_what_server_rollouts_cannot_do_is_a_flag_error(tiny_models, flags, message):

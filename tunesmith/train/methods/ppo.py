@@ -155,7 +155,7 @@ class PPO:
         bad name or plugin is a flag problem before anything loads."""
         from tunesmith.train.rl.grpo import _reward_args
 
-        length = args.response_length or args.max_completion_length
+        length = args.max_completion_length if args.response_length is None else args.response_length
         between(problems, "num_ppo_epochs", args.num_ppo_epochs, 1, None)
         between(problems, "num_mini_batches", args.num_mini_batches, 1, None)
         between(problems, "local_rollout_forward_batch_size", args.local_rollout_forward_batch_size, 1, None)
@@ -166,7 +166,8 @@ class PPO:
         between(problems, "gamma", args.gamma, 0, 1)
         between(problems, "lam", args.lam, 0, 1)
         between(problems, "temperature", args.temperature, 0, None, lo_open=True)
-        between(problems, "response_length" if args.response_length else "max_completion_length", length, 1, None)
+        between(problems, "max_completion_length" if args.response_length is None else "response_length", length,
+                1, None)
         if args.missing_eos_penalty is not None:
             between(problems, "missing_eos_penalty", args.missing_eos_penalty, 0, None)
         reward_args = _reward_args(args)

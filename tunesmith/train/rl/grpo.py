@@ -368,8 +368,11 @@ class GRPO:
                                                     "for LaTeX equivalence)")
         ref = batches.reference.describe if batches.reference is not None else "none (beta 0: no KL term)"
         if batches.train.teacher is not None:
-            ref += (f"\n[tunesmith] teacher (OPD-RL, teacher_kl_coef {self.teacher_kl_coef:g}): "
-                    f"{batches.train.teacher.describe}")
+            sd = self.distill
+            how = "RLSD (advantages reweighted)" if sd is not None and sd.reweight == "rlsd" else \
+                f"SDAR (sdar_loss_coef {sd.sdar_coef:g})" if sd is not None and sd.sdar_coef > 0 else \
+                f"OPD-RL, teacher_kl_coef {self.teacher_kl_coef:g}"
+            ref += f"\n[tunesmith] teacher ({how}): {batches.train.teacher.describe}"
         return (f"[tunesmith] rlhf grpo: loss_type={self.loss_type}, β={self.beta:g}, G={self.num_generations}, "
                 f"ε=[{self.epsilon:g}, {self.epsilon_high:g}], advantages {self.advantage_estimator}/"
                 f"{self.scale_rewards}, temperature {self.temperature:g}, max_completion_length "
@@ -542,8 +545,15 @@ def _server_problems(args, problems: list) -> None:
         problems.append("--vllm_mode server: one rollout server is supported yet (several hosts, ports or URLs "
                         "were given); pass one")
     for url in urls:
-        if not str(url).startswith(("http://", "https://")):
-            problems.append(f"--vllm_server_base_url {url}: an http:// or https:// URL, e.g. http://127.0.0.1:8000")
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(str(url))
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/") or parts.query:
+            problems.append(f"--vllm_server_base_url {url}: the server's root, http://HOST:PORT (no path), e.g. "
+                            f"http://127.0.0.1:8000")
+    for port in ports:
+        if not 1 <= int(port) <= 65535:
+            problems.append(f"--vllm_server_port {port}: a TCP port, 1 to 65535")
     if not args.vllm_server_timeout > 0:
         problems.append(f"--vllm_server_timeout {args.vllm_server_timeout}: seconds, more than 0")
     if args.train_type not in ("lora", "full"):

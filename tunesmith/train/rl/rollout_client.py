@@ -27,7 +27,12 @@ API_KEY_ENV = "TUNESMITH_API_KEY"  # the server's --api_key, read from the envir
 
 
 class RolloutServerError(TunesmithError):
-    """The rollout server answered a request with an error, or the connection broke mid-run."""
+    """The rollout server answered a request with an error (`status`: its HTTP status), or the connection broke
+    mid-run (status None)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,11 @@ class RolloutServer:
         try:
             info = self._request("POST", "/get_engine_type/")
         except RolloutServerError as e:
+            if e.status in (401, 403):  # a server started with --api_key: the trainer must send it
+                raise ConfigError(f"--vllm_mode server: the rollout server at {self.cfg.base_url} needs an API key "
+                                  f"({'a wrong one was sent' if os.environ.get(API_KEY_ENV) else 'none was sent'}): "
+                                  f"set {API_KEY_ENV} to the server's --api_key in the training process's "
+                                  f"environment") from None
             info = {"error": str(e)}
         if info.get("server") != "tunesmith":
             kind = info.get("engine_type", "no /get_engine_type/")
@@ -182,7 +192,7 @@ class RolloutServer:
                 return json.load(r)
         except urllib.error.HTTPError as e:
             raise RolloutServerError(f"the rollout server at {self.cfg.base_url} refused {path} (HTTP {e.code}): "
-                                     f"{_message(e)}") from None
+                                     f"{_message(e)}", e.code) from None
         except OSError as e:  # refused, reset, timed out: the server is not there (any more)
             raise RolloutServerError(f"the rollout server at {self.cfg.base_url} did not answer {path} "
                                      f"({_reason(e)}); is `{self.start_command()}` still running?") from None

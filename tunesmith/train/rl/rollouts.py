@@ -112,9 +112,9 @@ class Rollouts:
 
         server = RolloutServer(method.server, model, model_dir)
         info = server.connect()
-        what = "LoRA adapter" if isinstance(getattr(model, "peft_config", None), dict) else "trainable weights"
+        what = "LoRA adapter is" if isinstance(getattr(model, "peft_config", None), dict) else "trainable weights are"
         note(f"GRPO rollouts from the rollout server at {method.server.base_url} (model {info.get('model')}); the "
-             f"policy's {what} are pushed to it over HTTP whenever they changed")
+             f"policy's {what} pushed to it over HTTP whenever they changed")
         return server
 
     def _gym_reward(self) -> list:
@@ -238,7 +238,9 @@ class Rollouts:
             note(f"GRPO: every completion of this round reached --max_completion_length "
                  f"{self.method.max_completion_length}, and --overlong_filter leaves truncated completions out of "
                  f"the loss, so the round trains nothing; raise --max_completion_length (or drop --overlong_filter)")
-        if all(zero_std) and not self.said_flat and training and self.reward_fns:
+        # a teacher's per-token signal (OPD-RL, OPSD, RLSD, SDAR) or CHORD's SFT term still trains such a round
+        other_signal = self.teacher is not None or self.opsd or self.method.chord is not None
+        if all(zero_std) and not self.said_flat and training and self.reward_fns and not other_signal:
             self.said_flat = True
             note("GRPO: in this round every group's completions got the same reward, so every advantage is 0 and "
                  "nothing is learned from it; if this persists (frac_reward_zero_std 1.0), the reward functions "
