@@ -24,8 +24,8 @@ from conftest import CAPITALS_DATA, REPO
 def test_parse_problems_read_as_the_cli_says_them():
     msg = check_command("sft", ["--lora_rnak", "1"])
     assert msg.startswith("tunesmith sft: error: ") and "Did you mean --lora_rank?" in msg
-    msg = check_command("rlhf", ["--rlhf_type", "ppo"])
-    assert msg.startswith("tunesmith rlhf: error: 3 problems with the flags:\n  - --rlhf_type: 'ppo' is not one of")
+    msg = check_command("rlhf", ["--rlhf_type", "ppoo"])
+    assert msg.startswith("tunesmith rlhf: error: 3 problems with the flags:\n  - --rlhf_type: 'ppoo' is not one of")
     assert "pass the model with --model" in msg  # parse and value problems together, as the CLI reports them
 
 
