@@ -19,7 +19,8 @@ COMMANDS = {
     "sft": ("tunesmith.commands.train", "supervised fine-tuning (LoRA, QLoRA, full)"),
     "pt": ("tunesmith.commands.train", "continued pre-training on plain text: sft without a chat template, every "
                                        "token trained"),
-    "rlhf": ("tunesmith.commands.train", "preference training: DPO and its variants, CPO, SimPO, ORPO, KTO"),
+    "rlhf": ("tunesmith.commands.train", "preference training (DPO and its variants, CPO, SimPO, ORPO, KTO), reward "
+                                         "models, GRPO, PPO and GKD"),
     "dpo": ("tunesmith.commands.train", "short for `rlhf --rlhf_type dpo`"),
     "infer": ("tunesmith.commands.infer", "chat with a model or checkpoint, or infer over a dataset"),
     "export": ("tunesmith.commands.export", "merge adapters (--merge_lora true), write GGUF (--to_gguf true), an "
