@@ -14,13 +14,14 @@ import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
 from typing import Iterator, Optional
 
 from tunesmith.log import note
 from tunesmith.train.interrupts import raise_sampling_errors
+from tunesmith.train.rl.units import read_round, save_round, saved_units
 
 
 @dataclass
@@ -159,25 +160,15 @@ class PPORollouts:
     def save(self, path: str) -> None:
         """The round being trained (its completions, log-probs, values, advantages and returns, computed from the
         weights it started with) goes into the checkpoint: a resume inside it trains on exactly these."""
-        from tunesmith.files import write_json_atomic
-
-        if self.current is not None:
-            seed, r, units = self.current
-            write_json_atomic(os.path.join(path, self.ROUND_FILE),
-                              {"epoch_seed": seed, "round": r, "units": [asdict(u) for u in units]})
+        save_round(path, self.ROUND_FILE, self.current)
 
     def load(self, path: str) -> None:
         """Keep the checkpoint's round in progress until its epoch reaches it."""
-        f = os.path.join(path, self.ROUND_FILE)
-        if os.path.isfile(f):
-            with open(f, encoding="utf-8") as fh:
-                self.saved_round = json.load(fh)
+        self.saved_round = read_round(path, self.ROUND_FILE)
 
     def _resumed_round(self, seed: int, r: int) -> Optional[list]:
         saved, self.saved_round = self.saved_round, None
-        if saved is None or (saved["epoch_seed"], saved["round"]) != (seed, r):
-            return None
-        return [PPOUnit(**u) for u in saved["units"]]
+        return saved_units(saved, seed, r, PPOUnit)
 
     def log_to(self, run_dir: str) -> None:
         """--log_completions: append every round's rollouts to run_dir/completions.jsonl."""

@@ -20,7 +20,8 @@ from tunesmith.errors import ConfigError
 from tunesmith.log import note
 from tunesmith.train.interrupts import raise_sampling_errors
 from tunesmith.train.rl.units import (Unit, _completion_seed, _unique_names, completion_logps, fit_prompts,
-                                     generation_batch_problem, grpo_collate, refuse_pictures)
+                                     generation_batch_problem, grpo_collate, read_round, refuse_pictures, save_round,
+                                     saved_units)
 from tunesmith.train.rl.variants import opsd_problems, teacher_signal
 from tunesmith.train.rl.vllm_sync import VllmSync, processed_logprobs_config
 
@@ -154,28 +155,16 @@ class Rollouts:
         """The round being trained (its completions, advantages and log-probs, computed from the weights it
         started with) goes into the checkpoint: with several steps per round (--steps_per_generation,
         --num_iterations) a resume inside it trains on exactly these, not on a round sampled again."""
-        from dataclasses import asdict
-
-        from tunesmith.files import write_json_atomic
-
-        if self.current is not None:
-            seed, r, units = self.current
-            write_json_atomic(os.path.join(path, self.ROUND_FILE),
-                              {"epoch_seed": seed, "round": r, "units": [asdict(u) for u in units]})
+        save_round(path, self.ROUND_FILE, self.current)
 
     def load(self, path: str) -> None:
         """Keep the checkpoint's round in progress for `epoch` (absent in checkpoints of older runs: then the
         round is sampled again, with a note)."""
-        f = os.path.join(path, self.ROUND_FILE)
-        if os.path.isfile(f):
-            with open(f, encoding="utf-8") as fh:
-                self.saved_round = json.load(fh)
+        self.saved_round = read_round(path, self.ROUND_FILE)
 
     def _resumed_round(self, seed: int, r: int) -> Optional[list]:
         saved, self.saved_round = self.saved_round, None
-        if saved is None or (saved["epoch_seed"], saved["round"]) != (seed, r):
-            return None
-        return [Unit(**u) for u in saved["units"]]
+        return saved_units(saved, seed, r, Unit)
 
     def log_to(self, run_dir: str) -> None:
         """--log_completions: append every round's rollouts to run_dir/completions.jsonl."""

@@ -171,3 +171,36 @@ def _unique_names(fns: list) -> list:
 def _completion_seed(seed: int, r: int, j: int, g: int) -> int:
     """The seed of prompt j's first completion in round r of the epoch seeded `seed` (completion k: this + k)."""
     return (seed * 1_000_003 + r * 65_537 + j * g) % (2 ** 31)
+
+
+def save_round(path: str, name: str, current: Optional[tuple]) -> None:
+    """Write the round being trained, current = (epoch seed, round, its units: dataclasses), into the checkpoint
+    folder `path` as `name` (atomically); nothing when no round has started."""
+    import os
+    from dataclasses import asdict
+
+    from tunesmith.files import write_json_atomic
+
+    if current is not None:
+        seed, r, units = current
+        write_json_atomic(os.path.join(path, name), {"epoch_seed": seed, "round": r,
+                                                     "units": [asdict(u) for u in units]})
+
+
+def read_round(path: str, name: str) -> Optional[dict]:
+    """The round `save_round` wrote into checkpoint `path`, or None (absent in checkpoints of older runs)."""
+    import json
+    import os
+
+    f = os.path.join(path, name)
+    if not os.path.isfile(f):
+        return None
+    with open(f, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def saved_units(saved: Optional[dict], seed: int, r: int, unit_class) -> Optional[list]:
+    """The units of a saved round when it is round r of the epoch seeded `seed` (rebuilt as unit_class), else None."""
+    if saved is None or (saved["epoch_seed"], saved["round"]) != (seed, r):
+        return None
+    return [unit_class(**u) for u in saved["units"]]
