@@ -34,6 +34,7 @@ from tunesmith.train.rl.chord import ChordSpec, with_chord
 from tunesmith.train.rl.variants import (PER_BATCH, grpo_teacher, sdar_terms, teacher_fields, variant_fields,
                                          variant_metrics)
 from tunesmith.train.setup import Batches
+from tunesmith.train.rl.rollout_client import server_config, server_problems
 
 # how each loss type's scalar becomes a summed term and its unit (the loop divides by the units of the whole step):
 # grpo/sapo/dr_grpo average over completions, bnpo over micro-batches (ms-swift normalises each micro-batch by its
@@ -314,7 +315,7 @@ class GRPO:
                    tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
-                   max_resample_times=args.max_resample_times, server=_server(args),
+                   max_resample_times=args.max_resample_times, server=server_config(args),
                    **variant_fields(args, problems), chord=ChordSpec.from_args(args, problems),
                    **teacher_fields(args, problems), multi_turn_scheduler=args.multi_turn_scheduler,
                    max_turns=args.max_turns, completion_length_limit_scope=args.completion_length_limit_scope,
@@ -521,53 +522,6 @@ def _reward_model_kind(path: str) -> list:
     return []
 
 
-def _server(args):
-    """--use_vllm true --vllm_mode server: where the rollout server is (rollout_client.ServerConfig), else None."""
-    wanted = args.use_vllm and args.vllm_mode == "server"
-    if not wanted or not (args.vllm_server_base_url or args.vllm_server_host):
-        return None
-    from tunesmith.train.rl.rollout_client import ServerConfig
-
-    return ServerConfig.from_flags(list(args.vllm_server_base_url), list(args.vllm_server_host),
-                                   list(args.vllm_server_port), args.vllm_server_timeout)
-
-
-def _server_problems(args, problems: list) -> None:
-    """--vllm_mode server: one rollout server, a LoRA or fully trained policy (its adapter, or its trainable
-    weights, go over HTTP), one process."""
-    drop = "or drop --use_vllm (tunesmith's own batched engine in the training process generates the rollouts)"
-    start = "`tunesmith rollout --model MODEL --port 8000`"
-    urls, hosts, ports = args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port
-    if not urls and not hosts:
-        problems.append(f"--vllm_mode server needs the rollout server's --vllm_server_host and --vllm_server_port "
-                        f"(or --vllm_server_base_url); start one with {start}, {drop}")
-    if len(urls) > 1 or len(hosts) > 1 or len(ports) > 1:
-        problems.append("--vllm_mode server: one rollout server is supported yet (several hosts, ports or URLs "
-                        "were given); pass one")
-    for url in urls:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(str(url))
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/") or parts.query:
-            problems.append(f"--vllm_server_base_url {url}: the server's root, http://HOST:PORT (no path), e.g. "
-                            f"http://127.0.0.1:8000")
-    for port in ports:
-        if not 1 <= int(port) <= 65535:
-            problems.append(f"--vllm_server_port {port}: a TCP port, 1 to 65535")
-    if not args.vllm_server_timeout > 0:
-        problems.append(f"--vllm_server_timeout {args.vllm_server_timeout}: seconds, more than 0")
-    if args.train_type not in ("lora", "full"):
-        problems.append(f"--vllm_mode server with --train_type {args.train_type}: the policy reaches the rollout "
-                        f"server as its LoRA adapter (--train_type lora) or as its full weights (--train_type "
-                        f"full); other tuners' weights are not synced to a server yet; {drop}")
-    if args.multi_turn_scheduler:
-        problems.append(f"--vllm_mode server with --multi_turn_scheduler {args.multi_turn_scheduler}: multi-turn "
-                        f"rollouts run in the training process, not on a rollout server, yet; {drop}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        problems.append(f"--vllm_mode server under torchrun ({os.environ['WORLD_SIZE']} processes): one training "
-                        f"process per rollout server is supported yet; run one process, {drop}")
-
-
 def _vllm_problems(args, problems: list) -> None:
     """--use_vllm: what tunesmith's vLLM rollouts need (ms-swift's colocate mode with --vllm_enable_lora: the
     policy's LoRA adapter is handed to vLLM each round; server mode: `_server_problems`), each missing piece one
@@ -575,7 +529,7 @@ def _vllm_problems(args, problems: list) -> None:
     from tunesmith.inference.backends import check_backend
 
     if args.vllm_mode == "server":
-        _server_problems(args, problems)
+        server_problems(args, problems)
         return
     drop = "drop --use_vllm (tunesmith's own batched engine generates the rollouts)"
     off = "or " + drop

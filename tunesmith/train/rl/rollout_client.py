@@ -214,3 +214,48 @@ def _reason(error) -> str:
     """A connection failure in a few words (urllib's URLError wraps the socket's)."""
     inner = getattr(error, "reason", None) or error
     return f"{type(inner).__name__}: {inner}" if inner is not None else "no answer"
+
+
+def server_config(args):
+    """--use_vllm true --vllm_mode server: where the rollout server is (rollout_client.ServerConfig), else None."""
+    wanted = args.use_vllm and args.vllm_mode == "server"
+    if not wanted or not (args.vllm_server_base_url or args.vllm_server_host):
+        return None
+    return ServerConfig.from_flags(list(args.vllm_server_base_url), list(args.vllm_server_host),
+                                   list(args.vllm_server_port), args.vllm_server_timeout)
+
+
+def server_problems(args, problems: list) -> None:
+    """--vllm_mode server: one rollout server, a LoRA or fully trained policy (its adapter, or its trainable
+    weights, go over HTTP), one process."""
+    drop = "or drop --use_vllm (tunesmith's own batched engine in the training process generates the rollouts)"
+    start = "`tunesmith rollout --model MODEL --port 8000`"
+    urls, hosts, ports = args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port
+    if not urls and not hosts:
+        problems.append(f"--vllm_mode server needs the rollout server's --vllm_server_host and --vllm_server_port "
+                        f"(or --vllm_server_base_url); start one with {start}, {drop}")
+    if len(urls) > 1 or len(hosts) > 1 or len(ports) > 1:
+        problems.append("--vllm_mode server: one rollout server is supported yet (several hosts, ports or URLs "
+                        "were given); pass one")
+    for url in urls:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(str(url))
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/") or parts.query:
+            problems.append(f"--vllm_server_base_url {url}: the server's root, http://HOST:PORT (no path), e.g. "
+                            f"http://127.0.0.1:8000")
+    for port in ports:
+        if not 1 <= int(port) <= 65535:
+            problems.append(f"--vllm_server_port {port}: a TCP port, 1 to 65535")
+    if not args.vllm_server_timeout > 0:
+        problems.append(f"--vllm_server_timeout {args.vllm_server_timeout}: seconds, more than 0")
+    if args.train_type not in ("lora", "full"):
+        problems.append(f"--vllm_mode server with --train_type {args.train_type}: the policy reaches the rollout "
+                        f"server as its LoRA adapter (--train_type lora) or as its full weights (--train_type "
+                        f"full); other tuners' weights are not synced to a server yet; {drop}")
+    if args.multi_turn_scheduler:
+        problems.append(f"--vllm_mode server with --multi_turn_scheduler {args.multi_turn_scheduler}: multi-turn "
+                        f"rollouts run in the training process, not on a rollout server, yet; {drop}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append(f"--vllm_mode server under torchrun ({os.environ['WORLD_SIZE']} processes): one training "
+                        f"process per rollout server is supported yet; run one process, {drop}")
