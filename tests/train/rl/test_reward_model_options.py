@@ -303,3 +303,46 @@ def test_options_that_fit_are_accepted_and_ppo_refuses_plugins(tiny_models, tmp_
                                "--reward_model_plugin", "genrm"])
     with pytest.raises(ConfigError, match="PPO scores with the reward model's head"):
         recipe.configure(args)
+
+
+def test_the_documented_plugin_runs_as_written(tiny_models, tmp_path):
+    """docs/grpo.md's reward-model plugin example, written to a file as it stands: its rewards are the score head's
+    minus 0.01 per character of the completion."""
+    import re
+
+    from tunesmith.train.methods.rm import reward_model_functions
+    from tunesmith.train.rl.reward_models import RewardModelSpec
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "..", "docs", "grpo.md"), encoding="utf-8").read()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "length_judge" in b)
+    plugin = tmp_path / "rm_plugin.py"
+    plugin.write_text(code)
+    rm = _classifier(tiny_models, tmp_path / "rm")
+    completions = [c[-1]["content"] for c in CONVERSATIONS]
+    head, = reward_model_functions([RewardModelSpec(rm)])
+    judge, = reward_model_functions([RewardModelSpec(rm, plugin="length_judge")], plugin_paths=[str(plugin)])
+    want = [s - 0.01 * len(c) for s, c in zip(head(completions, messages=CONVERSATIONS), completions)]
+    assert judge(completions, messages=CONVERSATIONS, trainer_state=None) == pytest.approx(want, abs=1e-5)
+
+
+def test_ppo_continues_the_reward_adapter_as_its_value_model(tiny_models, tmp_path, adapter):
+    """PPO with --reward_model BASE --reward_adapters ADAPTER: the value model is the base with that adapter
+    continued (LoRA), as with the adapter passed as --reward_model; more than one adapter is refused."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunesmith.config.slices import ModelConfig, take
+    from tunesmith.train.rl.ppo_value import build_value_model
+    from tunesmith.train.rl.reward_models import RewardModelSpec
+
+    base = tiny_models("qwen2")
+    argv = ["--rlhf_type", "ppo", "--model", base, "--dataset", "x.jsonl", "--reward_model", base,
+            "--train_type", "lora", "--output_dir", str(tmp_path / "o")]
+    cfg, method = recipe.configure(parse_args("rlhf", argv + ["--reward_adapters", adapter]))
+    spec, = method.reward_models
+    value = build_value_model(take(ModelConfig, cfg.args), spec, AutoTokenizer.from_pretrained(base), cfg.optim,
+                              torch.device("cpu"))
+    assert f"its LoRA adapter {adapter} continued" in value.describe and hasattr(value.model, "peft_config")
+    with pytest.raises(ConfigError, match="--reward_adapters: PPO's value model continues"):
+        recipe.configure(parse_args("rlhf", argv + ["--reward_adapters", adapter, adapter]))
+    assert isinstance(spec, RewardModelSpec)
