@@ -2,6 +2,7 @@
 model is downloaded at), --reward_model_type (one per reward model), --reward_adapters (LoRA adapters merged into
 each reward model), --reward_template (the chat template each renders with) and --reward_model_plugin (ms-swift's
 rm_plugins: default, genrm, or a plugin file's own class, run without ms-swift installed)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,8 @@ from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError
 from tunesmith.train import recipe
 
+needs_no_swift = pytest.mark.skipif(importlib.util.find_spec("swift") is not None,
+                                    reason="tests tunesmith's stand-in for a missing ms-swift")
 CONVERSATIONS = [[{"role": "user", "content": "is the sky blue?"}, {"role": "assistant", "content": "yes it is"}],
                  [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "green, and red"}]]
 
@@ -177,6 +180,7 @@ rm_plugins["token_count"] = TokenCount
 '''
 
 
+@needs_no_swift
 def test_a_3x_plugin_file_runs_unchanged_and_equals_the_score_head(tiny_models, tmp_path):
     """ms-swift 3.x's CustomizedRMPlugin (template.encode, data_collator, to_device, pop('labels')), loaded without
     ms-swift installed, gives the same rewards as the default plugin (the reward model's head)."""
@@ -237,6 +241,7 @@ def test_genrm_parses_the_judges_scores(tiny_models, tmp_path):
     assert GenRMPlugin.messages_to_query(CONVERSATIONS[0]) == "User: is the sky blue?\nAssistant: yes it is"
 
 
+@needs_no_swift
 def test_grpo_trains_with_a_4x_plugin_file(tiny_models, tmp_path):
     """A GRPO run with --reward_model_plugin naming a class an ms-swift 4.x plugin file registers: every rollout's
     reward_model reward is what the plugin's __call__ computes for it."""
@@ -305,6 +310,7 @@ def test_options_that_fit_are_accepted_and_ppo_refuses_plugins(tiny_models, tmp_
         recipe.configure(args)
 
 
+@needs_no_swift
 def test_the_documented_plugin_runs_as_written(tiny_models, tmp_path):
     """docs/grpo.md's reward-model plugin example, written to a file as it stands: its rewards are the score head's
     minus 0.01 per character of the completion."""
@@ -346,3 +352,25 @@ def test_ppo_continues_the_reward_adapter_as_its_value_model(tiny_models, tmp_pa
     with pytest.raises(ConfigError, match="--reward_adapters: PPO's value model continues"):
         recipe.configure(parse_args("rlhf", argv + ["--reward_adapters", adapter, adapter]))
     assert isinstance(spec, RewardModelSpec)
+
+
+def test_the_template_offers_what_plugins_use_and_names_the_rest(tiny_models):
+    """RewardTemplate: encode gives labels only for a causal LM, data_collator pads on the right (labels None for a
+    classifier), and a part of ms-swift's Template it does not have is an AttributeError naming what it offers."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.train.rl.rm_plugins import RewardTemplate
+
+    tok = AutoTokenizer.from_pretrained(tiny_models("qwen2"))
+    lm, cls = RewardTemplate(tok, "causal_lm"), RewardTemplate(tok, "seq_cls")
+    rows = [lm.encode({"messages": c}) for c in CONVERSATIONS]
+    assert all(len(r["labels"]) == len(r["input_ids"]) for r in rows) and "labels" not in cls.encode(CONVERSATIONS[0])
+    assert any(x != -100 for x in rows[0]["labels"])  # the assistant reply is labelled
+    batch = lm.data_collator(rows)
+    n = len(rows[0]["input_ids"])
+    assert batch["input_ids"][0, :n].tolist() == rows[0]["input_ids"] and batch["attention_mask"][0].sum() == n
+    assert cls.data_collator([cls.encode(CONVERSATIONS[0])])["labels"] is None
+    with pytest.raises(AttributeError, match="template.set_loss_scale: .*offers ms-swift's encode, data_collator"):
+        lm.set_loss_scale("default")
+    with pytest.raises(NotImplementedError, match="TemplateInputs"):
+        lm.encode({"messages": CONVERSATIONS[0]}, return_template_inputs=True)

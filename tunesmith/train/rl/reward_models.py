@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from tunesmith.errors import ConfigError
@@ -227,6 +227,9 @@ def plugin_reward(spec: RewardModelSpec, plugin_paths: list, use_hf: bool = Fals
     or the plugin's constructor fails."""
     cls = rm_plugins.plugin_class(spec.plugin, plugin_paths)
     folder = resolve_folder(spec, use_hf, token)
+    problems = _path_problems(replace(spec, path=folder))  # a hub id's kind is known once downloaded
+    if problems:
+        raise ConfigError(problems[0])
     kind, _ = folder_kind(folder, spec.adapters)
     head = "causal_lm" if spec.plugin == "genrm" else (kind or "causal_lm")
     try:
