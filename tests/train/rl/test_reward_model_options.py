@@ -237,7 +237,8 @@ def test_genrm_parses_the_judges_scores(tiny_models, tmp_path):
     judge = _judge(tiny_models, tmp_path / "judge")
     fn, = reward_model_functions([RewardModelSpec(judge, plugin="genrm")])
     assert fn([c[-1]["content"] for c in CONVERSATIONS], messages=CONVERSATIONS) == [0.5, 0.5]
-    assert GenRMPlugin.extract_reward("so. Reward: 0.85") == 0.85 and GenRMPlugin.extract_reward("Reward: 1.2.3") is None
+    assert GenRMPlugin.extract_reward("so. Reward: 0.85") == 0.85
+    assert GenRMPlugin.extract_reward("Reward: 1.2.3") is None  # not a prefix of a longer number
     assert GenRMPlugin.messages_to_query(CONVERSATIONS[0]) == "User: is the sky blue?\nAssistant: yes it is"
 
 

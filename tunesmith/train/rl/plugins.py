@@ -3,10 +3,11 @@
 A plugin registers its reward classes as `orms['name'] = Cls` after `from swift.plugin import ORM, orms` (ms-swift
 3.x) or `from swift.rewards import ORM, orms` (4.x), its multi-turn schedulers as `multi_turns['name'] = Cls`
 after `from swift.plugin.multi_turn import MultiTurnScheduler, multi_turns` (3.x) or `from swift.rollout import
-MultiTurnScheduler, multi_turns` (4.x), and its reward-model plugins as `rm_plugins['name'] = Cls` (rm_plugins.py). When ms-swift is not installed, those modules are stood in for while the
-file runs, offering tunesmith's registries and base classes: the reward side's (`exports`, from
-`tunesmith.train.rl.rewards`) and what other modules `provide` (the multi-turn side, `tunesmith.train.rl.schedulers`);
-when it is, ms-swift's own registries are read after the file ran. A failing plugin is a ConfigError naming its file
+MultiTurnScheduler, multi_turns` (4.x), and its reward-model plugins as `rm_plugins['name'] = Cls` (rm_plugins.py).
+When ms-swift is not installed, those modules are stood in for while the file runs, offering tunesmith's registries
+and base classes: the reward side's (`exports`, from `tunesmith.train.rl.rewards`) and what other modules `provide`
+(the multi-turn side, `tunesmith.train.rl.schedulers`; the reward-model side, `tunesmith.train.rl.rm_plugins`); when
+it is, ms-swift's own registries are read after the file ran. A failing plugin is a ConfigError naming its file
 and line. No torch import.
 """
 from __future__ import annotations
