@@ -119,7 +119,7 @@ def test_reward_model_revision_picks_the_hub_snapshot(tiny_models, tmp_path):
     code = ("import json, sys; from tunesmith.train.methods.rm import RewardModelScorer; "
             "from tunesmith.train.rl.reward_models import RewardModelSpec as S; "
             "c = json.loads(sys.argv[1]); "
-            "print(json.dumps([RewardModelScorer('org/rm', spec=S('org/rm', revision=r), use_hf=True)"
+            "print(json.dumps([RewardModelScorer('org/rm', spec=S('org/rm', revision=r, use_hf=True))"
             "(['x', 'y'], messages=c) for r in ('v1', 'v2')]))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": os.getcwd()}
     out = subprocess.run([sys.executable, "-c", code, json.dumps(CONVERSATIONS)], capture_output=True, text=True,
@@ -192,7 +192,7 @@ def test_a_3x_plugin_file_runs_unchanged_and_equals_the_score_head(tiny_models, 
     plugin.write_text(PLUGIN_3X)
     completions = [c[-1]["content"] for c in CONVERSATIONS]
     default, = reward_model_functions([RewardModelSpec(rm)])
-    custom, = reward_model_functions([RewardModelSpec(rm, plugin="my_rmplugin")], plugin_paths=[str(plugin)])
+    custom, = reward_model_functions([RewardModelSpec(rm, plugin="my_rmplugin", plugin_paths=(str(plugin),))])
     want = default(completions, messages=CONVERSATIONS)
     assert custom(completions, messages=CONVERSATIONS, trainer_state=None) == pytest.approx(want, abs=1e-5)
 
@@ -299,11 +299,13 @@ def test_options_that_fit_are_accepted_and_ppo_refuses_plugins(tiny_models, tmp_
     base = tiny_models("qwen2")
     args = parse_args("rlhf", ["--rlhf_type", "grpo", "--model", base, "--dataset", "x.jsonl", "--reward_model", base,
                                "--reward_adapters", adapter, "--reward_model_type", "qwen2_5", "--reward_template",
-                               "qwen2_5", "--reward_model_revision", "master", "--reward_model_plugin", "default"])
+                               "qwen2_5", "--reward_model_revision", "master", "--reward_model_plugin", "default",
+                               "--use_hf", "true", "--hub_token", "hf_secret"])
     _, method = recipe.configure(args)
     spec, = method.reward_models
-    assert (spec.path, spec.adapters, spec.template, spec.revision, spec.model_type) == \
-        (base, (adapter,), "qwen2_5", "master", "qwen2_5")
+    assert (spec.path, spec.adapters, spec.template, spec.revision, spec.model_type, spec.use_hf) == \
+        (base, (adapter,), "qwen2_5", "master", "qwen2_5", True)
+    assert spec.hub_token == "hf_secret" and "hf_secret" not in repr(method)  # the token never shows
     rm = _classifier(tiny_models, tmp_path / "rm")
     args = parse_args("rlhf", ["--rlhf_type", "ppo", "--model", base, "--dataset", "x.jsonl", "--reward_model", rm,
                                "--reward_model_plugin", "genrm"])
@@ -327,7 +329,7 @@ def test_the_documented_plugin_runs_as_written(tiny_models, tmp_path):
     rm = _classifier(tiny_models, tmp_path / "rm")
     completions = [c[-1]["content"] for c in CONVERSATIONS]
     head, = reward_model_functions([RewardModelSpec(rm)])
-    judge, = reward_model_functions([RewardModelSpec(rm, plugin="length_judge")], plugin_paths=[str(plugin)])
+    judge, = reward_model_functions([RewardModelSpec(rm, plugin="length_judge", plugin_paths=(str(plugin),))])
     want = [s - 0.01 * len(c) for s, c in zip(head(completions, messages=CONVERSATIONS), completions)]
     assert judge(completions, messages=CONVERSATIONS, trainer_state=None) == pytest.approx(want, abs=1e-5)
 

@@ -176,8 +176,7 @@ class RewardModelScorer:
     vision.sequence_classifier) sees each prompt's pictures (GRPO's `images` column), expanded and fed as in training.
     Raises ConfigError when PATH holds no model with a trained score head."""
 
-    def __init__(self, path: str, batch_size: int = 8, spec=None, use_hf: bool = False,
-                 token: Optional[str] = None):
+    def __init__(self, path: str, batch_size: int = 8, spec=None):
         import torch
 
         from tunesmith.errors import ConfigError
@@ -185,7 +184,7 @@ class RewardModelScorer:
                                                       resolve_folder)
 
         spec = spec or RewardModelSpec(path)
-        folder = resolve_folder(spec, use_hf, token)
+        folder = resolve_folder(spec)
         try:
             self.model, self.tok, config, info = load_reward_model(spec, folder, "seq_cls")
         except (OSError, ValueError, RuntimeError) as e:
@@ -283,21 +282,18 @@ def _trained_max_pixels(path: str):
         return None
 
 
-def reward_model_functions(specs: list, pictures: bool = False, plugin_paths: list = (), use_hf: bool = False,
-                           token: Optional[str] = None) -> list:
+def reward_model_functions(specs: list, pictures: bool = False) -> list:
     """--reward_model ...: each as a rewards.RewardFn named reward_model (reward_model_1, … for several), scoring
     with its --reward_model_plugin: default, the score head (RewardModelScorer); another, the plugin over the
-    model (train/rl/reward_models.plugin_reward). specs: RewardModelSpecs (or bare paths); plugin_paths: the
-    --external_plugins files that register plugins; use_hf, token: where a hub id downloads from. pictures: the
-    policy's prompts have pictures; a text reward model among them is said to score the text only."""
+    model (train/rl/reward_models.plugin_reward). specs: reward_models.RewardModelSpecs (or bare paths). pictures:
+    the policy's prompts have pictures; a text reward model among them is said to score the text only."""
     from tunesmith.train.rl.reward_models import RewardModelSpec, plugin_reward
     from tunesmith.train.rl.scoring import RewardFn
 
     out = []
     for i, spec in enumerate(specs):
         spec = spec if isinstance(spec, RewardModelSpec) else RewardModelSpec(spec)
-        fn = RewardModelScorer(spec.path, spec=spec, use_hf=use_hf, token=token) if spec.plugin == "default" \
-            else plugin_reward(spec, list(plugin_paths), use_hf, token)
+        fn = RewardModelScorer(spec.path, spec=spec) if spec.plugin == "default" else plugin_reward(spec)
         out.append(RewardFn("reward_model" if len(specs) == 1 else f"reward_model_{i + 1}", spec.path, fn))
         if pictures and isinstance(fn, RewardModelScorer) and fn.encoder is None:
             note(f"--reward_model {spec.path}: a text reward model; it scores the completions' text without the "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from tunesmith.errors import ConfigError
@@ -29,13 +29,18 @@ class RewardModelSpec:
     """One --reward_model and its options: path (a local folder or a hub id), revision (hub), model_type
     (ms-swift's name, recorded only), template (an ms-swift template name: its official chat template renders the
     conversations; None: the reward model's own), plugin (default | genrm | a name registered in rm_plugins),
-    adapters (LoRA adapter folders merged into it, in order)."""
+    adapters (LoRA adapter folders merged into it, in order); and where they come from: plugin_paths (the
+    --external_plugins files that register plugins), use_hf and hub_token (where a hub id downloads from, as
+    --model's; the token is kept out of the repr)."""
     path: str
     revision: Optional[str] = None
     model_type: Optional[str] = None
     template: Optional[str] = None
     plugin: str = "default"
     adapters: tuple = ()
+    plugin_paths: tuple = ()
+    use_hf: bool = False
+    hub_token: Optional[str] = field(default=None, repr=False)
 
 
 def reward_model_specs(args, problems: list, plugins: bool = True) -> tuple:
@@ -59,13 +64,14 @@ def reward_model_specs(args, problems: list, plugins: bool = True) -> tuple:
         return ()
     specs = tuple(RewardModelSpec(p, *(given[k][i] if k in given else None for k in PER_MODEL[:3]),
                                   plugin=given.get("reward_model_plugin", ["default"] * len(paths))[i],
-                                  adapters=tuple(args.reward_adapters)) for i, p in enumerate(paths))
+                                  adapters=tuple(args.reward_adapters), plugin_paths=tuple(args.external_plugins),
+                                  use_hf=args.use_hf, hub_token=args.hub_token) for i, p in enumerate(paths))
     for spec in specs:
-        problems += spec_problems(spec, list(args.external_plugins), plugins)
+        problems += spec_problems(spec, plugins)
     return specs
 
 
-def spec_problems(spec: RewardModelSpec, plugin_paths: list, plugins: bool = True) -> list:
+def spec_problems(spec: RewardModelSpec, plugins: bool = True) -> list:
     """What is wrong with one reward model and its options (`reward_model_specs`), one message each."""
     from tunesmith.data.tiny_tokenizer import official_template_names
 
@@ -81,7 +87,7 @@ def spec_problems(spec: RewardModelSpec, plugin_paths: list, plugins: bool = Tru
                             f"drop the flag (GRPO takes it)")
         else:
             try:
-                rm_plugins.plugin_class(spec.plugin, plugin_paths)
+                rm_plugins.plugin_class(spec.plugin, list(spec.plugin_paths))
             except ConfigError as e:
                 problems.append(str(e))
     for adapter in spec.adapters:
@@ -176,13 +182,13 @@ def scorer_class(config):
     return sequence_classifier(config) if is_vision_language(config) else AutoModelForSequenceClassification
 
 
-def resolve_folder(spec: RewardModelSpec, use_hf: bool = False, token: Optional[str] = None) -> str:
+def resolve_folder(spec: RewardModelSpec) -> str:
     """The reward model's local folder: its path, or its hub id downloaded at --reward_model_revision (ModelScope,
     or Hugging Face with --use_hf), as --model is. Raises ConfigError when neither works."""
     from tunesmith.models.load import resolve_model_dir
 
     try:
-        return resolve_model_dir(spec.path, use_hf, spec.revision, token)
+        return resolve_model_dir(spec.path, spec.use_hf, spec.revision, spec.hub_token)
     except ConfigError as e:
         raise ConfigError(str(e).replace("--model ", "--reward_model ", 1)) from None
 
@@ -220,13 +226,13 @@ def load_reward_model(spec: RewardModelSpec, folder: str, head: str) -> tuple:
     return model, tok, config, info
 
 
-def plugin_reward(spec: RewardModelSpec, plugin_paths: list, use_hf: bool = False, token: Optional[str] = None):
+def plugin_reward(spec: RewardModelSpec):
     """A --reward_model_plugin other than default as a reward function: the reward model loaded as its folder's
     kind says (a score head: a sequence classifier; else a causal LM — genrm's judge), the plugin class built over
     it and a RewardTemplate, wrapped as rm_plugins.PluginReward. Raises ConfigError when the model cannot be loaded
     or the plugin's constructor fails."""
-    cls = rm_plugins.plugin_class(spec.plugin, plugin_paths)
-    folder = resolve_folder(spec, use_hf, token)
+    cls = rm_plugins.plugin_class(spec.plugin, list(spec.plugin_paths))
+    folder = resolve_folder(spec)
     problems = _path_problems(replace(spec, path=folder))  # a hub id's kind is known once downloaded
     if problems:
         raise ConfigError(problems[0])

@@ -79,9 +79,8 @@ class Rollouts:
         self.batches_per_epoch = rounds * self.steps * method.num_iterations
         self.reward_fns = _unique_names(load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
                                                               method.reward_args, tokenizer)
-                                        + reward_model_functions(list(method.reward_models), images is not None,
-                                                                 list(method.external_plugins), cfg.model.use_hf,
-                                                                 cfg.model.hub_token)
+                                        + reward_model_functions(list(method.reward_models),
+                                                                 pictures=images is not None)
                                         + self._gym_reward())
         self.multi_turn = None  # multi_turn.MultiTurn when --multi_turn_scheduler names a scheduler
         if method.multi_turn_scheduler is not None:
