@@ -167,3 +167,30 @@ def test_entropy_and_gradients_together(train_weight):
     assert torch.allclose(h.grad, h2.grad, atol=1e-5)
     if train_weight:
         assert torch.allclose(w.grad, w2.grad, atol=1e-5)
+
+
+def test_entropy_never_holds_a_second_logits_sized_buffer():
+    """The entropy of a chunk is summed over column blocks: no op inside it outputs a tensor as large as the
+    chunk's [rows x vocabulary] logits (which stay the only buffer of that size), and it equals a float64
+    computation from the full logits, −inf logits included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, 40_000) * 4
+    logits[:, :5] = float("-inf")
+    shifted = logits - logits.max(-1, keepdim=True).values
+    largest = []
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.data_ptr() != shifted.data_ptr():
+                largest.append(out.numel())
+            return out
+
+    with Mode():
+        got = tl._shifted_entropy(shifted)
+    p = torch.softmax(logits.double(), -1)
+    want = -(p * torch.log_softmax(logits.double(), -1).nan_to_num(neginf=0.0)).sum(-1)
+    assert torch.allclose(got.double(), want, rtol=5e-5, atol=0)  # float32 sums over 40,000 columns
+    assert max(largest) <= 8 * tl.ENTROPY_COLUMNS < shifted.numel()

@@ -71,6 +71,25 @@ def _entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return -(logp.exp().mul_(logp)).sum(-1)
 
 
+ENTROPY_COLUMNS = 16384  # vocabulary columns per block of the entropy's exp: [rows x 16,384] floats at a time
+
+
+def _shifted_entropy(shifted: torch.Tensor) -> torch.Tensor:
+    """Entropy [n] (nats) of softmax over rows of shifted = logits − rowmax [n, V] (float32):
+    H = log Σe − Σ e·x / Σe with e = exp(x), x = shifted, summed ENTROPY_COLUMNS columns at a time so that e never
+    exists whole (the chunk's logits stay the only [n, V] buffer). Clamps shifted in place to the float32 minimum,
+    so that a −inf logit adds 0, not NaN (exp of it is 0 either way)."""
+    shifted.clamp_(min=torch.finfo(torch.float32).min)
+    total = shifted.new_zeros(shifted.shape[0])
+    dot = shifted.new_zeros(shifted.shape[0])
+    for c in range(0, shifted.shape[1], ENTROPY_COLUMNS):
+        x = shifted[:, c:c + ENTROPY_COLUMNS]
+        e = x.exp()
+        total += e.sum(-1)
+        dot += torch.bmm(e[:, None, :], x[:, :, None]).view(-1)
+    return total.log() - dot / total
+
+
 def _d_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """d log p(t) / d logits = onehot(t) − softmax(logits), [n, V] float32, computed in place over `logits`."""
     g = logits.sub_(lse[:, None]).exp_().neg_()
@@ -120,16 +139,9 @@ class ChunkedLogps(torch.autograd.Function):
             mean[s:s + chunk] = logits.mean(-1)
             # logsumexp as torch computes it (max + log Σ exp(x − max)), in place over the logits
             shifted = logits.sub_(top)
-            if entropy:  # H = log Σe − Σ e·(x − max) / Σe with e = exp(x − max): needs e and x − max at once
-                shifted.clamp_(min=torch.finfo(torch.float32).min)  # a −inf logit then adds 0, not NaN
-                e = shifted.exp()
-                total = e.sum(-1)
-                dot = torch.bmm(e[:, None, :], shifted[:, :, None]).view(-1)
-                ent[s:s + chunk] = total.log() - dot / total
-                del logits, shifted
-                logits = e
-            else:
-                total = shifted.exp_().sum(-1)
+            if entropy:
+                ent[s:s + chunk] = _shifted_entropy(shifted)
+            total = shifted.exp_().sum(-1)
             lse[s:s + chunk] = total.log() + top.squeeze(-1)
             if want_h or weight_now:
                 logits.div_(total.neg_()[:, None])  # −softmax
