@@ -112,8 +112,8 @@ def test_flags_the_issue_names():
     # the vLLM engine flags drive GRPO's --use_vllm rollouts as they drive infer's --infer_backend vllm
     assert parse_args("rlhf", ["--gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
     assert parse_args("infer", ["--vllm_gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
-    with pytest.raises(ArgError, match="does not support yet: it samples the next round on a rollout server"):
-        parse_args("rlhf", ["--async_generate", "true"])
+    # #33's last item: GRPO's asynchronous rounds are a real flag (tests/train/rl/test_grpo_async.py)
+    assert parse_args("rlhf", ["--async_generate", "true"]).async_generate is True
     # #33: GRPO's memory options for a colocated vLLM are refused with their own reason
     for flag in ("sleep_level", "offload_model", "offload_optimizer", "gc_collect_after_offload"):
         with pytest.raises(ArgError, match="frees GPU memory between a colocated vLLM") as e:
@@ -196,7 +196,7 @@ def test_unsupported_flags_set_to_their_off_value_are_accepted():
                                "--async_generate", "false", "--scale_rewards", "false"])
     assert args.rlhf_type == "grpo" and args.scale_rewards == "false"
     with pytest.raises(ArgError, match="does not support yet"):
-        parse_args("rlhf", ["--async_generate", "true"])
+        parse_args("rlhf", ["--sleep_level", "1"])
 
 
 def test_count_of_flags_not_supported_yet():

@@ -436,6 +436,9 @@ class GRPOArgs:
                                          list_default=[])
     vllm_server_timeout: float = _f(240.0, help="GRPO --vllm_mode server: seconds to wait for the rollout server's "
                                                "/health/ at start.")
+    async_generate: bool = _f(False, help="GRPO --vllm_mode server: the rollout server samples the next round "
+                                          "while this one trains, from the weights pushed before it (rollouts one "
+                                          "round off-policy, as ms-swift); not with --multi_turn_scheduler.")
     vllm_device: List[str] = _f(help="ms-swift 3.x: the GPUs vLLM rollouts run on. Compatibility only (see the table "
                                      "at the end).", list_default=["auto"])
     num_infer_workers: int = _f(1, help="ms-swift 3.x: vLLM rollout workers per node (only 1 is supported).")

@@ -284,10 +284,6 @@ NOT_SUPPORTED_YET = {
     **_same(_MCORE, "to_mcore", "to_hf", "mcore_model", "mcore_adapter", "thread_count", "test_convert_precision",
             "test_convert_dtype", "save_missing_weights"),
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
-    "async_generate": "it samples the next round on a rollout server while this one trains (rollouts one step "
-                      "off-policy); tunesmith's --vllm_mode server samples each round after pushing the current "
-                      "weights, in turn, so rounds stay on-policy — asynchronous rounds are not implemented yet; drop "
-                      "the flag",
     "teacher_tag_key": "it routes rows to the teachers of a --teacher_model_server list, which tunesmith does not "
                        "support yet; GRPO takes one local teacher, --teacher_model PATH",
     "reward_model_plugin": "ms-swift's reward-model plugins drive its own Template and inference-engine objects "

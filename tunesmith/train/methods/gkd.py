@@ -318,6 +318,9 @@ def _gkd_problems(args, problems: list) -> None:
     if args.packing or args.padding_free:
         problems.append("--packing/--padding_free: GKD rebuilds each batch from the rows' prompts on on-policy "
                         "steps, padded; drop the flag")
+    if args.async_generate:  # ms-swift's rlhf_args: "async_generate is not supported for GKD"
+        problems.append("--async_generate true with --rlhf_type gkd: asynchronous rounds are GRPO's (--vllm_mode "
+                        "server), ms-swift does not support them for GKD either; drop the flag")
     if args.use_vllm:
         problems.append("--use_vllm with --rlhf_type gkd is not supported yet: the student's samples come from "
                         "tunesmith's own engine; drop --use_vllm")

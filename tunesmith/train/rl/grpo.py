@@ -34,7 +34,7 @@ from tunesmith.train.rl.chord import ChordSpec, with_chord
 from tunesmith.train.rl.variants import (PER_BATCH, grpo_teacher, sdar_terms, teacher_fields, variant_fields,
                                          variant_metrics)
 from tunesmith.train.setup import Batches
-from tunesmith.train.rl.rollout_client import server_config, server_problems
+from tunesmith.train.rl.rollout_client import async_problems, server_config, server_problems
 
 # how each loss type's scalar becomes a summed term and its unit (the loop divides by the units of the whole step):
 # grpo/sapo/dr_grpo average over completions, bnpo over micro-batches (ms-swift normalises each micro-batch by its
@@ -235,6 +235,7 @@ class GRPO:
     ref_adapters: tuple = ()
     use_vllm: bool = False                    # rollouts from vLLM (colocate, the LoRA adapter synced each round)
     server: Any = None                        # --vllm_mode server: rollout_client.ServerConfig, else None
+    async_generate: bool = False              # the server samples round r + 1 while round r trains (ahead.py)
     dynamic_sample: bool = False              # DAPO: replace groups without reward differences (max_resample_times)
     max_resample_times: int = 3
     log_entropy: bool = False                 # entropy/mean, /max, /min (ms-swift's --log_entropy)
@@ -316,6 +317,7 @@ class GRPO:
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
                    max_resample_times=args.max_resample_times, server=server_config(args),
+                   async_generate=args.async_generate,
                    **variant_fields(args, problems), chord=ChordSpec.from_args(args, problems),
                    **teacher_fields(args, problems), multi_turn_scheduler=args.multi_turn_scheduler,
                    max_turns=args.max_turns, completion_length_limit_scope=args.completion_length_limit_scope,
@@ -438,6 +440,7 @@ def _steps_per_generation(args, problems: list) -> Optional[int]:
 
 
 def _check_unsupported(args, problems: list) -> None:
+    async_problems(args, problems)
     if args.use_vllm:
         _vllm_problems(args, problems)
     if args.num_infer_workers != 1:

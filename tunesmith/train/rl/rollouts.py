@@ -22,6 +22,7 @@ from tunesmith.train.interrupts import raise_sampling_errors
 from tunesmith.train.rl.units import (Unit, _completion_seed, _unique_names, completion_logps, fit_prompts,
                                      generation_batch_problem, grpo_collate, read_round, refuse_pictures, save_round,
                                      saved_units)
+from tunesmith.train.rl.ahead import Ahead, round_request
 from tunesmith.train.rl.variants import opsd_problems, teacher_signal
 from tunesmith.train.rl.vllm_sync import VllmSync, processed_logprobs_config
 
@@ -67,6 +68,8 @@ class Rollouts:
         per_round = method.multi_turn_scheduler is not None and method.completion_length_limit_scope == "per_round"
         self.context = self.max_prompt + method.max_completion_length if self.max_prompt and not per_round else None
         self.remote = self._remote(method, model, model_dir)  # --vllm_mode server
+        # --async_generate: the round after this one is requested while this one trains (train/rl/ahead.py)
+        self.ahead = Ahead(self.remote) if method.async_generate and self.remote is not None else None
         self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm and self.remote is None else None
         if self.vllm is not None and method.variants is not None and method.variants.wants_rollout_logps:
             self.vllm.engine_cfg = processed_logprobs_config(self.vllm.engine_cfg)
@@ -156,11 +159,15 @@ class Rollouts:
         started with) goes into the checkpoint: with several steps per round (--steps_per_generation,
         --num_iterations) a resume inside it trains on exactly these, not on a round sampled again."""
         save_round(path, self.ROUND_FILE, self.current)
+        if self.ahead is not None:  # --async_generate: the next round's request and its answer
+            self.ahead.save(path)
 
     def load(self, path: str) -> None:
         """Keep the checkpoint's round in progress for `epoch` (absent in checkpoints of older runs: then the
         round is sampled again, with a note)."""
         self.saved_round = read_round(path, self.ROUND_FILE)
+        if self.ahead is not None:
+            self.ahead.load(path)
 
     def _resumed_round(self, seed: int, r: int) -> Optional[list]:
         saved, self.saved_round = self.saved_round, None
@@ -174,14 +181,10 @@ class Rollouts:
     def epoch(self, seed: int, shuffle: bool, skip_units: int = 0) -> Iterator:
         """The epoch's units in training order, after the first `skip_units` (a resumed run): whole rounds
         skipped are not generated."""
-        order = list(range(len(self.prompts)))
-        if shuffle:
-            random.Random(seed).shuffle(order)
-        per = self.prompts_per_round
+        order = self._order(seed, shuffle)
         per_round_units = self.round_size * self.method.num_iterations
-        for r in range(math.ceil(len(order) / per)):
-            chunk = order[r * per:(r + 1) * per]
-            chunk += order[:per - len(chunk)]  # the epoch's last round, filled from its start
+        for r in range(math.ceil(len(order) / self.prompts_per_round)):
+            chunk = self._chunk(order, r)
             if skip_units >= per_round_units:  # trained before a resume: not generated again
                 skip_units -= per_round_units
                 self.rounds_done += 1
@@ -195,11 +198,42 @@ class Rollouts:
                 units = self._round([self.prompts[i] for i in chunk], seed, r)
             else:
                 self.rounds_done += 1
+            if self.ahead is not None:
+                self._ask_ahead(seed, r, shuffle)
             self.current = (seed, r, units)
             for _ in range(self.method.num_iterations):
                 for u in units[skip_units:]:
                     yield u
                 skip_units = max(0, skip_units - len(units))
+
+    def _order(self, seed: int, shuffle: bool) -> list:
+        """The epoch's prompt order (indices into self.prompts), shuffled with the epoch's seed."""
+        order = list(range(len(self.prompts)))
+        if shuffle:
+            random.Random(seed).shuffle(order)
+        return order
+
+    def _chunk(self, order: list, r: int) -> list:
+        """Round r's prompts (indices) in the epoch's order; the epoch's last round is filled from its start."""
+        per = self.prompts_per_round
+        chunk = order[r * per:(r + 1) * per]
+        return chunk + order[:per - len(chunk)]
+
+    def _ask_ahead(self, seed: int, r: int, shuffle: bool) -> None:
+        """--async_generate: push the policy's weights as they are now (the weights round r trains from) and send
+        the next round's request — round r + 1, or the next epoch's first (its seed: the loop's, --seed + epoch)
+        — unless the checkpoint resumed from already holds its answer."""
+        rounds = math.ceil(len(self.prompts) / self.prompts_per_round)
+        nseed, nr = (seed, r + 1) if r + 1 < rounds else (seed + 1, 0)
+        chunk = self._chunk(self._order(nseed, shuffle), nr)
+        prompts = [self.prompts[i] for i in chunk]
+        request = round_request(self.method, {j: p["prompt_ids"] for j, p in enumerate(prompts)}, nseed, nr,
+                                       {j: p["messages"] for j, p in enumerate(prompts)}, self.method.num_generations)
+        if self.ahead.saved is not None and self.ahead.saved[0] == Ahead.key(*request):
+            return
+        self.ahead.settle()
+        adapter = self.remote.sync(self.weights)
+        self.ahead.submit(*request, adapter)
 
     # ------------------------------------------------------------------ one round
 
@@ -384,12 +418,14 @@ class Rollouts:
         changed, then every prompt of the round in one /infer/ call, as token ids, with the same per-completion
         seeds; the same completions as the trainer's own engine would sample. messages: {j: the prompt's messages}
         (the request's ms-swift fields)."""
-        m, g = self.method, self.group
-        self.remote.sync(self.weights)
-        prompts = [(prompt, _completion_seed(seed, r, j, g), messages[j]) for j, prompt in ids.items()]
-        sampling = {"max_tokens": m.max_completion_length, "temperature": m.temperature, "top_p": m.top_p,
-                    "top_k": m.top_k, "repetition_penalty": m.repetition_penalty}
-        out = self.remote.generate(prompts, sampling, g)
+        request = round_request(self.method, ids, seed, r, messages, self.group)
+        # --async_generate: a training round requested ahead (sampled with the weights before the last update)
+        out = self.ahead.take(*request) if self.ahead is not None and self.training else None
+        if out is None:
+            if self.ahead is not None:  # no weights move while a request is in flight
+                self.ahead.settle()
+            self.remote.sync(self.weights)
+            out = self.remote.generate(*request)
         raise_sampling_errors(out, "policy")
         return out
 

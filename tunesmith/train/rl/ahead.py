@@ -1,0 +1,122 @@
+"""GRPO's asynchronous rounds (`--async_generate true`, with `--vllm_mode server`): the rollout server samples the
+next round while this one trains, as ms-swift's async_generate_rollout.
+
+The order of one round r, as train/rl/rollouts.py drives it:
+1. take round r's completions: requested ahead (the request sent before round r − 1 trained), or — round 0, or a
+   round nothing was requested for — requested now, after the policy's current weights are pushed;
+2. push the policy's current weights W_r (the weights after r rounds of training) and send round r + 1's request,
+   which the server answers on a worker thread while round r is scored and trained;
+3. score round r, take its log-probs under the current model (old and reference: the loss's π_old is the model
+   that trains the round, as ms-swift's _prepare_batch_inputs computes it) and train it.
+So round r ≥ 1 is sampled with W_{r−1}, one round behind the weights it trains (round 0 with W_0) — ms-swift's
+"one step off-policy": its step t trains on the rollouts its step t − 1 asked for.
+
+No weights move while a request is in flight: a push (the next round's, an evaluation's, a sync round's) waits
+for the request before it (`settle`), as ms-swift's _wait_queue before _move_model_to_vllm.
+
+Resume: a checkpoint holds the request in flight and its answer (`save`: waited for; `PENDING_FILE`), so a resumed
+run trains on exactly the completions the uninterrupted one did — the weights they were sampled with (W_{r−1}) are
+not the checkpoint's (W_r), so asking the server again could not give them back. A saved answer is used only for
+the identical request (the same prompt ids, seeds and sampling).
+
+What must not live here: the rounds (rollouts.py), HTTP (rollout_client.py). No torch import.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
+
+PENDING_FILE = "grpo_pending_round.json"  # the request in flight at a checkpoint, with its answer
+
+
+class Ahead:
+    """The one round requested ahead of the round being trained, on a rollout_client.RolloutServer: a request is
+    (prompts [(token ids, first seed, messages)], sampling: RequestConfig fields, n completions per prompt)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tunesmith-rollout-ahead")
+        self.pending: Optional[tuple] = None  # (the request's key, its Future of engine Completions)
+        self.saved: Optional[tuple] = None    # (key, completions) read from a checkpoint, until used
+        self.requested = 0                    # requests sent ahead (for tests and the log)
+
+    @staticmethod
+    def key(prompts: list, sampling: dict, n: int) -> str:
+        """A request as canonical JSON: two requests are the same round exactly when their keys are equal."""
+        return json.dumps([[[list(ids), int(seed), messages] for ids, seed, messages in prompts], sampling, n],
+                          sort_keys=True, ensure_ascii=False)
+
+    def submit(self, prompts: list, sampling: dict, n: int, adapter: Optional[str]) -> None:
+        """Send a request now, answered on the worker thread with the server's weights as they are (the caller
+        pushed the policy's first); adapter: the server's name of the adapter version to sample (None: full
+        weights). A request still in flight is waited for and dropped first."""
+        self.settle()
+        future = self.pool.submit(self.server.generate, prompts, sampling, n, adapter)
+        self.pending, self.requested = (self.key(prompts, sampling, n), future), self.requested + 1
+
+    def take(self, prompts: list, sampling: dict, n: int) -> Optional[list]:
+        """The completions of this request when it was sent ahead (waited for; the server's error raised here),
+        or saved by the checkpoint resumed from, else None (the caller samples it now). A different request in
+        flight stays pending (it is the next round's)."""
+        k = self.key(prompts, sampling, n)
+        if self.pending is not None and self.pending[0] == k:
+            future, self.pending = self.pending[1], None
+            return future.result()
+        if self.saved is not None and self.saved[0] == k:
+            out, self.saved = self.saved[1], None
+            return out
+        return None
+
+    def settle(self) -> None:
+        """Wait until the request in flight (if any) is answered, so that weights may be pushed; its answer, or
+        error, stays for `take`."""
+        if self.pending is not None:
+            _wait(self.pending[1])
+
+    def save(self, path: str) -> None:
+        """Write the request in flight and its answer (waited for) into checkpoint folder `path`, atomically;
+        nothing when none is pending."""
+        from tunesmith.files import write_json_atomic
+
+        if self.pending is None:
+            return
+        key, future = self.pending
+        completions = future.result()
+        write_json_atomic(os.path.join(path, PENDING_FILE),
+                          {"request": key, "completions": [[list(c.token_ids), c.finish_reason, c.prompt_tokens]
+                                                           for c in completions]})
+
+    def load(self, path: str) -> None:
+        """Keep checkpoint `path`'s saved request and answer (absent when none was in flight) for `take`."""
+        from tunesmith.inference.engine import Completion
+
+        f = os.path.join(path, PENDING_FILE)
+        if not os.path.isfile(f):
+            self.saved = None
+            return
+        with open(f, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        self.saved = (saved["request"], [Completion(list(ids), reason, n) for ids, reason, n in saved["completions"]])
+
+    def close(self) -> None:
+        """Stop the worker thread (a request in flight is answered first)."""
+        self.pool.shutdown(wait=True)
+
+
+def round_request(method, ids: dict, seed: int, r: int, messages: dict, g: int) -> tuple:
+    """(prompts [(token ids, first seed, messages)], sampling, n): the /infer/ request of these prompts of round r
+    ({j: token ids}, {j: messages}; j the place in the round), G = g completions each, with the GRPO `method`'s
+    sampling; completion k of prompt j gets seed units._completion_seed(seed, r, j, g) + k."""
+    from tunesmith.train.rl.units import _completion_seed
+
+    prompts = [(prompt, _completion_seed(seed, r, j, g), messages[j]) for j, prompt in ids.items()]
+    sampling = {"max_tokens": method.max_completion_length, "temperature": method.temperature,
+                "top_p": method.top_p, "top_k": method.top_k, "repetition_penalty": method.repetition_penalty}
+    return prompts, sampling, g
+
+
+def _wait(future: Future) -> None:
+    """Block until `future` is done, without raising its error (that is `take`'s)."""
+    future.exception()
