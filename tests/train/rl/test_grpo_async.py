@@ -146,3 +146,19 @@ def test_what_async_rounds_cannot_do_is_a_flag_error(tiny_models, tmp_path, flag
     with pytest.raises(ConfigError, match=message):
         recipe.main(parse_args("rlhf", ["--model", model, "--dataset", data, "--output_dir", str(tmp_path),
                                         "--report_to", "none", *flags]))
+
+
+@pytest.mark.slow
+def test_the_rollout_correction_sees_the_lag(rollout, setup, tmp_path):
+    """The server returns the log-probs of the distribution it sampled from (processed, as `swift rollout`'s vLLM),
+    so --rollout_importance_sampling_mode corrects the lag: ρ = π_old / π_server, π_old the model that trains the
+    round (ms-swift's). Round 0 is sampled and trained with the same weights (KL ~0, every weight ~1); rounds 2
+    and 3 are sampled one update behind (KL > 0)."""
+    model, port = rollout
+    data, plugin = setup
+    res = _grpo(model, port, data, plugin, tmp_path / "is", "--max_steps", "3",
+                "--rollout_importance_sampling_mode", "token_truncate", "--log_rollout_offpolicy_metrics", "true")
+    logs = {r["global_step"]: r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r}
+    assert abs(logs[1]["rollout_correction/kl"]) < 1e-4 and abs(logs[1]["rollout_correction/is_weight_mean"] - 1) < 1e-3
+    assert logs[3]["rollout_correction/kl"] > 1e-4, logs[3]
+    assert all(math.isfinite(r["loss"]) for r in logs.values())

@@ -85,12 +85,14 @@ class Ahead:
         key, future = self.pending
         completions = future.result()
         write_json_atomic(os.path.join(path, PENDING_FILE),
-                          {"request": key, "completions": [[list(c.token_ids), c.finish_reason, c.prompt_tokens]
+                          {"request": key, "completions": [[list(c.token_ids), c.finish_reason, c.prompt_tokens,
+                                                            None if c.logprobs is None else
+                                                            [lp.logprob for lp in c.logprobs]]
                                                            for c in completions]})
 
     def load(self, path: str) -> None:
         """Keep checkpoint `path`'s saved request and answer (absent when none was in flight) for `take`."""
-        from tunesmith.inference.engine import Completion
+        from tunesmith.inference.engine import Completion, TokenLogprob
 
         f = os.path.join(path, PENDING_FILE)
         if not os.path.isfile(f):
@@ -98,22 +100,26 @@ class Ahead:
             return
         with open(f, encoding="utf-8") as fh:
             saved = json.load(fh)
-        self.saved = (saved["request"], [Completion(list(ids), reason, n) for ids, reason, n in saved["completions"]])
+        self.saved = (saved["request"], [Completion(list(ids), reason, n, None if lps is None else
+                                                    [TokenLogprob(t, v) for t, v in zip(ids, lps)])
+                                         for ids, reason, n, lps in saved["completions"]])
 
     def close(self) -> None:
         """Stop the worker thread (a request in flight is answered first)."""
         self.pool.shutdown(wait=True)
 
 
-def round_request(method, ids: dict, seed: int, r: int, messages: dict, g: int) -> tuple:
+def round_request(method, ids: dict, seed: int, r: int, messages: dict, g: int, logprobs: bool = False) -> tuple:
     """(prompts [(token ids, first seed, messages)], sampling, n): the /infer/ request of these prompts of round r
     ({j: token ids}, {j: messages}; j the place in the round), G = g completions each, with the GRPO `method`'s
-    sampling; completion k of prompt j gets seed units._completion_seed(seed, r, j, g) + k."""
+    sampling; completion k of prompt j gets seed units._completion_seed(seed, r, j, g) + k. logprobs: the server's
+    log-probs of the sampled tokens too (the rollout correction's π_engine)."""
     from tunesmith.train.rl.units import _completion_seed
 
     prompts = [(prompt, _completion_seed(seed, r, j, g), messages[j]) for j, prompt in ids.items()]
     sampling = {"max_tokens": method.max_completion_length, "temperature": method.temperature,
-                "top_p": method.top_p, "top_k": method.top_k, "repetition_penalty": method.repetition_penalty}
+                "top_p": method.top_p, "top_k": method.top_k, "repetition_penalty": method.repetition_penalty,
+                **({"logprobs": True} if logprobs else {})}
     return prompts, sampling, g
 
 

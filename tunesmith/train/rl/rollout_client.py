@@ -153,10 +153,11 @@ class RolloutServer:
     def generate(self, prompts: list, sampling: dict, n: int, adapter: Optional[str] = "current") -> list:
         """n completions of each prompt, in order: prompts [(token ids, first seed, messages)] — completion k of a
         prompt is sampled with seed + k — and sampling: RequestConfig fields (max_tokens, temperature, top_p, top_k,
-        repetition_penalty; None for the model's default). adapter: the server's name of the adapter version to
+        repetition_penalty; None for the model's default; logprobs true: each completion's per-token log-probs of the
+        distribution it was sampled from). adapter: the server's name of the adapter version to
         sample ("current": the one last pushed; None: none, full weights). Returns engine Completions (token ids
         with the stop token, as the engine's). Raises RolloutServerError."""
-        from tunesmith.inference.engine import Completion
+        from tunesmith.inference.engine import Completion, TokenLogprob
 
         adapter = self.adapter if adapter == "current" else adapter
         body = {"infer_requests": [{"messages": m, "prompt_token_ids": list(ids), "seed": s} for ids, s, m in prompts],
@@ -177,7 +178,9 @@ class RolloutServer:
         out = []
         for (ids, _, _), o in zip(prompts, outputs):
             for c in o["response"]["choices"]:
-                out.append(Completion(list(c["token_ids"]), c["finish_reason"] or "stop", len(ids)))
+                logprobs = [TokenLogprob(t, e["logprob"]) for t, e in zip(c["token_ids"], c["logprobs"]["content"])] \
+                    if sampling.get("logprobs") and c.get("logprobs") else None
+                out.append(Completion(list(c["token_ids"]), c["finish_reason"] or "stop", len(ids), logprobs))
         return out
 
     def _request(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "application/json",

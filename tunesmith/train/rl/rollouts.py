@@ -228,7 +228,8 @@ class Rollouts:
         chunk = self._chunk(self._order(nseed, shuffle), nr)
         prompts = [self.prompts[i] for i in chunk]
         request = round_request(self.method, {j: p["prompt_ids"] for j, p in enumerate(prompts)}, nseed, nr,
-                                       {j: p["messages"] for j, p in enumerate(prompts)}, self.method.num_generations)
+                                       {j: p["messages"] for j, p in enumerate(prompts)}, self.method.num_generations,
+                                self._rollout_logps)
         if self.ahead.saved is not None and self.ahead.saved[0] == Ahead.key(*request):
             return
         self.ahead.settle()
@@ -418,7 +419,7 @@ class Rollouts:
         changed, then every prompt of the round in one /infer/ call, as token ids, with the same per-completion
         seeds; the same completions as the trainer's own engine would sample. messages: {j: the prompt's messages}
         (the request's ms-swift fields)."""
-        request = round_request(self.method, ids, seed, r, messages, self.group)
+        request = round_request(self.method, ids, seed, r, messages, self.group, self._rollout_logps)
         # --async_generate: a training round requested ahead (sampled with the weights before the last update)
         out = self.ahead.take(*request) if self.ahead is not None and self.training else None
         if out is None:

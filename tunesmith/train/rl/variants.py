@@ -85,14 +85,10 @@ def variant_fields(args, problems: list) -> dict:
             lo_open=True)
     if loss_type == "real":
         _real_groups(args, problems)
-    if args.use_vllm and args.vllm_mode == "server":  # the rollout server's answers carry no log-probs, no min-p
+    if args.use_vllm and args.vllm_mode == "server":  # the rollout server does not sample with min-p
         if args.min_p:
             problems.append(f"--min_p {args.min_p} with --vllm_mode server: the rollout server does not sample with "
                             f"min-p yet; use --top_p or --top_k, or sample in the trainer")
-        if args.rollout_importance_sampling_mode or args.log_rollout_offpolicy_metrics:
-            problems.append("--rollout_importance_sampling_mode / --log_rollout_offpolicy_metrics with --vllm_mode "
-                            "server: the rollout server does not return its log-probs yet; use --vllm_mode colocate "
-                            "or tunesmith's own engine")
     variants = GRPOVariants(
         num_generations=args.num_generations, real_tau=args.real_tau,
         fipo_gamma=fipo_gamma(args.fipo_decay_rate) if args.fipo_decay_rate > 0 else 0.0,
