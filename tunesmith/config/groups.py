@@ -467,6 +467,12 @@ class GKDArgs:
     teacher_model_type: Optional[str] = _f(help="ms-swift's model type of --teacher_model. Compatibility only (see "
                                                 "the table at the end).")
     teacher_model_revision: Optional[str] = _f(help="GKD: the hub revision of --teacher_model.")
+    teacher_model_server: Optional[str] = _f(help="GKD: the teacher behind a server (e.g. `tunesmith deploy --model "
+                                                  "TEACHER`), its top --gkd_logits_topk log-probs fetched over HTTP "
+                                                  "instead of loading --teacher_model; a URL, or a JSON list of "
+                                                  "{\"url\", \"tags\"} routing rows by --teacher_tag_key.")
+    teacher_tag_key: str = _f("dataset", help="GKD with a --teacher_model_server list: the row column whose value "
+                                              "picks the teacher (the one whose tags hold it).")
     offload_teacher_model: bool = _f(False, help="GKD: keep the teacher in CPU memory and move it to the GPU only "
                                                  "for its forward passes (less GPU memory, slower).")
     gkd_logits_topk: Optional[int] = _f(help="GKD: the divergence over the teacher's k most likely tokens only "

@@ -284,8 +284,6 @@ NOT_SUPPORTED_YET = {
     **_same(_MCORE, "to_mcore", "to_hf", "mcore_model", "mcore_adapter", "thread_count", "test_convert_precision",
             "test_convert_dtype", "save_missing_weights"),
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
-    "teacher_tag_key": "it routes rows to the teachers of a --teacher_model_server list, which tunesmith does not "
-                       "support yet; GRPO takes one local teacher, --teacher_model PATH",
     "reward_model_plugin": "ms-swift's reward-model plugins drive its own Template and inference-engine objects "
                            "(template.encode, data_collator, PtEngine/GenRM), which tunesmith does not have, so a "
                            "plugin file would not run unchanged; score with --reward_model (a sequence-classification "
@@ -318,9 +316,6 @@ NOT_SUPPORTED_YET = {
             "full); its revision, type, separate adapters and template options are not supported yet",
             "reward_model_revision", "reward_model_type", "reward_adapters", "reward_template"),
     # GKD (--rlhf_type gkd) has the rest of ms-swift's teacher flags
-    "teacher_model_server": "a GKD teacher behind a server (its top-k log-probs fetched over HTTP) is not supported "
-                            "yet; load it with --teacher_model PATH (--offload_teacher_model true keeps it in CPU "
-                            "memory between its forward passes)",
     "teacher_deepspeed": "a DeepSpeed config of the GKD teacher's own is not supported yet: the teacher is loaded "
                          "whole on every process, outside DeepSpeed; --offload_teacher_model true keeps it in CPU "
                          "memory between its forward passes",

@@ -125,6 +125,11 @@ def teacher_fields(args, problems: list) -> dict:
     without reward functions (pure distillation) --dynamic_sample and --scale_rewards gdpo (no reward variance)."""
     if args.teacher_adapters and not args.teacher_model:
         problems.append("--teacher_adapters needs --teacher_model (the model they are merged into)")
+    if args.teacher_model_server is not None:
+        problems.append("--teacher_model_server with --rlhf_type grpo (OPD-RL from a teacher server) is not "
+                        "supported yet: GKD takes it (--rlhf_type gkd); for GRPO load the teacher with "
+                        "--teacher_model PATH (--offload_teacher_model true keeps it in CPU memory between its "
+                        "forward passes)")
     if args.teacher_model:
         loss_type = (list(args.loss_type) or ["grpo"])[0]
         if loss_type in ("real", "fipo"):
