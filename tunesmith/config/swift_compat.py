@@ -316,9 +316,12 @@ NOT_SUPPORTED_YET = {
             "full); its revision, type, separate adapters and template options are not supported yet",
             "reward_model_revision", "reward_model_type", "reward_adapters", "reward_template"),
     # GKD (--rlhf_type gkd) has the rest of ms-swift's teacher flags
-    "teacher_deepspeed": "a DeepSpeed config of the GKD teacher's own is not supported yet: the teacher is loaded "
-                         "whole on every process, outside DeepSpeed; --offload_teacher_model true keeps it in CPU "
-                         "memory between its forward passes",
+    "teacher_deepspeed": "a DeepSpeed config of the GKD teacher's own (ms-swift shards the teacher with it, e.g. "
+                         "ZeRO-3) is not supported: tunesmith loads frozen models (the teacher, DPO's reference) "
+                         "whole on every process, outside DeepSpeed, and GKD's chunked divergence reads the "
+                         "teacher's output layer directly; serve a large teacher with `tunesmith deploy` and pass "
+                         "--teacher_model_server URL --gkd_logits_topk K, or keep it in CPU memory between its "
+                         "forward passes with --offload_teacher_model true",
 }
 
 # Names that are real flags of some tunesmith commands but that ms-swift also has in commands where tunesmith does
