@@ -467,7 +467,7 @@ class GKDArgs:
     teacher_model_type: Optional[str] = _f(help="ms-swift's model type of --teacher_model. Compatibility only (see "
                                                 "the table at the end).")
     teacher_model_revision: Optional[str] = _f(help="GKD: the hub revision of --teacher_model.")
-    teacher_model_server: Optional[str] = _f(help="GKD: the teacher behind a server (e.g. `tunesmith deploy --model "
+    teacher_model_server: Optional[str] = _f(help="GKD (and GRPO's OPD-RL): the teacher behind a server (e.g. `tunesmith deploy --model "
                                                   "TEACHER`), its top --gkd_logits_topk log-probs fetched over HTTP "
                                                   "instead of loading --teacher_model; a URL, or a JSON list of "
                                                   "{\"url\", \"tags\"} routing rows by --teacher_tag_key.")

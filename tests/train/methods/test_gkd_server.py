@@ -2,7 +2,8 @@
 teacher: ms-swift's request (POST /infer/ with prompt_logprobs) answered in vLLM's shape; the run's losses equal
 the local teacher's with the same --gkd_logits_topk (ms-swift's top-k divergence is a log-softmax over the k
 entries, the same for the server's log-probs as for the local teacher's logits: 1e-4), and with k the whole
-vocabulary the full-vocabulary run's; several teachers routed by --teacher_tag_key, and ms-swift's errors."""
+vocabulary the full-vocabulary run's; several teachers routed by --teacher_tag_key, and ms-swift's errors; and
+GRPO's OPD-RL from the same server equals its local teacher."""
 import os
 import random
 
@@ -142,9 +143,25 @@ def test_teacher_server_flag_errors(tiny_models, flags, message):
         configure(parse_args("rlhf", ["--rlhf_type", "gkd", "--model", model, "--dataset", "x.jsonl", *flags]))
 
 
-def test_grpo_refuses_a_teacher_server_for_now(tiny_models):
-    from tunesmith.train.recipe import configure
+@pytest.mark.slow
+def test_grpo_opd_rl_from_a_teacher_server_equals_the_local_teacher(deploy, tiny_models, tmp_path):
+    """GRPO's OPD-RL (pure distillation: no reward functions) with --teacher_model_server: the server's log-probs of
+    the sampled tokens (prompt_logprobs 0, temperature 1 as ms-swift's API teacher) equal the local teacher's at
+    --temperature 1, so three steps' loss and teacher_kl equal the --teacher_model run's (1e-4)."""
+    teacher, url = deploy
+    student = tiny_models("qwen2")
+    data = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": f"say {w}"}]}
+                                              for w in WORDS[:8]])
 
-    with pytest.raises(ConfigError, match="--teacher_model_server with --rlhf_type grpo"):
-        configure(parse_args("rlhf", ["--rlhf_type", "grpo", "--model", tiny_models("qwen2"), "--dataset", "x.jsonl",
-                                      "--reward_funcs", "format", "--teacher_model_server", "http://h:1"]))
+    def run(out, *flags):
+        res = train("rlhf", "--rlhf_type", "grpo", "--model", student, "--dataset", data, "--num_generations", "4",
+                    "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+                    "--max_completion_length", "8", "--temperature", "1.0", "--max_steps", "3",
+                    "--logging_steps", "1", "--report_to", "none", "--output_dir", str(tmp_path / out), *flags)
+        return [(r["loss"], r["teacher_kl"]) for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl"))
+                if "teacher_kl" in r]
+
+    remote, local = run("remote", "--teacher_model_server", url), run("local", "--teacher_model", teacher)
+    assert len(remote) == len(local) == 3 and any(abs(d) > 1e-3 for _, d in local)  # the teacher differs
+    for (a, b), (c, d) in zip(remote, local):
+        assert abs(a - c) < 1e-4 and abs(b - d) < 1e-4, (remote, local)

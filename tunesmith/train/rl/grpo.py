@@ -249,6 +249,8 @@ class GRPO:
     teacher_revision: Optional[str] = None
     offload_teacher: bool = False
     teacher_kl_coef: float = 1.0
+    teacher_servers: Optional[tuple] = None   # OPD-RL's teacher behind servers (teacher_server.TeacherServer each)
+    teacher_tag_key: str = "dataset"          # the prompt column that routes a row among several teacher servers
     distill: Any = None                       # variants.SelfDistill: RLSD / SDAR / OPD-RL's additive signal
     multi_turn_scheduler: Optional[str] = None  # multi-turn rollouts: the scheduler's name (train/rl/schedulers.py)
     max_turns: Optional[int] = None           # model turns per trajectory; None: no limit
@@ -573,7 +575,7 @@ def _checked_rewards(args, reward_args, problems: list, use_gym: bool = False) -
     from tunesmith.train.rl.rewards import load_reward_functions
 
     if not args.reward_funcs:
-        if not args.reward_model and not use_gym and not args.teacher_model:  # a teacher alone: OPD-RL distillation
+        if not args.reward_model and not use_gym and not (args.teacher_model or args.teacher_model_server):
             problems.append("GRPO needs --reward_funcs (or --reward_model): e.g. --reward_funcs accuracy format "
                             "(built-ins), a name an --external_plugins file registers, or module.function")
         return []

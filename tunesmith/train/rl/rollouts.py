@@ -23,6 +23,7 @@ from tunesmith.train.rl.units import (Unit, _completion_seed, _unique_names, com
                                      generation_batch_problem, grpo_collate, read_round, refuse_pictures, save_round,
                                      saved_units)
 from tunesmith.train.rl.ahead import Ahead, round_request
+from tunesmith.train.rl.teacher_server import ServerTeacher
 from tunesmith.train.rl.variants import opsd_problems, teacher_signal
 from tunesmith.train.rl.vllm_sync import VllmSync, processed_logprobs_config
 
@@ -376,7 +377,8 @@ class Rollouts:
                               stats=stats, images=prompts[owners[i]].get("images"), completion_mask=mask,
                               rollout_logps=[lp.logprob for lp in c.logprobs]
                               if self._rollout_logps and c.logprobs is not None else None,
-                              teacher_prompt_ids=prompts[owners[i]].get("teacher_prompt_ids")))
+                              teacher_prompt_ids=prompts[owners[i]].get("teacher_prompt_ids"),
+                              tag=_tag(prompts[owners[i]], m.teacher_tag_key)))
         self._add_logps(units)
         g = self.group
         return [(j, units[k * g:(k + 1) * g], per_func[k * g:(k + 1) * g], texts[k * g:(k + 1) * g])
@@ -554,6 +556,8 @@ class Rollouts:
         from dataclasses import replace
 
         t = self.method.temperature
+        if isinstance(self.teacher, ServerTeacher):  # the server's log-probs (temperature 1, as ms-swift's API)
+            return self.teacher.completion_logps(part, batch["completion_mask"].shape[1])
         if any(u.teacher_prompt_ids for u in part):
             views = [replace(u, prompt_ids=u.teacher_prompt_ids) if u.teacher_prompt_ids else u for u in part]
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(views).items()}
@@ -593,6 +597,12 @@ class Rollouts:
                                      "completion": text,
                                      "rewards": {n: (None if math.isnan(v) else v) for n, v in zip(names, per_func[i])},
                                      "reward": combined[i], "advantage": advantages[i]}, ensure_ascii=False) + "\n")
+
+
+def _tag(prompt: dict, key: str) -> Optional[str]:
+    """A prompt's --teacher_tag_key column as text (None when absent): which teacher server scores it."""
+    value = (prompt.get("columns") or {}).get(key)
+    return None if value is None else str(value)
 
 
 class ValidationRollouts:

@@ -1,5 +1,6 @@
-"""A distillation teacher behind a server (`--teacher_model_server`, GKD): its log-probabilities fetched over HTTP, as
-ms-swift 4.6's (rlhf_trainers/gkd_helpers.py, rollout_mixin._infer_teacher_requests, utils.parse_prompt_logprobs).
+"""A distillation teacher behind a server (`--teacher_model_server`: GKD, and GRPO's OPD-RL): its log-probabilities
+fetched over HTTP, as ms-swift 4.6's (rlhf_trainers/gkd_helpers.py, rollout_mixin._infer_teacher_requests,
+utils.parse_prompt_logprobs; GKD asks for the top-k at every position, OPD-RL for the sampled tokens' alone).
 
 `--teacher_model_server` is one URL (one teacher for every row) or a JSON list of {"url", "tags"} (several
 teachers; each row goes to the one whose tags hold the row's `--teacher_tag_key` column, default `dataset`):
@@ -171,8 +172,9 @@ def _post(base: str, path: str, body: Optional[bytes], method: str = "POST", tim
 
 
 class ServerTeacher:
-    """GKD's teacher behind its server(s): `topk(batch, k)` gives the teacher's top-k at the batch's trained
-    positions, in token_logps.head_inputs' order (row-major over labels[:, 1:] != -100)."""
+    """A teacher behind its server(s): `topk(batch, k)` gives GKD the teacher's top-k at the batch's trained
+    positions, in token_logps.head_inputs' order (row-major over labels[:, 1:] != -100); `completion_logps(units,
+    width)` gives OPD-RL the log-probs of GRPO completions' tokens."""
 
     def __init__(self, client: TeacherClient):
         self.client = client
@@ -206,3 +208,19 @@ class ServerTeacher:
         values = torch.tensor([fetched[bi][0][u] for bi, u in at], dtype=torch.float32).reshape(len(at), k)
         indices = torch.tensor([fetched[bi][1][u] for bi, u in at], dtype=torch.long).reshape(len(at), k)
         return values, indices
+
+    def completion_logps(self, units: list, width: int):
+        """OPD-RL: the teacher's log-probabilities [B, width] (CPU float32; 0 past each completion) of each unit's
+        completion tokens (train/rl/units.Unit) after its teacher view (its teacher_prompt_ids, else its prompt),
+        the actual tokens' (prompt_logprobs 0, as ms-swift's GRPO API teacher: temperature 1). Raises ConfigError
+        (routing) or RolloutServerError."""
+        import torch
+
+        views = [list(u.teacher_prompt_ids or u.prompt_ids) for u in units]
+        fetched = self.client.logprobs([v + list(u.completion_ids) for v, u in zip(views, units)],
+                                       [u.tag for u in units], 0)
+        out = torch.zeros(len(units), width, dtype=torch.float32)
+        for i, (view, u) in enumerate(zip(views, units)):
+            lps = fetched[i][0][len(view) - 1:len(view) - 1 + len(u.completion_ids)]
+            out[i, :len(lps)] = torch.tensor([x[0] for x in lps], dtype=torch.float32)
+        return out

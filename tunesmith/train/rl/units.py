@@ -32,6 +32,7 @@ class Unit:
     teacher_logps: Optional[list] = None  # SDAR: [C], the teacher's log-probs of the tokens
     teacher_prompt_ids: Optional[list] = None  # OPSD: the prompt with the row's teacher_prompt as last user turn
     completion_mask: Optional[list] = None  # [C] 1 trained, 0 not (a multi-turn rollout's tool turns); None: all 1
+    tag: Optional[str] = None           # the row's --teacher_tag_key value (routes it among teacher servers)
 
 
 def refuse_pictures(prompts: list[dict], what: str) -> None:
