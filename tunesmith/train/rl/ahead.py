@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from typing import Optional
 
 PENDING_FILE = "grpo_pending_round.json"  # the request in flight at a checkpoint, with its answer
@@ -37,7 +38,6 @@ class Ahead:
 
     def __init__(self, server):
         self.server = server
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tunesmith-rollout-ahead")
         self.pending: Optional[tuple] = None  # (the request's key, its Future of engine Completions)
         self.saved: Optional[tuple] = None    # (key, completions) read from a checkpoint, until used
         self.requested = 0                    # requests sent ahead (for tests and the log)
@@ -49,11 +49,19 @@ class Ahead:
                           sort_keys=True, ensure_ascii=False)
 
     def submit(self, prompts: list, sampling: dict, n: int, adapter: Optional[str]) -> None:
-        """Send a request now, answered on the worker thread with the server's weights as they are (the caller
+        """Send a request now, answered on a daemon thread with the server's weights as they are (the caller
         pushed the policy's first); adapter: the server's name of the adapter version to sample (None: full
         weights). A request still in flight is waited for and dropped first."""
         self.settle()
-        future = self.pool.submit(self.server.generate, prompts, sampling, n, adapter)
+        future: Future = Future()
+
+        def answer() -> None:
+            """The request, on its own daemon thread (a run that ends with one in flight does not wait for it)."""
+            try:
+                future.set_result(self.server.generate(prompts, sampling, n, adapter))
+            except BaseException as e:  # the server's error, raised by `take`
+                future.set_exception(e)
+        threading.Thread(target=answer, name="tunesmith-rollout-ahead", daemon=True).start()
         self.pending, self.requested = (self.key(prompts, sampling, n), future), self.requested + 1
 
     def take(self, prompts: list, sampling: dict, n: int) -> Optional[list]:
@@ -103,10 +111,6 @@ class Ahead:
         self.saved = (saved["request"], [Completion(list(ids), reason, n, None if lps is None else
                                                     [TokenLogprob(t, v) for t, v in zip(ids, lps)])
                                          for ids, reason, n, lps in saved["completions"]])
-
-    def close(self) -> None:
-        """Stop the worker thread (a request in flight is answered first)."""
-        self.pool.shutdown(wait=True)
 
 
 def round_request(method, ids: dict, seed: int, r: int, messages: dict, g: int, logprobs: bool = False) -> tuple:
