@@ -127,6 +127,28 @@ def test_async_rounds_train_one_round_behind_and_resume_exactly(rollout, setup, 
     assert _rounds(resumed["run_dir"])[3] == rounds[3]
 
 
+@pytest.mark.slow
+def test_full_weight_async_rounds(tiny_models, setup, tmp_path):
+    """--train_type full (a server of its own: full weights change its model): the trainable weights are pushed only
+    once the request before them is answered; round 1 is sampled with the initial weights (requested before step 1
+    trained), and the run trains."""
+    from tunesmith.commands.rollout import build
+
+    model = tiny_models("qwen2")
+    data, plugin = setup
+    engine, app, _ = build(parse_args("rollout", ["--model", model, "--verbose", "false"]))
+    try:
+        with serve_on_a_thread(app) as port:
+            res = _grpo(model, port, data, plugin, tmp_path / "full", "--max_steps", "2", "--train_type", "full",
+                        "--learning_rate", "1e-3")
+    finally:
+        engine.close()
+    rounds = _rounds(res["run_dir"])
+    assert [t for _, t in rounds[1]] == _sampled(model, None, rounds[1], 1)
+    logs = [r for r in read_jsonl(os.path.join(res["run_dir"], "logging.jsonl")) if "reward" in r]
+    assert len(logs) == 2 and all(math.isfinite(r["loss"]) for r in logs)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--rlhf_type", "grpo", "--reward_funcs", "format", "--async_generate", "true"],
      "--async_generate true needs --use_vllm true --vllm_mode server"),
