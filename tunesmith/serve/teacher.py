@@ -6,7 +6,9 @@ The request (ms-swift 4.6 rollout_mixin._infer_teacher_requests): {"infer_reques
 "request_config": {"prompt_logprobs": k, "max_tokens": 1, "temperature": 0.0}}. Each request is its
 `prompt_token_ids` (tunesmith's extension: the trainer's own tokens, so positions align exactly) or its `messages`
 rendered with the model's chat template (a conversation ending with the assistant's reply is rendered whole, no
-generation prompt after it). The answer: one ChatCompletionResponse per request whose `prompt_logprobs` is
+generation prompt after it; a final assistant message whose content is token ids — ms-swift's
+replace_assistant_response_with_ids, a list of ids or {"input_ids": [...], "loss_scale": [...]} — is the earlier
+messages rendered with the generation prompt, then those ids as they are). The answer: one ChatCompletionResponse per request whose `prompt_logprobs` is
 vLLM's list — None for the first token, then for each token t ≥ 1 a dict {str(token id): {"logprob", "rank",
 "decoded_token"}} holding the actual token t first (its rank among all tokens, 1 the most likely) and then the k
 most likely tokens (k = 0: the actual token alone), log-probabilities in nats of the raw distribution
@@ -75,20 +77,36 @@ def _entry(tok, tid: int, logprob: float, rank: int) -> dict:
     return {"logprob": logprob, "rank": rank, "decoded_token": tok.decode([tid])}
 
 
+def response_ids(messages: list) -> Optional[list]:
+    """The token ids of a final assistant message given as ids (a list of ints, or {"input_ids": [...]}), else
+    None."""
+    last = messages[-1] if messages else {}
+    content = last.get("content")
+    if isinstance(content, dict):
+        content = content.get("input_ids")
+    if last.get("role") == "assistant" and isinstance(content, list) and content and \
+            all(isinstance(t, int) and not isinstance(t, bool) for t in content):
+        return list(content)
+    return None
+
+
 async def _ids(server, i: int, req) -> list:
-    """Request i's token ids: prompt_token_ids, or its messages rendered (whole when the last is the assistant's)."""
+    """Request i's token ids: prompt_token_ids, or its messages rendered (whole when the last is the assistant's;
+    its ids appended after the generation prompt when given as ids)."""
     if req.prompt_token_ids is not None:
         return list(req.prompt_token_ids)
     from starlette.concurrency import run_in_threadpool
 
     tok = server.engine.tok
-    last = req.messages[-1].get("role")
+    reply = response_ids(req.messages)
+    messages = req.messages[:-1] if reply is not None else req.messages
+    prompt_only = reply is not None or messages[-1].get("role") != "assistant"
     kwargs = dict(req.chat_template_kwargs or {})
 
     def render() -> list:
-        text = tok.apply_chat_template(req.messages, tools=req.tools, tokenize=False,
-                                       add_generation_prompt=last != "assistant", **kwargs)
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        text = tok.apply_chat_template(messages, tools=req.tools, tokenize=False,
+                                       add_generation_prompt=prompt_only, **kwargs)
+        return list(tok(text, add_special_tokens=False)["input_ids"]) + (reply or [])
     try:
         return await run_in_threadpool(render)
     except Exception as e:  # the template's own error: the request's conversation does not render
@@ -118,7 +136,12 @@ async def infer(body: InferBody, request: Request):
     vocab = len(server.engine.tok)
     out = []
     for i, req in enumerate(body.infer_requests):
-        check_infer_request(i, req, vocab)
+        reply = response_ids(req.messages)
+        if reply is not None and any(t < 0 or t >= vocab for t in reply):
+            raise ApiError(400, f"infer_requests[{i}].messages[-1].content: token ids must be in [0, {vocab})",
+                           param=f"infer_requests[{i}].messages")
+        check_infer_request(i, req.model_copy(update={"messages": req.messages[:-1] + [
+            {"role": "assistant", "content": ""}]}) if reply is not None else req, vocab)
         ids = await _ids(server, i, req)
         scored = await _scored(server, ids, k)
         gen = server.engine.defaults.merged(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature,

@@ -81,6 +81,20 @@ def test_infer_answers_vllms_prompt_logprobs(deploy):
         "infer_requests": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
         "request_config": {"prompt_logprobs": 0, "max_tokens": 1}})
     assert status == 200 and all(len(e) == 1 for e in body[0]["prompt_logprobs"][1:])
+    # ms-swift's on-policy form: the reply as token ids in the assistant message (replace_assistant_response_with_ids)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    prompt = tok(tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    for content in ([7, 8, 9], {"input_ids": [7, 8, 9], "loss_scale": [1, 1, 1]}):
+        status, body = http_json("POST", f"{url}/infer/", {
+            "infer_requests": [{"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": content}]}],
+            "request_config": {"prompt_logprobs": 0, "max_tokens": 1, "return_details": True}})
+        assert status == 200, body
+        assert body[0]["prompt_token_ids"] == prompt + [7, 8, 9]
+        assert [list(e)[0] for e in body[0]["prompt_logprobs"][-3:]] == ["7", "8", "9"]
     status, err = http_json("POST", f"{url}/infer/", {"infer_requests": [{"messages": [{"role": "user",
                                                                                          "content": "x"}]}],
                                                        "request_config": {"prompt_logprobs": 5000}})
