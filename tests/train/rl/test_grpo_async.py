@@ -149,6 +149,19 @@ def test_full_weight_async_rounds(tiny_models, setup, tmp_path):
     assert len(logs) == 2 and all(math.isfinite(r["loss"]) for r in logs)
 
 
+@pytest.mark.slow
+def test_resuming_a_synchronous_checkpoint_with_async_rounds_says_so(rollout, setup, tmp_path, capsys):
+    """A checkpoint saved without --async_generate holds no round requested ahead: the resumed run samples its
+    first round now, with the checkpoint's weights, and says that it is not the uninterrupted run."""
+    model, port = rollout
+    data, plugin = setup
+    first = _grpo(model, port, data, plugin, tmp_path / "sync", "--max_steps", "1", "--async_generate", "false")
+    capsys.readouterr()
+    _grpo(model, port, data, plugin, tmp_path / "async", "--max_steps", "2",
+          "--resume_from_checkpoint", os.path.join(first["run_dir"], "checkpoint-1"))
+    assert "holds no round requested ahead" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--rlhf_type", "grpo", "--reward_funcs", "format", "--async_generate", "true"],
      "--async_generate true needs --use_vllm true --vllm_mode server"),

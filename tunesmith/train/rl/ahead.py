@@ -41,6 +41,8 @@ class Ahead:
         self.pending: Optional[tuple] = None  # (the request's key, its Future of engine Completions)
         self.saved: Optional[tuple] = None    # (key, completions) read from a checkpoint, until used
         self.requested = 0                    # requests sent ahead (for tests and the log)
+        self.taken = 0                        # answers taken (sent ahead, or saved by the checkpoint)
+        self.said_missing = False             # the note on a resumed round nothing holds, given once
 
     @staticmethod
     def key(prompts: list, sampling: dict, n: int) -> str:
@@ -64,17 +66,27 @@ class Ahead:
         threading.Thread(target=answer, name="tunesmith-rollout-ahead", daemon=True).start()
         self.pending, self.requested = (self.key(prompts, sampling, n), future), self.requested + 1
 
-    def take(self, prompts: list, sampling: dict, n: int) -> Optional[list]:
+    def take(self, prompts: list, sampling: dict, n: int, later: bool = False) -> Optional[list]:
         """The completions of this request when it was sent ahead (waited for; the server's error raised here),
         or saved by the checkpoint resumed from, else None (the caller samples it now). A different request in
-        flight stays pending (it is the next round's)."""
+        flight stays pending (it is the next round's). later: not the run's first round — a resumed run's first
+        round that nothing holds (a checkpoint saved without --async_generate) is said, once."""
         k = self.key(prompts, sampling, n)
         if self.pending is not None and self.pending[0] == k:
             future, self.pending = self.pending[1], None
+            self.taken += 1
             return future.result()
         if self.saved is not None and self.saved[0] == k:
             out, self.saved = self.saved[1], None
+            self.taken += 1
             return out
+        if later and not self.requested and not self.taken and not self.said_missing:
+            from tunesmith.log import note
+
+            self.said_missing = True
+            note("--async_generate: resumed from a checkpoint that holds no round requested ahead (saved by a run "
+                 "without --async_generate?): this round is sampled now with the checkpoint's weights, so from "
+                 "here the run is not the uninterrupted one")
         return None
 
     def settle(self) -> None:

@@ -423,7 +423,8 @@ class Rollouts:
         (the request's ms-swift fields)."""
         request = round_request(self.method, ids, seed, r, messages, self.group, self._rollout_logps)
         # --async_generate: a training round requested ahead (sampled with the weights before the last update)
-        out = self.ahead.take(*request) if self.ahead is not None and self.training else None
+        ahead = self.ahead if self.training else None
+        out = ahead.take(*request, later=self.rounds_done > 0) if ahead is not None else None
         if out is None:
             if self.ahead is not None:  # no weights move while a request is in flight
                 self.ahead.settle()
