@@ -36,8 +36,16 @@ class Ahead:
     """The one round requested ahead of the round being trained, on a rollout_client.RolloutServer: a request is
     (prompts [(token ids, first seed, messages)], sampling: RequestConfig fields, n completions per prompt)."""
 
-    def __init__(self, server):
+    def __init__(self, server, corrected: bool = False):
+        """server: the RolloutServer; corrected: --rollout_importance_sampling_mode is on (else a note suggests it,
+        as ms-swift's note that asynchronous rounds bypass the clip)."""
+        from tunesmith.log import note
+
         self.server = server
+        note("GRPO --async_generate: each round after the first is sampled by the rollout server while the one "
+             "before it trains, from the weights before that round's update (one round off-policy, as ms-swift); "
+             "π_old is the model that trains the round, so the clip does not see the lag" +
+             ("" if corrected else "; --rollout_importance_sampling_mode token_truncate corrects it"))
         self.pending: Optional[tuple] = None  # (the request's key, its Future of engine Completions)
         self.saved: Optional[tuple] = None    # (key, completions) read from a checkpoint, until used
         self.requested = 0                    # requests sent ahead (for tests and the log)

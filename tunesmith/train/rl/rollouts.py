@@ -19,11 +19,11 @@ from typing import Iterator, Optional
 from tunesmith.errors import ConfigError
 from tunesmith.log import note
 from tunesmith.train.interrupts import raise_sampling_errors
-from tunesmith.train.rl.units import (Unit, _completion_seed, _unique_names, completion_logps, fit_prompts,
-                                     generation_batch_problem, grpo_collate, read_round, refuse_pictures, save_round,
-                                     saved_units)
+from tunesmith.train.rl.units import (Unit, _completion_seed, _unique_names, completion_logps, epoch_order,
+                                     fit_prompts, generation_batch_problem, grpo_collate, read_round, refuse_pictures,
+                                     round_chunk, save_round, saved_units)
 from tunesmith.train.rl.ahead import Ahead, round_request
-from tunesmith.train.rl.teacher_server import ServerTeacher
+from tunesmith.train.rl.teacher_server import ServerTeacher, prompt_tag
 from tunesmith.train.rl.variants import opsd_problems, teacher_signal
 from tunesmith.train.rl.vllm_sync import VllmSync, processed_logprobs_config
 
@@ -70,7 +70,8 @@ class Rollouts:
         self.context = self.max_prompt + method.max_completion_length if self.max_prompt and not per_round else None
         self.remote = self._remote(method, model, model_dir)  # --vllm_mode server
         # --async_generate: the round after this one is requested while this one trains (train/rl/ahead.py)
-        self.ahead = Ahead(self.remote) if method.async_generate and self.remote is not None else None
+        self.ahead = Ahead(self.remote, bool(method.variants and method.variants.rollout_is_mode)) \
+            if method.async_generate and self.remote is not None else None
         self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm and self.remote is None else None
         if self.vllm is not None and method.variants is not None and method.variants.wants_rollout_logps:
             self.vllm.engine_cfg = processed_logprobs_config(self.vllm.engine_cfg)
@@ -182,10 +183,10 @@ class Rollouts:
     def epoch(self, seed: int, shuffle: bool, skip_units: int = 0) -> Iterator:
         """The epoch's units in training order, after the first `skip_units` (a resumed run): whole rounds
         skipped are not generated."""
-        order = self._order(seed, shuffle)
+        order = epoch_order(len(self.prompts), seed, shuffle)
         per_round_units = self.round_size * self.method.num_iterations
         for r in range(math.ceil(len(order) / self.prompts_per_round)):
-            chunk = self._chunk(order, r)
+            chunk = round_chunk(order, r, self.prompts_per_round)
             if skip_units >= per_round_units:  # trained before a resume: not generated again
                 skip_units -= per_round_units
                 self.rounds_done += 1
@@ -207,26 +208,13 @@ class Rollouts:
                     yield u
                 skip_units = max(0, skip_units - len(units))
 
-    def _order(self, seed: int, shuffle: bool) -> list:
-        """The epoch's prompt order (indices into self.prompts), shuffled with the epoch's seed."""
-        order = list(range(len(self.prompts)))
-        if shuffle:
-            random.Random(seed).shuffle(order)
-        return order
-
-    def _chunk(self, order: list, r: int) -> list:
-        """Round r's prompts (indices) in the epoch's order; the epoch's last round is filled from its start."""
-        per = self.prompts_per_round
-        chunk = order[r * per:(r + 1) * per]
-        return chunk + order[:per - len(chunk)]
-
     def _ask_ahead(self, seed: int, r: int, shuffle: bool) -> None:
         """--async_generate: push the policy's weights as they are now (the weights round r trains from) and send
         the next round's request — round r + 1, or the next epoch's first (its seed: the loop's, --seed + epoch)
         — unless the checkpoint resumed from already holds its answer."""
         rounds = math.ceil(len(self.prompts) / self.prompts_per_round)
         nseed, nr = (seed, r + 1) if r + 1 < rounds else (seed + 1, 0)
-        chunk = self._chunk(self._order(nseed, shuffle), nr)
+        chunk = round_chunk(epoch_order(len(self.prompts), nseed, shuffle), nr, self.prompts_per_round)
         prompts = [self.prompts[i] for i in chunk]
         request = round_request(self.method, {j: p["prompt_ids"] for j, p in enumerate(prompts)}, nseed, nr,
                                        {j: p["messages"] for j, p in enumerate(prompts)}, self.method.num_generations,
@@ -378,7 +366,7 @@ class Rollouts:
                               rollout_logps=[lp.logprob for lp in c.logprobs]
                               if self._rollout_logps and c.logprobs is not None else None,
                               teacher_prompt_ids=prompts[owners[i]].get("teacher_prompt_ids"),
-                              tag=_tag(prompts[owners[i]], m.teacher_tag_key)))
+                              tag=prompt_tag(prompts[owners[i]], m.teacher_tag_key)))
         self._add_logps(units)
         g = self.group
         return [(j, units[k * g:(k + 1) * g], per_func[k * g:(k + 1) * g], texts[k * g:(k + 1) * g])
@@ -598,12 +586,6 @@ class Rollouts:
                                      "completion": text,
                                      "rewards": {n: (None if math.isnan(v) else v) for n, v in zip(names, per_func[i])},
                                      "reward": combined[i], "advantage": advantages[i]}, ensure_ascii=False) + "\n")
-
-
-def _tag(prompt: dict, key: str) -> Optional[str]:
-    """A prompt's --teacher_tag_key column as text (None when absent): which teacher server scores it."""
-    value = (prompt.get("columns") or {}).get(key)
-    return None if value is None else str(value)
 
 
 class ValidationRollouts:

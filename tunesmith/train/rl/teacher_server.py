@@ -95,6 +95,12 @@ def route(tags: list, servers: tuple, tag_key: str = "dataset") -> dict:
     return routing
 
 
+def prompt_tag(prompt: dict, key: str) -> Optional[str]:
+    """A GRPO prompt's --teacher_tag_key column as text (None when absent): which teacher server scores it."""
+    value = (prompt.get("columns") or {}).get(key)
+    return None if value is None else str(value)
+
+
 def parse_prompt_logprobs(prompt_logprobs: Optional[list], k: int) -> tuple[list, list]:
     """ms-swift's parse_prompt_logprobs: ([position][k] log-probs, [position][k] token ids) for positions 1..T−1 of
     vLLM's prompt_logprobs; k = 0: the actual token's (each position's first entry), else its k most likely."""
