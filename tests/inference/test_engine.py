@@ -275,21 +275,21 @@ def test_infer_keeps_columns_and_computes_the_metric(tiny_models, tmp_path, caps
     assert [r["response"] for r in read_jsonl(tmp_path / "s.jsonl")] == [r["response"] for r in rows]
 
 
-def test_chunked_greedy_head_equals_the_full_logits(monkeypatch):
+def test_chunked_greedy_head_equals_the_full_logits():
     """Greedy rows take the arg-max vocabulary chunk by chunk; it equals torch.argmax over the full logits,
     ties (a repeated output row) included."""
-    from tunesmith.inference.engine import _Last
+    from tunesmith.inference.last_output import LastOutput, chunked_argmax
 
     torch.manual_seed(0)
     weight = torch.randn(1000, 16)
     weight[700] = weight[3]  # a tie across chunks: the lower id wins, as torch.argmax decides
     hidden = torch.randn(6, 16)
     hidden[0] = weight[3] * 10
-    monkeypatch.setattr(_Last, "CHUNK", 128)
     full = hidden @ weight.T
-    got = _Last(hidden=hidden).argmax(list(range(6)), (None, weight))
+    got = chunked_argmax(hidden, weight, chunk=128)
     assert got.tolist() == full.argmax(-1).tolist() and got[0] == 3
-    assert torch.allclose(_Last(hidden=hidden).logits_of([1, 4], (None, weight)), full[[1, 4]], atol=1e-5)
+    assert LastOutput(hidden=hidden).argmax(list(range(6)), (None, weight)).tolist() == got.tolist()
+    assert torch.allclose(LastOutput(hidden=hidden).logits_of([1, 4], (None, weight)), full[[1, 4]], atol=1e-5)
 
 
 def _engine(tiny_models, **kw):

@@ -15,6 +15,7 @@ from typing import Optional
 from tunesmith.config.commands import DataCommandArguments
 from tunesmith.data.encode import IGNORE, ChatEncoder, TooLong, NothingToTrain, render_highlighted
 from tunesmith.data.formats import row_kind
+from tunesmith.data.tiny_tokenizer import TEMPLATE_FAMILIES as _TEMPLATE_FAMILIES
 from tunesmith.data.load import (LoadResult, load_datasets, normalise_rows, read_spec, rows_for, split_train_val,
                                  stream_records, write_jsonl)
 from tunesmith.config.checks import raise_problems
@@ -40,11 +41,6 @@ def _tokenizer(args: DataCommandArguments, tools: bool = False, images: bool = F
 
 
 # ms-swift's template names (and ours) -> the built-in tokenizers' families, for the data commands without --model
-_TEMPLATE_FAMILIES = {"qwen2": "qwen2", "qwen2_5": "qwen2", "qwen": "qwen2", "qwen2_5_math": "qwen2", "qwen3": "qwen3",
-                      "qwen3_thinking": "qwen3", "qwen3_nothinking": "qwen3", "llama3": "llama3", "llama3_1": "llama3",
-                      "llama3_2": "llama3", "llama3_3": "llama3", "llama": "llama3", "gpt_oss": "gpt_oss",
-                      "gpt-oss": "gpt_oss", "chatml": "chatml", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl",
-                      "qwen3_vl": "qwen3_vl"}
 # Without --model, the vision-language families count image tokens with their released image processors' budgets
 # (patch size, pixels per picture; preprocessor_config.json of Qwen2-VL/Qwen2.5-VL-7B-Instruct and Qwen3-VL-8B).
 _BUILT_IN_IMAGE_PROCESSORS = {"qwen2_vl": (14, 3136, 12845056), "qwen2_5_vl": (14, 3136, 12845056),

@@ -325,6 +325,24 @@ class GRPOArgs:
                                       "checkpoint of --rlhf_type rm, or any sequence-classification model) scoring "
                                       "each conversation; their weights follow --reward_funcs' in --reward_weights.",
                                  list_default=[])
+    reward_model_revision: List[str] = _f(help="GRPO and PPO: the hub revision of each --reward_model (one per "
+                                               "reward model, in order), as --model_revision is --model's.",
+                                          list_default=[])
+    reward_model_type: List[str] = _f(help="GRPO and PPO: ms-swift's model type of each --reward_model (one per "
+                                           "reward model). Checked for its count only: the architecture is read "
+                                           "from the reward model's config.json, as for --model_type.",
+                                      list_default=[])
+    reward_adapters: List[str] = _f(help="GRPO and PPO: LoRA adapters merged into every --reward_model (ms-swift's "
+                                         "rule), e.g. a --rlhf_type rm adapter over its base model.",
+                                    list_default=[])
+    reward_template: List[str] = _f(help="GRPO and PPO: the chat template each --reward_model renders its "
+                                         "conversations with (one per reward model): a built-in family's official "
+                                         "template (qwen2_5, qwen3, llama3_1, gpt_oss, ...); default the reward "
+                                         "model's own.", list_default=[])
+    reward_model_plugin: List[str] = _f(help="GRPO: how each --reward_model scores (one per reward model): default "
+                                             "(its score head), genrm (a generative judge prompted to write "
+                                             "'Reward: x'), or a name an --external_plugins file registers in "
+                                             "ms-swift's rm_plugins.", list_default=[])
     log_completions: bool = _f(False, help="GRPO and PPO: write every rollout (prompt, completion, rewards, "
                                            "advantage) to completions.jsonl in the run directory.")
     cosine_min_len_value_wrong: float = _f(-0.5, help="GRPO cosine reward: reward of a wrong answer of length 0.")

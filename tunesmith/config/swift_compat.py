@@ -284,11 +284,6 @@ NOT_SUPPORTED_YET = {
     **_same(_MCORE, "to_mcore", "to_hf", "mcore_model", "mcore_adapter", "thread_count", "test_convert_precision",
             "test_convert_dtype", "save_missing_weights"),
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
-    "reward_model_plugin": "ms-swift's reward-model plugins drive its own Template and inference-engine objects "
-                           "(template.encode, data_collator, PtEngine/GenRM), which tunesmith does not have, so a "
-                           "plugin file would not run unchanged; score with --reward_model (a sequence-classification "
-                           "checkpoint, e.g. from --rlhf_type rm), or write a reward function that calls your model "
-                           "(--reward_funcs NAME --external_plugins FILE)",
     "wandb_log_unique_prompts": "tunesmith logs GRPO's completions to completions.jsonl in the run folder "
                                 "(--log_completions true), not as a W&B table, so there is no table to "
                                 "de-duplicate; drop the flag",
@@ -312,9 +307,6 @@ NOT_SUPPORTED_YET = {
     "context_manager": "multi-turn context managers run on ms-swift's rollout server; `tunesmith rollout` "
                        "samples single-turn completions, and multi-turn rollouts run in the trainer "
                        "(--multi_turn_scheduler)",
-    **_same("GRPO's and PPO's --reward_model takes a local checkpoint (a --rlhf_type rm checkpoint, adapter or "
-            "full); its revision, type, separate adapters and template options are not supported yet",
-            "reward_model_revision", "reward_model_type", "reward_adapters", "reward_template"),
     # GKD (--rlhf_type gkd) has the rest of ms-swift's teacher flags
     "teacher_deepspeed": "a DeepSpeed config of the GKD teacher's own (ms-swift shards the teacher with it, e.g. "
                          "ZeRO-3) is not supported: tunesmith loads frozen models (the teacher, DPO's reference) "

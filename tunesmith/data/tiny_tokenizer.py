@@ -149,6 +149,12 @@ FAMILIES = {
     "qwen3_vl": (QWEN_VL_TEMPLATE, "<|im_end|>", "<|endoftext|>", None),
 }
 VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# ms-swift's template names (--template) -> the family above whose tokenizer and chat template they stand for
+TEMPLATE_FAMILIES = {"qwen2": "qwen2", "qwen2_5": "qwen2", "qwen": "qwen2", "qwen2_5_math": "qwen2", "qwen3": "qwen3",
+                     "qwen3_thinking": "qwen3", "qwen3_nothinking": "qwen3", "llama3": "llama3", "llama3_1": "llama3",
+                     "llama3_2": "llama3", "llama3_3": "llama3", "llama": "llama3", "gpt_oss": "gpt_oss",
+                     "gpt-oss": "gpt_oss", "chatml": "chatml", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl",
+                     "qwen3_vl": "qwen3_vl"}
 
 
 _WORDS = ("the a an of to in is it you that he was for on are with as his they be at one have this from or had by "
@@ -217,6 +223,17 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
 
 OFFICIAL_TEMPLATES = {"chatml": "qwen2_5", "qwen2": "qwen2_5", "qwen3": "qwen3", "gpt_oss": "gptoss",
                       "llama3": "llama3_1", "llama": "llama3_1"}
+
+
+def official_template_names() -> list[str]:
+    """The ms-swift template names (--template) whose family's official chat template tunesmith carries."""
+    return sorted(n for n, family in TEMPLATE_FAMILIES.items() if family in OFFICIAL_TEMPLATES)
+
+
+def official_template_for(name: str) -> str:
+    """The official chat template (jinja text) of an ms-swift template name (qwen2_5, qwen3, llama3_1, gpt_oss, …;
+    case-insensitive). Raises KeyError for a name without one (official_template_names lists those there are)."""
+    return load_official_template(TEMPLATE_FAMILIES[name.lower()])
 
 
 def load_official_template(family: str) -> str:

@@ -36,124 +36,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import queue
 import threading
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Optional
+from dataclasses import replace
+from typing import Optional
 
-from tunesmith.errors import TunesmithError
 from tunesmith.inference.budget import BatchPlan, measure_memory, model_shape, plan_batch
+from tunesmith.inference.last_output import LastOutput, OutputScreen
+# the request types live beside the engine; importing them from here keeps working
+from tunesmith.inference.requests import (  # noqa: F401
+    Completion, Handle, NonFiniteOutput, SamplingParams, TokenLogprob)
 from tunesmith.inference.sampling import processed_scores, random_seed, sample_tokens, stop_string_hit
 from tunesmith.inference.vision import check_images, engine_vision, prefill_inputs
 
 # A prefill batch holds at most this many (padded) prompt tokens, so one huge prompt does not stall the batch
 # behind it for long and the prefill activations stay bounded; a single longer prompt still runs alone.
 MAX_PREFILL_TOKENS = 16384
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-sequence generation settings. `temperature` 0 is greedy. Processors apply in transformers' order:
-    repetition penalty, temperature, top-k, top-p (Holtzman et al. 2020), min-p. `top_logprobs` > 0 returns that
-    many alternatives per token (implies `logprobs`). `processed_logprobs`: the log-probs (and alternatives) are of
-    the distribution sampled from — after the processors — as vLLM's logprobs_mode "processed_logprobs", instead
-    of the model's raw one."""
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    min_p: float = 0.0
-    stop: tuple = ()                  # strings; generation ends when the decoded output contains one
-    stop_token_ids: tuple = ()        # in addition to the engine's own stop ids
-    seed: Optional[int] = None        # per-sequence RNG: the same seed gives the same sample whatever the batch
-    logprobs: bool = False
-    top_logprobs: int = 0
-    num_beams: int = 1                # > 1: beam search through `model.generate`, run alone
-    processed_logprobs: bool = False
-
-
-@dataclass
-class TokenLogprob:
-    """log p (nats) of a generated token under the model's raw distribution, with the top alternatives."""
-    token_id: int
-    logprob: float
-    top: list = field(default_factory=list)   # [(token_id, logprob), …], most likely first
-
-
-class NonFiniteOutput(TunesmithError, RuntimeError):
-    """The model's output for a sequence holds NaN or inf: no token can be chosen from it (a greedy arg-max would
-    pick one silently), so the sequence ends with this error."""
-
-
-@dataclass
-class Completion:
-    """A finished sequence. finish_reason: "stop" (stop token or string), "length", "abort" (cancelled or the
-    engine closed) or "error" (then `error` holds the exception)."""
-    token_ids: list
-    finish_reason: str
-    prompt_tokens: int
-    logprobs: Optional[list] = None
-    stop_hit: Optional[str] = None     # the stop string that ended it, if any
-    error: Optional[BaseException] = None
-
-
-class Handle:
-    """One submitted sequence. Iterate (`for tok in handle` / `async for tok in handle`) to receive token ids as
-    they are generated; `result()` / `await aresult()` wait for the `Completion`. `cancel()` frees its batch slot
-    at the next step. Thread-safe: the scheduler pushes, one consumer reads."""
-
-    def __init__(self, prompt_ids: list, params: SamplingParams, adapter: Optional[str],
-                 loop: Optional[asyncio.AbstractEventLoop] = None, images: Optional[dict] = None):
-        self.prompt_ids, self.params, self.adapter = list(prompt_ids), params, adapter
-        self.images = images  # the prompt's pixel inputs (see GenerationEngine.submit); dropped once prefilled
-        self.cancelled = False
-        self.completion: Optional[Completion] = None
-        self._loop = loop
-        self._q: Any = asyncio.Queue() if loop is not None else queue.SimpleQueue()
-
-    def cancel(self) -> None:
-        """Ask the scheduler to end this sequence (finish_reason "abort") at its next step; returns at once."""
-        self.cancelled = True
-
-    def _push(self, item) -> None:
-        if self._loop is None:
-            self._q.put(item)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._q.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop is gone (server shut down): nobody is listening
-            self.cancelled = True
-
-    def _finish(self, completion: Completion) -> None:
-        self.completion = completion
-        self._push(completion)
-
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            item = self._q.get()
-            if isinstance(item, Completion):
-                return
-            yield item
-
-    async def __aiter__(self):
-        while True:
-            item = await self._q.get()
-            if isinstance(item, Completion):
-                return
-            yield item
-
-    def result(self) -> Completion:
-        """Block until the sequence ends, dropping tokens not yet read. Only for a handle submitted without `loop`."""
-        for _ in self:
-            pass
-        return self.completion
-
-    async def aresult(self) -> Completion:
-        """Await the end of the sequence, dropping tokens not yet read. Only for a handle submitted with `loop`."""
-        async for _ in self:
-            pass
-        return self.completion
 
 
 class _Row:
@@ -214,6 +111,7 @@ class GenerationEngine:
         # then take the arg-max chunk by chunk and never materialise their [rows x vocabulary] logits, which at a
         # real vocabulary (151,936) is most of a decoding step's memory traffic.
         self._head = chunked_head(model)
+        self._screen = OutputScreen()  # greedy rows of a float32 head: a bfloat16 screen, exact (last_output.py)
         self._cache_kw = _cache_keyword(model)
         self._vision = engine_vision(model)  # a vision-language model's image token and M-RoPE function, else None
         # a vision-language model never samples a picture's placeholder
@@ -281,6 +179,7 @@ class GenerationEngine:
         self.model = model
         self._adapter_names = _peft_adapters(model)
         self._head = chunked_head(model)
+        self._screen = OutputScreen()
         self._cache_kw = _cache_keyword(model)
 
     def adapters_in_use(self) -> set:
@@ -488,12 +387,12 @@ class GenerationEngine:
             decoder, _ = self._head
             out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                           **{self._cache_kw: cache}, **(vision or {}))
-            return _Last(hidden=out.last_hidden_state[:, -1], banned=self._banned)
+            return LastOutput(hidden=out.last_hidden_state[:, -1], banned=self._banned, screen=self._screen)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                          **{self._cache_kw: cache}, **(vision or {}), **adapters)
-        return _Last(logits=out.logits[:, -1].float(), banned=self._banned)
+        return LastOutput(logits=out.logits[:, -1].float(), banned=self._banned)
 
-    def _choose(self, rows: list[_Row], last: "_Last") -> list[_Row]:
+    def _choose(self, rows: list[_Row], last: LastOutput) -> list[_Row]:
         """Pick each row's next token from the last position's output; push it; return the rows that are done."""
         broken = _non_finite_rows(rows, last)
         greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0
@@ -573,56 +472,6 @@ class GenerationEngine:
         return next(self.model.parameters()).device
 
 
-class _Last:
-    """The last position's output of a forward pass: logits [B, V] (float32), or hidden states [B, H] with the
-    output weight applied here, in vocabulary chunks for arg-max (the same dot products as the model's head, up to
-    float summation order, as in any change of batch shape)."""
-
-    CHUNK = 16384  # vocabulary rows per product: [B x 16,384] floats stay in cache for the arg-max
-
-    def __init__(self, logits=None, hidden=None, banned: tuple = ()):
-        self.logits, self.hidden, self.banned = logits, hidden, banned
-        if logits is not None and banned:
-            self.logits[:, list(banned)] = float("-inf")
-
-    def argmax(self, rows: list[int], head):
-        """Greedy tokens [len(rows)] (int64); ties go to the lowest id, as torch.argmax does.
-
-        rows: indices into the batch; head: (decoder, output weight [V, H]) from `chunked_head`, used only when
-        this holds hidden states."""
-        import torch
-
-        if self.logits is not None:
-            sub = self.logits if len(rows) == self.logits.shape[0] else self.logits[rows]
-            return sub.argmax(-1)
-        weight = head[1]
-        h = self.hidden[rows].to(weight.dtype)
-        best_val = best_idx = None
-        for start in range(0, weight.shape[0], self.CHUNK):
-            scores = (h @ weight[start:start + self.CHUNK].T).float()
-            inside = [t - start for t in self.banned if start <= t < start + self.CHUNK]
-            if inside:
-                scores[:, inside] = float("-inf")
-            vals, idx = scores.max(-1)
-            idx = idx + start
-            if best_val is None:
-                best_val, best_idx = vals, idx
-            else:
-                better = vals > best_val  # strictly: an equal later logit keeps the earlier (lower) id
-                best_val, best_idx = torch.where(better, vals, best_val), torch.where(better, idx, best_idx)
-        return best_idx
-
-    def logits_of(self, rows: list[int], head):
-        """Full logits [len(rows), V] (float32) for rows that sample or report log-probs; rows and head as `argmax`."""
-        if self.logits is not None:
-            return self.logits[rows]
-        weight = head[1]
-        logits = (self.hidden[rows].to(weight.dtype) @ weight.T).float()
-        if self.banned:
-            logits[:, list(self.banned)] = float("-inf")
-        return logits
-
-
 class _Batch:
     """The running batch: rows, their shared KV cache ([B, heads, L, dim] per layer) and attention mask [B, L]."""
 
@@ -698,7 +547,7 @@ def _logprobs(logits, rows: list[_Row]):
     return logps
 
 
-def _non_finite_rows(rows: list[_Row], last: "_Last") -> set[int]:
+def _non_finite_rows(rows: list[_Row], last: LastOutput) -> set[int]:
     """Rows whose last output (hidden state [H] or logits [V]) holds NaN/inf; each gets finish "error" with a
     NonFiniteOutput naming the generated token it stopped at. One reduction per step, read with the tokens."""
     import torch

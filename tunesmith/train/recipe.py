@@ -80,12 +80,14 @@ def main(args) -> dict:
     Raises ConfigError / DataError (bad flags or data, before anything is written) and loop.TrainingDiverged."""
     from tunesmith.models.load import default_device
     from tunesmith.models.tuners import initial_adapter
+    from tunesmith.train.allocator import return_freed_tensors_to_the_os
     from tunesmith.train.tuners import with_tuner
     from tunesmith.train import distributed as D
     from tunesmith.train.config import check, resolve
     from tunesmith.train.reference import setup_reference
 
     method = check(args, method_for(args))  # every flag problem at once, before torch is imported
+    return_freed_tensors_to_the_os()  # activations' memory back to the OS when freed (train/allocator.py)
     # under torchrun: join the other processes; DeepSpeed and FSDP need a group even for one process
     D.init_process_group(alone=bool(args.deepspeed or args.fsdp))
     cfg = resolve(args, method, D.world_size(), cuda=default_device().type == "cuda")

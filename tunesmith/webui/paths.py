@@ -60,8 +60,9 @@ def _strip(value: str) -> str:
 
 
 # the flags of the launched commands that name files or folders to read (training, export, eval)
-READ_FLAGS = ("model", "adapters", "ref_model", "ref_adapters", "reward_model", "dataset", "val_dataset",
-              "resume_from_checkpoint", "external_plugins", "deepspeed", "fsdp_config", "ckpt_dir", "base_model")
+READ_FLAGS = ("model", "adapters", "ref_model", "ref_adapters", "reward_model", "reward_adapters", "dataset",
+              "val_dataset", "resume_from_checkpoint", "external_plugins", "deepspeed", "fsdp_config", "ckpt_dir",
+              "base_model")
 WRITE_FLAGS = ("output_dir", "eval_output_dir")
 
 

@@ -410,7 +410,7 @@ def test_bad_module_func(tmp_path, monkeypatch):
 @pytest.mark.parametrize("body, match", [
     ("from swift.plugin import ORM, orms\nx = 1\nraise RuntimeError('boom')\n", r"bad\.py:3: .*RuntimeError: boom"),
     ("from swift.plugin import ORM, orms\ndef broken(:\n    pass\n", r"bad\.py:2: syntax error"),
-    ("from swift.plugin import ORM, orms, rm_plugins\n", r"bad\.py:1: .*does not provide"),
+    ("from swift.plugin import ORM, orms, optimizers_map\n", r"bad\.py:1: .*does not provide"),
 ])
 def test_plugin_errors(tmp_path, body, match):
     path = write(tmp_path / "bad.py", body)

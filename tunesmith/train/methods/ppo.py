@@ -171,13 +171,13 @@ class PPO:
         if args.missing_eos_penalty is not None:
             between(problems, "missing_eos_penalty", args.missing_eos_penalty, 0, None)
         reward_args = _reward_args(args)
-        funcs = _reward_problems(args, reward_args, problems)
+        funcs, specs = _reward_problems(args, reward_args, problems)
         _ppo_problems(args, problems)
         return cls(args.num_ppo_epochs, args.whiten_rewards, args.kl_coef, args.cliprange, args.vf_coef,
                    args.cliprange_value, args.gamma, args.lam, args.num_mini_batches,
                    args.local_rollout_forward_batch_size, length, args.temperature, tuple(funcs),
                    tuple(args.reward_weights or [1.0] * (len(funcs) + len(args.reward_model))),
-                   tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.missing_eos_penalty,
+                   tuple(args.external_plugins), reward_args, specs, args.missing_eos_penalty,
                    args.ref_model, tuple(args.ref_adapters), args.log_completions)
 
     def resolved_flags(self) -> dict:
@@ -230,24 +230,29 @@ class PPO:
                 f"[tunesmith] {len(train.prompts)} prompts; {train.round_size} completions per round")
 
 
-def _reward_problems(args, reward_args, problems: list) -> list:
-    """The --reward_funcs (resolved now) and --reward_model checks: at least one reward, one reward model at most
-    (ms-swift's rule for ppo: its copy is the value model), one weight per reward."""
-    from tunesmith.train.rl.grpo import _checked_rewards, reward_model_problems
+def _reward_problems(args, reward_args, problems: list) -> tuple:
+    """(the --reward_funcs, resolved now; the --reward_model specs, reward_models.reward_model_specs) with their
+    checks: at least one reward, one reward model at most (ms-swift's rule for ppo: its copy is the value model) with
+    one --reward_adapters at most (the value model continues it), one weight per reward."""
+    from tunesmith.train.rl.grpo import _checked_rewards
+    from tunesmith.train.rl.reward_models import reward_model_specs
 
     n = len(args.reward_funcs) + len(args.reward_model)
     if n == 0:
         problems.append("PPO needs a reward: --reward_model (a --rlhf_type rm checkpoint, as ms-swift; it also "
                         "starts the value model) or --reward_funcs (GRPO's reward functions, e.g. a plugin's)")
-        return []
+        return [], ()
     if len(args.reward_model) > 1:
         problems.append(f"--reward_model: PPO takes one reward model (ms-swift's rule; its copy is the value "
                         f"model), {len(args.reward_model)} given; combine other rewards with --reward_funcs")
-    problems += reward_model_problems(args.reward_model)
+    specs = reward_model_specs(args, problems, plugins=False)
+    if len(args.reward_adapters) > 1:
+        problems.append(f"--reward_adapters: PPO's value model continues the reward model's one LoRA adapter; "
+                        f"{len(args.reward_adapters)} given: merge them first (tunesmith export --merge_lora true)")
     if args.reward_weights and (len(args.reward_weights) != n or not all(map(math.isfinite, args.reward_weights))):
         problems.append(f"--reward_weights {' '.join(map(str, args.reward_weights))}: give {n} finite weight(s), one "
                         f"per --reward_funcs, then one for --reward_model")
-    return _checked_rewards(args, reward_args, problems) if args.reward_funcs else []
+    return (_checked_rewards(args, reward_args, problems) if args.reward_funcs else []), specs
 
 
 def _ppo_problems(args, problems: list) -> None:

@@ -168,39 +168,35 @@ def _with_margin(batch: dict, pairs) -> dict:
 
 class RewardModelScorer:
     """A trained reward model as a GRPO reward function (`--reward_model PATH`): each conversation (prompt +
-    completion, rendered with the reward model's own chat template) scored by its head, a micro-batch at a time,
-    without gradient. PATH: a full sequence-classification checkpoint, or a LoRA adapter trained with
-    --rlhf_type rm (its base is read from adapter_config.json). A vision-language reward model (Qwen-VL, models/
+    completion, rendered with the reward model's own chat template, or --reward_template's) scored by its head, a
+    micro-batch at a time, without gradient. PATH: a full sequence-classification checkpoint, or a LoRA adapter
+    trained with --rlhf_type rm (its base is read from adapter_config.json); `spec` adds its revision (a hub id is
+    downloaded as --model is), --reward_adapters (merged; a SEQ_CLS adapter brings the score head) and
+    --reward_template (train/rl/reward_models.py). A vision-language reward model (Qwen-VL, models/
     vision.sequence_classifier) sees each prompt's pictures (GRPO's `images` column), expanded and fed as in training.
     Raises ConfigError when PATH holds no model with a trained score head."""
 
-    def __init__(self, path: str, batch_size: int = 8):
+    def __init__(self, path: str, batch_size: int = 8, spec=None):
         import torch
-        from transformers import AutoTokenizer
 
         from tunesmith.errors import ConfigError
-        from tunesmith.models.load import without_load_report
+        from tunesmith.train.rl.reward_models import (RewardModelSpec, adapter_scores, load_reward_model,
+                                                      resolve_folder)
 
+        spec = spec or RewardModelSpec(path)
+        folder = resolve_folder(spec)
         try:
-            self.tok = AutoTokenizer.from_pretrained(path)
-            config, model_dir = _scorer_config(path)
-            with without_load_report():  # a LoRA reward model's base, before its adapter, has no score yet
-                self.model, info = _scorer_class(config).from_pretrained(path, num_labels=1,
-                                                                         output_loading_info=True)
+            self.model, self.tok, config, info = load_reward_model(spec, folder, "seq_cls")
         except (OSError, ValueError, RuntimeError) as e:
             raise ConfigError(f"--reward_model {path}: cannot load a sequence-classification model from it ({e}); "
                               f"pass a checkpoint trained with --rlhf_type rm, or a model with a score head") from None
         fresh = [k for k in info.get("missing_keys", []) if k.split(".")[-2:-1] in (["score"], ["classifier"])
                  or k.startswith(("score", "classifier"))]
-        if fresh:
+        if fresh and not any(adapter_scores(a) for a in spec.adapters):
             raise ConfigError(f"--reward_model {path}: has no trained score head ({fresh[0]} would be random); pass a "
                               f"checkpoint trained with --rlhf_type rm")
-        self.model.eval()
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.model.config.pad_token_id = self.model.config.get_text_config().pad_token_id = self.tok.pad_token_id
         self.batch_size, self.torch = batch_size, torch
-        self.encoder = _picture_encoder(path, model_dir, config, self.tok)
+        self.encoder = _picture_encoder(folder, config, self.tok)
         self.said_unscored = False
 
     def __call__(self, completions, messages=None, images=None, **kwargs) -> list:
@@ -256,32 +252,7 @@ class RewardModelScorer:
             return None
 
 
-def _scorer_config(path: str):
-    """(the transformers config of the model a --reward_model folder holds, the folder it was read from): the
-    folder's own config.json, or for a LoRA adapter its base model's (adapter_config.json)."""
-    import json
-    import os
-
-    from transformers import AutoConfig
-
-    adapter = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(adapter):
-        with open(adapter, encoding="utf-8") as fh:
-            base = json.load(fh).get("base_model_name_or_path") or path
-        return AutoConfig.from_pretrained(base), base
-    return AutoConfig.from_pretrained(path), path
-
-
-def _scorer_class(config):
-    """AutoModelForSequenceClassification, or a supported vision-language family's own (models/vision.py)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from tunesmith.models.vision import is_vision_language, sequence_classifier
-
-    return sequence_classifier(config) if is_vision_language(config) else AutoModelForSequenceClassification
-
-
-def _picture_encoder(path: str, model_dir: str, config, tokenizer):
+def _picture_encoder(path: str, config, tokenizer):
     """For a vision-language reward model: a ChatEncoder whose ImageTokens use the processor settings the reward
     model was trained with (its own folder's preprocessor_config.json, else its base model's, and the --max_pixels
     of its args.json); None for a text one."""
@@ -289,10 +260,11 @@ def _picture_encoder(path: str, model_dir: str, config, tokenizer):
 
     from tunesmith.data.encode import ChatEncoder
     from tunesmith.models.vision import image_tokens, is_vision_language
+    from tunesmith.train.rl.reward_models import scorer_config
 
     if not is_vision_language(config):
         return None
-    folder = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else model_dir
+    folder = path if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else scorer_config(path)[1]
     return ChatEncoder(tokenizer, images=image_tokens(folder, config, tokenizer, _trained_max_pixels(path)))
 
 
@@ -310,16 +282,21 @@ def _trained_max_pixels(path: str):
         return None
 
 
-def reward_model_functions(paths: list, pictures: bool = False) -> list:
-    """--reward_model PATH ...: each as a rewards.RewardFn named reward_model (reward_model_1, … for several).
-    pictures: the policy's prompts have pictures; a text reward model among them is said to score the text only."""
+def reward_model_functions(specs: list, pictures: bool = False) -> list:
+    """--reward_model ...: each as a rewards.RewardFn named reward_model (reward_model_1, … for several), scoring
+    with its --reward_model_plugin: default, the score head (RewardModelScorer); another, the plugin over the
+    model (train/rl/reward_models.plugin_reward). specs: reward_models.RewardModelSpecs (or bare paths). pictures:
+    the policy's prompts have pictures; a text reward model among them is said to score the text only."""
+    from tunesmith.train.rl.reward_models import RewardModelSpec, plugin_reward
     from tunesmith.train.rl.scoring import RewardFn
 
-    out = [RewardFn("reward_model" if len(paths) == 1 else f"reward_model_{i + 1}", path, RewardModelScorer(path))
-           for i, path in enumerate(paths)]
-    for fn in out:
-        if pictures and fn.fn.encoder is None:
-            note(f"--reward_model {fn.spec}: a text reward model; it scores the completions' text without the "
+    out = []
+    for i, spec in enumerate(specs):
+        spec = spec if isinstance(spec, RewardModelSpec) else RewardModelSpec(spec)
+        fn = RewardModelScorer(spec.path, spec=spec) if spec.plugin == "default" else plugin_reward(spec)
+        out.append(RewardFn("reward_model" if len(specs) == 1 else f"reward_model_{i + 1}", spec.path, fn))
+        if pictures and isinstance(fn, RewardModelScorer) and fn.encoder is None:
+            note(f"--reward_model {spec.path}: a text reward model; it scores the completions' text without the "
                  f"prompts' pictures (a vision-language reward model, trained with --rlhf_type rm on image pairs, "
                  f"would see them)")
     return out

@@ -34,6 +34,7 @@ from tunesmith.train.rl.chord import ChordSpec, with_chord
 from tunesmith.train.rl.variants import (PER_BATCH, grpo_teacher, sdar_terms, teacher_fields, variant_fields,
                                          variant_metrics)
 from tunesmith.train.setup import Batches
+from tunesmith.train.rl.reward_models import reward_model_specs
 from tunesmith.train.rl.rollout_client import async_problems, server_config, server_problems
 
 # how each loss type's scalar becomes a summed term and its unit (the loop divides by the units of the whole step):
@@ -228,7 +229,7 @@ class GRPO:
     reward_weights: tuple                     # one per --reward_funcs, then one per --reward_model
     external_plugins: tuple
     reward_args: Any
-    reward_models: tuple = ()
+    reward_models: tuple = ()                 # reward_models.RewardModelSpec, one per --reward_model
     tau_pos: float = 1.0
     tau_neg: float = 1.05
     ref_model: Optional[str] = None
@@ -307,6 +308,7 @@ class GRPO:
              or _DEFAULT_SCALE[args.advantage_estimator])
         reward_args = _reward_args(args)
         use_gym = args.use_gym_env if args.use_gym_env is not None else args.gym_env is not None
+        reward_models = reward_model_specs(args, problems)
         reward_funcs = _checked_rewards(args, reward_args, problems, use_gym)
         _check_multi_turn(args, problems, use_gym)
         return cls(loss_type, beta, args.num_generations, args.max_completion_length, args.temperature, args.top_p,
@@ -315,7 +317,7 @@ class GRPO:
                    args.num_iterations, steps, args.advantage_estimator, scale_rewards, args.importance_sampling_level,
                    args.top_entropy_quantile, args.overlong_filter, args.log_completions, tuple(reward_funcs),
                    tuple(args.reward_weights or [1.0] * (len(reward_funcs) + len(args.reward_model) + use_gym)),
-                   tuple(args.external_plugins), reward_args, tuple(args.reward_model), args.tau_pos, args.tau_neg,
+                   tuple(args.external_plugins), reward_args, reward_models, args.tau_pos, args.tau_neg,
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
                    max_resample_times=args.max_resample_times, server=server_config(args),
@@ -461,25 +463,8 @@ def _check_unsupported(args, problems: list) -> None:
         problems.append(f"--reward_weights has {len(args.reward_weights)} value(s) for {n} reward function(s) and "
                         f"model(s); give one weight per function, then one per --reward_model (then one for "
                         f"gym_reward with --use_gym_env)")
-    problems += reward_model_problems(args.reward_model)
     if args.delta is not None and args.delta <= 1 + (args.epsilon_high or args.epsilon):
         problems.append(f"--delta {args.delta}: must be > 1 + epsilon_high (it bounds the ratio above the clip)")
-
-
-def reward_model_problems(paths: list) -> list:
-    """What is wrong with each --reward_model path (GRPO's and PPO's): not a local folder, not a model checkpoint,
-    or not a reward model (`_reward_model_kind`); one message each."""
-    problems = []
-    for path in paths:
-        if not os.path.isdir(path):
-            problems.append(f"--reward_model {path}: not a local checkpoint directory (train one with "
-                            f"--rlhf_type rm)")
-        elif not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
-            problems.append(f"--reward_model {path}: no config.json or adapter_config.json in it, so it is not a "
-                            f"model checkpoint (pass a checkpoint-N folder of a --rlhf_type rm run)")
-        else:
-            problems += _reward_model_kind(path)
-    return problems
 
 
 def _check_multi_turn(args, problems: list, use_gym: bool) -> None:
@@ -501,30 +486,6 @@ def _check_multi_turn(args, problems: list, use_gym: bool) -> None:
         load_scheduler(args.multi_turn_scheduler, list(args.external_plugins), args.max_turns, gym_env=args.gym_env)
     except ConfigError as e:
         problems.append(str(e))
-
-
-def _reward_model_kind(path: str) -> list:
-    """A --reward_model must score: a LoRA adapter trained for sequence classification (peft task_type SEQ_CLS,
-    as --rlhf_type rm saves), or a full *ForSequenceClassification model; a causal-LM adapter or model would be
-    given a fresh, untrained score head, i.e. random rewards."""
-    import json
-
-    for name, key, ok in (("adapter_config.json", "task_type", lambda v: v == "SEQ_CLS"),
-                          ("config.json", "architectures", lambda v: any(str(a).endswith("ForSequenceClassification")
-                                                                         for a in v or []))):
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            try:
-                with open(f, encoding="utf-8") as fh:
-                    value = json.load(fh).get(key)
-            except (OSError, ValueError, AttributeError):
-                return []
-            if not ok(value):
-                return [f"--reward_model {path}: not a reward model ({name} has {key} {value}), so its score head "
-                        f"would be untrained and the rewards random; train one with --rlhf_type rm and pass its "
-                        f"checkpoint"]
-            return []
-    return []
 
 
 def _vllm_problems(args, problems: list) -> None:

@@ -1,12 +1,13 @@
 """ms-swift plugin files (`--external_plugins plugin.py`) run as ms-swift runs them, with or without ms-swift.
 
 A plugin registers its reward classes as `orms['name'] = Cls` after `from swift.plugin import ORM, orms` (ms-swift
-3.x) or `from swift.rewards import ORM, orms` (4.x), and its multi-turn schedulers as `multi_turns['name'] = Cls`
+3.x) or `from swift.rewards import ORM, orms` (4.x), its multi-turn schedulers as `multi_turns['name'] = Cls`
 after `from swift.plugin.multi_turn import MultiTurnScheduler, multi_turns` (3.x) or `from swift.rollout import
-MultiTurnScheduler, multi_turns` (4.x). When ms-swift is not installed, those modules are stood in for while the
-file runs, offering tunesmith's registries and base classes: the reward side's (`exports`, from
-`tunesmith.train.rl.rewards`) and what other modules `provide` (the multi-turn side, `tunesmith.train.rl.schedulers`);
-when it is, ms-swift's own registries are read after the file ran. A failing plugin is a ConfigError naming its file
+MultiTurnScheduler, multi_turns` (4.x), and its reward-model plugins as `rm_plugins['name'] = Cls` (rm_plugins.py).
+When ms-swift is not installed, those modules are stood in for while the file runs, offering tunesmith's registries
+and base classes: the reward side's (`exports`, from `tunesmith.train.rl.rewards`) and what other modules `provide`
+(the multi-turn side, `tunesmith.train.rl.schedulers`; the reward-model side, `tunesmith.train.rl.rm_plugins`); when
+it is, ms-swift's own registries are read after the file ran. A failing plugin is a ConfigError naming its file
 and line. No torch import.
 """
 from __future__ import annotations
@@ -94,13 +95,18 @@ def stand_in():
     return _swift_stand_in({})
 
 
+# ms-swift's registries plugin files add to -> their homes (3.x, 4.x)
+_REGISTRIES = {"orms": ("swift.plugin", "swift.rewards"), "multi_turns": ("swift.plugin", "swift.rollout"),
+               "rm_plugins": ("swift.plugin", "swift.rewards")}
+
+
 def _swift_orms(registry: str = "orms") -> dict:
-    """ms-swift's own registries, when ms-swift is installed: `orms` (4.x swift.rewards, 3.x swift.plugin) or
-    `multi_turns` (4.x swift.rollout, 3.x swift.plugin)."""
+    """ms-swift's own registries, when ms-swift is installed: `orms` or `rm_plugins` (4.x swift.rewards, 3.x
+    swift.plugin), or `multi_turns` (4.x swift.rollout, 3.x swift.plugin)."""
     found = {}
     if importlib.util.find_spec("swift") is None:
         return found
-    homes = ("swift.plugin", "swift.rewards") if registry == "orms" else ("swift.plugin", "swift.rollout")
+    homes = _REGISTRIES[registry]
     for module_name in homes:
         try:
             found[module_name] = getattr(importlib.import_module(module_name), registry)
@@ -134,13 +140,19 @@ def _provided_names() -> str:
 
 
 _loaded_plugins: dict = {}  # path → what it registered in ms-swift's registries (a file runs once per process)
-_loaded_schedulers: dict = {}  # path → the multi-turn schedulers it registered in ms-swift's multi_turns
+_loaded_registries: dict = {}  # (path, registry) → what it registered in ms-swift's multi_turns / rm_plugins
 
 
 def plugin_schedulers(path: str) -> dict:
     """The multi-turn schedulers the plugin at `path` (absolute, already run) registered in an installed
     ms-swift's `multi_turns` ({} without ms-swift: they land in tunesmith's registry directly)."""
-    return _loaded_schedulers.get(path, {})
+    return plugin_registered(path, "multi_turns")
+
+
+def plugin_registered(path: str, registry: str) -> dict:
+    """What the plugin at `path` (absolute, already run) registered in an installed ms-swift's `registry`
+    ("multi_turns" or "rm_plugins"; {} without ms-swift: it lands in tunesmith's registry directly)."""
+    return _loaded_registries.get((path, registry), {})
 
 
 def run_plugin(path: str, exports: dict) -> dict:
@@ -158,7 +170,8 @@ def run_plugin(path: str, exports: dict) -> dict:
     if os.path.dirname(path) not in sys.path:
         sys.path.insert(0, os.path.dirname(path))
     before = {name: dict(reg) for name, reg in _swift_orms().items()}
-    before_turns = {name: dict(reg) for name, reg in _swift_orms("multi_turns").items()}
+    others = ("multi_turns", "rm_plugins")
+    before_others = {r: {name: dict(reg) for name, reg in _swift_orms(r).items()} for r in others}
     module_name = "_tunesmith_plugin_" + hashlib.sha256(path.encode()).hexdigest()[:16]
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
@@ -174,6 +187,7 @@ def run_plugin(path: str, exports: dict) -> dict:
         old = before.get(name, {})
         added.update({k: v for k, v in reg.items() if old.get(k) is not v})
     _loaded_plugins[path] = added
-    _loaded_schedulers[path] = {k: v for name, reg in _swift_orms("multi_turns").items() for k, v in reg.items()
-                                if before_turns.get(name, {}).get(k) is not v}
+    for r in others:
+        _loaded_registries[(path, r)] = {k: v for name, reg in _swift_orms(r).items() for k, v in reg.items()
+                                         if before_others[r].get(name, {}).get(k) is not v}
     return added

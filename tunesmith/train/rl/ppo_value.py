@@ -26,29 +26,39 @@ from tunesmith.errors import ConfigError
 from tunesmith.log import note
 
 
-def value_source(model_cfg, reward_model: Optional[str]) -> tuple:
+def value_source(model_cfg, reward_model) -> tuple:
     """(the model slice to load the value model with, a description) by ms-swift's rule: the --reward_model
-    checkpoint (full: its folder; a LoRA adapter of --rlhf_type rm: its base with the adapter, continued), else
-    --model with a fresh score head (no --adapters: an SFT adapter is a causal-LM adapter, not a critic's). Raises
-    ConfigError for a LoRA reward model with --train_type full (peft cannot train it in full; merge it first)."""
+    checkpoint (full: its folder, at --reward_model_revision; a LoRA adapter of --rlhf_type rm — the folder itself,
+    or --reward_adapters over it —: its base with the adapter, continued), else --model with a fresh score head (no
+    --adapters: an SFT adapter is a causal-LM adapter, not a critic's). reward_model: a reward_models.RewardModelSpec,
+    a path, or None. Raises ConfigError for a LoRA reward model with --train_type full (peft cannot train it in
+    full; merge it first)."""
+    from tunesmith.train.rl.reward_models import RewardModelSpec
+
     if reward_model is None:
         return dataclasses.replace(model_cfg, adapters=[]), f"{model_cfg.model} with a fresh score head"
-    config = os.path.join(reward_model, "adapter_config.json")
-    if not os.path.isfile(config):
-        return dataclasses.replace(model_cfg, model=reward_model, adapters=[], model_revision=None), \
-            f"a trainable copy of the reward model {reward_model}"
+    spec = reward_model if isinstance(reward_model, RewardModelSpec) else RewardModelSpec(reward_model)
+    path = spec.path
+    config = os.path.join(path, "adapter_config.json")
+    if not spec.adapters and not os.path.isfile(config):
+        return dataclasses.replace(model_cfg, model=path, adapters=[], model_revision=spec.revision), \
+            f"a trainable copy of the reward model {path}"
+    adapter = spec.adapters[0] if spec.adapters else path
     if model_cfg.train_type != "lora":
-        raise ConfigError(f"--reward_model {reward_model} is a LoRA adapter, and PPO's value model starts as a "
-                          f"copy of it trained with --train_type {model_cfg.train_type}; merge it first (tunesmith "
-                          f"export --adapters {reward_model} --merge_lora true) and pass the merged folder, or train "
-                          f"with --train_type lora")
+        raise ConfigError(f"--reward_model {path}: its score comes with the LoRA adapter {adapter}, and PPO's value "
+                          f"model starts as a copy of it trained with --train_type {model_cfg.train_type}; merge it "
+                          f"first (tunesmith export --adapters {adapter} --merge_lora true) and pass the merged "
+                          f"folder, or train with --train_type lora")
+    if spec.adapters:
+        return dataclasses.replace(model_cfg, model=path, adapters=[adapter], model_revision=spec.revision), \
+            f"a trainable copy of the reward model {path} (its LoRA adapter {adapter} continued)"
     with open(config, encoding="utf-8") as fh:
         base = json.load(fh).get("base_model_name_or_path") or model_cfg.model
-    return dataclasses.replace(model_cfg, model=base, adapters=[reward_model]), \
-        f"a trainable copy of the reward model {reward_model} (its LoRA adapter continued on {base})"
+    return dataclasses.replace(model_cfg, model=base, adapters=[path]), \
+        f"a trainable copy of the reward model {path} (its LoRA adapter continued on {base})"
 
 
-def build_value_model(model_cfg, reward_model: Optional[str], tokenizer, optim, device,
+def build_value_model(model_cfg, reward_model, tokenizer, optim, device,
                       resume_optimizer: bool = True) -> "ValueModel":
     """The value model (`value_source`) loaded as a sequence classifier with one output, the run's tuner attached,
     dropout off, on `device`, with its optimiser (optimisation slice `optim`). resume_optimizer False

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from tunesmith.errors import ConfigError
 from tunesmith.train.rl.answers import fallback_accuracy, math_verify_accuracy
-from tunesmith.train.rl import schedulers  # noqa: F401 — offers the multi-turn names to plugins (plugins.provide)
+from tunesmith.train.rl import rm_plugins, schedulers  # noqa: F401 — offer their names to plugins (plugins.provide)
 from tunesmith.train.rl.plugins import provide, run_plugin
 # score is called through this module too (rewards.score), as before scoring had a module of its own
 from tunesmith.train.rl.scoring import RewardFn, score  # noqa: F401
