@@ -87,6 +87,8 @@ def test_how_many_ms_swift_flags_are_not_supported_yet(capsys):
     # issue #33 item 4: --vllm_server_host/port/base_url/timeout are real flags; rollout refuses only deploy's
     # not-yet flags and the multi-turn ones (--multi_turn_scheduler, --max_turns, gym, --context_manager)
     assert counts["rlhf"] <= 172 and counts["rollout"] <= counts["deploy"] + 5, counts
+    # issue #33's last item: --async_generate, --teacher_model_server and --teacher_tag_key are real flags
+    assert counts["rlhf"] <= 118, counts
 
 
 def test_flags_the_issue_names():
@@ -112,8 +114,8 @@ def test_flags_the_issue_names():
     # the vLLM engine flags drive GRPO's --use_vllm rollouts as they drive infer's --infer_backend vllm
     assert parse_args("rlhf", ["--gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
     assert parse_args("infer", ["--vllm_gpu_memory_utilization", "0.5"]).vllm_gpu_memory_utilization == 0.5
-    with pytest.raises(ArgError, match="does not support yet: it samples the next round on a rollout server"):
-        parse_args("rlhf", ["--async_generate", "true"])
+    # #33's last item: GRPO's asynchronous rounds are a real flag (tests/train/rl/test_grpo_async.py)
+    assert parse_args("rlhf", ["--async_generate", "true"]).async_generate is True
     # #33: GRPO's memory options for a colocated vLLM are refused with their own reason
     for flag in ("sleep_level", "offload_model", "offload_optimizer", "gc_collect_after_offload"):
         with pytest.raises(ArgError, match="frees GPU memory between a colocated vLLM") as e:
@@ -196,13 +198,14 @@ def test_unsupported_flags_set_to_their_off_value_are_accepted():
                                "--async_generate", "false", "--scale_rewards", "false"])
     assert args.rlhf_type == "grpo" and args.scale_rewards == "false"
     with pytest.raises(ArgError, match="does not support yet"):
-        parse_args("rlhf", ["--async_generate", "true"])
+        parse_args("rlhf", ["--sleep_level", "1"])
 
 
 def test_count_of_flags_not_supported_yet():
     """How many of ms-swift 4.6's flags each command still refuses as "not supported yet" (printed with -s); the
-    counts only go down (issue #32 took sft from 172 to 145, rlhf from 246 to 219)."""
+    counts only go down (issue #32 took sft from 172 to 145, rlhf from 246 to 219; by issue #33's last item sft
+    was at 111, rlhf at 118, with the reward-model options)."""
     counts = {c: sum(1 for f in TABLE[c] if (lambda k: k[0] == "error" and NOT_YET.search(k[1]))(_outcome(c, f)))
               for c in COMMANDS}
     print("ms-swift flags not supported yet:", counts)
-    assert counts["sft"] <= 145 and counts["rlhf"] <= 219
+    assert counts["sft"] <= 111 and counts["rlhf"] <= 118

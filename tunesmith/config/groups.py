@@ -454,6 +454,9 @@ class GRPOArgs:
                                          list_default=[])
     vllm_server_timeout: float = _f(240.0, help="GRPO --vllm_mode server: seconds to wait for the rollout server's "
                                                "/health/ at start.")
+    async_generate: bool = _f(False, help="GRPO --vllm_mode server: the rollout server samples the next round "
+                                          "while this one trains, from the weights pushed before it (rollouts one "
+                                          "round off-policy, as ms-swift); not with --multi_turn_scheduler.")
     vllm_device: List[str] = _f(help="ms-swift 3.x: the GPUs vLLM rollouts run on. Compatibility only (see the table "
                                      "at the end).", list_default=["auto"])
     num_infer_workers: int = _f(1, help="ms-swift 3.x: vLLM rollout workers per node (only 1 is supported).")
@@ -482,6 +485,12 @@ class GKDArgs:
     teacher_model_type: Optional[str] = _f(help="ms-swift's model type of --teacher_model. Compatibility only (see "
                                                 "the table at the end).")
     teacher_model_revision: Optional[str] = _f(help="GKD: the hub revision of --teacher_model.")
+    teacher_model_server: Optional[str] = _f(help="GKD (and GRPO's OPD-RL): the teacher behind a server (e.g. `tunesmith deploy --model "
+                                                  "TEACHER`), its top --gkd_logits_topk log-probs fetched over HTTP "
+                                                  "instead of loading --teacher_model; a URL, or a JSON list of "
+                                                  "{\"url\", \"tags\"} routing rows by --teacher_tag_key.")
+    teacher_tag_key: str = _f("dataset", help="GKD with a --teacher_model_server list: the row column whose value "
+                                              "picks the teacher (the one whose tags hold it).")
     offload_teacher_model: bool = _f(False, help="GKD: keep the teacher in CPU memory and move it to the GPU only "
                                                  "for its forward passes (less GPU memory, slower).")
     gkd_logits_topk: Optional[int] = _f(help="GKD: the divergence over the teacher's k most likely tokens only "

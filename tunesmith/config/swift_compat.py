@@ -284,12 +284,6 @@ NOT_SUPPORTED_YET = {
     **_same(_MCORE, "to_mcore", "to_hf", "mcore_model", "mcore_adapter", "thread_count", "test_convert_precision",
             "test_convert_dtype", "save_missing_weights"),
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
-    "async_generate": "it samples the next round on a rollout server while this one trains (rollouts one step "
-                      "off-policy); tunesmith's --vllm_mode server samples each round after pushing the current "
-                      "weights, in turn, so rounds stay on-policy — asynchronous rounds are not implemented yet; drop "
-                      "the flag",
-    "teacher_tag_key": "it routes rows to the teachers of a --teacher_model_server list, which tunesmith does not "
-                       "support yet; GRPO takes one local teacher, --teacher_model PATH",
     "wandb_log_unique_prompts": "tunesmith logs GRPO's completions to completions.jsonl in the run folder "
                                 "(--log_completions true), not as a W&B table, so there is no table to "
                                 "de-duplicate; drop the flag",
@@ -314,12 +308,12 @@ NOT_SUPPORTED_YET = {
                        "samples single-turn completions, and multi-turn rollouts run in the trainer "
                        "(--multi_turn_scheduler)",
     # GKD (--rlhf_type gkd) has the rest of ms-swift's teacher flags
-    "teacher_model_server": "a GKD teacher behind a server (its top-k log-probs fetched over HTTP) is not supported "
-                            "yet; load it with --teacher_model PATH (--offload_teacher_model true keeps it in CPU "
-                            "memory between its forward passes)",
-    "teacher_deepspeed": "a DeepSpeed config of the GKD teacher's own is not supported yet: the teacher is loaded "
-                         "whole on every process, outside DeepSpeed; --offload_teacher_model true keeps it in CPU "
-                         "memory between its forward passes",
+    "teacher_deepspeed": "a DeepSpeed config of the GKD teacher's own (ms-swift shards the teacher with it, e.g. "
+                         "ZeRO-3) is not supported: tunesmith loads frozen models (the teacher, DPO's reference) "
+                         "whole on every process, outside DeepSpeed, and GKD's chunked divergence reads the "
+                         "teacher's output layer directly; serve a large teacher with `tunesmith deploy` and pass "
+                         "--teacher_model_server URL --gkd_logits_topk K, or keep it in CPU memory between its "
+                         "forward passes with --offload_teacher_model true",
 }
 
 # Names that are real flags of some tunesmith commands but that ms-swift also has in commands where tunesmith does

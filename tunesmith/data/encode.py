@@ -83,6 +83,7 @@ class Encoded:
     margin: Optional[float] = None  # a pair's chosen side: the row's reward margin (reward models), if given
     channel: Optional[str] = None  # the row's `channel` (--enable_channel_loss), if given
     images: Optional[list] = None  # the pictures of its image placeholders, in order (references: path or URL)
+    tag: Optional[str] = None     # the row's routing tag (GKD's --teacher_tag_key column: which teacher server)
 
     @property
     def n_trained(self) -> int:
@@ -501,7 +502,7 @@ def encode_one(encoder: ChatEncoder, rec: dict, kind: str) -> tuple[str, Any]:
         if kind == "kto":
             return "ok", (encoder.encode(rec), bool(rec["label"]))
         enc = encoder.encode(rec)
-        enc.channel = rec.get("channel")
+        enc.channel, enc.tag = rec.get("channel"), rec.get("tag")
         return "ok", enc
     except TooLong:
         return "too_long", None

@@ -274,17 +274,19 @@ def normalise_one(rr: RawRow, columns: Optional[dict] = None, need_reply: bool =
 
 
 def stream_records(specs: list[str], tally: LoadResult, *, columns: Optional[dict] = None, use_hf: bool = False,
-                   hub_token: Optional[str] = None,
-                   shape: Optional[Callable[[LoadResult], LoadResult]] = None) -> Iterator[tuple[dict, tuple]]:
+                   hub_token: Optional[str] = None, shape: Optional[Callable[[LoadResult], LoadResult]] = None,
+                   keep_columns: bool = False) -> Iterator[tuple[dict, tuple]]:
     """--streaming: (record, (source, line)) for every row of `specs` in order, read, normalised and shaped one row
     at a time, never all in memory. shape: the training method's rules on a LoadResult (`method.shape_records`,
     e.g. rows_for), applied to each row alone. Bad rows go to `tally`: raised when `tally.strict` (file:line),
-    else dropped and counted there. Every spec is checked now (iter_spec); the rows are read as asked for."""
+    else dropped and counted there. Every spec is checked now (iter_spec); the rows are read as asked for.
+    keep_columns: each record carries the row's other columns under "columns" (as load_datasets')."""
     streams = [iter_spec(spec, use_hf=use_hf, hub_token=hub_token) for spec in specs]
-    return _records(streams, tally, columns, shape)
+    return _records(streams, tally, columns, shape, keep_columns)
 
 
-def _records(streams: list, tally: LoadResult, columns: Optional[dict], shape) -> Iterator[tuple[dict, tuple]]:
+def _records(streams: list, tally: LoadResult, columns: Optional[dict], shape,
+             keep_columns: bool = False) -> Iterator[tuple[dict, tuple]]:
     for stream in streams:
         for rr in stream:
             try:
@@ -292,6 +294,8 @@ def _records(streams: list, tally: LoadResult, columns: Optional[dict], shape) -
             except DataError as e:
                 tally.drop(e)
                 continue
+            if keep_columns:
+                rec["columns"] = extra_columns(rr.row, columns)
             one = LoadResult([rec], [(rr.source, rr.line)], strict=tally.strict)
             shaped = shape(one) if shape else one
             tally.dropped += shaped.dropped

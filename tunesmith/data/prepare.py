@@ -37,12 +37,14 @@ class MethodRows:
     (prompts to generate from: GRPO). default_loss_scale: --loss_scale when not given. shape_records(LoadResult) ->
     LoadResult: the method's rules over loaded records (pairs checked, KTO's pairs split; bad rows dropped with
     reasons, or DataError under --strict true). shape_key: the shaping rules' identity in the cache key (the method
-    object's class name)."""
+    object's class name). keep_columns: records carry the rows' other columns under "columns" for shape_records
+    (GKD's teacher routing column)."""
     name: str
     rows: str
     default_loss_scale: str
     shape_records: Callable[[LoadResult], LoadResult]
     shape_key: str
+    keep_columns: bool = False
 
 
 @dataclass
@@ -222,7 +224,7 @@ def _stream_rows(data, model, method, encoder, max_length):
     from tunesmith.data.stream import StreamingRows
 
     records = partial(stream_records, data.dataset, columns=data.columns, use_hf=model.use_hf,
-                      hub_token=model.hub_token, shape=method.shape_records)
+                      hub_token=model.hub_token, shape=method.shape_records, keep_columns=method.keep_columns)
     for spec in data.dataset:  # each file's first row now: a later file that cannot be read fails before training
         next(stream_records([spec], LoadResult([], [], strict=data.strict), columns=data.columns,
                             use_hf=model.use_hf, hub_token=model.hub_token), None)
@@ -241,7 +243,7 @@ def _encode_data(data, model, method, encoder, path: str, max_length) -> None:
     from tunesmith.data.store import RecordsFile, encode_source
 
     common = dict(strict=data.strict, columns=data.columns, seed=data.data_seed, use_hf=model.use_hf,
-                  hub_token=model.hub_token)
+                  hub_token=model.hub_token, keep_columns=method.keep_columns)
     if data.streaming:
         return _encode_val_only(data, method, encoder, path, common)
     os.makedirs(path, exist_ok=True)
@@ -309,7 +311,7 @@ def _records_file(specs: list, what: str, common: dict, file: str, counts: Optio
     if all(_streamable(s) for s in specs):
         tally = LoadResult([], [], strict=common["strict"])
         n = write_source(stream_records(specs, tally, columns=common["columns"], use_hf=common["use_hf"],
-                                        hub_token=common["hub_token"]), file)
+                                        hub_token=common["hub_token"], keep_columns=common["keep_columns"]), file)
         if not n:
             detail = f" All {tally.dropped} rows were bad; first reasons:\n  " + "\n  ".join(tally.reasons) \
                 if tally.dropped else ""

@@ -75,6 +75,7 @@ def _features(kind: str):
         cols["desirable"] = Value("bool")
     if kind == "sft":
         cols["channel"] = Value("string")  # --enable_channel_loss; None: the row gives none
+        cols["tag"] = Value("string")  # GKD's teacher routing tag (the record's "tag"); None: none
     return Features({**cols, "status": Value("string"), "reason": Value("string")})
 
 
@@ -104,6 +105,7 @@ def _encode_batch(batch: dict, records: "RecordsFile", encoder: ChatEncoder, kin
                 out["desirable"].append(bool(second) if first else False)
             if kind == "sft":
                 out["channel"].append(first.channel if first else None)
+                out["tag"].append(first.tag if first else None)
             out["status"].append(status)
             out["reason"].append(json.dumps([src, line, value.field, value.problem, value.fix], ensure_ascii=False)
                                  if status == "bad" else "")
@@ -335,7 +337,7 @@ class EncodedRows:
                                   images=r.get("rejected_images") or None)
         if self.kind == "kto":
             return first, bool(r["desirable"])
-        first.channel = r.get("channel")
+        first.channel, first.tag = r.get("channel"), r.get("tag")
         return first
 
     def _column(self, array):

@@ -40,6 +40,7 @@ class GenConfig:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    processed_logprobs: bool = False          # log-probs of the distribution sampled from (vLLM's processed_logprobs)
 
     @classmethod
     def from_args(cls, args: GenerationArgs) -> "GenConfig":
@@ -286,7 +287,8 @@ class ChatEngine:
         return SamplingParams(max_new_tokens=cfg.max_new_tokens or 0, temperature=float(temperature),
                               top_p=float(top_p), top_k=int(top_k), repetition_penalty=float(rep),
                               stop=tuple(s for s in cfg.stop if s), seed=seed, logprobs=cfg.logprobs,
-                              top_logprobs=cfg.top_logprobs or 0, num_beams=cfg.num_beams, min_p=float(cfg.min_p))
+                              top_logprobs=cfg.top_logprobs or 0, num_beams=cfg.num_beams, min_p=float(cfg.min_p),
+                              processed_logprobs=cfg.processed_logprobs)
 
     def submit(self, prompt: Prompt, cfg: GenConfig, adapter: Optional[str] = None, loop=None) -> list:
         """Queue cfg.n sequences for a rendered prompt (its pictures too): their engine Handles.

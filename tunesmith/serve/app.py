@@ -16,7 +16,7 @@ and uvicorn are imported inside `create_app`/`openai_http_protocol` (starlette a
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Optional, Union
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -24,6 +24,10 @@ from starlette.responses import JSONResponse
 
 from tunesmith.serve.protocol import ApiError, error_body
 from tunesmith.serve.routes import ROUTES, Server
+from tunesmith.serve.teacher import infer as teacher_infer
+
+# deploy's routes: the OpenAI ones and ms-swift deploy's /infer/ (prompt log-probs for a GKD/OPD-RL teacher client)
+DEPLOY_ROUTES = ROUTES + (("POST", "/infer/", teacher_infer),)
 
 
 class BodyLimit:
@@ -69,17 +73,17 @@ API_KEY_ENV = "TUNESMITH_API_KEY"  # deploy's key from the environment (as OpenA
 
 def create_app(engine, served: dict[str, Optional[str]], api_key: Optional[str] = None,
                owned_by: str = "tunesmith", result_path: Optional[str] = None, max_logprobs: int = 20,
-               max_request_bytes: int = 8 << 20, max_image_bytes: Optional[int] = None, routes: tuple = ROUTES,
-               guarded: str = "/v1/", unlimited: tuple = ()):
+               max_request_bytes: int = 8 << 20, max_image_bytes: Optional[int] = None, routes: tuple = DEPLOY_ROUTES,
+               guarded: Union[str, tuple] = ("/v1/", "/infer/"), unlimited: tuple = ()):
     """The FastAPI app. served: model id -> adapter to use (None = the model as loaded, "" = the base without
-    adapters, or a named adapter). api_key: when set, /v1/* needs `Authorization: Bearer KEY` (else 401).
+    adapters, or a named adapter). api_key: when set, /v1/* and /infer/ need `Authorization: Bearer KEY` (else 401).
     max_request_bytes: the largest request body (413 past it); max_image_bytes: the largest picture, decoded (a
     data URL's, or one fetched from an http(s) URL; 400 past it), None: max_request_bytes.
     Every error (400 validation, 404 route, 500 unexpected) answers OpenAI's error body. The app does not close
     the engine when it shuts down: the caller built it and closes it (other users may share it). The handlers reach the Server (engine, served ids, request log) as `request.app.state.server`.
-    routes: (method, path, handler) rows (default deploy's ROUTES; `tunesmith rollout` passes its own);
-    guarded: the path prefix the API key guards ("/" guards every path but /health); unlimited: paths exempt from
-    max_request_bytes."""
+    routes: (method, path, handler) rows (default deploy's: routes.ROUTES and /infer/; `tunesmith rollout` passes its
+    own); guarded: the path prefix (or prefixes) the API key guards ("/" guards every path but /health);
+    unlimited: paths exempt from max_request_bytes."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
 
@@ -125,7 +129,7 @@ async def _bad_request(_, e):
 
 
 async def _auth(request: Request, call_next):
-    """With create_app's api_key: the guarded paths (/v1/*; a rollout server's all but /health) need
+    """With create_app's api_key: the guarded paths (deploy's /v1/* and /infer/; a rollout server's all but /health) need
     `Authorization: Bearer KEY`, else 401. The key is compared in constant time and never logged."""
     import hmac
 

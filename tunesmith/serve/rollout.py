@@ -65,12 +65,14 @@ def create_rollout_app(engine, model_name: str, api_key: Optional[str] = None, m
 
 
 def _gen_config(rollout: Rollout, cfg: RequestConfig, seed: Optional[int]):
-    """A request's GenConfig: request_config over the server's defaults (top_k -1: no top-k, as vLLM)."""
+    """A request's GenConfig: request_config over the server's defaults (top_k -1: no top-k, as vLLM); its
+    log-probs are those of the distribution sampled from (after temperature, top-k, top-p), as `swift rollout`
+    starts vLLM with logprobs_mode processed_logprobs — what GRPO's rollout correction compares with."""
     return rollout.server.engine.defaults.merged(
         max_new_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         top_k=0 if cfg.top_k == -1 else cfg.top_k, repetition_penalty=cfg.repetition_penalty, seed=seed,
         stop=list(cfg.stop or []) or None, n=cfg.n, logprobs=cfg.logprobs or bool(cfg.top_logprobs),
-        top_logprobs=cfg.top_logprobs or 0)
+        top_logprobs=cfg.top_logprobs or 0, processed_logprobs=True)
 
 
 def _seed(cfg: RequestConfig, i: int, own: Optional[int]) -> Optional[int]:

@@ -501,11 +501,12 @@ def _teacher_flag_problems(args, found: list) -> None:
     given = [f"--{k}" for k, v in (("teacher_model", args.teacher_model), ("teacher_adapters", args.teacher_adapters),
                                    ("teacher_model_revision", args.teacher_model_revision),
                                    ("offload_teacher_model", args.offload_teacher_model),
+                                   ("teacher_model_server", args.teacher_model_server),
                                    ("gkd_logits_topk", args.gkd_logits_topk), ("sft_alpha", args.sft_alpha),
                                    ("lmbda", args.lmbda != 0.5)) if v]
     if args.rlhf_type == "grpo":  # OPD-RL: GRPO takes the teacher flags (train/rl/grpo.py checks them)
         given = [g for g in given if g not in ("--teacher_model", "--teacher_adapters", "--teacher_model_revision",
-                                               "--offload_teacher_model")]
+                                               "--offload_teacher_model", "--teacher_model_server")]
     if given:
         note(f"{', '.join(given)}: GKD's flags (--rlhf_type gkd) change nothing for --rlhf_type {args.rlhf_type}")
 

@@ -62,7 +62,9 @@ def prepare_data(data, model, method) -> Prepared:
     if images is not None:
         note(f"images: {images.limits['min_pixels']:,} to {images.limits['max_pixels']:,} pixels each "
              f"(--max_pixels / MAX_PIXELS), counted in --max_length")
-    rows = MethodRows(method.name, method.rows, method.default_loss_scale, method.shape_records, type(method).__name__)
+    extra = method.rows_key if hasattr(method, "rows_key") else ""  # GKD's teacher routing column, if any
+    rows = MethodRows(method.name, method.rows, method.default_loss_scale, method.shape_records,
+                      type(method).__name__ + (f":{extra}" if extra else ""), keep_columns=bool(extra))
     return prepare_rows(data, model, rows, model_dir, tok, max_length, broadcast=D.broadcast, images=images)
 
 

@@ -16,9 +16,10 @@ Each optimiser step, as ms-swift's GKDTrainer:
    NLL of the dataset's reply on steps that are not on-policy. The loop averages over the step's micro-batches.
 
 Not here: the divergence and its gradient (ops/jsd.py), the teacher (reference.py), the engine's sampling
-(tunesmith.inference). ms-swift's seq_kd (the teacher generates) is deprecated and unimplemented there too; its
-teacher server (--teacher_model_server) and on-policy self-distillation prompts (`teacher_prompt`) are not
-supported yet.
+(tunesmith.inference), the teacher server's client (train/rl/teacher_server.py: with --teacher_model_server the
+teacher is its top --gkd_logits_topk log-probs at every reply token, fetched over HTTP, and the divergence ms-swift's
+top-k one). ms-swift's seq_kd (the teacher generates) is deprecated and unimplemented there too; its on-policy
+self-distillation prompts (`teacher_prompt`) are not supported yet.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.log import note
 from tunesmith.train import loop
 from tunesmith.train.interrupts import raise_sampling_errors
+from tunesmith.train.rl.teacher_server import ServerTeacher, TeacherClient, parse_teacher_servers
 from tunesmith.train.setup import Batches
 
 
@@ -56,6 +58,7 @@ def gkd_collate(rows: list[Encoded], pad_id: int, padding_side: str = "right") -
     batch = pad_collate(rows, pad_id, padding_side)
     batch["prefixes"] = [(list(r.input_ids[:k]), list(r.labels[:k]))
                          for r in rows for k in [reply_start(r.labels)]]
+    batch["tags"] = [r.tag for r in rows]  # --teacher_tag_key's value of each row (a teacher server list routes by it)
     return batch
 
 
@@ -117,8 +120,8 @@ class OnPolicy:
                         top_k=m.top_k, repetition_penalty=m.repetition_penalty, seed=base)
         prefixes = batch["prefixes"]
         done = self._generate(chat, [ids for ids, _ in prefixes], gen)
-        rows = [Encoded(ids + list(c.token_ids), labels + list(c.token_ids))
-                for (ids, labels), c in zip(prefixes, done)]
+        rows = [Encoded(ids + list(c.token_ids), labels + list(c.token_ids), tag=tag)
+                for (ids, labels), c, tag in zip(prefixes, done, batch["tags"])]
         self.sampled += len(rows)
         if self.log_path and is_main() and training:
             self._log(prefixes, done)
@@ -189,10 +192,16 @@ def gkd_loss(method: "GKD", run: Distillation, model, batch: dict) -> tuple[dict
     if on_policy:
         batch, sampled = run.sampler.sampled_batch(batch, torch.is_grad_enabled())
         stats.update(sampled)
-    teacher = run.teacher.token_logps(model, batch, teacher_head)  # before the student's forward (adapters switch)
-    student = head_inputs(model, batch)
-    sft = 0.0 if on_policy else method.sft_alpha
-    total, jsd, nll = chunked_jsd(student, teacher, JSDSpec(method.beta, method.temperature, method.topk, sft))
+    spec = JSDSpec(method.beta, method.temperature, method.topk, 0.0 if on_policy else method.sft_alpha)
+    if isinstance(run.teacher, ServerTeacher):  # its top-k log-probs over HTTP (--teacher_model_server)
+        from tunesmith.train.ops.jsd import chunked_topk_jsd
+
+        values, indices = run.teacher.topk(batch, method.topk)
+        total, jsd, nll = chunked_topk_jsd(head_inputs(model, batch), values, indices, spec)
+    else:
+        teacher = run.teacher.token_logps(model, batch, teacher_head)  # before the student's forward (adapters)
+        total, jsd, nll = chunked_jsd(head_inputs(model, batch), teacher, spec)
+    sft = spec.nll_weight
     n = jsd.numel()
     stats.update({"tokens": n, "jsd": float(jsd.sum())})
     if sft:
@@ -234,6 +243,8 @@ class GKD:
     teacher_revision: Optional[str] = None
     offload_teacher: bool = False
     log_completions: bool = False
+    teacher_servers: Optional[tuple] = None   # --teacher_model_server: teacher_server.TeacherServer each, else None
+    teacher_tag_key: str = "dataset"          # the row column that routes a row to one of several teacher servers
     name = "gkd"
     head = "causal_lm"
     rows = "sft"
@@ -257,15 +268,32 @@ class GKD:
         return cls(beta, args.lmbda, args.temperature, args.max_completion_length, args.sft_alpha,
                    args.gkd_logits_topk, args.top_p, args.top_k, args.repetition_penalty, args.teacher_model,
                    tuple(args.teacher_adapters), args.teacher_model_revision, args.offload_teacher_model,
-                   args.log_completions)
+                   args.log_completions, _teacher_servers(args, problems), args.teacher_tag_key)
+
+    @property
+    def rows_key(self) -> str:
+        """What the rows' encoding depends on beyond the row kind (the data cache's key): the routing column when
+        several teacher servers route rows by it (each row carries its value as its `tag`)."""
+        return f"tag={self.teacher_tag_key}" if self.teacher_servers and len(self.teacher_servers) > 1 else ""
 
     def resolved_flags(self) -> dict:
         """β as resolved (ms-swift's GKD default 0.5), for args.json."""
         return {"beta": self.beta, "rpo_alpha": None}
 
     def shape_records(self, loaded):
-        """Rows as loaded: any SFT row (its final reply is what is distilled)."""
-        return loaded
+        """Rows as loaded: any SFT row (its final reply is what is distilled); with several teacher servers each
+        row's --teacher_tag_key column (text; None when absent) becomes its routing `tag`."""
+        if not self.rows_key:
+            return loaded
+        from tunesmith.data.load import map_records
+
+        key = self.teacher_tag_key
+
+        def tagged(rec: dict, src: tuple) -> list:
+            """The record with its routing tag (its columns dropped: nothing else reads them)."""
+            value = (rec.pop("columns", None) or {}).get(key)
+            return [{**rec, "tag": None if value is None else str(value)}]
+        return map_records(loaded, tagged)
 
     def batches(self, cfg, prepared, model, reference) -> Batches:
         """Padded batches of the encoded rows with their prompts (`gkd_collate`), the teacher and the on-policy
@@ -276,8 +304,13 @@ class GKD:
         if prepared.encoder.images is not None:
             raise ConfigError("--rlhf_type gkd on a vision-language model is not supported yet (the student's "
                               "samples would need the pictures); distil a text model")
-        teacher = setup_teacher(cfg.model, self.teacher_model, list(self.teacher_adapters), self.teacher_revision,
-                                self.offload_teacher, model, prepared.tokenizer)
+        if self.teacher_servers:  # its top-k over HTTP; waits for each server's /health
+            client = TeacherClient(self.teacher_servers, self.teacher_tag_key)
+            client.connect()
+            teacher = ServerTeacher(client)
+        else:
+            teacher = setup_teacher(cfg.model, self.teacher_model, list(self.teacher_adapters),
+                                    self.teacher_revision, self.offload_teacher, model, prepared.tokenizer)
         disable_dropout(model, has_reference=False)
         sampler = OnPolicy(self, model, prepared.tokenizer, cfg)
         collate = partial(gkd_collate, pad_id=sampler.pad_id, padding_side=cfg.data.padding_side)
@@ -310,7 +343,7 @@ def _gkd_problems(args, problems: list) -> None:
     if args.teacher_adapters and args.teacher_model is None:
         problems.append("--teacher_adapters needs --teacher_model, the model they were trained on (without "
                         "--teacher_model the teacher is the student itself)")
-    if args.teacher_model is None and not args.sft_alpha:
+    if args.teacher_model is None and args.teacher_model_server is None and not args.sft_alpha:
         problems.append("--rlhf_type gkd without --teacher_model is ms-swift's self-distillation: the teacher is "
                         "the student itself, so the divergence is 0 and nothing is learned (its on-policy "
                         "self-distillation, a `teacher_prompt` column, is not supported yet). Pass --teacher_model "
@@ -318,6 +351,9 @@ def _gkd_problems(args, problems: list) -> None:
     if args.packing or args.padding_free:
         problems.append("--packing/--padding_free: GKD rebuilds each batch from the rows' prompts on on-policy "
                         "steps, padded; drop the flag")
+    if args.async_generate:  # ms-swift's rlhf_args: "async_generate is not supported for GKD"
+        problems.append("--async_generate true with --rlhf_type gkd: asynchronous rounds are GRPO's (--vllm_mode "
+                        "server), ms-swift does not support them for GKD either; drop the flag")
     if args.use_vllm:
         problems.append("--use_vllm with --rlhf_type gkd is not supported yet: the student's samples come from "
                         "tunesmith's own engine; drop --use_vllm")
@@ -331,3 +367,23 @@ def _gkd_problems(args, problems: list) -> None:
     if ignored:
         note(f"--rlhf_type gkd: {', '.join(ignored)} change nothing here (GKD's loss is the generalised JSD to "
              f"--teacher_model; it samples once per micro-batch of an on-policy step)")
+
+
+def _teacher_servers(args, problems: list) -> Optional[tuple]:
+    """--teacher_model_server parsed (teacher_server.parse_teacher_servers) and checked by ms-swift's rules
+    (arguments/rlhf_args.py `_check_teacher`, `_check_gkd`): not with --teacher_model, and --gkd_logits_topk
+    required (a server answers top-k log-probs only); None without it."""
+    if args.teacher_model_server is None:
+        return None
+    if args.teacher_model is not None:
+        problems.append("setting both --teacher_model and --teacher_model_server is not supported (ms-swift's "
+                        "rule); give one")
+    if args.gkd_logits_topk is None:
+        problems.append("--gkd_logits_topk is required when using --teacher_model_server (a teacher server "
+                        "answers its top-k log-probs only), e.g. --gkd_logits_topk 20 (at most the server's "
+                        "--max_logprobs)")
+    try:
+        return parse_teacher_servers(args.teacher_model_server)
+    except ConfigError as e:
+        problems.append(str(e))
+        return None

@@ -266,6 +266,9 @@ def _ppo_problems(args, problems: list) -> None:
         problems.append("PPO runs on one process for now (the value model trains beside the policy with its own "
                         "optimiser, which DDP, DeepSpeed and FSDP would not synchronise); drop --deepspeed/--fsdp "
                         "and run a single process")
+    if args.async_generate:
+        problems.append("--async_generate true with --rlhf_type ppo: asynchronous rounds are GRPO's (--vllm_mode "
+                        "server); PPO samples in the training process; drop the flag")
     if args.use_vllm:
         problems.append("--use_vllm with --rlhf_type ppo is not supported (ms-swift samples PPO's rollouts with "
                         "transformers too); drop --use_vllm")

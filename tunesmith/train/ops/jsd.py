@@ -42,17 +42,24 @@ class JSDSpec:
     nll_weight: float = 0.0
 
 
-def generalized_jsd(student, teacher, spec: JSDSpec, grad: bool = True):
+def generalized_jsd(student, teacher, spec: JSDSpec, grad: bool = True, teacher_idx=None):
     """(JSD_β per row [n], the gradient with respect to the student's logits [n, Vs], or None without `grad`) for
     student logits [n, Vs] and teacher logits [n, Vt] (float32), in closed form (the module's docstring). Vs ≠ Vt: ms-swift's alignment (the narrower side's missing columns take the
-    other's logits; where the teacher takes the student's, their gradient flows through the teacher side too)."""
+    other's logits; where the teacher takes the student's, their gradient flows through the teacher side too).
+    teacher_idx [n, k] (int64): the teacher is given as its top-k only — `teacher` [n, k] its log-probabilities at
+    those token ids (a teacher server's) — and the divergence is ms-swift's top-k one over them: the student's
+    logits gathered at the ids, both renormalised over the k (a log-softmax over k is the same for log-probs as for
+    the logits they come from, so this equals --gkd_logits_topk with the teacher's logits)."""
     vs, vt = student.shape[-1], teacher.shape[-1]
-    s = torch.cat([student, teacher[:, vs:]], -1) if vs < vt else student
     idx = None
-    if spec.topk:
+    if teacher_idx is not None:  # a teacher's top-k as given: no alignment (its ids are the student's)
+        idx, t, vt = teacher_idx, teacher, vs
+        s = student.gather(-1, idx)
+    elif spec.topk:
         t, idx = teacher.topk(min(spec.topk, vt), dim=-1)
-        s = s.gather(-1, idx)
+        s = (torch.cat([student, teacher[:, vs:]], -1) if vs < vt else student).gather(-1, idx)
     else:
+        s = torch.cat([student, teacher[:, vs:]], -1) if vs < vt else student
         t = torch.cat([teacher, student[:, vt:]], -1) if vs > vt else teacher
     jsd, gs, gt = _divergence(s / spec.temperature, t / spec.temperature, spec.beta, grad)
     if gs is None:
@@ -103,7 +110,7 @@ class ChunkedJSD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, targets, spec: JSDSpec, chunk: int,
-                grads: tuple = (False, False)):
+                grads: tuple = (False, False), t_idx=None):
         want_h, want_w = grads
         want = want_h or want_w
         n, dev = s_hidden.shape[0], s_hidden.device
@@ -116,7 +123,7 @@ class ChunkedJSD(torch.autograd.Function):
             h = s_hidden[a:a + chunk]
             s = _logits(h, s_weight)
             t = _logits(t_hidden[a:a + chunk], t_weight)
-            j, d = generalized_jsd(s, t, spec, want)
+            j, d = generalized_jsd(s, t, spec, want, None if t_idx is None else t_idx[a:a + chunk])
             jsd[a:a + chunk] = j
             if spec.nll_weight:
                 lse = s.logsumexp(-1)
@@ -143,7 +150,7 @@ class ChunkedJSD(torch.autograd.Function):
         g = grad_total.float()
         grad_h = (saved.pop(0).float() * g).to(ctx.dtypes[0]) if want_h else None
         grad_w = (saved.pop(0) * g).to(ctx.dtypes[1]) if want_w else None
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def default_chunk(vocab: int, hidden: int) -> int:
@@ -165,3 +172,20 @@ def chunked_jsd(student, teacher, spec: JSDSpec, chunk: Optional[int] = None):
     vocab = s_h.shape[-1] if s_w is None else s_w.shape[0]
     return ChunkedJSD.apply(s_h, s_w, t_h.detach(), t_w, student.target, spec, chunk or default_chunk(vocab, width),
                             grads)
+
+
+def chunked_topk_jsd(student, values, indices, spec: JSDSpec, chunk: Optional[int] = None):
+    """`chunked_jsd` against a teacher given as its top-k at each trained position (a teacher server's): values
+    [N, k] its log-probabilities (nats, temperature 1) at token ids indices [N, k], in the student's HeadInputs
+    order. Raises ValueError for an id outside the student's vocabulary."""
+    s_h, s_w = student.hidden, student.weight
+    vocab = s_h.shape[-1] if s_w is None else s_w.shape[0]
+    if indices.numel() and int(indices.max()) >= vocab:
+        raise ValueError(f"the teacher's top-k holds token id {int(indices.max())}, outside the student's "
+                         f"vocabulary of {vocab}: teacher and student must share the tokenizer")
+    grads = (torch.is_grad_enabled() and s_h.requires_grad,
+             torch.is_grad_enabled() and s_w is not None and s_w.requires_grad)
+    width = s_h.shape[-1] if s_w is None else s_w.shape[-1]
+    vals = values.to(s_h.device, torch.float32)
+    return ChunkedJSD.apply(s_h, s_w, vals, None, student.target, spec, chunk or default_chunk(vocab, width), grads,
+                            indices.to(s_h.device))

@@ -35,7 +35,7 @@ from tunesmith.train.rl.variants import (PER_BATCH, grpo_teacher, sdar_terms, te
                                          variant_metrics)
 from tunesmith.train.setup import Batches
 from tunesmith.train.rl.reward_models import reward_model_specs
-from tunesmith.train.rl.rollout_client import server_config, server_problems
+from tunesmith.train.rl.rollout_client import async_problems, server_config, server_problems
 
 # how each loss type's scalar becomes a summed term and its unit (the loop divides by the units of the whole step):
 # grpo/sapo/dr_grpo average over completions, bnpo over micro-batches (ms-swift normalises each micro-batch by its
@@ -236,6 +236,7 @@ class GRPO:
     ref_adapters: tuple = ()
     use_vllm: bool = False                    # rollouts from vLLM (colocate, the LoRA adapter synced each round)
     server: Any = None                        # --vllm_mode server: rollout_client.ServerConfig, else None
+    async_generate: bool = False              # the server samples round r + 1 while round r trains (ahead.py)
     dynamic_sample: bool = False              # DAPO: replace groups without reward differences (max_resample_times)
     max_resample_times: int = 3
     log_entropy: bool = False                 # entropy/mean, /max, /min (ms-swift's --log_entropy)
@@ -249,6 +250,8 @@ class GRPO:
     teacher_revision: Optional[str] = None
     offload_teacher: bool = False
     teacher_kl_coef: float = 1.0
+    teacher_servers: Optional[tuple] = None   # OPD-RL's teacher behind servers (teacher_server.TeacherServer each)
+    teacher_tag_key: str = "dataset"          # the prompt column that routes a row among several teacher servers
     distill: Any = None                       # variants.SelfDistill: RLSD / SDAR / OPD-RL's additive signal
     multi_turn_scheduler: Optional[str] = None  # multi-turn rollouts: the scheduler's name (train/rl/schedulers.py)
     max_turns: Optional[int] = None           # model turns per trajectory; None: no limit
@@ -318,6 +321,7 @@ class GRPO:
                    args.ref_model, tuple(args.ref_adapters), args.use_vllm,
                    log_entropy=args.log_entropy, dynamic_sample=args.dynamic_sample,
                    max_resample_times=args.max_resample_times, server=server_config(args),
+                   async_generate=args.async_generate,
                    **variant_fields(args, problems), chord=ChordSpec.from_args(args, problems),
                    **teacher_fields(args, problems), multi_turn_scheduler=args.multi_turn_scheduler,
                    max_turns=args.max_turns, completion_length_limit_scope=args.completion_length_limit_scope,
@@ -440,6 +444,7 @@ def _steps_per_generation(args, problems: list) -> Optional[int]:
 
 
 def _check_unsupported(args, problems: list) -> None:
+    async_problems(args, problems)
     if args.use_vllm:
         _vllm_problems(args, problems)
     if args.num_infer_workers != 1:
@@ -531,7 +536,7 @@ def _checked_rewards(args, reward_args, problems: list, use_gym: bool = False) -
     from tunesmith.train.rl.rewards import load_reward_functions
 
     if not args.reward_funcs:
-        if not args.reward_model and not use_gym and not args.teacher_model:  # a teacher alone: OPD-RL distillation
+        if not args.reward_model and not use_gym and not (args.teacher_model or args.teacher_model_server):
             problems.append("GRPO needs --reward_funcs (or --reward_model): e.g. --reward_funcs accuracy format "
                             "(built-ins), a name an --external_plugins file registers, or module.function")
         return []

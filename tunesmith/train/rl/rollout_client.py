@@ -150,16 +150,19 @@ class RolloutServer:
             self._request("POST", "/update_params/", save(bucket), "application/octet-stream", timeout=None)
         self.pushes += 1
 
-    def generate(self, prompts: list, sampling: dict, n: int) -> list:
+    def generate(self, prompts: list, sampling: dict, n: int, adapter: Optional[str] = "current") -> list:
         """n completions of each prompt, in order: prompts [(token ids, first seed, messages)] — completion k of a
         prompt is sampled with seed + k — and sampling: RequestConfig fields (max_tokens, temperature, top_p, top_k,
-        repetition_penalty; None for the model's default). Returns engine Completions (token ids with the stop
-        token, as the engine's). Raises RolloutServerError."""
-        from tunesmith.inference.engine import Completion
+        repetition_penalty; None for the model's default; logprobs true: each completion's per-token log-probs of the
+        distribution it was sampled from). adapter: the server's name of the adapter version to
+        sample ("current": the one last pushed; None: none, full weights). Returns engine Completions (token ids
+        with the stop token, as the engine's). Raises RolloutServerError."""
+        from tunesmith.inference.engine import Completion, TokenLogprob
 
+        adapter = self.adapter if adapter == "current" else adapter
         body = {"infer_requests": [{"messages": m, "prompt_token_ids": list(ids), "seed": s} for ids, s, m in prompts],
                 "request_config": {**sampling, "n": n, "return_details": True},
-                "adapter_request": {"name": self.adapter} if self.adapter else None}
+                "adapter_request": {"name": adapter} if adapter else None}
         try:
             outputs = self._request("POST", "/infer/", json.dumps(body).encode(), timeout=None)
         except RolloutServerError as e:
@@ -175,7 +178,9 @@ class RolloutServer:
         out = []
         for (ids, _, _), o in zip(prompts, outputs):
             for c in o["response"]["choices"]:
-                out.append(Completion(list(c["token_ids"]), c["finish_reason"] or "stop", len(ids)))
+                logprobs = [TokenLogprob(t, e["logprob"]) for t, e in zip(c["token_ids"], c["logprobs"]["content"])] \
+                    if sampling.get("logprobs") and c.get("logprobs") else None
+                out.append(Completion(list(c["token_ids"]), c["finish_reason"] or "stop", len(ids), logprobs))
         return out
 
     def _request(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "application/json",
@@ -225,6 +230,14 @@ def server_config(args):
                                    list(args.vllm_server_port), args.vllm_server_timeout)
 
 
+def async_problems(args, problems: list) -> None:
+    """--async_generate true: ms-swift's rule, a rollout server (--use_vllm true --vllm_mode server)."""
+    if args.async_generate and not (args.use_vllm and args.vllm_mode == "server"):
+        problems.append("--async_generate true needs --use_vllm true --vllm_mode server: the next round is sampled "
+                        "by a rollout server (`tunesmith rollout`) while this one trains; add them (with "
+                        "--vllm_server_host/--vllm_server_port), or drop --async_generate")
+
+
 def server_problems(args, problems: list) -> None:
     """--vllm_mode server: one rollout server, a LoRA or fully trained policy (its adapter, or its trainable
     weights, go over HTTP), one process."""
@@ -253,6 +266,9 @@ def server_problems(args, problems: list) -> None:
         problems.append(f"--vllm_mode server with --train_type {args.train_type}: the policy reaches the rollout "
                         f"server as its LoRA adapter (--train_type lora) or as its full weights (--train_type "
                         f"full); other tuners' weights are not synced to a server yet; {drop}")
+    if args.async_generate and args.multi_turn_scheduler:  # ms-swift's rlhf_args refuses the pair too
+        problems.append("--async_generate true with --multi_turn_scheduler: asynchronous rounds are not supported "
+                        "with multi-turn rollouts (nor in ms-swift); drop one")
     if args.multi_turn_scheduler:
         problems.append(f"--vllm_mode server with --multi_turn_scheduler {args.multi_turn_scheduler}: multi-turn "
                         f"rollouts run in the training process, not on a rollout server, yet; {drop}")

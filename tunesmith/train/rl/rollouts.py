@@ -19,9 +19,11 @@ from typing import Iterator, Optional
 from tunesmith.errors import ConfigError
 from tunesmith.log import note
 from tunesmith.train.interrupts import raise_sampling_errors
-from tunesmith.train.rl.units import (Unit, _completion_seed, _unique_names, completion_logps, fit_prompts,
-                                     generation_batch_problem, grpo_collate, read_round, refuse_pictures, save_round,
-                                     saved_units)
+from tunesmith.train.rl.units import (Unit, _completion_seed, _unique_names, completion_logps, epoch_order,
+                                     fit_prompts, generation_batch_problem, grpo_collate, read_round, refuse_pictures,
+                                     round_chunk, save_round, saved_units)
+from tunesmith.train.rl.ahead import Ahead, round_request
+from tunesmith.train.rl.teacher_server import ServerTeacher, prompt_tag
 from tunesmith.train.rl.variants import opsd_problems, teacher_signal
 from tunesmith.train.rl.vllm_sync import VllmSync, processed_logprobs_config
 
@@ -67,6 +69,9 @@ class Rollouts:
         per_round = method.multi_turn_scheduler is not None and method.completion_length_limit_scope == "per_round"
         self.context = self.max_prompt + method.max_completion_length if self.max_prompt and not per_round else None
         self.remote = self._remote(method, model, model_dir)  # --vllm_mode server
+        # --async_generate: the round after this one is requested while this one trains (train/rl/ahead.py)
+        self.ahead = Ahead(self.remote, bool(method.variants and method.variants.rollout_is_mode)) \
+            if method.async_generate and self.remote is not None else None
         self.vllm = VllmSync(model, cfg, model_dir) if method.use_vllm and self.remote is None else None
         if self.vllm is not None and method.variants is not None and method.variants.wants_rollout_logps:
             self.vllm.engine_cfg = processed_logprobs_config(self.vllm.engine_cfg)
@@ -156,11 +161,15 @@ class Rollouts:
         started with) goes into the checkpoint: with several steps per round (--steps_per_generation,
         --num_iterations) a resume inside it trains on exactly these, not on a round sampled again."""
         save_round(path, self.ROUND_FILE, self.current)
+        if self.ahead is not None:  # --async_generate: the next round's request and its answer
+            self.ahead.save(path)
 
     def load(self, path: str) -> None:
         """Keep the checkpoint's round in progress for `epoch` (absent in checkpoints of older runs: then the
         round is sampled again, with a note)."""
         self.saved_round = read_round(path, self.ROUND_FILE)
+        if self.ahead is not None:
+            self.ahead.load(path)
 
     def _resumed_round(self, seed: int, r: int) -> Optional[list]:
         saved, self.saved_round = self.saved_round, None
@@ -174,14 +183,10 @@ class Rollouts:
     def epoch(self, seed: int, shuffle: bool, skip_units: int = 0) -> Iterator:
         """The epoch's units in training order, after the first `skip_units` (a resumed run): whole rounds
         skipped are not generated."""
-        order = list(range(len(self.prompts)))
-        if shuffle:
-            random.Random(seed).shuffle(order)
-        per = self.prompts_per_round
+        order = epoch_order(len(self.prompts), seed, shuffle)
         per_round_units = self.round_size * self.method.num_iterations
-        for r in range(math.ceil(len(order) / per)):
-            chunk = order[r * per:(r + 1) * per]
-            chunk += order[:per - len(chunk)]  # the epoch's last round, filled from its start
+        for r in range(math.ceil(len(order) / self.prompts_per_round)):
+            chunk = round_chunk(order, r, self.prompts_per_round)
             if skip_units >= per_round_units:  # trained before a resume: not generated again
                 skip_units -= per_round_units
                 self.rounds_done += 1
@@ -195,11 +200,30 @@ class Rollouts:
                 units = self._round([self.prompts[i] for i in chunk], seed, r)
             else:
                 self.rounds_done += 1
+            if self.ahead is not None:
+                self._ask_ahead(seed, r, shuffle)
             self.current = (seed, r, units)
             for _ in range(self.method.num_iterations):
                 for u in units[skip_units:]:
                     yield u
                 skip_units = max(0, skip_units - len(units))
+
+    def _ask_ahead(self, seed: int, r: int, shuffle: bool) -> None:
+        """--async_generate: push the policy's weights as they are now (the weights round r trains from) and send
+        the next round's request — round r + 1, or the next epoch's first (its seed: the loop's, --seed + epoch)
+        — unless the checkpoint resumed from already holds its answer."""
+        rounds = math.ceil(len(self.prompts) / self.prompts_per_round)
+        nseed, nr = (seed, r + 1) if r + 1 < rounds else (seed + 1, 0)
+        chunk = round_chunk(epoch_order(len(self.prompts), nseed, shuffle), nr, self.prompts_per_round)
+        prompts = [self.prompts[i] for i in chunk]
+        request = round_request(self.method, {j: p["prompt_ids"] for j, p in enumerate(prompts)}, nseed, nr,
+                                       {j: p["messages"] for j, p in enumerate(prompts)}, self.method.num_generations,
+                                self._rollout_logps)
+        if self.ahead.saved is not None and self.ahead.saved[0] == Ahead.key(*request):
+            return
+        self.ahead.settle()
+        adapter = self.remote.sync(self.weights)
+        self.ahead.submit(*request, adapter)
 
     # ------------------------------------------------------------------ one round
 
@@ -341,7 +365,8 @@ class Rollouts:
                               stats=stats, images=prompts[owners[i]].get("images"), completion_mask=mask,
                               rollout_logps=[lp.logprob for lp in c.logprobs]
                               if self._rollout_logps and c.logprobs is not None else None,
-                              teacher_prompt_ids=prompts[owners[i]].get("teacher_prompt_ids")))
+                              teacher_prompt_ids=prompts[owners[i]].get("teacher_prompt_ids"),
+                              tag=prompt_tag(prompts[owners[i]], m.teacher_tag_key)))
         self._add_logps(units)
         g = self.group
         return [(j, units[k * g:(k + 1) * g], per_func[k * g:(k + 1) * g], texts[k * g:(k + 1) * g])
@@ -384,12 +409,15 @@ class Rollouts:
         changed, then every prompt of the round in one /infer/ call, as token ids, with the same per-completion
         seeds; the same completions as the trainer's own engine would sample. messages: {j: the prompt's messages}
         (the request's ms-swift fields)."""
-        m, g = self.method, self.group
-        self.remote.sync(self.weights)
-        prompts = [(prompt, _completion_seed(seed, r, j, g), messages[j]) for j, prompt in ids.items()]
-        sampling = {"max_tokens": m.max_completion_length, "temperature": m.temperature, "top_p": m.top_p,
-                    "top_k": m.top_k, "repetition_penalty": m.repetition_penalty}
-        out = self.remote.generate(prompts, sampling, g)
+        request = round_request(self.method, ids, seed, r, messages, self.group, self._rollout_logps)
+        # --async_generate: a training round requested ahead (sampled with the weights before the last update)
+        ahead = self.ahead if self.training else None
+        out = ahead.take(*request, later=self.rounds_done > 0) if ahead is not None else None
+        if out is None:
+            if self.ahead is not None:  # no weights move while a request is in flight
+                self.ahead.settle()
+            self.remote.sync(self.weights)
+            out = self.remote.generate(*request)
         raise_sampling_errors(out, "policy")
         return out
 
@@ -517,6 +545,8 @@ class Rollouts:
         from dataclasses import replace
 
         t = self.method.temperature
+        if isinstance(self.teacher, ServerTeacher):  # the server's log-probs (temperature 1, as ms-swift's API)
+            return self.teacher.completion_logps(part, batch["completion_mask"].shape[1])
         if any(u.teacher_prompt_ids for u in part):
             views = [replace(u, prompt_ids=u.teacher_prompt_ids) if u.teacher_prompt_ids else u for u in part]
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(views).items()}

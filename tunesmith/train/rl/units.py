@@ -32,6 +32,7 @@ class Unit:
     teacher_logps: Optional[list] = None  # SDAR: [C], the teacher's log-probs of the tokens
     teacher_prompt_ids: Optional[list] = None  # OPSD: the prompt with the row's teacher_prompt as last user turn
     completion_mask: Optional[list] = None  # [C] 1 trained, 0 not (a multi-turn rollout's tool turns); None: all 1
+    tag: Optional[str] = None           # the row's --teacher_tag_key value (routes it among teacher servers)
 
 
 def refuse_pictures(prompts: list[dict], what: str) -> None:
@@ -204,3 +205,19 @@ def saved_units(saved: Optional[dict], seed: int, r: int, unit_class) -> Optiona
     if saved is None or (saved["epoch_seed"], saved["round"]) != (seed, r):
         return None
     return [unit_class(**u) for u in saved["units"]]
+
+
+def epoch_order(n: int, seed: int, shuffle: bool) -> list:
+    """An epoch's prompt order: indices 0..n−1, shuffled with the epoch's seed when `shuffle`."""
+    import random
+
+    order = list(range(n))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    return order
+
+
+def round_chunk(order: list, r: int, per: int) -> list:
+    """Round r's `per` prompts (indices) in the epoch's order; the epoch's last round is filled from its start."""
+    chunk = order[r * per:(r + 1) * per]
+    return chunk + order[:per - len(chunk)]

@@ -85,14 +85,10 @@ def variant_fields(args, problems: list) -> dict:
             lo_open=True)
     if loss_type == "real":
         _real_groups(args, problems)
-    if args.use_vllm and args.vllm_mode == "server":  # the rollout server's answers carry no log-probs, no min-p
+    if args.use_vllm and args.vllm_mode == "server":  # the rollout server does not sample with min-p
         if args.min_p:
             problems.append(f"--min_p {args.min_p} with --vllm_mode server: the rollout server does not sample with "
                             f"min-p yet; use --top_p or --top_k, or sample in the trainer")
-        if args.rollout_importance_sampling_mode or args.log_rollout_offpolicy_metrics:
-            problems.append("--rollout_importance_sampling_mode / --log_rollout_offpolicy_metrics with --vllm_mode "
-                            "server: the rollout server does not return its log-probs yet; use --vllm_mode colocate "
-                            "or tunesmith's own engine")
     variants = GRPOVariants(
         num_generations=args.num_generations, real_tau=args.real_tau,
         fipo_gamma=fipo_gamma(args.fipo_decay_rate) if args.fipo_decay_rate > 0 else 0.0,
@@ -129,7 +125,8 @@ def teacher_fields(args, problems: list) -> dict:
     without reward functions (pure distillation) --dynamic_sample and --scale_rewards gdpo (no reward variance)."""
     if args.teacher_adapters and not args.teacher_model:
         problems.append("--teacher_adapters needs --teacher_model (the model they are merged into)")
-    if args.teacher_model:
+    servers = _teacher_servers(args, problems)
+    if args.teacher_model or servers:
         loss_type = (list(args.loss_type) or ["grpo"])[0]
         if loss_type in ("real", "fipo"):
             problems.append(f"--teacher_model (OPD-RL) with --loss_type {loss_type}: its loss needs one advantage "
@@ -146,7 +143,25 @@ def teacher_fields(args, problems: list) -> dict:
                                 "to normalise; add --reward_funcs or drop it")
     return {"teacher_model": args.teacher_model, "teacher_adapters": tuple(args.teacher_adapters),
             "teacher_revision": args.teacher_model_revision, "offload_teacher": args.offload_teacher_model,
-            "teacher_kl_coef": args.teacher_kl_coef, "distill": _self_distill(args, problems)}
+            "teacher_kl_coef": args.teacher_kl_coef, "distill": _self_distill(args, problems),
+            "teacher_servers": servers, "teacher_tag_key": args.teacher_tag_key}
+
+
+def _teacher_servers(args, problems: list):
+    """--teacher_model_server for OPD-RL (teacher_server.parse_teacher_servers), not with --teacher_model
+    (ms-swift's rule); None without it."""
+    if args.teacher_model_server is None:
+        return None
+    from tunesmith.train.rl.teacher_server import parse_teacher_servers
+
+    if args.teacher_model:
+        problems.append("setting both --teacher_model and --teacher_model_server is not supported (ms-swift's "
+                        "rule); give one")
+    try:
+        return parse_teacher_servers(args.teacher_model_server)
+    except ConfigError as e:
+        problems.append(str(e))
+        return None
 
 
 def _self_distill(args, problems: list) -> SelfDistill:
@@ -181,6 +196,12 @@ def grpo_teacher(method, cfg, model, tokenizer):
     """OPD-RL's teacher (reference.setup_teacher: GKD's rules — the same model with LoRA is the model with the
     adapter switched off) when --teacher_model is given, else None (rows with a teacher_prompt column then use the
     policy itself). Raises ConfigError as setup_teacher."""
+    if method.teacher_servers:  # OPD-RL from a server: the sampled tokens' log-probs over HTTP
+        from tunesmith.train.rl.teacher_server import ServerTeacher, TeacherClient
+
+        client = TeacherClient(method.teacher_servers, method.teacher_tag_key)
+        client.connect()
+        return ServerTeacher(client)
     if not method.teacher_model:
         return None
     from tunesmith.train.reference import setup_teacher
@@ -233,4 +254,4 @@ def opsd_problems(method) -> None:
                           f"(or the column)")
     note("GRPO: the rows have a teacher_prompt column: the policy on that prompt is the teacher of each completion "
          "token (ms-swift's OPSD self-distillation; --teacher_model names another teacher)" if method.teacher_model
-         is None else "GRPO: the rows have a teacher_prompt column: --teacher_model scores each completion after it")
+         is None and not method.teacher_servers else "GRPO: the rows have a teacher_prompt column: --teacher_model scores each completion after it")
