@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from tunesmith.config.groups import (CheckpointArgs, DataArgs, DeployServerArgs, DistArgs, EvalArgs,
-                                     ExportOutputArgs, GenerationArgs, GKDArgs, GRPOArgs, InferBackendArgs, ModelArgs,
-                                     OptimArgs, OutputArgs, PPOArgs, QuantArgs, RLHFArgs, TemplateArgs, TrackArgs,
-                                     VllmArgs, _f)
+                                     ExportOutputArgs, GenerationArgs, InferBackendArgs, ModelArgs, OptimArgs,
+                                     OutputArgs, QuantArgs, TemplateArgs, TrackArgs, VllmArgs, _f)
+from tunesmith.config.rl_groups import GKDArgs, GRPOArgs, PPOArgs, RLHFArgs
 from tunesmith.config.training_groups import ModelKnobArgs, OptimKnobArgs, TunerArgs
 from tunesmith.config.groups import AppArgs, UIServerArgs, WebUIFolderArgs  # web-ui and app
 from tunesmith.config.swift_compat import (EvalServerCompatArgs, SwiftCompatArgs, TrainerCompatArgs,
