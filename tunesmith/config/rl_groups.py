@@ -277,6 +277,10 @@ class GKDArgs:
                                               "picks the teacher (the one whose tags hold it).")
     offload_teacher_model: bool = _f(False, help="GKD: keep the teacher in CPU memory and move it to the GPU only "
                                                  "for its forward passes (less GPU memory, slower).")
+    teacher_deepspeed: Optional[str] = _f(help="GKD: the teacher's own DeepSpeed config (zero0..zero3_offload, "
+                                               "or a JSON file or string), inference only: ZeRO-3 shards the "
+                                               "frozen teacher across the processes (other stages: a whole copy "
+                                               "on each, ms-swift's rule). Needs --deepspeed.")
     gkd_logits_topk: Optional[int] = _f(help="GKD: the divergence over the teacher's k most likely tokens only "
                                              "(both distributions renormalised over them); default the whole "
                                              "vocabulary.")

@@ -307,13 +307,6 @@ NOT_SUPPORTED_YET = {
     "context_manager": "multi-turn context managers run on ms-swift's rollout server; `tunesmith rollout` "
                        "samples single-turn completions, and multi-turn rollouts run in the trainer "
                        "(--multi_turn_scheduler)",
-    # GKD (--rlhf_type gkd) has the rest of ms-swift's teacher flags
-    "teacher_deepspeed": "a DeepSpeed config of the GKD teacher's own (ms-swift shards the teacher with it, e.g. "
-                         "ZeRO-3) is not supported: tunesmith loads frozen models (the teacher, DPO's reference) "
-                         "whole on every process, outside DeepSpeed, and GKD's chunked divergence reads the "
-                         "teacher's output layer directly; serve a large teacher with `tunesmith deploy` and pass "
-                         "--teacher_model_server URL --gkd_logits_topk K, or keep it in CPU memory between its "
-                         "forward passes with --offload_teacher_model true",
 }
 
 # Names that are real flags of some tunesmith commands but that ms-swift also has in commands where tunesmith does

@@ -504,6 +504,12 @@ def _teacher_flag_problems(args, found: list) -> None:
                                    ("teacher_model_server", args.teacher_model_server),
                                    ("gkd_logits_topk", args.gkd_logits_topk), ("sft_alpha", args.sft_alpha),
                                    ("lmbda", args.lmbda != 0.5)) if v]
+    if args.teacher_deepspeed and args.rlhf_type == "grpo":
+        found.append("--teacher_deepspeed with --rlhf_type grpo is not supported yet (a sharded teacher needs every "
+                     "process in each of its forward passes, which GRPO's rollouts do not keep in step); run "
+                     "OPD-RL's teacher whole on each process, or behind --teacher_model_server")
+    elif args.teacher_deepspeed:
+        given.append("--teacher_deepspeed")
     if args.rlhf_type == "grpo":  # OPD-RL: GRPO takes the teacher flags (train/rl/grpo.py checks them)
         given = [g for g in given if g not in ("--teacher_model", "--teacher_adapters", "--teacher_model_revision",
                                                "--offload_teacher_model", "--teacher_model_server")]

@@ -163,11 +163,12 @@ def _load_preset(name: str) -> dict:
     return json.loads(text)
 
 
-def deepspeed_config(spec, optim, world: int, dtype) -> Optional[dict]:
+def deepspeed_config(spec, optim, world: int, dtype, flag: str = "--deepspeed") -> Optional[dict]:
     """--deepspeed (`spec`: a preset name, a JSON file or a JSON string, or a dict) with every "auto" filled from
     the optimisation slice (micro-batch, accumulation, clipping) and the model's dtype; None without --deepspeed.
-    Raises ConfigError for a value that is none of these, invalid JSON, an optimizer/scheduler section, or values
-    that contradict the flags."""
+    flag: the flag the errors name (--teacher_deepspeed's value is read the same way). Raises ConfigError for a
+    value that is none of these, invalid JSON, an optimizer/scheduler section, or values that contradict the
+    flags."""
     import torch
 
     if not spec:
@@ -181,14 +182,14 @@ def deepspeed_config(spec, optim, world: int, dtype) -> Optional[dict]:
             with open(spec, encoding="utf-8") as fh:
                 cfg = json.load(fh)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--deepspeed {spec}: not valid JSON (line {e.lineno}: {e.msg})") from None
+            raise ConfigError(f"{flag} {spec}: not valid JSON (line {e.lineno}: {e.msg})") from None
     elif spec.lstrip().startswith("{"):
         try:
             cfg = json.loads(spec)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--deepspeed: not valid JSON ({e.msg})") from None
+            raise ConfigError(f"{flag}: not valid JSON ({e.msg})") from None
     else:
-        raise ConfigError(f"--deepspeed {spec}: not a preset ({', '.join(DEEPSPEED_PRESETS)}), a JSON file or a "
+        raise ConfigError(f"{flag} {spec}: not a preset ({', '.join(DEEPSPEED_PRESETS)}), a JSON file or a "
                           f"JSON string")
     bf16, fp16 = dtype == torch.bfloat16, dtype == torch.float16
     filled = {
@@ -201,7 +202,7 @@ def deepspeed_config(spec, optim, world: int, dtype) -> Optional[dict]:
         if cfg.get(k, "auto") == "auto":
             cfg[k] = v
         elif k != "gradient_clipping" and cfg[k] != v:
-            raise ConfigError(f"--deepspeed: {k} is {cfg[k]} in the config but {v} from the arguments; set it to "
+            raise ConfigError(f"{flag}: {k} is {cfg[k]} in the config but {v} from the arguments; set it to "
                               f"\"auto\" (or remove it)")
     for key, on in (("bf16", bf16), ("fp16", fp16)):
         section = cfg.setdefault(key, {"enabled": "auto"})
@@ -214,13 +215,42 @@ def deepspeed_config(spec, optim, world: int, dtype) -> Optional[dict]:
     if zero.get("stage") == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints are normal HF/PEFT directories
     if "optimizer" in cfg or "scheduler" in cfg:
-        raise ConfigError("--deepspeed: the config's optimizer/scheduler sections are not used: tunesmith builds "
+        raise ConfigError(f"{flag}: the config's optimizer/scheduler sections are not used: tunesmith builds "
                           "them from --optim, --learning_rate and --lr_scheduler_type; remove those sections")
     cfg["zero_force_ds_cpu_optimizer"] = False  # offload with the torch optimizer: no compiled extension needed
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
-        raise ConfigError(f"--deepspeed: tunesmith cannot fill \"auto\" for {', '.join(leftover)}; give values")
+        raise ConfigError(f"{flag}: tunesmith cannot fill \"auto\" for {', '.join(leftover)}; give values")
     return cfg
+
+
+def teacher_engine(model, spec, optim, world: int):
+    """--teacher_deepspeed, as ms-swift's `prepare_deepspeed` (rlhf_trainers/utils.py): the frozen teacher `model`
+    wrapped by DeepSpeed with its own config, for inference only (no optimiser). `spec` is read as --deepspeed's
+    (`deepspeed_config`: a preset, a JSON file or string; "auto" from the optimisation slice and the teacher's
+    dtype). ZeRO-3 partitions the teacher's parameters across the `world` processes (each holds about 1/world of
+    every large tensor; parameters under 10·hidden elements stay whole, buckets of hidden² elements, ms-swift's
+    sizes) and its forward gathers them layer by layer; any other stage becomes stage 0 (a whole copy on each
+    process, ms-swift's rule). Returns (the engine, in eval mode, the stage: 0 or 3). Raises ConfigError for a
+    bad spec or without DeepSpeed installed."""
+    dtype = next(model.parameters()).dtype
+    cfg = deepspeed_config(spec, optim, world, dtype, flag="--teacher_deepspeed")
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError("--teacher_deepspeed needs DeepSpeed: pip install deepspeed") from None
+    stage = 3 if cfg["zero_optimization"].get("stage") == 3 else 0
+    if stage == 3:
+        hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else None
+        if hidden:
+            cfg["zero_optimization"].update({"reduce_bucket_size": hidden * hidden,
+                                             "stage3_param_persistence_threshold": 10 * hidden,
+                                             "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden)})
+    else:
+        cfg["zero_optimization"] = {"stage": 0}
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    return engine, stage
 
 
 def _walk(d: dict, prefix: str = ""):

@@ -72,6 +72,7 @@ class Reference:
     sync_steps: int = 0       # --sync_ref_model: optimiser steps between updates (0: the reference stays fixed)
     alpha: float = 0.6        # --ref_model_mixup_alpha
     offload: bool = False     # kind model: kept in CPU memory, on the batch's device only for its forward passes
+    placed: bool = False      # kind model: a DeepSpeed engine (--teacher_deepspeed), which keeps its own placement
 
     # a checkpoint's copy of a moving reference (resume restores it); in a subfolder, so that nothing that reads
     # the checkpoint's own *.safetensors as the policy's weights picks it up
@@ -141,7 +142,7 @@ class Reference:
                     peft_model.set_adapter("default")  # trainable again; "ref" stays frozen
             if self.kind == "model":
                 device = batch["input_ids"].device
-                if next(self.model.parameters()).device != device:
+                if not self.placed and next(self.model.parameters()).device != device:
                     self.model.to(device)
                 try:
                     return compute(self.model, batch)
@@ -211,31 +212,49 @@ def setup_reference(model_cfg, ref_model: Optional[str], ref_adapters_flag: list
 
 
 def setup_teacher(model_cfg, teacher_model: Optional[str], teacher_adapters: list, revision: Optional[str],
-                  offload: bool, model, tokenizer) -> Reference:
+                  offload: bool, model, tokenizer, wrap=None) -> Reference:
     """GKD's teacher, by ms-swift's rule (arguments/rlhf_args.py `_check_teacher`): no --teacher_model is
     self-distillation (the student itself as it is at each step); --teacher_model equal to --model with LoRA and no
     --teacher_adapters is the model with the adapter switched off (no copy; ms-swift's disable_adapter teacher);
     otherwise a frozen model loaded like the student (--torch_dtype, attention, quantisation) at
     --teacher_model_revision, with --teacher_adapters merged in, in CPU memory between its forward passes with
-    `offload`. Raises ConfigError for a teacher whose tokenizer differs from the student's, whose output layer
-    has fewer rows than the tokenizer has tokens, or that shares weights with the student."""
+    `offload`. wrap (--teacher_deepspeed): a function of the loaded teacher giving (its DeepSpeed engine, the ZeRO
+    stage), `distributed.teacher_engine`. Raises ConfigError for a teacher whose tokenizer differs from the
+    student's, whose output layer has fewer rows than the tokenizer has tokens, or that shares weights with the
+    student, and for `wrap` without a separate teacher model to wrap."""
     if teacher_model is None:
+        _nothing_to_wrap(wrap)
         return Reference("policy", "the student itself, as it is at each step (self-distillation: no "
                          "--teacher_model)")
-    same = teacher_model == model_cfg.model or (os.path.isdir(teacher_model) and os.path.isdir(model_cfg.model or "")
-                                               and os.path.samefile(teacher_model, model_cfg.model))
-    if same and model_cfg.train_type == "lora" and not teacher_adapters:
+    if _is_adapter_off(model_cfg, teacher_model, teacher_adapters):
         if not str(model_cfg.init_weights).lower().startswith(MUTATING_INITS) or model_cfg.adapters:
+            _nothing_to_wrap(wrap)
             start = f" (the base under --adapters {model_cfg.adapters[0]})" if model_cfg.adapters else ""
             return Reference("adapter_off", f"--model with the LoRA adapter switched off{start} (shared weights, "
                              f"no copy)")
         note(f"--init_weights {model_cfg.init_weights} moves part of every targeted weight into the adapter, so "
              f"the teacher is a frozen copy of --teacher_model, not the model with the adapter switched off")
-    return _load_teacher(model_cfg, teacher_model, list(teacher_adapters), revision, offload, model, tokenizer)
+    return _load_teacher(model_cfg, teacher_model, list(teacher_adapters), revision, offload, model, tokenizer, wrap)
+
+
+def _nothing_to_wrap(wrap) -> None:
+    """--teacher_deepspeed with a teacher that is the student itself: ConfigError (nothing separate to shard)."""
+    if wrap is not None:
+        raise ConfigError("--teacher_deepspeed: the teacher here is the student itself (no --teacher_model, or "
+                          "--teacher_model equal to --model with LoRA: the adapter switched off), so there is no "
+                          "separate teacher model for DeepSpeed to shard; drop --teacher_deepspeed")
+
+
+def _is_adapter_off(model_cfg, teacher_model: str, teacher_adapters: list) -> bool:
+    """Whether the teacher is --model under LoRA with its adapter switched off: --teacher_model names --model (the
+    same id, or the same folder) and no --teacher_adapters are merged into it."""
+    same = teacher_model == model_cfg.model or (os.path.isdir(teacher_model) and os.path.isdir(model_cfg.model or "")
+                                               and os.path.samefile(teacher_model, model_cfg.model))
+    return same and model_cfg.train_type == "lora" and not teacher_adapters
 
 
 def _load_teacher(model_cfg, path: str, adapters: list, revision: Optional[str], offload: bool, model,
-                  tokenizer) -> Reference:
+                  tokenizer, wrap=None) -> Reference:
     """A separate frozen teacher (`setup_teacher`), checked against the student's tokenizer."""
     import dataclasses
 
@@ -258,6 +277,12 @@ def _load_teacher(model_cfg, path: str, adapters: list, revision: Optional[str],
     teacher.eval()
     teacher.requires_grad_(False)
     _check_separate(model, teacher)
+    if wrap is not None:
+        teacher, stage = wrap(teacher)
+        describe += (f", sharded across the processes by DeepSpeed ZeRO-3 (--teacher_deepspeed)" if stage == 3 else
+                     ", a whole copy on each process under DeepSpeed stage 0 (--teacher_deepspeed: only ZeRO-3 "
+                     "shards a frozen model)")
+        return Reference("model", describe, model=teacher, placed=True)
     if offload:
         teacher.to("cpu")
         describe += ", in CPU memory between its forward passes (--offload_teacher_model)"

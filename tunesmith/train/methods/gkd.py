@@ -175,7 +175,9 @@ def teacher_head(model, batch: dict):
     from tunesmith.train.ops.token_logps import head_inputs
 
     h = head_inputs(model, batch)
-    return replace(h, hidden=h.hidden.detach(), weight=None if h.weight is None else h.weight.detach())
+    # a weight ZeRO-3 partitions (--teacher_deepspeed) stays the parameter (frozen): ops/jsd.py gathers it
+    keep = h.weight is None or hasattr(h.weight, "ds_id")
+    return replace(h, hidden=h.hidden.detach(), weight=h.weight if keep else h.weight.detach())
 
 
 def gkd_loss(method: "GKD", run: Distillation, model, batch: dict) -> tuple[dict, dict]:
@@ -245,6 +247,7 @@ class GKD:
     log_completions: bool = False
     teacher_servers: Optional[tuple] = None   # --teacher_model_server: teacher_server.TeacherServer each, else None
     teacher_tag_key: str = "dataset"          # the row column that routes a row to one of several teacher servers
+    teacher_deepspeed: Optional[str] = None   # --teacher_deepspeed: the teacher's own DeepSpeed config (spec)
     name = "gkd"
     head = "causal_lm"
     rows = "sft"
@@ -268,7 +271,8 @@ class GKD:
         return cls(beta, args.lmbda, args.temperature, args.max_completion_length, args.sft_alpha,
                    args.gkd_logits_topk, args.top_p, args.top_k, args.repetition_penalty, args.teacher_model,
                    tuple(args.teacher_adapters), args.teacher_model_revision, args.offload_teacher_model,
-                   args.log_completions, _teacher_servers(args, problems), args.teacher_tag_key)
+                   args.log_completions, _teacher_servers(args, problems), args.teacher_tag_key,
+                   args.teacher_deepspeed)
 
     @property
     def rows_key(self) -> str:
@@ -310,12 +314,22 @@ class GKD:
             teacher = ServerTeacher(client)
         else:
             teacher = setup_teacher(cfg.model, self.teacher_model, list(self.teacher_adapters),
-                                    self.teacher_revision, self.offload_teacher, model, prepared.tokenizer)
+                                    self.teacher_revision, self.offload_teacher, model, prepared.tokenizer,
+                                    self._teacher_wrap(cfg))
         disable_dropout(model, has_reference=False)
         sampler = OnPolicy(self, model, prepared.tokenizer, cfg)
         collate = partial(gkd_collate, pad_id=sampler.pad_id, padding_side=cfg.data.padding_side)
         return Batches(prepared.train_rows, prepared.eval_rows, collate, Distillation(teacher, sampler),
                        on_run_dir=sampler.log_to, hooks=(sampler,))
+
+    def _teacher_wrap(self, cfg):
+        """--teacher_deepspeed: the function that wraps the loaded teacher in its DeepSpeed engine
+        (distributed.teacher_engine, "auto" values from the optimisation slice), else None."""
+        if not self.teacher_deepspeed:
+            return None
+        from tunesmith.train import distributed as D
+
+        return partial(D.teacher_engine, spec=self.teacher_deepspeed, optim=cfg.optim, world=D.world_size())
 
     def objective(self, reference: Distillation, cfg) -> loop.Objective:
         """The generalised JSD per reply token, averaged over the step's micro-batches (ms-swift's per-batch
@@ -360,6 +374,8 @@ def _gkd_problems(args, problems: list) -> None:
     if args.fsdp or _zero3(args.deepspeed):
         problems.append("GKD with --fsdp or DeepSpeed ZeRO-3 is not supported yet (the student samples with its "
                         "whole weights on each process); use DDP or --deepspeed zero2")
+    if args.teacher_deepspeed:
+        _teacher_deepspeed_problems(args, problems)
     ignored = [f"--{k}" for k, v in (("loss_type", args.loss_type), ("ref_model", args.ref_model),
                                      ("ref_adapters", args.ref_adapters), ("reward_funcs", args.reward_funcs),
                                      ("steps_per_generation", args.steps_per_generation),
@@ -367,6 +383,31 @@ def _gkd_problems(args, problems: list) -> None:
     if ignored:
         note(f"--rlhf_type gkd: {', '.join(ignored)} change nothing here (GKD's loss is the generalised JSD to "
              f"--teacher_model; it samples once per micro-batch of an on-policy step)")
+
+
+def _teacher_deepspeed_problems(args, problems: list) -> None:
+    """--teacher_deepspeed's rules: ms-swift applies it only when the student runs under DeepSpeed (its trainer
+    reads it only then), to a separate --teacher_model; a teacher server or --offload_teacher_model (which moves
+    the whole teacher) cannot be sharded; the value must be a preset, a JSON file or a JSON string."""
+    from tunesmith.train.distributed import DEEPSPEED_PRESETS
+
+    spec = args.teacher_deepspeed
+    if not args.deepspeed:
+        problems.append("--teacher_deepspeed needs --deepspeed (the student under DeepSpeed, e.g. --deepspeed zero2; "
+                        "ms-swift reads the teacher's config only then); add it, or drop --teacher_deepspeed")
+    if args.teacher_model is None:
+        problems.append("--teacher_deepspeed needs --teacher_model: it shards a separate teacher model (a teacher "
+                        "server or the student itself has nothing to shard)")
+    if args.teacher_model_server is not None:
+        problems.append("--teacher_deepspeed with --teacher_model_server: the teacher runs in its own server, not "
+                        "in this run; drop --teacher_deepspeed")
+    if args.offload_teacher_model:
+        problems.append("--offload_teacher_model with --teacher_deepspeed: DeepSpeed places the teacher's "
+                        "partitions itself; for a teacher in CPU memory use --teacher_deepspeed zero3_offload")
+    if not (spec.replace("default-", "") in DEEPSPEED_PRESETS or os.path.isfile(spec)
+            or spec.lstrip().startswith("{")):
+        problems.append(f"--teacher_deepspeed {spec}: not a preset ({', '.join(DEEPSPEED_PRESETS)}), a JSON file "
+                        f"or a JSON string")
 
 
 def _teacher_servers(args, problems: list) -> Optional[tuple]:

@@ -23,12 +23,14 @@ narrower model's missing columns take the other model's logits. And --sft_alpha'
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from tunesmith.models.head import zero3_gather
 from tunesmith.train.ops.token_logps import chunk_rows
 
 
@@ -162,16 +164,21 @@ def default_chunk(vocab: int, hidden: int) -> int:
 
 def chunked_jsd(student, teacher, spec: JSDSpec, chunk: Optional[int] = None):
     """(Σ JSD_β + w·Σ NLL (differentiable), JSD per position [N], NLL per position [N] or empty) from the student's
-    and the teacher's `token_logps.HeadInputs` of the same batch (the teacher's computed without gradient)."""
+    and the teacher's `token_logps.HeadInputs` of the same batch (the teacher's computed without gradient). A
+    teacher output weight that DeepSpeed ZeRO-3 partitions (--teacher_deepspeed) is gathered whole on every rank
+    for the divergence (`head.zero3_gather`, as the policy's frozen head in ChunkedLogps), and partitioned again
+    after it: every rank must call this the same number of times."""
     s_h, s_w = student.hidden, student.weight
     grads = (torch.is_grad_enabled() and s_h.requires_grad,
              torch.is_grad_enabled() and s_w is not None and s_w.requires_grad)
     t_h = teacher.hidden.to(s_h.device)
-    t_w = None if teacher.weight is None else teacher.weight.detach().to(s_h.device)
     width = s_h.shape[-1] if s_w is None else s_w.shape[-1]
     vocab = s_h.shape[-1] if s_w is None else s_w.shape[0]
-    return ChunkedJSD.apply(s_h, s_w, t_h.detach(), t_w, student.target, spec, chunk or default_chunk(vocab, width),
-                            grads)
+    gather = None if teacher.weight is None else zero3_gather(teacher.weight)
+    with gather() if gather is not None else contextlib.nullcontext():  # the product reads it in forward only
+        t_w = None if teacher.weight is None else teacher.weight.detach().to(s_h.device)
+        return ChunkedJSD.apply(s_h, s_w, t_h.detach(), t_w, student.target, spec,
+                                chunk or default_chunk(vocab, width), grads)
 
 
 def chunked_topk_jsd(student, values, indices, spec: JSDSpec, chunk: Optional[int] = None):
