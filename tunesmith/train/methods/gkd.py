@@ -18,8 +18,9 @@ Each optimiser step, as ms-swift's GKDTrainer:
 Not here: the divergence and its gradient (ops/jsd.py), the teacher (reference.py), the engine's sampling
 (tunesmith.inference), the teacher server's client (train/rl/teacher_server.py: with --teacher_model_server the
 teacher is its top --gkd_logits_topk log-probs at every reply token, fetched over HTTP, and the divergence ms-swift's
-top-k one). ms-swift's seq_kd (the teacher generates) is deprecated and unimplemented there too; its on-policy
-self-distillation prompts (`teacher_prompt`) are not supported yet.
+top-k one), the teacher's own DeepSpeed engine with --teacher_deepspeed (distributed.teacher_engine; ops/jsd.py
+gathers its ZeRO-3-partitioned output layer). ms-swift's seq_kd (the teacher generates) is deprecated and
+unimplemented there too; its on-policy self-distillation prompts (`teacher_prompt`) are not supported yet.
 """
 from __future__ import annotations
 
@@ -395,9 +396,9 @@ def _teacher_deepspeed_problems(args, problems: list) -> None:
     if not args.deepspeed:
         problems.append("--teacher_deepspeed needs --deepspeed (the student under DeepSpeed, e.g. --deepspeed zero2; "
                         "ms-swift reads the teacher's config only then); add it, or drop --teacher_deepspeed")
-    if args.teacher_model is None:
-        problems.append("--teacher_deepspeed needs --teacher_model: it shards a separate teacher model (a teacher "
-                        "server or the student itself has nothing to shard)")
+    if args.teacher_model is None and args.teacher_model_server is None:
+        problems.append("--teacher_deepspeed needs --teacher_model: it shards a separate teacher model (the "
+                        "student itself has nothing to shard)")
     if args.teacher_model_server is not None:
         problems.append("--teacher_deepspeed with --teacher_model_server: the teacher runs in its own server, not "
                         "in this run; drop --teacher_deepspeed")
