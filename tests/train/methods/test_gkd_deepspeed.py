@@ -48,7 +48,7 @@ def _log(run_dir):
 @pytest.mark.slow
 def test_a_zero3_teacher_trains_as_a_whole_one_and_each_process_holds_its_shard(tiny_models, tmp_path):
     pytest.importorskip("deepspeed")
-    model, teacher = tiny_models("qwen2"), tiny_models("qwen2", seed=1)
+    model, teacher = tiny_models("qwen2"), tiny_models("qwen2", seed=1, hidden=128, layers=3)  # a wider teacher
     data = write_jsonl(tmp_path / "train.jsonl", _rows(32, 0))
     common = ["--rlhf_type", "gkd", "--model", model, "--teacher_model", teacher, "--dataset", data,
               "--train_type", "lora", "--lora_dropout", "0", "--max_steps", "3", "--lmbda", "0.5",
@@ -70,7 +70,7 @@ def test_a_zero3_teacher_trains_as_a_whole_one_and_each_process_holds_its_shard(
     for a, b in zip(whole, sharded):
         assert (b["loss"], b["jsd"]) == pytest.approx((a["loss"], a["jsd"]), abs=1e-5)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
-    hidden = 64
+    hidden = 128  # the teacher's
     for info in ranks:
         assert info["engine"] == "DeepSpeedEngine" and info["stage"] == 3
         big = {n: v for n, v in info["held"].items() if v[1] > 10 * hidden}  # smaller ones stay whole (ms-swift)
