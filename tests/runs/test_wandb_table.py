@@ -8,6 +8,7 @@ see the skip reason)."""
 import glob
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -162,3 +163,26 @@ def test_gkd_logs_its_on_policy_completions_as_a_wandb_table(offline_wandb, tiny
     assert [row for _, rows in tables for row in rows] == [[str(c["step"]), c["prompt"], c["completion"]]
                                                            for c in logged]
     assert len(logged) == 2 * 4
+
+
+@pytest.mark.slow
+def test_no_token_reaches_the_wandb_run_files(offline_wandb, tiny_models, tmp_path):
+    """W&B's system metadata records the process command line; it is switched off, so --hub_token and
+    --swanlab_token given on the command line are in no file of the run (the table is still there)."""
+    data = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": f"say {i}"}]} for i in range(4)])
+    token, swan = "hf_wandbTOKEN9f8e7d6c5b", "sk-swanlab-wandbTOKEN-1a2b3c"
+    argv = [sys.executable, "-m", "tunesmith", "rlhf", "--rlhf_type", "grpo", "--model", tiny_models("qwen2"),
+            "--dataset", data, "--num_generations", "4", "--per_device_train_batch_size", "4",
+            "--gradient_accumulation_steps", "1", "--max_completion_length", "4", "--max_steps", "1",
+            "--save_strategy", "no", "--reward_funcs", "format", "--log_completions", "true", "--report_to", "wandb",
+            "--output_dir", str(tmp_path / "out"), "--hub_token", token, "--swanlab_token", swan]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "out" / "v0-*"))
+    assert len(_tables(run_dir)) == 1
+    for dirpath, _, files in os.walk(tmp_path):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                data = fh.read()
+            assert token.encode() not in data and swan.encode() not in data, os.path.join(dirpath, f)

@@ -89,12 +89,16 @@ class _SwanLab:
 
 
 class _Wandb:
+    """W&B through its own SDK. Its system metadata (x_disable_meta) is switched off: it records the process command
+    line, which would put `--hub_token`/`--swanlab_token` in the run's files (and upload them); the config it gets
+    is args.json's record, secrets redacted."""
+
     def __init__(self, run_dir: str, config: dict, track: TrackArgs):
         import wandb
 
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tunesmith"), name=_run_name(run_dir, track),
-                              config=config, dir=run_dir)
+                              config=config, dir=run_dir, settings=wandb.Settings(x_disable_meta=True))
 
     def log(self, metrics: dict, step: int, table: Optional[tuple] = None):
         """table: (columns, rows) of --log_completions, logged with the step's metrics as a new W&B table named
