@@ -3,8 +3,8 @@ one table per logging step (step, prompt, completion, each reward, advantages), 
 --wandb_log_unique_prompts true; completions.jsonl and the other trackers are unchanged, and without W&B nothing
 is held. The runs use W&B's offline mode (WANDB_MODE=offline, its directories under tmp_path), so nothing touches
 the network: each logged table is read back from the offline run's files (files/media/table/*.table.json, W&B's own
-serialisation of the table it would upload). Skipped where wandb is not installed (it is not in the [test] extra:
-see the skip reason)."""
+serialisation of the table it would upload). wandb is in the [test] extra; where it is not installed these runs are
+skipped."""
 import glob
 import json
 import os
@@ -16,8 +16,7 @@ import pytest
 from conftest import read_jsonl, train, write_jsonl
 from tunesmith.runs.track import CompletionRows, Trackers
 
-NO_WANDB = ("wandb is not installed: it is not in the [test] extra (a 20 MB wheel with its own service binary, "
-            "for one feature); pip install 'tunesmith[wandb]' to run these")
+NO_WANDB = "wandb is not installed (pip install 'tunesmith[wandb]', or the [test] extra)"
 
 pytestmark = pytest.mark.usefixtures("no_charts")
 
