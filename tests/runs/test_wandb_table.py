@@ -106,6 +106,28 @@ def test_wandb_missing_is_the_usual_note(tmp_path, monkeypatch, capsys):
     assert trackers.active == {} and trackers.completions.rows == []
 
 
+@pytest.mark.parametrize("flags,said", [
+    (["--log_completions", "true", "--report_to", "wandb"], None),
+    (["--log_completions", "true", "--report_to", "tensorboard"], "needs --report_to wandb: it changes nothing"),
+    (["--report_to", "all"], "needs --log_completions true: it changes nothing"),
+    (["--rlhf_type", "dpo"], "needs --rlhf_type grpo or gkd (not dpo) and --log_completions true and --report_to "
+                             "wandb: it changes nothing here"),
+])
+def test_unique_prompts_without_a_table_is_said(tiny_models, tmp_path, capsys, flags, said):
+    from tunesmith.config.parser import parse_args
+    from tunesmith.train.config import check
+    from tunesmith.train.recipe import method_for
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "yo"}]}])
+    args = parse_args("rlhf", ["--rlhf_type", "grpo", "--model", tiny_models("qwen2"), "--dataset", data,
+                               "--reward_funcs", "format", "--output_dir", str(tmp_path / "out"),
+                               "--wandb_log_unique_prompts", "true", *flags])
+    check(args, method_for(args))
+    err = capsys.readouterr().err
+    assert (said in err) if said else "--wandb_log_unique_prompts" not in err, err
+
+
 # ------------------------------------------------------------------ real runs, W&B offline
 
 @pytest.mark.slow
