@@ -221,11 +221,16 @@ class Trackers:
             except Exception as e:  # noqa: BLE001 - a tracker must never stop training
                 note(f"--report_to {n}: could not start ({type(e).__name__}: {e}); metrics still go to logging.jsonl")
 
+    @property
+    def takes_completions(self) -> bool:
+        """Whether a tracker takes --log_completions' table (W&B, on rank 0), so rows are worth building."""
+        return "wandb" in self.active
+
     def hold_completions(self, rows: list[dict], latest_round: bool) -> None:
         """--log_completions: rows ({"prompt": …, "completion": …, then the method's columns}) for the W&B table
         of the next training record (`log(…, completions=True)`); nothing is held unless W&B is active (only rank
         0's trackers are). See CompletionRows.hold for latest_round."""
-        if "wandb" in self.active:
+        if self.takes_completions:
             self.completions.hold(rows, latest_round)
 
     def log(self, record: dict, step: int, completions: bool = False) -> None:
@@ -235,7 +240,7 @@ class Trackers:
         if self.jsonl:
             self.jsonl.write(record)
         metrics = _numeric({k: v for k, v in record.items() if k not in ("global_step", "step")})
-        table = self.completions.take(step) if completions and "wandb" in self.active else None
+        table = self.completions.take(step) if completions and self.takes_completions else None
         for name in list(self.active):
             try:
                 if name == "wandb" and table is not None:

@@ -591,12 +591,11 @@ class Rollouts:
                                      "rewards": {n: (None if math.isnan(v) else v) for n, v in zip(names, per_func[i])},
                                      "reward": combined[i], "advantage": advantages[i]}, ensure_ascii=False) + "\n")
 
-
     def _table(self, prompts, texts, per_func, advantages, units) -> None:
         """The round's rows of W&B's completions table (--log_completions with --report_to wandb), with ms-swift's
         columns: the prompt as the chat template renders it, the completion, each reward function's value (None
         where it gave none), `advantages`, and `solution` / `num_turns` when every row has one."""
-        if self.trackers is None:
+        if self.trackers is None or not self.trackers.takes_completions:
             return
         g, names = self.group, [fn.name for fn in self.reward_fns]
         rendered = [self.tok.decode(p["prompt_ids"]) for p in prompts]
