@@ -127,8 +127,13 @@ class GRPOArgs:
                                              "(its score head), genrm (a generative judge prompted to write "
                                              "'Reward: x'), or a name an --external_plugins file registers in "
                                              "ms-swift's rm_plugins.", list_default=[])
-    log_completions: bool = _f(False, help="GRPO and PPO: write every rollout (prompt, completion, rewards, "
-                                           "advantage) to completions.jsonl in the run directory.")
+    log_completions: bool = _f(False, help="GRPO, GKD and PPO: write every rollout (prompt, completion, rewards, "
+                                           "advantage) to completions.jsonl in the run directory; GRPO and GKD "
+                                           "with --report_to wandb: also each logging step's completions as a W&B "
+                                           "table (`completions`, as ms-swift).")
+    wandb_log_unique_prompts: bool = _f(False, help="GRPO and GKD with --log_completions true and --report_to "
+                                                    "wandb: keep only each prompt's first completion in the W&B "
+                                                    "table (completions.jsonl keeps every one).")
     cosine_min_len_value_wrong: float = _f(-0.5, help="GRPO cosine reward: reward of a wrong answer of length 0.")
     cosine_max_len_value_wrong: float = _f(0.0, help="GRPO cosine reward: reward of a wrong answer at the "
                                                      "maximum length.")

@@ -6,7 +6,7 @@ of any command's parsed arguments.
     ModelConfig    Model Quant Tuner ModelKnob                     models.load (loading, LoRA), training's model
     DataConfig     Template Data                                   training's data preparation
     OptimConfig    Optim OptimKnob                                 the training loop's optimiser and schedule
-    OutputConfig   Output Track                                    the run directory, checkpoints, trackers
+    OutputConfig   Output Track, --wandb_log_unique_prompts        the run directory, checkpoints, trackers
     DistConfig     Dist                                            DeepSpeed / FSDP
     EngineConfig   InferBackend(Vllm) DeployServer Checkpoint      inference.backends (vLLM, SGLang, LMDeploy)
                    Model, and --seed
@@ -50,6 +50,8 @@ class OptimConfig(OptimArgs, OptimKnobArgs):
 class OutputConfig(OutputArgs, TrackArgs):
     """Where and when a run writes: the output folder, checkpoints, evaluation and logging steps, resuming, and the
     trackers (--report_to) the records also go to."""
+    # rlhf's --wandb_log_unique_prompts (GRPOArgs): the W&B completions table keeps each prompt's first row
+    wandb_log_unique_prompts: bool = False
 
 
 @dataclass(frozen=True)

@@ -284,9 +284,6 @@ NOT_SUPPORTED_YET = {
     **_same(_MCORE, "to_mcore", "to_hf", "mcore_model", "mcore_adapter", "thread_count", "test_convert_precision",
             "test_convert_dtype", "save_missing_weights"),
     # preference training beyond DPO/SimPO/ORPO/CPO/KTO
-    "wandb_log_unique_prompts": "tunesmith logs GRPO's completions to completions.jsonl in the run folder "
-                                "(--log_completions true), not as a W&B table, so there is no table to "
-                                "de-duplicate; drop the flag",
     "mini_batch_size": "ms-swift 3.x's GRPO mini-batches were replaced by --steps_per_generation (micro-batches "
                        "trained per generated batch) and --generation_batch_size, which tunesmith has; use those",
     **_same(_VLLM_MEMORY, "sleep_level", "offload_model", "offload_optimizer", "gc_collect_after_offload"),

@@ -464,6 +464,8 @@ def check(args, method_cls):
         _sync_ref_problems(args, method, found)
     if isinstance(args, RLHFArguments) and args.rlhf_type != "gkd":
         _teacher_flag_problems(args, found)
+    if isinstance(args, RLHFArguments) and args.wandb_log_unique_prompts:
+        _unique_prompts_note(args)
     adapter_off = getattr(method, "needs_reference", False) and args.train_type == "lora" and \
         not (args.adapters or args.ref_adapters)  # the reference is the model with the adapter switched off
     if adapter_off and str(args.init_weights).lower().startswith(MUTATING_INITS):
@@ -493,6 +495,18 @@ def _sync_ref_problems(args, method, found: list) -> None:
     if _zero3(args.deepspeed):
         found.append("--sync_ref_model under DeepSpeed ZeRO-3 is not supported yet (the policy's weights are "
                      "partitioned); use zero2 or DDP")
+
+
+def _unique_prompts_note(args) -> None:
+    """--wandb_log_unique_prompts de-duplicates GRPO's and GKD's W&B completions table: said when there is none (as
+    in ms-swift, it is accepted and changes nothing then)."""
+    missing = [m for m, lacking in (
+        (f"--rlhf_type grpo or gkd (not {args.rlhf_type})", args.rlhf_type not in ("grpo", "gkd")),
+        ("--log_completions true", not args.log_completions),
+        ("--report_to wandb", not {"wandb", "all"} & {n.lower() for n in args.report_to or []})) if lacking]
+    if missing:
+        note(f"--wandb_log_unique_prompts true de-duplicates the W&B completions table, which needs "
+             f"{' and '.join(missing)}: it changes nothing here")
 
 
 def _teacher_flag_problems(args, found: list) -> None:

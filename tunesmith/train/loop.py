@@ -326,7 +326,7 @@ def log_record(run: Run, state: TrainState, window: Window, last: StepResult, st
               "remaining_time": _fmt_time(elapsed / max(step - start_step, 1) * (total - step)),
               "memory(GiB)": memory_gib(), "tokens_per_second": round(window.tokens / dt, 1),
               "train_speed(iter/s)": round(window.steps / dt, 4), "global_step": step}
-    run.trackers.log(record, step)
+    run.trackers.log(record, step, completions=True)  # W&B's completions table (--log_completions) goes with it
     state.log_history.append(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
     return record

@@ -108,7 +108,7 @@ def main(args) -> dict:
     header = method.header(prepared, batches)
     with start_run(cfg, prepared, param_info, lambda d: f"{header}; run directory {d}") as out:
         if batches.on_run_dir is not None:
-            batches.on_run_dir(out.run_dir)
+            batches.on_run_dir(out.run_dir, out.trackers)
         # training state beyond weights and optimiser, saved and restored with checkpoints: the method's (GRPO's
         # round in progress), a moving reference (--sync_ref_model, updated after each step) and LISA's layers
         hooks = tuple(batches.hooks) + ((batches.reference,) if sync is not None else ()) \

@@ -35,7 +35,7 @@ class Batches:
     eval: list
     collate: Any
     reference: Any = None
-    on_run_dir: Any = None  # called with the run directory once it exists (GRPO's completions log)
+    on_run_dir: Any = None  # called with (run directory, trackers) once they exist (the completions log)
     hooks: tuple = ()       # training state the checkpoints carry (loop.Objective.hooks): GRPO's round in progress
 
 
@@ -253,13 +253,14 @@ def say(text: str) -> None:
 
 def make_trackers(run_dir: str, cfg, prepared: Prepared):
     """logging.jsonl and the --report_to trackers (output slice), on rank 0 only (other ranks get a disabled
-    fan-out); the trackers' config is args.json's record plus the data statistics."""
+    fan-out); the trackers' config is args.json's record plus the data statistics; --wandb_log_unique_prompts
+    de-duplicates W&B's completions table."""
     from tunesmith.config.parser import to_record
     from tunesmith.runs.track import Trackers
     from tunesmith.train import distributed as D
 
     return Trackers(run_dir, cfg.output.report_to, {**to_record(cfg.args), **prepared.data_stats}, cfg.output,
-                    enabled=D.is_main())
+                    enabled=D.is_main(), unique_prompts=cfg.output.wandb_log_unique_prompts)
 
 
 def save_model_fn(tokenizer, initial=None, model_dir: Optional[str] = None):

@@ -32,7 +32,7 @@ METHOD_GROUPS = {"RLHFArgs": set(METHODS) - {"sft"}, "GRPOArgs": {"grpo", "ppo"}
                  "GKDArgs": {"gkd"}, "PPOArgs": {"ppo"}}
 # flags of another method's group that a method reads too (GKD samples the student as GRPO samples its rollouts)
 SHARED_FLAGS = {"gkd": ("temperature", "max_completion_length", "top_p", "top_k", "repetition_penalty",
-                        "log_completions")}
+                        "log_completions", "wandb_log_unique_prompts")}
 # the fields the Train page shows first, above the grouped flags
 BASICS = ("model", "dataset", "val_dataset", "split_dataset_ratio", "train_type", "num_train_epochs", "max_steps",
           "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_rank",

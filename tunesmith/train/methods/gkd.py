@@ -78,6 +78,7 @@ class OnPolicy:
         self.step, self.calls, self.sampled = 0, {}, 0
         self.chat = None   # the generation engine, built at the first on-policy step (the model is placed by then)
         self.log_path: Optional[str] = None
+        self.trackers = None  # the run's trackers with --log_completions (the W&B table), else None
 
     def begin(self, model, step: int) -> None:
         """The run starts (or resumes) at optimiser step `step`."""
@@ -93,10 +94,11 @@ class OnPolicy:
     def load(self, path: str) -> None:
         """Nothing to load (see `save`)."""
 
-    def log_to(self, run_dir: str) -> None:
-        """--log_completions: append each on-policy completion to run_dir/completions.jsonl."""
+    def log_to(self, run_dir: str, trackers=None) -> None:
+        """--log_completions: append each on-policy completion to run_dir/completions.jsonl, and hand it to the
+        run's trackers (runs.track.Trackers: W&B's completions table at the next logging step, as ms-swift)."""
         if self.method.log_completions:
-            self.log_path = os.path.join(run_dir, "completions.jsonl")
+            self.log_path, self.trackers = os.path.join(run_dir, "completions.jsonl"), trackers
 
     def on_policy(self) -> bool:
         """Whether this step trains on the student's own completions: ms-swift's draw, random.Random(--seed +
@@ -151,11 +153,13 @@ class OnPolicy:
         return done
 
     def _log(self, prefixes: list, done: list) -> None:
+        rows = [{"prompt": self.tok.decode(ids), "completion": self.tok.decode(c.token_ids, skip_special_tokens=True)}
+                for (ids, _), c in zip(prefixes, done)]
         with open(self.log_path, "a", encoding="utf-8") as fh:
-            for (ids, _), c in zip(prefixes, done):
-                fh.write(json.dumps({"step": self.step + 1, "prompt": self.tok.decode(ids),
-                                     "completion": self.tok.decode(c.token_ids, skip_special_tokens=True)},
-                                    ensure_ascii=False) + "\n")
+            for row in rows:
+                fh.write(json.dumps({"step": self.step + 1, **row}, ensure_ascii=False) + "\n")
+        if self.trackers is not None:
+            self.trackers.hold_completions(rows, latest_round=False)
 
 
 @dataclass

@@ -170,8 +170,10 @@ class PPORollouts:
         saved, self.saved_round = self.saved_round, None
         return saved_units(saved, seed, r, PPOUnit)
 
-    def log_to(self, run_dir: str) -> None:
-        """--log_completions: append every round's rollouts to run_dir/completions.jsonl."""
+    def log_to(self, run_dir: str, trackers=None) -> None:
+        """--log_completions: append every round's rollouts to run_dir/completions.jsonl (PPO logs no W&B table:
+        ms-swift's PPO, TRL's PPOTrainer, logs one only for --num_sample_generations, which changes nothing here,
+        so `trackers` is not used)."""
         if self.method.log_completions:
             self.log_path = os.path.join(run_dir, "completions.jsonl")
 

@@ -99,6 +99,7 @@ class Rollouts:
         self.max_steps, self.gas = cfg.optim.max_steps, gas
         self.seed = cfg.optim.seed
         self.log_path: Optional[str] = None
+        self.trackers = None  # the run's trackers with --log_completions (the W&B table), else None
         self.rounds_done = 0
         self.said_flat = False  # the note on a round without any reward differences is given once
         self.said_resample = False  # and the one on a round --dynamic_sample could not fill
@@ -175,10 +176,11 @@ class Rollouts:
         saved, self.saved_round = self.saved_round, None
         return saved_units(saved, seed, r, Unit)
 
-    def log_to(self, run_dir: str) -> None:
-        """--log_completions: append every round's rollouts to run_dir/completions.jsonl."""
+    def log_to(self, run_dir: str, trackers=None) -> None:
+        """--log_completions: append every round's rollouts to run_dir/completions.jsonl, and hand each round's
+        rows to the run's trackers (runs.track.Trackers: W&B's completions table at the logging steps)."""
         if self.method.log_completions:
-            self.log_path = os.path.join(run_dir, "completions.jsonl")
+            self.log_path, self.trackers = os.path.join(run_dir, "completions.jsonl"), trackers
 
     def epoch(self, seed: int, shuffle: bool, skip_units: int = 0) -> Iterator:
         """The epoch's units in training order, after the first `skip_units` (a resumed run): whole rounds
@@ -269,7 +271,9 @@ class Rollouts:
         lengths = [len(u.completion_ids) if u.completion_mask is None else sum(u.completion_mask) for u in units]
         units[0].stats.update({"rounds": 1, "round_min_length": min(lengths), "round_max_length": max(lengths)})
         if D.is_main() and training:
-            self._log(prompts, [t for _, _, _, texts in groups for t in texts], per_func, combined, advantages)
+            texts = [t for _, _, _, texts in groups for t in texts]
+            self._log(prompts, texts, per_func, combined, advantages)
+            self._table(prompts, texts, per_func, advantages, units)
         if training:
             self.rounds_done += 1
         return units
@@ -586,6 +590,24 @@ class Rollouts:
                                      "completion": text,
                                      "rewards": {n: (None if math.isnan(v) else v) for n, v in zip(names, per_func[i])},
                                      "reward": combined[i], "advantage": advantages[i]}, ensure_ascii=False) + "\n")
+
+    def _table(self, prompts, texts, per_func, advantages, units) -> None:
+        """The round's rows of W&B's completions table (--log_completions with --report_to wandb), with ms-swift's
+        columns: the prompt as the chat template renders it, the completion, each reward function's value (None
+        where it gave none), `advantages`, and `solution` / `num_turns` when every row has one."""
+        if self.trackers is None or not self.trackers.takes_completions:
+            return
+        g, names = self.group, [fn.name for fn in self.reward_fns]
+        rendered = [self.tok.decode(p["prompt_ids"]) for p in prompts]
+        solutions = [(p.get("columns") or {}).get("solution") for p in prompts]
+        turns = [u.stats.get("num_turns") for u in units]
+        rows = [{"prompt": rendered[i // g], "completion": text,
+                 **{n: (None if math.isnan(v) else v) for n, v in zip(names, per_func[i])},
+                 "advantages": float(advantages[i]),
+                 **({"solution": solutions[i // g]} if all(s is not None for s in solutions) else {}),
+                 **({"num_turns": turns[i]} if all(t is not None for t in turns) else {})}
+                for i, text in enumerate(texts)]
+        self.trackers.hold_completions(rows, latest_round=True)
 
 
 class ValidationRollouts:
