@@ -126,3 +126,22 @@ def test_engine_greedy_generation_equals_transformers_at_a_real_sized_vocabulary
         ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert out == ref[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32, 40])
+def test_head_product_and_chunked_argmax_in_either_orientation(rows):
+    """Few rows take the tall product (weight @ hidden.T) on a CPU; both orientations give the wide product's
+    logits (up to summation order) and the same arg-max, banned ids and cross-chunk ties included."""
+    from tunesmith.inference.last_output import head_product
+
+    torch.manual_seed(7)
+    weight = torch.randn(3_000, 24)
+    weight[2_500] = weight[10]                               # a tie across chunks: the lower id wins
+    hidden = torch.randn(rows, 24)
+    hidden[0] = weight[10] * 5
+    wide = hidden @ weight.T
+    assert head_product(hidden, weight).is_contiguous()
+    assert torch.allclose(head_product(hidden, weight), wide, atol=1e-5)
+    assert chunked_argmax(hidden, weight, chunk=512).tolist() == wide.argmax(-1).tolist()
+    banned = (10, int(wide[-1].argmax()))
+    assert chunked_argmax(hidden, weight, banned, chunk=512).tolist() == _reference(hidden, weight, banned).tolist()
