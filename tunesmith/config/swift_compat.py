@@ -301,9 +301,9 @@ NOT_SUPPORTED_YET = {
     "vllm_server_pass_dataset": "it hands the rows' extra columns to a multi-turn scheduler running on the rollout "
                                 "server; tunesmith runs multi-turn rollouts in the trainer (--multi_turn_scheduler), "
                                 "not on the server, and rewards get the columns there",
-    "context_manager": "multi-turn context managers run on ms-swift's rollout server; `tunesmith rollout` "
-                       "samples single-turn completions, and multi-turn rollouts run in the trainer "
-                       "(--multi_turn_scheduler)",
+    "context_manager": "ms-swift 4 removed it (its own error: change the conversation between turns in a "
+                       "MultiTurnScheduler's step/run and pass --multi_turn_scheduler); tunesmith runs such "
+                       "schedulers in the trainer (tunesmith rlhf --rlhf_type grpo --multi_turn_scheduler NAME)",
 }
 
 # Names that are real flags of some tunesmith commands but that ms-swift also has in commands where tunesmith does
