@@ -140,6 +140,7 @@ def model_type_problem(value: str, flag: str = "--reward_model_type") -> Optiona
         return None
 
     near = difflib.get_close_matches(value.lower(), known, n=3)
+    shown = sorted(n for n in TEMPLATE_FAMILIES if n != "chatml" and "-" not in n)  # model types, not templates
     return (f"{flag} {value}: not a model type" + (f"; did you mean {', '.join(near)}?" if near else "")
-            + f"; ms-swift's types include {', '.join(sorted(TEMPLATE_FAMILIES))} (and transformers' config.json "
-              f"model_type names); or leave it out: the architecture is read from the reward model's config.json")
+            + f"; ms-swift's types include {', '.join(shown)} (and transformers' config.json model_type names); or "
+              f"leave it out: the architecture is read from the reward model's config.json")
