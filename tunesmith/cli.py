@@ -56,19 +56,34 @@ TRAINING = ("sft", "pt", "rlhf", "dpo")
 DEFERRED = (*TRAINING, "infer", "deploy", "rollout", "export", "eval", "web-ui", "app")
 
 
+def _env_int(name: str, default: int, lo: int, hi: int | None = None) -> int:
+    """The launch variable `name` as an integer in [lo, hi] (default when unset or empty). Raises ArgError saying
+    what it must be for a value that is not one (MASTER_PORT=70000 is no TCP port)."""
+    raw = os.environ.get(name) or ""
+    try:
+        value = int(raw) if raw.strip() else default
+    except ValueError:
+        value = None
+    if value is None or value < lo or (hi is not None and value > hi):
+        span = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+        raise ArgError(f"{name}={raw}: must be a whole number {span}" + (
+            " (a TCP port; 29500 is torchrun's default)" if name == "MASTER_PORT" else ""))
+    return value
+
+
 def _torchrun_args(command: str) -> list[str]:
     """ms-swift's launch variables (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT) as torchrun
     arguments, when they ask for more than one process and this is not already a launched worker."""
-    nproc = int(os.environ.get("NPROC_PER_NODE") or 1)
-    nnodes = int(os.environ.get("NNODES") or 1)
+    nproc = _env_int("NPROC_PER_NODE", 1, 0)
+    nnodes = _env_int("NNODES", 1, 0)
     if (nproc <= 1 and nnodes <= 1) or "LOCAL_RANK" in os.environ:
         return []
     if command not in TRAINING:
         note(f"NPROC_PER_NODE/NNODES apply to training; {command} runs in one process")
         return []
     addr = os.environ.get("MASTER_ADDR") or "127.0.0.1"
-    port = int(os.environ.get("MASTER_PORT") or 29500)
-    node_rank = int(os.environ.get("NODE_RANK") or 0)
+    port = _env_int("MASTER_PORT", 29500, 1, 65535)
+    node_rank = _env_int("NODE_RANK", 0, 0, max(nnodes, 1) - 1)
     if node_rank == 0:
         import socket
         with socket.socket() as s:

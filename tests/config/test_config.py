@@ -366,6 +366,27 @@ def test_flag_problems_are_found_before_torchrun_starts(tmp_path, capsys, monkey
     assert rc == 2 and "2 problems with the flags" in err and "launching" not in err, err
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000: must be a whole number from 1 to 65535 (a TCP port"),
+    ({"MASTER_PORT": "port"}, "MASTER_PORT=port: must be a whole number from 1 to 65535"),
+    ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2: must be a whole number from 0 to 1"),
+    ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE=two: must be a whole number of at least 0"),
+])
+def test_launch_variables_out_of_range_are_one_clear_error(tmp_path, env, message):
+    """ms-swift's launch variables that torchrun could not use: exit 2 with what the variable must be, no
+    traceback (MASTER_PORT above 65535 was an OverflowError)."""
+    import os
+    import subprocess
+    import sys
+
+    run_env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "NNODES", "NODE_RANK")}
+    run_env.update({"NPROC_PER_NODE": "2", "PYTHONPATH": os.getcwd(), **env})
+    out = subprocess.run([sys.executable, "-m", "tunesmith", "sft", "--model", "m", "--dataset", "d.jsonl"],
+                         capture_output=True, text=True, env=run_env, cwd=tmp_path)
+    assert out.returncode == 2 and f"tunesmith sft: error: {message}" in out.stderr, out.stderr[-1500:]
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("flags,said", [
     (["--train_type", "full", "--lora_rank", "16", "--target_modules", "q_proj"],
      "--train_type full trains every weight: --lora_rank, --target_modules have no effect"),

@@ -274,7 +274,8 @@ def _split_argv(argv: list[str]) -> tuple[list[tuple[str, list[str], bool]], lis
 
 
 def problems_message(found: list[str]) -> str:
-    """One message for every problem found (a single problem is its own message)."""
+    """One message for every problem found, each once (a single problem is its own message)."""
+    found = list(dict.fromkeys(found))  # two checks of one file (a plugin file read for two registries) say it once
     if len(found) == 1:
         return found[0]
     return f"{len(found)} problems with the flags:\n  - " + "\n  - ".join(found)

@@ -54,9 +54,10 @@ def resolve_model_dir(model: Optional[str], use_hf: bool = False, revision: Opti
 
         return snapshot_download(model, revision=revision, token=token)
     except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all end here
-        raise ConfigError(f"--model {model}: not a local directory, and downloading it from {hub} failed "
+        at = f" at revision {revision}" if revision else ""
+        raise ConfigError(f"--model {model}: not a local directory, and downloading it{at} from {hub} failed "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the path, or "
-                          f"the hub id and your network") from None
+                          f"the hub id{', the revision' if revision else ''} and your network") from None
 
 
 def model_dir_problem(model: str, flag: str = "--model", tokenizer_only: bool = False) -> Optional[str]:

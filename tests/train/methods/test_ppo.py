@@ -238,8 +238,9 @@ def test_a_lora_reward_model_with_full_training_is_refused(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base", "task_type": "SEQ_CLS"}))
     from types import SimpleNamespace
 
-    with pytest.raises(ConfigError, match="merge it first"):
+    with pytest.raises(ConfigError, match="train with --train_type lora") as e:
         value_source(SimpleNamespace(train_type="full"), str(folder))
+    assert "export" not in str(e.value)  # export does not merge a reward model's adapter: not suggested
 
 
 # ------------------------------------------------------------------ training

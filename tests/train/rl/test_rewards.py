@@ -426,8 +426,12 @@ def test_missing_plugin_file(tmp_path):
 
 @pytest.mark.parametrize("returns, match", [
     ("[1.0]", r"returned 1 rewards for 2 completions"),
-    ("'1.0'", r"returned str, expected a list"),
-    ("[1.0, 'x']", r"returned str 'x', expected numbers or None"),
+    ("'1.0'", r"returned a str \('1.0'\), expected one value per completion: a list of 2 numbers or None"),
+    ("1.0", r"returned a float \(1.0\), expected one value per completion: a list of 2 numbers or None"),
+    ("{'a': 1.0}", r"returned a dict \(keys a\), expected one value per completion"),
+    ("__import__('numpy').zeros((2, 1))", r"returned a ndarray of shape \(2, 1\), expected shape \(2,\)"),
+    ("[1.0, 'x']", r"returned str 'x' among its rewards, expected numbers or None"),
+    ("[1.0, float('-inf')]", r"returned -inf for completion 1 \('b'\): a reward must be finite \(None or NaN"),
     ("{}['missing']", r"raised KeyError: 'missing'"),
 ])
 def test_bad_reward_output(tmp_path, monkeypatch, returns, match):

@@ -235,6 +235,7 @@ def _reward_problems(args, reward_args, problems: list) -> tuple:
     checks: at least one reward, one reward model at most (ms-swift's rule for ppo: its copy is the value model) with
     one --reward_adapters at most (the value model continues it), one weight per reward."""
     from tunesmith.train.rl.grpo import _checked_rewards
+    from tunesmith.train.rl.ppo_value import is_adapter_folder
     from tunesmith.train.rl.reward_models import reward_model_specs
 
     n = len(args.reward_funcs) + len(args.reward_model)
@@ -248,7 +249,12 @@ def _reward_problems(args, reward_args, problems: list) -> tuple:
     specs = reward_model_specs(args, problems, plugins=False)
     if len(args.reward_adapters) > 1:
         problems.append(f"--reward_adapters: PPO's value model continues the reward model's one LoRA adapter; "
-                        f"{len(args.reward_adapters)} given: merge them first (tunesmith export --merge_lora true)")
+                        f"{len(args.reward_adapters)} given: pass one (GRPO merges several into its reward model)")
+    elif args.reward_adapters and args.reward_model and is_adapter_folder(args.reward_model[0]):
+        problems.append(f"--reward_model {args.reward_model[0]} is a LoRA adapter, and --reward_adapters "
+                        f"{args.reward_adapters[0]} another: PPO's value model continues one adapter, so it cannot "
+                        f"start from both; pass one of them (the adapter alone as --reward_model, or its base as "
+                        f"--reward_model with --reward_adapters); GRPO merges both into its reward model")
     if args.reward_weights and (len(args.reward_weights) != n or not all(map(math.isfinite, args.reward_weights))):
         problems.append(f"--reward_weights {' '.join(map(str, args.reward_weights))}: give {n} finite weight(s), one "
                         f"per --reward_funcs, then one for --reward_model")

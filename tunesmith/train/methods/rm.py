@@ -180,8 +180,8 @@ class RewardModelScorer:
         import torch
 
         from tunesmith.errors import ConfigError
-        from tunesmith.train.rl.reward_models import (RewardModelSpec, adapter_scores, load_reward_model,
-                                                      resolve_folder)
+        from tunesmith.train.rl.reward_models import (RewardModelSpec, adapter_chain, adapter_scores,
+                                                      load_reward_model, resolve_folder)
 
         spec = spec or RewardModelSpec(path)
         folder = resolve_folder(spec)
@@ -192,7 +192,7 @@ class RewardModelScorer:
                               f"pass a checkpoint trained with --rlhf_type rm, or a model with a score head") from None
         fresh = [k for k in info.get("missing_keys", []) if k.split(".")[-2:-1] in (["score"], ["classifier"])
                  or k.startswith(("score", "classifier"))]
-        if fresh and not any(adapter_scores(a) for a in spec.adapters):
+        if fresh and not any(adapter_scores(a) for a in adapter_chain(spec, folder)):
             raise ConfigError(f"--reward_model {path}: has no trained score head ({fresh[0]} would be random); pass a "
                               f"checkpoint trained with --rlhf_type rm")
         self.batch_size, self.torch = batch_size, torch
@@ -282,18 +282,21 @@ def _trained_max_pixels(path: str):
         return None
 
 
-def reward_model_functions(specs: list, pictures: bool = False) -> list:
+def reward_model_functions(specs: list, pictures: bool = False, plugins: bool = True) -> list:
     """--reward_model ...: each as a rewards.RewardFn named reward_model (reward_model_1, … for several), scoring
-    with its --reward_model_plugin: default, the score head (RewardModelScorer); another, the plugin over the
+    with its --reward_model_plugin: default, the score head (RewardModelScorer), unless an --external_plugins file
+    registered its own `default` (ms-swift reads the registry after the plugins ran); another, the plugin over the
     model (train/rl/reward_models.plugin_reward). specs: reward_models.RewardModelSpecs (or bare paths). pictures:
-    the policy's prompts have pictures; a text reward model among them is said to score the text only."""
-    from tunesmith.train.rl.reward_models import RewardModelSpec, plugin_reward
+    the policy's prompts have pictures; a text reward model among them is said to score the text only. plugins
+    False (PPO, as ms-swift's, calls no plugin): the score head always."""
+    from tunesmith.train.rl.reward_models import RewardModelSpec, overrides_default, plugin_reward
     from tunesmith.train.rl.scoring import RewardFn
 
     out = []
     for i, spec in enumerate(specs):
         spec = spec if isinstance(spec, RewardModelSpec) else RewardModelSpec(spec)
-        fn = RewardModelScorer(spec.path, spec=spec) if spec.plugin == "default" else plugin_reward(spec)
+        head = not plugins or (spec.plugin == "default" and not overrides_default(spec))
+        fn = RewardModelScorer(spec.path, spec=spec) if head else plugin_reward(spec)
         out.append(RewardFn("reward_model" if len(specs) == 1 else f"reward_model_{i + 1}", spec.path, fn))
         if pictures and isinstance(fn, RewardModelScorer) and fn.encoder is None:
             note(f"--reward_model {spec.path}: a text reward model; it scores the completions' text without the "

@@ -123,10 +123,7 @@ def _plugin_failure(path: str, e: BaseException) -> ConfigError:
     where = f"{path}:{lines[-1]}" if lines else path
     if isinstance(e, ImportError) and (e.name or "").split(".")[0] == "swift":
         if importlib.util.find_spec("swift") is None:
-            return ConfigError(f"{where}: the plugin imports from ms-swift something tunesmith does not "
-                               f"provide ({e}); without ms-swift installed only ORM, AsyncORM and orms from "
-                               f"swift.plugin / swift.rewards (and their .orm modules), swift.utils.get_logger, "
-                               f"and {_provided_names()} are available")
+            return _not_provided(where, e)
         if e.name == "swift.plugin":
             return ConfigError(f"{where}: the installed ms-swift (4.x) has no swift.plugin; write "
                                f"`from swift.rewards import ORM, orms` (ms-swift 3.x plugins need this change "
@@ -134,9 +131,23 @@ def _plugin_failure(path: str, e: BaseException) -> ConfigError:
     return ConfigError(f"{where}: plugin failed: {type(e).__name__}: {e}")
 
 
-def _provided_names() -> str:
-    """What `provide` offers, for an error message: "MultiTurnScheduler, multi_turns from swift.rollout; ..."."""
-    return "; ".join(f"{', '.join(sorted(names))} from swift.{sub}" for sub, names in sorted(_PROVIDED.items()))
+def _not_provided(where: str, e: ImportError) -> ConfigError:
+    """What an ImportError of a name (or module) of ms-swift that the stand-in lacks says, in one short line: the
+    name, the nearest ones it offers, how many it offers and where they are documented."""
+    import difflib
+    import re
+
+    match = re.search(r"cannot import name '([^']+)'", str(e))
+    offered = sorted({n for names in _PROVIDED.values() for n in names} | {"ORM", "AsyncORM", "orms", "get_logger"})
+    if match:
+        what, near = f"{match.group(1)} from {e.name}", difflib.get_close_matches(match.group(1), offered, n=3)
+    else:
+        homes = sorted({"swift.utils"} | {f"swift.{sub}" for sub in _PROVIDED})
+        what, near = f"the module {e.name}", difflib.get_close_matches(e.name or "", homes, n=3)
+    hint = f" (did you mean {', '.join(near)}?)" if near else ""
+    return ConfigError(f"{where}: the plugin imports {what}, which tunesmith does not provide without ms-swift "
+                       f"installed{hint}; it provides {len(offered)} of ms-swift's names (the ones reward, "
+                       f"multi-turn and reward-model plugins use: docs/grpo.md); install ms-swift for the rest")
 
 
 _loaded_plugins: dict = {}  # path → what it registered in ms-swift's registries (a file runs once per process)

@@ -103,7 +103,7 @@ class PPORollouts:
         self.batches_per_epoch = rounds * (self.round_size // self.bs) * method.num_ppo_epochs
         self.reward_fns = _unique_names(load_reward_functions(list(method.reward_funcs), list(method.external_plugins),
                                                               method.reward_args, tokenizer)
-                                        + reward_model_functions(list(method.reward_models)))
+                                        + reward_model_functions(list(method.reward_models), plugins=False))
         self.seed, self.max_steps = cfg.optim.seed, cfg.optim.max_steps
         self.rounds_done, self.log_path = 0, None
         self.current: Optional[tuple] = None      # (epoch seed, round, its units): the round being trained

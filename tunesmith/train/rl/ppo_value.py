@@ -26,13 +26,20 @@ from tunesmith.errors import ConfigError
 from tunesmith.log import note
 
 
+def is_adapter_folder(path: str) -> bool:
+    """A local LoRA adapter folder: adapter_config.json and no config.json of its own."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json")) and \
+        not os.path.isfile(os.path.join(path, "config.json"))
+
+
 def value_source(model_cfg, reward_model) -> tuple:
     """(the model slice to load the value model with, a description) by ms-swift's rule: the --reward_model
     checkpoint (full: its folder, at --reward_model_revision; a LoRA adapter of --rlhf_type rm — the folder itself,
     or --reward_adapters over it —: its base with the adapter, continued), else --model with a fresh score head (no
     --adapters: an SFT adapter is a causal-LM adapter, not a critic's). reward_model: a reward_models.RewardModelSpec,
     a path, or None. Raises ConfigError for a LoRA reward model with --train_type full (peft cannot train it in
-    full; merge it first)."""
+    full), and for an adapter as --reward_model with --reward_adapters (two adapters: the value model continues
+    one)."""
     from tunesmith.train.rl.reward_models import RewardModelSpec
 
     if reward_model is None:
@@ -44,11 +51,14 @@ def value_source(model_cfg, reward_model) -> tuple:
         return dataclasses.replace(model_cfg, model=path, adapters=[], model_revision=spec.revision), \
             f"a trainable copy of the reward model {path}"
     adapter = spec.adapters[0] if spec.adapters else path
+    if spec.adapters and is_adapter_folder(path):
+        raise ConfigError(f"--reward_model {path} is a LoRA adapter, and --reward_adapters {adapter} another: PPO's "
+                          f"value model continues one adapter; pass one of them")
     if model_cfg.train_type != "lora":
         raise ConfigError(f"--reward_model {path}: its score comes with the LoRA adapter {adapter}, and PPO's value "
-                          f"model starts as a copy of it trained with --train_type {model_cfg.train_type}; merge it "
-                          f"first (tunesmith export --adapters {adapter} --merge_lora true) and pass the merged "
-                          f"folder, or train with --train_type lora")
+                          f"model starts as a copy of it trained with --train_type {model_cfg.train_type}, which "
+                          f"peft cannot do to an adapter: train with --train_type lora (the adapter is continued), "
+                          f"or give a full reward model (a --rlhf_type rm run with --train_type full)")
     if spec.adapters:
         return dataclasses.replace(model_cfg, model=path, adapters=[adapter], model_revision=spec.revision), \
             f"a trainable copy of the reward model {path} (its LoRA adapter {adapter} continued)"
@@ -63,18 +73,38 @@ def build_value_model(model_cfg, reward_model, tokenizer, optim, device,
     """The value model (`value_source`) loaded as a sequence classifier with one output, the run's tuner attached,
     dropout off, on `device`, with its optimiser (optimisation slice `optim`). resume_optimizer False
     (--resume_only_model): a resumed run restores its weights only, with a new optimiser, as the policy's."""
-    from tunesmith.models.load import resolve_model_dir
     from tunesmith.train.reference import disable_dropout
+    from tunesmith.train.rl.reward_checks import adapter_fit_problem
     from tunesmith.train.setup import prepare_model
 
     cfg, describe = value_source(model_cfg, reward_model)
-    model_dir = resolve_model_dir(cfg.model, cfg.use_hf, cfg.model_revision, cfg.hub_token)
+    model_dir = value_model_dir(cfg, reward_model)
+    for adapter in cfg.adapters:  # a hub id's shapes are known once it is downloaded
+        problem = adapter_fit_problem(adapter, model_dir, shown=getattr(reward_model, "path", reward_model))
+        if problem:
+            raise ConfigError(problem)
     note(f"PPO value model: {describe}")
     model, _ = prepare_model(cfg, model_dir, tokenizer, optim.seed, head="seq_cls")
     disable_dropout(model, has_reference=False)
     model.to(device)
     model.train()
     return ValueModel(model, optim, describe, resume_optimizer)
+
+
+def value_model_dir(cfg, reward_model) -> str:
+    """The local folder of the value model's weights (`value_source`'s model: downloaded at its revision when a
+    hub id). Raises ConfigError naming the flag the folder came from: --reward_model (or its adapter's base), or
+    --model when there is no reward model."""
+    from tunesmith.models.load import resolve_model_dir
+
+    try:
+        return resolve_model_dir(cfg.model, cfg.use_hf, cfg.model_revision, cfg.hub_token)
+    except ConfigError as e:
+        if reward_model is None:
+            raise
+        path = getattr(reward_model, "path", reward_model)
+        flag = "--reward_model " if cfg.model == path else f"the base model of --reward_model {path}: "
+        raise ConfigError(str(e).replace("--model ", flag, 1)) from None
 
 
 class ValueModel:

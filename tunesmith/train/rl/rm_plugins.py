@@ -247,11 +247,11 @@ class GenRMPlugin(DefaultRMPlugin):
 
     @staticmethod
     def extract_reward(model_output: str) -> Optional[float]:
-        """The finite number after "Reward:" (the whole number: no prefix of a longer one), else None."""
+        """The finite number after "Reward:" (the whole number: no prefix of a longer one), else None (said once
+        per call of the plugin, by compute_rewards, not once per reply as ms-swift)."""
         match = _REWARD.search(model_output or "")
         if match and math.isfinite(float(match.group(1))):
             return float(match.group(1))
-        logger.warning("Unable to extract a finite reward score from the model's output")
         return None
 
     @staticmethod
@@ -268,13 +268,16 @@ class GenRMPlugin(DefaultRMPlugin):
         return "\n".join(lines)
 
     def compute_rewards(self, results: list) -> list:
-        """The mean parsed score of each response's choices; 0.0 (with a warning) when none parses."""
-        rewards = []
+        """The mean parsed score of each response's choices; 0.0 when none parses (one warning per call, saying
+        for how many completions)."""
+        rewards, unscored = [], 0
         for output in results:
             scores = [r for r in (self.extract_reward(c.message.content) for c in output.choices) if r is not None]
-            if not scores:
-                logger.warning("No valid rewards extracted. Assigning reward score of 0.0.")
+            unscored += not scores
             rewards.append(sum(scores) / len(scores) if scores else 0.0)
+        if unscored:
+            logger.warning(f"genrm: the judge wrote no parseable 'Reward: x' for {unscored} of {len(results)} "
+                           f"completions; each of them gets 0.0")
         return rewards
 
 
@@ -303,7 +306,7 @@ def plugin_class(name: str, plugin_paths: list):
         path = os.path.abspath(os.path.expanduser(path))
         plugins.run_plugin(path, {})
         installed.update(plugins.plugin_registered(path, "rm_plugins"))
-    found = {**rm_plugins, **{k: v for k, v in installed.items() if k not in BUILT_IN}}
+    found = {**rm_plugins, **installed}  # what a file registered, a built-in's name too, wins (as in ms-swift)
     cls = found.get(name)
     if cls is None:
         near = difflib.get_close_matches(name, list(found), n=1)
@@ -314,6 +317,10 @@ def plugin_class(name: str, plugin_paths: list):
     if not isinstance(cls, type) or not callable(getattr(cls, "__call__", None)):
         raise ConfigError(f"--reward_model_plugin {name}: rm_plugins[{name!r}] is {cls!r}, not a plugin class "
                           f"(a class built as Cls(model=..., template=...) whose __call__(inputs) returns rewards)")
+    if inspect.iscoroutinefunction(cls.__call__):
+        raise ConfigError(f"--reward_model_plugin {name}: {cls.__name__}.__call__ is async, but reward-model "
+                          f"plugins are called synchronously (as ms-swift calls them); define it with `def`, not "
+                          f"`async def`")
     return cls
 
 
@@ -332,13 +339,15 @@ def build_plugin(name: str, cls, model, template):
 
 class PluginReward:
     """A reward-model plugin as a reward function (scoring.RewardFn's fn): the reward functions' keyword arguments
-    → ms-swift's reward rows (`inputs`), the plugin called as ms-swift calls it, its output as one float (or None)
-    per completion."""
+    → ms-swift's reward rows (`inputs`), the plugin called as ms-swift calls it, on its own copy of them (what it
+    changes no other reward sees), its output as one float (or None) per completion. `error_label` names it in
+    scoring's messages."""
 
     _BATCH_ONLY = ("trainer_state", "prompts", "completion_ids")  # not per-row values
 
-    def __init__(self, name: str, plugin):
+    def __init__(self, name: str, plugin, path: str = ""):
         self.name, self.plugin = name, plugin
+        self.error_label = f"--reward_model_plugin {name}" + (f" (on --reward_model {path})" if path else "")
         params = inspect.signature(plugin.__call__).parameters.values()
         self.takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
@@ -350,12 +359,26 @@ class PluginReward:
                    if k not in self._BATCH_ONLY and isinstance(v, (list, tuple)) and len(v) == n}
         return [{k: v[i] for k, v in columns.items()} for i in range(n)]
 
-    def __call__(self, completions: list, **kwargs) -> list:
-        rows = self.rows(completions, kwargs)
-        if self.takes_kwargs:
-            out = self.plugin(inputs=rows, **kwargs)
-        else:
-            out = self.plugin(inputs=rows)
-        if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
-            out = out.float().tolist() if hasattr(out, "float") else out.tolist()
-        return list(out)
+    def __call__(self, completions: list, **kwargs):
+        """The plugin's rewards for the completions: a 1-D tensor or array as a list of floats, anything else as
+        returned (scoring checks it and says what is wrong). Raises ConfigError when the plugin raises (naming what
+        it was given) or returns a coroutine (closed: it is never awaited)."""
+        rows = copy.deepcopy(self.rows(completions, kwargs))
+        given = {k: v if k == "trainer_state" else copy.deepcopy(v) for k, v in kwargs.items()}
+        try:
+            out = self.plugin(inputs=rows, **given) if self.takes_kwargs else self.plugin(inputs=rows)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 — the plugin's code: one clear message
+            keys = ", ".join(sorted(rows[0])) if rows else "no keys"
+            extra = f", and the keyword arguments {', '.join(sorted(given))}" if self.takes_kwargs else ""
+            raise ConfigError(f"{self.error_label} raised {type(e).__name__}: {e} (it was given inputs: {len(rows)} "
+                              f"rows with {keys}{extra})") from e
+        if inspect.isawaitable(out):
+            if hasattr(out, "close"):
+                out.close()  # never awaited: closed, so that Python does not warn about it
+            raise ConfigError(f"{self.error_label} returned a coroutine: its __call__ is async, but reward-model "
+                              f"plugins are called synchronously (as ms-swift calls them); define it with `def`")
+        if hasattr(out, "tolist") and not isinstance(out, (list, tuple)) and getattr(out, "ndim", None) == 1:
+            return out.float().tolist() if hasattr(out, "float") else out.tolist()
+        return out

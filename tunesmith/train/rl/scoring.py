@@ -58,26 +58,60 @@ def _reward_kwargs(n: int, prompts, columns, messages, trainer_state, completion
     return kwargs
 
 
-def _check_output(fn: RewardFn, out, n: int) -> list:
-    """The rewards as floats (None → NaN); ConfigError naming the function unless a list of n numbers/None."""
+def _who(fn: RewardFn) -> str:
+    """How messages name a reward: a reward-model plugin by its flag (its `error_label`), else by name and spec."""
+    return getattr(fn.fn, "error_label", None) or f"reward function {fn.name} ({fn.spec})"
+
+
+def _not_a_list(fn: RewardFn, out, n: int):
+    """ConfigError saying what `out` is when it is not one value per completion (a coroutine — closed —, an array
+    or tensor of another shape, a number, a dict, …), or None when it is a list/tuple or a 1-D array."""
+    import inspect
+
+    expected = f"expected one value per completion: a list of {n} numbers or None"
+    if inspect.isawaitable(out):
+        if hasattr(out, "close"):
+            out.close()  # never awaited: closed, so that Python does not warn about it
+        return ConfigError(f"{_who(fn)} returned a coroutine, not rewards (an async __call__ called synchronously: "
+                           f"define it with `def`, or derive the class from AsyncORM); {expected}")
+    shape = getattr(out, "shape", None)
+    if shape is not None and not isinstance(out, (list, tuple)) and len(shape) != 1:
+        return ConfigError(f"{_who(fn)} returned a {type(out).__name__} of shape {tuple(shape)}, expected shape "
+                           f"({n},): one reward per completion")
+    if isinstance(out, dict):
+        return ConfigError(f"{_who(fn)} returned a dict (keys {', '.join(map(str, list(out)[:4]))}), {expected}")
+    if shape is None and not isinstance(out, (list, tuple)):
+        return ConfigError(f"{_who(fn)} returned a {type(out).__name__} ({out!r:.60}), {expected}")
+    return None
+
+
+def _check_output(fn: RewardFn, out, n: int, completions=None) -> list:
+    """The rewards as floats (None → NaN); ConfigError naming the function unless a list of n numbers/None, or
+    when one is infinite (naming the completion: GRPO's advantages and PPO's returns would become NaN)."""
+    problem = _not_a_list(fn, out, n)
+    if problem is not None:
+        raise problem
     if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
-        out = out.tolist()  # a numpy array or tensor
-    if not isinstance(out, (list, tuple)):
-        raise ConfigError(f"reward function {fn.name} ({fn.spec}) returned {type(out).__name__}, expected a list "
-                          f"of {n} numbers or None")
+        out = out.tolist()  # a 1-D numpy array or tensor
     if len(out) != n:
-        raise ConfigError(f"reward function {fn.name} ({fn.spec}) returned {len(out)} rewards for {n} completions")
+        raise ConfigError(f"{_who(fn)} returned {len(out)} rewards for {n} completions")
     bad = next((r for r in out if r is not None and not isinstance(r, numbers.Real)), None)
     if bad is not None:
-        raise ConfigError(f"reward function {fn.name} ({fn.spec}) returned {type(bad).__name__} {bad!r:.80}, "
-                          f"expected numbers or None")
-    return [math.nan if r is None else float(r) for r in out]
+        raise ConfigError(f"{_who(fn)} returned {type(bad).__name__} {bad!r:.80} among its rewards, expected "
+                          f"numbers or None (one per completion)")
+    values = [math.nan if r is None else float(r) for r in out]
+    inf = next((i for i, v in enumerate(values) if math.isinf(v)), None)
+    if inf is not None:
+        text = f" ({completions[inf]!r:.80})" if completions is not None and inf < len(completions) else ""
+        raise ConfigError(f"{_who(fn)} returned {values[inf]} for completion {inf}{text}: a reward must be finite "
+                          f"(None or NaN: no reward for that completion); fix what it computes for such a completion")
+    return values
 
 
 def _failure(fn: RewardFn, e: Exception, kwargs: dict) -> ConfigError:
     """An exception inside a reward as a ConfigError naming it and the keyword arguments it was given."""
-    return ConfigError(f"reward function {fn.name} ({fn.spec}) raised {type(e).__name__}: {e} (it was given "
-                       f"completions and {', '.join(sorted(kwargs))})")
+    return ConfigError(f"{_who(fn)} raised {type(e).__name__}: {e} (it was given completions and "
+                       f"{', '.join(sorted(kwargs))})")
 
 
 def _call(fn: RewardFn, completions, kwargs: dict):
@@ -137,10 +171,10 @@ def score(reward_fns: list, completions: list, prompts=None, columns: dict | Non
         if fn.is_async:
             pending.append((f, (fn, given, kwargs)))
         else:
-            outputs[f] = _check_output(fn, _call(fn, given, kwargs), n)
+            outputs[f] = _check_output(fn, _call(fn, given, kwargs), n, completions)
     if pending:
         for (f, (fn, _, _)), out in zip(pending, _run_async([c for _, c in pending])):
-            outputs[f] = _check_output(fn, out, n)
+            outputs[f] = _check_output(fn, out, n, completions)
     rows = [[outputs[f][i] for f in range(len(reward_fns))] for i in range(n)]
     errors = [f"completion {i}: every reward function returned None (its reward counts as 0)"
               for i, row in enumerate(rows) if row and all(math.isnan(r) for r in row)]
