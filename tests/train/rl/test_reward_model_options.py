@@ -303,7 +303,7 @@ def test_options_that_fit_are_accepted_and_ppo_refuses_plugins(tiny_models, tmp_
                                "--use_hf", "true", "--hub_token", "hf_secret"])
     _, method = recipe.configure(args)
     spec, = method.reward_models
-    assert (spec.path, spec.adapters, spec.template, spec.revision, spec.model_type, spec.use_hf) == \
+    assert (spec.path, spec.adapters, spec.template, spec.revision, spec.declared_type, spec.use_hf) == \
         (base, (adapter,), "qwen2_5", "master", "qwen2_5", True)
     assert spec.hub_token == "hf_secret" and "hf_secret" not in repr(method)  # the token never shows
     rm = _classifier(tiny_models, tmp_path / "rm")

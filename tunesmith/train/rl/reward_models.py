@@ -30,15 +30,15 @@ PER_MODEL = ("reward_model_revision", "reward_model_type", "reward_template", "r
 
 @dataclass(frozen=True)
 class RewardModelSpec:
-    """One --reward_model and its options: path (a local folder or a hub id), revision (hub), model_type
-    (ms-swift's name, recorded only), template (an ms-swift template name: its official chat template renders the
+    """One --reward_model and its options: path (a local folder or a hub id), revision (hub), declared_type
+    (ms-swift's --reward_model_type: checked against the known names), template (an ms-swift template name: its official chat template renders the
     conversations; None: the reward model's own), plugin (default | genrm | a name registered in rm_plugins),
     adapters (LoRA adapter folders merged into it, in order); and where they come from: plugin_paths (the
     --external_plugins files that register plugins), use_hf and hub_token (where a hub id downloads from, as
     --model's; the token is kept out of the repr)."""
     path: str
     revision: Optional[str] = None
-    model_type: Optional[str] = None
+    declared_type: Optional[str] = None
     template: Optional[str] = None
     plugin: str = "default"
     adapters: tuple = ()
@@ -88,8 +88,8 @@ def spec_problems(spec: RewardModelSpec, plugins: bool = True) -> list:
         problems.append(f"--reward_template {spec.template}: tunesmith carries no chat template of that name; use "
                         f"one of {', '.join(official_template_names())}, or leave it out (the reward model's own "
                         f"chat template)")
-    if spec.model_type is not None:
-        problems += [p for p in [reward_checks.model_type_problem(spec.model_type)] if p]
+    if spec.declared_type is not None:
+        problems += [p for p in [reward_checks.model_type_problem(spec.declared_type)] if p]
     if spec.plugin != "default" and not plugins:
         problems.append(f"--reward_model_plugin {spec.plugin}: PPO scores with the reward model's head (its "
                         f"copy is the value model), as ms-swift's PPO, which calls no reward-model plugin; "
