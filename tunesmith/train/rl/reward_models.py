@@ -31,11 +31,11 @@ PER_MODEL = ("reward_model_revision", "reward_model_type", "reward_template", "r
 @dataclass(frozen=True)
 class RewardModelSpec:
     """One --reward_model and its options: path (a local folder or a hub id), revision (hub), declared_type
-    (ms-swift's --reward_model_type: checked against the known names), template (an ms-swift template name: its official chat template renders the
-    conversations; None: the reward model's own), plugin (default | genrm | a name registered in rm_plugins),
-    adapters (LoRA adapter folders merged into it, in order); and where they come from: plugin_paths (the
-    --external_plugins files that register plugins), use_hf and hub_token (where a hub id downloads from, as
-    --model's; the token is kept out of the repr)."""
+    (ms-swift's --reward_model_type: checked against the known names), template (an ms-swift template name: its
+    official chat template renders the conversations; None: the reward model's own), plugin (default | genrm | a
+    name registered in rm_plugins), adapters (LoRA adapter folders merged into it, in order); and where they come
+    from: plugin_paths (the --external_plugins files that register plugins), use_hf and hub_token (where a hub id
+    downloads from, as --model's; the token is kept out of the repr)."""
     path: str
     revision: Optional[str] = None
     declared_type: Optional[str] = None
