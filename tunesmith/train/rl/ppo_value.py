@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import warnings
-from typing import Optional
 
 from tunesmith.errors import ConfigError
 from tunesmith.log import note

@@ -13,7 +13,6 @@ config.json, as for the policy.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -145,20 +144,10 @@ def _not_a_reward_model(spec: RewardModelSpec, why: str, plugins: bool) -> str:
             f"--reward_adapters){genrm}")
 
 
-def _read_json(path: str) -> dict:
-    """The JSON object in `path`, or {} when it is missing or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            value = json.load(fh)
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def adapter_scores(adapter: str) -> bool:
     """Whether a LoRA adapter folder carries a trained score head: trained for sequence classification (peft
     task_type SEQ_CLS saves the head), or with `score` among its modules_to_save."""
-    config = _read_json(os.path.join(adapter, "adapter_config.json"))
+    config = reward_checks.read_json(os.path.join(adapter, "adapter_config.json"))
     return config.get("task_type") == "SEQ_CLS" or "score" in (config.get("modules_to_save") or [])
 
 
@@ -170,11 +159,11 @@ def folder_kind(path: str, adapters: tuple = ()) -> tuple:
     names the file and value that decided."""
     if any(adapter_scores(a) for a in adapters):
         return "seq_cls", "--reward_adapters carry a score head"
-    adapter = _read_json(os.path.join(path, "adapter_config.json"))
+    adapter = reward_checks.read_json(os.path.join(path, "adapter_config.json"))
     if adapter and not os.path.isfile(os.path.join(path, "config.json")):
         task = adapter.get("task_type")
         return ("seq_cls" if task == "SEQ_CLS" else "causal_lm"), f"adapter_config.json has task_type {task}"
-    config = _read_json(os.path.join(path, "config.json"))
+    config = reward_checks.read_json(os.path.join(path, "config.json"))
     if "architectures" not in config:
         return None, "no architectures in config.json"
     archs = config.get("architectures")
@@ -189,7 +178,7 @@ def scorer_config(path: str):
 
     adapter = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(adapter):
-        base = _read_json(adapter).get("base_model_name_or_path") or path
+        base = reward_checks.read_json(adapter).get("base_model_name_or_path") or path
         return AutoConfig.from_pretrained(base), base
     return AutoConfig.from_pretrained(path), path
 
