@@ -90,28 +90,66 @@ def response_ids(messages: list) -> Optional[list]:
     return None
 
 
-async def _ids(server, i: int, req) -> list:
-    """Request i's token ids: prompt_token_ids, or its messages rendered (whole when the last is the assistant's;
-    its ids appended after the generation prompt when given as ids)."""
+def _too_long(server, i: int, n: int, where: str) -> None:
+    """Raises ApiError 400 (context_length_exceeded, naming the model's limit) when n tokens leave no room under
+    it: checked before anything runs on the tokens (a forward pass costs quadratic time in their number)."""
+    limit = server.engine.max_model_len
+    if n >= limit:
+        raise ApiError(400, f"infer_requests[{i}].{where}: {n} tokens; the model's limit is {limit} "
+                            f"(--max_model_len)", code="context_length_exceeded", param=f"infer_requests[{i}].{where}")
+
+
+def _checked(server, body: InferBody) -> list:
+    """Every request checked before any is rendered or scored, the O(1) length checks first (then the O(length)
+    ones, under the limit): [(request, its reply given as ids or None)]. Raises ApiError 400."""
+    vocab = len(server.engine.tok)
+    out = []
+    for i, req in enumerate(body.infer_requests):
+        if req.prompt_token_ids is not None:
+            _too_long(server, i, len(req.prompt_token_ids), "prompt_token_ids")
+        reply = response_ids(req.messages) if req.prompt_token_ids is None else None
+        if reply is not None:
+            _too_long(server, i, len(reply), "messages[-1].content")
+            if any(t < 0 or t >= vocab for t in reply):
+                raise ApiError(400, f"infer_requests[{i}].messages[-1].content: token ids must be in [0, {vocab})",
+                               param=f"infer_requests[{i}].messages")
+        check_infer_request(i, req.model_copy(update={"messages": req.messages[:-1] + [
+            {"role": "assistant", "content": ""}]}) if reply is not None else req, vocab)
+        out.append((req, reply))
+    return out
+
+
+async def _ids(server, i: int, req, reply: Optional[list]) -> list:
+    """Request i's token ids: prompt_token_ids, or its messages rendered in a worker thread (whole when the last is
+    the assistant's; `reply`, its ids given as ids, appended after the generation prompt). A rendering with more
+    characters than the model's context can hold is refused before the tokenizer runs; ids that fill the context,
+    before the forward pass. Raises ApiError 400."""
     if req.prompt_token_ids is not None:
         return list(req.prompt_token_ids)
     from starlette.concurrency import run_in_threadpool
 
-    tok = server.engine.tok
-    reply = response_ids(req.messages)
+    chat = server.engine
     messages = req.messages[:-1] if reply is not None else req.messages
     prompt_only = reply is not None or messages[-1].get("role") != "assistant"
     kwargs = dict(req.chat_template_kwargs or {})
 
-    def render() -> list:
-        text = tok.apply_chat_template(messages, tools=req.tools, tokenize=False,
-                                       add_generation_prompt=prompt_only, **kwargs)
-        return list(tok(text, add_special_tokens=False)["input_ids"]) + (reply or [])
+    def render():
+        text = chat.tok.apply_chat_template(messages, tools=req.tools, tokenize=False,
+                                            add_generation_prompt=prompt_only, **kwargs)
+        if len(text) > chat.max_model_len * chat.max_token_chars:
+            return len(text)   # cannot fit: not tokenized
+        return list(chat.tok(text, add_special_tokens=False)["input_ids"]) + (reply or [])
     try:
-        return await run_in_threadpool(render)
+        ids = await run_in_threadpool(render)
     except Exception as e:  # the template's own error: the request's conversation does not render
         raise ApiError(400, f"infer_requests[{i}].messages do not render with the model's chat template: {e}",
                        param=f"infer_requests[{i}].messages") from None
+    if isinstance(ids, int):
+        raise ApiError(400, f"infer_requests[{i}].messages: the prompt has {ids} characters, more than "
+                            f"{chat.max_model_len} tokens (the model's limit) can hold",
+                       code="context_length_exceeded", param=f"infer_requests[{i}].messages")
+    _too_long(server, i, len(ids), "messages")
+    return ids
 
 
 async def _scored(server, ids: list, k: Optional[int]):
@@ -127,22 +165,18 @@ async def _scored(server, ids: list, k: Optional[int]):
 
 
 async def infer(body: InferBody, request: Request):
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
     from tunesmith.inference.chat import Prompt
     from tunesmith.serve.routes import _check, _wait
 
     server = request.app.state.server
     cfg = body.request_config or RequestConfig()
     k = check_config(cfg, server.max_logprobs)
-    vocab = len(server.engine.tok)
     out = []
-    for i, req in enumerate(body.infer_requests):
-        reply = response_ids(req.messages)
-        if reply is not None and any(t < 0 or t >= vocab for t in reply):
-            raise ApiError(400, f"infer_requests[{i}].messages[-1].content: token ids must be in [0, {vocab})",
-                           param=f"infer_requests[{i}].messages")
-        check_infer_request(i, req.model_copy(update={"messages": req.messages[:-1] + [
-            {"role": "assistant", "content": ""}]}) if reply is not None else req, vocab)
-        ids = await _ids(server, i, req)
+    for i, (req, reply) in enumerate(_checked(server, body)):
+        ids = await _ids(server, i, req, reply)
         scored = await _scored(server, ids, k)
         gen = server.engine.defaults.merged(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature,
                                             top_p=cfg.top_p, top_k=0 if cfg.top_k == -1 else cfg.top_k,
@@ -159,4 +193,4 @@ async def infer(body: InferBody, request: Request):
                     "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out,
                               "total_tokens": len(ids) + n_out},
                     "prompt_logprobs": scored, "prompt_token_ids": ids if cfg.return_details else None})
-    return out
+    return await run_in_threadpool(JSONResponse, out)

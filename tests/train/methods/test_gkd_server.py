@@ -179,3 +179,35 @@ def test_grpo_opd_rl_from_a_teacher_server_equals_the_local_teacher(deploy, tiny
     assert len(remote) == len(local) == 3 and any(abs(d) > 1e-3 for _, d in local)  # the teacher differs
     for (a, b), (c, d) in zip(remote, local):
         assert abs(a - c) < 1e-4 and abs(b - d) < 1e-4, (remote, local)
+
+
+def test_infer_refuses_an_over_long_prompt_before_the_forward_pass_and_serves_others_meanwhile(deploy):
+    """100,000 prompt_token_ids (a 600 KB body): 400 naming the model's limit, refused before anything runs on them
+    (no between-steps forward pass, where the 100k² attention stalled every client) — and a chat request sent
+    alongside is answered. Over-long messages are refused before the forward pass too (the character bound)."""
+    import threading
+    import time
+
+    _, url = deploy
+    big = {"infer_requests": [{"messages": [{"role": "user", "content": ""}], "prompt_token_ids": [5] * 100_000}],
+           "request_config": {"prompt_logprobs": 2, "max_tokens": 1}}
+    results = {}
+
+    def post():
+        results["big"] = http_json("POST", f"{url}/infer/", big)
+
+    start = time.time()
+    thread = threading.Thread(target=post)
+    thread.start()
+    chat = http_json("POST", f"{url}/v1/chat/completions",
+                     {"model": "teacher", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    thread.join(60)
+    assert chat[0] == 200, chat
+    status, err = results["big"]
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded", err
+    assert "100000 tokens" in err["error"]["message"] and "the model's limit is" in err["error"]["message"]
+    assert time.time() - start < 30   # generous: the refusal itself takes well under a second
+    status, err = http_json("POST", f"{url}/infer/", {
+        "infer_requests": [{"messages": [{"role": "user", "content": "red " * 200_000}]}],
+        "request_config": {"prompt_logprobs": 0, "max_tokens": 1}})
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded", err
