@@ -189,7 +189,7 @@ def test_infer_refuses_an_over_long_prompt_before_the_forward_pass_and_serves_ot
     import time
 
     _, url = deploy
-    big = {"infer_requests": [{"messages": [{"role": "user", "content": ""}], "prompt_token_ids": [5] * 100_000}],
+    big = {"infer_requests": [{"prompt_token_ids": [5] * 100_000}],
            "request_config": {"prompt_logprobs": 2, "max_tokens": 1}}
     results = {}
 
@@ -211,3 +211,18 @@ def test_infer_refuses_an_over_long_prompt_before_the_forward_pass_and_serves_ot
         "infer_requests": [{"messages": [{"role": "user", "content": "red " * 200_000}]}],
         "request_config": {"prompt_logprobs": 0, "max_tokens": 1}})
     assert status == 400 and err["error"]["code"] == "context_length_exceeded", err
+
+
+def test_infer_takes_prompt_token_ids_without_messages(deploy):
+    """The documented shape — prompt_token_ids alone, or with `messages: []` — is scored; a request with neither
+    is refused with one error naming both fields."""
+    _, url = deploy
+    cfg = {"prompt_logprobs": 2, "max_tokens": 1}
+    for req in ({"prompt_token_ids": [1, 2, 3]}, {"messages": [], "prompt_token_ids": [1, 2, 3]}):
+        status, body = http_json("POST", f"{url}/infer/", {"infer_requests": [req], "request_config": cfg})
+        assert status == 200, body
+        assert len(body[0]["prompt_logprobs"]) == 3 and list(body[0]["prompt_logprobs"][1])[0] == "2"
+    for req in ({}, {"messages": []}):
+        status, err = http_json("POST", f"{url}/infer/", {"infer_requests": [req], "request_config": cfg})
+        assert status == 400, err
+        assert err["error"]["message"] == "infer_requests[0]: give its messages (at least one) or its prompt_token_ids"
