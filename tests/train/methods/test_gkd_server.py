@@ -226,3 +226,22 @@ def test_infer_takes_prompt_token_ids_without_messages(deploy):
         status, err = http_json("POST", f"{url}/infer/", {"infer_requests": [req], "request_config": cfg})
         assert status == 400, err
         assert err["error"]["message"] == "infer_requests[0]: give its messages (at least one) or its prompt_token_ids"
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong"])
+def test_a_teacher_server_with_an_api_key_says_to_set_tunesmith_api_key(key, monkeypatch):
+    """A deploy started with --api_key answers the trainer's /infer/ 401: the trainer's error names
+    TUNESMITH_API_KEY (and whether a key was sent), as the rollout client's does."""
+    from tunesmith.serve.app import create_app
+    from tunesmith.train.rl.rollout_client import API_KEY_ENV, RolloutServerError
+    from tunesmith.train.rl.teacher_server import _post
+
+    if key:
+        monkeypatch.setenv(API_KEY_ENV, key)
+    else:
+        monkeypatch.delenv(API_KEY_ENV, raising=False)
+    with serve_on_a_thread(create_app(None, {"teacher": None}, api_key="sk-teacher")) as port:
+        with pytest.raises(RolloutServerError, match=f"HTTP 401.*{'a wrong' if key else 'no'} API key was sent: "
+                                                     f"set {API_KEY_ENV} to the server's --api_key") as e:
+            _post(f"http://127.0.0.1:{port}", "/infer/", b"{}")
+    assert e.value.status == 401 and "\n" not in str(e.value)
