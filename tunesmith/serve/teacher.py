@@ -16,7 +16,9 @@ most likely tokens (k = 0: the actual token alone), log-probabilities in nats of
 are the request's completion (max_tokens, at its temperature), as the /infer/ of `swift deploy`.
 
 The forward pass runs on the engine's scheduler thread between two decoding steps (GenerationEngine.between_steps),
-never beside one; --infer_backend vllm/sglang/lmdeploy answer 400 (their engines own their weights). No torch or
+never beside one; everything else a request costs in proportion to its length (rendering and tokenising messages,
+building the entries, encoding the answer) runs in a worker thread, after the length checks that refuse a prompt
+filling the context from its count alone; --infer_backend vllm/sglang/lmdeploy answer 400 (their engines own their weights). No torch or
 fastapi import at module level; the handler carries no docstring (FastAPI would publish it).
 """
 from __future__ import annotations
@@ -52,23 +54,36 @@ def check_config(cfg: RequestConfig, max_logprobs: int) -> Optional[int]:
 
 
 def prompt_logprobs(model, tok, ids: list, k: int) -> list:
-    """vLLM's prompt_logprobs of token ids [T] under `model` (see the module's docstring): [None, {…} × (T − 1)].
-    Scheduler thread only (inside between_steps)."""
+    """vLLM's prompt_logprobs of token ids [T] under `model` (see the module's docstring): [None, {…} × (T − 1)]."""
+    return logprob_entries(tok, ids, k, prompt_scores(model, ids, k))
+
+
+def prompt_scores(model, ids: list, k: int) -> tuple:
+    """The forward pass of prompt_logprobs: (the actual tokens' log-probs [T − 1], their ranks [T − 1], the k most
+    likely tokens' log-probs and ids [T − 1, k] or None when k = 0), as CPU tensors. Scheduler thread only
+    (inside between_steps)."""
     import torch
 
     with torch.no_grad():
         x = torch.tensor([ids], device=next(model.parameters()).device)
         logps = model(input_ids=x).logits[0, :-1].float().log_softmax(-1)   # row t − 1 predicts token t
-    actual = torch.tensor(ids[1:], device=logps.device)
-    chosen = logps.gather(-1, actual[:, None]).squeeze(-1)
-    ranks = (logps > chosen[:, None]).sum(-1) + 1
-    top_v, top_i = logps.topk(k, dim=-1) if k else (None, None)
+        actual = torch.tensor(ids[1:], device=logps.device)
+        chosen = logps.gather(-1, actual[:, None]).squeeze(-1)
+        ranks = (logps > chosen[:, None]).sum(-1) + 1
+        top_v, top_i = logps.topk(k, dim=-1) if k else (None, None)
+    return tuple(None if t is None else t.cpu() for t in (chosen, ranks, top_v, top_i))
+
+
+def logprob_entries(tok, ids: list, k: int, scores: tuple) -> list:
+    """prompt_logprobs' list from prompt_scores' tensors: the per-token dicts (decoded tokens included), built off
+    the scheduler thread (a worker thread) so a long prompt's T·(k + 1) decodes never hold up decoding steps."""
+    chosen, ranks, top_v, top_i = (None if t is None else t.tolist() for t in scores)
     out: list = [None]
     for t in range(len(ids) - 1):
-        entry = {str(ids[t + 1]): _entry(tok, ids[t + 1], float(chosen[t]), int(ranks[t]))}
+        entry = {str(ids[t + 1]): _entry(tok, ids[t + 1], chosen[t], ranks[t])}
         for r in range(k):
-            tid = int(top_i[t, r])
-            entry.setdefault(str(tid), _entry(tok, tid, float(top_v[t, r]), r + 1))
+            tid = top_i[t][r]
+            entry.setdefault(str(tid), _entry(tok, tid, top_v[t][r], r + 1))
         out.append(entry)
     return out
 
@@ -153,15 +168,18 @@ async def _ids(server, i: int, req, reply: Optional[list]) -> list:
 
 
 async def _scored(server, ids: list, k: Optional[int]):
-    """prompt_logprobs(ids, k) run between two decoding steps, or None when k is None."""
+    """prompt_logprobs(ids, k), or None when k is None: its forward pass run between two decoding steps, its
+    entries built in a worker thread."""
     if k is None:
         return None
     engine = server.engine.engine
     if not hasattr(engine, "between_steps"):
         raise ApiError(400, "request_config.prompt_logprobs needs tunesmith's own engine (--infer_backend "
                             "transformers): this server runs another", param="request_config.prompt_logprobs")
-    future = engine.between_steps(lambda: prompt_logprobs(engine.model, server.engine.tok, ids, k))
-    return await asyncio.wrap_future(future)
+    from starlette.concurrency import run_in_threadpool
+
+    scores = await asyncio.wrap_future(engine.between_steps(lambda: prompt_scores(engine.model, ids, k)))
+    return await run_in_threadpool(logprob_entries, server.engine.tok, ids, k, scores)
 
 
 async def infer(body: InferBody, request: Request):
