@@ -313,3 +313,28 @@ def test_a_non_streamed_picture_request_whose_client_leaves_is_cancelled(vl_serv
     asked = 3000
     _leave_after(port, {"model": "vl", "messages": _ask(data_url(pictures[0])), "max_tokens": asked}, handles)
     _assert_cancelled(handles, asked)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="TIME_WAIT reuse is SO_REUSEADDR's POSIX meaning")
+def test_port_check_takes_a_port_in_time_wait_and_refuses_a_listening_one():
+    """deploy's (and rollout's) port check binds as uvicorn does: a port whose server just stopped, its connection
+    left in TIME_WAIT, is taken (restarting right after a kill); a port a live server listens on is refused."""
+    from tunesmith.commands.deploy import _check_port
+    from tunesmith.errors import ConfigError
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port} .*--port"):
+            _check_port("127.0.0.1", port)
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()   # the server side closes first: its end (on `port`) waits in TIME_WAIT
+        time.sleep(0.1)
+        client.close()
+    with socket.socket() as plain:   # the state the check must accept: a bind without SO_REUSEADDR fails
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+    _check_port("127.0.0.1", port)

@@ -26,7 +26,12 @@ def served_models(args, named: dict, ckpt: Optional[str]) -> dict[str, Optional[
 
 
 def _check_port(host: str, port: int) -> None:
+    """Refuse, before the model loads, a port the server could not listen on: bound as uvicorn binds it (with
+    SO_REUSEADDR on POSIX), so a port whose last connections linger in TIME_WAIT after a server stopped is taken
+    while one that a live server listens on is not. Raises ConfigError."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        if os.name == "posix":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

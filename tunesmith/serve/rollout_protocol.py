@@ -3,7 +3,8 @@
 body), checked, and its response shape (RolloutOutput around a ChatCompletionResponse whose choices carry token ids).
 
 tunesmith's extensions, all optional: an infer request's `prompt_token_ids` (the prompt as token ids, used as they
-are instead of rendering `messages`: a trainer that cut its prompts to --max_length samples exactly those) and
+are instead of rendering `messages`, which may then be left out: a trainer that cut its prompts to --max_length
+samples exactly those) and
 `seed` (its completions' seeds are seed, seed + 1, …; without it, completion k of request i gets
 request_config.seed + i·n + k, so copies of one prompt differ). No torch or fastapi import (pydantic only).
 The request models carry no docstrings on purpose: FastAPI would publish them in /openapi.json.
@@ -21,7 +22,7 @@ from tunesmith.serve.protocol import ApiError, Float, Int
 
 class RolloutInferRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    messages: list[dict] = Field(min_length=1)
+    messages: list[dict] = Field(default_factory=list)   # may be left out when prompt_token_ids is given
     images: list[str] = Field(default_factory=list)
     audios: list = Field(default_factory=list)
     videos: list = Field(default_factory=list)
@@ -93,9 +94,12 @@ def check_request_config(cfg: RequestConfig, max_logprobs: int) -> None:
 
 
 def check_infer_request(i: int, req: RolloutInferRequest, vocab: int) -> None:
-    """Refuse inputs this server cannot sample from: audio, video, other multimodal objects, message contents that
-    are not text, token ids outside the vocabulary, token ids together with pictures. Raises ApiError 400."""
+    """Refuse a request with neither messages nor prompt_token_ids, and inputs this server cannot sample from:
+    audio, video, other multimodal objects, message contents that are not text, token ids outside the vocabulary,
+    token ids together with pictures. Raises ApiError 400."""
     at = f"infer_requests[{i}]"
+    if not req.messages and req.prompt_token_ids is None:
+        raise ApiError(400, f"{at}: give its messages (at least one) or its prompt_token_ids", param=f"{at}.messages")
     for name in ("audios", "videos", "objects"):
         if getattr(req, name):
             raise ApiError(400, f"{at}.{name}: only text and pictures (`images`) are taken", param=f"{at}.{name}")

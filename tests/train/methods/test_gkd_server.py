@@ -179,3 +179,69 @@ def test_grpo_opd_rl_from_a_teacher_server_equals_the_local_teacher(deploy, tiny
     assert len(remote) == len(local) == 3 and any(abs(d) > 1e-3 for _, d in local)  # the teacher differs
     for (a, b), (c, d) in zip(remote, local):
         assert abs(a - c) < 1e-4 and abs(b - d) < 1e-4, (remote, local)
+
+
+def test_infer_refuses_an_over_long_prompt_before_the_forward_pass_and_serves_others_meanwhile(deploy):
+    """100,000 prompt_token_ids (a 600 KB body): 400 naming the model's limit, refused before anything runs on them
+    (no between-steps forward pass, where the 100k² attention stalled every client) — and a chat request sent
+    alongside is answered. Over-long messages are refused before the forward pass too (the character bound)."""
+    import threading
+    import time
+
+    _, url = deploy
+    big = {"infer_requests": [{"prompt_token_ids": [5] * 100_000}],
+           "request_config": {"prompt_logprobs": 2, "max_tokens": 1}}
+    results = {}
+
+    def post():
+        results["big"] = http_json("POST", f"{url}/infer/", big)
+
+    start = time.time()
+    thread = threading.Thread(target=post)
+    thread.start()
+    chat = http_json("POST", f"{url}/v1/chat/completions",
+                     {"model": "teacher", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    thread.join(60)
+    assert chat[0] == 200, chat
+    status, err = results["big"]
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded", err
+    assert "100000 tokens" in err["error"]["message"] and "the model's limit is" in err["error"]["message"]
+    assert time.time() - start < 30   # generous: the refusal itself takes well under a second
+    status, err = http_json("POST", f"{url}/infer/", {
+        "infer_requests": [{"messages": [{"role": "user", "content": "red " * 200_000}]}],
+        "request_config": {"prompt_logprobs": 0, "max_tokens": 1}})
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded", err
+
+
+def test_infer_takes_prompt_token_ids_without_messages(deploy):
+    """The documented shape — prompt_token_ids alone, or with `messages: []` — is scored; a request with neither
+    is refused with one error naming both fields."""
+    _, url = deploy
+    cfg = {"prompt_logprobs": 2, "max_tokens": 1}
+    for req in ({"prompt_token_ids": [1, 2, 3]}, {"messages": [], "prompt_token_ids": [1, 2, 3]}):
+        status, body = http_json("POST", f"{url}/infer/", {"infer_requests": [req], "request_config": cfg})
+        assert status == 200, body
+        assert len(body[0]["prompt_logprobs"]) == 3 and list(body[0]["prompt_logprobs"][1])[0] == "2"
+    for req in ({}, {"messages": []}):
+        status, err = http_json("POST", f"{url}/infer/", {"infer_requests": [req], "request_config": cfg})
+        assert status == 400, err
+        assert err["error"]["message"] == "infer_requests[0]: give its messages (at least one) or its prompt_token_ids"
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong"])
+def test_a_teacher_server_with_an_api_key_says_to_set_tunesmith_api_key(key, monkeypatch):
+    """A deploy started with --api_key answers the trainer's /infer/ 401: the trainer's error names
+    TUNESMITH_API_KEY (and whether a key was sent), as the rollout client's does."""
+    from tunesmith.serve.app import create_app
+    from tunesmith.train.rl.rollout_client import API_KEY_ENV, RolloutServerError
+    from tunesmith.train.rl.teacher_server import _post
+
+    if key:
+        monkeypatch.setenv(API_KEY_ENV, key)
+    else:
+        monkeypatch.delenv(API_KEY_ENV, raising=False)
+    with serve_on_a_thread(create_app(None, {"teacher": None}, api_key="sk-teacher")) as port:
+        with pytest.raises(RolloutServerError, match=f"HTTP 401.*{'a wrong' if key else 'no'} API key was sent: "
+                                                     f"set {API_KEY_ENV} to the server's --api_key") as e:
+            _post(f"http://127.0.0.1:{port}", "/infer/", b"{}")
+    assert e.value.status == 401 and "\n" not in str(e.value)

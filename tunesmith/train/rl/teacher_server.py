@@ -161,7 +161,8 @@ class TeacherClient:
 
 def _post(base: str, path: str, body: Optional[bytes], method: str = "POST", timeout: Optional[float] = None):
     """The JSON answer of one request to a teacher server (TUNESMITH_API_KEY sent as its bearer key). Raises
-    RolloutServerError for an HTTP error (with the server's message) or when nothing answers."""
+    RolloutServerError for an HTTP error (with the server's message; a 401/403 says to set TUNESMITH_API_KEY) or
+    when nothing answers."""
     headers = {"Content-Type": "application/json"}
     key = os.environ.get(API_KEY_ENV)
     if key:
@@ -171,7 +172,10 @@ def _post(base: str, path: str, body: Optional[bytes], method: str = "POST", tim
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.load(r)
     except urllib.error.HTTPError as e:
-        raise RolloutServerError(f"the teacher server at {base} refused {path} (HTTP {e.code}): {_message(e)}",
+        hint = "" if e.code not in (401, 403) else (
+            f" ({'a wrong API key was sent' if key else 'no API key was sent'}: set {API_KEY_ENV} to the server's "
+            f"--api_key in the training process's environment)")
+        raise RolloutServerError(f"the teacher server at {base} refused {path} (HTTP {e.code}): {_message(e)}{hint}",
                                  e.code) from None
     except OSError as e:
         raise RolloutServerError(f"the teacher server at {base} did not answer {path} ({_reason(e)})") from None
