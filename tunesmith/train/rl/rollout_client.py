@@ -85,7 +85,9 @@ class RolloutServer:
                                   f"{_reason(last)}). Start one first, e.g. `{self.start_command()}`, and pass its "
                                   f"--vllm_server_host/--vllm_server_port (or --vllm_server_base_url)") from None
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-        return self._check_engine()
+        info = self._check_engine()
+        self._check_model(info)
+        return info
 
     def _check_engine(self) -> dict:
         try:
@@ -106,6 +108,35 @@ class RolloutServer:
                               f"`{self.start_command()}` (the policy's adapter goes over HTTP), or use --vllm_mode "
                               f"colocate")
         return info
+
+    def _check_model(self, info: dict) -> None:
+        """Refuse a server that serves another base model than the policy's (GET /get_model_info/: config fields,
+        and for a LoRA policy a weight fingerprint; tunesmith.models.identity). A server without the endpoint (an
+        older tunesmith) gets a note. Raises ConfigError naming both models."""
+        from tunesmith.log import note
+        from tunesmith.models.identity import identity_difference, model_identity
+
+        if self.model is None:
+            return
+        try:
+            theirs = self._request("GET", "/get_model_info/")
+        except RolloutServerError as e:
+            if e.status not in (404, 405):
+                raise
+            note(f"--vllm_mode server: the rollout server at {self.cfg.base_url} does not say which model it serves "
+                 f"(no /get_model_info/: an older tunesmith); make sure it serves this run's --model "
+                 f"{self.model_dir or ''}".rstrip())
+            return
+        lora = isinstance(getattr(self.model, "peft_config", None), dict)
+        mine = model_identity(self.model)
+        if not lora:  # full weights: the trainer's (resumed) weights replace the server's at the first push
+            mine.pop("fingerprint", None)
+        why = identity_difference(mine, theirs)
+        if why:
+            raise ConfigError(f"--vllm_mode server: the rollout server at {self.cfg.base_url} serves "
+                              f"{theirs.get('model') or info.get('model')}, another model than this run's --model "
+                              f"{self.model_dir or 'MODEL'} ({why}); the policy's adapter would be trained on one "
+                              f"base and sampled on the other. Start the server with `{self.start_command()}`")
 
     def sync(self, weights: Optional[tuple] = None) -> Optional[str]:
         """Bring the server to the policy's weights: a LoRA policy's adapter when its tensors differ from the last
