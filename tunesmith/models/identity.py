@@ -62,3 +62,14 @@ def identity_difference(mine: dict, theirs: dict) -> Optional[str]:
                 if abs(s - s2) > TOLERANCE * max(m, m2) + 1e-6:
                     return f"the weights differ (input-embedding row {r} sums to {s2:.6g} there, {s:.6g} here)"
     return None
+
+
+def tokenizer_identity(tok) -> dict:
+    """{"vocab_size": the tokenizer's length, "tokenizer_fingerprint": a short hash of every id's token text} —
+    equal for the same tokenizer wherever it is loaded from, different when any id maps to another token."""
+    import hashlib
+
+    n = len(tok)
+    tokens = tok.convert_ids_to_tokens(list(range(n)))
+    digest = hashlib.sha256("\n".join("" if t is None else str(t) for t in tokens).encode("utf-8", "replace"))
+    return {"vocab_size": n, "tokenizer_fingerprint": digest.hexdigest()[:16]}

@@ -315,7 +315,7 @@ class GKD:
                               "samples would need the pictures); distil a text model")
         if self.teacher_servers:  # its top-k over HTTP; waits for each server's /health
             client = TeacherClient(self.teacher_servers, self.teacher_tag_key)
-            client.connect()
+            client.connect(prepared.tokenizer)
             teacher = ServerTeacher(client)
         else:
             teacher = setup_teacher(cfg.model, self.teacher_model, list(self.teacher_adapters),
