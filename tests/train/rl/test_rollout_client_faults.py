@@ -63,3 +63,58 @@ def test_a_server_without_model_info_gets_a_note(tiny_models, capsys):
     with serve_on_a_thread(app) as port:
         assert _client(tiny_models("qwen2"), port).connect()["model"] == "m"
     assert "does not say which model it serves" in capsys.readouterr().err
+
+
+class _OnPort:
+    """An ASGI app served by uvicorn on a thread at a fixed loopback port, started and stopped at will."""
+
+    def __init__(self, app, port):
+        self.app, self.port, self.srv, self.thread = app, port, None, None
+
+    def start(self):
+        import uvicorn
+
+        self.srv = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.srv.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.srv.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.srv.started
+
+    def stop(self):
+        self.srv.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def test_a_server_that_comes_back_gets_the_adapter_again(rollout, tmp_path, capsys):
+    """The server stops mid-run: the next push waits for /health/ (one note), then goes to the restarted server;
+    a round whose server restarted meanwhile pushes the adapter again and is sampled; one that never comes back
+    within --vllm_server_timeout fails with the connection error."""
+    from conftest import free_port
+    from tunesmith.train.rl.rollout_client import RolloutServerError
+
+    model, _, app = rollout
+    server = _OnPort(app, free_port())
+    server.start()
+    client = _client(model, server.port, timeout=20.0)
+    client.connect()
+    client.sync()
+    server.stop()
+    threading.Timer(1.5, server.start).start()
+    with __import__("torch").no_grad():
+        next(p for n, p in client.model.named_parameters() if "lora_B" in n).add_(0.1)
+    assert client.sync() is not None and client.pushes == 2
+    assert capsys.readouterr().err.count("stopped answering") == 1
+    out = client.generate([([5, 6, 7], 11, [{"role": "user", "content": "x"}])], {"max_tokens": 3}, 2)
+    assert len(out) == 2
+    server.stop()
+    threading.Timer(1.5, server.start).start()
+    client.adapter = "policy-999999"  # the restarted server knows no version: pushed again, then sampled
+    out = client.generate([([5, 6, 7], 11, [{"role": "user", "content": "x"}])], {"max_tokens": 3}, 2)
+    assert len(out) == 2 and client.pushes == 3
+    server.stop()
+    client = _client(model, server.port, timeout=1.0)
+    with pytest.raises(RolloutServerError, match="did not answer /infer/ .*ConnectionRefusedError"):
+        client.generate([([5, 6, 7], 11, [{"role": "user", "content": "x"}])], {"max_tokens": 3}, 2, adapter=None)

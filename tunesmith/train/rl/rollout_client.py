@@ -75,7 +75,7 @@ class RolloutServer:
         deadline, last = time.monotonic() + self.cfg.timeout, None
         while True:
             try:
-                self._request("GET", "/health/", timeout=max(0.5, min(5.0, self.cfg.timeout)))
+                self._once("GET", "/health/", timeout=max(0.5, min(5.0, self.cfg.timeout)))
                 break
             except RolloutServerError as e:
                 last = e.__context__ or e
@@ -216,8 +216,36 @@ class RolloutServer:
 
     def _request(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "application/json",
                  timeout: Optional[float] = 60.0):
-        """The JSON answer of one request (timeout: seconds, None for no limit). Raises RolloutServerError for an
-        HTTP error (with the server's message) or when nothing answers."""
+        """The JSON answer of one request (timeout: seconds, None for no limit). When nothing answers (the server
+        died or restarts), waits for its /health/ up to --vllm_server_timeout (one note says so) and sends the
+        request once more. Raises RolloutServerError for an HTTP error (with the server's message) or when nothing
+        answers then."""
+        try:
+            return self._once(method, path, body, content_type, timeout)
+        except RolloutServerError as e:
+            if e.status is not None or not self._back(e):
+                raise
+        return self._once(method, path, body, content_type, timeout)
+
+    def _back(self, error: RolloutServerError) -> bool:
+        """Whether the server's /health/ answers again within --vllm_server_timeout (polling; one note first)."""
+        from tunesmith.log import note
+
+        note(f"the rollout server at {self.cfg.base_url} stopped answering ({error}); waiting up to "
+             f"{self.cfg.timeout:g} s (--vllm_server_timeout) for it to answer /health/ again")
+        deadline = time.monotonic() + self.cfg.timeout
+        while True:
+            try:
+                self._once("GET", "/health/", timeout=max(0.5, min(5.0, self.cfg.timeout)))
+                return True
+            except RolloutServerError:
+                if time.monotonic() >= deadline:
+                    return False
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _once(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "application/json",
+              timeout: Optional[float] = 60.0):
+        """One request's JSON answer, no retry (`_request`'s)."""
         headers = {"Content-Type": content_type}
         key = os.environ.get(API_KEY_ENV)
         if key:
