@@ -74,3 +74,13 @@ def test_waiting_for_a_teacher_says_what_it_waits_for(capsys):
     assert time.time() - start < 30
     err = capsys.readouterr().err
     assert err.count("waiting up to 1 s") == 1 and url in err and "no flag changes it" in err
+
+
+@pytest.mark.parametrize("value", ['{"url": "http://127.0.0.1:9"}', "127.0.0.1:8000", "ftp://h:1", "http://"])
+def test_a_teacher_server_that_is_neither_a_url_nor_a_list_is_refused_at_parse(value):
+    from tunesmith.train.rl.teacher_server import parse_teacher_servers
+
+    with pytest.raises(ConfigError, match="neither a URL .* nor a JSON list") as e:
+        parse_teacher_servers(value)
+    assert "\n" not in str(e.value)
+    assert parse_teacher_servers("http://127.0.0.1:9/")[0].url == "http://127.0.0.1:9"

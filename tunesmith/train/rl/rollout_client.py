@@ -72,12 +72,17 @@ class RolloutServer:
         """Wait until /health/ answers (up to cfg.timeout seconds, polling), then check with /get_engine_type/ that
         it is a tunesmith rollout server. Returns its engine description. Raises ConfigError naming the address
         and the command that starts one, or why a vLLM server cannot serve this run."""
+        from tunesmith.log import note
+
         deadline, last = time.monotonic() + self.cfg.timeout, None
         while True:
             try:
                 self._once("GET", "/health/", timeout=max(0.5, min(5.0, self.cfg.timeout)))
                 break
             except RolloutServerError as e:
+                if last is None and time.monotonic() < deadline:
+                    note(f"--vllm_mode server: waiting up to {self.cfg.timeout:g} s (--vllm_server_timeout) for the "
+                         f"rollout server at {self.cfg.base_url} to answer /health/")
                 last = e.__context__ or e
             if time.monotonic() >= deadline:
                 raise ConfigError(f"--vllm_mode server: no rollout server answers at {self.cfg.base_url} (waited "

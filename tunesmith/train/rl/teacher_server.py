@@ -43,9 +43,16 @@ def parse_teacher_servers(value: Optional[str]) -> Optional[tuple]:
     if value is None:
         return None
     value = value.strip()
-    if not value.startswith("["):
-        return (TeacherServer(value.rstrip("/")),)
     flag = "--teacher_model_server"
+    if not value.startswith("["):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{flag} {value[:80]}: neither a URL (http://HOST:PORT) nor a JSON list of "
+                              f'{{"url", "tags"}}; give one teacher\'s URL, or several as [{{"url": ..., "tags": '
+                              f"[...]}}, ...]")
+        return (TeacherServer(value.rstrip("/")),)
     try:
         raw = json.loads(value)
     except ValueError as e:
