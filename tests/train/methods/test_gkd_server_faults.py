@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import free_port, http_json, serve_on_a_thread, train, write_jsonl
-from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.errors import ConfigError, DataError, TunesmithError
 
 pytestmark = pytest.mark.usefixtures("no_charts")
 
@@ -84,3 +84,23 @@ def test_a_teacher_server_that_is_neither_a_url_nor_a_list_is_refused_at_parse(v
         parse_teacher_servers(value)
     assert "\n" not in str(e.value)
     assert parse_teacher_servers("http://127.0.0.1:9/")[0].url == "http://127.0.0.1:9"
+
+
+def test_a_row_without_its_tag_column_is_refused_with_its_file_and_line(tiny_models, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "red"}, {"role": "assistant", "content": "cat"}],
+             "src": "a"} for _ in range(4)]
+    del rows[2]["src"]
+    data = write_jsonl(tmp_path / "tagged.jsonl", rows)
+    servers = '[{"url": "http://127.0.0.1:9", "tags": ["a"]}, {"url": "http://127.0.0.1:9", "tags": ["b"]}]'
+    with pytest.raises(DataError, match=r"tagged\.jsonl:3: has no column src \(--teacher_tag_key\)"):
+        train("rlhf", "--rlhf_type", "gkd", "--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "1",
+              "--gkd_logits_topk", "4", "--teacher_model_server", servers, "--teacher_tag_key", "src",
+              "--report_to", "none", "--output_dir", str(tmp_path / "out"))
+
+
+def test_the_batch_routing_message_says_the_column_is_missing():
+    from tunesmith.train.rl.teacher_server import TeacherServer, route
+
+    servers = (TeacherServer("http://a", ("x",)), TeacherServer("http://b", ("y",)))
+    with pytest.raises(ConfigError, match=r"sample\[1\] of the batch has no column src \(--teacher_tag_key\)"):
+        route(["x", None], servers, "src")

@@ -34,7 +34,7 @@ from typing import Any, Optional
 from tunesmith.config.checks import between
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE, Encoded
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, DataError
 from tunesmith.log import note
 from tunesmith.train import loop
 from tunesmith.train.interrupts import raise_sampling_errors
@@ -297,11 +297,19 @@ class GKD:
         from tunesmith.data.load import map_records
 
         key = self.teacher_tag_key
+        tags = sorted({t for s in self.teacher_servers for t in s.tags})
 
         def tagged(rec: dict, src: tuple) -> list:
-            """The record with its routing tag (its columns dropped: nothing else reads them)."""
+            """The record with its routing tag (its columns dropped: nothing else reads them). Raises DataError
+            for a row without the column, or whose value no teacher takes."""
             value = (rec.pop("columns", None) or {}).get(key)
-            return [{**rec, "tag": None if value is None else str(value)}]
+            if value is None:
+                raise DataError(src[0], src[1], "", f"has no column {key} (--teacher_tag_key), which routes each "
+                                f"row to one of the teacher servers (tags {tags})", f"add {key} to every row, or "
+                                f"name the routing column with --teacher_tag_key")
+            if str(value) not in tags:
+                raise DataError(src[0], src[1], key, f"{str(value)!r} matches no teacher server (tags {tags})")
+            return [{**rec, "tag": str(value)}]
         return map_records(loaded, tagged)
 
     def batches(self, cfg, prepared, model, reference) -> Batches:

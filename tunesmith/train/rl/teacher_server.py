@@ -96,8 +96,9 @@ def route(tags: list, servers: tuple, tag_key: str = "dataset") -> dict:
     for s_idx, tag in enumerate(tags):
         t_idx = owner.get(tag)
         if t_idx is None:
-            raise ConfigError(f"sample[{s_idx}] tag {tag!r} (from \"{tag_key}\") matches no teacher; available "
-                              f"tags: {sorted(owner)}")
+            missing = f"has no column {tag_key} (--teacher_tag_key)" if tag is None else f"tag {tag!r} (from " \
+                f"\"{tag_key}\") matches no teacher"
+            raise ConfigError(f"sample[{s_idx}] of the batch {missing}; available tags: {sorted(owner)}")
         routing[t_idx].append(s_idx)
     return routing
 
