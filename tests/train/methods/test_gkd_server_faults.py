@@ -104,3 +104,14 @@ def test_the_batch_routing_message_says_the_column_is_missing():
     servers = (TeacherServer("http://a", ("x",)), TeacherServer("http://b", ("y",)))
     with pytest.raises(ConfigError, match=r"sample\[1\] of the batch has no column src \(--teacher_tag_key\)"):
         route(["x", None], servers, "src")
+
+
+def test_grpo_opd_rl_rows_are_checked_for_their_tag_too(tiny_models, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "red"}], "src": "a"} for _ in range(4)]
+    rows[1]["src"] = "zzz"
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    servers = '[{"url": "http://127.0.0.1:9", "tags": ["a"]}, {"url": "http://127.0.0.1:9", "tags": ["b"]}]'
+    with pytest.raises(DataError, match=r"prompts\.jsonl:2: field 'src': 'zzz' matches no teacher server"):
+        train("rlhf", "--rlhf_type", "grpo", "--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "1",
+              "--num_generations", "2", "--per_device_train_batch_size", "2", "--teacher_model_server", servers,
+              "--teacher_tag_key", "src", "--report_to", "none", "--output_dir", str(tmp_path / "out"))

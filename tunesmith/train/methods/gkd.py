@@ -34,11 +34,12 @@ from typing import Any, Optional
 from tunesmith.config.checks import between
 from tunesmith.data.collate import pad_collate
 from tunesmith.data.encode import IGNORE, Encoded
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError
 from tunesmith.log import note
 from tunesmith.train import loop
 from tunesmith.train.interrupts import raise_sampling_errors
-from tunesmith.train.rl.teacher_server import ServerTeacher, TeacherClient, parse_teacher_servers
+from tunesmith.train.rl.teacher_server import (ServerTeacher, TeacherClient, parse_teacher_servers,
+                                               tag_check)
 from tunesmith.train.setup import Batches
 
 
@@ -296,20 +297,13 @@ class GKD:
             return loaded
         from tunesmith.data.load import map_records
 
-        key = self.teacher_tag_key
-        tags = sorted({t for s in self.teacher_servers for t in s.tags})
+        key, check = self.teacher_tag_key, tag_check(self.teacher_servers, self.teacher_tag_key)
 
         def tagged(rec: dict, src: tuple) -> list:
             """The record with its routing tag (its columns dropped: nothing else reads them). Raises DataError
-            for a row without the column, or whose value no teacher takes."""
-            value = (rec.pop("columns", None) or {}).get(key)
-            if value is None:
-                raise DataError(src[0], src[1], "", f"has no column {key} (--teacher_tag_key), which routes each "
-                                f"row to one of the teacher servers (tags {tags})", f"add {key} to every row, or "
-                                f"name the routing column with --teacher_tag_key")
-            if str(value) not in tags:
-                raise DataError(src[0], src[1], key, f"{str(value)!r} matches no teacher server (tags {tags})")
-            return [{**rec, "tag": str(value)}]
+            for a row without the column, or whose value no teacher takes (tag_check)."""
+            check(rec, src)
+            return [{**rec, "tag": str(rec.pop("columns")[key])}]
         return map_records(loaded, tagged)
 
     def batches(self, cfg, prepared, model, reference) -> Batches:

@@ -103,6 +103,26 @@ def route(tags: list, servers: tuple, tag_key: str = "dataset") -> dict:
     return routing
 
 
+def tag_check(servers: tuple, key: str):
+    """map_records' function that keeps a GRPO prompt whose --teacher_tag_key column one of several teacher
+    servers takes, and raises DataError (its file and line) for one without the column or with another value."""
+    from tunesmith.errors import DataError
+
+    tags = sorted({t for s in servers for t in s.tags})
+
+    def check(rec: dict, src: tuple) -> list:
+        """[rec] when a teacher takes its tag; else raises DataError."""
+        value = prompt_tag(rec, key)
+        if value is None:
+            raise DataError(src[0], src[1], "", f"has no column {key} (--teacher_tag_key), which routes each row to "
+                            f"one of the teacher servers (tags {tags})", f"add {key} to every row, or name the "
+                            f"routing column with --teacher_tag_key")
+        if value not in tags:
+            raise DataError(src[0], src[1], key, f"{value!r} matches no teacher server (tags {tags})")
+        return [rec]
+    return check
+
+
 def prompt_tag(prompt: dict, key: str) -> Optional[str]:
     """A GRPO prompt's --teacher_tag_key column as text (None when absent): which teacher server scores it."""
     value = (prompt.get("columns") or {}).get(key)
