@@ -115,3 +115,14 @@ def test_grpo_opd_rl_rows_are_checked_for_their_tag_too(tiny_models, tmp_path):
         train("rlhf", "--rlhf_type", "grpo", "--model", tiny_models("qwen2"), "--dataset", data, "--max_steps", "1",
               "--num_generations", "2", "--per_device_train_batch_size", "2", "--teacher_model_server", servers,
               "--teacher_tag_key", "src", "--report_to", "none", "--output_dir", str(tmp_path / "out"))
+
+
+def test_a_missing_teacher_deepspeed_file_says_it_does_not_exist(tiny_models):
+    from tunesmith.config.parser import parse_args
+    from tunesmith.train.recipe import configure
+
+    model = tiny_models("qwen2")
+    with pytest.raises(ConfigError, match=r"--teacher_deepspeed /missing\.json: the file does not exist"):
+        configure(parse_args("rlhf", ["--rlhf_type", "gkd", "--model", model, "--dataset", "x.jsonl",
+                                      "--teacher_model", model, "--deepspeed", "zero2",
+                                      "--teacher_deepspeed", "/missing.json"]))

@@ -396,7 +396,7 @@ def _teacher_deepspeed_problems(args, problems: list) -> None:
     """--teacher_deepspeed's rules: ms-swift applies it only when the student runs under DeepSpeed (its trainer
     reads it only then), to a separate --teacher_model; a teacher server or --offload_teacher_model (which moves
     the whole teacher) cannot be sharded; the value must be a preset, a JSON file or a JSON string."""
-    from tunesmith.train.distributed import DEEPSPEED_PRESETS
+    from tunesmith.train.distributed import DEEPSPEED_PRESETS, deepspeed_spec_problem
 
     spec = args.teacher_deepspeed
     if not args.deepspeed:
@@ -413,8 +413,7 @@ def _teacher_deepspeed_problems(args, problems: list) -> None:
                         "partitions itself; for a teacher in CPU memory use --teacher_deepspeed zero3_offload")
     if not (spec.replace("default-", "") in DEEPSPEED_PRESETS or os.path.isfile(spec)
             or spec.lstrip().startswith("{")):
-        problems.append(f"--teacher_deepspeed {spec}: not a preset ({', '.join(DEEPSPEED_PRESETS)}), a JSON file "
-                        f"or a JSON string")
+        problems.append(deepspeed_spec_problem(spec, "--teacher_deepspeed"))
 
 
 def _teacher_servers(args, problems: list) -> Optional[tuple]:
