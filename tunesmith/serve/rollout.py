@@ -2,8 +2,9 @@
 GRPO's `--vllm_mode server` (tunesmith.train.rl.rollout_client is the trainer's side).
 
 Endpoints (ms-swift 4.6's names and shapes, swift/pipelines/infer/rollout.py): GET /health(/), GET
-/get_world_size/, POST /get_engine_type/, POST /infer/ (RolloutInferRequest list + RequestConfig → one
-RolloutOutput per request, its ChatCompletionResponse choices carrying the token ids), GET /get_model_state_keys/,
+/get_world_size/, POST /get_engine_type/, GET /get_model_info/ (tunesmith's: the base model's identity — config
+fields and a weight fingerprint, tunesmith.models.identity — that a trainer checks against its own), POST /infer/
+(RolloutInferRequest list + RequestConfig → one RolloutOutput per request, its ChatCompletionResponse choices carrying the token ids), GET /get_model_state_keys/,
 and the cache resets (no-ops: the engine keeps no prefix cache between requests). Weights arrive over HTTP, with
 no NCCL: POST /update_adapter/ (tunesmith's) takes the policy's LoRA adapter as one safetensors body
 (tunesmith.inference.live_adapters' format), installs it as the next adapter version between two decoding steps,
@@ -45,6 +46,7 @@ class Rollout:
     adapters: object        # tunesmith.inference.live_adapters.LiveAdapters
     model_name: str
     vocab_size: int
+    identity: Optional[dict] = None  # the base model's identity (tunesmith.models.identity), None where unknown
 
 
 def create_rollout_app(engine, model_name: str, api_key: Optional[str] = None, max_logprobs: int = 20,
@@ -54,13 +56,16 @@ def create_rollout_app(engine, model_name: str, api_key: Optional[str] = None, m
     path but /health needs `Authorization: Bearer KEY` (as `swift rollout`). max_request_bytes: the largest
     /infer/ body (weight uploads are not limited). The app does not close the engine."""
     from tunesmith.inference.live_adapters import LiveAdapters, VllmAdapters
+    from tunesmith.models.identity import model_identity
     from tunesmith.serve.app import create_app
 
     app = create_app(engine, {model_name: None}, api_key=api_key, max_logprobs=max_logprobs,
                      max_request_bytes=max_request_bytes, routes=ROUTES, guarded="/", unlimited=WEIGHT_PATHS)
     inner = engine.engine
     adapters = VllmAdapters(inner, max_lora_rank) if getattr(inner, "name", None) == "vllm" else LiveAdapters(inner)
-    app.state.rollout = Rollout(app.state.server, adapters, model_name, len(engine.tok))
+    model = getattr(inner, "model", None)  # vLLM's weights are its own: no identity
+    identity = model_identity(model) if model is not None else None
+    app.state.rollout = Rollout(app.state.server, adapters, model_name, len(engine.tok), identity)
     return app
 
 
@@ -198,6 +203,11 @@ async def get_engine_type(request: Request):
             "vocab_size": rollout.vocab_size, "adapter": rollout.adapters.current}
 
 
+async def get_model_info(request: Request):
+    rollout: Rollout = request.app.state.rollout
+    return {"model": rollout.model_name, "vocab_size": rollout.vocab_size, **(rollout.identity or {})}
+
+
 async def get_model_state_keys(request: Request):
     model = getattr(request.app.state.rollout.server.engine.engine, "model", None)  # vLLM's weights are its own
     return {"keys": [name for name, _ in model.named_parameters()] if model is not None else []}
@@ -219,6 +229,7 @@ async def nothing_cached(request: Request):
 ROUTES = (("GET", "/health", health), ("GET", "/health/", health),
           ("GET", "/get_world_size/", get_world_size),
           ("POST", "/get_engine_type/", get_engine_type),
+          ("GET", "/get_model_info/", get_model_info),
           ("GET", "/get_model_state_keys/", get_model_state_keys),
           ("POST", "/infer/", infer),
           ("POST", "/update_adapter/", update_adapter),

@@ -20,6 +20,7 @@ in /openapi.json.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
@@ -340,8 +341,16 @@ async def health():
 
 async def models(request: Request):
     server = request.app.state.server
+    tok = _tokenizer_identity(server.engine.tok)  # tunesmith's: a distillation trainer checks it is its own
     return {"object": "list", "data": [{"id": name, "object": "model", "created": server.created,
-                                        "owned_by": server.owned_by} for name in server.served]}
+                                        "owned_by": server.owned_by, **tok} for name in server.served]}
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_identity(tok) -> dict:
+    from tunesmith.models.identity import tokenizer_identity
+
+    return tokenizer_identity(tok)
 
 
 async def chat_completions(req: ChatRequest, request: Request):

@@ -163,6 +163,14 @@ def _load_preset(name: str) -> dict:
     return json.loads(text)
 
 
+def deepspeed_spec_problem(spec: str, flag: str) -> str:
+    """Why a --deepspeed-like value that is neither a preset, a file nor a JSON string is refused: a path that does
+    not exist says so; anything else lists what it may be."""
+    if spec.endswith(".json") or os.sep in spec or "/" in spec:
+        return f"{flag} {spec}: the file does not exist (give a DeepSpeed JSON config file, a preset or a JSON string)"
+    return f"{flag} {spec}: not a preset ({', '.join(DEEPSPEED_PRESETS)}), a JSON file or a JSON string"
+
+
 def deepspeed_config(spec, optim, world: int, dtype, flag: str = "--deepspeed") -> Optional[dict]:
     """--deepspeed (`spec`: a preset name, a JSON file or a JSON string, or a dict) with every "auto" filled from
     the optimisation slice (micro-batch, accumulation, clipping) and the model's dtype; None without --deepspeed.
@@ -189,8 +197,7 @@ def deepspeed_config(spec, optim, world: int, dtype, flag: str = "--deepspeed") 
         except json.JSONDecodeError as e:
             raise ConfigError(f"{flag}: not valid JSON ({e.msg})") from None
     else:
-        raise ConfigError(f"{flag} {spec}: not a preset ({', '.join(DEEPSPEED_PRESETS)}), a JSON file or a "
-                          f"JSON string")
+        raise ConfigError(deepspeed_spec_problem(spec, flag))
     bf16, fp16 = dtype == torch.bfloat16, dtype == torch.float16
     filled = {
         "train_micro_batch_size_per_gpu": optim.per_device_train_batch_size,

@@ -12,7 +12,7 @@ import torch
 
 from conftest import http_json, read_jsonl, serve_on_a_thread, train, write_jsonl
 from tunesmith.config.parser import parse_args
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("no_charts")
 
@@ -122,7 +122,7 @@ def test_teacher_server_equals_the_local_teacher(deploy, tiny_models, tmp_path):
 @pytest.mark.slow
 def test_several_teacher_servers_route_rows_by_tag(deploy, tiny_models, tmp_path):
     """A JSON list of teachers routes each row by its --teacher_tag_key column: two entries for the same server
-    with tags a and b equal one teacher; a row whose tag no teacher takes is ms-swift's error."""
+    with tags a and b equal one teacher; a row whose tag no teacher takes is refused when the data is prepared, with its file and line."""
     teacher, url = deploy
     student = tiny_models("qwen2")
     data = write_jsonl(tmp_path / "train.jsonl", _rows(16, 0, tag=lambda i: "ab"[i % 2]))
@@ -131,8 +131,8 @@ def test_several_teacher_servers_route_rows_by_tag(deploy, tiny_models, tmp_path
     two = _losses(_gkd(student, data, tmp_path / "two", "--teacher_model_server", servers, "--gkd_logits_topk", "5"))
     assert one == two
     bad = write_jsonl(tmp_path / "bad.jsonl", _rows(8, 0, tag=lambda i: "c"))
-    with pytest.raises(ConfigError, match="tag 'c' \\(from \"dataset\"\\) matches no teacher; available tags: "
-                                          "\\['a', 'b'\\]"):
+    with pytest.raises(DataError, match="bad\\.jsonl:1: field 'dataset': 'c' matches no teacher server \\(tags "
+                                        "\\['a', 'b'\\]\\)"):
         _gkd(student, bad, tmp_path / "bad", "--teacher_model_server", servers, "--gkd_logits_topk", "5")
 
 

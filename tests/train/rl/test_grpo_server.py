@@ -268,7 +268,7 @@ def test_the_api_key_guards_every_path_but_health(rollout):
                     RolloutServer(ServerConfig(url, 5.0), None, "m").connect()
 
 
-def test_no_server_is_a_clear_error_at_once(tiny_models, setup, tmp_path):
+def test_no_server_is_a_clear_error_at_once(tiny_models, setup, tmp_path, capsys):
     data, plugin = setup
     port = free_port()  # nothing listens there
     start = time.time()
@@ -277,6 +277,7 @@ def test_no_server_is_a_clear_error_at_once(tiny_models, setup, tmp_path):
         _grpo(tiny_models("qwen2"), data, plugin, tmp_path / "out", "--max_steps", "1", *_server_flags(port),
               "--vllm_server_timeout", "1")
     assert time.time() - start < 60
+    assert capsys.readouterr().err.count("waiting up to 1 s (--vllm_server_timeout)") == 1
 
 
 def test_a_vllm_rollout_server_is_refused_with_the_reason():

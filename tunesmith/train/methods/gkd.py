@@ -38,7 +38,8 @@ from tunesmith.errors import ConfigError
 from tunesmith.log import note
 from tunesmith.train import loop
 from tunesmith.train.interrupts import raise_sampling_errors
-from tunesmith.train.rl.teacher_server import ServerTeacher, TeacherClient, parse_teacher_servers
+from tunesmith.train.rl.teacher_server import (ServerTeacher, TeacherClient, parse_teacher_servers,
+                                               tag_check)
 from tunesmith.train.setup import Batches
 
 
@@ -296,12 +297,13 @@ class GKD:
             return loaded
         from tunesmith.data.load import map_records
 
-        key = self.teacher_tag_key
+        key, check = self.teacher_tag_key, tag_check(self.teacher_servers, self.teacher_tag_key)
 
         def tagged(rec: dict, src: tuple) -> list:
-            """The record with its routing tag (its columns dropped: nothing else reads them)."""
-            value = (rec.pop("columns", None) or {}).get(key)
-            return [{**rec, "tag": None if value is None else str(value)}]
+            """The record with its routing tag (its columns dropped: nothing else reads them). Raises DataError
+            for a row without the column, or whose value no teacher takes (tag_check)."""
+            check(rec, src)
+            return [{**rec, "tag": str(rec.pop("columns")[key])}]
         return map_records(loaded, tagged)
 
     def batches(self, cfg, prepared, model, reference) -> Batches:
@@ -315,7 +317,7 @@ class GKD:
                               "samples would need the pictures); distil a text model")
         if self.teacher_servers:  # its top-k over HTTP; waits for each server's /health
             client = TeacherClient(self.teacher_servers, self.teacher_tag_key)
-            client.connect()
+            client.connect(prepared.tokenizer)
             teacher = ServerTeacher(client)
         else:
             teacher = setup_teacher(cfg.model, self.teacher_model, list(self.teacher_adapters),
@@ -394,7 +396,7 @@ def _teacher_deepspeed_problems(args, problems: list) -> None:
     """--teacher_deepspeed's rules: ms-swift applies it only when the student runs under DeepSpeed (its trainer
     reads it only then), to a separate --teacher_model; a teacher server or --offload_teacher_model (which moves
     the whole teacher) cannot be sharded; the value must be a preset, a JSON file or a JSON string."""
-    from tunesmith.train.distributed import DEEPSPEED_PRESETS
+    from tunesmith.train.distributed import DEEPSPEED_PRESETS, deepspeed_spec_problem
 
     spec = args.teacher_deepspeed
     if not args.deepspeed:
@@ -411,8 +413,7 @@ def _teacher_deepspeed_problems(args, problems: list) -> None:
                         "partitions itself; for a teacher in CPU memory use --teacher_deepspeed zero3_offload")
     if not (spec.replace("default-", "") in DEEPSPEED_PRESETS or os.path.isfile(spec)
             or spec.lstrip().startswith("{")):
-        problems.append(f"--teacher_deepspeed {spec}: not a preset ({', '.join(DEEPSPEED_PRESETS)}), a JSON file "
-                        f"or a JSON string")
+        problems.append(deepspeed_spec_problem(spec, "--teacher_deepspeed"))
 
 
 def _teacher_servers(args, problems: list) -> Optional[tuple]:

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from tunesmith.errors import TunesmithError
 from tunesmith.models.head import zero3_gather
 from tunesmith.train.ops.token_logps import chunk_rows
 
@@ -181,15 +182,20 @@ def chunked_jsd(student, teacher, spec: JSDSpec, chunk: Optional[int] = None):
                                 chunk or default_chunk(vocab, width), grads)
 
 
+class TeacherVocabularyError(TunesmithError):
+    """A teacher's top-k names a token id the student's vocabulary does not have (another tokenizer)."""
+
+
 def chunked_topk_jsd(student, values, indices, spec: JSDSpec, chunk: Optional[int] = None):
     """`chunked_jsd` against a teacher given as its top-k at each trained position (a teacher server's): values
     [N, k] its log-probabilities (nats, temperature 1) at token ids indices [N, k], in the student's HeadInputs
-    order. Raises ValueError for an id outside the student's vocabulary."""
+    order. Raises TeacherVocabularyError for an id outside the student's vocabulary."""
     s_h, s_w = student.hidden, student.weight
     vocab = s_h.shape[-1] if s_w is None else s_w.shape[0]
     if indices.numel() and int(indices.max()) >= vocab:
-        raise ValueError(f"the teacher's top-k holds token id {int(indices.max())}, outside the student's "
-                         f"vocabulary of {vocab}: teacher and student must share the tokenizer")
+        raise TeacherVocabularyError(f"the teacher's top-k holds token id {int(indices.max())}, outside the "
+                                     f"student's vocabulary of {vocab}: the teacher server's model has another "
+                                     f"tokenizer than the student --model; serve a teacher that shares it")
     grads = (torch.is_grad_enabled() and s_h.requires_grad,
              torch.is_grad_enabled() and s_w is not None and s_w.requires_grad)
     width = s_h.shape[-1] if s_w is None else s_w.shape[-1]

@@ -45,7 +45,7 @@ class Ahead:
         note("GRPO --async_generate: each round after the first is sampled by the rollout server while the one "
              "before it trains, from the weights before that round's update (one round off-policy, as ms-swift); "
              "π_old is the model that trains the round, so the clip does not see the lag" +
-             ("" if corrected else "; --rollout_importance_sampling_mode token_truncate corrects it"))
+             ("" if corrected else "; add --rollout_importance_sampling_mode token_truncate to correct it"))
         self.pending: Optional[tuple] = None  # (the request's key, its Future of engine Completions)
         self.saved: Optional[tuple] = None    # (key, completions) read from a checkpoint, until used
         self.requested = 0                    # requests sent ahead (for tests and the log)

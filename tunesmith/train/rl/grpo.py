@@ -342,7 +342,12 @@ class GRPO:
         if pairs:
             note(f"GRPO: {pairs} row(s) are preference pairs; each gives its prompt, and its chosen reply as "
                  f"`solution` (for rewards such as accuracy); the rejected reply is not used")
-        return map_records(loaded, prompt_record)
+        prompts = map_records(loaded, prompt_record)
+        if self.teacher_servers and len(self.teacher_servers) > 1:  # every row routes to one teacher server
+            from tunesmith.train.rl.teacher_server import tag_check
+
+            prompts = map_records(prompts, tag_check(self.teacher_servers, self.teacher_tag_key))
+        return prompts
 
     def batches(self, cfg, prepared, model, reference) -> Batches:
         """The rollouts (generated as the loop reads them) and their collator; dropout off (the ratio of an

@@ -72,12 +72,17 @@ class RolloutServer:
         """Wait until /health/ answers (up to cfg.timeout seconds, polling), then check with /get_engine_type/ that
         it is a tunesmith rollout server. Returns its engine description. Raises ConfigError naming the address
         and the command that starts one, or why a vLLM server cannot serve this run."""
+        from tunesmith.log import note
+
         deadline, last = time.monotonic() + self.cfg.timeout, None
         while True:
             try:
-                self._request("GET", "/health/", timeout=max(0.5, min(5.0, self.cfg.timeout)))
+                self._once("GET", "/health/", timeout=max(0.5, min(5.0, self.cfg.timeout)))
                 break
             except RolloutServerError as e:
+                if last is None and time.monotonic() < deadline:
+                    note(f"--vllm_mode server: waiting up to {self.cfg.timeout:g} s (--vllm_server_timeout) for the "
+                         f"rollout server at {self.cfg.base_url} to answer /health/")
                 last = e.__context__ or e
             if time.monotonic() >= deadline:
                 raise ConfigError(f"--vllm_mode server: no rollout server answers at {self.cfg.base_url} (waited "
@@ -85,7 +90,9 @@ class RolloutServer:
                                   f"{_reason(last)}). Start one first, e.g. `{self.start_command()}`, and pass its "
                                   f"--vllm_server_host/--vllm_server_port (or --vllm_server_base_url)") from None
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-        return self._check_engine()
+        info = self._check_engine()
+        self._check_model(info)
+        return info
 
     def _check_engine(self) -> dict:
         try:
@@ -106,6 +113,35 @@ class RolloutServer:
                               f"`{self.start_command()}` (the policy's adapter goes over HTTP), or use --vllm_mode "
                               f"colocate")
         return info
+
+    def _check_model(self, info: dict) -> None:
+        """Refuse a server that serves another base model than the policy's (GET /get_model_info/: config fields,
+        and for a LoRA policy a weight fingerprint; tunesmith.models.identity). A server without the endpoint (an
+        older tunesmith) gets a note. Raises ConfigError naming both models."""
+        from tunesmith.log import note
+        from tunesmith.models.identity import identity_difference, model_identity
+
+        if self.model is None:
+            return
+        try:
+            theirs = self._request("GET", "/get_model_info/")
+        except RolloutServerError as e:
+            if e.status not in (404, 405):
+                raise
+            note(f"--vllm_mode server: the rollout server at {self.cfg.base_url} does not say which model it serves "
+                 f"(no /get_model_info/: an older tunesmith); make sure it serves this run's --model "
+                 f"{self.model_dir or ''}".rstrip())
+            return
+        lora = isinstance(getattr(self.model, "peft_config", None), dict)
+        mine = model_identity(self.model)
+        if not lora:  # full weights: the trainer's (resumed) weights replace the server's at the first push
+            mine.pop("fingerprint", None)
+        why = identity_difference(mine, theirs)
+        if why:
+            raise ConfigError(f"--vllm_mode server: the rollout server at {self.cfg.base_url} serves "
+                              f"{theirs.get('model') or info.get('model')}, another model than this run's --model "
+                              f"{self.model_dir or 'MODEL'} ({why}); the policy's adapter would be trained on one "
+                              f"base and sampled on the other. Start the server with `{self.start_command()}`")
 
     def sync(self, weights: Optional[tuple] = None) -> Optional[str]:
         """Bring the server to the policy's weights: a LoRA policy's adapter when its tensors differ from the last
@@ -185,8 +221,36 @@ class RolloutServer:
 
     def _request(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "application/json",
                  timeout: Optional[float] = 60.0):
-        """The JSON answer of one request (timeout: seconds, None for no limit). Raises RolloutServerError for an
-        HTTP error (with the server's message) or when nothing answers."""
+        """The JSON answer of one request (timeout: seconds, None for no limit). When nothing answers (the server
+        died or restarts), waits for its /health/ up to --vllm_server_timeout (one note says so) and sends the
+        request once more. Raises RolloutServerError for an HTTP error (with the server's message) or when nothing
+        answers then."""
+        try:
+            return self._once(method, path, body, content_type, timeout)
+        except RolloutServerError as e:
+            if e.status is not None or not self._back(e):
+                raise
+        return self._once(method, path, body, content_type, timeout)
+
+    def _back(self, error: RolloutServerError) -> bool:
+        """Whether the server's /health/ answers again within --vllm_server_timeout (polling; one note first)."""
+        from tunesmith.log import note
+
+        note(f"the rollout server at {self.cfg.base_url} stopped answering ({error}); waiting up to "
+             f"{self.cfg.timeout:g} s (--vllm_server_timeout) for it to answer /health/ again")
+        deadline = time.monotonic() + self.cfg.timeout
+        while True:
+            try:
+                self._once("GET", "/health/", timeout=max(0.5, min(5.0, self.cfg.timeout)))
+                return True
+            except RolloutServerError:
+                if time.monotonic() >= deadline:
+                    return False
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _once(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "application/json",
+              timeout: Optional[float] = 60.0):
+        """One request's JSON answer, no retry (`_request`'s)."""
         headers = {"Content-Type": content_type}
         key = os.environ.get(API_KEY_ENV)
         if key:

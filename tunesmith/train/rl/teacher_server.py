@@ -43,9 +43,16 @@ def parse_teacher_servers(value: Optional[str]) -> Optional[tuple]:
     if value is None:
         return None
     value = value.strip()
-    if not value.startswith("["):
-        return (TeacherServer(value.rstrip("/")),)
     flag = "--teacher_model_server"
+    if not value.startswith("["):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{flag} {value[:80]}: neither a URL (http://HOST:PORT) nor a JSON list of "
+                              f'{{"url", "tags"}}; give one teacher\'s URL, or several as [{{"url": ..., "tags": '
+                              f"[...]}}, ...]")
+        return (TeacherServer(value.rstrip("/")),)
     try:
         raw = json.loads(value)
     except ValueError as e:
@@ -89,10 +96,31 @@ def route(tags: list, servers: tuple, tag_key: str = "dataset") -> dict:
     for s_idx, tag in enumerate(tags):
         t_idx = owner.get(tag)
         if t_idx is None:
-            raise ConfigError(f"sample[{s_idx}] tag {tag!r} (from \"{tag_key}\") matches no teacher; available "
-                              f"tags: {sorted(owner)}")
+            missing = f"has no column {tag_key} (--teacher_tag_key)" if tag is None else f"tag {tag!r} (from " \
+                f"\"{tag_key}\") matches no teacher"
+            raise ConfigError(f"sample[{s_idx}] of the batch {missing}; available tags: {sorted(owner)}")
         routing[t_idx].append(s_idx)
     return routing
+
+
+def tag_check(servers: tuple, key: str):
+    """map_records' function that keeps a GRPO prompt whose --teacher_tag_key column one of several teacher
+    servers takes, and raises DataError (its file and line) for one without the column or with another value."""
+    from tunesmith.errors import DataError
+
+    tags = sorted({t for s in servers for t in s.tags})
+
+    def check(rec: dict, src: tuple) -> list:
+        """[rec] when a teacher takes its tag; else raises DataError."""
+        value = prompt_tag(rec, key)
+        if value is None:
+            raise DataError(src[0], src[1], "", f"has no column {key} (--teacher_tag_key), which routes each row to "
+                            f"one of the teacher servers (tags {tags})", f"add {key} to every row, or name the "
+                            f"routing column with --teacher_tag_key")
+        if value not in tags:
+            raise DataError(src[0], src[1], key, f"{value!r} matches no teacher server (tags {tags})")
+        return [rec]
+    return check
 
 
 def prompt_tag(prompt: dict, key: str) -> Optional[str]:
@@ -123,21 +151,55 @@ class TeacherClient:
     def __init__(self, servers: tuple, tag_key: str = "dataset", timeout: float = 240.0):
         self.servers, self.tag_key, self.timeout = servers, tag_key, timeout
 
-    def connect(self) -> None:
-        """Wait until each server's /health answers (up to `timeout` seconds each). Raises ConfigError naming the
-        address and how to start one."""
+    def connect(self, tokenizer=None) -> None:
+        """Wait until each server's /health answers (up to `timeout` seconds each; a note says what it waits for),
+        then, with the student's tokenizer, check that each teacher's is the same (the vocab_size and
+        tokenizer_fingerprint `tunesmith deploy` adds to GET /v1/models; a server that does not say, a vLLM one, is
+        not checked). Raises ConfigError naming the address and how to start one, or the mismatch."""
         for s in self.servers:
-            deadline = time.monotonic() + self.timeout
-            while True:
-                try:
-                    _post(s.url, "/health", None, "GET", timeout=max(0.5, min(5.0, self.timeout)))
-                    break
-                except RolloutServerError as e:
-                    if time.monotonic() >= deadline:
-                        raise ConfigError(f"--teacher_model_server: no teacher server answers at {s.url} (waited "
-                                          f"{self.timeout:g} s for /health; {e}). Serve the teacher first, e.g. "
-                                          f"`tunesmith deploy --model TEACHER --max_logprobs K`") from None
-                time.sleep(0.5)
+            self._wait(s)
+            if tokenizer is not None:
+                self._check_tokenizer(s, tokenizer)
+
+    def _wait(self, s: TeacherServer) -> None:
+        from tunesmith.log import note
+
+        deadline, said = time.monotonic() + self.timeout, False
+        while True:
+            try:
+                _post(s.url, "/health", None, "GET", timeout=max(0.5, min(5.0, self.timeout)))
+                return
+            except RolloutServerError as e:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(f"--teacher_model_server: no teacher server answers at {s.url} (waited "
+                                      f"{self.timeout:g} s for /health; {e}). Serve the teacher first, e.g. "
+                                      f"`tunesmith deploy --model TEACHER --max_logprobs K`") from None
+                if not said:
+                    note(f"--teacher_model_server: waiting up to {self.timeout:g} s (fixed, as ms-swift's; no flag "
+                         f"changes it) for the teacher server at {s.url} to answer /health")
+                    said = True
+            time.sleep(0.5)
+
+    def _check_tokenizer(self, s: TeacherServer, tokenizer) -> None:
+        from tunesmith.models.identity import tokenizer_identity
+
+        try:
+            listed = _post(s.url, "/v1/models", None, "GET", timeout=60.0).get("data") or []
+        except (RolloutServerError, AttributeError):
+            return  # no model list: not checked here (the top-k ids are checked as they come)
+        theirs = next((m for m in listed if isinstance(m, dict) and "tokenizer_fingerprint" in m), None)
+        if theirs is None:
+            return
+        mine = tokenizer_identity(tokenizer)
+        if theirs.get("vocab_size") != mine["vocab_size"]:
+            why = f"its vocabulary has {theirs.get('vocab_size')} tokens, the student's {mine['vocab_size']}"
+        elif theirs.get("tokenizer_fingerprint") != mine["tokenizer_fingerprint"]:
+            why = "the same size, but some token ids map to other tokens"
+        else:
+            return
+        raise ConfigError(f"--teacher_model_server: the teacher at {s.url} ({theirs.get('id')}) has another "
+                          f"tokenizer than the student --model ({why}); its top-k token ids would not be the "
+                          f"student's. Serve a teacher that shares the student's tokenizer")
 
     def logprobs(self, sequences: list, tags: list, k: int) -> list:
         """[(log-probs [T−1][k'], ids [T−1][k'])] of each token-id sequence [T], position t − 1 holding the

@@ -200,7 +200,7 @@ def grpo_teacher(method, cfg, model, tokenizer):
         from tunesmith.train.rl.teacher_server import ServerTeacher, TeacherClient
 
         client = TeacherClient(method.teacher_servers, method.teacher_tag_key)
-        client.connect()
+        client.connect(tokenizer)
         return ServerTeacher(client)
     if not method.teacher_model:
         return None
