@@ -225,3 +225,18 @@ def weather_script(prompt: str) -> str:
     if "<tool_response>" in prompt:
         return "It is sunny in Paris.<|im_end|>"
     return '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+
+
+# An ms-swift 3.x ORM plugin file (unchanged form): the share of even token ids in each completion, a reward a tiny
+# model can raise. GRPO, PPO, the rollout-server and W&B tests train against it.
+EVEN_TOKENS_PLUGIN = '''
+from swift.plugin import ORM, orms
+
+
+class EvenTokens(ORM):
+    def __call__(self, completions, response_token_ids=None, **kwargs):
+        return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in response_token_ids]
+
+
+orms["even_tokens"] = EvenTokens
+'''

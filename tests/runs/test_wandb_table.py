@@ -15,23 +15,11 @@ import pytest
 
 from conftest import read_jsonl, train, write_jsonl
 from tunesmith.runs.track import CompletionRows, Trackers
+from fakes import EVEN_TOKENS_PLUGIN
 
 NO_WANDB = "wandb is not installed (pip install 'tunesmith[wandb]', or the [test] extra)"
 
 pytestmark = pytest.mark.usefixtures("no_charts")
-
-PLUGIN = '''
-from swift.plugin import ORM, orms
-
-
-class EvenTokens(ORM):
-    def __call__(self, completions, response_token_ids=None, **kwargs):
-        return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in response_token_ids]
-
-
-orms["even_tokens"] = EvenTokens
-'''
-
 
 @pytest.fixture
 def offline_wandb(monkeypatch, tmp_path):
@@ -61,7 +49,7 @@ def _grpo(tiny_models, tmp_path, out, *flags):
     data = write_jsonl(tmp_path / "prompts.jsonl", [
         {"messages": [{"role": "user", "content": f"say something {i}"}], "solution": f"s{i}"} for i in range(8)])
     plugin = tmp_path / "plugin.py"
-    plugin.write_text(PLUGIN)
+    plugin.write_text(EVEN_TOKENS_PLUGIN)
     return train("rlhf", "--rlhf_type", "grpo", "--model", tiny_models("qwen2"), "--dataset", data,
                  "--num_generations", "4", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
                  "--max_completion_length", "6", "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no",

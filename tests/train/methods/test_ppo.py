@@ -14,30 +14,18 @@ import torch
 from conftest import read_jsonl, train, write_jsonl
 from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError
+from fakes import EVEN_TOKENS_PLUGIN
 
 pytestmark = pytest.mark.usefixtures("no_charts")
 
 # a reward a random tiny model can climb: the share of its completion's tokens with an even id (ms-swift's plugin
 # form, as tests/train/rl/test_grpo.py)
-PLUGIN = '''
-from swift.plugin import ORM, orms
-
-
-class EvenTokens(ORM):
-    def __call__(self, completions, response_token_ids=None, **kwargs):
-        return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in response_token_ids]
-
-
-orms["even_tokens"] = EvenTokens
-'''
-
-
 @pytest.fixture
 def setup(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [
         {"messages": [{"role": "user", "content": f"say something {i}"}], "solution": "even"} for i in range(16)])
     plugin = tmp_path / "plugin.py"
-    plugin.write_text(PLUGIN)
+    plugin.write_text(EVEN_TOKENS_PLUGIN)
     return tiny_models("qwen2"), data, str(plugin)
 
 

@@ -17,21 +17,9 @@ from conftest import free_port, http_json, read_jsonl, serve_on_a_thread, write_
 from tunesmith.config.parser import parse_args
 from tunesmith.errors import ConfigError
 from tunesmith.train import recipe
+from fakes import EVEN_TOKENS_PLUGIN
 
 pytestmark = pytest.mark.usefixtures("no_charts")
-
-PLUGIN = '''
-from swift.plugin import ORM, orms
-
-
-class EvenTokens(ORM):
-    def __call__(self, completions, response_token_ids=None, **kwargs):
-        return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in response_token_ids]
-
-
-orms["even_tokens"] = EvenTokens
-'''
-
 
 @pytest.fixture(scope="module")
 def rollout(tiny_models):
@@ -51,7 +39,7 @@ def setup(tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [
         {"messages": [{"role": "user", "content": f"say something {i}"}], "solution": "even"} for i in range(16)])
     plugin = tmp_path / "plugin.py"
-    plugin.write_text(PLUGIN)
+    plugin.write_text(EVEN_TOKENS_PLUGIN)
     return data, str(plugin)
 
 
