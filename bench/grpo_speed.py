@@ -36,7 +36,9 @@ How:
   no gradient checkpointing, dropout off, seed 42, --steps optimiser steps, no checkpoints, no eval, fp32 on CPU.
   (ms-swift spells top_k off as -1; TRL and tunesmith take 0.)
 - tunesmith: `python -m tunesmith rlhf --rlhf_type grpo ...` (through bench/peers/tunesmith_timed.py, which only adds
-  a timer around rollout generation); metrics from its run directory's logging.jsonl.
+  a timer around rollout generation), from bench/.venv-tunesmith (its own install only, as the README installs it;
+  bench/installs.py says why; this interpreter when that venv is missing, and the output says so); metrics from its
+  run directory's logging.jsonl.
 - TRL 0.29.1: bench/peers/trl_grpo.py in bench/.venv-swift (ms-swift 4.6's venv, which pins TRL 0.29.1 with
   transformers 5.19), `use_vllm=False`, `use_cpu=True`, `bf16=False`; metrics from its log history.
 - ms-swift 4.6: `swift rlhf --rlhf_type grpo` with its documented GRPO flags (--reward_funcs from --external_plugins,
@@ -64,6 +66,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import installs  # bench/installs.py: each system from its own install
+
 PEERS = os.path.join(HERE, "peers")
 SWIFT_VENV = os.path.join(HERE, ".venv-swift")
 TRL_PYTHON = os.path.join(SWIFT_VENV, "bin", "python")  # TRL 0.29.1 comes with ms-swift 4.6 in the same venv
@@ -131,8 +136,8 @@ def settings(a) -> dict:
 
 
 def tunesmith_cmd(model, data, out, s) -> list[str]:
-    return [sys.executable, os.path.join(PEERS, "tunesmith_timed.py"), "rlhf", "--rlhf_type", "grpo",
-            "--model", model, "--dataset", data, "--train_type", "lora", "--lora_rank", str(s["lora_rank"]),
+    return [installs.python_for("tunesmith"), os.path.join(PEERS, "tunesmith_timed.py"), "rlhf", "--rlhf_type",
+            "grpo", "--model", model, "--dataset", data, "--train_type", "lora", "--lora_rank", str(s["lora_rank"]),
             "--lora_alpha", str(s["lora_alpha"]), "--lora_dropout", "0", "--target_modules", "all-linear",
             "--reward_funcs", "grpo_reward.e_share", "--num_generations", str(s["num_generations"]),
             "--per_device_train_batch_size", str(s["batch"]), "--gradient_accumulation_steps", "1",
@@ -376,6 +381,7 @@ def main() -> int:
           f"beta {s['beta']}, loss grpo, lr {a.lr:g}, {a.prompts} prompts, {os.cpu_count()} CPUs, "
           f"{'OMP_NUM_THREADS ' + str(a.threads) if a.threads else 'default torch threads'}")
     print(f"model: {described}")
+    print(installs.where("tunesmith"))
     best = table(results)
     if a.keep:
         print(f"work directory: {work}")

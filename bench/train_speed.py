@@ -36,7 +36,8 @@ Peak RSS is the process tree's (both ranks for the two-process rows), sampled ev
 share of the CPUs that other processes took meanwhile. Prints the library versions, a table per method and the
 ratios tunesmith/peer; --json writes them; RESULTS.md records them with the command.
 
-Systems (each at its best on a CPU):
+Systems (each at its best on a CPU, each from its own install: bench/.venv-tunesmith, bench/.venv-trl and
+bench/.venv-swift, made by --make-user-venvs and --make-swift-venv; see bench/installs.py for why):
 - tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (the default); KTO padded,
   4 x 4 (no packing for it).
 - tunesmith-padded: the peers' exact batch (4 x 4), to show what packing adds (SFT, DPO and RM: for KTO it is the
@@ -70,6 +71,9 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import installs  # bench/installs.py: each system from its own install
+
 SWIFT_VENV = os.path.join(HERE, ".venv-swift")
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or has had "
          "not but one all their new first two been after who its also they other more time years into only over "
@@ -315,10 +319,10 @@ def tunesmith_cmd(spec: RunSpec, packed: bool = True, shared: Optional[bool] = N
         common += ["--deepspeed", deepspeed]
     if world > 1:
         # torchrun sets OMP_NUM_THREADS=1 per rank: two ranks on two cores, no oversubscription
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                  "--master_port", str(free_port()), "-m", "tunesmith"]
+        launch = [installs.python_for("tunesmith"), "-m", "torch.distributed.run", "--nproc_per_node",
+                  str(world), "--master_port", str(free_port()), "-m", "tunesmith"]
     else:
-        launch = [sys.executable, "-m", "tunesmith"]
+        launch = [installs.python_for("tunesmith"), "-m", "tunesmith"]
     if spec.method == "sft":
         return [*launch, "sft", *common]
     sharing = [] if shared is None or spec.method != "dpo" else ["--prefix_sharing", str(shared).lower()]
@@ -343,8 +347,8 @@ def tunesmith_zero3_cmd(spec: RunSpec) -> list[str]:
 
 
 def trl_cmd(spec: RunSpec) -> list[str]:
-    return [sys.executable, os.path.join(HERE, "peers", "trl_train.py"), spec.method, spec.model, spec.data,
-            spec.out, str(spec.max_length)]
+    return [installs.python_for("trl"), os.path.join(HERE, "peers", "trl_train.py"), spec.method, spec.model,
+            spec.data, spec.out, str(spec.max_length)]
 
 
 def swift_cmd(spec: RunSpec) -> list[str]:
@@ -383,34 +387,26 @@ VERSIONED = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed")
 
 
 def library_versions(swift: bool) -> dict[str, dict[str, str]]:
-    """{"tunesmith venv": {package: version}, "ms-swift venv": {...}} of the libraries each system trains with
-    (tunesmith and TRL share this interpreter; ms-swift runs from bench/.venv-swift with its own pins)."""
-    from importlib import metadata
-
-    def installed(names):
-        out = {}
-        for name in names:
-            try:
-                out[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                pass
-        return out
-
-    found = {"tunesmith venv": {"python": sys.version.split()[0], **installed(("tunesmith", *VERSIONED))}}
-    python = os.path.join(SWIFT_VENV, "bin", "python")
-    if swift and os.path.exists(python):
-        code = ("import json, sys; from importlib import metadata as m\n"
-                "out = {'python': sys.version.split()[0]}\n"
-                "for n in sys.argv[1:]:\n"
-                "    try: out[n] = m.version(n)\n"
-                "    except m.PackageNotFoundError: pass\n"
-                "print(json.dumps(out))")
+    """{"tunesmith venv": {package: version}, "TRL venv": {...}, "ms-swift venv": {...}}: the libraries each system
+    trains with, read by each system's own interpreter (bench/installs.py; ms-swift from bench/.venv-swift)."""
+    code = ("import json, sys; from importlib import metadata as m\n"
+            "out = {'python': sys.version.split()[0]}\n"
+            "for n in sys.argv[1:]:\n"
+            "    try: out[n] = m.version(n)\n"
+            "    except m.PackageNotFoundError: pass\n"
+            "print(json.dumps(out))")
+    wanted = {"tunesmith venv": (installs.python_for("tunesmith"), ("tunesmith", *VERSIONED)),
+              "TRL venv": (installs.python_for("trl"), VERSIONED)}
+    if swift and os.path.exists(os.path.join(SWIFT_VENV, "bin", "python")):
+        wanted["ms-swift venv"] = (os.path.join(SWIFT_VENV, "bin", "python"), ("ms-swift", *VERSIONED))
+    found = {}
+    for name, (python, packages) in wanted.items():
         try:
-            got = subprocess.run([python, "-c", code, "ms-swift", *VERSIONED], capture_output=True, text=True,
-                                 timeout=120, check=True)
-            found["ms-swift venv"] = json.loads(got.stdout)
+            got = subprocess.run([python, "-c", code, *packages], capture_output=True, text=True, timeout=120,
+                                 check=True)
+            found[name] = json.loads(got.stdout)
         except (subprocess.SubprocessError, ValueError) as e:
-            found["ms-swift venv"] = {"error": f"{type(e).__name__}: {e}"}
+            found[name] = {"error": f"{type(e).__name__}: {e}"}
     return found
 
 
@@ -476,6 +472,9 @@ def main() -> int:
                                                     "(default depends on --shape)")
     ap.add_argument("--peers", default=None, help="(older spelling) comma-separated peers: trl, ms-swift, none")
     ap.add_argument("--make-swift-venv", action="store_true", help="create bench/.venv-swift (ms-swift 4.6)")
+    ap.add_argument("--make-user-venvs", action="store_true",
+                    help="create bench/.venv-tunesmith and bench/.venv-trl: each system's own install, nothing else "
+                         "(bench/installs.py)")
     ap.add_argument("--prompt-words", type=int, default=0, help="median prompt length in words (default: 5-40)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -483,6 +482,8 @@ def main() -> int:
 
     if a.make_swift_venv:
         make_swift_venv()
+    if a.make_user_venvs:
+        installs.make_user_venvs()
     shape = SHAPES[a.shape]
     if a.layers:
         shape = Shape(**{**asdict(shape), "layers": a.layers})
@@ -523,6 +524,8 @@ def main() -> int:
     versions = library_versions(any("ms-swift" in setup[m]["systems"] for m in methods))
     for where, found in versions.items():
         print(f"{where}: " + ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
+    for system in ("tunesmith", "trl"):
+        print(installs.where(system), flush=True)
     results: dict[str, dict[str, list]] = {m: {n: [] for n in setup[m]["systems"]} for m in methods}
     for rep in range(a.repeats):
         for method in methods:  # every method within a round: all see the same drift

@@ -98,14 +98,32 @@ def test_no_gradient_work_under_no_grad():
 
 
 def test_chunk_rows_follow_the_hidden_size_and_bound_the_logits():
-    assert tl.chunk_rows(151_936, 896) == 256          # Qwen2.5-0.5B: hidden/4 = 224, raised to the floor
-    assert tl.chunk_rows(151_936, 3_584) == 441        # 7B: hidden/4 = 896, capped by 256 MiB of float32 logits
-    assert tl.chunk_rows(128_256, 4_096) == 523        # Llama 3 8B: capped
-    assert tl.chunk_rows(32_000, 8_192) == 2_048       # hidden/4
-    assert tl.chunk_rows(1_000, 64) == 256             # tiny: the floor
+    assert tl.chunk_rows(151_936, 512) == 128          # hidden/4 = 128, the floor
+    assert tl.chunk_rows(151_936, 896) == 208          # Qwen2.5-0.5B: hidden/4 = 224, capped at 220, a multiple of 16
+    assert tl.chunk_rows(151_936, 3_584) == 208        # 7B: hidden/4 = 896, capped by 128 MiB of float32 logits
+    assert tl.chunk_rows(128_256, 4_096) == 256        # Llama 3 8B: capped at 261
+    assert tl.chunk_rows(16_384, 4_096) == 1_024       # hidden/4
+    assert tl.chunk_rows(1_000, 64) == 128             # tiny: the floor
     assert tl.chunk_rows(1 << 27, 4_096) == 1          # never 0
+    assert tl.chunk_rows(1 << 21, 4_096) == 16         # 16 rows under the cap: kept
+    assert tl.chunk_rows(3 << 21, 4_096) == 5          # fewer than 16: not rounded to 0
     for vocab, hidden in ((151_936, 896), (151_936, 3_584), (262_144, 5_376)):
         assert tl.chunk_rows(vocab, hidden) * vocab <= tl.MAX_CHUNK_FLOATS
+
+
+def test_chunks_are_cut_evenly_in_multiples_of_16():
+    """As many chunks as `chunk` rows would need, of near-equal sizes rounded up to a multiple of 16, never above
+    `chunk`; every row is covered once."""
+    assert tl.even_chunk(300, 208) == 160     # 160 + 140, not 208 + 92
+    assert tl.even_chunk(500, 208) == 176     # 176 + 176 + 148
+    assert tl.even_chunk(416, 208) == 208
+    assert tl.even_chunk(100, 208) == 100     # one chunk
+    assert tl.even_chunk(0, 208) == 1
+    assert tl.even_chunk(7, 5) == 5           # below 16 rows: never above the chunk
+    for n in range(1, 700, 7):
+        for chunk in (1, 5, 16, 100, 128, 208):
+            step = tl.even_chunk(n, chunk)
+            assert 1 <= step <= chunk and -(-n // step) == -(-n // chunk), (n, chunk, step)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])  # a tied output layer, an untied one
@@ -170,15 +188,15 @@ def test_entropy_and_gradients_together(train_weight):
 
 
 def test_entropy_never_holds_a_second_logits_sized_buffer():
-    """The entropy of a chunk is summed over column blocks: no op inside it outputs a tensor as large as the
-    chunk's [rows x vocabulary] logits (which stay the only buffer of that size), and it equals a float64
+    """The entropy of a chunk is summed over blocks of vocabulary entries: no op inside it outputs a tensor as large
+    as the chunk's [vocabulary x rows] logits (which stay the only buffer of that size), and it equals a float64
     computation from the full logits, −inf logits included."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     torch.manual_seed(0)
     logits = torch.randn(8, 40_000) * 4
     logits[:, :5] = float("-inf")
-    shifted = logits - logits.max(-1, keepdim=True).values
+    shifted = (logits - logits.max(-1, keepdim=True).values).t().contiguous()  # [V, rows], as ChunkedLogps holds it
     largest = []
 
     class Mode(TorchDispatchMode):
@@ -192,5 +210,5 @@ def test_entropy_never_holds_a_second_logits_sized_buffer():
         got = tl._shifted_entropy(shifted)
     p = torch.softmax(logits.double(), -1)
     want = -(p * torch.log_softmax(logits.double(), -1).nan_to_num(neginf=0.0)).sum(-1)
-    assert torch.allclose(got.double(), want, rtol=5e-5, atol=0)  # float32 sums over 40,000 columns
-    assert max(largest) <= 8 * tl.ENTROPY_COLUMNS < shifted.numel()
+    assert torch.allclose(got.double(), want, rtol=5e-5, atol=0)  # float32 sums over 40,000 entries
+    assert max(largest) <= 8 * tl.ENTROPY_ROWS < shifted.numel()

@@ -36,20 +36,37 @@ from tunesmith.models.load import unwrap_model
 
 # Rows per chunk of the output layer (see chunk_rows). Each chunk's products read the whole [V, H] output weight, so
 # a chunk must hold enough rows to pay for that read: at 27 rows (16 MiB of logits) the real-vocabulary head ran
-# 2.2x slower than at 256 (bench/head_breakdown.py, RESULTS.md). Below MIN_CHUNK_ROWS rows the ~10 operations per
-# chunk cost more than their arithmetic on small models; above MAX_CHUNK_FLOATS floats (256 MiB of float32 logits,
-# plus their gradient in place) a chunk stops paying for its memory.
-MIN_CHUNK_ROWS = 256
-MAX_CHUNK_FLOATS = 1 << 26
+# 2.2x slower than at 256 (bench/head_breakdown.py, RESULTS.md); in the tall layout (_tall_logits) 128 rows run
+# within 1-9% of 256 at Qwen's 151,936 x 512-896 (bench/RESULTS.md, issue #30). Below MIN_CHUNK_ROWS rows the ~10
+# operations per chunk cost more than their arithmetic on small models; above MAX_CHUNK_FLOATS floats (128 MiB of
+# float32 logits, the one buffer every chunk reuses) a chunk stops paying for its memory.
+MIN_CHUNK_ROWS = 128
+MAX_CHUNK_FLOATS = 1 << 25
+# Chunks of a multiple of this many rows: oneDNN's float32 products run a chunk of 220 rows ~30% slower per row than
+# one of 208 or 224 (Qwen's vocabulary, hidden 512 and 896; bench/RESULTS.md, issue #30).
+ROW_MULTIPLE = 16
 
 
 def chunk_rows(vocab: int, hidden: int) -> int:
-    """Rows (tokens) per chunk of the chunked output layer for a [vocab, hidden] output weight.
+    """Rows (tokens) per chunk of the chunked output layer for a [vocab, hidden] output weight, at most.
 
     hidden // 4 rows: a product then does hidden/4 multiply-adds per weight element it reads, and the chunk's
     float32 logits are a quarter of the weight's size (224 rows for Qwen2.5-0.5B, 896 for 7B before the cap);
-    at least MIN_CHUNK_ROWS, and at most MAX_CHUNK_FLOATS // vocab (441 rows at Qwen's 151,936), at least 1."""
-    return max(1, min(max(hidden // 4, MIN_CHUNK_ROWS), MAX_CHUNK_FLOATS // vocab))
+    at least MIN_CHUNK_ROWS, and at most MAX_CHUNK_FLOATS // vocab (220 rows at Qwen's 151,936); then rounded down
+    to a multiple of ROW_MULTIPLE (208 there) when that leaves any; at least 1."""
+    rows = max(1, min(max(hidden // 4, MIN_CHUNK_ROWS), MAX_CHUNK_FLOATS // vocab))
+    return rows // ROW_MULTIPLE * ROW_MULTIPLE or rows
+
+
+def even_chunk(n: int, chunk: int) -> int:
+    """The step that cuts n rows into as many chunks as `chunk` rows would, of near-equal sizes rounded up to a
+    multiple of ROW_MULTIPLE (never above chunk): at chunk 208, 300 rows → 160 + 140 rather than 208 + 92, and 500
+    rows → 176 + 176 + 148 rather than 208 + 208 + 84. n ≤ chunk: one chunk of n rows (at least 1)."""
+    if n <= chunk:
+        return max(n, 1)
+    pieces = -(-n // chunk)
+    step = -(-n // pieces)
+    return min(chunk, -(-step // ROW_MULTIPLE) * ROW_MULTIPLE)
 
 
 @dataclass
@@ -71,29 +88,68 @@ def _entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return -(logp.exp().mul_(logp)).sum(-1)
 
 
-ENTROPY_COLUMNS = 16384  # vocabulary columns per block of the entropy's exp: [rows x 16,384] floats at a time
+ENTROPY_ROWS = 16384  # vocabulary entries per block of the entropy's exp: [16,384 x rows] floats at a time
 
 
 def _shifted_entropy(shifted: torch.Tensor) -> torch.Tensor:
-    """Entropy [n] (nats) of softmax over rows of shifted = logits − rowmax [n, V] (float32):
-    H = log Σe − Σ e·x / Σe with e = exp(x), x = shifted, summed ENTROPY_COLUMNS columns at a time so that e never
-    exists whole (the chunk's logits stay the only [n, V] buffer). Clamps shifted in place to the float32 minimum,
-    so that a −inf logit adds 0, not NaN (exp of it is 0 either way)."""
+    """Entropy [n] (nats) of softmax over the columns of shifted = logits − column max [V, n] (float32, one column
+    per row of hidden states, as ChunkedLogps lays its logits out): H = log Σe − Σ e·x / Σe with e = exp(x),
+    x = shifted, summed ENTROPY_ROWS vocabulary entries at a time so that e never exists whole (the chunk's logits
+    stay the only [V, n] buffer). Clamps shifted in place to the float32 minimum, so that a −inf logit adds 0, not
+    NaN (exp of it is 0 either way)."""
     shifted.clamp_(min=torch.finfo(torch.float32).min)
-    total = shifted.new_zeros(shifted.shape[0])
-    dot = shifted.new_zeros(shifted.shape[0])
-    for c in range(0, shifted.shape[1], ENTROPY_COLUMNS):
-        x = shifted[:, c:c + ENTROPY_COLUMNS]
+    total = shifted.new_zeros(shifted.shape[1])
+    dot = shifted.new_zeros(shifted.shape[1])
+    for c in range(0, shifted.shape[0], ENTROPY_ROWS):
+        x = shifted[c:c + ENTROPY_ROWS]
         e = x.exp()
-        total += e.sum(-1)
-        dot += torch.bmm(e[:, None, :], x[:, :, None]).view(-1)
+        total += e.sum(0)
+        dot += e.mul_(x).sum(0)
     return total.log() - dot / total
 
 
-def _d_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """d log p(t) / d logits = onehot(t) − softmax(logits), [n, V] float32, computed in place over `logits`."""
-    g = logits.sub_(lse[:, None]).exp_().neg_()
-    return g.scatter_add_(-1, targets[:, None], torch.ones_like(g[:, :1]))
+def _tall_logits(weight: torch.Tensor, h: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """The logits of rows h [r, H] under the output weight [V, H] as W hᵀ [V, r] float32 (tall: column i is row i's
+    logits), written into the front of buf (≥ V·r floats) and returned as a view of it. On a CPU, oneDNN runs this
+    orientation 1.2-1.4x faster than h Wᵀ for r up to a few hundred rows (bench/RESULTS.md, issue #30); the forward
+    and the backward's recompute both take their logits from here, so exp(logits − lse) in the backward uses
+    bit-for-bit the logits the forward took lse from."""
+    vocab, r = weight.shape[0], h.shape[0]
+    logits = buf[:vocab * r].view(vocab, r)
+    if weight.dtype == torch.float32 and h.dtype == torch.float32:
+        torch.matmul(weight, h.t(), out=logits)
+    else:
+        logits.copy_(weight @ h.t())
+    return logits
+
+
+ARGMAX_BLOCK = 4096  # vocabulary entries per block of _first_argmax
+
+
+def _first_argmax(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, 0) [r] for tall logits [V, r] whose column maxima are top [r] (the first index that
+    attains each maximum), ARGMAX_BLOCK entries at a time: on a CPU torch's own arg-max over the outer dimension runs
+    ~4x slower than this block scan (210 vs 46 ms at 151,936 x 256) and ~20x slower than amax. A column holding NaN
+    has no index equal to its maximum: it gets V (never a token)."""
+    vocab = logits.shape[0]
+    first = torch.full(top.shape, vocab, dtype=torch.long, device=logits.device)
+    for c in range(0, vocab, ARGMAX_BLOCK):
+        eq = logits[c:c + ARGMAX_BLOCK] == top
+        first = torch.where(eq.any(0) & (first == vocab), eq.byte().argmax(0) + c, first)
+    return first
+
+
+SKINNY_ROWS = 16  # below this many rows, oneDNN's Wᵀ G kernel sums over the vocabulary less accurately (5-20x)
+
+
+def _hidden_grad(grad_logits: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out [r, H] = grad_logitsᵀ W for grad_logits [V, r] (tall, as _tall_logits) and weight [V, H]. From
+    SKINNY_ROWS rows on as (Wᵀ G)ᵀ, which writes [H, r] and runs 1.1-1.4x faster on a CPU at H = 896 with the same
+    bits (measured: torch.equal at 16-256 rows); below, as Gᵀ W, whose kernel keeps float32 accuracy there."""
+    if grad_logits.shape[1] < SKINNY_ROWS:
+        torch.matmul(grad_logits.t(), weight, out=out)
+    else:
+        out.copy_((weight.t() @ grad_logits).t())
 
 
 class ChunkedLogps(torch.autograd.Function):
@@ -121,6 +177,7 @@ class ChunkedLogps(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, hidden, weight, targets, chunk: int, entropy: bool, grads: tuple, summed: bool):
         n, dev = hidden.shape[0], hidden.device
+        chunk = even_chunk(n, chunk)  # the backward's recompute (ctx.chunk) cuts the rows the same way
         want_h, want_w = grads
         weight_now = want_w and summed
         logps = torch.empty(n, dtype=torch.float32, device=dev)
@@ -130,30 +187,33 @@ class ChunkedLogps(torch.autograd.Function):
         ent = torch.empty(n if entropy else 0, dtype=torch.float32, device=dev)
         d_hidden = torch.empty(hidden.shape, dtype=weight.dtype, device=dev) if want_h else None
         d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if weight_now else None
+        # every chunk's logits in one reused buffer: a fresh one per chunk would be a fresh mapping of up to
+        # MAX_CHUNK_FLOATS floats, whose pages the kernel zeroes on first touch (train/allocator.py)
+        buf = torch.empty(weight.shape[0] * min(chunk, n), dtype=torch.float32, device=dev)
         for s in range(0, n, chunk):
             h, t = hidden[s:s + chunk], targets[s:s + chunk]
-            logits = (h @ weight.t()).float()
-            logps[s:s + chunk] = logits.gather(-1, t[:, None]).squeeze(-1)
-            top, best = logits.max(-1, keepdim=True)  # one pass for the arg-max and logsumexp's shift
-            correct[s:s + chunk] = best.squeeze(-1) == t
-            mean[s:s + chunk] = logits.mean(-1)
+            r = h.shape[0]
+            cols = torch.arange(r, device=dev)
+            logits = _tall_logits(weight, h, buf)  # logits[v, i]: token v's logit for row i
+            logps[s:s + r] = logits[t, cols]
+            top = logits.amax(0)  # logsumexp's shift
+            correct[s:s + r] = _first_argmax(logits, top) == t
+            mean[s:s + r] = logits.mean(0)
             # logsumexp as torch computes it (max + log Σ exp(x − max)), in place over the logits
             shifted = logits.sub_(top)
             if entropy:
-                ent[s:s + chunk] = _shifted_entropy(shifted)
-            total = shifted.exp_().sum(-1)
-            lse[s:s + chunk] = total.log() + top.squeeze(-1)
+                ent[s:s + r] = _shifted_entropy(shifted)
+            total = shifted.exp_().sum(0)
+            lse[s:s + r] = total.log() + top
             if want_h or weight_now:
-                logits.div_(total.neg_()[:, None])  # −softmax
-            logps[s:s + chunk] -= lse[s:s + chunk]
+                logits.div_(total.neg_())  # −softmax
+            logps[s:s + r] -= lse[s:s + r]
             if want_h or weight_now:
-                # d log p(t) / d logits = onehot(t) − softmax(logits), in place over −softmax
-                logits.scatter_add_(-1, t[:, None], torch.ones_like(logits[:, :1]))
+                logits[t, cols] += 1  # d log p(t) / d logits = onehot(t) − softmax(logits), in place
                 if want_h:
-                    torch.matmul(logits.to(weight.dtype), weight, out=d_hidden[s:s + chunk])
+                    _hidden_grad(logits.to(weight.dtype), weight, d_hidden[s:s + r])
                 if weight_now:
-                    d_weight.addmm_(logits.t(), h.float())
-            del logits  # before the next chunk's product: one chunk of logits alive at a time
+                    d_weight.addmm_(logits, h.float())
         ctx.want, ctx.summed, ctx.chunk = grads, summed, chunk
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         if want_w and not summed:  # backward recomputes the logits for the weight's gradient
@@ -185,14 +245,17 @@ class ChunkedLogps(torch.autograd.Function):
 
     @staticmethod
     def _weight_grad(ctx, g, hidden, weight, targets, lse):
-        """Σ_i g_i (onehot(t_i) − p_i)ᵀ h_i [V, H] float32, recomputing each chunk's logits."""
-        chunk = ctx.chunk
+        """Σ_i g_i (onehot(t_i) − p_i)ᵀ h_i [V, H] float32, recomputing each chunk's logits (_tall_logits, as the
+        forward: the same product, so p_i = exp(logits − lse) is exactly the forward's softmax)."""
+        chunk, n = ctx.chunk, hidden.shape[0]
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk]
-            d = _d_logits((h @ weight.t()).float(), lse[s:s + chunk], targets[s:s + chunk])
-            grad_w.addmm_(d.mul_(g[s:s + chunk, None]).t(), h.float())
-            del d
+        buf = torch.empty(weight.shape[0] * min(chunk, n), dtype=torch.float32, device=weight.device)
+        for s in range(0, n, chunk):
+            h, t, gs = hidden[s:s + chunk], targets[s:s + chunk], g[s:s + chunk]
+            logits = _tall_logits(weight, h, buf)
+            logits.sub_(lse[s:s + chunk]).exp_().mul_(-gs)  # −g p
+            logits[t, torch.arange(h.shape[0], device=h.device)] += gs  # g (onehot(t) − p)
+            grad_w.addmm_(logits, h.float())
         return grad_w
 
 
