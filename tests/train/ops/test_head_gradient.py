@@ -98,15 +98,15 @@ def test_no_gradient_work_under_no_grad():
 
 
 def test_chunk_rows_follow_the_hidden_size_and_bound_the_logits():
-    assert tl.chunk_rows(151_936, 512) == 128          # hidden/4 = 128, the floor
-    assert tl.chunk_rows(151_936, 896) == 208          # Qwen2.5-0.5B: hidden/4 = 224, capped at 220, a multiple of 16
-    assert tl.chunk_rows(151_936, 3_584) == 208        # 7B: hidden/4 = 896, capped by 128 MiB of float32 logits
-    assert tl.chunk_rows(128_256, 4_096) == 256        # Llama 3 8B: capped at 261
-    assert tl.chunk_rows(16_384, 4_096) == 1_024       # hidden/4
-    assert tl.chunk_rows(1_000, 64) == 128             # tiny: the floor
+    assert tl.chunk_rows(151_936, 512) == 256          # hidden/4 = 128, raised to the floor
+    assert tl.chunk_rows(151_936, 896) == 256          # Qwen2.5-0.5B: hidden/4 = 224, raised to the floor
+    assert tl.chunk_rows(151_936, 3_584) == 432        # 7B: hidden/4 = 896, capped at 441 (256 MiB), a multiple of 16
+    assert tl.chunk_rows(128_256, 4_096) == 512        # Llama 3 8B: capped at 523
+    assert tl.chunk_rows(32_000, 8_192) == 2_048       # hidden/4
+    assert tl.chunk_rows(1_000, 64) == 256             # tiny: the floor
     assert tl.chunk_rows(1 << 27, 4_096) == 1          # never 0
-    assert tl.chunk_rows(1 << 21, 4_096) == 16         # 16 rows under the cap: kept
-    assert tl.chunk_rows(3 << 21, 4_096) == 5          # fewer than 16: not rounded to 0
+    assert tl.chunk_rows(1 << 22, 4_096) == 16         # 16 rows under the cap: kept
+    assert tl.chunk_rows(3 << 22, 4_096) == 5          # fewer than 16: not rounded to 0
     for vocab, hidden in ((151_936, 896), (151_936, 3_584), (262_144, 5_376)):
         assert tl.chunk_rows(vocab, hidden) * vocab <= tl.MAX_CHUNK_FLOATS
 
@@ -212,3 +212,23 @@ def test_entropy_never_holds_a_second_logits_sized_buffer():
     want = -(p * torch.log_softmax(logits.double(), -1).nan_to_num(neginf=0.0)).sum(-1)
     assert torch.allclose(got.double(), want, rtol=5e-5, atol=0)  # float32 sums over 40,000 entries
     assert max(largest) <= 8 * tl.ENTROPY_ROWS < shifted.numel()
+
+
+def test_token_accuracy_breaks_exact_ties_as_argmax():
+    """`correct` is torch.argmax(logits) == target, ties included: with two identical output rows (an untrained
+    model's duplicated or zero embeddings), the first of them is the arg-max, the second never counts as correct.
+    The tall layout takes the arg-max by blocks of the vocabulary, so the tie spans two blocks here too."""
+    g = torch.Generator().manual_seed(0)
+    vocab = tl.ARGMAX_BLOCK + 50
+    weight = torch.randn(vocab, 8, generator=g) * 0.01
+    direction = torch.randn(8, generator=g)
+    hidden = direction + 0.01 * torch.randn(12, 8, generator=g)
+    top_row = 5 * direction  # a row that wins for every hidden state here, copied into a later block
+    first, second = 3, tl.ARGMAX_BLOCK + 7
+    weight[first] = weight[second] = top_row
+    logits = hidden @ weight.t()
+    assert bool((logits.argmax(-1) == first).all())
+    targets = torch.tensor([first, second] * 6)
+    _, correct, _, _ = tl.ChunkedLogps.apply(hidden, weight, targets, 5, False, None, (False, False), False)
+    assert correct.tolist() == [True, False] * 6
+    assert torch.equal(correct, logits.argmax(-1) == targets)

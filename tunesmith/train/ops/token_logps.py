@@ -36,12 +36,12 @@ from tunesmith.models.load import unwrap_model
 
 # Rows per chunk of the output layer (see chunk_rows). Each chunk's products read the whole [V, H] output weight, so
 # a chunk must hold enough rows to pay for that read: at 27 rows (16 MiB of logits) the real-vocabulary head ran
-# 2.2x slower than at 256 (bench/head_breakdown.py, RESULTS.md); in the tall layout (_tall_logits) 128 rows run
-# within 1-9% of 256 at Qwen's 151,936 x 512-896 (bench/RESULTS.md, issue #30). Below MIN_CHUNK_ROWS rows the ~10
-# operations per chunk cost more than their arithmetic on small models; above MAX_CHUNK_FLOATS floats (128 MiB of
-# float32 logits, the one buffer every chunk reuses) a chunk stops paying for its memory.
-MIN_CHUNK_ROWS = 128
-MAX_CHUNK_FLOATS = 1 << 25
+# 2.2x slower than at 256 (bench/head_breakdown.py, RESULTS.md), and in the tall layout (_tall_logits) 128 rows
+# still cost 10% more per row than 256 at Qwen's 151,936 x 512-896. Below MIN_CHUNK_ROWS rows the ~10 operations
+# per chunk cost more than their arithmetic on small models; above MAX_CHUNK_FLOATS floats (256 MiB of float32
+# logits, the one buffer every chunk reuses) a chunk stops paying for its memory.
+MIN_CHUNK_ROWS = 256
+MAX_CHUNK_FLOATS = 1 << 26
 # Chunks of a multiple of this many rows: oneDNN's float32 products run a chunk of 220 rows ~30% slower per row than
 # one of 208 or 224 (Qwen's vocabulary, hidden 512 and 896; bench/RESULTS.md, issue #30).
 ROW_MULTIPLE = 16
@@ -52,8 +52,8 @@ def chunk_rows(vocab: int, hidden: int) -> int:
 
     hidden // 4 rows: a product then does hidden/4 multiply-adds per weight element it reads, and the chunk's
     float32 logits are a quarter of the weight's size (224 rows for Qwen2.5-0.5B, 896 for 7B before the cap);
-    at least MIN_CHUNK_ROWS, and at most MAX_CHUNK_FLOATS // vocab (220 rows at Qwen's 151,936); then rounded down
-    to a multiple of ROW_MULTIPLE (208 there) when that leaves any; at least 1."""
+    at least MIN_CHUNK_ROWS, and at most MAX_CHUNK_FLOATS // vocab (441 rows at Qwen's 151,936); then rounded down
+    to a multiple of ROW_MULTIPLE (432 there) when that leaves any; at least 1."""
     rows = max(1, min(max(hidden // 4, MIN_CHUNK_ROWS), MAX_CHUNK_FLOATS // vocab))
     return rows // ROW_MULTIPLE * ROW_MULTIPLE or rows
 
