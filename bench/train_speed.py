@@ -23,7 +23,8 @@ Methods (--method, comma-separated, or `both` = sft,dpo, `all` = sft,dpo,kto,rm)
 - rm: the same kind of pairs as DPO, trained as a reward model: a one-output sequence-classification head
   (`score`, trained in full next to the LoRA), Bradley-Terry loss, no reference. The output layer is hidden x 1,
   so the vocabulary costs nothing here.
-tunesmith trains KTO and RM padded (4 x 4, as the peers): it has no packing for them.
+tunesmith packs RM like DPO and trains KTO in the peers' 4 x 4 batches without their padding (--padding_free: KTO's
+KL term pairs replies within a batch, so its rows are not packed across batches).
 
 The same data with a long-tailed length distribution (tens to ~1000 tokens, replies capped so that every row fits
 --max-length for every system: see dataset_tokens), the same LoRA config (r 8, alpha 32, all-linear), about the same
@@ -38,10 +39,9 @@ ratios tunesmith/peer; --json writes them; RESULTS.md records them with the comm
 
 Systems (each at its best on a CPU, each from its own install: bench/.venv-tunesmith, bench/.venv-trl and
 bench/.venv-swift, made by --make-user-venvs and --make-swift-venv; see bench/installs.py for why):
-- tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (the default); KTO padded,
-  4 x 4 (no packing for it).
-- tunesmith-padded: the peers' exact batch (4 x 4), to show what packing adds (SFT, DPO and RM: for KTO it is the
-  same run as `tunesmith`, so it is skipped).
+- tunesmith: --packing true (exact: position_ids restart per row), chunked log-probs (the default); KTO 4 x 4 with
+  --padding_free true (tunesmith refuses --packing for it).
+- tunesmith-padded: the peers' exact batch (4 x 4), padded, to show what packing (KTO: dropping the padding) adds.
 - tunesmith-unshared (DPO): packed, --prefix_sharing false.
 - tunesmith-ddp2: packed, `torchrun --nproc_per_node 2` (gloo, one thread per rank), same rows per step.
 - tunesmith-zero3: the same two processes with `--deepspeed zero3`.
@@ -299,14 +299,16 @@ def tunesmith_cmd(spec: RunSpec, packed: bool = True, shared: Optional[bool] = N
     peers' 4 x 4 (SFT: 2 packs of max_length tokens, about 14 rows at 1024; DPO: 3 packs of 2 x max_length, about
     18 pairs). With `world` processes the accumulation is divided by it, rounded up (DPO: 2 x 2 = 4 packs a step).
     Padded: the peers' exact batch (4 x 4), for an apples-to-apples view of what packing adds; with `world`
-    processes 4 x 4/world each. RM packs as DPO does (pairs of 2 x max_length); KTO is always padded (tunesmith
-    refuses --packing for it: its KL term pairs each reply with another row's prompt)."""
+    processes 4 x 4/world each. RM packs as DPO does (pairs of 2 x max_length); KTO is never packed (tunesmith
+    refuses --packing for it: its KL term pairs each reply with another row's prompt) but runs the peers' 4 x 4
+    batches with --padding_free true, or padded."""
     ml = spec.max_length
     common = ["--model", spec.model, "--dataset", spec.data, "--train_type", "lora", "--lora_rank", "8",
               "--lora_alpha", "32", "--target_modules", "all-linear", "--num_train_epochs", "1",
               "--max_length", str(ml), "--learning_rate", "1e-4", "--gradient_checkpointing", "false",
               "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--output_dir", spec.out,
               "--dataloader_num_workers", "0"]
+    kto_flat = spec.method == "kto" and packed
     if spec.method == "kto":
         packed = False
     if packed:
@@ -315,6 +317,8 @@ def tunesmith_cmd(spec: RunSpec, packed: bool = True, shared: Optional[bool] = N
                    str(ml if spec.method == "sft" else 2 * ml), "--gradient_accumulation_steps", str(accumulation)]
     else:
         common += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", str(math.ceil(4 / world))]
+        if kto_flat:
+            common += ["--padding_free", "true"]
     if deepspeed:
         common += ["--deepspeed", deepspeed]
     if world > 1:
@@ -377,7 +381,7 @@ SYSTEMS: dict[str, Callable[[RunSpec], list[str]]] = {
     "tunesmith-ddp2": tunesmith_ddp2_cmd, "tunesmith-zero3": tunesmith_zero3_cmd, "trl": trl_cmd, "ms-swift": swift_cmd,
 }
 DEFAULT_SYSTEMS = {  # shape -> systems run when --systems is not given (pick_systems drops those that do not
-    # apply: tunesmith-unshared outside DPO, tunesmith-padded for KTO and RM)
+    # apply: tunesmith-unshared outside DPO)
     "small": "tunesmith,tunesmith-padded,tunesmith-unshared,trl,ms-swift",
     "qwen2.5-0.5b": "tunesmith,trl,ms-swift,tunesmith-ddp2,tunesmith-zero3",
 }
@@ -445,8 +449,6 @@ def pick_systems(names: str, method: str) -> list[str]:
         if name not in SYSTEMS:
             raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
         if name == "tunesmith-unshared" and method != "dpo":
-            continue
-        if name == "tunesmith-padded" and method == "kto":  # tunesmith trains KTO padded anyway
             continue
         if name == "ms-swift" and not os.path.exists(os.path.join(SWIFT_VENV, "bin", "swift")):
             print("ms-swift: bench/.venv-swift does not exist (run with --make-swift-venv); skipped", file=sys.stderr)

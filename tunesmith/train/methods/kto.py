@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
-from tunesmith.data.collate import pad_collate
+from tunesmith.data.collate import pad_collate, segments_collate
 from tunesmith.data.encode import IGNORE, Encoded
 from tunesmith.data.load import LoadResult, rows_for
 from tunesmith.log import note
@@ -30,9 +30,15 @@ def _first_trained(enc: Encoded) -> int:
     return next(i for i, x in enumerate(enc.labels) if x != IGNORE)
 
 
-def kto_collate(rows: list[tuple[Encoded, bool]], pad_id: int, padding_side: str = "right") -> dict:
+def kto_collate(rows: list[tuple[Encoded, bool]], pad_id: int, padding_side: str = "right",
+                flat: bool = False) -> dict:
     """[real_1..B, mismatched_1..B] padded into `input_ids`/`labels`/`attention_mask` [2B, T]: mismatched_i is
-    prompt_i + the completion of example i−1 (TRL's KL pairs); `desirable` [B] bool, `n_examples` B."""
+    prompt_i + the completion of example i−1 (TRL's KL pairs); `desirable` [B] bool, `n_examples` B.
+
+    flat (--padding_free): no padding between sequences — the real sequences one after another in row 0 (sequence
+    ids 0..B−1) and the mismatched ones in row 1 (B..2B−1), position_ids restarting at each, as segments_collate
+    lays them out ([2, T], T = the longer row's tokens): the same log-probs as the padded batch, without the
+    padded positions' compute."""
     import torch
 
     encs = [e for e, _ in rows]
@@ -43,17 +49,30 @@ def kto_collate(rows: list[tuple[Encoded, bool]], pad_id: int, padding_side: str
         limit = max(len(e.input_ids), len(other.input_ids))
         mismatched.append(Encoded((e.input_ids[:p] + other.input_ids[q:])[:limit],
                                   ([IGNORE] * p + other.labels[q:])[:limit], images=e.images))  # the prompt's
-    b = pad_collate(encs + mismatched, pad_id, padding_side)
     n = len(rows)
+    if flat:
+        b = segments_collate([list(enumerate(encs)), [(n + i, m) for i, m in enumerate(mismatched)]], pad_id, 2 * n)
+    else:
+        b = pad_collate(encs + mismatched, pad_id, padding_side)
     b["n_examples"] = n
     b["desirable"] = torch.tensor([d for _, d in rows], dtype=torch.bool)
     return b
 
 
 def _half(batch: dict, lo: int, hi: int) -> dict:
+    """Sequences lo..hi−1 (the real half 0..B−1 or the mismatched half B..2B−1) of a kto_collate batch. A flat
+    batch holds each half in its own row: that row, cut after its last real token, its sequence ids made to start
+    at 0."""
     from tunesmith.data.vision import slice_sequences
 
-    return slice_sequences(batch, lo, hi)
+    if "seq_ids" not in batch:
+        return slice_sequences(batch, lo, hi)
+    row = 0 if lo == 0 else 1
+    seq = batch["seq_ids"][row:row + 1]
+    end = int((seq[0] >= 0).nonzero().max()) + 1 if bool((seq >= 0).any()) else 1
+    return {"input_ids": batch["input_ids"][row:row + 1, :end], "labels": batch["labels"][row:row + 1, :end],
+            "position_ids": batch["position_ids"][row:row + 1, :end],
+            "seq_ids": seq[:, :end].where(seq[:, :end] < 0, seq[:, :end] - lo), "n_seq": hi - lo}
 
 
 _STAT_KEYS = ("reward_good", "reward_bad", "n_good", "n_bad", "logps_good", "logps_bad", "kl")
@@ -111,6 +130,7 @@ class KTO:
     undesirable_weight: float = 1.0
     ref_model: Optional[str] = None
     ref_adapters: tuple = ()
+    padding_free: bool = False  # --padding_free: each batch's sequences unpadded (kto_collate flat)
     name = "kto"
     head = "causal_lm"
     rows = "kto"
@@ -121,9 +141,10 @@ class KTO:
     def from_args(cls, args, problems: list) -> "KTO":
         """beta (default 0.1), the weights; padded batches of 2 or more (the KL term needs other examples)."""
         beta, _ = preference_flags(args, problems, ("kto",), "kto")
-        if args.packing or args.padding_free:
-            problems.append("--packing/--padding_free are not supported for KTO yet (its KL pairs are built per "
-                            "batch); train KTO padded")
+        if args.packing:
+            problems.append("--packing is not supported for KTO (its KL term pairs each reply with another row's "
+                            "prompt in the same batch, so rows cannot be packed across batches); --padding_free true "
+                            "drops the padding within each batch instead")
         if args.per_device_train_batch_size < 2:
             problems.append("KTO estimates the KL term from the other examples of the same batch, so it needs "
                             "--per_device_train_batch_size 2 or more (with 1 the KL term equals the reward itself)")
@@ -135,7 +156,8 @@ class KTO:
         if args.precompute_ref_log_probs:
             note("--precompute_ref_log_probs: KTO's mismatched pairs change with the batch; reference log-probs are "
                  "computed during training")
-        return cls(beta, args.desirable_weight, args.undesirable_weight, args.ref_model, tuple(args.ref_adapters))
+        return cls(beta, args.desirable_weight, args.undesirable_weight, args.ref_model, tuple(args.ref_adapters),
+                   bool(args.padding_free))
 
     def resolved_flags(self) -> dict:
         """beta, the loss type kto, rpo_alpha cleared (DPO only), for args.json."""
@@ -146,9 +168,16 @@ class KTO:
         return unpair(loaded)
 
     def batches(self, cfg, prepared, model, reference) -> Batches:
-        """Padded batches of real and mismatched sequences (`kto_collate`); dropout off."""
+        """Batches of real and mismatched sequences (`kto_collate`: padded, or flat with --padding_free); dropout
+        off. Raises ConfigError for --padding_free on a vision-language model (its pictures follow padded rows)."""
+        from tunesmith.errors import ConfigError
+
+        if self.padding_free and prepared.encoder.images is not None:
+            raise ConfigError("--padding_free is not supported for KTO on a vision-language model yet; drop the flag "
+                              "(KTO then trains padded)")
         disable_dropout(model, has_reference=True)
-        collate = partial(kto_collate, pad_id=prepared.tokenizer.pad_token_id, padding_side=cfg.data.padding_side)
+        collate = partial(kto_collate, pad_id=prepared.tokenizer.pad_token_id, padding_side=cfg.data.padding_side,
+                          flat=self.padding_free)
         return Batches(prepared.train_rows, prepared.eval_rows, collate, reference)
 
     def objective(self, reference, cfg) -> loop.Objective:
