@@ -79,7 +79,8 @@ class TemplateArgs:
     use_chat_template: bool = _f(True, help="Render rows with the chat template (false: plain text, as swift pt).")
     enable_thinking: Optional[bool] = _f(help="Passed to chat templates that support it (Qwen3).")
     padding_free: bool = _f(False, help="Concatenate the rows of each batch into one sequence (no padding); "
-                                        "attention stays within each row.")
+                                        "attention stays within each row. KTO: two sequences, its replies and "
+                                        "the KL term's mismatched ones.")
     packing: bool = _f(False, help="Pack rows into sequences of up to --packing_length tokens before batching "
                                    "(padding-free, attention within each row; exact).")
     packing_length: Optional[int] = _f(help="Tokens per packed sequence (default --max_length).")
