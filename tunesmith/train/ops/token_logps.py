@@ -111,7 +111,7 @@ def _shifted_entropy(shifted: torch.Tensor) -> torch.Tensor:
 def _tall_logits(weight: torch.Tensor, h: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """The logits of rows h [r, H] under the output weight [V, H] as W hᵀ [V, r] float32 (tall: column i is row i's
     logits), written into the front of buf (≥ V·r floats) and returned as a view of it. On a CPU, oneDNN runs this
-    orientation 1.2-1.4x faster than h Wᵀ for r up to a few hundred rows (bench/RESULTS.md, issue #30); the forward
+    orientation 1.15-1.45x faster than h Wᵀ at 128-256 rows (bench/RESULTS.md, issue #30); the forward
     and the backward's recompute both take their logits from here, so exp(logits − lse) in the backward uses
     bit-for-bit the logits the forward took lse from."""
     vocab, r = weight.shape[0], h.shape[0]
