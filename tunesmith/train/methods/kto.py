@@ -68,11 +68,11 @@ def _half(batch: dict, lo: int, hi: int) -> dict:
     if "seq_ids" not in batch:
         return slice_sequences(batch, lo, hi)
     row = 0 if lo == 0 else 1
-    seq = batch["seq_ids"][row:row + 1]
-    end = int((seq[0] >= 0).nonzero().max()) + 1 if bool((seq >= 0).any()) else 1
+    end = max(int((batch["seq_ids"][row] >= 0).sum()), 1)  # segments_collate pads a row at its end only
+    seq = batch["seq_ids"][row:row + 1, :end]
     return {"input_ids": batch["input_ids"][row:row + 1, :end], "labels": batch["labels"][row:row + 1, :end],
-            "position_ids": batch["position_ids"][row:row + 1, :end],
-            "seq_ids": seq[:, :end].where(seq[:, :end] < 0, seq[:, :end] - lo), "n_seq": hi - lo}
+            "position_ids": batch["position_ids"][row:row + 1, :end], "seq_ids": seq.where(seq < 0, seq - lo),
+            "n_seq": hi - lo}
 
 
 _STAT_KEYS = ("reward_good", "reward_bad", "n_good", "n_bad", "logps_good", "logps_bad", "kl")
